@@ -1,0 +1,42 @@
+# Two entry points for a fresh machine (see README): `make quickstart` and `make test`.
+# torch is installed as torch==2.13.0, the CPU build on this machine's disk; an open range would pull CUDA.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+TORCH  := torch==2.13.0
+DEB    := mosquitto dataset-fashion-mnist
+
+.PHONY: quickstart test deb bench clean
+
+$(VENV)/.base:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	touch $@
+
+$(VENV)/.export: $(VENV)/.base pyproject.toml
+	$(PIP) install -q $(TORCH) -e '.[export]'
+	touch $@
+
+$(VENV)/.all: $(VENV)/.base pyproject.toml
+	$(PIP) install -q $(TORCH) -e '.[all,dev]'
+	touch $@ $(VENV)/.export
+
+# Debian packages the tests need (real data, a real broker); only when we may install them.
+deb:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  missing=$$(for p in $(DEB); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	  if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi; \
+	else echo "not root: make sure these Debian packages are installed: $(DEB)"; fi
+
+quickstart: deb $(VENV)/.export
+	$(VENV)/bin/lepton-edge quickstart
+
+test: deb $(VENV)/.all
+	$(PY) -m pytest -q
+
+bench: deb $(VENV)/.all
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) out build dist *.egg-info

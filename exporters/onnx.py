@@ -1,0 +1,135 @@
+"""ONNX exporter: torch -> ONNX (the torch.export-based exporter), then fp16 or int8 QDQ.
+
+The artifact is run by onnxruntime for validation with the target's thread count, the same
+runtime the device uses, so what was validated is what will run.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from lepton_edge.compress import quantize
+from lepton_edge.errors import BadInput, CheckFailed
+from lepton_edge.exporters.base import Exporter, register
+
+
+@contextlib.contextmanager
+def _silenced():
+    """The exporters print progress and warnings (and torch.export logs errors it then recovers
+    from); our own stage line says what happened."""
+    import logging
+
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "torch._export")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    sink = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
+def _first_line(e: Exception) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(e).__name__)
+    return line[:300]
+
+
+@register
+class OnnxExporter(Exporter):
+    format = "onnx"
+    suffix = ".onnx"
+    precisions = ("fp32", "fp16", "int8")
+
+    def to_fp32(self, source, path: Path, opset: int) -> Path:
+        """Write the fp32 ONNX graph (batch dimension dynamic) and return its path."""
+        if source.kind == "onnx":
+            shutil.copyfile(source.onnx_path, path)
+            return path
+        import torch
+        from torch.export import Dim
+
+        spec = source.input_spec
+        shape = [int(d) for d in spec.shape[1:]]
+        names = dict(input_names=[spec.name], output_names=["logits"] if source.task == "classify" else None)
+        # torch.export-based exporter first (dynamic batch, then the batch the model was traced with, as a
+        # .pt2 may fix it); the TorchScript exporter for ScriptModules, old opsets and as a fallback.
+        dynamo = [dict(dynamo=True, opset_version=18, verbose=False, optimize=True, dynamic_shapes=({0: Dim("batch")},)),
+                  dict(dynamo=True, opset_version=18, verbose=False, optimize=True)]
+        legacy = [dict(dynamo=False, opset_version=min(opset, 17), dynamic_axes={spec.name: {0: "batch"}})]
+        scripted = isinstance(source.module, torch.jit.ScriptModule)
+        attempts = legacy if scripted or opset < 18 else dynamo + legacy
+        errors = []
+        for kw in attempts:
+            x = torch.zeros([2 if ("dynamic_shapes" in kw or "dynamic_axes" in kw) else 1] + shape)
+            try:
+                with _silenced(), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    if kw["dynamo"]:
+                        torch.onnx.export(source.module, (x,), None, **names, **kw).save(str(path))
+                    else:
+                        torch.onnx.export(source.module, (x,), str(path), **names, **kw)
+                return path
+            except Exception as e:
+                errors.append(_first_line(e))
+        raise BadInput(f"torch -> ONNX export failed: {errors[0]}")
+
+    def convert(self, fp32_path: Path, out_path: Path, precision: str) -> Path:
+        if precision == "fp32":
+            shutil.copyfile(fp32_path, out_path)
+        elif precision == "fp16":
+            quantize.convert_fp16(fp32_path, out_path)
+        else:
+            raise ValueError("int8 goes through quantize_int8 with a recipe")
+        return out_path
+
+    def quantize_int8(self, prepared: Path, out_path: Path, calib: np.ndarray, recipe, per_channel: bool,
+                      exclude: list[str] | None = None):
+        return quantize.quantize_int8(prepared, out_path, calib, recipe, per_channel, exclude)
+
+    def predictor(self, path: Path, threads: int):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = max(1, min(threads, os.cpu_count() or 1))
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        try:
+            sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise CheckFailed(f"onnxruntime cannot load the exported model: {str(e).splitlines()[0][:200]}") from None
+        name = sess.get_inputs()[0].name
+        fixed_batch = sess.get_inputs()[0].shape[0]
+
+        def run(x: np.ndarray) -> np.ndarray:
+            if isinstance(fixed_batch, int) and fixed_batch != len(x):
+                return np.concatenate([sess.run(None, {name: x[i:i + fixed_batch]})[0]
+                                       for i in range(0, len(x), fixed_batch)])
+            return sess.run(None, {name: x})[0]
+
+        return run
+
+    def describe(self, path: Path) -> dict:
+        import onnx
+
+        m = onnx.load(str(path), load_external_data=False)
+
+        def dims(v):
+            return [d.dim_value if d.dim_value else (d.dim_param or "?") for d in v.type.tensor_type.shape.dim]
+
+        inits = {i.name for i in m.graph.initializer}
+        return {
+            "opset": max((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), default=0),
+            "inputs": [{"name": i.name, "shape": dims(i)} for i in m.graph.input if i.name not in inits],
+            "outputs": [{"name": o.name, "shape": dims(o)} for o in m.graph.output],
+        }

@@ -1,0 +1,233 @@
+"""`lepton-edge` command line: one thin command per verb over the library, no logic of its own.
+
+Exit codes: 0 success, 1 a check failed (validation, budget), 2 bad input (file, flag, profile).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from lepton_edge import ui
+from lepton_edge.errors import BadInput, LeptonError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
+                  help="Export small, fast, validated model bundles for edge devices.")
+targets_app = typer.Typer(help="List target profiles, or show one.", invoke_without_command=True)
+app.add_typer(targets_app, name="targets")
+out = Console(highlight=False)
+
+
+def _emit_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+@targets_app.callback()
+def targets_list(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
+    """Table of the built-in target profiles."""
+    if ctx.invoked_subcommand:
+        return
+    from lepton_edge import targets
+    from lepton_edge.exporters.base import human
+
+    profs = targets.all_profiles()
+    if as_json:
+        return _emit_json([p.model_dump() for p in profs])
+    t = Table(title="target profiles")
+    for col in ("id", "arch", "runtime", "format", "precision", "threads", "max model", "RAM", "latency", "opset"):
+        t.add_column(col)
+    for p in profs:
+        t.add_row(p.id, p.arch, p.runtime, p.format, p.precision, str(p.threads), human(p.max_model_bytes),
+                  human(p.ram_budget_bytes), f"{p.latency_budget_ms:g} ms", str(p.max_opset))
+    out.print(t)
+    out.print("[dim]lepton-edge targets show ID for one profile; --target PATH.toml for your own[/]")
+
+
+@targets_app.command("show")
+def targets_show(target: str = typer.Argument(..., help="Profile id or path to a .toml file."),
+                 as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
+    """All fields of one profile."""
+    from lepton_edge import targets
+
+    p = targets.load(target)
+    if as_json:
+        return _emit_json(p.model_dump())
+    t = Table(title=f"{p.id}: {p.description}", show_header=False)
+    for k, v in p.model_dump().items():
+        if isinstance(v, dict):
+            v = ", ".join(f"{a}={b}" for a, b in v.items())
+        t.add_row(k, str(v))
+    out.print(t)
+
+
+def _floats(text: Optional[str], what: str) -> Optional[list[float]]:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise BadInput(f"{what} must be comma-separated numbers, got {text!r}") from None
+
+
+@app.command()
+def export(
+    model: str = typer.Argument(..., help="zoo:NAME, a .onnx, .pt (TorchScript) or .pt2 (torch.export) file."),
+    target: str = typer.Option("x86-cpu", "--target", "-t", help="Profile id (see `targets`) or a .toml path."),
+    output: Path = typer.Option(Path("out"), "--out", "-o", help="Parent directory of the bundle."),
+    precision: Optional[str] = typer.Option(None, help="fp32, fp16 or int8 (default: the target's)."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="onnx (default: the target's)."),
+    input_shape: Optional[str] = typer.Option(None, help="e.g. 1,3,224,224 (needed for .pt/.pt2 files)."),
+    weights: Optional[str] = typer.Option(None, help="state_dict for a zoo architecture (torchvision keys)."),
+    labels: Optional[Path] = typer.Option(None, help="labels.txt, one class name a line."),
+    calib: Optional[str] = typer.Option(None, help="Calibration data: image folder/glob, .npy/.npz or video."),
+    calib_samples: Optional[int] = typer.Option(None, help="Calibration samples (default: the target's)."),
+    eval_set: Optional[str] = typer.Option(None, "--eval", help="Labelled evaluation set: class folders or .npz."),
+    eval_limit: Optional[int] = typer.Option(None, help="Use at most this many evaluation samples."),
+    train: Optional[str] = typer.Option(None, help="Labelled training data for --finetune-epochs."),
+    prune: Optional[float] = typer.Option(None, help="Structured pruning ratio, e.g. 0.3 removes 30% of channels."),
+    finetune_epochs: int = typer.Option(0, help="Fine-tune after pruning for this many epochs."),
+    max_size: Optional[str] = typer.Option(None, help="Size budget, e.g. 1MB (tighter than the target's)."),
+    min_agreement: float = typer.Option(0.99, help="Minimum top-1 agreement with the reference."),
+    max_accuracy_drop: float = typer.Option(0.5, help="Maximum accuracy drop in percentage points."),
+    recipes: Optional[str] = typer.Option(None, help="int8 recipes to try in order, e.g. s8-minmax-ends,s8-entropy."),
+    allow_synthetic_calibration: bool = typer.Option(False, help="Calibrate int8 on random data (ruins accuracy)."),
+    name: Optional[str] = typer.Option(None, help="Bundle name (default: the model's)."),
+    color: Optional[str] = typer.Option(None, help="Input colour order: RGB, BGR or GRAY."),
+    mean: Optional[str] = typer.Option(None, help="Per-channel mean after scaling to 0..1, e.g. 0.485,0.456,0.406."),
+    std: Optional[str] = typer.Option(None, help="Per-channel std, e.g. 0.229,0.224,0.225."),
+    as_json: bool = typer.Option(False, "--json", help="Print the export report as JSON on stdout."),
+):
+    """Export MODEL for a target: prune, quantize, validate, check the budget, write a bundle."""
+    from lepton_edge import export as do_export
+    from lepton_edge.model_source import parse_shape
+
+    if as_json:
+        ui.set_quiet(True)
+    if color is not None and color.upper() not in ("RGB", "BGR", "GRAY"):
+        raise BadInput(f"--color must be RGB, BGR or GRAY, got {color!r}")
+    label_list = None
+    if labels is not None:
+        if not labels.is_file():
+            raise BadInput(f"labels file not found: {labels}")
+        label_list = [ln.strip() for ln in labels.read_text().splitlines() if ln.strip()]
+    r = do_export(
+        model, target, out=output, name=name, format=fmt, precision=precision,
+        input_shape=parse_shape(input_shape) if input_shape else None, weights=weights, labels=label_list,
+        calib=calib, calib_samples=calib_samples, eval=eval_set, eval_limit=eval_limit, train=train, prune=prune,
+        finetune_epochs=finetune_epochs, max_size=max_size, min_agreement=min_agreement,
+        max_accuracy_drop=max_accuracy_drop, recipes=recipes.split(",") if recipes else None,
+        allow_synthetic_calibration=allow_synthetic_calibration, color=color.upper() if color else None,
+        mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
+    )
+    if as_json:
+        return _emit_json(r.report)
+    _print_report(r.report)
+
+
+def _print_report(rep: dict) -> None:
+    from lepton_edge.exporters.base import human
+
+    v, c, lat = rep["validation"], rep["compression"], rep["latency"]
+    t = Table(title=f"{rep['name']} -> {rep['target']} ({rep['format']} {rep['precision']})", show_header=False)
+    t.add_row("bundle", rep["bundle"])
+    t.add_row("size", f"{human(rep['bytes'])} ({rep['bytes'] / rep['fp32_bytes']:.2f}x fp32)")
+    if "pruning" in c:
+        p = c["pruning"]
+        t.add_row("pruning", f"{p['ratio']:.0%}: params {p['params_before']:,} -> {p['params_after']:,} "
+                             f"({p['params_after'] / p['params_before']:.2f}x)")
+    if "quantization" in c:
+        qz = c["quantization"]
+        t.add_row("int8 recipe", f"{qz['recipe']} (tried {len(qz['attempts'])}; float layers: "
+                                 f"{', '.join(qz['float_nodes']) or 'none'})")
+    t.add_row("agreement", f"{v['top1_agreement']:.4f} top-1 on {v['samples']} inputs ({v['agreement_inputs']}), "
+                           f"max |diff| {v['max_abs_diff']:.3g}")
+    if v.get("accuracy_reference") is not None:
+        t.add_row("accuracy", f"{v['accuracy_reference']:.4f} -> {v['accuracy_artifact']:.4f} "
+                              f"({-v['accuracy_drop_pp']:+.2f} pp) on {v['eval_samples']} ({v['eval_source']})")
+    if "p50_ms" in lat:
+        t.add_row("latency", f"{lat['p50_ms']:.3f} ms p50 on this host, {lat['threads']} thread(s) "
+                             f"({lat['vs_fp32']:.2f}x fp32)")
+    t.add_row("time", f"{rep['seconds']:.1f} s")
+    out.print(t)
+    out.print(f"next: [bold]lepton-edge inspect {rep['bundle']}[/]")
+
+
+@app.command()
+def inspect(path: Path = typer.Argument(..., help="A bundle directory or an .onnx file."),
+            as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
+    """Inputs/outputs (dynamic dims, layout), opset, op histogram, parameters, precision, size."""
+    from lepton_edge.exporters.base import human
+    from lepton_edge.inspect import inspect as do_inspect
+
+    info = do_inspect(path)
+    if as_json:
+        return _emit_json(info)
+    t = Table(title=str(path), show_header=False)
+    t.add_row("format", f"{info['format']}, opset {info['opset']}, {info.get('producer', '')}")
+    t.add_row("precision", info["precision"])
+    t.add_row("size", human(info["bytes"]))
+    t.add_row("parameters", f"{info['parameters']:,}")
+    for kind in ("inputs", "outputs"):
+        for v in info[kind]:
+            dyn = f" dynamic dims {v['dynamic']}" if v["dynamic"] else ""
+            lay = f" {v['layout']}" if v.get("layout") else ""
+            t.add_row(kind[:-1], f"{v['name']}: {v['dtype']} {v['shape']}{lay}{dyn}")
+    t.add_row("ops", ", ".join(f"{k} {n}" for k, n in info["ops"].items()))
+    if info["custom_ops"]:
+        t.add_row("custom ops", ", ".join(info["custom_ops"]))
+    b = info.get("bundle")
+    if b:
+        t.add_row("bundle", f"{b['name']} for {b['target']}, task {b['task']}, checksums {b['checksums']}")
+        s = b["input_spec"]
+        t.add_row("preprocess", f"{s['color']} {s['layout']} resize={s['resize']} scale={s['scale']:.5g} "
+                                f"mean={s['mean']} std={s['std']}")
+        v = b["validation"]
+        if v:
+            acc = (f", accuracy {v['accuracy_reference']:.4f} -> {v['accuracy_artifact']:.4f}"
+                   if v.get("accuracy_reference") is not None else "")
+            t.add_row("validation", f"agreement {v['top1_agreement']:.4f}{acc}")
+        if b["quantization"]:
+            t.add_row("int8 recipe", f"{b['quantization']['recipe']}; float layers: "
+                                     f"{', '.join(b['quantization']['float_nodes']) or 'none'}")
+    out.print(t)
+
+
+@app.command()
+def quickstart(output: Path = typer.Option(Path("out/quickstart"), "--out", "-o", help="Where the bundles go."),
+               as_json: bool = typer.Option(False, "--json", help="Print the comparison as JSON.")):
+    """Offline demo: export the demo classifier for rpi4 and x86-cpu and compare them."""
+    from lepton_edge.quickstart import run
+
+    rows = run(output, quiet=as_json)
+    if as_json:
+        return _emit_json(rows)
+
+
+def main() -> None:
+    try:
+        rv = app(standalone_mode=False)
+        sys.exit(rv if isinstance(rv, int) else 0)
+    except LeptonError as e:
+        ui.err.print(f"[red]error:[/] {e}", soft_wrap=True)
+        sys.exit(e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        ui.err.print("aborted")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        ui.err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Workstation-side compression: pruning (torch-pruning), calibration data, quantization (onnxruntime)."""

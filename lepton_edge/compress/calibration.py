@@ -1,0 +1,172 @@
+"""Calibration and evaluation data, always passed through the manifest's preprocessing.
+
+Sources a user can give: an image folder (or glob), a `.npy`/`.npz` file (preprocessed tensors
+or raw uint8 images), a video file (frames sampled evenly), or the zoo model's own data set.
+Synthetic data is only a last resort: int8 ranges from noise change nearly every prediction,
+so int8 refuses it unless forced.
+"""
+from __future__ import annotations
+
+import glob
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lepton_edge.bundle import InputSpec
+from lepton_edge.errors import BadInput
+from lepton_edge.runtime.preprocess import normalise, preprocess_batch
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".pgm", ".ppm"}
+VIDEO_EXTS = {".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg"}
+
+
+@dataclass
+class Samples:
+    """Model-ready inputs and where they came from (recorded in the manifest)."""
+
+    x: np.ndarray
+    source: str
+    kind: str  # "images" | "array" | "video" | "zoo" | "synthetic"
+    y: np.ndarray | None = None
+
+
+def _image_files(src: str) -> list[Path]:
+    p = Path(src)
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTS)
+    else:
+        files = sorted(Path(f) for f in glob.glob(src) if Path(f).suffix.lower() in IMAGE_EXTS)
+    return files
+
+
+def _read_images(files: list[Path], spec: InputSpec) -> np.ndarray:
+    import cv2
+
+    imgs = []
+    for f in files:
+        im = cv2.imread(str(f), cv2.IMREAD_UNCHANGED)
+        if im is None:
+            continue  # unreadable image: skip, a folder of mostly good images still calibrates
+        if im.dtype != np.uint8:
+            im = cv2.convertScaleAbs(im, alpha=255.0 / max(1, int(im.max())))
+        imgs.append(im)
+    if not imgs:
+        raise BadInput(f"none of the {len(files)} image files could be decoded")
+    return preprocess_batch(imgs, spec)
+
+
+def _from_array(arr: np.ndarray, spec: InputSpec, src: str) -> np.ndarray:
+    """Accept model-shaped tensors, or raw uint8 images [N,H,W] / [N,H,W,C]."""
+    want = [d for d in spec.shape[1:]]
+    if arr.ndim == len(spec.shape) and all(isinstance(w, str) or w == a for w, a in zip(want, arr.shape[1:])):
+        return arr.astype(spec.dtype if not spec.quantization else np.float32)
+    if arr.ndim == len(spec.shape) - 1 and all(isinstance(w, str) or w == a for w, a in zip(want, arr.shape)):
+        return arr[None].astype(np.float32)
+    if arr.dtype == np.uint8 and arr.ndim in (3, 4):
+        return preprocess_batch(list(arr), spec) if arr.shape[1:3] != spec.hw() else normalise(
+            arr[..., None] if arr.ndim == 3 else arr, spec)
+    raise BadInput(
+        f"{src}: array of shape {list(arr.shape)} fits neither the model input {spec.shape} "
+        "nor raw uint8 images [N,H,W(,C)]"
+    )
+
+
+def _read_video(path: Path, spec: InputSpec, n: int) -> np.ndarray:
+    import cv2
+
+    cap = cv2.VideoCapture(str(path))
+    if not cap.isOpened():
+        raise BadInput(f"cannot open video {path}")
+    total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) or n
+    want = set(np.linspace(0, max(total - 1, 0), num=min(n, max(total, 1)), dtype=int).tolist())
+    frames, i = [], 0
+    while len(frames) < len(want):
+        ok, frame = cap.read()
+        if not ok:
+            break
+        if i in want:
+            frames.append(frame)
+        i += 1
+    cap.release()
+    if not frames:
+        raise BadInput(f"video {path} has no decodable frames")
+    return preprocess_batch(frames, spec)
+
+
+def load_inputs(src: str, spec: InputSpec, limit: int | None = None) -> Samples:
+    """Inputs from a folder/glob of images, a .npy/.npz, or a video file."""
+    p = Path(src)
+    ext = p.suffix.lower()
+    if ext in (".npy", ".npz"):
+        if not p.is_file():
+            raise BadInput(f"calibration file not found: {src}")
+        try:
+            data = np.load(p, allow_pickle=False)
+        except Exception as e:
+            raise BadInput(f"cannot read {src}: {e}") from None
+        if isinstance(data, np.lib.npyio.NpzFile):
+            key = next((k for k in ("x", "images", "inputs", "input") if k in data.files), data.files[0])
+            y = next((data[k] for k in ("y", "labels", "targets") if k in data.files), None)
+            arr = data[key]
+        else:
+            arr, y = data, None
+        x = _from_array(arr[:limit] if limit else arr, spec, src)
+        return Samples(x, str(p), "array", None if y is None else np.asarray(y[: len(x)], np.int64))
+    if ext in VIDEO_EXTS:
+        if not p.is_file():
+            raise BadInput(f"video not found: {src}")
+        return Samples(_read_video(p, spec, limit or 100), str(p), "video")
+    if not p.exists() and not any(c in src for c in "*?["):
+        raise BadInput(f"calibration source not found: {src}")
+    files = _image_files(src)
+    if not files:
+        raise BadInput(f"no images ({', '.join(sorted(IMAGE_EXTS))}) found in {src}")
+    if limit and len(files) > limit:  # spread the pick over the whole folder, not its first class
+        files = [files[i] for i in np.linspace(0, len(files) - 1, limit, dtype=int)]
+    return Samples(_read_images(files, spec), src, "images")
+
+
+def load_labelled(src: str, spec: InputSpec, labels: list[str] | None, limit: int | None = None) -> Samples:
+    """An evaluation set: folder of class sub-folders (ImageFolder layout) or .npz with x and y.
+
+    Class folders are matched to the model's labels by name, else by sorted order.
+    """
+    p = Path(src)
+    if p.suffix.lower() == ".npz":
+        s = load_inputs(src, spec, limit)
+        if s.y is None:
+            raise BadInput(f"{src}: an evaluation .npz needs a 'y' (or 'labels') array")
+        return s
+    if not p.is_dir():
+        raise BadInput(f"evaluation set not found (want a folder of class folders or a .npz): {src}")
+    classes = sorted(d.name for d in p.iterdir() if d.is_dir())
+    if not classes:
+        raise BadInput(f"{src}: no class sub-folders (expected {src}/<class>/<image>)")
+    if labels:
+        norm = {_norm(name): i for i, name in enumerate(labels)}
+        by_name = all(_norm(c) in norm for c in classes)
+        cls_index = {c: norm[_norm(c)] if by_name else (int(c) if c.isdigit() else classes.index(c)) for c in classes}
+    else:
+        cls_index = {c: i for i, c in enumerate(classes)}
+    files, ys = [], []
+    for c in classes:
+        for f in _image_files(str(p / c)):
+            files.append(f)
+            ys.append(cls_index[c])
+    if not files:
+        raise BadInput(f"no images found under {src}/<class>/")
+    if limit and len(files) > limit:
+        pick = np.linspace(0, len(files) - 1, limit, dtype=int)
+        files, ys = [files[i] for i in pick], [ys[i] for i in pick]
+    return Samples(_read_images(files, spec), src, "images", np.asarray(ys, np.int64))
+
+
+def _norm(name: str) -> str:
+    return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
+def synthetic(spec: InputSpec, n: int, seed: int = 0) -> Samples:
+    shape = [n] + [d if isinstance(d, int) else 1 for d in spec.shape[1:]]
+    x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    return Samples(x, "synthetic", "synthetic")

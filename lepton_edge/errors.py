@@ -1,0 +1,33 @@
+"""Error types that the CLI maps to exit codes.
+
+Why: a user who passes a bad file should see one line and exit code 2, a failed
+accuracy or size check exit code 1, and a bug a traceback. Raising these two types
+(and nothing else on purpose) keeps that promise without try/except in every verb.
+"""
+from __future__ import annotations
+
+import difflib
+
+
+class LeptonError(Exception):
+    """Base class of the errors the CLI prints as one line."""
+
+    exit_code = 1
+
+
+class BadInput(LeptonError):
+    """The user gave us something we cannot use (file, flag, profile). Exit code 2."""
+
+    exit_code = 2
+
+
+class CheckFailed(LeptonError):
+    """An artifact was produced but failed validation or a budget. Exit code 1."""
+
+    exit_code = 1
+
+
+def closest(name: str, choices: list[str], n: int = 3) -> str:
+    """A ' (did you mean: a, b?)' hint for unknown names, or ''."""
+    near = difflib.get_close_matches(name, choices, n=n, cutoff=0.4)
+    return f" (did you mean: {', '.join(near)}?)" if near else ""

@@ -1,0 +1,210 @@
+"""What the user asked to export, loaded into one shape: a torch module or an ONNX file.
+
+Accepts a `torch.nn.Module`, `.pt` (TorchScript), `.pt2` (torch.export), `.onnx`, or `zoo:<name>`.
+The input shape comes from the model file, the `--input-shape` flag, or the target profile.
+Every way a file can be wrong ends in BadInput with one line, never a traceback.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lepton_edge.bundle import InputSpec
+from lepton_edge.errors import BadInput
+
+
+@dataclass
+class ModelSource:
+    name: str
+    kind: str  # "torch" | "onnx"
+    input_spec: InputSpec
+    module: Any = None  # torch.nn.Module when kind == "torch"
+    onnx_path: Path | None = None
+    labels: list[str] | None = None
+    task: str = "classify"
+    zoo: Any = None  # ZooModel when from the zoo
+    trained: bool = True  # False: random weights (zoo:mobilenetv2 without --weights)
+    batch: int | None = None  # the only batch size the model accepts (a .pt2 traced at batch 1), None = any
+    notes: list[str] = field(default_factory=list)
+
+
+def parse_shape(text: str) -> list[int]:
+    try:
+        dims = [int(d) for d in text.replace("x", ",").split(",") if d.strip()]
+    except ValueError:
+        raise BadInput(f"--input-shape must look like 1,3,224,224, got {text!r}") from None
+    if len(dims) < 2 or any(d <= 0 for d in dims):
+        raise BadInput(f"--input-shape must have positive dimensions, got {text!r}")
+    return dims
+
+
+def _guess_layout(shape: list) -> str:
+    if len(shape) == 4 and shape[-1] in (1, 3, 4) and shape[1] not in (1, 3, 4):
+        return "NHWC"
+    return "NCHW"
+
+
+def default_spec(shape: list, name: str = "input", layout: str | None = None, color: str | None = None,
+                 mean: list[float] | None = None, std: list[float] | None = None) -> InputSpec:
+    layout = layout or _guess_layout(shape)
+    c = shape[1] if layout == "NCHW" else shape[-1]
+    color = color or ("GRAY" if c == 1 else "RGB")
+    n = 1 if color == "GRAY" else 3
+    return InputSpec(name=name, shape=list(shape), layout=layout, color=color,
+                     mean=mean or [0.0] * n, std=std or [1.0] * n)
+
+
+def _need_file(path: Path, what: str) -> None:
+    if not path.exists():
+        raise BadInput(f"{what} not found: {path}")
+    if not path.is_file():
+        raise BadInput(f"{what} is not a file: {path}")
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise BadInput(f"cannot read {path}: {e.strerror}") from None
+
+
+def _load_onnx(path: Path, input_shape: list[int] | None, hw: tuple[int, int], **spec_kw) -> ModelSource:
+    import onnx
+
+    _need_file(path, "model file")
+    try:
+        m = onnx.load(str(path))
+        onnx.checker.check_model(m)
+    except Exception as e:
+        raise BadInput(f"{path}: not a readable ONNX model ({str(e).splitlines()[0][:160]})") from None
+    inits = {i.name for i in m.graph.initializer}
+    inputs = [i for i in m.graph.input if i.name not in inits]
+    if len(inputs) != 1:
+        raise BadInput(f"{path}: export supports models with one image input; this one has {len(inputs)}")
+    inp = inputs[0]
+    dims = [d.dim_value if d.dim_value else (d.dim_param or "?") for d in inp.type.tensor_type.shape.dim]
+    if input_shape:
+        if len(input_shape) != len(dims) or any(isinstance(d, int) and d != s for d, s in zip(dims, input_shape)):
+            raise BadInput(f"--input-shape {input_shape} does not fit the model's input {inp.name} {dims}")
+        shape: list = list(input_shape)
+    else:
+        shape = list(dims)
+        layout = _guess_layout([d if isinstance(d, int) else 0 for d in dims])
+        spatial = (2, 3) if layout == "NCHW" else (1, 2)
+        for i, v in zip(spatial, hw):
+            if i < len(shape) and not isinstance(shape[i], int):
+                shape[i] = v  # dynamic spatial dims take the target's input size
+        if shape and not isinstance(shape[0], int):
+            shape[0] = 1
+        if any(not isinstance(d, int) for d in shape):
+            raise BadInput(f"{path}: input {inp.name} has dynamic dimensions {dims}: pass --input-shape")
+    spec = default_spec(shape, name=inp.name, **spec_kw)
+    return ModelSource(name=path.stem, kind="onnx", input_spec=spec, onnx_path=path, task="raw")
+
+
+def _example_shape(input_shape, example_input, profile_hw) -> list[int] | None:
+    if example_input is not None:
+        return list(example_input.shape)
+    return input_shape
+
+
+def load(model: Any, *, profile_hw: tuple[int, int], input_shape: list[int] | None = None,
+         example_input: Any = None, weights: str | None = None, labels: list[str] | None = None,
+         name: str | None = None, **spec_kw) -> ModelSource:
+    """Load any supported model description into a ModelSource."""
+    if isinstance(model, (str, Path)) and str(model).startswith("zoo:"):
+        from lepton_edge import zoo
+
+        entry = zoo.get(str(model))
+        module = entry.load(weights)
+        hw = entry.input_hw
+        if input_shape:
+            if len(input_shape) != 4:
+                raise BadInput(f"--input-shape for zoo:{entry.name} must be N,C,H,W")
+            hw = (input_shape[2], input_shape[3])
+        spec = entry.input_spec(hw)
+        _check_runs(module, spec if not input_shape else default_spec(input_shape))
+        return ModelSource(
+            name=name or entry.name, kind="torch", input_spec=spec, module=module, labels=labels or entry.labels,
+            task=entry.task, zoo=entry, trained=bool(entry.weights or weights),
+        )
+    if not isinstance(model, (str, Path)):
+        import torch
+
+        if not isinstance(model, torch.nn.Module):
+            raise BadInput(f"cannot export a {type(model).__name__}: give a torch.nn.Module, a file path or zoo:<name>")
+        shape = _example_shape(input_shape, example_input, profile_hw)
+        if shape is None:
+            raise BadInput("a torch.nn.Module needs example_input= (or input_shape=) to know its input")
+        return _torch_source(model.eval(), shape, name or type(model).__name__.lower(), labels, **spec_kw)
+    path = Path(model)
+    ext = path.suffix.lower()
+    if ext == ".onnx":
+        src = _load_onnx(path, input_shape, profile_hw, **spec_kw)
+        src.labels = labels
+        src.task = "classify" if labels else "raw"
+        return src
+    if ext in (".pt", ".pth", ".pt2", ".ts", ".torchscript"):
+        _need_file(path, "model file")
+        module = _load_torch_file(path)
+        shape = input_shape
+        if shape is None:
+            raise BadInput(f"{path.name}: a PyTorch file does not record its input size: pass --input-shape 1,3,H,W")
+        return _torch_source(module, shape, name or path.stem, labels, **spec_kw)
+    raise BadInput(f"{path}: unsupported model type '{ext or path.name}' (want .onnx, .pt, .pt2 or zoo:<name>)")
+
+
+def _load_torch_file(path: Path):
+    import torch
+
+    if path.suffix.lower() == ".pt2":
+        try:
+            return torch.export.load(str(path)).module()
+        except Exception as e:
+            raise BadInput(f"{path}: not a readable torch.export (.pt2) file ({str(e).splitlines()[0][:160]})") from None
+    try:
+        return torch.jit.load(str(path), map_location="cpu").eval()
+    except Exception as e:
+        jit_err = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+    try:  # a pickled whole module (torch.save(model)): only for files the user trusts
+        obj = torch.load(str(path), map_location="cpu", weights_only=False)
+    except Exception:
+        raise BadInput(f"{path}: not a TorchScript (.pt) file ({jit_err})") from None
+    if isinstance(obj, torch.nn.Module):
+        return obj.eval()
+    if isinstance(obj, dict):
+        raise BadInput(f"{path}: holds a state_dict, not a model: use zoo:<arch> --weights {path.name}, "
+                       "or save it with torch.jit.save / torch.export.save")
+    raise BadInput(f"{path}: holds a {type(obj).__name__}, not a model")
+
+
+def _torch_source(module, shape, name, labels, **spec_kw) -> ModelSource:
+    spec = default_spec(list(shape), **spec_kw)
+    batch = _check_runs(module, spec)
+    return ModelSource(name=name, kind="torch", input_spec=spec, module=module, labels=labels,
+                       task="classify" if labels else "raw", batch=batch)
+
+
+def _check_runs(module, spec: InputSpec) -> int | None:
+    """Run the model once so a wrong input shape is a clear error now, not deep in the exporter.
+
+    Returns the fixed batch size when the model refuses a batch of 2 (None when any batch works).
+    """
+    import torch
+
+    try:
+        with torch.no_grad():
+            module(torch.zeros([2] + [d if isinstance(d, int) else 1 for d in spec.shape[1:]]))
+        fixed = None
+    except Exception:
+        fixed = spec.shape[0] if isinstance(spec.shape[0], int) else 1
+    try:
+        with torch.no_grad():
+            out = module(torch.zeros([d if isinstance(d, int) else 1 for d in spec.shape]))
+    except Exception as e:
+        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise BadInput(f"the model does not accept input of shape {spec.shape}: {msg}") from None
+    if not isinstance(out, torch.Tensor):
+        if isinstance(out, (tuple, list)) and out and all(isinstance(o, torch.Tensor) for o in out):
+            return fixed
+        raise BadInput(f"the model returns {type(out).__name__}; export needs tensor outputs")
+    return fixed

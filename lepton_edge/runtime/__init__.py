@@ -1,0 +1,1 @@
+"""Device-side runtime. Imports neither torch nor TensorFlow (a test checks)."""

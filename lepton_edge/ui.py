@@ -1,0 +1,47 @@
+"""Console output shared by the CLI and the library: stage lines and progress bars on stderr.
+
+Why stderr: stdout stays clean for `--json`, so scripts can pipe it while people still see progress.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Iterable, Iterator, TypeVar
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+T = TypeVar("T")
+err = Console(stderr=True, highlight=False)
+_quiet = False
+
+
+def set_quiet(q: bool) -> None:
+    global _quiet
+    _quiet = q
+
+
+def info(msg: str) -> None:
+    if not _quiet:
+        err.print(msg)
+
+
+@contextmanager
+def stage(name: str) -> Iterator[None]:
+    """Print '✓ name (1.2 s)' when the stage ends; a spinner while it runs."""
+    t0 = time.perf_counter()
+    if _quiet:
+        yield
+        return
+    with err.status(name):
+        yield
+    err.print(f"[green]✓[/] {name} [dim]({time.perf_counter() - t0:.1f} s)[/]")
+
+
+def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
+    if _quiet:
+        yield from items
+        return
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=True) as bar:
+        yield from bar.track(items, total=total, description=description)

@@ -1,0 +1,55 @@
+"""Shared fixtures: real Fashion-MNIST images written as files, and one exported bundle to reuse."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the installed `lepton-edge` entry point as a user would."""
+    exe = Path(sys.executable).parent / "lepton-edge"
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, cwd=cwd, timeout=timeout,
+                          env={**os.environ, "COLUMNS": "160"})
+
+
+@pytest.fixture(scope="session")
+def fashion():
+    from lepton_edge.datasets import fashion_mnist
+
+    return fashion_mnist("test")
+
+
+@pytest.fixture(scope="session")
+def fashion_folders(tmp_path_factory, fashion):
+    """Real test images as PNGs: calib/ (flat, 120 images) and eval/<class>/ (600 images)."""
+    import cv2
+
+    from lepton_edge.datasets import FASHION_LABELS
+
+    x, y = fashion
+    root = tmp_path_factory.mktemp("fashion")
+    calib, ev = root / "calib", root / "eval"
+    calib.mkdir()
+    for i in range(120):
+        cv2.imwrite(str(calib / f"{i:04d}.png"), x[5000 + i])
+    for i in range(600):
+        d = ev / FASHION_LABELS[y[i]].replace("/", "-")
+        d.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(d / f"{i:04d}.png"), x[i])
+    return calib, ev
+
+
+@pytest.fixture(scope="session")
+def int8_bundle(tmp_path_factory):
+    """zoo:fashion-cnn exported int8 for x86-cpu, evaluated on 3000 test images."""
+    import lepton_edge
+
+    out = tmp_path_factory.mktemp("out")
+    return lepton_edge.export("zoo:fashion-cnn", target="x86-cpu", out=out, eval_limit=3000)

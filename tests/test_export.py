@@ -1,0 +1,210 @@
+"""The export path end to end on real Fashion-MNIST data and real onnxruntime sessions."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+import lepton_edge
+from conftest import run_cli
+from lepton_edge.bundle import Bundle
+from lepton_edge.errors import BadInput, CheckFailed
+from lepton_edge.runtime.preprocess import preprocess_batch
+
+
+def _accuracy(bundle: Bundle, x_raw, y) -> float:
+    spec = bundle.manifest.inputs[0]
+    sess = ort.InferenceSession(str(bundle.model_path), providers=["CPUExecutionProvider"])
+    logits = sess.run(None, {spec.name: preprocess_batch(list(x_raw), spec)})[0]
+    return float((logits.argmax(1) == y).mean())
+
+
+def test_int8_bundle_is_validated_and_described(int8_bundle, fashion):
+    b, m = int8_bundle.bundle, int8_bundle.bundle.manifest
+    assert m.format == "onnx" and m.precision == "int8" and m.target["id"] == "x86-cpu"
+    v = m.validation
+    assert v["passed"] and v["top1_agreement"] >= 0.99 and v["accuracy_drop_pp"] <= 0.5
+    assert v["eval_samples"] == 3000 and v["accuracy_reference"] > 0.8
+    q = m.compression["quantization"]
+    assert q["recipe"] == m.compression["quantization"]["attempts"][-1]["recipe"]
+    assert m.compression["calibration"]["samples"] == 100
+    assert m.compression["size_vs_fp32"] < 0.4
+    assert set(m.files) == {"model.onnx", "labels.txt"} and b.labels[0] == "T-shirt/top"
+    spec = m.inputs[0]
+    assert (spec.color, spec.layout, spec.shape[1:]) == ("GRAY", "NCHW", [1, 28, 28])
+    assert {"torch", "onnxruntime", "onnx"} <= set(m.toolchain)
+    # The recorded accuracy is what a third party gets from the manifest alone on images not used above.
+    x, y = fashion
+    acc = _accuracy(b, x[5000:6000], y[5000:6000])
+    assert abs(acc - v["accuracy_artifact"]) < 0.03
+
+
+def test_tampered_bundle_is_refused(int8_bundle, tmp_path):
+    import shutil
+
+    copy = tmp_path / "b"
+    shutil.copytree(int8_bundle.bundle.path, copy)
+    Bundle.load(copy)
+    with open(copy / "model.onnx", "r+b") as f:
+        f.seek(200)
+        f.write(b"\x00\x01\x02")
+    with pytest.raises(BadInput, match="checksum mismatch for model.onnx"):
+        Bundle.load(copy)
+    (copy / "labels.txt").unlink()
+    with pytest.raises(BadInput, match="missing"):
+        Bundle.load(copy)
+
+
+def test_fp16_and_fp32(tmp_path):
+    r16 = lepton_edge.export("zoo:fashion-cnn", target="cuda-gpu", out=tmp_path, eval_limit=1000)
+    r32 = lepton_edge.export("zoo:fashion-cnn", target="x86-cpu", precision="fp32", out=tmp_path, eval_limit=1000)
+    assert r16.manifest.precision == "fp16" and r32.manifest.precision == "fp32"
+    assert r16.manifest.validation["top1_agreement"] >= 0.999
+    assert r32.manifest.validation["max_abs_diff"] < 1e-3
+    assert r16.report["bytes"] < 0.6 * r32.report["bytes"]
+    assert r32.bundle.path.name == "fashion-cnn-x86-cpu-fp32"
+
+
+def test_python_module_api(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(8, 4))
+    b = lepton_edge.export(model, target="x86-cpu", precision="fp32", example_input=torch.randn(1, 3, 32, 32),
+                           out=tmp_path, name="tiny")
+    assert b.manifest.inputs[0].shape[1:] == [3, 32, 32] and b.manifest.inputs[0].color == "RGB"
+    with pytest.raises(BadInput, match="does not accept input of shape"):
+        lepton_edge.export(model, target="x86-cpu", precision="fp32", example_input=torch.randn(1, 1, 32, 32),
+                           out=tmp_path, name="tiny2")
+
+
+def test_torchscript_and_torch_export_files(tmp_path, fashion_folders):
+    from lepton_edge import zoo
+
+    m = zoo.get("fashion-cnn").load()
+    x = torch.zeros(1, 1, 28, 28)
+    torch.jit.save(torch.jit.trace(m, x), tmp_path / "cnn.pt")
+    torch.export.save(torch.export.export(m, (x,)), tmp_path / "cnn.pt2")
+    calib, ev = fashion_folders
+    for f in ("cnn.pt", "cnn.pt2"):
+        r = run_cli("export", str(tmp_path / f), "--target", "x86-cpu", "--input-shape", "1,1,28,28",
+                    "--mean", "0.286", "--std", "0.353", "--calib", str(calib), "--eval", str(ev),
+                    "--labels", str(_labels(tmp_path)), "-o", str(tmp_path / "out"), "--json")
+        assert r.returncode == 0, r.stderr
+        rep = json.loads(r.stdout)
+        assert rep["validation"]["eval_samples"] == 600 and rep["validation"]["accuracy_reference"] > 0.8
+        assert rep["validation"]["reference"] == "pytorch"
+
+
+def _labels(tmp_path):
+    from lepton_edge.datasets import FASHION_LABELS
+
+    f = tmp_path / "labels.txt"
+    f.write_text("\n".join(FASHION_LABELS) + "\n")
+    return f
+
+
+def test_onnx_file_with_image_folders(tmp_path, fashion_folders, int8_bundle):
+    """A plain ONNX file (someone else's): calibration from an image folder, accuracy from class folders."""
+    from lepton_edge import zoo
+
+    m = zoo.get("fashion-cnn").load()
+    path = tmp_path / "model.onnx"
+    torch.onnx.export(m, (torch.zeros(1, 1, 28, 28),), str(path), dynamo=False, input_names=["image"],
+                      output_names=["scores"], dynamic_axes={"image": {0: "n"}})
+    calib, ev = fashion_folders
+    r = run_cli("export", str(path), "--target", "rpi4", "--calib", str(calib), "--eval", str(ev),
+                "--mean", "0.286", "--std", "0.353", "--labels", str(_labels(tmp_path)),
+                "-o", str(tmp_path / "out"), "--json")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["validation"]["reference"] == "onnx fp32"
+    assert rep["compression"]["calibration"]["kind"] == "images"
+    assert rep["validation"]["accuracy_artifact"] > 0.8
+    b = Bundle.load(rep["bundle"])
+    assert b.manifest.inputs[0].name == "image" and b.manifest.task == "classify"
+
+
+def test_npz_and_video_calibration(tmp_path, fashion):
+    import cv2
+
+    x, y = fashion
+    np.savez(tmp_path / "calib.npz", x=x[:150])
+    video = tmp_path / "clip.avi"
+    w = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (28, 28))
+    for im in x[:120]:
+        w.write(cv2.cvtColor(im, cv2.COLOR_GRAY2BGR))
+    w.release()
+    for src, kind in ((tmp_path / "calib.npz", "array"), (video, "video")):
+        r = lepton_edge.export("zoo:fashion-cnn", target="x86-cpu", calib=src, out=tmp_path / kind, eval_limit=1000)
+        assert r.manifest.compression["calibration"]["kind"] == kind
+        assert r.manifest.validation["accuracy_drop_pp"] <= 0.5
+
+
+def test_pruning_removes_channels(tmp_path):
+    r = lepton_edge.export("zoo:fashion-cnn", target="x86-cpu", precision="fp32", prune=0.5, out=tmp_path,
+                           eval_limit=1000, min_agreement=0.0, max_accuracy_drop=100)
+    p = r.manifest.compression["pruning"]
+    assert p["params_after"] < 0.5 * p["params_before"] and p["macs_after"] < p["macs_before"]
+    base = lepton_edge.export("zoo:fashion-cnn", target="x86-cpu", precision="fp32", out=tmp_path / "b",
+                              eval_limit=1000)
+    assert r.report["bytes"] < 0.5 * base.report["bytes"]
+    # The ONNX graph itself has fewer channels, not masked zeros.
+    import onnx
+
+    g = onnx.load(str(r.bundle.model_path)).graph
+    conv_w = [i for i in g.initializer if len(i.dims) == 4]
+    assert conv_w[0].dims[0] < 32
+
+
+def test_prune_with_finetune_recovers_accuracy(tmp_path):
+    kw = dict(target="x86-cpu", precision="fp32", prune=0.5, eval_limit=2000, min_agreement=0.0,
+              max_accuracy_drop=100)
+    raw = lepton_edge.export("zoo:fashion-cnn", out=tmp_path / "a", **kw)
+    tuned = lepton_edge.export("zoo:fashion-cnn", out=tmp_path / "b", finetune_epochs=1, **kw)
+    assert tuned.manifest.compression["pruning"]["finetune_epochs"] == 1
+    # The reference is the pruned (and fine-tuned) torch model; the unpruned model's accuracy is reported beside.
+    before = raw.manifest.compression["pruning"]["accuracy_before"]
+    assert before > 0.8 and raw.manifest.validation["top1_agreement"] > 0.99
+    assert raw.manifest.validation["accuracy_reference"] < before - 0.02  # pruning half the channels costs
+    assert tuned.manifest.validation["accuracy_reference"] > raw.manifest.validation["accuracy_reference"] + 0.02
+
+
+def test_recipe_search_falls_back_to_float_layers(tmp_path):
+    """With an agreement bar plain int8 cannot meet, the search keeps the most sensitive layers in float."""
+    first = lepton_edge.export("zoo:fashion-cnn", target="x86-cpu", recipes=["u8-minmax"], out=tmp_path / "a",
+                               eval_limit=2000)
+    bar = first.manifest.validation["top1_agreement"] + 0.0004  # one more of the 2000 inputs must agree
+    r = lepton_edge.export("zoo:fashion-cnn", target="x86-cpu", recipes=["u8-minmax", "u8-minmax-sensitive"],
+                           out=tmp_path / "b", eval_limit=2000, min_agreement=bar)
+    q = r.manifest.compression["quantization"]
+    assert q["attempts"][0]["passed"] is False and q["attempts"][-1]["passed"] is True
+    assert q["float_nodes"] and q["recipe"].startswith("u8-minmax-sensitive")
+    assert r.manifest.validation["top1_agreement"] >= bar
+
+
+def test_failed_gate_leaves_nothing(tmp_path):
+    with pytest.raises(CheckFailed, match="failed the accuracy gate with all 1 recipes"):
+        lepton_edge.export("zoo:fashion-cnn", target="x86-cpu", recipes=["u8-minmax"], min_agreement=1.01,
+                           out=tmp_path, eval_limit=500)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_size_budget_fails_with_advice_and_leaves_nothing(tmp_path):
+    r = run_cli("export", "zoo:fashion-cnn", "--precision", "fp32", "--max-size", "100KB", "-o", str(tmp_path),
+                "--eval-limit", "500")
+    assert r.returncode == 1
+    assert "over the 100.00 KB budget" in r.stderr and "--precision int8" in r.stderr and "--prune" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_synthetic_calibration_refused_for_int8(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten())
+    with pytest.raises(BadInput, match="int8 needs calibration data"):
+        lepton_edge.export(model, target="x86-cpu", example_input=torch.zeros(1, 3, 8, 8), out=tmp_path)
+    r = lepton_edge.export(model, target="x86-cpu", example_input=torch.zeros(1, 3, 8, 8), out=tmp_path,
+                           allow_synthetic_calibration=True, min_agreement=0.0, name="forced")
+    assert r.manifest.compression["calibration"]["kind"] == "synthetic"
