@@ -352,11 +352,23 @@ def export(
         if size > budget:
             raise CheckFailed(_size_advice(size, budget, precision, prune, prof, src, max_size))
         lat = val.latency_ms(pred, check_x[:1]) if measure_latency else None
+        ram = val.runtime_memory(lambda: exporter.predictor(chosen, prof.threads), check_x[:1])
+        if ram is not None and ram > prof.ram_budget_bytes:
+            raise CheckFailed(f"running the model took {human(ram)} of memory, over {prof.id}'s "
+                              f"{human(prof.ram_budget_bytes)} RAM budget; try --prune, int8 or a smaller input")
+        # Latency on this host says something about the target only when they are the same kind of CPU.
+        same_cpu = prof.arch == platform.machine() and prof.execution_providers == ["CPUExecutionProvider"]
+        if lat and same_cpu and lat["p50_ms"] > prof.latency_budget_ms:
+            raise CheckFailed(f"p50 latency {lat['p50_ms']:.1f} ms on this host is over {prof.id}'s "
+                              f"{prof.latency_budget_ms:g} ms budget; try --prune, int8 or a smaller input")
+        budgets = {"max_model_bytes": budget, "model_bytes": size, "ram_budget_bytes": prof.ram_budget_bytes,
+                   "ram_bytes_measured": ram, "latency_budget_ms": prof.latency_budget_ms,
+                   "latency_checked_on_host": bool(lat and same_cpu)}
         validation = comp.as_dict()
         validation.update({"min_agreement": min_agreement, "max_accuracy_drop_pp": max_accuracy_drop,
                            "eval_source": eval_src, "reference": "pytorch" if src.kind == "torch" else "onnx fp32",
                            "agreement_inputs": check_kind,
-                           "trained_weights": src.trained, "passed": True})
+                           "trained_weights": src.trained, "budgets": budgets, "passed": True})
         latency = {"host": _toolchain()["host"], "threads": min(prof.threads, os.cpu_count() or 1), "batch": 1}
         if lat:
             latency.update({"p50_ms": lat["p50_ms"], "p90_ms": lat["p90_ms"], "fp32_p50_ms": fp32_latency["p50_ms"],

@@ -6,6 +6,7 @@ agreement, output difference and accuracy decide whether the export may be writt
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -37,8 +38,15 @@ class Comparison:
         return d
 
 
-def batched(fn: Predict, x: np.ndarray, batch: int) -> np.ndarray:
-    return np.concatenate([fn(x[i:i + batch]) for i in range(0, len(x), batch)])
+def batched(fn: Predict, x: np.ndarray, batch: int, description: str = "validating") -> np.ndarray:
+    from lepton_edge import ui
+
+    outs = []
+    with ui.progress(description, len(x)) as advance:
+        for i in range(0, len(x), batch):
+            outs.append(fn(x[i:i + batch]))
+            advance(len(outs[-1]))
+    return np.concatenate(outs)
 
 
 def compare(reference: np.ndarray, artifact: np.ndarray, y: np.ndarray | None) -> Comparison:
@@ -77,3 +85,21 @@ def latency_ms(fn: Predict, x1: np.ndarray, runs: int = 30, warmup: int = 5, bud
         times.append((time.perf_counter() - t0) * 1e3)
     a = np.asarray(times)
     return {"p50_ms": float(np.median(a)), "p90_ms": float(np.percentile(a, 90)), "runs": len(a)}
+
+
+def rss_bytes() -> int | None:
+    """Resident memory of this process (Linux /proc; None elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def runtime_memory(make_predictor: Callable[[], Predict], x1: np.ndarray) -> int | None:
+    """Memory a fresh session takes to load the model and run one input: the RSS it adds."""
+    before = rss_bytes()
+    pred = make_predictor()
+    pred(x1)
+    after = rss_bytes()
+    return None if before is None or after is None else max(0, after - before)

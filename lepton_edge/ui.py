@@ -45,3 +45,15 @@ def track(items: Iterable[T], description: str, total: int | None = None) -> Ite
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=True) as bar:
         yield from bar.track(items, total=total, description=description)
+
+
+@contextmanager
+def progress(description: str, total: int) -> Iterator:
+    """A transient bar; yields advance(n). Safe inside stage() (rich nests live displays)."""
+    if _quiet or total <= 1:
+        yield lambda n=1: None
+        return
+    with Progress(TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n=1: bar.advance(task, n)

@@ -42,14 +42,15 @@ class QuantResult:
 class _Reader:
     """CalibrationDataReader over an in-memory array, in small batches when the batch is dynamic."""
 
-    def __init__(self, name: str, x: np.ndarray, batch: int):
-        self.name, self.x, self.batch, self.i = name, x, batch, 0
+    def __init__(self, name: str, x: np.ndarray, batch: int, advance=lambda n: None):
+        self.name, self.x, self.batch, self.i, self.advance = name, x, batch, 0, advance
 
     def get_next(self):
         if self.i >= len(self.x):
             return None
         b = self.x[self.i:self.i + self.batch]
         self.i += self.batch
+        self.advance(len(b))
         return {self.name: b.astype(np.float32)}
 
     def rewind(self):
@@ -91,8 +92,11 @@ def quantize_int8(
     if recipe.calibration == "percentile":
         extra["CalibPercentile"] = 99.99
     exclude = [n for n in exclude if n in nodes]
-    reader = _Reader(onnx_input_name(fp32_path), calib, _batch_size(fp32_path, len(calib)))
-    with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print their progress
+    from lepton_edge import ui
+
+    with ui.progress("calibrating", len(calib)) as advance, contextlib.redirect_stdout(io.StringIO()):
+        # (the histogram calibrators print their own progress to stdout, which --json keeps clean)
+        reader = _Reader(onnx_input_name(fp32_path), calib, _batch_size(fp32_path, len(calib)), advance)
         quantize_static(
             str(fp32_path), str(out_path), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
             activation_type=QuantType.QUInt8 if recipe.activation == "u8" else QuantType.QInt8,

@@ -1,0 +1,251 @@
+"""Benchmarks for the export path; writes BENCHMARKS.md (figures + the machine they came from).
+
+    make bench            # or: .venv/bin/python bench/run.py [--quick]
+
+Speed is measured as ratios against a baseline run in the same process (bare onnxruntime, a bare
+torch.onnx.export + quantize_static script), because this machine is shared and noisy. Targets
+from the issues are printed next to each figure with PASS/FAIL.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import lepton_edge  # noqa: E402
+from lepton_edge import ui  # noqa: E402
+
+RESULTS: list[tuple[str, list[str], list[list[str]]]] = []
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def machine() -> str:
+    cpu = "unknown"
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and cpu == "unknown":
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    simd = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni") if f in flags]
+    import importlib.metadata as md
+
+    vers = ", ".join(f"{p} {md.version(p)}" for p in ("torch", "onnxruntime", "onnx", "torch-pruning"))
+    return (f"{cpu}; {os.cpu_count()} cores; SIMD: {', '.join(simd) or 'none'}; "
+            f"{platform.system()} {platform.machine()}; Python {platform.python_version()}; {vers}")
+
+
+def photo_crops(folder: Path, n: int, seed: int = 0) -> Path:
+    """n real-photo crops (scikit-learn's sample photos) at 224x224 as JPEG files."""
+    import cv2
+    from sklearn.datasets import load_sample_images
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    imgs = load_sample_images().images
+    for i in range(n):
+        im = imgs[i % len(imgs)]
+        s = int(rng.integers(160, min(im.shape[:2])))
+        y, x = int(rng.integers(0, im.shape[0] - s)), int(rng.integers(0, im.shape[1] - s))
+        crop = cv2.resize(im[y:y + s, x:x + s], (224, 224), interpolation=cv2.INTER_AREA)
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        cv2.imwrite(str(folder / f"crop{i:03d}.jpg"), cv2.cvtColor(np.ascontiguousarray(crop), cv2.COLOR_RGB2BGR))
+    return folder
+
+
+def ort_latency(paths: dict[str, Path], threads: int, x: np.ndarray, rounds: int) -> dict[str, float]:
+    """Median batch-1 latency (ms) of each model, interleaved round by round so noise hits all alike."""
+    import onnxruntime as ort
+
+    sess = {}
+    for k, p in paths.items():
+        so = ort.SessionOptions()
+        so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+        sess[k] = ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
+    name = {k: s.get_inputs()[0].name for k, s in sess.items()}
+    times: dict[str, list[float]] = {k: [] for k in sess}
+    for k, s in sess.items():
+        for _ in range(10):
+            s.run(None, {name[k]: x})
+    for _ in range(rounds):
+        for k, s in sess.items():
+            t0 = time.perf_counter()
+            s.run(None, {name[k]: x})
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def bench_fashion(out: Path) -> None:
+    rows = []
+    for model in ("fashion-cnn", "mobilenetv2-fashion"):
+        for target in ("x86-cpu", "rpi4"):
+            r = lepton_edge.export(f"zoo:{model}", target=target, out=out, measure_latency=False)
+            v, c = r.manifest.validation, r.manifest.compression
+            drop = v["accuracy_drop_pp"]
+            ok = drop <= 0.5 and v["top1_agreement"] >= 0.99 and (model != "mobilenetv2-fashion" or r.report["bytes"] < 1e6)
+            rows.append([model, target, c["quantization"]["recipe"], f"{v['accuracy_reference']:.4f}",
+                         f"{v['accuracy_artifact']:.4f}", f"{drop:+.2f}", f"{v['top1_agreement']:.4f}",
+                         f"{r.report['bytes'] / 1e6:.3f} MB", f"{r.report['bytes'] / r.report['fp32_bytes']:.3f}",
+                         verdict(ok)])
+    RESULTS.append((
+        "Fashion-MNIST accuracy, full 10,000-image test set (int8 ONNX vs the fp32 PyTorch model)",
+        ["model", "target", "int8 recipe", "fp32 acc", "int8 acc", "drop pp", "top-1 agreement", "int8 file",
+         "size vs fp32", "drop <= 0.5 pp, agreement >= 0.99, MobileNetV2 file < 1 MB"],
+        rows))
+
+
+def bench_mobilenet(out: Path, calib: Path, rounds: int) -> None:
+    common = dict(target="x86-cpu", out=out, calib=str(calib), measure_latency=False)
+    fp32 = lepton_edge.export("zoo:mobilenetv2", precision="fp32", **common)
+    int8 = lepton_edge.export("zoo:mobilenetv2", **common)
+    pruned = lepton_edge.export("zoo:mobilenetv2", prune=0.3, name="mobilenetv2-p30", **common)
+    f32b = fp32.report["bytes"]
+    p = pruned.manifest.compression["pruning"]
+    size_rows = [
+        ["int8", f"{int8.report['bytes'] / 1e6:.2f} MB", f"{int8.report['bytes'] / f32b:.3f}", "-", "<= 0.27x file",
+         verdict(int8.report["bytes"] / f32b <= 0.27)],
+        ["prune 0.3 + int8", f"{pruned.report['bytes'] / 1e6:.2f} MB", f"{pruned.report['bytes'] / f32b:.3f}",
+         f"{p['params_after'] / p['params_before']:.3f} ({p['params_after']:,} / {p['params_before']:,})",
+         "<= 0.2x file, <= 0.75x params",
+         verdict(pruned.report["bytes"] / f32b <= 0.2 and p["params_after"] / p["params_before"] <= 0.75)],
+    ]
+    RESULTS.append((f"MobileNetV2 1.0 at 224x224 (fp32 file {f32b / 1e6:.2f} MB), x86-cpu profile",
+                    ["variant", "file", "file vs fp32", "params vs fp32", "target", "result"], size_rows))
+    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    lat_rows = []
+    for threads in (1, 2):
+        ms = ort_latency({"fp32": fp32.bundle.model_path, "int8": int8.bundle.model_path,
+                          "p30-int8": pruned.bundle.model_path}, threads, x, rounds)
+        ratio = ms["int8"] / ms["fp32"]
+        lat_rows.append([str(threads), f"{ms['fp32']:.2f}", f"{ms['int8']:.2f}", f"{ratio:.3f}",
+                         f"{ms['p30-int8']:.2f}", f"{ms['p30-int8'] / ms['fp32']:.3f}", verdict(ratio <= 0.7)])
+    RESULTS.append(("MobileNetV2 224x224 latency, onnxruntime CPU, batch 1, median of interleaved runs (ms)",
+                    ["threads", "fp32", "int8", "int8 / fp32", "prune 0.3 + int8", "p30 / fp32", "int8 <= 0.7x fp32"],
+                    lat_rows))
+
+
+def bare_export(calib: Path, workdir: Path) -> float:
+    """What a user would write by hand: torch.onnx.export + quantize_static on the same 100 images."""
+    import cv2
+    import torch
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from lepton_edge import zoo
+
+    t0 = time.perf_counter()
+    model = zoo.get("mobilenetv2").load()
+    torch.onnx.export(model, (torch.zeros(1, 3, 224, 224),), str(workdir / "bare.onnx"), input_names=["input"])
+    mean = np.array([0.485, 0.456, 0.406], np.float32)
+    std = np.array([0.229, 0.224, 0.225], np.float32)
+    files = sorted(calib.glob("*.jpg"))[:100]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(files)
+
+        def get_next(self):
+            f = next(self.it, None)
+            if f is None:
+                return None
+            im = cv2.cvtColor(cv2.imread(str(f)), cv2.COLOR_BGR2RGB).astype(np.float32) / 255
+            return {"input": ((im - mean) / std).transpose(2, 0, 1)[None].astype(np.float32)}
+
+    quantize_static(str(workdir / "bare.onnx"), str(workdir / "bare-int8.onnx"), Reader(),
+                    quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8)
+    return time.perf_counter() - t0
+
+
+def bench_wall_time(out: Path, calib100: Path, repeats: int) -> None:
+    rows = []
+    bare, ours = [], []
+    for i in range(repeats):  # alternate so drift in machine load hits both
+        with tempfile.TemporaryDirectory() as d:
+            bare.append(bare_export(calib100, Path(d)))
+        t0 = time.perf_counter()
+        lepton_edge.export("zoo:mobilenetv2", target="x86-cpu", out=out / f"wall{i}", calib=str(calib100))
+        ours.append(time.perf_counter() - t0)
+    b, o = statistics.median(bare), statistics.median(ours)
+    rows.append(["MobileNetV2 int8, 100 photos, first recipe passes (validation + latency included)",
+                 f"{b:.1f}", f"{o:.1f}", f"{o / b:.2f}", verdict(o / b <= 1.3)])
+    from lepton_edge.errors import CheckFailed
+
+    t0 = time.perf_counter()
+    try:  # an unreachable bar makes every recipe of the profile run, sensitivity passes included
+        lepton_edge.export("zoo:mobilenetv2-fashion", target="x86-cpu", out=out / "search", min_agreement=1.01)
+    except CheckFailed:
+        pass
+    search = time.perf_counter() - t0
+    from lepton_edge import targets
+
+    n = len(targets.load("x86-cpu").quantization.recipes)
+    rows.append([f"full recipe search, mobilenetv2-fashion ({n} recipes + sensitivity candidates, 10k-image eval each)",
+                 "-", f"{search:.1f}", "-", "reported"])
+    RESULTS.append(("Export wall time (s), median of alternating runs in one process",
+                    ["what", "bare torch.onnx.export + quantize_static", "lepton-edge export", "ratio", "<= 1.3x"],
+                    rows))
+
+
+def write(path: Path, started: float) -> None:
+    lines = ["# Benchmarks", "", f"Machine: {machine()}", "",
+             f"Generated by `make bench` (bench/run.py) on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} "
+             f"in {time.perf_counter() - started:.0f} s. Ratios compare runs made in the same process.", ""]
+    for title, header, rows in RESULTS:
+        lines += [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        lines.append("")
+    lines += ["Notes:",
+              "- MobileNetV2 224x224 uses torchvision's architecture with random weights (nothing is downloaded);",
+              "  its figures are size, parameters, latency and time, not accuracy. Calibration images are crops of",
+              "  scikit-learn's two sample photographs.",
+              "- Accuracy figures use the zoo models the project trains itself (lepton_edge/zoo/train.py).", ""]
+    path.write_text("\n".join(lines))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="export-path benchmarks -> BENCHMARKS.md")
+    ap.add_argument("--quick", action="store_true", help="fewer latency rounds and repeats")
+    ap.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    a = ap.parse_args()
+    ui.set_quiet(True)
+    started = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="lepton-bench-"))
+    try:
+        calib = photo_crops(work / "photos", 130)
+        calib100 = work / "photos100"
+        calib100.mkdir()
+        for f in sorted(calib.glob("*.jpg"))[:100]:
+            shutil.copy(f, calib100 / f.name)
+        for step in (lambda: bench_fashion(work / "fashion"),
+                     lambda: bench_mobilenet(work / "mnv2", calib, 30 if a.quick else 200),
+                     lambda: bench_wall_time(work / "wall", calib100, 1 if a.quick else 3)):
+            step()
+            print(f"{RESULTS[-1][0]}", file=sys.stderr)
+            for r in RESULTS[-1][2]:
+                print("   ", " | ".join(r), file=sys.stderr)
+        write(a.out, started)
+        print(f"wrote {a.out}", file=sys.stderr)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
