@@ -237,10 +237,12 @@ def main() -> None:
         for step in (lambda: bench_fashion(work / "fashion"),
                      lambda: bench_mobilenet(work / "mnv2", calib, 30 if a.quick else 200),
                      lambda: bench_wall_time(work / "wall", calib100, 1 if a.quick else 3)):
+            done = len(RESULTS)
             step()
-            print(f"{RESULTS[-1][0]}", file=sys.stderr)
-            for r in RESULTS[-1][2]:
-                print("   ", " | ".join(r), file=sys.stderr)
+            for title, _, rows in RESULTS[done:]:
+                print(title, file=sys.stderr)
+                for r in rows:
+                    print("   ", " | ".join(r), file=sys.stderr)
         write(a.out, started)
         print(f"wrote {a.out}", file=sys.stderr)
     finally:

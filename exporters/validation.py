@@ -73,7 +73,7 @@ def gate(c: Comparison, min_agreement: float, max_accuracy_drop_pp: float) -> st
     return None
 
 
-def latency_ms(fn: Predict, x1: np.ndarray, runs: int = 30, warmup: int = 5, budget_s: float = 3.0) -> dict:
+def latency_ms(fn: Predict, x1: np.ndarray, runs: int = 30, warmup: int = 3, budget_s: float = 1.0) -> dict:
     """Median/p90 latency of one batch-1 call; stops early after budget_s to keep exports quick."""
     for _ in range(warmup):
         fn(x1)
@@ -95,11 +95,3 @@ def rss_bytes() -> int | None:
     except (OSError, ValueError, IndexError):
         return None
 
-
-def runtime_memory(make_predictor: Callable[[], Predict], x1: np.ndarray) -> int | None:
-    """Memory a fresh session takes to load the model and run one input: the RSS it adds."""
-    before = rss_bytes()
-    pred = make_predictor()
-    pred(x1)
-    after = rss_bytes()
-    return None if before is None or after is None else max(0, after - before)

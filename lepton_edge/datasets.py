@@ -52,3 +52,28 @@ def fashion_mnist(split: str = "test") -> tuple[np.ndarray, np.ndarray]:
     x = _read_idx(_find(d, f"{prefix}-images-idx3-ubyte"))
     y = _read_idx(_find(d, f"{prefix}-labels-idx1-ubyte")).astype(np.int64)
     return x, y
+
+
+def photo_crops(n: int, size: int = 224, seed: int = 0) -> np.ndarray:
+    """n real-photo crops [N,size,size,3] uint8 BGR (OpenCV order) from scikit-learn's sample photos.
+
+    Why: MobileNetV2-class models need natural-image statistics to calibrate int8; random data
+    ruins the ranges. scikit-learn ships two photographs (no download); random crops, scales and
+    flips of them are the calibration and held-out sets of zoo:mobilenetv2.
+    """
+    import cv2
+
+    try:
+        from sklearn.datasets import load_sample_images
+    except ImportError:
+        raise BadInput("zoo:mobilenetv2's sample photos need scikit-learn (pip install scikit-learn)") from None
+    rng = np.random.default_rng(seed)
+    imgs = load_sample_images().images
+    out = np.empty((n, size, size, 3), np.uint8)
+    for i in range(n):
+        im = imgs[i % len(imgs)]
+        s = int(rng.integers(min(im.shape[:2]) // 3, min(im.shape[:2])))
+        y, x = int(rng.integers(0, im.shape[0] - s + 1)), int(rng.integers(0, im.shape[1] - s + 1))
+        crop = cv2.resize(im[y:y + s, x:x + s], (size, size), interpolation=cv2.INTER_AREA)
+        out[i] = (crop[:, ::-1] if rng.random() < 0.5 else crop)[:, :, ::-1]  # flip; RGB -> BGR
+    return out

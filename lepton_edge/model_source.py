@@ -145,24 +145,32 @@ def load(model: Any, *, profile_hw: tuple[int, int], input_shape: list[int] | No
         return src
     if ext in (".pt", ".pth", ".pt2", ".ts", ".torchscript"):
         _need_file(path, "model file")
-        module = _load_torch_file(path)
-        shape = input_shape
+        module, recorded = _load_torch_file(path)
+        shape = input_shape or recorded
         if shape is None:
-            raise BadInput(f"{path.name}: a PyTorch file does not record its input size: pass --input-shape 1,3,H,W")
+            raise BadInput(f"{path.name}: a TorchScript file does not record its input size: pass --input-shape 1,3,H,W")
         return _torch_source(module, shape, name or path.stem, labels, **spec_kw)
     raise BadInput(f"{path}: unsupported model type '{ext or path.name}' (want .onnx, .pt, .pt2 or zoo:<name>)")
 
 
 def _load_torch_file(path: Path):
+    """(module, input shape recorded in the file or None)."""
     import torch
 
     if path.suffix.lower() == ".pt2":
         try:
-            return torch.export.load(str(path)).module()
+            ep = torch.export.load(str(path))
         except Exception as e:
             raise BadInput(f"{path}: not a readable torch.export (.pt2) file ({str(e).splitlines()[0][:160]})") from None
+        user = set(ep.graph_signature.user_inputs)
+        shapes = [list(n.meta["val"].shape) for n in ep.graph.nodes
+                  if n.op == "placeholder" and n.name in user and hasattr(n.meta.get("val"), "shape")]
+        if len(shapes) != 1:
+            raise BadInput(f"{path}: export supports models with one image input; this one has {len(shapes)}")
+        shape = [int(d) if str(d).isdigit() else 1 for d in shapes[0]]
+        return ep.module(), shape
     try:
-        return torch.jit.load(str(path), map_location="cpu").eval()
+        return torch.jit.load(str(path), map_location="cpu").eval(), None
     except Exception as e:
         jit_err = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
     try:  # a pickled whole module (torch.save(model)): only for files the user trusts
@@ -170,7 +178,7 @@ def _load_torch_file(path: Path):
     except Exception:
         raise BadInput(f"{path}: not a TorchScript (.pt) file ({jit_err})") from None
     if isinstance(obj, torch.nn.Module):
-        return obj.eval()
+        return obj.eval(), None
     if isinstance(obj, dict):
         raise BadInput(f"{path}: holds a state_dict, not a model: use zoo:<arch> --weights {path.name}, "
                        "or save it with torch.jit.save / torch.export.save")

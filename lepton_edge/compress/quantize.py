@@ -37,6 +37,7 @@ class QuantResult:
     path: Path
     recipe: Recipe
     float_nodes: list[str] = field(default_factory=list)
+    names: dict[str, str] = field(default_factory=dict)  # tensor renames by compact_names()
 
 
 class _Reader:
@@ -57,23 +58,17 @@ class _Reader:
         self.i = 0
 
 
-def _batch_size(model_path: Path, n: int) -> int:
+def _batch_size(model, n: int) -> int:
     """Batches of equal size (onnxruntime's histogram calibrators cannot stack ragged batches)."""
-    import onnx
-
-    m = onnx.load(str(model_path), load_external_data=False)
-    d0 = m.graph.input[0].type.tensor_type.shape.dim[0]
+    d0 = model.graph.input[0].type.tensor_type.shape.dim[0]
     if d0.dim_value:
         return int(d0.dim_value)
     return max(b for b in range(1, 17) if n % b == 0)
 
 
-def quantizable_nodes(model_path: Path) -> list[str]:
+def quantizable_nodes(model) -> list[str]:
     """Names of the nodes int8 applies to, in graph order (first = input side)."""
-    import onnx
-
-    m = onnx.load(str(model_path), load_external_data=False)
-    return [n.name for n in m.graph.node if n.op_type in QUANTIZABLE]
+    return [n.name for n in model.graph.node if n.op_type in QUANTIZABLE]
 
 
 def quantize_int8(
@@ -81,9 +76,14 @@ def quantize_int8(
     exclude: list[str] | None = None,
 ) -> QuantResult:
     """Static QDQ quantization, weights int8 per channel, activations per recipe."""
+    import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    nodes = quantizable_nodes(fp32_path)
-    exclude = list(exclude or [])
+
+    from lepton_edge import ui
+
+    model = onnx.load(str(fp32_path), load_external_data=False)
+    nodes = quantizable_nodes(model)
+    exclude = [n for n in (exclude or []) if n in nodes]
     if recipe.keep_ends and nodes:
         exclude += [n for n in (nodes[0], nodes[-1]) if n not in exclude]
     method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
@@ -91,14 +91,11 @@ def quantize_int8(
     extra = {"ActivationSymmetric": recipe.activation == "s8", "WeightSymmetric": True}
     if recipe.calibration == "percentile":
         extra["CalibPercentile"] = 99.99
-    exclude = [n for n in exclude if n in nodes]
-    from lepton_edge import ui
-
     with ui.progress("calibrating", len(calib)) as advance, contextlib.redirect_stdout(io.StringIO()):
         # (the histogram calibrators print their own progress to stdout, which --json keeps clean)
-        reader = _Reader(onnx_input_name(fp32_path), calib, _batch_size(fp32_path, len(calib)), advance)
+        reader = _Reader(_input_name(model), calib, _batch_size(model, len(calib)), advance)
         quantize_static(
-            str(fp32_path), str(out_path), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
+            model, str(out_path), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
             activation_type=QuantType.QUInt8 if recipe.activation == "u8" else QuantType.QInt8,
             weight_type=QuantType.QInt8, calibrate_method=method,
             nodes_to_exclude=exclude or None, extra_options=extra,
@@ -110,10 +107,15 @@ def prepare(fp32_path: Path, out_path: Path) -> Path:
     """Shape inference and graph optimisation (BN folding) before calibration.
 
     Done once per export so every recipe and the sensitivity pass see the same node names.
-    Returns the path to quantize from (the input itself if pre-processing fails).
+    Skipped when the graph has nothing to fold (the torch.export-based exporter already folds
+    BatchNormalization): it costs seconds on a large model. Returns the path to quantize from.
     """
+    import onnx
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    ops = {n.op_type for n in onnx.load(str(fp32_path), load_external_data=False).graph.node}
+    if not ops & {"BatchNormalization", "Identity", "Dropout", "Constant"}:
+        return fp32_path
     try:
         quant_pre_process(str(fp32_path), str(out_path), skip_symbolic_shape=True)
         return out_path
@@ -124,9 +126,12 @@ def prepare(fp32_path: Path, out_path: Path) -> Path:
 def onnx_input_name(path: Path) -> str:
     import onnx
 
-    m = onnx.load(str(path), load_external_data=False)
-    inits = {i.name for i in m.graph.initializer}
-    return next(i.name for i in m.graph.input if i.name not in inits)
+    return _input_name(onnx.load(str(path), load_external_data=False))
+
+
+def _input_name(model) -> str:
+    inits = {i.name for i in model.graph.initializer}
+    return next(i.name for i in model.graph.input if i.name not in inits)
 
 
 def convert_fp16(fp32_path: Path, out_path: Path) -> None:
@@ -149,38 +154,86 @@ def _with_outputs(path: Path, names: list[str]) -> bytes:
     return m.SerializeToString()
 
 
-def sensitivity(fp32_path: Path, qdq_path: Path, x: np.ndarray) -> list[tuple[str, float]]:
+def _run_all(sess, name: str, x: np.ndarray) -> dict[str, np.ndarray]:
+    """Every output of `sess` over x, one sample at a time when the batch is fixed."""
+    fixed = sess.get_inputs()[0].shape[0]
+    step = fixed if isinstance(fixed, int) else len(x)
+    runs = [sess.run(None, {name: x[i:i + step]}) for i in range(0, len(x), step)]
+    names = [o.name for o in sess.get_outputs()]
+    return {n: np.concatenate([r[k] for r in runs]) for k, n in enumerate(names)}
+
+
+def sensitivity(fp32_path: Path, qdq_path: Path, x: np.ndarray, names: dict[str, str] | None = None
+                ) -> list[tuple[str, float]]:
     """Per-layer sensitivity: how many dB of signal-to-quantization-noise each layer loses.
 
     Runs the float and the quantized model side by side on the same inputs, reads every
     quantizable node's output, and charges each node with SQNR(input) - SQNR(output): the
-    noise that layer itself adds. Returns (node name, dB lost), worst first.
+    noise that layer itself adds. `names` maps float tensor names to the quantized file's
+    (after compact_names). Returns (node name, dB lost), worst first.
     """
     import onnx
     import onnxruntime as ort
 
+    names = names or {}
     m = onnx.load(str(fp32_path), load_external_data=False)
     nodes = [n for n in m.graph.node if n.op_type in QUANTIZABLE]
-    outs = [n.output[0] for n in nodes]
     q = onnx.load(str(qdq_path), load_external_data=False)
     q_tensors = {o for n in q.graph.node for o in n.output}
-    outs = [o for o in outs if o in q_tensors]
+    outs = [n.output[0] for n in nodes if names.get(n.output[0], n.output[0]) in q_tensors]
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     name = onnx_input_name(fp32_path)
     f = ort.InferenceSession(_with_outputs(fp32_path, outs), so, providers=["CPUExecutionProvider"])
-    qs = ort.InferenceSession(_with_outputs(qdq_path, outs), so, providers=["CPUExecutionProvider"])
-    fa = dict(zip([o.name for o in f.get_outputs()], f.run(None, {name: x})))
-    qa = dict(zip([o.name for o in qs.get_outputs()], qs.run(None, {name: x})))
+    qs = ort.InferenceSession(_with_outputs(qdq_path, [names.get(o, o) for o in outs]), so,
+                              providers=["CPUExecutionProvider"])
+    fa = _run_all(f, name, x)
+    qa = _run_all(qs, onnx_input_name(qdq_path), x)
 
     def sqnr(t: str) -> float:
-        if t not in fa or t not in qa:
+        qt = names.get(t, t)
+        if t not in fa or qt not in qa:
             return 60.0  # graph input or a tensor that is not quantized: treat as clean
-        s, e = float(np.sum(fa[t].astype(np.float64) ** 2)), float(np.sum((fa[t] - qa[t]).astype(np.float64) ** 2))
+        ref, err = fa[t].astype(np.float64), (fa[t] - qa[qt]).astype(np.float64)
+        s, e = float(np.sum(ref**2)), float(np.sum(err**2))
         return 60.0 if e == 0 else min(60.0, 10 * math.log10(max(s, 1e-12) / e))
 
-    lost = []
-    for n in nodes:
-        if n.output[0] in outs:
-            lost.append((n.name, sqnr(n.input[0]) - sqnr(n.output[0])))
+    lost = [(n.name, sqnr(n.input[0]) - sqnr(n.output[0])) for n in nodes if n.output[0] in outs]
     return sorted(lost, key=lambda t: -t[1])
+
+
+def compact_names(path: Path) -> dict[str, str]:
+    """Shorten tensor and Q/DQ node names in place; keep graph inputs/outputs and layer names.
+
+    Why: QDQ graphs repeat long exporter names ("features.1.conv.0.0.weight_DequantizeLinear_Output")
+    in every node; on a small model that is ~20 % of the file. Layer (Conv/Gemm/MatMul) names
+    stay, so the manifest's list of layers kept in float still names nodes in the file.
+    Graphs with subgraphs (If/Loop) are left alone. Returns the tensor renames.
+    """
+    import onnx
+
+    m = onnx.load(str(path))
+    g = m.graph
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node for a in n.attribute):
+        return {}
+    keep = {v.name for v in g.input} | {v.name for v in g.output} | {""}
+    names: dict[str, str] = {}
+
+    def short(name: str) -> str:
+        if name in keep:
+            return name
+        if name not in names:
+            names[name] = f"t{len(names):x}"
+        return names[name]
+
+    for init in g.initializer:
+        init.name = short(init.name)
+    for i, n in enumerate(g.node):
+        n.input[:] = [short(x) for x in n.input]
+        n.output[:] = [short(x) for x in n.output]
+        if n.op_type not in QUANTIZABLE:
+            n.name = f"n{i:x}"
+        n.doc_string = ""
+    del g.value_info[:]
+    onnx.save(m, str(path))
+    return names

@@ -30,7 +30,8 @@ class ZooModel:
     std: list[float]
     weights: str | None = None  # file under zoo/weights/, shipped in the package
     labels: list[str] | None = None
-    dataset: str | None = None  # "fashion-mnist": calibration/eval data comes from it
+    dataset: str | None = None  # "fashion-mnist" (labelled) or "photos" (unlabelled): calibration data
+    labelled: bool = True  # False: the data set serves calibration and agreement, not accuracy
     task: str = "classify"
     train: dict = field(default_factory=dict)  # recipe for zoo/train.py
 
@@ -55,10 +56,15 @@ class ZooModel:
         shape = [1, c, h, w] if layout == "NCHW" else [1, h, w, c]
         return InputSpec(name="input", shape=shape, layout=layout, color=self.color, mean=self.mean, std=self.std)
 
-    def data(self, split: str) -> tuple[np.ndarray, np.ndarray] | None:
-        """(raw uint8 images, labels) of the zoo model's own data set, or None."""
+    def data(self, split: str) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """(raw uint8 images, labels or None) of the zoo model's own data set, or None."""
         if self.dataset == "fashion-mnist":
             return fashion_mnist(split)
+        if self.dataset == "photos":
+            from lepton_edge.datasets import photo_crops
+
+            n, seed = (100, 0) if split == "train" else (64, 1)
+            return photo_crops(n, self.input_hw[0], seed), None
         return None
 
 
@@ -99,6 +105,7 @@ MODELS: dict[str, ZooModel] = {
             "mobilenetv2", "MobileNetV2 1.0 (torchvision key names, 224x224 RGB, ImageNet normalisation); "
             "random weights unless --weights",
             _mnv2, (224, 224), "RGB", [0.485, 0.456, 0.406], [0.229, 0.224, 0.225],
+            dataset="photos", labelled=False,
         ),
     ]
 }
