@@ -18,7 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle torch threads must not spin beside onnxruntime's
+
+import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -52,27 +54,24 @@ def machine() -> str:
             f"{platform.system()} {platform.machine()}; Python {platform.python_version()}; {vers}")
 
 
-def photo_crops(folder: Path, n: int, seed: int = 0) -> Path:
-    """n real-photo crops (scikit-learn's sample photos) at 224x224 as JPEG files."""
+def photo_folder(folder: Path, n: int) -> Path:
+    """n real-photo crops at 224x224 written as JPEG files (a user's --calib folder)."""
     import cv2
-    from sklearn.datasets import load_sample_images
+
+    from lepton_edge.datasets import photo_crops
 
     folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    imgs = load_sample_images().images
-    for i in range(n):
-        im = imgs[i % len(imgs)]
-        s = int(rng.integers(160, min(im.shape[:2])))
-        y, x = int(rng.integers(0, im.shape[0] - s)), int(rng.integers(0, im.shape[1] - s))
-        crop = cv2.resize(im[y:y + s, x:x + s], (224, 224), interpolation=cv2.INTER_AREA)
-        if rng.random() < 0.5:
-            crop = crop[:, ::-1]
-        cv2.imwrite(str(folder / f"crop{i:03d}.jpg"), cv2.cvtColor(np.ascontiguousarray(crop), cv2.COLOR_RGB2BGR))
+    for i, im in enumerate(photo_crops(n, 224, seed=7)):
+        cv2.imwrite(str(folder / f"crop{i:03d}.jpg"), im)
     return folder
 
 
-def ort_latency(paths: dict[str, Path], threads: int, x: np.ndarray, rounds: int) -> dict[str, float]:
-    """Median batch-1 latency (ms) of each model, interleaved round by round so noise hits all alike."""
+def ort_latency(paths: dict[str, Path], threads: int, x: np.ndarray, rounds: int, block: int = 20) -> dict[str, float]:
+    """Median batch-1 latency (ms) of each model, in alternating blocks of `block` runs.
+
+    Blocks rather than single runs: a session's thread pool keeps spinning briefly after a run,
+    which would slow the next session's run; alternating blocks still spread machine noise evenly.
+    """
     import onnxruntime as ort
 
     sess = {}
@@ -82,14 +81,13 @@ def ort_latency(paths: dict[str, Path], threads: int, x: np.ndarray, rounds: int
         sess[k] = ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
     name = {k: s.get_inputs()[0].name for k, s in sess.items()}
     times: dict[str, list[float]] = {k: [] for k in sess}
-    for k, s in sess.items():
-        for _ in range(10):
-            s.run(None, {name[k]: x})
-    for _ in range(rounds):
+    for _ in range(max(1, rounds // block)):
         for k, s in sess.items():
-            t0 = time.perf_counter()
-            s.run(None, {name[k]: x})
-            times[k].append((time.perf_counter() - t0) * 1e3)
+            for i in range(block + 3):
+                t0 = time.perf_counter()
+                s.run(None, {name[k]: x})
+                if i >= 3:  # the first runs of a block pay for the previous session's spinning threads
+                    times[k].append((time.perf_counter() - t0) * 1e3)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -224,19 +222,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description="export-path benchmarks -> BENCHMARKS.md")
     ap.add_argument("--quick", action="store_true", help="fewer latency rounds and repeats")
     ap.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    ap.add_argument("--only", choices=["fashion", "mobilenet", "wall"], help="run one section")
     a = ap.parse_args()
     ui.set_quiet(True)
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="lepton-bench-"))
     try:
-        calib = photo_crops(work / "photos", 130)
+        calib = photo_folder(work / "photos", 130)
         calib100 = work / "photos100"
         calib100.mkdir()
         for f in sorted(calib.glob("*.jpg"))[:100]:
             shutil.copy(f, calib100 / f.name)
-        for step in (lambda: bench_fashion(work / "fashion"),
-                     lambda: bench_mobilenet(work / "mnv2", calib, 30 if a.quick else 200),
-                     lambda: bench_wall_time(work / "wall", calib100, 1 if a.quick else 3)):
+        steps = {"fashion": lambda: bench_fashion(work / "fashion"),
+                 "mobilenet": lambda: bench_mobilenet(work / "mnv2", calib, 40 if a.quick else 200),
+                 "wall": lambda: bench_wall_time(work / "wall", calib100, 1 if a.quick else 3)}
+        for key, step in steps.items():
+            if a.only and key != a.only:
+                continue
             done = len(RESULTS)
             step()
             for title, _, rows in RESULTS[done:]:

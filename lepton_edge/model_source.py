@@ -101,10 +101,14 @@ def _load_onnx(path: Path, input_shape: list[int] | None, hw: tuple[int, int], *
     return ModelSource(name=path.stem, kind="onnx", input_spec=spec, onnx_path=path, task="raw")
 
 
-def _example_shape(input_shape, example_input, profile_hw) -> list[int] | None:
+def _example_shape(input_shape, example_input, profile_hw) -> tuple[list[int], str | None]:
+    """The input shape and, when it is only the target's default guess, a hint for the error."""
     if example_input is not None:
-        return list(example_input.shape)
-    return input_shape
+        return list(example_input.shape), None
+    if input_shape:
+        return list(input_shape), None
+    shape = [1, 3, *profile_hw]
+    return shape, f" (the target's default input {shape}; pass --input-shape / example_input=)"
 
 
 def load(model: Any, *, profile_hw: tuple[int, int], input_shape: list[int] | None = None,
@@ -132,10 +136,8 @@ def load(model: Any, *, profile_hw: tuple[int, int], input_shape: list[int] | No
 
         if not isinstance(model, torch.nn.Module):
             raise BadInput(f"cannot export a {type(model).__name__}: give a torch.nn.Module, a file path or zoo:<name>")
-        shape = _example_shape(input_shape, example_input, profile_hw)
-        if shape is None:
-            raise BadInput("a torch.nn.Module needs example_input= (or input_shape=) to know its input")
-        return _torch_source(model.eval(), shape, name or type(model).__name__.lower(), labels, **spec_kw)
+        shape, hint = _example_shape(input_shape, example_input, profile_hw)
+        return _torch_source(model.eval(), shape, name or type(model).__name__.lower(), labels, hint, **spec_kw)
     path = Path(model)
     ext = path.suffix.lower()
     if ext == ".onnx":
@@ -146,10 +148,8 @@ def load(model: Any, *, profile_hw: tuple[int, int], input_shape: list[int] | No
     if ext in (".pt", ".pth", ".pt2", ".ts", ".torchscript"):
         _need_file(path, "model file")
         module, recorded = _load_torch_file(path)
-        shape = input_shape or recorded
-        if shape is None:
-            raise BadInput(f"{path.name}: a TorchScript file does not record its input size: pass --input-shape 1,3,H,W")
-        return _torch_source(module, shape, name or path.stem, labels, **spec_kw)
+        shape, hint = _example_shape(input_shape or recorded, None, profile_hw)
+        return _torch_source(module, shape, name or path.stem, labels, hint, **spec_kw)
     raise BadInput(f"{path}: unsupported model type '{ext or path.name}' (want .onnx, .pt, .pt2 or zoo:<name>)")
 
 
@@ -185,14 +185,14 @@ def _load_torch_file(path: Path):
     raise BadInput(f"{path}: holds a {type(obj).__name__}, not a model")
 
 
-def _torch_source(module, shape, name, labels, **spec_kw) -> ModelSource:
+def _torch_source(module, shape, name, labels, hint=None, **spec_kw) -> ModelSource:
     spec = default_spec(list(shape), **spec_kw)
-    batch = _check_runs(module, spec)
+    batch = _check_runs(module, spec, hint or "")
     return ModelSource(name=name, kind="torch", input_spec=spec, module=module, labels=labels,
                        task="classify" if labels else "raw", batch=batch)
 
 
-def _check_runs(module, spec: InputSpec) -> int | None:
+def _check_runs(module, spec: InputSpec, hint: str = "") -> int | None:
     """Run the model once so a wrong input shape is a clear error now, not deep in the exporter.
 
     Returns the fixed batch size when the model refuses a batch of 2 (None when any batch works).
@@ -210,7 +210,7 @@ def _check_runs(module, spec: InputSpec) -> int | None:
             out = module(torch.zeros([d if isinstance(d, int) else 1 for d in spec.shape]))
     except Exception as e:
         msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        raise BadInput(f"the model does not accept input of shape {spec.shape}: {msg}") from None
+        raise BadInput(f"the model does not accept input of shape {spec.shape}{hint}: {msg}") from None
     if not isinstance(out, torch.Tensor):
         if isinstance(out, (tuple, list)) and out and all(isinstance(o, torch.Tensor) for o in out):
             return fixed

@@ -77,9 +77,15 @@ def test_python_module_api(tmp_path):
     b = lepton_edge.export(model, target="x86-cpu", precision="fp32", example_input=torch.randn(1, 3, 32, 32),
                            out=tmp_path, name="tiny")
     assert b.manifest.inputs[0].shape[1:] == [3, 32, 32] and b.manifest.inputs[0].color == "RGB"
+    # No example input: the target profile's input size.
+    b = lepton_edge.export(model, target="rpi4", precision="fp32", out=tmp_path, name="tiny-default")
+    assert b.manifest.inputs[0].shape == [1, 3, 224, 224]
     with pytest.raises(BadInput, match="does not accept input of shape"):
         lepton_edge.export(model, target="x86-cpu", precision="fp32", example_input=torch.randn(1, 1, 32, 32),
                            out=tmp_path, name="tiny2")
+    gray = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten())
+    with pytest.raises(BadInput, match="the target's default input"):
+        lepton_edge.export(gray, target="x86-cpu", precision="fp32", out=tmp_path, name="gray")
 
 
 def test_torchscript_and_torch_export_files(tmp_path, fashion_folders):
