@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -210,20 +209,12 @@ def quickstart(output: Path = typer.Option(Path("out/quickstart"), "--out", "-o"
 
 
 def main() -> None:
+    """Entry point: usage errors are typer's (exit 2); our errors print one line (exit 1 or 2)."""
     try:
-        rv = app(standalone_mode=False)
-        sys.exit(rv if isinstance(rv, int) else 0)
+        app()
     except LeptonError as e:
         ui.err.print(f"[red]error:[/] {e}", soft_wrap=True)
         sys.exit(e.exit_code)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
-    except click.exceptions.Abort:
-        ui.err.print("aborted")
-        sys.exit(130)
     except KeyboardInterrupt:
         ui.err.print("interrupted")
         sys.exit(130)
