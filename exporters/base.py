@@ -89,11 +89,15 @@ def parse_size(text: str | int | None) -> int | None:
     return int(value * SIZE_UNITS[unit])
 
 
-def human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
+def human(n: float, binary: bool = False) -> str:
+    """1234567 -> '1.23 MB' (or '1.2 MiB' with binary=True, as the profiles' budgets are set)."""
+    step, units = (1024, ("B", "KiB", "MiB", "GiB")) if binary else (1000, ("B", "KB", "MB", "GB"))
+    for unit in units:
+        if n < step or unit == units[-1]:
+            if unit == "B":
+                return f"{n:.0f} B"
+            return f"{n:.3g} {unit}" if binary else f"{n:.2f} {unit}"
+        n /= step
     return str(n)
 
 

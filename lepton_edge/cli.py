@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
+from rich import box
 from rich.table import Table
 
 from lepton_edge import ui
@@ -20,7 +20,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="
                   help="Export small, fast, validated model bundles for edge devices.")
 targets_app = typer.Typer(help="List target profiles, or show one.", invoke_without_command=True)
 app.add_typer(targets_app, name="targets")
-out = Console(highlight=False)
+out = ui.console()
 
 
 def _emit_json(obj) -> None:
@@ -38,12 +38,13 @@ def targets_list(ctx: typer.Context, as_json: bool = typer.Option(False, "--json
     profs = targets.all_profiles()
     if as_json:
         return _emit_json([p.model_dump() for p in profs])
-    t = Table(title="target profiles")
-    for col in ("id", "arch", "runtime", "format", "precision", "threads", "max model", "RAM", "latency", "opset"):
-        t.add_column(col)
+    t = Table(title="target profiles", box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("id", "arch", "runtime", "default", "threads", "max model", "RAM", "latency", "opset"):
+        t.add_column(col, no_wrap=True)
     for p in profs:
-        t.add_row(p.id, p.arch, p.runtime, p.format, p.precision, str(p.threads), human(p.max_model_bytes),
-                  human(p.ram_budget_bytes), f"{p.latency_budget_ms:g} ms", str(p.max_opset))
+        t.add_row(p.id, p.arch, p.runtime.replace("onnxruntime", "ort"), f"{p.format} {p.precision}", str(p.threads),
+                  human(p.max_model_bytes, binary=True), human(p.ram_budget_bytes, binary=True),
+                  f"{p.latency_budget_ms:g}ms", str(p.max_opset))
     out.print(t)
     out.print("[dim]lepton-edge targets show ID for one profile; --target PATH.toml for your own[/]")
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rich.console import Console
+from rich import box
 from rich.table import Table
 
 from lepton_edge import ui
@@ -34,15 +34,17 @@ def run(out: Path, quiet: bool = False) -> list[dict]:
         })
     if quiet:
         return rows
-    c = Console(highlight=False)
-    t = Table(title="zoo:fashion-cnn on Fashion-MNIST test set (10,000 images), latency on this host")
-    for col in ("bundle", "target", "precision", "size", "accuracy", "drop", "agreement", "latency p50", "int8 recipe"):
-        t.add_column(col)
+    c = ui.console()
+    t = Table(title="zoo:fashion-cnn, Fashion-MNIST test set (10,000 images); latency on this host",
+              box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("target", "prec.", "size", "accuracy", "drop", "agreement", "p50", "int8 recipe"):
+        t.add_column(col, no_wrap=True)
     for r in rows:
-        t.add_row(r["bundle"], r["target"], r["precision"], human(r["bytes"]), f"{r['accuracy']:.4f}",
-                  f"{r['accuracy_drop_pp']:+.2f} pp", f"{r['agreement']:.4f}", f"{r['latency_ms']:.3f} ms",
+        t.add_row(r["target"], r["precision"], human(r["bytes"]), f"{r['accuracy']:.4f}",
+                  f"{r['accuracy_drop_pp']:+.2f}pp", f"{r['agreement']:.4f}", f"{r['latency_ms']:.3f}ms",
                   r["recipe"] or "-")
     c.print(t)
+    c.print(f"bundles: {', '.join(r['bundle'] for r in rows)}")
     c.print("next:")
     c.print(f"  lepton-edge inspect {rows[-1]['bundle']}")
     c.print("  lepton-edge targets")

@@ -4,6 +4,7 @@ Why stderr: stdout stays clean for `--json`, so scripts can pipe it while people
 """
 from __future__ import annotations
 
+import sys
 import time
 from contextlib import contextmanager
 from typing import Iterable, Iterator, TypeVar
@@ -12,7 +13,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 T = TypeVar("T")
-err = Console(stderr=True, highlight=False)
+def console(stderr: bool = False) -> Console:
+    """A rich console; when piped (CI logs, `| less`) 140 columns instead of rich's 80."""
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, highlight=False, width=None if stream.isatty() else 140)
+
+
+err = console(stderr=True)
 _quiet = False
 
 
