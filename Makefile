@@ -15,7 +15,7 @@ $(VENV)/.base:
 	touch $@
 
 $(VENV)/.export: $(VENV)/.base pyproject.toml
-	$(PIP) install -q $(TORCH) -e '.[export]'
+	$(PIP) install -q $(TORCH) -e '.[export,tflite]'
 	touch $@
 
 $(VENV)/.all: $(VENV)/.base pyproject.toml

@@ -30,6 +30,7 @@ class Exporter:
     format: str = ""
     suffix: str = ""
     precisions: tuple[str, ...] = ()
+    sources: tuple[str, ...] = ("torch", "onnx")  # model kinds this format converts from
 
     def to_fp32(self, source, path: Path, opset: int) -> Path:
         """The reference-equivalent float artifact, written to `path`."""
@@ -62,8 +63,8 @@ def register(cls: type[Exporter]) -> type[Exporter]:
 
 
 def get_exporter(fmt: str) -> Exporter:
-    if not FORMATS:
-        from lepton_edge.exporters import onnx  # noqa: F401  (registers itself)
+    if not FORMATS:  # each format module registers itself
+        from lepton_edge.exporters import onnx, tflite  # noqa: F401
     if fmt not in FORMATS:
         raise BadInput(f"format '{fmt}' is not available (have: {', '.join(sorted(FORMATS))})")
     return FORMATS[fmt]()
@@ -246,6 +247,7 @@ def export(
     min_agreement: float = 0.99,
     max_accuracy_drop: float = 0.5,
     recipes: list[str] | None = None,
+    layout: str | None = None,
     allow_synthetic_calibration: bool = False,
     holdout: int = 64,
     measure_latency: bool = True,
@@ -266,6 +268,9 @@ def export(
     t_start = time.perf_counter()
     prof = targets.load(target)
     fmt = format or prof.format
+    if format is None and fmt == "tflite" and str(model).lower().endswith(".onnx"):
+        fmt = "onnx"  # an ONNX graph is not converted to TFLite here: keep it ONNX (onnxruntime runs on ARM too)
+        ui.info(f"[dim]{prof.id} prefers TFLite; an ONNX input is exported as ONNX (--format onnx)[/]")
     precision = precision or prof.precision
     exporter = get_exporter(fmt)
     if precision not in exporter.precisions:
@@ -281,6 +286,13 @@ def export(
         src = model_source.load(model, profile_hw=tuple(prof.input_size), input_shape=input_shape,
                                 example_input=example_input, weights=weights, labels=labels, name=name,
                                 color=color, mean=mean, std=std)
+    if src.kind not in exporter.sources:
+        raise BadInput(f"{fmt} export converts PyTorch models (zoo:, .pt, .pt2, nn.Module); "
+                       f"for an {src.kind.upper()} file use --format onnx")
+    from lepton_edge.exporters import layout as lay
+
+    lay.apply(src, layout or prof.layout, explicit=layout is not None)
+    recipes = _recipes_for(exporter, recipes, prof)
     if not src.trained:
         ui.info(f"[yellow]![/] {src.name} has random weights (no --weights): the accuracy gate is not applied")
     data = datasets.gather(src, precision=precision, calib=calib,
@@ -299,7 +311,7 @@ def export(
         with ui.stage(f"export fp32 {fmt}"):
             fp32 = exporter.to_fp32(src, tmp / f"fp32{exporter.suffix}", prof.max_opset)
             described = exporter.describe(fp32)
-        if described.get("opset", 0) > prof.max_opset:
+        if (described.get("opset") or 0) > prof.max_opset:
             raise CheckFailed(f"the graph needs opset {described['opset']} but {prof.id} allows at most "
                               f"{prof.max_opset}")
         fp32_pred = exporter.predictor(fp32, prof.threads)
@@ -314,7 +326,7 @@ def export(
             if why:
                 raise CheckFailed(f"{precision} artifact fails validation: {why}")
         else:
-            found = search.search(exporter, recipes or prof.quantization.recipes, exporter.prepare_int8(fp32, tmp),
+            found = search.search(exporter, recipes, exporter.prepare_int8(fp32, tmp),
                                   tmp, data.calib_x, data.check_x, validate, prof.quantization.per_channel,
                                   min_agreement, max_accuracy_drop, enforce=src.trained)
             if found.path is None:
@@ -347,6 +359,18 @@ def export(
               "bytes": size, "fp32_bytes": fp32_size, "validation": validation, "latency": latency,
               "compression": compression, "seconds": time.perf_counter() - t_start}
     return ExportResult(Bundle.load(final), report)
+
+
+def _recipes_for(exporter, asked: list[str] | None, prof) -> list[str]:
+    """The int8 recipes to try: the user's, else the profile's, limited to what the format can do."""
+    allowed = getattr(exporter, "recipes", None)
+    wanted = asked or prof.quantization.recipes
+    if not allowed:
+        return wanted
+    usable = [r for r in wanted if r in allowed]
+    if asked and not usable:
+        raise BadInput(f"--recipes: {exporter.format} int8 supports {', '.join(allowed)}")
+    return usable or list(allowed)
 
 
 def _latency(pred, fp32_pred, x1: np.ndarray, prof) -> dict[str, Any]:
@@ -388,7 +412,10 @@ def _write_bundle(final: Path, chosen: Path, exporter, src, prof, fmt, precision
             (stage_dir / labels_file).write_text("\n".join(src.labels) + "\n")
         in_spec = src.input_spec.model_copy()
         if described.get("inputs"):
-            in_spec.shape = described["inputs"][0]["shape"]
+            d = described["inputs"][0]
+            in_spec.shape = d["shape"]
+            if d.get("quantization"):  # integer input: the device quantizes frames with these
+                in_spec.dtype, in_spec.quantization = d["dtype"], d["quantization"]
         manifest = Manifest(
             name=src.name, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             target={"id": prof.id, "sha256": prof.content_hash(), "arch": prof.arch, "runtime": prof.runtime,
@@ -396,7 +423,8 @@ def _write_bundle(final: Path, chosen: Path, exporter, src, prof, fmt, precision
                     "latency_budget_ms": prof.latency_budget_ms, "device_packages": prof.device_packages},
             format=fmt, precision=precision, model_file=model_file, task=src.task, labels_file=labels_file,
             inputs=[in_spec],
-            outputs=[OutputSpec(name=o["name"], shape=o["shape"]) for o in described.get("outputs", [])],
+            outputs=[OutputSpec(name=o["name"], shape=o["shape"], dtype=o.get("dtype", "float32"),
+                                quantization=o.get("quantization")) for o in described.get("outputs", [])],
             compression=compression, validation=validation, latency=latency, toolchain=_toolchain(),
             opset=described.get("opset"),
         )

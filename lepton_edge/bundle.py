@@ -56,6 +56,7 @@ class OutputSpec(BaseModel):
     name: str
     shape: list[int | str]
     dtype: str = "float32"
+    quantization: dict[str, float] | None = None  # integer outputs: real = (q - zero_point) * scale
 
 
 class FileEntry(BaseModel):

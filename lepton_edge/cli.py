@@ -66,6 +66,14 @@ def targets_show(target: str = typer.Argument(..., help="Profile id or path to a
     out.print(t)
 
 
+def _choice(value: Optional[str], allowed: tuple[str, ...], flag: str) -> Optional[str]:
+    if value is None:
+        return None
+    if value.upper() not in allowed:
+        raise BadInput(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
+    return value.upper()
+
+
 def _floats(text: Optional[str], what: str) -> Optional[list[float]]:
     if text is None:
         return None
@@ -81,7 +89,8 @@ def export(
     target: str = typer.Option("x86-cpu", "--target", "-t", help="Profile id (see `targets`) or a .toml path."),
     output: Path = typer.Option(Path("out"), "--out", "-o", help="Parent directory of the bundle."),
     precision: Optional[str] = typer.Option(None, help="fp32, fp16 or int8 (default: the target's)."),
-    fmt: Optional[str] = typer.Option(None, "--format", help="onnx (default: the target's)."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="onnx or tflite (default: the target's)."),
+    layout: Optional[str] = typer.Option(None, help="Input layout NCHW or NHWC (default: the target's)."),
     input_shape: Optional[str] = typer.Option(None, help="e.g. 1,3,224,224 (needed for .pt/.pt2 files)."),
     weights: Optional[str] = typer.Option(None, help="state_dict for a zoo architecture (torchvision keys)."),
     labels: Optional[Path] = typer.Option(None, help="labels.txt, one class name a line."),
@@ -123,6 +132,7 @@ def export(
         finetune_epochs=finetune_epochs, max_size=max_size, min_agreement=min_agreement,
         max_accuracy_drop=max_accuracy_drop, recipes=recipes.split(",") if recipes else None,
         allow_synthetic_calibration=allow_synthetic_calibration, color=color.upper() if color else None,
+        layout=_choice(layout, ("NCHW", "NHWC"), "--layout"),
         mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
     )
     if as_json:
@@ -159,7 +169,7 @@ def _print_report(rep: dict) -> None:
 
 
 @app.command()
-def inspect(path: Path = typer.Argument(..., help="A bundle directory or an .onnx file."),
+def inspect(path: Path = typer.Argument(..., help="A bundle directory, an .onnx or a .tflite file."),
             as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
     """Inputs/outputs (dynamic dims, layout), opset, op histogram, parameters, precision, size."""
     from lepton_edge.exporters.base import human
@@ -169,7 +179,8 @@ def inspect(path: Path = typer.Argument(..., help="A bundle directory or an .onn
     if as_json:
         return _emit_json(info)
     t = Table(title=str(path), show_header=False)
-    t.add_row("format", f"{info['format']}, opset {info['opset']}, {info.get('producer', '')}")
+    opset = f", opset {info['opset']}" if info.get("opset") else ""
+    t.add_row("format", f"{info['format']}{opset} {info.get('producer', '')}".strip())
     t.add_row("precision", info["precision"])
     t.add_row("size", human(info["bytes"]))
     t.add_row("parameters", f"{info['parameters']:,}")
@@ -177,10 +188,16 @@ def inspect(path: Path = typer.Argument(..., help="A bundle directory or an .onn
         for v in info[kind]:
             dyn = f" dynamic dims {v['dynamic']}" if v["dynamic"] else ""
             lay = f" {v['layout']}" if v.get("layout") else ""
-            t.add_row(kind[:-1], f"{v['name']}: {v['dtype']} {v['shape']}{lay}{dyn}")
+            qp = v.get("quantization")
+            quant = f" scale={qp['scale']:.6g} zero_point={qp['zero_point']}" if qp else ""
+            t.add_row(kind[:-1], f"{v['name']}: {v['dtype']} {v['shape']}{lay}{dyn}{quant}")
     t.add_row("ops", ", ".join(f"{k} {n}" for k, n in info["ops"].items()))
     if info["custom_ops"]:
         t.add_row("custom ops", ", ".join(info["custom_ops"]))
+    if "xnnpack" in info:
+        x = info["xnnpack"]
+        t.add_row("XNNPACK", x["error"] if "error" in x else
+                  f"applied, {x['partitions']} delegated partition(s)" if x["applied"] else "not applied")
     b = info.get("bundle")
     if b:
         t.add_row("bundle", f"{b['name']} for {b['target']}, task {b['task']}, checksums {b['checksums']}")

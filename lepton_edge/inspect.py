@@ -97,5 +97,77 @@ def inspect_file(p: Path) -> dict:
     if p.suffix.lower() == ".onnx":
         return inspect_onnx(p)
     if p.suffix.lower() == ".tflite":
-        raise BadInput(f"{p}: .tflite inspection comes with the TFLite exporter (not installed in this version)")
-    raise BadInput(f"{p}: cannot inspect '{p.suffix}' files (want a bundle directory or .onnx)")
+        return inspect_tflite(p)
+    raise BadInput(f"{p}: cannot inspect '{p.suffix}' files (want a bundle directory, .onnx or .tflite)")
+
+
+def inspect_tflite(path: Path) -> dict:
+    """Read the flatbuffer itself (works for custom ops the interpreter lacks), then ask LiteRT
+    which nodes XNNPACK takes."""
+    from lepton_edge.runtime.litert_loader import load_interpreter
+
+    data = path.read_bytes()
+    if len(data) < 8 or data[4:8] != b"TFL3":
+        raise BadInput(f"{path}: not a TFLite model (no TFL3 identifier; truncated or another format)")
+    try:
+        from ai_edge_litert import schema_py_generated as schema
+        from ai_edge_litert.tools import flatbuffer_utils
+
+        model = flatbuffer_utils.convert_bytearray_to_object(bytearray(data))
+    except ImportError:
+        raise BadInput("inspecting .tflite needs ai-edge-litert (pip install ai-edge-litert)") from None
+    except Exception as e:
+        raise BadInput(f"{path}: not a readable TFLite model ({str(e).splitlines()[0][:120] if str(e) else 'corrupt'})"
+                       ) from None
+    op_names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    type_names = {v: k.lower() for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
+    sg = model.subgraphs[0]
+
+    def op_name(op) -> str:
+        code = model.operatorCodes[op.opcodeIndex]
+        builtin = max(code.builtinCode, code.deprecatedBuiltinCode)
+        if builtin == schema.BuiltinOperator.CUSTOM:
+            return f"custom::{code.customCode.decode() if isinstance(code.customCode, bytes) else code.customCode}"
+        return op_names.get(builtin, str(builtin))
+
+    def tensor(i: int) -> dict:
+        t = sg.tensors[i]
+        shape = [int(d) for d in (t.shapeSignature if t.shapeSignature is not None else t.shape)]
+        out = {"name": t.name.decode() if isinstance(t.name, bytes) else t.name,
+               "dtype": type_names.get(t.type, str(t.type)).replace("float32", "float32"),
+               "shape": [d if d >= 0 else "?" for d in shape], "dynamic": [k for k, d in enumerate(shape) if d < 0],
+               "layout": _layout(shape)}
+        q = t.quantization
+        if q is not None and q.scale is not None and len(q.scale):
+            out["quantization"] = {"scale": float(q.scale[0]), "zero_point": int(q.zeroPoint[0])}
+        return out
+
+    ops = Counter(op_name(o) for o in sg.operators)
+    params = 0
+    weight_types = Counter()
+    for t in sg.tensors:
+        buf = model.buffers[t.buffer].data if t.buffer < len(model.buffers) else None
+        if buf is not None and len(buf):
+            n = 1
+            for d in t.shape:
+                n *= int(d)
+            params += n
+            weight_types[type_names.get(t.type, "?")] += n
+    inputs = [tensor(i) for i in sg.inputs]
+    if any(i["dtype"] in ("int8", "uint8") for i in inputs) or weight_types.get("int8", 0) > params / 2:
+        precision = "int8"
+    elif weight_types.get("float16", 0) > params / 2:
+        precision = "fp16"
+    else:
+        precision = "fp32"
+    info = {"file": str(path), "format": "tflite", "bytes": len(data), "producer": "", "opset": None,
+            "inputs": inputs, "outputs": [tensor(i) for i in sg.outputs], "nodes": len(sg.operators),
+            "ops": dict(ops.most_common()), "custom_ops": sorted(k[8:] for k in ops if k.startswith("custom::")),
+            "parameters": params, "precision": precision, "subgraphs": len(model.subgraphs)}
+    try:  # which part XNNPACK (LiteRT's default CPU delegate) takes over
+        it = load_interpreter(path, 1)
+        partitions = sum(1 for o in it._get_ops_details() if o["op_name"] == "DELEGATE")
+        info["xnnpack"] = {"partitions": partitions, "applied": partitions > 0}
+    except BadInput as e:
+        info["xnnpack"] = {"error": str(e)}
+    return info

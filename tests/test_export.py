@@ -78,8 +78,10 @@ def test_python_module_api(tmp_path):
                            out=tmp_path, name="tiny")
     assert b.manifest.inputs[0].shape[1:] == [3, 32, 32] and b.manifest.inputs[0].color == "RGB"
     # No example input: the target profile's input size.
-    b = lepton_edge.export(model, target="rpi4", precision="fp32", out=tmp_path, name="tiny-default")
+    b = lepton_edge.export(model, target="x86-cpu", precision="fp32", out=tmp_path, name="tiny-default")
     assert b.manifest.inputs[0].shape == [1, 3, 224, 224]
+    b = lepton_edge.export(model, target="rpi4", precision="fp32", out=tmp_path, name="tiny-default")
+    assert b.manifest.inputs[0].shape == [1, 224, 224, 3] and b.manifest.format == "tflite"  # ARM: NHWC TFLite
     with pytest.raises(BadInput, match="does not accept input of shape"):
         lepton_edge.export(model, target="x86-cpu", precision="fp32", example_input=torch.randn(1, 1, 32, 32),
                            out=tmp_path, name="tiny2")
@@ -124,7 +126,7 @@ def test_onnx_file_with_image_folders(tmp_path, fashion_folders, int8_bundle):
     torch.onnx.export(m, (torch.zeros(1, 1, 28, 28),), str(path), dynamo=False, input_names=["image"],
                       output_names=["scores"], dynamic_axes={"image": {0: "n"}})
     calib, ev = fashion_folders
-    r = run_cli("export", str(path), "--target", "rpi4", "--calib", str(calib), "--eval", str(ev),
+    r = run_cli("export", str(path), "--target", "rpi4", "--format", "onnx", "--calib", str(calib), "--eval", str(ev),
                 "--mean", "0.286", "--std", "0.353", "--labels", str(_labels(tmp_path)),
                 "-o", str(tmp_path / "out"), "--json")
     assert r.returncode == 0, r.stderr

@@ -1,0 +1,222 @@
+"""TFLite exporter: PyTorch -> TFLite with litert-torch (no TensorFlow), validated in LiteRT.
+
+fp32: litert_torch.convert. int8: PT2E static quantization (symmetric int8, per-channel weights,
+calibrated on the export's calibration data) -> a full-int8 model whose input and output are int8;
+their scale/zero-point go into the manifest so a device quantizes frames itself. fp16: fp16
+weights via ai-edge-quantizer's float casting, float compute and I/O.
+Validation runs the artifact in `ai_edge_litert` (XNNPACK), the interpreter the device runs.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import re
+import shutil
+import sys
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from lepton_edge.compress.quantize import QuantResult
+from lepton_edge.errors import BadInput, CheckFailed
+from lepton_edge.exporters.base import Exporter, register
+from lepton_edge.runtime.litert_loader import load_interpreter
+
+
+@contextlib.contextmanager
+def _quiet():
+    """litert-torch, its MLIR passes and the C++ converter print progress lines (the C++ side
+    straight to file descriptor 2); our stage line says what happened."""
+    loggers = [logging.getLogger(n) for n in ("torch.export", "torch._dynamo", "torch.onnx", "absl", "root")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    sink = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
+def _lowering_error(e: Exception, module, example) -> str:
+    """The converter's first meaningful line; for an op it cannot lower, the op and the layer
+    (module path) it came from, found in the exported graph's module stack."""
+    text = str(e) or type(e).__name__
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    key = next((ln for ln in lines if "lower" in ln.lower() or "not supported" in ln.lower()
+                or "unsupported" in ln.lower() or "aten." in ln), lines[0] if lines else type(e).__name__)
+    op = re.search(r"(aten\.[\w.]+)", key)
+    if op:
+        key = f"no TFLite lowering for {op.group(1)}{_layer_of(op.group(1), module, example)}"
+    return key[:300]
+
+
+def _layer_of(op: str, module, example) -> str:
+    import torch
+
+    try:
+        with _quiet():
+            graph = torch.export.export(module, example).run_decompositions().graph
+        for node in graph.nodes:
+            if str(node.target) == op or str(node.target).startswith(op.rsplit(".", 1)[0] + "."):
+                stack = node.meta.get("nn_module_stack") or {}
+                if stack:
+                    path, (_, cls) = list(stack.items())[-1][0], list(stack.values())[-1]
+                    name = getattr(cls, "__name__", str(cls).rsplit(".", 1)[-1].strip("'>"))
+                    layer = list(stack.values())[-1][0] or path
+                    if type(module).__name__ == "ChannelsLastInput":  # our NHWC wrapper: the user's names
+                        layer = layer.removeprefix("inner.")
+                    return f" in layer '{layer}' ({name})"
+                return " (called in the model's forward, outside any submodule)"
+    except Exception:  # finding the layer is a courtesy; the op name alone is still the answer
+        pass
+    return ""
+
+
+def _require_litert_torch():
+    try:
+        with _quiet():  # importing torchao/litert-torch logs about optional CUDA kernels and oneDNN
+            import litert_torch  # noqa: F401
+            import torchao.quantization.pt2e  # noqa: F401
+    except ImportError:
+        raise BadInput("TFLite export needs the [tflite] extra: pip install 'lepton-edge[tflite]'") from None
+
+
+@register
+class TfliteExporter(Exporter):
+    format = "tflite"
+    suffix = ".tflite"
+    precisions = ("fp32", "fp16", "int8")
+    sources = ("torch",)
+    recipes = ("s8-minmax",)  # PT2E symmetric int8, MinMax observers, per-channel weights
+
+    def __init__(self):
+        self.module = None
+        self.example = None
+
+    def to_fp32(self, source, path: Path, opset: int) -> Path:
+        _require_litert_torch()
+        import torch
+
+        self.module = source.module
+        self.example = (torch.zeros([d if isinstance(d, int) else 1 for d in source.input_spec.shape]),)
+        self._convert(self.module, path)
+        return path
+
+    def _convert(self, module, path: Path, quant_config=None) -> None:
+        import litert_torch
+
+        try:
+            with _quiet():
+                litert_torch.convert(module, self.example, quant_config=quant_config).export(str(path))
+        except Exception as e:
+            raise BadInput(f"litert-torch cannot convert this model: {_lowering_error(e, module, self.example)}"
+                           ) from None
+
+    def convert(self, fp32_path: Path, out_path: Path, precision: str) -> Path:
+        if precision == "fp32":
+            shutil.copyfile(fp32_path, out_path)
+        elif precision == "fp16":
+            _fp16_weights(fp32_path, out_path)
+        else:
+            raise ValueError("int8 goes through quantize_int8")
+        return out_path
+
+    def prepare_int8(self, fp32_path: Path, workdir: Path) -> Path:
+        return fp32_path  # PT2E works on the PyTorch module itself
+
+    def quantize_int8(self, prepared: Path, out_path: Path, calib: np.ndarray, recipe, per_channel: bool,
+                      exclude: list[str] | None = None) -> QuantResult:
+        import torch
+        from litert_torch.quantize import pt2e_quantizer as pq
+        from litert_torch.quantize.quant_config import QuantConfig
+        from torchao.quantization.pt2e import quantize_pt2e
+
+        from lepton_edge import ui
+
+        quantizer = pq.PT2EQuantizer().set_global(pq.get_symmetric_quantization_config(is_per_channel=per_channel))
+        with _quiet():
+            graph = torch.export.export(self.module, self.example).module()
+            prepared_module = quantize_pt2e.prepare_pt2e(graph, quantizer)
+        batch = self.example[0].shape[0]
+        with ui.progress("calibrating", len(calib)) as advance, torch.no_grad():
+            for i in range(0, len(calib) - batch + 1, batch):
+                prepared_module(torch.from_numpy(np.ascontiguousarray(calib[i:i + batch], dtype=np.float32)))
+                advance(batch)
+        with _quiet():
+            converted = quantize_pt2e.convert_pt2e(prepared_module, fold_quantize=False)
+        self._convert(converted, out_path, QuantConfig(pt2e_quantizer=quantizer))
+        return QuantResult(out_path, recipe)
+
+    def predictor(self, path: Path, threads: int):
+        """Run like the device: float frames in, quantized here when the input is integer; float out."""
+        try:
+            it = load_interpreter(path, threads)
+        except BadInput as e:
+            raise CheckFailed(f"LiteRT cannot load the exported model: {e}") from None
+        ind, outd = it.get_input_details()[0], it.get_output_details()[0]
+        in_scale, in_zp = ind["quantization"]
+        out_scale, out_zp = outd["quantization"]
+        fixed = int(ind["shape"][0])
+
+        def run(x: np.ndarray) -> np.ndarray:
+            outs = []
+            for i in range(0, len(x), fixed):
+                xi = x[i:i + fixed]
+                if np.issubdtype(ind["dtype"], np.integer):
+                    info = np.iinfo(ind["dtype"])
+                    xi = np.clip(np.round(xi / in_scale + in_zp), info.min, info.max)
+                it.set_tensor(ind["index"], np.ascontiguousarray(xi, dtype=ind["dtype"]))
+                it.invoke()
+                y = it.get_tensor(outd["index"])
+                if np.issubdtype(outd["dtype"], np.integer):
+                    y = (y.astype(np.float32) - out_zp) * out_scale
+                outs.append(y.astype(np.float32))
+            return np.concatenate(outs)
+
+        return run
+
+    def describe(self, path: Path) -> dict:
+        it = load_interpreter(path, 1)
+
+        def spec(d):
+            scale, zp = d["quantization"]
+            out = {"name": d["name"], "shape": [int(v) for v in d["shape"]], "dtype": np.dtype(d["dtype"]).name}
+            if scale:
+                out["quantization"] = {"scale": float(scale), "zero_point": int(zp)}
+            return out
+
+        return {"opset": None, "inputs": [spec(d) for d in it.get_input_details()],
+                "outputs": [spec(d) for d in it.get_output_details()],
+                "ops": dict(Counter(o["op_name"] for o in it._get_ops_details()))}
+
+
+def _fp16_weights(fp32_path: Path, out_path: Path) -> None:
+    """fp16 weights (half the file), float compute: ai-edge-quantizer's float casting."""
+    from ai_edge_quantizer import qtyping, quantizer
+
+    q = quantizer.Quantizer(str(fp32_path))
+    q.update_quantization_recipe(
+        regex=".*", operation_name=qtyping.TFLOperationName.ALL_SUPPORTED,
+        algorithm_key=quantizer.AlgorithmName.FLOAT_CASTING,
+        op_config=qtyping.OpQuantizationConfig(
+            weight_tensor_config=qtyping.TensorQuantizationConfig(num_bits=16, dtype=qtyping.TensorDataType.FLOAT),
+            compute_precision=qtyping.ComputePrecision.FLOAT, explicit_dequantize=True),
+    )
+    with _quiet():
+        q.quantize(serialize_to_path=str(out_path), enable_progress_report=False)

@@ -1,0 +1,45 @@
+"""Load a .tflite file in LiteRT (`ai-edge-litert`), falling back to `tflite_runtime` on old devices.
+
+Why a loader of its own: a .tflite someone else made may be truncated, or use a custom op the
+interpreter lacks; both must end as one clear line naming the problem (and the op), not a
+traceback from the interpreter's C++ core.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from lepton_edge.errors import BadInput
+
+
+def interpreter_class():
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        try:
+            from tflite_runtime.interpreter import Interpreter  # old devices: tflite-runtime 2.14
+        except ImportError:
+            raise BadInput("running .tflite needs ai-edge-litert (pip install ai-edge-litert)") from None
+    return Interpreter
+
+
+def load_interpreter(path: str | Path, threads: int = 1, allocate: bool = True):
+    p = Path(path)
+    if not p.is_file():
+        raise BadInput(f"not found: {p}")
+    data = p.read_bytes()
+    if len(data) < 8 or data[4:8] != b"TFL3":
+        raise BadInput(f"{p}: not a TFLite model (no TFL3 identifier; truncated or another format)")
+    Interpreter = interpreter_class()
+    try:
+        it = Interpreter(model_content=data, num_threads=threads)
+        if allocate:
+            it.allocate_tensors()
+    except (ValueError, RuntimeError) as e:
+        msg = str(e)
+        custom = re.search(r"Encountered unresolved custom op: ([\w/-]+(?:\.[\w/-]+)*)", msg)
+        if custom:
+            raise BadInput(f"{p}: uses custom op '{custom.group(1)}', which this LiteRT interpreter lacks") from None
+        first = next((ln.strip() for ln in msg.splitlines() if ln.strip()), type(e).__name__)
+        raise BadInput(f"{p}: LiteRT cannot load it ({first[:200]})") from None
+    return it

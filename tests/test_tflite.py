@@ -1,0 +1,154 @@
+"""TFLite bundles: litert-torch conversion, validation in LiteRT, NHWC, full-int8, inspect."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import lepton_edge
+from conftest import run_cli
+from lepton_edge.bundle import Bundle
+from lepton_edge.errors import BadInput
+from lepton_edge.runtime.litert_loader import load_interpreter
+from lepton_edge.runtime.preprocess import preprocess
+
+
+@pytest.fixture(scope="module")
+def rpi4_bundle(tmp_path_factory):
+    return lepton_edge.export("zoo:fashion-cnn", target="rpi4", out=tmp_path_factory.mktemp("tfl"), eval_limit=3000)
+
+
+def test_rpi4_default_is_full_int8_tflite_nhwc(rpi4_bundle, fashion):
+    m = rpi4_bundle.manifest
+    assert (m.format, m.precision, m.model_file) == ("tflite", "int8", "model.tflite")
+    spec = m.inputs[0]
+    assert spec.layout == "NHWC" and spec.shape == [1, 28, 28, 1]
+    assert spec.dtype == "int8" and spec.quantization["scale"] > 0
+    assert m.outputs[0].dtype == "int8" and m.outputs[0].quantization
+    v = m.validation
+    assert v["top1_agreement"] >= 0.99 and v["accuracy_drop_pp"] <= 0.5 and v["eval_samples"] == 3000
+    assert m.compression["size_vs_fp32"] < 0.35
+    # A third party runs it from the manifest alone: preprocess (quantizes the frame), invoke, dequantize.
+    x, y = fashion
+    it = load_interpreter(rpi4_bundle.bundle.model_path, 2)
+    ind, outd = it.get_input_details()[0], it.get_output_details()[0]
+    hits = 0
+    for img, label in zip(x[6000:6500], y[6000:6500]):
+        it.set_tensor(ind["index"], preprocess(img, spec))
+        it.invoke()
+        hits += int(it.get_tensor(outd["index"]).argmax() == label)
+    assert abs(hits / 500 - v["accuracy_artifact"]) < 0.03
+
+
+def test_fp32_fp16_and_nchw(tmp_path):
+    kw = dict(target="x86-cpu", format="tflite", out=tmp_path, eval_limit=1000)
+    fp32 = lepton_edge.export("zoo:fashion-cnn", precision="fp32", **kw)
+    fp16 = lepton_edge.export("zoo:fashion-cnn", precision="fp16", layout="NHWC", **kw)
+    assert fp32.manifest.inputs[0].layout == "NCHW" and fp16.manifest.inputs[0].layout == "NHWC"
+    assert fp32.manifest.validation["top1_agreement"] == 1.0
+    assert fp16.manifest.validation["top1_agreement"] >= 0.995
+    assert fp16.report["bytes"] < 0.6 * fp32.report["bytes"]
+    info = json.loads(run_cli("inspect", str(fp16.bundle.model_path), "--json").stdout)
+    assert info["precision"] == "fp16" and info["ops"]["DEQUANTIZE"] > 0
+
+
+def test_inspect_tflite(rpi4_bundle):
+    r = run_cli("inspect", str(rpi4_bundle.bundle.path), "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["format"] == "tflite" and info["precision"] == "int8"
+    inp = info["inputs"][0]
+    assert inp["dtype"] == "int8" and inp["layout"] == "NHWC" and "scale" in inp["quantization"]
+    assert info["ops"]["CONV_2D"] >= 2 and info["custom_ops"] == []
+    assert info["xnnpack"]["applied"] is True
+
+
+def _with_custom_op(src, dst, name="LeptonTestOp"):
+    """A .tflite whose first operator is replaced by a custom op the interpreter does not have."""
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils as fu
+
+    model = fu.read_model(str(src))
+    code = schema.OperatorCodeT()
+    code.builtinCode = code.deprecatedBuiltinCode = schema.BuiltinOperator.CUSTOM
+    code.customCode = name
+    code.version = 1
+    model.operatorCodes.append(code)
+    op = model.subgraphs[0].operators[0]
+    op.opcodeIndex = len(model.operatorCodes) - 1
+    op.builtinOptionsType, op.builtinOptions = 0, None
+    fu.write_model(model, str(dst))
+
+
+def test_custom_op_and_truncated_files(rpi4_bundle, tmp_path):
+    custom = tmp_path / "custom.tflite"
+    _with_custom_op(rpi4_bundle.bundle.model_path, custom)
+    info = json.loads(run_cli("inspect", str(custom), "--json").stdout)
+    assert info["custom_ops"] == ["LeptonTestOp"] and "LeptonTestOp" in info["xnnpack"]["error"]
+    with pytest.raises(BadInput, match="custom op 'LeptonTestOp'"):
+        load_interpreter(custom)
+    cut = tmp_path / "cut.tflite"
+    cut.write_bytes(rpi4_bundle.bundle.model_path.read_bytes()[:5000])
+    r = run_cli("inspect", str(cut))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "cut.tflite" in r.stderr
+    with pytest.raises(BadInput):
+        load_interpreter(cut)
+    (tmp_path / "head.tflite").write_bytes(b"abc")
+    r = run_cli("inspect", str(tmp_path / "head.tflite"))
+    assert r.returncode == 2 and "not a TFLite model" in r.stderr
+
+
+def test_unlowerable_op_names_op_and_layer(tmp_path):
+    class Head(torch.nn.Module):
+        def forward(self, x):
+            return torch.linalg.svd(x)[1]
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.head = torch.nn.Conv2d(1, 1, 1), Head()
+
+        def forward(self, x):
+            return self.head(self.conv(x)).flatten(1)
+
+    with pytest.raises(BadInput, match=r"aten\._linalg_svd.* in layer 'head'"):
+        lepton_edge.export(Net(), target="rpi4", precision="fp32", example_input=torch.zeros(1, 1, 8, 8),
+                           out=tmp_path, name="svd")
+    assert not any(tmp_path.iterdir())
+
+
+def test_onnx_input_for_a_tflite_target_stays_onnx(tmp_path, int8_bundle, fashion_folders):
+    calib, _ = fashion_folders
+    r = lepton_edge.export(str(int8_bundle.bundle.model_path), target="rpi4", precision="fp32", out=tmp_path)
+    assert r.manifest.format == "onnx"
+    with pytest.raises(BadInput, match="--format onnx"):
+        lepton_edge.export(str(int8_bundle.bundle.model_path), target="rpi4", format="tflite", out=tmp_path)
+
+
+def test_int8_without_calibration_data_says_how(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten())
+    with pytest.raises(BadInput, match="--calib"):
+        lepton_edge.export(model, target="rpi4", example_input=torch.zeros(1, 3, 8, 8), out=tmp_path)
+
+
+def test_device_packages_have_aarch64_wheels(tmp_path):
+    """The cross-compilation promise: what the rpi4 bundle needs installs on a Pi (aarch64, Python 3.11)."""
+    import subprocess
+    import sys
+
+    from lepton_edge import targets
+
+    pkgs = targets.load("rpi4").device_packages
+    for need in ("ai-edge-litert", "numpy", "opencv-python-headless"):
+        assert need in pkgs
+    # 64-bit Raspberry Pi OS (bookworm) has glibc 2.36: every manylinux tag up to 2_36 installs there.
+    # pip does not widen --platform by itself, so name them (ai-edge-litert ships manylinux_2_27).
+    plats = [a for v in range(36, 16, -1) for a in ("--platform", f"manylinux_2_{v}_aarch64")]
+    r = subprocess.run([sys.executable, "-m", "pip", "download", "--only-binary=:all:", "--no-deps",
+                        *plats, "--python-version", "3.11", "-d", str(tmp_path),
+                        *[f"{k}=={v}" for k, v in pkgs.items()]], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-1500:] + r.stderr[-1500:]
+    wheels = [p.name for p in tmp_path.glob("*.whl")]
+    assert len(wheels) == len(pkgs) and all("aarch64" in w for w in wheels), wheels
