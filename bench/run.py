@@ -29,6 +29,7 @@ import lepton_edge  # noqa: E402
 from lepton_edge import ui  # noqa: E402
 
 RESULTS: list[tuple[str, list[str], list[list[str]]]] = []
+ONNX_MNV2: dict[str, Path] = {}  # fp32/int8 MobileNetV2 ONNX files, measured again beside LiteRT
 
 
 def verdict(ok: bool) -> str:
@@ -99,7 +100,7 @@ def bench_fashion(out: Path) -> None:
             v, c = r.manifest.validation, r.manifest.compression
             drop = v["accuracy_drop_pp"]
             ok = drop <= 0.5 and v["top1_agreement"] >= 0.99 and (model != "mobilenetv2-fashion" or r.report["bytes"] < 1e6)
-            rows.append([model, target, c["quantization"]["recipe"], f"{v['accuracy_reference']:.4f}",
+            rows.append([model, f"{target} ({r.manifest.format})", c["quantization"]["recipe"], f"{v['accuracy_reference']:.4f}",
                          f"{v['accuracy_artifact']:.4f}", f"{drop:+.2f}", f"{v['top1_agreement']:.4f}",
                          f"{r.report['bytes'] / 1e6:.3f} MB", f"{r.report['bytes'] / r.report['fp32_bytes']:.3f}",
                          verdict(ok)])
@@ -115,6 +116,7 @@ def bench_mobilenet(out: Path, calib: Path, rounds: int) -> None:
     fp32 = lepton_edge.export("zoo:mobilenetv2", precision="fp32", **common)
     int8 = lepton_edge.export("zoo:mobilenetv2", **common)
     pruned = lepton_edge.export("zoo:mobilenetv2", prune=0.3, name="mobilenetv2-p30", **common)
+    ONNX_MNV2.update(fp32=fp32.bundle.model_path, int8=int8.bundle.model_path)
     f32b = fp32.report["bytes"]
     p = pruned.manifest.compression["pruning"]
     size_rows = [
@@ -138,6 +140,59 @@ def bench_mobilenet(out: Path, calib: Path, rounds: int) -> None:
     RESULTS.append(("MobileNetV2 224x224 latency, onnxruntime CPU, batch 1, median of interleaved runs (ms)",
                     ["threads", "fp32", "int8", "int8 / fp32", "prune 0.3 + int8", "p30 / fp32", "int8 <= 0.7x fp32"],
                     lat_rows))
+
+
+def litert_latency(paths: dict[str, Path], threads: int, rounds: int, block: int = 20) -> dict[str, float]:
+    """Median invoke() latency (ms) in LiteRT with XNNPACK, alternating blocks like ort_latency."""
+    from lepton_edge.runtime.litert_loader import load_interpreter
+
+    its = {k: load_interpreter(p, threads) for k, p in paths.items()}
+    feeds = {}
+    for k, it in its.items():
+        d = it.get_input_details()[0]
+        x = np.random.default_rng(0).standard_normal(d["shape"]).astype(np.float32)
+        feeds[k] = (d["index"], x.astype(d["dtype"]) if np.issubdtype(d["dtype"], np.integer) else x)
+    times: dict[str, list[float]] = {k: [] for k in its}
+    for _ in range(max(1, rounds // block)):
+        for k, it in its.items():
+            idx, x = feeds[k]
+            for i in range(block + 3):
+                it.set_tensor(idx, x)
+                t0 = time.perf_counter()
+                it.invoke()
+                if i >= 3:
+                    times[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def bench_tflite(out: Path, calib100: Path, rounds: int) -> None:
+    """MobileNetV2 224x224 as TFLite (rpi4 profile: NHWC): size, latency beside onnxruntime, conversion time."""
+    common = dict(target="rpi4", out=out, calib=str(calib100), measure_latency=False)
+    fp32 = lepton_edge.export("zoo:mobilenetv2", precision="fp32", **common)
+    fp16 = lepton_edge.export("zoo:mobilenetv2", precision="fp16", **common)
+    t0 = time.perf_counter()
+    int8 = lepton_edge.export("zoo:mobilenetv2", **common)
+    convert_s = time.perf_counter() - t0
+    f32b = fp32.report["bytes"]
+    RESULTS.append((f"MobileNetV2 224x224 TFLite (litert-torch, rpi4 profile, NHWC; fp32 file {f32b / 1e6:.2f} MB)",
+                    ["variant", "file", "file vs fp32", "target", "result"],
+                    [["fp16", f"{fp16.report['bytes'] / 1e6:.2f} MB", f"{fp16.report['bytes'] / f32b:.3f}", "-", "-"],
+                     ["int8 (PT2E, full-int8 I/O)", f"{int8.report['bytes'] / 1e6:.2f} MB",
+                      f"{int8.report['bytes'] / f32b:.3f}", "<= 0.27x", verdict(int8.report["bytes"] / f32b <= 0.27)],
+                     ["int8 conversion wall time, 100 calibration photos, validation included",
+                      f"{convert_s:.1f} s", "-", "reported", "-"]]))
+    rows = []
+    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    for threads in (1, 2):
+        lt = litert_latency({"fp32": fp32.bundle.model_path, "fp16": fp16.bundle.model_path,
+                             "int8": int8.bundle.model_path}, threads, rounds)
+        ort = ort_latency(ONNX_MNV2, threads, x, rounds) if ONNX_MNV2 else {}
+        rows.append([str(threads), f"{lt['fp32']:.2f}", f"{lt['fp16']:.2f}", f"{lt['int8']:.2f}",
+                     f"{lt['int8'] / lt['fp32']:.3f}", f"{ort.get('fp32', float('nan')):.2f}",
+                     f"{ort.get('int8', float('nan')):.2f}"])
+    RESULTS.append(("MobileNetV2 224x224 latency (ms, median): LiteRT + XNNPACK beside onnxruntime, same run",
+                    ["threads", "LiteRT fp32", "LiteRT fp16", "LiteRT int8", "LiteRT int8 / fp32", "ORT fp32",
+                     "ORT int8"], rows))
 
 
 def bare_export(calib: Path, workdir: Path) -> float:
@@ -222,7 +277,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description="export-path benchmarks -> BENCHMARKS.md")
     ap.add_argument("--quick", action="store_true", help="fewer latency rounds and repeats")
     ap.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
-    ap.add_argument("--only", choices=["fashion", "mobilenet", "wall"], help="run one section")
+    ap.add_argument("--only", choices=["fashion", "mobilenet", "tflite", "wall"], help="run one section")
     a = ap.parse_args()
     ui.set_quiet(True)
     started = time.perf_counter()
@@ -235,6 +290,7 @@ def main() -> None:
             shutil.copy(f, calib100 / f.name)
         steps = {"fashion": lambda: bench_fashion(work / "fashion"),
                  "mobilenet": lambda: bench_mobilenet(work / "mnv2", calib, 40 if a.quick else 200),
+                 "tflite": lambda: bench_tflite(work / "tflite", calib100, 40 if a.quick else 200),
                  "wall": lambda: bench_wall_time(work / "wall", calib100, 1 if a.quick else 3)}
         for key, step in steps.items():
             if a.only and key != a.only:

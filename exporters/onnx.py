@@ -80,6 +80,7 @@ class OnnxExporter(Exporter):
                         torch.onnx.export(source.module, (x,), None, **names, **kw).save(str(path))
                     else:
                         torch.onnx.export(source.module, (x,), str(path), **names, **kw)
+                quantize.compact_names(path)
                 return path
             except Exception as e:
                 errors.append(_first_line(e))
@@ -88,12 +89,12 @@ class OnnxExporter(Exporter):
     def convert(self, fp32_path: Path, out_path: Path, precision: str) -> Path:
         """fp32 or fp16 artifact, names compacted (the file validated is the file shipped)."""
         if precision == "fp32":
-            shutil.copyfile(fp32_path, out_path)
+            shutil.copyfile(fp32_path, out_path)  # as to_fp32 wrote it (names compacted for torch sources)
         elif precision == "fp16":
             quantize.convert_fp16(fp32_path, out_path)
+            quantize.compact_names(out_path)
         else:
             raise ValueError("int8 goes through quantize_int8 with a recipe")
-        quantize.compact_names(out_path)
         return out_path
 
     def prepare_int8(self, fp32_path: Path, workdir: Path) -> Path:

@@ -14,7 +14,7 @@ from rich import box
 from rich.table import Table
 
 from lepton_edge import ui
-from lepton_edge.errors import BadInput, LeptonError
+from lepton_edge.errors import BadInput, CheckFailed, LeptonError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   help="Export small, fast, validated model bundles for edge devices.")
@@ -110,6 +110,8 @@ def export(
     color: Optional[str] = typer.Option(None, help="Input colour order: RGB, BGR or GRAY."),
     mean: Optional[str] = typer.Option(None, help="Per-channel mean after scaling to 0..1, e.g. 0.485,0.456,0.406."),
     std: Optional[str] = typer.Option(None, help="Per-channel std, e.g. 0.229,0.224,0.225."),
+    compare: bool = typer.Option(False, "--compare", help="Export ONNX fp32/int8 and TFLite fp32/fp16/int8 "
+                                 "and print one comparison table."),
     as_json: bool = typer.Option(False, "--json", help="Print the export report as JSON on stdout."),
 ):
     """Export MODEL for a target: prune, quantize, validate, check the budget, write a bundle."""
@@ -125,16 +127,27 @@ def export(
         if not labels.is_file():
             raise BadInput(f"labels file not found: {labels}")
         label_list = [ln.strip() for ln in labels.read_text().splitlines() if ln.strip()]
-    r = do_export(
-        model, target, out=output, name=name, format=fmt, precision=precision,
-        input_shape=parse_shape(input_shape) if input_shape else None, weights=weights, labels=label_list,
-        calib=calib, calib_samples=calib_samples, eval=eval_set, eval_limit=eval_limit, train=train, prune=prune,
-        finetune_epochs=finetune_epochs, max_size=max_size, min_agreement=min_agreement,
+    kw = dict(
+        out=output, name=name, input_shape=parse_shape(input_shape) if input_shape else None, weights=weights,
+        labels=label_list, calib=calib, calib_samples=calib_samples, eval=eval_set, eval_limit=eval_limit,
+        train=train, prune=prune, finetune_epochs=finetune_epochs, max_size=max_size, min_agreement=min_agreement,
         max_accuracy_drop=max_accuracy_drop, recipes=recipes.split(",") if recipes else None,
         allow_synthetic_calibration=allow_synthetic_calibration, color=color.upper() if color else None,
-        layout=_choice(layout, ("NCHW", "NHWC"), "--layout"),
-        mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
+        layout=_choice(layout, ("NCHW", "NHWC"), "--layout"), mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
     )
+    if compare:
+        from lepton_edge.compare import compare as do_compare, table
+
+        if fmt or precision:
+            raise BadInput("--compare runs every format and precision; drop --format/--precision")
+        rows = do_compare(model, target, **kw)
+        if as_json:
+            return _emit_json(rows)
+        out.print(table(rows, f"{model} for {target}: formats and precisions (latency on this host)"))
+        if all(r["status"] != "ok" for r in rows):
+            raise CheckFailed("no variant passed its checks")
+        return
+    r = do_export(model, target, format=fmt, precision=precision, **kw)
     if as_json:
         return _emit_json(r.report)
     _print_report(r.report)

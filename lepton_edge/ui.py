@@ -64,3 +64,21 @@ def progress(description: str, total: int) -> Iterator:
                   console=err, transient=True) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n=1: bar.advance(task, n)
+
+
+@contextmanager
+def native_stderr_silenced() -> Iterator[None]:
+    """Silence what C++ libraries (LiteRT, the TFLite converter) write straight to file descriptor 2,
+    such as 'INFO: Created TensorFlow Lite XNNPACK delegate'. Python exceptions still propagate."""
+    import os
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)

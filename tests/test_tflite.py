@@ -152,3 +152,18 @@ def test_device_packages_have_aarch64_wheels(tmp_path):
     assert r.returncode == 0, r.stdout[-1500:] + r.stderr[-1500:]
     wheels = [p.name for p in tmp_path.glob("*.whl")]
     assert len(wheels) == len(pkgs) and all("aarch64" in w for w in wheels), wheels
+
+
+def test_export_compare_table(tmp_path):
+    r = run_cli("export", "zoo:fashion-cnn", "--target", "rpi4", "--compare", "--eval-limit", "500",
+                "-o", str(tmp_path), "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {(x["format"], x["precision"]): x for x in json.loads(r.stdout)}
+    assert set(rows) == {("onnx", "fp32"), ("onnx", "int8"), ("tflite", "fp32"), ("tflite", "fp16"),
+                         ("tflite", "int8")}
+    assert all(x["status"] == "ok" and x["latency_ms"] > 0 and x["accuracy"] > 0.8 for x in rows.values())
+    assert rows["onnx", "int8"]["bytes"] < 0.4 * rows["onnx", "fp32"]["bytes"]
+    assert rows["tflite", "int8"]["bytes"] < 0.4 * rows["tflite", "fp32"]["bytes"]
+    assert rows["tflite", "fp16"]["bytes"] < 0.6 * rows["tflite", "fp32"]["bytes"]
+    r = run_cli("export", "zoo:fashion-cnn", "--compare", "--precision", "int8", "-o", str(tmp_path))
+    assert r.returncode == 2 and "--compare" in r.stderr

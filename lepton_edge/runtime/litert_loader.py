@@ -31,10 +31,13 @@ def load_interpreter(path: str | Path, threads: int = 1, allocate: bool = True):
     if len(data) < 8 or data[4:8] != b"TFL3":
         raise BadInput(f"{p}: not a TFLite model (no TFL3 identifier; truncated or another format)")
     Interpreter = interpreter_class()
+    from lepton_edge.ui import native_stderr_silenced
+
     try:
-        it = Interpreter(model_content=data, num_threads=threads)
-        if allocate:
-            it.allocate_tensors()
+        with native_stderr_silenced():  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." on every load
+            it = Interpreter(model_content=data, num_threads=threads)
+            if allocate:
+                it.allocate_tensors()
     except (ValueError, RuntimeError) as e:
         msg = str(e)
         custom = re.search(r"Encountered unresolved custom op: ([\w/-]+(?:\.[\w/-]+)*)", msg)
