@@ -115,7 +115,8 @@ def _toolchain() -> dict[str, str]:
     import importlib.metadata as md
 
     out = {"python": platform.python_version(), "host": f"{platform.system()} {platform.machine()}"}
-    for pkg in ("lepton-edge", "torch", "onnx", "onnxscript", "onnxruntime", "torch-pruning", "numpy"):
+    for pkg in ("lepton-edge", "torch", "onnx", "onnxscript", "onnxruntime", "torch-pruning", "litert-torch",
+                "ai-edge-litert", "ai-edge-quantizer", "numpy"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
@@ -187,7 +188,7 @@ def _check_conversion(src, fp32_pred, x: np.ndarray, n: int = 8) -> dict[str, An
         got = val.batched(fp32_pred, x[:n], 64)
     c = val.compare(ref, got, None)
     scale = float(np.abs(ref).max()) or 1.0
-    if c.max_abs_diff > 1e-3 * scale + 1e-4 or (c.top1_agreement == c.top1_agreement and c.top1_agreement < 1.0):
+    if c.max_abs_diff > 1e-3 * scale + 1e-4:  # (top-1 is not required: near-tied logits may swap by rounding)
         raise CheckFailed(f"the exported fp32 graph differs from the PyTorch model (max abs diff {c.max_abs_diff:.3g}, "
                           f"top-1 agreement {c.top1_agreement:.3f}): an op converted wrongly")
     return {"samples": c.samples, "max_abs_diff": c.max_abs_diff, "top1_agreement": c.top1_agreement}
