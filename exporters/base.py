@@ -414,7 +414,8 @@ def _write_bundle(final: Path, chosen: Path, exporter, src, prof, fmt, precision
         in_spec = src.input_spec.model_copy()
         if described.get("inputs"):
             d = described["inputs"][0]
-            in_spec.shape = d["shape"]
+            if all(isinstance(v, int) for v in d["shape"]):  # else keep the concrete shape validated with
+                in_spec.shape = d["shape"]
             if d.get("quantization"):  # integer input: the device quantizes frames with these
                 in_spec.dtype, in_spec.quantization = d["dtype"], d["quantization"]
         manifest = Manifest(

@@ -7,12 +7,11 @@ from __future__ import annotations
 import sys
 import time
 from contextlib import contextmanager
-from typing import Iterable, Iterator, TypeVar
+from typing import Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-T = TypeVar("T")
 def console(stderr: bool = False) -> Console:
     """A rich console; when piped (CI logs, `| less`) 140 columns instead of rich's 80."""
     stream = sys.stderr if stderr else sys.stdout
@@ -43,15 +42,6 @@ def stage(name: str) -> Iterator[None]:
     with err.status(name):
         yield
     err.print(f"[green]✓[/] {name} [dim]({time.perf_counter() - t0:.1f} s)[/]")
-
-
-def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
-    if _quiet:
-        yield from items
-        return
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, transient=True) as bar:
-        yield from bar.track(items, total=total, description=description)
 
 
 @contextmanager

@@ -219,3 +219,35 @@ def test_synthetic_calibration_refused_for_int8(tmp_path):
     r = lepton_edge.export(model, target="x86-cpu", example_input=torch.zeros(1, 3, 8, 8), out=tmp_path,
                            allow_synthetic_calibration=True, min_agreement=0.0, name="forced")
     assert r.manifest.compression["calibration"]["kind"] == "synthetic"
+
+
+def test_foreign_onnx_nhwc_dynamic_two_outputs(tmp_path):
+    """Someone else's ONNX: NHWC input with dynamic batch and size, two outputs, int8 from photos."""
+    import cv2
+
+    from lepton_edge.datasets import photo_crops
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.fc = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Linear(8, 5)
+
+        def forward(self, x):
+            f = torch.relu(self.c(x.permute(0, 3, 1, 2))).mean(dim=(2, 3))
+            return self.fc(f), f
+
+    torch.manual_seed(0)
+    path = tmp_path / "foreign.onnx"
+    torch.onnx.export(Net().eval(), (torch.zeros(1, 64, 64, 3),), str(path), dynamo=False, input_names=["pixels"],
+                      output_names=["scores", "feat"], dynamic_axes={"pixels": {0: "n", 1: "h", 2: "w"}})
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, im in enumerate(photo_crops(150, 96)):
+        cv2.imwrite(str(photos / f"{i:03d}.jpg"), im)
+    r = lepton_edge.export(str(path), target="x86-cpu", calib=str(photos), input_shape=[1, 128, 128, 3],
+                           out=tmp_path / "out")
+    m = r.manifest
+    assert m.inputs[0].layout == "NHWC" and m.inputs[0].shape == [1, 128, 128, 3]  # what was validated
+    assert [o.name for o in m.outputs] == ["scores", "feat"]
+    assert m.validation["agreement_inputs"] == "held-out calibration data"
+    assert m.validation["top1_agreement"] >= 0.9

@@ -28,10 +28,6 @@ class PruneReport:
         }
 
 
-def count_params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def prune(model, example_input, ratio: float, round_to: int | None = 8) -> PruneReport:
     """Remove `ratio` of the channels of every prunable layer, in place.
 
