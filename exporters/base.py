@@ -31,6 +31,11 @@ class Exporter:
     suffix: str = ""
     precisions: tuple[str, ...] = ()
     sources: tuple[str, ...] = ("torch", "onnx")  # model kinds this format converts from
+    recipe_examples: tuple[str, ...] = ()  # int8 recipes to use when none of the profile's fit
+
+    def supports_recipe(self, name: str) -> bool:
+        """Whether this format can carry out the int8 recipe `name` (see targets.QuantizationSettings)."""
+        return True
 
     def to_fp32(self, source, path: Path, opset: int) -> Path:
         """The reference-equivalent float artifact, written to `path`."""
@@ -364,14 +369,11 @@ def export(
 
 def _recipes_for(exporter, asked: list[str] | None, prof) -> list[str]:
     """The int8 recipes to try: the user's, else the profile's, limited to what the format can do."""
-    allowed = getattr(exporter, "recipes", None)
     wanted = asked or prof.quantization.recipes
-    if not allowed:
-        return wanted
-    usable = [r for r in wanted if r in allowed]
+    usable = [r for r in wanted if exporter.supports_recipe(r)]
     if asked and not usable:
-        raise BadInput(f"--recipes: {exporter.format} int8 supports {', '.join(allowed)}")
-    return usable or list(allowed)
+        raise BadInput(f"--recipes: {exporter.format} int8 supports {', '.join(exporter.recipe_examples)}")
+    return usable or list(exporter.recipe_examples)
 
 
 def _latency(pred, fp32_pred, x1: np.ndarray, prof) -> dict[str, Any]:

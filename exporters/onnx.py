@@ -50,6 +50,10 @@ class OnnxExporter(Exporter):
     format = "onnx"
     suffix = ".onnx"
     precisions = ("fp32", "fp16", "int8")
+    recipe_examples = ("u8-minmax", "s8-minmax-ends")
+
+    def supports_recipe(self, name: str) -> bool:
+        return not quantize.Recipe.parse(name).litert
 
     def to_fp32(self, source, path: Path, opset: int) -> Path:
         """Write the fp32 ONNX graph (batch as in the input spec, 1 by default) and return its path."""

@@ -31,8 +31,15 @@ class SearchResult:
 
 def search(exporter, recipes: list[str], prepared: Path, workdir: Path, calib_x: np.ndarray, check_x: np.ndarray,
            validate, per_channel: bool, min_agreement: float, max_drop_pp: float, enforce: bool) -> SearchResult:
-    """Try `recipes` in order; `validate(path) -> (Comparison, predict, ram)` checks one candidate."""
+    """Try `recipes` in order; `validate(path) -> (Comparison, predict, ram)` checks one candidate.
+
+    The first recipe that passes wins, except that the exporter's first `compare_first` recipes
+    are all tried and the best passing one (top-1 agreement, then accuracy) is kept: for TFLite,
+    PT2E and the LiteRT quantizer, whichever validates better.
+    """
     out = SearchResult()
+    passed: list[SearchResult] = []
+    compare_first = getattr(exporter, "compare_first", 1)
     done: dict[str, q.QuantResult] = {}
     for i, name in enumerate(recipes):
         recipe = q.Recipe.parse(name)
@@ -62,7 +69,12 @@ def search(exporter, recipes: list[str], prepared: Path, workdir: Path, calib_x:
             ui.info(f"  {'[green]pass[/]' if why is None else '[red]fail[/]'}: agreement "
                     f"{comp.top1_agreement:.4f}{drop}" + (f" ({why})" if why else ""))
             if why is None:
-                out.path, out.recipe, out.float_nodes = res.path, label, res.float_nodes
-                out.comparison, out.predict, out.ram = comp, pred, ram
-                return out
+                passed.append(SearchResult(res.path, label, res.float_nodes, comp, pred, ram))
+                break
+        if passed and i + 1 >= compare_first:
+            break
+    if passed:
+        best = max(passed, key=lambda r: (r.comparison.top1_agreement, r.comparison.accuracy_artifact or 0.0))
+        best.attempts = out.attempts
+        return best
     return out

@@ -97,7 +97,13 @@ class TfliteExporter(Exporter):
     suffix = ".tflite"
     precisions = ("fp32", "fp16", "int8")
     sources = ("torch",)
-    recipes = ("s8-minmax",)  # PT2E symmetric int8, MinMax observers, per-channel weights
+    # s8-minmax: PT2E with litert-torch's observers (histogram for activations, min/max per channel for
+    # weights); s8-minmax-litert: the LiteRT quantizer (ai-edge-quantizer, static a8w8) on the fp32 file.
+    recipe_examples = ("s8-minmax", "s8-minmax-litert")
+    compare_first = 2  # both are tried; the one that validates better is kept
+
+    def supports_recipe(self, name: str) -> bool:
+        return name in self.recipe_examples
 
     def __init__(self):
         self.module = None
@@ -138,6 +144,10 @@ class TfliteExporter(Exporter):
 
     def quantize_int8(self, prepared: Path, out_path: Path, calib: np.ndarray, recipe, per_channel: bool,
                       exclude: list[str] | None = None) -> QuantResult:
+        if recipe.litert:
+            _litert_quantizer_int8(prepared, out_path, calib)
+            compact(out_path)
+            return QuantResult(out_path, recipe)
         import torch
         from litert_torch.quantize import pt2e_quantizer as pq
         from litert_torch.quantize.quant_config import QuantConfig
@@ -250,6 +260,26 @@ def compact(path: Path) -> None:
         return
     if all(np.array_equal(a, b) for a, b in zip(want, got)):
         path.write_bytes(shrunk)
+
+
+def _litert_quantizer_int8(fp32_path: Path, out_path: Path, calib: np.ndarray) -> None:
+    """Static int8 (int8 activations, per-channel int8 weights) with ai-edge-quantizer, calibrated
+    by running the fp32 .tflite itself on the calibration inputs."""
+    from ai_edge_quantizer import quantizer, recipe
+
+    from lepton_edge import ui
+    from lepton_edge.runtime.litert_loader import load_interpreter
+
+    signatures = load_interpreter(fp32_path, 1).get_signature_list()
+    key = next(iter(signatures))
+    name = signatures[key]["inputs"][0]
+    q = quantizer.Quantizer(str(fp32_path))
+    q.load_quantization_recipe(recipe.static_wi8_ai8())
+    with ui.progress("calibrating (LiteRT quantizer)", len(calib)) as advance, _quiet():
+        samples = [{name: calib[i:i + 1].astype(np.float32)} for i in range(len(calib))]
+        result = q.calibrate({key: samples})
+        advance(len(calib))
+        q.quantize(result, serialize_to_path=str(out_path), enable_progress_report=False)
 
 
 def _fp16_weights(fp32_path: Path, out_path: Path) -> None:

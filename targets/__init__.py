@@ -22,9 +22,10 @@ _RECIPE_CALIB = {"minmax", "percentile", "entropy"}
 class QuantizationSettings(BaseModel):
     """How int8 is done on this target, fastest recipe first.
 
-    A recipe name reads `<act>-<calibration>[-ends][-sensitive]`: `u8`/`s8` is the activation
-    type (weights are always int8, per channel), `ends` keeps the first and last layer in float,
-    `sensitive` keeps the layers a sensitivity pass finds worst in float.
+    A recipe name reads `<act>-<calibration>[-ends][-sensitive][-litert]`: `u8`/`s8` is the
+    activation type (weights are always int8, per channel), `ends` keeps the first and last layer
+    in float, `sensitive` keeps the layers a sensitivity pass finds worst in float, `litert` (TFLite
+    only) quantizes with the LiteRT quantizer instead of PT2E. Each format tries the recipes it can do.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -41,10 +42,10 @@ class QuantizationSettings(BaseModel):
                 len(parts) < 2
                 or parts[0] not in _RECIPE_ACTS
                 or parts[1] not in _RECIPE_CALIB
-                or any(p not in {"ends", "sensitive"} for p in parts[2:])
+                or any(p not in {"ends", "sensitive", "litert"} for p in parts[2:])
             ):
                 raise ValueError(
-                    f"unknown recipe {r!r}: expected <u8|s8>-<minmax|percentile|entropy>[-ends][-sensitive]"
+                    f"unknown recipe {r!r}: expected <u8|s8>-<minmax|percentile|entropy>[-ends][-sensitive][-litert]"
                 )
         return recipes
 

@@ -25,11 +25,12 @@ class Recipe:
     calibration: str  # "minmax" | "percentile" | "entropy"
     keep_ends: bool = False
     sensitive: bool = False
+    litert: bool = False  # TFLite: the LiteRT quantizer (ai-edge-quantizer) instead of PT2E
 
     @classmethod
     def parse(cls, name: str) -> "Recipe":
         parts = name.split("-")
-        return cls(name, parts[0], parts[1], "ends" in parts[2:], "sensitive" in parts[2:])
+        return cls(name, parts[0], parts[1], "ends" in parts[2:], "sensitive" in parts[2:], "litert" in parts[2:])
 
 
 @dataclass
