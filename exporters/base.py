@@ -67,12 +67,13 @@ def register(cls: type[Exporter]) -> type[Exporter]:
     return cls
 
 
-def get_exporter(fmt: str) -> Exporter:
+def get_exporter(fmt: str, **options) -> Exporter:
+    """An exporter for `fmt`; `options` are format-specific (TFLite: int8_io)."""
     if not FORMATS:  # each format module registers itself
         from lepton_edge.exporters import onnx, tflite  # noqa: F401
     if fmt not in FORMATS:
         raise BadInput(f"format '{fmt}' is not available (have: {', '.join(sorted(FORMATS))})")
-    return FORMATS[fmt]()
+    return FORMATS[fmt](**options)
 
 
 SIZE_UNITS = {"": 1, "B": 1, "KB": 1000, "K": 1000, "KIB": 1024, "MB": 1000**2, "M": 1000**2, "MIB": 1024**2,
@@ -254,6 +255,7 @@ def export(
     max_accuracy_drop: float = 0.5,
     recipes: list[str] | None = None,
     layout: str | None = None,
+    int8_io: bool = False,
     allow_synthetic_calibration: bool = False,
     holdout: int = 64,
     measure_latency: bool = True,
@@ -278,7 +280,9 @@ def export(
         fmt = "onnx"  # an ONNX graph is not converted to TFLite here: keep it ONNX (onnxruntime runs on ARM too)
         ui.info(f"[dim]{prof.id} prefers TFLite; an ONNX input is exported as ONNX (--format onnx)[/]")
     precision = precision or prof.precision
-    exporter = get_exporter(fmt)
+    if int8_io and fmt != "tflite":
+        raise BadInput("--int8-io applies to TFLite int8 (ONNX QDQ models keep float input and output)")
+    exporter = get_exporter(fmt, **({"int8_io": True} if int8_io else {}))
     if precision not in exporter.precisions:
         raise BadInput(f"{fmt} export supports {', '.join(exporter.precisions)}, not {precision}")
     budget = min(b for b in (prof.max_model_bytes, parse_size(max_size)) if b)

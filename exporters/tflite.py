@@ -1,8 +1,9 @@
 """TFLite exporter: PyTorch -> TFLite with litert-torch (no TensorFlow), validated in LiteRT.
 
-fp32: litert_torch.convert. int8: PT2E static quantization (symmetric int8, per-channel weights,
-calibrated on the export's calibration data) -> a full-int8 model whose input and output are int8;
-their scale/zero-point go into the manifest so a device quantizes frames itself. fp16: fp16
+fp32: litert_torch.convert. int8: PT2E static quantization (int8, per-channel weights, calibrated
+on the export's calibration data) and the LiteRT quantizer (ai-edge-quantizer) both, keeping the
+one that validates better; the int8 body gets a float input/output (QUANTIZE/DEQUANTIZE ops), or
+with int8_io keeps integer-only I/O whose scale/zero-point go into the manifest. fp16: fp16
 weights via ai-edge-quantizer's float casting, float compute and I/O.
 Validation runs the artifact in `ai_edge_litert` (XNNPACK), the interpreter the device runs.
 """
@@ -105,9 +106,10 @@ class TfliteExporter(Exporter):
     def supports_recipe(self, name: str) -> bool:
         return name in self.recipe_examples
 
-    def __init__(self):
+    def __init__(self, int8_io: bool = False):
         self.module = None
         self.example = None
+        self.int8_io = int8_io  # keep the integer-only interface (integer-only accelerators)
 
     def to_fp32(self, source, path: Path, opset: int) -> Path:
         _require_litert_torch()
@@ -146,7 +148,7 @@ class TfliteExporter(Exporter):
                       exclude: list[str] | None = None) -> QuantResult:
         if recipe.litert:
             _litert_quantizer_int8(prepared, out_path, calib)
-            compact(out_path)
+            self._finish_int8(out_path)
             return QuantResult(out_path, recipe)
         import torch
         from litert_torch.quantize import pt2e_quantizer as pq
@@ -165,8 +167,13 @@ class TfliteExporter(Exporter):
         with _quiet():
             converted = quantize_pt2e.convert_pt2e(prepared_module, fold_quantize=False)
         self._convert(converted, out_path, QuantConfig(pt2e_quantizer=quantizer))
-        compact(out_path)
+        self._finish_int8(out_path)
         return QuantResult(out_path, recipe)
+
+    def _finish_int8(self, path: Path) -> None:
+        if not self.int8_io:
+            float_io(path)
+        compact(path)
 
     def predictor(self, path: Path, threads: int):
         """Run like the device: float frames in, quantized here when the input is integer; float out."""
@@ -260,6 +267,58 @@ def compact(path: Path) -> None:
         return
     if all(np.array_equal(a, b) for a, b in zip(want, got)):
         path.write_bytes(shrunk)
+
+
+def float_io(path: Path) -> None:
+    """Give a full-int8 .tflite float input and output, in place: a QUANTIZE op in front of each int8
+    input and a DEQUANTIZE op behind each int8 output (the body stays int8).
+
+    Why: a third party feeds float frames, as to any other model; `--int8-io` keeps the integer-only
+    interface that integer-only accelerators need.
+    """
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils as fu
+
+    model = fu.convert_bytearray_to_object(bytearray(path.read_bytes()))
+    sg = model.subgraphs[0]
+    integer = (schema.TensorType.INT8, schema.TensorType.UINT8)
+
+    def opcode(builtin: int) -> int:
+        for i, c in enumerate(model.operatorCodes):
+            if max(c.builtinCode, c.deprecatedBuiltinCode) == builtin:
+                return i
+        code = schema.OperatorCodeT()
+        code.builtinCode, code.deprecatedBuiltinCode, code.version = builtin, min(builtin, 127), 1
+        model.operatorCodes.append(code)
+        return len(model.operatorCodes) - 1
+
+    def float_twin(idx: int) -> int:
+        old = sg.tensors[idx]
+        new = schema.TensorT()
+        new.name, old.name = old.name, (old.name or b"") + b"_int8"
+        new.shape, new.shapeSignature, new.type, new.buffer = old.shape, old.shapeSignature, schema.TensorType.FLOAT32, 0
+        sg.tensors.append(new)
+        return len(sg.tensors) - 1
+
+    moved: dict[int, int] = {}
+    for pos, idx in enumerate(list(sg.inputs)):
+        if sg.tensors[idx].type in integer:
+            twin = float_twin(idx)
+            op = schema.OperatorT()
+            op.opcodeIndex, op.inputs, op.outputs = opcode(schema.BuiltinOperator.QUANTIZE), [twin], [idx]
+            sg.operators.insert(0, op)
+            sg.inputs[pos] = moved[idx] = twin
+    for pos, idx in enumerate(list(sg.outputs)):
+        if sg.tensors[idx].type in integer:
+            twin = float_twin(idx)
+            op = schema.OperatorT()
+            op.opcodeIndex, op.inputs, op.outputs = opcode(schema.BuiltinOperator.DEQUANTIZE), [idx], [twin]
+            sg.operators.append(op)
+            sg.outputs[pos] = moved[idx] = twin
+    for sig in model.signatureDefs or []:
+        for tm in list(sig.inputs or []) + list(sig.outputs or []):
+            tm.tensorIndex = moved.get(tm.tensorIndex, tm.tensorIndex)
+    path.write_bytes(bytes(fu.convert_object_to_bytearray(model)))
 
 
 def _litert_quantizer_int8(fp32_path: Path, out_path: Path, calib: np.ndarray) -> None:

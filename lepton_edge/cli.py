@@ -91,6 +91,8 @@ def export(
     precision: Optional[str] = typer.Option(None, help="fp32, fp16 or int8 (default: the target's)."),
     fmt: Optional[str] = typer.Option(None, "--format", help="onnx or tflite (default: the target's)."),
     layout: Optional[str] = typer.Option(None, help="Input layout NCHW or NHWC (default: the target's)."),
+    int8_io: bool = typer.Option(False, "--int8-io", help="TFLite int8: integer-only input/output (for "
+                                 "integer-only accelerators); the manifest records the input's scale/zero-point."),
     input_shape: Optional[str] = typer.Option(None, help="e.g. 1,3,224,224 (needed for .pt/.pt2 files)."),
     weights: Optional[str] = typer.Option(None, help="state_dict for a zoo architecture (torchvision keys)."),
     labels: Optional[Path] = typer.Option(None, help="labels.txt, one class name a line."),
@@ -134,6 +136,7 @@ def export(
         max_accuracy_drop=max_accuracy_drop, recipes=recipes.split(",") if recipes else None,
         allow_synthetic_calibration=allow_synthetic_calibration, color=color.upper() if color else None,
         layout=_choice(layout, ("NCHW", "NHWC"), "--layout"), mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
+        int8_io=int8_io,
     )
     if compare:
         from lepton_edge.compare import compare as do_compare, table

@@ -22,8 +22,9 @@ def compare(model: Any, target: str, out: Path, **export_kw) -> list[dict]:
     for fmt, precision in VARIANTS:
         ui.info(f"[bold]{fmt} {precision}[/]")
         row: dict[str, Any] = {"format": fmt, "precision": precision}
+        kw = {k: v for k, v in export_kw.items() if fmt == "tflite" or k != "int8_io"}
         try:
-            rep = export(model, target, out=out, format=fmt, precision=precision, **export_kw).report
+            rep = export(model, target, out=out, format=fmt, precision=precision, **kw).report
         except LeptonError as e:  # one variant failing (a check, an unsupported source) is a row, not the end
             row.update(status="failed", reason=str(e))
             rows.append(row)

@@ -25,8 +25,9 @@ def test_rpi4_default_is_full_int8_tflite_nhwc(rpi4_bundle, fashion):
     assert (m.format, m.precision, m.model_file) == ("tflite", "int8", "model.tflite")
     spec = m.inputs[0]
     assert spec.layout == "NHWC" and spec.shape == [1, 28, 28, 1]
-    assert spec.dtype == "int8" and spec.quantization["scale"] > 0
-    assert m.outputs[0].dtype == "int8" and m.outputs[0].quantization
+    assert spec.dtype == "float32" and m.outputs[0].dtype == "float32"  # int8 body, float interface
+    info = json.loads(run_cli("inspect", str(rpi4_bundle.bundle.model_path), "--json").stdout)
+    assert info["ops"]["QUANTIZE"] >= 1 and info["ops"]["DEQUANTIZE"] >= 1 and info["precision"] == "int8"
     v = m.validation
     assert v["top1_agreement"] >= 0.99 and v["accuracy_drop_pp"] <= 0.5 and v["eval_samples"] == 3000
     assert m.compression["size_vs_fp32"] < 0.35
@@ -35,16 +36,36 @@ def test_rpi4_default_is_full_int8_tflite_nhwc(rpi4_bundle, fashion):
     assert [a["recipe"] for a in q["attempts"]] == ["s8-minmax", "s8-minmax-litert"]
     best = max((a for a in q["attempts"] if a["passed"]), key=lambda a: a["top1_agreement"])
     assert q["recipe"] == best["recipe"] and v["top1_agreement"] == best["top1_agreement"]
-    # A third party runs it from the manifest alone: preprocess (quantizes the frame), invoke, dequantize.
+    # A third party runs it from the manifest alone.
     x, y = fashion
-    it = load_interpreter(rpi4_bundle.bundle.model_path, 2)
+    assert abs(_manifest_only_accuracy(rpi4_bundle.bundle, x[6000:6500], y[6000:6500]) - v["accuracy_artifact"]) < 0.03
+
+
+def _manifest_only_accuracy(bundle, x, y) -> float:
+    """Preprocess from the manifest (quantizing the frame when the input is integer), invoke, argmax."""
+    spec = bundle.manifest.inputs[0]
+    it = load_interpreter(bundle.model_path, 2)
     ind, outd = it.get_input_details()[0], it.get_output_details()[0]
     hits = 0
-    for img, label in zip(x[6000:6500], y[6000:6500]):
+    for img, label in zip(x, y):
         it.set_tensor(ind["index"], preprocess(img, spec))
         it.invoke()
         hits += int(it.get_tensor(outd["index"]).argmax() == label)
-    assert abs(hits / 500 - v["accuracy_artifact"]) < 0.03
+    return hits / len(y)
+
+
+def test_int8_io_for_integer_only_accelerators(tmp_path, fashion):
+    r = run_cli("export", "zoo:fashion-cnn", "--target", "rpi4", "--int8-io", "--eval-limit", "1000",
+                "-o", str(tmp_path), "--json")
+    assert r.returncode == 0, r.stderr[-1500:]
+    b = Bundle.load(json.loads(r.stdout)["bundle"])
+    spec = b.manifest.inputs[0]
+    assert spec.dtype == "int8" and spec.quantization["scale"] > 0 and b.manifest.outputs[0].dtype == "int8"
+    x, y = fashion
+    acc = _manifest_only_accuracy(b, x[6000:6300], y[6000:6300])
+    assert abs(acc - b.manifest.validation["accuracy_artifact"]) < 0.04
+    r = run_cli("export", "zoo:fashion-cnn", "--target", "x86-cpu", "--int8-io", "-o", str(tmp_path))
+    assert r.returncode == 2 and "--int8-io" in r.stderr
 
 
 def test_fp32_fp16_and_nchw(tmp_path):
@@ -65,7 +86,7 @@ def test_inspect_tflite(rpi4_bundle):
     info = json.loads(r.stdout)
     assert info["format"] == "tflite" and info["precision"] == "int8"
     inp = info["inputs"][0]
-    assert inp["dtype"] == "int8" and inp["layout"] == "NHWC" and "scale" in inp["quantization"]
+    assert inp["dtype"] == "float32" and inp["layout"] == "NHWC" and inp["shape"] == [1, 28, 28, 1]
     assert info["ops"]["CONV_2D"] >= 2 and info["custom_ops"] == []
     assert info["xnnpack"]["applied"] is True
 
