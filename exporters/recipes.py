@@ -47,7 +47,7 @@ def search(exporter, recipes: list[str], prepared: Path, workdir: Path, calib_x:
         if recipe.sensitive:
             base_name = name.replace("-sensitive", "")
             base = done.get(base_name) or exporter.quantize_int8(
-                prepared, workdir / f"base-{i}.onnx", calib_x, q.Recipe.parse(base_name), per_channel)
+                prepared, workdir / f"base-{i}{exporter.suffix}", calib_x, q.Recipe.parse(base_name), per_channel)
             with ui.stage(f"sensitivity pass for {base_name}"):
                 ranked = q.sensitivity(prepared, base.path, check_x[:32].astype(np.float32), base.names)
             names = [n for n, _ in ranked]
@@ -56,7 +56,7 @@ def search(exporter, recipes: list[str], prepared: Path, workdir: Path, calib_x:
         for j, exclude in enumerate(candidates):
             label = name if not exclude else f"{name} (float: {len(exclude)} layer(s))"
             with ui.stage(f"int8 recipe {label}"):
-                res = exporter.quantize_int8(prepared, workdir / f"int8-{i}-{j}.onnx", calib_x, recipe,
+                res = exporter.quantize_int8(prepared, workdir / f"int8-{i}-{j}{exporter.suffix}", calib_x, recipe,
                                              per_channel, exclude)
                 done.setdefault(name, res)
                 comp, pred, ram = validate(res.path)

@@ -218,6 +218,19 @@ class TfliteExporter(Exporter):
                 "ops": dict(Counter(o["op_name"] for o in it._get_ops_details()))}
 
 
+def _read_model(data: bytes):
+    """The flatbuffer as objects, with buffers stored after the flatbuffer (offset/size, as
+    ai-edge-quantizer writes them) pulled inline so that writing the objects back keeps them."""
+    from ai_edge_litert.tools import flatbuffer_utils as fu
+
+    model = fu.convert_bytearray_to_object(bytearray(data))
+    for b in model.buffers:
+        if getattr(b, "offset", 0) > 1:
+            b.data = np.frombuffer(data, np.uint8, count=b.size, offset=b.offset).copy()
+            b.offset, b.size = 0, 0
+    return model
+
+
 def compact(path: Path) -> None:
     """Shorten tensor names in a .tflite in place, keeping the signature's inputs and outputs.
 
@@ -231,9 +244,7 @@ def compact(path: Path) -> None:
     from lepton_edge.runtime.litert_loader import load_interpreter
 
     original = path.read_bytes()
-    model = fu.convert_bytearray_to_object(bytearray(original))
-    if any(getattr(b, "offset", 0) for b in model.buffers):  # weights appended after the flatbuffer
-        return
+    model = _read_model(original)
     for sg in model.subgraphs:
         keep = set(sg.inputs) | set(sg.outputs)
         for i, t in enumerate(sg.tensors):
@@ -279,7 +290,7 @@ def float_io(path: Path) -> None:
     from ai_edge_litert import schema_py_generated as schema
     from ai_edge_litert.tools import flatbuffer_utils as fu
 
-    model = fu.convert_bytearray_to_object(bytearray(path.read_bytes()))
+    model = _read_model(path.read_bytes())
     sg = model.subgraphs[0]
     integer = (schema.TensorType.INT8, schema.TensorType.UINT8)
 
