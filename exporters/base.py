@@ -157,7 +157,7 @@ def _compress_torch(src, data, prune, finetune_epochs, train) -> dict[str, Any]:
     if finetune_epochs:
         tx, ty = datasets.training(src, train)
         with ui.stage(f"fine-tune {finetune_epochs} epoch(s) on {len(tx)} samples"):
-            pr.finetune(pruned, tx, ty, finetune_epochs, progress=not ui._quiet)
+            pr.finetune(pruned, tx, ty, finetune_epochs)
         rep.update(finetune_epochs=finetune_epochs, finetune_samples=int(len(tx)))
     if data.eval_x is not None:  # accuracy of the unpruned model: what pruning cost, reported beside
         logits = _torch_predictor(src.module, None)(data.eval_x)

@@ -5,38 +5,22 @@ runtime the device uses, so what was validated is what will run.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import re
 import shutil
-import warnings
 from pathlib import Path
 
 import numpy as np
 
+from lepton_edge import ui
 from lepton_edge.compress import quantize
 from lepton_edge.errors import BadInput, CheckFailed
 from lepton_edge.exporters.base import Exporter, register
 
 
-@contextlib.contextmanager
 def _silenced():
-    """The exporters print progress and warnings (and torch.export logs errors it then recovers
-    from); our own stage line says what happened."""
-    import logging
-
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "torch._export")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL)
-    sink = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-            yield
-    finally:
-        for lg, lv in zip(loggers, levels):
-            lg.setLevel(lv)
+    """torch.export logs errors it then recovers from, and the exporter prints its progress."""
+    return ui.libraries_silenced("torch.onnx", "torch.export", "torch._dynamo", "torch._export")
 
 
 def _first_line(e: Exception) -> str:
@@ -61,7 +45,6 @@ class OnnxExporter(Exporter):
             shutil.copyfile(source.onnx_path, path)
             return path
         import torch
-        from torch.export import Dim
 
         spec = source.input_spec
         shape = [int(d) for d in spec.shape[1:]]
@@ -78,8 +61,7 @@ class OnnxExporter(Exporter):
         for kw in attempts:
             x = torch.zeros([batch] + shape)
             try:
-                with _silenced(), warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
+                with _silenced():
                     if kw["dynamo"]:
                         torch.onnx.export(source.module, (x,), None, **names, **kw).save(str(path))
                     else:

@@ -9,13 +9,8 @@ Validation runs the artifact in `ai_edge_litert` (XNNPACK), the interpreter the 
 """
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import re
 import shutil
-import sys
-import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -28,24 +23,10 @@ from lepton_edge.exporters.base import Exporter, register
 from lepton_edge.runtime.litert_loader import load_interpreter
 
 
-@contextlib.contextmanager
 def _quiet():
     """litert-torch, its MLIR passes and the C++ converter print progress lines (the C++ side
-    straight to file descriptor 2); our stage line says what happened."""
-    loggers = [logging.getLogger(n) for n in ("torch.export", "torch._dynamo", "torch.onnx", "absl", "root")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    sys.stdout.flush()
-    sink = io.StringIO()
-    try:
-        with ui.native_stderr_silenced(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink), \
-                warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, lv in zip(loggers, levels):
-            lg.setLevel(lv)
+    straight to file descriptor 2)."""
+    return ui.libraries_silenced("torch.export", "torch._dynamo", "torch.onnx", "absl", "", native=True)
 
 
 def _lowering_error(e: Exception, module, example) -> str:

@@ -88,6 +88,16 @@ class Manifest(BaseModel):
     toolchain: dict[str, str] = Field(default_factory=dict)
 
 
+def guess_layout(dims: list) -> str | None:
+    """NHWC when the last of four dims looks like channels (1, 3, 4) and the second does not;
+    NCHW when the second does; None when neither tells (not an image, or ambiguous)."""
+    if len(dims) != 4:
+        return None
+    if dims[3] in (1, 3, 4) and dims[1] not in (1, 3, 4):
+        return "NHWC"
+    return "NCHW" if dims[1] in (1, 3, 4) else None
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -8,21 +8,11 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+from lepton_edge.bundle import guess_layout
 from lepton_edge.errors import BadInput
 
 _DTYPES = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64", 9: "bool", 10: "float16",
            11: "float64", 16: "bfloat16"}
-
-
-def _layout(dims: list) -> str | None:
-    if len(dims) != 4:
-        return None
-    c1, c3 = dims[1], dims[3]
-    if c3 in (1, 3, 4) and c1 not in (1, 3, 4):
-        return "NHWC"
-    if c1 in (1, 3, 4):
-        return "NCHW"
-    return None
 
 
 def inspect_onnx(path: Path) -> dict:
@@ -39,7 +29,7 @@ def inspect_onnx(path: Path) -> dict:
         t = v.type.tensor_type
         dims = [d.dim_value if d.dim_value else (d.dim_param or "?") for d in t.shape.dim]
         return {"name": v.name, "dtype": _DTYPES.get(t.elem_type, str(t.elem_type)), "shape": dims,
-                "dynamic": [i for i, d in enumerate(dims) if not isinstance(d, int)], "layout": _layout(dims)}
+                "dynamic": [i for i, d in enumerate(dims) if not isinstance(d, int)], "layout": guess_layout(dims)}
 
     ops = Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}" for n in g.node)
     params = 0
@@ -136,7 +126,7 @@ def inspect_tflite(path: Path) -> dict:
         out = {"name": t.name.decode() if isinstance(t.name, bytes) else t.name,
                "dtype": type_names.get(t.type, str(t.type)).replace("float32", "float32"),
                "shape": [d if d >= 0 else "?" for d in shape], "dynamic": [k for k, d in enumerate(shape) if d < 0],
-               "layout": _layout(shape)}
+               "layout": guess_layout(shape)}
         q = t.quantization
         if q is not None and q.scale is not None and len(q.scale):
             out["quantization"] = {"scale": float(q.scale[0]), "zero_point": int(q.zeroPoint[0])}

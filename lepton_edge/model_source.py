@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lepton_edge.bundle import InputSpec
+from lepton_edge.bundle import InputSpec, guess_layout
 from lepton_edge.errors import BadInput
 
 
@@ -39,15 +39,9 @@ def parse_shape(text: str) -> list[int]:
     return dims
 
 
-def _guess_layout(shape: list) -> str:
-    if len(shape) == 4 and shape[-1] in (1, 3, 4) and shape[1] not in (1, 3, 4):
-        return "NHWC"
-    return "NCHW"
-
-
 def default_spec(shape: list, name: str = "input", layout: str | None = None, color: str | None = None,
                  mean: list[float] | None = None, std: list[float] | None = None) -> InputSpec:
-    layout = layout or _guess_layout(shape)
+    layout = layout or (guess_layout(shape) or "NCHW")
     c = shape[1] if layout == "NCHW" else shape[-1]
     color = color or ("GRAY" if c == 1 else "RGB")
     n = 1 if color == "GRAY" else 3
@@ -88,7 +82,7 @@ def _load_onnx(path: Path, input_shape: list[int] | None, hw: tuple[int, int], *
         shape: list = list(input_shape)
     else:
         shape = list(dims)
-        layout = _guess_layout([d if isinstance(d, int) else 0 for d in dims])
+        layout = guess_layout([d if isinstance(d, int) else 0 for d in dims]) or "NCHW"
         spatial = (2, 3) if layout == "NCHW" else (1, 2)
         for i, v in zip(spatial, hw):
             if i < len(shape) and not isinstance(shape[i], int):

@@ -72,3 +72,34 @@ def native_stderr_silenced() -> Iterator[None]:
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
+
+
+@contextmanager
+def libraries_silenced(*loggers: str, stderr: bool = True, native: bool = False) -> Iterator[None]:
+    """Mute what converters and quantizers print or log (progress lines, recovered errors,
+    warnings) while they run: our own stage line says what happened. `loggers` are logger names
+    ("" is the root logger); stderr=False keeps our progress bars visible; native also mutes C++."""
+    import contextlib
+    import io
+    import logging
+    import warnings
+
+    named = [logging.getLogger(n) for n in loggers]
+    levels = [lg.level for lg in named]
+    for lg in named:
+        lg.setLevel(logging.CRITICAL)
+    sys.stdout.flush()
+    sink = io.StringIO()
+    try:
+        with contextlib.ExitStack() as stack:
+            if native:
+                stack.enter_context(native_stderr_silenced())
+            stack.enter_context(contextlib.redirect_stdout(sink))
+            if stderr:
+                stack.enter_context(contextlib.redirect_stderr(sink))
+            stack.enter_context(warnings.catch_warnings())
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lv in zip(named, levels):
+            lg.setLevel(lv)

@@ -59,11 +59,12 @@ def prune(model, example_input, ratio: float, round_to: int | None = 8) -> Prune
     return PruneReport(ratio, int(params0), int(params1), int(macs0), int(macs1))
 
 
-def finetune(model, x, y, epochs: int, lr: float = 0.01, batch: int = 64, seed: int = 0, progress: bool = True) -> None:
+def finetune(model, x, y, epochs: int, lr: float = 0.01, batch: int = 64, seed: int = 0) -> None:
     """Recover the accuracy pruning cost with a few epochs of SGD on labelled data (in place)."""
     import numpy as np
     import torch
-    from rich.progress import Progress
+
+    from lepton_edge import ui
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -73,8 +74,7 @@ def finetune(model, x, y, epochs: int, lr: float = 0.01, batch: int = 64, seed: 
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     loss_fn = torch.nn.CrossEntropyLoss()
     model.train()
-    with Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task("fine-tuning", total=steps)
+    with ui.progress("fine-tuning", steps) as advance:
         for _ in range(epochs):
             order = torch.from_numpy(rng.permutation(len(xt)))
             for i in range(0, len(order), batch):
@@ -84,5 +84,5 @@ def finetune(model, x, y, epochs: int, lr: float = 0.01, batch: int = 64, seed: 
                 loss.backward()
                 opt.step()
                 sched.step()
-                bar.update(task, advance=1, description=f"fine-tuning loss {loss.item():.3f}")
+                advance(1)
     model.eval()

@@ -7,9 +7,6 @@ target's recipes fastest first and keeps the first that passes the accuracy gate
 """
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,8 +90,7 @@ def quantize_int8(
     extra = {"ActivationSymmetric": recipe.activation == "s8", "WeightSymmetric": True}
     if recipe.calibration == "percentile":
         extra["CalibPercentile"] = 99.99
-    with ui.progress("calibrating", len(calib)) as advance, contextlib.redirect_stdout(io.StringIO()), \
-            _root_log_level(logging.ERROR):
+    with ui.progress("calibrating", len(calib)) as advance, ui.libraries_silenced("", stderr=False):
         # (the histogram calibrators print their own progress to stdout, which --json keeps clean, and
         # onnxruntime warns on the root logger that we skipped pre-processing: we do it when it helps)
         reader = _Reader(_input_name(model), calib, _batch_size(model, len(calib)), advance)
@@ -105,17 +101,6 @@ def quantize_int8(
             nodes_to_exclude=exclude or None, extra_options=extra,
         )
     return QuantResult(out_path, recipe, exclude)
-
-
-@contextlib.contextmanager
-def _root_log_level(level: int):
-    root = logging.getLogger()
-    before = root.level
-    root.setLevel(level)
-    try:
-        yield
-    finally:
-        root.setLevel(before)
 
 
 def prepare(fp32_path: Path, out_path: Path) -> Path:
