@@ -294,7 +294,7 @@ def main() -> None:
         steps = {"fashion": lambda: bench_fashion(work / "fashion"),
                  "mobilenet": lambda: bench_mobilenet(work / "mnv2", calib, 40 if a.quick else 200),
                  "tflite": lambda: bench_tflite(work / "tflite", calib100, 40 if a.quick else 200),
-                 "wall": lambda: bench_wall_time(work / "wall", calib100, 1 if a.quick else 3)}
+                 "wall": lambda: bench_wall_time(work / "wall", calib100, 1 if a.quick else 5)}
         for key, step in steps.items():
             if a.only and key != a.only:
                 continue
