@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from lepton_edge import targets, ui
+from lepton_edge.ui import human
 from lepton_edge.bundle import Bundle, Manifest, OutputSpec, staging, write_manifest
 from lepton_edge.errors import BadInput, CheckFailed
 
@@ -94,18 +95,6 @@ def parse_size(text: str | int | None) -> int | None:
     if unit not in SIZE_UNITS or value <= 0:
         raise BadInput(f"--max-size must look like 1MB, 800KB or 1048576, got {text!r}")
     return int(value * SIZE_UNITS[unit])
-
-
-def human(n: float, binary: bool = False) -> str:
-    """1234567 -> '1.23 MB' (or '1.2 MiB' with binary=True, as the profiles' budgets are set)."""
-    step, units = (1024, ("B", "KiB", "MiB", "GiB")) if binary else (1000, ("B", "KB", "MB", "GB"))
-    for unit in units:
-        if n < step or unit == units[-1]:
-            if unit == "B":
-                return f"{n:.0f} B"
-            return f"{n:.3g} {unit}" if binary else f"{n:.2f} {unit}"
-        n /= step
-    return str(n)
 
 
 @dataclass
@@ -427,7 +416,7 @@ def _write_bundle(final: Path, chosen: Path, exporter, src, prof, fmt, precision
         manifest = Manifest(
             name=src.name, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             target={"id": prof.id, "sha256": prof.content_hash(), "arch": prof.arch, "runtime": prof.runtime,
-                    "execution_providers": prof.execution_providers, "threads": prof.threads,
+                    "execution_providers": prof.execution_providers, "delegates": prof.delegates, "threads": prof.threads,
                     "latency_budget_ms": prof.latency_budget_ms, "device_packages": prof.device_packages},
             format=fmt, precision=precision, model_file=model_file, task=src.task, labels_file=labels_file,
             inputs=[in_spec],

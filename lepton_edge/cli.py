@@ -33,7 +33,7 @@ def targets_list(ctx: typer.Context, as_json: bool = typer.Option(False, "--json
     if ctx.invoked_subcommand:
         return
     from lepton_edge import targets
-    from lepton_edge.exporters.base import human
+    from lepton_edge.ui import human
 
     profs = targets.all_profiles()
     if as_json:
@@ -157,7 +157,7 @@ def export(
 
 
 def _print_report(rep: dict) -> None:
-    from lepton_edge.exporters.base import human
+    from lepton_edge.ui import human
 
     v, c, lat = rep["validation"], rep["compression"], rep["latency"]
     t = Table(title=f"{rep['name']} -> {rep['target']} ({rep['format']} {rep['precision']})", show_header=False)
@@ -188,7 +188,7 @@ def _print_report(rep: dict) -> None:
 def inspect(path: Path = typer.Argument(..., help="A bundle directory, an .onnx or a .tflite file."),
             as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
     """Inputs/outputs (dynamic dims, layout), opset, op histogram, parameters, precision, size."""
-    from lepton_edge.exporters.base import human
+    from lepton_edge.ui import human
     from lepton_edge.inspect import inspect as do_inspect
 
     info = do_inspect(path)
@@ -229,6 +229,112 @@ def inspect(path: Path = typer.Argument(..., help="A bundle directory, an .onnx 
             t.add_row("int8 recipe", f"{b['quantization']['recipe']}; float layers: "
                                      f"{', '.join(b['quantization']['float_nodes']) or 'none'}")
     out.print(t)
+
+
+@app.command()
+def run(
+    model: str = typer.Argument(..., help="A bundle directory, or a plain .onnx / .tflite file."),
+    source: str = typer.Option(..., "--source", "-s", help="Camera index (0), video file, rtsp:// or http:// "
+                               "URL, image folder or glob ('frames/*.png'), or a GStreamer pipeline."),
+    save: Optional[Path] = typer.Option(None, "--save", help="Write an annotated video (.mp4, .avi, .mkv)."),
+    jsonl: Optional[str] = typer.Option(None, "--jsonl", help="Write every result as a JSON line ('-': stdout)."),
+    max_frames: Optional[int] = typer.Option(None, "--max-frames", "-n", min=1, help="Stop after this many frames."),
+    threads: Optional[int] = typer.Option(None, min=1, help="Inference threads (default: the bundle's target)."),
+    input_spec: Optional[str] = typer.Option(None, "--input-spec", help="For plain models, or to override: "
+                                             "'layout=NHWC;color=BGR;size=320x320;scale=1/255;mean=..;std=..' "
+                                             "or a JSON file."),
+    task: Optional[str] = typer.Option(None, help="classify, detect, embed or raw (default: the bundle's)."),
+    top_k: int = typer.Option(5, "--top-k", min=1, help="Classes per classification result."),
+    conf: float = typer.Option(0.25, help="Detection score threshold."),
+    iou: float = typer.Option(0.45, help="Detection NMS IoU threshold."),
+    every: float = typer.Option(1.0, help="Seconds between console lines (0: every result)."),
+    show: Optional[bool] = typer.Option(None, "--show/--no-show", help="Show a window (default: when a "
+                                        "display exists)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON on stdout."),
+):
+    """Run a bundle on frames from a camera, video, stream or images; per-stage timing at the end."""
+    import signal
+
+    from lepton_edge import sinks
+    from lepton_edge.capture import open_source
+    from lepton_edge.pipeline import Pipeline
+    from lepton_edge.runtime import Runtime
+
+    rt = Runtime.load(model, threads=threads, input_spec=input_spec, task=task, top_k=top_k, conf=conf, iou=iou)
+    src = open_source(source)
+    lines_to = ui.err if (as_json or jsonl == "-") else out
+    pipe = Pipeline(src, rt, max_frames=max_frames)
+    outs: list = [sinks.ConsoleLines(lines_to, every, pipe.stats)]
+    if jsonl:
+        outs.append(sinks.JsonLines(Path("/dev/stdout") if jsonl == "-" else Path(jsonl)))
+    if save:
+        outs.append(sinks.VideoOut(save, src.fps))
+    if show or (show is None and sinks.display_available()):
+        outs.append(sinks.Window(f"lepton-edge: {rt.name}"))
+    d = rt.describe()
+    ui.info(f"[bold]{rt.name}[/] ({d['backend']}, {d['threads']} thread(s), task {rt.task}) on {src.kind} {source}")
+
+    def _stop(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
+    interrupted = False
+    try:
+        for r in pipe:
+            for o in outs:
+                o.write(r)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        for o in outs:
+            o.close()
+        pipe.close()
+    status = pipe.status() | {"model": d, "interrupted": interrupted}
+    if as_json:
+        return _emit_json(status)
+    _print_run_summary(status)
+    if status["frames"] == 0:
+        raise BadInput(f"no frame could be read or processed from {source!r}")
+
+
+def _print_run_summary(s: dict) -> None:
+    t = Table(title=f"{s['model']['name']}: {s['frames']} frame(s)" + (f", {s['fps']:.1f} fps" if s["fps"] else ""),
+              box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("stage", "p50", "p95", "p99", "max"):
+        t.add_column(col, justify="left" if col == "stage" else "right")
+    for stage, v in s["latency_ms"].items():
+        if v:
+            t.add_row(stage, *(f"{v[k]:.3f}ms" for k in ("p50", "p95", "p99", "max")))
+    ui.err.print(t)
+    src = s["source"]
+    ui.err.print(f"dropped {s['dropped']}, corrupt/skipped {s['corrupt']}, reconnects {src['reconnects']}"
+                 + (" (interrupted)" if s["interrupted"] else ""))
+
+
+@app.command()
+def bench(
+    models: list[str] = typer.Argument(..., help="Bundles or .onnx/.tflite files to compare."),
+    threads: Optional[str] = typer.Option(None, help="Thread counts, e.g. 1,2 (default: each bundle's target)."),
+    runs: int = typer.Option(200, min=1, help="Timed runs per configuration."),
+    warmup: int = typer.Option(20, min=0, help="Untimed runs first."),
+    source: Optional[str] = typer.Option(None, "--source", "-s", help="Frames from a video/images (default: a "
+                                         "synthetic 640x480 frame)."),
+    input_spec: Optional[str] = typer.Option(None, "--input-spec", help="For plain models (see `run`)."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+):
+    """Per-stage latency percentiles, throughput and peak RSS; one table across models and threads."""
+    from lepton_edge import bench as b
+
+    thr = b.parse_threads(threads)
+    total = len(models) * len(thr)
+    with ui.progress("benchmarking", total) as advance:
+        rows = b.compare(models, thr, runs, warmup, source, input_spec, progress=advance)
+    if as_json:
+        _emit_json(rows)
+    else:
+        out.print(b.table(rows, f"{runs} runs after {warmup} warm-up, on this host"))
+    if all("error" in r for r in rows):
+        raise BadInput("; ".join(r["error"] for r in rows))
 
 
 @app.command()

@@ -42,7 +42,7 @@ def table(rows: list[dict], title: str):
     from rich import box
     from rich.table import Table
 
-    from lepton_edge.exporters.base import human
+    from lepton_edge.ui import human
 
     t = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
     for col in ("format", "precision", "size", "accuracy", "drop", "agreement", "p50 latency", "note"):

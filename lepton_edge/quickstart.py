@@ -17,7 +17,7 @@ RUNS = [("x86-cpu", "fp32"), ("x86-cpu", "int8"), ("rpi4", "int8")]
 
 def run(out: Path, quiet: bool = False) -> list[dict]:
     from lepton_edge import export
-    from lepton_edge.exporters.base import human
+    from lepton_edge.ui import human
 
     ui.set_quiet(quiet)
     rows = []

@@ -103,3 +103,15 @@ def libraries_silenced(*loggers: str, stderr: bool = True, native: bool = False)
     finally:
         for lg, lv in zip(named, levels):
             lg.setLevel(lv)
+
+
+def human(n: float, binary: bool = False) -> str:
+    """1234567 -> '1.23 MB' (or '1.2 MiB' with binary=True, as the profiles' budgets are set)."""
+    step, units = (1024, ("B", "KiB", "MiB", "GiB")) if binary else (1000, ("B", "KB", "MB", "GB"))
+    for unit in units:
+        if n < step or unit == units[-1]:
+            if unit == "B":
+                return f"{n:.0f} B"
+            return f"{n:.3g} {unit}" if binary else f"{n:.2f} {unit}"
+        n /= step
+    return str(n)

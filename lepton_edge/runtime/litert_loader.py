@@ -12,18 +12,23 @@ from pathlib import Path
 from lepton_edge.errors import BadInput
 
 
-def interpreter_class():
+def _module():
     try:
-        from ai_edge_litert.interpreter import Interpreter
+        from ai_edge_litert import interpreter
     except ImportError:
         try:
-            from tflite_runtime.interpreter import Interpreter  # old devices: tflite-runtime 2.14
+            from tflite_runtime import interpreter  # old devices: tflite-runtime 2.14
         except ImportError:
             raise BadInput("running .tflite needs ai-edge-litert (pip install ai-edge-litert)") from None
-    return Interpreter
+    return interpreter
 
 
-def load_interpreter(path: str | Path, threads: int = 1, allocate: bool = True):
+def interpreter_class():
+    return _module().Interpreter
+
+
+def load_interpreter(path: str | Path, threads: int = 1, allocate: bool = True, delegates: list[str] | None = None):
+    """An interpreter for the file; `delegates` are external delegate libraries (.so) to load."""
     p = Path(path)
     if not p.is_file():
         raise BadInput(f"not found: {p}")
@@ -35,7 +40,8 @@ def load_interpreter(path: str | Path, threads: int = 1, allocate: bool = True):
 
     try:
         with native_stderr_silenced():  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." on every load
-            it = Interpreter(model_content=data, num_threads=threads)
+            extra = [_module().load_delegate(lib) for lib in delegates or []]
+            it = Interpreter(model_content=data, num_threads=threads, experimental_delegates=extra or None)
             if allocate:
                 it.allocate_tensors()
     except (ValueError, RuntimeError) as e:

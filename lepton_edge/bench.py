@@ -1,0 +1,133 @@
+"""`lepton-edge bench`: per-stage latency, throughput and peak memory of bundles on this machine.
+
+Why each configuration runs in a fresh process: peak RSS is a per-process high-water mark, and a
+second model loaded into the same process would inherit the first one's. A fresh process also
+keeps one engine's thread pool from slowing the next. Frames are camera-sized (640x480 BGR)
+unless `--source` gives real ones, so preprocessing costs what it costs on a device.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lepton_edge.errors import BadInput, LeptonError
+
+CAMERA_HW = (480, 640)
+
+
+def _frames(source: str | None, limit: int = 64) -> list[np.ndarray]:
+    if source is None:
+        rng = np.random.default_rng(0)
+        base = rng.integers(0, 256, (CAMERA_HW[0] // 8, CAMERA_HW[1] // 8, 3), dtype=np.uint8)
+        import cv2
+
+        return [cv2.resize(base, CAMERA_HW[::-1], interpolation=cv2.INTER_LINEAR)]
+    from lepton_edge.capture import open_source
+
+    with open_source(source) as src:
+        frames = []
+        for f in src:
+            frames.append(f.image)
+            if len(frames) >= limit:
+                break
+    if not frames:
+        raise BadInput(f"no frames in {source!r}")
+    return frames
+
+
+def measure(model: str, threads: int | None, runs: int, warmup: int, source: str | None = None,
+            input_spec: str | None = None) -> dict[str, Any]:
+    """One model at one thread count, in this process."""
+    import resource
+
+    from lepton_edge.runtime import Runtime
+    from lepton_edge.stats import StageTimes
+
+    rt = Runtime.load(model, threads=threads, input_spec=input_spec)
+    frames = _frames(source)
+    for i in range(warmup):
+        rt.timed(frames[i % len(frames)])
+    st = StageTimes(size=max(runs, 1))
+    t0 = time.perf_counter()
+    for i in range(runs):
+        r = rt.timed(frames[i % len(frames)], i)
+        st.add(**r.ms)
+    wall = time.perf_counter() - t0
+    snap = st.snapshot()
+    d = rt.describe()
+    return {"model": str(model), "name": rt.name, "format": d.get("format") or Path(str(model)).suffix.lstrip("."),
+            "precision": d.get("precision"), "backend": d["backend"], "threads": d["threads"],
+            "runs": runs, "warmup": warmup, "latency_ms": snap["latency_ms"],
+            "throughput_fps": runs / wall if wall > 0 else None,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "frame": list(frames[0].shape), "source": source or "synthetic 640x480 BGR"}
+
+
+def _child(args: tuple) -> dict:
+    try:
+        return measure(*args)
+    except LeptonError as e:
+        return {"model": args[0], "threads": args[1], "error": str(e)}
+
+
+def compare(models: list[str], threads: list[int | None], runs: int = 200, warmup: int = 20,
+            source: str | None = None, input_spec: str | None = None, isolate: bool = True,
+            progress=None) -> list[dict]:
+    """Every model at every thread count; one row each (a row with "error" when it cannot run)."""
+    for m in models:
+        if not Path(m).exists():
+            raise BadInput(f"not found: {m}")
+    configs = [(m, t, runs, warmup, source, input_spec) for m in models for t in threads]
+    rows = []
+    ctx = mp.get_context("spawn")
+    for cfg in configs:
+        if isolate:
+            with ctx.Pool(1) as pool:
+                rows.append(pool.apply(_child, (cfg,)))
+        else:
+            rows.append(_child(cfg))
+        if progress:
+            progress()
+    return rows
+
+
+def parse_threads(text: str | None) -> list[int | None]:
+    if not text:
+        return [None]
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise BadInput(f"--threads must be comma-separated integers, got {text!r}") from None
+    if not vals or any(v < 1 for v in vals):
+        raise BadInput(f"--threads must be positive integers, got {text!r}")
+    cpus = os.cpu_count() or 1
+    return vals if all(v <= 4 * cpus for v in vals) else [min(v, 4 * cpus) for v in vals]
+
+
+def table(rows: list[dict], title: str):
+    from rich import box
+    from rich.table import Table
+
+    from lepton_edge.ui import human
+
+    t = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("model", "format", "thr", "preprocess p50", "inference p50", "p95", "p99", "max",
+                "postprocess p50", "throughput", "peak RSS"):
+        t.add_column(col, no_wrap=True, justify="left" if col in ("model", "format") else "right")
+    for r in rows:
+        if "error" in r:
+            t.add_row(str(r["model"]), "-", str(r["threads"] or "-"), "", "", "", "", "", "", "",
+                      f"[red]{r['error']}[/]")
+            continue
+        lat = r["latency_ms"]
+        inf = lat["inference"]
+        t.add_row(Path(r["model"]).name, f"{r['format']} {r['precision'] or ''}".strip(), str(r["threads"]),
+                  f"{lat['preprocess']['p50']:.3f}ms", f"{inf['p50']:.3f}ms", f"{inf['p95']:.3f}ms",
+                  f"{inf['p99']:.3f}ms", f"{inf['max']:.3f}ms", f"{lat['postprocess']['p50']:.3f}ms",
+                  f"{r['throughput_fps']:.0f} fps", human(r["peak_rss_bytes"], binary=True))
+    return t

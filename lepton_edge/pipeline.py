@@ -1,0 +1,116 @@
+"""capture -> preprocess -> infer -> postprocess, with per-stage timing.
+
+Why two threads: decoding (and preprocessing) a frame and running the model both release the
+GIL, so on a two-core device the next frame is decoded while the model runs on this one and the
+pipeline goes as fast as the slower of the two instead of their sum. The hand-over queue is
+short: long enough to absorb jitter for files, one frame for live sources so no lag builds up.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+from lepton_edge.capture import Source, open_source
+from lepton_edge.runtime import Result, Runtime
+from lepton_edge.stats import StageTimes
+
+_END = object()
+
+
+class Pipeline:
+    """`for result in Pipeline(source, bundle): ...` yields one Result per frame.
+
+    `source`: a Source or anything open_source() takes; `model`: a Runtime or a bundle/model path.
+    `stats` holds the rolling per-stage windows; `status()` adds the source's counters.
+    """
+
+    def __init__(self, source: Source | str | int, model: Runtime | str | Path, *, max_frames: int | None = None,
+                 window: int = 1024, **load_options):
+        self.runtime = model if isinstance(model, Runtime) else Runtime.load(model, **load_options)
+        self.source = source if isinstance(source, Source) else open_source(source)
+        self.max_frames = max_frames
+        self.stats = StageTimes(window)
+        self.bad_frames = 0  # frames that preprocessing or postprocessing could not handle
+        self._stop = threading.Event()
+
+    def _produce(self, q: queue.Queue) -> None:
+        src, rt = self.source, self.runtime
+        try:
+            while not self._stop.is_set():
+                frame = src.read(timeout=0.5) if src.live else src.read()
+                if frame is None:
+                    if src.live and not src.closed:
+                        continue  # waiting through a reconnect
+                    break
+                t0 = time.perf_counter()
+                try:
+                    x = rt.preprocess(frame.image)
+                except Exception:  # an odd frame (zero-sized, strange depth) is skipped, never fatal
+                    self.bad_frames += 1
+                    continue
+                item = (frame, x, (time.perf_counter() - t0) * 1e3)
+                while not self._stop.is_set():
+                    try:
+                        q.put(item, timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as e:  # surfaces in the consumer's thread
+            q.put(e)
+            return
+        q.put(_END)
+
+    def __iter__(self) -> Iterator[Result]:
+        q: queue.Queue = queue.Queue(maxsize=1 if self.source.live else 4)
+        worker = threading.Thread(target=self._produce, args=(q,), name="pipeline:capture", daemon=True)
+        worker.start()
+        rt, st, n = self.runtime, self.stats, 0
+        infer, post = rt.infer, rt.postprocess
+        try:
+            while self.max_frames is None or n < self.max_frames:
+                item = q.get()
+                if item is _END:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                frame, x, pre_ms = item
+                t1 = time.perf_counter()
+                y = infer(x)
+                t2 = time.perf_counter()
+                try:
+                    out = post(y, frame.image.shape[:2])
+                except Exception:
+                    self.bad_frames += 1
+                    continue
+                t3 = time.perf_counter()
+                ms = {"capture": frame.capture_ms, "preprocess": pre_ms, "inference": (t2 - t1) * 1e3,
+                      "postprocess": (t3 - t2) * 1e3}
+                st.add(**ms)
+                st.dropped, st.corrupt = self.source.dropped, self.source.corrupt + self.bad_frames
+                n += 1
+                yield Result(rt.task, out, frame.index, frame.timestamp, ms, frame.image)
+        finally:
+            self._stop.set()
+            deadline = time.monotonic() + 5
+            while worker.is_alive() and time.monotonic() < deadline:  # unblock a producer on a full queue
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    worker.join(0.05)
+
+    def close(self) -> None:
+        self._stop.set()
+        self.source.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def status(self) -> dict:
+        """Stage statistics and the source's counters: what a summary and telemetry report."""
+        return self.stats.snapshot() | {"source": self.source.status()}

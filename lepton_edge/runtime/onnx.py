@@ -1,0 +1,63 @@
+"""onnxruntime backend: execution providers and threads from the target profile.
+
+Why `run` is one call: `Runtime.predict` must cost no more than a bare `InferenceSession.run`
+(the benchmark holds it to 1.05x), so everything that can be decided once is decided here.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from lepton_edge.errors import BadInput
+from lepton_edge.runtime.backend import Backend, TensorInfo, register
+
+_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(uint8)": "uint8",
+           "tensor(int8)": "int8", "tensor(int32)": "int32", "tensor(int64)": "int64", "tensor(double)": "float64",
+           "tensor(bool)": "bool"}
+
+
+def _info(v) -> TensorInfo:
+    shape = [d if isinstance(d, int) else (d or "?") for d in (v.shape or [])]
+    return TensorInfo(v.name, shape, _DTYPES.get(v.type, v.type))
+
+
+@register
+class OnnxBackend(Backend):
+    format = "onnx"
+    suffixes = (".onnx",)
+
+    def __init__(self, path: Path, threads: int, providers: list[str] | None = None,
+                 delegates: list[str] | None = None):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise BadInput("running .onnx needs onnxruntime (pip install onnxruntime)") from None
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = max(1, int(threads))
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        available = ort.get_available_providers()
+        wanted = providers or ["CPUExecutionProvider"]
+        self.providers = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
+        self.missing_providers = [p for p in wanted if p not in available]
+        try:
+            self.session = ort.InferenceSession(str(path), so, providers=self.providers)
+        except Exception as e:  # onnxruntime raises its own exception types for bad files
+            first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+            raise BadInput(f"{path}: onnxruntime cannot load it ({first[:200]})") from None
+        self.threads = int(threads)
+        self.inputs = [_info(v) for v in self.session.get_inputs()]
+        self.outputs = [_info(v) for v in self.session.get_outputs()]
+        self._feed = self.inputs[0].name
+        self._run = self.session.run
+
+    def run(self, x: np.ndarray) -> list[np.ndarray]:
+        return self._run(None, {self._feed: x})
+
+    def describe(self) -> dict:
+        import onnxruntime as ort
+
+        return {"backend": "onnxruntime", "version": ort.__version__, "providers": self.session.get_providers(),
+                "threads": self.threads, "cpu_count": os.cpu_count()}

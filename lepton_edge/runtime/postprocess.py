@@ -1,0 +1,203 @@
+"""Raw model outputs -> results: classification, detection, compact embeddings.
+
+Why these three: they are what edge devices report upstream. A classifier's top-k with labels;
+a detector's boxes in the *frame's* coordinates (undoing the resize the preprocessing did) for
+the two output layouts that exported detectors use in practice (SSD-style post-processed boxes,
+scores and classes; YOLO-style raw candidates that need NMS); and embeddings compact enough to
+send over MQTT for every frame (at most 256 bytes, int8).
+"""
+from __future__ import annotations
+
+import base64
+import math
+from functools import lru_cache
+
+import numpy as np
+
+from lepton_edge.bundle import InputSpec
+
+MAX_EMBED_BYTES = 256
+
+
+# ---- classification ---------------------------------------------------------------------------
+
+def classify(outputs: list[np.ndarray], labels: list[str] | None = None, k: int = 5) -> list[dict]:
+    """Top-k of the first output: [{"index", "label", "score"}]; logits are turned into probabilities.
+
+    Small heads (up to 256 classes) are done in plain Python: for a 10-class model that is a
+    third of numpy's cost, and it is paid on every frame."""
+    out = np.asarray(outputs[0])
+    if out.size == 0:
+        return []
+    if out.size <= 256:
+        v = out.ravel().tolist()
+        hi = max(v)
+        if min(v) < 0 or hi > 1 or abs(sum(v) - 1) > 1e-2:  # logits: softmax
+            e = [math.exp(a - hi) for a in v]
+            s = sum(e)
+            v = [a / s for a in e]
+        top = sorted(range(len(v)), key=v.__getitem__, reverse=True)[:k]
+        scores = [v[i] for i in top]
+    else:
+        f = out.astype(np.float32).ravel()
+        if f.min() < 0 or f.max() > 1 or abs(float(f.sum()) - 1) > 1e-2:
+            e = np.exp(f - f.max())
+            f = e / e.sum()
+        k = min(k, f.size)
+        idx = np.argpartition(-f, k - 1)[:k]
+        idx = idx[np.argsort(-f[idx])]
+        top, scores = idx.tolist(), f[idx].tolist()
+    n = len(labels) if labels else 0
+    return [{"index": i, "label": labels[i] if i < n else str(i), "score": s} for i, s in zip(top, scores)]
+
+
+# ---- detection --------------------------------------------------------------------------------
+
+def frame_transform(spec: InputSpec, frame_hw: tuple[int, int]) -> tuple[float, float, float, float]:
+    """(sx, sy, dx, dy) with frame = (input - d) / s, for the spec's resize mode."""
+    h, w = spec.hw()
+    fh, fw = frame_hw
+    if spec.resize == "stretch":
+        return w / fw, h / fh, 0.0, 0.0
+    if spec.resize == "letterbox":
+        s = min(h / fh, w / fw)
+        return s, s, (w - round(fw * s)) // 2, (h - round(fh * s)) // 2
+    s = max(h / fh, w / fw)  # center_crop
+    return s, s, -((max(w, round(fw * s)) - w) // 2), -((max(h, round(fh * s)) - h) // 2)
+
+
+def _nms(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou: float, limit: int) -> np.ndarray:
+    import cv2
+
+    if len(boxes) == 0:
+        return np.zeros(0, dtype=int)
+    xywh = np.stack([boxes[:, 0], boxes[:, 1], boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]], 1)
+    keep = cv2.dnn.NMSBoxesBatched(xywh.tolist(), scores.tolist(), classes.astype(int).tolist(), 0.0, iou, top_k=limit)
+    return np.asarray(keep, dtype=int).reshape(-1)
+
+
+def _ssd(outputs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool] | None:
+    """Post-processed outputs (TFLite_Detection_PostProcess, torchvision-style ONNX): boxes [.., N, 4]
+    plus scores [.., N] and classes [.., N] (and maybe a count). Returns (boxes, scores, classes, yxyx)."""
+    arrs = [np.asarray(o) for o in outputs]
+    box_i = next((i for i, a in enumerate(arrs) if a.ndim >= 2 and a.shape[-1] == 4), None)
+    if box_i is None:
+        return None
+    boxes = arrs[box_i].reshape(-1, 4).astype(np.float32)
+    n = len(boxes)
+    vecs = [(i, a.reshape(-1)) for i, a in enumerate(arrs) if i != box_i and a.size == n]
+    if len(vecs) < 2:
+        return None
+    vs = [v for _, v in vecs]
+    typed = [v for v in vs if np.issubdtype(v.dtype, np.integer)]
+    integral = [v for v in vs if np.all(np.mod(v, 1) == 0)]
+    if typed:
+        classes = typed[0]
+    elif len(integral) == 1:
+        classes = integral[0]
+    else:  # both look alike: TFLite's order is boxes, classes, scores, count
+        classes = vs[0]
+    scores = next(v for v in vs if v is not classes)
+    counts = [a.reshape(-1) for i, a in enumerate(arrs) if a.size == 1]
+    if counts:
+        m = int(counts[0][0])
+        boxes, scores, classes = boxes[:m], scores[:m], classes[:m]
+    # TFLite's SSD post-processing emits normalised [ymin, xmin, ymax, xmax]
+    yxyx = len(outputs) == 4 and bool(boxes.size) and float(np.abs(boxes).max()) <= 1.5
+    return boxes, scores.astype(np.float32), classes.astype(np.float32), yxyx
+
+
+def _yolo(out: np.ndarray, num_labels: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Raw YOLO candidates: [1, 4+nc, N] (v8 and later), or [1, N, 5+nc] (v5: with objectness)
+    or [1, N, 4+nc]. Boxes are centre x, centre y, width, height in input pixels."""
+    a = np.asarray(out, dtype=np.float32)
+    if a.ndim == 3:
+        a = a[0]
+    if a.ndim != 2 or min(a.shape) < 5:
+        return None
+    if a.shape[0] < a.shape[1]:  # [4+nc, N]
+        a, objectness = a.T, False
+    else:  # [N, C]: v5 has objectness unless the labels say 4+nc
+        objectness = not (num_labels is not None and a.shape[1] - 4 == num_labels)
+    cls = a[:, 5:] if objectness else a[:, 4:]
+    if cls.shape[1] == 0:
+        return None
+    classes = cls.argmax(1)
+    scores = cls[np.arange(len(cls)), classes] * (a[:, 4] if objectness else 1.0)
+    cx, cy, w, h = a[:, 0], a[:, 1], a[:, 2], a[:, 3]
+    boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
+    return boxes, scores.astype(np.float32), classes.astype(np.float32)
+
+
+def detect(outputs: list[np.ndarray], spec: InputSpec, frame_hw: tuple[int, int], labels: list[str] | None = None,
+           conf: float = 0.25, iou: float = 0.45, limit: int = 100) -> list[dict]:
+    """[{"box": [x1, y1, x2, y2] in frame pixels, "score", "class", "label"}], best first."""
+    h, w = spec.hw()
+    if len(outputs) == 1 and (got := _yolo(outputs[0], len(labels) if labels else None)) is not None:
+        boxes, scores, classes = got
+        ok = scores >= conf
+        boxes, scores, classes = boxes[ok], scores[ok], classes[ok]
+        keep = _nms(boxes, scores, classes, iou, limit)
+        boxes, scores, classes = boxes[keep], scores[keep], classes[keep]
+    elif (got := _ssd(outputs)) is not None:
+        boxes, scores, classes, yxyx = got
+        if yxyx:
+            boxes = boxes[:, [1, 0, 3, 2]] * np.array([w, h, w, h], np.float32)
+        elif boxes.size and float(np.abs(boxes).max()) <= 1.5:  # normalised xyxy
+            boxes = boxes * np.array([w, h, w, h], np.float32)
+        ok = scores >= conf
+        boxes, scores, classes = boxes[ok], scores[ok], classes[ok]
+    else:
+        raise ValueError("outputs match neither the SSD layout (boxes [N,4], scores, classes) nor the YOLO "
+                         "layout ([1,4+nc,N] or [1,N,5+nc]); run with --task raw")
+    sx, sy, dx, dy = frame_transform(spec, (h, w) if frame_hw is None else frame_hw)
+    fh, fw = frame_hw
+    out = []
+    for b, s, c in sorted(zip(boxes, scores, classes), key=lambda t: -t[1])[:limit]:
+        x1, y1, x2, y2 = (b[0] - dx) / sx, (b[1] - dy) / sy, (b[2] - dx) / sx, (b[3] - dy) / sy
+        box = [float(np.clip(x1, 0, fw)), float(np.clip(y1, 0, fh)), float(np.clip(x2, 0, fw)), float(np.clip(y2, 0, fh))]
+        ci = int(c)
+        out.append({"box": [round(v, 1) for v in box], "score": float(s), "class": ci,
+                    "label": labels[ci] if labels and 0 <= ci < len(labels) else str(ci)})
+    return out
+
+
+# ---- embeddings -------------------------------------------------------------------------------
+
+@lru_cache(maxsize=8)
+def _projection(dim: int, out: int) -> np.ndarray:
+    """A fixed orthonormal random projection dim -> out (Johnson-Lindenstrauss): the same on every
+    device, so codes from different devices compare; seeded, so nothing has to be shipped."""
+    rng = np.random.default_rng(20261129)
+    q, _ = np.linalg.qr(rng.standard_normal((dim, out)))
+    return q.astype(np.float32)
+
+
+def embed_codes(v: np.ndarray, max_bytes: int = MAX_EMBED_BYTES) -> np.ndarray:
+    """An L2-normalised feature vector as at most `max_bytes` int8 codes.
+
+    Why no scale is stored: codes are compared by cosine similarity, which ignores each vector's
+    own scale, so the vector is scaled to use the full int8 range and the scale dropped. Vectors
+    longer than max_bytes are first projected (see _projection).
+    """
+    v = np.asarray(v, dtype=np.float32).reshape(-1)
+    if v.size > max_bytes:
+        v = v @ _projection(v.size, max_bytes)
+    n = float(np.linalg.norm(v))
+    if n == 0:
+        return np.zeros(v.size, np.int8)
+    v = v / n
+    m = float(np.abs(v).max())
+    return np.clip(np.round(v * (127.0 / m)), -127, 127).astype(np.int8)
+
+
+def embed(outputs: list[np.ndarray], max_bytes: int = MAX_EMBED_BYTES) -> dict:
+    codes = embed_codes(outputs[0], max_bytes)
+    return {"dims": int(codes.size), "bytes": int(codes.nbytes), "int8_b64": base64.b64encode(codes.tobytes()).decode()}
+
+
+def decode_embedding(b64: str) -> np.ndarray:
+    """The int8 codes of an `embed` result, L2-normalised as float32 (for nearest-neighbour search)."""
+    v = np.frombuffer(base64.b64decode(b64), dtype=np.int8).astype(np.float32)
+    n = np.linalg.norm(v)
+    return v / n if n else v

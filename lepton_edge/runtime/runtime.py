@@ -1,0 +1,143 @@
+"""`Runtime.load(bundle).predict(frame)`: one model, its preprocessing and its postprocessing.
+
+Why one object: the device needs the manifest's input spec, the labels, the task and an engine
+together; a user's code should not have to know which engine a bundle was made for. A bundle is
+checked (sha256 of every file) before anything of it runs.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lepton_edge.bundle import MANIFEST, Bundle, InputSpec
+from lepton_edge.errors import BadInput
+from lepton_edge.runtime import postprocess as post
+from lepton_edge.runtime.backend import Backend, format_of, get_backend
+from lepton_edge.runtime.preprocess import preprocess
+from lepton_edge.runtime.spec import apply_overrides, guess_task, model_metadata, parse_overrides, spec_from_model
+
+TASKS = ("classify", "detect", "embed", "raw")
+
+
+@dataclass
+class Result:
+    """One frame's output. `output` is task-shaped: top-k list, detections, embedding, or raw arrays."""
+
+    task: str
+    output: Any
+    index: int = 0
+    timestamp: float = 0.0  # wall clock when the frame was captured
+    ms: dict[str, float] = field(default_factory=dict)  # per-stage milliseconds
+    frame: np.ndarray | None = field(default=None, repr=False)  # the source frame (for drawing), not serialised
+
+    def to_dict(self) -> dict:
+        out = self.output
+        if self.task == "raw":
+            out = [np.asarray(o).tolist() for o in out]
+        return {"index": self.index, "ts": round(self.timestamp, 3), "task": self.task, "result": out,
+                "ms": {k: round(v, 3) for k, v in self.ms.items()}}
+
+    def summary(self) -> str:
+        """A short human line: 'T-shirt/top 0.97', '3 objects: person 0.91, ...', 'embedding 128 B'."""
+        if self.task == "classify":
+            return ", ".join(f"{c['label']} {c['score']:.2f}" for c in self.output[:3])
+        if self.task == "detect":
+            head = ", ".join(f"{d['label']} {d['score']:.2f}" for d in self.output[:3])
+            return f"{len(self.output)} object(s)" + (f": {head}" if head else "")
+        if self.task == "embed":
+            return f"embedding {self.output['dims']} dims, {self.output['bytes']} B"
+        return "raw " + " ".join(str(list(np.shape(o))) for o in self.output)
+
+
+class Runtime:
+    """A loaded model: `predict(frame)` = preprocess -> infer -> postprocess."""
+
+    def __init__(self, backend: Backend, spec: InputSpec, task: str, labels: list[str] | None,
+                 bundle: Bundle | None = None, path: Path | None = None, top_k: int = 5,
+                 conf: float = 0.25, iou: float = 0.45):
+        self.backend, self.spec, self.task, self.labels, self.bundle = backend, spec, task, labels, bundle
+        self.path = path
+        self.top_k, self.conf, self.iou = top_k, conf, iou
+        self.infer = backend.run  # the bare engine call: nothing between the user and the engine
+        self._shape = tuple(int(d) for d in spec.shape)
+        self._dtype = np.dtype(spec.dtype)
+
+    @classmethod
+    def load(cls, path: str | Path, *, threads: int | None = None, input_spec: str | dict | None = None,
+             task: str | None = None, labels: list[str] | None = None, verify: bool = True,
+             providers: list[str] | None = None, **post_options) -> "Runtime":
+        """A bundle directory (checked against its manifest), or a plain .onnx/.tflite file."""
+        p = Path(path)
+        if task is not None and task not in TASKS:
+            raise BadInput(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+        overrides = parse_overrides(input_spec)
+        if p.is_dir() or p.name == MANIFEST:
+            bundle = Bundle.load(p.parent if p.name == MANIFEST else p, verify=verify)
+            m = bundle.manifest
+            n = threads or min(int(m.target.get("threads", 1)), os.cpu_count() or 1)
+            backend = get_backend(m.format)(bundle.model_path, n, providers or m.target.get("execution_providers"),
+                                            m.target.get("delegates"))
+            spec = apply_overrides(m.inputs[0], overrides) if overrides else m.inputs[0]
+            rt = cls(backend, spec, task or m.task, labels or bundle.labels, bundle, bundle.path, **post_options)
+        elif p.is_file():
+            backend = get_backend(format_of(p))(p, threads or 1, providers)
+            meta = model_metadata(backend)
+            spec = spec_from_model(backend, overrides, meta)
+            labels = labels or meta.get("labels")
+            rt = cls(backend, spec, task or meta.get("task") or guess_task(backend, labels), labels, None, p,
+                     **post_options)
+        else:
+            raise BadInput(f"not found: {p}")
+        if any(not isinstance(d, int) for d in backend.inputs[0].shape):
+            backend.resize_input(list(rt._shape))
+        return rt
+
+    @property
+    def name(self) -> str:
+        return self.bundle.manifest.name if self.bundle else (self.path.stem if self.path else "model")
+
+    def preprocess(self, frame: np.ndarray) -> np.ndarray:
+        return preprocess(frame, self.spec)
+
+    def postprocess(self, outputs: list[np.ndarray], frame_hw: tuple[int, int] | None = None) -> Any:
+        if self.task == "classify":
+            return post.classify(outputs, self.labels, self.top_k)
+        if self.task == "detect":
+            return post.detect(outputs, self.spec, frame_hw or self.spec.hw(), self.labels, self.conf, self.iou)
+        if self.task == "embed":
+            return post.embed(outputs)
+        return outputs
+
+    def predict(self, frame: np.ndarray) -> Any:
+        """A frame (HxW, HxWxC, any size, BGR as OpenCV reads it) or an already preprocessed
+        input tensor (4-D, the model's shape and dtype) -> the task's result."""
+        if frame.ndim == 4:
+            return self.postprocess(self.infer(frame))
+        return self.postprocess(self.infer(self.preprocess(frame)), frame.shape[:2])
+
+    def timed(self, frame: np.ndarray, index: int = 0, timestamp: float | None = None) -> Result:
+        """predict() with per-stage milliseconds, as the pipeline records them."""
+        t0 = time.perf_counter()
+        x = self.preprocess(frame)
+        t1 = time.perf_counter()
+        y = self.infer(x)
+        t2 = time.perf_counter()
+        out = self.postprocess(y, frame.shape[:2])
+        t3 = time.perf_counter()
+        return Result(self.task, out, index, time.time() if timestamp is None else timestamp,
+                      {"preprocess": (t1 - t0) * 1e3, "inference": (t2 - t1) * 1e3, "postprocess": (t3 - t2) * 1e3},
+                      frame)
+
+    def describe(self) -> dict:
+        """For summaries and the agent's retained `meta` message."""
+        d = {"name": self.name, "task": self.task, "input": self.spec.model_dump(), **self.backend.describe()}
+        if self.bundle:
+            m = self.bundle.manifest
+            d.update(format=m.format, precision=m.precision, target=m.target.get("id"), version=m.version,
+                     sha256=m.files[m.model_file].sha256 if m.model_file in m.files else None)
+        return d

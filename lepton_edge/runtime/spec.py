@@ -1,0 +1,156 @@
+"""Input spec and task for a plain .onnx/.tflite file that is not a bundle.
+
+Why: third-party models arrive without a manifest. Defaults come from the model itself (shape,
+dtype, layout, the input's quantization, Ultralytics-style metadata), and `--input-spec` fills
+in or overrides what a file cannot say (colour order, normalisation, size of dynamic inputs).
+"""
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from lepton_edge.bundle import InputSpec, guess_layout
+from lepton_edge.errors import BadInput
+from lepton_edge.runtime.backend import Backend
+
+DEFAULT_SIZE = 224
+_KEYS = ("layout", "color", "resize", "scale", "mean", "std", "size", "dtype", "name")
+
+
+def _number(text: str) -> float:
+    if "/" in text:
+        a, b = text.split("/", 1)
+        return float(a) / float(b)
+    return float(text)
+
+
+def parse_overrides(text: str | dict | None) -> dict:
+    """`--input-spec`: a JSON file, a JSON object, or 'key=value;key=value' with keys
+    layout, color, resize, scale (e.g. 1/255), mean, std (comma lists), size (HxW), dtype, name."""
+    if text is None or isinstance(text, dict):
+        return dict(text or {})
+    raw = text.strip()
+    if raw.endswith(".json") and Path(raw).is_file():
+        raw = Path(raw).read_text()
+    if raw.startswith("{"):
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise BadInput(f"--input-spec: invalid JSON ({e})") from None
+    out: dict = {}
+    for part in filter(None, (p.strip() for p in raw.replace("\n", ";").split(";"))):
+        key, sep, val = part.partition("=")
+        key = key.strip().lower()
+        if not sep or key not in _KEYS:
+            raise BadInput(f"--input-spec: expected key=value with key one of {', '.join(_KEYS)}, got {part!r}")
+        val = val.strip()
+        try:
+            if key in ("mean", "std"):
+                out[key] = [_number(v) for v in val.split(",")]
+            elif key == "scale":
+                out[key] = _number(val)
+            elif key == "size":
+                h, _, w = val.lower().partition("x")
+                out[key] = (int(h), int(w or h))
+            elif key in ("layout", "color"):
+                out[key] = val.upper()
+            else:
+                out[key] = val
+        except ValueError:
+            raise BadInput(f"--input-spec: bad value for {key}: {val!r}") from None
+    return out
+
+
+def apply_overrides(spec: InputSpec, overrides: dict) -> InputSpec:
+    """A copy of spec with the user's fields; size= rewrites the spatial dims of the shape."""
+    fields = {k: v for k, v in overrides.items() if k != "size"}
+    data = spec.model_dump() | fields
+    if "size" in overrides:
+        h, w = overrides["size"]
+        shape = list(data["shape"])
+        if data["layout"] == "NCHW":
+            shape[2:4] = [h, w]
+        else:
+            shape[1:3] = [h, w]
+        data["shape"] = shape
+    try:
+        return InputSpec.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise BadInput(f"--input-spec: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+
+
+def model_metadata(backend: Backend) -> dict:
+    """Ultralytics-style metadata (imgsz, names, task) where the model carries it."""
+    sess = getattr(backend, "session", None)
+    if sess is None:
+        return {}
+    meta = dict(sess.get_modelmeta().custom_metadata_map)
+    out: dict = {}
+    try:
+        if "imgsz" in meta:
+            sz = ast.literal_eval(meta["imgsz"])
+            out["size"] = (int(sz[0]), int(sz[-1])) if isinstance(sz, (list, tuple)) else (int(sz), int(sz))
+        if "names" in meta:
+            names = ast.literal_eval(meta["names"])
+            out["labels"] = [names[k] for k in sorted(names)] if isinstance(names, dict) else list(names)
+    except (ValueError, SyntaxError, TypeError, KeyError):
+        pass
+    if meta.get("task") in ("classify", "detect"):
+        out["task"] = meta["task"]
+    return out
+
+
+def spec_from_model(backend: Backend, overrides: dict, meta: dict) -> InputSpec:
+    """An InputSpec for the first input of a plain model: what it says, then the user's overrides."""
+    if len(backend.inputs) != 1:
+        names = ", ".join(i.name for i in backend.inputs)
+        raise BadInput(f"the model has {len(backend.inputs)} inputs ({names}); `run` feeds one image input")
+    inp = backend.inputs[0]
+    shape = list(inp.shape)
+    if len(shape) == 3:  # [H, W, C] or [C, H, W] without batch
+        shape = [1] + shape
+    if len(shape) != 4:
+        raise BadInput(f"input '{inp.name}' has shape {inp.shape}: not an image; `run` feeds images")
+    if not isinstance(shape[0], int):
+        shape[0] = 1
+    layout = overrides.get("layout") or guess_layout(shape)
+    if layout is None:
+        raise BadInput(f"cannot tell the layout of input '{inp.name}' {inp.shape}: pass --input-spec layout=NCHW "
+                       "or layout=NHWC")
+    c = shape[1] if layout == "NCHW" else shape[3]
+    hw = [1, 2] if layout == "NHWC" else [2, 3]
+    size = overrides.get("size") or meta.get("size")
+    for j, i in enumerate(hw):
+        if not isinstance(shape[i], int):
+            shape[i] = size[j] if size else DEFAULT_SIZE
+    if not isinstance(c, int):
+        c = 3
+        shape[1 if layout == "NCHW" else 3] = c
+    integer = inp.dtype in ("uint8", "int8")
+    spec = InputSpec(name=inp.name, shape=shape, dtype=inp.dtype, layout=layout,
+                     color="GRAY" if c == 1 else "RGB", quantization=inp.quantization,
+                     # a uint8 input with no quantization takes raw pixels
+                     scale=1.0 if integer and inp.quantization is None else 1 / 255.0)
+    return apply_overrides(spec, overrides)
+
+
+def guess_task(backend: Backend, labels: list[str] | None) -> str:
+    """classify for one [1, K] output; detect for SSD- or YOLO-shaped outputs; else raw."""
+    outs = backend.outputs
+    dims = [[d for d in o.shape] for o in outs]
+    if len(outs) == 1:
+        d = [v for v in dims[0] if v != 1]
+        if len(d) == 1:
+            return "classify"
+        if len(dims[0]) == 3 and all(isinstance(v, int) for v in dims[0][1:]):
+            small, big = sorted(dims[0][1:])
+            if small >= 5 and big >= 100 and big > 4 * small:
+                return "detect"
+        return "raw"
+    if any(len(s) >= 2 and s[-1] == 4 for s in dims):
+        return "detect"
+    return "raw"

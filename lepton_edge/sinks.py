@@ -1,0 +1,126 @@
+"""Where results go: a rate-limited console line, JSON lines, an annotated video, a window.
+
+Why rate-limited: a classifier at 2000 fps would otherwise spend its time printing; one line a
+second says what is happening, and --jsonl keeps every result for whoever needs all of them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from lepton_edge.errors import BadInput
+from lepton_edge.runtime import Result
+
+
+class ConsoleLines:
+    def __init__(self, console, every_s: float = 1.0, stats=None):
+        self.console, self.every_s, self.stats = console, every_s, stats
+        self._last = 0.0
+
+    def write(self, r: Result) -> None:
+        now = time.monotonic()
+        if now - self._last < self.every_s:
+            return
+        self._last = now
+        fps = self.stats.fps() if self.stats else None
+        rate = f" [dim]{fps:.1f} fps[/]" if fps else ""
+        self.console.print(f"#{r.index:<6} {r.summary()}{rate}", highlight=False)
+
+    def close(self) -> None:
+        pass
+
+
+class JsonLines:
+    def __init__(self, path: Path):
+        try:
+            self.f = open(path, "w", buffering=1 << 16)
+        except OSError as e:
+            raise BadInput(f"cannot write {path}: {e.strerror}") from None
+
+    def write(self, r: Result) -> None:
+        d = r.to_dict()
+        if getattr(r, "path", None):
+            d["path"] = r.path
+        self.f.write(json.dumps(d, separators=(",", ":")) + "\n")
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def annotate(frame: np.ndarray, r: Result) -> np.ndarray:
+    """A copy of the frame with the result drawn on it (labels, boxes)."""
+    import cv2
+
+    img = frame.copy() if frame.ndim == 3 else cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR)
+    if img.shape[2] == 4:
+        img = cv2.cvtColor(img, cv2.COLOR_BGRA2BGR)
+    scale = max(0.35, min(img.shape[:2]) / 640)
+    th = max(1, round(scale * 2))
+    if r.task == "detect":
+        for d in r.output:
+            x1, y1, x2, y2 = (int(v) for v in d["box"])
+            cv2.rectangle(img, (x1, y1), (x2, y2), (0, 255, 0), th)
+            cv2.putText(img, f"{d['label']} {d['score']:.2f}", (x1, max(12, y1 - 4)), cv2.FONT_HERSHEY_SIMPLEX,
+                        scale, (0, 255, 0), th)
+    else:
+        text = r.summary().split(",")[0]
+        cv2.putText(img, text, (4, max(12, int(24 * scale))), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 255, 0), th)
+    return img
+
+
+class VideoOut:
+    """An annotated copy of the stream; the codec follows the suffix (.mp4 mp4v, .avi MJPG)."""
+
+    def __init__(self, path: Path, fps: float | None):
+        self.path, self.fps, self.writer = Path(path), fps or 25.0, None
+        if self.path.suffix.lower() not in (".mp4", ".avi", ".mkv", ".mov"):
+            raise BadInput(f"--save {path}: use a .mp4, .avi, .mkv or .mov file name")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, r: Result) -> None:
+        import cv2
+
+        img = annotate(r.frame, r)
+        if self.writer is None:
+            fourcc = cv2.VideoWriter_fourcc(*("MJPG" if self.path.suffix.lower() == ".avi" else "mp4v"))
+            self.writer = cv2.VideoWriter(str(self.path), fourcc, self.fps, (img.shape[1], img.shape[0]))
+            if not self.writer.isOpened():
+                raise BadInput(f"cannot write video {self.path}")
+            self.size = (img.shape[1], img.shape[0])
+        if (img.shape[1], img.shape[0]) != self.size:  # streams may change resolution after a reconnect
+            img = cv2.resize(img, self.size)
+        self.writer.write(img)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.release()
+
+
+def display_available() -> bool:
+    """A window only where there is a display and OpenCV was built with a GUI (not -headless)."""
+    if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") or os.name == "nt"):
+        return False
+    import cv2
+
+    return "GUI" in cv2.getBuildInformation() and "NONE" not in cv2.getBuildInformation().split("GUI:")[1][:40]
+
+
+class Window:
+    def __init__(self, title: str):
+        self.title = title
+
+    def write(self, r: Result) -> None:
+        import cv2
+
+        cv2.imshow(self.title, annotate(r.frame, r))
+        if cv2.waitKey(1) & 0xFF in (27, ord("q")):
+            raise KeyboardInterrupt
+
+    def close(self) -> None:
+        import cv2
+
+        cv2.destroyAllWindows()
