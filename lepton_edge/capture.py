@@ -32,6 +32,7 @@ _quieted = False
 
 
 def _cv2():
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # FFmpeg's own per-packet complaints, before import
     import cv2
 
     global _quieted
@@ -47,6 +48,7 @@ class Frame:
     index: int  # frames delivered by this source so far (0-based)
     timestamp: float  # wall clock when it was captured
     capture_ms: float  # time the consumer waited for it
+    path: str | None = None  # image sources: the file
 
 
 class Source:
@@ -113,7 +115,7 @@ class ImageFiles(Source):
                 self.corrupt += 1
                 continue
             f = self._frame(img, t0)
-            f.path = str(path)  # type: ignore[attr-defined]
+            f.path = str(path)
             return f
         return None
 

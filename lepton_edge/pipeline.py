@@ -91,7 +91,7 @@ class Pipeline:
                 st.add(**ms)
                 st.dropped, st.corrupt = self.source.dropped, self.source.corrupt + self.bad_frames
                 n += 1
-                yield Result(rt.task, out, frame.index, frame.timestamp, ms, frame.image)
+                yield Result(rt.task, out, frame.index, frame.timestamp, ms, frame.image, frame.path)
         finally:
             self._stop.set()
             deadline = time.monotonic() + 5

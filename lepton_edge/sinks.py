@@ -42,10 +42,7 @@ class JsonLines:
             raise BadInput(f"cannot write {path}: {e.strerror}") from None
 
     def write(self, r: Result) -> None:
-        d = r.to_dict()
-        if getattr(r, "path", None):
-            d["path"] = r.path
-        self.f.write(json.dumps(d, separators=(",", ":")) + "\n")
+        self.f.write(json.dumps(r.to_dict(), separators=(",", ":")) + "\n")
 
     def close(self) -> None:
         self.f.close()

@@ -52,3 +52,46 @@ def int8_bundle(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("out")
     return lepton_edge.export("zoo:fashion-cnn", target="x86-cpu", out=out, eval_limit=3000)
+
+
+@pytest.fixture(scope="session")
+def rpi4_bundle(tmp_path_factory):
+    """zoo:fashion-cnn for rpi4: full-int8 TFLite, NHWC."""
+    import lepton_edge
+
+    return lepton_edge.export("zoo:fashion-cnn", target="rpi4", out=tmp_path_factory.mktemp("tfl"), eval_limit=3000)
+
+
+@pytest.fixture(scope="session")
+def tflite_nchw_bundle(tmp_path_factory):
+    """TFLite fp32 with an NCHW input (the layout the ARM profiles do not choose)."""
+    import lepton_edge
+
+    return lepton_edge.export("zoo:fashion-cnn", target="x86-cpu", format="tflite", precision="fp32",
+                              out=tmp_path_factory.mktemp("tfl-nchw"), eval_limit=3000)
+
+
+@pytest.fixture(scope="session")
+def onnx_nhwc_bundle(tmp_path_factory):
+    """ONNX fp32 with an NHWC input."""
+    import lepton_edge
+
+    return lepton_edge.export("zoo:fashion-cnn", target="x86-cpu", precision="fp32", layout="NHWC",
+                              out=tmp_path_factory.mktemp("onnx-nhwc"), eval_limit=3000)
+
+
+@pytest.fixture(scope="session")
+def fashion_video(tmp_path_factory, fashion):
+    """The first 3000 Fashion-MNIST test images as a lossless video (FFV1), upscaled 2x like a camera would
+    see them; (path, labels)."""
+    import cv2
+
+    x, y = fashion
+    n = 3000
+    path = tmp_path_factory.mktemp("video") / "fashion.avi"
+    w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"FFV1"), 30, (56, 56), False)
+    assert w.isOpened()
+    for i in range(n):
+        w.write(cv2.resize(x[i], (56, 56), interpolation=cv2.INTER_NEAREST))
+    w.release()
+    return path, y[:n]

@@ -22,9 +22,28 @@ def test_wheel_layout(tmp_path):
     assert "lepton-edge = lepton_edge.cli:main" in entry
 
 
-def test_device_side_imports_no_torch():
-    code = ("import sys, lepton_edge, lepton_edge.bundle, lepton_edge.runtime.preprocess, lepton_edge.targets;"
-            "bad = [m for m in ('torch', 'tensorflow', 'onnx', 'litert_torch') if m in sys.modules];"
+DEVICE_MODULES = ("lepton_edge", "lepton_edge.bundle", "lepton_edge.targets", "lepton_edge.runtime",
+                  "lepton_edge.runtime.onnx", "lepton_edge.runtime.litert", "lepton_edge.runtime.preprocess",
+                  "lepton_edge.runtime.postprocess", "lepton_edge.capture", "lepton_edge.pipeline",
+                  "lepton_edge.stats", "lepton_edge.sinks", "lepton_edge.bench")
+HEAVY = ("torch", "tensorflow", "onnx", "litert_torch", "lepton_edge.exporters", "lepton_edge.compress",
+         "lepton_edge.zoo")
+
+
+def test_device_side_imports_no_torch(int8_bundle, rpi4_bundle, fashion_video):
+    """Importing the device modules, and running both backends through the pipeline, bench and the
+    sinks, loads neither torch nor TensorFlow nor anything of the workstation side."""
+    video, _ = fashion_video
+    code = (f"import sys, importlib\n"
+            f"for m in {DEVICE_MODULES!r}: importlib.import_module(m)\n"
+            "from lepton_edge.pipeline import Pipeline\n"
+            "from lepton_edge import bench, sinks\n"
+            f"for b in ({str(int8_bundle.bundle.path)!r}, {str(rpi4_bundle.bundle.path)!r}):\n"
+            f"    p = Pipeline({str(video)!r}, b, max_frames=20)\n"
+            "    rs = list(p); p.close(); assert len(rs) == 20\n"
+            "    sinks.annotate(rs[0].frame, rs[0])\n"
+            "    bench.table([bench.measure(b, 1, 5, 1)], 't')\n"
+            f"bad = [m for m in sys.modules if m.split('.')[0] in {HEAVY!r} or m.startswith({HEAVY[-3:]!r})]\n"
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr

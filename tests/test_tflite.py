@@ -14,11 +14,6 @@ from lepton_edge.runtime.litert_loader import load_interpreter
 from lepton_edge.runtime.preprocess import preprocess
 
 
-@pytest.fixture(scope="module")
-def rpi4_bundle(tmp_path_factory):
-    return lepton_edge.export("zoo:fashion-cnn", target="rpi4", out=tmp_path_factory.mktemp("tfl"), eval_limit=3000)
-
-
 def test_rpi4_default_is_full_int8_tflite_nhwc(rpi4_bundle, fashion):
     m = rpi4_bundle.manifest
     assert (m.format, m.precision, m.model_file) == ("tflite", "int8", "model.tflite")
@@ -67,10 +62,10 @@ def test_int8_io_for_integer_only_accelerators(tmp_path, fashion):
     assert r.returncode == 2 and "--int8-io" in r.stderr
 
 
-def test_fp32_fp16_and_nchw(tmp_path):
-    kw = dict(target="x86-cpu", format="tflite", out=tmp_path, eval_limit=1000)
-    fp32 = lepton_edge.export("zoo:fashion-cnn", precision="fp32", **kw)
-    fp16 = lepton_edge.export("zoo:fashion-cnn", precision="fp16", layout="NHWC", **kw)
+def test_fp32_fp16_and_nchw(tmp_path, tflite_nchw_bundle):
+    fp32 = tflite_nchw_bundle
+    fp16 = lepton_edge.export("zoo:fashion-cnn", target="x86-cpu", format="tflite", out=tmp_path, eval_limit=1000,
+                              precision="fp16", layout="NHWC")
     assert fp32.manifest.inputs[0].layout == "NCHW" and fp16.manifest.inputs[0].layout == "NHWC"
     assert fp32.manifest.validation["top1_agreement"] == 1.0
     assert fp16.manifest.validation["top1_agreement"] >= 0.995

@@ -115,7 +115,7 @@ def _yolo(out: np.ndarray, num_labels: int | None) -> tuple[np.ndarray, np.ndarr
         a = a[0]
     if a.ndim != 2 or min(a.shape) < 5:
         return None
-    if a.shape[0] < a.shape[1]:  # [4+nc, N]
+    if (num_labels is not None and a.shape[0] == 4 + num_labels) or a.shape[0] < a.shape[1]:  # [4+nc, N]
         a, objectness = a.T, False
     else:  # [N, C]: v5 has objectness unless the labels say 4+nc
         objectness = not (num_labels is not None and a.shape[1] - 4 == num_labels)

@@ -34,13 +34,17 @@ class Result:
     timestamp: float = 0.0  # wall clock when the frame was captured
     ms: dict[str, float] = field(default_factory=dict)  # per-stage milliseconds
     frame: np.ndarray | None = field(default=None, repr=False)  # the source frame (for drawing), not serialised
+    path: str | None = None  # the image file the frame came from, for image folders
 
     def to_dict(self) -> dict:
         out = self.output
         if self.task == "raw":
             out = [np.asarray(o).tolist() for o in out]
-        return {"index": self.index, "ts": round(self.timestamp, 3), "task": self.task, "result": out,
-                "ms": {k: round(v, 3) for k, v in self.ms.items()}}
+        d = {"index": self.index, "ts": round(self.timestamp, 3), "task": self.task, "result": out,
+             "ms": {k: round(v, 3) for k, v in self.ms.items()}}
+        if self.path:
+            d["path"] = self.path
+        return d
 
     def summary(self) -> str:
         """A short human line: 'T-shirt/top 0.97', '3 objects: person 0.91, ...', 'embedding 128 B'."""

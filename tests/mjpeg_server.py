@@ -1,0 +1,74 @@
+"""A real live stream for tests: MJPEG over HTTP (multipart/x-mixed-replace), as IP cameras serve it.
+
+It can be stopped (every open connection is closed, as when a camera reboots) and started again
+on the same port, so reconnect behaviour is tested against a real network stream and FFmpeg.
+"""
+from __future__ import annotations
+
+import http.server
+import socket
+import socketserver
+import threading
+import time
+
+import numpy as np
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class MjpegServer:
+    def __init__(self, frames: list[np.ndarray], fps: float = 50.0, port: int | None = None):
+        self.frames, self.fps, self.port = frames, fps, port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}/stream.mjpg"
+        self.sent = 0
+        self._run = threading.Event()
+        self._srv = None
+
+    def _handler(self):
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                import cv2
+
+                self.send_response(200)
+                self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+                self.end_headers()
+                i = 0
+                try:
+                    while owner._run.is_set():
+                        ok, buf = cv2.imencode(".jpg", owner.frames[i % len(owner.frames)], [cv2.IMWRITE_JPEG_QUALITY, 95])
+                        self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n"
+                                         % len(buf) + buf.tobytes() + b"\r\n")
+                        owner.sent += 1
+                        i += 1
+                        time.sleep(1 / owner.fps)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        return Handler
+
+    def start(self) -> "MjpegServer":
+        self._run.set()
+        self._srv = _Server(("127.0.0.1", self.port), self._handler())
+        threading.Thread(target=self._srv.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._run.clear()
+        if self._srv is not None:
+            self._srv.shutdown()
+            self._srv.server_close()
+            self._srv = None
