@@ -63,6 +63,8 @@ def evaluation(src, eval_set, eval_limit: int | None):
     if data is None:
         return None, None, None
     x, y = data
+    if not src.zoo.labelled:  # features, not classes: the labels say nothing about the outputs
+        y = None
     if eval_limit:
         x, y = x[:eval_limit], (y[:eval_limit] if y is not None else None)
     return preprocess_batch(list(x), src.input_spec), y, f"zoo:{src.zoo.name} test split"

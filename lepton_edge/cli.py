@@ -239,7 +239,8 @@ def run(
     save: Optional[Path] = typer.Option(None, "--save", help="Write an annotated video (.mp4, .avi, .mkv)."),
     jsonl: Optional[str] = typer.Option(None, "--jsonl", help="Write every result as a JSON line ('-': stdout)."),
     max_frames: Optional[int] = typer.Option(None, "--max-frames", "-n", min=1, help="Stop after this many frames."),
-    threads: Optional[int] = typer.Option(None, min=1, help="Inference threads (default: the bundle's target)."),
+    threads: Optional[int] = typer.Option(None, min=1, help="Inference threads (default: the bundle's target's, "
+                                          "leaving one core of this machine to capture)."),
     input_spec: Optional[str] = typer.Option(None, "--input-spec", help="For plain models, or to override: "
                                              "'layout=NHWC;color=BGR;size=320x320;scale=1/255;mean=..;std=..' "
                                              "or a JSON file."),
@@ -260,7 +261,8 @@ def run(
     from lepton_edge.pipeline import Pipeline
     from lepton_edge.runtime import Runtime
 
-    rt = Runtime.load(model, threads=threads, input_spec=input_spec, task=task, top_k=top_k, conf=conf, iou=iou)
+    rt = Runtime.load(model, threads=threads, input_spec=input_spec, task=task, top_k=top_k, conf=conf, iou=iou,
+                      leave_cores=1)
     src = open_source(source)
     lines_to = ui.err if (as_json or jsonl == "-") else out
     pipe = Pipeline(src, rt, max_frames=max_frames)

@@ -29,6 +29,8 @@ class Pipeline:
 
     def __init__(self, source: Source | str | int, model: Runtime | str | Path, *, max_frames: int | None = None,
                  window: int = 1024, **load_options):
+        if not isinstance(model, Runtime):
+            load_options.setdefault("leave_cores", 1)
         self.runtime = model if isinstance(model, Runtime) else Runtime.load(model, **load_options)
         self.source = source if isinstance(source, Source) else open_source(source)
         self.max_frames = max_frames

@@ -74,8 +74,12 @@ class Runtime:
     @classmethod
     def load(cls, path: str | Path, *, threads: int | None = None, input_spec: str | dict | None = None,
              task: str | None = None, labels: list[str] | None = None, verify: bool = True,
-             providers: list[str] | None = None, **post_options) -> "Runtime":
-        """A bundle directory (checked against its manifest), or a plain .onnx/.tflite file."""
+             providers: list[str] | None = None, leave_cores: int = 0, **post_options) -> "Runtime":
+        """A bundle directory (checked against its manifest), or a plain .onnx/.tflite file.
+
+        threads: default the target profile's, capped at this machine's cores less `leave_cores`
+        (the pipeline leaves one to capture and preprocessing: an engine that wants every core
+        and a decoder that needs one only slow each other down)."""
         p = Path(path)
         if task is not None and task not in TASKS:
             raise BadInput(f"task must be one of {', '.join(TASKS)}, got {task!r}")
@@ -83,7 +87,7 @@ class Runtime:
         if p.is_dir() or p.name == MANIFEST:
             bundle = Bundle.load(p.parent if p.name == MANIFEST else p, verify=verify)
             m = bundle.manifest
-            n = threads or min(int(m.target.get("threads", 1)), os.cpu_count() or 1)
+            n = threads or max(1, min(int(m.target.get("threads", 1)), (os.cpu_count() or 1) - leave_cores))
             backend = get_backend(m.format)(bundle.model_path, n, providers or m.target.get("execution_providers"),
                                             m.target.get("delegates"))
             spec = apply_overrides(m.inputs[0], overrides) if overrides else m.inputs[0]

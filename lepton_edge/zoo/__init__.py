@@ -74,6 +74,12 @@ def _fashion_cnn():
     return FashionCNN()
 
 
+def _fashion_embedder():
+    from lepton_edge.zoo.fashion_cnn import FashionEmbedder
+
+    return FashionEmbedder()
+
+
 def _mnv2():
     from lepton_edge.zoo.mobilenetv2 import MobileNetV2
 
@@ -94,6 +100,11 @@ MODELS: dict[str, ZooModel] = {
             _fashion_cnn, (28, 28), "GRAY", [FASHION_MEAN], [FASHION_STD],
             weights="fashion-cnn.pt", labels=FASHION_LABELS, dataset="fashion-mnist",
             train={"epochs": 4, "lr": 0.05, "batch": 128},
+        ),
+        ZooModel(
+            "fashion-cnn-embed", "the demo classifier's 128-d features as an embedding model (task embed)",
+            _fashion_embedder, (28, 28), "GRAY", [FASHION_MEAN], [FASHION_STD],
+            weights="fashion-cnn.pt", dataset="fashion-mnist", labelled=False, task="embed",
         ),
         ZooModel(
             "mobilenetv2-fashion", "narrow MobileNetV2 (width 0.5) trained on Fashion-MNIST; depthwise convs, int8 < 1 MB",

@@ -26,3 +26,11 @@ class FashionCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
+
+
+class FashionEmbedder(FashionCNN):
+    """The demo classifier's 128-d pooled convolutional features (the head is left unused): an
+    embedding model for the compact-feature path, with the classifier's trained weights."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.features(x), 1)
