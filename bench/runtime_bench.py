@@ -182,8 +182,8 @@ def compact_features(out: Path, gallery_n: int | None) -> tuple[str, list[str], 
     rows = [["fashion-cnn-embed fp32 features", f"{g32.shape[1] * 4} B", f"{acc32:.4f}", "-", "-"],
             ["fashion-cnn-embed int8 codes (`task embed`)", f"{size} B", f"{acc8:.4f}", f"{drop:+.2f}",
              "PASS" if abs(drop) <= 1.0 and size <= 256 else "FAIL"],
-            [f"HOG ({hog.basis.shape[0] if hog.basis is not None else 0} of "
-             f"{hog.hog.getDescriptorSize()} PCA dims) int8 codes", f"{hog.basis.shape[0]} B",
+            [f"HOG ({hog.basis.shape[0]} of "
+             f"{hog.descriptor_size} PCA dims) int8 codes", f"{hog.basis.shape[0]} B",
              f"{acc_hog:.4f}", f"{100 * (acc32 - acc_hog):+.2f}", "reported"]]
     return (f"Compact features: nearest-neighbour top-1 on the Fashion-MNIST test set (10,000 queries, gallery of "
             f"{len(xtr):,} training images, cosine)",

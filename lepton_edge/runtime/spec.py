@@ -27,17 +27,27 @@ def _number(text: str) -> float:
     return float(text)
 
 
+_CHOICES = {"layout": ("NCHW", "NHWC"), "color": ("RGB", "BGR", "GRAY"), "resize": ("stretch", "letterbox", "center_crop")}
+
+
+def _checked(out: dict) -> dict:
+    for key, allowed in _CHOICES.items():
+        if key in out and out[key] not in allowed:
+            raise BadInput(f"--input-spec: {key} must be one of {', '.join(allowed)}, got {out[key]!r}")
+    return out
+
+
 def parse_overrides(text: str | dict | None) -> dict:
     """`--input-spec`: a JSON file, a JSON object, or 'key=value;key=value' with keys
     layout, color, resize, scale (e.g. 1/255), mean, std (comma lists), size (HxW), dtype, name."""
     if text is None or isinstance(text, dict):
-        return dict(text or {})
+        return _checked(dict(text or {}))
     raw = text.strip()
     if raw.endswith(".json") and Path(raw).is_file():
         raw = Path(raw).read_text()
     if raw.startswith("{"):
         try:
-            return json.loads(raw)
+            return _checked(json.loads(raw))
         except json.JSONDecodeError as e:
             raise BadInput(f"--input-spec: invalid JSON ({e})") from None
     out: dict = {}
@@ -61,7 +71,7 @@ def parse_overrides(text: str | dict | None) -> dict:
                 out[key] = val
         except ValueError:
             raise BadInput(f"--input-spec: bad value for {key}: {val!r}") from None
-    return out
+    return _checked(out)
 
 
 def apply_overrides(spec: InputSpec, overrides: dict) -> InputSpec:
@@ -151,6 +161,9 @@ def guess_task(backend: Backend, labels: list[str] | None) -> str:
             if small >= 5 and big >= 100 and big > 4 * small:
                 return "detect"
         return "raw"
-    if any(len(s) >= 2 and s[-1] == 4 for s in dims):
-        return "detect"
+    for i, s in enumerate(dims):  # SSD-style: boxes [.., N, 4] beside per-box vectors [.., N]
+        if len(s) >= 2 and s[-1] == 4 and isinstance(s[-2], int) and s[-2] > 1:
+            n = s[-2]
+            if sum(1 for j, o in enumerate(dims) if j != i and [v for v in o if v != 1] == [n]) >= 2:
+                return "detect"
     return "raw"

@@ -1,0 +1,111 @@
+"""Plain model files the project did not make: dynamic shapes, NHWC, several outputs, a
+YOLO-shaped detector; and `bench` over bundles and thread counts."""
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli
+from lepton_edge.runtime import Runtime
+
+
+class TwoHeads(torch.nn.Module):
+    """Dynamic batch and spatial size; a class head and a feature map."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        f = torch.relu(self.conv(x))
+        return self.fc(f.mean((2, 3))), f
+
+
+class BrightSpotDetector(torch.nn.Module):
+    """YOLOv8-shaped output [1, 4+nc, N] over a 4x4 grid of 16x16 cells on a 64x64 input: each
+    cell is a candidate box, class 0 scored by the cell's brightness (a real, if simple, detector)."""
+
+    def forward(self, x):
+        cells = torch.nn.functional.avg_pool2d(x.mean(1, keepdim=True), 16).flatten(1)  # [1, 16]
+        idx = torch.arange(16, dtype=torch.float32)
+        cx, cy = (idx % 4) * 16 + 8, torch.div(idx, 4, rounding_mode="floor") * 16 + 8
+        wh = torch.full((16,), 16.0)
+        boxes = torch.stack([cx, cy, wh, wh])[None].expand(x.shape[0], 4, 16)
+        scores = torch.stack([cells, 1 - cells], 1)  # [1, 2, 16]
+        return torch.cat([boxes, scores], 1)
+
+
+def _onnx(module, path, shape, dynamic=None, names=("input",), outputs=("out",)):
+    torch.onnx.export(module.eval(), torch.zeros(shape), str(path), input_names=list(names),
+                      output_names=list(outputs), dynamic_axes=dynamic, dynamo=False)
+    return path
+
+
+def test_dynamic_shape_model_with_two_outputs(tmp_path):
+    path = _onnx(TwoHeads(), tmp_path / "dyn.onnx", (1, 3, 32, 32),
+                 {"input": {0: "batch", 2: "h", 3: "w"}}, outputs=("logits", "features"))
+    rt = Runtime.load(path)
+    assert rt.spec.shape == [1, 3, 224, 224] and rt.task == "raw"  # dynamic size: the default, said in the spec
+    outs = rt.predict(np.zeros((480, 640, 3), np.uint8))
+    assert [list(o.shape) for o in outs] == [[1, 4], [1, 8, 224, 224]]
+    rt = Runtime.load(path, input_spec="size=96x128;color=BGR", task="classify")
+    assert rt.spec.hw() == (96, 128) and len(rt.predict(np.zeros((50, 50, 3), np.uint8))) == 4
+
+
+def test_nhwc_model_and_input_spec_errors(tmp_path):
+    class Nhwc(torch.nn.Module):
+        def forward(self, x):  # [1, H, W, 3] -> class scores from the colour means
+            return torch.softmax(x.mean((1, 2)) * 10, 1)
+
+    path = _onnx(Nhwc(), tmp_path / "nhwc.onnx", (1, 48, 64, 3))
+    rt = Runtime.load(path)
+    assert (rt.spec.layout, rt.spec.hw(), rt.task) == ("NHWC", (48, 64), "classify")
+    red = np.zeros((100, 100, 3), np.uint8)
+    red[:, :, 2] = 255  # BGR red; the default colour order for a plain model is RGB
+    assert rt.predict(red)[0]["index"] == 0
+    assert Runtime.load(path, input_spec="color=BGR").predict(red)[0]["index"] == 2
+    for bad, words in [("colour=RGB", "key one of"), ("scale=abc", "bad value for scale"),
+                       ("layout=NCWH", "layout"), ("{bad json", "invalid JSON")]:
+        r = run_cli("run", str(path), "--source", "0", "--input-spec", bad)
+        assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, (bad, r.stderr)
+
+
+def test_yolo_shaped_detector_end_to_end(tmp_path):
+    path = _onnx(BrightSpotDetector(), tmp_path / "det.onnx", (1, 3, 64, 64))
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    img = np.zeros((128, 256, 3), np.uint8)  # letterboxed into 64x64: scale 0.25, 16 px bars
+    img[0:64, 192:256] = 255  # a bright patch filling the top-right cell
+    cv2.imwrite(str(frames / "a.png"), img)
+    jl = tmp_path / "d.jsonl"
+    r = run_cli("run", str(path), "--source", str(frames), "--task", "detect", "--conf", "0.5",
+                "--input-spec", "resize=letterbox", "--jsonl", str(jl), "--save", str(tmp_path / "d.avi"))
+    assert r.returncode == 0, r.stderr
+    (res,) = [json.loads(line) for line in jl.read_text().splitlines()]
+    dets = [d for d in res["result"] if d["class"] == 0]
+    assert len(dets) == 1 and dets[0]["score"] > 0.9
+    assert dets[0]["box"] == [192.0, 0.0, 256.0, 64.0]  # the patch, in frame pixels
+    assert (tmp_path / "d.avi").stat().st_size > 0
+
+
+def test_bench_table_and_json(int8_bundle, rpi4_bundle):
+    r = run_cli("bench", str(int8_bundle.bundle.path), str(rpi4_bundle.bundle.path), "--threads", "1,2",
+                "--runs", "40", "--warmup", "5", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert [(row["format"], row["threads"]) for row in rows] == [("onnx", 1), ("onnx", 2), ("tflite", 1),
+                                                                  ("tflite", 2)]
+    for row in rows:
+        inf = row["latency_ms"]["inference"]
+        assert inf["n"] == 40 and 0 < inf["p50"] <= inf["p95"] <= inf["p99"] <= inf["max"]
+        assert row["latency_ms"]["preprocess"]["p50"] > 0 and row["throughput_fps"] > 0
+        assert 20e6 < row["peak_rss_bytes"] < 2e9
+    r = run_cli("bench", str(int8_bundle.bundle.path), "--runs", "20")
+    assert r.returncode == 0 and "inference" in r.stdout and "fashion-cnn-x86-cpu" in r.stdout and "MiB" in r.stdout
+    r = run_cli("bench", str(int8_bundle.bundle.path), "--threads", "two")
+    assert r.returncode == 2 and "--threads" in r.stderr
