@@ -296,7 +296,14 @@ def write(path: Path, started: float) -> None:
               "- Accuracy figures use the zoo models the project trains itself (lepton_edge/zoo/train.py).",
               "- TFLite int8 MobileNetV2 misses 0.27x: the TFLite schema stores a float32 scale and an int64 zero",
               "  point per output channel for every per-channel weight and bias (0.42 MB here, all zero points 0),",
-              "  and the interpreter refuses fewer zero points than scales. ONNX stores them as int8 (0.265x).", ""]
+              "  and the interpreter refuses fewer zero points than scales. ONNX stores them as int8 (0.265x).",
+              "- Runtime overhead: the gated figure is `Runtime.predict` returning the raw outputs, the same work as",
+              "  the bare call; top-5 classification with labels costs the few microseconds shown beside it, which",
+              "  the bare call does not do at all.",
+              "- Pipeline: gated for MobileNetV2 at the pipeline's default thread count (this machine's cores less",
+              "  one, left to capture). Two inference threads plus the capture thread oversubscribe two cores. The",
+              "  demo classifier is reported only: at 640x480 its preprocessing (~0.25 ms) costs more than its",
+              "  inference (~0.08 ms) and nearly as much as decoding, and neither baseline includes it.", ""]
     path.write_text("\n".join(lines))
 
 

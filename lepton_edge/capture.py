@@ -175,7 +175,10 @@ class LiveSource(Source):
         self.last_error: str | None = None
         self.cap = self._open()
         if self.cap is None:
-            raise BadInput(f"cannot open {kind} {spec!r}" + (f" ({self.last_error})" if self.last_error else ""))
+            why = self.last_error
+            if kind == "gstreamer" and not _has_gstreamer():
+                why = "this OpenCV was built without GStreamer; use the distribution's python3-opencv"
+            raise BadInput(f"cannot open {kind} {spec!r}" + (f" ({why})" if why else ""))
         self.connected = True
         self.fps = self.cap.get(_cv2().CAP_PROP_FPS) or None
         self._thread = threading.Thread(target=self._reader, name=f"capture:{spec}", daemon=True)
@@ -255,6 +258,12 @@ class LiveSource(Source):
 
     def status(self) -> dict:
         return super().status() | {"connected": self.connected}
+
+
+def _has_gstreamer() -> bool:
+    info = _cv2().getBuildInformation()
+    line = next((ln for ln in info.splitlines() if "GStreamer" in ln), "")
+    return "YES" in line
 
 
 def _image_files(spec: str) -> list[Path] | None:
