@@ -125,9 +125,10 @@ class VideoFile(Source):
 
     kind = "video"
 
-    def __init__(self, spec: str):
+    def __init__(self, spec: str, loop: bool = False):
         super().__init__(spec)
         cv2 = _cv2()
+        self.loop = loop  # start again at the end (a device agent demonstrating on a recorded clip)
         self.cap = cv2.VideoCapture(spec)
         if not self.cap.isOpened():
             raise BadInput(f"cannot open video {spec!r} (unreadable, or a codec OpenCV lacks)")
@@ -144,6 +145,10 @@ class VideoFile(Source):
             if ok and img is not None:
                 return self._frame(img, t0)
             if self.total is None or self._pos >= self.total:
+                if self.loop and self.captured:
+                    self.cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
+                    self._pos = 0
+                    continue
                 return None
             self.corrupt += 1  # a bad packet mid-file: skip it
             if self.corrupt > 1000 and self.captured == 0:
@@ -278,7 +283,7 @@ def _image_files(spec: str) -> list[Path] | None:
     return None
 
 
-def open_source(spec: str | int, max_backoff: float = 10.0) -> Source:
+def open_source(spec: str | int, max_backoff: float = 10.0, loop: bool = False) -> Source:
     """Pick the reader from the spec: '0' (camera index), 'rtsp://...' or 'http://...' (stream),
     a GStreamer pipeline ('... ! appsink'), a directory, a glob or an image (images), else a video file."""
     cv2 = _cv2()
@@ -305,4 +310,4 @@ def open_source(spec: str | int, max_backoff: float = 10.0) -> Source:
                        "or an rtsp:// / http:// URL)")
     if Path(s).is_file() and Path(s).stat().st_size == 0:
         raise BadInput(f"cannot open video {s!r}: the file is empty")
-    return VideoFile(s)
+    return VideoFile(s, loop=loop)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -20,6 +21,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="
                   help="Export small, fast, validated model bundles for edge devices.")
 targets_app = typer.Typer(help="List target profiles, or show one.", invoke_without_command=True)
 app.add_typer(targets_app, name="targets")
+keys_app = typer.Typer(help="Signing keys for bundles (ed25519).", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
 out = ui.console()
 
 
@@ -337,6 +340,99 @@ def bench(
         out.print(b.table(rows, f"{runs} runs after {warmup} warm-up, on this host"))
     if all("error" in r for r in rows):
         raise BadInput("; ".join(r["error"] for r in rows))
+
+
+@keys_app.command("new")
+def keys_new(output: Path = typer.Option(Path("keys"), "--out", "-o", help="Directory for private.pem and public.pem.")):
+    """Make an ed25519 key pair: sign bundles with private.pem, give devices public.pem."""
+    from lepton_edge.signing import key_id, load_public, new_keys
+
+    priv, pub = new_keys(output)
+    out.print(f"private key {priv} (keep it secret), public key {pub} (key id {key_id(load_public(pub))})")
+    out.print(f"next: [bold]lepton-edge sign BUNDLE --key {priv}[/]; list {pub} under trusted_keys in agent.toml")
+
+
+@app.command()
+def sign(bundle: Path = typer.Argument(..., help="Bundle directory."),
+         key: Path = typer.Option(..., "--key", "-k", help="private.pem from `lepton-edge keys new`.")):
+    """Sign a bundle (its checksums are verified first); devices with the public key accept it."""
+    from lepton_edge.signing import sign as do_sign
+
+    sig = do_sign(bundle, key)
+    out.print(f"signed: {sig}")
+
+
+@app.command()
+def agent(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="agent.toml (flags override its fields)."),
+    broker: Optional[str] = typer.Option(None, help="mqtt://host:1883, mqtts://host:8883, ws://host:9001/mqtt."),
+    username: Optional[str] = typer.Option(None, help="Broker user name."),
+    password: Optional[str] = typer.Option(None, help="Broker password."),
+    ca_file: Optional[Path] = typer.Option(None, help="CA certificate for TLS."),
+    cert_file: Optional[Path] = typer.Option(None, help="Client certificate for TLS."),
+    key_file: Optional[Path] = typer.Option(None, help="Client key for TLS."),
+    fleet: Optional[str] = typer.Option(None, help="Fleet name (a topic segment)."),
+    device_id: Optional[str] = typer.Option(None, help="Device id (default: hostname or machine id)."),
+    bundle: Optional[Path] = typer.Option(None, help="Bundle to start with (a deployed one in state-dir wins)."),
+    source: Optional[str] = typer.Option(None, "--source", "-s", help="Frame source, as for `run`."),
+    loop: Optional[bool] = typer.Option(None, "--loop/--no-loop", help="Video files: start again at the end."),
+    threads: Optional[int] = typer.Option(None, min=1, help="Inference threads."),
+    window_s: Optional[float] = typer.Option(None, "--window", help="Seconds per telemetry window (default 10)."),
+    state_dir: Optional[Path] = typer.Option(None, help="Outbox and deployed bundles (default /var/lib/lepton-edge)."),
+    outbox_max: Optional[int] = typer.Option(None, help="Outbox bound in messages (oldest dropped, counted)."),
+    trusted_key: Optional[list[Path]] = typer.Option(None, "--trusted-key", help="Public key(s) bundles must be "
+                                                     "signed with; unsigned bundles are then refused."),
+):
+    """The device service: run the pipeline, send telemetry over MQTT, take deploy/set/ping commands."""
+    from lepton_edge.agent.config import load
+    from lepton_edge.agent.service import Agent
+
+    cfg = load(config, {"broker": broker, "username": username, "password": password, "ca_file": ca_file,
+                        "cert_file": cert_file, "key_file": key_file, "fleet": fleet, "device_id": device_id,
+                        "bundle": bundle, "source": source, "loop": loop, "threads": threads, "window_s": window_s,
+                        "state_dir": state_dir, "outbox_max": outbox_max, "trusted_keys": trusted_key or None})
+    a = Agent(cfg, log=lambda m: ui.err.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {m}", highlight=False))
+    ui.info(f"agent {cfg.fleet}/{cfg.device_id} -> {cfg.broker} (boot {a.boot_id}); telemetry every {cfg.window_s:g} s")
+    raise typer.Exit(a.run())
+
+
+@app.command()
+def deploy(
+    target: str = typer.Argument(..., help="FLEET/DEVICE, or FLEET for every online device of the fleet."),
+    bundle: str = typer.Argument(..., help="A local bundle directory (served to the devices), or an http(s) URL."),
+    broker: str = typer.Option(..., help="The fleet's broker, e.g. mqtt://broker:1883."),
+    username: Optional[str] = typer.Option(None), password: Optional[str] = typer.Option(None),
+    ca_file: Optional[Path] = typer.Option(None), cert_file: Optional[Path] = typer.Option(None),
+    key_file: Optional[Path] = typer.Option(None),
+    device_path: bool = typer.Option(False, help="BUNDLE is a path on the device (already copied there)."),
+    serve_host: Optional[str] = typer.Option(None, help="Address devices reach this machine at (default: the "
+                                             "one that reaches the broker)."),
+    serve_port: int = typer.Option(0, help="Port to serve the bundle on (default: any free one)."),
+    timeout: float = typer.Option(120.0, help="Seconds to wait for the devices' replies."),
+    health_frames: Optional[int] = typer.Option(None, help="Frames the device checks the new model on."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+):
+    """Ask devices to switch to a bundle; each verifies, swaps, health-checks and replies (or rolls back)."""
+    from lepton_edge.fleet.deploy import deploy as do_deploy
+
+    rows = do_deploy(target, bundle, broker, username=username, password=password,
+                     ca_file=str(ca_file) if ca_file else None, cert_file=str(cert_file) if cert_file else None,
+                     key_file=str(key_file) if key_file else None, device_path=device_path, serve_host=serve_host,
+                     serve_port=serve_port, timeout=timeout, health_frames=health_frames)
+    if as_json:
+        _emit_json(rows)
+    else:
+        t = Table(title=f"deploy {bundle} to {target}", box=box.SIMPLE_HEAD, pad_edge=False)
+        for col in ("device", "result", "detail"):
+            t.add_column(col)
+        for r in rows:
+            d = r["data"]
+            detail = r["error"] or (f"{d.get('bundle', {}).get('name')}: inference p50 {d.get('inference_p50_ms')} ms "
+                                    f"(budget {d.get('latency_budget_ms')} ms)")
+            t.add_row(r["device"], "[green]ok[/]" if r["ok"] else "[red]failed[/]", str(detail))
+        out.print(t)
+    if not all(r["ok"] for r in rows):
+        raise CheckFailed(f"{sum(not r['ok'] for r in rows)} of {len(rows)} device(s) did not take the bundle")
 
 
 @app.command()

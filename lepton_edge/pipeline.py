@@ -36,10 +36,19 @@ class Pipeline:
         self.max_frames = max_frames
         self.stats = StageTimes(window)
         self.bad_frames = 0  # frames that preprocessing or postprocessing could not handle
+        self.sample_every = 1  # run the model on every Nth frame the source delivers (the agent's `set`)
+        self.probe: list[float] | None = None  # when a list: inference ms of frames run by the current runtime
         self._stop = threading.Event()
 
+    def swap(self, runtime: Runtime) -> Runtime:
+        """Use another model from the next frame on (a deploy or a rollback); returns the old one.
+        Frames already preprocessed for the old model are preprocessed again for the new one."""
+        old, self.runtime = self.runtime, runtime
+        self.probe = []
+        return old
+
     def _produce(self, q: queue.Queue) -> None:
-        src, rt = self.source, self.runtime
+        src = self.source
         try:
             while not self._stop.is_set():
                 frame = src.read(timeout=0.5) if src.live else src.read()
@@ -47,13 +56,16 @@ class Pipeline:
                     if src.live and not src.closed:
                         continue  # waiting through a reconnect
                     break
+                if self.sample_every > 1 and frame.index % self.sample_every:
+                    continue
+                rt = self.runtime
                 t0 = time.perf_counter()
                 try:
                     x = rt.preprocess(frame.image)
                 except Exception:  # an odd frame (zero-sized, strange depth) is skipped, never fatal
                     self.bad_frames += 1
                     continue
-                item = (frame, x, (time.perf_counter() - t0) * 1e3)
+                item = (frame, x, (time.perf_counter() - t0) * 1e3, rt)
                 while not self._stop.is_set():
                     try:
                         q.put(item, timeout=0.2)
@@ -69,8 +81,7 @@ class Pipeline:
         q: queue.Queue = queue.Queue(maxsize=1 if self.source.live else 4)
         worker = threading.Thread(target=self._produce, args=(q,), name="pipeline:capture", daemon=True)
         worker.start()
-        rt, st, n = self.runtime, self.stats, 0
-        infer, post = rt.infer, rt.postprocess
+        st, n = self.stats, 0
         try:
             while self.max_frames is None or n < self.max_frames:
                 item = q.get()
@@ -78,12 +89,17 @@ class Pipeline:
                     break
                 if isinstance(item, BaseException):
                     raise item
-                frame, x, pre_ms = item
+                frame, x, pre_ms, made_for = item
+                rt = self.runtime
+                if made_for is not rt:  # swapped meanwhile: this tensor was made for the old model
+                    t0 = time.perf_counter()
+                    x = rt.preprocess(frame.image)
+                    pre_ms = (time.perf_counter() - t0) * 1e3
                 t1 = time.perf_counter()
-                y = infer(x)
+                y = rt.infer(x)
                 t2 = time.perf_counter()
                 try:
-                    out = post(y, frame.image.shape[:2])
+                    out = rt.postprocess(y, frame.image.shape[:2])
                 except Exception:
                     self.bad_frames += 1
                     continue
@@ -91,6 +107,9 @@ class Pipeline:
                 ms = {"capture": frame.capture_ms, "preprocess": pre_ms, "inference": (t2 - t1) * 1e3,
                       "postprocess": (t3 - t2) * 1e3}
                 st.add(**ms)
+                probe = self.probe
+                if probe is not None and len(probe) < 100_000:
+                    probe.append(ms["inference"])
                 st.dropped, st.corrupt = self.source.dropped, self.source.corrupt + self.bad_frames
                 n += 1
                 yield Result(rt.task, out, frame.index, frame.timestamp, ms, frame.image, frame.path)

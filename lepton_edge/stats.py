@@ -6,6 +6,7 @@ Percentiles are computed only when someone asks (a console line, a telemetry win
 """
 from __future__ import annotations
 
+import threading
 import time
 from typing import Iterable
 
@@ -64,13 +65,15 @@ class StageTimes:
         self.window_frames = 0  # frames since the last reset (exact, unlike the ring)
         self.dropped = 0  # frames the source dropped (live sources keep only the newest)
         self.corrupt = 0  # frames that could not be decoded or processed, skipped
+        self._lock = threading.Lock()  # the pipeline adds while telemetry takes a window
 
     def add(self, **ms: float) -> None:
         """Record one frame's stage times in milliseconds: add(capture=.., inference=..)."""
-        for k, v in ms.items():
-            self.stages[k].add(v)
-        self._frames.add(time.perf_counter())
-        self.window_frames += 1
+        with self._lock:
+            for k, v in ms.items():
+                self.stages[k].add(v)
+            self._frames.add(time.perf_counter())
+            self.window_frames += 1
 
     @property
     def frames(self) -> int:
@@ -90,7 +93,18 @@ class StageTimes:
 
     def reset(self) -> None:
         """Start a new window (telemetry sends one window, then starts over)."""
+        with self._lock:
+            self._reset()
+
+    def _reset(self) -> None:
         for r in self.stages.values():
             r.clear()
         self._frames.clear()
         self.window_frames = 0
+
+    def window(self) -> dict:
+        """snapshot() and reset() as one step, so no frame falls between two windows."""
+        with self._lock:
+            snap = self.snapshot()
+            self._reset()
+        return snap

@@ -95,3 +95,13 @@ def fashion_video(tmp_path_factory, fashion):
         w.write(cv2.resize(x[i], (56, 56), interpolation=cv2.INTER_NEAREST))
     w.release()
     return path, y[:n]
+
+
+@pytest.fixture
+def mosquitto(tmp_path):
+    """A real mosquitto on a free loopback port with a fresh persistence directory, stopped afterwards."""
+    from mqtt_broker import Mosquitto
+
+    b = Mosquitto(tmp_path / "broker").start()
+    yield b
+    b.stop()

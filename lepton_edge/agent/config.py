@@ -1,0 +1,90 @@
+"""Agent configuration: an `agent.toml` file and matching command-line flags (flags win).
+
+Why pydantic with extra="forbid": a typo in a config file on a device nobody is looking at must
+fail loudly at start, naming the field, not be silently ignored for months.
+"""
+from __future__ import annotations
+
+import socket
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from lepton_edge.errors import BadInput, closest
+from lepton_edge.telemetry.topics import safe_segment, sanitize
+
+
+def default_device_id() -> str:
+    """The hostname when it makes a readable topic segment, else the machine id."""
+    host = sanitize(socket.gethostname())
+    if host not in ("device", "localhost"):
+        return host
+    try:
+        return sanitize(Path("/etc/machine-id").read_text().strip()[:12])
+    except OSError:
+        return host
+
+
+class AgentConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    broker: str = "mqtt://localhost:1883"  # mqtt://, mqtts://, ws://, wss://
+    username: str | None = None
+    password: str | None = None
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    fleet: str = "default"
+    device_id: str = Field(default_factory=default_device_id)
+    bundle: Path | None = None  # the bundle to start with (a deployed one, kept in state_dir, wins)
+    source: str = "0"
+    loop: bool = False  # video files: start again at the end
+    threads: int | None = Field(default=None, ge=1, le=64)
+    window_s: float = Field(default=10.0, ge=0.1, le=3600)
+    sample_every: int = Field(default=1, ge=1, le=1000)
+    state_dir: Path = Path("/var/lib/lepton-edge")  # outbox.sqlite, bundles/, current
+    outbox_max: int = Field(default=100_000, ge=10)
+    trusted_keys: list[Path] = Field(default_factory=list)  # when set, unsigned bundles are refused
+    health_frames: int = Field(default=30, ge=1, le=10000)
+    health_timeout_s: float = Field(default=30.0, gt=0)
+    max_download_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)
+    max_backoff_s: float = Field(default=10.0, ge=1, le=300)
+
+    @field_validator("fleet", "device_id")
+    @classmethod
+    def _segment(cls, v: str, info) -> str:
+        try:
+            return safe_segment(v, info.field_name)
+        except BadInput as e:
+            raise ValueError(str(e)) from None
+
+
+FIELDS = list(AgentConfig.model_fields)
+
+
+def load(path: Path | None, overrides: dict[str, Any]) -> AgentConfig:
+    """The file's fields, then the flags that were given; one line naming a bad field."""
+    data: dict[str, Any] = {}
+    where = "flags"
+    if path is not None:
+        where = str(path)
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise BadInput(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise BadInput(f"{path}: not valid TOML ({e})") from None
+        if isinstance(data.get("agent"), dict):  # an [agent] table is accepted too
+            data = data["agent"]
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return AgentConfig.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(x) for x in err["loc"]) or "?"
+        if err["type"] == "extra_forbidden":
+            raise BadInput(f"{where}: unknown field '{field}'{closest(field, FIELDS)}") from None
+        msg = err["msg"].removeprefix("Value error, ")
+        raise BadInput(f"{where}: field '{field}': {msg}") from None

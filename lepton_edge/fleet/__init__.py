@@ -1,0 +1,1 @@
+"""The operator side of the fleet: deploys now; the monitor (dashboards, history, alerts) later."""

@@ -1,0 +1,115 @@
+"""Ed25519 signatures for bundles: `lepton-edge keys new`, `lepton-edge sign`, and the agent's check.
+
+Why sign the manifest and nothing else: the manifest lists the sha256 of every file in the
+bundle, so a valid signature over its exact bytes, followed by the checksum check, covers the
+whole bundle. The signature file names the key it was made with (the first 16 hex digits of the
+sha256 of the raw public key), so a device holding several trusted keys knows which to use.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from pathlib import Path
+
+from lepton_edge.bundle import MANIFEST, Bundle
+from lepton_edge.errors import BadInput
+
+SIGNATURE = "signature"
+
+
+def _crypto():
+    try:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ed25519
+    except ImportError:
+        raise BadInput("signing needs the cryptography package (pip install 'lepton-edge[device]')") from None
+    return serialization, ed25519
+
+
+def key_id(public_key) -> str:
+    serialization, _ = _crypto()
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def new_keys(out: Path) -> tuple[Path, Path]:
+    """private.pem (mode 600) and public.pem in `out`; refuses to overwrite a private key."""
+    serialization, ed25519 = _crypto()
+    out.mkdir(parents=True, exist_ok=True)
+    priv_path, pub_path = out / "private.pem", out / "public.pem"
+    if priv_path.exists():
+        raise BadInput(f"{priv_path} exists; refusing to overwrite a private key")
+    key = ed25519.Ed25519PrivateKey.generate()
+    priv = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+    pub = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    priv_path.touch(mode=0o600)
+    priv_path.write_bytes(priv)
+    pub_path.write_bytes(pub)
+    return priv_path, pub_path
+
+
+def _load_private(path: Path):
+    serialization, ed25519 = _crypto()
+    try:
+        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+    except FileNotFoundError:
+        raise BadInput(f"key not found: {path}") from None
+    except (ValueError, TypeError) as e:
+        raise BadInput(f"{path}: not an unencrypted PEM private key ({e})") from None
+    if not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise BadInput(f"{path}: not an Ed25519 key (make one with `lepton-edge keys new`)")
+    return key
+
+
+def load_public(path: str | Path):
+    serialization, ed25519 = _crypto()
+    try:
+        key = serialization.load_pem_public_key(Path(path).read_bytes())
+    except FileNotFoundError:
+        raise BadInput(f"trusted key not found: {path}") from None
+    except ValueError as e:
+        raise BadInput(f"{path}: not a PEM public key ({e})") from None
+    if not isinstance(key, ed25519.Ed25519PublicKey):
+        raise BadInput(f"{path}: not an Ed25519 public key")
+    return key
+
+
+def sign(bundle_dir: str | Path, private_key: str | Path) -> Path:
+    """Check the bundle's checksums, then write `signature` over its manifest's bytes."""
+    b = Bundle.load(bundle_dir)  # refuses a bundle whose files do not match its manifest
+    key = _load_private(Path(private_key))
+    data = (b.path / MANIFEST).read_bytes()
+    sig = {"alg": "ed25519", "key_id": key_id(key.public_key()),
+           "signature": base64.b64encode(key.sign(data)).decode()}
+    out = b.path / SIGNATURE
+    out.write_text(json.dumps(sig) + "\n")
+    return out
+
+
+def verify(bundle_dir: str | Path, trusted: list) -> str:
+    """Raise BadInput unless the bundle is signed by one of the trusted public keys (loaded
+    objects or PEM paths) and every file matches the manifest. Returns the key id."""
+    from cryptography.exceptions import InvalidSignature
+
+    p = Path(bundle_dir)
+    keys = [load_public(k) if isinstance(k, (str, Path)) else k for k in trusted]
+    sig_file = p / SIGNATURE
+    if not sig_file.is_file():
+        raise BadInput(f"bundle {p} is not signed; trusted keys are configured, so unsigned bundles are refused")
+    try:
+        sig = json.loads(sig_file.read_text())
+        raw = base64.b64decode(sig["signature"], validate=True)
+    except (ValueError, KeyError, TypeError):
+        raise BadInput(f"bundle {p}: malformed signature file") from None
+    by_id = {key_id(k): k for k in keys}
+    key = by_id.get(sig.get("key_id"))
+    if key is None:
+        raise BadInput(f"bundle {p}: signed with key {sig.get('key_id')!r}, which is not trusted here")
+    try:
+        key.verify(raw, (p / MANIFEST).read_bytes())
+    except InvalidSignature:
+        raise BadInput(f"bundle {p}: bad signature (the manifest was changed after signing)") from None
+    Bundle.load(p)  # and the files must match the signed manifest
+    return sig["key_id"]

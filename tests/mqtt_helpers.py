@@ -1,0 +1,131 @@
+"""Test-side MQTT helpers: a recording subscriber with a persistent session, an agent process,
+and a test certificate authority for TLS."""
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+
+
+class Recorder:
+    """Subscribes to lepton/v1/# (QoS 1, persistent session) and keeps every message."""
+
+    def __init__(self, port: int, client_id: str = "recorder", topic: str = "lepton/v1/#", tls: dict | None = None,
+                 username: str | None = None, password: str | None = None):
+        self.messages: list[tuple[str, dict | str, bool]] = []
+        self.lock = threading.Lock()
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
+        if username:
+            c.username_pw_set(username, password)
+        if tls:
+            c.tls_set(**tls)
+        c.reconnect_delay_set(1, 2)
+        c.on_connect = lambda cl, u, f, rc, p=None: cl.subscribe(topic, qos=1)
+        c.on_message = self._on_message
+        c.connect("localhost" if tls else "127.0.0.1", port, keepalive=10)
+        c.loop_start()
+        self.client = c
+
+    def _on_message(self, client, userdata, msg):
+        try:
+            body = json.loads(msg.payload)
+        except ValueError:
+            body = msg.payload.decode(errors="replace")
+        with self.lock:
+            self.messages.append((msg.topic, body, bool(msg.retain)))
+
+    def of(self, suffix: str) -> list:
+        with self.lock:
+            return [b for t, b, _ in self.messages if t.endswith(suffix)]
+
+    def wait_for(self, pred, timeout: float = 20.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got = pred(self)
+            if got:
+                return got
+            time.sleep(0.05)
+        return pred(self)
+
+    def close(self):
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def start_agent(*args: str, cwd: Path | None = None) -> subprocess.Popen:
+    exe = Path(sys.executable).parent / "lepton-edge"
+    return subprocess.Popen([str(exe), "agent", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=cwd, env={**os.environ, "COLUMNS": "200"})
+
+
+def command(port: int, topic: str, payload, reply_topic: str, timeout: float = 60.0, **client_kw) -> dict:
+    """Publish a command and wait for the reply with the same id."""
+    got: list[dict] = []
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"op-{time.monotonic_ns()}")
+    c.on_message = lambda cl, u, m: got.append(json.loads(m.payload))
+    c.connect("127.0.0.1", port)
+    c.subscribe(reply_topic, qos=1)
+    c.loop_start()
+    time.sleep(0.2)
+    body = payload if isinstance(payload, (bytes, str)) else json.dumps(payload)
+    c.publish(topic, body, qos=1)
+    want = payload.get("id") if isinstance(payload, dict) else None
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            for r in got:
+                if want is None or r.get("id") == want:
+                    return r
+            time.sleep(0.05)
+    finally:
+        c.loop_stop()
+        c.disconnect()
+    raise AssertionError(f"no reply on {reply_topic} within {timeout} s")
+
+
+def make_ca(out: Path, host: str = "localhost") -> dict[str, Path]:
+    """A test CA and a server certificate for host (and 127.0.0.1), signed by it."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    out.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def name(cn):
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (x509.CertificateBuilder().subject_name(name("lepton test CA")).issuer_name(name("lepton test CA"))
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=30))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                       content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                       key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder().subject_name(name(host)).issuer_name(ca.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(host),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    files = {"ca": out / "ca.crt", "cert": out / "server.crt", "key": out / "server.key"}
+    files["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    files["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    files["key"].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+    return files

@@ -1,0 +1,295 @@
+"""The device agent against a real mosquitto: telemetry that survives broker restarts and an agent
+crash, Last Will, commands, signed deploys with rollback, TLS, passwords and ACLs."""
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+from lepton_edge.bundle import Bundle, write_manifest
+from lepton_edge.signing import new_keys, sign
+from mjpeg_server import free_port
+from mqtt_broker import Mosquitto
+from mqtt_helpers import Recorder, command, make_ca, start_agent
+
+BASE = "lepton/v1/f1/dev1"
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    return new_keys(tmp_path_factory.mktemp("keys"))
+
+
+@pytest.fixture(scope="module")
+def signed(tmp_path_factory, keys, rpi4_bundle, int8_bundle):
+    """Signed copies: the running bundle (rpi4 TFLite) and the one to deploy (x86 ONNX)."""
+    root = tmp_path_factory.mktemp("signed")
+    out = {}
+    for name, b in (("running", rpi4_bundle), ("new", int8_bundle)):
+        d = root / name
+        shutil.copytree(b.bundle.path, d)
+        sign(d, keys[0])
+        out[name] = d
+    return out
+
+
+def _agent_args(broker_url: str, state: Path, bundle: Path, video: Path, *extra: str) -> list[str]:
+    return ["--broker", broker_url, "--fleet", "f1", "--device-id", "dev1", "--bundle", str(bundle), "--source",
+            str(video), "--loop", "--window", "0.2", "--state-dir", str(state), *extra]
+
+
+def _stop(p: subprocess.Popen) -> int:
+    p.send_signal(signal.SIGTERM)
+    return p.wait(timeout=30)
+
+
+def test_no_window_lost_across_broker_restarts_and_an_agent_crash(tmp_path, mosquitto, rpi4_bundle, fashion_video):
+    video, _ = fashion_video
+    rec = Recorder(mosquitto.port)
+    args = _agent_args(mosquitto.url, tmp_path / "state", rpi4_bundle.bundle.path, video)
+    agent = start_agent(*args)
+    assert rec.wait_for(lambda r: len(r.of("/telemetry")) >= 3), agent.stderr.read() if agent.poll() else ""
+    for _ in range(3):  # the broker goes away three times while the agent keeps measuring
+        mosquitto.stop()
+        time.sleep(1.2)
+        mosquitto.start()
+        time.sleep(1.5)
+    first_boot = rec.of("/telemetry")[0]["boot_id"]
+    agent.send_signal(signal.SIGKILL)  # a crash: no goodbye
+    agent.wait()
+    will = rec.wait_for(lambda r: [s for s in r.of("/status") if s["boot_id"] == first_boot and not s["online"]])
+    assert will, "Last Will not seen after SIGKILL"
+    agent = start_agent(*args)
+    time.sleep(2.5)
+    assert _stop(agent) == 0
+    err = agent.stderr.read()
+    windows = rec.wait_for(lambda r: (lambda t: t if {w["boot_id"] for w in t} >= {first_boot} and len(
+        {w["boot_id"] for w in t}) == 2 and r.of("/events") and any(e["kind"] == "stopped" for e in r.of("/events"))
+        else None)(r.of("/telemetry")), timeout=30)
+    assert windows, err
+    rec.close()
+    by_boot: dict[str, set[int]] = {}
+    for w in windows:
+        by_boot.setdefault(w["boot_id"], set()).add(w["seq"])
+    assert len(by_boot) == 2
+    for boot, seqs in by_boot.items():
+        assert seqs == set(range(max(seqs) + 1)), f"gap in boot {boot}: {sorted(set(range(max(seqs) + 1)) - seqs)}"
+    assert len(by_boot[first_boot]) >= 30, (sorted(by_boot[first_boot]), {b: len(s) for b, s in by_boot.items()}, err)  # ~10 s of 0.2 s windows before the crash
+    db = sqlite3.connect(tmp_path / "state" / "outbox.sqlite")
+    assert db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] == 0  # every committed row was acknowledged
+    w = windows[-1]
+    assert w["frames"] > 0 and w["latency_ms"]["inference"]["p50"] > 0 and w["rss_bytes"] > 0
+    assert {"capture", "preprocess", "inference", "postprocess"} <= set(w["latency_ms"])
+    assert w["bundle"]["name"] == "fashion-cnn" and w["window_s"] == 0.2
+
+
+def test_broker_down_at_start_outbox_bounded_then_drained(tmp_path, rpi4_bundle, fashion_video):
+    video, _ = fashion_video
+    broker = Mosquitto(tmp_path / "broker")  # not started yet
+    agent = start_agent(*_agent_args(broker.url, tmp_path / "state", rpi4_bundle.bundle.path, video),
+                        "--outbox-max", "15")
+    try:
+        time.sleep(5)  # ~25 windows and events into an outbox of 15
+        assert agent.poll() is None
+        db = sqlite3.connect(tmp_path / "state" / "outbox.sqlite")
+        assert db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] == 15
+        broker.start()
+        rec = Recorder(broker.port)
+        got = rec.wait_for(lambda r: [w for w in r.of("/telemetry") if w["outbox_dropped"] > 0], timeout=30)
+        assert got and got[0]["frames"] > 0  # the pipeline ran all along; the loss is reported, not hidden
+        assert rec.wait_for(lambda r: db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] <= 2)
+        rec.close()
+    finally:
+        _stop(agent)
+        broker.stop()
+
+
+def test_commands_and_bad_commands(tmp_path, mosquitto, rpi4_bundle, fashion_video):
+    video, _ = fashion_video
+    agent = start_agent(*_agent_args(mosquitto.url, tmp_path / "state", rpi4_bundle.bundle.path, video))
+    rec = Recorder(mosquitto.port)
+    try:
+        assert rec.wait_for(lambda r: r.of("/meta"))  # subscribed to its commands from here on
+        r = command(mosquitto.port, f"{BASE}/cmd/ping", {"id": "p1"}, f"{BASE}/cmd/ping/reply")
+        assert r["ok"] and r["data"]["bundle"]["name"] == "fashion-cnn"
+        r = command(mosquitto.port, f"{BASE}/cmd/set", {"id": "s1", "window_s": 0.5, "sample_every": 2},
+                    f"{BASE}/cmd/set/reply")
+        assert r["ok"] and r["data"] == {"window_s": 0.5, "sample_every": 2}
+        for verb, payload, words in [("ping", "{not json", "not JSON"), ("reboot", "{}", "unknown verb"),
+                                     ("set", {"id": "s2", "window_s": "fast"}, "window_s"),
+                                     ("set", {"id": "s3", "threads": 0}, "threads"),
+                                     ("set", {"id": "s4", "colour": 1}, "colour"),
+                                     ("deploy", {"id": "d0"}, "exactly one of"),
+                                     ("ping", json.dumps({"id": "big", "pad": "x" * 70000}), "exceeds")]:
+            r = command(mosquitto.port, f"{BASE}/cmd/{verb}", payload, f"{BASE}/cmd/{verb}/reply")
+            assert not r["ok"] and words in r["error"], (verb, r)
+        r = command(mosquitto.port, f"{BASE}/cmd/ping", {"id": "p2"}, f"{BASE}/cmd/ping/reply")
+        assert r["ok"]  # still serving after all that
+        assert agent.poll() is None
+        assert len([e for e in rec.of("/events") if e["kind"] == "command_error"]) == 7
+    finally:
+        rec.close()
+        assert _stop(agent) == 0
+
+
+def test_signed_deploys_and_rollbacks(tmp_path, mosquitto, signed, keys, fashion_video):
+    video, _ = fashion_video
+    state = tmp_path / "state"
+    rec = Recorder(mosquitto.port)
+    agent = start_agent(*_agent_args(mosquitto.url, state, signed["running"], video), "--trusted-key", str(keys[1]))
+    try:
+        assert rec.wait_for(lambda r: r.of("/meta"))
+        deploy = lambda payload: command(mosquitto.port, f"{BASE}/cmd/deploy", payload, f"{BASE}/cmd/deploy/reply")
+
+        # an unsigned bundle, a foreign key, a file changed after signing, a URL nobody answers
+        unsigned = tmp_path / "unsigned"
+        shutil.copytree(signed["new"], unsigned)
+        (unsigned / "signature").unlink()
+        other = tmp_path / "other"
+        shutil.copytree(signed["new"], other)
+        sign(other, new_keys(tmp_path / "otherkeys")[0])
+        tampered = tmp_path / "tampered"
+        shutil.copytree(signed["new"], tampered)
+        (tampered / "labels.txt").write_text("cat\n" * 10)
+        for i, (payload, words) in enumerate([
+                ({"path": str(unsigned)}, "not signed"), ({"path": str(other)}, "not trusted"),
+                ({"path": str(tampered)}, "checksum mismatch"),
+                ({"url": f"http://127.0.0.1:{free_port()}/b.tar.gz"}, "cannot download"),
+                ({"path": str(signed["new"]), "sha256": "0" * 64}, None)]):
+            if words is None:
+                continue
+            r = deploy(payload | {"id": f"bad{i}"})
+            assert not r["ok"] and words in r["error"], r
+
+        # a well-signed bundle whose model misses its target's latency budget on this device: rolled back
+        slow = tmp_path / "slow"
+        shutil.copytree(signed["new"], slow)
+        m = Bundle.load(slow).manifest
+        m.target["latency_budget_ms"] = 0.0001
+        write_manifest(slow, m)
+        sign(slow, keys[0])
+        r = deploy({"id": "slow", "path": str(slow), "health_frames": 20})
+        assert not r["ok"] and "rolled back" in r["error"] and "latency budget" in r["error"], r
+        assert rec.wait_for(lambda r: [e for e in r.of("/events") if e["kind"] == "rollback"])
+
+        # the operator's CLI: pack, serve over HTTP, command, wait for the reply
+        res = run_cli("deploy", "f1/dev1", str(signed["new"]), "--broker", mosquitto.url, "--json", timeout=120)
+        assert res.returncode == 0, res.stderr + res.stdout
+        (row,) = json.loads(res.stdout)
+        assert row["ok"] and row["data"]["bundle"]["format"] == "onnx" and row["data"]["signed_by"]
+        assert row["data"]["inference_p50_ms"] <= row["data"]["latency_budget_ms"]
+        r = command(mosquitto.port, f"{BASE}/cmd/ping", {"id": "after"}, f"{BASE}/cmd/ping/reply")
+        assert r["data"]["bundle"]["format"] == "onnx"  # serving the new model
+        assert (state / "current").resolve().joinpath("model.onnx").is_file()
+        kinds = [e["kind"] for e in rec.of("/events")]
+        assert kinds.count("deploy_failed") == 4 and "deploy" in kinds
+    finally:
+        assert _stop(agent) == 0
+    # a restart comes back with the deployed bundle, not the configured one
+    n_meta = len(rec.of("/meta"))
+    agent = start_agent(*_agent_args(mosquitto.url, state, signed["running"], video), "--trusted-key", str(keys[1]))
+    try:
+        assert rec.wait_for(lambda r: len(r.of("/meta")) > n_meta)
+        r = command(mosquitto.port, f"{BASE}/cmd/ping", {"id": "restart"}, f"{BASE}/cmd/ping/reply")
+        assert r["data"]["bundle"]["format"] == "onnx"
+    finally:
+        _stop(agent)
+        rec.close()
+
+
+def test_unsigned_start_bundle_refused_and_bad_config(tmp_path, keys, int8_bundle, fashion_video):
+    video, _ = fashion_video
+    r = run_cli("agent", "--broker", "mqtt://127.0.0.1:1", "--bundle", str(int8_bundle.bundle.path), "--source",
+                str(video), "--state-dir", str(tmp_path / "s"), "--trusted-key", str(keys[1]))
+    assert r.returncode == 2 and "not signed" in r.stderr and "Traceback" not in r.stderr
+    cfg = tmp_path / "agent.toml"
+    for text, words in [('brokr = "mqtt://x"\n', "unknown field 'brokr' (did you mean: broker"),
+                        ('window_s = "often"\n', "field 'window_s'"),
+                        ('device_id = "a/b"\n', "not a safe MQTT topic segment"),
+                        ('broker = "http://x"\n', "scheme must be one of"),
+                        ('window_s = \n', "not valid TOML")]:
+        cfg.write_text(text + f'bundle = "{int8_bundle.bundle.path}"\nsource = "{video}"\nstate_dir = "{tmp_path}/s"\n')
+        r = run_cli("agent", "--config", str(cfg))
+        assert r.returncode == 2 and words in r.stderr, (text, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_tls_password_and_acl(tmp_path, rpi4_bundle, fashion_video):
+    video, _ = fashion_video
+    certs = make_ca(tmp_path / "certs")
+    pw = tmp_path / "passwd"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(pw), "dev1", "s3cret"], check=True)
+    subprocess.run(["mosquitto_passwd", "-b", str(pw), "ops", "0ps"], check=True)
+    acl = tmp_path / "acl"
+    acl.write_text("user ops\ntopic readwrite lepton/v1/#\n\npattern readwrite lepton/v1/+/%u/#\n")
+    tls_port = free_port()
+    broker = Mosquitto(tmp_path / "broker", extra=(
+        f"listener {tls_port} 127.0.0.1\ncafile {certs['ca']}\ncertfile {certs['cert']}\nkeyfile {certs['key']}\n"
+        f"password_file {pw}\nacl_file {acl}\nallow_anonymous false\nper_listener_settings false\n"))
+    broker.conf.write_text(broker.conf.read_text().replace("allow_anonymous true\n", ""))
+    broker.start()
+    tls = {"ca_certs": str(certs["ca"])}
+    rec = Recorder(tls_port, tls=tls, username="ops", password="0ps")
+    agent = start_agent("--broker", f"mqtts://localhost:{tls_port}", "--ca-file", str(certs["ca"]), "--username",
+                        "dev1", "--password", "s3cret", "--fleet", "f1", "--device-id", "dev1", "--bundle",
+                        str(rpi4_bundle.bundle.path), "--source", str(video), "--loop", "--window", "0.2",
+                        "--state-dir", str(tmp_path / "state"))
+    try:
+        assert rec.wait_for(lambda r: len(r.of("dev1/telemetry")) >= 2), broker.log()[-2000:]
+        import paho.mqtt.client as mqtt
+
+        # dev1 may neither write into nor read from another device's subtree
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="intruder")
+        c.username_pw_set("dev1", "s3cret")
+        c.tls_set(ca_certs=str(certs["ca"]))
+        seen = []
+        c.on_message = lambda cl, u, m: seen.append(m.topic)
+        c.connect("localhost", tls_port)
+        c.loop_start()
+        c.subscribe("lepton/v1/f1/dev2/#", qos=1)
+        c.subscribe("lepton/v1/f1/dev1/#", qos=1)  # its own subtree: allowed
+        time.sleep(0.5)
+        c.publish("lepton/v1/f1/dev2/telemetry", b'{"spoofed": true}', qos=1).wait_for_publish(5)
+        rec.client.publish("lepton/v1/f1/dev2/cmd/ping", b'{"id": "x"}', qos=1).wait_for_publish(5)
+        time.sleep(1.0)
+        c.loop_stop()
+        c.disconnect()
+        assert not rec.of("dev2/telemetry")  # the spoofed message never reached anyone
+        assert not [t for t in seen if "/dev2/" in t] and [t for t in seen if "/dev1/" in t]
+        # a wrong password is refused
+        bad = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="badpw")
+        bad.username_pw_set("dev1", "wrong")
+        bad.tls_set(ca_certs=str(certs["ca"]))
+        codes = []
+        bad.on_connect = lambda cl, u, f, rc, p=None: codes.append(rc)
+        bad.connect("localhost", tls_port)
+        bad.loop_start()
+        deadline = time.monotonic() + 5
+        while not codes and time.monotonic() < deadline:
+            time.sleep(0.05)
+        bad.loop_stop()
+        assert codes and codes[0].is_failure
+    finally:
+        assert _stop(agent) == 0
+        rec.close()
+        broker.stop()
+
+
+def test_keys_and_sign_cli(tmp_path, int8_bundle):
+    r = run_cli("keys", "new", "--out", str(tmp_path / "k"))
+    assert r.returncode == 0 and (tmp_path / "k" / "private.pem").stat().st_mode & 0o777 == 0o600
+    assert run_cli("keys", "new", "--out", str(tmp_path / "k")).returncode == 2  # never overwrites a key
+    b = tmp_path / "b"
+    shutil.copytree(int8_bundle.bundle.path, b)
+    r = run_cli("sign", str(b), "--key", str(tmp_path / "k" / "private.pem"))
+    assert r.returncode == 0 and json.loads((b / "signature").read_text())["alg"] == "ed25519"
+    (b / "labels.txt").write_text("x\n")
+    r = run_cli("sign", str(b), "--key", str(tmp_path / "k" / "private.pem"))
+    assert r.returncode == 2 and "checksum mismatch" in r.stderr
