@@ -293,3 +293,13 @@ def test_keys_and_sign_cli(tmp_path, int8_bundle):
     (b / "labels.txt").write_text("x\n")
     r = run_cli("sign", str(b), "--key", str(tmp_path / "k" / "private.pem"))
     assert r.returncode == 2 and "checksum mismatch" in r.stderr
+
+
+def test_raspberry_pi_example_config_is_valid():
+    from conftest import ROOT
+    from lepton_edge.agent.config import load
+
+    cfg = load(ROOT / "examples" / "raspberry_pi" / "agent.toml", {})
+    assert cfg.broker.startswith("mqtts://") and cfg.trusted_keys and cfg.fleet == "shop-floor"
+    unit = (ROOT / "examples" / "raspberry_pi" / "lepton-edge-agent.service").read_text()
+    assert "lepton-edge agent --config /etc/lepton-edge/agent.toml" in unit and "KillSignal=SIGTERM" in unit

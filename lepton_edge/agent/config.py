@@ -46,6 +46,7 @@ class AgentConfig(BaseModel):
     sample_every: int = Field(default=1, ge=1, le=1000)
     state_dir: Path = Path("/var/lib/lepton-edge")  # outbox.sqlite, bundles/, current
     outbox_max: int = Field(default=100_000, ge=10)
+    outbox_fsync: bool = False  # true: windows survive a power cut too (an fsync per message)
     trusted_keys: list[Path] = Field(default_factory=list)  # when set, unsigned bundles are refused
     health_frames: int = Field(default=30, ge=1, le=10000)
     health_timeout_s: float = Field(default=30.0, gt=0)

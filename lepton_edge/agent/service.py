@@ -55,7 +55,7 @@ class Agent:
         self.pipeline = Pipeline(self.source, self.runtime)
         self.pipeline.sample_every = cfg.sample_every
         self.window_s = cfg.window_s
-        self.outbox = Outbox(cfg.state_dir / "outbox.sqlite", cfg.outbox_max)
+        self.outbox = Outbox(cfg.state_dir / "outbox.sqlite", cfg.outbox_max, durable=cfg.outbox_fsync)
         self.health = Health()
         self.publisher = Publisher(
             cfg.broker, f"lepton-{cfg.fleet}-{cfg.device_id}", self.outbox,
