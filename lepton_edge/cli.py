@@ -18,7 +18,7 @@ from lepton_edge import ui
 from lepton_edge.errors import BadInput, CheckFailed, LeptonError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
-                  help="Export small, fast, validated model bundles for edge devices.")
+                  help="Export small, fast, validated model bundles for edge devices, run them there, and watch them.")
 targets_app = typer.Typer(help="List target profiles, or show one.", invoke_without_command=True)
 app.add_typer(targets_app, name="targets")
 keys_app = typer.Typer(help="Signing keys for bundles (ed25519).", no_args_is_help=True)

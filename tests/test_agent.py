@@ -119,9 +119,10 @@ def test_commands_and_bad_commands(tmp_path, mosquitto, rpi4_bundle, fashion_vid
         assert rec.wait_for(lambda r: r.of("/meta"))  # subscribed to its commands from here on
         r = command(mosquitto.port, f"{BASE}/cmd/ping", {"id": "p1"}, f"{BASE}/cmd/ping/reply")
         assert r["ok"] and r["data"]["bundle"]["name"] == "fashion-cnn"
-        r = command(mosquitto.port, f"{BASE}/cmd/set", {"id": "s1", "window_s": 0.5, "sample_every": 2},
+        r = command(mosquitto.port, f"{BASE}/cmd/set", {"id": "s1", "window_s": 0.5, "sample_every": 2, "threads": 1},
                     f"{BASE}/cmd/set/reply")
-        assert r["ok"] and r["data"] == {"window_s": 0.5, "sample_every": 2}
+        assert r["ok"] and r["data"] == {"window_s": 0.5, "sample_every": 2, "threads": 1}
+        assert rec.wait_for(lambda r: [w for w in r.of("/telemetry") if w["window_s"] == 0.5 and w["frames"] > 0])
         for verb, payload, words in [("ping", "{not json", "not JSON"), ("reboot", "{}", "unknown verb"),
                                      ("set", {"id": "s2", "window_s": "fast"}, "window_s"),
                                      ("set", {"id": "s3", "threads": 0}, "threads"),
@@ -180,10 +181,10 @@ def test_signed_deploys_and_rollbacks(tmp_path, mosquitto, signed, keys, fashion
         assert rec.wait_for(lambda r: [e for e in r.of("/events") if e["kind"] == "rollback"])
 
         # the operator's CLI: pack, serve over HTTP, command, wait for the reply
-        res = run_cli("deploy", "f1/dev1", str(signed["new"]), "--broker", mosquitto.url, "--json", timeout=120)
+        res = run_cli("deploy", "f1", str(signed["new"]), "--broker", mosquitto.url, "--json", timeout=120)  # fleet-wide
         assert res.returncode == 0, res.stderr + res.stdout
-        (row,) = json.loads(res.stdout)
-        assert row["ok"] and row["data"]["bundle"]["format"] == "onnx" and row["data"]["signed_by"]
+        (row,) = json.loads(res.stdout)  # the one online device of fleet f1, found by its retained status
+        assert row["device"] == "dev1" and row["ok"] and row["data"]["bundle"]["format"] == "onnx" and row["data"]["signed_by"]
         assert row["data"]["inference_p50_ms"] <= row["data"]["latency_budget_ms"]
         r = command(mosquitto.port, f"{BASE}/cmd/ping", {"id": "after"}, f"{BASE}/cmd/ping/reply")
         assert r["data"]["bundle"]["format"] == "onnx"  # serving the new model
