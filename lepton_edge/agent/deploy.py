@@ -18,7 +18,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from lepton_edge.bundle import MANIFEST, Bundle
+from lepton_edge.bundle import MANIFEST, Bundle, sha256_file
 from lepton_edge.errors import BadInput
 from lepton_edge.telemetry.schema import DeployCommand
 
@@ -84,7 +84,7 @@ class BundleStore:
                 if src.is_dir():
                     shutil.copytree(src, dest, dirs_exist_ok=True)
                 elif src.is_file():
-                    if cmd.sha256 and _sha256(src) != cmd.sha256:
+                    if cmd.sha256 and sha256_file(src) != cmd.sha256:
                         raise DeployError(f"{src}: sha256 differs from the command's")
                     self._unpack(src, dest)
                 else:
@@ -148,10 +148,3 @@ def pack(bundle_dir: Path, out: Path) -> Path:
         tf.add(bundle_dir, arcname=Path(bundle_dir).name)
     return out
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -8,7 +8,6 @@ the device as --device-path.
 """
 from __future__ import annotations
 
-import hashlib
 import http.server
 import json
 import socket
@@ -109,12 +108,12 @@ def deploy(target: str, bundle: str, broker: str, *, username=None, password=Non
         payload = {"path": bundle}
     else:
         from lepton_edge.agent.deploy import pack
-        from lepton_edge.bundle import Bundle
+        from lepton_edge.bundle import Bundle, sha256_file
 
         b = Bundle.load(bundle)  # a local bundle must be whole before it is offered to devices
         tmp = Path(tempfile.mkdtemp(prefix="lepton-deploy-"))
         archive = pack(b.path, tmp / f"{b.path.name}.tar.gz")
-        payload = {"sha256": hashlib.sha256(archive.read_bytes()).hexdigest()}
+        payload = {"sha256": sha256_file(archive)}
     client, addr = _client(broker, username, password, ca_file, cert_file, key_file)
     client.loop_start()
     try:
