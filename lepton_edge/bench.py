@@ -106,7 +106,7 @@ def parse_threads(text: str | None) -> list[int | None]:
     if not vals or any(v < 1 for v in vals):
         raise BadInput(f"--threads must be positive integers, got {text!r}")
     cpus = os.cpu_count() or 1
-    return vals if all(v <= 4 * cpus for v in vals) else [min(v, 4 * cpus) for v in vals]
+    return [min(v, 4 * cpus) for v in vals]
 
 
 def table(rows: list[dict], title: str):

@@ -110,21 +110,16 @@ class Pipeline:
                 probe = self.probe
                 if probe is not None and len(probe) < 100_000:
                     probe.append(ms["inference"])
-                self._sync_counters()
                 n += 1
                 yield Result(rt.task, out, frame.index, frame.timestamp, ms, frame.image, frame.path)
         finally:
             self._stop.set()
-            self._sync_counters()
             deadline = time.monotonic() + 5
             while worker.is_alive() and time.monotonic() < deadline:  # unblock a producer on a full queue
                 try:
                     q.get_nowait()
                 except queue.Empty:
                     worker.join(0.05)
-
-    def _sync_counters(self) -> None:
-        self.stats.dropped, self.stats.corrupt = self.source.dropped, self.source.corrupt + self.bad_frames
 
     def close(self) -> None:
         self._stop.set()
@@ -138,5 +133,6 @@ class Pipeline:
 
     def status(self) -> dict:
         """Stage statistics and the source's counters: what a summary and telemetry report."""
-        self._sync_counters()  # the source may have skipped files after the last frame it delivered
+        # read now, not per frame: the source may have skipped files after the last frame it delivered
+        self.stats.dropped, self.stats.corrupt = self.source.dropped, self.source.corrupt + self.bad_frames
         return self.stats.snapshot() | {"source": self.source.status()}

@@ -68,6 +68,7 @@ class Agent:
         self._stop = threading.Event()
         self._deploying = threading.Lock()
         self.pipeline_error: str | None = None
+        self._prev_counts = (0, 0)  # source dropped / corrupt at the last window: windows report the difference
 
     # ---- loading a bundle ---------------------------------------------------------------------
     def _load(self, path: Path, threads: int | None, check_signature: bool) -> Runtime:
@@ -126,7 +127,7 @@ class Agent:
         snap = self.pipeline.stats.window()
         lat = {k: {m: v[m] for m in ("p50", "p95", "p99", "max")} for k, v in snap["latency_ms"].items() if v}
         src = self.source.status()
-        prev = getattr(self, "_prev_counts", (0, 0))
+        prev = self._prev_counts
         corrupt = src["corrupt"] + self.pipeline.bad_frames
         t = Telemetry(boot_id=self.boot_id, seq=self.seq, window_s=self.window_s, frames=snap["window_frames"],
                       fps=snap["fps"], dropped=src["dropped"] - prev[0], corrupt=corrupt - prev[1], latency_ms=lat,

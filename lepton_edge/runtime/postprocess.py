@@ -150,7 +150,7 @@ def detect(outputs: list[np.ndarray], spec: InputSpec, frame_hw: tuple[int, int]
     else:
         raise ValueError("outputs match neither the SSD layout (boxes [N,4], scores, classes) nor the YOLO "
                          "layout ([1,4+nc,N] or [1,N,5+nc]); run with --task raw")
-    sx, sy, dx, dy = frame_transform(spec, (h, w) if frame_hw is None else frame_hw)
+    sx, sy, dx, dy = frame_transform(spec, frame_hw)
     fh, fw = frame_hw
     out = []
     for b, s, c in sorted(zip(boxes, scores, classes), key=lambda t: -t[1])[:limit]:
