@@ -345,8 +345,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description="export-path benchmarks -> BENCHMARKS.md")
     ap.add_argument("--quick", action="store_true", help="fewer latency rounds and repeats")
     ap.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
-    ap.add_argument("--only", choices=["fashion", "mobilenet", "tflite", "wall", "runtime", "agent"], help="run one section")
+    ap.add_argument("--only", type=lambda v: v.split(","), default=None, metavar="SECTION[,SECTION]",
+                    help=f"run these sections only ({', '.join(SECTIONS)}); the others keep their last figures")
     a = ap.parse_args()
+    if a.only and set(a.only) - set(SECTIONS):
+        ap.error(f"unknown section(s): {', '.join(sorted(set(a.only) - set(SECTIONS)))}")
     ui.set_quiet(True)
     work = Path(tempfile.mkdtemp(prefix="lepton-bench-"))
     try:
@@ -363,7 +366,7 @@ def main() -> None:
                  "agent": lambda: bench_agent(work / "agent", a.quick)}
         fresh: dict[str, list] = {}
         for key, step in steps.items():
-            if a.only and key != a.only:
+            if a.only and key not in a.only:
                 continue
             done = len(RESULTS)
             step()

@@ -212,16 +212,45 @@ def _read_model(data: bytes):
     return model
 
 
+def _pack(model) -> bytes:
+    """The model object as .tflite bytes, each small numeric vector written once and shared by
+    every table that holds the same content (flatbuffers allows it: the file is read-only).
+
+    Why: the TFLite schema stores an int64 zero point per output channel for every per-channel
+    weight and bias, and the interpreter requires as many zero points as scales. Symmetric int8 makes
+    them all 0, so tensors with the same channel count can share one vector: MobileNetV2 int8 loses
+    0.29 MB (7 %) of 3.98 MB this way, outputs bit-identical. Vectors over 64 KiB (weights) are
+    written as they are.
+    """
+    import flatbuffers
+
+    class SharingBuilder(flatbuffers.Builder):
+        def __init__(self):
+            super().__init__(1024)
+            self.seen: dict[tuple[str, bytes], int] = {}
+
+        def CreateNumpyVector(self, x):  # noqa: N802 (flatbuffers' name)
+            if x.nbytes > 65536:
+                return super().CreateNumpyVector(x)
+            key = (x.dtype.str, x.tobytes())
+            if key not in self.seen:
+                self.seen[key] = super().CreateNumpyVector(x)
+            return self.seen[key]
+
+    builder = SharingBuilder()
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
 def compact(path: Path) -> None:
-    """Shorten tensor names in a .tflite in place, keeping the signature's inputs and outputs.
+    """Shorten tensor names and store repeated quantization vectors once, in place; the signature's
+    inputs and outputs keep their names.
 
     litert-torch names every tensor by its full module path (~400 bytes a tensor: 8 % of a small
-    int8 model). The result is checked against the original on random inputs and kept only when
-    every output is bit-identical. (Per-channel zero points, int64 in the schema, cannot be cut:
-    the interpreter requires as many as there are scales.)
+    int8 model), and every per-channel tensor carries its own all-zero int64 zero points (see
+    _pack). The result is checked against the original on random inputs and kept only
+    when every output is bit-identical.
     """
-    from ai_edge_litert.tools import flatbuffer_utils as fu
-
     from lepton_edge.runtime.litert_loader import load_interpreter
 
     original = path.read_bytes()
@@ -231,7 +260,7 @@ def compact(path: Path) -> None:
         for i, t in enumerate(sg.tensors):
             if i not in keep:
                 t.name = f"t{i:x}"
-    shrunk = bytes(fu.convert_object_to_bytearray(model))
+    shrunk = _pack(model)
 
     def outputs(data: bytes) -> list[np.ndarray]:
         tmp = path.with_suffix(".check.tflite")

@@ -35,6 +35,33 @@ def test_rpi4_default_is_full_int8_tflite_nhwc(rpi4_bundle, fashion):
     assert abs(_manifest_only_accuracy(rpi4_bundle.bundle, x[6000:6500], y[6000:6500]) - v["accuracy_artifact"]) < 0.03
 
 
+def test_int8_file_stores_repeated_quantization_vectors_once(rpi4_bundle, tmp_path):
+    """Per-channel zero points (int64, all 0) are shared between tensors of the same channel count;
+    written out the stock way the same model is larger by about that much and computes the same."""
+    import numpy as np
+    from ai_edge_litert.tools import flatbuffer_utils as fu
+
+    path = rpi4_bundle.bundle.model_path
+    data = path.read_bytes()
+    model = fu.convert_bytearray_to_object(bytearray(data))
+    zps = [t.quantization.zeroPoint for t in model.subgraphs[0].tensors
+           if t.quantization is not None and t.quantization.zeroPoint is not None and len(t.quantization.zeroPoint) > 1]
+    assert len(zps) >= 4 and all(not z.any() for z in zps)  # symmetric per-channel: all zero
+    distinct = {len(z) for z in zps}
+    saved = 8 * (sum(len(z) for z in zps) - sum(distinct))
+    stock = tmp_path / "stock.tflite"
+    stock.write_bytes(bytes(fu.convert_object_to_bytearray(model)))
+    assert stock.stat().st_size - len(data) >= 0.9 * saved > 0
+    x = np.random.default_rng(1).standard_normal(rpi4_bundle.manifest.inputs[0].shape).astype(np.float32)
+    outs = []
+    for p in (path, stock):
+        it = load_interpreter(p, 1)
+        it.set_tensor(it.get_input_details()[0]["index"], x)
+        it.invoke()
+        outs.append(it.get_tensor(it.get_output_details()[0]["index"]).copy())
+    assert np.array_equal(outs[0], outs[1])
+
+
 def _manifest_only_accuracy(bundle, x, y) -> float:
     """Preprocess from the manifest (quantizing the frame when the input is integer), invoke, argmax."""
     spec = bundle.manifest.inputs[0]

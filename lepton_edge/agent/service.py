@@ -142,9 +142,12 @@ class Agent:
     def _command_loop(self) -> None:
         while not self._stop.is_set():
             try:
-                verb, payload = self._commands.get(timeout=0.2)
+                item = self._commands.get(timeout=5.0)  # stop() wakes it with None: no polling
             except queue.Empty:
                 continue
+            if item is None:
+                continue
+            verb, payload = item
             try:
                 cmd = commands.parse(verb, payload)
             except commands.CommandError as e:
@@ -252,6 +255,10 @@ class Agent:
 
     def stop(self, *_args) -> None:
         self._stop.set()
+        try:
+            self._commands.put_nowait(None)  # wake the command thread
+        except queue.Full:
+            pass
 
     def run(self, install_signals: bool = True) -> int:
         if install_signals:

@@ -184,7 +184,7 @@ class Publisher:
     # ---- the sender thread --------------------------------------------------------------------
     def _send_loop(self) -> None:
         while not self._stop.is_set():
-            self._wake.wait(0.5)
+            self._wake.wait(5.0)  # woken by puts, PUBACKs and connects; the timeout is only a safety net
             self._wake.clear()
             while self.connected.is_set() and not self._stop.is_set():
                 with self._mlock:
