@@ -296,7 +296,7 @@ def bench_agent(out: Path, quick: bool) -> None:
     for img in x[:2000]:
         w.write(cv2.resize(img, (56, 56), interpolation=cv2.INTER_NEAREST))
     w.release()
-    RESULTS.append(ab.telemetry_cost(bundle, video, 3.0, 4 if quick else 10, out))
+    RESULTS.append(ab.telemetry_cost(bundle, video, 1.0, 20 if quick else 60, out))
     RESULTS.append(ab.outbox_rates(out))
 
 

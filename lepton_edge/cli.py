@@ -261,12 +261,12 @@ def run(
 
     from lepton_edge import sinks
     from lepton_edge.capture import open_source
-    from lepton_edge.pipeline import Pipeline
+    from lepton_edge.pipeline import Pipeline, capture_threads
     from lepton_edge.runtime import Runtime
 
     rt = Runtime.load(model, threads=threads, input_spec=input_spec, task=task, top_k=top_k, conf=conf, iou=iou,
                       leave_cores=1)
-    src = open_source(source)
+    src = open_source(source, decode_threads=capture_threads(rt))
     lines_to = ui.err if (as_json or jsonl == "-") else out
     pipe = Pipeline(src, rt, max_frames=max_frames)
     outs: list = [sinks.ConsoleLines(lines_to, every, pipe.stats)]

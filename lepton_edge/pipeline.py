@@ -7,6 +7,7 @@ short: long enough to absorb jitter for files, one frame for live sources so no 
 """
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -18,6 +19,11 @@ from lepton_edge.runtime import Result, Runtime
 from lepton_edge.stats import StageTimes
 
 _END = object()
+
+
+def capture_threads(runtime: Runtime) -> int:
+    """Decoder threads for a source feeding this runtime: the cores its engine leaves free (>= 1)."""
+    return max(1, (os.cpu_count() or 1) - int(getattr(runtime.backend, "threads", 1)))
 
 
 class Pipeline:
@@ -32,7 +38,8 @@ class Pipeline:
         if not isinstance(model, Runtime):
             load_options.setdefault("leave_cores", 1)
         self.runtime = model if isinstance(model, Runtime) else Runtime.load(model, **load_options)
-        self.source = source if isinstance(source, Source) else open_source(source)
+        self.source = source if isinstance(source, Source) else open_source(
+            source, decode_threads=capture_threads(self.runtime))
         self.max_frames = max_frames
         self.stats = StageTimes(window)
         self.bad_frames = 0  # frames that preprocessing or postprocessing could not handle

@@ -123,6 +123,16 @@ def test_commands_and_bad_commands(tmp_path, mosquitto, rpi4_bundle, fashion_vid
                     f"{BASE}/cmd/set/reply")
         assert r["ok"] and r["data"] == {"window_s": 0.5, "sample_every": 2, "threads": 1}
         assert rec.wait_for(lambda r: [w for w in r.of("/telemetry") if w["window_s"] == 0.5 and w["frames"] > 0])
+        # pause telemetry: no window while paused, the agent still answers; resume: windows again
+        r = command(mosquitto.port, f"{BASE}/cmd/set", {"id": "t0", "telemetry": False}, f"{BASE}/cmd/set/reply")
+        assert r["ok"] and r["data"] == {"telemetry": False}
+        time.sleep(0.6)  # a window already being sent may still land
+        paused_at = len(rec.of("/telemetry"))
+        time.sleep(1.6)  # three window periods
+        assert len(rec.of("/telemetry")) == paused_at
+        assert command(mosquitto.port, f"{BASE}/cmd/ping", {"id": "p0"}, f"{BASE}/cmd/ping/reply")["ok"]
+        r = command(mosquitto.port, f"{BASE}/cmd/set", {"id": "t1", "telemetry": True}, f"{BASE}/cmd/set/reply")
+        assert r["ok"] and rec.wait_for(lambda r: len(r.of("/telemetry")) > paused_at)
         for verb, payload, words in [("ping", "{not json", "not JSON"), ("reboot", "{}", "unknown verb"),
                                      ("set", {"id": "s2", "window_s": "fast"}, "window_s"),
                                      ("set", {"id": "s3", "threads": 0}, "threads"),

@@ -24,7 +24,7 @@ from lepton_edge.agent.config import AgentConfig
 from lepton_edge.agent.deploy import BundleStore, DeployError
 from lepton_edge.capture import open_source
 from lepton_edge.errors import BadInput, LeptonError
-from lepton_edge.pipeline import Pipeline
+from lepton_edge.pipeline import Pipeline, capture_threads
 from lepton_edge.runtime import Runtime
 from lepton_edge.stats import summarize
 from lepton_edge.telemetry.health import Health
@@ -51,10 +51,12 @@ class Agent:
         if bundle is None:
             raise BadInput("no bundle: set `bundle` in the config (or --bundle)")
         self.runtime = self._load(Path(bundle), cfg.threads, check_signature=True)
-        self.source = open_source(cfg.source, max_backoff=cfg.max_backoff_s, loop=cfg.loop)
+        self.source = open_source(cfg.source, max_backoff=cfg.max_backoff_s, loop=cfg.loop,
+                                  decode_threads=capture_threads(self.runtime))
         self.pipeline = Pipeline(self.source, self.runtime)
         self.pipeline.sample_every = cfg.sample_every
         self.window_s = cfg.window_s
+        self.telemetry = True  # windows on; `set {"telemetry": false}` pauses them (a metered link)
         self.outbox = Outbox(cfg.state_dir / "outbox.sqlite", cfg.outbox_max, durable=cfg.outbox_fsync)
         self.health = Health()
         self.publisher = Publisher(
@@ -95,6 +97,7 @@ class Agent:
 
         meta = {"v": 1, "ts": round(time.time(), 3), "boot_id": self.boot_id, "software": __version__,
                 "bundle": self._bundle_info(), "source": self.source.spec, "window_s": self.window_s,
+                "telemetry": self.telemetry,
                 "hardware": {"machine": platform.machine(), "system": platform.system(),
                              "python": platform.python_version(), "node": platform.node()}}
         self.publisher.publish_now(self.topics.meta, json.dumps(meta).encode(), retain=True)
@@ -138,6 +141,12 @@ class Agent:
         self.seq += 1
         return t
 
+    def set_telemetry(self, on: bool) -> None:
+        """Pause or resume telemetry windows (status, events and replies are never paused)."""
+        if on and not self.telemetry:
+            self.pipeline.stats.reset()  # the next window covers frames from now on
+        self.telemetry = on
+
     # ---- commands -----------------------------------------------------------------------------
     def _command_loop(self) -> None:
         while not self._stop.is_set():
@@ -168,6 +177,9 @@ class Agent:
             changed = {}
             if cmd.window_s is not None:
                 self.window_s = changed["window_s"] = cmd.window_s
+            if cmd.telemetry is not None:
+                self.set_telemetry(cmd.telemetry)
+                changed["telemetry"] = cmd.telemetry
             if cmd.sample_every is not None:
                 self.pipeline.sample_every = changed["sample_every"] = cmd.sample_every
             if cmd.threads is not None:
@@ -276,7 +288,8 @@ class Agent:
         while not self._stop.is_set():
             if self._stop.wait(max(0.0, next_window - time.monotonic())):
                 break
-            self.window()
+            if self.telemetry:
+                self.window()
             next_window += self.window_s
             if next_window < time.monotonic():  # fell behind (suspend, a slow disk): do not burst
                 next_window = time.monotonic() + self.window_s
@@ -284,7 +297,8 @@ class Agent:
 
     def _shutdown(self) -> int:
         """Last window, 'stopped' event, offline status, flush what the broker will take, exit 0."""
-        self.window()
+        if self.telemetry:
+            self.window()
         self.event("stopped", "graceful stop")
         self.publisher.flush(timeout=5.0)
         self.publisher.publish_now(self.topics.status, _json(Status(online=False, boot_id=self.boot_id,

@@ -89,6 +89,7 @@ class SetCommand(_Command):
     window_s: float | None = Field(default=None, ge=0.1, le=3600)
     sample_every: int | None = Field(default=None, ge=1, le=1000)  # run the model on every Nth frame
     threads: int | None = Field(default=None, ge=1, le=64)
+    telemetry: bool | None = None  # pause (false) or resume telemetry windows; status, events and replies go on
 
 
 class DeployCommand(_Command):
