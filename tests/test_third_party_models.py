@@ -6,6 +6,7 @@ import json
 
 import cv2
 import numpy as np
+import pytest
 import torch
 
 from conftest import run_cli
@@ -54,6 +55,49 @@ def test_dynamic_shape_model_with_two_outputs(tmp_path):
     assert [list(o.shape) for o in outs] == [[1, 4], [1, 8, 224, 224]]
     rt = Runtime.load(path, input_spec="size=96x128;color=BGR", task="classify")
     assert rt.spec.hw() == (96, 128) and len(rt.predict(np.zeros((50, 50, 3), np.uint8))) == 4
+
+
+def test_tflite_with_dynamic_spatial_dims(tmp_path):
+    """A .tflite whose input signature leaves H and W open (as TensorFlow exports with None dims
+    make): the runtime fixes them (224 by default, or the --input-spec size) and computes what
+    the model computes at that size."""
+    pytest.importorskip("litert_torch")
+    import litert_torch
+    from ai_edge_litert.tools import flatbuffer_utils as fu
+
+    class Nhwc(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.fc = torch.nn.Linear(8, 4)
+
+        def forward(self, x):  # [1, H, W, 3] -> class scores and an NHWC feature map
+            f = torch.relu(self.conv(x.permute(0, 3, 1, 2)))
+            return self.fc(f.mean((2, 3))), f.permute(0, 2, 3, 1)
+
+    torch.manual_seed(0)
+    module = Nhwc().eval()
+    static = tmp_path / "static.tflite"
+    litert_torch.convert(module, (torch.zeros(1, 32, 32, 3),)).export(str(static))
+    model = fu.convert_bytearray_to_object(bytearray(static.read_bytes()))
+    sg = model.subgraphs[0]
+    sg.tensors[sg.inputs[0]].shapeSignature = np.array([1, -1, -1, 3], np.int32)
+    path = tmp_path / "dynamic.tflite"
+    path.write_bytes(bytes(fu.convert_object_to_bytearray(model)))
+
+    rt = Runtime.load(path)
+    assert rt.spec.shape == [1, 224, 224, 3] and rt.spec.layout == "NHWC"
+    assert [o.shape for o in rt.predict(np.zeros((480, 640, 3), np.uint8))] == [(1, 4), (1, 224, 224, 8)]
+    rt = Runtime.load(path, input_spec="size=96x128")
+    frame = np.random.default_rng(0).integers(0, 255, (480, 640, 3), np.uint8)
+    x = rt.preprocess(frame)
+    assert x.shape == (1, 96, 128, 3)
+    logits, fmap = rt.predict(x)
+    with torch.no_grad():
+        want = [t.numpy() for t in module(torch.from_numpy(x))]
+    assert fmap.shape == (1, 96, 128, 8)
+    np.testing.assert_allclose(logits, want[0], atol=1e-4)
+    np.testing.assert_allclose(fmap, want[1], atol=1e-4)
 
 
 def test_nhwc_model_and_input_spec_errors(tmp_path):
