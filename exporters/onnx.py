@@ -5,7 +5,6 @@ runtime the device uses, so what was validated is what will run.
 """
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from pathlib import Path
@@ -14,7 +13,7 @@ import numpy as np
 
 from lepton_edge import ui
 from lepton_edge.compress import quantize
-from lepton_edge.errors import BadInput, CheckFailed
+from lepton_edge.errors import BadInput
 from lepton_edge.exporters.base import Exporter, register
 
 
@@ -91,28 +90,6 @@ class OnnxExporter(Exporter):
         res = quantize.quantize_int8(prepared, out_path, calib, recipe, per_channel, exclude)
         res.names = quantize.compact_names(res.path)
         return res
-
-    def predictor(self, path: Path, threads: int):
-        import onnxruntime as ort
-
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = max(1, min(threads, os.cpu_count() or 1))
-        so.inter_op_num_threads = 1
-        so.log_severity_level = 3
-        try:
-            sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        except Exception as e:
-            raise CheckFailed(f"onnxruntime cannot load the exported model: {str(e).splitlines()[0][:200]}") from None
-        name = sess.get_inputs()[0].name
-        fixed_batch = sess.get_inputs()[0].shape[0]
-
-        def run(x: np.ndarray) -> np.ndarray:
-            if isinstance(fixed_batch, int) and fixed_batch != len(x):
-                return np.concatenate([sess.run(None, {name: x[i:i + fixed_batch]})[0]
-                                       for i in range(0, len(x), fixed_batch)])
-            return sess.run(None, {name: x})[0]
-
-        return run
 
     def describe(self, path: Path) -> dict:
         import onnx

@@ -18,7 +18,7 @@ import numpy as np
 
 from lepton_edge import ui
 from lepton_edge.compress.quantize import QuantResult
-from lepton_edge.errors import BadInput, CheckFailed
+from lepton_edge.errors import BadInput
 from lepton_edge.exporters.base import Exporter, register
 from lepton_edge.runtime.litert_loader import load_interpreter
 
@@ -155,34 +155,6 @@ class TfliteExporter(Exporter):
         if not self.int8_io:
             float_io(path)
         compact(path)
-
-    def predictor(self, path: Path, threads: int):
-        """Run like the device: float frames in, quantized here when the input is integer; float out."""
-        try:
-            it = load_interpreter(path, threads)
-        except BadInput as e:
-            raise CheckFailed(f"LiteRT cannot load the exported model: {e}") from None
-        ind, outd = it.get_input_details()[0], it.get_output_details()[0]
-        in_scale, in_zp = ind["quantization"]
-        out_scale, out_zp = outd["quantization"]
-        fixed = int(ind["shape"][0])
-
-        def run(x: np.ndarray) -> np.ndarray:
-            outs = []
-            for i in range(0, len(x), fixed):
-                xi = x[i:i + fixed]
-                if np.issubdtype(ind["dtype"], np.integer):
-                    info = np.iinfo(ind["dtype"])
-                    xi = np.clip(np.round(xi / in_scale + in_zp), info.min, info.max)
-                it.set_tensor(ind["index"], np.ascontiguousarray(xi, dtype=ind["dtype"]))
-                it.invoke()
-                y = it.get_tensor(outd["index"])
-                if np.issubdtype(outd["dtype"], np.integer):
-                    y = (y.astype(np.float32) - out_zp) * out_scale
-                outs.append(y.astype(np.float32))
-            return np.concatenate(outs)
-
-        return run
 
     def describe(self, path: Path) -> dict:
         it = load_interpreter(path, 1)
