@@ -314,3 +314,23 @@ def test_raspberry_pi_example_config_is_valid():
     assert cfg.broker.startswith("mqtts://") and cfg.trusted_keys and cfg.fleet == "shop-floor"
     unit = (ROOT / "examples" / "raspberry_pi" / "lepton-edge-agent.service").read_text()
     assert "lepton-edge agent --config /etc/lepton-edge/agent.toml" in unit and "KillSignal=SIGTERM" in unit
+
+
+def test_websockets_broker_url(tmp_path, rpi4_bundle, fashion_video):
+    """ws:// (MQTT over WebSockets, for brokers behind HTTP proxies): telemetry out and commands in."""
+    video, _ = fashion_video
+    ws_port = free_port()
+    # mosquitto 2.0's websockets listener binds every interface and needs a plain listener beside it
+    broker = Mosquitto(tmp_path / "broker", extra=f"listener {ws_port}\nprotocol websockets\n").start()
+    rec = Recorder(broker.port)
+    agent = start_agent(*_agent_args(f"ws://127.0.0.1:{ws_port}", tmp_path / "state", rpi4_bundle.bundle.path,
+                                     video))
+    try:
+        assert rec.wait_for(lambda r: len(r.of("/telemetry")) >= 2 and r.of("/meta")), broker.log()[-2000:]
+        r = command(broker.port, f"{BASE}/cmd/ping", {"id": "w1"}, f"{BASE}/cmd/ping/reply")
+        assert r["ok"] and r["data"]["bundle"]["name"] == "fashion-cnn"
+    finally:
+        rec.close()
+        code = _stop(agent)
+        broker.stop()
+    assert code == 0
