@@ -15,6 +15,7 @@ from conftest import run_cli
 from lepton_edge.errors import BadInput
 from lepton_edge.pipeline import Pipeline
 from lepton_edge.runtime import Runtime
+import rtsp_server
 from mjpeg_server import MjpegServer, free_port
 
 
@@ -176,3 +177,48 @@ def test_live_stream_keeps_the_newest_frame_and_reconnects(int8_bundle, fashion)
     assert src.reconnects >= 1 and src.dropped > 0
     assert max(lags[-20:]) < 0.5  # no growing lag: each result is about the newest frame
     assert results[-1].output[0]["label"]
+
+
+def test_rtsp_camera_stream_survives_a_camera_reboot(int8_bundle, fashion, tmp_path):
+    """An RTSP camera (GStreamer's RTSP server, JPEG over RTP) read by OpenCV's FFmpeg reader: the
+    frames say what the images show; the camera dies and comes back on the same port and the
+    pipeline carries on; an RTSP address nobody answers is one line and exit code 2."""
+    why = rtsp_server.available()
+    if why:
+        pytest.skip(f"no RTSP server here ({why}); .ci/run installs gir1.2-gst-rtsp-server-1.0")
+    x, y = fashion
+    cls = 1  # trousers: ten test images of one class, so every frame has the same right answer
+    folder = tmp_path / "cam"
+    folder.mkdir()
+    for i, img in enumerate(x[y == cls][:10]):
+        cv2.imwrite(str(folder / f"img{i:05d}.jpg"), cv2.cvtColor(cv2.resize(img, (56, 56)), cv2.COLOR_GRAY2BGR),
+                    [cv2.IMWRITE_JPEG_QUALITY, 95])
+    server = rtsp_server.RtspServer(folder, free_port(), fps=30).start()
+    pipe = Pipeline(server.url, int8_bundle.bundle.path)
+    results = []
+
+    def consume():
+        for r in pipe:
+            results.append(r)
+            if len(results) >= 100:
+                break
+
+    t = threading.Thread(target=consume)
+    t.start()
+    deadline = time.monotonic() + 30
+    while len(results) < 30 and time.monotonic() < deadline:  # FFmpeg's probe hands over ~0.7 s of frames at once
+        time.sleep(0.05)
+    before = len(results)
+    server.stop()  # the camera loses power...
+    time.sleep(1.0)
+    server.start()  # ...and is back on the same address
+    t.join(timeout=60)
+    pipe.close()
+    server.stop()
+    assert 30 <= before < 100 and len(results) == 100
+    assert pipe.source.reconnects >= 1
+    assert results[0].frame.shape == (56, 56, 3)
+    label = int8_bundle.bundle.labels[cls]
+    assert np.mean([r.output[0]["label"] == label for r in results]) >= 0.9
+    r = run_cli("run", str(int8_bundle.bundle.path), "--source", f"rtsp://127.0.0.1:{free_port()}/live", timeout=60)
+    assert r.returncode == 2 and "cannot open stream" in r.stderr and len(r.stderr.strip().splitlines()) == 1
