@@ -28,7 +28,8 @@ DEVICE_MODULES = ("lepton_edge", "lepton_edge.bundle", "lepton_edge.targets", "l
                   "lepton_edge.runtime.postprocess", "lepton_edge.capture", "lepton_edge.pipeline",
                   "lepton_edge.stats", "lepton_edge.sinks", "lepton_edge.bench", "lepton_edge.signing",
                   "lepton_edge.telemetry.topics", "lepton_edge.telemetry.schema", "lepton_edge.telemetry.outbox",
-                  "lepton_edge.telemetry.publisher", "lepton_edge.telemetry.health", "lepton_edge.agent.config",
+                  "lepton_edge.telemetry.broker", "lepton_edge.telemetry.publisher", "lepton_edge.telemetry.health",
+                  "lepton_edge.agent.config",
                   "lepton_edge.agent.commands", "lepton_edge.agent.deploy", "lepton_edge.agent.service",
                   "lepton_edge.fleet.deploy")
 HEAVY = ("torch", "tensorflow", "onnx", "litert_torch", "lepton_edge.exporters", "lepton_edge.compress",

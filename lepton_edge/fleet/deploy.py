@@ -18,21 +18,14 @@ import uuid
 from pathlib import Path
 
 from lepton_edge.errors import BadInput
-from lepton_edge.telemetry.publisher import parse_broker
+from lepton_edge.telemetry.broker import make_client, parse_broker
 from lepton_edge.telemetry.topics import PREFIX, safe_segment
 
 
 def _client(broker: str, username, password, ca_file, cert_file, key_file):
-    import paho.mqtt.client as mqtt
-
     addr = parse_broker(broker)
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"lepton-operator-{uuid.uuid4().hex[:8]}",
-                    transport=addr.transport)
-    user = username or addr.username
-    if user:
-        c.username_pw_set(user, password or addr.password)
-    if addr.tls or ca_file:
-        c.tls_set(ca_certs=ca_file, certfile=cert_file, keyfile=key_file)
+    c = make_client(addr, f"lepton-operator-{uuid.uuid4().hex[:8]}", username=username, password=password,
+                    ca_file=ca_file, cert_file=cert_file, key_file=key_file)
     try:
         c.connect(addr.host, addr.port, keepalive=30)
     except (OSError, ValueError) as e:

@@ -14,44 +14,12 @@ Why it is built this way (paho-mqtt 2.x, CallbackAPIVersion.VERSION2):
 from __future__ import annotations
 
 import random
-import ssl
 import threading
 import time
-from dataclasses import dataclass
 from typing import Callable
-from urllib.parse import unquote, urlparse
 
-from lepton_edge.errors import BadInput
+from lepton_edge.telemetry.broker import make_client, parse_broker
 from lepton_edge.telemetry.outbox import Outbox
-
-SCHEMES = {"mqtt": (1883, False, "tcp"), "mqtts": (8883, True, "tcp"), "ws": (80, False, "websockets"),
-           "wss": (443, True, "websockets")}
-
-
-@dataclass
-class BrokerAddress:
-    host: str
-    port: int
-    tls: bool
-    transport: str
-    path: str
-    username: str | None
-    password: str | None
-
-
-def parse_broker(url: str) -> BrokerAddress:
-    u = urlparse(url if "://" in url else f"mqtt://{url}")
-    if u.scheme not in SCHEMES:
-        raise BadInput(f"broker URL {url!r}: scheme must be one of {', '.join(s + '://' for s in SCHEMES)}")
-    port, tls, transport = SCHEMES[u.scheme]
-    if not u.hostname:
-        raise BadInput(f"broker URL {url!r} has no host")
-    try:
-        port = u.port or port
-    except ValueError:
-        raise BadInput(f"broker URL {url!r} has a bad port") from None
-    return BrokerAddress(u.hostname, port, tls, transport, u.path or "/mqtt",
-                         unquote(u.username) if u.username else None, unquote(u.password) if u.password else None)
 
 
 class Publisher:
@@ -61,24 +29,12 @@ class Publisher:
                  max_inflight: int = 20, on_connect: Callable[["Publisher"], None] | None = None,
                  on_message: Callable[[str, bytes], None] | None = None, subscriptions: list[str] | None = None,
                  max_backoff: float = 10.0):
-        import paho.mqtt.client as mqtt
-
         self.addr = parse_broker(broker)
         self.outbox, self.max_inflight = outbox, max_inflight
         self._on_connect_cb, self._on_message_cb = on_connect, on_message
         self.subscriptions = subscriptions or []
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False,
-                        transport=self.addr.transport, protocol=mqtt.MQTTv311)
-        if self.addr.transport == "websockets":
-            c.ws_set_options(path=self.addr.path)
-        user, pw = username or self.addr.username, password or self.addr.password
-        if user:
-            c.username_pw_set(user, pw)
-        if self.addr.tls or ca_file:
-            try:
-                c.tls_set(ca_certs=ca_file, certfile=cert_file, keyfile=key_file, cert_reqs=ssl.CERT_REQUIRED)
-            except (OSError, ssl.SSLError, ValueError) as e:
-                raise BadInput(f"TLS files: {e}") from None
+        c = make_client(self.addr, client_id, clean_session=False, username=username, password=password,
+                        ca_file=ca_file, cert_file=cert_file, key_file=key_file)
         if will:
             c.will_set(will[0], will[1], qos=1, retain=True)
         jitter = random.uniform(0.8, 1.2)  # per device: a fleet must not reconnect in lockstep
