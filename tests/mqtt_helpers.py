@@ -92,7 +92,8 @@ def command(port: int, topic: str, payload, reply_topic: str, timeout: float = 6
 
 
 def make_ca(out: Path, host: str = "localhost") -> dict[str, Path]:
-    """A test CA and a server certificate for host (and 127.0.0.1), signed by it."""
+    """A test CA, a server certificate for host (and 127.0.0.1) and a client certificate for a
+    device called dev1 (mutual TLS), both signed by the CA."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -123,9 +124,18 @@ def make_ca(out: Path, host: str = "localhost") -> dict[str, Path]:
                            critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
             .sign(ca_key, hashes.SHA256()))
-    files = {"ca": out / "ca.crt", "cert": out / "server.crt", "key": out / "server.key"}
+    client_key = ec.generate_private_key(ec.SECP256R1())
+    client = (x509.CertificateBuilder().subject_name(name("dev1")).issuer_name(ca.subject)
+              .public_key(client_key.public_key()).serial_number(x509.random_serial_number())
+              .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=30))
+              .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+              .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+              .sign(ca_key, hashes.SHA256()))
+    files = {"ca": out / "ca.crt", "cert": out / "server.crt", "key": out / "server.key",
+             "client_cert": out / "dev1.crt", "client_key": out / "dev1.key"}
     files["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    files["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    files["key"].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                               serialization.NoEncryption()))
+    for c, k, cert_file, key_file in [(cert, key, "cert", "key"), (client, client_key, "client_cert", "client_key")]:
+        files[cert_file].write_bytes(c.public_bytes(serialization.Encoding.PEM))
+        files[key_file].write_bytes(k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                    serialization.NoEncryption()))
     return files

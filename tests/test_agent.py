@@ -293,6 +293,43 @@ def test_tls_password_and_acl(tmp_path, rpi4_bundle, fashion_video):
         broker.stop()
 
 
+def test_mutual_tls_with_a_device_certificate(tmp_path, rpi4_bundle, fashion_video):
+    """A broker that admits only clients with a certificate from its CA, the certificate's name
+    taken as the user name: the agent gets in with --cert-file/--key-file, a client without one
+    does not."""
+    import paho.mqtt.client as mqtt
+
+    video, _ = fashion_video
+    certs = make_ca(tmp_path / "certs")
+    mtls_port = free_port()
+    broker = Mosquitto(tmp_path / "broker", extra=(
+        f"listener {mtls_port} 127.0.0.1\ncafile {certs['ca']}\ncertfile {certs['cert']}\nkeyfile {certs['key']}\n"
+        "require_certificate true\nuse_identity_as_username true\n")).start()
+    rec = Recorder(broker.port)  # the plain loopback listener, for the test's own eyes
+    agent = start_agent(*_agent_args(f"mqtts://localhost:{mtls_port}", tmp_path / "state", rpi4_bundle.bundle.path,
+                                     video, "--ca-file", str(certs["ca"]), "--cert-file", str(certs["client_cert"]),
+                                     "--key-file", str(certs["client_key"])))
+    try:
+        assert rec.wait_for(lambda r: len(r.of("/telemetry")) >= 2), broker.log()[-2000:]
+        assert "dev1" in broker.log()  # connected as the certificate's name
+        bare = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="no-cert")
+        bare.tls_set(ca_certs=str(certs["ca"]))
+        try:  # refused in the handshake (TLS 1.2) or right after it (TLS 1.3)
+            bare.connect("localhost", mtls_port)
+            bare.loop_start()
+            time.sleep(1.0)
+            refused = not bare.is_connected()
+            bare.loop_stop()
+        except OSError:  # ssl.SSLError is an OSError
+            refused = True
+        assert refused
+    finally:
+        rec.close()
+        code = _stop(agent)
+        broker.stop()
+    assert code == 0
+
+
 def test_keys_and_sign_cli(tmp_path, int8_bundle):
     r = run_cli("keys", "new", "--out", str(tmp_path / "k"))
     assert r.returncode == 0 and (tmp_path / "k" / "private.pem").stat().st_mode & 0o777 == 0o600
