@@ -6,12 +6,10 @@ import getpass
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import time
 from pathlib import Path
 
-from mjpeg_server import free_port
+from mjpeg_server import free_port, wait_for_port
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
@@ -40,16 +38,8 @@ class Mosquitto:
     def start(self, timeout: float = 10) -> "Mosquitto":
         self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mosquitto exited: {self.proc.stderr.read().decode()[-2000:]}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return self
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("mosquitto did not open its port")
+        wait_for_port(self.proc, self.port, "mosquitto", timeout)
+        return self
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         """SIGTERM: mosquitto saves its persistence file and exits, as on a service restart."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -37,18 +36,12 @@ class RtspServer:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 15) -> "RtspServer":
+        from mjpeg_server import wait_for_port  # not at the top: the system python3 runs this file too
+
         self.proc = subprocess.Popen([SYSTEM_PYTHON, __file__, str(self.folder), str(self.port), str(self.fps)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"RTSP server exited: {self.proc.stderr.read().decode()[-2000:]}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return self
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("RTSP server did not open its port")
+        wait_for_port(self.proc, self.port, "RTSP server", timeout)
+        return self
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
