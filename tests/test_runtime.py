@@ -222,3 +222,36 @@ def test_rtsp_camera_stream_survives_a_camera_reboot(int8_bundle, fashion, tmp_p
     assert np.mean([r.output[0]["label"] == label for r in results]) >= 0.9
     r = run_cli("run", str(int8_bundle.bundle.path), "--source", f"rtsp://127.0.0.1:{free_port()}/live", timeout=60)
     assert r.returncode == 2 and "cannot open stream" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_preprocessing_runs_where_it_shortens_the_busier_thread(int8_bundle, fashion, tmp_path):
+    """A 28x28 model on 640x480 video: decoding and preprocessing outweigh inference, so the pipeline
+    moves preprocessing to the inference thread after its first look, and still classifies right.
+    The rule itself, from stage times: a slow model keeps it on the capture thread."""
+    x, y = fashion
+    video = tmp_path / "big.avi"
+    w = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 30, (640, 480))
+    for img in x[:120]:
+        square = cv2.cvtColor(cv2.resize(img, (480, 480)), cv2.COLOR_GRAY2BGR)
+        w.write(cv2.copyMakeBorder(square, 0, 0, 80, 80, cv2.BORDER_CONSTANT))  # 640x480, black bars
+    w.release()
+    pipe = Pipeline(str(video), int8_bundle.bundle.path, input_spec="resize=center_crop")
+    results = list(pipe)
+    assert len(results) == 120 and pipe.preprocess_on_capture is False
+    assert np.mean([r.output[0]["index"] == label for r, label in zip(results, y[:120])]) >= 0.8
+
+    def decide(on_capture: bool, **ms) -> bool:
+        p = Pipeline(str(video), int8_bundle.bundle.path)
+        for _ in range(64):
+            p.stats.add(**ms)
+        p.preprocess_on_capture = on_capture
+        p._balance()
+        p.close()
+        return p.preprocess_on_capture
+
+    slow_model = dict(capture=0.3, preprocess=0.3, inference=3.0, postprocess=0.05)
+    assert decide(False, **slow_model) is True and decide(True, **slow_model) is True
+    slow_decode = dict(capture=0.33, preprocess=0.25, inference=0.08, postprocess=0.01)
+    assert decide(True, **slow_decode) is False and decide(False, **slow_decode) is False
+    close_call = dict(capture=0.30, preprocess=0.02, inference=0.30, postprocess=0.0)  # < 5 % apart: stays put
+    assert decide(True, **close_call) is True and decide(False, **close_call) is False
