@@ -340,8 +340,8 @@ def write(path: Path, fresh: dict[str, list], store: Path = STORE) -> None:
               "  demo classifier is reported only: at 640x480 its preprocessing (~0.25 ms) costs more than its",
               "  inference (~0.08 ms) and nearly as much as decoding, and neither baseline includes it. The",
               "  pipeline moves that preprocessing to the inference thread (decided from the stage times), which",
-              "  lifts the demo from ~0.5 to ~0.6 of decode-only; two busy threads on this machine's two vCPUs",
-              "  still slow each other's decoding and preprocessing by a third.", ""]
+              "  lifts the demo from ~0.5 to 0.6-0.8 of decode-only; two busy threads on this machine's two",
+              "  vCPUs still slow each other's decoding and preprocessing.", ""]
     path.write_text("\n".join(lines))
 
 
