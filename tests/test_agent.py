@@ -353,15 +353,22 @@ def test_raspberry_pi_example_config_is_valid():
     assert "lepton-edge agent --config /etc/lepton-edge/agent.toml" in unit and "KillSignal=SIGTERM" in unit
 
 
-def test_websockets_broker_url(tmp_path, rpi4_bundle, fashion_video):
-    """ws:// (MQTT over WebSockets, for brokers behind HTTP proxies): telemetry out and commands in."""
+@pytest.mark.parametrize("scheme", ["ws", "wss"])
+def test_websockets_broker_url(scheme, tmp_path, rpi4_bundle, fashion_video):
+    """ws:// and wss:// (MQTT over WebSockets, for brokers behind HTTP proxies; wss with the test
+    CA): telemetry out and commands in."""
     video, _ = fashion_video
     ws_port = free_port()
+    tls, extra = [], ""
+    if scheme == "wss":
+        certs = make_ca(tmp_path / "certs")
+        extra = f"cafile {certs['ca']}\ncertfile {certs['cert']}\nkeyfile {certs['key']}\n"
+        tls = ["--ca-file", str(certs["ca"])]
     # mosquitto 2.0's websockets listener binds every interface and needs a plain listener beside it
-    broker = Mosquitto(tmp_path / "broker", extra=f"listener {ws_port}\nprotocol websockets\n").start()
+    broker = Mosquitto(tmp_path / "broker", extra=f"listener {ws_port}\nprotocol websockets\n{extra}").start()
     rec = Recorder(broker.port)
-    agent = start_agent(*_agent_args(f"ws://127.0.0.1:{ws_port}", tmp_path / "state", rpi4_bundle.bundle.path,
-                                     video))
+    agent = start_agent(*_agent_args(f"{scheme}://localhost:{ws_port}", tmp_path / "state",
+                                     rpi4_bundle.bundle.path, video, *tls))
     try:
         assert rec.wait_for(lambda r: len(r.of("/telemetry")) >= 2 and r.of("/meta")), broker.log()[-2000:]
         r = command(broker.port, f"{BASE}/cmd/ping", {"id": "w1"}, f"{BASE}/cmd/ping/reply")
