@@ -130,7 +130,7 @@ class VideoFile(Source):
         cv2 = _cv2()
         self.loop = loop  # start again at the end (a device agent demonstrating on a recorded clip)
         self.cap = None
-        if decode_threads:
+        if decode_threads and hasattr(cv2, "CAP_PROP_N_THREADS"):  # OpenCV >= 4.6
             try:
                 self.cap = cv2.VideoCapture(spec, cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, int(decode_threads)])
             except cv2.error:
@@ -203,7 +203,7 @@ class LiveSource(Source):
     def _open(self):
         cv2 = _cv2()
         params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, OPEN_TIMEOUT_MS, cv2.CAP_PROP_READ_TIMEOUT_MSEC, READ_TIMEOUT_MS]
-        if self.decode_threads:
+        if self.decode_threads and hasattr(cv2, "CAP_PROP_N_THREADS"):  # OpenCV >= 4.6
             params += [cv2.CAP_PROP_N_THREADS, int(self.decode_threads)]
         try:
             if self._backend == cv2.CAP_FFMPEG:  # network streams: bounded waits, never a hang

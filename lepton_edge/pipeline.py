@@ -54,6 +54,7 @@ class Pipeline:
         self.preprocess_on_capture = True  # see the module docstring; revised every `balance_every` frames
         self.balance_every = 256
         self._stop = threading.Event()
+        self._worker: threading.Thread | None = None
 
     def swap(self, runtime: Runtime) -> Runtime:
         """Use another model from the next frame on (a deploy or a rollback); returns the old one.
@@ -97,7 +98,8 @@ class Pipeline:
 
     def __iter__(self) -> Iterator[Result]:
         q: queue.Queue = queue.Queue(maxsize=1 if self.source.live else 4)
-        worker = threading.Thread(target=self._produce, args=(q,), name="pipeline:capture", daemon=True)
+        worker = self._worker = threading.Thread(target=self._produce, args=(q,), name="pipeline:capture",
+                                                 daemon=True)
         worker.start()
         st, n = self.stats, 0
         try:
@@ -156,7 +158,12 @@ class Pipeline:
             self.preprocess_on_capture = True
 
     def close(self) -> None:
+        """Stop, and release the source once the capture thread has let go of it (closing a
+        capture while another thread reads it can crash OpenCV)."""
         self._stop.set()
+        w = self._worker
+        if w is not None and w is not threading.current_thread():
+            w.join(timeout=5)
         self.source.close()
 
     def __enter__(self):
