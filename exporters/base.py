@@ -60,21 +60,20 @@ class Exporter:
         validated here is what the device will run, engine settings included. An integer input
         (`--int8-io`) is quantized with the model's own scale and zero point."""
         from lepton_edge.runtime.backend import get_backend
+        from lepton_edge.runtime.preprocess import quantize
 
         try:
             be = get_backend(self.format)(path, max(1, min(threads, os.cpu_count() or 1)))
         except BadInput as e:
             raise CheckFailed(f"the {self.format} runtime cannot load the exported model: {e}") from None
         info = be.inputs[0]
-        dtype = np.dtype(info.dtype) if info.dtype in ("int8", "uint8", "int16") else None
-        q = info.quantization if dtype is not None else None
+        q = info.quantization if info.dtype in ("int8", "uint8", "int16") else None
         first = info.shape[0] if info.shape else None
         fixed = first if isinstance(first, int) else (None if self.format == "onnx" else 1)
 
         def run(x: np.ndarray) -> np.ndarray:
             if q is not None:
-                lim = np.iinfo(dtype)
-                x = np.clip(np.round(x / q["scale"] + q["zero_point"]), lim.min, lim.max).astype(dtype)
+                x = quantize(x, q, info.dtype)
             if fixed is None or fixed == len(x):
                 return np.asarray(be.run(np.ascontiguousarray(x))[0], dtype=np.float32)
             return np.concatenate([np.asarray(be.run(np.ascontiguousarray(x[i:i + fixed]))[0], dtype=np.float32)

@@ -130,15 +130,12 @@ class VideoFile(Source):
         cv2 = _cv2()
         self.loop = loop  # start again at the end (a device agent demonstrating on a recorded clip)
         self.cap = None
-        if decode_threads and hasattr(cv2, "CAP_PROP_N_THREADS"):  # OpenCV >= 4.6
+        if _thread_params(decode_threads):
             try:
-                self.cap = cv2.VideoCapture(spec, cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, int(decode_threads)])
+                self.cap = cv2.VideoCapture(spec, cv2.CAP_FFMPEG, _thread_params(decode_threads))
             except cv2.error:
-                self.cap = None
-            if self.cap is not None and not self.cap.isOpened():
-                self.cap.release()
-                self.cap = None
-        if self.cap is None:  # not FFmpeg's (or no thread setting): OpenCV's own choice
+                pass
+        if self.cap is None or not self.cap.isOpened():  # not FFmpeg's: OpenCV's own choice of reader
             self.cap = cv2.VideoCapture(spec)
         if not self.cap.isOpened():
             raise BadInput(f"cannot open video {spec!r} (unreadable, or a codec OpenCV lacks)")
@@ -203,8 +200,7 @@ class LiveSource(Source):
     def _open(self):
         cv2 = _cv2()
         params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, OPEN_TIMEOUT_MS, cv2.CAP_PROP_READ_TIMEOUT_MSEC, READ_TIMEOUT_MS]
-        if self.decode_threads and hasattr(cv2, "CAP_PROP_N_THREADS"):  # OpenCV >= 4.6
-            params += [cv2.CAP_PROP_N_THREADS, int(self.decode_threads)]
+        params += _thread_params(self.decode_threads)
         try:
             if self._backend == cv2.CAP_FFMPEG:  # network streams: bounded waits, never a hang
                 cap = cv2.VideoCapture(self._target, self._backend, params)
@@ -294,6 +290,14 @@ def _image_files(spec: str) -> list[Path] | None:
     if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
         return [p]
     return None
+
+
+def _thread_params(decode_threads: int | None) -> list[int]:
+    """VideoCapture open parameters giving FFmpeg `decode_threads` threads ([] for its default)."""
+    cv2 = _cv2()
+    if not decode_threads or not hasattr(cv2, "CAP_PROP_N_THREADS"):  # OpenCV >= 4.6 has it
+        return []
+    return [cv2.CAP_PROP_N_THREADS, int(decode_threads)]
 
 
 def open_source(spec: str | int, max_backoff: float = 10.0, loop: bool = False,

@@ -63,6 +63,17 @@ class Pipeline:
         self.probe = []
         return old
 
+    def _preprocess(self, rt: Runtime, frame) -> tuple:
+        """(tensor, ms), or (None, 0) for an odd frame (zero-sized, strange depth): skipped and
+        counted, never fatal."""
+        t0 = time.perf_counter()
+        try:
+            x = rt.preprocess(frame.image)
+        except Exception:
+            self.bad_frames += 1
+            return None, 0.0
+        return x, (time.perf_counter() - t0) * 1e3
+
     def _produce(self, q: queue.Queue) -> None:
         src = self.source
         try:
@@ -75,15 +86,10 @@ class Pipeline:
                 if self.sample_every > 1 and frame.index % self.sample_every:
                     continue
                 rt = self.runtime
-                x, pre_ms = None, 0.0
-                if self.preprocess_on_capture:
-                    t0 = time.perf_counter()
-                    try:
-                        x = rt.preprocess(frame.image)
-                    except Exception:  # an odd frame (zero-sized, strange depth) is skipped, never fatal
-                        self.bad_frames += 1
-                        continue
-                    pre_ms = (time.perf_counter() - t0) * 1e3
+                on_capture = self.preprocess_on_capture  # read once: _balance() may flip it meanwhile
+                x, pre_ms = self._preprocess(rt, frame) if on_capture else (None, 0.0)
+                if on_capture and x is None:
+                    continue
                 item = (frame, x, pre_ms, rt)
                 while not self._stop.is_set():
                     try:
@@ -112,13 +118,9 @@ class Pipeline:
                 frame, x, pre_ms, made_for = item
                 rt = self.runtime
                 if x is None or made_for is not rt:  # preprocessing runs here, or the model was swapped
-                    t0 = time.perf_counter()
-                    try:
-                        x = rt.preprocess(frame.image)
-                    except Exception:
-                        self.bad_frames += 1
+                    x, pre_ms = self._preprocess(rt, frame)
+                    if x is None:
                         continue
-                    pre_ms = (time.perf_counter() - t0) * 1e3
                 t1 = time.perf_counter()
                 y = rt.infer(x)
                 t2 = time.perf_counter()

@@ -112,10 +112,15 @@ def normalise(pixels: np.ndarray, spec: InputSpec) -> np.ndarray:
         np.multiply(pixels, a, out=x)
         x -= b
     if spec.quantization:
-        q = np.round(x / spec.quantization["scale"] + spec.quantization["zero_point"])
-        info = np.iinfo(np.dtype(spec.dtype))
-        return np.clip(q, info.min, info.max).astype(spec.dtype)
+        return quantize(x, spec.quantization, spec.dtype)
     return x if spec.dtype == "float32" else x.astype(spec.dtype)
+
+
+def quantize(x: np.ndarray, quantization: dict, dtype: str) -> np.ndarray:
+    """Real values -> an integer input tensor with its scale and zero point, clipped to the type."""
+    q = np.round(x / quantization["scale"] + quantization["zero_point"])
+    info = np.iinfo(np.dtype(dtype))
+    return np.clip(q, info.min, info.max).astype(dtype)
 
 
 def preprocess(img: np.ndarray, spec: InputSpec) -> np.ndarray:
