@@ -1,0 +1,419 @@
+"""The operator's fleet verbs: `monitor`, `simulate` (and `fleet ls|show|history|alerts`).
+
+Thin over lepton_edge.fleet: option parsing, wiring of the parts (ingest, store, web, terminal
+dashboard, alerts, Home Assistant), one line per error. The main `lepton-edge` CLI mounts this app;
+`python -m lepton_edge.fleet.cli` runs it alone.
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+import threading
+import time
+from typing import Optional
+
+import typer
+
+from lepton_edge.errors import BadInput, LeptonError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Watch the fleet: monitor, simulate.")
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(s|m|h|d|w)?$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, None: 1}
+
+
+def parse_duration(text: str, what: str) -> float:
+    m = _DURATION.match(text.strip()) if text else None
+    if not m or float(m.group(1)) <= 0:
+        raise BadInput(f"{what} {text!r}: a duration like 90s, 15m, 24h or 7d")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = text, "8080"
+    host = host.strip("[]") or "127.0.0.1"
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise BadInput(f"--web {text!r}: HOST:PORT, e.g. 127.0.0.1:8080")
+    return host, int(port)
+
+
+def _emit(obj) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def _command_sender(broker: str, **tls):
+    """fleet.commands.send_command bound to the monitor's broker (None when that part is absent)."""
+    try:
+        from lepton_edge.fleet.commands import send_command
+    except ImportError:
+        return None
+
+    def send(fleet: str, device: str, verb: str, payload: dict, timeout: float) -> dict:
+        return send_command(broker, fleet, device, verb, payload, timeout, **tls)
+
+    return send
+
+
+def _alerts(store, rules_path, publish, log):
+    """The alert engine: rules from a TOML file (or the defaults); alerts also go out on MQTT."""
+    from lepton_edge.fleet.alerts import AlertEngine, load_rules
+
+    return AlertEngine(store, load_rules(rules_path), publish=publish, log=log)
+
+
+@app.command()
+def monitor(
+    broker: str = typer.Option(..., help="mqtt://host:1883 (mqtts://, ws://, wss://; user:pass@ in the URL)."),
+    store: Optional[str] = typer.Option(None, help="SQLite path or postgresql://... (default "
+                                                    "~/.local/share/lepton-edge/fleet.sqlite)."),
+    web: Optional[str] = typer.Option(None, help="Serve the web dashboard, JSON API and /metrics on HOST:PORT."),
+    token: Optional[str] = typer.Option(None, envvar="LEPTON_DASHBOARD_TOKEN",
+                                        help="Token for commands from the web page (generated when not given)."),
+    group: Optional[str] = typer.Option(None, help="Share telemetry/events with other workers ($share/GROUP)."),
+    fleet: str = typer.Option("+", help="Only this fleet (default: every fleet)."),
+    alerts: Optional[str] = typer.Option(None, "--alerts", help="Alert rules (TOML); defaults without it."),
+    homeassistant: bool = typer.Option(False, "--homeassistant", help="Publish Home Assistant MQTT discovery."),
+    metrics: Optional[str] = typer.Option(None, "--metrics", help="Serve Prometheus /metrics on HOST:PORT "
+                                          "(without --web; with --web it is at /metrics there)."),
+    retain: Optional[str] = typer.Option(None, help="Delete history older than this (e.g. 7d)."),
+    once: bool = typer.Option(False, "--once", help="Read what the broker holds, print the fleet, exit."),
+    as_json: bool = typer.Option(False, "--json", help="With --once: the fleet table as JSON."),
+    seconds: Optional[float] = typer.Option(None, help="Stop after this many seconds (demos, scripts)."),
+    no_tui: bool = typer.Option(False, "--no-tui", help="No live table: one status line a minute (logs, services)."),
+    ca_file: Optional[str] = typer.Option(None, help="CA certificate for TLS to the broker."),
+    cert_file: Optional[str] = typer.Option(None, help="Client certificate (mutual TLS)."),
+    key_file: Optional[str] = typer.Option(None, help="Client key (mutual TLS)."),
+):
+    """Ingest the fleet's telemetry into the store; live terminal table, optional web dashboard."""
+    from lepton_edge.fleet.monitor import Monitor
+    from lepton_edge.fleet.store import open_store
+
+    retain_s = parse_duration(retain, "--retain") if retain else None
+    listen = parse_listen(web) if web else None
+    if listen:
+        from lepton_edge.fleet.web.app import check_bind, new_token
+
+        check_bind(listen[0], token)  # before anything connects: refuse a public address without a token
+        token = token or new_token()
+    if seconds is not None and seconds <= 0:
+        raise BadInput("--seconds must be above 0")
+    if metrics:
+        from lepton_edge.fleet.metrics import parse_listen as parse_metrics_listen
+
+        parse_metrics_listen(metrics)  # a bad address is one line before anything starts
+    st = open_store(store)
+    log = (lambda line: print(line, file=sys.stderr, flush=True))
+    hub_notify: list = []
+    ha: list = []
+
+    def on_change(changed):
+        for n in hub_notify:
+            n()
+        for bridge in ha:
+            bridge(changed)  # records the set; the bridge's own thread reads the store once per interval
+
+    tls = {"ca_file": ca_file, "cert_file": cert_file, "key_file": key_file}
+    clients: list = []  # the monitor's client, once made: alerts are published through it
+
+    def publish(topic: str, payload: bytes) -> None:
+        for c in clients:
+            c.publish(topic, payload, qos=1)
+
+    mon = Monitor(broker, st, group=group, fleet=fleet, on_change=on_change, retain_s=retain_s, log=log,
+                  alerts=_alerts(st, alerts, publish, log), **tls)
+    clients.append(mon.client)
+    server = metrics_server = None
+    stop = threading.Event()
+    try:
+        if metrics:
+            from lepton_edge.fleet.metrics import serve_metrics
+
+            metrics_server, _ = serve_metrics(st, metrics, extra=lambda: dict(mon.stats))
+        mon.start()
+        if not mon.connected.wait(10):
+            log(f"monitor: {broker} not reachable yet; retrying in the background")
+        if homeassistant:
+            from lepton_edge.fleet.homeassistant import HomeAssistantBridge
+
+            ha.append(HomeAssistantBridge(mon.client, st).attach())
+            ha[0].publish_all()
+        if once:
+            mon.wait_idle(timeout=10, quiet=0.5)  # the retained states and what the session queued
+            from lepton_edge.fleet import tui
+
+            if as_json:
+                _emit(tui.snapshot(st))
+            else:
+                from rich.console import Console
+
+                Console().print(tui.render(st))
+            return
+        if listen:
+            from lepton_edge.fleet.web.app import WebServer, create_app
+
+            app_ = create_app(st, token=token, command_sender=_command_sender(broker, **tls))
+            hub_notify.append(app_.state.hub.notify)
+            server = WebServer(app_, *listen).start()
+            print(f"dashboard: {server.url}#token={token}", flush=True)
+        if seconds:
+            threading.Timer(seconds, stop.set).start()
+        if no_tui or not sys.stdout.isatty():
+            while not stop.wait(60 if seconds is None or seconds > 60 else seconds):
+                s = st.summary()
+                print(f"monitor: {s.devices} devices, {s.online} online, {s.offline} offline, "
+                      f"{s.total_fps:.1f} fps, {s.active_alerts} active alerts", flush=True)
+        else:
+            from lepton_edge.fleet import tui
+
+            tui.run_live(st, stop_event=stop)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop.set()
+        if server:
+            server.stop()
+        if metrics_server:
+            metrics_server.shutdown()
+            metrics_server.server_close()
+        for bridge in ha:
+            bridge.close()
+        mon.stop()
+        st.close()
+
+
+@app.command()
+def simulate(
+    broker: str = typer.Option(..., help="mqtt://host:1883"),
+    devices: int = typer.Option(100, help="How many simulated devices (one MQTT connection each)."),
+    window: float = typer.Option(10.0, help="Telemetry window, seconds."),
+    seconds: float = typer.Option(60.0, help="Run this long, then stop every device gracefully."),
+    seed: int = typer.Option(1, help="Same seed, same fleet and same behaviours."),
+    fleet: str = typer.Option("sim", help="Fleet name of the simulated devices."),
+    prefix: str = typer.Option("sim", help="Device names: PREFIX-0001, PREFIX-0002, ..."),
+    as_json: bool = typer.Option(False, "--json", help="The summary as JSON."),
+):
+    """A fleet of simulated devices: drifting telemetry, dropouts, restarts, slow and hot devices,
+    rollbacks and devices that die (Last Will); answers ping/set/deploy."""
+    from lepton_edge.fleet.simulate import Simulator
+
+    sim = Simulator(broker, devices=devices, window_s=window, seconds=seconds, seed=seed, fleet=fleet, prefix=prefix)
+    if not as_json:
+        print(f"simulating {devices} devices in fleet {fleet!r} on {broker} for {seconds:g} s "
+              f"(window {window:g} s, seed {seed})", flush=True)
+    sim.start()
+    try:
+        sim.wait()
+    except KeyboardInterrupt:
+        sim.stop()
+    s = sim.summary()
+    if as_json:
+        _emit(s)
+    else:
+        print(f"{s['connected']}/{s['devices']} devices connected in {s['connect_s']} s; {s['windows']} windows "
+              f"({s['windows_per_s']}/s), {s['skipped']} skipped (seq gaps), {s['restarts']} restarts, "
+              f"{s['rollbacks']} rollbacks, {s['died']} died (Last Will), {s['commands']} commands answered, "
+              f"{s['reconnects']} reconnects in {s['elapsed_s']} s")
+    if s["connected"] == 0:
+        raise BadInput(f"no simulated device could connect to {broker}")
+
+
+# ---- `fleet ls | show | history | alerts | top`: read the store only (engineer F3) ------------------
+fleet_app = typer.Typer(no_args_is_help=True, help="Read the fleet's store: ls, show, history, alerts, top.")
+app.add_typer(fleet_app, name="fleet")
+_STORE_HELP = "SQLite path or postgresql://... (default ~/.local/share/lepton-edge/fleet.sqlite)."
+MAX_SINCE_S = 400 * 86400
+
+
+def _read_store(store: Optional[str]):
+    """Open the store for reading; a SQLite file that does not exist is an error, not a new empty file."""
+    from pathlib import Path
+
+    from lepton_edge.fleet.store import DEFAULT_PATH, StoreError, open_store
+
+    s = store or str(DEFAULT_PATH)
+    if not s.startswith(("postgresql://", "postgres://")):
+        path = Path(s.removeprefix("sqlite://")).expanduser()
+        if not path.is_file():
+            raise BadInput(f"no fleet store at {path} (run `lepton-edge monitor` first, or pass --store)")
+    try:
+        return open_store(s)
+    except StoreError as e:
+        raise BadInput(f"fleet store {s}: {e}") from None
+
+
+def parse_since(text: str) -> float:
+    """'15m', '1h', '24h', '7d' (also s, w) -> seconds, at most 400 days."""
+    seconds = parse_duration(text, "--since")
+    if seconds > MAX_SINCE_S:
+        raise BadInput(f"--since {text!r}: at most 400d")
+    return seconds
+
+
+def resolve_device(st, name: str) -> tuple[str, str]:
+    """'fleet/device', or 'device' when exactly one fleet has it; otherwise one line, exit 2."""
+    from lepton_edge.errors import closest
+
+    if name.count("/") > 1 or not name.strip("/"):
+        raise BadInput(f"device {name!r}: expected FLEET/DEVICE or DEVICE")
+    known = [(d.fleet, d.device) for d in st.devices()]
+    if "/" in name:
+        fleet, device = name.split("/")
+        if (fleet, device) in known:
+            return fleet, device
+        raise BadInput(f"unknown device {name!r}{closest(name, [f'{f}/{d}' for f, d in known])}")
+    hits = [(f, d) for f, d in known if d == name]
+    if len(hits) == 1:
+        return hits[0]
+    if hits:
+        raise BadInput(f"device {name!r} is in several fleets: {', '.join(f'{f}/{d}' for f, d in hits)}; "
+                       "name it as FLEET/DEVICE")
+    raise BadInput(f"unknown device {name!r}{closest(name, sorted({d for _, d in known}))}")
+
+
+def _console():
+    from lepton_edge import ui
+
+    return ui.console()
+
+
+@fleet_app.command("ls")
+def fleet_ls(store: Optional[str] = typer.Option(None, help=_STORE_HELP),
+             as_json: bool = typer.Option(False, "--json", help="Machine-readable: summary + devices, worst first.")):
+    """The fleet table: one line per device, worst first (offline, alerts, warnings)."""
+    from lepton_edge.fleet import tui
+
+    with _read_store(store) as st:
+        if as_json:
+            return _emit(tui.snapshot(st))
+        _console().print(tui.render(st))
+
+
+@fleet_app.command("top")
+def fleet_top(store: Optional[str] = typer.Option(None, help=_STORE_HELP),
+              refresh: float = typer.Option(1.0, help="Seconds between redraws."),
+              once: bool = typer.Option(False, "--once", help="Print the table once and exit."),
+              as_json: bool = typer.Option(False, "--json", help="With --once: the table as JSON.")):
+    """The live terminal dashboard, read from the store (e.g. in a second shell next to a monitor)."""
+    from lepton_edge.fleet import tui
+
+    if not 0.1 <= refresh <= 3600:
+        raise BadInput("--refresh must be between 0.1 and 3600 seconds")
+    with _read_store(store) as st:
+        if once or as_json:
+            return _emit(tui.snapshot(st)) if as_json else _console().print(tui.render(st))
+        tui.run_live(st, refresh_s=refresh)
+
+
+@fleet_app.command("show")
+def fleet_show(device: str = typer.Argument(..., help="FLEET/DEVICE, or DEVICE when only one fleet has it."),
+               store: Optional[str] = typer.Option(None, help=_STORE_HELP),
+               events: int = typer.Option(10, min=0, max=1000, help="How many recent events to show."),
+               as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
+    """Everything the store knows about one device: state, latency per stage, alerts, recent events."""
+    from rich.table import Table
+
+    from lepton_edge.fleet import tui
+
+    with _read_store(store) as st:
+        fleet, name = resolve_device(st, device)
+        d = st.device(fleet, name)
+        if d is None:  # forgotten between the two reads
+            raise BadInput(f"unknown device {device!r}")
+        alerts = st.alerts(active_only=False, fleet=fleet, device=name, limit=20)
+        evs = st.events(fleet=fleet, device=name, limit=events) if events else []
+        if as_json:
+            return _emit({"device": d.model_dump(), "alerts": [a.model_dump() for a in alerts],
+                          "events": [e.model_dump() for e in evs]})
+        con = _console()
+        t = Table(title=f"{fleet}/{name}", show_header=False)
+        for k, v in tui.device_record(d).items():
+            if k not in ("fleet", "device"):
+                t.add_row(k, "-" if v is None else str(v))
+        con.print(t)
+        if d.latency:
+            lt = Table(title="latency (ms, last window)")
+            for col in ("stage", "p50", "p95", "p99", "max"):
+                lt.add_column(col, justify="left" if col == "stage" else "right")
+            for stage, q in d.latency.items():
+                lt.add_row(stage, *(f"{q.get(k, float('nan')):.2f}" for k in ("p50", "p95", "p99", "max")))
+            con.print(lt)
+        for a in alerts:
+            state = "[bold red]active[/]" if a.resolved is None else "[dim]resolved[/]"
+            con.print(f"alert {state} {a.rule} ({a.severity}): {a.message}")
+        for e in evs:
+            con.print(f"[dim]{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(e.ts))}[/] {e.kind} {e.level}: "
+                      f"{e.message}", markup=True, highlight=False)
+
+
+@fleet_app.command("history")
+def fleet_history(device: str = typer.Argument(..., help="FLEET/DEVICE, or DEVICE when only one fleet has it."),
+                  since: str = typer.Option("1h", help="How far back: 15m, 1h, 24h, 7d."),
+                  points: int = typer.Option(60, min=1, max=5000, help="At most this many points (bucketed)."),
+                  store: Optional[str] = typer.Option(None, help=_STORE_HELP),
+                  as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
+    """fps, inference p50/p95/p99, temperature, CPU and RSS over time, bucketed by the store."""
+    from rich.table import Table
+
+    window = parse_since(since)
+    with _read_store(store) as st:
+        fleet, name = resolve_device(st, device)
+        now = time.time()
+        hist = st.history(fleet, name, since=now - window, until=now, max_points=points)
+        if as_json:
+            return _emit({"fleet": fleet, "device": name, "since": now - window, "until": now,
+                          "points": [p.model_dump() for p in hist]})
+        t = Table(title=f"{fleet}/{name}: last {since} ({len(hist)} points)")
+        for col in ("time", "fps", "p50 ms", "p95 ms", "p99 ms", "temp", "CPU", "RSS", "dropped", "frames"):
+            t.add_column(col, justify="left" if col == "time" else "right", no_wrap=True)
+
+        def f(v, spec=".1f"):
+            return "-" if v is None else f"{v:{spec}}"
+        for p in hist:
+            t.add_row(time.strftime("%m-%d %H:%M:%S", time.localtime(p.ts)), f(p.fps), f(p.inference_p50_ms),
+                      f(p.inference_p95_ms), f(p.inference_p99_ms), f(p.temperature_c, ".0f"),
+                      f(p.cpu_percent, ".0f"), "-" if p.rss_bytes is None else f"{p.rss_bytes / 2**20:.0f}M",
+                      str(p.dropped), str(p.frames))
+        _console().print(t)
+
+
+@fleet_app.command("alerts")
+def fleet_alerts(device: Optional[str] = typer.Argument(None, help="Only this device (FLEET/DEVICE or DEVICE)."),
+                 active: bool = typer.Option(False, "--active", help="Only alerts still active."),
+                 limit: int = typer.Option(50, min=1, max=10000, help="At most this many, newest first."),
+                 store: Optional[str] = typer.Option(None, help=_STORE_HELP),
+                 as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
+    """Alerts, newest first: rule, severity, since when, resolved or not."""
+    from rich.table import Table
+
+    with _read_store(store) as st:
+        fleet = name = None
+        if device:
+            fleet, name = resolve_device(st, device)
+        rows = st.alerts(active_only=active, fleet=fleet, device=name, limit=limit)
+        if as_json:
+            return _emit([a.model_dump() for a in rows])
+        t = Table(title=f"{'active ' if active else ''}alerts ({len(rows)})")
+        for col in ("started", "device", "rule", "severity", "message", "resolved"):
+            t.add_column(col, no_wrap=col != "message")
+        for a in rows:
+            t.add_row(time.strftime("%m-%d %H:%M:%S", time.localtime(a.started)), f"{a.fleet}/{a.device}", a.rule,
+                      a.severity, a.message,
+                      "[bold red]active[/]" if a.resolved is None
+                      else time.strftime("%m-%d %H:%M:%S", time.localtime(a.resolved)),
+                      style="red" if a.resolved is None and a.severity == "critical" else None)
+        _console().print(t)
+
+
+def main() -> None:
+    try:
+        app()
+    except LeptonError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+    main()

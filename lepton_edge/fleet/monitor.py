@@ -1,0 +1,321 @@
+"""The MQTT ingest: subscribe to the fleet's topic tree, validate, de-duplicate, store.
+
+Why it is shaped this way:
+- A persistent session (clean_session false, a fixed client id) and QoS 1 make the broker keep
+  what arrives while the monitor is down; messages are acknowledged (manual PUBACK) only after
+  the batch holding them is committed, so a monitor killed with a full queue loses nothing: the
+  broker redelivers and the store's unique key drops the repeats.
+- paho's network thread only checks the size and the topic and enqueues (bounded queue: when the
+  store is slow the callback blocks, paho stops reading and the broker buffers; no message is
+  dropped); one writer thread parses, validates and writes in batches, which keeps up with
+  thousands of windows a second.
+- `status` and `meta` come by ordinary subscriptions (every worker needs every device's state);
+  `telemetry` and `events` may come through `$share/<group>/...` so N workers split the load.
+  mosquitto splits message by message and also hands retained messages to shared subscribers:
+  nothing here depends on which worker gets which window, and a repeat is a no-op.
+- A bad message (too large, not JSON, wrong types, unknown `v`, a topic outside the tree, a device
+  that floods) is counted per device in the store and logged at most once a minute per device and
+  reason; it never reaches the store's tables and never stops the monitor. The flood limit's burst
+  is large (5,000) on purpose: after a restart the broker hands a device's queued backlog at once,
+  and that is data, not a flood.
+"""
+from __future__ import annotations
+
+import json
+import queue
+import re
+import socket
+import threading
+import time
+from typing import Callable
+
+from pydantic import ValidationError
+
+from lepton_edge.fleet.store.base import Store, StoreError
+from lepton_edge.telemetry.broker import make_client, parse_broker
+from lepton_edge.telemetry.schema import V, Event, Status, Telemetry
+from lepton_edge.telemetry.topics import PREFIX, safe_segment, sanitize
+
+MAX_PAYLOAD = 64 * 1024  # a window is ~1 KB; anything this big is refused before parsing
+KINDS = ("status", "meta", "telemetry", "events")
+_SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+MODELS = {"status": Status, "telemetry": Telemetry, "events": Event}
+
+
+class _Bucket:
+    """Per-device token bucket: `rate` messages/s sustained, `burst` at once."""
+
+    __slots__ = ("tokens", "t")
+
+    def __init__(self, burst: float):
+        self.tokens, self.t = burst, time.monotonic()
+
+
+class Monitor:
+    def __init__(self, broker_url: str, store: Store, *, group: str | None = None, client_id: str | None = None,
+                 fleet: str = "+", on_change: Callable[[set[tuple[str, str]]], None] | None = None,
+                 username: str | None = None, password: str | None = None, ca_file: str | None = None,
+                 cert_file: str | None = None, key_file: str | None = None, max_payload: int = MAX_PAYLOAD,
+                 queue_size: int = 20000, batch: int = 1000, flood_rate: float = 20.0, flood_burst: float = 5000.0,
+                 alerts=None, alert_every_s: float = 5.0, retain_s: float | None = None,
+                 downsample_after_s: float | None = None, housekeeping_every_s: float = 3600.0,
+                 log: Callable[[str], None] | None = None):
+        if fleet != "+":
+            safe_segment(fleet, "fleet")
+        if group is not None:
+            safe_segment(group, "group")
+        self.addr = parse_broker(broker_url)
+        self.store = store
+        self.group, self.fleet = group, fleet
+        self.client_id = client_id or f"lepton-monitor-{sanitize(socket.gethostname())}-{group or 'solo'}"[:64]
+        self.on_change = on_change
+        self.max_payload, self.batch = max_payload, batch
+        self.flood_rate, self.flood_burst = flood_rate, flood_burst
+        self.alerts, self.alert_every_s = alerts, alert_every_s
+        self.retain_s, self.downsample_after_s, self.housekeeping_every_s = retain_s, downsample_after_s, \
+            housekeeping_every_s
+        self.log = log or (lambda line: print(line, flush=True))
+        self.q: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.stats = {"received": 0, "stored": 0, "duplicates": 0, "bad": 0, "store_errors": 0}
+        self._buckets: dict[tuple[str, str], _Bucket] = {}
+        self._said: dict[tuple, float] = {}
+        self._gen = 0  # connection generation: a PUBACK never goes to a later connection
+        self._busy = False
+        self._stop = threading.Event()
+        self.connected = threading.Event()
+        self.client = make_client(self.addr, self.client_id, clean_session=False, username=username,
+                                  password=password, ca_file=ca_file, cert_file=cert_file, key_file=key_file)
+        self.client.manual_ack_set(True)
+        self.client.reconnect_delay_set(0.5, 10)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+        self._threads: list[threading.Thread] = []
+
+    # ---- topics -------------------------------------------------------------------------------
+    def subscriptions(self) -> list[str]:
+        base = f"{PREFIX}/{self.fleet}/+"
+        share = f"$share/{self.group}/" if self.group else ""
+        return [f"{base}/status", f"{base}/meta", f"{share}{base}/telemetry", f"{share}{base}/events"]
+
+    # ---- paho's thread: check, enqueue, nothing else -------------------------------------------
+    def _on_connect(self, client, userdata, flags, reason_code, properties):
+        if reason_code.is_failure:
+            self._say(("connect",), f"monitor: broker {self.addr.host}:{self.addr.port} refused: {reason_code}")
+            return
+        self._gen += 1
+        client.subscribe([(t, 1) for t in self.subscriptions()])
+        self.connected.set()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties):
+        self.connected.clear()
+        if not self._stop.is_set():
+            self._say(("disconnect",), f"monitor: lost the broker ({reason_code}); reconnecting")
+
+    def _on_message(self, client, userdata, msg):
+        now = time.time()
+        self.stats["received"] += 1
+        parts = msg.topic.split("/")
+        ok_topic = (len(parts) == 5 and f"{parts[0]}/{parts[1]}" == PREFIX and parts[4] in KINDS
+                    and _SEGMENT.fullmatch(parts[2]) and _SEGMENT.fullmatch(parts[3]))
+        fleet, device = (parts[2], parts[3]) if ok_topic else (None, None)
+        if not ok_topic:
+            item = ("bad", None, None, "topic", now)
+        elif len(msg.payload) > self.max_payload:
+            item = ("bad", fleet, device, "too_large", now)
+        elif parts[4] in ("telemetry", "events") and self._flooding(fleet, device):
+            item = ("bad", fleet, device, "flood", now)
+        else:
+            item = (parts[4], fleet, device, msg.payload, now)
+        while not self._stop.is_set():  # back-pressure: paho stops reading, the broker buffers
+            try:
+                self.q.put((item, msg.mid, msg.qos, self._gen), timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def _flooding(self, fleet: str, device: str) -> bool:
+        key = (fleet, device)
+        b = self._buckets.get(key)
+        if b is None:
+            if len(self._buckets) > 100_000:  # bounded, whatever device names arrive
+                self._buckets.clear()
+            b = self._buckets[key] = _Bucket(self.flood_burst)
+        t = time.monotonic()
+        b.tokens = min(self.flood_burst, b.tokens + (t - b.t) * self.flood_rate)
+        b.t = t
+        if b.tokens < 1:
+            return True
+        b.tokens -= 1
+        return False
+
+    # ---- the writer thread ------------------------------------------------------------------------
+    def _parse(self, kind: str, payload: bytes) -> tuple[dict | None, str | None]:
+        try:
+            d = json.loads(payload)
+        except (ValueError, UnicodeDecodeError):
+            return None, "not_json"
+        if not isinstance(d, dict):
+            return None, "not_object"
+        if d.get("v") != V:
+            return None, "version"
+        if kind == "meta":
+            return d, None
+        try:
+            return MODELS[kind].model_validate(d).model_dump(), None
+        except ValidationError:
+            return None, "schema"
+
+    def _write(self, items: list) -> None:
+        windows, other, bad = [], [], {}
+        changed: set[tuple[str, str]] = set()
+        for (kind, fleet, device, payload, now), *_ in items:
+            reason = None
+            if kind == "bad":
+                reason = payload
+            else:
+                d, reason = self._parse(kind, payload)
+                if d is not None:
+                    if kind == "telemetry":
+                        windows.append((fleet, device, d, now))
+                    else:
+                        other.append((kind, fleet, device, d, now))
+                    changed.add((fleet, device))
+            if reason:
+                k = (fleet or "", device or "", reason)
+                n, _ = bad.get(k, (0, now))
+                bad[k] = (n + 1, now)
+                self._say(("bad", fleet, device, reason),
+                          f"monitor: refused a message from {fleet or '?'}/{device or '?'}: {reason} "
+                          "(counted; logged once a minute per device and reason)")
+        st = self.store
+        for kind, fleet, device, d, now in other:  # arrival order: status and its Last Will
+            if kind == "status":
+                st.set_status(fleet, device, d, now)
+            elif kind == "meta":
+                st.set_meta(fleet, device, d, now)
+        stored = st.add_windows(windows) if windows else []
+        for kind, fleet, device, d, now in other:
+            if kind == "events":
+                st.add_event(fleet, device, d, now)
+        if bad:
+            st.count_bad_many(bad) if hasattr(st, "count_bad_many") else \
+                [st.count_bad(f or None, dv or None, r, last) for (f, dv, r), (_, last) in bad.items()]
+        self.stats["stored"] += sum(stored)
+        self.stats["duplicates"] += len(stored) - sum(stored)
+        self.stats["bad"] += sum(n for n, _ in bad.values())
+        if self.on_change and changed:
+            try:
+                self.on_change(changed)
+            except Exception as e:  # a view's bug must not stop the ingest
+                self._say(("on_change",), f"monitor: on_change failed: {e}")
+
+    def _writer(self) -> None:
+        backoff = 0.5
+        items: list = []
+        while True:
+            if not items:
+                try:
+                    items.append(self.q.get(timeout=0.2))
+                except queue.Empty:
+                    if self._stop.is_set():
+                        return
+                    continue
+                while len(items) < self.batch:
+                    try:
+                        items.append(self.q.get_nowait())
+                    except queue.Empty:
+                        break
+            self._busy = True
+            try:
+                self._write(items)
+            except StoreError as e:
+                self.stats["store_errors"] += 1
+                self._say(("store",), f"monitor: {e}; retrying in {backoff:g}s (queued messages are kept)",
+                          every=10)
+                self._busy = False
+                if self._stop.wait(backoff):
+                    return  # not acknowledged: the broker redelivers them to the next session
+                backoff = min(backoff * 2, 10.0)
+                continue
+            backoff = 0.5
+            for _, mid, qos, gen in items:
+                if qos and gen == self._gen:
+                    self.client.ack(mid, qos)
+            items = []
+            self._busy = False
+
+    def _periodic(self) -> None:
+        next_house = time.monotonic() + 60
+        while not self._stop.wait(self.alert_every_s):
+            try:
+                if self.alerts is not None:
+                    self.alerts.evaluate()
+                if time.monotonic() >= next_house and (self.retain_s or self.downsample_after_s):
+                    next_house = time.monotonic() + self.housekeeping_every_s
+                    with self.store.exclusive("housekeeping") as mine:
+                        if mine and self.downsample_after_s:
+                            self.store.downsample(self.downsample_after_s)
+                        if mine and self.retain_s:
+                            self.store.retain(self.retain_s)
+            except StoreError as e:
+                self._say(("store-periodic",), f"monitor: {e}; alerts retry in {self.alert_every_s:g}s", every=10)
+            except Exception as e:  # noqa: BLE001 - the loop must survive a rule's bug; say it once a minute
+                self._say(("periodic", type(e).__name__), f"monitor: alert evaluation failed: {type(e).__name__}: {e}")
+
+    # ---- life -----------------------------------------------------------------------------------
+    def _say(self, key: tuple, line: str, every: float = 60.0) -> None:
+        t = time.monotonic()
+        if t - self._said.get(key, -1e9) >= every:
+            if len(self._said) > 10_000:
+                self._said.clear()
+            self._said[key] = t
+            self.log(line)
+
+    def start(self) -> "Monitor":
+        self._stop.clear()
+        if self.alerts is not None and getattr(self.alerts, "publish", 0) is None:
+            self.alerts.publish = lambda topic, payload: self.client.publish(topic, payload, qos=1)
+        self._threads = [threading.Thread(target=self._writer, name="monitor-writer", daemon=True),
+                         threading.Thread(target=self._periodic, name="monitor-alerts", daemon=True)]
+        for t in self._threads:
+            t.start()
+        self.client.connect_async(self.addr.host, self.addr.port, keepalive=30)
+        self.client.loop_start()
+        return self
+
+    def idle(self) -> bool:
+        return self.q.empty() and not self._busy
+
+    def wait_idle(self, timeout: float = 10.0, quiet: float = 0.3) -> bool:
+        """Until the queue has been empty and nothing written for `quiet` seconds (tests, bench)."""
+        deadline = time.monotonic() + timeout
+        since = None
+        while time.monotonic() < deadline:
+            if self.idle():
+                since = since or time.monotonic()
+                if time.monotonic() - since >= quiet:
+                    return True
+            else:
+                since = None
+            time.sleep(0.02)
+        return False
+
+    def stop(self, drain_s: float = 5.0) -> None:
+        """Write what is queued (up to drain_s), acknowledge it, then disconnect."""
+        self.wait_idle(timeout=drain_s, quiet=0.05)
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=drain_s + 5)
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def run_forever(self) -> None:
+        self.start()
+        try:
+            while not self._stop.wait(1.0):
+                pass
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.stop()

@@ -1,0 +1,115 @@
+"""Alert rules over the store: fire once, resolve once, published to MQTT and POSTed to a webhook."""
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+import time
+
+import pytest
+
+from lepton_edge.errors import BadInput
+from lepton_edge.fleet.alerts import ALERT_TOPIC, AlertEngine, AlertRules, load_rules
+from lepton_edge.fleet.store import open_store
+from lepton_edge.telemetry.schema import Event, Telemetry
+
+
+def win(seq, p95=5.0, fps=10.0, temp=50.0):
+    return Telemetry(boot_id="b1", seq=seq, window_s=1, frames=10, fps=fps, temperature_c=temp,
+                     latency_ms={"inference": {"p50": 1, "p95": p95, "p99": p95, "max": p95}}).model_dump()
+
+
+@pytest.fixture
+def webhook():
+    got: list[dict] = []
+
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            got.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}/hook", got
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_rules_fire_once_resolve_once_and_notify(tmp_path, webhook):
+    url, got = webhook
+    s = open_store(tmp_path / "f.sqlite")
+    published = []
+    eng = AlertEngine(s, AlertRules(offline_after_s=5, webhook=url, event_hold_s=100),
+                      publish=lambda t, p: published.append((t, json.loads(p))), log=lambda _: None)
+    now = time.time()
+    s.set_status("f", "d", {"online": True, "boot_id": "b1"}, now)
+    s.set_meta("f", "d", {"v": 1, "bundle": {"name": "x", "latency_budget_ms": 10}}, now)
+    s.add_window("f", "d", win(0, p95=30), now)
+    fired = eng.evaluate(now)
+    assert [(w, a.rule) for w, a in fired] == [("fired", "latency")] and fired[0][1].threshold == 10
+    assert eng.evaluate(now + 1) == []  # once
+    s.add_window("f", "d", win(1, p95=9.5), now + 2)  # inside the hysteresis margin: still open
+    assert eng.evaluate(now + 2) == []
+    s.add_window("f", "d", win(2, p95=5), now + 3)
+    assert [(w, a.rule) for w, a in eng.evaluate(now + 3)] == [("resolved", "latency")]
+    s.add_window("f", "d", win(5), now + 4)  # two windows lost
+    s.add_event("f", "d", Event(boot_id="b1", kind="rollback", message="health check failed").model_dump(), now + 4)
+    assert sorted(a.rule for _, a in eng.evaluate(now + 4)) == ["rollback", "seq_gaps"]
+    s.set_status("f", "d", {"online": False, "boot_id": "b1"}, now + 5)
+    assert eng.evaluate(now + 6) == []  # not yet offline_after_s
+    assert [a.rule for _, a in eng.evaluate(now + 10)] == ["offline"]
+    assert s.device("f", "d").severity == 3
+    s.set_status("f", "d", {"online": True, "boot_id": "b1"}, now + 11)
+    assert [(w, a.rule) for w, a in eng.evaluate(now + 11)] == [("resolved", "offline")]
+    assert len(s.alerts()) == 4 and published and all(t == ALERT_TOPIC for t, _ in published)
+    deadline = time.monotonic() + 10
+    while len(got) < len(published) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [(b["event"], b["rule"]) for b in got] == [(b["event"], b["rule"]) for _, b in published]
+
+
+def test_bad_rules_file_is_one_line(tmp_path):
+    p = tmp_path / "alerts.toml"
+    p.write_text("[alerts]\nfps_floor = -1\n")
+    with pytest.raises(BadInput, match="fps_floor"):
+        load_rules(p)
+    p.write_text("[alerts]\nnope = 1\n")
+    with pytest.raises(BadInput, match="nope"):
+        load_rules(p)
+    p.write_text("[alerts]\noffline_after_s = 30\n")
+    assert load_rules(p).offline_after_s == 30
+
+
+def test_send_command_validates_and_matches_its_reply(mosquitto):
+    """commands.send_command: bad fields are one BadInput line; the reply with our id is returned."""
+    import paho.mqtt.client as mqtt
+
+    from lepton_edge.fleet.commands import send_command
+
+    with pytest.raises(BadInput, match="window_s"):
+        send_command(mosquitto.url, "f", "d", "set", {"window_s": 0})
+    with pytest.raises(BadInput, match="unknown command"):
+        send_command(mosquitto.url, "f", "d", "reboot", {})
+    dev = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="fake-device")
+
+    def on_message(c, u, m):  # answers like the agent: a stale reply first, then ours
+        cid = json.loads(m.payload)["id"]
+        c.publish("lepton/v1/f/d/cmd/ping/reply", json.dumps({"v": 1, "id": "other", "ok": False}), qos=1)
+        c.publish("lepton/v1/f/d/cmd/ping/reply", json.dumps({"v": 1, "id": cid, "ok": True, "data": {"x": 1}}), qos=1)
+
+    dev.on_message = on_message
+    dev.connect("127.0.0.1", mosquitto.port)
+    dev.subscribe("lepton/v1/f/d/cmd/ping", qos=1)
+    dev.loop_start()
+    try:
+        time.sleep(0.2)
+        r = send_command(mosquitto.url, "f", "d", "ping", {}, timeout=5)
+        assert r["ok"] and r["data"] == {"x": 1}
+        assert send_command(mosquitto.url, "f", "nobody", "ping", {}, timeout=0.5)["error"] == "no reply within 0.5 s"
+    finally:
+        dev.loop_stop()
+        dev.disconnect()

@@ -1,0 +1,127 @@
+"""The monitor's ingest against a real mosquitto: bad input, a kill and restart, two $share workers."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import paho.mqtt.client as mqtt
+
+from lepton_edge.fleet.monitor import Monitor
+from lepton_edge.fleet.store import open_store
+from lepton_edge.telemetry.schema import Telemetry
+
+
+def pub_client(port: int, cid: str) -> mqtt.Client:
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cid)
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    return c
+
+
+def window(seq: int, boot: str = "b1") -> bytes:
+    return Telemetry(boot_id=boot, seq=seq, window_s=1, frames=5, fps=5.0).model_dump_json().encode()
+
+
+def wait(pred, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return pred()
+
+
+def test_malformed_messages_counted_per_device_never_stored(tmp_path, mosquitto):
+    store = open_store(tmp_path / "f.sqlite")
+    lines: list[str] = []
+    m = Monitor(mosquitto.url, store, client_id="mon-bad", log=lines.append, flood_rate=5, flood_burst=20).start()
+    assert m.connected.wait(10)
+    c = pub_client(mosquitto.port, "pub-bad")
+    t = "lepton/v1/f/dev/telemetry"
+    good = json.loads(window(0))
+    bads = [b"not json", b"[1,2]", json.dumps({**good, "seq": "x"}), json.dumps({"v": 1, "boot_id": "b1"}),
+            json.dumps({**good, "v": 2}), b"{" + b" " * (1024 * 1024) + b"}"]
+    for b in bads:
+        c.publish(t, b, qos=1).wait_for_publish(5)
+    c.publish("lepton/v1/-bad/dev/telemetry", window(1), qos=1).wait_for_publish(5)
+    c.publish(t, window(0), qos=1).wait_for_publish(5)
+    assert wait(lambda: (store.device("f", "dev") or 0) and store.device("f", "dev").bad_messages == 6
+                and store.device("f", "dev").windows == 1)
+    for i in range(1, 200):  # a flooding device: beyond its burst, windows are refused and counted
+        c.publish(t, window(i), qos=1)
+    assert wait(lambda: store.device("f", "dev").windows + store.device("f", "dev").bad_messages >= 205)
+    d = store.device("f", "dev")
+    assert 15 <= d.windows <= 60 and d.bad_messages >= 150
+    assert len([x for x in lines if "flood" in x]) == 1  # rate-limited log
+    m.stop()
+    c.loop_stop()
+
+
+MONITOR = """
+import sys, time
+from lepton_edge.fleet.monitor import Monitor
+from lepton_edge.fleet.store import open_store
+store = open_store(sys.argv[2])
+if sys.argv[5:]:  # a slow store: the kill always finds messages received but not yet written
+    fast = store.add_windows
+    store.add_windows = lambda rows: (time.sleep(0.3), fast(rows))[1]
+Monitor(sys.argv[1], store, client_id=sys.argv[3], group=sys.argv[4] or None, batch=20).run_forever()
+"""
+
+
+def start_monitor(url, store, cid, group="", slow=False):
+    return subprocess.Popen([sys.executable, "-c", MONITOR, url, store, cid, group, *(["slow"] if slow else [])],
+                            stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+
+
+def test_monitor_killed_and_restarted_loses_nothing(tmp_path, mosquitto):
+    path = str(tmp_path / "f.sqlite")
+    store = open_store(path)
+    p = start_monitor(mosquitto.url, path, "mon-restart", slow=True)
+    try:
+        c = pub_client(mosquitto.port, "pub-restart")
+        n = 0
+        assert wait(lambda: store.device("f", "dev") is not None or c.publish(
+            "lepton/v1/f/dev/status", b'{"v":1,"online":true,"boot_id":"b1"}', qos=1) and False, 15)
+        for _ in range(3):
+            for _ in range(100):
+                c.publish("lepton/v1/f/dev/telemetry", window(n), qos=1)
+                n += 1
+                time.sleep(0.002)
+            assert store.device("f", "dev") is None or store.device("f", "dev").windows < n  # a backlog
+            os.kill(p.pid, signal.SIGKILL)  # mid-stream: queued, unacknowledged messages stay at the broker
+            p.wait(10)
+            for _ in range(50):
+                c.publish("lepton/v1/f/dev/telemetry", window(n), qos=1)
+                n += 1
+            p = start_monitor(mosquitto.url, path, "mon-restart", slow=True)
+        assert wait(lambda: store.device("f", "dev") and store.device("f", "dev").windows == n, 60), \
+            store.device("f", "dev")
+        assert store.device("f", "dev").seq_gaps == 0
+    finally:
+        p.kill()
+        p.wait(10)
+
+
+def test_two_share_workers_on_postgres_store_each_window_once(mosquitto, postgres):
+    stores = [open_store(postgres), open_store(postgres)]
+    ms = [Monitor(mosquitto.url, s, group="g", client_id=f"mon-share-{i}").start() for i, s in enumerate(stores)]
+    try:
+        assert all(m.connected.wait(10) for m in ms)
+        time.sleep(0.3)
+        c = pub_client(mosquitto.port, "pub-share")
+        for d in range(10):
+            for i in range(100):
+                c.publish(f"lepton/v1/f/dev{d}/telemetry", window(i), qos=1)
+        assert wait(lambda: sum(d.windows for d in stores[0].devices()) == 1000, 30)
+        assert all(m.stats["stored"] > 0 for m in ms)  # the broker split the load
+        assert sum(m.stats["stored"] for m in ms) == 1000
+        assert all(d.seq_gaps == 0 and d.duplicates == 0 for d in stores[0].devices())
+    finally:
+        for m in ms:
+            m.stop()

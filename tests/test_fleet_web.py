@@ -1,0 +1,231 @@
+"""The web dashboard: its JSON API against a real SQLite store (every parameter validated, commands
+behind a token), and the page in a real headless Chromium against a real mosquitto, the real
+monitor, simulated devices and a real agent."""
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lepton_edge.errors import BadInput
+from lepton_edge.fleet.store import open_store
+from lepton_edge.fleet.web.app import WebServer, check_bind, create_app
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def seed_store(store, n: int = 5, fleet: str = "f", now: float | None = None) -> None:
+    """n devices through the store's own write API: windows, status, meta, one event."""
+    now = now or time.time()
+    for i in range(n):
+        dev = f"d{i:02d}"
+        store.set_status(fleet, dev, {"v": 1, "online": i != 0, "boot_id": "b1", "ts": now}, now)
+        store.set_meta(fleet, dev, {"v": 1, "boot_id": "b1", "software": "0.1.0",
+                                    "bundle": {"name": f"net{i % 2}", "precision": "int8", "sha256": "ab" * 32,
+                                               "latency_budget_ms": 50}}, now)
+        for s in range(5):
+            store.add_window(fleet, dev, {"v": 1, "ts": now - 50 + s * 10, "boot_id": "b1", "seq": s, "window_s": 10,
+                                          "frames": 100, "fps": 10.0 + i, "latency_ms": {"inference": {
+                                              "p50": 5.0 + i, "p95": 8.0 + i, "p99": 9.0 + i, "max": 10.0 + i}},
+                                          "temperature_c": 50.0 + i}, now - 50 + s * 10)
+        store.add_event(fleet, dev, {"v": 1, "ts": now - 1, "boot_id": "b1", "kind": "started", "message": "up"}, now)
+
+
+@pytest.fixture
+def api(tmp_path):
+    from starlette.testclient import TestClient
+
+    store = open_store(tmp_path / "fleet.sqlite")
+    seed_store(store)
+    sent = []
+
+    def sender(fleet, device, verb, payload, timeout):
+        sent.append((fleet, device, verb, payload))
+        return {"ok": True, "id": "x", "error": None, "data": {"echo": payload}}
+
+    with TestClient(create_app(store, token="s3cret", command_sender=sender)) as c:
+        c.sent = sent
+        yield c
+    store.close()
+
+
+def test_api_serves_what_the_page_shows(api):
+    s = api.get("/api/summary").json()
+    assert s["devices"] == 5 and s["online"] == 4 and s["offline"] == 1
+    rows = api.get("/api/devices?sort=fps&order=desc").json()["devices"]
+    assert [r["device"] for r in rows] == ["d04", "d03", "d02", "d01", "d00"]
+    rows = api.get("/api/devices?filter=net1").json()["devices"]
+    assert {r["device"] for r in rows} == {"d01", "d03"}
+    assert [r["device"] for r in api.get("/api/devices?state=offline").json()["devices"]] == ["d00"]
+    assert api.get("/api/devices?sort=severity").json()["devices"][0]["device"] == "d00"  # offline first
+    d = api.get("/api/devices/f/d02").json()
+    assert d["latency_budget_ms"] == 50 and d["windows"] == 5
+    h = api.get("/api/devices/f/d02/history?range=15m").json()
+    assert len(h["points"]) == 5 and h["points"][0]["fps"] == 12.0
+    assert api.get("/api/events?fleet=f&device=d01").json()["events"][0]["kind"] == "started"
+    assert api.get("/api/alerts?active=true").json() == {"alerts": []}
+    assert api.get("/").text.startswith("<!doctype html>")
+    assert "uPlot" in api.get("/static/vendor/uPlot.iife.min.js").text
+    assert "lepton_device_fps" in api.get("/metrics").text  # no redirect: scrapers get it at /metrics
+
+
+@pytest.mark.parametrize("url,status,words", [
+    ("/api/devices?sort=name;drop", 400, "sort must be one of"),
+    ("/api/devices?order=sideways", 400, "order must be"),
+    ("/api/devices?filter=" + "x" * 101, 400, "at most 100"),
+    ("/api/devices?state=sleepy", 400, "state must be"),
+    ("/api/devices?limit=-1", 400, "limit"),
+    ("/api/devices?bogus=1", 400, "unknown parameter 'bogus'"),
+    ("/api/devices/f/nope", 404, "no device f/nope"),
+    ("/api/devices/f/..%2F..", 404, "no such API path"),
+    ("/api/devices/f/d%20x", 400, "not a safe MQTT topic segment"),
+    ("/api/devices/f/d01/history?range=2h", 400, "range must be one of 15m, 1h, 24h, 7d"),
+    ("/api/devices/f/d01/history?points=100000", 400, "points"),
+    ("/api/events?since=nan", 400, "since"),
+    ("/api/events?limit=1e9", 400, "limit"),
+    ("/api/events?fleet=%2B", 400, "fleet"),
+    ("/api/alerts?active=maybe", 400, "active"),
+    ("/api/nothing", 404, "no such API path"),
+])
+def test_every_parameter_is_validated_with_one_clear_error(api, url, status, words):
+    r = api.get(url)
+    assert r.status_code == status and words in r.json()["error"], r.text
+
+
+def test_commands_need_the_token_and_valid_bodies(api):
+    url = "/api/devices/f/d01/cmd/ping"
+    assert api.post(url, json={}).status_code == 401
+    assert api.post(url, json={}, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    auth = {"Authorization": "Bearer s3cret"}
+    r = api.post(url, json={}, headers=auth)
+    assert r.status_code == 200 and r.json()["reply"]["ok"] is True
+    bad = [("set", {"window_s": 0}, 400, "window_s"), ("set", {"rm": "-rf"}, 400, "rm"),
+           ("deploy", {"path": "/etc/passwd"}, 400, "http(s) 'url'"), ("deploy", {"url": "file:///x"}, 400, "url"),
+           ("reboot", {}, 404, "unknown command"), ("ping", [1], 400, "JSON object")]
+    for verb, body, status, words in bad:
+        r = api.post(f"/api/devices/f/d01/cmd/{verb}", json=body, headers=auth)
+        assert r.status_code == status and words in r.json()["error"], (verb, r.text)
+    r = api.post(url, content=b"{" * 20000, headers={**auth, "Content-Type": "application/json"})
+    assert r.status_code == 413
+    r = api.post("/api/devices/f/d01/cmd/deploy", json={"url": "https://h/b.tar.gz"}, headers=auth)
+    assert r.status_code == 200
+    assert api.sent == [("f", "d01", "ping", {}), ("f", "d01", "deploy", {"url": "https://h/b.tar.gz"})]
+
+
+def test_the_server_binds_loopback_and_refuses_a_public_address_without_a_token(tmp_path):
+    check_bind("127.0.0.1", None)
+    check_bind("::1", None)
+    with pytest.raises(BadInput, match="without a token"):
+        check_bind("0.0.0.0", None)
+    check_bind("0.0.0.0", "t")
+    r = subprocess.run([sys.executable, "-m", "lepton_edge.fleet.cli", "monitor", "--broker", "mqtt://127.0.0.1:1",
+                        "--store", str(tmp_path / "s.sqlite"), "--web", "0.0.0.0:0"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "without a token" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---- the page in a real browser ---------------------------------------------------------------------
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+def launch_browser(playwright, profile: Path):
+    """Debian's chromium, headless, no network beyond loopback, a fresh profile (no download)."""
+    return playwright.chromium.launch_persistent_context(
+        str(profile), executable_path=CHROMIUM, headless=True, viewport={"width": 1400, "height": 900},
+        args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+              "--disable-component-update", "--disable-sync"])
+
+
+def _wait(pred, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = pred()
+        if got:
+            return got
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+CANVAS_INK = """(sel) => { const c = document.querySelector(sel + ' canvas'); if (!c) return 0;
+  const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let n = 0;
+  for (let i = 3; i < d.length; i += 4) if (d[i] > 0) n++; return n; }"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium not installed (apt-get install chromium)")
+def test_dashboard_in_chromium_with_simulated_devices_and_a_real_agent(tmp_path, mosquitto, int8_bundle,
+                                                                       fashion_video):
+    from playwright.sync_api import expect, sync_playwright
+
+    from lepton_edge.fleet.alerts import AlertEngine, AlertRules
+    from lepton_edge.fleet.commands import send_command
+    from lepton_edge.fleet.monitor import Monitor
+    from lepton_edge.fleet.simulate import Simulator
+    from mqtt_helpers import start_agent
+
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    store = open_store(tmp_path / "fleet.sqlite")
+    app = create_app(store, token="t0ken", poll_s=0.5,
+                     command_sender=lambda f, d, v, p, t: send_command(mosquitto.url, f, d, v, p, t))
+    engine = AlertEngine(store, AlertRules(offline_after_s=1.0))
+    mon = Monitor(mosquitto.url, store, alerts=engine, alert_every_s=0.5, client_id="web-test",
+                  on_change=lambda changed: app.state.hub.notify(), log=lambda line: None).start()
+    web = WebServer(app, "127.0.0.1", 0).start()
+    sim = Simulator(mosquitto.url, devices=12, window_s=0.5, seconds=300, seed=3, shares={}).start()
+    video, _ = fashion_video
+    agent = start_agent("--broker", mosquitto.url, "--fleet", "f1", "--device-id", "dev1", "--bundle",
+                        str(int8_bundle.bundle.path), "--source", str(video), "--loop", "--window", "0.5",
+                        "--state-dir", str(tmp_path / "agent"))
+    try:
+        _wait(lambda: len(store.devices()) == 13 and (store.device("f1", "dev1") or 0) and
+              store.device("f1", "dev1").windows >= 3, 60, "13 devices and the agent's windows in the store")
+        with sync_playwright() as p:
+            ctx = launch_browser(p, tmp_path / "profile")
+            page = ctx.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(f"{web.url}#token=t0ken")
+            page.wait_for_selector("body[data-ready='1']", timeout=15000)
+            expect(page.locator("#devices tbody tr")).to_have_count(13)
+            expect(page.locator("tr[data-device='f1/dev1']")).to_be_visible()
+            expect(page.locator("#c-devices")).to_have_text("13")
+            page.screenshot(path=str(shots / "fleet.png"))
+
+            # the agent's page: a chart draws from the store's history, a ping reaches the real agent
+            page.click("a[href='#/d/f1/dev1']")
+            page.wait_for_selector("#ch-fps canvas", timeout=10000)
+            _wait(lambda: page.evaluate(CANVAS_INK, "#ch-fps") > 200, 10, "ink on the fps chart")
+            assert page.evaluate(CANVAS_INK, "#ch-lat") > 200
+            page.click("#cmd-ping")
+            expect(page.locator("#reply")).to_have_attribute("data-ok", "true", timeout=20000)
+            boot = store.device("f1", "dev1").boot_id
+            expect(page.locator("#reply")).to_contain_text(boot)
+            page.screenshot(path=str(shots / "device.png"), full_page=True)
+
+            # a simulated device dies (Last Will): its row turns red, then the offline alert shows
+            page.click("a[href='#/']")
+            sim.kill("sim-0005")
+            t0 = time.monotonic()
+            expect(page.locator("tr[data-device='sim/sim-0005']")).to_have_class("offline", timeout=10000)
+            expect(page.locator("#alerts li[data-rule='offline']")).to_contain_text("sim/sim-0005", timeout=15000)
+            took = time.monotonic() - t0
+            assert took < 1.0 + 0.5 + 5.0  # alert delay + evaluation period + the page's poll and slack
+            expect(page.locator("#c-offline")).to_have_text("1")
+            page.screenshot(path=str(shots / "dashboard.png"))
+            assert not errors, errors
+            ctx.close()
+        (ROOT / "docs" / "img").mkdir(parents=True, exist_ok=True)
+        shutil.copy(shots / "dashboard.png", ROOT / "docs" / "img" / "dashboard.png")
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(timeout=30)
+        sim.stop()
+        web.stop()
+        mon.stop()
+        store.close()
