@@ -10,35 +10,90 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Annotated, Any, Iterator, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from lepton_edge.errors import BadInput
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+SIGNATURE = "signature"
+# Budgets checked before any work: a manifest or a labels file is small text; a bundle on a
+# device is at most MAX_BUNDLE_BYTES unless the caller (the agent's config) says otherwise.
+MAX_MANIFEST_BYTES = 4 << 20
+MAX_LABELS_BYTES = 4 << 20
+MAX_BUNDLE_BYTES = 2 << 30
+MAX_FILES = 1000
+MAX_INPUT_ELEMENTS = 64 << 20  # per input tensor: a 20000x20000 shape must not reach an allocation
+MAX_RANK = 8
+DTYPES = ("float16", "float32", "float64", "int8", "int16", "int32", "int64",
+          "uint8", "uint16", "uint32", "uint64", "bool")
+Dtype = Literal[DTYPES]  # numpy names of the numeric types a runtime can feed or return
+# a text dimension is a dynamic dimension's name ("batch", "s0", "?"), never "28x"
+_DIM_NAME = r"^(?:\?|[A-Za-z_][A-Za-z0-9_.:+*/() -]{0,63})$"
+Dim = Annotated[int, Field(strict=True)] | Annotated[str, Field(pattern=_DIM_NAME)]
+
+
+def safe_relpath(rel: str, what: str = "path") -> str:
+    """A path inside the bundle: relative, '/'-separated, no '..', '.', empty part, backslash or NUL.
+
+    Why this strict: the manifest comes from outside; any name it gives is joined to the bundle
+    directory, so it must not be able to point anywhere else.
+    """
+    if not isinstance(rel, str) or not rel or len(rel) > 255 or "\\" in rel or "\0" in rel or rel.startswith("/"):
+        raise ValueError(f"{what} {rel!r} must be a relative path inside the bundle")
+    if any(part in ("", ".", "..") for part in rel.split("/")):
+        raise ValueError(f"{what} {rel!r} must be a relative path inside the bundle (no '..', '.' or '//')")
+    return rel
+
+
+def _check_dims(shape: list, cap: int | None) -> list:
+    if len(shape) > MAX_RANK:
+        raise ValueError(f"shape {shape[:MAX_RANK + 1]}...: more than {MAX_RANK} dimensions")
+    ints = [d for d in shape if isinstance(d, int)]
+    if any(d < 0 for d in ints):
+        raise ValueError(f"shape {shape}: negative dimension")
+    if cap is not None and math.prod(ints) > cap:
+        raise ValueError(f"shape {shape}: {math.prod(ints)} elements, over the limit of {cap}")
+    return shape
 
 
 class InputSpec(BaseModel):
     """Everything needed to turn a camera frame into the model's input tensor."""
 
     model_config = ConfigDict(extra="forbid")
-    name: str
-    shape: list[int | str]  # a str is a dynamic dimension, e.g. "batch"
-    dtype: str = "float32"
+    name: str = Field(max_length=256)
+    shape: list[Dim]  # a str is a dynamic dimension, e.g. "batch"
+    dtype: Dtype = "float32"
     layout: Literal["NCHW", "NHWC"] = "NCHW"
     color: Literal["RGB", "BGR", "GRAY"] = "RGB"
     resize: Literal["stretch", "letterbox", "center_crop"] = "stretch"
-    scale: float = 1 / 255.0  # multiplies the 0..255 pixel first
-    mean: list[float] = Field(default_factory=lambda: [0.0])
-    std: list[float] = Field(default_factory=lambda: [1.0])
+    scale: float = Field(default=1 / 255.0, allow_inf_nan=False)  # multiplies the 0..255 pixel first
+    mean: list[Annotated[float, Field(allow_inf_nan=False)]] = Field(default_factory=lambda: [0.0], max_length=4)
+    std: list[Annotated[float, Field(allow_inf_nan=False)]] = Field(default_factory=lambda: [1.0], max_length=4)
     quantization: dict[str, float] | None = None  # {"scale":..., "zero_point":...} for integer inputs
+
+    @field_validator("shape")
+    @classmethod
+    def _shape(cls, v: list) -> list:
+        if any(d == 0 for d in v if isinstance(d, int)):
+            raise ValueError(f"shape {v}: a dimension of 0")
+        return _check_dims(v, MAX_INPUT_ELEMENTS)
+
+    @field_validator("std")
+    @classmethod
+    def _std(cls, v: list) -> list:
+        if any(x == 0 for x in v):
+            raise ValueError("std must not be 0")
+        return v
 
     @property
     def channels(self) -> int:
@@ -53,16 +108,35 @@ class InputSpec(BaseModel):
 
 class OutputSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str
-    shape: list[int | str]
-    dtype: str = "float32"
+    name: str = Field(max_length=256)
+    shape: list[Dim]
+    dtype: Dtype = "float32"
     quantization: dict[str, float] | None = None  # integer outputs: real = (q - zero_point) * scale
+
+    @field_validator("shape")
+    @classmethod
+    def _shape(cls, v: list) -> list:
+        return _check_dims(v, None)
 
 
 class FileEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    size: int
-    sha256: str
+    size: int = Field(ge=0, strict=True)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class TargetSpec(BaseModel):
+    """The fields of `target` that the device reads, typed; the rest is free-form record.
+
+    Why typed: `threads: "lots"` or `latency_budget_ms: NaN` must be refused with the manifest,
+    not crash the runtime later or silently turn a check off.
+    """
+
+    model_config = ConfigDict(extra="allow")
+    threads: int | None = Field(default=None, ge=1, le=64, strict=True)
+    latency_budget_ms: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    execution_providers: list[Annotated[str, Field(max_length=128)]] | None = Field(default=None, max_length=16)
+    delegates: list[Annotated[str, Field(max_length=256)]] | None = Field(default=None, max_length=16)
 
 
 class Manifest(BaseModel):
@@ -73,7 +147,7 @@ class Manifest(BaseModel):
     name: str
     version: str = "1"
     created: str
-    target: dict[str, Any]  # {"id", "sha256", "arch", "runtime", "execution_providers", "threads"}
+    target: dict[str, Any]  # {"id", "sha256", "arch", "runtime", "execution_providers", "threads"}; see TargetSpec
     format: Literal["onnx", "tflite"]
     precision: Literal["fp32", "fp16", "int8"]
     model_file: str
@@ -86,6 +160,37 @@ class Manifest(BaseModel):
     validation: dict[str, Any] = Field(default_factory=dict)
     latency: dict[str, Any] = Field(default_factory=dict)
     toolchain: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("target")
+    @classmethod
+    def _target(cls, v: dict) -> dict:
+        TargetSpec.model_validate(v)
+        return v  # kept as the dict it was: its bytes are what was signed
+
+    @field_validator("files")
+    @classmethod
+    def _files(cls, v: dict) -> dict:
+        if len(v) > MAX_FILES:
+            raise ValueError(f"more than {MAX_FILES} files")
+        for rel in v:
+            safe_relpath(rel, "file")
+            if rel in (MANIFEST, SIGNATURE):
+                raise ValueError(f"files must not list {rel}")
+        return v
+
+    @model_validator(mode="after")
+    def _listed(self, info: ValidationInfo) -> "Manifest":
+        """The model and labels are among `files`, so a signature over the manifest covers them.
+
+        Only a manifest read from a bundle (context {"complete": True}) must be complete: an
+        exporter builds one before write_manifest() fills in `files`."""
+        for what, rel in (("model_file", self.model_file), ("labels_file", self.labels_file)):
+            if rel is None:
+                continue
+            safe_relpath(rel, what)
+            if (info.context or {}).get("complete") and rel not in self.files:
+                raise ValueError(f"{what} {rel!r} is not listed in files")
+        return self
 
 
 def guess_layout(dims: list) -> str | None:
@@ -106,6 +211,105 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def read_capped(path: Path, cap: int, what: str) -> bytes:
+    """The bytes of a regular file (not a symlink, FIFO or device) of at most `cap` bytes.
+
+    Why: the size is checked on the open file before reading, so a huge, sparse or endless
+    file costs one stat, and a symlink cannot make us read something outside the bundle.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise BadInput(f"{path}: {what} not found") from None
+    except OSError as e:
+        raise BadInput(f"{path}: cannot read {what} ({e.strerror or e})") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise BadInput(f"{path}: {what} is not a regular file")
+        if st.st_size > cap:
+            raise BadInput(f"{path}: {what} is {st.st_size} bytes, over the limit of {cap}")
+        data = f.read(cap + 1)
+    if len(data) > cap:
+        raise BadInput(f"{path}: {what} grew past the limit of {cap} bytes while being read")
+    return data
+
+
+def parse_json(data: bytes, where: str, what: str) -> Any:
+    """JSON from untrusted bytes: bad UTF-8, bad syntax or absurd nesting -> one BadInput line."""
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise BadInput(f"{where}: invalid {what} (not UTF-8 text)") from None
+    except RecursionError:
+        raise BadInput(f"{where}: invalid {what} (nested too deeply)") from None
+    except ValueError as e:
+        raise BadInput(f"{where}: invalid {what} ({str(e).splitlines()[0][:200]})") from None
+
+
+def first_error(e: ValidationError) -> str:
+    """'field.path: message' of a pydantic error, one line and short."""
+    err = e.errors()[0]
+    loc = ".".join(str(x) for x in err["loc"]) or "manifest"
+    return f"{loc}: {err['msg'].removeprefix('Value error, ')}"[:300]
+
+
+def parse_manifest(data: bytes, where: str) -> Manifest:
+    """The Manifest in `data` (the exact bytes a signature covers), or one BadInput line."""
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise BadInput(f"{where}: manifest over the limit of {MAX_MANIFEST_BYTES} bytes")
+    raw = parse_json(data, where, "manifest")
+    if not isinstance(raw, dict):
+        raise BadInput(f"{where}: invalid manifest (not a JSON object)")
+    try:
+        return Manifest.model_validate(raw, context={"complete": True})
+    except RecursionError:
+        raise BadInput(f"{where}: invalid manifest (nested too deeply)") from None
+    except ValidationError as e:
+        raise BadInput(f"{where}: invalid manifest ({first_error(e)})") from None
+
+
+def read_manifest_bytes(bundle_dir: Path) -> bytes:
+    """manifest.json's bytes, size-capped; "not a bundle" for a directory without one."""
+    p = Path(bundle_dir)
+    mf = p / MANIFEST
+    if not os.path.lexists(mf):
+        raise BadInput(f"{p}: not a bundle (no {MANIFEST})")
+    return read_capped(mf, MAX_MANIFEST_BYTES, MANIFEST)
+
+
+def open_inside(root: Path, rel: str) -> int:
+    """A read-only fd for `rel` under `root`, following no symlink on the way (each directory
+    is opened with O_NOFOLLOW relative to the previous one), and only for a regular file."""
+    safe_relpath(rel)
+    parts = rel.split("/")
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for part in parts[:-1]:
+            nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        out = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=fd)
+    finally:
+        os.close(fd)
+    if not stat.S_ISREG(os.fstat(out).st_mode):
+        os.close(out)
+        raise OSError(f"{rel} is not a regular file")
+    return out
+
+
+def check_sizes(manifest: Manifest, max_bytes: int, where: str) -> int:
+    """Each declared size and their total within the budget; the total. No file is touched."""
+    total = 0
+    for rel, entry in manifest.files.items():
+        if entry.size > max_bytes:
+            raise BadInput(f"bundle {where}: {rel} declares {entry.size} bytes, over the bundle limit of {max_bytes}")
+        total += entry.size
+    if total > max_bytes:
+        raise BadInput(f"bundle {where}: files total {total} bytes, over the bundle limit of {max_bytes}")
+    return total
+
+
 class Bundle:
     """A bundle directory on disk and its parsed manifest."""
 
@@ -121,35 +325,79 @@ class Bundle:
     def labels(self) -> list[str] | None:
         if not self.manifest.labels_file:
             return None
-        return (self.path / self.manifest.labels_file).read_text().splitlines()
+        f = self.path / self.manifest.labels_file
+        try:
+            return read_capped(f, MAX_LABELS_BYTES, "labels file").decode("utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise BadInput(f"{f}: labels file is not UTF-8 text") from None
 
     def __repr__(self) -> str:
         m = self.manifest
         return f"Bundle({str(self.path)!r}, {m.format}/{m.precision}, target={m.target.get('id')})"
 
     @classmethod
-    def load(cls, path: str | Path, verify: bool = True) -> "Bundle":
-        """Read a bundle; with verify, refuse it when a file is missing or its sha256 differs."""
+    def load(cls, path: str | Path, verify: bool = True, max_bytes: int = MAX_BUNDLE_BYTES) -> "Bundle":
+        """Read a bundle; with verify, refuse it when a file is missing, unlisted, of another
+        size than declared, or its sha256 differs."""
         p = Path(path)
-        mf = p / MANIFEST
-        if not mf.is_file():
-            raise BadInput(f"{p}: not a bundle (no {MANIFEST})")
-        try:
-            manifest = Manifest.model_validate(json.loads(mf.read_text()))
-        except (json.JSONDecodeError, ValidationError) as e:
-            raise BadInput(f"{mf}: invalid manifest ({str(e).splitlines()[0]})") from None
-        b = cls(p, manifest)
+        return cls.from_bytes(p, read_manifest_bytes(p), verify, max_bytes)
+
+    @classmethod
+    def from_bytes(cls, path: Path, data: bytes, verify: bool = True, max_bytes: int = MAX_BUNDLE_BYTES) -> "Bundle":
+        """A bundle whose manifest is `data` (bytes already read, e.g. the ones a signature was
+        checked over, so the file cannot change in between)."""
+        b = cls(Path(path), parse_manifest(data, str(Path(path) / MANIFEST)))
         if verify:
-            b.verify()
+            b.verify(max_bytes)
         return b
 
-    def verify(self) -> None:
-        for rel, entry in self.manifest.files.items():
-            f = self.path / rel
-            if not f.is_file():
-                raise BadInput(f"bundle {self.path}: file {rel} listed in the manifest is missing")
-            if sha256_file(f) != entry.sha256:
-                raise BadInput(f"bundle {self.path}: checksum mismatch for {rel}; refusing to use it")
+    def verify(self, max_bytes: int = MAX_BUNDLE_BYTES) -> None:
+        """Sizes first (declared vs the budget, then vs the file: one stat each), then unlisted
+        files, then the sha256 of each: nothing is hashed before everything cheap passed."""
+        check_sizes(self.manifest, max_bytes, str(self.path))
+        fds = {}
+        try:
+            for rel, entry in self.manifest.files.items():
+                try:
+                    fds[rel] = open_inside(self.path, rel)
+                except OSError:
+                    raise BadInput(f"bundle {self.path}: file {rel} listed in the manifest is missing "
+                                   "(or not a regular file inside the bundle)") from None
+                size = os.fstat(fds[rel]).st_size
+                if size != entry.size:
+                    raise BadInput(f"bundle {self.path}: checksum mismatch for {rel} (size {size}, the manifest "
+                                   f"says {entry.size}); refusing to use it")
+            self._no_unlisted()
+            for rel, entry in self.manifest.files.items():
+                if _sha256_fd(fds[rel], entry.size) != entry.sha256:
+                    raise BadInput(f"bundle {self.path}: checksum mismatch for {rel}; refusing to use it")
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+
+    def _no_unlisted(self) -> None:
+        """A bundle lists every file it holds (but manifest.json and signature): an extra file
+        is something no signature covers."""
+        listed = set(self.manifest.files) | {MANIFEST, SIGNATURE}
+        seen = 0
+        for top, dirs, names in os.walk(self.path):
+            for name in names + [d for d in dirs if os.path.islink(os.path.join(top, d))]:
+                seen += 1
+                rel = Path(top, name).relative_to(self.path).as_posix()
+                if rel not in listed:
+                    raise BadInput(f"bundle {self.path}: {rel} is not listed in the manifest; refusing to use it")
+            if seen > MAX_FILES + 2:
+                raise BadInput(f"bundle {self.path}: more than {MAX_FILES} files")
+
+
+def _sha256_fd(fd: int, size: int) -> str:
+    h = hashlib.sha256()
+    os.lseek(fd, 0, os.SEEK_SET)
+    left = size + 1  # one byte past the declared size: a file that grew does not match
+    while left > 0 and (block := os.read(fd, min(1 << 20, left))):
+        h.update(block)
+        left -= len(block)
+    return h.hexdigest()
 
 
 @contextmanager

@@ -10,12 +10,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 from pathlib import Path
 
-from lepton_edge.bundle import MANIFEST, Bundle
+from lepton_edge.bundle import MAX_BUNDLE_BYTES, SIGNATURE, Bundle, parse_json, read_capped, read_manifest_bytes
 from lepton_edge.errors import BadInput
 
-SIGNATURE = "signature"
+MAX_SIGNATURE_BYTES = 4096  # {"alg", "key_id", "signature"}: about 150 bytes
 
 
 def _crypto():
@@ -78,9 +79,9 @@ def load_public(path: str | Path):
 
 def sign(bundle_dir: str | Path, private_key: str | Path) -> Path:
     """Check the bundle's checksums, then write `signature` over its manifest's bytes."""
-    b = Bundle.load(bundle_dir)  # refuses a bundle whose files do not match its manifest
+    data = read_manifest_bytes(Path(bundle_dir))
+    b = Bundle.from_bytes(Path(bundle_dir), data)  # refuses a bundle whose files do not match its manifest
     key = _load_private(Path(private_key))
-    data = (b.path / MANIFEST).read_bytes()
     sig = {"alg": "ed25519", "key_id": key_id(key.public_key()),
            "signature": base64.b64encode(key.sign(data)).decode()}
     out = b.path / SIGNATURE
@@ -88,28 +89,42 @@ def sign(bundle_dir: str | Path, private_key: str | Path) -> Path:
     return out
 
 
-def verify(bundle_dir: str | Path, trusted: list) -> str:
+def read_signature(bundle_dir: Path) -> tuple[str, bytes]:
+    """(key_id, raw signature) from the bundle's signature file, or one BadInput line."""
+    p = Path(bundle_dir)
+    sig_file = p / SIGNATURE
+    if not os.path.lexists(sig_file):
+        raise BadInput(f"bundle {p} is not signed; trusted keys are configured, so unsigned bundles are refused")
+    sig = parse_json(read_capped(sig_file, MAX_SIGNATURE_BYTES, "signature file"), str(sig_file), "signature file")
+    if not (isinstance(sig, dict) and isinstance(sig.get("key_id"), str) and isinstance(sig.get("signature"), str)
+            and sig.get("alg", "ed25519") == "ed25519"):
+        raise BadInput(f"bundle {p}: malformed signature file")
+    try:
+        raw = base64.b64decode(sig["signature"], validate=True)
+    except ValueError:
+        raise BadInput(f"bundle {p}: malformed signature file") from None
+    return sig["key_id"][:64], raw
+
+
+def verify(bundle_dir: str | Path, trusted: list, max_bytes: int = MAX_BUNDLE_BYTES) -> str:
     """Raise BadInput unless the bundle is signed by one of the trusted public keys (loaded
-    objects or PEM paths) and every file matches the manifest. Returns the key id."""
+    objects or PEM paths) and every file matches the manifest. Returns the key id.
+
+    Order matters: the signature is checked over the exact manifest bytes first, and the files
+    are checked against those same bytes, so nothing an unsigned manifest declares gets hashed.
+    """
     from cryptography.exceptions import InvalidSignature
 
     p = Path(bundle_dir)
     keys = [load_public(k) if isinstance(k, (str, Path)) else k for k in trusted]
-    sig_file = p / SIGNATURE
-    if not sig_file.is_file():
-        raise BadInput(f"bundle {p} is not signed; trusted keys are configured, so unsigned bundles are refused")
-    try:
-        sig = json.loads(sig_file.read_text())
-        raw = base64.b64decode(sig["signature"], validate=True)
-    except (ValueError, KeyError, TypeError):
-        raise BadInput(f"bundle {p}: malformed signature file") from None
-    by_id = {key_id(k): k for k in keys}
-    key = by_id.get(sig.get("key_id"))
+    kid, raw = read_signature(p)
+    key = {key_id(k): k for k in keys}.get(kid)
     if key is None:
-        raise BadInput(f"bundle {p}: signed with key {sig.get('key_id')!r}, which is not trusted here")
+        raise BadInput(f"bundle {p}: signed with key {kid!r}, which is not trusted here")
+    data = read_manifest_bytes(p)
     try:
-        key.verify(raw, (p / MANIFEST).read_bytes())
+        key.verify(raw, data)
     except InvalidSignature:
         raise BadInput(f"bundle {p}: bad signature (the manifest was changed after signing)") from None
-    Bundle.load(p)  # and the files must match the signed manifest
-    return sig["key_id"]
+    Bundle.from_bytes(p, data, max_bytes=max_bytes)  # and the files must match the signed manifest
+    return kid

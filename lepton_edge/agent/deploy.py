@@ -1,26 +1,43 @@
 """Getting a new bundle onto the device safely: fetch, verify, keep, and point `current` at it.
 
-Why each step: a download can be cut or tampered with (size cap, optional archive sha256, then
-the ed25519 signature over the manifest and every file's checksum); an archive can try to write
-outside its directory (tarfile's "data" filter refuses that); and a restart must come back with
-the last good bundle, so `current` is a symlink replaced atomically (os.replace) only after the
-new model passed its health check.
+Why each step: everything in a deploy command comes from outside, so every step has a budget
+checked before the work. A download has a size cap and a whole-download deadline, follows
+redirects only to http(s), and its optional archive sha256 is checked before unpacking. An
+archive is read member by member: only regular files the manifest lists, at the sizes it
+declares, within the bundle budget, are written (no links, devices, or path outside the
+directory). A path on the device is copied the same way: the manifest first, then exactly the
+files it lists, never through a symlink. Then the ed25519 signature over the manifest's bytes,
+then every file's checksum. A restart must come back with the last good bundle, so `current` is
+a symlink replaced atomically (os.replace) only after the new model passed its health check,
+and `good.json` lists the previous good ones to fall back to. Every failure removes what it
+created; leftovers of a crash (a kill -9 mid-download) are removed at the next start.
 """
 from __future__ import annotations
 
 import hashlib
+import http.client
+import json
 import os
 import shutil
+import socket
+import stat
 import tarfile
 import tempfile
+import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from lepton_edge.bundle import MANIFEST, Bundle, sha256_file
+from lepton_edge.bundle import (MANIFEST, MAX_FILES, MAX_MANIFEST_BYTES, SIGNATURE, Bundle,
+                                Manifest, check_sizes, open_inside, parse_manifest, read_capped, read_manifest_bytes)
 from lepton_edge.errors import BadInput
 from lepton_edge.telemetry.schema import DeployCommand
+
+GOOD = "good.json"
+MAX_SIGNATURE_BYTES = 4096
+_BLOCK = 1 << 16
 
 
 class DeployError(Exception):
@@ -28,17 +45,34 @@ class DeployError(Exception):
 
 
 class BundleStore:
-    def __init__(self, state_dir: Path, trusted_keys: list[Path], max_bytes: int):
-        self.root = Path(state_dir) / "bundles"
+    """bundles/<entry>/ holds fetched bundles; `current` (symlink) the one running; good.json the
+    good ones, newest first (current included), of which only `keep` besides current are kept."""
+
+    def __init__(self, state_dir: Path, trusted_keys: list[Path], max_bytes: int, *,
+                 max_bundle_bytes: int = 1 << 30, keep: int = 2, download_timeout_s: float = 300.0):
+        self.state = Path(state_dir)
+        self.root = self.state / "bundles"
         self.root.mkdir(parents=True, exist_ok=True)
-        self.current_link = Path(state_dir) / "current"
+        self.current_link = self.state / "current"
+        self.good_file = self.state / GOOD
         self.trusted = list(trusted_keys)
-        self.max_bytes = max_bytes
+        self.max_bytes = max_bytes  # the download (archive) cap
+        self.max_bundle_bytes = max_bundle_bytes  # unpacked: all files of a bundle together
+        self.keep = keep
+        self.download_timeout_s = download_timeout_s
+        self._verified: dict[Path, dict] = {}  # what fetch() checked, so verify() need not hash it again
         if self.trusted:
             from lepton_edge.signing import load_public
 
             self._keys = [load_public(k) for k in self.trusted]  # a bad key file fails at start
+        self._clean_leftovers()
 
+    @classmethod
+    def from_config(cls, cfg) -> "BundleStore":
+        return cls(cfg.state_dir, cfg.trusted_keys, cfg.max_download_bytes, max_bundle_bytes=cfg.max_bundle_bytes,
+                   keep=cfg.keep_bundles, download_timeout_s=cfg.download_timeout_s)
+
+    # ---- what is kept -------------------------------------------------------------------------
     def current(self) -> Path | None:
         """The last bundle that passed a deploy's health check, if any."""
         if self.current_link.is_symlink() or self.current_link.exists():
@@ -47,104 +81,432 @@ class BundleStore:
                 return target
         return None
 
+    def candidates(self) -> list[Path]:
+        """The bundle directories to try at start, newest good first: current, then the previous
+        good ones still on disk. The caller verifies each and falls back to the next."""
+        out = []
+        cur = self.current()
+        if cur is not None:
+            out.append(cur)
+        for name in self._good():
+            p = (self.root / name).resolve()
+            if p not in out and (p / MANIFEST).is_file():
+                out.append(p)
+        return out
+
     def set_current(self, bundle_dir: Path) -> None:
+        """Point `current` at a bundle that passed its health check; record it as good first;
+        remove good bundles past the `keep` newest previous ones."""
+        d = Path(bundle_dir).resolve()
         tmp = self.current_link.with_name(f".current.{os.getpid()}")
         if tmp.is_symlink() or tmp.exists():
             tmp.unlink()
-        os.symlink(Path(bundle_dir).resolve(), tmp)
+        os.symlink(d, tmp)
         os.replace(tmp, self.current_link)
+        entry = self._entry(d)
+        if entry is None:
+            return
+        good = [entry] + [n for n in self._good() if n != entry]
+        keep, drop = good[:self.keep + 1], good[self.keep + 1:]
+        self._write_good(keep)
+        for name in drop:
+            shutil.rmtree(self.root / name, ignore_errors=True)
 
+    def discard(self, bundle_dir: Path) -> None:
+        """Remove a fetched bundle that was refused (never current or a kept good one)."""
+        entry = self._entry(Path(bundle_dir).resolve())
+        if entry is None or entry in self._good():
+            return
+        cur = self.current()
+        if cur is not None and self._entry(cur) == entry:
+            return
+        shutil.rmtree(self.root / entry, ignore_errors=True)
+
+    def _entry(self, d: Path) -> str | None:
+        """The name of the directory under bundles/ that holds d, or None when d is elsewhere."""
+        root = self.root.resolve()
+        if d == root or root not in d.parents:
+            return None
+        return d.relative_to(root).parts[0]
+
+    def _good(self) -> list[str]:
+        try:
+            names = json.loads(read_capped(self.good_file, 1 << 16, GOOD))
+        except (BadInput, ValueError, RecursionError):
+            return []
+        if not isinstance(names, list):
+            return []
+        return [n for n in names if isinstance(n, str) and n and "/" not in n and n not in (".", "..")]
+
+    def _write_good(self, names: list[str]) -> None:
+        tmp = self.good_file.with_name(f".{GOOD}.{os.getpid()}")
+        with open(tmp, "w") as f:
+            f.write(json.dumps(names) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.good_file)
+
+    def _clean_leftovers(self) -> None:
+        """Remove what a crash left: partial downloads, half-unpacked or refused bundles (anything
+        under bundles/ that is neither current nor a kept good bundle), stray temp links."""
+        keep = set(self._good())
+        cur = self.current()
+        if cur is not None and (entry := self._entry(cur)):
+            keep.add(entry)
+        for p in self.root.iterdir():
+            if p.name in keep:
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+        for p in self.state.glob(".current.*"):
+            p.unlink(missing_ok=True)
+        for p in self.state.glob(f".{GOOD}.*"):
+            p.unlink(missing_ok=True)
+
+    # ---- checking -----------------------------------------------------------------------------
     def verify(self, bundle_dir: Path) -> dict:
         """Signature (when keys are trusted) and checksums; DeployError says which failed."""
+        done = self._verified.pop(Path(bundle_dir), None)
+        if done is not None:
+            return done
         try:
             if self.trusted:
                 from lepton_edge.signing import verify
 
-                key = verify(bundle_dir, self._keys)
+                key = verify(bundle_dir, self._keys, max_bytes=self.max_bundle_bytes)
                 return {"signed_by": key}
-            Bundle.load(bundle_dir)
+            Bundle.load(bundle_dir, max_bytes=self.max_bundle_bytes)
             return {"signed_by": None}
         except BadInput as e:
             raise DeployError(str(e)) from None
 
+    # ---- fetching -----------------------------------------------------------------------------
     def fetch(self, cmd: DeployCommand) -> Path:
-        """The bundle named by the command, unpacked into a new directory under bundles/."""
+        """The bundle named by the command, in a new directory under bundles/ holding exactly the
+        files its manifest lists (plus manifest.json and signature), verified (signature and
+        checksums): a refused bundle is removed here, it never stays in bundles/."""
         if bool(cmd.url) == bool(cmd.path):
             raise DeployError("deploy needs exactly one of 'url' or 'path'")
         dest = Path(tempfile.mkdtemp(prefix=f"{time.strftime('%Y%m%d-%H%M%S')}-", dir=self.root))
+        archive = None
         try:
             if cmd.url:
-                archive = self._download(cmd.url, dest.with_suffix(".tar.gz"), cmd.sha256)
-                try:
-                    self._unpack(archive, dest)
-                finally:
-                    archive.unlink(missing_ok=True)
+                archive = dest.with_name(f".{dest.name}.partial")
+                self._download(cmd.url, archive, cmd.sha256)
+                self._unpack(archive, dest)
             else:
-                src = Path(cmd.path)
-                if src.is_dir():
-                    shutil.copytree(src, dest, dirs_exist_ok=True)
-                elif src.is_file():
-                    if cmd.sha256 and sha256_file(src) != cmd.sha256:
-                        raise DeployError(f"{src}: sha256 differs from the command's")
-                    self._unpack(src, dest)
-                else:
-                    raise DeployError(f"path not found on the device: {src}")
-            return self._bundle_root(dest)
+                self._from_path(Path(cmd.path), dest, cmd.sha256)
+            info = self.verify(dest)
+            self._verified = {dest: info}
+            return dest
+        except BadInput as e:
+            shutil.rmtree(dest, ignore_errors=True)
+            raise DeployError(str(e)) from None
+        except OSError as e:  # the state directory itself: full disk, read-only, permissions
+            shutil.rmtree(dest, ignore_errors=True)
+            raise DeployError(f"cannot store the bundle in {self.root}: {e.strerror or e}") from None
         except BaseException:
             shutil.rmtree(dest, ignore_errors=True)
             raise
+        finally:
+            if archive is not None:
+                archive.unlink(missing_ok=True)
 
-    def discard(self, bundle_dir: Path) -> None:
-        d = Path(bundle_dir).resolve()
-        if self.root.resolve() in d.parents and d != self.current():
-            top = next(p for p in [d, *d.parents] if p.parent == self.root.resolve())
-            shutil.rmtree(top, ignore_errors=True)
+    def _from_path(self, src: Path, dest: Path, sha256: str | None) -> None:
+        """A bundle directory or a .tar.gz on the device; a symlink or special file is refused
+        as such, without being followed or read."""
+        try:
+            st = os.lstat(src)
+        except OSError:
+            raise DeployError(f"path not found on the device: {src}") from None
+        if stat.S_ISDIR(st.st_mode):
+            self._copy_dir(src, dest)
+        elif stat.S_ISREG(st.st_mode):
+            if st.st_size > self.max_bytes:
+                raise DeployError(f"{src}: {st.st_size} bytes, over max_download_bytes ({self.max_bytes})")
+            if sha256 and _sha256_path(src, self.max_bytes) != sha256:
+                raise DeployError(f"{src}: sha256 differs from the command's")
+            self._unpack(src, dest)
+        else:
+            raise DeployError(f"{src}: not a bundle (a symlink or special file, not a directory or .tar.gz)")
+
+    def _copy_dir(self, src: Path, dest: Path) -> None:
+        """manifest.json first (size-capped, validated), then exactly the files it lists, each a
+        regular file inside src reached through no symlink, at its declared size."""
+        data = read_manifest_bytes(src)
+        manifest = parse_manifest(data, str(src / MANIFEST))
+        check_sizes(manifest, self.max_bundle_bytes, str(src))
+        (dest / MANIFEST).write_bytes(data)
+        if os.path.lexists(src / SIGNATURE):
+            (dest / SIGNATURE).write_bytes(read_capped(src / SIGNATURE, MAX_SIGNATURE_BYTES, "signature file"))
+        for rel, entry in manifest.files.items():
+            try:
+                fd = open_inside(src, rel)
+            except OSError:
+                raise DeployError(f"bundle {src}: file {rel} listed in the manifest is missing "
+                                  "(or not a regular file inside the bundle)") from None
+            with os.fdopen(fd, "rb") as f:
+                size = os.fstat(fd).st_size
+                if size != entry.size:
+                    raise DeployError(f"bundle {src}: checksum mismatch for {rel} (size {size}, the manifest "
+                                      f"says {entry.size}); refusing to use it")
+                _write_new(dest, rel, f, entry.size)
+
+    def _unpack(self, archive: Path, dest: Path) -> None:
+        """Members checked from their headers before anything is written: count, each size and
+        the running total within the budget, regular files and directories only; then the
+        manifest (read from the archive) must list every file, at its size."""
+        try:
+            with tarfile.open(archive, "r:*", tarinfo=_CappedTarInfo) as tf:
+                members = self._members(tf)
+                prefix, manifest, data = self._archive_manifest(tf, members)
+                files = self._listed_members(members, prefix, manifest)
+                (dest / MANIFEST).write_bytes(data)
+                for rel, m in files.items():
+                    _write_new(dest, rel, tf.extractfile(m), m.size)
+        except (tarfile.TarError, EOFError, OSError, ValueError) as e:  # gzip/zlib errors are OSError/EOFError
+            raise DeployError(f"cannot unpack {archive.name}: {str(e)[:200]}") from None
+
+    def _members(self, tf: tarfile.TarFile) -> list[tarfile.TarInfo]:
+        members, total = [], 0
+        while (m := tf.next()) is not None:
+            if len(members) >= MAX_FILES + 16:
+                raise DeployError(f"the archive holds more than {MAX_FILES} entries")
+            if not (m.isreg() or m.isdir()):
+                raise DeployError(f"the archive holds {m.name[:100]!r}, a link or special file; refused")
+            total += m.size
+            if m.size > self.max_bundle_bytes or total > self.max_bundle_bytes:
+                raise DeployError(f"the archive unpacks to more than the bundle limit of {self.max_bundle_bytes} bytes")
+            members.append(m)
+        return members
+
+    @staticmethod
+    def _archive_manifest(tf: tarfile.TarFile, members: list) -> tuple[str, Manifest, bytes]:
+        found = [m for m in members if m.isreg() and (_norm(m.name) == MANIFEST or
+                 (_norm(m.name).count("/") == 1 and _norm(m.name).endswith("/" + MANIFEST)))]
+        if len(found) != 1:
+            raise DeployError("the archive holds no bundle (no manifest.json)" if not found
+                              else "the archive holds more than one bundle")
+        m = found[0]
+        if m.size > MAX_MANIFEST_BYTES:
+            raise DeployError(f"manifest.json is {m.size} bytes, over the limit of {MAX_MANIFEST_BYTES}")
+        data = tf.extractfile(m).read(MAX_MANIFEST_BYTES + 1)
+        prefix = _norm(m.name)[: -len(MANIFEST)]
+        return prefix, parse_manifest(data, f"archive:{m.name}"), data
+
+    def _listed_members(self, members: list, prefix: str, manifest: Manifest) -> dict[str, tarfile.TarInfo]:
+        """rel -> member for each file the manifest lists (+ signature); anything else refused."""
+        check_sizes(manifest, self.max_bundle_bytes, "in the archive")
+        files: dict[str, tarfile.TarInfo] = {}
+        for m in members:
+            if m.isdir():
+                continue  # nothing is made from a directory entry: files make their own parents
+            name = _norm(m.name)
+            if not name.startswith(prefix):
+                raise DeployError(f"the archive holds {m.name[:100]!r}, outside the bundle's folder")
+            rel = name[len(prefix):]
+            if rel == MANIFEST:
+                continue
+            if rel == SIGNATURE and m.size <= MAX_SIGNATURE_BYTES:
+                files[rel] = m
+                continue
+            entry = manifest.files.get(rel)
+            if entry is None:
+                raise DeployError(f"the archive holds {rel[:100]!r}, which the manifest does not list; refused")
+            if entry.size != m.size:
+                raise DeployError(f"checksum mismatch for {rel} (size {m.size} in the archive, the manifest "
+                                  f"says {entry.size}); refused")
+            if rel in files:
+                raise DeployError(f"the archive holds {rel[:100]!r} twice")
+            files[rel] = m
+        missing = sorted(set(manifest.files) - set(files))
+        if missing:
+            raise DeployError(f"file {missing[0]} listed in the manifest is missing from the archive")
+        return files
 
     def _download(self, url: str, out: Path, sha256: str | None) -> Path:
-        if not url.startswith(("http://", "https://")):
+        """Into `out`, within max_bytes and download_timeout_s (the whole transfer, enforced by a
+        watchdog that shuts the socket), following redirects to http(s) only."""
+        if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
             raise DeployError(f"url must be http(s)://, got {url[:80]!r}")
-        h = hashlib.sha256()
-        n = 0
+        h, n = hashlib.sha256(), 0
+        watch = _Deadline(self.download_timeout_s)
+        opener = urllib.request.build_opener(_HttpOnlyRedirects(), _Http(watch), _Https(watch))
         try:
-            with urllib.request.urlopen(url, timeout=30) as r, open(out, "wb") as f:
-                while block := r.read(1 << 20):
+            with watch, opener.open(url, timeout=min(30.0, self.download_timeout_s)) as r, open(out, "xb") as f:
+                length = r.headers.get("Content-Length")
+                if length and length.isdigit() and int(length) > self.max_bytes:
+                    raise DeployError(f"download is {length} bytes, over max_download_bytes ({self.max_bytes})")
+                while block := r.read1(_BLOCK):
                     n += len(block)
                     if n > self.max_bytes:
                         raise DeployError(f"download exceeds max_download_bytes ({self.max_bytes})")
+                    if watch.expired():
+                        raise TimeoutError()
                     h.update(block)
                     f.write(block)
-        except (urllib.error.URLError, OSError, ValueError) as e:
+                if watch.expired():
+                    raise TimeoutError()
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
             out.unlink(missing_ok=True)
-            reason = getattr(e, "reason", None) or e
-            raise DeployError(f"cannot download {url}: {reason}") from None
+            if watch.expired():
+                raise DeployError(f"cannot download {url[:200]}: not finished within download_timeout_s "
+                                  f"({self.download_timeout_s:g} s)") from None
+            reason = getattr(e, "reason", None) or e or type(e).__name__
+            raise DeployError(f"cannot download {url[:200]}: {str(reason)[:200]}") from None
+        except BaseException:
+            out.unlink(missing_ok=True)
+            raise
         if sha256 and h.hexdigest() != sha256:
             out.unlink(missing_ok=True)
             raise DeployError(f"downloaded archive sha256 {h.hexdigest()[:16]}… differs from the command's "
                               f"{sha256[:16]}…")
         return out
 
-    @staticmethod
-    def _unpack(archive: Path, dest: Path) -> None:
-        try:
-            with tarfile.open(archive, "r:*") as tf:
-                tf.extractall(dest, filter="data")
-        except (tarfile.TarError, OSError) as e:
-            raise DeployError(f"cannot unpack {archive.name}: {e}") from None
 
-    @staticmethod
-    def _bundle_root(dest: Path) -> Path:
-        if (dest / MANIFEST).is_file():
-            return dest
-        found = [p.parent for p in dest.rglob(MANIFEST)]
-        if len(found) != 1:
-            raise DeployError("the archive holds no bundle (no manifest.json)" if not found
-                              else "the archive holds more than one bundle")
-        return found[0]
+def _norm(name: str) -> str:
+    """'./a/b' -> 'a/b' (tar run in the bundle's directory); other spellings stay as they are
+    and simply match no file the manifest lists."""
+    while name.startswith("./"):
+        name = name[2:]
+    return name
+
+
+class _CappedTarInfo(tarfile.TarInfo):
+    """Refuses an oversized pax or GNU long-name header before tarfile reads it into memory."""
+
+    def _proc_member(self, tf):
+        if self.type in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
+                         tarfile.GNUTYPE_LONGLINK) and self.size > 1 << 20:
+            raise tarfile.ReadError(f"an extended header of {self.size} bytes")
+        return super()._proc_member(tf)
+
+
+def _write_new(dest: Path, rel: str, src, size: int) -> None:
+    """Exactly `size` bytes from src into a new file dest/rel (parents made inside dest)."""
+    target = dest / rel
+    target.parent.mkdir(parents=True, exist_ok=True)
+    left = size
+    with open(target, "xb") as f:
+        while left > 0 and (block := src.read(min(1 << 20, left))):
+            f.write(block)
+            left -= len(block)
+    if left:
+        raise DeployError(f"{rel}: shorter than the {size} bytes the manifest declares")
+
+
+def _sha256_path(path: Path, cap: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+            cap -= len(block)
+            if cap < 0:
+                raise DeployError(f"{path}: grew past max_download_bytes while being hashed")
+    return h.hexdigest()
+
+
+# ---- downloads with a whole-transfer deadline --------------------------------------------------
+class _Deadline:
+    """Shuts every socket it tracks when the deadline passes, so no read (header or body, trickled
+    a byte at a time) can outlive it; per-read socket timeouts cannot promise that."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self._end = time.monotonic() + seconds
+        self._socks: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._fired = False
+        self._timer = threading.Timer(seconds, self._fire)
+        self._timer.daemon = True
+
+    def __enter__(self):
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._timer.cancel()
+
+    def expired(self) -> bool:
+        return self._fired or time.monotonic() >= self._end
+
+    def track(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._socks.append(sock)
+            if self._fired:
+                _shut(sock)
+
+    def _fire(self) -> None:
+        with self._lock:
+            self._fired = True
+            for s in self._socks:
+                _shut(s)
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def _tracked(base, watch: _Deadline):
+    """An HTTP(S)Connection class whose raw socket the watchdog can shut."""
+
+    class Conn(base):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            create = self._create_connection
+
+            def connect(*args, **kwargs):
+                sock = create(*args, **kwargs)
+                watch.track(sock)
+                return sock
+
+            self._create_connection = connect
+
+    return Conn
+
+
+class _Http(urllib.request.HTTPHandler):
+    def __init__(self, watch: _Deadline):
+        super().__init__()
+        self.watch = watch
+
+    def http_open(self, req):
+        return self.do_open(_tracked(http.client.HTTPConnection, self.watch), req)
+
+
+class _Https(urllib.request.HTTPSHandler):
+    def __init__(self, watch: _Deadline):
+        super().__init__()
+        self.watch = watch
+
+    def https_open(self, req):
+        return self.do_open(_tracked(http.client.HTTPSConnection, self.watch), req, context=self._context)
+
+
+class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib follows redirects to ftp:// by default; a deploy follows http(s) only."""
+
+    max_redirections = 5
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        scheme = urllib.parse.urlsplit(urllib.parse.urljoin(req.full_url, newurl)).scheme
+        if scheme not in ("http", "https"):
+            raise urllib.error.URLError(f"redirect to {scheme}:// refused (http(s) only)")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
 def pack(bundle_dir: Path, out: Path) -> Path:
-    """A bundle directory as a .tar.gz with the bundle's name as its top folder (operator side)."""
-    with tarfile.open(out, "w:gz") as tf:
-        tf.add(bundle_dir, arcname=Path(bundle_dir).name)
-    return out
+    """A bundle directory as a .tar.gz with the bundle's name as its top folder (operator side).
 
+    Only manifest.json, signature and the files the manifest lists go in: what a device accepts."""
+    b = Bundle.load(Path(bundle_dir).resolve(), verify=False)
+    names = [MANIFEST] + ([SIGNATURE] if (b.path / SIGNATURE).is_file() else []) + sorted(b.manifest.files)
+    with tarfile.open(out, "w:gz") as tf:
+        for rel in names:
+            tf.add(b.path / rel, arcname=f"{b.path.name}/{rel}", recursive=False)
+    return out
