@@ -6,14 +6,38 @@ SQLite's transactions give that with one file and no server (power-cut durabilit
 `durable` option: see the PRAGMA below). The outbox is bounded (a device's
 disk is small): past `max_messages` the oldest are dropped and counted, and the count travels
 in the next telemetry window so the loss is visible rather than silent.
+
+The outbox is also the one file the agent writes on every window, so whatever the disk does to
+it must not take the agent down (a device left unattended cannot be restarted by hand):
+- a corrupt file (random bytes, a truncation, a file with someone else's schema) is moved aside
+  as `outbox.sqlite.corrupt-<time>` (at most KEEP_CORRUPT sets kept, so a crash loop cannot fill
+  the disk) and a fresh one started, at open or at any later call; reported once through
+  `take_recovered()` and counted in `recovered`;
+- a full disk drops the window (counted, it travels as `outbox_dropped`), never raises, and the
+  next put succeeds by itself once there is space again;
+- a file that cannot be opened or written at all (read-only or missing state directory, a full
+  disk at first start, an I/O error) puts the outbox in memory (bounded by MEMORY_MAX, lost at a
+  crash) with the reason in `degraded`; the file is tried again every `retry_s` seconds and the
+  rows held in memory move into it when it works.
+The row count is kept in memory (read once at open, changed only after a commit), so a put costs
+the same at 100,000 queued windows as at none.
 """
 from __future__ import annotations
 
+import errno
+import glob
+import os
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+KEEP_CORRUPT = 2  # moved-aside corrupt files kept for a post-mortem; older ones are removed
+MEMORY_MAX = 10_000  # windows held in RAM while the file is unusable (~12 MB at 1.2 KB a window)
+CHECK_BUDGET_S = 2.0  # PRAGMA quick_check at open stops (unchecked, not failed) after this long
+_COLUMNS = {"outbox": ["id", "topic", "payload", "qos", "retain", "created"], "counters": ["name", "value"]}
+_SQLITE_CORRUPT, _SQLITE_FULL, _SQLITE_NOTADB = 11, 13, 26
 
 
 @dataclass
@@ -25,73 +49,350 @@ class Message:
     retain: bool
 
 
-class Outbox:
-    def __init__(self, path: str | Path, max_messages: int = 100_000, durable: bool = False):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.max_messages = max_messages
-        self._lock = threading.Lock()  # guards the connection only; never held around a publish
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # WAL + NORMAL: a committed window survives the agent crashing or being killed, with no fsync
-        # per message. FULL (durable) also survives a power cut, at an fsync per commit and per PUBACK:
-        # that cost 15-25% of the demo model's frame rate here, and wears SD cards.
-        self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-        self._db.execute("CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL,"
-                         " payload BLOB NOT NULL, qos INTEGER NOT NULL, retain INTEGER NOT NULL, created REAL NOT NULL)")
-        self._db.execute("CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")
-        self._db.execute("INSERT OR IGNORE INTO counters VALUES ('dropped', 0)")
+class _Corrupt(Exception):
+    """The file opens but is not an outbox we can trust (quick_check failed, foreign schema)."""
 
+
+def _code(e: BaseException) -> int | None:
+    code = getattr(e, "sqlite_errorcode", None)
+    return None if code is None else code & 0xFF  # extended codes keep the primary in the low byte
+
+
+def is_full(e: BaseException) -> bool:
+    """SQLITE_FULL or ENOSPC: wait for space, do not treat the file as broken."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return _code(e) == _SQLITE_FULL or "database or disk is full" in str(e)
+
+
+def is_corrupt(e: BaseException) -> bool:
+    if isinstance(e, _Corrupt):
+        return True
+    msg = str(e)
+    return (_code(e) in (_SQLITE_CORRUPT, _SQLITE_NOTADB) or "malformed" in msg
+            or "file is not a database" in msg or "file is encrypted" in msg)
+
+
+class Outbox:
+    def __init__(self, path: str | Path, max_messages: int = 100_000, durable: bool = False, *,
+                 retry_s: float = 30.0, check_budget_s: float = CHECK_BUDGET_S):
+        self.path = Path(path)
+        self.max_messages = max_messages
+        self.durable = durable
+        self.retry_s, self.check_budget_s = retry_s, check_budget_s
+        self._lock = threading.Lock()  # guards the connection only; never held around a publish
+        self.recovered = 0  # corrupt files moved aside (open or later) in this process
+        self.full_drops = 0  # windows dropped because the disk was full, in this process
+        self.degraded: str | None = None  # why the outbox lives in memory now; None on the file
+        self.last_error: str | None = None
+        self._notices: list[str] = []
+        self._dropped_mem = 0  # drops not yet in the counters table (a full disk cannot record them)
+        self._count = 0
+        self._last_id = 0  # highest id handed out: a fresh file continues after it (the publisher tracks ids)
+        self._retry_at = 0.0
+        self._file_top = 0
+        self._db: sqlite3.Connection | None = None
+        self._closed = False
+        self._open_or_degrade()
+
+    # ---- opening ------------------------------------------------------------------------------
+    def _open_file(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=10)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            # WAL + NORMAL: a committed window survives the agent crashing or being killed, with no fsync
+            # per message. FULL (durable) also survives a power cut, at an fsync per commit and per PUBACK:
+            # that cost 15-25% of the demo model's frame rate here, and wears SD cards.
+            db.execute(f"PRAGMA synchronous={'FULL' if self.durable else 'NORMAL'}")
+            self._quick_check(db)
+            self._file_top = self._create(db)
+            return db
+        except BaseException:
+            db.close()
+            raise
+
+    def _quick_check(self, db: sqlite3.Connection) -> None:
+        """Find corruption that opening alone does not show, within a time budget: a check cut short
+        by the budget counts as passed (a later read that hits the damage recovers then)."""
+        deadline = time.monotonic() + self.check_budget_s
+        db.set_progress_handler(lambda: int(time.monotonic() > deadline), 10_000)
+        try:
+            rows = db.execute("PRAGMA quick_check(3)").fetchall()
+        except sqlite3.OperationalError as e:
+            if "interrupt" not in str(e):
+                raise
+            rows = [("ok",)]
+        finally:
+            db.set_progress_handler(None, 0)
+        if rows != [("ok",)]:
+            raise _Corrupt("quick_check: " + "; ".join(str(r[0]) for r in rows)[:200])
+
+    def _create(self, db: sqlite3.Connection) -> int:
+        """Schema, checked against ours; the id sequence continued past any id already handed out.
+        Returns the highest id the file itself had used."""
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL,"
+                       " payload BLOB NOT NULL, qos INTEGER NOT NULL, retain INTEGER NOT NULL, created REAL NOT NULL)")
+            db.execute("CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+            for table, cols in _COLUMNS.items():
+                got = [r[1] for r in db.execute(f"PRAGMA table_info({table})")]
+                if got != cols:
+                    raise _Corrupt(f"table {table} has columns {got}, expected {cols}")
+            db.execute("INSERT OR IGNORE INTO counters VALUES ('dropped', 0)")
+            (count,) = db.execute("SELECT COUNT(*) FROM outbox").fetchone()  # the one full count, at open
+            (top,) = db.execute("SELECT MAX(id) FROM outbox").fetchone()
+            seq = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
+            top = max(top or 0, seq[0] if seq else 0)
+            if self._last_id > top:
+                db.execute("DELETE FROM sqlite_sequence WHERE name = 'outbox'")
+                db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('outbox', ?)", (self._last_id,))
+            db.execute("COMMIT")
+        except BaseException:
+            self._rollback(db)
+            raise
+        self._count, self._last_id = int(count), max(self._last_id, int(top))
+        return int(top)
+
+    def _open(self) -> sqlite3.Connection:
+        """The file, moved aside and started afresh once if it is corrupt."""
+        try:
+            return self._open_file()
+        except (sqlite3.Error, _Corrupt) as e:
+            if not is_corrupt(e):
+                raise
+            self._set_aside(e)
+            return self._open_file()
+
+    def _open_or_degrade(self) -> None:
+        try:
+            self._db = self._open()
+            self.degraded = None
+        except (sqlite3.Error, _Corrupt, OSError) as e:
+            self._to_memory(f"cannot use {self.path}: {e}")
+
+    def _to_memory(self, why: str) -> None:
+        if self._db is not None:
+            try:
+                self._db.close()
+            except sqlite3.Error:
+                pass
+        db = sqlite3.connect(":memory:", check_same_thread=False, isolation_level=None)
+        self._create(db)
+        self._db = db
+        self.degraded = why
+        self.last_error = why
+        self._retry_at = time.monotonic() + self.retry_s
+        self._notices.append(f"outbox in memory (at most {self._bound()} windows, lost at a crash): {why}")
+
+    def _retry_file(self) -> None:
+        """Back onto the file: rows held in memory move into it with their ids (the publisher
+        tracks ids), unless the file already used those ids; then stay in memory (until restart)."""
+        self._retry_at = time.monotonic() + self.retry_s
+        mem = self._db
+        saved = (self._count, self._last_id)
+        try:
+            db = self._open()
+        except (sqlite3.Error, _Corrupt, OSError) as e:
+            self._count, self._last_id = saved
+            self.last_error = f"outbox file still unusable: {e}"
+            return
+        rows = mem.execute("SELECT id, topic, payload, qos, retain, created FROM outbox ORDER BY id").fetchall()
+        (mem_dropped,) = mem.execute("SELECT value FROM counters WHERE name = 'dropped'").fetchone()
+        file_count = self._count
+        try:
+            top = self._file_top
+            if rows and rows[0][0] <= top:
+                raise _Conflict(f"the file's ids reach {top}, past the rows held in memory")
+            db.execute("BEGIN IMMEDIATE")
+            db.executemany("INSERT INTO outbox (id, topic, payload, qos, retain, created) VALUES (?, ?, ?, ?, ?, ?)",
+                           rows)
+            db.execute("UPDATE counters SET value = value + ? WHERE name = 'dropped'", (mem_dropped,))
+            db.execute("COMMIT")
+        except (sqlite3.Error, _Conflict) as e:
+            self._rollback(db)
+            db.close()
+            self._count, self._last_id = saved
+            self.last_error = f"outbox file usable but rows not moved: {e}"
+            if isinstance(e, _Conflict):
+                self._retry_at = float("inf")
+            return
+        mem.close()
+        self._db, self._count = db, file_count + len(rows)
+        self._notices.append(f"outbox back on {self.path} ({len(rows)} window(s) moved from memory)")
+        self.degraded = None
+
+    def _set_aside(self, why: BaseException) -> None:
+        """Move the corrupt file (and its -wal/-shm) aside and keep only the newest KEEP_CORRUPT sets."""
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f".{time.time_ns() // 1000 % 1_000_000:06d}"
+        dest = f"{self.path}.corrupt-{stamp}"
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            src = Path(f"{self.path}{suffix}")
+            if src.exists():
+                os.replace(src, dest + suffix)
+        prefix = f"{self.path.name}.corrupt-"
+        sets = sorted(p.name for p in self.path.parent.glob(glob.escape(prefix) + "*")
+                      if not p.name.endswith(("-wal", "-shm", "-journal")))
+        for old in sets[:-KEEP_CORRUPT]:
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                try:
+                    (self.path.parent / (old + suffix)).unlink()
+                except FileNotFoundError:
+                    pass
+        self.recovered += 1
+        self._notices.append(f"outbox {self.path.name} was corrupt ({str(why)[:200]}); moved aside to "
+                             f"{Path(dest).name}, started a fresh one")
+
+    def _recover(self, e: BaseException) -> None:
+        """A corruption error at a later call: close, move aside, start afresh (lock held)."""
+        if self._db is not None:
+            try:
+                self._db.close()
+            except sqlite3.Error:
+                pass
+        try:
+            self._set_aside(e)
+        except OSError as oe:
+            self._to_memory(f"corrupt ({e}) and cannot be moved aside: {oe}")
+            return
+        self._open_or_degrade()
+
+    # ---- helpers (lock held) ------------------------------------------------------------------
+    @staticmethod
+    def _rollback(db: sqlite3.Connection) -> None:
+        """ROLLBACK only when a transaction is active: after a failed COMMIT SQLite may already have
+        rolled back, and a second error would hide the real one."""
+        try:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+
+    def _bound(self) -> int:
+        return min(self.max_messages, MEMORY_MAX) if self.degraded else self.max_messages
+
+    def _failed_write(self, e: BaseException, what: str) -> None:
+        """Classify a failed write: corrupt -> set aside; full -> wait for space; else -> memory."""
+        self._rollback(self._db)
+        self.last_error = f"{what}: {e}"
+        if is_corrupt(e):
+            self._recover(e)
+        elif not is_full(e) and not self.degraded:
+            self._to_memory(f"{what} failed: {e}")
+
+    # ---- the API ------------------------------------------------------------------------------
     def put(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> int:
-        """Commit one message; drop the oldest beyond the bound (counted). Returns its id."""
+        """Commit one message; drop the oldest beyond the bound (counted). Returns its id, or 0 when
+        the message itself was dropped (disk full: counted, never raised)."""
         data = payload.encode() if isinstance(payload, str) else payload
         with self._lock:
-            cur = self._db.cursor()
-            cur.execute("BEGIN IMMEDIATE")
-            try:
-                cur.execute("INSERT INTO outbox (topic, payload, qos, retain, created) VALUES (?, ?, ?, ?, ?)",
-                            (topic, data, qos, int(retain), time.time()))
-                rid = cur.lastrowid
-                (n,) = cur.execute("SELECT COUNT(*) FROM outbox").fetchone()
-                if n > self.max_messages:
-                    extra = n - self.max_messages
-                    cur.execute("DELETE FROM outbox WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT ?)", (extra,))
-                    cur.execute("UPDATE counters SET value = value + ? WHERE name = 'dropped'", (extra,))
-                cur.execute("COMMIT")
-            except BaseException:
-                cur.execute("ROLLBACK")
-                raise
-        return int(rid)
+            if self._closed:  # a late window from a thread still stopping: counted, not raised
+                self._dropped_mem += 1
+                return 0
+            if self.degraded and time.monotonic() >= self._retry_at:
+                self._retry_file()
+            for _ in range(2):  # a second try only after a corrupt file was replaced
+                try:
+                    return self._insert(topic, data, qos, retain)
+                except sqlite3.Error as e:
+                    self._failed_write(e, "outbox put")
+                    if is_full(e):
+                        break
+            self.full_drops += 1
+            self._dropped_mem += 1
+            return 0
+
+    def _insert(self, topic: str, data: bytes, qos: int, retain: bool) -> int:
+        cur = self._db.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        cur.execute("INSERT INTO outbox (topic, payload, qos, retain, created) VALUES (?, ?, ?, ?, ?)",
+                    (topic, data, qos, int(retain), time.time()))
+        rid = int(cur.lastrowid)
+        n, extra = self._count + 1, self._count + 1 - self._bound()
+        if extra > 0:  # drop the oldest by id range: one index seek, not a scan
+            cur.execute("DELETE FROM outbox WHERE id <= (SELECT id FROM outbox ORDER BY id LIMIT 1 OFFSET ?)",
+                        (extra - 1,))
+            extra = cur.rowcount
+            n -= extra
+            cur.execute("UPDATE counters SET value = value + ? WHERE name = 'dropped'", (extra,))
+        cur.execute("COMMIT")
+        self._count, self._last_id = n, max(self._last_id, rid)
+        return rid
 
     def pending(self, limit: int = 100, after: int = 0) -> list[Message]:
-        """The oldest messages with id > after, in order."""
+        """The oldest messages with id > after, in order ([] when the file cannot be read now)."""
         with self._lock:
-            rows = self._db.execute("SELECT id, topic, payload, qos, retain FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
-                                    (after, limit)).fetchall()
+            if self._closed:
+                return []
+            try:
+                rows = self._db.execute("SELECT id, topic, payload, qos, retain FROM outbox WHERE id > ? ORDER BY id"
+                                        " LIMIT ?", (after, limit)).fetchall()
+            except sqlite3.Error as e:
+                self.last_error = f"outbox read: {e}"
+                if is_corrupt(e):
+                    self._recover(e)
+                return []
         return [Message(r[0], r[1], bytes(r[2]), r[3], bool(r[4])) for r in rows]
 
     def delete(self, ids: int | list[int]) -> None:
+        """Remove acknowledged rows. A failure (full disk) leaves them to be sent again: at-least-once."""
         ids = [ids] if isinstance(ids, int) else list(ids)
         if not ids:
             return
         with self._lock:
-            self._db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
+            if self._closed:
+                return
+            try:
+                if len(ids) == 1:  # one PUBACK: a single statement is its own transaction
+                    n = self._db.execute("DELETE FROM outbox WHERE id = ?", (ids[0],)).rowcount
+                else:
+                    self._db.execute("BEGIN IMMEDIATE")
+                    n = self._db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids]).rowcount
+                    self._db.execute("COMMIT")
+                self._count -= n
+            except sqlite3.Error as e:
+                self._rollback(self._db)
+                self.last_error = f"outbox delete: {e}"
+                if is_corrupt(e):
+                    self._recover(e)
 
     def take_dropped(self) -> int:
-        """How many messages the bound discarded since the last call (then reset to 0)."""
+        """How many messages the bound or a full disk discarded since the last call (then reset to 0)."""
         with self._lock:
-            cur = self._db.cursor()
-            cur.execute("BEGIN IMMEDIATE")
-            (n,) = cur.execute("SELECT value FROM counters WHERE name = 'dropped'").fetchone()
-            cur.execute("UPDATE counters SET value = 0 WHERE name = 'dropped'")
-            cur.execute("COMMIT")
-        return int(n)
+            n, self._dropped_mem = self._dropped_mem, 0
+            if self._closed:
+                return n
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                (stored,) = self._db.execute("SELECT value FROM counters WHERE name = 'dropped'").fetchone()
+                self._db.execute("UPDATE counters SET value = 0 WHERE name = 'dropped'")
+                self._db.execute("COMMIT")
+                n += int(stored)
+            except sqlite3.Error as e:  # the stored count stays for the next call
+                self._rollback(self._db)
+                self.last_error = f"outbox take_dropped: {e}"
+                if is_corrupt(e):
+                    self._recover(e)
+        return n
+
+    def take_recovered(self) -> str | None:
+        """What happened to the outbox's file since the last call (corrupt file moved aside, fallen
+        back to memory, back on the file), one line for one event; None when nothing did."""
+        with self._lock:
+            notes, self._notices = self._notices, []
+        return "; ".join(notes) if notes else None
 
     def __len__(self) -> int:
-        with self._lock:
-            (n,) = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()
-        return int(n)
+        return self._count
 
     def close(self) -> None:
+        """Close the file; later calls do nothing (put drops and counts) rather than raise."""
         with self._lock:
-            self._db.close()
+            self._closed = True
+            if self._db is not None:
+                self._db.close()
+
+
+class _Conflict(Exception):
+    """Rows held in memory cannot move into the file without renumbering them."""
