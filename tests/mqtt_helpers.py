@@ -37,7 +37,7 @@ class Recorder:
     def _on_message(self, client, userdata, msg):
         try:
             body = json.loads(msg.payload)
-        except ValueError:
+        except (ValueError, RecursionError):  # hostile payloads (60 KB of '[') are recorded as text
             body = msg.payload.decode(errors="replace")
         with self.lock:
             self.messages.append((msg.topic, body, bool(msg.retain)))

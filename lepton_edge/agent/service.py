@@ -6,17 +6,31 @@ before the publisher sees it, so a broker that is down at start or for hours cos
 outbox rows; commands run in a thread of their own, so a deploy's download and health check do
 not stall paho's network loop (whose acknowledgements empty the outbox) nor the model, which
 keeps serving the old bundle until the new one is swapped in.
+
+Every thread survives any exception from the work it runs (it logs, sends an event, goes on): the
+command thread (one bad payload must not silence every later command), the pipeline thread (an
+inference error restarts the pipeline with backoff on the runtime then current), the deploy
+worker, the main window loop and the publisher's threads. The agent runs unattended on devices
+nobody watches; a thread that ends quietly is a device that is dead while its telemetry looks fine.
+Commands are checked for size in paho's callback, before they are queued, and the queue is
+bounded in bytes as well as in count, so a flood of large payloads costs no memory; retained
+commands are ignored (they would run again at every start). Deploys run in a worker thread, so
+pings are answered during a long download and a second deploy is told one is in progress.
 """
 from __future__ import annotations
 
 import json
 import queue
 import signal
+import sqlite3
+import tempfile
 import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from lepton_edge import __version__
 from lepton_edge.agent import commands
@@ -30,9 +44,14 @@ from lepton_edge.stats import summarize
 from lepton_edge.telemetry.health import Health
 from lepton_edge.telemetry.outbox import Outbox
 from lepton_edge.telemetry.publisher import Publisher
-from lepton_edge.telemetry.schema import (DeployCommand, Event, PingCommand, Reply, SetCommand, Status,
-                                          Telemetry)
+from lepton_edge.telemetry.schema import (MAX_COMMAND_BYTES, DeployCommand, Event, PingCommand, Reply, SetCommand,
+                                          Status, Telemetry)
 from lepton_edge.telemetry.topics import Topics
+
+
+MAX_QUEUED_COMMAND_BYTES = 1 << 20  # commands waiting for the command thread, all together
+RATE_LIMIT_S = 5.0  # at most one event (or log line) of a kind this often when something repeats
+REJECT_BURST, REJECT_PER_S = 20, 10.0  # error replies to oversized commands: a token bucket
 
 
 def _json(model) -> bytes:
@@ -45,19 +64,24 @@ class Agent:
         self.topics = Topics(cfg.fleet, cfg.device_id)
         self.boot_id = uuid.uuid4().hex[:12]
         self.seq = 0
-        cfg.state_dir.mkdir(parents=True, exist_ok=True)
-        self.store = BundleStore(cfg.state_dir, cfg.trusted_keys, cfg.max_download_bytes)
-        bundle = self.store.current() or cfg.bundle
-        if bundle is None:
-            raise BadInput("no bundle: set `bundle` in the config (or --bundle)")
-        self.runtime = self._load(Path(bundle), cfg.threads, check_signature=True)
+        self.publisher: Publisher | None = None  # events before it exists wait in the outbox
+        self._rate: dict[str, tuple[float, int]] = {}  # kind -> (last sent, suppressed since)
+        self._rate_lock = threading.Lock()
+        self._reject_tokens, self._reject_at = float(REJECT_BURST), time.monotonic()
+        self._send_failures = 0
+        self._writable(cfg.state_dir)
+        try:
+            self.outbox = Outbox(cfg.state_dir / "outbox.sqlite", cfg.outbox_max, durable=cfg.outbox_fsync)
+            self.store = BundleStore.from_config(cfg)
+        except (sqlite3.Error, OSError) as e:
+            raise BadInput(f"state_dir {cfg.state_dir}: {type(e).__name__}: {e}") from None
+        self.runtime = self._start_bundle()
         self.source = open_source(cfg.source, max_backoff=cfg.max_backoff_s, loop=cfg.loop,
                                   decode_threads=capture_threads(self.runtime))
         self.pipeline = Pipeline(self.source, self.runtime)
         self.pipeline.sample_every = cfg.sample_every
         self.window_s = cfg.window_s
         self.telemetry = True  # windows on; `set {"telemetry": false}` pauses them (a metered link)
-        self.outbox = Outbox(cfg.state_dir / "outbox.sqlite", cfg.outbox_max, durable=cfg.outbox_fsync)
         self.health = Health()
         self.publisher = Publisher(
             cfg.broker, f"lepton-{cfg.fleet}-{cfg.device_id}", self.outbox,
@@ -65,21 +89,91 @@ class Agent:
             username=cfg.username, password=cfg.password,
             ca_file=str(cfg.ca_file) if cfg.ca_file else None, cert_file=str(cfg.cert_file) if cfg.cert_file else None,
             key_file=str(cfg.key_file) if cfg.key_file else None, on_connect=self._on_connect,
-            on_message=self._on_message, subscriptions=[self.topics.cmd("+")], max_backoff=cfg.max_backoff_s)
+            on_message=self._on_message, subscriptions=[self.topics.cmd("+")], max_backoff=cfg.max_backoff_s,
+            on_error=lambda m: self._rate_log("publisher", m))
         self._commands: queue.Queue = queue.Queue(maxsize=100)
+        self._queued_bytes = 0  # payload bytes in self._commands (guarded by _qlock)
+        self._qlock = threading.Lock()
         self._stop = threading.Event()
-        self._deploying = threading.Lock()
-        self.pipeline_error: str | None = None
+        self._deploying = threading.Lock()  # one deploy (or threads change) at a time
+        self._rt_lock = threading.Lock()  # self.runtime and self.pipeline change together
+        self.pipeline_error: str | None = None  # the last pipeline failure, cleared when it restarts
+        self.pipeline_failures = 0  # a health check compares this, never a stale error string
         self._prev_counts = (0, 0)  # source dropped / corrupt at the last window: windows report the difference
 
     # ---- loading a bundle ---------------------------------------------------------------------
+    @staticmethod
+    def _writable(state_dir: Path) -> None:
+        """One line (exit 2) for a state directory the agent cannot write, not a traceback later."""
+        try:
+            Path(state_dir).mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=state_dir, prefix=".write-test-"):
+                pass
+        except OSError as e:
+            raise BadInput(f"state_dir {state_dir} is not writable: {e.strerror or e}") from None
+
     def _load(self, path: Path, threads: int | None, check_signature: bool) -> Runtime:
         if check_signature and self.cfg.trusted_keys:
             try:
                 self.store.verify(path)
             except DeployError as e:
                 raise BadInput(str(e)) from None
-        return Runtime.load(path, threads=threads, leave_cores=1)
+        rt = Runtime.load(path, threads=threads, leave_cores=1, delegates=self.cfg.delegates)
+        for w in rt.warnings:  # a manifest naming a delegate this device does not allow
+            self.log(f"{path}: {w}")
+        return rt
+
+    @staticmethod
+    def probe(rt: Runtime) -> None:
+        """One blank frame of the model's input size through preprocess -> infer -> postprocess.
+        Why: a manifest can disagree with its model (a 32x32 input declared for a 28x28 model) and
+        every checksum still match; the engine then fails on the first frame. Found here, before
+        the runtime is swapped in or started with, it is a refusal rather than a dead pipeline."""
+        h, w = rt.spec.hw()
+        y = rt.infer(rt.preprocess(np.zeros((h, w, 3), np.uint8)))
+        rt.postprocess(y, (h, w))
+
+    def _bundle_candidates(self):
+        """Deployed bundles, newest good first, then the configured one."""
+        candidates = getattr(self.store, "candidates", None)  # BundleStore's good-bundle history
+        try:
+            yield from (candidates() if candidates else [self.store.current()])
+        except Exception as e:  # a broken state directory must not hide the configured bundle
+            self.log(f"cannot list deployed bundles: {type(e).__name__}: {e}")
+        yield self.cfg.bundle
+
+    def _start_bundle(self) -> Runtime:
+        """The first bundle that passes its checks (signature, checksums, one probe frame); an event
+        names each one refused and why, so a corrupt deployed bundle costs a fall back, not a
+        device that exits at every start."""
+        refused: list[tuple[str, str]] = []
+        seen: set[Path] = set()
+        for path in self._bundle_candidates():
+            if path is None or Path(path).resolve() in seen:
+                continue
+            seen.add(Path(path).resolve())
+            try:
+                rt = self._load(Path(path), self.cfg.threads, check_signature=True)
+                self.probe(rt)
+            except Exception as e:
+                why = str(e) if isinstance(e, LeptonError) else f"{type(e).__name__}: {e}"
+                refused.append((str(path), why[:500]))
+                continue
+            for p, why in refused:
+                self.event("bundle_refused", f"bundle {p} refused at start ({why}); running {rt.path}", "warning",
+                           refused=p, reason=why, using=str(rt.path))
+            return rt
+        if not refused:
+            raise BadInput("no bundle: set `bundle` in the config (or --bundle)")
+        if len(refused) == 1:
+            raise BadInput(refused[0][1])
+        raise BadInput("no usable bundle: " + "; ".join(f"{p}: {why}" for p, why in refused))
+
+    def _swap(self, rt: Runtime) -> Runtime:
+        with self._rt_lock:
+            old = self.pipeline.swap(rt)
+            self.runtime = rt
+        return old
 
     def _bundle_info(self) -> dict[str, Any]:
         d = self.runtime.describe()
@@ -102,19 +196,90 @@ class Agent:
                              "python": platform.python_version(), "node": platform.node()}}
         self.publisher.publish_now(self.topics.meta, json.dumps(meta).encode(), retain=True)
 
-    def _on_message(self, topic: str, payload: bytes) -> None:
+    def _on_message(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        """Paho's thread: decide before keeping anything. Too big: an error reply (rate-limited),
+        nothing queued; retained: ignored with an event; queue full in count or bytes: dropped."""
         parsed = Topics.parse(topic)
         if not parsed or not parsed[2].startswith("cmd/"):
             return
-        try:
-            self._commands.put_nowait((parsed[2][4:], payload))
-        except queue.Full:
-            self.event("command_error", "command queue full; command dropped", "warning")
+        verb = parsed[2][4:]
+        safe_verb = verb if verb.isidentifier() and len(verb) <= 64 else "unknown"
+        n = len(payload)
+        if retain:
+            self._rate_event("command_ignored", f"retained {safe_verb} command ignored: only live commands are acted "
+                             "on (a retained one would run again at every start)", "warning", verb=safe_verb)
+            return
+        if n > MAX_COMMAND_BYTES:
+            if self._take_reject_token():
+                self.reply(safe_verb, None, False, f"payload of {n} bytes exceeds {MAX_COMMAND_BYTES}")
+            self._rate_event("command_error", f"{safe_verb}: payload of {n} bytes exceeds {MAX_COMMAND_BYTES}; "
+                             "refused before queueing", "warning", verb=safe_verb, bytes=n)
+            return
+        with self._qlock:
+            fits = self._queued_bytes + n <= MAX_QUEUED_COMMAND_BYTES
+            if fits:
+                try:
+                    self._commands.put_nowait((verb, bytes(payload)))
+                    self._queued_bytes += n
+                except queue.Full:
+                    fits = False
+        if not fits:
+            self._rate_event("command_error", "command queue full; command dropped", "warning", verb=safe_verb)
 
-    def send(self, topic: str, payload: bytes) -> None:
-        """Every message the agent originates goes through the outbox (QoS 1, nothing lost)."""
-        self.outbox.put(topic, payload)
-        self.publisher.wake()
+    def _take_reject_token(self) -> bool:
+        with self._rate_lock:
+            now = time.monotonic()
+            self._reject_tokens = min(REJECT_BURST, self._reject_tokens + (now - self._reject_at) * REJECT_PER_S)
+            self._reject_at = now
+            if self._reject_tokens < 1:
+                return False
+            self._reject_tokens -= 1
+            return True
+
+    def _rate_ok(self, key: str) -> tuple[bool, int]:
+        """(send now, how many were suppressed since the last one) for a repeating kind."""
+        with self._rate_lock:
+            now = time.monotonic()
+            last, suppressed = self._rate.get(key, (-RATE_LIMIT_S, 0))
+            if now - last < RATE_LIMIT_S:
+                self._rate[key] = (last, suppressed + 1)
+                return False, 0
+            self._rate[key] = (now, 0)
+            return True, suppressed
+
+    def _rate_event(self, kind: str, message: str, level: str = "info", **data) -> None:
+        ok, suppressed = self._rate_ok(f"event:{kind}")
+        if ok:
+            if suppressed:
+                message += f" ({suppressed} more like it not reported)"
+            self.event(kind, message, level, suppressed=suppressed, **data)
+
+    def _rate_log(self, key: str, message: str) -> None:
+        ok, suppressed = self._rate_ok(f"log:{key}")
+        if ok:
+            self.log(f"{key}: {message}" + (f" ({suppressed} more like it)" if suppressed else ""))
+
+    def _survive(self, where: str, e: BaseException) -> None:
+        """A thread's work failed: say so (rate-limited) and let the thread go on. Never raises."""
+        try:
+            self._rate_event("error", f"{where}: {type(e).__name__}: {str(e)[:500]}", "error", where=where)
+        except Exception:
+            pass
+
+    def send(self, topic: str, payload: bytes) -> bool:
+        """Every message the agent originates goes through the outbox (QoS 1, nothing lost). A
+        full or broken disk makes this return False (counted, logged now and then), never raise:
+        every thread calls it, and none may end because the disk did."""
+        try:
+            self.outbox.put(topic, payload)
+        except Exception as e:  # sqlite3.Error, OSError (ENOSPC, EROFS), whatever else the disk does
+            self._send_failures += 1
+            self._rate_log("outbox", f"cannot store a message ({type(e).__name__}: {e}); "
+                                     f"{self._send_failures} lost since start")
+            return False
+        if self.publisher is not None:
+            self.publisher.wake()
+        return True
 
     def event(self, kind: str, message: str, level: str = "info", **data) -> None:
         self.log(f"{kind}: {message}")
@@ -132,10 +297,15 @@ class Agent:
         src = self.source.status()
         prev = self._prev_counts
         corrupt = src["corrupt"] + self.pipeline.bad_frames
+        try:
+            outbox_dropped = self.outbox.take_dropped()
+        except Exception as e:  # a failing disk: the window is still made (and its loss shows as a seq gap)
+            outbox_dropped = 0
+            self._rate_log("outbox count", f"cannot read the drop count ({type(e).__name__}: {e})")
         t = Telemetry(boot_id=self.boot_id, seq=self.seq, window_s=self.window_s, frames=snap["window_frames"],
                       fps=snap["fps"], dropped=src["dropped"] - prev[0], corrupt=corrupt - prev[1], latency_ms=lat,
                       bundle={"name": self.runtime.name, "sha256": self._bundle_info().get("sha256")},
-                      outbox_dropped=self.outbox.take_dropped(), source=src, **self.health.sample())
+                      outbox_dropped=outbox_dropped, source=src, **self.health.sample())
         self._prev_counts = (src["dropped"], corrupt)
         self.send(self.topics.telemetry, _json(t))
         self.seq += 1
@@ -156,23 +326,33 @@ class Agent:
                 continue
             if item is None:
                 continue
-            verb, payload = item
             try:
-                cmd = commands.parse(verb, payload)
-            except commands.CommandError as e:
-                self.reply(verb if verb.isidentifier() else "unknown", e.command_id, False, str(e))
-                self.event("command_error", f"{verb}: {e}", "warning")
-                continue
-            try:
-                self.handle(verb, cmd)
-            except Exception as e:  # a failing command is a reply and an event, never the agent's end
-                self.reply(verb, cmd.id, False, f"{type(e).__name__}: {e}")
-                self.event("error", f"{verb} failed: {e}", "error")
+                verb, payload = item
+                with self._qlock:
+                    self._queued_bytes -= len(payload)
+                self._command(verb, payload)
+            except Exception as e:  # whatever a command does, the next one is answered
+                self._survive("commands", e)
+
+    def _command(self, verb: str, payload: bytes) -> None:
+        safe_verb = verb if verb.isidentifier() and len(verb) <= 64 else "unknown"
+        try:
+            cmd = commands.parse(verb, payload)
+        except commands.CommandError as e:
+            self.reply(safe_verb, e.command_id, False, str(e))
+            self.event("command_error", f"{safe_verb}: {e}", "warning")
+            return
+        try:
+            self.handle(verb, cmd)
+        except Exception as e:  # a failing command is a reply and an event, never the agent's end
+            self.reply(verb, cmd.id, False, f"{type(e).__name__}: {e}")
+            self.event("error", f"{verb} failed: {e}", "error")
 
     def handle(self, verb: str, cmd) -> None:
         if isinstance(cmd, PingCommand):
             self.reply("ping", cmd.id, True, boot_id=self.boot_id, seq=self.seq, uptime_s=round(
-                time.monotonic() - self._started, 3), outbox=len(self.outbox), bundle=self._bundle_info())
+                time.monotonic() - self._started, 3), outbox=len(self.outbox), bundle=self._bundle_info(),
+                pipeline_error=self.pipeline_error, deploying=self._deploying.locked())
         elif isinstance(cmd, SetCommand):
             changed = {}
             if cmd.window_s is not None:
@@ -183,23 +363,45 @@ class Agent:
             if cmd.sample_every is not None:
                 self.pipeline.sample_every = changed["sample_every"] = cmd.sample_every
             if cmd.threads is not None:
-                rt = Runtime.load(self.runtime.path, threads=cmd.threads, leave_cores=1)
-                self.pipeline.swap(rt)
-                self.runtime = rt
+                if not self._deploying.acquire(blocking=False):  # a deploy's health check owns the runtime
+                    self.reply("set", cmd.id, False, "a deploy is in progress; change threads after it")
+                    return
+                try:
+                    rt = Runtime.load(self.runtime.path, threads=cmd.threads, leave_cores=1,
+                                      delegates=self.cfg.delegates)
+                    self.probe(rt)
+                    self._swap(rt)
+                finally:
+                    self._deploying.release()
                 changed["threads"] = cmd.threads
             self.reply("set", cmd.id, True, **changed)
             self.event("set", f"settings changed: {changed}", **changed)
             self._publish_meta()
         elif isinstance(cmd, DeployCommand):
-            self.deploy(cmd)
+            if not self._deploying.acquire(blocking=False):
+                self.reply("deploy", cmd.id, False, "another deploy is in progress")
+                return
+            try:  # a worker: a long download must not keep pings (or the next deploy's refusal) waiting
+                threading.Thread(target=self._deploy_worker, args=(cmd,), name="agent:deploy", daemon=True).start()
+            except BaseException:
+                self._deploying.release()
+                raise
 
     def deploy(self, cmd: DeployCommand) -> None:
-        """Fetch and verify while the old model serves; swap; health-check; keep or roll back."""
+        """Fetch and verify while the old model serves; swap; health-check; keep or roll back.
+        Runs in the caller's thread (the command thread starts a worker for it instead)."""
         if not self._deploying.acquire(blocking=False):
             self.reply("deploy", cmd.id, False, "another deploy is in progress")
             return
+        self._deploy_worker(cmd)
+
+    def _deploy_worker(self, cmd: DeployCommand) -> None:
+        """Runs with self._deploying held; releases it whatever happens."""
         try:
             self._deploy(cmd)
+        except Exception as e:
+            self.reply("deploy", cmd.id, False, f"{type(e).__name__}: {e}")
+            self._survive("deploy", e)
         finally:
             self._deploying.release()
 
@@ -213,18 +415,19 @@ class Agent:
             self.event("deploy_failed", f"{where}: {e}", "error", source=where)
             return
         try:
-            new = Runtime.load(path, threads=self.cfg.threads, leave_cores=1)
-        except LeptonError as e:
+            new = Runtime.load(path, threads=self.cfg.threads, leave_cores=1, delegates=self.cfg.delegates)
+            self.probe(new)  # before the swap: a model that fails on a frame never replaces one that works
+        except Exception as e:
+            why = str(e) if isinstance(e, LeptonError) else f"{type(e).__name__}: {e}"
             self.store.discard(path)
-            self.reply("deploy", cmd.id, False, f"rolled back: the new bundle does not load ({e})")
-            self.event("rollback", f"{where}: does not load: {e}", "warning", source=where)
+            self.reply("deploy", cmd.id, False, f"rolled back: the new bundle does not load or run ({why[:500]})")
+            self.event("rollback", f"{where}: does not load or run: {why[:500]}", "warning", source=where)
             return
-        old = self.pipeline.swap(new)
-        self.runtime = new
-        ok, why, figures = self._health_check(new, cmd.health_frames or self.cfg.health_frames)
+        failures = self.pipeline_failures
+        old = self._swap(new)
+        ok, why, figures = self._health_check(new, cmd.health_frames or self.cfg.health_frames, failures)
         if not ok:
-            self.pipeline.swap(old)
-            self.runtime = old
+            self._swap(old)
             self.store.discard(path)
             self.reply("deploy", cmd.id, False, f"rolled back: {why}", **figures)
             self.event("rollback", f"{new.name}: {why}; back to {old.name}", "warning", **figures)
@@ -234,15 +437,17 @@ class Agent:
         self.event("deploy", f"now running {new.name} from {where}", bundle=self._bundle_info(), **figures)
         self._publish_meta()
 
-    def _health_check(self, rt: Runtime, frames: int) -> tuple[bool, str, dict]:
-        """N frames through the new model: inference p50 must be within the target's latency budget."""
+    def _health_check(self, rt: Runtime, frames: int, failures: int) -> tuple[bool, str, dict]:
+        """N frames through the new model: inference p50 must be within the target's latency budget.
+        A pipeline failure since the swap (not an old one) fails the check."""
         deadline = time.monotonic() + self.cfg.health_timeout_s
-        probe = self.pipeline.probe
-        while len(probe) < frames and time.monotonic() < deadline and not self._stop.is_set():
-            if self.pipeline_error:
+        while time.monotonic() < deadline and not self._stop.is_set():
+            if self.pipeline_failures != failures:
                 return False, f"the pipeline failed: {self.pipeline_error}", {}
+            if len(self.pipeline.probe or ()) >= frames:
+                break
             time.sleep(0.02)
-        seen = list(probe)
+        seen = list(self.pipeline.probe or ())
         if len(seen) < frames:
             return False, f"only {len(seen)} of {frames} health-check frames in {self.cfg.health_timeout_s:g} s", {}
         s = summarize(seen)
@@ -255,15 +460,41 @@ class Agent:
 
     # ---- the service --------------------------------------------------------------------------
     def _pipeline_loop(self) -> None:
-        try:
-            for _ in self.pipeline:
-                if self._stop.is_set():
-                    break
-            if not self._stop.is_set():
-                self.event("source_ended", f"source {self.source.spec} ended", "warning")
-        except Exception as e:
-            self.pipeline_error = f"{type(e).__name__}: {e}"
-            self.event("error", f"pipeline stopped: {self.pipeline_error}", "error")
+        """Run the pipeline; when it fails, say so and start it again (with backoff) on the runtime
+        current by then (a deploy's rollback puts the old one back)."""
+        failures = 0
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                for _ in self.pipeline:
+                    if self._stop.is_set():
+                        break
+                if not self._stop.is_set():
+                    self.event("source_ended", f"source {self.source.spec} ended", "warning")
+                return
+            except Exception as e:
+                self.pipeline_error = f"{type(e).__name__}: {str(e)[:500]}"
+                self.pipeline_failures += 1
+                failures = 1 if time.monotonic() - started > 60 else failures + 1  # ran a while: a fresh failure
+                delay = min(self.cfg.max_backoff_s, 0.25 * 2 ** (failures - 1))
+                self.event("error", f"pipeline stopped: {self.pipeline_error}; restarting in {delay:g} s", "error",
+                           where="pipeline", restart_in_s=delay)
+            if self._stop.wait(delay):
+                return
+            try:
+                self._restart_pipeline()
+            except Exception as e:
+                self._survive("pipeline restart", e)
+
+    def _restart_pipeline(self) -> None:
+        """A new Pipeline over the same source and the current runtime, keeping the statistics."""
+        with self._rt_lock:
+            old = self.pipeline
+            new = Pipeline(self.source, self.runtime)
+            new.stats, new.bad_frames, new.sample_every = old.stats, old.bad_frames, old.sample_every
+            new.probe, new.preprocess_on_capture = old.probe, old.preprocess_on_capture
+            self.pipeline = new
+        self.pipeline_error = None
 
     def stop(self, *_args) -> None:
         self._stop.set()
@@ -284,28 +515,49 @@ class Agent:
             t.start()
         self.event("started", f"{self.runtime.name} on {self.source.kind} {self.source.spec}",
                    bundle=self._bundle_info(), boot_id=self.boot_id)
+        if not self.cfg.trusted_keys:
+            self.event("insecure", f"no trusted keys configured: anyone with publish rights on "
+                       f"{self.topics.cmd('#')} can deploy any bundle to this device (set trusted_keys)", "warning")
+        self._report_outbox()
         next_window = time.monotonic() + self.window_s
         while not self._stop.is_set():
             if self._stop.wait(max(0.0, next_window - time.monotonic())):
                 break
-            if self.telemetry:
-                self.window()
+            try:
+                self._report_outbox()
+                if self.telemetry:
+                    self.window()
+            except Exception as e:  # a window that cannot be made or stored is lost, not the agent
+                self._survive("window", e)
             next_window += self.window_s
             if next_window < time.monotonic():  # fell behind (suspend, a slow disk): do not burst
                 next_window = time.monotonic() + self.window_s
         return self._shutdown()
 
+    def _report_outbox(self) -> None:
+        """One event for what happened to the outbox's file (a corrupt file moved aside, a fall back to
+        memory on a full or read-only disk, the way back): the operator learns it once, not per window."""
+        note = self.outbox.take_recovered()
+        if note:
+            self.event("outbox", note, "warning", recovered=self.outbox.recovered, degraded=self.outbox.degraded)
+
     def _shutdown(self) -> int:
-        """Last window, 'stopped' event, offline status, flush what the broker will take, exit 0."""
-        if self.telemetry:
-            self.window()
-        self.event("stopped", "graceful stop")
-        self.publisher.flush(timeout=5.0)
-        self.publisher.publish_now(self.topics.status, _json(Status(online=False, boot_id=self.boot_id,
-                                                                    version=__version__)), retain=True, timeout=2.0)
-        self.publisher.stop()
-        self.pipeline.close()
-        left = len(self.outbox)
-        self.outbox.close()
+        """Last window, 'stopped' event, offline status, flush what the broker will take, exit 0.
+        Each step is tried on its own: a full disk must not keep the status from going offline."""
+        steps = [lambda: self.telemetry and self.window(), lambda: self.event("stopped", "graceful stop"),
+                 lambda: self.publisher.flush(timeout=5.0),
+                 lambda: self.publisher.publish_now(self.topics.status, _json(Status(
+                     online=False, boot_id=self.boot_id, version=__version__)), retain=True, timeout=2.0),
+                 self.publisher.stop, self.pipeline.close]
+        for step in steps:
+            try:
+                step()
+            except Exception as e:
+                self.log(f"stopping: {type(e).__name__}: {e}")
+        try:
+            left = len(self.outbox)
+            self.outbox.close()
+        except Exception as e:
+            left = f"? ({type(e).__name__}: {e})"
         self.log(f"stopped; {left} message(s) left in the outbox for the next start")
         return 0

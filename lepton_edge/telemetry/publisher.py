@@ -10,6 +10,9 @@ Why it is built this way (paho-mqtt 2.x, CallbackAPIVersion.VERSION2):
   monitor de-duplicates on (boot_id, seq).
 - No lock of ours is held around publish(): on_publish can run in paho's thread before
   publish() returns (a PUBACK from a local broker is that fast), and a shared lock would deadlock.
+- Nothing raised by our callbacks or the outbox (a full disk, a corrupt database) may reach
+  paho's loop or end the sender thread: either would silence the device for good. Each is caught,
+  kept in `last_error`, handed to `on_error`, and the work goes on at the next wake-up.
 """
 from __future__ import annotations
 
@@ -27,11 +30,11 @@ class Publisher:
                  username: str | None = None, password: str | None = None, ca_file: str | None = None,
                  cert_file: str | None = None, key_file: str | None = None, keepalive: int = 30,
                  max_inflight: int = 20, on_connect: Callable[["Publisher"], None] | None = None,
-                 on_message: Callable[[str, bytes], None] | None = None, subscriptions: list[str] | None = None,
-                 max_backoff: float = 10.0):
+                 on_message: Callable[[str, bytes, bool], None] | None = None, subscriptions: list[str] | None = None,
+                 max_backoff: float = 10.0, on_error: Callable[[str], None] | None = None):
         self.addr = parse_broker(broker)
         self.outbox, self.max_inflight = outbox, max_inflight
-        self._on_connect_cb, self._on_message_cb = on_connect, on_message
+        self._on_connect_cb, self._on_message_cb, self._on_error_cb = on_connect, on_message, on_error
         self.subscriptions = subscriptions or []
         c = make_client(self.addr, client_id, clean_session=False, username=username, password=password,
                         ca_file=ca_file, cert_file=cert_file, key_file=key_file)
@@ -98,8 +101,23 @@ class Publisher:
         finally:
             self.client.loop_stop()
 
+    def _error(self, where: str, e: BaseException) -> None:
+        """Keep and report an error from a callback or the sender; never raises."""
+        self.last_error = f"{where}: {type(e).__name__}: {e}"
+        if self._on_error_cb:
+            try:
+                self._on_error_cb(self.last_error)
+            except Exception:
+                pass
+
     # ---- paho callbacks (paho's thread) -------------------------------------------------------
     def _handle_connect(self, client, userdata, flags, reason_code, properties=None) -> None:
+        try:
+            self._connected(client, reason_code)
+        except Exception as e:
+            self._error("on_connect", e)
+
+    def _connected(self, client, reason_code) -> None:
         if reason_code.is_failure:
             self.last_error = str(reason_code)
             return
@@ -116,7 +134,7 @@ class Publisher:
             try:
                 self._on_connect_cb(self)
             except Exception as e:  # a bad status callback must not kill paho's thread
-                self.last_error = f"on_connect: {e}"
+                self._error("on_connect", e)
         self._wake.set()
 
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties=None) -> None:
@@ -130,41 +148,61 @@ class Publisher:
             if rid is None:
                 self._early[mid] = time.monotonic()
         if rid is not None:
-            self.outbox.delete(rid)
+            try:
+                self.outbox.delete(rid)  # a failed delete only means the row is sent again (at-least-once)
+            except Exception as e:
+                self._error("on_publish", e)
             self._wake.set()
 
     def _handle_message(self, client, userdata, msg) -> None:
+        """Hand the payload over as paho made it (no copy: the receiver checks its size first) with
+        the retain flag, so a retained command can be told from a fresh one."""
         if self._on_message_cb:
-            self._on_message_cb(msg.topic, bytes(msg.payload))
+            try:
+                self._on_message_cb(msg.topic, msg.payload, bool(msg.retain))
+            except Exception as e:
+                self._error("on_message", e)
 
     # ---- the sender thread --------------------------------------------------------------------
     def _send_loop(self) -> None:
+        failures = 0
         while not self._stop.is_set():
             self._wake.wait(5.0)  # woken by puts, PUBACKs and connects; the timeout is only a safety net
             self._wake.clear()
-            while self.connected.is_set() and not self._stop.is_set():
-                with self._mlock:
-                    room = self.max_inflight - len(self._inflight)
-                    after = self._sent_upto
-                    now = time.monotonic()
-                    for mid in [m for m, t in self._early.items() if now - t > 5]:
-                        del self._early[mid]
-                if room <= 0:
-                    break  # wait for PUBACKs (they wake us)
-                batch = self.outbox.pending(limit=room, after=after)
-                if not batch:
-                    break
-                for m in batch:
-                    info = self.client.publish(m.topic, m.payload, qos=m.qos, retain=m.retain)
-                    if info.rc != 0:  # disconnected meanwhile: the row stays for the next connection
-                        break
-                    with self._mlock:
-                        early = self._early.pop(info.mid, None) is not None
-                        if not early:
-                            self._inflight[info.mid] = m.id
-                        self._sent_upto = max(self._sent_upto, m.id)
-                    if early:
-                        self.outbox.delete(m.id)
-                else:
-                    continue
+            try:
+                self._send_pending()
+                failures = 0
+            except Exception as e:  # the outbox failed (full disk, corrupt file): try again later
+                failures += 1
+                self._error("sender", e)
+                self._stop.wait(min(10.0, 0.2 * 2 ** min(failures, 6)))
+                self._wake.set()
+
+    def _send_pending(self) -> None:
+        """Send what the outbox holds beyond what is in flight, up to max_inflight."""
+        while self.connected.is_set() and not self._stop.is_set():
+            with self._mlock:
+                room = self.max_inflight - len(self._inflight)
+                after = self._sent_upto
+                now = time.monotonic()
+                for mid in [m for m, t in self._early.items() if now - t > 5]:
+                    del self._early[mid]
+            if room <= 0:
+                break  # wait for PUBACKs (they wake us)
+            batch = self.outbox.pending(limit=room, after=after)
+            if not batch:
                 break
+            for m in batch:
+                info = self.client.publish(m.topic, m.payload, qos=m.qos, retain=m.retain)
+                if info.rc != 0:  # disconnected meanwhile: the row stays for the next connection
+                    break
+                with self._mlock:
+                    early = self._early.pop(info.mid, None) is not None
+                    if not early:
+                        self._inflight[info.mid] = m.id
+                    self._sent_upto = max(self._sent_upto, m.id)
+                if early:
+                    self.outbox.delete(m.id)
+            else:
+                continue
+            break

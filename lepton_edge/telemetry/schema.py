@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 V = 1
 MAX_COMMAND_BYTES = 64 * 1024
+MAX_COMMAND_DEPTH = 16  # JSON nesting a command may have: ours are flat; deep nesting only costs recursion
 
 
 def now() -> float:
@@ -86,17 +87,18 @@ class PingCommand(_Command):
 
 
 class SetCommand(_Command):
-    window_s: float | None = Field(default=None, ge=0.1, le=3600)
-    sample_every: int | None = Field(default=None, ge=1, le=1000)  # run the model on every Nth frame
-    threads: int | None = Field(default=None, ge=1, le=64)
-    telemetry: bool | None = None  # pause (false) or resume telemetry windows; status, events and replies go on
+    # strict: `true` is not 1 thread and `"no"` is not false; a command that means something else is refused
+    window_s: float | None = Field(default=None, ge=0.1, le=3600, strict=True)
+    sample_every: int | None = Field(default=None, ge=1, le=1000, strict=True)  # run the model on every Nth frame
+    threads: int | None = Field(default=None, ge=1, le=64, strict=True)
+    telemetry: bool | None = Field(default=None, strict=True)  # pause (false) or resume telemetry windows
 
 
 class DeployCommand(_Command):
     url: str | None = Field(default=None, max_length=2048)  # http(s):// to a .tar.gz bundle
     path: str | None = Field(default=None, max_length=4096)  # a bundle directory or .tar.gz on the device
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")  # of the downloaded archive
-    health_frames: int | None = Field(default=None, ge=1, le=10000)
+    health_frames: int | None = Field(default=None, ge=1, le=10000, strict=True)
 
     @model_validator(mode="after")
     def _one_source(self):
