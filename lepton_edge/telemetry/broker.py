@@ -28,7 +28,10 @@ class BrokerAddress:
 
 
 def parse_broker(url: str) -> BrokerAddress:
-    u = urlparse(url if "://" in url else f"mqtt://{url}")
+    try:
+        u = urlparse(url if "://" in url else f"mqtt://{url}")
+    except ValueError:  # "mqtt://[bad": an unclosed IPv6 bracket
+        raise BadInput(f"broker URL {url!r} is not a URL") from None
     if u.scheme not in SCHEMES:
         raise BadInput(f"broker URL {url!r}: scheme must be one of {', '.join(s + '://' for s in SCHEMES)}")
     port, tls, transport = SCHEMES[u.scheme]
