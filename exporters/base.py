@@ -286,6 +286,9 @@ def export(
     from lepton_edge.exporters import validation as val
 
     t_start = time.perf_counter()
+    _check_arguments(out=out, prune=prune, finetune_epochs=finetune_epochs, min_agreement=min_agreement,
+                     max_accuracy_drop=max_accuracy_drop, calib_samples=calib_samples, eval_limit=eval_limit,
+                     holdout=holdout, labels=labels, recipes=recipes)
     prof = targets.load(target)
     fmt = format or prof.format
     if format is None and fmt == "tflite" and str(model).lower().endswith(".onnx"):
@@ -381,6 +384,39 @@ def export(
               "bytes": size, "fp32_bytes": fp32_size, "validation": validation, "latency": latency,
               "compression": compression, "seconds": time.perf_counter() - t_start}
     return ExportResult(Bundle.load(final), report)
+
+
+def _check_arguments(*, out, prune, finetune_epochs, min_agreement, max_accuracy_drop, calib_samples, eval_limit,
+                     holdout, labels, recipes) -> None:
+    """The Python API's arguments, before any work: one BadInput naming the argument, not a
+    TypeError a minute into the export. The output directory must be writable now, not at the end."""
+    import math
+
+    from lepton_edge.paths import check_output_dir
+
+    def number(name, v, lo, hi, lo_open=False):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                or v < lo or v > hi or (lo_open and v == lo):
+            raise BadInput(f"{name} must be a number {'>' if lo_open else '>='} {lo} and <= {hi}, got {v!r}")
+
+    def whole(name, v, lo, optional=True):
+        if v is None and optional:
+            return
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise BadInput(f"{name} must be a whole number >= {lo}, got {v!r}")
+
+    check_output_dir(out, "out")
+    if prune is not None:
+        number("prune", prune, 0.0, 0.99)
+    whole("finetune_epochs", finetune_epochs, 0, optional=False)
+    number("min_agreement", min_agreement, 0.0, 1.0)
+    number("max_accuracy_drop", max_accuracy_drop, 0.0, 100.0)
+    whole("calib_samples", calib_samples, 1)
+    whole("eval_limit", eval_limit, 1)
+    whole("holdout", holdout, 1, optional=False)
+    for name, v in (("labels", labels), ("recipes", recipes)):
+        if v is not None and (not isinstance(v, list) or not all(isinstance(x, str) for x in v)):
+            raise BadInput(f"{name} must be a list of strings, got {str(v)[:60]!r}")
 
 
 def _recipes_for(exporter, asked: list[str] | None, prof) -> list[str]:

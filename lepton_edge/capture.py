@@ -172,15 +172,25 @@ class LiveSource(Source):
     The first open must succeed (a wrong camera index or a stream that does not answer is bad
     input); after that, a failed read closes the capture and reopens it with backoff
     (0.5 s doubling to `max_backoff`), and `read()` simply waits for the next frame.
+
+    A stream that stops sending without closing (a hung camera) is noticed by the read timeout
+    (`stall_s`, FFmpeg sources) and reopened like a dropped one. A connection that ends without one
+    decodable frame (a stream of garbage) counts as corrupt. `max_reconnects`: after that many
+    attempts in a row with no decodable frame the source gives up and `failure` says why (`run`
+    ends with that line); None (the agent, a service) retries for ever and telemetry shows the
+    `reconnects`, `corrupt` and `connected` counters.
     """
 
     def __init__(self, spec: str, target, backend: int, kind: str = "stream",
-                 max_backoff: float = 10.0, decode_threads: int | None = None):
+                 max_backoff: float = 10.0, decode_threads: int | None = None, max_reconnects: int | None = None,
+                 stall_s: float = READ_TIMEOUT_MS / 1000):
         super().__init__(spec)
         self.kind = kind
         self.live = True
         self._target, self._backend, self.max_backoff = target, backend, max_backoff
         self.decode_threads = decode_threads
+        self.max_reconnects, self.stall_s = max_reconnects, stall_s
+        self.failure: str | None = None  # why the source gave up (max_reconnects reached), else None
         self._cond = threading.Condition()
         self._latest: tuple[np.ndarray, float] | None = None
         self._stop = threading.Event()
@@ -199,7 +209,8 @@ class LiveSource(Source):
 
     def _open(self):
         cv2 = _cv2()
-        params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, OPEN_TIMEOUT_MS, cv2.CAP_PROP_READ_TIMEOUT_MSEC, READ_TIMEOUT_MS]
+        params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, OPEN_TIMEOUT_MS,
+                  cv2.CAP_PROP_READ_TIMEOUT_MSEC, max(100, int(self.stall_s * 1000))]
         params += _thread_params(self.decode_threads)
         try:
             if self._backend == cv2.CAP_FFMPEG:  # network streams: bounded waits, never a hang
@@ -216,24 +227,43 @@ class LiveSource(Source):
 
     def _reader(self) -> None:
         backoff = 0.5
+        frames_this_connection = 0
+        attempts = 0  # reopen attempts since the last decodable frame
+        t_last = time.monotonic()
         while not self._stop.is_set():
             ok, img = self.cap.read() if self.cap is not None else (False, None)
             if ok and img is not None:
                 backoff = 0.5
+                frames_this_connection += 1
+                attempts = 0
+                t_last = time.monotonic()
                 with self._cond:
                     if self._latest is not None:
                         self.dropped += 1  # the consumer never took the previous one
                     self._latest = (img, time.time())
                     self._cond.notify_all()
                 continue
-            # the source dropped: reopen with backoff until it is back or we are closed
+            # the source dropped, stalled past the read timeout, or sent nothing decodable: reopen
+            # with backoff until it is back, we are closed, or (max_reconnects) we give up
             self.connected = False
             if self.cap is not None:
+                if frames_this_connection == 0:
+                    self.corrupt += 1  # it answered, but not one frame of it decoded
                 self.cap.release()
                 self.cap = None
+            frames_this_connection = 0
+            if self.max_reconnects is not None and attempts >= self.max_reconnects:
+                self.failure = (f"no decodable frame for {time.monotonic() - t_last:.0f} s after {attempts} "
+                                f"reconnect attempt(s) ({self.corrupt} connection(s) with no decodable frame)"
+                                + (f"; last error: {self.last_error}" if self.last_error else ""))
+                self._stop.set()
+                with self._cond:
+                    self._cond.notify_all()
+                break
             if self._stop.wait(backoff):
                 break
             backoff = min(backoff * 2, self.max_backoff)
+            attempts += 1
             self.cap = self._open()
             if self.cap is not None:
                 self.reconnects += 1
@@ -266,7 +296,8 @@ class LiveSource(Source):
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
-        self._thread.join(timeout=OPEN_TIMEOUT_MS / 1000 + 2)
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=OPEN_TIMEOUT_MS / 1000 + self.stall_s + 2)
         if self.cap is not None:
             self.cap.release()
 
@@ -301,26 +332,30 @@ def _thread_params(decode_threads: int | None) -> list[int]:
 
 
 def open_source(spec: str | int, max_backoff: float = 10.0, loop: bool = False,
-                decode_threads: int | None = None) -> Source:
+                decode_threads: int | None = None, max_reconnects: int | None = None,
+                stall_s: float = READ_TIMEOUT_MS / 1000) -> Source:
     """Pick the reader from the spec: '0' (camera index), 'rtsp://...' or 'http://...' (stream),
     a GStreamer pipeline ('... ! appsink'), a directory, a glob or an image (images), else a video file.
 
     `decode_threads`: FFmpeg's decoding threads for files and streams (None: OpenCV's default, one
     per core). The pipeline passes the cores the model leaves free: FFmpeg's own threads would
     otherwise preempt the model's, and MobileNetV2 on two cores runs ~3 % faster end to end with
-    a one-thread decoder (bench/runtime_bench.py)."""
+    a one-thread decoder (bench/runtime_bench.py).
+
+    `max_reconnects`, `stall_s`: live sources, see LiveSource (None: retry for ever, the agent's choice)."""
     cv2 = _cv2()
+    live = {"max_backoff": max_backoff, "max_reconnects": max_reconnects, "stall_s": stall_s}
     s = str(spec).strip()
     if re.fullmatch(r"\d+", s):
         backend = cv2.CAP_V4L2 if os.name == "posix" and Path("/dev").exists() else cv2.CAP_ANY
         if backend == cv2.CAP_V4L2 and not Path(f"/dev/video{s}").exists():
             raise BadInput(f"camera {s} does not exist (no /dev/video{s})")
-        return LiveSource(s, int(s), backend, kind="camera", max_backoff=max_backoff)
+        return LiveSource(s, int(s), backend, kind="camera", **live)
     if " ! " in s:
-        return LiveSource(s, s, cv2.CAP_GSTREAMER, kind="gstreamer", max_backoff=max_backoff)
+        return LiveSource(s, s, cv2.CAP_GSTREAMER, kind="gstreamer", **live)
     scheme = s.split("://", 1)[0].lower() if "://" in s else ""
     if scheme in STREAM_SCHEMES:
-        return LiveSource(s, s, cv2.CAP_FFMPEG, kind="stream", max_backoff=max_backoff, decode_threads=decode_threads)
+        return LiveSource(s, s, cv2.CAP_FFMPEG, kind="stream", decode_threads=decode_threads, **live)
     if scheme == "file":
         s = s[len("file://"):]
     files = _image_files(s)

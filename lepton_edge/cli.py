@@ -127,11 +127,12 @@ def export(
         ui.set_quiet(True)
     if color is not None and color.upper() not in ("RGB", "BGR", "GRAY"):
         raise BadInput(f"--color must be RGB, BGR or GRAY, got {color!r}")
+    from lepton_edge.paths import check_output_dir
+
+    check_output_dir(output, "--out")  # before minutes of work, not after
     label_list = None
     if labels is not None:
-        if not labels.is_file():
-            raise BadInput(f"labels file not found: {labels}")
-        label_list = [ln.strip() for ln in labels.read_text().splitlines() if ln.strip()]
+        label_list = _read_labels(labels)
     kw = dict(
         out=output, name=name, input_shape=parse_shape(input_shape) if input_shape else None, weights=weights,
         labels=label_list, calib=calib, calib_samples=calib_samples, eval=eval_set, eval_limit=eval_limit,
@@ -157,6 +158,26 @@ def export(
     if as_json:
         return _emit_json(r.report)
     _print_report(r.report)
+
+
+def _read_labels(path: Path, max_bytes: int = 4 << 20) -> list[str]:
+    """labels.txt: UTF-8 text, one class a line; one line (exit 2) for a missing, huge or binary file."""
+    if not path.is_file():
+        raise BadInput(f"labels file not found: {path}")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(max_bytes + 1)
+    except OSError as e:
+        raise BadInput(f"cannot read labels file {path}: {e.strerror or e}") from None
+    if len(raw) > max_bytes:
+        raise BadInput(f"labels file {path}: larger than {max_bytes >> 20} MB")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadInput(f"labels file {path}: not UTF-8 text (byte {e.start}); one class name a line") from None
+    if "\x00" in text:
+        raise BadInput(f"labels file {path}: binary data (NUL bytes); one class name a line")
+    return [ln.strip() for ln in text.splitlines() if ln.strip()]
 
 
 def _print_report(rep: dict) -> None:
@@ -242,8 +263,12 @@ def run(
     save: Optional[Path] = typer.Option(None, "--save", help="Write an annotated video (.mp4, .avi, .mkv)."),
     jsonl: Optional[str] = typer.Option(None, "--jsonl", help="Write every result as a JSON line ('-': stdout)."),
     max_frames: Optional[int] = typer.Option(None, "--max-frames", "-n", min=1, help="Stop after this many frames."),
-    threads: Optional[int] = typer.Option(None, min=1, help="Inference threads (default: the bundle's target's, "
+    threads: Optional[int] = typer.Option(None, help="Inference threads, 1..64 (default: the bundle's target's, "
                                           "leaving one core of this machine to capture)."),
+    delegate: Optional[list[str]] = typer.Option(None, "--delegate", help="NAME=/abs/path/lib.so: a LiteRT delegate "
+                                                 "this machine allows; a bundle may name it (repeatable)."),
+    max_reconnects: int = typer.Option(5, "--max-reconnects", help="Live sources: give up after this many "
+                                       "reconnects in a row with no decodable frame (0: never)."),
     input_spec: Optional[str] = typer.Option(None, "--input-spec", help="For plain models, or to override: "
                                              "'layout=NHWC;color=BGR;size=320x320;scale=1/255;mean=..;std=..' "
                                              "or a JSON file."),
@@ -264,9 +289,15 @@ def run(
     from lepton_edge.pipeline import Pipeline, capture_threads
     from lepton_edge.runtime import Runtime
 
+    from lepton_edge.runtime.delegates import parse_allowlist
+
+    if max_reconnects < 0:
+        raise BadInput(f"--max-reconnects must be 0 or more, got {max_reconnects}")
     rt = Runtime.load(model, threads=threads, input_spec=input_spec, task=task, top_k=top_k, conf=conf, iou=iou,
-                      leave_cores=1)
-    src = open_source(source, decode_threads=capture_threads(rt))
+                      leave_cores=1, delegates=parse_allowlist(delegate))
+    for w in rt.warnings:
+        ui.err.print(f"[yellow]warning:[/] {w}", soft_wrap=True)
+    src = open_source(source, decode_threads=capture_threads(rt), max_reconnects=max_reconnects or None)
     lines_to = ui.err if (as_json or jsonl == "-") else out
     pipe = Pipeline(src, rt, max_frames=max_frames)
     outs: list = [sinks.ConsoleLines(lines_to, every, pipe.stats)]
@@ -296,8 +327,12 @@ def run(
         pipe.close()
     status = pipe.status() | {"model": d, "interrupted": interrupted}
     if as_json:
-        return _emit_json(status)
-    _print_run_summary(status)
+        _emit_json(status)
+    else:
+        _print_run_summary(status)
+    failed = getattr(src, "failure", None)
+    if failed and not interrupted:
+        raise BadInput(f"{source}: {failed}")
     if status["frames"] == 0:
         raise BadInput(f"no frame could be read or processed from {source!r}")
 
@@ -345,9 +380,14 @@ def bench(
 @keys_app.command("new")
 def keys_new(output: Path = typer.Option(Path("keys"), "--out", "-o", help="Directory for private.pem and public.pem.")):
     """Make an ed25519 key pair: sign bundles with private.pem, give devices public.pem."""
+    from lepton_edge.paths import check_output_dir
     from lepton_edge.signing import key_id, load_public, new_keys
 
-    priv, pub = new_keys(output)
+    check_output_dir(output, "--out")
+    try:
+        priv, pub = new_keys(output)
+    except OSError as e:  # a race or an odd file system past the check: still one line
+        raise BadInput(f"--out {output}: cannot write keys ({e.strerror or e})") from None
     out.print(f"private key {priv} (keep it secret), public key {pub} (key id {key_id(load_public(pub))})")
     out.print(f"next: [bold]lepton-edge sign BUNDLE --key {priv}[/]; list {pub} under trusted_keys in agent.toml")
 
@@ -437,13 +477,18 @@ def deploy(
 
 @app.command()
 def quickstart(output: Path = typer.Option(Path("out/quickstart"), "--out", "-o", help="Where the bundles go."),
-               as_json: bool = typer.Option(False, "--json", help="Print the comparison as JSON.")):
-    """Offline demo: export the demo classifier for rpi4 and x86-cpu and compare them."""
+               as_json: bool = typer.Option(False, "--json", help="Print the comparison as JSON."),
+               broker: Optional[str] = typer.Option(None, help="Broker for the fleet loop (default: a local "
+                                                    "mosquitto on a free loopback port)."),
+               serve: bool = typer.Option(False, "--serve", help="Keep the agent, monitor and dashboard up "
+                                          "until Ctrl-C.")):
+    """Offline demo: export the demo classifier for rpi4 and x86-cpu, compare them, run the rpi4 bundle
+    on a video, then the whole loop: agent -> MQTT -> monitor -> fleet table and web dashboard."""
     from lepton_edge.quickstart import run
 
-    rows = run(output, quiet=as_json)
+    result = run(output, quiet=as_json, broker=broker, serve=serve)
     if as_json:
-        return _emit_json(rows)
+        return _emit_json(result)
 
 
 def main() -> None:

@@ -18,10 +18,14 @@ _DTYPES = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int6
 def inspect_onnx(path: Path) -> dict:
     import onnx
 
+    if path.stat().st_size == 0:
+        raise BadInput(f"{path}: empty file, not an ONNX model")
     try:
         m = onnx.load(str(path))
     except Exception as e:
         raise BadInput(f"{path}: not a readable ONNX model ({str(e).splitlines()[0][:160]})") from None
+    if not m.ir_version or not m.HasField("graph"):  # protobuf parses many byte strings as an empty model
+        raise BadInput(f"{path}: not a readable ONNX model (no IR version or graph)")
     g = m.graph
     inits = {i.name: i for i in g.initializer}
 

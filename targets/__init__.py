@@ -9,13 +9,15 @@ import hashlib
 import tomllib
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from lepton_edge.errors import BadInput, closest
 
 _RECIPE_ACTS = {"u8", "s8"}
+MIN_OPSET, MAX_OPSET = 7, 28  # the default-domain opsets onnx knows (onnx 1.23: 28; raise it with onnx)
+MAX_PROFILE_BYTES = 1 << 20
 _RECIPE_CALIB = {"minmax", "percentile", "entropy"}
 
 
@@ -31,7 +33,7 @@ class QuantizationSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     recipes: list[str] = Field(min_length=1)
     per_channel: bool = True
-    calibration_samples: int = Field(default=100, ge=1)
+    calibration_samples: int = Field(default=100, ge=1, le=100_000)
 
     @field_validator("recipes")
     @classmethod
@@ -63,12 +65,13 @@ class Profile(BaseModel):
     format: Literal["onnx", "tflite"]
     precision: Literal["fp32", "fp16", "int8"]
     layout: Literal["NCHW", "NHWC"] = "NCHW"
-    threads: int = Field(ge=1)
-    max_model_bytes: int = Field(gt=0)
-    ram_budget_bytes: int = Field(gt=0)
-    latency_budget_ms: float = Field(gt=0)
-    max_opset: int = Field(ge=7)
-    input_size: tuple[int, int] = (224, 224)
+    # bounded and finite: `inf` would reach the manifest as null and switch off the deploy health check
+    threads: int = Field(ge=1, le=64)
+    max_model_bytes: int = Field(gt=0, le=1 << 40)
+    ram_budget_bytes: int = Field(gt=0, le=1 << 44)
+    latency_budget_ms: float = Field(gt=0, le=3_600_000, allow_inf_nan=False)
+    max_opset: int = Field(ge=MIN_OPSET, le=MAX_OPSET)
+    input_size: tuple[Annotated[int, Field(ge=1, le=8192)], Annotated[int, Field(ge=1, le=8192)]] = (224, 224)
     quantization: QuantizationSettings
     device_packages: dict[str, str] = Field(default_factory=dict)
 
@@ -87,11 +90,19 @@ def builtin_ids() -> list[str]:
     return sorted(p.name[:-5] for p in _builtin_dir().iterdir() if p.name.endswith(".toml"))
 
 
-def _parse(text: str, source: str) -> Profile:
+def _parse(text: str | bytes, source: str) -> Profile:
     try:
+        if isinstance(text, bytes):
+            if len(text) > MAX_PROFILE_BYTES:
+                raise BadInput(f"{source}: larger than {MAX_PROFILE_BYTES // 1024} KB; not a target profile")
+            text = text.decode("utf-8")
         data = tomllib.loads(text)
+    except UnicodeDecodeError as e:
+        raise BadInput(f"{source}: not UTF-8 text (byte {e.start})") from None
     except tomllib.TOMLDecodeError as e:
         raise BadInput(f"{source}: not valid TOML ({e})") from None
+    except RecursionError:
+        raise BadInput(f"{source}: nested too deeply to be a target profile") from None
     try:
         prof = Profile.model_validate(data)
     except ValidationError as e:
@@ -110,7 +121,8 @@ def load(name_or_path: str | Path) -> Profile:
         if not p.is_file():
             raise BadInput(f"target profile file not found: {s}")
         try:
-            text = p.read_text()
+            with open(p, "rb") as f:
+                text = f.read(MAX_PROFILE_BYTES + 1)
         except OSError as e:
             raise BadInput(f"cannot read target profile {s}: {e.strerror}") from None
         return _parse(text, s)

@@ -40,8 +40,14 @@ class _Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
 
 
 class MjpegServer:
-    def __init__(self, frames: list[np.ndarray], fps: float = 50.0, port: int | None = None):
+    def __init__(self, frames: list[np.ndarray], fps: float = 50.0, port: int | None = None, mode: str = "ok",
+                 stall_after: int = 0):
+        """mode: "ok" serves JPEG frames; "garbage" serves random bytes as the parts (a broken camera);
+        "stall": after `stall_after` frames the first connection stops sending without closing
+        (a hung camera), later connections are served normally."""
         self.frames, self.fps, self.port = frames, fps, port or free_port()
+        self.mode, self.stall_after = mode, stall_after
+        self.connections = 0
         self.url = f"http://127.0.0.1:{self.port}/stream.mjpg"
         self.sent = 0
         self._run = threading.Event()
@@ -58,11 +64,22 @@ class MjpegServer:
                 self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
                 self.end_headers()
                 i = 0
+                owner.connections += 1
+                stall = owner.mode == "stall" and owner.connections == 1
+                rng = np.random.default_rng(owner.connections)
                 try:
                     while owner._run.is_set():
-                        ok, buf = cv2.imencode(".jpg", owner.frames[i % len(owner.frames)], [cv2.IMWRITE_JPEG_QUALITY, 95])
+                        if stall and i >= owner.stall_after:
+                            time.sleep(0.05)  # connection open, nothing sent
+                            continue
+                        if owner.mode == "garbage":
+                            data = rng.integers(0, 256, 4000, dtype=np.uint8).tobytes()
+                        else:
+                            ok, buf = cv2.imencode(".jpg", owner.frames[i % len(owner.frames)],
+                                                   [cv2.IMWRITE_JPEG_QUALITY, 95])
+                            data = buf.tobytes()
                         self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n"
-                                         % len(buf) + buf.tobytes() + b"\r\n")
+                                         % len(data) + data + b"\r\n")
                         owner.sent += 1
                         i += 1
                         time.sleep(1 / owner.fps)

@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from lepton_edge.errors import BadInput, closest
+from lepton_edge.runtime.delegates import parse_allowlist
 from lepton_edge.telemetry.topics import safe_segment, sanitize
 
 
@@ -51,7 +52,21 @@ class AgentConfig(BaseModel):
     health_frames: int = Field(default=30, ge=1, le=10000)
     health_timeout_s: float = Field(default=30.0, gt=0)
     max_download_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)
+    max_bundle_bytes: int = Field(default=1024 * 1024 * 1024, ge=1024)  # a deployed bundle's files, unpacked
+    keep_bundles: int = Field(default=2, ge=0, le=20)  # previous good bundles kept to fall back to
+    download_timeout_s: float = Field(default=300.0, gt=0, le=86400)  # the whole download, not per read
     max_backoff_s: float = Field(default=10.0, ge=1, le=300)
+    # the LiteRT delegates this device allows, name -> absolute library path ([delegates] edgetpu = "/usr/lib/
+    # libedgetpu.so.1"); a bundle may only name one of these, never a path (runtime/delegates.py)
+    delegates: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("delegates")
+    @classmethod
+    def _delegates(cls, v: dict[str, str]) -> dict[str, str]:
+        try:
+            return parse_allowlist(v, "delegates")
+        except BadInput as e:
+            raise ValueError(str(e)) from None
 
     @field_validator("fleet", "device_id")
     @classmethod
@@ -63,6 +78,29 @@ class AgentConfig(BaseModel):
 
 
 FIELDS = list(AgentConfig.model_fields)
+MAX_TOML_BYTES = 1 << 20  # a config or profile is a page of text; a bigger file is a mistake or an attack
+
+
+def read_toml(path: Path, what: str) -> dict:
+    """A TOML file as a dict, or one line: missing, unreadable, too big, not UTF-8, not TOML,
+    nested past what the parser's recursion takes."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_TOML_BYTES + 1)
+    except FileNotFoundError:
+        raise BadInput(f"{what} not found: {path}") from None
+    except OSError as e:
+        raise BadInput(f"cannot read {what} {path}: {e.strerror or e}") from None
+    if len(raw) > MAX_TOML_BYTES:
+        raise BadInput(f"{path}: larger than {MAX_TOML_BYTES // 1024} KB; not a {what}")
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise BadInput(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise BadInput(f"{path}: not valid TOML ({e})") from None
+    except RecursionError:
+        raise BadInput(f"{path}: nested too deeply to be a {what}") from None
 
 
 def load(path: Path | None, overrides: dict[str, Any]) -> AgentConfig:
@@ -71,14 +109,9 @@ def load(path: Path | None, overrides: dict[str, Any]) -> AgentConfig:
     where = "flags"
     if path is not None:
         where = str(path)
-        try:
-            data = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise BadInput(f"config file not found: {path}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise BadInput(f"{path}: not valid TOML ({e})") from None
-        if isinstance(data.get("agent"), dict):  # an [agent] table is accepted too
-            data = data["agent"]
+        data = read_toml(Path(path), "config file")
+        if isinstance(data.get("agent"), dict):  # an [agent] table is accepted too (beside a [delegates] one)
+            data = data["agent"] | ({"delegates": data["delegates"]} if "delegates" in data else {})
     data.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return AgentConfig.model_validate(data)

@@ -31,8 +31,9 @@ class LiteRTBackend(Backend):
 
     def __init__(self, path: Path, threads: int, providers: list[str] | None = None,
                  delegates: list[str] | None = None):
-        # XNNPACK is LiteRT's default CPU delegate; other entries are external delegate libraries (.so)
-        libs = [d for d in (delegates or []) if d.endswith((".so", ".dylib", ".dll"))]
+        # XNNPACK is LiteRT's default CPU delegate; `delegates` are library paths that Runtime.load took
+        # from LOCAL configuration (runtime/delegates.py), never from a manifest
+        libs = list(delegates or [])
         self.threads = int(threads)
         self.delegates = ["XNNPACK"] + libs
         self.interpreter = load_interpreter(path, self.threads, delegates=libs)

@@ -6,6 +6,7 @@ traceback from the interpreter's C++ core.
 """
 from __future__ import annotations
 
+import ctypes
 import re
 from pathlib import Path
 
@@ -40,7 +41,16 @@ def load_interpreter(path: str | Path, threads: int = 1, allocate: bool = True, 
 
     try:
         with native_stderr_silenced():  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." on every load
-            extra = [_module().load_delegate(lib) for lib in delegates or []]
+            extra = []
+            for lib in delegates or []:
+                try:
+                    # a library without the plugin entry points makes LiteRT's Delegate.__del__ raise
+                    # after the fact; ask first (the path came from local configuration)
+                    ctypes.CDLL(lib).tflite_plugin_create_delegate  # noqa: B018
+                    extra.append(_module().load_delegate(lib))
+                except (OSError, AttributeError, ValueError) as e:  # missing file, not a delegate library
+                    raise BadInput(f"delegate library {lib}: cannot be loaded ({str(e).splitlines()[0][:160]})") \
+                        from None
             it = Interpreter(model_content=data, num_threads=threads, experimental_delegates=extra or None)
             if allocate:
                 it.allocate_tensors()

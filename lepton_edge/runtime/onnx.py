@@ -12,6 +12,7 @@ import numpy as np
 
 from lepton_edge.errors import BadInput
 from lepton_edge.runtime.backend import Backend, TensorInfo, register
+from lepton_edge.runtime.delegates import providers as filter_providers
 
 _DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(uint8)": "uint8",
            "tensor(int8)": "int8", "tensor(int32)": "int32", "tensor(int64)": "int64", "tensor(double)": "float64",
@@ -40,10 +41,8 @@ class OnnxBackend(Backend):
         so.log_severity_level = 3
         if os.environ.get("LEPTON_ORT_SPIN", "0") == "0":
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        available = ort.get_available_providers()
-        wanted = providers or ["CPUExecutionProvider"]
-        self.providers = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
-        self.missing_providers = [p for p in wanted if p not in available]
+        # names this build has, no options (see runtime/delegates.py); `delegates` has no meaning here
+        self.providers, self.missing_providers = filter_providers(providers, ort.get_available_providers())
         try:
             self.session = ort.InferenceSession(str(path), so, providers=self.providers)
         except Exception as e:  # onnxruntime raises its own exception types for bad files

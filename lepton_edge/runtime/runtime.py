@@ -18,10 +18,54 @@ from lepton_edge.bundle import MANIFEST, Bundle, InputSpec
 from lepton_edge.errors import BadInput
 from lepton_edge.runtime import postprocess as post
 from lepton_edge.runtime.backend import Backend, format_of, get_backend
+from lepton_edge.runtime.delegates import resolve as resolve_delegates
 from lepton_edge.runtime.preprocess import preprocess
 from lepton_edge.runtime.spec import apply_overrides, guess_task, model_metadata, parse_overrides, spec_from_model
 
 TASKS = ("classify", "detect", "embed", "raw")
+MAX_THREADS = 64  # past this an engine only grows memory (onnxruntime) or crashes (LiteRT at 100000)
+MAX_SIDE = 8192  # pixels per spatial dimension of a model input
+MAX_INPUT_VALUES = 1 << 26  # 64 M values, 256 MB as float32: a 20000x20000 spec is refused, not allocated
+
+
+def check_threads(threads, what: str = "threads") -> None:
+    """One line (exit 2) unless None or an int in 1..MAX_THREADS."""
+    if threads is None:
+        return
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS:
+        raise BadInput(f"{what} must be a whole number from 1 to {MAX_THREADS}, got {threads!r}")
+
+
+def _manifest_threads(v) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_THREADS:
+        raise BadInput(f"manifest target.threads must be a whole number from 1 to {MAX_THREADS}, got {str(v)[:40]!r}")
+    return v
+
+
+def check_input_size(spec: InputSpec) -> None:
+    """The input tensor's shape: whole positive dims, no side past MAX_SIDE, no more than
+    MAX_INPUT_VALUES values, checked before an engine or a frame buffer is sized by it."""
+    shape = list(spec.shape)
+    if not shape or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape):
+        raise BadInput(f"input {spec.name!r}: shape {shape} must be whole positive numbers")
+    if max(shape) > MAX_SIDE or int(np.prod(shape, dtype=np.int64)) > MAX_INPUT_VALUES:
+        raise BadInput(f"input {spec.name!r}: shape {shape} is too large (at most {MAX_SIDE} per dimension and "
+                       f"{MAX_INPUT_VALUES:,} values)")
+
+
+def check_against_engine(spec: InputSpec, engine_inputs: list, where: str) -> None:
+    """The manifest's input (name aside) must be what the model takes: same rank and dtype, every
+    static dimension equal (a dynamic one takes any size). A bad deploy then fails at load time,
+    with one line, not in the pipeline at the first frame."""
+    if not engine_inputs:
+        raise BadInput(f"{where}: the model has no inputs")
+    eng = engine_inputs[0]
+    shape = list(spec.shape)
+    if len(shape) != len(eng.shape) or any(isinstance(e, int) and e != d for d, e in zip(shape, eng.shape)):
+        raise BadInput(f"{where}: the manifest's input shape {shape} does not match the model's "
+                       f"{list(eng.shape)} (input {eng.name!r})")
+    if str(spec.dtype) != str(eng.dtype):
+        raise BadInput(f"{where}: the manifest's input dtype {spec.dtype} does not match the model's {eng.dtype}")
 
 
 @dataclass
@@ -70,37 +114,51 @@ class Runtime:
         self.infer = backend.run  # the bare engine call: nothing between the user and the engine
         self._shape = tuple(int(d) for d in spec.shape)
         self._dtype = np.dtype(spec.dtype)
+        self.warnings: list[str] = []  # what load() chose to ignore (a manifest's unknown delegate), for the log
 
     @classmethod
     def load(cls, path: str | Path, *, threads: int | None = None, input_spec: str | dict | None = None,
              task: str | None = None, labels: list[str] | None = None, verify: bool = True,
-             providers: list[str] | None = None, leave_cores: int = 0, **post_options) -> "Runtime":
+             providers: list[str] | None = None, leave_cores: int = 0, delegates: dict[str, str] | None = None,
+             **post_options) -> "Runtime":
         """A bundle directory (checked against its manifest), or a plain .onnx/.tflite file.
 
         threads: default the target profile's, capped at this machine's cores less `leave_cores`
         (the pipeline leaves one to capture and preprocessing: an engine that wants every core
-        and a decoder that needs one only slow each other down)."""
+        and a decoder that needs one only slow each other down); 1..64 when given.
+        delegates: the LOCAL allow-list {name: library path} (agent config, `run --delegate`); a
+        manifest may only name one of these (runtime/delegates.py). For a plain model file every
+        listed delegate is used: the user named them on this machine."""
         p = Path(path)
+        check_threads(threads, "threads")
         if task is not None and task not in TASKS:
             raise BadInput(f"task must be one of {', '.join(TASKS)}, got {task!r}")
         overrides = parse_overrides(input_spec)
+        warnings: list[str] = []
         if p.is_dir() or p.name == MANIFEST:
             bundle = Bundle.load(p.parent if p.name == MANIFEST else p, verify=verify)
             m = bundle.manifest
-            n = threads or max(1, min(int(m.target.get("threads", 1)), (os.cpu_count() or 1) - leave_cores))
-            backend = get_backend(m.format)(bundle.model_path, n, providers or m.target.get("execution_providers"),
-                                            m.target.get("delegates"))
+            wanted = _manifest_threads(m.target.get("threads", 1))
+            n = threads or max(1, min(wanted, (os.cpu_count() or 1) - leave_cores))
+            libs, warnings = resolve_delegates(m.target.get("delegates"), delegates)
             spec = apply_overrides(m.inputs[0], overrides) if overrides else m.inputs[0]
+            check_input_size(spec)  # before the engine exists: nothing of a 20000x20000 input is allocated
+            backend = get_backend(m.format)(bundle.model_path, n, providers or m.target.get("execution_providers"),
+                                            libs)
+            check_against_engine(spec, backend.inputs, str(bundle.path))
             rt = cls(backend, spec, task or m.task, labels or bundle.labels, bundle, bundle.path, **post_options)
         elif p.is_file():
-            backend = get_backend(format_of(p))(p, threads or 1, providers)
+            libs = list((delegates or {}).values())
+            backend = get_backend(format_of(p))(p, threads or 1, providers, libs)
             meta = model_metadata(backend)
             spec = spec_from_model(backend, overrides, meta)
+            check_input_size(spec)
             labels = labels or meta.get("labels")
             rt = cls(backend, spec, task or meta.get("task") or guess_task(backend, labels), labels, None, p,
                      **post_options)
         else:
             raise BadInput(f"not found: {p}")
+        rt.warnings = warnings
         if any(not isinstance(d, int) for d in backend.inputs[0].shape):
             backend.resize_input(list(rt._shape))
         return rt

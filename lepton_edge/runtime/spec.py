@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -20,57 +21,123 @@ DEFAULT_SIZE = 224
 _KEYS = ("layout", "color", "resize", "scale", "mean", "std", "size", "dtype", "name")
 
 
-def _number(text: str) -> float:
-    if "/" in text:
-        a, b = text.split("/", 1)
-        return float(a) / float(b)
-    return float(text)
+def _number(text, key: str) -> float:
+    """A finite number from 0.5, '1/255' or a JSON number; one line for anything else (1/0, nan, 'x')."""
+    try:
+        if isinstance(text, bool):
+            raise ValueError
+        if isinstance(text, str) and "/" in text:
+            a, b = text.split("/", 1)
+            v = float(a) / float(b)
+        else:
+            v = float(text)
+    except (ValueError, TypeError, ZeroDivisionError, OverflowError):
+        raise BadInput(f"--input-spec: bad value for {key}: {str(text)[:40]!r} (a number, e.g. 0.5 or 1/255)") \
+            from None
+    if not math.isfinite(v):
+        raise BadInput(f"--input-spec: bad value for {key}: {str(text)[:40]!r} (must be finite)")
+    return v
 
 
 _CHOICES = {"layout": ("NCHW", "NHWC"), "color": ("RGB", "BGR", "GRAY"), "resize": ("stretch", "letterbox", "center_crop")}
+_DTYPES = ("float32", "float16", "uint8", "int8")
+MAX_SIDE = 8192
+MAX_SPEC_BYTES = 64 * 1024
 
 
-def _checked(out: dict) -> dict:
-    for key, allowed in _CHOICES.items():
-        if key in out and out[key] not in allowed:
-            raise BadInput(f"--input-spec: {key} must be one of {', '.join(allowed)}, got {out[key]!r}")
+def _value(key: str, val):
+    """One override, from a 'key=value' string or a JSON value, checked: BadInput names the key."""
+    if key in ("mean", "std"):
+        items = val.split(",") if isinstance(val, str) else val if isinstance(val, list) else [val]
+        if not 1 <= len(items) <= 4:
+            raise BadInput(f"--input-spec: {key} must be 1 to 4 numbers, got {str(val)[:60]!r}")
+        out = [_number(v, key) for v in items]
+        if key == "std" and any(v == 0 for v in out):
+            raise BadInput("--input-spec: std must not be 0")
+        return out
+    if key == "scale":
+        v = _number(val, key)
+        if v == 0:
+            raise BadInput("--input-spec: scale must not be 0")
+        return v
+    if key == "size":
+        if isinstance(val, str):
+            h, _, w = val.lower().partition("x")
+            dims = [h, w or h]
+        elif isinstance(val, list) and len(val) in (1, 2):
+            dims = [val[0], val[-1]]
+        elif isinstance(val, int) and not isinstance(val, bool):
+            dims = [val, val]
+        else:
+            raise BadInput(f"--input-spec: size must be HxW or [H, W], got {str(val)[:60]!r}")
+        try:
+            hw = tuple(int(d) for d in dims if not isinstance(d, (bool, float)))
+        except (ValueError, TypeError):
+            hw = ()
+        if len(hw) != 2 or not all(1 <= d <= MAX_SIDE for d in hw):
+            raise BadInput(f"--input-spec: size must be two whole numbers from 1 to {MAX_SIDE}, got {str(val)[:60]!r}")
+        return hw
+    if not isinstance(val, str):
+        raise BadInput(f"--input-spec: {key} must be text, got {str(val)[:60]!r}")
+    val = val.strip()
+    if key in ("layout", "color"):
+        val = val.upper()
+    if key in _CHOICES and val not in _CHOICES[key]:
+        raise BadInput(f"--input-spec: {key} must be one of {', '.join(_CHOICES[key])}, got {val[:40]!r}")
+    if key == "dtype" and val not in _DTYPES:
+        raise BadInput(f"--input-spec: dtype must be one of {', '.join(_DTYPES)}, got {val[:40]!r}")
+    if key == "name" and not 0 < len(val) <= 256:
+        raise BadInput("--input-spec: name must be 1 to 256 characters")
+    return val
+
+
+def _checked(raw: dict) -> dict:
+    out = {}
+    for key, val in raw.items():
+        k = str(key).strip().lower()
+        if k not in _KEYS:
+            raise BadInput(f"--input-spec: unknown key {str(key)[:40]!r}; keys are {', '.join(_KEYS)}")
+        out[k] = _value(k, val)
     return out
 
 
 def parse_overrides(text: str | dict | None) -> dict:
     """`--input-spec`: a JSON file, a JSON object, or 'key=value;key=value' with keys
-    layout, color, resize, scale (e.g. 1/255), mean, std (comma lists), size (HxW), dtype, name."""
-    if text is None or isinstance(text, dict):
-        return _checked(dict(text or {}))
+    layout, color, resize, scale (e.g. 1/255), mean, std (comma lists), size (HxW), dtype, name.
+    Every value is checked here, so a bad one is one line, not an error deep in preprocessing."""
+    if text is None:
+        return {}
+    if isinstance(text, dict):
+        return _checked(text)
+    if not isinstance(text, str):
+        raise BadInput(f"--input-spec must be text or a dict, got {type(text).__name__}")
     raw = text.strip()
     if raw.endswith(".json") and Path(raw).is_file():
-        raw = Path(raw).read_text()
-    if raw.startswith("{"):
         try:
-            return _checked(json.loads(raw))
+            with open(raw, "rb") as f:
+                data = f.read(MAX_SPEC_BYTES + 1)
+            raw = data.decode("utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise BadInput(f"--input-spec: cannot read {text.strip()} as UTF-8 text ({e})") from None
+    if len(raw) > MAX_SPEC_BYTES:
+        raise BadInput(f"--input-spec: longer than {MAX_SPEC_BYTES // 1024} KB")
+    if raw.startswith(("{", "[")):
+        try:
+            obj = json.loads(raw)
         except json.JSONDecodeError as e:
             raise BadInput(f"--input-spec: invalid JSON ({e})") from None
+        except RecursionError:
+            raise BadInput("--input-spec: JSON nested too deeply") from None
+        if not isinstance(obj, dict):
+            raise BadInput(f"--input-spec: expected a JSON object, got {type(obj).__name__}")
+        return _checked(obj)
     out: dict = {}
     for part in filter(None, (p.strip() for p in raw.replace("\n", ";").split(";"))):
         key, sep, val = part.partition("=")
         key = key.strip().lower()
         if not sep or key not in _KEYS:
-            raise BadInput(f"--input-spec: expected key=value with key one of {', '.join(_KEYS)}, got {part!r}")
-        val = val.strip()
-        try:
-            if key in ("mean", "std"):
-                out[key] = [_number(v) for v in val.split(",")]
-            elif key == "scale":
-                out[key] = _number(val)
-            elif key == "size":
-                h, _, w = val.lower().partition("x")
-                out[key] = (int(h), int(w or h))
-            elif key in ("layout", "color"):
-                out[key] = val.upper()
-            else:
-                out[key] = val
-        except ValueError:
-            raise BadInput(f"--input-spec: bad value for {key}: {val!r}") from None
+            raise BadInput(f"--input-spec: expected key=value with key one of {', '.join(_KEYS)}, got {part[:60]!r}")
+        out[key] = val.strip()
     return _checked(out)
 
 
