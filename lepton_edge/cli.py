@@ -491,6 +491,17 @@ def quickstart(output: Path = typer.Option(Path("out/quickstart"), "--out", "-o"
         return _emit_json(result)
 
 
+# The operator's verbs (monitor, simulate, fleet ...) and the device kit live beside the code they drive;
+# their modules import only typer at the top, so mounting them costs the other verbs nothing.
+from lepton_edge.fleet import cli as _fleet_cli  # noqa: E402
+from lepton_edge.kit_cli import kit as _kit  # noqa: E402
+
+app.command("monitor")(_fleet_cli.monitor)
+app.command("simulate")(_fleet_cli.simulate)
+app.add_typer(_fleet_cli.fleet_app, name="fleet")
+app.command("kit")(_kit)
+
+
 def main() -> None:
     """Entry point: usage errors are typer's (exit 2); our errors print one line (exit 1 or 2)."""
     try:
