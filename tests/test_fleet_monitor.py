@@ -7,8 +7,10 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import paho.mqtt.client as mqtt
+import pytest
 
 from lepton_edge.fleet.monitor import Monitor
 from lepton_edge.fleet.store import open_store
@@ -125,3 +127,68 @@ def test_two_share_workers_on_postgres_store_each_window_once(mosquitto, postgre
     finally:
         for m in ms:
             m.stop()
+
+
+def start_cli_monitor(url: str, store: Path, log: Path) -> subprocess.Popen:
+    """The real `lepton-edge monitor` process (its default client id is fixed per host: a restart resumes
+    the persistent session)."""
+    exe = Path(sys.executable).parent / "lepton-edge"
+    with open(log, "ab") as out:
+        return subprocess.Popen([str(exe), "monitor", "--broker", url, "--store", str(store), "--no-tui"],
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+@pytest.mark.slow
+def test_real_agent_monitor_killed_twice_while_windows_flow_loses_nothing(tmp_path, mosquitto, int8_bundle,
+                                                                          fashion_video):
+    """agent process -> mosquitto -> `lepton-edge monitor` process -> SQLite, the monitor SIGKILLed twice
+    mid-stream: the broker keeps the session's windows, so every seq of the boot is stored exactly once."""
+    from lepton_edge.fleet.commands import send_command
+    from mqtt_helpers import start_agent
+
+    path, log = tmp_path / "fleet.sqlite", tmp_path / "monitor.log"
+    store = open_store(path)
+    mon = start_cli_monitor(mosquitto.url, path, log)
+    agent = None
+    probe = pub_client(mosquitto.port, "probe")
+    try:
+        # the monitor's session exists (it stored a message) before the agent sends its first window
+        assert wait(lambda: probe.publish("lepton/v1/probe/p0/status", b'{"v":1,"online":true,"boot_id":"p"}',
+                                          qos=1) and store.device("probe", "p0") is not None, 30), log.read_text()
+        video, _ = fashion_video
+        agent = start_agent("--broker", mosquitto.url, "--fleet", "f1", "--device-id", "dev1", "--bundle",
+                            str(int8_bundle.bundle.path), "--source", str(video), "--loop", "--window", "0.5",
+                            "--state-dir", str(tmp_path / "agent"))
+        dev = lambda: store.device("f1", "dev1")  # noqa: E731
+        assert wait(lambda: dev() and dev().online and dev().windows >= 3, 60), (dev(), log.read_text())
+        for _ in range(2):
+            before = dev().windows
+            os.kill(mon.pid, signal.SIGKILL)  # no clean disconnect: whatever it had not acknowledged stays queued
+            mon.wait(10)
+            time.sleep(1.5)  # down for about 3 windows, which the broker queues for the session
+            assert agent.poll() is None
+            mon = start_cli_monitor(mosquitto.url, path, log)
+            assert wait(lambda: dev().windows >= before + 4, 30), (before, dev(), log.read_text())
+        boot = dev().boot_id
+        ping = send_command(mosquitto.url, "f1", "dev1", "ping", timeout=20)
+        assert ping["ok"] and ping["data"]["boot_id"] == boot, ping
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(timeout=30) == 0, agent.stderr.read()
+
+        def seqs() -> list[int]:
+            with store._tx(write=False) as cur:
+                return [r[0] for r in cur.execute("SELECT seq FROM windows WHERE fleet = 'f1' AND device = 'dev1' "
+                                                  "AND boot_id = ? ORDER BY seq", (boot,))]
+        assert wait(lambda: dev().online is False and seqs() == list(range(len(seqs()))), 30), (dev(), seqs())
+        got, d = seqs(), dev()
+        assert len(got) >= ping["data"]["seq"] and got == list(range(len(got)))  # 0..last, each once
+        assert d.windows == len(got) and d.seq_gaps == 0 and store.seq_gaps()[("f1", "dev1")] == 0
+        m = int8_bundle.bundle.manifest
+        assert (d.bundle_name, d.bundle_sha256, d.precision) == (m.name, m.files[m.model_file].sha256, m.precision)
+    finally:
+        probe.loop_stop()
+        store.close()
+        for p in (agent, mon):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait(10)

@@ -1,6 +1,7 @@
 """The fleet store on SQLite and on a real PostgreSQL: same answers, uniqueness and gaps in SQL."""
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
@@ -99,8 +100,123 @@ def test_sqlite_migrates_an_older_schema(tmp_path):
     c.commit()
     c.close()
     s = open_store(p)
-    assert s.schema_version() == SCHEMA_VERSION == 2
+    assert s.schema_version() == SCHEMA_VERSION == 3
     assert s.downsample(now=time.time()) == 0  # windows_ds exists now
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_v2_store_with_data_migrates_to_columns_and_minute_rows(backend, request, tmp_path):
+    """v2 kept device state as JSON and downsampled rows as averages; v3 reads columns and 1-minute sums.
+    A v2 store's devices, windows and old downsampled rows read the same after the migration."""
+    from lepton_edge.fleet.store.sql import _migrations
+
+    now = 1_700_000_400.0  # a whole number of 2-minute buckets
+    old_ds = ("f", "d", now - 7200, 6, 10.0, 1.0, 2.0, 3.0, 50.0, None, None, 0, 0, 60)  # a downsampled minute
+    wins = [("f", "d", "b1", i, now - 600 + i * 10, now, 10.0 + i % 2, 10, 0, 0, 1.0, 2.0 + i % 3, 3.0, 50.0, None,
+             None) for i in range(30)]
+    last = {"ts": now - 310, "fps": 11.0, "latency_ms": {"inference": {"p50": 1.0, "p95": 4.0, "p99": 3.0,
+                                                                      "max": 4.0}},
+            "dropped": 2, "corrupt": 1, "temperature_c": 61.0, "throttled": "0x50000", "bundle": {"name": "w"}}
+    meta = {"v": 1, "bundle": {"name": "cnn", "sha256": "ab" * 32, "precision": "int8", "latency_budget_ms": 20}}
+    if backend == "sqlite":
+        url = str(tmp_path / "v2.sqlite")
+        c = sqlite3.connect(url)
+        q = lambda sql: sql  # noqa: E731
+        id_col = "INTEGER PRIMARY KEY AUTOINCREMENT"
+    else:
+        import psycopg
+
+        url = request.getfixturevalue("postgres")
+        c = psycopg.connect(url)
+        q = lambda sql: sql.replace("?", "%s")  # noqa: E731
+        id_col = "BIGSERIAL PRIMARY KEY"
+    c.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    for v in (1, 2):
+        for stmt in _migrations(id_col)[v]:
+            c.execute(stmt)
+        c.execute(q("INSERT INTO schema_version VALUES (?)"), (v,))
+    c.execute(q("INSERT INTO devices (fleet, device, online, last_seen, boot_id, meta, last_window, last_window_ts, "
+                "windows) VALUES ('f', 'd', ?, ?, 'b1', ?, ?, ?, 30)"),
+              (True, now, json.dumps(meta), json.dumps(last), last["ts"]))
+    c.execute(q("INSERT INTO boots VALUES ('f', 'd', 'b1', 0, 29, 30)"))
+    for w in wins:
+        c.execute(q(f"INSERT INTO windows VALUES ({', '.join('?' * 16)})"), w)
+    c.execute(q(f"INSERT INTO windows_ds VALUES ({', '.join('?' * 14)})"), old_ds)
+    c.commit()
+    c.close()
+
+    s = open_store(url)
+    try:
+        assert s.schema_version() == SCHEMA_VERSION == 3
+        d = s.device("f", "d")
+        assert (d.bundle_name, d.bundle_sha256, d.precision, d.latency_budget_ms) == ("cnn", "ab" * 32, "int8", 20.0)
+        assert (d.fps, d.latency["inference"]["p95"], d.dropped, d.corrupt, d.temperature_c, d.throttled) == \
+            (11.0, 4.0, 2, 1, 61.0, "0x50000")
+        assert s.summary().worst_p95_ms == 4.0 and s.summary().total_fps == 11.0
+        # 24 h at 720 points (2-minute buckets) reads minute rows: the old downsampled minute and the windows
+        day = s.history("f", "d", now - 86400, now, 720)
+        assert sum(p.frames for p in day) == 60 + 300
+        assert [p.ts for p in day][:1] == [now - 7200]
+        # the windows' own 2-minute averages, as the raw rows give them
+        for p in day[1:]:
+            mine = [w for w in wins if p.ts <= w[4] < p.ts + 120]
+            assert p.fps == pytest.approx(sum(w[6] for w in mine) / len(mine))
+            assert p.inference_p95_ms == pytest.approx(sum(w[11] for w in mine) / len(mine))
+        # fine buckets read the raw windows; before the old cut only minute rows are left
+        fine = s.history("f", "d", now - 7300, now, 2000)
+        assert sum(p.frames for p in fine) == 360 and len(fine) == 31
+        assert s.add_window("f", "d", win(30, now + 1), now + 1)  # and the writer goes on
+        assert s.device("f", "d").windows == 31 and s.device("f", "d").seq_gaps == 0
+    finally:
+        s.close()
+
+
+def test_history_from_minute_rows_equals_history_from_windows(store):
+    """A chart of >= 1-minute buckets reads 1-minute sums; they must average exactly what the windows give."""
+    now = 1_700_000_400.0  # a whole number of 2-minute buckets
+    rows = [("f", "d", win(i, now - 7200 + i * 7 + 0.5, fps=5.0 + i % 11), now) for i in range(1000)]
+    rows[3][2]["fps"] = None  # a window without fps counts in frames, not in the fps average
+    store.add_windows(rows)
+    coarse = store.history("f", "d", now - 7200, now, 60)  # 120 s buckets: minute rows
+    fine = store.history("f", "d", now - 7200, now, 7200)  # 1 s buckets: raw windows
+    assert len(coarse) == 59 and sum(p.frames for p in coarse) == sum(p.frames for p in fine) == 10000
+    for p in coarse:
+        mine = [r[2] for r in rows if p.ts <= r[2]["ts"] < p.ts + 120]
+        fps = [w["fps"] for w in mine if w["fps"] is not None]
+        assert p.fps == pytest.approx(sum(fps) / len(fps)) and p.frames == 10 * len(mine)
+    # downsampling deletes the raw windows; the minute rows keep the chart as it was
+    assert store.downsample(older_than_s=0, now=now + 60) == 1000
+    assert [p.model_dump() for p in store.history("f", "d", now - 7200, now, 60)] == \
+        [p.model_dump() for p in coarse]
+    assert sum(p.frames for p in store.history("f", "d", now - 7200, now, 7200)) == 10000
+
+
+def test_downsample_to_coarser_buckets_keeps_the_totals(store):
+    now = 1_700_000_400.0
+    store.add_windows([("f", "d", win(i, now - 3600 + i * 10, fps=float(i % 4)), now) for i in range(360)])
+    before = store.history("f", "d", now - 3600, now, 2)  # 30-minute buckets
+    assert store.downsample(older_than_s=0, bucket_s=300, now=now) == 360
+    with store._tx(write=False) as cur:
+        assert store._x(cur, "SELECT COUNT(*) FROM windows_ds").fetchone()[0] == 12  # 5-minute rows
+    after = store.history("f", "d", now - 3600, now, 2)
+    assert [(p.ts, p.frames) for p in after] == [(p.ts, p.frames) for p in before]
+    assert [p.fps for p in after] == pytest.approx([p.fps for p in before])
+
+
+def test_fleet_read_values_have_their_field_types(store):
+    """devices() skips validation for speed: what it builds must equal a validated DeviceState."""
+    from lepton_edge.fleet.store.base import DeviceState
+
+    now = time.time()
+    store.set_meta("f", "d", {"v": 1, "bundle": {"name": 7, "sha256": ["x"], "latency_budget_ms": 30}}, now)
+    w = win(0, now)
+    w["latency_ms"]["inference"] = {"p50": 1, "p95": 2, "p99": 3, "max": 4}  # ints from a raw dict
+    store.add_windows([("f", "d", w, now), ("f", "e", win(0, now), now)])
+    store.set_status("f", "e", {"online": False, "boot_id": "b1"}, now)
+    for d in store.devices():
+        assert DeviceState.model_validate(d.model_dump()) == d
+        assert d.model_dump_json() == DeviceState.model_validate(d.model_dump()).model_dump_json()
+    assert store.device("f", "d").bundle_name is None  # a hostile meta's non-text name is not a name
 
 
 def test_corrupt_and_locked_sqlite_give_one_line(tmp_path):
@@ -111,6 +227,7 @@ def test_corrupt_and_locked_sqlite_give_one_line(tmp_path):
     assert "\n" not in str(e.value)
     p = tmp_path / "ok.sqlite"
     s = open_store(p)
+    s.close()  # the next connection waits 0.2 s for a lock, not 5 s
     s.timeout = 0.2
     blocker = sqlite3.connect(p, isolation_level=None)
     blocker.execute("BEGIN EXCLUSIVE")

@@ -15,7 +15,7 @@ from typing import Any, Iterator, Literal
 
 from pydantic import BaseModel, Field
 
-SCHEMA_VERSION = 2  # the newest migration in sql.py
+SCHEMA_VERSION = 3  # the newest migration in sql.py
 
 # Severity of a device, used to sort dashboards (worst last-seen state first).
 OK, WARNING, ALERT, OFFLINE = 0, 1, 2, 3
@@ -159,8 +159,9 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def downsample(self, older_than_s: float = 86400.0, bucket_s: float = 60.0, now: float | None = None) -> int:
-        """Average windows older than now - older_than_s into bucket_s rows (table `windows_ds`, which
-        `history` also reads) and delete them from `windows`. Returns the number of windows folded."""
+        """Delete windows older than now - older_than_s from `windows`: their 1-minute rows (table
+        `windows_ds`, kept by the writer and read by `history`) stay; with bucket_s above a minute those
+        old minute rows are also merged into bucket_s rows. Returns the number of windows folded."""
 
     # ---- reads (every view) -----------------------------------------------------------------
     @abc.abstractmethod
@@ -173,7 +174,8 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def history(self, fleet: str, device: str, since: float, until: float | None = None,
                 max_points: int = 1000) -> list[HistoryPoint]:
-        """Windows (and downsampled rows) in [since, until], bucketed in the database to <= max_points."""
+        """Windows (and downsampled rows) in [since, until], bucketed in the database to <= max_points.
+        Buckets of a minute or more are whole minutes (the bucket width is rounded up to one)."""
 
     @abc.abstractmethod
     def events(self, fleet: str | None = None, device: str | None = None, since: float = 0.0,

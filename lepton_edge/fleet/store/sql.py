@@ -9,6 +9,11 @@ correctness rules live in SQL that both accept:
   late window fills its gap and two workers inserting at once still add up;
 - an alert is open at most once per (fleet, device, rule): a partial unique index, not a worker.
 Rows are written in a fixed key order so two PostgreSQL workers never wait on each other in a cycle.
+
+Why reads are cheap (schema v3): the writer keeps each device's current state as columns of `devices`
+(a fleet page is one query, no JSON but the latency dict) and every window's minute as sums and counts
+in `windows_ds` (same atomic upserts), so a 24 h chart reads 1,440 rows instead of 86,400 windows and
+averages exactly what the windows would; the summary cards are one aggregate query.
 """
 from __future__ import annotations
 
@@ -66,13 +71,128 @@ def _migrations(id_col: str) -> dict[int, list[str]]:
             " rss_bytes DOUBLE PRECISION, dropped BIGINT NOT NULL, corrupt BIGINT NOT NULL, frames BIGINT NOT NULL,"
             " PRIMARY KEY (fleet, device, ts))",
         ],
+        3: [  # speed: the dashboards read columns, not JSON; charts of >= 24 h read 1-minute rows
+            *(f"ALTER TABLE devices ADD COLUMN {c} {t}" for c, t in _DEV_COLS),
+            _backfill_devices,
+            "CREATE TABLE windows_ds_v3 (fleet TEXT NOT NULL, device TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL,"
+            " n BIGINT NOT NULL, " + ", ".join(f"s_{c} DOUBLE PRECISION NOT NULL, n_{c} BIGINT NOT NULL"
+                                                for c in _AVG_COLS) +
+            ", dropped BIGINT NOT NULL, corrupt BIGINT NOT NULL, frames BIGINT NOT NULL, PRIMARY KEY (fleet, device, ts))",
+            # old downsampled rows (averages over n) keep their bucket; their windows are gone from `windows`
+            "INSERT INTO windows_ds_v3 (fleet, device, ts, n, " + ", ".join(f"s_{c}, n_{c}" for c in _AVG_COLS) +
+            ", dropped, corrupt, frames) SELECT fleet, device, ts, n, " +
+            ", ".join(f"COALESCE({c} * n, 0), CASE WHEN {c} IS NULL THEN 0 ELSE n END" for c in _AVG_COLS) +
+            ", dropped, corrupt, frames FROM windows_ds",
+            "CREATE TABLE store_state (k TEXT PRIMARY KEY, v DOUBLE PRECISION NOT NULL)",
+            # raw windows older than this are only in windows_ds (see history)
+            "INSERT INTO store_state (k, v) SELECT 'ds_cut', max(ts) + 60 FROM windows_ds HAVING count(*) > 0",
+            "DROP TABLE windows_ds",
+            "ALTER TABLE windows_ds_v3 RENAME TO windows_ds",
+            _backfill_rollup,
+        ],
     }
+
+
+# Per-device state kept as columns by the writer (v3): a fleet page is one indexed read, no JSON but latency.
+_META_COLS = (("bundle_name", "TEXT"), ("bundle_sha256", "TEXT"), ("precision", "TEXT"), ("backend", "TEXT"),
+              ("latency_budget_ms", "DOUBLE PRECISION"))
+_LAST_COLS = (("lw_bundle_name", "TEXT"), ("lw_bundle_sha256", "TEXT"), ("fps", "DOUBLE PRECISION"),
+              ("latency", "TEXT"), ("dropped", "BIGINT"), ("corrupt", "BIGINT"), ("cpu_percent", "DOUBLE PRECISION"),
+              ("rss_bytes", "BIGINT"), ("temperature_c", "DOUBLE PRECISION"), ("throttled", "TEXT"),
+              ("inf_p95", "DOUBLE PRECISION"))
+_DEV_COLS = _META_COLS + _LAST_COLS
+# Averaged chart columns: windows_ds keeps their sum and count per minute, so any bucket of whole minutes
+# averages exactly what the raw windows would give.
+_AVG_COLS = ("fps", "p50", "p95", "p99", "temperature_c", "cpu_percent", "rss_bytes")
+MINUTE = 60.0
+
+
+def _avg_vals(p: dict) -> tuple:
+    """A window's values of _AVG_COLS (None where absent)."""
+    inf = (p.get("latency_ms") or {}).get("inference") or {}
+    return (_num(p.get("fps")), _num(inf.get("p50")), _num(inf.get("p95")), _num(inf.get("p99")),
+            _num(p.get("temperature_c")), _num(p.get("cpu_percent")), _num(p.get("rss_bytes")))
+
+
+def _str(x) -> str | None:
+    return x[:200] if isinstance(x, str) else None  # meta is not schema-checked: a name is text or nothing
+
+
+def _num(x) -> float | None:
+    return float(x) if isinstance(x, (int, float)) else None
+
+
+def meta_cols(meta: dict) -> tuple:
+    """The meta payload's values kept as device columns (order of _META_COLS)."""
+    b = meta.get("bundle") if isinstance(meta.get("bundle"), dict) else {}
+    budget = b.get("latency_budget_ms") or meta.get("latency_budget_ms")
+    return (_str(b.get("name")), _str(b.get("sha256")), _str(b.get("precision")), _str(b.get("backend")),
+            _num(budget))
+
+
+def last_cols(p: dict) -> tuple:
+    """A window's values kept as device columns (order of _LAST_COLS)."""
+    b = p.get("bundle") if isinstance(p.get("bundle"), dict) else {}
+    lat = {str(k): {str(q): float(x) for q, x in v.items() if isinstance(x, (int, float))}
+           for k, v in (p.get("latency_ms") or {}).items() if isinstance(v, dict)}
+    inf = lat.get("inference") or {}
+    return (_str(b.get("name")), _str(b.get("sha256")), _num(p.get("fps")), json.dumps(lat) if lat else None,
+            int(p.get("dropped") or 0), int(p.get("corrupt") or 0), _num(p.get("cpu_percent")),
+            None if p.get("rss_bytes") is None else int(p["rss_bytes"]), _num(p.get("temperature_c")),
+            _str(p.get("throttled")), _num(inf.get("p95")))
+
+
+def _backfill_devices(store: "SqlStore", cur) -> None:
+    """v3: fill the new device columns from the JSON the v2 writer kept."""
+    rows = store._x(cur, "SELECT fleet, device, meta, last_window FROM devices").fetchall()
+    sets = ", ".join(f"{c} = ?" for c, _ in _DEV_COLS)
+    vals = []
+    for f, d, meta, last in rows:
+        m = json.loads(meta) if meta else {}
+        lw = json.loads(last) if last else {}
+        vals.append((*meta_cols(m if isinstance(m, dict) else {}), *last_cols(lw if isinstance(lw, dict) else {}),
+                     f, d))
+    store._many(cur, f"UPDATE devices SET {sets}, last_window = NULL WHERE fleet = ? AND device = ?", vals)
+
+
+def _backfill_rollup(store: "SqlStore", cur) -> None:
+    """v3: the 1-minute rows of the windows still stored (merged with old downsampled rows of that minute)."""
+    bt = f"{store._floor(f'ts / {MINUTE!r}')} * {MINUTE!r}"
+    store._x(cur, "INSERT INTO windows_ds (fleet, device, ts, n, " + ", ".join(f"s_{c}, n_{c}" for c in _AVG_COLS) +
+             f", dropped, corrupt, frames) SELECT fleet, device, {bt}, COUNT(*), " +
+             ", ".join(f"COALESCE(SUM({c}), 0), COUNT({c})" for c in _AVG_COLS) +
+             f", SUM(dropped), SUM(corrupt), SUM(frames) FROM windows GROUP BY fleet, device, {bt} "
+             f"ON CONFLICT (fleet, device, ts) DO UPDATE SET {_ROLLUP_MERGE}")
+
+
+_ROLLUP_MERGE = ", ".join(f"{c} = windows_ds.{c} + excluded.{c}" for c in
+                          ("n", *(f"{p}_{c}" for c in _AVG_COLS for p in ("s", "n")), "dropped", "corrupt", "frames"))
 
 
 _WIN_COLS = "fleet, device, boot_id, seq, ts, received, fps, frames, dropped, corrupt, p50, p95, p99, " \
             "temperature_c, cpu_percent, rss_bytes"
-_LAST_KEYS = ("ts", "fps", "latency_ms", "dropped", "corrupt", "cpu_percent", "rss_bytes", "temperature_c",
-              "throttled", "bundle", "frames", "window_s")
+
+
+_STATE_FIELDS = frozenset(DeviceState.model_fields)
+_set = object.__setattr__
+
+
+def _trusted_state(values: dict) -> DeviceState:
+    """A DeviceState from values that already have their fields' types, without validation.
+
+    Why: a fleet read builds 1,000 of them a second for the dashboards, and validation (or pydantic's
+    model_construct, which still walks every field in Python) was most of that time; this is what
+    model_construct ends with. Safe because every value comes from a typed column written from a validated
+    payload (tests/test_fleet_store.py checks the result equals a validated DeviceState). A field added to
+    DeviceState but not here falls back to validation instead of yielding a half-built object."""
+    if values.keys() != _STATE_FIELDS:
+        return DeviceState.model_validate(values)
+    m = DeviceState.__new__(DeviceState)
+    _set(m, "__dict__", values)
+    _set(m, "__pydantic_fields_set__", set(_STATE_FIELDS))
+    _set(m, "__pydantic_extra__", None)
+    _set(m, "__pydantic_private__", None)
+    return m
 
 
 class SqlStore(Store):
@@ -121,7 +241,7 @@ class SqlStore(Store):
             if v <= have:
                 continue
             for s in stmts:
-                cur.execute(s)
+                s(self, cur) if callable(s) else cur.execute(s)
             cur.execute(self._q("INSERT INTO schema_version (version) VALUES (?)"), (v,))
 
     def schema_version(self) -> int:
@@ -158,6 +278,7 @@ class SqlStore(Store):
             flags = self._insert_flags(cur, ins, vals)
             boots: dict[tuple, list] = {}
             devs: dict[tuple, dict] = {}
+            mins: dict[tuple, list] = {}  # (fleet, device, minute) -> n, dropped, corrupt, frames, (sum, count)...
             for i, ok in zip(order, flags):
                 f, d, p, rec = rows[i]
                 dv = devs.setdefault((f, d), {"n": 0, "dup": 0, "outbox": 0, "seen": rec, "last": None})
@@ -172,6 +293,17 @@ class SqlStore(Store):
                 dv["outbox"] += int(p.get("outbox_dropped") or 0)
                 if dv["last"] is None or p["ts"] >= dv["last"]["ts"]:
                     dv["last"] = p
+                m = mins.get(key := (f, d, math.floor(float(p["ts"]) / MINUTE) * MINUTE))
+                if m is None:
+                    m = mins[key] = [0] * (4 + 2 * len(_AVG_COLS))
+                m[0] += 1
+                m[1] += int(p.get("dropped") or 0)
+                m[2] += int(p.get("corrupt") or 0)
+                m[3] += int(p.get("frames") or 0)
+                for j, x in enumerate(_avg_vals(p)):
+                    if x is not None:
+                        m[4 + 2 * j] += x
+                        m[5 + 2 * j] += 1
             self._many(cur, "INSERT INTO boots (fleet, device, boot_id, min_seq, max_seq, n) VALUES (?, ?, ?, ?, ?, ?) "
                        "ON CONFLICT (fleet, device, boot_id) DO UPDATE SET "
                        f"min_seq = {self._least('boots.min_seq', 'excluded.min_seq')}, "
@@ -181,12 +313,17 @@ class SqlStore(Store):
                        "outbox_dropped = outbox_dropped + ?, "
                        f"last_seen = {self._greatest('COALESCE(last_seen, 0)', '?')} WHERE fleet = ? AND device = ?",
                        [(dv["n"], dv["dup"], dv["outbox"], dv["seen"], f, d) for (f, d), dv in sorted(devs.items())])
+            self._many(cur, "INSERT INTO windows_ds (fleet, device, ts, n, dropped, corrupt, frames, " +
+                       ", ".join(f"s_{c}, n_{c}" for c in _AVG_COLS) + f") VALUES ({', '.join('?' * 21)}) "
+                       f"ON CONFLICT (fleet, device, ts) DO UPDATE SET {_ROLLUP_MERGE}",
+                       [(*k, *m) for k, m in sorted(mins.items())])
             lasts = []
             for (f, d), dv in sorted(devs.items()):
                 if dv["last"] is not None:
-                    last = {k: dv["last"].get(k) for k in _LAST_KEYS}
-                    lasts.append((json.dumps(last), float(last["ts"]), f, d, float(last["ts"])))
-            self._many(cur, "UPDATE devices SET last_window = ?, last_window_ts = ? WHERE fleet = ? AND device = ?"
+                    ts = float(dv["last"]["ts"])
+                    lasts.append((*last_cols(dv["last"]), ts, f, d, ts))
+            self._many(cur, "UPDATE devices SET " + ", ".join(f"{c} = ?" for c, _ in _LAST_COLS) +
+                       ", last_window_ts = ? WHERE fleet = ? AND device = ?"
                        " AND (last_window_ts IS NULL OR last_window_ts <= ?)", lasts)
         out = [False] * len(rows)
         for i, ok in zip(order, flags):
@@ -229,9 +366,10 @@ class SqlStore(Store):
     def set_meta(self, fleet: str, device: str, payload: dict, received: float) -> None:
         with self._tx() as cur:
             self._touch(cur, [(fleet, device)])
-            self._x(cur, "UPDATE devices SET meta = ?, software = COALESCE(?, software) WHERE fleet = ? AND device = ?",
+            self._x(cur, "UPDATE devices SET meta = ?, software = COALESCE(?, software), " +
+                    ", ".join(f"{c} = ?" for c, _ in _META_COLS) + " WHERE fleet = ? AND device = ?",
                     (json.dumps(payload), payload.get("software") if isinstance(payload.get("software"), str)
-                     else None, fleet, device))
+                     else None, *meta_cols(payload), fleet, device))
 
     def count_bad(self, fleet: str | None, device: str | None, reason: str, received: float) -> None:
         with self._tx() as cur:
@@ -286,27 +424,31 @@ class SqlStore(Store):
         return n
 
     def downsample(self, older_than_s: float = 86400.0, bucket_s: float = 60.0, now: float | None = None) -> int:
-        b = float(bucket_s)
+        """The writer already keeps every window's minute in `windows_ds` (sums and counts), so folding is
+        deleting the raw windows before a whole-minute cut; a bucket_s above a minute (rounded to whole
+        minutes) also merges those old minute rows into bucket_s rows."""
+        b = max(1, round(float(bucket_s) / MINUTE)) * MINUTE
         cut = math.floor(((now or time.time()) - older_than_s) / b) * b  # whole buckets only
-        bt = f"{self._floor(f'ts / {b!r}')} * {b!r}"
-        merge = ", ".join(f"{c} = COALESCE((windows_ds.{c} * windows_ds.n + excluded.{c} * excluded.n) / "
-                          f"(windows_ds.n + excluded.n), excluded.{c}, windows_ds.{c})"
-                          for c in ("fps", "p50", "p95", "p99", "temperature_c", "cpu_percent", "rss_bytes"))
         with self._tx() as cur:
-            self._x(cur, "INSERT INTO windows_ds (fleet, device, ts, n, fps, p50, p95, p99, temperature_c, cpu_percent, "
-                    f"rss_bytes, dropped, corrupt, frames) SELECT fleet, device, {bt} AS bt, COUNT(*), AVG(fps), "
-                    "AVG(p50), AVG(p95), AVG(p99), AVG(temperature_c), AVG(cpu_percent), AVG(rss_bytes), SUM(dropped), "
-                    f"SUM(corrupt), SUM(frames) FROM windows WHERE ts < ? GROUP BY fleet, device, {bt} "
-                    f"ON CONFLICT (fleet, device, ts) DO UPDATE SET {merge}, n = windows_ds.n + excluded.n, "
-                    "dropped = windows_ds.dropped + excluded.dropped, corrupt = windows_ds.corrupt + excluded.corrupt, "
-                    "frames = windows_ds.frames + excluded.frames", (cut,))
+            if b > MINUTE:
+                bt = f"{self._floor(f'ts / {b!r}')} * {b!r}"
+                cols = ("n", "dropped", "corrupt", "frames", *(f"{p}_{c}" for c in _AVG_COLS for p in ("s", "n")))
+                self._x(cur, f"CREATE TEMPORARY TABLE ds_fold AS SELECT fleet, device, {bt} AS ts, " +
+                        ", ".join(f"SUM({c}) AS {c}" for c in cols) +
+                        f" FROM windows_ds WHERE ts < ? GROUP BY fleet, device, {bt}", (cut,))
+                self._x(cur, "DELETE FROM windows_ds WHERE ts < ?", (cut,))
+                self._x(cur, f"INSERT INTO windows_ds (fleet, device, ts, {', '.join(cols)}) "
+                        f"SELECT fleet, device, ts, {', '.join(cols)} FROM ds_fold")
+                self._x(cur, "DROP TABLE ds_fold")
+            self._x(cur, "INSERT INTO store_state (k, v) VALUES ('ds_cut', ?) ON CONFLICT (k) DO UPDATE SET "
+                    f"v = {self._greatest('store_state.v', 'excluded.v')}", (cut,))
             return self._x(cur, "DELETE FROM windows WHERE ts < ?", (cut,)).rowcount
 
     # ---- reads --------------------------------------------------------------------------------
     _DEV_SQL = (
-        "SELECT d.fleet, d.device, d.online, d.last_seen, d.boot_id, d.software, d.meta, d.last_window, d.windows, "
-        "d.duplicates, d.outbox_dropped, d.deploys, d.rollbacks, d.last_event, COALESCE(g.gaps, 0), "
-        "COALESCE(a.n, 0), COALESCE(a.crit, 0), COALESCE(b.n, 0) FROM devices d "
+        "SELECT d.fleet, d.device, d.online, d.last_seen, d.boot_id, d.software, d.windows, d.duplicates, "
+        "d.outbox_dropped, d.deploys, d.rollbacks, d.last_event, COALESCE(g.gaps, 0), COALESCE(a.n, 0), "
+        "COALESCE(a.crit, 0), COALESCE(b.n, 0), " + ", ".join(f"d.{c}" for c, _ in _DEV_COLS) + " FROM devices d "
         "LEFT JOIN (SELECT fleet, device, SUM(CASE WHEN max_seq - min_seq + 1 - n > 0 THEN max_seq - min_seq + 1 - n "
         "ELSE 0 END) AS gaps FROM boots GROUP BY fleet, device) g ON g.fleet = d.fleet AND g.device = d.device "
         "LEFT JOIN (SELECT fleet, device, COUNT(*) AS n, SUM(CASE WHEN severity = 'critical' THEN 1 ELSE 0 END) AS crit "
@@ -316,24 +458,18 @@ class SqlStore(Store):
 
     @staticmethod
     def _state(r) -> DeviceState:
-        meta = json.loads(r[6]) if r[6] else {}
-        last = json.loads(r[7]) if r[7] else {}
-        bundle = meta.get("bundle") if isinstance(meta.get("bundle"), dict) else {}
-        lb = last.get("bundle") if isinstance(last.get("bundle"), dict) else {}
-        budget = bundle.get("latency_budget_ms") or meta.get("latency_budget_ms")
+        (name, sha, precision, backend, budget, lw_name, lw_sha, fps, latency, dropped, corrupt, cpu, rss, temp,
+         throttled, _) = r[16:]
         online = None if r[2] is None else bool(r[2])
-        active, crit = int(r[15]), int(r[16])
+        active, crit = int(r[13]), int(r[14])
         sev = OFFLINE if online is False else ALERT if crit else WARNING if active else OK
-        return DeviceState(
+        return _trusted_state(dict(
             fleet=r[0], device=r[1], online=online, last_seen=r[3], boot_id=r[4], software=r[5],
-            bundle_name=bundle.get("name") or lb.get("name"), bundle_sha256=bundle.get("sha256") or lb.get("sha256"),
-            precision=bundle.get("precision"), backend=bundle.get("backend"), fps=last.get("fps"),
-            latency=last.get("latency_ms") or {}, dropped=last.get("dropped") or 0, corrupt=last.get("corrupt") or 0,
-            cpu_percent=last.get("cpu_percent"), rss_bytes=last.get("rss_bytes"),
-            temperature_c=last.get("temperature_c"), throttled=last.get("throttled"), outbox_dropped=int(r[10]),
-            windows=int(r[8]), seq_gaps=int(r[14]), duplicates=int(r[9]), bad_messages=int(r[17]), last_event=r[13],
-            deploys=int(r[11]), rollbacks=int(r[12]), active_alerts=active, severity=sev,
-            latency_budget_ms=_f(budget) if isinstance(budget, (int, float)) else None)
+            bundle_name=name or lw_name, bundle_sha256=sha or lw_sha, precision=precision, backend=backend,
+            fps=fps, latency=json.loads(latency) if latency else {}, dropped=dropped or 0, corrupt=corrupt or 0,
+            cpu_percent=cpu, rss_bytes=rss, temperature_c=temp, throttled=throttled, outbox_dropped=int(r[8]),
+            windows=int(r[6]), seq_gaps=int(r[12]), duplicates=int(r[7]), bad_messages=int(r[15]), last_event=r[11],
+            deploys=int(r[9]), rollbacks=int(r[10]), active_alerts=active, severity=sev, latency_budget_ms=budget))
 
     def devices(self) -> list[DeviceState]:
         with self._tx(write=False) as cur:
@@ -353,19 +489,40 @@ class SqlStore(Store):
 
     def history(self, fleet: str, device: str, since: float, until: float | None = None,
                 max_points: int = 1000) -> list[HistoryPoint]:
+        """Buckets of a minute or more are read from the 1-minute rows alone (a 24 h chart reads 1,440 rows,
+        not 86,400 windows) and are whole minutes, so they average exactly what the windows would; finer
+        buckets read the raw windows, and the minute rows where the windows were downsampled away."""
         until = time.time() if until is None else until
         w = max((until - since) / max(1, int(max_points)), 1e-3)
-        bt = f"{self._floor(f'ts / {w!r}')} * {w!r}"
-        cols = "fps, p50, p95, p99, temperature_c, cpu_percent, rss_bytes"
-        avg = ", ".join(f"SUM({c} * n) / NULLIF(SUM(CASE WHEN {c} IS NULL THEN 0 ELSE n END), 0)"
-                        for c in cols.split(", "))
-        sql = (f"SELECT {bt} AS b, {avg}, SUM(dropped), SUM(corrupt), SUM(frames) FROM ("
-               f"SELECT ts, 1 AS n, {cols}, dropped, corrupt, frames FROM windows "
-               "WHERE fleet = ? AND device = ? AND ts >= ? AND ts <= ? UNION ALL "
-               f"SELECT ts, n, {cols}, dropped, corrupt, frames FROM windows_ds "
-               f"WHERE fleet = ? AND device = ? AND ts >= ? AND ts <= ?) u GROUP BY {bt} ORDER BY b")
+        sums = ", ".join(f"SUM(s_{c}) / NULLIF(SUM(n_{c}), 0)" for c in _AVG_COLS)
+        rows_ds = "FROM windows_ds WHERE fleet = ? AND device = ? AND ts >= ? AND ts <= ?"
+        if w >= MINUTE:
+            w = math.ceil(w / MINUTE) * MINUTE
+            bt = f"{self._floor(f'ts / {w!r}')} * {w!r}"
+            sql = f"SELECT {bt} AS b, {sums}, SUM(dropped), SUM(corrupt), SUM(frames) {rows_ds} GROUP BY {bt} ORDER BY b"
+            args: tuple = (fleet, device, math.floor(since / MINUTE) * MINUTE, until)
+        else:
+            bt = f"{self._floor(f'ts / {w!r}')} * {w!r}"
+            with self._tx(write=False) as cur:
+                r = self._x(cur, "SELECT v FROM store_state WHERE k = 'ds_cut'").fetchone()
+            cut = float(r[0]) if r else 0.0
+            raw = (f"SELECT {bt} AS b, " + ", ".join(f"AVG({c})" for c in _AVG_COLS) +
+                   ", SUM(dropped), SUM(corrupt), SUM(frames) FROM windows WHERE fleet = ? AND device = ? "
+                   f"AND ts >= ? AND ts <= ? GROUP BY {bt}")
+            args = (fleet, device, max(since, cut), until)
+            if cut <= since:
+                sql = raw + " ORDER BY b"
+            else:  # before the cut, the windows live on as minute rows only
+                sql = (f"SELECT b, {', '.join(f'SUM(s_{c}) / NULLIF(SUM(n_{c}), 0)' for c in _AVG_COLS)}, "
+                       "SUM(dropped), SUM(corrupt), SUM(frames) FROM ("
+                       f"SELECT {bt} AS b, " + ", ".join(f"SUM({c}) AS s_{c}, COUNT({c}) AS n_{c}" for c in _AVG_COLS) +
+                       ", SUM(dropped) AS dropped, SUM(corrupt) AS corrupt, SUM(frames) AS frames FROM windows "
+                       f"WHERE fleet = ? AND device = ? AND ts >= ? AND ts <= ? GROUP BY {bt} UNION ALL "
+                       f"SELECT {bt} AS b, " + ", ".join(f"s_{c}, n_{c}" for c in _AVG_COLS) +
+                       f", dropped, corrupt, frames {rows_ds} AND ts < ?) u GROUP BY b ORDER BY b")
+                args = (*args, fleet, device, since, until, cut)
         with self._tx(write=False) as cur:
-            rows = self._x(cur, sql, (fleet, device, since, until) * 2).fetchall()
+            rows = self._x(cur, sql, args).fetchall()
         return [HistoryPoint(ts=float(r[0]), fps=_f(r[1]), inference_p50_ms=_f(r[2]), inference_p95_ms=_f(r[3]),
                              inference_p99_ms=_f(r[4]), temperature_c=_f(r[5]), cpu_percent=_f(r[6]),
                              rss_bytes=_f(r[7]), dropped=int(r[8] or 0), corrupt=int(r[9] or 0),
@@ -403,11 +560,11 @@ class SqlStore(Store):
         return [self._alert(r) for r in rows]
 
     def summary(self) -> FleetSummary:
-        devs = self.devices()
-        p95s = [d.latency.get("inference", {}).get("p95") for d in devs if d.online]
-        p95s = [p for p in p95s if p is not None]
-        return FleetSummary(devices=len(devs), online=sum(1 for d in devs if d.online),
-                            offline=sum(1 for d in devs if d.online is False),
-                            total_fps=round(sum(d.fps or 0.0 for d in devs if d.online), 3),
-                            worst_p95_ms=max(p95s) if p95s else None,
-                            active_alerts=sum(d.active_alerts for d in devs))
+        """One aggregate query over the device columns (the cards refresh every second)."""
+        with self._tx(write=False) as cur:
+            r = self._x(cur, "SELECT COUNT(*), SUM(CASE WHEN online THEN 1 ELSE 0 END), "
+                        "SUM(CASE WHEN NOT online THEN 1 ELSE 0 END), SUM(CASE WHEN online THEN fps ELSE 0 END), "
+                        "MAX(CASE WHEN online THEN inf_p95 END), (SELECT COUNT(*) FROM alerts a JOIN devices d "
+                        "ON a.fleet = d.fleet AND a.device = d.device WHERE a.resolved IS NULL) FROM devices").fetchone()
+        return FleetSummary(devices=int(r[0]), online=int(r[1] or 0), offline=int(r[2] or 0),
+                            total_fps=round(float(r[3] or 0.0), 3), worst_p95_ms=_f(r[4]), active_alerts=int(r[5]))
