@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -107,9 +106,23 @@ def export(
     prune: Optional[float] = typer.Option(None, help="Structured pruning ratio, e.g. 0.3 removes 30% of channels."),
     finetune_epochs: int = typer.Option(0, help="Fine-tune after pruning for this many epochs."),
     max_size: Optional[str] = typer.Option(None, help="Size budget, e.g. 1MB (tighter than the target's)."),
-    min_agreement: float = typer.Option(0.99, help="Minimum top-1 agreement with the reference."),
-    max_accuracy_drop: float = typer.Option(0.5, help="Maximum accuracy drop in percentage points."),
-    recipes: Optional[str] = typer.Option(None, help="int8 recipes to try in order, e.g. s8-minmax-ends,s8-entropy."),
+    task: Optional[str] = typer.Option(None, help="classify, detect, segment, embed or raw: picks the validation "
+                                       "metrics (default: inferred from the outputs; stated in the report)."),
+    min_agreement: float = typer.Option(0.99, help="classify: top-1 agreement wanted, capped at the fp32 model's "
+                                        "own agreement under input noise (its ceiling) minus 0.05."),
+    min_confident_kept: float = typer.Option(0.99, help="classify: share of confident fp32 top-1 (softmax >= 0.5) "
+                                             "kept (one miss allowed when few)."),
+    min_top5: float = typer.Option(0.98, help="classify: share of fp32 top-1 within the top-5 (> 5 classes)."),
+    max_accuracy_drop: float = typer.Option(0.5, help="classify with a labelled --eval: maximum accuracy drop in "
+                                            "percentage points (the main gate)."),
+    min_sqnr: float = typer.Option(12.0, help="Dense and raw outputs: minimum SQNR in dB, each output."),
+    min_cosine: float = typer.Option(0.97, help="Dense/raw outputs and embeddings: minimum mean cosine similarity."),
+    min_f1: float = typer.Option(0.9, help="detect: minimum F1 of boxes matched to fp32's (IoU >= 0.5)."),
+    recipes: Optional[str] = typer.Option(None, help="int8 recipes to try in order, e.g. nncf-default,u8-percentile."),
+    search_time: float = typer.Option(180.0, help="int8: seconds to spend trying recipes; the best that passes "
+                                      "is kept (the first always completes)."),
+    max_memory: Optional[str] = typer.Option(None, help="int8: memory budget of the export, e.g. 4GB; a recipe over "
+                                             "it is stopped and skipped (default: available memory less a margin)."),
     allow_synthetic_calibration: bool = typer.Option(False, help="Calibrate int8 on random data (ruins accuracy)."),
     name: Optional[str] = typer.Option(None, help="Bundle name (default: the model's)."),
     color: Optional[str] = typer.Option(None, help="Input colour order: RGB, BGR or GRAY."),
@@ -137,7 +150,9 @@ def export(
         out=output, name=name, input_shape=parse_shape(input_shape) if input_shape else None, weights=weights,
         labels=label_list, calib=calib, calib_samples=calib_samples, eval=eval_set, eval_limit=eval_limit,
         train=train, prune=prune, finetune_epochs=finetune_epochs, max_size=max_size, min_agreement=min_agreement,
-        max_accuracy_drop=max_accuracy_drop, recipes=recipes.split(",") if recipes else None,
+        max_accuracy_drop=max_accuracy_drop, task=task.lower() if task else None,
+        min_confident_kept=min_confident_kept, min_top5=min_top5, min_sqnr=min_sqnr, min_cosine=min_cosine,
+        min_f1=min_f1, recipes=recipes.split(",") if recipes else None, search_time=search_time, max_memory=max_memory,
         allow_synthetic_calibration=allow_synthetic_calibration, color=color.upper() if color else None,
         layout=_choice(layout, ("NCHW", "NHWC"), "--layout"), mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
         int8_io=int8_io,
@@ -180,6 +195,30 @@ def _read_labels(path: Path, max_bytes: int = 4 << 20) -> list[str]:
     return [ln.strip() for ln in text.splitlines() if ln.strip()]
 
 
+_GATES = {  # metric -> (threshold key, "min"/"max", format)
+    "accuracy_drop_pp": ("max_accuracy_drop", "max", "{:.2f} pp"), "top1_agreement": ("top1_agreement_required", "min",
+                                                                                    "{:.4f}"),
+    "confident_top1_kept": ("min_confident_kept", "min", "{:.4f}"), "top1_in_top5": ("min_top5", "min", "{:.4f}"),
+    "f1_vs_fp32": ("min_f1", "min", "{:.4f}"), "nn_agreement": (None, "min", "{:.4f}"),
+    "sqnr_db": ("min_sqnr", "min", "{:.1f} dB"), "cosine": ("min_cosine", "min", "{:.4f}"),
+    "mask_iou": ("min_mask_iou", "min", "{:.4f}"), "score_drift": (None, "", "{:.4f}"), "ceiling": (None, "", "{:.4f}"),
+}
+
+
+def _gate_rows(v: dict) -> list[tuple[str, str]]:
+    """Each measured metric with its threshold (the export summary shows what decided)."""
+    th = dict(v.get("thresholds") or {})
+    th["top1_agreement_required"] = v.get("top1_agreement_required")
+    rows = []
+    for m, (key, sense, fmt) in _GATES.items():
+        if v.get(m) is None:
+            continue
+        bound = th.get(key) if key else None
+        rule = f" ({'>=' if sense == 'min' else '<='} {fmt.format(bound)})" if bound is not None else ""
+        rows.append((m, fmt.format(v[m]) + rule))
+    return rows
+
+
 def _print_report(rep: dict) -> None:
     from lepton_edge.ui import human
 
@@ -195,8 +234,10 @@ def _print_report(rep: dict) -> None:
         qz = c["quantization"]
         t.add_row("int8 recipe", f"{qz['recipe']} (tried {len(qz['attempts'])}; float layers: "
                                  f"{', '.join(qz['float_nodes']) or 'none'})")
-    t.add_row("agreement", f"{v['top1_agreement']:.4f} top-1 on {v['samples']} inputs ({v['agreement_inputs']}), "
-                           f"max |diff| {v['max_abs_diff']:.3g}")
+    t.add_row("validation", f"task {v.get('task')}{' (inferred)' if v.get('task_inferred') else ''}, "
+                            f"{int(v['samples'])} inputs ({v['agreement_inputs']})")
+    for name, text in _gate_rows(v):
+        t.add_row(f"  {name}", text)
     if v.get("accuracy_reference") is not None:
         t.add_row("accuracy", f"{v['accuracy_reference']:.4f} -> {v['accuracy_artifact']:.4f} "
                               f"({-v['accuracy_drop_pp']:+.2f} pp) on {v['eval_samples']} ({v['eval_source']})")
@@ -248,7 +289,9 @@ def inspect(path: Path = typer.Argument(..., help="A bundle directory, an .onnx 
         if v:
             acc = (f", accuracy {v['accuracy_reference']:.4f} -> {v['accuracy_artifact']:.4f}"
                    if v.get("accuracy_reference") is not None else "")
-            t.add_row("validation", f"agreement {v['top1_agreement']:.4f}{acc}")
+            agree = (f"agreement {v['top1_agreement']:.4f}" if v.get("top1_agreement") is not None
+                     else f"task {v.get('task')}, passed {v.get('passed')}")
+            t.add_row("validation", f"{agree}{acc}")
         if b["quantization"]:
             t.add_row("int8 recipe", f"{b['quantization']['recipe']}; float layers: "
                                      f"{', '.join(b['quantization']['float_nodes']) or 'none'}")
@@ -426,12 +469,13 @@ def agent(
     """The device service: run the pipeline, send telemetry over MQTT, take deploy/set/ping commands."""
     from lepton_edge.agent.config import load
     from lepton_edge.agent.service import Agent
+    from lepton_edge.agent.systemd import agent_log
 
     cfg = load(config, {"broker": broker, "username": username, "password": password, "ca_file": ca_file,
                         "cert_file": cert_file, "key_file": key_file, "fleet": fleet, "device_id": device_id,
                         "bundle": bundle, "source": source, "loop": loop, "threads": threads, "window_s": window_s,
                         "state_dir": state_dir, "outbox_max": outbox_max, "trusted_keys": trusted_key or None})
-    a = Agent(cfg, log=lambda m: ui.err.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {m}", highlight=False))
+    a = Agent(cfg, log=agent_log())  # plain lines: the journal under systemd, no markup read from messages
     ui.info(f"agent {cfg.fleet}/{cfg.device_id} -> {cfg.broker} (boot {a.boot_id}); telemetry every {cfg.window_s:g} s")
     raise typer.Exit(a.run())
 

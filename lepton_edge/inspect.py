@@ -16,10 +16,12 @@ _DTYPES = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int6
 
 
 def inspect_onnx(path: Path) -> dict:
-    import onnx
-
     if path.stat().st_size == 0:
         raise BadInput(f"{path}: empty file, not an ONNX model")
+    try:
+        import onnx
+    except ImportError:  # a device: only the [device] extra (onnxruntime), no onnx package
+        return inspect_onnx_wire(path)
     try:
         m = onnx.load(str(path))
     except Exception as e:
@@ -61,6 +63,173 @@ def inspect_onnx(path: Path) -> dict:
         "outputs": [value(v) for v in g.output],
         "nodes": len(g.node), "ops": dict(ops.most_common()),
         "custom_ops": sorted({f"{n.domain}::{n.op_type}" for n in g.node if n.domain not in std}),
+        "parameters": params, "precision": precision,
+    }
+
+
+# ---- ONNX without the onnx package --------------------------------------------------------------
+# Why a protobuf reader of our own: a device has onnxruntime but not `onnx` (nor, reliably, a
+# `protobuf` of a compatible version), and onnxruntime's session exposes neither the opset nor the
+# ops, and refuses models with custom ops, the very ones people inspect first. The ONNX schema is
+# stable wire format; the few fields `inspect` reports are read here, every length checked against
+# the buffer, so a hostile file is one BadInput line. Field numbers: onnx/onnx.proto.
+_MODEL_IR, _MODEL_PRODUCER, _MODEL_PRODUCER_VERSION, _MODEL_GRAPH, _MODEL_OPSET = 1, 2, 3, 7, 8
+_GRAPH_NODE, _GRAPH_INIT, _GRAPH_INPUT, _GRAPH_OUTPUT = 1, 5, 11, 12
+
+
+class _Corrupt(ValueError):
+    pass
+
+
+def _varint(buf: memoryview, i: int) -> tuple[int, int]:
+    out = shift = 0
+    while True:
+        if i >= len(buf) or shift > 63:
+            raise _Corrupt("truncated varint")
+        b = buf[i]
+        i += 1
+        out |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return out, i
+        shift += 7
+
+
+def _fields(buf: memoryview):
+    """(field number, value) for each field of one message: an int (varint, fixed) or a memoryview
+    (length-delimited: bytes, strings, sub-messages, packed arrays)."""
+    i = 0
+    while i < len(buf):
+        key, i = _varint(buf, i)
+        num, wire = key >> 3, key & 7
+        if wire == 0:
+            v, i = _varint(buf, i)
+        elif wire == 2:
+            n, i = _varint(buf, i)
+            if n > len(buf) - i:
+                raise _Corrupt("length past the end")
+            v, i = buf[i:i + n], i + n
+        elif wire in (1, 5):
+            size = 8 if wire == 1 else 4
+            if i + size > len(buf):
+                raise _Corrupt("truncated fixed field")
+            v, i = int.from_bytes(buf[i:i + size], "little"), i + size
+        else:
+            raise _Corrupt(f"wire type {wire}")
+        if num == 0:
+            raise _Corrupt("field 0")
+        yield num, v
+
+
+def _str(v) -> str:
+    return bytes(v).decode("utf-8", "replace") if isinstance(v, memoryview) else ""
+
+
+def _ints(v) -> list[int]:
+    """A repeated int64 field's one occurrence: a varint, or a packed run of them."""
+    if isinstance(v, int):
+        return [v]
+    out, i = [], 0
+    while i < len(v):
+        x, i = _varint(v, i)
+        out.append(x)
+    return out
+
+
+def _wire_value(buf: memoryview) -> dict:
+    """ValueInfoProto -> the same dict inspect_onnx makes."""
+    name, elem, dims = "", 0, []
+    for num, v in _fields(buf):
+        if num == 1:
+            name = _str(v)
+        elif num == 2 and isinstance(v, memoryview):
+            for tn, tv in _fields(v):  # TypeProto: 1 = tensor_type
+                if tn != 1 or not isinstance(tv, memoryview):
+                    continue
+                for en, ev in _fields(tv):  # Tensor: 1 = elem_type, 2 = shape
+                    if en == 1 and isinstance(ev, int):
+                        elem = ev
+                    elif en == 2 and isinstance(ev, memoryview):
+                        for dn, dv in _fields(ev):  # TensorShapeProto: 1 = dim
+                            if dn != 1 or not isinstance(dv, memoryview):
+                                continue
+                            value, param = 0, ""
+                            for xn, xv in _fields(dv):  # Dimension: 1 = dim_value, 2 = dim_param
+                                if xn == 1 and isinstance(xv, int):
+                                    value = xv
+                                elif xn == 2:
+                                    param = _str(xv)
+                            dims.append(value if value else (param or "?"))
+    return {"name": name, "dtype": _DTYPES.get(elem, str(elem)), "shape": dims,
+            "dynamic": [i for i, d in enumerate(dims) if not isinstance(d, int)], "layout": guess_layout(dims)}
+
+
+def inspect_onnx_wire(path: Path) -> dict:
+    """inspect_onnx's answer (same keys, same values) read from the protobuf wire format."""
+    data = memoryview(path.read_bytes())
+    ir, producer, producer_version, graph, opsets = 0, "", "", None, []
+    try:
+        for num, v in _fields(data):
+            if num == _MODEL_IR and isinstance(v, int):
+                ir = v
+            elif num == _MODEL_PRODUCER:
+                producer = _str(v)
+            elif num == _MODEL_PRODUCER_VERSION:
+                producer_version = _str(v)
+            elif num == _MODEL_GRAPH and isinstance(v, memoryview):
+                graph = v
+            elif num == _MODEL_OPSET and isinstance(v, memoryview):
+                o = dict(_fields(v))  # OperatorSetIdProto: 1 = domain, 2 = version
+                opsets.append((_str(o.get(1)), o.get(2) if isinstance(o.get(2), int) else 0))
+        if not ir or graph is None:
+            raise BadInput(f"{path}: not a readable ONNX model (no IR version or graph)")
+        nodes, inits, inputs, outputs = [], [], [], []
+        for num, v in _fields(graph):
+            if not isinstance(v, memoryview):
+                continue
+            if num == _GRAPH_NODE:
+                f = {n: x for n, x in _fields(v) if n in (4, 7)}  # NodeProto: 4 = op_type, 7 = domain
+                nodes.append((_str(f.get(4)), _str(f.get(7))))
+            elif num == _GRAPH_INIT:
+                dims, dtype, name = [], 0, ""
+                for n, x in _fields(v):  # TensorProto: 1 = dims, 2 = data_type, 8 = name
+                    if n == 1:
+                        dims += _ints(x)
+                    elif n == 2 and isinstance(x, int):
+                        dtype = x
+                    elif n == 8:
+                        name = _str(x)
+                inits.append((name, dims, dtype))
+            elif num == _GRAPH_INPUT:
+                inputs.append(_wire_value(v))
+            elif num == _GRAPH_OUTPUT:
+                outputs.append(_wire_value(v))
+    except _Corrupt as e:
+        raise BadInput(f"{path}: not a readable ONNX model ({e})") from None
+    std = {"", "ai.onnx"}
+    ops = Counter(op if dom in std else f"{dom}::{op}" for op, dom in nodes)
+    params, weight_types = 0, Counter()
+    for _, dims, dtype in inits:
+        n = 1
+        for d in dims:
+            n *= d
+        params += n
+        weight_types[_DTYPES.get(dtype, str(dtype))] += n
+    if ops.get("QuantizeLinear") or ops.get("DequantizeLinear") or ops.get("QLinearConv"):
+        precision = "int8"
+    elif weight_types and weight_types.most_common(1)[0][0] == "float16":
+        precision = "fp16"
+    else:
+        precision = "fp32"
+    used_domains = {dom for _, dom in nodes if dom not in std}
+    init_names = {name for name, _, _ in inits}
+    return {
+        "file": str(path), "format": "onnx", "bytes": path.stat().st_size,
+        "producer": f"{producer} {producer_version}".strip(),
+        "opset": next((ver for dom, ver in opsets if dom in std), None),
+        "domains": {dom: ver for dom, ver in opsets if dom in used_domains},
+        "inputs": [i for i in inputs if i["name"] not in init_names], "outputs": outputs,
+        "nodes": len(nodes), "ops": dict(ops.most_common()),
+        "custom_ops": sorted({f"{dom}::{op}" for op, dom in nodes if dom not in std}),
         "parameters": params, "precision": precision,
     }
 

@@ -452,7 +452,7 @@ def test_systemd_unit_runs_the_agent_unprivileged_in_a_sandbox():
     assert set(one["RestrictAddressFamilies"].split()) <= {"AF_INET", "AF_INET6", "AF_UNIX", "AF_NETLINK"}
     assert "char-video4linux rw" in d["DeviceAllow"]  # the camera stays reachable
     assert "PrivateDevices" not in one  # it would hide /dev/video*
-    assert one.get("Type") == "simple"  # Type=notify comes with issue #12
+    assert one.get("Type") == "notify" and one.get("NotifyAccess") == "main" and int(one["WatchdogSec"]) > 0  # issue #12
 
 
 @pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze not installed")

@@ -16,6 +16,13 @@ Commands are checked for size in paho's callback, before they are queued, and th
 bounded in bytes as well as in count, so a flood of large payloads costs no memory; retained
 commands are ignored (they would run again at every start). Deploys run in a worker thread, so
 pings are answered during a long download and a second deploy is told one is in progress.
+
+Under systemd (Type=notify, WatchdogSec=) the main loop also speaks the notify protocol: READY=1
+once the first frame went through the model (or the source ended before one did), so `systemctl
+start` returns when inference works, not when a process exists; then WATCHDOG=1 every half
+watchdog period but only while frames advance (taken from the source or out of the model; a
+`sample_every` that skips frames is not a stall) or the source has legitimately ended. A hung
+camera, a stuck inference or a dead main loop stops the pings, and systemd restarts the agent.
 """
 from __future__ import annotations
 
@@ -36,6 +43,7 @@ from lepton_edge import __version__
 from lepton_edge.agent import commands
 from lepton_edge.agent.config import AgentConfig
 from lepton_edge.agent.deploy import BundleStore, DeployError
+from lepton_edge.agent.systemd import Notifier
 from lepton_edge.capture import open_source
 from lepton_edge.errors import BadInput, LeptonError
 from lepton_edge.pipeline import Pipeline, capture_threads
@@ -100,6 +108,11 @@ class Agent:
         self.pipeline_error: str | None = None  # the last pipeline failure, cleared when it restarts
         self.pipeline_failures = 0  # a health check compares this, never a stale error string
         self._prev_counts = (0, 0)  # source dropped / corrupt at the last window: windows report the difference
+        self.notifier = Notifier()  # systemd's notify socket; does nothing when $NOTIFY_SOCKET is unset
+        self.ready = False  # READY=1 sent (or, without systemd, would have been)
+        self.source_ended = False  # a file source ran out: idle on purpose, not stalled
+        self._flow_seen, self._flow_at = -1, time.monotonic()  # progress count at the last watchdog tick
+        self._stall_told = False  # this stall has had its event
 
     # ---- loading a bundle ---------------------------------------------------------------------
     @staticmethod
@@ -470,6 +483,7 @@ class Agent:
                     if self._stop.is_set():
                         break
                 if not self._stop.is_set():
+                    self.source_ended = True
                     self.event("source_ended", f"source {self.source.spec} ended", "warning")
                 return
             except Exception as e:
@@ -497,6 +511,8 @@ class Agent:
         self.pipeline_error = None
 
     def stop(self, *_args) -> None:
+        if not self._stop.is_set():
+            self.notifier.stopping("stopping: last window, offline status, outbox flush")
         self._stop.set()
         try:
             self._commands.put_nowait(None)  # wake the command thread
@@ -520,9 +536,18 @@ class Agent:
                        f"{self.topics.cmd('#')} can deploy any bundle to this device (set trusted_keys)", "warning")
         self._report_outbox()
         next_window = time.monotonic() + self.window_s
+        next_tick = time.monotonic() if self.notifier.enabled else float("inf")
         while not self._stop.is_set():
-            if self._stop.wait(max(0.0, next_window - time.monotonic())):
+            if self._stop.wait(max(0.0, min(next_window, next_tick) - time.monotonic())):
                 break
+            if time.monotonic() >= next_tick:
+                try:
+                    self._notify_tick()
+                except Exception as e:
+                    self._survive("systemd notify", e)
+                next_tick = time.monotonic() + self._tick_s()
+            if time.monotonic() < next_window:
+                continue
             try:
                 self._report_outbox()
                 if self.telemetry:
@@ -533,6 +558,42 @@ class Agent:
             if next_window < time.monotonic():  # fell behind (suspend, a slow disk): do not burst
                 next_window = time.monotonic() + self.window_s
         return self._shutdown()
+
+    # ---- systemd ------------------------------------------------------------------------------
+    def _tick_s(self) -> float:
+        """Until READY, a tenth of a second (start-up time is what `systemctl start` waits for);
+        then half the watchdog period (systemd's advice), or 10 s for STATUS= alone."""
+        if not self.ready:
+            return 0.1
+        return self.notifier.watchdog_s / 2 if self.notifier.watchdog_s else 10.0
+
+    def _progress(self) -> int:
+        """Frames taken from the source plus results out of the model: both stop when capture hangs
+        (the reader waits) or inference does (the bounded queue fills, so the reader stops too)."""
+        return int(self.source.captured) + int(self.pipeline.stats.frames) + int(self.pipeline.bad_frames)
+
+    def _notify_tick(self) -> None:
+        now, flow = time.monotonic(), self._progress()
+        fps = self.pipeline.stats.fps()
+        line = (f"{fps:.1f} fps" if fps else "no fps yet") + f", {self.pipeline.stats.frames} results, " \
+               f"{self.runtime.name} on {self.source.kind}"
+        if not self.ready:
+            if self.pipeline.stats.frames > 0 or self.source_ended:
+                self.ready = True
+                self._flow_seen, self._flow_at = flow, now
+                self.notifier.ready(line)
+            return
+        if flow != self._flow_seen or self.source_ended:
+            self._flow_seen, self._flow_at, self._stall_told = flow, now, False
+            self.notifier.watchdog(("source ended, idle; " if self.source_ended else "") + line)
+            return
+        stalled = now - self._flow_at
+        self.notifier.status(f"stalled: no frame for {stalled:.0f} s; watchdog pings withheld")
+        if not self._stall_told:  # one event per stall, not one per tick through an hour-long outage
+            self._stall_told = True
+            self.event("stalled", f"no frame from {self.source.spec} or the model for {stalled:.0f} s; watchdog "
+                       "pings withheld (under a systemd watchdog the agent is restarted)", "warning",
+                       stalled_s=round(stalled, 1))
 
     def _report_outbox(self) -> None:
         """One event for what happened to the outbox's file (a corrupt file moved aside, a fall back to
