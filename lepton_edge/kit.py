@@ -1,0 +1,421 @@
+"""Offline install kit: one archive that puts a bundle and exactly the software it needs on a device.
+
+Why a kit: a Pi in a field often has no network, and `pip install lepton-edge[device]` would pull
+both runtimes (about 100 MB of wheels) whatever the bundle needs. The kit holds the bundle, a
+device-only wheel of this project (no zoo weights), the target's platform wheels of just the
+bundle's runtime, install.sh, the systemd unit, an agent.toml filled from flags and SHA256SUMS.
+
+Layout of the archive (one top-level directory, so `tar xf` never scatters files):
+    <name>/install.sh  SHA256SUMS  KIT.json  requirements.txt  agent.toml  lepton-edge-agent.service
+    <name>/bundle/...  wheels/*.whl  [trusted/*.pem]  [tls/*]
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from importlib import metadata, resources
+from importlib.util import find_spec
+from pathlib import Path
+
+from lepton_edge.errors import BadInput
+
+DIST = "lepton-edge"
+UNIT_NAME = "lepton-edge-agent.service"
+# What a device never needs to run a bundle: the zoo's training checkpoints (most of the wheel's bytes).
+DEVICE_WHEEL_EXCLUDE = ("lepton_edge/zoo/weights/",)
+# Subpackages the build maps from other source folders (pyproject package-dir); an editable install
+# resolves them outside lepton_edge/, so the device wheel looks them up by name.
+MAPPED_PACKAGES = ("exporters", "targets")
+RUNTIME_PACKAGE = {"onnx": "onnxruntime", "tflite": "ai-edge-litert"}
+DEVICE_EXTRA = {"onnx": "device-onnx", "tflite": "device-litert"}
+MAX_TLS_FILE_BYTES = 64 * 1024
+PIP_TIMEOUT_S = 900
+
+
+@dataclass(frozen=True)
+class Platform:
+    """The device's wheel tags: CPU arch, the oldest glibc it promises, CPython minor version.
+
+    Why derived here and not in the profile: profiles describe models and budgets; the OS image is
+    a fact of the board family (Raspberry Pi OS / Debian bookworm: glibc 2.36, Python 3.11;
+    JetPack 6 / Ubuntu 22.04: glibc 2.35, Python 3.10). --glibc / --python override it.
+    """
+
+    arch: str
+    glibc: tuple[int, int] = (2, 36)
+    python: tuple[int, int] = (3, 11)
+
+    @property
+    def key(self) -> str:
+        return f"cp{self.python[0]}{self.python[1]}-manylinux_{self.glibc[0]}_{self.glibc[1]}_{self.arch}"
+
+    def tags(self) -> list[str]:
+        """manylinux_2_<glibc>..manylinux_2_17 (+ manylinux2014): every wheel this glibc can load."""
+        tags = [f"manylinux_2_{m}_{self.arch}" for m in range(self.glibc[1], 16, -1)]
+        return tags + [f"manylinux2014_{self.arch}"]
+
+
+OS_DEFAULTS = {"jetson-orin-nano": ((2, 35), (3, 10))}
+
+
+def platform_for(profile, glibc: str | None = None, python: str | None = None) -> Platform:
+    g, py = OS_DEFAULTS.get(profile.id, ((2, 36), (3, 11)))
+    return Platform(profile.arch, _version(glibc, "glibc") if glibc else g, _version(python, "python") if python else py)
+
+
+def _version(s: str, what: str) -> tuple[int, int]:
+    m = re.fullmatch(r"(\d)\.(\d{1,2})", s.strip())
+    if not m:
+        raise BadInput(f"--{what} {s!r}: expected MAJOR.MINOR, e.g. {'2.36' if what == 'glibc' else '3.11'}")
+    return int(m[1]), int(m[2])
+
+
+# ---------------------------------------------------------------- requirements
+def _req_name(req: str) -> str:
+    return re.split(r"[\s\[<>=!~;(]", req.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def device_requirements(fmt: str, device_packages: dict[str, str], requires: list[str]) -> list[str]:
+    """The pip requirement lines for a bundle of format `fmt`: the project's own dependencies plus its
+    device extra for that runtime, pinned to the profile's versions where it lists them. A profile
+    that names a variant of the runtime (onnxruntime-gpu on a Jetson) gets that instead."""
+    extra = DEVICE_EXTRA[fmt]
+    runtime = RUNTIME_PACKAGE[fmt]
+    pins = {k.lower(): v for k, v in device_packages.items()}
+    variant = next((k for k in pins if k != runtime and k.startswith(runtime + "-")), None)
+    lines: list[str] = []
+    for r in requires:
+        spec, _, marker = r.partition(";")
+        marker = marker.strip()
+        if marker and marker.replace(" ", "").replace("'", '"') != f'extra=="{extra}"':
+            continue  # another extra (export, fleet...) or an environment marker: not for a device
+        name = _req_name(spec)
+        if name == runtime and variant:
+            name = variant
+        lines.append(f"{name}=={pins[name]}" if name in pins else spec.strip())
+    if not any(_req_name(x) in (runtime, variant) for x in lines):
+        raise BadInput(f"the installed {DIST} metadata has no [{extra}] extra; reinstall it (pip install -e .)")
+    return sorted(set(lines), key=str.lower)
+
+
+# ---------------------------------------------------------------- the device wheel
+def _package_roots() -> list[tuple[str, Path]]:
+    """(import path prefix, folder) for lepton_edge and the subpackages mapped from elsewhere."""
+    root = Path(find_spec("lepton_edge").origin).parent
+    roots = [("lepton_edge", root)]
+    for sub in MAPPED_PACKAGES:
+        spec = find_spec(f"lepton_edge.{sub}")
+        where = Path(spec.origin).parent if spec and spec.origin else None
+        if where and where != root / sub:
+            roots.append((f"lepton_edge/{sub}", where))
+    return roots
+
+
+def _wheel_files() -> dict[str, Path]:
+    files: dict[str, Path] = {}
+    for prefix, folder in _package_roots():
+        for p in sorted(folder.rglob("*")):
+            rel = f"{prefix}/{p.relative_to(folder).as_posix()}"
+            if (not p.is_file() or "__pycache__" in p.parts or p.suffix in (".pyc", ".pyo")
+                    or any(rel.startswith(x) for x in DEVICE_WHEEL_EXCLUDE)):
+                continue
+            files.setdefault(rel, p)
+    return files
+
+
+def _record_hash(data: bytes) -> str:
+    return "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+
+
+def _installed() -> metadata.Distribution:
+    """The installed distribution; a stale `lepton_edge.egg-info` left in a source tree (the current
+    directory is on sys.path) must not stand in for it, so a .dist-info (it has a WHEEL file) wins."""
+    dists = list(metadata.distributions(name=DIST))
+    if not dists:
+        raise BadInput(f"{DIST} is not installed as a package (pip install -e .); cannot build its wheel")
+    return next((d for d in dists if d.read_text("WHEEL") is not None), dists[0])
+
+
+def build_device_wheel(out_dir: Path) -> Path:
+    """A wheel of the installed package minus the zoo weights, written from the installed files.
+
+    Why not `pip wheel .`: that needs the source tree and ships zoo/weights/*.pt; a workstation that
+    installed from PyPI has no source tree. Timestamps are fixed so the same code gives the same bytes.
+    """
+    dist = _installed()
+    version = dist.version
+    info = f"lepton_edge-{version}.dist-info"
+    entries: list[tuple[str, bytes]] = [(rel, p.read_bytes()) for rel, p in sorted(_wheel_files().items())]
+    meta = dist.read_text("METADATA") or f"Metadata-Version: 2.1\nName: {DIST}\nVersion: {version}\n"
+    entries += [
+        (f"{info}/METADATA", meta.encode()),
+        (f"{info}/WHEEL", b"Wheel-Version: 1.0\nGenerator: lepton-edge kit\nRoot-Is-Purelib: true\nTag: py3-none-any\n"),
+        (f"{info}/entry_points.txt", (dist.read_text("entry_points.txt") or "").encode()),
+        (f"{info}/top_level.txt", b"lepton_edge\n"),
+    ]
+    record = "".join(f"{n},{_record_hash(d)},{len(d)}\n" for n, d in entries) + f"{info}/RECORD,,\n"
+    entries.append((f"{info}/RECORD", record.encode()))
+    out = out_dir / f"lepton_edge-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in entries:
+            zi = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+            zi.external_attr = 0o644 << 16
+            zi.compress_type = zipfile.ZIP_DEFLATED
+            z.writestr(zi, data)
+    return out
+
+
+def wheel_requires(wheel: Path) -> list[str]:
+    with zipfile.ZipFile(wheel) as z:
+        meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+        text = z.read(meta).decode()
+    return [line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("Requires-Dist:")]
+
+
+# ---------------------------------------------------------------- platform wheels
+def wheel_cache(plat: Platform) -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "lepton-edge" / "wheels" / plat.key
+
+
+def _pip_download(reqs: Path, dest: Path, plat: Platform, cache: Path, offline: bool) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "--no-input", "-q",
+           "--only-binary=:all:", "--implementation", "cp", "--python-version", "%d.%d" % plat.python,
+           "--abi", "cp%d%d" % plat.python, "-d", str(dest), "-r", str(reqs), "--find-links", str(cache)]
+    for t in plat.tags():
+        cmd += ["--platform", t]
+    if offline:
+        cmd.append("--no-index")
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise BadInput(f"downloading the {plat.key} wheels took over {PIP_TIMEOUT_S} s; check the network") from None
+
+
+def download_wheels(requirements: list[str], dest: Path, plat: Platform) -> list[Path]:
+    """Exactly the wheels `requirements` resolve to on `plat`, into dest; from the cache when it has
+    them all, else from the index (the cache then keeps them). A package with no wheel for the
+    platform fails here, naming it, instead of on the device."""
+    cache = wheel_cache(plat)
+    cache.mkdir(parents=True, exist_ok=True)
+    reqs = dest.parent / "requirements.txt"
+    reqs.write_text("\n".join(requirements) + "\n")
+    dest.mkdir(parents=True, exist_ok=True)
+    r = _pip_download(reqs, dest, plat, cache, offline=True)
+    if r.returncode != 0:
+        for f in dest.iterdir():
+            f.unlink()
+        r = _pip_download(reqs, dest, plat, cache, offline=False)
+    if r.returncode != 0:
+        m = re.search(r"(?:No matching distribution found for|Could not find a version that satisfies the "
+                      r"requirement) (\S+)", r.stderr)
+        what = m[1] if m else "a requirement"
+        last = [line for line in r.stderr.splitlines() if line.startswith("ERROR")][-1:] or r.stderr.strip().splitlines()[-1:]
+        raise BadInput(f"no wheel of {what} for {plat.arch} (CPython {plat.python[0]}.{plat.python[1]}, glibc <= "
+                       f"{plat.glibc[0]}.{plat.glibc[1]}): {' '.join(last)[:300]}")
+    wheels = sorted(dest.glob("*.whl"))
+    for w in wheels:
+        if not (cache / w.name).exists():
+            shutil.copy2(w, cache / w.name)
+    return wheels
+
+
+# ---------------------------------------------------------------- agent.toml
+def _toml_str(s: str) -> str:
+    return json.dumps(s)  # a JSON string is a valid TOML basic string
+
+
+@dataclass
+class AgentSettings:
+    broker: str = "mqtt://localhost:1883"
+    fleet: str = "default"
+    device_id: str | None = None  # None: the agent picks the hostname (or machine id) on the device
+    source: str = "0"
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    extra_trusted: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        """The agent's own schema checks the values now, so a typo fails here and not on the Pi."""
+        from pydantic import ValidationError
+
+        from lepton_edge.agent.config import AgentConfig
+
+        data = {"broker": self.broker, "fleet": self.fleet, "source": self.source}
+        if self.device_id is not None:
+            data["device_id"] = self.device_id
+        try:
+            AgentConfig.model_validate(data)
+        except ValidationError as e:
+            err = e.errors()[0]
+            raise BadInput(f"--{err['loc'][0]}: {err['msg']}".replace("_", "-", 1)) from None
+        if not re.match(r"^(mqtts?|wss?)://[^\s/]+", self.broker):
+            raise BadInput(f"--broker {self.broker!r}: expected mqtt://host:port (or mqtts://, ws://, wss://)")
+        for flag, p in (("--ca-file", self.ca_file), ("--cert-file", self.cert_file), ("--key-file", self.key_file)):
+            if p is not None and not Path(p).is_file():
+                raise BadInput(f"{flag} {p}: not a file")
+            if p is not None and Path(p).stat().st_size > MAX_TLS_FILE_BYTES:
+                raise BadInput(f"{flag} {p}: larger than {MAX_TLS_FILE_BYTES // 1024} KB; not a PEM file")
+
+    def render(self, trusted: list[str]) -> str:
+        lines = ["# Written by `lepton-edge kit`; install.sh keeps an existing /etc/lepton-edge/agent.toml.",
+                 f"broker = {_toml_str(self.broker)}", f"fleet = {_toml_str(self.fleet)}"]
+        if self.device_id is not None:
+            lines.append(f"device_id = {_toml_str(self.device_id)}")
+        else:
+            lines.append("# device_id: not set, the agent uses the hostname (or /etc/machine-id)")
+        lines += [f"source = {_toml_str(self.source)}",
+                  'state_dir = "/var/lib/lepton-edge"',
+                  'bundle = "/var/lib/lepton-edge/kit-bundle"  # a bundle deployed later, kept in state_dir, wins']
+        for key, p in (("ca_file", self.ca_file), ("cert_file", self.cert_file), ("key_file", self.key_file)):
+            if p is not None:
+                lines.append(f"{key} = {_toml_str('/etc/lepton-edge/tls/' + Path(p).name)}")
+        if trusted:
+            lines.append("trusted_keys = [" + ", ".join(_toml_str(f"/etc/lepton-edge/trusted/{t}") for t in trusted) + "]")
+        return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- the kit
+def _template(name: str) -> str:
+    return (resources.files("lepton_edge") / "kit_files" / name).read_text()
+
+
+def unit_file() -> str:
+    """The systemd unit. kit_files/ holds a symlink to examples/raspberry_pi/'s (the one documented and
+    hardened): one source in the repository, and a wheel build copies the file it points to."""
+    return _template(UNIT_NAME)
+
+
+def _sha256(p: Path) -> str:
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class KitReport:
+    output: Path
+    target: str
+    platform: str
+    runtime: str
+    wheels: list[str]
+    wheels_bytes: int
+    kit_bytes: int
+    signed_by: str | None
+
+    def as_dict(self) -> dict:
+        d = self.__dict__.copy()
+        d["output"] = str(self.output)
+        return d
+
+
+def build(bundle: Path, output: Path, target: str | None = None, key: Path | None = None,
+          settings: AgentSettings | None = None, glibc: str | None = None, python: str | None = None) -> KitReport:
+    """Write the kit archive for `bundle` to `output`; on any failure nothing is left behind."""
+    from lepton_edge import targets
+    from lepton_edge.bundle import Bundle, read_manifest_bytes
+
+    settings = settings or AgentSettings()
+    bundle = Path(bundle)
+    if not (bundle / "manifest.json").is_file():
+        raise BadInput(f"{bundle}: not a bundle directory (no manifest.json)")
+    b = Bundle.from_bytes(bundle, read_manifest_bytes(bundle))  # checksums first: never ship a broken bundle
+    fmt = b.manifest.format
+    if fmt not in RUNTIME_PACKAGE:
+        raise BadInput(f"{bundle}: format {fmt!r} has no device runtime")
+    if target is None:
+        # the manifest is input: its target id may only name a built-in profile, never a file
+        target = b.manifest.target.get("id")
+        if not isinstance(target, str) or target not in targets.builtin_ids():
+            raise BadInput(f"{bundle}: its target {str(target)[:64]!r} is not a built-in profile; pass --target")
+    profile = targets.load(target)
+    plat = platform_for(profile, glibc, python)
+    settings.validate()
+    output = Path(output)
+    if not output.name.endswith((".tar.gz", ".tgz")):
+        raise BadInput(f"-o {output}: the kit is a .tar.gz archive")
+    if not output.parent.is_dir():
+        raise BadInput(f"-o {output}: folder {output.parent} does not exist")
+    name = output.name.removesuffix(".tar.gz").removesuffix(".tgz")
+
+    with tempfile.TemporaryDirectory(prefix=".kit-", dir=output.parent) as tmp:
+        root = Path(tmp) / name
+        root.mkdir()
+        shutil.copytree(bundle, root / "bundle", ignore=shutil.ignore_patterns("__pycache__"))
+        signed_by = None
+        trusted: list[str] = []
+        if key is not None:
+            from lepton_edge import signing
+
+            signing.sign(root / "bundle", key)
+            pub = signing._load_private(Path(key)).public_key()
+            signed_by = signing.key_id(pub)
+            from cryptography.hazmat.primitives import serialization
+
+            (root / "trusted").mkdir()
+            (root / "trusted" / "kit-signer.pem").write_bytes(pub.public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+            trusted.append("kit-signer.pem")
+        for p in (settings.ca_file, settings.cert_file, settings.key_file):
+            if p is not None:
+                (root / "tls").mkdir(exist_ok=True)
+                shutil.copyfile(p, root / "tls" / Path(p).name)
+        wheels_dir = root / "wheels"
+        wheels_dir.mkdir()
+        own = build_device_wheel(Path(tmp))
+        reqs = device_requirements(fmt, profile.device_packages, wheel_requires(own))
+        wheels = download_wheels(reqs, wheels_dir, plat)
+        shutil.move(str(own), wheels_dir / own.name)
+        wheels.append(wheels_dir / own.name)
+        (root / "agent.toml").write_text(settings.render(trusted))
+        (root / UNIT_NAME).write_text(unit_file())
+        script = (_template("install.sh").replace("@KIT_ARCH@", plat.arch)
+                  .replace("@KIT_PYTHON@", "%d.%d" % plat.python).replace("@KIT_NAME@", name)
+                  .replace("@KIT_WHEEL@", own.name))
+        (root / "install.sh").write_text(script)
+        (root / "install.sh").chmod(0o755)
+        info = {"kit_schema": 1, "bundle": b.manifest.name, "bundle_version": b.manifest.version,
+                "target": profile.id, "platform": plat.key, "runtime": RUNTIME_PACKAGE[fmt],
+                "requirements": reqs, "signed_by": signed_by}
+        (root / "KIT.json").write_text(json.dumps(info, indent=2) + "\n")
+        files = sorted(p for p in root.rglob("*") if p.is_file())
+        sums = "".join(f"{_sha256(p)}  {p.relative_to(root).as_posix()}\n" for p in files)
+        (root / "SHA256SUMS").write_text(sums)
+        part = Path(tmp) / "kit.tar.gz"
+        with tarfile.open(part, "w:gz", compresslevel=1) as tar:
+            tar.add(root, arcname=name, filter=_tar_filter)
+        wheels_bytes = sum(w.stat().st_size for w in wheels)
+        os.replace(part, output)
+    return KitReport(output, profile.id, plat.key, RUNTIME_PACKAGE[fmt], [w.name for w in wheels], wheels_bytes,
+                     output.stat().st_size, signed_by)
+
+
+def _tar_filter(ti: tarfile.TarInfo) -> tarfile.TarInfo:
+    ti.uid = ti.gid = 0
+    ti.uname = ti.gname = "root"
+    ti.mtime = 0 if ti.isdir() else ti.mtime
+    return ti
+
+
+def summary(rep: KitReport) -> str:
+    buf = io.StringIO()
+    buf.write(f"kit: {rep.output} ({rep.kit_bytes / 1e6:.1f} MB) for {rep.target} [{rep.platform}], "
+              f"runtime {rep.runtime}, {len(rep.wheels)} wheels ({rep.wheels_bytes / 1e6:.1f} MB)"
+              + (f", bundle signed by {rep.signed_by}" if rep.signed_by else "") + "\n")
+    name = rep.output.name.removesuffix(".tar.gz").removesuffix(".tgz")
+    buf.write(f"on the device, offline:  tar xf {rep.output.name} && sudo ./{name}/install.sh\n")
+    return buf.getvalue()

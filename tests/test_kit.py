@@ -1,0 +1,182 @@
+"""`lepton-edge kit`: the offline install kit, and install.sh's refusals (run here, on x86_64).
+
+The kit's wheels come from PyPI the first time and from ~/.cache/lepton-edge/wheels/ after that.
+The full install on arm64 is scripts/arm64/run.sh (`make test-arm64`), which needs root and minutes.
+"""
+from __future__ import annotations
+
+import hashlib
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tomllib
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from lepton_edge import kit
+from lepton_edge.errors import BadInput
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    from lepton_edge.signing import new_keys
+
+    return new_keys(tmp_path_factory.mktemp("keys"))
+
+
+@pytest.fixture(scope="module")
+def rpi4_kit(rpi4_bundle, keys, tmp_path_factory):
+    out = tmp_path_factory.mktemp("kit") / "pi-kit.tar.gz"
+    settings = kit.AgentSettings(broker="mqtt://10.0.0.5:1883", fleet="lab", device_id="pi-7", source="0")
+    rep = kit.build(_path(rpi4_bundle), out, target="rpi4", key=keys[0], settings=settings)
+    return rep
+
+
+def _path(exported) -> Path:
+    return Path(exported.bundle.path)
+
+
+def _extract(archive: Path, dest: Path) -> Path:
+    with tarfile.open(archive) as t:
+        t.extractall(dest, filter="data")
+    (root,) = list(dest.iterdir())
+    return root
+
+
+def _install(kit_dir: Path, root: Path, *args):
+    return subprocess.run(["bash", str(kit_dir / "install.sh"), *args], capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "LEPTON_EDGE_ROOT": str(root)})
+
+
+def test_rpi4_kit_holds_the_bundle_and_only_the_litert_runtime(rpi4_kit, keys, tmp_path):
+    assert rpi4_kit.runtime == "ai-edge-litert" and rpi4_kit.platform == "cp311-manylinux_2_36_aarch64"
+    d = _extract(rpi4_kit.output, tmp_path)
+    wheels = sorted(p.name for p in (d / "wheels").iterdir())
+    assert any(w.startswith("ai_edge_litert-2.3.0-cp311") and "aarch64" in w for w in wheels)
+    assert not any(w.startswith("onnxruntime") for w in wheels), wheels  # a TFLite bundle gets no onnxruntime
+    assert all(w.endswith("-none-any.whl") or "aarch64" in w for w in wheels), wheels
+    # the project wheel: device-only, no zoo weights (the workstation install keeps them)
+    own = next(d / "wheels" / w for w in wheels if w.startswith("lepton_edge-"))
+    names = zipfile.ZipFile(own).namelist()
+    assert "lepton_edge/runtime/litert.py" in names and "lepton_edge/targets/rpi4.toml" in names
+    assert not [n for n in names if "zoo/weights/" in n or n.endswith(".pt")]
+    assert (REPO / "lepton_edge/zoo/weights/fashion-cnn.pt").exists()
+    # SHA256SUMS names every other file, with the right digest
+    sums = dict(reversed(line.split("  ", 1)) for line in (d / "SHA256SUMS").read_text().splitlines())
+    files = {p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file()} - {"SHA256SUMS"}
+    assert set(sums) == files
+    assert sums["bundle/model.tflite"] == hashlib.sha256((d / "bundle/model.tflite").read_bytes()).hexdigest()
+    # agent.toml from the flags, valid for the agent; the bundle signed, the public key trusted
+    from lepton_edge.agent.config import AgentConfig
+    from lepton_edge.signing import verify
+
+    cfg = AgentConfig.model_validate(tomllib.loads((d / "agent.toml").read_text()))
+    assert (cfg.broker, cfg.fleet, cfg.device_id) == ("mqtt://10.0.0.5:1883", "lab", "pi-7")
+    assert cfg.trusted_keys == [Path("/etc/lepton-edge/trusted/kit-signer.pem")]
+    assert verify(d / "bundle", [d / "trusted/kit-signer.pem"])
+    assert (d / "lepton-edge-agent.service").read_text() == (
+        REPO / "examples/raspberry_pi/lepton-edge-agent.service").read_text()
+    reqs = (d / "requirements.txt").read_text().split()
+    assert "ai-edge-litert==2.3.0" in reqs and not any(r.startswith("onnxruntime") for r in reqs)
+
+
+def test_install_sh_refuses_the_wrong_architecture_and_changes_nothing(rpi4_kit, tmp_path):
+    if platform.machine() == "aarch64":
+        pytest.skip("this host is aarch64: the kit fits it")
+    d = _extract(rpi4_kit.output, tmp_path / "x")
+    root = tmp_path / "root"
+    root.mkdir()
+    r = _install(d, root)
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "for aarch64" in lines[0] and platform.machine() in lines[0], r.stderr
+    assert list(root.iterdir()) == []
+
+
+def _reseal(d: Path, rel: str) -> None:
+    """Recompute one file's line in SHA256SUMS (to reach the checks after the checksum)."""
+    digest = hashlib.sha256((d / rel).read_bytes()).hexdigest()
+    text = (d / "SHA256SUMS").read_text()
+    (d / "SHA256SUMS").write_text(re.sub(rf"^\w+  {re.escape(rel)}$", f"{digest}  {rel}", text, flags=re.M))
+
+
+def test_install_sh_refuses_the_wrong_python(rpi4_kit, tmp_path):
+    d = _extract(rpi4_kit.output, tmp_path / "x")
+    s = (d / "install.sh").read_text()
+    (d / "install.sh").write_text(s.replace("KIT_ARCH=aarch64", f"KIT_ARCH={platform.machine()}")
+                                  .replace("KIT_PYTHON=3.11", "KIT_PYTHON=3.99"))
+    _reseal(d, "install.sh")
+    root = tmp_path / "root"
+    root.mkdir()
+    r = _install(d, root)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "for Python 3.99" in r.stderr and "this machine has Python" in r.stderr
+    assert list(root.iterdir()) == []
+
+
+@pytest.mark.parametrize("tamper", ["changed-file", "added-wheel"])
+def test_install_sh_refuses_a_tampered_kit(rpi4_kit, tmp_path, tamper):
+    d = _extract(rpi4_kit.output, tmp_path / "x")
+    if tamper == "changed-file":
+        with open(d / "bundle" / "labels.txt", "a") as f:
+            f.write("x\n")
+        want = "checksum mismatch"
+    else:
+        shutil.copy(next((d / "wheels").glob("paho_mqtt-*.whl")), d / "wheels" / "evil-1.0-py3-none-any.whl")
+        want = "is not in SHA256SUMS"
+    root = tmp_path / "root"
+    root.mkdir()
+    r = _install(d, root, "--check")
+    assert r.returncode == 1 and want in r.stderr and "refusing" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert list(root.iterdir()) == []
+
+
+def test_a_profile_without_wheels_for_its_platform_fails_at_kit_time(int8_bundle, tmp_path):
+    # onnxruntime-gpu has no aarch64 wheel on PyPI (JetPack's come from NVIDIA): say so now, not on the board
+    out = tmp_path / "jetson.tar.gz"
+    with pytest.raises(BadInput, match=r"onnxruntime-gpu==1\.23\.0 for aarch64 \(CPython 3\.10, glibc <= 2\.35\)"):
+        kit.build(_path(int8_bundle), out, target="jetson-orin-nano")
+    assert not out.exists() and not list(tmp_path.glob(".kit-*"))
+
+
+def test_kit_cli_bad_flags_are_one_line(rpi4_bundle, tmp_path):
+    cases = [
+        (["--broker", "http://x"], "--broker"),
+        (["--fleet", "a/b"], "--fleet"),
+        (["--ca-file", str(tmp_path / "nope.pem")], "not a file"),
+        (["-o", str(tmp_path / "kit.zip")], ".tar.gz"),
+    ]
+    for extra, want in cases:
+        args = [sys.executable, "-m", "lepton_edge.kit_cli", str(_path(rpi4_bundle)), "-o", str(tmp_path / "k.tar.gz"), *extra]
+        r = subprocess.run(args, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2, (extra, r.stderr)
+        assert want in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not list(tmp_path.glob("*.tar.gz")) and not list(tmp_path.glob(".kit-*"))
+
+
+def test_a_manifest_target_never_names_a_profile_file(rpi4_bundle, tmp_path):
+    b = tmp_path / "b"
+    shutil.copytree(_path(rpi4_bundle), b)
+    m = (b / "manifest.json").read_text()
+    (b / "manifest.json").write_text(m.replace('"id": "rpi4"', '"id": "/etc/evil.toml"', 1))
+    with pytest.raises(BadInput, match="pass --target"):
+        kit.build(b, tmp_path / "k.tar.gz")
+
+
+def test_split_device_extras():
+    from importlib import metadata
+
+    reqs = [r for d in metadata.distributions(name="lepton-edge") if d.read_text("WHEEL") for r in d.requires]
+    onnx = {kit._req_name(r) for r in reqs if 'extra == "device-onnx"' in r}
+    litert = {kit._req_name(r) for r in reqs if 'extra == "device-litert"' in r}
+    assert "onnxruntime" in onnx and "ai-edge-litert" not in onnx
+    assert "ai-edge-litert" in litert and "onnxruntime" not in litert
+    assert any(r.startswith("lepton-edge[device-litert,device-onnx]") for r in reqs if 'extra == "device"' in r)
