@@ -55,8 +55,8 @@ class Exporter:
         raise NotImplementedError
 
     def predictor(self, path: Path, threads: int):
-        """A function running the artifact on a batch of float inputs and returning the first
-        output as float, through the device runtime's own backend (lepton_edge.runtime): what is
+        """A function running the artifact on a batch of float inputs and returning every
+        output (a list, in the graph's order) as float, through the device runtime's own backend (lepton_edge.runtime): what is
         validated here is what the device will run, engine settings included. An integer input
         (`--int8-io`) is quantized with the model's own scale and zero point."""
         from lepton_edge.runtime.backend import get_backend
@@ -71,13 +71,16 @@ class Exporter:
         first = info.shape[0] if info.shape else None
         fixed = first if isinstance(first, int) else (None if self.format == "onnx" else 1)
 
-        def run(x: np.ndarray) -> np.ndarray:
+        def once(x: np.ndarray) -> list[np.ndarray]:
+            return [np.asarray(o, dtype=np.float32) for o in be.run(np.ascontiguousarray(x))]
+
+        def run(x: np.ndarray) -> list[np.ndarray]:
             if q is not None:
                 x = quantize(x, q, info.dtype)
             if fixed is None or fixed == len(x):
-                return np.asarray(be.run(np.ascontiguousarray(x))[0], dtype=np.float32)
-            return np.concatenate([np.asarray(be.run(np.ascontiguousarray(x[i:i + fixed]))[0], dtype=np.float32)
-                                   for i in range(0, len(x), fixed)])
+                return once(x)
+            parts = [once(x[i:i + fixed]) for i in range(0, len(x), fixed)]
+            return [np.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))]
 
         return run
 
@@ -172,7 +175,7 @@ def _compress_torch(src, data, prune, finetune_epochs, train) -> dict[str, Any]:
             pr.finetune(pruned, tx, ty, finetune_epochs)
         rep.update(finetune_epochs=finetune_epochs, finetune_samples=int(len(tx)))
     if data.eval_x is not None:  # accuracy of the unpruned model: what pruning cost, reported beside
-        logits = _torch_predictor(src.module, None)(data.eval_x)
+        logits = _torch_predictor(src.module, None)(data.eval_x)[0]
         rep["accuracy_before"] = float((logits.argmax(1) == data.eval_y).mean())
     src.module = pruned
     return rep
@@ -181,12 +184,13 @@ def _compress_torch(src, data, prune, finetune_epochs, train) -> dict[str, Any]:
 def _torch_predictor(module, fixed_batch: int | None, batch: int = 64):
     import torch
 
-    def run(x: np.ndarray) -> np.ndarray:
+    def run(x: np.ndarray) -> list[np.ndarray]:
         step = fixed_batch or batch
         with torch.no_grad():
-            outs = [module(torch.from_numpy(np.ascontiguousarray(x[i:i + step], dtype=np.float32)))
-                    for i in range(0, len(x), step)]
-        return np.concatenate([o[0] if isinstance(o, (tuple, list)) else o for o in outs]).astype(np.float32)
+            parts = [[o.numpy() for o in (out if isinstance(out, (tuple, list)) else [out])]
+                     for out in (module(torch.from_numpy(np.ascontiguousarray(x[i:i + step], dtype=np.float32)))
+                                 for i in range(0, len(x), step))]
+        return [np.concatenate([p[k] for p in parts]).astype(np.float32) for k in range(len(parts[0]))]
 
     return run
 
@@ -204,43 +208,22 @@ def _check_conversion(src, fp32_pred, x: np.ndarray, n: int = 8) -> dict[str, An
     with ui.stage(f"check the fp32 graph against PyTorch on {min(n, len(x))} inputs"):
         ref = _torch_predictor(src.module, src.batch)(x[:n])
         got = val.batched(fp32_pred, x[:n], 64)
-    c = val.compare(ref, got, None)
-    scale = float(np.abs(ref).max()) or 1.0
-    if c.max_abs_diff > 1e-3 * scale + 1e-4:  # (top-1 is not required: near-tied logits may swap by rounding)
-        raise CheckFailed(f"the exported fp32 graph differs from the PyTorch model (max abs diff {c.max_abs_diff:.3g}, "
-                          f"top-1 agreement {c.top1_agreement:.3f}): an op converted wrongly")
-    return {"samples": c.samples, "max_abs_diff": c.max_abs_diff, "top1_agreement": c.top1_agreement}
-
-
-class _Validator:
-    """Runs a candidate artifact on the check and evaluation inputs and compares with the fp32 graph."""
-
-    def __init__(self, exporter, threads: int, reference, data):
-        from lepton_edge.exporters import validation as val
-
-        self.exporter, self.threads, self.data = exporter, threads, data
-        with ui.stage(f"reference outputs on {len(data.check_x)} inputs"):
-            self.ref_check = val.batched(reference, data.check_x, 64, "reference")
-            self.ref_eval = self.ref_check if data.eval_x is data.check_x else (
-                val.batched(reference, data.eval_x, 64, "reference") if data.eval_x is not None else None)
-
-    def __call__(self, path: Path):
-        """(Comparison, predictor, bytes of memory the session took)."""
-        from lepton_edge.exporters import validation as val
-
-        d = self.data
-        before = val.rss_bytes()
-        pred = self.exporter.predictor(path, self.threads)
-        out = val.batched(pred, d.check_x, 64)
-        after = val.rss_bytes()
-        c = val.compare(self.ref_check, out, None)
-        if d.eval_x is not None:
-            out_eval = out if d.eval_x is d.check_x else val.batched(pred, d.eval_x, 64)
-            ce = val.compare(self.ref_eval, out_eval, d.eval_y)
-            c.accuracy_reference, c.accuracy_artifact, c.eval_samples = (
-                ce.accuracy_reference, ce.accuracy_artifact, ce.eval_samples)
-        ram = None if before is None or after is None else max(0, after - before)
-        return c, pred, ram
+    if len(ref) != len(got):
+        raise CheckFailed(f"the exported fp32 graph has {len(got)} output(s), the PyTorch model {len(ref)}")
+    worst, agree = 0.0, 1.0
+    for k, (r, g) in enumerate(zip(ref, got)):  # every output, not the first alone
+        if r.shape != g.shape:
+            raise CheckFailed(f"the exported fp32 graph's output {k} has shape {list(g.shape)}, the PyTorch "
+                              f"model's {list(r.shape)}: an op converted wrongly")
+        diff = float(np.abs(r.astype(np.float64) - g).max()) if r.size else 0.0
+        scale = float(np.abs(r).max()) if r.size else 1.0
+        if k == 0 and r.ndim == 2 and r.shape[1] > 1:
+            agree = float((r.argmax(1) == g.argmax(1)).mean())
+        if diff > 1e-3 * (scale or 1.0) + 1e-4:  # (top-1 is not required: near-tied logits may swap by rounding)
+            raise CheckFailed(f"the exported fp32 graph differs from the PyTorch model on output {k} (max abs diff "
+                              f"{diff:.3g}): an op converted wrongly")
+        worst = max(worst, diff)
+    return {"samples": len(ref[0]), "max_abs_diff": worst, "top1_agreement": agree}
 
 
 def export(
@@ -263,9 +246,17 @@ def export(
     prune: float | None = None,
     finetune_epochs: int = 0,
     max_size: str | int | None = None,
-    min_agreement: float = 0.99,
+    min_agreement: float | None = None,
     max_accuracy_drop: float = 0.5,
+    task: str | None = None,
+    min_confident_kept: float = 0.99,
+    min_top5: float = 0.98,
+    min_sqnr: float = 12.0,
+    min_cosine: float = 0.97,
+    min_f1: float = 0.9,
     recipes: list[str] | None = None,
+    search_time: float = 180.0,
+    max_memory: str | int | None = None,
     layout: str | None = None,
     int8_io: bool = False,
     allow_synthetic_calibration: bool = False,
@@ -278,6 +269,8 @@ def export(
     """Export `model` for `target` into `out/<name>-<target>/` and return the validated bundle.
 
     `model` is a torch.nn.Module (give `example_input`), a path to .pt/.pt2/.onnx, or 'zoo:<name>'.
+    `task` (classify, detect, segment, embed, raw; inferred from the outputs when not given) picks
+    the validation metrics; the `min_*`/`max_*` arguments are their thresholds (validation.Thresholds).
     Raises BadInput for unusable input and CheckFailed when validation or a budget fails;
     in both cases nothing is written.
     """
@@ -289,6 +282,9 @@ def export(
     _check_arguments(out=out, prune=prune, finetune_epochs=finetune_epochs, min_agreement=min_agreement,
                      max_accuracy_drop=max_accuracy_drop, calib_samples=calib_samples, eval_limit=eval_limit,
                      holdout=holdout, labels=labels, recipes=recipes)
+    thresholds = _thresholds(task, min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop,
+                             min_confident_kept=min_confident_kept, min_top5=min_top5, min_sqnr=min_sqnr,
+                             min_cosine=min_cosine, min_f1=min_f1)
     prof = targets.load(target)
     fmt = format or prof.format
     if format is None and fmt == "tflite" and str(model).lower().endswith(".onnx"):
@@ -301,6 +297,7 @@ def export(
     if precision not in exporter.precisions:
         raise BadInput(f"{fmt} export supports {', '.join(exporter.precisions)}, not {precision}")
     budget = min(b for b in (prof.max_model_bytes, parse_size(max_size)) if b)
+    search_time, memory_budget = search.check_search_time(search_time), search.parse_memory(max_memory)
     if recipes:
         try:
             targets.QuantizationSettings(recipes=recipes)  # validates the names
@@ -317,6 +314,8 @@ def export(
     from lepton_edge.exporters import layout as lay
 
     lay.apply(src, layout or prof.layout, explicit=layout is not None)
+    if task in ("classify", "detect", "embed"):
+        src.task = task  # what the device's post-processing does (a segment map stays raw there)
     recipes = _recipes_for(exporter, recipes, prof)
     if not src.trained:
         ui.info(f"[yellow]![/] {src.name} has random weights (no --weights): the accuracy gate is not applied")
@@ -341,30 +340,38 @@ def export(
                               f"{prof.max_opset}")
         fp32_pred = exporter.predictor(fp32, prof.threads)
         conversion = _check_conversion(src, fp32_pred, data.check_x) if src.kind == "torch" else None
-        validate = _Validator(exporter, prof.threads, fp32_pred, data)
+        validate = val.Validator(exporter, prof.threads, fp32_pred, fp32, data, thresholds=thresholds,
+                                 task=task or (src.task if src.task != "raw" else None), input_spec=src.input_spec,
+                                 labels=src.labels, enforce=src.trained)
+        ui.info(f"[dim]validating as task '{validate.task}'"
+                f"{' (inferred from the outputs)' if validate.task_inferred else ''}[/]")
         chosen = tmp / f"model{exporter.suffix}"
         if precision != "int8":
             with ui.stage(f"convert to {precision} and validate"):
                 exporter.convert(fp32, chosen, precision)
                 comp, pred, ram = validate(chosen)
-            why = val.gate(comp, min_agreement, max_accuracy_drop) if src.trained else None
-            if why:
-                raise CheckFailed(f"{precision} artifact fails validation: {why}")
+            if not comp.passed:
+                raise CheckFailed(f"{precision} artifact fails validation ({comp.task}): {comp.why}")
         else:
             found = search.search(exporter, recipes, exporter.prepare_int8(fp32, tmp),
                                   tmp, data.calib_x, data.check_x, validate, prof.quantization.per_channel,
-                                  min_agreement, max_accuracy_drop, enforce=src.trained)
+                                  min_agreement, max_accuracy_drop, enforce=src.trained,
+                                  search_time=search_time, max_memory=memory_budget)
+            if found.path is None and found.failure:
+                raise CheckFailed(found.failure)
             if found.path is None:
-                best = max(found.attempts, key=lambda a: a["top1_agreement"])
+                best = max((a for a in found.attempts if not a.get("skipped")),
+                           key=lambda a: tuple(a.get("score") or ()) or (a.get("top1_agreement"),))
                 raise CheckFailed(
-                    f"int8 failed the accuracy gate with all {len(found.attempts)} recipes (best: {best['recipe']}, "
-                    f"{best['why']}); try --precision fp16, more or better --calib data, or relax "
-                    "--min-agreement/--max-accuracy-drop")
+                    f"int8 failed the accuracy gate with all {len(found.attempts)} recipes (task {validate.task}; best: "
+                    f"{best['recipe']}, {best['why']}); try --precision fp16, more or better --calib data, or relax "
+                    f"{val.RELAX_FLAGS[validate.task]}")
             found.path.rename(chosen)
             comp, pred, ram = found.comparison, found.predict, found.ram
             compression["quantization"] = {
-                "method": "onnxruntime quantize_static, QDQ, weights int8 per-channel",
-                "recipe": found.recipe, "float_nodes": found.float_nodes, "attempts": found.attempts}
+                "method": found.method, "recipe": found.recipe, "float_nodes": found.float_nodes,
+                "attempts": found.attempts, "search_seconds": round(found.seconds, 2),
+                "peak_rss_bytes": found.peak_rss_bytes, "max_memory_bytes": found.max_memory_bytes}
         size, fp32_size = chosen.stat().st_size, fp32.stat().st_size
         compression.update({"fp32_bytes": fp32_size, "bytes": size, "size_vs_fp32": size / fp32_size})
         latency = _latency(pred, fp32_pred, data.check_x[:1], prof) if measure_latency else {}
@@ -373,6 +380,7 @@ def export(
         budgets = _check_budgets(size, budget, ram, latency, prof, precision, prune, src, max_size)
         validation = comp.as_dict()
         validation.update({"min_agreement": min_agreement, "max_accuracy_drop_pp": max_accuracy_drop,
+                           "task_inferred": validate.task_inferred, "inputs": data.inputs_record(),
                            "eval_source": data.eval_src, "agreement_inputs": data.check_kind,
                            "reference": "pytorch, through the fp32 graph" if conversion else "onnx fp32",
                            "conversion": conversion,
@@ -382,8 +390,21 @@ def export(
             _write_bundle(final, chosen, exporter, src, prof, fmt, precision, compression, validation, latency)
     report = {"name": src.name, "target": prof.id, "format": fmt, "precision": precision, "bundle": str(final),
               "bytes": size, "fp32_bytes": fp32_size, "validation": validation, "latency": latency,
-              "compression": compression, "seconds": time.perf_counter() - t_start}
+              "compression": compression, "seconds": time.perf_counter() - t_start,
+              "peak_rss_bytes": _peak_rss()}
     return ExportResult(Bundle.load(final), report)
+
+
+def _peak_rss() -> int | None:
+    """This process's peak resident memory so far (the export's, when the CLI ran it)."""
+    try:
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(peak if sys.platform == "darwin" else peak * 1024)
+    except Exception:
+        return None
 
 
 def _check_arguments(*, out, prune, finetune_epochs, min_agreement, max_accuracy_drop, calib_samples, eval_limit,
@@ -409,7 +430,8 @@ def _check_arguments(*, out, prune, finetune_epochs, min_agreement, max_accuracy
     if prune is not None:
         number("prune", prune, 0.0, 0.99)
     whole("finetune_epochs", finetune_epochs, 0, optional=False)
-    number("min_agreement", min_agreement, 0.0, 1.0)
+    if min_agreement is not None:
+        number("min_agreement", min_agreement, 0.0, 1.0)
     number("max_accuracy_drop", max_accuracy_drop, 0.0, 100.0)
     whole("calib_samples", calib_samples, 1)
     whole("eval_limit", eval_limit, 1)
@@ -417,6 +439,25 @@ def _check_arguments(*, out, prune, finetune_epochs, min_agreement, max_accuracy
     for name, v in (("labels", labels), ("recipes", recipes)):
         if v is not None and (not isinstance(v, list) or not all(isinstance(x, str) for x in v)):
             raise BadInput(f"{name} must be a list of strings, got {str(v)[:60]!r}")
+
+
+def _thresholds(task, **values):
+    """validation.Thresholds from export()'s arguments, each checked (one BadInput naming it)."""
+    import math
+
+    from lepton_edge.exporters import validation as val
+
+    if task is not None and task not in val.TASKS:
+        raise BadInput(f"task must be one of {', '.join(val.TASKS)}, got {task!r}")
+    limits = {"max_accuracy_drop": 100.0, "min_sqnr": 200.0}
+    for name, v in values.items():
+        if v is None and name == "min_agreement":  # the default: judged against the fp32 ceiling
+            continue
+        lo = -200.0 if name == "min_sqnr" else 0.0
+        hi = limits.get(name, 1.0)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
+            raise BadInput(f"{name} must be a number >= {lo:g} and <= {hi:g}, got {v!r}")
+    return val.Thresholds(**{k: None if v is None else float(v) for k, v in values.items()})
 
 
 def _recipes_for(exporter, asked: list[str] | None, prof) -> list[str]:

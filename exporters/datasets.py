@@ -18,13 +18,65 @@ from lepton_edge.runtime.preprocess import normalise, preprocess_batch
 
 @dataclass
 class ExportData:
-    check_x: np.ndarray  # inputs the agreement with the reference is measured on
+    check_x: np.ndarray  # inputs the artifact is validated on: never the calibration inputs
     check_kind: str
     eval_x: np.ndarray | None = None  # labelled evaluation set (accuracy before/after)
     eval_y: np.ndarray | None = None
     eval_src: str | None = None
     calib_x: np.ndarray | None = None
     calib_info: dict[str, Any] = field(default_factory=dict)
+    split: dict[str, Any] = field(default_factory=dict)  # which loaded inputs calibrated, which validated
+
+    def inputs_record(self) -> dict[str, Any]:
+        """For the manifest: which inputs calibrated the model and which validated it."""
+        rec: dict[str, Any] = {"validation": {"kind": self.check_kind, "samples": int(len(self.check_x))}}
+        if self.calib_x is not None:
+            rec["calibration"] = {"source": self.calib_info.get("source"), "samples": int(len(self.calib_x))}
+        if self.eval_src:
+            rec["evaluation"] = {"source": self.eval_src,
+                                 "samples": int(len(self.eval_x)) if self.eval_x is not None else 0}
+        rec.update(self.split)
+        return rec
+
+
+VIEWS = ("mirrored", "zoomed 1.15x", "brighter 1.15x")
+
+
+def views(x: np.ndarray, spec) -> np.ndarray:
+    """Other views of the same inputs (mirror, centre zoom, brightness): more validation inputs
+    from a few held-out images, none of them an input calibration saw. Inputs are in the
+    model's layout and normalisation; images (4-D float) only, else the inputs unchanged."""
+    if x.ndim != 4 or not np.issubdtype(x.dtype, np.floating) or not len(x):
+        return x[:0]
+    w_axis, h_axis, c_axis = (3, 2, 1) if spec.layout == "NCHW" else (2, 1, 3)
+    h, w = x.shape[h_axis], x.shape[w_axis]
+    mirrored = np.flip(x, axis=w_axis)
+    ch, cw = max(1, round(h / 1.15)), max(1, round(w / 1.15))
+    rows = np.round(np.linspace((h - ch) / 2, (h + ch) / 2 - 1, h)).astype(int)
+    cols = np.round(np.linspace((w - cw) / 2, (w + cw) / 2 - 1, w)).astype(int)
+    zoomed = np.take(np.take(x, rows, axis=h_axis), cols, axis=w_axis)
+    shape = [1, 1, 1, 1]
+    shape[c_axis] = -1
+    std = np.asarray(spec.std, np.float32).reshape(shape)
+    mean = np.asarray(spec.mean, np.float32).reshape(shape)
+    top = np.float32(255.0 * spec.scale)
+    brighter = (np.clip((x * std + mean) * np.float32(1.15), 0, top) - mean) / std
+    return np.concatenate([mirrored, zoomed, brighter.astype(x.dtype)])
+
+
+def _split_few(x: np.ndarray, spec, samples: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Too few inputs for `samples` plus a held-out set: hold out a fifth (at most 16, at least
+    one) and validate on them and on other views of them; one input only: its views."""
+    n = len(x)
+    if n < 2:
+        return x, views(x, spec), {"validation_inputs": f"views of the only input ({', '.join(VIEWS)})",
+                                   "calibration_inputs": "input 0"}
+    hold = max(1, min(16, n // 5)) if n >= 10 else 1
+    cal_x, held = x[:n - hold], x[n - hold:]
+    check = np.concatenate([held, views(held, spec)])
+    return cal_x, check, {
+        "calibration_inputs": f"inputs 0-{n - hold - 1} of the {n} loaded",
+        "validation_inputs": f"inputs {n - hold}-{n - 1} held out, and their views ({', '.join(VIEWS)})"}
 
 
 def _zoo_data(src, split: str):
@@ -32,13 +84,19 @@ def _zoo_data(src, split: str):
 
 
 def calibration(src, calib, samples: int, holdout: int, allow_synthetic: bool, seed: int = 0):
-    """(calibration inputs, held-out inputs or None, description)."""
+    """(calibration inputs, held-out inputs or None, description). Inputs loaded from --calib are
+    split: the validation inputs are never calibration inputs."""
     spec = src.input_spec
     if calib is not None:
         s = cal.load_inputs(str(calib), spec, limit=samples + holdout)
-        if len(s.x) >= samples + 16:  # enough left over: check agreement on inputs calibration never saw
-            return s.x[:samples], s.x[samples:], {"source": s.source, "kind": s.kind, "samples": samples}
-        return s.x, None, {"source": s.source, "kind": s.kind, "samples": len(s.x)}
+        n = len(s.x)
+        if n >= samples + 16:  # enough left over: validate on inputs calibration never saw
+            return s.x[:samples], s.x[samples:], {
+                "source": s.source, "kind": s.kind, "samples": samples,
+                "calibration_inputs": f"inputs 0-{samples - 1} of the {n} loaded",
+                "validation_inputs": f"inputs {samples}-{n - 1} held out"}
+        cal_x, check, split = _split_few(s.x, spec, samples)
+        return cal_x, check, {"source": s.source, "kind": s.kind, "samples": len(cal_x), **split}
     data = _zoo_data(src, "train")
     if data is not None:
         x = data[0]
@@ -51,7 +109,9 @@ def calibration(src, calib, samples: int, holdout: int, allow_synthetic: bool, s
             "(or --precision fp16/fp32; --allow-synthetic-calibration forces random data, which ruins accuracy)"
         )
     s = cal.synthetic(spec, samples + holdout, seed)
-    return s.x[:samples], s.x[samples:], {"source": "synthetic", "kind": "synthetic", "samples": samples}
+    return s.x[:samples], s.x[samples:], {"source": "synthetic", "kind": "synthetic", "samples": samples,
+                                          "calibration_inputs": f"random inputs 0-{samples - 1}",
+                                          "validation_inputs": f"random inputs {samples}-{samples + holdout - 1}"}
 
 
 def evaluation(src, eval_set, eval_limit: int | None):
@@ -89,17 +149,23 @@ def gather(src, *, precision: str, calib, samples: int, eval_set, eval_limit, ho
             calib_x, held, info = calibration(src, calib, samples, holdout, allow_synthetic)
     elif calib is not None:
         ui.info(f"[dim]--calib ignored: {precision} needs no calibration[/]")
+    split = {k: info.pop(k) for k in ("calibration_inputs", "validation_inputs") if k in info}
     if ev_x is not None and ev_y is not None:
-        return ExportData(ev_x, "evaluation set", ev_x, ev_y, ev_src, calib_x, info)
+        split["validation_inputs"] = f"{ev_src} (labelled)"
+        return ExportData(ev_x, "evaluation set", ev_x, ev_y, ev_src, calib_x, info, split)
     if held is not None:
-        check, kind = held, "held-out calibration data"
+        with_views = "views" in split.get("validation_inputs", "")
+        check, kind = held, "held-out calibration data" + (" and other views of it" if with_views else "")
     elif ev_x is not None:
         check, kind = ev_x, f"{ev_src} (unlabelled)"
-    elif calib_x is not None:
-        check, kind = calib_x[:32], "calibration data (too few inputs to hold some out)"
+        split["validation_inputs"] = kind
+    elif calib_x is not None and len(v := views(calib_x[:32], src.input_spec)):
+        check, kind = v, "other views of calibration inputs (nothing held out)"
+        split["validation_inputs"] = kind
     else:
         check, kind = cal.synthetic(src.input_spec, holdout, seed=1).x, "synthetic"
-    return ExportData(check, kind, calib_x=calib_x, calib_info=info)
+        split["validation_inputs"] = f"{len(check)} random inputs"
+    return ExportData(check, kind, calib_x=calib_x, calib_info=info, split=split)
 
 
 def training(src, train, limit: int | None = None):

@@ -33,10 +33,10 @@ class OnnxExporter(Exporter):
     format = "onnx"
     suffix = ".onnx"
     precisions = ("fp32", "fp16", "int8")
-    recipe_examples = ("u8-minmax", "s8-minmax-ends")
+    recipe_examples = ("nncf-default", "u8-minmax", "s8-minmax-ends")
 
     def supports_recipe(self, name: str) -> bool:
-        return not quantize.Recipe.parse(name).litert
+        return quantize.Recipe.parse(name).engine in ("ort", "nncf")
 
     def to_fp32(self, source, path: Path, opset: int) -> Path:
         """Write the fp32 ONNX graph (batch as in the input spec, 1 by default) and return its path."""
@@ -86,10 +86,15 @@ class OnnxExporter(Exporter):
         return quantize.prepare(fp32_path, workdir / "prepared.onnx")
 
     def quantize_int8(self, prepared: Path, out_path: Path, calib: np.ndarray, recipe, per_channel: bool,
-                      exclude: list[str] | None = None):
-        res = quantize.quantize_int8(prepared, out_path, calib, recipe, per_channel, exclude)
+                      exclude: list[str] | None = None, check=quantize._no_check):
+        """One candidate, checked (onnx.checker, loads and runs a batch in onnxruntime): a broken
+        graph raises quantize.BrokenGraph, and the search skips it with that reason."""
+        res = quantize.quantize_int8(prepared, out_path, calib, recipe, per_channel, exclude, check)
         res.names = quantize.compact_names(res.path)
         return res
+
+    def int8_method(self, recipe) -> str:
+        return recipe.method()
 
     def describe(self, path: Path) -> dict:
         import onnx
@@ -97,7 +102,7 @@ class OnnxExporter(Exporter):
         m = onnx.load(str(path), load_external_data=False)
 
         def dims(v):
-            return [d.dim_value if d.dim_value else (d.dim_param or "?") for d in v.type.tensor_type.shape.dim]
+            return [d.dim_value if d.dim_value > 0 else (d.dim_param or "?") for d in v.type.tensor_type.shape.dim]
 
         inits = {i.name for i in m.graph.initializer}
         return {

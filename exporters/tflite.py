@@ -151,6 +151,16 @@ class TfliteExporter(Exporter):
         self._finish_int8(out_path)
         return QuantResult(out_path, recipe)
 
+    def int8_method(self, recipe) -> str:
+        """What quantized the model, for the manifest (never onnxruntime's quantize_static here)."""
+        from lepton_edge.compress.quantize import _version
+
+        if recipe.litert:
+            return (f"LiteRT quantizer (ai-edge-quantizer {_version('ai-edge-quantizer')}, static a8w8) on the fp32 "
+                    "TFLite model, weights int8 per-channel")
+        return (f"PT2E (torchao prepare/convert_pt2e with litert-torch {_version('litert-torch')}'s symmetric "
+                "quantizer, histogram observers), weights int8 per-channel")
+
     def _finish_int8(self, path: Path) -> None:
         if not self.int8_io:
             float_io(path)

@@ -31,7 +31,7 @@ def compare(model: Any, target: str, out: Path, **export_kw) -> list[dict]:
             continue
         v, lat = rep["validation"], rep["latency"]
         row.update(status="ok", bundle=rep["bundle"], bytes=rep["bytes"], accuracy=v.get("accuracy_artifact"),
-                   accuracy_drop_pp=v.get("accuracy_drop_pp"), agreement=v["top1_agreement"],
+                   accuracy_drop_pp=v.get("accuracy_drop_pp"), agreement=v.get("top1_agreement"),
                    latency_ms=lat.get("p50_ms"), threads=lat.get("threads"),
                    recipe=rep["compression"].get("quantization", {}).get("recipe"))
         rows.append(row)
@@ -53,6 +53,6 @@ def table(rows: list[dict], title: str):
             continue
         acc = f"{r['accuracy']:.4f}" if r["accuracy"] is not None else "-"
         drop = f"{r['accuracy_drop_pp']:+.2f}pp" if r["accuracy_drop_pp"] is not None else "-"
-        t.add_row(r["format"], r["precision"], human(r["bytes"]), acc, drop, f"{r['agreement']:.4f}",
+        t.add_row(r["format"], r["precision"], human(r["bytes"]), acc, drop, f"{r['agreement']:.4f}" if r.get("agreement") is not None else "-",
                   f"{r['latency_ms']:.3f}ms ({r['threads']} thr)" if r["latency_ms"] else "-", r["recipe"] or "")
     return t

@@ -75,7 +75,7 @@ def _load_onnx(path: Path, input_shape: list[int] | None, hw: tuple[int, int], *
     if len(inputs) != 1:
         raise BadInput(f"{path}: export supports models with one image input; this one has {len(inputs)}")
     inp = inputs[0]
-    dims = [d.dim_value if d.dim_value else (d.dim_param or "?") for d in inp.type.tensor_type.shape.dim]
+    dims = [d.dim_value if d.dim_value > 0 else (d.dim_param or "?") for d in inp.type.tensor_type.shape.dim]
     if input_shape:
         if len(input_shape) != len(dims) or any(isinstance(d, int) and d != s for d, s in zip(dims, input_shape)):
             raise BadInput(f"--input-shape {input_shape} does not fit the model's input {inp.name} {dims}")

@@ -40,6 +40,11 @@ class QuantizationSettings(BaseModel):
     def _known(cls, recipes: list[str]) -> list[str]:
         for r in recipes:
             parts = r.split("-")
+            if parts[0] == "nncf":  # NNCF's post-training quantization (ONNX): nncf-<default|mixed>[-sq][-ends][-sensitive]
+                if len(parts) < 2 or parts[1] not in ("default", "mixed") or any(
+                        p not in {"sq", "ends", "sensitive"} for p in parts[2:]):
+                    raise ValueError(f"unknown recipe {r!r}: expected nncf-<default|mixed>[-sq][-ends][-sensitive]")
+                continue
             if (
                 len(parts) < 2
                 or parts[0] not in _RECIPE_ACTS

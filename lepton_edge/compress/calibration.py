@@ -170,3 +170,101 @@ def synthetic(spec: InputSpec, n: int, seed: int = 0) -> Samples:
     shape = [n] + [d if isinstance(d, int) else 1 for d in spec.shape[1:]]
     x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
     return Samples(x, "synthetic", "synthetic")
+
+
+# --- memory budget -------------------------------------------------------------------------------
+
+class MemoryExceeded(Exception):
+    """The export went over its --max-memory budget; the message is the one line to show."""
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process (Linux /proc, psutil elsewhere, 0 when neither works)."""
+    import os
+
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        try:
+            import psutil
+
+            return int(psutil.Process().memory_info().rss)
+        except Exception:
+            return 0
+
+
+def available_bytes() -> int | None:
+    """Memory the system can give without swapping (MemAvailable), or None when unknown."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def default_memory_budget() -> int | None:
+    """This process's RSS ceiling when none is given: what it holds now plus what the machine has
+    available, less a margin (10 %, at least 256 MiB) for everything else running there."""
+    avail = available_bytes()
+    if avail is None:
+        return None
+    margin = max(256 << 20, avail // 10)
+    return rss_bytes() + max(avail - margin, 64 << 20)
+
+
+class MemoryWatch:
+    """A watchdog thread sampling this process's RSS while a candidate calibrates and validates.
+
+    Why a thread and a check: onnxruntime runs a batch in native code that Python cannot interrupt,
+    so the thread records the peak (reported in the manifest) and flags an excess, and `check()`,
+    called between calibration batches, raises MemoryExceeded so the candidate stops there and the
+    memory is freed, instead of the kernel's OOM killer taking the whole export (or the machine).
+    """
+
+    def __init__(self, limit: int | None, interval: float = 0.02, what: str = "calibration"):
+        import threading
+
+        self.limit, self.interval, self.what = limit, interval, what
+        self.peak = rss_bytes()
+        self.exceeded_at: int | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lepton-memory-watch", daemon=True)
+
+    def _sample(self) -> int:
+        r = rss_bytes()
+        self.peak = max(self.peak, r)
+        if self.limit and r > self.limit and self.exceeded_at is None:
+            self.exceeded_at = r
+        return r
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def check(self) -> None:
+        """Raise MemoryExceeded when the budget was exceeded since the watch started."""
+        self._sample()
+        if self.exceeded_at is not None:
+            from lepton_edge.ui import human
+
+            raise MemoryExceeded(f"{self.what} reached {human(self.exceeded_at)} of memory, over the "
+                                 f"{human(self.limit)} budget (--max-memory)")
+
+    def __enter__(self) -> "MemoryWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=1.0)
+        self._sample()

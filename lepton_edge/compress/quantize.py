@@ -1,34 +1,93 @@
-"""ONNX precision conversion: int8 static QDQ (onnxruntime.quantization) and fp16.
+"""ONNX precision conversion: int8 static QDQ (NNCF or onnxruntime.quantization) and fp16.
 
 Why recipes: plain MinMax `quantize_static` breaks real depthwise convolutions (measured here:
 12 % of confident MobileNetV2 predictions changed with uint8 activations). A recipe names the
-activation type, the calibration method, and which layers stay in float; the exporter tries the
-target's recipes fastest first and keeps the first that passes the accuracy gate.
+quantizer (NNCF's post-training quantization, or onnxruntime's), the activation type, the
+calibration method, and which layers stay in float; the exporter tries the target's recipes and
+keeps the best that passes validation.
+
+Why calibration streams: onnxruntime's histogram calibrators (percentile, entropy) add every
+intermediate tensor to the graph's outputs and keep them for every sample before building
+histograms (24 GB for a 800x608 detector with 72 photos). Here the data goes through in strides of
+a few batches (`CalibStridedMinMax`, which every calibrator honours: ranges and histograms merge
+across strides), so memory is one stride's tensors, whatever the number of samples. (onnxruntime's
+`CalibMaxIntermediateOutputs` is not used: in 1.32 it drops the MinMax data it flushes.)
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 QUANTIZABLE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+PER_CHANNEL_MIN_OPSET = 13  # DequantizeLinear's `axis` (per-channel weights) appeared in opset 13
+STRIDE_BYTES = 8 << 20  # calibration inputs per stride; the stride's intermediate tensors scale with it
 
 
 @dataclass(frozen=True)
 class Recipe:
+    """One int8 candidate, parsed from its name.
+
+    `<u8|s8>-<minmax|percentile|entropy>[-ends][-sensitive][-litert]`: onnxruntime's quantize_static
+    (or, with `litert`, TFLite's LiteRT quantizer). `nncf-<default|mixed>[-sq][-ends][-sensitive]`:
+    NNCF's post-training quantization (fast bias correction on; `default` = NNCF's performance
+    preset, symmetric activations; `mixed` = asymmetric activations; `sq` = SmoothQuant on MatMul
+    and convolutions, which helps models with outlier channels).
+    """
+
     name: str
-    activation: str  # "u8" | "s8"
-    calibration: str  # "minmax" | "percentile" | "entropy"
+    activation: str  # "u8" | "s8" (for NNCF: s8 for the symmetric preset, u8 for mixed)
+    calibration: str  # "minmax" | "percentile" | "entropy" | NNCF's "default" | "mixed"
     keep_ends: bool = False
     sensitive: bool = False
     litert: bool = False  # TFLite: the LiteRT quantizer (ai-edge-quantizer) instead of PT2E
+    engine: str = "ort"  # "ort" | "nncf" | "litert"
+    smooth_quant: bool = False
 
     @classmethod
     def parse(cls, name: str) -> "Recipe":
         parts = name.split("-")
-        return cls(name, parts[0], parts[1], "ends" in parts[2:], "sensitive" in parts[2:], "litert" in parts[2:])
+        opts = parts[2:]
+        if len(parts) < 2:
+            raise ValueError(f"unknown recipe {name!r}")
+        if parts[0] == "nncf":
+            if parts[1] not in ("default", "mixed") or any(o not in ("ends", "sensitive", "sq") for o in opts):
+                raise ValueError(f"unknown recipe {name!r}: expected nncf-<default|mixed>[-sq][-ends][-sensitive]")
+            return cls(name, "s8" if parts[1] == "default" else "u8", parts[1], "ends" in opts, "sensitive" in opts,
+                       engine="nncf", smooth_quant="sq" in opts)
+        if parts[0] not in ("u8", "s8") or parts[1] not in ("minmax", "percentile", "entropy") \
+                or any(o not in ("ends", "sensitive", "litert") for o in opts):
+            raise ValueError(f"unknown recipe {name!r}: expected <u8|s8>-<minmax|percentile|entropy>"
+                             "[-ends][-sensitive][-litert]")
+        litert = "litert" in opts
+        return cls(name, parts[0], parts[1], "ends" in opts, "sensitive" in opts, litert,
+                   engine="litert" if litert else "ort")
+
+    @property
+    def base(self) -> str:
+        """The recipe without `-sensitive`: what the sensitivity pass starts from."""
+        return "-".join(p for p in self.name.split("-") if p != "sensitive")
+
+    def method(self) -> str:
+        """What quantized the model, in words, for the manifest."""
+        if self.engine == "nncf":
+            return (f"NNCF {_version('nncf')} post-training quantization (ONNX backend, {self.calibration} preset, "
+                    f"fast bias correction{', SmoothQuant' if self.smooth_quant else ''}), QDQ, weights int8 "
+                    "per-channel")
+        return (f"onnxruntime {_version('onnxruntime')} quantize_static ({self.calibration} calibration, "
+                f"{self.activation} activations), QDQ, weights int8 per-channel")
+
+
+def _version(pkg: str) -> str:
+    import importlib.metadata as md
+
+    try:
+        return md.version(pkg)
+    except md.PackageNotFoundError:
+        return "?"
 
 
 @dataclass
@@ -39,30 +98,90 @@ class QuantResult:
     names: dict[str, str] = field(default_factory=dict)  # tensor renames by compact_names()
 
 
-class _Reader:
-    """CalibrationDataReader over an in-memory array, in small batches when the batch is dynamic."""
+def _no_check() -> None:
+    return None
 
-    def __init__(self, name: str, x: np.ndarray, batch: int, advance=lambda n: None):
-        self.name, self.x, self.batch, self.i, self.advance = name, x, batch, 0, advance
+
+def _feeds(model, calib) -> dict[str, np.ndarray]:
+    """Calibration inputs by graph input name: an array feeds the first input, a dict names them."""
+    names = _input_names(model)
+    if isinstance(calib, dict):
+        missing = [n for n in names if n not in calib]
+        if missing:
+            raise ValueError(f"calibration data has no values for input(s) {', '.join(missing)}")
+        feeds = {n: np.asarray(calib[n]) for n in names}
+    else:
+        if len(names) != 1:
+            raise ValueError(f"the model has {len(names)} inputs; give calibration data for each by name")
+        feeds = {names[0]: np.asarray(calib)}
+    counts = {len(v) for v in feeds.values()}
+    if len(counts) != 1 or 0 in counts:
+        raise ValueError("calibration inputs must all have the same, non-zero number of samples")
+    return feeds
+
+
+def _dtypes(model) -> dict[str, type]:
+    import onnx
+
+    out = {}
+    for i in model.graph.input:
+        elem = i.type.tensor_type.elem_type
+        out[i.name] = onnx.helper.tensor_dtype_to_np_dtype(elem) if elem else np.float32
+    return out
+
+
+class _Reader:
+    """CalibrationDataReader over in-memory inputs, one batch at a time, restartable over a range.
+
+    `set_range` and `__len__` let quantize_static calibrate stride by stride (CalibStridedMinMax),
+    so the calibrator keeps one stride's intermediate tensors, not every sample's. `check` runs
+    before every batch: it raises when the export is over its memory budget, which stops the
+    calibration between two batches.
+    """
+
+    def __init__(self, feeds: dict[str, np.ndarray], dtypes: dict[str, type], batch: int, advance=lambda n: None,
+                 check: Callable[[], None] = _no_check):
+        self.feeds, self.dtypes, self.batch, self.advance, self.check = feeds, dtypes, batch, advance, check
+        self.n = len(next(iter(feeds.values())))
+        self.i, self.end = 0, len(self)
+
+    def __len__(self) -> int:
+        return -(-self.n // self.batch)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self.i, self.end = start_index, end_index
 
     def get_next(self):
-        if self.i >= len(self.x):
+        if self.i >= min(self.end, len(self)):
             return None
-        b = self.x[self.i:self.i + self.batch]
-        self.i += self.batch
-        self.advance(len(b))
-        return {self.name: b.astype(np.float32)}
+        self.check()
+        s = slice(self.i * self.batch, (self.i + 1) * self.batch)
+        self.i += 1
+        out = {k: np.ascontiguousarray(v[s], dtype=self.dtypes.get(k, np.float32)) for k, v in self.feeds.items()}
+        self.advance(len(next(iter(out.values()))))
+        return out
 
     def rewind(self):
-        self.i = 0
+        self.i, self.end = 0, len(self)
 
 
-def _batch_size(model, n: int) -> int:
-    """Batches of equal size (onnxruntime's histogram calibrators cannot stack ragged batches)."""
-    d0 = model.graph.input[0].type.tensor_type.shape.dim[0]
-    if d0.dim_value:
-        return int(d0.dim_value)
-    return max(b for b in range(1, 17) if n % b == 0)
+def _batch_size(model, feeds: dict[str, np.ndarray]) -> int:
+    """A fixed batch as the graph wants; else batches of equal size (the histogram calibrators
+    cannot stack ragged batches), small enough that a batch of large inputs stays small."""
+    n = len(next(iter(feeds.values())))
+    d0 = model.graph.input[0].type.tensor_type.shape.dim
+    if d0 and d0[0].dim_value:
+        return int(d0[0].dim_value)
+    sample = sum(v[0].nbytes for v in feeds.values())
+    cap = max(1, min(16, (1 << 20) // max(1, sample)))
+    return max(b for b in range(1, cap + 1) if n % b == 0)
+
+
+def _stride(batches: int, batch_bytes: int) -> int:
+    """Batches per calibration stride: a divisor of the batch count (quantize_static's rule)
+    whose inputs stay under STRIDE_BYTES."""
+    cap = max(1, STRIDE_BYTES // max(1, batch_bytes))
+    return max(s for s in range(1, min(cap, batches) + 1) if batches % s == 0)
 
 
 def quantizable_nodes(model) -> list[str]:
@@ -71,49 +190,187 @@ def quantizable_nodes(model) -> list[str]:
 
 
 def quantize_int8(
-    fp32_path: Path, out_path: Path, calib: np.ndarray, recipe: Recipe, per_channel: bool = True,
-    exclude: list[str] | None = None,
+    fp32_path: Path, out_path: Path, calib, recipe: Recipe, per_channel: bool = True,
+    exclude: list[str] | None = None, check: Callable[[], None] = _no_check,
 ) -> QuantResult:
-    """Static QDQ quantization, weights int8 per channel, activations per recipe."""
-    import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    """Static QDQ quantization, weights int8 per channel, activations per recipe.
 
-    from lepton_edge import ui
+    `calib` is an array (a one-input model) or {input name: array}. `check` is called between
+    calibration batches (the memory watchdog raises from it). The result is a checked graph:
+    onnx.checker passes and onnxruntime loads it and runs one batch (check_graph)."""
+    import onnx
 
     model = onnx.load(str(fp32_path), load_external_data=False)
     nodes = quantizable_nodes(model)
     exclude = [n for n in (exclude or []) if n in nodes]
     if recipe.keep_ends and nodes:
         exclude += [n for n in (nodes[0], nodes[-1]) if n not in exclude]
+    feeds = _feeds(model, calib)
+    if recipe.engine == "nncf":
+        _nncf_int8(fp32_path, out_path, feeds, _dtypes(model), recipe, exclude, check)
+    else:
+        _ort_int8(fp32_path, model, out_path, feeds, recipe, per_channel, exclude, check)
+    check_graph(out_path, {k: v[:_batch_size(model, feeds)] for k, v in feeds.items()}, _dtypes(model))
+    return QuantResult(out_path, recipe, exclude)
+
+
+def _ort_int8(fp32_path: Path, model, out_path: Path, feeds, recipe: Recipe, per_channel: bool, exclude, check):
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    from lepton_edge import ui
+
     method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
               "entropy": CalibrationMethod.Entropy}[recipe.calibration]
-    extra = {"ActivationSymmetric": recipe.activation == "s8", "WeightSymmetric": True}
+    batch = _batch_size(model, feeds)
+    n = len(next(iter(feeds.values())))
+    if n % batch:  # a fixed batch that does not divide the data: drop the ragged tail
+        feeds = {k: v[: n - n % batch] for k, v in feeds.items()} if n >= batch else feeds
+    batches = -(-len(next(iter(feeds.values()))) // batch)
+    stride = _stride(batches, batch * sum(v[0].nbytes for v in feeds.values()))
+    extra = {"ActivationSymmetric": recipe.activation == "s8", "WeightSymmetric": True,
+             "CalibStridedMinMax": stride}
     if recipe.calibration == "percentile":
         extra["CalibPercentile"] = 99.99
-    with ui.progress("calibrating", len(calib)) as advance, ui.libraries_silenced("", stderr=False):
+    with ui.progress("calibrating", n) as advance, ui.libraries_silenced("", stderr=False):
         # (the histogram calibrators print their own progress to stdout, which --json keeps clean, and
         # onnxruntime warns on the root logger that we skipped pre-processing: we do it when it helps)
-        reader = _Reader(_input_name(model), calib, _batch_size(model, len(calib)), advance)
+        reader = _Reader(feeds, _dtypes(model), batch, advance, check)
         quantize_static(
-            model, str(out_path), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
+            model, str(out_path), reader, quant_format=QuantFormat.QDQ,
+            per_channel=per_channel and _opset(model) >= PER_CHANNEL_MIN_OPSET,
             activation_type=QuantType.QUInt8 if recipe.activation == "u8" else QuantType.QInt8,
             weight_type=QuantType.QInt8, calibrate_method=method,
             nodes_to_exclude=exclude or None, extra_options=extra,
         )
-    return QuantResult(out_path, recipe, exclude)
+
+
+def _nncf_int8(fp32_path: Path, out_path: Path, feeds, dtypes, recipe: Recipe, exclude, check) -> None:
+    """NNCF's post-training quantization on the ONNX backend (imported here only: the workstation's
+    [export] extra has it, a device never imports it)."""
+    import logging
+
+    import onnx
+
+    try:
+        import nncf
+    except ImportError:
+        raise ValueError("NNCF is not installed (pip install 'lepton-edge[export]')") from None
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
+
+    from lepton_edge import ui
+
+    model = onnx.load(str(fp32_path))
+    batch = _batch_size(model, feeds)
+    n = len(next(iter(feeds.values())))
+    items = list(range(0, n - batch + 1, batch)) or [0]
+
+    with ui.progress("calibrating (NNCF)", len(items) * batch) as advance:
+        def transform(i: int) -> dict[str, np.ndarray]:
+            check()
+            advance(batch)
+            return {k: np.ascontiguousarray(v[i:i + batch], dtype=dtypes.get(k, np.float32)) for k, v in feeds.items()}
+
+        sq = AdvancedSmoothQuantParameters(matmul=0.95, convolution=0.05) if recipe.smooth_quant else \
+            AdvancedSmoothQuantParameters(matmul=-1, convolution=-1)
+        advanced = AdvancedQuantizationParameters(smooth_quant_alphas=sq)
+        nncf.set_log_level(logging.ERROR)
+        with ui.libraries_silenced("nncf", "", stderr=False):
+            quantized = nncf.quantize(
+                model, nncf.Dataset(items, transform), subset_size=len(items),
+                preset=nncf.QuantizationPreset.PERFORMANCE if recipe.calibration == "default"
+                else nncf.QuantizationPreset.MIXED,
+                fast_bias_correction=True, ignored_scope=nncf.IgnoredScope(names=exclude, validate=False)
+                if exclude else None, advanced_parameters=advanced)
+    onnx.save(quantized, str(out_path))
+
+
+class BrokenGraph(Exception):
+    """A candidate graph that onnx.checker rejects or onnxruntime cannot load or run."""
+
+
+def check_graph(path: Path, sample: dict[str, np.ndarray], dtypes: dict[str, type] | None = None) -> None:
+    """The candidate must pass onnx.checker, load in onnxruntime and run one batch, else BrokenGraph
+    with the first line of the reason: a quantizer's mistake skips that candidate, never the export."""
+    import onnx
+    import onnxruntime as ort
+
+    dtypes = dtypes or {}
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as e:
+        raise BrokenGraph(f"onnx.checker rejects the graph: {_first_line(e)}") from None
+    try:
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        sess.run(None, {k: np.ascontiguousarray(v, dtype=dtypes.get(k, np.float32)) for k, v in sample.items()})
+    except Exception as e:
+        raise BrokenGraph(f"onnxruntime cannot run the graph: {_first_line(e)}") from None
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:300]
+
+
+def _opset(model) -> int:
+    return max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+
+
+def upgrade_opset(model, target: int = PER_CHANNEL_MIN_OPSET):
+    """The model at opset `target` when it is older: per-channel QDQ needs DequantizeLinear's
+    `axis` (opset 13), which is what onnxruntime's own tools do too. onnx's version converter
+    first; when it cannot convert an op, the opset import is raised in place if every op of the
+    graph has the same definition at both versions. Returns the model unchanged when neither works."""
+    import onnx
+    from onnx import defs, version_converter
+
+    have = _opset(model)
+    if have >= target:
+        return model
+    try:
+        conv = version_converter.convert_version(model, target)
+        onnx.checker.check_model(conv)
+        return conv
+    except Exception:
+        pass
+
+    def since(op: str, v: int) -> int | None:
+        try:
+            return defs.get_schema(op, v, "").since_version
+        except Exception:
+            return None
+
+    ops = {n.op_type for n in model.graph.node if n.domain in ("", "ai.onnx")}
+    if all(since(op, have) == since(op, target) for op in ops):
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        for o in out.opset_import:
+            if o.domain in ("", "ai.onnx"):
+                o.version = target
+        return out
+    return model
 
 
 def prepare(fp32_path: Path, out_path: Path) -> Path:
-    """Shape inference and graph optimisation (BN folding) before calibration.
+    """Opset repair, shape inference and graph optimisation (BN folding) before calibration.
 
-    Done once per export so every recipe and the sensitivity pass see the same node names.
-    Skipped when the graph has nothing to fold (the torch.export-based exporter already folds
-    BatchNormalization): it costs seconds on a large model. Returns the path to quantize from.
+    Done once per export so every recipe and the sensitivity pass see the same node names. A graph
+    older than opset 13 is raised to 13 first (per-channel QDQ needs it; without it onnxruntime
+    refuses the quantized graph: `DequantizeLinear ... tensor(int32)`). Optimisation is skipped when
+    the graph has nothing to fold (the torch.export-based exporter already folds BatchNormalization):
+    it costs seconds on a large model. Returns the path to quantize from.
     """
     import onnx
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    ops = {n.op_type for n in onnx.load(str(fp32_path), load_external_data=False).graph.node}
+    model = onnx.load(str(fp32_path))
+    upgraded = upgrade_opset(model)
+    if upgraded is not model:
+        fp32_path = out_path.with_name(out_path.stem + "-opset13.onnx")
+        onnx.save(upgraded, str(fp32_path))
+    ops = {n.op_type for n in upgraded.graph.node}
+    del model, upgraded
     if not ops & {"BatchNormalization", "Identity", "Dropout", "Constant"}:
         return fp32_path
     try:
@@ -130,8 +387,12 @@ def onnx_input_name(path: Path) -> str:
 
 
 def _input_name(model) -> str:
+    return _input_names(model)[0]
+
+
+def _input_names(model) -> list[str]:
     inits = {i.name for i in model.graph.initializer}
-    return next(i.name for i in model.graph.input if i.name not in inits)
+    return [i.name for i in model.graph.input if i.name not in inits]
 
 
 def convert_fp16(fp32_path: Path, out_path: Path) -> None:

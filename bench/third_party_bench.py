@@ -1,0 +1,370 @@
+"""Third-party models (issue 14): every model of the corpus (tests/third_party/corpus.py: real
+pretrained models shipped in PyPI wheels) exported as a user would, with default flags, and NNCF's
+default post-training quantization on the same inputs beside it.
+
+Per model: `lepton-edge export` int8 (the default) for x86-cpu, fp16, fp32, and for rpi4; then
+`lepton-edge run` on real frames. Every command runs in its own process under a memory limit
+(`prlimit --as`) and a timeout, timed by `/usr/bin/time -v` (peak RSS), so one model that eats
+memory costs a line in the table, not the machine. The int8 artifacts (ours and NNCF's) are judged
+here, independently of the exporter's own gate, on held-out photo crops against the fp32 bundle:
+classifiers by top-1 agreement (and its ceiling: fp32 against itself under input noise of sd
+0.01), confident top-1 kept and fp32 top-1 within int8 top-k; every model by the worst output's
+SQNR and cosine; probability maps by mask IoU.
+
+    .venv/bin/python bench/third_party_bench.py [--quick] [--models a,b]   # prints JSON, then the table
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from third_party.corpus import MODELS, calib_dir, eval_dir, fetch  # noqa: E402
+
+CLI = str(Path(sys.executable).parent / "lepton-edge")
+MEM_LIMIT = int(os.environ.get("LEPTON_BENCH_MEM", 8 << 30))  # address-space cap of every command
+TIMEOUT_S = int(os.environ.get("LEPTON_BENCH_TIMEOUT", 900))
+QUICK_MODELS = ("ppocr-cls", "mtcnn-onet")
+
+
+def guarded(cmd: list[str], timeout: int = TIMEOUT_S, cwd: Path | None = None) -> dict:
+    """Run cmd under a memory cap and a timeout; rc, wall time, peak RSS, stdout, stderr's last line."""
+    with tempfile.NamedTemporaryFile("r", suffix=".time") as tf:
+        full = ["/usr/bin/time", "-v", "-o", tf.name, "timeout", "-k", "10", str(timeout),
+                "prlimit", f"--as={MEM_LIMIT}", "--", *cmd]
+        t0 = time.perf_counter()
+        r = subprocess.run(full, capture_output=True, text=True, cwd=cwd)
+        wall = time.perf_counter() - t0
+        stats = Path(tf.name).read_text()
+    m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", stats)
+    err = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    why = next((ln for ln in reversed(err) if ln.lower().startswith(("error", "int8", "fp16"))), err[-1] if err else "")
+    if r.returncode == 124:
+        why = f"timed out after {timeout} s"
+    elif r.returncode in (-9, 137) or "MemoryError" in r.stderr or "std::bad_alloc" in r.stderr:
+        why = f"out of memory (cap {MEM_LIMIT >> 20} MiB): {why}"
+    return {"rc": r.returncode, "wall_s": round(wall, 1), "peak_rss_mb": round(int(m.group(1)) / 1024) if m else None,
+            "stdout": r.stdout, "why": why[:400] if r.returncode else None}
+
+
+def model_file(bundle: Path) -> Path | None:
+    man = json.loads((bundle / "manifest.json").read_text())
+    files = man.get("files") or {}
+    names = list(files) if isinstance(files, dict) else [f.get("path") or f.get("name") for f in files]
+    for n in names:
+        if n and n.endswith((".onnx", ".tflite")):
+            return bundle / n
+    return None
+
+
+def export(model: str, src: Path, out: Path, target: str, precision: str | None) -> dict:
+    """One guarded `lepton-edge export`; its record is kept beside the bundle, so a re-run with the
+    same --work reuses it (the full matrix takes long on a shared machine)."""
+    record = out.with_suffix(".json")
+    if record.exists():
+        return json.loads(record.read_text())
+    shutil.rmtree(out, ignore_errors=True)
+    m = MODELS[model]
+    cmd = [CLI, "export", str(src), "--target", target, "--calib", str(calib_dir()), "--out", str(out), "--json",
+           *m.flags]
+    if precision:
+        cmd += ["--precision", precision]
+    res = guarded(cmd)
+    res["cmd"] = " ".join(c if c != CLI else "lepton-edge" for c in cmd)
+    bundles = [p.parent for p in out.rglob("manifest.json")] if out.exists() else []
+    res["bundle"] = str(bundles[0]) if bundles and res["rc"] == 0 else None
+    if res["bundle"]:
+        f = model_file(Path(res["bundle"]))
+        res["file"] = str(f) if f else None
+        res["bytes"] = f.stat().st_size if f else None
+        try:
+            rep = json.loads(res["stdout"])
+            res["report"] = {k: rep.get(k) for k in ("precision", "format", "recipe", "validation", "task",
+                                                     "peak_rss_bytes") if k in rep}
+        except (ValueError, AttributeError):
+            pass
+    res.pop("stdout", None)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(res, default=str))
+    return res
+
+
+def run_bundle(bundle: str) -> dict:
+    res = guarded([CLI, "run", bundle, "--source", str(eval_dir()), "--max-frames", "20", "--json", "--no-show"],
+                  timeout=300)
+    try:
+        s = json.loads(res["stdout"])
+        res["frames"] = s.get("frames")
+    except (ValueError, AttributeError):
+        res["frames"] = None
+    res.pop("stdout", None)
+    return res
+
+
+# ---- judging int8 artifacts against the fp32 bundle, on held-out photos -------------------------------
+def inputs(fp32_bundle: str, folder: Path, limit: int) -> list[np.ndarray]:
+    import cv2
+
+    from lepton_edge.runtime import Runtime
+
+    rt = Runtime.load(fp32_bundle)
+    out = []
+    for p in sorted(folder.glob("*.jpg"))[:limit]:
+        out.append(np.ascontiguousarray(rt.preprocess(cv2.imread(str(p)))))
+    return out
+
+
+def session(path: str, threads: int = 1):
+    import onnxruntime as ort
+
+    o = ort.SessionOptions()
+    o.intra_op_num_threads = threads
+    o.inter_op_num_threads = 1
+    return ort.InferenceSession(path, o, providers=["CPUExecutionProvider"])
+
+
+def outputs(sess, xs: list[np.ndarray]) -> list[list[np.ndarray]]:
+    name = sess.get_inputs()[0].name
+    want = sess.get_inputs()[0].type
+    dt = np.float16 if "float16" in want else np.float32
+    return [[np.asarray(o, np.float32) for o in sess.run(None, {name: x.astype(dt)})] for x in xs]
+
+
+def sqnr_db(ref: np.ndarray, got: np.ndarray) -> float:
+    noise = float(np.sum((ref - got) ** 2))
+    return 99.0 if noise == 0 else float(10 * np.log10(max(float(np.sum(ref ** 2)), 1e-30) / noise))
+
+
+def cosine(ref: np.ndarray, got: np.ndarray) -> float:
+    a, b = ref.ravel(), got.ravel()
+    d = float(np.linalg.norm(a) * np.linalg.norm(b))
+    return 1.0 if d == 0 else float(a @ b / d)
+
+
+def softmaxed(v: np.ndarray) -> np.ndarray:
+    v = v.reshape(-1).astype(np.float64)
+    if v.min() >= 0 and abs(v.sum() - 1) < 1e-3:
+        return v
+    e = np.exp(v - v.max())
+    return e / e.sum()
+
+
+def judge(task: str, ref: list[list[np.ndarray]], got: list[list[np.ndarray]], noisy: list[list[np.ndarray]]) -> dict:
+    """Task metrics of `got` against `ref` (fp32); `noisy` is fp32 on inputs + N(0, 0.01): the ceiling."""
+    m: dict[str, float] = {}
+    n_out = len(ref[0])
+    m["sqnr_db"] = round(min(sqnr_db(np.concatenate([r[i].ravel() for r in ref]),
+                                     np.concatenate([g[i].ravel() for g in got])) for i in range(n_out)), 2)
+    m["cosine"] = round(min(cosine(np.concatenate([r[i].ravel() for r in ref]),
+                                   np.concatenate([g[i].ravel() for g in got])) for i in range(n_out)), 4)
+    if task == "classify":
+        k = min(5, ref[0][0].size - 1) or 1
+        pr = [softmaxed(r[0]) for r in ref]
+        pg = [softmaxed(g[0]) for g in got]
+        pn = [softmaxed(n[0]) for n in noisy]
+        agree = [a.argmax() == b.argmax() for a, b in zip(pr, pg)]
+        conf = [ok for a, ok in zip(pr, agree) if a.max() >= 0.9]
+        m["top1_agreement"] = round(float(np.mean(agree)), 4)
+        m["ceiling"] = round(float(np.mean([a.argmax() == b.argmax() for a, b in zip(pr, pn)])), 4)
+        m["confident_top1_kept"] = round(float(np.mean(conf)), 4) if conf else 1.0
+        m["confident_n"] = len(conf)
+        m[f"top1_in_top{k}"] = round(float(np.mean([a.argmax() in np.argsort(-b)[:k] for a, b in zip(pr, pg)])), 4)
+    if task == "segment":
+        ious = []
+        for r, g in zip(ref, got):
+            a, b = r[0] > 0.3, g[0] > 0.3
+            u = np.logical_or(a, b).sum()
+            ious.append(1.0 if u == 0 else float(np.logical_and(a, b).sum() / u))
+        m["mask_iou"] = round(float(np.mean(ious)), 4)
+    return m
+
+
+def latency_ms(paths: dict[str, str], x: np.ndarray, rounds: int = 3, block: int = 10) -> dict[str, float]:
+    """Median batch-1 latency of each file, alternating blocks (fair on a shared machine)."""
+    sess = {k: session(p) for k, p in paths.items()}
+    times: dict[str, list[float]] = {k: [] for k in paths}
+    for k, s in sess.items():
+        outputs(s, [x])  # warm-up
+    for _ in range(rounds):
+        for k, s in sess.items():
+            for _ in range(block):
+                t0 = time.perf_counter()
+                outputs(s, [x])
+                times[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: round(statistics.median(v), 3) for k, v in times.items()}
+
+
+NNCF_SCRIPT = r"""
+import sys, time, numpy as np, onnx, nncf
+src, calib, dst = sys.argv[1:4]
+xs = list(np.load(calib).values())
+model = onnx.load(src)
+name = model.graph.input[0].name
+t0 = time.perf_counter()
+q = nncf.quantize(model, nncf.Dataset(xs, lambda x: {name: x}))
+onnx.save(q, dst)
+print(time.perf_counter() - t0)
+"""
+
+
+def nncf_quantize(fp32_onnx: str, calib_xs: list[np.ndarray], work: Path) -> dict:
+    """NNCF 3.x default PTQ (ONNX backend) on the same calibration inputs, in a guarded process."""
+    record = work / "nncf.json"
+    if record.exists():
+        return json.loads(record.read_text())
+    npz = work / "calib.npz"
+    np.savez(npz, *calib_xs)
+    script = work / "nncf_q.py"
+    script.write_text(NNCF_SCRIPT)
+    dst = work / "nncf_int8.onnx"
+    res = guarded([sys.executable, str(script), fp32_onnx, str(npz), str(dst)])
+    res.pop("stdout", None)
+    if res["rc"] == 0 and dst.exists():
+        res["file"], res["bytes"] = str(dst), dst.stat().st_size
+    npz.unlink(missing_ok=True)
+    record.write_text(json.dumps(res, default=str))
+    return res
+
+
+PLANS = {"fp32": ("x86-cpu", "fp32"), "int8": ("x86-cpu", None), "fp16": ("x86-cpu", "fp16"), "rpi4": ("rpi4", None)}
+
+
+def bench_model(name: str, work: Path, quick: bool, plan: list[str] | None = None) -> dict:
+    m = MODELS[name]
+    src = fetch(name)
+    row: dict = {"model": name, "package": f"{m.package}=={m.version}", "task": m.task, "opset": m.opset,
+                 "layout": m.layout, "inputs": m.inputs, "outputs": m.outputs, "licence": m.licence,
+                 "src_bytes": src.stat().st_size}
+    d = work / name
+    keys = plan or (["fp32", "int8"] if quick else list(PLANS))
+    for key in keys:
+        target, prec = PLANS[key]
+        row[key] = export(name, src, d / key, target, prec)
+        if row[key].get("bundle"):
+            row[key]["run"] = run_bundle(row[key]["bundle"])
+    fp32 = row["fp32"]
+    if not (fp32.get("file") or "").endswith(".onnx"):
+        row["judged"] = "no fp32 ONNX bundle to judge against"
+        return row
+    try:
+        xs = inputs(fp32["bundle"], eval_dir(), 60)
+        cal = inputs(fp32["bundle"], calib_dir(), 72)
+        ref_s = session(fp32["file"], 2)
+        ref = outputs(ref_s, xs)
+        rng = np.random.default_rng(0)
+        noisy = outputs(ref_s, [x + rng.normal(0, 0.01, x.shape).astype(np.float32) for x in xs])
+        row["nncf"] = nncf_quantize(fp32["file"], cal, d)
+        files = {"fp32": fp32["file"]}
+        for key, res in (("int8", row["int8"]), ("nncf", row["nncf"])):
+            f = res.get("file")
+            if f and f.endswith(".onnx"):
+                res["metrics"] = judge(m.task, ref, outputs(session(f, 2), xs), noisy)
+                res["size_vs_fp32"] = round(res["bytes"] / fp32["bytes"], 3)
+                files[key] = f
+        lat = latency_ms(files, xs[0])
+        for key in files:
+            if key != "fp32":
+                row[key]["latency_vs_fp32"] = round(lat[key] / lat["fp32"], 3)
+        row["fp32"]["latency_ms"] = lat["fp32"]
+    except Exception as e:  # noqa: BLE001 - a model the judge cannot handle is a line in the table
+        row["judged"] = f"{type(e).__name__}: {e}"[:300]
+    return row
+
+
+def run(work: Path, quick: bool = False, models: list[str] | None = None, plan: list[str] | None = None) -> dict:
+    names = models or (list(QUICK_MODELS) if quick else list(MODELS))
+    res = {"mem_limit_mb": MEM_LIMIT >> 20, "timeout_s": TIMEOUT_S, "calib": str(calib_dir()),
+           "eval": str(eval_dir()), "models": []}
+    for n in names:
+        t0 = time.perf_counter()
+        res["models"].append(bench_model(n, work, quick, plan))
+        print(f"[third-party] {n}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    return res
+
+
+def _outcome(r: dict | None) -> str:
+    if not r:
+        return "-"
+    if r.get("bundle") or (r.get("rc") == 0 and r.get("file")):  # a bundle, or NNCF's bare file
+        if not r.get("bundle"):
+            return f"ok {r['wall_s']:.0f}s {r.get('peak_rss_mb')}MB"
+        ran = r.get("run") or {}
+        return f"ok {r['wall_s']:.0f}s {r.get('peak_rss_mb')}MB" + ("" if ran.get("rc") == 0 else " (run failed)")
+    return f"FAIL rc={r['rc']} {r['wall_s']:.0f}s {r.get('peak_rss_mb')}MB: {(r.get('why') or '')[:90]}"
+
+
+def _metric(r: dict | None) -> str:
+    mt = (r or {}).get("metrics")
+    if not mt:
+        return "-"
+    if "top1_agreement" in mt:
+        topk = next(k for k in mt if k.startswith("top1_in_top"))
+        return (f"top1 {mt['top1_agreement']:.3f} (ceiling {mt['ceiling']:.3f}), conf kept "
+                f"{mt['confident_top1_kept']:.3f}/{mt['confident_n']}, {topk} {mt[topk]:.3f}")
+    s = f"SQNR {mt['sqnr_db']:.1f} dB, cos {mt['cosine']:.4f}"
+    return s + (f", mask IoU {mt['mask_iou']:.3f}" if "mask_iou" in mt else "")
+
+
+def tables(res: dict) -> list[tuple[str, list[str], list[list[str]]]]:
+    rows, out = [], []
+    for r in res["models"]:
+        i8, nn = r.get("int8") or {}, r.get("nncf") or {}
+
+        def fig(x: dict, k: str, unit: str = "") -> str:
+            return f"{x[k]}{unit}" if x.get(k) is not None else "-"
+
+        rows.append([r["model"], r["task"], r["opset"], r["layout"],
+                     _outcome(i8), _metric(i8), fig(i8, "size_vs_fp32", "x"), fig(i8, "latency_vs_fp32", "x"),
+                     _outcome(nn) if nn else r.get("judged", "-"), _metric(nn), fig(nn, "size_vs_fp32", "x"),
+                     fig(nn, "latency_vs_fp32", "x"),
+                     _outcome(r.get("fp16")), _outcome(r.get("fp32")), _outcome(r.get("rpi4"))])
+    out.append(("Third-party models", ["model", "task", "opset", "layout", "int8 (default)", "int8 metric",
+                                       "int8 size", "int8 latency", "NNCF PTQ", "NNCF metric", "NNCF size",
+                                       "NNCF latency", "fp16", "fp32", "rpi4"], rows))
+    return out
+
+
+def markdown(tbls) -> str:
+    lines = []
+    for title, head, rows in tbls:
+        lines += [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(str(c).replace("|", "/") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--models", default="")
+    ap.add_argument("--plan", default="", help="exports to run, e.g. fp32,int8 (default: fp32,int8,fp16,rpi4)")
+    ap.add_argument("--work", default="", help="keep bundles here and reuse finished exports")
+    ap.add_argument("--out", default="", help="also write the JSON here")
+    a = ap.parse_args()
+    work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="third-party-"))
+    try:
+        res = run(work, a.quick, [s for s in a.models.split(",") if s] or None, [s for s in a.plan.split(",") if s] or None)
+    finally:
+        if not a.work:
+            shutil.rmtree(work, ignore_errors=True)
+    text = json.dumps(res, indent=1, default=str)
+    if a.out:
+        Path(a.out).write_text(text)
+    print(text)
+    print(markdown(tables(res)))
+
+
+if __name__ == "__main__":
+    main()

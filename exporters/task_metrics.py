@@ -1,0 +1,310 @@
+"""The metrics of each task, comparing an artifact's outputs with the fp32 reference's.
+
+Why apart from validation.py: validation decides (thresholds, verdict, ranking); this module only
+measures, one function a task, so a new task is one function and a metric is testable alone.
+Each function writes its figures into `metrics` and returns the reasons the gate fails, if any.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+CONFIDENT = 0.5  # fp32 softmax max from which a prediction counts as confident
+MASK_AT = 0.5  # probability maps are thresholded here for the mask IoU
+BOX_IOU = 0.5  # detections match fp32's from this IoU (and the same class)
+NN_SAMPLES = 2000  # embeddings the nearest-neighbour agreement is measured on
+
+
+# ---- every output ------------------------------------------------------------------------------
+
+def structure(ref: list[np.ndarray], out: list[np.ndarray], ref_specs: list[dict], art_specs: list[dict],
+              strict_names: bool) -> list[dict]:
+    """One entry per reference output: name, shape and dtype of both, and `why` where they differ.
+
+    An integer artifact output with quantization parameters (TFLite --int8-io) is what its
+    float counterpart becomes; the runtime dequantizes it, so that dtype is not a difference."""
+    rows = []
+    if len(out) != len(ref):
+        return [{"name": None, "why": f"the artifact has {len(out)} output(s), the reference {len(ref)}"}]
+    for k, (r, a) in enumerate(zip(ref, out)):
+        rs = ref_specs[k] if k < len(ref_specs) else {}
+        as_ = art_specs[k] if k < len(art_specs) else {}
+        row = {"index": k, "name": rs.get("name", f"output{k}"), "artifact_name": as_.get("name"),
+               "shape": list(r.shape[1:]), "artifact_shape": list(a.shape[1:]),
+               "dtype": rs.get("dtype", "float32"), "artifact_dtype": as_.get("dtype", "float32")}
+        if r.shape[1:] != a.shape[1:]:
+            row["why"] = f"output {row['name']}: shape {list(a.shape[1:])} != fp32 {list(r.shape[1:])}"
+        elif strict_names and as_.get("name") and rs.get("name") and as_["name"] != rs["name"]:
+            row["why"] = f"output {k}: named {as_['name']!r}, fp32 names it {rs['name']!r}"
+        elif row["dtype"] != row["artifact_dtype"] and not as_.get("quantization"):
+            row["why"] = f"output {row['name']}: dtype {row['artifact_dtype']} != fp32 {row['dtype']}"
+        elif not np.all(np.isfinite(a.astype(np.float64))):
+            row["why"] = f"output {row['name']}: NaN or infinite values"
+        rows.append(row)
+    return rows
+
+
+def closeness(ref: list[np.ndarray], out: list[np.ndarray]) -> dict[str, float]:
+    """Largest and mean absolute difference over all outputs (reported, not gated: the scale of
+    an output says nothing by itself)."""
+    if len(ref) != len(out) or any(r.shape != a.shape for r, a in zip(ref, out)):
+        return {}
+    diffs = [np.abs(r.astype(np.float64) - a.astype(np.float64)) for r, a in zip(ref, out)]
+    return {"max_abs_diff": float(max(d.max() if d.size else 0.0 for d in diffs)),
+            "mean_abs_diff": float(np.mean([d.mean() if d.size else 0.0 for d in diffs]))}
+
+
+# ---- classify ----------------------------------------------------------------------------------
+
+def _probabilities(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    if z.min() >= 0 and z.max() <= 1 and np.allclose(z.sum(1), 1, atol=1e-2):
+        return z  # already probabilities
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def _flat(a: np.ndarray) -> np.ndarray:
+    return a.reshape(len(a), -1).astype(np.float64)
+
+
+def classify(ref, out: list[np.ndarray], eval_out, th, metrics: dict) -> list[str]:
+    """Top-1 agreement against fp32's ceiling, confident top-1 kept, fp32 top-1 in top-5, and
+    the accuracy drop on a labelled set (the main gate when there is one)."""
+    r, a = _flat(ref.outputs[0]), _flat(out[0])
+    why = []
+    t1r, t1a = r.argmax(1), a.argmax(1)
+    agree = float((t1r == t1a).mean())
+    metrics["top1_agreement"] = agree
+    ceiling = 1.0
+    if ref.noisy is not None:
+        noisy = _flat(ref.noisy[0]).argmax(1)
+        ceiling = float((t1r[:len(noisy)] == noisy).mean())
+        metrics["ceiling"] = ceiling
+    need = th.min_agreement if th.min_agreement is not None else ceiling - th.agreement_margin
+    metrics["top1_agreement_required"] = need
+    if agree < need:
+        why.append(f"top-1 agreement {agree:.4f} < {need:.4f} " + (
+            "(--min-agreement)" if th.min_agreement is not None else
+            f"(fp32's own agreement under input noise {ceiling:.4f} - {th.agreement_margin})"))
+    confident = _probabilities(r).max(1) >= CONFIDENT
+    n = int(confident.sum())
+    metrics["confident_samples"] = float(n)
+    if n:
+        kept = int((t1r[confident] == t1a[confident]).sum())
+        metrics["confident_top1_kept"] = kept / n
+        allowed = math.floor((1 - th.min_confident_kept) * n + 1e-9)
+        if th.min_confident_kept < 1:
+            allowed = max(1, allowed)  # with few confident inputs one flip is noise, not a broken model
+        if n - kept > allowed:
+            why.append(f"confident top-1 kept {kept / n:.4f} < {th.min_confident_kept} ({n - kept} of {n} lost)")
+    if r.shape[1] > 5:
+        top5 = np.argpartition(-a, 4, axis=1)[:, :5]
+        in5 = float((top5 == t1r[:, None]).any(1).mean())
+        metrics["top1_in_top5"] = in5
+        if in5 < th.min_top5:
+            why.append(f"fp32 top-1 within top-5 {in5:.4f} < {th.min_top5}")
+    if eval_out is not None and ref.eval_outputs is not None and ref.eval_y is not None:
+        y = ref.eval_y
+        acc_r = float((_flat(ref.eval_outputs[0]).argmax(1) == y).mean())
+        acc_a = float((_flat(eval_out[0]).argmax(1) == y).mean())
+        drop = 100.0 * (acc_r - acc_a)
+        metrics.update(accuracy_reference=acc_r, accuracy_artifact=acc_a, accuracy_drop_pp=drop,
+                       eval_samples=float(len(y)))
+        if drop > th.max_accuracy_drop:
+            why.insert(0, f"accuracy drop {drop:.2f} pp > {th.max_accuracy_drop} pp")
+    return why
+
+
+# ---- dense maps and anything else --------------------------------------------------------------
+
+def sqnr_db(r: np.ndarray, a: np.ndarray) -> float:
+    sig = float(np.sum(r.astype(np.float64) ** 2))
+    noise = float(np.sum((r.astype(np.float64) - a.astype(np.float64)) ** 2))
+    if noise == 0:
+        return 100.0
+    return 10 * math.log10(sig / noise) if sig > 0 else -100.0
+
+
+def cosine(r: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """Per-sample cosine similarity of flattened outputs (1.0 where both are zero)."""
+    r, a = _flat(r), _flat(a)
+    nr, na = np.linalg.norm(r, axis=1), np.linalg.norm(a, axis=1)
+    dot = (r * a).sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        c = np.where((nr == 0) & (na == 0), 1.0, dot / np.maximum(nr * na, 1e-30))
+    return c
+
+
+def mask_iou(r: np.ndarray, a: np.ndarray) -> float | None:
+    """IoU of the maps thresholded at 0.5, pooled over samples; None when fp32's mask is empty."""
+    mr, ma = r >= MASK_AT, a >= MASK_AT
+    union = int((mr | ma).sum())
+    if not mr.any():
+        return None
+    return int((mr & ma).sum()) / union
+
+
+def is_probability_map(r: np.ndarray) -> bool:
+    return r.ndim >= 3 and r.size > 0 and float(r.min()) >= 0.0 and float(r.max()) <= 1.0
+
+
+def dense(ref: list[np.ndarray], out: list[np.ndarray], per_output: list[dict], th, metrics: dict,
+          start: int = 0) -> list[str]:
+    """SQNR and cosine for each output from `start` (mask IoU for probability maps)."""
+    why = []
+    sq, co, iou = [], [], []
+    for k in range(start, len(ref)):
+        r, a, row = ref[k], out[k], per_output[k]
+        s, c = sqnr_db(r, a), float(cosine(r, a).mean())
+        row.update(sqnr_db=s, cosine=c)
+        sq.append(s)
+        co.append(c)
+        if s < th.min_sqnr:
+            why.append(f"output {row['name']}: SQNR {s:.1f} dB < {th.min_sqnr} dB")
+        if c < th.min_cosine:
+            why.append(f"output {row['name']}: cosine {c:.4f} < {th.min_cosine}")
+        if is_probability_map(r) and (m := mask_iou(r, a)) is not None:
+            row["mask_iou"] = m
+            iou.append(m)
+            if m < th.min_mask_iou:
+                why.append(f"output {row['name']}: mask IoU {m:.4f} < {th.min_mask_iou}")
+    if sq:
+        metrics.update(sqnr_db=min(sq), cosine=min(co))
+    if iou:
+        metrics["mask_iou"] = min(iou)
+    return why
+
+
+# ---- detect ------------------------------------------------------------------------------------
+
+def _boxes(outputs: list[np.ndarray], i: int, spec, labels):
+    from lepton_edge.runtime import postprocess as pp
+
+    h, w = spec.hw()
+    return pp.detect([o[i:i + 1] for o in outputs], spec, (h, w), labels)
+
+
+def _iou(a, b) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def detect(ref: list[np.ndarray], out: list[np.ndarray], spec, labels, th, metrics: dict) -> list[str] | None:
+    """Boxes through the runtime's own post-processing, matched to fp32's (same class, IoU >= 0.5,
+    best score first): F1 against fp32 and the mean score drift of matched boxes. None when the
+    outputs have a layout the runtime does not know (then they are compared as raw outputs)."""
+    tp = n_ref = n_art = 0
+    drift = []
+    try:
+        for i in range(len(ref[0])):
+            br, ba = _boxes(ref, i, spec, labels), _boxes(out, i, spec, labels)
+            n_ref, n_art = n_ref + len(br), n_art + len(ba)
+            free = list(range(len(br)))
+            for d in ba:
+                best, best_iou = None, BOX_IOU
+                for j in free:
+                    if br[j]["class"] == d["class"] and (v := _iou(br[j]["box"], d["box"])) >= best_iou:
+                        best, best_iou = j, v
+                if best is not None:
+                    free.remove(best)
+                    tp += 1
+                    drift.append(abs(br[best]["score"] - d["score"]))
+    except ValueError:
+        return None
+    f1 = 1.0 if n_ref + n_art == 0 else 2 * tp / (n_ref + n_art)
+    metrics.update(f1_vs_fp32=f1, score_drift=float(np.mean(drift)) if drift else 0.0,
+                   boxes_reference=float(n_ref), boxes_artifact=float(n_art))
+    return [f"detections F1 vs fp32 {f1:.4f} < {th.min_f1} ({tp} of {n_ref} fp32 boxes matched, "
+            f"{n_art} found)"] if f1 < th.min_f1 else []
+
+
+# ---- embed -------------------------------------------------------------------------------------
+
+def _nn(v: np.ndarray) -> np.ndarray:
+    v = _flat(v)
+    v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-30)
+    s = v @ v.T
+    np.fill_diagonal(s, -np.inf)
+    return s.argmax(1)
+
+
+def embed(ref, out: list[np.ndarray], th, metrics: dict) -> list[str]:
+    """Cosine to the fp32 vectors and nearest-neighbour agreement (against fp32's own under noise)."""
+    why = []
+    c = cosine(ref.outputs[0], out[0])
+    metrics.update(cosine=float(c.mean()), cosine_min=float(c.min()))
+    if c.mean() < th.min_cosine:
+        why.append(f"embedding cosine {c.mean():.4f} < {th.min_cosine}")
+    if len(c) >= 3:  # (on at most NN_SAMPLES vectors: the similarity matrix is N x N)
+        nn_r = _nn(ref.outputs[0][:NN_SAMPLES])
+        nn = float((nn_r == _nn(out[0][:NN_SAMPLES])).mean())
+        metrics["nn_agreement"] = nn
+        m = len(ref.noisy[0]) if ref.noisy is not None else 0
+        m = min(m, NN_SAMPLES)
+        ceiling = float((_nn(ref.outputs[0][:m]) == _nn(ref.noisy[0][:m])).mean()) if m >= 3 else 1.0
+        metrics["ceiling"] = ceiling
+        need = ceiling - th.agreement_margin
+        if nn < need:
+            why.append(f"nearest-neighbour agreement {nn:.4f} < {need:.4f} (fp32 ceiling {ceiling:.4f} - "
+                       f"{th.agreement_margin})")
+    return why
+
+
+# ---- ranking and inference ---------------------------------------------------------------------
+
+def score(task: str, passed: bool, m: dict) -> tuple:
+    """Higher is better; passing first, then the task's main metric, then the others."""
+    g = m.get
+    dense_tail = (g("mask_iou", 1.0), g("sqnr_db", 100.0), g("cosine", 1.0))
+    if task == "classify":
+        # the accuracy drop to 0.1 pp (finer is one or two inputs of a few thousand: noise), and a gain
+        # counts as no drop: an artifact that beats fp32 is not better, it differs from it
+        acc = min(0.0, round(-g("accuracy_drop_pp"), 1)) if g("accuracy_drop_pp") is not None else 0.0
+        return (int(passed), acc, g("confident_top1_kept", 1.0), g("top1_in_top5", 1.0),
+                g("top1_agreement", 0.0)) + dense_tail
+    if task == "detect" and "f1_vs_fp32" in m:
+        return (int(passed), g("f1_vs_fp32"), -g("score_drift", 0.0)) + dense_tail
+    if task == "embed":
+        return (int(passed), g("nn_agreement", 1.0), g("cosine", 0.0)) + dense_tail
+    return (int(passed),) + dense_tail
+
+
+def infer_task(outputs: list[np.ndarray], specs: list[dict], input_spec, labels=None) -> str:
+    """classify / detect / segment / embed / raw from the reference outputs' shapes and names:
+    - detect: an output named like boxes/bbox/det, or one output [4+nc, N] (N >= 8x, >= 100)
+      that the runtime's YOLO post-processing reads;
+    - segment: an output per sample [C, H, W] (or [H, W]) at >= 1/8 of the input's H and W;
+    - embed: output 0 per sample [D], named emb/feat/descriptor, or of unit L2 norm everywhere;
+    - classify: output 0 per sample [C] with C > 1 (labels given: always classify);
+    - raw: anything else (every output compared by SQNR and cosine)."""
+    if labels:
+        return "classify"
+    names = [str(s.get("name", "")).lower() for s in specs] + [""] * len(outputs)
+    shapes = [o.shape[1:] for o in outputs]
+    if any(k in n for n in names for k in ("box", "bbox", "det")):
+        return "detect"
+    if len(outputs) == 1 and len(shapes[0]) == 2:
+        small, big = sorted(shapes[0])
+        if 5 <= small and big >= max(100, 8 * small):
+            return "detect"
+    try:
+        h, w = input_spec.hw()
+    except Exception:
+        h = w = 0
+    for s in shapes:
+        hw = s[-2:] if len(s) >= 2 else None
+        if hw and h and w and hw[0] >= max(2, h // 8) and hw[1] >= max(2, w // 8) and len(s) in (2, 3):
+            return "segment"
+    first = outputs[0].reshape(len(outputs[0]), -1) if outputs and outputs[0].ndim >= 2 else None
+    if first is not None and len(shapes[0]) == 1 and first.shape[1] > 1:
+        norms = np.linalg.norm(first.astype(np.float64), axis=1)
+        if any(k in names[0] for k in ("emb", "feat", "descriptor", "vector")) or (
+                len(norms) and np.allclose(norms, 1.0, atol=1e-2)):
+            return "embed"
+        return "classify"
+    return "raw"

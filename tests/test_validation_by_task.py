@@ -1,0 +1,292 @@
+"""Validation by task, on every output: for each task a good model passes and a damaged one fails.
+
+The "good" artifact is the reference with its weights rounded to int8 per output channel (what
+a sound int8 export does to them); the damaged ones have a perturbed or channel-swapped layer.
+Both run as real torch models; the validator compares their outputs the way the export does.
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+from lepton_edge.exporters import datasets, validation as val  # noqa: E402
+from lepton_edge.model_source import default_spec  # noqa: E402
+
+
+def _int8_weights(model: nn.Module) -> nn.Module:
+    """Weights rounded to int8 per output channel: a good int8 model's error, no more."""
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() > 1:
+                s = p.abs().reshape(len(p), -1).max(1).values.clamp_min(1e-12) / 127
+                s = s.reshape([-1] + [1] * (p.dim() - 1))
+                p.copy_(torch.round(p / s) * s)
+    return m
+
+
+def _noisy(model: nn.Module, layer: str, rel: float = 0.6, seed: int = 0) -> nn.Module:
+    m = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        p = dict(m.named_parameters())[layer]
+        p.add_(torch.randn(p.shape, generator=g) * p.std() * rel)
+    return m
+
+
+def _predict(model):
+    def run(x):
+        with torch.no_grad():
+            out = model(torch.from_numpy(x))
+        return [o.numpy() for o in (out if isinstance(out, (tuple, list)) else [out])]
+    return run
+
+
+def _judge(ref_model, art_model, x, task=None, spec=None, **th):
+    spec = spec or default_spec(list((1,) + x.shape[1:]))
+    ref_outs = _predict(ref_model)(x)
+    specs = [{"name": f"out{k}", "shape": list(o.shape), "dtype": "float32"} for k, o in enumerate(ref_outs)]
+    ref = val.Reference(ref_outs, specs)
+    task = task or val.infer_task(ref, spec)
+    if task in ("classify", "embed"):
+        ref.noisy = _predict(ref_model)(val.perturb(x, spec))
+    out = _predict(art_model)(x)
+    return task, val.judge(task, ref, out, specs, val.Thresholds(**th), input_spec=spec)
+
+
+def _x(n=128, shape=(3, 16, 16), seed=0):
+    return np.random.default_rng(seed).normal(size=(n,) + shape).astype(np.float32)
+
+
+class Classifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten())
+        self.head = nn.Linear(256, 10)
+        with torch.no_grad():
+            self.head.weight.mul_(40)  # confident predictions, as a trained classifier makes
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+class DenseMap(nn.Module):
+    def __init__(self, sharp: float = 4.0, shift: float = 0.0):
+        super().__init__()
+        torch.manual_seed(1)
+        self.sharp, self.shift = sharp, shift
+        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 1, 3, padding=1))
+
+    def forward(self, x):
+        return torch.sigmoid(self.net(x) * self.sharp - self.shift)
+
+
+class Detector(nn.Module):
+    """YOLOv8-shaped output [N, 4 + 2 classes, 100 anchors] on a 10x10 grid of a 32x32 input."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.feat = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(10))
+        self.head = nn.Conv2d(16, 6, 1)
+        gy, gx = torch.meshgrid(torch.arange(10.0), torch.arange(10.0), indexing="ij")
+        self.register_buffer("gx", gx.reshape(1, -1))
+        self.register_buffer("gy", gy.reshape(1, -1))
+
+    def forward(self, x):
+        t = self.head(self.feat(x)).flatten(2)  # [N, 6, 100]
+        cx = (self.gx + torch.sigmoid(t[:, 0])) * 3.2
+        cy = (self.gy + torch.sigmoid(t[:, 1])) * 3.2
+        wh = 3.0 * torch.exp(torch.tanh(t[:, 2:4]))
+        cls = torch.sigmoid(t[:, 4:6] * 4)
+        return torch.cat([cx[:, None], cy[:, None], wh, cls], 1)
+
+
+class Embedder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(),
+                                 nn.Linear(256, 32))
+
+    def forward(self, x):
+        return nn.functional.normalize(self.net(x), dim=1)
+
+
+class ThreeHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(4)
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.heads = nn.ModuleList([nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 3, stride=2, padding=1), nn.Conv2d(8, 2, 1)])
+
+    def forward(self, x):
+        f = self.body(x)
+        return tuple(h(f) for h in self.heads)
+
+
+# ---- each task: good passes, damaged fails ----------------------------------------------------
+
+def test_classify_good_passes_damaged_fails():
+    m, x = Classifier().eval(), _x(256)
+    task, good = _judge(m, _int8_weights(m), x)
+    assert task == "classify"
+    assert good.passed, good.why
+    for k in ("top1_agreement", "confident_top1_kept", "top1_in_top5", "ceiling"):
+        assert k in good.metrics
+    assert good.metrics["confident_samples"] > 50  # the confident gate had something to judge
+    bad = _noisy(m, "head.weight", 0.5)
+    _, v = _judge(m, bad, x)
+    assert not v.passed and v.score < good.score
+    assert "confident top-1 kept" in v.why or "top-1 agreement" in v.why
+
+
+def test_classify_agreement_is_judged_against_the_ceiling():
+    """Ambiguous inputs: fp32 itself flips top-1 under noise, so 0.99 plain agreement is out of
+    reach; by default an artifact as close as fp32 to itself passes (an explicit --min-agreement
+    is still a bar of its own)."""
+    m = Classifier().eval()
+    x = _x(512) * 0.03  # faint inputs: noise of sd 0.01 moves them across class boundaries
+
+    class Jittered(nn.Module):  # an artifact whose error is input noise the size fp32's ceiling uses
+        def forward(self, t):
+            g = torch.Generator().manual_seed(7)
+            return m(t + torch.randn(t.shape, generator=g) * 0.01)
+
+    _, v = _judge(m, Jittered(), x)
+    assert v.metrics["ceiling"] < 0.99 and v.metrics["top1_agreement"] < 0.99
+    assert v.passed, v.why
+    assert v.metrics["top1_agreement_required"] == pytest.approx(v.metrics["ceiling"] - 0.05)
+    _, strict = _judge(m, Jittered(), x, min_agreement=0.99)
+    assert not strict.passed and "--min-agreement" in strict.why
+
+
+def test_dense_map_good_passes_damaged_fails():
+    m, x = DenseMap().eval(), _x(32)
+    task, good = _judge(m, _int8_weights(m), x)
+    assert task == "segment"
+    assert good.passed, good.why
+    assert {"sqnr_db", "cosine", "mask_iou"} <= set(good.metrics) and "top1_agreement" not in good.metrics
+    bad = copy.deepcopy(m)
+    with torch.no_grad():  # swap two input channels of the first conv
+        bad.net[0].weight[:, [0, 1]] = bad.net[0].weight[:, [1, 0]]
+    _, v = _judge(m, bad, x)
+    assert not v.passed and ("mask IoU" in v.why or "SQNR" in v.why)
+
+
+def test_fp16_dense_map_is_not_judged_by_argmax():
+    """The OCR map's fp16 export failed with 'top-1 agreement 0.0000': argmax over a crisp map's
+    pixels, where fp16 rounds every near-certain pixel to 1.0 and the first of them wins."""
+    m, x = DenseMap(sharp=30).eval(), _x(32)
+    ref_outs = _predict(m)(x)
+    half = [o.astype(np.float16).astype(np.float32) for o in ref_outs]
+    flat_r, flat_h = ref_outs[0].reshape(32, -1), half[0].reshape(32, -1)
+    assert (flat_r.argmax(1) == flat_h.argmax(1)).mean() < 0.5  # what the former gate measured
+    specs = [{"name": "map", "dtype": "float32"}]
+    ref = val.Reference(ref_outs, specs)
+    task = val.infer_task(ref, default_spec([1, 3, 16, 16]))
+    v = val.judge(task, ref, half, specs, val.Thresholds())
+    assert task == "segment" and v.passed, v.why
+    assert v.metrics["sqnr_db"] > 40 and v.metrics["mask_iou"] > 0.99
+
+
+def test_detector_good_passes_damaged_fails():
+    m, x = Detector().eval(), _x(48, (3, 32, 32))
+    task, good = _judge(m, _int8_weights(m), x)
+    assert task == "detect"
+    assert good.passed, good.why
+    assert good.metrics["boxes_reference"] > 20 and good.metrics["f1_vs_fp32"] >= 0.9
+    bad = copy.deepcopy(m)
+    with torch.no_grad():  # swap the two class channels of the head
+        bad.head.weight[[4, 5]] = bad.head.weight[[5, 4]]
+        bad.head.bias[[4, 5]] = bad.head.bias[[5, 4]]
+    _, v = _judge(m, bad, x)
+    assert not v.passed and "F1" in v.why
+
+
+def test_embedder_good_passes_damaged_fails():
+    m, x = Embedder().eval(), _x(128)
+    task, good = _judge(m, _int8_weights(m), x)
+    assert task == "embed"
+    assert good.passed, good.why
+    assert {"cosine", "nn_agreement", "ceiling"} <= set(good.metrics)
+    _, v = _judge(m, _noisy(m, "net.4.weight", 1.0), x)
+    assert not v.passed and ("cosine" in v.why or "nearest-neighbour" in v.why)
+
+
+def test_multi_output_only_output_2_damaged_fails():
+    m, x = ThreeHeads().eval(), _x(32)
+    task, good = _judge(m, _int8_weights(m), x)
+    assert good.passed, good.why
+    assert len(good.per_output) == 3 and all("sqnr_db" in o for o in good.per_output)
+    _, v = _judge(m, _noisy(m, "heads.2.weight", 1.0), x, task="raw")
+    assert not v.passed
+    assert "out2" in v.why and "out0" not in v.why and "out1" not in v.why
+
+
+def test_output_structure_checked():
+    m, x = ThreeHeads().eval(), _x(8)
+    ref_outs = _predict(m)(x)
+    specs = [{"name": f"out{k}", "dtype": "float32"} for k in range(3)]
+    ref = val.Reference(ref_outs, specs)
+    v = val.judge("raw", ref, ref_outs[:2], specs[:2], val.Thresholds())
+    assert not v.passed and "2 output(s)" in v.why
+    renamed = [dict(s) for s in specs]
+    renamed[1]["name"] = "other"
+    v = val.judge("raw", ref, ref_outs, renamed, val.Thresholds())
+    assert not v.passed and "other" in v.why
+    v = val.judge("raw", ref, ref_outs, renamed, val.Thresholds(), strict_names=False)
+    assert v.passed, v.why
+
+
+def test_verdict_as_dict_is_json():
+    import json
+
+    m, x = Classifier().eval(), _x(64)
+    _, v = _judge(m, _int8_weights(m), x)
+    d = json.loads(json.dumps(v.as_dict(), allow_nan=False))
+    assert d["task"] == "classify" and d["thresholds"]["min_top5"] == 0.98 and d["samples"] == 64
+    assert d["metrics"]["top1_agreement"] == d["top1_agreement"]
+
+
+# ---- validation inputs are never calibration inputs ---------------------------------------------
+
+def test_few_calibration_images_validate_on_held_out_views(tmp_path):
+    """Fewer images than calibration samples: validation used the calibration images before."""
+    import cv2
+
+    from lepton_edge.model_source import ModelSource
+
+    rng = np.random.default_rng(0)
+    for i in range(20):
+        cv2.imwrite(str(tmp_path / f"{i:02d}.png"), rng.integers(0, 255, (24, 24, 3), dtype=np.uint8))
+    spec = default_spec([1, 3, 16, 16])
+    src = ModelSource(name="m", kind="onnx", input_spec=spec)
+    d = datasets.gather(src, precision="int8", calib=str(tmp_path), samples=100, eval_set=None, eval_limit=None,
+                        holdout=64, allow_synthetic=False)
+    assert len(d.calib_x) + 4 == 20 and len(d.check_x) == 4 * 4  # 4 held out, each with 3 other views
+    flat_cal = {r.tobytes() for r in d.calib_x}
+    assert not any(r.tobytes() in flat_cal for r in d.check_x)
+    rec = d.inputs_record()
+    assert "held out" in rec["validation_inputs"] and "0-15" in rec["calibration_inputs"]
+
+
+# ---- through the export ------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_fp16_dense_map_exports(tmp_path):
+    """The OCR map's fp16 export failed with 'top-1 agreement 0.0000' (argmax on a dense map)."""
+    from lepton_edge import export
+
+    m = DenseMap().eval()
+    r = export(m, "x86-cpu", out=tmp_path, format="onnx", precision="fp16",
+               example_input=torch.zeros(1, 3, 16, 16), measure_latency=False)
+    v = r.manifest.validation
+    assert v["task"] == "segment" and v["task_inferred"] and v["passed"]
+    assert v["sqnr_db"] > 40 and v["thresholds"]["min_sqnr"] == 12.0
