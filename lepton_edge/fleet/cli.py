@@ -7,6 +7,7 @@ dashboard, alerts, Home Assistant), one line per error. The main `lepton-edge` C
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import threading
@@ -57,6 +58,28 @@ def _command_sender(broker: str, **tls):
     return send
 
 
+STORE_WAIT_S = 60.0  # a service waits this long for its database at start, then exits (systemd restarts it)
+
+
+def open_store_retrying(url: Optional[str], log, wait_s: float):
+    """open_store, retried while the database is locked or unreachable (one line, then quiet); a corrupt
+    file is not retried (it will not heal) and ends with its one line, as does the last failure."""
+    from lepton_edge.fleet.store import StoreError, open_store
+
+    deadline, delay, said = time.monotonic() + wait_s, 0.5, False
+    while True:
+        try:
+            return open_store(url)
+        except StoreError as e:
+            if "corrupt" in str(e) or time.monotonic() + delay > deadline:
+                raise
+            if not said:
+                log(f"monitor: {e}; retrying for up to {wait_s:g} s")
+                said = True
+        time.sleep(delay)
+        delay = min(delay * 2, 5.0)
+
+
 def _alerts(store, rules_path, publish, log):
     """The alert engine: rules from a TOML file (or the defaults); alerts also go out on MQTT."""
     from lepton_edge.fleet.alerts import AlertEngine, load_rules
@@ -79,7 +102,8 @@ def monitor(
     metrics: Optional[str] = typer.Option(None, "--metrics", help="Serve Prometheus /metrics on HOST:PORT "
                                           "(without --web; with --web it is at /metrics there)."),
     retain: Optional[str] = typer.Option(None, help="Delete history older than this (e.g. 7d)."),
-    once: bool = typer.Option(False, "--once", help="Read what the broker holds, print the fleet, exit."),
+    once: bool = typer.Option(False, "--once", help="Read the devices' retained states from the broker into the store, print the fleet, exit "
+                              "(a clean session of its own: a running monitor is not disturbed)."),
     as_json: bool = typer.Option(False, "--json", help="With --once: the fleet table as JSON."),
     seconds: Optional[float] = typer.Option(None, help="Stop after this many seconds (demos, scripts)."),
     no_tui: bool = typer.Option(False, "--no-tui", help="No live table: one status line a minute (logs, services)."),
@@ -89,7 +113,7 @@ def monitor(
 ):
     """Ingest the fleet's telemetry into the store; live terminal table, optional web dashboard."""
     from lepton_edge.fleet.monitor import Monitor
-    from lepton_edge.fleet.store import open_store
+    from lepton_edge.fleet.store import StoreError
 
     retain_s = parse_duration(retain, "--retain") if retain else None
     listen = parse_listen(web) if web else None
@@ -104,8 +128,8 @@ def monitor(
         from lepton_edge.fleet.metrics import parse_listen as parse_metrics_listen
 
         parse_metrics_listen(metrics)  # a bad address is one line before anything starts
-    st = open_store(store)
     log = (lambda line: print(line, file=sys.stderr, flush=True))
+    st = open_store_retrying(store, log, wait_s=10.0 if once else STORE_WAIT_S)
     hub_notify: list = []
     ha: list = []
 
@@ -122,8 +146,11 @@ def monitor(
         for c in clients:
             c.publish(topic, payload, qos=1)
 
+    # --once is a read: a clean session of its own, so it never takes over (or drains) the persistent
+    # session of a monitor service running on this machine.
+    once_id = {"client_id": f"lepton-monitor-once-{os.getpid()}", "persistent": False} if once else {}
     mon = Monitor(broker, st, group=group, fleet=fleet, on_change=on_change, retain_s=retain_s, log=log,
-                  alerts=_alerts(st, alerts, publish, log), **tls)
+                  alerts=_alerts(st, alerts, publish, log), **once_id, **tls)
     clients.append(mon.client)
     server = metrics_server = None
     stop = threading.Event()
@@ -134,6 +161,9 @@ def monitor(
             metrics_server, _ = serve_metrics(st, metrics, extra=lambda: dict(mon.stats))
         mon.start()
         if not mon.connected.wait(10):
+            if once:  # a script must not take the store's last view for the live fleet
+                raise LeptonError(f"broker {broker} not reachable in 10 s (the store's last view: "
+                                  "`lepton-edge fleet ls`)")
             log(f"monitor: {broker} not reachable yet; retrying in the background")
         if homeassistant:
             from lepton_edge.fleet.homeassistant import HomeAssistantBridge
@@ -141,7 +171,7 @@ def monitor(
             ha.append(HomeAssistantBridge(mon.client, st).attach())
             ha[0].publish_all()
         if once:
-            mon.wait_idle(timeout=10, quiet=0.5)  # the retained states and what the session queued
+            mon.wait_idle(timeout=10, quiet=0.5)  # the retained states (and windows arriving meanwhile)
             from lepton_edge.fleet import tui
 
             if as_json:
@@ -162,7 +192,11 @@ def monitor(
             threading.Timer(seconds, stop.set).start()
         if no_tui or not sys.stdout.isatty():
             while not stop.wait(60 if seconds is None or seconds > 60 else seconds):
-                s = st.summary()
+                try:
+                    s = st.summary()
+                except StoreError as e:  # the writer retries; this line says so once a minute
+                    log(f"monitor: {e} (retrying)")
+                    continue
                 print(f"monitor: {s.devices} devices, {s.online} online, {s.offline} offline, "
                       f"{s.total_fps:.1f} fps, {s.active_alerts} active alerts", flush=True)
         else:
@@ -221,7 +255,7 @@ def simulate(
 
 
 # ---- `fleet ls | show | history | alerts | top`: read the store only (engineer F3) ------------------
-fleet_app = typer.Typer(no_args_is_help=True, help="Read the fleet's store: ls, show, history, alerts, top.")
+fleet_app = typer.Typer(no_args_is_help=True, help="Read the fleet's store: ls, show, history, alerts, top, forget.")
 app.add_typer(fleet_app, name="fleet")
 _STORE_HELP = "SQLite path or postgresql://... (default ~/.local/share/lepton-edge/fleet.sqlite)."
 MAX_SINCE_S = 400 * 86400
@@ -240,8 +274,8 @@ def _read_store(store: Optional[str]):
             raise BadInput(f"no fleet store at {path} (run `lepton-edge monitor` first, or pass --store)")
     try:
         return open_store(s)
-    except StoreError as e:
-        raise BadInput(f"fleet store {s}: {e}") from None
+    except StoreError as e:  # its message already names the store
+        raise BadInput(str(e)) from None
 
 
 def parse_since(text: str) -> float:
@@ -405,6 +439,26 @@ def fleet_alerts(device: Optional[str] = typer.Argument(None, help="Only this de
                       else time.strftime("%m-%d %H:%M:%S", time.localtime(a.resolved)),
                       style="red" if a.resolved is None and a.severity == "critical" else None)
         _console().print(t)
+
+
+@fleet_app.command("forget")
+def fleet_forget(device: str = typer.Argument(..., help="FLEET/DEVICE, or DEVICE when only one fleet has it."),
+                 store: Optional[str] = typer.Option(None, help=_STORE_HELP),
+                 broker: Optional[str] = typer.Option(None, help="Also clear the device's retained status/meta "
+                                                      "and its Home Assistant discovery on this broker."),
+                 ca_file: Optional[str] = typer.Option(None, help="CA certificate for TLS to the broker."),
+                 cert_file: Optional[str] = typer.Option(None, help="Client certificate (mutual TLS)."),
+                 key_file: Optional[str] = typer.Option(None, help="Client key (mutual TLS).")):
+    """Remove a retired device: its history, events and alerts, and (with --broker) its retained topics,
+    so it leaves Home Assistant and does not come back at the next monitor start."""
+    from lepton_edge.fleet.forget import forget_device
+
+    with _read_store(store) as st:
+        fleet, name = resolve_device(st, device)
+        cleared = forget_device(st, fleet, name, broker=broker, ca_file=ca_file, cert_file=cert_file,
+                                key_file=key_file)
+    print(f"forgot {fleet}/{name}" + (f"; cleared {len(cleared)} retained topics on {broker}" if cleared else
+                                      "; its retained topics stay on the broker (pass --broker to clear them)"))
 
 
 def main() -> None:

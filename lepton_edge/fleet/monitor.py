@@ -59,7 +59,9 @@ class Monitor:
                  queue_size: int = 20000, batch: int = 1000, flood_rate: float = 20.0, flood_burst: float = 5000.0,
                  alerts=None, alert_every_s: float = 5.0, retain_s: float | None = None,
                  downsample_after_s: float | None = None, housekeeping_every_s: float = 3600.0,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, persistent: bool = True):
+        """persistent=False: a clean session (a one-off read such as `monitor --once`, which must not
+        take over, or drain, the session a running monitor keeps on the broker)."""
         if fleet != "+":
             safe_segment(fleet, "fleet")
         if group is not None:
@@ -83,7 +85,7 @@ class Monitor:
         self._busy = False
         self._stop = threading.Event()
         self.connected = threading.Event()
-        self.client = make_client(self.addr, self.client_id, clean_session=False, username=username,
+        self.client = make_client(self.addr, self.client_id, clean_session=not persistent, username=username,
                                   password=password, ca_file=ca_file, cert_file=cert_file, key_file=key_file)
         self.client.manual_ack_set(True)
         self.client.reconnect_delay_set(0.5, 10)

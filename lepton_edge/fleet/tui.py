@@ -105,8 +105,29 @@ def header(summary) -> Text:
     return t
 
 
-def render(store, now: float | None = None, max_rows: int | None = None):
-    """A rich renderable of the whole fleet (header + table); max_rows keeps the worst lines only."""
+MAX_ALERT_LINES = 5
+
+
+def alert_lines(alerts: list, total: int, now: float) -> list[Text]:
+    """The active alerts under the table, critical first, then newest: the alerts the web page lists."""
+    out = []
+    for a in alerts:
+        t = Text("▲ ", style="bold red" if a.severity == "critical" else "yellow")
+        t.append(f"{a.severity:<8} ", style="bold red" if a.severity == "critical" else "yellow")
+        if not a.message.startswith(f"{a.fleet}/{a.device}"):
+            t.append(f"{a.fleet}/{a.device}  ", style="bold")
+        t.append(f"{a.message}  ")
+        t.append(f"since {_age(now - a.started)}", style="dim")
+        out.append(t)
+    if total > len(alerts):
+        out.append(Text(f"… and {total - len(alerts)} more active alerts (lepton-edge fleet alerts --active)",
+                        style="dim"))
+    return out
+
+
+def render(store, now: float | None = None, max_rows: int | None = None, max_alerts: int = MAX_ALERT_LINES):
+    """A rich renderable of the whole fleet (header + table + active alerts); max_rows keeps the worst
+    lines only."""
     now = time.time() if now is None else now
     devices = sorted(store.devices(), key=sort_key)
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, expand=False)
@@ -115,7 +136,8 @@ def render(store, now: float | None = None, max_rows: int | None = None):
                          ("dropped", "right"), ("gaps", "right"), ("bundle", "left"), ("last seen", "right"),
                          ("alerts", "right")]:
         table.add_column(col, justify=justify, no_wrap=True, overflow="ellipsis",
-                         max_width=32 if col in ("fleet/device", "bundle") else None)
+                         max_width=32 if col in ("fleet/device", "bundle") else None,
+                         min_width=16 if col == "fleet/device" else None)  # the name is what a narrow terminal keeps
     shown = devices if max_rows is None else devices[:max(0, max_rows)]
     for d in shown:
         sev = OFFLINE if d.online is False else d.severity
@@ -126,11 +148,15 @@ def render(store, now: float | None = None, max_rows: int | None = None):
                       Text(str(d.seq_gaps), style="yellow" if d.seq_gaps else ""),
                       d.bundle_name or "-", _age(None if d.last_seen is None else now - d.last_seen), alerts,
                       style=_ROW_STYLE.get(sev))
-    parts: list = [header(store.summary()), table]
+    summary = store.summary()
+    parts: list = [header(summary), table]
     if len(shown) < len(devices):
         parts.append(Text(f"… and {len(devices) - len(shown)} more devices (all ok or less severe)", style="dim"))
     if not devices:
         parts.append(Text("no devices yet: waiting for telemetry", style="dim"))
+    if summary.active_alerts and max_alerts > 0:
+        active = sorted(store.alerts(active_only=True, limit=1000), key=lambda a: (a.severity != "critical", -a.started))
+        parts.extend(alert_lines(active[:max_alerts], summary.active_alerts, now))
     return Group(*parts)
 
 
@@ -155,7 +181,7 @@ def run_live(store, refresh_s: float = 1.0, stop_event: threading.Event | None =
     refresh_s = max(0.1, float(refresh_s))
 
     def rows() -> int:
-        return max(3, console.size.height - 6)  # header, table head and rule, the "more" line
+        return max(3, console.size.height - 7 - MAX_ALERT_LINES)  # header, table head, "more" lines, alerts
 
     try:
         with Live(_safe_render(store, rows()), console=console, auto_refresh=False,

@@ -15,14 +15,19 @@ from typing import Any, Iterator, Literal
 
 from pydantic import BaseModel, Field
 
+from lepton_edge.errors import LeptonError
+
 SCHEMA_VERSION = 3  # the newest migration in sql.py
 
 # Severity of a device, used to sort dashboards (worst last-seen state first).
 OK, WARNING, ALERT, OFFLINE = 0, 1, 2, 3
 
 
-class StoreError(Exception):
-    """The database cannot be used right now (locked, gone, corrupt): one line, then retry."""
+class StoreError(LeptonError):
+    """The database cannot be used right now (locked, gone, corrupt): one line, then retry.
+
+    A LeptonError so that one escaping a CLI verb is the one line it already is (exit 1), never a
+    traceback; the long-running parts (writer, alerts, views) catch it and retry."""
 
 
 class DeviceState(BaseModel):
