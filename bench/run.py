@@ -300,7 +300,38 @@ def bench_agent(out: Path, quick: bool) -> None:
     RESULTS.append(ab.outbox_rates(out))
 
 
-SECTIONS = ["fashion", "mobilenet", "tflite", "wall", "runtime", "agent"]
+def bench_outbox(out: Path, quick: bool) -> None:
+    """The outbox alone: put cost by queue depth, drain after a 100k outage (bench/outbox_bench.py)."""
+    import outbox_bench as obb
+
+    out.mkdir(parents=True, exist_ok=True)
+    RESULTS.extend(obb.tables(obb.run(out, quick)))
+
+
+def bench_flood(out: Path, quick: bool) -> None:
+    """Agent RSS under a flood of oversized commands, MQTT 5 and 3.1.1 (bench/command_flood_bench.py)."""
+    import command_flood_bench as cfb
+
+    out.mkdir(parents=True, exist_ok=True)
+    RESULTS.append(cfb.table(cfb.both(out, seconds=4.0 if quick else 8.0)))
+
+
+def bench_fleet_ingest(out: Path, quick: bool) -> None:
+    """The monitor's ingest vs a bare subscriber (SQLite, PostgreSQL, $share) and the store's size
+    per device-day (bench/fleet_ingest_bench.py)."""
+    import fleet_ingest_bench as fib
+
+    RESULTS.extend(fib.tables(fib.run(out, quick)))
+
+
+def bench_fleet_web(out: Path, quick: bool) -> None:
+    """The web dashboard: fleet JSON, first paint in Chromium, 24 h chart query (bench/fleet_web_bench.py)."""
+    import fleet_web_bench as fwb
+
+    RESULTS.append(fwb.table(fwb.run(out, quick)))
+
+
+SECTIONS = ["fashion", "mobilenet", "tflite", "wall", "runtime", "agent", "outbox", "flood", "fleet_ingest", "fleet_web"]
 STORE = ROOT / "bench" / "results.json"  # every section's last tables, so `--only` refreshes one section
 
 
@@ -367,7 +398,11 @@ def main() -> None:
                  "tflite": lambda: bench_tflite(work / "tflite", calib100, 40 if a.quick else 200),
                  "wall": lambda: bench_wall_time(work / "wall", calib100, 1 if a.quick else 5),
                  "runtime": lambda: bench_runtime(work / "runtime", calib, a.quick),
-                 "agent": lambda: bench_agent(work / "agent", a.quick)}
+                 "agent": lambda: bench_agent(work / "agent", a.quick),
+                 "outbox": lambda: bench_outbox(work / "outbox", a.quick),
+                 "flood": lambda: bench_flood(work / "flood", a.quick),
+                 "fleet_ingest": lambda: bench_fleet_ingest(work / "fleet_ingest", a.quick),
+                 "fleet_web": lambda: bench_fleet_web(work / "fleet_web", a.quick)}
         fresh: dict[str, list] = {}
         for key, step in steps.items():
             if a.only and key not in a.only:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob as globlib
 import os
+import stat
 import re
 import threading
 import time
@@ -366,6 +367,10 @@ def open_source(spec: str | int, max_backoff: float = 10.0, loop: bool = False,
     if not Path(s).exists():
         raise BadInput(f"source not found: {s!r} (a camera index, a video or image path, a folder, a glob, "
                        "or an rtsp:// / http:// URL)")
+    mode = os.stat(s).st_mode
+    if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):  # opening one blocks until a writer comes: maybe never
+        raise BadInput(f"cannot open video {s!r}: a named pipe or socket, not a video file (stream it over "
+                       "udp://, tcp:// or rtsp:// instead)")
     if Path(s).is_file() and Path(s).stat().st_size == 0:
         raise BadInput(f"cannot open video {s!r}: the file is empty")
     return VideoFile(s, loop=loop, decode_threads=decode_threads)

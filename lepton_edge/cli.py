@@ -108,8 +108,8 @@ def export(
     max_size: Optional[str] = typer.Option(None, help="Size budget, e.g. 1MB (tighter than the target's)."),
     task: Optional[str] = typer.Option(None, help="classify, detect, segment, embed or raw: picks the validation "
                                        "metrics (default: inferred from the outputs; stated in the report)."),
-    min_agreement: float = typer.Option(0.99, help="classify: top-1 agreement wanted, capped at the fp32 model's "
-                                        "own agreement under input noise (its ceiling) minus 0.05."),
+    min_agreement: Optional[float] = typer.Option(None, help="classify: top-1 agreement wanted (default: the fp32 "
+                                                  "model's own agreement under input noise, its ceiling, minus 0.05)."),
     min_confident_kept: float = typer.Option(0.99, help="classify: share of confident fp32 top-1 (softmax >= 0.5) "
                                              "kept (one miss allowed when few)."),
     min_top5: float = typer.Option(0.98, help="classify: share of fp32 top-1 within the top-5 (> 5 classes)."),

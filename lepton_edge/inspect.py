@@ -33,7 +33,7 @@ def inspect_onnx(path: Path) -> dict:
 
     def value(v):
         t = v.type.tensor_type
-        dims = [d.dim_value if d.dim_value else (d.dim_param or "?") for d in t.shape.dim]
+        dims = [d.dim_value if d.dim_value > 0 else (d.dim_param or "?") for d in t.shape.dim]
         return {"name": v.name, "dtype": _DTYPES.get(t.elem_type, str(t.elem_type)), "shape": dims,
                 "dynamic": [i for i, d in enumerate(dims) if not isinstance(d, int)], "layout": guess_layout(dims)}
 
@@ -158,7 +158,8 @@ def _wire_value(buf: memoryview) -> dict:
                                     value = xv
                                 elif xn == 2:
                                     param = _str(xv)
-                            dims.append(value if value else (param or "?"))
+                            # a negative dim_value (Paddle writes -1 for dynamic) is a huge unsigned varint
+                            dims.append(value if 0 < value < (1 << 62) else (param or "?"))
     return {"name": name, "dtype": _DTYPES.get(elem, str(elem)), "shape": dims,
             "dynamic": [i for i, d in enumerate(dims) if not isinstance(d, int)], "layout": guess_layout(dims)}
 

@@ -105,3 +105,48 @@ def mosquitto(tmp_path):
     b = Mosquitto(tmp_path / "broker").start()
     yield b
     b.stop()
+
+
+@pytest.fixture
+def prometheus(tmp_path):
+    """Start a real Prometheus scraping the given targets ("host:port") every second: prometheus([...]).
+    Stopped afterwards."""
+    from prometheus_server import PROMETHEUS, Prometheus
+
+    if not os.path.exists(PROMETHEUS):
+        pytest.skip("Prometheus is not installed (apt-get install prometheus)")
+    started: list = []
+
+    def start(targets: list[str], metrics_path: str = "/metrics"):
+        p = Prometheus(tmp_path / f"prometheus{len(started)}", targets, metrics_path).start()
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        p.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL (Debian's initdb/pg_ctl) on a free loopback port for the session."""
+    from postgres_server import Postgres, pg_bin
+
+    if not pg_bin("initdb"):
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    pg = Postgres().start()
+    yield pg
+    pg.cleanup()
+
+
+@pytest.fixture
+def postgres(postgres_server):
+    """A fresh, empty database on the session's PostgreSQL: its postgresql:// URL."""
+    import uuid
+
+    import psycopg
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_server.url, autocommit=True) as c:
+        c.execute(f"CREATE DATABASE {name}")
+    return postgres_server.url.rsplit("/", 1)[0] + f"/{name}"

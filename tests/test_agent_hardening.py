@@ -177,6 +177,44 @@ def test_oversized_commands_are_refused_before_queueing(tmp_path, x86, fashion_v
         agent.outbox.close()
 
 
+def test_with_mqtt5_the_broker_discards_huge_commands_before_the_agent_reads_them(tmp_path, mosquitto, x86,
+                                                                                   fashion_video):
+    """mqtt_max_packet_bytes (MQTT 5): the agent tells the broker its largest packet, so a 4 MB command
+    is never sent to it (no reply, no event, no memory), a 100 KB one is still read and refused with a
+    reply, and a ping after them is answered. The default stays MQTT 3.1.1 (see AgentConfig)."""
+    video, _ = fashion_video
+    rec = Recorder(mosquitto.port)
+    agent = Agent(_cfg(mosquitto.url, tmp_path / "state", x86, video, mqtt_max_packet_bytes=256 * 1024),
+                  log=lambda m: None)
+    with running(agent):
+        assert rec.wait_for(lambda r: r.of("/meta"))
+        pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="flood")
+        pub.connect("127.0.0.1", mosquitto.port)
+        pub.loop_start()
+        try:
+            for _ in range(20):
+                pub.publish(f"{BASE}/cmd/ping", b'{"id": "huge", "pad": "' + b"x" * (4 << 20) + b'"}', qos=1)
+            pub.publish(f"{BASE}/cmd/ping", b'{"id": "big", "pad": "' + b"x" * (100 << 10) + b'"}', qos=1)
+            r = command(mosquitto.port, f"{BASE}/cmd/ping", {"id": "after"}, f"{BASE}/cmd/ping/reply")
+        finally:
+            pub.loop_stop()
+            pub.disconnect()
+        assert r["ok"] and r["id"] == "after"
+        assert rec.wait_for(lambda r: any("exceeds" in (m.get("error") or "") for m in r.of("/cmd/ping/reply")))
+    assert agent.publisher.client.protocol == mqtt.MQTTv5
+    assert not [m for m in rec.of("/cmd/ping/reply") if m.get("id") == "huge"]
+    big = [m for m in rec.of("/cmd/ping/reply") if "exceeds" in (m.get("error") or "")]
+    assert len(big) == 1  # the 100 KB one: read, refused with a reply; the 4 MB ones never arrived
+    legacy = Agent(_cfg(mosquitto.url, tmp_path / "legacy", x86, video), log=lambda m: None)
+    try:
+        assert legacy.publisher.client.protocol == mqtt.MQTTv311
+    finally:
+        legacy.pipeline.close()
+        legacy.outbox.close()
+    with pytest.raises(ValueError, match="at least 131072"):
+        _cfg(mosquitto.url, tmp_path / "x", x86, video, mqtt_max_packet_bytes=1000)
+
+
 # ---- deploys: a bad one rolls back to a serving pipeline, and they do not block commands ------------
 def test_bad_shape_deploy_rolls_back_and_the_old_model_keeps_serving(tmp_path, mosquitto, x86,
                                                                       fashion_video):

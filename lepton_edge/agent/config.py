@@ -52,6 +52,12 @@ class AgentConfig(BaseModel):
     health_frames: int = Field(default=30, ge=1, le=10000)
     health_timeout_s: float = Field(default=30.0, gt=0)
     max_download_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)
+    # 0 (default): MQTT 3.1.1; every command payload is read, and one over 64 KiB refused before it is
+    # queued. N >= 131072: MQTT 5 with N as the largest packet the broker may send, so it discards bigger
+    # commands unsent. Off by default: mosquitto 2.0.11 (Debian 12) stops delivering to such a client after
+    # about 100 discarded QoS 1 messages. Cap payloads at the broker instead (max_packet_size, see
+    # examples/raspberry_pi/mosquitto/lepton.conf).
+    mqtt_max_packet_bytes: int = Field(default=0, ge=0, le=256 * 1024 * 1024)
     max_bundle_bytes: int = Field(default=1024 * 1024 * 1024, ge=1024)  # a deployed bundle's files, unpacked
     keep_bundles: int = Field(default=2, ge=0, le=20)  # previous good bundles kept to fall back to
     download_timeout_s: float = Field(default=300.0, gt=0, le=86400)  # the whole download, not per read
@@ -67,6 +73,13 @@ class AgentConfig(BaseModel):
             return parse_allowlist(v, "delegates")
         except BadInput as e:
             raise ValueError(str(e)) from None
+
+    @field_validator("mqtt_max_packet_bytes")
+    @classmethod
+    def _packet_limit(cls, v: int) -> int:
+        if 0 < v < 128 * 1024:  # below that the broker would silently drop commands the agent must answer
+            raise ValueError("must be 0 (MQTT 3.1.1) or at least 131072 bytes (a command may be 64 KiB)")
+        return v
 
     @field_validator("fleet", "device_id")
     @classmethod

@@ -267,7 +267,8 @@ class BundleStore:
                 for rel, m in files.items():
                     _write_new(dest, rel, tf.extractfile(m), m.size)
         except (tarfile.TarError, EOFError, OSError, ValueError) as e:  # gzip/zlib errors are OSError/EOFError
-            raise DeployError(f"cannot unpack {archive.name}: {str(e)[:200]}") from None
+            why = "; ".join(line.strip("- ") for line in str(e).splitlines() if line.strip())  # tarfile: one per method
+            raise DeployError(f"cannot unpack {archive.name}: {why[:200]}") from None
 
     def _members(self, tf: tarfile.TarFile) -> list[tarfile.TarInfo]:
         members, total = [], 0
@@ -329,7 +330,11 @@ class BundleStore:
     def _download(self, url: str, out: Path, sha256: str | None) -> Path:
         """Into `out`, within max_bytes and download_timeout_s (the whole transfer, enforced by a
         watchdog that shuts the socket), following redirects to http(s) only."""
-        if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+        try:
+            scheme = urllib.parse.urlsplit(url).scheme
+        except ValueError as e:  # 'http://[::1': urlsplit itself refuses it
+            raise DeployError(f"bad url {url[:80]!r}: {e}") from None
+        if scheme not in ("http", "https"):
             raise DeployError(f"url must be http(s)://, got {url[:80]!r}")
         h, n = hashlib.sha256(), 0
         watch = _Deadline(self.download_timeout_s)
@@ -355,7 +360,8 @@ class BundleStore:
                 raise DeployError(f"cannot download {url[:200]}: not finished within download_timeout_s "
                                   f"({self.download_timeout_s:g} s)") from None
             reason = getattr(e, "reason", None) or e or type(e).__name__
-            raise DeployError(f"cannot download {url[:200]}: {str(reason)[:200]}") from None
+            reason = " ".join(str(reason).split())  # urllib's redirect-loop message spans three lines
+            raise DeployError(f"cannot download {url[:200]}: {reason[:200]}") from None
         except BaseException:
             out.unlink(missing_ok=True)
             raise

@@ -98,7 +98,8 @@ class Agent:
             ca_file=str(cfg.ca_file) if cfg.ca_file else None, cert_file=str(cfg.cert_file) if cfg.cert_file else None,
             key_file=str(cfg.key_file) if cfg.key_file else None, on_connect=self._on_connect,
             on_message=self._on_message, subscriptions=[self.topics.cmd("+")], max_backoff=cfg.max_backoff_s,
-            on_error=lambda m: self._rate_log("publisher", m))
+            on_error=lambda m: self._rate_log("publisher", m),
+            max_packet_bytes=cfg.mqtt_max_packet_bytes or None)
         self._commands: queue.Queue = queue.Queue(maxsize=100)
         self._queued_bytes = 0  # payload bytes in self._commands (guarded by _qlock)
         self._qlock = threading.Lock()
@@ -284,11 +285,17 @@ class Agent:
         full or broken disk makes this return False (counted, logged now and then), never raise:
         every thread calls it, and none may end because the disk did."""
         try:
-            self.outbox.put(topic, payload)
+            stored = self.outbox.put(topic, payload) != 0  # 0: the outbox dropped it (a full disk), counted
         except Exception as e:  # sqlite3.Error, OSError (ENOSPC, EROFS), whatever else the disk does
             self._send_failures += 1
             self._rate_log("outbox", f"cannot store a message ({type(e).__name__}: {e}); "
                                      f"{self._send_failures} lost since start")
+            stored = False
+        if not stored:
+            # A reply or an event is worth more than a window: send it straight to a connected broker
+            # (QoS 1, not kept), so a full disk does not also silence the device's answers.
+            if topic != self.topics.telemetry and self.publisher is not None:
+                return self.publisher.publish_now(topic, payload)
             return False
         if self.publisher is not None:
             self.publisher.wake()

@@ -153,6 +153,7 @@ class Runtime:
             meta = model_metadata(backend)
             spec = spec_from_model(backend, overrides, meta)
             check_input_size(spec)
+            check_against_engine(spec, backend.inputs, str(p))  # --input-spec size=1 on a static 28x28 model
             labels = labels or meta.get("labels")
             rt = cls(backend, spec, task or meta.get("task") or guess_task(backend, labels), labels, None, p,
                      **post_options)
@@ -161,7 +162,21 @@ class Runtime:
         rt.warnings = warnings
         if any(not isinstance(d, int) for d in backend.inputs[0].shape):
             backend.resize_input(list(rt._shape))
+        rt._check_preprocess()
         return rt
+
+    def _check_preprocess(self) -> None:
+        """One blank frame through preprocessing: the tensor must be the shape the spec and the engine
+        agree on. Why: `--input-spec layout=NHWC` on an NCHW model (or a manifest whose layout or
+        colour contradicts its shape) passes every field check and then fails in the engine at the
+        first frame, with a traceback; here it is one line before any frame is read."""
+        dims = self.spec.shape[2:4] if self.spec.layout == "NCHW" else self.spec.shape[1:3]
+        if not all(isinstance(d, int) for d in dims):
+            return
+        got = self.preprocess(np.zeros((int(dims[0]), int(dims[1]), 3), np.uint8)).shape
+        if tuple(got) != self._shape:
+            raise BadInput(f"{self.path}: the input spec ({self.spec.layout}, {self.spec.color}) makes tensors of shape "
+                           f"{list(got)}, but the input's shape is {list(self._shape)}: check layout and color")
 
     @property
     def name(self) -> str:

@@ -47,13 +47,18 @@ def parse_broker(url: str) -> BrokerAddress:
 
 def make_client(addr: BrokerAddress, client_id: str, *, clean_session: bool = True, username: str | None = None,
                 password: str | None = None, ca_file: str | None = None, cert_file: str | None = None,
-                key_file: str | None = None):
-    """A paho-mqtt 2.x client (VERSION2 callbacks, MQTT 3.1.1) for this broker, not yet connected.
-    Flags win over credentials in the URL; a TLS file that cannot be read is bad input."""
+                key_file: str | None = None, mqtt5: bool = False):
+    """A paho-mqtt 2.x client (VERSION2 callbacks; MQTT 3.1.1, or 5 with `mqtt5`) for this broker, not
+    yet connected. Flags win over credentials in the URL; a TLS file that cannot be read is bad input.
+    An MQTT 5 client's session is chosen at connect time (`connect_properties`), not here."""
     import paho.mqtt.client as mqtt
 
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session,
-                    transport=addr.transport, protocol=mqtt.MQTTv311)
+    if mqtt5:
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, transport=addr.transport,
+                        protocol=mqtt.MQTTv5)
+    else:
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session,
+                        transport=addr.transport, protocol=mqtt.MQTTv311)
     if addr.transport == "websockets":
         c.ws_set_options(path=addr.path)
     user, pw = username or addr.username, password or addr.password
@@ -65,3 +70,17 @@ def make_client(addr: BrokerAddress, client_id: str, *, clean_session: bool = Tr
         except (OSError, ssl.SSLError, ValueError) as e:
             raise BadInput(f"TLS files: {e}") from None
     return c
+
+
+def connect_properties(max_packet_bytes: int, session_expiry_s: int = 7 * 86400):
+    """MQTT 5 CONNECT properties for a device: the session outlives a disconnect (commands and
+    unacknowledged messages wait for it, as clean_session=False does in 3.1.1), and the broker is told
+    the largest packet this client accepts, so it discards a bigger one instead of sending it: a flood
+    of huge command payloads then costs the device nothing, not even the reading (MQTT 5, 3.1.2.11.4)."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = session_expiry_s
+    props.MaximumPacketSize = max_packet_bytes
+    return props

@@ -21,7 +21,7 @@ import threading
 import time
 from typing import Callable
 
-from lepton_edge.telemetry.broker import make_client, parse_broker
+from lepton_edge.telemetry.broker import connect_properties, make_client, parse_broker
 from lepton_edge.telemetry.outbox import Outbox
 
 
@@ -31,13 +31,17 @@ class Publisher:
                  cert_file: str | None = None, key_file: str | None = None, keepalive: int = 30,
                  max_inflight: int = 20, on_connect: Callable[["Publisher"], None] | None = None,
                  on_message: Callable[[str, bytes, bool], None] | None = None, subscriptions: list[str] | None = None,
-                 max_backoff: float = 10.0, on_error: Callable[[str], None] | None = None):
+                 max_backoff: float = 10.0, on_error: Callable[[str], None] | None = None,
+                 max_packet_bytes: int | None = None):
         self.addr = parse_broker(broker)
         self.outbox, self.max_inflight = outbox, max_inflight
         self._on_connect_cb, self._on_message_cb, self._on_error_cb = on_connect, on_message, on_error
         self.subscriptions = subscriptions or []
+        # max_packet_bytes: MQTT 5 with a persistent session and a packet-size limit the broker enforces;
+        # None: MQTT 3.1.1 (clean_session=False), for brokers without MQTT 5
+        self.max_packet_bytes = max_packet_bytes
         c = make_client(self.addr, client_id, clean_session=False, username=username, password=password,
-                        ca_file=ca_file, cert_file=cert_file, key_file=key_file)
+                        ca_file=ca_file, cert_file=cert_file, key_file=key_file, mqtt5=max_packet_bytes is not None)
         if will:
             c.will_set(will[0], will[1], qos=1, retain=True)
         jitter = random.uniform(0.8, 1.2)  # per device: a fleet must not reconnect in lockstep
@@ -60,7 +64,11 @@ class Publisher:
     # ---- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
         """Connect in the background: a broker that is down at start is retried, never waited for."""
-        self.client.connect_async(self.addr.host, self.addr.port, keepalive=30)
+        if self.max_packet_bytes is None:
+            self.client.connect_async(self.addr.host, self.addr.port, keepalive=30)
+        else:
+            self.client.connect_async(self.addr.host, self.addr.port, keepalive=30, clean_start=False,
+                                      properties=connect_properties(self.max_packet_bytes))
         self.client.loop_start()
         self._sender.start()
 
