@@ -117,7 +117,7 @@ def outbox_rates(work: Path, n_rate: int = 2000, n_drain: int = 10_000):
         pub.stop()
         rows.append([f"{n_rate:,} windows committed while connected", f"{n_rate / commit_s:,.0f}/s",
                      f"{n_rate / total_s:,.0f}/s committed and acknowledged", f"{total_s:.2f} s"])
-        # an outage: 10,000 windows queue up, then the broker returns
+        # an outage: n_drain windows queue up, then the broker returns
         broker.stop()
         ob2 = Outbox(work / "drain.sqlite")
         for i in range(n_drain):
@@ -128,7 +128,7 @@ def outbox_rates(work: Path, n_rate: int = 2000, n_drain: int = 10_000):
         broker.start()
         t0 = time.perf_counter()
         pub2.connected.wait(30)
-        ok = pub2.flush(300)
+        ok = pub2.flush(900)
         drain_s = time.perf_counter() - t0
         pub2.stop()
         rows.append([f"{n_drain:,} windows queued during an outage, broker back", "-",

@@ -45,19 +45,19 @@ def window(seq: int) -> bytes:
                              "software": "lepton-edge 0.4.0"}).model_dump_json().encode()
 
 
+# The outbox as issue #10 found it (a COUNT(*) per put): the baseline every later version is measured against.
+BASELINE_COMMIT = "366ce1e"
+
+
 def old_outbox_class():
-    """The previous Outbox: git HEAD's when the working tree changed it, else the one before the
-    last commit that touched it (None without git or history)."""
+    """The Outbox of BASELINE_COMMIT, loaded from git (None without git or that history)."""
     rel = "lepton_edge/telemetry/outbox.py"
 
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, check=True, capture_output=True, text=True).stdout
 
     try:
-        src = git("show", f"HEAD:{rel}")
-        if src == (ROOT / rel).read_text():
-            last = git("rev-list", "-n", "1", "HEAD", "--", rel).strip()
-            src = git("show", f"{last}^:{rel}")
+        src = git("show", f"{BASELINE_COMMIT}:{rel}")
     except (OSError, subprocess.CalledProcessError):
         return None
     mod_path = Path(tempfile.mkdtemp(prefix="old-outbox-")) / "old_outbox.py"
@@ -194,7 +194,7 @@ def tables(res: dict) -> list:
     if has_old:
         drows.append(["before", f"{d['old']['windows_per_s']:,}/s", f"{d['old']['seconds']:.1f} s", "same file"])
     return [(f"Outbox.put latency by queue depth ({res['payload_bytes']} B window, default bound 100k; "
-             "before = the previous outbox.py from git, same process, alternating blocks)", header, rows),
+             "before = outbox.py as issue #10 found it (git 366ce1e), same process, alternating blocks)", header, rows),
             ("Outbox drain after a 100k-window outage (pending() batches of 100, one delete() per PUBACK; "
              "no broker)", ["outbox", "drain rate", "time", "file size at 100k"], drows)]
 

@@ -6,13 +6,13 @@ Each profile is validated by a pydantic schema so a typo names the field and the
 from __future__ import annotations
 
 import hashlib
-import tomllib
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from lepton_edge import tomlfile
 from lepton_edge.errors import BadInput, closest
 
 _RECIPE_ACTS = {"u8", "s8"}
@@ -96,18 +96,7 @@ def builtin_ids() -> list[str]:
 
 
 def _parse(text: str | bytes, source: str) -> Profile:
-    try:
-        if isinstance(text, bytes):
-            if len(text) > MAX_PROFILE_BYTES:
-                raise BadInput(f"{source}: larger than {MAX_PROFILE_BYTES // 1024} KB; not a target profile")
-            text = text.decode("utf-8")
-        data = tomllib.loads(text)
-    except UnicodeDecodeError as e:
-        raise BadInput(f"{source}: not UTF-8 text (byte {e.start})") from None
-    except tomllib.TOMLDecodeError as e:
-        raise BadInput(f"{source}: not valid TOML ({e})") from None
-    except RecursionError:
-        raise BadInput(f"{source}: nested too deeply to be a target profile") from None
+    data = tomlfile.loads(text, source, "target profile", MAX_PROFILE_BYTES)
     try:
         prof = Profile.model_validate(data)
     except ValidationError as e:

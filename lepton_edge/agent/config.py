@@ -6,12 +6,12 @@ fail loudly at start, naming the field, not be silently ignored for months.
 from __future__ import annotations
 
 import socket
-import tomllib
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from lepton_edge import tomlfile
 from lepton_edge.errors import BadInput, closest
 from lepton_edge.runtime.delegates import parse_allowlist
 from lepton_edge.telemetry.topics import safe_segment, sanitize
@@ -91,7 +91,7 @@ class AgentConfig(BaseModel):
 
 
 FIELDS = list(AgentConfig.model_fields)
-MAX_TOML_BYTES = 1 << 20  # a config or profile is a page of text; a bigger file is a mistake or an attack
+MAX_TOML_BYTES = tomlfile.MAX_TOML_BYTES
 
 
 def read_toml(path: Path, what: str) -> dict:
@@ -104,16 +104,7 @@ def read_toml(path: Path, what: str) -> dict:
         raise BadInput(f"{what} not found: {path}") from None
     except OSError as e:
         raise BadInput(f"cannot read {what} {path}: {e.strerror or e}") from None
-    if len(raw) > MAX_TOML_BYTES:
-        raise BadInput(f"{path}: larger than {MAX_TOML_BYTES // 1024} KB; not a {what}")
-    try:
-        return tomllib.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise BadInput(f"{path}: not UTF-8 text (byte {e.start})") from None
-    except tomllib.TOMLDecodeError as e:
-        raise BadInput(f"{path}: not valid TOML ({e})") from None
-    except RecursionError:
-        raise BadInput(f"{path}: nested too deeply to be a {what}") from None
+    return tomlfile.loads(raw, str(path), what)
 
 
 def load(path: Path | None, overrides: dict[str, Any]) -> AgentConfig:

@@ -155,6 +155,10 @@ if [ "${ARM64_ONNX:-1}" = 1 ]; then
   inroot /bin/bash -c 'cd /root && tar xf onnx-kit.tar.gz && ./onnx-kit/install.sh' >&2
   ONNX_VENV_MB=$(du -sm "$(readlink -f "$R/opt/lepton-edge/venv")" | cut -f1)  # not -L: a venv's lib64 links to lib
   ONNX_WHEELS_MB=$(du -sm "$R/root/onnx-kit/wheels" | cut -f1)
+  # issue 12 point 4: an ONNX bundle inspected on a device with only the device extra (no `onnx` package)
+  ! inroot /opt/lepton-edge/venv/bin/python -c 'import onnx' 2>/dev/null \
+    || { echo "run.sh: the ONNX kit installed the onnx package" >&2; exit 1; }
+  inroot $LE inspect $B --json > "$OUT/inspect-onnx.json"
   inroot $LE run $B --source /srv/arm64/frames --jsonl /srv/arm64/onnx.jsonl --no-show --every 0 > /dev/null
   "$PY" -m lepton_edge.cli run "$OB" --source "$IN/frames" --jsonl "$WORK/onnx-x86.jsonl" --no-show --every 0 > /dev/null
   "$PY" "$HERE/inputs.py" compare "$R/srv/arm64/onnx.jsonl" "$WORK/onnx-x86.jsonl" --min-top1 0.99 > "$OUT/compare-onnx.json" \

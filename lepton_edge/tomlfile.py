@@ -1,0 +1,29 @@
+"""TOML from outside (an agent config, a target profile) as a dict, or one line saying why not.
+
+Why one place: both files are written by hand and copied between machines, so each can be too big,
+not UTF-8, not TOML, or nested past what the parser's recursion takes; the agent and the profile
+loader must refuse those the same way, with the file named, never with a traceback.
+"""
+from __future__ import annotations
+
+import tomllib
+
+from lepton_edge.errors import BadInput
+
+MAX_TOML_BYTES = 1 << 20  # a config or profile is a page of text; a bigger file is a mistake or an attack
+
+
+def loads(raw: str | bytes, source: str, what: str, max_bytes: int = MAX_TOML_BYTES) -> dict:
+    """`raw` (bytes as read, capped by the caller at max_bytes + 1, or text) parsed as TOML."""
+    try:
+        if isinstance(raw, bytes):
+            if len(raw) > max_bytes:
+                raise BadInput(f"{source}: larger than {max_bytes // 1024} KB; not a {what}")
+            raw = raw.decode("utf-8")
+        return tomllib.loads(raw)
+    except UnicodeDecodeError as e:
+        raise BadInput(f"{source}: not UTF-8 text (byte {e.start})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise BadInput(f"{source}: not valid TOML ({e})") from None
+    except RecursionError:
+        raise BadInput(f"{source}: nested too deeply to be a {what}") from None
