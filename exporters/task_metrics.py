@@ -10,7 +10,9 @@ import math
 
 import numpy as np
 
-CONFIDENT = 0.5  # fp32 softmax max from which a prediction counts as confident
+# fp32 softmax max from which a prediction counts as confident: 0.5, or halfway between chance and
+# certainty when that is higher (a 2-class model is "0.5 sure" of every input: 0.75 there)
+CONFIDENT = 0.5
 MASK_AT = 0.5  # probability maps are thresholded here for the mask IoU
 BOX_IOU = 0.5  # detections match fp32's from this IoU (and the same class)
 NN_SAMPLES = 2000  # embeddings the nearest-neighbour agreement is measured on
@@ -88,7 +90,8 @@ def classify(ref, out: list[np.ndarray], eval_out, th, metrics: dict) -> list[st
         why.append(f"top-1 agreement {agree:.4f} < {need:.4f} " + (
             "(--min-agreement)" if th.min_agreement is not None else
             f"(fp32's own agreement under input noise {ceiling:.4f} - {th.agreement_margin})"))
-    confident = _probabilities(r).max(1) >= CONFIDENT
+    probs = _probabilities(r)
+    confident = probs.max(1) >= max(CONFIDENT, (1 + 1 / probs.shape[1]) / 2)
     n = int(confident.sum())
     metrics["confident_samples"] = float(n)
     if n:
