@@ -1,1 +1,2 @@
-"""The operator side of the fleet: deploys now; the monitor (dashboards, history, alerts) later."""
+"""The operator side of the fleet: deploys, and the monitor (ingest, store, alerts, web and terminal
+dashboards, Prometheus, Home Assistant) with its simulator; see docs/architecture.md."""
