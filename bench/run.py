@@ -319,6 +319,25 @@ def bench_flood(out: Path, quick: bool) -> None:
     RESULTS.append(cfb.table(cfb.both(out, seconds=4.0 if quick else 8.0)))
 
 
+def bench_footprint(out: Path, quick: bool) -> None:
+    """Device footprint (bench/footprint_bench.py): kit wheels, installed size and the emulated agent from
+    the last `make test-arm64` (out/arm64/result.json), the agent's peak RSS natively with MobileNetV2."""
+    import footprint_bench as fpb
+
+    out.mkdir(parents=True, exist_ok=True)
+    model = "zoo:fashion-cnn" if quick else "zoo:mobilenetv2"
+    RESULTS.extend(fpb.tables(fpb.run(model, None, ROOT / "out" / "arm64" / "result.json")))
+
+
+def bench_third_party(out: Path, quick: bool) -> None:
+    """Third-party models from PyPI wheels, int8 by default beside NNCF's default PTQ
+    (bench/third_party_bench.py; over an hour for the whole corpus on 2 cores)."""
+    import third_party_bench as tpb
+
+    out.mkdir(parents=True, exist_ok=True)
+    RESULTS.extend(tpb.tables(tpb.run(out, quick)))
+
+
 def bench_fleet_ingest(out: Path, quick: bool) -> None:
     """The monitor's ingest vs a bare subscriber (SQLite, PostgreSQL, $share) and the store's size
     per device-day (bench/fleet_ingest_bench.py)."""
@@ -334,7 +353,8 @@ def bench_fleet_web(out: Path, quick: bool) -> None:
     RESULTS.append(fwb.table(fwb.run(out, quick)))
 
 
-SECTIONS = ["fashion", "mobilenet", "tflite", "wall", "runtime", "agent", "outbox", "flood", "fleet_ingest", "fleet_web"]
+SECTIONS = ["fashion", "mobilenet", "tflite", "wall", "runtime", "agent", "outbox", "flood", "fleet_ingest", "fleet_web",
+            "footprint", "third_party"]
 STORE = ROOT / "bench" / "results.json"  # every section's last tables, so `--only` refreshes one section
 
 
@@ -405,7 +425,9 @@ def main() -> None:
                  "outbox": lambda: bench_outbox(work / "outbox", a.quick),
                  "flood": lambda: bench_flood(work / "flood", a.quick),
                  "fleet_ingest": lambda: bench_fleet_ingest(work / "fleet_ingest", a.quick),
-                 "fleet_web": lambda: bench_fleet_web(work / "fleet_web", a.quick)}
+                 "fleet_web": lambda: bench_fleet_web(work / "fleet_web", a.quick),
+                 "footprint": lambda: bench_footprint(work / "footprint", a.quick),
+                 "third_party": lambda: bench_third_party(work / "third_party", a.quick)}
         fresh: dict[str, list] = {}
         for key, step in steps.items():
             if a.only and key not in a.only:
