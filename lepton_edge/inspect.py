@@ -15,6 +15,15 @@ _DTYPES = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int6
            11: "float64", 16: "bfloat16"}
 
 
+def _precision(ops: Counter, weight_types: Counter) -> str:
+    """int8 when the graph quantizes (QDQ or QLinear ops), fp16 when most weights are half, else fp32."""
+    if ops.get("QuantizeLinear") or ops.get("DequantizeLinear") or ops.get("QLinearConv"):
+        return "int8"
+    if weight_types and weight_types.most_common(1)[0][0] == "float16":
+        return "fp16"
+    return "fp32"
+
+
 def inspect_onnx(path: Path) -> dict:
     if path.stat().st_size == 0:
         raise BadInput(f"{path}: empty file, not an ONNX model")
@@ -46,12 +55,7 @@ def inspect_onnx(path: Path) -> dict:
             n *= d
         params += n
         weight_types[_DTYPES.get(i.data_type, str(i.data_type))] += n
-    if ops.get("QuantizeLinear") or ops.get("DequantizeLinear") or ops.get("QLinearConv"):
-        precision = "int8"
-    elif weight_types and weight_types.most_common(1)[0][0] == "float16":
-        precision = "fp16"
-    else:
-        precision = "fp32"
+    precision = _precision(ops, weight_types)
     std = {"", "ai.onnx"}
     used_domains = {n.domain for n in g.node if n.domain not in std}
     return {
@@ -215,12 +219,7 @@ def inspect_onnx_wire(path: Path) -> dict:
             n *= d
         params += n
         weight_types[_DTYPES.get(dtype, str(dtype))] += n
-    if ops.get("QuantizeLinear") or ops.get("DequantizeLinear") or ops.get("QLinearConv"):
-        precision = "int8"
-    elif weight_types and weight_types.most_common(1)[0][0] == "float16":
-        precision = "fp16"
-    else:
-        precision = "fp32"
+    precision = _precision(ops, weight_types)
     used_domains = {dom for _, dom in nodes if dom not in std}
     init_names = {name for name, _, _ in inits}
     return {

@@ -28,6 +28,7 @@ from importlib import metadata, resources
 from importlib.util import find_spec
 from pathlib import Path
 
+from lepton_edge.bundle import sha256_file
 from lepton_edge.errors import BadInput
 
 DIST = "lepton-edge"
@@ -298,14 +299,6 @@ def unit_file() -> str:
     return _template(UNIT_NAME)
 
 
-def _sha256(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 @dataclass
 class KitReport:
     output: Path
@@ -393,7 +386,7 @@ def build(bundle: Path, output: Path, target: str | None = None, key: Path | Non
                 "requirements": reqs, "signed_by": signed_by}
         (root / "KIT.json").write_text(json.dumps(info, indent=2) + "\n")
         files = sorted(p for p in root.rglob("*") if p.is_file())
-        sums = "".join(f"{_sha256(p)}  {p.relative_to(root).as_posix()}\n" for p in files)
+        sums = "".join(f"{sha256_file(p)}  {p.relative_to(root).as_posix()}\n" for p in files)
         (root / "SHA256SUMS").write_text(sums)
         part = Path(tmp) / "kit.tar.gz"
         with tarfile.open(part, "w:gz", compresslevel=1) as tar:
