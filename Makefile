@@ -12,7 +12,7 @@ DEB    := mosquitto dataset-fashion-mnist
 DEB_TEST := $(DEB) gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-good python3-gi \
             postgresql prometheus chromium tmux
 
-.PHONY: quickstart test test-arm64 fuzz deb deb-test bench clean
+.PHONY: quickstart lint test test-fast test-arm64 arm64-mnv2 fuzz deb deb-test bench mutation clean
 
 $(VENV)/.base:
 	$(PYTHON) -m venv $(VENV)
@@ -47,10 +47,24 @@ deb-test:
 quickstart: deb $(VENV)/.export
 	$(VENV)/bin/lepton-edge quickstart $(ARGS)
 
+# the quality gates, first in `make test` and `make test-fast` (so in .ci/run), a few seconds: ruff with the rule
+# set and complexity limit of [tool.ruff] in pyproject.toml, then mypy on the public API and the device side
+# ([tool.mypy] files)
+LINT_PATHS := lepton_edge exporters targets tests bench scripts
+lint: $(VENV)/.all
+	$(PY) -m ruff check $(LINT_PATHS)
+	$(PY) -m mypy
+
 # the fuzz tier (tests/fuzz: hypothesis over every parser of outside input + the committed corpus) runs
 # bounded here, ~10 s in all; `make fuzz` runs it long, then atheris on each parser for FUZZ_SECONDS
-test: deb-test $(VENV)/.all
+test: deb-test $(VENV)/.all lint
 	HYPOTHESIS_PROFILE=ci $(PY) -m pytest -q
+
+# the fast tier: unit tests and every test that needs no exported model, no real data set and no service on
+# a port (tests/conftest.py marks those slow / network by the fixtures they use); under a minute, no Debian
+# packages. `make test` above runs everything, the fast tier included, and is what .ci/run runs.
+test-fast: $(VENV)/.all lint
+	HYPOTHESIS_PROFILE=ci $(PY) -m pytest -q -m "not slow and not network"
 
 FUZZ_SECONDS ?= 60
 FUZZ_PARSERS := command manifest signature profile agent_config input_spec broker telemetry
@@ -67,8 +81,26 @@ fuzz: $(VENV)/.all
 test-arm64: deb $(VENV)/.all
 	PY=$(abspath $(PY)) scripts/arm64/run.sh
 
+# the issue's emulated footprint figure (bench section `footprint` reads out/arm64-mnv2/result.json): the same
+# proof with zoo:mobilenetv2 224x224 int8 TFLite; 20 PNG frames, no video comparison (random weights: near-
+# uniform scores), the agent over 1,000 frames. Emulated: about a second per frame on an idle 2-core host.
+arm64-mnv2: deb $(VENV)/.all
+	rm -rf out/arm64-mnv2-export
+	$(PY) -c 'import lepton_edge; lepton_edge.export("zoo:mobilenetv2", target="rpi4", out="out/arm64-mnv2-export", eval_limit=500, measure_latency=False)'
+	ARM64_BUNDLE=$(abspath out/arm64-mnv2-export/mobilenetv2-rpi4) ARM64_ONNX=0 ARM64_PNG_FRAMES=20 ARM64_VIDEO_COMPARE=0 \
+	  ARM64_AGENT_FRAMES=1000 ARM64_AGENT_TIMEOUT=3600 ARM64_OUT=$(abspath out/arm64-mnv2) PY=$(abspath $(PY)) scripts/arm64/run.sh
+
 bench: deb $(VENV)/.all
 	$(PY) bench/run.py
+
+# mutation score (issue 13): mutmut's mutants of the modules whose bugs matter most, each run against that
+# module's fast tests in a scratch copy; MUTATION_SAMPLE mutants per module (0: all, hours on 2 cores),
+# MUTATION_BUDGET_S seconds per module at most; the table goes into BENCHMARKS.md (section `mutation`)
+MUTATION_SAMPLE ?= 30
+MUTATION_BUDGET_S ?= 900
+mutation: deb-test $(VENV)/.all
+	$(PY) bench/mutation_bench.py run --sample $(MUTATION_SAMPLE) --budget $(MUTATION_BUDGET_S)
+	$(PY) bench/run.py --only mutation
 
 clean:
 	rm -rf $(VENV) out build dist *.egg-info

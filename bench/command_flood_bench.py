@@ -79,10 +79,11 @@ def run(seconds: float, mb: int, rate: float, mqtt_max_packet_bytes: int | None 
         exe = Path(sys.executable).parent / "lepton-edge"
         conf = Path(tmp) / "agent.toml"
         conf.write_text("" if mqtt_max_packet_bytes is None else f"mqtt_max_packet_bytes = {mqtt_max_packet_bytes}\n")
-        agent = subprocess.Popen([str(exe), "agent", "--config", str(conf), "--broker", broker.url, "--fleet", "bench",
-                                  "--device-id", "dev", "--bundle", str(bundle), "--source", str(video), "--loop",
-                                  "--window", "1", "--state-dir", str(Path(tmp) / "state")],
-                                 stdout=subprocess.DEVNULL, stderr=open(Path(tmp) / "agent.log", "w"))
+        with open(Path(tmp) / "agent.log", "w") as log:  # the agent keeps its own copy of the descriptor
+            agent = subprocess.Popen([str(exe), "agent", "--config", str(conf), "--broker", broker.url, "--fleet",
+                                      "bench", "--device-id", "dev", "--bundle", str(bundle), "--source", str(video),
+                                      "--loop", "--window", "1", "--state-dir", str(Path(tmp) / "state")],
+                                     stdout=subprocess.DEVNULL, stderr=log)
         proc = psutil.Process(agent.pid)
         got: list[dict] = []
         listener = _client(broker.port, "listen", got)
@@ -183,7 +184,8 @@ def both(work: Path, seconds: float = 8.0, mb: int = 10, rate: float = 1000.0) -
 
 def table(results: list[dict]):
     """BENCHMARKS.md rows (bench/run.py's `flood` section)."""
-    rows = [[f"{r['broker']}, MQTT {r['mqtt']}", f"{r['sent']} x {r['payload_mb']} MB", f"{r['rate_per_s']}/s", f"{r['baseline_rss_mb']}",
+    rows = [[f"{r['broker']}, MQTT {r['mqtt']}", f"{r['sent']} x {r['payload_mb']} MB", f"{r['rate_per_s']}/s",
+             f"{r['baseline_rss_mb']}",
              f"{r['peak_rss_mb']}", f"{r['end_rss_mb']}", f"{r['growth_mb']:+.1f}", str(r["error_replies"]),
              "-" if r["ping_after_flood_ms"] is None else f"{r['ping_after_flood_ms']:.0f} ms",
              "PASS" if r["ok"] else "FAIL"] for r in results]

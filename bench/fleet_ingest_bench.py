@@ -42,9 +42,9 @@ TARGET, GOAL = 0.5, 0.8  # monitor / bare, from the issue
 class Counter:
     """The baseline: a paho subscriber (QoS 1, persistent session) that counts telemetry and nothing else."""
 
-    def __init__(self, port: int):
+    def __init__(self, port: int, client_id: str = "bench-bare"):
         self.n, self.first, self.last = 0, None, None
-        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-bare", clean_session=False)
+        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
         self.c.on_connect = lambda c, *a: c.subscribe(f"lepton/v1/{FLEET}/+/telemetry", qos=1)
         self.c.on_message = self._on
         self.c.connect("127.0.0.1", port)
@@ -54,6 +54,9 @@ class Counter:
         t = time.time()
         self.first = self.first or t
         self.last, self.n = t, self.n + 1
+
+    def rate(self) -> float:
+        return self.n / max(1e-9, self.last - self.first) if self.first else 0.0
 
     def close(self) -> None:
         self.c.disconnect()
@@ -79,7 +82,7 @@ def ingest(work: Path, devices: int, seconds: float, store_url: str, workers: in
     broker = Mosquitto(work / "broker", extra="max_inflight_messages 1000\nmax_connections -1\n").start()
     mons: list[Monitor] = []
     stores = []
-    bare = None
+    bare = bare_aa = None
     try:
         stores = [open_store(store_url) for _ in range(workers)]
         stamps: list[float] = []
@@ -93,6 +96,7 @@ def ingest(work: Path, devices: int, seconds: float, store_url: str, workers: in
         mons[:] = [Monitor(broker.url, s, group="bench" if workers > 1 else None, client_id=f"bench-mon-{i}",
                         fleet=FLEET, on_change=changed, log=lambda _: None).start() for i, s in enumerate(stores)]
         bare = Counter(broker.port)
+        bare_aa = Counter(broker.port, "bench-bare-aa")  # A/A: the baseline against itself, same run
         for m in mons:
             m.connected.wait(10)
         time.sleep(0.5)
@@ -114,7 +118,7 @@ def ingest(work: Path, devices: int, seconds: float, store_url: str, workers: in
         stored = sum(d.windows for d in devs)
         done = stamps[-1] if stamps else time.time()
         mon_rate = stored / max(1e-9, done - stamps[0]) if stamps else 0.0
-        bare_rate = bare.n / max(1e-9, bare.last - bare.first) if bare.first else 0.0
+        bare_rate = bare.rate()
         return {"store": store_url.split(":")[0] if "://" in store_url else "sqlite", "workers": workers,
                 "devices": devices, "seconds": seconds, "connected": sim["connected"], "sent": sent,
                 "bare_received": bare.n, "stored": stored, "lost": sent - stored,
@@ -122,11 +126,13 @@ def ingest(work: Path, devices: int, seconds: float, store_url: str, workers: in
                 "seq_gaps": sum(d.seq_gaps for d in devs), "bad": sum(m.stats["bad"] for m in mons),
                 "monitor_windows_per_s": round(mon_rate, 1), "bare_windows_per_s": round(bare_rate, 1),
                 "ratio": round(mon_rate / bare_rate, 3) if bare_rate else None,
+                "aa_ratio": round(bare_aa.rate() / bare_rate, 3) if bare_rate else None,
                 "drain_lag_s": round(done - bare.last, 2) if bare.last and stamps else None,
                 "per_worker_stored": [m.stats["stored"] for m in mons]}
     finally:
-        if bare:
-            bare.close()
+        for b in (bare, bare_aa):
+            if b:
+                b.close()
         for m in mons:
             m.stop()
         for s in stores:
@@ -203,12 +209,14 @@ def tables(res: dict) -> list:
         ok = r["lost"] == 0 and r["duplicates_stored"] == 0 and (r["ratio"] or 0) >= TARGET
         rows.append([what, f"{r['sent']:,}", f"{r['stored']:,}", str(r["lost"]), str(r["duplicates_stored"]),
                      f"{r['monitor_windows_per_s']:.0f}", f"{r['bare_windows_per_s']:.0f}", f"{r['ratio']:.3f}",
+                     f"{r['aa_ratio']:.3f}" if r.get("aa_ratio") is not None else "-",
                      f"{r['drain_lag_s']} s", "PASS" if ok else "FAIL"])
     r0 = res["runs"][0]
     t1 = (f"Fleet ingest: {r0['devices']:,} simulated devices (one MQTT connection each), one window a second, "
-          f"{r0['seconds']:g} s, mosquitto on loopback; monitor vs a bare paho subscriber in the same run",
+          f"{r0['seconds']:g} s, mosquitto on loopback; monitor vs a bare paho subscriber in the same run (both "
+          "subscribed at once, so no order to bias); A/A = a second bare subscriber against the first",
           ["store", "published", "stored", "lost", "duplicates stored", "monitor windows/s", "bare windows/s",
-           "ratio", "drain lag", f"0 lost, 0 dup, ratio >= {TARGET} (goal {GOAL})"], rows)
+           "ratio", "A/A: bare / bare", "drain lag", f"0 lost, 0 dup, ratio >= {TARGET} (goal {GOAL})"], rows)
     s = res["size"]
     t2 = (f"Fleet store size per device-day, SQLite, 10 s windows ({s['devices']} devices x 24 h written through "
           "the store, dbstat after VACUUM)",

@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+import fair  # noqa: E402
 import lepton_edge  # noqa: E402
 from lepton_edge import ui  # noqa: E402
 
@@ -69,48 +70,21 @@ def photo_folder(folder: Path, n: int) -> Path:
     return folder
 
 
-def ort_latency(paths: dict[str, Path], threads: int, x: np.ndarray, rounds: int, block: int = 20) -> dict[str, float]:
-    """Median batch-1 latency (ms) of each model, in alternating blocks of `block` runs.
+def ort_latency(paths: dict[str, Path], threads: int, x: np.ndarray, rounds: int,
+                baseline: str = "fp32") -> tuple[dict[str, float], fair.Ratio]:
+    """Median batch-1 latency (ms) of each model on sessions with the runtime's own options, and the
+    A/A ratio of `baseline` (bench/engine_latency.py, bench/fair.py)."""
+    import engine_latency as el
 
-    Blocks rather than single runs: a session's thread pool keeps spinning briefly after a run,
-    which would slow the next session's run; alternating blocks still spread machine noise evenly.
-    """
-    import onnxruntime as ort
-
-    sess = {}
-    for k, p in paths.items():
-        so = ort.SessionOptions()
-        so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-        sess[k] = ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
-    name = {k: s.get_inputs()[0].name for k, s in sess.items()}
-    times: dict[str, list[float]] = {k: [] for k in sess}
-    for _ in range(max(1, rounds // block)):
-        for k, s in sess.items():
-            for i in range(block + 3):
-                t0 = time.perf_counter()
-                s.run(None, {name[k]: x})
-                if i >= 3:  # the first runs of a block pay for the previous session's spinning threads
-                    times[k].append((time.perf_counter() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+    ms, figs = el.latency(el.ort_calls(paths, threads, x), rounds, baseline, seed=threads)
+    return ms, fair.aa(figs, baseline)
 
 
 def bench_fashion(out: Path) -> None:
-    rows = []
-    for model in ("fashion-cnn", "mobilenetv2-fashion"):
-        for target in ("x86-cpu", "rpi4"):
-            r = lepton_edge.export(f"zoo:{model}", target=target, out=out, measure_latency=False)
-            v, c = r.manifest.validation, r.manifest.compression
-            drop = v["accuracy_drop_pp"]
-            ok = drop <= 0.5 and v["top1_agreement"] >= 0.99 and (model != "mobilenetv2-fashion" or r.report["bytes"] < 1e6)
-            rows.append([model, f"{target} ({r.manifest.format})", c["quantization"]["recipe"], f"{v['accuracy_reference']:.4f}",
-                         f"{v['accuracy_artifact']:.4f}", f"{drop:+.2f}", f"{v['top1_agreement']:.4f}",
-                         f"{r.report['bytes'] / 1e6:.3f} MB", f"{r.report['bytes'] / r.report['fp32_bytes']:.3f}",
-                         verdict(ok)])
-    RESULTS.append((
-        "Fashion-MNIST accuracy, full 10,000-image test set (int8 bundle of the target's format vs the fp32 PyTorch model)",
-        ["model", "target", "int8 recipe", "fp32 acc", "int8 acc", "drop pp", "top-1 agreement", "int8 file",
-         "size vs fp32", "drop <= 0.5 pp, agreement >= 0.99, MobileNetV2 file < 1 MB"],
-        rows))
+    """Accuracy measured by the bench, not read from the manifest (bench/fashion_bench.py)."""
+    import fashion_bench as fb
+
+    RESULTS.append(fb.table(out))
 
 
 def bench_mobilenet(out: Path, calib: Path, rounds: int) -> None:
@@ -135,37 +109,30 @@ def bench_mobilenet(out: Path, calib: Path, rounds: int) -> None:
     x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
     lat_rows = []
     for threads in (1, 2):
-        ms = ort_latency({"fp32": fp32.bundle.model_path, "int8": int8.bundle.model_path,
-                          "p30-int8": pruned.bundle.model_path}, threads, x, rounds)
-        ratio = ms["int8"] / ms["fp32"]
-        lat_rows.append([str(threads), f"{ms['fp32']:.2f}", f"{ms['int8']:.2f}", f"{ratio:.3f}",
-                         f"{ms['p30-int8']:.2f}", f"{ms['p30-int8'] / ms['fp32']:.3f}", verdict(ratio <= 0.7)])
-    RESULTS.append(("MobileNetV2 224x224 latency, onnxruntime CPU, batch 1, median of interleaved runs (ms)",
-                    ["threads", "fp32", "int8", "int8 / fp32", "prune 0.3 + int8", "p30 / fp32", "int8 <= 0.7x fp32"],
+        import engine_latency as el
+
+        ms, figs = el.latency(el.ort_calls({"fp32": fp32.bundle.model_path, "int8": int8.bundle.model_path,
+                                            "p30-int8": pruned.bundle.model_path}, threads, x), rounds, "fp32",
+                              seed=threads)
+        ratio, p30, aa = fair.ratio(figs["int8"], figs["fp32"]), fair.ratio(figs["p30-int8"], figs["fp32"]), \
+            fair.aa(figs, "fp32")
+        lat_rows.append([str(threads), f"{ms['fp32']:.2f}", f"{ms['int8']:.2f}", f"{ratio} ({ratio.interval})",
+                         f"{ms['p30-int8']:.2f}", f"{p30}", f"{aa} ({aa.interval})", verdict(ratio.median <= 0.7)])
+    RESULTS.append(("MobileNetV2 224x224 latency, onnxruntime CPU with the runtime's session options (spinning off), "
+                    "batch 1 (ms, median); ratios: median of per-round ratios, 95 % bootstrap interval in brackets, "
+                    "slots in a seeded random order per round (bench/fair.py); A/A = fp32 against itself",
+                    ["threads", "fp32", "int8", "int8 / fp32", "prune 0.3 + int8", "p30 / fp32", "A/A: fp32 / fp32",
+                     "int8 <= 0.7x fp32"],
                     lat_rows))
 
 
-def litert_latency(paths: dict[str, Path], threads: int, rounds: int, block: int = 20) -> dict[str, float]:
-    """Median invoke() latency (ms) in LiteRT with XNNPACK, alternating blocks like ort_latency."""
-    from lepton_edge.runtime.litert_loader import load_interpreter
+def litert_latency(paths: dict[str, Path], threads: int, rounds: int,
+                   baseline: str = "fp32") -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Median invoke() latency (ms) in LiteRT with XNNPACK, and the per-round figures (the
+    baseline with an A/A slot), measured like ort_latency."""
+    import engine_latency as el
 
-    its = {k: load_interpreter(p, threads) for k, p in paths.items()}
-    feeds = {}
-    for k, it in its.items():
-        d = it.get_input_details()[0]
-        x = np.random.default_rng(0).standard_normal(d["shape"]).astype(np.float32)
-        feeds[k] = (d["index"], x.astype(d["dtype"]) if np.issubdtype(d["dtype"], np.integer) else x)
-    times: dict[str, list[float]] = {k: [] for k in its}
-    for _ in range(max(1, rounds // block)):
-        for k, it in its.items():
-            idx, x = feeds[k]
-            for i in range(block + 3):
-                it.set_tensor(idx, x)
-                t0 = time.perf_counter()
-                it.invoke()
-                if i >= 3:
-                    times[k].append((time.perf_counter() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return el.latency(el.litert_calls(paths, threads), rounds, baseline, seed=threads)
 
 
 def bench_tflite(out: Path, calib100: Path, rounds: int) -> None:
@@ -188,15 +155,18 @@ def bench_tflite(out: Path, calib100: Path, rounds: int) -> None:
     rows = []
     x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
     for threads in (1, 2):
-        lt = litert_latency({"fp32": fp32.bundle.model_path, "fp16": fp16.bundle.model_path,
-                             "int8": int8.bundle.model_path}, threads, rounds)
-        ort = ort_latency(ONNX_MNV2, threads, x, rounds) if ONNX_MNV2 else {}
+        lt, figs = litert_latency({"fp32": fp32.bundle.model_path, "fp16": fp16.bundle.model_path,
+                                   "int8": int8.bundle.model_path}, threads, rounds)
+        ort = ort_latency(ONNX_MNV2, threads, x, rounds)[0] if ONNX_MNV2 else {}
+        r, aa = fair.ratio(figs["int8"], figs["fp32"]), fair.aa(figs, "fp32")
         rows.append([str(threads), f"{lt['fp32']:.2f}", f"{lt['fp16']:.2f}", f"{lt['int8']:.2f}",
-                     f"{lt['int8'] / lt['fp32']:.3f}", f"{ort.get('fp32', float('nan')):.2f}",
+                     f"{r} ({r.interval})", f"{aa} ({aa.interval})", f"{ort.get('fp32', float('nan')):.2f}",
                      f"{ort.get('int8', float('nan')):.2f}"])
-    RESULTS.append(("MobileNetV2 224x224 latency (ms, median): LiteRT + XNNPACK beside onnxruntime, same run",
-                    ["threads", "LiteRT fp32", "LiteRT fp16", "LiteRT int8", "LiteRT int8 / fp32", "ORT fp32",
-                     "ORT int8"], rows))
+    RESULTS.append(("MobileNetV2 224x224 latency (ms, median): LiteRT + XNNPACK beside onnxruntime (the runtime's "
+                    "session options, as in the table above), same run; ratio and A/A (LiteRT fp32 against itself) "
+                    "as above",
+                    ["threads", "LiteRT fp32", "LiteRT fp16", "LiteRT int8", "LiteRT int8 / fp32",
+                     "A/A: fp32 / fp32", "ORT fp32", "ORT int8"], rows))
 
 
 def bare_export(calib: Path, workdir: Path) -> float:
@@ -233,21 +203,35 @@ def bare_export(calib: Path, workdir: Path) -> float:
 
 def bench_wall_time(out: Path, calib100: Path, repeats: int) -> None:
     rows = []
-    bare, ours = [], []
-    for i in range(repeats):  # alternate so drift in machine load hits both
+    runs = iter(range(10 ** 6))
+
+    def bare() -> float:
         with tempfile.TemporaryDirectory() as d:
-            bare.append(bare_export(calib100, Path(d)))
+            return bare_export(calib100, Path(d))
+
+    def ours() -> float:  # the bare script's recipe (uint8 MinMax, per-channel QDQ): the same work plus ours
         t0 = time.perf_counter()
-        lepton_edge.export("zoo:mobilenetv2", target="x86-cpu", out=out / f"wall{i}", calib=str(calib100))
-        ours.append(time.perf_counter() - t0)
-    b, o = statistics.median(bare), statistics.median(ours)
-    rows.append(["MobileNetV2 int8, 100 photos, first recipe passes (validation + latency included)",
-                 f"{b:.1f}", f"{o:.1f}", f"{o / b:.2f}", verdict(o / b <= 1.3)])
+        lepton_edge.export("zoo:mobilenetv2", target="x86-cpu", out=out / f"wall{next(runs)}", calib=str(calib100),
+                           recipes=["u8-minmax"])
+        return time.perf_counter() - t0
+
+    # a seeded random order per round, so drift in machine load hits all alike; the bare script twice (A/A)
+    figs = fair.rounds(fair.with_aa({"bare": bare, "ours": ours}, "bare"), repeats, seed=1)
+    b, o = statistics.median(figs["bare"]), statistics.median(figs["ours"])
+    r, aa = fair.ratio(figs["ours"], figs["bare"]), fair.aa(figs, "bare")
+    rows.append(["MobileNetV2 int8, 100 photos, the bare script's recipe (u8-minmax; validation + latency included)",
+                 f"{b:.1f}", f"{o:.1f}", f"{r.median:.2f}", f"{aa.median:.2f}",
+                 verdict(r.median <= 1.3)])
+    t0 = time.perf_counter()  # the default: every candidate that fits --search-time, NNCF first, the best kept
+    lepton_edge.export("zoo:mobilenetv2", target="x86-cpu", out=out / "wall-default", calib=str(calib100))
+    d = time.perf_counter() - t0
+    rows.append(["MobileNetV2 int8, 100 photos, defaults (ranks the candidates within --search-time 180 s)",
+                 f"{b:.1f}", f"{d:.1f}", f"{d / b:.2f}", "-", "reported"])
     from lepton_edge.errors import CheckFailed
 
     t0 = time.perf_counter()
-    try:  # an unreachable bar makes every recipe of the profile run, sensitivity passes included
-        lepton_edge.export("zoo:mobilenetv2-fashion", target="x86-cpu", out=out / "search", min_agreement=1.01)
+    try:  # a bar int8 does not reach (every top-1 equal) makes every recipe run, sensitivity passes included
+        lepton_edge.export("zoo:mobilenetv2-fashion", target="x86-cpu", out=out / "search", min_agreement=1.0)
     except CheckFailed:
         pass
     search = time.perf_counter() - t0
@@ -255,9 +239,11 @@ def bench_wall_time(out: Path, calib100: Path, repeats: int) -> None:
 
     n = len(targets.load("x86-cpu").quantization.recipes)
     rows.append([f"full recipe search, mobilenetv2-fashion ({n} recipes + sensitivity candidates, 10k-image eval each)",
-                 "-", f"{search:.1f}", "-", "reported"])
-    RESULTS.append(("Export wall time (s), median of alternating runs in one process",
-                    ["what", "bare torch.onnx.export + quantize_static", "lepton-edge export", "ratio", "<= 1.3x"],
+                 "-", f"{search:.1f}", "-", "-", "reported"])
+    RESULTS.append(("Export wall time (s), median of rounds in one process, each round in a seeded random order "
+                    "(bench/fair.py); ratio = median of per-round ratios; A/A = the bare script against itself",
+                    ["what", "bare torch.onnx.export + quantize_static", "lepton-edge export", "ratio",
+                     "A/A: bare / bare", "<= 1.3x"],
                     rows))
 
 
@@ -301,9 +287,8 @@ def bench_agent(out: Path, quick: bool) -> None:
 
 def bench_outbox(out: Path, quick: bool) -> None:
     """The outbox alone: put cost by queue depth, drain after a 100k outage (bench/outbox_bench.py)."""
-    import outbox_bench as obb
-
     import agent_bench as ab
+    import outbox_bench as obb
 
     out.mkdir(parents=True, exist_ok=True)
     RESULTS.extend(obb.tables(obb.run(out, quick)))
@@ -326,7 +311,8 @@ def bench_footprint(out: Path, quick: bool) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     model = "zoo:fashion-cnn" if quick else "zoo:mobilenetv2"
-    RESULTS.extend(fpb.tables(fpb.run(model, None, ROOT / "out" / "arm64" / "result.json")))
+    RESULTS.extend(fpb.tables(fpb.run(model, None, ROOT / "out" / "arm64" / "result.json",
+                                      arm64_more=(fpb.ARM64_MNV2,))))
 
 
 def bench_third_party(out: Path, quick: bool) -> None:
@@ -353,8 +339,20 @@ def bench_fleet_web(out: Path, quick: bool) -> None:
     RESULTS.append(fwb.table(fwb.run(out, quick)))
 
 
-SECTIONS = ["fashion", "mobilenet", "tflite", "wall", "runtime", "agent", "outbox", "flood", "fleet_ingest", "fleet_web",
-            "footprint", "third_party"]
+def bench_mutation(out: Path, quick: bool) -> None:
+    """Mutation score per module from the last `make mutation` (bench/mutation_bench.py; out/mutation/results.json);
+    with no results yet, a run first (a sample of 10 mutants per module with --quick, else 30)."""
+    import json
+
+    import mutation_bench as mb
+
+    if not mb.RESULTS.exists():
+        mb.run(list(mb.MODULES), 10 if quick else 30, ROOT, 900.0)
+    RESULTS.append(mb.table(json.loads(mb.RESULTS.read_text())))
+
+
+SECTIONS = ["fashion", "mobilenet", "tflite", "wall", "runtime", "agent", "outbox", "flood", "fleet_ingest",
+            "fleet_web", "footprint", "third_party", "mutation"]
 STORE = ROOT / "bench" / "results.json"  # every section's last tables, so `--only` refreshes one section
 
 
@@ -368,7 +366,9 @@ def write(path: Path, fresh: dict[str, list], store: Path = STORE) -> None:
     store.write_text(json.dumps(saved, indent=1) + "\n")
     lines = ["# Benchmarks", "", f"Machine: {machine()}", "",
              "Generated by `make bench` (bench/run.py; `--only SECTION` refreshes one section). Ratios compare runs "
-             "made in the same process, interleaved.", ""]
+             "made in the same process, interleaved in a seeded random order per round with a warm-up before each "
+             "timed slot (bench/fair.py); each ratio table has an A/A figure, the baseline against itself, which "
+             "shows the method's own bias on that run.", ""]
     for key in SECTIONS:
         if key not in saved:
             continue
@@ -378,6 +378,16 @@ def write(path: Path, fresh: dict[str, list], store: Path = STORE) -> None:
             lines += ["| " + " | ".join(r) + " |" for r in rows]
             lines.append("")
     lines += ["Notes:",
+              "- Fair ratios (bench/fair.py): calls that alternate in a fixed order measure the order too (the same",
+              "  call in both slots read 0.98x, and reversing the order moved `Runtime.predict` from 0.97x to 1.02x).",
+              "  Every round now runs each slot once in a shuffled order, each slot warmed up before it is timed; a",
+              "  ratio is the median of per-round ratios with a bootstrap 95 % interval; the A/A figure beside it is",
+              "  the baseline in a second slot. A ratio inside the A/A's spread of 1.00 is no measured difference.",
+              "- Fashion-MNIST accuracy is measured by the bench (the bundle through the device runtime, the fp32",
+              "  PyTorch model through the bench's own preprocessing), not read from the manifest: the exporter",
+              "  enforces the same thresholds, so its own figures could only read PASS.",
+              "- onnxruntime baselines use the runtime's session options (bench/engine_latency.py: `OnnxBackend`,",
+              "  spinning off); with spinning on, a session's idle threads slowed the next session's run on two cores.",
               "- MobileNetV2 224x224 uses torchvision's architecture with random weights (nothing is downloaded);",
               "  its figures are size, parameters, latency and time, not accuracy. Calibration images are crops of",
               "  scikit-learn's two sample photographs.",
@@ -385,7 +395,7 @@ def write(path: Path, fresh: dict[str, list], store: Path = STORE) -> None:
               "- TFLite int8 size: the schema stores a float32 scale and an int64 zero point per output channel of",
               "  every per-channel weight and bias (0.42 MB for MobileNetV2; the interpreter wants as many zero",
               "  points as scales). The exporter writes each repeated vector once (all zero points are 0), which",
-              "  takes 0.29 MB off with bit-identical outputs (exporters/tflite.py `_pack`).",
+              "  takes 0.29 MB off with bit-identical outputs (exporters/tflite_flatbuffer.py `_pack`).",
               "- Runtime overhead: the gated figure is `Runtime.predict` returning the raw outputs, the same work as",
               "  the bare call; top-5 classification with labels costs the few microseconds shown beside it, which",
               "  the bare call does not do at all.",
@@ -427,7 +437,8 @@ def main() -> None:
                  "fleet_ingest": lambda: bench_fleet_ingest(work / "fleet_ingest", a.quick),
                  "fleet_web": lambda: bench_fleet_web(work / "fleet_web", a.quick),
                  "footprint": lambda: bench_footprint(work / "footprint", a.quick),
-                 "third_party": lambda: bench_third_party(work / "third_party", a.quick)}
+                 "third_party": lambda: bench_third_party(work / "third_party", a.quick),
+                 "mutation": lambda: bench_mutation(work / "mutation", a.quick)}
         fresh: dict[str, list] = {}
         for key, step in steps.items():
             if a.only and key not in a.only:

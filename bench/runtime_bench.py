@@ -1,17 +1,20 @@
 """Runtime benchmarks (issue: on-device runtime): wrapper overhead, pipeline fps, compact features.
 
-Each figure is a ratio against a baseline measured in the same process and interleaved with it
-(bare InferenceSession.run / bare LiteRT invoke; decode-only and inference-only loops; fp32
-features), because this machine is shared and noisy.
+Each figure is a ratio against a baseline measured in the same process (bare InferenceSession.run /
+bare LiteRT invoke; decode-only and inference-only loops; fp32 features), because this machine is
+shared and noisy. Timed ratios go through bench/fair.py (seeded random order per round, per-slot
+warm-up, an A/A column), since a fixed order alone moved the overhead ratio by 2-3 %.
 """
 from __future__ import annotations
 
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
+import fair
 import lepton_edge
 from lepton_edge.runtime import Runtime
 
@@ -33,40 +36,21 @@ def _bare(rt: Runtime, x: np.ndarray):
     return run
 
 
-def _interleaved(fns: dict, per_block: int, blocks: int) -> dict[str, float]:
-    """Median time per call (ms), the functions alternating so that load changes hit all alike.
-    Calls of 0.5 ms or more alternate call by call and each is timed (median of per-call times);
-    shorter ones alternate in blocks of per_block calls (median over rounds of each round's best
-    block mean)."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for f in fns.values():
-        for _ in range(max(3, per_block // 4)):
-            f()
-    t0 = time.perf_counter()
-    next(iter(fns.values()))()
-    if time.perf_counter() - t0 >= 0.5e-3:
-        for _ in range(per_block * blocks):
-            for k, f in fns.items():
-                t0 = time.perf_counter()
-                f()
-                times[k].append((time.perf_counter() - t0) * 1e3)
-        return {k: statistics.median(v) for k, v in times.items()}
-    for _ in range(blocks):
-        for k, f in fns.items():
-            best = float("inf")
-            for _ in range(3):  # a round's figure is its best of three (timeit's rule): a preempted block is noise
-                t0 = time.perf_counter()
-                for _ in range(per_block):
-                    f()
-                best = min(best, (time.perf_counter() - t0) * 1e3 / per_block)
-            times[k].append(best)
-    return {k: statistics.median(v) for k, v in times.items()}
+def _slots(fns: dict, one_ms: float) -> dict:
+    """Each function as a timed slot (bench/fair.py). Calls of 0.5 ms or more are timed one at a time
+    after one untimed warm-up call; shorter ones in ~5 ms blocks (best of three) after a few warm-up
+    calls, since a single call is too short for the clock."""
+    if one_ms >= 0.5:
+        return {k: fair.timer(f, calls=1, warmup=1) for k, f in fns.items()}
+    per_block = max(10, int(5 / max(one_ms, 1e-3)))
+    return {k: fair.timer(f, calls=per_block, warmup=max(3, per_block // 10), best_of=3) for k, f in fns.items()}
 
 
 def overhead(bundles: dict[str, Path], blocks: int) -> tuple[str, list[str], list[list[str]]]:
     """`Runtime.predict` doing what the bare call does (task raw: the outputs, no postprocessing) is
     the gated ratio; predict with top-5 classification is reported beside it, since the bare call
-    does no postprocessing at all."""
+    does no postprocessing at all. The A/A column is the bare call against itself in a second slot:
+    the measuring method's own bias on that row."""
     rows = []
     for label, path in bundles.items():
         for threads in (1, 2):
@@ -74,19 +58,24 @@ def overhead(bundles: dict[str, Path], blocks: int) -> tuple[str, list[str], lis
             cls = Runtime.load(path, threads=threads)
             x = raw.preprocess(np.zeros((480, 640, 3), np.uint8) + 128)
             bare = _bare(raw, x)
-            one = _interleaved({"bare": bare}, 5, 3)["bare"]
-            per_block = max(10, int(5 / max(one, 1e-3)))  # ~5 ms blocks: short, so load changes hit all alike
-            ms = _interleaved({"bare": bare, "predict": lambda: raw.predict(x), "top5": lambda: cls.predict(x)},
-                              per_block, blocks)
-            r = ms["predict"] / ms["bare"]
-            rows.append([label, str(threads), f"{ms['bare'] * 1e3:.1f}", f"{ms['predict'] * 1e3:.1f}", f"{r:.3f}",
-                         "PASS" if r <= 1.05 else "FAIL", f"{ms['top5'] * 1e3:.1f}",
-                         f"{(ms['top5'] - ms['predict']) * 1e3:+.1f}"])
+            for _ in range(5):
+                bare()
+            one = min(fair.timer(bare, warmup=0)() for _ in range(5))
+            n = blocks if one < 0.5 else 5 * blocks  # long calls: one call per slot per round, so more rounds
+            fns = {"bare": bare, "predict": partial(raw.predict, x), "top5": partial(cls.predict, x)}
+            figs = fair.rounds(fair.with_aa(_slots(fns, one), "bare"), n, seed=threads)
+            ms = {k: statistics.median(v) for k, v in figs.items()}
+            r, aa = fair.ratio(figs["predict"], figs["bare"]), fair.aa(figs, "bare")
+            rows.append([label, str(threads), f"{ms['bare'] * 1e3:.1f}", f"{ms['predict'] * 1e3:.1f}",
+                         f"{r} ({r.interval})", f"{aa} ({aa.interval})", "PASS" if r.median <= 1.05 else "FAIL",
+                         f"{ms['top5'] * 1e3:.1f}", f"{(ms['top5'] - ms['predict']) * 1e3:+.1f}"])
     return ("Runtime overhead: `Runtime.predict` on a preprocessed tensor vs the bare engine call "
             "(`InferenceSession.run` / LiteRT `set_tensor`+`invoke`+`get_tensor`) on the same tensor, engine and "
-            "threads; median of interleaved blocks, µs per call",
-            ["model", "threads", "bare call", "Runtime.predict (raw outputs)", "predict / bare", "<= 1.05x",
-             "Runtime.predict (top-5 + labels)", "top-5 postprocessing"], rows)
+            "threads; µs per call (median); ratios are medians of per-round ratios (bench/fair.py: every round runs "
+            "each slot once in a seeded random order, each slot warmed up before it is timed), 95 % bootstrap "
+            "interval in brackets; A/A = the bare call against itself in a second slot (the method's own bias)",
+            ["model", "threads", "bare call", "Runtime.predict (raw outputs)", "predict / bare",
+             "A/A: bare / bare", "<= 1.05x", "Runtime.predict (top-5 + labels)", "top-5 postprocessing"], rows)
 
 
 def camera_video(path: Path, frames: int = 300, hw: tuple[int, int] = (480, 640)) -> Path:
@@ -106,6 +95,34 @@ def camera_video(path: Path, frames: int = 300, hw: tuple[int, int] = (480, 640)
     return path
 
 
+def _pipeline_rounds(rt: Runtime, video: Path, n: int, tensors: list, repeats: int, seed: int) -> dict:
+    """fps of decode-only, inference-only and the pipeline, one figure each per round (bench/fair.py),
+    decode-only twice (A/A)."""
+    import cv2
+
+    from lepton_edge.pipeline import Pipeline
+
+    def decode() -> float:
+        t0 = time.perf_counter()
+        c = cv2.VideoCapture(str(video))
+        while c.read()[0]:
+            pass
+        return n / (time.perf_counter() - t0)
+
+    def infer() -> float:
+        t0 = time.perf_counter()
+        for i in range(n):
+            rt.infer(tensors[i % len(tensors)])
+        return n / (time.perf_counter() - t0)
+
+    def pipeline() -> float:
+        t0 = time.perf_counter()
+        got = sum(1 for _ in Pipeline(str(video), rt))
+        return got / (time.perf_counter() - t0)
+
+    return fair.rounds(fair.with_aa({"decode": decode, "infer": infer, "pipeline": pipeline}, "decode"), repeats, seed)
+
+
 def pipeline_fps(bundles: dict[str, Path], video: Path, repeats: int,
                  gated: set[str]) -> tuple[str, list[str], list[list[str]]]:
     """Gated: the models in `gated` at the pipeline's default thread count (all cores but one,
@@ -114,8 +131,6 @@ def pipeline_fps(bundles: dict[str, Path], video: Path, repeats: int,
     import os
 
     import cv2
-
-    from lepton_edge.pipeline import Pipeline
 
     rows = []
     for label, path in bundles.items():
@@ -130,31 +145,21 @@ def pipeline_fps(bundles: dict[str, Path], video: Path, repeats: int,
                 frames.append(img)
             tensors = [rt.preprocess(f) for f in frames[:32]]
             n = len(frames)
-            dec, inf, e2e = [], [], []
-            for _ in range(repeats):  # interleaved: decode-only, inference-only, pipeline
-                t0 = time.perf_counter()
-                cap = cv2.VideoCapture(str(video))
-                while cap.read()[0]:
-                    pass
-                dec.append(n / (time.perf_counter() - t0))
-                t0 = time.perf_counter()
-                for i in range(n):
-                    rt.infer(tensors[i % len(tensors)])
-                inf.append(n / (time.perf_counter() - t0))
-                t0 = time.perf_counter()
-                got = sum(1 for _ in Pipeline(str(video), rt))
-                e2e.append(got / (time.perf_counter() - t0))
+            figs = _pipeline_rounds(rt, video, n, tensors, repeats, seed=threads)
+            dec, inf, e2e = figs["decode"], figs["infer"], figs["pipeline"]
             d, i_, e = statistics.median(dec), statistics.median(inf), statistics.median(e2e)
-            r = statistics.median(c / min(a, b) for a, b, c in zip(dec, inf, e2e))  # paired: same repeat
+            r = fair.ratio(e2e, [min(a, b) for a, b in zip(dec, inf)])  # paired: same round
+            aa = fair.aa(figs, "decode")
             default = threads == max(1, (os.cpu_count() or 1) - 1)
-            gate = ("PASS" if r >= 0.9 else "FAIL") if label in gated and default else "reported"
+            gate = ("PASS" if r.median >= 0.9 else "FAIL") if label in gated and default else "reported"
             rows.append([label, f"{threads}{' (default)' if default else ''}", f"{d:.0f}", f"{i_:.0f}", f"{e:.0f}",
-                         f"{r:.3f}", gate])
+                         f"{r}", f"{aa}", gate])
     return (f"Pipeline on a 640x480 MPEG-4 file ({n} frames): end-to-end fps (decode, preprocess, inference, "
-            "postprocess) vs decode-only and inference-only fps; fps are medians of interleaved runs, the ratio is the "
-            "median of each repeat's own ratio",
+            "postprocess) vs decode-only and inference-only fps; fps are medians of rounds that run each in a seeded "
+            "random order (bench/fair.py), the ratio is the median of each round's own ratio; A/A = decode-only "
+            "against itself in a second slot (the method's own bias)",
             ["model", "threads", "decode-only fps", "inference-only fps", "pipeline fps",
-             "pipeline / min(decode, inference)", ">= 0.9x"], rows)
+             "pipeline / min(decode, inference)", "A/A: decode / decode", ">= 0.9x"], rows)
 
 
 def _nn_top1(gallery: np.ndarray, gallery_y: np.ndarray, queries: np.ndarray, y: np.ndarray) -> float:
@@ -168,8 +173,8 @@ def _nn_top1(gallery: np.ndarray, gallery_y: np.ndarray, queries: np.ndarray, y:
 
 
 def compact_features(out: Path, gallery_n: int | None) -> tuple[str, list[str], list[list[str]]]:
+    from lepton_edge.baselines.hog import HogPca
     from lepton_edge.datasets import fashion_mnist
-    from lepton_edge.runtime.hog import HogPca
     from lepton_edge.runtime.postprocess import decode_embedding
 
     b = lepton_edge.export("zoo:fashion-cnn-embed", target="x86-cpu", precision="fp32", out=out,

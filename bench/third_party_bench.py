@@ -91,15 +91,37 @@ def export(model: str, src: Path, out: Path, target: str, precision: str | None)
         res["file"] = str(f) if f else None
         res["bytes"] = f.stat().st_size if f else None
         try:
-            rep = json.loads(res["stdout"])
-            res["report"] = {k: rep.get(k) for k in ("precision", "format", "recipe", "validation", "task",
-                                                     "peak_rss_bytes") if k in rep}
-        except (ValueError, AttributeError):
+            res["report"] = summary(json.loads(res["stdout"]))
+        except (ValueError, AttributeError, TypeError):
             pass
     res.pop("stdout", None)
     out.parent.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps(res, default=str))
     return res
+
+
+GATE_METRICS = ("top1_agreement", "ceiling", "confident_top1_kept", "top1_in_top5", "accuracy_drop_pp", "f1_vs_fp32",
+                "score_drift", "nn_agreement", "sqnr_db", "cosine", "mask_iou")
+
+
+def summary(rep: dict) -> dict:
+    """What the table shows of one export report: task, gate decision with its metrics and
+    thresholds, the int8 candidates tried (and why each passed, failed or was skipped), size,
+    latency, time, peak RSS."""
+    v = rep.get("validation") or {}
+    comp = rep.get("compression") or {}
+    quant = comp.get("quantization") or {}
+    lat = rep.get("latency") or {}
+    out = {"format": rep.get("format"), "precision": rep.get("precision"), "task": v.get("task"),
+           "task_inferred": v.get("task_inferred"), "passed": v.get("passed"),
+           "metrics": {k: v[k] for k in GATE_METRICS if isinstance(v.get(k), (int, float))},
+           "thresholds": v.get("thresholds"), "inputs": v.get("inputs"), "recipe": quant.get("recipe"),
+           "size_vs_fp32": comp.get("size_vs_fp32"), "latency_vs_fp32": lat.get("vs_fp32"),
+           "seconds": rep.get("seconds"), "peak_rss_bytes": rep.get("peak_rss_bytes")}
+    if quant.get("attempts"):
+        out["attempts"] = [{"recipe": a.get("recipe"), "passed": a.get("passed"), "skipped": a.get("skipped"),
+                            "chosen": a.get("chosen"), "why": (a.get("why") or "")[:160]} for a in quant["attempts"]]
+    return out
 
 
 def run_bundle(bundle: str) -> dict:
@@ -131,6 +153,7 @@ def session(path: str, threads: int = 1):
     import onnxruntime as ort
 
     o = ort.SessionOptions()
+    o.log_severity_level = 3  # (a multi-input bundle's input defaults make onnxruntime warn on every load)
     o.intra_op_num_threads = threads
     o.inter_op_num_threads = 1
     return ort.InferenceSession(path, o, providers=["CPUExecutionProvider"])
@@ -196,7 +219,7 @@ def latency_ms(paths: dict[str, str], x: np.ndarray, rounds: int = 3, block: int
     """Median batch-1 latency of each file, alternating blocks (fair on a shared machine)."""
     sess = {k: session(p) for k, p in paths.items()}
     times: dict[str, list[float]] = {k: [] for k in paths}
-    for k, s in sess.items():
+    for s in sess.values():
         outputs(s, [x])  # warm-up
     for _ in range(rounds):
         for k, s in sess.items():
@@ -209,13 +232,17 @@ def latency_ms(paths: dict[str, str], x: np.ndarray, rounds: int = 3, block: int
 
 NNCF_SCRIPT = r"""
 import sys, time, numpy as np, onnx, nncf
+from lepton_edge.compress.quantize import with_defaults, without_defaults
 src, calib, dst = sys.argv[1:4]
 xs = list(np.load(calib).values())
-model = onnx.load(src)
-name = model.graph.input[0].name
+# a multi-input bundle carries its non-image inputs' values as defaults: NNCF gets them as inputs, fed
+# the same constants, and the quantized model gets the defaults back (so both run the same way)
+model, fixed = without_defaults(onnx.load(src))
+inits = {i.name for i in model.graph.initializer}
+name = next(i.name for i in model.graph.input if i.name not in inits and i.name not in fixed)
 t0 = time.perf_counter()
-q = nncf.quantize(model, nncf.Dataset(xs, lambda x: {name: x}))
-onnx.save(q, dst)
+q = nncf.quantize(model, nncf.Dataset(xs, lambda x: {name: x, **fixed}))
+onnx.save(with_defaults(q, fixed), dst)
 print(time.perf_counter() - t0)
 """
 
@@ -239,7 +266,8 @@ def nncf_quantize(fp32_onnx: str, calib_xs: list[np.ndarray], work: Path) -> dic
     return res
 
 
-PLANS = {"fp32": ("x86-cpu", "fp32"), "int8": ("x86-cpu", None), "fp16": ("x86-cpu", "fp16"), "rpi4": ("rpi4", None)}
+PLANS = {"fp32": ("x86-cpu", "fp32"), "int8": ("x86-cpu", None), "fp16": ("x86-cpu", "fp16"), "rpi4": ("rpi4", None),
+         "rpi4-fp16": ("rpi4", "fp16"), "rpi4-fp32": ("rpi4", "fp32")}
 
 
 def bench_model(name: str, work: Path, quick: bool, plan: list[str] | None = None) -> dict:
@@ -253,26 +281,33 @@ def bench_model(name: str, work: Path, quick: bool, plan: list[str] | None = Non
     for key in keys:
         target, prec = PLANS[key]
         row[key] = export(name, src, d / key, target, prec)
-        if row[key].get("bundle"):
+        if row[key].get("bundle") and "run" not in row[key]:  # `lepton-edge run` on real frames, kept too
             row[key]["run"] = run_bundle(row[key]["bundle"])
+            (d / f"{key}.json").write_text(json.dumps(row[key], default=str))
     fp32 = row["fp32"]
-    if not (fp32.get("file") or "").endswith(".onnx"):
-        row["judged"] = "no fp32 ONNX bundle to judge against"
+    # the reference: the fp32 bundle's model, else (an fp32 export refused, e.g. over the latency budget
+    # on this host) the ONNX source itself, which is the fp32 model; preprocessing from any bundle made
+    ref_file = fp32.get("file") if (fp32.get("file") or "").endswith(".onnx") else \
+        (str(src) if src.suffix == ".onnx" and not m.derived_from else None)
+    spec_bundle = next((row[k]["bundle"] for k in PLANS if (row.get(k) or {}).get("bundle")), None)
+    if not ref_file or not spec_bundle:
+        row["judged"] = "no fp32 ONNX model to judge against"
         return row
+    ref_bytes = os.path.getsize(ref_file)
     try:
-        xs = inputs(fp32["bundle"], eval_dir(), 60)
-        cal = inputs(fp32["bundle"], calib_dir(), 72)
-        ref_s = session(fp32["file"], 2)
+        xs = inputs(spec_bundle, eval_dir(), 60)
+        cal = inputs(spec_bundle, calib_dir(), 72)
+        ref_s = session(ref_file, 2)
         ref = outputs(ref_s, xs)
         rng = np.random.default_rng(0)
         noisy = outputs(ref_s, [x + rng.normal(0, 0.01, x.shape).astype(np.float32) for x in xs])
-        row["nncf"] = nncf_quantize(fp32["file"], cal, d)
-        files = {"fp32": fp32["file"]}
-        for key, res in (("int8", row["int8"]), ("nncf", row["nncf"])):
+        row["nncf"] = nncf_quantize(ref_file, cal, d)
+        files = {"fp32": ref_file}
+        for key, res in (("int8", row["int8"]), ("rpi4", row.get("rpi4") or {}), ("nncf", row["nncf"])):
             f = res.get("file")
             if f and f.endswith(".onnx"):
                 res["metrics"] = judge(m.task, ref, outputs(session(f, 2), xs), noisy)
-                res["size_vs_fp32"] = round(res["bytes"] / fp32["bytes"], 3)
+                res["size_vs_fp32"] = round(res["bytes"] / ref_bytes, 3)
                 files[key] = f
         lat = latency_ms(files, xs[0])
         for key in files:
@@ -285,6 +320,10 @@ def bench_model(name: str, work: Path, quick: bool, plan: list[str] | None = Non
 
 
 def run(work: Path, quick: bool = False, models: list[str] | None = None, plan: list[str] | None = None) -> dict:
+    """Every corpus model (or `models`) through the plan. LEPTON_THIRD_PARTY_WORK names a folder that
+    keeps the exports and reuses the finished ones (`make bench` starts from nothing otherwise: over an
+    hour on 2 cores)."""
+    work = Path(os.environ.get("LEPTON_THIRD_PARTY_WORK") or work)
     names = models or (list(QUICK_MODELS) if quick else list(MODELS))
     res = {"mem_limit_mb": MEM_LIMIT >> 20, "timeout_s": TIMEOUT_S, "calib": str(calib_dir()),
            "eval": str(eval_dir()), "models": []}
@@ -296,14 +335,18 @@ def run(work: Path, quick: bool = False, models: list[str] | None = None, plan: 
 
 
 def _outcome(r: dict | None) -> str:
+    """ok/FAIL with the export's wall time and peak RSS (and whether `run` on real frames worked)."""
     if not r:
         return "-"
     if r.get("bundle") or (r.get("rc") == 0 and r.get("file")):  # a bundle, or NNCF's bare file
+        head = f"ok {r['wall_s']:.0f} s, {r.get('peak_rss_mb')} MB"
         if not r.get("bundle"):
-            return f"ok {r['wall_s']:.0f}s {r.get('peak_rss_mb')}MB"
+            return head
         ran = r.get("run") or {}
-        return f"ok {r['wall_s']:.0f}s {r.get('peak_rss_mb')}MB" + ("" if ran.get("rc") == 0 else " (run failed)")
-    return f"FAIL rc={r['rc']} {r['wall_s']:.0f}s {r.get('peak_rss_mb')}MB: {(r.get('why') or '')[:90]}"
+        fmt = (r.get("report") or {}).get("format")
+        head += f" ({fmt})" if fmt else ""
+        return head + (f", ran {ran.get('frames')} frames" if ran.get("rc") == 0 else ", run FAILED")
+    return f"FAIL {r['wall_s']:.0f} s, {r.get('peak_rss_mb')} MB: {(r.get('why') or '')[:140]}"
 
 
 def _metric(r: dict | None) -> str:
@@ -318,22 +361,71 @@ def _metric(r: dict | None) -> str:
     return s + (f", mask IoU {mt['mask_iou']:.3f}" if "mask_iou" in mt else "")
 
 
+def _gate(rep: dict) -> str:
+    """The exporter's own gate decision: each metric beside its threshold."""
+    m, th = rep.get("metrics") or {}, rep.get("thresholds") or {}
+    pairs = {"top1_agreement": None, "ceiling": None, "confident_top1_kept": "min_confident_kept",
+             "top1_in_top5": "min_top5", "f1_vs_fp32": "min_f1", "sqnr_db": "min_sqnr", "cosine": "min_cosine",
+             "mask_iou": "min_mask_iou", "nn_agreement": None, "accuracy_drop_pp": "max_accuracy_drop"}
+    parts = []
+    for k, t in pairs.items():
+        if k in m:
+            parts.append(f"{k} {m[k]:.4g}" + (f" (>= {th[t]:g})" if t and th.get(t) is not None
+                                              and k != "accuracy_drop_pp" else ""))
+    return ", ".join(parts) or "-"
+
+
+def _attempts(rep: dict) -> str:
+    out = []
+    for a in rep.get("attempts") or []:
+        mark = "chosen" if a.get("chosen") else "skipped" if a.get("skipped") else "pass" if a.get("passed") else "fail"
+        why = "" if a.get("chosen") or a.get("why") == "passed" else f": {a.get('why', '')[:70]}"
+        out.append(f"{a['recipe']} {mark}{why}")
+    return "; ".join(out) or "-"
+
+
+def _ratio(ours: dict, nncf: dict, key: str) -> str:
+    """Our default int8 export against NNCF's bare quantize on the same inputs (its whole process:
+    loading, calibration, saving; ours also searches candidates and validates each)."""
+    a, b = ours.get(key), nncf.get(key)
+    return f"{a / b:.1f}x" if ours.get("bundle") and nncf.get("rc") == 0 and a and b else "-"
+
+
 def tables(res: dict) -> list[tuple[str, list[str], list[list[str]]]]:
-    rows, out = [], []
+    rows, gates, out = [], [], []
     for r in res["models"]:
         i8, nn = r.get("int8") or {}, r.get("nncf") or {}
+        made = next((x["report"] for x in (r.get(k) or {} for k in PLANS) if x.get("report")), {})
+        task, inferred = made.get("task") or r["task"], made.get("task_inferred")  # the exporter's task
 
         def fig(x: dict, k: str, unit: str = "") -> str:
             return f"{x[k]}{unit}" if x.get(k) is not None else "-"
 
-        rows.append([r["model"], r["task"], r["opset"], r["layout"],
-                     _outcome(i8), _metric(i8), fig(i8, "size_vs_fp32", "x"), fig(i8, "latency_vs_fp32", "x"),
+        rows.append([r["model"], task + (" (inferred)" if inferred else ""), r["opset"], r["layout"],
+                     _outcome(i8), (i8.get("report") or {}).get("recipe") or "-", _metric(i8),
+                     fig(i8, "size_vs_fp32", "x"), fig(i8, "latency_vs_fp32", "x"),
                      _outcome(nn) if nn else r.get("judged", "-"), _metric(nn), fig(nn, "size_vs_fp32", "x"),
-                     fig(nn, "latency_vs_fp32", "x"),
-                     _outcome(r.get("fp16")), _outcome(r.get("fp32")), _outcome(r.get("rpi4"))])
-    out.append(("Third-party models", ["model", "task", "opset", "layout", "int8 (default)", "int8 metric",
-                                       "int8 size", "int8 latency", "NNCF PTQ", "NNCF metric", "NNCF size",
-                                       "NNCF latency", "fp16", "fp32", "rpi4"], rows))
+                     fig(nn, "latency_vs_fp32", "x"), _ratio(i8, nn, "wall_s"), _ratio(i8, nn, "peak_rss_mb"),
+                     _outcome(r.get("fp16")), _outcome(r.get("fp32")), _outcome(r.get("rpi4")),
+                     _metric(r.get("rpi4")),
+                     _outcome(r.get("rpi4-fp16")), _outcome(r.get("rpi4-fp32"))])
+        for key in PLANS:
+            e = r.get(key)
+            if not e:
+                continue
+            rep = e.get("report") or {}
+            decision = ("passed" if rep.get("passed") else "-") if e.get("bundle") else \
+                f"refused: {(e.get('why') or '')[:200]}"
+            gates.append([r["model"], key, f"{rep.get('format') or '-'} {rep.get('precision') or ''}".strip(),
+                          rep.get("task") or "-", decision, _gate(rep), _attempts(rep)])
+    out.append(("Third-party models", ["model", "task", "opset", "layout", "int8 (default): export",
+                                       "int8 recipe", "int8 metric (held-out photos)", "int8 size vs fp32",
+                                       "int8 latency vs fp32", "NNCF PTQ: quantize", "NNCF metric", "NNCF size",
+                                       "NNCF latency", "int8 export time vs NNCF", "int8 peak RSS vs NNCF",
+                                       "fp16 x86-cpu", "fp32 x86-cpu", "rpi4 (default int8)", "rpi4 int8 metric",
+                                       "rpi4 fp16", "rpi4 fp32"], rows))
+    out.append(("Third-party models: every gate decision", ["model", "export", "artifact", "task", "decision",
+                                                             "metrics (threshold)", "int8 candidates"], gates))
     return out
 
 
@@ -355,7 +447,8 @@ def main() -> None:
     a = ap.parse_args()
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="third-party-"))
     try:
-        res = run(work, a.quick, [s for s in a.models.split(",") if s] or None, [s for s in a.plan.split(",") if s] or None)
+        res = run(work, a.quick, [s for s in a.models.split(",") if s] or None,
+                  [s for s in a.plan.split(",") if s] or None)
     finally:
         if not a.work:
             shutil.rmtree(work, ignore_errors=True)

@@ -79,6 +79,39 @@ def _split_few(x: np.ndarray, spec, samples: int) -> tuple[np.ndarray, np.ndarra
         "validation_inputs": f"inputs {n - hold}-{n - 1} held out, and their views ({', '.join(VIEWS)})"}
 
 
+# --- non-image inputs of a multi-input model ------------------------------------------------------
+# PaddleDetection-style detectors take `image` beside `im_shape` ([N,2]: the input's height and width)
+# and `scale_factor` ([N,2]: resized / original size, by which boxes are divided back); Faster R-CNN
+# style ones an `im_info` [N,3] (height, width, scale). On a device the frame is resized to the input,
+# and the runtime maps boxes back to the frame itself, so the right values are the input's own size
+# and a scale of 1: one constant per input, the same in calibration, validation and on the device.
+SCALE_WORDS = ("scale", "factor", "ratio")
+SIZE_WORDS = ("shape", "size", "info", "hw")
+MAX_CONSTANT_VALUES = 4096  # a non-image input larger than this is not a constant a name can explain
+
+
+def constant_value(name: str, shape: list[int], dtype, hw: tuple[int, int]) -> tuple[np.ndarray, str]:
+    """(value, the rule that chose it) for a non-image input `name` of `shape` (batch 1, no dynamic
+    dims) and numpy `dtype`, beside an image input of height/width `hw`."""
+    low = name.lower()
+    n = int(np.prod(shape)) if shape else 1
+    if n > MAX_CONSTANT_VALUES:
+        raise BadInput(f"input {name!r} {shape} is not an image and too large to be given a constant value "
+                       f"(at most {MAX_CONSTANT_VALUES} values)")
+    last = shape[-1] if shape else None
+    if any(w in low for w in SIZE_WORDS) and last in (2, 3, 4):
+        row = {2: [hw[0], hw[1]], 3: [hw[0], hw[1], 1], 4: [hw[0], hw[1], hw[0], hw[1]]}[last]
+        rule = {2: "the image input's [height, width]", 3: "[height, width, 1]: the input's size, no rescale",
+                4: "[height, width, height, width] of the image input"}[last]
+        value = np.broadcast_to(np.asarray(row, dtype=np.float64), shape)
+    elif any(w in low for w in SCALE_WORDS) or "mask" in low:
+        value, rule = np.ones(shape), ("ones: frames are resized to the input, so no rescale"
+                                       if "mask" not in low else "ones: nothing masked")
+    else:
+        value, rule = np.zeros(shape), "zeros: no rule for this name (check the model's documentation)"
+    return np.ascontiguousarray(value.astype(dtype)), rule
+
+
 def _zoo_data(src, split: str):
     return src.zoo.data(split) if src.zoo is not None and src.zoo.dataset else None
 
@@ -142,6 +175,9 @@ def gather(src, *, precision: str, calib, samples: int, eval_set, eval_limit, ho
     if eval_set is not None or (src.zoo is not None and (src.zoo.labelled or calib is None)):
         with ui.stage("load evaluation set"):
             ev_x, ev_y, ev_src = evaluation(src, eval_set, eval_limit)
+    constants = [n for n in getattr(src, "notes", []) if n.startswith("input ")]
+    for note in constants:  # what the non-image inputs of a multi-input model are fed, said once
+        ui.info(f"[dim]{note}[/]")
     calib_x = held = None
     info: dict[str, Any] = {}
     if precision == "int8":
@@ -150,6 +186,8 @@ def gather(src, *, precision: str, calib, samples: int, eval_set, eval_limit, ho
     elif calib is not None:
         ui.info(f"[dim]--calib ignored: {precision} needs no calibration[/]")
     split = {k: info.pop(k) for k in ("calibration_inputs", "validation_inputs") if k in info}
+    if constants:
+        split["constant_inputs"] = constants
     if ev_x is not None and ev_y is not None:
         split["validation_inputs"] = f"{ev_src} (labelled)"
         return ExportData(ev_x, "evaluation set", ev_x, ev_y, ev_src, calib_x, info, split)

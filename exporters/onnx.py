@@ -9,12 +9,11 @@ import re
 import shutil
 from pathlib import Path
 
-import numpy as np
-
 from lepton_edge import ui
 from lepton_edge.compress import quantize
 from lepton_edge.errors import BadInput
-from lepton_edge.exporters.base import Exporter, register
+from lepton_edge.exporters.context import ExportContext
+from lepton_edge.exporters.exporter import Exporter
 
 
 def _silenced():
@@ -28,7 +27,6 @@ def _first_line(e: Exception) -> str:
     return line[:300]
 
 
-@register
 class OnnxExporter(Exporter):
     format = "onnx"
     suffix = ".onnx"
@@ -38,8 +36,9 @@ class OnnxExporter(Exporter):
     def supports_recipe(self, name: str) -> bool:
         return quantize.Recipe.parse(name).engine in ("ort", "nncf")
 
-    def to_fp32(self, source, path: Path, opset: int) -> Path:
+    def to_fp32(self, ctx: ExportContext, path: Path) -> Path:
         """Write the fp32 ONNX graph (batch as in the input spec, 1 by default) and return its path."""
+        source, opset = ctx.source, ctx.profile.max_opset
         if source.kind == "onnx":
             shutil.copyfile(source.onnx_path, path)
             return path
@@ -71,7 +70,7 @@ class OnnxExporter(Exporter):
                 errors.append(_first_line(e))
         raise BadInput(f"torch -> ONNX export failed: {errors[0]}")
 
-    def convert(self, fp32_path: Path, out_path: Path, precision: str) -> Path:
+    def convert(self, ctx: ExportContext, fp32_path: Path, out_path: Path, precision: str) -> Path:
         """fp32 or fp16 artifact, names compacted (the file validated is the file shipped)."""
         if precision == "fp32":
             shutil.copyfile(fp32_path, out_path)  # as to_fp32 wrote it (names compacted for torch sources)
@@ -82,19 +81,17 @@ class OnnxExporter(Exporter):
             raise ValueError("int8 goes through quantize_int8 with a recipe")
         return out_path
 
-    def prepare_int8(self, fp32_path: Path, workdir: Path) -> Path:
-        return quantize.prepare(fp32_path, workdir / "prepared.onnx")
+    def prepare_int8(self, ctx: ExportContext, fp32_path: Path) -> Path:
+        return quantize.prepare(fp32_path, ctx.workdir / "prepared.onnx")
 
-    def quantize_int8(self, prepared: Path, out_path: Path, calib: np.ndarray, recipe, per_channel: bool,
-                      exclude: list[str] | None = None, check=quantize._no_check):
+    def quantize_int8(self, ctx: ExportContext, prepared: Path, out_path: Path, recipe,
+                      exclude: list[str] | None = None, check=None) -> quantize.QuantResult:
         """One candidate, checked (onnx.checker, loads and runs a batch in onnxruntime): a broken
         graph raises quantize.BrokenGraph, and the search skips it with that reason."""
-        res = quantize.quantize_int8(prepared, out_path, calib, recipe, per_channel, exclude, check)
+        res = quantize.quantize_int8(prepared, out_path, ctx.data.calib_x, recipe, ctx.per_channel, exclude,
+                                     check or quantize._no_check)
         res.names = quantize.compact_names(res.path)
         return res
-
-    def int8_method(self, recipe) -> str:
-        return recipe.method()
 
     def describe(self, path: Path) -> dict:
         import onnx

@@ -13,17 +13,15 @@ the winner won.
 """
 from __future__ import annotations
 
-import inspect
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from lepton_edge import ui
-from lepton_edge.compress import calibration as cal
-from lepton_edge.compress import quantize as q
+from lepton_edge.compress import calibration as cal, quantize as q
 from lepton_edge.errors import CheckFailed
 from lepton_edge.exporters import validation as val
 
@@ -68,30 +66,21 @@ def _judge(result, min_agreement: float, max_drop_pp: float, enforce: bool) -> t
     return passed, why, score, metrics
 
 
-def _quantize(exporter, prepared, out, calib_x, recipe, per_channel, exclude, check):
-    """exporter.quantize_int8, passing the memory check where the exporter takes one."""
-    params = inspect.signature(exporter.quantize_int8).parameters
-    kw = {"check": check} if "check" in params else {}
-    return exporter.quantize_int8(prepared, out, calib_x, recipe, per_channel, exclude, **kw)
-
-
-def _method(exporter, recipe: q.Recipe) -> str:
-    fn = getattr(exporter, "int8_method", None)
-    return fn(recipe) if fn else recipe.method()
-
-
-def search(exporter, recipes: list[str], prepared: Path, workdir: Path, calib_x: np.ndarray, check_x: np.ndarray,
-           validate, per_channel: bool, min_agreement: float, max_drop_pp: float, enforce: bool, *,
-           search_time: float = DEFAULT_SEARCH_TIME_S, max_memory: int | None = None,
-           patience: int = PATIENCE) -> SearchResult:
-    """Try `recipes` within `search_time` seconds; `validate(path) -> (verdict, predict, ram)`.
+def search(ctx, exporter, prepared: Path, validate, recipes: list[str], *, patience: int = PATIENCE) -> SearchResult:
+    """Try `recipes` on `prepared` within the context's `--search-time`; `validate(path) ->
+    (verdict, predict, ram)`. The context (exporters/context.py) gives the calibration and
+    validation inputs (`ctx.data`), the work directory, the gate's options and whether it is
+    enforced (trained weights).
 
     Returns the best passing candidate; when none passes, a result with `path` None, the
     attempts, and `failure` (one line: why every candidate was skipped, and what to try) when
     none could even be validated.
-    `max_memory` bounds this process's RSS while a candidate calibrates (None: the machine's
+    `--max-memory` bounds this process's RSS while a candidate calibrates (None: the machine's
     available memory less a margin); a candidate over it is stopped and skipped.
     """
+    opts, workdir, check_x = ctx.options, ctx.workdir, ctx.data.check_x
+    search_time, max_memory = opts.search_time, opts.max_memory_bytes
+    min_agreement, max_drop_pp, enforce = opts.min_agreement, opts.max_accuracy_drop, ctx.enforce
     t0 = time.perf_counter()
     limit = max_memory if max_memory is not None else cal.default_memory_budget()
     out = SearchResult(max_memory_bytes=limit)
@@ -109,32 +98,18 @@ def search(exporter, recipes: list[str], prepared: Path, workdir: Path, calib_x:
         return entry
 
     for i, (name, is_fallback) in enumerate(order):
-        elapsed = time.perf_counter() - t0
-        if is_fallback and passed:
-            record(name, passed=False, skipped=True, why="not needed: a candidate without float layers passed")
-            continue
-        if out.attempts and elapsed > search_time:
-            record(name, passed=False, skipped=True, why=f"--search-time {search_time:g} s spent")
-            continue
-        if passed and since_best >= patience:
-            record(name, passed=False, skipped=True, why=f"not tried: {patience} candidates in a row did not beat "
-                                                         f"{max(passed, key=lambda r: r.rank_key).recipe}")
+        best_name = max(passed, key=lambda r: r.rank_key).recipe if passed else None
+        why_not = _not_started(is_fallback, best_name, bool(out.attempts), time.perf_counter() - t0, search_time,
+                               since_best, patience)
+        if why_not:
+            record(name, passed=False, skipped=True, why=why_not)
             continue
         recipe = q.Recipe.parse(name)
         with cal.MemoryWatch(limit, what=f"int8 recipe {name}") as watch:
             try:
-                candidates: list[list[str]] = [[]]
-                if recipe.sensitive:
-                    base = done.get(recipe.base) or _quantize(
-                        exporter, prepared, workdir / f"base-{i}{exporter.suffix}", calib_x,
-                        q.Recipe.parse(recipe.base), per_channel, None, watch.check)
-                    with ui.stage(f"sensitivity pass for {recipe.base}"):
-                        ranked = q.sensitivity(prepared, base.path, check_x[:32].astype(np.float32), base.names)
-                    names = [n for n, _ in ranked]
-                    # up to half the quantizable layers in float; more would no longer be an int8 model
-                    candidates = [names[:k] for k in (1, 2, 4, 8, 16) if k <= max(1, len(names) // 2)]
+                candidates = _float_layer_sets(ctx, exporter, prepared, recipe, done, f"base-{i}", watch.check)
             except (cal.MemoryExceeded, q.BrokenGraph, CheckFailed, ValueError, RuntimeError) as e:
-                _skip(record, name, e, watch)
+                _skip(ctx.progress, record, name, e, watch)
                 continue
             for j, exclude in enumerate(candidates):
                 label = name if not exclude else f"{name} (float: {len(exclude)} layer(s))"
@@ -143,31 +118,25 @@ def search(exporter, recipes: list[str], prepared: Path, workdir: Path, calib_x:
                     break
                 t1 = time.perf_counter()
                 try:
-                    with ui.stage(f"int8 recipe {label}"):
-                        res = _quantize(exporter, prepared, workdir / f"int8-{i}-{j}{exporter.suffix}", calib_x,
-                                        recipe, per_channel, exclude, watch.check)
+                    with ctx.progress.stage(f"int8 recipe {label}"):
+                        res = exporter.quantize_int8(ctx, prepared, workdir / f"int8-{i}-{j}{exporter.suffix}",
+                                                     recipe, exclude, watch.check)
                         done.setdefault(name, res)
                         result, pred, ram = validate(res.path)
                         watch.check()
-                except Exception as e:  # noqa: BLE001 - any quantizer failure skips this candidate only
+                except Exception as e:
                     if isinstance(e, KeyboardInterrupt):
                         raise
-                    _skip(record, label, e, watch)
+                    _skip(ctx.progress, record, label, e, watch)
                     continue
                 ok, why, score, metrics = _judge(result, min_agreement, max_drop_pp, enforce)
                 size = res.path.stat().st_size
                 lat = val.latency_ms(pred, x1, runs=10, warmup=1, budget_s=0.3)["p50_ms"] if ok else None
-                entry = record(label, passed=ok, skipped=False, why=why or "passed", metrics=metrics,
-                               score=list(score), bytes=size, p50_ms=lat, float_nodes=res.float_nodes,
-                               seconds=round(time.perf_counter() - t1, 2), peak_rss_bytes=watch.peak)
-                # the fields the manifest showed before, kept for readers of old reports
-                for k in ("top1_agreement", "accuracy_drop_pp"):
-                    if k in metrics:
-                        entry[k] = metrics[k]
-                entry["accuracy"] = metrics.get("accuracy_artifact")
-                _say(ok, why, metrics)
+                record(label, **_tried(ok, why, score, metrics, size, lat, res.float_nodes, time.perf_counter() - t1,
+                                       watch.peak))
+                _say(ctx.progress, ok, why, metrics)
                 if ok:
-                    cand = SearchResult(res.path, label, _method(exporter, recipe), res.float_nodes, result,
+                    cand = SearchResult(res.path, label, exporter.int8_method(recipe), res.float_nodes, result,
                                         pred, ram, rank_key=(score, -size, -(lat or 0.0)))
                     since_best = 0 if not passed or cand.rank_key > max(r.rank_key for r in passed) else since_best + 1
                     passed.append(cand)
@@ -188,45 +157,60 @@ def search(exporter, recipes: list[str], prepared: Path, workdir: Path, calib_x:
     return out
 
 
-def _skip(record, label: str, e: Exception, watch) -> None:
+def _not_started(is_fallback: bool, best: str | None, tried_any: bool, elapsed: float, search_time: float,
+                 since_best: int, patience: int) -> str | None:
+    """Why the next recipe is not started (None: start it). `best` is the best passing one so far."""
+    if is_fallback and best:
+        return "not needed: a candidate without float layers passed"
+    if tried_any and elapsed > search_time:
+        return f"--search-time {search_time:g} s spent"
+    if best and since_best >= patience:
+        return f"not tried: {patience} candidates in a row did not beat {best}"
+    return None
+
+
+def _float_layer_sets(ctx, exporter, prepared: Path, recipe: q.Recipe, done: dict, base_stem: str,
+                      check) -> list[list[str]]:
+    """The layer sets to keep in float for `recipe`: none for a plain recipe; for a sensitivity
+    recipe the worst 1, 2, 4, ... layers of its base recipe's model, ranked by a sensitivity pass
+    (up to half the quantizable layers: more would no longer be an int8 model)."""
+    if not recipe.sensitive:
+        return [[]]
+    base = done.get(recipe.base) or exporter.quantize_int8(
+        ctx, prepared, ctx.workdir / f"{base_stem}{exporter.suffix}", q.Recipe.parse(recipe.base), None, check)
+    with ctx.progress.stage(f"sensitivity pass for {recipe.base}"):
+        ranked = q.sensitivity(prepared, base.path, ctx.data.check_x[:32].astype(np.float32), base.names)
+    names = [n for n, _ in ranked]
+    return [names[:k] for k in (1, 2, 4, 8, 16) if k <= max(1, len(names) // 2)]
+
+
+def _tried(ok: bool, why: str | None, score: tuple, metrics: dict, size: int, lat: float | None,
+           float_nodes: list[str], seconds: float, peak_rss: int) -> dict[str, Any]:
+    """The attempt record of a candidate that was validated."""
+    entry: dict[str, Any] = {"passed": ok, "skipped": False, "why": why or "passed", "metrics": metrics,
+                             "score": list(score), "bytes": size, "p50_ms": lat, "float_nodes": float_nodes,
+                             "seconds": round(seconds, 2), "peak_rss_bytes": peak_rss}
+    # the fields the manifest showed before, kept for readers of old reports
+    for k in ("top1_agreement", "accuracy_drop_pp"):
+        if k in metrics:
+            entry[k] = metrics[k]
+    entry["accuracy"] = metrics.get("accuracy_artifact")
+    return entry
+
+
+def _skip(progress, record, label: str, e: Exception, watch) -> None:
     why = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
     if not isinstance(e, (cal.MemoryExceeded, q.BrokenGraph)):
         why = f"the quantizer failed: {why}"
     record(label, passed=False, skipped=True, why=why, peak_rss_bytes=watch.peak)
-    ui.info(f"  [yellow]skipped[/]: {why}")
+    progress.info(f"  [yellow]skipped[/]: {why}")
 
 
-def _say(ok: bool, why: str | None, metrics: dict) -> None:
+def _say(progress, ok: bool, why: str | None, metrics: dict) -> None:
     shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
                       if k in ("top1_agreement", "confident_top1_kept", "top1_in_top5", "sqnr_db", "cosine",
                                "mask_iou", "f1_vs_fp32", "accuracy_drop_pp") and isinstance(v, (int, float)))
-    ui.info(f"  {'[green]pass[/]' if ok else '[red]fail[/]'}: {shown}" + (f" ({why})" if why else ""))
-
-
-def parse_memory(value: str | int | None) -> int | None:
-    """--max-memory: '4GB', '512MiB' or bytes; None keeps the default (available memory less a margin)."""
-    from lepton_edge.errors import BadInput
-    from lepton_edge.exporters.base import parse_size
-
-    try:
-        n = parse_size(value)
-    except BadInput:
-        raise BadInput(f"--max-memory must look like 4GB, 512MiB or 1073741824, got {value!r}") from None
-    if n is not None and (isinstance(n, bool) or n < (64 << 20)):
-        raise BadInput(f"--max-memory must be at least 64MiB, got {value!r}")
-    return n
-
-
-def check_search_time(value) -> float:
-    """--search-time: seconds, > 0 and at most a day."""
-    import math
-
-    from lepton_edge.errors import BadInput
-
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or not 0 < value <= 86400:
-        raise BadInput(f"--search-time must be a number of seconds > 0 and <= 86400, got {value!r}")
-    return float(value)
+    progress.info(f"  {'[green]pass[/]' if ok else '[red]fail[/]'}: {shown}" + (f" ({why})" if why else ""))
 
 
 def _failure(attempts: list[dict]) -> str:

@@ -71,6 +71,24 @@ def _flat(a: np.ndarray) -> np.ndarray:
     return a.reshape(len(a), -1).astype(np.float64)
 
 
+AGREEMENT_P = 0.05  # below the ceiling-derived agreement, fail when so many differences have p < this
+
+
+def binomial_tail(k: int, n: int, rate: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, rate): how likely k or more of n inputs differ when each differs
+    with probability `rate` (an artifact exactly at the required agreement)."""
+    if k <= 0:
+        return 1.0
+    if rate <= 0.0:
+        return 0.0
+    if rate >= 1.0:
+        return 1.0
+    logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(rate)
+            + (n - i) * math.log1p(-rate) for i in range(k, n + 1)]
+    top = max(logs)
+    return min(1.0, math.exp(top) * sum(math.exp(v - top) for v in logs))
+
+
 def classify(ref, out: list[np.ndarray], eval_out, th, metrics: dict) -> list[str]:
     """Top-1 agreement against fp32's ceiling, confident top-1 kept, fp32 top-1 in top-5, and
     the accuracy drop on a labelled set (the main gate when there is one)."""
@@ -86,10 +104,18 @@ def classify(ref, out: list[np.ndarray], eval_out, th, metrics: dict) -> list[st
         metrics["ceiling"] = ceiling
     need = th.min_agreement if th.min_agreement is not None else ceiling - th.agreement_margin
     metrics["top1_agreement_required"] = need
-    if agree < need:
+    differ = int((t1r != t1a).sum())
+    # The ceiling is measured on the same few inputs: with 56 held-out crops one input is 1.8 points of
+    # agreement. So below the ceiling-derived line the artifact fails only when that many differing
+    # inputs are unlikely (p < AGREEMENT_P) for an artifact that sits exactly on the line; a
+    # --min-agreement the user gave is a plain threshold.
+    p = binomial_tail(differ, len(t1r), 1.0 - need) if th.min_agreement is None else 0.0
+    metrics["top1_agreement_p"] = p
+    if agree < need and p < AGREEMENT_P:
         why.append(f"top-1 agreement {agree:.4f} < {need:.4f} " + (
             "(--min-agreement)" if th.min_agreement is not None else
-            f"(fp32's own agreement under input noise {ceiling:.4f} - {th.agreement_margin})"))
+            f"(fp32's own agreement under input noise {ceiling:.4f} - {th.agreement_margin}; {differ} of "
+            f"{len(t1r)} differ, p {p:.3f})"))
     probs = _probabilities(r)
     confident = probs.max(1) >= max(CONFIDENT, (1 + 1 / probs.shape[1]) / 2)
     n = int(confident.sum())
@@ -284,25 +310,36 @@ def infer_task(outputs: list[np.ndarray], specs: list[dict], input_spec, labels=
     - segment: an output per sample [C, H, W] (or [H, W]) at >= 1/8 of the input's H and W;
     - embed: output 0 per sample [D], named emb/feat/descriptor, or of unit L2 norm everywhere;
     - classify: output 0 per sample [C] with C > 1 (labels given: always classify);
-    - raw: anything else (every output compared by SQNR and cosine)."""
+    - raw: anything else (every output compared by SQNR and cosine).
+    A detector must also be one the runtime's post-processing decodes (else its boxes could not be
+    matched); several per-sample vectors of different widths (MTCNN's box deltas [4], landmarks [10],
+    face probability [2]) are heads of a multi-task model, not a classifier: raw."""
     if labels:
         return "classify"
     names = [str(s.get("name", "")).lower() for s in specs] + [""] * len(outputs)
     shapes = [o.shape[1:] for o in outputs]
-    if any(k in n for n in names for k in ("box", "bbox", "det")):
+    boxes_named = any(k in n for n in names for k in ("box", "bbox", "det"))
+    yolo_shaped = len(outputs) == 1 and len(shapes[0]) == 2 and min(shapes[0]) >= 5 \
+        and max(shapes[0]) >= max(100, 8 * min(shapes[0])) and not _distributions(outputs[0])
+    if (boxes_named or yolo_shaped) and _decodable(outputs, input_spec, labels):
         return "detect"
-    if len(outputs) == 1 and len(shapes[0]) == 2:
-        small, big = sorted(shapes[0])
-        if 5 <= small and big >= max(100, 8 * small):
-            return "detect"
     try:
         h, w = input_spec.hw()
     except Exception:
         h = w = 0
     for s in shapes:
         hw = s[-2:] if len(s) >= 2 else None
-        if hw and h and w and hw[0] >= max(2, h // 8) and hw[1] >= max(2, w // 8) and len(s) in (2, 3):
+        # a map is at least 1/8 of the input and at most 4x it (a [T, 6625] sequence of per-step
+        # character probabilities is not a map of a 48x320 input)
+        if hw and h and w and max(2, h // 8) <= hw[0] <= 4 * h and max(2, w // 8) <= hw[1] <= 4 * w \
+                and len(s) in (2, 3):
             return "segment"
+    vectors = {s[0] for s in shapes if len(s) == 1}
+    # a classifier that also returns its features (scores [C] + feat [D]) says so in its names
+    scores_and_features = names[0] and any(k in names[0] for k in ("score", "logit", "prob", "class")) and all(
+        any(k in n for k in ("feat", "emb", "descriptor", "vector")) for n in names[1:len(outputs)])
+    if len(vectors) > 1 and not scores_and_features:
+        return "raw"
     first = outputs[0].reshape(len(outputs[0]), -1) if outputs and outputs[0].ndim >= 2 else None
     if first is not None and len(shapes[0]) == 1 and first.shape[1] > 1:
         norms = np.linalg.norm(first.astype(np.float64), axis=1)
@@ -311,3 +348,22 @@ def infer_task(outputs: list[np.ndarray], specs: list[dict], input_spec, labels=
             return "embed"
         return "classify"
     return "raw"
+
+
+def _decodable(outputs: list[np.ndarray], input_spec, labels) -> bool:
+    """Whether the runtime's detection post-processing reads these outputs (first sample)."""
+    from lepton_edge.runtime import postprocess as pp
+
+    try:
+        pp.detect([o[:1] for o in outputs], input_spec, input_spec.hw(), labels)
+        return True
+    except Exception:
+        return False
+
+
+def _distributions(a: np.ndarray) -> bool:
+    """Probabilities summing to 1 along the last axis (a CTC recogniser's per-step characters), which
+    a detector's rows of box coordinates never are."""
+    a = a.astype(np.float64)
+    return a.size > 0 and float(a.min()) >= 0.0 and float(a.max()) <= 1.0 and bool(
+        np.allclose(a.sum(-1), 1.0, atol=1e-2))

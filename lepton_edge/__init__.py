@@ -7,11 +7,13 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 
-def export(*args, **kwargs):
-    """See lepton_edge.exporters.base.export (lazy: keeps `import lepton_edge` free of torch)."""
+def export(model, target=None, *, options=None, example_input=None, **settings):
+    """Export `model` for `target`; the settings are the fields of `lepton_edge.ExportOptions`,
+    as keyword arguments, as `options=ExportOptions(...)`, or both. See
+    lepton_edge.exporters.base.export (imported lazily: keeps `import lepton_edge` free of torch)."""
     from lepton_edge.exporters.base import export as _export
 
-    return _export(*args, **kwargs)
+    return _export(model, target, options=options, example_input=example_input, **settings)
 
 
 def __getattr__(name: str):
@@ -19,4 +21,8 @@ def __getattr__(name: str):
         from lepton_edge.bundle import Bundle
 
         return Bundle
+    if name == "ExportOptions":
+        from lepton_edge.exporters.options import ExportOptions
+
+        return ExportOptions
     raise AttributeError(name)

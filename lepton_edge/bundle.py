@@ -15,9 +15,10 @@ import os
 import shutil
 import stat
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Iterator, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
@@ -34,9 +35,11 @@ MAX_BUNDLE_BYTES = 2 << 30
 MAX_FILES = 1000
 MAX_INPUT_ELEMENTS = 64 << 20  # per input tensor: a 20000x20000 shape must not reach an allocation
 MAX_RANK = 8
-DTYPES = ("float16", "float32", "float64", "int8", "int16", "int32", "int64",
-          "uint8", "uint16", "uint32", "uint64", "bool")
-Dtype = Literal[DTYPES]  # numpy names of the numeric types a runtime can feed or return
+# numpy names of the numeric types a runtime can feed or return (spelled out: a type checker reads Literal's
+# arguments as written, not from a tuple)
+Dtype = Literal["float16", "float32", "float64", "int8", "int16", "int32", "int64",
+                "uint8", "uint16", "uint32", "uint64", "bool"]
+DTYPES: tuple[str, ...] = get_args(Dtype)
 # a text dimension is a dynamic dimension's name ("batch", "s0", "?"), never "28x"
 _DIM_NAME = r"^(?:\?|[A-Za-z_][A-Za-z0-9_.:+*/() -]{0,63})$"
 Dim = Annotated[int, Field(strict=True)] | Annotated[str, Field(pattern=_DIM_NAME)]
@@ -80,6 +83,10 @@ class InputSpec(BaseModel):
     mean: list[Annotated[float, Field(allow_inf_nan=False)]] = Field(default_factory=lambda: [0.0], max_length=4)
     std: list[Annotated[float, Field(allow_inf_nan=False)]] = Field(default_factory=lambda: [1.0], max_length=4)
     quantization: dict[str, float] | None = None  # {"scale":..., "zero_point":...} for integer inputs
+    # A non-image input of a multi-input model (inputs[1:]): the constant it is fed, flat in row-major
+    # order; the model file carries it as that input's default, so a runtime feeding the frame alone
+    # gets it. None for the frame input.
+    value: list[Annotated[float, Field(allow_inf_nan=False)]] | None = Field(default=None, max_length=4096)
 
     @field_validator("shape")
     @classmethod
@@ -179,7 +186,7 @@ class Manifest(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _listed(self, info: ValidationInfo) -> "Manifest":
+    def _listed(self, info: ValidationInfo) -> Manifest:
         """The model and labels are among `files`, so a signature over the manifest covers them.
 
         Only a manifest read from a bundle (context {"complete": True}) must be complete: an
@@ -193,7 +200,7 @@ class Manifest(BaseModel):
         return self
 
 
-def guess_layout(dims: list) -> str | None:
+def guess_layout(dims: list) -> Literal["NCHW", "NHWC"] | None:
     """NHWC when the last of four dims looks like channels (1, 3, 4) and the second does not;
     NCHW when the second does; None when neither tells (not an image, or ambiguous)."""
     if len(dims) != 4:
@@ -336,14 +343,14 @@ class Bundle:
         return f"Bundle({str(self.path)!r}, {m.format}/{m.precision}, target={m.target.get('id')})"
 
     @classmethod
-    def load(cls, path: str | Path, verify: bool = True, max_bytes: int = MAX_BUNDLE_BYTES) -> "Bundle":
+    def load(cls, path: str | Path, verify: bool = True, max_bytes: int = MAX_BUNDLE_BYTES) -> Bundle:
         """Read a bundle; with verify, refuse it when a file is missing, unlisted, of another
         size than declared, or its sha256 differs."""
         p = Path(path)
         return cls.from_bytes(p, read_manifest_bytes(p), verify, max_bytes)
 
     @classmethod
-    def from_bytes(cls, path: Path, data: bytes, verify: bool = True, max_bytes: int = MAX_BUNDLE_BYTES) -> "Bundle":
+    def from_bytes(cls, path: Path, data: bytes, verify: bool = True, max_bytes: int = MAX_BUNDLE_BYTES) -> Bundle:
         """A bundle whose manifest is `data` (bytes already read, e.g. the ones a signature was
         checked over, so the file cannot change in between)."""
         b = cls(Path(path), parse_manifest(data, str(Path(path) / MANIFEST)))

@@ -5,15 +5,15 @@ Exit codes: 0 success, 1 a check failed (validation, budget), 2 bad input (file,
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich import box
 from rich.table import Table
 
-from lepton_edge import ui
+from lepton_edge import logs, ui
 from lepton_edge.errors import BadInput, CheckFailed, LeptonError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
@@ -23,6 +23,21 @@ app.add_typer(targets_app, name="targets")
 keys_app = typer.Typer(help="Signing keys for bundles (ed25519).", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 out = ui.console()
+log = logging.getLogger("lepton_edge.cli")  # not __name__: `python -m lepton_edge.cli` names it __main__
+
+
+@app.callback()
+def _logging_options(
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors on stderr; no progress bars."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug records too, each with its time, level "
+                                 "and logger."),
+    log_json: bool = typer.Option(False, "--log-json", envvar="LEPTON_EDGE_LOG_JSON", help="Log records as JSON "
+                                  "lines on stderr (time, level, logger, message, fields), for log shippers."),
+) -> None:
+    # Options of every verb (before it: `lepton-edge --quiet export ...`): logging is set up once, here.
+    if quiet and verbose:
+        raise BadInput("--quiet and --verbose contradict each other; choose one")
+    logs.configure(verbosity=-1 if quiet else 1 if verbose else 0, json_lines=log_json)
 
 
 def _emit_json(obj) -> None:
@@ -68,15 +83,7 @@ def targets_show(target: str = typer.Argument(..., help="Profile id or path to a
     out.print(t)
 
 
-def _choice(value: Optional[str], allowed: tuple[str, ...], flag: str) -> Optional[str]:
-    if value is None:
-        return None
-    if value.upper() not in allowed:
-        raise BadInput(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
-    return value.upper()
-
-
-def _floats(text: Optional[str], what: str) -> Optional[list[float]]:
+def _floats(text: str | None, what: str) -> list[float] | None:
     if text is None:
         return None
     try:
@@ -90,25 +97,25 @@ def export(
     model: str = typer.Argument(..., help="zoo:NAME, a .onnx, .pt (TorchScript) or .pt2 (torch.export) file."),
     target: str = typer.Option("x86-cpu", "--target", "-t", help="Profile id (see `targets`) or a .toml path."),
     output: Path = typer.Option(Path("out"), "--out", "-o", help="Parent directory of the bundle."),
-    precision: Optional[str] = typer.Option(None, help="fp32, fp16 or int8 (default: the target's)."),
-    fmt: Optional[str] = typer.Option(None, "--format", help="onnx or tflite (default: the target's)."),
-    layout: Optional[str] = typer.Option(None, help="Input layout NCHW or NHWC (default: the target's)."),
+    precision: str | None = typer.Option(None, help="fp32, fp16 or int8 (default: the target's)."),
+    fmt: str | None = typer.Option(None, "--format", help="onnx or tflite (default: the target's)."),
+    layout: str | None = typer.Option(None, help="Input layout NCHW or NHWC (default: the target's)."),
     int8_io: bool = typer.Option(False, "--int8-io", help="TFLite int8: integer-only input/output (for "
                                  "integer-only accelerators); the manifest records the input's scale/zero-point."),
-    input_shape: Optional[str] = typer.Option(None, help="e.g. 1,3,224,224 (needed for .pt/.pt2 files)."),
-    weights: Optional[str] = typer.Option(None, help="state_dict for a zoo architecture (torchvision keys)."),
-    labels: Optional[Path] = typer.Option(None, help="labels.txt, one class name a line."),
-    calib: Optional[str] = typer.Option(None, help="Calibration data: image folder/glob, .npy/.npz or video."),
-    calib_samples: Optional[int] = typer.Option(None, help="Calibration samples (default: the target's)."),
-    eval_set: Optional[str] = typer.Option(None, "--eval", help="Labelled evaluation set: class folders or .npz."),
-    eval_limit: Optional[int] = typer.Option(None, help="Use at most this many evaluation samples."),
-    train: Optional[str] = typer.Option(None, help="Labelled training data for --finetune-epochs."),
-    prune: Optional[float] = typer.Option(None, help="Structured pruning ratio, e.g. 0.3 removes 30% of channels."),
+    input_shape: str | None = typer.Option(None, help="e.g. 1,3,224,224 (needed for .pt/.pt2 files)."),
+    weights: str | None = typer.Option(None, help="state_dict for a zoo architecture (torchvision keys)."),
+    labels: Path | None = typer.Option(None, help="labels.txt, one class name a line."),
+    calib: str | None = typer.Option(None, help="Calibration data: image folder/glob, .npy/.npz or video."),
+    calib_samples: int | None = typer.Option(None, help="Calibration samples (default: the target's)."),
+    eval_set: str | None = typer.Option(None, "--eval", help="Labelled evaluation set: class folders or .npz."),
+    eval_limit: int | None = typer.Option(None, help="Use at most this many evaluation samples."),
+    train: str | None = typer.Option(None, help="Labelled training data for --finetune-epochs."),
+    prune: float | None = typer.Option(None, help="Structured pruning ratio, e.g. 0.3 removes 30% of channels."),
     finetune_epochs: int = typer.Option(0, help="Fine-tune after pruning for this many epochs."),
-    max_size: Optional[str] = typer.Option(None, help="Size budget, e.g. 1MB (tighter than the target's)."),
-    task: Optional[str] = typer.Option(None, help="classify, detect, segment, embed or raw: picks the validation "
+    max_size: str | None = typer.Option(None, help="Size budget, e.g. 1MB (tighter than the target's)."),
+    task: str | None = typer.Option(None, help="classify, detect, segment, embed or raw: picks the validation "
                                        "metrics (default: inferred from the outputs; stated in the report)."),
-    min_agreement: Optional[float] = typer.Option(None, help="classify: top-1 agreement wanted (default: the fp32 "
+    min_agreement: float | None = typer.Option(None, help="classify: top-1 agreement wanted (default: the fp32 "
                                                   "model's own agreement under input noise, its ceiling, minus 0.05)."),
     min_confident_kept: float = typer.Option(0.99, help="classify: share of confident fp32 top-1 (softmax >= 0.5) "
                                              "kept (one miss allowed when few)."),
@@ -118,58 +125,51 @@ def export(
     min_sqnr: float = typer.Option(12.0, help="Dense and raw outputs: minimum SQNR in dB, each output."),
     min_cosine: float = typer.Option(0.97, help="Dense/raw outputs and embeddings: minimum mean cosine similarity."),
     min_f1: float = typer.Option(0.9, help="detect: minimum F1 of boxes matched to fp32's (IoU >= 0.5)."),
-    recipes: Optional[str] = typer.Option(None, help="int8 recipes to try in order, e.g. nncf-default,u8-percentile."),
+    recipes: str | None = typer.Option(None, help="int8 recipes to try in order, e.g. nncf-default,u8-percentile."),
     search_time: float = typer.Option(180.0, help="int8: seconds to spend trying recipes; the best that passes "
                                       "is kept (the first always completes)."),
-    max_memory: Optional[str] = typer.Option(None, help="int8: memory budget of the export, e.g. 4GB; a recipe over "
+    max_memory: str | None = typer.Option(None, help="int8: memory budget of the export, e.g. 4GB; a recipe over "
                                              "it is stopped and skipped (default: available memory less a margin)."),
     allow_synthetic_calibration: bool = typer.Option(False, help="Calibrate int8 on random data (ruins accuracy)."),
-    name: Optional[str] = typer.Option(None, help="Bundle name (default: the model's)."),
-    color: Optional[str] = typer.Option(None, help="Input colour order: RGB, BGR or GRAY."),
-    mean: Optional[str] = typer.Option(None, help="Per-channel mean after scaling to 0..1, e.g. 0.485,0.456,0.406."),
-    std: Optional[str] = typer.Option(None, help="Per-channel std, e.g. 0.229,0.224,0.225."),
+    name: str | None = typer.Option(None, help="Bundle name (default: the model's)."),
+    color: str | None = typer.Option(None, help="Input colour order: RGB, BGR or GRAY."),
+    mean: str | None = typer.Option(None, help="Per-channel mean after scaling to 0..1, e.g. 0.485,0.456,0.406."),
+    std: str | None = typer.Option(None, help="Per-channel std, e.g. 0.229,0.224,0.225."),
     compare: bool = typer.Option(False, "--compare", help="Export ONNX fp32/int8 and TFLite fp32/fp16/int8 "
                                  "and print one comparison table."),
     as_json: bool = typer.Option(False, "--json", help="Print the export report as JSON on stdout."),
 ):
     """Export MODEL for a target: prune, quantize, validate, check the budget, write a bundle."""
     from lepton_edge import export as do_export
+    from lepton_edge.exporters.options import ExportOptions
     from lepton_edge.model_source import parse_shape
+    from lepton_edge.paths import check_output_dir
 
     if as_json:
         ui.set_quiet(True)
-    if color is not None and color.upper() not in ("RGB", "BGR", "GRAY"):
-        raise BadInput(f"--color must be RGB, BGR or GRAY, got {color!r}")
-    from lepton_edge.paths import check_output_dir
-
     check_output_dir(output, "--out")  # before minutes of work, not after
-    label_list = None
-    if labels is not None:
-        label_list = _read_labels(labels)
-    kw = dict(
-        out=output, name=name, input_shape=parse_shape(input_shape) if input_shape else None, weights=weights,
-        labels=label_list, calib=calib, calib_samples=calib_samples, eval=eval_set, eval_limit=eval_limit,
-        train=train, prune=prune, finetune_epochs=finetune_epochs, max_size=max_size, min_agreement=min_agreement,
-        max_accuracy_drop=max_accuracy_drop, task=task.lower() if task else None,
-        min_confident_kept=min_confident_kept, min_top5=min_top5, min_sqnr=min_sqnr, min_cosine=min_cosine,
-        min_f1=min_f1, recipes=recipes.split(",") if recipes else None, search_time=search_time, max_memory=max_memory,
-        allow_synthetic_calibration=allow_synthetic_calibration, color=color.upper() if color else None,
-        layout=_choice(layout, ("NCHW", "NHWC"), "--layout"), mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
-        int8_io=int8_io,
-    )
+    options = ExportOptions.of(  # flags as typed (case aside); every check is the options' own
+        flags=True, target=target, out=output, name=name, format=fmt, precision=precision,
+        layout=layout.upper() if layout else None, int8_io=int8_io,
+        input_shape=parse_shape(input_shape) if input_shape else None, weights=weights,
+        labels=_read_labels(labels) if labels is not None else None, color=color.upper() if color else None,
+        mean=_floats(mean, "--mean"), std=_floats(std, "--std"), calib=calib, calib_samples=calib_samples,
+        eval=eval_set, eval_limit=eval_limit, train=train, allow_synthetic_calibration=allow_synthetic_calibration,
+        prune=prune, finetune_epochs=finetune_epochs, recipes=recipes.split(",") if recipes else None,
+        search_time=search_time, max_memory=max_memory, max_size=max_size, task=task.lower() if task else None,
+        min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop, min_confident_kept=min_confident_kept,
+        min_top5=min_top5, min_sqnr=min_sqnr, min_cosine=min_cosine, min_f1=min_f1)
     if compare:
         from lepton_edge.compare import compare as do_compare, table
 
-        if fmt or precision:
-            raise BadInput("--compare runs every format and precision; drop --format/--precision")
-        rows = do_compare(model, target, **kw)
+        rows = do_compare(model, options)
         if as_json:
             return _emit_json(rows)
         out.print(table(rows, f"{model} for {target}: formats and precisions (latency on this host)"))
         if all(r["status"] != "ok" for r in rows):
             raise CheckFailed("no variant passed its checks")
         return
-    r = do_export(model, target, format=fmt, precision=precision, **kw)
+    r = do_export(model, options=options)
     if as_json:
         return _emit_json(r.report)
     _print_report(r.report)
@@ -253,8 +253,8 @@ def _print_report(rep: dict) -> None:
 def inspect(path: Path = typer.Argument(..., help="A bundle directory, an .onnx or a .tflite file."),
             as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
     """Inputs/outputs (dynamic dims, layout), opset, op histogram, parameters, precision, size."""
-    from lepton_edge.ui import human
     from lepton_edge.inspect import inspect as do_inspect
+    from lepton_edge.ui import human
 
     info = do_inspect(path)
     if as_json:
@@ -303,81 +303,109 @@ def run(
     model: str = typer.Argument(..., help="A bundle directory, or a plain .onnx / .tflite file."),
     source: str = typer.Option(..., "--source", "-s", help="Camera index (0), video file, rtsp:// or http:// "
                                "URL, image folder or glob ('frames/*.png'), or a GStreamer pipeline."),
-    save: Optional[Path] = typer.Option(None, "--save", help="Write an annotated video (.mp4, .avi, .mkv)."),
-    jsonl: Optional[str] = typer.Option(None, "--jsonl", help="Write every result as a JSON line ('-': stdout)."),
-    max_frames: Optional[int] = typer.Option(None, "--max-frames", "-n", min=1, help="Stop after this many frames."),
-    threads: Optional[int] = typer.Option(None, help="Inference threads, 1..64 (default: the bundle's target's, "
+    save: Path | None = typer.Option(None, "--save", help="Write an annotated video (.mp4, .avi, .mkv)."),
+    jsonl: str | None = typer.Option(None, "--jsonl", help="Write every result as a JSON line ('-': stdout)."),
+    max_frames: int | None = typer.Option(None, "--max-frames", "-n", min=1, help="Stop after this many frames."),
+    threads: int | None = typer.Option(None, help="Inference threads, 1..64 (default: the bundle's target's, "
                                           "leaving one core of this machine to capture)."),
-    delegate: Optional[list[str]] = typer.Option(None, "--delegate", help="NAME=/abs/path/lib.so: a LiteRT delegate "
+    delegate: list[str] | None = typer.Option(None, "--delegate", help="NAME=/abs/path/lib.so: a LiteRT delegate "
                                                  "this machine allows; a bundle may name it (repeatable)."),
     max_reconnects: int = typer.Option(5, "--max-reconnects", help="Live sources: give up after this many "
                                        "reconnects in a row with no decodable frame (0: never)."),
-    input_spec: Optional[str] = typer.Option(None, "--input-spec", help="For plain models, or to override: "
+    input_spec: str | None = typer.Option(None, "--input-spec", help="For plain models, or to override: "
                                              "'layout=NHWC;color=BGR;size=320x320;scale=1/255;mean=..;std=..' "
                                              "or a JSON file."),
-    task: Optional[str] = typer.Option(None, help="classify, detect, embed or raw (default: the bundle's)."),
+    task: str | None = typer.Option(None, help="classify, detect, embed or raw (default: the bundle's)."),
     top_k: int = typer.Option(5, "--top-k", min=1, help="Classes per classification result."),
     conf: float = typer.Option(0.25, help="Detection score threshold."),
     iou: float = typer.Option(0.45, help="Detection NMS IoU threshold."),
     every: float = typer.Option(1.0, help="Seconds between console lines (0: every result)."),
-    show: Optional[bool] = typer.Option(None, "--show/--no-show", help="Show a window (default: when a "
+    show: bool | None = typer.Option(None, "--show/--no-show", help="Show a window (default: when a "
                                         "display exists)."),
     as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON on stdout."),
 ):
     """Run a bundle on frames from a camera, video, stream or images; per-stage timing at the end."""
-    import signal
-
-    from lepton_edge import sinks
     from lepton_edge.capture import open_source
     from lepton_edge.pipeline import Pipeline, capture_threads
-    from lepton_edge.runtime import Runtime
-
-    from lepton_edge.runtime.delegates import parse_allowlist
 
     if max_reconnects < 0:
         raise BadInput(f"--max-reconnects must be 0 or more, got {max_reconnects}")
-    rt = Runtime.load(model, threads=threads, input_spec=input_spec, task=task, top_k=top_k, conf=conf, iou=iou,
-                      leave_cores=1, delegates=parse_allowlist(delegate))
-    for w in rt.warnings:
-        ui.err.print(f"[yellow]warning:[/] {w}", soft_wrap=True)
+    rt = _load_runtime(model, threads=threads, input_spec=input_spec, task=task, top_k=top_k, conf=conf, iou=iou,
+                       delegate=delegate)
     src = open_source(source, decode_threads=capture_threads(rt), max_reconnects=max_reconnects or None)
-    lines_to = ui.err if (as_json or jsonl == "-") else out
     pipe = Pipeline(src, rt, max_frames=max_frames)
-    outs: list = [sinks.ConsoleLines(lines_to, every, pipe.stats)]
+    outs = _run_sinks(pipe, src, rt, every=every, jsonl=jsonl, save=save, show=show,
+                      lines_to_stderr=as_json or jsonl == "-")
+    d = rt.describe()
+    ui.info(f"[bold]{rt.name}[/] ({d['backend']}, {d['threads']} thread(s), task {rt.task}) on {src.kind} {source}")
+    interrupted = _drive(pipe, outs)
+    status = pipe.status() | {"model": d, "interrupted": interrupted}
+    _report_run(status, as_json)
+    failed = getattr(src, "failure", None)
+    if failed and not interrupted:
+        raise BadInput(f"{source}: {failed}")
+    if status["frames"] == 0:
+        raise BadInput(f"no frame could be read or processed from {source!r}")
+
+
+def _load_runtime(model: str, delegate: list[str] | None, **kw):
+    """The runtime for `run`, one core left to capture; what it chose to ignore becomes warnings."""
+    from lepton_edge.runtime import Runtime
+    from lepton_edge.runtime.delegates import parse_allowlist
+
+    rt = Runtime.load(model, leave_cores=1, delegates=parse_allowlist(delegate), **kw)
+    for w in rt.warnings:
+        log.warning(w)
+    return rt
+
+
+def _run_sinks(pipe, src, rt, *, every: float, jsonl: str | None, save: Path | None, show: bool | None,
+               lines_to_stderr: bool) -> list:
+    """Where results go: rate-limited console lines (on stderr when stdout carries JSON, and not at
+    all when stderr carries JSON log records), JSON lines, an annotated video, a window."""
+    from lepton_edge import sinks
+
+    outs: list = []
+    if not (lines_to_stderr and logs.json_mode()):
+        outs.append(sinks.ConsoleLines(ui.err if lines_to_stderr else out, every, pipe.stats))
     if jsonl:
         outs.append(sinks.JsonLines(Path("/dev/stdout") if jsonl == "-" else Path(jsonl)))
     if save:
         outs.append(sinks.VideoOut(save, src.fps))
     if show or (show is None and sinks.display_available()):
         outs.append(sinks.Window(f"lepton-edge: {rt.name}"))
-    d = rt.describe()
-    ui.info(f"[bold]{rt.name}[/] ({d['backend']}, {d['threads']} thread(s), task {rt.task}) on {src.kind} {source}")
+    return outs
+
+
+def _drive(pipe, outs: list) -> bool:
+    """Every result to every sink until the source ends; Ctrl-C or SIGTERM ends it early (True)."""
+    import signal
 
     def _stop(*_):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _stop)
-    interrupted = False
     try:
         for r in pipe:
             for o in outs:
                 o.write(r)
     except KeyboardInterrupt:
-        interrupted = True
+        return True
     finally:
         for o in outs:
             o.close()
         pipe.close()
-    status = pipe.status() | {"model": d, "interrupted": interrupted}
+    return False
+
+
+def _report_run(status: dict, as_json: bool) -> None:
+    """The run summary: JSON on stdout (--json), one log record (--log-json), else a table on stderr."""
     if as_json:
         _emit_json(status)
+    elif logs.json_mode():
+        log.info("%s: %d frame(s)", status["model"]["name"], status["frames"], extra={"summary": status})
     else:
         _print_run_summary(status)
-    failed = getattr(src, "failure", None)
-    if failed and not interrupted:
-        raise BadInput(f"{source}: {failed}")
-    if status["frames"] == 0:
-        raise BadInput(f"no frame could be read or processed from {source!r}")
 
 
 def _print_run_summary(s: dict) -> None:
@@ -397,12 +425,12 @@ def _print_run_summary(s: dict) -> None:
 @app.command()
 def bench(
     models: list[str] = typer.Argument(..., help="Bundles or .onnx/.tflite files to compare."),
-    threads: Optional[str] = typer.Option(None, help="Thread counts, e.g. 1,2 (default: each bundle's target)."),
+    threads: str | None = typer.Option(None, help="Thread counts, e.g. 1,2 (default: each bundle's target)."),
     runs: int = typer.Option(200, min=1, help="Timed runs per configuration."),
     warmup: int = typer.Option(20, min=0, help="Untimed runs first."),
-    source: Optional[str] = typer.Option(None, "--source", "-s", help="Frames from a video/images (default: a "
+    source: str | None = typer.Option(None, "--source", "-s", help="Frames from a video/images (default: a "
                                          "synthetic 640x480 frame)."),
-    input_spec: Optional[str] = typer.Option(None, "--input-spec", help="For plain models (see `run`)."),
+    input_spec: str | None = typer.Option(None, "--input-spec", help="For plain models (see `run`)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ):
     """Per-stage latency percentiles, throughput and peak RSS; one table across models and threads."""
@@ -421,7 +449,8 @@ def bench(
 
 
 @keys_app.command("new")
-def keys_new(output: Path = typer.Option(Path("keys"), "--out", "-o", help="Directory for private.pem and public.pem.")):
+def keys_new(output: Path = typer.Option(Path("keys"), "--out", "-o",
+                                         help="Directory for private.pem and public.pem.")):
     """Make an ed25519 key pair: sign bundles with private.pem, give devices public.pem."""
     from lepton_edge.paths import check_output_dir
     from lepton_edge.signing import key_id, load_public, new_keys
@@ -447,35 +476,35 @@ def sign(bundle: Path = typer.Argument(..., help="Bundle directory."),
 
 @app.command()
 def agent(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="agent.toml (flags override its fields)."),
-    broker: Optional[str] = typer.Option(None, help="mqtt://host:1883, mqtts://host:8883, ws://host:9001/mqtt."),
-    username: Optional[str] = typer.Option(None, help="Broker user name."),
-    password: Optional[str] = typer.Option(None, help="Broker password."),
-    ca_file: Optional[Path] = typer.Option(None, help="CA certificate for TLS."),
-    cert_file: Optional[Path] = typer.Option(None, help="Client certificate for TLS."),
-    key_file: Optional[Path] = typer.Option(None, help="Client key for TLS."),
-    fleet: Optional[str] = typer.Option(None, help="Fleet name (a topic segment)."),
-    device_id: Optional[str] = typer.Option(None, help="Device id (default: hostname or machine id)."),
-    bundle: Optional[Path] = typer.Option(None, help="Bundle to start with (a deployed one in state-dir wins)."),
-    source: Optional[str] = typer.Option(None, "--source", "-s", help="Frame source, as for `run`."),
-    loop: Optional[bool] = typer.Option(None, "--loop/--no-loop", help="Video files: start again at the end."),
-    threads: Optional[int] = typer.Option(None, min=1, help="Inference threads."),
-    window_s: Optional[float] = typer.Option(None, "--window", help="Seconds per telemetry window (default 10)."),
-    state_dir: Optional[Path] = typer.Option(None, help="Outbox and deployed bundles (default /var/lib/lepton-edge)."),
-    outbox_max: Optional[int] = typer.Option(None, help="Outbox bound in messages (oldest dropped, counted)."),
-    trusted_key: Optional[list[Path]] = typer.Option(None, "--trusted-key", help="Public key(s) bundles must be "
+    config: Path | None = typer.Option(None, "--config", "-c", help="agent.toml (flags override its fields)."),
+    broker: str | None = typer.Option(None, help="mqtt://host:1883, mqtts://host:8883, ws://host:9001/mqtt."),
+    username: str | None = typer.Option(None, help="Broker user name."),
+    password: str | None = typer.Option(None, help="Broker password."),
+    ca_file: Path | None = typer.Option(None, help="CA certificate for TLS."),
+    cert_file: Path | None = typer.Option(None, help="Client certificate for TLS."),
+    key_file: Path | None = typer.Option(None, help="Client key for TLS."),
+    fleet: str | None = typer.Option(None, help="Fleet name (a topic segment)."),
+    device_id: str | None = typer.Option(None, help="Device id (default: hostname or machine id)."),
+    bundle: Path | None = typer.Option(None, help="Bundle to start with (a deployed one in state-dir wins)."),
+    source: str | None = typer.Option(None, "--source", "-s", help="Frame source, as for `run`."),
+    loop: bool | None = typer.Option(None, "--loop/--no-loop", help="Video files: start again at the end."),
+    threads: int | None = typer.Option(None, min=1, help="Inference threads."),
+    window_s: float | None = typer.Option(None, "--window", help="Seconds per telemetry window (default 10)."),
+    state_dir: Path | None = typer.Option(None, help="Outbox and deployed bundles (default /var/lib/lepton-edge)."),
+    outbox_max: int | None = typer.Option(None, help="Outbox bound in messages (oldest dropped, counted)."),
+    trusted_key: list[Path] | None = typer.Option(None, "--trusted-key", help="Public key(s) bundles must be "
                                                      "signed with; unsigned bundles are then refused."),
 ):
     """The device service: run the pipeline, send telemetry over MQTT, take deploy/set/ping commands."""
     from lepton_edge.agent.config import load
     from lepton_edge.agent.service import Agent
-    from lepton_edge.agent.systemd import agent_log
 
     cfg = load(config, {"broker": broker, "username": username, "password": password, "ca_file": ca_file,
                         "cert_file": cert_file, "key_file": key_file, "fleet": fleet, "device_id": device_id,
                         "bundle": bundle, "source": source, "loop": loop, "threads": threads, "window_s": window_s,
                         "state_dir": state_dir, "outbox_max": outbox_max, "trusted_keys": trusted_key or None})
-    a = Agent(cfg, log=agent_log())  # plain lines: the journal under systemd, no markup read from messages
+    logs.show_timestamps()  # a service's lines on a terminal carry the time (the journal stamps its own)
+    a = Agent(cfg)  # it logs through logging: plain lines in the journal, no markup read from messages
     ui.info(f"agent {cfg.fleet}/{cfg.device_id} -> {cfg.broker} (boot {a.boot_id}); telemetry every {cfg.window_s:g} s")
     raise typer.Exit(a.run())
 
@@ -485,15 +514,15 @@ def deploy(
     target: str = typer.Argument(..., help="FLEET/DEVICE, or FLEET for every online device of the fleet."),
     bundle: str = typer.Argument(..., help="A local bundle directory (served to the devices), or an http(s) URL."),
     broker: str = typer.Option(..., help="The fleet's broker, e.g. mqtt://broker:1883."),
-    username: Optional[str] = typer.Option(None), password: Optional[str] = typer.Option(None),
-    ca_file: Optional[Path] = typer.Option(None), cert_file: Optional[Path] = typer.Option(None),
-    key_file: Optional[Path] = typer.Option(None),
+    username: str | None = typer.Option(None), password: str | None = typer.Option(None),
+    ca_file: Path | None = typer.Option(None), cert_file: Path | None = typer.Option(None),
+    key_file: Path | None = typer.Option(None),
     device_path: bool = typer.Option(False, help="BUNDLE is a path on the device (already copied there)."),
-    serve_host: Optional[str] = typer.Option(None, help="Address devices reach this machine at (default: the "
+    serve_host: str | None = typer.Option(None, help="Address devices reach this machine at (default: the "
                                              "one that reaches the broker)."),
     serve_port: int = typer.Option(0, help="Port to serve the bundle on (default: any free one)."),
     timeout: float = typer.Option(120.0, help="Seconds to wait for the devices' replies."),
-    health_frames: Optional[int] = typer.Option(None, help="Frames the device checks the new model on."),
+    health_frames: int | None = typer.Option(None, help="Frames the device checks the new model on."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ):
     """Ask devices to switch to a bundle; each verifies, swaps, health-checks and replies (or rolls back)."""
@@ -522,7 +551,7 @@ def deploy(
 @app.command()
 def quickstart(output: Path = typer.Option(Path("out/quickstart"), "--out", "-o", help="Where the bundles go."),
                as_json: bool = typer.Option(False, "--json", help="Print the comparison as JSON."),
-               broker: Optional[str] = typer.Option(None, help="Broker for the fleet loop (default: a local "
+               broker: str | None = typer.Option(None, help="Broker for the fleet loop (default: a local "
                                                     "mosquitto on a free loopback port)."),
                serve: bool = typer.Option(False, "--serve", help="Keep the agent, monitor and dashboard up "
                                           "until Ctrl-C.")):
@@ -551,10 +580,16 @@ def main() -> None:
     try:
         app()
     except LeptonError as e:
-        ui.err.print(f"[red]error:[/] {e}", soft_wrap=True)
+        if logs.json_mode():
+            log.error(str(e), extra={"exit_code": e.exit_code})
+        else:
+            ui.err.print(f"[red]error:[/] {e}", soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        ui.err.print("interrupted")
+        if logs.json_mode():
+            log.warning("interrupted", extra={"exit_code": 130})
+        else:
+            ui.err.print("interrupted")
         sys.exit(130)
 
 

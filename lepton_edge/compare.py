@@ -6,25 +6,29 @@ export (bundles are kept), so the table compares artifacts a device could actual
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from lepton_edge import ui
-from lepton_edge.errors import LeptonError
+from lepton_edge.errors import BadInput, LeptonError
 
 VARIANTS = [("onnx", "fp32"), ("onnx", "int8"), ("tflite", "fp32"), ("tflite", "fp16"), ("tflite", "int8")]
 
 
-def compare(model: Any, target: str, out: Path, **export_kw) -> list[dict]:
-    from lepton_edge import export
+def compare(model: Any, options, example_input: Any = None) -> list[dict]:
+    """One validated export per variant of `options` (an ExportOptions without format or
+    precision: the variants set them), each a row; a variant that fails is a row saying why."""
+    from lepton_edge.exporters.base import run_export
 
+    if options.format or options.precision:
+        raise BadInput("--compare runs every format and precision; drop --format/--precision")
     rows = []
     for fmt, precision in VARIANTS:
         ui.info(f"[bold]{fmt} {precision}[/]")
         row: dict[str, Any] = {"format": fmt, "precision": precision}
-        kw = {k: v for k, v in export_kw.items() if fmt == "tflite" or k != "int8_io"}
         try:
-            rep = export(model, target, out=out, format=fmt, precision=precision, **kw).report
+            variant = options.varied(format=fmt, precision=precision,
+                                     int8_io=options.int8_io and fmt == "tflite")  # ONNX keeps float I/O
+            rep = run_export(model, variant, example_input).report
         except LeptonError as e:  # one variant failing (a check, an unsupported source) is a row, not the end
             row.update(status="failed", reason=str(e))
             rows.append(row)
@@ -53,6 +57,7 @@ def table(rows: list[dict], title: str):
             continue
         acc = f"{r['accuracy']:.4f}" if r["accuracy"] is not None else "-"
         drop = f"{r['accuracy_drop_pp']:+.2f}pp" if r["accuracy_drop_pp"] is not None else "-"
-        t.add_row(r["format"], r["precision"], human(r["bytes"]), acc, drop, f"{r['agreement']:.4f}" if r.get("agreement") is not None else "-",
+        agreement = f"{r['agreement']:.4f}" if r.get("agreement") is not None else "-"
+        t.add_row(r["format"], r["precision"], human(r["bytes"]), acc, drop, agreement,
                   f"{r['latency_ms']:.3f}ms ({r['threads']} thr)" if r["latency_ms"] else "-", r["recipe"] or "")
     return t

@@ -6,6 +6,7 @@ dimensions, layout), opset and ops, before anyone tries to export or run it.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 from lepton_edge.bundle import guess_layout
@@ -47,14 +48,7 @@ def inspect_onnx(path: Path) -> dict:
                 "dynamic": [i for i, d in enumerate(dims) if not isinstance(d, int)], "layout": guess_layout(dims)}
 
     ops = Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}" for n in g.node)
-    params = 0
-    weight_types = Counter()
-    for i in g.initializer:
-        n = 1
-        for d in i.dims:
-            n *= d
-        params += n
-        weight_types[_DTYPES.get(i.data_type, str(i.data_type))] += n
+    params, weight_types = _weights((i.dims, i.data_type) for i in g.initializer)
     precision = _precision(ops, weight_types)
     std = {"", "ai.onnx"}
     used_domains = {n.domain for n in g.node if n.domain not in std}
@@ -105,6 +99,7 @@ def _fields(buf: memoryview):
     while i < len(buf):
         key, i = _varint(buf, i)
         num, wire = key >> 3, key & 7
+        v: int | memoryview
         if wire == 0:
             v, i = _varint(buf, i)
         elif wire == 2:
@@ -139,6 +134,36 @@ def _ints(v) -> list[int]:
     return out
 
 
+def _sub(buf: memoryview, num: int) -> Iterator[memoryview]:
+    """Each occurrence of the sub-message field `num` in one message."""
+    for n, v in _fields(buf):
+        if n == num and isinstance(v, memoryview):
+            yield v
+
+
+def _wire_dim(buf: memoryview) -> int | str:
+    """TensorShapeProto.Dimension: its size, or its symbolic name ('?' when it has neither)."""
+    value, param = 0, ""
+    for xn, xv in _fields(buf):  # Dimension: 1 = dim_value, 2 = dim_param
+        if xn == 1 and isinstance(xv, int):
+            value = xv
+        elif xn == 2:
+            param = _str(xv)
+    # a negative dim_value (Paddle writes -1 for dynamic) is a huge unsigned varint
+    return value if 0 < value < (1 << 62) else (param or "?")
+
+
+def _wire_tensor_type(buf: memoryview) -> tuple[int | None, list[int | str]]:
+    """TypeProto.Tensor: (elem_type if given, dims)."""
+    elem, dims = None, []
+    for en, ev in _fields(buf):  # Tensor: 1 = elem_type, 2 = shape
+        if en == 1 and isinstance(ev, int):
+            elem = ev
+        elif en == 2 and isinstance(ev, memoryview):
+            dims += [_wire_dim(d) for d in _sub(ev, 1)]  # TensorShapeProto: 1 = dim
+    return elem, dims
+
+
 def _wire_value(buf: memoryview) -> dict:
     """ValueInfoProto -> the same dict inspect_onnx makes."""
     name, elem, dims = "", 0, []
@@ -146,91 +171,99 @@ def _wire_value(buf: memoryview) -> dict:
         if num == 1:
             name = _str(v)
         elif num == 2 and isinstance(v, memoryview):
-            for tn, tv in _fields(v):  # TypeProto: 1 = tensor_type
-                if tn != 1 or not isinstance(tv, memoryview):
-                    continue
-                for en, ev in _fields(tv):  # Tensor: 1 = elem_type, 2 = shape
-                    if en == 1 and isinstance(ev, int):
-                        elem = ev
-                    elif en == 2 and isinstance(ev, memoryview):
-                        for dn, dv in _fields(ev):  # TensorShapeProto: 1 = dim
-                            if dn != 1 or not isinstance(dv, memoryview):
-                                continue
-                            value, param = 0, ""
-                            for xn, xv in _fields(dv):  # Dimension: 1 = dim_value, 2 = dim_param
-                                if xn == 1 and isinstance(xv, int):
-                                    value = xv
-                                elif xn == 2:
-                                    param = _str(xv)
-                            # a negative dim_value (Paddle writes -1 for dynamic) is a huge unsigned varint
-                            dims.append(value if 0 < value < (1 << 62) else (param or "?"))
+            for tensor_type in _sub(v, 1):  # TypeProto: 1 = tensor_type
+                e, d = _wire_tensor_type(tensor_type)
+                elem = elem if e is None else e
+                dims += d
     return {"name": name, "dtype": _DTYPES.get(elem, str(elem)), "shape": dims,
             "dynamic": [i for i, d in enumerate(dims) if not isinstance(d, int)], "layout": guess_layout(dims)}
 
 
-def inspect_onnx_wire(path: Path) -> dict:
-    """inspect_onnx's answer (same keys, same values) read from the protobuf wire format."""
-    data = memoryview(path.read_bytes())
-    ir, producer, producer_version, graph, opsets = 0, "", "", None, []
-    try:
-        for num, v in _fields(data):
-            if num == _MODEL_IR and isinstance(v, int):
-                ir = v
-            elif num == _MODEL_PRODUCER:
-                producer = _str(v)
-            elif num == _MODEL_PRODUCER_VERSION:
-                producer_version = _str(v)
-            elif num == _MODEL_GRAPH and isinstance(v, memoryview):
-                graph = v
-            elif num == _MODEL_OPSET and isinstance(v, memoryview):
-                o = dict(_fields(v))  # OperatorSetIdProto: 1 = domain, 2 = version
-                opsets.append((_str(o.get(1)), o.get(2) if isinstance(o.get(2), int) else 0))
-        if not ir or graph is None:
-            raise BadInput(f"{path}: not a readable ONNX model (no IR version or graph)")
-        nodes, inits, inputs, outputs = [], [], [], []
-        for num, v in _fields(graph):
-            if not isinstance(v, memoryview):
-                continue
-            if num == _GRAPH_NODE:
-                f = {n: x for n, x in _fields(v) if n in (4, 7)}  # NodeProto: 4 = op_type, 7 = domain
-                nodes.append((_str(f.get(4)), _str(f.get(7))))
-            elif num == _GRAPH_INIT:
-                dims, dtype, name = [], 0, ""
-                for n, x in _fields(v):  # TensorProto: 1 = dims, 2 = data_type, 8 = name
-                    if n == 1:
-                        dims += _ints(x)
-                    elif n == 2 and isinstance(x, int):
-                        dtype = x
-                    elif n == 8:
-                        name = _str(x)
-                inits.append((name, dims, dtype))
-            elif num == _GRAPH_INPUT:
-                inputs.append(_wire_value(v))
-            elif num == _GRAPH_OUTPUT:
-                outputs.append(_wire_value(v))
-    except _Corrupt as e:
-        raise BadInput(f"{path}: not a readable ONNX model ({e})") from None
-    std = {"", "ai.onnx"}
-    ops = Counter(op if dom in std else f"{dom}::{op}" for op, dom in nodes)
-    params, weight_types = 0, Counter()
-    for _, dims, dtype in inits:
+def _wire_model(data: memoryview) -> dict:
+    """ModelProto's top-level fields that inspect reports, and the graph still as bytes."""
+    m: dict = {"ir": 0, "producer": "", "producer_version": "", "graph": None, "opsets": []}
+    for num, v in _fields(data):
+        if num == _MODEL_IR and isinstance(v, int):
+            m["ir"] = v
+        elif num == _MODEL_PRODUCER:
+            m["producer"] = _str(v)
+        elif num == _MODEL_PRODUCER_VERSION:
+            m["producer_version"] = _str(v)
+        elif num == _MODEL_GRAPH and isinstance(v, memoryview):
+            m["graph"] = v
+        elif num == _MODEL_OPSET and isinstance(v, memoryview):
+            o = dict(_fields(v))  # OperatorSetIdProto: 1 = domain, 2 = version
+            m["opsets"].append((_str(o.get(1)), o.get(2) if isinstance(o.get(2), int) else 0))
+    return m
+
+
+def _wire_initializer(buf: memoryview) -> tuple[str, list[int], int]:
+    """TensorProto: (name, dims, data_type); the data itself is not read."""
+    dims, dtype, name = [], 0, ""
+    for n, x in _fields(buf):  # TensorProto: 1 = dims, 2 = data_type, 8 = name
+        if n == 1:
+            dims += _ints(x)
+        elif n == 2 and isinstance(x, int):
+            dtype = x
+        elif n == 8:
+            name = _str(x)
+    return name, dims, dtype
+
+
+def _wire_graph(graph: memoryview) -> dict:
+    """GraphProto: nodes as (op_type, domain), initializers, inputs and outputs."""
+    g: dict = {"nodes": [], "inits": [], "inputs": [], "outputs": []}
+    for num, v in _fields(graph):
+        if not isinstance(v, memoryview):
+            continue
+        if num == _GRAPH_NODE:
+            f = {n: x for n, x in _fields(v) if n in (4, 7)}  # NodeProto: 4 = op_type, 7 = domain
+            g["nodes"].append((_str(f.get(4)), _str(f.get(7))))
+        elif num == _GRAPH_INIT:
+            g["inits"].append(_wire_initializer(v))
+        elif num == _GRAPH_INPUT:
+            g["inputs"].append(_wire_value(v))
+        elif num == _GRAPH_OUTPUT:
+            g["outputs"].append(_wire_value(v))
+    return g
+
+
+def _weights(tensors) -> tuple[int, Counter[str]]:
+    """(parameter count, elements per dtype name) over (dims, ONNX data type) pairs."""
+    params, weight_types = 0, Counter[str]()
+    for dims, dtype in tensors:
         n = 1
         for d in dims:
             n *= d
         params += n
         weight_types[_DTYPES.get(dtype, str(dtype))] += n
-    precision = _precision(ops, weight_types)
+    return params, weight_types
+
+
+def inspect_onnx_wire(path: Path) -> dict:
+    """inspect_onnx's answer (same keys, same values) read from the protobuf wire format."""
+    try:
+        m = _wire_model(memoryview(path.read_bytes()))
+        if not m["ir"] or m["graph"] is None:
+            raise BadInput(f"{path}: not a readable ONNX model (no IR version or graph)")
+        g = _wire_graph(m["graph"])
+    except _Corrupt as e:
+        raise BadInput(f"{path}: not a readable ONNX model ({e})") from None
+    std = {"", "ai.onnx"}
+    nodes, opsets = g["nodes"], m["opsets"]
+    ops = Counter(op if dom in std else f"{dom}::{op}" for op, dom in nodes)
+    params, weight_types = _weights((dims, dtype) for _, dims, dtype in g["inits"])
     used_domains = {dom for _, dom in nodes if dom not in std}
-    init_names = {name for name, _, _ in inits}
+    init_names = {name for name, _, _ in g["inits"]}
     return {
         "file": str(path), "format": "onnx", "bytes": path.stat().st_size,
-        "producer": f"{producer} {producer_version}".strip(),
+        "producer": f"{m['producer']} {m['producer_version']}".strip(),
         "opset": next((ver for dom, ver in opsets if dom in std), None),
         "domains": {dom: ver for dom, ver in opsets if dom in used_domains},
-        "inputs": [i for i in inputs if i["name"] not in init_names], "outputs": outputs,
+        "inputs": [i for i in g["inputs"] if i["name"] not in init_names], "outputs": g["outputs"],
         "nodes": len(nodes), "ops": dict(ops.most_common()),
         "custom_ops": sorted({f"{dom}::{op}" for op, dom in nodes if dom not in std}),
-        "parameters": params, "precision": precision,
+        "parameters": params, "precision": _precision(ops, weight_types),
     }
 
 
@@ -267,8 +300,22 @@ def inspect_file(p: Path) -> dict:
 def inspect_tflite(path: Path) -> dict:
     """Read the flatbuffer itself (works for custom ops the interpreter lacks), then ask LiteRT
     which nodes XNNPACK takes."""
-    from lepton_edge.runtime.litert_loader import load_interpreter
+    data, model, schema = _read_tflite(path)
+    names = _TfliteNames(model, schema)
+    sg = model.subgraphs[0]
+    ops = Counter(names.op(o) for o in sg.operators)
+    params, weight_types = _tflite_weights(model, sg, names)
+    inputs = [_tflite_tensor(sg.tensors[i], names) for i in sg.inputs]
+    return {"file": str(path), "format": "tflite", "bytes": len(data), "producer": "", "opset": None,
+            "inputs": inputs, "outputs": [_tflite_tensor(sg.tensors[i], names) for i in sg.outputs],
+            "nodes": len(sg.operators), "ops": dict(ops.most_common()),
+            "custom_ops": sorted(k[8:] for k in ops if k.startswith("custom::")),
+            "parameters": params, "precision": _tflite_precision(inputs, weight_types, params),
+            "subgraphs": len(model.subgraphs), "xnnpack": _xnnpack(path)}
 
+
+def _read_tflite(path: Path):
+    """(bytes, the flatbuffer as objects, the schema module); one BadInput line for anything else."""
     data = path.read_bytes()
     if len(data) < 8 or data[4:8] != b"TFL3":
         raise BadInput(f"{path}: not a TFLite model (no TFL3 identifier; truncated or another format)")
@@ -282,32 +329,44 @@ def inspect_tflite(path: Path) -> dict:
     except Exception as e:
         raise BadInput(f"{path}: not a readable TFLite model ({str(e).splitlines()[0][:120] if str(e) else 'corrupt'})"
                        ) from None
-    op_names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
-    type_names = {v: k.lower() for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
-    sg = model.subgraphs[0]
+    return data, model, schema
 
-    def op_name(op) -> str:
-        code = model.operatorCodes[op.opcodeIndex]
+
+class _TfliteNames:
+    """Names for the schema's numbers: operators (builtin or custom::NAME) and tensor types."""
+
+    def __init__(self, model, schema):
+        self.model, self.schema = model, schema
+        self.ops = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+        self.types = {v: k.lower() for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
+
+    def op(self, op) -> str:
+        code = self.model.operatorCodes[op.opcodeIndex]
         builtin = max(code.builtinCode, code.deprecatedBuiltinCode)
-        if builtin == schema.BuiltinOperator.CUSTOM:
+        if builtin == self.schema.BuiltinOperator.CUSTOM:
             return f"custom::{code.customCode.decode() if isinstance(code.customCode, bytes) else code.customCode}"
-        return op_names.get(builtin, str(builtin))
+        return self.ops.get(builtin, str(builtin))
 
-    def tensor(i: int) -> dict:
-        t = sg.tensors[i]
-        shape = [int(d) for d in (t.shapeSignature if t.shapeSignature is not None else t.shape)]
-        out = {"name": t.name.decode() if isinstance(t.name, bytes) else t.name,
-               "dtype": type_names.get(t.type, str(t.type)).replace("float32", "float32"),
-               "shape": [d if d >= 0 else "?" for d in shape], "dynamic": [k for k, d in enumerate(shape) if d < 0],
-               "layout": guess_layout(shape)}
-        q = t.quantization
-        if q is not None and q.scale is not None and len(q.scale):
-            out["quantization"] = {"scale": float(q.scale[0]), "zero_point": int(q.zeroPoint[0])}
-        return out
+    def dtype(self, t) -> str:
+        return self.types.get(t.type, str(t.type))
 
-    ops = Counter(op_name(o) for o in sg.operators)
-    params = 0
-    weight_types = Counter()
+
+def _tflite_tensor(t, names: _TfliteNames) -> dict:
+    """An input or output as inspect reports it: name, dtype, shape ('?' where dynamic), layout,
+    and the quantization an integer tensor is read with."""
+    shape = [int(d) for d in (t.shapeSignature if t.shapeSignature is not None else t.shape)]
+    out = {"name": t.name.decode() if isinstance(t.name, bytes) else t.name, "dtype": names.dtype(t),
+           "shape": [d if d >= 0 else "?" for d in shape], "dynamic": [k for k, d in enumerate(shape) if d < 0],
+           "layout": guess_layout(shape)}
+    q = t.quantization
+    if q is not None and q.scale is not None and len(q.scale):
+        out["quantization"] = {"scale": float(q.scale[0]), "zero_point": int(q.zeroPoint[0])}
+    return out
+
+
+def _tflite_weights(model, sg, names: _TfliteNames) -> tuple[int, Counter[str]]:
+    """(parameter count, elements per dtype) over the tensors that carry data: the weights."""
+    params, weight_types = 0, Counter[str]()
     for t in sg.tensors:
         buf = model.buffers[t.buffer].data if t.buffer < len(model.buffers) else None
         if buf is not None and len(buf):
@@ -315,22 +374,26 @@ def inspect_tflite(path: Path) -> dict:
             for d in t.shape:
                 n *= int(d)
             params += n
-            weight_types[type_names.get(t.type, "?")] += n
-    inputs = [tensor(i) for i in sg.inputs]
+            weight_types[names.types.get(t.type, "?")] += n
+    return params, weight_types
+
+
+def _tflite_precision(inputs: list[dict], weight_types: Counter[str], params: int) -> str:
+    """int8 for an integer input or mostly int8 weights, fp16 for mostly half weights, else fp32."""
     if any(i["dtype"] in ("int8", "uint8") for i in inputs) or weight_types.get("int8", 0) > params / 2:
-        precision = "int8"
-    elif weight_types.get("float16", 0) > params / 2:
-        precision = "fp16"
-    else:
-        precision = "fp32"
-    info = {"file": str(path), "format": "tflite", "bytes": len(data), "producer": "", "opset": None,
-            "inputs": inputs, "outputs": [tensor(i) for i in sg.outputs], "nodes": len(sg.operators),
-            "ops": dict(ops.most_common()), "custom_ops": sorted(k[8:] for k in ops if k.startswith("custom::")),
-            "parameters": params, "precision": precision, "subgraphs": len(model.subgraphs)}
-    try:  # which part XNNPACK (LiteRT's default CPU delegate) takes over
+        return "int8"
+    if weight_types.get("float16", 0) > params / 2:
+        return "fp16"
+    return "fp32"
+
+
+def _xnnpack(path: Path) -> dict:
+    """Which part XNNPACK (LiteRT's default CPU delegate) takes over, or why the file cannot load."""
+    from lepton_edge.runtime.litert_loader import load_interpreter
+
+    try:
         it = load_interpreter(path, 1)
-        partitions = sum(1 for o in it._get_ops_details() if o["op_name"] == "DELEGATE")
-        info["xnnpack"] = {"partitions": partitions, "applied": partitions > 0}
     except BadInput as e:
-        info["xnnpack"] = {"error": str(e)}
-    return info
+        return {"error": str(e)}
+    partitions = sum(1 for o in it._get_ops_details() if o["op_name"] == "DELEGATE")
+    return {"partitions": partitions, "applied": partitions > 0}

@@ -72,7 +72,8 @@ OS_DEFAULTS = {"jetson-orin-nano": ((2, 35), (3, 10))}
 
 def platform_for(profile, glibc: str | None = None, python: str | None = None) -> Platform:
     g, py = OS_DEFAULTS.get(profile.id, ((2, 36), (3, 11)))
-    return Platform(profile.arch, _version(glibc, "glibc") if glibc else g, _version(python, "python") if python else py)
+    return Platform(profile.arch, _version(glibc, "glibc") if glibc else g,
+                    _version(python, "python") if python else py)
 
 
 def _version(s: str, what: str) -> tuple[int, int]:
@@ -161,7 +162,8 @@ def build_device_wheel(out_dir: Path) -> Path:
     meta = dist.read_text("METADATA") or f"Metadata-Version: 2.1\nName: {DIST}\nVersion: {version}\n"
     entries += [
         (f"{info}/METADATA", meta.encode()),
-        (f"{info}/WHEEL", b"Wheel-Version: 1.0\nGenerator: lepton-edge kit\nRoot-Is-Purelib: true\nTag: py3-none-any\n"),
+        (f"{info}/WHEEL",
+         b"Wheel-Version: 1.0\nGenerator: lepton-edge kit\nRoot-Is-Purelib: true\nTag: py3-none-any\n"),
         (f"{info}/entry_points.txt", (dist.read_text("entry_points.txt") or "").encode()),
         (f"{info}/top_level.txt", b"lepton_edge\n"),
     ]
@@ -192,8 +194,8 @@ def wheel_cache(plat: Platform) -> Path:
 
 def _pip_download(reqs: Path, dest: Path, plat: Platform, cache: Path, offline: bool) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "--no-input", "-q",
-           "--only-binary=:all:", "--implementation", "cp", "--python-version", "%d.%d" % plat.python,
-           "--abi", "cp%d%d" % plat.python, "-d", str(dest), "-r", str(reqs), "--find-links", str(cache)]
+           "--only-binary=:all:", "--implementation", "cp", "--python-version", "{}.{}".format(*plat.python),
+           "--abi", "cp{}{}".format(*plat.python), "-d", str(dest), "-r", str(reqs), "--find-links", str(cache)]
     for t in plat.tags():
         cmd += ["--platform", t]
     if offline:
@@ -222,7 +224,8 @@ def download_wheels(requirements: list[str], dest: Path, plat: Platform) -> list
         m = re.search(r"(?:No matching distribution found for|Could not find a version that satisfies the "
                       r"requirement) (\S+)", r.stderr)
         what = m[1] if m else "a requirement"
-        last = [line for line in r.stderr.splitlines() if line.startswith("ERROR")][-1:] or r.stderr.strip().splitlines()[-1:]
+        last = ([line for line in r.stderr.splitlines() if line.startswith("ERROR")][-1:]
+                or r.stderr.strip().splitlines()[-1:])
         raise BadInput(f"no wheel of {what} for {plat.arch} (CPython {plat.python[0]}.{plat.python[1]}, glibc <= "
                        f"{plat.glibc[0]}.{plat.glibc[1]}): {' '.join(last)[:300]}")
     wheels = sorted(dest.glob("*.whl"))
@@ -284,7 +287,8 @@ class AgentSettings:
             if p is not None:
                 lines.append(f"{key} = {_toml_str('/etc/lepton-edge/tls/' + Path(p).name)}")
         if trusted:
-            lines.append("trusted_keys = [" + ", ".join(_toml_str(f"/etc/lepton-edge/trusted/{t}") for t in trusted) + "]")
+            keys = ", ".join(_toml_str(f"/etc/lepton-edge/trusted/{t}") for t in trusted)
+            lines.append(f"trusted_keys = [{keys}]")
         return "\n".join(lines) + "\n"
 
 
@@ -377,7 +381,7 @@ def build(bundle: Path, output: Path, target: str | None = None, key: Path | Non
         (root / "agent.toml").write_text(settings.render(trusted))
         (root / UNIT_NAME).write_text(unit_file())
         script = (_template("install.sh").replace("@KIT_ARCH@", plat.arch)
-                  .replace("@KIT_PYTHON@", "%d.%d" % plat.python).replace("@KIT_NAME@", name)
+                  .replace("@KIT_PYTHON@", "{}.{}".format(*plat.python)).replace("@KIT_NAME@", name)
                   .replace("@KIT_WHEEL@", own.name))
         (root / "install.sh").write_text(script)
         (root / "install.sh").chmod(0o755)

@@ -7,32 +7,30 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 
 def kit(
     bundle: Path = typer.Argument(..., help="The bundle directory the device will run."),
-    target: Optional[str] = typer.Option(None, "--target", "-t", help="Profile id or .toml (default: the bundle's)."),
+    target: str | None = typer.Option(None, "--target", "-t", help="Profile id or .toml (default: the bundle's)."),
     output: Path = typer.Option(..., "--out", "-o", help="The kit archive to write, e.g. pi-kit.tar.gz."),
-    key: Optional[Path] = typer.Option(None, "--key", "-k", help="private.pem: sign the bundle; the device then "
+    key: Path | None = typer.Option(None, "--key", "-k", help="private.pem: sign the bundle; the device then "
                                        "trusts only this key's bundles."),
     broker: str = typer.Option("mqtt://localhost:1883", help="The broker the agent reports to."),
     fleet: str = typer.Option("default", help="Fleet name (a topic segment)."),
-    device_id: Optional[str] = typer.Option(None, help="Device id (default: the device's hostname or machine id)."),
+    device_id: str | None = typer.Option(None, help="Device id (default: the device's hostname or machine id)."),
     source: str = typer.Option("0", "--source", "-s", help="Frame source on the device (camera index, URL...)."),
-    ca_file: Optional[Path] = typer.Option(None, help="CA certificate for TLS (copied into the kit)."),
-    cert_file: Optional[Path] = typer.Option(None, help="The device's client certificate (copied into the kit)."),
-    key_file: Optional[Path] = typer.Option(None, help="The device's client key (copied into the kit)."),
-    glibc: Optional[str] = typer.Option(None, help="The device's glibc, e.g. 2.36 (default: the target's OS)."),
-    python: Optional[str] = typer.Option(None, help="The device's Python, e.g. 3.11 (default: the target's OS)."),
+    ca_file: Path | None = typer.Option(None, help="CA certificate for TLS (copied into the kit)."),
+    cert_file: Path | None = typer.Option(None, help="The device's client certificate (copied into the kit)."),
+    key_file: Path | None = typer.Option(None, help="The device's client key (copied into the kit)."),
+    glibc: str | None = typer.Option(None, help="The device's glibc, e.g. 2.36 (default: the target's OS)."),
+    python: str | None = typer.Option(None, help="The device's Python, e.g. 3.11 (default: the target's OS)."),
     as_json: bool = typer.Option(False, "--json", help="Print the kit report as JSON on stdout."),
 ):
     """One offline install kit for a device: the bundle, the wheels of exactly its runtime for the
     target's platform, install.sh, the systemd unit and an agent.toml from these flags."""
-    from lepton_edge import kit as kitlib
-    from lepton_edge import ui
+    from lepton_edge import kit as kitlib, ui
 
     settings = kitlib.AgentSettings(broker=broker, fleet=fleet, device_id=device_id, source=source,
                                     ca_file=ca_file, cert_file=cert_file, key_file=key_file)

@@ -6,12 +6,14 @@ Every way a file can be wrong ends in BadInput with one line, never a traceback.
 """
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from lepton_edge.bundle import InputSpec, guess_layout
 from lepton_edge.errors import BadInput
+from lepton_edge.plugins import Registry
 
 
 @dataclass
@@ -27,6 +29,7 @@ class ModelSource:
     trained: bool = True  # False: random weights (zoo:mobilenetv2 without --weights)
     batch: int | None = None  # the only batch size the model accepts (a .pt2 traced at batch 1), None = any
     notes: list[str] = field(default_factory=list)
+    extra_inputs: list[InputSpec] = field(default_factory=list)  # non-image inputs with their constant `value`
 
 
 def parse_shape(text: str) -> list[int]:
@@ -72,10 +75,25 @@ def _load_onnx(path: Path, input_shape: list[int] | None, hw: tuple[int, int], *
         raise BadInput(f"{path}: not a readable ONNX model ({str(e).splitlines()[0][:160]})") from None
     inits = {i.name for i in m.graph.initializer}
     inputs = [i for i in m.graph.input if i.name not in inits]
-    if len(inputs) != 1:
-        raise BadInput(f"{path}: export supports models with one image input; this one has {len(inputs)}")
-    inp = inputs[0]
-    dims = [d.dim_value if d.dim_value > 0 else (d.dim_param or "?") for d in inp.type.tensor_type.shape.dim]
+
+    def dims_of(v) -> list:
+        return [d.dim_value if d.dim_value > 0 else (d.dim_param or "?") for d in v.type.tensor_type.shape.dim]
+
+    # Several inputs: the camera frame feeds the one image input (4-D float, 1/3/4 channels); every
+    # other input gets one generated constant (datasets.constant_value), baked into the graph as
+    # that input's default, so calibration, validation and the device all feed the same value.
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
+    images = [i for i in inputs if i.type.tensor_type.elem_type in floats and len(dims_of(i)) == 4
+              and guess_layout([d if isinstance(d, int) else 0 for d in dims_of(i)])] if len(inputs) > 1 else inputs
+    if len(images) != 1:
+        what = "none looks like an image (4-D float, 1 or 3 channels)" if not images else \
+            f"{len(images)} look like images ({', '.join(i.name for i in images)}); a camera frame feeds one"
+        raise BadInput(f"{path}: the model has {len(inputs)} inputs and {what}")
+    inp = images[0]
+    others = [i for i in inputs if i is not inp]
+    dims = dims_of(inp)
+    if others and any(not isinstance(dims_of(o)[0], int) for o in others if dims_of(o)):
+        dims[0] = 1  # per-image constants ([N,2] im_shape): the values are one frame's, so batch 1
     if input_shape:
         if len(input_shape) != len(dims) or any(isinstance(d, int) and d != s for d, s in zip(dims, input_shape)):
             raise BadInput(f"--input-shape {input_shape} does not fit the model's input {inp.name} {dims}")
@@ -92,7 +110,39 @@ def _load_onnx(path: Path, input_shape: list[int] | None, hw: tuple[int, int], *
         if any(not isinstance(d, int) for d in shape):
             raise BadInput(f"{path}: input {inp.name} has dynamic dimensions {dims}: pass --input-shape")
     spec = default_spec(shape, name=inp.name, **spec_kw)
-    return ModelSource(name=path.stem, kind="onnx", input_spec=spec, onnx_path=path, task="raw")
+    src = ModelSource(name=path.stem, kind="onnx", input_spec=spec, onnx_path=path, task="raw")
+    if not others:
+        return src
+    import os
+    import tempfile
+    import weakref
+
+    from lepton_edge.compress import quantize
+    from lepton_edge.exporters import datasets
+
+    values, specs, notes = {}, [], []
+    hw = spec.hw()
+    inp.type.tensor_type.shape.dim[0].dim_value = shape[0]
+    for o in others:
+        odims = dims_of(o)
+        if odims and not isinstance(odims[0], int):
+            odims[0] = 1
+            o.type.tensor_type.shape.dim[0].dim_value = 1
+        if any(not isinstance(d, int) for d in odims):
+            raise BadInput(f"{path}: input {o.name} {dims_of(o)} is not an image and has dynamic dimensions "
+                           "past the batch: export cannot give it a value")
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(o.type.tensor_type.elem_type)
+        values[o.name], rule = datasets.constant_value(o.name, odims, dtype, hw)
+        specs.append(InputSpec(name=o.name, shape=odims, dtype=str(values[o.name].dtype),
+                               value=values[o.name].ravel().tolist()))
+        notes.append(f"input {o.name} {odims}: {rule}")
+    fd, tmp = tempfile.mkstemp(prefix=f"{path.stem}-", suffix=".onnx")
+    os.close(fd)
+    onnx.save(quantize.with_defaults(m, values), tmp)
+    src.onnx_path = Path(tmp)
+    weakref.finalize(src, os.unlink, tmp)  # the copy lives as long as the source that points at it
+    src.extra_inputs, src.notes = specs, [*src.notes, *notes]
+    return src
 
 
 def _example_shape(input_shape, example_input, profile_hw) -> tuple[list[int], str | None]:
@@ -105,11 +155,52 @@ def _example_shape(input_shape, example_input, profile_hw) -> tuple[list[int], s
     return shape, f" (the target's default input {shape}; pass --input-shape / example_input=)"
 
 
-def load(model: Any, *, profile_hw: tuple[int, int], input_shape: list[int] | None = None,
-         example_input: Any = None, weights: str | None = None, labels: list[str] | None = None,
-         name: str | None = None, **spec_kw) -> ModelSource:
-    """Load any supported model description into a ModelSource."""
-    if isinstance(model, (str, Path)) and str(model).startswith("zoo:"):
+LOADERS: Registry[type[ModelLoader]] = Registry("lepton_edge.model_loaders", "model loader", {
+    "zoo": "lepton_edge.model_source:ZooLoader",
+    "torch-module": "lepton_edge.model_source:TorchModuleLoader",
+    "onnx": "lepton_edge.model_source:OnnxLoader",
+    "torch-file": "lepton_edge.model_source:TorchFileLoader",
+})
+
+
+class ModelLoader(abc.ABC):
+    """Turns one kind of model description into a ModelSource.
+
+    Why a registry (like runtime backends): a new kind of model is one class; defining a subclass
+    with a `name` registers it, and another package adds one through the `lepton_edge.model_loaders`
+    entry point group. `load()` asks each loader in registration order (built-ins first) whether it
+    `accepts` the model: by default a str/Path starting with one of `prefixes` or ending with one of
+    `suffixes`."""
+
+    name: ClassVar[str]
+    prefixes: ClassVar[tuple[str, ...]] = ()
+    suffixes: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            LOADERS.add(cls.name, cls)
+
+    @classmethod
+    def accepts(cls, model: Any) -> bool:
+        if not isinstance(model, (str, Path)):
+            return False
+        text = str(model)
+        return text.startswith(cls.prefixes) if cls.prefixes else Path(text).suffix.lower() in cls.suffixes
+
+    @abc.abstractmethod
+    def load(self, model: Any, *, profile_hw: tuple[int, int], input_shape: list[int] | None = None,
+             example_input: Any = None, weights: str | None = None, labels: list[str] | None = None,
+             name: str | None = None, **spec_kw) -> ModelSource:
+        """The ModelSource, or BadInput with one line."""
+
+
+class ZooLoader(ModelLoader):
+    name = "zoo"
+    prefixes = ("zoo:",)
+
+    def load(self, model, *, profile_hw, input_shape=None, example_input=None, weights=None, labels=None,
+             name=None, **spec_kw) -> ModelSource:
         from lepton_edge import zoo
 
         entry = zoo.get(str(model))
@@ -125,26 +216,69 @@ def load(model: Any, *, profile_hw: tuple[int, int], input_shape: list[int] | No
             name=name or entry.name, kind="torch", input_spec=spec, module=module, labels=labels or entry.labels,
             task=entry.task, zoo=entry, trained=bool(entry.weights or weights),
         )
-    if not isinstance(model, (str, Path)):
+
+
+class TorchModuleLoader(ModelLoader):
+    """A Python object of torch's (checked by its class's module, so nothing imports torch to ask)."""
+
+    name = "torch-module"
+
+    @classmethod
+    def accepts(cls, model: Any) -> bool:
+        return any(c.__module__.split(".")[0] == "torch" for c in type(model).__mro__)
+
+    def load(self, model, *, profile_hw, input_shape=None, example_input=None, weights=None, labels=None,
+             name=None, **spec_kw) -> ModelSource:
         import torch
 
         if not isinstance(model, torch.nn.Module):
             raise BadInput(f"cannot export a {type(model).__name__}: give a torch.nn.Module, a file path or zoo:<name>")
         shape, hint = _example_shape(input_shape, example_input, profile_hw)
         return _torch_source(model.eval(), shape, name or type(model).__name__.lower(), labels, hint, **spec_kw)
-    path = Path(model)
-    ext = path.suffix.lower()
-    if ext == ".onnx":
+
+
+class OnnxLoader(ModelLoader):
+    name = "onnx"
+    suffixes = (".onnx",)
+
+    def load(self, model, *, profile_hw, input_shape=None, example_input=None, weights=None, labels=None,
+             name=None, **spec_kw) -> ModelSource:
+        path = Path(model)
         src = _load_onnx(path, input_shape, profile_hw, **spec_kw)
         src.labels = labels
         src.task = "classify" if labels else "raw"
         return src
-    if ext in (".pt", ".pth", ".pt2", ".ts", ".torchscript"):
+
+
+class TorchFileLoader(ModelLoader):
+    name = "torch-file"
+    suffixes = (".pt", ".pth", ".pt2", ".ts", ".torchscript")
+
+    def load(self, model, *, profile_hw, input_shape=None, example_input=None, weights=None, labels=None,
+             name=None, **spec_kw) -> ModelSource:
+        path = Path(model)
         _need_file(path, "model file")
         module, recorded = _load_torch_file(path)
         shape, hint = _example_shape(input_shape or recorded, None, profile_hw)
         return _torch_source(module, shape, name or path.stem, labels, hint, **spec_kw)
-    raise BadInput(f"{path}: unsupported model type '{ext or path.name}' (want .onnx, .pt, .pt2 or zoo:<name>)")
+
+
+def load(model: Any, *, profile_hw: tuple[int, int], input_shape: list[int] | None = None,
+         example_input: Any = None, weights: str | None = None, labels: list[str] | None = None,
+         name: str | None = None, **spec_kw) -> ModelSource:
+    """Load any supported model description into a ModelSource, with the first registered loader
+    that accepts it."""
+    loaders = LOADERS.all().values()
+    loader = next((cls for cls in loaders if cls.accepts(model)), None)
+    if loader is None:
+        if not isinstance(model, (str, Path)):
+            raise BadInput(f"cannot export a {type(model).__name__}: give a torch.nn.Module, a file path or zoo:<name>")
+        path = Path(model)
+        want = [s for c in loaders for s in c.suffixes] + [f"{p}<name>" for c in loaders for p in c.prefixes]
+        raise BadInput(f"{path}: unsupported model type '{path.suffix.lower() or path.name}' "
+                       f"(want {', '.join(want[:-1])} or {want[-1]})")
+    return loader().load(model, profile_hw=profile_hw, input_shape=input_shape, example_input=example_input,
+                         weights=weights, labels=labels, name=name, **spec_kw)
 
 
 def _load_torch_file(path: Path):
@@ -155,7 +289,8 @@ def _load_torch_file(path: Path):
         try:
             ep = torch.export.load(str(path))
         except Exception as e:
-            raise BadInput(f"{path}: not a readable torch.export (.pt2) file ({str(e).splitlines()[0][:160]})") from None
+            first = str(e).splitlines()[0][:160]
+            raise BadInput(f"{path}: not a readable torch.export (.pt2) file ({first})") from None
         user = set(ep.graph_signature.user_inputs)
         shapes = [list(n.meta["val"].shape) for n in ep.graph.nodes
                   if n.op == "placeholder" and n.name in user and hasattr(n.meta.get("val"), "shape")]

@@ -3,7 +3,8 @@
 Why two threads: decoding (and preprocessing) a frame and running the model both release the
 GIL, so on a two-core device the next frame is decoded while the model runs on this one and the
 pipeline goes as fast as the slower of the two instead of their sum. The hand-over queue is
-short: long enough to absorb jitter for files, one frame for live sources so no lag builds up.
+short, sized by the source's buffering policy (`capture/buffers.py`): a few frames to absorb
+jitter for every-frame (files), one for newest-frame (live sources) so no lag builds up.
 
 Where preprocessing runs is decided from the measured stage times, every `balance_every` frames:
 on the capture thread when the model is the slow part (MobileNetV2: decode + preprocess 0.6 ms,
@@ -17,8 +18,8 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from lepton_edge.capture import Source, open_source
 from lepton_edge.runtime import Result, Runtime
@@ -75,39 +76,45 @@ class Pipeline:
         return x, (time.perf_counter() - t0) * 1e3
 
     def _produce(self, q: queue.Queue) -> None:
-        src = self.source
+        """The capture thread: frames from the source (its buffering policy decides which), sampled,
+        preprocessed here when that is where it belongs, handed over. Ends with _END, or with the
+        exception, which the consumer raises in its own thread."""
         try:
-            while not self._stop.is_set():
-                frame = src.read(timeout=0.5) if src.live else src.read()
-                if frame is None:
-                    if src.live and not src.closed:
-                        continue  # waiting through a reconnect
-                    break
+            for frame in self.source.frames(self._stop):
                 if self.sample_every > 1 and frame.index % self.sample_every:
                     continue
-                rt = self.runtime
-                on_capture = self.preprocess_on_capture  # read once: _balance() may flip it meanwhile
-                x, pre_ms = self._preprocess(rt, frame) if on_capture else (None, 0.0)
-                if on_capture and x is None:
-                    continue
-                item = (frame, x, pre_ms, rt)
-                while not self._stop.is_set():
-                    try:
-                        q.put(item, timeout=0.2)
-                        break
-                    except queue.Full:
-                        continue
-        except BaseException as e:  # surfaces in the consumer's thread
+                item = self._prepare(frame)
+                if item is not None and not self._hand_over(q, item):
+                    break  # stopped: still end with _END for a consumer that waits
+        except BaseException as e:
             q.put(e)
             return
         q.put(_END)
 
+    def _prepare(self, frame) -> tuple | None:
+        """(frame, tensor or None, preprocess ms, the runtime it was made for); None: a bad frame."""
+        rt = self.runtime
+        if not self.preprocess_on_capture:  # read once: _balance() may flip it meanwhile
+            return frame, None, 0.0, rt
+        x, pre_ms = self._preprocess(rt, frame)
+        return None if x is None else (frame, x, pre_ms, rt)
+
+    def _hand_over(self, q: queue.Queue, item) -> bool:
+        """Put `item` on the queue, waiting while it is full; False when the pipeline stops first."""
+        while not self._stop.is_set():
+            try:
+                q.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def __iter__(self) -> Iterator[Result]:
-        q: queue.Queue = queue.Queue(maxsize=1 if self.source.live else 4)
+        q: queue.Queue = queue.Queue(maxsize=self.source.policy.handover)
         worker = self._worker = threading.Thread(target=self._produce, args=(q,), name="pipeline:capture",
                                                  daemon=True)
         worker.start()
-        st, n = self.stats, 0
+        n = 0
         try:
             while self.max_frames is None or n < self.max_frames:
                 item = q.get()
@@ -115,39 +122,51 @@ class Pipeline:
                     break
                 if isinstance(item, BaseException):
                     raise item
-                frame, x, pre_ms, made_for = item
-                rt = self.runtime
-                if x is None or made_for is not rt:  # preprocessing runs here, or the model was swapped
-                    x, pre_ms = self._preprocess(rt, frame)
-                    if x is None:
-                        continue
-                t1 = time.perf_counter()
-                y = rt.infer(x)
-                t2 = time.perf_counter()
-                try:
-                    out = rt.postprocess(y, frame.image.shape[:2])
-                except Exception:
-                    self.bad_frames += 1
+                result = self._infer(*item)
+                if result is None:
                     continue
-                t3 = time.perf_counter()
-                ms = {"capture": frame.capture_ms, "preprocess": pre_ms, "inference": (t2 - t1) * 1e3,
-                      "postprocess": (t3 - t2) * 1e3}
-                st.add(**ms)
-                probe = self.probe
-                if probe is not None and len(probe) < 100_000:
-                    probe.append(ms["inference"])
                 n += 1
                 if n == 32 or n % self.balance_every == 0:  # a first look early, then now and then
                     self._balance()
-                yield Result(rt.task, out, frame.index, frame.timestamp, ms, frame.image, frame.path)
+                yield result
         finally:
             self._stop.set()
-            deadline = time.monotonic() + 5
-            while worker.is_alive() and time.monotonic() < deadline:  # unblock a producer on a full queue
-                try:
-                    q.get_nowait()
-                except queue.Empty:
-                    worker.join(0.05)
+            self._release(worker, q)
+
+    def _infer(self, frame, x, pre_ms: float, made_for: Runtime) -> Result | None:
+        """[preprocess] -> infer -> postprocess on the current runtime, timed into `stats`; None for
+        a frame that preprocessing or postprocessing could not handle (counted in `bad_frames`)."""
+        rt = self.runtime
+        if x is None or made_for is not rt:  # preprocessing runs here, or the model was swapped
+            x, pre_ms = self._preprocess(rt, frame)
+            if x is None:
+                return None
+        t1 = time.perf_counter()
+        y = rt.infer(x)
+        t2 = time.perf_counter()
+        try:
+            out = rt.postprocess(y, frame.image.shape[:2])
+        except Exception:
+            self.bad_frames += 1
+            return None
+        t3 = time.perf_counter()
+        ms = {"capture": frame.capture_ms, "preprocess": pre_ms, "inference": (t2 - t1) * 1e3,
+              "postprocess": (t3 - t2) * 1e3}
+        self.stats.add(**ms)
+        probe = self.probe
+        if probe is not None and len(probe) < 100_000:
+            probe.append(ms["inference"])
+        return Result(rt.task, out, frame.index, frame.timestamp, ms, frame.image, frame.path)
+
+    @staticmethod
+    def _release(worker: threading.Thread, q: queue.Queue) -> None:
+        """Let the capture thread end: empty the queue it may be blocked on, for up to 5 s."""
+        deadline = time.monotonic() + 5
+        while worker.is_alive() and time.monotonic() < deadline:
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                worker.join(0.05)
 
     def _balance(self) -> None:
         """Put preprocessing on the thread that makes the busier of the two less busy."""

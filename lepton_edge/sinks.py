@@ -9,11 +9,15 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from lepton_edge.errors import BadInput
 from lepton_edge.runtime import Result
+
+if TYPE_CHECKING:
+    import cv2
 
 
 class ConsoleLines:
@@ -37,7 +41,7 @@ class ConsoleLines:
 class JsonLines:
     def __init__(self, path: Path):
         try:
-            self.f = open(path, "w", buffering=1 << 16)
+            self.f = open(path, "w", buffering=1 << 16)  # noqa: SIM115 - open for the sink's life, closed by close()
         except OSError as e:
             raise BadInput(f"cannot write {path}: {e.strerror}") from None
 
@@ -46,6 +50,13 @@ class JsonLines:
 
     def close(self) -> None:
         self.f.close()
+
+
+def _frame_of(r: Result) -> np.ndarray:
+    """The frame a drawing sink draws on: the pipeline keeps it on every Result it hands to the sinks."""
+    if r.frame is None:
+        raise ValueError(f"result #{r.index} carries no frame to draw on")
+    return r.frame
 
 
 def annotate(frame: np.ndarray, r: Result) -> np.ndarray:
@@ -73,7 +84,9 @@ class VideoOut:
     """An annotated copy of the stream; the codec follows the suffix (.mp4 mp4v, .avi MJPG)."""
 
     def __init__(self, path: Path, fps: float | None):
-        self.path, self.fps, self.writer = Path(path), fps or 25.0, None
+        self.path, self.fps = Path(path), fps or 25.0
+        self.writer: cv2.VideoWriter | None = None
+        self.size: tuple[int, int] = (0, 0)  # the first frame's (width, height), once the writer is open
         if self.path.suffix.lower() not in (".mp4", ".avi", ".mkv", ".mov"):
             raise BadInput(f"--save {path}: use a .mp4, .avi, .mkv or .mov file name")
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -81,13 +94,13 @@ class VideoOut:
     def write(self, r: Result) -> None:
         import cv2
 
-        img = annotate(r.frame, r)
+        img = annotate(_frame_of(r), r)
         if self.writer is None:
-            fourcc = cv2.VideoWriter_fourcc(*("MJPG" if self.path.suffix.lower() == ".avi" else "mp4v"))
-            self.writer = cv2.VideoWriter(str(self.path), fourcc, self.fps, (img.shape[1], img.shape[0]))
-            if not self.writer.isOpened():
+            fourcc = cv2.VideoWriter.fourcc(*("MJPG" if self.path.suffix.lower() == ".avi" else "mp4v"))
+            writer = cv2.VideoWriter(str(self.path), fourcc, self.fps, (img.shape[1], img.shape[0]))
+            if not writer.isOpened():
                 raise BadInput(f"cannot write video {self.path}")
-            self.size = (img.shape[1], img.shape[0])
+            self.writer, self.size = writer, (img.shape[1], img.shape[0])
         if (img.shape[1], img.shape[0]) != self.size:  # streams may change resolution after a reconnect
             img = cv2.resize(img, self.size)
         self.writer.write(img)
@@ -113,7 +126,7 @@ class Window:
     def write(self, r: Result) -> None:
         import cv2
 
-        cv2.imshow(self.title, annotate(r.frame, r))
+        cv2.imshow(self.title, annotate(_frame_of(r), r))
         if cv2.waitKey(1) & 0xFF in (27, ord("q")):
             raise KeyboardInterrupt
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -88,7 +88,8 @@ class StageTimes:
 
     def snapshot(self) -> dict:
         """What a console line, `bench` and a telemetry window report."""
-        return {"frames": self.frames, "window_frames": self.window_frames, "fps": self.fps(), "dropped": self.dropped, "corrupt": self.corrupt,
+        return {"frames": self.frames, "window_frames": self.window_frames, "fps": self.fps(),
+                "dropped": self.dropped, "corrupt": self.corrupt,
                 "latency_ms": {k: r.summary() for k, r in self.stages.items() if len(r)}}
 
     def reset(self) -> None:

@@ -6,7 +6,10 @@ loader must refuse those the same way, with the file named, never with a traceba
 """
 from __future__ import annotations
 
-import tomllib
+try:  # not a version check: a test takes tomllib away to run the 3.10 branch on 3.11
+    import tomllib  # novermin
+except ModuleNotFoundError:  # Python 3.10 (JetPack 6's): tomli is the same parser, before the stdlib took it in
+    import tomli as tomllib  # type: ignore[no-redef]
 
 from lepton_edge.errors import BadInput
 

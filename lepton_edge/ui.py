@@ -1,53 +1,111 @@
-"""Console output shared by the CLI and the library: stage lines and progress bars on stderr.
+"""Presentation shared by the CLI and the library's long steps: spinners and progress bars on stderr,
+stage and info lines as log records (lepton_edge.logs decides how records look).
 
 Why stderr: stdout stays clean for `--json`, so scripts can pipe it while people still see progress.
+Why log records for lines: a spinner or a bar is for a person at a terminal and disappears otherwise
+(piped, --quiet, --log-json); a line that says what happened ('✓ load model (0.3 s)') is worth keeping
+in the journal, the CI log or a log shipper, so it is a logging record like any other.
 """
 from __future__ import annotations
 
+import io
+import logging
+import os
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
+from types import FrameType
+from typing import IO
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from lepton_edge import logs
+
+
+def _caller_log() -> logging.Logger:
+    """The logger of the module that called into ui (past ui's and contextlib's own frames), as if
+    it had called logging.getLogger(__name__) itself: filtering by logger name keeps working for
+    code that reports through info() and stage()."""
+    f: FrameType | None = sys._getframe(1)
+    while f is not None and f.f_globals.get("__name__") in (__name__, "contextlib"):
+        f = f.f_back
+    name = f.f_globals.get("__name__", "lepton_edge") if f is not None else "lepton_edge"
+    return logging.getLogger("lepton_edge.cli" if name == "__main__" else name)
+
+
+class _StderrConsole(Console):
+    """A console on stderr that follows `logs.stderr()`: during a silenced window (native output sent
+    to /dev/null) its lines and live displays still reach the original stderr."""
+
+    @property
+    def file(self) -> IO[str]:
+        file = self._file or logs.stderr()
+        return getattr(file, "rich_proxied_file", file)  # as Console.file: never write into our own live proxy
+
+    @file.setter
+    def file(self, new_file: IO[str]) -> None:
+        self._file = new_file
+
+
 def console(stderr: bool = False) -> Console:
     """A rich console; when piped (CI logs, `| less`) 140 columns instead of rich's 80."""
     stream = sys.stderr if stderr else sys.stdout
-    return Console(stderr=stderr, highlight=False, width=None if stream.isatty() else 140)
+    cls = _StderrConsole if stderr else Console
+    return cls(stderr=stderr, highlight=False, width=None if stream.isatty() else 140)
 
 
 err = console(stderr=True)
-_quiet = False
 
 
 def set_quiet(q: bool) -> None:
-    global _quiet
-    _quiet = q
+    """Only warnings and errors, no bars (a verb printing --json)."""
+    logs.set_quiet(q)
 
 
-def info(msg: str) -> None:
-    if not _quiet:
-        err.print(msg)
+def live() -> bool:
+    """Spinners and bars only for a person at a terminal: not when piped, --quiet or --log-json."""
+    return err.is_terminal and not logs.quiet() and not logs.json_mode()
+
+
+def plain(markup: str) -> str:
+    """The text of a rich-markup string ('[bold]x[/]' -> 'x'); a string that is not valid markup as is."""
+    from rich.markup import MarkupError
+    from rich.text import Text
+
+    try:
+        return Text.from_markup(markup).plain
+    except MarkupError:
+        return markup
+
+
+def info(msg: str, log: logging.Logger | None = None) -> None:
+    """An info line for people: `msg` may carry rich markup, shown on a terminal; the journal and
+    JSON get its plain text."""
+    (log or _caller_log()).info(plain(msg), extra={"_rich": msg})
 
 
 @contextmanager
-def stage(name: str) -> Iterator[None]:
-    """Print '✓ name (1.2 s)' when the stage ends; a spinner while it runs."""
+def stage(name: str, log: logging.Logger | None = None) -> Iterator[None]:
+    """A spinner while the stage runs (on a terminal), then the record 'name (1.2 s)' with the fields
+    stage and seconds, shown as '✓ name (1.2 s)'. Nothing is logged when the stage raises."""
+    log = log or _caller_log()
     t0 = time.perf_counter()
-    if _quiet:
+    if live():
+        with err.status(name):
+            yield
+    else:
         yield
-        return
-    with err.status(name):
-        yield
-    err.print(f"[green]✓[/] {name} [dim]({time.perf_counter() - t0:.1f} s)[/]")
+    dt = time.perf_counter() - t0
+    log.info("%s (%.1f s)", name, dt, extra={"stage": name, "seconds": round(dt, 3)})
 
 
 @contextmanager
 def progress(description: str, total: int) -> Iterator:
     """A transient bar; yields advance(n). Safe inside stage() (rich nests live displays)."""
-    if _quiet or total <= 1:
+    if not live() or total <= 1:
         yield lambda n=1: None
         return
     with Progress(TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -56,22 +114,73 @@ def progress(description: str, total: int) -> Iterator:
         yield lambda n=1: bar.advance(task, n)
 
 
+class _Silencer:
+    """Points fd 2 at /dev/null while at least one thread is inside native_stderr_silenced.
+
+    Why a depth count under a lock: two threads loading models at once would otherwise each save
+    fd 2, and the second would save /dev/null and restore it last, silencing the process for good.
+    Why the original stderr is duplicated once and kept: log handlers of other threads may hold the
+    duplicate (logs.stderr()) a moment past the window; it must stay the real stderr then, never a
+    closed or reused descriptor. A new duplicate is made only if fd 2 itself was replaced meanwhile."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.depth = 0
+        self.saved: dict[tuple[int, int], IO[str]] = {}  # (st_dev, st_ino) of fd 2 -> text stream on its dup
+        self.keep: int | None = None  # fd 2's dup to restore from, while silenced
+
+    def enter(self) -> None:
+        with self.lock:
+            if self.depth == 0:
+                self._silence()
+            self.depth += 1
+
+    def _silence(self) -> None:
+        for s in (sys.stderr, logs.stderr()):
+            try:
+                s.flush()
+            except (AttributeError, ValueError, OSError):
+                pass
+        try:
+            st = os.fstat(2)
+        except OSError:  # no fd 2 at all (a daemon that closed it): nothing to silence
+            return
+        alt = self.saved.get((st.st_dev, st.st_ino))
+        if alt is None:
+            fd = os.dup(2)
+            alt = io.TextIOWrapper(io.FileIO(fd, "w", closefd=False),
+                                   encoding=getattr(sys.stderr, "encoding", None) or "utf-8",
+                                   errors="backslashreplace", line_buffering=True)
+            self.saved[(st.st_dev, st.st_ino)] = alt
+        self.keep = alt.fileno()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+        logs._redirect = alt
+
+    def exit(self) -> None:
+        with self.lock:
+            self.depth -= 1
+            if self.depth == 0 and self.keep is not None:
+                logs._redirect = None
+                os.dup2(self.keep, 2)
+                self.keep = None
+
+
+_silencer = _Silencer()
+
+
 @contextmanager
 def native_stderr_silenced() -> Iterator[None]:
     """Silence what C++ libraries (LiteRT, the TFLite converter) write straight to file descriptor 2,
-    such as 'INFO: Created TensorFlow Lite XNNPACK delegate'. Python exceptions still propagate."""
-    import os
-
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
+    such as 'INFO: Created TensorFlow Lite XNNPACK delegate'. Python exceptions still propagate, and
+    Python log records (this thread's or another's, e.g. the agent's) still reach the original stderr:
+    only what bypasses Python is silenced. Keep the window to the native call that talks."""
+    _silencer.enter()
     try:
         yield
     finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
+        _silencer.exit()
 
 
 @contextmanager
@@ -80,8 +189,6 @@ def libraries_silenced(*loggers: str, stderr: bool = True, native: bool = False)
     warnings) while they run: our own stage line says what happened. `loggers` are logger names
     ("" is the root logger); stderr=False keeps our progress bars visible; native also mutes C++."""
     import contextlib
-    import io
-    import logging
     import warnings
 
     named = [logging.getLogger(n) for n in loggers]
@@ -101,7 +208,7 @@ def libraries_silenced(*loggers: str, stderr: bool = True, native: bool = False)
             warnings.simplefilter("ignore")
             yield
     finally:
-        for lg, lv in zip(named, levels):
+        for lg, lv in zip(named, levels, strict=True):
             lg.setLevel(lv)
 
 

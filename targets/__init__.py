@@ -10,7 +10,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from lepton_edge import tomlfile
 from lepton_edge.errors import BadInput, closest
@@ -19,6 +20,30 @@ _RECIPE_ACTS = {"u8", "s8"}
 MIN_OPSET, MAX_OPSET = 7, 28  # the default-domain opsets onnx knows (onnx 1.23: 28; raise it with onnx)
 MAX_PROFILE_BYTES = 1 << 20
 _RECIPE_CALIB = {"minmax", "percentile", "entropy"}
+
+# What each runtime runs, and what it is configured with: a profile that mixes them describes no device.
+RUNTIME_FORMAT = {"onnxruntime": "onnx", "litert": "tflite"}
+CPU_PROVIDER = "CPUExecutionProvider"  # also what an ONNX export of a LiteRT target runs with (--format onnx)
+# Providers the plain `onnxruntime` wheel lacks, and the wheel that has them: the kit installs the
+# runtime named in device_packages, so naming the provider without the wheel would silently run on the CPU.
+PROVIDER_PACKAGE = {"CUDAExecutionProvider": "onnxruntime-gpu", "TensorrtExecutionProvider": "onnxruntime-gpu",
+                    "OpenVINOExecutionProvider": "onnxruntime-openvino", "DmlExecutionProvider": "onnxruntime-directml",
+                    "QNNExecutionProvider": "onnxruntime-qnn"}
+_PROVIDER_NAME = r"^[A-Za-z][A-Za-z0-9]{0,63}ExecutionProvider$"
+_DELEGATE_NAME = r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$"  # a symbolic name, as runtime.delegates accepts: never a path
+_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # it names bundle directories: no '/', no leading '.'
+
+
+def _conflict(message: str) -> PydanticCustomError:
+    """A contradiction between fields, reported on the field that contradicts (no 'Value error,' prefix)."""
+    return PydanticCustomError("profile_conflict", message)
+
+
+def _human(n: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:g} {unit}"
+    return f"{n} bytes"
 
 
 class QuantizationSettings(BaseModel):
@@ -40,7 +65,8 @@ class QuantizationSettings(BaseModel):
     def _known(cls, recipes: list[str]) -> list[str]:
         for r in recipes:
             parts = r.split("-")
-            if parts[0] == "nncf":  # NNCF's post-training quantization (ONNX): nncf-<default|mixed>[-sq][-ends][-sensitive]
+            # NNCF's post-training quantization (ONNX): nncf-<default|mixed>[-sq][-ends][-sensitive]
+            if parts[0] == "nncf":
                 if len(parts) < 2 or parts[1] not in ("default", "mixed") or any(
                         p not in {"sq", "ends", "sensitive"} for p in parts[2:]):
                     raise ValueError(f"unknown recipe {r!r}: expected nncf-<default|mixed>[-sq][-ends][-sensitive]")
@@ -58,15 +84,23 @@ class QuantizationSettings(BaseModel):
 
 
 class Profile(BaseModel):
-    """One device class. Field names are the TOML keys."""
+    """One device class. Field names are the TOML keys.
+
+    Why the cross-field checks: a profile is a promise about a device, and one that contradicts
+    itself (`runtime = "litert"` with `format = "onnx"`, CUDA without the GPU wheel) would only fail
+    on the device, after an export that looked fine. Each check is a field validator that reads the
+    fields declared before it, so the error names the field that contradicts them.
+    """
 
     model_config = ConfigDict(extra="forbid")
-    id: str
+    id: str = Field(pattern=_ID)
     description: str
     arch: Literal["aarch64", "x86_64"]
     runtime: Literal["onnxruntime", "litert"]
-    execution_providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
-    delegates: list[str] = Field(default_factory=list)
+    # onnxruntime only; a LiteRT target may list the CPU provider alone (what its ONNX export runs with)
+    execution_providers: list[Annotated[str, Field(pattern=_PROVIDER_NAME)]] = Field(
+        default_factory=lambda: [CPU_PROVIDER], min_length=1, max_length=16)
+    delegates: list[Annotated[str, Field(pattern=_DELEGATE_NAME)]] = Field(default_factory=list, max_length=16)
     format: Literal["onnx", "tflite"]
     precision: Literal["fp32", "fp16", "int8"]
     layout: Literal["NCHW", "NHWC"] = "NCHW"
@@ -81,6 +115,51 @@ class Profile(BaseModel):
     device_packages: dict[str, str] = Field(default_factory=dict)
 
     source: str = Field(default="", exclude=True)
+
+    @field_validator("execution_providers")
+    @classmethod
+    def _providers_fit_runtime(cls, providers: list[str], info: ValidationInfo) -> list[str]:
+        if len(set(providers)) != len(providers):
+            raise _conflict(f"{providers} names a provider twice")
+        if info.data.get("runtime") == "litert" and providers != [CPU_PROVIDER]:
+            raise _conflict(f"{providers} are onnxruntime providers; runtime 'litert' takes `delegates` "
+                            f"(an ONNX export of a LiteRT target runs on [{CPU_PROVIDER!r}] only)")
+        return providers
+
+    @field_validator("delegates")
+    @classmethod
+    def _delegates_fit_runtime(cls, delegates: list[str], info: ValidationInfo) -> list[str]:
+        if delegates and info.data.get("runtime") == "onnxruntime":
+            raise _conflict(f"{delegates} are LiteRT delegates; runtime 'onnxruntime' takes `execution_providers`")
+        return delegates
+
+    @field_validator("format")
+    @classmethod
+    def _format_fits_runtime(cls, fmt: str, info: ValidationInfo) -> str:
+        runtime = info.data.get("runtime")
+        if runtime and RUNTIME_FORMAT[runtime] != fmt:
+            raise _conflict(f"{fmt!r} cannot run on runtime {runtime!r} ({runtime} runs {RUNTIME_FORMAT[runtime]})")
+        return fmt
+
+    @field_validator("ram_budget_bytes")
+    @classmethod
+    def _model_fits_in_ram(cls, ram: int, info: ValidationInfo) -> int:
+        model = info.data.get("max_model_bytes")
+        if model and model > ram:
+            raise _conflict(f"{_human(ram)} is less than max_model_bytes ({_human(model)}): "
+                            "a model has to fit in memory to run")
+        return ram
+
+    @field_validator("device_packages")
+    @classmethod
+    def _packages_have_the_providers(cls, packages: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        names = {k.lower() for k in packages}
+        for provider in info.data.get("execution_providers") or []:
+            wheel = PROVIDER_PACKAGE.get(provider)
+            if wheel and wheel not in names:
+                raise _conflict(f"execution provider {provider!r} needs {wheel!r} here (the plain onnxruntime "
+                                "wheel has no such provider; the device would silently run on the CPU)")
+        return packages
 
     def content_hash(self) -> str:
         """sha256 of the profile's content, recorded in manifests to tell which budgets applied."""

@@ -1,7 +1,10 @@
 """Shared fixtures: real Fashion-MNIST images written as files, and one exported bundle to reuse."""
 from __future__ import annotations
 
+import functools
+import inspect
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -150,3 +153,62 @@ def postgres(postgres_server):
     with psycopg.connect(postgres_server.url, autocommit=True) as c:
         c.execute(f"CREATE DATABASE {name}")
     return postgres_server.url.rsplit("/", 1)[0] + f"/{name}"
+
+
+# ---- test tiers: `make test-fast` runs -m "not slow and not network"; `make test` runs everything --------
+# Marked here by what a test uses, not by hand in each file, so a new test that takes an exported bundle or
+# starts a broker lands in the right tier without anyone remembering to mark it. Figures: README, "Tests".
+# slow: the fixture exports, converts or trains a model, reads the real data set, or builds a venv or a kit
+SLOW_FIXTURES = frozenset({"fashion", "fashion_folders", "fashion_video", "int8_bundle", "rpi4_bundle",
+                           "tflite_nchw_bundle", "onnx_nhwc_bundle", "device_venv", "rpi4_kit"})
+# network: the fixture starts a service on a loopback port (broker, database, scraper, HTTP server)
+NETWORK_FIXTURES = frozenset({"mosquitto", "postgres_server", "postgres", "prometheus", "server", "redirect_server",
+                              "webhook"})
+# files that are end to end throughout (each test exports, converts, trains, or runs a CLI verb or an agent
+# on a model) whatever fixtures they use, and single slow tests in otherwise quick files (--durations=0)
+SLOW_FILES = frozenset({
+    "test_agent.py", "test_device_extra.py", "test_device_service.py", "test_export.py", "test_faults.py",
+    "test_features.py", "test_kit.py", "test_packaging.py", "test_quantize_robustness.py", "test_quickstart.py",
+    "test_runtime.py", "test_tflite.py", "test_third_party_corpus.py", "test_third_party_models.py",
+})
+SLOW_TESTS = frozenset({
+    "test_zoo.py::test_training_is_reproducible", "test_zoo.py::test_mobilenetv2_fashion_int8_under_1mb",
+    "test_cli_errors.py::test_non_model_pt", "test_cli_errors.py::test_empty_calibration_folder",
+    "test_cli_errors.py::test_wrong_input_shape", "test_cli_errors.py::test_weights_that_do_not_match",
+    "test_export_options.py::test_an_exporter_added_from_outside_through_an_entry_point",
+    "test_fleet_operator.py::test_once_with_an_unreachable_broker_fails_instead_of_printing_a_stale_fleet",
+    "test_fleet_tui.py::test_fleet_show_history_alerts", "test_plugins.py::test_a_model_loader_from_another_package",
+    "test_input_hardening.py::test_odd_output_directories_are_one_line_before_any_work",
+    "test_postprocess.py::test_embeddings_fit_in_256_bytes_and_keep_neighbours",
+})
+# network, for a test that starts a server in its own body rather than through a fixture
+_STARTS_A_SERVER = re.compile(
+    r"\b(?:Mosquitto|MjpegServer|RtspServer|Postgres|Prometheus|\w*HTTPServer|serve_directory)\(")
+
+
+def _fixtures_used(item) -> set[str]:
+    """The fixtures a test uses, with those it asks for by a parameter's value (`which` in
+    ("int8_bundle", "rpi4_bundle") passed to request.getfixturevalue, a store backend "postgres")."""
+    names = set(getattr(item, "fixturenames", ()))
+    spec = getattr(item, "callspec", None)
+    if spec is not None:
+        names |= {v for v in spec.params.values() if isinstance(v, str)}
+    return names
+
+
+@functools.cache
+def _starts_a_server(fn) -> bool:
+    try:
+        return bool(_STARTS_A_SERVER.search(inspect.getsource(fn)))
+    except (OSError, TypeError):
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        used, file = _fixtures_used(item), item.path.name
+        if used & SLOW_FIXTURES or file in SLOW_FILES or f"{file}::{item.originalname}" in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
+        fn = getattr(item, "function", None)
+        if used & NETWORK_FIXTURES or (fn is not None and _starts_a_server(fn)):
+            item.add_marker(pytest.mark.network)

@@ -91,7 +91,7 @@ class MjpegServer:
 
         return Handler
 
-    def start(self) -> "MjpegServer":
+    def start(self) -> MjpegServer:
         self._run.set()
         self._srv = _Server(("127.0.0.1", self.port), self._handler())
         threading.Thread(target=self._srv.serve_forever, daemon=True).start()

@@ -35,7 +35,7 @@ class Mosquitto:
         self.proc: subprocess.Popen | None = None
         self.url = f"mqtt://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 10) -> "Mosquitto":
+    def start(self, timeout: float = 10) -> Mosquitto:
         self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, start_new_session=True)
         wait_for_port(self.proc, self.port, "mosquitto", timeout)

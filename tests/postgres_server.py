@@ -37,7 +37,7 @@ class Postgres:
             cmd = ["runuser", "-u", self.as_user, "--", *cmd]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True, **kw)
 
-    def start(self, timeout: float = 30) -> "Postgres":
+    def start(self, timeout: float = 30) -> Postgres:
         if self.as_user:
             shutil.chown(self.dir, self.as_user)
             os.chmod(self.dir, 0o700)

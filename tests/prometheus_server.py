@@ -6,13 +6,12 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
-
-import socket
 
 from mjpeg_server import free_port
 
@@ -33,8 +32,8 @@ class Prometheus:
             f"    static_configs:\n      - targets: {json.dumps(targets)}\n")
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 30) -> "Prometheus":
-        self.log = open(self.dir / "prometheus.log", "wb")
+    def start(self, timeout: float = 30) -> Prometheus:
+        self.log = open(self.dir / "prometheus.log", "wb")  # noqa: SIM115 - the server's stdout until stop()
         self.proc = subprocess.Popen(
             [PROMETHEUS, f"--config.file={self.conf}", f"--storage.tsdb.path={self.dir / 'data'}",
              f"--web.listen-address=127.0.0.1:{self.port}"],

@@ -35,7 +35,7 @@ class RtspServer:
         self.url = f"rtsp://127.0.0.1:{port}/live"
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 15) -> "RtspServer":
+    def start(self, timeout: float = 15) -> RtspServer:
         from mjpeg_server import wait_for_port  # not at the top: the system python3 runs this file too
 
         self.proc = subprocess.Popen([SYSTEM_PYTHON, __file__, str(self.folder), str(self.port), str(self.fps)],

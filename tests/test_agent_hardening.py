@@ -224,7 +224,10 @@ def test_bad_shape_deploy_rolls_back_and_the_old_model_keeps_serving(tmp_path, m
     shutil.copytree(x86, good)
     rec = Recorder(mosquitto.port)
     agent = Agent(_cfg(mosquitto.url, tmp_path / "state", x86, video), log=lambda m: None)
-    deploy = lambda p: command(mosquitto.port, f"{BASE}/cmd/deploy", p, f"{BASE}/cmd/deploy/reply", timeout=60)
+
+    def deploy(p):
+        return command(mosquitto.port, f"{BASE}/cmd/deploy", p, f"{BASE}/cmd/deploy/reply", timeout=60)
+
     with running(agent):
         assert rec.wait_for(lambda r: r.of("/meta"))
         r = deploy({"id": "bad", "path": str(bad)})
@@ -269,7 +272,10 @@ def test_a_pipeline_failure_in_the_health_check_rolls_back_and_the_pipeline_rest
         return rt
 
     monkeypatch.setattr(Runtime, "load", classmethod(load))
-    deploy = lambda p: command(mosquitto.port, f"{BASE}/cmd/deploy", p, f"{BASE}/cmd/deploy/reply", timeout=60)
+
+    def deploy(p):
+        return command(mosquitto.port, f"{BASE}/cmd/deploy", p, f"{BASE}/cmd/deploy/reply", timeout=60)
+
     with running(agent):
         assert rec.wait_for(lambda r: r.of("/meta"))
         r = deploy({"id": "bad", "path": str(bad)})

@@ -256,10 +256,10 @@ def test_manifest_symlink_and_labels_files(tmp_path):
     b = make_bundle(tmp_path / "b")
     (b / "labels.txt").unlink()
     with pytest.raises(BadInput, match="labels file not found"):
-        Bundle.load(b, verify=False).labels
+        _ = Bundle.load(b, verify=False).labels
     (b / "labels.txt").write_bytes(b"\xff\xfe\x00bin")
     with pytest.raises(BadInput, match="not UTF-8"):
-        Bundle.load(b, verify=False).labels
+        _ = Bundle.load(b, verify=False).labels
     link = tmp_path / "link"
     link.mkdir()
     os.symlink(b / "manifest.json", link / "manifest.json")

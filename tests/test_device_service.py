@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from mjpeg_server import MjpegServer
 from mqtt_helpers import Recorder, command
@@ -37,7 +36,7 @@ class NotifySocket:
         while self._run:
             try:
                 data = self.sock.recv(4096)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 return

@@ -444,8 +444,9 @@ def test_systemd_unit_runs_the_agent_unprivileged_in_a_sandbox():
     d = _directives(UNIT.read_text())
     one = {k: v[-1] for k, v in d.items()}
     assert one["User"] == "lepton-edge" and one["User"] != "root" and "video" in one["SupplementaryGroups"]
-    for key, want in [("NoNewPrivileges", "yes"), ("ProtectSystem", "strict"), ("ReadWritePaths", "/var/lib/lepton-edge"),
-                      ("StateDirectory", "lepton-edge"), ("PrivateTmp", "yes"), ("ProtectHome", "yes"),
+    for key, want in [("NoNewPrivileges", "yes"), ("ProtectSystem", "strict"),
+                      ("ReadWritePaths", "/var/lib/lepton-edge"), ("StateDirectory", "lepton-edge"),
+                      ("PrivateTmp", "yes"), ("ProtectHome", "yes"),
                       ("CapabilityBoundingSet", ""), ("LockPersonality", "yes"), ("RestrictRealtime", "yes"),
                       ("ProtectKernelTunables", "yes"), ("ProtectKernelModules", "yes"),
                       ("ProtectControlGroups", "yes"), ("DevicePolicy", "closed"), ("KillSignal", "SIGTERM")]:
@@ -454,7 +455,8 @@ def test_systemd_unit_runs_the_agent_unprivileged_in_a_sandbox():
     assert set(one["RestrictAddressFamilies"].split()) <= {"AF_INET", "AF_INET6", "AF_UNIX", "AF_NETLINK"}
     assert "char-video4linux rw" in d["DeviceAllow"]  # the camera stays reachable
     assert "PrivateDevices" not in one  # it would hide /dev/video*
-    assert one.get("Type") == "notify" and one.get("NotifyAccess") == "main" and int(one["WatchdogSec"]) > 0  # issue #12
+    # issue #12
+    assert one.get("Type") == "notify" and one.get("NotifyAccess") == "main" and int(one["WatchdogSec"]) > 0
 
 
 @pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze not installed")

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 import lepton_edge
+from lepton_edge.baselines.hog import HogPca
 from lepton_edge.datasets import fashion_mnist
 from lepton_edge.pipeline import Pipeline
 from lepton_edge.runtime import Runtime
-from lepton_edge.runtime.hog import HogPca
 from lepton_edge.runtime.postprocess import decode_embedding
 
 

@@ -11,13 +11,13 @@ import time
 import jinja2
 import paho.mqtt.client as mqtt
 import pytest
-from mqtt_helpers import Recorder
 
 from fleet_views_data import add_device, window
 from lepton_edge import __version__
 from lepton_edge.fleet.homeassistant import HomeAssistantBridge, ha_id
 from lepton_edge.fleet.store import open_store
 from lepton_edge.telemetry.topics import Topics
+from mqtt_helpers import Recorder
 
 # Home Assistant's documented abbreviations (integrations/mqtt: "Supported abbreviations in MQTT
 # discovery messages", "... for device registry configuration", "... for origin info").
@@ -192,10 +192,9 @@ def test_bad_prefix_is_one_line(tmp_path):
 def test_monitor_drives_the_bridge_from_real_telemetry(mosquitto, tmp_path):
     """The real Monitor ingests an agent's retained status/meta and a window; the bridge (its on_change)
     announces the device; HA's birth (QoS 1 here) is handled although the monitor acks by hand."""
+    from fleet_views_data import meta
     from lepton_edge.fleet.monitor import Monitor
     from lepton_edge.telemetry.schema import Status
-
-    from fleet_views_data import meta
 
     store = open_store(tmp_path / "fleet.sqlite")
     mon = Monitor(mosquitto.url, store, client_id="mon-ha", log=lambda line: None)

@@ -6,13 +6,13 @@ import time
 import urllib.request
 
 import pytest
-from mjpeg_server import free_port
 from prometheus_client.parser import text_string_to_metric_families
 
 from fleet_views_data import add_device, small_fleet
 from lepton_edge.errors import BadInput
 from lepton_edge.fleet.metrics import parse_listen, serve_metrics
 from lepton_edge.fleet.store import open_store
+from mjpeg_server import free_port
 
 
 @pytest.fixture

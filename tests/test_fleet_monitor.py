@@ -168,7 +168,7 @@ def test_real_agent_monitor_killed_twice_while_windows_flow_loses_nothing(tmp_pa
             time.sleep(1.5)  # down for about 3 windows, which the broker queues for the session
             assert agent.poll() is None
             mon = start_cli_monitor(mosquitto.url, path, log)
-            assert wait(lambda: dev().windows >= before + 4, 30), (before, dev(), log.read_text())
+            assert wait(lambda before=before: dev().windows >= before + 4, 30), (before, dev(), log.read_text())
         boot = dev().boot_id
         ping = send_command(mosquitto.url, "f1", "dev1", "ping", timeout=20)
         assert ping["ok"] and ping["data"]["boot_id"] == boot, ping

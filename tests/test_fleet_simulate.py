@@ -4,11 +4,10 @@ the monitor must show, and a thousand connections from one process."""
 from __future__ import annotations
 
 import json
-import time
-
 import os
 import subprocess
 import sys
+import time
 
 from lepton_edge.fleet.simulate import Simulator
 from lepton_edge.telemetry.schema import Event, Status, Telemetry
@@ -34,11 +33,11 @@ def test_simulated_devices_send_what_agents_send_with_every_behaviour(mosquitto)
     assert bad["ok"] is False and "window_s" in bad["error"]
 
     by_dev: dict[str, dict] = {}
-    for topic, body, retained in rec.messages:
+    for topic, body, _retained in rec.messages:
         dev, kind = topic.split("/")[3], "/".join(topic.split("/")[4:])
         by_dev.setdefault(dev, {}).setdefault(kind, []).append(body)
     assert len(by_dev) == 24 and s["connected"] == 24
-    for dev, kinds in by_dev.items():
+    for kinds in by_dev.values():
         for w in kinds["telemetry"]:
             Telemetry.model_validate(w)  # every window is schema-valid
         for e in kinds["events"]:

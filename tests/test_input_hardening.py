@@ -312,9 +312,8 @@ def test_a_stream_of_garbage_ends_run_with_one_line(int8_bundle):
 
 
 def test_a_service_source_keeps_retrying_garbage_and_shows_it_in_its_status():
-    from mjpeg_server import MjpegServer
-
     from lepton_edge.capture import open_source
+    from mjpeg_server import MjpegServer
 
     srv = MjpegServer(_frames(), mode="garbage").start()
     try:
@@ -331,9 +330,8 @@ def test_a_service_source_keeps_retrying_garbage_and_shows_it_in_its_status():
 
 
 def test_a_stalled_camera_is_noticed_and_reopened():
-    from mjpeg_server import MjpegServer
-
     from lepton_edge.capture import open_source
+    from mjpeg_server import MjpegServer
 
     srv = MjpegServer(_frames(), mode="stall", stall_after=5).start()
     try:

@@ -12,11 +12,11 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from lepton_edge import kit
 from lepton_edge.errors import BadInput
@@ -155,7 +155,8 @@ def test_kit_cli_bad_flags_are_one_line(rpi4_bundle, tmp_path):
         (["-o", str(tmp_path / "kit.zip")], ".tar.gz"),
     ]
     for extra, want in cases:
-        args = [sys.executable, "-m", "lepton_edge.kit_cli", str(_path(rpi4_bundle)), "-o", str(tmp_path / "k.tar.gz"), *extra]
+        args = [sys.executable, "-m", "lepton_edge.kit_cli", str(_path(rpi4_bundle)),
+                "-o", str(tmp_path / "k.tar.gz"), *extra]
         r = subprocess.run(args, capture_output=True, text=True, timeout=60)
         assert r.returncode == 2, (extra, r.stderr)
         assert want in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

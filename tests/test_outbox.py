@@ -53,7 +53,7 @@ def test_bound_drops_oldest_counted_and_take_dropped_resets(tmp_path):
 
 def test_running_count_after_reopen_and_put_does_not_count_rows(tmp_path):
     ob = Outbox(tmp_path / "o.sqlite", max_messages=50)
-    for i in range(30):
+    for _ in range(30):
         ob.put(TOPIC, WINDOW)
     ob.delete([m.id for m in ob.pending(limit=5)])
     ob.put(TOPIC, WINDOW)
@@ -63,7 +63,7 @@ def test_running_count_after_reopen_and_put_does_not_count_rows(tmp_path):
     # the count is kept, not recounted: a put never runs COUNT(*) over the table
     seen: list[str] = []
     ob._db.set_trace_callback(seen.append)
-    for i in range(40):
+    for _ in range(40):
         ob.put(TOPIC, WINDOW)
     ob._db.set_trace_callback(None)
     assert not [s for s in seen if "COUNT(" in s.upper()], seen[:5]
@@ -78,7 +78,7 @@ def _random_bytes(p: Path) -> None:
 
 def _truncated(p: Path) -> None:
     ob = Outbox(p)
-    for i in range(3000):
+    for _ in range(3000):
         ob.put(TOPIC, WINDOW)
     ob.close()
     os.truncate(p, p.stat().st_size // 2)

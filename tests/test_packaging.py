@@ -7,7 +7,8 @@ from conftest import ROOT
 
 
 def test_wheel_layout(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path), str(ROOT)],
+    r = subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation",
+                        "--outdir", str(tmp_path), str(ROOT)],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     (whl,) = tmp_path.glob("lepton_edge-*.whl")

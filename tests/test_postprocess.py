@@ -77,3 +77,21 @@ def test_embeddings_fit_in_256_bytes_and_keep_neighbours():
         if dim <= 256:
             exact = feats / np.linalg.norm(feats, axis=1, keepdims=True)
             assert np.abs((codes * exact).sum(1) - 1).max() < 1e-3
+
+
+def test_classify_ties_go_to_the_lowest_index_on_every_cpu():
+    """An int8 softmax dequantizes to a few distinct values: 1000 classes tie. The top-k must not depend
+    on argpartition's SIMD-dependent order among equals (arm64 and x86 gave different top-1s)."""
+    rng = np.random.default_rng(0)
+    for n in (10, 1000):
+        f = np.full(n, 1 / 256, np.float32)
+        hot = rng.choice(n, 3, replace=False)
+        f[hot] = [5 / 256, 5 / 256, 9 / 256]
+        f = f / f.sum()
+        res = post.classify([f[None]], k=5)
+        top = [r["index"] for r in res]
+        hi, tied = hot[2], sorted(hot[:2])
+        rest = [i for i in range(n) if i not in hot][:2]
+        assert top == [int(hi), *map(int, tied), *rest]
+        # a permutation of the equal values must not change which indices win
+        assert [r["index"] for r in post.classify([f[None].copy()], k=5)] == top

@@ -17,8 +17,7 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from lepton_edge.compress import calibration as cal  # noqa: E402
-from lepton_edge.compress import quantize as q  # noqa: E402
+from lepton_edge.compress import calibration as cal, quantize as q  # noqa: E402
 from lepton_edge.errors import CheckFailed  # noqa: E402
 
 nn = torch.nn
@@ -176,9 +175,9 @@ def test_memory_budget_stops_a_candidate_with_one_line(tmp_path):
     torch.manual_seed(0)
     fp32 = _big_activations(tmp_path / "big.onnx", convs=4, hw=(200, 152))
     calib = RNG.random((8, 3, 200, 152), dtype=np.float32)
-    with cal.MemoryWatch(cal.rss_bytes() // 2, what="int8 recipe u8-minmax") as watch:
-        with pytest.raises(cal.MemoryExceeded) as e:
-            q.quantize_int8(fp32, tmp_path / "int8.onnx", calib, q.Recipe.parse("u8-minmax"), check=watch.check)
+    with cal.MemoryWatch(cal.rss_bytes() // 2, what="int8 recipe u8-minmax") as watch, \
+            pytest.raises(cal.MemoryExceeded) as e:
+        q.quantize_int8(fp32, tmp_path / "int8.onnx", calib, q.Recipe.parse("u8-minmax"), check=watch.check)
     assert "\n" not in str(e.value) and "--max-memory" in str(e.value)
     assert watch.peak > 0
 
@@ -233,12 +232,23 @@ def _search_setup(tmp_path):
     return ex, q.prepare(fp32, tmp_path / "p.onnx"), calib, check, _Validator(fp32, check)
 
 
+def _ctx(tmp_path, calib, check, **options):
+    """The export context the recipe search reads: options, profile, work dir, data."""
+    from lepton_edge import targets
+    from lepton_edge.exporters.context import ExportContext
+    from lepton_edge.exporters.datasets import ExportData
+    from lepton_edge.exporters.options import ExportOptions
+
+    return ExportContext(ExportOptions(**options), targets.load("x86-cpu"), tmp_path,
+                         data=ExportData(check, "test inputs", calib_x=calib))
+
+
 def test_search_keeps_the_best_candidate_not_the_first(tmp_path):
     from lepton_edge.exporters import recipes
 
     ex, prepared, calib, check, validate = _search_setup(tmp_path)
     names = ["u8-minmax", "s8-minmax-ends", "nncf-default"]
-    r = recipes.search(ex, names, prepared, tmp_path, calib, check, validate, True, 0.99, 0.5, True, patience=9)
+    r = recipes.search(_ctx(tmp_path, calib, check), ex, prepared, validate, names, patience=9)
     tried = [a for a in r.attempts if not a.get("skipped")]
     assert len(tried) == 3
     best = max(tried, key=lambda a: (a["score"], -a["bytes"]))
@@ -255,8 +265,8 @@ def test_search_time_budget_and_broken_candidate_is_skipped(tmp_path):
     ex, prepared, calib, check, validate = _search_setup(tmp_path)
 
     class Truncating(type(ex)):  # fault injection: the quantizer writes a broken file for one recipe
-        def quantize_int8(self, prepared, out_path, calib, recipe, per_channel, exclude=None, check=q._no_check):
-            res = super().quantize_int8(prepared, out_path, calib, recipe, per_channel, exclude, check)
+        def quantize_int8(self, ctx, prepared, out_path, recipe, exclude=None, check=None):
+            res = super().quantize_int8(ctx, prepared, out_path, recipe, exclude, check)
             if recipe.name == "u8-minmax":
                 out_path.write_bytes(out_path.read_bytes()[:200])
             return res
@@ -267,14 +277,13 @@ def test_search_time_budget_and_broken_candidate_is_skipped(tmp_path):
         except Exception as e:  # what the exporter's validator raises for an artifact it cannot load
             raise CheckFailed(f"the onnx runtime cannot load the exported model: {e}") from None
 
-    r = recipes.search(Truncating(), ["u8-minmax", "u8-percentile"], prepared, tmp_path, calib, check, loading,
-                       True, 0.99, 0.5, True)
+    r = recipes.search(_ctx(tmp_path, calib, check), Truncating(), prepared, loading, ["u8-minmax", "u8-percentile"])
     first = r.attempts[0]
     assert first["skipped"] and "cannot load" in first["why"]
     assert r.recipe == "u8-percentile"
 
-    r = recipes.search(ex, ["u8-minmax", "u8-percentile", "nncf-default"], prepared, tmp_path, calib, check,
-                       validate, True, 0.99, 0.5, True, search_time=1e-6)
+    r = recipes.search(_ctx(tmp_path, calib, check, search_time=1e-6), ex, prepared, validate,
+                       ["u8-minmax", "u8-percentile", "nncf-default"])
     assert r.recipe == "u8-minmax"
     assert [a["why"] for a in r.attempts[1:]] == ["--search-time 1e-06 s spent"] * 2
 

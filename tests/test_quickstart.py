@@ -5,9 +5,9 @@ import tempfile
 import time
 
 import pytest
-from conftest import run_cli
 from rich.console import Console
 
+from conftest import run_cli
 from lepton_edge.quickstart_fleet import DEVICE, FLEET, fleet_loop
 
 

@@ -11,11 +11,11 @@ import cv2
 import numpy as np
 import pytest
 
+import rtsp_server
 from conftest import run_cli
 from lepton_edge.errors import BadInput
 from lepton_edge.pipeline import Pipeline
 from lepton_edge.runtime import Runtime
-import rtsp_server
 from mjpeg_server import MjpegServer, free_port
 
 

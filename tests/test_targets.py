@@ -11,7 +11,7 @@ REQUIRED = {"rpi4", "rpi5", "jetson-orin-nano", "x86-cpu", "cuda-gpu", "generic-
 
 def test_builtin_profiles_load_with_budgets():
     ids = set(targets.builtin_ids())
-    assert REQUIRED <= ids
+    assert ids >= REQUIRED
     for p in targets.all_profiles():
         assert p.max_model_bytes > 0 and p.ram_budget_bytes > 0 and p.latency_budget_ms > 0 and p.max_opset >= 13
         assert p.device_packages, p.id
@@ -39,10 +39,11 @@ def test_user_profile_from_path(tmp_path):
 
 def test_wrong_field_names_field_and_file(tmp_path):
     f = tmp_path / "bad.toml"
-    f.write_text((targets.Path(targets.__file__).parent / "rpi4.toml").read_text().replace("threads = 4", 'threads = "four"'))
+    rpi4 = (targets.Path(targets.__file__).parent / "rpi4.toml").read_text()
+    f.write_text(rpi4.replace("threads = 4", 'threads = "four"'))
     with pytest.raises(BadInput, match=r"bad.toml: field 'threads'"):
         targets.load(str(f))
-    f.write_text((targets.Path(targets.__file__).parent / "rpi4.toml").read_text().replace('"s8-minmax",', '"s9-minmax",'))
+    f.write_text(rpi4.replace('"s8-minmax",', '"s9-minmax",'))
     with pytest.raises(BadInput, match=r"field 'quantization.recipes'"):
         targets.load(str(f))
 
@@ -58,3 +59,58 @@ def test_cli_unknown_target_suggests():
     r = run_cli("targets", "show", "rpi-4")
     assert r.returncode == 2
     assert "rpi4" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---- a profile cannot contradict itself ---------------------------------------------------------
+def _variant(tmp_path, base: str, **fields) -> str:
+    """A copy of a built-in profile with top-level `fields` replaced (TOML literals), as a user would edit it."""
+    lines = (targets._builtin_dir() / f"{base}.toml").read_text().splitlines()
+    keep = [ln for ln in lines if ln.split("=")[0].strip() not in fields]
+    f = tmp_path / "foo.toml"
+    f.write_text("\n".join([f"{k} = {v}" for k, v in fields.items()] + keep) + "\n")
+    return str(f)
+
+
+@pytest.mark.parametrize("base,fields,field,needle", [
+    ("rpi4", {"format": '"onnx"'}, "format", "'onnx' cannot run on runtime 'litert' (litert runs tflite)"),
+    ("x86-cpu", {"format": '"tflite"'}, "format", "'tflite' cannot run on runtime 'onnxruntime'"),
+    ("x86-cpu", {"delegates": '["XNNPACK"]'}, "delegates", "runtime 'onnxruntime' takes `execution_providers`"),
+    ("rpi4", {"execution_providers": '["CUDAExecutionProvider"]'}, "execution_providers",
+     "runtime 'litert' takes `delegates`"),
+    ("x86-cpu", {"execution_providers": '["CUDAExecutionProvider", "CPUExecutionProvider"]'}, "device_packages",
+     "needs 'onnxruntime-gpu'"),
+    ("x86-cpu", {"execution_providers": '["CPUExecutionProvider", "CPUExecutionProvider"]'}, "execution_providers",
+     "twice"),
+    ("x86-cpu", {"execution_providers": '["/usr/lib/libcuda.so"]'}, "execution_providers.0", "pattern"),
+    ("x86-cpu", {"execution_providers": "[]"}, "execution_providers", "at least 1"),
+    ("rpi4", {"delegates": '["/usr/lib/libedgetpu.so.1"]'}, "delegates.0", "pattern"),
+    ("rpi4", {"max_model_bytes": 1073741824}, "ram_budget_bytes", "a model has to fit in memory"),
+    ("rpi4", {"threads": 0}, "threads", "greater than or equal to 1"),
+    ("rpi4", {"latency_budget_ms": 0}, "latency_budget_ms", "greater than 0"),
+    ("rpi4", {"ram_budget_bytes": -1}, "ram_budget_bytes", "greater than 0"),
+    ("rpi4", {"id": '"../../etc"'}, "id", "pattern"),
+])
+def test_an_impossible_profile_is_one_line_naming_file_and_field(tmp_path, base, fields, field, needle):
+    path = _variant(tmp_path, base, **fields)
+    with pytest.raises(BadInput) as e:
+        targets.load(path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: field '{field}': ") and "\n" not in msg, msg
+    assert needle in msg, msg
+
+
+def test_the_cli_reports_an_impossible_profile_on_one_line(tmp_path):
+    path = _variant(tmp_path, "rpi4", format='"onnx"')
+    r = run_cli("targets", "show", path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "foo.toml: field 'format': 'onnx' cannot run on runtime 'litert'" in lines[0], r.stderr
+
+
+def test_what_the_shipped_profiles_combine_still_loads(tmp_path):
+    # the combinations the built-in profiles rely on stay valid: GPU providers with their wheel, a LiteRT
+    # target naming the CPU provider its ONNX export runs with (profiles written before the check did)
+    for p in targets.all_profiles():
+        assert targets.RUNTIME_FORMAT[p.runtime] == p.format and (p.runtime == "litert" or not p.delegates)
+    assert targets.load(_variant(tmp_path, "rpi4", execution_providers='["CPUExecutionProvider"]')).runtime == "litert"
+    assert targets.load("jetson-orin-nano").execution_providers[0] == "TensorrtExecutionProvider"

@@ -42,6 +42,9 @@ class AgentConfig(BaseModel):
     bundle: Path | None = None  # the bundle to start with (a deployed one, kept in state_dir, wins)
     source: str = "0"
     loop: bool = False  # video files: start again at the end
+    # live sources: "newest-frame" (default: no lag, frames the model has no time for are dropped undecoded)
+    # or "every-frame" (decode and queue every frame; lag grows while the model is slower than the camera)
+    source_policy: str | None = Field(default=None, pattern=r"^(newest-frame|every-frame)$")
     threads: int | None = Field(default=None, ge=1, le=64)
     window_s: float = Field(default=10.0, ge=0.1, le=3600)
     sample_every: int = Field(default=1, ge=1, le=1000)

@@ -28,10 +28,23 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
-from lepton_edge.bundle import (MANIFEST, MAX_FILES, MAX_MANIFEST_BYTES, SIGNATURE, Bundle,
-                                Manifest, check_sizes, open_inside, parse_manifest, read_capped, read_manifest_bytes)
+from lepton_edge.bundle import (
+    MANIFEST,
+    MAX_FILES,
+    MAX_MANIFEST_BYTES,
+    SIGNATURE,
+    Bundle,
+    Manifest,
+    check_sizes,
+    open_inside,
+    parse_manifest,
+    read_capped,
+    read_manifest_bytes,
+)
 from lepton_edge.errors import BadInput
 from lepton_edge.telemetry.schema import DeployCommand
 
@@ -68,7 +81,7 @@ class BundleStore:
         self._clean_leftovers()
 
     @classmethod
-    def from_config(cls, cfg) -> "BundleStore":
+    def from_config(cls, cfg) -> BundleStore:
         return cls(cfg.state_dir, cfg.trusted_keys, cfg.max_download_bytes, max_bundle_bytes=cfg.max_bundle_bytes,
                    keep=cfg.keep_bundles, download_timeout_s=cfg.download_timeout_s)
 
@@ -196,7 +209,7 @@ class BundleStore:
                 archive = dest.with_name(f".{dest.name}.partial")
                 self._download(cmd.url, archive, cmd.sha256)
                 self._unpack(archive, dest)
-            else:
+            elif cmd.path:  # exactly one of the two (checked above)
                 self._from_path(Path(cmd.path), dest, cmd.sha256)
             info = self.verify(dest)
             self._verified = {dest: info}
@@ -265,13 +278,14 @@ class BundleStore:
                 files = self._listed_members(members, prefix, manifest)
                 (dest / MANIFEST).write_bytes(data)
                 for rel, m in files.items():
-                    _write_new(dest, rel, tf.extractfile(m), m.size)
+                    _write_new(dest, rel, _extract(tf, m), m.size)
         except (tarfile.TarError, EOFError, OSError, ValueError) as e:  # gzip/zlib errors are OSError/EOFError
             why = "; ".join(line.strip("- ") for line in str(e).splitlines() if line.strip())  # tarfile: one per method
             raise DeployError(f"cannot unpack {archive.name}: {why[:200]}") from None
 
     def _members(self, tf: tarfile.TarFile) -> list[tarfile.TarInfo]:
-        members, total = [], 0
+        members: list[tarfile.TarInfo] = []
+        total = 0
         while (m := tf.next()) is not None:
             if len(members) >= MAX_FILES + 16:
                 raise DeployError(f"the archive holds more than {MAX_FILES} entries")
@@ -293,7 +307,7 @@ class BundleStore:
         m = found[0]
         if m.size > MAX_MANIFEST_BYTES:
             raise DeployError(f"manifest.json is {m.size} bytes, over the limit of {MAX_MANIFEST_BYTES}")
-        data = tf.extractfile(m).read(MAX_MANIFEST_BYTES + 1)
+        data = _extract(tf, m).read(MAX_MANIFEST_BYTES + 1)
         prefix = _norm(m.name)[: -len(MANIFEST)]
         return prefix, parse_manifest(data, f"archive:{m.name}"), data
 
@@ -387,10 +401,18 @@ class _CappedTarInfo(tarfile.TarInfo):
         if self.type in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
                          tarfile.GNUTYPE_LONGLINK) and self.size > 1 << 20:
             raise tarfile.ReadError(f"an extended header of {self.size} bytes")
-        return super()._proc_member(tf)
+        return super()._proc_member(tf)  # type: ignore[misc]  # tarfile's private hook: not in typeshed
 
 
-def _write_new(dest: Path, rel: str, src, size: int) -> None:
+def _extract(tf: tarfile.TarFile, m: tarfile.TarInfo) -> IO[bytes]:
+    """A regular member's contents (tarfile gives None only for links and special files, refused earlier)."""
+    f = tf.extractfile(m)
+    if f is None:
+        raise DeployError(f"the archive's {m.name[:100]!r} is not a regular file")
+    return f
+
+
+def _write_new(dest: Path, rel: str, src: IO[bytes], size: int) -> None:
     """Exactly `size` bytes from src into a new file dest/rel (parents made inside dest)."""
     target = dest / rel
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -471,7 +493,8 @@ def _tracked(base, watch: _Deadline):
                 watch.track(sock)
                 return sock
 
-            self._create_connection = connect
+            # http.client's private hook (socket.create_connection unless replaced): not in typeshed
+            self._create_connection: Callable[..., socket.socket] = connect
 
     return Conn
 
@@ -491,7 +514,9 @@ class _Https(urllib.request.HTTPSHandler):
         self.watch = watch
 
     def https_open(self, req):
-        return self.do_open(_tracked(http.client.HTTPSConnection, self.watch), req, context=self._context)
+        # _context: what HTTPSHandler.__init__ stored (private, not in typeshed)
+        return self.do_open(_tracked(http.client.HTTPSConnection, self.watch), req,
+                            context=self._context)  # type: ignore[attr-defined]
 
 
 class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):

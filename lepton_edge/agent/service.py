@@ -26,7 +26,7 @@ camera, a stuck inference or a dead main loop stops the pings, and systemd resta
 """
 from __future__ import annotations
 
-import json
+import logging
 import queue
 import signal
 import sqlite3
@@ -44,7 +44,7 @@ from lepton_edge.agent import commands
 from lepton_edge.agent.config import AgentConfig
 from lepton_edge.agent.deploy import BundleStore, DeployError
 from lepton_edge.agent.systemd import Notifier
-from lepton_edge.capture import open_source
+from lepton_edge.capture import SourceState, StatusUpdate, open_source
 from lepton_edge.errors import BadInput, LeptonError
 from lepton_edge.pipeline import Pipeline, capture_threads
 from lepton_edge.runtime import Runtime
@@ -52,10 +52,24 @@ from lepton_edge.stats import summarize
 from lepton_edge.telemetry.health import Health
 from lepton_edge.telemetry.outbox import Outbox
 from lepton_edge.telemetry.publisher import Publisher
-from lepton_edge.telemetry.schema import (MAX_COMMAND_BYTES, DeployCommand, Event, PingCommand, Reply, SetCommand,
-                                          Status, Telemetry)
+from lepton_edge.telemetry.schema import (
+    MAX_COMMAND_BYTES,
+    BundleInfo,
+    DeployCommand,
+    Event,
+    Hardware,
+    Meta,
+    PingCommand,
+    Reply,
+    SetCommand,
+    Status,
+    Telemetry,
+)
 from lepton_edge.telemetry.topics import Topics
 
+_log = logging.getLogger(__name__)
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR,
+           "critical": logging.CRITICAL}
 
 MAX_QUEUED_COMMAND_BYTES = 1 << 20  # commands waiting for the command thread, all together
 RATE_LIMIT_S = 5.0  # at most one event (or log line) of a kind this often when something repeats
@@ -67,8 +81,10 @@ def _json(model) -> bytes:
 
 
 class Agent:
-    def __init__(self, cfg: AgentConfig, log=print):
-        self.cfg, self.log = cfg, log
+    def __init__(self, cfg: AgentConfig, log=None):
+        self.cfg = cfg
+        self._line = log  # a caller's line sink (the quickstart's console); else the `logging` setup decides
+
         self.topics = Topics(cfg.fleet, cfg.device_id)
         self.boot_id = uuid.uuid4().hex[:12]
         self.seq = 0
@@ -85,7 +101,8 @@ class Agent:
             raise BadInput(f"state_dir {cfg.state_dir}: {type(e).__name__}: {e}") from None
         self.runtime = self._start_bundle()
         self.source = open_source(cfg.source, max_backoff=cfg.max_backoff_s, loop=cfg.loop,
-                                  decode_threads=capture_threads(self.runtime))
+                                  decode_threads=capture_threads(self.runtime), policy=cfg.source_policy)
+        self.source.add_listener(self._on_source_status)
         self.pipeline = Pipeline(self.source, self.runtime)
         self.pipeline.sample_every = cfg.sample_every
         self.window_s = cfg.window_s
@@ -134,7 +151,7 @@ class Agent:
                 raise BadInput(str(e)) from None
         rt = Runtime.load(path, threads=threads, leave_cores=1, delegates=self.cfg.delegates)
         for w in rt.warnings:  # a manifest naming a delegate this device does not allow
-            self.log(f"{path}: {w}")
+            self.log(f"{path}: {w}", "warning")
         return rt
 
     @staticmethod
@@ -153,7 +170,7 @@ class Agent:
         try:
             yield from (candidates() if candidates else [self.store.current()])
         except Exception as e:  # a broken state directory must not hide the configured bundle
-            self.log(f"cannot list deployed bundles: {type(e).__name__}: {e}")
+            self.log(f"cannot list deployed bundles: {type(e).__name__}: {e}", "warning")
         yield self.cfg.bundle
 
     def _start_bundle(self) -> Runtime:
@@ -203,12 +220,18 @@ class Agent:
     def _publish_meta(self) -> None:
         import platform
 
-        meta = {"v": 1, "ts": round(time.time(), 3), "boot_id": self.boot_id, "software": __version__,
-                "bundle": self._bundle_info(), "source": self.source.spec, "window_s": self.window_s,
-                "telemetry": self.telemetry,
-                "hardware": {"machine": platform.machine(), "system": platform.system(),
-                             "python": platform.python_version(), "node": platform.node()}}
-        self.publisher.publish_now(self.topics.meta, json.dumps(meta).encode(), retain=True)
+        meta = Meta(boot_id=self.boot_id, software=__version__, bundle=BundleInfo(**self._bundle_info()),
+                    source=self.source.spec, window_s=self.window_s, telemetry=self.telemetry,
+                    hardware=Hardware(machine=platform.machine(), system=platform.system(),
+                                      python=platform.python_version(), node=platform.node()))
+        self._publisher.publish_now(self.topics.meta, _json(meta), retain=True)
+
+    @property
+    def _publisher(self) -> Publisher:
+        """The publisher, made at the end of __init__ (None only before: events then wait in the outbox)."""
+        if self.publisher is None:
+            raise RuntimeError("the agent's publisher is made at the end of __init__")
+        return self.publisher
 
     def _on_message(self, topic: str, payload: bytes, retain: bool = False) -> None:
         """Paho's thread: decide before keeping anything. Too big: an error reply (rate-limited),
@@ -271,7 +294,28 @@ class Agent:
     def _rate_log(self, key: str, message: str) -> None:
         ok, suppressed = self._rate_ok(f"log:{key}")
         if ok:
-            self.log(f"{key}: {message}" + (f" ({suppressed} more like it)" if suppressed else ""))
+            self.log(f"{key}: {message}" + (f" ({suppressed} more like it)" if suppressed else ""), "warning")
+
+    def _on_source_status(self, u: StatusUpdate) -> None:
+        """The source's status callbacks as events: losing the stream or giving up (warning), frames
+        again after a reconnect, batches of dropped frames. Not the start (the `started` event says
+        it), nor the end (`source_ended`, or our own stop). Runs in the capture thread: never raises."""
+        try:
+            data = {"source": u.source, "source_kind": u.source_kind, "state": u.state.value}
+            if u.kind == "reconnect":
+                self._rate_event("source_reconnected", f"source {u.source} is back: {u.reason}", "info",
+                                 reconnects=u.count, down_s=u.down_s, **data)
+            elif u.kind == "dropped":
+                self._rate_event("frames_dropped", f"source {u.source}: {u.reason}", "info", count=u.count,
+                                 total=u.total, policy=self.source.policy.value, **data)
+            elif u.state in (SourceState.RECONNECTING, SourceState.FAILED) and not (
+                    getattr(self, "_stop", None) and self._stop.is_set()):  # it may come before __init__ ends
+                self._rate_event("source_state", f"source {u.source}: {u.previous.value if u.previous else '?'} -> "
+                                 f"{u.state.value}" + (f" ({u.reason})" if u.reason else ""),
+                                 "warning", previous=u.previous.value if u.previous else None, reason=u.reason,
+                                 **data)
+        except Exception as e:
+            self._survive("source status", e)
 
     def _survive(self, where: str, e: BaseException) -> None:
         """A thread's work failed: say so (rate-limited) and let the thread go on. Never raises."""
@@ -301,8 +345,16 @@ class Agent:
             self.publisher.wake()
         return True
 
+    def log(self, message: str, level: str = "info") -> None:
+        """One line about the agent at the event's level, so `--quiet` keeps warnings and errors and the
+        journal gets priorities; a caller-given sink (the quickstart) gets the plain line instead."""
+        if self._line is not None:
+            self._line(message)
+        else:
+            _log.log(_LEVELS.get(level, logging.INFO), message)
+
     def event(self, kind: str, message: str, level: str = "info", **data) -> None:
-        self.log(f"{kind}: {message}")
+        self.log(f"{kind}: {message}", level)
         self.send(self.topics.events, _json(Event(boot_id=self.boot_id, kind=kind, level=level, message=message,
                                                   data=data)))
 
@@ -374,7 +426,7 @@ class Agent:
                 time.monotonic() - self._started, 3), outbox=len(self.outbox), bundle=self._bundle_info(),
                 pipeline_error=self.pipeline_error, deploying=self._deploying.locked())
         elif isinstance(cmd, SetCommand):
-            changed = {}
+            changed: dict[str, Any] = {}
             if cmd.window_s is not None:
                 self.window_s = changed["window_s"] = cmd.window_s
             if cmd.telemetry is not None:
@@ -387,6 +439,8 @@ class Agent:
                     self.reply("set", cmd.id, False, "a deploy is in progress; change threads after it")
                     return
                 try:
+                    if self.runtime.path is None:  # never: the agent's runtimes are loaded from bundles
+                        raise RuntimeError("the running model has no path to load again with other threads")
                     rt = Runtime.load(self.runtime.path, threads=cmd.threads, leave_cores=1,
                                       delegates=self.cfg.delegates)
                     self.probe(rt)
@@ -468,9 +522,9 @@ class Agent:
                 break
             time.sleep(0.02)
         seen = list(self.pipeline.probe or ())
-        if len(seen) < frames:
-            return False, f"only {len(seen)} of {frames} health-check frames in {self.cfg.health_timeout_s:g} s", {}
         s = summarize(seen)
+        if s is None or len(seen) < frames:
+            return False, f"only {len(seen)} of {frames} health-check frames in {self.cfg.health_timeout_s:g} s", {}
         budget = rt.bundle.manifest.target.get("latency_budget_ms") if rt.bundle else None
         figures = {"health_frames": len(seen), "inference_p50_ms": round(s["p50"], 4),
                    "inference_p95_ms": round(s["p95"], 4), "latency_budget_ms": budget}
@@ -531,7 +585,7 @@ class Agent:
             signal.signal(signal.SIGTERM, self.stop)
             signal.signal(signal.SIGINT, self.stop)
         self._started = time.monotonic()
-        self.publisher.start()
+        self._publisher.start()
         threads = [threading.Thread(target=self._pipeline_loop, name="agent:pipeline", daemon=True),
                    threading.Thread(target=self._command_loop, name="agent:commands", daemon=True)]
         for t in threads:
@@ -613,15 +667,16 @@ class Agent:
         """Last window, 'stopped' event, offline status, flush what the broker will take, exit 0.
         Each step is tried on its own: a full disk must not keep the status from going offline."""
         steps = [lambda: self.telemetry and self.window(), lambda: self.event("stopped", "graceful stop"),
-                 lambda: self.publisher.flush(timeout=5.0),
-                 lambda: self.publisher.publish_now(self.topics.status, _json(Status(
+                 lambda: self._publisher.flush(timeout=5.0),
+                 lambda: self._publisher.publish_now(self.topics.status, _json(Status(
                      online=False, boot_id=self.boot_id, version=__version__)), retain=True, timeout=2.0),
-                 self.publisher.stop, self.pipeline.close]
+                 self._publisher.stop, self.pipeline.close]
         for step in steps:
             try:
                 step()
             except Exception as e:
-                self.log(f"stopping: {type(e).__name__}: {e}")
+                self.log(f"stopping: {type(e).__name__}: {e}", "error")
+        left: int | str
         try:
             left = len(self.outbox)
             self.outbox.close()

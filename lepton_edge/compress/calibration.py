@@ -260,7 +260,7 @@ class MemoryWatch:
             raise MemoryExceeded(f"{self.what} reached {human(self.exceeded_at)} of memory, over the "
                                  f"{human(self.limit)} budget (--max-memory)")
 
-    def __enter__(self) -> "MemoryWatch":
+    def __enter__(self) -> MemoryWatch:
         self._thread.start()
         return self
 

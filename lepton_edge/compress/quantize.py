@@ -12,13 +12,19 @@ histograms (24 GB for a 800x608 detector with 72 photos). Here the data goes thr
 a few batches (`CalibStridedMinMax`, which every calibrator honours: ranges and histograms merge
 across strides), so memory is one stride's tensors, whatever the number of samples. (onnxruntime's
 `CalibMaxIntermediateOutputs` is not used: in 1.32 it drops the MinMax data it flushes.)
+
+Why constant inputs come off and go back: a multi-input model's non-image inputs (PaddleDetection's
+`im_shape`, `scale_factor`) travel as defaults baked into the graph (`with_defaults`), so the device
+feeds the frame alone. The quantizers and the fp16 converter would fold such a default as a weight;
+they get the model with those inputs plain again (`without_defaults`), calibration feeds them their
+constant with every batch, and the result gets its defaults back.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -48,7 +54,7 @@ class Recipe:
     smooth_quant: bool = False
 
     @classmethod
-    def parse(cls, name: str) -> "Recipe":
+    def parse(cls, name: str) -> Recipe:
         parts = name.split("-")
         opts = parts[2:]
         if len(parts) < 2:
@@ -102,9 +108,11 @@ def _no_check() -> None:
     return None
 
 
-def _feeds(model, calib) -> dict[str, np.ndarray]:
-    """Calibration inputs by graph input name: an array feeds the first input, a dict names them."""
-    names = _input_names(model)
+def _feeds(model, calib, fixed: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Calibration inputs by graph input name: an array feeds the one input not in `fixed` (the
+    constant inputs, fed whole with every batch), a dict names them."""
+    fixed = fixed or {}
+    names = [n for n in _input_names(model) if n not in fixed]
     if isinstance(calib, dict):
         missing = [n for n in names if n not in calib]
         if missing:
@@ -118,6 +126,67 @@ def _feeds(model, calib) -> dict[str, np.ndarray]:
     if len(counts) != 1 or 0 in counts:
         raise ValueError("calibration inputs must all have the same, non-zero number of samples")
     return feeds
+
+
+# --- constant inputs: the non-image inputs of a multi-input model --------------------------------
+DEFAULTS_KEY = "lepton.input_defaults"  # metadata naming the inputs whose default the exporter baked in
+
+
+def input_defaults(model) -> dict[str, np.ndarray]:
+    """{input name: value} of the inputs that carry a baked-in default (with_defaults).
+
+    Why a metadata key and not "every input with an initializer": models of IR version < 4 list
+    every weight as a graph input too; only the inputs the exporter gave a value are constants."""
+    from onnx import numpy_helper
+
+    names = next((p.value.split(",") for p in model.metadata_props if p.key == DEFAULTS_KEY), [])
+    inits = {i.name: i for i in model.graph.initializer}
+    return {n: numpy_helper.to_array(inits[n]) for n in names if n in inits}
+
+
+def with_defaults(model, values: dict[str, np.ndarray]):
+    """`model` with each input named in `values` given that value as its default: an initializer of
+    the input's name (ONNX's overridable initializer). A runtime that feeds only the image input
+    (the device's, onnxruntime's) runs the model; one that knows better may still feed the input."""
+    from onnx import numpy_helper
+
+    if not values:
+        return model
+    have = {i.name for i in model.graph.initializer}
+    for name, v in values.items():
+        if name not in have:
+            model.graph.initializer.append(numpy_helper.from_array(np.asarray(v), name))
+    keep = [p for p in model.metadata_props if p.key != DEFAULTS_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    entry = model.metadata_props.add()
+    entry.key, entry.value = DEFAULTS_KEY, ",".join(values)
+    if model.ir_version < 4:  # an input with an initializer is a default only from IR version 4 on
+        model.ir_version = 4
+    return model
+
+
+def without_defaults(model) -> tuple[object, dict[str, np.ndarray]]:
+    """(model with its constant inputs plain inputs again, their values): what the quantizers and the
+    fp16 converter get, so they calibrate through the inputs instead of folding them as weights."""
+    values = input_defaults(model)
+    if not values:
+        return model, {}
+    keep = [i for i in model.graph.initializer if i.name not in values]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    props = [p for p in model.metadata_props if p.key != DEFAULTS_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(props)
+    return model, values
+
+
+def _rebake(path: Path, values: dict[str, np.ndarray]) -> None:
+    """Give the inputs of `values` their defaults again in the file at `path`."""
+    import onnx
+
+    if values:
+        onnx.save(with_defaults(onnx.load(str(path)), values), str(path))
 
 
 def _dtypes(model) -> dict[str, type]:
@@ -140,8 +209,9 @@ class _Reader:
     """
 
     def __init__(self, feeds: dict[str, np.ndarray], dtypes: dict[str, type], batch: int, advance=lambda n: None,
-                 check: Callable[[], None] = _no_check):
+                 check: Callable[[], None] = _no_check, fixed: dict[str, np.ndarray] | None = None):
         self.feeds, self.dtypes, self.batch, self.advance, self.check = feeds, dtypes, batch, advance, check
+        self.fixed = fixed or {}  # constant inputs, the same whole value with every batch
         self.n = len(next(iter(feeds.values())))
         self.i, self.end = 0, len(self)
 
@@ -159,7 +229,7 @@ class _Reader:
         self.i += 1
         out = {k: np.ascontiguousarray(v[s], dtype=self.dtypes.get(k, np.float32)) for k, v in self.feeds.items()}
         self.advance(len(next(iter(out.values()))))
-        return out
+        return {**out, **{k: np.ascontiguousarray(v) for k, v in self.fixed.items()}}
 
     def rewind(self):
         self.i, self.end = 0, len(self)
@@ -169,7 +239,8 @@ def _batch_size(model, feeds: dict[str, np.ndarray]) -> int:
     """A fixed batch as the graph wants; else batches of equal size (the histogram calibrators
     cannot stack ragged batches), small enough that a batch of large inputs stays small."""
     n = len(next(iter(feeds.values())))
-    d0 = model.graph.input[0].type.tensor_type.shape.dim
+    fed = next(i for i in model.graph.input if i.name == next(iter(feeds)))  # not a constant input
+    d0 = fed.type.tensor_type.shape.dim
     if d0 and d0[0].dim_value:
         return int(d0[0].dim_value)
     sample = sum(v[0].nbytes for v in feeds.values())
@@ -200,21 +271,23 @@ def quantize_int8(
     onnx.checker passes and onnxruntime loads it and runs one batch (check_graph)."""
     import onnx
 
-    model = onnx.load(str(fp32_path), load_external_data=False)
+    model, fixed = without_defaults(onnx.load(str(fp32_path)))  # constant inputs calibrate as inputs
     nodes = quantizable_nodes(model)
     exclude = [n for n in (exclude or []) if n in nodes]
     if recipe.keep_ends and nodes:
         exclude += [n for n in (nodes[0], nodes[-1]) if n not in exclude]
-    feeds = _feeds(model, calib)
+    feeds = _feeds(model, calib, fixed)
+    dtypes, batch = _dtypes(model), _batch_size(model, feeds)
     if recipe.engine == "nncf":
-        _nncf_int8(fp32_path, out_path, feeds, _dtypes(model), recipe, exclude, check)
+        _nncf_int8(model, out_path, feeds, dtypes, recipe, exclude, check, fixed)
     else:
-        _ort_int8(fp32_path, model, out_path, feeds, recipe, per_channel, exclude, check)
-    check_graph(out_path, {k: v[:_batch_size(model, feeds)] for k, v in feeds.items()}, _dtypes(model))
+        _ort_int8(model, out_path, feeds, recipe, per_channel, exclude, check, fixed)
+    _rebake(out_path, fixed)
+    check_graph(out_path, {k: v[:batch] for k, v in feeds.items()}, dtypes)
     return QuantResult(out_path, recipe, exclude)
 
 
-def _ort_int8(fp32_path: Path, model, out_path: Path, feeds, recipe: Recipe, per_channel: bool, exclude, check):
+def _ort_int8(model, out_path: Path, feeds, recipe: Recipe, per_channel: bool, exclude, check, fixed=None):
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     from lepton_edge import ui
@@ -234,7 +307,7 @@ def _ort_int8(fp32_path: Path, model, out_path: Path, feeds, recipe: Recipe, per
     with ui.progress("calibrating", n) as advance, ui.libraries_silenced("", stderr=False):
         # (the histogram calibrators print their own progress to stdout, which --json keeps clean, and
         # onnxruntime warns on the root logger that we skipped pre-processing: we do it when it helps)
-        reader = _Reader(feeds, _dtypes(model), batch, advance, check)
+        reader = _Reader(feeds, _dtypes(model), batch, advance, check, fixed)
         quantize_static(
             model, str(out_path), reader, quant_format=QuantFormat.QDQ,
             per_channel=per_channel and _opset(model) >= PER_CHANNEL_MIN_OPSET,
@@ -244,7 +317,7 @@ def _ort_int8(fp32_path: Path, model, out_path: Path, feeds, recipe: Recipe, per
         )
 
 
-def _nncf_int8(fp32_path: Path, out_path: Path, feeds, dtypes, recipe: Recipe, exclude, check) -> None:
+def _nncf_int8(model, out_path: Path, feeds, dtypes, recipe: Recipe, exclude, check, fixed=None) -> None:
     """NNCF's post-training quantization on the ONNX backend (imported here only: the workstation's
     [export] extra has it, a device never imports it)."""
     import logging
@@ -259,7 +332,7 @@ def _nncf_int8(fp32_path: Path, out_path: Path, feeds, dtypes, recipe: Recipe, e
 
     from lepton_edge import ui
 
-    model = onnx.load(str(fp32_path))
+    fixed = fixed or {}
     batch = _batch_size(model, feeds)
     n = len(next(iter(feeds.values())))
     items = list(range(0, n - batch + 1, batch)) or [0]
@@ -268,7 +341,8 @@ def _nncf_int8(fp32_path: Path, out_path: Path, feeds, dtypes, recipe: Recipe, e
         def transform(i: int) -> dict[str, np.ndarray]:
             check()
             advance(batch)
-            return {k: np.ascontiguousarray(v[i:i + batch], dtype=dtypes.get(k, np.float32)) for k, v in feeds.items()}
+            out = {k: np.ascontiguousarray(v[i:i + batch], dtype=dtypes.get(k, np.float32)) for k, v in feeds.items()}
+            return {**out, **{k: np.ascontiguousarray(v, dtype=dtypes.get(k, v.dtype)) for k, v in fixed.items()}}
 
         sq = AdvancedSmoothQuantParameters(matmul=0.95, convolution=0.05) if recipe.smooth_quant else \
             AdvancedSmoothQuantParameters(matmul=-1, convolution=-1)
@@ -364,20 +438,21 @@ def prepare(fp32_path: Path, out_path: Path) -> Path:
     import onnx
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    model = onnx.load(str(fp32_path))
+    model, fixed = without_defaults(onnx.load(str(fp32_path)))  # constant inputs stay inputs, not folded
     upgraded = upgrade_opset(model)
-    if upgraded is not model:
+    if upgraded is not model or fixed:
         fp32_path = out_path.with_name(out_path.stem + "-opset13.onnx")
         onnx.save(upgraded, str(fp32_path))
     ops = {n.op_type for n in upgraded.graph.node}
     del model, upgraded
-    if not ops & {"BatchNormalization", "Identity", "Dropout", "Constant"}:
-        return fp32_path
-    try:
-        quant_pre_process(str(fp32_path), str(out_path), skip_symbolic_shape=True)
-        return out_path
-    except Exception:  # an optimisation only; quantize the plain graph rather than fail
-        return fp32_path
+    if ops & {"BatchNormalization", "Identity", "Dropout", "Constant"}:
+        try:
+            quant_pre_process(str(fp32_path), str(out_path), skip_symbolic_shape=True)
+            fp32_path = out_path
+        except Exception:  # an optimisation only; quantize the plain graph rather than fail
+            pass
+    _rebake(fp32_path, fixed)
+    return fp32_path
 
 
 def onnx_input_name(path: Path) -> str:
@@ -400,8 +475,9 @@ def convert_fp16(fp32_path: Path, out_path: Path) -> None:
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    m = convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True)
-    onnx.save(m, str(out_path))
+    model, fixed = without_defaults(onnx.load(str(fp32_path)))  # constant inputs keep their own dtype
+    m = convert_float_to_float16(model, keep_io_types=True)
+    onnx.save(with_defaults(m, fixed), str(out_path))
 
 
 def _with_outputs(path: Path, names: list[str]) -> bytes:

@@ -14,18 +14,19 @@ Why it is shaped this way:
 from __future__ import annotations
 
 import json
+import logging
 import queue
 import threading
 import time
-import tomllib
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lepton_edge.errors import BadInput
 from lepton_edge.fleet.store.base import Alert, DeviceState, Store
+from lepton_edge.tomlfile import tomllib  # the stdlib's, or tomli on Python 3.10
 
 ALERT_TOPIC = "lepton/v1/_monitor/alerts"
 
@@ -103,7 +104,7 @@ class AlertEngine:
         self.store = store
         self.rules = rules or AlertRules()
         self.publish = publish
-        self.log = log or (lambda line: print(line, flush=True))
+        self.log = log or logging.getLogger(__name__).info  # the entry point decides how lines look
         self.webhook = _Webhook(self.rules.webhook, self.rules.webhook_timeout_s, self.log) if self.rules.webhook \
             else None
         self._gaps: dict[tuple[str, str], tuple[int, float]] = {}  # device -> (gaps seen, when they last grew)

@@ -12,7 +12,6 @@ import re
 import sys
 import threading
 import time
-from typing import Optional
 
 import typer
 
@@ -61,7 +60,7 @@ def _command_sender(broker: str, **tls):
 STORE_WAIT_S = 60.0  # a service waits this long for its database at start, then exits (systemd restarts it)
 
 
-def open_store_retrying(url: Optional[str], log, wait_s: float):
+def open_store_retrying(url: str | None, log, wait_s: float):
     """open_store, retried while the database is locked or unreachable (one line, then quiet); a corrupt
     file is not retried (it will not heal) and ends with its one line, as does the last failure."""
     from lepton_edge.fleet.store import StoreError, open_store
@@ -90,45 +89,36 @@ def _alerts(store, rules_path, publish, log):
 @app.command()
 def monitor(
     broker: str = typer.Option(..., help="mqtt://host:1883 (mqtts://, ws://, wss://; user:pass@ in the URL)."),
-    store: Optional[str] = typer.Option(None, help="SQLite path or postgresql://... (default "
+    store: str | None = typer.Option(None, help="SQLite path or postgresql://... (default "
                                                     "~/.local/share/lepton-edge/fleet.sqlite)."),
-    web: Optional[str] = typer.Option(None, help="Serve the web dashboard, JSON API and /metrics on HOST:PORT."),
-    token: Optional[str] = typer.Option(None, envvar="LEPTON_DASHBOARD_TOKEN",
+    web: str | None = typer.Option(None, help="Serve the web dashboard, JSON API and /metrics on HOST:PORT."),
+    token: str | None = typer.Option(None, envvar="LEPTON_DASHBOARD_TOKEN",
                                         help="Token for commands from the web page (generated when not given)."),
-    group: Optional[str] = typer.Option(None, help="Share telemetry/events with other workers ($share/GROUP)."),
+    group: str | None = typer.Option(None, help="Share telemetry/events with other workers ($share/GROUP)."),
     fleet: str = typer.Option("+", help="Only this fleet (default: every fleet)."),
-    alerts: Optional[str] = typer.Option(None, "--alerts", help="Alert rules (TOML); defaults without it."),
+    alerts: str | None = typer.Option(None, "--alerts", help="Alert rules (TOML); defaults without it."),
     homeassistant: bool = typer.Option(False, "--homeassistant", help="Publish Home Assistant MQTT discovery."),
-    metrics: Optional[str] = typer.Option(None, "--metrics", help="Serve Prometheus /metrics on HOST:PORT "
+    metrics: str | None = typer.Option(None, "--metrics", help="Serve Prometheus /metrics on HOST:PORT "
                                           "(without --web; with --web it is at /metrics there)."),
-    retain: Optional[str] = typer.Option(None, help="Delete history older than this (e.g. 7d)."),
-    once: bool = typer.Option(False, "--once", help="Read the devices' retained states from the broker into the store, print the fleet, exit "
-                              "(a clean session of its own: a running monitor is not disturbed)."),
+    retain: str | None = typer.Option(None, help="Delete history older than this (e.g. 7d)."),
+    once: bool = typer.Option(False, "--once", help="Read the devices' retained states from the broker into the "
+                              "store, print the fleet, exit (a clean session of its own: a running monitor is not "
+                              "disturbed)."),
     as_json: bool = typer.Option(False, "--json", help="With --once: the fleet table as JSON."),
-    seconds: Optional[float] = typer.Option(None, help="Stop after this many seconds (demos, scripts)."),
+    seconds: float | None = typer.Option(None, help="Stop after this many seconds (demos, scripts)."),
     no_tui: bool = typer.Option(False, "--no-tui", help="No live table: one status line a minute (logs, services)."),
-    ca_file: Optional[str] = typer.Option(None, help="CA certificate for TLS to the broker."),
-    cert_file: Optional[str] = typer.Option(None, help="Client certificate (mutual TLS)."),
-    key_file: Optional[str] = typer.Option(None, help="Client key (mutual TLS)."),
+    ca_file: str | None = typer.Option(None, help="CA certificate for TLS to the broker."),
+    cert_file: str | None = typer.Option(None, help="Client certificate (mutual TLS)."),
+    key_file: str | None = typer.Option(None, help="Client key (mutual TLS)."),
 ):
     """Ingest the fleet's telemetry into the store; live terminal table, optional web dashboard."""
     from lepton_edge.fleet.monitor import Monitor
-    from lepton_edge.fleet.store import StoreError
 
-    retain_s = parse_duration(retain, "--retain") if retain else None
-    listen = parse_listen(web) if web else None
-    if listen:
-        from lepton_edge.fleet.web.app import check_bind, new_token
+    retain_s, listen, token = _check_monitor_options(retain, web, token, seconds, metrics)
 
-        check_bind(listen[0], token)  # before anything connects: refuse a public address without a token
-        token = token or new_token()
-    if seconds is not None and seconds <= 0:
-        raise BadInput("--seconds must be above 0")
-    if metrics:
-        from lepton_edge.fleet.metrics import parse_listen as parse_metrics_listen
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
 
-        parse_metrics_listen(metrics)  # a bad address is one line before anything starts
-    log = (lambda line: print(line, file=sys.stderr, flush=True))
     st = open_store_retrying(store, log, wait_s=10.0 if once else STORE_WAIT_S)
     hub_notify: list = []
     ha: list = []
@@ -155,10 +145,7 @@ def monitor(
     server = metrics_server = None
     stop = threading.Event()
     try:
-        if metrics:
-            from lepton_edge.fleet.metrics import serve_metrics
-
-            metrics_server, _ = serve_metrics(st, metrics, extra=lambda: dict(mon.stats))
+        metrics_server = _serve_metrics(st, metrics, mon)
         mon.start()
         if not mon.connected.wait(10):
             if once:  # a script must not take the store's last view for the live fleet
@@ -166,39 +153,17 @@ def monitor(
                                   "`lepton-edge fleet ls`)")
             log(f"monitor: {broker} not reachable yet; retrying in the background")
         if homeassistant:
-            from lepton_edge.fleet.homeassistant import HomeAssistantBridge
-
-            ha.append(HomeAssistantBridge(mon.client, st).attach())
-            ha[0].publish_all()
+            ha.append(_homeassistant_bridge(mon.client, st))
         if once:
             mon.wait_idle(timeout=10, quiet=0.5)  # the retained states (and windows arriving meanwhile)
-            from lepton_edge.fleet import tui
-
-            if as_json:
-                _emit(tui.snapshot(st))
-            else:
-                from rich.console import Console
-
-                Console().print(tui.render(st))
+            _print_fleet(st, as_json)
             return
         if listen:
-            from lepton_edge.fleet.web.app import WebServer, create_app
-
-            app_ = create_app(st, token=token, command_sender=_command_sender(broker, **tls))
-            hub_notify.append(app_.state.hub.notify)
-            server = WebServer(app_, *listen).start()
-            print(f"dashboard: {server.url}#token={token}", flush=True)
+            server = _start_dashboard(st, listen, token, _command_sender(broker, **tls), hub_notify)
         if seconds:
             threading.Timer(seconds, stop.set).start()
         if no_tui or not sys.stdout.isatty():
-            while not stop.wait(60 if seconds is None or seconds > 60 else seconds):
-                try:
-                    s = st.summary()
-                except StoreError as e:  # the writer retries; this line says so once a minute
-                    log(f"monitor: {e} (retrying)")
-                    continue
-                print(f"monitor: {s.devices} devices, {s.online} online, {s.offline} offline, "
-                      f"{s.total_fps:.1f} fps, {s.active_alerts} active alerts", flush=True)
+            _status_lines(st, stop, 60 if seconds is None or seconds > 60 else seconds, log)
         else:
             from lepton_edge.fleet import tui
 
@@ -207,15 +172,95 @@ def monitor(
         pass
     finally:
         stop.set()
-        if server:
-            server.stop()
-        if metrics_server:
-            metrics_server.shutdown()
-            metrics_server.server_close()
-        for bridge in ha:
-            bridge.close()
+        _close_servers(server, metrics_server, ha)
         mon.stop()
         st.close()
+
+
+def _check_monitor_options(retain: str | None, web: str | None, token: str | None, seconds: float | None,
+                           metrics: str | None) -> tuple[float | None, tuple[str, int] | None, str | None]:
+    """Every bad option as one line before anything connects: (retain seconds, web address, token)."""
+    retain_s = parse_duration(retain, "--retain") if retain else None
+    listen = parse_listen(web) if web else None
+    if listen:
+        from lepton_edge.fleet.web.app import check_bind, new_token
+
+        check_bind(listen[0], token)  # refuse a public address without a token
+        token = token or new_token()
+    if seconds is not None and seconds <= 0:
+        raise BadInput("--seconds must be above 0")
+    if metrics:
+        from lepton_edge.fleet.metrics import parse_listen as parse_metrics_listen
+
+        parse_metrics_listen(metrics)
+    return retain_s, listen, token
+
+
+def _close_servers(server, metrics_server, bridges: list) -> None:
+    """Stop the monitor's web server, /metrics server and Home Assistant bridges (whichever started)."""
+    if server:
+        server.stop()
+    if metrics_server:
+        metrics_server.shutdown()
+        metrics_server.server_close()
+    for bridge in bridges:
+        bridge.close()
+
+
+def _serve_metrics(st, listen: str | None, mon):
+    """Prometheus /metrics on `listen` (with the monitor's own counters), or None without --metrics."""
+    if not listen:
+        return None
+    from lepton_edge.fleet.metrics import serve_metrics
+
+    server, _ = serve_metrics(st, listen, extra=lambda: dict(mon.stats))
+    return server
+
+
+def _start_dashboard(st, listen: tuple[str, int], token: str | None, sender, hub_notify: list):
+    """The web dashboard on `listen`; its hub is told of every change the monitor stores."""
+    from lepton_edge.fleet.web.app import WebServer, create_app
+
+    app_ = create_app(st, token=token, command_sender=sender)
+    hub_notify.append(app_.state.hub.notify)
+    server = WebServer(app_, *listen).start()
+    print(f"dashboard: {server.url}#token={token}", flush=True)
+    return server
+
+
+def _homeassistant_bridge(client, st):
+    """Home Assistant MQTT discovery through the monitor's client: every device announced now."""
+    from lepton_edge.fleet.homeassistant import HomeAssistantBridge
+
+    bridge = HomeAssistantBridge(client, st).attach()
+    bridge.publish_all()
+    return bridge
+
+
+def _print_fleet(st, as_json: bool) -> None:
+    """`monitor --once`: the fleet table (or its JSON) from the store."""
+    from lepton_edge.fleet import tui
+
+    if as_json:
+        _emit(tui.snapshot(st))
+    else:
+        from rich.console import Console
+
+        Console().print(tui.render(st))
+
+
+def _status_lines(st, stop: threading.Event, every_s: float, log) -> None:
+    """No live table (a service, a log): one summary line every `every_s` until `stop`."""
+    from lepton_edge.fleet.store import StoreError
+
+    while not stop.wait(every_s):
+        try:
+            s = st.summary()
+        except StoreError as e:  # the writer retries; this line says so once a minute
+            log(f"monitor: {e} (retrying)")
+            continue
+        print(f"monitor: {s.devices} devices, {s.online} online, {s.offline} offline, "
+              f"{s.total_fps:.1f} fps, {s.active_alerts} active alerts", flush=True)
 
 
 @app.command()
@@ -261,7 +306,7 @@ _STORE_HELP = "SQLite path or postgresql://... (default ~/.local/share/lepton-ed
 MAX_SINCE_S = 400 * 86400
 
 
-def _read_store(store: Optional[str]):
+def _read_store(store: str | None):
     """Open the store for reading; a SQLite file that does not exist is an error, not a new empty file."""
     from pathlib import Path
 
@@ -314,7 +359,7 @@ def _console():
 
 
 @fleet_app.command("ls")
-def fleet_ls(store: Optional[str] = typer.Option(None, help=_STORE_HELP),
+def fleet_ls(store: str | None = typer.Option(None, help=_STORE_HELP),
              as_json: bool = typer.Option(False, "--json", help="Machine-readable: summary + devices, worst first.")):
     """The fleet table: one line per device, worst first (offline, alerts, warnings)."""
     from lepton_edge.fleet import tui
@@ -326,7 +371,7 @@ def fleet_ls(store: Optional[str] = typer.Option(None, help=_STORE_HELP),
 
 
 @fleet_app.command("top")
-def fleet_top(store: Optional[str] = typer.Option(None, help=_STORE_HELP),
+def fleet_top(store: str | None = typer.Option(None, help=_STORE_HELP),
               refresh: float = typer.Option(1.0, help="Seconds between redraws."),
               once: bool = typer.Option(False, "--once", help="Print the table once and exit."),
               as_json: bool = typer.Option(False, "--json", help="With --once: the table as JSON.")):
@@ -343,7 +388,7 @@ def fleet_top(store: Optional[str] = typer.Option(None, help=_STORE_HELP),
 
 @fleet_app.command("show")
 def fleet_show(device: str = typer.Argument(..., help="FLEET/DEVICE, or DEVICE when only one fleet has it."),
-               store: Optional[str] = typer.Option(None, help=_STORE_HELP),
+               store: str | None = typer.Option(None, help=_STORE_HELP),
                events: int = typer.Option(10, min=0, max=1000, help="How many recent events to show."),
                as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
     """Everything the store knows about one device: state, latency per stage, alerts, recent events."""
@@ -386,7 +431,7 @@ def fleet_show(device: str = typer.Argument(..., help="FLEET/DEVICE, or DEVICE w
 def fleet_history(device: str = typer.Argument(..., help="FLEET/DEVICE, or DEVICE when only one fleet has it."),
                   since: str = typer.Option("1h", help="How far back: 15m, 1h, 24h, 7d."),
                   points: int = typer.Option(60, min=1, max=5000, help="At most this many points (bucketed)."),
-                  store: Optional[str] = typer.Option(None, help=_STORE_HELP),
+                  store: str | None = typer.Option(None, help=_STORE_HELP),
                   as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
     """fps, inference p50/p95/p99, temperature, CPU and RSS over time, bucketed by the store."""
     from rich.table import Table
@@ -414,10 +459,10 @@ def fleet_history(device: str = typer.Argument(..., help="FLEET/DEVICE, or DEVIC
 
 
 @fleet_app.command("alerts")
-def fleet_alerts(device: Optional[str] = typer.Argument(None, help="Only this device (FLEET/DEVICE or DEVICE)."),
+def fleet_alerts(device: str | None = typer.Argument(None, help="Only this device (FLEET/DEVICE or DEVICE)."),
                  active: bool = typer.Option(False, "--active", help="Only alerts still active."),
                  limit: int = typer.Option(50, min=1, max=10000, help="At most this many, newest first."),
-                 store: Optional[str] = typer.Option(None, help=_STORE_HELP),
+                 store: str | None = typer.Option(None, help=_STORE_HELP),
                  as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
     """Alerts, newest first: rule, severity, since when, resolved or not."""
     from rich.table import Table
@@ -443,12 +488,12 @@ def fleet_alerts(device: Optional[str] = typer.Argument(None, help="Only this de
 
 @fleet_app.command("forget")
 def fleet_forget(device: str = typer.Argument(..., help="FLEET/DEVICE, or DEVICE when only one fleet has it."),
-                 store: Optional[str] = typer.Option(None, help=_STORE_HELP),
-                 broker: Optional[str] = typer.Option(None, help="Also clear the device's retained status/meta "
+                 store: str | None = typer.Option(None, help=_STORE_HELP),
+                 broker: str | None = typer.Option(None, help="Also clear the device's retained status/meta "
                                                       "and its Home Assistant discovery on this broker."),
-                 ca_file: Optional[str] = typer.Option(None, help="CA certificate for TLS to the broker."),
-                 cert_file: Optional[str] = typer.Option(None, help="Client certificate (mutual TLS)."),
-                 key_file: Optional[str] = typer.Option(None, help="Client key (mutual TLS).")):
+                 ca_file: str | None = typer.Option(None, help="CA certificate for TLS to the broker."),
+                 cert_file: str | None = typer.Option(None, help="Client certificate (mutual TLS)."),
+                 key_file: str | None = typer.Option(None, help="Client key (mutual TLS).")):
     """Remove a retired device: its history, events and alerts, and (with --broker) its retained topics,
     so it leaves Home Assistant and does not come back at the next monitor start."""
     from lepton_edge.fleet.forget import forget_device

@@ -9,28 +9,21 @@ the device as --device-path.
 from __future__ import annotations
 
 import http.server
-import json
+import shutil
 import socket
 import tempfile
 import threading
 import time
-import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from lepton_edge.errors import BadInput
-from lepton_edge.telemetry.broker import make_client, parse_broker
-from lepton_edge.telemetry.topics import PREFIX, safe_segment
-
-
-def _client(broker: str, username, password, ca_file, cert_file, key_file):
-    addr = parse_broker(broker)
-    c = make_client(addr, f"lepton-operator-{uuid.uuid4().hex[:8]}", username=username, password=password,
-                    ca_file=ca_file, cert_file=cert_file, key_file=key_file)
-    try:
-        c.connect(addr.host, addr.port, keepalive=30)
-    except (OSError, ValueError) as e:
-        raise BadInput(f"cannot reach the broker {broker}: {e}") from None
-    return c, addr
+from lepton_edge.fleet.commands import ask, connect, make_command, outcome
+from lepton_edge.telemetry.schema import Status
+from lepton_edge.telemetry.topics import Topics, safe_segment
 
 
 def _local_address(host: str, port: int) -> str:
@@ -70,84 +63,97 @@ class _Serve:
 
 
 def discover(client, fleet: str, wait_s: float = 1.5) -> list[str]:
-    """Devices of the fleet whose retained status says online."""
+    """Devices of the fleet whose retained status says online (the client's loop must be running)."""
     found: dict[str, bool] = {}
 
     def on_message(c, u, msg):
-        parts = msg.topic.split("/")
+        parsed = Topics.parse(msg.topic)
+        if parsed is None:
+            return
         try:
-            found[parts[3]] = bool(json.loads(msg.payload).get("online"))
-        except (ValueError, AttributeError, IndexError):
+            found[parsed[1]] = Status.model_validate_json(msg.payload).online
+        except ValidationError:
             pass
 
+    pattern = Topics(fleet, "+").status
     client.on_message = on_message
-    client.subscribe(f"{PREFIX}/{fleet}/+/status", qos=1)
-    time.sleep(wait_s)
-    client.unsubscribe(f"{PREFIX}/{fleet}/+/status")
+    client.subscribe(pattern, qos=1)
+    time.sleep(wait_s)  # retained statuses arrive at once; there is no "that was all" from the broker
+    client.unsubscribe(pattern)
     return sorted(d for d, online in found.items() if online)
+
+
+class _Offer:
+    """Where the devices fetch the bundle from: a URL as given, a path already on the device, or a
+    local bundle packed here (checked whole first) and served over HTTP while the devices answer."""
+
+    def __init__(self, bundle: str, device_path: bool):
+        self.archive: Path | None = None
+        self._tmp: Path | None = None
+        if bundle.startswith(("http://", "https://")):
+            self.fields: dict = {"url": bundle}
+        elif device_path:
+            self.fields = {"path": bundle}
+        else:
+            from lepton_edge.agent.deploy import pack
+            from lepton_edge.bundle import Bundle, sha256_file
+
+            b = Bundle.load(bundle)  # a local bundle must be whole before it is offered to devices
+            self._tmp = Path(tempfile.mkdtemp(prefix="lepton-deploy-"))
+            try:
+                self.archive = pack(b.path, self._tmp / f"{b.path.name}.tar.gz")
+                self.fields = {"sha256": sha256_file(self.archive)}
+            except BaseException:
+                self.close()
+                raise
+
+    @contextmanager
+    def served(self, host, port: int) -> Iterator[dict]:
+        """The command's source fields, valid while the block runs; `host()` is the address devices
+        reach this machine at, asked only when there is something to serve."""
+        if self.archive is None:
+            yield self.fields
+            return
+        server = _Serve(self.archive, host(), port)
+        try:
+            yield self.fields | {"url": server.url}
+        finally:
+            server.close()
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def _devices(client, fleet: str, device: str) -> list[str]:
+    """The one device named, or every device of the fleet that is online; none is an error."""
+    devices = [device] if device else discover(client, fleet)
+    if not devices:
+        raise BadInput(f"no online device in fleet {fleet!r} (none has a retained online status)")
+    return devices
 
 
 def deploy(target: str, bundle: str, broker: str, *, username=None, password=None, ca_file=None, cert_file=None,
            key_file=None, device_path: bool = False, serve_host: str | None = None, serve_port: int = 0,
            timeout: float = 120.0, health_frames: int | None = None) -> list[dict]:
+    """One row per device: {"device", "ok", "error", "data"} from its reply (or its silence)."""
     fleet, _, device = target.partition("/")
     safe_segment(fleet, "fleet")
     if device:
         safe_segment(device, "device")
-    server = tmp = None
-    if bundle.startswith(("http://", "https://")):
-        payload = {"url": bundle}
-    elif device_path:
-        payload = {"path": bundle}
-    else:
-        from lepton_edge.agent.deploy import pack
-        from lepton_edge.bundle import Bundle, sha256_file
-
-        b = Bundle.load(bundle)  # a local bundle must be whole before it is offered to devices
-        tmp = Path(tempfile.mkdtemp(prefix="lepton-deploy-"))
-        archive = pack(b.path, tmp / f"{b.path.name}.tar.gz")
-        payload = {"sha256": sha256_file(archive)}
-    client, addr = _client(broker, username, password, ca_file, cert_file, key_file)
-    client.loop_start()
+    offer = _Offer(bundle, device_path)
     try:
-        devices = [device] if device else discover(client, fleet)
-        if not devices:
-            raise BadInput(f"no online device in fleet {fleet!r} (none has a retained online status)")
-        if tmp is not None:
-            server = _Serve(archive, serve_host or _local_address(addr.host, addr.port), serve_port)
-            payload["url"] = server.url
-        if health_frames:
-            payload["health_frames"] = health_frames
-        replies: dict[str, dict] = {}
-        ids = {d: uuid.uuid4().hex[:12] for d in devices}
-
-        def on_message(c, u, msg):
-            dev = msg.topic.split("/")[3]
-            try:
-                r = json.loads(msg.payload)
-            except ValueError:
-                return
-            if r.get("id") == ids.get(dev):
-                replies[dev] = r
-
-        client.on_message = on_message
-        for d in devices:
-            client.subscribe(f"{PREFIX}/{fleet}/{d}/cmd/deploy/reply", qos=1)
-        time.sleep(0.2)
-        for d in devices:
-            client.publish(f"{PREFIX}/{fleet}/{d}/cmd/deploy", json.dumps(payload | {"id": ids[d]}), qos=1)
-        deadline = time.monotonic() + timeout
-        while len(replies) < len(devices) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        return [{"device": d, "ok": replies[d]["ok"], "error": replies[d].get("error"), "data": replies[d].get("data", {})}
-                if d in replies else {"device": d, "ok": False, "error": f"no reply within {timeout:g} s", "data": {}}
-                for d in devices]
+        client, addr = connect(broker, username, password, ca_file, cert_file, key_file)
+        client.loop_start()
+        try:
+            devices = _devices(client, fleet, device)
+            with offer.served(lambda: serve_host or _local_address(addr.host, addr.port), serve_port) as source:
+                orders = {d: make_command("deploy", source | {"health_frames": health_frames or None})
+                          for d in devices}
+                replies = ask(client, fleet, "deploy", orders, timeout)
+        finally:
+            client.loop_stop()
+            client.disconnect()
     finally:
-        if server:
-            server.close()
-        client.loop_stop()
-        client.disconnect()
-        if tmp is not None:
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
+        offer.close()
+    return [{"device": d, **outcome(replies.get(d), timeout)} for d in devices]

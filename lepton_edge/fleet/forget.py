@@ -10,7 +10,7 @@ everything where it was (never a device gone from the store but still announced)
 from __future__ import annotations
 
 from lepton_edge.errors import BadInput
-from lepton_edge.fleet.deploy import _client
+from lepton_edge.fleet.commands import connect
 from lepton_edge.fleet.homeassistant import ha_id
 from lepton_edge.fleet.store.base import Store
 from lepton_edge.telemetry.topics import Topics, safe_segment
@@ -30,7 +30,7 @@ def retained_topics(fleet: str, device: str, ha_prefix: str | None = "homeassist
 def clear_retained(broker: str, topics: list[str], *, username=None, password=None, ca_file=None,
                    cert_file=None, key_file=None) -> None:
     """An empty retained message (QoS 1) on each topic, each acknowledged by the broker."""
-    client, _ = _client(broker, username, password, ca_file, cert_file, key_file)
+    client, _ = connect(broker, username, password, ca_file, cert_file, key_file)
     client.loop_start()
     try:
         for topic in topics:

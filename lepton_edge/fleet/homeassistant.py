@@ -124,7 +124,7 @@ class HomeAssistantBridge:
         return f"{self.prefix}/device/{ha_id(fleet, device)}/config"
 
     # ---- wiring -------------------------------------------------------------------------------
-    def attach(self) -> "HomeAssistantBridge":
+    def attach(self) -> HomeAssistantBridge:
         """Route Home Assistant's birth topic to this bridge and start the worker thread."""
         self.client.message_callback_add(self.status_topic, self._on_ha_status)
         self.subscribe()

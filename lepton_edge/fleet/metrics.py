@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from lepton_edge.errors import BadInput
 
@@ -48,7 +48,7 @@ def _num(v) -> float | None:
 
 def _families(store, extra: Callable[[], dict] | None, stages: tuple[str, ...] | None) -> Iterable:
     """Metric families for one scrape; a store that cannot be read gives store_up 0 and nothing else."""
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    from prometheus_client.core import GaugeMetricFamily
 
     from lepton_edge.fleet.store.base import StoreError
 
@@ -61,6 +61,15 @@ def _families(store, extra: Callable[[], dict] | None, stages: tuple[str, ...] |
         return
     up.add_metric([], 1)
     yield up
+    yield from _device_families(devices, stages)
+    yield from _fleet_families(devices)
+    if extra is not None:
+        yield from _ingest_families(extra() or {})
+
+
+def _device_families(devices: list, stages: tuple[str, ...] | None) -> Iterable:
+    """Per-device gauges: the last window's figures, per-stage latency percentiles, bundle and software."""
+    from prometheus_client.core import GaugeMetricFamily
 
     lab = ["fleet", "device"]
     for name, (doc, attr) in _DEVICE_GAUGES.items():
@@ -92,7 +101,11 @@ def _families(store, extra: Callable[[], dict] | None, stages: tuple[str, ...] |
                          d.backend or "", d.software or ""], 1)
     yield info
 
-    # Fleet-level figures, from the same rows (one read per scrape).
+
+def _fleet_families(devices: list) -> Iterable:
+    """Fleet-level figures and the monitor's totals, from the same rows (one read per scrape)."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
     fleets: dict[str, list] = {}
     for d in devices:
         fleets.setdefault(d.fleet, []).append(d)
@@ -118,16 +131,20 @@ def _families(store, extra: Callable[[], dict] | None, stages: tuple[str, ...] |
         c = CounterMetricFamily(f"{NAMESPACE}_{name}", doc)
         c.add_metric([], sum(getattr(d, attr) for d in devices))
         yield c
-    # This process's own ingest counters (windows ingested, messages received...), when a monitor runs here.
-    if extra is not None:
-        for key, value in sorted((extra() or {}).items()):
-            v = _num(value) if not isinstance(value, bool) else None
-            if v is None or not re.fullmatch(r"[a-z_][a-z0-9_]*", key):
-                continue
-            c = CounterMetricFamily(f"{NAMESPACE}_monitor_ingest_{key}",
-                                    f"This monitor process: {key.replace('_', ' ')} since it started")
-            c.add_metric([], v)
-            yield c
+
+
+def _ingest_families(counters: dict) -> Iterable:
+    """This process's own ingest counters (windows ingested, messages received...), when a monitor runs here."""
+    from prometheus_client.core import CounterMetricFamily
+
+    for key, value in sorted(counters.items()):
+        v = _num(value) if not isinstance(value, bool) else None
+        if v is None or not re.fullmatch(r"[a-z_][a-z0-9_]*", key):
+            continue
+        c = CounterMetricFamily(f"{NAMESPACE}_monitor_ingest_{key}",
+                                f"This monitor process: {key.replace('_', ' ')} since it started")
+        c.add_metric([], v)
+        yield c
 
 
 class StoreCollector:

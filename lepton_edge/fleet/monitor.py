@@ -22,19 +22,20 @@ Why it is shaped this way:
 from __future__ import annotations
 
 import json
+import logging
 import queue
 import re
 import socket
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from pydantic import ValidationError
 
 from lepton_edge.fleet.store.base import Store, StoreError
 from lepton_edge.telemetry.broker import make_client, parse_broker
-from lepton_edge.telemetry.schema import V, Event, Status, Telemetry
-from lepton_edge.telemetry.topics import PREFIX, safe_segment, sanitize
+from lepton_edge.telemetry.schema import Event, Status, Telemetry, V
+from lepton_edge.telemetry.topics import Topics, safe_segment, sanitize
 
 MAX_PAYLOAD = 64 * 1024  # a window is ~1 KB; anything this big is refused before parsing
 KINDS = ("status", "meta", "telemetry", "events")
@@ -76,7 +77,7 @@ class Monitor:
         self.alerts, self.alert_every_s = alerts, alert_every_s
         self.retain_s, self.downsample_after_s, self.housekeeping_every_s = retain_s, downsample_after_s, \
             housekeeping_every_s
-        self.log = log or (lambda line: print(line, flush=True))
+        self.log = log or logging.getLogger(__name__).info  # the entry point decides how lines look
         self.q: queue.Queue = queue.Queue(maxsize=queue_size)
         self.stats = {"received": 0, "stored": 0, "duplicates": 0, "bad": 0, "store_errors": 0}
         self._buckets: dict[tuple[str, str], _Bucket] = {}
@@ -96,9 +97,9 @@ class Monitor:
 
     # ---- topics -------------------------------------------------------------------------------
     def subscriptions(self) -> list[str]:
-        base = f"{PREFIX}/{self.fleet}/+"
+        every = Topics(self.fleet, "+")  # every device of the fleet (of every fleet when fleet is '+')
         share = f"$share/{self.group}/" if self.group else ""
-        return [f"{base}/status", f"{base}/meta", f"{share}{base}/telemetry", f"{share}{base}/events"]
+        return [every.status, every.meta, f"{share}{every.telemetry}", f"{share}{every.events}"]
 
     # ---- paho's thread: check, enqueue, nothing else -------------------------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties):
@@ -117,18 +118,18 @@ class Monitor:
     def _on_message(self, client, userdata, msg):
         now = time.time()
         self.stats["received"] += 1
-        parts = msg.topic.split("/")
-        ok_topic = (len(parts) == 5 and f"{parts[0]}/{parts[1]}" == PREFIX and parts[4] in KINDS
-                    and _SEGMENT.fullmatch(parts[2]) and _SEGMENT.fullmatch(parts[3]))
-        fleet, device = (parts[2], parts[3]) if ok_topic else (None, None)
+        parsed = Topics.parse(msg.topic)
+        ok_topic = (parsed is not None and parsed[2] in KINDS and _SEGMENT.fullmatch(parsed[0])
+                    and _SEGMENT.fullmatch(parsed[1]))
+        fleet, device, kind = parsed if ok_topic else (None, None, None)
         if not ok_topic:
             item = ("bad", None, None, "topic", now)
         elif len(msg.payload) > self.max_payload:
             item = ("bad", fleet, device, "too_large", now)
-        elif parts[4] in ("telemetry", "events") and self._flooding(fleet, device):
+        elif kind in ("telemetry", "events") and self._flooding(fleet, device):
             item = ("bad", fleet, device, "flood", now)
         else:
-            item = (parts[4], fleet, device, msg.payload, now)
+            item = (kind, fleet, device, msg.payload, now)
         while not self._stop.is_set():  # back-pressure: paho stops reading, the broker buffers
             try:
                 self.q.put((item, msg.mid, msg.qos, self._gen), timeout=0.5)
@@ -161,7 +162,7 @@ class Monitor:
             return None, "not_object"
         if d.get("v") != V:
             return None, "version"
-        if kind == "meta":
+        if kind == "meta":  # kept as sent: descriptive, read field by field (older agents sent fewer fields)
             return d, None
         try:
             return MODELS[kind].model_validate(d).model_dump(), None
@@ -274,7 +275,7 @@ class Monitor:
             self._said[key] = t
             self.log(line)
 
-    def start(self) -> "Monitor":
+    def start(self) -> Monitor:
         self._stop.clear()
         if self.alerts is not None and getattr(self.alerts, "publish", 0) is None:
             self.alerts.publish = lambda topic, payload: self.client.publish(topic, payload, qos=1)

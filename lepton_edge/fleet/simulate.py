@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from lepton_edge import __version__
 from lepton_edge.errors import BadInput
 from lepton_edge.telemetry.broker import make_client, parse_broker
-from lepton_edge.telemetry.schema import COMMANDS, Event, Reply, Status, Telemetry
+from lepton_edge.telemetry.schema import COMMANDS, BundleInfo, Event, Hardware, Meta, Reply, Status, Telemetry
 from lepton_edge.telemetry.topics import Topics, safe_segment
 
 MAX_DEVICES = 20000
@@ -75,14 +75,14 @@ class SimDevice:
     def __post_init__(self):
         r = self.rng
         self.topics = Topics(self.fleet, self.name)
-        self.boot_id = "%012x" % r.getrandbits(48)
+        self.boot_id = f"{r.getrandbits(48):012x}"
         self.base_fps = r.uniform(8, 30)
         self.fps = self.base_fps
         self.base_ms = r.uniform(30, 45) if "slow" in self.traits else r.uniform(3, 20)
         self.infer_ms = self.base_ms
         self.base_temp = r.uniform(78, 84) if "hot" in self.traits else r.uniform(40, 62)
         self.temp = self.base_temp
-        self.sha = "%064x" % r.getrandbits(256)
+        self.sha = f"{r.getrandbits(256):064x}"
 
     @staticmethod
     def _walk(r: random.Random, x: float, base: float, spread: float) -> float:
@@ -113,20 +113,19 @@ class SimDevice:
                          source={"kind": "simulated", "spec": "sim"})
 
     def meta(self) -> bytes:
-        return json.dumps({
-            "v": 1, "ts": round(time.time(), 3), "boot_id": self.boot_id, "software": __version__,
-            "bundle": {"name": "fashion-cnn", "version": "1", "format": "tflite", "precision": "int8",
-                       "target": "rpi4", "sha256": self.sha, "backend": "litert", "threads": 4, "path": "sim",
-                       "latency_budget_ms": LATENCY_BUDGET_MS},
-            "source": "sim", "window_s": self.window_s, "telemetry": True,
-            "hardware": {"machine": "aarch64", "system": "Linux", "python": "3.11", "node": self.name,
-                         "simulated": True}}).encode()
+        return _json(Meta(
+            boot_id=self.boot_id, software=__version__,
+            bundle=BundleInfo(name="fashion-cnn", version="1", format="tflite", precision="int8", target="rpi4",
+                              sha256=self.sha, backend="litert", threads=4, path="sim",
+                              latency_budget_ms=LATENCY_BUDGET_MS),
+            source="sim", window_s=self.window_s, telemetry=True,
+            hardware=Hardware(machine="aarch64", system="Linux", python="3.11", node=self.name, simulated=True)))
 
 
 class _Loop(threading.Thread):
     """Drives a slice of the devices: connects them, sends their windows, answers their commands."""
 
-    def __init__(self, sim: "Simulator", devices: list[SimDevice]):
+    def __init__(self, sim: Simulator, devices: list[SimDevice]):
         super().__init__(name=f"simulate:{devices[0].name}", daemon=True)
         self.sim, self.devices = sim, devices
         self.sel = selectors.DefaultSelector()
@@ -250,7 +249,7 @@ class _Loop(threading.Thread):
                       retain=True)
         d.client.disconnect()
         self._drop(d)
-        d.boot_id, d.seq = "%012x" % d.rng.getrandbits(48), 0
+        d.boot_id, d.seq = f"{d.rng.getrandbits(48):012x}", 0
         self.sim.stats["restarts"] += 1
         self._connect(d)
 
@@ -280,7 +279,21 @@ class _Loop(threading.Thread):
     # ---- the loop -------------------------------------------------------------------------------
     def run(self) -> None:
         sim = self.sim
-        start = time.monotonic()
+        self._start_all(time.monotonic())
+        next_misc = time.monotonic() + 1.0
+        while not sim._stop.is_set():
+            now = time.monotonic()
+            self._take_inbox()
+            self._fire_timers(now)
+            if now >= next_misc:
+                next_misc = now + 1.0
+                self._keepalive()
+            wait = min((self.timers[0][0] if self.timers else now + 0.2), next_misc, now + 0.2) - time.monotonic()
+            self._service_sockets(max(0.0, wait))
+        self._shutdown()
+
+    def _start_all(self, start: float) -> None:
+        """Connect every device; schedule its first window (at a random phase) and its scripted faults."""
         for d in self.devices:
             self._connect(d)
             phase = d.rng.uniform(0, d.window_s)
@@ -288,44 +301,49 @@ class _Loop(threading.Thread):
             for what, t in (("restart", d.restart_at), ("rollback", d.rollback_at), ("die", d.die_at)):
                 if t is not None:
                     self.at(start + t, what, d)
-        next_misc = time.monotonic() + 1.0
-        while not sim._stop.is_set():
-            now = time.monotonic()
-            with self.lock:
-                inbox, self.inbox = self.inbox, []
-            for action, name in inbox:
-                for d in self.devices:
-                    if d.name == name:
-                        getattr(self, f"_{action}")(d)
-            while self.timers and self.timers[0][0] <= now:
-                _, _, what, d = heapq.heappop(self.timers)
-                if what == "window":
-                    self._window(d, now)
-                elif what == "connect":
-                    if not d.dead and d.sock is None:
-                        self._connect(d)
-                else:
-                    getattr(self, f"_{what}")(d)
-            if now >= next_misc:
-                next_misc = now + 1.0
-                for d in self.devices:
-                    if d.sock is not None and d.client.loop_misc() != 0:
-                        self._lost(d)
-                    else:
-                        self._want_write(d)
-            wait = min((self.timers[0][0] if self.timers else now + 0.2), next_misc, now + 0.2) - time.monotonic()
-            for key, ev in self.sel.select(timeout=max(0.0, wait)):
-                d = key.data
-                rc = 0
-                if ev & selectors.EVENT_READ:
-                    rc = d.client.loop_read()
-                if not rc and ev & selectors.EVENT_WRITE and d.sock is not None:
-                    rc = d.client.loop_write()
-                if rc:
-                    self._lost(d)
-                else:
-                    self._want_write(d)
-        self._shutdown()
+
+    def _take_inbox(self) -> None:
+        """Actions queued from other threads (commands), run on the loop's thread."""
+        with self.lock:
+            inbox, self.inbox = self.inbox, []
+        for action, name in inbox:
+            for d in self.devices:
+                if d.name == name:
+                    getattr(self, f"_{action}")(d)
+
+    def _fire_timers(self, now: float) -> None:
+        """Every timer due by `now`: windows, reconnects, scripted faults."""
+        while self.timers and self.timers[0][0] <= now:
+            _, _, what, d = heapq.heappop(self.timers)
+            if what == "window":
+                self._window(d, now)
+            elif what == "connect":
+                if not d.dead and d.sock is None:
+                    self._connect(d)
+            else:
+                getattr(self, f"_{what}")(d)
+
+    def _keepalive(self) -> None:
+        """Once a second: paho's keepalive for every connected device; a failed one is a lost connection."""
+        for d in self.devices:
+            if d.sock is not None and d.client.loop_misc() != 0:
+                self._lost(d)
+            else:
+                self._want_write(d)
+
+    def _service_sockets(self, timeout: float) -> None:
+        """Read and write whichever sockets are ready within `timeout`."""
+        for key, ev in self.sel.select(timeout=timeout):
+            d = key.data
+            rc = 0
+            if ev & selectors.EVENT_READ:
+                rc = d.client.loop_read()
+            if not rc and ev & selectors.EVENT_WRITE and d.sock is not None:
+                rc = d.client.loop_write()
+            if rc:
+                self._lost(d)
+            else:
+                self._want_write(d)
 
     def _lost(self, d: SimDevice) -> None:
         """The broker went away: reconnect later, like the agent's backoff."""
@@ -417,7 +435,7 @@ class Simulator:
                 self.connect_s = time.monotonic() - self.started
                 self._all_connected.set()
 
-    def start(self) -> "Simulator":
+    def start(self) -> Simulator:
         try:  # one probe first: an unreachable broker is one line, not N retrying clients
             socket.create_connection((self.addr.host, self.addr.port), timeout=5).close()
         except OSError as e:

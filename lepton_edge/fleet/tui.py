@@ -155,7 +155,8 @@ def render(store, now: float | None = None, max_rows: int | None = None, max_ale
     if not devices:
         parts.append(Text("no devices yet: waiting for telemetry", style="dim"))
     if summary.active_alerts and max_alerts > 0:
-        active = sorted(store.alerts(active_only=True, limit=1000), key=lambda a: (a.severity != "critical", -a.started))
+        active = sorted(store.alerts(active_only=True, limit=1000),
+                        key=lambda a: (a.severity != "critical", -a.started))
         parts.extend(alert_lines(active[:max_alerts], summary.active_alerts, now))
     return Group(*parts)
 

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
+from pydantic import AfterValidator, Field
 
 from lepton_edge.errors import BadInput
-from lepton_edge.runtime.backend import Backend, TensorInfo, register
+from lepton_edge.runtime.backend import Backend, BackendOptions, TensorInfo
 from lepton_edge.runtime.litert_loader import interpreter_class, load_interpreter
 
 
@@ -24,23 +26,39 @@ def _info(d) -> TensorInfo:
     return TensorInfo(d["name"], shape, np.dtype(d["dtype"]).name, q, {"index": d["index"]})
 
 
-@register
+def _absolute(path: str) -> str:
+    if not Path(path).is_absolute():
+        raise ValueError(f"a delegate library path must be absolute, got {path[:80]!r}")
+    return path
+
+
+class LiteRTOptions(BackendOptions):
+    """threads: interpreter threads (XNNPACK's too). delegates: external delegate *libraries* to load,
+    which Runtime.load resolved from LOCAL configuration (the agent's `[delegates]` table, `run
+    --delegate NAME=PATH`; runtime/delegates.py), never paths a manifest wrote."""
+
+    delegates: list[Annotated[str, AfterValidator(_absolute)]] = Field(default_factory=list, max_length=16)
+
+
 class LiteRTBackend(Backend):
+    name = "litert"
     format = "tflite"
     suffixes = (".tflite",)
+    Options = LiteRTOptions
 
-    def __init__(self, path: Path, threads: int, providers: list[str] | None = None,
-                 delegates: list[str] | None = None):
-        # XNNPACK is LiteRT's default CPU delegate; `delegates` are library paths that Runtime.load took
-        # from LOCAL configuration (runtime/delegates.py), never from a manifest
-        libs = list(delegates or [])
-        self.threads = int(threads)
-        self.delegates = ["XNNPACK"] + libs
+    def __init__(self, path: Path, options: LiteRTOptions):
+        libs = list(options.delegates)
+        self.threads = options.threads
+        self.delegates = ["XNNPACK"] + libs  # XNNPACK is LiteRT's default CPU delegate
         self.interpreter = load_interpreter(path, self.threads, delegates=libs)
         it = self.interpreter
         self.inputs = [_info(d) for d in it.get_input_details()]
         self.outputs = [_info(d) for d in it.get_output_details()]
         self._prepare()
+
+    @classmethod
+    def sniff(cls, head: bytes) -> bool:
+        return head[4:8] == b"TFL3"  # the FlatBuffer file identifier
 
     def _prepare(self) -> None:
         it = self.interpreter

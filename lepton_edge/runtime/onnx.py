@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
+from pydantic import Field
 
 from lepton_edge.errors import BadInput
-from lepton_edge.runtime.backend import Backend, TensorInfo, register
+from lepton_edge.runtime.backend import Backend, BackendOptions, TensorInfo
 from lepton_edge.runtime.delegates import providers as filter_providers
 
 _DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(uint8)": "uint8",
@@ -24,31 +26,41 @@ def _info(v) -> TensorInfo:
     return TensorInfo(v.name, shape, _DTYPES.get(v.type, v.type))
 
 
-@register
+class OnnxOptions(BackendOptions):
+    """threads: intra-op threads. providers: execution provider *names* in order of preference (the
+    profile's, a manifest's or the caller's); reduced to those this build has, never with options
+    (options can name libraries to load, see runtime/delegates.py)."""
+
+    providers: list[Annotated[str, Field(max_length=128)]] = Field(
+        default_factory=lambda: ["CPUExecutionProvider"], max_length=16)
+
+
 class OnnxBackend(Backend):
+    name = "onnxruntime"
     format = "onnx"
     suffixes = (".onnx",)
+    Options = OnnxOptions
 
-    def __init__(self, path: Path, threads: int, providers: list[str] | None = None,
-                 delegates: list[str] | None = None):
+    def __init__(self, path: Path, options: OnnxOptions):
         try:
             import onnxruntime as ort
         except ImportError:
             raise BadInput("running .onnx needs onnxruntime (pip install onnxruntime)") from None
+        threads = options.threads
         so = ort.SessionOptions()
-        so.intra_op_num_threads = max(1, int(threads))
+        so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
         so.log_severity_level = 3
         if os.environ.get("LEPTON_ORT_SPIN", "0") == "0":
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        # names this build has, no options (see runtime/delegates.py); `delegates` has no meaning here
-        self.providers, self.missing_providers = filter_providers(providers, ort.get_available_providers())
+        self.providers, self.missing_providers = filter_providers(list(options.providers),
+                                                                  ort.get_available_providers())
         try:
             self.session = ort.InferenceSession(str(path), so, providers=self.providers)
         except Exception as e:  # onnxruntime raises its own exception types for bad files
             first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
             raise BadInput(f"{path}: onnxruntime cannot load it ({first[:200]})") from None
-        self.threads = int(threads)
+        self.threads = threads
         self.inputs = [_info(v) for v in self.session.get_inputs()]
         self.outputs = [_info(v) for v in self.session.get_outputs()]
         self._feed = self.inputs[0].name

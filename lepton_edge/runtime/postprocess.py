@@ -44,11 +44,14 @@ def classify(outputs: list[np.ndarray], labels: list[str] | None = None, k: int 
             e = np.exp(f - f.max())
             f = e / e.sum()
         k = min(k, f.size)
-        idx = np.argpartition(-f, k - 1)[:k]
-        idx = idx[np.argsort(-f[idx])]
+        # ties (an int8 softmax dequantizes to a few distinct values) go to the lowest index, so the same
+        # scores give the same top-k on every CPU: argpartition's order among equals is SIMD-dependent
+        kth = np.partition(f, f.size - k)[f.size - k]
+        cand = np.flatnonzero(f >= kth)
+        idx = cand[np.argsort(-f[cand], kind="stable")][:k]
         top, scores = idx.tolist(), f[idx].tolist()
-    n = len(labels) if labels else 0
-    return [{"index": i, "label": labels[i] if i < n else str(i), "score": s} for i, s in zip(top, scores)]
+    names = labels or []
+    return [{"index": i, "label": names[i] if i < len(names) else str(i), "score": s} for i, s in zip(top, scores)]
 
 
 # ---- detection --------------------------------------------------------------------------------
@@ -139,8 +142,8 @@ def detect(outputs: list[np.ndarray], spec: InputSpec, frame_hw: tuple[int, int]
         boxes, scores, classes = boxes[ok], scores[ok], classes[ok]
         keep = _nms(boxes, scores, classes, iou, limit)
         boxes, scores, classes = boxes[keep], scores[keep], classes[keep]
-    elif (got := _ssd(outputs)) is not None:
-        boxes, scores, classes, yxyx = got
+    elif (ssd := _ssd(outputs)) is not None:
+        boxes, scores, classes, yxyx = ssd
         if yxyx:
             boxes = boxes[:, [1, 0, 3, 2]] * np.array([w, h, w, h], np.float32)
         elif boxes.size and float(np.abs(boxes).max()) <= 1.5:  # normalised xyxy
@@ -155,7 +158,8 @@ def detect(outputs: list[np.ndarray], spec: InputSpec, frame_hw: tuple[int, int]
     out = []
     for b, s, c in sorted(zip(boxes, scores, classes), key=lambda t: -t[1])[:limit]:
         x1, y1, x2, y2 = (b[0] - dx) / sx, (b[1] - dy) / sy, (b[2] - dx) / sx, (b[3] - dy) / sy
-        box = [float(np.clip(x1, 0, fw)), float(np.clip(y1, 0, fh)), float(np.clip(x2, 0, fw)), float(np.clip(y2, 0, fh))]
+        box = [float(np.clip(x1, 0, fw)), float(np.clip(y1, 0, fh)),
+               float(np.clip(x2, 0, fw)), float(np.clip(y2, 0, fh))]
         ci = int(c)
         out.append({"box": [round(v, 1) for v in box], "score": float(s), "class": ci,
                     "label": labels[ci] if labels and 0 <= ci < len(labels) else str(ci)})

@@ -17,13 +17,12 @@ import numpy as np
 from lepton_edge.bundle import MANIFEST, Bundle, InputSpec
 from lepton_edge.errors import BadInput
 from lepton_edge.runtime import postprocess as post
-from lepton_edge.runtime.backend import Backend, format_of, get_backend
+from lepton_edge.runtime.backend import MAX_THREADS, Backend, backend_for, format_of
 from lepton_edge.runtime.delegates import resolve as resolve_delegates
 from lepton_edge.runtime.preprocess import preprocess
 from lepton_edge.runtime.spec import apply_overrides, guess_task, model_metadata, parse_overrides, spec_from_model
 
 TASKS = ("classify", "detect", "embed", "raw")
-MAX_THREADS = 64  # past this an engine only grows memory (onnxruntime) or crashes (LiteRT at 100000)
 MAX_SIDE = 8192  # pixels per spatial dimension of a model input
 MAX_INPUT_VALUES = 1 << 26  # 64 M values, 256 MB as float32: a 20000x20000 spec is refused, not allocated
 
@@ -42,12 +41,20 @@ def _manifest_threads(v) -> int:
     return v
 
 
+def _manifest_runtime(v) -> str | None:
+    """target.runtime names a backend of this installation (it selects, never loads): a short name."""
+    if v is None or (isinstance(v, str) and 0 < len(v) <= 64 and v.isprintable()):
+        return v
+    raise BadInput(f"manifest target.runtime must be a backend's name, got {str(v)[:40]!r}")
+
+
 def check_input_size(spec: InputSpec) -> None:
     """The input tensor's shape: whole positive dims, no side past MAX_SIDE, no more than
     MAX_INPUT_VALUES values, checked before an engine or a frame buffer is sized by it."""
-    shape = list(spec.shape)
-    if not shape or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape):
-        raise BadInput(f"input {spec.name!r}: shape {shape} must be whole positive numbers")
+    dims = list(spec.shape)
+    if not dims or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dims):
+        raise BadInput(f"input {spec.name!r}: shape {dims} must be whole positive numbers")
+    shape = [int(d) for d in dims]  # every one a whole number now
     if max(shape) > MAX_SIDE or int(np.prod(shape, dtype=np.int64)) > MAX_INPUT_VALUES:
         raise BadInput(f"input {spec.name!r}: shape {shape} is too large (at most {MAX_SIDE} per dimension and "
                        f"{MAX_INPUT_VALUES:,} values)")
@@ -120,7 +127,7 @@ class Runtime:
     def load(cls, path: str | Path, *, threads: int | None = None, input_spec: str | dict | None = None,
              task: str | None = None, labels: list[str] | None = None, verify: bool = True,
              providers: list[str] | None = None, leave_cores: int = 0, delegates: dict[str, str] | None = None,
-             **post_options) -> "Runtime":
+             runtime: str | None = None, **post_options) -> Runtime:
         """A bundle directory (checked against its manifest), or a plain .onnx/.tflite file.
 
         threads: default the target profile's, capped at this machine's cores less `leave_cores`
@@ -128,7 +135,10 @@ class Runtime:
         and a decoder that needs one only slow each other down); 1..64 when given.
         delegates: the LOCAL allow-list {name: library path} (agent config, `run --delegate`); a
         manifest may only name one of these (runtime/delegates.py). For a plain model file every
-        listed delegate is used: the user named them on this machine."""
+        listed delegate is used: the user named them on this machine.
+        runtime: a registered backend by name (runtime/backend.py), over the manifest's
+        `target.runtime`; either only selects among what this installation registered. The
+        backend receives only the settings its `Options` declare (threads, providers, delegates)."""
         p = Path(path)
         check_threads(threads, "threads")
         if task is not None and task not in TASKS:
@@ -143,13 +153,15 @@ class Runtime:
             libs, warnings = resolve_delegates(m.target.get("delegates"), delegates)
             spec = apply_overrides(m.inputs[0], overrides) if overrides else m.inputs[0]
             check_input_size(spec)  # before the engine exists: nothing of a 20000x20000 input is allocated
-            backend = get_backend(m.format)(bundle.model_path, n, providers or m.target.get("execution_providers"),
-                                            libs)
+            engine = backend_for(m.format, runtime or _manifest_runtime(m.target.get("runtime")))
+            backend = engine.open(bundle.model_path, threads=n,
+                                  providers=providers or m.target.get("execution_providers"), delegates=libs)
             check_against_engine(spec, backend.inputs, str(bundle.path))
             rt = cls(backend, spec, task or m.task, labels or bundle.labels, bundle, bundle.path, **post_options)
         elif p.is_file():
             libs = list((delegates or {}).values())
-            backend = get_backend(format_of(p))(p, threads or 1, providers, libs)
+            backend = backend_for(format_of(p), runtime).open(p, threads=threads or 1, providers=providers,
+                                                              delegates=libs)
             meta = model_metadata(backend)
             spec = spec_from_model(backend, overrides, meta)
             check_input_size(spec)
@@ -175,8 +187,8 @@ class Runtime:
             return
         got = self.preprocess(np.zeros((int(dims[0]), int(dims[1]), 3), np.uint8)).shape
         if tuple(got) != self._shape:
-            raise BadInput(f"{self.path}: the input spec ({self.spec.layout}, {self.spec.color}) makes tensors of shape "
-                           f"{list(got)}, but the input's shape is {list(self._shape)}: check layout and color")
+            raise BadInput(f"{self.path}: the input spec ({self.spec.layout}, {self.spec.color}) makes tensors of "
+                           f"shape {list(got)}, but the input's shape is {list(self._shape)}: check layout and color")
 
     @property
     def name(self) -> str:

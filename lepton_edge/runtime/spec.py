@@ -39,7 +39,8 @@ def _number(text, key: str) -> float:
     return v
 
 
-_CHOICES = {"layout": ("NCHW", "NHWC"), "color": ("RGB", "BGR", "GRAY"), "resize": ("stretch", "letterbox", "center_crop")}
+_CHOICES = {"layout": ("NCHW", "NHWC"), "color": ("RGB", "BGR", "GRAY"),
+            "resize": ("stretch", "letterbox", "center_crop")}
 _DTYPES = ("float32", "float16", "uint8", "int8")
 MAX_SIDE = 8192
 MAX_SPEC_BYTES = 64 * 1024
@@ -61,22 +62,7 @@ def _value(key: str, val):
             raise BadInput("--input-spec: scale must not be 0")
         return v
     if key == "size":
-        if isinstance(val, str):
-            h, _, w = val.lower().partition("x")
-            dims = [h, w or h]
-        elif isinstance(val, list) and len(val) in (1, 2):
-            dims = [val[0], val[-1]]
-        elif isinstance(val, int) and not isinstance(val, bool):
-            dims = [val, val]
-        else:
-            raise BadInput(f"--input-spec: size must be HxW or [H, W], got {str(val)[:60]!r}")
-        try:
-            hw = tuple(int(d) for d in dims if not isinstance(d, (bool, float)))
-        except (ValueError, TypeError):
-            hw = ()
-        if len(hw) != 2 or not all(1 <= d <= MAX_SIDE for d in hw):
-            raise BadInput(f"--input-spec: size must be two whole numbers from 1 to {MAX_SIDE}, got {str(val)[:60]!r}")
-        return hw
+        return _size(val)
     if not isinstance(val, str):
         raise BadInput(f"--input-spec: {key} must be text, got {str(val)[:60]!r}")
     val = val.strip()
@@ -89,6 +75,27 @@ def _value(key: str, val):
     if key == "name" and not 0 < len(val) <= 256:
         raise BadInput("--input-spec: name must be 1 to 256 characters")
     return val
+
+
+def _size(val) -> tuple[int, ...]:
+    """'HxW', 'N', [H, W], [N] or N -> (H, W), each side a whole number from 1 to MAX_SIDE."""
+    dims: list
+    if isinstance(val, str):
+        h, _, w = val.lower().partition("x")
+        dims = [h, w or h]
+    elif isinstance(val, list) and len(val) in (1, 2):
+        dims = [val[0], val[-1]]
+    elif isinstance(val, int) and not isinstance(val, bool):
+        dims = [val, val]
+    else:
+        raise BadInput(f"--input-spec: size must be HxW or [H, W], got {str(val)[:60]!r}")
+    try:
+        hw = tuple(int(d) for d in dims if not isinstance(d, (bool, float)))
+    except (ValueError, TypeError):
+        hw = ()
+    if len(hw) != 2 or not all(1 <= d <= MAX_SIDE for d in hw):
+        raise BadInput(f"--input-spec: size must be two whole numbers from 1 to {MAX_SIDE}, got {str(val)[:60]!r}")
+    return hw
 
 
 def _checked(raw: dict) -> dict:
@@ -189,7 +196,7 @@ def spec_from_model(backend: Backend, overrides: dict, meta: dict) -> InputSpec:
     inp = backend.inputs[0]
     shape = list(inp.shape)
     if len(shape) == 3:  # [H, W, C] or [C, H, W] without batch
-        shape = [1] + shape
+        shape = [1, *shape]
     if len(shape) != 4:
         raise BadInput(f"input '{inp.name}' has shape {inp.shape}: not an image; `run` feeds images")
     if not isinstance(shape[0], int):
@@ -223,8 +230,9 @@ def guess_task(backend: Backend, labels: list[str] | None) -> str:
         d = [v for v in dims[0] if v != 1]
         if len(d) == 1:
             return "classify"
-        if len(dims[0]) == 3 and all(isinstance(v, int) for v in dims[0][1:]):
-            small, big = sorted(dims[0][1:])
+        sides = [v for v in dims[0][1:] if isinstance(v, int)]
+        if len(dims[0]) == 3 and len(sides) == 2:
+            small, big = sorted(sides)
             if small >= 5 and big >= 100 and big > 4 * small:
                 return "detect"
         return "raw"

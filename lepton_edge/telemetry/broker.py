@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import ssl
 from dataclasses import dataclass
+from typing import Literal
 from urllib.parse import unquote, urlparse
 
 from lepton_edge.errors import BadInput
 
-SCHEMES = {"mqtt": (1883, False, "tcp"), "mqtts": (8883, True, "tcp"), "ws": (80, False, "websockets"),
-           "wss": (443, True, "websockets")}
+Transport = Literal["tcp", "websockets"]  # paho's names
+SCHEMES: dict[str, tuple[int, bool, Transport]] = {
+    "mqtt": (1883, False, "tcp"), "mqtts": (8883, True, "tcp"), "ws": (80, False, "websockets"),
+    "wss": (443, True, "websockets")}
 
 
 @dataclass
@@ -21,7 +24,7 @@ class BrokerAddress:
     host: str
     port: int
     tls: bool
-    transport: str
+    transport: Transport
     path: str
     username: str | None
     password: str | None

@@ -32,6 +32,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 KEEP_CORRUPT = 2  # moved-aside corrupt files kept for a post-mortem; older ones are removed
 MEMORY_MAX = 10_000  # windows held in RAM while the file is unusable (~12 MB at 1.2 KB a window)
@@ -190,7 +191,7 @@ class Outbox:
         """Back onto the file: rows held in memory move into it with their ids (the publisher
         tracks ids), unless the file already used those ids; then stay in memory (until restart)."""
         self._retry_at = time.monotonic() + self.retry_s
-        mem = self._db
+        mem = self._conn
         saved = (self._count, self._last_id)
         try:
             db = self._open()
@@ -259,6 +260,13 @@ class Outbox:
         self._open_or_degrade()
 
     # ---- helpers (lock held) ------------------------------------------------------------------
+    @property
+    def _conn(self) -> sqlite3.Connection:
+        """The connection in use: the file, or memory while degraded. Set by __init__ and replaced, never
+        cleared, after it (close() closes it and sets _closed, which every caller checks first)."""
+        assert self._db is not None, "the outbox is opened in __init__"
+        return self._db
+
     @staticmethod
     def _rollback(db: sqlite3.Connection) -> None:
         """ROLLBACK only when a transaction is active: after a failed COMMIT SQLite may already have
@@ -274,7 +282,7 @@ class Outbox:
 
     def _failed_write(self, e: BaseException, what: str) -> None:
         """Classify a failed write: corrupt -> set aside; full -> wait for space; else -> memory."""
-        self._rollback(self._db)
+        self._rollback(self._conn)
         self.last_error = f"{what}: {e}"
         if is_corrupt(e):
             self._recover(e)
@@ -304,11 +312,11 @@ class Outbox:
             return 0
 
     def _insert(self, topic: str, data: bytes, qos: int, retain: bool) -> int:
-        cur = self._db.cursor()
+        cur = self._conn.cursor()
         cur.execute("BEGIN IMMEDIATE")
         cur.execute("INSERT INTO outbox (topic, payload, qos, retain, created) VALUES (?, ?, ?, ?, ?)",
                     (topic, data, qos, int(retain), time.time()))
-        rid = int(cur.lastrowid)
+        rid = int(cast(int, cur.lastrowid))  # set by the INSERT above (None only before any INSERT)
         bound = self._bound()
         n, extra = self._count + 1, self._count + 1 - bound
         # Past the bound, trim in steps of 0.1 % of it (none below 1,000): a put at the bound then costs
@@ -329,7 +337,7 @@ class Outbox:
             if self._closed:
                 return []
             try:
-                rows = self._db.execute("SELECT id, topic, payload, qos, retain FROM outbox WHERE id > ? ORDER BY id"
+                rows = self._conn.execute("SELECT id, topic, payload, qos, retain FROM outbox WHERE id > ? ORDER BY id"
                                         " LIMIT ?", (after, limit)).fetchall()
             except sqlite3.Error as e:
                 self.last_error = f"outbox read: {e}"
@@ -348,14 +356,14 @@ class Outbox:
                 return
             try:
                 if len(ids) == 1:  # one PUBACK: a single statement is its own transaction
-                    n = self._db.execute("DELETE FROM outbox WHERE id = ?", (ids[0],)).rowcount
+                    n = self._conn.execute("DELETE FROM outbox WHERE id = ?", (ids[0],)).rowcount
                 else:
-                    self._db.execute("BEGIN IMMEDIATE")
-                    n = self._db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids]).rowcount
-                    self._db.execute("COMMIT")
+                    self._conn.execute("BEGIN IMMEDIATE")
+                    n = self._conn.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids]).rowcount
+                    self._conn.execute("COMMIT")
                 self._count -= n
             except sqlite3.Error as e:
-                self._rollback(self._db)
+                self._rollback(self._conn)
                 self.last_error = f"outbox delete: {e}"
                 if is_corrupt(e):
                     self._recover(e)
@@ -367,13 +375,13 @@ class Outbox:
             if self._closed:
                 return n
             try:
-                self._db.execute("BEGIN IMMEDIATE")
-                (stored,) = self._db.execute("SELECT value FROM counters WHERE name = 'dropped'").fetchone()
-                self._db.execute("UPDATE counters SET value = 0 WHERE name = 'dropped'")
-                self._db.execute("COMMIT")
+                self._conn.execute("BEGIN IMMEDIATE")
+                (stored,) = self._conn.execute("SELECT value FROM counters WHERE name = 'dropped'").fetchone()
+                self._conn.execute("UPDATE counters SET value = 0 WHERE name = 'dropped'")
+                self._conn.execute("COMMIT")
                 n += int(stored)
             except sqlite3.Error as e:  # the stored count stays for the next call
-                self._rollback(self._db)
+                self._rollback(self._conn)
                 self.last_error = f"outbox take_dropped: {e}"
                 if is_corrupt(e):
                     self._recover(e)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import random
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from lepton_edge.telemetry.broker import connect_properties, make_client, parse_broker
 from lepton_edge.telemetry.outbox import Outbox
@@ -29,12 +29,12 @@ class Publisher:
     def __init__(self, broker: str, client_id: str, outbox: Outbox, *, will: tuple[str, bytes] | None = None,
                  username: str | None = None, password: str | None = None, ca_file: str | None = None,
                  cert_file: str | None = None, key_file: str | None = None, keepalive: int = 30,
-                 max_inflight: int = 20, on_connect: Callable[["Publisher"], None] | None = None,
+                 max_inflight: int = 20, on_connect: Callable[[Publisher], None] | None = None,
                  on_message: Callable[[str, bytes, bool], None] | None = None, subscriptions: list[str] | None = None,
                  max_backoff: float = 10.0, on_error: Callable[[str], None] | None = None,
                  max_packet_bytes: int | None = None):
         self.addr = parse_broker(broker)
-        self.outbox, self.max_inflight = outbox, max_inflight
+        self.outbox, self.max_inflight, self.keepalive = outbox, max_inflight, keepalive
         self._on_connect_cb, self._on_message_cb, self._on_error_cb = on_connect, on_message, on_error
         self.subscriptions = subscriptions or []
         # max_packet_bytes: MQTT 5 with a persistent session and a packet-size limit the broker enforces;
@@ -65,9 +65,9 @@ class Publisher:
     def start(self) -> None:
         """Connect in the background: a broker that is down at start is retried, never waited for."""
         if self.max_packet_bytes is None:
-            self.client.connect_async(self.addr.host, self.addr.port, keepalive=30)
+            self.client.connect_async(self.addr.host, self.addr.port, keepalive=self.keepalive)
         else:
-            self.client.connect_async(self.addr.host, self.addr.port, keepalive=30, clean_start=False,
+            self.client.connect_async(self.addr.host, self.addr.port, keepalive=self.keepalive, clean_start=False,
                                       properties=connect_properties(self.max_packet_bytes))
         self.client.loop_start()
         self._sender.start()

@@ -3,6 +3,11 @@
 Why pydantic models on both sides: a monitor written later, a stock MQTT tool or a third-party
 dashboard reads these; the version field `v` lets the schema grow without breaking them, and
 commands are validated field by field so a malformed one gets a precise error reply.
+
+This module is the one definition of the wire format: every payload the agent, the simulator
+and the operator side put on the broker is one of these models (topics come from `topics.Topics`).
+`PAYLOADS` lists them; `python -m lepton_edge.telemetry.schema_export` writes each one's JSON
+Schema to docs/schemas/ for third-party consumers, and a test keeps those files equal to the models.
 """
 from __future__ import annotations
 
@@ -21,6 +26,8 @@ def now() -> float:
 
 
 class Status(BaseModel):
+    """Retained on `.../status`: online at connect; the Last Will (and a graceful stop) says online false."""
+
     v: int = V
     online: bool
     boot_id: str
@@ -58,17 +65,61 @@ class Telemetry(BaseModel):
     source: dict[str, Any] = Field(default_factory=dict)
 
 
-class Event(BaseModel):
+class BundleInfo(BaseModel):
+    """The bundle a device runs, as its retained `meta` describes it (None where the model is a bare file)."""
+
+    name: str | None = None
+    version: str | None = None
+    format: str | None = None
+    precision: str | None = None
+    target: str | None = None  # the target profile id the bundle was exported for
+    sha256: str | None = None  # of the model file
+    backend: str | None = None  # onnxruntime, litert, ...
+    threads: int | None = None
+    path: str | None = None
+    latency_budget_ms: float | None = None  # the target's budget, where the sender knows it (the monitor's default)
+
+
+class Hardware(BaseModel):
+    """What the device is (from `platform`): the monitor shows it, an operator filters by it."""
+
+    machine: str  # platform.machine(): aarch64, x86_64
+    system: str
+    python: str
+    node: str
+    simulated: bool = False  # a `lepton-edge simulate` device, not a real one
+
+
+class Meta(BaseModel):
+    """Retained on `.../meta`: what the device runs and on what; republished after every deploy or change."""
+
     v: int = V
     ts: float = Field(default_factory=now)
     boot_id: str
-    kind: str  # deploy, rollback, error, command_error, throttled, started, stopped
+    software: str  # lepton-edge version
+    bundle: BundleInfo
+    source: str  # the frame source's spec (a camera URL, a device, a file)
+    window_s: float
+    telemetry: bool  # false while telemetry windows are paused (`set telemetry=false`)
+    hardware: Hardware
+
+
+class Event(BaseModel):
+    """On `.../events`: something happened once (a deploy, a rollback, an error, a reconnect)."""
+
+    v: int = V
+    ts: float = Field(default_factory=now)
+    boot_id: str
+    kind: str  # deploy, rollback, error, command_error, throttled, started, stopped; from the source:
+    # source_state (reconnecting, failed), source_reconnected, frames_dropped (see capture.StatusUpdate)
     level: Literal["info", "warning", "error"] = "info"
     message: str
     data: dict[str, Any] = Field(default_factory=dict)
 
 
 class Reply(BaseModel):
+    """On `.../cmd/<verb>/reply`: the answer to the command whose `id` it carries."""
+
     v: int = V
     ts: float = Field(default_factory=now)
     id: str | None = None
@@ -83,10 +134,12 @@ class _Command(BaseModel):
 
 
 class PingCommand(_Command):
-    pass
+    """On `.../cmd/ping`: the reply's data says what the device runs and how it is doing."""
 
 
 class SetCommand(_Command):
+    """On `.../cmd/set`: change a running setting; only the fields given change."""
+
     # strict: `true` is not 1 thread and `"no"` is not false; a command that means something else is refused
     window_s: float | None = Field(default=None, ge=0.1, le=3600, strict=True)
     sample_every: int | None = Field(default=None, ge=1, le=1000, strict=True)  # run the model on every Nth frame
@@ -95,6 +148,11 @@ class SetCommand(_Command):
 
 
 class DeployCommand(_Command):
+    """On `.../cmd/deploy`: switch to another bundle (verified, health-checked, rolled back on failure)."""
+
+    # the JSON Schema says what _one_source checks, so a third party's validator agrees with the agent
+    model_config = ConfigDict(json_schema_extra={"oneOf": [
+        {"required": [k], "properties": {k: {"type": "string", "minLength": 1}}} for k in ("url", "path")]})
     url: str | None = Field(default=None, max_length=2048)  # http(s):// to a .tar.gz bundle
     path: str | None = Field(default=None, max_length=4096)  # a bundle directory or .tar.gz on the device
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")  # of the downloaded archive
@@ -108,3 +166,7 @@ class DeployCommand(_Command):
 
 
 COMMANDS: dict[str, type[_Command]] = {"ping": PingCommand, "set": SetCommand, "deploy": DeployCommand}
+
+# Every payload on the wire, by the name its JSON Schema file carries (docs/schemas/<name>.schema.json).
+PAYLOADS: dict[str, type[BaseModel]] = {"status": Status, "meta": Meta, "telemetry": Telemetry, "event": Event,
+                                        "reply": Reply, **{f"command-{verb}": m for verb, m in COMMANDS.items()}}

@@ -2,6 +2,11 @@
 
     lepton/v1/<fleet>/<device>/{status,meta,telemetry,events}
     lepton/v1/<fleet>/<device>/cmd/<verb>          (and .../cmd/<verb>/reply)
+
+Why one class builds every topic: the agent, the simulator, the monitor and the operator's
+commands must agree on the tree to the character, and third parties read it from here and from
+docs/schemas/ (each schema names its topic). A subscription pattern is a Topics with wildcard
+segments: `Topics(fleet, "+").status` is every device's status in a fleet.
 """
 from __future__ import annotations
 
@@ -54,16 +59,12 @@ class Topics:
         return f"{self.base}/events"
 
     def cmd(self, verb: str = "+") -> str:
+        """A command to this device ('+' subscribes to all; '+' cannot be published to, so a
+        fleet-wide command goes to each device the operator found, see fleet.deploy)."""
         return f"{self.base}/cmd/{verb}"
 
     def reply(self, verb: str) -> str:
         return f"{self.base}/cmd/{verb}/reply"
-
-    @staticmethod
-    def fleet_cmd(fleet: str, device: str | None, verb: str) -> str:
-        """Operator side: a command to one device, or to every device of a fleet ('+' cannot be
-        published to, so fleet-wide commands go to each device the caller knows; see deploy)."""
-        return f"{PREFIX}/{fleet}/{device}/cmd/{verb}"
 
     @staticmethod
     def parse(topic: str) -> tuple[str, str, str] | None:

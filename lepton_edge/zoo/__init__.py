@@ -6,9 +6,9 @@ their own checkpoint into with `--weights`.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Callable
 
 import numpy as np
 
@@ -23,7 +23,7 @@ FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
 class ZooModel:
     name: str
     description: str
-    build: Callable[[], "object"]
+    build: Callable[[], object]
     input_hw: tuple[int, int]
     color: str
     mean: list[float]
@@ -107,7 +107,8 @@ MODELS: dict[str, ZooModel] = {
             weights="fashion-cnn.pt", dataset="fashion-mnist", labelled=False, task="embed",
         ),
         ZooModel(
-            "mobilenetv2-fashion", "narrow MobileNetV2 (width 0.5) trained on Fashion-MNIST; depthwise convs, int8 < 1 MB",
+            "mobilenetv2-fashion",
+            "narrow MobileNetV2 (width 0.5) trained on Fashion-MNIST; depthwise convs, int8 < 1 MB",
             _mnv2_fashion, (28, 28), "GRAY", [FASHION_MEAN], [FASHION_STD],
             weights="mobilenetv2-fashion.pt", labels=FASHION_LABELS, dataset="fashion-mnist",
             train={"epochs": 3, "lr": 0.05, "batch": 128},

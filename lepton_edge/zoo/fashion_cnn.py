@@ -22,7 +22,8 @@ class FashionCNN(nn.Module):
             conv_bn(2 * width, 4 * width),
             nn.AdaptiveAvgPool2d(1),
         )
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(4 * width, 64), nn.ReLU(inplace=True), nn.Linear(64, num_classes))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(4 * width, 64), nn.ReLU(inplace=True),
+                                        nn.Linear(64, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))

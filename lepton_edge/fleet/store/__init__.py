@@ -7,8 +7,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lepton_edge.fleet.store.base import (SCHEMA_VERSION, Alert, DeviceState, EventRecord, FleetSummary,
-                                          HistoryPoint, Store, StoreError)
+from lepton_edge.fleet.store.base import (
+    SCHEMA_VERSION,
+    Alert,
+    DeviceState,
+    EventRecord,
+    FleetSummary,
+    HistoryPoint,
+    Store,
+    StoreError,
+)
 
 DEFAULT_PATH = Path("~/.local/share/lepton-edge/fleet.sqlite")
 

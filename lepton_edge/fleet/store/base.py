@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from typing import Any, Iterator, Literal
+from collections.abc import Iterator
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 

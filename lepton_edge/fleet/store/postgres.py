@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import zlib
-from typing import Iterator
+from collections.abc import Iterator
 
 from lepton_edge.fleet.store.base import StoreError
 from lepton_edge.fleet.store.sql import SqlStore
@@ -76,9 +76,8 @@ class PostgresStore(SqlStore):
 
         c = self._conn()
         try:
-            with c.transaction():
-                with c.cursor() as cur:
-                    yield cur
+            with c.transaction(), c.cursor() as cur:
+                yield cur
         except psycopg.Error as e:
             if c.closed or c.broken:
                 self._local.conn = None

@@ -25,8 +25,19 @@ import math
 import time
 from typing import Any
 
-from lepton_edge.fleet.store.base import (ALERT, OFFLINE, OK, SCHEMA_VERSION, WARNING, Alert, DeviceState,
-                                          EventRecord, FleetSummary, HistoryPoint, Store)
+from lepton_edge.fleet.store.base import (
+    ALERT,
+    OFFLINE,
+    OK,
+    SCHEMA_VERSION,
+    WARNING,
+    Alert,
+    DeviceState,
+    EventRecord,
+    FleetSummary,
+    HistoryPoint,
+    Store,
+)
 
 MAX_TEXT = 2000  # event messages are cut here: a device cannot grow an index entry without bound
 
@@ -39,23 +50,27 @@ def _migrations(id_col: str) -> dict[int, list[str]]:
     """Version -> statements. Opening an older store runs the missing ones in order, in one transaction."""
     return {
         1: [
-            "CREATE TABLE devices (fleet TEXT NOT NULL, device TEXT NOT NULL, online BOOLEAN, status_ts DOUBLE PRECISION,"
-            " last_seen DOUBLE PRECISION, boot_id TEXT, software TEXT, meta TEXT, last_window TEXT,"
+            "CREATE TABLE devices (fleet TEXT NOT NULL, device TEXT NOT NULL, online BOOLEAN,"
+            " status_ts DOUBLE PRECISION, last_seen DOUBLE PRECISION, boot_id TEXT, software TEXT, meta TEXT,"
+            " last_window TEXT,"
             " last_window_ts DOUBLE PRECISION, windows BIGINT NOT NULL DEFAULT 0, duplicates BIGINT NOT NULL DEFAULT 0,"
             " outbox_dropped BIGINT NOT NULL DEFAULT 0, deploys BIGINT NOT NULL DEFAULT 0,"
             " rollbacks BIGINT NOT NULL DEFAULT 0, last_event TEXT, last_event_ts DOUBLE PRECISION,"
             " PRIMARY KEY (fleet, device))",
-            "CREATE TABLE windows (fleet TEXT NOT NULL, device TEXT NOT NULL, boot_id TEXT NOT NULL, seq BIGINT NOT NULL,"
-            " ts DOUBLE PRECISION NOT NULL, received DOUBLE PRECISION NOT NULL, fps DOUBLE PRECISION,"
+            "CREATE TABLE windows (fleet TEXT NOT NULL, device TEXT NOT NULL, boot_id TEXT NOT NULL,"
+            " seq BIGINT NOT NULL, ts DOUBLE PRECISION NOT NULL, received DOUBLE PRECISION NOT NULL,"
+            " fps DOUBLE PRECISION,"
             " frames BIGINT NOT NULL DEFAULT 0, dropped BIGINT NOT NULL DEFAULT 0, corrupt BIGINT NOT NULL DEFAULT 0,"
             " p50 DOUBLE PRECISION, p95 DOUBLE PRECISION, p99 DOUBLE PRECISION, temperature_c DOUBLE PRECISION,"
             " cpu_percent DOUBLE PRECISION, rss_bytes BIGINT, PRIMARY KEY (fleet, device, boot_id, seq))",
             "CREATE INDEX windows_ts ON windows (fleet, device, ts)",
             "CREATE TABLE boots (fleet TEXT NOT NULL, device TEXT NOT NULL, boot_id TEXT NOT NULL,"
-            " min_seq BIGINT NOT NULL, max_seq BIGINT NOT NULL, n BIGINT NOT NULL, PRIMARY KEY (fleet, device, boot_id))",
+            " min_seq BIGINT NOT NULL, max_seq BIGINT NOT NULL, n BIGINT NOT NULL,"
+            " PRIMARY KEY (fleet, device, boot_id))",
             f"CREATE TABLE events (id {id_col}, fleet TEXT NOT NULL, device TEXT NOT NULL, h TEXT NOT NULL,"
-            " ts DOUBLE PRECISION NOT NULL, received DOUBLE PRECISION NOT NULL, boot_id TEXT NOT NULL, kind TEXT NOT NULL,"
-            " level TEXT NOT NULL, message TEXT NOT NULL, data TEXT NOT NULL, UNIQUE (fleet, device, h))",
+            " ts DOUBLE PRECISION NOT NULL, received DOUBLE PRECISION NOT NULL, boot_id TEXT NOT NULL,"
+            " kind TEXT NOT NULL, level TEXT NOT NULL, message TEXT NOT NULL, data TEXT NOT NULL,"
+            " UNIQUE (fleet, device, h))",
             "CREATE INDEX events_ts ON events (ts)",
             "CREATE TABLE bad_messages (fleet TEXT NOT NULL, device TEXT NOT NULL, reason TEXT NOT NULL,"
             " n BIGINT NOT NULL, last DOUBLE PRECISION NOT NULL, PRIMARY KEY (fleet, device, reason))",
@@ -77,7 +92,8 @@ def _migrations(id_col: str) -> dict[int, list[str]]:
             "CREATE TABLE windows_ds_v3 (fleet TEXT NOT NULL, device TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL,"
             " n BIGINT NOT NULL, " + ", ".join(f"s_{c} DOUBLE PRECISION NOT NULL, n_{c} BIGINT NOT NULL"
                                                 for c in _AVG_COLS) +
-            ", dropped BIGINT NOT NULL, corrupt BIGINT NOT NULL, frames BIGINT NOT NULL, PRIMARY KEY (fleet, device, ts))",
+            ", dropped BIGINT NOT NULL, corrupt BIGINT NOT NULL, frames BIGINT NOT NULL,"
+            " PRIMARY KEY (fleet, device, ts))",
             # old downsampled rows (averages over n) keep their bucket; their windows are gone from `windows`
             "INSERT INTO windows_ds_v3 (fleet, device, ts, n, " + ", ".join(f"s_{c}, n_{c}" for c in _AVG_COLS) +
             ", dropped, corrupt, frames) SELECT fleet, device, ts, n, " +
@@ -142,7 +158,7 @@ def last_cols(p: dict) -> tuple:
             _str(p.get("throttled")), _num(inf.get("p95")))
 
 
-def _backfill_devices(store: "SqlStore", cur) -> None:
+def _backfill_devices(store: SqlStore, cur) -> None:
     """v3: fill the new device columns from the JSON the v2 writer kept."""
     rows = store._x(cur, "SELECT fleet, device, meta, last_window FROM devices").fetchall()
     sets = ", ".join(f"{c} = ?" for c, _ in _DEV_COLS)
@@ -155,7 +171,7 @@ def _backfill_devices(store: "SqlStore", cur) -> None:
     store._many(cur, f"UPDATE devices SET {sets}, last_window = NULL WHERE fleet = ? AND device = ?", vals)
 
 
-def _backfill_rollup(store: "SqlStore", cur) -> None:
+def _backfill_rollup(store: SqlStore, cur) -> None:
     """v3: the 1-minute rows of the windows still stored (merged with old downsampled rows of that minute)."""
     bt = f"{store._floor(f'ts / {MINUTE!r}')} * {MINUTE!r}"
     store._x(cur, "INSERT INTO windows_ds (fleet, device, ts, n, " + ", ".join(f"s_{c}, n_{c}" for c in _AVG_COLS) +
@@ -269,8 +285,9 @@ class SqlStore(Store):
         for i in order:
             f, d, p, rec = rows[i]
             inf = (p.get("latency_ms") or {}).get("inference") or {}
-            vals.append((f, d, p["boot_id"], int(p["seq"]), float(p["ts"]), rec, p.get("fps"), int(p.get("frames") or 0),
-                         int(p.get("dropped") or 0), int(p.get("corrupt") or 0), inf.get("p50"), inf.get("p95"),
+            vals.append((f, d, p["boot_id"], int(p["seq"]), float(p["ts"]), rec, p.get("fps"),
+                         int(p.get("frames") or 0), int(p.get("dropped") or 0), int(p.get("corrupt") or 0),
+                         inf.get("p50"), inf.get("p95"),
                          inf.get("p99"), p.get("temperature_c"), p.get("cpu_percent"), p.get("rss_bytes")))
         ins = self._q(f"INSERT INTO windows ({_WIN_COLS}) VALUES ({', '.join('?' * 16)}) ON CONFLICT DO NOTHING")
         with self._tx() as cur:
@@ -412,7 +429,8 @@ class SqlStore(Store):
     def resolve_alert(self, fleet: str, device: str, rule: str, resolved: float) -> Alert | None:
         with self._tx() as cur:
             r = self._x(cur, "UPDATE alerts SET resolved = ? WHERE fleet = ? AND device = ? AND rule = ? "
-                        f"AND resolved IS NULL RETURNING {self._ALERT_COLS}", (resolved, fleet, device, rule)).fetchone()
+                        f"AND resolved IS NULL RETURNING {self._ALERT_COLS}",
+                        (resolved, fleet, device, rule)).fetchone()
         return self._alert(r) if r else None
 
     def retain(self, older_than_s: float, now: float | None = None) -> int:
@@ -451,7 +469,8 @@ class SqlStore(Store):
         "COALESCE(a.crit, 0), COALESCE(b.n, 0), " + ", ".join(f"d.{c}" for c, _ in _DEV_COLS) + " FROM devices d "
         "LEFT JOIN (SELECT fleet, device, SUM(CASE WHEN max_seq - min_seq + 1 - n > 0 THEN max_seq - min_seq + 1 - n "
         "ELSE 0 END) AS gaps FROM boots GROUP BY fleet, device) g ON g.fleet = d.fleet AND g.device = d.device "
-        "LEFT JOIN (SELECT fleet, device, COUNT(*) AS n, SUM(CASE WHEN severity = 'critical' THEN 1 ELSE 0 END) AS crit "
+        "LEFT JOIN (SELECT fleet, device, COUNT(*) AS n, "
+        "SUM(CASE WHEN severity = 'critical' THEN 1 ELSE 0 END) AS crit "
         "FROM alerts WHERE resolved IS NULL GROUP BY fleet, device) a ON a.fleet = d.fleet AND a.device = d.device "
         "LEFT JOIN (SELECT fleet, device, SUM(n) AS n FROM bad_messages GROUP BY fleet, device) b "
         "ON b.fleet = d.fleet AND b.device = d.device")
@@ -499,7 +518,8 @@ class SqlStore(Store):
         if w >= MINUTE:
             w = math.ceil(w / MINUTE) * MINUTE
             bt = f"{self._floor(f'ts / {w!r}')} * {w!r}"
-            sql = f"SELECT {bt} AS b, {sums}, SUM(dropped), SUM(corrupt), SUM(frames) {rows_ds} GROUP BY {bt} ORDER BY b"
+            sql = (f"SELECT {bt} AS b, {sums}, SUM(dropped), SUM(corrupt), SUM(frames) {rows_ds} "
+                   f"GROUP BY {bt} ORDER BY b")
             args: tuple = (fleet, device, math.floor(since / MINUTE) * MINUTE, until)
         else:
             bt = f"{self._floor(f'ts / {w!r}')} * {w!r}"
@@ -565,6 +585,7 @@ class SqlStore(Store):
             r = self._x(cur, "SELECT COUNT(*), SUM(CASE WHEN online THEN 1 ELSE 0 END), "
                         "SUM(CASE WHEN NOT online THEN 1 ELSE 0 END), SUM(CASE WHEN online THEN fps ELSE 0 END), "
                         "MAX(CASE WHEN online THEN inf_p95 END), (SELECT COUNT(*) FROM alerts a JOIN devices d "
-                        "ON a.fleet = d.fleet AND a.device = d.device WHERE a.resolved IS NULL) FROM devices").fetchone()
+                        "ON a.fleet = d.fleet AND a.device = d.device WHERE a.resolved IS NULL) FROM devices"
+                        ).fetchone()
         return FleetSummary(devices=int(r[0]), online=int(r[1] or 0), offline=int(r[2] or 0),
                             total_fps=round(float(r[3] or 0.0), 3), worst_p95_ms=_f(r[4]), active_alerts=int(r[5]))

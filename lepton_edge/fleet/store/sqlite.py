@@ -10,8 +10,8 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from lepton_edge.fleet.store.base import StoreError
 from lepton_edge.fleet.store.sql import SqlStore

@@ -55,7 +55,10 @@ class HogPca:
         frac = (pos - lo).astype(np.float32)
         ch, cw = h // c, w // c
         hist = np.zeros((n, ch, cw, nb), np.float32)
-        cells = lambda a: a[:, :ch * c, :cw * c].reshape(n, ch, c, cw, c).transpose(0, 1, 3, 2, 4).reshape(n, ch, cw, -1)
+
+        def cells(a):
+            return a[:, :ch * c, :cw * c].reshape(n, ch, c, cw, c).transpose(0, 1, 3, 2, 4).reshape(n, ch, cw, -1)
+
         m, lo_c, fr = cells(mag), cells(lo % nb), cells(frac)
         hi_c = (lo_c + 1) % nb
         for b in range(nb):  # linear interpolation between the two nearest orientation bins
@@ -66,7 +69,7 @@ class HogPca:
         v = v / np.sqrt((v ** 2).sum(-1, keepdims=True) + 1e-6)
         return v.reshape(n, -1)
 
-    def fit(self, images, dims: int = MAX_EMBED_BYTES) -> "HogPca":
+    def fit(self, images, dims: int = MAX_EMBED_BYTES) -> HogPca:
         import cv2
 
         f = self.hog_features(images)
@@ -85,7 +88,7 @@ class HogPca:
         np.savez(path, mean=self.mean, basis=self.basis, size=np.array(self.size), cell=self.cell, bins=self.bins)
 
     @classmethod
-    def load(cls, path: str | Path) -> "HogPca":
+    def load(cls, path: str | Path) -> HogPca:
         d = np.load(path)
         obj = cls(tuple(int(v) for v in d["size"]), int(d["cell"]), int(d["bins"]))
         obj.mean, obj.basis = d["mean"], d["basis"]

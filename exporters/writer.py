@@ -1,0 +1,129 @@
+"""The last steps of an export: check the target's budgets, then write the bundle.
+
+Why apart from the orchestrator: what a bundle holds (manifest fields, file names, the input
+spec as the artifact really has it) and what a budget failure says to do next are each one
+decision, read on their own; the orchestrator (exporters/base.py) only calls them in order.
+"""
+from __future__ import annotations
+
+import os
+import platform
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from lepton_edge.bundle import Manifest, OutputSpec, staging, write_manifest
+from lepton_edge.errors import CheckFailed
+from lepton_edge.exporters.options import parse_size
+from lepton_edge.manifest_sections import BudgetsSection
+from lepton_edge.ui import human
+
+TOOLCHAIN_PACKAGES = ("lepton-edge", "torch", "onnx", "onnxscript", "onnxruntime", "torch-pruning", "litert-torch",
+                      "ai-edge-litert", "ai-edge-quantizer", "numpy")
+
+
+def toolchain() -> dict[str, str]:
+    """Python, host and the versions of every package that took part (those installed)."""
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version(), "host": f"{platform.system()} {platform.machine()}"}
+    for pkg in TOOLCHAIN_PACKAGES:
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def bundle_name(src, prof, fmt: str, precision: str) -> str:
+    """<model>-<target>, with the format/precision appended when they are not the target's default."""
+    name = f"{src.name}-{prof.id}"
+    if fmt != prof.format:
+        return f"{name}-{fmt}-{precision}"
+    return name if precision == prof.precision else f"{name}-{precision}"
+
+
+def check_budgets(ctx, size: int, budget: int, ram: int | None, latency: dict, precision: str) -> BudgetsSection:
+    """The artifact against the profile's size, RAM and (on a host of the target's kind) latency
+    budgets: a CheckFailed line saying what to change, or the budgets section of the manifest."""
+    prof = ctx.profile
+    if size > budget:
+        raise CheckFailed(size_advice(ctx, size, budget, precision))
+    if ram is not None and ram > prof.ram_budget_bytes:
+        raise CheckFailed(f"running the model took {human(ram)} of memory, over {prof.id}'s "
+                          f"{human(prof.ram_budget_bytes)} RAM budget; try --prune, int8 or a smaller input")
+    # Latency on this host says something about the target only when they are the same kind of CPU.
+    same_cpu = prof.arch == platform.machine() and prof.execution_providers == ["CPUExecutionProvider"]
+    # Judged on the fastest timed run: other processes only ever add time, so on a shared or loaded host
+    # the median measures the load (a 30 ms model read 52 ms at load 12 on 2 cores); the fastest run is
+    # what the model costs when it has the CPU, as on a device that runs only it.
+    best = latency.get("min_ms", latency.get("p50_ms")) if latency else None
+    if best is not None and same_cpu and best > prof.latency_budget_ms:
+        raise CheckFailed(f"latency {best:.1f} ms (fastest of {latency.get('runs', '?')} runs; p50 "
+                          f"{latency['p50_ms']:.1f} ms) on this host is over {prof.id}'s "
+                          f"{prof.latency_budget_ms:g} ms budget; try --prune, int8 or a smaller input")
+    return BudgetsSection(max_model_bytes=budget, model_bytes=size, ram_budget_bytes=prof.ram_budget_bytes,
+                          ram_bytes_measured=ram, latency_budget_ms=prof.latency_budget_ms,
+                          latency_checked_on_host=bool(latency and same_cpu))
+
+
+def size_advice(ctx, size: int, budget: int, precision: str) -> str:
+    prof, src, prune, max_size = ctx.profile, ctx.source, ctx.options.prune, ctx.options.max_size
+    tips = []
+    if precision != "int8":
+        tips.append("--precision int8 (about 4x smaller than fp32)")
+    more = min(0.9, (prune or 0) + 0.3)
+    tips.append(f"--prune {more:.1f}" if src.kind == "torch" else "prune the model before export")
+    h, w = src.input_spec.hw()
+    if h > 64:
+        tips.append(f"a smaller input (--input-shape 1,{src.input_spec.channels},{h * 3 // 4},{w * 3 // 4})")
+    limit = f"--max-size {max_size}" if max_size and parse_size(max_size) == budget else f"{prof.id} max_model_bytes"
+    return f"model is {human(size)}, over the {human(budget)} budget ({limit}); try {', '.join(tips)}"
+
+
+def write_bundle(ctx, final: Path, chosen: Path, exporter, fmt: str, precision: str) -> None:
+    """Stage the bundle in a temporary directory and move it into place (see bundle.staging)."""
+    src, prof, rep = ctx.source, ctx.profile, ctx.report
+    described = exporter.describe(chosen)
+    with staging(final) as stage_dir:
+        model_file = f"model{exporter.suffix}"
+        (stage_dir / model_file).write_bytes(chosen.read_bytes())
+        labels_file = None
+        if src.labels:
+            labels_file = "labels.txt"
+            (stage_dir / labels_file).write_text("\n".join(src.labels) + "\n")
+        manifest = Manifest(
+            name=src.name, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            target=_target_record(prof), format=fmt, precision=precision, model_file=model_file, task=src.task,
+            labels_file=labels_file,  # then the non-image inputs of a multi-input model, with their values
+            inputs=[_input_spec(src, described), *getattr(src, "extra_inputs", [])],
+            outputs=[OutputSpec(name=o["name"], shape=o["shape"], dtype=o.get("dtype", "float32"),
+                                quantization=o.get("quantization")) for o in described.get("outputs", [])],
+            compression=rep.compression.record(), validation=rep.validation.record() if rep.validation else {},
+            latency=rep.latency.record() if rep.latency else {}, toolchain=toolchain(),
+            opset=described.get("opset"),
+        )
+        write_manifest(stage_dir, manifest)
+
+
+def _target_record(prof) -> dict[str, Any]:
+    return {"id": prof.id, "sha256": prof.content_hash(), "arch": prof.arch, "runtime": prof.runtime,
+            "execution_providers": prof.execution_providers, "delegates": prof.delegates, "threads": prof.threads,
+            "latency_budget_ms": prof.latency_budget_ms, "device_packages": prof.device_packages}
+
+
+def _input_spec(src, described: dict):
+    """The source's input spec as the artifact has it: its concrete shape, and for an integer
+    input (--int8-io) the dtype and quantization the device quantizes frames with."""
+    in_spec = src.input_spec.model_copy()
+    if described.get("inputs"):
+        d = described["inputs"][0]
+        if all(isinstance(v, int) for v in d["shape"]):  # else keep the concrete shape validated with
+            in_spec.shape = d["shape"]
+        if d.get("quantization"):
+            in_spec.dtype, in_spec.quantization = d["dtype"], d["quantization"]
+    return in_spec
+
+
+def threads_used(prof) -> int:
+    return min(prof.threads, os.cpu_count() or 1)

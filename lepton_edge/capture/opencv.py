@@ -1,0 +1,92 @@
+"""OpenCV, imported lazily and quietly, and the grab/retrieve split every reader uses.
+
+Why split grab from retrieve: a live source that keeps only the newest frame throws most frames
+away when the model is slower than the camera; only the frames that will be used need turning
+into pixels. `grab()` takes the next frame off the device or the network, `retrieve()` makes the
+image. For an MJPEG stream (HTTP cameras, JPEG over RTP) FFmpeg's raw mode makes `grab()` read the
+compressed packet only and `retrieve()` decode it with `cv2.imdecode`, so a dropped frame costs no
+decode at all; inter-frame codecs (H.264) must decode every frame to decode the next one, and V4L2
+and GStreamer decode or convert in their own `retrieve()`.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+_quieted = False
+INTRA_ONLY = {"MJPG", "mjpg", "JPEG", "jpeg"}  # each frame decodes alone: safe to grab without decoding
+
+
+def cv2():
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # FFmpeg's own per-packet complaints, before import
+    import cv2 as _cv2
+
+    global _quieted
+    if not _quieted:  # errors only: a dropped stream is reported by us, once, not by OpenCV per packet
+        _cv2.utils.logging.setLogLevel(_cv2.utils.logging.LOG_LEVEL_ERROR)
+        _quieted = True
+    return _cv2
+
+
+def thread_params(decode_threads: int | None) -> list[int]:
+    """VideoCapture open parameters giving FFmpeg `decode_threads` threads ([] for its default)."""
+    c = cv2()
+    if not decode_threads or not hasattr(c, "CAP_PROP_N_THREADS"):  # OpenCV >= 4.6 has it
+        return []
+    return [c.CAP_PROP_N_THREADS, int(decode_threads)]
+
+
+def has_gstreamer() -> bool:
+    info = cv2().getBuildInformation()
+    line = next((ln for ln in info.splitlines() if "GStreamer" in ln), "")
+    return "YES" in line
+
+
+def fourcc(cap) -> str:
+    code = int(cap.get(cv2().CAP_PROP_FOURCC) or 0)
+    return code.to_bytes(4, "little").decode("latin-1") if code else ""
+
+
+class Grabber:
+    """One opened capture: `grab()` the next frame, `retrieve()` the image of the last one grabbed."""
+
+    def __init__(self, cap, raw_jpeg: bool = False):
+        self.cap, self.raw_jpeg = cap, raw_jpeg
+        self._packet: np.ndarray | None = None
+
+    @classmethod
+    def wrap(cls, cap, raw_jpeg: bool) -> Grabber:
+        """Raw packets + our own JPEG decode where `raw_jpeg` allows it (FFmpeg captures) and the
+        stream is MJPEG, else OpenCV's own grab and retrieve."""
+        c = cv2()
+        if raw_jpeg and fourcc(cap) in INTRA_ONLY:
+            try:
+                if cap.set(c.CAP_PROP_FORMAT, -1):
+                    return cls(cap, raw_jpeg=True)
+            except c.error:
+                pass
+        return cls(cap)
+
+    def grab(self) -> bool:
+        """The next frame off the source; False when it failed, stalled past the read timeout, or
+        (raw JPEG) sent a packet that is not a JPEG image."""
+        if not self.cap.grab():
+            return False
+        if not self.raw_jpeg:
+            return True
+        ok, packet = self.cap.retrieve()  # raw mode: the compressed bytes, no decoding
+        self._packet = packet.reshape(-1) if ok and packet is not None else None
+        return self._packet is not None and self._packet.size > 4 and bytes(self._packet[:2]) == b"\xff\xd8"
+
+    def retrieve(self) -> np.ndarray | None:
+        """The image of the frame grabbed last, or None when it does not decode."""
+        if self.raw_jpeg:
+            img = cv2().imdecode(self._packet, cv2().IMREAD_COLOR) if self._packet is not None else None
+        else:
+            ok, img = self.cap.retrieve()
+            img = img if ok else None
+        return img
+
+    def release(self) -> None:
+        self.cap.release()

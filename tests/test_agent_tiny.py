@@ -1,0 +1,250 @@
+"""The agent's deploy, rollback and outbox duties on bundles built in milliseconds (a one-layer ONNX
+classifier made with onnx.helper), so they run in the fast tier and under every mutant of
+agent/service.py (bench/mutation_bench.py) without a minute of export first.
+
+What is checked is what the device does, never the reply text: which bundle the pipeline runs
+frames through, where `current` points (and when it moves), and which windows reach the broker.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lepton_edge.agent.config import AgentConfig
+from lepton_edge.agent.service import Agent
+from lepton_edge.bundle import Bundle, InputSpec, Manifest, OutputSpec, write_manifest
+from lepton_edge.telemetry.schema import DeployCommand
+from mjpeg_server import free_port
+from mqtt_helpers import Recorder
+
+
+def _tiny(d: Path, seed: int, version: str = "1", budget_ms: float = 1000.0) -> Path:
+    """A 28x28 gray classifier of 10 classes: Flatten -> MatMul -> Add, random weights of `seed`."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    w = numpy_helper.from_array(rng.normal(0, 0.1, (784, 10)).astype(np.float32), "w")
+    b = numpy_helper.from_array(rng.normal(0, 0.1, (10,)).astype(np.float32), "b")
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["input"], ["flat"]), helper.make_node("MatMul", ["flat", "w"], ["mm"]),
+         helper.make_node("Add", ["mm", "b"], ["y"])], "tiny",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 1, 28, 28])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])], initializer=[w, b])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    d.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, d / "model.onnx")
+    (d / "labels.txt").write_text("".join(f"c{i}\n" for i in range(10)))
+    write_manifest(d, Manifest(
+        name=f"tiny{seed}", version=version, created="2026-01-01",
+        target={"id": "x86-cpu", "threads": 1, "latency_budget_ms": budget_ms}, format="onnx", precision="fp32",
+        model_file="model.onnx", task="classify", labels_file="labels.txt",
+        inputs=[InputSpec(name="input", shape=[1, 1, 28, 28], color="GRAY")],
+        outputs=[OutputSpec(name="y", shape=[1, 10])]))
+    return d
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Two tiny bundles (different weights) and a 200-frame lossless video."""
+    import cv2
+
+    root = tmp_path_factory.mktemp("tiny")
+    video = root / "frames.avi"
+    w = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"FFV1"), 30, (28, 28), False)
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        w.write(rng.integers(0, 256, (28, 28), dtype=np.uint8))
+    w.release()
+    return {"start": _tiny(root / "start", 1), "new": _tiny(root / "new", 2), "video": video}
+
+
+def _cfg(state: Path, bundle: Path, video: Path, broker: str | None = None, **kw) -> AgentConfig:
+    return AgentConfig(broker=broker or f"mqtt://127.0.0.1:{free_port()}", fleet="f1", device_id="dev1",
+                       bundle=bundle, source=str(video), loop=True, window_s=0.1, state_dir=state, threads=1,
+                       health_frames=5, health_timeout_s=2.0, **kw)
+
+
+@contextlib.contextmanager
+def _running(agent: Agent):
+    t = threading.Thread(target=agent.run, kwargs={"install_signals": False}, name="test:agent")
+    t.start()
+    try:
+        yield t
+    finally:
+        agent.stop()
+        t.join(30)
+        assert not t.is_alive()
+
+
+def _wait(pred, timeout: float = 20.0, step: float = 0.01):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = pred()
+        if got:
+            return got
+        time.sleep(step)
+    return pred()
+
+
+def _stored(state: Path, suffix: str) -> list[dict]:
+    """The payloads on topics ending in `suffix` left in the outbox file (after the agent stopped)."""
+    db = sqlite3.connect(state / "outbox.sqlite")
+    try:
+        rows = db.execute("SELECT topic, payload FROM outbox ORDER BY id").fetchall()
+    finally:
+        db.close()
+    return [json.loads(p) for t, p in rows if t.endswith(suffix)]
+
+
+def _served(agent: Agent) -> Path:
+    return Path(agent.pipeline.runtime.path).resolve()
+
+
+def test_deploy_swaps_after_the_check_and_rollback_restores_the_served_model(tmp_path, tiny, mosquitto):
+    """A good deploy: the pipeline serves it and `current` names it. A deploy that fails its health
+    check: `current` does not move while the check runs, then the old model serves again, `current`
+    is unchanged, the refused copy is gone; a restart starts from `current`."""
+    bad = _tiny(tmp_path / "bad", 3, version="fails", budget_ms=1e-6)  # no model is that fast
+    state = tmp_path / "state"
+    cfg = _cfg(state, tiny["start"], tiny["video"], broker=mosquitto.url)  # a broker: stopping flushes at once
+    rec = Recorder(mosquitto.port)
+    agent = Agent(cfg, log=lambda m: None)
+    with _running(agent):
+        assert _served(agent) == tiny["start"].resolve() and agent.store.current() is None
+        agent.deploy(DeployCommand(id="good", path=str(tiny["new"])))
+        kept = _served(agent)
+        assert kept.parent == (state / "bundles").resolve() and Bundle.load(kept).manifest.name == "tiny2"
+        assert agent.store.current() == kept and agent.runtime.path.resolve() == kept
+        assert json.loads((state / "good.json").read_text())[0] == kept.name
+
+        done = threading.Event()
+        worker = threading.Thread(target=lambda: (agent.deploy(DeployCommand(id="bad", path=str(bad),
+                                                                               health_frames=10000)), done.set()))
+        worker.start()
+        try:  # the check runs (up to 2 s for 10000 frames), then fails on the budget or the timeout
+            swapped = _wait(lambda: _served(agent) != kept and _served(agent), 20, step=0.002)
+            assert swapped and Bundle.load(swapped).manifest.version == "fails"
+            assert not done.is_set() and agent.store.current() == kept, "`current` moved before the health check"
+        finally:
+            worker.join(30)
+        assert done.is_set()
+        assert _served(agent) == kept and agent.runtime.path.resolve() == kept
+        assert agent.store.current() == kept and sorted((state / "bundles").iterdir()) == [kept]
+        frames = agent.pipeline.stats.frames
+        assert _wait(lambda: agent.pipeline.stats.frames > frames + 10, 20)
+        assert _served(agent) == kept
+    assert rec.wait_for(lambda r: [e for e in r.of("/events") if e["kind"] == "stopped"])
+    rec.close()
+    kinds = [e["kind"] for e in rec.of("/events")]
+    assert kinds.count("deploy") == 1 and kinds.count("rollback") == 1
+    restarted = Agent(cfg, log=lambda m: None)
+    try:
+        assert Path(restarted.runtime.path).resolve() == kept
+    finally:
+        restarted.pipeline.close()
+        restarted.outbox.close()
+
+
+def test_a_bundle_that_fails_its_probe_is_refused_before_the_swap(tmp_path, tiny, mosquitto):
+    """A manifest that disagrees with its model (32x32 declared for a 28x28 model): refused before it
+    replaces the running model; `current` and the pipeline stay as they were; the copy is removed."""
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny["new"], bad)
+    m = Bundle.load(bad).manifest
+    m.inputs[0].shape = [1, 1, 32, 32]
+    write_manifest(bad, m)
+    state = tmp_path / "state"
+    rec = Recorder(mosquitto.port)
+    agent = Agent(_cfg(state, tiny["start"], tiny["video"], broker=mosquitto.url), log=lambda m: None)
+    with _running(agent):
+        agent.deploy(DeployCommand(id="bad", path=str(bad)))
+        assert _served(agent) == tiny["start"].resolve() and agent.store.current() is None
+        assert list((state / "bundles").iterdir()) == []
+    assert rec.wait_for(lambda r: [e for e in r.of("/events") if e["kind"] == "stopped"])
+    rec.close()
+    kinds = [e["kind"] for e in rec.of("/events")]
+    assert "rollback" in kinds and "deploy" not in kinds
+
+
+@pytest.mark.slow  # the first agent, with no broker, waits its 5 s for a flush when it stops
+def test_windows_left_in_the_outbox_are_delivered_by_the_next_start(tmp_path, tiny, mosquitto):
+    """No broker for the first run: its windows wait in the outbox. The next start (same state
+    directory) keeps them and delivers them, contiguous, once the broker is there."""
+    state = tmp_path / "state"
+    first = Agent(_cfg(state, tiny["start"], tiny["video"]), log=lambda m: None)
+    with _running(first):
+        assert _wait(lambda: first.seq >= 8, 20)
+    boot1 = first.boot_id
+    stored = {w["seq"] for w in _stored(state, "/telemetry")}
+    assert len(stored) >= 8
+    rec = Recorder(mosquitto.port)
+    second = Agent(_cfg(state, tiny["start"], tiny["video"], broker=mosquitto.url), log=lambda m: None)
+    assert len(second.outbox) >= len(stored)  # nothing emptied at start
+    with _running(second):
+        def boot1_delivered(r):
+            seqs = {w["seq"] for w in r.of("/telemetry") if w["boot_id"] == boot1}
+            return seqs if seqs >= stored else None
+
+        got = rec.wait_for(boot1_delivered, timeout=30)
+        assert got == set(range(max(got) + 1)), got
+        assert rec.wait_for(lambda r: [w for w in r.of("/telemetry") if w["boot_id"] == second.boot_id])
+        assert _wait(lambda: second.publisher.flush(0.1), 20)
+    rec.close()
+
+
+def test_commands_over_mqtt_and_oversized_ones_rate_limited(tmp_path, tiny, mosquitto, monkeypatch):
+    """Commands arrive through the broker and are answered; an oversized one gets a one-line error
+    reply and an event, repeats within the rate-limit period are counted in the next event rather than
+    sent one by one (the period shortened here from 5 s so the test need not wait for it)."""
+    from lepton_edge.agent import service
+    from lepton_edge.telemetry.schema import MAX_COMMAND_BYTES
+    from mqtt_helpers import command
+
+    monkeypatch.setattr(service, "RATE_LIMIT_S", 2.0)
+    base = "lepton/v1/f1/dev1"
+    rec = Recorder(mosquitto.port)
+    agent = Agent(_cfg(tmp_path / "state", tiny["start"], tiny["video"], broker=mosquitto.url), log=lambda m: None)
+
+    def errors(r):
+        return [e for e in r.of("/events") if e["kind"] == "command_error"]
+
+    def refusals(n):
+        return lambda r: len([x for x in r.of("/cmd/ping/reply") if x.get("id") is None]) >= n
+
+    with _running(agent):
+        assert rec.wait_for(lambda r: r.of("/meta") and r.of("/status"))
+        status, meta = rec.of("/status")[-1], rec.of("/meta")[-1]
+        assert status["online"] is True and status["boot_id"] == agent.boot_id  # retained, for the monitor
+        b = meta["bundle"]
+        assert (b["name"], b["version"], b["format"], b["precision"]) == ("tiny1", "1", "onnx", "fp32")
+        assert b["path"] == str(tiny["start"]) and len(b["sha256"]) == 64 and meta["boot_id"] == agent.boot_id
+        r = command(mosquitto.port, f"{base}/cmd/ping", {"id": "p1"}, f"{base}/cmd/ping/reply", timeout=15)
+        assert r["ok"] and r["data"]["boot_id"] == agent.boot_id and r["data"]["bundle"]["sha256"] == b["sha256"]
+        big = b'{"id": "big", "pad": "' + b"x" * MAX_COMMAND_BYTES + b'"}'
+        for _ in range(3):  # within one period: one event, the others held back and counted
+            rec.client.publish(f"{base}/cmd/ping", big, qos=1).wait_for_publish(5)
+        assert rec.wait_for(refusals(3))  # each answered (a burst of error replies is allowed)
+        replies = [x for x in rec.of("/cmd/ping/reply") if x.get("id") is None]
+        assert all(x["error"].startswith("payload of ") and "exceeds" in x["error"] and not x["ok"] for x in replies)
+        first = rec.wait_for(errors)
+        assert first[0]["data"]["suppressed"] == 0 and first[0]["data"]["bytes"] > MAX_COMMAND_BYTES
+        time.sleep(2.1)  # the period is over: the next event carries the count of those held back
+        rec.client.publish(f"{base}/cmd/ping", big, qos=1).wait_for_publish(5)
+        assert rec.wait_for(refusals(4))
+        events = rec.wait_for(lambda r: (e := errors(r)) and sum(1 + x["data"]["suppressed"] for x in e) >= 4 and e)
+        assert sum(1 + x["data"]["suppressed"] for x in events) == 4 and len(events) <= 3, events
+        held = [x for x in events if x["data"]["suppressed"]]
+        assert held and all(f"({x['data']['suppressed']} more like it not reported)" in x["message"] for x in held)
+        r = command(mosquitto.port, f"{base}/cmd/ping", {"id": "p2"}, f"{base}/cmd/ping/reply", timeout=15)
+        assert r["ok"]  # still answering
+    rec.close()

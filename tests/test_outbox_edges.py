@@ -1,0 +1,60 @@
+"""Outbox edges the mutation run found untested (bench/mutation_bench.py): a state directory that does
+not exist yet, an integrity check cut short by its time budget, and how often a degraded outbox
+tries its file again. Real SQLite files, no broker.
+"""
+from __future__ import annotations
+
+import sqlite3
+
+from lepton_edge.telemetry.outbox import Outbox
+
+TOPIC = "lepton/v1/f/d/telemetry"
+
+
+def test_a_missing_state_directory_is_made(tmp_path):
+    ob = Outbox(tmp_path / "var" / "lib" / "lepton-edge" / "outbox.sqlite")
+    try:
+        assert ob.degraded is None and ob.put(TOPIC, b"{}") > 0
+        assert (tmp_path / "var" / "lib" / "lepton-edge" / "outbox.sqlite").is_file()
+    finally:
+        ob.close()
+
+
+def test_an_integrity_check_past_its_budget_counts_as_passed(tmp_path):
+    """A large outbox opened with no time for PRAGMA quick_check: the check is interrupted, the file
+    kept (not moved aside as corrupt), every row still there."""
+    path = tmp_path / "outbox.sqlite"
+    ob = Outbox(path)
+    for i in range(3000):
+        ob.put(TOPIC, b"x" * 200 + str(i).encode())
+    ob.close()
+    again = Outbox(path, check_budget_s=0.0)
+    try:
+        assert again.recovered == 0 and again.take_recovered() is None and len(again) == 3000
+        assert not list(tmp_path.glob("outbox.sqlite.corrupt-*"))
+    finally:
+        again.close()
+
+
+def test_a_degraded_outbox_tries_its_file_again_only_after_retry_s(tmp_path):
+    """The state directory's place is taken by a file: the outbox lives in memory and does not retry
+    the file at every put (a retry per window is a syscall storm on a broken disk); once retry_s has
+    passed and the path works, the rows held in memory move into the file."""
+    blocker = tmp_path / "state"
+    blocker.write_text("not a directory")
+    ob = Outbox(blocker / "outbox.sqlite", retry_s=3600)
+    try:
+        assert ob.degraded and "cannot use" in ob.last_error
+        why = ob.last_error
+        ids = [ob.put(TOPIC, b"w%d" % i) for i in range(3)]
+        assert all(ids) and ob.last_error == why  # no retry yet: the reason is still the first one
+        blocker.unlink()
+        ob.retry_s = 0.0
+        ob._retry_at = 0.0  # the hour has passed
+        assert ob.put(TOPIC, b"w3") > 0 and ob.degraded is None
+        assert "back on" in (ob.take_recovered() or "")
+    finally:
+        ob.close()
+    db = sqlite3.connect(blocker / "outbox.sqlite")
+    assert [bytes(r[0]) for r in db.execute("SELECT payload FROM outbox ORDER BY id")] == [b"w0", b"w1", b"w2", b"w3"]
+    db.close()

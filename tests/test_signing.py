@@ -1,0 +1,116 @@
+"""lepton_edge/signing.py in the fast tier: keys, the signature file, and every refusal as one line.
+
+Why beside test_bundle_hardening.py: those tests attack the bundle; these pin the signing contract
+itself (what a key file may be, what a signature file must hold, which key verifies), so a change
+that weakens one check fails here, not in a five-minute agent test.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from lepton_edge.bundle import InputSpec, Manifest, OutputSpec, write_manifest
+from lepton_edge.errors import BadInput
+from lepton_edge.signing import (
+    key_id,
+    load_public,
+    new_keys,
+    read_signature,
+    sign,
+    verify,
+)
+
+
+def _bundle(d: Path) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "model.onnx").write_bytes(b"\x08model" * 32)
+    write_manifest(d, Manifest(name="s", created="2026-01-01", target={"id": "x86-cpu"}, format="onnx",
+                               precision="fp32", model_file="model.onnx",
+                               inputs=[InputSpec(name="i", shape=[1, 3, 8, 8])],
+                               outputs=[OutputSpec(name="o", shape=[1, 2])]))
+    return d
+
+
+def test_new_keys_private_is_owner_only_and_never_overwritten(tmp_path):
+    out = tmp_path / "keys"
+    out.mkdir()  # an existing, empty directory is fine
+    priv, pub = new_keys(out)
+    assert priv.stat().st_mode & 0o777 == 0o600
+    assert priv.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
+    assert pub.read_bytes().startswith(b"-----BEGIN PUBLIC KEY-----")
+    before = priv.read_bytes()
+    with pytest.raises(BadInput, match="exists; refusing to overwrite a private key"):
+        new_keys(out)
+    assert priv.read_bytes() == before
+
+
+def test_key_id_is_the_sha256_prefix_of_the_raw_public_key(tmp_path):
+    from cryptography.hazmat.primitives import serialization
+
+    _, pub = new_keys(tmp_path / "k")
+    key = load_public(pub)
+    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    assert key_id(key) == hashlib.sha256(raw).hexdigest()[:16]
+
+
+def test_public_key_files_that_are_refused(tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    with pytest.raises(BadInput, match="trusted key not found: .*missing.pem"):
+        load_public(tmp_path / "missing.pem")
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a key\n")
+    with pytest.raises(BadInput, match="junk.pem: not a PEM public key"):
+        load_public(junk)
+    other = tmp_path / "ec.pem"
+    other.write_bytes(ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    with pytest.raises(BadInput, match="ec.pem: not an Ed25519 public key"):
+        load_public(other)
+    with pytest.raises(BadInput, match="key not found"):
+        sign(_bundle(tmp_path / "b"), tmp_path / "nope.pem")
+    with pytest.raises(BadInput, match="not an unencrypted PEM private key"):
+        sign(_bundle(tmp_path / "b"), junk)
+
+
+def test_signature_file_contents(tmp_path):
+    priv, pub = new_keys(tmp_path / "k")
+    b = _bundle(tmp_path / "b")
+    with pytest.raises(BadInput, match="is not signed; trusted keys are configured"):
+        read_signature(b)
+    sig_path = sign(b, priv)
+    sig = json.loads(sig_path.read_text())
+    assert sig["alg"] == "ed25519" and sig["key_id"] == key_id(load_public(pub))
+    kid, raw = read_signature(b)
+    assert kid == sig["key_id"] and raw == base64.b64decode(sig["signature"]) and len(raw) == 64
+    assert verify(b, [pub]) == kid  # a PEM path
+    assert verify(b, [str(pub)]) == kid  # a path as text
+    assert verify(b, [load_public(pub)]) == kid  # a loaded key
+    for bad in ({"alg": "rsa", "key_id": kid, "signature": sig["signature"]}, {"key_id": kid},
+                {"key_id": 5, "signature": sig["signature"]}, {"key_id": kid, "signature": "!!not base64!!"}, []):
+        sig_path.write_text(json.dumps(bad))
+        with pytest.raises(BadInput, match="malformed signature file"):
+            read_signature(b)
+    sig_path.write_text("{not json")
+    with pytest.raises(BadInput):
+        read_signature(b)
+    sig_path.write_text(json.dumps({"key_id": "f" * 16, "signature": sig["signature"]}))  # alg may be left out
+    with pytest.raises(BadInput, match="signed with key 'ffffffffffffffff', which is not trusted here"):
+        verify(b, [pub])
+    sig_path.write_text(json.dumps({"key_id": kid, "signature": base64.b64encode(b"\0" * 64).decode()}))
+    with pytest.raises(BadInput, match="bad signature"):
+        verify(b, [pub])
+
+
+def test_sign_refuses_a_bundle_whose_files_do_not_match(tmp_path):
+    priv, _ = new_keys(tmp_path / "k")
+    b = _bundle(tmp_path / "b")
+    (b / "model.onnx").write_bytes(b"\x09model" * 32)
+    with pytest.raises(BadInput, match="checksum mismatch for model.onnx"):
+        sign(b, priv)
+    assert not (b / "signature").exists()

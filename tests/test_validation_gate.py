@@ -1,0 +1,187 @@
+"""exporters/validation.py in the fast tier: the Validator runs real ONNX artifacts through the ONNX
+exporter's own predictor (the device runtime's backend) on labelled inputs, and every figure it
+reports is checked against the same figure computed here with onnxruntime directly, never against
+the validator's own verdict. The models are one layer made with onnx.helper: milliseconds, no torch.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from lepton_edge.bundle import InputSpec
+
+SPEC = InputSpec(name="input", shape=[1, 1, 28, 28], color="GRAY", mean=[0.5], std=[0.25])
+
+
+def _model(path: Path, w: np.ndarray) -> Path:
+    """input [N,1,28,28] -> Flatten -> MatMul(w) -> y [N,10], the batch dimension dynamic."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["input"], ["flat"]), helper.make_node("MatMul", ["flat", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 1, 28, 28])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 10])],
+        initializer=[numpy_helper.from_array(w.astype(np.float32), "w")])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    onnx.save(m, path)
+    return path
+
+
+def _two_outputs(path: Path, w: np.ndarray, w2: np.ndarray) -> Path:
+    """A classifier (y [N,10]) with a second head (z [N,4]): every output is judged, not output 0."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["input"], ["flat"]), helper.make_node("MatMul", ["flat", "w"], ["y"]),
+         helper.make_node("MatMul", ["flat", "w2"], ["z"])], "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 1, 28, 28])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 10]),
+         helper.make_tensor_value_info("z", TensorProto.FLOAT, ["n", 4])],
+        initializer=[numpy_helper.from_array(w.astype(np.float32), "w"),
+                     numpy_helper.from_array(w2.astype(np.float32), "w2")])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    onnx.save(m, path)
+    return path
+
+
+def _ort(path: Path, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return s.run(None, {"input": x})[0]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """fp32 (the reference), `close` (its weights with small noise: a good int8 stand-in) and `broken`
+    (its weights' columns rolled: a different classifier), with 600 inputs labelled by fp32 for
+    90 % of them (so fp32's accuracy is known) and the rest labelled at random."""
+    root = tmp_path_factory.mktemp("val")
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 1, (784, 10))
+    paths = {"fp32": _model(root / "fp32.onnx", w),
+             "close": _model(root / "close.onnx", w + rng.normal(0, 0.002, w.shape)),
+             "broken": _model(root / "broken.onnx", np.roll(w, 1, axis=1))}
+    x = rng.normal(0, 1, (600, 1, 28, 28)).astype(np.float32)
+    y = _ort(paths["fp32"], x).argmax(1)
+    flip = rng.random(600) < 0.1
+    y[flip] = rng.integers(0, 10, int(flip.sum()))
+    return paths, x, y
+
+
+def _validator(models, **thresholds):
+    from lepton_edge.exporters.onnx import OnnxExporter
+    from lepton_edge.exporters.validation import Thresholds, Validator
+
+    paths, x, y = models
+    ex = OnnxExporter()
+    ref = ex.predictor(paths["fp32"], 1)
+    data = SimpleNamespace(check_x=x[:400], eval_x=x[400:], eval_y=y[400:])
+    return Validator(ex, 1, ref, paths["fp32"], data, task=None, thresholds=Thresholds(**thresholds),
+                     input_spec=SPEC, labels=[f"c{i}" for i in range(10)], batch=64)
+
+
+def test_validator_reports_the_artifacts_own_figures(models):
+    paths, x, y = models
+    v, predict, ram = _validator(models, max_accuracy_drop=2.0)(paths["close"])  # one flip of 200 is 0.5 pp
+    ref_check, art_check = _ort(paths["fp32"], x[:400]).argmax(1), _ort(paths["close"], x[:400]).argmax(1)
+    ref_eval, art_eval = _ort(paths["fp32"], x[400:]).argmax(1), _ort(paths["close"], x[400:]).argmax(1)
+    assert v.task == "classify" and v.metrics["samples"] == 400 and v.metrics["eval_samples"] == 200
+    assert v.top1_agreement == pytest.approx(float((ref_check == art_check).mean()))
+    assert v.metrics["accuracy_reference"] == pytest.approx(float((ref_eval == y[400:]).mean()))
+    assert v.accuracy_artifact == pytest.approx(float((art_eval == y[400:]).mean()))
+    assert v.accuracy_drop_pp == pytest.approx(100 * float((ref_eval == y[400:]).mean() - (art_eval == y[400:]).mean()))
+    assert 0.9 <= v.metrics["ceiling"] <= 1.0  # fp32 under sd 0.01 noise: its own agreement
+    assert v.passed and v.why is None
+    assert np.allclose(predict(x[:3])[0], _ort(paths["close"], x[:3]), atol=1e-5)  # the artifact's predictor
+    assert ram is not None and ram >= 0  # Linux: /proc/self/statm
+    assert v.per_output[0]["name"] == "y" and v.per_output[0]["artifact_name"] == "y"
+
+
+def test_a_broken_second_output_fails_a_classifier(tmp_path, models):
+    """The first output agrees exactly; the second head is another function: the gate says which."""
+    from lepton_edge.exporters.onnx import OnnxExporter
+    from lepton_edge.exporters.validation import Thresholds, Validator
+
+    x = models[1]
+    rng = np.random.default_rng(1)
+    w, w2 = rng.normal(0, 1, (784, 10)), rng.normal(0, 1, (784, 4))
+    ref_path = _two_outputs(tmp_path / "ref.onnx", w, w2)
+    ex = OnnxExporter()
+    data = SimpleNamespace(check_x=x[:200], eval_x=None, eval_y=None)
+    val = Validator(ex, 1, ex.predictor(ref_path, 1), ref_path, data, task="classify", thresholds=Thresholds(),
+                    input_spec=SPEC)
+    assert val(_two_outputs(tmp_path / "same.onnx", w, w2))[0].passed
+    v = val(_two_outputs(tmp_path / "bad.onnx", w, -w2))[0]
+    assert not v.passed and "output z: cosine" in v.why and v.top1_agreement == 1.0
+
+
+def test_validator_fails_a_different_model_and_names_why(models):
+    paths = models[0]
+    v, _, _ = _validator(models)(paths["broken"])
+    assert not v.passed and "top-1 agreement" in v.why and "accuracy drop" in v.why
+    assert v.accuracy_drop_pp > 50 and v.top1_agreement < 0.5
+    d = v.as_dict()
+    assert d["passed"] is False and d["why"] == v.why and d["task"] == "classify"
+    assert d["samples"] == 400 and isinstance(d["samples"], int) and d["metrics"]["eval_samples"] == 200
+    assert d["thresholds"]["max_accuracy_drop"] == 0.5 and d["score"][0] == 0
+    v2, _, _ = _validator(models, max_accuracy_drop=100.0, min_agreement=0.0, min_confident_kept=0.0,
+                          min_top5=0.0)(paths["broken"])
+    assert v2.passed  # every threshold loosened to nothing: the same figures pass
+
+
+def test_verdict_as_dict_has_no_nan_and_gate_returns_why():
+    from lepton_edge.exporters.validation import Verdict, gate
+
+    v = Verdict(False, "bad", "raw", {"samples": 3.0, "sqnr_db": float("nan"), "cosine": np.float32(0.5),
+                                      "boxes_reference": np.int64(4)}, score=(0, float("inf")),
+                per_output=[{"sqnr_db": float("-inf"), "name": "y"}])
+    d = v.as_dict()
+    assert d["sqnr_db"] is None and d["cosine"] == 0.5 and type(d["cosine"]) is float
+    assert d["samples"] == 3 and type(d["samples"]) is int and d["boxes_reference"] == 4
+    assert d["score"] == [0, None] and d["per_output"] == [{"sqnr_db": None, "name": "y"}]
+    assert gate(v) == "bad" and gate(Verdict(True, None, "raw")) is None
+    assert math.isnan(Verdict(True, None, "raw").top1_agreement)
+    assert Verdict(True, None, "raw").accuracy_artifact is None and Verdict(True, None, "raw").accuracy_drop_pp is None
+
+
+def test_batched_outputs_and_perturbation_scale():
+    from lepton_edge.exporters.validation import as_outputs, batched, perturb
+
+    x = np.arange(10 * 4, dtype=np.float32).reshape(10, 4)
+    calls = []
+
+    def two_outputs(b):
+        calls.append(len(b))
+        return b * 2, b.sum(1)
+
+    outs = batched(two_outputs, x, 3)
+    assert calls == [3, 3, 3, 1] and len(outs) == 2
+    assert np.array_equal(outs[0], x * 2) and np.array_equal(outs[1], x.sum(1))
+    assert len(as_outputs(np.zeros(3))) == 1 and len(as_outputs([np.zeros(1), np.zeros(2)])) == 2
+    z = np.zeros((20000, 1), np.float32)
+    noisy = perturb(z, SPEC, sd=0.01)
+    # sd 0.01 of the 0..1 pixel range, in the model's units: 0.01 * 255 * (1/255) / std 0.25 = 0.04
+    assert noisy.dtype == np.float32 and np.std(noisy) == pytest.approx(0.04, rel=0.05)
+    assert np.array_equal(perturb(z, SPEC, seed=1), perturb(z, SPEC, seed=1))
+    assert not np.array_equal(perturb(z, SPEC, seed=1), perturb(z, SPEC, seed=2))
+
+
+def test_latency_and_memory_figures():
+    from lepton_edge.exporters.validation import latency_ms, rss_bytes
+
+    calls = []
+    r = latency_ms(lambda x: calls.append(1), np.zeros(1), runs=7, warmup=2, budget_s=5.0)
+    assert r["runs"] == 7 and len(calls) == 9 and 0 <= r["p50_ms"] <= r["p90_ms"]
+    r = latency_ms(lambda x: None, np.zeros(1), runs=10_000, warmup=0, budget_s=0.0)
+    assert r["runs"] == 5  # past the budget it stops at the minimum of five
+    rss = rss_bytes()
+    assert isinstance(rss, int) and rss > 10 << 20

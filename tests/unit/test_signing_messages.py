@@ -1,0 +1,75 @@
+"""The one-line refusals of signing.py as a device operator reads them (in the agent's log and in a
+deploy reply): which key is missing, which signature file is malformed, which key signed a bundle no
+trusted key matches; and the signature file's size cap, exactly at its limit. tests/test_signing.py
+matches these by substring only. Real keys and a tiny bundle in tmp_path."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lepton_edge.bundle import InputSpec, Manifest, OutputSpec, write_manifest
+from lepton_edge.errors import BadInput
+from lepton_edge.signing import key_id, load_public, new_keys, read_signature, sign, verify
+
+
+@pytest.fixture
+def signed(tmp_path):
+    b = tmp_path / "bundle"
+    b.mkdir()
+    (b / "model.onnx").write_bytes(b"m" * 10)
+    write_manifest(b, Manifest(name="t", created="2026-01-01", target={"id": "x86-cpu"}, format="onnx",
+                               precision="fp32", model_file="model.onnx", inputs=[InputSpec(name="x", shape=[1, 4])],
+                               outputs=[OutputSpec(name="y", shape=[1, 2])]))
+    priv, pub = new_keys(tmp_path / "keys")
+    sign(b, priv)
+    return b, pub
+
+
+def test_a_missing_trusted_key_names_its_path(tmp_path):
+    with pytest.raises(BadInput) as e:
+        load_public(tmp_path / "nope.pem")
+    assert str(e.value) == f"trusted key not found: {tmp_path / 'nope.pem'}"
+
+
+def test_a_key_file_that_is_not_pem_names_its_path(tmp_path):
+    f = tmp_path / "key.pem"
+    f.write_text("not a key")
+    with pytest.raises(BadInput) as e:
+        load_public(f)
+    assert str(e.value).startswith(f"{f}: not a PEM public key (") and str(e.value).endswith(")")
+
+
+@pytest.mark.parametrize("sig", [{"alg": "rsa", "key_id": "k", "signature": "AA=="},
+                                 {"key_id": "k", "signature": "not base64!"}])
+def test_a_malformed_signature_file_is_one_line(signed, sig):
+    b, pub = signed
+    (b / "signature").write_text(json.dumps(sig))
+    with pytest.raises(BadInput) as e:
+        verify(b, [pub])
+    assert str(e.value) == f"bundle {b}: malformed signature file"
+
+
+def test_a_bundle_signed_by_an_unknown_key_names_that_key(signed, tmp_path):
+    b, _ = signed
+    _, other = new_keys(tmp_path / "other")
+    kid = json.loads((b / "signature").read_text())["key_id"]
+    assert kid != key_id(load_public(other))
+    with pytest.raises(BadInput) as e:
+        verify(b, [other])
+    assert str(e.value) == f"bundle {b}: signed with key {kid!r}, which is not trusted here"
+
+
+def test_the_signature_file_is_capped_at_its_limit(signed):
+    """4096 bytes, the cap the device's deploy path (agent/deploy.py) also applies: written out, not
+    imported, so a change of the cap is a decision a test notices."""
+    MAX_SIGNATURE_BYTES = 4096
+    b, _ = signed
+    sig = json.loads((b / "signature").read_text())
+    pad = MAX_SIGNATURE_BYTES - len(json.dumps(sig | {"pad": ""}))
+    (b / "signature").write_text(json.dumps(sig | {"pad": "x" * pad}))
+    assert (b / "signature").stat().st_size == MAX_SIGNATURE_BYTES
+    assert read_signature(b)[0] == sig["key_id"]
+    (b / "signature").write_text(json.dumps(sig | {"pad": "x" * (pad + 1)}))
+    with pytest.raises(BadInput, match="signature file"):
+        read_signature(b)

@@ -1,0 +1,70 @@
+"""exporters/validation.py's contract beyond the gate's decision (tests/test_validation_gate.py):
+the documented default thresholds a manifest records, a verdict that serialises with no per-output
+rows, the task list the CLI's options repeat, the resident-memory figure, and that an ONNX artifact
+must keep the reference's output names (a renamed output breaks every consumer that reads it by name).
+Tiny ONNX models built with onnx.helper; no export."""
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from lepton_edge.bundle import InputSpec
+from lepton_edge.exporters import options, validation
+from lepton_edge.exporters.validation import Thresholds, Validator, Verdict, rss_bytes
+
+
+def test_default_thresholds_are_the_documented_ones():
+    assert Thresholds().as_dict() == {
+        "min_agreement": None, "agreement_margin": 0.05, "min_confident_kept": 0.99, "min_top5": 0.98,
+        "max_accuracy_drop": 0.5, "min_sqnr": 12.0, "min_cosine": 0.97, "min_mask_iou": 0.8, "min_f1": 0.9}
+
+
+def test_a_verdict_without_per_output_rows_serialises():
+    d = Verdict(passed=False, why="no model", task="raw").as_dict()
+    assert d["per_output"] == [] and d["metrics"] == {} and d["why"] == "no model"
+
+
+def test_the_cli_offers_exactly_the_tasks_validation_knows():
+    assert options.TASKS == validation.TASKS
+    assert set(validation.RELAX_FLAGS) == set(validation.TASKS)
+
+
+def test_rss_is_the_resident_set_of_this_process():
+    psutil = pytest.importorskip("psutil")
+    got, rss = rss_bytes(), psutil.Process().memory_info().rss
+    assert got is not None and abs(got - rss) < 0.1 * rss
+
+
+def _model(path: Path, w: np.ndarray, out_name: str) -> Path:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["input"], ["flat"]), helper.make_node("MatMul", ["flat", "w"], [out_name])],
+        "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 1, 4, 4])],
+        [helper.make_tensor_value_info(out_name, TensorProto.FLOAT, ["n", 3])],
+        initializer=[numpy_helper.from_array(w.astype(np.float32), "w")])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    onnx.save(m, path)
+    return path
+
+
+def test_an_onnx_artifact_that_renames_an_output_fails(tmp_path):
+    from lepton_edge.exporters.onnx import OnnxExporter
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 1, (16, 3))
+    ref_path, same, renamed = (_model(tmp_path / "ref.onnx", w, "y"), _model(tmp_path / "same.onnx", w, "y"),
+                               _model(tmp_path / "renamed.onnx", w, "logits"))
+    ex = OnnxExporter()
+    x = rng.normal(0, 1, (64, 1, 4, 4)).astype(np.float32)
+    val = Validator(ex, 1, ex.predictor(ref_path, 1), ref_path, SimpleNamespace(check_x=x, eval_x=None, eval_y=None),
+                    task="raw", thresholds=Thresholds(), input_spec=InputSpec(name="input", shape=[1, 1, 4, 4],
+                                                                             color="GRAY"), labels=None, batch=16)
+    assert val(same)[0].passed
+    verdict = val(renamed)[0]
+    assert not verdict.passed and verdict.why == "output 0: named 'logits', fp32 names it 'y'"
