@@ -12,7 +12,7 @@ DEB    := mosquitto dataset-fashion-mnist
 DEB_TEST := $(DEB) gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-good python3-gi \
             postgresql prometheus chromium tmux
 
-.PHONY: quickstart lint test test-fast test-arm64 arm64-mnv2 fuzz deb deb-test bench mutation clean
+.PHONY: quickstart lint test test-fast test-arm64 arm64-mnv2 mutation-check fuzz deb deb-test bench mutation clean
 
 $(VENV)/.base:
 	$(PYTHON) -m venv $(VENV)
@@ -101,6 +101,11 @@ MUTATION_BUDGET_S ?= 900
 mutation: deb-test $(VENV)/.all
 	$(PY) bench/mutation_bench.py run --sample $(MUTATION_SAMPLE) --budget $(MUTATION_BUDGET_S)
 	$(PY) bench/run.py --only mutation
+
+# CI's guard that the score does not fall (.ci/run): a small fixed-seed sample per module, minutes in all;
+# fails when a module kills under 80 % of its sampled mutants (equivalent ones left out)
+mutation-check: deb-test $(VENV)/.all
+	$(PY) bench/mutation_bench.py run --sample 6 --budget 150 --results out/mutation/ci.json --min-score 0.8
 
 clean:
 	rm -rf $(VENV) out build dist *.egg-info

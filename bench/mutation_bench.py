@@ -332,6 +332,9 @@ def main() -> None:
     r.add_argument("--results", type=Path, default=RESULTS, help="where the figures go (default: %(default)s)")
     r.add_argument("--budget", type=float, default=float(os.environ.get("MUTATION_BUDGET_S", "900")),
                    help="seconds per module; mutants past it are counted as not run")
+    r.add_argument("--min-score", type=float, default=None,
+                   help="exit 1 when a module run kills fewer than this share (equivalent mutants left out): "
+                        "CI's guard that the score does not fall (`make mutation-check`)")
     rep = sub.add_parser("report", help="print the table and the survivors of the last run")
     rep.add_argument("--survivors", type=lambda v: v.split(","), metavar="NAME[,NAME]",
                      help="list every surviving mutant of these modules (default: the first 8 of each)")
@@ -350,6 +353,25 @@ def main() -> None:
         print("  " + " | ".join(row))
     only = getattr(a, "survivors", None)
     print(survivors_report(saved, None if only else 8, only))
+    if getattr(a, "min_score", None) is not None:
+        low = below(saved, a.modules, a.min_score)
+        if low:
+            sys.exit(f"mutation score below {a.min_score:.0%}: " + ", ".join(low))
+
+
+def below(saved: dict, names: list[str], min_score: float) -> list[str]:
+    """The modules of this run whose killed share (equivalents left out) is under min_score."""
+    low = []
+    for name in names:
+        e = saved.get(name)
+        if e is None or "error" in e:
+            low.append(f"{name} (no result)")
+            continue
+        dead = e["killed"] + e["timeout"]
+        n = dead + len([s for s in e["survived"] if not equivalent(name, s)])
+        if n and dead / n < min_score:
+            low.append(f"{name} {dead}/{n}")
+    return low
 
 
 if __name__ == "__main__":
