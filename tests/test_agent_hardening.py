@@ -31,6 +31,7 @@ from lepton_edge.telemetry.publisher import Publisher
 from lepton_edge.telemetry.schema import MAX_COMMAND_BYTES
 from mjpeg_server import free_port
 from mqtt_helpers import Recorder, command, start_agent
+from waiting import wait_until as _wait
 
 BASE = "lepton/v1/f1/dev1"
 
@@ -67,14 +68,6 @@ def _outbox_events(agent: Agent) -> list[dict]:
             if m.topic.endswith("/events")]
 
 
-def _wait(pred, timeout: float = 20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(0.05)
-    return pred()
 
 
 def _bad_shape_bundle(src: Path, out: Path) -> Path:

@@ -24,6 +24,7 @@ from lepton_edge.bundle import Bundle, InputSpec, Manifest, OutputSpec, write_ma
 from lepton_edge.telemetry.schema import DeployCommand
 from mjpeg_server import free_port
 from mqtt_helpers import Recorder
+from waiting import wait_until as _wait
 
 
 def _tiny(d: Path, seed: int, version: str = "1", budget_ms: float = 1000.0) -> Path:
@@ -86,14 +87,6 @@ def _running(agent: Agent):
         assert not t.is_alive()
 
 
-def _wait(pred, timeout: float = 20.0, step: float = 0.01):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(step)
-    return pred()
 
 
 def _stored(state: Path, suffix: str) -> list[dict]:

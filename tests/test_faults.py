@@ -24,6 +24,7 @@ import pytest
 
 from mjpeg_server import MjpegServer, _Server, free_port
 from mqtt_helpers import Recorder, command, start_agent
+from waiting import wait_until as _wait
 
 pytestmark = pytest.mark.faults
 BASE = "lepton/v1/f1/dev1"
@@ -84,14 +85,6 @@ def _serving(rec: Recorder, port: int, agent: subprocess.Popen, cid: str) -> Non
     assert _windows_keep_coming(rec), "telemetry windows stopped"
 
 
-def _wait(pred, timeout: float, step: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(step)
-    return pred()
 
 
 def _leftovers(state: Path) -> list[str]:

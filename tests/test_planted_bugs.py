@@ -40,19 +40,11 @@ from lepton_edge.errors import BadInput
 from lepton_edge.signing import new_keys, sign, verify
 from lepton_edge.telemetry.schema import DeployCommand
 from mjpeg_server import free_port
+from waiting import wait_until as _wait
 
 MiB = 1 << 20
 
 
-def _wait(pred, timeout: float = 20.0, step: float = 0.02):
-    """pred()'s first truthy value within timeout, else its last value."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(step)
-    return pred()
 
 
 def _tiny_bundle(d: Path, labels: str = "a\nb\n") -> Path:
