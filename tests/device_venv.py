@@ -5,7 +5,9 @@ install runs; in the test venv everything is installed, so a stray `import onnx`
 (issue #12: `inspect` did exactly that). Built once per pyproject.toml (its hash names the
 directory under ~/.cache/lepton-edge/); a marker written last says it is complete, and a build
 that fails or is interrupted is removed. The editable install follows the working tree, so code
-changes need no rebuild.
+changes need no rebuild. Because the install is editable, the key also holds this checkout's
+path: a venv made from another clone (CI clones afresh) would import that clone, or nothing once
+it is deleted. Venvs whose checkout no longer exists are removed when a new one is built.
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lepton
 def device_venv(timeout: float = 900) -> Path:
     """The venv's directory (bin/python, bin/lepton-edge); builds it when missing. Raises
     RuntimeError with pip's last lines when it cannot be built (no network and no pip cache)."""
-    key = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + sys.version.encode()).hexdigest()[:12]
+    key = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + sys.version.encode()
+                         + str(ROOT).encode()).hexdigest()[:12]
     venv = CACHE / f"device-venv-{key}"
     if (venv / ".complete").exists():
         return venv
@@ -34,6 +37,7 @@ def device_venv(timeout: float = 900) -> Path:
         if (venv / ".complete").exists():
             return venv
         shutil.rmtree(venv, ignore_errors=True)  # an interrupted build: start again
+        _remove_orphans()
         try:
             # the interpreter the tests run on, without the test venv's site-packages
             base = getattr(sys, "_base_executable", sys.executable)
@@ -46,8 +50,16 @@ def device_venv(timeout: float = 900) -> Path:
         except BaseException:
             shutil.rmtree(venv, ignore_errors=True)  # nothing half made is left behind
             raise
-        (venv / ".complete").write_text(key + "\n")
+        (venv / ".complete").write_text(f"{key}\n{ROOT}\n")
     return venv
+
+def _remove_orphans() -> None:
+    """Device venvs whose checkout is gone (or that predate the path in the marker) are dead weight."""
+    for old in CACHE.glob("device-venv-*"):
+        lines = (old / ".complete").read_text().splitlines() if (old / ".complete").exists() else []
+        if len(lines) < 2 or not lines[1].startswith("/") or not Path(lines[1]).is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+
 
 if __name__ == "__main__":
     print(device_venv())
