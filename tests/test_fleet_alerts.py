@@ -5,6 +5,7 @@ import http.server
 import json
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -70,6 +71,16 @@ def test_rules_fire_once_resolve_once_and_notify(tmp_path, webhook):
     while len(got) < len(published) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert [(b["event"], b["rule"]) for b in got] == [(b["event"], b["rule"]) for _, b in published]
+    # what goes on the topic (and to the webhook) is the wire schema third parties read
+    import jsonschema
+
+    from lepton_edge.telemetry.schema_export import name_for
+    schema = json.loads((Path(__file__).parents[1] / "docs" / "schemas" / "alert.schema.json").read_text())
+    assert name_for(ALERT_TOPIC) == "alert" and schema["x-topic"] == ALERT_TOPIC
+    for _, body in published:
+        jsonschema.validate(body, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**published[0][1], "event": "exploded"}, schema)
 
 
 def test_bad_rules_file_is_one_line(tmp_path):

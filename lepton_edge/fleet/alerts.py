@@ -26,9 +26,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lepton_edge.errors import BadInput
 from lepton_edge.fleet.store.base import Alert, DeviceState, Store
+from lepton_edge.telemetry.schema import AlertChange
+from lepton_edge.telemetry.topics import MONITOR_ALERTS
 from lepton_edge.tomlfile import tomllib  # the stdlib's, or tomli on Python 3.10
 
-ALERT_TOPIC = "lepton/v1/_monitor/alerts"
+ALERT_TOPIC = MONITOR_ALERTS
 
 
 class AlertRules(BaseModel):
@@ -221,7 +223,7 @@ class AlertEngine:
                     changes.append(("resolved", r))
 
     def _announce(self, what: str, alert: Alert) -> None:
-        body = {"v": 1, "event": what, **alert.model_dump()}
+        body = AlertChange(event=what, **alert.model_dump()).model_dump(mode="json")
         self.log(f"alert {what}: [{alert.severity}] {alert.message}")
         if self.publish:
             try:

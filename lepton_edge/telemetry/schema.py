@@ -165,8 +165,27 @@ class DeployCommand(_Command):
         return self
 
 
+class AlertChange(BaseModel):
+    """On `lepton/v1/_monitor/alerts` (QoS 1, not retained): the fleet monitor fired or resolved an
+    alert. Sent by the monitor, not by a device; the same body goes to the alert webhook."""
+
+    v: int = V
+    event: Literal["fired", "resolved"]
+    id: int | None = None  # the store's id of the alert
+    fleet: str
+    device: str
+    rule: str  # offline, latency, fps, temperature, throttled, seq_gaps, rollback, error
+    severity: Literal["warning", "critical"] = "warning"
+    message: str
+    started: float  # unix seconds
+    resolved: float | None = None
+    value: float | None = None  # the value that crossed the threshold (or the event's time)
+    threshold: float | None = None
+
+
 COMMANDS: dict[str, type[_Command]] = {"ping": PingCommand, "set": SetCommand, "deploy": DeployCommand}
 
 # Every payload on the wire, by the name its JSON Schema file carries (docs/schemas/<name>.schema.json).
 PAYLOADS: dict[str, type[BaseModel]] = {"status": Status, "meta": Meta, "telemetry": Telemetry, "event": Event,
-                                        "reply": Reply, **{f"command-{verb}": m for verb, m in COMMANDS.items()}}
+                                        "reply": Reply, **{f"command-{verb}": m for verb, m in COMMANDS.items()},
+                                        "alert": AlertChange}

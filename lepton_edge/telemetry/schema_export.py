@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lepton_edge.telemetry.schema import COMMANDS, PAYLOADS
-from lepton_edge.telemetry.topics import Topics
+from lepton_edge.telemetry.topics import MONITOR_ALERTS, Topics
 
 DEFAULT_DIR = Path("docs/schemas")
 DIALECT = "https://json-schema.org/draft/2020-12/schema"
@@ -31,11 +31,14 @@ TOPIC: dict[str, Callable[[Topics], str]] = {
     "status": lambda t: t.status, "meta": lambda t: t.meta, "telemetry": lambda t: t.telemetry,
     "event": lambda t: t.events, "reply": lambda t: t.reply("{verb}"),
     **{f"command-{verb}": partial(Topics.cmd, verb=verb) for verb in COMMANDS},
+    "alert": lambda t: MONITOR_ALERTS,
 }
 
 
 def name_for(topic: str) -> str | None:
     """The PAYLOADS name of what travels on a concrete topic (how a consumer picks the schema)."""
+    if topic == MONITOR_ALERTS:
+        return "alert"
     parsed = Topics.parse(topic)
     if parsed is None:
         return None

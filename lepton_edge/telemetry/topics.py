@@ -2,6 +2,7 @@
 
     lepton/v1/<fleet>/<device>/{status,meta,telemetry,events}
     lepton/v1/<fleet>/<device>/cmd/<verb>          (and .../cmd/<verb>/reply)
+    lepton/v1/_monitor/alerts                      (the fleet monitor's alert changes)
 
 Why one class builds every topic: the agent, the simulator, the monitor and the operator's
 commands must agree on the tree to the character, and third parties read it from here and from
@@ -16,6 +17,9 @@ from dataclasses import dataclass
 from lepton_edge.errors import BadInput
 
 PREFIX = "lepton/v1"
+# The monitor's own subtree: `_monitor` can never be a fleet (segments start with a letter or a
+# digit), so the devices' subtrees stay theirs and an ACL can give the monitor this one alone.
+MONITOR_ALERTS = f"{PREFIX}/_monitor/alerts"
 _SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
