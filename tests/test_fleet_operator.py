@@ -106,6 +106,28 @@ def test_monitor_waits_for_a_locked_store_with_one_line_then_runs(tmp_path, mosq
     assert json.loads(out)["devices"] == []
 
 
+def test_monitor_log_lines_follow_log_json(tmp_path, mosquitto):
+    """The monitor's own lines (a locked store, connecting) are log records: with --log-json every
+    stderr line is one JSON object a log shipper can read."""
+    path = tmp_path / "fleet.sqlite"
+    open_store(path).close()
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    p = subprocess.Popen([EXE, "--log-json", "monitor", "--broker", mosquitto.url, "--store", str(path), "--once",
+                          "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        first = p.stderr.readline()
+        other.execute("COMMIT")
+        out, rest = p.communicate(timeout=60)
+    finally:
+        other.close()
+        p.kill()
+    assert p.returncode == 0, first + rest
+    records = [json.loads(line) for line in (first + rest).splitlines() if line.strip()]
+    assert records and "locked" in records[0]["message"] and records[0]["level"] == "WARNING", records
+    assert json.loads(out)["devices"] == []
+
+
 # ---- --once: a read that disturbs nothing --------------------------------------------------------
 def test_once_does_not_take_over_the_session_of_a_running_monitor(tmp_path, mosquitto):
     service = subprocess.Popen([EXE, "monitor", "--broker", mosquitto.url, "--store", str(tmp_path / "a.sqlite"),

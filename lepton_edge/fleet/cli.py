@@ -7,6 +7,7 @@ dashboard, alerts, Home Assistant), one line per error. The main `lepton-edge` C
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import sys
@@ -16,6 +17,8 @@ import time
 import typer
 
 from lepton_edge.errors import BadInput, LeptonError
+
+_log = logging.getLogger("lepton_edge.fleet.monitor")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Watch the fleet: monitor, simulate.")
 
@@ -116,8 +119,9 @@ def monitor(
 
     retain_s, listen, token = _check_monitor_options(retain, web, token, seconds, metrics)
 
-    def log(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
+    def log(line: str) -> None:  # through logging, so --quiet, --verbose and --log-json apply
+        failed = line.startswith(("error", "warning")) or " failed" in line or "retrying" in line
+        _log.log(logging.WARNING if failed else logging.INFO, line)
 
     st = open_store_retrying(store, log, wait_s=10.0 if once else STORE_WAIT_S)
     hub_notify: list = []
