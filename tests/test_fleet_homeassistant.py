@@ -84,6 +84,13 @@ def test_discovery_payload_follows_documented_schema(bridge_env, mosquitto):
     oid = ha_id("lab", "cam-1.v2")
     assert oid.startswith("lepton_lab_cam-1_v2_") and all(ch.isalnum() or ch in "_-" for ch in oid)
     topic = f"homeassistant/device/{oid}/config"
+    # the bridge publishes in the background: once a first subscriber has seen the config, the broker
+    # holds it, and a subscriber that comes after must get it as a retained message
+    probe = Recorder(mosquitto.port, client_id="ha-probe", topic="homeassistant/#")
+    try:
+        assert probe.wait_for(lambda r: _configs(r, topic), timeout=10), "no discovery config on the broker"
+    finally:
+        probe.close()
     rec = Recorder(mosquitto.port, client_id="ha-sub", topic="homeassistant/#")  # subscribes after: retained
     try:
         got = rec.wait_for(lambda r: _configs(r, topic), timeout=10)
