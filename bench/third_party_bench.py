@@ -32,7 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from third_party.corpus import MODELS, calib_dir, eval_dir, fetch  # noqa: E402
+from third_party.corpus import MODELS, calib_dir, eval_dir, fetch, text_scenes_dir  # noqa: E402
 
 CLI = str(Path(sys.executable).parent / "lepton-edge")
 MEM_LIMIT = int(os.environ.get("LEPTON_BENCH_MEM", 8 << 30))  # address-space cap of every command
@@ -185,9 +185,23 @@ def softmaxed(v: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
-def judge(task: str, ref: list[list[np.ndarray]], got: list[list[np.ndarray]], noisy: list[list[np.ndarray]]) -> dict:
-    """Task metrics of `got` against `ref` (fp32); `noisy` is fp32 on inputs + N(0, 0.01): the ceiling."""
+def judge(task: str, ref: list[list[np.ndarray]], got: list[list[np.ndarray]], noisy: list[list[np.ndarray]],
+          spec=None) -> dict:
+    """Task metrics of `got` against `ref` (fp32); `noisy` is fp32 on inputs + N(0, 0.01): the ceiling.
+    Detectors (with the fp32 bundle's input spec): boxes decoded by the head that reads fp32's outputs,
+    F1 against fp32's boxes, as the export's gate does (exporters/task_metrics.detect)."""
     m: dict[str, float] = {}
+    if task == "detect" and spec is not None:
+        from types import SimpleNamespace
+
+        from lepton_edge.exporters import task_metrics as tm
+
+        def stacked(per_input: list[list[np.ndarray]]) -> list[np.ndarray]:
+            return [np.concatenate([o[k] for o in per_input]) for k in range(len(per_input[0]))]
+
+        found: dict = {}
+        if tm.detect(stacked(ref), stacked(got), spec, None, SimpleNamespace(min_f1=0.9), found) is not None:
+            m.update({k: round(float(v), 4) for k, v in found.items()})
     n_out = len(ref[0])
     m["sqnr_db"] = round(min(sqnr_db(np.concatenate([r[i].ravel() for r in ref]),
                                      np.concatenate([g[i].ravel() for g in got])) for i in range(n_out)), 2)
@@ -205,13 +219,15 @@ def judge(task: str, ref: list[list[np.ndarray]], got: list[list[np.ndarray]], n
         m["confident_top1_kept"] = round(float(np.mean(conf)), 4) if conf else 1.0
         m["confident_n"] = len(conf)
         m[f"top1_in_top{k}"] = round(float(np.mean([a.argmax() in np.argsort(-b)[:k] for a, b in zip(pr, pg)])), 4)
-    if task == "segment":
-        ious = []
+    if task == "segment":  # pooled over the inputs: an empty map matched by an empty one earns nothing,
+        inter = union = shown = 0  # and text "found" on an input without any costs its pixels
         for r, g in zip(ref, got):
             a, b = r[0] > 0.3, g[0] > 0.3
-            u = np.logical_or(a, b).sum()
-            ious.append(1.0 if u == 0 else float(np.logical_and(a, b).sum() / u))
-        m["mask_iou"] = round(float(np.mean(ious)), 4)
+            inter += int(np.logical_and(a, b).sum())
+            union += int(np.logical_or(a, b).sum())
+            shown += int(a.mean() >= 0.001)
+        m["mask_iou"] = round(inter / union, 4) if union else float("nan")
+        m["mask_inputs"] = shown  # inputs where fp32's mask shows something: the IoU's evidence
     return m
 
 
@@ -295,7 +311,11 @@ def bench_model(name: str, work: Path, quick: bool, plan: list[str] | None = Non
         return row
     ref_bytes = os.path.getsize(ref_file)
     try:
-        xs = inputs(spec_bundle, eval_dir(), 60)
+        # a text detector is judged on photos with words drawn on them (the evaluation crops show text in 2 of 60)
+        xs = inputs(spec_bundle, text_scenes_dir() if m.task == "segment" else eval_dir(), 60)
+        from lepton_edge.runtime import Runtime
+
+        spec = Runtime.load(spec_bundle).spec
         cal = inputs(spec_bundle, calib_dir(), 72)
         ref_s = session(ref_file, 2)
         ref = outputs(ref_s, xs)
@@ -306,7 +326,7 @@ def bench_model(name: str, work: Path, quick: bool, plan: list[str] | None = Non
         for key, res in (("int8", row["int8"]), ("rpi4", row.get("rpi4") or {}), ("nncf", row["nncf"])):
             f = res.get("file")
             if f and f.endswith(".onnx"):
-                res["metrics"] = judge(m.task, ref, outputs(session(f, 2), xs), noisy)
+                res["metrics"] = judge(m.task, ref, outputs(session(f, 2), xs), noisy, spec)
                 res["size_vs_fp32"] = round(res["bytes"] / ref_bytes, 3)
                 files[key] = f
         lat = latency_ms(files, xs[0])
@@ -358,6 +378,11 @@ def _metric(r: dict | None) -> str:
         return (f"top1 {mt['top1_agreement']:.3f} (ceiling {mt['ceiling']:.3f}), conf kept "
                 f"{mt['confident_top1_kept']:.3f}/{mt['confident_n']}, {topk} {mt[topk]:.3f}")
     s = f"SQNR {mt['sqnr_db']:.1f} dB, cos {mt['cosine']:.4f}"
+    if "f1_vs_fp32" in mt:
+        s = (f"F1 vs fp32 {mt['f1_vs_fp32']:.3f} ({mt['boxes_reference']:.0f} fp32 boxes), score drift "
+             f"{mt['score_drift']:.3f}; " + s)
+    if "mask_inputs" in mt:
+        s += f", {mt['mask_inputs']} inputs showing text"
     return s + (f", mask IoU {mt['mask_iou']:.3f}" if "mask_iou" in mt else "")
 
 

@@ -28,8 +28,10 @@ from lepton_edge.exporters.exporter import Exporter, formats, get_exporter, regi
 from lepton_edge.exporters.options import ExportOptions, parse_size  # noqa: F401 (API)
 from lepton_edge.manifest_sections import (
     CalibrationSection,
+    ConstantInputSection,
     ConversionSection,
     LatencySection,
+    PostprocessSection,
     PruningSection,
     QuantizationSection,
     ValidationSection,
@@ -117,7 +119,11 @@ def _load(ctx: ExportContext, model, example_input, exporter: Exporter) -> None:
     with ctx.progress.stage("load model"):
         src = model_source.load(model, profile_hw=tuple(prof.input_size), input_shape=o.input_shape,
                                 example_input=example_input, weights=o.weights, labels=o.labels, name=o.name,
-                                color=o.color, mean=o.mean, std=o.std)
+                                color=o.color, mean=o.mean, std=o.std, input_values=o.input_values)
+    if src.extra_inputs:  # the constants baked for the non-image inputs, and how each was chosen
+        ctx.report.compression.constant_inputs = [
+            ConstantInputSection(name=i.name, shape=i.shape, dtype=i.dtype, value=i.value,
+                                 rule=src.constant_rules.get(i.name, "")) for i in src.extra_inputs]
     if src.kind not in exporter.sources:
         raise BadInput(f"{exporter.format} export converts PyTorch models (zoo:, .pt, .pt2, nn.Module); "
                        f"for an {src.kind.upper()} file use --format onnx")
@@ -212,6 +218,12 @@ def _validator(ctx: ExportContext, exporter: Exporter, fp32: Path, fp32_pred):
                              labels=src.labels, enforce=src.trained)
     ctx.progress.info(f"[dim]validating as task '{validate.task}'"
                       f"{' (inferred from the outputs)' if validate.task_inferred else ''}[/]")
+    if validate.task == "detect":  # the device decodes boxes as the gate did: task and head in the manifest
+        from lepton_edge.exporters.task_metrics import detect_head
+
+        src.task = "detect"
+        ctx.report.postprocess = PostprocessSection(head=detect_head(validate.ref.outputs, src.input_spec,
+                                                                     src.labels))
     return validate
 
 

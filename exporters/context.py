@@ -19,6 +19,7 @@ from lepton_edge.exporters.options import ExportOptions
 from lepton_edge.manifest_sections import (
     CompressionSection,
     LatencySection,
+    PostprocessSection,
     ValidationSection,
 )
 
@@ -50,6 +51,7 @@ class ExportReport:
     compression: CompressionSection = field(default_factory=CompressionSection)
     validation: ValidationSection | None = None
     latency: LatencySection | None = None
+    postprocess: PostprocessSection | None = None  # a detector's head (exporters/base.py _validator)
     started: float = field(default_factory=time.perf_counter)
 
 

@@ -180,7 +180,7 @@ def gather(src, *, precision: str, calib, samples: int, eval_set, eval_limit, ho
         ui.info(f"[dim]{note}[/]")
     calib_x = held = None
     info: dict[str, Any] = {}
-    if precision == "int8":
+    if precision == "int8" or (precision == "fp16" and calib is not None):  # fp16: ranges (compress/fp16.py)
         with ui.stage("load calibration data"):
             calib_x, held, info = calibration(src, calib, samples, holdout, allow_synthetic)
     elif calib is not None:

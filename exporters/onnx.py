@@ -14,6 +14,7 @@ from lepton_edge.compress import quantize
 from lepton_edge.errors import BadInput
 from lepton_edge.exporters.context import ExportContext
 from lepton_edge.exporters.exporter import Exporter
+from lepton_edge.manifest_sections import Fp16Section
 
 
 def _silenced():
@@ -75,11 +76,29 @@ class OnnxExporter(Exporter):
         if precision == "fp32":
             shutil.copyfile(fp32_path, out_path)  # as to_fp32 wrote it (names compacted for torch sources)
         elif precision == "fp16":
-            quantize.convert_fp16(fp32_path, out_path)
-            quantize.compact_names(out_path)
+            self._fp16(ctx, fp32_path, out_path)
         else:
             raise ValueError("int8 goes through quantize_int8 with a recipe")
         return out_path
+
+    def _fp16(self, ctx: ExportContext, fp32_path: Path, out_path: Path) -> None:
+        """fp16 with the nodes fp16 cannot hold kept in fp32. Activation ranges come from the
+        calibration inputs; with no --calib, from the validation inputs (better than no data: they
+        only ever widen what stays fp32, and the manifest says which were used)."""
+        data = ctx.data
+        if data is not None and data.calib_x is not None:
+            x, source = data.calib_x, f"calibration data ({data.calib_info.get('source') or 'given'})"
+        elif data is not None:
+            x, source = data.check_x, f"validation inputs ({data.check_kind}; no --calib)"
+        else:
+            x, source = None, "weights only (no data)"
+        res = quantize.convert_fp16(fp32_path, out_path, x)
+        quantize.compact_names(out_path)
+        ctx.report.compression.fp16 = Fp16Section(**res.record(source))
+        if res.float_nodes:
+            shown = ", ".join(res.float_nodes[:5]) + (" ..." if len(res.float_nodes) > 5 else "")
+            ctx.progress.info(f"[dim]fp16: {len(res.float_nodes)} node(s) kept in fp32, their values "
+                              f"leave fp16's range: {shown}[/]")
 
     def prepare_int8(self, ctx: ExportContext, fp32_path: Path) -> Path:
         return quantize.prepare(fp32_path, ctx.workdir / "prepared.onnx")

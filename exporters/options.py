@@ -55,6 +55,45 @@ def parse_size(text: str | int | None, flag: str = "--max-size") -> int | None:
     return n
 
 
+def parse_input_values(given: Any) -> dict[str, list[float]]:
+    """--input-value NAME=V1,V2,... (repeatable) or the Python API's {name: values} -> {name: [floats]}.
+
+    Only the form is checked here (a name, numbers, each name once); whether the model has that
+    input and how many values it takes is the model loader's check (model_source), which knows
+    the model."""
+    items: list[tuple[Any, Any]]
+    if isinstance(given, dict):
+        items = list(given.items())
+    elif isinstance(given, (list, tuple)) and all(isinstance(x, str) for x in given):
+        items = []
+        for text in given:
+            name, eq, values = text.partition("=")
+            if not eq or not name.strip():
+                raise ValueError(f"must look like NAME=V1,V2,... (e.g. scale_factor=1,1), got {text!r}")
+            items.append((name.strip(), values))
+    else:
+        raise ValueError(f"must be a dict of input -> values or NAME=V1,V2,... strings, got {type(given).__name__}")
+    out: dict[str, list[float]] = {}
+    for name, values in items:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"input names must be non-empty strings, got {name!r}")
+        if name in out:
+            raise ValueError(f"{name!r} is given twice")
+        raw = [x for x in values.replace(" ", "").split(",") if x] if isinstance(values, str) else values
+        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+            raw = [raw]
+        if not isinstance(raw, (list, tuple)) or not raw:
+            raise ValueError(f"{name}: give one or more numbers, got {values!r}")
+        try:
+            nums = [float(x) if not isinstance(x, bool) else math.nan for x in raw]
+        except (TypeError, ValueError):
+            nums = [math.nan]
+        if not all(math.isfinite(x) for x in nums):
+            raise ValueError(f"{name}: values must be finite numbers, got {values!r}")
+        out[name] = nums
+    return out
+
+
 def parse_memory(value: str | int | None) -> int | None:
     """--max-memory: '4GB', '512MiB' or bytes; None keeps the default (available memory less a margin)."""
     try:
@@ -69,8 +108,9 @@ def parse_memory(value: str | int | None) -> int | None:
 class ExportOptions(BaseModel):
     """What to export and how: the fields are the keyword arguments of `lepton_edge.export` and,
     dashes for underscores, the flags of `lepton-edge export` (`eval` is `--eval`, `format` is
-    `--format`, `out` is `--out`; `holdout` and `measure_latency` are the Python API's only). None
-    means "the target profile's default" where a profile has one.
+    `--format`, `out` is `--out`, `input_values` the repeatable `--input-value`; `holdout` and
+    `measure_latency` are the Python API's only). None means "the target profile's default" where a
+    profile has one.
     """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -90,6 +130,9 @@ class ExportOptions(BaseModel):
     color: Literal["RGB", "BGR", "GRAY"] | None = None
     mean: list[Number] | None = None
     std: list[Number] | None = None
+    # the constants fed to a multi-input model's non-image inputs (else a rule by name, datasets.constant_value);
+    # input name -> its values flat in row-major order; the CLI's repeatable --input-value NAME=V1,V2
+    input_values: dict[str, list[float]] | None = None
     # data
     calib: PathLike | None = None
     calib_samples: Count | None = None
@@ -114,6 +157,7 @@ class ExportOptions(BaseModel):
     min_sqnr: Annotated[float, Field(ge=-200.0, le=200.0, allow_inf_nan=False, strict=True)] = 12.0
     min_cosine: Fraction = 0.97
     min_f1: Fraction = 0.9
+    min_mask_iou: Fraction = 0.8
     measure_latency: bool = True
 
     @field_validator("max_size")
@@ -139,6 +183,11 @@ class ExportOptions(BaseModel):
             except ValidationError as e:  # one line naming the unknown recipe
                 raise ValueError(e.errors()[0]["msg"].removeprefix("Value error, ")) from None
         return v or None
+
+    @field_validator("input_values", mode="before")
+    @classmethod
+    def _input_values(cls, v):
+        return parse_input_values(v) if v else None
 
     @field_validator("std")
     @classmethod
@@ -178,7 +227,8 @@ class ExportOptions(BaseModel):
 
         return val.Thresholds(min_agreement=self.min_agreement, max_accuracy_drop=self.max_accuracy_drop,
                               min_confident_kept=self.min_confident_kept, min_top5=self.min_top5,
-                              min_sqnr=self.min_sqnr, min_cosine=self.min_cosine, min_f1=self.min_f1)
+                              min_sqnr=self.min_sqnr, min_cosine=self.min_cosine, min_f1=self.min_f1,
+                              min_mask_iou=self.min_mask_iou)
 
     # ---- building one --------------------------------------------------------------------------
 
@@ -214,8 +264,11 @@ def _as_value_error(fn, v) -> None:
         raise ValueError(str(e).split(" ", 1)[1]) from None
 
 
+FLAGS = {"input_values": "--input-value"}  # a repeatable flag, one value each: named in the singular
+
+
 def flag_name(field: str) -> str:
-    return "--" + field.replace("_", "-")
+    return FLAGS.get(field, "--" + field.replace("_", "-"))
 
 
 def describe_error(e: ValidationError, flags: bool = False) -> str:

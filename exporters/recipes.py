@@ -84,13 +84,15 @@ def search(ctx, exporter, prepared: Path, validate, recipes: list[str], *, patie
     t0 = time.perf_counter()
     limit = max_memory if max_memory is not None else cal.default_memory_budget()
     out = SearchResult(max_memory_bytes=limit)
-    passed: list[SearchResult] = []
+    best: SearchResult | None = None  # the best passing candidate so far: the only one kept (file and session)
     done: dict[str, q.QuantResult] = {}
     plain = [r for r in recipes if not q.Recipe.parse(r).sensitive]
     fallback = [r for r in recipes if q.Recipe.parse(r).sensitive]
+    bases = {q.Recipe.parse(r).base for r in fallback}  # a failed candidate's file a sensitivity pass may need
     order = [(r, False) for r in plain] + [(r, True) for r in fallback]
     x1 = check_x[:1]
     since_best = 0  # candidates tried since the best passing one
+    deadline = _Deadline(t0, search_time)
 
     def record(label: str, **fields) -> dict:
         entry = {"recipe": label, **fields}
@@ -98,14 +100,14 @@ def search(ctx, exporter, prepared: Path, validate, recipes: list[str], *, patie
         return entry
 
     for i, (name, is_fallback) in enumerate(order):
-        best_name = max(passed, key=lambda r: r.rank_key).recipe if passed else None
-        why_not = _not_started(is_fallback, best_name, bool(out.attempts), time.perf_counter() - t0, search_time,
-                               since_best, patience)
+        why_not = _not_started(is_fallback, best.recipe if best else None, bool(out.attempts),
+                               time.perf_counter() - t0, search_time, since_best, patience)
         if why_not:
             record(name, passed=False, skipped=True, why=why_not)
             continue
         recipe = q.Recipe.parse(name)
         with cal.MemoryWatch(limit, what=f"int8 recipe {name}") as watch:
+            deadline.watch = watch
             try:
                 candidates = _float_layer_sets(ctx, exporter, prepared, recipe, done, f"base-{i}", watch.check)
             except (cal.MemoryExceeded, q.BrokenGraph, CheckFailed, ValueError, RuntimeError) as e:
@@ -120,7 +122,7 @@ def search(ctx, exporter, prepared: Path, validate, recipes: list[str], *, patie
                 try:
                     with ctx.progress.stage(f"int8 recipe {label}"):
                         res = exporter.quantize_int8(ctx, prepared, workdir / f"int8-{i}-{j}{exporter.suffix}",
-                                                     recipe, exclude, watch.check)
+                                                     recipe, exclude, deadline.check)
                         done.setdefault(name, res)
                         result, pred, ram = validate(res.path)
                         watch.check()
@@ -136,25 +138,72 @@ def search(ctx, exporter, prepared: Path, validate, recipes: list[str], *, patie
                                        watch.peak))
                 _say(ctx.progress, ok, why, metrics)
                 if ok:
+                    # no session kept, not even the best's: it is opened again once the search is over
                     cand = SearchResult(res.path, label, exporter.int8_method(recipe), res.float_nodes, result,
-                                        pred, ram, rank_key=(score, -size, -(lat or 0.0)))
-                    since_best = 0 if not passed or cand.rank_key > max(r.rank_key for r in passed) else since_best + 1
-                    passed.append(cand)
+                                        None, ram, rank_key=(score, -size, -(lat or 0.0)))
+                    pred = None
+                    best, improved = _better(best, cand)
+                    deadline.best = best.recipe
+                    since_best = 0 if improved else since_best + 1
                     break
-                if passed:
+                # judged and failed: its session goes now (not when the next candidate replaces `pred`),
+                # its file too unless a sensitivity pass may start from it
+                pred = None
+                if name not in bases or done.get(name) is not res:
+                    res.path.unlink(missing_ok=True)
+                if best is not None:
                     since_best += 1
         out.peak_rss_bytes = max(out.peak_rss_bytes, watch.peak)
     out.seconds = time.perf_counter() - t0
-    if passed:
-        best = max(passed, key=lambda r: r.rank_key)
+    if best is not None:
         best.attempts, best.peak_rss_bytes, best.max_memory_bytes, best.seconds = (
             out.attempts, out.peak_rss_bytes, out.max_memory_bytes, out.seconds)
         for a in out.attempts:
             a["chosen"] = a["recipe"] == best.recipe
+        best.predict = exporter.predictor(best.path, ctx.threads)
         return best
     if not any(not a.get("skipped") for a in out.attempts):
         out.failure = _failure(out.attempts)
     return out
+
+
+class SearchTimeSpent(Exception):
+    """--search-time ran out while a candidate calibrated, with a passing candidate in hand."""
+
+
+class _Deadline:
+    """The check a candidate's calibration calls between batches: the memory watch's, and past
+    --search-time, once a candidate has passed, a stop. Why: the budget used to stop only new
+    candidates, and one histogram calibration of an 800x608 detector (onnxruntime sorts every
+    tensor of every batch after the first into its histogram) ran 6 minutes past a 3-minute budget."""
+
+    def __init__(self, t0: float, seconds: float):
+        self.t0, self.seconds = t0, seconds
+        self.best: str | None = None
+        self.watch: Any = None
+
+    def check(self) -> None:
+        if self.watch is not None:
+            self.watch.check()
+        if self.best is not None and time.perf_counter() - self.t0 > self.seconds:
+            raise SearchTimeSpent(f"--search-time {self.seconds:g} s spent while it calibrated "
+                                  f"({self.best} passed already)")
+
+
+def _better(best: SearchResult | None, cand: SearchResult) -> tuple[SearchResult, bool]:
+    """(the better of two passing candidates, whether it is `cand`); a tie keeps the earlier one.
+    The other's file is deleted at once (no candidate holds a runtime session: a session keeps its
+    memory arena while it lives, and the search used to hold one per passing candidate)."""
+    if best is None or cand.rank_key > best.rank_key:
+        _drop(best)
+        return cand, True
+    _drop(cand)
+    return best, False
+
+
+def _drop(cand: SearchResult | None) -> None:
+    if cand is not None and cand.path is not None:
+        cand.path.unlink(missing_ok=True)
 
 
 def _not_started(is_fallback: bool, best: str | None, tried_any: bool, elapsed: float, search_time: float,
@@ -200,7 +249,7 @@ def _tried(ok: bool, why: str | None, score: tuple, metrics: dict, size: int, la
 
 def _skip(progress, record, label: str, e: Exception, watch) -> None:
     why = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-    if not isinstance(e, (cal.MemoryExceeded, q.BrokenGraph)):
+    if not isinstance(e, (cal.MemoryExceeded, q.BrokenGraph, SearchTimeSpent)):
         why = f"the quantizer failed: {why}"
     record(label, passed=False, skipped=True, why=why, peak_rss_bytes=watch.peak)
     progress.info(f"  [yellow]skipped[/]: {why}")

@@ -14,6 +14,13 @@ import numpy as np
 # certainty when that is higher (a 2-class model is "0.5 sure" of every input: 0.75 there)
 CONFIDENT = 0.5
 MASK_AT = 0.5  # probability maps are thresholded here for the mask IoU
+# A segmentation map's mask IoU is evidence only where fp32's mask shows: a text detector's map on
+# photos without text is ~0 everywhere, and its cosine/SQNR there measure rounding noise (int8 gives
+# exact zeros: cosine 0 on an image where nothing was lost). A sample shows a mask when this share of
+# its map is >= MASK_AT (a stray pixel is no object) ...
+MASK_MIN_FRACTION = 0.001
+MIN_MASK_SAMPLES = 4  # ... and the IoU is judged once this many validation inputs show one (an image, 3 views)
+NO_EVIDENCE_MAX_ABS = 0.01  # with fewer, a map passes only this close to fp32's everywhere (fp16 does)
 BOX_IOU = 0.5  # detections match fp32's from this IoU (and the same class)
 NN_SAMPLES = 2000  # embeddings the nearest-neighbour agreement is measured on
 
@@ -179,17 +186,32 @@ def is_probability_map(r: np.ndarray) -> bool:
     return r.ndim >= 3 and r.size > 0 and float(r.min()) >= 0.0 and float(r.max()) <= 1.0
 
 
+def mask_samples(r: np.ndarray) -> int:
+    """How many samples show fp32's mask (>= MASK_MIN_FRACTION of the map at >= MASK_AT)."""
+    return int(((_flat(r) >= MASK_AT).mean(1) >= MASK_MIN_FRACTION).sum()) if len(r) else 0
+
+
 def dense(ref: list[np.ndarray], out: list[np.ndarray], per_output: list[dict], th, metrics: dict,
-          start: int = 0) -> list[str]:
-    """SQNR and cosine for each output from `start` (mask IoU for probability maps)."""
+          start: int = 0, masks: bool = False) -> list[str]:
+    """SQNR and cosine for each output from `start` (mask IoU for probability maps).
+
+    With `masks` (task segment) a probability map is gated by what its user thresholds it for, the
+    mask IoU (pooled over samples, so false positives on empty samples count), once enough samples
+    show fp32's mask; SQNR, cosine and the absolute errors are reported beside it, not gated."""
     why = []
-    sq, co, iou = [], [], []
+    sq, co, iou, shown = [], [], [], []
     for k in range(start, len(ref)):
         r, a, row = ref[k], out[k], per_output[k]
         s, c = sqnr_db(r, a), float(cosine(r, a).mean())
         row.update(sqnr_db=s, cosine=c)
         sq.append(s)
         co.append(c)
+        if masks and is_probability_map(r):
+            why += _mask_gate(r, a, row, th)
+            shown.append(row["mask_samples"])
+            if "mask_iou" in row:
+                iou.append(row["mask_iou"])
+            continue
         if s < th.min_sqnr:
             why.append(f"output {row['name']}: SQNR {s:.1f} dB < {th.min_sqnr} dB")
         if c < th.min_cosine:
@@ -203,16 +225,49 @@ def dense(ref: list[np.ndarray], out: list[np.ndarray], per_output: list[dict], 
         metrics.update(sqnr_db=min(sq), cosine=min(co))
     if iou:
         metrics["mask_iou"] = min(iou)
+    if shown:
+        metrics["mask_samples"] = float(min(shown))
     return why
+
+
+def _mask_gate(r: np.ndarray, a: np.ndarray, row: dict, th) -> list[str]:
+    """A segmentation probability map's gate: mask IoU where fp32's mask shows on enough samples;
+    else no evidence, and only a map within NO_EVIDENCE_MAX_ABS of fp32's everywhere passes."""
+    d = np.abs(r.astype(np.float64) - a.astype(np.float64))
+    n, have = len(r), mask_samples(r)
+    row.update(mask_samples=have, mask_fraction=float((r >= MASK_AT).mean()), mean_abs_diff=float(d.mean()),
+               max_abs_diff=float(d.max()))
+    if have >= MIN_MASK_SAMPLES:
+        m = mask_iou(r, a) or 0.0
+        row["mask_iou"] = m
+        return [f"output {row['name']}: mask IoU {m:.4f} < {th.min_mask_iou} (>= {MASK_AT}, pooled over "
+                f"{n} inputs, {have} showing fp32's mask)"] if m < th.min_mask_iou else []
+    if d.max() <= NO_EVIDENCE_MAX_ABS:
+        return []
+    return [f"output {row['name']}: no evidence: fp32's mask (>= {MASK_AT}) shows on {have} of {n} validation "
+            f"inputs ({MIN_MASK_SAMPLES} needed to judge its IoU) and the map differs by up to {d.max():.3f}; "
+            "validate on inputs that contain what the model finds (--calib/--eval images)"]
 
 
 # ---- detect ------------------------------------------------------------------------------------
 
-def _boxes(outputs: list[np.ndarray], i: int, spec, labels):
+def _boxes(outputs: list[np.ndarray], i: int, spec, labels, head: str | None = None):
     from lepton_edge.runtime import postprocess as pp
 
     h, w = spec.hw()
-    return pp.detect([o[i:i + 1] for o in outputs], spec, (h, w), labels)
+    return pp.detect([o[i:i + 1] for o in outputs], spec, (h, w), labels, head=head)
+
+
+def detect_head(outputs: list[np.ndarray], input_spec, labels=None) -> str | None:
+    """The detector head (runtime/detect_heads.py) that reads the fp32 reference's outputs (first
+    sample), or None: the gate decodes fp32's and the artifact's boxes with it, and the bundle
+    records it so the device decodes the same way."""
+    from lepton_edge.runtime import detect_heads as dh
+
+    try:
+        return dh.recognise([o[:1] for o in outputs], input_spec.hw(), len(labels) if labels else None)
+    except Exception:
+        return None
 
 
 def _iou(a, b) -> float:
@@ -224,14 +279,18 @@ def _iou(a, b) -> float:
 
 
 def detect(ref: list[np.ndarray], out: list[np.ndarray], spec, labels, th, metrics: dict) -> list[str] | None:
-    """Boxes through the runtime's own post-processing, matched to fp32's (same class, IoU >= 0.5,
-    best score first): F1 against fp32 and the mean score drift of matched boxes. None when the
-    outputs have a layout the runtime does not know (then they are compared as raw outputs)."""
+    """Boxes through the runtime's own post-processing (the head that reads fp32's outputs, for both),
+    matched to fp32's (same class, IoU >= 0.5, best score first): F1 against fp32 and the mean score
+    drift of matched boxes. None when the outputs have a layout the runtime does not know (then they
+    are compared as raw outputs)."""
     tp = n_ref = n_art = 0
     drift = []
+    head = detect_head(ref, spec, labels)  # fp32's head decodes both: an artifact's outputs are not re-guessed
+    if head is None:
+        return None
     try:
         for i in range(len(ref[0])):
-            br, ba = _boxes(ref, i, spec, labels), _boxes(out, i, spec, labels)
+            br, ba = _boxes(ref, i, spec, labels, head), _boxes(out, i, spec, labels, head)
             n_ref, n_art = n_ref + len(br), n_art + len(ba)
             free = list(range(len(br)))
             for d in ba:
@@ -305,8 +364,9 @@ def score(task: str, passed: bool, m: dict) -> tuple:
 
 def infer_task(outputs: list[np.ndarray], specs: list[dict], input_spec, labels=None) -> str:
     """classify / detect / segment / embed / raw from the reference outputs' shapes and names:
-    - detect: an output named like boxes/bbox/det, or one output [4+nc, N] (N >= 8x, >= 100)
-      that the runtime's YOLO post-processing reads;
+    - detect: outputs a size-bound detector head reads (runtime/detect_heads.py: PicoDet's score and
+      box-distribution maps, YOLOX's grid; labels or not), or an output named like boxes/bbox/det,
+      or one output [4+nc, N] (N >= 8x, >= 100) that the runtime's YOLO post-processing reads;
     - segment: an output per sample [C, H, W] (or [H, W]) at >= 1/8 of the input's H and W;
     - embed: output 0 per sample [D], named emb/feat/descriptor, or of unit L2 norm everywhere;
     - classify: output 0 per sample [C] with C > 1 (labels given: always classify);
@@ -314,6 +374,10 @@ def infer_task(outputs: list[np.ndarray], specs: list[dict], input_spec, labels=
     A detector must also be one the runtime's post-processing decodes (else its boxes could not be
     matched); several per-sample vectors of different widths (MTCNN's box deltas [4], landmarks [10],
     face probability [2]) are heads of a multi-task model, not a classifier: raw."""
+    from lepton_edge.runtime import detect_heads as dh
+
+    if detect_head(outputs, input_spec, labels) in dh.SIZE_BOUND:
+        return "detect"
     if labels:
         return "classify"
     names = [str(s.get("name", "")).lower() for s in specs] + [""] * len(outputs)

@@ -1,10 +1,11 @@
 """TFLite exporter: PyTorch -> TFLite with litert-torch (no TensorFlow), validated in LiteRT.
 
-fp32: litert_torch.convert. int8: PT2E static quantization (int8, per-channel weights, calibrated
-on the export's calibration data) and the LiteRT quantizer (ai-edge-quantizer) both, keeping the
-one that validates better; the int8 body gets a float input/output (QUANTIZE/DEQUANTIZE ops), or
-with int8_io keeps integer-only I/O whose scale/zero-point go into the manifest. fp16: fp16
-weights via ai-edge-quantizer's float casting, float compute and I/O.
+fp32: litert_torch.convert (TorchScript first becomes an ExportedProgram through torch's
+TS2EPConverter: torch.export, which litert-torch traces with, cannot read it). int8: PT2E static
+quantization (int8, per-channel weights, calibrated on the export's calibration data) and the LiteRT
+quantizer (ai-edge-quantizer) both, keeping the one that validates better; the int8 body gets a float
+input/output (QUANTIZE/DEQUANTIZE ops), or with int8_io keeps integer-only I/O whose scale/zero-point
+go into the manifest. fp16: fp16 weights via ai-edge-quantizer's float casting, float compute and I/O.
 Validation runs the artifact in `ai_edge_litert` (XNNPACK), the interpreter the device runs.
 The flatbuffer edits (float I/O, compaction) are in exporters/tflite_flatbuffer.py.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import weakref
 from collections import Counter
 from pathlib import Path
 
@@ -83,13 +85,86 @@ def _example(ctx: ExportContext) -> tuple:
     return (torch.zeros([d if isinstance(d, int) else 1 for d in ctx.source.input_spec.shape]),)
 
 
-def _convert(module, example: tuple, path: Path, quant_config=None) -> None:
-    import litert_torch
+# module -> {example shape: the module with its TorchScript converted}: one conversion per export
+# (fp32 and each PT2E recipe trace the same module), forgotten with the module.
+_CONVERTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _exportable(module, example: tuple):
+    """`module` as torch.export can read it: TorchScript (a .pt from torch.jit, whole or wrapped, as
+    our NHWC wrapper wraps it) converted to an ExportedProgram's module by torch's own
+    TorchScript -> torch.export converter; any other module as it is.
+
+    Why: litert-torch converts through torch.export, which cannot trace TorchScript; without this a
+    scripted or traced model (the form many projects ship) could not become TFLite at all."""
     import torch
 
-    if any(isinstance(m, torch.jit.ScriptModule) for m in module.modules()):  # (else a cryptic state-dict error)
+    if not any(isinstance(m, torch.jit.ScriptModule) for m in module.modules()):
+        return module
+    key = tuple(int(d) for d in example[0].shape)
+    cache = _CONVERTED.setdefault(module, {})
+    if key not in cache:
+        cache[key] = _replace_torchscript(module, example)
+    return cache[key]
+
+
+def _replace_torchscript(module, example: tuple):
+    """The module with each outermost TorchScript part replaced by its torch.export conversion,
+    converted with the inputs that part receives when `module` runs on `example`."""
+    import copy
+
+    import torch
+
+    if isinstance(module, torch.jit.ScriptModule):
+        return _ts_to_export(module, example)
+
+    class Recorder(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.args = inner, ()
+
+        def forward(self, *args):
+            self.args = args
+            return self.inner(*args)
+
+    def swapped(parent):  # a shallow copy of the tree down to the TorchScript parts (the user's model is untouched)
+        clone = copy.copy(parent)
+        clone._modules = dict(parent._modules)
+        for name, child in parent.named_children():
+            if isinstance(child, torch.jit.ScriptModule):
+                clone._modules[name] = Recorder(child)
+            elif any(isinstance(m, torch.jit.ScriptModule) for m in child.modules()):
+                clone._modules[name] = swapped(child)
+        return clone
+
+    clone = swapped(module)
+    with torch.no_grad():
+        clone(*example)
+    for path, rec in [(p, m) for p, m in clone.named_modules() if isinstance(m, Recorder)]:
+        parent, _, name = path.rpartition(".")
+        setattr(clone.get_submodule(parent), name, _ts_to_export(rec.inner, rec.args))
+    return clone
+
+
+def _ts_to_export(scripted, args: tuple):
+    import torch
+
+    try:
+        from torch._export.converter import TS2EPConverter
+
+        with _quiet(), torch.no_grad():
+            return TS2EPConverter(scripted, tuple(args)).convert().module()
+    except Exception as e:
+        why = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)[:200]
         raise BadInput("litert-torch converts through torch.export, which cannot read TorchScript (a .pt from "
-                       "torch.jit): give the nn.Module or a .pt2 (torch.export.save), or use --format onnx")
+                       f"torch.jit), and torch's TorchScript converter failed on this one ({why}): give the "
+                       "nn.Module or a .pt2 (torch.export.save), or use --format onnx") from None
+
+
+def _convert(module, example: tuple, path: Path, quant_config=None) -> None:
+    import litert_torch
+
+    module = _exportable(module, example)
     try:
         with _quiet():
             litert_torch.convert(module, example, quant_config=quant_config).export(str(path))
@@ -177,7 +252,7 @@ def _pt2e_int8(ctx: ExportContext, out_path: Path, calib: np.ndarray, check=None
     example = _example(ctx)
     quantizer = pq.PT2EQuantizer().set_global(pq.get_symmetric_quantization_config(is_per_channel=ctx.per_channel))
     with _quiet():
-        graph = torch.export.export(ctx.source.module, example).module()
+        graph = torch.export.export(_exportable(ctx.source.module, example), example).module()
         prepared_module = quantize_pt2e.prepare_pt2e(graph, quantizer)
     batch = example[0].shape[0]
     with ctx.progress.bar("calibrating", len(calib)) as advance, torch.no_grad():

@@ -24,13 +24,13 @@ import numpy as np
 
 CEILING_SAMPLES = 2000  # inputs the fp32 ceiling is measured on (the first of the validation inputs)
 BATCH_BYTES = 4 << 20  # validation inputs per engine call, in bytes (see Validator)
-COUNTS = ("samples", "eval_samples", "confident_samples", "boxes_reference", "boxes_artifact")
+COUNTS = ("samples", "eval_samples", "confident_samples", "boxes_reference", "boxes_artifact", "mask_samples")
 Outputs = list[np.ndarray]  # one array per model output, batch first
 Predict = Callable[[np.ndarray], Outputs]
 TASKS = ("classify", "detect", "segment", "embed", "raw")
 RELAX_FLAGS = {  # what to relax when no candidate passes, by task (named in the failure line)
     "classify": "--min-agreement/--min-confident-kept/--min-top5/--max-accuracy-drop",
-    "detect": "--min-f1", "embed": "--min-cosine", "segment": "--min-sqnr/--min-cosine",
+    "detect": "--min-f1", "embed": "--min-cosine", "segment": "--min-mask-iou (or --task raw: --min-sqnr/--min-cosine)",
     "raw": "--min-sqnr/--min-cosine"}
 
 
@@ -46,7 +46,9 @@ class Thresholds:
     max_accuracy_drop: float = 0.5  # percentage points, with a labelled evaluation set: the main gate
     min_sqnr: float = 12.0  # dB, each dense output (signal over quantization noise)
     min_cosine: float = 0.97  # each dense output and embeddings, mean over samples
-    min_mask_iou: float = 0.8  # thresholded (>= 0.5) probability maps
+    # thresholded (>= 0.5) probability maps, pooled over samples; for task segment the gate of such a
+    # map (SQNR and cosine reported), judged once enough inputs show fp32's mask (task_metrics.dense)
+    min_mask_iou: float = 0.8
     min_f1: float = 0.9  # detections matched to fp32's at IoU >= 0.5
 
     def as_dict(self) -> dict[str, float]:
@@ -169,7 +171,7 @@ def judge(task: str, ref: Reference, out: Outputs, art_specs: list[dict], th: Th
         elif task == "embed":
             reasons += tm.embed(ref, out, th, metrics)
             dense_from = 1
-        reasons += tm.dense(ref.outputs, out, per_output, th, metrics, start=dense_from)
+        reasons += tm.dense(ref.outputs, out, per_output, th, metrics, start=dense_from, masks=task == "segment")
     passed = not reasons or not enforce
     why = "; ".join(reasons) if reasons else None
     return Verdict(passed, why if not passed else None, task, metrics, th.as_dict(),

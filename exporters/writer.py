@@ -101,6 +101,7 @@ def write_bundle(ctx, final: Path, chosen: Path, exporter, fmt: str, precision: 
                                 quantization=o.get("quantization")) for o in described.get("outputs", [])],
             compression=rep.compression.record(), validation=rep.validation.record() if rep.validation else {},
             latency=rep.latency.record() if rep.latency else {}, toolchain=toolchain(),
+            **({"postprocess": rep.postprocess.record()} if rep.postprocess else {}),
             opset=described.get("opset"),
         )
         write_manifest(stage_dir, manifest)

@@ -125,6 +125,8 @@ def export(
     min_sqnr: float = typer.Option(12.0, help="Dense and raw outputs: minimum SQNR in dB, each output."),
     min_cosine: float = typer.Option(0.97, help="Dense/raw outputs and embeddings: minimum mean cosine similarity."),
     min_f1: float = typer.Option(0.9, help="detect: minimum F1 of boxes matched to fp32's (IoU >= 0.5)."),
+    min_mask_iou: float = typer.Option(0.8, help="segment: minimum IoU of probability masks (>= 0.5) with "
+                                       "fp32's, pooled over the validation inputs."),
     recipes: str | None = typer.Option(None, help="int8 recipes to try in order, e.g. nncf-default,u8-percentile."),
     search_time: float = typer.Option(180.0, help="int8: seconds to spend trying recipes; the best that passes "
                                       "is kept (the first always completes)."),
@@ -135,6 +137,9 @@ def export(
     color: str | None = typer.Option(None, help="Input colour order: RGB, BGR or GRAY."),
     mean: str | None = typer.Option(None, help="Per-channel mean after scaling to 0..1, e.g. 0.485,0.456,0.406."),
     std: str | None = typer.Option(None, help="Per-channel std, e.g. 0.229,0.224,0.225."),
+    input_value: list[str] | None = typer.Option(None, "--input-value", help="NAME=V1,V2,...: the constant fed "
+                                                 "to a non-image input of a multi-input model (repeatable; "
+                                                 "default: a rule by name, shown by inspect)."),
     compare: bool = typer.Option(False, "--compare", help="Export ONNX fp32/int8 and TFLite fp32/fp16/int8 "
                                  "and print one comparison table."),
     as_json: bool = typer.Option(False, "--json", help="Print the export report as JSON on stdout."),
@@ -153,12 +158,13 @@ def export(
         layout=layout.upper() if layout else None, int8_io=int8_io,
         input_shape=parse_shape(input_shape) if input_shape else None, weights=weights,
         labels=_read_labels(labels) if labels is not None else None, color=color.upper() if color else None,
-        mean=_floats(mean, "--mean"), std=_floats(std, "--std"), calib=calib, calib_samples=calib_samples,
+        mean=_floats(mean, "--mean"), std=_floats(std, "--std"), input_values=input_value or None,
+        calib=calib, calib_samples=calib_samples,
         eval=eval_set, eval_limit=eval_limit, train=train, allow_synthetic_calibration=allow_synthetic_calibration,
         prune=prune, finetune_epochs=finetune_epochs, recipes=recipes.split(",") if recipes else None,
         search_time=search_time, max_memory=max_memory, max_size=max_size, task=task.lower() if task else None,
         min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop, min_confident_kept=min_confident_kept,
-        min_top5=min_top5, min_sqnr=min_sqnr, min_cosine=min_cosine, min_f1=min_f1)
+        min_top5=min_top5, min_sqnr=min_sqnr, min_cosine=min_cosine, min_f1=min_f1, min_mask_iou=min_mask_iou)
     if compare:
         from lepton_edge.compare import compare as do_compare, table
 
@@ -202,6 +208,7 @@ _GATES = {  # metric -> (threshold key, "min"/"max", format)
     "f1_vs_fp32": ("min_f1", "min", "{:.4f}"), "nn_agreement": (None, "min", "{:.4f}"),
     "sqnr_db": ("min_sqnr", "min", "{:.1f} dB"), "cosine": ("min_cosine", "min", "{:.4f}"),
     "mask_iou": ("min_mask_iou", "min", "{:.4f}"), "score_drift": (None, "", "{:.4f}"), "ceiling": (None, "", "{:.4f}"),
+    "mask_samples": (None, "", "{:.0f} inputs show fp32's mask"),
 }
 
 
@@ -215,6 +222,8 @@ def _gate_rows(v: dict) -> list[tuple[str, str]]:
             continue
         bound = th.get(key) if key else None
         rule = f" ({'>=' if sense == 'min' else '<='} {fmt.format(bound)})" if bound is not None else ""
+        if m in ("sqnr_db", "cosine") and v.get("mask_samples") is not None:
+            rule = " (reported; probability maps are judged by mask IoU)"  # task_metrics.dense
         rows.append((m, fmt.format(v[m]) + rule))
     return rows
 
@@ -234,6 +243,10 @@ def _print_report(rep: dict) -> None:
         qz = c["quantization"]
         t.add_row("int8 recipe", f"{qz['recipe']} (tried {len(qz['attempts'])}; float layers: "
                                  f"{', '.join(qz['float_nodes']) or 'none'})")
+    if c.get("fp16", {}).get("float_nodes"):
+        f16 = c["fp16"]
+        t.add_row("fp32 nodes", f"{f16['float_node_count']} kept in fp32 (out of fp16's range): "
+                                f"{', '.join(f16['float_nodes'][:5])}{' ...' if f16['float_node_count'] > 5 else ''}")
     t.add_row("validation", f"task {v.get('task')}{' (inferred)' if v.get('task_inferred') else ''}, "
                             f"{int(v['samples'])} inputs ({v['agreement_inputs']})")
     for name, text in _gate_rows(v):
@@ -253,6 +266,8 @@ def _print_report(rep: dict) -> None:
 def inspect(path: Path = typer.Argument(..., help="A bundle directory, an .onnx or a .tflite file."),
             as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
     """Inputs/outputs (dynamic dims, layout), opset, op histogram, parameters, precision, size."""
+    from rich.markup import escape
+
     from lepton_edge.inspect import inspect as do_inspect
     from lepton_edge.ui import human
 
@@ -272,6 +287,14 @@ def inspect(path: Path = typer.Argument(..., help="A bundle directory, an .onnx 
             qp = v.get("quantization")
             quant = f" scale={qp['scale']:.6g} zero_point={qp['zero_point']}" if qp else ""
             t.add_row(kind[:-1], f"{v['name']}: {v['dtype']} {v['shape']}{lay}{dyn}{quant}")
+    b = info.get("bundle")
+    rules = {c["name"]: c.get("rule") for c in (b or {}).get("constant_inputs", [])}
+    for c in (b or {}).get("constant_inputs") or info.get("constant_inputs", []):  # the manifest's, else the file's
+        vals = c["value"]
+        shown = ("not listed (large)" if vals is None else
+                 f"[{', '.join(f'{x:g}' for x in vals[:8])}{', ...' if len(vals) > 8 else ''}]")
+        rule = f" ({rules[c['name']]})" if rules.get(c["name"]) else ""
+        t.add_row("constant input", escape(f"{c['name']}: {c['dtype']} {c['shape']} = {shown}{rule}"))
     t.add_row("ops", ", ".join(f"{k} {n}" for k, n in info["ops"].items()))
     if info["custom_ops"]:
         t.add_row("custom ops", ", ".join(info["custom_ops"]))
@@ -279,7 +302,6 @@ def inspect(path: Path = typer.Argument(..., help="A bundle directory, an .onnx 
         x = info["xnnpack"]
         t.add_row("XNNPACK", x["error"] if "error" in x else
                   f"applied, {x['partitions']} delegated partition(s)" if x["applied"] else "not applied")
-    b = info.get("bundle")
     if b:
         t.add_row("bundle", f"{b['name']} for {b['target']}, task {b['task']}, checksums {b['checksums']}")
         s = b["input_spec"]

@@ -14,6 +14,27 @@ from lepton_edge.errors import BadInput
 
 _DTYPES = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64", 9: "bool", 10: "float16",
            11: "float64", 16: "bfloat16"}
+MAX_SHOWN_VALUES = 4096  # a constant input's value is listed up to this many elements (datasets.MAX_CONSTANT_VALUES)
+
+
+def _constant_names(inputs: list[str], inits: list[str], ir_version: int, baked: list[str] | None) -> list[str]:
+    """The graph inputs that carry a default value (an initializer of the same name): the inputs a
+    runtime may leave unfed. Our exporter names them in metadata; in a foreign file they are the
+    inputs with an initializer, unless the file lists every weight as an input (IR version < 4, or
+    an exporter's keep-initializers-as-inputs), where a default says nothing."""
+    if baked is not None:
+        return [n for n in inputs if n in baked]
+    with_default = [n for n in inputs if n in set(inits)]
+    if ir_version < 4 or len(with_default) == len(inits):
+        return []
+    return with_default
+
+
+def _constant_input(v: dict, array) -> dict:
+    """An input with its default: name, dtype, shape and, when small, the value flat in row-major order."""
+    small = array is not None and array.size <= MAX_SHOWN_VALUES
+    flat = (array.ravel().astype("int64" if array.dtype.kind in "iub" else "float64").tolist() if small else None)
+    return {"name": v["name"], "dtype": v["dtype"], "shape": v["shape"], "value": flat}
 
 
 def _precision(ops: Counter, weight_types: Counter) -> str:
@@ -40,6 +61,10 @@ def inspect_onnx(path: Path) -> dict:
         raise BadInput(f"{path}: not a readable ONNX model (no IR version or graph)")
     g = m.graph
     inits = {i.name: i for i in g.initializer}
+    from lepton_edge.compress.quantize import DEFAULTS_KEY
+
+    baked = next((p.value.split(",") for p in m.metadata_props if p.key == DEFAULTS_KEY), None)
+    constants = _constant_names([v.name for v in g.input], list(inits), m.ir_version, baked)
 
     def value(v):
         t = v.type.tensor_type
@@ -58,11 +83,23 @@ def inspect_onnx(path: Path) -> dict:
         "opset": next((o.version for o in m.opset_import if o.domain in std), None),
         "domains": {o.domain: o.version for o in m.opset_import if o.domain in used_domains},
         "inputs": [value(v) for v in g.input if v.name not in inits],
+        "constant_inputs": [_constant_input(value(v), _onnx_array(inits[v.name])) for v in g.input
+                            if v.name in constants],
         "outputs": [value(v) for v in g.output],
         "nodes": len(g.node), "ops": dict(ops.most_common()),
         "custom_ops": sorted({f"{n.domain}::{n.op_type}" for n in g.node if n.domain not in std}),
         "parameters": params, "precision": precision,
     }
+
+
+def _onnx_array(t):
+    """An initializer's value when small enough to list (else None, unread)."""
+    from onnx import numpy_helper
+
+    n = 1
+    for d in t.dims:
+        n *= d
+    return numpy_helper.to_array(t) if n <= MAX_SHOWN_VALUES else None
 
 
 # ---- ONNX without the onnx package --------------------------------------------------------------
@@ -71,7 +108,7 @@ def inspect_onnx(path: Path) -> dict:
 # ops, and refuses models with custom ops, the very ones people inspect first. The ONNX schema is
 # stable wire format; the few fields `inspect` reports are read here, every length checked against
 # the buffer, so a hostile file is one BadInput line. Field numbers: onnx/onnx.proto.
-_MODEL_IR, _MODEL_PRODUCER, _MODEL_PRODUCER_VERSION, _MODEL_GRAPH, _MODEL_OPSET = 1, 2, 3, 7, 8
+_MODEL_IR, _MODEL_PRODUCER, _MODEL_PRODUCER_VERSION, _MODEL_GRAPH, _MODEL_OPSET, _MODEL_METADATA = 1, 2, 3, 7, 8, 14
 _GRAPH_NODE, _GRAPH_INIT, _GRAPH_INPUT, _GRAPH_OUTPUT = 1, 5, 11, 12
 
 
@@ -181,7 +218,7 @@ def _wire_value(buf: memoryview) -> dict:
 
 def _wire_model(data: memoryview) -> dict:
     """ModelProto's top-level fields that inspect reports, and the graph still as bytes."""
-    m: dict = {"ir": 0, "producer": "", "producer_version": "", "graph": None, "opsets": []}
+    m: dict = {"ir": 0, "producer": "", "producer_version": "", "graph": None, "opsets": [], "metadata": {}}
     for num, v in _fields(data):
         if num == _MODEL_IR and isinstance(v, int):
             m["ir"] = v
@@ -194,6 +231,9 @@ def _wire_model(data: memoryview) -> dict:
         elif num == _MODEL_OPSET and isinstance(v, memoryview):
             o = dict(_fields(v))  # OperatorSetIdProto: 1 = domain, 2 = version
             m["opsets"].append((_str(o.get(1)), o.get(2) if isinstance(o.get(2), int) else 0))
+        elif num == _MODEL_METADATA and isinstance(v, memoryview):
+            e = dict(_fields(v))  # StringStringEntryProto: 1 = key, 2 = value
+            m["metadata"][_str(e.get(1))] = _str(e.get(2))
     return m
 
 
@@ -210,9 +250,51 @@ def _wire_initializer(buf: memoryview) -> tuple[str, list[int], int]:
     return name, dims, dtype
 
 
+# TensorProto's typed data fields: 4 float_data (packed fixed32), 5 int32_data (varints, also the
+# 8/16-bit and float16 types), 7 int64_data (varints), 10 double_data (packed fixed64); 9 raw_data.
+_NP = {1: "<f4", 2: "u1", 3: "i1", 5: "<i2", 6: "<i4", 7: "<i8", 9: "?", 10: "<f2", 11: "<f8"}
+
+
+def _wire_array(buf: memoryview, dims: list[int], dtype: int):
+    """A small initializer's value as numpy (onnx's numpy_helper.to_array, for the types a
+    constant input has), or None when it is large, external or of another type."""
+    import numpy as np
+
+    n = 1
+    for d in dims:
+        n *= d
+    if n > MAX_SHOWN_VALUES or dtype not in _NP:
+        return None
+    raw, ints, floats, doubles = None, [], [], []
+    for num, x in _fields(buf):
+        if num == 9 and isinstance(x, memoryview):
+            raw = bytes(x)
+        elif num == 4:
+            floats += [x] if isinstance(x, int) else list(np.frombuffer(bytes(x), "<u4"))
+        elif num in (5, 7):
+            ints += _ints(x)
+        elif num == 10:
+            doubles += [x] if isinstance(x, int) else list(np.frombuffer(bytes(x), "<u8"))
+        elif num == 13:  # data_location EXTERNAL
+            return None
+    if raw is not None:
+        a = np.frombuffer(raw, _NP[dtype])
+    elif dtype == 1:
+        a = np.asarray(floats, dtype="<u4").view("<f4")
+    elif dtype == 11:
+        a = np.asarray(doubles, dtype="<u8").view("<f8")
+    elif dtype == 10:
+        a = np.asarray(ints, dtype="<u2").view("<f2")
+    elif dtype == 7:
+        a = np.asarray(ints, dtype=np.uint64).view(np.int64)
+    else:
+        a = np.asarray(ints, dtype=np.uint64).view(np.int64).astype(_NP[dtype])
+    return a.reshape(dims) if a.size == n else None
+
+
 def _wire_graph(graph: memoryview) -> dict:
     """GraphProto: nodes as (op_type, domain), initializers, inputs and outputs."""
-    g: dict = {"nodes": [], "inits": [], "inputs": [], "outputs": []}
+    g: dict = {"nodes": [], "inits": [], "inputs": [], "outputs": [], "init_bufs": {}}
     for num, v in _fields(graph):
         if not isinstance(v, memoryview):
             continue
@@ -220,7 +302,9 @@ def _wire_graph(graph: memoryview) -> dict:
             f = {n: x for n, x in _fields(v) if n in (4, 7)}  # NodeProto: 4 = op_type, 7 = domain
             g["nodes"].append((_str(f.get(4)), _str(f.get(7))))
         elif num == _GRAPH_INIT:
-            g["inits"].append(_wire_initializer(v))
+            name, dims, dtype = _wire_initializer(v)
+            g["inits"].append((name, dims, dtype))
+            g["init_bufs"][name] = v
         elif num == _GRAPH_INPUT:
             g["inputs"].append(_wire_value(v))
         elif num == _GRAPH_OUTPUT:
@@ -255,12 +339,20 @@ def inspect_onnx_wire(path: Path) -> dict:
     params, weight_types = _weights((dims, dtype) for _, dims, dtype in g["inits"])
     used_domains = {dom for _, dom in nodes if dom not in std}
     init_names = {name for name, _, _ in g["inits"]}
+    from lepton_edge.compress.quantize import DEFAULTS_KEY
+
+    baked = m["metadata"][DEFAULTS_KEY].split(",") if DEFAULTS_KEY in m["metadata"] else None
+    constants = _constant_names([i["name"] for i in g["inputs"]], [n for n, _, _ in g["inits"]], m["ir"], baked)
+    init_of = {name: (dims, dtype) for name, dims, dtype in g["inits"]}
     return {
         "file": str(path), "format": "onnx", "bytes": path.stat().st_size,
         "producer": f"{m['producer']} {m['producer_version']}".strip(),
         "opset": next((ver for dom, ver in opsets if dom in std), None),
         "domains": {dom: ver for dom, ver in opsets if dom in used_domains},
-        "inputs": [i for i in g["inputs"] if i["name"] not in init_names], "outputs": g["outputs"],
+        "inputs": [i for i in g["inputs"] if i["name"] not in init_names],
+        "constant_inputs": [_constant_input(i, _wire_array(g["init_bufs"][i["name"]], *init_of[i["name"]]))
+                            for i in g["inputs"] if i["name"] in constants],
+        "outputs": g["outputs"],
         "nodes": len(nodes), "ops": dict(ops.most_common()),
         "custom_ops": sorted({f"{dom}::{op}" for op, dom in nodes if dom not in std}),
         "parameters": params, "precision": _precision(ops, weight_types),
@@ -284,9 +376,18 @@ def inspect(path: str | Path) -> dict:
             "validation": m.validation, "compression": {k: v for k, v in m.compression.items() if k != "quantization"},
             "quantization": {k: v for k, v in m.compression.get("quantization", {}).items() if k != "attempts"},
             "latency": m.latency, "checksums": "ok",
+            "constant_inputs": _bundle_constants(m),
         }
         return info
     return inspect_file(p)
+
+
+def _bundle_constants(m) -> list[dict]:
+    """The constants the bundle's model is fed beside the frame (manifest inputs[1:]), with how each
+    was chosen (compression.constant_inputs: --input-value or a rule by name)."""
+    rules = {c.get("name"): c.get("rule") for c in m.compression.get("constant_inputs") or []}
+    return [{"name": i.name, "dtype": i.dtype, "shape": i.shape, "value": i.value, "rule": rules.get(i.name)}
+            for i in m.inputs[1:]]
 
 
 def inspect_file(p: Path) -> dict:
@@ -307,7 +408,8 @@ def inspect_tflite(path: Path) -> dict:
     params, weight_types = _tflite_weights(model, sg, names)
     inputs = [_tflite_tensor(sg.tensors[i], names) for i in sg.inputs]
     return {"file": str(path), "format": "tflite", "bytes": len(data), "producer": "", "opset": None,
-            "inputs": inputs, "outputs": [_tflite_tensor(sg.tensors[i], names) for i in sg.outputs],
+            "inputs": inputs, "constant_inputs": [],
+            "outputs": [_tflite_tensor(sg.tensors[i], names) for i in sg.outputs],
             "nodes": len(sg.operators), "ops": dict(ops.most_common()),
             "custom_ops": sorted(k[8:] for k in ops if k.startswith("custom::")),
             "parameters": params, "precision": _tflite_precision(inputs, weight_types, params),

@@ -58,6 +58,31 @@ class QuantizationSection(Section):
     speed_vs_fp32: float | None = None
 
 
+class ConstantInputSection(Section):
+    """A non-image input of a multi-input model and the constant baked into the graph as its
+    default (the device feeds the frame alone): what the model computes with depends on it."""
+
+    name: str
+    shape: list[int | str]
+    dtype: str
+    value: list[float] | None = None  # flat, row-major
+    rule: str = ""  # "set by --input-value", or the rule that chose it (exporters/datasets.constant_value)
+
+
+class Fp16Section(Section):
+    """What fp16 conversion kept in fp32 (compress/fp16.py): the nodes whose weights or measured
+    activations leave fp16's range, named as in the fp32 graph, each with the tensor and value why."""
+
+    method: str
+    float_nodes: list[str] = Field(default_factory=list)
+    float_node_count: int = 0
+    reasons: dict[str, str] = Field(default_factory=dict)
+    ranges_from: str = ""
+    range_samples: int = 0
+    activation_limit: float | None = None
+    fp16_weight_fraction: float | None = None
+
+
 class CompressionSection(Section):
     calibration: CalibrationSection | None = None
     pruning: PruningSection | None = None
@@ -66,6 +91,8 @@ class CompressionSection(Section):
     fp32_bytes: int | None = None
     bytes: int | None = None
     size_vs_fp32: float | None = None
+    fp16: Fp16Section | None = None
+    constant_inputs: list[ConstantInputSection] | None = None
 
 
 class ConversionSection(Section):
@@ -117,3 +144,11 @@ class LatencySection(Section):
     min_ms: float | None = None  # the fastest run: what the budget is judged on (a shared host's median is its load)
     fp32_p50_ms: float
     vs_fp32: float
+
+
+class PostprocessSection(Section):
+    """How the device turns the outputs into results, as the export validated it. `head`: the detector
+    head (runtime/detect_heads.py) the detect gate decoded fp32's and the artifact's boxes with, so the
+    device decodes with the same one instead of recognising it again from each frame's outputs."""
+
+    head: str | None = None

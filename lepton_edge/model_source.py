@@ -30,6 +30,7 @@ class ModelSource:
     batch: int | None = None  # the only batch size the model accepts (a .pt2 traced at batch 1), None = any
     notes: list[str] = field(default_factory=list)
     extra_inputs: list[InputSpec] = field(default_factory=list)  # non-image inputs with their constant `value`
+    constant_rules: dict[str, str] = field(default_factory=dict)  # extra input -> how its value was chosen
 
 
 def parse_shape(text: str) -> list[int]:
@@ -64,7 +65,8 @@ def _need_file(path: Path, what: str) -> None:
         raise BadInput(f"cannot read {path}: {e.strerror}") from None
 
 
-def _load_onnx(path: Path, input_shape: list[int] | None, hw: tuple[int, int], **spec_kw) -> ModelSource:
+def _load_onnx(path: Path, input_shape: list[int] | None, hw: tuple[int, int],
+               input_values: dict[str, list[float]] | None = None, **spec_kw) -> ModelSource:
     import onnx
 
     _need_file(path, "model file")
@@ -73,6 +75,7 @@ def _load_onnx(path: Path, input_shape: list[int] | None, hw: tuple[int, int], *
         onnx.checker.check_model(m)
     except Exception as e:
         raise BadInput(f"{path}: not a readable ONNX model ({str(e).splitlines()[0][:160]})") from None
+    _drop_defaults(m, set(input_values or {}))
     inits = {i.name for i in m.graph.initializer}
     inputs = [i for i in m.graph.input if i.name not in inits]
 
@@ -80,8 +83,8 @@ def _load_onnx(path: Path, input_shape: list[int] | None, hw: tuple[int, int], *
         return [d.dim_value if d.dim_value > 0 else (d.dim_param or "?") for d in v.type.tensor_type.shape.dim]
 
     # Several inputs: the camera frame feeds the one image input (4-D float, 1/3/4 channels); every
-    # other input gets one generated constant (datasets.constant_value), baked into the graph as
-    # that input's default, so calibration, validation and the device all feed the same value.
+    # other input gets one constant (--input-value's, else datasets.constant_value's rule), baked into
+    # the graph as that input's default, so calibration, validation and the device all feed the same value.
     floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
     images = [i for i in inputs if i.type.tensor_type.elem_type in floats and len(dims_of(i)) == 4
               and guess_layout([d if isinstance(d, int) else 0 for d in dims_of(i)])] if len(inputs) > 1 else inputs
@@ -118,9 +121,9 @@ def _load_onnx(path: Path, input_shape: list[int] | None, hw: tuple[int, int], *
     import weakref
 
     from lepton_edge.compress import quantize
-    from lepton_edge.exporters import datasets
 
-    values, specs, notes = {}, [], []
+    _check_value_names(input_values or {}, inp.name, [o.name for o in others])
+    values, specs, notes, rules = {}, [], [], {}
     hw = spec.hw()
     inp.type.tensor_type.shape.dim[0].dim_value = shape[0]
     for o in others:
@@ -132,7 +135,8 @@ def _load_onnx(path: Path, input_shape: list[int] | None, hw: tuple[int, int], *
             raise BadInput(f"{path}: input {o.name} {dims_of(o)} is not an image and has dynamic dimensions "
                            "past the batch: export cannot give it a value")
         dtype = onnx.helper.tensor_dtype_to_np_dtype(o.type.tensor_type.elem_type)
-        values[o.name], rule = datasets.constant_value(o.name, odims, dtype, hw)
+        values[o.name], rule = _constant_for(o.name, odims, dtype, hw, input_values or {})
+        rules[o.name] = rule
         specs.append(InputSpec(name=o.name, shape=odims, dtype=str(values[o.name].dtype),
                                value=values[o.name].ravel().tolist()))
         notes.append(f"input {o.name} {odims}: {rule}")
@@ -141,8 +145,64 @@ def _load_onnx(path: Path, input_shape: list[int] | None, hw: tuple[int, int], *
     onnx.save(quantize.with_defaults(m, values), tmp)
     src.onnx_path = Path(tmp)
     weakref.finalize(src, os.unlink, tmp)  # the copy lives as long as the source that points at it
-    src.extra_inputs, src.notes = specs, [*src.notes, *notes]
+    src.extra_inputs, src.notes, src.constant_rules = specs, [*src.notes, *notes], rules
     return src
+
+
+def _drop_defaults(m, names: set[str]) -> None:
+    """The defaults the file itself gives the inputs in `names` (an initializer of the input's name),
+    removed: --input-value replaces them, so those inputs are given their value like any other
+    constant input."""
+    have = names & {i.name for i in m.graph.input}
+    if have:
+        keep = [t for t in m.graph.initializer if t.name not in have]
+        del m.graph.initializer[:]
+        m.graph.initializer.extend(keep)
+
+
+def _check_value_names(given: dict[str, list[float]], image: str, constants: list[str]) -> None:
+    """--input-value names one of the model's constant inputs, or one BadInput line."""
+    for name in given:
+        if name not in constants:
+            why = (f"{name!r} is the image input (the camera frame feeds it)" if name == image
+                   else f"the model has no input {name!r}")
+            raise BadInput(f"--input-value: {why}; its constant inputs: {', '.join(constants)}")
+
+
+def _constant_for(name: str, shape: list[int], dtype, hw: tuple[int, int], given: dict[str, list[float]]):
+    """(value, how it was chosen) for the non-image input `name`: --input-value's, else the rule by
+    name (datasets.constant_value)."""
+    from lepton_edge.exporters import datasets
+
+    if name in given:
+        return _given_value(name, given[name], shape, dtype), "set by --input-value"
+    return datasets.constant_value(name, shape, dtype, hw)
+
+
+def _given_value(name: str, values: list[float], shape: list[int], dtype):
+    """--input-value's numbers as the input's array: as many as the shape holds, whole numbers for
+    an integer input."""
+    import numpy as np
+
+    from lepton_edge.exporters.datasets import MAX_CONSTANT_VALUES
+
+    n = int(np.prod(shape)) if shape else 1
+    if n > MAX_CONSTANT_VALUES:
+        raise BadInput(f"--input-value {name}: the input {shape} holds {n} values, more than a constant can "
+                       f"(at most {MAX_CONSTANT_VALUES})")
+    if len(values) != n:
+        raise BadInput(f"--input-value {name}: {len(values)} value(s) given, the input {shape} takes {n}")
+    arr = np.asarray(values, dtype=np.float64)
+    dt = np.dtype(dtype)
+    if dt.kind in "iub":
+        if not np.all(arr == np.round(arr)):
+            raise BadInput(f"--input-value {name}: the input is {dt.name}; give whole numbers, got {values}")
+        info = np.iinfo(dt) if dt.kind != "b" else None
+        if info is not None and (arr.min() < info.min or arr.max() > info.max):
+            raise BadInput(f"--input-value {name}: values out of {dt.name}'s range, got {values}")
+    elif dt.kind == "f" and np.any(np.abs(arr) > np.finfo(dt).max):
+        raise BadInput(f"--input-value {name}: values out of {dt.name}'s range, got {values}")
+    return np.ascontiguousarray(arr.reshape(shape).astype(dt))
 
 
 def _example_shape(input_shape, example_input, profile_hw) -> tuple[list[int], str | None]:
@@ -192,7 +252,8 @@ class ModelLoader(abc.ABC):
     def load(self, model: Any, *, profile_hw: tuple[int, int], input_shape: list[int] | None = None,
              example_input: Any = None, weights: str | None = None, labels: list[str] | None = None,
              name: str | None = None, **spec_kw) -> ModelSource:
-        """The ModelSource, or BadInput with one line."""
+        """The ModelSource, or BadInput with one line. `input_values` (--input-value) is passed only
+        when the user gave it; a loader of single-input models may leave it out of its signature."""
 
 
 class ZooLoader(ModelLoader):
@@ -242,9 +303,10 @@ class OnnxLoader(ModelLoader):
     suffixes = (".onnx",)
 
     def load(self, model, *, profile_hw, input_shape=None, example_input=None, weights=None, labels=None,
-             name=None, **spec_kw) -> ModelSource:
+             name=None, input_values=None, **spec_kw) -> ModelSource:
         path = Path(model)
-        src = _load_onnx(path, input_shape, profile_hw, **spec_kw)
+        src = _load_onnx(path, input_shape, profile_hw, input_values, **spec_kw)
+        src.name = name or src.name
         src.labels = labels
         src.task = "classify" if labels else "raw"
         return src
@@ -265,9 +327,9 @@ class TorchFileLoader(ModelLoader):
 
 def load(model: Any, *, profile_hw: tuple[int, int], input_shape: list[int] | None = None,
          example_input: Any = None, weights: str | None = None, labels: list[str] | None = None,
-         name: str | None = None, **spec_kw) -> ModelSource:
+         name: str | None = None, input_values: dict[str, list[float]] | None = None, **spec_kw) -> ModelSource:
     """Load any supported model description into a ModelSource, with the first registered loader
-    that accepts it."""
+    that accepts it. `input_values`: the constants of a multi-input model's non-image inputs."""
     loaders = LOADERS.all().values()
     loader = next((cls for cls in loaders if cls.accepts(model)), None)
     if loader is None:
@@ -277,8 +339,17 @@ def load(model: Any, *, profile_hw: tuple[int, int], input_shape: list[int] | No
         want = [s for c in loaders for s in c.suffixes] + [f"{p}<name>" for c in loaders for p in c.prefixes]
         raise BadInput(f"{path}: unsupported model type '{path.suffix.lower() or path.name}' "
                        f"(want {', '.join(want[:-1])} or {want[-1]})")
-    return loader().load(model, profile_hw=profile_hw, input_shape=input_shape, example_input=example_input,
-                         weights=weights, labels=labels, name=name, **spec_kw)
+    if input_values:  # passed only when given: a plug-in loader of single-input models need not know it
+        if loader.__module__ == __name__ and loader is not OnnxLoader:  # the built-in PyTorch loaders: one input
+            raise BadInput("--input-value sets the constant inputs of an ONNX model with several inputs; "
+                           "a PyTorch model here has one input, the image")
+        spec_kw["input_values"] = input_values
+    src = loader().load(model, profile_hw=profile_hw, input_shape=input_shape, example_input=example_input,
+                        weights=weights, labels=labels, name=name, **spec_kw)
+    if input_values and not src.extra_inputs:
+        raise BadInput(f"--input-value: {src.name} has one input ({src.input_spec.name}), fed by the camera; "
+                       "--input-value sets the constant inputs of a model with several")
+    return src
 
 
 def _load_torch_file(path: Path):

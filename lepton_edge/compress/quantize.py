@@ -22,7 +22,8 @@ constant with every batch, and the result gets its defaults back.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,9 @@ import numpy as np
 QUANTIZABLE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 PER_CHANNEL_MIN_OPSET = 13  # DequantizeLinear's `axis` (per-channel weights) appeared in opset 13
 STRIDE_BYTES = 8 << 20  # calibration inputs per stride; the stride's intermediate tensors scale with it
+# A histogram calibrator (percentile, entropy) keeps every calibrated tensor of a stride's samples until
+# the stride ends: this bounds those tensors (estimated by shape inference), whatever the input size.
+HISTOGRAM_STRIDE_BYTES = 32 << 20
 
 
 @dataclass(frozen=True)
@@ -203,26 +207,31 @@ class _Reader:
     """CalibrationDataReader over in-memory inputs, one batch at a time, restartable over a range.
 
     `set_range` and `__len__` let quantize_static calibrate stride by stride (CalibStridedMinMax),
-    so the calibrator keeps one stride's intermediate tensors, not every sample's. `check` runs
-    before every batch: it raises when the export is over its memory budget, which stops the
-    calibration between two batches.
+    so the calibrator keeps one stride's intermediate tensors, not every sample's. Their unit is
+    `per_stride` batches (quantize_static is then given a stride of 1): a stride of any size, the
+    last one shorter, where quantize_static's own strides must divide the batch count (58 photos
+    in batches of 2 made 29 batches: one stride of all, or 29 of one). `check` runs before every
+    batch: it raises when the export is over its memory budget, which stops the calibration
+    between two batches.
     """
 
     def __init__(self, feeds: dict[str, np.ndarray], dtypes: dict[str, type], batch: int, advance=lambda n: None,
-                 check: Callable[[], None] = _no_check, fixed: dict[str, np.ndarray] | None = None):
+                 check: Callable[[], None] = _no_check, fixed: dict[str, np.ndarray] | None = None,
+                 per_stride: int = 1):
         self.feeds, self.dtypes, self.batch, self.advance, self.check = feeds, dtypes, batch, advance, check
         self.fixed = fixed or {}  # constant inputs, the same whole value with every batch
         self.n = len(next(iter(feeds.values())))
-        self.i, self.end = 0, len(self)
+        self.batches, self.per_stride = -(-self.n // self.batch), max(1, per_stride)
+        self.i, self.end = 0, self.batches
 
     def __len__(self) -> int:
-        return -(-self.n // self.batch)
+        return -(-self.batches // self.per_stride)
 
     def set_range(self, start_index: int, end_index: int) -> None:
-        self.i, self.end = start_index, end_index
+        self.i, self.end = start_index * self.per_stride, min(end_index * self.per_stride, self.batches)
 
     def get_next(self):
-        if self.i >= min(self.end, len(self)):
+        if self.i >= self.end:
             return None
         self.check()
         s = slice(self.i * self.batch, (self.i + 1) * self.batch)
@@ -232,7 +241,7 @@ class _Reader:
         return {**out, **{k: np.ascontiguousarray(v) for k, v in self.fixed.items()}}
 
     def rewind(self):
-        self.i, self.end = 0, len(self)
+        self.i, self.end = 0, self.batches
 
 
 def _batch_size(model, feeds: dict[str, np.ndarray]) -> int:
@@ -248,11 +257,36 @@ def _batch_size(model, feeds: dict[str, np.ndarray]) -> int:
     return max(b for b in range(1, cap + 1) if n % b == 0)
 
 
-def _stride(batches: int, batch_bytes: int) -> int:
-    """Batches per calibration stride: a divisor of the batch count (quantize_static's rule)
-    whose inputs stay under STRIDE_BYTES."""
-    cap = max(1, STRIDE_BYTES // max(1, batch_bytes))
-    return max(s for s in range(1, min(cap, batches) + 1) if batches % s == 0)
+def _stride(batches: int, batch_bytes: int, limit: int = STRIDE_BYTES) -> int:
+    """Batches per calibration stride (at least one) whose `batch_bytes` per batch stay under `limit`."""
+    return max(1, min(batches, limit // max(1, batch_bytes)))
+
+
+def _activation_bytes(model, sample: dict[str, np.ndarray]) -> int:
+    """Bytes of the float tensors one input sample makes in `model` (shape inference with the
+    inputs fixed to `sample`'s shapes; tensors whose shape stays unknown are not counted, so this
+    is a lower bound, 0 when nothing is known)."""
+    import onnx
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for i in m.graph.input:
+        if i.name in sample:
+            dims = i.type.tensor_type.shape.dim
+            for d, v in zip(dims, np.shape(sample[i.name])):
+                d.Clear()
+                d.dim_value = int(v)
+    try:
+        m = onnx.shape_inference.infer_shapes(m, data_prop=True)
+    except Exception:  # an estimate only: no bound from it rather than a failed candidate
+        return 0
+    total = 0
+    for v in (*m.graph.value_info, *m.graph.output):
+        t = v.type.tensor_type
+        dims = [d.dim_value for d in t.shape.dim]
+        if t.elem_type == onnx.TensorProto.FLOAT and dims and all(dims):
+            total += math.prod(dims) * 4
+    return total
 
 
 def quantizable_nodes(model) -> list[str]:
@@ -279,7 +313,10 @@ def quantize_int8(
     feeds = _feeds(model, calib, fixed)
     dtypes, batch = _dtypes(model), _batch_size(model, feeds)
     if recipe.engine == "nncf":
-        _nncf_int8(model, out_path, feeds, dtypes, recipe, exclude, check, fixed)
+        from lepton_edge.compress.torchless import torch_hidden
+
+        with torch_hidden():  # an ONNX model needs no torch: NNCF would load it (~200 MB) if it could
+            _nncf_int8(model, out_path, feeds, dtypes, recipe, exclude, check, fixed)
     else:
         _ort_int8(model, out_path, feeds, recipe, per_channel, exclude, check, fixed)
     _rebake(out_path, fixed)
@@ -300,14 +337,17 @@ def _ort_int8(model, out_path: Path, feeds, recipe: Recipe, per_channel: bool, e
         feeds = {k: v[: n - n % batch] for k, v in feeds.items()} if n >= batch else feeds
     batches = -(-len(next(iter(feeds.values()))) // batch)
     stride = _stride(batches, batch * sum(v[0].nbytes for v in feeds.values()))
+    if method != CalibrationMethod.MinMax:  # (MinMax reduces each tensor in the graph: it keeps no tensors)
+        per_sample = _activation_bytes(model, {**{k: v[:1] for k, v in feeds.items()}, **(fixed or {})})
+        stride = min(stride, _stride(batches, batch * per_sample, HISTOGRAM_STRIDE_BYTES))
     extra = {"ActivationSymmetric": recipe.activation == "s8", "WeightSymmetric": True,
-             "CalibStridedMinMax": stride}
+             "CalibStridedMinMax": 1}  # strides of `stride` batches: the reader's unit (_Reader)
     if recipe.calibration == "percentile":
         extra["CalibPercentile"] = 99.99
-    with ui.progress("calibrating", n) as advance, ui.libraries_silenced("", stderr=False):
+    with ui.progress("calibrating", n) as advance, ui.libraries_silenced("", stderr=False), _lean_calibration():
         # (the histogram calibrators print their own progress to stdout, which --json keeps clean, and
         # onnxruntime warns on the root logger that we skipped pre-processing: we do it when it helps)
-        reader = _Reader(feeds, _dtypes(model), batch, advance, check, fixed)
+        reader = _Reader(feeds, _dtypes(model), batch, advance, check, fixed, per_stride=stride)
         quantize_static(
             model, str(out_path), reader, quant_format=QuantFormat.QDQ,
             per_channel=per_channel and _opset(model) >= PER_CHANNEL_MIN_OPSET,
@@ -315,6 +355,37 @@ def _ort_int8(model, out_path: Path, feeds, recipe: Recipe, per_channel: bool, e
             weight_type=QuantType.QInt8, calibrate_method=method,
             nodes_to_exclude=exclude or None, extra_options=extra,
         )
+
+
+@contextmanager
+def _lean_calibration() -> Iterator[None]:
+    """onnxruntime's calibration session without a memory pattern or arena, for the block.
+
+    Why: the calibrators run the model with every calibrated tensor as an extra output (or a
+    ReduceMin/ReduceMax of it), unoptimised. With the default memory pattern that session planned
+    one block for all of them: +1.7 GB for one 800x608 input of a PicoDet detector (MinMax),
+    +0.87 GB without the pattern, +0.84 GB without arena either. The options change where tensors
+    are allocated, not what is computed. quantize_static builds that session itself
+    (CalibraterBase.create_inference_session, no options argument), so the method is swapped for
+    the block and put back after."""
+    import onnxruntime
+    from onnxruntime.quantization.calibrate import CalibraterBase
+
+    original = CalibraterBase.create_inference_session
+
+    def create_inference_session(self) -> None:
+        so = onnxruntime.SessionOptions()
+        so.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL  # as onnxruntime's
+        so.enable_mem_pattern = False
+        so.enable_cpu_mem_arena = False
+        self.infer_session = onnxruntime.InferenceSession(self.augmented_model_path, sess_options=so,
+                                                         providers=self.execution_providers)
+
+    CalibraterBase.create_inference_session = create_inference_session  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        CalibraterBase.create_inference_session = original  # type: ignore[method-assign]
 
 
 def _nncf_int8(model, out_path: Path, feeds, dtypes, recipe: Recipe, exclude, check, fixed=None) -> None:
@@ -470,14 +541,13 @@ def _input_names(model) -> list[str]:
     return [i.name for i in model.graph.input if i.name not in inits]
 
 
-def convert_fp16(fp32_path: Path, out_path: Path) -> None:
-    """fp16 weights and compute, fp32 inputs/outputs so callers feed the same tensors."""
-    import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+def convert_fp16(fp32_path: Path, out_path: Path, calib=None, check: Callable[[], None] = _no_check):
+    """fp16 weights and compute, fp32 inputs/outputs so callers feed the same tensors; the nodes
+    whose weights, or activations measured on `calib`, leave fp16's range stay fp32 (compress/fp16.py).
+    Returns its fp16.Fp16Result (the nodes kept in fp32 and why)."""
+    from lepton_edge.compress import fp16
 
-    model, fixed = without_defaults(onnx.load(str(fp32_path)))  # constant inputs keep their own dtype
-    m = convert_float_to_float16(model, keep_io_types=True)
-    onnx.save(with_defaults(m, fixed), str(out_path))
+    return fp16.convert(fp32_path, out_path, calib, check)
 
 
 def _with_outputs(path: Path, names: list[str]) -> bytes:
@@ -491,13 +561,12 @@ def _with_outputs(path: Path, names: list[str]) -> bytes:
     return m.SerializeToString()
 
 
-def _run_all(sess, name: str, x: np.ndarray) -> dict[str, np.ndarray]:
-    """Every output of `sess` over x, one sample at a time when the batch is fixed."""
+def _batches(sess, x: np.ndarray, most: int = 4):
+    """x in the batches `sess` takes: its fixed batch, else up to `most` inputs (the outputs of
+    every layer of a batch are held at once)."""
     fixed = sess.get_inputs()[0].shape[0]
-    step = fixed if isinstance(fixed, int) else len(x)
-    runs = [sess.run(None, {name: x[i:i + step]}) for i in range(0, len(x), step)]
-    names = [o.name for o in sess.get_outputs()]
-    return {n: np.concatenate([r[k] for r in runs]) for k, n in enumerate(names)}
+    step = fixed if isinstance(fixed, int) and fixed > 0 else most
+    return (x[i:i + step] for i in range(0, len(x), step))
 
 
 def sensitivity(fp32_path: Path, qdq_path: Path, x: np.ndarray, names: dict[str, str] | None = None
@@ -508,6 +577,10 @@ def sensitivity(fp32_path: Path, qdq_path: Path, x: np.ndarray, names: dict[str,
     quantizable node's output, and charges each node with SQNR(input) - SQNR(output): the
     noise that layer itself adds. `names` maps float tensor names to the quantized file's
     (after compact_names). Returns (node name, dB lost), worst first.
+
+    Why batch by batch: the signal and noise energies are sums, so each batch's layer outputs are
+    added in and dropped; holding every layer's output for all inputs took 32 x the model's
+    activations (over 30 GB for an 800x608 detector).
     """
     import onnx
     import onnxruntime as ort
@@ -518,21 +591,32 @@ def sensitivity(fp32_path: Path, qdq_path: Path, x: np.ndarray, names: dict[str,
     q = onnx.load(str(qdq_path), load_external_data=False)
     q_tensors = {o for n in q.graph.node for o in n.output}
     outs = [n.output[0] for n in nodes if names.get(n.output[0], n.output[0]) in q_tensors]
+    del m, q
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    name = onnx_input_name(fp32_path)
+    so.enable_cpu_mem_arena = False  # two short-lived sessions: nothing to reuse, memory back at once
+    name, q_name = onnx_input_name(fp32_path), onnx_input_name(qdq_path)
     f = ort.InferenceSession(_with_outputs(fp32_path, outs), so, providers=["CPUExecutionProvider"])
     qs = ort.InferenceSession(_with_outputs(qdq_path, [names.get(o, o) for o in outs]), so,
                               providers=["CPUExecutionProvider"])
-    fa = _run_all(f, name, x)
-    qa = _run_all(qs, onnx_input_name(qdq_path), x)
+    f_names, q_names = [o.name for o in f.get_outputs()], [o.name for o in qs.get_outputs()]
+    energy: dict[str, list[float]] = {}  # tensor: [signal, noise], summed over the batches
+    for xb in _batches(f, x):
+        fa = dict(zip(f_names, f.run(None, {name: xb})))
+        qa = dict(zip(q_names, qs.run(None, {q_name: xb})))
+        for t, ref in fa.items():
+            qt = names.get(t, t)
+            if qt in qa:
+                err = (ref - qa[qt]).astype(np.float64)
+                acc = energy.setdefault(t, [0.0, 0.0])
+                acc[0] += float(np.sum(ref.astype(np.float64) ** 2))
+                acc[1] += float(np.sum(err**2))
+        del fa, qa
 
     def sqnr(t: str) -> float:
-        qt = names.get(t, t)
-        if t not in fa or qt not in qa:
+        if t not in energy:
             return 60.0  # graph input or a tensor that is not quantized: treat as clean
-        ref, err = fa[t].astype(np.float64), (fa[t] - qa[qt]).astype(np.float64)
-        s, e = float(np.sum(ref**2)), float(np.sum(err**2))
+        s, e = energy[t]
         return 60.0 if e == 0 else min(60.0, 10 * math.log10(max(s, 1e-12) / e))
 
     lost = [(n.name, sqnr(n.input[0]) - sqnr(n.output[0])) for n in nodes if n.output[0] in outs]

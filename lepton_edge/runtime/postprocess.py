@@ -1,9 +1,9 @@
 """Raw model outputs -> results: classification, detection, compact embeddings.
 
 Why these three: they are what edge devices report upstream. A classifier's top-k with labels;
-a detector's boxes in the *frame's* coordinates (undoing the resize the preprocessing did) for
-the two output layouts that exported detectors use in practice (SSD-style post-processed boxes,
-scores and classes; YOLO-style raw candidates that need NMS); and embeddings compact enough to
+a detector's boxes in the *frame's* coordinates (undoing the resize the preprocessing did), from
+the heads exported detectors end with (runtime/detect_heads.py: SSD-style post-processed boxes;
+YOLO decoded candidates, YOLOX grids and PicoDet distributions that need NMS); and embeddings compact enough to
 send over MQTT for every frame (at most 256 bytes, int8).
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ from functools import lru_cache
 import numpy as np
 
 from lepton_edge.bundle import InputSpec
+from lepton_edge.runtime import detect_heads as heads
 
 MAX_EMBED_BYTES = 256
 
@@ -79,80 +80,26 @@ def _nms(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou: float,
     return np.asarray(keep, dtype=int).reshape(-1)
 
 
-def _ssd(outputs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool] | None:
-    """Post-processed outputs (TFLite_Detection_PostProcess, torchvision-style ONNX): boxes [.., N, 4]
-    plus scores [.., N] and classes [.., N] (and maybe a count). Returns (boxes, scores, classes, yxyx)."""
-    arrs = [np.asarray(o) for o in outputs]
-    box_i = next((i for i, a in enumerate(arrs) if a.ndim >= 2 and a.shape[-1] == 4), None)
-    if box_i is None:
-        return None
-    boxes = arrs[box_i].reshape(-1, 4).astype(np.float32)
-    n = len(boxes)
-    vecs = [(i, a.reshape(-1)) for i, a in enumerate(arrs) if i != box_i and a.size == n]
-    if len(vecs) < 2:
-        return None
-    vs = [v for _, v in vecs]
-    typed = [v for v in vs if np.issubdtype(v.dtype, np.integer)]
-    integral = [v for v in vs if np.all(np.mod(v, 1) == 0)]
-    if typed:
-        classes = typed[0]
-    elif len(integral) == 1:
-        classes = integral[0]
-    else:  # both look alike: TFLite's order is boxes, classes, scores, count
-        classes = vs[0]
-    scores = next(v for v in vs if v is not classes)
-    counts = [a.reshape(-1) for i, a in enumerate(arrs) if a.size == 1]
-    if counts:
-        m = int(counts[0][0])
-        boxes, scores, classes = boxes[:m], scores[:m], classes[:m]
-    # TFLite's SSD post-processing emits normalised [ymin, xmin, ymax, xmax]
-    yxyx = len(outputs) == 4 and bool(boxes.size) and float(np.abs(boxes).max()) <= 1.5
-    return boxes, scores.astype(np.float32), classes.astype(np.float32), yxyx
-
-
-def _yolo(out: np.ndarray, num_labels: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """Raw YOLO candidates: [1, 4+nc, N] (v8 and later), or [1, N, 5+nc] (v5: with objectness)
-    or [1, N, 4+nc]. Boxes are centre x, centre y, width, height in input pixels."""
-    a = np.asarray(out, dtype=np.float32)
-    if a.ndim == 3:
-        a = a[0]
-    if a.ndim != 2 or min(a.shape) < 5:
-        return None
-    if (num_labels is not None and a.shape[0] == 4 + num_labels) or a.shape[0] < a.shape[1]:  # [4+nc, N]
-        a, objectness = a.T, False
-    else:  # [N, C]: v5 has objectness unless the labels say 4+nc
-        objectness = not (num_labels is not None and a.shape[1] - 4 == num_labels)
-    cls = a[:, 5:] if objectness else a[:, 4:]
-    if cls.shape[1] == 0:
-        return None
-    classes = cls.argmax(1)
-    scores = cls[np.arange(len(cls)), classes] * (a[:, 4] if objectness else 1.0)
-    cx, cy, w, h = a[:, 0], a[:, 1], a[:, 2], a[:, 3]
-    boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
-    return boxes, scores.astype(np.float32), classes.astype(np.float32)
+def manifest_head(manifest) -> str | None:
+    """The detector head a bundle's export validated with (manifest `postprocess.head`), or None:
+    an older bundle, or a head this version does not know (the outputs then pick one)."""
+    section = (getattr(manifest, "model_extra", None) or {}).get("postprocess") or {}
+    head = section.get("head") if isinstance(section, dict) else None
+    return head if head in heads.HEADS else None
 
 
 def detect(outputs: list[np.ndarray], spec: InputSpec, frame_hw: tuple[int, int], labels: list[str] | None = None,
-           conf: float = 0.25, iou: float = 0.45, limit: int = 100) -> list[dict]:
-    """[{"box": [x1, y1, x2, y2] in frame pixels, "score", "class", "label"}], best first."""
-    h, w = spec.hw()
-    if len(outputs) == 1 and (got := _yolo(outputs[0], len(labels) if labels else None)) is not None:
-        boxes, scores, classes = got
-        ok = scores >= conf
-        boxes, scores, classes = boxes[ok], scores[ok], classes[ok]
+           conf: float = 0.25, iou: float = 0.45, limit: int = 100, head: str | None = None) -> list[dict]:
+    """[{"box": [x1, y1, x2, y2] in frame pixels, "score", "class", "label"}], best first.
+
+    head: a detector head by name (runtime/detect_heads.py: what the export validated with); None
+    lets the outputs' shapes pick it. A ValueError when the outputs are no head's layout."""
+    _, got = heads.decode(outputs, spec.hw(), len(labels) if labels else None, head)
+    ok = got.scores >= conf
+    boxes, scores, classes = got.boxes[ok], got.scores[ok], got.classes[ok]
+    if got.nms:
         keep = _nms(boxes, scores, classes, iou, limit)
         boxes, scores, classes = boxes[keep], scores[keep], classes[keep]
-    elif (ssd := _ssd(outputs)) is not None:
-        boxes, scores, classes, yxyx = ssd
-        if yxyx:
-            boxes = boxes[:, [1, 0, 3, 2]] * np.array([w, h, w, h], np.float32)
-        elif boxes.size and float(np.abs(boxes).max()) <= 1.5:  # normalised xyxy
-            boxes = boxes * np.array([w, h, w, h], np.float32)
-        ok = scores >= conf
-        boxes, scores, classes = boxes[ok], scores[ok], classes[ok]
-    else:
-        raise ValueError("outputs match neither the SSD layout (boxes [N,4], scores, classes) nor the YOLO "
-                         "layout ([1,4+nc,N] or [1,N,5+nc]); run with --task raw")
     sx, sy, dx, dy = frame_transform(spec, frame_hw)
     fh, fw = frame_hw
     out = []

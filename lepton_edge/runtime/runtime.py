@@ -118,6 +118,7 @@ class Runtime:
         self.backend, self.spec, self.task, self.labels, self.bundle = backend, spec, task, labels, bundle
         self.path = path
         self.top_k, self.conf, self.iou = top_k, conf, iou
+        self.head = post.manifest_head(bundle.manifest) if bundle else None  # the detector head the export used
         self.infer = backend.run  # the bare engine call: nothing between the user and the engine
         self._shape = tuple(int(d) for d in spec.shape)
         self._dtype = np.dtype(spec.dtype)
@@ -201,7 +202,8 @@ class Runtime:
         if self.task == "classify":
             return post.classify(outputs, self.labels, self.top_k)
         if self.task == "detect":
-            return post.detect(outputs, self.spec, frame_hw or self.spec.hw(), self.labels, self.conf, self.iou)
+            return post.detect(outputs, self.spec, frame_hw or self.spec.hw(), self.labels, self.conf, self.iou,
+                               head=self.head)
         if self.task == "embed":
             return post.embed(outputs)
         return outputs

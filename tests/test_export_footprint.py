@@ -1,0 +1,174 @@
+"""What an int8 export costs in memory (issue #14, must-hold 1 and the "peak RSS <= NNCF's" goal).
+
+Real parts: ONNX graphs built with onnx.helper (no torch, so nothing here loads it by accident),
+quantized by NNCF and onnxruntime, run by the device runtime's onnxruntime backend; the export runs
+in its own process where what it imports is the point.
+"""
+from __future__ import annotations
+
+import gc
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from lepton_edge.compress import calibration as cal, quantize as q  # noqa: E402
+
+RNG = np.random.default_rng(0)
+
+
+def _pointwise_net(path: Path, hw=(32, 32), width: int = 16, layers: int = 3) -> Path:
+    """x [N,3,H,W] -> `layers` x (1x1 Conv to `width` channels + Relu) -> GlobalAveragePool -> [N,width,1,1].
+    Small inputs, intermediate tensors `width`/3 times larger each: the shape of a text-line classifier
+    (ppocr-cls: 110 KB inputs, 14 MB of intermediate tensors per sample)."""
+    nodes, inits, prev, c = [], [], "x", 3
+    for i in range(layers):
+        w = (RNG.standard_normal((width, c, 1, 1)) / np.sqrt(c)).astype(np.float32)
+        inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(np.zeros(width, np.float32), f"b{i}")]
+        nodes += [helper.make_node("Conv", [prev, f"w{i}", f"b{i}"], [f"c{i}"], name=f"conv{i}"),
+                  helper.make_node("Relu", [f"c{i}"], [f"r{i}"], name=f"relu{i}")]
+        prev, c = f"r{i}", width
+    nodes.append(helper.make_node("GlobalAveragePool", [prev], ["features"], name="pool"))
+    graph = helper.make_graph(nodes, "pointwise", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                                 ["n", 3, *hw])],
+                              [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["n", width, 1, 1])],
+                              inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def test_onnx_int8_export_never_imports_torch(tmp_path):
+    """NNCF imports torch whenever it is installed; an ONNX model needs none of it (~200 MB of RSS).
+    The export of an ONNX file, NNCF candidate included, must leave torch unloaded."""
+    model = _pointwise_net(tmp_path / "m.onnx")
+    np.save(tmp_path / "calib.npy", RNG.random((40, 3, 32, 32), dtype=np.float32))
+    code = (
+        "import sys, lepton_edge\n"
+        f"r = lepton_edge.export({str(model)!r}, target='x86-cpu', calib={str(tmp_path / 'calib.npy')!r}, "
+        f"out={str(tmp_path / 'out')!r}, recipes=['nncf-default'], task='raw', measure_latency=False)\n"
+        "print(r.manifest.compression['quantization']['recipe'], 'nncf' in sys.modules, 'torch' in sys.modules)\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.split()[-3:] == ["nncf-default", "True", "False"], p.stdout
+
+
+def _live_sessions() -> int:
+    gc.collect()
+    return sum(isinstance(o, ort.InferenceSession) for o in gc.get_objects())
+
+
+def test_search_keeps_no_session_and_only_the_best_file(tmp_path):
+    """Every passing candidate used to keep its onnxruntime session (and arena) until the search
+    ended, and every candidate its file: now none is held while the next one is quantized and
+    validated, and only the best file is left."""
+    from types import SimpleNamespace
+
+    from lepton_edge import targets
+    from lepton_edge.exporters import recipes
+    from lepton_edge.exporters.context import ExportContext
+    from lepton_edge.exporters.datasets import ExportData
+    from lepton_edge.exporters.onnx import OnnxExporter
+    from lepton_edge.exporters.options import ExportOptions
+
+    ex = OnnxExporter()
+    prepared = q.prepare(_pointwise_net(tmp_path / "m.onnx"), tmp_path / "p.onnx")
+    calib, check = RNG.random((16, 3, 32, 32), dtype=np.float32), RNG.random((8, 3, 32, 32), dtype=np.float32)
+    held_before: list[int] = []
+    scores = iter([1.0, 3.0, 2.0])  # the second candidate is the best
+
+    def validate(path: Path):
+        held_before.append(_live_sessions())  # sessions alive while this candidate is judged
+        pred = ex.predictor(path, 1)
+        pred(check)
+        v = SimpleNamespace(passed=True, why=None, score=(next(scores),), as_dict=lambda: {})
+        return v, pred, None
+
+    ctx = ExportContext(ExportOptions(), targets.load("x86-cpu"), tmp_path, data=ExportData(check, "test",
+                                                                                            calib_x=calib))
+    r = recipes.search(ctx, ex, prepared, validate, ["u8-minmax", "u8-percentile", "s8-minmax-ends"], patience=9)
+    assert r.recipe == "u8-percentile" and r.predict is not None
+    assert held_before == [0, 0, 0]
+    assert sorted(p.name for p in tmp_path.glob("int8-*")) == [r.path.name]
+    assert [o.shape for o in r.predict(check)] == [(8, 16, 1, 1)]  # the best's session, opened again
+
+
+def test_histogram_strides_are_bounded_by_intermediate_tensors(tmp_path):
+    """A histogram calibrator keeps every calibrated tensor of a stride. Strides sized by the inputs'
+    bytes put all 29 samples of 12 KB in one stride: 29 x 2.4 MB of tensors (ppocr-cls: 58 x 14 MB,
+    1.16 GB peak). Sized by the tensors shape inference predicts, and of any length (29 batches is
+    prime: quantize_static's own strides must divide it), a stride holds about 32 MB."""
+    fp32 = _pointwise_net(tmp_path / "big.onnx", hw=(32, 32), width=96, layers=6)
+    calib = RNG.random((29, 3, 32, 32), dtype=np.float32)
+    base = cal.rss_bytes()
+    with cal.MemoryWatch(None, interval=0.005) as watch:
+        q.quantize_int8(fp32, tmp_path / "int8.onnx", calib, q.Recipe.parse("u8-percentile"))
+    grew = watch.peak - base
+    assert grew < 60e6, f"calibration grew RSS by {grew / 1e6:.0f} MB"
+    assert (tmp_path / "int8.onnx").stat().st_size > 0
+
+
+def test_reader_strides_of_any_length():
+    """quantize_static calls set_range(i, i + 1) for i < len(reader): each unit is `per_stride` batches,
+    the last one shorter, and together they are every batch once."""
+    x = np.arange(29, dtype=np.float32).reshape(29, 1)
+    r = q._Reader({"x": x}, {"x": np.float32}, batch=1, per_stride=4)
+    assert len(r) == 8
+    seen = []
+    for i in range(len(r)):
+        r.set_range(i, i + 1)
+        while (b := r.get_next()) is not None:
+            seen.append(float(b["x"][0, 0]))
+    assert seen == list(range(29))
+
+
+
+def test_calibration_session_is_lean_and_changes_nothing(tmp_path, monkeypatch):
+    """onnxruntime's calibration session (every calibrated tensor as an extra output or reduced by
+    an added ReduceMin/Max, unoptimised) planned one block for all of them with its default memory
+    pattern: +1.7 GB for one input of an 800x608 detector (PicoDet, MinMax), +0.85 GB without the
+    pattern and arena. quantize_int8 builds it without them; the quantized file is the same bytes."""
+    import contextlib
+
+    from onnxruntime.quantization.calibrate import CalibraterBase, MinMaxCalibrater
+
+    fp32 = _pointwise_net(tmp_path / "m.onnx")
+    original = CalibraterBase.create_inference_session
+    with q._lean_calibration():
+        c = MinMaxCalibrater(str(fp32), augmented_model_path=str(tmp_path / "aug.onnx"))
+        c.augment_graph()
+        c.create_inference_session()
+        opts = c.infer_session.get_session_options()
+        assert not opts.enable_mem_pattern and not opts.enable_cpu_mem_arena
+    assert CalibraterBase.create_inference_session is original  # put back after the block
+
+    calib = RNG.random((8, 3, 32, 32), dtype=np.float32)
+    q.quantize_int8(fp32, tmp_path / "lean.onnx", calib, q.Recipe.parse("u8-percentile"))
+    monkeypatch.setattr(q, "_lean_calibration", contextlib.nullcontext)
+    q.quantize_int8(fp32, tmp_path / "default.onnx", calib, q.Recipe.parse("u8-percentile"))
+    assert (tmp_path / "lean.onnx").read_bytes() == (tmp_path / "default.onnx").read_bytes()
+
+
+def test_search_time_stops_a_calibration_once_a_candidate_passed():
+    """--search-time used to stop only new candidates: one histogram calibration of an 800x608
+    detector ran 6 minutes past a 3-minute budget. Past the budget, with a passing candidate in
+    hand, the calibration's check stops it; with none, the candidate completes."""
+    import time
+
+    from lepton_edge.exporters import recipes
+
+    d = recipes._Deadline(time.perf_counter() - 10.0, 5.0)
+    d.check()  # over time, but nothing passed yet: go on
+    d.best = "nncf-default"
+    with pytest.raises(recipes.SearchTimeSpent, match="--search-time 5 s spent.*nncf-default passed"):
+        d.check()
+    recipes._Deadline(time.perf_counter(), 60.0).check()  # within the budget: go on
