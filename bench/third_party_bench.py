@@ -342,9 +342,14 @@ def bench_model(name: str, work: Path, quick: bool, plan: list[str] | None = Non
 def run(work: Path, quick: bool = False, models: list[str] | None = None, plan: list[str] | None = None) -> dict:
     """Every corpus model (or `models`) through the plan. LEPTON_THIRD_PARTY_WORK names a folder that
     keeps the exports and reuses the finished ones (`make bench` starts from nothing otherwise: over an
-    hour on 2 cores)."""
+    hour on 2 cores). LEPTON_THIRD_PARTY_MODELS and LEPTON_THIRD_PARTY_PLAN (comma-separated) narrow
+    a run to some models and some columns of PLANS."""
     work = Path(os.environ.get("LEPTON_THIRD_PARTY_WORK") or work)
-    names = models or (list(QUICK_MODELS) if quick else list(MODELS))
+    names = models or [n for n in os.environ.get("LEPTON_THIRD_PARTY_MODELS", "").split(",") if n] or \
+        (list(QUICK_MODELS) if quick else list(MODELS))
+    plan = plan or [k for k in os.environ.get("LEPTON_THIRD_PARTY_PLAN", "").split(",") if k] or None
+    if plan and "fp32" not in plan:  # the fp32 export is the reference every other column is judged against
+        plan = ["fp32", *plan]
     res = {"mem_limit_mb": MEM_LIMIT >> 20, "timeout_s": TIMEOUT_S, "calib": str(calib_dir()),
            "eval": str(eval_dir()), "models": []}
     for n in names:
