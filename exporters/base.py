@@ -128,6 +128,8 @@ def _load(ctx: ExportContext, model, example_input, exporter: Exporter) -> None:
         raise BadInput(f"{exporter.format} export converts PyTorch models (zoo:, .pt, .pt2, nn.Module); "
                        f"for an {src.kind.upper()} file use --format onnx")
     _check_normalisation(src.input_spec, o)
+    if o.resize:
+        src.input_spec.resize = o.resize
     lay.apply(src, o.layout or prof.layout, explicit=o.layout is not None)
     if o.task in ("classify", "detect", "embed"):
         src.task = o.task  # what the device's post-processing does (a segment map stays raw there)

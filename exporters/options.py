@@ -128,6 +128,9 @@ class ExportOptions(BaseModel):
     weights: PathLike | None = None
     labels: list[Annotated[str, Field(strict=True)]] | None = None
     color: Literal["RGB", "BGR", "GRAY"] | None = None
+    # how a frame of another shape becomes the input (calibration, validation and the device alike);
+    # letterbox keeps the aspect ratio, which a detector of wide images (captchas, documents) needs
+    resize: Literal["stretch", "letterbox", "center_crop"] | None = None
     mean: list[Number] | None = None
     std: list[Number] | None = None
     # the constants fed to a multi-input model's non-image inputs (else a rule by name, datasets.constant_value);

@@ -135,6 +135,8 @@ def export(
     allow_synthetic_calibration: bool = typer.Option(False, help="Calibrate int8 on random data (ruins accuracy)."),
     name: str | None = typer.Option(None, help="Bundle name (default: the model's)."),
     color: str | None = typer.Option(None, help="Input colour order: RGB, BGR or GRAY."),
+    resize: str | None = typer.Option(None, help="How frames of another shape become the input: stretch "
+                                      "(default), letterbox (keeps the aspect ratio) or center_crop."),
     mean: str | None = typer.Option(None, help="Per-channel mean after scaling to 0..1, e.g. 0.485,0.456,0.406."),
     std: str | None = typer.Option(None, help="Per-channel std, e.g. 0.229,0.224,0.225."),
     input_value: list[str] | None = typer.Option(None, "--input-value", help="NAME=V1,V2,...: the constant fed "
@@ -158,7 +160,8 @@ def export(
         layout=layout.upper() if layout else None, int8_io=int8_io,
         input_shape=parse_shape(input_shape) if input_shape else None, weights=weights,
         labels=_read_labels(labels) if labels is not None else None, color=color.upper() if color else None,
-        mean=_floats(mean, "--mean"), std=_floats(std, "--std"), input_values=input_value or None,
+        resize=resize.lower() if resize else None, mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
+        input_values=input_value or None,
         calib=calib, calib_samples=calib_samples,
         eval=eval_set, eval_limit=eval_limit, train=train, allow_synthetic_calibration=allow_synthetic_calibration,
         prune=prune, finetune_epochs=finetune_epochs, recipes=recipes.split(",") if recipes else None,

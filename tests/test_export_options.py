@@ -30,6 +30,7 @@ from lepton_edge.exporters.options import ExportOptions
     ({"max_size": "lots"}, ["max_size", "'lots'"]),
     ({"precision": "int4"}, ["precision", "'int4'"]),
     ({"task": "segmentation"}, ["task", "'segmentation'"]),
+    ({"resize": "squash"}, ["resize", "'squash'"]),
     ({"recipes": ["q8-fast"]}, ["recipes", "unknown recipe 'q8-fast'"]),
     ({"input_shape": [1, 0, 28, 28]}, ["input_shape[1]"]),
     ({"finetune_epochs": 1}, ["finetune_epochs applies after prune"]),
@@ -46,6 +47,21 @@ def test_the_python_api_refuses_bad_options_in_one_line_before_any_work(tmp_path
         assert n in msg, msg
     assert time.monotonic() - t0 < 5, "checked after loading the model"
     assert not any(tmp_path.iterdir())
+
+
+def test_resize_reaches_the_manifest_the_device_reads(tmp_path):
+    """--resize letterbox: the bundle's input spec says so, so the device letterboxes frames as the
+    calibration and validation did (a wide captcha stretched to a square loses its characters)."""
+    import json
+
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(3))
+    model(torch.zeros(1, 3, 16, 16))
+    res = lepton_edge.export(model, out=tmp_path, example_input=torch.zeros(1, 3, 16, 16), precision="fp32",
+                             resize="letterbox", name="lb")
+    manifest = json.loads((res.bundle.path / "manifest.json").read_text())
+    assert manifest["inputs"][0]["resize"] == "letterbox", manifest["inputs"]
 
 
 def test_a_mean_that_does_not_fit_the_model_channels_is_one_line(tmp_path):
@@ -77,7 +93,7 @@ CLI_FLAGS = ["--target", "rpi4", "--precision", "int8", "--format", "tflite", "-
              "--min-top5", "0.9", "--max-accuracy-drop", "1.5", "--min-sqnr", "10", "--min-cosine", "0.9",
              "--min-f1", "0.8", "--recipes", "s8-minmax,s8-minmax-litert", "--search-time", "60",
              "--max-memory", "4GB", "--allow-synthetic-calibration", "--name", "m", "--color", "bgr",
-             "--mean", "0.485,0.456,0.406", "--std", "0.229,0.224,0.225", "--weights", "w.pth"]
+             "--resize", "letterbox", "--mean", "0.485,0.456,0.406", "--std", "0.229,0.224,0.225", "--weights", "w.pth"]
 API_KW = {
     "target": "rpi4", "precision": "int8", "format": "tflite", "layout": "NHWC", "int8_io": True,
     "input_shape": [1, 3, 32, 32], "calib": "photos/", "calib_samples": 50, "eval": "ev.npz", "eval_limit": 100,
@@ -85,7 +101,7 @@ API_KW = {
     "min_agreement": 0.9, "min_confident_kept": 0.95, "min_top5": 0.9, "max_accuracy_drop": 1.5, "min_sqnr": 10.0,
     "min_cosine": 0.9, "min_f1": 0.8, "recipes": ["s8-minmax", "s8-minmax-litert"], "search_time": 60.0,
     "max_memory": "4GB", "allow_synthetic_calibration": True, "name": "m", "color": "BGR",
-    "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "weights": "w.pth",
+    "resize": "letterbox", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "weights": "w.pth",
 }
 
 
