@@ -242,3 +242,34 @@ def test_manifest_sections_keep_what_older_and_newer_manifests_hold():
     assert ValidationSection.model_validate(v).record() == v
     with pytest.raises(ValidationError, match="search_seconds"):
         CompressionSection.model_validate({"quantization": {**old["quantization"], "search_seconds": "slow"}})
+
+
+@pytest.mark.slow
+def test_an_int8_model_slower_than_fp32_on_this_host_is_a_warning(tmp_path, monkeypatch, caplog):
+    """onnxruntime's x86 kernels can run an int8 graph slower than its fp32 one (quantize/dequantize
+    pairs around layers without int8 kernels): the export says so instead of implying int8 is faster.
+    The host's timings are replaced (the artifact is timed first, then fp32), since which models are
+    slower depends on the CPU."""
+    import logging
+
+    import numpy as np
+    import torch
+
+    from lepton_edge.exporters import validation as val
+
+    timings = iter([12.0, 4.0])
+
+    def timed(pred, x, **kw):  # the search's quick timing passes runs=...; the report's does not
+        ms = 4.0 if kw else next(timings, 4.0)
+        return {"p50_ms": ms, "p90_ms": ms, "min_ms": ms, "runs": 5}
+
+    monkeypatch.setattr(val, "latency_ms", timed)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.LazyLinear(4))
+    model(torch.zeros(1, 3, 16, 16))
+    calib = tmp_path / "calib.npy"
+    np.save(calib, np.random.default_rng(0).uniform(0, 1, (64, 3, 16, 16)).astype(np.float32))
+    with caplog.at_level(logging.WARNING):
+        res = lepton_edge.export(model, out=tmp_path / "out", example_input=torch.zeros(1, 3, 16, 16),
+                                 calib=str(calib), task="raw", recipes=["u8-minmax"])
+    assert res.bundle.manifest.precision == "int8"
+    assert any("3.0x slower than fp32 on this host" in r.getMessage() for r in caplog.records), caplog.text
