@@ -280,6 +280,7 @@ def _measure_latency(ctx: ExportContext, pred, fp32_pred) -> dict[str, Any]:
     lat, base = val.latency_ms(pred, x1), val.latency_ms(fp32_pred, x1)
     ctx.report.latency = LatencySection(host=writer.toolchain()["host"], threads=writer.threads_used(ctx.profile),
                                         batch=1, p50_ms=lat["p50_ms"], p90_ms=lat["p90_ms"], min_ms=lat["min_ms"],
+                                        runs=lat.get("runs"),
                                         fp32_p50_ms=base["p50_ms"], vs_fp32=lat["p50_ms"] / base["p50_ms"])
     if ctx.report.compression.quantization is not None:
         ctx.report.compression.quantization.speed_vs_fp32 = ctx.report.latency.vs_fp32

@@ -1,9 +1,10 @@
 """TFLite exporter: PyTorch -> TFLite with litert-torch (no TensorFlow), validated in LiteRT.
 
 fp32: litert_torch.convert (TorchScript first becomes an ExportedProgram through torch's
-TS2EPConverter: torch.export, which litert-torch traces with, cannot read it). int8: PT2E static
-quantization (int8, per-channel weights, calibrated on the export's calibration data) and the LiteRT
-quantizer (ai-edge-quantizer) both, keeping the one that validates better; the int8 body gets a float
+TS2EPConverter: torch.export, which litert-torch traces with, cannot read it). int8: NNCF's
+post-training quantization on its PT2E path (`nncf-default`), plain PT2E static quantization (int8,
+per-channel weights, calibrated on the export's calibration data) and the LiteRT quantizer
+(ai-edge-quantizer), keeping the one that validates best; the int8 body gets a float
 input/output (QUANTIZE/DEQUANTIZE ops), or with int8_io keeps integer-only I/O whose scale/zero-point
 go into the manifest. fp16: fp16 weights via ai-edge-quantizer's float casting, float compute and I/O.
 Validation runs the artifact in `ai_edge_litert` (XNNPACK), the interpreter the device runs.
@@ -177,10 +178,13 @@ class TfliteExporter(Exporter):
     suffix = ".tflite"
     precisions = ("fp32", "fp16", "int8")
     sources = ("torch",)
-    # s8-minmax: PT2E with litert-torch's observers (histogram for activations, min/max per channel for
-    # weights); s8-minmax-litert: the LiteRT quantizer (ai-edge-quantizer, static a8w8) on the fp32 file.
-    # Both are tried; the one that validates better is kept.
-    recipe_examples = ("s8-minmax", "s8-minmax-litert")
+    # nncf-default: NNCF's PTQ (its range estimation and fast bias correction) through its PT2E path,
+    # placing the quantizers litert-torch's symmetric PT2E quantizer asks for, so litert-torch converts
+    # the result as it converts s8-minmax's; s8-minmax: PT2E with litert-torch's observers (histogram for
+    # activations, min/max per channel for weights); s8-minmax-litert: the LiteRT quantizer
+    # (ai-edge-quantizer, static a8w8) on the fp32 file. All are tried; the one that validates best is kept.
+    # A recipe names the algorithm, the format its backend: nncf-default is NNCF's ONNX backend on ONNX.
+    recipe_examples = ("nncf-default", "s8-minmax", "s8-minmax-litert")
 
     def supports_recipe(self, name: str) -> bool:
         return name in self.recipe_examples
@@ -209,6 +213,8 @@ class TfliteExporter(Exporter):
         calib = ctx.data.calib_x
         if recipe.litert:
             _litert_quantizer_int8(prepared, out_path, calib)
+        elif recipe.engine == "nncf":
+            _nncf_pt2e_int8(ctx, out_path, calib, check or _no_check)
         else:
             _pt2e_int8(ctx, out_path, calib, check)
         if not ctx.options.int8_io:  # --int8-io keeps the integer-only interface (integer-only accelerators)
@@ -223,6 +229,9 @@ class TfliteExporter(Exporter):
         if recipe.litert:
             return (f"LiteRT quantizer (ai-edge-quantizer {_version('ai-edge-quantizer')}, static a8w8) on the fp32 "
                     "TFLite model, weights int8 per-channel")
+        if recipe.engine == "nncf":
+            return (f"NNCF {_version('nncf')} post-training quantization (PT2E path: quantize_pt2e with litert-torch "
+                    f"{_version('litert-torch')}'s symmetric quantizer, fast bias correction), weights int8 per-channel")
         return (f"PT2E (torchao prepare/convert_pt2e with litert-torch {_version('litert-torch')}'s symmetric "
                 "quantizer, histogram observers), weights int8 per-channel")
 
@@ -241,18 +250,31 @@ class TfliteExporter(Exporter):
                 "ops": dict(Counter(o["op_name"] for o in it._get_ops_details()))}
 
 
+def _no_check() -> None:
+    return None
+
+
+def _pt2e_graph(ctx: ExportContext, example: tuple):
+    """(litert-torch's symmetric PT2E quantizer, the module as the exported graph PT2E annotates)."""
+    import torch
+    from litert_torch.quantize import pt2e_quantizer as pq
+
+    quantizer = pq.PT2EQuantizer().set_global(pq.get_symmetric_quantization_config(is_per_channel=ctx.per_channel))
+    with _quiet():
+        graph = torch.export.export(_exportable(ctx.source.module, example), example).module()
+    return quantizer, graph
+
+
 def _pt2e_int8(ctx: ExportContext, out_path: Path, calib: np.ndarray, check=None) -> None:
     """Static int8 through PT2E (torchao prepare/convert) with litert-torch's symmetric quantizer,
     calibrated by running the prepared PyTorch module on the calibration inputs."""
     import torch
-    from litert_torch.quantize import pt2e_quantizer as pq
     from litert_torch.quantize.quant_config import QuantConfig
     from torchao.quantization.pt2e import quantize_pt2e
 
     example = _example(ctx)
-    quantizer = pq.PT2EQuantizer().set_global(pq.get_symmetric_quantization_config(is_per_channel=ctx.per_channel))
+    quantizer, graph = _pt2e_graph(ctx, example)
     with _quiet():
-        graph = torch.export.export(_exportable(ctx.source.module, example), example).module()
         prepared_module = quantize_pt2e.prepare_pt2e(graph, quantizer)
     batch = example[0].shape[0]
     with ctx.progress.bar("calibrating", len(calib)) as advance, torch.no_grad():
@@ -264,6 +286,68 @@ def _pt2e_int8(ctx: ExportContext, out_path: Path, calib: np.ndarray, check=None
     with _quiet():
         converted = quantize_pt2e.convert_pt2e(prepared_module, fold_quantize=False)
     _convert(converted, example, out_path, QuantConfig(pt2e_quantizer=quantizer))
+
+
+def _nncf_pt2e_int8(ctx: ExportContext, out_path: Path, calib: np.ndarray, check) -> None:
+    """Static int8 through NNCF's PT2E path (`quantize_pt2e`): NNCF's range estimation and fast bias
+    correction, with quantizers where litert-torch's symmetric quantizer annotates them, so the result
+    is the same kind of graph as `_pt2e_int8`'s and litert-torch converts it the same way.
+
+    Why NNCF here: its PTQ is the reference the int8 export is held to (issue 14); on the ONNX route it
+    is the ONNX backend, on this route the PT2E one. Calibration streams: NNCF takes batch start indices
+    and builds each batch when it asks for it (with the memory/time check between batches)."""
+    import logging
+
+    import torch
+    from litert_torch.quantize.quant_config import QuantConfig
+
+    try:
+        import nncf
+        with _quiet():
+            from nncf.experimental.torch.fx import quantize_pt2e
+    except ImportError:
+        raise ValueError("NNCF is not installed (pip install 'lepton-edge[export]')") from None
+
+    example = _example(ctx)
+    quantizer, graph = _pt2e_graph(ctx, example)
+    _named_convolutions(graph)
+    batch = example[0].shape[0]
+    starts = list(range(0, len(calib) - batch + 1, batch))
+    with ctx.progress.bar("calibrating (NNCF)", len(starts) * batch) as advance:
+        def transform(i: int):
+            check()  # the memory budget (--max-memory) and --search-time
+            advance(batch)
+            return torch.from_numpy(np.ascontiguousarray(calib[i:i + batch], dtype=np.float32))
+
+        nncf.set_log_level(logging.ERROR)
+        with _quiet(), ui.libraries_silenced("nncf", stderr=False), torch.no_grad():
+            converted = quantize_pt2e(graph, quantizer, nncf.Dataset(starts, transform), subset_size=len(starts),
+                                      fast_bias_correction=True, fold_quantize=False)
+    _convert(converted, example, out_path, QuantConfig(pt2e_quantizer=quantizer))
+
+
+def _named_convolutions(graph) -> None:
+    """Rewrite the generic `aten.convolution` nodes of a 1-D/2-D forward convolution as `aten.conv1d` /
+    `aten.conv2d`, in place. Why: torch's TorchScript converter (TS2EPConverter) emits the generic op,
+    which NNCF's PT2E path does not know (it fails with "'UnknownMetatype' has no attribute
+    'weight_port_ids'" on the quantizer's weight annotation, e.g. on MTCNN's O-Net); both ops compute
+    the same, and litert-torch lowers either."""
+    import torch
+
+    aten = torch.ops.aten
+    named = {3: aten.conv1d.default, 4: aten.conv2d.default}
+    changed = False
+    for node in graph.graph.nodes:
+        if node.op != "call_function" or node.target != aten.convolution.default or len(node.args) != 9:
+            continue
+        x, w, b, stride, padding, dilation, transposed, _, groups = node.args
+        val = getattr(w, "meta", {}).get("val")
+        if transposed or val is None or val.dim() not in named:
+            continue
+        node.target, node.args = named[val.dim()], (x, w, b, stride, padding, dilation, groups)
+        changed = True
+    if changed:
+        graph.recompile()
 
 
 def _litert_quantizer_int8(fp32_path: Path, out_path: Path, calib: np.ndarray) -> None:

@@ -142,6 +142,7 @@ class LatencySection(Section):
     p50_ms: float
     p90_ms: float
     min_ms: float | None = None  # the fastest run: what the budget is judged on (a shared host's median is its load)
+    runs: int | None = None  # how many timed runs p50, p90 and min come from
     fp32_p50_ms: float
     vs_fp32: float
 
