@@ -231,7 +231,8 @@ class TfliteExporter(Exporter):
                     "TFLite model, weights int8 per-channel")
         if recipe.engine == "nncf":
             return (f"NNCF {_version('nncf')} post-training quantization (PT2E path: quantize_pt2e with litert-torch "
-                    f"{_version('litert-torch')}'s symmetric quantizer, fast bias correction), weights int8 per-channel")
+                    f"{_version('litert-torch')}'s symmetric quantizer, fast bias correction), weights int8 "
+                    "per-channel")
         return (f"PT2E (torchao prepare/convert_pt2e with litert-torch {_version('litert-torch')}'s symmetric "
                 "quantizer, histogram observers), weights int8 per-channel")
 
