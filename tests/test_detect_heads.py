@@ -225,3 +225,18 @@ def test_manifest_names_the_head_the_device_uses():
     assert post.manifest_head(m.model_copy(update={"postprocess": {"head": "from-the-future"}})) is None
     del m.__pydantic_extra__["postprocess"]
     assert post.manifest_head(m) is None
+
+
+def test_a_small_input_with_a_flat_output_is_no_yolox():
+    """An 8x8 input has no 16- or 32-pixel grid, and a [1, 144] vector is no [1, N, 5 + nc] head: floor
+    division made N = 1 + 0 + 0 'match' YOLOX's anchors, so a conv + flatten on random weights was
+    gated as a detector (and failed or passed on the luck of its boxes)."""
+    from lepton_edge.exporters import task_metrics as tm
+    from lepton_edge.model_source import default_spec
+    from lepton_edge.runtime import detect_heads as dh
+
+    spec = default_spec([1, 3, 8, 8])
+    out = np.random.default_rng(0).normal(0, 0.1, (56, 144)).astype(np.float32)
+    assert dh.recognise([out[:1]], (8, 8)) is None
+    assert dh.yolox_grid([out[:1, None, :]], (8, 8)) is None  # [1, 1, 144]: one anchor, strides without cells
+    assert tm.infer_task([out], [{"name": "output"}], spec) == "classify"

@@ -113,7 +113,8 @@ def _yolox_grids(n: int, hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray] |
     for strides in YOLOX_STRIDES:
         for div in ((lambda a, s: a // s), (lambda a, s: -(-a // s))):  # floor (YOLOX's demo), ceil (the convs)
             sizes = [(div(h, s), div(w, s)) for s in strides]
-            if sum(a * b for a, b in sizes) != n:
+            # every stride has cells (an 8x8 input has no 16- or 32-pixel grid: a [1, 144] output there is no YOLOX)
+            if min(a * b for a, b in sizes) == 0 or sum(a * b for a, b in sizes) != n:
                 continue
             grids, strd = [], []
             for (gh, gw), s in zip(sizes, strides):
@@ -127,7 +128,7 @@ def _yolox_grids(n: int, hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray] |
 
 
 def yolox_grid(outputs: list[np.ndarray], hw: tuple[int, int], num_labels: int | None = None) -> Candidates | None:
-    if len(outputs) != 1 or np.ndim(outputs[0]) not in (2, 3):
+    if len(outputs) != 1 or np.ndim(outputs[0]) != 3:  # [1, N, 5 + nc], as the rule says
         return None
     a = _sample(outputs[0]).astype(np.float32)
     if a.shape[1] < 6 or (num_labels is not None and a.shape[1] != 5 + num_labels):
