@@ -48,7 +48,7 @@ def structure(ref: list[np.ndarray], out: list[np.ndarray], ref_specs: list[dict
             row["why"] = f"output {k}: named {as_['name']!r}, fp32 names it {rs['name']!r}"
         elif row["dtype"] != row["artifact_dtype"] and not as_.get("quantization"):
             row["why"] = f"output {row['name']}: dtype {row['artifact_dtype']} != fp32 {row['dtype']}"
-        elif not np.all(np.isfinite(a.astype(np.float64))):
+        elif not np.isfinite(a).all():  # (no float64 copy of a large output)
             row["why"] = f"output {row['name']}: NaN or infinite values"
         rows.append(row)
     return rows
@@ -59,9 +59,29 @@ def closeness(ref: list[np.ndarray], out: list[np.ndarray]) -> dict[str, float]:
     an output says nothing by itself)."""
     if len(ref) != len(out) or any(r.shape != a.shape for r, a in zip(ref, out)):
         return {}
-    diffs = [np.abs(r.astype(np.float64) - a.astype(np.float64)) for r, a in zip(ref, out)]
-    return {"max_abs_diff": float(max(d.max() if d.size else 0.0 for d in diffs)),
-            "mean_abs_diff": float(np.mean([d.mean() if d.size else 0.0 for d in diffs]))}
+    worst, means = 0.0, []
+    for r, a in zip(ref, out):
+        total = 0.0
+        for s in _chunks(r):
+            d = np.abs(r[s].astype(np.float64) - a[s].astype(np.float64))
+            if d.size:
+                worst, total = max(worst, float(d.max())), total + float(d.sum())
+        means.append(total / r.size if r.size else 0.0)
+    return {"max_abs_diff": worst, "mean_abs_diff": float(np.mean(means))}
+
+
+CHUNK_BYTES = 16 << 20  # float64 working copies per step when comparing outputs
+
+
+def _chunks(r: np.ndarray):
+    """Slices over the samples of `r`, each at most CHUNK_BYTES as float64. Why: a recogniser's
+    [56, 40, 6625] output is 119 MB as float64; comparing it whole made four or five such copies at
+    once, and that transient was most of an export's peak memory (ppocr-rec's fp32 export: 1 GB)."""
+    n = len(r) if r.ndim else 1
+    per = max(1, (r.size // max(1, n)) * 8)
+    step = max(1, CHUNK_BYTES // per)
+    for i in range(0, n, step):
+        yield slice(i, i + step)
 
 
 # ---- classify ----------------------------------------------------------------------------------
@@ -156,8 +176,13 @@ def classify(ref, out: list[np.ndarray], eval_out, th, metrics: dict) -> list[st
 # ---- dense maps and anything else --------------------------------------------------------------
 
 def sqnr_db(r: np.ndarray, a: np.ndarray) -> float:
-    sig = float(np.sum(r.astype(np.float64) ** 2))
-    noise = float(np.sum((r.astype(np.float64) - a.astype(np.float64)) ** 2))
+    if r.ndim == 0:
+        r, a = r.reshape(1), np.asarray(a).reshape(1)
+    sig = noise = 0.0
+    for s in _chunks(r):
+        r64 = r[s].astype(np.float64)
+        sig += float(np.square(r64).sum())
+        noise += float(np.square(r64 - a[s].astype(np.float64)).sum())
     if noise == 0:
         return 100.0
     return 10 * math.log10(sig / noise) if sig > 0 else -100.0
@@ -165,12 +190,14 @@ def sqnr_db(r: np.ndarray, a: np.ndarray) -> float:
 
 def cosine(r: np.ndarray, a: np.ndarray) -> np.ndarray:
     """Per-sample cosine similarity of flattened outputs (1.0 where both are zero)."""
-    r, a = _flat(r), _flat(a)
-    nr, na = np.linalg.norm(r, axis=1), np.linalg.norm(a, axis=1)
-    dot = (r * a).sum(1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        c = np.where((nr == 0) & (na == 0), 1.0, dot / np.maximum(nr * na, 1e-30))
-    return c
+    parts = []
+    for s in _chunks(r):
+        rf, af = _flat(r[s]), _flat(a[s])
+        nr, na = np.linalg.norm(rf, axis=1), np.linalg.norm(af, axis=1)
+        dot = (rf * af).sum(1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            parts.append(np.where((nr == 0) & (na == 0), 1.0, dot / np.maximum(nr * na, 1e-30)))
+    return np.concatenate(parts) if parts else np.zeros(0)
 
 
 def mask_iou(r: np.ndarray, a: np.ndarray) -> float | None:
@@ -188,7 +215,7 @@ def is_probability_map(r: np.ndarray) -> bool:
 
 def mask_samples(r: np.ndarray) -> int:
     """How many samples show fp32's mask (>= MASK_MIN_FRACTION of the map at >= MASK_AT)."""
-    return int(((_flat(r) >= MASK_AT).mean(1) >= MASK_MIN_FRACTION).sum()) if len(r) else 0
+    return int(((r.reshape(len(r), -1) >= MASK_AT).mean(1) >= MASK_MIN_FRACTION).sum()) if len(r) else 0
 
 
 def dense(ref: list[np.ndarray], out: list[np.ndarray], per_output: list[dict], th, metrics: dict,
@@ -233,19 +260,20 @@ def dense(ref: list[np.ndarray], out: list[np.ndarray], per_output: list[dict], 
 def _mask_gate(r: np.ndarray, a: np.ndarray, row: dict, th) -> list[str]:
     """A segmentation probability map's gate: mask IoU where fp32's mask shows on enough samples;
     else no evidence, and only a map within NO_EVIDENCE_MAX_ABS of fp32's everywhere passes."""
-    d = np.abs(r.astype(np.float64) - a.astype(np.float64))
+    diff = closeness([r], [a])  # (chunked: no float64 copy of the whole map)
     n, have = len(r), mask_samples(r)
-    row.update(mask_samples=have, mask_fraction=float((r >= MASK_AT).mean()), mean_abs_diff=float(d.mean()),
-               max_abs_diff=float(d.max()))
+    d_max = diff.get("max_abs_diff", float("inf"))  # (shapes that differ: never "within" fp32's map)
+    row.update(mask_samples=have, mask_fraction=float((r >= MASK_AT).mean()),
+               mean_abs_diff=diff.get("mean_abs_diff", 0.0), max_abs_diff=d_max)
     if have >= MIN_MASK_SAMPLES:
         m = mask_iou(r, a) or 0.0
         row["mask_iou"] = m
         return [f"output {row['name']}: mask IoU {m:.4f} < {th.min_mask_iou} (>= {MASK_AT}, pooled over "
                 f"{n} inputs, {have} showing fp32's mask)"] if m < th.min_mask_iou else []
-    if d.max() <= NO_EVIDENCE_MAX_ABS:
+    if d_max <= NO_EVIDENCE_MAX_ABS:
         return []
     return [f"output {row['name']}: no evidence: fp32's mask (>= {MASK_AT}) shows on {have} of {n} validation "
-            f"inputs ({MIN_MASK_SAMPLES} needed to judge its IoU) and the map differs by up to {d.max():.3f}; "
+            f"inputs ({MIN_MASK_SAMPLES} needed to judge its IoU) and the map differs by up to {d_max:.3f}; "
             "validate on inputs that contain what the model finds (--calib/--eval images)"]
 
 
@@ -428,6 +456,5 @@ def _decodable(outputs: list[np.ndarray], input_spec, labels) -> bool:
 def _distributions(a: np.ndarray) -> bool:
     """Probabilities summing to 1 along the last axis (a CTC recogniser's per-step characters), which
     a detector's rows of box coordinates never are."""
-    a = a.astype(np.float64)
     return a.size > 0 and float(a.min()) >= 0.0 and float(a.max()) <= 1.0 and bool(
-        np.allclose(a.sum(-1), 1.0, atol=1e-2))
+        np.allclose(a.sum(-1, dtype=np.float64), 1.0, atol=1e-2))
