@@ -59,12 +59,26 @@ def check_budgets(ctx, size: int, budget: int, ram: int | None, latency: dict, p
     # what the model costs when it has the CPU, as on a device that runs only it.
     best = latency.get("min_ms", latency.get("p50_ms")) if latency else None
     if best is not None and same_cpu and best > prof.latency_budget_ms:
+        advice = latency_advice(latency, prof.latency_budget_ms, precision)
         raise CheckFailed(f"latency {best:.1f} ms (fastest of {latency.get('runs', '?')} runs; p50 "
                           f"{latency['p50_ms']:.1f} ms) on this host is over {prof.id}'s "
-                          f"{prof.latency_budget_ms:g} ms budget; try --prune, int8 or a smaller input")
+                          f"{prof.latency_budget_ms:g} ms budget; {advice}")
     return BudgetsSection(max_model_bytes=budget, model_bytes=size, ram_budget_bytes=prof.ram_budget_bytes,
                           ram_bytes_measured=ram, latency_budget_ms=prof.latency_budget_ms,
                           latency_checked_on_host=bool(latency and same_cpu))
+
+
+def latency_advice(latency: dict, budget_ms: float, precision: str) -> str:
+    """What to try when the fastest run is over the budget. Why not always "int8": the artifact may be
+    int8 already, and on some CPUs an int8 graph runs slower than its fp32 one (quantize/dequantize
+    pairs around layers without int8 kernels); the export timed fp32 on this host too, so it can say."""
+    fp32 = latency.get("fp32_p50_ms")
+    if precision == "int8" and fp32 is not None and fp32 <= budget_ms:
+        return (f"the fp32 model runs in {fp32:.1f} ms here (int8 is slower on this CPU): try --precision fp32 "
+                "or fp16")
+    if precision == "int8":
+        return "try --prune or a smaller input (--input-shape)"
+    return "try --prune, --precision int8 or a smaller input (--input-shape)"
 
 
 def size_advice(ctx, size: int, budget: int, precision: str) -> str:
