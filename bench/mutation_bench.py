@@ -102,6 +102,8 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "pending(limit=0) returns no row: the loop stops either way",
     ("exporters.validation", 'description: str = "validating"', '"XXvalidatingXX"'): "a progress bar's label",
     ("exporters.validation", 'batch, "reference")', 'batch, "XXreferenceXX")'): "a progress bar's label",
+    ("exporters.validation", "noisy: Outputs | None = None", "noisy: Outputs & None = None"):
+        "an annotation, never evaluated (from __future__ import annotations)",
 }
 
 
