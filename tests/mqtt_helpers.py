@@ -2,6 +2,7 @@
 and a test certificate authority for TLS."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import json
@@ -139,3 +140,16 @@ def make_ca(out: Path, host: str = "localhost") -> dict[str, Path]:
         files[key_file].write_bytes(k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                     serialization.NoEncryption()))
     return files
+
+
+@contextlib.contextmanager
+def running_agent(agent):
+    """agent.run() in a thread (no signal handlers: not the main thread); stopped and joined on the way out."""
+    t = threading.Thread(target=agent.run, kwargs={"install_signals": False}, name="test:agent")
+    t.start()
+    try:
+        yield t
+    finally:
+        agent.stop()
+        t.join(30)
+        assert not t.is_alive()

@@ -7,7 +7,6 @@ whole before their size was checked, retained commands ran at every start, `true
 """
 from __future__ import annotations
 
-import contextlib
 import http.server
 import json
 import shutil
@@ -30,7 +29,7 @@ from lepton_edge.telemetry.outbox import Outbox
 from lepton_edge.telemetry.publisher import Publisher
 from lepton_edge.telemetry.schema import MAX_COMMAND_BYTES
 from mjpeg_server import free_port
-from mqtt_helpers import Recorder, command, start_agent
+from mqtt_helpers import Recorder, command, running_agent, start_agent
 from waiting import wait_until as _wait
 
 BASE = "lepton/v1/f1/dev1"
@@ -49,18 +48,7 @@ def _cfg(broker: str, state: Path, bundle: Path, video: Path, **kw) -> AgentConf
                        window_s=0.2, state_dir=state, health_frames=10, health_timeout_s=15, **kw)
 
 
-@contextlib.contextmanager
-def running(agent: Agent):
-    """agent.run() in a thread; stopped (and joined) on the way out."""
-    result: list = []
-    t = threading.Thread(target=lambda: result.append(agent.run(install_signals=False)), name="test:agent")
-    t.start()
-    try:
-        yield t
-    finally:
-        agent.stop()
-        t.join(30)
-        assert not t.is_alive()
+running = running_agent  # tests/mqtt_helpers.py
 
 
 def _outbox_events(agent: Agent) -> list[dict]:

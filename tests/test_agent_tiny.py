@@ -7,7 +7,6 @@ frames through, where `current` points (and when it moves), and which windows re
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import sqlite3
@@ -23,7 +22,7 @@ from lepton_edge.agent.service import Agent
 from lepton_edge.bundle import Bundle, InputSpec, Manifest, OutputSpec, write_manifest
 from lepton_edge.telemetry.schema import DeployCommand
 from mjpeg_server import free_port
-from mqtt_helpers import Recorder
+from mqtt_helpers import Recorder, running_agent
 from waiting import wait_until as _wait
 
 
@@ -75,16 +74,7 @@ def _cfg(state: Path, bundle: Path, video: Path, broker: str | None = None, **kw
                        health_frames=5, health_timeout_s=2.0, **kw)
 
 
-@contextlib.contextmanager
-def _running(agent: Agent):
-    t = threading.Thread(target=agent.run, kwargs={"install_signals": False}, name="test:agent")
-    t.start()
-    try:
-        yield t
-    finally:
-        agent.stop()
-        t.join(30)
-        assert not t.is_alive()
+_running = running_agent  # tests/mqtt_helpers.py
 
 
 

@@ -19,7 +19,6 @@ issue #13); the mutation run (`make mutation`) keeps the rest honest.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -40,6 +39,7 @@ from lepton_edge.errors import BadInput
 from lepton_edge.signing import new_keys, sign, verify
 from lepton_edge.telemetry.schema import DeployCommand
 from mjpeg_server import free_port
+from mqtt_helpers import running_agent
 from waiting import wait_until as _wait
 
 MiB = 1 << 20
@@ -266,17 +266,7 @@ def test_agent_killed_with_a_backlog_delivers_it_after_restart(tmp_path, mosquit
 
 
 # ---- (d) and (e): what a deploy serves, and when `current` moves -----------------------------------
-@contextlib.contextmanager
-def _running(agent):
-    result: list = []
-    t = threading.Thread(target=lambda: result.append(agent.run(install_signals=False)), name="test:agent")
-    t.start()
-    try:
-        yield t
-    finally:
-        agent.stop()
-        t.join(30)
-        assert not t.is_alive()
+_running = running_agent  # tests/mqtt_helpers.py
 
 
 def _served(agent) -> Path:
