@@ -267,7 +267,6 @@ def _record_sizes(ctx: ExportContext, chosen: Path, fp32: Path) -> int:
     return size
 
 
-SLOWER_WARNING = 1.25  # int8 p50 over fp32's by this factor: a warning line (the 25 % is noise headroom)
 
 
 def _measure_latency(ctx: ExportContext, pred, fp32_pred) -> dict[str, Any]:
@@ -284,7 +283,7 @@ def _measure_latency(ctx: ExportContext, pred, fp32_pred) -> dict[str, Any]:
                                         fp32_p50_ms=base["p50_ms"], vs_fp32=lat["p50_ms"] / base["p50_ms"])
     if ctx.report.compression.quantization is not None:
         ctx.report.compression.quantization.speed_vs_fp32 = ctx.report.latency.vs_fp32
-        if ctx.report.latency.vs_fp32 >= SLOWER_WARNING:  # smaller is not faster everywhere: say so
+        if ctx.report.latency.vs_fp32 >= val.SLOWER_THAN_FP32:  # smaller is not faster everywhere: say so
             logging.getLogger(__name__).warning(
                 f"the int8 model runs {ctx.report.latency.vs_fp32:.1f}x slower than fp32 on this host (p50 "
                 f"{lat['p50_ms']:.1f} vs {base['p50_ms']:.1f} ms): the runtime's kernels here keep some int8 "

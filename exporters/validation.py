@@ -202,6 +202,7 @@ class Validator:
         per_input = int(np.prod(data.check_x.shape[1:])) * data.check_x.itemsize if data.check_x.ndim else 1
         batch = max(1, min(batch, BATCH_BYTES // max(1, per_input)))
         self.exporter, self.threads, self.data, self.batch = exporter, threads, data, batch
+        self.reference = reference  # fp32's predictor: the recipe search times candidates against it
         self.th, self.spec, self.labels, self.enforce = thresholds, input_spec, labels, enforce
         specs = exporter.describe(reference_path).get("outputs", [])
         with ui.stage(f"reference outputs on {len(data.check_x)} inputs"):
@@ -231,6 +232,11 @@ class Validator:
                   labels=self.labels, strict_names=self.exporter.format == "onnx", enforce=self.enforce)
         ram = None if before is None or after is None else max(0, after - before)
         return v, pred, ram
+
+
+# int8 over fp32's time by this factor counts as slower than fp32 (a warning line; the recipe search ranks
+# such candidates after faster ones): the 25 % is headroom for a shared host's noise
+SLOWER_THAN_FP32 = 1.25
 
 
 def latency_ms(fn: Predict, x1: np.ndarray, runs: int = 30, warmup: int = 3, budget_s: float = 1.0) -> dict:

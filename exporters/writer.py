@@ -52,14 +52,14 @@ def check_budgets(ctx, size: int, budget: int, ram: int | None, latency: dict, p
     if ram is not None and ram > prof.ram_budget_bytes:
         raise CheckFailed(f"running the model took {human(ram)} of memory, over {prof.id}'s "
                           f"{human(prof.ram_budget_bytes)} RAM budget; try --prune, int8 or a smaller input")
-    # Latency on this host says something about the target only when they are the same kind of CPU.
-    same_cpu = prof.arch == platform.machine() and prof.execution_providers == ["CPUExecutionProvider"]
+    same_cpu = latency_judged_here(prof)
     # Judged on the fastest timed run: other processes only ever add time, so on a shared or loaded host
     # the median measures the load (a 30 ms model read 52 ms at load 12 on 2 cores); the fastest run is
     # what the model costs when it has the CPU, as on a device that runs only it.
     best = latency.get("min_ms", latency.get("p50_ms")) if latency else None
     if best is not None and same_cpu and best > prof.latency_budget_ms:
-        advice = latency_advice(latency, prof.latency_budget_ms, precision)
+        q = ctx.report.compression.quantization
+        advice = latency_advice(latency, prof.latency_budget_ms, precision, q.attempts if q else None)
         raise CheckFailed(f"latency {best:.1f} ms (fastest of {latency.get('runs', '?')} runs; p50 "
                           f"{latency['p50_ms']:.1f} ms) on this host is over {prof.id}'s "
                           f"{prof.latency_budget_ms:g} ms budget; {advice}")
@@ -68,11 +68,23 @@ def check_budgets(ctx, size: int, budget: int, ram: int | None, latency: dict, p
                           latency_checked_on_host=bool(latency and same_cpu))
 
 
-def latency_advice(latency: dict, budget_ms: float, precision: str) -> str:
+def latency_judged_here(prof) -> bool:
+    """Whether latency measured on this host says something about the target: only when they are the
+    same kind of CPU (an x86 workstation's timings say nothing about a Pi's, nor about a GPU's)."""
+    return prof.arch == platform.machine() and prof.execution_providers == ["CPUExecutionProvider"]
+
+
+def latency_advice(latency: dict, budget_ms: float, precision: str, attempts: list[dict] | None = None) -> str:
     """What to try when the fastest run is over the budget. Why not always "int8": the artifact may be
     int8 already, and on some CPUs an int8 graph runs slower than its fp32 one (quantize/dequantize
-    pairs around layers without int8 kernels); the export timed fp32 on this host too, so it can say."""
+    pairs around layers without int8 kernels); the export timed fp32 on this host too, so it can say.
+    With the int8 search's `attempts`, it first says that no candidate passing the gate was fast enough."""
     fp32 = latency.get("fp32_p50_ms")
+    timed = [a for a in attempts or [] if a.get("min_ms") is not None]
+    if timed:
+        shown = ", ".join(f"{a['recipe']} {a['min_ms']:.0f} ms" for a in sorted(timed, key=lambda a: a["min_ms"]))
+        return f"no int8 candidate that passed the gate fits it ({shown}); " + \
+            latency_advice(latency, budget_ms, precision)
     if precision == "int8" and fp32 is not None and fp32 <= budget_ms:
         return (f"the fp32 model runs in {fp32:.1f} ms here (int8 is slower on this CPU): try --precision fp32 "
                 "or fp16")

@@ -257,6 +257,62 @@ def test_search_keeps_the_best_candidate_not_the_first(tmp_path):
     assert r.peak_rss_bytes > 0 and r.method
 
 
+def test_search_prefers_a_candidate_within_the_latency_budget(tmp_path):
+    """On x86 onnxruntime runs a quantized convolution in float when its output has no
+    quantizer, so the most accurate candidate can be the slowest. The search used to rank by the
+    metric alone and the export was then refused for latency; a candidate within the target's
+    latency budget (judged on this host) now ranks first, and patience does not stop the search
+    while the best is over it."""
+    import platform
+    import time
+
+    from lepton_edge import targets
+    from lepton_edge.exporters import recipes
+
+    prof = targets.load("x86-cpu")
+    if prof.arch != platform.machine():
+        pytest.skip("the latency budget is judged only on a host of the target's kind")
+    ex, prepared, calib, check, validate = _search_setup(tmp_path)
+    validate_fp32 = tmp_path / "m.onnx"
+    names = ["u8-minmax", "s8-minmax-ends", "nncf-default"]
+    free = recipes.search(_ctx(tmp_path, calib, check), ex, prepared, validate, names, patience=9)
+    slow_index = names.index(free.recipe)  # the most accurate: make it the slow one
+
+    def slowed(path):
+        v, predict, ram = validate(path)
+        if path.name.startswith(f"int8-{slow_index}-"):
+            def predict_slowly(x, _p=predict):
+                time.sleep(0.06)
+                return _p(x)
+            return v, predict_slowly, ram
+        return v, predict, ram
+
+    ctx = _ctx(tmp_path, calib, check)
+    ctx.profile = prof.model_copy(update={"latency_budget_ms": 40.0})
+    r = recipes.search(ctx, ex, prepared, slowed, names, patience=1)
+    by_name = {a["recipe"]: a for a in r.attempts}
+    assert r.recipe != free.recipe, r.attempts
+    assert by_name[free.recipe]["passed"] and by_name[free.recipe]["within_latency_budget"] is False
+    assert by_name[free.recipe]["min_ms"] > 40
+    assert by_name[r.recipe]["within_latency_budget"] is True
+    upto = [a["recipe"] for a in r.attempts].index(r.recipe)
+    assert all(not a.get("skipped") for a in r.attempts[:upto + 1]), "patience stopped at an over-budget best"
+
+    # within a generous budget, a candidate slower than fp32 (the validator knows fp32's predictor)
+    # ranks after one that is not, though its metric is better
+    def fp32_at_30_ms(x):  # an fp32 model slower than every candidate but the slowed one
+        time.sleep(0.03)
+        return _run(validate_fp32, {"x": x})
+
+    slowed.reference = fp32_at_30_ms
+    ctx.profile = prof.model_copy(update={"latency_budget_ms": 10_000.0})
+    r = recipes.search(ctx, ex, prepared, slowed, names, patience=9)
+    by_name = {a["recipe"]: a for a in r.attempts}
+    assert r.recipe != free.recipe, r.attempts
+    assert by_name[free.recipe]["within_latency_budget"] and by_name[free.recipe]["slower_than_fp32"]
+    assert by_name[r.recipe]["slower_than_fp32"] is False and by_name[r.recipe]["vs_fp32"] < 1.25
+
+
 def test_search_time_budget_and_broken_candidate_is_skipped(tmp_path):
     """A candidate that does not load is skipped with its reason (never the export's end), and
     past --search-time no new candidate starts (the first one always completes)."""

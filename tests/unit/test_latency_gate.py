@@ -17,7 +17,8 @@ def ctx():
     prof = targets.load("x86-cpu")
     if prof.arch != platform.machine():
         pytest.skip("the latency budget is checked only on a host of the target's kind")
-    return SimpleNamespace(profile=prof, source=None, options=None)
+    no_search = SimpleNamespace(compression=SimpleNamespace(quantization=None))
+    return SimpleNamespace(profile=prof, source=None, options=None, report=no_search)
 
 
 def test_a_loaded_host_median_over_budget_passes_when_the_fastest_run_fits(ctx):
@@ -49,3 +50,19 @@ def test_the_latency_line_advises_what_can_help(ctx, precision, fp32_ms, advice)
     assert advice in str(e.value) and "\n" not in str(e.value), str(e.value)
     if precision == "int8":
         assert "int8 or" not in str(e.value)
+
+
+def test_the_latency_line_names_the_int8_candidates_that_passed_the_gate(ctx):
+    """The search ranks candidates within the budget first; when none fits, the line says how fast
+    each candidate that passed the gate was, so a user sees it was tried, not just the last one."""
+    budget = ctx.profile.latency_budget_ms
+    lat = {"p50_ms": budget * 2, "p90_ms": budget * 2, "min_ms": budget * 1.9, "runs": 30}
+    attempts = [{"recipe": "nncf-default", "passed": True, "min_ms": budget * 1.9},
+                {"recipe": "u8-minmax", "passed": False},
+                {"recipe": "nncf-mixed", "passed": True, "min_ms": budget * 1.5}]
+    ctx.report.compression.quantization = SimpleNamespace(attempts=attempts)
+    with pytest.raises(CheckFailed) as e:
+        writer.check_budgets(ctx, 1000, 10**9, None, lat, "int8")
+    line = str(e.value)
+    assert f"nncf-mixed {budget * 1.5:.0f} ms, nncf-default {budget * 1.9:.0f} ms" in line, line
+    assert "u8-minmax" not in line and "\n" not in line
