@@ -199,8 +199,16 @@ class Validator:
         # Inputs per call: at most `batch`, and at most BATCH_BYTES of them. onnxruntime's arena keeps
         # the largest batch's intermediate tensors for the session's life: 64 inputs of 224x224 made a
         # classifier's export peak at 1.6 GB, 64 of 800x608 several GB; throughput hardly changes.
+        # The inputs' bytes alone are no bound for a model whose activations dwarf its input (PP-OCR's
+        # recogniser: 184 KB in, 196 MB of intermediate tensors per input): the activations, estimated
+        # by shape inference on an ONNX reference, bound the batch too.
         per_input = int(np.prod(data.check_x.shape[1:])) * data.check_x.itemsize if data.check_x.ndim else 1
         batch = max(1, min(batch, BATCH_BYTES // max(1, per_input)))
+        from lepton_edge.compress import quantize as q
+
+        activations = q.estimate_activation_bytes(reference_path, data.check_x[:1])
+        if activations:
+            batch = max(1, min(batch, q.ACTIVATION_BATCH_BYTES // activations))
         self.exporter, self.threads, self.data, self.batch = exporter, threads, data, batch
         self.reference = reference  # fp32's predictor: the recipe search times candidates against it
         self.th, self.spec, self.labels, self.enforce = thresholds, input_spec, labels, enforce

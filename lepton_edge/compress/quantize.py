@@ -300,6 +300,20 @@ def _activation_bytes(model, sample: dict[str, np.ndarray]) -> int:
     return total
 
 
+def estimate_activation_bytes(path, x1: np.ndarray) -> int:
+    """Bytes of the float tensors one input `x1` ([1, ...]) makes in the ONNX model at `path`; 0 when
+    it is not an ONNX file or nothing is known (see _activation_bytes)."""
+    import onnx
+
+    if not str(path).endswith(".onnx"):
+        return 0
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # an estimate only
+        return 0
+    return _activation_bytes(model, {_input_name(model): x1[:1]})
+
+
 def quantizable_nodes(model) -> list[str]:
     """Names of the nodes int8 applies to, in graph order (first = input side)."""
     return [n.name for n in model.graph.node if n.op_type in QUANTIZABLE]
@@ -378,7 +392,11 @@ def _lean_calibration() -> Iterator[None]:
     ReduceMin/ReduceMax of it), unoptimised. With the default memory pattern that session planned
     one block for all of them: +1.7 GB for one 800x608 input of a PicoDet detector (MinMax),
     +0.87 GB without the pattern, +0.84 GB without arena either. The options change where tensors
-    are allocated, not what is computed. quantize_static builds that session itself
+    are allocated, not what is computed. The default execution order also ran the ReduceMin/ReduceMax
+    that MinMax appends at the end of the graph only after the whole model, so every intermediate
+    tensor of a batch lived until then; the priority-based order runs each as soon as its tensor
+    exists: PP-OCR's recogniser went from 693 to 213 MB peak (base 179 MB) and 7.6 to 5.4 s, with a
+    byte-identical quantized file. quantize_static builds that session itself
     (CalibraterBase.create_inference_session, no options argument), so the method is swapped for
     the block and put back after."""
     import onnxruntime
@@ -391,6 +409,7 @@ def _lean_calibration() -> Iterator[None]:
         so.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL  # as onnxruntime's
         so.enable_mem_pattern = False
         so.enable_cpu_mem_arena = False
+        so.execution_order = onnxruntime.ExecutionOrder.PRIORITY_BASED  # each Reduce right after its tensor
         self.infer_session = onnxruntime.InferenceSession(self.augmented_model_path, sess_options=so,
                                                          providers=self.execution_providers)
 

@@ -68,3 +68,28 @@ def test_an_onnx_artifact_that_renames_an_output_fails(tmp_path):
     assert val(same)[0].passed
     verdict = val(renamed)[0]
     assert not verdict.passed and verdict.why == "output 0: named 'logits', fp32 names it 'y'"
+
+
+def test_validation_batches_are_bounded_by_the_reference_activations(tmp_path, monkeypatch):
+    """A model whose activations dwarf its input (PP-OCR's recogniser: 184 KB in, 196 MB of
+    intermediate tensors) was validated 22 inputs per call; onnxruntime's arena kept that batch's
+    tensors for the session's life. The batch is now bounded by the activations shape inference
+    estimates on the ONNX reference, as calibration is; a non-ONNX reference keeps the input bound."""
+    from lepton_edge.compress import quantize as q
+    from lepton_edge.exporters.onnx import OnnxExporter
+
+    rng = np.random.default_rng(0)
+    ref_path = _model(tmp_path / "ref.onnx", rng.normal(0, 1, (16, 3)), "y")
+    ex = OnnxExporter()
+    x = rng.normal(0, 1, (64, 1, 4, 4)).astype(np.float32)
+    per_input = q.estimate_activation_bytes(ref_path, x[:1])
+    assert per_input == (16 + 3) * 4  # flat [1,16] and y [1,3], float32
+
+    def validator(path):
+        return Validator(ex, 1, ex.predictor(ref_path, 1), path, SimpleNamespace(check_x=x, eval_x=None, eval_y=None),
+                         task="raw", thresholds=Thresholds(), input_spec=InputSpec(name="input", shape=[1, 1, 4, 4],
+                                                                                  color="GRAY"), labels=None, batch=16)
+    assert validator(ref_path).batch == 16
+    monkeypatch.setattr(q, "ACTIVATION_BATCH_BYTES", per_input * 5)
+    assert validator(ref_path).batch == 5
+    assert q.estimate_activation_bytes(tmp_path / "model.tflite", x[:1]) == 0
