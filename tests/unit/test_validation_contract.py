@@ -93,3 +93,19 @@ def test_validation_batches_are_bounded_by_the_reference_activations(tmp_path, m
     monkeypatch.setattr(q, "ACTIVATION_BATCH_BYTES", per_input * 5)
     assert validator(ref_path).batch == 5
     assert q.estimate_activation_bytes(tmp_path / "model.tflite", x[:1]) == 0
+
+
+def test_the_memory_a_candidate_took_is_the_growth_not_the_total(tmp_path):
+    """`ram` (the budget check's "running the model took") is what running the candidate added to this
+    process, not its resident set: a tiny model adds far less than the process already holds."""
+    from lepton_edge.exporters.onnx import OnnxExporter
+
+    rng = np.random.default_rng(0)
+    ref_path = _model(tmp_path / "ref.onnx", rng.normal(0, 1, (16, 3)), "y")
+    ex = OnnxExporter()
+    x = rng.normal(0, 1, (8, 1, 4, 4)).astype(np.float32)
+    val = Validator(ex, 1, ex.predictor(ref_path, 1), ref_path, SimpleNamespace(check_x=x, eval_x=None, eval_y=None),
+                    task="raw", thresholds=Thresholds(), input_spec=InputSpec(name="input", shape=[1, 1, 4, 4],
+                                                                             color="GRAY"), labels=None)
+    ram = val(ref_path)[2]
+    assert ram is not None and 0 <= ram < rss_bytes() // 2
