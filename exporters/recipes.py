@@ -272,7 +272,12 @@ def _skip(progress, record, label: str, e: Exception, watch) -> None:
 def _fp32_ms(validate, x1: np.ndarray) -> float | None:
     """fp32's fastest run on this host (None when the validator has no fp32 predictor)."""
     reference = getattr(validate, "reference", None)
-    return val.latency_ms(reference, x1, runs=10, warmup=1, budget_s=0.3)["min_ms"] if reference else None
+    return _quick_latency(reference, x1)["min_ms"] if reference else None
+
+
+def _quick_latency(fn, x1: np.ndarray) -> dict:
+    """A short timing (a few runs within 0.3 s) for ranking candidates, fp32's and theirs alike."""
+    return val.latency_ms(fn, x1, runs=10, warmup=1, budget_s=0.3)
 
 
 def _timing(ok: bool, pred, x1: np.ndarray, budget_ms: float | None, fp32_ms: float | None = None
@@ -282,7 +287,7 @@ def _timing(ok: bool, pred, x1: np.ndarray, budget_ms: float | None, fp32_ms: fl
     whether the candidate is slower than fp32 here (by val.SLOWER_THAN_FP32, on the fastest runs)."""
     if not ok:
         return None, None, {}
-    timing = val.latency_ms(pred, x1, runs=10, warmup=1, budget_s=0.3)
+    timing = _quick_latency(pred, x1)
     over = _over_budget(timing, budget_ms)
     fields = {"min_ms": round(timing["min_ms"], 3), "within_latency_budget": over is None}
     if fp32_ms:
