@@ -71,25 +71,48 @@ def run_export(model: Any, options: ExportOptions, example_input: Any = None) ->
     prof = targets.load(options.target)
     with tempfile.TemporaryDirectory(prefix="lepton-export-") as tmpd:
         ctx = ExportContext(options, prof, Path(tmpd))
-        exporter, fmt, precision = _choose_format(ctx, model)
-        _load(ctx, model, example_input, exporter)
-        recipes = _recipes_for(exporter, options.recipes, prof)
-        _gather_data(ctx, precision)
-        _compress(ctx)
-        fp32, fp32_pred, conversion = _fp32(ctx, exporter)
-        validate = _validator(ctx, exporter, fp32, fp32_pred)
-        chosen = ctx.workdir / f"model{exporter.suffix}"
-        if precision == "int8":
-            comp, pred, ram = _int8(ctx, exporter, fp32, chosen, validate, recipes)
-        else:
-            comp, pred, ram = _float(ctx, exporter, fp32, chosen, precision, validate)
-        size = _record_sizes(ctx, chosen, fp32)
-        latency = _measure_latency(ctx, pred, fp32_pred)
-        _record_validation(ctx, comp, validate, conversion, size, ram, latency, precision)
-        final = Path(options.out) / writer.bundle_name(ctx.source, prof, fmt, precision)
-        with ctx.progress.stage(f"write bundle {final}"):
-            writer.write_bundle(ctx, final, chosen, exporter, fmt, precision)
+        try:
+            return _steps(ctx, model, example_input)
+        except CheckFailed as e:  # what a machine reader needs besides the line (export --json prints it)
+            e.details = {**_failure_details(ctx), **(e.details or {})}
+            raise
+
+
+def _steps(ctx: ExportContext, model: Any, example_input: Any) -> ExportResult:
+    """Load, gather data, compress, convert, quantize or convert precision, validate, check the
+    budgets, write: each step records what it learnt in `ctx.report`."""
+    options, prof = ctx.options, ctx.profile
+    exporter, fmt, precision = _choose_format(ctx, model)
+    _load(ctx, model, example_input, exporter)
+    recipes = _recipes_for(exporter, options.recipes, prof)
+    _gather_data(ctx, precision)
+    _compress(ctx)
+    fp32, fp32_pred, conversion = _fp32(ctx, exporter)
+    validate = _validator(ctx, exporter, fp32, fp32_pred)
+    chosen = ctx.workdir / f"model{exporter.suffix}"
+    if precision == "int8":
+        comp, pred, ram = _int8(ctx, exporter, fp32, chosen, validate, recipes)
+    else:
+        comp, pred, ram = _float(ctx, exporter, fp32, chosen, precision, validate)
+    size = _record_sizes(ctx, chosen, fp32)
+    latency = _measure_latency(ctx, pred, fp32_pred)
+    _record_validation(ctx, comp, validate, conversion, size, ram, latency, precision)
+    final = Path(options.out) / writer.bundle_name(ctx.source, prof, fmt, precision)
+    with ctx.progress.stage(f"write bundle {final}"):
+        writer.write_bundle(ctx, final, chosen, exporter, fmt, precision)
     return ExportResult(Bundle.load(final), _report(ctx, fmt, precision, final))
+
+
+def _failure_details(ctx: ExportContext) -> dict[str, Any]:
+    """A refused export, for `--json`: the model, target and task, and, when the int8 search ran,
+    every candidate tried with its metrics (the same figures the one-line error names)."""
+    d: dict[str, Any] = {"target": ctx.profile.id}
+    if ctx.source is not None:
+        d.update(name=ctx.source.name, task=ctx.source.task)
+    q = ctx.report.compression.quantization
+    if q is not None:
+        d.update(recipe=q.recipe, attempts=q.attempts)
+    return d
 
 
 # ---- the steps ---------------------------------------------------------------------------------
@@ -234,7 +257,8 @@ def _float(ctx: ExportContext, exporter: Exporter, fp32: Path, chosen: Path, pre
         exporter.convert(ctx, fp32, chosen, precision)
         comp, pred, ram = validate(chosen)
     if not comp.passed:
-        raise CheckFailed(f"{precision} artifact fails validation ({comp.task}): {comp.why}")
+        raise CheckFailed(f"{precision} artifact fails validation ({comp.task}): {comp.why}",
+                          details={"validation": comp.as_dict()})
     return comp, pred, ram
 
 
@@ -244,14 +268,15 @@ def _int8(ctx: ExportContext, exporter: Exporter, fp32: Path, chosen: Path, vali
 
     found = search.search(ctx, exporter, exporter.prepare_int8(ctx, fp32), validate, recipes)
     if found.path is None and found.failure:
-        raise CheckFailed(found.failure)
+        raise CheckFailed(found.failure, details={"attempts": found.attempts})
     if found.path is None:
         best = max((a for a in found.attempts if not a.get("skipped")),
                    key=lambda a: tuple(a.get("score") or ()) or (a.get("top1_agreement"),))
         raise CheckFailed(
             f"int8 failed the accuracy gate with all {len(found.attempts)} recipes (task {validate.task}; best: "
             f"{best['recipe']}, {best['why']}); try --precision fp16, more or better --calib data, or relax "
-            f"{val.RELAX_FLAGS[validate.task]}")
+            f"{val.RELAX_FLAGS[validate.task]}",
+            details={"task": validate.task, "best": best, "attempts": found.attempts})
     found.path.rename(chosen)
     ctx.report.compression.quantization = QuantizationSection(
         method=found.method, recipe=found.recipe, float_nodes=found.float_nodes, attempts=found.attempts,

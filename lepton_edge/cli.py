@@ -178,7 +178,12 @@ def export(
         if all(r["status"] != "ok" for r in rows):
             raise CheckFailed("no variant passed its checks")
         return
-    r = do_export(model, options=options)
+    try:
+        r = do_export(model, options=options)
+    except LeptonError as e:
+        if as_json:  # the refusal as JSON too (exit code unchanged; the line still goes to stderr)
+            _emit_json({"ok": False, "error": str(e), "exit_code": e.exit_code, **(e.details or {})})
+        raise
     if as_json:
         return _emit_json(r.report)
     _print_report(r.report)

@@ -10,9 +10,15 @@ import difflib
 
 
 class LeptonError(Exception):
-    """Base class of the errors the CLI prints as one line."""
+    """Base class of the errors the CLI prints as one line. `details` (optional) is what a
+    machine reader gets besides the line: `export --json` prints it with the error, e.g. every
+    int8 candidate tried and the best one's metrics when none passed."""
 
     exit_code = 1
+
+    def __init__(self, *args: object, details: dict | None = None):
+        super().__init__(*args)
+        self.details = details
 
 
 class BadInput(LeptonError):

@@ -204,6 +204,23 @@ def test_failed_gate_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_failed_gate_json_names_every_candidate(tmp_path):
+    """`export --json` refused by the gate: exit 1, the line on stderr, and on stdout the same as JSON,
+    with the best candidate's metrics and every candidate tried; nothing written."""
+    r = run_cli("export", "zoo:fashion-cnn", "--target", "x86-cpu", "--recipes", "u8-minmax,s8-minmax",
+                "--task", "raw", "--min-sqnr", "90", "--eval-limit", "500", "-o", str(tmp_path), "--json")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: int8 failed the accuracy gate with all 2 recipes")
+    rep = json.loads(r.stdout)
+    assert rep["ok"] is False and rep["exit_code"] == 1 and line.endswith(rep["error"])
+    assert rep["task"] == "raw" and [a["recipe"] for a in rep["attempts"]] == ["u8-minmax", "s8-minmax"]
+    best = max(rep["attempts"], key=lambda a: a["metrics"]["sqnr_db"])
+    assert rep["best"]["recipe"] == best["recipe"] and 10 < rep["best"]["metrics"]["sqnr_db"] < 90
+    assert f"best: {best['recipe']}" in rep["error"]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_size_budget_fails_with_advice_and_leaves_nothing(tmp_path):
     r = run_cli("export", "zoo:fashion-cnn", "--precision", "fp32", "--max-size", "100KB", "-o", str(tmp_path),
                 "--eval-limit", "500")

@@ -623,6 +623,15 @@ def sensitivity(fp32_path: Path, qdq_path: Path, x: np.ndarray, names: dict[str,
     q = onnx.load(str(qdq_path), load_external_data=False)
     q_tensors = {o for n in q.graph.node for o in n.output}
     outs = [n.output[0] for n in nodes if names.get(n.output[0], n.output[0]) in q_tensors]
+    # each layer's input too, where both graphs compute it: after an activation that is not a layer
+    # (Relu, HardSwish as Add/Clip/Mul/Div) it is no layer's output, and taking it as clean charged
+    # that layer with all the noise upstream (every such layer "lost" ~57 dB on a PicoDet detector)
+    done = set(outs)
+    for n in nodes:
+        t = n.input[0]
+        if n.output[0] in done and t not in done and names.get(t, t) in q_tensors:
+            outs.append(t)
+            done.add(t)
     del m, q
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -651,7 +660,7 @@ def sensitivity(fp32_path: Path, qdq_path: Path, x: np.ndarray, names: dict[str,
         s, e = energy[t]
         return 60.0 if e == 0 else min(60.0, 10 * math.log10(max(s, 1e-12) / e))
 
-    lost = [(n.name, sqnr(n.input[0]) - sqnr(n.output[0])) for n in nodes if n.output[0] in outs]
+    lost = [(n.name, sqnr(n.input[0]) - sqnr(n.output[0])) for n in nodes if n.output[0] in done]
     return sorted(lost, key=lambda t: -t[1])
 
 
