@@ -1,24 +1,23 @@
 """int8 recipe search: the target's candidates within a time budget, the best that passes kept.
 
-Why a search and why the best, not the first: what fixes int8 differs by model (NNCF's PTQ with
-bias correction, another activation type, percentile/entropy calibration, float first/last
-layers, the few layers a sensitivity pass finds worst kept in float), and the first candidate
-that scrapes past the gate is often not the one that keeps the task's metric best. So every
-candidate the budget allows is quantized, checked (a graph that does not load or run is skipped
-with its reason, never the export's end) and validated; the passing ones are ranked by whether
-they fit the target's latency budget and whether they are no slower than fp32 (the slower ones by how
-much; both judged only on a host of the target's kind of CPU), then the validator's score (the task metric), then size, then
-latency. Why speed before the metric: every candidate ranked here already passed the gate, and int8
-exists to be smaller and faster. On x86 onnxruntime fuses a quantized convolution only when its
-output is quantized too, so a candidate that leaves the activations after convolutions in float
-(NNCF's graphs, where SiLU or HardSwish follows) runs every convolution in float behind dequantized
-weights: on a YOLOX detector here NNCF's graph took 48 ms, onnxruntime's 16 ms, fp32 36 ms, with F1
-0.9033 and 0.9027. Ranking by the metric alone kept the slow one (or, over the budget, had the
-export refused for latency). Sensitivity candidates (layers kept
-in float: larger, slower) are fallbacks, tried only when no plain candidate passed, or when the
-passing ones are over the latency budget or slower than fp32 on this host. Each attempt
-is recorded with its metrics or why it was skipped, so the manifest says what was tried and why
-the winner won.
+Why a search and why the best, not the first: what fixes int8 differs by model (NNCF's PTQ with bias
+correction, another activation type, percentile/entropy calibration, float first/last layers, the
+few layers a sensitivity pass finds worst kept in float), and the first candidate that scrapes past
+the gate is often not the one that keeps the task's metric best. So every candidate the budget
+allows is quantized, checked (a graph that does not load or run is skipped with its reason, never
+the export's end) and validated; the passing ones are ranked by whether they fit the target's
+latency budget and whether they are no slower than fp32 (the slower ones by how much; both judged
+only on a host of the target's kind of CPU), then the validator's score (the task metric), then
+size, then latency. Why speed before the metric: every candidate ranked here already passed the
+gate, and int8 exists to be smaller and faster. On x86 onnxruntime fuses a quantized convolution
+only when its output is quantized too, so a candidate that leaves the activations after convolutions
+in float (NNCF's graphs, where SiLU or HardSwish follows) runs every convolution in float behind
+dequantized weights: on a YOLOX detector here NNCF's graph took 48 ms, onnxruntime's 16 ms, fp32 36
+ms, with F1 0.9033 and 0.9027. Ranking by the metric alone kept the slow one (or, over the budget,
+had the export refused for latency). Sensitivity candidates (layers kept in float: larger, slower)
+are fallbacks, tried only when no plain candidate passed, or when the passing ones are over the
+latency budget or slower than fp32 on this host. Each attempt is recorded with its metrics or why it
+was skipped, so the manifest says what was tried and why the winner won.
 """
 from __future__ import annotations
 
