@@ -1,40 +1,23 @@
-"""When the int8 search starts a sensitivity fallback (layers kept in float): after no pass, or after
-passes that are all over the latency budget or slower than fp32; never after a fast pass."""
+"""The int8 search's order rules: a sensitivity fallback (layers kept in float) only when nothing
+passed; among passing candidates slower than fp32 on this host, the faster first."""
 from __future__ import annotations
 
 from lepton_edge.exporters import recipes as r
 
 
-def _best(within_budget: bool, not_slower: bool) -> r.SearchResult:
-    return r.SearchResult(recipe="nncf-default", rank_key=(within_budget, 0.0 if not_slower else -2.9, (1.0,),
-                                                           -100, -3.0))
+def _why(is_fallback: bool, best: str | None, since_best: int = 0, elapsed: float = 1.0) -> str | None:
+    return r._not_started(is_fallback, best, True, elapsed, 180.0, since_best, 2)
 
 
-def test_fast_means_within_the_budget_and_no_slower_than_fp32():
-    assert r._fast(None) is False
-    assert r._fast(_best(True, True)) is True
-    assert r._fast(_best(False, True)) is False
-    assert r._fast(_best(True, False)) is False
+def test_a_fallback_only_when_nothing_passed():
+    assert _why(True, "nncf-default") == "not needed: nncf-default passed"
+    assert _why(True, None, since_best=5) is None  # nothing passed: the fallback is the way left
 
 
-def _why(is_fallback: bool, best, since_best: int = 0, elapsed: float = 1.0) -> str | None:
-    return r._not_started(is_fallback, best.recipe if best else None, r._fast(best), True, elapsed, 180.0,
-                          since_best, 2)
-
-
-def test_a_fallback_is_not_needed_after_a_fast_pass():
-    assert _why(True, _best(True, True)) == "not needed: nncf-default passed"
-    assert _why(True, None) is None  # nothing passed: the fallback is the way left
-
-
-def test_a_fallback_runs_after_slow_passes_whatever_the_patience():
-    for slow in (_best(False, True), _best(True, False)):
-        assert _why(True, slow, since_best=5) is None
-        assert _why(False, slow, since_best=5) == "not tried: 2 candidates in a row did not beat nncf-default"
-
-
-def test_the_search_time_still_bounds_a_fallback():
-    assert _why(True, _best(True, False), elapsed=200.0) == "--search-time 180 s spent"
+def test_patience_and_the_search_time_bound_the_plain_candidates():
+    assert _why(False, "nncf-default", since_best=2) == "not tried: 2 candidates in a row did not beat nncf-default"
+    assert _why(False, "nncf-default", since_best=1) is None
+    assert _why(False, None, elapsed=200.0) == "--search-time 180 s spent"
 
 
 def test_among_candidates_slower_than_fp32_the_faster_ranks_first():
@@ -50,4 +33,3 @@ def test_among_candidates_slower_than_fp32_the_faster_ranks_first():
     best, improved = r._better(far, near)
     assert best is near and improved
     assert r._better(near, fast)[0] is fast
-    assert not r._fast(near) and r._fast(fast)
