@@ -27,6 +27,7 @@ def test_quantization_follows_the_target():
     assert targets.load("x86-cpu").quantization.recipes[0] == "nncf-default"
     assert first_ort("x86-cpu").startswith("u8-")
     for arm in ("rpi4", "rpi5", "generic-arm64"):
+        assert targets.load(arm).quantization.recipes[0] == "nncf-default", arm
         assert first_ort(arm).startswith("s8-")
 
 

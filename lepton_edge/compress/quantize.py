@@ -353,7 +353,7 @@ def _ort_int8(model, out_path: Path, feeds, recipe: Recipe, per_channel: bool, e
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     from lepton_edge import ui
-    from lepton_edge.compress.histogram import linear_time_histograms
+    from lepton_edge.compress.histogram import linear_time_histograms, sampled_histograms
 
     method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
               "entropy": CalibrationMethod.Entropy}[recipe.calibration]
@@ -371,7 +371,7 @@ def _ort_int8(model, out_path: Path, feeds, recipe: Recipe, per_channel: bool, e
     if recipe.calibration == "percentile":
         extra["CalibPercentile"] = 99.99
     with ui.progress("calibrating", n) as advance, ui.libraries_silenced("", stderr=False), _lean_calibration(), \
-            linear_time_histograms():
+            linear_time_histograms(), sampled_histograms():
         # (the histogram calibrators print their own progress to stdout, which --json keeps clean, and
         # onnxruntime warns on the root logger that we skipped pre-processing: we do it when it helps)
         reader = _Reader(feeds, _dtypes(model), batch, advance, check, fixed, per_stride=stride)

@@ -69,3 +69,99 @@ def test_edges_extend_by_the_same_width():
     out = histogram.extended_edges(edges, 1.6)
     np.testing.assert_allclose(out, [0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75])
     assert len(histogram.extended_edges(edges, 0.9)) == 5  # nothing above: unchanged
+
+
+def _conv_model(path, batch="N"):
+    """input [batch, 4, 96, 96] -> Conv 8 ch -> Relu -> Conv 8 ch: 73,728 values per conv output, more than
+    SAMPLE_LIMIT, with heavy-tailed weights so the 99.99th percentile sits well inside the range."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w1 = (rng.standard_t(3, (8, 4, 3, 3)) * 0.3).astype(np.float32)
+    w2 = (rng.standard_t(3, (8, 8, 3, 3)) * 0.3).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+         helper.make_node("Relu", ["c1"], ["r1"]),
+         helper.make_node("Conv", ["r1", "w2"], ["y"], pads=[1, 1, 1, 1], name="conv2")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 4, 96, 96])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 8, 96, 96])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(onnx.shape_inference.infer_shapes(model), str(path))
+
+
+class _Reader:
+    def __init__(self, n=6):
+        rng = np.random.default_rng(1)
+        self.xs = [rng.standard_normal((1, 4, 96, 96)).astype(np.float32) for _ in range(n)]
+
+    def get_next(self):
+        return {"x": self.xs.pop()} if self.xs else None
+
+
+def _ranges(path, tmp, sampled: bool):
+    from contextlib import nullcontext
+
+    from onnxruntime.quantization.calibrate import PercentileCalibrater
+
+    with histogram.sampled_histograms() if sampled else nullcontext(), histogram.linear_time_histograms():
+        cal = PercentileCalibrater(path, augmented_model_path=str(tmp / f"aug{sampled}.onnx"), symmetric=True,
+                                   num_bins=2048, percentile=99.99)
+        cal.augment_graph()
+        cal.create_inference_session()
+        outputs = {o.name: o for o in cal.infer_session.get_outputs()}
+        cal.collect_data(_Reader())
+        return cal.compute_data(), outputs, cal
+
+
+@pytest.mark.parametrize("batch", ["N", 1])  # dynamic batch: the step comes from the shape in the graph
+def test_sampled_histograms_keep_the_thresholds(tmp_path, batch):
+    path = tmp_path / "m.onnx"
+    _conv_model(path, batch)
+    full, _, _ = _ranges(path, tmp_path, sampled=False)
+    sampled, outputs, cal = _ranges(path, tmp_path, sampled=True)
+    assert set(sampled.data) == set(full.data) == {"x", "c1", "r1", "y"}  # the tensors' own names
+    for name in full.data:
+        f, s = full.data[name], sampled.data[name]
+        hi_f, hi_s = float(np.asarray(f.highest).ravel()[0]), float(np.asarray(s.highest).ravel()[0])
+        assert abs(hi_s - hi_f) <= 0.05 * hi_f, (name, hi_f, hi_s)  # the 99.99th percentile of |x|, within 5 %
+        assert s.hist.sum() < f.hist.sum() or f.hist.sum() <= 6 * (histogram.SAMPLE_LIMIT + 2)
+    # what reaches Python is a sample: at most SAMPLE_LIMIT values and the min and max, per tensor and batch
+    x = _Reader(1).xs[0]
+    got = dict(zip(outputs, cal.infer_session.run(list(outputs), {"x": x})))
+    c1 = got["c1" + histogram.SAMPLED_SUFFIX]
+    assert c1.size <= histogram.SAMPLE_LIMIT + 2 < 8 * 96 * 96
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # as the calibration session
+    y = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    sample_y = got["y" + histogram.SAMPLED_SUFFIX]
+    np.testing.assert_allclose(sample_y[-2:], [y.min(), y.max()], rtol=1e-6)  # exact extremes: they clip the range
+    np.testing.assert_allclose(sample_y[:-2], y.ravel()[:: y.size // histogram.SAMPLE_LIMIT + 1], rtol=1e-6)
+
+
+def test_sampled_branches_follow_their_tensor(tmp_path):
+    # each branch right after the node making its tensor: onnxruntime runs ties in node order, and a branch
+    # at the end of the graph would keep every calibrated tensor alive until the model has finished
+    import onnx
+
+    path = tmp_path / "m.onnx"
+    _conv_model(path)
+    _, _, cal = _ranges(path, tmp_path, sampled=True)
+    nodes = list(onnx.load(cal.augmented_model_path).graph.node)
+    made_at = {o: i for i, n in enumerate(nodes) for o in n.output}
+    for name in ("c1", "r1"):
+        out = made_at[name + histogram.SAMPLED_SUFFIX]
+        assert made_at[name] < out < made_at["y"], name
+
+
+def test_sampled_histograms_swapped_in_only_for_the_block():
+    from onnxruntime.quantization.calibrate import HistogramCalibrater
+
+    original = HistogramCalibrater.augment_graph
+    with histogram.sampled_histograms():
+        assert HistogramCalibrater.augment_graph is histogram.sampled_augment_graph
+    assert HistogramCalibrater.augment_graph is original
