@@ -42,19 +42,33 @@ class ExportData:
 VIEWS = ("mirrored", "zoomed 1.15x", "brighter 1.15x")
 
 
-def views(x: np.ndarray, spec) -> np.ndarray:
+def _zoom_index(n: int) -> np.ndarray:
+    """Rows (or columns) of a 1.15x centre zoom over `n` of them, nearest neighbour."""
+    c = max(1, round(n / 1.15))
+    return np.round(np.linspace((n - c) / 2, (n + c) / 2 - 1, n)).astype(int)
+
+
+def _pixel_views(x: cal.PixelInputs) -> cal.PixelInputs:
+    """`views` of inputs held as pixels, still pixels: the same mirror and zoom; the brighter view
+    rounded to whole pixel values, as a brighter photo would be."""
+    p = x.pixels  # [N, H, W, C] uint8
+    zoomed = np.take(np.take(p, _zoom_index(p.shape[1]), axis=1), _zoom_index(p.shape[2]), axis=2)
+    brighter = np.clip(np.rint(p * np.float32(1.15)), 0, 255).astype(np.uint8)
+    return cal.PixelInputs(np.concatenate([np.flip(p, axis=2), zoomed, brighter]), x.spec)
+
+
+def views(x, spec):
     """Other views of the same inputs (mirror, centre zoom, brightness): more validation inputs
     from a few held-out images, none of them an input calibration saw. Inputs are in the
-    model's layout and normalisation; images (4-D float) only, else the inputs unchanged."""
+    model's layout and normalisation (or PixelInputs); images (4-D float) only, else no inputs."""
+    if isinstance(x, cal.PixelInputs):
+        return _pixel_views(x) if len(x) else x
     if x.ndim != 4 or not np.issubdtype(x.dtype, np.floating) or not len(x):
         return x[:0]
     w_axis, h_axis, c_axis = (3, 2, 1) if spec.layout == "NCHW" else (2, 1, 3)
-    h, w = x.shape[h_axis], x.shape[w_axis]
     mirrored = np.flip(x, axis=w_axis)
-    ch, cw = max(1, round(h / 1.15)), max(1, round(w / 1.15))
-    rows = np.round(np.linspace((h - ch) / 2, (h + ch) / 2 - 1, h)).astype(int)
-    cols = np.round(np.linspace((w - cw) / 2, (w + cw) / 2 - 1, w)).astype(int)
-    zoomed = np.take(np.take(x, rows, axis=h_axis), cols, axis=w_axis)
+    zoomed = np.take(np.take(x, _zoom_index(x.shape[h_axis]), axis=h_axis), _zoom_index(x.shape[w_axis]),
+                     axis=w_axis)
     shape = [1, 1, 1, 1]
     shape[c_axis] = -1
     std = np.asarray(spec.std, np.float32).reshape(shape)
@@ -64,7 +78,7 @@ def views(x: np.ndarray, spec) -> np.ndarray:
     return np.concatenate([mirrored, zoomed, brighter.astype(x.dtype)])
 
 
-def _split_few(x: np.ndarray, spec, samples: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+def _split_few(x, spec, samples: int) -> tuple[Any, Any, dict[str, Any]]:
     """Too few inputs for `samples` plus a held-out set: hold out a fifth (at most 16, at least
     one) and validate on them and on other views of them; one input only: its views."""
     n = len(x)
@@ -72,8 +86,9 @@ def _split_few(x: np.ndarray, spec, samples: int) -> tuple[np.ndarray, np.ndarra
         return x, views(x, spec), {"validation_inputs": f"views of the only input ({', '.join(VIEWS)})",
                                    "calibration_inputs": "input 0"}
     hold = max(1, min(16, n // 5)) if n >= 10 else 1
-    cal_x, held = x[:n - hold], x[n - hold:]
-    check = np.concatenate([held, views(held, spec)])
+    cal_x, held = cal.subset(x, None, n - hold), cal.subset(x, n - hold)
+    check = cal.PixelInputs.concat([held, views(held, spec)]) if isinstance(held, cal.PixelInputs) \
+        else np.concatenate([held, views(held, spec)])
     return cal_x, check, {
         "calibration_inputs": f"inputs 0-{n - hold - 1} of the {n} loaded",
         "validation_inputs": f"inputs {n - hold}-{n - 1} held out, and their views ({', '.join(VIEWS)})"}
@@ -124,7 +139,7 @@ def calibration(src, calib, samples: int, holdout: int, allow_synthetic: bool, s
         s = cal.load_inputs(str(calib), spec, limit=samples + holdout)
         n = len(s.x)
         if n >= samples + 16:  # enough left over: validate on inputs calibration never saw
-            return s.x[:samples], s.x[samples:], {
+            return cal.subset(s.x, None, samples), cal.subset(s.x, samples), {
                 "source": s.source, "kind": s.kind, "samples": samples,
                 "calibration_inputs": f"inputs 0-{samples - 1} of the {n} loaded",
                 "validation_inputs": f"inputs {samples}-{n - 1} held out"}
@@ -210,7 +225,7 @@ def training(src, train, limit: int | None = None):
     """Labelled data for fine-tuning after pruning: --train, else the zoo's train split."""
     if train is not None:
         s = cal.load_labelled(str(train), src.input_spec, src.labels, limit)
-        return s.x, s.y
+        return np.asarray(s.x), s.y  # (fine-tuning takes the whole float array)
     data = _zoo_data(src, "train")
     if data is not None and data[1] is not None:
         x, y = data

@@ -114,6 +114,14 @@ def _no_check() -> None:
     return None
 
 
+def _inputs(x):
+    """An array, or PixelInputs kept as pixels: every reader here takes a batch at a time (a slice of
+    PixelInputs is that batch as floats), so the whole float array never exists at once."""
+    from lepton_edge.compress.calibration import PixelInputs
+
+    return x if isinstance(x, PixelInputs) else np.asarray(x)
+
+
 def _feeds(model, calib, fixed: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Calibration inputs by graph input name: an array feeds the one input not in `fixed` (the
     constant inputs, fed whole with every batch), a dict names them."""
@@ -123,11 +131,11 @@ def _feeds(model, calib, fixed: dict[str, np.ndarray] | None = None) -> dict[str
         missing = [n for n in names if n not in calib]
         if missing:
             raise ValueError(f"calibration data has no values for input(s) {', '.join(missing)}")
-        feeds = {n: np.asarray(calib[n]) for n in names}
+        feeds = {n: _inputs(calib[n]) for n in names}
     else:
         if len(names) != 1:
             raise ValueError(f"the model has {len(names)} inputs; give calibration data for each by name")
-        feeds = {names[0]: np.asarray(calib)}
+        feeds = {names[0]: _inputs(calib)}
     counts = {len(v) for v in feeds.values()}
     if len(counts) != 1 or 0 in counts:
         raise ValueError("calibration inputs must all have the same, non-zero number of samples")

@@ -1,0 +1,79 @@
+"""Inputs loaded from images are held as uint8 pixels (compress/calibration.PixelInputs) and read as
+the float arrays the model takes: the same values as before, a quarter of the memory."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from exporters import datasets
+from lepton_edge.bundle import InputSpec
+from lepton_edge.compress import calibration as cal, quantize
+from lepton_edge.runtime.preprocess import preprocess_batch
+
+
+def _spec(layout="NCHW"):
+    shape = [1, 3, 20, 16] if layout == "NCHW" else [1, 20, 16, 3]
+    return InputSpec(name="x", shape=shape, layout=layout, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+
+
+def _images(n=12, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (31 + i, 27, 3), dtype=np.uint8) for i in range(n)]
+
+
+def test_reads_are_the_preprocessed_floats():
+    for layout in ("NCHW", "NHWC"):
+        spec, imgs = _spec(layout), _images()
+        want = preprocess_batch(imgs, spec)
+        x = cal.pixel_inputs(imgs, spec)
+        assert x.pixels.dtype == np.uint8 and x.pixels.nbytes * 4 == x.nbytes == want.nbytes
+        assert (x.shape, x.dtype, x.ndim, len(x)) == (want.shape, want.dtype, 4, len(want))
+        np.testing.assert_array_equal(x[2:5], want[2:5])  # a slice: the batch as floats
+        np.testing.assert_array_equal(x[-1], want[-1])
+        np.testing.assert_array_equal(np.asarray(x), want)  # anything else: the whole array
+        np.testing.assert_array_equal(np.concatenate([x, x[:1]]), np.concatenate([want, want[:1]]))
+        np.testing.assert_array_equal(np.stack(list(x)), want)
+        sub = cal.subset(x, 3, 7)
+        assert isinstance(sub, cal.PixelInputs) and len(sub) == 4
+        np.testing.assert_array_equal(sub[:], want[3:7])
+        both = cal.PixelInputs.concat([sub, cal.subset(x, None, 2)])
+        np.testing.assert_array_equal(np.asarray(both), np.concatenate([want[3:7], want[:2]]))
+
+
+def test_views_of_pixels_match_the_float_views():
+    spec, imgs = _spec(), _images(4)
+    floats = datasets.views(preprocess_batch(imgs, spec), spec)
+    pixels = datasets.views(cal.pixel_inputs(imgs, spec), spec)
+    assert isinstance(pixels, cal.PixelInputs) and len(pixels) == len(floats) == 12
+    got = np.asarray(pixels)
+    np.testing.assert_array_equal(got[:8], floats[:8])  # mirrored and zoomed: exactly
+    step = 0.5 / 255 / min(spec.std)  # brighter: rounded to whole pixel values
+    assert np.abs(got[8:] - floats[8:]).max() <= step + 1e-6
+
+
+def test_an_image_folder_is_held_as_pixels_through_the_export_data(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(20):
+        cv2.imwrite(str(tmp_path / f"{i:02d}.png"), rng.integers(0, 255, (24, 24, 3), dtype=np.uint8))
+    from lepton_edge.model_source import ModelSource
+
+    src = ModelSource(name="m", kind="onnx", input_spec=_spec())
+    d = datasets.gather(src, precision="int8", calib=str(tmp_path), samples=100, eval_set=None, eval_limit=None,
+                        holdout=64, allow_synthetic=False)
+    assert isinstance(d.calib_x, cal.PixelInputs) and isinstance(d.check_x, cal.PixelInputs)
+    assert (len(d.calib_x), len(d.check_x)) == (16, 16)
+    # the quantizers' feeds keep the pixels too; their readers take one batch of floats at a time
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 20, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3, 20, 16])]))
+    onnx.checker.check_model(model)
+    feeds = quantize._feeds(model, d.calib_x)
+    assert feeds["x"] is d.calib_x
+    reader = quantize._Reader(feeds, {"x": np.float32}, batch=4)
+    first = reader.get_next()["x"]
+    assert isinstance(first, np.ndarray) and first.dtype == np.float32
+    np.testing.assert_array_equal(first, np.asarray(d.calib_x)[:4])
