@@ -329,13 +329,15 @@ def quantizable_nodes(model) -> list[str]:
 
 def quantize_int8(
     fp32_path: Path, out_path: Path, calib, recipe: Recipe, per_channel: bool = True,
-    exclude: list[str] | None = None, check: Callable[[], None] = _no_check,
+    exclude: list[str] | None = None, check: Callable[[], None] = _no_check, ranges: Path | None = None,
 ) -> QuantResult:
     """Static QDQ quantization, weights int8 per channel, activations per recipe.
 
     `calib` is an array (a one-input model) or {input name: array}. `check` is called between
-    calibration batches (the memory watchdog raises from it). The result is a checked graph:
-    onnx.checker passes and onnxruntime loads it and runs one batch (check_graph)."""
+    calibration batches (the memory watchdog raises from it). `ranges`: a folder where onnxruntime's
+    MinMax ranges of this model with this `calib` are kept for the next candidate (`_ort_int8`): one
+    export's work folder, never shared between data sets. The result is a checked graph: onnx.checker
+    passes and onnxruntime loads it and runs one batch (check_graph)."""
     import onnx
 
     model, fixed = without_defaults(onnx.load(str(fp32_path)))  # constant inputs calibrate as inputs
@@ -351,13 +353,21 @@ def quantize_int8(
         with torch_hidden():  # an ONNX model needs no torch: NNCF would load it (~200 MB) if it could
             _nncf_int8(model, out_path, feeds, dtypes, recipe, exclude, check, fixed)
     else:
-        _ort_int8(model, out_path, feeds, recipe, per_channel, exclude, check, fixed)
+        _ort_int8(model, out_path, feeds, recipe, per_channel, exclude, check, fixed,
+                  ranges / f"{Path(fp32_path).stem}.minmax-ranges.json" if ranges is not None else None)
     _rebake(out_path, fixed)
     check_graph(out_path, {k: v[:batch] for k, v in feeds.items()}, dtypes)
     return QuantResult(out_path, recipe, exclude)
 
 
-def _ort_int8(model, out_path: Path, feeds, recipe: Recipe, per_channel: bool, exclude, check, fixed=None):
+def _ort_int8(model, out_path: Path, feeds, recipe: Recipe, per_channel: bool, exclude, check, fixed=None,
+              ranges: Path | None = None):
+    """onnxruntime's quantize_static. MinMax ranges depend on the model and the data alone (not on the
+    activation type or the layers left in float: onnxruntime calibrates every tensor of the quantized op
+    types either way), so with `ranges` (a file) the first MinMax candidate of an export keeps them in
+    onnxruntime's calibration cache and s8-minmax-ends, u8-minmax, the -sensitive ones skip that pass."""
+    import inspect
+
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     from lepton_edge import ui
@@ -378,7 +388,13 @@ def _ort_int8(model, out_path: Path, feeds, recipe: Recipe, per_channel: bool, e
              "CalibStridedMinMax": 1}  # strides of `stride` batches: the reader's unit (_Reader)
     if recipe.calibration == "percentile":
         extra["CalibPercentile"] = 99.99
-    with ui.progress("calibrating", n) as advance, ui.libraries_silenced("", stderr=False), _lean_calibration(), \
+    cache: dict[str, str] = {}
+    if ranges is not None and method == CalibrationMethod.MinMax \
+            and "calibration_cache_path" in inspect.signature(quantize_static).parameters:  # onnxruntime >= 1.24
+        cache["calibration_cache_path"] = str(ranges)
+    cached = bool(cache) and Path(cache["calibration_cache_path"]).is_file()
+    with ui.progress("calibrating" if not cached else "quantizing (MinMax ranges of an earlier candidate)",
+                     n) as advance, ui.libraries_silenced("", stderr=False), _lean_calibration(), \
             linear_time_histograms(), sampled_histograms():
         # (the histogram calibrators print their own progress to stdout, which --json keeps clean, and
         # onnxruntime warns on the root logger that we skipped pre-processing: we do it when it helps)
@@ -388,7 +404,7 @@ def _ort_int8(model, out_path: Path, feeds, recipe: Recipe, per_channel: bool, e
             per_channel=per_channel and _opset(model) >= PER_CHANNEL_MIN_OPSET,
             activation_type=QuantType.QUInt8 if recipe.activation == "u8" else QuantType.QInt8,
             weight_type=QuantType.QInt8, calibrate_method=method,
-            nodes_to_exclude=exclude or None, extra_options=extra,
+            nodes_to_exclude=exclude or None, extra_options=extra, **cache,
         )
 
 
