@@ -8,6 +8,8 @@ import pytest
 
 from lepton_edge.compress import histogram
 
+from .conv_models import conv_relu_conv
+
 
 def _collectors():
     from onnxruntime.quantization.calibrate import HistogramCollector
@@ -74,22 +76,7 @@ def test_edges_extend_by_the_same_width():
 def _conv_model(path, batch="N"):
     """input [batch, 4, 96, 96] -> Conv 8 ch -> Relu -> Conv 8 ch: 73,728 values per conv output, more than
     SAMPLE_LIMIT, with heavy-tailed weights so the 99.99th percentile sits well inside the range."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(0)
-    w1 = (rng.standard_t(3, (8, 4, 3, 3)) * 0.3).astype(np.float32)
-    w2 = (rng.standard_t(3, (8, 8, 3, 3)) * 0.3).astype(np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
-         helper.make_node("Relu", ["c1"], ["r1"]),
-         helper.make_node("Conv", ["r1", "w2"], ["y"], pads=[1, 1, 1, 1], name="conv2")],
-        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 4, 96, 96])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 8, 96, 96])],
-        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    onnx.save(onnx.shape_inference.infer_shapes(model), str(path))
+    conv_relu_conv(path, 4, 8, 96, batch, heavy_tails=True)
 
 
 class _Reader:

@@ -5,25 +5,11 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import numpy_helper
 
 from lepton_edge.compress import quantize as q
 
-
-def _model(path):
-    rng = np.random.default_rng(0)
-    w1 = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
-    w2 = rng.standard_normal((4, 4, 3, 3)).astype(np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
-         helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
-         helper.make_node("Conv", ["r1", "w2"], ["y"], pads=[1, 1, 1, 1], name="conv2")],
-        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4, 8, 8])],
-        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
-    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    m.ir_version = 8
-    onnx.save(m, str(path))
+from .conv_models import conv_relu_conv
 
 
 def _scales(path) -> dict[str, float]:
@@ -41,7 +27,7 @@ def test_later_minmax_candidates_reuse_the_ranges(tmp_path):
     if "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
         pytest.skip("onnxruntime < 1.24 has no calibration cache: every candidate calibrates")
     fp32 = tmp_path / "m.onnx"
-    _model(fp32)
+    conv_relu_conv(fp32, 3, 4, 8)
     x = np.random.default_rng(1).standard_normal((8, 3, 8, 8)).astype(np.float32)
     ranges = tmp_path / "work"
     ranges.mkdir()
