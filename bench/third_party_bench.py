@@ -100,8 +100,8 @@ def export(model: str, src: Path, out: Path, target: str, precision: str | None)
     return res
 
 
-GATE_METRICS = ("top1_agreement", "ceiling", "confident_top1_kept", "top1_in_top5", "accuracy_drop_pp", "f1_vs_fp32",
-                "score_drift", "nn_agreement", "sqnr_db", "cosine", "mask_iou")
+GATE_METRICS = ("top1_agreement", "ceiling", "confident_top1_kept", "confident_samples", "top1_in_top5",
+                "accuracy_drop_pp", "f1_vs_fp32", "score_drift", "nn_agreement", "sqnr_db", "cosine", "mask_iou")
 
 
 def summary(rep: dict) -> dict:
@@ -406,8 +406,13 @@ def _gate(rep: dict) -> str:
     parts = []
     for k, t in pairs.items():
         if k in m:
-            parts.append(f"{k} {m[k]:.4g}" + (f" (>= {th[t]:g})" if t and th.get(t) is not None
-                                              and k != "accuracy_drop_pp" else ""))
+            rule = f" (>= {th[t]:g})" if t and th.get(t) is not None and k != "accuracy_drop_pp" else ""
+            if k == "confident_top1_kept" and rule and m.get("confident_samples"):
+                from lepton_edge.exporters.task_metrics import confident_losses_allowed
+
+                n = int(m["confident_samples"])
+                rule = f" (>= {th[t]:g}: at most {confident_losses_allowed(n, th[t])} of {n} lost)"
+            parts.append(f"{k} {m[k]:.4g}{rule}")
     return ", ".join(parts) or "-"
 
 

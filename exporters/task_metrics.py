@@ -116,6 +116,14 @@ def binomial_tail(k: int, n: int, rate: float) -> float:
     return min(1.0, math.exp(top) * sum(math.exp(v - top) for v in logs))
 
 
+def confident_losses_allowed(n: int, min_kept: float) -> int:
+    """How many of `n` confident fp32 top-1 an artifact may lose under --min-confident-kept: the share,
+    and at least one unless 1.0 is asked (with few confident inputs one flip is noise, not a broken
+    model). Reports show it beside the share, which alone can read as a failure that passed."""
+    allowed = math.floor((1 - min_kept) * n + 1e-9)
+    return max(1, allowed) if min_kept < 1 else allowed
+
+
 def classify(ref, out: list[np.ndarray], eval_out, th, metrics: dict) -> list[str]:
     """Top-1 agreement against fp32's ceiling, confident top-1 kept, fp32 top-1 in top-5, and
     the accuracy drop on a labelled set (the main gate when there is one)."""
@@ -150,9 +158,7 @@ def classify(ref, out: list[np.ndarray], eval_out, th, metrics: dict) -> list[st
     if n:
         kept = int((t1r[confident] == t1a[confident]).sum())
         metrics["confident_top1_kept"] = kept / n
-        allowed = math.floor((1 - th.min_confident_kept) * n + 1e-9)
-        if th.min_confident_kept < 1:
-            allowed = max(1, allowed)  # with few confident inputs one flip is noise, not a broken model
+        allowed = confident_losses_allowed(n, th.min_confident_kept)
         if n - kept > allowed:
             why.append(f"confident top-1 kept {kept / n:.4f} < {th.min_confident_kept} ({n - kept} of {n} lost)")
     if r.shape[1] > 5:

@@ -220,6 +220,12 @@ _GATES = {  # metric -> (threshold key, "min"/"max", format)
 }
 
 
+def _confident_allowed(v: dict, bound: float) -> int:
+    from lepton_edge.exporters.task_metrics import confident_losses_allowed
+
+    return confident_losses_allowed(int(v["confident_samples"]), bound)
+
+
 def _gate_rows(v: dict) -> list[tuple[str, str]]:
     """Each measured metric with its threshold (the export summary shows what decided)."""
     th = dict(v.get("thresholds") or {})
@@ -230,6 +236,9 @@ def _gate_rows(v: dict) -> list[tuple[str, str]]:
             continue
         bound = th.get(key) if key else None
         rule = f" ({'>=' if sense == 'min' else '<='} {fmt.format(bound)})" if bound is not None else ""
+        if m == "confident_top1_kept" and bound is not None and v.get("confident_samples"):
+            rule = f" (>= {fmt.format(bound)}: at most {_confident_allowed(v, bound)} of " \
+                   f"{int(v['confident_samples'])} lost)"
         if m in ("sqnr_db", "cosine") and v.get("mask_samples") is not None:
             rule = " (reported; probability maps are judged by mask IoU)"  # task_metrics.dense
         rows.append((m, fmt.format(v[m]) + rule))

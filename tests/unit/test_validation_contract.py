@@ -109,3 +109,16 @@ def test_the_memory_a_candidate_took_is_the_growth_not_the_total(tmp_path):
                                                                              color="GRAY"), labels=None)
     ram = val(ref_path)[2]
     assert ram is not None and 0 <= ram < rss_bytes() // 2
+
+
+def test_confident_kept_shows_the_losses_allowed():
+    # 23 of 24 confident kept passes under 0.99 (one miss allowed when few): the summary says so, where
+    # "0.9583 (>= 0.9900)" alone read as a failure that passed
+    from lepton_edge.cli import _gate_rows
+    from lepton_edge.exporters.task_metrics import confident_losses_allowed
+
+    assert [confident_losses_allowed(n, 0.99) for n in (24, 100, 250)] == [1, 1, 2]
+    assert confident_losses_allowed(24, 1.0) == 0
+    rows = dict(_gate_rows({"confident_top1_kept": 23 / 24, "confident_samples": 24.0,
+                            "thresholds": {"min_confident_kept": 0.99}}))
+    assert rows["confident_top1_kept"] == "0.9583 (>= 0.9900: at most 1 of 24 lost)"
