@@ -37,6 +37,14 @@ DEFAULT_SEARCH_TIME_S = 180.0
 # bounds a hard model's search, this bounds an easy one's (a CI export of a small model tries
 # three candidates, not eight).
 PATIENCE = 2
+# A candidate whose graph has the layout of one already timed here (quantize.Recipe.layout: nncf-default
+# and nncf-mixed; u8-minmax and u8-percentile) runs at that one's speed, since int8 kernels do not care
+# what the scales are. Measured on x86-cpu, time vs fp32, nncf-default/nncf-mixed: 1.47/1.42 (PP-OCR det),
+# 1.36/1.37 (ddddocr det), 1.89/1.83 (PP-OCR cls). Speed ranks before the metric, so when that one was
+# slower than fp32 and this much slower than the best passing candidate, the candidate cannot outrank
+# the best and is not started (it was a whole NNCF run: 6-12 s of those exports). The margin keeps
+# timing noise from deciding.
+SIBLING_MARGIN = 1.2
 
 
 @dataclass
@@ -102,6 +110,7 @@ def search(ctx, exporter, prepared: Path, validate, recipes: list[str], *, patie
     budget_ms = ctx.profile.latency_budget_ms if judged_here else None
     fp32_ms = _fp32_ms(validate, x1) if judged_here else None
     since_best = 0  # candidates tried since the best passing one
+    speeds = _Speeds()
     deadline = _Deadline(t0, search_time)
 
     def record(label: str, **fields) -> dict:
@@ -110,12 +119,15 @@ def search(ctx, exporter, prepared: Path, validate, recipes: list[str], *, patie
         return entry
 
     for i, (name, is_fallback) in enumerate(order):
+        recipe = q.Recipe.parse(name)
         why_not = _not_started(is_fallback, best.recipe if best else None, bool(out.attempts),
                                time.perf_counter() - t0, search_time, since_best, patience)
+        if why_not is None and best is not None:
+            why_not = speeds.outranked(recipe, best.recipe or "")
+            since_best += bool(why_not and best.rank_key[0])
         if why_not:
             record(name, passed=False, skipped=True, why=why_not)
             continue
-        recipe = q.Recipe.parse(name)
         with cal.MemoryWatch(limit, what=f"int8 recipe {name}") as watch:
             deadline.watch = watch
             try:
@@ -143,17 +155,18 @@ def search(ctx, exporter, prepared: Path, validate, recipes: list[str], *, patie
                     continue
                 ok, why, score, metrics = _judge(result, min_agreement, max_drop_pp, enforce)
                 size = res.path.stat().st_size
-                lat, over, timed = _timing(ok, pred, x1, budget_ms, fp32_ms)
+                lat, over, timed_fields = _timing(ok, pred, x1, budget_ms, fp32_ms)
                 record(label, **_tried(ok, why, score, metrics, size, lat, res.float_nodes,
-                                       time.perf_counter() - t1, watch.peak), **timed)
-                _say(ctx.progress, ok, why, metrics, over or _slower_note(timed))
+                                       time.perf_counter() - t1, watch.peak), **timed_fields)
+                _say(ctx.progress, ok, why, metrics, over or _slower_note(timed_fields))
                 if ok:
                     # no session kept, not even the best's: it is opened again once the search is over
                     cand = SearchResult(res.path, label, exporter.int8_method(recipe), res.float_nodes, result,
-                                        None, ram, rank_key=(over is None, _speed(timed),
+                                        None, ram, rank_key=(over is None, _speed(timed_fields),
                                                              score, -size, -(lat or 0.0)))
                     pred = None
                     best, improved = _better(best, cand)
+                    speeds.passed(recipe, label, over is None, timed_fields, improved)
                     deadline.best = best.recipe
                     # patience counts only from a best that fits the latency budget: one over it is
                     # what the search must get past, however many candidates that takes
@@ -168,12 +181,18 @@ def search(ctx, exporter, prepared: Path, validate, recipes: list[str], *, patie
                     since_best += 1
         out.peak_rss_bytes = max(out.peak_rss_bytes, watch.peak)
     out.seconds = time.perf_counter() - t0
+    return _finished(out, best, exporter, ctx.threads)
+
+
+def _finished(out: SearchResult, best: SearchResult | None, exporter, threads: int) -> SearchResult:
+    """The search's result: the best passing candidate with every attempt (the chosen one marked) and
+    a fresh session, or `out` with why no candidate could be validated."""
     if best is not None:
         best.attempts, best.peak_rss_bytes, best.max_memory_bytes, best.seconds = (
             out.attempts, out.peak_rss_bytes, out.max_memory_bytes, out.seconds)
         for a in out.attempts:
             a["chosen"] = a["recipe"] == best.recipe
-        best.predict = exporter.predictor(best.path, ctx.threads)
+        best.predict = exporter.predictor(best.path, threads)
         return best
     if not any(not a.get("skipped") for a in out.attempts):
         out.failure = _failure(out.attempts)
@@ -232,6 +251,42 @@ def _not_started(is_fallback: bool, best: str | None, tried_any: bool, elapsed: 
         return f"--search-time {search_time:g} s spent"
     if best and since_best >= patience:
         return f"not tried: {patience} candidates in a row did not beat {best}"
+    return None
+
+
+class _Speeds:
+    """The timings of the passing candidates, by graph layout, and the best's: what `_outranked` judges."""
+
+    def __init__(self) -> None:
+        self.by_layout: dict[tuple, tuple[str, bool, dict]] = {}  # the first passing one of each layout
+        self.best: tuple[bool, dict] = (True, {})
+
+    def passed(self, recipe: q.Recipe, label: str, within: bool, timed: dict, is_best: bool) -> None:
+        self.by_layout.setdefault(recipe.layout, (label, within, timed))
+        if is_best:
+            self.best = (within, timed)
+
+    def outranked(self, recipe: q.Recipe, best: str) -> str | None:
+        sibling = self.by_layout.get(recipe.layout)
+        return _outranked(sibling, (best, *self.best)) if sibling else None
+
+
+def _outranked(sibling: tuple[str, bool, dict], best: tuple[str, bool, dict]) -> str | None:
+    """Why a candidate is not started because a passing one with its graph layout (`sibling`: label,
+    within the latency budget, timing fields) was slower than the best passing one (`best`, the same)
+    by more than timing noise: its own speed would rank it after the best whatever its metric (None:
+    start it). See SIBLING_MARGIN."""
+    (sib, sib_within, sib_t), (top, top_within, top_t) = sibling, best
+    if sib == top:
+        return None
+    if top_within and not sib_within:
+        return (f"not tried: {sib}, the same graph layout, was over the latency budget on this host "
+                f"and {top} is within it")
+    slow, top_vs = sib_t.get("vs_fp32"), top_t.get("vs_fp32")
+    if sib_within == top_within and sib_t.get("slower_than_fp32") and slow and top_vs \
+            and slow >= SIBLING_MARGIN * top_vs:
+        return (f"not tried: {sib}, the same graph layout, ran at {slow:.2f}x fp32's time on this host "
+                f"and {top} at {top_vs:.2f}x (speed ranks before the metric)")
     return None
 
 

@@ -313,6 +313,47 @@ def test_search_prefers_a_candidate_within_the_latency_budget(tmp_path):
     assert by_name[r.recipe]["slower_than_fp32"] is False and by_name[r.recipe]["vs_fp32"] < 1.25
 
 
+def test_search_skips_a_recipe_whose_same_layout_sibling_was_much_slower(tmp_path):
+    """nncf-mixed places its quantizers as nncf-default does, so it runs at its speed: once nncf-default
+    passed at several times fp32's time and u8-minmax passed faster than fp32, nncf-mixed is not started
+    (speed ranks before the metric); with nncf-default as fast as the others it is."""
+    import platform
+    import time
+
+    from lepton_edge import targets
+    from lepton_edge.exporters import recipes
+
+    if targets.load("x86-cpu").arch != platform.machine():
+        pytest.skip("latency is judged only on a host of the target's kind")
+    ex, prepared, calib, check, validate = _search_setup(tmp_path)
+    fp32_path, names = tmp_path / "m.onnx", ["nncf-default", "u8-minmax", "nncf-mixed"]
+
+    def fp32_at_10_ms(x):
+        time.sleep(0.01)
+        return _run(fp32_path, {"x": x})
+
+    def slowed(path):  # the first candidate's graph (nncf-default) 40 ms slower
+        v, predict, ram = validate(path)
+        if path.name.startswith("int8-0-"):
+            def predict_slowly(x, _p=predict):
+                time.sleep(0.04)
+                return _p(x)
+            return v, predict_slowly, ram
+        return v, predict, ram
+
+    slowed.reference = fp32_at_10_ms  # type: ignore[attr-defined]
+    r = recipes.search(_ctx(tmp_path, calib, check), ex, prepared, slowed, names, patience=9)
+    by_name = {a["recipe"]: a for a in r.attempts}
+    assert by_name["nncf-default"]["passed"] and by_name["nncf-default"]["slower_than_fp32"], r.attempts
+    assert by_name["u8-minmax"]["passed"] and not by_name["u8-minmax"]["slower_than_fp32"], r.attempts
+    assert by_name["nncf-mixed"]["skipped"] and "same graph layout" in by_name["nncf-mixed"]["why"]
+    assert r.recipe == "u8-minmax"
+
+    validate.reference = fp32_at_10_ms  # type: ignore[attr-defined]
+    r = recipes.search(_ctx(tmp_path, calib, check), ex, prepared, validate, names, patience=9)
+    assert not {a["recipe"]: a for a in r.attempts}["nncf-mixed"]["skipped"], r.attempts
+
+
 def test_search_time_budget_and_broken_candidate_is_skipped(tmp_path):
     """A candidate that does not load is skipped with its reason (never the export's end), and
     past --search-time no new candidate starts (the first one always completes)."""

@@ -79,6 +79,16 @@ class Recipe:
                    engine="litert" if litert else "ort")
 
     @property
+    def layout(self) -> tuple:
+        """What decides where the quantizers go and which kernels run, so the quantized graph's speed:
+        two recipes with the same layout differ only in their scales (nncf-default and nncf-mixed: NNCF
+        places the quantizers the same way in both presets; u8-minmax and u8-percentile). The search
+        predicts one's speed from the other's (exporters/recipes.SIBLING_MARGIN)."""
+        if self.engine == "nncf":
+            return (self.engine, self.keep_ends, self.sensitive, self.smooth_quant)
+        return (self.engine, self.activation, self.keep_ends, self.sensitive)
+
+    @property
     def base(self) -> str:
         """The recipe without `-sensitive`: what the sensitivity pass starts from."""
         return "-".join(p for p in self.name.split("-") if p != "sensitive")

@@ -33,3 +33,29 @@ def test_among_candidates_slower_than_fp32_the_faster_ranks_first():
     best, improved = r._better(far, near)
     assert best is near and improved
     assert r._better(near, fast)[0] is fast
+
+
+def test_a_recipe_whose_sibling_was_clearly_slower_than_the_best_is_not_started():
+    """nncf-mixed has nncf-default's graph layout, so its speed: when nncf-default passed at 1.5x fp32's
+    time and another candidate at 0.8x, nncf-mixed cannot outrank it (speed ranks before the metric)."""
+    from lepton_edge.compress.quantize import Recipe
+
+    assert Recipe.parse("nncf-default").layout == Recipe.parse("nncf-mixed").layout
+    assert Recipe.parse("u8-minmax").layout == Recipe.parse("u8-percentile").layout
+    assert Recipe.parse("u8-minmax").layout != Recipe.parse("s8-minmax").layout
+    assert Recipe.parse("s8-minmax").layout != Recipe.parse("s8-minmax-ends").layout
+    assert Recipe.parse("nncf-default").layout != Recipe.parse("nncf-default-sq").layout
+
+    def t(vs: float) -> dict:
+        return {"vs_fp32": vs, "slower_than_fp32": vs >= 1.25}
+
+    why = r._outranked(("nncf-default", True, t(1.47)), ("u8-percentile", True, t(0.80)))
+    assert why and "nncf-default" in why and "1.47x" in why and "u8-percentile" in why
+    assert r._outranked(("nncf-default", True, t(1.89)), ("u8-percentile", True, t(1.37)))  # both slow, 1.38x apart
+    assert r._outranked(("nncf-default", True, t(1.40)), ("u8-percentile", True, t(1.30))) is None  # within noise
+    assert r._outranked(("nncf-default", True, t(1.20)), ("u8-percentile", True, t(0.50))) is None  # not slow
+    assert r._outranked(("nncf-default", True, t(2.0)), ("nncf-default", True, t(2.0))) is None  # it is the best
+    assert r._outranked(("nncf-default", True, {}), ("u8-minmax", True, {})) is None  # not timed against fp32
+    over = r._outranked(("nncf-default", False, t(1.1)), ("u8-minmax", True, t(1.1)))
+    assert over and "latency budget" in over
+    assert r._outranked(("nncf-default", False, t(3.0)), ("u8-minmax", False, t(2.0)))
