@@ -168,18 +168,23 @@ def scratch(src: Path) -> Path:
     return dest
 
 
-def run_tests(tree: Path, tests: list[str], timeout: float) -> tuple[str, float]:
-    """'pass', 'fail' or 'timeout' of the tests in the copy, and the seconds they took."""
+def run_tests(tree: Path, tests: list[str], timeout: float, log: Path | None = None) -> tuple[str, float]:
+    """'pass', 'fail' or 'timeout' of the tests in the copy, and the seconds they took; with `log`, pytest's
+    output is kept there (the unmutated baseline's: when it fails, which test failed is the first question)."""
     env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONDONTWRITEBYTECODE": "1"}
     base = tree / ".pytest-tmp"  # every path a test makes (a broker's config, an agent's state) names the copy
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", f"--basetemp={base}", *tests]
     t = time.monotonic()
+    out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
     try:
-        r = subprocess.run(cmd, cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        r = subprocess.run(cmd, cwd=tree, env=env, stdout=out, stderr=subprocess.STDOUT if log else subprocess.DEVNULL,
                            timeout=timeout, start_new_session=True, check=False)
     except subprocess.TimeoutExpired:
         _reap(tree)
         return "timeout", time.monotonic() - t
+    finally:
+        if log:
+            out.close()
     # pytest: 0 passed, 1 tests failed, 5 no tests collected; anything else (2 interrupted, 3 internal error,
     # 4 usage) means the tests could not run: a mutant that breaks the import is killed as well
     return ("pass" if r.returncode == 0 else "fail"), time.monotonic() - t
@@ -215,14 +220,18 @@ def run(names: list[str], sample: int, src: Path, budget_s: float, results: Path
             every = mutants(tree / rel)
             chosen = sorted(random.Random(SEED).sample(range(len(every)), min(sample, len(every)))) \
                 if sample else list(range(len(every)))
-            state, base_s = run_tests(tree, tests, 900)
+            log = tree / ".baseline.log"
+            state, base_s = run_tests(tree, tests, 900, log)
             entry = {"file": rel, "tests": tests, "mutants": len(every), "sampled": len(chosen), "seed": SEED,
                      "baseline_s": round(base_s, 1), "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                      "killed": 0, "timeout": 0, "survived": [], "not_run": 0}
             print(f"{name}: {len(every)} mutants, {len(chosen)} sampled; tests {state} in {base_s:.1f} s",
                   file=sys.stderr, flush=True)
             if state != "pass":
+                tail = log.read_text(errors="replace").strip().splitlines()[-30:] if log.is_file() else []
+                print("\n".join(f"  | {ln}" for ln in tail), file=sys.stderr, flush=True)
                 entry["error"] = f"the tests do not pass on the unmutated code ({state})"
+                entry["baseline_output"] = tail
                 saved[name] = entry
                 _merge(results, name, entry)
                 continue
