@@ -41,7 +41,8 @@ def test_a_recipe_whose_sibling_was_clearly_slower_than_the_best_is_not_started(
     from lepton_edge.compress.quantize import Recipe
 
     assert Recipe.parse("nncf-default").layout == Recipe.parse("nncf-mixed").layout
-    assert Recipe.parse("u8-minmax").layout == Recipe.parse("u8-percentile").layout
+    # the same graph, but u8-percentile is often the best: a noisy timing of u8-minmax must not skip it
+    assert Recipe.parse("u8-minmax").layout != Recipe.parse("u8-percentile").layout
     assert Recipe.parse("u8-minmax").layout != Recipe.parse("s8-minmax").layout
     assert Recipe.parse("s8-minmax").layout != Recipe.parse("s8-minmax-ends").layout
     assert Recipe.parse("nncf-default").layout != Recipe.parse("nncf-default-sq").layout
