@@ -38,11 +38,11 @@ DEFAULT_SEARCH_TIME_S = 180.0
 # three candidates, not eight).
 PATIENCE = 2
 # A candidate whose graph has the layout of one already timed here (quantize.Recipe.layout: nncf-default
-# and nncf-mixed) runs at that one's speed, since int8 kernels do not care what the scales are. Measured on x86-cpu, time vs fp32, nncf-default/nncf-mixed: 1.47/1.42 (PP-OCR det),
-# 1.36/1.37 (ddddocr det), 1.89/1.83 (PP-OCR cls). Speed ranks before the metric, so when that one was
-# slower than fp32 and this much slower than the best passing candidate, the candidate cannot outrank
-# the best and is not started (it was a whole NNCF run: 6-12 s of those exports). The margin keeps
-# timing noise from deciding.
+# and nncf-mixed) runs at that one's speed, since int8 kernels do not care what the scales are. Measured
+# on x86-cpu, time vs fp32, nncf-default/nncf-mixed: 1.47/1.42 (PP-OCR det), 1.36/1.37 (ddddocr det),
+# 1.89/1.83 (PP-OCR cls). Speed ranks before the metric, so when that one was slower than fp32 and this
+# much slower than the best passing candidate, the candidate cannot outrank the best and is not started
+# (it was a whole NNCF run: 6-12 s of those exports). The margin keeps timing noise from deciding.
 SIBLING_MARGIN = 1.2
 
 
