@@ -301,7 +301,7 @@ def _measure_latency(ctx: ExportContext, pred, fp32_pred) -> dict[str, Any]:
     if not ctx.options.measure_latency:
         return {}
     x1 = ctx.data.check_x[:1]
-    lat, base = val.latency_ms(pred, x1), val.latency_ms(fp32_pred, x1)
+    lat, base = val.paired_latency_ms(pred, fp32_pred, x1)
     ctx.report.latency = LatencySection(host=writer.toolchain()["host"], threads=writer.threads_used(ctx.profile),
                                         batch=1, p50_ms=lat["p50_ms"], p90_ms=lat["p90_ms"], min_ms=lat["min_ms"],
                                         runs=lat.get("runs"),

@@ -107,7 +107,7 @@ def search(ctx, exporter, prepared: Path, validate, recipes: list[str], *, patie
     x1 = check_x[:1]
     judged_here = opts.measure_latency and writer.latency_judged_here(ctx.profile)
     budget_ms = ctx.profile.latency_budget_ms if judged_here else None
-    fp32_ms = _fp32_ms(validate, x1) if judged_here else None
+    fp32 = getattr(validate, "reference", None) if judged_here else None  # fp32's predictor, timed beside each
     since_best = 0  # candidates tried since the best passing one
     speeds = _Speeds()
     deadline = _Deadline(t0, search_time)
@@ -154,7 +154,7 @@ def search(ctx, exporter, prepared: Path, validate, recipes: list[str], *, patie
                     continue
                 ok, why, score, metrics = _judge(result, min_agreement, max_drop_pp, enforce)
                 size = res.path.stat().st_size
-                lat, over, timed_fields = _timing(ok, pred, x1, budget_ms, fp32_ms)
+                lat, over, timed_fields = _timing(ok, pred, x1, budget_ms, fp32)
                 record(label, **_tried(ok, why, score, metrics, size, lat, res.float_nodes,
                                        time.perf_counter() - t1, watch.peak), **timed_fields)
                 _say(ctx.progress, ok, why, metrics, over or _slower_note(timed_fields))
@@ -329,29 +329,27 @@ def _skip(progress, record, label: str, e: Exception, watch) -> None:
     progress.info(f"  [yellow]skipped[/]: {why}")
 
 
-def _fp32_ms(validate, x1: np.ndarray) -> float | None:
-    """fp32's fastest run on this host (None when the validator has no fp32 predictor)."""
-    reference = getattr(validate, "reference", None)
-    return _quick_latency(reference, x1)["min_ms"] if reference else None
-
-
 def _quick_latency(fn, x1: np.ndarray) -> dict:
-    """A short timing (a few runs within 0.3 s) for ranking candidates, fp32's and theirs alike."""
+    """A short timing (a few runs within 0.3 s) for ranking candidates."""
     return val.latency_ms(fn, x1, runs=10, warmup=1, budget_s=0.3)
 
 
-def _timing(ok: bool, pred, x1: np.ndarray, budget_ms: float | None, fp32_ms: float | None = None
+def _timing(ok: bool, pred, x1: np.ndarray, budget_ms: float | None, fp32=None
             ) -> tuple[float | None, str | None, dict]:
     """(p50 ms, why it is over the latency budget or None, fields for its attempt record) of a
-    candidate that passed the gate; a failed one is not timed. With fp32's time, the record says
-    whether the candidate is slower than fp32 here (by val.SLOWER_THAN_FP32, on the fastest runs)."""
+    candidate that passed the gate; a failed one is not timed. With fp32's predictor (timed beside
+    the candidate, runs interleaved: val.paired_latency_ms), the record says whether the candidate
+    is slower than fp32 here (by val.SLOWER_THAN_FP32, on the fastest runs)."""
     if not ok:
         return None, None, {}
-    timing = _quick_latency(pred, x1)
+    if fp32 is not None:
+        timing, base = val.paired_latency_ms(pred, fp32, x1, runs=10, warmup=1, budget_s=0.6)
+    else:
+        timing, base = _quick_latency(pred, x1), None
     over = _over_budget(timing, budget_ms)
     fields = {"min_ms": round(timing["min_ms"], 3), "within_latency_budget": over is None}
-    if fp32_ms:
-        fields["vs_fp32"] = round(timing["min_ms"] / fp32_ms, 3)
+    if base and base["min_ms"] > 0:
+        fields["vs_fp32"] = round(timing["min_ms"] / base["min_ms"], 3)
         fields["slower_than_fp32"] = fields["vs_fp32"] >= val.SLOWER_THAN_FP32
     return timing["p50_ms"], over, fields
 

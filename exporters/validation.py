@@ -257,6 +257,34 @@ def latency_ms(fn: Predict, x1: np.ndarray, runs: int = 30, warmup: int = 3, bud
         t0 = time.perf_counter()
         fn(x1)
         times.append((time.perf_counter() - t0) * 1e3)
+    return _latency_stats(times)
+
+
+def paired_latency_ms(fn: Predict, ref: Predict, x1: np.ndarray, runs: int = 30, warmup: int = 3,
+                      budget_s: float = 2.0) -> tuple[dict, dict]:
+    """`latency_ms` of `fn` and of `ref` (fp32), their runs interleaved (fn, ref, fn, ref, ...).
+
+    Why: on a shared host a busy spell slows whatever runs in it. Timed one after the other, fp32 and a
+    candidate can fall on different sides of one: in a PP-OCR det export, u8-minmax and u8-percentile,
+    whose graphs are the same (the same ops, 14.5 and 14.6 ms timed side by side), read 1.16x and 0.80x
+    fp32's time. Interleaved, a spell slows both alike and their ratio holds."""
+    for _ in range(warmup):
+        fn(x1)
+        ref(x1)
+    a: list[float] = []
+    b: list[float] = []
+    t_end = time.perf_counter() + budget_s
+    while len(a) < runs and (len(a) < 5 or time.perf_counter() < t_end):
+        t0 = time.perf_counter()
+        fn(x1)
+        t1 = time.perf_counter()
+        ref(x1)
+        a.append((t1 - t0) * 1e3)
+        b.append((time.perf_counter() - t1) * 1e3)
+    return _latency_stats(a), _latency_stats(b)
+
+
+def _latency_stats(times: list[float]) -> dict:
     a = np.asarray(times)
     return {"p50_ms": float(np.median(a)), "p90_ms": float(np.percentile(a, 90)), "min_ms": float(a.min()),
             "runs": len(a)}
