@@ -109,7 +109,7 @@ def search(ctx, exporter, prepared: Path, validate, recipes: list[str], *, patie
     budget_ms = ctx.profile.latency_budget_ms if judged_here else None
     fp32 = getattr(validate, "reference", None) if judged_here else None  # fp32's predictor, timed beside each
     since_best = 0  # candidates tried since the best passing one
-    speeds = _Speeds()
+    speeds = _Speeds(budget_ms)
     deadline = _Deadline(t0, search_time)
 
     def record(label: str, **fields) -> dict:
@@ -256,7 +256,8 @@ def _not_started(is_fallback: bool, best: str | None, tried_any: bool, elapsed: 
 class _Speeds:
     """The timings of the passing candidates, by graph layout, and the best's: what `_outranked` judges."""
 
-    def __init__(self) -> None:
+    def __init__(self, budget_ms: float | None = None) -> None:
+        self.budget_ms = budget_ms  # the target's latency budget, where it is judged on this host
         self.by_layout: dict[tuple, tuple[str, bool, dict]] = {}  # the first passing one of each layout
         self.best: tuple[bool, dict] = (True, {})
 
@@ -267,20 +268,23 @@ class _Speeds:
 
     def outranked(self, recipe: q.Recipe, best: str) -> str | None:
         sibling = self.by_layout.get(recipe.layout)
-        return _outranked(sibling, (best, *self.best)) if sibling else None
+        return _outranked(sibling, (best, *self.best), self.budget_ms) if sibling else None
 
 
-def _outranked(sibling: tuple[str, bool, dict], best: tuple[str, bool, dict]) -> str | None:
+def _outranked(sibling: tuple[str, bool, dict], best: tuple[str, bool, dict],
+               budget_ms: float | None = None) -> str | None:
     """Why a candidate is not started because a passing one with its graph layout (`sibling`: label,
     within the latency budget, timing fields) was slower than the best passing one (`best`, the same)
     by more than timing noise: its own speed would rank it after the best whatever its metric (None:
-    start it). See SIBLING_MARGIN."""
+    start it). Over the latency budget counts only by the same margin. See SIBLING_MARGIN."""
     (sib, sib_within, sib_t), (top, top_within, top_t) = sibling, best
     if sib == top:
         return None
     if top_within and not sib_within:
-        return (f"not tried: {sib}, the same graph layout, was over the latency budget on this host "
-                f"and {top} is within it")
+        if budget_ms and sib_t.get("min_ms", 0.0) >= SIBLING_MARGIN * budget_ms:
+            return (f"not tried: {sib}, the same graph layout, ran at {sib_t['min_ms']:.1f} ms on this host, "
+                    f"over the {budget_ms:g} ms latency budget, and {top} is within it")
+        return None
     slow, top_vs = sib_t.get("vs_fp32"), top_t.get("vs_fp32")
     if sib_within == top_within and sib_t.get("slower_than_fp32") and slow and top_vs \
             and slow >= SIBLING_MARGIN * top_vs:
