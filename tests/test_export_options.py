@@ -248,8 +248,8 @@ def test_manifest_sections_keep_what_older_and_newer_manifests_hold():
 def test_an_int8_model_slower_than_fp32_on_this_host_is_a_warning(tmp_path, monkeypatch, caplog):
     """onnxruntime's x86 kernels can run an int8 graph slower than its fp32 one (quantize/dequantize
     pairs around layers without int8 kernels): the export says so instead of implying int8 is faster.
-    The host's timings are replaced (the artifact is timed first, then fp32), since which models are
-    slower depends on the CPU."""
+    The host's timings are replaced (the artifact's, then fp32's, timed side by side), since which models
+    are slower depends on the CPU."""
     import logging
 
     import numpy as np
@@ -257,13 +257,13 @@ def test_an_int8_model_slower_than_fp32_on_this_host_is_a_warning(tmp_path, monk
 
     from lepton_edge.exporters import validation as val
 
-    timings = iter([12.0, 4.0])
+    def ms(v: float) -> dict:
+        return {"p50_ms": v, "p90_ms": v, "min_ms": v, "runs": 5}
 
-    def timed(pred, x, **kw):  # the search's quick timing passes runs=...; the report's does not
-        ms = 4.0 if kw else next(timings, 4.0)
-        return {"p50_ms": ms, "p90_ms": ms, "min_ms": ms, "runs": 5}
+    def timed(pred, ref, x, **kw):  # the search's quick timing passes runs=...; the report's does not
+        return (ms(4.0), ms(4.0)) if kw else (ms(12.0), ms(4.0))
 
-    monkeypatch.setattr(val, "latency_ms", timed)
+    monkeypatch.setattr(val, "paired_latency_ms", timed)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.LazyLinear(4))
     model(torch.zeros(1, 3, 16, 16))
     calib = tmp_path / "calib.npy"
