@@ -249,15 +249,7 @@ SLOWER_THAN_FP32 = 1.25
 
 def latency_ms(fn: Predict, x1: np.ndarray, runs: int = 30, warmup: int = 3, budget_s: float = 1.0) -> dict:
     """Median/p90/fastest latency of one batch-1 call; stops early after budget_s to keep exports quick."""
-    for _ in range(warmup):
-        fn(x1)
-    times = []
-    t_end = time.perf_counter() + budget_s
-    while len(times) < runs and (len(times) < 5 or time.perf_counter() < t_end):
-        t0 = time.perf_counter()
-        fn(x1)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return _latency_stats(times)
+    return _latency_stats(_timed_runs([fn], x1, runs, warmup, budget_s)[0])
 
 
 def paired_latency_ms(fn: Predict, ref: Predict, x1: np.ndarray, runs: int = 30, warmup: int = 3,
@@ -268,20 +260,24 @@ def paired_latency_ms(fn: Predict, ref: Predict, x1: np.ndarray, runs: int = 30,
     candidate can fall on different sides of one: in a PP-OCR det export, u8-minmax and u8-percentile,
     whose graphs are the same (the same ops, 14.5 and 14.6 ms timed side by side), read 1.16x and 0.80x
     fp32's time. Interleaved, a spell slows both alike and their ratio holds."""
-    for _ in range(warmup):
-        fn(x1)
-        ref(x1)
-    a: list[float] = []
-    b: list[float] = []
-    t_end = time.perf_counter() + budget_s
-    while len(a) < runs and (len(a) < 5 or time.perf_counter() < t_end):
-        t0 = time.perf_counter()
-        fn(x1)
-        t1 = time.perf_counter()
-        ref(x1)
-        a.append((t1 - t0) * 1e3)
-        b.append((time.perf_counter() - t1) * 1e3)
+    a, b = _timed_runs([fn, ref], x1, runs, warmup, budget_s)
     return _latency_stats(a), _latency_stats(b)
+
+
+def _timed_runs(fns: list[Predict], x1: np.ndarray, runs: int, warmup: int, budget_s: float) -> list[list[float]]:
+    """Milliseconds of each call of each of `fns`, called in turn: at least 5 rounds, at most `runs`,
+    no new round past budget_s."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn(x1)
+    times: list[list[float]] = [[] for _ in fns]
+    t_end = time.perf_counter() + budget_s
+    while len(times[0]) < runs and (len(times[0]) < 5 or time.perf_counter() < t_end):
+        for fn, t in zip(fns, times):
+            t0 = time.perf_counter()
+            fn(x1)
+            t.append((time.perf_counter() - t0) * 1e3)
+    return times
 
 
 def _latency_stats(times: list[float]) -> dict:
