@@ -4,9 +4,9 @@ Why: onnxruntime's `HistogramCollector.collect_absolute_value` (percentile calib
 batch after the first with `np.histogram(data, bins=<array of edges>)`, and numpy sorts the data for
 explicit edges. On PP-OCR's recogniser that sort was 43 s of a 56 s calibration (40 inputs; cProfile).
 The edges are always evenly spaced (the first batch's `bins=num_bins`, then the same width extended
-to the new maximum), so `np.histogram(data, bins=n, range=(first, last))` bins them through numpy's
-uniform-bin path, with no sort: the same distribution and thresholds (onnxruntime's own float32 edges
-drift by up to a bin's width, so bin by bin the counts may differ slightly; tests/unit/test_histogram.py).
+to the new maximum), so each value's bin is arithmetic on it (`bin_counts`), with no sort: the same
+distribution and thresholds (onnxruntime's own float32 edges drift by up to a bin's width, so bin by bin
+the counts may differ slightly; tests/unit/test_histogram.py).
 Everything else (the first batch, the ranges kept, the percentile computed from the counts) is
 onnxruntime's own code; only this method is swapped, for the calibration's duration
 (`linear_time_histograms`, beside `quantize._lean_calibration`).
@@ -46,9 +46,24 @@ def collect_absolute_value(self, name_to_arr: dict) -> None:
             continue
         old_hist, old_edges, old_lo, old_hi = self.histogram_dict[tensor]
         edges = extended_edges(old_edges, max(abs(lo), abs(hi)))  # max |x|, from the range already taken
-        hist, _ = np.histogram(arr, bins=len(edges) - 1, range=(float(edges[0]), float(edges[-1])))
+        hist = bin_counts(arr, len(edges) - 1, float(edges[0]), float(edges[-1]))
         hist[: len(old_hist)] += old_hist
         self.histogram_dict[tensor] = (hist, edges.astype(arr.dtype), min(old_lo, lo), max(old_hi, hi))
+
+
+def bin_counts(arr: np.ndarray, bins: int, lo: float, hi: float) -> np.ndarray:
+    """Counts of `arr` in `bins` equal bins from `lo` to `hi`: a value's bin is its offset times the bins
+    per unit, floored (numpy's uniform path then corrects the few values that float rounding puts one
+    bin off, in five more passes over the data). Values below `lo` (and NaN) are left out, those at or
+    above `hi` go in the last bin (the edges were just extended to the batch's maximum, so only rounding
+    puts one there). Why not np.histogram: on 65,538 values and 2,300 bins this takes 0.12 ms, numpy
+    0.87 ms, and the percentile calibration of PP-OCR's detector made 19,082 such calls (3.7 s of its 8 s);
+    the counts differ from numpy's by a value at a bin edge now and then (1 in 65,538 there)."""
+    scale = np.float32(bins / (hi - lo)) if hi > lo else np.float32(0.0)
+    f = (arr.astype(np.float32, copy=False) - np.float32(lo)) * scale
+    idx = f[f >= 0].astype(np.intp)
+    np.minimum(idx, bins - 1, out=idx)
+    return np.bincount(idx, minlength=bins)
 
 
 def extended_edges(edges: np.ndarray, top) -> np.ndarray:

@@ -152,3 +152,15 @@ def test_sampled_histograms_swapped_in_only_for_the_block():
     with histogram.sampled_histograms():
         assert HistogramCalibrater.augment_graph is histogram.sampled_augment_graph
     assert HistogramCalibrater.augment_graph is original
+
+
+def test_bin_counts_match_numpy_but_for_values_on_an_edge():
+    rng = np.random.default_rng(3)
+    a = np.abs(rng.standard_normal(70_000)).astype(np.float32)
+    a[:3] = [np.nan, -1.0, 0.01]  # NaN and a value under the range are left out; 0.01 is under lo too
+    lo, hi = 0.05, float(a[3:].max())
+    ours = histogram.bin_counts(a, 2300, lo, hi)
+    theirs, _ = np.histogram(a[3:], bins=2300, range=(lo, hi))
+    assert len(ours) == 2300 and ours.sum() == theirs.sum() == np.count_nonzero(a[3:] >= lo)
+    assert np.abs(ours - theirs).sum() <= 10  # a value on an edge, by float rounding, in the next bin
+    assert histogram.bin_counts(np.full(5, 2.0, np.float32), 8, 2.0, 2.0).tolist() == [5] + [0] * 7
