@@ -414,6 +414,8 @@ def _gate(rep: dict) -> str:
 
                 n = int(m["confident_samples"])
                 rule = f" (>= {th[t]:g}: at most {confident_losses_allowed(n, th[t])} of {n} lost)"
+            if k in ("sqnr_db", "cosine") and m.get("mask_samples") is not None:
+                rule = " (reported; a probability map is judged by mask IoU)"  # as the export summary says
             parts.append(f"{k} {m[k]:.4g}{rule}")
     return ", ".join(parts) or "-"
 

@@ -111,6 +111,7 @@ def search(ctx, exporter, prepared: Path, validate, recipes: list[str], *, patie
     since_best = 0  # candidates tried since the best passing one
     speeds = _Speeds(budget_ms)
     deadline = _Deadline(t0, search_time)
+    not_started: dict[str, list[str]] = {}  # why: the recipes not started for it (one progress line each)
 
     def record(label: str, **fields) -> dict:
         entry = {"recipe": label, **fields}
@@ -126,6 +127,7 @@ def search(ctx, exporter, prepared: Path, validate, recipes: list[str], *, patie
             since_best += bool(why_not and best.rank_key[0])
         if why_not:
             record(name, passed=False, skipped=True, why=why_not)
+            not_started.setdefault(why_not, []).append(name)
             continue
         with cal.MemoryWatch(limit, what=f"int8 recipe {name}") as watch:
             deadline.watch = watch
@@ -180,6 +182,8 @@ def search(ctx, exporter, prepared: Path, validate, recipes: list[str], *, patie
                     since_best += 1
         out.peak_rss_bytes = max(out.peak_rss_bytes, watch.peak)
     out.seconds = time.perf_counter() - t0
+    for why, names in not_started.items():
+        ctx.progress.info(f"[dim]- int8 recipe{'s' * (len(names) > 1)} {', '.join(names)}: {why}[/]")
     return _finished(out, best, exporter, ctx.threads)
 
 

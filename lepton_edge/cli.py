@@ -258,7 +258,8 @@ def _print_report(rep: dict) -> None:
                              f"({p['params_after'] / p['params_before']:.2f}x)")
     if "quantization" in c:
         qz = c["quantization"]
-        t.add_row("int8 recipe", f"{qz['recipe']} (tried {len(qz['attempts'])}; float layers: "
+        tried = sum(not a.get("skipped") for a in qz["attempts"])
+        t.add_row("int8 recipe", f"{qz['recipe']} ({tried} of {len(qz['attempts'])} candidates tried; float layers: "
                                  f"{', '.join(qz['float_nodes']) or 'none'})")
     if c.get("fp16", {}).get("float_nodes"):
         f16 = c["fp16"]

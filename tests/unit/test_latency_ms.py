@@ -40,3 +40,21 @@ def test_paired_timing_holds_the_ratio_through_a_busy_spell():
     assert 0.7 < cand["min_ms"] / base["min_ms"] < 1.3
     _, over, fields = recipes._timing(True, run, x, None, run)
     assert over is None and fields["slower_than_fp32"] is False and 0.7 < fields["vs_fp32"] < 1.3, fields
+
+
+def test_warm_up_runs_the_real_input_untimed_then_every_round_calls_each_function():
+    """The warm-up calls (a session's first runs allocate and pick kernels) get the input that is timed,
+    not a placeholder, and are left out of the figures; then each round calls every function once, in turn."""
+    x = np.arange(3.0)
+    calls: list[tuple[str, object]] = []
+
+    def fn(tag):
+        def call(arg):
+            calls.append((tag, arg))
+            time.sleep(0.03 if len(calls) <= 4 else 0.001)  # the warm-up is slow, as a first run is
+        return call
+
+    a, b = val.paired_latency_ms(fn("a"), fn("b"), x, runs=5, warmup=2, budget_s=0.0)
+    assert all(arg is x for _, arg in calls), [type(arg) for _, arg in calls]
+    assert [tag for tag, _ in calls] == ["a", "b"] * 7
+    assert a["runs"] == b["runs"] == 5 and a["p90_ms"] < 20 and b["p90_ms"] < 20, (a, b)
