@@ -107,6 +107,9 @@ class InputSpec(BaseModel):
         return 1 if self.color == "GRAY" else 3
 
     def hw(self) -> tuple[int, int]:
+        if len(self.shape) != 4:  # a frame cannot become this input (audio [1,16000], features [1,128])
+            raise BadInput(f"input '{self.name}' has shape {self.shape}, not an image's 4 dimensions (NCHW or NHWC): "
+                           "images cannot feed it; give --calib a .npy/.npz of model-shaped inputs")
         dims = self.shape[2:4] if self.layout == "NCHW" else self.shape[1:3]
         if not all(isinstance(d, int) for d in dims):
             raise BadInput(f"input '{self.name}' has dynamic spatial size {dims}: pass --input-shape")

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from lepton_edge.bundle import InputSpec, guess_layout
+from lepton_edge.bundle import DTYPES, InputSpec, guess_layout
 from lepton_edge.errors import BadInput
 from lepton_edge.plugins import Registry
 
@@ -51,6 +51,21 @@ def default_spec(shape: list, name: str = "input", layout: str | None = None, co
     n = 1 if color == "GRAY" else 3
     return InputSpec(name=name, shape=list(shape), layout=layout, color=color,
                      mean=mean or [0.0] * n, std=std or [1.0] * n)
+
+
+def _typed(spec: InputSpec, elem_type: int) -> InputSpec:
+    """`spec` fed in the input's own element type: float16/float64 as such, and a uint8 input (an image
+    model that normalises inside its graph) the raw 0..255 pixels, as `run` feeds it (runtime/spec.py)."""
+    import numpy as np
+    import onnx
+
+    try:
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)).name
+    except (KeyError, TypeError, ValueError):
+        return spec
+    if dtype == "float32" or dtype not in DTYPES:
+        return spec
+    return spec.model_copy(update={"dtype": dtype, **({"scale": 1.0} if dtype == "uint8" else {})})
 
 
 def _need_file(path: Path, what: str) -> None:
@@ -112,7 +127,7 @@ def _load_onnx(path: Path, input_shape: list[int] | None, hw: tuple[int, int],
             shape[0] = 1
         if any(not isinstance(d, int) for d in shape):
             raise BadInput(f"{path}: input {inp.name} has dynamic dimensions {dims}: pass --input-shape")
-    spec = default_spec(shape, name=inp.name, **spec_kw)
+    spec = _typed(default_spec(shape, name=inp.name, **spec_kw), inp.type.tensor_type.elem_type)
     src = ModelSource(name=path.stem, kind="onnx", input_spec=spec, onnx_path=path, task="raw")
     if not others:
         return src

@@ -152,3 +152,76 @@ def test_bench_table_and_json(int8_bundle, rpi4_bundle):
     assert r.returncode == 0 and "inference" in r.stdout and "fashion-cnn-x86-cpu" in r.stdout and "MiB" in r.stdout
     r = run_cli("bench", str(int8_bundle.bundle.path), "--threads", "two")
     assert r.returncode == 2 and "--threads" in r.stderr
+
+
+def _uint8_classifier(path) -> None:
+    """uint8 [1,32,32,3] pixels in (the model scales and transposes them itself, as many exported
+    detectors and Keras models do) -> Conv -> Relu -> pool -> Gemm -> 4 scores; no node has a name."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array((rng.standard_normal((8, 3, 3, 3)) * 0.5).astype(np.float32), "w")
+    fc = numpy_helper.from_array((rng.standard_normal((8, 4)) * 0.5).astype(np.float32), "fc")
+    k = numpy_helper.from_array(np.array(1 / 255, np.float32), "k")
+    nodes = [helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["xf", "k"], ["xs"]),
+             helper.make_node("Transpose", ["xs"], ["xt"], perm=[0, 3, 1, 2]),
+             helper.make_node("Conv", ["xt", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("GlobalAveragePool", ["r"], ["p"]),
+             helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("MatMul", ["f", "fc"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, 32, 32, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [w, fc, k])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+def test_a_uint8_input_model_exports_int8_and_runs_on_raw_pixels(tmp_path):
+    """The bundle feeds what the model takes: the 0..255 pixels as uint8 (its spec says so), in the
+    export's calibration and validation as on the device."""
+    from third_party import corpus
+
+    _uint8_classifier(tmp_path / "u8.onnx")
+    r = run_cli("export", str(tmp_path / "u8.onnx"), "--target", "x86-cpu", "--calib", str(corpus.calib_dir()),
+                "--out", str(tmp_path / "out"), "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    (bundle,) = [p.parent for p in (tmp_path / "out").rglob("manifest.json")]
+    man = json.loads((bundle / "manifest.json").read_text())
+    (spec,) = man["inputs"]
+    assert (spec["dtype"], spec["scale"], spec["layout"]) == ("uint8", 1.0, "NHWC"), spec
+    assert man["precision"] == "int8"
+    r = run_cli("run", str(bundle), "--source", str(corpus.eval_dir()), "-n", "5", "--jsonl", "-")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len([ln for ln in r.stdout.splitlines() if ln.startswith("{")]) == 5
+
+
+def test_an_input_that_is_not_an_image_takes_arrays_not_photos(tmp_path):
+    """A 1-D signal input ([1, 400]): photos cannot feed it (one line, no traceback); a .npy of inputs,
+    stacked [N, 400] or [N, 1, 400], can."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from third_party import corpus
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((400, 3)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 400])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "sig.onnx"))
+    r = run_cli("export", str(tmp_path / "sig.onnx"), "--target", "x86-cpu", "--calib", str(corpus.calib_dir()),
+                "--out", str(tmp_path / "a"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    (line,) = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert "not an image" in line and ".npy" in line
+    x = np.random.default_rng(1).standard_normal((64, 1, 400)).astype(np.float32)
+    for name, arr in (("stack", x[:, 0]), ("batch1", x)):
+        np.save(tmp_path / f"{name}.npy", arr)
+        r = run_cli("export", str(tmp_path / "sig.onnx"), "--target", "x86-cpu",
+                    "--calib", str(tmp_path / f"{name}.npy"), "--out", str(tmp_path / name))
+        assert r.returncode == 0, (name, r.stderr[-2000:])
+        assert list((tmp_path / name).rglob("manifest.json")), name

@@ -126,6 +126,10 @@ def _from_array(arr: np.ndarray, spec: InputSpec, src: str) -> np.ndarray:
         return arr.astype(spec.dtype if not spec.quantization else np.float32)
     if arr.ndim == len(spec.shape) - 1 and all(isinstance(w, str) or w == a for w, a in zip(want, arr.shape)):
         return arr[None].astype(np.float32)
+    batch1 = not isinstance(spec.shape[0], int) or spec.shape[0] == 1
+    if batch1 and arr.ndim == len(spec.shape) + 1 and arr.shape[1] == 1 \
+            and all(isinstance(w, str) or w == a for w, a in zip(want, arr.shape[2:])):
+        return _from_array(arr[:, 0], spec, src)  # a stack of whole batch-1 inputs, [N,1,...]
     if arr.dtype == np.uint8 and arr.ndim in (3, 4):
         return preprocess_batch(list(arr), spec) if arr.shape[1:3] != spec.hw() else normalise(
             arr[..., None] if arr.ndim == 3 else arr, spec)
