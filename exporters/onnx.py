@@ -28,6 +28,37 @@ def _first_line(e: Exception) -> str:
     return line[:300]
 
 
+def _self_contained(path: Path) -> bool:
+    """Whether the ONNX file holds all its weights (no tensor stored in a file beside it)."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    def tensors(graph):
+        yield from graph.initializer
+        for node in graph.node:
+            for a in node.attribute:
+                yield from ([a.t] if a.HasField("t") else []) + list(a.tensors)
+                for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                    yield from tensors(g)
+
+    return not any(uses_external_data(t) for t in tensors(onnx.load(str(path), load_external_data=False).graph))
+
+
+def _inline_external_data(src: Path, dst: Path) -> None:
+    """`src` with its external weights read in, written as one file at `dst`: the export works on (and the
+    bundle ships) a single model file. onnx.load reads only files inside the model's own folder (a
+    location such as ../../etc/passwd was refused when the model was loaded, model_source._load_onnx);
+    one file holds at most 2 GB, far past any edge target's size budget."""
+    import onnx
+
+    model = onnx.load(str(src))
+    try:
+        onnx.save(model, str(dst))
+    except ValueError as e:  # protobuf's 2 GB limit
+        raise BadInput(f"{src}: the model with its external weights is too large for one ONNX file "
+                       f"({_first_line(e)}); no edge target takes a model that size") from None
+
+
 class OnnxExporter(Exporter):
     format = "onnx"
     suffix = ".onnx"
@@ -41,7 +72,10 @@ class OnnxExporter(Exporter):
         """Write the fp32 ONNX graph (batch as in the input spec, 1 by default) and return its path."""
         source, opset = ctx.source, ctx.profile.max_opset
         if source.kind == "onnx":
-            shutil.copyfile(source.onnx_path, path)
+            if not _self_contained(source.onnx_path):
+                _inline_external_data(source.onnx_path, path)
+            else:
+                shutil.copyfile(source.onnx_path, path)
             return path
         import torch
 

@@ -89,7 +89,7 @@ def _load_onnx(path: Path, input_shape: list[int] | None, hw: tuple[int, int],
         m = onnx.load(str(path))
         onnx.checker.check_model(m)
     except Exception as e:
-        raise BadInput(f"{path}: not a readable ONNX model ({str(e).splitlines()[0][:160]})") from None
+        raise BadInput(f"{path}: not a readable ONNX model ({str(e).splitlines()[0][:300]})") from None
     _drop_defaults(m, set(input_values or {}))
     inits = {i.name for i in m.graph.initializer}
     inputs = [i for i in m.graph.input if i.name not in inits]

@@ -225,3 +225,50 @@ def test_an_input_that_is_not_an_image_takes_arrays_not_photos(tmp_path):
                     "--calib", str(tmp_path / f"{name}.npy"), "--out", str(tmp_path / name))
         assert r.returncode == 0, (name, r.stderr[-2000:])
         assert list((tmp_path / name).rglob("manifest.json")), name
+
+
+def _with_external_weights(path, location: str | None = None) -> None:
+    """A small NCHW classifier whose weights live in a file beside it (onnx's external data), as large
+    exports and some converters write them; `location` rewrites where the model says they are."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 3, 3, 3)).astype(np.float32), "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("GlobalAveragePool", ["c"], ["p"], name="pool"),
+             helper.make_node("Flatten", ["p"], ["y"], name="flat")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 32, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=path.name + ".data", size_threshold=0)
+    if location is not None:
+        m = onnx.load(str(path), load_external_data=False)
+        for e in m.graph.initializer[0].external_data:
+            if e.key == "location":
+                e.value = location
+        onnx.save(m, str(path))
+
+
+def test_a_model_with_external_weights_exports_as_one_file(tmp_path):
+    """The weights beside the model are read in (the bundle ships one model file); a model that says its
+    weights are outside its own folder is refused with one line, the file never read."""
+    from third_party import corpus
+
+    src = tmp_path / "src"
+    src.mkdir()
+    _with_external_weights(src / "ext.onnx")
+    assert (src / "ext.onnx.data").stat().st_size > (src / "ext.onnx").stat().st_size
+    r = run_cli("export", str(src / "ext.onnx"), "--target", "x86-cpu", "--precision", "fp32",
+                "--calib", str(corpus.calib_dir()), "--out", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    (bundle,) = [p.parent for p in (tmp_path / "out").rglob("manifest.json")]
+    assert sorted(p.name for p in bundle.iterdir()) == ["manifest.json", "model.onnx"]
+    r = run_cli("run", str(bundle), "--source", str(corpus.eval_dir()), "-n", "3")
+    assert r.returncode == 0, r.stderr[-2000:]
+    _with_external_weights(src / "escape.onnx", location="../../../../etc/passwd")
+    r = run_cli("export", str(src / "escape.onnx"), "--target", "x86-cpu", "--calib", str(corpus.calib_dir()),
+                "--out", str(tmp_path / "bad"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "outside" in r.stderr and not (tmp_path / "bad").exists()
