@@ -66,3 +66,37 @@ def test_the_latency_line_names_the_int8_candidates_that_passed_the_gate(ctx):
     line = str(e.value)
     assert f"nncf-mixed {budget * 1.5:.0f} ms, nncf-default {budget * 1.9:.0f} ms" in line, line
     assert "u8-minmax" not in line and "\n" not in line
+
+
+@pytest.mark.parametrize("precision, fp32_ms, refused", [
+    ("int8", 6.0, True),    # 6x a 1 ms budget: no int8 makes that 4x faster
+    ("int8", 2.5, False),   # within int8's reach: the search may find one that fits
+    ("fp32", 2.5, True),    # fp32 itself, past twice the budget (noise only adds time)
+    ("fp32", 1.5, False),   # the final check, with more runs, decides that one
+])
+def test_an_fp32_model_far_over_the_budget_is_refused_before_the_search(ctx, precision, fp32_ms, refused):
+    import time
+
+    import numpy as np
+
+    from lepton_edge.exporters import base
+
+    calls = []
+
+    def fp32(x):
+        calls.append(x)
+        time.sleep(fp32_ms / 1e3)
+
+    c = SimpleNamespace(profile=ctx.profile.model_copy(update={"latency_budget_ms": 1.0}),
+                        options=SimpleNamespace(measure_latency=True), data=SimpleNamespace(check_x=np.zeros((4, 3))))
+    if refused:
+        with pytest.raises(CheckFailed, match=rf"fastest of \d+ runs.*over {base.REACH[precision]:g}x x86-cpu's 1 ms "
+                                              rf"budget: {precision} cannot bring it within"):
+            base._latency_within_reach(c, fp32, precision)
+    else:
+        base._latency_within_reach(c, fp32, precision)
+    assert calls and all(x.shape == (1, 3) for x in calls)
+    c.options.measure_latency = False  # the Python API's measure_latency=False: nothing timed, nothing refused
+    calls.clear()
+    base._latency_within_reach(c, fp32, precision)
+    assert not calls
