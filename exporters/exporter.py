@@ -113,7 +113,8 @@ class Exporter(abc.ABC):
             if fixed is None or fixed == len(x):
                 return once(x)
             parts = [once(x[i:i + fixed]) for i in range(0, len(x), fixed)]
-            return [np.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))]
+            # (a 0-d output, one value a run, stacks as one value per input)
+            return [np.concatenate([np.atleast_1d(p[k]) for p in parts]) for k in range(len(parts[0]))]
 
         return run
 

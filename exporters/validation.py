@@ -122,7 +122,7 @@ def batched(fn: Predict, x: np.ndarray, batch: int, description: str = "validati
         for i in range(0, len(x), batch):
             parts.append(as_outputs(fn(x[i:i + batch])))
             advance(len(x[i:i + batch]))
-    return [np.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))]
+    return [np.concatenate([np.atleast_1d(p[k]) for p in parts]) for k in range(len(parts[0]))]  # 0-d: one a call
 
 
 @dataclass

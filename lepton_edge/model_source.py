@@ -47,6 +47,9 @@ def default_spec(shape: list, name: str = "input", layout: str | None = None, co
                  mean: list[float] | None = None, std: list[float] | None = None) -> InputSpec:
     layout = layout or (guess_layout(shape) or "NCHW")
     c = shape[1] if layout == "NCHW" else shape[-1]
+    if len(shape) == 4 and c not in (1, 3):
+        raise BadInput(f"input {name} {list(shape)} ({layout}) has {c} channels, and a camera frame gives 1 (GRAY) "
+                       "or 3 (RGB/BGR): export the model with 1 or 3 input channels")
     color = color or ("GRAY" if c == 1 else "RGB")
     n = 1 if color == "GRAY" else 3
     return InputSpec(name=name, shape=list(shape), layout=layout, color=color,
@@ -78,6 +81,32 @@ def _need_file(path: Path, what: str) -> None:
             f.read(1)
     except OSError as e:
         raise BadInput(f"cannot read {path}: {e.strerror}") from None
+
+
+def _image_shape(path: Path, name: str, dims: list, input_shape: list[int] | None, hw: tuple[int, int]) -> list:
+    """The image input's static shape: --input-shape (which must fit the model's fixed dims), else the
+    model's, its dynamic spatial dims at the target's input size and a dynamic batch at 1. A batch other
+    than 1 is refused: the device feeds one frame a run."""
+    if input_shape:
+        if len(input_shape) != len(dims) or any(isinstance(d, int) and d != s for d, s in zip(dims, input_shape)):
+            raise BadInput(f"--input-shape {input_shape} does not fit the model's input {name} {dims}")
+        shape: list = list(input_shape)
+    else:
+        shape = list(dims)
+        layout = guess_layout([d if isinstance(d, int) else 0 for d in dims]) or "NCHW"
+        spatial = (2, 3) if layout == "NCHW" else (1, 2)
+        for i, v in zip(spatial, hw):
+            if i < len(shape) and not isinstance(shape[i], int):
+                shape[i] = v  # dynamic spatial dims take the target's input size
+        if shape and not isinstance(shape[0], int):
+            shape[0] = 1
+        if any(not isinstance(d, int) for d in shape):
+            raise BadInput(f"{path}: input {name} has dynamic dimensions {dims}: pass --input-shape")
+    if len(shape) == 4 and shape[0] != 1:
+        how = "--input-shape asks for a" if input_shape else "the model takes a fixed"
+        raise BadInput(f"{path}: input {name} {dims}: {how} batch of {shape[0]}, and the device feeds one camera "
+                       "frame a run: use batch 1" + (" or a dynamic batch" if not input_shape else ""))
+    return shape
 
 
 def _load_onnx(path: Path, input_shape: list[int] | None, hw: tuple[int, int],
@@ -112,21 +141,7 @@ def _load_onnx(path: Path, input_shape: list[int] | None, hw: tuple[int, int],
     dims = dims_of(inp)
     if others and any(not isinstance(dims_of(o)[0], int) for o in others if dims_of(o)):
         dims[0] = 1  # per-image constants ([N,2] im_shape): the values are one frame's, so batch 1
-    if input_shape:
-        if len(input_shape) != len(dims) or any(isinstance(d, int) and d != s for d, s in zip(dims, input_shape)):
-            raise BadInput(f"--input-shape {input_shape} does not fit the model's input {inp.name} {dims}")
-        shape: list = list(input_shape)
-    else:
-        shape = list(dims)
-        layout = guess_layout([d if isinstance(d, int) else 0 for d in dims]) or "NCHW"
-        spatial = (2, 3) if layout == "NCHW" else (1, 2)
-        for i, v in zip(spatial, hw):
-            if i < len(shape) and not isinstance(shape[i], int):
-                shape[i] = v  # dynamic spatial dims take the target's input size
-        if shape and not isinstance(shape[0], int):
-            shape[0] = 1
-        if any(not isinstance(d, int) for d in shape):
-            raise BadInput(f"{path}: input {inp.name} has dynamic dimensions {dims}: pass --input-shape")
+    shape = _image_shape(path, inp.name, dims, input_shape, hw)
     spec = _typed(default_spec(shape, name=inp.name, **spec_kw), inp.type.tensor_type.elem_type)
     src = ModelSource(name=path.stem, kind="onnx", input_spec=spec, onnx_path=path, task="raw")
     if not others:

@@ -272,3 +272,46 @@ def test_a_model_with_external_weights_exports_as_one_file(tmp_path):
                 "--out", str(tmp_path / "bad"))
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert "outside" in r.stderr and not (tmp_path / "bad").exists()
+
+
+def _tiny(path, in_shape, out_shape, nodes, inits=()) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, in_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)], list(inits))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+def test_inputs_a_camera_frame_cannot_fill_are_one_line_and_a_scalar_output_exports(tmp_path):
+    """Four channels, a fixed batch of 2, and --input-shape with a batch of 4: the device feeds one 1- or
+    3-channel frame a run, so each is refused at load with one line. A model whose output is a scalar
+    (one value a run) exports and runs."""
+    from onnx import helper, numpy_helper
+
+    from third_party import corpus
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 4, 3, 3)).astype(np.float32), "w")
+    _tiny(tmp_path / "rgba.onnx", [1, 4, 32, 32], [1, 8, 32, 32],
+          [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1], name="conv")], [w])
+    _tiny(tmp_path / "batch2.onnx", [2, 3, 32, 32], [2, 3, 32, 32], [helper.make_node("Relu", ["x"], ["y"], name="r")])
+    _tiny(tmp_path / "dyn.onnx", ["N", 3, 32, 32], ["N", 3, 32, 32], [helper.make_node("Relu", ["x"], ["y"], name="r")])
+    _tiny(tmp_path / "scalar.onnx", [1, 3, 32, 32], [],
+          [helper.make_node("ReduceMean", ["x"], ["y"], keepdims=0, name="mean")])
+    calib = ("--calib", str(corpus.calib_dir()), "--target", "x86-cpu")
+    for model, extra, words in [("rgba", (), "has 4 channels"), ("batch2", (), "fixed batch of 2"),
+                                ("dyn", ("--input-shape", "4,3,32,32"), "--input-shape asks for a batch of 4")]:
+        r = run_cli("export", str(tmp_path / f"{model}.onnx"), *calib, *extra, "--out", str(tmp_path / model))
+        assert r.returncode == 2 and "Traceback" not in r.stderr, (model, r.stderr[-2000:])
+        (line,) = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+        assert words in line, (model, line)
+        assert not (tmp_path / model).exists()
+    for precision in ("int8", "fp16"):
+        r = run_cli("export", str(tmp_path / "scalar.onnx"), *calib, "--precision", precision,
+                    "--out", str(tmp_path / f"scalar-{precision}"))
+        assert r.returncode == 0, (precision, r.stderr[-2000:])
+    (bundle,) = [p.parent for p in (tmp_path / "scalar-int8").rglob("manifest.json")]
+    r = run_cli("run", str(bundle), "--source", str(corpus.eval_dir()), "-n", "3")
+    assert r.returncode == 0, r.stderr[-2000:]
