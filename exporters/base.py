@@ -11,6 +11,7 @@ reads the options, profile, source and data there and leaves what the manifest r
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -177,12 +178,42 @@ def _gather_data(ctx: ExportContext, precision: str) -> None:
     from lepton_edge.exporters import datasets
 
     o = ctx.options
-    ctx.data = datasets.gather(ctx.source, precision=precision, calib=o.calib,
-                               samples=o.calib_samples or ctx.profile.quantization.calibration_samples,
+    samples = o.calib_samples or ctx.profile.quantization.calibration_samples
+    _pixels_fit(ctx, precision, samples)
+    ctx.data = datasets.gather(ctx.source, precision=precision, calib=o.calib, samples=samples,
                                eval_set=o.eval, eval_limit=o.eval_limit, holdout=o.holdout,
                                allow_synthetic=o.allow_synthetic_calibration)
     if ctx.data.calib_info:
         ctx.report.compression.calibration = CalibrationSection(**ctx.data.calib_info)
+
+
+def _pixels_fit(ctx: ExportContext, precision: str, samples: int) -> None:
+    """Refuse, before reading any image, an export whose inputs alone (held as uint8 pixels for the whole
+    run: the calibration inputs, the held-out ones and their views, the evaluation set) would take over
+    half the memory budget, the rest being the model's runs. Why: a 1x3x4096x4096 model with a folder of
+    72 photos read ~7 GB of pixels, then the kernel's OOM killer took the export at 24 GB."""
+    from lepton_edge.compress import calibration as cal
+    from lepton_edge.ui import human
+
+    o, spec = ctx.options, ctx.source.input_spec
+    if len(spec.shape) != 4 or not all(isinstance(d, int) for d in spec.shape[1:]):
+        return
+    per = math.prod(spec.hw()) * spec.channels
+    n = 0
+    if o.calib is not None and (precision == "int8" or precision == "fp16"):
+        k = cal.count_inputs(str(o.calib), samples + o.holdout) or 0
+        n += k if k >= samples + 16 else k + 3 * (max(1, min(16, k // 5)) if k >= 10 else 1)  # views: datasets
+    if o.eval is not None:
+        n += cal.count_inputs(str(o.eval), o.eval_limit) or 0
+    budget = o.max_memory_bytes or cal.default_memory_budget()
+    if not n or not budget or n * per <= budget // 2:
+        return
+    fit = max(1, int(budget // 2 // per / 1.6))  # images read, with the views of the fifth held out
+    fewer = f"--calib-samples {fit - o.holdout}" if fit - o.holdout >= 8 else \
+        f"a --calib folder of at most {fit} images"
+    raise CheckFailed(f"{n} inputs of {spec.hw()[0]}x{spec.hw()[1]}x{spec.channels} pixels would take "
+                      f"{human(n * per)}, over half the export's memory budget ({human(budget)}, --max-memory): "
+                      f"use {fewer} (and --eval-limit with --eval), or a smaller --input-shape")
 
 
 def _compress(ctx: ExportContext) -> None:

@@ -137,12 +137,15 @@ class Reference:
     eval_y: np.ndarray | None = None
 
 
-def perturb(x: np.ndarray, spec, sd: float = 0.01, seed: int = 0) -> np.ndarray:
+def perturb(x: np.ndarray, spec, sd: float = 0.01, seed: int = 0, rng: np.random.Generator | None = None
+            ) -> np.ndarray:
     """Gaussian noise of sd `sd` in 0..1 pixel units (sd/std in the normalised input): a change
-    no camera frame is free of, so fp32's answers under it are its own agreement ceiling."""
+    no camera frame is free of, so fp32's answers under it are its own agreement ceiling. With `rng`
+    (a generator shared by successive batches) the noise continues its stream: batch by batch, the
+    same values as one call on the whole array."""
     std = np.asarray(getattr(spec, "std", None) or [1.0], dtype=np.float64)
     unit = 255.0 * float(getattr(spec, "scale", 1 / 255.0))  # the 0..1 pixel range in the model's units
-    rng = np.random.default_rng(seed)
+    rng = rng if rng is not None else np.random.default_rng(seed)
     return (x + rng.normal(0.0, sd * unit / float(std.mean()), size=x.shape)).astype(x.dtype)
 
 
@@ -219,8 +222,13 @@ class Validator:
             self.task = task or infer_task(self.ref, input_spec, labels)
             self.task_inferred = task is None
             if self.task in ("classify", "embed"):  # the ceiling: a few thousand inputs estimate it well
-                some = data.check_x[:CEILING_SAMPLES]
-                self.ref.noisy = batched(reference, perturb(some, input_spec), batch, "reference (noise)")
+                # batch by batch: the noisy copy of every input at once, in float64, was 8x the inputs'
+                # float bytes (22 GB for 56 inputs of 3x4096x4096)
+                from lepton_edge.compress.calibration import subset
+
+                some, rng = subset(data.check_x, None, CEILING_SAMPLES), np.random.default_rng(0)
+                self.ref.noisy = batched(lambda xb: reference(perturb(np.asarray(xb), input_spec, rng=rng)), some,
+                                         batch, "reference (noise)")
             if data.eval_x is not None and data.eval_y is not None and self.task == "classify":
                 self.ref.eval_outputs = outs if data.eval_x is data.check_x else batched(
                     reference, data.eval_x, batch, "reference")

@@ -3,6 +3,7 @@ YOLO-shaped detector; and `bench` over bundles and thread counts."""
 from __future__ import annotations
 
 import json
+import time
 
 import cv2
 import numpy as np
@@ -314,4 +315,27 @@ def test_inputs_a_camera_frame_cannot_fill_are_one_line_and_a_scalar_output_expo
         assert r.returncode == 0, (precision, r.stderr[-2000:])
     (bundle,) = [p.parent for p in (tmp_path / "scalar-int8").rglob("manifest.json")]
     r = run_cli("run", str(bundle), "--source", str(corpus.eval_dir()), "-n", "3")
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_inputs_that_would_not_fit_the_memory_budget_are_refused_before_they_are_read(tmp_path):
+    """A 1024x1024 input and a folder of photos held as pixels for the whole export: over half the
+    --max-memory budget is one line before any image is decoded (a 4096x4096 model once read 7 GB of
+    pixels, and its noisy copy for the ceiling asked for 22 GB more, and the kernel killed the export)."""
+    from onnx import helper
+
+    from third_party import corpus
+
+    _tiny(tmp_path / "big.onnx", [1, 3, 1024, 1024], [1, 3], [
+        helper.make_node("ReduceMean", ["x"], ["m"], axes=[2, 3], keepdims=0, name="mean"),
+        helper.make_node("Softmax", ["m"], ["y"], name="softmax")])
+    t0 = time.monotonic()
+    r = run_cli("export", str(tmp_path / "big.onnx"), "--target", "x86-cpu", "--calib", str(corpus.calib_dir()),
+                "--max-memory", "150M", "--out", str(tmp_path / "out"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    (line,) = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert "over half the export's memory budget" in line and "a --calib folder of at most" in line, line
+    assert "load calibration data" not in r.stderr and time.monotonic() - t0 < 30
+    r = run_cli("export", str(tmp_path / "big.onnx"), "--target", "x86-cpu", "--calib", str(corpus.calib_dir()),
+                "--max-memory", "4G", "--out", str(tmp_path / "out"))
     assert r.returncode == 0, r.stderr[-2000:]

@@ -173,6 +173,11 @@ def test_batched_outputs_and_perturbation_scale():
     assert noisy.dtype == np.float32 and np.std(noisy) == pytest.approx(0.04, rel=0.05)
     assert np.array_equal(perturb(z, SPEC, seed=1), perturb(z, SPEC, seed=1))
     assert not np.array_equal(perturb(z, SPEC, seed=1), perturb(z, SPEC, seed=2))
+    # batch by batch with one generator (how the export perturbs, so no noisy copy of every input exists at
+    # once): the same noise as one call on the whole array
+    rng = np.random.default_rng(0)
+    parts = [perturb(z[i:i + 7000], SPEC, rng=rng) for i in range(0, len(z), 7000)]
+    assert np.array_equal(np.concatenate(parts), perturb(z, SPEC, seed=0))
 
 
 def test_latency_and_memory_figures():
