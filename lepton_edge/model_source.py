@@ -83,6 +83,22 @@ def _need_file(path: Path, what: str) -> None:
         raise BadInput(f"cannot read {path}: {e.strerror}") from None
 
 
+# operator domains onnxruntime's CPU build has kernels for; anything else needs a custom-op library, and
+# a model never names native code for us to load
+ORT_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "com.microsoft.nchwc"})
+
+
+def _no_custom_ops(path: Path, model) -> None:
+    """Refuse, at load, a model with operators of another domain (a custom op), naming them: later the
+    same model failed only when onnxruntime loaded the export's working copy, named as that copy."""
+    functions = {(f.domain, f.name) for f in model.functions}  # a model-local function is defined in the file
+    custom = sorted({f"{n.domain}:{n.op_type}" for n in model.graph.node
+                     if n.domain not in ORT_DOMAINS and (n.domain, n.op_type) not in functions})
+    if custom:
+        raise BadInput(f"{path}: custom operators {', '.join(custom[:5])} have no kernels in onnxruntime, and "
+                       "lepton-edge loads no custom-op library: export the model with standard ONNX operators")
+
+
 def _image_shape(path: Path, name: str, dims: list, input_shape: list[int] | None, hw: tuple[int, int]) -> list:
     """The image input's static shape: --input-shape (which must fit the model's fixed dims), else the
     model's, its dynamic spatial dims at the target's input size and a dynamic batch at 1. A batch other
@@ -119,6 +135,7 @@ def _load_onnx(path: Path, input_shape: list[int] | None, hw: tuple[int, int],
         onnx.checker.check_model(m)
     except Exception as e:
         raise BadInput(f"{path}: not a readable ONNX model ({str(e).splitlines()[0][:300]})") from None
+    _no_custom_ops(path, m)
     _drop_defaults(m, set(input_values or {}))
     inits = {i.name for i in m.graph.initializer}
     inputs = [i for i in m.graph.input if i.name not in inits]

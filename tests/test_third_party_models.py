@@ -281,14 +281,15 @@ def _tiny(path, in_shape, out_shape, nodes, inits=()) -> None:
 
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, in_shape)],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)], list(inits))
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("com.example", 1)])
     model.ir_version = 8
     onnx.save(model, str(path))
 
 
 def test_inputs_a_camera_frame_cannot_fill_are_one_line_and_a_scalar_output_exports(tmp_path):
     """Four channels, a fixed batch of 2, and --input-shape with a batch of 4: the device feeds one 1- or
-    3-channel frame a run, so each is refused at load with one line. A model whose output is a scalar
+    3-channel frame a run, so each is refused at load with one line, as is an operator of a custom domain
+    (no custom-op library is ever loaded), named at once. A model whose output is a scalar
     (one value a run) exports and runs."""
     from onnx import helper, numpy_helper
 
@@ -299,11 +300,14 @@ def test_inputs_a_camera_frame_cannot_fill_are_one_line_and_a_scalar_output_expo
           [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1], name="conv")], [w])
     _tiny(tmp_path / "batch2.onnx", [2, 3, 32, 32], [2, 3, 32, 32], [helper.make_node("Relu", ["x"], ["y"], name="r")])
     _tiny(tmp_path / "dyn.onnx", ["N", 3, 32, 32], ["N", 3, 32, 32], [helper.make_node("Relu", ["x"], ["y"], name="r")])
+    _tiny(tmp_path / "custom.onnx", [1, 3, 32, 32], [1, 3, 32, 32],
+          [helper.make_node("Mystery", ["x"], ["y"], domain="com.example", name="m")])
     _tiny(tmp_path / "scalar.onnx", [1, 3, 32, 32], [],
           [helper.make_node("ReduceMean", ["x"], ["y"], keepdims=0, name="mean")])
     calib = ("--calib", str(corpus.calib_dir()), "--target", "x86-cpu")
     for model, extra, words in [("rgba", (), "has 4 channels"), ("batch2", (), "fixed batch of 2"),
-                                ("dyn", ("--input-shape", "4,3,32,32"), "--input-shape asks for a batch of 4")]:
+                                ("dyn", ("--input-shape", "4,3,32,32"), "--input-shape asks for a batch of 4"),
+                                ("custom", (), "custom operators com.example:Mystery")]:
         r = run_cli("export", str(tmp_path / f"{model}.onnx"), *calib, *extra, "--out", str(tmp_path / model))
         assert r.returncode == 2 and "Traceback" not in r.stderr, (model, r.stderr[-2000:])
         (line,) = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]

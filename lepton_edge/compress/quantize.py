@@ -358,7 +358,7 @@ def quantize_int8(
     nodes = quantizable_nodes(model)
     exclude = [n for n in (exclude or []) if n in nodes]
     if recipe.keep_ends and nodes:
-        exclude += [n for n in (nodes[0], nodes[-1]) if n not in exclude]
+        exclude = list(dict.fromkeys([*exclude, nodes[0], nodes[-1]]))  # (one node can be both ends)
     feeds = _feeds(model, calib, fixed)
     dtypes, batch = _dtypes(model), _batch_size(model, feeds)
     if recipe.engine == "nncf":

@@ -63,3 +63,22 @@ def test_keep_ends_keeps_two_layers_in_float_in_an_unnamed_graph(tmp_path):
     assert middle.input[0] in produced_by_dq and middle.input[1] in produced_by_dq  # the middle conv is int8
     first = next(n for n in graph.node if n.name == convs[0])
     assert first.input[1] not in produced_by_dq  # and the first stays float
+
+
+def test_a_single_layer_kept_in_float_is_named_once(tmp_path):
+    """keep-ends on a model with one quantizable layer: it is both ends, listed once."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from lepton_edge.compress import quantize as q
+
+    w = numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1], name="only")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "one.onnx"))
+    x = np.random.default_rng(0).standard_normal((4, 3, 8, 8)).astype(np.float32)
+    res = q.quantize_int8(tmp_path / "one.onnx", tmp_path / "int8.onnx", x, q.Recipe.parse("s8-minmax-ends"))
+    assert res.float_nodes == ["only"]
