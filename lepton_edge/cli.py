@@ -178,6 +178,7 @@ def export(
         if all(r["status"] != "ok" for r in rows):
             raise CheckFailed("no variant passed its checks")
         return
+    _interrupt_on_sigterm()  # a `timeout` or a service stop: the export's work folder is removed as on Ctrl-C
     try:
         r = do_export(model, options=options)
     except LeptonError as e:
@@ -417,14 +418,21 @@ def _run_sinks(pipe, src, rt, *, every: float, jsonl: str | None, save: Path | N
     return outs
 
 
-def _drive(pipe, outs: list) -> bool:
-    """Every result to every sink until the source ends; Ctrl-C or SIGTERM ends it early (True)."""
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM raises KeyboardInterrupt here, as Ctrl-C does: the `with` blocks unwind (an export's
+    temporary work folder, up to several GB of candidates, used to stay behind) and main() prints
+    'interrupted' (exit 130)."""
     import signal
 
     def _stop(*_):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _stop)
+
+
+def _drive(pipe, outs: list) -> bool:
+    """Every result to every sink until the source ends; Ctrl-C or SIGTERM ends it early (True)."""
+    _interrupt_on_sigterm()
     try:
         for r in pipe:
             for o in outs:

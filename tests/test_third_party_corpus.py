@@ -91,6 +91,36 @@ def test_int8_export_with_defaults_then_run(name, tmp_path):
     assert json.loads(r.stdout)["frames"] == 10
 
 
+@pytest.mark.slow
+def test_a_stopped_export_leaves_no_work_folder(tmp_path):
+    """SIGTERM (a `timeout`, a service stop) mid-search ends the export as Ctrl-C does: exit 130, its
+    temporary work folder (the candidates) removed, no bundle."""
+    import glob
+    import os
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+
+    m = corpus.MODELS["ppocr-det"]
+    src = _fetch("ppocr-det")
+    pattern = os.path.join(tempfile.gettempdir(), "lepton-export-*")
+    before = set(glob.glob(pattern))
+    exe = os.path.join(os.path.dirname(sys.executable), "lepton-edge")
+    p = subprocess.Popen([exe, "export", str(src), "--target", "x86-cpu", "--calib", str(corpus.calib_dir()),
+                          "--out", str(tmp_path / "out"), *m.flags], stderr=subprocess.PIPE, text=True)
+    assert p.stderr is not None
+    for line in p.stderr:  # wait until the search is under way
+        if "int8 recipe" in line:
+            break
+    work = set(glob.glob(pattern)) - before
+    assert work, "the export's work folder should exist while it runs"
+    p.send_signal(signal.SIGTERM)
+    p.stderr.read()
+    assert p.wait(timeout=120) == 130
+    assert not any(os.path.exists(w) for w in work) and not (tmp_path / "out").exists()
+
+
 # ---- several inputs (issue 14, point 4) --------------------------------------------------------------
 
 def _tiny_two_input(path, *, second=("scale_factor", [1, 2]), image_dims=(1, 3, 8, 8)):

@@ -55,6 +55,9 @@ def check_input_size(spec: InputSpec) -> None:
     if not dims or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dims):
         raise BadInput(f"input {spec.name!r}: shape {dims} must be whole positive numbers")
     shape = [int(d) for d in dims]  # every one a whole number now
+    if len(shape) != 4:
+        raise BadInput(f"input {spec.name!r}: shape {shape} is not an image's 4 dimensions (NCHW or NHWC): "
+                       "this runtime feeds camera frames")
     if max(shape) > MAX_SIDE or int(np.prod(shape, dtype=np.int64)) > MAX_INPUT_VALUES:
         raise BadInput(f"input {spec.name!r}: shape {shape} is too large (at most {MAX_SIDE} per dimension and "
                        f"{MAX_INPUT_VALUES:,} values)")
