@@ -198,7 +198,6 @@ def _pixels_fit(ctx: ExportContext, precision: str, samples: int) -> None:
     o, spec = ctx.options, ctx.source.input_spec
     if len(spec.shape) != 4 or not all(isinstance(d, int) for d in spec.shape[1:]):
         return
-    per = math.prod(spec.hw()) * spec.channels
     n = 0
     if o.calib is not None and (precision == "int8" or precision == "fp16"):
         k = cal.count_inputs(str(o.calib), samples + o.holdout) or 0
@@ -206,7 +205,10 @@ def _pixels_fit(ctx: ExportContext, precision: str, samples: int) -> None:
     if o.eval is not None:
         n += cal.count_inputs(str(o.eval), o.eval_limit) or 0
     budget = o.max_memory_bytes or cal.default_memory_budget()
-    if not n or not budget or n * per <= budget // 2:
+    if not n or not budget:
+        return
+    per = math.prod(spec.hw()) * spec.channels  # (an input images cannot feed is refused here, before reading)
+    if n * per <= budget // 2:
         return
     fit = max(1, int(budget // 2 // per / 1.6))  # images read, with the views of the fifth held out
     fewer = f"--calib-samples {fit - o.holdout}" if fit - o.holdout >= 8 else \

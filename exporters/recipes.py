@@ -146,9 +146,10 @@ def search(ctx, exporter, prepared: Path, validate, recipes: list[str], *, patie
                     break
                 t1 = time.perf_counter()
                 try:
-                    with deadline.armed(), ctx.progress.stage(f"int8 recipe {label}"):
-                        res = exporter.quantize_int8(ctx, prepared, workdir / f"int8-{i}-{j}{exporter.suffix}",
-                                                     recipe, exclude, deadline.check)
+                    with ctx.progress.stage(f"int8 recipe {label}"):
+                        with deadline.armed():  # the quantizer's own work only: it alone runs unchecked long
+                            res = exporter.quantize_int8(ctx, prepared, workdir / f"int8-{i}-{j}{exporter.suffix}",
+                                                         recipe, exclude, deadline.check)
                         done.setdefault(name, res)
                         result, pred, ram = validate(res.path)
                         watch.check()
@@ -237,23 +238,30 @@ class _Deadline:
         another thread keeps the between-batch check alone)."""
         left = self.t0 + self.seconds - time.perf_counter()
         if self.best is None or not hasattr(signal, "setitimer") \
-                or threading.current_thread() is not threading.main_thread():
+                or threading.current_thread() is not threading.main_thread() \
+                or signal.getsignal(signal.SIGALRM) not in (signal.SIG_DFL, signal.SIG_IGN, None) \
+                or signal.getitimer(signal.ITIMER_REAL)[0] > 0:  # someone else's timer: leave it be
             yield
             return
         if left <= 0:
             self.check()
+        active = [True]
 
         def stop(signum, frame):
-            raise SearchTimeSpent(f"--search-time {self.seconds:g} s spent while it quantized "
-                                  f"({self.best} passed already)")
+            if active[0]:  # (not once the block is over: the timer may fire on its way out)
+                raise SearchTimeSpent(f"--search-time {self.seconds:g} s spent while it quantized "
+                                      f"({self.best} passed already)")
 
         previous = signal.signal(signal.SIGALRM, stop)
-        signal.setitimer(signal.ITIMER_REAL, max(left, 0.01))
         try:
+            signal.setitimer(signal.ITIMER_REAL, max(left, 0.01))
             yield
         finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, previous)
+            active[0] = False
+            try:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            finally:
+                signal.signal(signal.SIGALRM, previous)
 
 
 def _better(best: SearchResult | None, cand: SearchResult) -> tuple[SearchResult, bool]:

@@ -146,7 +146,11 @@ def perturb(x: np.ndarray, spec, sd: float = 0.01, seed: int = 0, rng: np.random
     std = np.asarray(getattr(spec, "std", None) or [1.0], dtype=np.float64)
     unit = 255.0 * float(getattr(spec, "scale", 1 / 255.0))  # the 0..1 pixel range in the model's units
     rng = rng if rng is not None else np.random.default_rng(seed)
-    return (x + rng.normal(0.0, sd * unit / float(std.mean()), size=x.shape)).astype(x.dtype)
+    noisy = x + rng.normal(0.0, sd * unit / float(std.mean()), size=x.shape)
+    if np.issubdtype(x.dtype, np.integer):  # raw pixels (a uint8 input): rounded and clipped, never wrapped
+        info = np.iinfo(x.dtype)
+        return np.clip(np.rint(noisy), info.min, info.max).astype(x.dtype)
+    return noisy.astype(x.dtype)
 
 
 def judge(task: str, ref: Reference, out: Outputs, art_specs: list[dict], th: Thresholds, *,

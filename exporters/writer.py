@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lepton_edge.bundle import Manifest, OutputSpec, staging, write_manifest
-from lepton_edge.errors import CheckFailed
+from lepton_edge.errors import BadInput, CheckFailed
 from lepton_edge.exporters.options import parse_size
 from lepton_edge.manifest_sections import BudgetsSection
 from lepton_edge.ui import human
@@ -100,7 +100,10 @@ def size_advice(ctx, size: int, budget: int, precision: str) -> str:
         tips.append("--precision int8 (about 4x smaller than fp32)")
     more = min(0.9, (prune or 0) + 0.3)
     tips.append(f"--prune {more:.1f}" if src.kind == "torch" else "prune the model before export")
-    h, w = src.input_spec.hw()
+    try:
+        h, w = src.input_spec.hw()
+    except BadInput:  # not an image input: no smaller picture size to suggest
+        h = w = 0
     if h > 64:
         tips.append(f"a smaller input (--input-shape 1,{src.input_spec.channels},{h * 3 // 4},{w * 3 // 4})")
     limit = f"--max-size {max_size}" if max_size and parse_size(max_size) == budget else f"{prof.id} max_model_bytes"

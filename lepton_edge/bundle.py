@@ -110,6 +110,11 @@ class InputSpec(BaseModel):
         if len(self.shape) != 4:  # a frame cannot become this input (audio [1,16000], features [1,128])
             raise BadInput(f"input '{self.name}' has shape {self.shape}, not an image's 4 dimensions (NCHW or NHWC): "
                            "images cannot feed it; give --calib a .npy/.npz of model-shaped inputs")
+        c = self.shape[1] if self.layout == "NCHW" else self.shape[3]
+        if isinstance(c, int) and c != self.channels:  # RGBA [1,4,H,W], feature maps [1,64,32,32]
+            raise BadInput(f"input '{self.name}' {self.shape} ({self.layout}) has {c} channels, and a camera frame "
+                           f"gives 1 (GRAY) or 3 (RGB/BGR): images cannot feed it; give --calib a .npy/.npz of "
+                           "model-shaped inputs")
         dims = self.shape[2:4] if self.layout == "NCHW" else self.shape[1:3]
         if not all(isinstance(d, int) for d in dims):
             raise BadInput(f"input '{self.name}' has dynamic spatial size {dims}: pass --input-shape")

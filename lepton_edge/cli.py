@@ -168,6 +168,7 @@ def export(
         search_time=search_time, max_memory=max_memory, max_size=max_size, task=task.lower() if task else None,
         min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop, min_confident_kept=min_confident_kept,
         min_top5=min_top5, min_sqnr=min_sqnr, min_cosine=min_cosine, min_f1=min_f1, min_mask_iou=min_mask_iou)
+    _interrupt_on_sigterm()  # a `timeout` or a service stop: the export's work folder is removed as on Ctrl-C
     if compare:
         from lepton_edge.compare import compare as do_compare, table
 
@@ -178,7 +179,6 @@ def export(
         if all(r["status"] != "ok" for r in rows):
             raise CheckFailed("no variant passed its checks")
         return
-    _interrupt_on_sigterm()  # a `timeout` or a service stop: the export's work folder is removed as on Ctrl-C
     try:
         r = do_export(model, options=options)
     except LeptonError as e:
@@ -260,8 +260,8 @@ def _print_report(rep: dict) -> None:
     if "quantization" in c:
         qz = c["quantization"]
         tried = sum(not a.get("skipped") for a in qz["attempts"])
-        t.add_row("int8 recipe", f"{qz['recipe']} ({tried} of {len(qz['attempts'])} candidates tried; float layers: "
-                                 f"{', '.join(qz['float_nodes']) or 'none'})")
+        t.add_row("int8 recipe", f"{qz['recipe']} ({tried} of {len(qz['attempts'])} candidates validated; "
+                                 f"float layers: {', '.join(qz['float_nodes']) or 'none'})")
     if c.get("fp16", {}).get("float_nodes"):
         f16 = c["fp16"]
         t.add_row("fp32 nodes", f"{f16['float_node_count']} kept in fp32 (out of fp16's range): "

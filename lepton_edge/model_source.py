@@ -47,9 +47,6 @@ def default_spec(shape: list, name: str = "input", layout: str | None = None, co
                  mean: list[float] | None = None, std: list[float] | None = None) -> InputSpec:
     layout = layout or (guess_layout(shape) or "NCHW")
     c = shape[1] if layout == "NCHW" else shape[-1]
-    if len(shape) == 4 and c not in (1, 3):
-        raise BadInput(f"input {name} {list(shape)} ({layout}) has {c} channels, and a camera frame gives 1 (GRAY) "
-                       "or 3 (RGB/BGR): export the model with 1 or 3 input channels")
     color = color or ("GRAY" if c == 1 else "RGB")
     n = 1 if color == "GRAY" else 3
     return InputSpec(name=name, shape=list(shape), layout=layout, color=color,
@@ -57,8 +54,8 @@ def default_spec(shape: list, name: str = "input", layout: str | None = None, co
 
 
 def _typed(spec: InputSpec, elem_type: int) -> InputSpec:
-    """`spec` fed in the input's own element type: float16/float64 as such, and a uint8 input (an image
-    model that normalises inside its graph) the raw 0..255 pixels, as `run` feeds it (runtime/spec.py)."""
+    """`spec` fed in the input's own element type: float16/float64 as such, and a uint8 or int8 input (an
+    image model that normalises inside its graph) the raw pixels, as `run` feeds it (runtime/spec.py)."""
     import numpy as np
     import onnx
 
@@ -68,7 +65,7 @@ def _typed(spec: InputSpec, elem_type: int) -> InputSpec:
         return spec
     if dtype == "float32" or dtype not in DTYPES:
         return spec
-    return spec.model_copy(update={"dtype": dtype, **({"scale": 1.0} if dtype == "uint8" else {})})
+    return spec.model_copy(update={"dtype": dtype, **({"scale": 1.0} if dtype in ("uint8", "int8") else {})})
 
 
 def _need_file(path: Path, what: str) -> None:
@@ -85,7 +82,8 @@ def _need_file(path: Path, what: str) -> None:
 
 # operator domains onnxruntime's CPU build has kernels for; anything else needs a custom-op library, and
 # a model never names native code for us to load
-ORT_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "com.microsoft.nchwc"})
+ORT_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "com.microsoft.nchwc",
+                         "com.microsoft.experimental"})
 
 
 def _no_custom_ops(path: Path, model) -> None:
@@ -101,8 +99,8 @@ def _no_custom_ops(path: Path, model) -> None:
 
 def _image_shape(path: Path, name: str, dims: list, input_shape: list[int] | None, hw: tuple[int, int]) -> list:
     """The image input's static shape: --input-shape (which must fit the model's fixed dims), else the
-    model's, its dynamic spatial dims at the target's input size and a dynamic batch at 1. A batch other
-    than 1 is refused: the device feeds one frame a run."""
+    model's, its dynamic spatial dims at the target's input size and a dynamic batch at 1. A fixed batch
+    other than 1 is refused: the device feeds one frame a run."""
     if input_shape:
         if len(input_shape) != len(dims) or any(isinstance(d, int) and d != s for d, s in zip(dims, input_shape)):
             raise BadInput(f"--input-shape {input_shape} does not fit the model's input {name} {dims}")
@@ -118,10 +116,9 @@ def _image_shape(path: Path, name: str, dims: list, input_shape: list[int] | Non
             shape[0] = 1
         if any(not isinstance(d, int) for d in shape):
             raise BadInput(f"{path}: input {name} has dynamic dimensions {dims}: pass --input-shape")
-    if len(shape) == 4 and shape[0] != 1:
-        how = "--input-shape asks for a" if input_shape else "the model takes a fixed"
-        raise BadInput(f"{path}: input {name} {dims}: {how} batch of {shape[0]}, and the device feeds one camera "
-                       "frame a run: use batch 1" + (" or a dynamic batch" if not input_shape else ""))
+    if len(shape) == 4 and shape[0] != 1:  # (--input-shape's batch is checked by `load`, for every source)
+        raise BadInput(f"{path}: input {name} {dims}: the model takes a fixed batch of {shape[0]}, and the device "
+                       "feeds one camera frame a run: use batch 1 or a dynamic batch")
     return shape
 
 
@@ -386,6 +383,9 @@ def load(model: Any, *, profile_hw: tuple[int, int], input_shape: list[int] | No
         want = [s for c in loaders for s in c.suffixes] + [f"{p}<name>" for c in loaders for p in c.prefixes]
         raise BadInput(f"{path}: unsupported model type '{path.suffix.lower() or path.name}' "
                        f"(want {', '.join(want[:-1])} or {want[-1]})")
+    if input_shape and len(input_shape) == 4 and input_shape[0] != 1:  # any source: the device feeds one frame
+        raise BadInput(f"--input-shape {input_shape} asks for a batch of {input_shape[0]}, and the device feeds one "
+                       "camera frame a run: use batch 1")
     if input_values:  # passed only when given: a plug-in loader of single-input models need not know it
         if loader.__module__ == __name__ and loader is not OnnxLoader:  # the built-in PyTorch loaders: one input
             raise BadInput("--input-value sets the constant inputs of an ONNX model with several inputs; "

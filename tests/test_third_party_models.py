@@ -226,6 +226,21 @@ def test_an_input_that_is_not_an_image_takes_arrays_not_photos(tmp_path):
                     "--calib", str(tmp_path / f"{name}.npy"), "--out", str(tmp_path / name))
         assert r.returncode == 0, (name, r.stderr[-2000:])
         assert list((tmp_path / name).rglob("manifest.json")), name
+    # 4-D, but 64 channels (a feature map): the same, photos refused, arrays taken
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 64, 1, 1)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], name="mix")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "fmap.onnx"))
+    r = run_cli("export", str(tmp_path / "fmap.onnx"), "--target", "x86-cpu", "--calib", str(corpus.calib_dir()),
+                "--out", str(tmp_path / "f1"))
+    assert r.returncode == 2 and "has 64 channels" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    np.save(tmp_path / "fmap.npy", np.random.default_rng(2).standard_normal((48, 64, 8, 8)).astype(np.float32))
+    r = run_cli("export", str(tmp_path / "fmap.onnx"), "--target", "x86-cpu", "--calib", str(tmp_path / "fmap.npy"),
+                "--out", str(tmp_path / "f2"))
+    assert r.returncode == 0, r.stderr[-2000:]
 
 
 def _with_external_weights(path, location: str | None = None) -> None:
@@ -306,7 +321,7 @@ def test_inputs_a_camera_frame_cannot_fill_are_one_line_and_a_scalar_output_expo
           [helper.make_node("ReduceMean", ["x"], ["y"], keepdims=0, name="mean")])
     calib = ("--calib", str(corpus.calib_dir()), "--target", "x86-cpu")
     for model, extra, words in [("rgba", (), "has 4 channels"), ("batch2", (), "fixed batch of 2"),
-                                ("dyn", ("--input-shape", "4,3,32,32"), "--input-shape asks for a batch of 4"),
+                                ("dyn", ("--input-shape", "4,3,32,32"), "asks for a batch of 4"),
                                 ("custom", (), "custom operators com.example:Mystery")]:
         r = run_cli("export", str(tmp_path / f"{model}.onnx"), *calib, *extra, "--out", str(tmp_path / model))
         assert r.returncode == 2 and "Traceback" not in r.stderr, (model, r.stderr[-2000:])

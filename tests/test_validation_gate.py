@@ -178,6 +178,12 @@ def test_batched_outputs_and_perturbation_scale():
     rng = np.random.default_rng(0)
     parts = [perturb(z[i:i + 7000], SPEC, rng=rng) for i in range(0, len(z), 7000)]
     assert np.array_equal(np.concatenate(parts), perturb(z, SPEC, seed=0))
+    # raw uint8 pixels (a uint8-input model, scale 1): black and white stay in range, noise is rounded
+    raw = SPEC.model_copy(update={"dtype": "uint8", "scale": 1.0, "mean": [0.0] * 3, "std": [1.0] * 3})
+    px = np.array([[0] * 500, [255] * 500, [128] * 500], np.uint8)
+    out = perturb(px, raw)
+    assert out.dtype == np.uint8 and out[0].max() < 20 and out[1].min() > 235, (out[0].max(), out[1].min())
+    assert abs(float(out[2].astype(float).mean()) - 128) < 0.5  # rounded, not truncated (-0.5 bias)
 
 
 def test_latency_and_memory_figures():

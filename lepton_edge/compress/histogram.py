@@ -61,7 +61,7 @@ def bin_counts(arr: np.ndarray, bins: int, lo: float, hi: float) -> np.ndarray:
     the counts differ from numpy's by a value at a bin edge now and then (1 in 65,538 there)."""
     scale = np.float32(bins / (hi - lo)) if hi > lo else np.float32(0.0)
     f = (arr.astype(np.float32, copy=False) - np.float32(lo)) * scale
-    idx = f[f >= 0].astype(np.intp)
+    idx = f[(f >= 0) & np.isfinite(f)].astype(np.intp)  # (an inf activation would cast to a negative index)
     np.minimum(idx, bins - 1, out=idx)
     return np.bincount(idx, minlength=bins)
 

@@ -49,3 +49,18 @@ def test_no_timer_before_a_candidate_passed_or_off_the_main_thread():
     assert not errors
     with pytest.raises(recipes.SearchTimeSpent), d.armed():  # past the deadline already: stopped on entry
         _busy(0.3)
+
+
+def test_someone_elses_timer_is_left_alone():
+    """An application's own SIGALRM handler or running timer (a watchdog, pytest-timeout) is not replaced."""
+    fired = []
+    previous = signal.signal(signal.SIGALRM, lambda *_: fired.append(1))
+    try:
+        d = recipes._Deadline(time.perf_counter(), 0.05)
+        d.best = "u8-minmax"
+        time.sleep(0.06)
+        with d.armed():  # past the deadline, but no timer of ours: the between-batch check decides
+            _busy(0.1)
+        assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0) and not fired
+    finally:
+        signal.signal(signal.SIGALRM, previous)
