@@ -200,8 +200,9 @@ def _pixels_fit(ctx: ExportContext, precision: str, samples: int) -> None:
         return
     n = 0
     if o.calib is not None and (precision == "int8" or precision == "fp16"):
-        k = cal.count_inputs(str(o.calib), samples + o.holdout) or 0
-        n += k if k >= samples + 16 else k + 3 * (max(1, min(16, k // 5)) if k >= 10 else 1)  # views: datasets
+        k = cal.count_inputs(str(o.calib), samples + o.holdout) or 0  # (0: an array, not read as pixels)
+        if k:
+            n += k if k >= samples + 16 else k + 3 * (max(1, min(16, k // 5)) if k >= 10 else 1)  # views: datasets
     if o.eval is not None:
         n += cal.count_inputs(str(o.eval), o.eval_limit) or 0
     budget = o.max_memory_bytes or cal.default_memory_budget()

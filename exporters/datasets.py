@@ -63,9 +63,10 @@ def views(x, spec):
     model's layout and normalisation (or PixelInputs); images (4-D float) only, else no inputs."""
     if isinstance(x, cal.PixelInputs):
         return _pixel_views(x) if len(x) else x
-    if x.ndim != 4 or not np.issubdtype(x.dtype, np.floating) or not len(x):
-        return x[:0]
     w_axis, h_axis, c_axis = (3, 2, 1) if spec.layout == "NCHW" else (2, 1, 3)
+    if x.ndim != 4 or not np.issubdtype(x.dtype, np.floating) or not len(x) \
+            or x.shape[c_axis] != len(spec.mean):  # (a 64-channel feature map is no picture to brighten)
+        return x[:0]
     mirrored = np.flip(x, axis=w_axis)
     zoomed = np.take(np.take(x, _zoom_index(x.shape[h_axis]), axis=h_axis), _zoom_index(x.shape[w_axis]),
                      axis=w_axis)
