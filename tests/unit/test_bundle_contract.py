@@ -94,6 +94,9 @@ def test_labels_are_read_line_by_line(tmp_path):
     (b / "labels.txt").write_text("cat\ndog\n")
     write_manifest(b, _manifest(labels_file="labels.txt"))
     assert Bundle.load(b).labels == ["cat", "dog"]
+    # what a log line or a REPL shows of it: where it is, what it holds, for which target
+    shown = repr(Bundle.load(b))
+    assert shown.startswith(f"Bundle({str(b)!r}, ") and shown.endswith(")") and "target=" in shown, shown
 
 
 def test_a_file_of_another_size_is_refused_in_one_line_before_hashing(tmp_path):
