@@ -193,6 +193,7 @@ def _pixels_fit(ctx: ExportContext, precision: str, samples: int) -> None:
     half the memory budget, the rest being the model's runs. Why: a 1x3x4096x4096 model with a folder of
     72 photos read ~7 GB of pixels, then the kernel's OOM killer took the export at 24 GB."""
     from lepton_edge.compress import calibration as cal
+    from lepton_edge.exporters import datasets
     from lepton_edge.ui import human
 
     o, spec = ctx.options, ctx.source.input_spec
@@ -202,7 +203,7 @@ def _pixels_fit(ctx: ExportContext, precision: str, samples: int) -> None:
     if o.calib is not None and (precision == "int8" or precision == "fp16"):
         k = cal.count_inputs(str(o.calib), samples + o.holdout) or 0  # (0: an array, not read as pixels)
         if k:
-            n += k if k >= samples + 16 else k + 3 * (max(1, min(16, k // 5)) if k >= 10 else 1)  # views: datasets
+            n += datasets.inputs_held(k, samples)
     if o.eval is not None:
         n += cal.count_inputs(str(o.eval), o.eval_limit) or 0
     budget = o.max_memory_bytes or cal.default_memory_budget()

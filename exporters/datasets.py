@@ -79,6 +79,18 @@ def views(x, spec):
     return np.concatenate([mirrored, zoomed, brighter.astype(x.dtype)])
 
 
+def held_few(n: int) -> int:
+    """Inputs held out of `n` too few to calibrate and validate on separate sets (`_split_few`): a fifth,
+    at most 16, at least one."""
+    return max(1, min(16, n // 5)) if n >= 10 else 1
+
+
+def inputs_held(loaded: int, samples: int) -> int:
+    """How many inputs `calibration` holds for the export once `loaded` were read: them all, plus the
+    other views of the few held out when there are too few to split (`_split_few`)."""
+    return loaded if loaded >= samples + 16 else loaded + len(VIEWS) * held_few(loaded)
+
+
 def _split_few(x, spec, samples: int) -> tuple[Any, Any, dict[str, Any]]:
     """Too few inputs for `samples` plus a held-out set: hold out a fifth (at most 16, at least
     one) and validate on them and on other views of them; one input only: its views."""
@@ -86,7 +98,7 @@ def _split_few(x, spec, samples: int) -> tuple[Any, Any, dict[str, Any]]:
     if n < 2:
         return x, views(x, spec), {"validation_inputs": f"views of the only input ({', '.join(VIEWS)})",
                                    "calibration_inputs": "input 0"}
-    hold = max(1, min(16, n // 5)) if n >= 10 else 1
+    hold = held_few(n)
     cal_x, held = cal.subset(x, None, n - hold), cal.subset(x, n - hold)
     check = cal.PixelInputs.concat([held, views(held, spec)]) if isinstance(held, cal.PixelInputs) \
         else np.concatenate([held, views(held, spec)])
