@@ -354,9 +354,16 @@ def _float_layer_sets(ctx, exporter, prepared: Path, recipe: q.Recipe, done: dic
     return [names[:k] for k in (1, 2, 4, 8, 16) if k <= max(1, len(names) // 2)]
 
 
+# A verdict's fields that are not metrics (exporters/validation.Verdict.as_dict): an attempt records
+# passed/why/score itself and the thresholds are the same for every candidate.
+VERDICT_ONLY = ("metrics", "thresholds", "score", "passed", "why", "task")
+
+
 def _tried(ok: bool, why: str | None, score: tuple, metrics: dict, size: int, lat: float | None,
            float_nodes: list[str], seconds: float, peak_rss: int) -> dict[str, Any]:
-    """The attempt record of a candidate that was validated."""
+    """The attempt record of a candidate that was validated: its metrics (and each output's) once, not
+    the whole verdict (the thresholds are the validation section's; passed, why and score are here)."""
+    metrics = {k: v for k, v in metrics.items() if k not in VERDICT_ONLY}
     entry: dict[str, Any] = {"passed": ok, "skipped": False, "why": why or "passed", "metrics": metrics,
                              "score": list(score), "bytes": size, "p50_ms": lat, "float_nodes": float_nodes,
                              "seconds": round(seconds, 2), "peak_rss_bytes": peak_rss}

@@ -7,6 +7,7 @@ Every way a file can be wrong ends in BadInput with one line, never a traceback.
 from __future__ import annotations
 
 import abc
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -90,11 +91,29 @@ def _no_custom_ops(path: Path, model) -> None:
     """Refuse, at load, a model with operators of another domain (a custom op), naming them: later the
     same model failed only when onnxruntime loaded the export's working copy, named as that copy."""
     functions = {(f.domain, f.name) for f in model.functions}  # a model-local function is defined in the file
-    custom = sorted({f"{n.domain}:{n.op_type}" for n in model.graph.node
+    custom = sorted({f"{n.domain}:{n.op_type}" for n in _nodes([model.graph, *model.functions])
                      if n.domain not in ORT_DOMAINS and (n.domain, n.op_type) not in functions})
     if custom:
         raise BadInput(f"{path}: custom operators {', '.join(custom[:5])} have no kernels in onnxruntime, and "
                        "lepton-edge loads no custom-op library: export the model with standard ONNX operators")
+
+
+def _nodes(graphs: list) -> Iterator:
+    """Every node of `graphs` (graphs or model-local functions) and of the subgraphs inside them (If
+    branches, Loop and Scan bodies): a custom operator inside a branch fails to load as surely as one
+    at the top."""
+    import onnx
+
+    stack = list(graphs)
+    while stack:
+        g = stack.pop()
+        for n in g.node:  # (a GraphProto or a FunctionProto)
+            yield n
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    stack.append(a.g)
+                elif a.type == onnx.AttributeProto.GRAPHS:
+                    stack.extend(a.graphs)
 
 
 def _image_shape(path: Path, name: str, dims: list, input_shape: list[int] | None, hw: tuple[int, int]) -> list:

@@ -254,6 +254,8 @@ def test_search_keeps_the_best_candidate_not_the_first(tmp_path):
     best = max(tried, key=lambda a: (a["score"], -a["bytes"]))
     assert r.recipe == best["recipe"] and best["chosen"]
     assert all("sqnr_db" in a["metrics"] for a in tried)
+    # each attempt's metrics once: not the whole verdict again inside it (thresholds, nested metrics)
+    assert not any({"metrics", "thresholds", "score"} & set(a["metrics"]) for a in tried)
     assert r.peak_rss_bytes > 0 and r.method
 
 

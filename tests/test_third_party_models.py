@@ -304,8 +304,9 @@ def _tiny(path, in_shape, out_shape, nodes, inits=()) -> None:
 def test_inputs_a_camera_frame_cannot_fill_are_one_line_and_a_scalar_output_exports(tmp_path):
     """Four channels, a fixed batch of 2, and --input-shape with a batch of 4: the device feeds one 1- or
     3-channel frame a run, so each is refused at load with one line, as is an operator of a custom domain
-    (no custom-op library is ever loaded), named at once. A model whose output is a scalar
-    (one value a run) exports and runs."""
+    (no custom-op library is ever loaded), named at once, at the top or inside an If branch. A model
+    whose output is a scalar (one value a run) exports and runs."""
+    import onnx
     from onnx import helper, numpy_helper
 
     from third_party import corpus
@@ -317,12 +318,19 @@ def test_inputs_a_camera_frame_cannot_fill_are_one_line_and_a_scalar_output_expo
     _tiny(tmp_path / "dyn.onnx", ["N", 3, 32, 32], ["N", 3, 32, 32], [helper.make_node("Relu", ["x"], ["y"], name="r")])
     _tiny(tmp_path / "custom.onnx", [1, 3, 32, 32], [1, 3, 32, 32],
           [helper.make_node("Mystery", ["x"], ["y"], domain="com.example", name="m")])
+    out = [helper.make_tensor_value_info("b", onnx.TensorProto.FLOAT, [1, 3, 32, 32])]
+    branch = {"then_branch": helper.make_graph([helper.make_node("Mystery", ["x"], ["b"], domain="com.example")],
+                                               "then", [], out),
+              "else_branch": helper.make_graph([helper.make_node("Relu", ["x"], ["b"])], "else", [], out)}
+    _tiny(tmp_path / "branch.onnx", [1, 3, 32, 32], [1, 3, 32, 32],
+          [helper.make_node("If", ["c"], ["y"], name="if", **branch)], [numpy_helper.from_array(np.array(True), "c")])
     _tiny(tmp_path / "scalar.onnx", [1, 3, 32, 32], [],
           [helper.make_node("ReduceMean", ["x"], ["y"], keepdims=0, name="mean")])
     calib = ("--calib", str(corpus.calib_dir()), "--target", "x86-cpu")
     for model, extra, words in [("rgba", (), "has 4 channels"), ("batch2", (), "fixed batch of 2"),
                                 ("dyn", ("--input-shape", "4,3,32,32"), "asks for a batch of 4"),
-                                ("custom", (), "custom operators com.example:Mystery")]:
+                                ("custom", (), "custom operators com.example:Mystery"),
+                                ("branch", (), "custom operators com.example:Mystery")]:
         r = run_cli("export", str(tmp_path / f"{model}.onnx"), *calib, *extra, "--out", str(tmp_path / model))
         assert r.returncode == 2 and "Traceback" not in r.stderr, (model, r.stderr[-2000:])
         (line,) = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]

@@ -121,7 +121,9 @@ def _read_images(files: list[Path], spec: InputSpec) -> PixelInputs:
         n += 1
     if not n:
         raise BadInput(f"none of the {len(files)} image files could be decoded")
-    return PixelInputs(out[:n] if n < len(files) else out, spec)
+    if n < len(files):  # (a slice would keep every skipped file's room: shrunk where it lies instead)
+        out.resize((n, h, w, spec.channels), refcheck=False)
+    return PixelInputs(out, spec)
 
 
 def count_inputs(src: str, limit: int | None = None) -> int | None:

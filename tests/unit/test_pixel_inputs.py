@@ -77,3 +77,17 @@ def test_an_image_folder_is_held_as_pixels_through_the_export_data(tmp_path):
     first = reader.get_next()["x"]
     assert isinstance(first, np.ndarray) and first.dtype == np.float32
     np.testing.assert_array_equal(first, np.asarray(d.calib_x)[:4])
+
+
+def test_a_folder_with_unreadable_files_keeps_room_for_the_decoded_ones_only(tmp_path):
+    """Files that do not decode are skipped, and the array written for every file is shrunk to the ones
+    read: a slice of it would keep the skipped files' room for the whole export."""
+    spec, imgs = _spec(), _images(4)
+    for i, im in enumerate(imgs):
+        cv2.imwrite(str(tmp_path / f"{i}.png"), im)
+    for i in range(6):
+        (tmp_path / f"bad{i}.jpg").write_bytes(b"not a jpeg")
+    x = cal.load_inputs(str(tmp_path), spec).x
+    assert isinstance(x, cal.PixelInputs) and len(x) == 4
+    assert x.pixels.base is None and x.pixels.nbytes == 4 * 20 * 16 * 3
+    np.testing.assert_array_equal(np.asarray(x), preprocess_batch(imgs, spec))
