@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
+import numpy as np
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -117,7 +118,8 @@ class ExportOptions(BaseModel):
 
     target: str = "x86-cpu"  # profile id or a .toml path
     out: Path = Path("out")  # parent directory of the bundle
-    name: str | None = None
+    # the bundle folder's name stem: no '/', no leading '.' (it must stay inside --out)
+    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
     format: str | None = None  # a registered exporter (onnx, tflite, or one added through an entry point)
     precision: Literal["fp32", "fp16", "int8"] | None = None
     layout: Literal["NCHW", "NHWC"] | None = None
@@ -147,6 +149,8 @@ class ExportOptions(BaseModel):
     # compression
     prune: Annotated[float, Field(ge=0.0, le=0.99, allow_inf_nan=False, strict=True)] | None = None
     finetune_epochs: Annotated[int, Field(ge=0, strict=True)] = 0
+    # percentage points of labelled accuracy that pruning (and fine-tuning) may cost, against the unpruned model
+    max_prune_drop: Annotated[float, Field(ge=0.0, le=100.0, allow_inf_nan=False, strict=True)] = 2.0
     recipes: list[Annotated[str, Field(strict=True)]] | None = None
     search_time: Annotated[float, Field(gt=0.0, le=86400.0, allow_inf_nan=False, strict=True)] = 180.0
     max_memory: str | Annotated[int, Field(strict=True)] | None = None
@@ -195,8 +199,15 @@ class ExportOptions(BaseModel):
     @field_validator("std")
     @classmethod
     def _std(cls, v):
-        if v is not None and any(x == 0 for x in v):
+        if v is not None and any(np.float32(x) == 0 for x in v):  # (1e-46 is 0 as the float32 it is used as)
             raise ValueError("must not contain 0")
+        return v
+
+    @field_validator("mean", "std")
+    @classmethod
+    def _float32(cls, v):
+        if v is not None and any(abs(x) > float(np.finfo(np.float32).max) for x in v):
+            raise ValueError("values must fit a float32 (the input's type), under 3.4e38")
         return v
 
     @model_validator(mode="after")

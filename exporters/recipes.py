@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich.markup import escape
 
 from lepton_edge.compress import calibration as cal, quantize as q
 from lepton_edge.errors import CheckFailed
@@ -187,7 +188,7 @@ def search(ctx, exporter, prepared: Path, validate, recipes: list[str], *, patie
         out.peak_rss_bytes = max(out.peak_rss_bytes, watch.peak)
     out.seconds = time.perf_counter() - t0
     for why, names in not_started.items():
-        ctx.progress.info(f"[dim]- int8 recipe{'s' * (len(names) > 1)} {', '.join(names)}: {why}[/]")
+        ctx.progress.info(f"[dim]- int8 recipe{'s' * (len(names) > 1)} {', '.join(names)}: {escape(why)}[/]")
     return _finished(out, best, exporter, ctx.threads)
 
 
@@ -380,7 +381,7 @@ def _skip(progress, record, label: str, e: Exception, watch) -> None:
     if not isinstance(e, (cal.MemoryExceeded, q.BrokenGraph, SearchTimeSpent)):
         why = f"the quantizer failed: {why}"
     record(label, passed=False, skipped=True, why=why, peak_rss_bytes=watch.peak)
-    progress.info(f"  [yellow]skipped[/]: {why}")
+    progress.info(f"  [yellow]skipped[/]: {escape(why)}")
 
 
 def _quick_latency(fn, x1: np.ndarray) -> dict:
@@ -432,8 +433,8 @@ def _say(progress, ok: bool, why: str | None, metrics: dict, over: str | None = 
     shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
                       if k in ("top1_agreement", "confident_top1_kept", "top1_in_top5", "sqnr_db", "cosine",
                                "mask_iou", "f1_vs_fp32", "accuracy_drop_pp") and isinstance(v, (int, float)))
-    progress.info(f"  {'[green]pass[/]' if ok else '[red]fail[/]'}: {shown}" + (f" ({why})" if why else "")
-                  + (f" [yellow]({over})[/]" if over else ""))
+    progress.info(f"  {'[green]pass[/]' if ok else '[red]fail[/]'}: {shown}" + (f" ({escape(why)})" if why else "")
+                  + (f" [yellow]({escape(over)})[/]" if over else ""))
 
 
 def _failure(attempts: list[dict]) -> str:

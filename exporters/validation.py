@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from lepton_edge.errors import BadInput
+
 CEILING_SAMPLES = 2000  # inputs the fp32 ceiling is measured on (the first of the validation inputs)
 BATCH_BYTES = 4 << 20  # validation inputs per engine call, in bytes (see Validator)
 COUNTS = ("samples", "eval_samples", "confident_samples", "boxes_reference", "boxes_artifact", "mask_samples")
@@ -137,6 +139,18 @@ class Reference:
     eval_y: np.ndarray | None = None
 
 
+def _finite_reference(outs: Outputs, specs: list[dict]) -> None:
+    """One line when the fp32 model gives NaN: nothing can be judged against it (NaN compares as equal to
+    nothing, and argmax of NaN is 0 for every model: an export passed with agreement 1.0)."""
+    for i, o in enumerate(outs):
+        o = np.asarray(o)
+        if o.dtype.kind == "f" and np.isnan(o).any():
+            bad = int(np.isnan(o.reshape(len(o), -1)).any(1).sum()) if o.ndim else 1
+            name = specs[i]["name"] if i < len(specs) else str(i)
+            raise BadInput(f"the fp32 model's output {name!r} is NaN on {bad} of {len(o) if o.ndim else 1} validation "
+                           "inputs: check its weights, --mean/--std and the calibration data")
+
+
 def perturb(x: np.ndarray, spec, sd: float = 0.01, seed: int = 0, rng: np.random.Generator | None = None
             ) -> np.ndarray:
     """Gaussian noise of sd `sd` in 0..1 pixel units (sd/std in the normalised input): a change
@@ -222,9 +236,17 @@ class Validator:
         specs = exporter.describe(reference_path).get("outputs", [])
         with ui.stage(f"reference outputs on {len(data.check_x)} inputs"):
             outs = batched(reference, data.check_x, batch, "reference")
+            _finite_reference(outs, specs)
             self.ref = Reference(outs, specs)
             self.task = task or infer_task(self.ref, input_spec, labels)
             self.task_inferred = task is None
+            if task == "detect":
+                from lepton_edge.exporters import task_metrics as tm
+
+                if tm.detect_head(outs, input_spec, labels) is None:  # the device could not decode a box either
+                    raise BadInput("--task detect: the model's outputs match no detector head the runtime reads (SSD "
+                                   "boxes/scores/classes, YOLO, YOLOX, PicoDet): a bundle for it could not give boxes; "
+                                   "use --task segment, embed or raw")
             if self.task in ("classify", "embed"):  # the ceiling: a few thousand inputs estimate it well
                 # batch by batch: the noisy copy of every input at once, in float64, was 8x the inputs'
                 # float bytes (22 GB for 56 inputs of 3x4096x4096)
@@ -237,6 +259,10 @@ class Validator:
                 self.ref.eval_outputs = outs if data.eval_x is data.check_x else batched(
                     reference, data.eval_x, batch, "reference")
                 self.ref.eval_y = data.eval_y
+                classes = int(np.asarray(self.ref.eval_outputs[0]).shape[-1])
+                if len(data.eval_y) and (int(np.min(data.eval_y)) < 0 or int(np.max(data.eval_y)) >= classes):
+                    raise BadInput(f"--eval labels run {int(np.min(data.eval_y))}..{int(np.max(data.eval_y))}, and "
+                                   f"the model has {classes} classes (0..{classes - 1})")
 
     def __call__(self, path) -> tuple[Verdict, Predict, int | None]:
         d = self.data

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -36,8 +37,10 @@ def toolchain() -> dict[str, str]:
 
 
 def bundle_name(src, prof, fmt: str, precision: str) -> str:
-    """<model>-<target>, with the format/precision appended when they are not the target's default."""
-    name = f"{src.name}-{prof.id}"
+    """<model>-<target>, with the format/precision appended when they are not the target's default. The
+    model's name is a file name's stem or --name: anything but letters, digits, '_', '.' and '-' becomes
+    '-', and no leading '.' (a bundle folder inside --out, never a hidden one or one elsewhere)."""
+    name = f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', src.name).lstrip('.-') or 'model'}-{prof.id}"
     if fmt != prof.format:
         return f"{name}-{fmt}-{precision}"
     return name if precision == prof.precision else f"{name}-{precision}"

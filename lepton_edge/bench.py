@@ -50,6 +50,12 @@ def measure(model: str, threads: int | None, runs: int, warmup: int, source: str
 
     rt = Runtime.load(model, threads=threads, input_spec=input_spec)
     frames = _frames(source)
+    x = rt.preprocess(frames[0])
+    for stage, step in (("inference", lambda: rt.infer(x)), ("postprocessing", lambda: rt.postprocess(rt.infer(x)))):
+        try:  # once, before the timed runs: an input size or a task that does not fit is one line
+            step()
+        except Exception as e:
+            raise BadInput(rt.failure(stage, e)) from None
     for i in range(warmup):
         rt.timed(frames[i % len(frames)])
     st = StageTimes(size=max(runs, 1))
@@ -112,6 +118,7 @@ def parse_threads(text: str | None) -> list[int | None]:
 def table(rows: list[dict], title: str):
     from rich import box
     from rich.table import Table
+    from rich.text import Text
 
     from lepton_edge.ui import human
 
@@ -121,12 +128,12 @@ def table(rows: list[dict], title: str):
         t.add_column(col, no_wrap=True, justify="left" if col in ("model", "format") else "right")
     for r in rows:
         if "error" in r:
-            t.add_row(str(r["model"]), "-", str(r["threads"] or "-"), "", "", "", "", "", "", "",
-                      f"[red]{r['error']}[/]")
+            t.add_row(Text(str(r["model"])), "-", str(r["threads"] or "-"), "", "", "", "", "", "", "",
+                      Text(r["error"], style="red"))
             continue
         lat = r["latency_ms"]
         inf = lat["inference"]
-        t.add_row(Path(r["model"]).name, f"{r['format']} {r['precision'] or ''}".strip(), str(r["threads"]),
+        t.add_row(Text(Path(r["model"]).name), f"{r['format']} {r['precision'] or ''}".strip(), str(r["threads"]),
                   f"{lat['preprocess']['p50']:.3f}ms", f"{inf['p50']:.3f}ms", f"{inf['p95']:.3f}ms",
                   f"{inf['p99']:.3f}ms", f"{inf['max']:.3f}ms", f"{lat['postprocess']['p50']:.3f}ms",
                   f"{r['throughput_fps']:.0f} fps", human(r["peak_rss_bytes"], binary=True))

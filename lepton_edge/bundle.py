@@ -35,6 +35,7 @@ MAX_BUNDLE_BYTES = 2 << 30
 MAX_FILES = 1000
 MAX_INPUT_ELEMENTS = 64 << 20  # per input tensor: a 20000x20000 shape must not reach an allocation
 MAX_RANK = 8
+FLOAT32_MAX = 3.4028234663852886e38  # the input's normalisation is computed in float32
 # numpy names of the numeric types a runtime can feed or return (spelled out: a type checker reads Literal's
 # arguments as written, not from a tuple)
 Dtype = Literal["float16", "float32", "float64", "int8", "int16", "int32", "int64",
@@ -98,8 +99,15 @@ class InputSpec(BaseModel):
     @field_validator("std")
     @classmethod
     def _std(cls, v: list) -> list:
-        if any(x == 0 for x in v):
+        if any(abs(x) < 1e-30 for x in v):  # 0, or as good as (1e-46 is 0 as a float32: every input inf)
             raise ValueError("std must not be 0")
+        return v
+
+    @field_validator("mean", "std", "scale")
+    @classmethod
+    def _fits_float32(cls, v):
+        if any(abs(x) > FLOAT32_MAX for x in (v if isinstance(v, list) else [v])):
+            raise ValueError("must fit a float32, under 3.4e38")
         return v
 
     @property
@@ -168,8 +176,8 @@ class Manifest(BaseModel):
     model_file: str
     task: Literal["classify", "detect", "embed", "raw"] = "raw"
     labels_file: str | None = None
-    inputs: list[InputSpec]
-    outputs: list[OutputSpec]
+    inputs: list[InputSpec] = Field(min_length=1)  # inputs[0] is the frame's
+    outputs: list[OutputSpec] = Field(min_length=1)
     files: dict[str, FileEntry] = Field(default_factory=dict)
     compression: dict[str, Any] = Field(default_factory=dict)
     validation: dict[str, Any] = Field(default_factory=dict)
@@ -238,10 +246,11 @@ def read_capped(path: Path, cap: int, what: str) -> bytes:
         raise BadInput(f"{path}: {what} not found") from None
     except OSError as e:
         raise BadInput(f"{path}: cannot read {what} ({e.strerror or e})") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):  # (before fdopen, which refuses a directory with its own error)
+        os.close(fd)
+        raise BadInput(f"{path}: {what} is not a regular file")
     with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise BadInput(f"{path}: {what} is not a regular file")
         if st.st_size > cap:
             raise BadInput(f"{path}: {what} is {st.st_size} bytes, over the limit of {cap}")
         data = f.read(cap + 1)
@@ -420,19 +429,52 @@ def staging(final: Path) -> Iterator[Path]:
     """Write a bundle in a temporary sibling directory; move it into place only on success.
 
     Why: a failed export (validation or budget) must leave nothing behind that a user or a
-    deploy could mistake for a good bundle.
+    deploy could mistake for a good bundle. The folder gets the mode a new folder would (mkdtemp
+    makes it 0700: a service user or a web server could not read the bundle).
     """
     final = Path(final)
+    check_replaceable(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
+        check_replaceable(final)  # (again: the export took minutes)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+
+
+def check_replaceable(final: Path) -> None:
+    """A bundle may be written at `final`: nothing is there, an empty folder, or a bundle (a folder
+    with a manifest.json), which it replaces. Anything else is one line, before any work.
+
+    Why: the bundle's folder is replaced whole, and its name comes from the model's file name and
+    --name: a folder of the user's that happened to have that name was deleted without a word, and
+    a file or a symlink there failed only after the export, with a traceback."""
+    final = Path(final)
+    if final.is_symlink():
+        raise BadInput(f"{final} is a symbolic link: a bundle is written as a folder of its own; remove the link "
+                       "or choose another --out or --name")
+    if final.exists() and not final.is_dir():
+        raise BadInput(f"{final} exists and is not a folder: choose another --out or --name")
+    if final.is_dir() and not (final / MANIFEST).is_file() and any(final.iterdir()):
+        raise BadInput(f"{final} exists and is not a bundle (no {MANIFEST}); lepton-edge replaces only a bundle: "
+                       "move it away or choose another --out or --name")
+
+
+def _umask() -> int:
+    """This process's umask, read without setting it (os.umask sets it, for every thread at once)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
 
 
 def write_manifest(directory: Path, manifest: Manifest) -> Path:

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import typer
 from rich import box
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from lepton_edge import logs, ui
 from lepton_edge.errors import BadInput, CheckFailed, LeptonError
@@ -112,6 +114,8 @@ def export(
     train: str | None = typer.Option(None, help="Labelled training data for --finetune-epochs."),
     prune: float | None = typer.Option(None, help="Structured pruning ratio, e.g. 0.3 removes 30% of channels."),
     finetune_epochs: int = typer.Option(0, help="Fine-tune after pruning for this many epochs."),
+    max_prune_drop: float = typer.Option(2.0, help="--prune with a labelled --eval: maximum accuracy pruning may "
+                                         "cost, in percentage points against the unpruned model."),
     max_size: str | None = typer.Option(None, help="Size budget, e.g. 1MB (tighter than the target's)."),
     task: str | None = typer.Option(None, help="classify, detect, segment, embed or raw: picks the validation "
                                        "metrics (default: inferred from the outputs; stated in the report)."),
@@ -154,39 +158,43 @@ def export(
 
     if as_json:
         ui.set_quiet(True)
-    check_output_dir(output, "--out")  # before minutes of work, not after
-    options = ExportOptions.of(  # flags as typed (case aside); every check is the options' own
-        flags=True, target=target, out=output, name=name, format=fmt, precision=precision,
-        layout=layout.upper() if layout else None, int8_io=int8_io,
-        input_shape=parse_shape(input_shape) if input_shape else None, weights=weights,
-        labels=_read_labels(labels) if labels is not None else None, color=color.upper() if color else None,
-        resize=resize.lower() if resize else None, mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
-        input_values=input_value or None,
-        calib=calib, calib_samples=calib_samples,
-        eval=eval_set, eval_limit=eval_limit, train=train, allow_synthetic_calibration=allow_synthetic_calibration,
-        prune=prune, finetune_epochs=finetune_epochs, recipes=recipes.split(",") if recipes else None,
-        search_time=search_time, max_memory=max_memory, max_size=max_size, task=task.lower() if task else None,
-        min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop, min_confident_kept=min_confident_kept,
-        min_top5=min_top5, min_sqnr=min_sqnr, min_cosine=min_cosine, min_f1=min_f1, min_mask_iou=min_mask_iou)
-    _interrupt_on_sigterm()  # a `timeout` or a service stop: the export's work folder is removed as on Ctrl-C
-    if compare:
-        from lepton_edge.compare import compare as do_compare, table
-
-        rows = do_compare(model, options)
-        if as_json:
-            return _emit_json(rows)
-        out.print(table(rows, f"{model} for {target}: formats and precisions (latency on this host)"))
-        if all(r["status"] != "ok" for r in rows):
-            raise CheckFailed("no variant passed its checks")
-        return
+    emitted = False  # with --json: stdout has its one JSON document (the result or the refusal)
     try:
+        check_output_dir(output, "--out")  # before minutes of work, not after
+        options = ExportOptions.of(  # flags as typed (case aside); every check is the options' own
+            flags=True, target=target, out=output, name=name, format=fmt, precision=precision,
+            layout=layout.upper() if layout else None, int8_io=int8_io,
+            input_shape=parse_shape(input_shape) if input_shape else None, weights=weights,
+            labels=_read_labels(labels) if labels is not None else None, color=color.upper() if color else None,
+            resize=resize.lower() if resize else None, mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
+            input_values=input_value or None,
+            calib=calib, calib_samples=calib_samples,
+            eval=eval_set, eval_limit=eval_limit, train=train, allow_synthetic_calibration=allow_synthetic_calibration,
+            prune=prune, finetune_epochs=finetune_epochs, max_prune_drop=max_prune_drop,
+            recipes=recipes.split(",") if recipes else None,
+            search_time=search_time, max_memory=max_memory, max_size=max_size, task=task.lower() if task else None,
+            min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop, min_confident_kept=min_confident_kept,
+            min_top5=min_top5, min_sqnr=min_sqnr, min_cosine=min_cosine, min_f1=min_f1, min_mask_iou=min_mask_iou)
+        _interrupt_on_sigterm()  # a `timeout` or a service stop: the export's work folder is removed as on Ctrl-C
+        if compare:
+            from lepton_edge.compare import compare as do_compare, table
+
+            rows = do_compare(model, options)
+            if as_json:
+                _emit_json(rows)
+                emitted = True
+            else:
+                out.print(table(rows, f"{model} for {target}: formats and precisions (latency on this host)"))
+            if all(r["status"] != "ok" for r in rows):
+                raise CheckFailed("no variant passed its checks")
+            return
         r = do_export(model, options=options)
     except LeptonError as e:
-        if as_json:  # the refusal as JSON too (exit code unchanged; the line still goes to stderr)
+        if as_json and not emitted:  # the refusal as JSON too (exit code unchanged; the line still goes to stderr)
             _emit_json({"ok": False, "error": str(e), "exit_code": e.exit_code, **(e.details or {})})
         raise
     if as_json:
-        return _emit_json(r.report)
+        return _emit_json({"ok": True, **r.report})
     _print_report(r.report)
 
 
@@ -250,8 +258,8 @@ def _print_report(rep: dict) -> None:
     from lepton_edge.ui import human
 
     v, c, lat = rep["validation"], rep["compression"], rep["latency"]
-    t = Table(title=f"{rep['name']} -> {rep['target']} ({rep['format']} {rep['precision']})", show_header=False)
-    t.add_row("bundle", rep["bundle"])
+    t = Table(title=Text(f"{rep['name']} -> {rep['target']} ({rep['format']} {rep['precision']})"), show_header=False)
+    t.add_row("bundle", Text(rep["bundle"]))
     t.add_row("size", f"{human(rep['bytes'])} ({rep['bytes'] / rep['fp32_bytes']:.2f}x fp32)")
     if "pruning" in c:
         p = c["pruning"]
@@ -278,34 +286,39 @@ def _print_report(rep: dict) -> None:
                              f"({lat['vs_fp32']:.2f}x fp32)")
     t.add_row("time", f"{rep['seconds']:.1f} s")
     out.print(t)
-    out.print(f"next: [bold]lepton-edge inspect {rep['bundle']}[/]")
+    out.print(f"next: [bold]lepton-edge inspect {escape(rep['bundle'])}[/]")
+
+
+def _plain_rows(t: Table):
+    """add_row for cells shown as written: names and shapes come from the file, and a tensor named
+    'a[/]b' is text, not Rich markup (it raised MarkupError)."""
+    return lambda key, value: t.add_row(key, Text(str(value)))
 
 
 @app.command()
 def inspect(path: Path = typer.Argument(..., help="A bundle directory, an .onnx or a .tflite file."),
             as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
     """Inputs/outputs (dynamic dims, layout), opset, op histogram, parameters, precision, size."""
-    from rich.markup import escape
-
     from lepton_edge.inspect import inspect as do_inspect
     from lepton_edge.ui import human
 
     info = do_inspect(path)
     if as_json:
         return _emit_json(info)
-    t = Table(title=str(path), show_header=False)
+    t = Table(title=Text(str(path)), show_header=False)
+    row = _plain_rows(t)
     opset = f", opset {info['opset']}" if info.get("opset") else ""
-    t.add_row("format", f"{info['format']}{opset} {info.get('producer', '')}".strip())
-    t.add_row("precision", info["precision"])
-    t.add_row("size", human(info["bytes"]))
-    t.add_row("parameters", f"{info['parameters']:,}")
+    row("format", f"{info['format']}{opset} {info.get('producer', '')}".strip())
+    row("precision", info["precision"])
+    row("size", human(info["bytes"]))
+    row("parameters", f"{info['parameters']:,}")
     for kind in ("inputs", "outputs"):
         for v in info[kind]:
             dyn = f" dynamic dims {v['dynamic']}" if v["dynamic"] else ""
             lay = f" {v['layout']}" if v.get("layout") else ""
             qp = v.get("quantization")
             quant = f" scale={qp['scale']:.6g} zero_point={qp['zero_point']}" if qp else ""
-            t.add_row(kind[:-1], f"{v['name']}: {v['dtype']} {v['shape']}{lay}{dyn}{quant}")
+            row(kind[:-1], f"{v['name']}: {v['dtype']} {v['shape']}{lay}{dyn}{quant}")
     b = info.get("bundle")
     rules = {c["name"]: c.get("rule") for c in (b or {}).get("constant_inputs", [])}
     for c in (b or {}).get("constant_inputs") or info.get("constant_inputs", []):  # the manifest's, else the file's
@@ -313,18 +326,18 @@ def inspect(path: Path = typer.Argument(..., help="A bundle directory, an .onnx 
         shown = ("not listed (large)" if vals is None else
                  f"[{', '.join(f'{x:g}' for x in vals[:8])}{', ...' if len(vals) > 8 else ''}]")
         rule = f" ({rules[c['name']]})" if rules.get(c["name"]) else ""
-        t.add_row("constant input", escape(f"{c['name']}: {c['dtype']} {c['shape']} = {shown}{rule}"))
-    t.add_row("ops", ", ".join(f"{k} {n}" for k, n in info["ops"].items()))
+        row("constant input", f"{c['name']}: {c['dtype']} {c['shape']} = {shown}{rule}")
+    row("ops", ", ".join(f"{k} {n}" for k, n in info["ops"].items()))
     if info["custom_ops"]:
-        t.add_row("custom ops", ", ".join(info["custom_ops"]))
+        row("custom ops", ", ".join(info["custom_ops"]))
     if "xnnpack" in info:
         x = info["xnnpack"]
-        t.add_row("XNNPACK", x["error"] if "error" in x else
+        row("XNNPACK", x["error"] if "error" in x else
                   f"applied, {x['partitions']} delegated partition(s)" if x["applied"] else "not applied")
     if b:
-        t.add_row("bundle", f"{b['name']} for {b['target']}, task {b['task']}, checksums {b['checksums']}")
+        row("bundle", f"{b['name']} for {b['target']}, task {b['task']}, checksums {b['checksums']}")
         s = b["input_spec"]
-        t.add_row("preprocess", f"{s['color']} {s['layout']} resize={s['resize']} scale={s['scale']:.5g} "
+        row("preprocess", f"{s['color']} {s['layout']} resize={s['resize']} scale={s['scale']:.5g} "
                                 f"mean={s['mean']} std={s['std']}")
         v = b["validation"]
         if v:
@@ -332,9 +345,9 @@ def inspect(path: Path = typer.Argument(..., help="A bundle directory, an .onnx 
                    if v.get("accuracy_reference") is not None else "")
             agree = (f"agreement {v['top1_agreement']:.4f}" if v.get("top1_agreement") is not None
                      else f"task {v.get('task')}, passed {v.get('passed')}")
-            t.add_row("validation", f"{agree}{acc}")
+            row("validation", f"{agree}{acc}")
         if b["quantization"]:
-            t.add_row("int8 recipe", f"{b['quantization']['recipe']}; float layers: "
+            row("int8 recipe", f"{b['quantization']['recipe']}; float layers: "
                                      f"{', '.join(b['quantization']['float_nodes']) or 'none'}")
     out.print(t)
 
@@ -378,7 +391,8 @@ def run(
     outs = _run_sinks(pipe, src, rt, every=every, jsonl=jsonl, save=save, show=show,
                       lines_to_stderr=as_json or jsonl == "-")
     d = rt.describe()
-    ui.info(f"[bold]{rt.name}[/] ({d['backend']}, {d['threads']} thread(s), task {rt.task}) on {src.kind} {source}")
+    ui.info(f"[bold]{escape(rt.name)}[/] ({d['backend']}, {d['threads']} thread(s), task {rt.task}) on {src.kind} "
+            f"{escape(str(source))}")
     interrupted = _drive(pipe, outs)
     status = pipe.status() | {"model": d, "interrupted": interrupted}
     _report_run(status, as_json)
@@ -457,8 +471,8 @@ def _report_run(status: dict, as_json: bool) -> None:
 
 
 def _print_run_summary(s: dict) -> None:
-    t = Table(title=f"{s['model']['name']}: {s['frames']} frame(s)" + (f", {s['fps']:.1f} fps" if s["fps"] else ""),
-              box=box.SIMPLE_HEAD, pad_edge=False)
+    fps = f", {s['fps']:.1f} fps" if s["fps"] else ""
+    t = Table(title=Text(f"{s['model']['name']}: {s['frames']} frame(s){fps}"), box=box.SIMPLE_HEAD, pad_edge=False)
     for col in ("stage", "p50", "p95", "p99", "max"):
         t.add_column(col, justify="left" if col == "stage" else "right")
     for stage, v in s["latency_ms"].items():
@@ -583,14 +597,14 @@ def deploy(
     if as_json:
         _emit_json(rows)
     else:
-        t = Table(title=f"deploy {bundle} to {target}", box=box.SIMPLE_HEAD, pad_edge=False)
+        t = Table(title=Text(f"deploy {bundle} to {target}"), box=box.SIMPLE_HEAD, pad_edge=False)
         for col in ("device", "result", "detail"):
             t.add_column(col)
         for r in rows:
             d = r["data"]
             detail = r["error"] or (f"{d.get('bundle', {}).get('name')}: inference p50 {d.get('inference_p50_ms')} ms "
                                     f"(budget {d.get('latency_budget_ms')} ms)")
-            t.add_row(r["device"], "[green]ok[/]" if r["ok"] else "[red]failed[/]", str(detail))
+            t.add_row(Text(r["device"]), "[green]ok[/]" if r["ok"] else "[red]failed[/]", Text(str(detail)))
         out.print(t)
     if not all(r["ok"] for r in rows):
         raise CheckFailed(f"{sum(not r['ok'] for r in rows)} of {len(rows)} device(s) did not take the bundle")
@@ -631,7 +645,7 @@ def main() -> None:
         if logs.json_mode():
             log.error(str(e), extra={"exit_code": e.exit_code})
         else:
-            ui.err.print(f"[red]error:[/] {e}", soft_wrap=True)
+            ui.err.print(f"[red]error:[/] {escape(str(e))}", soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         if logs.json_mode():

@@ -379,6 +379,8 @@ def inspect(path: str | Path) -> dict:
             "constant_inputs": _bundle_constants(m),
         }
         return info
+    if not p.is_file():  # a FIFO or a device: reading it could wait forever, or never end
+        raise BadInput(f"{p}: not a regular file")
     return inspect_file(p)
 
 

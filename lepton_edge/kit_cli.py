@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 
 def kit(
@@ -50,7 +51,7 @@ def main() -> None:
     try:
         app()
     except LeptonError as e:
-        ui.err.print(f"[red]error:[/] {e}", soft_wrap=True)
+        ui.err.print(f"[red]error:[/] {escape(str(e))}", soft_wrap=True)
         sys.exit(e.exit_code)
 
 

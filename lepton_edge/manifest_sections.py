@@ -42,7 +42,8 @@ class PruningSection(Section):
     macs_after: int | float | None = None
     finetune_epochs: int | None = None
     finetune_samples: int | None = None
-    accuracy_before: float | None = None
+    accuracy_before: float | None = None  # the unpruned model's, on the labelled evaluation set
+    accuracy_after: float | None = None  # the pruned (and fine-tuned) PyTorch model's, on the same set
 
 
 class QuantizationSection(Section):

@@ -22,10 +22,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from lepton_edge.capture import Source, open_source
+from lepton_edge.errors import BadInput
 from lepton_edge.runtime import Result, Runtime
 from lepton_edge.stats import StageTimes
 
 _END = object()
+# Frames in a row that inference or postprocessing could not handle before the pipeline stops with
+# why: then the model or its task does not fit (an input size it cannot take, outputs no detector
+# head reads), not one odd frame. Before any frame has gone through, a few tell; after, a long run.
+FAILS_BEFORE_FIRST = 3
+FAILS_IN_A_ROW = 100
+
+
+class ModelFailed(BadInput):
+    """Inference or postprocessing failed on every frame for a while (see FAILS_IN_A_ROW)."""
 
 
 def capture_threads(runtime: Runtime) -> int:
@@ -49,7 +59,9 @@ class Pipeline:
             source, decode_threads=capture_threads(self.runtime))
         self.max_frames = max_frames
         self.stats = StageTimes(window)
-        self.bad_frames = 0  # frames that preprocessing or postprocessing could not handle
+        self.bad_frames = 0  # frames that preprocessing, inference or postprocessing could not handle
+        self._through = 0  # frames that went through inference and postprocessing
+        self._in_a_row = 0  # frames in a row that inference or postprocessing failed on
         self.sample_every = 1  # run the model on every Nth frame the source delivers (the agent's `set`)
         self.probe: list[float] | None = None  # when a list: inference ms of frames run by the current runtime
         self.preprocess_on_capture = True  # see the module docstring; revised every `balance_every` frames
@@ -142,14 +154,19 @@ class Pipeline:
             if x is None:
                 return None
         t1 = time.perf_counter()
-        y = rt.infer(x)
+        try:
+            y = rt.infer(x)
+        except Exception as e:
+            self._failed(rt, "inference", e)
+            return None
         t2 = time.perf_counter()
         try:
             out = rt.postprocess(y, frame.image.shape[:2])
-        except Exception:
-            self.bad_frames += 1
+        except Exception as e:
+            self._failed(rt, "postprocessing", e)
             return None
         t3 = time.perf_counter()
+        self._through, self._in_a_row = self._through + 1, 0
         ms = {"capture": frame.capture_ms, "preprocess": pre_ms, "inference": (t2 - t1) * 1e3,
               "postprocess": (t3 - t2) * 1e3}
         self.stats.add(**ms)
@@ -157,6 +174,16 @@ class Pipeline:
         if probe is not None and len(probe) < 100_000:
             probe.append(ms["inference"])
         return Result(rt.task, out, frame.index, frame.timestamp, ms, frame.image, frame.path)
+
+    def _failed(self, rt: Runtime, stage: str, e: Exception) -> None:
+        """Count a frame that `stage` failed on; raise ModelFailed (one line: which stage, the error,
+        what to try) once FAILS_BEFORE_FIRST frames failed before any went through, or FAILS_IN_A_ROW in a row."""
+        self.bad_frames += 1
+        self._in_a_row += 1
+        if self._in_a_row < (FAILS_IN_A_ROW if self._through else FAILS_BEFORE_FIRST):
+            return
+        raise ModelFailed(rt.failure(stage, e, f"on {self._in_a_row} frames in a row"
+                                               f"{'' if self._through else ', every frame so far'}"))
 
     @staticmethod
     def _release(worker: threading.Thread, q: queue.Queue) -> None:

@@ -79,6 +79,29 @@ def test_embeddings_fit_in_256_bytes_and_keep_neighbours():
             assert np.abs((codes * exact).sum(1) - 1).max() < 1e-3
 
 
+def test_a_large_output_embeds_through_a_sketch_without_a_dense_matrix():
+    """Past DENSE_PROJECTION_MAX values (a 512x512 segmentation map, 196k features) the projection is a
+    count sketch: O(dim) memory, where the dense matrix took 2 GB at 196k values. Near-duplicates still
+    find their originals and cosines are kept roughly (a random projection to 256 values)."""
+    import resource
+
+    rng = np.random.default_rng(1)
+    dim = 200_000
+    base = rng.standard_normal((20, dim)).astype(np.float32)
+    near = base + 0.3 * rng.standard_normal((20, dim)).astype(np.float32)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    res = [post.embed([f[None]]) for f in np.concatenate([base, near])]
+    grew_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+    assert grew_mb < 100, grew_mb  # a dense 200k x 256 float64 matrix alone is 410 MB
+    assert all(r["bytes"] == 256 for r in res)
+    codes = np.stack([post.decode_embedding(r["int8_b64"]) for r in res])
+    sim = codes[20:] @ codes[:20].T
+    assert (sim.argmax(1) == np.arange(20)).all()
+    exact = np.sum(base * near, 1) / np.linalg.norm(base, axis=1) / np.linalg.norm(near, axis=1)  # ~0.96
+    assert np.abs(np.diag(sim) - exact).max() < 0.1
+    assert post.embed([base[:1]]) == res[0]  # the same sketch every time (seeded): codes compare across devices
+
+
 def test_classify_ties_go_to_the_lowest_index_on_every_cpu():
     """An int8 softmax dequantizes to a few distinct values: 1000 classes tie. The top-k must not depend
     on argpartition's SIMD-dependent order among equals (arm64 and x86 gave different top-1s)."""

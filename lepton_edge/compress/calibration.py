@@ -138,6 +138,24 @@ def count_inputs(src: str, limit: int | None = None) -> int | None:
     return min(n, limit) if limit else n
 
 
+def _usable_array(arr: np.ndarray, y: np.ndarray | None, src: str) -> None:
+    """One line for an array no model input can come from: a scalar, no samples, not numbers, values
+    that are not finite (NaN inputs give NaN outputs, and NaN compares as 'the same' everywhere: an
+    all-NaN .npy once passed validation with agreement 1.0), or labels that do not pair with it."""
+    if arr.ndim == 0 or len(arr) == 0:
+        raise BadInput(f"{src}: {'a scalar' if arr.ndim == 0 else 'no samples'} (shape {list(arr.shape)}); "
+                       "give [N, ...] model inputs or [N,H,W(,C)] uint8 images")
+    if arr.dtype.kind not in "biuf":
+        raise BadInput(f"{src}: an array of {arr.dtype}, not numbers")
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise BadInput(f"{src}: {int((~np.isfinite(arr)).sum())} values are NaN or infinite")
+    integral = y is not None and (y.dtype.kind in "iu" or (y.dtype.kind == "f" and np.isfinite(y).all()
+                                                            and bool((y == np.round(y)).all())))
+    if y is not None and (y.ndim != 1 or len(y) != len(arr) or not integral):
+        raise BadInput(f"{src}: labels of shape {list(y.shape)} ({y.dtype}) do not pair with {len(arr)} inputs: "
+                       "give one integer class index an input")
+
+
 def _from_array(arr: np.ndarray, spec: InputSpec, src: str) -> np.ndarray:
     """Accept model-shaped tensors, or raw uint8 images [N,H,W] / [N,H,W,C]."""
     want = [d for d in spec.shape[1:]]
@@ -192,11 +210,14 @@ def load_inputs(src: str, spec: InputSpec, limit: int | None = None) -> Samples:
         except Exception as e:
             raise BadInput(f"cannot read {src}: {e}") from None
         if isinstance(data, np.lib.npyio.NpzFile):
+            if not data.files:
+                raise BadInput(f"{src}: the .npz holds no arrays")
             key = next((k for k in ("x", "images", "inputs", "input") if k in data.files), data.files[0])
             y = next((data[k] for k in ("y", "labels", "targets") if k in data.files), None)
             arr = data[key]
         else:
             arr, y = data, None
+        _usable_array(arr, y, src)
         x = _from_array(arr[:limit] if limit else arr, spec, src)
         return Samples(x, str(p), "array", None if y is None else np.asarray(y[: len(x)], np.int64))
     if ext in VIDEO_EXTS:

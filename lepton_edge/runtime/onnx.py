@@ -16,9 +16,11 @@ from lepton_edge.errors import BadInput
 from lepton_edge.runtime.backend import Backend, BackendOptions, TensorInfo
 from lepton_edge.runtime.delegates import providers as filter_providers
 
-_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(uint8)": "uint8",
-           "tensor(int8)": "int8", "tensor(int32)": "int32", "tensor(int64)": "int64", "tensor(double)": "float64",
-           "tensor(bool)": "bool"}
+# onnxruntime's type names -> numpy's; a type numpy cannot hold (bfloat16, float8, int4) keeps its
+# onnxruntime name, which the input spec refuses in one line
+_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+           "tensor(bool)": "bool", **{f"tensor({t})": t for t in ("uint8", "int8", "uint16", "int16", "uint32",
+                                                                   "int32", "uint64", "int64")}}
 
 
 def _info(v) -> TensorInfo:
@@ -50,7 +52,7 @@ class OnnxBackend(Backend):
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
-        so.log_severity_level = 3
+        so.log_severity_level = 4  # fatal only: a failing run raises with the same text it would log in red
         if os.environ.get("LEPTON_ORT_SPIN", "0") == "0":
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.providers, self.missing_providers = filter_providers(list(options.providers),

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +65,11 @@ def check_input_size(spec: InputSpec) -> None:
                        f"{MAX_INPUT_VALUES:,} values)")
 
 
+def _reshaped(run: Callable, shape: tuple, x: np.ndarray) -> list[np.ndarray]:
+    """The engine call for a 3-D input: the frame's 4-D tensor fed without its batch dim of 1."""
+    return run(x.reshape(shape))
+
+
 def check_against_engine(spec: InputSpec, engine_inputs: list, where: str) -> None:
     """The manifest's input (name aside) must be what the model takes: same rank and dtype, every
     static dimension equal (a dynamic one takes any size). A bad deploy then fails at load time,
@@ -71,6 +78,8 @@ def check_against_engine(spec: InputSpec, engine_inputs: list, where: str) -> No
         raise BadInput(f"{where}: the model has no inputs")
     eng = engine_inputs[0]
     shape = list(spec.shape)
+    if len(eng.shape) == 3 and len(shape) == 4 and shape[0] == 1:  # a 3-D input: the frame without its batch
+        shape = shape[1:]
     if len(shape) != len(eng.shape) or any(isinstance(e, int) and e != d for d, e in zip(shape, eng.shape)):
         raise BadInput(f"{where}: the manifest's input shape {shape} does not match the model's "
                        f"{list(eng.shape)} (input {eng.name!r})")
@@ -124,6 +133,10 @@ class Runtime:
         self.head = post.manifest_head(bundle.manifest) if bundle else None  # the detector head the export used
         self.infer = backend.run  # the bare engine call: nothing between the user and the engine
         self._shape = tuple(int(d) for d in spec.shape)
+        self._engine_shape = list(self._shape)
+        if len(backend.inputs[0].shape) == len(self._shape) - 1:  # a 3-D input ([1,28,28], [3,64,64]): the
+            self._engine_shape = self._engine_shape[1:]  # frame's tensor without its batch dim of 1
+            self.infer = partial(_reshaped, backend.run, tuple(self._engine_shape))
         self._dtype = np.dtype(spec.dtype)
         self.warnings: list[str] = []  # what load() chose to ignore (a manifest's unknown delegate), for the log
 
@@ -177,7 +190,7 @@ class Runtime:
             raise BadInput(f"not found: {p}")
         rt.warnings = warnings
         if any(not isinstance(d, int) for d in backend.inputs[0].shape):
-            backend.resize_input(list(rt._shape))
+            backend.resize_input(rt._engine_shape)
         rt._check_preprocess()
         return rt
 
@@ -210,6 +223,18 @@ class Runtime:
         if self.task == "embed":
             return post.embed(outputs)
         return outputs
+
+    def failure(self, stage: str, e: Exception, where: str = "on a frame") -> str:
+        """One line for an engine or postprocessing error: the model, the stage, the error's first line,
+        and what to try (another input size for a dynamic input; the raw outputs for a task that does
+        not fit them)."""
+        why = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)[:300]
+        hint = ""
+        if stage == "inference" and any(not isinstance(d, int) for d in self.backend.inputs[0].shape[1:]):
+            hint = f"; the model may need another input size than {self.spec.hw()} (--input-spec size=HxW)"
+        elif stage == "postprocessing" and self.task != "raw" and "--task raw" not in why:
+            hint = "; --task raw gives the outputs as they are"
+        return f"{self.name}: {stage} failed {where}: {why}{hint}"
 
     def predict(self, frame: np.ndarray) -> Any:
         """A frame (HxW, HxWxC, any size, BGR as OpenCV reads it) or an already preprocessed

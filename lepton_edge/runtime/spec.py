@@ -9,11 +9,13 @@ from __future__ import annotations
 import ast
 import json
 import math
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 
+import numpy as np
 from pydantic import ValidationError
 
-from lepton_edge.bundle import InputSpec, guess_layout
+from lepton_edge.bundle import DTYPES, InputSpec, guess_layout
 from lepton_edge.errors import BadInput
 from lepton_edge.runtime.backend import Backend
 
@@ -195,7 +197,7 @@ def spec_from_model(backend: Backend, overrides: dict, meta: dict) -> InputSpec:
         raise BadInput(f"the model has {len(backend.inputs)} inputs ({names}); `run` feeds one image input")
     inp = backend.inputs[0]
     shape = list(inp.shape)
-    if len(shape) == 3:  # [H, W, C] or [C, H, W] without batch
+    if len(shape) == 3:  # [H, W, C], [C, H, W] or [N, H, W] gray: a frame of batch 1, fed without that dim
         shape = [1, *shape]
     if len(shape) != 4:
         raise BadInput(f"input '{inp.name}' has shape {inp.shape}: not an image; `run` feeds images")
@@ -214,18 +216,45 @@ def spec_from_model(backend: Backend, overrides: dict, meta: dict) -> InputSpec:
     if not isinstance(c, int):
         c = 3
         shape[1 if layout == "NCHW" else 3] = c
-    integer = inp.dtype in ("uint8", "int8")
-    spec = InputSpec(name=inp.name, shape=shape, dtype=inp.dtype, layout=layout,
-                     color="GRAY" if c == 1 else "RGB", quantization=inp.quantization,
-                     # a uint8 input with no quantization takes raw pixels
-                     scale=1.0 if integer and inp.quantization is None else 1 / 255.0)
+    if inp.dtype not in DTYPES or inp.dtype == "bool":
+        raise BadInput(f"input '{inp.name}' is of type {inp.dtype}: `run` feeds images as float or integer tensors")
+    try:
+        spec = InputSpec(name=inp.name, shape=shape, dtype=inp.dtype, layout=layout,
+                         color="GRAY" if c == 1 else "RGB", quantization=inp.quantization,
+                         **pixel_encoding(inp.dtype, inp.quantization, set(overrides)))
+    except ValidationError as e:  # a shape over the input size limit, say
+        err = e.errors()[0]
+        raise BadInput(f"input '{inp.name}' {inp.shape}: {err['msg'].removeprefix('Value error, ')}") from None
     return apply_overrides(spec, overrides)
+
+
+def pixel_encoding(dtype: str, quantization: dict | None, given: AbstractSet[str] = frozenset()) -> dict:
+    """The scale and mean that feed an input of `dtype` a frame the way such a file expects, when
+    nothing (no manifest, no --input-spec) says how it was trained.
+
+    Float inputs take pixels / 255. An integer input takes the pixel bytes themselves: a uint8 input
+    the raw 0..255 values, an int8 one the pixel - 128, whatever the input's quantization (TFLite's
+    convention, as Coral's and TensorFlow's label_image feed them: the quantization parameters then
+    say what those codes mean to the model, so the normalisation is in the model). In the spec's
+    terms, with real = scale * (q - zero_point), the codes q come out of normalise() as
+    round(x / scale + zero_point) with x = pixel * scale - mean: so scale = the input's scale and
+    mean = scale * (offset + zero_point).
+
+    `given`: the --input-spec keys. A quantized input given mean, std or scale is normalised as a
+    float input would be (pixel / 255, then mean and std: the real values it was trained on), and its
+    quantization encodes those."""
+    if not np.issubdtype(np.dtype(dtype), np.integer) or (quantization and given & {"mean", "std", "scale"}):
+        return {"scale": 1 / 255.0}
+    offset = 128.0 if dtype == "int8" else 0.0
+    s, z = (float(quantization["scale"]), float(quantization["zero_point"])) if quantization else (1.0, 0.0)
+    return {"scale": s, "mean": [s * (offset + z)]}
 
 
 def guess_task(backend: Backend, labels: list[str] | None) -> str:
     """classify for one [1, K] output; detect for SSD- or YOLO-shaped outputs; else raw."""
     outs = backend.outputs
-    dims = [[d for d in o.shape] for o in outs]
+    # a dynamic leading dim is the batch (one frame a run): [N, 1000] is a classifier's output as [1, 1000] is
+    dims = [[1, *o.shape[1:]] if o.shape and not isinstance(o.shape[0], int) else list(o.shape) for o in outs]
     if len(outs) == 1:
         d = [v for v in dims[0] if v != 1]
         if len(d) == 1:

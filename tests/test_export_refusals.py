@@ -1,0 +1,159 @@
+"""What an export refuses, in one line and before the work, and what it never does: delete a folder
+that is not a bundle, write outside --out, pass on NaN, ship a detector no device can decode, or
+call a pruned model that lost most of its accuracy validated.
+
+The model is a small real classifier built here (a 3x3 convolution, global mean, softmax over 4
+classes) calibrated on the corpus photos, so every refusal below is about the input, not the model.
+"""
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import lepton_edge
+from conftest import run_cli
+from lepton_edge.errors import BadInput, CheckFailed
+
+
+def _classifier(path) -> None:
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    g = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+         helper.make_node("ReduceMean", ["c"], ["m"], axes=[2, 3], keepdims=0, name="mean"),
+         helper.make_node("Softmax", ["m"], ["y"], name="softmax")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 32, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [w])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    onnx.save(m, str(path))
+
+
+@pytest.fixture
+def model(tmp_path):
+    _classifier(tmp_path / "cls.onnx")
+    return tmp_path / "cls.onnx"
+
+
+def _calib():
+    from third_party import corpus
+
+    return str(corpus.calib_dir())
+
+
+def _error_line(r) -> str:
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    (line,) = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    return line
+
+
+def test_the_bundle_folder_replaces_only_a_bundle_and_stays_inside_out(model, tmp_path):
+    """A folder of the user's at the bundle's path was deleted without a word; a file or a symlink there
+    failed after the whole export with a traceback, leaving a hidden complete bundle; --name ../x wrote
+    outside --out. Each is one line before the work now. A bundle is replaced, and a new bundle folder
+    is readable by others (it was 0700)."""
+    out = tmp_path / "out"
+    mine = out / "cls-x86-cpu-fp32"  # (fp32 is not the target's default precision)
+    mine.mkdir(parents=True)
+    (mine / "thesis.txt").write_text("mine")
+    args = ("export", str(model), "--calib", _calib(), "--precision", "fp32", "--out", str(out))
+    r = run_cli(*args)
+    assert r.returncode == 2 and "is not a bundle" in _error_line(r) and (mine / "thesis.txt").read_text() == "mine"
+    (mine / "thesis.txt").unlink()
+    mine.rmdir()
+    mine.symlink_to(tmp_path)
+    r = run_cli(*args)
+    assert r.returncode == 2 and "symbolic link" in _error_line(r)
+    mine.unlink()
+    mine.write_text("a file")
+    r = run_cli(*args)
+    assert r.returncode == 2 and "not a folder" in _error_line(r)
+    mine.unlink()
+    r = run_cli(*args, "--name", "../escaped")
+    assert r.returncode == 2 and "--name" in _error_line(r) and not (tmp_path / "escaped-x86-cpu").exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging folder left behind
+    old = os.umask(0o022)
+    try:
+        for _ in range(2):  # written, then replaced (it is a bundle)
+            r = run_cli(*args)
+            assert r.returncode == 0, r.stderr[-2000:]
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(mine.stat().st_mode) == 0o755 and (mine / "manifest.json").is_file()
+
+
+def test_non_finite_data_and_arrays_no_input_can_come_from_are_one_line(model, tmp_path):
+    """A std that is 0 as a float32 (1e-46), an all-NaN .npy, a scalar, an empty array, an .npz with no
+    arrays, labels that do not pair with the inputs, and labels past the model's classes: each passed
+    validation (NaN compares equal to nothing, and argmax of NaN is 0 for every model) or gave a
+    traceback. Each is one line now, with nothing written."""
+    x = np.random.default_rng(0).random((20, 3, 32, 32)).astype(np.float32)
+    np.save(tmp_path / "nan.npy", np.full_like(x, np.nan))
+    np.save(tmp_path / "scalar.npy", np.float32(1))
+    np.save(tmp_path / "empty.npy", x[:0])
+    np.savez(tmp_path / "none.npz")
+    np.savez(tmp_path / "short_y.npz", x=x, y=np.zeros(5, np.int64))
+    np.savez(tmp_path / "y7.npz", x=x, y=np.full(20, 7))
+    out = tmp_path / "out"
+    cases = [(("--calib", str(tmp_path / "nan.npy")), "NaN or infinite"),
+             (("--calib", str(tmp_path / "scalar.npy")), "a scalar"),
+             (("--calib", str(tmp_path / "empty.npy")), "no samples"),
+             (("--calib", str(tmp_path / "none.npz")), "no arrays"),
+             (("--calib", _calib(), "--eval", str(tmp_path / "short_y.npz")), "do not pair"),
+             (("--calib", _calib(), "--eval", str(tmp_path / "y7.npz")), "the model has 4 classes"),
+             (("--calib", _calib(), "--std", "1e-46"), "must not contain 0")]
+    for extra, words in cases:
+        r = run_cli("export", str(model), *extra, "--out", str(out))
+        assert r.returncode == 2 and words in _error_line(r), (extra, r.stderr[-2000:])
+    assert not out.exists() or not any(out.iterdir())
+    with pytest.raises(BadInput, match="float32"):
+        lepton_edge.export(str(model), calib=_calib(), mean=[1e308, 0.0, 0.0], out=out)
+
+
+def test_a_model_that_gives_nan_is_refused(tmp_path):
+    """The fp32 model's own NaN (a NaN weight) is one line: nothing can be validated against it."""
+    _classifier(tmp_path / "nan.onnx")
+    m = onnx.load(str(tmp_path / "nan.onnx"))
+    w = numpy_helper.to_array(m.graph.initializer[0]).copy()
+    w[0, 0, 0, 0] = np.nan
+    m.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, "w"))
+    onnx.save(m, str(tmp_path / "nan.onnx"))
+    with pytest.raises(BadInput, match=r"output .y. is NaN on (\d+) of \1 validation inputs"):
+        lepton_edge.export(str(tmp_path / "nan.onnx"), calib=_calib(), precision="fp32", out=tmp_path / "out")
+
+
+def test_detect_forced_on_outputs_no_head_reads_is_refused(model, tmp_path):
+    """--task detect on a classifier wrote a bundle whose every frame then failed to decode on the
+    device; it is one line at export now."""
+    with pytest.raises(BadInput, match="match no detector head"):
+        lepton_edge.export(str(model), calib=_calib(), task="detect", precision="fp32", out=tmp_path / "out")
+
+
+def test_json_is_one_document_for_every_refusal(model, tmp_path):
+    """--json: an option refused before the export printed nothing on stdout (json.loads failed), and
+    --compare with every variant failed exited 0. Success says ok: true, as a refusal says ok: false."""
+    r = run_cli("export", str(model), "--calib", _calib(), "--task", "bogus", "--json", "--out", str(tmp_path / "o"))
+    doc = json.loads(r.stdout)
+    assert r.returncode == 2 and doc["ok"] is False and "task" in doc["error"]
+    r = run_cli("export", str(tmp_path / "missing.onnx"), "--compare", "--json", "--out", str(tmp_path / "o"))
+    rows = json.loads(r.stdout)
+    assert r.returncode == 1 and rows and all(row["status"] != "ok" for row in rows), r.stderr[-2000:]
+    r = run_cli("export", str(model), "--calib", _calib(), "--precision", "fp32", "--json",
+                "--out", str(tmp_path / "o"))
+    assert r.returncode == 0 and json.loads(r.stdout)["ok"] is True, r.stderr[-2000:]
+
+
+def test_pruning_that_costs_accuracy_is_refused(tmp_path):
+    """Pruning half of the demo classifier's channels without fine-tuning took it from 0.90 to 0.14
+    accuracy, and the export passed: its gate compares the exported model with the pruned one. What
+    pruning cost on the labelled set is now held to --max-prune-drop (2 pp by default)."""
+    with pytest.raises(CheckFailed, match=r"pruning 50% of channels cost .* over --max-prune-drop 2 pp"):
+        lepton_edge.export("zoo:fashion-cnn", target="x86-cpu", precision="fp32", prune=0.5, eval_limit=1000,
+                           out=tmp_path)
+    assert not any(tmp_path.iterdir())

@@ -1,0 +1,218 @@
+"""Plain third-party model files (no manifest) run as such files expect: integer inputs fed pixel codes
+by TFLite's convention, 3-D inputs, classifiers with a dynamic batch, and a model that fails on every
+frame stopped with one line that says why (not a traceback, not frames silently counted as corrupt).
+
+The models are built here, each small enough to read what it was fed from its output: an input ->
+(dequantize or cast) -> per-channel mean graph gives back the real values the model saw.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import cv2
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from conftest import run_cli
+from lepton_edge.pipeline import ModelFailed, Pipeline
+from lepton_edge.runtime import Runtime
+
+PIXEL_BGR = (10, 128, 250)  # RGB (250, 128, 10)
+RGB = np.array([250.0, 128.0, 10.0])
+
+
+def _mean_tflite(path, dtype: str, quant: tuple[float, int], shape=(1, 8, 8, 3)) -> None:
+    """[1,8,8,3] `dtype` with input quantization `quant` -> DEQUANTIZE -> MEAN over H, W -> [1,3] float."""
+    from ai_edge_litert import schema_py_generated as s
+    from ai_edge_litert.tools import flatbuffer_utils as fu
+
+    types = {"float32": s.TensorType.FLOAT32, "uint8": s.TensorType.UINT8, "int8": s.TensorType.INT8,
+             "int32": s.TensorType.INT32}
+    m = s.ModelT()
+    m.version, m.buffers = 3, [s.BufferT()]
+
+    def tensor(name, shp, t, q=None, data=None):
+        tt = s.TensorT()
+        tt.name, tt.shape, tt.type, tt.buffer = name, list(shp), types[t], 0
+        if q:
+            tt.quantization = s.QuantizationParametersT()
+            tt.quantization.scale, tt.quantization.zeroPoint = [float(q[0])], [int(q[1])]
+        if data is not None:
+            b = s.BufferT()
+            b.data = np.frombuffer(data.tobytes(), np.uint8)
+            m.buffers.append(b)
+            tt.buffer = len(m.buffers) - 1
+        return tt
+
+    m.operatorCodes = []
+    for op in (s.BuiltinOperator.DEQUANTIZE, s.BuiltinOperator.MEAN):
+        oc = s.OperatorCodeT()
+        oc.builtinCode = oc.deprecatedBuiltinCode = op
+        oc.version = 1
+        m.operatorCodes.append(oc)
+    deq, mean = s.OperatorT(), s.OperatorT()
+    deq.opcodeIndex, deq.inputs, deq.outputs = 0, [0], [1]
+    mean.opcodeIndex, mean.inputs, mean.outputs = 1, [1, 2], [3]
+    mean.builtinOptionsType, mean.builtinOptions = s.BuiltinOptions.ReducerOptions, s.ReducerOptionsT()
+    mean.builtinOptions.keepDims = False
+    g = s.SubGraphT()
+    g.name, g.inputs, g.outputs, g.operators = "main", [0], [3], [deq, mean]
+    g.tensors = [tensor("x", shape, dtype, quant), tensor("real", shape, "float32"),
+                 tensor("axes", [2], "int32", data=np.array([1, 2], np.int32)), tensor("y", [1, shape[-1]], "float32")]
+    m.subgraphs = [g]
+    path.write_bytes(bytes(fu.convert_object_to_bytearray(m)))
+
+
+def _mean_onnx(path, elem: int, shape: list, axes: list[int], out_shape: list, extra: list | None = None) -> None:
+    """input (`elem` type) -> Cast to float -> ReduceMean over `axes` [-> extra nodes]."""
+    nodes = [helper.make_node("Cast", ["x"], ["f"], to=TensorProto.FLOAT),
+             helper.make_node("ReduceMean", ["f"], ["y" if not extra else "m"], axes=axes, keepdims=0), *(extra or [])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", elem, shape)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    onnx.save(m, str(path))
+
+
+def _solid(tmp_path, n: int = 3):
+    folder = tmp_path / "solid"
+    folder.mkdir()
+    for i in range(n):
+        cv2.imwrite(str(folder / f"{i}.png"), np.full((20, 30, 3), PIXEL_BGR, np.uint8))
+    return np.full((20, 30, 3), PIXEL_BGR, np.uint8), folder
+
+
+def test_integer_inputs_take_pixel_codes_as_tflite_files_expect(tmp_path):
+    """A quantized uint8 input takes the raw pixel bytes, an int8 one pixel - 128, whatever the input's
+    scale and zero point (they say what the codes mean to the model): fed pixels / 255 quantized with
+    those parameters, a (1/128, 128) input saw 0.98 for every bright pixel, and a (1, -128) one saw
+    0 or 1. Unquantized integer inputs get the same codes (int8 was wrapped around, int64 truncated
+    to 0). Given mean/std, a quantized input is normalised as a float one and its quantization encodes that."""
+    frame, _ = _solid(tmp_path)
+    cases = {  # file -> (what the model must see, channel by channel)
+        "u8q.tflite": ((RGB - 128) / 128, lambda p: _mean_tflite(p, "uint8", (1 / 128, 128))),
+        "i8q.tflite": (RGB, lambda p: _mean_tflite(p, "int8", (1.0, -128))),
+        "i8q01.tflite": (RGB / 255, lambda p: _mean_tflite(p, "int8", (1 / 255, -128))),
+        "i8.onnx": (RGB - 128, lambda p: _mean_onnx(p, TensorProto.INT8, [1, 8, 8, 3], [1, 2], [1, 3])),
+        "i64.onnx": (RGB, lambda p: _mean_onnx(p, TensorProto.INT64, [1, 3, 8, 8], [2, 3], [1, 3])),
+        "u8.onnx": (RGB, lambda p: _mean_onnx(p, TensorProto.UINT8, [1, 8, 8, 3], [1, 2], [1, 3])),
+        "u16.onnx": (RGB, lambda p: _mean_onnx(p, TensorProto.UINT16, [1, 3, 8, 8], [2, 3], [1, 3])),
+    }
+    for name, (want, make) in cases.items():
+        make(tmp_path / name)
+        out = Runtime.load(tmp_path / name, task="raw").predict(frame)
+        np.testing.assert_allclose(np.ravel(out[0]), want, atol=1 / 128 + 1e-6, err_msg=name)
+    rt = Runtime.load(tmp_path / "u8q.tflite", task="raw", input_spec="mean=0.5;std=0.5")
+    np.testing.assert_allclose(np.ravel(rt.predict(frame)[0]), (RGB / 255 - 0.5) / 0.5, atol=1 / 64)
+
+
+def test_three_d_inputs_run_and_a_dynamic_batch_classifier_is_a_classifier(tmp_path):
+    """[1,8,8] (a Keras-MNIST-style gray input) and [3,8,8] (CHW without batch) are fed the frame's tensor
+    without its batch dim: they were refused, blaming a manifest a plain file does not have. One [N,10]
+    output is a classifier's, as [1,10] is ('N' counted as a dimension made it raw)."""
+    frame, _ = _solid(tmp_path)
+    gray = 0.299 * 250 + 0.587 * 128 + 0.114 * 10  # OpenCV's BGR -> gray
+    _mean_onnx(tmp_path / "gray.onnx", TensorProto.FLOAT, [1, 8, 8], [1, 2], [1])
+    _mean_onnx(tmp_path / "chw.onnx", TensorProto.FLOAT, [3, 8, 8], [1, 2], [3])
+    np.testing.assert_allclose(Runtime.load(tmp_path / "gray.onnx", task="raw").predict(frame)[0], [gray / 255],
+                               atol=1 / 255)
+    np.testing.assert_allclose(Runtime.load(tmp_path / "chw.onnx", task="raw").predict(frame)[0], RGB / 255, atol=1e-5)
+    w = helper.make_tensor("w", TensorProto.FLOAT, [3, 10], np.linspace(-1, 1, 30, dtype=np.float32))
+    _mean_onnx(tmp_path / "cls.onnx", TensorProto.FLOAT, ["N", 3, 8, 8], [2, 3], ["N", 10],
+               [helper.make_node("MatMul", ["m", "w"], ["y"])])
+    m = onnx.load(str(tmp_path / "cls.onnx"))
+    m.graph.initializer.append(w)
+    onnx.save(m, str(tmp_path / "cls.onnx"))
+    rt = Runtime.load(tmp_path / "cls.onnx")
+    assert rt.task == "classify" and len(rt.predict(frame)) == 5
+
+
+def _needs_64_pixels(path) -> None:
+    """[1,3,H,W] -> Reshape to [1,3,64]: runs only where H*W == 64 (as PP-OCR's recogniser runs only
+    48 pixels high), so at the default 224x224 every frame fails in the engine."""
+    shape = helper.make_tensor("s", TensorProto.INT64, [3], [1, 3, 64])
+    g = helper.make_graph([helper.make_node("Reshape", ["x", "s"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, "h", "w"])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 64])], [shape])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    onnx.save(m, str(path))
+
+
+def test_a_model_failing_on_every_frame_stops_with_one_line(tmp_path):
+    """Inference failing on every frame (an input size the model cannot take) was a traceback in `run`
+    and `bench`; postprocessing failing (outputs no detector head reads) was every frame counted as
+    corrupt, then 'no frame could be read'. Now both stop after a few frames with one line: the stage,
+    the error, what to try. The right size runs."""
+    _, folder = _solid(tmp_path, n=6)
+    _needs_64_pixels(tmp_path / "m.onnx")
+    r = run_cli("run", str(tmp_path / "m.onnx"), "--source", str(folder), "--no-show")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    (line,) = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert "inference failed on 3 frames in a row" in line and "--input-spec size=HxW" in line, line
+    r = run_cli("bench", str(tmp_path / "m.onnx"), "--runs", "3", "--warmup", "0", "--json")
+    (row,) = json.loads(r.stdout)
+    assert "inference failed" in row["error"] and "Traceback" not in r.stderr, (row, r.stderr[-2000:])
+    _mean_onnx(tmp_path / "mean.onnx", TensorProto.FLOAT, [1, 3, 8, 8], [2, 3], [1, 3])
+    r = run_cli("run", str(tmp_path / "mean.onnx"), "--source", str(folder), "--no-show", "--task", "detect")
+    (line,) = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert r.returncode == 2 and "postprocessing failed" in line and "--task raw" in line, line
+    r = run_cli("run", str(tmp_path / "m.onnx"), "--source", str(folder), "--no-show", "--input-spec", "size=8x8",
+                "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["frames"] == 6, r.stderr[-2000:]
+
+
+def test_a_model_failing_after_frames_went_through_stops_only_after_a_long_run(tmp_path):
+    """Once frames have gone through, a failing frame is counted (a device keeps running through odd
+    frames); FAILS_IN_A_ROW in a row stop the pipeline: the agent reports and restarts it."""
+    from lepton_edge import pipeline as pl
+
+    frame, folder = _solid(tmp_path, n=pl.FAILS_IN_A_ROW + 10)
+    _mean_onnx(tmp_path / "m.onnx", TensorProto.FLOAT, [1, 3, 8, 8], [2, 3], [1, 3])
+    rt = Runtime.load(tmp_path / "m.onnx", task="raw")
+    real, calls = rt.infer, []
+
+    def flaky(x):
+        calls.append(1)
+        if len(calls) > 5:
+            raise RuntimeError("device lost")
+        return real(x)
+
+    rt.infer = flaky
+    pipe = Pipeline(str(folder), rt)
+    got = []
+    with pytest.raises(ModelFailed, match=f"inference failed on {pl.FAILS_IN_A_ROW} frames in a row: device lost"):
+        for res in pipe:
+            got.append(res)
+    assert len(got) == 5 and pipe.bad_frames == pl.FAILS_IN_A_ROW
+
+
+def test_odd_files_are_one_line_errors(tmp_path):
+    """A FIFO named like a model made `inspect` wait forever; names with Rich markup ('a[/]b') raised
+    MarkupError; a bundle whose manifest.json is a directory, or lists no inputs, gave tracebacks."""
+    fifo = tmp_path / "pipe.tflite"
+    os.mkfifo(fifo)
+    r = run_cli("inspect", str(fifo), timeout=30)
+    assert r.returncode == 2 and "not a regular file" in r.stderr
+    (tmp_path / "a[red]b[").mkdir()
+    odd = tmp_path / "a[red]b[" / "]c.onnx"  # the path reads a[red]b[/]c.onnx
+    _mean_onnx(odd, TensorProto.FLOAT, [1, 3, 8, 8], [2, 3], [1, 3])
+    r = run_cli("inspect", str(odd))
+    assert r.returncode == 0 and "a[red]b[/]c.onnx" in r.stdout, r.stderr[-2000:]
+    r = run_cli("run", str(odd), "--source", str(tmp_path / "no[/]such"), "--no-show")
+    assert r.returncode == 2 and "no[/]such" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    for name, manifest in [("dir", None), ("noinputs", {"inputs": []})]:
+        b = tmp_path / name
+        b.mkdir()
+        if manifest is None:
+            (b / "manifest.json").mkdir()
+        else:
+            (b / "manifest.json").write_text(json.dumps({"name": "x", "created": "now", "target": {"id": "x"},
+                                                         "format": "onnx", "precision": "fp32",
+                                                         "model_file": "m.onnx", "outputs": [], **manifest}))
+        for verb in (("inspect", str(b)), ("run", str(b), "--source", str(tmp_path), "--no-show")):
+            r = run_cli(*verb)
+            assert r.returncode == 2 and "Traceback" not in r.stderr, (name, verb, r.stderr[-2000:])
