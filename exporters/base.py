@@ -230,6 +230,11 @@ def _compress(ctx: ExportContext) -> None:
                            "pruned")
         return
     if o.prune:
+        import torch
+
+        if any(isinstance(m, torch.jit.ScriptModule) for m in src.module.modules()):
+            raise BadInput("--prune needs a Python nn.Module (zoo:, .pt2 or the Python API): a TorchScript .pt "
+                           "cannot be pruned (torch-pruning follows Python modules' hooks)")
         ctx.report.compression.pruning = _prune(ctx)
     ctx.report.compression.params = sum(p.numel() for p in src.module.parameters())
 

@@ -22,10 +22,18 @@ def _silenced():
     return ui.libraries_silenced("torch.onnx", "torch.export", "torch._dynamo", "torch._export")
 
 
-def _first_line(e: Exception) -> str:
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
-    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(e).__name__)
-    return line[:300]
+def _first_line(e: BaseException) -> str:
+    """The error's first line, and its root cause's when it has one: torch.onnx wraps the real reason
+    ("State dict entry ... is not a Parameter") in "Failed to export ... Next steps:", which said nothing."""
+    def first(x: BaseException) -> str:
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(x))
+        return next((ln.strip() for ln in text.splitlines() if ln.strip()), type(x).__name__)
+
+    root = e
+    while root.__cause__ is not None and root.__cause__ is not root:
+        root = root.__cause__
+    line = first(e) if root is e else f"{first(e)[:120]}: {type(root).__name__}: {first(root)}"
+    return line[:400]
 
 
 def _self_contained(path: Path) -> bool:
@@ -88,7 +96,14 @@ class OnnxExporter(Exporter):
         batch = spec.shape[0] if isinstance(spec.shape[0], int) else 1
         dynamo = [dict(dynamo=True, opset_version=18, verbose=False, optimize=True)]
         legacy = [dict(dynamo=False, opset_version=min(opset, 17))]
-        scripted = isinstance(source.module, torch.jit.ScriptModule)
+        module = source.module
+        if not isinstance(module, torch.jit.ScriptModule) and \
+                any(isinstance(m, torch.jit.ScriptModule) for m in module.modules()):
+            # a Python module around a TorchScript one (the NHWC entrance on a .pt): neither exporter takes
+            # it ("not part of the active trace"), its trace does (the inner module is called, not re-traced)
+            with torch.no_grad():
+                module = torch.jit.trace(module, torch.zeros([batch] + shape))
+        scripted = isinstance(module, torch.jit.ScriptModule)
         attempts = legacy if scripted or opset < 18 else dynamo + legacy
         errors = []
         for kw in attempts:
@@ -96,9 +111,9 @@ class OnnxExporter(Exporter):
             try:
                 with _silenced():
                     if kw["dynamo"]:
-                        torch.onnx.export(source.module, (x,), None, **names, **kw).save(str(path))
+                        torch.onnx.export(module, (x,), None, **names, **kw).save(str(path))
                     else:
-                        torch.onnx.export(source.module, (x,), str(path), **names, **kw)
+                        torch.onnx.export(module, (x,), str(path), **names, **kw)
                 quantize.compact_names(path)
                 return path
             except Exception as e:

@@ -248,6 +248,12 @@ def _gate_rows(v: dict) -> list[tuple[str, str]]:
         if m == "confident_top1_kept" and bound is not None and v.get("confident_samples"):
             rule = f" (>= {fmt.format(bound)}: at most {_confident_allowed(v, bound)} of " \
                    f"{int(v['confident_samples'])} lost)"
+        if m == "top1_agreement" and bound is not None and v[m] < bound and v.get("top1_agreement_p") is not None:
+            from lepton_edge.exporters.task_metrics import AGREEMENT_P
+
+            # below the line by chance: an artifact on the line would differ this often with probability p
+            rule = f" (>= {fmt.format(bound)}, or as near as chance allows on {int(v['samples'])} inputs: " \
+                   f"p {v['top1_agreement_p']:.2f} >= {AGREEMENT_P:g})"
         if m in ("sqnr_db", "cosine") and v.get("mask_samples") is not None:
             rule = " (reported; probability maps are judged by mask IoU)"  # task_metrics.dense
         rows.append((m, fmt.format(v[m]) + rule))

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from pydantic import ValidationError
+
 from lepton_edge.bundle import DTYPES, InputSpec, guess_layout
 from lepton_edge.errors import BadInput
 from lepton_edge.plugins import Registry
@@ -50,8 +52,12 @@ def default_spec(shape: list, name: str = "input", layout: str | None = None, co
     c = shape[1] if layout == "NCHW" else shape[-1]
     color = color or ("GRAY" if c == 1 else "RGB")
     n = 1 if color == "GRAY" else 3
-    return InputSpec(name=name, shape=list(shape), layout=layout, color=color,
-                     mean=mean or [0.0] * n, std=std or [1.0] * n)
+    try:
+        return InputSpec(name=name, shape=list(shape), layout=layout, color=color,
+                         mean=mean or [0.0] * n, std=std or [1.0] * n)
+    except ValidationError as e:  # a shape over the input size limit (--input-shape 1,3,100000,100000)
+        err = e.errors()[0]
+        raise BadInput(f"input {name!r} {list(shape)}: {err['msg'].removeprefix('Value error, ')}") from None
 
 
 def _typed(spec: InputSpec, elem_type: int) -> InputSpec:
@@ -405,6 +411,14 @@ def load(model: Any, *, profile_hw: tuple[int, int], input_shape: list[int] | No
     if input_shape and len(input_shape) == 4 and input_shape[0] != 1:  # any source: the device feeds one frame
         raise BadInput(f"--input-shape {input_shape} asks for a batch of {input_shape[0]}, and the device feeds one "
                        "camera frame a run: use batch 1")
+    if example_input is not None:
+        shape = getattr(example_input, "shape", None)
+        if shape is None or not all(isinstance(d, int) for d in shape):
+            raise BadInput(f"example_input must be a tensor such as torch.zeros(1, 3, 224, 224), got a "
+                           f"{type(example_input).__name__}")
+        if len(shape) == 4 and shape[0] != 1:
+            raise BadInput(f"example_input has a batch of {shape[0]}, and the device feeds one camera frame a run: "
+                           "use batch 1")
     if input_values:  # passed only when given: a plug-in loader of single-input models need not know it
         if loader.__module__ == __name__ and loader is not OnnxLoader:  # the built-in PyTorch loaders: one input
             raise BadInput("--input-value sets the constant inputs of an ONNX model with several inputs; "

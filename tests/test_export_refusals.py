@@ -157,3 +157,38 @@ def test_pruning_that_costs_accuracy_is_refused(tmp_path):
         lepton_edge.export("zoo:fashion-cnn", target="x86-cpu", precision="fp32", prune=0.5, eval_limit=1000,
                            out=tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+def test_torchscript_exports_nhwc_onnx_and_refuses_pruning_in_one_line(tmp_path):
+    """A TorchScript .pt for an NHWC target as ONNX failed with 'Failed to export ... Next steps:' (the NHWC
+    entrance is a Python module around the TorchScript one, which neither exporter takes); it exports
+    now, with the same outputs as the .pt on the same pixels. --prune on it was a traceback; example_input
+    given as a list or with a batch of 4, and an input shape over the size limit, were tracebacks too."""
+    import torch
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(8, 4), torch.nn.Softmax(1)).eval()
+    torch.jit.script(net).save(str(tmp_path / "net.pt"))
+    r = lepton_edge.export(str(tmp_path / "net.pt"), target="rpi4", format="onnx", precision="fp32",
+                           input_shape=[1, 3, 32, 32], calib=_calib(), out=tmp_path / "out")
+    spec = r.bundle.manifest.inputs[0]
+    assert spec.layout == "NHWC" and spec.shape == [1, 32, 32, 3]
+    from lepton_edge.runtime import Runtime
+
+    frame = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    rt = Runtime.load(r.bundle.path, task="raw")
+    x = rt.preprocess(frame)
+    want = net(torch.from_numpy(x).permute(0, 3, 1, 2)).detach().numpy()
+    np.testing.assert_allclose(rt.predict(frame)[0], want, atol=1e-5)
+    with pytest.raises(BadInput, match="cannot be pruned"):
+        lepton_edge.export(str(tmp_path / "net.pt"), prune=0.3, input_shape=[1, 3, 32, 32], calib=_calib(),
+                           out=tmp_path / "p")
+    with pytest.raises(BadInput, match="must be a tensor"):
+        lepton_edge.export(net, example_input=[1, 3, 32, 32], calib=_calib(), out=tmp_path / "p")
+    with pytest.raises(BadInput, match="a batch of 4"):
+        lepton_edge.export(net, example_input=torch.zeros(4, 3, 32, 32), calib=_calib(), out=tmp_path / "p")
+    with pytest.raises(BadInput, match="over the limit"):
+        lepton_edge.export(str(tmp_path / "net.pt"), input_shape=[1, 3, 100000, 100000], calib=_calib(),
+                           out=tmp_path / "p")
+    assert not (tmp_path / "p").exists() or not any((tmp_path / "p").iterdir())
