@@ -184,7 +184,7 @@ def _gather_data(ctx: ExportContext, precision: str) -> None:
     ctx.data = datasets.gather(ctx.source, precision=precision, calib=o.calib, samples=samples,
                                eval_set=o.eval, eval_limit=o.eval_limit, holdout=o.holdout,
                                allow_synthetic=o.allow_synthetic_calibration)
-    if ctx.data.calib_info:
+    if ctx.data.calib_info and precision != "fp32":  # (fp32's --calib data only validates: calibrates nothing)
         ctx.report.compression.calibration = CalibrationSection(**ctx.data.calib_info)
 
 
@@ -343,8 +343,14 @@ def _float(ctx: ExportContext, exporter: Exporter, fp32: Path, chosen: Path, pre
 
 def _int8(ctx: ExportContext, exporter: Exporter, fp32: Path, chosen: Path, validate, recipes: list[str]):
     """The recipe search (exporters/recipes.py); the best passing candidate becomes `chosen`."""
+    from lepton_edge.compress import calibration as cal
     from lepton_edge.exporters import recipes as search, validation as val
+    from lepton_edge.ui import human
 
+    limit, held = ctx.options.max_memory_bytes, cal.rss_bytes()
+    if limit is not None and held and limit < held:  # every candidate would be stopped at once
+        raise BadInput(f"--max-memory {human(limit)} is less than the export already holds ({human(held)}, the "
+                       "model, its data and the libraries): give it more")
     found = search.search(ctx, exporter, exporter.prepare_int8(ctx, fp32), validate, recipes)
     if found.path is None and found.failure:
         raise CheckFailed(found.failure, details={"attempts": found.attempts})
@@ -438,7 +444,10 @@ def _recipes_for(exporter: Exporter, asked: list[str] | None, prof) -> list[str]
     wanted = asked or prof.quantization.recipes
     usable = [r for r in wanted if exporter.supports_recipe(r)]
     if asked and not usable:
-        raise BadInput(f"--recipes: {exporter.format} int8 supports {', '.join(exporter.recipe_examples)}")
+        grammar = ("; any of nncf-default, nncf-mixed, <u8|s8>-<minmax|percentile|entropy>[-ends][-sensitive]"
+                   if exporter.format == "onnx" else "")
+        raise BadInput(f"--recipes: none of {', '.join(asked)} is a {exporter.format} int8 recipe (for example "
+                       f"{', '.join(exporter.recipe_examples)}{grammar})")
     return usable or list(exporter.recipe_examples)
 
 

@@ -208,17 +208,20 @@ def gather(src, *, precision: str, calib, samples: int, eval_set, eval_limit, ho
         ui.info(f"[dim]{note}[/]")
     calib_x = held = None
     info: dict[str, Any] = {}
-    if precision == "int8" or (precision == "fp16" and calib is not None):  # fp16: ranges (compress/fp16.py)
-        with ui.stage("load calibration data"):
+    # fp16 takes ranges from --calib (compress/fp16.py); fp32 needs none, but its data still validates
+    # (with none it was random inputs, even with real photos given)
+    if precision == "int8" or calib is not None:
+        with ui.stage("load calibration data" if precision != "fp32" else "load --calib data (to validate on)"):
             calib_x, held, info = calibration(src, calib, samples, holdout, allow_synthetic)
-    elif calib is not None:
-        ui.info(f"[dim]--calib ignored: {precision} needs no calibration[/]")
     split = {k: info.pop(k) for k in ("calibration_inputs", "validation_inputs") if k in info}
+    if precision == "fp32":  # its --calib data validates only: nothing was calibrated on the rest
+        split.pop("calibration_inputs", None)
     if constants:
         split["constant_inputs"] = constants
     if ev_x is not None and ev_y is not None:
         split["validation_inputs"] = f"{ev_src} (labelled)"
-        return ExportData(ev_x, "evaluation set", ev_x, ev_y, ev_src, calib_x, info, split)
+        return ExportData(ev_x, "evaluation set", ev_x, ev_y, ev_src, calib_x if precision != "fp32" else None,
+                          info, split)
     if held is not None:
         with_views = "views" in split.get("validation_inputs", "")
         check, kind = held, "held-out calibration data" + (" and other views of it" if with_views else "")
@@ -231,7 +234,7 @@ def gather(src, *, precision: str, calib, samples: int, eval_set, eval_limit, ho
     else:
         check, kind = cal.synthetic(src.input_spec, holdout, seed=1).x, "synthetic"
         split["validation_inputs"] = f"{len(check)} random inputs"
-    return ExportData(check, kind, calib_x=calib_x, calib_info=info, split=split)
+    return ExportData(check, kind, calib_x=calib_x if precision != "fp32" else None, calib_info=info, split=split)
 
 
 def training(src, train, limit: int | None = None):

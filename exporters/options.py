@@ -189,7 +189,17 @@ class ExportOptions(BaseModel):
                 targets.QuantizationSettings(recipes=v)
             except ValidationError as e:  # one line naming the unknown recipe
                 raise ValueError(e.errors()[0]["msg"].removeprefix("Value error, ")) from None
-        return v or None
+        return list(dict.fromkeys(v)) or None  # (a recipe named twice is tried once)
+
+    @field_validator("target", mode="before")
+    @classmethod
+    def _target_path(cls, v):
+        return str(v) if isinstance(v, Path) else v  # a .toml path given as a Path
+
+    @field_validator("out", mode="after")
+    @classmethod
+    def _out_home(cls, v: Path) -> Path:
+        return v.expanduser()  # out="~/bundles" from Python (a shell expands it for the CLI)
 
     @field_validator("input_values", mode="before")
     @classmethod

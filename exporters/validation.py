@@ -240,6 +240,10 @@ class Validator:
             self.ref = Reference(outs, specs)
             self.task = task or infer_task(self.ref, input_spec, labels)
             self.task_inferred = task is None
+            classes = int(np.asarray(outs[0]).shape[-1]) if np.asarray(outs[0]).ndim >= 2 else None
+            if self.task == "classify" and labels and classes and len(labels) != classes:
+                raise BadInput(f"{len(labels)} labels for a classifier of {classes} classes: give one name a class, "
+                               "in the model's order (--labels)")
             if task == "detect":
                 from lepton_edge.exporters import task_metrics as tm
 

@@ -160,6 +160,8 @@ def export(
         ui.set_quiet(True)
     emitted = False  # with --json: stdout has its one JSON document (the result or the refusal)
     try:
+        if recipes is not None and not recipes.strip(" ,"):
+            raise BadInput("--recipes is empty: name at least one recipe, or leave it out for the target's")
         check_output_dir(output, "--out")  # before minutes of work, not after
         options = ExportOptions.of(  # flags as typed (case aside); every check is the options' own
             flags=True, target=target, out=output, name=name, format=fmt, precision=precision,

@@ -181,7 +181,7 @@ def _parse(text: str | bytes, source: str) -> Profile:
     except ValidationError as e:
         err = e.errors()[0]
         field = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        raise BadInput(f"{source}: field '{field}': {err['msg']}") from None
+        raise BadInput(f"{source}: field '{field}': {err['msg'].removeprefix('Value error, ')}") from None
     prof.source = source
     return prof
 

@@ -192,3 +192,37 @@ def test_torchscript_exports_nhwc_onnx_and_refuses_pruning_in_one_line(tmp_path)
         lepton_edge.export(str(tmp_path / "net.pt"), input_shape=[1, 3, 100000, 100000], calib=_calib(),
                            out=tmp_path / "p")
     assert not (tmp_path / "p").exists() or not any((tmp_path / "p").iterdir())
+
+
+def test_fp32_validates_on_the_photos_given_not_on_random_inputs(model, tmp_path):
+    """fp32 with --calib said '--calib ignored' and validated on random inputs; the photos validate it
+    now (held out and other views of them), and the manifest records no calibration (nothing was)."""
+    r = lepton_edge.export(str(model), calib=_calib(), precision="fp32", out=tmp_path)
+    m = r.bundle.manifest
+    assert m.validation["agreement_inputs"].startswith("held-out calibration data"), m.validation["agreement_inputs"]
+    assert "calibration" not in m.compression and "calibration_inputs" not in m.validation["inputs"]
+
+
+def test_small_option_slips_are_caught_or_understood(model, tmp_path, monkeypatch):
+    """A recipe named twice is tried once; --recipes '' is refused (it meant the profile's list); a
+    target given as a Path and out='~/x' from Python work as on the command line; labels that do not
+    match the classes, a --max-memory below what the export already holds and recipes the format does
+    not have are one line each."""
+    from pathlib import Path
+
+    from lepton_edge.exporters.options import ExportOptions
+
+    assert ExportOptions.of(recipes=["u8-minmax", "u8-minmax", "nncf-default"]).recipes == ["u8-minmax", "nncf-default"]
+    r = run_cli("export", str(model), "--calib", _calib(), "--recipes", "", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "--recipes is empty" in _error_line(r)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    toml = Path(__file__).parent.parent / "targets" / "x86-cpu.toml"
+    r = lepton_edge.export(str(model), target=toml, calib=_calib(), precision="fp32", out="~/bundles")
+    assert r.bundle.path.parent == tmp_path / "bundles"
+    with pytest.raises(BadInput, match="3 labels for a classifier of 4 classes"):
+        lepton_edge.export(str(model), calib=_calib(), labels=["a", "b", "c"], precision="fp32", out=tmp_path / "l")
+    with pytest.raises(BadInput, match="less than the export already holds"):
+        lepton_edge.export(str(model), calib=_calib(), max_memory="64MiB", out=tmp_path / "m")
+    r = run_cli("export", str(model), "--calib", _calib(), "--recipes", "s8-minmax-litert",
+                "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "u8|s8" in _error_line(r)
