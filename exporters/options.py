@@ -189,7 +189,7 @@ class ExportOptions(BaseModel):
                 targets.QuantizationSettings(recipes=v)
             except ValidationError as e:  # one line naming the unknown recipe
                 raise ValueError(e.errors()[0]["msg"].removeprefix("Value error, ")) from None
-        return list(dict.fromkeys(v)) or None  # (a recipe named twice is tried once)
+        return list(dict.fromkeys(v)) if v else None  # (a recipe named twice is tried once)
 
     @field_validator("target", mode="before")
     @classmethod

@@ -226,3 +226,27 @@ def test_small_option_slips_are_caught_or_understood(model, tmp_path, monkeypatc
     r = run_cli("export", str(model), "--calib", _calib(), "--recipes", "s8-minmax-litert",
                 "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "u8|s8" in _error_line(r)
+
+
+def test_eval_class_folders_map_to_labels_by_name_or_say_how(model, tmp_path):
+    """Class folders partly named after labels fell back to sorted order without a word (accuracy of a
+    wrong mapping); that is refused now, and folders named after no label are taken in sorted order with
+    a warning that shows the mapping."""
+    import shutil
+
+    from third_party import corpus
+
+    photos = sorted(corpus.eval_dir().glob("*.png"))[:8] or sorted(corpus.eval_dir().iterdir())[:8]
+    labels = tmp_path / "labels.txt"
+    labels.write_text("cat\ndog\ncar\nsky\n")
+    for name, folders in [("mixed", ("cat", "dog", "zebra")), ("other", ("up", "down"))]:
+        for i, f in enumerate(folders):
+            (tmp_path / name / f).mkdir(parents=True)
+            for p in photos[i::len(folders)]:
+                shutil.copy(p, tmp_path / name / f / p.name)
+    args = ("export", str(model), "--calib", _calib(), "--precision", "fp32", "--labels", str(labels),
+            "--min-agreement", "0", "--max-accuracy-drop", "100")
+    r = run_cli(*args, "--eval", str(tmp_path / "mixed"), "--out", str(tmp_path / "o1"))
+    assert r.returncode == 2 and "zebra match no label" in _error_line(r)
+    r = run_cli(*args, "--eval", str(tmp_path / "other"), "--out", str(tmp_path / "o2"))
+    assert r.returncode == 0 and "down -> cat, up -> dog" in r.stderr, r.stderr[-2000:]

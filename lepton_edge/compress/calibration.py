@@ -250,12 +250,7 @@ def load_labelled(src: str, spec: InputSpec, labels: list[str] | None, limit: in
     classes = sorted(d.name for d in p.iterdir() if d.is_dir())
     if not classes:
         raise BadInput(f"{src}: no class sub-folders (expected {src}/<class>/<image>)")
-    if labels:
-        norm = {_norm(name): i for i, name in enumerate(labels)}
-        by_name = all(_norm(c) in norm for c in classes)
-        cls_index = {c: norm[_norm(c)] if by_name else (int(c) if c.isdigit() else classes.index(c)) for c in classes}
-    else:
-        cls_index = {c: i for i, c in enumerate(classes)}
+    cls_index = _class_indices(src, classes, labels) if labels else {c: i for i, c in enumerate(classes)}
     files, ys = [], []
     for c in classes:
         for f in _image_files(str(p / c)):
@@ -267,6 +262,29 @@ def load_labelled(src: str, spec: InputSpec, labels: list[str] | None, limit: in
         pick = np.linspace(0, len(files) - 1, limit, dtype=int)
         files, ys = [files[i] for i in pick], [ys[i] for i in pick]
     return Samples(_read_images(files, spec), src, "images", np.asarray(ys, np.int64))
+
+
+def _class_indices(src: str, classes: list[str], labels: list[str]) -> dict[str, int]:
+    """Class folder -> the model's class index: by label name when every folder is named after a label;
+    by number when every folder is a class index; else by sorted order, said in a warning. Why strict:
+    a mix (some folders named after labels, some not) once fell back to sorted order without a word,
+    and the accuracy measured was of a wrong mapping."""
+    import logging
+
+    norm = {_norm(name): i for i, name in enumerate(labels)}
+    named = [c for c in classes if _norm(c) in norm]
+    if len(named) == len(classes):
+        return {c: norm[_norm(c)] for c in classes}
+    if named:
+        raise BadInput(f"{src}: class folders {', '.join(c for c in classes if c not in named)[:200]} match no label, "
+                       f"and {', '.join(named)[:200]} do: name every folder after a label (or every one by its index)")
+    if all(c.isdigit() for c in classes):
+        return {c: int(c) for c in classes}
+    mapping = {c: i for i, c in enumerate(classes)}
+    logging.getLogger(__name__).warning(
+        "%s: class folders match no label name; taken in sorted order: %s", src,
+        ", ".join(f"{c} -> {labels[i] if i < len(labels) else i}" for c, i in list(mapping.items())[:10]))
+    return mapping
 
 
 def _norm(name: str) -> str:
