@@ -79,6 +79,9 @@ def views(x, spec):
     return np.concatenate([mirrored, zoomed, brighter.astype(x.dtype)])
 
 
+FEW_CALIBRATION = 20  # int8 calibrated on fewer inputs than this is warned about
+
+
 def held_few(n: int) -> int:
     """Inputs held out of `n` too few to calibrate and validate on separate sets (`_split_few`): a fifth,
     at most 16, at least one."""
@@ -213,6 +216,13 @@ def gather(src, *, precision: str, calib, samples: int, eval_set, eval_limit, ho
     if precision == "int8" or calib is not None:
         with ui.stage("load calibration data" if precision != "fp32" else "load --calib data (to validate on)"):
             calib_x, held, info = calibration(src, calib, samples, holdout, allow_synthetic)
+        if precision == "int8" and calib is not None and len(calib_x) < FEW_CALIBRATION:
+            import logging
+
+            logging.getLogger(__name__).warning(
+                f"only {len(calib_x)} input(s) calibrate int8 (and {len(held) if held is not None else 0} validate "
+                "it): ranges from so few are a guess, and a gate on so few decides little; give --calib 50-300 "
+                "images like those the device will see")
     split = {k: info.pop(k) for k in ("calibration_inputs", "validation_inputs") if k in info}
     if precision == "fp32":  # its --calib data validates only: nothing was calibrated on the rest
         split.pop("calibration_inputs", None)

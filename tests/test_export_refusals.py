@@ -98,6 +98,7 @@ def test_non_finite_data_and_arrays_no_input_can_come_from_are_one_line(model, t
     np.save(tmp_path / "scalar.npy", np.float32(1))
     np.save(tmp_path / "empty.npy", x[:0])
     np.savez(tmp_path / "none.npz")
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     np.savez(tmp_path / "short_y.npz", x=x, y=np.zeros(5, np.int64))
     np.savez(tmp_path / "y7.npz", x=x, y=np.full(20, 7))
     out = tmp_path / "out"
@@ -105,6 +106,7 @@ def test_non_finite_data_and_arrays_no_input_can_come_from_are_one_line(model, t
              (("--calib", str(tmp_path / "scalar.npy")), "a scalar"),
              (("--calib", str(tmp_path / "empty.npy")), "no samples"),
              (("--calib", str(tmp_path / "none.npz")), "no arrays"),
+             (("--calib", str(tmp_path / "objects.npy")), "not a numeric array file"),
              (("--calib", _calib(), "--eval", str(tmp_path / "short_y.npz")), "do not pair"),
              (("--calib", _calib(), "--eval", str(tmp_path / "y7.npz")), "the model has 4 classes"),
              (("--calib", _calib(), "--std", "1e-46"), "must not contain 0")]
@@ -250,3 +252,18 @@ def test_eval_class_folders_map_to_labels_by_name_or_say_how(model, tmp_path):
     assert r.returncode == 2 and "zebra match no label" in _error_line(r)
     r = run_cli(*args, "--eval", str(tmp_path / "other"), "--out", str(tmp_path / "o2"))
     assert r.returncode == 0 and "down -> cat, up -> dog" in r.stderr, r.stderr[-2000:]
+
+
+def test_int8_from_a_single_photo_says_it_decides_little(model, tmp_path):
+    """One image calibrates int8 and three views of it validate it: the export may pass, and it says
+    how little that means."""
+    import shutil
+    from pathlib import Path
+
+    one = tmp_path / "one"
+    one.mkdir()
+    from lepton_edge.compress.calibration import IMAGE_EXTS
+
+    shutil.copy(sorted(p for p in Path(_calib()).iterdir() if p.suffix.lower() in IMAGE_EXTS)[0], one)
+    r = run_cli("export", str(model), "--calib", str(one), "--out", str(tmp_path / "o"))
+    assert "only 1 input(s) calibrate int8 (and 3 validate it)" in r.stderr, r.stderr[-2000:]

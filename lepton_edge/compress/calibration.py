@@ -208,11 +208,18 @@ def load_inputs(src: str, spec: InputSpec, limit: int | None = None) -> Samples:
         try:
             data = np.load(p, allow_pickle=False)
         except Exception as e:
-            raise BadInput(f"cannot read {src}: {e}") from None
+            why = ("not a numeric array file (Python objects, or not .npy at all; nothing is unpickled)"
+                   if "pickle" in str(e) else str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
+            raise BadInput(f"cannot read {src}: {why}") from None
         if isinstance(data, np.lib.npyio.NpzFile):
             if not data.files:
                 raise BadInput(f"{src}: the .npz holds no arrays")
             key = next((k for k in ("x", "images", "inputs", "input") if k in data.files), data.files[0])
+            if key not in ("x", "images", "inputs", "input") and len(data.files) > 1:
+                import logging
+
+                logging.getLogger(__name__).warning(f"{src}: no array named x, images or inputs: using {key!r}, the "
+                                                    f"first of {', '.join(data.files[:8])}")
             y = next((data[k] for k in ("y", "labels", "targets") if k in data.files), None)
             arr = data[key]
         else:
