@@ -256,11 +256,12 @@ def _prune(ctx: ExportContext) -> PruningSection:
         with ctx.progress.stage(f"fine-tune {o.finetune_epochs} epoch(s) on {len(tx)} samples"):
             pr.finetune(pruned, tx, ty, o.finetune_epochs)
         rep.update(finetune_epochs=o.finetune_epochs, finetune_samples=len(tx))
+    before = after = None
     if data.eval_x is not None and data.eval_y is not None:
+        before, after = (_labelled_accuracy(m, data.eval_x, data.eval_y) for m in (src.module, pruned))
+    if before is not None and after is not None:
         # what pruning cost, on labels: the quantization gate compares against the pruned model, so a
         # prune that left a 0.90 classifier at 0.14 passed it (its int8 kept the pruned model's answers)
-        before, after = (float((_torch_predictor(m, None)(data.eval_x)[0].argmax(1) == data.eval_y).mean())
-                         for m in (src.module, pruned))
         rep.update(accuracy_before=before, accuracy_after=after)
         drop = 100 * (before - after)
         if ctx.enforce and drop > o.max_prune_drop:
@@ -268,10 +269,20 @@ def _prune(ctx: ExportContext) -> PruningSection:
                               f"{after:.4f} on {len(data.eval_y)} labelled samples), over --max-prune-drop "
                               f"{o.max_prune_drop:g} pp: prune less, or fine-tune (--finetune-epochs with --train)")
     elif ctx.enforce:
-        logging.getLogger(__name__).warning("no labelled --eval set: what pruning cost in accuracy is not measured "
-                                            "(the validation compares the exported model with the pruned one)")
+        logging.getLogger(__name__).warning("no labelled set of class scores: what pruning cost in accuracy is not "
+                                            "measured (the validation compares the exported model with the pruned one)")
     src.module = pruned
     return PruningSection(**rep)
+
+
+def _labelled_accuracy(module, x, y) -> float | None:
+    """Top-1 accuracy of `module` on labelled (x, y), or None when its first output is not one score a
+    class per sample (a detector or a segmenter given class folders)."""
+    out = np.asarray(_torch_predictor(module, None)(x)[0])
+    flat = out.reshape(len(out), -1) if out.ndim else out
+    if flat.ndim != 2 or len(flat) != len(y) or flat.shape[1] < 2 or int(np.max(y)) >= flat.shape[1]:
+        return None
+    return float((flat.argmax(1) == y).mean())
 
 
 def _fp32(ctx: ExportContext, exporter: Exporter):

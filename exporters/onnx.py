@@ -101,8 +101,11 @@ class OnnxExporter(Exporter):
                 any(isinstance(m, torch.jit.ScriptModule) for m in module.modules()):
             # a Python module around a TorchScript one (the NHWC entrance on a .pt): neither exporter takes
             # it ("not part of the active trace"), its trace does (the inner module is called, not re-traced)
-            with torch.no_grad():
-                module = torch.jit.trace(module, torch.zeros([batch] + shape))
+            try:
+                with torch.no_grad(), _silenced():
+                    module = torch.jit.trace(module, torch.zeros([batch] + shape))
+            except Exception as e:
+                raise BadInput(f"torch -> ONNX export failed: {_first_line(e)}") from None
         scripted = isinstance(module, torch.jit.ScriptModule)
         attempts = legacy if scripted or opset < 18 else dynamo + legacy
         errors = []

@@ -118,8 +118,8 @@ class ExportOptions(BaseModel):
 
     target: str = "x86-cpu"  # profile id or a .toml path
     out: Path = Path("out")  # parent directory of the bundle
-    # the bundle folder's name stem: no '/', no leading '.' (it must stay inside --out)
-    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+    # the bundle folder's name stem (writer.bundle_name makes it a safe folder name): no path, no leading '.'
+    name: str | None = Field(default=None, min_length=1, max_length=128)
     format: str | None = None  # a registered exporter (onnx, tflite, or one added through an entry point)
     precision: Literal["fp32", "fp16", "int8"] | None = None
     layout: Literal["NCHW", "NHWC"] | None = None
@@ -190,6 +190,13 @@ class ExportOptions(BaseModel):
             except ValidationError as e:  # one line naming the unknown recipe
                 raise ValueError(e.errors()[0]["msg"].removeprefix("Value error, ")) from None
         return list(dict.fromkeys(v)) if v else None  # (a recipe named twice is tried once)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v):
+        if v is not None and ("/" in v or "\\" in v or "\0" in v or v.startswith(".")):
+            raise ValueError(f"a bundle name, not a path: no '/', '\\' or leading '.', got {v!r}")
+        return v
 
     @field_validator("target", mode="before")
     @classmethod

@@ -240,7 +240,8 @@ class Validator:
             self.ref = Reference(outs, specs)
             self.task = task or infer_task(self.ref, input_spec, labels)
             self.task_inferred = task is None
-            classes = int(np.asarray(outs[0]).shape[-1]) if np.asarray(outs[0]).ndim >= 2 else None
+            # ([1,1000,1,1] is SqueezeNet's 1000 classes: every value of a sample is one class's score)
+            classes = int(np.prod(np.asarray(outs[0]).shape[1:])) if np.asarray(outs[0]).ndim >= 2 else None
             if self.task == "classify" and labels and classes and len(labels) != classes:
                 raise BadInput(f"{len(labels)} labels for a classifier of {classes} classes: give one name a class, "
                                "in the model's order (--labels)")
@@ -263,7 +264,7 @@ class Validator:
                 self.ref.eval_outputs = outs if data.eval_x is data.check_x else batched(
                     reference, data.eval_x, batch, "reference")
                 self.ref.eval_y = data.eval_y
-                classes = int(np.asarray(self.ref.eval_outputs[0]).shape[-1])
+                classes = int(np.prod(np.asarray(self.ref.eval_outputs[0]).shape[1:]))
                 if len(data.eval_y) and (int(np.min(data.eval_y)) < 0 or int(np.max(data.eval_y)) >= classes):
                     raise BadInput(f"--eval labels run {int(np.min(data.eval_y))}..{int(np.max(data.eval_y))}, and "
                                    f"the model has {classes} classes (0..{classes - 1})")

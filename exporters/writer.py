@@ -38,9 +38,11 @@ def toolchain() -> dict[str, str]:
 
 def bundle_name(src, prof, fmt: str, precision: str) -> str:
     """<model>-<target>, with the format/precision appended when they are not the target's default. The
-    model's name is a file name's stem or --name: anything but letters, digits, '_', '.' and '-' becomes
-    '-', and no leading '.' (a bundle folder inside --out, never a hidden one or one elsewhere)."""
-    name = f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', src.name).lstrip('.-') or 'model'}-{prof.id}"
+    model's name is a file name's stem or --name: anything but letters (any script), digits, '_', '.'
+    and '-' becomes '-', and no leading '.' (a bundle folder inside --out, never a hidden one or one
+    elsewhere)."""
+    stem = re.sub(r"[^\w.-]+", "-", src.name).strip("-").lstrip(".-") or "model"
+    name = f"{stem}-{prof.id}"
     if fmt != prof.format:
         return f"{name}-{fmt}-{precision}"
     return name if precision == prof.precision else f"{name}-{precision}"

@@ -62,6 +62,8 @@ class Pipeline:
         self.bad_frames = 0  # frames that preprocessing, inference or postprocessing could not handle
         self._through = 0  # frames that went through inference and postprocessing
         self._in_a_row = 0  # frames in a row that inference or postprocessing failed on
+        self.failed_since_swap = 0  # frames inference or postprocessing failed on since the last swap()
+        self.last_failure: str | None = None  # the last such failure, one line
         self.sample_every = 1  # run the model on every Nth frame the source delivers (the agent's `set`)
         self.probe: list[float] | None = None  # when a list: inference ms of frames run by the current runtime
         self.preprocess_on_capture = True  # see the module docstring; revised every `balance_every` frames
@@ -74,6 +76,10 @@ class Pipeline:
         Frames already preprocessed for the old model are preprocessed again for the new one."""
         old, self.runtime = self.runtime, runtime
         self.probe = []
+        # the new model starts afresh: FAILS_BEFORE_FIRST applies to it, and what failed is counted for
+        # the deploy's health check (agent/service.py), never what the old model did
+        self._through = self._in_a_row = self.failed_since_swap = 0
+        self.last_failure = None
         return old
 
     def _preprocess(self, rt: Runtime, frame) -> tuple:
@@ -180,6 +186,8 @@ class Pipeline:
         what to try) once FAILS_BEFORE_FIRST frames failed before any went through, or FAILS_IN_A_ROW in a row."""
         self.bad_frames += 1
         self._in_a_row += 1
+        self.failed_since_swap += 1
+        self.last_failure = rt.failure(stage, e)
         if self._in_a_row < (FAILS_IN_A_ROW if self._through else FAILS_BEFORE_FIRST):
             return
         raise ModelFailed(rt.failure(stage, e, f"on {self._in_a_row} frames in a row"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 
 import numpy as np
@@ -76,7 +77,10 @@ def test_the_bundle_folder_replaces_only_a_bundle_and_stays_inside_out(model, tm
     assert r.returncode == 2 and "not a folder" in _error_line(r)
     mine.unlink()
     r = run_cli(*args, "--name", "../escaped")
-    assert r.returncode == 2 and "--name" in _error_line(r) and not (tmp_path / "escaped-x86-cpu").exists()
+    assert r.returncode == 2 and "--name" in _error_line(r) and not (tmp_path / "escaped-x86-cpu-fp32").exists()
+    r = run_cli(*args, "--name", "ResNet 50 (ünï)")  # a name, not a path: made a folder name
+    assert r.returncode == 0 and (out / "ResNet-50-ünï-x86-cpu-fp32" / "manifest.json").is_file(), r.stderr[-2000:]
+    shutil.rmtree(out / "ResNet-50-ünï-x86-cpu-fp32")
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging folder left behind
     old = os.umask(0o022)
     try:
@@ -267,3 +271,21 @@ def test_int8_from_a_single_photo_says_it_decides_little(model, tmp_path):
     shutil.copy(sorted(p for p in Path(_calib()).iterdir() if p.suffix.lower() in IMAGE_EXTS)[0], one)
     r = run_cli("export", str(model), "--calib", str(one), "--out", str(tmp_path / "o"))
     assert "only 1 input(s) calibrate int8 (and 3 validate it)" in r.stderr, r.stderr[-2000:]
+
+
+def test_what_the_new_checks_must_not_refuse(tmp_path):
+    """Class scores as [1,C,1,1] (SqueezeNet) are C classes for --labels and --eval; a calibration .npz
+    whose y is one-hot (Keras) calibrates (labels matter to --eval only)."""
+    _classifier(tmp_path / "sq.onnx")
+    m = onnx.load(str(tmp_path / "sq.onnx"))
+    m.graph.node[1].attribute[1].i = 1  # ReduceMean keepdims=1: [1,4,1,1]
+    m.graph.node[2].attribute.append(helper.make_attribute("axis", 1))
+    m.graph.output[0].CopyFrom(helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 1, 1]))
+    onnx.save(m, str(tmp_path / "sq.onnx"))
+    x = np.random.default_rng(0).random((30, 3, 32, 32)).astype(np.float32)
+    np.savez(tmp_path / "onehot.npz", x=x, y=np.eye(4, dtype=np.float32)[np.arange(30) % 4])
+    np.savez(tmp_path / "eval.npz", x=x, y=np.arange(30) % 4)
+    r = lepton_edge.export(str(tmp_path / "sq.onnx"), calib=str(tmp_path / "onehot.npz"),
+                           eval=str(tmp_path / "eval.npz"), labels=["a", "b", "c", "d"], task="classify",
+                           precision="fp32", out=tmp_path / "o", min_agreement=0.0, max_accuracy_drop=100.0)
+    assert r.manifest.validation["eval_samples"] == 30

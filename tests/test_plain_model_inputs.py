@@ -128,6 +128,15 @@ def test_three_d_inputs_run_and_a_dynamic_batch_classifier_is_a_classifier(tmp_p
     onnx.save(m, str(tmp_path / "cls.onnx"))
     rt = Runtime.load(tmp_path / "cls.onnx")
     assert rt.task == "classify" and len(rt.predict(frame)) == 5
+    # with a fixed input batch, a dynamic leading output dim counts something (['num_dets', 6]): not a batch
+    g = helper.make_graph([helper.make_node("ReduceMean", ["x"], ["m"], axes=[2, 3], keepdims=0),
+                           helper.make_node("NonZero", ["m"], ["nz"]), helper.make_node("Transpose", ["nz"], ["y"])],
+                          "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.INT64, ["num", 2])])
+    dets = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    dets.ir_version = 8
+    onnx.save(dets, str(tmp_path / "dets.onnx"))
+    assert Runtime.load(tmp_path / "dets.onnx").task == "raw"
 
 
 def _needs_64_pixels(path) -> None:
@@ -188,6 +197,9 @@ def test_a_model_failing_after_frames_went_through_stops_only_after_a_long_run(t
         for res in pipe:
             got.append(res)
     assert len(got) == 5 and pipe.bad_frames == pl.FAILS_IN_A_ROW
+    assert pipe.failed_since_swap == pl.FAILS_IN_A_ROW and "device lost" in pipe.last_failure
+    pipe.swap(Runtime.load(tmp_path / "m.onnx", task="raw"))  # a deploy: the new model starts afresh
+    assert (pipe.failed_since_swap, pipe.last_failure, pipe._through, pipe._in_a_row) == (0, None, 0, 0)
 
 
 def test_odd_files_are_one_line_errors(tmp_path):

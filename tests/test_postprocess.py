@@ -100,6 +100,8 @@ def test_a_large_output_embeds_through_a_sketch_without_a_dense_matrix():
     exact = np.sum(base * near, 1) / np.linalg.norm(base, axis=1) / np.linalg.norm(near, axis=1)  # ~0.96
     assert np.abs(np.diag(sim) - exact).max() < 0.1
     assert post.embed([base[:1]]) == res[0]  # the same sketch every time (seeded): codes compare across devices
+    assert res[0]["projection"] == "count-sketch"  # and says so: codes compare only with codes made the same way
+    assert post.embed([base[:1, :1280]])["projection"] == "dense" and "projection" not in post.embed([base[:1, :64]])
 
 
 def test_classify_ties_go_to_the_lowest_index_on_every_cpu():

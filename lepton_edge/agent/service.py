@@ -518,6 +518,9 @@ class Agent:
         while time.monotonic() < deadline and not self._stop.is_set():
             if self.pipeline_failures != failures:
                 return False, f"the pipeline failed: {self.pipeline_error}", {}
+            if self.pipeline.failed_since_swap:  # a model that fails on some frames only: not healthy either
+                return False, (f"{self.pipeline.failed_since_swap} frame(s) failed since the swap: "
+                               f"{self.pipeline.last_failure}"), {}
             if len(self.pipeline.probe or ()) >= frames:
                 break
             time.sleep(0.02)
@@ -568,6 +571,7 @@ class Agent:
             new = Pipeline(self.source, self.runtime)
             new.stats, new.bad_frames, new.sample_every = old.stats, old.bad_frames, old.sample_every
             new.probe, new.preprocess_on_capture = old.probe, old.preprocess_on_capture
+            new.failed_since_swap, new.last_failure = old.failed_since_swap, old.last_failure
             self.pipeline = new
         self.pipeline_error = None
 

@@ -104,14 +104,18 @@ def _image_files(src: str) -> list[Path]:
 
 
 def _read_images(files: list[Path], spec: InputSpec) -> PixelInputs:
+    return _read_images_kept(files, spec)[0]
+
+
+def _read_images_kept(files: list[Path], spec: InputSpec) -> tuple[PixelInputs, list[int]]:
     """The files as model-sized pixels, each written straight into one array (a list of resized images
     stacked after would hold every image twice: 7 GB for 72 photos at 4096x4096)."""
     import cv2
 
     h, w = spec.hw()
     out = np.empty((len(files), h, w, spec.channels), np.uint8)
-    n = 0
-    for f in files:
+    n, kept = 0, []  # kept: the indices of the files read (a labelled set keeps their labels only)
+    for i, f in enumerate(files):
         im = cv2.imread(str(f), cv2.IMREAD_UNCHANGED)
         if im is None:
             continue  # unreadable image: skip, a folder of mostly good images still calibrates
@@ -119,11 +123,12 @@ def _read_images(files: list[Path], spec: InputSpec) -> PixelInputs:
             im = cv2.convertScaleAbs(im, alpha=255.0 / max(1, int(im.max())))
         out[n] = to_pixels(im, spec)
         n += 1
+        kept.append(i)
     if not n:
         raise BadInput(f"none of the {len(files)} image files could be decoded")
     if n < len(files):  # (a slice would keep every skipped file's room: shrunk where it lies instead)
         out.resize((n, h, w, spec.channels), refcheck=False)
-    return PixelInputs(out, spec)
+    return PixelInputs(out, spec), kept
 
 
 def count_inputs(src: str, limit: int | None = None) -> int | None:
@@ -138,10 +143,10 @@ def count_inputs(src: str, limit: int | None = None) -> int | None:
     return min(n, limit) if limit else n
 
 
-def _usable_array(arr: np.ndarray, y: np.ndarray | None, src: str) -> None:
+def _usable_array(arr: np.ndarray, src: str) -> None:
     """One line for an array no model input can come from: a scalar, no samples, not numbers, values
     that are not finite (NaN inputs give NaN outputs, and NaN compares as 'the same' everywhere: an
-    all-NaN .npy once passed validation with agreement 1.0), or labels that do not pair with it."""
+    all-NaN .npy once passed validation with agreement 1.0)."""
     if arr.ndim == 0 or len(arr) == 0:
         raise BadInput(f"{src}: {'a scalar' if arr.ndim == 0 else 'no samples'} (shape {list(arr.shape)}); "
                        "give [N, ...] model inputs or [N,H,W(,C)] uint8 images")
@@ -149,10 +154,15 @@ def _usable_array(arr: np.ndarray, y: np.ndarray | None, src: str) -> None:
         raise BadInput(f"{src}: an array of {arr.dtype}, not numbers")
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         raise BadInput(f"{src}: {int((~np.isfinite(arr)).sum())} values are NaN or infinite")
+
+
+def _check_labels(y: np.ndarray | None, n: int, src: str) -> None:
+    """Labels of a labelled set (--eval, --train) pair with its inputs: one integer class index each.
+    (Calibration ignores labels: a Keras-style one-hot y or a detector's targets are no reason to refuse.)"""
     integral = y is not None and (y.dtype.kind in "iu" or (y.dtype.kind == "f" and np.isfinite(y).all()
                                                             and bool((y == np.round(y)).all())))
-    if y is not None and (y.ndim != 1 or len(y) != len(arr) or not integral):
-        raise BadInput(f"{src}: labels of shape {list(y.shape)} ({y.dtype}) do not pair with {len(arr)} inputs: "
+    if y is not None and (y.ndim != 1 or len(y) != n or not integral):
+        raise BadInput(f"{src}: labels of shape {list(y.shape)} ({y.dtype}) do not pair with {n} inputs: "
                        "give one integer class index an input")
 
 
@@ -198,7 +208,7 @@ def _read_video(path: Path, spec: InputSpec, n: int) -> PixelInputs:
     return pixel_inputs(frames, spec)
 
 
-def load_inputs(src: str, spec: InputSpec, limit: int | None = None) -> Samples:
+def load_inputs(src: str, spec: InputSpec, limit: int | None = None, labelled: bool = False) -> Samples:
     """Inputs from a folder/glob of images, a .npy/.npz, or a video file."""
     p = Path(src)
     ext = p.suffix.lower()
@@ -224,9 +234,11 @@ def load_inputs(src: str, spec: InputSpec, limit: int | None = None) -> Samples:
             arr = data[key]
         else:
             arr, y = data, None
-        _usable_array(arr, y, src)
+        _usable_array(arr, src)
+        if labelled:
+            _check_labels(y, len(arr), src)
         x = _from_array(arr[:limit] if limit else arr, spec, src)
-        return Samples(x, str(p), "array", None if y is None else np.asarray(y[: len(x)], np.int64))
+        return Samples(x, str(p), "array", None if y is None or not labelled else np.asarray(y[: len(x)], np.int64))
     if ext in VIDEO_EXTS:
         if not p.is_file():
             raise BadInput(f"video not found: {src}")
@@ -248,7 +260,7 @@ def load_labelled(src: str, spec: InputSpec, labels: list[str] | None, limit: in
     """
     p = Path(src)
     if p.suffix.lower() == ".npz":
-        s = load_inputs(src, spec, limit)
+        s = load_inputs(src, spec, limit, labelled=True)
         if s.y is None:
             raise BadInput(f"{src}: an evaluation .npz needs a 'y' (or 'labels') array")
         return s
@@ -268,7 +280,8 @@ def load_labelled(src: str, spec: InputSpec, labels: list[str] | None, limit: in
     if limit and len(files) > limit:
         pick = np.linspace(0, len(files) - 1, limit, dtype=int)
         files, ys = [files[i] for i in pick], [ys[i] for i in pick]
-    return Samples(_read_images(files, spec), src, "images", np.asarray(ys, np.int64))
+    x, kept = _read_images_kept(files, spec)  # (an unreadable image takes its label with it)
+    return Samples(x, src, "images", np.asarray(ys, np.int64)[kept])
 
 
 def _class_indices(src: str, classes: list[str], labels: list[str]) -> dict[str, int]:

@@ -161,7 +161,11 @@ def embed_codes(v: np.ndarray, max_bytes: int = MAX_EMBED_BYTES) -> np.ndarray:
 
 def embed(outputs: list[np.ndarray], max_bytes: int = MAX_EMBED_BYTES) -> dict:
     codes = embed_codes(outputs[0], max_bytes)
-    return {"dims": int(codes.size), "bytes": int(codes.nbytes), "int8_b64": base64.b64encode(codes.tobytes()).decode()}
+    out = {"dims": int(codes.size), "bytes": int(codes.nbytes), "int8_b64": base64.b64encode(codes.tobytes()).decode()}
+    size = int(np.asarray(outputs[0]).size)
+    if size > max_bytes:  # which projection made the codes: codes compare only with codes made the same way
+        out["projection"] = "count-sketch" if size > DENSE_PROJECTION_MAX else "dense"
+    return out
 
 
 def decode_embedding(b64: str) -> np.ndarray:

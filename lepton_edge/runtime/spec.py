@@ -253,8 +253,11 @@ def pixel_encoding(dtype: str, quantization: dict | None, given: AbstractSet[str
 def guess_task(backend: Backend, labels: list[str] | None) -> str:
     """classify for one [1, K] output; detect for SSD- or YOLO-shaped outputs; else raw."""
     outs = backend.outputs
-    # a dynamic leading dim is the batch (one frame a run): [N, 1000] is a classifier's output as [1, 1000] is
-    dims = [[1, *o.shape[1:]] if o.shape and not isinstance(o.shape[0], int) else list(o.shape) for o in outs]
+    # a dynamic leading dim is the batch when the input's is too (one frame a run): [N, 1000] is then a
+    # classifier's output as [1, 1000] is; with a fixed input batch it counts something (['num_dets', 6])
+    batch = bool(backend.inputs) and bool(backend.inputs[0].shape) and not isinstance(backend.inputs[0].shape[0], int)
+    dims = [[1, *o.shape[1:]] if batch and o.shape and not isinstance(o.shape[0], int) else list(o.shape)
+            for o in outs]
     if len(outs) == 1:
         d = [v for v in dims[0] if v != 1]
         if len(d) == 1:

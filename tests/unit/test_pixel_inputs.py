@@ -91,3 +91,16 @@ def test_a_folder_with_unreadable_files_keeps_room_for_the_decoded_ones_only(tmp
     assert isinstance(x, cal.PixelInputs) and len(x) == 4
     assert x.pixels.base is None and x.pixels.nbytes == 4 * 20 * 16 * 3
     np.testing.assert_array_equal(np.asarray(x), preprocess_batch(imgs, spec))
+
+
+def test_labelled_folders_keep_each_label_with_its_image_when_one_does_not_decode(tmp_path):
+    """An unreadable image in a class folder drops its label with it: every label after it shifted by
+    one (or the counts differed), and accuracy was measured against the wrong classes."""
+    spec, imgs = _spec(), _images(6)
+    for i, im in enumerate(imgs):
+        (tmp_path / f"c{i % 2}").mkdir(exist_ok=True)
+        cv2.imwrite(str(tmp_path / f"c{i % 2}" / f"{i}.png"), im)
+    (tmp_path / "c0" / "1_bad.png").write_bytes(b"not a png")  # sorts between 0.png and 2.png
+    s = cal.load_labelled(str(tmp_path), spec, None)
+    assert len(s.x) == 6 and s.y.tolist() == [0, 0, 0, 1, 1, 1]
+    np.testing.assert_array_equal(np.asarray(s.x)[:3], preprocess_batch([imgs[0], imgs[2], imgs[4]], spec))
