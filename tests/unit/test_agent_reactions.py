@@ -207,3 +207,13 @@ def test_the_health_check_reports_the_figures_it_judged(agent):
     assert ok and why == ""
     assert figures == {"health_frames": 20, "inference_p50_ms": 1.0, "inference_p95_ms": 1.4,
                        "latency_budget_ms": None}
+
+
+def test_the_health_check_fails_on_frames_the_new_model_failed(agent):
+    """A model that fails on some frames only (its pipeline keeps going, counting them) is not healthy:
+    the check names how many failed since the swap and the last error."""
+    agent.pipeline.probe = [1.0] * 20
+    agent.pipeline.failed_since_swap = 2
+    agent.pipeline.last_failure = "tiny: postprocessing failed on a frame: boom"
+    ok, why, _ = agent._health_check(agent.runtime, 20, agent.pipeline_failures)
+    assert not ok and "2 frame(s) failed since the swap" in why and "boom" in why
