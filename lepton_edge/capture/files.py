@@ -3,6 +3,7 @@ whatever pace the consumer allows (the every-frame policy); `read()` never waits
 from __future__ import annotations
 
 import glob as globlib
+import logging
 import os
 import stat
 import time
@@ -80,6 +81,7 @@ class ImageFiles(Source):
             img = c.imread(str(path), c.IMREAD_COLOR)
             if img is None:
                 self.corrupt += 1
+                logging.getLogger(__name__).info("skipped %s: OpenCV cannot decode it", path)  # (which one, for -v)
                 continue
             self.decoded += 1
             f = self._frame(img, t0)
