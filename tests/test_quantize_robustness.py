@@ -182,8 +182,10 @@ def test_memory_budget_stops_a_candidate_with_one_line(tmp_path):
     assert watch.peak > 0
 
 
-def test_export_over_memory_budget_exits_1_with_one_line(tmp_path):
-    """Every candidate stopped by --max-memory: exit 1, one line, nothing written."""
+def test_a_memory_budget_below_what_the_export_holds_is_one_line(tmp_path):
+    """--max-memory below what the export already holds (the model, its data, the libraries) would stop
+    every candidate at once: one line (exit 2) before the search, nothing written. (A budget the search
+    itself goes over stops the candidate: test_memory_budget_stops_a_candidate_with_one_line above.)"""
     torch.manual_seed(0)
     fp32 = _export(Classifier(), tmp_path / "m.onnx", {"x": (1, 3, 24, 24)}, 17)
     np.save(tmp_path / "calib.npy", RNG.standard_normal((96, 3, 24, 24)).astype(np.float32))
@@ -191,9 +193,9 @@ def test_export_over_memory_budget_exits_1_with_one_line(tmp_path):
                         "--out", str(tmp_path / "out"), "--calib", str(tmp_path / "calib.npy"),
                         "--max-memory", "64MiB", "--recipes", "u8-minmax,nncf-default"],
                        capture_output=True, text=True, timeout=300)
-    assert p.returncode == 1, p.stderr[-2000:]
+    assert p.returncode == 2, p.stderr[-2000:]
     err = [ln for ln in p.stderr.splitlines() if "error" in ln.lower()]
-    assert len(err) == 1 and "memory budget" in err[0], p.stderr[-2000:]
+    assert len(err) == 1 and "less than the export already holds" in err[0], p.stderr[-2000:]
     assert "Traceback" not in p.stderr
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
