@@ -435,3 +435,33 @@ def test_gzip_garbage_and_truncated_archives_are_one_line(tmp_path):
         with pytest.raises(DeployError, match="cannot unpack|no bundle"):
             s.fetch(DeployCommand(id="x", path=str(tmp_path / name)))
     assert left_in(s) == []
+
+
+def test_staging_replaces_only_a_bundle_and_gives_the_umask_mode(tmp_path):
+    """A bundle is staged beside its place and moved in: it replaces a bundle, never a folder of the
+    user's (that was deleted without a word), and its folder gets the mode the umask gives a new one
+    (mkdtemp's 0700 kept a service user out)."""
+    import stat
+
+    from lepton_edge.bundle import _umask, check_replaceable, staging
+
+    old = os.umask(0o027)
+    try:
+        assert _umask() == 0o027
+        final = str(tmp_path / "b")  # a str, as a caller may give
+        for version in ("1", "2"):  # written, then replaced: it is a bundle
+            with staging(final) as d:
+                (d / "manifest.json").write_text(version)
+        assert (tmp_path / "b" / "manifest.json").read_text() == "2"
+        assert stat.S_IMODE((tmp_path / "b").stat().st_mode) == 0o750
+        check_replaceable(str(tmp_path / "nothing-there"))
+        (tmp_path / "mine").mkdir()
+        (tmp_path / "mine" / "thesis.txt").write_text("mine")
+        for target in (str(tmp_path / "mine"), tmp_path / "mine"):
+            with pytest.raises(BadInput, match="is not a bundle"):
+                with staging(target) as d:
+                    (d / "manifest.json").write_text("3")
+        assert (tmp_path / "mine" / "thesis.txt").read_text() == "mine"
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
+    finally:
+        os.umask(old)
