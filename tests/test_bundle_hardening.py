@@ -458,9 +458,8 @@ def test_staging_replaces_only_a_bundle_and_gives_the_umask_mode(tmp_path):
         (tmp_path / "mine").mkdir()
         (tmp_path / "mine" / "thesis.txt").write_text("mine")
         for target in (str(tmp_path / "mine"), tmp_path / "mine"):
-            with pytest.raises(BadInput, match="is not a bundle"):
-                with staging(target) as d:
-                    (d / "manifest.json").write_text("3")
+            with pytest.raises(BadInput, match="is not a bundle"), staging(target) as d:
+                (d / "manifest.json").write_text("3")
         assert (tmp_path / "mine" / "thesis.txt").read_text() == "mine"
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
     finally:
