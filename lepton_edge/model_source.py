@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 from pydantic import ValidationError
 
-from lepton_edge.bundle import DTYPES, InputSpec, guess_layout
+from lepton_edge.bundle import DTYPES, InputSpec, first_error, guess_layout
 from lepton_edge.errors import BadInput
 from lepton_edge.plugins import Registry
 
@@ -56,8 +56,7 @@ def default_spec(shape: list, name: str = "input", layout: str | None = None, co
         return InputSpec(name=name, shape=list(shape), layout=layout, color=color,
                          mean=mean or [0.0] * n, std=std or [1.0] * n)
     except ValidationError as e:  # a shape over the input size limit (--input-shape 1,3,100000,100000)
-        err = e.errors()[0]
-        raise BadInput(f"input {name!r} {list(shape)}: {err['msg'].removeprefix('Value error, ')}") from None
+        raise BadInput(f"input {name!r}: {first_error(e)}") from None
 
 
 def _typed(spec: InputSpec, elem_type: int) -> InputSpec:

@@ -188,10 +188,9 @@ class Pipeline:
         self._in_a_row += 1
         self.failed_since_swap += 1
         self.last_failure = rt.failure(stage, e)
-        if self._in_a_row < (FAILS_IN_A_ROW if self._through else FAILS_BEFORE_FIRST):
-            return
-        raise ModelFailed(rt.failure(stage, e, f"on {self._in_a_row} frames in a row"
-                                               f"{'' if self._through else ', every frame so far'}"))
+        if self._in_a_row >= (FAILS_IN_A_ROW if self._through else FAILS_BEFORE_FIRST):
+            raise ModelFailed(rt.failure(stage, e, f"on {self._in_a_row} frames in a row"
+                                                   f"{'' if self._through else ', every frame so far'}"))
 
     @staticmethod
     def _release(worker: threading.Thread, q: queue.Queue) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import ValidationError
 
-from lepton_edge.bundle import DTYPES, InputSpec, guess_layout
+from lepton_edge.bundle import DTYPES, InputSpec, first_error, guess_layout
 from lepton_edge.errors import BadInput
 from lepton_edge.runtime.backend import Backend
 
@@ -223,8 +223,7 @@ def spec_from_model(backend: Backend, overrides: dict, meta: dict) -> InputSpec:
                          color="GRAY" if c == 1 else "RGB", quantization=inp.quantization,
                          **pixel_encoding(inp.dtype, inp.quantization, set(overrides)))
     except ValidationError as e:  # a shape over the input size limit, say
-        err = e.errors()[0]
-        raise BadInput(f"input '{inp.name}' {inp.shape}: {err['msg'].removeprefix('Value error, ')}") from None
+        raise BadInput(f"input '{inp.name}': {first_error(e)}") from None
     return apply_overrides(spec, overrides)
 
 
