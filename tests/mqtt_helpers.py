@@ -17,7 +17,11 @@ import paho.mqtt.client as mqtt
 
 
 class Recorder:
-    """Subscribes to lepton/v1/# (QoS 1, persistent session) and keeps every message."""
+    """Subscribes to lepton/v1/# (QoS 1, persistent session) and keeps every message.
+
+    The constructor returns once the broker has acknowledged the subscription (up to 10 s), so a
+    message published right after it (an agent's or simulator's `started` event, which is not
+    retained) is never missed because the subscription was still on its way."""
 
     def __init__(self, port: int, client_id: str = "recorder", topic: str = "lepton/v1/#", tls: dict | None = None,
                  username: str | None = None, password: str | None = None):
@@ -29,11 +33,14 @@ class Recorder:
         if tls:
             c.tls_set(**tls)
         c.reconnect_delay_set(1, 2)
+        self.subscribed = threading.Event()
         c.on_connect = lambda cl, u, f, rc, p=None: cl.subscribe(topic, qos=1)
+        c.on_subscribe = lambda cl, u, mid, codes, p=None: self.subscribed.set()
         c.on_message = self._on_message
         c.connect("localhost" if tls else "127.0.0.1", port, keepalive=10)
         c.loop_start()
         self.client = c
+        self.subscribed.wait(10)
 
     def _on_message(self, client, userdata, msg):
         try:
