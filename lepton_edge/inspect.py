@@ -393,10 +393,15 @@ def _bundle_constants(m) -> list[dict]:
 
 
 def inspect_file(p: Path) -> dict:
+    """By suffix, or for a file named otherwise (a cache entry, `model.bin`) by the TFLite FlatBuffer
+    identifier, as `run` finds it (runtime.backend.format_of)."""
     if p.suffix.lower() == ".onnx":
         return inspect_onnx(p)
     if p.suffix.lower() == ".tflite":
         return inspect_tflite(p)
+    with open(p, "rb") as f:
+        if f.read(8)[4:8] == b"TFL3":
+            return inspect_tflite(p)
     raise BadInput(f"{p}: cannot inspect '{p.suffix}' files (want a bundle directory, .onnx or .tflite)")
 
 

@@ -228,3 +228,17 @@ def test_odd_files_are_one_line_errors(tmp_path):
         for verb in (("inspect", str(b)), ("run", str(b), "--source", str(tmp_path), "--no-show")):
             r = run_cli(*verb)
             assert r.returncode == 2 and "Traceback" not in r.stderr, (name, verb, r.stderr[-2000:])
+
+
+def test_a_tflite_file_named_otherwise_is_inspected_as_run_finds_it(tmp_path):
+    """`run` knew a TFLite file without its suffix (a cache entry, `model.bin`) by its FlatBuffer
+    identifier; `inspect` refused it as "'' files". A file that is neither stays one line."""
+    _mean_tflite(tmp_path / "m.tflite", "uint8", (1 / 128, 128))
+    (tmp_path / "m.tflite").rename(tmp_path / "model.bin")
+    r = run_cli("inspect", str(tmp_path / "model.bin"), "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    info = json.loads(r.stdout)
+    assert info["format"] == "tflite" and info["inputs"][0]["dtype"] == "uint8"
+    (tmp_path / "junk.bin").write_bytes(b"abcdefghij")
+    r = run_cli("inspect", str(tmp_path / "junk.bin"))
+    assert r.returncode == 2 and "cannot inspect" in r.stderr and "Traceback" not in r.stderr
