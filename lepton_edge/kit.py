@@ -17,6 +17,7 @@ import io
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -267,11 +268,22 @@ class AgentSettings:
             raise BadInput(f"--{err['loc'][0]}: {err['msg']}".replace("_", "-", 1)) from None
         if not re.match(r"^(mqtts?|wss?)://[^\s/]+", self.broker):
             raise BadInput(f"--broker {self.broker!r}: expected mqtt://host:port (or mqtts://, ws://, wss://)")
+        from lepton_edge.telemetry.broker import parse_broker
+
+        parse_broker(self.broker)  # the agent's own parser: a bad port fails here, not in a restart loop on the Pi
         for flag, p in (("--ca-file", self.ca_file), ("--cert-file", self.cert_file), ("--key-file", self.key_file)):
             if p is not None and not Path(p).is_file():
                 raise BadInput(f"{flag} {p}: not a file")
             if p is not None and Path(p).stat().st_size > MAX_TLS_FILE_BYTES:
                 raise BadInput(f"{flag} {p}: larger than {MAX_TLS_FILE_BYTES // 1024} KB; not a PEM file")
+
+    def tls_files(self) -> list[tuple[str, Path, str, int]]:
+        """(agent.toml key, the operator's file, its name in the kit's tls/ and on the device, mode) of each
+        TLS file given. Why fixed names: two files of one base name (tlsA/cert.pem, tlsB/cert.pem) were
+        one file in the kit, and a name with a space or a newline is not a name install.sh should read."""
+        given = (("ca_file", self.ca_file, "ca.crt", 0o644), ("cert_file", self.cert_file, "client.crt", 0o644),
+                 ("key_file", self.key_file, "client.key", 0o600))
+        return [(k, Path(p), name, mode) for k, p, name, mode in given if p is not None]
 
     def render(self, trusted: list[str]) -> str:
         lines = ["# Written by `lepton-edge kit`; install.sh keeps an existing /etc/lepton-edge/agent.toml.",
@@ -283,9 +295,8 @@ class AgentSettings:
         lines += [f"source = {_toml_str(self.source)}",
                   'state_dir = "/var/lib/lepton-edge"',
                   'bundle = "/var/lib/lepton-edge/kit-bundle"  # a bundle deployed later, kept in state_dir, wins']
-        for key, p in (("ca_file", self.ca_file), ("cert_file", self.cert_file), ("key_file", self.key_file)):
-            if p is not None:
-                lines.append(f"{key} = {_toml_str('/etc/lepton-edge/tls/' + Path(p).name)}")
+        for key, _p, name, _mode in self.tls_files():
+            lines.append(f"{key} = {_toml_str('/etc/lepton-edge/tls/' + name)}")
         if trusted:
             keys = ", ".join(_toml_str(f"/etc/lepton-edge/trusted/{t}") for t in trusted)
             lines.append(f"trusted_keys = [{keys}]")
@@ -342,17 +353,16 @@ def build(bundle: Path, output: Path, target: str | None = None, key: Path | Non
     profile = targets.load(target)
     plat = platform_for(profile, glibc, python)
     settings.validate()
-    output = Path(output)
-    if not output.name.endswith((".tar.gz", ".tgz")):
-        raise BadInput(f"-o {output}: the kit is a .tar.gz archive")
-    if not output.parent.is_dir():
-        raise BadInput(f"-o {output}: folder {output.parent} does not exist")
-    name = output.name.removesuffix(".tar.gz").removesuffix(".tgz")
+    output = Path(output).expanduser()
+    name = _kit_name(output, bundle)
+    files = _bundle_files(bundle)
 
     with tempfile.TemporaryDirectory(prefix=".kit-", dir=output.parent) as tmp:
         root = Path(tmp) / name
         root.mkdir()
-        shutil.copytree(bundle, root / "bundle", ignore=shutil.ignore_patterns("__pycache__"))
+        for rel in files:  # regular files only, each read without following a link (_bundle_files)
+            (root / "bundle" / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(bundle / rel, root / "bundle" / rel, follow_symlinks=False)
         signed_by = None
         trusted: list[str] = []
         if key is not None:
@@ -367,10 +377,10 @@ def build(bundle: Path, output: Path, target: str | None = None, key: Path | Non
             (root / "trusted" / "kit-signer.pem").write_bytes(pub.public_bytes(
                 serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
             trusted.append("kit-signer.pem")
-        for p in (settings.ca_file, settings.cert_file, settings.key_file):
-            if p is not None:
-                (root / "tls").mkdir(exist_ok=True)
-                shutil.copyfile(p, root / "tls" / Path(p).name)
+        for _key, p, tls_name, mode in settings.tls_files():
+            (root / "tls").mkdir(exist_ok=True)
+            shutil.copyfile(p, root / "tls" / tls_name)
+            (root / "tls" / tls_name).chmod(mode)  # the client key stays private in the archive too
         wheels_dir = root / "wheels"
         wheels_dir.mkdir()
         own = build_device_wheel(Path(tmp))
@@ -379,6 +389,9 @@ def build(bundle: Path, output: Path, target: str | None = None, key: Path | Non
         shutil.move(str(own), wheels_dir / own.name)
         wheels.append(wheels_dir / own.name)
         (root / "agent.toml").write_text(settings.render(trusted))
+        secret = settings.key_file is not None or "@" in settings.broker.split("://", 1)[-1].split("/", 1)[0]
+        if secret:  # a client key or broker credentials: the config and the archive are not world-readable
+            (root / "agent.toml").chmod(0o600)
         (root / UNIT_NAME).write_text(unit_file())
         script = (_template("install.sh").replace("@KIT_ARCH@", plat.arch)
                   .replace("@KIT_PYTHON@", "{}.{}".format(*plat.python)).replace("@KIT_NAME@", name)
@@ -396,9 +409,50 @@ def build(bundle: Path, output: Path, target: str | None = None, key: Path | Non
         with tarfile.open(part, "w:gz", compresslevel=1) as tar:
             tar.add(root, arcname=name, filter=_tar_filter)
         wheels_bytes = sum(w.stat().st_size for w in wheels)
+        part.chmod(0o600 if secret else 0o644)
         os.replace(part, output)
     return KitReport(output, profile.id, plat.key, RUNTIME_PACKAGE[fmt], [w.name for w in wheels], wheels_bytes,
                      output.stat().st_size, signed_by)
+
+
+# A kit's name is its folder on the device, pasted into install.sh and the command the summary prints:
+# no space, quote, `$`, newline or slash can be in it.
+_KIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+
+
+def _kit_name(output: Path, bundle: Path) -> str:
+    """The kit's name from `-o`, after the output's checks: a .tar.gz in an existing folder, not a
+    folder itself, not inside the bundle it packs (copying a folder into itself never ends)."""
+    if not output.name.endswith((".tar.gz", ".tgz")):
+        raise BadInput(f"-o {output}: the kit is a .tar.gz archive")
+    if not output.parent.is_dir():
+        raise BadInput(f"-o {output}: folder {output.parent} does not exist")
+    if output.is_dir() or (output.exists() and not output.is_file()):
+        raise BadInput(f"-o {output}: exists and is not a file")
+    if output.resolve().is_relative_to(bundle.resolve()):
+        raise BadInput(f"-o {output}: inside the bundle {bundle}; write the kit elsewhere")
+    name = output.name.removesuffix(".tar.gz").removesuffix(".tgz")
+    if not _KIT_NAME.fullmatch(name):
+        raise BadInput(f"-o {output.name!r}: a kit's name (its folder on the device) may hold letters, digits, "
+                       "'.', '_', '+' and '-' only, starting with a letter or digit")
+    return name
+
+
+def _bundle_files(bundle: Path) -> list[Path]:
+    """Every file of the bundle, relative to it; one line for a symlink or anything not a regular file.
+    Why: the checksums cover the manifest's files, but `signature` is outside them, and copying followed
+    a link: `signature -> ~/.ssh/id_ed25519` shipped that file in the kit."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(bundle):
+        d = Path(dirpath)
+        dirnames[:] = [n for n in dirnames if n != "__pycache__"]
+        for n in dirnames + filenames:
+            p = d / n
+            if p.is_symlink() or not (p.is_dir() or p.is_file()):
+                raise BadInput(f"{p}: {'a symlink' if p.is_symlink() else 'not a regular file'}; "
+                               "a bundle holds regular files only")
+        out += [(d / n).relative_to(bundle) for n in filenames]
+    return sorted(out)
 
 
 def _tar_filter(ti: tarfile.TarInfo) -> tarfile.TarInfo:
@@ -414,5 +468,5 @@ def summary(rep: KitReport) -> str:
               f"runtime {rep.runtime}, {len(rep.wheels)} wheels ({rep.wheels_bytes / 1e6:.1f} MB)"
               + (f", bundle signed by {rep.signed_by}" if rep.signed_by else "") + "\n")
     name = rep.output.name.removesuffix(".tar.gz").removesuffix(".tgz")
-    buf.write(f"on the device, offline:  tar xf {rep.output.name} && sudo ./{name}/install.sh\n")
+    buf.write(f"on the device, offline:  tar xf {shlex.quote(rep.output.name)} && sudo ./{name}/install.sh\n")
     return buf.getvalue()

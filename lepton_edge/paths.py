@@ -38,3 +38,47 @@ def check_output_dir(path, what: str = "--out") -> Path:
     except OSError as e:
         raise BadInput(f"{what} {p}: {probe} is not writable ({e.strerror or e})") from None
     return p
+
+
+def read_small(path, cap: int, what: str) -> bytes:
+    """The bytes of a small file the user names (a key, a config): a regular file, symlinks followed,
+    at most `cap` bytes. Why: `sign -k /dev/zero` read until memory ran out and a FIFO blocked forever;
+    the size is checked on the open file, and no more than cap + 1 bytes are ever read."""
+    import stat
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise BadInput(f"{what} not found: {path}") from None
+    except OSError as e:
+        raise BadInput(f"cannot read {what} {path}: {e.strerror or e}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):  # (before fdopen, which refuses a directory with its own error)
+        os.close(fd)
+        raise BadInput(f"{what} {path}: not a regular file")
+    with os.fdopen(fd, "rb") as f:
+        try:
+            data = f.read(cap + 1)
+        except OSError as e:
+            raise BadInput(f"cannot read {what} {path}: {e.strerror or e}") from None
+    if len(data) > cap:
+        raise BadInput(f"{what} {path}: larger than {cap // 1024} KB")
+    return data
+
+
+def write_replacing(path, data: bytes, mode: int = 0o644) -> None:
+    """Write `path` whole through a temporary file beside it and a rename, with `mode`.
+
+    Why: a plain write follows a symlink at `path` (a `signature -> ~/notes.txt` in a bundle made `sign`
+    overwrite the notes; a dangling `private.pem` link put the new key where the link pointed); a rename
+    replaces the link itself, and a reader never sees half a file."""
+    p = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -15,8 +15,10 @@ from pathlib import Path
 
 from lepton_edge.bundle import MAX_BUNDLE_BYTES, SIGNATURE, Bundle, parse_json, read_capped, read_manifest_bytes
 from lepton_edge.errors import BadInput
+from lepton_edge.paths import read_small, write_replacing
 
 MAX_SIGNATURE_BYTES = 4096  # {"alg", "key_id", "signature"}: about 150 bytes
+MAX_KEY_BYTES = 64 * 1024  # an Ed25519 PEM is about 120 bytes; /dev/zero as a key read until memory ran out
 
 
 def _crypto():
@@ -39,24 +41,21 @@ def new_keys(out: Path) -> tuple[Path, Path]:
     serialization, ed25519 = _crypto()
     out.mkdir(parents=True, exist_ok=True)
     priv_path, pub_path = out / "private.pem", out / "public.pem"
-    if priv_path.exists():
+    if os.path.lexists(priv_path):  # (a dangling symlink too: writing through it put the key elsewhere)
         raise BadInput(f"{priv_path} exists; refusing to overwrite a private key")
     key = ed25519.Ed25519PrivateKey.generate()
     priv = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
     pub = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    priv_path.touch(mode=0o600)
-    priv_path.write_bytes(priv)
-    pub_path.write_bytes(pub)
+    write_replacing(priv_path, priv, 0o600)
+    write_replacing(pub_path, pub, 0o644)
     return priv_path, pub_path
 
 
 def _load_private(path: Path):
     serialization, ed25519 = _crypto()
     try:
-        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
-    except FileNotFoundError:
-        raise BadInput(f"key not found: {path}") from None
+        key = serialization.load_pem_private_key(read_small(path, MAX_KEY_BYTES, "key"), password=None)
     except (ValueError, TypeError) as e:
         raise BadInput(f"{path}: not an unencrypted PEM private key ({e})") from None
     if not isinstance(key, ed25519.Ed25519PrivateKey):
@@ -67,9 +66,7 @@ def _load_private(path: Path):
 def load_public(path: str | Path):
     serialization, ed25519 = _crypto()
     try:
-        key = serialization.load_pem_public_key(Path(path).read_bytes())
-    except FileNotFoundError:
-        raise BadInput(f"trusted key not found: {path}") from None
+        key = serialization.load_pem_public_key(read_small(path, MAX_KEY_BYTES, "trusted key"))
     except ValueError as e:
         raise BadInput(f"{path}: not a PEM public key ({e})") from None
     if not isinstance(key, ed25519.Ed25519PublicKey):
@@ -85,7 +82,7 @@ def sign(bundle_dir: str | Path, private_key: str | Path) -> Path:
     sig = {"alg": "ed25519", "key_id": key_id(key.public_key()),
            "signature": base64.b64encode(key.sign(data)).decode()}
     out = b.path / SIGNATURE
-    out.write_text(json.dumps(sig) + "\n")
+    write_replacing(out, (json.dumps(sig) + "\n").encode())  # replaces a symlink there, never writes through it
     return out
 
 
@@ -116,6 +113,8 @@ def verify(bundle_dir: str | Path, trusted: list, max_bytes: int = MAX_BUNDLE_BY
     from cryptography.exceptions import InvalidSignature
 
     p = Path(bundle_dir)
+    if isinstance(trusted, (str, Path)):  # one key given alone (iterating a str read '/' as a key)
+        trusted = [trusted]
     keys = [load_public(k) if isinstance(k, (str, Path)) else k for k in trusted]
     kid, raw = read_signature(p)
     key = {key_id(k): k for k in keys}.get(kid)

@@ -23,10 +23,18 @@ def loads(raw: str | bytes, source: str, what: str, max_bytes: int = MAX_TOML_BY
             if len(raw) > max_bytes:
                 raise BadInput(f"{source}: larger than {max_bytes // 1024} KB; not a {what}")
             raw = raw.decode("utf-8")
-        return tomllib.loads(raw)
+        return tomllib.loads(raw.removeprefix("\ufeff"))  # (a byte-order mark, as Windows editors save)
     except UnicodeDecodeError as e:
         raise BadInput(f"{source}: not UTF-8 text (byte {e.start})") from None
     except tomllib.TOMLDecodeError as e:
         raise BadInput(f"{source}: not valid TOML ({e})") from None
     except RecursionError:
         raise BadInput(f"{source}: nested too deeply to be a {what}") from None
+
+
+def read(path, what: str, max_bytes: int = MAX_TOML_BYTES) -> dict:
+    """A TOML file as a dict, or one line: missing, not a regular file (a FIFO would block, /dev/zero
+    never end), unreadable, too big, not UTF-8, not TOML, nested too deeply."""
+    from lepton_edge.paths import read_small
+
+    return loads(read_small(path, max_bytes, what), str(path), what, max_bytes)

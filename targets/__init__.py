@@ -31,6 +31,11 @@ PROVIDER_PACKAGE = {"CUDAExecutionProvider": "onnxruntime-gpu", "TensorrtExecuti
                     "QNNExecutionProvider": "onnxruntime-qnn"}
 _PROVIDER_NAME = r"^[A-Za-z][A-Za-z0-9]{0,63}ExecutionProvider$"
 _DELEGATE_NAME = r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$"  # a symbolic name, as runtime.delegates accepts: never a path
+# device_packages become pip requirement lines in a kit (`name==version`), which `kit` downloads and
+# the device installs as root: a name is a PyPI project name and a version a PEP 440 version, never a
+# path, a URL, an option or a second line (pip would run a local folder's setup.py).
+_PACKAGE_NAME = r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,98}[A-Za-z0-9])?$"
+_PACKAGE_VERSION = r"^[0-9][0-9A-Za-z.+!_-]{0,63}$"
 _ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # it names bundle directories: no '/', no leading '.'
 
 
@@ -112,7 +117,8 @@ class Profile(BaseModel):
     max_opset: int = Field(ge=MIN_OPSET, le=MAX_OPSET)
     input_size: tuple[Annotated[int, Field(ge=1, le=8192)], Annotated[int, Field(ge=1, le=8192)]] = (224, 224)
     quantization: QuantizationSettings
-    device_packages: dict[str, str] = Field(default_factory=dict)
+    device_packages: dict[Annotated[str, Field(pattern=_PACKAGE_NAME)],
+                          Annotated[str, Field(pattern=_PACKAGE_VERSION)]] = Field(default_factory=dict, max_length=64)
 
     source: str = Field(default="", exclude=True)
 
@@ -175,7 +181,10 @@ def builtin_ids() -> list[str]:
 
 
 def _parse(text: str | bytes, source: str) -> Profile:
-    data = tomlfile.loads(text, source, "target profile", MAX_PROFILE_BYTES)
+    return _validated(tomlfile.loads(text, source, "target profile", MAX_PROFILE_BYTES), source)
+
+
+def _validated(data: dict, source: str) -> Profile:
     try:
         prof = Profile.model_validate(data)
     except ValidationError as e:
@@ -187,18 +196,14 @@ def _parse(text: str | bytes, source: str) -> Profile:
 
 
 def load(name_or_path: str | Path) -> Profile:
-    """A built-in profile by id, or a user's profile from a .toml path."""
+    """A built-in profile by id, or a user's profile from a path (one ending in .toml or naming a folder).
+
+    A bare word is always a built-in id: a file or folder that happens to be called `rpi4` in the
+    current directory never stands in for the built-in profile (a user's own file is `./rpi4`)."""
     s = str(name_or_path)
     p = Path(s)
-    if s.endswith(".toml") or p.exists() or "/" in s:
-        if not p.is_file():
-            raise BadInput(f"target profile file not found: {s}")
-        try:
-            with open(p, "rb") as f:
-                text = f.read(MAX_PROFILE_BYTES + 1)
-        except OSError as e:
-            raise BadInput(f"cannot read target profile {s}: {e.strerror}") from None
-        return _parse(text, s)
+    if isinstance(name_or_path, Path) or s.endswith(".toml") or "/" in s:
+        return _validated(tomlfile.read(p, "target profile file", MAX_PROFILE_BYTES), s)
     ids = builtin_ids()
     if s not in ids:
         raise BadInput(f"unknown target '{s}'{closest(s, ids)}; `lepton-edge targets` lists them")

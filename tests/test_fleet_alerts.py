@@ -93,6 +93,16 @@ def test_bad_rules_file_is_one_line(tmp_path):
         load_rules(p)
     p.write_text("[alerts]\noffline_after_s = 30\n")
     assert load_rules(p).offline_after_s == 30
+    # /dev/zero (st_size 0) read without end, a FIFO blocked, deep nesting was a RecursionError traceback
+    p.write_text("a = " + "[" * 100_000)
+    with pytest.raises(BadInput, match="nested too deeply|not valid TOML"):
+        load_rules(p)
+    for bad in ("/dev/zero", tmp_path):
+        with pytest.raises(BadInput, match="not a regular file"):
+            load_rules(bad)
+    p.write_text("x" * 300_000)
+    with pytest.raises(BadInput, match="larger than 256 KB"):
+        load_rules(p)
 
 
 def test_send_command_validates_and_matches_its_reply(mosquitto):

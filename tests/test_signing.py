@@ -114,3 +114,39 @@ def test_sign_refuses_a_bundle_whose_files_do_not_match(tmp_path):
     with pytest.raises(BadInput, match="checksum mismatch for model.onnx"):
         sign(b, priv)
     assert not (b / "signature").exists()
+
+
+def test_keys_and_signatures_never_go_through_a_link_or_read_without_end(tmp_path):
+    """`sign` wrote the signature through a `signature` symlink (overwriting the file it named), `keys new`
+    put the private key where a dangling `private.pem` link pointed, a key of /dev/zero read until memory
+    ran out and a FIFO blocked; a trusted key given as one path (not a list) read '/' as a key file."""
+    import os
+
+    priv, pub = new_keys(tmp_path / "k")
+    b = _bundle(tmp_path / "b")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("mine")
+    (b / "signature").symlink_to(victim)
+    sign(b, priv)
+    assert victim.read_text() == "mine" and not (b / "signature").is_symlink()
+    assert verify(b, pub) == verify(b, [pub])  # one key alone, or in a list
+    (tmp_path / "k2").mkdir()
+    (tmp_path / "k2" / "private.pem").symlink_to(tmp_path / "leaked.pem")
+    with pytest.raises(BadInput, match="refusing to overwrite"):
+        new_keys(tmp_path / "k2")
+    assert not (tmp_path / "leaked.pem").exists()
+    (tmp_path / "k3").mkdir()
+    (tmp_path / "k3" / "public.pem").symlink_to(victim)
+    new_keys(tmp_path / "k3")
+    assert victim.read_text() == "mine" and load_public(tmp_path / "k3" / "public.pem")
+    os.mkfifo(tmp_path / "fifo.pem")
+    for bad, why in (("/dev/zero", "not a regular file"), (tmp_path / "fifo.pem", "not a regular file"),
+                     (tmp_path / "k", "not a regular file")):
+        with pytest.raises(BadInput, match=why):
+            sign(b, bad)
+        with pytest.raises(BadInput, match=why):
+            load_public(bad)
+    big = tmp_path / "big.pem"
+    big.write_bytes(b"-" * (1 << 20))
+    with pytest.raises(BadInput, match="larger than 64 KB"):
+        sign(b, big)

@@ -115,3 +115,36 @@ def test_what_the_shipped_profiles_combine_still_loads(tmp_path):
         assert targets.RUNTIME_FORMAT[p.runtime] == p.format and (p.runtime == "litert" or not p.delegates)
     assert targets.load(_variant(tmp_path, "rpi4", execution_providers='["CPUExecutionProvider"]')).runtime == "litert"
     assert targets.load("jetson-orin-nano").execution_providers[0] == "TensorrtExecutionProvider"
+
+
+@pytest.mark.parametrize("line", ['numpy = "2.4.6\\n/tmp/evilpkg"', 'numpy = "/tmp/evilpkg"', 'numpy = "--index-url"',
+                                  '"numpy @ file:///tmp/x" = "1.0"', '"-e /tmp/x" = "1.0"'])
+def test_device_packages_are_names_and_versions_never_requirement_lines(tmp_path, line):
+    """`kit` writes device_packages as `name==version` lines into requirements.txt, downloads them and the
+    device installs them as root: a newline in a version added a line naming a local folder, whose
+    setup.py pip ran on the operator's machine."""
+    text = (targets._builtin_dir() / "rpi4.toml").read_text()
+    f = tmp_path / "inject.toml"
+    f.write_text(text.replace('numpy = "2.4.6"', line) if line.startswith("numpy")
+                 else text.replace("[device_packages]\n", f"[device_packages]\n{line}\n", 1))
+    with pytest.raises(BadInput, match=r"field 'device_packages\.[^']*': String should match pattern"):
+        targets.load(f)
+
+
+def test_a_bare_word_is_a_builtin_id_even_beside_a_file_of_that_name(tmp_path, monkeypatch):
+    """A folder `rpi4/` (an output folder) in the working directory made `--target rpi4` fail, and a file
+    `rpi4` replaced the built-in profile. A user's own profile is a path (./rpi4, x.toml); a FIFO or a
+    folder given as one is one line, a UTF-8 byte-order mark (Windows editors) is no error."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rpi4").mkdir()
+    (tmp_path / "x86-cpu").write_text("id = 'evil'\n")
+    assert targets.load("rpi4").source == "targets/rpi4.toml" and targets.load("x86-cpu").id == "x86-cpu"
+    with pytest.raises(BadInput, match="not a regular file"):
+        targets.load("./rpi4")
+    import os
+    os.mkfifo(tmp_path / "fifo.toml")
+    with pytest.raises(BadInput, match="not a regular file"):
+        targets.load("fifo.toml")
+    bom = tmp_path / "bom.toml"
+    bom.write_bytes(b"\xef\xbb\xbf" + (targets._builtin_dir() / "rpi4.toml").read_bytes())
+    assert targets.load(bom).id == "rpi4"

@@ -100,14 +100,7 @@ MAX_TOML_BYTES = tomlfile.MAX_TOML_BYTES
 def read_toml(path: Path, what: str) -> dict:
     """A TOML file as a dict, or one line: missing, unreadable, too big, not UTF-8, not TOML,
     nested past what the parser's recursion takes."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_TOML_BYTES + 1)
-    except FileNotFoundError:
-        raise BadInput(f"{what} not found: {path}") from None
-    except OSError as e:
-        raise BadInput(f"cannot read {what} {path}: {e.strerror or e}") from None
-    return tomlfile.loads(raw, str(path), what)
+    return tomlfile.read(path, what)
 
 
 def load(path: Path | None, overrides: dict[str, Any]) -> AgentConfig:

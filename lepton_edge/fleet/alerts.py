@@ -24,11 +24,11 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from lepton_edge import tomlfile
 from lepton_edge.errors import BadInput
 from lepton_edge.fleet.store.base import Alert, DeviceState, Store
 from lepton_edge.telemetry.schema import AlertChange
 from lepton_edge.telemetry.topics import MONITOR_ALERTS
-from lepton_edge.tomlfile import tomllib  # the stdlib's, or tomli on Python 3.10
 
 ALERT_TOPIC = MONITOR_ALERTS
 
@@ -56,14 +56,7 @@ def load_rules(path: str | Path | None) -> AlertRules:
     if path is None:
         return AlertRules()
     p = Path(path)
-    try:
-        if p.stat().st_size > 256 * 1024:
-            raise BadInput(f"alert rules {p}: larger than 256 KB")
-        data = tomllib.loads(p.read_text())
-    except OSError as e:
-        raise BadInput(f"alert rules {p}: {e.strerror or e}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise BadInput(f"alert rules {p}: not valid TOML: {e}") from None
+    data = tomlfile.read(p, "alert rules", 256 * 1024)  # (one line for a FIFO, /dev/zero, deep nesting)
     try:
         return AlertRules.model_validate(data.get("alerts", data))
     except ValidationError as e:

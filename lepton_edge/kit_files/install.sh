@@ -36,7 +36,7 @@ check_kit() {
   fi
   # a file the list does not name (a wheel slipped into wheels/) would be installed too: refuse it
   local extra
-  extra=$(find . -type f ! -name SHA256SUMS | sed 's|^\./||' | sort | comm -23 - <(awk '{print $2}' SHA256SUMS | sort) | head -1)
+  extra=$(find . -type f ! -name SHA256SUMS | sed 's|^\./||' | sort | comm -23 - <(sed 's/^[0-9a-f]*  //' SHA256SUMS | sort) | head -1)
   [ -z "$extra" ] || die "file $extra is not in SHA256SUMS: the kit was changed; refusing to install"
   local arch py
   arch=$(uname -m)
@@ -63,10 +63,13 @@ uninstall() {
 
 install_kit() {
   [ "$(id -u)" = 0 ] || die "run as root: sudo $0"
-  local venv_new="$PREFIX/venv-$(date +%Y%m%d%H%M%S)-$$"
-  local staged=()
-  cleanup() { local rc=$?; if [ $rc != 0 ]; then rm -rf "$venv_new" "${staged[@]}"; echo "install.sh: failed; the previous install (if any) is unchanged" >&2; fi; }
+  # (globals, not locals: the EXIT trap runs after this function has returned, and `set -u` would
+  # stop it at the first unset name, leaving the half-built venv behind)
+  VENV_NEW="$PREFIX/venv-$(date +%Y%m%d%H%M%S)-$$"
+  STAGED=()
+  cleanup() { local rc=$?; if [ $rc != 0 ]; then rm -rf "$VENV_NEW" ${STAGED[@]+"${STAGED[@]}"}; echo "install.sh: failed; the previous install (if any) is unchanged" >&2; fi; }
   trap cleanup EXIT
+  local venv_new=$VENV_NEW
 
   # the service user: no login, no home of its own beyond the state directory
   if [ -z "$R" ] && ! id "$SVC_USER" >/dev/null 2>&1; then
@@ -96,7 +99,15 @@ install_kit() {
   fi
   if [ -d "$KIT/tls" ]; then
     install -d -m 0750 -o root -g "$grp" "$ETC/tls"
-    for f in "$KIT"/tls/*; do [ -e "$ETC/tls/$(basename "$f")" ] || install -m 0640 -o root -g "$grp" "$f" "$ETC/tls/"; done
+    for f in "$KIT"/tls/*; do
+      t="$ETC/tls/$(basename "$f")"
+      if [ ! -e "$t" ]; then
+        install -m 0640 -o root -g "$grp" "$f" "$t"
+      elif ! cmp -s "$f" "$t"; then  # kept, as agent.toml is; the kit's is beside it
+        install -m 0640 -o root -g "$grp" "$f" "$t.kit-new"
+        echo "kept $t (this kit's differs: $(basename "$t").kit-new beside it)"
+      fi
+    done
   fi
   if [ -d "$KIT/trusted" ]; then
     install -d -m 0755 "$ETC/trusted"
@@ -106,7 +117,7 @@ install_kit() {
   # state: the outbox and deployed bundles stay; the kit's bundle is swapped in whole
   install -d -m 0750 -o "$SVC_USER" -g "$grp" "$STATE" 2>/dev/null || install -d -m 0750 "$STATE"
   rm -rf "$STATE/kit-bundle.new"
-  staged+=("$STATE/kit-bundle.new")
+  STAGED+=("$STATE/kit-bundle.new")
   cp -r "$KIT/bundle" "$STATE/kit-bundle.new"
   [ -n "$R" ] || chown -R "$SVC_USER:$SVC_USER" "$STATE/kit-bundle.new"
   rm -rf "$STATE/kit-bundle.old"
