@@ -148,7 +148,8 @@ def test_commands_and_bad_commands(tmp_path, mosquitto, rpi4_bundle, fashion_vid
         r = command(mosquitto.port, f"{BASE}/cmd/ping", {"id": "p2"}, f"{BASE}/cmd/ping/reply")
         assert r["ok"]  # still serving after all that
         assert agent.poll() is None
-        assert len([e for e in rec.of("/events") if e["kind"] == "command_error"]) == 7
+        errs = [e for e in rec.of("/events") if e["kind"] == "command_error"]  # rate-limited: 7 in a burst
+        assert 1 <= len(errs) <= 3 and errs[0]["data"]["verb"] == "ping", errs
     finally:
         rec.close()
         assert _stop(agent) == 0

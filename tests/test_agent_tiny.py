@@ -230,4 +230,15 @@ def test_commands_over_mqtt_and_oversized_ones_rate_limited(tmp_path, tiny, mosq
         assert held and all(f"({x['data']['suppressed']} more like it not reported)" in x["message"] for x in held)
         r = command(mosquitto.port, f"{base}/cmd/ping", {"id": "p2"}, f"{base}/cmd/ping/reply", timeout=15)
         assert r["ok"]  # still answering
+        # malformed commands (not oversized) are held to the same limits: junk at any rate costs at most
+        # a burst of error replies and one event per period (they were one reply and one event each)
+        n_events, n_replies = len(errors(rec)), len(rec.of("/cmd/set/reply"))
+        for _ in range(200):
+            rec.client.publish(f"{base}/cmd/set", b"notjson", qos=0)
+        time.sleep(1.5)
+        r = command(mosquitto.port, f"{base}/cmd/ping", {"id": "p3"}, f"{base}/cmd/ping/reply", timeout=15)
+        assert r["ok"]
+        junk_replies = len(rec.of("/cmd/set/reply")) - n_replies
+        assert 1 <= junk_replies <= service.REJECT_BURST + 40, junk_replies  # the burst, then 10/s
+        assert len(errors(rec)) - n_events <= 2
     rec.close()

@@ -63,6 +63,68 @@ def test_malformed_messages_counted_per_device_never_stored(tmp_path, mosquitto)
     c.loop_stop()
 
 
+def test_poison_messages_are_refused_and_the_fleet_keeps_being_stored(tmp_path, mosquitto):
+    """One message stopped the whole fleet's ingest: 60 KB of '[' (RecursionError) and a 20-digit seq
+    (OverflowError) killed the writer thread; a NaN fps reached a NOT NULL column and that batch was
+    retried forever; a 400-digit number in meta overflowed. None was acknowledged, so each came back
+    at every restart. A device whose events flood no longer loses its telemetry to the limit."""
+    store = open_store(tmp_path / "f.sqlite")
+    lines: list[str] = []
+    m = Monitor(mosquitto.url, store, client_id="mon-poison", log=lines.append, flood_rate=5, flood_burst=20).start()
+    assert m.connected.wait(10)
+    c = pub_client(mosquitto.port, "pub-poison")
+    good = json.loads(window(0))
+    raw = window(0).decode()
+    poison = [("evil/telemetry", b"[" * 60000), ("evil/meta", b"[" * 60000),
+              ("evil/telemetry", raw.replace('"seq":0', '"seq":99999999999999999999')),
+              ("evil/telemetry", raw.replace('"fps":5.0', '"fps":NaN')),
+              ("evil/telemetry", raw.replace('"fps":5.0', '"fps":1e400')),
+              ("evil/meta", json.dumps({"v": 1, "bundle": {"name": "x", "latency_budget_ms": 0}}).replace(
+                  '"latency_budget_ms": 0', '"latency_budget_ms": ' + "9" * 400)),
+              ("evil/events", json.dumps({"v": 1, "boot_id": "b1", "kind": "x", "message": "m"}).replace(
+                  '"v": 1', '"v": 1, "n": -Infinity'))]
+    assert all(p in raw for p in ('"seq":0', '"fps":5.0'))
+    for topic, body in poison:
+        c.publish(f"lepton/v1/f/{topic}", body, qos=1).wait_for_publish(5)
+    for i in range(40):  # events flooding past the limit; telemetry beside them
+        c.publish("lepton/v1/f/dev/events", json.dumps({"v": 1, "boot_id": "b1", "kind": "x", "message": str(i)}),
+                  qos=1).wait_for_publish(5)
+    for i in range(5):
+        c.publish("lepton/v1/f/dev/telemetry", window(i), qos=1).wait_for_publish(5)
+    assert wait(lambda: (d := store.device("f", "dev")) is not None and d.windows == 5), lines
+    assert wait(lambda: (e := store.device("f", "evil")) is not None and e.bad_messages == len(poison)), lines
+    assert good["fps"] == 5.0 and store.device("f", "evil").windows == 0
+    assert all(t.is_alive() for t in m._threads) and m.stats["store_errors"] == 0, lines
+    m.stop()
+    c.loop_stop()
+
+
+def test_a_message_the_store_cannot_take_is_counted_and_the_rest_stored(tmp_path, mosquitto):
+    """Whatever a store raises besides StoreError (a value a database refuses) no longer ends the writer
+    thread: the batch is stored message by message and the one that fails again is counted `unstorable`."""
+    store = open_store(tmp_path / "f.sqlite")
+    real = store.add_windows
+
+    def picky(rows):
+        if any(dev == "evil" for _f, dev, _d, _t in rows):
+            raise OverflowError("Python int too large to convert to SQLite INTEGER")
+        return real(rows)
+
+    store.add_windows = picky
+    lines: list[str] = []
+    m = Monitor(mosquitto.url, store, client_id="mon-unstorable", log=lines.append).start()
+    assert m.connected.wait(10)
+    c = pub_client(mosquitto.port, "pub-unstorable")
+    for i in range(3):
+        c.publish("lepton/v1/f/evil/telemetry", window(i), qos=1).wait_for_publish(5)
+        c.publish("lepton/v1/f/dev/telemetry", window(i), qos=1).wait_for_publish(5)
+    assert wait(lambda: (d := store.device("f", "dev")) is not None and d.windows == 3), lines
+    assert wait(lambda: (e := store.device("f", "evil")) is not None and e.bad_messages == 3), lines
+    assert all(t.is_alive() for t in m._threads) and any("unstorable (OverflowError" in x for x in lines), lines
+    m.stop()
+    c.loop_stop()
+
+
 MONITOR = """
 import sys, time
 from lepton_edge.fleet.monitor import Monitor

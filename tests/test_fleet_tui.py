@@ -144,6 +144,27 @@ def test_ambiguous_device_and_missing_store(fleet_store, tmp_path):
     assert not missing.exists() and not missing.parent.exists()  # reading never creates a store
 
 
+def test_what_a_device_sends_is_shown_as_text_never_as_markup(tmp_path):
+    """A bundle named `[/bold]` raised MarkupError in the dashboard (monitor, monitor --once, fleet top) and in
+    `fleet show`; `[blink red]x[/]` styled the operator's terminal. A device's strings are text."""
+    from fleet_views_data import meta
+    from lepton_edge.telemetry.schema import Event
+
+    path = tmp_path / "f.sqlite"
+    st = open_store(path)
+    now = time.time()
+    add_device(st, "lab", "evil", now=now)
+    st.set_meta("lab", "evil", meta("boot-evil", bundle="[/bold][blink red]x[/]"), now)
+    st.add_event("lab", "evil", Event(boot_id="boot-evil", kind="deploy", level="info",
+                                      message="now [/] running [bold]y[/bold]").model_dump(), now)
+    st.close()
+    for args in (("fleet", "ls"), ("fleet", "top", "--once"), ("fleet", "show", "lab/evil")):
+        r = fleet_cli(*args, "--store", str(path))
+        assert r.returncode == 0 and "Traceback" not in r.stderr, (args, r.stderr[-2000:])
+        assert "[/bold][blink red]x[/]" in r.stdout.replace("\n", "") or "[/bold][blink" in r.stdout, (args, r.stdout)
+    assert "now [/] running [bold]y[/bold]" in r.stdout
+
+
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux not installed (apt-get install tmux)")
 def test_live_dashboard_in_tmux_follows_the_store(fleet_store):
     """`fleet top` in a real terminal (tmux, 160x30, no mouse): the table shows, a device written to the

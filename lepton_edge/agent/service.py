@@ -73,7 +73,7 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 
 MAX_QUEUED_COMMAND_BYTES = 1 << 20  # commands waiting for the command thread, all together
 RATE_LIMIT_S = 5.0  # at most one event (or log line) of a kind this often when something repeats
-REJECT_BURST, REJECT_PER_S = 20, 10.0  # error replies to oversized commands: a token bucket
+REJECT_BURST, REJECT_PER_S = 20, 10.0  # error replies to oversized or malformed commands: a token bucket
 
 
 def _json(model) -> bytes:
@@ -411,8 +411,11 @@ class Agent:
         try:
             cmd = commands.parse(verb, payload)
         except commands.CommandError as e:
-            self.reply(safe_verb, e.command_id, False, str(e))
-            self.event("command_error", f"{safe_verb}: {e}", "warning")
+            # both rate-limited, as for an oversized command: junk sent at 150/s made as many events,
+            # and the monitor's flood limit then refused the device's own telemetry
+            if self._take_reject_token():
+                self.reply(safe_verb, e.command_id, False, str(e))
+            self._rate_event("command_error", f"{safe_verb}: {e}", "warning", verb=safe_verb)
             return
         try:
             self.handle(verb, cmd)

@@ -15,6 +15,7 @@ import threading
 import time
 
 import typer
+from rich.markup import escape
 
 from lepton_edge.errors import BadInput, LeptonError
 
@@ -414,21 +415,21 @@ def fleet_show(device: str = typer.Argument(..., help="FLEET/DEVICE, or DEVICE w
         t = Table(title=f"{fleet}/{name}", show_header=False)
         for k, v in tui.device_record(d).items():
             if k not in ("fleet", "device"):
-                t.add_row(k, "-" if v is None else str(v))
+                t.add_row(k, "-" if v is None else escape(str(v)))  # (a device's own strings are not markup)
         con.print(t)
         if d.latency:
             lt = Table(title="latency (ms, last window)")
             for col in ("stage", "p50", "p95", "p99", "max"):
                 lt.add_column(col, justify="left" if col == "stage" else "right")
             for stage, q in d.latency.items():
-                lt.add_row(stage, *(f"{q.get(k, float('nan')):.2f}" for k in ("p50", "p95", "p99", "max")))
+                lt.add_row(escape(stage), *(f"{q.get(k, float('nan')):.2f}" for k in ("p50", "p95", "p99", "max")))
             con.print(lt)
         for a in alerts:
             state = "[bold red]active[/]" if a.resolved is None else "[dim]resolved[/]"
-            con.print(f"alert {state} {a.rule} ({a.severity}): {a.message}")
+            con.print(f"alert {state} {escape(a.rule)} ({a.severity}): {escape(a.message)}")
         for e in evs:
-            con.print(f"[dim]{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(e.ts))}[/] {e.kind} {e.level}: "
-                      f"{e.message}", markup=True, highlight=False)
+            con.print(f"[dim]{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(e.ts))}[/] {escape(e.kind)} "
+                      f"{escape(e.level)}: {escape(e.message)}", markup=True, highlight=False)
 
 
 @fleet_app.command("history")
@@ -482,8 +483,8 @@ def fleet_alerts(device: str | None = typer.Argument(None, help="Only this devic
         for col in ("started", "device", "rule", "severity", "message", "resolved"):
             t.add_column(col, no_wrap=col != "message")
         for a in rows:
-            t.add_row(time.strftime("%m-%d %H:%M:%S", time.localtime(a.started)), f"{a.fleet}/{a.device}", a.rule,
-                      a.severity, a.message,
+            t.add_row(time.strftime("%m-%d %H:%M:%S", time.localtime(a.started)), f"{a.fleet}/{a.device}",
+                      escape(a.rule), escape(a.severity), escape(a.message),
                       "[bold red]active[/]" if a.resolved is None
                       else time.strftime("%m-%d %H:%M:%S", time.localtime(a.resolved)),
                       style="red" if a.resolved is None and a.severity == "critical" else None)

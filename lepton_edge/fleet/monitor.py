@@ -43,6 +43,34 @@ _SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MODELS = {"status": Status, "telemetry": Telemetry, "events": Event}
 
 
+class OutOfRange(ValueError):
+    """A number no store column holds: an integer past 64 bits, a float past double's range."""
+
+
+def _int(text: str) -> int:
+    if len(text) > 19 or not -(1 << 63) <= (v := int(text)) < (1 << 63):
+        raise OutOfRange(text[:40])
+    return v
+
+
+def _float(text: str) -> float:
+    v = float(text)
+    if v in (float("inf"), float("-inf")):  # 1e400
+        raise OutOfRange(text[:40])
+    return v
+
+
+def _constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def strict_json(payload: bytes | str):
+    """JSON as RFC 8259 has it: no NaN/Infinity literals (Python's json reads them, and a NaN reached a
+    NOT NULL column: the store retried that batch forever), and no number past what SQLite and
+    PostgreSQL hold (a 20-digit seq killed the writer thread with OverflowError)."""
+    return json.loads(payload, parse_int=_int, parse_float=_float, parse_constant=_constant)
+
+
 class _Bucket:
     """Per-device token bucket: `rate` messages/s sustained, `burst` at once."""
 
@@ -126,7 +154,7 @@ class Monitor:
             item = ("bad", None, None, "topic", now)
         elif len(msg.payload) > self.max_payload:
             item = ("bad", fleet, device, "too_large", now)
-        elif kind in ("telemetry", "events") and self._flooding(fleet, device):
+        elif kind in ("telemetry", "events") and self._flooding(fleet, device, kind):
             item = ("bad", fleet, device, "flood", now)
         else:
             item = (kind, fleet, device, msg.payload, now)
@@ -137,8 +165,10 @@ class Monitor:
             except queue.Full:
                 continue
 
-    def _flooding(self, fleet: str, device: str) -> bool:
-        key = (fleet, device)
+    def _flooding(self, fleet: str, device: str, kind: str = "telemetry") -> bool:
+        """Per device and kind: a device whose events flood (one per junk command someone sends it) still
+        has its telemetry stored; the two shared one bucket and 7,000 junk commands cost 45 windows."""
+        key = (fleet, device, kind)
         b = self._buckets.get(key)
         if b is None:
             if len(self._buckets) > 100_000:  # bounded, whatever device names arrive
@@ -155,8 +185,10 @@ class Monitor:
     # ---- the writer thread ------------------------------------------------------------------------
     def _parse(self, kind: str, payload: bytes) -> tuple[dict | None, str | None]:
         try:
-            d = json.loads(payload)
-        except (ValueError, UnicodeDecodeError):
+            d = strict_json(payload)
+        except OutOfRange:
+            return None, "out_of_range"
+        except (ValueError, UnicodeDecodeError, RecursionError):  # (60 KB of '[' is deep, not big)
             return None, "not_json"
         if not isinstance(d, dict):
             return None, "not_object"
@@ -231,7 +263,12 @@ class Monitor:
                         break
             self._busy = True
             try:
-                self._write(items)
+                try:
+                    self._write(items)
+                except StoreError:
+                    raise
+                except Exception as e:  # a message the store could not take: not the ingest's end
+                    self._write_one_by_one(items, e)
             except StoreError as e:
                 self.stats["store_errors"] += 1
                 self._say(("store",), f"monitor: {e}; retrying in {backoff:g}s (queued messages are kept)",
@@ -247,6 +284,26 @@ class Monitor:
                     self.client.ack(mid, qos)
             items = []
             self._busy = False
+
+    def _write_one_by_one(self, items: list, first: Exception) -> None:
+        """After a batch failed with something other than StoreError (a value the database cannot hold):
+        each message alone, and the ones that fail again counted as `unstorable` and acknowledged.
+        Why: the writer thread died on such a message (an OverflowError), and as it was never
+        acknowledged the broker gave it to every restart; the rest of the fleet went unstored."""
+        self._say(("unstorable",), f"monitor: a batch failed ({type(first).__name__}: {str(first)[:200]}); "
+                  "storing its messages one by one")
+        now = time.time()
+        for item in items:
+            try:
+                self._write([item])
+            except StoreError:
+                raise
+            except Exception as e:
+                (kind, fleet, device, _payload, _now), *_ = item
+                self._say(("unstorable", fleet, device), f"monitor: refused a {kind} message from {fleet}/{device}: "
+                          f"unstorable ({type(e).__name__}: {str(e)[:200]})")
+                self.store.count_bad(fleet or None, device or None, "unstorable", now)
+                self.stats["bad"] += 1
 
     def _periodic(self) -> None:
         next_house = time.monotonic() + 60

@@ -143,10 +143,12 @@ def render(store, now: float | None = None, max_rows: int | None = None, max_ale
         sev = OFFLINE if d.online is False else d.severity
         temp = _fmt(d.temperature_c, ".0f", "°C") + (" T" if d.throttled and d.throttled not in ("0x0", "0") else "")
         alerts = Text(str(d.active_alerts), style="bold red") if d.active_alerts else Text("0", style="dim")
-        table.add_row(f"{d.fleet}/{d.device}", _online(d), _fmt(d.fps), _latency(d), _fmt(d.cpu_percent, ".0f", "%"),
-                      _mib(d.rss_bytes), temp, str(d.dropped),
+        # Text, not str: a cell string is Rich markup, and a device names its own bundle (`[/bold]` raised
+        # MarkupError and ended the dashboard; `[blink red]x[/]` styled it)
+        table.add_row(Text(f"{d.fleet}/{d.device}"), _online(d), _fmt(d.fps), _latency(d),
+                      _fmt(d.cpu_percent, ".0f", "%"), _mib(d.rss_bytes), temp, str(d.dropped),
                       Text(str(d.seq_gaps), style="yellow" if d.seq_gaps else ""),
-                      d.bundle_name or "-", _age(None if d.last_seen is None else now - d.last_seen), alerts,
+                      Text(d.bundle_name or "-"), _age(None if d.last_seen is None else now - d.last_seen), alerts,
                       style=_ROW_STYLE.get(sev))
     summary = store.summary()
     parts: list = [header(summary), table]

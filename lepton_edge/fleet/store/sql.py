@@ -135,7 +135,14 @@ def _str(x) -> str | None:
 
 
 def _num(x) -> float | None:
-    return float(x) if isinstance(x, (int, float)) else None
+    """A finite float, or None (a NaN, an infinity or an integer past a double's range never reaches a column)."""
+    if not isinstance(x, (int, float)):
+        return None
+    try:
+        f = float(x)
+    except OverflowError:
+        return None
+    return f if math.isfinite(f) else None
 
 
 def meta_cols(meta: dict) -> tuple:
