@@ -78,9 +78,9 @@ def platform_for(profile, glibc: str | None = None, python: str | None = None) -
 
 
 def _version(s: str, what: str) -> tuple[int, int]:
-    m = re.fullmatch(r"(\d)\.(\d{1,2})", s.strip())
-    if not m:
-        raise BadInput(f"--{what} {s!r}: expected MAJOR.MINOR, e.g. {'2.36' if what == 'glibc' else '3.11'}")
+    m = re.fullmatch(r"(\d)\.(\d{1,2})", str(s).strip())
+    if not m or (what == "glibc" and m[1] != "2") or (what == "python" and m[1] != "3"):
+        raise BadInput(f"--{what} {s!r}: expected {'2.MINOR, e.g. 2.36' if what == 'glibc' else '3.MINOR, e.g. 3.11'}")
     return int(m[1]), int(m[2])
 
 
@@ -265,7 +265,8 @@ class AgentSettings:
             AgentConfig.model_validate(data)
         except ValidationError as e:
             err = e.errors()[0]
-            raise BadInput(f"--{err['loc'][0]}: {err['msg']}".replace("_", "-", 1)) from None
+            flag = str(err["loc"][0]).replace("_", "-")
+            raise BadInput(f"--{flag}: {err['msg'].removeprefix('Value error, ')}") from None
         if not re.match(r"^(mqtts?|wss?)://[^\s/]+", self.broker):
             raise BadInput(f"--broker {self.broker!r}: expected mqtt://host:port (or mqtts://, ws://, wss://)")
         from lepton_edge.telemetry.broker import parse_broker
@@ -338,6 +339,8 @@ def build(bundle: Path, output: Path, target: str | None = None, key: Path | Non
     from lepton_edge.bundle import Bundle, read_manifest_bytes
 
     settings = settings or AgentSettings()
+    if not isinstance(settings, AgentSettings):
+        raise BadInput(f"settings must be a kit.AgentSettings, got {type(settings).__name__}")
     bundle = Path(bundle)
     if not (bundle / "manifest.json").is_file():
         raise BadInput(f"{bundle}: not a bundle directory (no manifest.json)")

@@ -39,6 +39,7 @@ def key_id(public_key) -> str:
 def new_keys(out: Path) -> tuple[Path, Path]:
     """private.pem (mode 600) and public.pem in `out`; refuses to overwrite a private key."""
     serialization, ed25519 = _crypto()
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     priv_path, pub_path = out / "private.pem", out / "public.pem"
     if os.path.lexists(priv_path):  # (a dangling symlink too: writing through it put the key elsewhere)

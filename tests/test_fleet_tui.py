@@ -144,6 +144,29 @@ def test_ambiguous_device_and_missing_store(fleet_store, tmp_path):
     assert not missing.exists() and not missing.parent.exists()  # reading never creates a store
 
 
+def test_reading_commands_never_write_to_a_file_that_is_not_a_fleet_store(tmp_path):
+    """`fleet ls --store app.db` added the store's tables to another application's database, and an empty
+    file became a store: reading commands now refuse both, and leave them byte for byte."""
+    import hashlib
+    import sqlite3
+
+    other = tmp_path / "app.db"
+    con = sqlite3.connect(other)
+    con.execute("CREATE TABLE invoices (n INTEGER)")
+    con.commit()
+    con.close()
+    empty = tmp_path / "empty.sqlite"
+    empty.touch()
+    text = tmp_path / "notes.txt"
+    text.write_text("not a database\n")
+    for path, why in ((other, "not a fleet store"), (empty, "empty, not a fleet store"), (text, "not a SQLite file")):
+        before = hashlib.sha256(path.read_bytes()).hexdigest()
+        for args in (("fleet", "ls"), ("fleet", "alerts")):
+            r = fleet_cli(*args, "--store", str(path))
+            assert r.returncode == 2 and why in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == before
+
+
 def test_what_a_device_sends_is_shown_as_text_never_as_markup(tmp_path):
     """A bundle named `[/bold]` raised MarkupError in the dashboard (monitor, monitor --once, fleet top) and in
     `fleet show`; `[blink red]x[/]` styled the operator's terminal. A device's strings are text."""

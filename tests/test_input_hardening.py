@@ -3,6 +3,7 @@ budgets are checked before the work, and bad input is one line (exit 2), never a
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import time
@@ -220,6 +221,24 @@ def test_the_agent_config_delegates_table_is_checked(tmp_path):
     assert load(f, {}).delegates == {"edgetpu": "/usr/lib/libedgetpu.so.1"}
     f.write_text('[delegates]\nedgetpu = "libedgetpu.so.1"\n')
     with pytest.raises(BadInput, match="absolute"):
+        load(f, {})
+
+
+@pytest.mark.parametrize("text,needle", [
+    ('source = "cam"\n[agent]\nbundle = "b"\n', "'source' is outside the [agent] table"),
+    ('[agent]\nbundle = "b"\n[other]\nx = 1\n', "'other' is outside the [agent] table"),
+    ("health_timeout_s = inf\n", "health_timeout_s"), ("window_s = nan\n", "window_s"),
+    ("outbox_max = 99999999999999999999999\n", "outbox_max"), ("max_bundle_bytes = 1e30\n", "max_bundle_bytes"),
+])
+def test_agent_config_fields_are_never_dropped_or_unbounded(tmp_path, text, needle):
+    """Top-level fields beside an [agent] table were dropped without a word, an unknown table beside it
+    accepted; `health_timeout_s = inf` (a deploy's health check waiting forever) and numbers without
+    an upper bound were accepted."""
+    from lepton_edge.agent.config import load
+
+    f = tmp_path / "agent.toml"
+    f.write_text(text)
+    with pytest.raises(BadInput, match=re.escape(needle)):
         load(f, {})
 
 

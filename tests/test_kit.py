@@ -257,3 +257,17 @@ def test_tls_files_of_one_base_name_stay_apart_and_the_key_stays_private(rpi4_bu
     root.mkdir()
     r = _install(d, root, "--check")  # past the checksum and listed-files checks, to the architecture
     assert "SHA256SUMS" not in r.stderr and ("for aarch64" in r.stderr or r.returncode == 0), r.stderr
+
+
+def test_kit_flags_and_python_api_values_are_checked_in_one_line(rpi4_bundle, tmp_path):
+    """`--glibc 9.99` made the tag manylinux_9_99; glibc as a float or settings as a dict were bare
+    AttributeErrors; `--fleet a/b` said "(letters, digits, '-', '-', ...)" (its '_' replaced)."""
+    for value, what in (("9.99", "glibc"), ("2.x", "glibc"), ("2.11", "python")):
+        with pytest.raises(BadInput, match=rf"--{what} '{re.escape(value)}': expected"):
+            kit._version(value, what)
+    assert kit._version(2.36, "glibc") == (2, 36)  # the Python API may pass a number
+    with pytest.raises(BadInput, match="settings must be a kit.AgentSettings, got dict"):
+        kit.build(_path(rpi4_bundle), tmp_path / "k.tar.gz", settings={"broker": "mqtt://x"})
+    with pytest.raises(BadInput) as e:
+        kit.AgentSettings(fleet="a/b").validate()
+    assert str(e.value).startswith("--fleet: ") and "'_'" in str(e.value) and "Value error" not in str(e.value)

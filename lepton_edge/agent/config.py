@@ -46,25 +46,28 @@ class AgentConfig(BaseModel):
     # or "every-frame" (decode and queue every frame; lag grows while the model is slower than the camera)
     source_policy: str | None = Field(default=None, pattern=r"^(newest-frame|every-frame)$")
     threads: int | None = Field(default=None, ge=1, le=64)
-    window_s: float = Field(default=10.0, ge=0.1, le=3600)
+    window_s: float = Field(default=10.0, ge=0.1, le=3600, allow_inf_nan=False)
     sample_every: int = Field(default=1, ge=1, le=1000)
     state_dir: Path = Path("/var/lib/lepton-edge")  # outbox.sqlite, bundles/, current
-    outbox_max: int = Field(default=100_000, ge=10)
+    outbox_max: int = Field(default=100_000, ge=10, le=100_000_000)
     outbox_fsync: bool = False  # true: windows survive a power cut too (an fsync per message)
     trusted_keys: list[Path] = Field(default_factory=list)  # when set, unsigned bundles are refused
     health_frames: int = Field(default=30, ge=1, le=10000)
-    health_timeout_s: float = Field(default=30.0, gt=0)
-    max_download_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)
+    # finite: `inf` made a deploy's health check wait forever on a stalled camera
+    health_timeout_s: float = Field(default=30.0, gt=0, le=86400, allow_inf_nan=False)
+    max_download_bytes: int = Field(default=512 * 1024 * 1024, ge=1024, le=1 << 40)
     # 0 (default): MQTT 3.1.1; every command payload is read, and one over 64 KiB refused before it is
     # queued. N >= 131072: MQTT 5 with N as the largest packet the broker may send, so it discards bigger
     # commands unsent. Off by default: mosquitto 2.0.11 (Debian 12) stops delivering to such a client after
     # about 100 discarded QoS 1 messages. Cap payloads at the broker instead (max_packet_size, see
     # examples/raspberry_pi/mosquitto/lepton.conf).
     mqtt_max_packet_bytes: int = Field(default=0, ge=0, le=256 * 1024 * 1024)
-    max_bundle_bytes: int = Field(default=1024 * 1024 * 1024, ge=1024)  # a deployed bundle's files, unpacked
+    # a deployed bundle's files, unpacked
+    max_bundle_bytes: int = Field(default=1024 * 1024 * 1024, ge=1024, le=1 << 40)
     keep_bundles: int = Field(default=2, ge=0, le=20)  # previous good bundles kept to fall back to
-    download_timeout_s: float = Field(default=300.0, gt=0, le=86400)  # the whole download, not per read
-    max_backoff_s: float = Field(default=10.0, ge=1, le=300)
+    # the whole download, not per read
+    download_timeout_s: float = Field(default=300.0, gt=0, le=86400, allow_inf_nan=False)
+    max_backoff_s: float = Field(default=10.0, ge=1, le=300, allow_inf_nan=False)
     # the LiteRT delegates this device allows, name -> absolute library path ([delegates] edgetpu = "/usr/lib/
     # libedgetpu.so.1"); a bundle may only name one of these, never a path (runtime/delegates.py)
     delegates: dict[str, str] = Field(default_factory=dict)
@@ -111,6 +114,10 @@ def load(path: Path | None, overrides: dict[str, Any]) -> AgentConfig:
         where = str(path)
         data = read_toml(Path(path), "config file")
         if isinstance(data.get("agent"), dict):  # an [agent] table is accepted too (beside a [delegates] one)
+            beside = sorted(k for k in data if k not in ("agent", "delegates"))
+            if beside:  # they were dropped without a word: a field at the top and another in [agent] is a typo
+                raise BadInput(f"{where}: '{beside[0]}' is outside the [agent] table; put every field inside "
+                               "it, or use no [agent] table at all")
             data = data["agent"] | ({"delegates": data["delegates"]} if "delegates" in data else {})
     data.update({k: v for k, v in overrides.items() if v is not None})
     try:

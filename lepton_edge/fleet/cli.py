@@ -322,10 +322,35 @@ def _read_store(store: str | None):
         path = Path(s.removeprefix("sqlite://")).expanduser()
         if not path.is_file():
             raise BadInput(f"no fleet store at {path} (run `lepton-edge monitor` first, or pass --store)")
+        _is_fleet_store(path)
     try:
         return open_store(s)
     except StoreError as e:  # its message already names the store
         raise BadInput(str(e)) from None
+
+
+def _is_fleet_store(path) -> None:
+    """One line unless the SQLite file holds a fleet store, checked read-only before the store opens it.
+    Why: opening creates the store's tables, so `fleet ls --store app.db` added ten tables to another
+    application's database, and an empty file became a store."""
+    import sqlite3
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+        if head != b"SQLite format 3\x00":
+            raise BadInput(f"{path}: {'empty' if not head else 'not a SQLite file'}, not a fleet store")
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+        try:
+            found = con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
+                                ).fetchone()
+        finally:
+            con.close()
+    except (OSError, sqlite3.Error) as e:
+        raise BadInput(f"{path}: cannot read it as a fleet store ({str(e).splitlines()[0][:200]})") from None
+    if not found:
+        raise BadInput(f"{path}: a SQLite database but not a fleet store (no schema_version table); "
+                       "reading commands never write to it")
 
 
 def parse_since(text: str) -> float:
@@ -340,6 +365,8 @@ def resolve_device(st, name: str) -> tuple[str, str]:
     """'fleet/device', or 'device' when exactly one fleet has it; otherwise one line, exit 2."""
     from lepton_edge.errors import closest
 
+    if len(name) > 129:  # FLEET/DEVICE: two segments of at most 64 (a 100 KB name was echoed whole)
+        raise BadInput(f"device {name[:64]!r}…: longer than FLEET/DEVICE can be (129 characters)")
     if name.count("/") > 1 or not name.strip("/"):
         raise BadInput(f"device {name!r}: expected FLEET/DEVICE or DEVICE")
     known = [(d.fleet, d.device) for d in st.devices()]

@@ -141,7 +141,7 @@ class SetCommand(_Command):
     """On `.../cmd/set`: change a running setting; only the fields given change."""
 
     # strict: `true` is not 1 thread and `"no"` is not false; a command that means something else is refused
-    window_s: float | None = Field(default=None, ge=0.1, le=3600, strict=True)
+    window_s: float | None = Field(default=None, ge=0.1, le=3600, strict=True, allow_inf_nan=False)
     sample_every: int | None = Field(default=None, ge=1, le=1000, strict=True)  # run the model on every Nth frame
     threads: int | None = Field(default=None, ge=1, le=64, strict=True)
     telemetry: bool | None = Field(default=None, strict=True)  # pause (false) or resume telemetry windows
