@@ -150,3 +150,54 @@ def test_keys_and_signatures_never_go_through_a_link_or_read_without_end(tmp_pat
     big.write_bytes(b"-" * (1 << 20))
     with pytest.raises(BadInput, match="larger than 64 KB"):
         sign(b, big)
+
+
+def test_every_refusal_says_exactly_what_and_where(tmp_path):
+    """Each message whole (a user reads it on a device's log, and a script may match it), the key files'
+    modes, and the size limits at their exact edge."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    def says(fn, *args) -> str:
+        with pytest.raises(BadInput) as e:
+            fn(*args)
+        return str(e.value)
+
+    priv, pub = new_keys(str(tmp_path / "k"))  # a str path too
+    assert (priv.stat().st_mode & 0o777, pub.stat().st_mode & 0o777) == (0o600, 0o644)
+    assert says(new_keys, tmp_path / "k") == f"{priv} exists; refusing to overwrite a private key"
+    ec_key = ec.generate_private_key(ec.SECP256R1())
+    ec_priv, ec_pub = tmp_path / "ec.pem", tmp_path / "ec-pub.pem"
+    ec_priv.write_bytes(ec_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                             serialization.NoEncryption()))
+    ec_pub.write_bytes(ec_key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                        serialization.PublicFormat.SubjectPublicKeyInfo))
+    b = _bundle(tmp_path / "b")
+    assert says(sign, b, ec_priv) == f"{ec_priv}: not an Ed25519 key (make one with `lepton-edge keys new`)"
+    assert says(load_public, ec_pub) == f"{ec_pub}: not an Ed25519 public key"
+    junk = tmp_path / "junk.pem"
+    junk.write_text("x")
+    assert says(sign, b, junk).startswith(f"{junk}: not an unencrypted PEM private key (")
+    assert says(load_public, junk).startswith(f"{junk}: not a PEM public key (")
+    assert says(read_signature, b) == (f"bundle {b} is not signed; trusted keys are configured, so unsigned "
+                                       "bundles are refused")
+    sig_path = sign(b, priv)
+    good = json.loads(sig_path.read_text())
+    for bad in ([], {"key_id": good["key_id"], "signature": "!!"}):
+        sig_path.write_text(json.dumps(bad))
+        assert says(read_signature, b) == f"bundle {b}: malformed signature file"
+    sig_path.write_text(json.dumps({"key_id": "f" * 100, "signature": good["signature"]}))
+    assert says(verify, b, [pub]) == f"bundle {b}: signed with key {'f' * 64!r}, which is not trusted here"
+    sig_path.write_text(json.dumps({"key_id": good["key_id"], "signature": base64.b64encode(b"\0" * 64).decode()}))
+    assert says(verify, b, [pub]) == f"bundle {b}: bad signature (the manifest was changed after signing)"
+    body = json.dumps(good)
+    sig_path.write_text(body + " " * (4096 - len(body)))  # the limit itself: read
+    assert read_signature(b)[0] == good["key_id"]
+    sig_path.write_text(body + " " * (4097 - len(body)))
+    assert "over the limit of 4096" in says(read_signature, b)
+    pem = priv.read_bytes()
+    big = tmp_path / "big.pem"
+    big.write_bytes(pem + b"\n" * (64 * 1024 - len(pem)))  # 64 KiB exactly: still a key
+    assert sign(b, big).is_file()
+    big.write_bytes(pem + b"\n" * (64 * 1024 + 1 - len(pem)))
+    assert says(sign, b, big) == f"key {big}: larger than 64 KB"
