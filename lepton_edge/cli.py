@@ -431,13 +431,32 @@ def _run_sinks(pipe, src, rt, *, every: float, jsonl: str | None, save: Path | N
     outs: list = []
     if not (lines_to_stderr and logs.json_mode()):
         outs.append(sinks.ConsoleLines(ui.err if lines_to_stderr else out, every, pipe.stats))
+    _not_the_source(src, jsonl=None if jsonl == "-" else jsonl, save=save)
     if jsonl:
-        outs.append(sinks.JsonLines(Path("/dev/stdout") if jsonl == "-" else Path(jsonl)))
+        outs.append(sinks.JsonLines(None if jsonl == "-" else Path(jsonl)))
     if save:
         outs.append(sinks.VideoOut(save, src.fps))
     if show or (show is None and sinks.display_available()):
         outs.append(sinks.Window(f"lepton-edge: {rt.name}"))
     return outs
+
+
+def _not_the_source(src, **outputs) -> None:
+    """One line when an output file is the file the frames come from, or two outputs are one file.
+    Why: `--save clip.avi -s clip.avi` overwrote the video while it was read (20 frames became 13), and
+    `--jsonl clip.avi` replaced it with JSON lines."""
+    spec = getattr(src, "spec", None) or getattr(src, "path", None)
+    source = Path(str(spec)) if spec is not None else None
+    seen: dict[Path, str] = {}
+    for flag, value in outputs.items():
+        if not value:
+            continue
+        out = Path(value).expanduser().resolve()
+        if source is not None and source.is_file() and source.resolve() == out:
+            raise BadInput(f"--{flag} {value}: that is the source being read ({source}); write elsewhere")
+        if out in seen:
+            raise BadInput(f"--{flag} {value}: the same file as --{seen[out]}")
+        seen[out] = flag
 
 
 def _interrupt_on_sigterm() -> None:
@@ -462,9 +481,15 @@ def _drive(pipe, outs: list) -> bool:
     except KeyboardInterrupt:
         return True
     finally:
-        for o in outs:
-            o.close()
+        failed = None
+        for o in outs:  # every sink closed, the first failure said after (a full disk fails at close)
+            try:
+                o.close()
+            except BadInput as e:
+                failed = failed or e
         pipe.close()
+        if failed is not None:
+            raise failed
     return False
 
 

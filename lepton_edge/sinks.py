@@ -6,12 +6,15 @@ second says what is happening, and --jsonl keeps every result for whoever needs 
 from __future__ import annotations
 
 import json
+import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from rich.markup import escape
 
 from lepton_edge.errors import BadInput
 from lepton_edge.runtime import Result
@@ -32,24 +35,50 @@ class ConsoleLines:
         self._last = now
         fps = self.stats.fps() if self.stats else None
         rate = f" [dim]{fps:.1f} fps[/]" if fps else ""
-        self.console.print(f"#{r.index:<6} {r.summary()}{rate}", highlight=False)
+        # (the summary holds the model's labels: text, never markup; a label '[/]' raised MarkupError)
+        self.console.print(f"#{r.index:<6} {escape(r.summary())}{rate}", highlight=False)
 
     def close(self) -> None:
         pass
 
 
 class JsonLines:
-    def __init__(self, path: Path):
+    """Every result as a JSON line, to a file or (path None) to this process's stdout as it is: reopening
+    /dev/stdout truncated a file that `>>` appended to, and failed on a socket (journald)."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        if path is None:
+            self.f, self.own = sys.stdout, False
+            return
         try:
-            self.f = open(path, "w", buffering=1 << 16)  # noqa: SIM115 - open for the sink's life, closed by close()
+            self.f, self.own = open(path, "w", buffering=1 << 16), True  # noqa: SIM115 - closed by close()
         except OSError as e:
             raise BadInput(f"cannot write {path}: {e.strerror}") from None
 
     def write(self, r: Result) -> None:
-        self.f.write(json.dumps(r.to_dict(), separators=(",", ":")) + "\n")
+        try:
+            # strict JSON: a NaN score is null (Python writes NaN, which JSON parsers refuse)
+            self.f.write(json.dumps(_finite(r.to_dict()), separators=(",", ":"), allow_nan=False) + "\n")
+        except OSError as e:  # a full SD card: one line, not a traceback
+            raise BadInput(f"cannot write {self.path or 'stdout'}: {e.strerror or e}") from None
 
     def close(self) -> None:
-        self.f.close()
+        try:
+            self.f.close() if self.own else self.f.flush()
+        except OSError as e:  # the last buffered lines: /dev/full fails here, not in write()
+            raise BadInput(f"cannot write {self.path or 'stdout'}: {e.strerror or e}") from None
+
+
+def _finite(x):
+    """The value with every NaN or infinity replaced by None, for strict JSON."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
 
 
 def _frame_of(r: Result) -> np.ndarray:
@@ -89,7 +118,10 @@ class VideoOut:
         self.size: tuple[int, int] = (0, 0)  # the first frame's (width, height), once the writer is open
         if self.path.suffix.lower() not in (".mp4", ".avi", ".mkv", ".mov"):
             raise BadInput(f"--save {path}: use a .mp4, .avi, .mkv or .mov file name")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise BadInput(f"--save {path}: cannot make its folder ({e.strerror or e})") from None
 
     def write(self, r: Result) -> None:
         import cv2
@@ -114,14 +146,23 @@ def display_available() -> bool:
     """A window only where there is a display and OpenCV was built with a GUI (not -headless)."""
     if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") or os.name == "nt"):
         return False
+    return gui_available()
+
+
+def gui_available() -> bool:
+    """Whether this OpenCV build can open a window at all."""
     import cv2
 
-    return "GUI" in cv2.getBuildInformation() and "NONE" not in cv2.getBuildInformation().split("GUI:")[1][:40]
+    info = cv2.getBuildInformation()
+    return "GUI" in info and "NONE" not in info.split("GUI:")[1][:40]
 
 
 class Window:
     def __init__(self, title: str):
         self.title = title
+        if not gui_available():
+            raise BadInput("--show: this OpenCV has no GUI (opencv-python-headless, as the device extra installs); "
+                           "use --save or --jsonl, or install opencv-python")
 
     def write(self, r: Result) -> None:
         import cv2

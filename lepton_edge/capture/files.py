@@ -2,7 +2,6 @@
 whatever pace the consumer allows (the every-frame policy); `read()` never waits on the outside."""
 from __future__ import annotations
 
-import glob as globlib
 import logging
 import os
 import stat
@@ -17,6 +16,7 @@ from lepton_edge.capture.opencv import cv2, thread_params
 from lepton_edge.capture.registry import register_source
 from lepton_edge.errors import BadInput
 
+MAX_BAD_IN_A_ROW = 300  # undecodable frames in a row that end a video file (its header promised more)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
 
 
@@ -30,20 +30,33 @@ def _inside(path: Path, root: Path) -> bool:
 
 
 def image_files(spec: str) -> list[Path] | None:
-    """The images a folder (recursively, sorted), a glob or one image names; None: not images."""
+    """The images a folder (recursively, sorted), a glob or one image names; None: not images.
+
+    A file that exists is that file, whatever its name holds (`clip[1].avi`, `[2024-01-01] cam.png` were
+    read as globs matching nothing). A glob's `**` does not follow links to folders (pathlib's, not the
+    glob module's: two links back up made `loop/**/*.png` run without end)."""
     p = Path(spec)
+    if p.is_file():
+        return [p] if p.suffix.lower() in IMAGE_SUFFIXES else None
     if p.is_dir():
         root = p.resolve()
         return sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()
                       and _inside(f, root))
-    if any(ch in spec for ch in "*?["):
-        base = Path(spec.split("*")[0].split("?")[0].split("[")[0] or ".")
-        root = (base if base.is_dir() else base.parent).resolve()
-        return sorted(Path(f) for f in globlib.glob(spec, recursive=True)
-                      if Path(f).suffix.lower() in IMAGE_SUFFIXES and Path(f).is_file() and _inside(Path(f), root))
-    if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
-        return [p]
+    if _is_glob(spec):
+        first = min(i for i in (spec.find(ch) for ch in "*?[") if i >= 0)
+        cut = spec.rfind("/", 0, first)
+        base = Path(spec[:cut + 1] or ".")
+        pattern = spec[cut + 1:]
+        if not base.is_dir() or not pattern or Path(pattern).is_absolute():
+            return []
+        root = base.resolve()
+        return sorted(f for f in base.glob(pattern)
+                      if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file() and _inside(f, root))
     return None
+
+
+def _is_glob(spec: str) -> bool:
+    return any(ch in spec for ch in "*?[") and not Path(spec).exists()
 
 
 @register_source
@@ -62,13 +75,20 @@ class ImageFiles(Source):
     @classmethod
     def claims(cls, spec: str) -> bool:
         p = Path(spec)
-        return p.is_dir() or any(ch in spec for ch in "*?[") or (p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if p.is_file():
+            return p.suffix.lower() in IMAGE_SUFFIXES
+        return p.is_dir() or _is_glob(spec)
 
     @classmethod
     def from_spec(cls, spec: str, options: SourceOptions) -> ImageFiles:
         files = image_files(spec)
         if not files:
-            raise BadInput(f"no images in {spec!r} (looked for {', '.join(IMAGE_SUFFIXES)})")
+            p = Path(spec)
+            linked = sum(1 for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()) \
+                if p.is_dir() else 0
+            why = (f"; {linked} link(s) to images outside the folder are not followed: link the folder, or copy "
+                   "them in" if linked else "")
+            raise BadInput(f"no images in {spec!r} (looked for {', '.join(IMAGE_SUFFIXES)}){why}")
         return cls(spec, files, options.policy)
 
     def read(self, timeout: float | None = None) -> Frame | None:
@@ -78,7 +98,10 @@ class ImageFiles(Source):
             path = self.files[self._i]
             self._i += 1
             self.grabbed += 1
-            img = c.imread(str(path), c.IMREAD_COLOR)
+            try:
+                img = c.imread(str(path), c.IMREAD_COLOR)
+            except c.error:  # a header past OpenCV's pixel limit (40000x30000 in 1 KB): one corrupt file
+                img = None
             if img is None:
                 self.corrupt += 1
                 logging.getLogger(__name__).info("skipped %s: OpenCV cannot decode it", path)  # (which one, for -v)
@@ -122,7 +145,7 @@ class VideoFile(Source):
             raise BadInput(f"cannot open video {spec!r} (unreadable, or a codec OpenCV lacks)")
         self.total = int(self.cap.get(c.CAP_PROP_FRAME_COUNT)) or None
         self.fps = self.cap.get(c.CAP_PROP_FPS) or None
-        self._pos = 0
+        self._pos = self._in_a_row = 0
         self._set_state(SourceState.STREAMING)
 
     @classmethod
@@ -149,6 +172,7 @@ class VideoFile(Source):
             ok, img = self.cap.read()
             self._pos += 1
             if ok and img is not None:
+                self._in_a_row = 0
                 self.grabbed += 1
                 self.decoded += 1
                 return self._frame(img, t0)
@@ -160,9 +184,16 @@ class VideoFile(Source):
                 self._set_state(SourceState.ENDED, f"end of file after {self.captured} frame(s)")
                 return None
             self.corrupt += 1  # a bad packet mid-file: skip it
+            self._in_a_row += 1
             if self.corrupt > 1000 and self.captured == 0:
                 self._set_state(SourceState.FAILED, "no decodable frame")
                 raise BadInput(f"cannot decode any frame of {self.spec!r}")
+            if self._in_a_row > MAX_BAD_IN_A_ROW and not self.loop:
+                # a header that claims more frames than the file holds (a truncated recording, or 10^9 on
+                # purpose) is the end, not millions of "corrupt" frames
+                self._set_state(SourceState.ENDED, f"end of the decodable frames after {self.captured} frame(s) "
+                                f"(the header claims {self.total})")
+                return None
             self.cap.set(c.CAP_PROP_POS_FRAMES, self._pos)
         return None
 

@@ -118,6 +118,8 @@ def open_source(spec: str | int, policy: str | None = None, **settings: Any) -> 
     the model's, and MobileNetV2 on two cores runs ~3 % faster end to end with a one-thread decoder
     (bench/runtime_bench.py)."""
     s = str(spec).strip()
+    if not s:  # (an unset $CAM in a script read the working directory, recursively, as images)
+        raise BadInput("the source is empty: give a camera index, a video or image path, a folder, a glob or a URL")
     cls, target = resolve(s)
     unknown = set(settings) - _declared_options() - set(cls.Options.model_fields)
     if unknown:

@@ -65,6 +65,8 @@ class OnnxBackend(Backend):
         self.threads = threads
         self.inputs = [_info(v) for v in self.session.get_inputs()]
         self.outputs = [_info(v) for v in self.session.get_outputs()]
+        if not self.inputs:  # (a model of constants only: nothing a frame could feed)
+            raise BadInput(f"{path}: the model has no inputs; this runtime feeds it camera frames")
         self._feed = self.inputs[0].name
         self._run = self.session.run
 

@@ -6,6 +6,7 @@ checked (sha256 of every file) before anything of it runs.
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable
@@ -63,6 +64,34 @@ def check_input_size(spec: InputSpec) -> None:
     if max(shape) > MAX_SIDE or int(np.prod(shape, dtype=np.int64)) > MAX_INPUT_VALUES:
         raise BadInput(f"input {spec.name!r}: shape {shape} is too large (at most {MAX_SIDE} per dimension and "
                        f"{MAX_INPUT_VALUES:,} values)")
+
+
+def check_normalisation(spec: InputSpec, where) -> None:
+    """mean/std of one value or one per channel, finite, std and scale not 0; the quantization of an
+    integer input a finite positive scale and a whole zero point, none on a float input. Why: ImageNet's
+    3 means on a GRAY model, or `quantization` on a float32 input, were numpy tracebacks at the first frame."""
+    c = spec.shape[1] if spec.layout == "NCHW" else spec.shape[-1]
+    for key in ("mean", "std"):
+        vals = list(getattr(spec, key) or [])
+        if len(vals) not in ((1, c) if isinstance(c, int) else (1, 3)):
+            raise BadInput(f"{where}: {key} has {len(vals)} values for an input of {c} channel(s) ({spec.color}); "
+                           f"give {'1' if c == 1 else f'1 or {c}'}")
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in vals) or \
+                (key == "std" and any(v == 0 for v in vals)):
+            raise BadInput(f"{where}: {key} {vals} must be finite numbers" + (", none 0" if key == "std" else ""))
+    if not (isinstance(spec.scale, (int, float)) and math.isfinite(spec.scale) and spec.scale != 0):
+        raise BadInput(f"{where}: scale {spec.scale!r} must be a finite number other than 0")
+    q = spec.quantization
+    if q is None:
+        return
+    if not np.issubdtype(np.dtype(spec.dtype), np.integer):
+        raise BadInput(f"{where}: input quantization {q!r} given for a {spec.dtype} input (only integer inputs "
+                       "are quantized)")
+    s, z = q.get("scale") if isinstance(q, dict) else None, q.get("zero_point") if isinstance(q, dict) else None
+    if not (isinstance(s, (int, float)) and math.isfinite(s) and s > 0 and isinstance(z, (int, float))
+            and math.isfinite(z) and float(z).is_integer()):
+        raise BadInput(f"{where}: input quantization {str(q)[:100]} must be {{'scale': a positive number, "
+                       "'zero_point': a whole number}")
 
 
 def _reshaped(run: Callable, shape: tuple, x: np.ndarray) -> list[np.ndarray]:
@@ -158,6 +187,10 @@ class Runtime:
         backend receives only the settings its `Options` declare (threads, providers, delegates)."""
         p = Path(path)
         check_threads(threads, "threads")
+        for key in ("conf", "iou"):  # (--iou -1 failed in OpenCV's NMS at every frame; --conf nan kept nothing)
+            v = post_options.get(key)
+            if v is not None and not (isinstance(v, (int, float)) and 0 <= v <= 1):
+                raise BadInput(f"--{key} must be between 0 and 1, got {v!r}")
         if task is not None and task not in TASKS:
             raise BadInput(f"task must be one of {', '.join(TASKS)}, got {task!r}")
         overrides = parse_overrides(input_spec)
@@ -199,10 +232,15 @@ class Runtime:
         agree on. Why: `--input-spec layout=NHWC` on an NCHW model (or a manifest whose layout or
         colour contradicts its shape) passes every field check and then fails in the engine at the
         first frame, with a traceback; here it is one line before any frame is read."""
+        check_normalisation(self.spec, self.path)
         dims = self.spec.shape[2:4] if self.spec.layout == "NCHW" else self.spec.shape[1:3]
         if not all(isinstance(d, int) for d in dims):
             return
-        got = self.preprocess(np.zeros((int(dims[0]), int(dims[1]), 3), np.uint8)).shape
+        try:
+            got = self.preprocess(np.zeros((int(dims[0]), int(dims[1]), 3), np.uint8)).shape
+        except (ValueError, TypeError, KeyError, OverflowError) as e:  # whatever else a spec can contradict
+            raise BadInput(f"{self.path}: preprocessing cannot make this input from a frame "
+                           f"({str(e).splitlines()[0][:200]})") from None
         if tuple(got) != self._shape:
             raise BadInput(f"{self.path}: the input spec ({self.spec.layout}, {self.spec.color}) makes tensors of "
                            f"shape {list(got)}, but the input's shape is {list(self._shape)}: check layout and color")

@@ -1,0 +1,179 @@
+"""`lepton-edge run` and `bench` with outputs and sources from outside: an output that is the input, stdout
+as it is, a full disk, names that look like globs, image headers past OpenCV's limit, glob loops, videos
+whose header lies, manifests whose normalisation contradicts the input, and labels that look like markup.
+Each bad input is one line (exit 2); each unusual good one just works. The models are built here."""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from conftest import run_cli
+from test_plain_model_inputs import _mean_onnx
+
+
+def _model(tmp_path) -> Path:
+    """[1,3,8,8] float -> per-channel mean [1,3]: a 3-class 'classifier' that runs anywhere."""
+    p = tmp_path / "m.onnx"
+    _mean_onnx(p, TensorProto.FLOAT, [1, 3, 8, 8], [2, 3], [1, 3])
+    return p
+
+
+def _video(path: Path, frames: int = 12) -> Path:
+    w = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"MJPG"), 10, (32, 24))
+    for i in range(frames):
+        w.write(np.full((24, 32, 3), (i * 20) % 255, np.uint8))
+    w.release()
+    return path
+
+
+def _one_line(r, needle: str) -> None:
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert needle in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_an_output_that_is_the_source_is_refused_and_the_source_kept(tmp_path):
+    """`--save clip.avi -s clip.avi` overwrote the video while it was read (20 frames became 13), and
+    `--jsonl clip.avi` replaced it with JSON lines; both outputs one file is refused too."""
+    m, clip = _model(tmp_path), _video(tmp_path / "clip.avi")
+    before = clip.read_bytes()
+    for flag in ("--save", "--jsonl"):
+        r = run_cli("run", str(m), "-s", str(clip), "--no-show", flag, str(clip))
+        _one_line(r, "that is the source being read")
+    r = run_cli("run", str(m), "-s", str(clip), "--no-show", "--save", str(tmp_path / "o.avi"),
+                "--jsonl", str(tmp_path / "o.avi"))
+    _one_line(r, "the same file as --jsonl")
+    assert clip.read_bytes() == before
+
+
+def test_jsonl_to_stdout_appends_and_sits_beside_the_summary(tmp_path):
+    """`--jsonl -` reopened /dev/stdout: `>> app.jsonl` lost the lines already there, `--json` overwrote
+    the lines with the summary, and stdout as a socket (journald) failed. A NaN score is JSON null."""
+    m, clip = _model(tmp_path), _video(tmp_path / "clip.avi", 3)
+    out = tmp_path / "app.jsonl"
+    out.write_text('{"old":1}\n')
+    exe = Path(sys.executable).parent / "lepton-edge"
+    with open(out, "a") as f:
+        r = subprocess.run([str(exe), "run", str(m), "-s", str(clip), "--no-show", "--jsonl", "-", "--json"],
+                           stdout=f, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    text = out.read_text()
+    lines = text.splitlines()
+    assert lines[0] == '{"old":1}' and sum('"index":' in ln for ln in lines) == 3, text[:500]
+    assert '"frames"' in text  # the summary after the lines, not over them
+    import socket
+
+    a, b = socket.socketpair()
+    with a, b:
+        p = subprocess.Popen([str(exe), "run", str(m), "-s", str(clip), "--no-show", "--jsonl", "-"],
+                             stdout=a.fileno(), stderr=subprocess.PIPE, text=True)
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-2000:]
+        a.close()
+        got = b.makefile("rb").read().decode()
+    assert sum('"index":' in ln for ln in got.splitlines()) == 3
+
+
+def test_a_full_disk_or_an_impossible_folder_is_one_line(tmp_path):
+    m, clip = _model(tmp_path), _video(tmp_path / "clip.avi", 3)
+    _one_line(run_cli("run", str(m), "-s", str(clip), "--no-show", "--jsonl", "/dev/full"), "No space left")
+    (tmp_path / "afile").write_text("x")
+    _one_line(run_cli("run", str(m), "-s", str(clip), "--no-show", "--save", str(tmp_path / "afile/o.mp4")),
+              "cannot make its folder")
+
+
+def _png_header_only(path: Path, w: int, h: int) -> None:
+    """A tiny PNG whose header declares w x h pixels (OpenCV refuses it before decoding)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+                     + chunk(b"IEND", b""))
+
+
+def test_sources_named_like_globs_huge_headers_loops_and_lying_videos(tmp_path):
+    """`clip[1].avi` and `[2024] x.png` were read as globs that matched nothing; one PNG declaring
+    40000x30000 ended a folder's run with a traceback; `loop/**/*.png` followed links back up without
+    end; a video whose header claims 10^9 frames counted millions of corrupt ones; an empty source read
+    the working directory; links to images outside a folder were skipped without saying so."""
+    m = _model(tmp_path)
+    odd = _video(tmp_path / "clip[1].avi", 3)
+    r = run_cli("run", str(m), "-s", str(odd), "--no-show", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["frames"] == 3, r.stderr[-2000:]
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    cv2.imwrite(str(imgs / "[2024-01-01] a.png"), np.zeros((8, 8, 3), np.uint8))
+    r = run_cli("run", str(m), "-s", str(imgs / "[2024-01-01] a.png"), "--no-show", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["frames"] == 1, r.stderr[-2000:]
+    _png_header_only(imgs / "bomb.png", 40000, 30000)
+    r = run_cli("run", str(m), "-s", str(imgs), "--no-show", "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    s = json.loads(r.stdout)
+    assert s["frames"] == 1 and s["source"]["corrupt"] == 1, s
+    loop = tmp_path / "loop" / "a"
+    loop.mkdir(parents=True)
+    cv2.imwrite(str(loop / "0.png"), np.zeros((8, 8, 3), np.uint8))
+    (loop / "up").symlink_to("..")
+    (loop / "up2").symlink_to("../..")
+    r = run_cli("run", str(m), "-s", f"{tmp_path / 'loop'}/**/*.png", "--no-show", "--json", timeout=60)
+    assert r.returncode == 0 and json.loads(r.stdout)["frames"] == 1, r.stderr[-2000:]
+    farm = tmp_path / "farm"
+    farm.mkdir()
+    (farm / "x.png").symlink_to(loop / "0.png")
+    _one_line(run_cli("run", str(m), "-s", str(farm), "--no-show"), "1 link(s) to images outside the folder")
+    _one_line(run_cli("run", str(m), "-s", "", "--no-show", cwd=imgs), "the source is empty")
+    liar = _video(tmp_path / "liar.avi", 5)
+    data = bytearray(liar.read_bytes())
+    i = data.index(b"avih") + 8 + 16  # AVIMAINHEADER.dwTotalFrames
+    data[i:i + 4] = struct.pack("<I", 10**9)
+    liar.write_bytes(bytes(data))
+    r = run_cli("run", str(m), "-s", str(liar), "--no-show", "--json", timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    s = json.loads(r.stdout)
+    assert s["frames"] == 5 and s["source"]["corrupt"] <= 400, s
+
+
+def test_normalisation_and_options_that_contradict_the_input_are_one_line(tmp_path):
+    """ImageNet's 3 means on a 1-channel input, `quantization` on a float input, and `--iou -1` were
+    numpy or OpenCV tracebacks at the first frame; an ONNX model with no inputs an IndexError."""
+    gray = tmp_path / "gray.onnx"
+    _mean_onnx(gray, TensorProto.FLOAT, [1, 1, 8, 8], [2, 3], [1, 1])
+    folder = tmp_path / "f"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "a.png"), np.zeros((8, 8, 3), np.uint8))
+    _one_line(run_cli("run", str(gray), "-s", str(folder), "--no-show", "--input-spec",
+                      "mean=0.485,0.456,0.406;std=0.229,0.224,0.225"), "mean has 3 values for an input of 1 channel")
+    _one_line(run_cli("bench", str(gray), "--runs", "3", "--input-spec", "mean=0.4,0.4,0.4"), "mean has 3 values")
+    for flag, value in (("--iou", "-1"), ("--conf", "nan")):
+        _one_line(run_cli("run", str(gray), "-s", str(folder), "--no-show", flag, value), f"{flag} must be between")
+    g = helper.make_graph([helper.make_node("Constant", [], ["y"], value=helper.make_tensor("c", TensorProto.FLOAT,
+                                                                                           [1], [1.0]))],
+                          "g", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    none = tmp_path / "none.onnx"
+    mdl = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    mdl.ir_version = 8
+    onnx.save(mdl, str(none))
+    _one_line(run_cli("run", str(none), "-s", str(folder), "--no-show"), "the model has no inputs")
+
+
+def test_labels_are_text_never_markup(tmp_path):
+    """A label `[/]` raised MarkupError in the console lines, and `[background]` vanished from them."""
+    m = _model(tmp_path)
+    mdl = onnx.load(str(m))
+    mdl.metadata_props.add(key="names", value=json.dumps({"0": "[background]", "1": "[/]", "2": "c"}))
+    onnx.save(mdl, str(m))
+    folder = tmp_path / "f"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "a.png"), np.full((8, 8, 3), (0, 0, 250), np.uint8))  # red: class 0 first
+    r = run_cli("run", str(m), "-s", str(folder), "--no-show", "--every", "0")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "[background]" in r.stdout, r.stdout
