@@ -5,7 +5,6 @@ Each bad input is one line (exit 2); each unusual good one just works. The model
 from __future__ import annotations
 
 import json
-import os
 import struct
 import subprocess
 import sys
