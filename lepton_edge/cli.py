@@ -400,15 +400,15 @@ def run(
                       lines_to_stderr=as_json or jsonl == "-")
     d = rt.describe()
     ui.info(f"[bold]{escape(rt.name)}[/] ({d['backend']}, {d['threads']} thread(s), task {rt.task}) on {src.kind} "
-            f"{escape(str(source))}")
+            f"{escape(src.spec)}")
     interrupted = _drive(pipe, outs)
     status = pipe.status() | {"model": d, "interrupted": interrupted}
     _report_run(status, as_json)
     failed = getattr(src, "failure", None)
     if failed and not interrupted:
-        raise BadInput(f"{source}: {failed}")
+        raise BadInput(f"{src.spec}: {failed}")
     if status["frames"] == 0:
-        raise BadInput(f"no frame could be read or processed from {source!r}")
+        raise BadInput(f"no frame could be read or processed from {src.spec!r}")
 
 
 def _load_runtime(model: str, delegate: list[str] | None, **kw):

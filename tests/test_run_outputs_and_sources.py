@@ -176,3 +176,19 @@ def test_labels_are_text_never_markup(tmp_path):
     r = run_cli("run", str(m), "-s", str(folder), "--no-show", "--every", "0")
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert "[background]" in r.stdout, r.stdout
+
+
+def test_a_stream_password_never_reaches_logs_events_or_meta(tmp_path):
+    """The camera's password was in the log line, the error, and (source.spec) the agent's retained meta
+    and `started` event, which every subscriber and the fleet dashboard read."""
+    from lepton_edge.capture.base import redacted
+    from lepton_edge.capture.files import ImageFiles
+
+    assert redacted("rtsp://admin:s3cret@10.0.0.9:554/h264") == "rtsp://***@10.0.0.9:554/h264"
+    assert redacted("rtspsrc location=rtsp://u:p@cam/x ! decodebin ! appsink") == \
+        "rtspsrc location=rtsp://***@cam/x ! decodebin ! appsink"
+    assert redacted("http://cam.local/mjpg") == "http://cam.local/mjpg" and redacted("0") == "0"
+    assert ImageFiles("http://u:p@x/[1].png", [Path("a.png")]).spec == "http://***@x/[1].png"
+    m = _model(tmp_path)
+    r = run_cli("run", str(m), "-s", "rtsp://admin:s3cret@127.0.0.1:1/stream", "--no-show", timeout=120)
+    assert r.returncode == 2 and "s3cret" not in r.stderr and "***@127.0.0.1" in r.stderr, r.stderr[-2000:]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import abc
 import enum
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -29,6 +30,16 @@ from lepton_edge.capture.buffers import BufferPolicy
 from lepton_edge.errors import BadInput
 
 log = logging.getLogger(__name__)
+
+
+_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]*:[^/@\s]*@")
+
+
+def redacted(spec: str) -> str:
+    """The spec with a URL's `user:password@` shown as `***@`, wherever it appears (a stream URL, a GStreamer
+    pipeline's location=). Why: the camera's password reached the log, the `started` event and the retained
+    meta message, which every subscriber and the fleet dashboard read."""
+    return _CREDENTIALS.sub("***@", str(spec))
 
 
 class SourceState(str, enum.Enum):
@@ -102,7 +113,7 @@ class Source(abc.ABC):
     drop_report_s: float = 60.0
 
     def __init__(self, spec: str, policy: BufferPolicy | str | None = None):
-        self.spec = spec
+        self.spec = redacted(spec)  # what logs, events and the agent's retained meta show; never opened
         self.captured = 0  # frames delivered
         self.dropped = 0  # frames taken from the source that nobody used (newest-frame policy)
         self.corrupt = 0
@@ -113,7 +124,7 @@ class Source(abc.ABC):
         self.failure: str | None = None  # why the source gave up (state FAILED), else None
         self.policy = BufferPolicy(policy) if policy else self.policies[0]
         if self.policy not in self.policies:
-            raise BadInput(f"{self.kind} {spec!r}: buffering policy {self.policy.value} does not apply here "
+            raise BadInput(f"{self.kind} {self.spec!r}: buffering policy {self.policy.value} does not apply here "
                            f"(this source does {', '.join(p.value for p in self.policies)})")
         self._state = SourceState.CONNECTING
         self._state_lock = threading.Lock()

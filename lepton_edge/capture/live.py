@@ -70,9 +70,9 @@ class LiveSource(Source):
             if self.kind == "gstreamer" and not has_gstreamer():
                 why = "this OpenCV was built without GStreamer; use the distribution's python3-opencv"
             self._set_state(SourceState.FAILED, why or "cannot open")
-            raise BadInput(f"cannot open {self.kind} {spec!r}" + (f" ({why})" if why else ""))
+            raise BadInput(f"cannot open {self.kind} {self.spec!r}" + (f" ({why})" if why else ""))
         self.fps = self._grabber.cap.get(cv2().CAP_PROP_FPS) or None
-        self._thread = threading.Thread(target=self._reader, name=f"capture:{spec}", daemon=True)
+        self._thread = threading.Thread(target=self._reader, name=f"capture:{self.spec}", daemon=True)
         self._thread.start()
 
     @classmethod

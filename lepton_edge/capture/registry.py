@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from lepton_edge.capture.base import Source
+from lepton_edge.capture.base import Source, redacted
 from lepton_edge.errors import BadInput
 
 ENTRY_POINT_GROUP = "lepton_edge.sources"
@@ -123,12 +123,12 @@ def open_source(spec: str | int, policy: str | None = None, **settings: Any) -> 
     cls, target = resolve(s)
     unknown = set(settings) - _declared_options() - set(cls.Options.model_fields)
     if unknown:
-        raise BadInput(f"source {s!r}: unknown option(s) {', '.join(sorted(unknown))}")
+        raise BadInput(f"source {redacted(s)!r}: unknown option(s) {', '.join(sorted(unknown))}")
     given = {k: v for k, v in settings.items() if k in cls.Options.model_fields} | {"policy": policy}
     try:
         options = cls.Options.model_validate(given)
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "options"
-        raise BadInput(f"source {s!r}: {where}: {err['msg']}") from None
+        raise BadInput(f"source {redacted(s)!r}: {where}: {err['msg']}") from None
     return cls.from_spec(target, options)
