@@ -399,9 +399,13 @@ def inspect_file(p: Path) -> dict:
         return inspect_onnx(p)
     if p.suffix.lower() == ".tflite":
         return inspect_tflite(p)
-    with open(p, "rb") as f:
-        if f.read(8)[4:8] == b"TFL3":
-            return inspect_tflite(p)
+    try:
+        with open(p, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise BadInput(f"{p}: cannot read it ({e.strerror or e})") from None
+    if head[4:8] == b"TFL3":
+        return inspect_tflite(p)
     raise BadInput(f"{p}: cannot inspect '{p.suffix}' files (want a bundle directory, .onnx or .tflite)")
 
 

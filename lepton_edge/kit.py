@@ -78,7 +78,9 @@ def platform_for(profile, glibc: str | None = None, python: str | None = None) -
 
 
 def _version(s: str, what: str) -> tuple[int, int]:
-    m = re.fullmatch(r"(\d)\.(\d{1,2})", str(s).strip())
+    if not isinstance(s, str):  # (2.30 as a float is 2.3: the wrong tag, built without a word)
+        raise BadInput(f"--{what} must be text such as {'2.36' if what == 'glibc' else '3.11'}, got {s!r}")
+    m = re.fullmatch(r"(\d)\.(\d{1,2})", s.strip())
     if not m or (what == "glibc" and m[1] != "2") or (what == "python" and m[1] != "3"):
         raise BadInput(f"--{what} {s!r}: expected {'2.MINOR, e.g. 2.36' if what == 'glibc' else '3.MINOR, e.g. 3.11'}")
     return int(m[1]), int(m[2])

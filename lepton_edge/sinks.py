@@ -18,6 +18,7 @@ from rich.markup import escape
 
 from lepton_edge.errors import BadInput
 from lepton_edge.runtime import Result
+from lepton_edge.ui import printable
 
 if TYPE_CHECKING:
     import cv2
@@ -36,7 +37,7 @@ class ConsoleLines:
         fps = self.stats.fps() if self.stats else None
         rate = f" [dim]{fps:.1f} fps[/]" if fps else ""
         # (the summary holds the model's labels: text, never markup; a label '[/]' raised MarkupError)
-        self.console.print(f"#{r.index:<6} {escape(r.summary())}{rate}", highlight=False)
+        self.console.print(f"#{r.index:<6} {escape(printable(r.summary()))}{rate}", highlight=False)
 
     def close(self) -> None:
         pass

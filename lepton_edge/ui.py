@@ -81,6 +81,21 @@ def plain(markup: str) -> str:
         return markup
 
 
+_CONTROL = None
+
+
+def printable(text: object) -> str:
+    """`text` with every C0/C1 control character (ESC, BEL, CR...) shown as '?'. Why: a device names its own
+    bundle and writes its own event messages, and Rich passes ESC through: `x\x1b]52;c;...` wrote the
+    operator's clipboard and `\x1b[2J` cleared the screen from a dashboard cell. Markup is escaped apart."""
+    import re
+
+    global _CONTROL
+    if _CONTROL is None:
+        _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+    return _CONTROL.sub("?", str(text))
+
+
 def info(msg: str, log: logging.Logger | None = None) -> None:
     """An info line for people: `msg` may carry rich markup, shown on a terminal; the journal and
     JSON get its plain text."""

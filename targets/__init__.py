@@ -202,7 +202,7 @@ def load(name_or_path: str | Path) -> Profile:
     current directory never stands in for the built-in profile (a user's own file is `./rpi4`)."""
     s = str(name_or_path)
     p = Path(s)
-    if isinstance(name_or_path, Path) or s.endswith(".toml") or "/" in s:
+    if isinstance(name_or_path, Path) or s.lower().endswith(".toml") or "/" in s or "\\" in s:
         return _validated(tomlfile.read(p, "target profile file", MAX_PROFILE_BYTES), s)
     ids = builtin_ids()
     if s not in ids:

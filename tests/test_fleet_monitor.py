@@ -254,3 +254,41 @@ def test_real_agent_monitor_killed_twice_while_windows_flow_loses_nothing(tmp_pa
             if p is not None and p.poll() is None:
                 p.kill()
                 p.wait(10)
+
+
+def test_on_postgresql_values_the_database_refuses_never_stall_or_break_the_fleet(mosquitto, postgres):
+    """On PostgreSQL, in-range JSON could still poison the store: seq 2^63-1 beside 0 made every device
+    listing fail on `bigint out of range` (the seq-gap sum), dropped counters overflowed a batch's sum, and
+    a NUL in an event's text was refused by PostgreSQL: each a StoreError that the writer retried for
+    ever. Counters are bounded in the schema, NUL refused at ingest, and a value the database refuses is
+    counted for its message alone (store.ValueRefused), the others stored."""
+    import psycopg
+
+    from lepton_edge.fleet.store.base import ValueRefused
+
+    store = open_store(postgres)
+    lines: list[str] = []
+    m = Monitor(mosquitto.url, store, client_id="mon-pg-poison", log=lines.append).start()
+    assert m.connected.wait(10)
+    c = pub_client(mosquitto.port, "pub-pg-poison")
+    raw = window(0).decode()
+    poison = [raw.replace('"seq":0', f'"seq":{2**63 - 1}'), raw.replace('"dropped":0', f'"dropped":{2**62}'),
+              raw.replace('"seq":0', '"seq":-1')]
+    assert all(p != raw for p in poison)
+    for body in poison:
+        c.publish("lepton/v1/f/evil/telemetry", body, qos=1).wait_for_publish(5)
+    c.publish("lepton/v1/f/evil/events", json.dumps({"v": 1, "boot_id": "b1", "kind": "x", "message": "a\u0000b"}),
+              qos=1).wait_for_publish(5)
+    for i in range(3):
+        c.publish("lepton/v1/f/dev/telemetry", window(i), qos=1).wait_for_publish(5)
+    assert wait(lambda: (d := store.device("f", "dev")) is not None and d.windows == 3), lines
+    assert wait(lambda: (e := store.device("f", "evil")) is not None and e.bad_messages == 4), lines
+    assert len(store.devices()) == 2 and m.stats["store_errors"] == 0, lines
+    m.stop()
+    c.loop_stop()
+    # what the database itself refuses is ValueRefused (not retried), whatever got past the schema
+    with pytest.raises(ValueRefused), store._tx() as cur:
+        cur.execute("SELECT 9223372036854775807::bigint + 1")  # bigint out of range: SQLSTATE 22003
+    with psycopg.connect(postgres) as con:
+        assert con.execute("SELECT count(*) FROM windows").fetchone()[0] == 3
+    store.close()

@@ -178,6 +178,8 @@ def test_what_a_device_sends_is_shown_as_text_never_as_markup(tmp_path):
     now = time.time()
     add_device(st, "lab", "evil", now=now)
     st.set_meta("lab", "evil", meta("boot-evil", bundle="[/bold][blink red]x[/]"), now)
+    add_device(st, "lab", "esc", now=now)  # ESC passes Rich: OSC 52 wrote the clipboard, CSI 2J cleared the screen
+    st.set_meta("lab", "esc", meta("boot-esc", bundle="y\x1b]52;c;aGk=\x07\x1b[2J"), now)
     st.add_event("lab", "evil", Event(boot_id="boot-evil", kind="deploy", level="info",
                                       message="now [/] running [bold]y[/bold]").model_dump(), now)
     st.close()
@@ -186,6 +188,10 @@ def test_what_a_device_sends_is_shown_as_text_never_as_markup(tmp_path):
         assert r.returncode == 0 and "Traceback" not in r.stderr, (args, r.stderr[-2000:])
         assert "[/bold][blink red]x[/]" in r.stdout.replace("\n", "") or "[/bold][blink" in r.stdout, (args, r.stdout)
     assert "now [/] running [bold]y[/bold]" in r.stdout
+    for args in (("fleet", "ls"), ("fleet", "top", "--once"), ("fleet", "show", "lab/esc")):
+        r = fleet_cli(*args, "--store", str(path))
+        assert r.returncode == 0 and "\x1b]52" not in r.stdout and "\x1b[2J" not in r.stdout, (args, r.stdout)
+        assert "y?]52;c;aGk=??[2J" in r.stdout, (args, r.stdout)
 
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux not installed (apt-get install tmux)")
@@ -225,3 +231,17 @@ def test_live_dashboard_in_tmux_follows_the_store(fleet_store):
         assert "EXITED-0" in done and "Traceback" not in done, done
     finally:
         subprocess.run([*tmux, "kill-server"], capture_output=True)
+
+
+def test_reading_commands_never_create_tables_in_another_postgresql_database(postgres):
+    r = fleet_cli("fleet", "ls", "--store", postgres)
+    assert r.returncode == 2 and "not a fleet store" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    import psycopg
+
+    with psycopg.connect(postgres) as c:
+        assert c.execute("SELECT to_regclass('schema_version')").fetchone()[0] is None
+    st = open_store(postgres)  # a real store: read as such
+    add_device(st, "lab", "cam")
+    st.close()
+    r = fleet_cli("fleet", "ls", "--store", postgres)
+    assert r.returncode == 0 and "lab/cam" in r.stdout, r.stderr

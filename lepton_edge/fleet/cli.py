@@ -18,6 +18,7 @@ import typer
 from rich.markup import escape
 
 from lepton_edge.errors import BadInput, LeptonError
+from lepton_edge.ui import printable
 
 _log = logging.getLogger("lepton_edge.fleet.monitor")
 
@@ -318,7 +319,9 @@ def _read_store(store: str | None):
     from lepton_edge.fleet.store import DEFAULT_PATH, StoreError, open_store
 
     s = store or str(DEFAULT_PATH)
-    if not s.startswith(("postgresql://", "postgres://")):
+    if s.startswith(("postgresql://", "postgres://")):
+        _is_fleet_database(s)
+    else:
         path = Path(s.removeprefix("sqlite://")).expanduser()
         if not path.is_file():
             raise BadInput(f"no fleet store at {path} (run `lepton-edge monitor` first, or pass --store)")
@@ -340,7 +343,7 @@ def _is_fleet_store(path) -> None:
             head = f.read(16)
         if head != b"SQLite format 3\x00":
             raise BadInput(f"{path}: {'empty' if not head else 'not a SQLite file'}, not a fleet store")
-        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+        con = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True, timeout=5)  # ('#', '?' quoted)
         try:
             found = con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
                                 ).fetchone()
@@ -351,6 +354,36 @@ def _is_fleet_store(path) -> None:
     if not found:
         raise BadInput(f"{path}: a SQLite database but not a fleet store (no schema_version table); "
                        "reading commands never write to it")
+
+
+def _is_fleet_database(url: str) -> None:
+    """The PostgreSQL side of _is_fleet_store: a database without the store's schema_version table is
+    refused before the store's migration would create its tables there."""
+    from lepton_edge.fleet.store import StoreError, open_store
+
+    try:
+        import psycopg
+    except ImportError:
+        return  # open_store says what to install
+    try:
+        with psycopg.connect(url, connect_timeout=5, autocommit=True) as c:
+            found = c.execute("SELECT to_regclass('schema_version')").fetchone()[0]
+    except psycopg.Error:
+        try:
+            open_store(url).close()  # its one line names the store without the password
+        except StoreError as e:
+            raise BadInput(str(e)) from None
+        raise
+    if found is None:
+        raise BadInput(f"{_redacted_url(url)}: a database but not a fleet store (no schema_version table); "
+                       "reading commands never write to it")
+
+
+def _redacted_url(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    return f"{u.scheme}://{u.hostname or ''}{':' + str(u.port) if u.port else ''}{u.path}"
 
 
 def parse_since(text: str) -> float:
@@ -442,21 +475,22 @@ def fleet_show(device: str = typer.Argument(..., help="FLEET/DEVICE, or DEVICE w
         t = Table(title=f"{fleet}/{name}", show_header=False)
         for k, v in tui.device_record(d).items():
             if k not in ("fleet", "device"):
-                t.add_row(k, "-" if v is None else escape(str(v)))  # (a device's own strings are not markup)
+                t.add_row(k, "-" if v is None else escape(printable(str(v))))  # (a device's own strings are not markup)
         con.print(t)
         if d.latency:
             lt = Table(title="latency (ms, last window)")
             for col in ("stage", "p50", "p95", "p99", "max"):
                 lt.add_column(col, justify="left" if col == "stage" else "right")
             for stage, q in d.latency.items():
-                lt.add_row(escape(stage), *(f"{q.get(k, float('nan')):.2f}" for k in ("p50", "p95", "p99", "max")))
+                lt.add_row(escape(printable(stage)),
+                           *(f"{q.get(k, float('nan')):.2f}" for k in ("p50", "p95", "p99", "max")))
             con.print(lt)
         for a in alerts:
             state = "[bold red]active[/]" if a.resolved is None else "[dim]resolved[/]"
-            con.print(f"alert {state} {escape(a.rule)} ({a.severity}): {escape(a.message)}")
+            con.print(f"alert {state} {escape(printable(a.rule))} ({a.severity}): {escape(printable(a.message))}")
         for e in evs:
-            con.print(f"[dim]{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(e.ts))}[/] {escape(e.kind)} "
-                      f"{escape(e.level)}: {escape(e.message)}", markup=True, highlight=False)
+            con.print(f"[dim]{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(e.ts))}[/] {escape(printable(e.kind))} "
+                      f"{escape(printable(e.level))}: {escape(printable(e.message))}", markup=True, highlight=False)
 
 
 @fleet_app.command("history")
@@ -511,7 +545,7 @@ def fleet_alerts(device: str | None = typer.Argument(None, help="Only this devic
             t.add_column(col, no_wrap=col != "message")
         for a in rows:
             t.add_row(time.strftime("%m-%d %H:%M:%S", time.localtime(a.started)), f"{a.fleet}/{a.device}",
-                      escape(a.rule), escape(a.severity), escape(a.message),
+                      escape(printable(a.rule)), escape(printable(a.severity)), escape(printable(a.message)),
                       "[bold red]active[/]" if a.resolved is None
                       else time.strftime("%m-%d %H:%M:%S", time.localtime(a.resolved)),
                       style="red" if a.resolved is None and a.severity == "critical" else None)

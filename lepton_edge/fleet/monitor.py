@@ -48,7 +48,7 @@ class OutOfRange(ValueError):
 
 
 def _int(text: str) -> int:
-    if len(text) > 19 or not -(1 << 63) <= (v := int(text)) < (1 << 63):
+    if len(text.lstrip("-")) > 19 or not -(1 << 63) <= (v := int(text)) < (1 << 63):
         raise OutOfRange(text[:40])
     return v
 
@@ -154,7 +154,7 @@ class Monitor:
             item = ("bad", None, None, "topic", now)
         elif len(msg.payload) > self.max_payload:
             item = ("bad", fleet, device, "too_large", now)
-        elif kind in ("telemetry", "events") and self._flooding(fleet, device, kind):
+        elif self._flooding(fleet, device, kind):  # (status and meta too: each one is a transaction)
             item = ("bad", fleet, device, "flood", now)
         else:
             item = (kind, fleet, device, msg.payload, now)
@@ -184,6 +184,8 @@ class Monitor:
 
     # ---- the writer thread ------------------------------------------------------------------------
     def _parse(self, kind: str, payload: bytes) -> tuple[dict | None, str | None]:
+        if b"\\u0000" in payload:  # a NUL in a string: PostgreSQL's text refuses it, and that batch was retried forever
+            return None, "nul_char"
         try:
             d = strict_json(payload)
         except OutOfRange:

@@ -19,6 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from lepton_edge.fleet.store.base import ALERT, OFFLINE, WARNING, DeviceState
+from lepton_edge.ui import printable
 
 _SEVERITY_NAMES = {0: "ok", WARNING: "warning", ALERT: "alert", OFFLINE: "offline"}
 _ROW_STYLE = {OFFLINE: "red", ALERT: "bold red", WARNING: "yellow"}
@@ -116,7 +117,7 @@ def alert_lines(alerts: list, total: int, now: float) -> list[Text]:
         t.append(f"{a.severity:<8} ", style="bold red" if a.severity == "critical" else "yellow")
         if not a.message.startswith(f"{a.fleet}/{a.device}"):
             t.append(f"{a.fleet}/{a.device}  ", style="bold")
-        t.append(f"{a.message}  ")
+        t.append(f"{printable(a.message)}  ")
         t.append(f"since {_age(now - a.started)}", style="dim")
         out.append(t)
     if total > len(alerts):
@@ -148,7 +149,8 @@ def render(store, now: float | None = None, max_rows: int | None = None, max_ale
         table.add_row(Text(f"{d.fleet}/{d.device}"), _online(d), _fmt(d.fps), _latency(d),
                       _fmt(d.cpu_percent, ".0f", "%"), _mib(d.rss_bytes), temp, str(d.dropped),
                       Text(str(d.seq_gaps), style="yellow" if d.seq_gaps else ""),
-                      Text(d.bundle_name or "-"), _age(None if d.last_seen is None else now - d.last_seen), alerts,
+                      Text(printable(d.bundle_name or "-")),
+                      _age(None if d.last_seen is None else now - d.last_seen), alerts,
                       style=_ROW_STYLE.get(sev))
     summary = store.summary()
     parts: list = [header(summary), table]

@@ -114,22 +114,23 @@ install_kit() {
     install -m 0644 "$KIT"/trusted/* "$ETC/trusted/"
   fi
 
-  # state: the outbox and deployed bundles stay; the kit's bundle is swapped in whole
+  # state: the kit's bundle staged beside the running one (the outbox and deployed bundles stay)
   install -d -m 0750 -o "$SVC_USER" -g "$grp" "$STATE" 2>/dev/null || install -d -m 0750 "$STATE"
   rm -rf "$STATE/kit-bundle.new"
   STAGED+=("$STATE/kit-bundle.new")
   cp -r "$KIT/bundle" "$STATE/kit-bundle.new"
   [ -n "$R" ] || chown -R "$SVC_USER:$SVC_USER" "$STATE/kit-bundle.new"
+
+  # the switch: the venv symlink, then the bundle. From the venv's swap on, the new install is the one
+  # running, so the failure trap (which removes what this run built) is off before it
+  ln -sfn "$(basename "$venv_new")" "$PREFIX/venv.new"
+  trap - EXIT
+  mv -T "$PREFIX/venv.new" "$PREFIX/venv"
   rm -rf "$STATE/kit-bundle.old"
   [ ! -e "$STATE/kit-bundle" ] || mv "$STATE/kit-bundle" "$STATE/kit-bundle.old"
   mv "$STATE/kit-bundle.new" "$STATE/kit-bundle"
-  rm -rf "$STATE/kit-bundle.old"
-
-  # software: swap the venv symlink, then drop the old venvs
-  ln -sfn "$(basename "$venv_new")" "$PREFIX/venv.new"
-  mv -T "$PREFIX/venv.new" "$PREFIX/venv"
-  for old in "$PREFIX"/venv-*; do [ "$old" = "$venv_new" ] || rm -rf "$old"; done
-  trap - EXIT
+  rm -rf "$STATE/kit-bundle.old" || true
+  for old in "$PREFIX"/venv-*; do [ "$old" = "$venv_new" ] || rm -rf "$old" || true; done
 
   install -d "$(dirname "$UNIT")"
   install -m 0644 "$KIT/lepton-edge-agent.service" "$UNIT"

@@ -48,20 +48,22 @@ class Telemetry(BaseModel):
     v: int = V
     ts: float = Field(default_factory=now)
     boot_id: str
-    seq: int  # per boot: a gap is loss, a repeat a duplicate
+    # counters bounded (2^53: exact in a double, summed in BIGINT columns without overflow): a seq of
+    # 2^63-1 beside 0 made every device listing of a PostgreSQL store fail on `bigint out of range`
+    seq: int = Field(ge=0, le=2**53)  # per boot: a gap is loss, a repeat a duplicate
     window_s: float
-    frames: int
+    frames: int = Field(ge=0, le=2**40)
     fps: float | None
-    dropped: int = 0  # frames the live source dropped (newest-frame policy) in this window
-    corrupt: int = 0
+    dropped: int = Field(default=0, ge=0, le=2**40)  # frames the live source dropped (newest-frame policy)
+    corrupt: int = Field(default=0, ge=0, le=2**40)
     latency_ms: dict[str, StageLatency] = Field(default_factory=dict)
     cpu_percent: float | None = None  # this process, % of one core
     system_cpu_percent: float | None = None
-    rss_bytes: int | None = None
+    rss_bytes: int | None = Field(default=None, ge=0, le=2**50)
     temperature_c: float | None = None
     throttled: str | None = None  # Raspberry Pi `vcgencmd get_throttled` flags
     bundle: dict[str, Any] = Field(default_factory=dict)
-    outbox_dropped: int = 0  # windows the bounded outbox had to discard since the last window
+    outbox_dropped: int = Field(default=0, ge=0, le=2**40)  # windows the bounded outbox discarded since the last
     source: dict[str, Any] = Field(default_factory=dict)
 
 

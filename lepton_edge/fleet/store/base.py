@@ -31,6 +31,13 @@ class StoreError(LeptonError):
     traceback; the long-running parts (writer, alerts, views) catch it and retry."""
 
 
+class ValueRefused(LeptonError):
+    """The database refused a value in this write (out of a column's range, a NUL in text, a NOT NULL
+    column given nothing): the data's fault, not the database's state, so retrying cannot help. Not a
+    StoreError: the monitor's writer stores such a batch message by message and counts the one refused,
+    where a StoreError would have it retry the same batch for ever."""
+
+
 class DeviceState(BaseModel):
     fleet: str
     device: str

@@ -13,7 +13,7 @@ import threading
 import zlib
 from collections.abc import Iterator
 
-from lepton_edge.fleet.store.base import StoreError
+from lepton_edge.fleet.store.base import StoreError, ValueRefused
 from lepton_edge.fleet.store.sql import SqlStore
 
 _MIGRATE_LOCK = 0x1E9707  # arbitrary, fixed: the advisory lock key of schema migrations
@@ -81,7 +81,10 @@ class PostgresStore(SqlStore):
         except psycopg.Error as e:
             if c.closed or c.broken:
                 self._local.conn = None
-            raise StoreError(f"fleet store {self._redacted()}: {str(e).strip().splitlines()[0]}") from None
+            why = f"fleet store {self._redacted()}: {str(e).strip().splitlines()[0]}"
+            if isinstance(e, (psycopg.DataError, psycopg.IntegrityError)):  # SQLSTATE 22, 23: the value's fault
+                raise ValueRefused(why) from None
+            raise StoreError(why) from None
 
     @contextlib.contextmanager
     def exclusive(self, name: str = "alerts") -> Iterator[bool]:

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from lepton_edge.fleet.store.base import StoreError
+from lepton_edge.fleet.store.base import StoreError, ValueRefused
 from lepton_edge.fleet.store.sql import SqlStore
 
 
@@ -77,6 +77,8 @@ class SqliteStore(SqlStore):
         except sqlite3.Error as e:
             with contextlib.suppress(sqlite3.Error):
                 c.execute("ROLLBACK")
+            if isinstance(e, (sqlite3.IntegrityError, sqlite3.DataError)):  # the value's fault: no retry helps
+                raise ValueRefused(self._why(e)) from None
             raise StoreError(self._why(e)) from None
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
