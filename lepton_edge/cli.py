@@ -392,6 +392,7 @@ def run(
 
     if max_reconnects < 0:
         raise BadInput(f"--max-reconnects must be 0 or more, got {max_reconnects}")
+    _interrupt_on_sigterm()  # from the start: a SIGTERM while a stream opens ended the process without a word
     rt = _load_runtime(model, threads=threads, input_spec=input_spec, task=task, top_k=top_k, conf=conf, iou=iou,
                        delegate=delegate)
     src = open_source(source, decode_threads=capture_threads(rt), max_reconnects=max_reconnects or None)

@@ -192,3 +192,16 @@ def test_a_stream_password_never_reaches_logs_events_or_meta(tmp_path):
     m = _model(tmp_path)
     r = run_cli("run", str(m), "-s", "rtsp://admin:s3cret@127.0.0.1:1/stream", "--no-show", timeout=120)
     assert r.returncode == 2 and "s3cret" not in r.stderr and "***@127.0.0.1" in r.stderr, r.stderr[-2000:]
+
+
+def test_labels_that_are_not_one_per_class_are_said(tmp_path):
+    """Two names for three classes mixed names and numbers in the results without a word."""
+    m = _model(tmp_path)
+    mdl = onnx.load(str(m))
+    mdl.metadata_props.add(key="names", value=json.dumps({"0": "a", "1": "b"}))
+    onnx.save(mdl, str(m))
+    folder = tmp_path / "f"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "a.png"), np.zeros((8, 8, 3), np.uint8))
+    r = run_cli("run", str(m), "-s", str(folder), "--no-show", "--task", "classify")
+    assert r.returncode == 0 and "2 labels for 3 classes" in r.stderr, r.stderr[-2000:]

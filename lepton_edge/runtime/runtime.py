@@ -66,6 +66,20 @@ def check_input_size(spec: InputSpec) -> None:
                        f"{MAX_INPUT_VALUES:,} values)")
 
 
+def _label_mismatch(rt) -> list[str]:
+    """A warning when a classifier's labels are not one per class: results then mixed names and numbers
+    (`8 0.93, c 0.03`) without a word."""
+    if rt.task != "classify" or not rt.labels or not rt.backend.outputs:
+        return []
+    dims = rt.backend.outputs[0].shape[1:]
+    if not dims or not all(isinstance(d, int) for d in dims):
+        return []
+    n = int(np.prod(dims))
+    if n == len(rt.labels):
+        return []
+    return [f"{rt.name}: {len(rt.labels)} labels for {n} classes; classes past the labels show their index"]
+
+
 def check_normalisation(spec: InputSpec, where) -> None:
     """mean/std of one value or one per channel, finite, std and scale not 0; the quantization of an
     integer input a finite positive scale and a whole zero point, none on a float input. Why: ImageNet's
@@ -221,7 +235,7 @@ class Runtime:
                      **post_options)
         else:
             raise BadInput(f"not found: {p}")
-        rt.warnings = warnings
+        rt.warnings = warnings + _label_mismatch(rt)
         if any(not isinstance(d, int) for d in backend.inputs[0].shape):
             backend.resize_input(rt._engine_shape)
         rt._check_preprocess()
