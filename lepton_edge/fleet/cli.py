@@ -375,15 +375,10 @@ def _is_fleet_database(url: str) -> None:
             raise BadInput(str(e)) from None
         raise
     if found is None:
-        raise BadInput(f"{_redacted_url(url)}: a database but not a fleet store (no schema_version table); "
+        from lepton_edge.fleet.store.postgres import redacted_url
+
+        raise BadInput(f"{redacted_url(url)}: a database but not a fleet store (no schema_version table); "
                        "reading commands never write to it")
-
-
-def _redacted_url(url: str) -> str:
-    from urllib.parse import urlsplit
-
-    u = urlsplit(url)
-    return f"{u.scheme}://{u.hostname or ''}{':' + str(u.port) if u.port else ''}{u.path}"
 
 
 def parse_since(text: str) -> float:

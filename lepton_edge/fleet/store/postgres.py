@@ -19,6 +19,14 @@ from lepton_edge.fleet.store.sql import SqlStore
 _MIGRATE_LOCK = 0x1E9707  # arbitrary, fixed: the advisory lock key of schema migrations
 
 
+def redacted_url(url: str) -> str:
+    """The URL without its user and password, for messages."""
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    return f"{u.scheme}://{u.hostname or ''}{':' + str(u.port) if u.port else ''}{u.path}"
+
+
 class PostgresStore(SqlStore):
     ID_COL = "BIGSERIAL PRIMARY KEY"
 
@@ -37,11 +45,7 @@ class PostgresStore(SqlStore):
             self._migrate(cur)
 
     def _redacted(self) -> str:
-        from urllib.parse import urlsplit
-
-        u = urlsplit(self.url)
-        host = u.hostname or ""
-        return f"{u.scheme}://{host}{':' + str(u.port) if u.port else ''}{u.path}"
+        return redacted_url(self.url)
 
     def _conn(self):
         import psycopg
