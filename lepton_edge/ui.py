@@ -85,14 +85,15 @@ _CONTROL = None
 
 
 def printable(text: object) -> str:
-    """`text` with every C0/C1 control character (ESC, BEL, CR...) shown as '?'. Why: a device names its own
-    bundle and writes its own event messages, and Rich passes ESC through: `x\x1b]52;c;...` wrote the
-    operator's clipboard and `\x1b[2J` cleared the screen from a dashboard cell. Markup is escaped apart."""
+    """`text` with every C0/C1 control character (ESC, BEL, CR...) and bidirectional override shown as '?'.
+    Why: a device names its own bundle and writes its own event messages, and Rich passes ESC through:
+    `x\x1b]52;c;...` wrote the operator's clipboard and `\x1b[2J` cleared the screen from a dashboard cell.
+    Markup is escaped apart."""
     import re
 
     global _CONTROL
     if _CONTROL is None:
-        _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+        _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")  # (+ bidi overrides)
     return _CONTROL.sub("?", str(text))
 
 

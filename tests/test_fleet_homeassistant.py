@@ -6,6 +6,7 @@ removed when the device is forgotten."""
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import jinja2
@@ -244,3 +245,13 @@ def test_monitor_drives_the_bridge_from_real_telemetry(mosquitto, tmp_path):
         mon.stop()
         rec.close()
         store.close()
+
+
+def test_discovery_ids_are_one_per_device():
+    """`_` is a segment character and the id's separator: plant_a/cam1 and plant/a_cam1 were one HA device."""
+    names = [("plant_a", "cam1"), ("plant", "a_cam1"), ("plant", "a.cam1"), ("plant", "a-cam1"), ("lab", "cam-1.v2"),
+             ("lab", "cam-1_v2"), ("a_b", "c_d"), ("a", "b_c_d"), ("a_b_c", "d")]
+    ids = [ha_id(f, d) for f, d in names]
+    assert len(set(ids)) == len(ids), ids
+    assert ha_id("lab", "cam-1") == "lepton_lab_cam-1"  # plain names keep their readable id
+    assert all(re.fullmatch(r"[A-Za-z0-9_-]+", i) for i in ids)

@@ -184,3 +184,22 @@ def test_monitor_cli_bad_metrics_address_is_one_line(tmp_path):
     assert r.returncode == 2 and "--metrics" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "f.sqlite").exists()  # checked before the store was created
+
+
+def test_device_strings_in_labels_are_printable_and_short(tmp_path):
+    """A CR in a bundle name split the scrape for line-based readers; a 60 KB software string was a 60 KB
+    label on every scrape."""
+    from prometheus_client import generate_latest
+
+    from fleet_views_data import meta
+    from lepton_edge.fleet.metrics import registry
+
+    st = open_store(tmp_path / "m.sqlite")
+    add_device(st, "lab", "odd")
+    st.set_meta("lab", "odd", meta("boot-odd", bundle="a\rb\x1b[2J\u202ec"), time.time())
+    st.set_status("lab", "odd", {"v": 1, "online": True, "boot_id": "boot-odd", "version": "V" * 60_000}, time.time())
+    text = generate_latest(registry(st)).decode()
+    line = next(ln for ln in text.splitlines() if ln.startswith("lepton_device_info{") and 'device="odd"' in ln)
+    assert "\r" not in text and "\x1b" not in text and "\u202e" not in text
+    assert 'bundle="a?b?[2J?c"' in line and len(line) < 1000, line[:300]
+    st.close()

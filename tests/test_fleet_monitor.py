@@ -292,3 +292,43 @@ def test_on_postgresql_values_the_database_refuses_never_stall_or_break_the_flee
     with psycopg.connect(postgres) as con:
         assert con.execute("SELECT count(*) FROM windows").fetchone()[0] == 3
     store.close()
+
+
+def test_a_device_clock_the_monitor_cannot_believe_is_replaced_by_arrival_time(tmp_path, mosquitto):
+    """One window stamped 1e12 froze the device's state (the store keeps the newest by device time) and
+    hid its alerts; an event at 1e300 broke `fleet show`; a Pi before NTP (ts 1000) never alerted. Such
+    times become the arrival time; an old backlog (an outbox after an outage) keeps its own. Strings past
+    the schema's bounds (a 60 KB boot_id cost 160 KB of store per window) are refused."""
+    store = open_store(tmp_path / "f.sqlite")
+    lines: list[str] = []
+    m = Monitor(mosquitto.url, store, client_id="mon-clock", log=lines.append).start()
+    assert m.connected.wait(10)
+    c = pub_client(mosquitto.port, "pub-clock")
+    now = time.time()
+    future = json.loads(window(0))
+    future.update(ts=1e12, fps=30.0)
+    old = json.loads(window(1))
+    old.update(ts=now - 3 * 3600, fps=7.0)  # a backlog window: history, kept as sent
+    for w in (future, old):
+        c.publish("lepton/v1/f/dev/telemetry", json.dumps(w), qos=1).wait_for_publish(5)
+    assert wait(lambda: (d := store.device("f", "dev")) is not None and d.windows == 2)
+    time.sleep(0.2)
+    real = json.loads(window(2))  # a second later on the device's (right) clock
+    real.update(fps=0.2)
+    c.publish("lepton/v1/f/dev/telemetry", json.dumps(real), qos=1).wait_for_publish(5)
+    for ts in (1e300, 1000.0):
+        c.publish("lepton/v1/f/dev/events", json.dumps({"v": 1, "ts": ts, "boot_id": "b1", "kind": "x",
+                                                        "message": f"at {ts}"}), qos=1).wait_for_publish(5)
+    huge = json.loads(window(3))
+    huge["boot_id"] = "b" * 60_000
+    c.publish("lepton/v1/f/dev/telemetry", json.dumps(huge), qos=1).wait_for_publish(5)
+    assert wait(lambda: (d := store.device("f", "dev")) is not None and d.windows == 3 and d.bad_messages == 1), lines
+    assert wait(lambda: len(store.events(fleet="f", device="dev", limit=10)) == 2)
+    d = store.device("f", "dev")
+    assert d.fps == 0.2, d  # the real window is the newest, not the one from the year 33658
+    assert all(abs(e.ts - now) < 120 for e in store.events(fleet="f", device="dev", limit=10))
+    hist = store.history("f", "dev", since=now - 4 * 3600, until=now + 600, max_points=100)
+    assert any(p.fps == 7.0 and p.ts < now - 2 * 3600 for p in hist), hist  # the backlog window at its own time
+    assert any("clock says" in x for x in lines), lines
+    m.stop()
+    c.loop_stop()

@@ -54,6 +54,7 @@ from lepton_edge.telemetry.outbox import Outbox
 from lepton_edge.telemetry.publisher import Publisher
 from lepton_edge.telemetry.schema import (
     MAX_COMMAND_BYTES,
+    MAX_EVENT_MESSAGE,
     BundleInfo,
     DeployCommand,
     Event,
@@ -355,8 +356,8 @@ class Agent:
 
     def event(self, kind: str, message: str, level: str = "info", **data) -> None:
         self.log(f"{kind}: {message}", level)
-        self.send(self.topics.events, _json(Event(boot_id=self.boot_id, kind=kind, level=level, message=message,
-                                                  data=data)))
+        self.send(self.topics.events, _json(Event(boot_id=self.boot_id, kind=kind, level=level,
+                                                  message=message[:MAX_EVENT_MESSAGE], data=data)))
 
     def reply(self, verb: str, cid: str | None, ok: bool, error: str | None = None, **data) -> None:
         self.send(self.topics.reply(verb), _json(Reply(id=cid, ok=ok, error=error, data=data)))

@@ -29,6 +29,7 @@ from lepton_edge.errors import BadInput
 from lepton_edge.fleet.store.base import Alert, DeviceState, Store
 from lepton_edge.telemetry.schema import AlertChange
 from lepton_edge.telemetry.topics import MONITOR_ALERTS
+from lepton_edge.ui import printable
 
 ALERT_TOPIC = MONITOR_ALERTS
 
@@ -217,7 +218,7 @@ class AlertEngine:
 
     def _announce(self, what: str, alert: Alert) -> None:
         body = AlertChange(event=what, **alert.model_dump()).model_dump(mode="json")
-        self.log(f"alert {what}: [{alert.severity}] {alert.message}")
+        self.log(f"alert {what}: [{alert.severity}] {printable(alert.message)}")  # (a log read on a terminal)
         if self.publish:
             try:
                 self.publish(self.rules.topic, json.dumps(body).encode())

@@ -332,6 +332,15 @@ def _read_store(store: str | None):
         raise BadInput(str(e)) from None
 
 
+def _when(ts: float, fmt: str = "%m-%d %H:%M:%S") -> str:
+    """A stored time as local time, or as the number it is when no calendar holds it (a device sent
+    1e300 before the monitor timed such messages itself: `fleet show` was a traceback)."""
+    try:
+        return time.strftime(fmt, time.localtime(ts))
+    except (OverflowError, OSError, ValueError):
+        return f"ts {ts:.6g}"
+
+
 def _is_fleet_store(path) -> None:
     """One line unless the SQLite file holds a fleet store, checked read-only before the store opens it.
     Why: opening creates the store's tables, so `fleet ls --store app.db` added ten tables to another
@@ -484,7 +493,7 @@ def fleet_show(device: str = typer.Argument(..., help="FLEET/DEVICE, or DEVICE w
             state = "[bold red]active[/]" if a.resolved is None else "[dim]resolved[/]"
             con.print(f"alert {state} {escape(printable(a.rule))} ({a.severity}): {escape(printable(a.message))}")
         for e in evs:
-            con.print(f"[dim]{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(e.ts))}[/] {escape(printable(e.kind))} "
+            con.print(f"[dim]{_when(e.ts, '%Y-%m-%d %H:%M:%S')}[/] {escape(printable(e.kind))} "
                       f"{escape(printable(e.level))}: {escape(printable(e.message))}", markup=True, highlight=False)
 
 
@@ -512,7 +521,7 @@ def fleet_history(device: str = typer.Argument(..., help="FLEET/DEVICE, or DEVIC
         def f(v, spec=".1f"):
             return "-" if v is None else f"{v:{spec}}"
         for p in hist:
-            t.add_row(time.strftime("%m-%d %H:%M:%S", time.localtime(p.ts)), f(p.fps), f(p.inference_p50_ms),
+            t.add_row(_when(p.ts), f(p.fps), f(p.inference_p50_ms),
                       f(p.inference_p95_ms), f(p.inference_p99_ms), f(p.temperature_c, ".0f"),
                       f(p.cpu_percent, ".0f"), "-" if p.rss_bytes is None else f"{p.rss_bytes / 2**20:.0f}M",
                       str(p.dropped), str(p.frames))
@@ -539,10 +548,10 @@ def fleet_alerts(device: str | None = typer.Argument(None, help="Only this devic
         for col in ("started", "device", "rule", "severity", "message", "resolved"):
             t.add_column(col, no_wrap=col != "message")
         for a in rows:
-            t.add_row(time.strftime("%m-%d %H:%M:%S", time.localtime(a.started)), f"{a.fleet}/{a.device}",
+            t.add_row(_when(a.started), f"{a.fleet}/{a.device}",
                       escape(printable(a.rule)), escape(printable(a.severity)), escape(printable(a.message)),
                       "[bold red]active[/]" if a.resolved is None
-                      else time.strftime("%m-%d %H:%M:%S", time.localtime(a.resolved)),
+                      else _when(a.resolved),
                       style="red" if a.resolved is None and a.severity == "critical" else None)
         _console().print(t)
 

@@ -31,11 +31,16 @@ _AVAILABILITY_TPL = "{{ 'online' if value_json.online else 'offline' }}"
 
 
 def ha_id(fleet: str, device: str) -> str:
-    """The discovery object id: [a-zA-Z0-9_-] only (Home Assistant's rule). Topic segments may hold
-    '.', so a name that had to change gets a short hash of the original to stay unique."""
+    """The discovery object id: [a-zA-Z0-9_-] only (Home Assistant's rule), one per device. Topic segments
+    may hold '.' and '_', so a name that had to change, or holds the separator, gets a short hash to stay
+    unique; plain names (lab/cam-1) keep the readable lepton_lab_cam-1."""
     raw = f"lepton_{fleet}_{device}"
     safe = re.sub(r"[^A-Za-z0-9_-]", "_", raw)
-    if safe != raw:
+    if "_" in fleet or "_" in device:
+        # '_' is both the separator and a segment character: plant_a/cam1 and plant/a_cam1 were one id (one
+        # device missing from HA, and forgetting one removed the other's); the pair itself is hashed
+        safe += "_" + hashlib.sha1(f"{fleet}/{device}".encode()).hexdigest()[:8]
+    elif safe != raw:
         safe += "_" + hashlib.sha1(raw.encode()).hexdigest()[:6]
     return safe
 

@@ -15,6 +15,7 @@ import re
 from collections.abc import Callable, Iterable
 
 from lepton_edge.errors import BadInput
+from lepton_edge.ui import printable
 
 NAMESPACE = "lepton"
 QUANTILES = {"p50": "0.5", "p95": "0.95", "p99": "0.99"}
@@ -91,14 +92,15 @@ def _device_families(devices: list, stages: tuple[str, ...] | None) -> Iterable:
             for key, quantile in QUANTILES.items():
                 v = _num(q.get(key)) if isinstance(q, dict) else None
                 if v is not None:
-                    lat.add_metric([d.fleet, d.device, stage, quantile], v)
+                    lat.add_metric([d.fleet, d.device, printable(stage)[:64], quantile], v)
     yield lat
 
     info = GaugeMetricFamily(f"{NAMESPACE}_device_info", "Bundle and software of the device (value 1)",
                              labels=lab + ["bundle", "sha256", "precision", "backend", "software"])
     for d in devices:
-        info.add_metric([d.fleet, d.device, d.bundle_name or "", (d.bundle_sha256 or "")[:12], d.precision or "",
-                         d.backend or "", d.software or ""], 1)
+        # the device's own strings, printable and short (a CR broke line-splitting scrapers; 60 KB labels)
+        info.add_metric([d.fleet, d.device, *(printable(x or "")[:128] for x in (
+            d.bundle_name, (d.bundle_sha256 or "")[:12], d.precision, d.backend, d.software))], 1)
     yield info
 
 

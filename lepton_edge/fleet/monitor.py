@@ -37,6 +37,8 @@ from lepton_edge.telemetry.broker import make_client, parse_broker
 from lepton_edge.telemetry.schema import Event, Status, Telemetry, V
 from lepton_edge.telemetry.topics import Topics, safe_segment, sanitize
 
+MAX_CLOCK_AHEAD_S = 300.0  # a device clock this far ahead of the monitor's is not believed (Monitor._clock)
+EPOCH_FLOOR = 1_577_836_800.0  # 2020-01-01: a device time before it is an unset clock
 MAX_PAYLOAD = 64 * 1024  # a window is ~1 KB; anything this big is refused before parsing
 KINDS = ("status", "meta", "telemetry", "events")
 _SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -213,6 +215,7 @@ class Monitor:
             else:
                 d, reason = self._parse(kind, payload)
                 if d is not None:
+                    self._clock(d, fleet, device, now)
                     if kind == "telemetry":
                         windows.append((fleet, device, d, now))
                     else:
@@ -286,6 +289,20 @@ class Monitor:
                     self.client.ack(mid, qos)
             items = []
             self._busy = False
+
+    def _clock(self, d: dict, fleet: str, device: str, now: float) -> None:
+        """A device time the store cannot order by becomes the time the message arrived: later than this
+        machine's clock plus MAX_CLOCK_AHEAD_S, or before EPOCH_FLOOR (a Pi without a real-time clock
+        before NTP, 1970). Why: the store and the live stream keep the newest by device time, so one
+        window stamped 1e12 froze that device's state and hid its alerts, and one such event stopped the
+        dashboard's live events for every device; 1e300 broke `fleet show`. A backlog (an outbox or a
+        broker session sending hours-old windows) keeps its own times: that is history, not a bad clock."""
+        ts = d.get("ts")
+        if isinstance(ts, (int, float)) and EPOCH_FLOOR <= ts <= now + MAX_CLOCK_AHEAD_S:
+            return
+        d["ts"] = now
+        self._say(("clock", fleet, device), f"monitor: {fleet}/{device}'s clock says {str(ts)[:24]}, not near "
+                  "this machine's; its messages are timed when they arrive (logged once a minute)")
 
     def _write_one_by_one(self, items: list, first: Exception) -> None:
         """After a batch failed with something other than StoreError (a value the database cannot hold):

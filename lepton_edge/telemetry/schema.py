@@ -12,13 +12,19 @@ Schema to docs/schemas/ for third-party consumers, and a test keeps those files 
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 V = 1
 MAX_COMMAND_BYTES = 64 * 1024
 MAX_COMMAND_DEPTH = 16  # JSON nesting a command may have: ours are flat; deep nesting only costs recursion
+
+
+# Strings a device sends, bounded: a 60 KB boot_id cost 160 KB of store per window (the key and the boots table),
+# and a 60 KB version a 60 KB label on every /metrics scrape. The agent's own are far inside these.
+BootId = Annotated[str, Field(min_length=1, max_length=64)]
+MAX_EVENT_MESSAGE = 4096
 
 
 def now() -> float:
@@ -30,9 +36,9 @@ class Status(BaseModel):
 
     v: int = V
     online: bool
-    boot_id: str
+    boot_id: BootId
     ts: float = Field(default_factory=now)
-    version: str | None = None
+    version: str | None = Field(default=None, max_length=64)
 
 
 class StageLatency(BaseModel):
@@ -47,7 +53,7 @@ class Telemetry(BaseModel):
 
     v: int = V
     ts: float = Field(default_factory=now)
-    boot_id: str
+    boot_id: BootId
     # counters bounded (2^53: exact in a double, summed in BIGINT columns without overflow): a seq of
     # 2^63-1 beside 0 made every device listing of a PostgreSQL store fail on `bigint out of range`
     seq: int = Field(ge=0, le=2**53)  # per boot: a gap is loss, a repeat a duplicate
@@ -56,12 +62,12 @@ class Telemetry(BaseModel):
     fps: float | None
     dropped: int = Field(default=0, ge=0, le=2**40)  # frames the live source dropped (newest-frame policy)
     corrupt: int = Field(default=0, ge=0, le=2**40)
-    latency_ms: dict[str, StageLatency] = Field(default_factory=dict)
+    latency_ms: dict[Annotated[str, Field(max_length=32)], StageLatency] = Field(default_factory=dict, max_length=16)
     cpu_percent: float | None = None  # this process, % of one core
     system_cpu_percent: float | None = None
     rss_bytes: int | None = Field(default=None, ge=0, le=2**50)
     temperature_c: float | None = None
-    throttled: str | None = None  # Raspberry Pi `vcgencmd get_throttled` flags
+    throttled: str | None = Field(default=None, max_length=32)  # Raspberry Pi `vcgencmd get_throttled` flags
     bundle: dict[str, Any] = Field(default_factory=dict)
     outbox_dropped: int = Field(default=0, ge=0, le=2**40)  # windows the bounded outbox discarded since the last
     source: dict[str, Any] = Field(default_factory=dict)
@@ -97,7 +103,7 @@ class Meta(BaseModel):
 
     v: int = V
     ts: float = Field(default_factory=now)
-    boot_id: str
+    boot_id: BootId
     software: str  # lepton-edge version
     bundle: BundleInfo
     source: str  # the frame source's spec (a camera URL, a device, a file)
@@ -111,11 +117,12 @@ class Event(BaseModel):
 
     v: int = V
     ts: float = Field(default_factory=now)
-    boot_id: str
-    kind: str  # deploy, rollback, error, command_error, throttled, started, stopped; from the source:
+    boot_id: BootId
+    # deploy, rollback, error, command_error, throttled, started, stopped; from the source:
     # source_state (reconnecting, failed), source_reconnected, frames_dropped (see capture.StatusUpdate)
+    kind: str = Field(max_length=64)
     level: Literal["info", "warning", "error"] = "info"
-    message: str
+    message: str = Field(max_length=MAX_EVENT_MESSAGE)
     data: dict[str, Any] = Field(default_factory=dict)
 
 

@@ -195,9 +195,24 @@ function onMessage(m) {
   }
 }
 
+// After a reconnect the page reloads the fleet: the server closes a stream that falls behind (a burst of
+// thousands of updates) and what it had queued is gone, so the rows would stay stale until a manual reload.
+async function resync() {
+  const [devs, sum] = await Promise.all([api("/api/devices"), api("/api/summary")]);
+  S.devices.clear();
+  devs.devices.forEach((d) => S.devices.set(key(d), d));
+  renderSummary(sum);
+  if (S.view === "fleet") scheduleTable();
+}
+
 function connect() {
   const es = new EventSource("/api/stream");
-  es.onopen = () => $("#live").className = "live on";
+  let opened = false;
+  es.onopen = () => {
+    $("#live").className = "live on";
+    if (opened) resync().catch((err) => console.error(err));
+    opened = true;
+  };
   es.onmessage = (e) => { try { onMessage(JSON.parse(e.data)); } catch (err) { console.error(err); } };
   es.onerror = () => { $("#live").className = "live off"; };
 }
