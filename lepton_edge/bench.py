@@ -37,7 +37,9 @@ def _frames(source: str | None, limit: int = 64) -> list[np.ndarray]:
             if len(frames) >= limit:
                 break
     if not frames:
-        raise BadInput(f"no frames in {source!r}")
+        from lepton_edge.capture.base import redacted
+
+        raise BadInput(f"no frames in {redacted(source)!r}")
     return frames
 
 

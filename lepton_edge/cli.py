@@ -433,12 +433,14 @@ def _run_sinks(pipe, src, rt, *, every: float, jsonl: str | None, save: Path | N
     if not (lines_to_stderr and logs.json_mode()):
         outs.append(sinks.ConsoleLines(ui.err if lines_to_stderr else out, every, pipe.stats))
     _not_the_source(src, jsonl=None if jsonl == "-" else jsonl, save=save)
+    window = sinks.Window(f"lepton-edge: {rt.name}") if show or (show is None and sinks.display_available()) \
+        else None  # (first: its refusal must come before a file output is created or truncated)
     if jsonl:
         outs.append(sinks.JsonLines(None if jsonl == "-" else Path(jsonl)))
     if save:
         outs.append(sinks.VideoOut(save, src.fps))
-    if show or (show is None and sinks.display_available()):
-        outs.append(sinks.Window(f"lepton-edge: {rt.name}"))
+    if window is not None:
+        outs.append(window)
     return outs
 
 
@@ -446,15 +448,18 @@ def _not_the_source(src, **outputs) -> None:
     """One line when an output file is the file the frames come from, or two outputs are one file.
     Why: `--save clip.avi -s clip.avi` overwrote the video while it was read (20 frames became 13), and
     `--jsonl clip.avi` replaced it with JSON lines."""
-    spec = getattr(src, "spec", None) or getattr(src, "path", None)
-    source = Path(str(spec)) if spec is not None else None
+    inputs: set[Path] = set()
+    if src.kind == "video":
+        inputs.add(Path(src.spec).resolve())
+    elif src.kind == "images":
+        inputs.update(Path(f).resolve() for f in getattr(src, "files", []))
     seen: dict[Path, str] = {}
     for flag, value in outputs.items():
         if not value:
             continue
         out = Path(value).expanduser().resolve()
-        if source is not None and source.is_file() and source.resolve() == out:
-            raise BadInput(f"--{flag} {value}: that is the source being read ({source}); write elsewhere")
+        if out in inputs:
+            raise BadInput(f"--{flag} {value}: that is the source being read (or one of its files); write elsewhere")
         if out in seen:
             raise BadInput(f"--{flag} {value}: the same file as --{seen[out]}")
         seen[out] = flag

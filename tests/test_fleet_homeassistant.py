@@ -255,3 +255,15 @@ def test_discovery_ids_are_one_per_device():
     assert len(set(ids)) == len(ids), ids
     assert ha_id("lab", "cam-1") == "lepton_lab_cam-1"  # plain names keep their readable id
     assert all(re.fullmatch(r"[A-Za-z0-9_-]+", i) for i in ids)
+
+
+def test_an_upgrade_clears_the_config_under_the_old_id():
+    """Names holding '_' changed id: the old retained config would stay in HA as a duplicate device."""
+    from lepton_edge.fleet.forget import retained_topics
+    from lepton_edge.fleet.homeassistant import legacy_ha_id
+
+    assert legacy_ha_id("lab", "cam_1") == "lepton_lab_cam_1" != ha_id("lab", "cam_1")
+    assert legacy_ha_id("lab", "cam-1.v2") == ha_id("lab", "cam-1.v2")  # unchanged names: nothing to clear
+    topics = retained_topics("lab", "cam_1")
+    assert "homeassistant/device/lepton_lab_cam_1/config" in topics
+    assert f"homeassistant/device/{ha_id('lab', 'cam_1')}/config" in topics

@@ -99,15 +99,20 @@ def test_poison_messages_are_refused_and_the_fleet_keeps_being_stored(tmp_path, 
     c.loop_stop()
 
 
-def test_a_message_the_store_cannot_take_is_counted_and_the_rest_stored(tmp_path, mosquitto):
-    """Whatever a store raises besides StoreError (a value a database refuses) no longer ends the writer
-    thread: the batch is stored message by message and the one that fails again is counted `unstorable`."""
+@pytest.mark.parametrize("error", ["OverflowError", "ValueRefused"])
+def test_a_message_the_store_cannot_take_is_counted_and_the_rest_stored(tmp_path, mosquitto, error):
+    """Whatever a store raises besides a retryable StoreError (a value a database refuses: ValueRefused,
+    or a Python error on the way) no longer ends the writer thread or stalls the batch: it is stored
+    message by message and the one that fails again is counted `unstorable`."""
+    from lepton_edge.fleet.store.base import ValueRefused
+
     store = open_store(tmp_path / "f.sqlite")
     real = store.add_windows
+    exc = {"OverflowError": OverflowError, "ValueRefused": ValueRefused}[error]
 
     def picky(rows):
         if any(dev == "evil" for _f, dev, _d, _t in rows):
-            raise OverflowError("Python int too large to convert to SQLite INTEGER")
+            raise exc("a value the store refuses")
         return real(rows)
 
     store.add_windows = picky
@@ -120,7 +125,8 @@ def test_a_message_the_store_cannot_take_is_counted_and_the_rest_stored(tmp_path
         c.publish("lepton/v1/f/dev/telemetry", window(i), qos=1).wait_for_publish(5)
     assert wait(lambda: (d := store.device("f", "dev")) is not None and d.windows == 3), lines
     assert wait(lambda: (e := store.device("f", "evil")) is not None and e.bad_messages == 3), lines
-    assert all(t.is_alive() for t in m._threads) and any("unstorable (OverflowError" in x for x in lines), lines
+    assert all(t.is_alive() for t in m._threads) and any(f"unstorable ({error}" in x for x in lines), lines
+    assert m.stats["store_errors"] == 0
     m.stop()
     c.loop_stop()
 

@@ -5,6 +5,7 @@ Each bad input is one line (exit 2); each unusual good one just works. The model
 from __future__ import annotations
 
 import json
+import re
 import struct
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper
 
 from conftest import run_cli
@@ -152,6 +154,19 @@ def test_normalisation_and_options_that_contradict_the_input_are_one_line(tmp_pa
     _one_line(run_cli("run", str(gray), "-s", str(folder), "--no-show", "--input-spec",
                       "mean=0.485,0.456,0.406;std=0.229,0.224,0.225"), "mean has 3 values for an input of 1 channel")
     _one_line(run_cli("bench", str(gray), "--runs", "3", "--input-spec", "mean=0.4,0.4,0.4"), "mean has 3 values")
+    from lepton_edge.bundle import InputSpec
+    from lepton_edge.errors import BadInput
+    from lepton_edge.runtime.runtime import check_normalisation
+
+    for ok in (InputSpec(name="x", shape=[1, 3, 8, 8], mean=[0.4, 0.4, 0.4], std=[0.2, 0.2, 0.2]),
+               InputSpec(name="x", shape=[1, 8, 8, 3], layout="NHWC", mean=[0.4, 0.4, 0.4], std=[0.2]),
+               InputSpec(name="x", shape=[1, 8, 8, 3], layout="NHWC", dtype="uint8", scale=1.0, mean=[0.0],
+                         quantization={"scale": 0.0078125, "zero_point": 128.0})):
+        check_normalisation(ok, "ok")  # ImageNet's per-channel lists and a uint8 input with zero point 128.0
+    for bad, why in ((dict(quantization={"scale": 0.1, "zero_point": 0}), "given for a float32 input"),
+                     (dict(dtype="uint8", quantization={"foo": 1.0}), "must be {'scale'")):
+        with pytest.raises(BadInput, match=re.escape(why)):
+            check_normalisation(InputSpec(name="x", shape=[1, 3, 8, 8], **bad), "bad")
     for flag, value in (("--iou", "-1"), ("--conf", "nan")):
         _one_line(run_cli("run", str(gray), "-s", str(folder), "--no-show", flag, value), f"{flag} must be between")
     g = helper.make_graph([helper.make_node("Constant", [], ["y"], value=helper.make_tensor("c", TensorProto.FLOAT,
@@ -185,6 +200,8 @@ def test_a_stream_password_never_reaches_logs_events_or_meta(tmp_path):
     from lepton_edge.capture.files import ImageFiles
 
     assert redacted("rtsp://admin:s3cret@10.0.0.9:554/h264") == "rtsp://***@10.0.0.9:554/h264"
+    assert redacted("rtsp://admin:p@ss@cam/x@y") == "rtsp://***@cam/x@y"  # FFmpeg splits at the last '@'
+    assert redacted("rtsp://cam:554/a@b:c") == "rtsp://cam:554/a@b:c"  # an '@' in the path is no password
     assert redacted("rtspsrc location=rtsp://u:p@cam/x ! decodebin ! appsink") == \
         "rtspsrc location=rtsp://***@cam/x ! decodebin ! appsink"
     assert redacted("http://cam.local/mjpg") == "http://cam.local/mjpg" and redacted("0") == "0"
@@ -205,3 +222,36 @@ def test_labels_that_are_not_one_per_class_are_said(tmp_path):
     cv2.imwrite(str(folder / "a.png"), np.zeros((8, 8, 3), np.uint8))
     r = run_cli("run", str(m), "-s", str(folder), "--no-show", "--task", "classify")
     assert r.returncode == 0 and "2 labels for 3 classes" in r.stderr, r.stderr[-2000:]
+
+
+def test_globs_read_as_the_glob_module_did_without_hidden_files(tmp_path):
+    """`frames/**.png` raised pathlib's ValueError (a traceback); pathlib's globs and rglob matched hidden
+    files, so macOS's `._a.png` on an SD card became corrupt frames. A pattern part starting with '.' still
+    asks for them."""
+    from lepton_edge.capture.files import image_files
+
+    frames = tmp_path / "frames"
+    (frames / ".thumbs").mkdir(parents=True)
+    for n in ("a.png", "._a.png", ".thumbs/t.png", "b.png"):
+        cv2.imwrite(str(frames / n), np.zeros((4, 4, 3), np.uint8))
+    plain = [frames / "a.png", frames / "b.png"]
+    for spec in ("frames/**.png", "frames/*.png", "frames/**/*.png", "frames", "*/[ab].png"):
+        got = image_files(str(tmp_path / spec) if spec != "*/[ab].png" else f"{tmp_path}/*/[ab].png")
+        assert got == plain, (spec, got)
+    assert image_files(f"{frames}/.*.png") == [frames / "._a.png"]
+
+
+def test_a_video_of_undecodable_frames_fails_and_a_looping_one_starts_again(tmp_path):
+    """Past 300 bad frames in a row a looping video starts again (it seeked through the header's whole
+    count), and a file that never gave a frame has failed, not ended."""
+    from lepton_edge.capture.files import VideoFile
+
+    liar = _video(tmp_path / "liar.avi", 4)
+    data = bytearray(liar.read_bytes())
+    i = data.index(b"avih") + 8 + 16
+    data[i:i + 4] = struct.pack("<I", 10**9)
+    liar.write_bytes(bytes(data))
+    src = VideoFile(str(liar), loop=True)
+    got = [src.read() for _ in range(10)]
+    src.close()
+    assert all(f is not None for f in got) and src.captured == 10

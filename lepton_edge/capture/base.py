@@ -32,7 +32,7 @@ from lepton_edge.errors import BadInput
 log = logging.getLogger(__name__)
 
 
-_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]*:[^/@\s]*@")
+_CREDENTIALS = re.compile(r"(?<=://)[^/\s]*:[^/\s]*@")  # to the last '@' before the path, as FFmpeg splits
 
 
 def redacted(spec: str) -> str:

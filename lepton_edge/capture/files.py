@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import stat
 import time
 from pathlib import Path
@@ -41,7 +42,7 @@ def image_files(spec: str) -> list[Path] | None:
     if p.is_dir():
         root = p.resolve()
         return sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()
-                      and _inside(f, root))
+                      and _inside(f, root) and not any(x.startswith(".") for x in f.relative_to(p).parts))
     if _is_glob(spec):
         first = min(i for i in (spec.find(ch) for ch in "*?[") if i >= 0)
         cut = spec.rfind("/", 0, first)
@@ -50,8 +51,14 @@ def image_files(spec: str) -> list[Path] | None:
         if not base.is_dir() or not pattern or Path(pattern).is_absolute():
             return []
         root = base.resolve()
-        return sorted(f for f in base.glob(pattern)
-                      if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file() and _inside(f, root))
+        # '**' inside a name (`**.png`) is '*' there, as the glob module read it (pathlib refuses it), and
+        # hidden files and folders match only a pattern part that starts with '.' (pathlib matches them:
+        # macOS's ._IMG_0001.jpg on an SD card became corrupt frames)
+        parts = [p if p == "**" else re.sub(r"\*{2,}", "*", p) for p in pattern.split("/") if p]
+        dotted = any(p.startswith(".") for p in parts)
+        return sorted(f for f in base.glob("/".join(parts))
+                      if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file() and _inside(f, root)
+                      and (dotted or not any(x.startswith(".") for x in f.relative_to(base).parts)))
     return None
 
 
@@ -185,12 +192,17 @@ class VideoFile(Source):
                 return None
             self.corrupt += 1  # a bad packet mid-file: skip it
             self._in_a_row += 1
-            if self.corrupt > 1000 and self.captured == 0:
-                self._set_state(SourceState.FAILED, "no decodable frame")
-                raise BadInput(f"cannot decode any frame of {self.spec!r}")
-            if self._in_a_row > MAX_BAD_IN_A_ROW and not self.loop:
+            if self._in_a_row > MAX_BAD_IN_A_ROW:
                 # a header that claims more frames than the file holds (a truncated recording, or 10^9 on
-                # purpose) is the end, not millions of "corrupt" frames
+                # purpose) is the end, not millions of "corrupt" frames: looping starts again, a file that
+                # never gave a frame has failed
+                if self.captured == 0:
+                    self._set_state(SourceState.FAILED, "no decodable frame")
+                    raise BadInput(f"cannot decode any frame of {self.spec!r}")
+                if self.loop:
+                    self.cap.set(c.CAP_PROP_POS_FRAMES, 0)
+                    self._pos = self._in_a_row = 0
+                    continue
                 self._set_state(SourceState.ENDED, f"end of the decodable frames after {self.captured} frame(s) "
                                 f"(the header claims {self.total})")
                 return None

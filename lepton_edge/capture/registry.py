@@ -87,13 +87,13 @@ def resolve(spec: str) -> tuple[type[Source], str]:
         for cls in _CLAIMERS:
             if cls.claims(spec):
                 return cls, spec
-        raise BadInput(f"no source reads {spec!r}")
+        raise BadInput(f"no source reads {redacted(spec)!r}")
     scheme = m.group(1).lower()
     if scheme == "file":
         return resolve(spec[len(m.group(0)):])
     found = _SCHEMES.get(scheme) or _plugin(scheme)
     if found is None:
-        raise BadInput(f"unknown source scheme {scheme}:// in {spec!r}; known: "
+        raise BadInput(f"unknown source scheme {scheme}:// in {redacted(spec)!r}; known: "
                        + ", ".join(f"{s}://" for s in known_schemes()))
     return found, spec
 

@@ -368,24 +368,18 @@ def _is_fleet_store(path) -> None:
 def _is_fleet_database(url: str) -> None:
     """The PostgreSQL side of _is_fleet_store: a database without the store's schema_version table is
     refused before the store's migration would create its tables there."""
-    from lepton_edge.fleet.store import StoreError, open_store
-
     try:
         import psycopg
     except ImportError:
         return  # open_store says what to install
+    from lepton_edge.fleet.store.postgres import redacted_url
+
     try:
         with psycopg.connect(url, connect_timeout=5, autocommit=True) as c:
             found = c.execute("SELECT to_regclass('schema_version')").fetchone()[0]
-    except psycopg.Error:
-        try:
-            open_store(url).close()  # its one line names the store without the password
-        except StoreError as e:
-            raise BadInput(str(e)) from None
-        raise
+    except psycopg.Error as e:  # (never open_store here: its migration would create the tables)
+        raise BadInput(f"fleet store {redacted_url(url)}: {str(e).strip().splitlines()[0][:200]}") from None
     if found is None:
-        from lepton_edge.fleet.store.postgres import redacted_url
-
         raise BadInput(f"{redacted_url(url)}: a database but not a fleet store (no schema_version table); "
                        "reading commands never write to it")
 

@@ -45,6 +45,13 @@ def ha_id(fleet: str, device: str) -> str:
     return safe
 
 
+def legacy_ha_id(fleet: str, device: str) -> str:
+    """ha_id before names holding '_' were hashed (kept to clear those retained configs on upgrade)."""
+    raw = f"lepton_{fleet}_{device}"
+    safe = re.sub(r"[^A-Za-z0-9_-]", "_", raw)
+    return safe + "_" + hashlib.sha1(raw.encode()).hexdigest()[:6] if safe != raw else safe
+
+
 def _sensor(uid: str, name: str, tpl: str, availability: list, expire_after: int, *, unit: str | None = None,
             device_class: str | None = None, icon: str | None = None, precision: int | None = None) -> dict:
     c = {"p": "sensor", "name": name, "uniq_id": uid, "val_tpl": tpl, "stat_cla": "measurement",
@@ -127,6 +134,11 @@ class HomeAssistantBridge:
 
     def config_topic(self, fleet: str, device: str) -> str:
         return f"{self.prefix}/device/{ha_id(fleet, device)}/config"
+
+    def legacy_topic(self, fleet: str, device: str) -> str | None:
+        """The config topic lepton-edge used before ha_id hashed names holding '_' (None: unchanged)."""
+        old = legacy_ha_id(fleet, device)
+        return None if old == ha_id(fleet, device) else f"{self.prefix}/device/{old}/config"
 
     # ---- wiring -------------------------------------------------------------------------------
     def attach(self) -> HomeAssistantBridge:
@@ -221,6 +233,8 @@ class HomeAssistantBridge:
         with self._lock:
             self._published.pop((fleet, device), None)
         self.client.publish(self.config_topic(fleet, device), b"", qos=self.qos, retain=True)
+        if (legacy := self.legacy_topic(fleet, device)) is not None:
+            self.client.publish(legacy, b"", qos=self.qos, retain=True)
         return True
 
     def _publish(self, state, force: bool) -> bool:
@@ -229,6 +243,10 @@ class HomeAssistantBridge:
         with self._lock:
             if not force and self._published.get(key) == body:
                 return False
+            first = key not in self._published
             self._published[key] = body
+        legacy = self.legacy_topic(state.fleet, state.device) if first else None
+        if legacy:  # an upgrade: the old id's retained config would stay as a duplicate device in HA
+            self.client.publish(legacy, b"", qos=self.qos, retain=True)
         self.client.publish(self.config_topic(state.fleet, state.device), body, qos=self.qos, retain=True)
         return True

@@ -32,9 +32,9 @@ from collections.abc import Callable
 
 from pydantic import ValidationError
 
-from lepton_edge.fleet.store.base import Store, StoreError
+from lepton_edge.fleet.store.base import Store, StoreError, ValueRefused
 from lepton_edge.telemetry.broker import make_client, parse_broker
-from lepton_edge.telemetry.schema import Event, Status, Telemetry, V
+from lepton_edge.telemetry.schema import MAX_EVENT_MESSAGE, Event, Status, Telemetry, V
 from lepton_edge.telemetry.topics import Topics, safe_segment, sanitize
 
 MAX_CLOCK_AHEAD_S = 300.0  # a device clock this far ahead of the monitor's is not believed (Monitor._clock)
@@ -200,6 +200,8 @@ class Monitor:
             return None, "version"
         if kind == "meta":  # kept as sent: descriptive, read field by field (older agents sent fewer fields)
             return d, None
+        if kind == "events" and isinstance(d.get("message"), str):  # (older agents do not cut their own)
+            d["message"] = d["message"][:MAX_EVENT_MESSAGE]
         try:
             return MODELS[kind].model_validate(d).model_dump(), None
         except ValidationError:
@@ -270,6 +272,8 @@ class Monitor:
             try:
                 try:
                     self._write(items)
+                except ValueRefused as e:  # a value the database refuses: that message's fault alone
+                    self._write_one_by_one(items, e)
                 except StoreError:
                     raise
                 except Exception as e:  # a message the store could not take: not the ingest's end
@@ -300,7 +304,7 @@ class Monitor:
         ts = d.get("ts")
         if isinstance(ts, (int, float)) and EPOCH_FLOOR <= ts <= now + MAX_CLOCK_AHEAD_S:
             return
-        d["ts"] = now
+        d["ts"], d["sent_ts"] = now, ts  # (sent_ts: what the store de-duplicates an event by, repeats included)
         self._say(("clock", fleet, device), f"monitor: {fleet}/{device}'s clock says {str(ts)[:24]}, not near "
                   "this machine's; its messages are timed when they arrive (logged once a minute)")
 
@@ -315,14 +319,19 @@ class Monitor:
         for item in items:
             try:
                 self._write([item])
+            except ValueRefused as e:
+                self._unstorable(item, e, now)
             except StoreError:
                 raise
             except Exception as e:
-                (kind, fleet, device, _payload, _now), *_ = item
-                self._say(("unstorable", fleet, device), f"monitor: refused a {kind} message from {fleet}/{device}: "
-                          f"unstorable ({type(e).__name__}: {str(e)[:200]})")
-                self.store.count_bad(fleet or None, device or None, "unstorable", now)
-                self.stats["bad"] += 1
+                self._unstorable(item, e, now)
+
+    def _unstorable(self, item, e: Exception, now: float) -> None:
+        (kind, fleet, device, _payload, _now), *_ = item
+        self._say(("unstorable", fleet, device), f"monitor: refused a {kind} message from {fleet}/{device}: "
+                  f"unstorable ({type(e).__name__}: {str(e)[:200]})")
+        self.store.count_bad(fleet or None, device or None, "unstorable", now)
+        self.stats["bad"] += 1
 
     def _periodic(self) -> None:
         next_house = time.monotonic() + 60

@@ -125,7 +125,8 @@ install_kit() {
   # running, so the failure trap (which removes what this run built) is off before it
   ln -sfn "$(basename "$venv_new")" "$PREFIX/venv.new"
   trap - EXIT
-  mv -T "$PREFIX/venv.new" "$PREFIX/venv"
+  mv -T "$PREFIX/venv.new" "$PREFIX/venv" \
+    || die "cannot switch $PREFIX/venv to the new venv (is it a folder, not a link?); the previous install is unchanged"
   rm -rf "$STATE/kit-bundle.old"
   [ ! -e "$STATE/kit-bundle" ] || mv "$STATE/kit-bundle" "$STATE/kit-bundle.old"
   mv "$STATE/kit-bundle.new" "$STATE/kit-bundle"

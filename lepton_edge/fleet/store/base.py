@@ -31,11 +31,12 @@ class StoreError(LeptonError):
     traceback; the long-running parts (writer, alerts, views) catch it and retry."""
 
 
-class ValueRefused(LeptonError):
-    """The database refused a value in this write (out of a column's range, a NUL in text, a NOT NULL
-    column given nothing): the data's fault, not the database's state, so retrying cannot help. Not a
-    StoreError: the monitor's writer stores such a batch message by message and counts the one refused,
-    where a StoreError would have it retry the same batch for ever."""
+class ValueRefused(StoreError):
+    """The database refused a value (out of a column's range, a NUL in text, a NOT NULL column given
+    nothing): the data's fault, not the database's state, so retrying the same write cannot help. The
+    monitor's writer catches it before StoreError and stores such a batch message by message, counting
+    the one refused (a plain StoreError had it retry that batch for ever); every reader that retries on
+    StoreError (the dashboard, /metrics, the web hub) still sees a StoreError."""
 
 
 class DeviceState(BaseModel):

@@ -357,8 +357,11 @@ class SqlStore(Store):
     def add_event(self, fleet: str, device: str, payload: dict, received: float) -> bool:
         msg = str(payload.get("message", ""))[:MAX_TEXT]
         data = json.dumps(payload.get("data") or {})
-        h = hashlib.sha256(json.dumps([payload["boot_id"], payload["ts"], payload["kind"], msg],
-                                      sort_keys=True).encode()).hexdigest()[:32]
+        # by the time the device sent (a time the monitor replaced is kept as sent_ts): a repeat of the event
+        # (an outbox resend, a redelivery) is the same event whenever it arrives
+        sent = payload.get("sent_ts", payload["ts"])
+        h = hashlib.sha256(json.dumps([payload["boot_id"], sent if isinstance(sent, (int, float)) else str(sent),
+                                       payload["kind"], msg], sort_keys=True).encode()).hexdigest()[:32]
         kind = str(payload["kind"])
         with self._tx() as cur:
             self._touch(cur, [(fleet, device)])

@@ -51,6 +51,7 @@ SORTS = {
 STATES = {"online", "offline", "alert", "warning", "ok"}
 MAX_BODY = 16 * 1024
 MAX_STREAMS = 64
+EVENT_LOOKBACK_S = 600.0  # events this much older than the newest pushed still reach the live feed
 STREAM_QUEUE = 512  # messages a slow page may lag behind before its stream is closed
 COMMAND_TIMEOUT_S = {"ping": 10.0, "set": 15.0, "deploy": 180.0}
 MAX_CONCURRENT_COMMANDS = 8
@@ -195,6 +196,7 @@ class Broadcaster:
         self._summary = ""
         self._alerts: dict[int | None, float | None] = {}
         self._event_ts = time.time()
+        self._sent_events: dict[tuple, None] = {}  # the events already pushed (insertion-ordered, bounded)
 
     def notify(self) -> None:
         """Called from any thread (the monitor's on_change): poll now instead of at the next tick."""
@@ -238,11 +240,19 @@ class Broadcaster:
             if a.id not in self._alerts or self._alerts[a.id] != a.resolved:
                 self._alerts[a.id] = a.resolved
                 out.append({"topic": f"lepton/alerts/{a.fleet}/{a.device}/{a.rule}", "payload": a.model_dump()})
+        # Events by what was already pushed, not by a high-water mark of device time: one device whose clock
+        # ran ahead (1e12 then, up to the monitor's 300 s tolerance now) moved the mark past every other
+        # device's events, and the live feed dropped them. The floor follows this machine's clock only.
         newest = self._event_ts
-        for e in reversed(self.store.events(since=self._event_ts, limit=200)):
-            if e.ts > self._event_ts:
-                newest = max(newest, e.ts)
-                out.append({"topic": f"{PREFIX}/{e.fleet}/{e.device}/events", "payload": e.model_dump()})
+        for e in reversed(self.store.events(since=self._event_ts - EVENT_LOOKBACK_S, limit=200)):
+            k = (e.fleet, e.device, e.boot_id, e.ts, e.kind, e.message)
+            if k in self._sent_events:
+                continue
+            self._sent_events[k] = None
+            newest = max(newest, min(e.ts, time.time()))
+            out.append({"topic": f"{PREFIX}/{e.fleet}/{e.device}/events", "payload": e.model_dump()})
+        while len(self._sent_events) > 5000:
+            del self._sent_events[next(iter(self._sent_events))]
         self._event_ts = newest
         return out
 
