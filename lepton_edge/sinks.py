@@ -58,9 +58,12 @@ class JsonLines:
             raise BadInput(f"cannot write {path}: {e.strerror}") from None
 
     def write(self, r: Result) -> None:
+        d = r.to_dict()
+        line = json.dumps(d, separators=(",", ":"))
+        if "NaN" in line or "Infinity" in line:  # strict JSON: a NaN score is null (rare: walk it only then)
+            line = json.dumps(_finite(d), separators=(",", ":"), allow_nan=False)
         try:
-            # strict JSON: a NaN score is null (Python writes NaN, which JSON parsers refuse)
-            self.f.write(json.dumps(_finite(r.to_dict()), separators=(",", ":"), allow_nan=False) + "\n")
+            self.f.write(line + "\n")
         except OSError as e:  # a full SD card: one line, not a traceback
             raise BadInput(f"cannot write {self.path or 'stdout'}: {e.strerror or e}") from None
 
