@@ -262,3 +262,28 @@ def test_reopening_a_store_keeps_its_data(tmp_path):
     s.add_window("f", "d", win(0, time.time()), time.time())
     s.close()
     assert open_store(tmp_path / "f.sqlite").device("f", "d").windows == 1
+
+
+def test_retimed_events_stay_one_and_a_fast_clock_hides_no_other_device_s_events(tmp_path):
+    """A repeat of an event whose time the monitor replaced (it arrives later, with another arrival time) is
+    the same event: de-duplicated by the time the device sent. The web page's live feed tracked a
+    high-water mark of device time, so one device's fast clock hid every other device's later events.
+    A value the database refuses is a StoreError to every reader (ValueRefused)."""
+    from lepton_edge.fleet.store.base import StoreError, ValueRefused
+    from lepton_edge.fleet.web.app import Broadcaster
+
+    assert issubclass(ValueRefused, StoreError)
+    st = open_store(tmp_path / "e.sqlite")
+    now = time.time()
+    ev = {"v": 1, "boot_id": "b1", "kind": "deploy", "level": "info", "message": "m", "data": {}}
+    st.add_event("f", "slow", {**ev, "ts": now, "sent_ts": 1000.0}, now)
+    st.add_event("f", "slow", {**ev, "ts": now + 5, "sent_ts": 1000.0}, now + 5)  # the resend, retimed
+    assert len(st.events(fleet="f", device="slow")) == 1
+    hub = Broadcaster(st)
+    hub._snapshot()  # primes the device cache
+    st.add_event("f", "fast", {**ev, "ts": now + 250, "message": "ahead"}, now)  # inside the 300 s tolerance
+    first = [m["payload"]["message"] for m in hub._snapshot() if m["topic"].endswith("/events")]
+    st.add_event("f", "normal", {**ev, "ts": now + 1, "message": "later, on a right clock"}, now + 1)
+    second = [m["payload"]["message"] for m in hub._snapshot() if m["topic"].endswith("/events")]
+    assert "ahead" in first and second == ["later, on a right clock"], (first, second)
+    st.close()
