@@ -34,7 +34,9 @@ class Recorder:
             c.tls_set(**tls)
         c.reconnect_delay_set(1, 2)
         self.subscribed = threading.Event()
-        c.on_connect = lambda cl, u, f, rc, p=None: cl.subscribe(topic, qos=1)
+        # (cleared at each connect: after a broker restart without persistence the session is gone, and a
+        # test that needs the subscription again waits for this)
+        c.on_connect = lambda cl, u, f, rc, p=None: (self.subscribed.clear(), cl.subscribe(topic, qos=1))
         c.on_subscribe = lambda cl, u, mid, codes, p=None: self.subscribed.set()
         c.on_message = self._on_message
         c.connect("localhost" if tls else "127.0.0.1", port, keepalive=10)

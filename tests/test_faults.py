@@ -299,9 +299,16 @@ def test_broker_sigkilled_mid_publish_nothing_acknowledged_lost(tmp_path, mosqui
         for _ in range(2):
             kills.append(time.time())
             mosquitto.stop(signal.SIGKILL)  # no goodbye, no persistence save
+            rec.subscribed.clear()  # (set again by the SUBACK of its next connection)
             time.sleep(1.0)  # five windows into the outbox while nobody listens
-            mosquitto.start()
-            assert rec.wait_for(lambda r: r.client.is_connected(), timeout=20)
+            # The killed broker forgot the recorder's session: what the agent flushes before the recorder has
+            # subscribed again reaches nobody (a CI run lost windows 20-34 so). The agent is paused until then.
+            agent.send_signal(signal.SIGSTOP)
+            try:
+                mosquitto.start()
+                assert rec.wait_for(lambda r: r.client.is_connected() and r.subscribed.is_set(), timeout=20)
+            finally:
+                agent.send_signal(signal.SIGCONT)
             top = max(windows(rec)) + 5  # the outage's windows, flushed and forwarded, before the next kill
             assert rec.wait_for(lambda r, top=top: caught_up(r, top), timeout=30), \
                 f"backlog not delivered: {missing(rec)}"
