@@ -183,7 +183,7 @@ SLOW_TESTS = frozenset({
 })
 # network, for a test that starts a server in its own body rather than through a fixture
 _STARTS_A_SERVER = re.compile(
-    r"\b(?:Mosquitto|MjpegServer|RtspServer|Postgres|Prometheus|\w*HTTPServer|serve_directory)\(")
+    r"\b(?:Mosquitto|MjpegServer|RtspServer|Postgres|Prometheus|WebServer|\w*HTTPServer|serve_directory)\(")
 
 
 def _fixtures_used(item) -> set[str]:

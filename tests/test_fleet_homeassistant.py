@@ -267,3 +267,23 @@ def test_an_upgrade_clears_the_config_under_the_old_id():
     topics = retained_topics("lab", "cam_1")
     assert "homeassistant/device/lepton_lab_cam_1/config" in topics
     assert f"homeassistant/device/{ha_id('lab', 'cam_1')}/config" in topics
+
+
+def test_an_upgraded_monitor_clears_the_old_retained_config_when_it_publishes(bridge_env, mosquitto):
+    """A device named with '_' that an older monitor announced under its unhashed id: the first publish
+    of this monitor empties that retained config (else HA shows the device twice), then retains the new one."""
+    from lepton_edge.fleet.homeassistant import legacy_ha_id
+
+    store, bridge, client = bridge_env
+    old = f"homeassistant/device/{legacy_ha_id('lab', 'cam_1')}/config"
+    new = f"homeassistant/device/{ha_id('lab', 'cam_1')}/config"
+    client.publish(old, json.dumps({"dev": {"ids": ["old"]}}), qos=1, retain=True).wait_for_publish(5)
+    add_device(store, "lab", "cam_1")
+    assert bridge.device_changed("lab", "cam_1") is True
+    late = Recorder(mosquitto.port, client_id="ha-upgrade", topic="homeassistant/#")
+    try:
+        assert late.wait_for(lambda r: _configs(r, new), timeout=10)
+        assert _configs(late, new)[0][0]["dev"]["ids"]  # the new config, retained
+        assert _configs(late, old) == []  # (retained messages of one subscription come together)
+    finally:
+        late.close()

@@ -232,3 +232,71 @@ def test_dashboard_in_chromium_with_simulated_devices_and_a_real_agent(tmp_path,
         web.stop()
         mon.stop()
         store.close()
+
+
+def _open_stream(port: int, source: str):
+    """A raw HTTP client on /api/stream from loopback address `source` that reads nothing after the headers."""
+    import socket
+
+    s = socket.socket()
+    s.settimeout(10)
+    s.bind((source, 0))
+    s.connect(("127.0.0.1", port))
+    s.sendall(b"GET /api/stream HTTP/1.1\r\nHost: x\r\n\r\n")
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = s.recv(4096)
+        assert chunk, head
+        head += chunk
+    return s, head
+
+
+def test_idle_streams_of_one_host_never_lock_another_host_out(tmp_path, monkeypatch):
+    """One host holding every live stream (idle sockets that never read) used to make every other page's
+    stream a 503; now the newcomer displaces the heaviest holder's oldest stream, and a host only ever
+    displaces its own once it holds the most."""
+    import lepton_edge.fleet.web.app as web
+
+    monkeypatch.setattr(web, "MAX_STREAMS", 4)
+    store = open_store(tmp_path / "fleet.sqlite")
+    seed_store(store, n=2)
+    server = WebServer(create_app(store, token="t", poll_s=0.2), port=0).start()
+    socks = []
+    try:
+        for _ in range(4):  # the hog takes every stream
+            s, head = _open_stream(server.port, "127.0.0.2")
+            assert head.startswith(b"HTTP/1.1 200"), head
+            socks.append(s)
+        page, page_head = _open_stream(server.port, "127.0.0.3")
+        socks.append(page)
+        assert page_head.startswith(b"HTTP/1.1 200"), page_head  # not 503
+        oldest = socks[0]  # the hog's oldest stream was ended (the server closed it)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            chunk = oldest.recv(65536)
+            if not chunk:
+                break
+        else:
+            raise AssertionError("the hog's oldest stream stayed open")
+        # the hog reconnects: it holds the most, so it displaces its own oldest, never the page's stream
+        for _ in range(3):
+            s, head = _open_stream(server.port, "127.0.0.2")
+            assert head.startswith(b"HTTP/1.1 200"), head
+            socks.append(s)
+        now = time.time()
+        store.add_event("f", "d01", {"v": 1, "ts": now, "boot_id": "b1", "kind": "started", "message": "live"}, now)
+        page.settimeout(2)
+        got = page_head
+        try:
+            while True:  # keep-alives or data until the timeout: the page's stream is still open
+                chunk = page.recv(65536)
+                assert chunk, "the other host's stream was closed by the hog"
+                got += chunk
+        except TimeoutError:
+            pass
+        assert b"retry: 2000" in got and b'"message":"live"' in got  # served, still open, still live
+    finally:
+        for s in socks:
+            s.close()
+        server.stop()
+        store.close()

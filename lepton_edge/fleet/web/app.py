@@ -189,6 +189,7 @@ class Broadcaster:
     def __init__(self, store: Store, poll_s: float = 1.0):
         self.store, self.poll_s = store, poll_s
         self.queues: set[asyncio.Queue] = set()
+        self._clients: dict[asyncio.Queue, str] = {}  # each open stream's peer address, oldest first
         self._task: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -203,19 +204,46 @@ class Broadcaster:
         if self._loop is not None and self._wake is not None:
             self._loop.call_soon_threadsafe(self._wake.set)
 
-    def subscribe(self) -> asyncio.Queue:
-        if len(self.queues) >= MAX_STREAMS:
-            raise ApiError(503, f"too many live streams open (at most {MAX_STREAMS})")
+    def subscribe(self, client: str = "") -> asyncio.Queue:
+        """A new stream for `client` (the peer's address). At MAX_STREAMS open, the oldest stream of the
+        client holding the most (the new one's own client first, on a tie) is closed to make room.
+
+        Why: a refusal at the limit let one host's 64 idle connections (they never read, so they never
+        lagged) lock every operator out of live updates with 503s. Now a host that holds more streams
+        than anyone else only ever displaces its own; a page of another host always gets in. Behind one
+        reverse proxy every page shares an address: the oldest page's stream closes and it reconnects."""
         q: asyncio.Queue = asyncio.Queue(maxsize=STREAM_QUEUE)
+        if len(self.queues) >= MAX_STREAMS:
+            self._evict_for(client)
         self.queues.add(q)
+        self._clients[q] = client
         if self._task is None or self._task.done():
             self._loop = asyncio.get_running_loop()
             self._wake = asyncio.Event()
             self._task = asyncio.create_task(self._run())
         return q
 
+    def _evict_for(self, client: str) -> None:
+        held: dict[str, list[asyncio.Queue]] = {}
+        for q in self._clients:  # (insertion order: each client's oldest stream first)
+            if q in self.queues:
+                held.setdefault(self._clients[q], []).append(q)
+        if not held:
+            return
+        most = max(len(v) for v in held.values())
+        victim = client if len(held.get(client, [])) == most else next(c for c, v in held.items() if len(v) == most)
+        self.close(held[victim][0])
+
+    def close(self, q: asyncio.Queue) -> None:
+        """End a stream now: its generator reads the None and returns (the page reconnects)."""
+        self.unsubscribe(q)
+        while not q.empty():
+            q.get_nowait()
+        q.put_nowait(None)
+
     def unsubscribe(self, q: asyncio.Queue) -> None:
         self.queues.discard(q)
+        self._clients.pop(q, None)
 
     def _snapshot(self) -> list[dict]:
         """The messages since the last poll (runs in a worker thread: store calls block)."""
@@ -390,7 +418,7 @@ def create_app(store: Store, *, token: str | None, command_sender: CommandSender
 
     async def stream(request: Request):
         _only(request.query_params, set())
-        q = hub.subscribe()
+        q = hub.subscribe(request.client.host if request.client else "")
 
         async def gen():
             try:
@@ -403,6 +431,8 @@ def create_app(store: Store, *, token: str | None, command_sender: CommandSender
                             return  # closed for lagging: the page reconnects and reloads
                         yield ": keep-alive\n\n"
                         continue
+                    if m is None:
+                        return  # closed to make room for another client's page (Broadcaster.subscribe)
                     yield f"data: {json.dumps(m, separators=(',', ':'), default=str)}\n\n"
                     if q not in hub.queues and q.empty():
                         return
