@@ -143,7 +143,11 @@ def test_oversized_commands_are_refused_before_queueing(tmp_path, x86, fashion_v
         for _ in range(150):  # the command thread is not running: whatever is accepted stays queued
             agent._on_message(f"{BASE}/cmd/ping", big)
         assert agent._commands.qsize() == 0
-        near = b'{"pad": "' + b"x" * (MAX_COMMAND_BYTES - 20) + b'"}'
+        for _ in range(300):  # junk: refused as it arrives, never queued (a flood of it kept pings out)
+            agent._on_message(f"{BASE}/cmd/ping", b'{"id": "junk", "pad": 1}')
+            agent._on_message(f"{BASE}/cmd/set", b"[[[")
+        assert agent._commands.qsize() == 0
+        near = b'{"id": "n"' + b" " * (MAX_COMMAND_BYTES - 20) + b"}"  # valid, near the size limit
         for _ in range(100):
             agent._on_message(f"{BASE}/cmd/ping", near)
         assert 0 < agent._commands.qsize() * len(near) <= MAX_QUEUED_COMMAND_BYTES

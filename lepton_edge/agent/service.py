@@ -235,8 +235,9 @@ class Agent:
         return self.publisher
 
     def _on_message(self, topic: str, payload: bytes, retain: bool = False) -> None:
-        """Paho's thread: decide before keeping anything. Too big: an error reply (rate-limited),
-        nothing queued; retained: ignored with an event; queue full in count or bytes: dropped."""
+        """Paho's thread: decide before keeping anything. Too big or not a valid command: an error reply
+        (rate-limited), nothing queued; retained: ignored with an event; queue full in count or bytes:
+        dropped. Only parsed, valid commands wait for the command thread."""
         parsed = Topics.parse(topic)
         if not parsed or not parsed[2].startswith("cmd/"):
             return
@@ -253,16 +254,29 @@ class Agent:
             self._rate_event("command_error", f"{safe_verb}: payload of {n} bytes exceeds {MAX_COMMAND_BYTES}; "
                              "refused before queueing", "warning", verb=safe_verb, bytes=n)
             return
+        try:  # parsed here, not in the command thread: a flood of junk never takes a queue slot from a ping
+            cmd = commands.parse(verb, payload)
+        except commands.CommandError as e:
+            self._refuse(safe_verb, e)
+            return
         with self._qlock:
             fits = self._queued_bytes + n <= MAX_QUEUED_COMMAND_BYTES
             if fits:
                 try:
-                    self._commands.put_nowait((verb, bytes(payload)))
+                    self._commands.put_nowait((verb, cmd, n))
                     self._queued_bytes += n
                 except queue.Full:
                     fits = False
         if not fits:
             self._rate_event("command_error", "command queue full; command dropped", "warning", verb=safe_verb)
+
+    def _refuse(self, safe_verb: str, e: commands.CommandError) -> None:
+        """A command that does not parse: an error reply and an event, both rate-limited, as for an
+        oversized one (junk sent at 150/s made as many events, and the monitor's flood limit then
+        refused the device's own telemetry)."""
+        if self._take_reject_token():
+            self.reply(safe_verb, e.command_id, False, str(e))
+        self._rate_event("command_error", f"{safe_verb}: {e}", "warning", verb=safe_verb)
 
     def _take_reject_token(self) -> bool:
         with self._rate_lock:
@@ -400,24 +414,15 @@ class Agent:
             if item is None:
                 continue
             try:
-                verb, payload = item
+                verb, cmd, n = item
                 with self._qlock:
-                    self._queued_bytes -= len(payload)
-                self._command(verb, payload)
+                    self._queued_bytes -= n
+                self._command(verb, cmd)
             except Exception as e:  # whatever a command does, the next one is answered
                 self._survive("commands", e)
 
-    def _command(self, verb: str, payload: bytes) -> None:
-        safe_verb = verb if verb.isidentifier() and len(verb) <= 64 else "unknown"
-        try:
-            cmd = commands.parse(verb, payload)
-        except commands.CommandError as e:
-            # both rate-limited, as for an oversized command: junk sent at 150/s made as many events,
-            # and the monitor's flood limit then refused the device's own telemetry
-            if self._take_reject_token():
-                self.reply(safe_verb, e.command_id, False, str(e))
-            self._rate_event("command_error", f"{safe_verb}: {e}", "warning", verb=safe_verb)
-            return
+    def _command(self, verb: str, cmd) -> None:
+        """A parsed command (see _on_message), in the command thread."""
         try:
             self.handle(verb, cmd)
         except Exception as e:  # a failing command is a reply and an event, never the agent's end
