@@ -23,7 +23,7 @@ import numpy as np
 from lepton_edge import targets
 from lepton_edge.bundle import Bundle, check_replaceable
 from lepton_edge.errors import BadInput, CheckFailed
-from lepton_edge.exporters import writer
+from lepton_edge.exporters import kernels, writer
 from lepton_edge.exporters.context import ExportContext
 from lepton_edge.exporters.exporter import Exporter, formats, get_exporter, register  # noqa: F401 (API)
 from lepton_edge.exporters.options import ExportOptions, parse_size  # noqa: F401 (API)
@@ -96,6 +96,7 @@ def _steps(ctx: ExportContext, model: Any, example_input: Any) -> ExportResult:
     chosen = ctx.workdir / f"model{exporter.suffix}"
     if precision == "int8":
         comp, pred, ram = _int8(ctx, exporter, fp32, chosen, validate, recipes)
+        comp, pred = kernels.choose(ctx, exporter, chosen, comp, pred, validate)
     else:
         comp, pred, ram = _float(ctx, exporter, fp32, chosen, precision, validate)
     size = _record_sizes(ctx, chosen, fp32)

@@ -85,18 +85,19 @@ class Exporter(abc.ABC):
         """What quantized the model, in words, for the manifest."""
         return recipe.method()
 
-    def predictor(self, path: Path, threads: int) -> Callable[[np.ndarray], list[np.ndarray]]:
+    def predictor(self, path: Path, threads: int, **settings) -> Callable[[np.ndarray], list[np.ndarray]]:
         """A function running the artifact on a batch of float inputs and returning every
         output (a list, in the graph's order) as float, through the device runtime's own backend
         (lepton_edge.runtime): what is validated here is what the device will run, engine settings
         included. An integer input (`--int8-io`) is quantized with the model's own scale and zero point.
 
+        `settings`: engine settings a backend's Options declare (qdq_fusion: exporters/kernels.py).
         Why no context: it depends on the artifact alone, and the validator calls it per candidate."""
         from lepton_edge.runtime.backend import backend_for
         from lepton_edge.runtime.preprocess import quantize
 
         try:
-            be = backend_for(self.format).open(path, threads=max(1, min(threads, os.cpu_count() or 1)))
+            be = backend_for(self.format).open(path, threads=max(1, min(threads, os.cpu_count() or 1)), **settings)
         except BadInput as e:
             raise CheckFailed(f"the {self.format} runtime cannot load the exported model: {e}") from None
         info = be.inputs[0]

@@ -269,10 +269,11 @@ class Validator:
                     raise BadInput(f"--eval labels run {int(np.min(data.eval_y))}..{int(np.max(data.eval_y))}, and "
                                    f"the model has {classes} classes (0..{classes - 1})")
 
-    def __call__(self, path) -> tuple[Verdict, Predict, int | None]:
+    def __call__(self, path, **settings) -> tuple[Verdict, Predict, int | None]:
+        """The artifact at `path` judged against fp32; `settings`: engine settings (Exporter.predictor)."""
         d = self.data
         before = rss_bytes()
-        pred = self.exporter.predictor(path, self.threads)
+        pred = self.exporter.predictor(path, self.threads, **settings)
         out = batched(pred, d.check_x, self.batch)
         after = rss_bytes()
         eval_out = None

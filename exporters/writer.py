@@ -128,7 +128,8 @@ def write_bundle(ctx, final: Path, chosen: Path, exporter, fmt: str, precision: 
             (stage_dir / labels_file).write_text("\n".join(src.labels) + "\n")
         manifest = Manifest(
             name=src.name, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            target=_target_record(prof), format=fmt, precision=precision, model_file=model_file, task=src.task,
+            target=_target_record(prof, rep.compression.quantization), format=fmt, precision=precision,
+            model_file=model_file, task=src.task,
             labels_file=labels_file,  # then the non-image inputs of a multi-input model, with their values
             inputs=[_input_spec(src, described), *getattr(src, "extra_inputs", [])],
             outputs=[OutputSpec(name=o["name"], shape=o["shape"], dtype=o.get("dtype", "float32"),
@@ -141,10 +142,13 @@ def write_bundle(ctx, final: Path, chosen: Path, exporter, fmt: str, precision: 
         write_manifest(stage_dir, manifest)
 
 
-def _target_record(prof) -> dict[str, Any]:
-    return {"id": prof.id, "sha256": prof.content_hash(), "arch": prof.arch, "runtime": prof.runtime,
-            "execution_providers": prof.execution_providers, "delegates": prof.delegates, "threads": prof.threads,
-            "latency_budget_ms": prof.latency_budget_ms, "device_packages": prof.device_packages}
+def _target_record(prof, quantization=None) -> dict[str, Any]:
+    rec = {"id": prof.id, "sha256": prof.content_hash(), "arch": prof.arch, "runtime": prof.runtime,
+           "execution_providers": prof.execution_providers, "delegates": prof.delegates, "threads": prof.threads,
+           "latency_budget_ms": prof.latency_budget_ms, "device_packages": prof.device_packages}
+    if quantization is not None and quantization.qdq_fusion is False:
+        rec["qdq_fusion"] = False  # the device's onnxruntime runs it with QDQ fusion off (exporters/kernels.py)
+    return rec
 
 
 def _input_spec(src, described: dict):

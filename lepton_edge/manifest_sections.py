@@ -57,6 +57,7 @@ class QuantizationSection(Section):
     peak_rss_bytes: int | None = None
     max_memory_bytes: int | None = None
     speed_vs_fp32: float | None = None
+    qdq_fusion: bool | None = None  # False: the device runs it with onnxruntime's QDQ fusion off (exporters/kernels.py)
 
 
 class ConstantInputSection(Section):

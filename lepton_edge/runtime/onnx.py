@@ -35,6 +35,12 @@ class OnnxOptions(BackendOptions):
 
     providers: list[Annotated[str, Field(max_length=128)]] = Field(
         default_factory=lambda: ["CPUExecutionProvider"], max_length=16)
+    # False: onnxruntime's QDQ fusion off ("session.disable_quant_qdq"), so its constant folding turns the
+    # int8 weights' DequantizeLinear into float weights once, at load. The export chooses it (a manifest's
+    # target.qdq_fusion) for an int8 graph where no layer fits an int8 kernel, e.g. NNCF's on PP-LCNet:
+    # every convolution ran behind a weight dequantization at each frame, 2x fp32's time; folded at load
+    # it is fp32's speed, the same outputs, and the file stays int8 (exporters/kernels.py).
+    qdq_fusion: bool = Field(True, strict=True)
 
 
 class OnnxBackend(Backend):
@@ -55,6 +61,9 @@ class OnnxBackend(Backend):
         so.log_severity_level = 4  # fatal only: a failing run raises with the same text it would log in red
         if os.environ.get("LEPTON_ORT_SPIN", "0") == "0":
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if not options.qdq_fusion:
+            so.add_session_config_entry("session.disable_quant_qdq", "1")
+        self.qdq_fusion = options.qdq_fusion
         self.providers, self.missing_providers = filter_providers(list(options.providers),
                                                                   ort.get_available_providers())
         try:
@@ -77,4 +86,5 @@ class OnnxBackend(Backend):
         import onnxruntime as ort
 
         return {"backend": "onnxruntime", "version": ort.__version__, "providers": self.session.get_providers(),
-                "threads": self.threads, "cpu_count": os.cpu_count()}
+                "threads": self.threads, "cpu_count": os.cpu_count(),
+                **({} if self.qdq_fusion else {"qdq_fusion": False})}

@@ -219,7 +219,8 @@ class Runtime:
             check_input_size(spec)  # before the engine exists: nothing of a 20000x20000 input is allocated
             engine = backend_for(m.format, runtime or _manifest_runtime(m.target.get("runtime")))
             backend = engine.open(bundle.model_path, threads=n,
-                                  providers=providers or m.target.get("execution_providers"), delegates=libs)
+                                  providers=providers or m.target.get("execution_providers"), delegates=libs,
+                                  qdq_fusion=m.target.get("qdq_fusion"))  # (a backend without it ignores it)
             check_against_engine(spec, backend.inputs, str(bundle.path))
             rt = cls(backend, spec, task or m.task, labels or bundle.labels, bundle, bundle.path, **post_options)
         elif p.is_file():
