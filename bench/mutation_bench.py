@@ -89,6 +89,8 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "a regular file's read returns less than asked only at its end, where the next read returns nothing",
     ("agent.service", "self._flow_seen, self._flow_at = -1,", "self._flow_seen, self._flow_at = -2,"):
         "read only after READY, which sets it first",
+    ("agent.service", "stored = False", "stored = None"):
+        "read only as `not stored`, where None and False are alike",
     ("agent.service", 'level: str = "info"', 'level: str = "XXinfoXX"'):
         "an unknown level logs at INFO, the default's own level; a caller's sink ignores the level",
     ("agent.deploy", 'with_name(f".{dest.name}.partial")', 'with_name(f"XX.{dest.name}.partialXX")'):

@@ -109,6 +109,7 @@ def test_reconnects_and_drops_are_events_with_their_counts(agent):
     agent._on_source_status(_update("reconnect", SourceState.STREAMING, reason="after 3 tries", count=3, down_s=1.5))
     agent._on_source_status(_update("dropped", SourceState.STREAMING, reason="12 frames dropped", count=12, total=40))
     (r,) = _events(agent, "source_reconnected")
+    assert r["message"] == "source rtsp://cam/1 is back: after 3 tries"
     assert {k: r["data"][k] for k in ("reconnects", "down_s", "source_kind", "state")} == \
         {"reconnects": 3, "down_s": 1.5, "source_kind": "rtsp", "state": "streaming"}
     (d,) = _events(agent, "frames_dropped")
@@ -199,6 +200,14 @@ def test_windows_count_corrupt_frames_per_window_and_name_the_bundle(agent):
     assert (first.corrupt, second.corrupt) == (3, 2)
     assert first.bundle == {"name": "tiny", "sha256": agent._bundle_info()["sha256"]} and first.bundle["sha256"]
     assert [w["seq"] for w in _sent(agent, "/telemetry")] == [0, 1]
+
+
+def test_windows_count_the_sources_dropped_frames_per_window(agent, monkeypatch):
+    status = agent.source.status
+    for total in (4, 10, 10):
+        monkeypatch.setattr(agent.source, "status", lambda t=total: {**status(), "dropped": t})
+        agent.window()
+    assert [w["dropped"] for w in _sent(agent, "/telemetry")] == [4, 6, 0]
 
 
 def test_the_health_check_reports_the_figures_it_judged(agent):
