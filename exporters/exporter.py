@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from lepton_edge.errors import BadInput, CheckFailed
+from lepton_edge.errors import BadInput, CheckFailed, LeptonError, first_line
 from lepton_edge.plugins import Registry
 
 if TYPE_CHECKING:
@@ -106,7 +106,14 @@ class Exporter(abc.ABC):
         fixed = first if isinstance(first, int) else (None if self.format == "onnx" else 1)
 
         def once(x: np.ndarray) -> list[np.ndarray]:
-            return [np.asarray(o, dtype=np.float32) for o in be.run(np.ascontiguousarray(x))]
+            try:
+                out = be.run(np.ascontiguousarray(x))
+            except LeptonError:
+                raise
+            except Exception as e:  # the engine's own error types: a model it loads but cannot run on these inputs
+                raise BadInput(f"the {self.format} runtime cannot run the model on a batch of {x.shape} "
+                               f"{x.dtype} ({first_line(e, 240)})") from None
+            return [np.asarray(o, dtype=np.float32) for o in out]
 
         def run(x: np.ndarray) -> list[np.ndarray]:
             if q is not None:

@@ -140,8 +140,9 @@ class Reference:
 
 
 def _finite_reference(outs: Outputs, specs: list[dict]) -> None:
-    """One line when the fp32 model gives NaN: nothing can be judged against it (NaN compares as equal to
-    nothing, and argmax of NaN is 0 for every model: an export passed with agreement 1.0)."""
+    """One line when the fp32 model gives NaN, or nothing but infinities: nothing can be judged against it
+    (NaN compares as equal to nothing, and argmax of NaN is 0 for every model: an export passed with
+    agreement 1.0; an output of +Inf ran all 8 int8 recipes and then blamed int8)."""
     for i, o in enumerate(outs):
         o = np.asarray(o)
         if o.dtype.kind == "f" and np.isnan(o).any():
@@ -149,6 +150,10 @@ def _finite_reference(outs: Outputs, specs: list[dict]) -> None:
             name = specs[i]["name"] if i < len(specs) else str(i)
             raise BadInput(f"the fp32 model's output {name!r} is NaN on {bad} of {len(o) if o.ndim else 1} validation "
                            "inputs: check its weights, --mean/--std and the calibration data")
+        if o.dtype.kind == "f" and o.size and not np.isfinite(o).any():  # (one -inf, a log of 0, can be right)
+            name = specs[i]["name"] if i < len(specs) else str(i)
+            raise BadInput(f"the fp32 model's output {name!r} is infinite everywhere on every validation input: "
+                           "check its weights, --mean/--std and the calibration data")
 
 
 def perturb(x: np.ndarray, spec, sd: float = 0.01, seed: int = 0, rng: np.random.Generator | None = None

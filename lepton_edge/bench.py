@@ -82,6 +82,23 @@ def _child(args: tuple) -> dict:
         return measure(*args)
     except LeptonError as e:
         return {"model": args[0], "threads": args[1], "error": str(e)}
+    except Exception as e:  # whatever else the engine raises on someone's model: one row, one line
+        return {"model": args[0], "threads": args[1], "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                if str(e) else type(e).__name__}
+
+
+def _isolated(ctx, cfg: tuple) -> dict:
+    """One measurement in a fresh process. Why not a Pool: when the engine crashed the worker (a model
+    that makes LiteRT segfault), Pool.apply waited forever for a worker it had quietly replaced."""
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    with ProcessPoolExecutor(1, mp_context=ctx) as pool:
+        try:
+            return pool.submit(_child, cfg).result()
+        except BrokenProcessPool:
+            return {"model": cfg[0], "threads": cfg[1], "error": "the engine crashed on this model (its process "
+                    "died); a malformed or hostile model file"}
 
 
 def compare(models: list[str], threads: list[int | None], runs: int = 200, warmup: int = 20,
@@ -96,8 +113,7 @@ def compare(models: list[str], threads: list[int | None], runs: int = 200, warmu
     ctx = mp.get_context("spawn")
     for cfg in configs:
         if isolate:
-            with ctx.Pool(1) as pool:
-                rows.append(pool.apply(_child, (cfg,)))
+            rows.append(_isolated(ctx, cfg))
         else:
             rows.append(_child(cfg))
         if progress:

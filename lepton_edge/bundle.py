@@ -160,6 +160,7 @@ class TargetSpec(BaseModel):
     latency_budget_ms: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     execution_providers: list[Annotated[str, Field(max_length=128)]] | None = Field(default=None, max_length=16)
     delegates: list[Annotated[str, Field(max_length=256)]] | None = Field(default=None, max_length=16)
+    qdq_fusion: bool | None = Field(default=None, strict=True)  # exporters/kernels.py
 
 
 class Manifest(BaseModel):
@@ -183,6 +184,15 @@ class Manifest(BaseModel):
     validation: dict[str, Any] = Field(default_factory=dict)
     latency: dict[str, Any] = Field(default_factory=dict)
     toolchain: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("schema_version")
+    @classmethod
+    def _schema_version(cls, v: int) -> int:
+        """A manifest of a later schema may mean something this version would misread: refused, not guessed."""
+        if not 1 <= v <= SCHEMA_VERSION:
+            raise ValueError(f"schema_version {v}: this lepton-edge reads manifests of schema 1..{SCHEMA_VERSION} "
+                             "(a bundle made by a newer lepton-edge needs that version)")
+        return v
 
     @field_validator("target")
     @classmethod

@@ -299,8 +299,11 @@ def _print_report(rep: dict) -> None:
 
 def _plain_rows(t: Table):
     """add_row for cells shown as written: names and shapes come from the file, and a tensor named
-    'a[/]b' is text, not Rich markup (it raised MarkupError)."""
-    return lambda key, value: t.add_row(key, Text(str(value)))
+    'a[/]b' is text, not Rich markup (it raised MarkupError); control characters show as '?' (a producer
+    name of ESC[2J cleared the terminal, and a newline printed a line of the file's choosing)."""
+    from lepton_edge.ui import printable
+
+    return lambda key, value: t.add_row(key, Text(printable(value)))
 
 
 @app.command()
@@ -385,6 +388,9 @@ def run(
     show: bool | None = typer.Option(None, "--show/--no-show", help="Show a window (default: when a "
                                         "display exists)."),
     as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON on stdout."),
+    trusted_key: list[Path] | None = typer.Option(None, "--trusted-key", help="A public key (PEM, `lepton-edge "
+                                                  "keys new`): run the bundle only if one of these signed it "
+                                                  "(repeatable), as the agent's trusted_keys."),
 ):
     """Run a bundle on frames from a camera, video, stream or images; per-stage timing at the end."""
     from lepton_edge.capture import open_source
@@ -393,6 +399,7 @@ def run(
     if max_reconnects < 0:
         raise BadInput(f"--max-reconnects must be 0 or more, got {max_reconnects}")
     _interrupt_on_sigterm()  # from the start: a SIGTERM while a stream opens ended the process without a word
+    _check_signature(model, trusted_key)
     rt = _load_runtime(model, threads=threads, input_spec=input_spec, task=task, top_k=top_k, conf=conf, iou=iou,
                        delegate=delegate)
     src = open_source(source, decode_threads=capture_threads(rt), max_reconnects=max_reconnects or None)
@@ -410,6 +417,22 @@ def run(
         raise BadInput(f"{src.spec}: {failed}")
     if status["frames"] == 0:
         raise BadInput(f"no frame could be read or processed from {src.spec!r}")
+
+
+def _check_signature(model: str, trusted: list[Path] | None) -> None:
+    """With --trusted-key, the bundle must verify (lepton_edge.signing.verify) before anything of it runs.
+    Without, a signature is only mentioned: a tampered signed bundle ran without a word, as if checked."""
+    p = Path(model)
+    if trusted:
+        from lepton_edge import signing
+
+        if not p.is_dir():
+            raise BadInput(f"--trusted-key checks a bundle's signature; {model} is not a bundle directory")
+        kid = signing.verify(p, list(trusted))
+        log.info(f"bundle signed by trusted key {kid}")
+    elif p.is_dir() and (p / "signature").exists():
+        log.warning(f"{model}: its signature was not checked (give --trusted-key PUBLIC.pem to run it only when "
+                    "it verifies; the agent checks it with trusted_keys)")
 
 
 def _load_runtime(model: str, delegate: list[str] | None, **kw):

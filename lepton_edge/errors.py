@@ -33,6 +33,13 @@ class CheckFailed(LeptonError):
     exit_code = 1
 
 
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """An exception's first non-empty line, or its type's name: str(MemoryError()) is '', and
+    `str(e).splitlines()[0]` then raised IndexError inside the error handler."""
+    line = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+    return (line or type(e).__name__)[:limit]
+
+
 def closest(name: str, choices: list[str], n: int = 3) -> str:
     """A ' (did you mean: a, b?)' hint for unknown names, or ''."""
     near = difflib.get_close_matches(name, choices, n=n, cutoff=0.4)

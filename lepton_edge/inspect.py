@@ -10,7 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from lepton_edge.bundle import guess_layout
-from lepton_edge.errors import BadInput
+from lepton_edge.errors import BadInput, first_line
+from lepton_edge.paths import check_onnx_file
 
 _DTYPES = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64", 9: "bool", 10: "float16",
            11: "float64", 16: "bfloat16"}
@@ -49,6 +50,7 @@ def _precision(ops: Counter, weight_types: Counter) -> str:
 def inspect_onnx(path: Path) -> dict:
     if path.stat().st_size == 0:
         raise BadInput(f"{path}: empty file, not an ONNX model")
+    check_onnx_file(path)
     try:
         import onnx
     except ImportError:  # a device: only the [device] extra (onnxruntime), no onnx package
@@ -56,7 +58,7 @@ def inspect_onnx(path: Path) -> dict:
     try:
         m = onnx.load(str(path))
     except Exception as e:
-        raise BadInput(f"{path}: not a readable ONNX model ({str(e).splitlines()[0][:160]})") from None
+        raise BadInput(f"{path}: not a readable ONNX model ({first_line(e, 160)})") from None
     if not m.ir_version or not m.HasField("graph"):  # protobuf parses many byte strings as an empty model
         raise BadInput(f"{path}: not a readable ONNX model (no IR version or graph)")
     g = m.graph
@@ -413,15 +415,20 @@ def inspect_tflite(path: Path) -> dict:
     """Read the flatbuffer itself (works for custom ops the interpreter lacks), then ask LiteRT
     which nodes XNNPACK takes."""
     data, model, schema = _read_tflite(path)
-    names = _TfliteNames(model, schema)
-    sg = model.subgraphs[0]
-    ops = Counter(names.op(o) for o in sg.operators)
-    params, weight_types = _tflite_weights(model, sg, names)
-    inputs = [_tflite_tensor(sg.tensors[i], names) for i in sg.inputs]
+    try:  # the flatbuffer parsed, but nothing says its indices point anywhere: a bad one is one line
+        names = _TfliteNames(model, schema)
+        sg = model.subgraphs[0]
+        if any(not 0 <= i < len(sg.tensors) for i in [*sg.inputs, *sg.outputs]):
+            raise IndexError("an input or output names no tensor")
+        ops = Counter(names.op(o) for o in sg.operators or [])
+        params, weight_types = _tflite_weights(model, sg, names)
+        inputs = [_tflite_tensor(sg.tensors[i], names) for i in sg.inputs]
+        outputs = [_tflite_tensor(sg.tensors[i], names) for i in sg.outputs]
+    except (IndexError, TypeError, AttributeError, ValueError, UnicodeDecodeError) as e:
+        raise BadInput(f"{path}: not a usable TFLite model ({type(e).__name__}: {str(e)[:120]})") from None
     return {"file": str(path), "format": "tflite", "bytes": len(data), "producer": "", "opset": None,
-            "inputs": inputs, "constant_inputs": [],
-            "outputs": [_tflite_tensor(sg.tensors[i], names) for i in sg.outputs],
-            "nodes": len(sg.operators), "ops": dict(ops.most_common()),
+            "inputs": inputs, "constant_inputs": [], "outputs": outputs,
+            "nodes": len(sg.operators or []), "ops": dict(ops.most_common()),
             "custom_ops": sorted(k[8:] for k in ops if k.startswith("custom::")),
             "parameters": params, "precision": _tflite_precision(inputs, weight_types, params),
             "subgraphs": len(model.subgraphs), "xnnpack": _xnnpack(path)}
@@ -429,7 +436,9 @@ def inspect_tflite(path: Path) -> dict:
 
 def _read_tflite(path: Path):
     """(bytes, the flatbuffer as objects, the schema module); one BadInput line for anything else."""
-    data = path.read_bytes()
+    from lepton_edge.runtime.litert_loader import read_model_bytes
+
+    data = read_model_bytes(path)
     if len(data) < 8 or data[4:8] != b"TFL3":
         raise BadInput(f"{path}: not a TFLite model (no TFL3 identifier; truncated or another format)")
     try:
@@ -437,6 +446,8 @@ def _read_tflite(path: Path):
         from ai_edge_litert.tools import flatbuffer_utils
 
         model = flatbuffer_utils.convert_bytearray_to_object(bytearray(data))
+    except BadInput:
+        raise
     except ImportError:
         raise BadInput("inspecting .tflite needs ai-edge-litert (pip install ai-edge-litert)") from None
     except Exception as e:
@@ -473,7 +484,8 @@ def _tflite_tensor(t, names: _TfliteNames) -> dict:
            "layout": guess_layout(shape)}
     q = t.quantization
     if q is not None and q.scale is not None and len(q.scale):
-        out["quantization"] = {"scale": float(q.scale[0]), "zero_point": int(q.zeroPoint[0])}
+        zp = q.zeroPoint if q.zeroPoint is not None and len(q.zeroPoint) else [0]  # (optional in the schema)
+        out["quantization"] = {"scale": float(q.scale[0]), "zero_point": int(zp[0])}
     return out
 
 

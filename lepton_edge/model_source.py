@@ -15,7 +15,8 @@ from typing import Any, ClassVar
 from pydantic import ValidationError
 
 from lepton_edge.bundle import DTYPES, InputSpec, first_error, guess_layout
-from lepton_edge.errors import BadInput
+from lepton_edge.errors import BadInput, first_line
+from lepton_edge.paths import check_onnx_file
 from lepton_edge.plugins import Registry
 
 
@@ -48,6 +49,9 @@ def parse_shape(text: str) -> list[int]:
 
 def default_spec(shape: list, name: str = "input", layout: str | None = None, color: str | None = None,
                  mean: list[float] | None = None, std: list[float] | None = None) -> InputSpec:
+    if len(shape) < 2:  # a scalar or a vector: no channel dimension a frame could fill
+        raise BadInput(f"input {name!r} has shape {list(shape)}: not an image (want a batch, channels and "
+                       "height/width, e.g. [1,3,224,224]); give --input-shape if its dimensions are not fixed")
     layout = layout or (guess_layout(shape) or "NCHW")
     c = shape[1] if layout == "NCHW" else shape[-1]
     color = color or ("GRAY" if c == 1 else "RGB")
@@ -151,11 +155,12 @@ def _load_onnx(path: Path, input_shape: list[int] | None, hw: tuple[int, int],
     import onnx
 
     _need_file(path, "model file")
+    check_onnx_file(path)
     try:
         m = onnx.load(str(path))
         onnx.checker.check_model(m)
     except Exception as e:
-        raise BadInput(f"{path}: not a readable ONNX model ({str(e).splitlines()[0][:300]})") from None
+        raise BadInput(f"{path}: not a readable ONNX model ({first_line(e, 300)})") from None
     _no_custom_ops(path, m)
     _drop_defaults(m, set(input_values or {}))
     inits = {i.name for i in m.graph.initializer}

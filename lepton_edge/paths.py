@@ -82,3 +82,20 @@ def write_replacing(path, data: bytes, mode: int = 0o644) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+MAX_ONNX_BYTES = 2 << 30  # a protobuf message's limit: larger weights live in external data files
+
+
+def check_onnx_file(path: Path) -> None:
+    """What can be known of an .onnx file before parsing it, which reads it whole: its size within a
+    protobuf's 2 GiB, and a first byte that can start one (a field tag, never 0). Why: a 4 GB sparse file
+    named .onnx was read whole by `inspect` and `export` (4.25 GB, a MemoryError traceback under a limit)."""
+    size = path.stat().st_size
+    if size > MAX_ONNX_BYTES:
+        raise BadInput(f"{path}: {size:,} bytes, over the {MAX_ONNX_BYTES:,} an ONNX file can be (larger models "
+                       "keep their weights in external data files)")
+    with open(path, "rb") as f:
+        head = f.read(1)
+    if head == b"\0":
+        raise BadInput(f"{path}: not a readable ONNX model (it starts with a zero byte)")

@@ -6,6 +6,7 @@ Why `run` is one call: `Runtime.predict` must cost no more than a bare `Inferenc
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -41,6 +42,10 @@ class OnnxOptions(BackendOptions):
     # every convolution ran behind a weight dequantization at each frame, 2x fp32's time; folded at load
     # it is fp32's speed, the same outputs, and the file stays int8 (exporters/kernels.py).
     qdq_fusion: bool = Field(True, strict=True)
+    # one run's time limit: past it onnxruntime stops the run (RunOptions.terminate) and it fails with one
+    # line. Why: a Loop whose trip count is 2^62 ran forever, deaf to Ctrl-C (the run never returns to
+    # Python), and a model that never finishes held the agent's pipeline and a core for good.
+    max_run_s: float = Field(120.0, gt=0, le=86400, allow_inf_nan=False)
 
 
 class OnnxBackend(Backend):
@@ -78,9 +83,21 @@ class OnnxBackend(Backend):
             raise BadInput(f"{path}: the model has no inputs; this runtime feeds it camera frames")
         self._feed = self.inputs[0].name
         self._run = self.session.run
+        self._watch = _Watchdog(self, options.max_run_s)
 
     def run(self, x: np.ndarray) -> list[np.ndarray]:
-        return self._run(None, {self._feed: x})
+        w = self._watch
+        w.started = time.monotonic()
+        try:
+            return self._run(None, {self._feed: x}, w.options)
+        except Exception:
+            if w.options.terminate:
+                w.renew()
+                raise BadInput(f"one run of the model took over {w.limit:g} s and was stopped (a loop that does not "
+                               "end, or far too much work for this machine)") from None
+            raise
+        finally:
+            w.started = None
 
     def describe(self) -> dict:
         import onnxruntime as ort
@@ -88,3 +105,37 @@ class OnnxBackend(Backend):
         return {"backend": "onnxruntime", "version": ort.__version__, "providers": self.session.get_providers(),
                 "threads": self.threads, "cpu_count": os.cpu_count(),
                 **({} if self.qdq_fusion else {"qdq_fusion": False})}
+
+
+class _Watchdog:
+    """One thread per backend that stops a run past `limit` seconds: a run costs two attribute writes
+    (a timer per run cost a thread start, more than a small model's whole run). The thread ends with
+    its backend (a weak reference)."""
+
+    def __init__(self, backend: OnnxBackend, limit: float):
+        import threading
+        import weakref
+
+        import onnxruntime as ort
+
+        self._ort, self.limit = ort, limit
+        self.started: float | None = None
+        self.options = self._fresh()
+        ref = weakref.ref(backend)
+        threading.Thread(target=self._watch, args=(ref,), name="onnx-watchdog", daemon=True).start()
+
+    def _fresh(self):
+        ro = self._ort.RunOptions()
+        ro.log_severity_level = 4  # the stop is reported by the run's caller, once
+        return ro
+
+    def renew(self) -> None:
+        self.options = self._fresh()
+
+    def _watch(self, ref) -> None:
+        step = min(1.0, self.limit / 4)
+        while ref() is not None:
+            time.sleep(step)
+            started = self.started
+            if started is not None and time.monotonic() - started > self.limit:
+                self.options.terminate = True

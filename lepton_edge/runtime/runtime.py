@@ -80,6 +80,11 @@ def _label_mismatch(rt) -> list[str]:
     return [f"{rt.name}: {len(rt.labels)} labels for {n} classes; classes past the labels show their index"]
 
 
+def _positive_f32(v: float) -> bool:
+    """v > 0 and still a finite number above 0 as a float32."""
+    return math.isfinite(v) and v > 0 and 0 < float(np.float32(v)) < float("inf")
+
+
 def check_normalisation(spec: InputSpec, where) -> None:
     """mean/std of one value or one per channel, finite, std and scale not 0; the quantization of an
     integer input a finite positive scale and a whole zero point, none on a float input. Why: ImageNet's
@@ -93,8 +98,10 @@ def check_normalisation(spec: InputSpec, where) -> None:
         if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in vals) or \
                 (key == "std" and any(v == 0 for v in vals)):
             raise BadInput(f"{where}: {key} {vals} must be finite numbers" + (", none 0" if key == "std" else ""))
-    if not (isinstance(spec.scale, (int, float)) and math.isfinite(spec.scale) and spec.scale != 0):
-        raise BadInput(f"{where}: scale {spec.scale!r} must be a finite number other than 0")
+    if not (isinstance(spec.scale, (int, float)) and _positive_f32(spec.scale)):
+        # (a float32 one: frames are scaled in float32, where 1e-300 is 0; a negative scale inverts every
+        # pixel: both made every frame's result the same, without a word)
+        raise BadInput(f"{where}: scale {spec.scale!r} must be a number above 0 (and within float32's range)")
     q = spec.quantization
     if q is None:
         return
@@ -102,8 +109,8 @@ def check_normalisation(spec: InputSpec, where) -> None:
         raise BadInput(f"{where}: input quantization {q!r} given for a {spec.dtype} input (only integer inputs "
                        "are quantized)")
     s, z = q.get("scale") if isinstance(q, dict) else None, q.get("zero_point") if isinstance(q, dict) else None
-    if not (isinstance(s, (int, float)) and math.isfinite(s) and s > 0 and isinstance(z, (int, float))
-            and math.isfinite(z) and float(z).is_integer()):
+    if not (isinstance(s, (int, float)) and _positive_f32(s) and isinstance(z, (int, float))
+            and math.isfinite(z) and float(z).is_integer() and abs(z) <= 2 ** 31):
         raise BadInput(f"{where}: input quantization {str(q)[:100]} must be {{'scale': a positive number, "
                        "'zero_point': a whole number}")
 
@@ -128,6 +135,35 @@ def check_against_engine(spec: InputSpec, engine_inputs: list, where: str) -> No
                        f"{list(eng.shape)} (input {eng.name!r})")
     if str(spec.dtype) != str(eng.dtype):
         raise BadInput(f"{where}: the manifest's input dtype {spec.dtype} does not match the model's {eng.dtype}")
+    mq, eq = spec.quantization, getattr(eng, "quantization", None)
+    if isinstance(mq, dict) and eq and not _same_quantization(mq, eq):
+        # frames are quantized with the manifest's figures: other than the model's, every result was wrong
+        # (a scale of 1e300 made every frame the same input), and nothing said so
+        raise BadInput(f"{where}: the manifest's input quantization {str(mq)[:100]} does not match the model's "
+                       f"{eq} (input {eng.name!r})")
+
+
+def _same_quantization(a: dict, b: dict) -> bool:
+    try:
+        sa, sb, za, zb = float(a["scale"]), float(b["scale"]), float(a["zero_point"]), float(b["zero_point"])
+    except (KeyError, TypeError, ValueError):
+        return False
+    return za == zb and math.isfinite(sa) and abs(sa - sb) <= 1e-6 * max(abs(sb), 1e-30)
+
+
+def check_outputs(claimed: list, engine_outputs: list, where: str) -> None:
+    """The manifest's outputs must be the model's: as many, and every static dimension equal where both
+    say one. Why: a hand-edited (or mismatched) manifest's outputs were never compared, and a model with
+    no outputs at all ran, giving an empty result for every frame."""
+    if not engine_outputs:
+        raise BadInput(f"{where}: the model has no outputs")
+    if len(claimed) != len(engine_outputs):
+        raise BadInput(f"{where}: the manifest lists {len(claimed)} output(s), the model has {len(engine_outputs)}")
+    for c, e in zip(claimed, engine_outputs):
+        cs, es = list(c.shape), list(e.shape)
+        if len(cs) == len(es) and any(isinstance(a, int) and isinstance(b, int) and a != b for a, b in zip(cs, es)):
+            raise BadInput(f"{where}: the manifest's output shape {cs} does not match the model's {es} "
+                           f"(output {e.name!r})")
 
 
 @dataclass
@@ -222,6 +258,7 @@ class Runtime:
                                   providers=providers or m.target.get("execution_providers"), delegates=libs,
                                   qdq_fusion=m.target.get("qdq_fusion"))  # (a backend without it ignores it)
             check_against_engine(spec, backend.inputs, str(bundle.path))
+            check_outputs(m.outputs, backend.outputs, str(bundle.path))
             rt = cls(backend, spec, task or m.task, labels or bundle.labels, bundle, bundle.path, **post_options)
         elif p.is_file():
             libs = list((delegates or {}).values())
@@ -235,7 +272,8 @@ class Runtime:
             rt = cls(backend, spec, task or meta.get("task") or guess_task(backend, labels), labels, None, p,
                      **post_options)
         else:
-            raise BadInput(f"not found: {p}")
+            raise BadInput(f"{p}: not a regular file (a bundle is a directory, a model a file)" if p.exists()
+                           else f"not found: {p}")
         rt.warnings = warnings + _label_mismatch(rt)
         if any(not isinstance(d, int) for d in backend.inputs[0].shape):
             backend.resize_input(rt._engine_shape)

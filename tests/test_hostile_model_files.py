@@ -1,0 +1,182 @@
+"""Model files and manifests built to break the runtime, each one line (exit 2) before any frame:
+TFLite quantization that crashed LiteRT's allocator (SIGSEGV, the process gone), a file whose shared
+FlatBuffer offsets unpack into millions of objects, a sparse gigabyte named .tflite, and manifests whose
+claims (schema, input scale and quantization, outputs) disagree with the model or with arithmetic."""
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from lepton_edge.bundle import InputSpec, Manifest, OutputSpec, write_manifest
+from test_plain_model_inputs import _mean_tflite
+
+
+def _frames(tmp_path):
+    d = tmp_path / "frames"
+    d.mkdir(parents=True)
+    for i in range(2):
+        cv2.imwrite(str(d / f"{i}.png"), np.full((8, 8, 3), 40 * i, np.uint8))
+    return d
+
+
+def _one_line(r, *words):
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-1500:]
+    assert all(w in r.stderr for w in words), r.stderr[-1500:]
+
+
+@pytest.mark.parametrize("scale", [0.0, float("nan"), float("inf"), -1.0])
+def test_a_quantized_input_whose_scale_is_not_positive_is_refused_before_litert_allocates(tmp_path, scale):
+    """LiteRT's allocate_tensors segfaulted on these: `run` and `bench` died with no message (and
+    `bench` then waited forever for its worker)."""
+    m = tmp_path / "m.tflite"
+    _mean_tflite(m, "uint8", (scale, 0))
+    _one_line(run_cli("run", str(m), "--source", str(_frames(tmp_path)), "--no-show"), "quantization scale")
+    _one_line(run_cli("bench", str(m), "--runs", "2", "--warmup", "1", timeout=60), "quantization scale")
+
+
+def test_a_tflite_model_without_outputs_or_inputs_is_one_line(tmp_path):
+    from ai_edge_litert.tools import flatbuffer_utils as fu
+
+    m = tmp_path / "m.tflite"
+    _mean_tflite(m, "uint8", (1 / 128, 128))
+    for what in ("outputs", "inputs"):
+        model = fu.read_model(str(m))
+        setattr(model.subgraphs[0], what, [])
+        bad = tmp_path / f"no-{what}.tflite"
+        fu.write_model(model, str(bad))
+        _one_line(run_cli("run", str(bad), "--source", str(_frames(tmp_path / what)), "--no-show"),
+                  f"has no {what}")
+
+
+def _shared_offsets(path, k: int) -> None:
+    """A FlatBuffer model whose subgraphs vector lists one subgraph k times, and that subgraph one
+    tensor k times: a few KB that unpack into k*k objects."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as s
+
+    b = flatbuffers.Builder(1024)
+    name = b.CreateString("t")
+    s.TensorStartShapeVector(b, 4)
+    for d in (3, 1, 1, 1):
+        b.PrependInt32(d)
+    shape = b.EndVector()
+    s.TensorStart(b)
+    s.TensorAddShape(b, shape)
+    s.TensorAddName(b, name)
+    t = s.TensorEnd(b)
+    s.SubGraphStartTensorsVector(b, k)
+    for _ in range(k):
+        b.PrependUOffsetTRelative(t)
+    tensors = b.EndVector()
+    s.SubGraphStartInputsVector(b, 1)
+    b.PrependInt32(0)
+    ins = b.EndVector()
+    s.SubGraphStartOutputsVector(b, 1)
+    b.PrependInt32(0)
+    outs = b.EndVector()
+    s.SubGraphStart(b)
+    s.SubGraphAddTensors(b, tensors)
+    s.SubGraphAddInputs(b, ins)
+    s.SubGraphAddOutputs(b, outs)
+    sg = s.SubGraphEnd(b)
+    s.ModelStartSubgraphsVector(b, k)
+    for _ in range(k):
+        b.PrependUOffsetTRelative(sg)
+    sgs = b.EndVector()
+    s.ModelStart(b)
+    s.ModelAddVersion(b, 3)
+    s.ModelAddSubgraphs(b, sgs)
+    b.Finish(s.ModelEnd(b), file_identifier=b"TFL3")
+    path.write_bytes(bytes(b.Output()))
+
+
+def test_shared_offsets_and_sparse_files_are_refused_before_they_are_unpacked_or_read(tmp_path):
+    amp = tmp_path / "amp.tflite"
+    _shared_offsets(amp, 1000)  # ~8 KB: a million tensors once unpacked (24 s and 860 MB under inspect)
+    assert amp.stat().st_size < 20_000
+    for verb in (("inspect", str(amp)), ("run", str(amp), "--source", str(_frames(tmp_path)), "--no-show")):
+        _one_line(run_cli(*verb, timeout=60), "over 200,000 tensors and operators")
+    sparse = tmp_path / "sparse.tflite"
+    with open(sparse, "wb") as f:  # the identifier, then a gigabyte of nothing (a hole: no disk used)
+        f.write(b"\0\0\0\0TFL3")
+        f.truncate(1 << 30)
+    for verb in (("inspect", str(sparse)), ("run", str(sparse), "--source", str(tmp_path / "frames"), "--no-show")):
+        _one_line(run_cli(*verb, timeout=60), "no subgraph")
+
+
+def _bundle(d, *, quant=(1 / 128, 128), **changes):
+    """A hand-made bundle around _mean_tflite's uint8 model, with the manifest fields `changes` set."""
+    d.mkdir()
+    _mean_tflite(d / "model.tflite", "uint8", quant)
+    fields = dict(name="mean", created="2026-01-01", target={"id": "rpi4", "threads": 1}, format="tflite",
+                  precision="int8", model_file="model.tflite", task="raw",
+                  inputs=[InputSpec(name="x", shape=[1, 8, 8, 3], color="RGB", layout="NHWC", dtype="uint8",
+                                    quantization={"scale": quant[0], "zero_point": quant[1]})],
+                  outputs=[OutputSpec(name="y", shape=[1, 3])])
+    fields.update(changes)
+    write_manifest(d, Manifest(**fields))
+    return d
+
+
+def test_manifest_claims_that_disagree_with_the_model_or_arithmetic_are_one_line(tmp_path):
+    frames = _frames(tmp_path)
+    good = _bundle(tmp_path / "good")
+    r = run_cli("run", str(good), "--source", str(frames), "--no-show", "--json")
+    assert r.returncode == 0, r.stderr[-1500:]
+
+    def edited(name, edit):
+        b = _bundle(tmp_path / name)
+        man = json.loads((b / "manifest.json").read_text())
+        edit(man)
+        (b / "manifest.json").write_text(json.dumps(man))  # (manifest.json is not among its own checksummed files)
+        return run_cli("run", str(b), "--source", str(frames), "--no-show")
+
+    _one_line(edited("schema", lambda m: m.update(schema_version=99)), "schema_version 99")
+    for name, q in [("q-scale", {"scale": 1e300, "zero_point": 128}), ("q-zero", {"scale": 1 / 128, "zero_point": 5})]:
+        _one_line(edited(name, lambda m, q=q: m["inputs"][0].update(quantization=q)), "does not match the model's")
+    for name, scale in [("tiny", 1e-300), ("negative", -0.0039)]:
+        _one_line(edited(name, lambda m, s=scale: m["inputs"][0].update(scale=s)), "must be a number above 0")
+    _one_line(edited("outputs-n", lambda m: m["outputs"].append({"name": "z", "shape": [1, 3]})),
+              "lists 2 output(s), the model has 1")
+    _one_line(edited("outputs-shape", lambda m: m["outputs"][0].update(shape=[1, 1000])),
+              "output shape [1, 1000] does not match the model's [1, 3]")
+    _one_line(edited("fusion", lambda m: m["target"].update(qdq_fusion="off")), "qdq_fusion")
+
+
+def test_bench_reports_a_worker_the_engine_killed_instead_of_waiting_for_it(monkeypatch):
+    """Pool.apply waited forever when a model crashed LiteRT inside the worker (it quietly started a
+    new one); the row now says the engine crashed. (fork: the child keeps this test's stand-in crash.)"""
+    import multiprocessing as mp
+    import os
+
+    from lepton_edge import bench
+
+    monkeypatch.setattr(bench, "measure", lambda *a: os._exit(139))
+    row = bench._isolated(mp.get_context("fork"), ("m.tflite", 1, 2, 1, None, None))
+    assert row["model"] == "m.tflite" and "the engine crashed on this model" in row["error"]
+    monkeypatch.setattr(bench, "measure", lambda *a: {}["no such key"])
+    row = bench._isolated(mp.get_context("fork"), ("m.tflite", 1, 2, 1, None, None))
+    assert row["error"].startswith("KeyError")  # any other failure: one row, one line, no traceback
+
+
+def test_run_checks_a_signature_against_trusted_keys_and_says_when_it_did_not(tmp_path):
+    """A signed bundle changed after signing (files re-checksummed) ran without a word: `run` has no
+    key unless given one. Now --trusted-key refuses it, and without one the unchecked signature is said."""
+    from lepton_edge import signing
+
+    frames = _frames(tmp_path)
+    b = _bundle(tmp_path / "b")
+    private, public = signing.new_keys(tmp_path / "keys")
+    signing.sign(b, private)
+    r = run_cli("run", str(b), "--source", str(frames), "--no-show", "--trusted-key", str(public))
+    assert r.returncode == 0 and "signed by trusted key" in r.stderr, r.stderr[-1500:]
+    man = Manifest.model_validate_json((b / "manifest.json").read_text())
+    write_manifest(b, man.model_copy(update={"name": "evil"}))  # checksums right, signature now wrong
+    _one_line(run_cli("run", str(b), "--source", str(frames), "--no-show", "--trusted-key", str(public)),
+              "bad signature")
+    r = run_cli("run", str(b), "--source", str(frames), "--no-show")
+    assert r.returncode == 0 and "its signature was not checked" in r.stderr, r.stderr[-1500:]

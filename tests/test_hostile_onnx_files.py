@@ -1,0 +1,114 @@
+"""ONNX files built to break `export`, `inspect` and the runtime, each one line (exit 2), never a
+traceback, a hang or the whole file in memory: a Loop that never ends, models onnxruntime loads but
+cannot run on the export's inputs, inputs that are not images, a sparse file named .onnx, and names
+that carry terminal escapes."""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto as T, helper as h, numpy_helper as nh
+
+from conftest import run_cli
+from lepton_edge.errors import BadInput
+from lepton_edge.runtime.onnx import OnnxBackend
+
+X = h.make_tensor_value_info("x", T.FLOAT, [1, 3, 32, 32])
+
+
+def _v(name, shape, elem=T.FLOAT):
+    return h.make_tensor_value_info(name, elem, shape)
+
+
+def _save(path, nodes, ins, outs, inits=(), opset=13, **model_fields):
+    m = h.make_model(h.make_graph(nodes, "g", ins, outs, list(inits)), opset_imports=[h.make_opsetid("", opset)],
+                     ir_version=8)
+    for k, v in model_fields.items():
+        setattr(m, k, v)
+    onnx.save(m, str(path))
+    return path
+
+
+def _conv(x="x"):
+    w = nh.from_array(np.random.default_rng(0).standard_normal((8, 3, 3, 3)).astype(np.float32), "W")
+    return h.make_node("Conv", [x, "W"], ["y"], pads=[1, 1, 1, 1]), w
+
+
+def _endless_loop(path):
+    conv, w = _conv()
+    body = h.make_graph([h.make_node("Identity", ["c_in"], ["c_out"]), h.make_node("Identity", ["v_in"], ["v_out"])],
+                        "body", [_v("i", [], T.INT64), _v("c_in", [], T.BOOL), _v("v_in", [1, 8, 32, 32])],
+                        [_v("c_out", [], T.BOOL), _v("v_out", [1, 8, 32, 32])])
+    inits = [w, nh.from_array(np.array(True), "cond"), nh.from_array(np.array(2 ** 62, np.int64), "M")]
+    return _save(path, [conv, h.make_node("Loop", ["M", "cond", "y"], ["z"], body=body)], [X],
+                 [_v("z", [1, 8, 32, 32])], inits)
+
+
+def test_a_run_that_never_ends_is_stopped_at_its_time_limit(tmp_path):
+    """A Loop of 2^62 iterations ran forever (deaf to Ctrl-C, its memory growing with a scan output);
+    onnxruntime stops it at the backend's per-run limit, and the next run still works."""
+    b = OnnxBackend.open(_endless_loop(tmp_path / "loop.onnx"), max_run_s=1.0)
+    t0 = time.monotonic()
+    with pytest.raises(BadInput, match="took over 1 s and was stopped"):
+        b.run(np.zeros((1, 3, 32, 32), np.float32))
+    assert time.monotonic() - t0 < 30
+    conv, w = _conv()
+    ok = OnnxBackend.open(_save(tmp_path / "conv.onnx", [conv], [X], [_v("y", [1, 8, 32, 32])], [w]), max_run_s=1.0)
+    assert ok.run(np.zeros((1, 3, 32, 32), np.float32))[0].shape == (1, 8, 32, 32)
+
+
+def _one_line(r, *words):
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-1500:]
+    assert all(w in r.stderr for w in words), r.stderr[-1500:]
+
+
+def test_models_the_engine_cannot_run_on_the_exports_inputs_are_one_line(tmp_path):
+    """onnxruntime loads each, then fails at the first fp32 run: that was a Rich traceback."""
+    cases = {
+        "uint8-input": ([h.make_node("Cast", ["x"], ["y"], to=T.FLOAT)], [_v("x", [1, 3, 32, 32], T.UINT8)],
+                        [_v("y", [1, 3, 32, 32])], [], "cannot run the model"),
+        "zero-dim": ([h.make_node("Neg", ["x"], ["y"])], [_v("x", [1, 3, 0, 32])], [_v("y", [1, 3, 0, 32])], [],
+                     ""),
+        "no-outputs": ([_conv()[0]], [X], [], [_conv()[1]], ""),
+        "infinite": ([h.make_node("Add", ["x", "inf"], ["y"])], [X], [_v("y", [1, 3, 32, 32])],
+                     [nh.from_array(np.array(np.inf, np.float32), "inf")], "infinite everywhere"),
+    }
+    for name, (nodes, ins, outs, inits, words) in cases.items():
+        m = _save(tmp_path / f"{name}.onnx", nodes, ins, outs, inits)
+        r = run_cli("export", str(m), "--precision", "fp32", "--target", "x86-cpu", "--out", str(tmp_path / name))
+        _one_line(r, words)
+
+
+def test_inputs_that_are_not_images_and_files_that_are_not_models_are_one_line(tmp_path):
+    scalar = _save(tmp_path / "scalar.onnx", [h.make_node("Neg", ["x"], ["y"])], [_v("x", [])], [_v("y", [])])
+    vector = _save(tmp_path / "vector.onnx", [h.make_node("Neg", ["x"], ["y"])], [_v("x", [5])], [_v("y", [5])])
+    for m in (scalar, vector):
+        _one_line(run_cli("export", str(m), "--precision", "fp32", "--out", str(tmp_path / "o")), "not an image")
+    sparse = tmp_path / "sparse.onnx"
+    with open(sparse, "wb") as f:
+        f.truncate(3 << 30)  # a hole of 3 GB: read whole by onnx.load before
+    for verb in (("inspect", str(sparse)), ("export", str(sparse), "--precision", "fp32", "--out", str(tmp_path))):
+        _one_line(run_cli(*verb, timeout=60), "over the 2,147,483,648 an ONNX file can be")
+    fifo = tmp_path / "fifo.onnx"
+    os.mkfifo(fifo)
+    _one_line(run_cli("run", str(fifo), "--source", str(tmp_path), "--no-show", timeout=30), "not a regular file")
+    zeros = tmp_path / "zeros.onnx"
+    zeros.write_bytes(bytes(4096))
+    _one_line(run_cli("inspect", str(zeros)), "starts with a zero byte")
+
+
+def test_inspect_shows_escapes_in_a_models_names_as_text(tmp_path):
+    """A producer name of ESC[2J cleared the operator's terminal, and a newline printed a line of the
+    file's choosing ('error: fake')."""
+    evil = "[/bold]\x1b[31mx\nerror: fake"
+    conv, w = _conv(evil)
+    m = _save(tmp_path / "names.onnx", [conv], [_v(evil, [1, 3, 32, 32])], [_v("y", [1, 8, 32, 32])], [w],
+              producer_name="evil\nerror: fake\x1b[2J")
+    r = run_cli("inspect", str(m))
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert "\x1b[2J" not in r.stdout and "\x1b[31m" not in r.stdout
+    assert not any(line.startswith("error: fake") for line in r.stdout.splitlines())
+    assert "[/bold]?[31mx?error: fake" in r.stdout.replace("\n", "")
