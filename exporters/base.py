@@ -96,7 +96,7 @@ def _steps(ctx: ExportContext, model: Any, example_input: Any) -> ExportResult:
     chosen = ctx.workdir / f"model{exporter.suffix}"
     if precision == "int8":
         comp, pred, ram = _int8(ctx, exporter, fp32, chosen, validate, recipes)
-        comp, pred = kernels.choose(ctx, exporter, chosen, comp, pred, validate)
+        comp, pred, ram = kernels.choose(ctx, exporter, chosen, comp, pred, ram, validate)
     else:
         comp, pred, ram = _float(ctx, exporter, fp32, chosen, precision, validate)
     size = _record_sizes(ctx, chosen, fp32)

@@ -38,6 +38,11 @@ REGISTRY: Registry[type[Exporter]] = Registry(ENTRY_POINT_GROUP, "exporter", {
 })
 
 
+# one engine run's time limit during an export (a validation batch of up to 64 inputs): past it the run is
+# stopped with one line (lepton_edge/runtime/onnx.py), as an endless Loop otherwise ran forever
+EXPORT_RUN_S = 600.0
+
+
 class Exporter(abc.ABC):
     """One output format. A concrete subclass sets `format` (its registry key and the bundle's
     `format`), `suffix`, `precisions`, and implements the steps below; each gets the export's
@@ -97,7 +102,8 @@ class Exporter(abc.ABC):
         from lepton_edge.runtime.preprocess import quantize
 
         try:
-            be = backend_for(self.format).open(path, threads=max(1, min(threads, os.cpu_count() or 1)), **settings)
+            be = backend_for(self.format).open(path, threads=max(1, min(threads, os.cpu_count() or 1)),
+                                               **{"max_run_s": EXPORT_RUN_S, **settings})
         except BadInput as e:
             raise CheckFailed(f"the {self.format} runtime cannot load the exported model: {e}") from None
         info = be.inputs[0]

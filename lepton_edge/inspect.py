@@ -56,7 +56,7 @@ def inspect_onnx(path: Path) -> dict:
     except ImportError:  # a device: only the [device] extra (onnxruntime), no onnx package
         return inspect_onnx_wire(path)
     try:
-        m = onnx.load(str(path))
+        m = onnx.load(str(path), load_external_data=False)  # (weights beside it are not read: sizes suffice)
     except Exception as e:
         raise BadInput(f"{path}: not a readable ONNX model ({first_line(e, 160)})") from None
     if not m.ir_version or not m.HasField("graph"):  # protobuf parses many byte strings as an empty model
@@ -101,6 +101,8 @@ def _onnx_array(t):
     n = 1
     for d in t.dims:
         n *= d
+    if t.data_location == t.EXTERNAL:  # in a file beside the model, not read (a sparse 4 GB one was, whole)
+        return None
     return numpy_helper.to_array(t) if n <= MAX_SHOWN_VALUES else None
 
 

@@ -78,6 +78,49 @@ def _typed(spec: InputSpec, elem_type: int) -> InputSpec:
     return spec.model_copy(update={"dtype": dtype, **({"scale": 1.0} if dtype in ("uint8", "int8") else {})})
 
 
+def _external_data_fits(path: Path) -> None:
+    """The weights an .onnx keeps in files beside it, added up before onnx.load reads them all: over the
+    memory this machine has available they are one line. Why: a 200-byte .onnx naming a 4 GB (sparse)
+    weights file beside it was read whole. (Where those files may be, onnx.load checks: inside the
+    model's folder.)"""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    from lepton_edge.compress.calibration import available_bytes
+
+    try:
+        m = onnx.load(str(path), load_external_data=False)
+    except Exception as e:
+        raise BadInput(f"{path}: not a readable ONNX model ({first_line(e, 300)})") from None
+    total, files = 0, {}
+    for t in _tensors(m.graph):
+        if not uses_external_data(t):
+            continue
+        info = ExternalDataInfo(t)
+        f = path.parent / info.location
+        try:
+            files.setdefault(info.location, f.stat().st_size if f.is_file() else 0)
+        except OSError:
+            continue  # (onnx.load says what is wrong with it)
+        total += int(info.length) if info.length else files[info.location]
+    avail = available_bytes()
+    if avail is not None and total > avail:
+        raise BadInput(f"{path}: its external weights are {total:,} bytes, more than this machine has available "
+                       f"({avail:,})")
+
+
+def _tensors(g):
+    """Every tensor of graph `g` and its subgraphs: initializers and node attributes (Constant's value)."""
+    yield from g.initializer
+    for n in g.node:
+        for a in n.attribute:
+            if a.HasField("t"):
+                yield a.t
+            yield from a.tensors
+            for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                yield from _tensors(sub)
+
+
 def _need_file(path: Path, what: str) -> None:
     if not path.exists():
         raise BadInput(f"{what} not found: {path}")
@@ -156,6 +199,7 @@ def _load_onnx(path: Path, input_shape: list[int] | None, hw: tuple[int, int],
 
     _need_file(path, "model file")
     check_onnx_file(path)
+    _external_data_fits(path)
     try:
         m = onnx.load(str(path))
         onnx.checker.check_model(m)

@@ -254,7 +254,7 @@ def _open_stream(port: int, source: str):
 def test_idle_streams_of_one_host_never_lock_another_host_out(tmp_path, monkeypatch):
     """One host holding every live stream (idle sockets that never read) used to make every other page's
     stream a 503; now the newcomer displaces the heaviest holder's oldest stream, and a host only ever
-    displaces its own once it holds the most."""
+    displaces its own once it holds the most (and only streams past MIN_STREAM_AGE_S: no reconnect loop)."""
     import lepton_edge.fleet.web.app as web
 
     monkeypatch.setattr(web, "MAX_STREAMS", 4)
@@ -278,7 +278,12 @@ def test_idle_streams_of_one_host_never_lock_another_host_out(tmp_path, monkeypa
                 break
         else:
             raise AssertionError("the hog's oldest stream stayed open")
-        # the hog reconnects: it holds the most, so it displaces its own oldest, never the page's stream
+        # the hog reconnects: it holds the most, so only its own streams are at stake: younger than
+        # MIN_STREAM_AGE_S they stay and it is told to retry later; older, its oldest is displaced
+        s, head = _open_stream(server.port, "127.0.0.2")
+        socks.append(s)
+        assert head.startswith(b"HTTP/1.1 503") and b"retry-after: 30" in head.lower(), head
+        monkeypatch.setattr(web, "MIN_STREAM_AGE_S", 0.0)
         for _ in range(3):
             s, head = _open_stream(server.port, "127.0.0.2")
             assert head.startswith(b"HTTP/1.1 200"), head
@@ -300,3 +305,14 @@ def test_idle_streams_of_one_host_never_lock_another_host_out(tmp_path, monkeypa
             s.close()
         server.stop()
         store.close()
+
+
+def test_a_hosts_ipv6_addresses_count_as_one_holder_of_streams():
+    """Cycling through the addresses of one /64 made one attacker millions of hosts, each holding one
+    stream, so every newcomer displaced the oldest stream overall, an operator's."""
+    from lepton_edge.fleet.web.app import _client_key
+
+    assert _client_key("2001:db8:1:2::1") == _client_key("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    assert _client_key("2001:db8:1:3::1") != _client_key("2001:db8:1:2::1")
+    assert _client_key("::ffff:10.0.0.7") == _client_key("10.0.0.7") == "10.0.0.7"
+    assert _client_key("testclient") == "testclient"

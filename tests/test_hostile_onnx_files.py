@@ -112,3 +112,22 @@ def test_inspect_shows_escapes_in_a_models_names_as_text(tmp_path):
     assert "\x1b[2J" not in r.stdout and "\x1b[31m" not in r.stdout
     assert not any(line.startswith("error: fake") for line in r.stdout.splitlines())
     assert "[/bold]?[31mx?error: fake" in r.stdout.replace("\n", "")
+
+
+def test_external_weights_are_added_up_before_they_are_read(tmp_path):
+    """A 200-byte .onnx naming a sparse weights file beside it: `inspect` read it whole, `export` too.
+    Now inspect reads none of it, and export refuses more than the machine has before reading."""
+    w = nh.from_array(np.zeros((8, 3, 3, 3), np.float32), "W")
+    w.ClearField("raw_data")
+    w.data_location = T.EXTERNAL
+    for k, v in (("location", "weights.bin"), ("offset", "0"), ("length", str(1 << 40))):
+        e = w.external_data.add()
+        e.key, e.value = k, v
+    m = _save(tmp_path / "m.onnx", [h.make_node("Conv", ["x", "W"], ["y"], pads=[1, 1, 1, 1])], [X],
+              [_v("y", [1, 8, 32, 32])], [w])
+    with open(tmp_path / "weights.bin", "wb") as f:
+        f.truncate(1 << 40)  # a terabyte of hole: no disk used
+    r = run_cli("inspect", str(m), timeout=60)
+    assert r.returncode == 0, r.stderr[-1500:]
+    _one_line(run_cli("export", str(m), "--precision", "fp32", "--out", str(tmp_path / "o"), timeout=60),
+              "more than this machine has available")

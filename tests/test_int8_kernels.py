@@ -12,12 +12,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 from conftest import run_cli
 from lepton_edge.errors import BadInput
-from lepton_edge.exporters.kernels import int8_kernels_possible
+from lepton_edge.exporters.kernels import int8_kernels_used
 from lepton_edge.runtime.onnx import OnnxBackend, OnnxOptions
 
 
 def _qdq_conv(path, after: str) -> None:
-    """x -> Q -> DQ -> Conv(DQ(int8 weights)) -> `after` ("QuantizeLinear" then DQ, or "HardSigmoid")."""
+    """x -> Q -> DQ -> Conv(DQ(int8 weights)) -> `after` ("QuantizeLinear" then DQ, "Relu" then Q and DQ,
+    or "HardSigmoid" then Mul)."""
     w = numpy_helper.from_array(np.random.default_rng(0).integers(-100, 100, (4, 3, 3, 3)).astype(np.int8), "w_q")
     inits = [w, numpy_helper.from_array(np.array(0.02, np.float32), "s"),
              numpy_helper.from_array(np.array(0, np.int8), "z"), numpy_helper.from_array(np.array(0, np.uint8), "zu")]
@@ -25,8 +26,10 @@ def _qdq_conv(path, after: str) -> None:
              helper.make_node("DequantizeLinear", ["xq", "s", "zu"], ["xd"]),
              helper.make_node("DequantizeLinear", ["w_q", "s", "z"], ["wd"]),
              helper.make_node("Conv", ["xd", "wd"], ["c"], name="conv", pads=[1, 1, 1, 1])]
-    if after == "QuantizeLinear":
-        nodes += [helper.make_node("QuantizeLinear", ["c", "s", "zu"], ["cq"]),
+    if after in ("QuantizeLinear", "Relu"):
+        if after == "Relu":
+            nodes += [helper.make_node("Relu", ["c"], ["r"])]
+        nodes += [helper.make_node("QuantizeLinear", ["r" if after == "Relu" else "c", "s", "zu"], ["cq"]),
                   helper.make_node("DequantizeLinear", ["cq", "s", "zu"], ["y"])]
     else:
         nodes += [helper.make_node("HardSigmoid", ["c"], ["h"]), helper.make_node("Mul", ["c", "h"], ["y"])]
@@ -35,11 +38,12 @@ def _qdq_conv(path, after: str) -> None:
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), str(path))
 
 
-def test_only_a_quantized_layer_output_makes_an_int8_kernel_possible(tmp_path):
-    _qdq_conv(tmp_path / "fused.onnx", "QuantizeLinear")
-    _qdq_conv(tmp_path / "float.onnx", "HardSigmoid")
-    assert int8_kernels_possible(tmp_path / "fused.onnx") is True
-    assert int8_kernels_possible(tmp_path / "float.onnx") is False
+def test_onnxruntime_says_which_graphs_it_runs_with_an_int8_kernel(tmp_path):
+    """A quantized output after the layer, or after its Relu (onnxruntime drops the Relu first), is an
+    int8 kernel; a float activation between the layer and its quantizer (NNCF's HardSwish) is not."""
+    for after, int8 in (("QuantizeLinear", True), ("Relu", True), ("HardSigmoid", False)):
+        _qdq_conv(tmp_path / f"{after}.onnx", after)
+        assert int8_kernels_used(tmp_path / f"{after}.onnx") is int8, after
 
 
 def test_fusion_off_gives_the_same_outputs_on_a_graph_without_int8_kernels(tmp_path):

@@ -193,6 +193,7 @@ def test_a_backend_from_another_package_runs_a_bundle(site, tmp_path, int8_bundl
     log = json.loads((tmp_path / "mybackend.json").read_text())
     assert log["type"] == "MyOptions"
     assert log["options"] == {"threads": log["options"]["threads"], "providers": ["CPUExecutionProvider"],
+                              "qdq_fusion": True, "max_run_s": 120.0,  # (OnnxOptions' own, inherited)
                               "greeting": "hello"}  # no delegates: an ONNX engine has none
     assert int((tmp_path / "mybackend.json.calls").read_text()) == 40
     assert r.stderr.count("not loaded") == 1 and "broken" in r.stderr and "a_library_this_machine_lacks" in r.stderr

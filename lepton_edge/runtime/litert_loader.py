@@ -33,18 +33,17 @@ MAX_TFLITE_OBJECTS = 200_000  # tensors and operators over all subgraphs, counte
 
 def read_model_bytes(p: Path) -> bytes:
     """A .tflite file's bytes, after what can be checked without reading them: at most MAX_BUNDLE_BYTES
-    (a FlatBuffer cannot be larger), the TFL3 identifier, at least one subgraph, and not more linked
-    objects than a model could hold. Why on a map of the file: a 1 GB sparse file named .tflite cost
-    1.1 GB of memory before LiteRT refused it (2.2 GB under `inspect`). Why the count: offsets can be
-    shared, so an 8 KB file listing one subgraph 1,000 times, each listing one tensor 1,000 times,
-    unpacked into a million objects under `inspect` (24 s, 860 MB; 8 GB for 24 KB)."""
+    (the limit of a bundle, and of any file the device reads whole), the TFL3 identifier, at least one
+    subgraph, not more linked objects or bytes than a model could hold, and quantization scales LiteRT
+    can take (_check_links). Why on a map of the file: a 1 GB sparse file named .tflite cost 1.1 GB of
+    memory before LiteRT refused it (2.2 GB under `inspect`)."""
     import mmap
 
     from lepton_edge.bundle import MAX_BUNDLE_BYTES
 
     size = p.stat().st_size
     if size > MAX_BUNDLE_BYTES:
-        raise BadInput(f"{p}: {size:,} bytes, over the {MAX_BUNDLE_BYTES:,} a TFLite model can be")
+        raise BadInput(f"{p}: {size:,} bytes, over the {MAX_BUNDLE_BYTES:,} this runtime reads")
     if size < 8:
         raise BadInput(f"{p}: not a TFLite model (no TFL3 identifier; truncated or another format)")
     with open(p, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
@@ -55,21 +54,49 @@ def read_model_bytes(p: Path) -> bytes:
 
 
 def _check_links(buf, p: Path) -> None:
+    """Walk the FlatBuffer's tensors on the lazy reader (it copies nothing but what it is asked for).
+
+    Why: offsets can be shared, so a few KB can describe much more than they hold. An 8 KB file listing
+    one subgraph 1,000 times, each listing one tensor 1,000 times, unpacked into a million objects
+    under `inspect` (24 s, 860 MB); 1,000 tensors sharing one 100 KB name cost 100 MB when LiteRT
+    listed them. So: at most MAX_TFLITE_OBJECTS tensors and operators, and the bytes their names,
+    shapes and quantization would take at most a few times the file's. And a quantized tensor's scales
+    must be finite and not negative, above 0 for one computed at run time: a zero scale on an input
+    segfaulted LiteRT's allocate_tensors, on an inner activation its first invoke (a pruned, all-zero
+    weight channel may have scale 0: that is how TFLite's per-channel quantizer writes it)."""
     try:
         from ai_edge_litert import schema_py_generated as schema
     except ImportError:  # tflite_runtime has no schema module: LiteRT's own verifier is what is left
         return
+    import numpy as np
+
+    cap = (16 << 20) + 4 * len(buf)
     try:
         m = schema.Model.GetRootAs(buf, 0)
-        total, n = 0, m.SubgraphsLength()
+        n, nbuf = m.SubgraphsLength(), m.BuffersLength()
         if n < 1:
             raise BadInput(f"{p}: not a usable TFLite model (no subgraph)")
+        objects = held = 0
         for i in range(n):
             g = m.Subgraphs(i)
-            total += g.TensorsLength() + g.OperatorsLength()
-            if total > MAX_TFLITE_OBJECTS:
+            objects += g.TensorsLength() + g.OperatorsLength()
+            if objects > MAX_TFLITE_OBJECTS:
                 raise BadInput(f"{p}: links over {MAX_TFLITE_OBJECTS:,} tensors and operators; not a model this "
                                "tool reads")
+            for j in range(g.TensorsLength()):
+                t = g.Tensors(j)
+                name_at = t._tab.Offset(10)  # (Tensor.name: its length, without copying the string)
+                held += (t._tab.VectorLen(name_at) if name_at else 0) + 4 * (t.ShapeLength() + t.ShapeSignatureLength())
+                q = t.Quantization()
+                ns = q.ScaleLength() if q is not None else 0
+                if q is not None:
+                    held += 12 * ns + 8 * q.ZeroPointLength() + 4 * (q.MinLength() + q.MaxLength())
+                if held > cap:
+                    raise BadInput(f"{p}: its tensors' names, shapes and quantization would take over {cap:,} bytes, "
+                                   "more than the file holds; not a model this tool reads")
+                if ns:
+                    scales = np.array(q.ScaleAsNumpy(), np.float64)  # (a copy: a view would pin the map open)
+                    _check_scales(scales, _constant(m, t.Buffer(), nbuf), t, p)
     except BadInput:
         raise
     except Exception as e:  # offsets past the end (struct.error), and the like
@@ -77,18 +104,34 @@ def _check_links(buf, p: Path) -> None:
                        ) from None
 
 
+def _constant(m, index: int, nbuf: int) -> bool:
+    if not 0 < index < nbuf:
+        return False
+    b = m.Buffers(index)
+    return b.DataLength() > 0 or (hasattr(b, "Size") and b.Size() > 0)
+
+
+def _check_scales(scales, constant: bool, t, p: Path) -> None:
+    import numpy as np
+
+    ok = np.isfinite(scales) & ((scales >= 0) if constant else (scales > 0))
+    if not ok.all():
+        bad = float(scales[~ok][0])
+        name = (t.Name() or b"?")[:64].decode("utf-8", "replace")
+        raise BadInput(f"{p}: tensor '{name}' has quantization scale {bad!r}; a scale must be a finite number "
+                       f"{'of 0 or more' if constant else 'above 0'}")
+
+
 def check_io(it, p: Path) -> None:
-    """What LiteRT itself does not check before it allocates: at least one input and one output, and every
-    quantized tensor's scales finite and positive (a uint8 input of scale 0, NaN, Inf or below 0 crashed
-    the interpreter's allocate_tensors with SIGSEGV, an inner tensor's zero scale its first invoke: either
-    took the process along, an agent included)."""
+    """At least one input and one output, and their scales finite and above 0 (also where _check_links
+    could not look: tflite_runtime has no schema module)."""
     import numpy as np
 
     ins, outs = it.get_input_details(), it.get_output_details()
     if not ins or not outs:
         raise BadInput(f"{p}: the model has no {'inputs' if not ins else 'outputs'}; this runtime feeds camera "
                        "frames to a model and reads its results")
-    for d in [*ins, *outs, *it.get_tensor_details()]:  # (an inner tensor's zero scale crashed it as well)
+    for d in [*ins, *outs]:
         scales = np.asarray(d.get("quantization_parameters", {}).get("scales", []), np.float64)
         if scales.size and not (np.isfinite(scales).all() and (scales > 0).all()):
             raise BadInput(f"{p}: tensor '{str(d.get('name'))[:64]}' has quantization scale "

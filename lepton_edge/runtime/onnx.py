@@ -87,17 +87,16 @@ class OnnxBackend(Backend):
 
     def run(self, x: np.ndarray) -> list[np.ndarray]:
         w = self._watch
-        w.started = time.monotonic()
+        ro = w.begin()
         try:
-            return self._run(None, {self._feed: x}, w.options)
+            return self._run(None, {self._feed: x}, ro)
         except Exception:
-            if w.options.terminate:
-                w.renew()
+            if ro.terminate:
                 raise BadInput(f"one run of the model took over {w.limit:g} s and was stopped (a loop that does not "
                                "end, or far too much work for this machine)") from None
             raise
         finally:
-            w.started = None
+            w.end(ro)
 
     def describe(self) -> dict:
         import onnxruntime as ort
@@ -108,9 +107,10 @@ class OnnxBackend(Backend):
 
 
 class _Watchdog:
-    """One thread per backend that stops a run past `limit` seconds: a run costs two attribute writes
-    (a timer per run cost a thread start, more than a small model's whole run). The thread ends with
-    its backend (a weak reference)."""
+    """One thread per backend that stops a run past `limit` seconds. Each run has RunOptions of its own
+    (a run stopped, or two runs at once from two threads, never touch another's), registered while it
+    runs: a run costs a RunOptions and two dict writes (a timer per run cost a thread start, more than
+    a small model's whole run). The thread ends with its backend (a weak reference)."""
 
     def __init__(self, backend: OnnxBackend, limit: float):
         import threading
@@ -119,23 +119,24 @@ class _Watchdog:
         import onnxruntime as ort
 
         self._ort, self.limit = ort, limit
-        self.started: float | None = None
-        self.options = self._fresh()
+        self._running: dict[int, tuple[float, object]] = {}
         ref = weakref.ref(backend)
         threading.Thread(target=self._watch, args=(ref,), name="onnx-watchdog", daemon=True).start()
 
-    def _fresh(self):
+    def begin(self):
         ro = self._ort.RunOptions()
         ro.log_severity_level = 4  # the stop is reported by the run's caller, once
+        self._running[id(ro)] = (time.monotonic(), ro)
         return ro
 
-    def renew(self) -> None:
-        self.options = self._fresh()
+    def end(self, ro) -> None:
+        self._running.pop(id(ro), None)
 
     def _watch(self, ref) -> None:
         step = min(1.0, self.limit / 4)
         while ref() is not None:
             time.sleep(step)
-            started = self.started
-            if started is not None and time.monotonic() - started > self.limit:
-                self.options.terminate = True
+            now = time.monotonic()
+            for started, ro in list(self._running.values()):
+                if now - started > self.limit:
+                    ro.terminate = True  # type: ignore[attr-defined]

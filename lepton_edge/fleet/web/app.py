@@ -183,6 +183,23 @@ def select_devices(devices: list[DeviceState], sort: str = "severity", order: st
 
 
 # ---- the live stream -----------------------------------------------------------------------------
+MIN_STREAM_AGE_S = 30.0  # a host's own stream younger than this is not closed for another of its pages
+
+
+def _client_key(host: str) -> str:
+    """Who holds a stream, for fairness: the IPv4 address, or the IPv6 /64 (one host's addresses:
+    cycling through its /64, one attacker counted as millions of hosts, each holding one stream)."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
 class Broadcaster:
     """One poller diffing the store, many SSE streams; a slow stream is closed, never waited for."""
 
@@ -190,6 +207,7 @@ class Broadcaster:
         self.store, self.poll_s = store, poll_s
         self.queues: set[asyncio.Queue] = set()
         self._clients: dict[asyncio.Queue, str] = {}  # each open stream's peer address, oldest first
+        self._opened: dict[asyncio.Queue, float] = {}
         self._task: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -212,11 +230,13 @@ class Broadcaster:
         lagged) lock every operator out of live updates with 503s. Now a host that holds more streams
         than anyone else only ever displaces its own; a page of another host always gets in. Behind one
         reverse proxy every page shares an address: the oldest page's stream closes and it reconnects."""
-        q: asyncio.Queue = asyncio.Queue(maxsize=STREAM_QUEUE)
+        client = _client_key(client)
         if len(self.queues) >= MAX_STREAMS:
             self._evict_for(client)
+        q: asyncio.Queue = asyncio.Queue(maxsize=STREAM_QUEUE)
         self.queues.add(q)
         self._clients[q] = client
+        self._opened[q] = time.monotonic()
         if self._task is None or self._task.done():
             self._loop = asyncio.get_running_loop()
             self._wake = asyncio.Event()
@@ -232,7 +252,12 @@ class Broadcaster:
             return
         most = max(len(v) for v in held.values())
         victim = client if len(held.get(client, [])) == most else next(c for c, v in held.items() if len(v) == most)
-        self.close(held[victim][0])
+        oldest = held[victim][0]
+        if victim == client and time.monotonic() - self._opened.get(oldest, 0.0) < MIN_STREAM_AGE_S:
+            # its own pages only (more than MAX_STREAMS behind one proxy): each reconnect closing the next
+            # page's stream would go round for ever; a page told to wait retries after Retry-After
+            raise ApiError(503, f"too many live streams from this address (at most {MAX_STREAMS} open)")
+        self.close(oldest)
 
     def close(self, q: asyncio.Queue) -> None:
         """End a stream now: its generator reads the None and returns (the page reconnects)."""
@@ -244,6 +269,7 @@ class Broadcaster:
     def unsubscribe(self, q: asyncio.Queue) -> None:
         self.queues.discard(q)
         self._clients.pop(q, None)
+        self._opened.pop(q, None)
 
     def _snapshot(self) -> list[dict]:
         """The messages since the last poll (runs in a worker thread: store calls block)."""
@@ -474,7 +500,8 @@ def create_app(store: Store, *, token: str | None, command_sender: CommandSender
         raise ApiError(404, f"no such API path {request.url.path}")
 
     async def api_error(request: Request, exc: ApiError):
-        return JSONResponse({"error": exc.message}, status_code=exc.status)
+        return JSONResponse({"error": exc.message}, status_code=exc.status,
+                            headers={"Retry-After": "30"} if exc.status == 503 else None)
 
     async def http_error(request: Request, exc):
         return JSONResponse({"error": getattr(exc, "detail", "error")}, status_code=getattr(exc, "status_code", 500))
