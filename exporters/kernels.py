@@ -9,8 +9,9 @@ it), gets none: every convolution dequantizes its int8 weights again at each fra
 turns those weight dequantizations into float weights once, at load: 7.4 ms, and the file stays int8.
 Some activation Q/DQ pairs fold too, so the outputs move a little: the export validates it again that
 way, and measures its RAM that way (the folded weights are float in memory). Where onnxruntime does run
-a layer with an int8 kernel the fusion stays on (which way is faster then depends on the CPU), and for a
-GPU provider always (it would receive the folded float weights).
+a layer with an int8 kernel the fusion stays on (which way is faster then depends on the CPU), and for
+another kind of CPU (its fusions differ: ARM's take int8 activations, x86's not) or a GPU provider
+(it would receive the folded float weights) always.
 """
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ SLOWER = 1.05  # timed here, fusion off must not be slower than this times fusio
 
 
 def int8_kernels_used(path: Path) -> bool:
-    """Whether onnxruntime's CPU provider, optimising the graph as the device will, runs any layer with
-    an int8 kernel. Asked of onnxruntime itself (the graph it optimised, saved): the shapes it fuses are
+    """Whether onnxruntime's CPU provider, optimising the graph as a device of this host's kind will, runs
+    any layer with an int8 kernel. Asked of onnxruntime itself (the graph it optimised, saved): the shapes it fuses are
     its own to decide; DQ -> Conv -> Relu -> Q is one, as the Relu goes first."""
     import tempfile
 
@@ -48,21 +49,27 @@ def int8_kernels_used(path: Path) -> bool:
 
 def choose(ctx, exporter, chosen: Path, comp, pred, ram, validate):
     """(verdict, predictor, RAM) to measure and ship `chosen` (an int8 artifact) with: the search's, or,
-    for a CPU target where onnxruntime runs no layer with an int8 kernel, those of the same file with the
-    fusion off, if that passes the gate again (the device runs what was validated) and, timed here when
-    this host says something about the target, is not slower. The choice goes into the report
+    for a target of this host's kind of CPU where onnxruntime runs no layer with an int8 kernel, those
+    of the same file with the fusion off, if that passes the gate again (the device runs what was
+    validated) and, timed here, is not slower. The choice goes into the report
     (`compression.quantization.qdq_fusion`, copied into the manifest's target)."""
     from lepton_edge.errors import LeptonError
     from lepton_edge.exporters import recipes, validation as val, writer
 
     q, prof = ctx.report.compression.quantization, ctx.profile
-    if exporter.format != "onnx" or q is None or list(prof.execution_providers or []) != ["CPUExecutionProvider"]:
-        return comp, pred, ram  # (a GPU provider would get the folded float weights: never for it)
+    if exporter.format != "onnx" or q is None or not writer.latency_judged_here(prof):
+        # only for this kind of CPU: which layers onnxruntime fuses depends on the CPU (its int8 QDQ
+        # selectors differ on ARM and x86), and a GPU provider would receive the folded float weights
+        return comp, pred, ram
     try:
         if int8_kernels_used(chosen):
             return comp, pred, ram
+    except Exception as e:  # (onnxruntime's own error types, a protobuf it cannot save): left as it passed
+        ctx.progress.info(f"[dim]int8: kept onnxruntime's QDQ fusion ({type(e).__name__}: {str(e)[:120]})[/]")
+        return comp, pred, ram
+    try:
         verdict, alt, alt_ram = validate(chosen, qdq_fusion=False)
-    except (LeptonError, RuntimeError, OSError) as e:  # the search's artifact stands as it passed
+    except LeptonError as e:  # the search's artifact stands as it passed
         ctx.progress.info(f"[dim]int8: kept onnxruntime's QDQ fusion ({str(e)[:120]})[/]")
         return comp, pred, ram
     o = ctx.options
@@ -71,7 +78,7 @@ def choose(ctx, exporter, chosen: Path, comp, pred, ram, validate):
         ctx.progress.info(f"[dim]int8: kept onnxruntime's QDQ fusion: without it the gate fails ({why})[/]")
         return comp, pred, ram
     timing = ""
-    if o.measure_latency and writer.latency_judged_here(prof):
+    if o.measure_latency:
         off, on = val.paired_latency_ms(alt, pred, ctx.data.check_x[:1])
         if off["p50_ms"] > SLOWER * on["p50_ms"]:
             return comp, pred, ram

@@ -96,13 +96,17 @@ def _external_data_fits(path: Path) -> None:
     for t in _tensors(m.graph):
         if not uses_external_data(t):
             continue
-        info = ExternalDataInfo(t)
+        try:
+            info = ExternalDataInfo(t)
+            length = int(info.length) if info.length else None
+        except (ValueError, TypeError) as e:  # a length or offset of "-1" or "abc"
+            raise BadInput(f"{path}: tensor {t.name[:64]!r}: bad external data entry ({first_line(e, 160)})") from None
         f = path.parent / info.location
         try:
             files.setdefault(info.location, f.stat().st_size if f.is_file() else 0)
         except OSError:
             continue  # (onnx.load says what is wrong with it)
-        total += int(info.length) if info.length else files[info.location]
+        total += length if length is not None else files[info.location]
     avail = available_bytes()
     if avail is not None and total > avail:
         raise BadInput(f"{path}: its external weights are {total:,} bytes, more than this machine has available "

@@ -180,3 +180,33 @@ def test_run_checks_a_signature_against_trusted_keys_and_says_when_it_did_not(tm
               "bad signature")
     r = run_cli("run", str(b), "--source", str(frames), "--no-show")
     assert r.returncode == 0 and "its signature was not checked" in r.stderr, r.stderr[-1500:]
+
+
+@pytest.mark.parametrize("schema", [True, False], ids=["ai-edge-litert", "tflite-runtime-fallback"])
+def test_an_inner_zero_scale_is_refused_and_a_constants_allowed(tmp_path, monkeypatch, schema):
+    """An activation's zero scale crashed LiteRT at the first invoke; a constant's (a pruned, all-zero weight
+    channel, as TFLite's per-channel quantizer writes it) runs. Checked on the FlatBuffer itself, and from
+    the interpreter's tensor list where the schema module is missing (tflite_runtime on old devices)."""
+    from ai_edge_litert import schema_py_generated as s
+    from ai_edge_litert.tools import flatbuffer_utils as fu
+
+    from lepton_edge.errors import BadInput
+    from lepton_edge.runtime import litert_loader
+
+    if not schema:
+        monkeypatch.setattr(litert_loader, "_has_schema", lambda: False)
+        monkeypatch.setattr(litert_loader, "_check_links", lambda buf, p: None)
+    base = tmp_path / "m.tflite"
+    _mean_tflite(base, "uint8", (1 / 128, 128))
+    for index, name, refused in ((1, "activation", True), (2, "constant", False)):  # "real" (DEQUANTIZE's), "axes"
+        m = fu.read_model(str(base))
+        q = s.QuantizationParametersT()
+        q.scale, q.zeroPoint = [0.0], [0]
+        m.subgraphs[0].tensors[index].quantization = q
+        f = tmp_path / f"{name}.tflite"
+        fu.write_model(m, str(f))
+        if refused:
+            with pytest.raises(BadInput, match="quantization scale 0.0; a scale must be a finite number above 0"):
+                litert_loader.load_interpreter(f)
+        else:
+            litert_loader.load_interpreter(f)

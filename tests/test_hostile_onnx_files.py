@@ -131,3 +131,8 @@ def test_external_weights_are_added_up_before_they_are_read(tmp_path):
     assert r.returncode == 0, r.stderr[-1500:]
     _one_line(run_cli("export", str(m), "--precision", "fp32", "--out", str(tmp_path / "o"), timeout=60),
               "more than this machine has available")
+    w.external_data[2].value = "-1"  # (onnx's own reader raised ValueError for it: a traceback)
+    m = _save(tmp_path / "m.onnx", [h.make_node("Conv", ["x", "W"], ["y"], pads=[1, 1, 1, 1])], [X],
+              [_v("y", [1, 8, 32, 32])], [w])
+    _one_line(run_cli("export", str(m), "--precision", "fp32", "--out", str(tmp_path / "o"), timeout=60),
+              "bad external data entry")

@@ -123,19 +123,36 @@ def _check_scales(scales, constant: bool, t, p: Path) -> None:
 
 
 def check_io(it, p: Path) -> None:
-    """At least one input and one output, and their scales finite and above 0 (also where _check_links
-    could not look: tflite_runtime has no schema module)."""
+    """At least one input and one output, and their scales finite and above 0. Where _check_links could
+    not look (tflite_runtime has no schema module), every tensor's scales too, told apart as _check_links
+    does: a tensor no operator writes and that is no input is a constant (it may have scale 0)."""
     import numpy as np
 
     ins, outs = it.get_input_details(), it.get_output_details()
     if not ins or not outs:
         raise BadInput(f"{p}: the model has no {'inputs' if not ins else 'outputs'}; this runtime feeds camera "
                        "frames to a model and reads its results")
-    for d in [*ins, *outs]:
+    details, written = [*ins, *outs], set()
+    if not _has_schema():
+        details = [*details, *it.get_tensor_details()]
+        written = {int(i) for op in it._get_ops_details() for i in op.get("outputs", [])}
+        written |= {int(d["index"]) for d in ins}
+    for d in details:
         scales = np.asarray(d.get("quantization_parameters", {}).get("scales", []), np.float64)
-        if scales.size and not (np.isfinite(scales).all() and (scales > 0).all()):
+        constant = written and int(d["index"]) not in written and d not in ins and d not in outs
+        ok = np.isfinite(scales) & ((scales >= 0) if constant else (scales > 0))
+        if scales.size and not ok.all():
             raise BadInput(f"{p}: tensor '{str(d.get('name'))[:64]}' has quantization scale "
-                           f"{float(scales.flat[0])!r}; a scale must be a finite number above 0")
+                           f"{float(scales[~ok][0])!r}; a scale must be a finite number "
+                           f"{'of 0 or more' if constant else 'above 0'}")
+
+
+def _has_schema() -> bool:
+    try:
+        from ai_edge_litert import schema_py_generated  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def load_interpreter(path: str | Path, threads: int = 1, allocate: bool = True, delegates: list[str] | None = None):

@@ -107,10 +107,11 @@ class OnnxBackend(Backend):
 
 
 class _Watchdog:
-    """One thread per backend that stops a run past `limit` seconds. Each run has RunOptions of its own
-    (a run stopped, or two runs at once from two threads, never touch another's), registered while it
-    runs: a run costs a RunOptions and two dict writes (a timer per run cost a thread start, more than
-    a small model's whole run). The thread ends with its backend (a weak reference)."""
+    """One thread per backend that stops a run past `limit` seconds. Each calling thread reuses RunOptions
+    of its own until one is stopped (a run stopped, or two runs at once from two threads, never touch
+    another's); a run registers while it runs: two dict writes (a timer per run cost a thread start, more
+    than a small model's whole run, and new RunOptions per run 0.5 us). The thread ends with its backend
+    (a weak reference)."""
 
     def __init__(self, backend: OnnxBackend, limit: float):
         import threading
@@ -119,13 +120,16 @@ class _Watchdog:
         import onnxruntime as ort
 
         self._ort, self.limit = ort, limit
+        self._local = threading.local()
         self._running: dict[int, tuple[float, object]] = {}
         ref = weakref.ref(backend)
         threading.Thread(target=self._watch, args=(ref,), name="onnx-watchdog", daemon=True).start()
 
     def begin(self):
-        ro = self._ort.RunOptions()
-        ro.log_severity_level = 4  # the stop is reported by the run's caller, once
+        ro = getattr(self._local, "options", None)
+        if ro is None or ro.terminate:
+            ro = self._local.options = self._ort.RunOptions()
+            ro.log_severity_level = 4  # the stop is reported by the run's caller, once
         self._running[id(ro)] = (time.monotonic(), ro)
         return ro
 

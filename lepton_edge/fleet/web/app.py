@@ -183,7 +183,7 @@ def select_devices(devices: list[DeviceState], sort: str = "severity", order: st
 
 
 # ---- the live stream -----------------------------------------------------------------------------
-MIN_STREAM_AGE_S = 30.0  # a host's own stream younger than this is not closed for another of its pages
+STREAM_RETRY_LATER_MS = 30_000  # a page that found every stream taken tries again after this
 
 
 def _client_key(host: str) -> str:
@@ -207,7 +207,6 @@ class Broadcaster:
         self.store, self.poll_s = store, poll_s
         self.queues: set[asyncio.Queue] = set()
         self._clients: dict[asyncio.Queue, str] = {}  # each open stream's peer address, oldest first
-        self._opened: dict[asyncio.Queue, float] = {}
         self._task: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -222,42 +221,40 @@ class Broadcaster:
         if self._loop is not None and self._wake is not None:
             self._loop.call_soon_threadsafe(self._wake.set)
 
-    def subscribe(self, client: str = "") -> asyncio.Queue:
-        """A new stream for `client` (the peer's address). At MAX_STREAMS open, the oldest stream of the
-        client holding the most (the new one's own client first, on a tie) is closed to make room.
+    def subscribe(self, client: str = "") -> asyncio.Queue | None:
+        """A new stream for `client` (the peer's address), or None: the page is to come back later
+        (`stream` tells its EventSource to retry in STREAM_RETRY_LATER_MS).
 
-        Why: a refusal at the limit let one host's 64 idle connections (they never read, so they never
-        lagged) lock every operator out of live updates with 503s. Now a host that holds more streams
-        than anyone else only ever displaces its own; a page of another host always gets in. Behind one
-        reverse proxy every page shares an address: the oldest page's stream closes and it reconnects."""
+        At MAX_STREAMS open, the oldest stream of the host holding the most is closed to make room, if
+        that host holds at least two more than the newcomer's; otherwise the newcomer waits. Why: a
+        refusal at the limit let one host's 64 idle connections (they never read, so they never lagged)
+        lock every operator out of live updates. Why "two more": displacing any stream of an equal or
+        next-to-equal holder went round for ever (65 pages behind one proxy: each reconnect closed the
+        next page's stream; two hosts of 32 each displaced each other in turn)."""
         client = _client_key(client)
-        if len(self.queues) >= MAX_STREAMS:
-            self._evict_for(client)
+        if len(self.queues) >= MAX_STREAMS and not self._evict_for(client):
+            return None
         q: asyncio.Queue = asyncio.Queue(maxsize=STREAM_QUEUE)
         self.queues.add(q)
         self._clients[q] = client
-        self._opened[q] = time.monotonic()
         if self._task is None or self._task.done():
             self._loop = asyncio.get_running_loop()
             self._wake = asyncio.Event()
             self._task = asyncio.create_task(self._run())
         return q
 
-    def _evict_for(self, client: str) -> None:
+    def _evict_for(self, client: str) -> bool:
         held: dict[str, list[asyncio.Queue]] = {}
         for q in self._clients:  # (insertion order: each client's oldest stream first)
             if q in self.queues:
                 held.setdefault(self._clients[q], []).append(q)
         if not held:
-            return
-        most = max(len(v) for v in held.values())
-        victim = client if len(held.get(client, [])) == most else next(c for c, v in held.items() if len(v) == most)
-        oldest = held[victim][0]
-        if victim == client and time.monotonic() - self._opened.get(oldest, 0.0) < MIN_STREAM_AGE_S:
-            # its own pages only (more than MAX_STREAMS behind one proxy): each reconnect closing the next
-            # page's stream would go round for ever; a page told to wait retries after Retry-After
-            raise ApiError(503, f"too many live streams from this address (at most {MAX_STREAMS} open)")
-        self.close(oldest)
+            return False
+        victim = max(held, key=lambda c: len(held[c]))
+        if len(held[victim]) < len(held.get(client, [])) + 2:
+            return False
+        self.close(held[victim][0])
+        return True
 
     def close(self, q: asyncio.Queue) -> None:
         """End a stream now: its generator reads the None and returns (the page reconnects)."""
@@ -269,7 +266,6 @@ class Broadcaster:
     def unsubscribe(self, q: asyncio.Queue) -> None:
         self.queues.discard(q)
         self._clients.pop(q, None)
-        self._opened.pop(q, None)
 
     def _snapshot(self) -> list[dict]:
         """The messages since the last poll (runs in a worker thread: store calls block)."""
@@ -445,6 +441,11 @@ def create_app(store: Store, *, token: str | None, command_sender: CommandSender
     async def stream(request: Request):
         _only(request.query_params, set())
         q = hub.subscribe(request.client.host if request.client else "")
+        if q is None:  # (a 503 would end the page's EventSource for good: it reconnects only after a 200)
+            async def later():
+                yield f"retry: {STREAM_RETRY_LATER_MS}\n\n: every live stream is taken; try again later\n\n"
+
+            return StreamingResponse(later(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
 
         async def gen():
             try:
@@ -500,8 +501,7 @@ def create_app(store: Store, *, token: str | None, command_sender: CommandSender
         raise ApiError(404, f"no such API path {request.url.path}")
 
     async def api_error(request: Request, exc: ApiError):
-        return JSONResponse({"error": exc.message}, status_code=exc.status,
-                            headers={"Retry-After": "30"} if exc.status == 503 else None)
+        return JSONResponse({"error": exc.message}, status_code=exc.status)
 
     async def http_error(request: Request, exc):
         return JSONResponse({"error": getattr(exc, "detail", "error")}, status_code=getattr(exc, "status_code", 500))

@@ -214,7 +214,11 @@ function connect() {
     opened = true;
   };
   es.onmessage = (e) => { try { onMessage(JSON.parse(e.data)); } catch (err) { console.error(err); } };
-  es.onerror = () => { $("#live").className = "live off"; };
+  es.onerror = () => {
+    $("#live").className = "live off";
+    // a non-200 answer (a 503 while the store is down) ends an EventSource for good: start a new one later
+    if (es.readyState === EventSource.CLOSED) setTimeout(connect, 30000);
+  };
 }
 
 async function load() {
