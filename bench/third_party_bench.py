@@ -150,12 +150,18 @@ def inputs(fp32_bundle: str, folder: Path, limit: int) -> list[np.ndarray]:
 
 
 def session(path: str, threads: int = 1):
+    """A bare onnxruntime session on the file, opened as the device runtime opens it: with QDQ fusion off
+    when the bundle's manifest beside it says `target.qdq_fusion: false` (exporters/kernels.py). A file
+    outside a bundle (NNCF's) is opened as its user would, with the defaults."""
     import onnxruntime as ort
 
     o = ort.SessionOptions()
     o.log_severity_level = 3  # (a multi-input bundle's input defaults make onnxruntime warn on every load)
     o.intra_op_num_threads = threads
     o.inter_op_num_threads = 1
+    manifest = Path(path).parent / "manifest.json"
+    if manifest.is_file() and json.loads(manifest.read_text()).get("target", {}).get("qdq_fusion") is False:
+        o.add_session_config_entry("session.disable_quant_qdq", "1")
     return ort.InferenceSession(path, o, providers=["CPUExecutionProvider"])
 
 
