@@ -196,3 +196,38 @@ def test_latency_and_memory_figures():
     assert r["runs"] == 5  # past the budget it stops at the minimum of five
     rss = rss_bytes()
     assert isinstance(rss, int) and rss > 10 << 20
+
+
+def test_a_reference_that_is_infinite_everywhere_is_refused_one_minus_infinity_is_not():
+    """An fp32 output of +Inf on every input ran all 8 int8 recipes and then blamed int8; one -inf among
+    finite values (a log of 0) is a real model's and stays."""
+    from lepton_edge.errors import BadInput
+    from lepton_edge.exporters.validation import _finite_reference
+
+    specs = [{"name": "y"}]
+    with pytest.raises(BadInput, match="output 'y' is infinite everywhere on every validation input"):
+        _finite_reference([np.full((4, 3), np.inf, np.float32)], specs)
+    some = np.zeros((4, 3), np.float32)
+    some[0, 0] = -np.inf
+    _finite_reference([some], specs)
+    _finite_reference([np.zeros((4, 3), np.int64)], specs)  # (integer outputs: nothing to check)
+
+
+def test_perturbation_without_a_scale_takes_the_0_to_1_pixel_range_as_255_units():
+    """A spec without `scale` (a plain object) is pixels / 255: noise of sd 0.01 of the range is 0.01."""
+    from lepton_edge.exporters.validation import perturb
+
+    z = np.zeros((50, 4), np.float32)
+    got = perturb(z, SimpleNamespace(std=[1.0]), sd=0.01, seed=3)
+    want = np.random.default_rng(3).normal(0.0, 0.01, size=z.shape)
+    np.testing.assert_allclose(got, want.astype(np.float32), rtol=1e-6)
+
+
+def test_a_detector_whose_outputs_no_head_reads_is_judged_on_its_raw_outputs():
+    """detect_layout_known 0: the gate says it compared the raw outputs (the report shows why no F1)."""
+    from lepton_edge.exporters.validation import Reference, Thresholds, judge
+
+    ref = [np.random.default_rng(0).random((4, 7, 5)).astype(np.float32)]
+    v = judge("detect", Reference(ref, [{"name": "o", "shape": [4, 7, 5]}]), [ref[0].copy()],
+              [{"name": "o", "shape": [4, 7, 5]}], Thresholds(), input_spec=SPEC)
+    assert v.metrics["detect_layout_known"] == 0.0 and v.passed, v.as_dict()
