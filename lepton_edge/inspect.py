@@ -440,9 +440,7 @@ def _read_tflite(path: Path):
     """(bytes, the flatbuffer as objects, the schema module); one BadInput line for anything else."""
     from lepton_edge.runtime.litert_loader import read_model_bytes
 
-    data = read_model_bytes(path)
-    if len(data) < 8 or data[4:8] != b"TFL3":
-        raise BadInput(f"{path}: not a TFLite model (no TFL3 identifier; truncated or another format)")
+    data = read_model_bytes(path)  # (the TFL3 identifier checked there)
     try:
         from ai_edge_litert import schema_py_generated as schema
         from ai_edge_litert.tools import flatbuffer_utils

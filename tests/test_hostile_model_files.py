@@ -52,6 +52,14 @@ def test_a_tflite_model_without_outputs_or_inputs_is_one_line(tmp_path):
                   f"has no {what}")
 
 
+def _repeated(b, start, offset: int, k: int) -> int:
+    """A vector of `k` references to one table (start: the schema's StartXVector)."""
+    start(b, k)
+    for _ in range(k):
+        b.PrependUOffsetTRelative(offset)
+    return b.EndVector()
+
+
 def _shared_offsets(path, k: int) -> None:
     """A FlatBuffer model whose subgraphs vector lists one subgraph k times, and that subgraph one
     tensor k times: a few KB that unpack into k*k objects."""
@@ -68,10 +76,7 @@ def _shared_offsets(path, k: int) -> None:
     s.TensorAddShape(b, shape)
     s.TensorAddName(b, name)
     t = s.TensorEnd(b)
-    s.SubGraphStartTensorsVector(b, k)
-    for _ in range(k):
-        b.PrependUOffsetTRelative(t)
-    tensors = b.EndVector()
+    tensors = _repeated(b, s.SubGraphStartTensorsVector, t, k)
     s.SubGraphStartInputsVector(b, 1)
     b.PrependInt32(0)
     ins = b.EndVector()
@@ -83,10 +88,7 @@ def _shared_offsets(path, k: int) -> None:
     s.SubGraphAddInputs(b, ins)
     s.SubGraphAddOutputs(b, outs)
     sg = s.SubGraphEnd(b)
-    s.ModelStartSubgraphsVector(b, k)
-    for _ in range(k):
-        b.PrependUOffsetTRelative(sg)
-    sgs = b.EndVector()
+    sgs = _repeated(b, s.ModelStartSubgraphsVector, sg, k)
     s.ModelStart(b)
     s.ModelAddVersion(b, 3)
     s.ModelAddSubgraphs(b, sgs)

@@ -96,7 +96,9 @@ def _check_links(buf, p: Path) -> None:
                                    "more than the file holds; not a model this tool reads")
                 if ns:
                     scales = np.array(q.ScaleAsNumpy(), np.float64)  # (a copy: a view would pin the map open)
-                    _check_scales(scales, _constant(m, t.Buffer(), nbuf), t, p)
+                    constant = _constant(m, t.Buffer(), nbuf)
+                    if (bad := _bad_scale(scales, constant)) is not None:
+                        _refuse_scale(p, (t.Name() or b"?")[:64].decode("utf-8", "replace"), bad, constant)
     except BadInput:
         raise
     except Exception as e:  # offsets past the end (struct.error), and the like
@@ -111,22 +113,25 @@ def _constant(m, index: int, nbuf: int) -> bool:
     return b.DataLength() > 0 or (hasattr(b, "Size") and b.Size() > 0)
 
 
-def _check_scales(scales, constant: bool, t, p: Path) -> None:
+def _bad_scale(scales, constant: bool) -> float | None:
+    """The first scale LiteRT cannot take, or None: every one finite, and above 0 (0 allowed for a
+    constant: a pruned all-zero channel)."""
     import numpy as np
 
+    scales = np.asarray(scales, np.float64)
     ok = np.isfinite(scales) & ((scales >= 0) if constant else (scales > 0))
-    if not ok.all():
-        bad = float(scales[~ok][0])
-        name = (t.Name() or b"?")[:64].decode("utf-8", "replace")
-        raise BadInput(f"{p}: tensor '{name}' has quantization scale {bad!r}; a scale must be a finite number "
-                       f"{'of 0 or more' if constant else 'above 0'}")
+    return None if ok.all() else float(scales[~ok][0])
+
+
+def _refuse_scale(p: Path, name: str, bad: float, constant: bool) -> None:
+    raise BadInput(f"{p}: tensor '{name[:64]}' has quantization scale {bad!r}; a scale must be a finite number "
+                   f"{'of 0 or more' if constant else 'above 0'}")
 
 
 def check_io(it, p: Path) -> None:
     """At least one input and one output, and their scales finite and above 0. Where _check_links could
     not look (tflite_runtime has no schema module), every tensor's scales too, told apart as _check_links
     does: a tensor no operator writes and that is no input is a constant (it may have scale 0)."""
-    import numpy as np
 
     ins, outs = it.get_input_details(), it.get_output_details()
     if not ins or not outs:
@@ -138,13 +143,10 @@ def check_io(it, p: Path) -> None:
         written = {int(i) for op in it._get_ops_details() for i in op.get("outputs", [])}
         written |= {int(d["index"]) for d in ins}
     for d in details:
-        scales = np.asarray(d.get("quantization_parameters", {}).get("scales", []), np.float64)
-        constant = written and int(d["index"]) not in written and d not in ins and d not in outs
-        ok = np.isfinite(scales) & ((scales >= 0) if constant else (scales > 0))
-        if scales.size and not ok.all():
-            raise BadInput(f"{p}: tensor '{str(d.get('name'))[:64]}' has quantization scale "
-                           f"{float(scales[~ok][0])!r}; a scale must be a finite number "
-                           f"{'of 0 or more' if constant else 'above 0'}")
+        constant = bool(written) and int(d["index"]) not in written and d not in ins and d not in outs
+        bad = _bad_scale(d.get("quantization_parameters", {}).get("scales", []), constant)
+        if bad is not None:
+            _refuse_scale(p, str(d.get("name")), bad, constant)
 
 
 def _has_schema() -> bool:
@@ -160,9 +162,7 @@ def load_interpreter(path: str | Path, threads: int = 1, allocate: bool = True, 
     p = Path(path)
     if not p.is_file():
         raise BadInput(f"not found: {p}")
-    data = read_model_bytes(p)
-    if len(data) < 8 or data[4:8] != b"TFL3":
-        raise BadInput(f"{p}: not a TFLite model (no TFL3 identifier; truncated or another format)")
+    data = read_model_bytes(p)  # (the TFL3 identifier checked there)
     Interpreter = interpreter_class()
     from lepton_edge.ui import native_stderr_silenced
 
