@@ -32,7 +32,7 @@ def collect_absolute_value(self, name_to_arr: dict) -> None:
         if tensor.endswith(SAMPLED_SUFFIX):  # each run's sample, then that run's exact min and max
             runs = [np.asarray(d).ravel() for d in data]
             arr = np.concatenate([r[:-2] for r in runs])
-            lo, hi = min(r[-2] for r in runs), max(r[-1] for r in runs)
+            lo, hi = np.nanmin([r[-2] for r in runs]), np.nanmax([r[-1] for r in runs])  # (as MinMax's)
         else:
             arr = np.asarray(data).ravel()
             if arr.size:

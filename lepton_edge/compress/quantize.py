@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -368,7 +368,7 @@ def quantize_int8(
             _nncf_int8(model, out_path, feeds, dtypes, recipe, exclude, check, fixed)
     else:
         _ort_int8(model, out_path, feeds, recipe, per_channel, exclude, check, fixed,
-                  ranges / f"{Path(fp32_path).stem}.minmax-ranges.json" if ranges is not None else None)
+                  ranges / Path(fp32_path).stem if ranges is not None else None)
     _rebake(out_path, fixed)
     check_graph(out_path, {k: v[:batch] for k, v in feeds.items()}, dtypes)
     return QuantResult(out_path, recipe, exclude)
@@ -376,15 +376,17 @@ def quantize_int8(
 
 def _ort_int8(model, out_path: Path, feeds, recipe: Recipe, per_channel: bool, exclude, check, fixed=None,
               ranges: Path | None = None):
-    """onnxruntime's quantize_static. MinMax ranges depend on the model and the data alone (not on the
-    activation type or the layers left in float: onnxruntime calibrates every tensor of the quantized op
-    types either way), so with `ranges` (a file) the first MinMax candidate of an export keeps them in
-    onnxruntime's calibration cache and s8-minmax-ends, u8-minmax, the -sensitive ones skip that pass."""
+    """onnxruntime's quantize_static. MinMax and Percentile ranges depend on the model and the data
+    alone (not on the activation type or the layers left in float: onnxruntime calibrates every tensor
+    of the quantized op types either way), so with `ranges` (work folder / model stem) the first such
+    candidate of an export calibrates once for both (shared_ranges.one_pass) and keeps them in
+    onnxruntime's calibration cache: every later MinMax or Percentile candidate skips calibration."""
     import inspect
 
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     from lepton_edge import ui
+    from lepton_edge.compress import shared_ranges
     from lepton_edge.compress.histogram import linear_time_histograms, sampled_histograms
 
     method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
@@ -395,21 +397,22 @@ def _ort_int8(model, out_path: Path, feeds, recipe: Recipe, per_channel: bool, e
     if n % batch:  # a fixed batch that does not divide the data: drop the ragged tail
         feeds = {k: v[: n - n % batch] for k, v in feeds.items()} if n >= batch else feeds
     batches = -(-len(next(iter(feeds.values()))) // batch)
+    files = shared_ranges.range_files(ranges) if ranges is not None \
+        and "calibration_cache_path" in inspect.signature(quantize_static).parameters else {}  # onnxruntime >= 1.24
+    cache = files.get(recipe.calibration)
+    cached = cache is not None and cache.is_file()
+    shared = cache is not None and not cached  # this candidate's pass calibrates for MinMax and Percentile
     stride = _stride(batches, batch * sum(v[0].nbytes for v in feeds.values()))
-    if method != CalibrationMethod.MinMax:  # (MinMax keeps only each tensor's reduced range across batches)
+    if method != CalibrationMethod.MinMax or shared:  # (MinMax keeps only each tensor's reduced range)
         stride = min(stride, _stride(batches, batch * per_sample, HISTOGRAM_STRIDE_BYTES))
     extra = {"ActivationSymmetric": recipe.activation == "s8", "WeightSymmetric": True,
              "CalibStridedMinMax": 1}  # strides of `stride` batches: the reader's unit (_Reader)
     if recipe.calibration == "percentile":
-        extra["CalibPercentile"] = 99.99
-    cache: dict[str, str] = {}
-    if ranges is not None and method == CalibrationMethod.MinMax \
-            and "calibration_cache_path" in inspect.signature(quantize_static).parameters:  # onnxruntime >= 1.24
-        cache["calibration_cache_path"] = str(ranges)
-    cached = bool(cache) and Path(cache["calibration_cache_path"]).is_file()
-    with ui.progress("calibrating" if not cached else "quantizing (MinMax ranges of an earlier candidate)",
+        extra["CalibPercentile"] = shared_ranges.PERCENTILE
+    with ui.progress("calibrating" if not cached else "quantizing (ranges of an earlier candidate's calibration)",
                      n) as advance, ui.libraries_silenced("", stderr=False), _lean_calibration(), \
-            linear_time_histograms(), sampled_histograms():
+            linear_time_histograms(), sampled_histograms(), \
+            shared_ranges.one_pass(files, recipe.calibration) if shared else nullcontext():
         # (the histogram calibrators print their own progress to stdout, which --json keeps clean, and
         # onnxruntime warns on the root logger that we skipped pre-processing: we do it when it helps)
         reader = _Reader(feeds, _dtypes(model), batch, advance, check, fixed, per_stride=stride)
@@ -418,7 +421,8 @@ def _ort_int8(model, out_path: Path, feeds, recipe: Recipe, per_channel: bool, e
             per_channel=per_channel and _opset(model) >= PER_CHANNEL_MIN_OPSET,
             activation_type=QuantType.QUInt8 if recipe.activation == "u8" else QuantType.QInt8,
             weight_type=QuantType.QInt8, calibrate_method=method,
-            nodes_to_exclude=exclude or None, extra_options=extra, **cache,
+            nodes_to_exclude=exclude or None, extra_options=extra,
+            **({"calibration_cache_path": str(cache)} if cache is not None else {}),
         )
 
 

@@ -1,5 +1,6 @@
-"""One export calibrates MinMax once: later MinMax candidates (another activation type, layers in float)
-read the ranges the first one measured, from onnxruntime's calibration cache in the export's folder."""
+"""One export calibrates once: later MinMax and Percentile candidates (another activation type, layers in
+float, the other method) read the ranges the first one measured, from onnxruntime's calibration cache in
+the export's folder, and those ranges are the ones each method's own calibrator computes."""
 from __future__ import annotations
 
 import numpy as np
@@ -39,7 +40,57 @@ def test_later_minmax_candidates_reuse_the_ranges(tmp_path):
     same = q.quantize_int8(fp32, tmp_path / "same.onnx", x, q.Recipe.parse("u8-minmax"))
     assert _scales(again.path) == _scales(same.path) != _scales(fresh.path)
     assert _scales(fresh.path)["r1"] > 5 * _scales(again.path)["r1"]
-    # a histogram method calibrates on its own data, never from the MinMax cache
+    # the first candidate's pass measured the Percentile ranges too: the export's own data, not this call's
+    assert (ranges / "m.percentile-99.99-ranges.json").is_file()
     p1 = q.quantize_int8(fp32, tmp_path / "p1.onnx", x * 10, q.Recipe.parse("u8-percentile"), ranges=ranges)
     p2 = q.quantize_int8(fp32, tmp_path / "p2.onnx", x * 10, q.Recipe.parse("u8-percentile"))
-    assert _scales(p1.path) == _scales(p2.path)
+    p3 = q.quantize_int8(fp32, tmp_path / "p3.onnx", x, q.Recipe.parse("u8-percentile"))
+    assert _scales(p1.path) == _scales(p3.path) != _scales(p2.path)
+    # entropy has no cache: it calibrates on the data it is given
+    e1 = q.quantize_int8(fp32, tmp_path / "e1.onnx", x * 10, q.Recipe.parse("s8-entropy"), ranges=ranges)
+    e2 = q.quantize_int8(fp32, tmp_path / "e2.onnx", x * 10, q.Recipe.parse("s8-entropy"))
+    assert _scales(e1.path) == _scales(e2.path)
+
+
+def _cache_skipped() -> bool:
+    import inspect
+
+    from onnxruntime.quantization import quantize_static
+
+    return "calibration_cache_path" not in inspect.signature(quantize_static).parameters
+
+
+@pytest.mark.parametrize("first", ["u8-minmax", "s8-percentile"])
+def test_one_pass_gives_each_method_the_ranges_its_own_calibrator_computes(tmp_path, monkeypatch, first):
+    """Whichever method comes first, one calibration pass serves both, and each candidate's file is byte
+    for byte the one its own calibrator (no cache) makes: MinMax's ranges from the histogram pass's exact
+    minima and maxima, Percentile's from the same (sampled) histograms."""
+    import importlib
+
+    ort_quantize = importlib.import_module("onnxruntime.quantization.quantize")
+    if _cache_skipped():
+        pytest.skip("onnxruntime < 1.24 has no calibration cache: every candidate calibrates")
+    fp32 = tmp_path / "m.onnx"
+    conv_relu_conv(fp32, 4, 8, 96, "N", heavy_tails=True)  # 73,728 values per conv output: sampled
+    x = np.random.default_rng(2).standard_normal((6, 4, 96, 96)).astype(np.float32)
+    made: list[object] = []
+    real = ort_quantize.create_calibrator
+
+    def counting(*a, **k):
+        made.append(a[3] if len(a) > 3 else k.get("calibrate_method"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(ort_quantize, "create_calibrator", counting)
+    ranges = tmp_path / "work"
+    ranges.mkdir()
+    second = "u8-percentile" if "minmax" in first else "s8-minmax"
+    a = q.quantize_int8(fp32, tmp_path / "a.onnx", x, q.Recipe.parse(first), ranges=ranges)
+    b = q.quantize_int8(fp32, tmp_path / "b.onnx", x, q.Recipe.parse(second), ranges=ranges)
+    assert len(made) == 1  # one pass for both candidates
+    shared_runs = len(made)
+    own_a = q.quantize_int8(fp32, tmp_path / "own_a.onnx", x, q.Recipe.parse(first))
+    own_b = q.quantize_int8(fp32, tmp_path / "own_b.onnx", x, q.Recipe.parse(second))
+    assert len(made) == shared_runs + 2
+    assert a.path.read_bytes() == own_a.path.read_bytes()
+    assert b.path.read_bytes() == own_b.path.read_bytes()
+    assert _scales(a.path) != _scales(b.path)  # (two methods: not one set of ranges read twice)
