@@ -131,6 +131,54 @@ def test_a_message_the_store_cannot_take_is_counted_and_the_rest_stored(tmp_path
     c.loop_stop()
 
 
+
+def test_a_store_outage_while_storing_one_by_one_counts_nothing_twice(tmp_path, mosquitto):
+    """A StoreError half way through the one-by-one pass (after a refused value) used to retry the whole
+    batch: the message done before it was stored or counted `unstorable` a second time. Now the retry
+    holds only what was not yet done, and what was done is acknowledged."""
+    import threading
+
+    from lepton_edge.fleet.store.base import StoreError, ValueRefused
+
+    store = open_store(tmp_path / "f.sqlite")
+    real = store.add_windows
+    gate, outage = threading.Event(), {"left": 1}
+
+    def flaky(rows):
+        devs = {dev for _f, dev, _d, _t in rows}
+        if "slow" in devs:
+            gate.wait(10)  # holds the writer while evil and dev queue up behind it: one batch
+        if "evil" in devs:
+            raise ValueRefused("a value the database refuses")
+        if "dev" in devs and outage["left"]:
+            outage["left"] -= 1
+            raise StoreError("the database went away")
+        return real(rows)
+
+    store.add_windows = flaky
+    lines: list[str] = []
+    m = Monitor(mosquitto.url, store, client_id="mon-outage", log=lines.append).start()
+    try:
+        assert m.connected.wait(10)
+        c = pub_client(mosquitto.port, "pub-outage")
+        c.publish("lepton/v1/f/slow/telemetry", window(0), qos=1).wait_for_publish(5)
+        assert wait(lambda: m._busy)
+        c.publish("lepton/v1/f/evil/telemetry", window(0), qos=1).wait_for_publish(5)
+        c.publish("lepton/v1/f/dev/telemetry", window(0), qos=1).wait_for_publish(5)
+        assert wait(lambda: m.q.qsize() == 2)
+        gate.set()
+        assert wait(lambda: (d := store.device("f", "dev")) is not None and d.windows == 1), lines
+        assert m.stats["store_errors"] == 1 and outage["left"] == 0, (m.stats, lines)
+        time.sleep(1.0)  # (a second count would come with the retry, 0.5 s after the outage)
+        e = store.device("f", "evil")
+        assert e is not None and e.bad_messages == 1 and e.windows == 0, lines
+        assert store.device("f", "dev").duplicates == 0
+        c.loop_stop()
+    finally:
+        m.stop()
+        store.close()
+
+
 MONITOR = """
 import sys, time
 from lepton_edge.fleet.monitor import Monitor

@@ -303,11 +303,14 @@ class Monitor:
                 backoff = min(backoff * 2, 10.0)
                 continue
             backoff = 0.5
-            for _, mid, qos, gen in items:
-                if qos and gen == self._gen:
-                    self.client.ack(mid, qos)
+            self._ack(items)
             items = []
             self._busy = False
+
+    def _ack(self, items: list) -> None:
+        for _, mid, qos, gen in items:
+            if qos and gen == self._gen:
+                self.client.ack(mid, qos)
 
     def _clock(self, d: dict, fleet: str, device: str, now: float) -> None:
         """A device time the store cannot order by becomes the time the message arrived: later than this
@@ -327,19 +330,26 @@ class Monitor:
         """After a batch failed with something other than StoreError (a value the database cannot hold):
         each message alone, and the ones that fail again counted as `unstorable` and acknowledged.
         Why: the writer thread died on such a message (an OverflowError), and as it was never
-        acknowledged the broker gave it to every restart; the rest of the fleet went unstored."""
+        acknowledged the broker gave it to every restart; the rest of the fleet went unstored.
+        A StoreError half way (the database went away) leaves in `items` only the messages not yet
+        done, the others acknowledged: the retry stored them again, and counted an unstorable one twice."""
         self._say(("unstorable",), f"monitor: a batch failed ({type(first).__name__}: {str(first)[:200]}); "
                   "storing its messages one by one")
         now = time.time()
-        for item in items:
+        for k, item in enumerate(items):
             try:
-                self._write([item])
-            except ValueRefused as e:
-                self._unstorable(item, e, now)
+                try:
+                    self._write([item])
+                except ValueRefused as e:
+                    self._unstorable(item, e, now)
+                except StoreError:
+                    raise
+                except Exception as e:
+                    self._unstorable(item, e, now)
             except StoreError:
+                self._ack(items[:k])
+                del items[:k]
                 raise
-            except Exception as e:
-                self._unstorable(item, e, now)
 
     def _unstorable(self, item, e: Exception, now: float) -> None:
         (kind, fleet, device, _payload, _now), *_ = item
