@@ -391,6 +391,8 @@ def run(
     trusted_key: list[Path] | None = typer.Option(None, "--trusted-key", help="A public key (PEM, `lepton-edge "
                                                   "keys new`): run the bundle only if one of these signed it "
                                                   "(repeatable), as the agent's trusted_keys."),
+    max_run_s: float | None = typer.Option(None, "--max-run-s", help="One inference's time limit in seconds, "
+                                           "past which the run stops with an error (onnxruntime; default 120)."),
 ):
     """Run a bundle on frames from a camera, video, stream or images; per-stage timing at the end."""
     from lepton_edge.capture import open_source
@@ -401,7 +403,7 @@ def run(
     _interrupt_on_sigterm()  # from the start: a SIGTERM while a stream opens ended the process without a word
     _check_signature(model, trusted_key)
     rt = _load_runtime(model, threads=threads, input_spec=input_spec, task=task, top_k=top_k, conf=conf, iou=iou,
-                       delegate=delegate)
+                       delegate=delegate, max_run_s=max_run_s)
     src = open_source(source, decode_threads=capture_threads(rt), max_reconnects=max_reconnects or None)
     pipe = Pipeline(src, rt, max_frames=max_frames)
     outs = _run_sinks(pipe, src, rt, every=every, jsonl=jsonl, save=save, show=show,
@@ -415,8 +417,9 @@ def run(
     failed = getattr(src, "failure", None)
     if failed and not interrupted:
         raise BadInput(f"{src.spec}: {failed}")
-    if status["frames"] == 0:
-        raise BadInput(f"no frame could be read or processed from {src.spec!r}")
+    if status["frames"] == 0:  # (the model's own error when it failed on every frame: it was counted, unsaid)
+        why = f": {pipe.last_failure}" if pipe.last_failure else ""
+        raise BadInput(f"no frame could be read or processed from {src.spec!r}{why}")
 
 
 def _check_signature(model: str, trusted: list[Path] | None) -> None:

@@ -60,6 +60,25 @@ def test_a_run_that_never_ends_is_stopped_at_its_time_limit(tmp_path):
     assert ok.run(np.zeros((1, 3, 32, 32), np.float32))[0].shape == (1, 8, 32, 32)
 
 
+
+def test_run_stops_an_endless_model_at_max_run_s_in_one_line(tmp_path):
+    """`lepton-edge run --max-run-s`: the limit a user sets for one inference (120 s by default), one line
+    past it, and a limit that is not a positive number of seconds refused before anything loads."""
+    import cv2
+
+    loop = _endless_loop(tmp_path / "loop.onnx")
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    cv2.imwrite(str(frames / "a.png"), np.full((32, 32, 3), 128, np.uint8))
+    t0 = time.monotonic()
+    r = run_cli("run", str(loop), "--source", str(frames), "--no-show", "--max-run-s", "1", timeout=60)
+    _one_line(r, "took over 1 s and was stopped")
+    assert time.monotonic() - t0 < 45
+    for bad in ("0", "-3", "nan", "inf"):
+        _one_line(run_cli("run", str(loop), "--source", str(frames), "--no-show", "--max-run-s", bad, timeout=30),
+                  "max_run_s")
+
+
 def _one_line(r, *words):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-1500:]
     assert all(w in r.stderr for w in words), r.stderr[-1500:]

@@ -46,6 +46,9 @@ class AgentConfig(BaseModel):
     # or "every-frame" (decode and queue every frame; lag grows while the model is slower than the camera)
     source_policy: str | None = Field(default=None, pattern=r"^(newest-frame|every-frame)$")
     threads: int | None = Field(default=None, ge=1, le=64)
+    # one inference's time limit in seconds (onnxruntime; default 120): a model whose run never ends (a hostile
+    # Loop) is stopped there and its bundle refused, not left holding the pipeline
+    max_run_s: float | None = Field(default=None, gt=0, le=86400, allow_inf_nan=False)
     window_s: float = Field(default=10.0, ge=0.1, le=3600, allow_inf_nan=False)
     sample_every: int = Field(default=1, ge=1, le=1000)
     state_dir: Path = Path("/var/lib/lepton-edge")  # outbox.sqlite, bundles/, current

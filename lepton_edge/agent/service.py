@@ -144,13 +144,18 @@ class Agent:
         except OSError as e:
             raise BadInput(f"state_dir {state_dir} is not writable: {e.strerror or e}") from None
 
+    def _open(self, path: Path, threads: int | None) -> Runtime:
+        """Every runtime the agent runs, with this device's delegates and its limit on one run."""
+        return Runtime.load(path, threads=threads, leave_cores=1, delegates=self.cfg.delegates,
+                            max_run_s=self.cfg.max_run_s)
+
     def _load(self, path: Path, threads: int | None, check_signature: bool) -> Runtime:
         if check_signature and self.cfg.trusted_keys:
             try:
                 self.store.verify(path)
             except DeployError as e:
                 raise BadInput(str(e)) from None
-        rt = Runtime.load(path, threads=threads, leave_cores=1, delegates=self.cfg.delegates)
+        rt = self._open(path, threads)
         for w in rt.warnings:  # a manifest naming a delegate this device does not allow
             self.log(f"{path}: {w}", "warning")
         return rt
@@ -450,8 +455,7 @@ class Agent:
                 try:
                     if self.runtime.path is None:  # never: the agent's runtimes are loaded from bundles
                         raise RuntimeError("the running model has no path to load again with other threads")
-                    rt = Runtime.load(self.runtime.path, threads=cmd.threads, leave_cores=1,
-                                      delegates=self.cfg.delegates)
+                    rt = self._open(self.runtime.path, cmd.threads)
                     self.probe(rt)
                     self._swap(rt)
                 finally:
@@ -498,7 +502,7 @@ class Agent:
             self.event("deploy_failed", f"{where}: {e}", "error", source=where)
             return
         try:
-            new = Runtime.load(path, threads=self.cfg.threads, leave_cores=1, delegates=self.cfg.delegates)
+            new = self._open(path, self.cfg.threads)
             self.probe(new)  # before the swap: a model that fails on a frame never replaces one that works
         except Exception as e:
             why = str(e) if isinstance(e, LeptonError) else f"{type(e).__name__}: {e}"

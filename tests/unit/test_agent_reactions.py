@@ -226,3 +226,24 @@ def test_the_health_check_fails_on_frames_the_new_model_failed(agent):
     agent.pipeline.last_failure = "tiny: postprocessing failed on a frame: boom"
     ok, why, _ = agent._health_check(agent.runtime, 20, agent.pipeline_failures)
     assert not ok and "2 frame(s) failed since the swap" in why and "boom" in why
+
+
+def test_every_runtime_the_agent_opens_has_the_configured_run_limit(tmp_path):
+    """agent.toml's max_run_s reaches the runtime the agent starts with and the one `set threads` loads;
+    without it, the backend's own 120 s."""
+    a = _agent(tmp_path)
+    try:
+        assert a.runtime.backend._watch.limit == 120.0
+        a.cfg.max_run_s = 7.5
+        assert a._open(a.runtime.path, 1).backend._watch.limit == 7.5
+        from lepton_edge.telemetry.schema import SetCommand
+
+        before = a.runtime
+        a.handle("set", SetCommand(id="t", threads=1))
+        assert a.runtime is not before
+        assert a.runtime.backend._watch.limit == 7.5
+    finally:
+        a.outbox.close()
+        a.source.close()
+    with pytest.raises(ValueError, match="max_run_s"):
+        AgentConfig(broker="mqtt://127.0.0.1:1", max_run_s=float("inf"))
