@@ -623,6 +623,8 @@ def agent(
                                                      "signed with; unsigned bundles are then refused."),
 ):
     """The device service: run the pipeline, send telemetry over MQTT, take deploy/set/ping commands."""
+    import signal
+
     from lepton_edge.agent.config import load
     from lepton_edge.agent.service import Agent
 
@@ -631,7 +633,12 @@ def agent(
                         "bundle": bundle, "source": source, "loop": loop, "threads": threads, "window_s": window_s,
                         "state_dir": state_dir, "outbox_max": outbox_max, "trusted_keys": trusted_key or None})
     logs.show_timestamps()  # a service's lines on a terminal carry the time (the journal stamps its own)
+    early: list[int] = []
+    signal.signal(signal.SIGTERM, lambda *_: early.append(1))  # a stop while the model loads: kept for run()
     a = Agent(cfg)  # it logs through logging: plain lines in the journal, no markup read from messages
+    signal.signal(signal.SIGTERM, a.stop)
+    if early:  # (SIGTERM's default action killed it mid-load: exit -15, no offline status, no last window)
+        a.stop()
     ui.info(f"agent {cfg.fleet}/{cfg.device_id} -> {cfg.broker} (boot {a.boot_id}); telemetry every {cfg.window_s:g} s")
     raise typer.Exit(a.run())
 

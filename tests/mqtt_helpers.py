@@ -7,6 +7,7 @@ import datetime
 import ipaddress
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -162,3 +163,37 @@ def running_agent(agent):
         agent.stop()
         t.join(30)
         assert not t.is_alive()
+
+
+class SlowLink:
+    """A TCP relay to the broker that holds each client-to-broker chunk for `delay` seconds: a client on
+    a slow link, whose SUBSCRIBE reaches the broker well after the CONNACK came back."""
+
+    def __init__(self, port: int, delay: float):
+        self.srv = socket.create_server(("127.0.0.1", 0))
+        self.port, self.target, self.delay = self.srv.getsockname()[1], port, delay
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                a, _ = self.srv.accept()
+            except OSError:
+                return
+            b = socket.create_connection(("127.0.0.1", self.target))
+            threading.Thread(target=self._pump, args=(a, b, self.delay), daemon=True).start()
+            threading.Thread(target=self._pump, args=(b, a, 0.0), daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst, delay):
+        try:
+            while chunk := src.recv(65536):
+                time.sleep(delay)
+                dst.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            dst.close()
+
+    def close(self):
+        self.srv.close()

@@ -70,7 +70,9 @@ def test_no_window_lost_across_broker_restarts_and_an_agent_crash(tmp_path, mosq
     will = rec.wait_for(lambda r: [s for s in r.of("/status") if s["boot_id"] == first_boot and not s["online"]])
     assert will, "Last Will not seen after SIGKILL"
     agent = start_agent(*args)
-    time.sleep(2.5)
+    assert rec.wait_for(lambda r: [e for e in r.of("/events") if e["kind"] == "started" and e["boot_id"] != first_boot],
+                        timeout=30)  # (a sleep here ended a CI run's agent while its model loaded)
+    time.sleep(1.0)
     assert _stop(agent) == 0
     err = agent.stderr.read()
     windows = rec.wait_for(lambda r: (lambda t: t if {w["boot_id"] for w in t} >= {first_boot} and len(
@@ -100,9 +102,23 @@ def test_broker_down_at_start_outbox_bounded_then_drained(tmp_path, rpi4_bundle,
     agent = start_agent(*_agent_args(broker.url, tmp_path / "state", rpi4_bundle.bundle.path, video),
                         "--outbox-max", "15")
     try:
-        time.sleep(5)  # ~25 windows and events into an outbox of 15
-        assert agent.poll() is None
-        db = sqlite3.connect(tmp_path / "state" / "outbox.sqlite")
+        db_path = tmp_path / "state" / "outbox.sqlite"
+
+        def full_and_dropping() -> bool:  # 15 rows kept while more were written: the oldest went first
+            if not db_path.exists():
+                return False
+            try:
+                with sqlite3.connect(db_path) as c:
+                    n, top = c.execute("SELECT COUNT(*), MAX(id) FROM outbox").fetchone()
+            except sqlite3.OperationalError:  # (the agent is still creating it)
+                return False
+            return n == 15 and (top or 0) >= 20
+
+        deadline = time.monotonic() + 30  # start-up takes 0.5 s idle and 3.5 s on a loaded CI host
+        while not full_and_dropping() and time.monotonic() < deadline and agent.poll() is None:
+            time.sleep(0.2)
+        assert agent.poll() is None and full_and_dropping()
+        db = sqlite3.connect(db_path)
         assert db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] == 15
         broker.start()
         rec = Recorder(broker.port)

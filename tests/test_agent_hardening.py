@@ -364,8 +364,7 @@ def test_publisher_survives_a_raising_message_callback(tmp_path, mosquitto):
     pub = Publisher(mosquitto.url, "pub-cb", ob, on_message=on_message, subscriptions=["t/#"])
     pub.start()
     try:
-        assert pub.connected.wait(10)
-        time.sleep(0.3)
+        assert pub.subscribed.wait(10)  # (not `connected`: messages sent before the SUBACK are not for it)
         for i in range(3):
             _publish(mosquitto.port, "t/x", f"m{i}")
         assert _wait(lambda: len(got) == 3, 10), got
@@ -375,6 +374,28 @@ def test_publisher_survives_a_raising_message_callback(tmp_path, mosquitto):
     finally:
         pub.stop()
         ob.close()
+
+
+
+def test_publisher_subscribed_means_the_broker_took_its_subscriptions(tmp_path, mosquitto):
+    """`subscribed` is set on the broker's SUBACK, not with `connected` on its CONNACK: on a slow link a
+    command sent right after `connected` was lost (a fresh session holds nothing for the client yet)."""
+    from mqtt_helpers import SlowLink
+
+    got: list[bytes] = []
+    link = SlowLink(mosquitto.port, 0.8)
+    ob = Outbox(tmp_path / "o.sqlite", 100)
+    pub = Publisher(f"mqtt://127.0.0.1:{link.port}", "pub-slow", ob, subscriptions=["t/#"],
+                    on_message=lambda topic, payload, retain: got.append(bytes(payload)))
+    pub.start()
+    try:
+        assert pub.subscribed.wait(15) and pub.connected.is_set()
+        _publish(mosquitto.port, "t/x", "first")
+        assert _wait(lambda: got == [b"first"], 10), got
+    finally:
+        pub.stop()
+        ob.close()
+        link.close()
 
 
 # ---- start: fall back to a good bundle; an unwritable state directory is one line ----------------

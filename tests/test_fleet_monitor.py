@@ -15,6 +15,7 @@ import pytest
 from lepton_edge.fleet.monitor import Monitor
 from lepton_edge.fleet.store import open_store
 from lepton_edge.telemetry.schema import Telemetry
+from mqtt_helpers import SlowLink
 
 
 def pub_client(port: int, cid: str) -> mqtt.Client:
@@ -389,51 +390,11 @@ def test_a_device_clock_the_monitor_cannot_believe_is_replaced_by_arrival_time(t
 
 
 
-class _SlowLink:
-    """A TCP relay to the broker that holds each client-to-broker chunk for `delay` seconds: a monitor on
-    a slow link, whose SUBSCRIBE reaches the broker well after the CONNACK came back."""
-
-    def __init__(self, port: int, delay: float):
-        import socket
-        import threading
-
-        self.srv = socket.create_server(("127.0.0.1", 0))
-        self.port, self.target, self.delay = self.srv.getsockname()[1], port, delay
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        import socket
-        import threading
-
-        while True:
-            try:
-                a, _ = self.srv.accept()
-            except OSError:
-                return
-            b = socket.create_connection(("127.0.0.1", self.target))
-            threading.Thread(target=self._pump, args=(a, b, self.delay), daemon=True).start()
-            threading.Thread(target=self._pump, args=(b, a, 0.0), daemon=True).start()
-
-    @staticmethod
-    def _pump(src, dst, delay):
-        try:
-            while chunk := src.recv(65536):
-                time.sleep(delay)
-                dst.sendall(chunk)
-        except OSError:
-            pass
-        finally:
-            dst.close()
-
-    def close(self):
-        self.srv.close()
-
-
 def test_connected_means_subscribed_so_the_first_messages_after_it_are_received(tmp_path, mosquitto):
     """`connected` is set on the broker's SUBACK, not on its CONNACK. Callers (`monitor --once`, the
     quick start, these tests) wait for it and then expect devices' messages: a CI run lost 2 of 4 such
     messages in the gap between the two, here widened by a link that holds what the monitor sends."""
-    link = _SlowLink(mosquitto.port, 0.8)
+    link = SlowLink(mosquitto.port, 0.8)
     store = open_store(tmp_path / "f.sqlite")
     m = Monitor(f"mqtt://127.0.0.1:{link.port}", store, client_id="mon-slow-link").start()
     try:

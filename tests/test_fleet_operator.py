@@ -134,7 +134,8 @@ def test_once_does_not_take_over_the_session_of_a_running_monitor(tmp_path, mosq
                                 "--no-tui", "--seconds", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, env=ENV)
     try:
-        wait(lambda: "as lepton-monitor-" in mosquitto.log(), 20, "the service monitor's session")
+        # subscribed, not just connected: windows published before its SUBSCRIBE reached the broker were lost
+        wait(lambda: "Sending SUBACK to lepton-monitor-" in mosquitto.log(), 20, "the service monitor's session")
         service_id = mosquitto.log().split("as lepton-monitor-")[1].split()[0]
         pub = client(mosquitto.port, "agent-like")
         announce(pub, "f1", "cam1")

@@ -104,3 +104,22 @@ def test_simulate_cli_bounds_and_bad_input(mosquitto):
     assert r.returncode == 0, r.stderr
     s = json.loads(r.stdout)
     assert s["connected"] == 5 and s["windows"] >= 20
+
+
+def test_a_device_counts_as_connected_once_its_command_subscription_is_taken(mosquitto):
+    """wait_connected() returns when every device's command subscription is in place (its SUBACK), not
+    on CONNACK: on a slow link a ping sent at once to a device was lost before its SUBSCRIBE arrived."""
+    from mqtt_helpers import SlowLink
+
+    link = SlowLink(mosquitto.port, 0.8)
+    sim = Simulator(f"mqtt://127.0.0.1:{link.port}", devices=2, window_s=1, seconds=20, seed=3,
+                    fleet="slow").start()
+    try:
+        assert sim.wait_connected(20)
+        for dev in ("sim-0000", "sim-0001"):
+            reply = command(mosquitto.port, f"lepton/v1/slow/{dev}/cmd/ping", {"id": dev},
+                            f"lepton/v1/slow/{dev}/cmd/ping/reply", timeout=10)
+            assert reply and reply["ok"] and reply["id"] == dev, (dev, reply)
+    finally:
+        sim.stop()
+        link.close()

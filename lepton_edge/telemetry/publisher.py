@@ -49,8 +49,11 @@ class Publisher:
         c.max_inflight_messages_set(max_inflight)
         c.on_connect, c.on_disconnect = self._handle_connect, self._handle_disconnect
         c.on_publish, c.on_message = self._handle_publish, self._handle_message
+        c.on_subscribe = self._handle_subscribe
         self.client = c
         self.connected = threading.Event()
+        self.subscribed = threading.Event()  # set on the SUBACK of `subscriptions` (at once without any)
+        self._sub_mid = -1
         self.connects = 0
         self.last_error: str | None = None
         self._wake = threading.Event()
@@ -131,8 +134,10 @@ class Publisher:
             return
         self.connects += 1
         self.last_error = None
-        for topic in self.subscriptions:
-            client.subscribe(topic, qos=1)
+        if self.subscriptions:
+            self._sub_mid = client.subscribe([(t, 1) for t in self.subscriptions])[1]
+        else:
+            self.subscribed.set()
         with self._mlock:
             self._inflight.clear()
             self._early.clear()
@@ -145,8 +150,15 @@ class Publisher:
                 self._error("on_connect", e)
         self._wake.set()
 
+    def _handle_subscribe(self, client, userdata, mid, reason_codes=None, properties=None) -> None:
+        """`subscribed`: the broker's SUBACK for this connection's subscriptions (commands sent before it
+        are lost: a clean first session holds nothing for this client yet)."""
+        if mid == self._sub_mid:
+            self.subscribed.set()
+
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties=None) -> None:
         self.connected.clear()
+        self.subscribed.clear()
         if reason_code is not None and getattr(reason_code, "is_failure", False):
             self.last_error = str(reason_code)
 

@@ -247,3 +247,40 @@ def test_every_runtime_the_agent_opens_has_the_configured_run_limit(tmp_path):
         a.source.close()
     with pytest.raises(ValueError, match="max_run_s"):
         AgentConfig(broker="mqtt://127.0.0.1:1", max_run_s=float("inf"))
+
+
+_SIGTERM_WHILE_LOADING = """
+import os, signal, sys
+from lepton_edge.agent import service
+from lepton_edge.cli import main
+
+class StoppedWhileLoading(service.Agent):  # the real agent, told to stop before its model is loaded
+    def __init__(self, *a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+        super().__init__(*a, **k)
+
+service.Agent = StoppedWhileLoading
+sys.argv = ["lepton-edge", "agent", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.mark.slow  # (an agent process from start to stop: ~7 s)
+def test_a_stop_while_the_model_loads_ends_the_agent_cleanly(tmp_path):
+    """SIGTERM before the agent ran (`systemctl stop` while a model loads) killed it outright: exit -15,
+    no stopped event. It is kept until the agent runs, which then stops at once: exit 0."""
+    import subprocess
+    import sys
+
+    bundle, video = _tiny_bundle(tmp_path / "b"), _video(tmp_path / "v.avi")
+    r = subprocess.run([sys.executable, "-c", _SIGTERM_WHILE_LOADING, "--broker", "mqtt://127.0.0.1:1",
+                        "--fleet", "f1", "--device-id", "dev1", "--bundle", str(bundle), "--source", str(video),
+                        "--state-dir", str(tmp_path / "state")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, (r.returncode, r.stderr[-2000:])
+    db = sqlite3.connect(tmp_path / "state" / "outbox.sqlite")
+    try:
+        kinds = [json.loads(p)["kind"] for t, p in db.execute("SELECT topic, payload FROM outbox ORDER BY id")
+                 if t.endswith("/events")]
+    finally:
+        db.close()
+    assert kinds[0] == "started" and "stopped" in kinds, kinds
