@@ -51,13 +51,14 @@ class FakeClient:
         self.sent: list[Sent] = []
         self.acked: set[int] = set()
         self.subscribed: list[tuple[str, int]] = []
+        self.sub_mids: list[int] = []  # each subscribe()'s mid, for suback()
         self.will: tuple | None = None
         self.up = False  # a connection is established: publish() succeeds
         self.ack_inline = False
         self.max_outstanding = 0  # most messages sent and not yet acknowledged at once
         self.loop_started = self.disconnected = False
         self._mid = 0
-        self.on_connect = self.on_disconnect = self.on_publish = self.on_message = None
+        self.on_connect = self.on_disconnect = self.on_publish = self.on_message = self.on_subscribe = None
 
     # ---- the part of paho's API the code uses ---------------------------------------------------
     def will_set(self, topic, payload=None, qos=0, retain=False):
@@ -82,9 +83,13 @@ class FakeClient:
         self.disconnected = True
         self.up = False
 
-    def subscribe(self, topic, qos=0):
+    def subscribe(self, topic, qos=0) -> tuple[int, int]:
+        """paho's forms: one topic and its qos, or a list of (topic, qos); (result, mid) back."""
         with self.lock:
-            self.subscribed.append((topic, qos))
+            self.subscribed.extend(topic if isinstance(topic, list) else [(topic, qos)])
+            self._mid += 1
+            self.sub_mids.append(self._mid)
+            return mqtt.MQTT_ERR_SUCCESS, self._mid
 
     def publish(self, topic, payload=None, qos=0, retain=False) -> FakeInfo:
         with self.lock:
@@ -103,6 +108,11 @@ class FakeClient:
         self.up = reason == "Success"
         self.on_connect(self, None, mqtt.ConnectFlags(session_present=False),
                         ReasonCode(PacketTypes.CONNACK, reason), None)
+
+    def suback(self, mid: int | None = None) -> None:
+        """The broker took the last (or `mid`'s) subscriptions."""
+        self.on_subscribe(self, None, self.sub_mids[-1] if mid is None else mid,
+                          [ReasonCode(PacketTypes.SUBACK, "Granted QoS 1")], None)
 
     def drop(self) -> None:
         """The connection is lost (the broker went away)."""

@@ -170,10 +170,24 @@ def test_subscriptions_will_and_session_are_set_at_each_connect(make):
     pub, c, _ = make(subscriptions=["lepton/v1/f/d/cmd/+"], will=("lepton/v1/f/d/status", b'{"online":false}'))
     assert c.will == ("lepton/v1/f/d/status", b'{"online":false}', 1, True)
     c.connack()
+    assert pub.connected.is_set() and not pub.subscribed.is_set()  # connected: not yet subscribed
+    c.suback(c.sub_mids[-1] + 1)  # (a SUBACK for another request)
+    assert not pub.subscribed.is_set()
+    c.suback()
+    assert pub.subscribed.is_set()
     c.drop()
+    assert not pub.subscribed.is_set() and not pub.connected.is_set()
     c.connack()
     assert c.subscribed == [("lepton/v1/f/d/cmd/+", 1)] * 2  # a new session may have lost them
-    assert pub.connects == 2
+    assert pub.connects == 2 and not pub.subscribed.is_set()
+    c.suback()
+    assert pub.subscribed.is_set()
+
+
+def test_a_publisher_without_subscriptions_is_subscribed_when_connected(make):
+    pub, c, _ = make()
+    c.connack()
+    assert pub.connected.is_set() and pub.subscribed.is_set() and c.subscribed == []
 
 
 def test_callback_errors_are_kept_not_raised_into_paho(make):
