@@ -211,12 +211,16 @@ def test_publish_now_skips_the_outbox_and_needs_a_connection(make):
     c.connack()
     assert pub.publish_now("lepton/v1/f/d/status", b"{}", retain=True) is True
     assert c.sent[-1].retain and len(ob) == 0
+    assert pub.publish_now("lepton/v1/f/d/cmd/ping/reply", b"{}") is True
+    assert c.sent[-1].retain is False and c.sent[-1].qos == 1  # a reply is never kept by the broker
 
 
 def test_flush_waits_for_the_acknowledgements(make):
     pub, c, ob = make()
     put(ob, "a", "b")
     assert pub.flush(0.05) is False  # not connected: nothing can empty it
+    ob.delete(ob.pending(1)[0].id)
+    assert len(ob) == 1 and pub.flush(0.05) is False  # one row left is not flushed either
     c.ack_inline = True
     c.connack()
     assert pub.flush(5.0) is True and len(ob) == 0
