@@ -12,7 +12,7 @@ runs the histogram pass alone and writes both range files into onnxruntime's cal
 The ranges do not depend on the candidate: onnxruntime calibrates every tensor of the quantized op
 types whatever the activation type or the layers left in float, and neither calibrator here is told
 to make its ranges symmetric (`ActivationSymmetric` acts later, in the quantizer). The MinMax file is
-byte for byte what MinMaxCalibrater writes (tests/test_shared_ranges.py); the Percentile one is what
+byte for byte what MinMaxCalibrater writes (tests/unit/test_minmax_ranges.py); the Percentile one is what
 the Percentile candidate computed on its own before.
 """
 from __future__ import annotations
