@@ -67,6 +67,9 @@ class ExportContext:
     source: Any = None  # model_source.ModelSource
     data: Any = None  # exporters.datasets.ExportData
     report: ExportReport = field(default_factory=ExportReport)
+    # the onnxruntime calibration methods the int8 search plans (recipes.search): a candidate calibrates
+    # once for MinMax and Percentile only when both are planned (compress/shared_ranges.py)
+    planned_calibrations: frozenset[str] = frozenset()
 
     @property
     def per_channel(self) -> bool:

@@ -160,7 +160,8 @@ class OnnxExporter(Exporter):
         """One candidate, checked (onnx.checker, loads and runs a batch in onnxruntime): a broken
         graph raises quantize.BrokenGraph, and the search skips it with that reason."""
         res = quantize.quantize_int8(prepared, out_path, ctx.data.calib_x, recipe, ctx.per_channel, exclude,
-                                     check or quantize._no_check, ranges=prepared.parent)
+                                     check or quantize._no_check, ranges=prepared.parent,
+                                     share=ctx.planned_calibrations >= {"minmax", "percentile"})
         res.names = quantize.compact_names(res.path)
         return res
 

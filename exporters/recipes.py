@@ -108,6 +108,8 @@ def search(ctx, exporter, prepared: Path, validate, recipes: list[str], *, patie
     fallback = [r for r in recipes if q.Recipe.parse(r).sensitive]
     bases = {q.Recipe.parse(r).base for r in fallback}  # a failed candidate's file a sensitivity pass may need
     order = [(r, False) for r in plain] + [(r, True) for r in fallback]
+    ctx.planned_calibrations = frozenset(q.Recipe.parse(r).calibration for r in recipes
+                                         if q.Recipe.parse(r).engine == "ort")
     x1 = check_x[:1]
     judged_here = opts.measure_latency and writer.latency_judged_here(ctx.profile)
     budget_ms = ctx.profile.latency_budget_ms if judged_here else None

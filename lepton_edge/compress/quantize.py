@@ -344,14 +344,16 @@ def quantizable_nodes(model) -> list[str]:
 def quantize_int8(
     fp32_path: Path, out_path: Path, calib, recipe: Recipe, per_channel: bool = True,
     exclude: list[str] | None = None, check: Callable[[], None] = _no_check, ranges: Path | None = None,
+    share: bool = False,
 ) -> QuantResult:
     """Static QDQ quantization, weights int8 per channel, activations per recipe.
 
     `calib` is an array (a one-input model) or {input name: array}. `check` is called between
     calibration batches (the memory watchdog raises from it). `ranges`: a folder where onnxruntime's
     MinMax ranges of this model with this `calib` are kept for the next candidate (`_ort_int8`): one
-    export's work folder, never shared between data sets. The result is a checked graph: onnx.checker
-    passes and onnxruntime loads it and runs one batch (check_graph)."""
+    export's work folder, never shared between data sets; `share`: the export plans both MinMax and
+    Percentile candidates, so the first calibrates once for both (shared_ranges). The result is a
+    checked graph: onnx.checker passes and onnxruntime loads it and runs one batch (check_graph)."""
     import onnx
 
     model, fixed = without_defaults(onnx.load(str(fp32_path)))  # constant inputs calibrate as inputs
@@ -368,19 +370,21 @@ def quantize_int8(
             _nncf_int8(model, out_path, feeds, dtypes, recipe, exclude, check, fixed)
     else:
         _ort_int8(model, out_path, feeds, recipe, per_channel, exclude, check, fixed,
-                  ranges / Path(fp32_path).stem if ranges is not None else None)
+                  ranges / Path(fp32_path).stem if ranges is not None else None, share)
     _rebake(out_path, fixed)
     check_graph(out_path, {k: v[:batch] for k, v in feeds.items()}, dtypes)
     return QuantResult(out_path, recipe, exclude)
 
 
 def _ort_int8(model, out_path: Path, feeds, recipe: Recipe, per_channel: bool, exclude, check, fixed=None,
-              ranges: Path | None = None):
+              ranges: Path | None = None, share: bool = False):
     """onnxruntime's quantize_static. MinMax and Percentile ranges depend on the model and the data
     alone (not on the activation type or the layers left in float: onnxruntime calibrates every tensor
-    of the quantized op types either way), so with `ranges` (work folder / model stem) the first such
-    candidate of an export calibrates once for both (shared_ranges.one_pass) and keeps them in
-    onnxruntime's calibration cache: every later MinMax or Percentile candidate skips calibration."""
+    of the quantized op types either way), so with `ranges` (work folder / model stem) each method's
+    ranges are kept in onnxruntime's calibration cache for the export's later candidates, and with
+    `share` the first such candidate calibrates once for both (shared_ranges.one_pass). A shared pass
+    that fails where the method's own calibrator would not (the histogram of a tensor that is empty or
+    NaN) falls back to that calibrator, and the export shares no more."""
     import inspect
 
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -401,29 +405,36 @@ def _ort_int8(model, out_path: Path, feeds, recipe: Recipe, per_channel: bool, e
         and "calibration_cache_path" in inspect.signature(quantize_static).parameters else {}  # onnxruntime >= 1.24
     cache = files.get(recipe.calibration)
     cached = cache is not None and cache.is_file()
-    shared = cache is not None and not cached  # this candidate's pass calibrates for MinMax and Percentile
-    stride = _stride(batches, batch * sum(v[0].nbytes for v in feeds.values()))
-    if method != CalibrationMethod.MinMax or shared:  # (MinMax keeps only each tensor's reduced range)
-        stride = min(stride, _stride(batches, batch * per_sample, HISTOGRAM_STRIDE_BYTES))
+    shared = share and cache is not None and not cached and not files["failed"].exists()  # (for both methods)
     extra = {"ActivationSymmetric": recipe.activation == "s8", "WeightSymmetric": True,
              "CalibStridedMinMax": 1}  # strides of `stride` batches: the reader's unit (_Reader)
     if recipe.calibration == "percentile":
         extra["CalibPercentile"] = shared_ranges.PERCENTILE
-    with ui.progress("calibrating" if not cached else "quantizing (ranges of an earlier candidate's calibration)",
-                     n) as advance, ui.libraries_silenced("", stderr=False), _lean_calibration(), \
-            linear_time_histograms(), sampled_histograms(), \
-            shared_ranges.one_pass(files, recipe.calibration) if shared else nullcontext():
-        # (the histogram calibrators print their own progress to stdout, which --json keeps clean, and
-        # onnxruntime warns on the root logger that we skipped pre-processing: we do it when it helps)
-        reader = _Reader(feeds, _dtypes(model), batch, advance, check, fixed, per_stride=stride)
-        quantize_static(
-            model, str(out_path), reader, quant_format=QuantFormat.QDQ,
-            per_channel=per_channel and _opset(model) >= PER_CHANNEL_MIN_OPSET,
-            activation_type=QuantType.QUInt8 if recipe.activation == "u8" else QuantType.QInt8,
-            weight_type=QuantType.QInt8, calibrate_method=method,
-            nodes_to_exclude=exclude or None, extra_options=extra,
-            **({"calibration_cache_path": str(cache)} if cache is not None else {}),
-        )
+    for one_pass in ([True, False] if shared else [False]):
+        stride = _stride(batches, batch * sum(v[0].nbytes for v in feeds.values()))
+        if method != CalibrationMethod.MinMax or one_pass:  # (MinMax keeps only each tensor's reduced range)
+            stride = min(stride, _stride(batches, batch * per_sample, HISTOGRAM_STRIDE_BYTES))
+        try:
+            with ui.progress("calibrating" if not cached else "quantizing (ranges of an earlier candidate's "
+                             "calibration)", n) as advance, ui.libraries_silenced("", stderr=False), \
+                    _lean_calibration(), linear_time_histograms(), sampled_histograms(), \
+                    shared_ranges.one_pass(files, recipe.calibration) if one_pass else nullcontext():
+                # (the histogram calibrators print their own progress to stdout, which --json keeps clean, and
+                # onnxruntime warns on the root logger that we skipped pre-processing: we do it when it helps)
+                reader = _Reader(feeds, _dtypes(model), batch, advance, check, fixed, per_stride=stride)
+                quantize_static(
+                    model, str(out_path), reader, quant_format=QuantFormat.QDQ,
+                    per_channel=per_channel and _opset(model) >= PER_CHANNEL_MIN_OPSET,
+                    activation_type=QuantType.QUInt8 if recipe.activation == "u8" else QuantType.QInt8,
+                    weight_type=QuantType.QInt8, calibrate_method=method,
+                    nodes_to_exclude=exclude or None, extra_options=extra,
+                    **({"calibration_cache_path": str(cache)} if cache is not None else {}),
+                )
+            return
+        except (ValueError, ArithmeticError, IndexError):  # numpy on the histograms (an empty or NaN tensor)
+            if not one_pass:
+                raise
+            files["failed"].touch()  # this candidate calibrates alone, and so do the export's next ones
 
 
 @contextmanager

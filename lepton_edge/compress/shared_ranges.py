@@ -29,20 +29,22 @@ PERCENTILE = 99.99  # the percentile recipes' CalibPercentile (onnxruntime's def
 
 def range_files(prefix: Path) -> dict[str, Path]:
     """The cache file of each calibration method for `prefix` (work folder / model stem): one export's
-    own files, never shared between models or data sets."""
+    own files, never shared between models or data sets; "failed": a marker that a shared pass failed
+    (each candidate then calibrates alone)."""
     return {"minmax": prefix.with_name(f"{prefix.name}.minmax-ranges.json"),
-            "percentile": prefix.with_name(f"{prefix.name}.percentile-{PERCENTILE:g}-ranges.json")}
+            "percentile": prefix.with_name(f"{prefix.name}.percentile-{PERCENTILE:g}-ranges.json"),
+            "failed": prefix.with_name(f"{prefix.name}.one-pass-failed")}
 
 
 def minmax_from_histograms(histogram_dict: dict, names: dict[str, str]):
     """MinMax ranges (onnxruntime's TensorsData) from the histogram collector's exact minima and maxima:
-    the same (1,)-shaped float32 arrays MinMaxCalibrater keeps. `names`: sampled output -> tensor."""
+    the same (1,)-shaped arrays MinMaxCalibrater keeps, in the tensor's own type (a float16 tensor's
+    scale must be float16 too, or its QuantizeLinear is invalid). `names`: sampled output -> tensor."""
     from onnxruntime.quantization.calibrate import CalibrationMethod, TensorsData
 
     ranges = {}
     for key, (_hist, _edges, lo, hi) in histogram_dict.items():
-        ranges[names.get(key, key)] = (np.asarray(lo, dtype=np.float32).reshape(1),
-                                       np.asarray(hi, dtype=np.float32).reshape(1))
+        ranges[names.get(key, key)] = (np.asarray(lo).reshape(1), np.asarray(hi).reshape(1))
     return TensorsData(CalibrationMethod.MinMax, ranges)
 
 

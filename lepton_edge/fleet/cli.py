@@ -91,6 +91,19 @@ def _alerts(store, rules_path, publish, log):
     return AlertEngine(store, load_rules(rules_path), publish=publish, log=log)
 
 
+def _wait_subscribed(mon, broker: str, once: bool, log) -> None:
+    """Up to 10 s for the monitor's SUBACK; a refusal is one line at once (waiting will not change an ACL),
+    and --once does not take the store's last view for the live fleet."""
+    if mon.connected.wait(10):
+        return
+    if mon.refused:
+        raise LeptonError(f"broker {broker} refused the monitor's subscriptions ({mon.refused}): "
+                          "give its user read access to them")
+    if once:
+        raise LeptonError(f"broker {broker} not reachable in 10 s (the store's last view: `lepton-edge fleet ls`)")
+    log(f"monitor: {broker} not reachable yet; retrying in the background")
+
+
 @app.command()
 def monitor(
     broker: str = typer.Option(..., help="mqtt://host:1883 (mqtts://, ws://, wss://; user:pass@ in the URL)."),
@@ -153,11 +166,7 @@ def monitor(
     try:
         metrics_server = _serve_metrics(st, metrics, mon)
         mon.start()
-        if not mon.connected.wait(10):
-            if once:  # a script must not take the store's last view for the live fleet
-                raise LeptonError(f"broker {broker} not reachable in 10 s (the store's last view: "
-                                  "`lepton-edge fleet ls`)")
-            log(f"monitor: {broker} not reachable yet; retrying in the background")
+        _wait_subscribed(mon, broker, once, log)
         if homeassistant:
             ha.append(_homeassistant_bridge(mon.client, st))
         if once:

@@ -114,6 +114,7 @@ class Monitor:
         self._said: dict[tuple, float] = {}
         self._gen = 0  # connection generation: a PUBACK never goes to a later connection
         self._sub_mid = -1
+        self.refused: str | None = None  # the subscriptions the broker refused at the last SUBACK
         self._busy = False
         self._stop = threading.Event()
         self.connected = threading.Event()
@@ -149,9 +150,10 @@ class Monitor:
         if mid != self._sub_mid:
             return
         refused = [t for t, rc in zip(self.subscriptions(), reason_codes) if rc.is_failure]
+        self.refused = ", ".join(refused) or None
         if refused:
             self._say(("subscribe",), f"monitor: broker {self.addr.host}:{self.addr.port} refused the "
-                      f"subscription to {', '.join(refused)} (its ACL?): those messages are not received")
+                      f"subscription to {self.refused} (its ACL?): those messages are not received")
         if len(refused) < len(reason_codes):
             self.connected.set()
 

@@ -32,22 +32,25 @@ def test_later_minmax_candidates_reuse_the_ranges(tmp_path):
     x = np.random.default_rng(1).standard_normal((8, 3, 8, 8)).astype(np.float32)
     ranges = tmp_path / "work"
     ranges.mkdir()
-    q.quantize_int8(fp32, tmp_path / "a.onnx", x, q.Recipe.parse("s8-minmax"), ranges=ranges)
+    q.quantize_int8(fp32, tmp_path / "a.onnx", x, q.Recipe.parse("s8-minmax"), ranges=ranges, share=True)
     assert (ranges / "m.minmax-ranges.json").is_file()
     # data 10x larger: calibrated afresh its ranges would be 10x; from the cache they are the first data's
     fresh = q.quantize_int8(fp32, tmp_path / "fresh.onnx", x * 10, q.Recipe.parse("u8-minmax"))
-    again = q.quantize_int8(fp32, tmp_path / "again.onnx", x * 10, q.Recipe.parse("u8-minmax"), ranges=ranges)
+    again = q.quantize_int8(fp32, tmp_path / "again.onnx", x * 10, q.Recipe.parse("u8-minmax"), ranges=ranges,
+                            share=True)
     same = q.quantize_int8(fp32, tmp_path / "same.onnx", x, q.Recipe.parse("u8-minmax"))
     assert _scales(again.path) == _scales(same.path) != _scales(fresh.path)
     assert _scales(fresh.path)["r1"] > 5 * _scales(again.path)["r1"]
     # the first candidate's pass measured the Percentile ranges too: the export's own data, not this call's
     assert (ranges / "m.percentile-99.99-ranges.json").is_file()
-    p1 = q.quantize_int8(fp32, tmp_path / "p1.onnx", x * 10, q.Recipe.parse("u8-percentile"), ranges=ranges)
+    p1 = q.quantize_int8(fp32, tmp_path / "p1.onnx", x * 10, q.Recipe.parse("u8-percentile"), ranges=ranges,
+                         share=True)
     p2 = q.quantize_int8(fp32, tmp_path / "p2.onnx", x * 10, q.Recipe.parse("u8-percentile"))
     p3 = q.quantize_int8(fp32, tmp_path / "p3.onnx", x, q.Recipe.parse("u8-percentile"))
     assert _scales(p1.path) == _scales(p3.path) != _scales(p2.path)
     # entropy has no cache: it calibrates on the data it is given
-    e1 = q.quantize_int8(fp32, tmp_path / "e1.onnx", x * 10, q.Recipe.parse("s8-entropy"), ranges=ranges)
+    e1 = q.quantize_int8(fp32, tmp_path / "e1.onnx", x * 10, q.Recipe.parse("s8-entropy"), ranges=ranges,
+                         share=True)
     e2 = q.quantize_int8(fp32, tmp_path / "e2.onnx", x * 10, q.Recipe.parse("s8-entropy"))
     assert _scales(e1.path) == _scales(e2.path)
 
@@ -84,8 +87,8 @@ def test_one_pass_gives_each_method_the_ranges_its_own_calibrator_computes(tmp_p
     ranges = tmp_path / "work"
     ranges.mkdir()
     second = "u8-percentile" if "minmax" in first else "s8-minmax"
-    a = q.quantize_int8(fp32, tmp_path / "a.onnx", x, q.Recipe.parse(first), ranges=ranges)
-    b = q.quantize_int8(fp32, tmp_path / "b.onnx", x, q.Recipe.parse(second), ranges=ranges)
+    a = q.quantize_int8(fp32, tmp_path / "a.onnx", x, q.Recipe.parse(first), ranges=ranges, share=True)
+    b = q.quantize_int8(fp32, tmp_path / "b.onnx", x, q.Recipe.parse(second), ranges=ranges, share=True)
     assert len(made) == 1  # one pass for both candidates
     shared_runs = len(made)
     own_a = q.quantize_int8(fp32, tmp_path / "own_a.onnx", x, q.Recipe.parse(first))
@@ -94,3 +97,56 @@ def test_one_pass_gives_each_method_the_ranges_its_own_calibrator_computes(tmp_p
     assert a.path.read_bytes() == own_a.path.read_bytes()
     assert b.path.read_bytes() == own_b.path.read_bytes()
     assert _scales(a.path) != _scales(b.path)  # (two methods: not one set of ranges read twice)
+
+
+def test_without_share_each_method_calibrates_alone(tmp_path):
+    """An export that plans no Percentile candidate (a target whose recipes have none) pays for no
+    histogram pass: MinMax calibrates with its own, leaner calibrator and writes its file alone."""
+    if _cache_skipped():
+        pytest.skip("onnxruntime < 1.24 has no calibration cache: every candidate calibrates")
+    fp32 = tmp_path / "m.onnx"
+    conv_relu_conv(fp32, 3, 4, 8)
+    x = np.random.default_rng(1).standard_normal((8, 3, 8, 8)).astype(np.float32)
+    ranges = tmp_path / "work"
+    ranges.mkdir()
+    q.quantize_int8(fp32, tmp_path / "a.onnx", x, q.Recipe.parse("s8-minmax"), ranges=ranges)
+    assert sorted(p.name for p in ranges.iterdir()) == ["m.minmax-ranges.json"]
+
+
+def test_a_shared_pass_that_fails_falls_back_to_the_methods_own_calibrator(tmp_path, monkeypatch):
+    """The histograms can fail where MinMax's own calibrator does not (numpy cannot extend the bins of a
+    tensor that is empty for a whole stride: its min and max are +-inf); here numpy's error is made to
+    happen in the binning. The candidate then calibrates alone, as it did before the shared pass, and the
+    export's later candidates do not try to share again."""
+    from lepton_edge.compress import histogram
+
+    if _cache_skipped():
+        pytest.skip("onnxruntime < 1.24 has no calibration cache: every candidate calibrates")
+
+    def unbinnable(self, name_to_arr):
+        raise ValueError("Maximum allowed size exceeded")
+
+    fp32 = tmp_path / "m.onnx"
+    conv_relu_conv(fp32, 3, 4, 8)
+    x = np.random.default_rng(1).standard_normal((8, 3, 8, 8)).astype(np.float32)
+    ranges = tmp_path / "work"
+    ranges.mkdir()
+    own = q.quantize_int8(fp32, tmp_path / "own.onnx", x, q.Recipe.parse("u8-minmax"))
+    monkeypatch.setattr(histogram, "collect_absolute_value", unbinnable)
+    a = q.quantize_int8(fp32, tmp_path / "a.onnx", x, q.Recipe.parse("u8-minmax"), ranges=ranges, share=True)
+    assert (ranges / "m.one-pass-failed").exists() and not (ranges / "m.percentile-99.99-ranges.json").exists()
+    assert a.path.read_bytes() == own.path.read_bytes()
+    with pytest.raises(ValueError, match="Maximum allowed size"):  # a Percentile candidate: its own pass fails
+        q.quantize_int8(fp32, tmp_path / "p.onnx", x, q.Recipe.parse("u8-percentile"), ranges=ranges, share=True)
+
+
+def test_minmax_ranges_keep_the_tensors_own_float_type():
+    """A float16 tensor's range stays float16: onnxruntime gives its scale the range's type, and a float32
+    scale on a float16 QuantizeLinear is an invalid graph."""
+    from lepton_edge.compress.shared_ranges import minmax_from_histograms
+
+    hist = {"t__lepton_histogram_sample": (None, None, np.float16(-1.5), np.float16(2.0)),
+            "u": (None, None, np.float32(-3.0), np.float32(4.0))}
+    data = minmax_from_histograms(hist, {"t__lepton_histogram_sample": "t"})
+    assert data["t"].lowest.dtype == np.float16 and data["t"].highest.tolist() == [2.0]
+    assert data["u"].lowest.dtype == np.float32 and data["u"].lowest.shape == (1,)
