@@ -257,7 +257,8 @@ def latency_ms(paths: dict[str, str], x: np.ndarray, rounds: int = 10, block: in
 
 NNCF_SCRIPT = r"""
 import sys, time, numpy as np, onnx, nncf
-from lepton_edge.compress.quantize import with_defaults, without_defaults
+from lepton_edge.compress.quantize import no_nncf_telemetry, with_defaults, without_defaults
+no_nncf_telemetry()  # as the export: no usage events sent (a forked sender per event)
 src, calib, dst = sys.argv[1:4]
 xs = list(np.load(calib).values())
 # a multi-input bundle carries its non-image inputs' values as defaults: NNCF gets them as inputs, fed

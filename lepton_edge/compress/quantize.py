@@ -473,6 +473,20 @@ def _lean_calibration() -> Iterator[None]:
         CalibraterBase.create_inference_session = original  # type: ignore[method-assign]
 
 
+def no_nncf_telemetry() -> None:
+    """NNCF reports each use to Google Analytics (openvino-telemetry, on unless a consent file says no):
+    per event it forks a child process to send it, waits up to 3 s and terminates it. Forked from an
+    export's threads (onnxruntime's, the watchdogs'), such a child can hang on a lock it inherited, never
+    see the SIGTERM (our CLI's Python handler runs between bytecodes), and multiprocessing then joins it
+    at exit for ever: a CI run's export printed its result and never exited. An export sends nothing
+    anywhere: with no sender (`_impl`), NNCF's own guard (skip_if_raised) skips every event."""
+    try:
+        from nncf.telemetry import wrapper
+    except ImportError:  # (an NNCF without telemetry)
+        return
+    wrapper.telemetry._impl = None
+
+
 def _nncf_int8(model, out_path: Path, feeds, dtypes, recipe: Recipe, exclude, check, fixed=None) -> None:
     """NNCF's post-training quantization on the ONNX backend (imported here only: the workstation's
     [export] extra has it, a device never imports it)."""
@@ -484,6 +498,7 @@ def _nncf_int8(model, out_path: Path, feeds, dtypes, recipe: Recipe, exclude, ch
         import nncf
     except ImportError:
         raise ValueError("NNCF is not installed (pip install 'lepton-edge[export]')") from None
+    no_nncf_telemetry()
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
 
     from lepton_edge import ui

@@ -150,3 +150,19 @@ def test_minmax_ranges_keep_the_tensors_own_float_type():
     data = minmax_from_histograms(hist, {"t__lepton_histogram_sample": "t"})
     assert data["t"].lowest.dtype == np.float16 and data["t"].highest.tolist() == [2.0]
     assert data["u"].lowest.dtype == np.float32 and data["u"].lowest.shape == (1,)
+
+
+def test_an_nncf_candidate_sends_nothing_anywhere(tmp_path, monkeypatch):
+    """NNCF's usage telemetry forked a sender process per event (3 for one quantize) from the export's
+    threads; one such child hung a CI export at exit. The export turns it off: no process is started."""
+    import multiprocessing
+
+    pytest.importorskip("nncf")
+    started: list[object] = []
+    real = multiprocessing.Process.start
+    monkeypatch.setattr(multiprocessing.Process, "start", lambda self: (started.append(self), real(self))[1])
+    fp32 = tmp_path / "m.onnx"
+    conv_relu_conv(fp32, 3, 4, 8)
+    x = np.random.default_rng(1).standard_normal((8, 3, 8, 8)).astype(np.float32)
+    res = q.quantize_int8(fp32, tmp_path / "n.onnx", x, q.Recipe.parse("nncf-default"))
+    assert res.path.is_file() and started == []
