@@ -99,7 +99,7 @@ def test_unacknowledged_rows_are_sent_again_after_a_reconnect(make):
     put(ob, "e")  # committed during the outage: waits in the outbox
     pub.wake()
     c.connack()
-    wait_until(lambda: len(c.sent) == 7, what="the resend")
+    wait_until(lambda: len(c.sent) == 7, timeout=20.0, what="the resend")  # (5 s ran out in a loaded CI job)
     assert c.payloads()[4:] == [b"b", b"d", b"e"]  # the unacknowledged ones, in order; the acked ones not again
     for s in c.sent[4:]:
         c.puback(s.mid)
