@@ -20,18 +20,21 @@ def _scales(path) -> dict[str, float]:
             if n.op_type == "QuantizeLinear" and n.input[1] in init}
 
 
-def test_later_minmax_candidates_reuse_the_ranges(tmp_path):
-    import inspect
-
-    from onnxruntime.quantization import quantize_static
-
-    if "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
+def _small_export(tmp_path):
+    """A small conv model, its calibration inputs and an export's empty work folder (skipped where
+    onnxruntime has no calibration cache)."""
+    if _cache_skipped():
         pytest.skip("onnxruntime < 1.24 has no calibration cache: every candidate calibrates")
     fp32 = tmp_path / "m.onnx"
     conv_relu_conv(fp32, 3, 4, 8)
     x = np.random.default_rng(1).standard_normal((8, 3, 8, 8)).astype(np.float32)
     ranges = tmp_path / "work"
     ranges.mkdir()
+    return fp32, x, ranges
+
+
+def test_later_minmax_candidates_reuse_the_ranges(tmp_path):
+    fp32, x, ranges = _small_export(tmp_path)
     q.quantize_int8(fp32, tmp_path / "a.onnx", x, q.Recipe.parse("s8-minmax"), ranges=ranges, share=True)
     assert (ranges / "m.minmax-ranges.json").is_file()
     # data 10x larger: calibrated afresh its ranges would be 10x; from the cache they are the first data's
@@ -102,13 +105,7 @@ def test_one_pass_gives_each_method_the_ranges_its_own_calibrator_computes(tmp_p
 def test_without_share_each_method_calibrates_alone(tmp_path):
     """An export that plans no Percentile candidate (a target whose recipes have none) pays for no
     histogram pass: MinMax calibrates with its own, leaner calibrator and writes its file alone."""
-    if _cache_skipped():
-        pytest.skip("onnxruntime < 1.24 has no calibration cache: every candidate calibrates")
-    fp32 = tmp_path / "m.onnx"
-    conv_relu_conv(fp32, 3, 4, 8)
-    x = np.random.default_rng(1).standard_normal((8, 3, 8, 8)).astype(np.float32)
-    ranges = tmp_path / "work"
-    ranges.mkdir()
+    fp32, x, ranges = _small_export(tmp_path)
     q.quantize_int8(fp32, tmp_path / "a.onnx", x, q.Recipe.parse("s8-minmax"), ranges=ranges)
     assert sorted(p.name for p in ranges.iterdir()) == ["m.minmax-ranges.json"]
 
