@@ -66,6 +66,17 @@ def check_input_size(spec: InputSpec) -> None:
                        f"{MAX_INPUT_VALUES:,} values)")
 
 
+def _unlimited_runs(backend: Backend, max_run_s: float | None) -> list[str]:
+    """A warning when a run time limit was asked for and the backend has none to apply. Why: the
+    limit is only a setting its `Options` may declare (onnxruntime's does; LiteRT cannot stop an
+    invoke once started), and a setting a backend does not declare is not passed, so `run --max-run-s`
+    or an agent.toml `max_run_s` on a .tflite model was dropped without a word."""
+    if max_run_s is None or "max_run_s" in type(backend).Options.model_fields:
+        return []
+    return [f"max_run_s {max_run_s:g} s: the {type(backend).name} backend cannot stop a run once it has started, "
+            "so this model runs without a time limit"]
+
+
 def _label_mismatch(rt) -> list[str]:
     """A warning when a classifier's labels are not one per class: results then mixed names and numbers
     (`8 0.93, c 0.03`) without a word."""
@@ -276,7 +287,7 @@ class Runtime:
         else:
             raise BadInput(f"{p}: not a regular file (a bundle is a directory, a model a file)" if p.exists()
                            else f"not found: {p}")
-        rt.warnings = warnings + _label_mismatch(rt)
+        rt.warnings = warnings + _label_mismatch(rt) + _unlimited_runs(backend, max_run_s)
         if any(not isinstance(d, int) for d in backend.inputs[0].shape):
             backend.resize_input(rt._engine_shape)
         rt._check_preprocess()
