@@ -114,7 +114,10 @@ class Publisher:
 
     def _error(self, where: str, e: BaseException) -> None:
         """Keep and report an error from a callback or the sender; never raises."""
-        self.last_error = f"{where}: {type(e).__name__}: {e}"
+        self._report(f"{where}: {type(e).__name__}: {e}")
+
+    def _report(self, message: str) -> None:
+        self.last_error = message
         if self._on_error_cb:
             try:
                 self._on_error_cb(self.last_error)
@@ -152,8 +155,17 @@ class Publisher:
 
     def _handle_subscribe(self, client, userdata, mid, reason_codes=None, properties=None) -> None:
         """`subscribed`: the broker's SUBACK for this connection's subscriptions (commands sent before it
-        are lost: a clean first session holds nothing for this client yet)."""
-        if mid == self._sub_mid:
+        are lost: a clean first session holds nothing for this client yet), set when it granted at least
+        one. A subscription it refused (its ACL) is an error, kept and reported like the others: the
+        device would otherwise look ready for commands that can never reach it."""
+        if mid != self._sub_mid:
+            return
+        codes = list(reason_codes or [])
+        refused = [f"{t} ({rc})" for t, rc in zip(self.subscriptions, codes) if getattr(rc, "is_failure", False)]
+        if refused:
+            self._report(f"on_subscribe: the broker refused the subscription to {', '.join(refused)} "
+                         "(its ACL?): those messages are not received")
+        if len(refused) < len(codes):
             self.subscribed.set()
 
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties=None) -> None:

@@ -109,10 +109,11 @@ class FakeClient:
         self.on_connect(self, None, mqtt.ConnectFlags(session_present=False),
                         ReasonCode(PacketTypes.CONNACK, reason), None)
 
-    def suback(self, mid: int | None = None) -> None:
-        """The broker took the last (or `mid`'s) subscriptions."""
+    def suback(self, mid: int | None = None, codes: list[str] | None = None) -> None:
+        """The broker took the last (or `mid`'s) subscriptions: one reason code each ("Granted QoS 1"
+        unless `codes` says otherwise, e.g. "Not authorized" for one its ACL refuses)."""
         self.on_subscribe(self, None, self.sub_mids[-1] if mid is None else mid,
-                          [ReasonCode(PacketTypes.SUBACK, "Granted QoS 1")], None)
+                          [ReasonCode(PacketTypes.SUBACK, c) for c in (codes or ["Granted QoS 1"])], None)
 
     def drop(self) -> None:
         """The connection is lost (the broker went away)."""

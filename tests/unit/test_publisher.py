@@ -184,6 +184,23 @@ def test_subscriptions_will_and_session_are_set_at_each_connect(make):
     assert pub.subscribed.is_set()
 
 
+def test_a_subscription_the_broker_refuses_is_an_error_not_subscribed(make, tmp_path):
+    """A SUBACK that refuses the command subscription (the broker's ACL): the device is not `subscribed`
+    (commands can never reach it) and the refusal is reported as an error, with the topic; one of two
+    refused still leaves it subscribed to the other, and the refusal is said all the same."""
+    errors: list[str] = []
+    pub, c, _ = make(subscriptions=["lepton/v1/f/d/cmd/+"], on_error=errors.append)
+    c.connack()
+    c.suback(codes=["Not authorized"])
+    assert not pub.subscribed.is_set()
+    assert len(errors) == 1 and "refused" in errors[0] and "lepton/v1/f/d/cmd/+" in errors[0]
+    assert "Not authorized" in errors[0] and pub.last_error == errors[0]
+    pub2, c2, _ = make(Outbox(tmp_path / "other.sqlite"), subscriptions=["a/cmd/+", "b/cmd/+"], on_error=errors.append)
+    c2.connack()
+    c2.suback(codes=["Granted QoS 1", "Not authorized"])
+    assert pub2.subscribed.is_set() and "b/cmd/+" in errors[-1] and "a/cmd/+" not in errors[-1]
+
+
 def test_a_publisher_without_subscriptions_is_subscribed_when_connected(make):
     pub, c, _ = make()
     c.connack()
