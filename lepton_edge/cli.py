@@ -595,9 +595,11 @@ def keys_new(output: Path = typer.Option(Path("keys"), "--out", "-o",
 def sign(bundle: Path = typer.Argument(..., help="Bundle directory."),
          key: Path = typer.Option(..., "--key", "-k", help="private.pem from `lepton-edge keys new`.")):
     """Sign a bundle (its checksums are verified first); devices with the public key accept it."""
-    from lepton_edge.signing import sign as do_sign
+    from lepton_edge.signing import exposed, sign as do_sign
 
     sig = do_sign(bundle, key)
+    if why := exposed(key):
+        log.warning(why)
     out.print(f"signed: {sig}")
 
 

@@ -75,6 +75,20 @@ def load_public(path: str | Path):
     return key
 
 
+def exposed(private_key: str | Path) -> str | None:
+    """Why a private key file is readable by users other than its owner (None: it is not, or this
+    system has no such modes). Why only said, not refused as ssh does: the key may sit on a build
+    machine's mount that cannot keep modes, and refusing would stop a release over a warning's worth."""
+    try:
+        mode = os.stat(private_key).st_mode
+    except OSError:
+        return None
+    if os.name != "posix" or not mode & 0o077:
+        return None
+    return (f"{private_key} can be read by other users (mode {mode & 0o777:o}): anyone who can read it can sign "
+            f"bundles your devices accept; chmod 600 it")
+
+
 def sign(bundle_dir: str | Path, private_key: str | Path) -> Path:
     """Check the bundle's checksums, then write `signature` over its manifest's bytes."""
     data = read_manifest_bytes(Path(bundle_dir))

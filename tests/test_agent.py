@@ -368,6 +368,10 @@ def test_keys_and_sign_cli(tmp_path, int8_bundle):
     shutil.copytree(int8_bundle.bundle.path, b)
     r = run_cli("sign", str(b), "--key", str(tmp_path / "k" / "private.pem"))
     assert r.returncode == 0 and json.loads((b / "signature").read_text())["alg"] == "ed25519"
+    assert "other users" not in r.stderr
+    (tmp_path / "k" / "private.pem").chmod(0o644)  # a key anyone on the machine can read: signed, and said
+    r = run_cli("sign", str(b), "--key", str(tmp_path / "k" / "private.pem"))
+    assert r.returncode == 0 and "can be read by other users (mode 644)" in r.stderr and "chmod 600" in r.stderr
     (b / "labels.txt").write_text("x\n")
     r = run_cli("sign", str(b), "--key", str(tmp_path / "k" / "private.pem"))
     assert r.returncode == 2 and "checksum mismatch" in r.stderr
