@@ -84,6 +84,33 @@ def write_replacing(path, data: bytes, mode: int = 0o644) -> None:
         raise
 
 
+def write_new(path, data: bytes, mode: int = 0o600) -> None:
+    """Write `path` whole, with `mode`, only if nothing is there (a file, a directory, a dangling link):
+    FileExistsError otherwise, with what was there untouched.
+
+    Why: checking first and then writing by rename (`write_replacing`) leaves a gap: two `keys new` run
+    at once both found no private.pem, and the second replaced the key the first had already printed.
+    Here the file appears by a hard link of a complete temporary file, which fails if the name exists,
+    so a reader never sees half a key either; where links are not supported (some mounted file
+    systems), by an exclusive create."""
+    p = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        try:
+            os.link(tmp, p, follow_symlinks=False)
+        except FileExistsError:
+            raise
+        except OSError:  # no hard links here: an exclusive create, which a link at `p` fails too
+            with os.fdopen(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode),
+                           "wb") as f:
+                f.write(data)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
 MAX_ONNX_BYTES = 2 << 30  # a protobuf message's limit: larger weights live in external data files
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from lepton_edge.bundle import MAX_BUNDLE_BYTES, SIGNATURE, Bundle, parse_json, read_capped, read_manifest_bytes
 from lepton_edge.errors import BadInput
-from lepton_edge.paths import read_small, write_replacing
+from lepton_edge.paths import read_small, write_new, write_replacing
 
 MAX_SIGNATURE_BYTES = 4096  # {"alg", "key_id", "signature"}: about 150 bytes
 MAX_KEY_BYTES = 64 * 1024  # an Ed25519 PEM is about 120 bytes; /dev/zero as a key read until memory ran out
@@ -48,7 +48,10 @@ def new_keys(out: Path) -> tuple[Path, Path]:
     priv = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
     pub = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    write_replacing(priv_path, priv, 0o600)
+    try:
+        write_new(priv_path, priv, 0o600)  # (not by rename: a key another `keys new` just made stays)
+    except FileExistsError:
+        raise BadInput(f"{priv_path} exists; refusing to overwrite a private key") from None
     write_replacing(pub_path, pub, 0o644)
     return priv_path, pub_path
 

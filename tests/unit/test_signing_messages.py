@@ -73,3 +73,44 @@ def test_the_signature_file_is_capped_at_its_limit(signed):
     (b / "signature").write_text(json.dumps(sig | {"pad": "x" * (pad + 1)}))
     with pytest.raises(BadInput, match="signature file"):
         read_signature(b)
+
+
+def test_a_key_made_between_the_check_and_the_write_is_never_replaced(tmp_path, monkeypatch):
+    """Two `keys new` at once both passed the "private.pem exists?" check, and the second's rename replaced
+    the key the first had already made (and printed). Played here by a check that sees nothing: the key
+    already there stays byte for byte, no temporary file is left, and the refusal is the usual line.
+    A dangling link at private.pem is refused the same way (a write through it would put the key elsewhere)."""
+    import os
+
+    from lepton_edge import signing
+
+    priv, _ = new_keys(tmp_path / "k")
+    first = priv.read_bytes()
+    monkeypatch.setattr(signing.os.path, "lexists", lambda p: False)
+    with pytest.raises(BadInput, match="exists; refusing to overwrite a private key"):
+        new_keys(tmp_path / "k")
+    assert priv.read_bytes() == first and (priv.stat().st_mode & 0o777) == 0o600
+    assert sorted(p.name for p in (tmp_path / "k").iterdir()) == ["private.pem", "public.pem"]
+    (tmp_path / "d").mkdir()
+    os.symlink(tmp_path / "elsewhere.pem", tmp_path / "d" / "private.pem")
+    with pytest.raises(BadInput, match="refusing to overwrite"):
+        new_keys(tmp_path / "d")
+    assert not (tmp_path / "elsewhere.pem").exists()
+
+
+def test_without_hard_links_a_new_file_is_created_exclusively(tmp_path, monkeypatch):
+    """Where the file system has no hard links (os.link fails with EPERM), write_new creates the file
+    exclusively instead: written whole with its mode when the name is free, refused when it is not."""
+    import os
+
+    from lepton_edge.paths import write_new
+
+    def no_links(*a, **k):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    write_new(tmp_path / "a.pem", b"key", 0o600)
+    assert (tmp_path / "a.pem").read_bytes() == b"key" and ((tmp_path / "a.pem").stat().st_mode & 0o777) == 0o600
+    with pytest.raises(FileExistsError):
+        write_new(tmp_path / "a.pem", b"other")
+    assert (tmp_path / "a.pem").read_bytes() == b"key" and [p.name for p in tmp_path.iterdir()] == ["a.pem"]
