@@ -411,13 +411,18 @@ def run(
     d = rt.describe()
     ui.info(f"[bold]{escape(rt.name)}[/] ({d['backend']}, {d['threads']} thread(s), task {rt.task}) on {src.kind} "
             f"{escape(src.spec)}")
+    if d["backend"] == "onnxruntime":
+        from lepton_edge.runtime.onnx import stop_runs_on_signals
+
+        stop_runs_on_signals()  # Ctrl-C stops a long run at once, not at --max-run-s
     interrupted = _drive(pipe, outs)
     status = pipe.status() | {"model": d, "interrupted": interrupted}
     _report_run(status, as_json)
     failed = getattr(src, "failure", None)
     if failed and not interrupted:
         raise BadInput(f"{src.spec}: {failed}")
-    if status["frames"] == 0:  # (the model's own error when it failed on every frame: it was counted, unsaid)
+    # (the model's own error when it failed on every frame: it was counted, unsaid; a stop is not a failure)
+    if status["frames"] == 0 and not interrupted:
         why = f": {pipe.last_failure}" if pipe.last_failure else ""
         raise BadInput(f"no frame could be read or processed from {src.spec!r}{why}")
 

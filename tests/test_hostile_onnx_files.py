@@ -79,6 +79,40 @@ def test_run_stops_an_endless_model_at_max_run_s_in_one_line(tmp_path):
                   "max_run_s")
 
 
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_stops_a_run_stuck_in_one_inference_at_once(tmp_path, sig):
+    """Ctrl-C (or SIGTERM) while the model is inside one long inference: `run` stops within seconds with
+    its summary marked interrupted (exit 0, as a run stopped between frames), not that the model took too
+    long, nor that no frame could be read. It used to wait for the run's limit
+    (--max-run-s, 120 s by default): Python runs a signal's handler only between bytecodes, and the main
+    thread was inside onnxruntime's run."""
+    import signal
+    import subprocess
+    import sys
+
+    import cv2
+
+    loop = _endless_loop(tmp_path / "loop.onnx")
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    cv2.imwrite(str(frames / "a.png"), np.full((32, 32, 3), 128, np.uint8))
+    exe = os.path.join(os.path.dirname(sys.executable), "lepton-edge")
+    p = subprocess.Popen([exe, "run", str(loop), "--source", str(frames), "--no-show"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "160"})
+    try:
+        time.sleep(6)  # loaded, and inside the endless run (the default limit is 120 s)
+        assert p.poll() is None
+        t0 = time.monotonic()
+        p.send_signal(getattr(signal, sig))
+        out, err = p.communicate(timeout=30)
+    finally:
+        p.kill()
+    assert time.monotonic() - t0 < 15, err[-1500:]
+    said = out + err
+    assert p.returncode == 0 and "(interrupted)" in said and "took over" not in said and "Traceback" not in said \
+        and "no frame could be read" not in said, (p.returncode, said[-1500:])
+
+
 def _one_line(r, *words):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-1500:]
     assert all(w in r.stderr for w in words), r.stderr[-1500:]

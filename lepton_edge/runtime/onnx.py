@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import time
+import weakref
 from pathlib import Path
 from typing import Annotated
 
@@ -91,6 +92,8 @@ class OnnxBackend(Backend):
         try:
             return self._run(None, {self._feed: x}, ro)
         except Exception:
+            if w.interrupted(ro):  # Ctrl-C or SIGTERM stopped it (stop_runs_on_signals): the caller's stop
+                raise KeyboardInterrupt from None
             if ro.terminate:
                 raise BadInput(f"one run of the model took over {w.limit:g} s and was stopped (a loop that does not "
                                "end, or far too much work for this machine)") from None
@@ -115,15 +118,28 @@ class _Watchdog:
 
     def __init__(self, backend: OnnxBackend, limit: float):
         import threading
-        import weakref
 
         import onnxruntime as ort
 
         self._ort, self.limit = ort, limit
         self._local = threading.local()
         self._running: dict[int, tuple[float, object]] = {}
+        self._interrupted: set[int] = set()
         ref = weakref.ref(backend)
         threading.Thread(target=self._watch, args=(ref,), name="onnx-watchdog", daemon=True).start()
+        _WATCHDOGS.add(self)
+
+    def interrupt(self) -> None:
+        """Stop every run in progress now, as interrupted (not as over the limit)."""
+        for key, (_started, ro) in list(self._running.items()):
+            self._interrupted.add(key)
+            ro.terminate = True  # type: ignore[attr-defined]
+
+    def interrupted(self, ro) -> bool:
+        if id(ro) in self._interrupted:
+            self._interrupted.discard(id(ro))
+            return True
+        return False
 
     def begin(self):
         ro = getattr(self._local, "options", None)
@@ -144,3 +160,48 @@ class _Watchdog:
             for started, ro in list(self._running.values()):
                 if now - started > self.limit:
                     ro.terminate = True  # type: ignore[attr-defined]
+
+
+_WATCHDOGS: weakref.WeakSet[_Watchdog] = weakref.WeakSet()
+
+
+def stop_runs_on_signals() -> bool:
+    """From now on Ctrl-C and SIGTERM also stop an onnxruntime run in progress, at once; whoever called
+    run() then gets KeyboardInterrupt. Call it from the main thread of a command that runs models
+    (`lepton-edge run`). True when installed.
+
+    Why: Python runs a signal's handler only between bytecodes of the main thread, and the main thread
+    of `run` spends its time inside one `session.run` call. A model stuck in a long run (a Loop that
+    does not end) ignored Ctrl-C until `max_run_s` (120 s) stopped it. The C-level handler does write
+    the signal's number to a wakeup fd at once (`signal.set_wakeup_fd`): a thread reading it terminates
+    the runs in progress. Not installed where the process already has a wakeup fd (an asyncio loop's):
+    that one is left as it is."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    try:
+        previous = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    except ValueError:
+        previous = None
+    if previous != -1:
+        if previous is not None:
+            signal.set_wakeup_fd(previous)
+        os.close(r)
+        os.close(w)
+        return False
+    threading.Thread(target=_stop_on_wakeup, args=(r,), name="onnx-signals", daemon=True).start()
+    return True
+
+
+def _stop_on_wakeup(fd: int) -> None:
+    import signal
+
+    stops = {int(signal.SIGINT), int(signal.SIGTERM)}
+    while data := os.read(fd, 64):
+        if stops.intersection(data):
+            for watchdog in list(_WATCHDOGS):
+                watchdog.interrupt()
