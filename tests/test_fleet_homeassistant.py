@@ -287,3 +287,32 @@ def test_an_upgraded_monitor_clears_the_old_retained_config_when_it_publishes(br
         assert _configs(late, old) == []  # (retained messages of one subscription come together)
     finally:
         late.close()
+
+
+def test_a_device_cannot_name_itself_so_that_clearing_its_old_id_deletes_another_device(bridge_env, mosquitto):
+    """lab/cam-1.v2's id is hashed (lepton_lab_cam-1_v2_<6 hex>); a device named lab/cam-1_v2_<those hex>
+    has exactly that as its old, unhashed id. Its first publish emptied that retained config, deleting
+    lab/cam-1.v2 from Home Assistant for good (its config unchanged, the bridge never sent it again), and
+    `fleet forget` of it did the same. An old id shaped as a hashed one is never cleared now."""
+    from lepton_edge.fleet.forget import retained_topics
+    from lepton_edge.fleet.homeassistant import legacy_ha_id, legacy_id_to_clear
+
+    store, bridge, _client = bridge_env
+    victim = ("lab", "cam-1.v2")
+    hostile = ("lab", "cam-1_v2_" + ha_id(*victim).rsplit("_", 1)[1])
+    assert legacy_ha_id(*hostile) == ha_id(*victim)  # the collision itself
+    assert legacy_id_to_clear(*hostile) is None and legacy_id_to_clear("lab", "cam_1") == "lepton_lab_cam_1"
+    assert bridge.config_topic(*victim) not in retained_topics(*hostile)
+    add_device(store, *victim)
+    assert bridge.device_changed(*victim) is True
+    add_device(store, *hostile)
+    assert bridge.device_changed(*hostile) is True
+    bridge.sync()
+    late = Recorder(mosquitto.port, client_id="ha-collision", topic="homeassistant/#")
+    try:
+        assert late.wait_for(lambda r: _configs(r, bridge.config_topic(*hostile)), timeout=10)
+        time.sleep(0.5)  # (retained messages of one subscription come together)
+        kept = _configs(late, bridge.config_topic(*victim))
+        assert kept and kept[0][0]["dev"]["ids"], kept  # the victim's config is still retained, not emptied
+    finally:
+        late.close()

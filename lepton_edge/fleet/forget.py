@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from lepton_edge.errors import BadInput
 from lepton_edge.fleet.commands import connect
-from lepton_edge.fleet.homeassistant import ha_id, legacy_ha_id
+from lepton_edge.fleet.homeassistant import ha_id, legacy_id_to_clear
 from lepton_edge.fleet.store.base import Store
 from lepton_edge.telemetry.topics import Topics, safe_segment
 
@@ -24,8 +24,8 @@ def retained_topics(fleet: str, device: str, ha_prefix: str | None = "homeassist
     out = [t.status, t.meta]
     if ha_prefix:
         out.append(f"{ha_prefix}/device/{ha_id(fleet, device)}/config")
-        if legacy_ha_id(fleet, device) != ha_id(fleet, device):  # the id used before names with "_" were hashed
-            out.append(f"{ha_prefix}/device/{legacy_ha_id(fleet, device)}/config")
+        if (old := legacy_id_to_clear(fleet, device)) is not None:  # the id used before names with "_" were hashed
+            out.append(f"{ha_prefix}/device/{old}/config")
     return out
 
 

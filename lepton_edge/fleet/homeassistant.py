@@ -52,6 +52,22 @@ def legacy_ha_id(fleet: str, device: str) -> str:
     return safe + "_" + hashlib.sha1(raw.encode()).hexdigest()[:6] if safe != raw else safe
 
 
+_HASHED_TAIL = re.compile(r"_(?:[0-9a-f]{6}|[0-9a-f]{8})$")  # how ha_id ends when it hashed the name
+
+
+def legacy_id_to_clear(fleet: str, device: str) -> str | None:
+    """The old id whose retained config an upgrade (or `fleet forget`) empties, or None: the id did not
+    change, or the old one ends as a hashed current id does and so may be another device's.
+    Why: a device can pick its name; lab/cam-1_v2_d56431 has the old, unhashed id
+    lepton_lab_cam-1_v2_d56431, which is the current id of lab/cam-1.v2, and clearing it deleted that
+    device from Home Assistant (and the bridge, its config unchanged, never sent it again). The cost:
+    a device whose own name ends in six or eight hex digits after '_' keeps its pre-upgrade duplicate."""
+    old = legacy_ha_id(fleet, device)
+    if old == ha_id(fleet, device) or _HASHED_TAIL.search(old):
+        return None
+    return old
+
+
 def _sensor(uid: str, name: str, tpl: str, availability: list, expire_after: int, *, unit: str | None = None,
             device_class: str | None = None, icon: str | None = None, precision: int | None = None) -> dict:
     c = {"p": "sensor", "name": name, "uniq_id": uid, "val_tpl": tpl, "stat_cla": "measurement",
@@ -136,9 +152,10 @@ class HomeAssistantBridge:
         return f"{self.prefix}/device/{ha_id(fleet, device)}/config"
 
     def legacy_topic(self, fleet: str, device: str) -> str | None:
-        """The config topic lepton-edge used before ha_id hashed names holding '_' (None: unchanged)."""
-        old = legacy_ha_id(fleet, device)
-        return None if old == ha_id(fleet, device) else f"{self.prefix}/device/{old}/config"
+        """The config topic lepton-edge used before ha_id hashed names holding '_', to empty (None: none
+        to clear; see legacy_id_to_clear)."""
+        old = legacy_id_to_clear(fleet, device)
+        return None if old is None else f"{self.prefix}/device/{old}/config"
 
     # ---- wiring -------------------------------------------------------------------------------
     def attach(self) -> HomeAssistantBridge:
