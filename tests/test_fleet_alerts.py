@@ -105,6 +105,32 @@ def test_bad_rules_file_is_one_line(tmp_path):
         load_rules(p)
 
 
+@pytest.mark.parametrize("line, where", [
+    ('topic = "lepton/v1/+/#"', "topic"),  # loaded, then every alert's publish failed
+    ('topic = ""', "topic"),
+    ('topic = "alerts\\u0000x"', "topic"),
+    ('topic = "lepton/v1/lab/cam-1/cmd/deploy"', "topic"),  # a device's own command topic
+    ('topic = "$SYS/alerts"', "topic"),
+    (f'topic = "{"a" * 300}"', "topic"),
+    ('webhook = "http://hooks.example/a\\nb"', "webhook"),  # loaded, then every POST failed
+    ('events = ["offline"]', "events"),  # a threshold rule as an event: its alert flapped for ever
+    ('events = ["seq_gaps", "rollback"]', "events"),
+])
+def test_rules_that_would_misfire_at_run_time_are_refused_at_load(tmp_path, line, where):
+    p = tmp_path / "alerts.toml"
+    p.write_text(f"[alerts]\n{line}\n")
+    with pytest.raises(BadInput, match=f"alert rules .*: {where}"):
+        load_rules(p)
+
+
+def test_good_topics_and_event_kinds_still_load(tmp_path):
+    p = tmp_path / "alerts.toml"
+    for line in ('topic = "lepton/v1/_monitor/alerts/site-a"', 'topic = "plant/alerts"',
+                 'events = ["rollback", "error", "deploy_failed"]', 'webhook = "https://hooks.example/x?a=1"'):
+        p.write_text(f"[alerts]\n{line}\n")
+        load_rules(p)
+
+
 def test_send_command_validates_and_matches_its_reply(mosquitto):
     """commands.send_command: bad fields are one BadInput line; the reply with our id is returned."""
     import paho.mqtt.client as mqtt

@@ -22,13 +22,13 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from lepton_edge import tomlfile
 from lepton_edge.errors import BadInput
 from lepton_edge.fleet.store.base import Alert, DeviceState, Store
 from lepton_edge.telemetry.schema import AlertChange
-from lepton_edge.telemetry.topics import MONITOR_ALERTS
+from lepton_edge.telemetry.topics import MONITOR_ALERTS, PREFIX
 from lepton_edge.ui import printable
 
 ALERT_TOPIC = MONITOR_ALERTS
@@ -48,9 +48,38 @@ class AlertRules(BaseModel):
     events: list[str] = Field(default_factory=lambda: ["rollback", "error"])  # kinds (or level 'error')
     event_hold_s: float = Field(600.0, ge=0)  # an event alert resolves after this long without a new one
     hysteresis: float = Field(0.1, ge=0, le=0.9)  # resolve 10% inside the threshold
-    webhook: str | None = Field(None, pattern=r"^https?://", max_length=2048)
+    # (no whitespace or control character: a URL holding a newline loaded and then failed every POST)
+    webhook: str | None = Field(None, pattern=r"^https?://[^\s\x00-\x1f\x7f]+$", max_length=2048)
     webhook_timeout_s: float = Field(5.0, gt=0, le=60)
-    topic: str = ALERT_TOPIC
+    topic: str = Field(ALERT_TOPIC, min_length=1, max_length=256)
+
+    @field_validator("events")
+    @classmethod
+    def _event_kinds(cls, kinds: list[str]) -> list[str]:
+        """Event kinds only: a threshold rule's name here made its alert flap for ever (the event pass
+        resolved an offline device's alert after event_hold_s, the threshold pass fired it again)."""
+        for k in kinds:
+            if k in THRESHOLD_RULES:
+                raise ValueError(f"{k!r} is a threshold rule (set it with its own field), not an event kind")
+            if not k or len(k) > 64:
+                raise ValueError("an event kind is 1 to 64 characters")
+        return kinds
+
+    @field_validator("topic")
+    @classmethod
+    def _own_topic(cls, topic: str) -> str:
+        """A topic alerts can be published on and no device owns. Why: '+' or '#' loaded and then failed
+        each publish, and a topic in a device's subtree (lepton/v1/lab/cam-1/cmd/deploy) broke the
+        promise above that the devices' subtrees stay theirs."""
+        if any(c in topic for c in "+#\0") or topic.startswith("$"):
+            raise ValueError("a topic to publish on: no '+', '#' or NUL, not starting with '$'")
+        if (topic == PREFIX or topic.startswith(PREFIX + "/")) and not topic.startswith(f"{PREFIX}/_monitor/"):
+            raise ValueError(f"under {PREFIX}/ only {PREFIX}/_monitor/... is the monitor's; the rest is the devices'")
+        return topic
+
+
+# the threshold rules (AlertEngine._conditions), which `events` must not name
+THRESHOLD_RULES = frozenset({"offline", "latency", "fps", "temperature", "throttled", "seq_gaps"})
 
 
 def load_rules(path: str | Path | None) -> AlertRules:
