@@ -61,6 +61,17 @@ def test_two_writers_store_each_window_once(store):
     assert all(d.seq_gaps == 0 for d in devs)
 
 
+def test_a_devices_software_string_is_capped_as_its_status_version_is(store):
+    """meta's `software` went into the store whole (status's `version` is capped at 64 by the schema):
+    a device's 60 KB string became every Home Assistant config's dev.sw and a /metrics label."""
+    now = time.time()
+    store.set_status("f", "d", {"online": True, "boot_id": "b1", "version": "0.9"}, now)
+    store.set_meta("f", "d", {"v": 1, "software": "S" * 60_000}, now)
+    assert store.device("f", "d").software == "S" * 64
+    store.set_meta("f", "d", {"v": 1, "software": 12}, now)  # not text: the last one stays
+    assert store.device("f", "d").software == "S" * 64
+
+
 def test_state_events_alerts_history_downsample_retain(store):
     now = time.time()
     store.set_status("f", "d", {"online": True, "boot_id": "b1", "version": "0.9"}, now)

@@ -130,8 +130,11 @@ def _avg_vals(p: dict) -> tuple:
             _num(p.get("temperature_c")), _num(p.get("cpu_percent")), _num(p.get("rss_bytes")))
 
 
-def _str(x) -> str | None:
-    return x[:200] if isinstance(x, str) else None  # meta is not schema-checked: a name is text or nothing
+SOFTWARE_CHARS = 64  # telemetry.schema.Status.version's cap
+
+
+def _str(x, limit: int = 200) -> str | None:
+    return x[:limit] if isinstance(x, str) else None  # meta is not schema-checked: a name is text or nothing
 
 
 def _num(x) -> float | None:
@@ -395,8 +398,9 @@ class SqlStore(Store):
             self._touch(cur, [(fleet, device)])
             self._x(cur, "UPDATE devices SET meta = ?, software = COALESCE(?, software), " +
                     ", ".join(f"{c} = ?" for c, _ in _META_COLS) + " WHERE fleet = ? AND device = ?",
-                    (json.dumps(payload), payload.get("software") if isinstance(payload.get("software"), str)
-                     else None, *meta_cols(payload), fleet, device))
+                    # (software capped as status's version is: a 60 KB one was every HA config's dev.sw)
+                    (json.dumps(payload), _str(payload.get("software"), SOFTWARE_CHARS), *meta_cols(payload),
+                     fleet, device))
 
     def count_bad(self, fleet: str | None, device: str | None, reason: str, received: float) -> None:
         with self._tx() as cur:
