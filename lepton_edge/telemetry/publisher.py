@@ -157,7 +157,9 @@ class Publisher:
         """`subscribed`: the broker's SUBACK for this connection's subscriptions (commands sent before it
         are lost: a clean first session holds nothing for this client yet), set when it granted at least
         one. A subscription it refused (its ACL) is an error, kept and reported like the others: the
-        device would otherwise look ready for commands that can never reach it."""
+        device would otherwise look ready for commands that can never reach it. Only what the SUBACK
+        says: a broker that grants the subscription and filters at delivery (mosquitto 2 with an
+        acl_file that denies reading) is not detected here."""
         if mid != self._sub_mid:
             return
         codes = list(reason_codes or [])
