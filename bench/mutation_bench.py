@@ -52,7 +52,8 @@ MODULES: dict[str, tuple[str, list[str]]] = {
         "tests/test_bundle_hardening.py", _PB + "manifest_edited_and_rechecksummed_after_signing_is_refused",
         _PB + "archive_sha256_is_checked_on_url_and_path_deploys"]),
     "signing": ("lepton_edge/signing.py", [
-        "tests/test_signing.py", _PB + "manifest_edited_and_rechecksummed_after_signing_is_refused",
+        "tests/test_signing.py", "tests/unit/test_signing_messages.py",
+        _PB + "manifest_edited_and_rechecksummed_after_signing_is_refused",
         "tests/test_bundle_hardening.py::test_signature_covers_the_model",
         "tests/test_bundle_hardening.py::test_signature_is_checked_before_any_file_is_hashed"]),
     "agent.deploy": ("lepton_edge/agent/deploy.py", [

@@ -114,3 +114,17 @@ def test_without_hard_links_a_new_file_is_created_exclusively(tmp_path, monkeypa
     with pytest.raises(FileExistsError):
         write_new(tmp_path / "a.pem", b"other")
     assert (tmp_path / "a.pem").read_bytes() == b"key" and [p.name for p in tmp_path.iterdir()] == ["a.pem"]
+
+
+def test_a_private_key_others_can_read_is_named_with_its_mode(tmp_path):
+    """`sign` warns with this line; an owner-only key, and a path that cannot be read, say nothing."""
+    from lepton_edge.signing import exposed
+
+    priv, _ = new_keys(tmp_path / "k")
+    assert exposed(priv) is None
+    for mode in (0o640, 0o604, 0o644):
+        priv.chmod(mode)
+        why = exposed(priv)
+        assert why == (f"{priv} can be read by other users (mode {mode:o}): anyone who can read it can sign bundles "
+                       "your devices accept; chmod 600 it")
+    assert exposed(tmp_path / "missing.pem") is None
