@@ -668,6 +668,7 @@ def deploy(
 ):
     """Ask devices to switch to a bundle; each verifies, swaps, health-checks and replies (or rolls back)."""
     from lepton_edge.fleet.deploy import deploy as do_deploy
+    from lepton_edge.ui import printable
 
     rows = do_deploy(target, bundle, broker, username=username, password=password,
                      ca_file=str(ca_file) if ca_file else None, cert_file=str(cert_file) if cert_file else None,
@@ -680,13 +681,22 @@ def deploy(
         for col in ("device", "result", "detail"):
             t.add_column(col)
         for r in rows:
-            d = r["data"]
-            detail = r["error"] or (f"{d.get('bundle', {}).get('name')}: inference p50 {d.get('inference_p50_ms')} ms "
-                                    f"(budget {d.get('latency_budget_ms')} ms)")
-            t.add_row(Text(r["device"]), "[green]ok[/]" if r["ok"] else "[red]failed[/]", Text(str(detail)))
+            t.add_row(Text(printable(r["device"])), "[green]ok[/]" if r["ok"] else "[red]failed[/]",
+                      Text(printable(_deploy_detail(r))[:300]))
         out.print(t)
     if not all(r["ok"] for r in rows):
         raise CheckFailed(f"{sum(not r['ok'] for r in rows)} of {len(rows)} device(s) did not take the bundle")
+
+
+def _deploy_detail(row: dict) -> str:
+    """One device's deploy outcome in a line. Its reply is the device's own JSON: any field may be any
+    type (a `bundle` that was a string made the whole table a traceback, every other device's outcome lost)."""
+    if row["error"]:
+        return str(row["error"])
+    d = row["data"] if isinstance(row["data"], dict) else {}
+    bundle = d.get("bundle") if isinstance(d.get("bundle"), dict) else {}
+    return (f"{bundle.get('name')}: inference p50 {d.get('inference_p50_ms')} ms "
+            f"(budget {d.get('latency_budget_ms')} ms)")
 
 
 @app.command()

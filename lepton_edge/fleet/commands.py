@@ -21,6 +21,9 @@ from lepton_edge.telemetry.schema import COMMANDS, MAX_COMMAND_BYTES, Reply
 from lepton_edge.telemetry.topics import Topics, safe_segment
 
 SUBACK_WAIT_S = 5.0  # at most this long for the broker to confirm the reply subscriptions
+# a reply larger than this is ignored (as silence): a device answering a deploy with 10 MB of error text
+# took 14.5 s to print and filled the operator's terminal with 83,340 lines
+MAX_REPLY_BYTES = 64 * 1024
 
 
 def connect(broker: str, username=None, password=None, ca_file=None, cert_file=None, key_file=None):
@@ -64,7 +67,7 @@ def ask(client, fleet: str, verb: str, orders: dict, timeout: float) -> dict[str
 
     def on_message(c, u, msg):
         parsed = Topics.parse(msg.topic)
-        if msg.retain or parsed is None or parsed[1] not in orders:
+        if msg.retain or parsed is None or parsed[1] not in orders or len(msg.payload) > MAX_REPLY_BYTES:
             return
         try:
             r = Reply.model_validate_json(msg.payload)

@@ -23,7 +23,9 @@ from pydantic import ValidationError
 from lepton_edge.errors import BadInput
 from lepton_edge.fleet.commands import ask, connect, make_command, outcome
 from lepton_edge.telemetry.schema import Status
-from lepton_edge.telemetry.topics import Topics, safe_segment
+from lepton_edge.telemetry.topics import Topics, is_segment, safe_segment
+
+MAX_TIMEOUT_S = 3600.0  # a deploy's wait for its replies (a large bundle over a slow link takes minutes)
 
 
 def _local_address(host: str, port: int) -> str:
@@ -68,7 +70,7 @@ def discover(client, fleet: str, wait_s: float = 1.5) -> list[str]:
 
     def on_message(c, u, msg):
         parsed = Topics.parse(msg.topic)
-        if parsed is None:
+        if parsed is None or not is_segment(parsed[1]):  # (a name the monitor would refuse: never a target)
             return
         try:
             found[parsed[1]] = Status.model_validate_json(msg.payload).online
@@ -137,10 +139,12 @@ def deploy(target: str, bundle: str, broker: str, *, username=None, password=Non
            key_file=None, device_path: bool = False, serve_host: str | None = None, serve_port: int = 0,
            timeout: float = 120.0, health_frames: int | None = None) -> list[dict]:
     """One row per device: {"device", "ok", "error", "data"} from its reply (or its silence)."""
-    fleet, _, device = target.partition("/")
+    fleet, slash, device = target.partition("/")
     safe_segment(fleet, "fleet")
-    if device:
+    if slash:  # "lab/" (a script's "lab/$DEV" with DEV unset) is one device with no name, never the whole fleet
         safe_segment(device, "device")
+    if not (isinstance(timeout, (int, float)) and 0 < timeout <= MAX_TIMEOUT_S):  # (nan fails both)
+        raise BadInput(f"--timeout must be more than 0 and at most {MAX_TIMEOUT_S:g} seconds, got {timeout}")
     offer = _Offer(bundle, device_path)
     try:
         client, addr = connect(broker, username, password, ca_file, cert_file, key_file)

@@ -23,6 +23,11 @@ MONITOR_ALERTS = f"{PREFIX}/_monitor/alerts"
 _SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
+def is_segment(value: object) -> bool:
+    """Whether `value` is a safe topic segment (as safe_segment requires), without raising."""
+    return isinstance(value, str) and _SEGMENT.fullmatch(value) is not None
+
+
 def safe_segment(value: str, what: str) -> str:
     """A topic segment: letters, digits, '_', '-', '.'; no '/', '+', '#', spaces; at most 64 chars."""
     if not _SEGMENT.fullmatch(value or ""):
