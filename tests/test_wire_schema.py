@@ -145,3 +145,32 @@ def test_a_real_agent_sends_only_schema_valid_payloads(tmp_path, mosquitto, rpi4
     messages = [m for m in rec.messages if m[0] != Topics("f1", "dev1").cmd("set") or m[1].get("id") != "x"]
     seen = _check_recorded(messages, set(PAYLOADS) - {"alert"})  # the monitor sends alerts
     assert seen["reply"] >= 4 and seen["meta"] >= 2  # meta again after `set`
+
+
+def test_rates_beyond_any_device_are_refused_so_a_fleets_sums_stay_finite(tmp_path):
+    """fps (and CPU percent, temperature) had no bound: two devices' fps 1e308 made the fleet summary's
+    SUM infinite (`Infinity` in /api/summary and `fleet ls --json`, which is not JSON) and, on PostgreSQL,
+    an overflow error for every summary reader. Refused by the model and by the shipped JSON Schema alike;
+    the largest accepted values still sum to a finite total."""
+    import math
+
+    from pydantic import ValidationError
+
+    from fleet_views_data import add_device, window
+    from lepton_edge.fleet.store import open_store
+    from lepton_edge.telemetry.schema import MAX_RATE, Telemetry
+
+    shipped = json.loads((SHIPPED / "telemetry.schema.json").read_text())
+    for field, bad in (("fps", 1e308), ("fps", -1.0), ("cpu_percent", 1e300), ("system_cpu_percent", 2e6),
+                       ("temperature_c", -400.0), ("temperature_c", 1e12)):
+        w = window("b1", 0, 30.0, 10.0)
+        w[field] = bad
+        with pytest.raises(ValidationError, match=field):
+            Telemetry.model_validate(w)
+        assert not jsonschema.Draft202012Validator(shipped).is_valid(json.loads(json.dumps(w))), (field, bad)
+    store = open_store(tmp_path / "f.sqlite")
+    for d in ("a", "b"):
+        add_device(store, "lab", d, fps=MAX_RATE)
+    total = store.summary().total_fps
+    assert math.isfinite(total) and total == 2 * MAX_RATE
+    store.close()

@@ -48,6 +48,9 @@ class StageLatency(BaseModel):
     max: float
 
 
+MAX_RATE = 1e6  # frames per second or CPU percent a window may report (a sum over a fleet stays finite)
+
+
 class Telemetry(BaseModel):
     """One window: never one message per frame."""
 
@@ -59,14 +62,16 @@ class Telemetry(BaseModel):
     seq: int = Field(ge=0, le=2**53)  # per boot: a gap is loss, a repeat a duplicate
     window_s: float
     frames: int = Field(ge=0, le=2**40)
-    fps: float | None
+    # bounded, far above any device: two devices' fps 1e308 made the fleet summary's SUM infinite (Infinity in
+    # /api/summary and `fleet ls --json`, not JSON) or a PostgreSQL overflow error for every summary reader
+    fps: float | None = Field(ge=0, le=MAX_RATE)
     dropped: int = Field(default=0, ge=0, le=2**40)  # frames the live source dropped (newest-frame policy)
     corrupt: int = Field(default=0, ge=0, le=2**40)
     latency_ms: dict[Annotated[str, Field(max_length=32)], StageLatency] = Field(default_factory=dict, max_length=16)
-    cpu_percent: float | None = None  # this process, % of one core
-    system_cpu_percent: float | None = None
+    cpu_percent: float | None = Field(default=None, ge=0, le=MAX_RATE)  # this process, % of one core
+    system_cpu_percent: float | None = Field(default=None, ge=0, le=MAX_RATE)
     rss_bytes: int | None = Field(default=None, ge=0, le=2**50)
-    temperature_c: float | None = None
+    temperature_c: float | None = Field(default=None, ge=-273.15, le=1000)
     throttled: str | None = Field(default=None, max_length=32)  # Raspberry Pi `vcgencmd get_throttled` flags
     bundle: dict[str, Any] = Field(default_factory=dict)
     outbox_dropped: int = Field(default=0, ge=0, le=2**40)  # windows the bounded outbox discarded since the last
