@@ -298,3 +298,14 @@ def test_retimed_events_stay_one_and_a_fast_clock_hides_no_other_device_s_events
     second = [m["payload"]["message"] for m in hub._snapshot() if m["topic"].endswith("/events")]
     assert "ahead" in first and second == ["later, on a right clock"], (first, second)
     st.close()
+
+
+def test_a_postgres_url_with_a_port_urllib_cannot_read_is_one_line(tmp_path):
+    """`--store postgresql://u:pw@host:99999/db` (or :5x): the helper writing the error's URL read the port
+    itself, urllib raised, and the operator got a traceback instead of the line (the password stays out)."""
+    from conftest import run_cli
+
+    for url in ("postgresql://op:S3cretPW@127.0.0.1:99999/fleet", "postgresql://op:S3cretPW@127.0.0.1:5x/fleet"):
+        r = run_cli("fleet", "ls", "--store", url, timeout=60)
+        assert r.returncode == 2 and "Traceback" not in r.stderr and "S3cretPW" not in r.stderr + r.stdout
+        assert len(r.stderr.strip().splitlines()) == 1 and "postgresql://127.0.0.1:?/fleet" in r.stderr, r.stderr

@@ -24,7 +24,11 @@ def redacted_url(url: str) -> str:
     from urllib.parse import urlsplit
 
     u = urlsplit(url)
-    return f"{u.scheme}://{u.hostname or ''}{':' + str(u.port) if u.port else ''}{u.path}"
+    try:
+        port = u.port
+    except ValueError:  # (":99999", ":5x": urllib raises on reading it, and this builds the error's message)
+        port = "?"
+    return f"{u.scheme}://{u.hostname or ''}{':' + str(port) if port else ''}{u.path}"
 
 
 class PostgresStore(SqlStore):
