@@ -159,7 +159,25 @@ def test_reading_commands_never_write_to_a_file_that_is_not_a_fleet_store(tmp_pa
     empty.touch()
     text = tmp_path / "notes.txt"
     text.write_text("not a database\n")
-    for path, why in ((other, "not a fleet store"), (empty, "empty, not a fleet store"), (text, "not a SQLite file")):
+    # another application's own schema_version table (a common name): an empty one made `fleet ls` create the
+    # store's eight tables in that database, a Flyway-style text version was a TypeError traceback
+    versioned, flyway = tmp_path / "versioned.db", tmp_path / "flyway.db"
+    for db, rows in ((versioned, []), (flyway, [("1.0.3",)])):
+        con = sqlite3.connect(db)
+        con.execute("CREATE TABLE schema_version (version TEXT)")
+        con.executemany("INSERT INTO schema_version VALUES (?)", rows)
+        con.commit()
+        con.close()
+    half = tmp_path / "half.db"  # the store's tables, and a version that is not one
+    con = sqlite3.connect(half)
+    for t in ("schema_version (version TEXT)", "devices (fleet TEXT)", "windows (fleet TEXT)"):
+        con.execute(f"CREATE TABLE {t}")
+    con.execute("INSERT INTO schema_version VALUES ('v2')")
+    con.commit()
+    con.close()
+    for path, why in ((other, "not a fleet store"), (empty, "empty, not a fleet store"), (text, "not a SQLite file"),
+                      (versioned, "no devices, windows table"), (flyway, "no devices, windows table"),
+                      (half, "its schema_version holds 'v2'")):
         before = hashlib.sha256(path.read_bytes()).hexdigest()
         for args in (("fleet", "ls"), ("fleet", "alerts")):
             r = fleet_cli(*args, "--store", str(path))
@@ -240,6 +258,12 @@ def test_reading_commands_never_create_tables_in_another_postgresql_database(pos
 
     with psycopg.connect(postgres) as c:
         assert c.execute("SELECT to_regclass('schema_version')").fetchone()[0] is None
+        c.execute("CREATE TABLE schema_version (version TEXT)")  # another application's, of a common name
+    r = fleet_cli("fleet", "ls", "--store", postgres)
+    assert r.returncode == 2 and "no devices, windows table" in r.stderr, r.stderr
+    with psycopg.connect(postgres) as c:
+        assert c.execute("SELECT to_regclass('devices')").fetchone()[0] is None
+        c.execute("DROP TABLE schema_version")
     st = open_store(postgres)  # a real store: read as such
     add_device(st, "lab", "cam")
     st.close()

@@ -363,15 +363,28 @@ def _is_fleet_store(path) -> None:
             raise BadInput(f"{path}: {'empty' if not head else 'not a SQLite file'}, not a fleet store")
         con = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True, timeout=5)  # ('#', '?' quoted)
         try:
-            found = con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
-                                ).fetchone()
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            missing = sorted(STORE_TABLES - tables)
+            version = None if missing else con.execute("SELECT max(version) FROM schema_version").fetchone()[0]
         finally:
             con.close()
     except (OSError, sqlite3.Error) as e:
         raise BadInput(f"{path}: cannot read it as a fleet store ({str(e).splitlines()[0][:200]})") from None
-    if not found:
-        raise BadInput(f"{path}: a SQLite database but not a fleet store (no schema_version table); "
+    _check_store_schema(str(path), "a SQLite database", missing, version)
+
+
+# the tables every fleet store has had since its first schema; a table named schema_version alone is common
+# in other applications' databases (`fleet ls --store app.db` added the store's tables to one such)
+STORE_TABLES = frozenset({"schema_version", "devices", "windows"})
+
+
+def _check_store_schema(where: str, kind: str, missing: list[str], version) -> None:
+    if missing:
+        raise BadInput(f"{where}: {kind} but not a fleet store (no {', '.join(missing)} table); "
                        "reading commands never write to it")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise BadInput(f"{where}: {kind} but not a fleet store (its schema_version holds {str(version)[:40]!r}, "
+                       "not a store's version); reading commands never write to it")
 
 
 def _is_fleet_database(url: str) -> None:
@@ -385,12 +398,11 @@ def _is_fleet_database(url: str) -> None:
 
     try:
         with psycopg.connect(url, connect_timeout=5, autocommit=True) as c:
-            found = c.execute("SELECT to_regclass('schema_version')").fetchone()[0]
+            missing = sorted(t for t in STORE_TABLES if c.execute("SELECT to_regclass(%s)", (t,)).fetchone()[0] is None)
+            version = None if missing else c.execute("SELECT max(version) FROM schema_version").fetchone()[0]
     except psycopg.Error as e:  # (never open_store here: its migration would create the tables)
         raise BadInput(f"fleet store {redacted_url(url)}: {str(e).strip().splitlines()[0][:200]}") from None
-    if found is None:
-        raise BadInput(f"{redacted_url(url)}: a database but not a fleet store (no schema_version table); "
-                       "reading commands never write to it")
+    _check_store_schema(redacted_url(url), "a database", missing, version)
 
 
 def parse_since(text: str) -> float:

@@ -258,9 +258,12 @@ class SqlStore(Store):
         cur.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
         cur.execute("SELECT max(version) FROM schema_version")
         have = cur.fetchone()[0] or 0
-        if have > SCHEMA_VERSION:
-            from lepton_edge.fleet.store.base import StoreError
+        from lepton_edge.fleet.store.base import StoreError
 
+        if not isinstance(have, int) or isinstance(have, bool):  # another application's schema_version table
+            raise StoreError(f"fleet store {self.url}: its schema_version table holds {str(have)[:40]!r}, not a "
+                             "fleet store's version (another application's database?)")
+        if have > SCHEMA_VERSION:
             raise StoreError(f"fleet store {self.url} has schema version {have}, newer than this lepton-edge "
                              f"({SCHEMA_VERSION}): upgrade lepton-edge")
         for v, stmts in sorted(_migrations(self.ID_COL).items()):
