@@ -103,9 +103,22 @@ def test_listen_address_is_checked_before_binding():
     assert parse_listen(":9200") == ("127.0.0.1", 9200)
     assert parse_listen("9300") == ("127.0.0.1", 9300)
     assert parse_listen("[::1]:9108") == ("::1", 9108)
-    for bad in ("", "host:", "127.0.0.1:99999", "a b:1", "127.0.0.1:80:80"):
+    for bad in ("", "host:", "127.0.0.1:99999", "a b:1", "127.0.0.1:80:80", "::1", ":0"):
         with pytest.raises(BadInput, match="--metrics"):
             parse_listen(bad)
+
+
+def test_the_web_dashboards_listen_address_reads_as_the_metrics_one():
+    """`--web 9000` was the host "9000" (glibc resolves it to 0.0.35.40) on port 8080, and `--web ::1` the
+    host ':' on port 1; one parser now, with the web's own default port and 0 for any free one."""
+    from lepton_edge.fleet.cli import parse_listen as web
+
+    assert web("9000") == ("127.0.0.1", 9000) and web(":9001") == ("127.0.0.1", 9001)
+    assert web("0.0.0.0") == ("0.0.0.0", 8080) and web("0.0.0.0:0") == ("0.0.0.0", 0)
+    assert web("[::1]") == ("::1", 8080) and web("[::1]:9002") == ("::1", 9002)
+    for bad in ("::1", "", "99999", "x y", "h:70000"):
+        with pytest.raises(BadInput, match="--web"):
+            web(bad)
 
 
 def test_port_in_use_is_one_line(store):

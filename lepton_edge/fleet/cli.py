@@ -36,13 +36,10 @@ def parse_duration(text: str, what: str) -> float:
 
 
 def parse_listen(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep:
-        host, port = text, "8080"
-    host = host.strip("[]") or "127.0.0.1"
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise BadInput(f"--web {text!r}: HOST:PORT, e.g. 127.0.0.1:8080")
-    return host, int(port)
+    """--web's HOST:PORT (metrics.parse_listen; port 8080 by default, 0 for any free one)."""
+    from lepton_edge.fleet.metrics import parse_listen as parse
+
+    return parse(text, 8080, "--web", lowest_port=0)
 
 
 def _emit(obj) -> None:

@@ -188,12 +188,22 @@ def metrics_app(store, extra: Callable[[], dict] | None = None):
     return make_asgi_app(registry(store, extra))
 
 
-def parse_listen(text: str, default_port: int = 9108) -> tuple[str, int]:
-    """'HOST:PORT', '[IPv6]:PORT', ':PORT' or 'PORT' -> (host, port); the host defaults to 127.0.0.1."""
-    m = re.fullmatch(r"(?:(?:\[([0-9A-Fa-f:.]+)\]|([A-Za-z0-9.-]*)):)?(\d{1,5})", (text or "").strip())
-    if not m or not 0 < int(m.group(3)) < 65536:
-        raise BadInput(f"--metrics {text!r}: expected HOST:PORT (e.g. 127.0.0.1:{default_port})")
-    return (m.group(1) or m.group(2) or "127.0.0.1"), int(m.group(3))
+def parse_listen(text: str, default_port: int = 9108, what: str = "--metrics", lowest_port: int = 1
+                 ) -> tuple[str, int]:
+    """'HOST:PORT', '[IPv6]:PORT', ':PORT', 'PORT', 'HOST' or '[IPv6]' -> (host, port); the host defaults to
+    127.0.0.1, the port to `default_port`. One parser for --metrics and --web: the web's own read
+    `--web 9000` as the host "9000" (which glibc resolves to 0.0.35.40) and `--web ::1` as host ':' port 1."""
+    m = re.fullmatch(r"(?:\[([0-9A-Fa-f:.]+)\]|([A-Za-z0-9.-]*))(?::(\d{1,5}))?", (text or "").strip())
+    if m and m.group(2) and m.group(2).isdigit() and m.group(3) is None:  # 'PORT' alone
+        host, port = "127.0.0.1", m.group(2)
+    elif m and (m.group(1) or m.group(2) or m.group(3)):
+        host, port = m.group(1) or m.group(2) or "127.0.0.1", m.group(3) or str(default_port)
+    else:
+        host, port = "", "-1"
+    if not host or not lowest_port <= int(port) < 65536:
+        raise BadInput(f"{what} {text!r}: expected HOST:PORT, :PORT or PORT (e.g. 127.0.0.1:{default_port}; "
+                       "an IPv6 address in brackets)")
+    return host, int(port)
 
 
 def serve_metrics(store, listen: str = "127.0.0.1:9108", extra: Callable[[], dict] | None = None):
