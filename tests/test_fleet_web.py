@@ -242,7 +242,7 @@ def _open_stream(port: int, source: str):
     s.settimeout(10)
     s.bind((source, 0))
     s.connect(("127.0.0.1", port))
-    s.sendall(b"GET /api/stream HTTP/1.1\r\nHost: x\r\n\r\n")
+    s.sendall(b"GET /api/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     head = b""
     while b"\r\n\r\n" not in head:
         chunk = s.recv(4096)
@@ -306,6 +306,89 @@ def test_idle_streams_of_one_host_never_lock_another_host_out(tmp_path, monkeypa
         except TimeoutError:
             pass
         assert b"retry: 2000" in got and b'"message":"live"' in got  # served, still open, still live
+    finally:
+        for s in socks:
+            s.close()
+        server.stop()
+        store.close()
+
+
+def _get(port: int, host_header: str, path: str = "/api/summary") -> tuple[int, bytes]:
+    import http.client
+
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    c.putrequest("GET", path, skip_host=True)
+    c.putheader("Host", host_header)
+    c.endheaders()
+    r = c.getresponse()
+    out = r.status, r.read()
+    c.close()
+    return out
+
+
+def test_a_loopback_dashboard_answers_only_to_loopback_names(tmp_path):
+    """DNS rebinding: a page the operator visits points its own domain at 127.0.0.1 and is then the same
+    site as the dashboard; it read the fleet, alerts, events, /metrics and the live stream. A dashboard on
+    loopback now answers 421 to any other Host, except the names it was told of (--web-host)."""
+    store = open_store(tmp_path / "fleet.sqlite")
+    seed_store(store, n=1)
+    server = WebServer(create_app(store, token="t"), port=0, hosts=("dash.internal",)).start()
+    try:
+        p = server.port
+        for host in (f"127.0.0.1:{p}", f"localhost:{p}", "LOCALHOST", f"[::1]:{p}", f"dash.internal:{p}"):
+            status, body = _get(p, host)
+            assert status == 200 and b'"devices"' in body, (host, status, body[:200])
+        for host in (f"attacker.example:{p}", "127.0.0.1.attacker.example", "", f"[::2]:{p}", "localhost.evil"):
+            for path in ("/", "/api/summary", "/api/stream", "/metrics"):
+                status, body = _get(p, host, path)
+                assert status == 421 and b"does not answer to host" in body, (host, path, status, body[:200])
+    finally:
+        server.stop()
+        store.close()
+
+
+def _hung_up(sock, timeout: float = 10) -> bool:
+    """Once the server closed the connection (EOF or a reset; fails if it stays open past `timeout`):
+    True when it sent nothing before."""
+    try:
+        return _ended(sock, timeout) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_connections_that_never_finish_a_request_are_closed(tmp_path, monkeypatch):
+    """Slowloris: uvicorn's h11 timed a connection only after a response, so one that sent half its headers
+    stayed open for ever (300 held a 256-descriptor server; every real request timed out). Now a request's
+    headers must be in within HEADER_TIMEOUT_S of the connection or of the last response, and connections
+    past MAX_CONNECTIONS are closed at once. (Both made small here.)"""
+    import socket
+
+    import lepton_edge.fleet.web.guards as guards
+
+    monkeypatch.setattr(guards, "HEADER_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(guards, "MAX_CONNECTIONS", 20)
+    store = open_store(tmp_path / "fleet.sqlite")
+    seed_store(store, n=1)
+    server = WebServer(create_app(store, token="t"), port=0).start()
+    socks = []
+    try:
+        t0 = time.monotonic()
+        for _ in range(30):
+            s = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            s.sendall(b"GET /api/summary HTTP/1.1\r\nHost: 127.0.0.1\r\nX-a: ")  # and never the rest
+            socks.append(s)
+        for s in socks:
+            assert _hung_up(s)  # closed by the server, with nothing sent
+        assert time.monotonic() - t0 < 8
+        kept = socket.create_connection(("127.0.0.1", server.port), timeout=10)  # kept alive, then stalled
+        kept.sendall(b"GET /api/summary HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        first = kept.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200"), first[:100]
+        kept.sendall(b"GET /api/summary HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        _hung_up(kept)  # (the rest of the first response may come first: the point is that it ends)
+        kept.close()
+        status, body = _get(server.port, "127.0.0.1")
+        assert status == 200 and b'"devices"' in body
     finally:
         for s in socks:
             s.close()

@@ -109,6 +109,10 @@ def monitor(
     web: str | None = typer.Option(None, help="Serve the web dashboard, JSON API and /metrics on HOST:PORT."),
     token: str | None = typer.Option(None, envvar="LEPTON_DASHBOARD_TOKEN",
                                         help="Token for commands from the web page (generated when not given)."),
+    web_host: list[str] | None = typer.Option(None, "--web-host", envvar="LEPTON_DASHBOARD_HOSTS",
+                                              help="A further Host name a loopback dashboard answers to (a reverse "
+                                              "proxy that passes its own; repeatable). Others get 421: a web page "
+                                              "rebinding its domain to 127.0.0.1 read the fleet."),
     group: str | None = typer.Option(None, help="Share telemetry/events with other workers ($share/GROUP)."),
     fleet: str = typer.Option("+", help="Only this fleet (default: every fleet)."),
     alerts: str | None = typer.Option(None, "--alerts", help="Alert rules (TOML); defaults without it."),
@@ -171,7 +175,8 @@ def monitor(
             _print_fleet(st, as_json)
             return
         if listen:
-            server = _start_dashboard(st, listen, token, _command_sender(broker, **tls), hub_notify)
+            server = _start_dashboard(st, listen, token, _command_sender(broker, **tls), hub_notify,
+                                      tuple(web_host or ()))
         if seconds:
             threading.Timer(seconds, stop.set).start()
         if no_tui or not sys.stdout.isatty():
@@ -229,13 +234,14 @@ def _serve_metrics(st, listen: str | None, mon):
     return server
 
 
-def _start_dashboard(st, listen: tuple[str, int], token: str | None, sender, hub_notify: list):
+def _start_dashboard(st, listen: tuple[str, int], token: str | None, sender, hub_notify: list,
+                     hosts: tuple[str, ...] = ()):
     """The web dashboard on `listen`; its hub is told of every change the monitor stores."""
     from lepton_edge.fleet.web.app import WebServer, create_app
 
     app_ = create_app(st, token=token, command_sender=sender)
     hub_notify.append(app_.state.hub.notify)
-    server = WebServer(app_, *listen).start()
+    server = WebServer(app_, *listen, hosts=hosts).start()
     print(f"dashboard: {server.url}#token={token}", flush=True)
     return server
 

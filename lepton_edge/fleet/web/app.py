@@ -546,11 +546,15 @@ class _Asgi:
 class WebServer:
     """uvicorn in a thread of its own (the monitor's main thread runs the terminal dashboard)."""
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 8080):
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 8080, hosts: tuple[str, ...] = ()):
+        """`hosts`: Host names it answers to beside the loopback ones, when bound to loopback (guards.py)."""
         import uvicorn
 
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                                    access_log=False, lifespan="off"))
+        from lepton_edge.fleet.web.guards import GuardedH11, HostCheck, allowed_hosts
+
+        self.server = uvicorn.Server(uvicorn.Config(HostCheck(app, allowed_hosts(host, hosts)), host=host, port=port,
+                                                    log_level="warning", access_log=False, lifespan="off",
+                                                    http=GuardedH11))
         self.host = host
         self._thread = None
 

@@ -1,0 +1,106 @@
+"""What the dashboard's HTTP server refuses before the app sees a request: a Host it does not answer to,
+and connections that never finish a request or come in more than it can hold.
+
+Why here, not in the app: both are about the socket and the address the server was bound to
+(`WebServer`), and the app (`create_app`) is also served by tests and other ASGI servers.
+- DNS rebinding: a web page the operator visits can point its own domain at 127.0.0.1 and is then the
+  same site as a dashboard on loopback: it read the fleet, alerts, events, /metrics and the live stream
+  (the token guards commands only). A dashboard bound to loopback answers only to loopback names.
+- Slowloris: uvicorn's h11 protocol times a connection only after a response, so a connection that sent
+  half its headers stayed open for ever; 300 of them held the server's 256 file descriptors, every
+  legitimate request timed out and the accept loop's errors wrote 292 MB of log in 40 s.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+HEADER_TIMEOUT_S = 10.0  # from the connection (or the last response) to a request's complete headers
+MAX_CONNECTIONS = 256  # open connections; one more is closed at once (64 live streams fit with room)
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def allowed_hosts(bind_host: str, extra: tuple[str, ...] = ()) -> frozenset[str] | None:
+    """The Host names a server bound to `bind_host` answers to: loopback names for a loopback address
+    (None, any name, for one bound beyond loopback: a token guards its commands, and the names it is
+    reached by there are not known here)."""
+    try:
+        loopback = ipaddress.ip_address(bind_host).is_loopback
+    except ValueError:
+        loopback = bind_host == "localhost"
+    return LOOPBACK_NAMES | {bind_host.lower(), *(h.lower() for h in extra)} if loopback else None
+
+
+def host_name(header: str) -> str:
+    """The name in a Host header, without its port ('[::1]:8080' -> '::1', 'Example.com:80' -> 'example.com')."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:header.find("]")] if "]" in header else ""
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+class HostCheck:
+    """ASGI middleware: a request whose Host is not one of `allowed` gets 421 and one JSON line."""
+
+    def __init__(self, app, allowed: frozenset[str] | None):
+        self.app, self.allowed = app, allowed
+
+    async def __call__(self, scope, receive, send):
+        if self.allowed is not None and scope["type"] in ("http", "websocket"):
+            host = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"host"), "")
+            if host_name(host) not in self.allowed:
+                if scope["type"] == "websocket":
+                    await send({"type": "websocket.close", "code": 1008})
+                    return
+                body = json.dumps({"error": f"this dashboard does not answer to host {host[:100]!r}"}).encode()
+                await send({"type": "http.response.start", "status": 421,
+                            "headers": [(b"content-type", b"application/json"),
+                                        (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
+class GuardedH11(H11Protocol):
+    """uvicorn's h11 protocol with a deadline for a request's headers (from the connection, and from the
+    end of each response on a kept-alive one) and a cap on open connections."""
+
+    _headers_timer = None
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        if len(self.connections) >= MAX_CONNECTIONS:
+            self.transport = transport  # (connection_lost closes it and reads this)
+            transport.close()
+            return
+        super().connection_made(transport)
+        self._arm()
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._headers_timer = self.loop.call_later(HEADER_TIMEOUT_S, self._headers_late)
+
+    def _disarm(self) -> None:
+        if self._headers_timer is not None:
+            self._headers_timer.cancel()
+            self._headers_timer = None
+
+    def _headers_late(self) -> None:
+        self._headers_timer = None
+        if self.cycle is None or self.cycle.response_complete:  # no request in progress: still waiting on one
+            self.transport.close()
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self.cycle is not None and not self.cycle.response_complete:  # a request's headers are in
+            self._disarm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._arm()
+
+    def connection_lost(self, exc) -> None:
+        self._disarm()
+        super().connection_lost(exc)
