@@ -405,3 +405,24 @@ def test_a_hosts_ipv6_addresses_count_as_one_holder_of_streams():
     assert _client_key("2001:db8:1:3::1") != _client_key("2001:db8:1:2::1")
     assert _client_key("::ffff:10.0.0.7") == _client_key("10.0.0.7") == "10.0.0.7"
     assert _client_key("testclient") == "testclient"
+
+
+def test_the_live_streams_alert_cache_holds_one_polls_alerts(tmp_path):
+    """The poller kept every alert id it had ever seen (20,000 alerts raised and resolved while a page was
+    open: 20,001 ids); now it holds what the last poll returned, and still sends only changes."""
+    from lepton_edge.fleet.store.base import Alert
+
+    store = open_store(tmp_path / "fleet.sqlite")
+    seed_store(store, n=1)
+    hub = create_app(store, token="t").state.hub
+    now = time.time()
+    for i in range(300):
+        store.upsert_alert(Alert(fleet="f", device="d00", rule=f"r{i}", message="m", started=now + i))
+        store.resolve_alert("f", "d00", f"r{i}", now + i + 0.5)
+    first = [m for m in hub._snapshot() if m["topic"].startswith("lepton/alerts/")]
+    assert len(first) == 200 and len(hub._alerts) <= 200
+    assert not [m for m in hub._snapshot() if m["topic"].startswith("lepton/alerts/")]  # nothing new: nothing sent
+    store.upsert_alert(Alert(fleet="f", device="d00", rule="fresh", message="m", started=now + 1000))
+    again = [m for m in hub._snapshot() if m["topic"].startswith("lepton/alerts/")]
+    assert [m["payload"]["rule"] for m in again] == ["fresh"] and len(hub._alerts) <= 200
+    store.close()

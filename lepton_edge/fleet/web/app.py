@@ -286,10 +286,12 @@ class Broadcaster:
         if summary != self._summary:
             self._summary = summary
             out.append({"topic": "lepton/summary", "payload": json.loads(summary)})
+        alerts = {}  # the alerts of this poll only: kept across polls, every id ever seen piled up (a slow leak)
         for a in self.store.alerts(limit=200):
+            alerts[a.id] = a.resolved
             if a.id not in self._alerts or self._alerts[a.id] != a.resolved:
-                self._alerts[a.id] = a.resolved
                 out.append({"topic": f"lepton/alerts/{a.fleet}/{a.device}/{a.rule}", "payload": a.model_dump()})
+        self._alerts = alerts
         # Events by what was already pushed, not by a high-water mark of device time: one device whose clock
         # ran ahead (1e12 then, up to the monitor's 300 s tolerance now) moved the mark past every other
         # device's events, and the live feed dropped them. The floor follows this machine's clock only.
