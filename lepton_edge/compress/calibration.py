@@ -320,7 +320,12 @@ def synthetic(spec: InputSpec, n: int, seed: int = 0) -> Samples:
 # --- memory budget -------------------------------------------------------------------------------
 
 class MemoryExceeded(Exception):
-    """The export went over its --max-memory budget; the message is the one line to show."""
+    """The export went over its --max-memory budget; the message is the one line to show. `watch`: the
+    MemoryWatch that saw it, which a caller that can go on with less memory re-arms (MemoryWatch.rearm)."""
+
+    def __init__(self, message: str, watch: MemoryWatch | None = None):
+        super().__init__(message)
+        self.watch = watch
 
 
 def rss_bytes() -> int:
@@ -403,7 +408,12 @@ class MemoryWatch:
             from lepton_edge.ui import human
 
             raise MemoryExceeded(f"{self.what} reached {human(self.exceeded_at)} of memory, over the "
-                                 f"{human(self.limit)} budget (--max-memory)")
+                                 f"{human(self.limit)} budget (--max-memory)", self)
+
+    def rearm(self) -> None:
+        """Forget an excess already raised (the peak stays): for a caller that stopped the work that went
+        over and now tries one that needs less, checked against the same budget from here on."""
+        self.exceeded_at = None
 
     def __enter__(self) -> MemoryWatch:
         self._thread.start()

@@ -390,7 +390,7 @@ def _ort_int8(model, out_path: Path, feeds, recipe: Recipe, per_channel: bool, e
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     from lepton_edge import ui
-    from lepton_edge.compress import shared_ranges
+    from lepton_edge.compress import calibration as cal, shared_ranges
     from lepton_edge.compress.histogram import linear_time_histograms, sampled_histograms
 
     method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
@@ -431,10 +431,15 @@ def _ort_int8(model, out_path: Path, feeds, recipe: Recipe, per_channel: bool, e
                     **({"calibration_cache_path": str(cache)} if cache is not None else {}),
                 )
             return
-        except (ValueError, ArithmeticError, IndexError):  # numpy on the histograms (an empty or NaN tensor)
+        except (ValueError, ArithmeticError, IndexError, cal.MemoryExceeded) as e:
+            # numpy on the histograms (an empty or NaN tensor), or the histogram pass over --max-memory where
+            # MinMax's own pass (ReduceMin/ReduceMax, no samples) may still fit: before the shared pass the
+            # u8-minmax candidate calibrated in its own budget, and a tight one must not lose it now
             if not one_pass:
                 raise
             files["failed"].touch()  # this candidate calibrates alone, and so do the export's next ones
+            if isinstance(e, cal.MemoryExceeded) and e.watch is not None:
+                e.watch.rearm()
 
 
 @contextmanager

@@ -137,6 +137,37 @@ def test_a_shared_pass_that_fails_falls_back_to_the_methods_own_calibrator(tmp_p
         q.quantize_int8(fp32, tmp_path / "p.onnx", x, q.Recipe.parse("u8-percentile"), ranges=ranges, share=True)
 
 
+def test_a_shared_pass_over_the_memory_budget_falls_back_to_minmaxs_own_lighter_pass(tmp_path, monkeypatch):
+    """The histogram pass keeps a sample of every tensor where MinMax's keeps two numbers, so a --max-memory
+    between the two stopped the shared pass, and the u8-minmax candidate, which fitted in its own pass before
+    the passes were shared, was skipped. Now the budget's stop falls back to MinMax's own calibrator (the
+    watch re-armed, the same budget from there on) and the file is what that calibrator makes. Played by a
+    real MemoryWatch whose budget is exceeded during the histograms' binning only."""
+    from lepton_edge.compress import calibration as cal, histogram
+
+    if _cache_skipped():
+        pytest.skip("onnxruntime < 1.24 has no calibration cache: every candidate calibrates")
+    watch = cal.MemoryWatch(None, what="int8 recipe u8-minmax")
+
+    def over_budget(self, name_to_arr):
+        watch.limit = 1  # (one byte: the check below sees this process over it)
+        try:
+            watch.check()
+        finally:
+            watch.limit = None
+
+    fp32, x, ranges = _small_export(tmp_path)
+    own = q.quantize_int8(fp32, tmp_path / "own.onnx", x, q.Recipe.parse("u8-minmax"))
+    monkeypatch.setattr(histogram, "collect_absolute_value", over_budget)
+    a = q.quantize_int8(fp32, tmp_path / "a.onnx", x, q.Recipe.parse("u8-minmax"), check=watch.check, ranges=ranges,
+                        share=True)
+    assert a.path.read_bytes() == own.path.read_bytes() and (ranges / "m.one-pass-failed").exists()
+    assert watch.exceeded_at is None and watch.peak > 0
+    with pytest.raises(cal.MemoryExceeded, match="over the .* budget"):  # Percentile's own pass: over it again
+        q.quantize_int8(fp32, tmp_path / "p.onnx", x, q.Recipe.parse("u8-percentile"), check=watch.check,
+                        ranges=ranges, share=True)
+
+
 def test_minmax_ranges_keep_the_tensors_own_float_type():
     """A float16 tensor's range stays float16: onnxruntime gives its scale the range's type, and a float32
     scale on a float16 QuantizeLinear is an invalid graph."""
