@@ -661,7 +661,7 @@ def deploy(
     device_path: bool = typer.Option(False, help="BUNDLE is a path on the device (already copied there)."),
     serve_host: str | None = typer.Option(None, help="Address devices reach this machine at (default: the "
                                              "one that reaches the broker)."),
-    serve_port: int = typer.Option(0, help="Port to serve the bundle on (default: any free one)."),
+    serve_port: int = typer.Option(0, min=0, max=65535, help="Port to serve the bundle on (default: any free one)."),
     timeout: float = typer.Option(120.0, help="Seconds to wait for the devices' replies."),
     health_frames: int | None = typer.Option(None, help="Frames the device checks the new model on."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
