@@ -302,6 +302,9 @@ def test_a_device_cannot_name_itself_so_that_clearing_its_old_id_deletes_another
     hostile = ("lab", "cam-1_v2_" + ha_id(*victim).rsplit("_", 1)[1])
     assert legacy_ha_id(*hostile) == ha_id(*victim)  # the collision itself
     assert legacy_id_to_clear(*hostile) is None and legacy_id_to_clear("lab", "cam_1") == "lepton_lab_cam_1"
+    # an old id that carries its own hash (a name with '_' and a replaced character) is still cleared
+    assert legacy_id_to_clear("lab", "cam_1.v2") == legacy_ha_id("lab", "cam_1.v2") != ha_id("lab", "cam_1.v2")
+    assert legacy_id_to_clear("site_a", "cam-1.v2") == legacy_ha_id("site_a", "cam-1.v2")
     assert bridge.config_topic(*victim) not in retained_topics(*hostile)
     add_device(store, *victim)
     assert bridge.device_changed(*victim) is True

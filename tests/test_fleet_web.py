@@ -356,6 +356,27 @@ def _hung_up(sock, timeout: float = 10) -> bool:
         return True
 
 
+def test_every_way_of_naming_loopback_gets_the_host_check_and_the_cap_fits_the_file_limit():
+    """LOCALHOST and 127.1 bind loopback too, and had no Host check at all (any name answered); a host name
+    /etc/hosts maps to 127.0.1.1 likewise. And under a 256-file limit the descriptors ran out before the
+    connection cap, so it never engaged: the cap now leaves a reserve below the process's limit."""
+    import resource
+
+    from lepton_edge.fleet.web.guards import FD_RESERVE, MAX_CONNECTIONS, allowed_hosts, connection_cap, host_name
+
+    for bind in ("127.0.0.1", "LOCALHOST", "127.1", "localhost", "::1"):
+        assert allowed_hosts(bind) is not None and "localhost" in allowed_hosts(bind), bind
+    assert allowed_hosts("0.0.0.0") is None and allowed_hosts("192.0.2.1") is None
+    assert host_name("LOCALHOST.:8080") == "localhost" and host_name("[::1]:80") == "::1"
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        assert connection_cap() == 256 - FD_RESERVE
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert connection_cap() == min(MAX_CONNECTIONS, soft - FD_RESERVE)
+
+
 def test_connections_that_never_finish_a_request_are_closed(tmp_path, monkeypatch):
     """Slowloris: uvicorn's h11 timed a connection only after a response, so one that sent half its headers
     stayed open for ever (300 held a 256-descriptor server; every real request timed out). Now a request's

@@ -61,10 +61,13 @@ def legacy_id_to_clear(fleet: str, device: str) -> str | None:
     Why: a device can pick its name; lab/cam-1_v2_d56431 has the old, unhashed id
     lepton_lab_cam-1_v2_d56431, which is the current id of lab/cam-1.v2, and clearing it deleted that
     device from Home Assistant (and the bridge, its config unchanged, never sent it again). The cost:
-    a device whose own name ends in six or eight hex digits after '_' keeps its pre-upgrade duplicate."""
+    a device whose old id was its plain name, ending in six or eight hex digits after '_', keeps its
+    pre-upgrade duplicate."""
     old = legacy_ha_id(fleet, device)
-    if old == ha_id(fleet, device) or _HASHED_TAIL.search(old):
+    if old == ha_id(fleet, device):
         return None
+    if old == f"lepton_{fleet}_{device}" and _HASHED_TAIL.search(old):  # unhashed, yet shaped as a hashed id
+        return None  # (an old id that got its own hash would need a SHA-1 prefix collision to be another's)
     return old
 
 

@@ -14,31 +14,52 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import socket
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 HEADER_TIMEOUT_S = 10.0  # from the connection (or the last response) to a request's complete headers
 MAX_CONNECTIONS = 256  # open connections; one more is closed at once (64 live streams fit with room)
+FD_RESERVE = 64  # file descriptors left for everything else when the process may open few (connection_cap)
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
 def allowed_hosts(bind_host: str, extra: tuple[str, ...] = ()) -> frozenset[str] | None:
-    """The Host names a server bound to `bind_host` answers to: loopback names for a loopback address
-    (None, any name, for one bound beyond loopback: a token guards its commands, and the names it is
-    reached by there are not known here)."""
+    """The Host names a server bound to `bind_host` answers to: loopback names for a host that resolves to
+    loopback addresses only (None, any name, for one bound beyond loopback: a token guards its commands,
+    and the names it is reached by there are not known here). Resolved, not matched: LOCALHOST, 127.1 and
+    a host name /etc/hosts maps to 127.0.1.1 (Debian, Raspberry Pi OS) all bind loopback."""
     try:
-        loopback = ipaddress.ip_address(bind_host).is_loopback
-    except ValueError:
-        loopback = bind_host == "localhost"
-    return LOOPBACK_NAMES | {bind_host.lower(), *(h.lower() for h in extra)} if loopback else None
+        addrs = {a[4][0] for a in socket.getaddrinfo(bind_host, None, proto=socket.IPPROTO_TCP)}
+        loopback = bool(addrs) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addrs)
+    except (OSError, ValueError):
+        loopback = False
+    name = bind_host.lower().rstrip(".")
+    return LOOPBACK_NAMES | {name, *(h.lower().rstrip(".") for h in extra)} if loopback else None
 
 
 def host_name(header: str) -> str:
-    """The name in a Host header, without its port ('[::1]:8080' -> '::1', 'Example.com:80' -> 'example.com')."""
+    """The name in a Host header, without its port or a final dot ('[::1]:8080' -> '::1',
+    'Example.com.:80' -> 'example.com')."""
     header = header.strip().lower()
     if header.startswith("["):
         return header[1:header.find("]")] if "]" in header else ""
-    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+    return (header.rsplit(":", 1)[0] if header.count(":") == 1 else header).rstrip(".")
+
+
+def connection_cap() -> int:
+    """MAX_CONNECTIONS, or fewer where this process may open fewer files (a reserve kept for the store,
+    the broker and logs). Why: under a 256-file limit descriptors ran out before 256 connections, the
+    cap never engaged, and asyncio's failing accept() wrote 58 MB of log."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return MAX_CONNECTIONS
+    if soft == resource.RLIM_INFINITY:
+        return MAX_CONNECTIONS
+    return max(8, min(MAX_CONNECTIONS, soft - FD_RESERVE))
 
 
 class HostCheck:
@@ -70,7 +91,7 @@ class GuardedH11(H11Protocol):
     _headers_timer = None
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
-        if len(self.connections) >= MAX_CONNECTIONS:
+        if len(self.connections) >= connection_cap():
             self.transport = transport  # (connection_lost closes it and reads this)
             transport.close()
             return
