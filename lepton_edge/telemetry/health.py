@@ -30,14 +30,18 @@ class Health:
 
 
 def temperature_c() -> float | None:
-    """The hottest thermal zone in degrees Celsius, or None where the board has no sensor."""
+    """The hottest thermal zone in degrees Celsius, or None where the board has no sensor. A zone reading
+    outside what the telemetry schema accepts (-273.15 to 1000 °C) is left out: some drivers report an
+    unreadable sensor as INT_MAX millidegrees, and one such zone would make every window invalid."""
     temps = []
     for f in glob.glob("/sys/class/thermal/thermal_zone*/temp"):
         try:
             with open(f) as fh:
-                temps.append(int(fh.read().strip()) / 1000.0)
+                t = int(fh.read().strip()) / 1000.0
         except (OSError, ValueError):
             continue
+        if -273.15 <= t <= 1000:
+            temps.append(t)
     return max(temps) if temps else None
 
 
