@@ -440,30 +440,7 @@ class Agent:
                 time.monotonic() - self._started, 3), outbox=len(self.outbox), bundle=self._bundle_info(),
                 pipeline_error=self.pipeline_error, deploying=self._deploying.locked())
         elif isinstance(cmd, SetCommand):
-            changed: dict[str, Any] = {}
-            if cmd.window_s is not None:
-                self.window_s = changed["window_s"] = cmd.window_s
-            if cmd.telemetry is not None:
-                self.set_telemetry(cmd.telemetry)
-                changed["telemetry"] = cmd.telemetry
-            if cmd.sample_every is not None:
-                self.pipeline.sample_every = changed["sample_every"] = cmd.sample_every
-            if cmd.threads is not None:
-                if not self._deploying.acquire(blocking=False):  # a deploy's health check owns the runtime
-                    self.reply("set", cmd.id, False, "a deploy is in progress; change threads after it")
-                    return
-                try:
-                    if self.runtime.path is None:  # never: the agent's runtimes are loaded from bundles
-                        raise RuntimeError("the running model has no path to load again with other threads")
-                    rt = self._open(self.runtime.path, cmd.threads)
-                    self.probe(rt)
-                    self._swap(rt)
-                finally:
-                    self._deploying.release()
-                changed["threads"] = cmd.threads
-            self.reply("set", cmd.id, True, **changed)
-            self.event("set", f"settings changed: {changed}", **changed)
-            self._publish_meta()
+            self._set(cmd)
         elif isinstance(cmd, DeployCommand):
             if not self._deploying.acquire(blocking=False):
                 self.reply("deploy", cmd.id, False, "another deploy is in progress")
@@ -473,6 +450,36 @@ class Agent:
             except BaseException:
                 self._deploying.release()
                 raise
+
+    def _set(self, cmd: SetCommand) -> None:
+        """A `set` applies whole or not at all: threads first (the one field that can be refused, during a
+        deploy, or fail, loading the model again), then the others. Why: window_s, telemetry and
+        sample_every used to change before a refused threads, with a reply saying ok false, no event and
+        no new meta."""
+        changed: dict[str, Any] = {}
+        if cmd.threads is not None:
+            if not self._deploying.acquire(blocking=False):  # a deploy's health check owns the runtime
+                self.reply("set", cmd.id, False, "a deploy is in progress; change threads after it")
+                return
+            try:
+                if self.runtime.path is None:  # never: the agent's runtimes are loaded from bundles
+                    raise RuntimeError("the running model has no path to load again with other threads")
+                rt = self._open(self.runtime.path, cmd.threads)
+                self.probe(rt)
+                self._swap(rt)
+            finally:
+                self._deploying.release()
+            changed["threads"] = cmd.threads
+        if cmd.window_s is not None:
+            self.window_s = changed["window_s"] = cmd.window_s
+        if cmd.telemetry is not None:
+            self.set_telemetry(cmd.telemetry)
+            changed["telemetry"] = cmd.telemetry
+        if cmd.sample_every is not None:
+            self.pipeline.sample_every = changed["sample_every"] = cmd.sample_every
+        self.reply("set", cmd.id, True, **changed)
+        self.event("set", f"settings changed: {changed}", **changed)
+        self._publish_meta()
 
     def deploy(self, cmd: DeployCommand) -> None:
         """Fetch and verify while the old model serves; swap; health-check; keep or roll back.

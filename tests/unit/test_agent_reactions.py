@@ -249,6 +249,27 @@ def test_every_runtime_the_agent_opens_has_the_configured_run_limit(tmp_path):
         AgentConfig(broker="mqtt://127.0.0.1:1", max_run_s=float("inf"))
 
 
+def test_a_refused_set_changes_nothing(agent):
+    """`set` with threads during a deploy is refused (ok false); its window_s, telemetry and sample_every
+    had already been applied, silently (no event, no meta). Now all or nothing; once the deploy is over
+    the same command applies every field, with its event."""
+    from lepton_edge.telemetry.schema import SetCommand
+
+    before = (agent.window_s, agent.telemetry, agent.pipeline.sample_every)
+    cmd = SetCommand(id="s1", threads=1, window_s=0.5, telemetry=False, sample_every=3)
+    assert agent._deploying.acquire(blocking=False)  # a deploy in progress
+    try:
+        agent.handle("set", cmd)
+    finally:
+        agent._deploying.release()
+    (reply,) = _sent(agent, "/cmd/set/reply")
+    assert reply["ok"] is False and "deploy is in progress" in reply["error"]
+    assert (agent.window_s, agent.telemetry, agent.pipeline.sample_every) == before and not _events(agent, "set")
+    agent.handle("set", cmd)
+    assert (agent.window_s, agent.telemetry, agent.pipeline.sample_every) == (0.5, False, 3)
+    assert _sent(agent, "/cmd/set/reply")[-1]["ok"] is True and len(_events(agent, "set")) == 1
+
+
 _SIGTERM_WHILE_LOADING = """
 import os, signal, sys
 from lepton_edge.agent import service
