@@ -155,6 +155,66 @@ def test_archive_member_count_and_declared_total_capped(tmp_path):
     assert left_in(s) == []
 
 
+def _pax_record(key: str, value: str) -> bytes:
+    body = f" {key}={value}\n"
+    n = len(body) + 1
+    while len(str(n)) + len(body) != n:
+        n += 1
+    return f"{n}{body}".encode()
+
+
+def _raw_tar_gz(path: Path, blocks: list[tuple[str, bytes, bytes | None, int | None]]) -> Path:
+    """A .tar.gz written header by header (name, type, data or None, declared size or len(data)): what
+    tarfile's writer will not make."""
+    import gzip
+
+    with gzip.open(path, "wb") as g:
+        for name, typ, data, size in blocks:
+            info = tarfile.TarInfo(name)
+            info.type, info.size = typ, len(data or b"") if size is None else size
+            g.write(info.tobuf(tarfile.USTAR_FORMAT))
+            if data:
+                g.write(data + b"\0" * (-len(data) % 512))
+        g.write(b"\0" * 1024)
+    return path
+
+
+def test_extended_headers_cannot_make_the_agent_hold_gigabytes(tmp_path):
+    """Global pax headers: tarfile merges each into a dict every later member copies (a 5.7 MB archive took
+    a running agent to 1.7 GB, before any signature check): refused at the first. Per-member pax headers,
+    each under 1 MiB, had no cap on their number (11 MB held 479 MB): 1 MiB of them in all."""
+    s = store(tmp_path)
+    pax = b"".join(_pax_record(f"k{j}", "") for j in range(1000))
+    glob = _raw_tar_gz(tmp_path / "global.tar.gz",
+                       [(f"g{i}", tarfile.XGLTYPE, pax, None) for i in range(3)] + [("b/", tarfile.DIRTYPE, None, 0)])
+    with pytest.raises(DeployError, match="global pax header"):
+        s.fetch(DeployCommand(id="1", path=str(glob)))
+    big = b"".join(_pax_record(f"k{j}", "v" * 40) for j in range(1500))  # ~76 KB each
+    many = _raw_tar_gz(tmp_path / "many.tar.gz", [blk for i in range(20) for blk in (
+        (f"b/PaxHeader{i}", tarfile.XHDTYPE, big, None), (f"b/d{i}/", tarfile.DIRTYPE, None, 0))])
+    with pytest.raises(DeployError, match="extended headers of more than 1048576 bytes"):
+        s.fetch(DeployCommand(id="2", path=str(many)))
+    assert left_in(s) == []
+
+
+def test_a_negative_member_size_is_refused_at_once(tmp_path):
+    """A pax `size=-N` sent tarfile back to the same header at every next(), each time rewinding the gzip
+    stream and inflating all before it: behind 16 MiB of zeros that took 39 s, behind 1 GiB about an hour,
+    with the deploy lock held. (Python 3.11.7's tarfile: CVE-2025-8194.)"""
+    s = store(tmp_path, max_bundle_bytes=64 * MiB, max_bytes=64 * MiB)
+    comment = _pax_record("comment", "x" * 200_000)
+    body = len(comment + _pax_record("size", "-000000"))
+    back = 512 + body + (-body % 512) + 512  # from after b/x's header back to the pax header's own
+    rec = comment + _pax_record("size", f"-{back:06d}")
+    loop = _raw_tar_gz(tmp_path / "loop.tar.gz", [("b/pad.bin", tarfile.REGTYPE, bytes(16 * MiB), None),
+                                                  ("b/PaxHeader", tarfile.XHDTYPE, rec, None),
+                                                  ("b/x", tarfile.REGTYPE, None, 0)])
+    t = time.monotonic()
+    with pytest.raises(DeployError, match="negative size"):
+        s.fetch(DeployCommand(id="1", path=str(loop)))
+    assert time.monotonic() - t < 10 and left_in(s) == []
+
+
 def test_packed_bundle_round_trips_through_the_store(tmp_path):
     s = store(tmp_path)
     b = make_bundle(tmp_path / "b")

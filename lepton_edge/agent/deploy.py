@@ -289,6 +289,9 @@ class BundleStore:
         while (m := tf.next()) is not None:
             if len(members) >= MAX_FILES + 16:
                 raise DeployError(f"the archive holds more than {MAX_FILES} entries")
+            if m.size < 0:  # (a pax size=-N: tarfile's next read goes back to the same header, each time
+                # rewinding the gzip stream and inflating all before it: an hour's work from a 1 MB archive)
+                raise DeployError(f"the archive's {m.name[:100]!r} has a negative size; refused")
             if not (m.isreg() or m.isdir()):
                 raise DeployError(f"the archive holds {m.name[:100]!r}, a link or special file; refused")
             total += m.size
@@ -394,13 +397,23 @@ def _norm(name: str) -> str:
     return name
 
 
+MAX_EXTENDED_BYTES = 1 << 20  # pax and GNU long-name headers of one archive, together
+
+
 class _CappedTarInfo(tarfile.TarInfo):
-    """Refuses an oversized pax or GNU long-name header before tarfile reads it into memory."""
+    """Refuses, before tarfile reads it into memory: a global pax header (a bundle has none: tarfile merges
+    every one into a dict each later member copies, and a 5.7 MB archive of them took the agent to 1.7 GB
+    before any signature check), and extended headers past MAX_EXTENDED_BYTES in all (one each was capped,
+    their number not: 11 MB of per-member headers held 479 MB)."""
 
     def _proc_member(self, tf):
-        if self.type in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
-                         tarfile.GNUTYPE_LONGLINK) and self.size > 1 << 20:
-            raise tarfile.ReadError(f"an extended header of {self.size} bytes")
+        if self.type == tarfile.XGLTYPE:
+            raise tarfile.ReadError("a global pax header (a bundle's archive has none)")
+        if self.type in (tarfile.XHDTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK):
+            seen = getattr(tf, "lepton_extended_bytes", 0) + max(self.size, 0)
+            if self.size > MAX_EXTENDED_BYTES or seen > MAX_EXTENDED_BYTES:
+                raise tarfile.ReadError(f"extended headers of more than {MAX_EXTENDED_BYTES} bytes")
+            tf.lepton_extended_bytes = seen
         return super()._proc_member(tf)  # type: ignore[misc]  # tarfile's private hook: not in typeshed
 
 
