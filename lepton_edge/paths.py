@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from lepton_edge.errors import BadInput
@@ -73,15 +75,8 @@ def write_replacing(path, data: bytes, mode: int = 0o644) -> None:
     overwrite the notes; a dangling `private.pem` link put the new key where the link pointed); a rename
     replaces the link itself, and a reader never sees half a file."""
     p = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+    with _written_beside(p, data, mode) as tmp:
         os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_new(path, data: bytes, mode: int = 0o600) -> None:
@@ -94,11 +89,7 @@ def write_new(path, data: bytes, mode: int = 0o600) -> None:
     so a reader never sees half a key either; where links are not supported (some mounted file
     systems), by an exclusive create."""
     p = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+    with _written_beside(p, data, mode) as tmp:
         try:
             os.link(tmp, p, follow_symlinks=False)
         except FileExistsError:
@@ -107,6 +98,18 @@ def write_new(path, data: bytes, mode: int = 0o600) -> None:
             with os.fdopen(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode),
                            "wb") as f:
                 f.write(data)
+
+
+@contextmanager
+def _written_beside(p: Path, data: bytes, mode: int) -> Iterator[str]:
+    """A complete temporary file beside `p` (same file system: it can be renamed or linked into place)
+    holding `data` with `mode`; gone after the block, whether or not it was moved."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        yield tmp
     finally:
         Path(tmp).unlink(missing_ok=True)
 
