@@ -113,6 +113,19 @@ def test_ctrl_c_stops_a_run_stuck_in_one_inference_at_once(tmp_path, sig):
         and "no frame could be read" not in said, (p.returncode, said[-1500:])
 
 
+def test_an_interrupt_mark_never_outlives_its_run(tmp_path):
+    """A run that finished before the interrupt reached it must not leave its mark behind: the id of its
+    RunOptions may come back on a later one, whose unrelated failure would then read as Ctrl-C."""
+    conv, w = _conv()
+    b = OnnxBackend.open(_save(tmp_path / "conv.onnx", [conv], [X], [_v("y", [1, 8, 32, 32])], [w]))
+    watch = b._watch
+    ro = watch.begin()
+    watch.interrupt()  # the run in progress is marked...
+    watch.end(ro)  # ...and ends on its own
+    assert not watch.interrupted(ro) and not watch._interrupted
+    assert b.run(np.zeros((1, 3, 32, 32), np.float32))[0].shape == (1, 8, 32, 32)
+
+
 def _one_line(r, *words):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-1500:]
     assert all(w in r.stderr for w in words), r.stderr[-1500:]

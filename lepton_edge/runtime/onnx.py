@@ -151,6 +151,8 @@ class _Watchdog:
 
     def end(self, ro) -> None:
         self._running.pop(id(ro), None)
+        if self._interrupted:  # (a mark the run outlived: its id may come back on another RunOptions)
+            self._interrupted.discard(id(ro))
 
     def _watch(self, ref) -> None:
         step = min(1.0, self.limit / 4)
