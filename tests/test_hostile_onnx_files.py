@@ -97,8 +97,12 @@ def test_ctrl_c_stops_a_run_stuck_in_one_inference_at_once(tmp_path, sig):
     frames.mkdir()
     cv2.imwrite(str(frames / "a.png"), np.full((32, 32, 3), 128, np.uint8))
     exe = os.path.join(os.path.dirname(sys.executable), "lepton-edge")
-    p = subprocess.Popen([exe, "run", str(loop), "--source", str(frames), "--no-show"], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "160"})
+    # started as from a terminal, SIGINT at its default: a shell's background job (CI's `nohup ... &`)
+    # hands its children SIGINT ignored, and a process that ignores Ctrl-C cannot show how it stops
+    p = subprocess.Popen([sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                          "os.execv(sys.argv[1], sys.argv[1:])", exe, "run", str(loop), "--source", str(frames),
+                          "--no-show"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "COLUMNS": "160"})
     try:
         time.sleep(6)  # loaded, and inside the endless run (the default limit is 120 s)
         assert p.poll() is None
