@@ -599,13 +599,19 @@ def keys_new(output: Path = typer.Option(Path("keys"), "--out", "-o",
 @app.command()
 def sign(bundle: Path = typer.Argument(..., help="Bundle directory."),
          key: Path = typer.Option(..., "--key", "-k", help="private.pem from `lepton-edge keys new`.")):
-    """Sign a bundle (its checksums are verified first); devices with the public key accept it."""
-    from lepton_edge.signing import exposed, sign as do_sign
+    """Sign a bundle (its checksums are verified first); devices with the public key accept it.
+
+    The signature records the time it was made: a device refuses a bundle signed before the newest
+    one it has run (a replay). To roll a device back to an older bundle on purpose, sign it again."""
+    import time
+
+    from lepton_edge.signing import exposed, read_signature, sign as do_sign
 
     sig = do_sign(bundle, key)
     if why := exposed(key):
         log.warning(why)
-    out.print(f"signed: {sig}")
+    at = time.gmtime(read_signature(sig.parent)[2] or 0)
+    out.print(f"signed: {sig} (at {time.strftime('%Y-%m-%d %H:%M:%S UTC', at)})")
 
 
 @app.command()

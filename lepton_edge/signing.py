@@ -4,6 +4,13 @@ Why sign the manifest and nothing else: the manifest lists the sha256 of every f
 bundle, so a valid signature over its exact bytes, followed by the checksum check, covers the
 whole bundle. The signature file names the key it was made with (the first 16 hex digits of the
 sha256 of the raw public key), so a device holding several trusted keys knows which to use.
+
+Why a signing time inside the signed bytes: a signature never expires, so without one anyone who
+can publish a deploy could send a device any bundle that was ever signed (an older model, a
+known-bad one) and it would verify. The time is signed with the manifest (`_message`), so only a
+trusted key sets it, and the agent refuses a bundle signed before the newest it has run
+(agent/deploy.py). Rolling back on purpose is signing the old bundle again. Signature files from
+before this (no `signed_at`) still verify, as signed at time 0.
 """
 from __future__ import annotations
 
@@ -11,6 +18,8 @@ import base64
 import hashlib
 import json
 import os
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from lepton_edge.bundle import MAX_BUNDLE_BYTES, SIGNATURE, Bundle, parse_json, read_capped, read_manifest_bytes
@@ -19,6 +28,24 @@ from lepton_edge.paths import read_small, write_new, write_replacing
 
 MAX_SIGNATURE_BYTES = 4096  # {"alg", "key_id", "signature"}: about 150 bytes
 MAX_KEY_BYTES = 64 * 1024  # an Ed25519 PEM is about 120 bytes; /dev/zero as a key read until memory ran out
+MAX_SIGNED_AT = 1 << 40  # seconds since 1970: far past any real clock, and exact in a float and in JSON
+_DOMAIN = b"lepton-edge bundle signature v2\0"  # no v1 signature (the bare manifest) can be read as a v2 one
+
+
+@dataclass(frozen=True)
+class Signed:
+    """What a verified signature says: which trusted key made it, and when (0: a signature file
+    from before signing times; they verify, and sort before every timed one)."""
+    key_id: str
+    signed_at: int
+
+
+def _message(manifest: bytes, signed_at: int | None) -> bytes:
+    """The bytes a signature covers: the manifest alone (files without `signed_at`), else the
+    domain, the time and the manifest, so the time cannot be changed without the key."""
+    if signed_at is None:
+        return manifest
+    return _DOMAIN + str(signed_at).encode() + b"\0" + manifest
 
 
 def _crypto():
@@ -92,20 +119,24 @@ def exposed(private_key: str | Path) -> str | None:
             f"bundles your devices accept; chmod 600 it")
 
 
-def sign(bundle_dir: str | Path, private_key: str | Path) -> Path:
-    """Check the bundle's checksums, then write `signature` over its manifest's bytes."""
+def sign(bundle_dir: str | Path, private_key: str | Path, signed_at: int | None = None) -> Path:
+    """Check the bundle's checksums, then write `signature` over its manifest's bytes and the
+    signing time (now, unless given: a test's or a release pipeline's fixed time)."""
     data = read_manifest_bytes(Path(bundle_dir))
     b = Bundle.from_bytes(Path(bundle_dir), data)  # refuses a bundle whose files do not match its manifest
     key = _load_private(Path(private_key))
-    sig = {"alg": "ed25519", "key_id": key_id(key.public_key()),
-           "signature": base64.b64encode(key.sign(data)).decode()}
+    when = int(time.time()) if signed_at is None else signed_at
+    if isinstance(when, bool) or not isinstance(when, int) or not 0 <= when < MAX_SIGNED_AT:
+        raise BadInput(f"signing time {signed_at!r}: not a whole number of seconds since 1970")
+    sig = {"alg": "ed25519", "key_id": key_id(key.public_key()), "signed_at": when,
+           "signature": base64.b64encode(key.sign(_message(data, when))).decode()}
     out = b.path / SIGNATURE
     write_replacing(out, (json.dumps(sig) + "\n").encode())  # replaces a symlink there, never writes through it
     return out
 
 
-def read_signature(bundle_dir: Path) -> tuple[str, bytes]:
-    """(key_id, raw signature) from the bundle's signature file, or one BadInput line."""
+def read_signature(bundle_dir: Path) -> tuple[str, bytes, int | None]:
+    """(key_id, raw signature, signed_at or None) from the bundle's signature file, or one BadInput line."""
     p = Path(bundle_dir)
     sig_file = p / SIGNATURE
     if not os.path.lexists(sig_file):
@@ -114,16 +145,24 @@ def read_signature(bundle_dir: Path) -> tuple[str, bytes]:
     if not (isinstance(sig, dict) and isinstance(sig.get("key_id"), str) and isinstance(sig.get("signature"), str)
             and sig.get("alg", "ed25519") == "ed25519"):
         raise BadInput(f"bundle {p}: malformed signature file")
+    when = sig.get("signed_at")
+    if when is not None and (isinstance(when, bool) or not isinstance(when, int) or not 0 <= when < MAX_SIGNED_AT):
+        raise BadInput(f"bundle {p}: malformed signature file (signed_at)")
     try:
         raw = base64.b64decode(sig["signature"], validate=True)
     except ValueError:
         raise BadInput(f"bundle {p}: malformed signature file") from None
-    return sig["key_id"][:64], raw
+    return sig["key_id"][:64], raw, when
 
 
 def verify(bundle_dir: str | Path, trusted: list, max_bytes: int = MAX_BUNDLE_BYTES) -> str:
     """Raise BadInput unless the bundle is signed by one of the trusted public keys (loaded
-    objects or PEM paths) and every file matches the manifest. Returns the key id.
+    objects or PEM paths) and every file matches the manifest. Returns the key id."""
+    return verified(bundle_dir, trusted, max_bytes).key_id
+
+
+def verified(bundle_dir: str | Path, trusted: list, max_bytes: int = MAX_BUNDLE_BYTES) -> Signed:
+    """`verify`, returning the key id and the signing time.
 
     Order matters: the signature is checked over the exact manifest bytes first, and the files
     are checked against those same bytes, so nothing an unsigned manifest declares gets hashed.
@@ -134,14 +173,14 @@ def verify(bundle_dir: str | Path, trusted: list, max_bytes: int = MAX_BUNDLE_BY
     if isinstance(trusted, (str, Path)):  # one key given alone (iterating a str read '/' as a key)
         trusted = [trusted]
     keys = [load_public(k) if isinstance(k, (str, Path)) else k for k in trusted]
-    kid, raw = read_signature(p)
+    kid, raw, when = read_signature(p)
     key = {key_id(k): k for k in keys}.get(kid)
     if key is None:
         raise BadInput(f"bundle {p}: signed with key {kid!r}, which is not trusted here")
     data = read_manifest_bytes(p)
     try:
-        key.verify(raw, data)
+        key.verify(raw, _message(data, when))
     except InvalidSignature:
-        raise BadInput(f"bundle {p}: bad signature (the manifest was changed after signing)") from None
+        raise BadInput(f"bundle {p}: bad signature (the manifest or its signing time changed after signing)") from None
     Bundle.from_bytes(p, data, max_bytes=max_bytes)  # and the files must match the signed manifest
-    return kid
+    return Signed(kid, when or 0)

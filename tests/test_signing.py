@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -86,13 +87,15 @@ def test_signature_file_contents(tmp_path):
     sig_path = sign(b, priv)
     sig = json.loads(sig_path.read_text())
     assert sig["alg"] == "ed25519" and sig["key_id"] == key_id(load_public(pub))
-    kid, raw = read_signature(b)
+    kid, raw, when = read_signature(b)
     assert kid == sig["key_id"] and raw == base64.b64decode(sig["signature"]) and len(raw) == 64
+    assert when == sig["signed_at"] and abs(when - time.time()) < 60
     assert verify(b, [pub]) == kid  # a PEM path
     assert verify(b, [str(pub)]) == kid  # a path as text
     assert verify(b, [load_public(pub)]) == kid  # a loaded key
     for bad in ({"alg": "rsa", "key_id": kid, "signature": sig["signature"]}, {"key_id": kid},
-                {"key_id": 5, "signature": sig["signature"]}, {"key_id": kid, "signature": "!!not base64!!"}, []):
+                {"key_id": 5, "signature": sig["signature"]}, {"key_id": kid, "signature": "!!not base64!!"}, [],
+                *({**sig, "signed_at": w} for w in (-1, 1.5, "1", True, 1 << 40, [1]))):
         sig_path.write_text(json.dumps(bad))
         with pytest.raises(BadInput, match="malformed signature file"):
             read_signature(b)
@@ -105,6 +108,32 @@ def test_signature_file_contents(tmp_path):
     sig_path.write_text(json.dumps({"key_id": kid, "signature": base64.b64encode(b"\0" * 64).decode()}))
     with pytest.raises(BadInput, match="bad signature"):
         verify(b, [pub])
+
+
+def test_the_signing_time_is_signed_and_a_signature_from_before_signing_times_still_verifies(tmp_path):
+    """The time is what the agent's downgrade check reads: whoever can edit the signature file must
+    not be able to make an old bundle look newly signed, nor turn a timed signature into an untimed one."""
+    from lepton_edge.signing import verified
+
+    priv, pub = new_keys(tmp_path / "k")
+    b = _bundle(tmp_path / "b")
+    sig_path = sign(b, priv, signed_at=1_000)
+    assert verified(b, [pub]).signed_at == 1_000
+    sig = json.loads(sig_path.read_text())
+    for forged in ({**sig, "signed_at": 2_000}, {k: v for k, v in sig.items() if k != "signed_at"}):
+        sig_path.write_text(json.dumps(forged))
+        with pytest.raises(BadInput, match="bad signature"):
+            verify(b, [pub])
+    # a signature file from before signing times: the manifest's bytes alone, no signed_at
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_private_key(priv.read_bytes(), password=None)
+    old = key.sign((b / "manifest.json").read_bytes())
+    sig_path.write_text(json.dumps({"alg": "ed25519", "key_id": sig["key_id"],
+                                    "signature": base64.b64encode(old).decode()}))
+    assert verified(b, [pub]) == verified(b, [str(pub)]) and verified(b, [pub]).signed_at == 0
+    with pytest.raises(BadInput, match="signing time"):
+        sign(b, priv, signed_at=-5)
 
 
 def test_sign_refuses_a_bundle_whose_files_do_not_match(tmp_path):
@@ -189,7 +218,8 @@ def test_every_refusal_says_exactly_what_and_where(tmp_path):
     sig_path.write_text(json.dumps({"key_id": "f" * 100, "signature": good["signature"]}))
     assert says(verify, b, [pub]) == f"bundle {b}: signed with key {'f' * 64!r}, which is not trusted here"
     sig_path.write_text(json.dumps({"key_id": good["key_id"], "signature": base64.b64encode(b"\0" * 64).decode()}))
-    assert says(verify, b, [pub]) == f"bundle {b}: bad signature (the manifest was changed after signing)"
+    assert says(verify, b, [pub]) == (f"bundle {b}: bad signature "
+                                      "(the manifest or its signing time changed after signing)")
     body = json.dumps(good)
     sig_path.write_text(body + " " * (4096 - len(body)))  # the limit itself: read
     assert read_signature(b)[0] == good["key_id"]

@@ -7,7 +7,9 @@ archive is read member by member: only regular files the manifest lists, at the 
 declares, within the bundle budget, are written (no links, devices, or path outside the
 directory). A path on the device is copied the same way: the manifest first, then exactly the
 files it lists, never through a symlink. Then the ed25519 signature over the manifest's bytes,
-then every file's checksum. A restart must come back with the last good bundle, so `current` is
+then every file's checksum, then the signing time: a bundle signed before the newest one this
+device has run is refused (a replayed old bundle verifies, so the time is the only thing that
+tells it from a new one; see signing.py). A restart must come back with the last good bundle, so `current` is
 a symlink replaced atomically (os.replace) only after the new model passed its health check,
 and `good.json` lists the previous good ones to fall back to. Every failure removes what it
 created; leftovers of a crash (a kill -9 mid-download) are removed at the next start.
@@ -46,9 +48,11 @@ from lepton_edge.bundle import (
     read_manifest_bytes,
 )
 from lepton_edge.errors import BadInput
+from lepton_edge.paths import write_replacing
 from lepton_edge.telemetry.schema import DeployCommand
 
 GOOD = "good.json"
+NEWEST_SIGNED = "newest_signed_at"  # the latest signing time of a bundle this device has made current
 MAX_SIGNATURE_BYTES = 4096
 _BLOCK = 1 << 16
 
@@ -68,6 +72,7 @@ class BundleStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self.current_link = self.state / "current"
         self.good_file = self.state / GOOD
+        self.newest_file = self.state / NEWEST_SIGNED
         self.trusted = list(trusted_keys)
         self.max_bytes = max_bytes  # the download (archive) cap
         self.max_bundle_bytes = max_bundle_bytes  # unpacked: all files of a bundle together
@@ -116,6 +121,7 @@ class BundleStore:
             tmp.unlink()
         os.symlink(d, tmp)
         os.replace(tmp, self.current_link)
+        self._raise_newest(d)
         entry = self._entry(d)
         if entry is None:
             return
@@ -151,6 +157,45 @@ class BundleStore:
             return []
         return [n for n in names if isinstance(n, str) and n and "/" not in n and n not in (".", "..")]
 
+    # ---- the newest signing time run here (refusing replayed old bundles) ---------------------
+    def newest_signed_at(self) -> int:
+        """The latest signing time of any bundle made current here: the file, or the current
+        bundle's own signature (a state directory from before the file), whichever is later."""
+        return max(self._mark(), self._signed_at(self.current()))
+
+    def _mark(self) -> int:
+        try:
+            return int(read_capped(self.newest_file, 64, NEWEST_SIGNED).decode().strip())
+        except (BadInput, ValueError, UnicodeDecodeError):
+            return 0
+
+    def _signed_at(self, d: Path | None) -> int:
+        if d is None or not self.trusted:
+            return 0
+        from lepton_edge.signing import read_signature
+
+        try:
+            return read_signature(d)[2] or 0
+        except BadInput:
+            return 0
+
+    def _raise_newest(self, d: Path) -> None:
+        when = self._signed_at(d)
+        if when > self._mark():
+            write_replacing(self.newest_file, f"{when}\n".encode())
+
+    def _not_older(self, signed_at: int) -> None:
+        """Refuse a bundle signed before the newest this device has run: with a signature that
+        never expires, that is how a replayed old (or known-bad) bundle looks."""
+        newest = self.newest_signed_at()
+        if signed_at >= newest:
+            return
+        when = "has no signing time (signed by an older lepton-edge)" if not signed_at else \
+            f"was signed at {_utc(signed_at)}"
+        raise BadInput(f"the bundle {when}, before the newest bundle this device has run "
+                       f"(signed at {_utc(newest)}): refused as a possible replay. To roll back on purpose, "
+                       f"sign the older bundle again (lepton-edge sign) and deploy that")
+
     def _write_good(self, names: list[str]) -> None:
         tmp = self.good_file.with_name(f".{GOOD}.{os.getpid()}")
         with open(tmp, "w") as f:
@@ -175,7 +220,7 @@ class BundleStore:
                 p.unlink(missing_ok=True)
         for p in self.state.glob(".current.*"):
             p.unlink(missing_ok=True)
-        for p in self.state.glob(f".{GOOD}.*"):
+        for p in (*self.state.glob(f".{GOOD}.*"), *self.state.glob(f".{NEWEST_SIGNED}.*")):
             p.unlink(missing_ok=True)
 
     # ---- checking -----------------------------------------------------------------------------
@@ -186,10 +231,10 @@ class BundleStore:
             return done
         try:
             if self.trusted:
-                from lepton_edge.signing import verify
+                from lepton_edge.signing import verified
 
-                key = verify(bundle_dir, self._keys, max_bytes=self.max_bundle_bytes)
-                return {"signed_by": key}
+                signed = verified(bundle_dir, self._keys, max_bytes=self.max_bundle_bytes)
+                return {"signed_by": signed.key_id, "signed_at": signed.signed_at}
             Bundle.load(bundle_dir, max_bytes=self.max_bundle_bytes)
             return {"signed_by": None}
         except BadInput as e:
@@ -212,6 +257,8 @@ class BundleStore:
             elif cmd.path:  # exactly one of the two (checked above)
                 self._from_path(Path(cmd.path), dest, cmd.sha256)
             info = self.verify(dest)
+            if self.trusted:
+                self._not_older(info["signed_at"])
             self._verified = {dest: info}
             return dest
         except BadInput as e:
@@ -387,6 +434,10 @@ class BundleStore:
             raise DeployError(f"downloaded archive sha256 {h.hexdigest()[:16]}… differs from the command's "
                               f"{sha256[:16]}…")
         return out
+
+
+def _utc(t: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
 
 
 def _norm(name: str) -> str:

@@ -101,3 +101,79 @@ def test_the_deadline_shuts_the_sockets_it_tracks(tmp_path):
     finally:
         a.close()
         b.close()
+
+
+def _signed(tmp_path: Path, name: str, key: Path, at: int | None) -> Path:
+    from lepton_edge.signing import sign
+
+    d = _bundle(tmp_path / name, model=name.encode() * 20)
+    if at is None:  # a signature file from before signing times: the manifest's bytes alone
+        import base64
+        import json
+
+        from cryptography.hazmat.primitives import serialization
+
+        from lepton_edge.signing import key_id
+
+        k = serialization.load_pem_private_key(key.read_bytes(), password=None)
+        sig = k.sign((d / "manifest.json").read_bytes())
+        (d / "signature").write_text(json.dumps({"alg": "ed25519", "key_id": key_id(k.public_key()),
+                                                 "signature": base64.b64encode(sig).decode()}))
+    else:
+        sign(d, key, signed_at=at)
+    return d
+
+
+def test_a_bundle_signed_before_the_newest_one_run_here_is_refused_as_a_replay(tmp_path):
+    """A signature never expires: without the signing time, whoever can publish a deploy could send
+    back any bundle ever signed (an old or known-bad model) and it would verify."""
+    from lepton_edge.signing import new_keys
+
+    priv, pub = new_keys(tmp_path / "keys")
+    old, new, legacy = (_signed(tmp_path, "old", priv, 1_000), _signed(tmp_path, "new", priv, 2_000),
+                        _signed(tmp_path, "legacy", priv, None))
+
+    def store() -> BundleStore:
+        return BundleStore(tmp_path / "state", [pub], 1 << 20, max_bundle_bytes=1 << 20)
+
+    s = store()
+    assert s.newest_signed_at() == 0
+    s.set_current(s.fetch(DeployCommand(id="1", path=str(new))))
+    assert s.newest_signed_at() == 2_000
+    for src, words in ((old, "was signed at 1970-01-01 00:16:40 UTC"), (legacy, "has no signing time")):
+        with pytest.raises(DeployError) as e:
+            store().fetch(DeployCommand(id="2", path=str(src)))  # a restart keeps the mark
+        assert words in str(e.value) and "refused as a possible replay" in str(e.value)
+        assert "\n" not in str(e.value) and "sign the older bundle again" in str(e.value)
+        assert sorted(p.name for p in s.root.iterdir()) == [s.current().name]  # nothing of it stays
+    again = s.fetch(DeployCommand(id="3", path=str(new)))  # the same signing time: the same bundle again
+    s.set_current(again)
+    # rolling back on purpose: the old bundle signed again
+    s.set_current(s.fetch(DeployCommand(id="4", path=str(_signed(tmp_path, "old-again", priv, 3_000)))))
+    assert s.newest_signed_at() == 3_000
+    # the mark never goes down: pointing `current` back at an older bundle (a fall back at start) keeps it
+    s.set_current(again)
+    assert store().newest_signed_at() == 3_000
+    with pytest.raises(DeployError, match="possible replay"):
+        s.fetch(DeployCommand(id="5", path=str(new)))
+
+
+def test_a_state_directory_from_before_the_mark_takes_it_from_the_current_bundle(tmp_path):
+    """An agent upgraded in place has a `current` but no mark file: the current bundle's own
+    signing time is the mark, so the upgrade opens no window for a replay."""
+    from lepton_edge.agent.deploy import NEWEST_SIGNED
+    from lepton_edge.signing import new_keys
+
+    priv, pub = new_keys(tmp_path / "keys")
+    s = BundleStore(tmp_path / "state", [pub], 1 << 20, max_bundle_bytes=1 << 20)
+    s.set_current(s.fetch(DeployCommand(id="1", path=str(_signed(tmp_path, "new", priv, 2_000)))))
+    (s.state / NEWEST_SIGNED).unlink()
+    (s.state / NEWEST_SIGNED).with_name(f".{NEWEST_SIGNED}.123").write_text("9")  # a crash's leftover
+    s = BundleStore(tmp_path / "state", [pub], 1 << 20, max_bundle_bytes=1 << 20)
+    assert s.newest_signed_at() == 2_000 and not list(s.state.glob(f".{NEWEST_SIGNED}.*"))
+    with pytest.raises(DeployError, match="possible replay"):
+        s.fetch(DeployCommand(id="2", path=str(_signed(tmp_path, "old", priv, 1_000))))
+    # without trusted keys nothing is signed, so there is no mark and no refusal
+    plain = BundleStore(tmp_path / "state2", [], 1 << 20, max_bundle_bytes=1 << 20)
+    plain.set_current(plain.fetch(DeployCommand(id="3", path=str(tmp_path / "new"))))
+    plain.fetch(DeployCommand(id="4", path=str(tmp_path / "old")))
