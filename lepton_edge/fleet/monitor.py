@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import re
 import socket
 import threading
 import time
@@ -35,13 +34,12 @@ from pydantic import ValidationError
 from lepton_edge.fleet.store.base import Store, StoreError, ValueRefused
 from lepton_edge.telemetry.broker import make_client, parse_broker
 from lepton_edge.telemetry.schema import MAX_EVENT_MESSAGE, Event, Status, Telemetry, V
-from lepton_edge.telemetry.topics import Topics, safe_segment, sanitize
+from lepton_edge.telemetry.topics import Topics, is_segment, safe_segment, sanitize
 
 MAX_CLOCK_AHEAD_S = 300.0  # a device clock this far ahead of the monitor's is not believed (Monitor._clock)
 EPOCH_FLOOR = 1_577_836_800.0  # 2020-01-01: a device time before it is an unset clock
 MAX_PAYLOAD = 64 * 1024  # a window is ~1 KB; anything this big is refused before parsing
 KINDS = ("status", "meta", "telemetry", "events")
-_SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MODELS = {"status": Status, "telemetry": Telemetry, "events": Event}
 
 
@@ -166,8 +164,7 @@ class Monitor:
         now = time.time()
         self.stats["received"] += 1
         parsed = Topics.parse(msg.topic)
-        ok_topic = (parsed is not None and parsed[2] in KINDS and _SEGMENT.fullmatch(parsed[0])
-                    and _SEGMENT.fullmatch(parsed[1]))
+        ok_topic = parsed is not None and parsed[2] in KINDS and is_segment(parsed[0]) and is_segment(parsed[1])
         fleet, device, kind = parsed if ok_topic else (None, None, None)
         if not ok_topic:
             item = ("bad", None, None, "topic", now)
