@@ -3,6 +3,7 @@ scraped by a REAL Prometheus server on loopback and queried back through its HTT
 from __future__ import annotations
 
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -36,8 +37,8 @@ def val(samples, name, **labels):
 
 def test_metrics_endpoint_reads_the_store_at_scrape_time(store):
     small_fleet(store)
-    server, thread = serve_metrics(store, f"127.0.0.1:{free_port()}")
-    url = f"http://127.0.0.1:{server.server_port}/metrics"
+    server = serve_metrics(store, f"127.0.0.1:{free_port()}")
+    url = f"http://127.0.0.1:{server.port}/metrics"
     try:
         s = scrape(url)
         assert val(s, "lepton_store_up") == 1
@@ -65,15 +66,14 @@ def test_metrics_endpoint_reads_the_store_at_scrape_time(store):
         assert val(s, "lepton_device_fps", fleet="lab", device="cam-new") == 12.0
         assert val(s, "lepton_device_online", fleet="yard", device="cam-off") is None
     finally:
-        server.shutdown()
-        server.server_close()
+        server.stop()
 
 
 def test_real_prometheus_scrapes_the_fleet_and_promql_returns_each_fps(store, prometheus):
     now = small_fleet(store)
-    server, _ = serve_metrics(store, f"127.0.0.1:{free_port()}")
+    server = serve_metrics(store, f"127.0.0.1:{free_port()}")
     try:
-        prom = prometheus([f"127.0.0.1:{server.server_port}"])
+        prom = prometheus([f"127.0.0.1:{server.port}"])
         want = {("lab", "cam-ok"): 30.0, ("lab", "cam-slow"): 9.5, ("yard", "cam-off"): 25.0,
                 ("yard", "cam-gaps"): 28.0}
         result = prom.wait_query("lepton_device_fps", lambda r: len(r) == len(want), timeout=30)
@@ -94,8 +94,41 @@ def test_real_prometheus_scrapes_the_fleet_and_promql_returns_each_fps(store, pr
                                   lambda r: r and float(r[0]["value"][1]) == 31.5, timeout=15)
         assert updated and float(updated[0]["value"][1]) == 31.5
     finally:
-        server.shutdown()
-        server.server_close()
+        server.stop()
+
+
+def test_the_metrics_port_answers_only_loopback_names_and_drops_a_connection_that_never_sends(store):
+    """prometheus_client's own server answered any Host (a page rebinding its domain to 127.0.0.1 read every
+    device's figures) and held a thread for each connection that never finished its request."""
+    import socket
+
+    from lepton_edge.fleet.web import guards
+
+    small_fleet(store)
+    server = serve_metrics(store, f"127.0.0.1:{free_port()}", hosts=("prom.example",))
+    try:
+        def get(host: str) -> tuple[int, bytes]:
+            req = urllib.request.Request(f"http://127.0.0.1:{server.port}/metrics", headers={"Host": host})
+            try:
+                with urllib.request.urlopen(req, timeout=5) as r:
+                    return r.status, r.read()
+            except urllib.error.HTTPError as e:
+                return e.code, e.read()
+
+        assert get("evil.example")[0] == 421 and b"lepton_device_fps" not in get("evil.example")[1]
+        for name in ("localhost:9108", f"127.0.0.1:{server.port}", "prom.example"):
+            status, body = get(name)
+            assert status == 200 and b"lepton_device_fps" in body, name
+        guards.HEADER_TIMEOUT_S, old = 0.5, guards.HEADER_TIMEOUT_S
+        try:
+            with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+                s.sendall(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n")  # and never the end of the headers
+                s.settimeout(5)
+                assert s.recv(1024) == b""  # closed by the server, well before the client's own timeout
+        finally:
+            guards.HEADER_TIMEOUT_S = old
+    finally:
+        server.stop()
 
 
 def test_listen_address_is_checked_before_binding():
@@ -122,13 +155,12 @@ def test_the_web_dashboards_listen_address_reads_as_the_metrics_one():
 
 
 def test_port_in_use_is_one_line(store):
-    server, _ = serve_metrics(store, f"127.0.0.1:{free_port()}")
+    server = serve_metrics(store, f"127.0.0.1:{free_port()}")
     try:
-        with pytest.raises(BadInput, match="cannot serve metrics"):
-            serve_metrics(store, f"127.0.0.1:{server.server_port}")
+        with pytest.raises(BadInput, match="metrics could not listen on 127.0.0.1"):
+            serve_metrics(store, f"127.0.0.1:{server.port}")
     finally:
-        server.shutdown()
-        server.server_close()
+        server.stop()
 
 
 def test_monitor_cli_serves_metrics_without_web(mosquitto, tmp_path):

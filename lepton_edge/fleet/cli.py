@@ -110,9 +110,9 @@ def monitor(
     token: str | None = typer.Option(None, envvar="LEPTON_DASHBOARD_TOKEN",
                                         help="Token for commands from the web page (generated when not given)."),
     web_host: list[str] | None = typer.Option(None, "--web-host", envvar="LEPTON_DASHBOARD_HOSTS",
-                                              help="A further Host name a loopback dashboard answers to (a reverse "
-                                              "proxy that passes its own; repeatable). Others get 421: a web page "
-                                              "rebinding its domain to 127.0.0.1 read the fleet."),
+                                              help="A further Host name a loopback dashboard (or --metrics) answers "
+                                              "to (a reverse proxy that passes its own; repeatable). Others get "
+                                              "421: a web page rebinding its domain to 127.0.0.1 read the fleet."),
     group: str | None = typer.Option(None, help="Share telemetry/events with other workers ($share/GROUP)."),
     fleet: str = typer.Option("+", help="Only this fleet (default: every fleet)."),
     alerts: str | None = typer.Option(None, "--alerts", help="Alert rules (TOML); defaults without it."),
@@ -165,7 +165,7 @@ def monitor(
     server = metrics_server = None
     stop = threading.Event()
     try:
-        metrics_server = _serve_metrics(st, metrics, mon)
+        metrics_server = _serve_metrics(st, metrics, mon, tuple(web_host or ()))
         mon.start()
         _wait_subscribed(mon, broker, once, log)
         if homeassistant:
@@ -218,20 +218,18 @@ def _close_servers(server, metrics_server, bridges: list) -> None:
     if server:
         server.stop()
     if metrics_server:
-        metrics_server.shutdown()
-        metrics_server.server_close()
+        metrics_server.stop()
     for bridge in bridges:
         bridge.close()
 
 
-def _serve_metrics(st, listen: str | None, mon):
+def _serve_metrics(st, listen: str | None, mon, hosts: tuple[str, ...] = ()):
     """Prometheus /metrics on `listen` (with the monitor's own counters), or None without --metrics."""
     if not listen:
         return None
     from lepton_edge.fleet.metrics import serve_metrics
 
-    server, _ = serve_metrics(st, listen, extra=lambda: dict(mon.stats))
-    return server
+    return serve_metrics(st, listen, extra=lambda: dict(mon.stats), hosts=hosts)
 
 
 def _start_dashboard(st, listen: tuple[str, int], token: str | None, sender, hub_notify: list,

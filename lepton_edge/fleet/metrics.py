@@ -206,12 +206,14 @@ def parse_listen(text: str, default_port: int = 9108, what: str = "--metrics", l
     return host, int(port)
 
 
-def serve_metrics(store, listen: str = "127.0.0.1:9108", extra: Callable[[], dict] | None = None):
-    """Serve /metrics on its own port (a daemon thread). Returns (server, thread); server.shutdown() stops it."""
-    from prometheus_client import start_http_server
+def serve_metrics(store, listen: str = "127.0.0.1:9108", extra: Callable[[], dict] | None = None,
+                  hosts: tuple[str, ...] = ()):
+    """Serve the metrics on their own port: a started WebServer (`.port`, `.stop()`).
+
+    Why the dashboard's server and not prometheus_client's own: that one answered any Host (a page the
+    operator visits could rebind its name to 127.0.0.1 and read every device's figures) and gave each
+    connection a thread with no deadline. This one has the dashboard's guards (fleet/web/guards.py)."""
+    from lepton_edge.fleet.web.app import WebServer
 
     host, port = parse_listen(listen)
-    try:
-        return start_http_server(port, addr=host, registry=registry(store, extra))
-    except OSError as e:
-        raise BadInput(f"cannot serve metrics on {host}:{port}: {e.strerror or e}") from None
+    return WebServer(metrics_app(store, extra), host, port, hosts, what="metrics").start()

@@ -548,8 +548,10 @@ class _Asgi:
 class WebServer:
     """uvicorn in a thread of its own (the monitor's main thread runs the terminal dashboard)."""
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 8080, hosts: tuple[str, ...] = ()):
-        """`hosts`: Host names it answers to beside the loopback ones, when bound to loopback (guards.py)."""
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 8080, hosts: tuple[str, ...] = (),
+                 what: str = "the web dashboard"):
+        """`hosts`: Host names it answers to beside the loopback ones, when bound to loopback (guards.py);
+        `what` names the server in its one-line error."""
         import uvicorn
 
         from lepton_edge.fleet.web.guards import GuardedH11, HostCheck, allowed_hosts
@@ -557,7 +559,7 @@ class WebServer:
         self.server = uvicorn.Server(uvicorn.Config(HostCheck(app, allowed_hosts(host, hosts)), host=host, port=port,
                                                     log_level="warning", access_log=False, lifespan="off",
                                                     http=GuardedH11))
-        self.host = host
+        self.host, self.what = host, what
         self._thread = None
 
     def start(self, timeout: float = 10.0) -> WebServer:
@@ -568,7 +570,7 @@ class WebServer:
         deadline = time.monotonic() + timeout
         while not self.server.started:
             if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise BadInput(f"the web dashboard could not listen on {self.host}:{self.server.config.port} "
+                raise BadInput(f"{self.what} could not listen on {self.host}:{self.server.config.port} "
                                "(address in use?)")
             time.sleep(0.02)
         return self
