@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -347,6 +348,27 @@ def test_a_loopback_dashboard_answers_only_to_loopback_names(tmp_path):
         store.close()
 
 
+def test_a_dashboard_beyond_loopback_answers_addresses_and_its_own_names_but_not_a_rebound_domain(tmp_path):
+    """Bound to 0.0.0.0 (a LAN), a page rebinding its domain to the machine's LAN address read the whole
+    fleet (the token guards commands only). It answers 421 to names it does not know now: addresses, this
+    machine's own names and --web-host names are answered."""
+    store = open_store(tmp_path / "fleet.sqlite")
+    seed_store(store, n=1)
+    server = WebServer(create_app(store, token="t"), host="0.0.0.0", port=0, hosts=("dash.lan",)).start()
+    try:
+        p = server.port
+        for host in (f"127.0.0.1:{p}", f"192.0.2.7:{p}", f"[::1]:{p}", f"{socket.gethostname()}:{p}",
+                     f"{socket.gethostname()}.local", f"dash.lan:{p}", "localhost"):
+            status, body = _get(p, host)
+            assert status == 200 and b'"devices"' in body, (host, status, body[:200])
+        for host in (f"attacker.example:{p}", "192.0.2.7.nip.io", ""):
+            status, body = _get(p, host, "/api/summary")
+            assert status == 421 and b"--web-host" in body, (host, status, body[:200])
+    finally:
+        server.stop()
+        store.close()
+
+
 def _hung_up(sock, timeout: float = 10) -> bool:
     """Once the server closed the connection (EOF or a reset; fails if it stays open past `timeout`):
     True when it sent nothing before."""
@@ -365,8 +387,13 @@ def test_every_way_of_naming_loopback_gets_the_host_check_and_the_cap_fits_the_f
     from lepton_edge.fleet.web.guards import FD_RESERVE, MAX_CONNECTIONS, allowed_hosts, connection_cap, host_name
 
     for bind in ("127.0.0.1", "LOCALHOST", "127.1", "localhost", "::1"):
-        assert allowed_hosts(bind) is not None and "localhost" in allowed_hosts(bind), bind
-    assert allowed_hosts("0.0.0.0") is None and allowed_hosts("192.0.2.1") is None
+        policy = allowed_hosts(bind)
+        assert policy.allows("localhost:8080") and not policy.any_address and not policy.allows("192.0.2.1"), bind
+    for bind in ("0.0.0.0", "192.0.2.1"):  # beyond loopback: addresses, this machine's names, the names given
+        policy = allowed_hosts(bind, ("dash.lan",))
+        assert policy.any_address and policy.allows("192.0.2.1:8080") and policy.allows("[fe80::1%eth0]:80")
+        assert policy.allows(f"{socket.gethostname()}.local:8080") and policy.allows("DASH.LAN.")
+        assert not policy.allows("attacker.example") and not policy.allows("192.0.2.1.nip.io")
     assert host_name("LOCALHOST.:8080") == "localhost" and host_name("[::1]:80") == "::1"
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:

@@ -5,7 +5,9 @@ Why here, not in the app: both are about the socket and the address the server w
 (`WebServer`), and the app (`create_app`) is also served by tests and other ASGI servers.
 - DNS rebinding: a web page the operator visits can point its own domain at 127.0.0.1 and is then the
   same site as a dashboard on loopback: it read the fleet, alerts, events, /metrics and the live stream
-  (the token guards commands only). A dashboard bound to loopback answers only to loopback names.
+  (the token guards commands only). A dashboard bound to loopback answers only to loopback names; one
+  bound beyond it (0.0.0.0, a LAN address: the same attack through that address) answers to addresses,
+  this machine's own names and the names it was told of (--web-host).
 - Slowloris: uvicorn's h11 protocol times a connection only after a response, so a connection that sent
   half its headers stayed open for ever; 300 of them held the server's 256 file descriptors, every
   legitimate request timed out and the accept loop's errors wrote 292 MB of log in 40 s.
@@ -15,6 +17,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import socket
+from dataclasses import dataclass
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -24,18 +27,52 @@ FD_RESERVE = 64  # file descriptors left for everything else when the process ma
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
-def allowed_hosts(bind_host: str, extra: tuple[str, ...] = ()) -> frozenset[str] | None:
-    """The Host names a server bound to `bind_host` answers to: loopback names for a host that resolves to
-    loopback addresses only (None, any name, for one bound beyond loopback: a token guards its commands,
-    and the names it is reached by there are not known here). Resolved, not matched: LOCALHOST, 127.1 and
-    a host name /etc/hosts maps to 127.0.1.1 (Debian, Raspberry Pi OS) all bind loopback."""
+@dataclass(frozen=True)
+class HostPolicy:
+    """The Host names a server answers to, and whether any IP address given as the Host is answered too
+    (a server bound beyond loopback: a browser that sends an address was sent to this server by it,
+    and DNS rebinding needs a name)."""
+    names: frozenset[str]
+    any_address: bool = False
+
+    def allows(self, header: str) -> bool:
+        name = host_name(header)
+        if name in self.names:
+            return True
+        if not self.any_address:
+            return False
+        try:
+            ipaddress.ip_address(name.split("%")[0])
+            return True
+        except ValueError:
+            return False
+
+
+def _own_names() -> set[str]:
+    """This machine's names as a LAN would reach it: its host name, that name under .local (mDNS: a
+    Raspberry Pi's `raspberrypi.local`), and its fully qualified name."""
+    try:
+        host = socket.gethostname().lower().rstrip(".")
+        return {n for n in (host, f"{host}.local", socket.getfqdn().lower().rstrip(".")) if n}
+    except OSError:
+        return set()
+
+
+def allowed_hosts(bind_host: str, extra: tuple[str, ...] = ()) -> HostPolicy:
+    """What a server bound to `bind_host` answers to. On loopback: loopback names only (and `extra`).
+    Beyond loopback: any IP address, this machine's own names, the bind name and `extra`; other names get
+    421, as a page rebinding its domain to this machine's LAN address would (as Django's ALLOWED_HOSTS).
+    Resolved, not matched: LOCALHOST, 127.1 and a host name /etc/hosts maps to 127.0.1.1 (Debian,
+    Raspberry Pi OS) all bind loopback."""
     try:
         addrs = {a[4][0] for a in socket.getaddrinfo(bind_host, None, proto=socket.IPPROTO_TCP)}
         loopback = bool(addrs) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addrs)
     except (OSError, ValueError):
         loopback = False
-    name = bind_host.lower().rstrip(".")
-    return LOOPBACK_NAMES | {name, *(h.lower().rstrip(".") for h in extra)} if loopback else None
+    names = LOOPBACK_NAMES | {bind_host.lower().rstrip("."), *(h.lower().rstrip(".") for h in extra)}
+    if loopback:
+        return HostPolicy(frozenset(names))
+    return HostPolicy(frozenset(names | _own_names()), any_address=True)
 
 
 def host_name(header: str) -> str:
@@ -63,19 +100,20 @@ def connection_cap() -> int:
 
 
 class HostCheck:
-    """ASGI middleware: a request whose Host is not one of `allowed` gets 421 and one JSON line."""
+    """ASGI middleware: a request whose Host the policy does not allow gets 421 and one JSON line."""
 
-    def __init__(self, app, allowed: frozenset[str] | None):
+    def __init__(self, app, allowed: HostPolicy):
         self.app, self.allowed = app, allowed
 
     async def __call__(self, scope, receive, send):
-        if self.allowed is not None and scope["type"] in ("http", "websocket"):
+        if scope["type"] in ("http", "websocket"):
             host = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"host"), "")
-            if host_name(host) not in self.allowed:
+            if not self.allowed.allows(host):
                 if scope["type"] == "websocket":
                     await send({"type": "websocket.close", "code": 1008})
                     return
-                body = json.dumps({"error": f"this dashboard does not answer to host {host[:100]!r}"}).encode()
+                body = json.dumps({"error": f"this dashboard does not answer to host {host[:100]!r} (a name it "
+                                             "should answer to: add it with --web-host)"}).encode()
                 await send({"type": "http.response.start", "status": 421,
                             "headers": [(b"content-type", b"application/json"),
                                         (b"content-length", str(len(body)).encode())]})
