@@ -120,10 +120,11 @@ def test_commands_need_the_token_and_valid_bodies(api):
 
 
 def test_the_server_binds_loopback_and_refuses_a_public_address_without_a_token(tmp_path):
-    check_bind("127.0.0.1", None)
-    check_bind("::1", None)
-    with pytest.raises(BadInput, match="without a token"):
-        check_bind("0.0.0.0", None)
+    for host in ("127.0.0.1", "::1", "localhost", "LOCALHOST", "127.1"):  # loopback however it is named
+        check_bind(host, None)
+    for host in ("0.0.0.0", "192.0.2.1", "no-such-host.invalid"):  # (a name that does not resolve: not loopback)
+        with pytest.raises(BadInput, match="without a token"):
+            check_bind(host, None)
     check_bind("0.0.0.0", "t")
     r = subprocess.run([sys.executable, "-m", "lepton_edge.fleet.cli", "monitor", "--broker", "mqtt://127.0.0.1:1",
                         "--store", str(tmp_path / "s.sqlite"), "--web", "0.0.0.0:0"],

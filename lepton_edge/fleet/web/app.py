@@ -116,11 +116,9 @@ def _p95(d: DeviceState) -> float | None:
 
 def check_bind(host: str, token: str | None) -> None:
     """Refuse to listen beyond loopback without a token: commands reach devices."""
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = host == "localhost"
-    if not loopback and not token:
+    from lepton_edge.fleet.web.guards import binds_loopback
+
+    if not binds_loopback(host) and not token:
         raise BadInput(f"refusing to serve the dashboard on {host} without a token (--token); "
                        "only 127.0.0.1 may go without one")
 

@@ -58,19 +58,23 @@ def _own_names() -> set[str]:
         return set()
 
 
+def binds_loopback(bind_host: str) -> bool:
+    """Whether a server bound to `bind_host` listens on loopback addresses only: the name resolved, not
+    matched, so LOCALHOST, 127.1 and a host name /etc/hosts maps to 127.0.1.1 count; a name that does
+    not resolve does not."""
+    try:
+        addrs = {a[4][0] for a in socket.getaddrinfo(bind_host, None, proto=socket.IPPROTO_TCP)}
+        return bool(addrs) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addrs)
+    except (OSError, ValueError, UnicodeError):
+        return False
+
+
 def allowed_hosts(bind_host: str, extra: tuple[str, ...] = ()) -> HostPolicy:
     """What a server bound to `bind_host` answers to. On loopback: loopback names only (and `extra`).
     Beyond loopback: any IP address, this machine's own names, the bind name and `extra`; other names get
-    421, as a page rebinding its domain to this machine's LAN address would (as Django's ALLOWED_HOSTS).
-    Resolved, not matched: LOCALHOST, 127.1 and a host name /etc/hosts maps to 127.0.1.1 (Debian,
-    Raspberry Pi OS) all bind loopback."""
-    try:
-        addrs = {a[4][0] for a in socket.getaddrinfo(bind_host, None, proto=socket.IPPROTO_TCP)}
-        loopback = bool(addrs) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addrs)
-    except (OSError, ValueError):
-        loopback = False
+    421, as a page rebinding its domain to this machine's LAN address would (as Django's ALLOWED_HOSTS)."""
     names = LOOPBACK_NAMES | {bind_host.lower().rstrip("."), *(h.lower().rstrip(".") for h in extra)}
-    if loopback:
+    if binds_loopback(bind_host):
         return HostPolicy(frozenset(names))
     return HostPolicy(frozenset(names | _own_names()), any_address=True)
 
