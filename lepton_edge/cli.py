@@ -634,6 +634,9 @@ def agent(
     outbox_max: int | None = typer.Option(None, help="Outbox bound in messages (oldest dropped, counted)."),
     trusted_key: list[Path] | None = typer.Option(None, "--trusted-key", help="Public key(s) bundles must be "
                                                      "signed with; unsigned bundles are then refused."),
+    deploy_path: list[Path] | None = typer.Option(None, "--deploy-path", help="A directory a deploy command's "
+                                                     "`path` may name a bundle in (repeatable; default "
+                                                     "STATE_DIR/incoming)."),
 ):
     """The device service: run the pipeline, send telemetry over MQTT, take deploy/set/ping commands."""
     import signal
@@ -644,7 +647,8 @@ def agent(
     cfg = load(config, {"broker": broker, "username": username, "password": password, "ca_file": ca_file,
                         "cert_file": cert_file, "key_file": key_file, "fleet": fleet, "device_id": device_id,
                         "bundle": bundle, "source": source, "loop": loop, "threads": threads, "window_s": window_s,
-                        "state_dir": state_dir, "outbox_max": outbox_max, "trusted_keys": trusted_key or None})
+                        "state_dir": state_dir, "outbox_max": outbox_max, "trusted_keys": trusted_key or None,
+                        "deploy_paths": [p.absolute() for p in deploy_path] if deploy_path else None})
     logs.show_timestamps()  # a service's lines on a terminal carry the time (the journal stamps its own)
     early: list[int] = []
     signal.signal(signal.SIGTERM, lambda *_: early.append(1))  # a stop while the model loads: kept for run()
@@ -664,7 +668,8 @@ def deploy(
     username: str | None = typer.Option(None), password: str | None = typer.Option(None),
     ca_file: Path | None = typer.Option(None), cert_file: Path | None = typer.Option(None),
     key_file: Path | None = typer.Option(None),
-    device_path: bool = typer.Option(False, help="BUNDLE is a path on the device (already copied there)."),
+    device_path: bool = typer.Option(False, help="BUNDLE is a path on the device (already copied there, "
+                                     "into a directory of its agent's deploy_paths: STATE_DIR/incoming by default)."),
     serve_host: str | None = typer.Option(None, help="Address devices reach this machine at (default: the "
                                              "one that reaches the broker)."),
     serve_port: int = typer.Option(0, min=0, max=65535, help="Port to serve the bundle on (default: any free one)."),

@@ -45,7 +45,8 @@ def signed(tmp_path_factory, keys, rpi4_bundle, int8_bundle):
 
 def _agent_args(broker_url: str, state: Path, bundle: Path, video: Path, *extra: str) -> list[str]:
     return ["--broker", broker_url, "--fleet", "f1", "--device-id", "dev1", "--bundle", str(bundle), "--source",
-            str(video), "--loop", "--window", "0.2", "--state-dir", str(state), *extra]
+            str(video), "--loop", "--window", "0.2", "--state-dir", str(state), "--deploy-path", str(state.parent),
+            *extra]
 
 
 def _stop(p: subprocess.Popen) -> int:

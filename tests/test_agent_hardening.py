@@ -45,7 +45,8 @@ def x86(tmp_path_factory, int8_bundle):
 
 def _cfg(broker: str, state: Path, bundle: Path, video: Path, **kw) -> AgentConfig:
     return AgentConfig(broker=broker, fleet="f1", device_id="dev1", bundle=bundle, source=str(video), loop=True,
-                       window_s=0.2, state_dir=state, health_frames=10, health_timeout_s=15, **kw)
+                       window_s=0.2, state_dir=state, health_frames=10, health_timeout_s=15,
+                       **{"deploy_paths": [state.parent], **kw})
 
 
 running = running_agent  # tests/mqtt_helpers.py

@@ -71,7 +71,7 @@ def tiny(tmp_path_factory):
 def _cfg(state: Path, bundle: Path, video: Path, broker: str | None = None, **kw) -> AgentConfig:
     return AgentConfig(broker=broker or f"mqtt://127.0.0.1:{free_port()}", fleet="f1", device_id="dev1",
                        bundle=bundle, source=str(video), loop=True, window_s=0.1, state_dir=state, threads=1,
-                       health_frames=5, health_timeout_s=2.0, **kw)
+                       health_frames=5, health_timeout_s=2.0, **{"deploy_paths": [bundle.parent, state.parent], **kw})
 
 
 _running = running_agent  # tests/mqtt_helpers.py

@@ -411,7 +411,7 @@ def test_agent_sigkilled_mid_deploy(tmp_path, mosquitto, rpi4_bundle, int8_bundl
     video, _ = fashion_video
     state = tmp_path / "state"
     cfg = tmp_path / "agent.toml"
-    cfg.write_text("health_timeout_s = 120\n")
+    cfg.write_text(f"health_timeout_s = 120\ndeploy_paths = [{str(int8_bundle.bundle.path.parent)!r}]\n")
     rec = Recorder(mosquitto.port)
     args = ["--config", str(cfg), *_video_args(mosquitto.url, state, rpi4_bundle.bundle.path, video)]
     agent = start_agent(*args)

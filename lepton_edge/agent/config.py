@@ -55,6 +55,10 @@ class AgentConfig(BaseModel):
     outbox_max: int = Field(default=100_000, ge=10, le=100_000_000)
     outbox_fsync: bool = False  # true: windows survive a power cut too (an fsync per message)
     trusted_keys: list[Path] = Field(default_factory=list)  # when set, unsigned bundles are refused
+    # the directories a deploy command's `path` may name a bundle (or .tar.gz) in; default: state_dir/incoming.
+    # A command naming any other path is refused, unread: it made the agent say whether a file existed and
+    # hash it against the command's sha256 (a guess of a file's content confirmed)
+    deploy_paths: list[Path] | None = Field(default=None, max_length=64)
     health_frames: int = Field(default=30, ge=1, le=10000)
     # finite: `inf` made a deploy's health check wait forever on a stalled camera
     health_timeout_s: float = Field(default=30.0, gt=0, le=86400, allow_inf_nan=False)
@@ -74,6 +78,21 @@ class AgentConfig(BaseModel):
     # the LiteRT delegates this device allows, name -> absolute library path ([delegates] edgetpu = "/usr/lib/
     # libedgetpu.so.1"); a bundle may only name one of these, never a path (runtime/delegates.py)
     delegates: dict[str, str] = Field(default_factory=dict)
+
+    @property
+    def deploy_dirs(self) -> list[Path]:
+        from lepton_edge.agent.deploy import INCOMING
+
+        return list(self.deploy_paths) if self.deploy_paths is not None else [self.state_dir / INCOMING]
+
+    @field_validator("deploy_paths")
+    @classmethod
+    def _deploy_paths(cls, v: list[Path] | None) -> list[Path] | None:
+        for p in v or []:
+            if not p.is_absolute() or str(p) == "/":
+                raise ValueError(f"{str(p)!r}: an absolute directory other than / (a deploy may read any "
+                                 "file under it)")
+        return v
 
     @field_validator("delegates")
     @classmethod

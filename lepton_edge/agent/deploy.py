@@ -52,6 +52,7 @@ from lepton_edge.paths import write_replacing
 from lepton_edge.telemetry.schema import DeployCommand
 
 GOOD = "good.json"
+INCOMING = "incoming"  # state_dir/incoming: where a `path` deploy may read from, unless deploy_paths says
 NEWEST_SIGNED = "newest_signed_at"  # the latest signing time of a bundle this device has made current
 MAX_SIGNATURE_BYTES = 4096
 _BLOCK = 1 << 16
@@ -66,7 +67,10 @@ class BundleStore:
     good ones, newest first (current included), of which only `keep` besides current are kept."""
 
     def __init__(self, state_dir: Path, trusted_keys: list[Path], max_bytes: int, *,
-                 max_bundle_bytes: int = 1 << 30, keep: int = 2, download_timeout_s: float = 300.0):
+                 max_bundle_bytes: int = 1 << 30, keep: int = 2, download_timeout_s: float = 300.0,
+                 deploy_dirs: list[Path] | None = None):
+        """`deploy_dirs`: where a command's `path` may point (None: anywhere; the agent always passes its
+        config's list, state_dir/incoming by default)."""
         self.state = Path(state_dir)
         self.root = self.state / "bundles"
         self.root.mkdir(parents=True, exist_ok=True)
@@ -78,6 +82,8 @@ class BundleStore:
         self.max_bundle_bytes = max_bundle_bytes  # unpacked: all files of a bundle together
         self.keep = keep
         self.download_timeout_s = download_timeout_s
+        self.deploy_dirs = None if deploy_dirs is None else [Path(os.path.realpath(d)) for d in deploy_dirs]
+        (self.state / INCOMING).mkdir(mode=0o750, exist_ok=True)  # the default deploy directory, ready for scp
         self._verified: dict[Path, dict] = {}  # what fetch() checked, so verify() need not hash it again
         if self.trusted:
             from lepton_edge.signing import load_public
@@ -88,7 +94,7 @@ class BundleStore:
     @classmethod
     def from_config(cls, cfg) -> BundleStore:
         return cls(cfg.state_dir, cfg.trusted_keys, cfg.max_download_bytes, max_bundle_bytes=cfg.max_bundle_bytes,
-                   keep=cfg.keep_bundles, download_timeout_s=cfg.download_timeout_s)
+                   keep=cfg.keep_bundles, download_timeout_s=cfg.download_timeout_s, deploy_dirs=cfg.deploy_dirs)
 
     # ---- what is kept -------------------------------------------------------------------------
     def current(self) -> Path | None:
@@ -275,8 +281,9 @@ class BundleStore:
                 archive.unlink(missing_ok=True)
 
     def _from_path(self, src: Path, dest: Path, sha256: str | None) -> None:
-        """A bundle directory or a .tar.gz on the device; a symlink or special file is refused
-        as such, without being followed or read."""
+        """A bundle directory or a .tar.gz on the device, inside one of `deploy_dirs`; a symlink or
+        special file is refused as such, without being followed or read."""
+        self._check_deploy_dir(src)
         try:
             st = os.lstat(src)
         except OSError:
@@ -291,6 +298,17 @@ class BundleStore:
             self._unpack(src, dest)
         else:
             raise DeployError(f"{src}: not a bundle (a symlink or special file, not a directory or .tar.gz)")
+
+    def _check_deploy_dir(self, src: Path) -> None:
+        """Refuse, before anything is looked at, a path outside the deploy directories (by its real path:
+        a link inside one that leads out is outside). The refusal is the same whether or not it exists."""
+        if self.deploy_dirs is None:
+            return
+        real = Path(os.path.realpath(src))
+        if not src.is_absolute() or not any(real == d or d in real.parents for d in self.deploy_dirs):
+            where = ", ".join(str(d) for d in self.deploy_dirs) or "none"
+            raise DeployError(f"path {str(src)[:200]!r} is outside the directories this device deploys from "
+                              f"({where}; deploy_paths in its agent.toml)")
 
     def _copy_dir(self, src: Path, dest: Path) -> None:
         """manifest.json first (size-capped, validated), then exactly the files it lists, each a

@@ -13,6 +13,7 @@ import pytest
 
 from lepton_edge.agent.deploy import GOOD, BundleStore, DeployError, _Deadline
 from lepton_edge.bundle import InputSpec, Manifest, OutputSpec, write_manifest
+from lepton_edge.errors import BadInput
 from lepton_edge.telemetry.schema import DeployCommand
 
 
@@ -177,3 +178,36 @@ def test_a_state_directory_from_before_the_mark_takes_it_from_the_current_bundle
     plain = BundleStore(tmp_path / "state2", [], 1 << 20, max_bundle_bytes=1 << 20)
     plain.set_current(plain.fetch(DeployCommand(id="3", path=str(tmp_path / "new"))))
     plain.fetch(DeployCommand(id="4", path=str(tmp_path / "old")))
+
+
+def test_a_path_deploy_reads_only_inside_the_deploy_directories(tmp_path):
+    """A command's `path` could name any file on the device: the reply said whether it existed, and its
+    sha256 was compared with the command's (a guessed content confirmed). Now a path outside the
+    deploy directories is refused, the same way whether or not it exists, before anything is read."""
+    allowed = tmp_path / "incoming"
+    allowed.mkdir()
+    inside = _bundle(allowed / "b")
+    elsewhere = _bundle(tmp_path / "elsewhere")
+    (allowed / "link").symlink_to(tmp_path / "elsewhere")  # a link inside that leads out
+    s = BundleStore(tmp_path / "state", [], 1 << 20, max_bundle_bytes=1 << 20, deploy_dirs=[allowed])
+    assert (s.state / "incoming").is_dir()  # the default directory is made, ready for an upload
+    assert (s.fetch(DeployCommand(id="1", path=str(inside))) / "model.onnx").is_file()
+    said = set()
+    for path in (elsewhere, tmp_path / "no-such-bundle", allowed / "link", allowed / ".." / "elsewhere",
+                 Path("incoming/b"), Path("/etc/hostname")):
+        with pytest.raises(DeployError, match="is outside the directories this device deploys from") as e:
+            s.fetch(DeployCommand(id="2", path=str(path), sha256="0" * 64))
+        said.add(str(e.value).replace(repr(str(path)[:200]), "PATH"))
+    assert len(said) == 1  # one message, whatever lies at the path: nothing to learn from it
+    assert len(list(s.root.iterdir())) == 1  # (the one fetched above; no refused copy stays)
+
+
+def test_the_agents_deploy_directories_default_to_incoming_and_must_be_absolute(tmp_path):
+    from lepton_edge.agent.config import load
+
+    cfg = load(None, {"state_dir": tmp_path / "s", "device_id": "d"})
+    assert cfg.deploy_dirs == [tmp_path / "s" / "incoming"]
+    assert load(None, {"deploy_paths": [tmp_path], "device_id": "d"}).deploy_dirs == [tmp_path]
+    for bad in (["relative/dir"], ["/"]):
+        with pytest.raises(BadInput, match="field 'deploy_paths': .*an absolute directory other than /"):
+            load(None, {"deploy_paths": bad, "device_id": "d"})
