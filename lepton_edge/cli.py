@@ -610,7 +610,7 @@ def sign(bundle: Path = typer.Argument(..., help="Bundle directory."),
     sig = do_sign(bundle, key)
     if why := exposed(key):
         log.warning(why)
-    at = time.gmtime(read_signature(sig.parent)[2] or 0)
+    at = time.gmtime(read_signature(sig.parent).signed_at or 0)
     out.print(f"signed: {sig} (at {time.strftime('%Y-%m-%d %H:%M:%S UTC', at)})")
 
 
@@ -656,7 +656,10 @@ def agent(
     signal.signal(signal.SIGTERM, a.stop)
     if early:  # (SIGTERM's default action killed it mid-load: exit -15, no offline status, no last window)
         a.stop()
-    ui.info(f"agent {cfg.fleet}/{cfg.device_id} -> {cfg.broker} (boot {a.boot_id}); telemetry every {cfg.window_s:g} s")
+    from lepton_edge.telemetry.broker import redacted
+
+    ui.info(f"agent {cfg.fleet}/{cfg.device_id} -> {redacted(cfg.broker)} (boot {a.boot_id}); "
+            f"telemetry every {cfg.window_s:g} s")
     raise typer.Exit(a.run())
 
 

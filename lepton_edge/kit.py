@@ -240,7 +240,21 @@ def download_wheels(requirements: list[str], dest: Path, plat: Platform) -> list
 
 # ---------------------------------------------------------------- agent.toml
 def _toml_str(s: str) -> str:
-    return json.dumps(s)  # a JSON string is a valid TOML basic string
+    """`s` as a TOML basic string. Not json.dumps: JSON escapes a character past U+FFFF (an emoji in a
+    video's name) as a surrogate pair, which TOML refuses, so the device's agent could not read the
+    agent.toml the kit had built. Here only the quote, the backslash and control characters are escaped;
+    everything else is written as itself (the file is UTF-8)."""
+    out = []
+    for ch in s:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04x}")
+        elif 0xD800 <= ord(ch) <= 0xDFFF:  # a lone surrogate (from undecodable bytes in a name): no TOML for it
+            raise BadInput(f"{s!r}: not valid Unicode text (a lone surrogate); rename the file")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
 
 
 @dataclass
@@ -304,6 +318,16 @@ class AgentSettings:
             keys = ", ".join(_toml_str(f"/etc/lepton-edge/trusted/{t}") for t in trusted)
             lines.append(f"trusted_keys = [{keys}]")
         return "\n".join(lines) + "\n"
+
+
+def _check_rendered(text: str, settings: AgentSettings) -> None:
+    """The agent.toml as the device will read it: valid TOML giving back the values the flags gave."""
+    from lepton_edge import tomlfile
+
+    data = tomlfile.loads(text, "the kit's agent.toml", "agent config")
+    for key in ("broker", "fleet", "source", "device_id"):
+        if getattr(settings, key) is not None and data.get(key) != getattr(settings, key):
+            raise BadInput(f"the kit's agent.toml would not give back --{key.replace('_', '-')} as given")
 
 
 # ---------------------------------------------------------------- the kit
@@ -393,7 +417,9 @@ def build(bundle: Path, output: Path, target: str | None = None, key: Path | Non
         wheels = download_wheels(reqs, wheels_dir, plat)
         shutil.move(str(own), wheels_dir / own.name)
         wheels.append(wheels_dir / own.name)
-        (root / "agent.toml").write_text(settings.render(trusted))
+        text = settings.render(trusted)
+        _check_rendered(text, settings)
+        (root / "agent.toml").write_bytes(text.encode())
         secret = settings.key_file is not None or "@" in settings.broker.split("://", 1)[-1].split("/", 1)[0]
         if secret:  # a client key or broker credentials: the config and the archive are not world-readable
             (root / "agent.toml").chmod(0o600)

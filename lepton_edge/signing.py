@@ -7,10 +7,13 @@ sha256 of the raw public key), so a device holding several trusted keys knows wh
 
 Why a signing time inside the signed bytes: a signature never expires, so without one anyone who
 can publish a deploy could send a device any bundle that was ever signed (an older model, a
-known-bad one) and it would verify. The time is signed with the manifest (`_message`), so only a
-trusted key sets it, and the agent refuses a bundle signed before the newest it has run
-(agent/deploy.py). Rolling back on purpose is signing the old bundle again. Signature files from
-before this (no `signed_at`) still verify, as signed at time 0.
+known-bad one) and it would verify. The time is signed with the manifest (`_message`) in a second
+signature, `timed_signature`, so only a trusted key sets it, and the agent refuses a bundle signed
+before the newest it has run (agent/deploy.py). Rolling back on purpose is signing the old bundle
+again. Why two signatures: `signature` stays the manifest's alone, as before, so agents of earlier
+versions still verify bundles signed now (a fleet is upgraded device by device). A file without
+the timed one (from an earlier `sign`, or with it stripped) verifies as signed at time 0, which a
+device that has run a timed bundle refuses.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from lepton_edge.bundle import MAX_BUNDLE_BYTES, SIGNATURE, Bundle, parse_json, read_capped, read_manifest_bytes
 from lepton_edge.errors import BadInput
@@ -32,6 +36,14 @@ MAX_SIGNED_AT = 1 << 40  # seconds since 1970: far past any real clock, and exac
 _DOMAIN = b"lepton-edge bundle signature v2\0"  # no v1 signature (the bare manifest) can be read as a v2 one
 
 
+class SignatureFile(NamedTuple):
+    """A signature file's fields, checked for shape (not yet verified)."""
+    key_id: str
+    signature: bytes  # over the manifest's bytes alone
+    signed_at: int | None
+    timed_signature: bytes | None  # over _message(manifest, signed_at); present exactly when signed_at is
+
+
 @dataclass(frozen=True)
 class Signed:
     """What a verified signature says: which trusted key made it, and when (0: a signature file
@@ -40,11 +52,9 @@ class Signed:
     signed_at: int
 
 
-def _message(manifest: bytes, signed_at: int | None) -> bytes:
-    """The bytes a signature covers: the manifest alone (files without `signed_at`), else the
-    domain, the time and the manifest, so the time cannot be changed without the key."""
-    if signed_at is None:
-        return manifest
+def _message(manifest: bytes, signed_at: int) -> bytes:
+    """The bytes the timed signature covers: the domain, the time and the manifest, so the time
+    cannot be changed without the key."""
     return _DOMAIN + str(signed_at).encode() + b"\0" + manifest
 
 
@@ -128,15 +138,16 @@ def sign(bundle_dir: str | Path, private_key: str | Path, signed_at: int | None 
     when = int(time.time()) if signed_at is None else signed_at
     if isinstance(when, bool) or not isinstance(when, int) or not 0 <= when < MAX_SIGNED_AT:
         raise BadInput(f"signing time {signed_at!r}: not a whole number of seconds since 1970")
-    sig = {"alg": "ed25519", "key_id": key_id(key.public_key()), "signed_at": when,
-           "signature": base64.b64encode(key.sign(_message(data, when))).decode()}
+    sig = {"alg": "ed25519", "key_id": key_id(key.public_key()),
+           "signature": base64.b64encode(key.sign(data)).decode(), "signed_at": when,
+           "timed_signature": base64.b64encode(key.sign(_message(data, when))).decode()}
     out = b.path / SIGNATURE
     write_replacing(out, (json.dumps(sig) + "\n").encode())  # replaces a symlink there, never writes through it
     return out
 
 
-def read_signature(bundle_dir: Path) -> tuple[str, bytes, int | None]:
-    """(key_id, raw signature, signed_at or None) from the bundle's signature file, or one BadInput line."""
+def read_signature(bundle_dir: Path) -> SignatureFile:
+    """The bundle's signature file's fields, or one BadInput line."""
     p = Path(bundle_dir)
     sig_file = p / SIGNATURE
     if not os.path.lexists(sig_file):
@@ -145,14 +156,17 @@ def read_signature(bundle_dir: Path) -> tuple[str, bytes, int | None]:
     if not (isinstance(sig, dict) and isinstance(sig.get("key_id"), str) and isinstance(sig.get("signature"), str)
             and sig.get("alg", "ed25519") == "ed25519"):
         raise BadInput(f"bundle {p}: malformed signature file")
-    when = sig.get("signed_at")
-    if when is not None and (isinstance(when, bool) or not isinstance(when, int) or not 0 <= when < MAX_SIGNED_AT):
+    when, timed = sig.get("signed_at"), sig.get("timed_signature")
+    if (when is None) != (timed is None) or (when is not None and (
+            isinstance(when, bool) or not isinstance(when, int) or not 0 <= when < MAX_SIGNED_AT
+            or not isinstance(timed, str))):
         raise BadInput(f"bundle {p}: malformed signature file (signed_at)")
     try:
         raw = base64.b64decode(sig["signature"], validate=True)
+        raw_timed = base64.b64decode(timed, validate=True) if timed is not None else None
     except ValueError:
         raise BadInput(f"bundle {p}: malformed signature file") from None
-    return sig["key_id"][:64], raw, when
+    return SignatureFile(sig["key_id"][:64], raw, when, raw_timed)
 
 
 def verify(bundle_dir: str | Path, trusted: list, max_bytes: int = MAX_BUNDLE_BYTES) -> str:
@@ -173,14 +187,17 @@ def verified(bundle_dir: str | Path, trusted: list, max_bytes: int = MAX_BUNDLE_
     if isinstance(trusted, (str, Path)):  # one key given alone (iterating a str read '/' as a key)
         trusted = [trusted]
     keys = [load_public(k) if isinstance(k, (str, Path)) else k for k in trusted]
-    kid, raw, when = read_signature(p)
+    sig = read_signature(p)
+    kid = sig.key_id
     key = {key_id(k): k for k in keys}.get(kid)
     if key is None:
         raise BadInput(f"bundle {p}: signed with key {kid!r}, which is not trusted here")
     data = read_manifest_bytes(p)
     try:
-        key.verify(raw, _message(data, when))
+        key.verify(sig.signature, data)
+        if sig.signed_at is not None and sig.timed_signature is not None:
+            key.verify(sig.timed_signature, _message(data, sig.signed_at))
     except InvalidSignature:
         raise BadInput(f"bundle {p}: bad signature (the manifest or its signing time changed after signing)") from None
     Bundle.from_bytes(p, data, max_bytes=max_bytes)  # and the files must match the signed manifest
-    return Signed(kid, when or 0)
+    return Signed(kid, sig.signed_at or 0)

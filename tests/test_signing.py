@@ -87,15 +87,17 @@ def test_signature_file_contents(tmp_path):
     sig_path = sign(b, priv)
     sig = json.loads(sig_path.read_text())
     assert sig["alg"] == "ed25519" and sig["key_id"] == key_id(load_public(pub))
-    kid, raw, when = read_signature(b)
+    kid, raw, when, timed = read_signature(b)
     assert kid == sig["key_id"] and raw == base64.b64decode(sig["signature"]) and len(raw) == 64
     assert when == sig["signed_at"] and abs(when - time.time()) < 60
+    assert timed == base64.b64decode(sig["timed_signature"])
     assert verify(b, [pub]) == kid  # a PEM path
     assert verify(b, [str(pub)]) == kid  # a path as text
     assert verify(b, [load_public(pub)]) == kid  # a loaded key
     for bad in ({"alg": "rsa", "key_id": kid, "signature": sig["signature"]}, {"key_id": kid},
                 {"key_id": 5, "signature": sig["signature"]}, {"key_id": kid, "signature": "!!not base64!!"}, [],
-                *({**sig, "signed_at": w} for w in (-1, 1.5, "1", True, 1 << 40, [1]))):
+                *({**sig, "signed_at": w} for w in (-1, 1.5, "1", True, 1 << 40, [1], None)),
+                {**sig, "timed_signature": 5}, {k: v for k, v in sig.items() if k != "timed_signature"}):
         sig_path.write_text(json.dumps(bad))
         with pytest.raises(BadInput, match="malformed signature file"):
             read_signature(b)
@@ -112,7 +114,10 @@ def test_signature_file_contents(tmp_path):
 
 def test_the_signing_time_is_signed_and_a_signature_from_before_signing_times_still_verifies(tmp_path):
     """The time is what the agent's downgrade check reads: whoever can edit the signature file must
-    not be able to make an old bundle look newly signed, nor turn a timed signature into an untimed one."""
+    not be able to make an old bundle look newly signed. The untimed signature stays the manifest's
+    alone, as earlier versions wrote it, so their agents still verify a bundle signed now."""
+    from cryptography.hazmat.primitives import serialization
+
     from lepton_edge.signing import verified
 
     priv, pub = new_keys(tmp_path / "k")
@@ -120,17 +125,16 @@ def test_the_signing_time_is_signed_and_a_signature_from_before_signing_times_st
     sig_path = sign(b, priv, signed_at=1_000)
     assert verified(b, [pub]).signed_at == 1_000
     sig = json.loads(sig_path.read_text())
-    for forged in ({**sig, "signed_at": 2_000}, {k: v for k, v in sig.items() if k != "signed_at"}):
+    key = serialization.load_pem_private_key(priv.read_bytes(), password=None)
+    manifest = (b / "manifest.json").read_bytes()
+    load_public(pub).verify(base64.b64decode(sig["signature"]), manifest)  # what an earlier agent checks
+    for forged in ({**sig, "signed_at": 2_000},
+                   {**sig, "signature": base64.b64encode(key.sign(manifest + b" ")).decode()}):
         sig_path.write_text(json.dumps(forged))
         with pytest.raises(BadInput, match="bad signature"):
             verify(b, [pub])
-    # a signature file from before signing times: the manifest's bytes alone, no signed_at
-    from cryptography.hazmat.primitives import serialization
-
-    key = serialization.load_pem_private_key(priv.read_bytes(), password=None)
-    old = key.sign((b / "manifest.json").read_bytes())
-    sig_path.write_text(json.dumps({"alg": "ed25519", "key_id": sig["key_id"],
-                                    "signature": base64.b64encode(old).decode()}))
+    # stripped of its time (or from an earlier `sign`): verifies, as signed at time 0
+    sig_path.write_text(json.dumps({k: v for k, v in sig.items() if k not in ("signed_at", "timed_signature")}))
     assert verified(b, [pub]) == verified(b, [str(pub)]) and verified(b, [pub]).signed_at == 0
     with pytest.raises(BadInput, match="signing time"):
         sign(b, priv, signed_at=-5)

@@ -181,7 +181,7 @@ class BundleStore:
         from lepton_edge.signing import read_signature
 
         try:
-            return read_signature(d)[2] or 0
+            return read_signature(d).signed_at or 0
         except BadInput:
             return 0
 

@@ -18,6 +18,7 @@ import typer
 from rich.markup import escape
 
 from lepton_edge.errors import BadInput, LeptonError
+from lepton_edge.telemetry.broker import redacted
 from lepton_edge.ui import printable
 
 _log = logging.getLogger("lepton_edge.fleet.monitor")
@@ -94,11 +95,12 @@ def _wait_subscribed(mon, broker: str, once: bool, log) -> None:
     if mon.connected.wait(10):
         return
     if mon.refused:
-        raise LeptonError(f"broker {broker} refused the monitor's subscriptions ({mon.refused}): "
+        raise LeptonError(f"broker {redacted(broker)} refused the monitor's subscriptions ({mon.refused}): "
                           "give its user read access to them")
     if once:
-        raise LeptonError(f"broker {broker} not reachable in 10 s (the store's last view: `lepton-edge fleet ls`)")
-    log(f"monitor: {broker} not reachable yet; retrying in the background")
+        raise LeptonError(f"broker {redacted(broker)} not reachable in 10 s "
+                          "(the store's last view: `lepton-edge fleet ls`)")
+    log(f"monitor: {redacted(broker)} not reachable yet; retrying in the background")
 
 
 @app.command()
@@ -296,7 +298,7 @@ def simulate(
 
     sim = Simulator(broker, devices=devices, window_s=window, seconds=seconds, seed=seed, fleet=fleet, prefix=prefix)
     if not as_json:
-        print(f"simulating {devices} devices in fleet {fleet!r} on {broker} for {seconds:g} s "
+        print(f"simulating {devices} devices in fleet {fleet!r} on {redacted(broker)} for {seconds:g} s "
               f"(window {window:g} s, seed {seed})", flush=True)
     sim.start()
     try:
@@ -312,7 +314,7 @@ def simulate(
               f"{s['rollbacks']} rollbacks, {s['died']} died (Last Will), {s['commands']} commands answered, "
               f"{s['reconnects']} reconnects in {s['elapsed_s']} s")
     if s["connected"] == 0:
-        raise BadInput(f"no simulated device could connect to {broker}")
+        raise BadInput(f"no simulated device could connect to {redacted(broker)}")
 
 
 # ---- `fleet ls | show | history | alerts | top`: read the store only (engineer F3) ------------------
@@ -588,7 +590,8 @@ def fleet_forget(device: str = typer.Argument(..., help="FLEET/DEVICE, or DEVICE
         fleet, name = resolve_device(st, device)
         cleared = forget_device(st, fleet, name, broker=broker, ca_file=ca_file, cert_file=cert_file,
                                 key_file=key_file)
-    print(f"forgot {fleet}/{name}" + (f"; cleared {len(cleared)} retained topics on {broker}" if cleared else
+    print(f"forgot {fleet}/{name}" + (f"; cleared {len(cleared)} retained topics on {redacted(str(broker))}"
+                                      if cleared else
                                       "; its retained topics stay on the broker (pass --broker to clear them)"))
 
 

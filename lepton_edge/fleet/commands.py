@@ -16,7 +16,7 @@ import uuid
 from pydantic import ValidationError
 
 from lepton_edge.errors import BadInput
-from lepton_edge.telemetry.broker import make_client, parse_broker
+from lepton_edge.telemetry.broker import make_client, parse_broker, redacted
 from lepton_edge.telemetry.schema import COMMANDS, MAX_COMMAND_BYTES, Reply
 from lepton_edge.telemetry.topics import Topics, safe_segment
 
@@ -35,7 +35,7 @@ def connect(broker: str, username=None, password=None, ca_file=None, cert_file=N
     try:
         c.connect(addr.host, addr.port, keepalive=30)
     except (OSError, ValueError) as e:
-        raise BadInput(f"cannot reach the broker {broker}: {e}") from None
+        raise BadInput(f"cannot reach the broker {redacted(broker)}: {e}") from None
     return c, addr
 
 

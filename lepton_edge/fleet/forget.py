@@ -13,6 +13,7 @@ from lepton_edge.errors import BadInput
 from lepton_edge.fleet.commands import connect
 from lepton_edge.fleet.homeassistant import ha_id, legacy_id_to_clear
 from lepton_edge.fleet.store.base import Store
+from lepton_edge.telemetry.broker import redacted
 from lepton_edge.telemetry.topics import Topics, safe_segment
 
 PUBLISH_TIMEOUT_S = 10.0
@@ -39,7 +40,7 @@ def clear_retained(broker: str, topics: list[str], *, username=None, password=No
             info = client.publish(topic, b"", qos=1, retain=True)
             info.wait_for_publish(PUBLISH_TIMEOUT_S)
             if not info.is_published():
-                raise BadInput(f"the broker {broker} did not acknowledge clearing {topic} "
+                raise BadInput(f"the broker {redacted(broker)} did not acknowledge clearing {topic} "
                                f"within {PUBLISH_TIMEOUT_S:g} s; nothing was deleted from the store")
     finally:
         client.loop_stop()

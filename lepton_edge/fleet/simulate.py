@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 from lepton_edge import __version__
 from lepton_edge.errors import BadInput
-from lepton_edge.telemetry.broker import make_client, parse_broker
+from lepton_edge.telemetry.broker import make_client, parse_broker, redacted
 from lepton_edge.telemetry.schema import COMMANDS, BundleInfo, Event, Hardware, Meta, Reply, Status, Telemetry
 from lepton_edge.telemetry.topics import Topics, safe_segment
 
@@ -448,7 +448,7 @@ class Simulator:
         try:  # one probe first: an unreachable broker is one line, not N retrying clients
             socket.create_connection((self.addr.host, self.addr.port), timeout=5).close()
         except OSError as e:
-            raise BadInput(f"cannot reach the broker {self.broker}: {e}") from None
+            raise BadInput(f"cannot reach the broker {redacted(self.broker)}: {e}") from None
         self.started = time.monotonic()
         for loop in self.loops:
             loop.start()

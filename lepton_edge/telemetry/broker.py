@@ -14,6 +14,9 @@ from urllib.parse import unquote, urlparse
 from lepton_edge.errors import BadInput
 
 Transport = Literal["tcp", "websockets"]  # paho's names
+MAX_CREDENTIAL_BYTES = 65535  # MQTT's two-byte length: paho's thread died packing a longer one, the client offline
+MAX_CA_BYTES = 1 << 20  # a CA bundle (Debian's whole ca-certificates.crt is ~220 KB)
+MAX_PEM_BYTES = 64 * 1024  # a client certificate or key
 SCHEMES: dict[str, tuple[int, bool, Transport]] = {
     "mqtt": (1883, False, "tcp"), "mqtts": (8883, True, "tcp"), "ws": (80, False, "websockets"),
     "wss": (443, True, "websockets")}
@@ -34,18 +37,50 @@ def parse_broker(url: str) -> BrokerAddress:
     try:
         u = urlparse(url if "://" in url else f"mqtt://{url}")
     except ValueError:  # "mqtt://[bad": an unclosed IPv6 bracket
-        raise BadInput(f"broker URL {url!r} is not a URL") from None
+        raise BadInput(f"broker URL {redacted(url)!r} is not a URL") from None
     if u.scheme not in SCHEMES:
-        raise BadInput(f"broker URL {url!r}: scheme must be one of {', '.join(s + '://' for s in SCHEMES)}")
+        raise BadInput(f"broker URL {redacted(url)!r}: scheme must be one of {', '.join(s + '://' for s in SCHEMES)}")
     port, tls, transport = SCHEMES[u.scheme]
     if not u.hostname:
-        raise BadInput(f"broker URL {url!r} has no host")
+        raise BadInput(f"broker URL {redacted(url)!r} has no host")
     try:
         port = u.port or port
     except ValueError:
-        raise BadInput(f"broker URL {url!r} has a bad port") from None
-    return BrokerAddress(u.hostname, port, tls, transport, u.path or "/mqtt",
-                         unquote(u.username) if u.username else None, unquote(u.password) if u.password else None)
+        raise BadInput(f"broker URL {redacted(url)!r} has a bad port") from None
+    user, pw = unquote(u.username) if u.username else None, unquote(u.password) if u.password else None
+    _check_credentials(user, pw, "broker URL")
+    return BrokerAddress(u.hostname, port, tls, transport, u.path or "/mqtt", user, pw)
+
+
+def redacted(url: str) -> str:
+    """The URL without its password, for logs and messages: `mqtt://user:***@host:1883`. Why: the agent
+    logged its broker URL at every start, and a password in it went to the journal, which more users
+    read (the `adm` group) than the 0640 agent.toml it came from."""
+    try:
+        u = urlparse(url if "://" in url else f"mqtt://{url}")
+    except ValueError:
+        return url if "@" not in url else "<a broker URL with credentials>"
+    if u.password is None:
+        return url
+    host = u.netloc.rpartition("@")[2]
+    return u._replace(netloc=f"{u.username}:***@{host}").geturl()
+
+
+def _check_credentials(user: str | None, pw: str | None, where: str) -> None:
+    for what, v in (("user name", user), ("password", pw)):
+        if v is not None and len(v.encode("utf-8", "surrogatepass")) > MAX_CREDENTIAL_BYTES:
+            raise BadInput(f"{where}: the broker {what} is over MQTT's {MAX_CREDENTIAL_BYTES} bytes")
+
+
+def _check_tls_files(ca_file: str | None, cert_file: str | None, key_file: str | None) -> None:
+    """Each TLS file a regular file of a PEM's size, before OpenSSL opens it: a FIFO held the agent's
+    start until a signal came, and /dev/zero as a certificate read on."""
+    from lepton_edge.paths import read_small
+
+    for what, path, cap in (("ca_file", ca_file, MAX_CA_BYTES), ("cert_file", cert_file, MAX_PEM_BYTES),
+                            ("key_file", key_file, MAX_PEM_BYTES)):
+        if path is not None:
+            read_small(path, cap, f"TLS {what}")
 
 
 def make_client(addr: BrokerAddress, client_id: str, *, clean_session: bool = True, username: str | None = None,
@@ -65,9 +100,14 @@ def make_client(addr: BrokerAddress, client_id: str, *, clean_session: bool = Tr
     if addr.transport == "websockets":
         c.ws_set_options(path=addr.path)
     user, pw = username or addr.username, password or addr.password
+    _check_credentials(user, pw, "broker credentials")
     if user:
         c.username_pw_set(user, pw)
+    if (cert_file or key_file) and not (addr.tls or ca_file):
+        raise BadInput("cert_file/key_file are set but the broker URL has no TLS (mqtt:// or ws://): "
+                       "use mqtts:// or wss://, or set ca_file")
     if addr.tls or ca_file:
+        _check_tls_files(ca_file, cert_file, key_file)
         try:
             c.tls_set(ca_certs=ca_file, certfile=cert_file, keyfile=key_file, cert_reqs=ssl.CERT_REQUIRED)
         except (OSError, ssl.SSLError, ValueError) as e:

@@ -37,8 +37,48 @@ def test_bad_urls_are_one_line_bad_input(url, words):
 
 
 def test_unreadable_tls_file_is_bad_input(tmp_path):
-    with pytest.raises(BadInput, match="TLS files"):
+    with pytest.raises(BadInput, match="TLS ca_file not found"):
         make_client(parse_broker("mqtts://broker"), "dev1", ca_file=str(tmp_path / "missing-ca.pem"))
+
+
+def test_tls_files_are_checked_before_openssl_opens_them(tmp_path):
+    """A FIFO as ca_file or cert_file held the agent's start until a signal came (a systemd start timeout and
+    a restart loop); /dev/zero as a certificate read on; a client certificate given for a plain mqtt:// broker
+    was dropped without a word."""
+    import os
+
+    fifo = tmp_path / "ca.fifo"
+    os.mkfifo(fifo)
+    for kw, words in (({"ca_file": str(fifo)}, "TLS ca_file .*not a regular file"),
+                      ({"ca_file": "/dev/zero"}, "TLS ca_file /dev/zero: not a regular file"),
+                      ({"ca_file": str(tmp_path)}, "not a regular file")):
+        with pytest.raises(BadInput, match=words):
+            make_client(parse_broker("mqtts://broker"), "dev1", **kw)
+    big = tmp_path / "big.pem"
+    big.write_bytes(b"x" * (64 * 1024 + 1))
+    with pytest.raises(BadInput, match="TLS cert_file .* larger than 64 KB"):
+        make_client(parse_broker("mqtts://broker"), "dev1", cert_file=str(big), key_file=str(big))
+    with pytest.raises(BadInput, match="cert_file/key_file are set but the broker URL has no TLS"):
+        make_client(parse_broker("mqtt://broker"), "dev1", cert_file=str(big))
+
+
+def test_credentials_past_mqtts_limit_are_refused_and_passwords_never_printed():
+    """A 70,000-byte password killed paho's network thread (struct.error packing the CONNECT): the agent ran on,
+    offline for good. And the agent logged its broker URL, password included, to the journal at every start."""
+    from lepton_edge.telemetry.broker import redacted
+
+    long = "p" * 65536
+    with pytest.raises(BadInput, match="password is over MQTT's 65535 bytes"):
+        parse_broker(f"mqtt://u:{long}@broker")
+    with pytest.raises(BadInput, match="user name is over"):
+        make_client(parse_broker("mqtt://broker"), "dev1", username="é" * 32768)  # 65,536 bytes in UTF-8
+    make_client(parse_broker("mqtt://broker"), "dev1", username="u", password="p" * 65535)  # the limit itself
+    assert redacted("mqtt://dev:s3cret@broker:1884/x") == "mqtt://dev:***@broker:1884/x"
+    assert redacted("mqtts://broker:8883") == "mqtts://broker:8883" and redacted("broker") == "broker"
+    assert "s3cret" not in redacted("mqtt://[bad@s3cret")
+    with pytest.raises(BadInput) as e:
+        parse_broker("http://dev:s3cret@broker")
+    assert "s3cret" not in str(e.value) and "dev:***@broker" in str(e.value)
 
 
 def test_flags_win_over_credentials_in_the_url():
