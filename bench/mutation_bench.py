@@ -98,6 +98,10 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "a temporary file's name: leftovers are removed whatever their name (anything neither current nor good)",
     ("agent.deploy", "out.unlink(missing_ok=True)", "out.unlink(missing_ok=False)"):
         "the archive was just written: it exists either way",
+    ("agent.deploy", "p.unlink(missing_ok=True)", "p.unlink(missing_ok=False)"):
+        "p comes from a directory listing made just before: it exists either way",
+    ("agent.deploy", "mkdtemp(prefix=f\"{time.strftime(", "mkdtemp(prefix=f\"{time.strftime('XX"):
+        "a fetched bundle's directory name: only its uniqueness matters (mkdtemp's own suffix)",
     ("agent.deploy", "time.monotonic() >= self._end", "time.monotonic() > self._end"):
         "differs only at the very instant of the deadline",
     ("telemetry.publisher", "self._sent_upto = 0", "self._sent_upto = 1"):

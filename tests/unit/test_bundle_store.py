@@ -211,3 +211,35 @@ def test_the_agents_deploy_directories_default_to_incoming_and_must_be_absolute(
     for bad in (["relative/dir"], ["/"]):
         with pytest.raises(BadInput, match="field 'deploy_paths': .*an absolute directory other than /"):
             load(None, {"deploy_paths": bad, "device_id": "d"})
+
+
+def test_good_json_entries_that_are_not_plain_names_are_skipped(tmp_path):
+    """good.json is the agent's own file, but a crash or a hand edit can leave anything in it: an entry that
+    is not a string, or names a path, must never reach a path join (nor crash the start)."""
+    import json
+
+    s = _store(tmp_path)
+    good = s.fetch(DeployCommand(id="1", path=str(_bundle(tmp_path / "b"))))
+    s.set_current(good)
+    (s.state / GOOD).write_text(json.dumps([5, None, ["x"], "", ".", "..", "a/b", good.name]))
+    assert s._good() == [good.name] and s.candidates() == [good]
+
+
+@pytest.mark.parametrize("extra, refused", [(0, False), (1, True)])
+def test_extended_headers_are_capped_at_exactly_max_extended_bytes(tmp_path, extra, refused):
+    """The cap is inclusive: one long-name header of exactly MAX_EXTENDED_BYTES is read (and its member then
+    refused as a file the manifest does not list), one byte more is refused as extended headers."""
+    import io
+
+    from lepton_edge.agent.deploy import MAX_EXTENDED_BYTES
+
+    archive = tmp_path / "long.tar.gz"  # (gzip: the first method tarfile tries, so its error leads the message)
+    with tarfile.open(archive, "w:gz", format=tarfile.GNU_FORMAT) as tf:
+        info = tarfile.TarInfo("n" * (MAX_EXTENDED_BYTES - 1 + extra))  # + the NUL: the header's size
+        info.size = 1
+        tf.addfile(info, io.BytesIO(b"x"))
+    s = _store(tmp_path)
+    s.max_bytes = 4 << 20
+    with pytest.raises(DeployError) as e:
+        s.fetch(DeployCommand(id="1", path=str(archive)))
+    assert ("extended headers of more than" in str(e.value)) == refused, str(e.value)[:300]
