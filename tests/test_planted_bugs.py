@@ -294,7 +294,8 @@ def test_rollback_serves_the_old_model_and_current_moves_only_after_the_health_c
     state = tmp_path / "state"
     cfg = AgentConfig(broker=f"mqtt://127.0.0.1:{free_port()}", fleet="f1", device_id="dev1",
                       bundle=rpi4_bundle.bundle.path, source=str(video), loop=True, window_s=0.2, state_dir=state,
-                      health_frames=5, health_timeout_s=2.0)  # no broker: MQTT is not the point here
+                      health_frames=5, health_timeout_s=2.0,  # no broker: MQTT is not the point here
+                      deploy_paths=[tmp_path])
     agent = Agent(cfg, log=lambda m: None)
     with _running(agent):
         assert _served(agent) == Path(rpi4_bundle.bundle.path).resolve()

@@ -50,7 +50,7 @@ from lepton_edge.pipeline import Pipeline, capture_threads
 from lepton_edge.runtime import Runtime
 from lepton_edge.stats import summarize
 from lepton_edge.telemetry.health import Health
-from lepton_edge.telemetry.outbox import Outbox
+from lepton_edge.telemetry.outbox import Outbox, OutboxInUse
 from lepton_edge.telemetry.publisher import Publisher
 from lepton_edge.telemetry.schema import (
     MAX_COMMAND_BYTES,
@@ -96,28 +96,36 @@ class Agent:
         self._send_failures = 0
         self._writable(cfg.state_dir)
         try:
-            self.outbox = Outbox(cfg.state_dir / "outbox.sqlite", cfg.outbox_max, durable=cfg.outbox_fsync)
+            self.outbox = Outbox(cfg.state_dir / "outbox.sqlite", cfg.outbox_max, durable=cfg.outbox_fsync,
+                                 exclusive=True)
             self.store = BundleStore.from_config(cfg)
+        except OutboxInUse as e:
+            raise BadInput(f"state_dir {cfg.state_dir}: {e}") from None
         except (sqlite3.Error, OSError) as e:
             raise BadInput(f"state_dir {cfg.state_dir}: {type(e).__name__}: {e}") from None
-        self.runtime = self._start_bundle()
-        self.source = open_source(cfg.source, max_backoff=cfg.max_backoff_s, loop=cfg.loop,
-                                  decode_threads=capture_threads(self.runtime), policy=cfg.source_policy)
-        self.source.add_listener(self._on_source_status)
-        self.pipeline = Pipeline(self.source, self.runtime)
-        self.pipeline.sample_every = cfg.sample_every
-        self.window_s = cfg.window_s
-        self.telemetry = True  # windows on; `set {"telemetry": false}` pauses them (a metered link)
-        self.health = Health()
-        self.publisher = Publisher(
-            cfg.broker, f"lepton-{cfg.fleet}-{cfg.device_id}", self.outbox,
-            will=(self.topics.status, _json(Status(online=False, boot_id=self.boot_id, version=__version__))),
-            username=cfg.username, password=cfg.password,
-            ca_file=str(cfg.ca_file) if cfg.ca_file else None, cert_file=str(cfg.cert_file) if cfg.cert_file else None,
-            key_file=str(cfg.key_file) if cfg.key_file else None, on_connect=self._on_connect,
-            on_message=self._on_message, subscriptions=[self.topics.cmd("+")], max_backoff=cfg.max_backoff_s,
-            on_error=lambda m: self._rate_log("publisher", m),
-            max_packet_bytes=cfg.mqtt_max_packet_bytes or None)
+        try:
+            self.runtime = self._start_bundle()
+            self.source = open_source(cfg.source, max_backoff=cfg.max_backoff_s, loop=cfg.loop,
+                                      decode_threads=capture_threads(self.runtime), policy=cfg.source_policy)
+            self.source.add_listener(self._on_source_status)
+            self.pipeline = Pipeline(self.source, self.runtime)
+            self.pipeline.sample_every = cfg.sample_every
+            self.window_s = cfg.window_s
+            self.telemetry = True  # windows on; `set {"telemetry": false}` pauses them (a metered link)
+            self.health = Health()
+            self.publisher = Publisher(
+                cfg.broker, f"lepton-{cfg.fleet}-{cfg.device_id}", self.outbox,
+                will=(self.topics.status, _json(Status(online=False, boot_id=self.boot_id, version=__version__))),
+                username=cfg.username, password=cfg.password,
+                ca_file=str(cfg.ca_file) if cfg.ca_file else None,
+                cert_file=str(cfg.cert_file) if cfg.cert_file else None,
+                key_file=str(cfg.key_file) if cfg.key_file else None, on_connect=self._on_connect,
+                on_message=self._on_message, subscriptions=[self.topics.cmd("+")], max_backoff=cfg.max_backoff_s,
+                on_error=lambda m: self._rate_log("publisher", m),
+                max_packet_bytes=cfg.mqtt_max_packet_bytes or None)
+        except BaseException:  # (a refused bundle, a bad source): the outbox's file and lock are let go at once
+            self.outbox.close()
+            raise
         self._commands: queue.Queue = queue.Queue(maxsize=100)
         self._queued_bytes = 0  # payload bytes in self._commands (guarded by _qlock)
         self._qlock = threading.Lock()
@@ -344,12 +352,13 @@ class Agent:
         except Exception:
             pass
 
-    def send(self, topic: str, payload: bytes) -> bool:
+    def send(self, topic: str, payload: bytes, carried: int = 0) -> bool:
         """Every message the agent originates goes through the outbox (QoS 1, nothing lost). A
         full or broken disk makes this return False (counted, logged now and then), never raise:
-        every thread calls it, and none may end because the disk did."""
+        every thread calls it, and none may end because the disk did. `carried`: the drop count a
+        window reports, handed on by the outbox if the window itself is dropped."""
         try:
-            stored = self.outbox.put(topic, payload) != 0  # 0: the outbox dropped it (a full disk), counted
+            stored = self.outbox.put(topic, payload, carried=carried) != 0  # 0: dropped (a full disk), counted
         except Exception as e:  # sqlite3.Error, OSError (ENOSPC, EROFS), whatever else the disk does
             self._send_failures += 1
             self._rate_log("outbox", f"cannot store a message ({type(e).__name__}: {e}); "
@@ -399,7 +408,7 @@ class Agent:
                       bundle={"name": self.runtime.name, "sha256": self._bundle_info().get("sha256")},
                       outbox_dropped=outbox_dropped, source=src, **self.health.sample())
         self._prev_counts = (src["dropped"], corrupt)
-        self.send(self.topics.telemetry, _json(t))
+        self.send(self.topics.telemetry, _json(t), carried=outbox_dropped)
         self.seq += 1
         return t
 

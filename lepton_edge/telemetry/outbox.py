@@ -21,6 +21,15 @@ it must not take the agent down (a device left unattended cannot be restarted by
   rows held in memory move into it when it works.
 The row count is kept in memory (read once at open, changed only after a commit), so a put costs
 the same at 100,000 queued windows as at none.
+
+Why a row carries the drop count it reports (`carried`): the count travels in the next window, and
+that window can be lost too: trimmed at the bound in a long outage (the oldest rows, which carry
+the counts: 4,000 windows dropped reported as 1,000), or dropped itself on a full disk (200 dropped
+reported as 1). A row that is dropped now hands its own count on with it, so what the windows
+deliver adds up to what was lost (a row trimmed while in flight may count twice: at-least-once).
+Why `generation`: the rows to send change underneath the publisher when the outbox moves to memory,
+back to the file or to a fresh file; it restarts from the first row then, or a backlog left in the
+file waited for the next reconnect.
 """
 from __future__ import annotations
 
@@ -37,7 +46,9 @@ from typing import cast
 KEEP_CORRUPT = 2  # moved-aside corrupt files kept for a post-mortem; older ones are removed
 MEMORY_MAX = 10_000  # windows held in RAM while the file is unusable (~12 MB at 1.2 KB a window)
 CHECK_BUDGET_S = 2.0  # PRAGMA quick_check at open stops (unchecked, not failed) after this long
-_COLUMNS = {"outbox": ["id", "topic", "payload", "qos", "retain", "created"], "counters": ["name", "value"]}
+_COLUMNS = {"outbox": ["id", "topic", "payload", "qos", "retain", "created", "carried"],
+            "counters": ["name", "value"]}
+_COLUMNS_V1 = ["id", "topic", "payload", "qos", "retain", "created"]  # before `carried`: given it at open
 _SQLITE_CORRUPT, _SQLITE_FULL, _SQLITE_NOTADB = 11, 13, 26
 
 
@@ -74,16 +85,26 @@ def is_corrupt(e: BaseException) -> bool:
             or "file is not a database" in msg or "file is encrypted" in msg)
 
 
+class OutboxInUse(Exception):
+    """Another process holds this outbox (an `exclusive` one): a second agent on the same state directory."""
+
+
 class Outbox:
     def __init__(self, path: str | Path, max_messages: int = 100_000, durable: bool = False, *,
-                 retry_s: float = 30.0, check_budget_s: float = CHECK_BUDGET_S):
+                 retry_s: float = 30.0, check_budget_s: float = CHECK_BUDGET_S, exclusive: bool = False):
+        """`exclusive`: hold `<path>.lock` (flock) until close, and raise OutboxInUse if another process
+        does. Why the agent asks for it: two agents on one state directory kept taking each other's
+        broker connection (one client id) and deleted each other's rows, and neither said a word."""
         self.path = Path(path)
+        self._lock_fd = self._exclusive() if exclusive else None
         self.max_messages = max_messages
         self.durable = durable
         self.retry_s, self.check_budget_s = retry_s, check_budget_s
         self._lock = threading.Lock()  # guards the connection only; never held around a publish
         self.recovered = 0  # corrupt files moved aside (open or later) in this process
         self.full_drops = 0  # windows dropped because the disk was full, in this process
+        self.generation = 0  # changes whenever the rows to send are in another store (memory, file, fresh file)
+        self._full_since: int | None = None  # full_drops when the disk filled; None while puts succeed
         self.degraded: str | None = None  # why the outbox lives in memory now; None on the file
         self.last_error: str | None = None
         self._notices: list[str] = []
@@ -97,6 +118,29 @@ class Outbox:
         self._open_or_degrade()
 
     # ---- opening ------------------------------------------------------------------------------
+    def _exclusive(self) -> int | None:
+        """The lock file's descriptor, held; None where no lock can be made (a read-only state directory:
+        the outbox lives in memory there, with nothing on disk to share)."""
+        import fcntl
+
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise OutboxInUse(f"{self.path} is in use by another agent" + (f" (pid {holder})" if holder else "")
+                                  + ": one agent per state directory") from None
+            return None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
+
     def _open_file(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=10)
@@ -135,8 +179,11 @@ class Outbox:
         db.execute("BEGIN IMMEDIATE")
         try:
             db.execute("CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL,"
-                       " payload BLOB NOT NULL, qos INTEGER NOT NULL, retain INTEGER NOT NULL, created REAL NOT NULL)")
+                       " payload BLOB NOT NULL, qos INTEGER NOT NULL, retain INTEGER NOT NULL, created REAL NOT NULL,"
+                       " carried INTEGER NOT NULL DEFAULT 0)")
             db.execute("CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+            if [r[1] for r in db.execute("PRAGMA table_info(outbox)")] == _COLUMNS_V1:  # an earlier agent's file
+                db.execute("ALTER TABLE outbox ADD COLUMN carried INTEGER NOT NULL DEFAULT 0")
             for table, cols in _COLUMNS.items():
                 got = [r[1] for r in db.execute(f"PRAGMA table_info({table})")]
                 if got != cols:
@@ -182,14 +229,16 @@ class Outbox:
         db = sqlite3.connect(":memory:", check_same_thread=False, isolation_level=None)
         self._create(db)
         self._db = db
+        self.generation += 1
         self.degraded = why
         self.last_error = why
         self._retry_at = time.monotonic() + self.retry_s
         self._notices.append(f"outbox in memory (at most {self._bound()} windows, lost at a crash): {why}")
 
     def _retry_file(self) -> None:
-        """Back onto the file: rows held in memory move into it with their ids (the publisher
-        tracks ids), unless the file already used those ids; then stay in memory (until restart)."""
+        """Back onto the file: rows held in memory move into it, after the rows already there (with
+        new ids where the file has used theirs: the publisher starts again from the first row at the
+        new generation, so no id it holds matters)."""
         self._retry_at = time.monotonic() + self.retry_s
         mem = self._conn
         saved = (self._count, self._last_id)
@@ -199,28 +248,29 @@ class Outbox:
             self._count, self._last_id = saved
             self.last_error = f"outbox file still unusable: {e}"
             return
-        rows = mem.execute("SELECT id, topic, payload, qos, retain, created FROM outbox ORDER BY id").fetchall()
+        rows = mem.execute("SELECT id, topic, payload, qos, retain, created, carried FROM outbox ORDER BY id"
+                           ).fetchall()
         (mem_dropped,) = mem.execute("SELECT value FROM counters WHERE name = 'dropped'").fetchone()
         file_count = self._count
         try:
-            top = self._file_top
-            if rows and rows[0][0] <= top:
-                raise _Conflict(f"the file's ids reach {top}, past the rows held in memory")
+            if rows and rows[0][0] <= self._file_top:  # the file used these ids (a file locked at start): renumbered
+                rows = [(None, *r[1:]) for r in rows]
             db.execute("BEGIN IMMEDIATE")
-            db.executemany("INSERT INTO outbox (id, topic, payload, qos, retain, created) VALUES (?, ?, ?, ?, ?, ?)",
-                           rows)
+            db.executemany("INSERT INTO outbox (id, topic, payload, qos, retain, created, carried)"
+                           " VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+            (top,) = db.execute("SELECT MAX(id) FROM outbox").fetchone()
             db.execute("UPDATE counters SET value = value + ? WHERE name = 'dropped'", (mem_dropped,))
             db.execute("COMMIT")
-        except (sqlite3.Error, _Conflict) as e:
+        except sqlite3.Error as e:
             self._rollback(db)
             db.close()
             self._count, self._last_id = saved
             self.last_error = f"outbox file usable but rows not moved: {e}"
-            if isinstance(e, _Conflict):
-                self._retry_at = float("inf")
             return
         mem.close()
         self._db, self._count = db, file_count + len(rows)
+        self._last_id = max(self._last_id, int(top or 0))
+        self.generation += 1
         self._notices.append(f"outbox back on {self.path} ({len(rows)} window(s) moved from memory)")
         self.degraded = None
 
@@ -233,9 +283,11 @@ class Outbox:
             if src.exists():
                 os.replace(src, dest + suffix)
         prefix = f"{self.path.name}.corrupt-"
+        # the one just moved is kept whatever its name: after the clock went back (a Pi without a clock, before
+        # NTP) its time sorts first, and it was removed at once, with the notice naming a file that was gone
         sets = sorted(p.name for p in self.path.parent.glob(glob.escape(prefix) + "*")
-                      if not p.name.endswith(("-wal", "-shm", "-journal")))
-        for old in sets[:-KEEP_CORRUPT]:
+                      if not p.name.endswith(("-wal", "-shm", "-journal")) and p.name != Path(dest).name)
+        for old in sets[:len(sets) - (KEEP_CORRUPT - 1)]:
             for suffix in ("", "-wal", "-shm", "-journal"):
                 try:
                     (self.path.parent / (old + suffix)).unlink()
@@ -258,6 +310,7 @@ class Outbox:
             self._to_memory(f"corrupt ({e}) and cannot be moved aside: {oe}")
             return
         self._open_or_degrade()
+        self.generation += 1
 
     # ---- helpers (lock held) ------------------------------------------------------------------
     @property
@@ -290,43 +343,55 @@ class Outbox:
             self._to_memory(f"{what} failed: {e}")
 
     # ---- the API ------------------------------------------------------------------------------
-    def put(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> int:
-        """Commit one message; drop the oldest beyond the bound (counted). Returns its id, or 0 when
-        the message itself was dropped (disk full: counted, never raised)."""
+    def put(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False, carried: int = 0) -> int:
+        """Commit one message; drop the oldest beyond the bound (counted, with the counts they carried).
+        Returns its id, or 0 when the message itself was dropped (disk full: counted with the count it
+        carried, never raised). `carried`: the drop count this message reports (take_dropped's)."""
         data = payload.encode() if isinstance(payload, str) else payload
         with self._lock:
             if self._closed:  # a late window from a thread still stopping: counted, not raised
-                self._dropped_mem += 1
+                self._dropped_mem += 1 + carried
                 return 0
             if self.degraded and time.monotonic() >= self._retry_at:
                 self._retry_file()
             for _ in range(2):  # a second try only after a corrupt file was replaced
                 try:
-                    return self._insert(topic, data, qos, retain)
+                    rid = self._insert(topic, data, qos, retain, carried)
+                    if self._full_since is not None:
+                        self._notices.append(f"outbox has space again: {self.full_drops - self._full_since} "
+                                             "message(s) were dropped while the disk was full (counted)")
+                        self._full_since = None
+                    return rid
                 except sqlite3.Error as e:
                     self._failed_write(e, "outbox put")
                     if is_full(e):
                         break
+            if self._full_since is None:
+                self._full_since = self.full_drops
+                self._notices.append(f"the disk under {self.path.name} is full: messages are dropped (counted in "
+                                     "outbox_dropped) until there is space")
             self.full_drops += 1
-            self._dropped_mem += 1
+            self._dropped_mem += 1 + carried
             return 0
 
-    def _insert(self, topic: str, data: bytes, qos: int, retain: bool) -> int:
+    def _insert(self, topic: str, data: bytes, qos: int, retain: bool, carried: int = 0) -> int:
         cur = self._conn.cursor()
         cur.execute("BEGIN IMMEDIATE")
-        cur.execute("INSERT INTO outbox (topic, payload, qos, retain, created) VALUES (?, ?, ?, ?, ?)",
-                    (topic, data, qos, int(retain), time.time()))
+        cur.execute("INSERT INTO outbox (topic, payload, qos, retain, created, carried) VALUES (?, ?, ?, ?, ?, ?)",
+                    (topic, data, qos, int(retain), time.time(), carried))
         rid = int(cast(int, cur.lastrowid))  # set by the INSERT above (None only before any INSERT)
         bound = self._bound()
         n, extra = self._count + 1, self._count + 1 - bound
         # Past the bound, trim in steps of 0.1 % of it (none below 1,000): a put at the bound then costs
         # what a put below it costs, instead of a DELETE and a counter UPDATE every time.
         if extra > bound // 1000:  # drop the oldest by id range: one index seek, not a scan
-            cur.execute("DELETE FROM outbox WHERE id <= (SELECT id FROM outbox ORDER BY id LIMIT 1 OFFSET ?)",
-                        (extra - 1,))
+            (last,) = cur.execute("SELECT id FROM outbox ORDER BY id LIMIT 1 OFFSET ?", (extra - 1,)).fetchone()
+            (handed_on,) = cur.execute("SELECT COALESCE(SUM(carried), 0) FROM outbox WHERE id <= ?",
+                                       (last,)).fetchone()
+            cur.execute("DELETE FROM outbox WHERE id <= ?", (last,))
             extra = cur.rowcount
             n -= extra
-            cur.execute("UPDATE counters SET value = value + ? WHERE name = 'dropped'", (extra,))
+            cur.execute("UPDATE counters SET value = value + ? WHERE name = 'dropped'", (extra + int(handed_on),))
         cur.execute("COMMIT")
         self._count, self._last_id = n, max(self._last_id, rid)
         return rid
@@ -403,7 +468,7 @@ class Outbox:
             self._closed = True
             if self._db is not None:
                 self._db.close()
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)  # (the flock goes with it)
+                self._lock_fd = None
 
-
-class _Conflict(Exception):
-    """Rows held in memory cannot move into the file without renumbering them."""

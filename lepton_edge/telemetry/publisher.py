@@ -62,6 +62,7 @@ class Publisher:
         self._inflight: dict[int, int] = {}  # mid -> outbox row id
         self._early: dict[int, float] = {}  # PUBACKs that arrived before publish() returned the mid
         self._sent_upto = 0
+        self._generation = outbox.generation  # the outbox's store the ids above refer to
         self._sender = threading.Thread(target=self._send_loop, name="telemetry:sender", daemon=True)
 
     # ---- lifecycle ----------------------------------------------------------------------------
@@ -132,8 +133,8 @@ class Publisher:
             self._error("on_connect", e)
 
     def _connected(self, client, reason_code) -> None:
-        if reason_code.is_failure:
-            self.last_error = str(reason_code)
+        if reason_code.is_failure:  # a wrong password or ACL: said (it looked like a device with nothing to send)
+            self._report(f"the broker refused the connection: {reason_code}")
             return
         self.connects += 1
         self.last_error = None
@@ -173,8 +174,8 @@ class Publisher:
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties=None) -> None:
         self.connected.clear()
         self.subscribed.clear()
-        if reason_code is not None and getattr(reason_code, "is_failure", False):
-            self.last_error = str(reason_code)
+        if reason_code is not None and getattr(reason_code, "is_failure", False) and not self._stop.is_set():
+            self._report(f"connection lost: {reason_code}")
 
     def _handle_publish(self, client, userdata, mid, reason_code=None, properties=None) -> None:
         with self._mlock:
@@ -216,6 +217,11 @@ class Publisher:
         """Send what the outbox holds beyond what is in flight, up to max_inflight."""
         while self.connected.is_set() and not self._stop.is_set():
             with self._mlock:
+                if self.outbox.generation != self._generation:  # the rows moved to another store: from the first
+                    self._generation = self.outbox.generation  # row again (those in flight may come twice)
+                    self._inflight.clear()
+                    self._early.clear()
+                    self._sent_upto = 0
                 room = self.max_inflight - len(self._inflight)
                 after = self._sent_upto
                 now = time.monotonic()

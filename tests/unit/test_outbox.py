@@ -112,20 +112,26 @@ def test_memory_fallback_is_bounded(tmp_path):
     ob.close()
 
 
-def test_rows_stay_in_memory_when_the_file_already_used_their_ids(tmp_path):
-    """Moving them would renumber rows the publisher may have in flight: they stay in memory."""
+def test_rows_move_to_the_file_renumbered_when_the_file_already_used_their_ids(tmp_path):
+    """They stayed in memory until a restart (bounded, lost at a crash) with no word said, and the file's
+    own backlog was not sent meanwhile. Now they follow the file's rows with new ids, in order, and the
+    generation changes, so the publisher starts again from the first row (tests/unit/test_publisher_edges)."""
     state = tmp_path / "state"
     state.write_text("")
     ob = Outbox(state / "outbox.sqlite", retry_s=3600)
-    mem_ids = [ob.put(TOPIC, "mem") for _ in range(2)]
+    gen = ob.generation
+    mem_ids = [ob.put(TOPIC, f"mem{i}") for i in range(2)]
     state.unlink()
-    other = Outbox(state / "outbox.sqlite")  # meanwhile the file used those ids (sent and acknowledged since)
+    other = Outbox(state / "outbox.sqlite")  # meanwhile the file used those ids (and holds a backlog)
     other.delete([other.put(TOPIC, "file") for _ in range(5)])
+    kept = other.put(TOPIC, "file-backlog")
     other.close()
     ob._retry_at = 0.0
-    rid = ob.put(TOPIC, "mem")
-    assert ob.degraded and "not moved" in (ob.last_error or "")
-    assert [m.id for m in ob.pending()] == mem_ids + [rid] and len(ob) == 3
+    rid = ob.put(TOPIC, "new")
+    assert not ob.degraded and ob.generation > gen and "back on" in (ob.take_recovered() or "")
+    got = ob.pending()
+    assert [m.payload for m in got] == [b"file-backlog", b"mem0", b"mem1", b"new"] and len(ob) == 4
+    assert got[0].id == kept and max(mem_ids) <= kept < got[1].id < got[2].id < rid == got[3].id
     ob.close()
 
 
@@ -139,3 +145,101 @@ def test_rows_stay_in_memory_when_the_file_already_used_their_ids(tmp_path):
 ])
 def test_errors_are_classified_full_or_corrupt(exc, full, corrupt):
     assert is_full(exc) is full and is_corrupt(exc) is corrupt
+
+
+def _agent_like(ob: Outbox, n: int, start: int = 0) -> None:
+    """What Agent.window does: each window reports the count taken since the last, and carries it."""
+    import json
+
+    for i in range(start, start + n):
+        dropped = ob.take_dropped()
+        ob.put(TOPIC, json.dumps({"seq": i, "outbox_dropped": dropped}), carried=dropped)
+
+
+def _reported(ob: Outbox) -> int:
+    """The drops the windows still queued report, plus what the next window would."""
+    import json
+
+    return sum(json.loads(m.payload)["outbox_dropped"] for m in ob.pending(limit=10**6)) + ob.take_dropped()
+
+
+def test_windows_trimmed_at_the_bound_hand_on_the_counts_they_carried(tmp_path):
+    """A long outage: the bound trims the oldest windows, which are the ones carrying the drop counts. 4,000 of
+    5,000 windows were dropped and 1,000 reported; now every drop is reported by a window still queued."""
+    ob = Outbox(tmp_path / "outbox.sqlite", max_messages=10)
+    _agent_like(ob, 100)
+    assert len(ob) == 10 and _reported(ob) == 90
+    big = Outbox(tmp_path / "big.sqlite", max_messages=1000)  # trims in steps (0.1 % of the bound)
+    _agent_like(big, 5000)
+    assert len(big) <= 1000 and _reported(big) == 5000 - len(big)
+    ob.close()
+    big.close()
+
+
+def test_a_full_disk_drop_keeps_the_count_it_carried_and_is_told_once_each_way(tmp_path, monkeypatch):
+    """The window that carried the count was itself dropped, and only +1 counted: 200 dropped read as 1. And
+    nothing said the disk was full: now one notice when it fills and one, with the number, when space is back."""
+    ob = Outbox(tmp_path / "outbox.sqlite", max_messages=3)
+    _agent_like(ob, 5)  # two dropped by the bound, carried by the queued windows
+    real = Outbox._insert
+
+    def full(self, *a, **kw):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(Outbox, "_insert", full)
+    _agent_like(ob, 7, start=5)  # each of these takes the count, then is dropped with it
+    notes = ob.take_recovered() or ""
+    assert "is full: messages are dropped" in notes and ob.full_drops == 7
+    monkeypatch.setattr(Outbox, "_insert", real)
+    _agent_like(ob, 1, start=12)
+    assert "space again: 7 message(s) were dropped while the disk was full" in (ob.take_recovered() or "")
+    assert _reported(ob) == 2 + 7 + 1  # the bound's two, the disk's seven, one trimmed by the last put
+    ob.close()
+
+
+def test_an_old_outbox_file_gets_the_carried_column_and_keeps_its_rows(tmp_path):
+    """A file an earlier agent wrote (no `carried`): taken as it is, not moved aside as a foreign schema."""
+    p = tmp_path / "outbox.sqlite"
+    db = sqlite3.connect(p)
+    db.executescript("CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, payload BLOB "
+                     "NOT NULL, qos INTEGER NOT NULL, retain INTEGER NOT NULL, created REAL NOT NULL);"
+                     "CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);"
+                     "INSERT INTO outbox (topic, payload, qos, retain, created) "
+                     f"VALUES ('{TOPIC}', X'6f6c64', 1, 0, 0);"
+                     "INSERT INTO counters VALUES ('dropped', 4);")
+    db.close()
+    ob = Outbox(p)
+    assert [m.payload for m in ob.pending()] == [b"old"] and ob.recovered == 0 and ob.take_dropped() == 4
+    ob.close()
+
+
+def test_one_process_holds_an_exclusive_outbox(tmp_path):
+    """Two agents on one state directory took each other's broker connection and deleted each other's rows."""
+    import os
+
+    from lepton_edge.telemetry.outbox import OutboxInUse
+
+    p = tmp_path / "outbox.sqlite"
+    first = Outbox(p, exclusive=True)
+    with pytest.raises(OutboxInUse, match=f"in use by another agent \\(pid {os.getpid()}\\): one agent per state"):
+        Outbox(p, exclusive=True)
+    first.close()
+    Outbox(p, exclusive=True).close()  # let go at close
+
+
+def test_the_corrupt_file_just_moved_aside_is_kept_whatever_the_clock_says(tmp_path, monkeypatch):
+    """With the clock back in 1970 (a Pi without a clock, before NTP) the file just moved aside sorted first and
+    was removed at once; the notice named a file that was gone."""
+    import time as time_mod
+
+    p = tmp_path / "outbox.sqlite"
+    for stamp in ("20990101T000000.000001", "20990101T000000.000002"):
+        (tmp_path / f"outbox.sqlite.corrupt-{stamp}").write_bytes(b"older, by their names")
+    p.write_bytes(b"not a database at all" * 100)
+    monkeypatch.setattr(time_mod, "gmtime", lambda *a: time_mod.struct_time((1970, 1, 1, 0, 0, 5, 3, 1, 0)))
+    ob = Outbox(p)
+    note = ob.take_recovered() or ""
+    moved = note.split("moved aside to ")[1].split(",")[0]
+    assert moved.startswith("outbox.sqlite.corrupt-1970") and (tmp_path / moved).is_file()
+    assert len(list(tmp_path.glob("outbox.sqlite.corrupt-*"))) == 2  # KEEP_CORRUPT: the new one and the newest
+    ob.close()

@@ -67,13 +67,39 @@ def test_flush_returns_as_soon_as_the_outbox_is_empty(make):
 
 
 def test_a_failed_disconnect_is_kept_as_the_last_error_and_a_clean_one_is_not(make):
-    pub, c, _ = make()
+    pub, c, errors = make()
     c.connack()
     pub._handle_disconnect(c, None, None, ReasonCode(PacketTypes.DISCONNECT, "Normal disconnection"))
-    assert pub.last_error is None and not pub.connected.is_set()
+    assert pub.last_error is None and not pub.connected.is_set() and errors == []
     c.connack()
     c.drop()
-    assert pub.last_error == "Unspecified error" and not pub.connected.is_set()
+    assert pub.last_error == "connection lost: Unspecified error" and not pub.connected.is_set()
+    assert errors == ["connection lost: Unspecified error"]  # told (the agent rate-limits the lines)
+
+
+def test_a_broker_that_refuses_the_connection_is_reported_not_silent(make):
+    """A wrong password or an ACL: CONNACK "Not authorized" again and again, and the device logged nothing,
+    looking like a healthy one with nothing to send while its windows piled up in the outbox."""
+    pub, c, errors = make()
+    pub.outbox.put(TOPIC, b"w")
+    c.connack("Not authorized")
+    assert errors == ["the broker refused the connection: Not authorized"] and not pub.connected.is_set()
+    assert len(pub.outbox) == 1 and c.sent == []
+
+
+def test_rows_in_another_store_are_sent_from_the_first_again(make, tmp_path):
+    """The outbox moved (to memory and back, to a fresh file): ids the publisher had sent up to refer to the old
+    store. It kept its cursor, so the file's backlog (ids below it) waited for the next reconnect: days."""
+    pub, c, _ = make()
+    c.connack()
+    for i in range(3):
+        pub.outbox.put(TOPIC, f"w{i}".encode())
+    assert wait_until(lambda: len(c.sent) == 3)
+    with pub.outbox._lock:  # what _to_memory/_retry_file/_recover do: another store, a new generation
+        pub.outbox.generation += 1
+    pub.wake()
+    assert wait_until(lambda: len(c.sent) == 6), c.sent  # the same rows again (at-least-once)
+    assert [m.payload for m in c.sent[3:]] == [b"w0", b"w1", b"w2"]
 
 
 def test_a_failing_on_connect_callback_is_reported_by_name_and_the_rows_still_go(make):
