@@ -100,7 +100,7 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "the archive was just written: it exists either way",
     ("agent.deploy", "p.unlink(missing_ok=True)", "p.unlink(missing_ok=False)"):
         "p comes from a directory listing made just before: it exists either way",
-    ("agent.deploy", "mkdtemp(prefix=f\"{time.strftime(", "mkdtemp(prefix=f\"{time.strftime('XX"):
+    ("agent.deploy", "mkdtemp(prefix=f\"{time.strftime(", "XX"):
         "a fetched bundle's directory name: only its uniqueness matters (mkdtemp's own suffix)",
     ("agent.deploy", "time.monotonic() >= self._end", "time.monotonic() > self._end"):
         "differs only at the very instant of the deadline",
