@@ -16,8 +16,10 @@ def kit(
     bundle: Path = typer.Argument(..., help="The bundle directory the device will run."),
     target: str | None = typer.Option(None, "--target", "-t", help="Profile id or .toml (default: the bundle's)."),
     output: Path = typer.Option(..., "--out", "-o", help="The kit archive to write, e.g. pi-kit.tar.gz."),
-    key: Path | None = typer.Option(None, "--key", "-k", help="private.pem: sign the bundle; the device then "
-                                       "trusts only this key's bundles."),
+    key: Path | None = typer.Option(None, "--key", "-k", help="private.pem: sign the bundle; a fresh install "
+                                       "then trusts only this key's bundles (an upgrade keeps the device's "
+                                       "agent.toml: install.sh refuses a kit it would not run, and warns when "
+                                       "it trusts no key)."),
     broker: str = typer.Option("mqtt://localhost:1883", help="The broker the agent reports to."),
     fleet: str = typer.Option("default", help="Fleet name (a topic segment)."),
     device_id: str | None = typer.Option(None, help="Device id (default: the device's hostname or machine id)."),

@@ -88,6 +88,11 @@ install_kit() {
   # numpy's own test suite are 50 MB of the footprint budget
   "$venv_new/bin/python" -m pip uninstall -q -y pip setuptools >/dev/null 2>&1 || true
   find "$venv_new"/lib/python3*/site-packages/numpy -type d -name tests -prune -exec rm -rf {} + 2>/dev/null || true
+  # an upgrade keeps agent.toml: it must take this kit's bundle (signed by a key it trusts), checked by the
+  # new venv's own lepton_edge before anything on the system changes (lepton_edge/kit_upgrade.py)
+  if [ -f "$ETC/agent.toml" ]; then
+    "$venv_new/bin/python" -m lepton_edge.kit_upgrade "$ETC/agent.toml" "$KIT/bundle" "$KIT/trusted" "$R" || exit 1
+  fi
 
   # config: kept when present (an upgrade never overwrites what the operator edited)
   install -d -m 0750 -o root -g "$grp" "$ETC"
