@@ -4,7 +4,15 @@
 """
 from __future__ import annotations
 
+import os as _os
+
 __version__ = "0.1.0"
+
+# OpenCV reads this once, when it is first imported, and refuses to decode an image past it: its own
+# default (2^30 pixels, 3 GB as BGR) let a 124 KB PNG of 32000x32000 take 6 GB and a 675-byte JPEG in a
+# camera stream 6.5 GB. 100 MP is a 300 MB frame, past any camera's; set the variable to change it.
+MAX_IMAGE_PIXELS = 100_000_000
+_os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(MAX_IMAGE_PIXELS))
 
 
 def export(model, target=None, *, options=None, example_input=None, **settings):

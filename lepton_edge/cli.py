@@ -409,8 +409,8 @@ def run(
     outs = _run_sinks(pipe, src, rt, every=every, jsonl=jsonl, save=save, show=show,
                       lines_to_stderr=as_json or jsonl == "-")
     d = rt.describe()
-    ui.info(f"[bold]{escape(rt.name)}[/] ({d['backend']}, {d['threads']} thread(s), task {rt.task}) on {src.kind} "
-            f"{escape(src.spec)}")
+    ui.info(f"[bold]{escape(ui.printable(rt.name))}[/] ({d['backend']}, {d['threads']} thread(s), task {rt.task}) "
+            f"on {src.kind} {escape(ui.printable(src.spec))}")
     if d["backend"] == "onnxruntime":
         from lepton_edge.runtime.onnx import stop_runs_on_signals
 

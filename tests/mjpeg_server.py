@@ -40,7 +40,7 @@ class _Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
 
 
 class MjpegServer:
-    def __init__(self, frames: list[np.ndarray], fps: float = 50.0, port: int | None = None, mode: str = "ok",
+    def __init__(self, frames: list, fps: float = 50.0, port: int | None = None, mode: str = "ok",
                  stall_after: int = 0):
         """mode: "ok" serves JPEG frames; "garbage" serves random bytes as the parts (a broken camera);
         "stall": after `stall_after` frames the first connection stops sending without closing
@@ -72,8 +72,11 @@ class MjpegServer:
                         if stall and i >= owner.stall_after:
                             time.sleep(0.05)  # connection open, nothing sent
                             continue
+                        frame = owner.frames[i % len(owner.frames)]
                         if owner.mode == "garbage":
                             data = rng.integers(0, 256, 4000, dtype=np.uint8).tobytes()
+                        elif isinstance(frame, bytes):  # a part sent as it is (a crafted JPEG)
+                            data = frame
                         else:
                             ok, buf = cv2.imencode(".jpg", owner.frames[i % len(owner.frames)],
                                                    [cv2.IMWRITE_JPEG_QUALITY, 95])

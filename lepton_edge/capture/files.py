@@ -13,11 +13,14 @@ from typing import ClassVar
 from pydantic import Field
 
 from lepton_edge.capture.base import Frame, Source, SourceOptions, SourceState
-from lepton_edge.capture.opencv import cv2, thread_params
+from lepton_edge.capture.opencv import cv2, oversized, thread_params
 from lepton_edge.capture.registry import register_source
 from lepton_edge.errors import BadInput
 
 MAX_BAD_IN_A_ROW = 300  # undecodable frames in a row that end a video file (its header promised more)
+# first bytes of files that name other files for FFmpeg to read (an HLS or DASH playlist, an ffconcat list): a
+# local one played a video from outside its folder, whatever the source's own checks had looked at
+_NAMES_OTHER_FILES = (b"#EXTM3U", b"ffconcat", b"<?xml", b"<MPD")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
 
 
@@ -111,7 +114,8 @@ class ImageFiles(Source):
                 img = None
             if img is None:
                 self.corrupt += 1
-                logging.getLogger(__name__).info("skipped %s: OpenCV cannot decode it", path)  # (which one, for -v)
+                logging.getLogger(__name__).info("skipped %r: OpenCV cannot decode it", str(path))  # (repr: a name
+                # may hold terminal escapes, and a hostile SD card's would reach the operator's terminal)
                 continue
             self.decoded += 1
             f = self._frame(img, t0)
@@ -138,18 +142,30 @@ class VideoFile(Source):
         super().__init__(spec, policy)
         c = cv2()
         self.loop = loop
+        # FFmpeg, given the file's absolute path: a relative spec starting `concat:` or `subfile,` was FFmpeg's
+        # protocol, reading another file than the one checked; and no fall back to OpenCV's other readers, whose
+        # image-sequence reader took `f%03d.bin` as a pattern over the folder's other files. (OpenCV's own MJPEG
+        # reader, for an AVI FFmpeg cannot open, reads that one file.)
+        path = os.path.realpath(spec)
         cap = None
-        if thread_params(decode_threads):
+        for backend, params in ((c.CAP_FFMPEG, thread_params(decode_threads)),
+                                (getattr(c, "CAP_OPENCV_MJPEG", None), [])):
+            if backend is None:
+                continue
             try:
-                cap = c.VideoCapture(spec, c.CAP_FFMPEG, thread_params(decode_threads))
+                cap = c.VideoCapture(path, backend, params)
             except c.error:
-                pass
-        if cap is None or not cap.isOpened():  # not FFmpeg's: OpenCV's own choice of reader
-            cap = c.VideoCapture(spec)
-        self.cap = cap
-        if not self.cap.isOpened():
+                cap = None
+            if cap is not None and cap.isOpened():
+                break
+        if cap is None or not cap.isOpened():
             self._set_state(SourceState.FAILED, "cannot open")
             raise BadInput(f"cannot open video {spec!r} (unreadable, or a codec OpenCV lacks)")
+        self.cap = cap
+        if (why := oversized(cap)) is not None:
+            cap.release()
+            self._set_state(SourceState.FAILED, why)
+            raise BadInput(f"cannot open video {spec!r}: {why}")
         self.total = int(self.cap.get(c.CAP_PROP_FRAME_COUNT)) or None
         self.fps = self.cap.get(c.CAP_PROP_FPS) or None
         self._pos = self._in_a_row = 0
@@ -168,8 +184,15 @@ class VideoFile(Source):
         if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):  # opening one blocks until a writer comes: maybe never
             raise BadInput(f"cannot open video {spec!r}: a named pipe or socket, not a video file (stream it over "
                            "udp://, tcp:// or rtsp:// instead)")
-        if Path(spec).is_file() and Path(spec).stat().st_size == 0:
+        if not stat.S_ISREG(mode):  # a device (/dev/ptmx blocked in read, and SIGTERM did not end it), a folder
+            raise BadInput(f"cannot open video {spec!r}: not a regular file (a camera is its index or /dev/videoN)")
+        if os.stat(spec).st_size == 0:
             raise BadInput(f"cannot open video {spec!r}: the file is empty")
+        with open(spec, "rb") as f:
+            head = f.read(64).lstrip(b"\xef\xbb\xbf \t\r\n")
+        if head.startswith(_NAMES_OTHER_FILES) or b"<MPD" in head:
+            raise BadInput(f"cannot open video {spec!r}: a playlist, which names other files to read; give the "
+                           "stream's URL or the video itself")
         return cls(spec, loop=options.loop, decode_threads=options.decode_threads, policy=options.policy)
 
     def read(self, timeout: float | None = None) -> Frame | None:

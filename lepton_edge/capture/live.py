@@ -27,7 +27,7 @@ from pydantic import Field
 
 from lepton_edge.capture.base import Frame, Source, SourceOptions, SourceState, StatusUpdate
 from lepton_edge.capture.buffers import BufferPolicy
-from lepton_edge.capture.opencv import Grabber, cv2, has_gstreamer, thread_params
+from lepton_edge.capture.opencv import Grabber, cv2, has_gstreamer, oversized, thread_params
 from lepton_edge.capture.registry import register_source
 from lepton_edge.errors import BadInput
 
@@ -101,10 +101,25 @@ class LiveSource(Source):
         if not cap.isOpened():
             cap.release()
             return None
+        if (why := oversized(cap)) is not None:
+            self.last_error = why
+            cap.release()
+            return None
         return Grabber.wrap(cap, ffmpeg and self._raw_jpeg)
 
     # ---- the reader thread --------------------------------------------------------------------
     def _reader(self) -> None:
+        """Reads until closed or given up; whatever it raises fails the source in one line (a thread that died
+        left the source `streaming` and every read waiting for ever)."""
+        try:
+            self._read_loop()
+        except Exception as e:
+            self.failure = f"the capture thread failed: {type(e).__name__}: {str(e).strip()[:200]}"
+            self._set_state(SourceState.FAILED, self.failure)
+            self._stop.set()
+            self._buffer.close()
+
+    def _read_loop(self) -> None:
         backoff = 0.5
         good = 0  # frames grabbed on this connection
         attempts = 0  # reopen attempts since the last frame

@@ -43,6 +43,26 @@ def has_gstreamer() -> bool:
     return "YES" in line
 
 
+def max_pixels() -> int:
+    """The frame budget in pixels: OpenCV's own for still images (lepton_edge sets it before OpenCV loads)."""
+    from lepton_edge import MAX_IMAGE_PIXELS
+
+    try:
+        return int(os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS", MAX_IMAGE_PIXELS))
+    except ValueError:
+        return MAX_IMAGE_PIXELS
+
+
+def oversized(cap) -> str | None:
+    """Why an opened video's frames are over the pixel budget (None: within it, or not known yet). Why: the
+    image budget does not reach FFmpeg's decoder, and a 4.6 MB MJPEG file of 16000x16000 frames held 2.7 GB."""
+    c = cv2()
+    w, h = int(cap.get(c.CAP_PROP_FRAME_WIDTH) or 0), int(cap.get(c.CAP_PROP_FRAME_HEIGHT) or 0)
+    if w * h > max_pixels():
+        return f"frames of {w}x{h}, over the budget of {max_pixels():,} pixels (OPENCV_IO_MAX_IMAGE_PIXELS)"
+    return None
+
+
 def fourcc(cap) -> str:
     code = int(cap.get(cv2().CAP_PROP_FOURCC) or 0)
     return code.to_bytes(4, "little").decode("latin-1") if code else ""
@@ -80,13 +100,16 @@ class Grabber:
         return self._packet is not None and self._packet.size > 4 and bytes(self._packet[:2]) == b"\xff\xd8"
 
     def retrieve(self) -> np.ndarray | None:
-        """The image of the frame grabbed last, or None when it does not decode."""
-        if self.raw_jpeg:
-            img = cv2().imdecode(self._packet, cv2().IMREAD_COLOR) if self._packet is not None else None
-        else:
+        """The image of the frame grabbed last, or None when it does not decode (OpenCV raises for a JPEG
+        whose header claims more pixels than OPENCV_IO_MAX_IMAGE_PIXELS: one bad frame, not an error)."""
+        c = cv2()
+        try:
+            if self.raw_jpeg:
+                return c.imdecode(self._packet, c.IMREAD_COLOR) if self._packet is not None else None
             ok, img = self.cap.retrieve()
-            img = img if ok else None
-        return img
+        except c.error:
+            return None
+        return img if ok else None
 
     def release(self) -> None:
         self.cap.release()

@@ -84,13 +84,19 @@ def resolve(spec: str) -> tuple[type[Source], str]:
     """(source class, the spec it is given) for a spec string."""
     m = _SPEC_SCHEME.match(spec)
     if m is None:
-        for cls in _CLAIMERS:
-            if cls.claims(spec):
-                return cls, spec
+        try:
+            for cls in _CLAIMERS:
+                if cls.claims(spec):
+                    return cls, spec
+        except OSError as e:  # a name past the file system's limit (ENAMETOOLONG) and the like
+            raise BadInput(f"source {redacted(spec)[:200]!r}: {e.strerror or e}") from None
         raise BadInput(f"no source reads {redacted(spec)!r}")
     scheme = m.group(1).lower()
-    if scheme == "file":
-        return resolve(spec[len(m.group(0)):])
+    if scheme == "file":  # a path, once: 1,200 nested file:// prefixes recursed past Python's limit
+        path = spec[len(m.group(0)):]
+        if _SPEC_SCHEME.match(path):
+            raise BadInput(f"source {redacted(spec)[:200]!r}: a file:// URL holds a path, not another URL")
+        return resolve(path)
     found = _SCHEMES.get(scheme) or _plugin(scheme)
     if found is None:
         raise BadInput(f"unknown source scheme {scheme}:// in {redacted(spec)!r}; known: "
@@ -131,4 +137,7 @@ def open_source(spec: str | int, policy: str | None = None, **settings: Any) -> 
         err = e.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "options"
         raise BadInput(f"source {redacted(s)!r}: {where}: {err['msg']}") from None
-    return cls.from_spec(target, options)
+    try:
+        return cls.from_spec(target, options)
+    except OSError as e:  # the file system's own refusals (too long a name, too deep a folder, permissions)
+        raise BadInput(f"source {redacted(s)[:200]!r}: {e.strerror or e}") from None
