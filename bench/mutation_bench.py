@@ -104,6 +104,8 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "a fetched bundle's directory name: only its uniqueness matters (mkdtemp's own suffix)",
     ("agent.deploy", "time.monotonic() >= self._end", "time.monotonic() > self._end"):
         "differs only at the very instant of the deadline",
+    ("telemetry.outbox", "db.set_progress_handler(None, 0)", "db.set_progress_handler(None, 1)"):
+        "removing the handler: the step count goes with it",
     ("telemetry.publisher", "self._sent_upto = 0", "self._sent_upto = 1"):
         "every connect resets it to 0, and the sender sends only while connected",
     ("telemetry.publisher", 'name="telemetry:sender"', 'name="XXtelemetry:senderXX"'): "a thread's name",

@@ -143,10 +143,14 @@ def test_a_disk_that_fails_under_send_is_counted_never_raised(agent, monkeypatch
     def full(*_a, **_k):
         raise OSError(28, "No space left on device")
 
+    lines: list[str] = []
+    monkeypatch.setattr(agent, "_line", lines.append)
     monkeypatch.setattr(agent.outbox, "put", full)
     assert agent.send(agent.topics.telemetry, b"{}") is False
     assert agent.send(agent.topics.telemetry, b"{}") is False
     assert agent._send_failures == 2
+    assert lines == ["outbox: cannot store a message (OSError: [Errno 28] No space left on device); "
+                     "1 lost since start"]  # the second within the same minute: rate-limited
 
 
 def test_meta_names_the_bundle_backend_and_threads(agent):

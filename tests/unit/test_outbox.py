@@ -105,6 +105,26 @@ def test_unusable_path_falls_back_to_memory_then_moves_rows_to_the_file(tmp_path
     db.close()
 
 
+def test_the_bound_trims_in_steps_of_a_thousandth(tmp_path):
+    """Past the bound a put trims only once the excess passes 0.1 % of it (a DELETE and a counter UPDATE
+    every put at the bound cost what a put below it does not), then back to the bound exactly."""
+    ob = Outbox(tmp_path / "outbox.sqlite", max_messages=3000)
+    ids = [ob.put(TOPIC, b"w") for _ in range(3003)]
+    assert len(ob) == 3003 and ob.take_dropped() == 0  # 3 past the bound: not yet more than 0.1 %
+    ob.put(TOPIC, b"w")
+    assert len(ob) == 3000 and ob.take_dropped() == 4 and ob.pending(limit=1)[0].id == ids[4]
+    ob.close()
+
+
+def test_writes_are_as_durable_as_asked(tmp_path):
+    """WAL + NORMAL survives the agent being killed; FULL (outbox_fsync) survives a power cut too."""
+    for durable, level in ((False, 1), (True, 2)):
+        ob = Outbox(tmp_path / f"o{durable}.sqlite", durable=durable)
+        assert ob._conn.execute("PRAGMA synchronous").fetchone()[0] == level
+        assert ob._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        ob.close()
+
+
 def test_memory_fallback_is_bounded(tmp_path):
     (tmp_path / "state").write_text("")
     ob = Outbox(tmp_path / "state" / "outbox.sqlite", max_messages=10 * MEMORY_MAX, retry_s=3600)
