@@ -104,6 +104,8 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "a fetched bundle's directory name: only its uniqueness matters (mkdtemp's own suffix)",
     ("agent.deploy", "time.monotonic() >= self._end", "time.monotonic() > self._end"):
         "differs only at the very instant of the deadline",
+    ("telemetry.outbox", "if self.durable else 'NORMAL'", "XXNORMAL"):
+        "SQLite reads a synchronous value it does not know as NORMAL, the value it replaces",
     ("telemetry.outbox", "db.set_progress_handler(None, 0)", "db.set_progress_handler(None, 1)"):
         "removing the handler: the step count goes with it",
     ("telemetry.publisher", "self._sent_upto = 0", "self._sent_upto = 1"):

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import os as _os
+import sys as _sys
 
 __version__ = "0.1.0"
 
@@ -12,6 +13,8 @@ __version__ = "0.1.0"
 # default (2^30 pixels, 3 GB as BGR) let a 124 KB PNG of 32000x32000 take 6 GB and a 675-byte JPEG in a
 # camera stream 6.5 GB. 100 MP is a 300 MB frame, past any camera's; set the variable to change it.
 MAX_IMAGE_PIXELS = 100_000_000
+# (a program that imported cv2 before lepton_edge keeps OpenCV's own limit: capture/opencv.py says so, once)
+CV2_LOADED_FIRST = "cv2" in _sys.modules and "OPENCV_IO_MAX_IMAGE_PIXELS" not in _os.environ
 _os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(MAX_IMAGE_PIXELS))
 
 

@@ -523,5 +523,10 @@ def test_staging_replaces_only_a_bundle_and_gives_the_umask_mode(tmp_path):
                 (d / "manifest.json").write_text("3")
         assert (tmp_path / "mine" / "thesis.txt").read_text() == "mine"
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
+        (tmp_path / "link").symlink_to(tmp_path / "b")
+        with pytest.raises(BadInput) as e:
+            check_replaceable(tmp_path / "link")
+        assert str(e.value) == (f"{tmp_path / 'link'} is a symbolic link: a bundle is written as a folder of its own; "
+                                "remove the link or choose another --out or --name")
     finally:
         os.umask(old)

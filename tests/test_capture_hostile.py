@@ -72,13 +72,15 @@ def test_an_image_past_the_pixel_budget_is_skipped_without_its_gigabytes(tmp_pat
     folder.mkdir()
     _png_bomb(folder / "a-bomb.png", 20_000)  # 400 MP, under OpenCV's own limit
     cv2.imwrite(str(folder / "b-ok.png"), np.zeros((8, 8, 3), np.uint8))
-    code = ("import json, resource, lepton_edge, os\n"
+    code = ("import json, lepton_edge, os\n"
             "from lepton_edge.capture import open_source\n"
             f"s = open_source({str(folder)!r})\n"
             "n = 0\n"
             "while s.read() is not None: n += 1\n"
+            # VmHWM, not ru_maxrss: after fork and exec ru_maxrss starts at the parent's (pytest's) peak
+            "hwm = next(int(x.split()[1]) for x in open('/proc/self/status') if x.startswith('VmHWM'))\n"
             "print(json.dumps({'frames': n, 'corrupt': s.corrupt, 'budget': os.environ['OPENCV_IO_MAX_IMAGE_PIXELS'],"
-            " 'rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}))\n")
+            " 'rss_mb': hwm // 1024}))\n")
     env = {k: v for k, v in os.environ.items() if k != "OPENCV_IO_MAX_IMAGE_PIXELS"}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -155,3 +157,14 @@ def test_a_skipped_file_is_named_without_its_terminal_escapes(tmp_path, caplog):
         assert src.read() is None and src.corrupt == 1
     line = next(r.getMessage() for r in caplog.records if "skipped" in r.getMessage())
     assert "\x1b" not in line and "\x07" not in line and "\\x1b[2J" in line
+
+
+def test_a_program_that_imports_cv2_first_is_told_that_opencvs_own_budget_holds(tmp_path):
+    """OpenCV reads its budget once, at import: after `import cv2; import lepton_edge` an 11000x11000 PNG decoded
+    whole while the budget was said to be 100 MP. Now the budget reported is OpenCV's, with one warning."""
+    code = ("import cv2, logging\nlogging.basicConfig()\nimport lepton_edge\n"
+            "from lepton_edge.capture.opencv import cv2 as c, max_pixels\nc()\nprint(max_pixels())\n")
+    env = {k: v for k, v in os.environ.items() if k != "OPENCV_IO_MAX_IMAGE_PIXELS"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert r.stdout.split() == [str(1 << 30)], r.stdout + r.stderr
+    assert r.stderr.count("cv2 was imported before lepton_edge") == 1, r.stderr

@@ -5,6 +5,7 @@ fail loudly at start, naming the field, not be silently ignored for months.
 """
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -89,7 +90,7 @@ class AgentConfig(BaseModel):
     @classmethod
     def _deploy_paths(cls, v: list[Path] | None) -> list[Path] | None:
         for p in v or []:
-            if not p.is_absolute() or str(p) == "/":
+            if not p.is_absolute() or os.path.realpath(p) == "/":  # ("//" and "/tmp/.." are "/" too)
                 raise ValueError(f"{str(p)!r}: an absolute directory other than / (a deploy may read any "
                                  "file under it)")
         return v

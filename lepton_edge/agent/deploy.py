@@ -305,7 +305,10 @@ class BundleStore:
         if self.deploy_dirs is None:
             return
         real = Path(os.path.realpath(src))
-        if not src.is_absolute() or not any(real == d or d in real.parents for d in self.deploy_dirs):
+        # `..` refused outright: realpath drops `missing/..` as text where the kernel fails on `missing`, so
+        # `incoming/../../etc/ssh/../../…/incoming` passed and the reply told whether /etc/ssh existed
+        if (not src.is_absolute() or ".." in src.parts
+                or not any(real == d or d in real.parents for d in self.deploy_dirs)):
             where = ", ".join(str(d) for d in self.deploy_dirs) or "none"
             raise DeployError(f"path {str(src)[:200]!r} is outside the directories this device deploys from "
                               f"({where}; deploy_paths in its agent.toml)")

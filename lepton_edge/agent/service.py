@@ -98,12 +98,15 @@ class Agent:
         try:
             self.outbox = Outbox(cfg.state_dir / "outbox.sqlite", cfg.outbox_max, durable=cfg.outbox_fsync,
                                  exclusive=True)
-            self.store = BundleStore.from_config(cfg)
         except OutboxInUse as e:
             raise BadInput(f"state_dir {cfg.state_dir}: {e}") from None
         except (sqlite3.Error, OSError) as e:
             raise BadInput(f"state_dir {cfg.state_dir}: {type(e).__name__}: {e}") from None
         try:
+            try:
+                self.store = BundleStore.from_config(cfg)
+            except OSError as e:
+                raise BadInput(f"state_dir {cfg.state_dir}: {type(e).__name__}: {e}") from None
             self.runtime = self._start_bundle()
             self.source = open_source(cfg.source, max_backoff=cfg.max_backoff_s, loop=cfg.loop,
                                       decode_threads=capture_threads(self.runtime), policy=cfg.source_policy)

@@ -26,6 +26,7 @@ def cv2():
     if not _quieted:  # errors only: a dropped stream is reported by us, once, not by OpenCV per packet
         _cv2.utils.logging.setLogLevel(_cv2.utils.logging.LOG_LEVEL_ERROR)
         _quieted = True
+        max_pixels()  # (the warning, where cv2 came first)
     return _cv2
 
 
@@ -43,10 +44,25 @@ def has_gstreamer() -> bool:
     return "YES" in line
 
 
-def max_pixels() -> int:
-    """The frame budget in pixels: OpenCV's own for still images (lepton_edge sets it before OpenCV loads)."""
-    from lepton_edge import MAX_IMAGE_PIXELS
+OPENCV_DEFAULT_MAX_PIXELS = 1 << 30  # OpenCV's own, where it was loaded before lepton_edge could set it
+_told_cv2_first = False
 
+
+def max_pixels() -> int:
+    """The frame budget in pixels: OpenCV's own for still images (lepton_edge sets it before OpenCV loads;
+    a program that imported cv2 first keeps OpenCV's default, said once)."""
+    import logging
+
+    from lepton_edge import CV2_LOADED_FIRST, MAX_IMAGE_PIXELS
+
+    global _told_cv2_first
+    if CV2_LOADED_FIRST:
+        if not _told_cv2_first:
+            _told_cv2_first = True
+            logging.getLogger(__name__).warning(
+                "cv2 was imported before lepton_edge, so OpenCV keeps its own image budget (2^30 pixels, 3 GB a "
+                "frame): import lepton_edge first, or set OPENCV_IO_MAX_IMAGE_PIXELS before importing cv2")
+        return OPENCV_DEFAULT_MAX_PIXELS
     try:
         return int(os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS", MAX_IMAGE_PIXELS))
     except ValueError:

@@ -6,6 +6,7 @@ they must accept the same URLs and TLS files the same way.
 """
 from __future__ import annotations
 
+import logging
 import ssl
 from dataclasses import dataclass
 from typing import Literal
@@ -103,9 +104,10 @@ def make_client(addr: BrokerAddress, client_id: str, *, clean_session: bool = Tr
     _check_credentials(user, pw, "broker credentials")
     if user:
         c.username_pw_set(user, pw)
-    if (cert_file or key_file) and not (addr.tls or ca_file):
-        raise BadInput("cert_file/key_file are set but the broker URL has no TLS (mqtt:// or ws://): "
-                       "use mqtts:// or wss://, or set ca_file")
+    if (cert_file or key_file) and not (addr.tls or ca_file):  # said, not refused: such a config ran before
+        logging.getLogger(__name__).warning(
+            "cert_file/key_file are set but the broker URL has no TLS (mqtt:// or ws://), so they are not used: "
+            "use mqtts:// or wss://, or set ca_file")
     if addr.tls or ca_file:
         _check_tls_files(ca_file, cert_file, key_file)
         try:

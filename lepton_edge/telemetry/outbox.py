@@ -22,14 +22,18 @@ it must not take the agent down (a device left unattended cannot be restarted by
 The row count is kept in memory (read once at open, changed only after a commit), so a put costs
 the same at 100,000 queued windows as at none.
 
-Why a row carries the drop count it reports (`carried`): the count travels in the next window, and
-that window can be lost too: trimmed at the bound in a long outage (the oldest rows, which carry
-the counts: 4,000 windows dropped reported as 1,000), or dropped itself on a full disk (200 dropped
-reported as 1). A row that is dropped now hands its own count on with it, so what the windows
-deliver adds up to what was lost (a row trimmed while in flight may count twice: at-least-once).
+Why a row's drop count is kept beside it (table `carried`: row id -> the count its window reports):
+the count travels in the next window, and that window can be lost too: trimmed at the bound in a
+long outage (the oldest rows, which carry the counts: 4,000 windows dropped reported as 1,000), or
+dropped itself on a full disk (200 dropped reported as 1). A row that is dropped now hands its own
+count on with it, so what the windows deliver adds up to what was lost (a row trimmed while in
+flight may count twice: at-least-once). A table of its own, not a column: an agent of an earlier
+version (a device rolled back) checks the outbox table's columns and would set the file aside,
+backlog and all; it ignores a table it does not know.
 Why `generation`: the rows to send change underneath the publisher when the outbox moves to memory,
-back to the file or to a fresh file; it restarts from the first row then, or a backlog left in the
-file waited for the next reconnect.
+back to the file or to a fresh file, and their ids may change with them. The publisher starts again
+from the first row then (or a backlog left in the file waited for the next reconnect), and an
+acknowledgement for a row of an older generation deletes nothing (its id may now be another row's).
 """
 from __future__ import annotations
 
@@ -46,9 +50,8 @@ from typing import cast
 KEEP_CORRUPT = 2  # moved-aside corrupt files kept for a post-mortem; older ones are removed
 MEMORY_MAX = 10_000  # windows held in RAM while the file is unusable (~12 MB at 1.2 KB a window)
 CHECK_BUDGET_S = 2.0  # PRAGMA quick_check at open stops (unchecked, not failed) after this long
-_COLUMNS = {"outbox": ["id", "topic", "payload", "qos", "retain", "created", "carried"],
-            "counters": ["name", "value"]}
-_COLUMNS_V1 = ["id", "topic", "payload", "qos", "retain", "created"]  # before `carried`: given it at open
+_COLUMNS = {"outbox": ["id", "topic", "payload", "qos", "retain", "created"], "counters": ["name", "value"],
+            "carried": ["id", "n"]}
 _SQLITE_CORRUPT, _SQLITE_FULL, _SQLITE_NOTADB = 11, 13, 26
 
 
@@ -59,6 +62,7 @@ class Message:
     payload: bytes
     qos: int
     retain: bool
+    generation: int = 0  # the outbox's generation when read: its id means this row only in that one
 
 
 class _Corrupt(Exception):
@@ -110,6 +114,7 @@ class Outbox:
         self._notices: list[str] = []
         self._dropped_mem = 0  # drops not yet in the counters table (a full disk cannot record them)
         self._count = 0
+        self._carried: set[int] = set()  # ids of rows with a `carried` entry (few: only windows after a drop)
         self._last_id = 0  # highest id handed out: a fresh file continues after it (the publisher tracks ids)
         self._retry_at = 0.0
         self._file_top = 0
@@ -179,11 +184,9 @@ class Outbox:
         db.execute("BEGIN IMMEDIATE")
         try:
             db.execute("CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL,"
-                       " payload BLOB NOT NULL, qos INTEGER NOT NULL, retain INTEGER NOT NULL, created REAL NOT NULL,"
-                       " carried INTEGER NOT NULL DEFAULT 0)")
+                       " payload BLOB NOT NULL, qos INTEGER NOT NULL, retain INTEGER NOT NULL, created REAL NOT NULL)")
             db.execute("CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")
-            if [r[1] for r in db.execute("PRAGMA table_info(outbox)")] == _COLUMNS_V1:  # an earlier agent's file
-                db.execute("ALTER TABLE outbox ADD COLUMN carried INTEGER NOT NULL DEFAULT 0")
+            db.execute("CREATE TABLE IF NOT EXISTS carried (id INTEGER PRIMARY KEY, n INTEGER NOT NULL)")
             for table, cols in _COLUMNS.items():
                 got = [r[1] for r in db.execute(f"PRAGMA table_info({table})")]
                 if got != cols:
@@ -196,11 +199,13 @@ class Outbox:
             if self._last_id > top:
                 db.execute("DELETE FROM sqlite_sequence WHERE name = 'outbox'")
                 db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('outbox', ?)", (self._last_id,))
+            carried = {r[0] for r in db.execute("SELECT id FROM carried WHERE id IN (SELECT id FROM outbox)")}
+            db.execute("DELETE FROM carried WHERE id NOT IN (SELECT id FROM outbox)")  # an older agent's acks
             db.execute("COMMIT")
         except BaseException:
             self._rollback(db)
             raise
-        self._count, self._last_id = int(count), max(self._last_id, int(top))
+        self._count, self._last_id, self._carried = int(count), max(self._last_id, int(top)), carried
         return int(top)
 
     def _open(self) -> sqlite3.Connection:
@@ -241,34 +246,38 @@ class Outbox:
         new generation, so no id it holds matters)."""
         self._retry_at = time.monotonic() + self.retry_s
         mem = self._conn
-        saved = (self._count, self._last_id)
+        saved = (self._count, self._last_id, self._carried)
         try:
             db = self._open()
         except (sqlite3.Error, _Corrupt, OSError) as e:
-            self._count, self._last_id = saved
+            self._count, self._last_id, self._carried = saved
             self.last_error = f"outbox file still unusable: {e}"
             return
-        rows = mem.execute("SELECT id, topic, payload, qos, retain, created, carried FROM outbox ORDER BY id"
-                           ).fetchall()
+        rows = mem.execute("SELECT id, topic, payload, qos, retain, created FROM outbox ORDER BY id").fetchall()
+        mem_carried = dict(mem.execute("SELECT id, n FROM carried").fetchall())
         (mem_dropped,) = mem.execute("SELECT value FROM counters WHERE name = 'dropped'").fetchone()
         file_count = self._count
+        renumber = bool(rows) and rows[0][0] <= self._file_top  # the file used these ids (it was locked at start)
         try:
-            if rows and rows[0][0] <= self._file_top:  # the file used these ids (a file locked at start): renumbered
-                rows = [(None, *r[1:]) for r in rows]
-            db.execute("BEGIN IMMEDIATE")
-            db.executemany("INSERT INTO outbox (id, topic, payload, qos, retain, created, carried)"
-                           " VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
-            (top,) = db.execute("SELECT MAX(id) FROM outbox").fetchone()
-            db.execute("UPDATE counters SET value = value + ? WHERE name = 'dropped'", (mem_dropped,))
-            db.execute("COMMIT")
+            cur = db.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            for r in rows:
+                cur.execute("INSERT INTO outbox (id, topic, payload, qos, retain, created) VALUES (?, ?, ?, ?, ?, ?)",
+                            (None if renumber else r[0], *r[1:]))
+                if r[0] in mem_carried:
+                    cur.execute("INSERT INTO carried VALUES (?, ?)", (cur.lastrowid, mem_carried[r[0]]))
+            (top,) = cur.execute("SELECT MAX(id) FROM outbox").fetchone()
+            carried = {i for (i,) in cur.execute("SELECT id FROM carried")}
+            cur.execute("UPDATE counters SET value = value + ? WHERE name = 'dropped'", (mem_dropped,))
+            cur.execute("COMMIT")
         except sqlite3.Error as e:
             self._rollback(db)
             db.close()
-            self._count, self._last_id = saved
+            self._count, self._last_id, self._carried = saved
             self.last_error = f"outbox file usable but rows not moved: {e}"
             return
         mem.close()
-        self._db, self._count = db, file_count + len(rows)
+        self._db, self._count, self._carried = db, file_count + len(rows), carried
         self._last_id = max(self._last_id, int(top or 0))
         self.generation += 1
         self._notices.append(f"outbox back on {self.path} ({len(rows)} window(s) moved from memory)")
@@ -377,27 +386,37 @@ class Outbox:
     def _insert(self, topic: str, data: bytes, qos: int, retain: bool, carried: int = 0) -> int:
         cur = self._conn.cursor()
         cur.execute("BEGIN IMMEDIATE")
-        cur.execute("INSERT INTO outbox (topic, payload, qos, retain, created, carried) VALUES (?, ?, ?, ?, ?, ?)",
-                    (topic, data, qos, int(retain), time.time(), carried))
+        cur.execute("INSERT INTO outbox (topic, payload, qos, retain, created) VALUES (?, ?, ?, ?, ?)",
+                    (topic, data, qos, int(retain), time.time()))
         rid = int(cast(int, cur.lastrowid))  # set by the INSERT above (None only before any INSERT)
+        if carried:
+            cur.execute("INSERT INTO carried VALUES (?, ?)", (rid, carried))
         bound = self._bound()
         n, extra = self._count + 1, self._count + 1 - bound
         # Past the bound, trim in steps of 0.1 % of it (none below 1,000): a put at the bound then costs
         # what a put below it costs, instead of a DELETE and a counter UPDATE every time.
+        last = None
         if extra > bound // 1000:  # drop the oldest by id range: one index seek, not a scan
             (last,) = cur.execute("SELECT id FROM outbox ORDER BY id LIMIT 1 OFFSET ?", (extra - 1,)).fetchone()
-            (handed_on,) = cur.execute("SELECT COALESCE(SUM(carried), 0) FROM outbox WHERE id <= ?",
-                                       (last,)).fetchone()
+            handed_on = 0
+            if self._carried or carried:  # the counts the dropped rows carried go on with the drop count
+                (handed_on,) = cur.execute("SELECT COALESCE(SUM(n), 0) FROM carried WHERE id <= ?", (last,)).fetchone()
+                cur.execute("DELETE FROM carried WHERE id <= ?", (last,))
             cur.execute("DELETE FROM outbox WHERE id <= ?", (last,))
             extra = cur.rowcount
             n -= extra
             cur.execute("UPDATE counters SET value = value + ? WHERE name = 'dropped'", (extra + int(handed_on),))
         cur.execute("COMMIT")
         self._count, self._last_id = n, max(self._last_id, rid)
+        if carried:
+            self._carried.add(rid)
+        if last is not None and self._carried:
+            self._carried = {i for i in self._carried if i > last}
         return rid
 
     def pending(self, limit: int = 100, after: int = 0) -> list[Message]:
-        """The oldest messages with id > after, in order ([] when the file cannot be read now)."""
+        """The oldest messages with id > after, in order ([] when the file cannot be read now), each with
+        the generation it was read in (delete() takes it back)."""
         with self._lock:
             if self._closed:
                 return []
@@ -409,23 +428,29 @@ class Outbox:
                 if is_corrupt(e):
                     self._recover(e)
                 return []
-        return [Message(r[0], r[1], bytes(r[2]), r[3], bool(r[4])) for r in rows]
+            gen = self.generation
+        return [Message(r[0], r[1], bytes(r[2]), r[3], bool(r[4]), gen) for r in rows]
 
-    def delete(self, ids: int | list[int]) -> None:
-        """Remove acknowledged rows. A failure (full disk) leaves them to be sent again: at-least-once."""
+    def delete(self, ids: int | list[int], generation: int | None = None) -> None:
+        """Remove acknowledged rows. A failure (full disk) leaves them to be sent again: at-least-once.
+        `generation`: the one the rows were read in; from an older one, nothing is deleted (the ids may
+        name other rows now: a PUBACK that came after the rows were renumbered deleted a row never sent)."""
         ids = [ids] if isinstance(ids, int) else list(ids)
         if not ids:
             return
         with self._lock:
-            if self._closed:
+            if self._closed or (generation is not None and generation != self.generation):
                 return
             try:
-                if len(ids) == 1:  # one PUBACK: a single statement is its own transaction
+                carried = [(i,) for i in ids if i in self._carried]
+                if len(ids) == 1 and not carried:  # one PUBACK: a single statement is its own transaction
                     n = self._conn.execute("DELETE FROM outbox WHERE id = ?", (ids[0],)).rowcount
                 else:
                     self._conn.execute("BEGIN IMMEDIATE")
                     n = self._conn.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids]).rowcount
+                    self._conn.executemany("DELETE FROM carried WHERE id = ?", carried)
                     self._conn.execute("COMMIT")
+                    self._carried.difference_update(i for (i,) in carried)
                 self._count -= n
             except sqlite3.Error as e:
                 self._rollback(self._conn)

@@ -59,7 +59,7 @@ class Publisher:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._mlock = threading.Lock()  # guards the two dicts below; never held around publish()
-        self._inflight: dict[int, int] = {}  # mid -> outbox row id
+        self._inflight: dict[int, tuple[int, int]] = {}  # mid -> (outbox row id, the outbox generation it is of)
         self._early: dict[int, float] = {}  # PUBACKs that arrived before publish() returned the mid
         self._sent_upto = 0
         self._generation = outbox.generation  # the outbox's store the ids above refer to
@@ -179,12 +179,12 @@ class Publisher:
 
     def _handle_publish(self, client, userdata, mid, reason_code=None, properties=None) -> None:
         with self._mlock:
-            rid = self._inflight.pop(mid, None)
-            if rid is None:
+            row = self._inflight.pop(mid, None)
+            if row is None:
                 self._early[mid] = time.monotonic()
-        if rid is not None:
-            try:
-                self.outbox.delete(rid)  # a failed delete only means the row is sent again (at-least-once)
+        if row is not None:
+            try:  # (a failed delete, or one of an older generation, means the row is sent again: at-least-once)
+                self.outbox.delete(row[0], generation=row[1])
             except Exception as e:
                 self._error("on_publish", e)
             self._wake.set()
@@ -239,10 +239,10 @@ class Publisher:
                 with self._mlock:
                     early = self._early.pop(info.mid, None) is not None
                     if not early:
-                        self._inflight[info.mid] = m.id
+                        self._inflight[info.mid] = (m.id, m.generation)
                     self._sent_upto = max(self._sent_upto, m.id)
                 if early:
-                    self.outbox.delete(m.id)
+                    self.outbox.delete(m.id, generation=m.generation)
             else:
                 continue
             break

@@ -22,6 +22,7 @@ from lepton_edge.agent.config import AgentConfig
 from lepton_edge.agent.service import Agent
 from lepton_edge.bundle import InputSpec, Manifest, OutputSpec, write_manifest
 from lepton_edge.capture.base import SourceState, StatusUpdate
+from lepton_edge.errors import BadInput
 
 
 def _tiny_bundle(d: Path, **target) -> Path:
@@ -309,3 +310,19 @@ def test_a_stop_while_the_model_loads_ends_the_agent_cleanly(tmp_path):
     finally:
         db.close()
     assert kinds[0] == "started" and "stopped" in kinds, kinds
+
+
+def test_an_agent_that_fails_to_start_lets_go_of_its_state_directory(tmp_path):
+    """A bad trusted key (or any failure after the outbox opened) left the outbox's lock held by the half-made
+    agent: the next agent in the same process was refused as "in use by another agent", naming its own pid."""
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a key\n")
+    cfg = AgentConfig(broker="mqtt://127.0.0.1:1", fleet="f1", device_id="dev1", bundle=_tiny_bundle(tmp_path / "b"),
+                      source=str(_video(tmp_path / "v.avi")), state_dir=tmp_path / "state", threads=1,
+                      trusted_keys=[bad])
+    for _ in range(2):
+        with pytest.raises(BadInput, match="not a PEM public key"):
+            Agent(cfg, log=lambda m: None)
+    a = Agent(cfg.model_copy(update={"trusted_keys": []}), log=lambda m: None)
+    a.outbox.close()
+    a.source.close()

@@ -58,8 +58,16 @@ def test_tls_files_are_checked_before_openssl_opens_them(tmp_path):
     big.write_bytes(b"x" * (64 * 1024 + 1))
     with pytest.raises(BadInput, match="TLS cert_file .* larger than 64 KB"):
         make_client(parse_broker("mqtts://broker"), "dev1", cert_file=str(big), key_file=str(big))
-    with pytest.raises(BadInput, match="cert_file/key_file are set but the broker URL has no TLS"):
-        make_client(parse_broker("mqtt://broker"), "dev1", cert_file=str(big))
+
+
+
+def test_a_client_certificate_for_a_plain_broker_is_said_not_refused(tmp_path, caplog):
+    """It was dropped without a word; refusing it would stop a device whose config ran before an upgrade."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="lepton_edge.telemetry.broker"):
+        make_client(parse_broker("mqtt://broker"), "dev1", cert_file=str(tmp_path / "c.pem"))
+    assert any("cert_file/key_file are set but the broker URL has no TLS" in r.getMessage() for r in caplog.records)
 
 
 def test_credentials_past_mqtts_limit_are_refused_and_passwords_never_printed():

@@ -217,8 +217,10 @@ def test_a_full_disk_drop_keeps_the_count_it_carried_and_is_told_once_each_way(t
     ob.close()
 
 
-def test_an_old_outbox_file_gets_the_carried_column_and_keeps_its_rows(tmp_path):
-    """A file an earlier agent wrote (no `carried`): taken as it is, not moved aside as a foreign schema."""
+def test_an_earlier_agents_file_is_taken_as_it_is_and_ours_stays_readable_by_it(tmp_path):
+    """A file an earlier agent wrote (no `carried` table) is taken as it is; and the outbox table keeps that
+    agent's columns, which it checks (a device rolled back to it set a file with a new column aside, backlog
+    and all)."""
     p = tmp_path / "outbox.sqlite"
     db = sqlite3.connect(p)
     db.executescript("CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, payload BLOB "
@@ -230,6 +232,36 @@ def test_an_old_outbox_file_gets_the_carried_column_and_keeps_its_rows(tmp_path)
     db.close()
     ob = Outbox(p)
     assert [m.payload for m in ob.pending()] == [b"old"] and ob.recovered == 0 and ob.take_dropped() == 4
+    ob.put(TOPIC, b"new", carried=4)
+    ob.close()
+    db = sqlite3.connect(p)
+    assert [r[1] for r in db.execute("PRAGMA table_info(outbox)")] == ["id", "topic", "payload", "qos", "retain",
+                                                                      "created"]
+    assert db.execute("SELECT n FROM carried").fetchall() == [(4,)]
+    db.close()
+
+
+def test_an_acknowledgement_from_before_the_rows_were_renumbered_deletes_nothing(tmp_path):
+    """Rows held in memory moved into a file that had used their ids, renumbered; a PUBACK for a memory row
+    that came after the move deleted the file's row of that id: a window never sent, gone without a count."""
+    state = tmp_path / "state"
+    state.write_text("")
+    ob = Outbox(state / "outbox.sqlite", retry_s=3600)
+    sent = ob.pending()  # nothing yet
+    mem_id = ob.put(TOPIC, "mem")
+    (in_flight,) = ob.pending()
+    state.unlink()
+    other = Outbox(state / "outbox.sqlite")
+    backlog = other.put(TOPIC, "file-backlog")  # the same id the memory row has
+    other.close()
+    assert backlog == mem_id and sent == []
+    ob._retry_at = 0.0
+    ob.put(TOPIC, "new")
+    ob.delete(in_flight.id, generation=in_flight.generation)  # the PUBACK, late
+    assert [m.payload for m in ob.pending()] == [b"file-backlog", b"mem", b"new"]
+    (first, *_) = ob.pending()
+    ob.delete(first.id, generation=first.generation)  # one of this generation deletes as ever
+    assert [m.payload for m in ob.pending()] == [b"mem", b"new"]
     ob.close()
 
 
