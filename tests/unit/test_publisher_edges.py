@@ -94,6 +94,7 @@ def test_rows_in_another_store_are_sent_from_the_first_again(make, tmp_path):
     c.connack()
     for i in range(3):
         pub.outbox.put(TOPIC, f"w{i}".encode())
+    pub.wake()  # (as Agent.send does after a put: else the sender sleeps its 5 s safety net)
     assert wait_until(lambda: len(c.sent) == 3)
     with pub.outbox._lock:  # what _to_memory/_retry_file/_recover do: another store, a new generation
         pub.outbox.generation += 1
