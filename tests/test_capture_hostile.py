@@ -135,6 +135,13 @@ def test_files_that_make_ffmpeg_read_other_files_are_refused(tmp_path, fashion_v
         (seq / f"f{i:03d}.png").rename(seq / f"f{i:03d}.bin")
     with pytest.raises(BadInput, match="cannot open video"):
         open_source(str(seq / "f%03d.bin"))
+    # FFmpeg's own image2 reader takes such a name as a pattern when its extension is an image one it knows
+    # and lepton_edge does not (.jps): the folder's f001.jps... were read, never named nor checked
+    for i in range(1, 4):
+        (seq / f"f{i:03d}.jps").write_bytes(_jpeg())
+    (seq / "f%03d.jps").write_text("not a video\n" * 10)
+    with pytest.raises(BadInput, match="reads as an image-sequence pattern"):
+        open_source(str(seq / "f%03d.jps"))
 
 
 def test_specs_the_file_system_refuses_are_one_line(tmp_path):

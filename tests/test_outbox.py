@@ -221,6 +221,27 @@ def test_full_disk_put_degrades_counts_and_recovers(tmp_path):
         assert rows_on_disk(d / "outbox.sqlite") == len(ids)
 
 
+def test_after_a_full_disk_the_log_does_not_keep_the_space_that_came_back(tmp_path):
+    """At SQLite's default checkpoint (1,000 pages, 4 MB) the write-ahead log took the space a full disk freed:
+    every put then failed "full" with the outbox empty, and a restart changed nothing (a 2 MB state disk)."""
+    with tmpfs(tmp_path / "state", "size=2m") as d:
+        ob = Outbox(d / "outbox.sqlite", max_messages=10)
+        filler = fill(d)
+        assert ob.put(TOPIC, WINDOW) == 0
+        filler.unlink()
+        stored = 0
+        for _ in range(400):  # the broker acknowledges each at once: the outbox stays small, the log must too
+            rid = ob.put(TOPIC, WINDOW, carried=ob.take_dropped())
+            if rid:
+                stored += 1
+                ob.delete(rid)
+        assert stored == 400 and os.path.getsize(d / "outbox.sqlite-wal") <= 64 * 4096 * 2, stored
+        ob.close()
+        again = Outbox(d / "outbox.sqlite", max_messages=10)  # a restart
+        assert again.put(TOPIC, WINDOW) > 0
+        again.close()
+
+
 def test_open_on_full_disk_falls_back_to_memory_then_back_to_the_file(tmp_path):
     with tmpfs(tmp_path / "state", "size=1m") as d:
         filler = fill(d)

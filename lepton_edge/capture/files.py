@@ -188,6 +188,10 @@ class VideoFile(Source):
             raise BadInput(f"cannot open video {spec!r}: not a regular file (a camera is its index or /dev/videoN)")
         if os.stat(spec).st_size == 0:
             raise BadInput(f"cannot open video {spec!r}: the file is empty")
+        if re.search(r"%\d*d", os.path.basename(os.path.realpath(spec))):  # FFmpeg's image2 reads such a name as a
+            # pattern (f%03d.jps: the folder's f001.jps, f002.jps...), whatever the file named holds
+            raise BadInput(f"cannot open video {spec!r}: its name reads as an image-sequence pattern (%d) to FFmpeg, "
+                           "which would read other files; rename it")
         with open(spec, "rb") as f:
             head = f.read(64).lstrip(b"\xef\xbb\xbf \t\r\n")
         if head.startswith(_NAMES_OTHER_FILES) or b"<MPD" in head:

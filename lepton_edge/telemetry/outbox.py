@@ -50,6 +50,7 @@ from typing import cast
 KEEP_CORRUPT = 2  # moved-aside corrupt files kept for a post-mortem; older ones are removed
 MEMORY_MAX = 10_000  # windows held in RAM while the file is unusable (~12 MB at 1.2 KB a window)
 CHECK_BUDGET_S = 2.0  # PRAGMA quick_check at open stops (unchecked, not failed) after this long
+WAL_PAGES = 64  # the write-ahead log is checkpointed past this many pages (256 KB) and cut back to it
 _COLUMNS = {"outbox": ["id", "topic", "payload", "qos", "retain", "created"], "counters": ["name", "value"],
             "carried": ["id", "n"]}
 _SQLITE_CORRUPT, _SQLITE_FULL, _SQLITE_NOTADB = 11, 13, 26
@@ -155,6 +156,10 @@ class Outbox:
             # per message. FULL (durable) also survives a power cut, at an fsync per commit and per PUBACK:
             # that cost 15-25% of the demo model's frame rate here, and wears SD cards.
             db.execute(f"PRAGMA synchronous={'FULL' if self.durable else 'NORMAL'}")
+            # a small WAL, given back after each checkpoint: at SQLite's default (1,000 pages) the log took the
+            # space a full disk freed, and every put then failed "full" with the outbox empty, restarts included
+            db.execute(f"PRAGMA wal_autocheckpoint={WAL_PAGES}")
+            db.execute(f"PRAGMA journal_size_limit={WAL_PAGES * 4096}")
             self._quick_check(db)
             self._file_top = self._create(db)
             return db
@@ -363,6 +368,8 @@ class Outbox:
                 return 0
             if self.degraded and time.monotonic() >= self._retry_at:
                 self._retry_file()
+            if self._full_since is not None:  # the log may hold the space freed since: give it back first
+                self._checkpoint()
             for _ in range(2):  # a second try only after a corrupt file was replaced
                 try:
                     rid = self._insert(topic, data, qos, retain, carried)
@@ -382,6 +389,13 @@ class Outbox:
             self.full_drops += 1
             self._dropped_mem += 1 + carried
             return 0
+
+    def _checkpoint(self) -> None:
+        """Write the log into the database and truncate it (lock held); fails quietly while still full."""
+        try:
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error:
+            pass
 
     def _insert(self, topic: str, data: bytes, qos: int, retain: bool, carried: int = 0) -> int:
         cur = self._conn.cursor()
