@@ -175,3 +175,48 @@ def test_a_program_that_imports_cv2_first_is_told_that_opencvs_own_budget_holds(
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
     assert r.stdout.split() == [str(1 << 30)], r.stdout + r.stderr
     assert r.stderr.count("cv2 was imported before lepton_edge") == 1, r.stderr
+
+
+def _mjpeg_avi(path: Path, frames: list[bytes], w: int, h: int) -> None:
+    """An MJPEG AVI whose header says w x h and whose frames are the JPEGs given, whatever their own size."""
+    import struct
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return tag + struct.pack("<I", len(data)) + data + (b"\0" if len(data) % 2 else b"")
+
+    def lst(kind: bytes, data: bytes) -> bytes:
+        return b"LIST" + struct.pack("<I", len(data) + 4) + kind + data
+
+    n = len(frames)
+    avih = struct.pack("<IIIIIIIIII4I", 100_000, 0, 0, 0x10, n, 0, 1, 0, w, h, 0, 0, 0, 0)
+    strh = b"vids" + b"MJPG" + struct.pack("<IHHIIIIIIIIhhhh", 0, 0, 0, 0, 1, 10, 0, n, 0, 0xFFFFFFFF, 0, 0, 0, w, h)
+    strf = struct.pack("<IiiHH4sIiiII", 40, w, h, 1, 24, b"MJPG", w * h * 3, 0, 0, 0, 0)
+    movi, idx, off = b"", b"", 4
+    for f in frames:
+        c = chunk(b"00dc", f)
+        idx += b"00dc" + struct.pack("<III", 0x10, off, len(f))
+        off += len(c)
+        movi += c
+    body = (b"AVI " + lst(b"hdrl", chunk(b"avih", avih) + lst(b"strl", chunk(b"strh", strh) + chunk(b"strf", strf)))
+            + lst(b"movi", movi) + chunk(b"idx1", idx))
+    path.write_bytes(b"RIFF" + struct.pack("<I", len(body)) + body)
+
+
+def test_a_huge_frame_in_the_middle_of_an_mjpeg_file_is_a_corrupt_frame_not_its_memory(tmp_path):
+    """The budget was checked at open only, against the header's size: a 64x48 file whose third frame was
+    16000x16000 held 0.8 GB in FFmpeg's decoder. MJPEG frames are now decoded by OpenCV, under the budget."""
+    import cv2
+
+    small = _jpeg(48, 64)
+    big = cv2.imencode(".jpg", np.zeros((10_000, 11_000), np.uint8), [cv2.IMWRITE_JPEG_QUALITY, 5])[1].tobytes()
+    video = tmp_path / "mid.avi"
+    _mjpeg_avi(video, [small, small, big, small, small], 64, 48)
+    code = ("import json, sys, lepton_edge\nfrom lepton_edge.capture import open_source\n"
+            f"s = open_source({str(video)!r})\nn = 0\n"
+            "while s.read() is not None: n += 1\n"
+            "hwm = next(int(x.split()[1]) for x in open('/proc/self/status') if x.startswith('VmHWM')) // 1024\n"
+            "print(json.dumps({'frames': n, 'corrupt': s.corrupt, 'hwm_mb': hwm}))\n")
+    env = {k: v for k, v in os.environ.items() if k != "OPENCV_IO_MAX_IMAGE_PIXELS"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["frames"] == 4 and out["corrupt"] == 1 and out["hwm_mb"] < 150, out

@@ -13,7 +13,7 @@ from typing import ClassVar
 from pydantic import Field
 
 from lepton_edge.capture.base import Frame, Source, SourceOptions, SourceState
-from lepton_edge.capture.opencv import cv2, oversized, thread_params
+from lepton_edge.capture.opencv import Grabber, cv2, oversized, thread_params
 from lepton_edge.capture.registry import register_source
 from lepton_edge.errors import BadInput
 
@@ -168,6 +168,9 @@ class VideoFile(Source):
             raise BadInput(f"cannot open video {spec!r}: {why}")
         self.total = int(self.cap.get(c.CAP_PROP_FRAME_COUNT)) or None
         self.fps = self.cap.get(c.CAP_PROP_FPS) or None
+        # MJPEG: each packet decoded by cv2.imdecode, so the pixel budget holds for every frame, not only the
+        # size the header gave at open (a 64x48 file whose sixth frame was 16000x16000 took 0.8 GB in FFmpeg)
+        self._frames = Grabber.wrap(cap, raw_jpeg=True)
         self._pos = self._in_a_row = 0
         self._set_state(SourceState.STREAMING)
 
@@ -203,7 +206,8 @@ class VideoFile(Source):
         c = cv2()
         t0 = time.perf_counter()
         while not self.closed:
-            ok, img = self.cap.read()
+            ok = self._frames.grab()
+            img = self._frames.retrieve() if ok else None
             self._pos += 1
             if ok and img is not None:
                 self._in_a_row = 0
