@@ -380,7 +380,9 @@ def test_refused_bundles_are_removed_and_old_ones_pruned(tmp_path):
     assert s.candidates() == deployed[::-1][:3]  # current, then the two previous good ones
     assert left_in(s) == sorted(p.name for p in deployed[-3:])
 
-    # a bundle that verified but failed its health check is discarded; the kept ones are not
+    # a bundle that verified but failed its health check is discarded; the kept ones are not (g0 signed again:
+    # as it was first signed, it could read as signed before g4, the newest run here, and be refused as a replay)
+    sign(tmp_path / "g0", tmp_path / "keys" / "private.pem", signed_at=s.newest_signed_at())
     p = s.fetch(DeployCommand(id="h", path=str(tmp_path / "g0")))
     s.discard(p)
     s.discard(deployed[-2])
