@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lepton_edge.telemetry.outbox import KEEP_CORRUPT, Outbox
+from lepton_edge.telemetry.outbox import KEEP_CORRUPT, WAL_PAGES, Outbox
 
 TOPIC = "lepton/v1/f/d/telemetry"
 WINDOW = b'{"v":1,' + b'"x":"' + b"a" * 1200 + b'"}'  # about one telemetry window
@@ -235,7 +235,7 @@ def test_after_a_full_disk_the_log_does_not_keep_the_space_that_came_back(tmp_pa
             if rid:
                 stored += 1
                 ob.delete(rid)
-        assert stored == 400 and os.path.getsize(d / "outbox.sqlite-wal") <= 64 * 4096 * 2, stored
+        assert stored == 400 and os.path.getsize(d / "outbox.sqlite-wal") <= WAL_PAGES * 4096 * 2, stored
         ob.close()
         again = Outbox(d / "outbox.sqlite", max_messages=10)  # a restart
         assert again.put(TOPIC, WINDOW) > 0

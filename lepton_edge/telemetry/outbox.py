@@ -50,7 +50,7 @@ from typing import cast
 KEEP_CORRUPT = 2  # moved-aside corrupt files kept for a post-mortem; older ones are removed
 MEMORY_MAX = 10_000  # windows held in RAM while the file is unusable (~12 MB at 1.2 KB a window)
 CHECK_BUDGET_S = 2.0  # PRAGMA quick_check at open stops (unchecked, not failed) after this long
-WAL_PAGES = 64  # the write-ahead log is checkpointed past this many pages (256 KB) and cut back to it
+WAL_PAGES = 64  # after a full disk: the write-ahead log is checkpointed past this many pages (256 KB)
 _COLUMNS = {"outbox": ["id", "topic", "payload", "qos", "retain", "created"], "counters": ["name", "value"],
             "carried": ["id", "n"]}
 _SQLITE_CORRUPT, _SQLITE_FULL, _SQLITE_NOTADB = 11, 13, 26
@@ -156,10 +156,9 @@ class Outbox:
             # per message. FULL (durable) also survives a power cut, at an fsync per commit and per PUBACK:
             # that cost 15-25% of the demo model's frame rate here, and wears SD cards.
             db.execute(f"PRAGMA synchronous={'FULL' if self.durable else 'NORMAL'}")
-            # a small WAL, given back after each checkpoint: at SQLite's default (1,000 pages) the log took the
-            # space a full disk freed, and every put then failed "full" with the outbox empty, restarts included
-            db.execute(f"PRAGMA wal_autocheckpoint={WAL_PAGES}")
-            db.execute(f"PRAGMA journal_size_limit={WAL_PAGES * 4096}")
+            # the log is cut back to 4 MB after a checkpoint (SQLite otherwise keeps its largest size); on a disk
+            # that has been full, it is kept small too (_tight)
+            db.execute(f"PRAGMA journal_size_limit={4 << 20}")
             self._quick_check(db)
             self._file_top = self._create(db)
             return db
@@ -384,11 +383,23 @@ class Outbox:
                         break
             if self._full_since is None:
                 self._full_since = self.full_drops
+                self._tight()
                 self._notices.append(f"the disk under {self.path.name} is full: messages are dropped (counted in "
                                      "outbox_dropped) until there is space")
             self.full_drops += 1
             self._dropped_mem += 1 + carried
             return 0
+
+    def _tight(self) -> None:
+        """A disk that has been full: a small write-ahead log from now on. Why: at SQLite's default (1,000
+        pages, 4 MB) the log took the space that came back, and every put then failed "full" with the outbox
+        empty, restarts included (a 2 MB state disk). Not from the start: 64 pages halved the drain of a
+        100,000-window backlog (a checkpoint, with its fsync, every 64 pages)."""
+        try:
+            self._conn.execute(f"PRAGMA wal_autocheckpoint={WAL_PAGES}")
+            self._conn.execute(f"PRAGMA journal_size_limit={WAL_PAGES * 4096}")
+        except sqlite3.Error:
+            pass
 
     def _checkpoint(self) -> None:
         """Write the log into the database and truncate it (lock held); fails quietly while still full."""
