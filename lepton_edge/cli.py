@@ -603,15 +603,12 @@ def sign(bundle: Path = typer.Argument(..., help="Bundle directory."),
 
     The signature records the time it was made: a device refuses a bundle signed before the newest
     one it has run (a replay). To roll a device back to an older bundle on purpose, sign it again."""
-    import time
-
-    from lepton_edge.signing import exposed, read_signature, sign as do_sign
+    from lepton_edge.signing import exposed, read_signature, sign as do_sign, utc
 
     sig = do_sign(bundle, key)
     if why := exposed(key):
         log.warning(why)
-    at = time.gmtime(read_signature(sig.parent).signed_at or 0)
-    out.print(f"signed: {sig} (at {time.strftime('%Y-%m-%d %H:%M:%S UTC', at)})")
+    out.print(f"signed: {sig} (at {utc(read_signature(sig.parent).signed_at or 0)})")
 
 
 @app.command()

@@ -52,6 +52,11 @@ class Signed:
     signed_at: int
 
 
+def utc(signed_at: int) -> str:
+    """A signing time as people read it, the same in `sign`'s output and the agent's replay refusal."""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(signed_at))
+
+
 def _message(manifest: bytes, signed_at: int) -> bytes:
     """The bytes the timed signature covers: the domain, the time and the manifest, so the time
     cannot be changed without the key."""

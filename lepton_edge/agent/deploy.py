@@ -193,13 +193,15 @@ class BundleStore:
     def _not_older(self, signed_at: int) -> None:
         """Refuse a bundle signed before the newest this device has run: with a signature that
         never expires, that is how a replayed old (or known-bad) bundle looks."""
+        from lepton_edge.signing import utc
+
         newest = self.newest_signed_at()
         if signed_at >= newest:
             return
         when = "has no signing time (signed by an older lepton-edge)" if not signed_at else \
-            f"was signed at {_utc(signed_at)}"
+            f"was signed at {utc(signed_at)}"
         raise BadInput(f"the bundle {when}, before the newest bundle this device has run "
-                       f"(signed at {_utc(newest)}): refused as a possible replay. To roll back on purpose, "
+                       f"(signed at {utc(newest)}): refused as a possible replay. To roll back on purpose, "
                        f"sign the older bundle again (lepton-edge sign) and deploy that")
 
     def _write_good(self, names: list[str]) -> None:
@@ -455,10 +457,6 @@ class BundleStore:
             raise DeployError(f"downloaded archive sha256 {h.hexdigest()[:16]}… differs from the command's "
                               f"{sha256[:16]}…")
         return out
-
-
-def _utc(t: int) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
 
 
 def _norm(name: str) -> str:

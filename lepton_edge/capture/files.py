@@ -180,16 +180,20 @@ class VideoFile(Source):
 
     @classmethod
     def from_spec(cls, spec: str, options: VideoOptions) -> VideoFile:
-        if not Path(spec).exists():
+        try:
+            st = os.stat(spec)
+        except (FileNotFoundError, NotADirectoryError):
             raise BadInput(f"source not found: {spec!r} (a camera index, a video or image path, a folder, a glob, "
-                           "or an rtsp:// / http:// URL)")
-        mode = os.stat(spec).st_mode
+                           "or an rtsp:// / http:// URL)") from None
+        except OSError as e:  # a link loop, a name too long, a folder it may not read
+            raise BadInput(f"cannot open video {spec!r}: {e.strerror or e}") from None
+        mode = st.st_mode
         if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):  # opening one blocks until a writer comes: maybe never
             raise BadInput(f"cannot open video {spec!r}: a named pipe or socket, not a video file (stream it over "
                            "udp://, tcp:// or rtsp:// instead)")
         if not stat.S_ISREG(mode):  # a device (/dev/ptmx blocked in read, and SIGTERM did not end it), a folder
             raise BadInput(f"cannot open video {spec!r}: not a regular file (a camera is its index or /dev/videoN)")
-        if os.stat(spec).st_size == 0:
+        if st.st_size == 0:
             raise BadInput(f"cannot open video {spec!r}: the file is empty")
         if re.search(r"%\d*d", os.path.basename(os.path.realpath(spec))):  # FFmpeg's image2 reads such a name as a
             # pattern (f%03d.jps: the folder's f001.jps, f002.jps...), whatever the file named holds
