@@ -466,13 +466,20 @@ def _recipes_for(exporter: Exporter, asked: list[str] | None, prof) -> list[str]
 def _torch_predictor(module, fixed_batch: int | None, batch: int = 64):
     import torch
 
+    from lepton_edge.exporters.validation import stack_outputs
+
+    def calls(x: np.ndarray, step: int) -> list[list[np.ndarray]]:
+        with torch.no_grad():
+            return [[o.numpy() for o in (out if isinstance(out, (tuple, list)) else [out])]
+                    for out in (module(torch.from_numpy(np.ascontiguousarray(x[i:i + step], dtype=np.float32)))
+                                for i in range(0, len(x), step))]
+
     def run(x: np.ndarray) -> list[np.ndarray]:
         step = fixed_batch or batch
-        with torch.no_grad():
-            parts = [[o.numpy() for o in (out if isinstance(out, (tuple, list)) else [out])]
-                     for out in (module(torch.from_numpy(np.ascontiguousarray(x[i:i + step], dtype=np.float32)))
-                                 for i in range(0, len(x), step))]
-        return [np.concatenate([p[k] for p in parts]).astype(np.float32) for k in range(len(parts[0]))]
+        parts = calls(x, step)
+        if step > 1 and len(x) > 1 and any(np.ndim(o) == 0 for o in parts[0]):
+            parts = calls(x, 1)  # a 0-d output reduced over the whole batch: one input a call, as the device runs it
+        return [o.astype(np.float32) for o in stack_outputs(parts)]  # (a 0-d output: one value a call)
 
     return run
 

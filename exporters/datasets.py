@@ -140,7 +140,7 @@ def constant_value(name: str, shape: list[int], dtype, hw: tuple[int, int]) -> t
                                        if "mask" not in low else "ones: nothing masked")
     else:
         value, rule = np.zeros(shape), "zeros: no rule for this name (check the model's documentation)"
-    return np.ascontiguousarray(value.astype(dtype)), rule
+    return value.astype(dtype, order="C"), rule  # (np.ascontiguousarray makes a 0-d input's value shape (1,))
 
 
 def _zoo_data(src, split: str):

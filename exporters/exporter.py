@@ -119,18 +119,44 @@ class Exporter(abc.ABC):
             except Exception as e:  # the engine's own error types: a model it loads but cannot run on these inputs
                 raise BadInput(f"the {self.format} runtime cannot run the model on a batch of {x.shape} "
                                f"{x.dtype} ({first_line(e, 240)})") from None
-            return [np.asarray(o, dtype=np.float32) for o in out]
+            try:
+                return [np.asarray(o, dtype=np.float32) for o in out]
+            except (TypeError, ValueError):  # a map or a sequence (ZipMap's probabilities): not a tensor to judge
+                kinds = ", ".join(sorted({type(o).__name__ for o in out if not isinstance(o, np.ndarray)}))
+                raise BadInput(f"the model has an output that is not a tensor ({kinds}; e.g. a ZipMap of class "
+                               "probabilities): export it without that step, so every output is a tensor") from None
+
+        per_call = [fixed]
 
         def run(x: np.ndarray) -> list[np.ndarray]:
+            from lepton_edge.exporters.validation import stack_outputs
+
             if q is not None:
                 x = quantize(x, q, info.dtype)
-            if fixed is None or fixed == len(x):
-                return once(x)
-            parts = [once(x[i:i + fixed]) for i in range(0, len(x), fixed)]
-            # (a 0-d output, one value a run, stacks as one value per input)
-            return [np.concatenate([np.atleast_1d(p[k]) for p in parts]) for k in range(len(parts[0]))]
+            if per_call[0] is None or per_call[0] == len(x):
+                try:
+                    return once(x)
+                except BadInput:
+                    if per_call[0] is not None or len(x) == 1:
+                        raise
+                    # a dynamic batch dim whose graph runs at batch 1 only (a Reshape to [1, -1] written in):
+                    # the device feeds one frame a call, so do the same here
+                    if self.format != "onnx" or not _runs_one_at_a_time(once, x):
+                        raise
+                    per_call[0] = 1
+            step = per_call[0]
+            return stack_outputs([once(x[i:i + step]) for i in range(0, len(x), step)])
 
         return run
+
+
+def _runs_one_at_a_time(once, x: np.ndarray) -> bool:
+    """Whether the model runs on the first input alone (after refusing the whole batch)."""
+    try:
+        once(x[:1])
+    except BadInput:
+        return False
+    return True
 
 
 def register(cls: type[Exporter]) -> type[Exporter]:

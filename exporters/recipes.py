@@ -33,7 +33,6 @@ import numpy as np
 from rich.markup import escape
 
 from lepton_edge.compress import calibration as cal, quantize as q
-from lepton_edge.errors import CheckFailed
 from lepton_edge.exporters import validation as val, writer
 
 DEFAULT_SEARCH_TIME_S = 180.0
@@ -139,8 +138,9 @@ def search(ctx, exporter, prepared: Path, validate, recipes: list[str], *, patie
             deadline.watch = watch
             try:
                 candidates = _float_layer_sets(ctx, exporter, prepared, recipe, done, f"base-{i}", watch.check)
-            except (cal.MemoryExceeded, q.BrokenGraph, CheckFailed, ValueError, RuntimeError) as e:
-                _skip(ctx.progress, record, name, e, watch)
+            except Exception as e:  # (onnxruntime's errors are Exceptions of their own, a bool output's sensitivity
+                # a TypeError): whatever a sensitivity pass meets skips its candidate, never the export
+                _skip(ctx.progress, record, name, e, watch, "the sensitivity pass failed")
                 continue
             for j, exclude in enumerate(candidates):
                 label = name if not exclude else f"{name} (float: {len(exclude)} layer(s))"
@@ -148,18 +148,18 @@ def search(ctx, exporter, prepared: Path, validate, recipes: list[str], *, patie
                     record(label, passed=False, skipped=True, why=f"--search-time {search_time:g} s spent")
                     break
                 t1 = time.perf_counter()
+                failed = "the quantizer failed"
                 try:
                     with ctx.progress.stage(f"int8 recipe {label}"):
                         with deadline.armed():  # the quantizer's own work only: it alone runs unchecked long
                             res = exporter.quantize_int8(ctx, prepared, workdir / f"int8-{i}-{j}{exporter.suffix}",
                                                          recipe, exclude, deadline.check)
                         done.setdefault(name, res)
+                        failed = "validating it failed"  # (a quantized graph whose outputs cannot be compared)
                         result, pred, ram = validate(res.path)
                         watch.check()
                 except Exception as e:
-                    if isinstance(e, KeyboardInterrupt):
-                        raise
-                    _skip(ctx.progress, record, label, e, watch)
+                    _skip(ctx.progress, record, label, e, watch, failed)
                     continue
                 ok, why, score, metrics = _judge(result, min_agreement, max_drop_pp, enforce)
                 size = res.path.stat().st_size
@@ -378,10 +378,10 @@ def _tried(ok: bool, why: str | None, score: tuple, metrics: dict, size: int, la
     return entry
 
 
-def _skip(progress, record, label: str, e: Exception, watch) -> None:
+def _skip(progress, record, label: str, e: Exception, watch, failed: str = "the quantizer failed") -> None:
     why = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
     if not isinstance(e, (cal.MemoryExceeded, q.BrokenGraph, SearchTimeSpent)):
-        why = f"the quantizer failed: {why}"
+        why = f"{failed}: {why}"
     record(label, passed=False, skipped=True, why=why, peak_rss_bytes=watch.peak)
     progress.info(f"  [yellow]skipped[/]: {escape(why)}")
 

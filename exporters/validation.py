@@ -124,7 +124,26 @@ def batched(fn: Predict, x: np.ndarray, batch: int, description: str = "validati
         for i in range(0, len(x), batch):
             parts.append(as_outputs(fn(x[i:i + batch])))
             advance(len(x[i:i + batch]))
-    return [np.concatenate([np.atleast_1d(p[k]) for p in parts]) for k in range(len(parts[0]))]  # 0-d: one a call
+    return stack_outputs(parts)
+
+
+def stack_outputs(parts: list[Outputs]) -> Outputs:
+    """The outputs of several calls, joined along the first axis (a 0-d output: one value a call).
+    An output whose shape past the first axis changes from input to input (a detector with NMS inside:
+    [1, K, 4] with K the boxes found) cannot be lined up with fp32's to be judged: one line, not
+    numpy's traceback."""
+    out = []
+    for k in range(len(parts[0])):
+        pieces = [np.atleast_1d(p[k]) for p in parts]
+        shapes = {a.shape[1:] for a in pieces}
+        if len(shapes) > 1 or len({a.dtype for a in pieces}) > 1:
+            a, b = sorted(shapes, key=str)[:2] if len(shapes) > 1 else (pieces[0].shape[1:],) * 2
+            raise BadInput(f"output {k}'s shape depends on the input ([N, {', '.join(map(str, a))}] on one, "
+                           f"[N, {', '.join(map(str, b))}] on another): an output whose size follows the data (a "
+                           "detector with NMS in the graph) cannot be compared with fp32's; export the model "
+                           "without that step (the runtime decodes boxes from a detector's raw head)")
+        out.append(np.concatenate(pieces))
+    return out
 
 
 @dataclass

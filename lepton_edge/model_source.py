@@ -323,7 +323,7 @@ def _given_value(name: str, values: list[float], shape: list[int], dtype):
             raise BadInput(f"--input-value {name}: values out of {dt.name}'s range, got {values}")
     elif dt.kind == "f" and np.any(np.abs(arr) > np.finfo(dt).max):
         raise BadInput(f"--input-value {name}: values out of {dt.name}'s range, got {values}")
-    return np.ascontiguousarray(arr.reshape(shape).astype(dt))
+    return arr.reshape(shape).astype(dt, order="C")  # (not np.ascontiguousarray: a 0-d value would become (1,))
 
 
 def _example_shape(input_shape, example_input, profile_hw) -> tuple[list[int], str | None]:

@@ -242,6 +242,7 @@ def convert(fp32_path: Path, out_path: Path, calib=None, check: Callable[[], Non
 
     model: Any  # an onnx.ModelProto
     model, fixed = q.without_defaults(onnx.load(str(fp32_path)))  # constant inputs keep their own dtype
+    q.dense_weights(model)  # (the converter leaves a sparse weight fp32 and its reader mixed-type)
     res = Fp16Result()
     weights = weight_peaks(model)
     activations: dict[str, float] = {}

@@ -197,7 +197,9 @@ def with_defaults(model, values: dict[str, np.ndarray]):
 def without_defaults(model) -> tuple[object, dict[str, np.ndarray]]:
     """(model with its constant inputs plain inputs again, their values): what the quantizers and the
     fp16 converter get, so they calibrate through the inputs instead of folding them as weights."""
-    values = input_defaults(model)
+    inputs = {i.name for i in model.graph.input}
+    # only graph inputs: a third-party file could carry our metadata key naming a weight, which then went missing
+    values = {k: v for k, v in input_defaults(model).items() if k in inputs}
     if not values:
         return model, {}
     keep = [i for i in model.graph.initializer if i.name not in values]
@@ -262,7 +264,7 @@ class _Reader:
         self.i += 1
         out = {k: np.ascontiguousarray(v[s], dtype=self.dtypes.get(k, np.float32)) for k, v in self.feeds.items()}
         self.advance(len(next(iter(out.values()))))
-        return {**out, **{k: np.ascontiguousarray(v) for k, v in self.fixed.items()}}
+        return {**out, **{k: np.require(v, requirements="C") for k, v in self.fixed.items()}}
 
     def rewind(self):
         self.i, self.end = 0, self.batches
@@ -423,7 +425,10 @@ def _ort_int8(model, out_path: Path, feeds, recipe: Recipe, per_channel: bool, e
                 # onnxruntime warns on the root logger that we skipped pre-processing: we do it when it helps)
                 reader = _Reader(feeds, _dtypes(model), batch, advance, check, fixed, per_stride=stride)
                 quantize_static(
-                    model, str(out_path), reader, quant_format=QuantFormat.QDQ,
+                    # (a copy for the shared pass: quantize_static leaves a model it failed on pointing at
+                    # external data in its deleted temporary folder, and the fallback below needs it whole)
+                    _copied(model) if one_pass and not isinstance(model, (str, Path)) else model,
+                    str(out_path), reader, quant_format=QuantFormat.QDQ,
                     per_channel=per_channel and _opset(model) >= PER_CHANNEL_MIN_OPSET,
                     activation_type=QuantType.QUInt8 if recipe.activation == "u8" else QuantType.QInt8,
                     weight_type=QuantType.QInt8, calibrate_method=method,
@@ -492,6 +497,14 @@ def no_nncf_telemetry() -> None:
     wrapper.telemetry._impl = None
 
 
+def _copied(model):
+    import onnx
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
 def _nncf_int8(model, out_path: Path, feeds, dtypes, recipe: Recipe, exclude, check, fixed=None) -> None:
     """NNCF's post-training quantization on the ONNX backend (imported here only: the workstation's
     [export] extra has it, a device never imports it)."""
@@ -518,7 +531,7 @@ def _nncf_int8(model, out_path: Path, feeds, dtypes, recipe: Recipe, exclude, ch
             check()
             advance(batch)
             out = {k: np.ascontiguousarray(v[i:i + batch], dtype=dtypes.get(k, np.float32)) for k, v in feeds.items()}
-            return {**out, **{k: np.ascontiguousarray(v, dtype=dtypes.get(k, v.dtype)) for k, v in fixed.items()}}
+            return {**out, **{k: np.require(v, dtypes.get(k, v.dtype), "C") for k, v in fixed.items()}}
 
         sq = AdvancedSmoothQuantParameters(matmul=0.95, convolution=0.05) if recipe.smooth_quant else \
             AdvancedSmoothQuantParameters(matmul=-1, convolution=-1)
@@ -617,6 +630,7 @@ def prepare(fp32_path: Path, out_path: Path) -> Path:
     model, fixed = without_defaults(onnx.load(str(fp32_path)))  # constant inputs stay inputs, not folded
     upgraded = upgrade_opset(model)
     renamed = name_nodes(upgraded)
+    renamed |= weights_not_inputs(upgraded) | dense_weights(upgraded)
     if upgraded is not model or fixed or renamed:
         fp32_path = out_path.with_name(out_path.stem + "-opset13.onnx")
         onnx.save(upgraded, str(fp32_path))
@@ -633,6 +647,49 @@ def prepare(fp32_path: Path, out_path: Path) -> Path:
             pass
     _rebake(fp32_path, fixed)
     return fp32_path
+
+
+def weights_not_inputs(model) -> bool:
+    """Before IR version 4 every initializer had to be a graph input too (the ONNX model zoo's Caffe2-era
+    models, the onnx package's own test models list all their weights so): the quantizers then took each
+    weight for an input wanting calibration data ("the model has 18 inputs"), and the initializers they add,
+    not inputs, made onnx.checker refuse every candidate. Such a model's weights stop being inputs and its
+    IR version is raised to what its opsets need, in place; True when anything changed. A model of IR 4
+    or later keeps an initializer it lists as an input: there it is an input with a default value."""
+    import onnx
+
+    if model.ir_version >= 4:
+        return False
+    inits = {i.name for i in model.graph.initializer}
+    kept = [i for i in model.graph.input if i.name not in inits]
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
+    try:
+        need = onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+    except Exception:  # an opset onnx does not know: the IR version of the newest it does
+        need = onnx.IR_VERSION
+    model.ir_version = max(4, need)
+    return True
+
+
+def dense_weights(model) -> bool:
+    """Sparse initializers made ordinary ones, in place; True when there were any. Why: the quantizers
+    read `graph.initializer` only, and took a sparse weight's readers for nodes fed by nothing (every
+    candidate failed with onnxruntime's "Graph is not a DAG"). The values are the same."""
+    from onnx import numpy_helper
+
+    g = model.graph
+    if not g.sparse_initializer:
+        return False
+    for sp in g.sparse_initializer:
+        dims = tuple(sp.dims)
+        values, idx = numpy_helper.to_array(sp.values), numpy_helper.to_array(sp.indices).astype(np.int64)
+        dense = np.zeros(int(np.prod(dims)), dtype=values.dtype)
+        flat = idx if idx.ndim == 1 else np.ravel_multi_index(tuple(idx.T), dims)  # linear, or [NNZ, rank]
+        dense[flat] = values
+        g.initializer.append(numpy_helper.from_array(dense.reshape(dims), sp.values.name))
+    del g.sparse_initializer[:]
+    return True
 
 
 def name_nodes(model) -> bool:
@@ -777,25 +834,39 @@ def compact_names(path: Path) -> dict[str, str]:
 
     m = onnx.load(str(path))
     g = m.graph
-    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node for a in n.attribute):
+    if g.sparse_initializer or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                                   for n in g.node for a in n.attribute):
         return {}
     keep = {v.name for v in g.input} | {v.name for v in g.output} | {""}
     names: dict[str, str] = {}
+    taken = set(keep)  # a new name never is a kept one: a model whose input is `t0` lost it to a weight
+
+    def fresh(prefix: str, counter: list[int]) -> str:
+        while True:
+            name = f"{prefix}{counter[0]:x}"
+            counter[0] += 1
+            if name not in taken:
+                taken.add(name)
+                return name
+
+    tensors = [0]
 
     def short(name: str) -> str:
         if name in keep:
             return name
         if name not in names:
-            names[name] = f"t{len(names):x}"
+            names[name] = fresh("t", tensors)
         return names[name]
 
     for init in g.initializer:
         init.name = short(init.name)
-    for i, n in enumerate(g.node):
+    taken |= {n.name for n in g.node if n.op_type in QUANTIZABLE}  # layer names stay: `n0` may be one of them
+    nodes = [0]
+    for n in g.node:
         n.input[:] = [short(x) for x in n.input]
         n.output[:] = [short(x) for x in n.output]
         if n.op_type not in QUANTIZABLE:
-            n.name = f"n{i:x}"
+            n.name = fresh("n", nodes)
         n.doc_string = ""
     del g.value_info[:]
     onnx.save(m, str(path))

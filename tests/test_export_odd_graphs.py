@@ -1,0 +1,225 @@
+"""Third-party graphs of shapes the export once broke on, each found by an adversarial sweep: every one
+now exports, or is one clear line (never a traceback, never a candidate that aborts the export).
+
+The graphs are small real ones built here (a convolution trunk and a classifier head), each with the
+one property under test: weights listed as inputs (IR 3), a sparse weight, a scalar second input, a
+dynamic batch the graph runs at 1 only, names that collide with the export's own short names, outputs
+that are not tensors or whose size follows the data, a failing sensitivity pass, a shared calibration
+pass that fails.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto as T, helper as h, numpy_helper as nh
+
+import lepton_edge
+from conftest import run_cli
+
+
+def _calib() -> str:
+    from third_party import corpus
+
+    return str(corpus.calib_dir())
+
+
+def _w(name: str, shape, rng, scale: float = 0.2) -> onnx.TensorProto:
+    return nh.from_array((rng.standard_normal(shape) * scale).astype(np.float32), name)
+
+
+def _classifier_nodes(inp: str = "x", out: str = "logits", classes: int = 10) -> tuple[list, list]:
+    """conv -> relu -> conv -> relu -> global pool -> flatten -> gemm: a 10-class head on 3x32x32."""
+    rng = np.random.default_rng(0)
+    nodes = [h.make_node("Conv", [inp, "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1], strides=[2, 2]),
+             h.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             h.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+             h.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+             h.make_node("GlobalAveragePool", ["r2"], ["g"], name="gap"),
+             h.make_node("Flatten", ["g"], ["f"], name="flat"),
+             h.make_node("Gemm", ["f", "wf", "bf"], [out], name="fc", transB=1)]
+    inits = [_w("w1", (8, 3, 3, 3), rng), _w("b1", (8,), rng), _w("w2", (8, 8, 3, 3), rng), _w("b2", (8,), rng),
+             _w("wf", (classes, 8), rng, 1.0), _w("bf", (classes,), rng)]
+    return nodes, inits
+
+
+def _save(path, nodes, inputs, outputs, inits, opset: int = 13, ir: int = 8, **graph) -> str:
+    g = h.make_graph(nodes, "g", inputs, outputs, inits, **graph)
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", opset)])
+    m.ir_version = ir
+    onnx.save(m, str(path))
+    return str(path)
+
+
+def _image(name: str = "x", batch=1):
+    return h.make_tensor_value_info(name, T.FLOAT, [batch, 3, 32, 32])
+
+
+def _one_error_line(r) -> str:
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, r.stderr[-3000:]
+    return lines[0]
+
+
+def test_compacted_names_never_take_a_name_the_graph_keeps(tmp_path):
+    """The export shortens tensor names to t0, t1, ... and node names to n0, n1, ..., keeping the graph's
+    inputs, outputs and layer names: a model whose input was `t0` lost it to a weight (every int8 candidate
+    failed, then a traceback), and a layer already named `n0` was named twice (fp16 of the onnx package's
+    own model-zoo models was refused as invalid)."""
+    from lepton_edge.compress import quantize as q
+
+    nodes, inits = _classifier_nodes(inp="t0", out="t5")
+    nodes[0].name, nodes[-1].name = "n1", "n0"  # layers (Conv, Gemm) keep their names
+    path = _save(tmp_path / "m.onnx", nodes, [_image("t0")], [h.make_tensor_value_info("t5", T.FLOAT, [1, 10])],
+                 inits)
+    x = np.random.default_rng(1).random((1, 3, 32, 32), dtype=np.float32)
+    before = ort.InferenceSession(path).run(None, {"t0": x})[0]
+    q.compact_names(tmp_path / "m.onnx")
+    m = onnx.load(path)
+    onnx.checker.check_model(m, full_check=True)
+    names = [n.name for n in m.graph.node]
+    assert len(set(names)) == len(names) and {"n0", "n1"} <= set(names), names
+    assert [i.name for i in m.graph.input] == ["t0"] and [o.name for o in m.graph.output] == ["t5"]
+    assert not {i.name for i in m.graph.initializer} & {"t0", "t5"}
+    np.testing.assert_allclose(ort.InferenceSession(path).run(None, {"t0": x})[0], before, rtol=1e-6)
+
+
+def test_models_that_list_their_weights_as_inputs_export_int8(tmp_path):
+    """IR version 3 wanted every weight listed as a graph input too (the ONNX model zoo's older models do):
+    the quantizers took each for an input wanting calibration data, or onnx.checker refused every candidate
+    ("input_zero_point in initializer but not in graph input"), so int8 never exported."""
+    nodes, inits = _classifier_nodes()
+    weights = [h.make_tensor_value_info(i.name, T.FLOAT, list(i.dims)) for i in inits]
+    path = _save(tmp_path / "ir3.onnx", nodes, [_image(), *weights], [h.make_tensor_value_info("logits", T.FLOAT,
+                                                                                              [1, 10])],
+                 inits, opset=9, ir=3)
+    r = lepton_edge.export(path, target="x86-cpu", calib=_calib(), recipes=["u8-minmax"], task="raw",
+                           out=tmp_path / "o")
+    q = r.manifest.compression["quantization"]
+    assert r.manifest.precision == "int8" and q["recipe"] == "u8-minmax", q["attempts"]
+    shipped = onnx.load(str(next(r.path.glob("*.onnx"))))
+    assert [i.name for i in shipped.graph.input] == ["x"]  # the weights are weights
+
+
+def test_a_sparse_weight_exports_int8_and_fp16(tmp_path):
+    """The quantizers and the fp16 converter read ordinary initializers only: a sparse one made every
+    int8 candidate fail ("Graph is not a DAG") and fp16 write a node reading nothing. It is made dense."""
+    from lepton_edge.compress import quantize as q
+
+    nodes, inits = _classifier_nodes()
+    wf = nh.to_array(inits[4]).copy()
+    wf[:, ::2] = 0
+    idx = np.flatnonzero(wf)
+    sparse = h.make_sparse_tensor(nh.from_array(wf.ravel()[idx], "wf"), nh.from_array(idx.astype(np.int64), "wf_i"),
+                                  list(wf.shape))
+    path = _save(tmp_path / "sparse.onnx", nodes, [_image()], [h.make_tensor_value_info("logits", T.FLOAT, [1, 10])],
+                 inits[:4] + inits[5:], sparse_initializer=[sparse])
+    m = onnx.load(path)
+    assert q.dense_weights(m) and not m.graph.sparse_initializer
+    np.testing.assert_array_equal(nh.to_array(next(i for i in m.graph.initializer if i.name == "wf")), wf)
+    for precision in ("int8", "fp16"):
+        r = lepton_edge.export(path, target="x86-cpu", calib=_calib(), precision=precision, recipes=["u8-minmax"],
+                               task="raw", out=tmp_path / precision)
+        assert r.manifest.precision == precision
+
+
+def test_a_scalar_second_input_keeps_its_shape(tmp_path):
+    """A second input of rank 0 (a scale) got a value of shape (1,) (np.ascontiguousarray makes 0-d 1-d), and
+    onnxruntime refused the model at every precision."""
+    nodes, inits = _classifier_nodes(out="raw")
+    nodes.append(h.make_node("Mul", ["raw", "scale"], ["logits"], name="scaled"))
+    path = _save(tmp_path / "scalar.onnx", nodes, [_image(), h.make_tensor_value_info("scale", T.FLOAT, [])],
+                 [h.make_tensor_value_info("logits", T.FLOAT, [1, 10])], inits)
+    r = lepton_edge.export(path, target="x86-cpu", calib=_calib(), recipes=["u8-minmax"], task="raw",
+                           out=tmp_path / "o")
+    assert r.manifest.precision == "int8"
+    from lepton_edge.runtime import Runtime
+
+    out = Runtime.load(r.path).predict(np.zeros((32, 32, 3), np.uint8))  # the device feeds the scale itself
+    assert out is not None
+
+
+def test_a_dynamic_batch_the_graph_runs_one_at_a_time_exports(tmp_path):
+    """Exporters often write a dynamic batch dim and a Reshape to [1, -1] inside: the graph runs at batch 1
+    only, which is all a device feeds. Validation fed it whole batches and refused the model."""
+    nodes, inits = _classifier_nodes()
+    nodes[5] = h.make_node("Reshape", ["g", "flat_shape"], ["f"], name="flat")
+    inits.append(nh.from_array(np.array([1, -1], np.int64), "flat_shape"))
+    path = _save(tmp_path / "b1.onnx", nodes, [_image(batch="N")], [h.make_tensor_value_info("logits", T.FLOAT,
+                                                                                            ["N", 10])], inits)
+    r = lepton_edge.export(path, target="x86-cpu", calib=_calib(), precision="fp32", task="raw", out=tmp_path / "o")
+    assert r.manifest.validation["samples"] >= 2
+
+
+def test_outputs_that_cannot_be_judged_are_one_line(tmp_path):
+    """An output whose size follows the data (NMS inside the graph) and one that is not a tensor (a ZipMap of
+    class probabilities) ended in numpy's traceback, and --json printed nothing."""
+    nodes, inits = _classifier_nodes()
+    found = nodes + [h.make_node("Greater", ["logits", "zero"], ["pos"], name="gt"),
+                     h.make_node("NonZero", ["pos"], ["where"], name="nz")]
+    nms = _save(tmp_path / "nms.onnx", found, [_image()], [h.make_tensor_value_info("where", T.INT64, [2, "K"])],
+                inits + [nh.from_array(np.array(0.0, np.float32), "zero")])
+    zipmap = tmp_path / "zipmap.onnx"
+    g = h.make_graph(nodes + [h.make_node("Softmax", ["logits"], ["p"], name="sm"),
+                              h.make_node("ZipMap", ["p"], ["probs"], domain="ai.onnx.ml", name="zm",
+                                          classlabels_int64s=list(range(10)))], "g", [_image()],
+                     [h.make_value_info("probs", h.make_sequence_type_proto(h.make_map_type_proto(
+                         T.INT64, h.make_tensor_type_proto(T.FLOAT, []))))], inits)
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 13), h.make_opsetid("ai.onnx.ml", 1)])
+    m.ir_version = 8
+    onnx.save(m, str(zipmap))
+    for path, said in ((nms, "shape depends on the input"), (zipmap, "not a tensor")):
+        r = run_cli("export", str(path), "--target", "x86-cpu", "--precision", "fp32", "--calib", _calib(),
+                    "-o", str(tmp_path / "o"), "--json")
+        assert r.returncode == 2 and said in _one_error_line(r)
+        assert said in json.loads(r.stdout)["error"]
+
+
+def _bool_output_model(tmp_path) -> str:
+    nodes, inits = _classifier_nodes()
+    nodes.append(h.make_node("Greater", ["logits", "zero"], ["pos"], name="gt"))
+    return _save(tmp_path / "bool.onnx", nodes, [_image()], [h.make_tensor_value_info("logits", T.FLOAT, [1, 10]),
+                                                            h.make_tensor_value_info("pos", T.BOOL, [1, 10])],
+                 inits + [nh.from_array(np.array(0.0, np.float32), "zero")])
+
+
+def test_a_failing_sensitivity_pass_skips_its_candidate_only(tmp_path):
+    """A sensitivity pass meeting a bool output raised numpy's TypeError, which the search did not catch:
+    a traceback instead of the candidate skipped with its reason."""
+    r = run_cli("export", _bool_output_model(tmp_path), "--target", "x86-cpu", "--recipes", "u8-minmax-sensitive",
+                "--task", "raw", "--calib", _calib(), "-o", str(tmp_path / "o"), "--json")
+    assert r.returncode == 1 and "every recipe was skipped" in _one_error_line(r)
+    (attempt,) = json.loads(r.stdout)["attempts"]
+    assert attempt["skipped"] and attempt["why"].startswith("the sensitivity pass failed:"), attempt
+
+
+def test_a_failed_shared_calibration_pass_keeps_the_minmax_candidate(tmp_path):
+    """MinMax and Percentile ranges come from one shared pass; when its histograms fail (an activation at
+    +1e7 cannot make 2048 finite bins) the MinMax candidate calibrates alone. It used to get the model the
+    failed pass had left pointing at deleted external data, and was skipped too."""
+    nodes, inits = _classifier_nodes()
+    nodes[1:2] = [h.make_node("Relu", ["c1"], ["r0"], name="relu1"), h.make_node("Add", ["r0", "big"], ["r1"],
+                                                                                    name="offset")]
+    path = _save(tmp_path / "offset.onnx", nodes, [_image()], [h.make_tensor_value_info("logits", T.FLOAT, [1, 10])],
+                 inits + [nh.from_array(np.array(1e7, np.float32), "big")])
+    r = lepton_edge.export(path, target="x86-cpu", calib=_calib(), recipes=["u8-minmax", "u8-percentile"],
+                           task="raw", min_sqnr=-100, min_cosine=0, out=tmp_path / "o")
+    first = r.manifest.compression["quantization"]["attempts"][0]
+    assert first["recipe"] == "u8-minmax" and not first["skipped"], first
+
+
+def test_our_metadata_key_in_a_foreign_file_names_inputs_only(tmp_path):
+    """A file carrying the export's own input-defaults key, naming a weight, had that weight dropped from
+    the graph before quantizing (onnxruntime then refused every candidate, and fp16 ended in a traceback)."""
+    from lepton_edge.compress import quantize as q
+
+    nodes, inits = _classifier_nodes()
+    path = _save(tmp_path / "m.onnx", nodes, [_image()], [h.make_tensor_value_info("logits", T.FLOAT, [1, 10])],
+                 inits)
+    m = onnx.load(path)
+    m.metadata_props.add(key=q.DEFAULTS_KEY, value="wf")
+    model, fixed = q.without_defaults(m)
+    assert fixed == {} and "wf" in {i.name for i in model.graph.initializer}
