@@ -106,6 +106,16 @@ def _prefix(record: logging.LogRecord) -> str:
     return ""
 
 
+def printable_line(text: str) -> str:
+    """A record's text with control characters shown as '?' (ui.printable), for a terminal or the journal.
+    Why here, for every record: a message quotes what devices and files say (a device's clock string, a
+    file name, a broker's reason), and one `\x1b]52;...` in it wrote the operator's clipboard and `\x1b[2J`
+    cleared the screen; each call site escaping its own fields missed some. (JSON lines escape them already.)"""
+    from lepton_edge.ui import printable
+
+    return "\n".join(printable(line) for line in text.split("\n"))  # (a message's own line breaks stay)
+
+
 class PlainFormatter(logging.Formatter):
     """One line per record, whitespace collapsed and length bounded (the journal's one entry per
     line); 'warning: '/'error: ' say the level, --verbose adds time, level and logger."""
@@ -120,7 +130,7 @@ class PlainFormatter(logging.Formatter):
         text = record.getMessage()
         if record.exc_info:
             text += " | " + self.formatException(record.exc_info)
-        line = " ".join(text.split())
+        line = printable_line(" ".join(text.split()))
         if len(line) > self.MAX:
             line = line[:self.MAX] + "..."
         if self.verbose:
@@ -145,7 +155,7 @@ def _rich_handler(verbose: bool, timestamps: bool) -> logging.Handler:
             if stage is not None:
                 return Text.assemble(("✓ ", "green"), str(stage), (f" ({getattr(record, 'seconds', 0):.1f} s)", "dim"))
             rich_text = getattr(record, "_rich", None)
-            text = Text(message)
+            text = Text(printable_line(message))
             if rich_text is not None:
                 try:
                     text = Text.from_markup(rich_text)

@@ -48,12 +48,18 @@ def test_malformed_messages_counted_per_device_never_stored(tmp_path, mosquitto)
     good = json.loads(window(0))
     bads = [b"not json", b"[1,2]", json.dumps({**good, "seq": "x"}), json.dumps({"v": 1, "boot_id": "b1"}),
             json.dumps({**good, "v": 2}), b"{" + b" " * (1024 * 1024) + b"}"]
+    c.publish(t, window(0), qos=1).wait_for_publish(5)
+    assert wait(lambda: (d := store.device("f", "dev")) is not None and d.windows == 1)
     for b in bads:
         c.publish(t, b, qos=1).wait_for_publish(5)
     c.publish("lepton/v1/-bad/dev/telemetry", window(1), qos=1).wait_for_publish(5)
-    c.publish(t, window(0), qos=1).wait_for_publish(5)
+    for i in range(50):  # refused messages under made-up names: counted, and no device made of them
+        c.publish(f"lepton/v1/f/ghost-{i}/telemetry", b"x", qos=1).wait_for_publish(5)
     assert wait(lambda: (store.device("f", "dev") or 0) and store.device("f", "dev").bad_messages == 6
                 and store.device("f", "dev").windows == 1)
+    assert wait(lambda: m.stats["bad"] >= 57), m.stats
+    assert [d.device for d in store.devices()] == ["dev"]
+    assert len([x for x in lines if "refused a message" in x and ": not_json" in x]) == 1, lines  # once per reason
     for i in range(1, 200):  # a flooding device: beyond its burst, windows are refused and counted
         c.publish(t, window(i), qos=1)
     assert wait(lambda: store.device("f", "dev").windows + store.device("f", "dev").bad_messages >= 205)
@@ -62,6 +68,14 @@ def test_malformed_messages_counted_per_device_never_stored(tmp_path, mosquitto)
     assert len([x for x in lines if "flood" in x]) == 1  # rate-limited log
     m.stop()
     c.loop_stop()
+
+
+def known_device(client, store, device: str, fleet: str = "f") -> None:
+    """`device` sends one valid message (its status), so the store knows it: refused messages are counted
+    against a device the store knows, and against no device otherwise."""
+    client.publish(f"lepton/v1/{fleet}/{device}/status",
+                   json.dumps({"v": 1, "online": True, "boot_id": "b1", "version": "0.9"}), qos=1).wait_for_publish(5)
+    assert wait(lambda: store.device(fleet, device) is not None)
 
 
 def test_poison_messages_are_refused_and_the_fleet_keeps_being_stored(tmp_path, mosquitto):
@@ -74,6 +88,7 @@ def test_poison_messages_are_refused_and_the_fleet_keeps_being_stored(tmp_path, 
     m = Monitor(mosquitto.url, store, client_id="mon-poison", log=lines.append, flood_rate=5, flood_burst=20).start()
     assert m.connected.wait(10)
     c = pub_client(mosquitto.port, "pub-poison")
+    known_device(c, store, "evil")
     good = json.loads(window(0))
     raw = window(0).decode()
     poison = [("evil/telemetry", b"[" * 60000), ("evil/meta", b"[" * 60000),
@@ -326,6 +341,7 @@ def test_on_postgresql_values_the_database_refuses_never_stall_or_break_the_flee
     m = Monitor(mosquitto.url, store, client_id="mon-pg-poison", log=lines.append).start()
     assert m.connected.wait(10)
     c = pub_client(mosquitto.port, "pub-pg-poison")
+    known_device(c, store, "evil")
     raw = window(0).decode()
     poison = [raw.replace('"seq":0', f'"seq":{2**63 - 1}'), raw.replace('"dropped":0', f'"dropped":{2**62}'),
               raw.replace('"seq":0', '"seq":-1')]
@@ -407,3 +423,32 @@ def test_connected_means_subscribed_so_the_first_messages_after_it_are_received(
         m.stop()
         store.close()
         link.close()
+
+
+def test_a_nul_character_is_refused_but_the_text_backslash_u0000_is_kept():
+    """The NUL check looked at the raw bytes for `\\u0000`, which an escaped backslash followed by `u0000` (the
+    text of a path or a regex a device reports) also is: that event was refused as `nul_char`."""
+    m = Monitor.__new__(Monitor)
+    text = {"v": 1, "boot_id": "b1", "kind": "x", "message": "bad escape \\u0000 in C:\\\\u0000"}
+    d, why = m._parse("events", json.dumps(text).encode())
+    assert why is None and d["message"] == text["message"]
+    for nul in ({**text, "message": "a\u0000b"}, {**text, "data": {"k\u0000": 1}}, {**text, "data": [["\u0000"]]}):
+        assert m._parse("events", json.dumps(nul).encode()) == (None, "nul_char"), nul
+
+
+def test_a_latency_no_sum_can_hold_is_refused_and_a_bad_run_time_is_one_line(tmp_path):
+    """Two windows of p95 1.7e308 ms (finite, strict JSON) summed to Infinity in the minute rows: `fleet history
+    --json` printed invalid JSON and the dashboard lost the point. And `monitor --seconds nan` did nothing and
+    exited 0; `inf` printed a Timer thread's traceback and ran on."""
+    from conftest import run_cli
+
+    m = Monitor.__new__(Monitor)
+    win = json.loads(window(0))
+    huge = {**win, "latency_ms": {"inference": {"p50": 1.7e308, "p95": 1.7e308, "p99": 1.7e308, "max": 1.7e308}}}
+    assert m._parse("telemetry", json.dumps(huge).encode()) == (None, "schema")
+    assert m._parse("telemetry", window(0))[1] is None
+    for bad in ("nan", "inf", "1e308", "0"):
+        r = run_cli("monitor", "--broker", "mqtt://127.0.0.1:1", "--store", str(tmp_path / "f.sqlite"), "--no-tui",
+                    "--seconds", bad, timeout=60)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, (bad, r.stderr[-2000:])
+        assert "--seconds must be above 0 and at most" in r.stderr, (bad, r.stderr)

@@ -38,6 +38,19 @@ def test_duplicates_refused_and_gaps_filled_by_late_windows(store):
     assert store.device("f", "d").seq_gaps == 0
 
 
+def test_many_boots_with_huge_gaps_leave_the_fleet_readable(store):
+    """seq may be up to 2^53 a window (schema): 1,025 boots of one device, each with windows 0 and 2^53, summed
+    past SQLite's 64-bit SUM, and every read of the fleet (fleet ls, the dashboard, /metrics, the alert
+    engine, even `fleet forget`) failed with "integer overflow". The sum is a float now, capped at 2^53."""
+    now = time.time()
+    rows = [("f", "evil", win(seq, now, boot=f"b{i}"), now) for i in range(1025) for seq in (0, 2 ** 53)]
+    store.add_windows(rows)
+    store.add_window("f", "good", win(0, now), now)
+    devs = {d.device: d for d in store.devices()}
+    assert devs["good"].windows == 1 and devs["evil"].seq_gaps == 2 ** 53
+    assert store.seq_gaps()[("f", "evil")] == 2 ** 53 and store.device("f", "good").seq_gaps == 0
+
+
 def test_two_writers_store_each_window_once(store):
     now = time.time()
     rows = [("f", f"d{i % 5}", win(i // 5, now + i), now) for i in range(400)]

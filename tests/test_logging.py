@@ -215,3 +215,25 @@ def test_agent_lines_keep_their_event_level(caplog):
     lines: list[str] = []
     Agent.log(SimpleNamespace(_line=lines.append), "to the sink", "error")
     assert lines == ["to the sink"]
+
+
+def test_control_characters_in_a_record_never_reach_the_terminal_or_the_journal():
+    """A message quotes what devices and files say: a device's clock string `\\x1b]52;c;...\\x1b[2J` in the
+    monitor's warning wrote the operator's clipboard and cleared the screen. Every human rendering shows
+    control characters as '?' (the JSON one escapes them)."""
+    evil = "\x1b]52;c;cHduZWQ=\x1b\\\x1b[2J\x07"
+    r = _python(f"""
+        import logging
+        from lepton_edge import logs
+
+        logs.configure()
+        logging.getLogger("lepton_edge.fleet.monitor").warning("clock says %s", {evil!r})
+    """)
+    assert r.returncode == 0, r.stderr
+    assert "\x1b" not in r.stderr and "\x07" not in r.stderr and "clock says ?]52;c;cHduZWQ=?" in r.stderr, r.stderr
+    from lepton_edge import logs
+
+    record = logging.LogRecord("lepton_edge.fleet.monitor", logging.WARNING, __file__, 1, "clock says %s\nnext",
+                               (evil,), None)
+    shown = logs._rich_handler(False, False).render_message(record, record.getMessage()).plain
+    assert "\x1b" not in shown and "\x07" not in shown and shown.endswith("?\nnext"), repr(shown)

@@ -196,6 +196,9 @@ def monitor(
         st.close()
 
 
+MAX_MONITOR_SECONDS = 365 * 86400
+
+
 def _check_monitor_options(retain: str | None, web: str | None, token: str | None, seconds: float | None,
                            metrics: str | None) -> tuple[float | None, tuple[str, int] | None, str | None]:
     """Every bad option as one line before anything connects: (retain seconds, web address, token)."""
@@ -206,8 +209,9 @@ def _check_monitor_options(retain: str | None, web: str | None, token: str | Non
 
         check_bind(listen[0], token)  # refuse a public address without a token
         token = token or new_token()
-    if seconds is not None and seconds <= 0:
-        raise BadInput("--seconds must be above 0")
+    if seconds is not None and not 0 < seconds <= MAX_MONITOR_SECONDS:  # (NaN, inf: a Timer's traceback, or none)
+        raise BadInput(f"--seconds must be above 0 and at most {MAX_MONITOR_SECONDS} (a year; leave it out to run "
+                       "until stopped)")
     if metrics:
         from lepton_edge.fleet.metrics import parse_listen as parse_metrics_listen
 

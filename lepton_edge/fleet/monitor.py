@@ -80,6 +80,23 @@ class _Bucket:
         self.tokens, self.t = burst, time.monotonic()
 
 
+def _has_nul(doc) -> bool:
+    """Whether any string of a parsed JSON document (key or value) holds a NUL character; iterative, as a
+    document may nest deeper than Python's recursion limit."""
+    todo = [doc]
+    while todo:
+        x = todo.pop()
+        if isinstance(x, str):
+            if "\x00" in x:
+                return True
+        elif isinstance(x, dict):
+            todo.extend(x.keys())
+            todo.extend(x.values())
+        elif isinstance(x, list):
+            todo.extend(x)
+    return False
+
+
 class Monitor:
     def __init__(self, broker_url: str, store: Store, *, group: str | None = None, client_id: str | None = None,
                  fleet: str = "+", on_change: Callable[[set[tuple[str, str]]], None] | None = None,
@@ -200,14 +217,15 @@ class Monitor:
 
     # ---- the writer thread ------------------------------------------------------------------------
     def _parse(self, kind: str, payload: bytes) -> tuple[dict | None, str | None]:
-        if b"\\u0000" in payload:  # a NUL in a string: PostgreSQL's text refuses it, and that batch was retried forever
-            return None, "nul_char"
         try:
             d = strict_json(payload)
         except OutOfRange:
             return None, "out_of_range"
         except (ValueError, UnicodeDecodeError, RecursionError):  # (60 KB of '[' is deep, not big)
             return None, "not_json"
+        if b"\\u0000" in payload and _has_nul(d):  # a NUL in a string: PostgreSQL's text refuses it, and that batch
+            # was retried forever. (The bytes alone are no proof: `\\u0000`, an escaped backslash, is text.)
+            return None, "nul_char"
         if not isinstance(d, dict):
             return None, "not_object"
         if d.get("v") != V:
@@ -241,9 +259,9 @@ class Monitor:
                 k = (fleet or "", device or "", reason)
                 n, _ = bad.get(k, (0, now))
                 bad[k] = (n + 1, now)
-                self._say(("bad", fleet, device, reason),
+                self._say(("bad", reason),  # (per reason, not per device: 200,000 made-up names were as many lines)
                           f"monitor: refused a message from {fleet or '?'}/{device or '?'}: {reason} "
-                          "(counted; logged once a minute per device and reason)")
+                          "(counted; logged once a minute per reason)")
         st = self.store
         for kind, fleet, device, d, now in other:  # arrival order: status and its Last Will
             if kind == "status":
@@ -354,7 +372,7 @@ class Monitor:
         (kind, fleet, device, _payload, _now), *_ = item
         self._say(("unstorable", fleet, device), f"monitor: refused a {kind} message from {fleet}/{device}: "
                   f"unstorable ({type(e).__name__}: {str(e)[:200]})")
-        self.store.count_bad(fleet or None, device or None, "unstorable", now)
+        self.store.count_bad(fleet or None, device or None, "unstorable", now, known=True)
         self.stats["bad"] += 1
 
     def _periodic(self) -> None:

@@ -41,11 +41,16 @@ class Status(BaseModel):
     version: str | None = Field(default=None, max_length=64)
 
 
+MAX_LATENCY_MS = 1e12  # a stage's time in a window (31 years): bounded, so sums over a fleet's history stay finite
+
+
 class StageLatency(BaseModel):
-    p50: float
-    p95: float
-    p99: float
-    max: float
+    """A stage's latency in one window, in ms. Bounded: two windows of 1.7e308 ms summed to Infinity in the
+    store's minute rows, which `fleet history --json` printed as invalid JSON and the dashboard lost."""
+    p50: float = Field(ge=0, le=MAX_LATENCY_MS)
+    p95: float = Field(ge=0, le=MAX_LATENCY_MS)
+    p99: float = Field(ge=0, le=MAX_LATENCY_MS)
+    max: float = Field(ge=0, le=MAX_LATENCY_MS)
 
 
 MAX_RATE = 1e6  # frames per second or CPU percent a window may report (a sum over a fleet stays finite)

@@ -150,8 +150,11 @@ class Store(abc.ABC):
         """Retained meta (raw dict from the agent): bundle, software, hardware, latency budget."""
 
     @abc.abstractmethod
-    def count_bad(self, fleet: str | None, device: str | None, reason: str, received: float) -> None:
-        """A message that was refused (fleet/device None when the topic itself was bad)."""
+    def count_bad(self, fleet: str | None, device: str | None, reason: str, received: float,
+                  known: bool = False) -> None:
+        """A message that was refused (fleet/device None when the topic itself was bad), counted against its
+        device when the store knows the device or `known` (the message was valid, the store refused a value);
+        else against no device, so made-up names never become devices."""
 
     @abc.abstractmethod
     def forget(self, fleet: str, device: str) -> None:

@@ -221,6 +221,19 @@ def _trusted_state(values: dict) -> DeviceState:
     return m
 
 
+
+# Windows lost per device: each boot's (max_seq - min_seq + 1) - count, summed in floating point. Why not
+# an integer SUM: a window's seq may be up to 2^53 (schema), so 1,025 boots of one device, 2,050 valid
+# windows, overflowed SQLite's 64-bit SUM, and every read of the fleet failed ("integer overflow") until the
+# store was edited by hand. DOUBLE PRECISION is REAL to SQLite and double to PostgreSQL.
+_GAPS = ("SUM(CAST(CASE WHEN max_seq - min_seq + 1 - n > 0 THEN max_seq - min_seq + 1 - n ELSE 0 END "
+         "AS DOUBLE PRECISION))")
+MAX_GAPS = 2 ** 53  # what a device can claim to have lost: exact in a float, in JSON and in a browser
+
+
+def _gaps(v) -> int:
+    return int(min(float(v or 0), MAX_GAPS))
+
 class SqlStore(Store):
     ID_COL = ""  # the dialect's auto-increment primary key
 
@@ -405,19 +418,31 @@ class SqlStore(Store):
                     (json.dumps(payload), _str(payload.get("software"), SOFTWARE_CHARS), *meta_cols(payload),
                      fleet, device))
 
-    def count_bad(self, fleet: str | None, device: str | None, reason: str, received: float) -> None:
-        with self._tx() as cur:
-            if fleet and device:
-                self._touch(cur, [(fleet, device)])
-            self._x(cur, "INSERT INTO bad_messages (fleet, device, reason, n, last) VALUES (?, ?, ?, 1, ?) "
-                    "ON CONFLICT (fleet, device, reason) DO UPDATE SET n = bad_messages.n + 1, last = excluded.last",
-                    (fleet or "", device or "", reason[:64], received))
+    def count_bad(self, fleet: str | None, device: str | None, reason: str, received: float,
+                  known: bool = False) -> None:
+        self.count_bad_many({(fleet or "", device or "", reason): (1, received)}, known)
 
-    def count_bad_many(self, rows: dict[tuple[str, str, str], tuple[int, float]]) -> None:
-        """(fleet or '', device or '', reason) -> (count, last received): a flood costs one row per reason."""
+    def count_bad_many(self, rows: dict[tuple[str, str, str], tuple[int, float]], known: bool = False) -> None:
+        """(fleet or '', device or '', reason) -> (count, last received): a flood costs one row per reason.
+
+        Counted against the device only when it is one the store knows (it has sent something valid); the
+        others' under ('', ''). Why: a refused message made its device, so 200,000 one-byte messages under
+        made-up names were 200,000 devices (31 MB of store, 700 MB of monitor, a 27 s /metrics, a retained
+        Home Assistant device each), all from messages the store was said never to keep. `known`: the
+        messages passed the schema (the database refused a value), so their devices are devices."""
         with self._tx() as cur:
-            self._touch(cur, [(f, d) for f, d, _ in rows if f and d])
-            for (f, d, r), (n, last) in sorted(rows.items()):
+            named = {(f, d) for f, d, _ in rows if f and d}
+            if known:
+                self._touch(cur, list(named))
+            else:
+                named = {k for k in named
+                         if self._x(cur, "SELECT 1 FROM devices WHERE fleet = ? AND device = ?", k).fetchone()}
+            merged: dict[tuple[str, str, str], tuple[int, float]] = {}
+            for (f, d, r), (n, last) in rows.items():
+                key = (f, d, r[:64]) if (f, d) in named else ("", "", r[:64])
+                had, seen = merged.get(key, (0, last))
+                merged[key] = (had + n, max(seen, last))
+            for (f, d, r), (n, last) in sorted(merged.items()):
                 self._x(cur, "INSERT INTO bad_messages (fleet, device, reason, n, last) VALUES (?, ?, ?, ?, ?) "
                         "ON CONFLICT (fleet, device, reason) DO UPDATE SET n = bad_messages.n + excluded.n, "
                         "last = excluded.last", (f, d, r[:64], n, last))
@@ -484,8 +509,8 @@ class SqlStore(Store):
         "SELECT d.fleet, d.device, d.online, d.last_seen, d.boot_id, d.software, d.windows, d.duplicates, "
         "d.outbox_dropped, d.deploys, d.rollbacks, d.last_event, COALESCE(g.gaps, 0), COALESCE(a.n, 0), "
         "COALESCE(a.crit, 0), COALESCE(b.n, 0), " + ", ".join(f"d.{c}" for c, _ in _DEV_COLS) + " FROM devices d "
-        "LEFT JOIN (SELECT fleet, device, SUM(CASE WHEN max_seq - min_seq + 1 - n > 0 THEN max_seq - min_seq + 1 - n "
-        "ELSE 0 END) AS gaps FROM boots GROUP BY fleet, device) g ON g.fleet = d.fleet AND g.device = d.device "
+        f"LEFT JOIN (SELECT fleet, device, {_GAPS} AS gaps FROM boots GROUP BY fleet, device) g "
+        "ON g.fleet = d.fleet AND g.device = d.device "
         "LEFT JOIN (SELECT fleet, device, COUNT(*) AS n, "
         "SUM(CASE WHEN severity = 'critical' THEN 1 ELSE 0 END) AS crit "
         "FROM alerts WHERE resolved IS NULL GROUP BY fleet, device) a ON a.fleet = d.fleet AND a.device = d.device "
@@ -504,7 +529,7 @@ class SqlStore(Store):
             bundle_name=name or lw_name, bundle_sha256=sha or lw_sha, precision=precision, backend=backend,
             fps=fps, latency=json.loads(latency) if latency else {}, dropped=dropped or 0, corrupt=corrupt or 0,
             cpu_percent=cpu, rss_bytes=rss, temperature_c=temp, throttled=throttled, outbox_dropped=int(r[8]),
-            windows=int(r[6]), seq_gaps=int(r[12]), duplicates=int(r[7]), bad_messages=int(r[15]), last_event=r[11],
+            windows=int(r[6]), seq_gaps=_gaps(r[12]), duplicates=int(r[7]), bad_messages=int(r[15]), last_event=r[11],
             deploys=int(r[9]), rollbacks=int(r[10]), active_alerts=active, severity=sev, latency_budget_ms=budget))
 
     def devices(self) -> list[DeviceState]:
@@ -519,9 +544,8 @@ class SqlStore(Store):
 
     def seq_gaps(self) -> dict[tuple[str, str], int]:
         with self._tx(write=False) as cur:
-            rows = self._x(cur, "SELECT fleet, device, SUM(CASE WHEN max_seq - min_seq + 1 - n > 0 THEN "
-                           "max_seq - min_seq + 1 - n ELSE 0 END) FROM boots GROUP BY fleet, device").fetchall()
-        return {(r[0], r[1]): int(r[2]) for r in rows}
+            rows = self._x(cur, f"SELECT fleet, device, {_GAPS} FROM boots GROUP BY fleet, device").fetchall()
+        return {(r[0], r[1]): _gaps(r[2]) for r in rows}
 
     def history(self, fleet: str, device: str, since: float, until: float | None = None,
                 max_points: int = 1000) -> list[HistoryPoint]:
