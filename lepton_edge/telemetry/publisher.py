@@ -62,6 +62,11 @@ class Publisher:
         self._inflight: dict[int, tuple[int, int]] = {}  # mid -> (outbox row id, the outbox generation it is of)
         self._early: dict[int, float] = {}  # PUBACKs that arrived before publish() returned the mid
         self._sent_upto = 0
+        # connections so far: a batch read before a reconnect must not move `_sent_upto` past the rows the
+        # reconnect said to send again (under load the sender, mid-batch when the connection dropped and came
+        # back, sent the next new row and set `_sent_upto` to it: the unacknowledged rows before it waited
+        # for the next reconnect, maybe days)
+        self._epoch = 0
         self._generation = outbox.generation  # the outbox's store the ids above refer to
         self._sender = threading.Thread(target=self._send_loop, name="telemetry:sender", daemon=True)
 
@@ -146,6 +151,7 @@ class Publisher:
             self._inflight.clear()
             self._early.clear()
             self._sent_upto = 0  # send everything still in the outbox again
+            self._epoch += 1
         self.connected.set()
         if self._on_connect_cb:
             try:
@@ -223,7 +229,7 @@ class Publisher:
                     self._early.clear()
                     self._sent_upto = 0
                 room = self.max_inflight - len(self._inflight)
-                after = self._sent_upto
+                after, epoch = self._sent_upto, self._epoch
                 now = time.monotonic()
                 for mid in [m for m, t in self._early.items() if now - t > 5]:
                     del self._early[mid]
@@ -232,6 +238,7 @@ class Publisher:
             batch = self.outbox.pending(limit=room, after=after)
             if not batch:
                 break
+            reconnected = False
             for m in batch:
                 info = self.client.publish(m.topic, m.payload, qos=m.qos, retain=m.retain)
                 if info.rc != 0:  # disconnected meanwhile: the row stays for the next connection
@@ -240,9 +247,14 @@ class Publisher:
                     early = self._early.pop(info.mid, None) is not None
                     if not early:
                         self._inflight[info.mid] = (m.id, m.generation)
-                    self._sent_upto = max(self._sent_upto, m.id)
+                    reconnected = epoch != self._epoch
+                    if not reconnected:
+                        self._sent_upto = max(self._sent_upto, m.id)
                 if early:
                     self.outbox.delete(m.id, generation=m.generation)
+                if reconnected:  # this batch began before the reconnect: from `_sent_upto` (0) again
+                    break
             else:
-                continue
-            break
+                continue  # the whole batch went: more may wait
+            if not reconnected:
+                break  # disconnected mid-batch: the rest waits for the next connection
