@@ -117,6 +117,8 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
     ("exporters.validation", 'batch, "reference")', 'batch, "XXreferenceXX")'): "a progress bar's label",
     ("exporters.validation", "noisy: Outputs | None = None", "noisy: Outputs & None = None"):
         "an annotation, never evaluated (from __future__ import annotations)",
+    ("exporters.validation", "eval_out: Outputs | None = None", "eval_out: Outputs & None = None"):
+        "an annotation, never evaluated (from __future__ import annotations)",
 }
 
 

@@ -140,7 +140,7 @@ def table(rows: list[dict], title: str):
     from rich.table import Table
     from rich.text import Text
 
-    from lepton_edge.ui import human
+    from lepton_edge.ui import human, printable
 
     t = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
     for col in ("model", "format", "thr", "preprocess p50", "inference p50", "p95", "p99", "max",
@@ -148,12 +148,13 @@ def table(rows: list[dict], title: str):
         t.add_column(col, no_wrap=True, justify="left" if col in ("model", "format") else "right")
     for r in rows:
         if "error" in r:
-            t.add_row(Text(str(r["model"])), "-", str(r["threads"] or "-"), "", "", "", "", "", "", "",
-                      Text(r["error"], style="red"))
+            t.add_row(Text(printable(r["model"])), "-", str(r["threads"] or "-"), "", "", "", "", "", "", "",
+                      Text(printable(r["error"]), style="red"))
             continue
         lat = r["latency_ms"]
         inf = lat["inference"]
-        t.add_row(Text(Path(r["model"]).name), f"{r['format']} {r['precision'] or ''}".strip(), str(r["threads"]),
+        t.add_row(Text(printable(Path(r["model"]).name)), f"{r['format']} {r['precision'] or ''}".strip(),
+                  str(r["threads"]),
                   f"{lat['preprocess']['p50']:.3f}ms", f"{inf['p50']:.3f}ms", f"{inf['p95']:.3f}ms",
                   f"{inf['p99']:.3f}ms", f"{inf['max']:.3f}ms", f"{lat['postprocess']['p50']:.3f}ms",
                   f"{r['throughput_fps']:.0f} fps", human(r["peak_rss_bytes"], binary=True))

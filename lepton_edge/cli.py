@@ -392,7 +392,8 @@ def run(
                                                   "keys new`): run the bundle only if one of these signed it "
                                                   "(repeatable), as the agent's trusted_keys."),
     max_run_s: float | None = typer.Option(None, "--max-run-s", help="One inference's time limit in seconds, "
-                                           "past which the run stops with an error (onnxruntime; default 120)."),
+                                           "past which the run stops with an error (default 120; LiteRT "
+                                           "cannot stop a run, so the process ends)."),
 ):
     """Run a bundle on frames from a camera, video, stream or images; per-stage timing at the end."""
     from lepton_edge.capture import open_source
@@ -401,6 +402,10 @@ def run(
     if max_reconnects < 0:
         raise BadInput(f"--max-reconnects must be 0 or more, got {max_reconnects}")
     _interrupt_on_sigterm()  # from the start: a SIGTERM while a stream opens ended the process without a word
+    from lepton_edge.runtime.onnx import stop_runs_on_signals
+
+    stop_runs_on_signals()  # Ctrl-C stops a long onnxruntime run at once, and any engine stuck past 5 s ends the
+    # process (runtime/hard_stop.py): a LiteRT loop or a model's load is deaf to Python's handlers
     _check_signature(model, trusted_key)
     rt = _load_runtime(model, threads=threads, input_spec=input_spec, task=task, top_k=top_k, conf=conf, iou=iou,
                        delegate=delegate, max_run_s=max_run_s)
@@ -411,10 +416,6 @@ def run(
     d = rt.describe()
     ui.info(f"[bold]{escape(ui.printable(rt.name))}[/] ({d['backend']}, {d['threads']} thread(s), task {rt.task}) "
             f"on {src.kind} {escape(ui.printable(src.spec))}")
-    if d["backend"] == "onnxruntime":
-        from lepton_edge.runtime.onnx import stop_runs_on_signals
-
-        stop_runs_on_signals()  # Ctrl-C stops a long run at once, not at --max-run-s
     interrupted = _drive(pipe, outs)
     status = pipe.status() | {"model": d, "interrupted": interrupted}
     _report_run(status, as_json)
@@ -542,7 +543,8 @@ def _report_run(status: dict, as_json: bool) -> None:
 
 def _print_run_summary(s: dict) -> None:
     fps = f", {s['fps']:.1f} fps" if s["fps"] else ""
-    t = Table(title=Text(f"{s['model']['name']}: {s['frames']} frame(s){fps}"), box=box.SIMPLE_HEAD, pad_edge=False)
+    t = Table(title=Text(ui.printable(f"{s['model']['name']}: {s['frames']} frame(s){fps}")), box=box.SIMPLE_HEAD,
+              pad_edge=False)  # (the name is the bundle's: ESC in it cleared the operator's screen)
     for col in ("stage", "p50", "p95", "p99", "max"):
         t.add_column(col, justify="left" if col == "stage" else "right")
     for stage, v in s["latency_ms"].items():

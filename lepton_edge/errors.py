@@ -27,6 +27,11 @@ class BadInput(LeptonError):
     exit_code = 2
 
 
+class RunTimedOut(BadInput):
+    """One run of a model went past its time limit and was stopped: a loop that does not end, or far more
+    work than the machine can do. The pipeline gives up on the model sooner for these (pipeline.py)."""
+
+
 class CheckFailed(LeptonError):
     """An artifact was produced but failed validation or a budget. Exit code 1."""
 

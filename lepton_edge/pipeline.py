@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from lepton_edge.capture import Source, open_source
-from lepton_edge.errors import BadInput
+from lepton_edge.errors import BadInput, RunTimedOut
 from lepton_edge.runtime import Result, Runtime
 from lepton_edge.stats import StageTimes
 
@@ -32,6 +32,10 @@ _END = object()
 # head reads), not one odd frame. Before any frame has gone through, a few tell; after, a long run.
 FAILS_BEFORE_FIRST = 3
 FAILS_IN_A_ROW = 100
+# Runs stopped at their time limit in a row: each cost max_run_s (120 s), so a model that loops for ever was
+# tried 3 times before `run` said so (6 minutes), and one that loops on dark frames only took 38 minutes
+# for `run -n 5` at night, every stop counted as a corrupt frame.
+TIMEOUTS_IN_A_ROW = 2
 
 
 class ModelFailed(BadInput):
@@ -62,6 +66,7 @@ class Pipeline:
         self.bad_frames = 0  # frames that preprocessing, inference or postprocessing could not handle
         self._through = 0  # frames that went through inference and postprocessing
         self._in_a_row = 0  # frames in a row that inference or postprocessing failed on
+        self._timeouts_in_a_row = 0  # runs in a row stopped at their time limit
         self.failed_since_swap = 0  # frames inference or postprocessing failed on since the last swap()
         self.last_failure: str | None = None  # the last such failure, one line
         self.sample_every = 1  # run the model on every Nth frame the source delivers (the agent's `set`)
@@ -78,7 +83,7 @@ class Pipeline:
         self.probe = []
         # the new model starts afresh: FAILS_BEFORE_FIRST applies to it, and what failed is counted for
         # the deploy's health check (agent/service.py), never what the old model did
-        self._through = self._in_a_row = self.failed_since_swap = 0
+        self._through = self._in_a_row = self.failed_since_swap = self._timeouts_in_a_row = 0
         self.last_failure = None
         return old
 
@@ -172,7 +177,7 @@ class Pipeline:
             self._failed(rt, "postprocessing", e)
             return None
         t3 = time.perf_counter()
-        self._through, self._in_a_row = self._through + 1, 0
+        self._through, self._in_a_row, self._timeouts_in_a_row = self._through + 1, 0, 0
         ms = {"capture": frame.capture_ms, "preprocess": pre_ms, "inference": (t2 - t1) * 1e3,
               "postprocess": (t3 - t2) * 1e3}
         self.stats.add(**ms)
@@ -188,6 +193,10 @@ class Pipeline:
         self._in_a_row += 1
         self.failed_since_swap += 1
         self.last_failure = rt.failure(stage, e)
+        self._timeouts_in_a_row = self._timeouts_in_a_row + 1 if isinstance(e, RunTimedOut) else 0
+        if self._timeouts_in_a_row and (not self._through or self._timeouts_in_a_row >= TIMEOUTS_IN_A_ROW):
+            raise ModelFailed(rt.failure(stage, e, f"on {self._in_a_row} frame(s) in a row"
+                                                   f"{'' if self._through else ', every frame so far'}"))
         if self._in_a_row >= (FAILS_IN_A_ROW if self._through else FAILS_BEFORE_FIRST):
             raise ModelFailed(rt.failure(stage, e, f"on {self._in_a_row} frames in a row"
                                                    f"{'' if self._through else ', every frame so far'}"))

@@ -206,3 +206,73 @@ def test_external_weights_are_added_up_before_they_are_read(tmp_path):
               [_v("y", [1, 8, 32, 32])], [w])
     _one_line(run_cli("export", str(m), "--precision", "fp32", "--out", str(tmp_path / "o"), timeout=60),
               "bad external data entry")
+
+
+def _folding_for_ever(path):
+    """An 11 KB graph whose constant folding, which onnxruntime does while the session loads, multiplies
+    2048x2048 matrices 400 times (and keeps every product): minutes of work and gigabytes, before any run."""
+    nodes = [h.make_node("ConstantOfShape", ["shape"], ["m0"], value=h.make_tensor("v", T.FLOAT, [1], [0.5]))]
+    for i in range(400):
+        nodes.append(h.make_node("MatMul", [f"m{i}", f"m{i}"], [f"m{i + 1}"]))
+    nodes += [h.make_node("ReduceMean", ["m400"], ["s"], keepdims=0), h.make_node("Add", ["x", "s"], ["y"])]
+    return _save(path, nodes, [X], [_v("y", [1, 3, 32, 32])], [nh.from_array(np.array([2048, 2048], np.int64),
+                                                                             "shape")])
+
+
+def test_a_model_whose_load_never_ends_is_ended_by_sigterm_and_a_timed_out_run_ends_at_once(tmp_path):
+    """onnxruntime builds the session (constant folding included) before any run's limit exists, and
+    Python's SIGTERM handler cannot run while the main thread is inside it: `run` on such a model grew by
+    60 MB/s and ignored SIGTERM and Ctrl-C until the kernel's OOM killer came. Now a signal the main
+    thread cannot act on ends the process 5 s later with one line (runtime/hard_stop.py). And a run stopped
+    at its limit ends `run` at once: it was retried on two more frames (3 x 120 s by default)."""
+    import signal
+    import subprocess
+    import sys
+
+    import cv2
+
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(5):
+        cv2.imwrite(str(frames / f"{i}.png"), np.full((32, 32, 3), 128, np.uint8))
+    exe = os.path.join(os.path.dirname(sys.executable), "lepton-edge")
+    p = subprocess.Popen([exe, "run", str(_folding_for_ever(tmp_path / "fold.onnx")), "--source", str(frames),
+                          "--no-show"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "COLUMNS": "160"})
+    try:
+        time.sleep(4)  # inside the session's load
+        assert p.poll() is None
+        t0 = time.monotonic()
+        p.send_signal(signal.SIGTERM)
+        _out, err = p.communicate(timeout=30)
+    finally:
+        p.kill()
+    assert time.monotonic() - t0 < 12 and p.returncode == 128 + signal.SIGTERM, (p.returncode, err[-1500:])
+    assert "Traceback" not in err and [ln for ln in err.splitlines() if ln.startswith("error:")] == \
+        ["error: stopped by SIGTERM: the model's engine did not return within 5 s"], err[-1500:]
+    t0 = time.monotonic()
+    r = run_cli("run", str(_endless_loop(tmp_path / "loop.onnx")), "--source", str(frames), "--no-show",
+                "--max-run-s", "1", timeout=60)
+    _one_line(r, "on 1 frame(s) in a row, every frame so far: one run of the model took over 1 s")
+    assert time.monotonic() - t0 < 20
+
+
+@pytest.mark.parametrize("limit", ["time", "memory"])
+def test_work_an_engine_cannot_stop_ends_the_process_at_its_limit(limit):
+    """hard_stop's limits: past its time, or past its memory growth, the process ends with exit 1 and one
+    error line naming the work (the engines release the GIL while they work, as time.sleep does here)."""
+    import subprocess
+    import sys
+
+    body = {"time": "t = hard_stop.begin('a LiteRT run of \\'m.tflite\\'', 0.5)\ntime.sleep(30)",
+            "memory": "t = hard_stop.begin('onnxruntime loading \\'m.onnx\\'', 60, 200 << 20)\n"
+                      "hold = []\nfor _ in range(100):\n    hold.append(np.ones(50 << 20, np.uint8))\n"
+                      "    time.sleep(0.05)"}[limit]
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-c", "import time\nimport numpy as np\nfrom lepton_edge import logs\n"
+                        "from lepton_edge.runtime import hard_stop\nlogs.configure()\n" + body + "\nprint('returned')"],
+                       capture_output=True, text=True, timeout=60)
+    said = {"time": "error: a LiteRT run of 'm.tflite' did not finish in 0.5 s, and the engine cannot be stopped",
+            "memory": "error: onnxruntime loading 'm.onnx' grew this process to"}[limit]
+    assert r.returncode == 1 and "returned" not in r.stdout and r.stderr.startswith(said), r.stderr[-1500:]
+    assert len(r.stderr.strip().splitlines()) == 1 and time.monotonic() - t0 < 20

@@ -109,20 +109,19 @@ def test_integer_inputs_take_pixel_codes_as_tflite_files_expect(tmp_path):
     np.testing.assert_allclose(np.ravel(rt.predict(frame)[0]), (RGB / 255 - 0.5) / 0.5, atol=1 / 64)
 
 
-def test_a_run_time_limit_the_engine_cannot_apply_is_said_not_dropped(tmp_path):
+def test_a_run_time_limit_on_litert_is_applied(tmp_path):
     """`run --max-run-s` (and agent.toml's max_run_s) on a .tflite model: LiteRT cannot stop an invoke once
-    started, and the limit used to vanish without a word. Now one warning says the model runs unlimited;
-    onnxruntime, which applies it, says nothing."""
+    started, and the limit used to vanish without a word (later: a warning that the model ran unlimited,
+    and a WHILE loop that never ends held `run` for good). The limit applies now (past it the process ends
+    with one line: runtime/hard_stop.py, tests/test_hostile_onnx_files.py), so nothing is said."""
     frame, folder = _solid(tmp_path)
     _mean_tflite(tmp_path / "m.tflite", "uint8", (1 / 128, 128))
-    _mean_onnx(tmp_path / "m.onnx", TensorProto.UINT8, [1, 8, 8, 3], [1, 2], [1, 3])
-    unlimited = [w for w in Runtime.load(tmp_path / "m.tflite", task="raw", max_run_s=5).warnings if "max_run_s" in w]
-    assert len(unlimited) == 1 and "without a time limit" in unlimited[0] and "litert" in unlimited[0]
-    assert not Runtime.load(tmp_path / "m.tflite", task="raw").warnings
-    assert not Runtime.load(tmp_path / "m.onnx", task="raw", max_run_s=5).warnings
+    rt = Runtime.load(tmp_path / "m.tflite", task="raw", max_run_s=5)
+    assert not [w for w in rt.warnings if "max_run_s" in w] and rt.backend.max_run_s == 5
+    assert Runtime.load(tmp_path / "m.tflite", task="raw").backend.max_run_s == 120
     r = run_cli("run", str(tmp_path / "m.tflite"), "--source", str(folder), "--no-show", "--max-run-s", "5",
                 "--task", "raw", timeout=120)
-    assert r.returncode == 0 and "without a time limit" in r.stderr, r.stderr[-1500:]
+    assert r.returncode == 0 and "time limit" not in r.stderr, r.stderr[-1500:]
 
 
 def test_three_d_inputs_run_and_a_dynamic_batch_classifier_is_a_classifier(tmp_path):

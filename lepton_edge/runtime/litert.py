@@ -14,6 +14,7 @@ import numpy as np
 from pydantic import AfterValidator, Field
 
 from lepton_edge.errors import BadInput
+from lepton_edge.runtime import hard_stop
 from lepton_edge.runtime.backend import Backend, BackendOptions, TensorInfo
 from lepton_edge.runtime.litert_loader import interpreter_class, load_interpreter
 
@@ -38,6 +39,9 @@ class LiteRTOptions(BackendOptions):
     --delegate NAME=PATH`; runtime/delegates.py), never paths a manifest wrote."""
 
     delegates: list[Annotated[str, AfterValidator(_absolute)]] = Field(default_factory=list, max_length=16)
+    # one run's time limit. LiteRT cannot stop an invoke(), so past it the process ends with one line
+    # (runtime/hard_stop.py): a WHILE loop that never ends held `run` and the agent for good, deaf to SIGTERM.
+    max_run_s: float = Field(120.0, gt=0, le=86400, allow_inf_nan=False)
 
 
 class LiteRTBackend(Backend):
@@ -50,7 +54,12 @@ class LiteRTBackend(Backend):
         libs = list(options.delegates)
         self.threads = options.threads
         self.delegates = ["XNNPACK"] + libs  # XNNPACK is LiteRT's default CPU delegate
-        self.interpreter = load_interpreter(path, self.threads, delegates=libs)
+        self.max_run_s, self._what = options.max_run_s, f"a LiteRT run of {Path(path).name!r}"
+        limit = hard_stop.begin_load(path, "LiteRT")
+        try:
+            self.interpreter = load_interpreter(path, self.threads, delegates=libs)
+        finally:
+            hard_stop.end(limit)
         it = self.interpreter
         self.inputs = [_info(d) for d in it.get_input_details()]
         self.outputs = [_info(d) for d in it.get_output_details()]
@@ -81,7 +90,11 @@ class LiteRTBackend(Backend):
 
     def run(self, x: np.ndarray) -> list[np.ndarray]:
         self._set(self._in, x)
-        self._invoke()
+        limit = hard_stop.begin(self._what, self.max_run_s)
+        try:
+            self._invoke()
+        finally:
+            hard_stop.end(limit)
         get = self._get
         return [get(i) if q is None else (get(i).astype(np.float32) - q["zero_point"]) * np.float32(q["scale"])
                 for i, q in self._outs]

@@ -14,7 +14,7 @@ from typing import Annotated
 import numpy as np
 from pydantic import Field
 
-from lepton_edge.errors import BadInput
+from lepton_edge.errors import BadInput, RunTimedOut
 from lepton_edge.runtime.backend import Backend, BackendOptions, TensorInfo
 from lepton_edge.runtime.delegates import providers as filter_providers
 
@@ -72,11 +72,16 @@ class OnnxBackend(Backend):
         self.qdq_fusion = options.qdq_fusion
         self.providers, self.missing_providers = filter_providers(list(options.providers),
                                                                   ort.get_available_providers())
-        try:
+        from lepton_edge.runtime import hard_stop
+
+        limit = hard_stop.begin_load(path, "onnxruntime")  # (its constant folding runs here, unstoppable: 11 KB
+        try:  # of graph folded gigabytes)
             self.session = ort.InferenceSession(str(path), so, providers=self.providers)
         except Exception as e:  # onnxruntime raises its own exception types for bad files
             first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
             raise BadInput(f"{path}: onnxruntime cannot load it ({first[:200]})") from None
+        finally:
+            hard_stop.end(limit)
         self.threads = threads
         self.inputs = [_info(v) for v in self.session.get_inputs()]
         self.outputs = [_info(v) for v in self.session.get_outputs()]
@@ -95,7 +100,7 @@ class OnnxBackend(Backend):
             if w.interrupted(ro):  # Ctrl-C or SIGTERM stopped it (stop_runs_on_signals): the caller's stop
                 raise KeyboardInterrupt from None
             if ro.terminate:
-                raise BadInput(f"one run of the model took over {w.limit:g} s and was stopped (a loop that does not "
+                raise RunTimedOut(f"one run of the model took over {w.limit:g} s and was stopped (a loop that does not "
                                "end, or far too much work for this machine)") from None
             raise
         finally:
@@ -174,36 +179,16 @@ def stop_runs_on_signals() -> bool:
 
     Why: Python runs a signal's handler only between bytecodes of the main thread, and the main thread
     of `run` spends its time inside one `session.run` call. A model stuck in a long run (a Loop that
-    does not end) ignored Ctrl-C until `max_run_s` (120 s) stopped it. The C-level handler does write
-    the signal's number to a wakeup fd at once (`signal.set_wakeup_fd`): a thread reading it terminates
-    the runs in progress. Not installed where the process already has a wakeup fd (an asyncio loop's):
-    that one is left as it is."""
-    import signal
-    import threading
+    does not end) ignored Ctrl-C until `max_run_s` (120 s) stopped it. hard_stop's signal thread (the
+    C-level handler writes the signal's number to a wakeup fd at once) terminates the runs in progress,
+    and ends the process if even that does not bring the main thread back."""
+    from lepton_edge.runtime import hard_stop
 
-    if threading.current_thread() is not threading.main_thread():
-        return False
-    r, w = os.pipe()
-    os.set_blocking(w, False)
-    try:
-        previous = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
-    except ValueError:
-        previous = None
-    if previous != -1:
-        if previous is not None:
-            signal.set_wakeup_fd(previous)
-        os.close(r)
-        os.close(w)
-        return False
-    threading.Thread(target=_stop_on_wakeup, args=(r,), name="onnx-signals", daemon=True).start()
-    return True
+    hard_stop.on_signal(_interrupt_runs)
+    return hard_stop.end_on_signals()
 
 
-def _stop_on_wakeup(fd: int) -> None:
-    import signal
+def _interrupt_runs() -> None:
+    for watchdog in list(_WATCHDOGS):
+        watchdog.interrupt()
 
-    stops = {int(signal.SIGINT), int(signal.SIGTERM)}
-    while data := os.read(fd, 64):
-        if stops.intersection(data):
-            for watchdog in list(_WATCHDOGS):
-                watchdog.interrupt()

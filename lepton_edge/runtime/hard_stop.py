@@ -1,0 +1,169 @@
+"""The last resort for native work that cannot be asked to stop: the process ends, with one line.
+
+Why: LiteRT's interpreter has no way to stop an invoke() once it started (its Python API has no
+cancellation), and onnxruntime builds a session, constant folding included, before any run's
+RunOptions exist. A .tflite WHILE loop that never ends held `lepton-edge run` and the agent for ever,
+and 11 KB of ONNX folded gigabytes at load (60 MB/s until the kernel's OOM killer came). Nor could a
+SIGTERM end them: Python runs signal handlers between the main thread's bytecodes, and that thread was
+inside the engine. Both engines release the GIL while they work, so a watcher thread still runs, and a
+process that ends is one a service manager restarts (the agent then comes back with its last good
+bundle: agent/deploy.py). So:
+
+- `begin(what, seconds, max_growth_bytes)` / `end(token)`: work that must finish within `seconds` (and,
+  for a model's load, grow this process's memory by at most `max_growth_bytes`), else the process ends
+  with EXIT_CODE and one error line saying what did not finish;
+- `end_on_signals()`: after SIGINT or SIGTERM the `on_signal` hooks run at once (onnxruntime's watchdogs
+  stop its runs, so the usual way out is taken), and a process still running GRACE_S later (its main
+  thread inside native code) ends with 128 + the signal's number.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+
+EXIT_CODE = 1  # as any model that fails: "the model could not be run", said in the line
+GRACE_S = 5.0
+TICK_S = 0.1
+
+_lock = threading.Lock()
+_limits: dict[int, tuple[float, int | None, str, float]] = {}  # token -> (deadline, RSS ceiling, what, seconds)
+_ids = itertools.count(1)
+_watcher: threading.Thread | None = None
+_hooks: list[Callable[[], None]] = []
+_signals_installed = False
+
+
+def rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def begin(what: str, seconds: float, max_growth_bytes: int | None = None) -> int:
+    """Start a limit; `end(token)` when the work returns (in a `finally`). Two dict writes and a lock: cheap
+    enough for every run of a model."""
+    global _watcher
+    token = next(_ids)
+    ceiling = rss_bytes() + max_growth_bytes if max_growth_bytes else None
+    with _lock:
+        _limits[token] = (time.monotonic() + seconds, ceiling, what, seconds)
+        if _watcher is None:
+            _watcher = threading.Thread(target=_watch, name="hard-stop", daemon=True)
+            _watcher.start()
+    return token
+
+
+LOAD_S = 120.0  # a model's load: a 100 MB model loads in seconds, on a Pi too
+LOAD_GROWTH_MIN = 2 << 30
+LOAD_GROWTH_PER_FILE_BYTE = 12  # an engine holds a model's weights a few times over while it builds
+
+
+def begin_load(path, what: str) -> int:
+    """`begin` for loading the model at `path`: LOAD_S, and at most max(2 GiB, 12x the file) more memory."""
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        size = 0
+    return begin(f"{what} loading {os.path.basename(str(path))!r}", LOAD_S,
+                 max(LOAD_GROWTH_MIN, LOAD_GROWTH_PER_FILE_BYTE * size))
+
+
+def end(token: int) -> None:
+    with _lock:
+        _limits.pop(token, None)
+
+
+def _watch() -> None:
+    while True:
+        time.sleep(TICK_S)
+        with _lock:
+            limits = list(_limits.values())
+        if not limits:
+            continue
+        now = time.monotonic()
+        rss = rss_bytes() if any(lim[1] for lim in limits) else 0
+        for deadline, ceiling, what, seconds in limits:
+            if now > deadline:
+                finish(f"{what} did not finish in {seconds:g} s, and the engine cannot be stopped: ending the process")
+            if ceiling is not None and rss > ceiling:
+                finish(f"{what} grew this process to {rss / 2**30:.1f} GiB, past its memory budget, and the engine "
+                       "cannot be stopped: ending the process")
+
+
+_finishing = threading.Lock()
+
+
+def finish(line: str, code: int = EXIT_CODE) -> None:
+    """One error record through the process's log setup (so --log-json stays JSON), then the exit (once:
+    a second caller, a second signal's timer, waits for the first's exit)."""
+    _finishing.acquire()
+    try:
+        logging.getLogger("lepton_edge.runtime").error(line)
+        for h in logging.getLogger().handlers:
+            h.flush()
+    finally:
+        os._exit(code)
+
+
+def on_signal(hook: Callable[[], None]) -> None:
+    """Call `hook` (from the signal thread) as soon as SIGINT or SIGTERM arrives, once `end_on_signals` is in."""
+    with _lock:
+        if hook not in _hooks:
+            _hooks.append(hook)
+
+
+def end_on_signals() -> bool:
+    """From the main thread: SIGINT and SIGTERM reach the hooks at once, and end the process GRACE_S later
+    if it is still running. The C-level handler writes the signal's number to a wakeup fd even while the
+    main thread is inside native code; a thread reading it acts. Not installed where the process already
+    has a wakeup fd (an asyncio loop's): that one is left as it is. True when installed (or already)."""
+    global _signals_installed
+    if _signals_installed:
+        return True
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    try:
+        previous = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    except ValueError:
+        previous = None
+    if previous != -1:
+        if previous is not None:
+            signal.set_wakeup_fd(previous)
+        os.close(r)
+        os.close(w)
+        return False
+    threading.Thread(target=_on_wakeup, args=(r,), name="stop-signals", daemon=True).start()
+    _signals_installed = True
+    return True
+
+
+def _on_wakeup(fd: int) -> None:
+    stops = {int(signal.SIGINT): "SIGINT", int(signal.SIGTERM): "SIGTERM"}
+    armed = False
+    while data := os.read(fd, 64):
+        got = [s for s in data if s in stops]
+        if not got:
+            continue
+        with _lock:
+            hooks = list(_hooks)
+        for hook in hooks:
+            try:
+                hook()
+            except Exception:  # a hook's failure must not keep the process from ending
+                pass
+        if armed:
+            continue
+        armed, number = True, got[0]
+        timer = threading.Timer(GRACE_S, finish, args=(
+            f"stopped by {stops[number]}: the model's engine did not return within {GRACE_S:g} s", 128 + number))
+        timer.daemon = True
+        timer.start()

@@ -1,0 +1,33 @@
+"""How validation lines up a model's outputs over many calls, and what it refuses to judge against."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lepton_edge.errors import BadInput
+from lepton_edge.exporters.validation import _finite_reference, stack_outputs
+
+
+def test_outputs_of_many_calls_stack_along_the_first_axis():
+    parts = [[np.ones((1, 3, 4)), np.array(2.0)], [np.zeros((2, 3, 4)), np.array(3.0)]]
+    out = stack_outputs(parts)
+    assert out[0].shape == (3, 3, 4) and out[1].tolist() == [2.0, 3.0]  # a 0-d output: one value a call
+
+
+@pytest.mark.parametrize("shapes", [[(1, 10, 4), (1, 11, 4)], [(2, 7), (2, 9)]])
+def test_an_output_whose_size_follows_the_data_is_one_line(shapes):
+    """A detector with NMS in the graph ([1, K, 4]) or NonZero's [2, K]: numpy's traceback, now one line."""
+    with pytest.raises(BadInput) as e:
+        stack_outputs([[np.zeros(s)] for s in shapes])
+    said = str(e.value)
+    assert said.startswith("output 0's shape depends on the input") and "cannot be compared with fp32's" in said
+    assert said.endswith("export the model without that step (the runtime decodes boxes from a detector's raw head)")
+
+
+def test_a_reference_with_nan_says_on_how_many_inputs():
+    out = np.ones((5, 3), np.float32)
+    out[[1, 3], 0] = np.nan
+    with pytest.raises(BadInput, match=r"^the fp32 model's output 'y' is NaN on 2 of 5 validation inputs: check"):
+        _finite_reference([out], [{"name": "y"}])
+    with pytest.raises(BadInput, match=r"output '0' is NaN on 1 of 1 validation inputs"):
+        _finite_reference([np.float32("nan")], [])
