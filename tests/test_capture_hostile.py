@@ -220,3 +220,13 @@ def test_a_huge_frame_in_the_middle_of_an_mjpeg_file_is_a_corrupt_frame_not_its_
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["frames"] == 4 and out["corrupt"] == 1 and out["hwm_mb"] < 150, out
+
+
+def test_a_nul_in_a_video_source_is_one_line():
+    """os.stat raises ValueError on an embedded NUL (an agent.toml `source = "a\\u0000.mp4"`): a bare
+    ValueError, where Path.exists() used to say the source was not found."""
+    from lepton_edge.capture import open_source
+    from lepton_edge.errors import BadInput
+
+    with pytest.raises(BadInput, match="source not found"):
+        open_source("clip\x00.mp4")

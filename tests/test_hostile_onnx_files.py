@@ -276,3 +276,28 @@ def test_work_an_engine_cannot_stop_ends_the_process_at_its_limit(limit):
             "memory": "error: onnxruntime loading 'm.onnx' grew this process to"}[limit]
     assert r.returncode == 1 and "returned" not in r.stdout and r.stderr.startswith(said), r.stderr[-1500:]
     assert len(r.stderr.strip().splitlines()) == 1 and time.monotonic() - t0 < 20
+
+
+def test_a_signal_ends_the_process_only_while_an_engine_is_stuck_and_weights_beside_a_model_count(tmp_path):
+    """The grace after Ctrl-C or SIGTERM ends the process only if unstoppable work is still in progress: a
+    `run` closing down slowly (a stalled camera's reader giving up) was ended, blaming the model, with its
+    summary unprinted. And a model's load budget counts the weights kept in files beside it: a 150-byte
+    graph with 2.5 GB of weights in w.bin was ended as a memory bomb."""
+    import subprocess
+    import sys
+
+    code = ("from lepton_edge.runtime import hard_stop\nhard_stop._finish_if_stuck('stuck', 143)\nprint('idle: on')\n"
+            "hard_stop.begin('a LiteRT run', 60)\nhard_stop._finish_if_stuck('stuck', 143)\nprint('not reached')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 143 and r.stdout == "idle: on\n" and "stuck" in r.stderr, (r.returncode, r.stdout, r.stderr)
+    from lepton_edge.runtime import hard_stop
+
+    (tmp_path / "m.onnx").write_bytes(b"x" * 150)
+    with open(tmp_path / "w.bin", "wb") as f:  # sparse: 3 GB on paper, nothing on the disk
+        f.truncate(3 << 30)
+    token = hard_stop.begin_load(tmp_path / "m.onnx", "onnxruntime")
+    try:
+        ceiling = hard_stop._limits[token][1]
+        assert ceiling - hard_stop.rss_bytes() > 12 * (3 << 30) - (1 << 30)
+    finally:
+        hard_stop.end(token)

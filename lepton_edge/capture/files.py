@@ -182,7 +182,7 @@ class VideoFile(Source):
     def from_spec(cls, spec: str, options: VideoOptions) -> VideoFile:
         try:
             st = os.stat(spec)
-        except (FileNotFoundError, NotADirectoryError):
+        except (FileNotFoundError, NotADirectoryError, ValueError):  # (ValueError: a NUL in the name)
             raise BadInput(f"source not found: {spec!r} (a camera index, a video or image path, a folder, a glob, "
                            "or an rtsp:// / http:// URL)") from None
         except OSError as e:  # a link loop, a name too long, a folder it may not read

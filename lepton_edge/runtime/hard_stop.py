@@ -13,8 +13,8 @@ bundle: agent/deploy.py). So:
   for a model's load, grow this process's memory by at most `max_growth_bytes`), else the process ends
   with EXIT_CODE and one error line saying what did not finish;
 - `end_on_signals()`: after SIGINT or SIGTERM the `on_signal` hooks run at once (onnxruntime's watchdogs
-  stop its runs, so the usual way out is taken), and a process still running GRACE_S later (its main
-  thread inside native code) ends with 128 + the signal's number.
+  stop its runs, so the usual way out is taken), and a process still inside such unstoppable work
+  GRACE_S later ends with 128 + the signal's number.
 """
 from __future__ import annotations
 
@@ -65,14 +65,33 @@ LOAD_GROWTH_MIN = 2 << 30
 LOAD_GROWTH_PER_FILE_BYTE = 12  # an engine holds a model's weights a few times over while it builds
 
 
+MAX_ENTRIES = 10_000  # files looked at beside a model for its weights (a model in a crowded folder: a looser budget)
+
+
 def begin_load(path, what: str) -> int:
-    """`begin` for loading the model at `path`: LOAD_S, and at most max(2 GiB, 12x the file) more memory."""
-    try:
-        size = os.path.getsize(path)
-    except OSError:
-        size = 0
+    """`begin` for loading the model at `path`: LOAD_S, and at most max(2 GiB, 12x its bytes) more memory,
+    counting every file in the model's folder (and below): an ONNX model over 2 GB keeps its weights in
+    files beside it, and a 150-byte graph with 2.5 GB of weights in `w.bin` was ended as a bomb."""
     return begin(f"{what} loading {os.path.basename(str(path))!r}", LOAD_S,
-                 max(LOAD_GROWTH_MIN, LOAD_GROWTH_PER_FILE_BYTE * size))
+                 max(LOAD_GROWTH_MIN, LOAD_GROWTH_PER_FILE_BYTE * _folder_bytes(os.path.dirname(str(path)) or ".")))
+
+
+def _folder_bytes(folder: str) -> int:
+    total, seen, todo = 0, 0, [folder]
+    while todo and seen < MAX_ENTRIES:
+        try:
+            with os.scandir(todo.pop()) as it:
+                for e in it:
+                    seen += 1
+                    if seen > MAX_ENTRIES:
+                        break
+                    if e.is_dir(follow_symlinks=False):
+                        todo.append(e.path)
+                    elif e.is_file(follow_symlinks=False):
+                        total += e.stat(follow_symlinks=False).st_size
+        except OSError:
+            continue
+    return total
 
 
 def end(token: int) -> None:
@@ -112,6 +131,16 @@ def finish(line: str, code: int = EXIT_CODE) -> None:
         os._exit(code)
 
 
+def _finish_if_stuck(line: str, code: int) -> None:
+    """The grace is over: end the process only if work no one can stop is still in progress (a LiteRT run,
+    a model's load). A process closing its sinks, or waiting for a stalled camera's reader to give up,
+    is on its way out: it was ended, blaming the model, with its summary unprinted."""
+    with _lock:
+        stuck = bool(_limits)
+    if stuck:
+        finish(line, code)
+
+
 def on_signal(hook: Callable[[], None]) -> None:
     """Call `hook` (from the signal thread) as soon as SIGINT or SIGTERM arrives, once `end_on_signals` is in."""
     with _lock:
@@ -121,8 +150,9 @@ def on_signal(hook: Callable[[], None]) -> None:
 
 def end_on_signals() -> bool:
     """From the main thread: SIGINT and SIGTERM reach the hooks at once, and end the process GRACE_S later
-    if it is still running. The C-level handler writes the signal's number to a wakeup fd even while the
-    main thread is inside native code; a thread reading it acts. Not installed where the process already
+    if it is still inside work no engine can stop (`_finish_if_stuck`). The C-level handler writes the
+    signal's number to a wakeup fd even while the main thread is inside native code; a thread reading it
+    acts. Not installed where the process already
     has a wakeup fd (an asyncio loop's): that one is left as it is. True when installed (or already)."""
     global _signals_installed
     if _signals_installed:
@@ -163,7 +193,7 @@ def _on_wakeup(fd: int) -> None:
         if armed:
             continue
         armed, number = True, got[0]
-        timer = threading.Timer(GRACE_S, finish, args=(
+        timer = threading.Timer(GRACE_S, _finish_if_stuck, args=(
             f"stopped by {stops[number]}: the model's engine did not return within {GRACE_S:g} s", 128 + number))
         timer.daemon = True
         timer.start()

@@ -181,7 +181,7 @@ def stop_runs_on_signals() -> bool:
     of `run` spends its time inside one `session.run` call. A model stuck in a long run (a Loop that
     does not end) ignored Ctrl-C until `max_run_s` (120 s) stopped it. hard_stop's signal thread (the
     C-level handler writes the signal's number to a wakeup fd at once) terminates the runs in progress,
-    and ends the process if even that does not bring the main thread back."""
+    and ends the process if it is still inside work no engine can stop 5 s later (a model's load)."""
     from lepton_edge.runtime import hard_stop
 
     hard_stop.on_signal(_interrupt_runs)
