@@ -7,6 +7,7 @@ live in the model, so the backend is the one place that knows them.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -54,7 +55,8 @@ class LiteRTBackend(Backend):
         libs = list(options.delegates)
         self.threads = options.threads
         self.delegates = ["XNNPACK"] + libs  # XNNPACK is LiteRT's default CPU delegate
-        self.max_run_s, self._what = options.max_run_s, f"a LiteRT run of {Path(path).name!r}"
+        self.max_run_s = options.max_run_s
+        self._clock = hard_stop.RunClock(f"a LiteRT run of {Path(path).name!r}", options.max_run_s)
         limit = hard_stop.begin_load(path, "LiteRT")
         try:
             self.interpreter = load_interpreter(path, self.threads, delegates=libs)
@@ -90,11 +92,12 @@ class LiteRTBackend(Backend):
 
     def run(self, x: np.ndarray) -> list[np.ndarray]:
         self._set(self._in, x)
-        limit = hard_stop.begin(self._what, self.max_run_s)
+        clock = self._clock
+        clock.started = time.monotonic()
         try:
             self._invoke()
         finally:
-            hard_stop.end(limit)
+            clock.started = None
         get = self._get
         return [get(i) if q is None else (get(i).astype(np.float32) - q["zero_point"]) * np.float32(q["scale"])
                 for i, q in self._outs]
