@@ -149,7 +149,8 @@ def test_each_backend_receives_only_the_options_it_declares():
     assert type(onnx) is OnnxOptions and onnx.model_dump() == {"threads": 3, "providers": ["CPUExecutionProvider"],
                                                                 "qdq_fusion": True, "max_run_s": 120.0}
     lite = LiteRTBackend.options(**settings)
-    assert type(lite) is LiteRTOptions and lite.model_dump() == {"threads": 3, "delegates": ["/usr/lib/libaccel.so"]}
+    assert type(lite) is LiteRTOptions and lite.model_dump() == {"threads": 3, "delegates": ["/usr/lib/libaccel.so"],
+                                                                 "max_run_s": 120.0}
     assert OnnxBackend.options(threads=None).threads == 1  # None: the default
     for bad, words in (({"threads": 0}, "threads"), ({"threads": True}, "threads"), ({"qdq_fusion": 0}, "qdq_fusion"),
                        ({"max_run_s": float("inf")}, "max_run_s"),
