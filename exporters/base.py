@@ -329,9 +329,17 @@ def _validator(ctx: ExportContext, exporter: Exporter, fp32: Path, fp32_pred):
     from lepton_edge.exporters import validation as val
 
     src, task = ctx.source, ctx.options.task
+    from lepton_edge.compress import calibration as cal
+    from lepton_edge.ui import human
+
+    limit, held = ctx.options.max_memory_bytes, cal.rss_bytes()
+    if limit is not None and held and limit < held:  # the reference's outputs, every candidate: stopped at once
+        raise BadInput(f"--max-memory {human(limit)} is less than the export already holds ({human(held)}, the "
+                       "model, its data and the libraries): give it more")
     validate = val.Validator(exporter, ctx.threads, fp32_pred, fp32, ctx.data, thresholds=ctx.options.thresholds(),
                              task=task or (src.task if src.task != "raw" else None), input_spec=src.input_spec,
-                             labels=src.labels, enforce=src.trained)
+                             labels=src.labels, enforce=src.trained,
+                             memory_budget=ctx.options.max_memory_bytes or cal.default_memory_budget())
     ctx.progress.info(f"[dim]validating as task '{validate.task}'"
                       f"{' (inferred from the outputs)' if validate.task_inferred else ''}[/]")
     if validate.task == "detect":  # the device decodes boxes as the gate did: task and head in the manifest
@@ -355,14 +363,8 @@ def _float(ctx: ExportContext, exporter: Exporter, fp32: Path, chosen: Path, pre
 
 def _int8(ctx: ExportContext, exporter: Exporter, fp32: Path, chosen: Path, validate, recipes: list[str]):
     """The recipe search (exporters/recipes.py); the best passing candidate becomes `chosen`."""
-    from lepton_edge.compress import calibration as cal
     from lepton_edge.exporters import recipes as search, validation as val
-    from lepton_edge.ui import human
 
-    limit, held = ctx.options.max_memory_bytes, cal.rss_bytes()
-    if limit is not None and held and limit < held:  # every candidate would be stopped at once
-        raise BadInput(f"--max-memory {human(limit)} is less than the export already holds ({human(held)}, the "
-                       "model, its data and the libraries): give it more")
     found = search.search(ctx, exporter, exporter.prepare_int8(ctx, fp32), validate, recipes)
     if found.path is None and found.failure:
         raise CheckFailed(found.failure, details={"attempts": found.attempts})

@@ -14,7 +14,6 @@ noise (its *ceiling*), measured in the same export.
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -22,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from lepton_edge.errors import BadInput
+from lepton_edge.errors import BadInput, CheckFailed
+from lepton_edge.memory import rss_bytes
 
 CEILING_SAMPLES = 2000  # inputs the fp32 ceiling is measured on (the first of the validation inputs)
 BATCH_BYTES = 4 << 20  # validation inputs per engine call, in bytes (see Validator)
@@ -115,16 +115,40 @@ def as_outputs(out) -> Outputs:
     return [np.asarray(out)]
 
 
-def batched(fn: Predict, x: np.ndarray, batch: int, description: str = "validating") -> Outputs:
-    """Every output of `fn` over `x`, `batch` inputs a call."""
+def batched(fn: Predict, x: np.ndarray, batch: int, description: str = "validating", watch=None) -> Outputs:
+    """Every output of `fn` over `x`, `batch` inputs a call, written into arrays sized for all of `x`
+    after the first call (outputs of another shape from call to call are joined by `stack_outputs`).
+    Why: the calls' parts and their concatenation were held together, twice the outputs at the peak.
+    `watch` (a MemoryWatch) is checked after every call: its MemoryExceeded stops the work there."""
     from lepton_edge import ui
 
-    parts: list[Outputs] = []
-    with ui.progress(description, len(x)) as advance:
-        for i in range(0, len(x), batch):
-            parts.append(as_outputs(fn(x[i:i + batch])))
-            advance(len(x[i:i + batch]))
-    return stack_outputs(parts)
+    n = len(x)
+    whole: Outputs | None = None  # one array per output, rows 0..done filled
+    parts: list[Outputs] = []  # the calls' outputs, when they cannot be written into `whole`
+    done = 0
+    with ui.progress(description, n) as advance:
+        for i in range(0, n, batch):
+            k = len(x[i:i + batch])
+            got = [np.atleast_1d(o) for o in as_outputs(fn(x[i:i + batch]))]
+            if whole is None and not parts and all(g.shape[0] == k for g in got):
+                whole = [np.empty((n,) + g.shape[1:], g.dtype) for g in got]
+            if whole is not None and _rows_fit(got, whole, k):
+                for g, w in zip(got, whole):
+                    w[done:done + k] = g
+            else:
+                if whole is not None:  # the shapes changed: what was written so far becomes one part
+                    parts, whole = [[w[:done] for w in whole]], None
+                parts.append(got)
+            done += k
+            advance(k)
+            if watch is not None:
+                watch.check()
+    return whole if whole is not None else stack_outputs(parts)
+
+
+def _rows_fit(got: Outputs, whole: Outputs, k: int) -> bool:
+    return len(got) == len(whole) and all(g.shape == (k,) + w.shape[1:] and g.dtype == w.dtype
+                                          for g, w in zip(got, whole))
 
 
 def stack_outputs(parts: list[Outputs]) -> Outputs:
@@ -238,8 +262,10 @@ class Validator:
     for classify and embed) and on the labelled evaluation set."""
 
     def __init__(self, exporter, threads: int, reference: Predict, reference_path, data, *, task: str | None,
-                 thresholds: Thresholds, input_spec, labels=None, enforce: bool = True, batch: int = 64):
+                 thresholds: Thresholds, input_spec, labels=None, enforce: bool = True, batch: int = 64,
+                 memory_budget: int | None = None):
         from lepton_edge import ui
+        from lepton_edge.compress.calibration import MemoryExceeded, MemoryWatch
 
         # Inputs per call: at most `batch`, and at most BATCH_BYTES of them. onnxruntime's arena keeps
         # the largest batch's intermediate tensors for the session's life: 64 inputs of 224x224 made a
@@ -258,8 +284,14 @@ class Validator:
         self.reference = reference  # fp32's predictor: the recipe search times candidates against it
         self.th, self.spec, self.labels, self.enforce = thresholds, input_spec, labels, enforce
         specs = exporter.describe(reference_path).get("outputs", [])
-        with ui.stage(f"reference outputs on {len(data.check_x)} inputs"):
-            outs = batched(reference, data.check_x, batch, "reference")
+        if memory_budget:
+            fit_outputs(reference, data, memory_budget)
+        with ui.stage(f"reference outputs on {len(data.check_x)} inputs"), \
+                MemoryWatch(memory_budget, what="the fp32 reference outputs") as watch:
+            try:
+                outs = batched(reference, data.check_x, batch, "reference", watch=watch)
+            except MemoryExceeded as e:
+                raise CheckFailed(f"{e}: give the export more memory, or a model with smaller outputs") from None
             _finite_reference(outs, specs)
             self.ref = Reference(outs, specs)
             self.task = task or infer_task(self.ref, input_spec, labels)
@@ -306,8 +338,52 @@ class Validator:
         specs = self.exporter.describe(path).get("outputs", [])
         v = judge(self.task, self.ref, out, specs, self.th, eval_out=eval_out, input_spec=self.spec,
                   labels=self.labels, strict_names=self.exporter.format == "onnx", enforce=self.enforce)
-        ram = None if before is None or after is None else max(0, after - before)
+        ram = max(0, after - before) if before and after else None  # (0: not known here)
         return v, pred, ram
+
+
+# What one input's outputs cost while a candidate is judged, in copies of them: fp32's, its noisy run's and
+# the candidate's, held whole, and the float64 copies the metrics make (classify's softmax alone makes four;
+# measured: a 16.7 MB-an-input output peaked at 11.5x its held outputs while judged). Fewer than
+# MIN_CHECK_INPUTS validation inputs judge nothing.
+OUTPUT_COPIES = 12
+SEARCH_MARGIN = 512 << 20  # kept out of the budget for what comes after the reference: libraries, sessions
+MIN_CHECK_INPUTS = 8
+
+
+def fit_outputs(reference: Predict, data, budget: int) -> None:
+    """Validate on only as many inputs as the outputs of fit in what the memory budget leaves (data.check_x
+    cut, and what the manifest records with it), or refuse in one line when not even MIN_CHECK_INPUTS fit.
+
+    Why: the fp32 reference's outputs on every validation input are held for the whole export, and a
+    candidate's beside them while it is judged. A model with 64 MB of outputs an input took 23 GB on its 64
+    held-out inputs, past --max-memory 3GB, until the kernel's OOM killer ended it: the budget was watched
+    only in the int8 search, after the reference."""
+    from lepton_edge.compress.calibration import subset
+    from lepton_edge.ui import human
+
+    n = len(data.check_x)
+    per = max(1, sum(np.atleast_1d(o).nbytes for o in as_outputs(reference(data.check_x[:1]))))
+    free = budget - rss_bytes()
+    left = max(free - SEARCH_MARGIN, free // 2)
+    fit = max(0, left) // (OUTPUT_COPIES * per)
+    if fit >= n:
+        return
+    if fit < min(n, MIN_CHECK_INPUTS):
+        raise CheckFailed(f"the model's outputs take {human(per)} an input: validating on {min(n, MIN_CHECK_INPUTS)} "
+                          f"inputs needs about {human(OUTPUT_COPIES * per * min(n, MIN_CHECK_INPUTS))}, over the "
+                          f"{human(max(0, left))} the export's memory budget leaves ({human(budget)}, --max-memory): "
+                          "give it more, or export a model with smaller outputs")
+    import logging
+
+    logging.getLogger(__name__).warning(f"the model's outputs take {human(per)} an input: validating on {fit} of the "
+                                        f"{n} inputs, what the memory budget ({human(budget)}, --max-memory) holds")
+    same = data.eval_x is data.check_x
+    data.check_x = subset(data.check_x, None, fit)
+    if same:
+        data.eval_x, data.eval_y = data.check_x, None if data.eval_y is None else data.eval_y[:fit]
+    data.split["validation_inputs"] = f"{data.split.get('validation_inputs', data.check_kind)} (the first {fit}: " \
+                                      "the outputs of more would not fit the memory budget)"
 
 
 # int8 over fp32's time by this factor counts as slower than fp32 (a warning line; the recipe search ranks
@@ -352,12 +428,3 @@ def _latency_stats(times: list[float]) -> dict:
     a = np.asarray(times)
     return {"p50_ms": float(np.median(a)), "p90_ms": float(np.percentile(a, 90)), "min_ms": float(a.min()),
             "runs": len(a)}
-
-
-def rss_bytes() -> int | None:
-    """Resident memory of this process (Linux /proc; None elsewhere)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None

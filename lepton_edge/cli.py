@@ -134,8 +134,10 @@ def export(
     recipes: str | None = typer.Option(None, help="int8 recipes to try in order, e.g. nncf-default,u8-percentile."),
     search_time: float = typer.Option(180.0, help="int8: seconds to spend trying recipes; the best that passes "
                                       "is kept (the first always completes)."),
-    max_memory: str | None = typer.Option(None, help="int8: memory budget of the export, e.g. 4GB; a recipe over "
-                                             "it is stopped and skipped (default: available memory less a margin)."),
+    max_memory: str | None = typer.Option(None, help="Memory budget of the export, e.g. 4GB: the "
+                                             "reference outputs are validated on as many inputs as it holds, an int8 "
+                                             "recipe over it is stopped and skipped (default: available memory less a "
+                                             "margin)."),
     allow_synthetic_calibration: bool = typer.Option(False, help="Calibrate int8 on random data (ruins accuracy)."),
     name: str | None = typer.Option(None, help="Bundle name (default: the model's)."),
     color: str | None = typer.Option(None, help="Input colour order: RGB, BGR or GRAY."),

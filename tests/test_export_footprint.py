@@ -216,3 +216,54 @@ def test_batch_size_by_activation_bytes():
     assert q._batch_size(model, feeds, q.ACTIVATION_BATCH_BYTES * 3) == 1
     model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 4
     assert q._batch_size(model, feeds, q.ACTIVATION_BATCH_BYTES * 3) == 4
+
+
+def _wide_output_net(path: Path, per_input_floats: int) -> Path:
+    """x [N,3,16,16] -> its mean, expanded to [N, per_input_floats]: a tiny graph whose outputs are large
+    (a dense map of a large input, a stack of feature maps), the reference outputs' worst case."""
+    nodes = [helper.make_node("Flatten", ["x"], ["f"], axis=1),
+             helper.make_node("ReduceMean", ["f"], ["m"], axes=[1], keepdims=1),
+             helper.make_node("Expand", ["m", "shape"], ["y"])]
+    shape = numpy_helper.from_array(np.array([1, per_input_floats], np.int64), "shape")
+    graph = helper.make_graph(nodes, "wide", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", per_input_floats])], [shape])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def test_outputs_the_memory_budget_cannot_hold_are_refused_before_the_reference(tmp_path):
+    """The fp32 reference's outputs on every validation input were held, past --max-memory: a model of 64 MB
+    of outputs an input took 23 GB until the kernel's OOM killer ended it. Now one line, before any is held."""
+    model = _wide_output_net(tmp_path / "wide.onnx", 4 << 20)  # 16 MiB of outputs an input
+    np.save(tmp_path / "calib.npy", RNG.random((80, 3, 16, 16), dtype=np.float32))
+    measured = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+                "print('maxrss', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, file=sys.stderr); "
+                "sys.exit(r.returncode)")
+    p = subprocess.run([sys.executable, "-c", measured, sys.executable, "-m", "lepton_edge.cli", "export",
+                        str(model), "--precision", "fp32", "--calib", str(tmp_path / "calib.npy"), "--max-memory",
+                        "1GB", "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    lines = p.stderr.strip().splitlines()
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    assert p.returncode == 1 and len(errors) == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert errors[0].startswith("error: the model's outputs take 16.78 MB an input: validating on 8 inputs needs")
+    assert "(1.00 GB, --max-memory): give it more, or export a model with smaller outputs" in errors[0]
+    assert int(lines[-1].split()[1]) < 1e9 and not (tmp_path / "out").exists()
+
+
+def test_validation_inputs_are_cut_to_what_the_memory_budget_holds(tmp_path):
+    """Between refusing and holding everything: the first inputs whose outputs fit are validated on, and the
+    manifest says so (its samples, and why)."""
+    import lepton_edge
+    from lepton_edge.exporters import validation as val
+
+    model = _wide_output_net(tmp_path / "wide.onnx", 1 << 18)  # 1 MiB of outputs an input
+    np.save(tmp_path / "calib.npy", RNG.random((80, 3, 16, 16), dtype=np.float32))
+    budget = cal.rss_bytes() + val.SEARCH_MARGIN + val.OUTPUT_COPIES * (1 << 20) * 20 + (8 << 20)
+    r = lepton_edge.export(str(model), target="x86-cpu", precision="fp32", calib=str(tmp_path / "calib.npy"),
+                           out=str(tmp_path / "out"), max_memory=budget, task="raw", measure_latency=False)
+    inputs = r.manifest.validation["inputs"]
+    assert val.MIN_CHECK_INPUTS <= inputs["validation"]["samples"] < 64, inputs
+    assert inputs["validation_inputs"].endswith(f"(the first {inputs['validation']['samples']}: the outputs of "
+                                                "more would not fit the memory budget)"), inputs

@@ -15,6 +15,7 @@ import numpy as np
 
 from lepton_edge.bundle import InputSpec
 from lepton_edge.errors import BadInput
+from lepton_edge.memory import available_bytes, rss_bytes  # noqa: F401 (read here by the export's callers)
 from lepton_edge.runtime.preprocess import normalise, preprocess_batch, to_pixels
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".pgm", ".ppm"}
@@ -326,40 +327,6 @@ class MemoryExceeded(Exception):
     def __init__(self, message: str, watch: MemoryWatch | None = None):
         super().__init__(message)
         self.watch = watch
-
-
-def rss_bytes() -> int:
-    """Resident memory of this process (Linux /proc, psutil elsewhere, 0 when neither works)."""
-    import os
-
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        try:
-            import psutil
-
-            return int(psutil.Process().memory_info().rss)
-        except Exception:
-            return 0
-
-
-def available_bytes() -> int | None:
-    """Memory the system can give without swapping (MemAvailable), or None when unknown."""
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except Exception:
-        pass
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 def default_memory_budget() -> int | None:

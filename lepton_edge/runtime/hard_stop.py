@@ -27,6 +27,8 @@ import time
 import weakref
 from collections.abc import Callable
 
+from lepton_edge.memory import rss_bytes
+
 EXIT_CODE = 1  # as any model that fails: "the model could not be run", said in the line
 GRACE_S = 5.0
 TICK_S = 0.1
@@ -38,14 +40,6 @@ _watcher: threading.Thread | None = None
 _hooks: list[Callable[[], None]] = []
 _clocks: weakref.WeakSet = weakref.WeakSet()  # RunClocks of the backends alive
 _signals_installed = False
-
-
-def rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
 
 
 def begin(what: str, seconds: float, max_growth_bytes: int | None = None) -> int:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from lepton_edge.errors import BadInput
-from lepton_edge.exporters.validation import _finite_reference, stack_outputs
+from lepton_edge.exporters.validation import _finite_reference, batched, stack_outputs
 
 
 def test_outputs_of_many_calls_stack_along_the_first_axis():
@@ -31,3 +31,34 @@ def test_a_reference_with_nan_says_on_how_many_inputs():
         _finite_reference([out], [{"name": "y"}])
     with pytest.raises(BadInput, match=r"output '0' is NaN on 1 of 1 validation inputs"):
         _finite_reference([np.float32("nan")], [])
+
+
+def _model_of(outputs_of):
+    """A predictor whose outputs for a batch are `outputs_of(batch)` (arrays made per call, as an engine's)."""
+    return lambda xb: outputs_of(np.asarray(xb))
+
+
+def test_batched_outputs_equal_the_stacked_calls_in_every_case():
+    x = np.arange(20, dtype=np.float32).reshape(20, 1)
+    got = batched(_model_of(lambda xb: [xb * 2, np.float32(xb.sum())]), x, 8)  # a 0-d output: one value a call
+    assert got[0].tolist() == (x * 2).tolist() and got[1].tolist() == [28.0, 92.0, 70.0]
+    same = batched(_model_of(lambda xb: [xb[:, :, None] + np.zeros((1, 1, 3), np.float32)]), x, 8)
+    assert same[0].shape == (20, 1, 3) and same[0].dtype == np.float32 and same[0][19, 0, 2] == 19.0
+    calls = iter([np.zeros((8, 4)), np.zeros((8, 4)), np.zeros((4, 5))])  # the shape changes after two calls
+    with pytest.raises(BadInput, match=r"^output 0's shape depends on the input"):
+        batched(_model_of(lambda xb: [next(calls)]), x, 8)
+
+
+def test_batched_outputs_are_not_held_twice():
+    """The calls' parts and their concatenation were held together: twice the outputs at the peak."""
+    import tracemalloc
+
+    x = np.zeros((64, 1), np.float32)
+    tracemalloc.start()
+    try:
+        out = batched(_model_of(lambda xb: [np.ones((len(xb), 1 << 18), np.float32)]), x, 8)  # 1 MiB an input
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert out[0].shape == (64, 1 << 18) and out[0].sum() == 64 * (1 << 18)
+    assert peak < 1.3 * out[0].nbytes, f"peak {peak / 2**20:.0f} MiB for {out[0].nbytes / 2**20:.0f} MiB of outputs"
