@@ -43,6 +43,17 @@ REGISTRY: Registry[type[Exporter]] = Registry(ENTRY_POINT_GROUP, "exporter", {
 EXPORT_RUN_S = 600.0
 
 
+def _export_run_bytes() -> int | None:
+    """One engine run's memory budget during an export: what the machine has available now (None: the
+    runtime's default). Not the device's default (max(2 GiB, 12x the model)): a legitimate model with large
+    activations is the export's to refuse softly (--max-memory, compress/calibration.MemoryWatch), and a run
+    past what the machine has ends the export with one line before the kernel's OOM killer would take it."""
+    from lepton_edge.memory import available_bytes
+
+    avail = available_bytes()
+    return None if avail is None else max(256 << 20, avail)
+
+
 class Exporter(abc.ABC):
     """One output format. A concrete subclass sets `format` (its registry key and the bundle's
     `format`), `suffix`, `precisions`, and implements the steps below; each gets the export's
@@ -103,7 +114,8 @@ class Exporter(abc.ABC):
 
         try:
             be = backend_for(self.format).open(path, threads=max(1, min(threads, os.cpu_count() or 1)),
-                                               **{"max_run_s": EXPORT_RUN_S, **settings})
+                                               **{"max_run_s": EXPORT_RUN_S, "max_run_bytes": _export_run_bytes(),
+                                                  **settings})
         except BadInput as e:
             raise CheckFailed(f"the {self.format} runtime cannot load the exported model: {e}") from None
         info = be.inputs[0]

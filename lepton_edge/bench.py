@@ -43,9 +43,19 @@ def _frames(source: str | None, limit: int = 64) -> list[np.ndarray]:
     return frames
 
 
+class OverBudget(BadInput):
+    """`bench` went past its time budget (--max-time): it ends there, with this one line."""
+
+
+def _over(model: str, threads: int | None, max_s: float | None) -> OverBudget:
+    return OverBudget(f"{model} ({threads or 'default'} thread(s)) was still being measured when bench's time "
+                      f"budget of {max_s:g} s ran out (--max-time; fewer --runs, or a faster model)")
+
+
 def measure(model: str, threads: int | None, runs: int, warmup: int, source: str | None = None,
-            input_spec: str | None = None) -> dict[str, Any]:
-    """One model at one thread count, in this process."""
+            input_spec: str | None = None, deadline: float | None = None) -> dict[str, Any]:
+    """One model at one thread count, in this process; past `deadline` (time.monotonic()) between two runs,
+    OverBudget (a run in progress is not stopped: `compare` ends an isolated one's process)."""
     import resource
 
     from lepton_edge.runtime import Runtime
@@ -59,11 +69,14 @@ def measure(model: str, threads: int | None, runs: int, warmup: int, source: str
             step()
         except Exception as e:
             raise BadInput(rt.failure(stage, e)) from None
+    end = float("inf") if deadline is None else deadline
     for i in range(warmup):
+        _check(end, model)
         rt.timed(frames[i % len(frames)])
     st = StageTimes(size=max(runs, 1))
     t0 = time.perf_counter()
     for i in range(runs):
+        _check(end, model)
         r = rt.timed(frames[i % len(frames)], i)
         st.add(**r.ms)
     wall = time.perf_counter() - t0
@@ -77,9 +90,16 @@ def measure(model: str, threads: int | None, runs: int, warmup: int, source: str
             "frame": list(frames[0].shape), "source": source or "synthetic 640x480 BGR"}
 
 
-def _child(args: tuple) -> dict:
+def _check(deadline: float, model: str) -> None:
+    if time.monotonic() > deadline:
+        raise OverBudget(f"{model}: bench's time budget ran out")
+
+
+def _child(args: tuple, deadline: float | None = None) -> dict:
     try:
-        return measure(*args)
+        return measure(*args) if deadline is None else measure(*args, deadline=deadline)
+    except OverBudget:
+        raise
     except LeptonError as e:
         return {"model": args[0], "threads": args[1], "error": str(e)}
     except Exception as e:  # whatever else the engine raises on someone's model: one row, one line
@@ -87,35 +107,60 @@ def _child(args: tuple) -> dict:
                 if str(e) else type(e).__name__}
 
 
-def _isolated(ctx, cfg: tuple) -> dict:
-    """One measurement in a fresh process. Why not a Pool: when the engine crashed the worker (a model
-    that makes LiteRT segfault), Pool.apply waited forever for a worker it had quietly replaced."""
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
+def _send(conn, cfg: tuple) -> None:
+    conn.send(_child(cfg))
+    conn.close()
 
-    with ProcessPoolExecutor(1, mp_context=ctx) as pool:
+
+def _isolated(ctx, cfg: tuple, timeout: float | None = None) -> dict | None:
+    """One measurement in a fresh process; None when it had not finished after `timeout` seconds (the
+    process is killed: an engine cannot be asked to stop a run, and a slow model kept bench going for
+    hours). Why a bare process, not a Pool: when the engine crashed the worker (a model that makes LiteRT
+    segfault), Pool.apply waited forever for a worker it had quietly replaced; here its pipe closes."""
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_send, args=(send, cfg), daemon=True)
+    proc.start()
+    send.close()  # (the child's copy is the only one left: its death is the pipe's end)
+    try:
+        if not recv.poll(timeout):
+            return None
         try:
-            return pool.submit(_child, cfg).result()
-        except BrokenProcessPool:
+            return recv.recv()
+        except EOFError:
             return {"model": cfg[0], "threads": cfg[1], "error": "the engine crashed on this model (its process "
                     "died); a malformed or hostile model file"}
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        proc.join()
+        recv.close()
 
 
 def compare(models: list[str], threads: list[int | None], runs: int = 200, warmup: int = 20,
             source: str | None = None, input_spec: str | None = None, isolate: bool = True,
-            progress=None) -> list[dict]:
-    """Every model at every thread count; one row each (a row with "error" when it cannot run)."""
+            progress=None, max_s: float | None = None) -> list[dict]:
+    """Every model at every thread count; one row each (a row with "error" when it cannot run). `max_s`:
+    the whole comparison's time budget; past it, OverBudget (one line) and no table."""
     for m in models:
         if not Path(m).exists():
             raise BadInput(f"not found: {m}")
+    if max_s is not None and not (isinstance(max_s, (int, float)) and 0 < max_s < float("inf")):
+        raise BadInput(f"--max-time must be a positive number of seconds, got {max_s!r}")
     configs = [(m, t, runs, warmup, source, input_spec) for m in models for t in threads]
+    deadline = None if max_s is None else time.monotonic() + max_s
     rows = []
     ctx = mp.get_context("spawn")
     for cfg in configs:
         if isolate:
-            rows.append(_isolated(ctx, cfg))
+            row = _isolated(ctx, cfg, None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if row is None:
+                raise _over(cfg[0], cfg[1], max_s)
+            rows.append(row)
         else:
-            rows.append(_child(cfg))
+            try:
+                rows.append(_child(cfg, deadline))
+            except OverBudget:
+                raise _over(cfg[0], cfg[1], max_s) from None
         if progress:
             progress()
     return rows

@@ -70,6 +70,30 @@ def _check_dims(shape: list, cap: int | None) -> list:
     return shape
 
 
+FLOAT16_MAX = 65504.0
+
+
+def normalisation_overflow(scale: float, mean: list[float], std: list[float], dtype: str) -> str | None:
+    """Why (pixel * scale - mean) / std overflows for some pixel 0..255 and channel, else None. normalise()
+    computes it as pixel * a - b in float32 (a = scale / std, b = mean / std), then casts to the input's
+    dtype: each value and result must fit (float16's range for a float16 input). Why: each of mean, std and
+    scale fit a float32, yet std=1e-30 with mean=1e10 (or mean=3e38 with std=0.5) made every frame all inf,
+    and the model's results garbage, without a word."""
+    n = max(len(mean), len(std))
+    if n == 0 or len(mean) not in (1, n) or len(std) not in (1, n):
+        return None  # (a count that fits no input: check_normalisation's line, with the input's channels)
+    limit = FLOAT16_MAX if dtype == "float16" else FLOAT32_MAX
+    worst = 0.0
+    for m, s in zip(mean * n if len(mean) == 1 else mean, std * n if len(std) == 1 else std):
+        a, b = scale / s, m / s
+        worst = max(worst, abs(255 * a), abs(b), abs(255 * a - b))
+    if worst < limit:
+        return None
+    return (f"mean {mean} and std {std} with scale {scale:g} make input values up to {worst:.3g}, past "
+            f"{'float16' if limit == FLOAT16_MAX else 'float32'}'s range ({limit:.3g}): every frame would reach "
+            "the model as inf")
+
+
 class InputSpec(BaseModel):
     """Everything needed to turn a camera frame into the model's input tensor."""
 
@@ -109,6 +133,13 @@ class InputSpec(BaseModel):
         if any(abs(x) > FLOAT32_MAX for x in (v if isinstance(v, list) else [v])):
             raise ValueError("must fit a float32, under 3.4e38")
         return v
+
+    @model_validator(mode="after")
+    def _normalised_fits(self) -> InputSpec:
+        why = normalisation_overflow(self.scale, self.mean, self.std, self.dtype)
+        if why:
+            raise ValueError(why)
+        return self
 
     @property
     def channels(self) -> int:

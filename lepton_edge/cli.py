@@ -396,6 +396,9 @@ def run(
     max_run_s: float | None = typer.Option(None, "--max-run-s", help="One inference's time limit in seconds, "
                                            "past which the run stops with an error (default 120; LiteRT "
                                            "cannot stop a run, so the process ends)."),
+    max_run_mib: int | None = typer.Option(None, "--max-run-mib", min=1, help="How far, in MiB, the process "
+                                           "may grow while one inference runs, past which it ends with an error "
+                                           "(default: max(2048, 12x the model's files in MiB))."),
 ):
     """Run a bundle on frames from a camera, video, stream or images; per-stage timing at the end."""
     from lepton_edge.capture import open_source
@@ -410,7 +413,8 @@ def run(
     # process (runtime/hard_stop.py): a LiteRT loop or a model's load is deaf to Python's handlers
     _check_signature(model, trusted_key)
     rt = _load_runtime(model, threads=threads, input_spec=input_spec, task=task, top_k=top_k, conf=conf, iou=iou,
-                       delegate=delegate, max_run_s=max_run_s)
+                       delegate=delegate, max_run_s=max_run_s,
+                       max_run_bytes=max_run_mib << 20 if max_run_mib else None)
     src = open_source(source, decode_threads=capture_threads(rt), max_reconnects=max_reconnects or None)
     pipe = Pipeline(src, rt, max_frames=max_frames)
     outs = _run_sinks(pipe, src, rt, every=every, jsonl=jsonl, save=save, show=show,
@@ -568,6 +572,8 @@ def bench(
                                          "synthetic 640x480 frame)."),
     input_spec: str | None = typer.Option(None, "--input-spec", help="For plain models (see `run`)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    max_time: float = typer.Option(900.0, "--max-time", help="Seconds the whole comparison may take; past them "
+                                   "bench ends with one line (a model far too slow for --runs)."),
 ):
     """Per-stage latency percentiles, throughput and peak RSS; one table across models and threads."""
     from lepton_edge import bench as b
@@ -575,7 +581,7 @@ def bench(
     thr = b.parse_threads(threads)
     total = len(models) * len(thr)
     with ui.progress("benchmarking", total) as advance:
-        rows = b.compare(models, thr, runs, warmup, source, input_spec, progress=advance)
+        rows = b.compare(models, thr, runs, warmup, source, input_spec, progress=advance, max_s=max_time)
     if as_json:
         _emit_json(rows)
     else:

@@ -259,7 +259,7 @@ def test_a_model_whose_load_never_ends_is_ended_by_sigterm_and_a_timed_out_run_e
 
 @pytest.mark.parametrize("limit", ["time", "memory"])
 def test_work_an_engine_cannot_stop_ends_the_process_at_its_limit(limit):
-    """hard_stop's limits: past its time, or past its memory growth, the process ends with exit 1 and one
+    """hard_stop's limits: past its time, or past its memory growth, the process ends with exit 2 and one
     error line naming the work (the engines release the GIL while they work, as time.sleep does here)."""
     import subprocess
     import sys
@@ -274,7 +274,7 @@ def test_work_an_engine_cannot_stop_ends_the_process_at_its_limit(limit):
                        capture_output=True, text=True, timeout=60)
     said = {"time": "error: a LiteRT run of 'm.tflite' did not finish in 0.5 s, and the engine cannot be stopped",
             "memory": "error: onnxruntime loading 'm.onnx' grew this process to"}[limit]
-    assert r.returncode == 1 and "returned" not in r.stdout and r.stderr.startswith(said), r.stderr[-1500:]
+    assert r.returncode == 2 and "returned" not in r.stdout and r.stderr.startswith(said), r.stderr[-1500:]
     assert len(r.stderr.strip().splitlines()) == 1 and time.monotonic() - t0 < 20
 
 

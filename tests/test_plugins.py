@@ -147,10 +147,11 @@ def test_each_backend_receives_only_the_options_it_declares():
     settings = {"threads": 3, "providers": ["CPUExecutionProvider"], "delegates": ["/usr/lib/libaccel.so"]}
     onnx = OnnxBackend.options(**settings)
     assert type(onnx) is OnnxOptions and onnx.model_dump() == {"threads": 3, "providers": ["CPUExecutionProvider"],
-                                                                "qdq_fusion": True, "max_run_s": 120.0}
+                                                                "qdq_fusion": True, "max_run_s": 120.0,
+                                                                "max_run_bytes": None}
     lite = LiteRTBackend.options(**settings)
     assert type(lite) is LiteRTOptions and lite.model_dump() == {"threads": 3, "delegates": ["/usr/lib/libaccel.so"],
-                                                                 "max_run_s": 120.0}
+                                                                 "max_run_s": 120.0, "max_run_bytes": None}
     assert OnnxBackend.options(threads=None).threads == 1  # None: the default
     for bad, words in (({"threads": 0}, "threads"), ({"threads": True}, "threads"), ({"qdq_fusion": 0}, "qdq_fusion"),
                        ({"max_run_s": float("inf")}, "max_run_s"),
@@ -194,7 +195,7 @@ def test_a_backend_from_another_package_runs_a_bundle(site, tmp_path, int8_bundl
     log = json.loads((tmp_path / "mybackend.json").read_text())
     assert log["type"] == "MyOptions"
     assert log["options"] == {"threads": log["options"]["threads"], "providers": ["CPUExecutionProvider"],
-                              "qdq_fusion": True, "max_run_s": 120.0,  # (OnnxOptions' own, inherited)
+                              "qdq_fusion": True, "max_run_s": 120.0, "max_run_bytes": None,  # (OnnxOptions' own)
                               "greeting": "hello"}  # no delegates: an ONNX engine has none
     assert int((tmp_path / "mybackend.json.calls").read_text()) == 40
     assert r.stderr.count("not loaded") == 1 and "broken" in r.stderr and "a_library_this_machine_lacks" in r.stderr

@@ -50,6 +50,9 @@ class AgentConfig(BaseModel):
     # one inference's time limit in seconds (onnxruntime; default 120): a model whose run never ends (a hostile
     # Loop) is stopped there and its bundle refused, not left holding the pipeline
     max_run_s: float | None = Field(default=None, gt=0, le=86400, allow_inf_nan=False)
+    # how far the agent may grow while one inference runs (bytes; default max(2 GiB, 12x the model's files)):
+    # past it the process ends with one line and the service manager restarts it with the last good bundle
+    max_run_bytes: int | None = Field(default=None, gt=0)
     window_s: float = Field(default=10.0, ge=0.1, le=3600, allow_inf_nan=False)
     sample_every: int = Field(default=1, ge=1, le=1000)
     state_dir: Path = Path("/var/lib/lepton-edge")  # outbox.sqlite, bundles/, current

@@ -158,7 +158,7 @@ class Agent:
     def _open(self, path: Path, threads: int | None) -> Runtime:
         """Every runtime the agent runs, with this device's delegates and its limit on one run."""
         return Runtime.load(path, threads=threads, leave_cores=1, delegates=self.cfg.delegates,
-                            max_run_s=self.cfg.max_run_s)
+                            max_run_s=self.cfg.max_run_s, max_run_bytes=self.cfg.max_run_bytes)
 
     def _load(self, path: Path, threads: int | None, check_signature: bool) -> Runtime:
         if check_signature and self.cfg.trusted_keys:

@@ -12,6 +12,9 @@ bundle: agent/deploy.py). So:
 - `begin(what, seconds, max_growth_bytes)` / `end(token)`: work that must finish within `seconds` (and,
   for a model's load, grow this process's memory by at most `max_growth_bytes`), else the process ends
   with EXIT_CODE and one error line saying what did not finish;
+- `RunClock(what, limit, max_growth)`: a model's runs, each within `limit` seconds and (while one is in
+  progress) at most `max_growth` bytes above the process's size between runs: a 1 KB graph that Expands
+  its input to 3 GB at each run ran, and finished, on a 4 GB board;
 - `end_on_signals()`: after SIGINT or SIGTERM the `on_signal` hooks run at once (onnxruntime's watchdogs
   stop its runs, so the usual way out is taken), and a process still inside such unstoppable work
   GRACE_S later ends with 128 + the signal's number.
@@ -29,7 +32,7 @@ from collections.abc import Callable
 
 from lepton_edge.memory import rss_bytes
 
-EXIT_CODE = 1  # as any model that fails: "the model could not be run", said in the line
+EXIT_CODE = 2  # as any model that fails in `run` (pipeline.ModelFailed, a BadInput): "the model could not be run"
 GRACE_S = 5.0
 TICK_S = 0.1
 
@@ -54,17 +57,27 @@ def begin(what: str, seconds: float, max_growth_bytes: int | None = None) -> int
 
 
 class RunClock:
-    """One backend's run timer: `started` is set (time.monotonic()) just before a call the engine cannot
+    """One backend's runs, watched: `started` is set (time.monotonic()) just before a call the engine cannot
     stop and set back to None after it; the watcher ends the process when one has run past `limit`. Two
-    attribute writes a run, no lock."""
+    attribute writes a run, no lock. `running`, when given, is a container that is not empty while a run is
+    in progress (onnxruntime's watchdog's: it stops its own runs in time, and its runs cost nothing more).
 
-    __slots__ = ("started", "limit", "what", "__weakref__")
+    `max_growth`: while a run is in progress, this process may be at most that many bytes above `baseline`,
+    its size when the watcher last saw no run in progress (so what grows between runs, frames, a log, another
+    model's load, is not the run's); past it the process ends (an engine gives a run's memory back to its
+    own arena, not to the device). Checked every TICK_S by the watcher, never by the run."""
 
-    def __init__(self, what: str, limit: float):
+    __slots__ = ("started", "limit", "what", "max_growth", "baseline", "running", "__weakref__")
+
+    def __init__(self, what: str, limit: float, max_growth: int | None = None, running=None):
         self.started: float | None = None
-        self.limit, self.what = limit, what
+        self.limit, self.what, self.max_growth, self.running = limit, what, max_growth, running
+        self.baseline = rss_bytes()
         _clocks.add(self)
         _ensure_watcher()
+
+    def busy(self) -> bool:
+        return self.started is not None or bool(self.running)
 
 
 def _ensure_watcher() -> None:
@@ -84,11 +97,15 @@ MAX_ENTRIES = 10_000  # files looked at beside a model for its weights (a model 
 
 
 def begin_load(path, what: str) -> int:
-    """`begin` for loading the model at `path`: LOAD_S, and at most max(2 GiB, 12x its bytes) more memory,
-    counting every file in the model's folder (and below): an ONNX model over 2 GB keeps its weights in
-    files beside it, and a 150-byte graph with 2.5 GB of weights in `w.bin` was ended as a bomb."""
-    return begin(f"{what} loading {os.path.basename(str(path))!r}", LOAD_S,
-                 max(LOAD_GROWTH_MIN, LOAD_GROWTH_PER_FILE_BYTE * _folder_bytes(os.path.dirname(str(path)) or ".")))
+    """`begin` for loading the model at `path`: LOAD_S, and at most `growth_budget(path)` more memory."""
+    return begin(f"{what} loading {os.path.basename(str(path))!r}", LOAD_S, growth_budget(path))
+
+
+def growth_budget(path) -> int:
+    """max(2 GiB, 12x the bytes of every file in the model's folder (and below)): a model's load, and by
+    default each of its runs. The folder: an ONNX model over 2 GB keeps its weights in files beside it, and
+    a 150-byte graph with 2.5 GB of weights in `w.bin` was ended as a bomb."""
+    return max(LOAD_GROWTH_MIN, LOAD_GROWTH_PER_FILE_BYTE * _folder_bytes(os.path.dirname(str(path)) or "."))
 
 
 def _folder_bytes(folder: str) -> int:
@@ -118,11 +135,7 @@ def _watch() -> None:
     while True:
         time.sleep(TICK_S)
         now = time.monotonic()
-        for clock in list(_clocks):
-            started = clock.started
-            if started is not None and now - started > clock.limit:
-                finish(f"{clock.what} did not finish in {clock.limit:g} s, and the engine cannot be stopped: "
-                       "ending the process")
+        _check_clocks(now)
         with _lock:
             limits = list(_limits.values())
         if not limits:
@@ -134,6 +147,30 @@ def _watch() -> None:
             if ceiling is not None and rss > ceiling:
                 finish(f"{what} grew this process to {rss / 2**30:.1f} GiB, past its memory budget, and the engine "
                        "cannot be stopped: ending the process")
+
+
+def _check_clocks(now: float) -> None:
+    """Each model's runs: the one in progress past its time, or this process past the run's memory budget.
+    Whether a run is in progress is read before the size: a run starting in between adds microseconds of
+    its growth to `baseline`, never a stretch between runs to the run's growth."""
+    watched = []
+    for clock in list(_clocks):
+        started = clock.started
+        if started is not None and now - started > clock.limit:
+            finish(f"{clock.what} did not finish in {clock.limit:g} s, and the engine cannot be stopped: "
+                   "ending the process")
+        if clock.max_growth:
+            watched.append((clock, clock.busy()))
+    if not watched:
+        return
+    rss = rss_bytes()
+    for clock, busy in watched:
+        if not busy:
+            clock.baseline = rss
+        elif rss > clock.baseline + clock.max_growth:
+            finish(f"{clock.what} grew this process by {(rss - clock.baseline) / 2**20:,.0f} MiB, past its budget "
+                   f"of {clock.max_growth / 2**20:,.0f} MiB for one run, and the engine keeps what it took: "
+                   "ending the process")
 
 
 _finishing = threading.Lock()

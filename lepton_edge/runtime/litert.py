@@ -43,6 +43,9 @@ class LiteRTOptions(BackendOptions):
     # one run's time limit. LiteRT cannot stop an invoke(), so past it the process ends with one line
     # (runtime/hard_stop.py): a WHILE loop that never ends held `run` and the agent for good, deaf to SIGTERM.
     max_run_s: float = Field(120.0, gt=0, le=86400, allow_inf_nan=False)
+    # one run's memory budget: how far this process may grow while a run is in progress (None: the load's,
+    # max(2 GiB, 12x the model's files)); past it the process ends with one line (runtime/hard_stop.py)
+    max_run_bytes: int | None = Field(None, gt=0, strict=True)
 
 
 class LiteRTBackend(Backend):
@@ -56,12 +59,13 @@ class LiteRTBackend(Backend):
         self.threads = options.threads
         self.delegates = ["XNNPACK"] + libs  # XNNPACK is LiteRT's default CPU delegate
         self.max_run_s = options.max_run_s
-        self._clock = hard_stop.RunClock(f"a LiteRT run of {Path(path).name!r}", options.max_run_s)
         limit = hard_stop.begin_load(path, "LiteRT")
         try:
             self.interpreter = load_interpreter(path, self.threads, delegates=libs)
         finally:
             hard_stop.end(limit)
+        self._clock = hard_stop.RunClock(f"a LiteRT run of {Path(path).name!r}", options.max_run_s,
+                                         options.max_run_bytes or hard_stop.growth_budget(path))
         it = self.interpreter
         self.inputs = [_info(d) for d in it.get_input_details()]
         self.outputs = [_info(d) for d in it.get_output_details()]

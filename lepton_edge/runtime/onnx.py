@@ -47,6 +47,10 @@ class OnnxOptions(BackendOptions):
     # line. Why: a Loop whose trip count is 2^62 ran forever, deaf to Ctrl-C (the run never returns to
     # Python), and a model that never finishes held the agent's pipeline and a core for good.
     max_run_s: float = Field(120.0, gt=0, le=86400, allow_inf_nan=False)
+    # one run's memory budget: how far this process may grow while a run is in progress (None: the load's,
+    # max(2 GiB, 12x the model's files)). Past it the process ends with one line (runtime/hard_stop.py):
+    # a 1 KB graph Expanding its input to 3 GB ran, and finished, and onnxruntime's arena keeps what a run took.
+    max_run_bytes: int | None = Field(None, gt=0, strict=True)
 
 
 class OnnxBackend(Backend):
@@ -90,6 +94,10 @@ class OnnxBackend(Backend):
         self._feed = self.inputs[0].name
         self._run = self.session.run
         self._watch = _Watchdog(self, options.max_run_s)
+        # the watchdog's runs in progress, watched for memory by hard_stop's thread (its own stops their time)
+        self._clock = hard_stop.RunClock(f"an onnxruntime run of {Path(path).name!r}", float("inf"),
+                                         options.max_run_bytes or hard_stop.growth_budget(path),
+                                         running=self._watch._running)
 
     def run(self, x: np.ndarray) -> list[np.ndarray]:
         w = self._watch

@@ -234,7 +234,8 @@ class Runtime:
     def load(cls, path: str | Path, *, threads: int | None = None, input_spec: str | dict | None = None,
              task: str | None = None, labels: list[str] | None = None, verify: bool = True,
              providers: list[str] | None = None, leave_cores: int = 0, delegates: dict[str, str] | None = None,
-             runtime: str | None = None, max_run_s: float | None = None, **post_options) -> Runtime:
+             runtime: str | None = None, max_run_s: float | None = None, max_run_bytes: int | None = None,
+             **post_options) -> Runtime:
         """A bundle directory (checked against its manifest), or a plain .onnx/.tflite file.
 
         threads: default the target profile's, capped at this machine's cores less `leave_cores`
@@ -246,7 +247,9 @@ class Runtime:
         runtime: a registered backend by name (runtime/backend.py), over the manifest's
         `target.runtime`; either only selects among what this installation registered. The
         backend receives only the settings its `Options` declare (threads, providers, delegates).
-        max_run_s: one run's time limit where the backend has one (onnxruntime: 120 s unless given)."""
+        max_run_s: one run's time limit where the backend has one (onnxruntime: 120 s unless given).
+        max_run_bytes: how far this process may grow while one run is in progress (default max(2 GiB, 12x
+        the model's files)); past it the process ends with one line (runtime/hard_stop.py)."""
         p = Path(path)
         check_threads(threads, "threads")
         for key in ("conf", "iou"):  # (--iou -1 failed in OpenCV's NMS at every frame; --conf nan kept nothing)
@@ -269,14 +272,15 @@ class Runtime:
             backend = engine.open(bundle.model_path, threads=n,
                                   providers=providers or m.target.get("execution_providers"), delegates=libs,
                                   qdq_fusion=m.target.get("qdq_fusion"),  # (a backend without it ignores it)
-                                  max_run_s=max_run_s)
+                                  max_run_s=max_run_s, max_run_bytes=max_run_bytes)
             check_against_engine(spec, backend.inputs, str(bundle.path))
             check_outputs(m.outputs, backend.outputs, str(bundle.path))
             rt = cls(backend, spec, task or m.task, labels or bundle.labels, bundle, bundle.path, **post_options)
         elif p.is_file():
             libs = list((delegates or {}).values())
             backend = backend_for(format_of(p), runtime).open(p, threads=threads or 1, providers=providers,
-                                                              delegates=libs, max_run_s=max_run_s)
+                                                              delegates=libs, max_run_s=max_run_s,
+                                                              max_run_bytes=max_run_bytes)
             meta = model_metadata(backend)
             spec = spec_from_model(backend, overrides, meta)
             check_input_size(spec)

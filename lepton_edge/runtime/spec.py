@@ -164,9 +164,10 @@ def apply_overrides(spec: InputSpec, overrides: dict) -> InputSpec:
         data["shape"] = shape
     try:
         return InputSpec.model_validate(data)
-    except ValidationError as e:
+    except ValidationError as e:  # (a whole-spec error has no field: 'mean [..] and std [..] make ...')
         err = e.errors()[0]
-        raise BadInput(f"--input-spec: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        loc = ".".join(map(str, err["loc"]))
+        raise BadInput(f"--input-spec: {loc + ': ' if loc else ''}{err['msg'].removeprefix('Value error, ')}") from None
 
 
 def model_metadata(backend: Backend) -> dict:

@@ -234,13 +234,16 @@ def test_the_health_check_fails_on_frames_the_new_model_failed(agent):
 
 
 def test_every_runtime_the_agent_opens_has_the_configured_run_limit(tmp_path):
-    """agent.toml's max_run_s reaches the runtime the agent starts with and the one `set threads` loads;
-    without it, the backend's own 120 s."""
+    """agent.toml's max_run_s (and max_run_bytes) reaches the runtime the agent starts with and the one `set
+    threads` loads; without it, the backend's own 120 s (and 2 GiB)."""
     a = _agent(tmp_path)
     try:
         assert a.runtime.backend._watch.limit == 120.0
         a.cfg.max_run_s = 7.5
         assert a._open(a.runtime.path, 1).backend._watch.limit == 7.5
+        assert a.runtime.backend._clock.max_growth == 2 << 30  # max_run_bytes: max(2 GiB, 12x the model's files)
+        a.cfg.max_run_bytes = 300 << 20
+        assert a._open(a.runtime.path, 1).backend._clock.max_growth == 300 << 20
         from lepton_edge.telemetry.schema import SetCommand
 
         before = a.runtime
