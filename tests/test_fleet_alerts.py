@@ -160,3 +160,31 @@ def test_send_command_validates_and_matches_its_reply(mosquitto):
     finally:
         dev.loop_stop()
         dev.disconnect()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_one_devices_event_flood_never_hides_anothers_rollback(tmp_path, request, backend):
+    """The event rules read the fleet's newest 10,000 events by device time, so 10,000 events of one device
+    stamped 290 s ahead (inside what the monitor believes, MAX_CLOCK_AHEAD_S) pushed another device's real
+    rollback out of the read and its alert never fired. The rules now read each device's newest event per
+    rule, so a device can bury only its own."""
+    from lepton_edge.fleet.monitor import MAX_CLOCK_AHEAD_S
+
+    s = open_store(str(tmp_path / "f.sqlite") if backend == "sqlite" else request.getfixturevalue("postgres"))
+    try:
+        now = time.time()
+        ahead = now + MAX_CLOCK_AHEAD_S - 10
+        for i in range(10_000):
+            s.add_event("f", "noisy", Event(boot_id="b1", ts=ahead, kind="rollback", message=f"flood {i}").model_dump(),
+                        now)
+        s.add_event("f", "cam-1", Event(boot_id="b1", ts=now, kind="rollback", message="health check failed")
+                    .model_dump(), now + 1)
+        s.add_event("f", "cam-2", Event(boot_id="b1", ts=now, kind="source_state", level="error", message="failed")
+                    .model_dump(), now + 1)  # (the 'error' rule: an event of level error, whatever its kind)
+        eng = AlertEngine(s, AlertRules(), log=lambda _: None)
+        fired = {(a.device, a.rule): a for what, a in eng.evaluate(now + 2) if what == "fired"}
+        assert set(fired) == {("noisy", "rollback"), ("cam-1", "rollback"), ("cam-2", "error")}, fired
+        assert fired[("cam-1", "rollback")].message == "f/cam-1 rollback: health check failed"
+        assert fired[("cam-1", "rollback")].severity == "critical"
+    finally:
+        s.close()

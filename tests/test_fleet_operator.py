@@ -86,6 +86,42 @@ def test_a_corrupt_store_is_one_line_from_monitor_and_fleet_ls(tmp_path):
         assert "corrupt" in r.stderr and r.stderr.count(str(bad)) == 1, r.stderr
 
 
+def test_a_store_that_cannot_be_opened_fails_at_once_with_one_line(tmp_path):
+    """`monitor --store` given a directory or /dev/null (or a newer lepton-edge's store) retried for 58 s as
+    if the database were locked, then ended with exit 1. Waiting cannot change any of them: one line, exit 2,
+    within a couple of seconds. (A locked store is still waited for: the test below.)"""
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    newer = tmp_path / "newer.sqlite"
+    open_store(newer).close()
+    with sqlite3.connect(newer) as c:
+        c.execute("INSERT INTO schema_version (version) VALUES (99)")
+    for store, words in ((folder, "a directory"), ("/dev/null", "not a regular file"), (newer, "upgrade")):
+        t0 = time.monotonic()
+        r = cli("monitor", "--broker", "mqtt://127.0.0.1:1", "--store", str(store), "--no-tui", "--seconds", "30",
+                timeout=40)
+        took = time.monotonic() - t0
+        assert r.returncode == 2 and took < 10, (store, r.returncode, took, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: fleet store ") and words in lines[0], r.stderr
+        assert str(store) in lines[0] and "Traceback" not in r.stderr and "retrying" not in r.stderr
+
+
+def test_a_port_in_use_for_the_dashboard_or_metrics_is_our_one_line(tmp_path, mosquitto):
+    """A port in use printed uvicorn's own line ('ERROR: [Errno 98] error while attempting to bind on
+    address ...') and then ours: ours alone now, with the reason."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for flag, what in (("--web", "the web dashboard"), ("--metrics", "metrics")):
+            r = cli("monitor", "--broker", mosquitto.url, "--store", str(tmp_path / "f.sqlite"), "--no-tui",
+                    "--seconds", "20", flag, f"127.0.0.1:{port}")
+            assert r.returncode == 2, (flag, r.returncode, r.stderr)
+            assert r.stderr.strip().splitlines() == [f"error: {what} could not listen on 127.0.0.1:{port} "
+                                                     "(address already in use)"], r.stderr
+
+
 def test_monitor_waits_for_a_locked_store_with_one_line_then_runs(tmp_path, mosquitto):
     path = tmp_path / "fleet.sqlite"
     open_store(path).close()

@@ -475,3 +475,68 @@ def test_the_live_streams_alert_cache_holds_one_polls_alerts(tmp_path):
     again = [m for m in hub._snapshot() if m["topic"].startswith("lepton/alerts/")]
     assert [m["payload"]["rule"] for m in again] == ["fresh"] and len(hub._alerts) <= 200
     store.close()
+
+
+def _connect_from(source: str, port: int):
+    s = socket.socket()
+    s.settimeout(10)
+    s.bind((source, 0))
+    s.connect(("127.0.0.1", port))
+    return s
+
+
+def _still_open(socks: list, settle_s: float = 1.0, timeout: float = 8.0) -> list:
+    """The sockets the server has not hung up on, once that stops changing for settle_s."""
+    import select
+
+    open_, changed, deadline = list(socks), time.monotonic(), time.monotonic() + timeout
+    while time.monotonic() < deadline and time.monotonic() - changed < settle_s:
+        ready, _, _ = select.select(open_, [], [], 0.1)
+        for s in ready:
+            try:
+                ended = s.recv(1) == b""
+            except OSError:
+                ended = True
+            if ended:
+                open_.remove(s)
+                changed = time.monotonic()
+    return open_
+
+
+def test_one_address_cannot_take_every_connection(tmp_path, monkeypatch):
+    """The cap on open connections was global only: one address holding 300 idle connections (each renewed
+    within the header timeout) took all 256 and every other client was hung up on at once. An address now
+    holds at most peer_cap() (32) and the others still get in; the global cap stays for many addresses.
+    (127.0.0.2.. stand for hosts: 127.0.0.1 itself, a browser or a reverse proxy on this machine, is not
+    capped per address.)"""
+
+    import lepton_edge.fleet.web.guards as guards
+
+    monkeypatch.setattr(guards, "HEADER_TIMEOUT_S", 60.0)  # the idle connections outlive the test's checks
+    store = open_store(tmp_path / "fleet.sqlite")
+    seed_store(store, n=1)
+    server = WebServer(create_app(store, token="t"), port=0).start()
+    socks: list = []
+    try:
+        hog = [_connect_from("127.0.0.2", server.port) for _ in range(300)]
+        socks += hog
+        held = len(_still_open(hog))
+        other = _connect_from("127.0.0.3", server.port)
+        socks.append(other)
+        other.sendall(b"GET /api/summary HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        try:
+            got = _ended(other)
+        except ConnectionResetError:
+            got = b""
+        assert got.startswith(b"HTTP/1.1 200") and b'"devices"' in got, (held, got[:200])
+        assert held == guards.peer_cap() <= guards.connection_cap() // 4
+        status, body = _get(server.port, "127.0.0.1")  # (this machine's own address: the global cap only)
+        assert status == 200 and b'"devices"' in body
+        many = [_connect_from(f"127.0.0.{h}", server.port) for h in range(4, 13) for _ in range(32)]
+        socks += many
+        assert len(_still_open(hog)) + len(_still_open(many)) == guards.connection_cap()
+    finally:
+        for s in socks:
+            s.close()
+        server.stop()
+        store.close()

@@ -218,13 +218,11 @@ class AlertEngine:
         if not kinds:
             return
         # the query filters on the device's clock (with an hour of slack for skew); the hold uses the
-        # time the monitor received the event, and an open alert refuses a repeat
+        # time the monitor received the event, and an open alert refuses a repeat. One event per device and
+        # rule, not the fleet's newest N: a device's flood stamped minutes ahead hid another's rollback
         since = now - 2 * max(self.rules.event_hold_s, 60) - 3600
-        newest: dict[tuple[str, str, str], object] = {}
-        for e in self.store.events(since=since, limit=10000):
-            rule = e.kind if e.kind in kinds else "error" if "error" in kinds and e.level == "error" else None
-            if rule:
-                newest.setdefault((e.fleet, e.device, rule), e)
+        newest = {(e.fleet, e.device, e.kind if e.kind in kinds else "error"): e
+                  for e in self.store.newest_events(sorted(kinds), since, errors="error" in kinds)}
         for (f, dv, rule), e in newest.items():
             if (f, dv, rule) not in active and now - e.received < self.rules.event_hold_s:
                 a = self.store.upsert_alert(Alert(fleet=f, device=dv, rule=rule,

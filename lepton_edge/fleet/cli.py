@@ -64,16 +64,17 @@ STORE_WAIT_S = 60.0  # a service waits this long for its database at start, then
 
 
 def open_store_retrying(url: str | None, log, wait_s: float):
-    """open_store, retried while the database is locked or unreachable (one line, then quiet); a corrupt
-    file is not retried (it will not heal) and ends with its one line, as does the last failure."""
-    from lepton_edge.fleet.store import StoreError, open_store
+    """open_store, retried while the database is locked or unreachable (one line, then quiet); a store that
+    cannot be opened at all (StoreUnusable: a directory, /dev/null, a corrupt file, a newer schema) is not
+    retried (it will not heal) and ends at once with its one line and exit 2, as does the last failure."""
+    from lepton_edge.fleet.store import StoreError, StoreUnusable, open_store
 
     deadline, delay, said = time.monotonic() + wait_s, 0.5, False
     while True:
         try:
             return open_store(url)
         except StoreError as e:
-            if "corrupt" in str(e) or time.monotonic() + delay > deadline:
+            if isinstance(e, StoreUnusable) or time.monotonic() + delay > deadline:
                 raise
             if not said:
                 log(f"monitor: {e}; retrying for up to {wait_s:g} s")

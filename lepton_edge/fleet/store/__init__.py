@@ -16,11 +16,12 @@ from lepton_edge.fleet.store.base import (
     HistoryPoint,
     Store,
     StoreError,
+    StoreUnusable,
 )
 
 DEFAULT_PATH = Path("~/.local/share/lepton-edge/fleet.sqlite")
 
-__all__ = ["open_store", "Store", "StoreError", "DeviceState", "HistoryPoint", "EventRecord", "Alert",
+__all__ = ["open_store", "Store", "StoreError", "StoreUnusable", "DeviceState", "HistoryPoint", "EventRecord", "Alert",
            "FleetSummary", "SCHEMA_VERSION", "DEFAULT_PATH"]
 
 

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from lepton_edge.errors import LeptonError
+from lepton_edge.errors import BadInput, LeptonError
 
 SCHEMA_VERSION = 3  # the newest migration in sql.py
 
@@ -29,6 +29,14 @@ class StoreError(LeptonError):
 
     A LeptonError so that one escaping a CLI verb is the one line it already is (exit 1), never a
     traceback; the long-running parts (writer, alerts, views) catch it and retry."""
+
+
+class StoreUnusable(StoreError, BadInput):
+    """The store cannot be opened and waiting will not change that: its path is a directory or a device
+    (/dev/null), the SQLite file is corrupt, not a database or cannot be created, the schema is another
+    application's or a newer lepton-edge's, psycopg is not installed. Raised only while opening, so `monitor`
+    gives up at once with its one line and exit 2 (a BadInput) instead of retrying for a minute (it retried
+    /dev/null for 58 s); a locked file or an unreachable PostgreSQL (still starting) stays a StoreError, retried."""
 
 
 class ValueRefused(StoreError):
@@ -198,6 +206,25 @@ class Store(abc.ABC):
     def events(self, fleet: str | None = None, device: str | None = None, since: float = 0.0,
                limit: int = 200) -> list[EventRecord]:
         """Newest first."""
+
+    def newest_events(self, kinds: list[str], since: float = 0.0, errors: bool = False) -> list[EventRecord]:
+        """The newest event (by the time the monitor received it) of each (fleet, device, rule) whose device
+        time is >= since: the rule is the event's kind where it is in `kinds`, else 'error' for an event of
+        level 'error' when `errors`. What the alert engine's event rules read.
+
+        Why per (device, rule), not the fleet's newest N: one device's flood (10,000 events stamped minutes
+        ahead, so sorted first by device time) pushed another device's rollback out of a read of the newest
+        10,000, and its alert never fired. This default reads each device on its own (a device can still hide
+        only its own events); SqlStore does it in one query with no limit."""
+        out = []
+        for d in self.devices():
+            seen: dict[str, EventRecord] = {}
+            for e in self.events(d.fleet, d.device, since=since, limit=10000):
+                rule = e.kind if e.kind in kinds else "error" if errors and e.level == "error" else None
+                if rule and (rule not in seen or e.received > seen[rule].received):
+                    seen[rule] = e
+            out += seen.values()
+        return out
 
     @abc.abstractmethod
     def alerts(self, active_only: bool = False, fleet: str | None = None, device: str | None = None,

@@ -4,7 +4,9 @@ Why it is safe with N workers: uniqueness and gap counting are in SQL (see sql.p
 migrates under a transaction-scoped advisory lock so two workers starting together do not both
 create tables; alerts are evaluated by the holder of a session advisory lock (`exclusive`).
 A server that goes away raises StoreError (one line); the thread's connection is dropped and
-the next call reconnects.
+the next call reconnects. Opening retries every connection failure (a server still starting, a network
+not up yet): libpq reports a refused login or a missing database with no SQLSTATE, in the server's
+language, so they cannot be told apart safely; a schema that is not a fleet store's is StoreUnusable.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import threading
 import zlib
 from collections.abc import Iterator
 
-from lepton_edge.fleet.store.base import StoreError, ValueRefused
+from lepton_edge.fleet.store.base import StoreError, StoreUnusable, ValueRefused
 from lepton_edge.fleet.store.sql import SqlStore
 
 _MIGRATE_LOCK = 0x1E9707  # arbitrary, fixed: the advisory lock key of schema migrations
@@ -38,7 +40,7 @@ class PostgresStore(SqlStore):
         try:
             import psycopg  # noqa: F401
         except ImportError:
-            raise StoreError("a postgresql:// store needs psycopg: pip install 'lepton-edge[fleet]'") from None
+            raise StoreUnusable("a postgresql:// store needs psycopg: pip install 'lepton-edge[fleet]'") from None
         self.url = url
         self.connect_timeout = connect_timeout
         self._local = threading.local()

@@ -271,14 +271,14 @@ class SqlStore(Store):
         cur.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
         cur.execute("SELECT max(version) FROM schema_version")
         have = cur.fetchone()[0] or 0
-        from lepton_edge.fleet.store.base import StoreError
+        from lepton_edge.fleet.store.base import StoreUnusable
 
         if not isinstance(have, int) or isinstance(have, bool):  # another application's schema_version table
-            raise StoreError(f"fleet store {self.url}: its schema_version table holds {str(have)[:40]!r}, not a "
-                             "fleet store's version (another application's database?)")
+            raise StoreUnusable(f"fleet store {self.url}: its schema_version table holds {str(have)[:40]!r}, "
+                                "not a fleet store's version (another application's database?)")
         if have > SCHEMA_VERSION:
-            raise StoreError(f"fleet store {self.url} has schema version {have}, newer than this lepton-edge "
-                             f"({SCHEMA_VERSION}): upgrade lepton-edge")
+            raise StoreUnusable(f"fleet store {self.url} has schema version {have}, newer than this lepton-edge "
+                                f"({SCHEMA_VERSION}): upgrade lepton-edge")
         for v, stmts in sorted(_migrations(self.ID_COL).items()):
             if v <= have:
                 continue
@@ -593,11 +593,31 @@ class SqlStore(Store):
                limit: int = 200) -> list[EventRecord]:
         where, args = self._filter(fleet, device)
         with self._tx(write=False) as cur:
-            rows = self._x(cur, "SELECT fleet, device, ts, received, boot_id, kind, level, message, data FROM events "
+            rows = self._x(cur, f"SELECT {self._EVENT_COLS} FROM events "
                            f"WHERE ts >= ?{where} ORDER BY ts DESC, id DESC LIMIT ?",
                            (since, *args, max(0, int(limit)))).fetchall()
-        return [EventRecord(fleet=r[0], device=r[1], ts=r[2], received=r[3], boot_id=r[4], kind=r[5], level=r[6],
-                            message=r[7], data=json.loads(r[8])) for r in rows]
+        return [self._event(r) for r in rows]
+
+    _EVENT_COLS = "fleet, device, ts, received, boot_id, kind, level, message, data"
+
+    def newest_events(self, kinds: list[str], since: float = 0.0, errors: bool = False) -> list[EventRecord]:
+        """One query, one row per (fleet, device, rule) (ROW_NUMBER over each partition: SQLite 3.25 or
+        later, every PostgreSQL the store supports), so no device's events can crowd out another's."""
+        if not kinds:
+            return []
+        marks = ", ".join("?" * len(kinds))
+        wanted = f"kind IN ({marks})" + (" OR level = 'error'" if errors else "")
+        sql = (f"SELECT {self._EVENT_COLS} FROM (SELECT {self._EVENT_COLS}, ROW_NUMBER() OVER (PARTITION BY fleet, "
+               f"device, CASE WHEN kind IN ({marks}) THEN kind ELSE 'error' END ORDER BY received DESC, id DESC) AS rn "
+               f"FROM events WHERE ts >= ? AND ({wanted})) newest WHERE rn = 1 ORDER BY fleet, device, kind")
+        with self._tx(write=False) as cur:
+            rows = self._x(cur, sql, (*kinds, since, *kinds)).fetchall()
+        return [self._event(r) for r in rows]
+
+    @staticmethod
+    def _event(r) -> EventRecord:
+        return EventRecord(fleet=r[0], device=r[1], ts=r[2], received=r[3], boot_id=r[4], kind=r[5], level=r[6],
+                           message=r[7], data=json.loads(r[8]))
 
     @staticmethod
     def _filter(fleet, device) -> tuple[str, list]:

@@ -18,6 +18,8 @@ import asyncio
 import hmac
 import ipaddress
 import json
+import logging
+import os
 import re
 import secrets
 import time
@@ -543,6 +545,30 @@ class _Asgi:
         await self.app(scope, receive, send)
 
 
+class _HeldErrors:
+    """A logging filter that holds back the errors uvicorn logs while its server starts, for start()'s own
+    line to give their reason. Why: a port in use printed uvicorn's line ('ERROR: [Errno 98] error while
+    attempting to bind on address ...') and then ours; the operator is to read one."""
+
+    def __init__(self):
+        self.errors: list = []
+
+    def filter(self, record) -> bool:
+        if record.levelno < logging.ERROR:  # the rest is uvicorn's to show or not
+            return True
+        self.errors.append(record)
+        return False
+
+    def reason(self) -> str:
+        """The first held error in a few words: an OSError's own text ('address already in use')."""
+        if not self.errors:
+            return ""
+        e = self.errors[0].msg
+        if isinstance(e, OSError) and e.errno:
+            return os.strerror(e.errno).lower()
+        return self.errors[0].getMessage().splitlines()[0][:200]
+
+
 class WebServer:
     """uvicorn in a thread of its own (the monitor's main thread runs the terminal dashboard)."""
 
@@ -563,15 +589,29 @@ class WebServer:
     def start(self, timeout: float = 10.0) -> WebServer:
         import threading
 
-        self._thread = threading.Thread(target=self.server.run, name="web", daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + timeout
-        while not self.server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise BadInput(f"{self.what} could not listen on {self.host}:{self.server.config.port} "
-                               "(address in use?)")
-            time.sleep(0.02)
+        held = _HeldErrors()
+        uvicorn_log = logging.getLogger("uvicorn.error")
+        uvicorn_log.addFilter(held)
+        try:
+            self._thread = threading.Thread(target=self._run, name="web", daemon=True)
+            self._thread.start()
+            deadline = time.monotonic() + timeout
+            while not self.server.started:
+                if not self._thread.is_alive() or time.monotonic() > deadline:
+                    raise BadInput(f"{self.what} could not listen on {self.host}:{self.server.config.port} "
+                                   f"({held.reason() or 'address in use?'})")
+                time.sleep(0.02)
+        finally:
+            uvicorn_log.removeFilter(held)
         return self
+
+    def _run(self) -> None:
+        """uvicorn's run, ending quietly where it gives up starting (sys.exit in this thread): start() says
+        why in its one line, and a threading.excepthook that reports SystemExit (pytest's) would add another."""
+        try:
+            self.server.run()
+        except SystemExit:
+            pass
 
     @property
     def port(self) -> int:

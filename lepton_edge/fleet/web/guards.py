@@ -11,6 +11,9 @@ Why here, not in the app: both are about the socket and the address the server w
 - Slowloris: uvicorn's h11 protocol times a connection only after a response, so a connection that sent
   half its headers stayed open for ever; 300 of them held the server's 256 file descriptors, every
   legitimate request timed out and the accept loop's errors wrote 292 MB of log in 40 s.
+- One client holding every slot: the cap on open connections was global only, so one address opening 300
+  idle connections (each renewed within the header timeout) locked every other client out; an address
+  now holds at most MAX_PER_PEER of them.
 """
 from __future__ import annotations
 
@@ -21,8 +24,11 @@ from dataclasses import dataclass
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from lepton_edge.fleet.web.app import _client_key  # (app imports this module only inside WebServer)
+
 HEADER_TIMEOUT_S = 10.0  # from the connection (or the last response) to a request's complete headers
 MAX_CONNECTIONS = 256  # open connections; one more is closed at once (64 live streams fit with room)
+MAX_PER_PEER = 32  # open connections of one remote address (an IPv6 /64); 127.0.0.1 and ::1 only by the above
 FD_RESERVE = 64  # file descriptors left for everything else when the process may open few (connection_cap)
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
@@ -103,6 +109,30 @@ def connection_cap() -> int:
     return max(8, min(MAX_CONNECTIONS, soft - FD_RESERVE))
 
 
+def peer_cap() -> int:
+    """Connections one remote address may hold: MAX_PER_PEER, or a quarter of connection_cap() where that is
+    smaller, so one address never takes every slot (nor, under a small file limit, most of them)."""
+    return max(1, min(MAX_PER_PEER, connection_cap() // 4))
+
+
+def peer_key(transport) -> str | None:
+    """Who holds a connection, for the per-address cap: the IPv4 address or the IPv6 /64 (one host's
+    addresses, as the live streams count them), or None for this machine's own 127.0.0.1 and ::1 (a
+    browser on it and a reverse proxy in front, which brings every operator's connections from one
+    address) and for a peer without an address (a Unix socket): those only count against the global cap."""
+    peer = transport.get_extra_info("peername")
+    host = peer[0] if isinstance(peer, tuple) and peer and isinstance(peer[0], str) else ""
+    try:
+        ip = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip in (ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")):
+        return None
+    return _client_key(str(ip))
+
+
 class HostCheck:
     """ASGI middleware: a request whose Host the policy does not allow gets 421 and one JSON line."""
 
@@ -128,17 +158,26 @@ class HostCheck:
 
 class GuardedH11(H11Protocol):
     """uvicorn's h11 protocol with a deadline for a request's headers (from the connection, and from the
-    end of each response on a kept-alive one) and a cap on open connections."""
+    end of each response on a kept-alive one), a cap on open connections and a lower one per address."""
 
     _headers_timer = None
+    _peer: str | None = None
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
-        if len(self.connections) >= connection_cap():
+        self._peer = peer_key(transport)
+        if len(self.connections) >= connection_cap() or self._peer_full():
             self.transport = transport  # (connection_lost closes it and reads this)
             transport.close()
             return
         super().connection_made(transport)
         self._arm()
+
+    def _peer_full(self) -> bool:
+        """Whether this connection's address already holds peer_cap() connections (a scan of at most
+        MAX_CONNECTIONS: no count to keep right across the server's closes)."""
+        if self._peer is None:
+            return False
+        return sum(1 for c in self.connections if getattr(c, "_peer", None) == self._peer) >= peer_cap()
 
     def _arm(self) -> None:
         self._disarm()
