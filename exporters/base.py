@@ -480,8 +480,10 @@ def _torch_predictor(module, fixed_batch: int | None, batch: int = 64):
         step = fixed_batch or batch
         parts = calls(x, step)
         if step > 1 and len(x) > 1 and any(np.ndim(o) == 0 for o in parts[0]):
-            parts = calls(x, 1)  # a 0-d output reduced over the whole batch: one input a call, as the device runs it
-        return [o.astype(np.float32) for o in stack_outputs(parts)]  # (a 0-d output: one value a call)
+            step = 1  # a 0-d output reduced over the whole batch: one input a call, as the device runs it
+            parts = calls(x, step)
+        inputs = [len(x[i:i + step]) for i in range(0, len(x), step)]
+        return [o.astype(np.float32) for o in stack_outputs(parts, inputs)]  # (a 0-d output: one value a call)
 
     return run
 

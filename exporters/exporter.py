@@ -157,7 +157,8 @@ class Exporter(abc.ABC):
                         raise
                     per_call[0] = 1
             step = per_call[0]
-            return stack_outputs([once(x[i:i + step]) for i in range(0, len(x), step)])
+            return stack_outputs([once(x[i:i + step]) for i in range(0, len(x), step)],
+                                 [len(x[i:i + step]) for i in range(0, len(x), step)])
 
         return run
 

@@ -44,6 +44,8 @@ def structure(ref: list[np.ndarray], out: list[np.ndarray], ref_specs: list[dict
                "dtype": rs.get("dtype", "float32"), "artifact_dtype": as_.get("dtype", "float32")}
         if r.shape[1:] != a.shape[1:]:
             row["why"] = f"output {row['name']}: shape {list(a.shape[1:])} != fp32 {list(r.shape[1:])}"
+        elif r.shape[:1] != a.shape[:1]:  # (rows that follow the data: every metric would fail on numpy's error)
+            row["why"] = f"output {row['name']}: {np.atleast_1d(a).shape[0]} rows != fp32's {np.atleast_1d(r).shape[0]}"
         elif strict_names and as_.get("name") and rs.get("name") and as_["name"] != rs["name"]:
             row["why"] = f"output {k}: named {as_['name']!r}, fp32 names it {rs['name']!r}"
         elif row["dtype"] != row["artifact_dtype"] and not as_.get("quantization"):

@@ -125,11 +125,13 @@ def batched(fn: Predict, x: np.ndarray, batch: int, description: str = "validati
     n = len(x)
     whole: Outputs | None = None  # one array per output, rows 0..done filled
     parts: list[Outputs] = []  # the calls' outputs, when they cannot be written into `whole`
+    inputs: list[int] = []  # the inputs of each of `parts`
     done = 0
     with ui.progress(description, n) as advance:
         for i in range(0, n, batch):
             k = len(x[i:i + batch])
-            got = [np.atleast_1d(o) for o in as_outputs(fn(x[i:i + batch]))]
+            raw = as_outputs(fn(x[i:i + batch]))
+            got = [np.atleast_1d(o) for o in raw]
             if whole is None and not parts and all(g.shape[0] == k for g in got):
                 whole = [np.empty((n,) + g.shape[1:], g.dtype) for g in got]
             if whole is not None and _rows_fit(got, whole, k):
@@ -137,13 +139,14 @@ def batched(fn: Predict, x: np.ndarray, batch: int, description: str = "validati
                     w[done:done + k] = g
             else:
                 if whole is not None:  # the shapes changed: what was written so far becomes one part
-                    parts, whole = [[w[:done] for w in whole]], None
-                parts.append(got)
+                    parts, inputs, whole = [[w[:done] for w in whole]], [done], None
+                parts.append(raw)  # (0-d outputs kept 0-d: one value a call, not a row an input)
+                inputs.append(k)
             done += k
             advance(k)
             if watch is not None:
                 watch.check()
-    return whole if whole is not None else stack_outputs(parts)
+    return whole if whole is not None else stack_outputs(parts, inputs)
 
 
 def _rows_fit(got: Outputs, whole: Outputs, k: int) -> bool:
@@ -151,11 +154,13 @@ def _rows_fit(got: Outputs, whole: Outputs, k: int) -> bool:
                                           for g, w in zip(got, whole))
 
 
-def stack_outputs(parts: list[Outputs]) -> Outputs:
+def stack_outputs(parts: list[Outputs], inputs: list[int] | None = None) -> Outputs:
     """The outputs of several calls, joined along the first axis (a 0-d output: one value a call).
     An output whose shape past the first axis changes from input to input (a detector with NMS inside:
     [1, K, 4] with K the boxes found) cannot be lined up with fp32's to be judged: one line, not
-    numpy's traceback."""
+    numpy's traceback. `inputs`, the inputs each call was given, when known: an output without a batch
+    axis whose rows follow the data ([K, 4], NonZero's boxes) is that line too; joined, its rows looked
+    like a batch, and each candidate then failed on numpy's broadcast error, fp16 with a traceback."""
     out = []
     for k in range(len(parts[0])):
         pieces = [np.atleast_1d(p[k]) for p in parts]
@@ -163,11 +168,19 @@ def stack_outputs(parts: list[Outputs]) -> Outputs:
         if len(shapes) > 1 or len({a.dtype for a in pieces}) > 1:
             a, b = sorted(shapes, key=str)[:2] if len(shapes) > 1 else (pieces[0].shape[1:],) * 2
             raise BadInput(f"output {k}'s shape depends on the input ([N, {', '.join(map(str, a))}] on one, "
-                           f"[N, {', '.join(map(str, b))}] on another): an output whose size follows the data (a "
-                           "detector with NMS in the graph) cannot be compared with fp32's; export the model "
-                           "without that step (the runtime decodes boxes from a detector's raw head)")
+                           f"[N, {', '.join(map(str, b))}] on another): {_NOT_JUDGED}")
+        if inputs is not None and all(np.ndim(p[k]) for p in parts):
+            calls = [(len(a), n) for a, n in zip(pieces, inputs)]
+            odd = next((c for c in calls if c[0] * calls[0][1] != calls[0][0] * c[1]), None)
+            if odd is not None:
+                raise BadInput(f"output {k}'s size depends on the input ({calls[0][0]} rows from {calls[0][1]} "
+                               f"input(s) on one call, {odd[0]} from {odd[1]} on another): {_NOT_JUDGED}")
         out.append(np.concatenate(pieces))
     return out
+
+
+_NOT_JUDGED = ("an output whose size follows the data (a detector with NMS in the graph) cannot be compared with "
+               "fp32's; export the model without that step (the runtime decodes boxes from a detector's raw head)")
 
 
 @dataclass

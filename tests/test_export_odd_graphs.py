@@ -171,8 +171,15 @@ def test_outputs_that_cannot_be_judged_are_one_line(tmp_path):
     m = h.make_model(g, opset_imports=[h.make_opsetid("", 13), h.make_opsetid("ai.onnx.ml", 1)])
     m.ir_version = 8
     onnx.save(m, str(zipmap))
-    for path, said in ((nms, "shape depends on the input"), (zipmap, "not a tensor")):
-        r = run_cli("export", str(path), "--target", "x86-cpu", "--precision", "fp32", "--calib", _calib(),
+    # the same boxes as [K, 2], no batch axis (NonZero transposed): its rows looked like a batch, so every int8
+    # candidate failed on numpy's broadcast error and fp16 ended in a traceback
+    rows = _save(tmp_path / "rows.onnx", found + [h.make_node("Transpose", ["where"], ["boxes"], perm=[1, 0])],
+                 [_image()], [h.make_tensor_value_info("boxes", T.INT64, ["K", 2])],
+                 inits + [nh.from_array(np.array(0.0, np.float32), "zero")])
+    for path, said, precision in ((nms, "shape depends on the input", "fp32"), (zipmap, "not a tensor", "fp32"),
+                                  (rows, "size depends on the input", "fp16"),
+                                  (rows, "size depends on the input", "int8")):
+        r = run_cli("export", str(path), "--target", "x86-cpu", "--precision", precision, "--calib", _calib(),
                     "-o", str(tmp_path / "o"), "--json")
         assert r.returncode == 2 and said in _one_error_line(r)
         assert said in json.loads(r.stdout)["error"]
@@ -223,3 +230,27 @@ def test_our_metadata_key_in_a_foreign_file_names_inputs_only(tmp_path):
     m.metadata_props.add(key=q.DEFAULTS_KEY, value="wf")
     model, fixed = q.without_defaults(m)
     assert fixed == {} and "wf" in {i.name for i in model.graph.initializer}
+
+
+def test_outputs_that_alias_an_input_a_weight_or_each_other_export_fp16(tmp_path):
+    """fp16 keeps fp32 outputs by making each output name a Cast's: an output that is the graph's input, a
+    weight, or listed twice was then defined twice, and onnxruntime refused the fp16 model as invalid (int8
+    and fp32 exported). Every such output keeps its name, place, dtype and value."""
+    nodes, inits = _classifier_nodes()
+    logits = h.make_tensor_value_info("logits", T.FLOAT, [1, 10])
+    k = nh.from_array(np.arange(5, dtype=np.float32) / 4, "k")
+    cases = {"input": ([logits, _image()], []), "twice": ([logits, logits], []),
+             "weight": ([logits, h.make_tensor_value_info("k", T.FLOAT, [5])], [k])}
+    x = np.random.default_rng(1).random((1, 3, 32, 32), dtype=np.float32)
+    for case, (outputs, extra) in cases.items():
+        path = _save(tmp_path / f"{case}.onnx", nodes, [_image()], outputs, inits + extra)
+        r = lepton_edge.export(path, target="x86-cpu", calib=_calib(), precision="fp16", task="raw",
+                               out=tmp_path / case)
+        shipped = str(next(r.path.glob("*.onnx")))
+        onnx.checker.check_model(onnx.load(shipped), full_check=True)
+        a, b = ort.InferenceSession(path), ort.InferenceSession(shipped)
+        assert [(o.name, o.type) for o in b.get_outputs()] == [(o.name, "tensor(float)") for o in a.get_outputs()]
+        ref, got = a.run(None, {"x": x}), b.run(None, {"x": x})
+        np.testing.assert_allclose(got[0], ref[0], atol=0.02)
+        # the input or the weight as it was (fp16 holds k exactly); a second listing, the first's value
+        np.testing.assert_array_equal(got[1], got[0] if case == "twice" else ref[1])

@@ -220,6 +220,47 @@ def _sort(model) -> None:
         pass
 
 
+def _set_aside_aliased_outputs(model) -> list[tuple[int, Any]]:
+    """Take out of the graph's outputs (and return, with their places) those that name a graph input or
+    an earlier output: the converter, keeping fp32 outputs, makes each output name a Cast's, and defined
+    such a name twice (onnxruntime refused the fp16 model: "invalid model"). They go back after it
+    (`_put_back_outputs`), naming the same fp32 input, or the earlier output's fp32 Cast, as before."""
+    inputs, seen, aside = {i.name for i in model.graph.input}, set(), []
+    for place, o in enumerate(model.graph.output):
+        if o.name in inputs or o.name in seen:
+            aside.append((place, type(o).FromString(o.SerializeToString())))
+        seen.add(o.name)
+    for place, _ in reversed(aside):
+        del model.graph.output[place]
+    return aside
+
+
+def _put_back_outputs(model, aside: list[tuple[int, Any]]) -> None:
+    outs = list(model.graph.output)
+    for place, o in aside:
+        outs.insert(place, o)
+    del model.graph.output[:]
+    model.graph.output.extend(outs)
+
+
+def _initializer_outputs_made_by_nodes(model) -> None:
+    """An output that is a weight (an initializer) is made an Identity's of the weight, renamed: the
+    converter makes the weight fp16 and the output an fp32 Cast of that name, defined twice otherwise."""
+    from onnx import helper
+
+    weights = {t.name: t for t in model.graph.initializer}
+    names = weights.keys() | {t for n in model.graph.node for t in (*n.input, *n.output)} | \
+        {i.name for i in model.graph.input} | {n.name for n in model.graph.node}
+    for o in model.graph.output:
+        w = weights.pop(o.name, None)
+        if w is None:
+            continue
+        new = next(f"{o.name}_value{i or ''}" for i in range(len(names) + 1) if f"{o.name}_value{i or ''}" not in names)
+        names.add(new)
+        w.name = new
+        model.graph.node.insert(0, helper.make_node("Identity", [new], [o.name], name=new))
+
+
 def fp16_weight_fraction(model) -> float:
     """Share of the float weight elements (initializers and Constant nodes) stored as fp16."""
     from onnx import TensorProto
@@ -254,10 +295,13 @@ def convert(fp32_path: Path, out_path: Path, calib=None, check: Callable[[], Non
     res.reasons = {n.name: why for n, why in keep}
     if keep:
         _unfold_constants(model, set(res.float_nodes))
+    aside = _set_aside_aliased_outputs(model)
+    _initializer_outputs_made_by_nodes(model)
     original = {n.name for n in model.graph.node}
     m = convert_float_to_float16(model, keep_io_types=True, node_block_list=res.float_nodes)
     if keep:
         _skip_round_trips(m, original)
+    _put_back_outputs(m, aside)
     _sort(m)
     res.fp16_weight_fraction = fp16_weight_fraction(m)
     onnx.save(q.with_defaults(m, fixed), str(out_path))

@@ -62,3 +62,25 @@ def test_batched_outputs_are_not_held_twice():
         tracemalloc.stop()
     assert out[0].shape == (64, 1 << 18) and out[0].sum() == 64 * (1 << 18)
     assert peak < 1.3 * out[0].nbytes, f"peak {peak / 2**20:.0f} MiB for {out[0].nbytes / 2**20:.0f} MiB of outputs"
+
+
+def test_rows_that_follow_the_data_without_a_batch_axis_are_one_line():
+    """[K, 4] (NonZero's boxes, no batch axis): joined, the rows looked like a batch; every int8 candidate then
+    failed on numpy's broadcast error and fp16 ended in a traceback. The calls' inputs show it up front."""
+    parts = [[np.zeros((96, 4))], [np.zeros((98, 4))]]
+    with pytest.raises(BadInput, match=r"^output 0's size depends on the input \(96 rows from 1 input\(s\) on one "
+                                       r"call, 98 from 1 on another\): an output whose size follows the data"):
+        stack_outputs(parts, [1, 1])
+    # rows that follow the batch, a last call of fewer inputs, and a 0-d output (one value a call) all line up
+    assert stack_outputs([[np.zeros((8, 4)), np.array(1.0)], [np.zeros((4, 4)), np.array(2.0)]], [8, 4])[0].shape == \
+        (12, 4)
+    x = np.zeros((10, 1), np.float32)
+    with pytest.raises(BadInput, match=r"^output 0's size depends on the input"):
+        batched(_model_of(lambda xb: [np.zeros((int(xb.shape[0]) * 3 + (len(xb) == 2), 4))]), x, 4)
+
+
+def test_an_artifact_whose_rows_differ_from_fp32s_fails_its_check():
+    from lepton_edge.exporters.task_metrics import structure
+
+    rows = structure([np.zeros((1977, 4))], [np.zeros((1974, 4))], [{"name": "boxes"}], [{"name": "boxes"}], True)
+    assert rows[0]["why"] == "output boxes: 1974 rows != fp32's 1977"
