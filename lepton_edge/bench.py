@@ -44,16 +44,22 @@ def _frames(source: str | None, limit: int = 64) -> list[np.ndarray]:
 
 
 class OverBudget(BadInput):
-    """`bench` went past its time budget (--max-time): it ends there, with this one line."""
+    """`bench` went past its time budget (--max-time): it ends there, with this one line; `rows`, the
+    configurations measured before, are still shown (a long comparison on a slow board lost them all)."""
+
+    def __init__(self, message: str, rows: list[dict] | None = None):
+        super().__init__(message)
+        self.rows = rows or []
 
 
-def _over(model: str, threads: int | None, max_s: float | None) -> OverBudget:
+def _over(model: str, threads: int | None, max_s: float | None, rows: list[dict]) -> OverBudget:
     return OverBudget(f"{model} ({threads or 'default'} thread(s)) was still being measured when bench's time "
-                      f"budget of {max_s:g} s ran out (--max-time; fewer --runs, or a faster model)")
+                      f"budget of {max_s:g} s ran out (--max-time; fewer --runs, or a faster model)", rows)
 
 
 def measure(model: str, threads: int | None, runs: int, warmup: int, source: str | None = None,
-            input_spec: str | None = None, deadline: float | None = None) -> dict[str, Any]:
+            input_spec: str | None = None, max_run_bytes: int | None = None,
+            deadline: float | None = None) -> dict[str, Any]:
     """One model at one thread count, in this process; past `deadline` (time.monotonic()) between two runs,
     OverBudget (a run in progress is not stopped: `compare` ends an isolated one's process)."""
     import resource
@@ -61,7 +67,7 @@ def measure(model: str, threads: int | None, runs: int, warmup: int, source: str
     from lepton_edge.runtime import Runtime
     from lepton_edge.stats import StageTimes
 
-    rt = Runtime.load(model, threads=threads, input_spec=input_spec)
+    rt = Runtime.load(model, threads=threads, input_spec=input_spec, max_run_bytes=max_run_bytes)
     frames = _frames(source)
     x = rt.preprocess(frames[0])
     for stage, step in (("inference", lambda: rt.infer(x)), ("postprocessing", lambda: rt.postprocess(rt.infer(x)))):
@@ -112,6 +118,9 @@ def _send(conn, cfg: tuple) -> None:
     conn.close()
 
 
+POLL_MAX_S = 3600.0
+
+
 def _isolated(ctx, cfg: tuple, timeout: float | None = None) -> dict | None:
     """One measurement in a fresh process; None when it had not finished after `timeout` seconds (the
     process is killed: an engine cannot be asked to stop a run, and a slow model kept bench going for
@@ -121,12 +130,20 @@ def _isolated(ctx, cfg: tuple, timeout: float | None = None) -> dict | None:
     proc = ctx.Process(target=_send, args=(send, cfg), daemon=True)
     proc.start()
     send.close()  # (the child's copy is the only one left: its death is the pipe's end)
+    from lepton_edge.runtime import hard_stop
+
     try:
-        if not recv.poll(timeout):
-            return None
+        end = None if timeout is None else time.monotonic() + timeout
+        while not recv.poll(None if end is None else min(POLL_MAX_S, max(0.0, end - time.monotonic()))):
+            if end is None or time.monotonic() >= end:  # (poll's timeout is an int of ms: 24.8 days at most)
+                return None
         try:
             return recv.recv()
         except EOFError:
+            proc.join()
+            if proc.exitcode == hard_stop.EXIT_CODE:  # hard_stop ended it, its one line above
+                return {"model": cfg[0], "threads": cfg[1], "error": "a run went past its time or memory limit "
+                        "(the line above)"}
             return {"model": cfg[0], "threads": cfg[1], "error": "the engine crashed on this model (its process "
                     "died); a malformed or hostile model file"}
     finally:
@@ -138,15 +155,16 @@ def _isolated(ctx, cfg: tuple, timeout: float | None = None) -> dict | None:
 
 def compare(models: list[str], threads: list[int | None], runs: int = 200, warmup: int = 20,
             source: str | None = None, input_spec: str | None = None, isolate: bool = True,
-            progress=None, max_s: float | None = None) -> list[dict]:
+            progress=None, max_s: float | None = None, max_run_bytes: int | None = None) -> list[dict]:
     """Every model at every thread count; one row each (a row with "error" when it cannot run). `max_s`:
-    the whole comparison's time budget; past it, OverBudget (one line) and no table."""
+    the whole comparison's time budget; past it, OverBudget (one line, with the rows measured before).
+    `max_run_bytes`: one run's memory budget (Runtime.load's; None: the runtime's default)."""
     for m in models:
         if not Path(m).exists():
             raise BadInput(f"not found: {m}")
     if max_s is not None and not (isinstance(max_s, (int, float)) and 0 < max_s < float("inf")):
         raise BadInput(f"--max-time must be a positive number of seconds, got {max_s!r}")
-    configs = [(m, t, runs, warmup, source, input_spec) for m in models for t in threads]
+    configs = [(m, t, runs, warmup, source, input_spec, max_run_bytes) for m in models for t in threads]
     deadline = None if max_s is None else time.monotonic() + max_s
     rows = []
     ctx = mp.get_context("spawn")
@@ -154,13 +172,13 @@ def compare(models: list[str], threads: list[int | None], runs: int = 200, warmu
         if isolate:
             row = _isolated(ctx, cfg, None if deadline is None else max(0.0, deadline - time.monotonic()))
             if row is None:
-                raise _over(cfg[0], cfg[1], max_s)
+                raise _over(cfg[0], cfg[1], max_s, rows)
             rows.append(row)
         else:
             try:
                 rows.append(_child(cfg, deadline))
             except OverBudget:
-                raise _over(cfg[0], cfg[1], max_s) from None
+                raise _over(cfg[0], cfg[1], max_s, rows) from None
         if progress:
             progress()
     return rows

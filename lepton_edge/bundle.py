@@ -86,7 +86,9 @@ def normalisation_overflow(scale: float, mean: list[float], std: list[float], dt
     worst = 0.0
     for m, s in zip(mean * n if len(mean) == 1 else mean, std * n if len(std) == 1 else std):
         a, b = scale / s, m / s
-        worst = max(worst, abs(255 * a), abs(b), abs(255 * a - b))
+        if max(abs(255 * a), abs(b)) >= FLOAT32_MAX:  # the terms, computed in float32 whatever the input's dtype
+            worst = max(worst, abs(255 * a), abs(b))
+        worst = max(worst, abs(b), abs(255 * a - b))  # what the input holds: its ends, pixels 0 and 255
     if worst < limit:
         return None
     return (f"mean {mean} and std {std} with scale {scale:g} make input values up to {worst:.3g}, past "

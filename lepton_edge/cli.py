@@ -573,7 +573,10 @@ def bench(
     input_spec: str | None = typer.Option(None, "--input-spec", help="For plain models (see `run`)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     max_time: float = typer.Option(900.0, "--max-time", help="Seconds the whole comparison may take; past them "
-                                   "bench ends with one line (a model far too slow for --runs)."),
+                                   "bench ends with one line after the rows measured (a model far too slow "
+                                   "for --runs)."),
+    max_run_mib: int | None = typer.Option(None, "--max-run-mib", min=1, help="How far, in MiB, the process may "
+                                           "grow during one run (default: max(2048, 12x the model's files))."),
 ):
     """Per-stage latency percentiles, throughput and peak RSS; one table across models and threads."""
     from lepton_edge import bench as b
@@ -581,7 +584,13 @@ def bench(
     thr = b.parse_threads(threads)
     total = len(models) * len(thr)
     with ui.progress("benchmarking", total) as advance:
-        rows = b.compare(models, thr, runs, warmup, source, input_spec, progress=advance, max_s=max_time)
+        try:
+            rows = b.compare(models, thr, runs, warmup, source, input_spec, progress=advance, max_s=max_time,
+                             max_run_bytes=max_run_mib << 20 if max_run_mib else None)
+        except b.OverBudget as e:
+            if e.rows and not as_json:  # what was measured is shown; the line says where the time ran out
+                out.print(b.table(e.rows, f"{runs} runs after {warmup} warm-up, on this host (incomplete)"))
+            raise
     if as_json:
         _emit_json(rows)
     else:

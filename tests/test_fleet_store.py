@@ -322,3 +322,26 @@ def test_a_postgres_url_with_a_port_urllib_cannot_read_is_one_line(tmp_path):
         r = run_cli("fleet", "ls", "--store", url, timeout=60)
         assert r.returncode == 2 and "Traceback" not in r.stderr and "S3cretPW" not in r.stderr + r.stdout
         assert len(r.stderr.strip().splitlines()) == 1 and "postgresql://127.0.0.1:?/fleet" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_another_applications_tables_are_unusable_at_once_on_both_databases(tmp_path, request, backend):
+    """A database holding another application's `events` table: SQLite's was StoreUnusable at once, PostgreSQL's
+    a plain StoreError (its SQLSTATE dropped), which `monitor` retried for its whole minute."""
+    from lepton_edge.fleet.cli import open_store_retrying
+    from lepton_edge.fleet.store import StoreUnusable
+
+    if backend == "sqlite":
+        url = str(tmp_path / "other.sqlite")
+        with sqlite3.connect(url) as c:
+            c.execute("CREATE TABLE events (id INTEGER PRIMARY KEY, what TEXT)")
+    else:
+        import psycopg
+
+        url = request.getfixturevalue("postgres")
+        with psycopg.connect(url, autocommit=True) as c:
+            c.execute("CREATE TABLE events (id INTEGER PRIMARY KEY, what TEXT)")
+    t0, said = time.monotonic(), []
+    with pytest.raises(StoreUnusable) as e:
+        open_store_retrying(url, said.append, wait_s=20)
+    assert time.monotonic() - t0 < 5 and not said and "\n" not in str(e.value), (said, str(e.value))

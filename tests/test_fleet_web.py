@@ -506,7 +506,7 @@ def _still_open(socks: list, settle_s: float = 1.0, timeout: float = 8.0) -> lis
 def test_one_address_cannot_take_every_connection(tmp_path, monkeypatch):
     """The cap on open connections was global only: one address holding 300 idle connections (each renewed
     within the header timeout) took all 256 and every other client was hung up on at once. An address now
-    holds at most peer_cap() (32) and the others still get in; the global cap stays for many addresses.
+    holds at most peer_cap() (64) and the others still get in; the global cap stays for many addresses.
     (127.0.0.2.. stand for hosts: 127.0.0.1 itself, a browser or a reverse proxy on this machine, is not
     capped per address.)"""
 

@@ -199,7 +199,62 @@ def test_a_normalisation_that_overflows_float32_is_refused_when_the_bundle_loads
             assert "past float32's range" in str(e) and "\n" not in str(e), str(e)
         _one_line(run_cli("run", str(b), "--source", str(frames), "--no-show"), "past float32's range")
     good = _bundle(tmp_path / "good")
+    from lepton_edge.bundle import normalisation_overflow
+
+    # a float16 input holds the normalised pixels, not scale / std times 255: 1/0.002*255 is past float16's range,
+    # (255 - 128) / 0.002 is not
+    assert normalisation_overflow(1.0, [128.0], [0.002], "float16") is None
+    assert "past float16's range" in normalisation_overflow(1.0, [0.0], [0.002], "float16")
     _one_line(run_cli("run", str(good), "--source", str(frames), "--no-show", "--input-spec", "mean=1e10;std=1e-30"),
               "--input-spec", "past float32's range")
     r = run_cli("run", str(good), "--source", str(frames), "--no-show", "--input-spec", "mean=0.5;std=0.25")
     assert r.returncode == 0, r.stderr[-1500:]
+
+
+def test_a_model_loaded_while_another_runs_is_not_charged_to_its_run(tmp_path):
+    """The agent loads a deployed bundle in its deploy thread while the old model's pipeline runs: the old
+    model's run budget was charged the new model's load (its baseline, taken between runs, was stale while
+    it ran back to back), and the process ended on a legitimate deploy. A load is watched by its own limits."""
+    import subprocess
+    import sys
+
+    side = 8960  # a 306 MiB weight in the new model, past the old model's run budget
+    w = nh.from_array(np.full((side, side), 1e-3, np.float32), "W")
+    (tmp_path / "new").mkdir()
+    onnx.save(h.make_model(h.make_graph([h.make_node("MatMul", ["x", "W"], ["y"])], "new", [_v("x", [1, side])],
+                                        [_v("y", [1, side])], [w]), opset_imports=[h.make_opsetid("", 13)],
+                           ir_version=8), str(tmp_path / "new" / "new.onnx"))
+    (tmp_path / "old").mkdir()
+    old = _growing_onnx(tmp_path / "old" / "old.onnx", iters=4, copies=1)  # ~0.1 s a run, run back to back
+    code = f"""
+import threading, time, numpy as np
+from lepton_edge.runtime.backend import backend_for
+old = backend_for("onnx").open({str(old)!r}, threads=1, max_run_bytes=256 << 20)
+x = np.ones((1, 3, 32, 32), np.float32)
+threading.Thread(target=lambda: [old.run(x) for _ in iter(int, 1)], daemon=True).start()
+time.sleep(1.0)
+new = backend_for("onnx").open({str(tmp_path / "new" / "new.onnx")!r}, threads=1, max_run_bytes=256 << 20)
+time.sleep(1.0)
+print("deployed", flush=True)
+import os; os._exit(0)  # (the old model's thread is inside onnxruntime: no interpreter shutdown under it)
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip() == "deployed", p.stderr[-1500:]
+
+
+def test_bench_keeps_what_it_measured_and_any_time_budget_works(tmp_path):
+    """Past --max-time, the rows measured before were lost with the table (a long comparison on a slow board
+    printed one line); a budget past poll()'s 24.8 days was a traceback; a child ended at its run limit was
+    blamed as a crash of the engine."""
+    from lepton_edge import bench
+
+    fast = _growing_onnx(tmp_path / "fast.onnx", iters=1, copies=1)
+    model = _endless_loop(tmp_path / "loop.onnx")
+    r = run_cli("bench", str(fast), str(model), "--runs", "2", "--warmup", "0", "--max-time", "20", timeout=120)
+    _one_line(r, "bench's time budget of 20 s ran out")
+    assert "(incomplete)" in r.stdout and "fast.onnx" in r.stdout, r.stdout[-1500:]
+    r = run_cli("bench", str(fast), "--runs", "2", "--warmup", "0", "--max-time", "1e9", timeout=120)
+    assert r.returncode == 0 and "fast.onnx" in r.stdout and "Traceback" not in r.stderr, r.stderr[-1500:]
+    grows = _growing_onnx(tmp_path / "grows.onnx")
+    rows = bench.compare([str(grows)], [1], runs=1, warmup=0, max_run_bytes=200 << 20)
+    assert rows[0]["error"].startswith("a run went past its time or memory limit"), rows

@@ -129,6 +129,9 @@ def _folder_bytes(folder: str) -> int:
 def end(token: int) -> None:
     with _lock:
         _limits.pop(token, None)
+    rss = rss_bytes()  # what a load grew (watched by its own ceiling until now) is no run's growth
+    for clock in list(_clocks):
+        clock.baseline = max(clock.baseline, rss)
 
 
 def _watch() -> None:
@@ -163,11 +166,14 @@ def _check_clocks(now: float) -> None:
             watched.append((clock, clock.busy()))
     if not watched:
         return
+    with _lock:
+        loading = bool(_limits)  # a load's growth is its own ceiling's, not a run's
     rss = rss_bytes()
+    allowed = sum(c.max_growth for c, busy in watched if busy)  # runs of several models at once: their sum
     for clock, busy in watched:
-        if not busy:
+        if not busy or loading:
             clock.baseline = rss
-        elif rss > clock.baseline + clock.max_growth:
+        elif rss > clock.baseline + allowed:
             finish(f"{clock.what} grew this process by {(rss - clock.baseline) / 2**20:,.0f} MiB, past its budget "
                    f"of {clock.max_growth / 2**20:,.0f} MiB for one run, and the engine keeps what it took: "
                    "ending the process")

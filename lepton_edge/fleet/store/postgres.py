@@ -46,9 +46,11 @@ class PostgresStore(SqlStore):
         self._local = threading.local()
         self._all: list = []
         self._lock = threading.Lock()
+        self._opening = True
         with self._tx() as cur:
             cur.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATE_LOCK,))
             self._migrate(cur)
+        self._opening = False
 
     def _redacted(self) -> str:
         return redacted_url(self.url)
@@ -94,6 +96,8 @@ class PostgresStore(SqlStore):
             why = f"fleet store {self._redacted()}: {str(e).strip().splitlines()[0]}"
             if isinstance(e, (psycopg.DataError, psycopg.IntegrityError)):  # SQLSTATE 22, 23: the value's fault
                 raise ValueRefused(why) from None
+            if getattr(self, "_opening", False) and (e.sqlstate or "")[:2] == "42":  # another schema, no rights:
+                raise StoreUnusable(why) from None  # (SQLSTATE class 42) waiting will not change it
             raise StoreError(why) from None
 
     @contextlib.contextmanager

@@ -49,7 +49,11 @@ class SqliteStore(SqlStore):
         """A path that is there but is not a regular file (a directory, /dev/null, a FIFO), or whose directory
         cannot be made, is StoreUnusable before SQLite is asked: SQLite's 'unable to open database file' and
         'disk I/O error' for them read like a passing state, and `monitor` retried them for a minute."""
-        if self.path.exists() and not self.path.is_file():
+        try:
+            there = self.path.exists()
+        except OSError as e:  # (a folder this user cannot enter: EACCES; a name too long)
+            raise StoreUnusable(f"fleet store {self.path}: {e.strerror or e}") from None
+        if there and not self.path.is_file():
             what = "a directory" if self.path.is_dir() else "not a regular file"
             raise StoreUnusable(f"fleet store {self.path}: {what}; give a SQLite file's path (it is created) "
                                 "or a postgresql:// URL")

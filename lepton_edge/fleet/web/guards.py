@@ -28,7 +28,8 @@ from lepton_edge.fleet.web.app import _client_key  # (app imports this module on
 
 HEADER_TIMEOUT_S = 10.0  # from the connection (or the last response) to a request's complete headers
 MAX_CONNECTIONS = 256  # open connections; one more is closed at once (64 live streams fit with room)
-MAX_PER_PEER = 32  # open connections of one remote address (an IPv6 /64); 127.0.0.1 and ::1 only by the above
+MAX_PER_PEER = 64  # open connections of one remote address (an IPv6 /64); 127.0.0.1 and ::1 only by the above
+# (64: a reverse proxy on another host, a container bridge, brings every operator from one address)
 FD_RESERVE = 64  # file descriptors left for everything else when the process may open few (connection_cap)
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
