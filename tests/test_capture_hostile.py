@@ -230,3 +230,218 @@ def test_a_nul_in_a_video_source_is_one_line():
 
     with pytest.raises(BadInput, match="source not found"):
         open_source("clip\x00.mp4")
+
+
+class _EndlessPart:
+    """An HTTP MJPEG camera that sends three good parts, then one part that never ends: a part header (with no
+    Content-Length, or one of 2 GB), then zeros until the client hangs up."""
+
+    def __init__(self, length: bytes = b""):
+        import http.server
+        import socketserver
+        import threading
+
+        from mjpeg_server import free_port
+
+        good = _jpeg()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+                self.end_headers()
+                zeros = b"\0" * (1 << 20)
+                try:
+                    for _ in range(3):
+                        self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n"
+                                         % len(good) + good + b"\r\n")
+                    self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\n" + length + b"\r\n" + good[:-2])
+                    while True:
+                        self.wfile.write(zeros)
+                except OSError:
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+            daemon_threads = True
+
+        self.srv = Server(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.srv.server_address[1]}/stream.mjpg"
+        threading.Thread(target=self.srv.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.srv.shutdown()
+        self.srv.server_close()
+
+
+@pytest.mark.parametrize("length", [b"", b"Content-Length: 2000000000\r\n"], ids=["no-length", "2-GB-length"])
+def test_an_endless_mjpeg_part_ends_the_source_in_one_line_not_in_gigabytes(length):
+    """FFmpeg's mpjpeg demuxer buffered a part without a Content-Length until the boundary came: one endless
+    part held 1.4 GB within the 5 s read timeout, again after every reconnect, and the good frames before it
+    kept the source `streaming` for ever. A part now holds at most the frame budget's pixels in bytes (100 MB),
+    and a larger one fails the source with that line."""
+    cam = _EndlessPart(length)
+    code = ("import json, time, lepton_edge\nfrom lepton_edge.capture import open_source\n"
+            f"s = open_source({cam.url!r}, policy='every-frame', max_reconnects=1)\n"
+            "n, t = 0, time.monotonic()\n"
+            "while not s.closed and time.monotonic() - t < 20:\n"
+            "    n += s.read(timeout=1) is not None\n"
+            "hwm = next(int(x.split()[1]) for x in open('/proc/self/status') if x.startswith('VmHWM')) // 1024\n"
+            "print(json.dumps({'frames': n, 'state': s.state.value, 'failure': s.failure, 'hwm_mb': hwm}))\n"
+            "s.close()\n")
+    env = {k: v for k, v in os.environ.items() if k != "OPENCV_IO_MAX_IMAGE_PIXELS"}
+    try:
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    finally:
+        cam.stop()
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    # (the 3 good frames: the consumer may not read each before the source fails and closes)
+    assert 1 <= out["frames"] <= 3 and out["state"] == "failed", out
+    assert out["failure"].startswith("a part of the MJPEG stream") and "100,000,000 bytes" in out["failure"], out
+    assert "\n" not in out["failure"] and out["hwm_mb"] < 450, out  # (the part: 100 MB; Python, numpy, cv2: ~70)
+
+
+def test_mjpeg_over_http_keeps_its_frames_and_its_credentials():
+    """The MJPEG reader that replaced FFmpeg's for http:// cameras: every frame of a plain camera, in order, and
+    Basic credentials from the URL (as FFmpeg took them), never in the spec shown."""
+    import base64
+    import http.server
+    import socketserver
+    import threading
+
+    from mjpeg_server import free_port
+
+    good = _jpeg()
+    seen: list[str | None] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(self.headers.get("Authorization"))
+            if self.headers.get("Authorization") != "Basic " + base64.b64encode(b"cam:p@ss").decode():
+                self.send_response(401)
+                self.send_header("WWW-Authenticate", 'Basic realm="cam"')
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", 'multipart/x-mixed-replace;boundary="--frame"')
+            self.end_headers()
+            try:
+                for _ in range(200):  # LF-only part headers, no Content-Length: the boundary ends each part
+                    self.wfile.write(b"----frame\nContent-Type: image/jpeg\n\n" + good + b"\n")
+                    time.sleep(0.01)
+            except OSError:
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+        daemon_threads = True
+
+    srv = Server(("127.0.0.1", free_port()), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    src = open_source(f"http://cam:p%40ss@127.0.0.1:{srv.server_address[1]}/video", policy="every-frame")
+    try:
+        got = [src.read(timeout=10) for _ in range(20)]
+        assert all(f is not None and f.image.shape == (64, 64, 3) for f in got), src.status()
+        assert [f.index for f in got] == list(range(20)) and src.corrupt == 0, src.status()
+        assert "p@ss" not in src.spec and "p%40ss" not in src.spec and seen[0] is None and seen[-1], (src.spec, seen)
+    finally:
+        src.close()
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_a_truncated_jpeg_in_a_folder_leaves_log_json_stderr_json_only(tmp_path):
+    """libjpeg wrote 'Premature end of JPEG file' straight to file descriptor 2 for a cut-off JPEG in a folder
+    source: a bare line between `run --log-json`'s records, whose stderr must be JSON lines only."""
+    import cv2
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from conftest import run_cli
+
+    w = numpy_helper.from_array(np.random.default_rng(0).normal(size=(784, 10)).astype(np.float32), "W")
+    g = helper.make_graph([helper.make_node("Flatten", ["x"], ["f"]), helper.make_node("MatMul", ["f", "W"], ["y"])],
+                          "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 28, 28])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])], [w])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.save(m, str(tmp_path / "tiny.onnx"))
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    jpeg = cv2.imencode(".jpg", np.random.default_rng(1).integers(0, 256, (28, 28), dtype=np.uint8))[1].tobytes()
+    (frames / "a-cut.jpg").write_bytes(jpeg[:len(jpeg) // 2])
+    (frames / "b-whole.jpg").write_bytes(jpeg)
+    r = run_cli("--log-json", "run", str(tmp_path / "tiny.onnx"), "--source", str(frames), "--input-spec",
+                "layout=NCHW;color=GRAY;size=28x28;scale=1/255", "--task", "classify", "--no-show", timeout=120)
+    assert r.returncode == 0, r.stderr
+    for line in r.stderr.splitlines():
+        try:
+            json.loads(line)
+        except ValueError:
+            pytest.fail(f"not a JSON line on --log-json's stderr: {line!r}")
+    summary = [x["summary"] for x in map(json.loads, r.stderr.splitlines()) if "summary" in x]
+    assert summary and summary[0]["frames"] == 2, r.stderr
+
+
+def test_a_huge_frame_later_in_an_http_mjpeg_stream_is_a_corrupt_frame_not_its_memory():
+    """The pixel budget was checked when a stream opened: a camera whose first connection sent JPEG-looking junk
+    made the source hand every later frame to FFmpeg's own decoder, where a 10000x11000 frame mid-stream was
+    decoded whole. Every part of an HTTP MJPEG stream is now decoded by OpenCV, under the budget."""
+    import http.server
+    import socketserver
+    import threading
+
+    import cv2
+
+    from mjpeg_server import free_port
+
+    small = _jpeg()
+    big = cv2.imencode(".jpg", np.zeros((10_000, 11_000), np.uint8), [cv2.IMWRITE_JPEG_QUALITY, 5])[1].tobytes()
+    junk = b"\xff\xd8\xff\xe0" + np.random.default_rng(1).integers(0, 256, 3000, dtype=np.uint8).tobytes()
+    connections = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            connections.append(1)
+            parts = [junk] * 5 if len(connections) == 1 else [small] * 5 + [big] + [small] * 200
+            self.send_response(200)
+            self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+            self.end_headers()
+            try:
+                for p in parts:
+                    self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(p)
+                                     + p + b"\r\n")
+                    time.sleep(0.02)
+            except OSError:
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+        daemon_threads = True
+
+    srv = Server(("127.0.0.1", free_port()), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}/video"
+    code = ("import json, time, lepton_edge\nfrom lepton_edge.capture import open_source\n"
+            f"s = open_source({url!r}, policy='every-frame', max_backoff=0.5)\n"
+            "n, t = 0, time.monotonic()\n"
+            "while n < 30 and time.monotonic() - t < 30:\n"
+            "    n += s.read(timeout=1) is not None\n"
+            "hwm = next(int(x.split()[1]) for x in open('/proc/self/status') if x.startswith('VmHWM')) // 1024\n"
+            "print(json.dumps({'frames': n, 'corrupt': s.corrupt, 'hwm_mb': hwm}))\n"
+            "s.close()\n")
+    env = {k: v for k, v in os.environ.items() if k != "OPENCV_IO_MAX_IMAGE_PIXELS"}
+    try:
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["frames"] == 30 and out["corrupt"] >= 2 and out["hwm_mb"] < 120, out  # (the junk connection, the
+    # huge frame; FFmpeg's decode of it took the process to 175 MB, 68 MB without)

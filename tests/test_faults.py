@@ -440,7 +440,9 @@ def test_bad_camera_agent_keeps_serving(mode, tmp_path, mosquitto, rpi4_bundle, 
     agent = start_agent(*_args(mosquitto.url, tmp_path / "state", rpi4_bundle.bundle.path, cam.url))
     try:
         assert rec.wait_for(lambda r: len(r.of("/telemetry")) >= 2, timeout=60), _stderr(agent)
-        assert _wait(lambda: cam.sent >= 30, timeout=20)  # stalled (first connection) / garbage flowing by now
+        # stalled (first connection) / garbage refused by now: the MJPEG reader drops a connection at its first
+        # part that is no JPEG, and the source reconnects with backoff
+        assert _wait(lambda: cam.sent >= 30 if mode == "stall" else cam.connections >= 3, timeout=20)
         for i in range(2):
             _serving(rec, mosquitto.port, agent, f"{mode}-{i}")
     finally:

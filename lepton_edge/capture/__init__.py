@@ -4,7 +4,8 @@ pipeline, and whatever installed plug-ins register (entry points `lepton_edge.so
 The modules, one job each: `base` (Source, its explicit state, status callbacks, Frame),
 `buffers` (the newest-frame and every-frame policies), `registry` (which source reads a spec,
 `open_source`), `files` (images, video files), `live` (cameras, streams, GStreamer: the reader
-thread and reconnects), `opencv` (lazy quiet OpenCV; grab without decoding).
+thread and reconnects), `mjpeg` (HTTP MJPEG cameras, read a bounded part at a time), `opencv` (lazy quiet
+OpenCV; grab without decoding).
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from typing import ClassVar
 from pydantic import Field
 
 from lepton_edge.capture.base import Frame, Source, SourceOptions, SourceState
-from lepton_edge.capture.opencv import Grabber, cv2, oversized, thread_params
+from lepton_edge.capture.opencv import Grabber, cv2, native_quiet, oversized, thread_params
 from lepton_edge.capture.registry import register_source
 from lepton_edge.errors import BadInput
 
@@ -109,7 +109,8 @@ class ImageFiles(Source):
             self._i += 1
             self.grabbed += 1
             try:
-                img = c.imread(str(path), c.IMREAD_COLOR)
+                with native_quiet():  # libjpeg's 'Premature end of JPEG file' went to fd 2, between JSON log lines
+                    img = c.imread(str(path), c.IMREAD_COLOR)
             except c.error:  # a header past OpenCV's pixel limit (40000x30000 in 1 KB): one corrupt file
                 img = None
             if img is None:

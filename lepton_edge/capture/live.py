@@ -16,6 +16,7 @@ no frame the source gives up (FAILED) and `failure` says why (`run` ends with th
 """
 from __future__ import annotations
 
+import http.client
 import os
 import re
 import threading
@@ -25,9 +26,10 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from lepton_edge.capture.base import Frame, Source, SourceOptions, SourceState, StatusUpdate
+from lepton_edge.capture.base import Frame, Source, SourceOptions, SourceState, StatusUpdate, redacted
 from lepton_edge.capture.buffers import BufferPolicy
-from lepton_edge.capture.opencv import Grabber, cv2, has_gstreamer, oversized, thread_params
+from lepton_edge.capture.mjpeg import HttpMjpeg, http_url, open_error
+from lepton_edge.capture.opencv import Grabber, OverBudget, cv2, has_gstreamer, oversized, thread_params
 from lepton_edge.capture.registry import register_source
 from lepton_edge.errors import BadInput
 
@@ -71,7 +73,7 @@ class LiveSource(Source):
                 why = "this OpenCV was built without GStreamer; use the distribution's python3-opencv"
             self._set_state(SourceState.FAILED, why or "cannot open")
             raise BadInput(f"cannot open {self.kind} {self.spec!r}" + (f" ({why})" if why else ""))
-        self.fps = self._grabber.cap.get(cv2().CAP_PROP_FPS) or None
+        self.fps = self._grabber.fps()
         self._thread = threading.Thread(target=self._reader, name=f"capture:{self.spec}", daemon=True)
         self._thread.start()
 
@@ -84,12 +86,20 @@ class LiveSource(Source):
         """A capture is open (it may not have given a frame yet)."""
         return self._grabber is not None
 
-    def _open(self) -> Grabber | None:
+    def _open(self) -> Grabber | HttpMjpeg | None:
         c = cv2()
+        ffmpeg = self._backend == c.CAP_FFMPEG
+        if ffmpeg and http_url(self._target):
+            try:  # an MJPEG camera: read by us, a part at a time and bounded (see mjpeg.py); else FFmpeg's
+                g = HttpMjpeg.open(self._target, OPEN_TIMEOUT_MS / 1000, self.stall_s)
+            except (OSError, http.client.HTTPException, ValueError) as e:
+                self.last_error = redacted(open_error(e))
+                return None
+            if g is not None:
+                return g
         params = [c.CAP_PROP_OPEN_TIMEOUT_MSEC, OPEN_TIMEOUT_MS,
                   c.CAP_PROP_READ_TIMEOUT_MSEC, max(100, int(self.stall_s * 1000))]
         params += thread_params(self.decode_threads)
-        ffmpeg = self._backend == c.CAP_FFMPEG
         try:
             if ffmpeg:  # network streams: bounded waits, never a hang
                 cap = c.VideoCapture(self._target, self._backend, params)
@@ -113,11 +123,17 @@ class LiveSource(Source):
         left the source `streaming` and every read waiting for ever)."""
         try:
             self._read_loop()
+        except OverBudget as e:  # more than a frame may be: not a camera to reconnect to
+            self._fail(str(e))
         except Exception as e:
-            self.failure = f"the capture thread failed: {type(e).__name__}: {str(e).strip()[:200]}"
-            self._set_state(SourceState.FAILED, self.failure)
-            self._stop.set()
-            self._buffer.close()
+            self._fail(f"the capture thread failed: {type(e).__name__}: {str(e).strip()[:200]}")
+
+    def _fail(self, why: str) -> None:
+        """Give up on the source: `failure` is the one line `run` ends with."""
+        self.failure = why
+        self._set_state(SourceState.FAILED, why)
+        self._stop.set()
+        self._buffer.close()
 
     def _read_loop(self) -> None:
         backoff = 0.5
@@ -154,7 +170,7 @@ class LiveSource(Source):
             if self._grabber is not None:
                 self.reconnects += 1
 
-    def _lost(self, g: Grabber, good: int) -> bool:
+    def _lost(self, g: Grabber | HttpMjpeg, good: int) -> bool:
         """Close a connection that failed; True when that made the source start reconnecting."""
         if good == 0:
             self.corrupt += 1  # it answered, but not one frame of it was good
@@ -168,7 +184,7 @@ class LiveSource(Source):
         self._tell(StatusUpdate("reconnect", self.spec, self.kind, SourceState.STREAMING, count=self.reconnects,
                                 down_s=round(now - lost_at, 3), reason=f"frames again after {now - lost_at:.1f} s"))
 
-    def _hand_over(self, g: Grabber) -> None:
+    def _hand_over(self, g: Grabber | HttpMjpeg) -> None:
         """The policy's call: decode the frame just grabbed for a waiting consumer, or drop it."""
         ts = time.time()
         if self._buffer.discard_stale():  # decoded for a consumer that stopped waiting
@@ -179,7 +195,8 @@ class LiveSource(Source):
         img = g.retrieve()
         if img is None:
             self.corrupt += 1
-            if g.raw_jpeg and self.decoded == 0:  # JPEG-looking packets that never decode: reopen and let
+            if isinstance(g, Grabber) and g.raw_jpeg and self.decoded == 0:  # JPEG-looking packets that never
+                # decode (FFmpeg's raw packets; HttpMjpeg judges its own): reopen and let
                 self._raw_jpeg = False  # FFmpeg decode (and judge) every frame, as without raw mode
                 g.release()
                 self._grabber = None

@@ -3,14 +3,16 @@
 Why split grab from retrieve: a live source that keeps only the newest frame throws most frames
 away when the model is slower than the camera; only the frames that will be used need turning
 into pixels. `grab()` takes the next frame off the device or the network, `retrieve()` makes the
-image. For an MJPEG stream (HTTP cameras, JPEG over RTP) FFmpeg's raw mode makes `grab()` read the
-compressed packet only and `retrieve()` decode it with `cv2.imdecode`, so a dropped frame costs no
-decode at all; inter-frame codecs (H.264) must decode every frame to decode the next one, and V4L2
-and GStreamer decode or convert in their own `retrieve()`.
+image. For an MJPEG stream FFmpeg reads (JPEG over RTP; HTTP cameras are read by `mjpeg.HttpMjpeg`, which
+does the same) FFmpeg's raw mode makes `grab()` read the compressed packet only and `retrieve()` decode it with
+`cv2.imdecode`, so a dropped frame costs no decode at all; inter-frame codecs (H.264) must decode every
+frame to decode the next one, and V4L2 and GStreamer decode or convert in their own `retrieve()`.
 """
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -28,6 +30,35 @@ def cv2():
         _quieted = True
         max_pixels()  # (the warning, where cv2 came first)
     return _cv2
+
+
+class OverBudget(Exception):
+    """A source sent more than the capture budget allows (a part past `mjpeg.max_part_bytes()`): its message is
+    the one line the source fails with."""
+
+
+@contextmanager
+def native_quiet() -> Iterator[None]:
+    """Around one decode: what libjpeg and libpng write straight to file descriptor 2 ('Premature end of JPEG
+    file', 'Corrupt JPEG data: ...', 'libpng warning: ...') goes nowhere. Why: a truncated JPEG in a folder put
+    that line between `run --log-json`'s records, whose stderr must be JSON lines only; OpenCV's log level does
+    not reach these libraries. Python log lines of other threads still reach stderr (ui.native_stderr_silenced),
+    and the decode's outcome is ours to say (a corrupt frame, counted)."""
+    from lepton_edge.ui import native_stderr_silenced
+
+    with native_stderr_silenced():
+        yield
+
+
+def decode_jpeg(packet: np.ndarray) -> np.ndarray | None:
+    """A JPEG's image, or None when it does not decode (OpenCV raises for one whose header claims more pixels
+    than OPENCV_IO_MAX_IMAGE_PIXELS: one bad frame, not an error)."""
+    c = cv2()
+    try:
+        with native_quiet():
+            return c.imdecode(packet, c.IMREAD_COLOR)
+    except c.error:
+        return None
 
 
 def thread_params(decode_threads: int | None) -> list[int]:
@@ -104,6 +135,9 @@ class Grabber:
                 pass
         return cls(cap)
 
+    def fps(self) -> float | None:
+        return self.cap.get(cv2().CAP_PROP_FPS) or None
+
     def grab(self) -> bool:
         """The next frame off the source; False when it failed, stalled past the read timeout, or
         (raw JPEG) sent a packet that is not a JPEG image."""
@@ -119,10 +153,11 @@ class Grabber:
         """The image of the frame grabbed last, or None when it does not decode (OpenCV raises for a JPEG
         whose header claims more pixels than OPENCV_IO_MAX_IMAGE_PIXELS: one bad frame, not an error)."""
         c = cv2()
+        if self.raw_jpeg:
+            return decode_jpeg(self._packet) if self._packet is not None else None
         try:
-            if self.raw_jpeg:
-                return c.imdecode(self._packet, c.IMREAD_COLOR) if self._packet is not None else None
-            ok, img = self.cap.retrieve()
+            with native_quiet():  # (OpenCV's own MJPEG reader decodes with libjpeg here)
+                ok, img = self.cap.retrieve()
         except c.error:
             return None
         return img if ok else None
