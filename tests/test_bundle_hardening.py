@@ -532,3 +532,23 @@ def test_staging_replaces_only_a_bundle_and_gives_the_umask_mode(tmp_path):
                                 "remove the link or choose another --out or --name")
     finally:
         os.umask(old)
+
+
+def test_a_manifest_std_that_is_not_finite_is_refused():
+    """std inf made every pixel 0 and NaN every pixel NaN: neither is a normalisation."""
+    import pydantic
+
+    from lepton_edge.bundle import InputSpec
+
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(pydantic.ValidationError, match="finite number"):
+            InputSpec(name="x", shape=[1, 3, 8, 8], std=[bad])
+
+
+def test_json_nested_past_the_parser_is_one_line():
+    from lepton_edge.bundle import parse_json
+    from lepton_edge.errors import BadInput
+
+    with pytest.raises(BadInput) as e:
+        parse_json(b"[" * 200_000 + b"]" * 200_000, "m.json", "manifest")
+    assert str(e.value) == "m.json: invalid manifest (nested too deeply)"
