@@ -96,7 +96,9 @@ def test_a_store_that_cannot_be_opened_fails_at_once_with_one_line(tmp_path):
     open_store(newer).close()
     with sqlite3.connect(newer) as c:
         c.execute("INSERT INTO schema_version (version) VALUES (99)")
-    for store, words in ((folder, "a directory"), ("/dev/null", "not a regular file"), (newer, "upgrade")):
+    too_long = tmp_path / ("a" * 300) / "f.sqlite"  # (stat raises for it: a traceback, as for a folder not entered)
+    for store, words in ((folder, "a directory"), ("/dev/null", "not a regular file"), (newer, "upgrade"),
+                         (too_long, "File name too long")):
         t0 = time.monotonic()
         r = cli("monitor", "--broker", "mqtt://127.0.0.1:1", "--store", str(store), "--no-tui", "--seconds", "30",
                 timeout=40)
