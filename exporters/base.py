@@ -182,9 +182,10 @@ def _gather_data(ctx: ExportContext, precision: str) -> None:
     o = ctx.options
     samples = o.calib_samples or ctx.profile.quantization.calibration_samples
     _pixels_fit(ctx, precision, samples)
+    _random_inputs_fit(ctx, precision, samples)
     ctx.data = datasets.gather(ctx.source, precision=precision, calib=o.calib, samples=samples,
                                eval_set=o.eval, eval_limit=o.eval_limit, holdout=o.holdout,
-                               allow_synthetic=o.allow_synthetic_calibration)
+                               allow_synthetic=o.allow_synthetic_calibration, max_bytes=_inputs_budget(ctx))
     if ctx.data.calib_info and precision != "fp32":  # (fp32's --calib data only validates: calibrates nothing)
         ctx.report.compression.calibration = CalibrationSection(**ctx.data.calib_info)
 
@@ -222,6 +223,37 @@ def _pixels_fit(ctx: ExportContext, precision: str, samples: int) -> None:
                       f"use {fewer} (and --eval-limit with --eval), or a smaller --input-shape")
 
 
+def _inputs_budget(ctx: ExportContext) -> int | None:
+    """What the export's inputs may take at most: half its memory budget (the rest is the model's runs)."""
+    from lepton_edge.compress import calibration as cal
+
+    budget = ctx.options.max_memory_bytes or cal.default_memory_budget()
+    return budget // 2 if budget else None
+
+
+def _random_inputs_fit(ctx: ExportContext, precision: str, samples: int) -> None:
+    """Refuse, before drawing any, random inputs (int8 forced to calibrate on noise, or fp32/fp16's agreement
+    inputs with no data) that would take over half the memory budget, as `_pixels_fit` refuses images. Why:
+    --calib-samples 3000 of 1x3x256x256 went past 2 GB under --max-memory 1GB, and fp32 of a 1x3x4096x4096
+    model with no data drew 64 inputs as 24 GB of float64 (a MemoryError traceback)."""
+    from lepton_edge.compress import calibration as cal
+    from lepton_edge.exporters import datasets
+    from lepton_edge.ui import human
+
+    o, spec, limit = ctx.options, ctx.source.input_spec, _inputs_budget(ctx)
+    n = datasets.synthetic_inputs(ctx.source, precision=precision, calib=o.calib, eval_set=o.eval, samples=samples,
+                                  holdout=o.holdout, allow_synthetic=o.allow_synthetic_calibration)
+    need = cal.synthetic_bytes(spec, n)
+    if not n or not limit or need <= limit:
+        return
+    fit = limit // max(1, cal.synthetic_bytes(spec, 1))
+    fewer = f"--calib-samples {fit - o.holdout}" if precision == "int8" and fit - o.holdout >= 1 else \
+        f"--holdout {fit}" if fit >= 1 else "a smaller --input-shape (or the target's input_size)"
+    raise CheckFailed(f"{n} random inputs of {[d if isinstance(d, int) else 1 for d in spec.shape[1:]]} (float32) "
+                      f"would take {human(need)}, over half the export's memory budget ({human(2 * limit)}, "
+                      f"--max-memory): use {fewer}, or give --calib data")
+
+
 def _compress(ctx: ExportContext) -> None:
     """Structured pruning (and fine-tuning) of a PyTorch source, in place on ctx.source.module."""
     src, o = ctx.source, ctx.options
@@ -253,7 +285,7 @@ def _prune(ctx: ExportContext) -> PruningSection:
         pruned = copy.deepcopy(src.module)
         rep = pr.prune(pruned, torch.zeros([1] + [int(d) for d in src.input_spec.shape[1:]]), o.prune).as_dict()
     if o.finetune_epochs:
-        tx, ty = datasets.training(src, o.train)
+        tx, ty = datasets.training(src, o.train, max_bytes=_inputs_budget(ctx))
         with ctx.progress.stage(f"fine-tune {o.finetune_epochs} epoch(s) on {len(tx)} samples"):
             pr.finetune(pruned, tx, ty, o.finetune_epochs)
         rep.update(finetune_epochs=o.finetune_epochs, finetune_samples=len(tx))

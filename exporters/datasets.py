@@ -147,12 +147,13 @@ def _zoo_data(src, split: str):
     return src.zoo.data(split) if src.zoo is not None and src.zoo.dataset else None
 
 
-def calibration(src, calib, samples: int, holdout: int, allow_synthetic: bool, seed: int = 0):
+def calibration(src, calib, samples: int, holdout: int, allow_synthetic: bool, seed: int = 0,
+                max_bytes: int | None = None):
     """(calibration inputs, held-out inputs or None, description). Inputs loaded from --calib are
-    split: the validation inputs are never calibration inputs."""
+    split: the validation inputs are never calibration inputs. `max_bytes`: the most the inputs may take."""
     spec = src.input_spec
     if calib is not None:
-        s = cal.load_inputs(str(calib), spec, limit=samples + holdout)
+        s = cal.load_inputs(str(calib), spec, limit=samples + holdout, max_bytes=max_bytes)
         n = len(s.x)
         if n >= samples + 16:  # enough left over: validate on inputs calibration never saw
             return cal.subset(s.x, None, samples), cal.subset(s.x, samples), {
@@ -172,16 +173,16 @@ def calibration(src, calib, samples: int, holdout: int, allow_synthetic: bool, s
             "int8 needs calibration data: pass --calib with an image folder, a .npy/.npz or a video "
             "(or --precision fp16/fp32; --allow-synthetic-calibration forces random data, which ruins accuracy)"
         )
-    s = cal.synthetic(spec, samples + holdout, seed)
+    s = cal.synthetic(spec, samples + holdout, seed, max_bytes)
     return s.x[:samples], s.x[samples:], {"source": "synthetic", "kind": "synthetic", "samples": samples,
                                           "calibration_inputs": f"random inputs 0-{samples - 1}",
                                           "validation_inputs": f"random inputs {samples}-{samples + holdout - 1}"}
 
 
-def evaluation(src, eval_set, eval_limit: int | None):
+def evaluation(src, eval_set, eval_limit: int | None, max_bytes: int | None = None):
     """(inputs, labels or None, source): the user's set, else the zoo model's test split."""
     if eval_set is not None:
-        s = cal.load_labelled(str(eval_set), src.input_spec, src.labels, eval_limit)
+        s = cal.load_labelled(str(eval_set), src.input_spec, src.labels, eval_limit, max_bytes)
         return s.x, s.y, s.source
     data = _zoo_data(src, "test")
     if data is None:
@@ -195,17 +196,18 @@ def evaluation(src, eval_set, eval_limit: int | None):
 
 
 def gather(src, *, precision: str, calib, samples: int, eval_set, eval_limit, holdout: int,
-           allow_synthetic: bool) -> ExportData:
+           allow_synthetic: bool, max_bytes: int | None = None) -> ExportData:
     """Everything the export measures on. Agreement inputs, best first: the labelled evaluation
     set, inputs held out from calibration, the zoo's unlabelled test split, the calibration
-    inputs themselves, random inputs (fp32/fp16 with no data at all)."""
+    inputs themselves, random inputs (fp32/fp16 with no data at all). `max_bytes`: the most an array file's
+    or random inputs may take (half the export's memory budget)."""
     from lepton_edge import ui
 
     ev_x = ev_y = ev_src = None
     # A zoo's unlabelled photos only serve agreement: skip them when the user brought data.
     if eval_set is not None or (src.zoo is not None and (src.zoo.labelled or calib is None)):
         with ui.stage("load evaluation set"):
-            ev_x, ev_y, ev_src = evaluation(src, eval_set, eval_limit)
+            ev_x, ev_y, ev_src = evaluation(src, eval_set, eval_limit, max_bytes)
     constants = [n for n in getattr(src, "notes", []) if n.startswith("input ")]
     for note in constants:  # what the non-image inputs of a multi-input model are fed, said once
         ui.info(f"[dim]{note}[/]")
@@ -215,7 +217,7 @@ def gather(src, *, precision: str, calib, samples: int, eval_set, eval_limit, ho
     # (with none it was random inputs, even with real photos given)
     if precision == "int8" or calib is not None:
         with ui.stage("load calibration data" if precision != "fp32" else "load --calib data (to validate on)"):
-            calib_x, held, info = calibration(src, calib, samples, holdout, allow_synthetic)
+            calib_x, held, info = calibration(src, calib, samples, holdout, allow_synthetic, max_bytes=max_bytes)
         if precision == "int8" and calib is not None and len(calib_x) < FEW_CALIBRATION:
             import logging
 
@@ -242,15 +244,27 @@ def gather(src, *, precision: str, calib, samples: int, eval_set, eval_limit, ho
         check, kind = v, "other views of calibration inputs (nothing held out)"
         split["validation_inputs"] = kind
     else:
-        check, kind = cal.synthetic(src.input_spec, holdout, seed=1).x, "synthetic"
+        check, kind = cal.synthetic(src.input_spec, holdout, 1, max_bytes).x, "synthetic"
         split["validation_inputs"] = f"{len(check)} random inputs"
     return ExportData(check, kind, calib_x=calib_x if precision != "fp32" else None, calib_info=info, split=split)
 
 
-def training(src, train, limit: int | None = None):
+def synthetic_inputs(src, *, precision: str, calib, eval_set, samples: int, holdout: int,
+                     allow_synthetic: bool) -> int:
+    """How many random inputs `gather` draws with these settings (0 when real data is there): the int8
+    calibration's and held-out ones with no data at all, else fp32/fp16's agreement inputs when nothing else
+    validates. Why: the export checks their size against its memory budget before drawing them."""
+    if calib is not None or eval_set is not None or (src.zoo is not None and src.zoo.dataset):
+        return 0
+    if precision == "int8":
+        return samples + holdout if allow_synthetic else 0
+    return holdout
+
+
+def training(src, train, limit: int | None = None, max_bytes: int | None = None):
     """Labelled data for fine-tuning after pruning: --train, else the zoo's train split."""
     if train is not None:
-        s = cal.load_labelled(str(train), src.input_spec, src.labels, limit)
+        s = cal.load_labelled(str(train), src.input_spec, src.labels, limit, max_bytes)
         return np.asarray(s.x), s.y  # (fine-tuning takes the whole float array)
     data = _zoo_data(src, "train")
     if data is not None and data[1] is not None:

@@ -8,13 +8,14 @@ so int8 refuses it unless forced.
 from __future__ import annotations
 
 import glob
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from lepton_edge.bundle import InputSpec
-from lepton_edge.errors import BadInput
+from lepton_edge.errors import BadInput, CheckFailed
 from lepton_edge.memory import available_bytes, rss_bytes  # noqa: F401 (read here by the export's callers)
 from lepton_edge.runtime.preprocess import normalise, preprocess_batch, to_pixels
 
@@ -187,6 +188,86 @@ def _from_array(arr: np.ndarray, spec: InputSpec, src: str) -> np.ndarray:
     )
 
 
+def _read_array_file(p: Path, src: str, limit: int | None, labelled: bool,
+                     max_bytes: int | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(the first `limit` inputs, the labels or None) of a .npy or .npz, read from each array's header on:
+    only the rows used are read (and, in a .npz, decompressed). Why not np.load: a 3.5 MB .npz of zeros
+    decompressed to a 3.7 GB array before anything looked at its shape."""
+    import zipfile
+
+    try:
+        if p.suffix.lower() == ".npy":
+            with open(p, "rb") as f:
+                return _read_npy(f, src, limit, max_bytes)[0], None
+        with zipfile.ZipFile(p) as z:
+            members = {n[:-4] if n.endswith(".npy") else n: n for n in z.namelist()}
+            if not members:
+                raise BadInput(f"{src}: the .npz holds no arrays")
+            names = ("x", "images", "inputs", "input")
+            key = next((k for k in names if k in members), next(iter(members)))
+            if key not in names and len(members) > 1:
+                import logging
+
+                logging.getLogger(__name__).warning(f"{src}: no array named x, images or inputs: using {key!r}, the "
+                                                    f"first of {', '.join(list(members)[:8])}")
+            with z.open(members[key]) as f:
+                arr, total = _read_npy(f, src, limit, max_bytes)
+            ykey = next((k for k in ("y", "labels", "targets") if k in members), None)
+            if ykey is None:
+                return arr, None
+            with z.open(members[ykey]) as f:
+                y, ytotal = _read_npy(f, src, limit if labelled else 1, max_bytes)
+            if labelled and ytotal != total:
+                raise BadInput(f"{src}: labels of shape [{ytotal}, ...] ({y.dtype}) do not pair with {total} inputs: "
+                               "give one integer class index an input")
+            return arr, y
+    except (BadInput, CheckFailed):
+        raise
+    except Exception as e:
+        raise BadInput(f"cannot read {src}: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
+
+
+def _read_npy(f, src: str, limit: int | None, max_bytes: int | None) -> tuple[np.ndarray, int]:
+    """(the first `limit` rows, the rows there are) of the .npy array in stream `f`, its size checked
+    against `max_bytes` (as float32 model inputs at least: uint8 images grow 4x) before any row is read."""
+    fmt = np.lib.format
+    try:
+        version = fmt.read_magic(f)
+        read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+    except ValueError:
+        dtype = np.dtype(object)  # not a .npy: said as np.load's refusal of one was
+    if dtype.hasobject:
+        raise BadInput(f"cannot read {src}: not a numeric array file (Python objects, or not .npy at all; "
+                       "nothing is unpickled)")
+    total = shape[0] if shape else 1
+    rows = total if not limit or fortran else min(total, limit)
+    row_items = math.prod(shape[1:]) if shape else 1
+    need = rows * row_items * max(dtype.itemsize, 4)
+    if max_bytes and need > max_bytes:
+        from lepton_edge.ui import human
+
+        raise CheckFailed(f"{src}: {rows} inputs of {list(shape[1:])} {dtype} would take {human(need)} as model "
+                          f"inputs, over half the export's memory budget ({human(2 * max_bytes)}, --max-memory): "
+                          "use fewer --calib-samples (--eval-limit with --eval), or a smaller array")
+    out = np.empty((rows, *shape[1:]) if shape else (), dtype)
+    _read_into(f, out, src)
+    if fortran and out.ndim > 1:
+        out = out.reshape(shape[::-1]).T  # (a Fortran-order file holds the transposed C array)
+    return (out[:limit] if limit and shape else out), total
+
+
+def _read_into(f, out: np.ndarray, src: str) -> None:
+    """Fill `out` from stream `f` a chunk at a time (one read of the whole would hold it twice)."""
+    buf, pos, chunk = memoryview(out.reshape(-1).view(np.uint8)), 0, 16 << 20
+    while pos < len(buf):
+        data = f.read(min(chunk, len(buf) - pos))
+        if not data:
+            raise BadInput(f"cannot read {src}: the array is truncated ({pos} of {len(buf)} bytes)")
+        buf[pos:pos + len(data)] = data
+        pos += len(data)
+
+
 def _read_video(path: Path, spec: InputSpec, n: int) -> PixelInputs:
     import cv2
 
@@ -209,36 +290,20 @@ def _read_video(path: Path, spec: InputSpec, n: int) -> PixelInputs:
     return pixel_inputs(frames, spec)
 
 
-def load_inputs(src: str, spec: InputSpec, limit: int | None = None, labelled: bool = False) -> Samples:
-    """Inputs from a folder/glob of images, a .npy/.npz, or a video file."""
+def load_inputs(src: str, spec: InputSpec, limit: int | None = None, labelled: bool = False,
+                max_bytes: int | None = None) -> Samples:
+    """Inputs from a folder/glob of images, a .npy/.npz, or a video file. `max_bytes`: the most the
+    inputs read from an array file may take as model inputs (half the export's memory budget)."""
     p = Path(src)
     ext = p.suffix.lower()
     if ext in (".npy", ".npz"):
         if not p.is_file():
             raise BadInput(f"calibration file not found: {src}")
-        try:
-            data = np.load(p, allow_pickle=False)
-        except Exception as e:
-            why = ("not a numeric array file (Python objects, or not .npy at all; nothing is unpickled)"
-                   if "pickle" in str(e) else str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
-            raise BadInput(f"cannot read {src}: {why}") from None
-        if isinstance(data, np.lib.npyio.NpzFile):
-            if not data.files:
-                raise BadInput(f"{src}: the .npz holds no arrays")
-            key = next((k for k in ("x", "images", "inputs", "input") if k in data.files), data.files[0])
-            if key not in ("x", "images", "inputs", "input") and len(data.files) > 1:
-                import logging
-
-                logging.getLogger(__name__).warning(f"{src}: no array named x, images or inputs: using {key!r}, the "
-                                                    f"first of {', '.join(data.files[:8])}")
-            y = next((data[k] for k in ("y", "labels", "targets") if k in data.files), None)
-            arr = data[key]
-        else:
-            arr, y = data, None
+        arr, y = _read_array_file(p, src, limit, labelled, max_bytes)
         _usable_array(arr, src)
         if labelled:
             _check_labels(y, len(arr), src)
-        x = _from_array(arr[:limit] if limit else arr, spec, src)
+        x = _from_array(arr, spec, src)
         return Samples(x, str(p), "array", None if y is None or not labelled else np.asarray(y[: len(x)], np.int64))
     if ext in VIDEO_EXTS:
         if not p.is_file():
@@ -254,14 +319,15 @@ def load_inputs(src: str, spec: InputSpec, limit: int | None = None, labelled: b
     return Samples(_read_images(files, spec), src, "images")
 
 
-def load_labelled(src: str, spec: InputSpec, labels: list[str] | None, limit: int | None = None) -> Samples:
+def load_labelled(src: str, spec: InputSpec, labels: list[str] | None, limit: int | None = None,
+                  max_bytes: int | None = None) -> Samples:
     """An evaluation set: folder of class sub-folders (ImageFolder layout) or .npz with x and y.
 
     Class folders are matched to the model's labels by name, else by sorted order.
     """
     p = Path(src)
     if p.suffix.lower() == ".npz":
-        s = load_inputs(src, spec, limit, labelled=True)
+        s = load_inputs(src, spec, limit, labelled=True, max_bytes=max_bytes)
         if s.y is None:
             raise BadInput(f"{src}: an evaluation .npz needs a 'y' (or 'labels') array")
         return s
@@ -312,9 +378,30 @@ def _norm(name: str) -> str:
     return "".join(ch for ch in name.lower() if ch.isalnum())
 
 
-def synthetic(spec: InputSpec, n: int, seed: int = 0) -> Samples:
+SYNTHETIC_CHUNK = 1 << 24  # random values drawn at a time (float64: 128 MiB), written into float32
+
+
+def synthetic_bytes(spec: InputSpec, n: int) -> int:
+    """What `synthetic(spec, n)` allocates: n float32 inputs (a dynamic dimension taken as 1)."""
+    return n * math.prod(d if isinstance(d, int) else 1 for d in spec.shape[1:]) * 4
+
+
+def synthetic(spec: InputSpec, n: int, seed: int = 0, max_bytes: int | None = None) -> Samples:
+    """`n` random float32 inputs, drawn a chunk at a time into their array (one draw of them all was
+    float64: twice the size, 24 GB for 64 inputs of 1x3x4096x4096). Refused (one line) over `max_bytes`,
+    else what this machine has available. The values are those of one standard_normal draw of them all."""
+    from lepton_edge.ui import human
+
     shape = [n] + [d if isinstance(d, int) else 1 for d in spec.shape[1:]]
-    x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    need = synthetic_bytes(spec, n)
+    limit = max_bytes or default_memory_budget()
+    if limit and need > limit:
+        raise CheckFailed(f"{n} random inputs of {shape[1:]} would take {human(need)}, over the "
+                          f"{human(limit)} memory budget (--max-memory): use fewer --calib-samples or --holdout")
+    x = np.empty(shape, np.float32)
+    flat, rng = x.reshape(-1), np.random.default_rng(seed)
+    for i in range(0, flat.size, SYNTHETIC_CHUNK):
+        flat[i:i + SYNTHETIC_CHUNK] = rng.standard_normal(min(SYNTHETIC_CHUNK, flat.size - i))
     return Samples(x, "synthetic", "synthetic")
 
 

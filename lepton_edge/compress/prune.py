@@ -59,8 +59,19 @@ def prune(model, example_input, ratio: float, round_to: int | None = 8) -> Prune
     return PruneReport(ratio, int(params0), int(params1), int(macs0), int(macs1))
 
 
-def finetune(model, x, y, epochs: int, lr: float = 0.01, batch: int = 64, seed: int = 0) -> None:
-    """Recover the accuracy pruning cost with a few epochs of SGD on labelled data (in place)."""
+FINETUNE_SECONDS = 1800.0  # fine-tuning's time budget: half an hour of a CPU is far past a few epochs
+
+
+def finetune(model, x, y, epochs: int, lr: float = 0.01, batch: int = 64, seed: int = 0,
+             max_seconds: float = FINETUNE_SECONDS) -> None:
+    """Recover the accuracy pruning cost with a few epochs of SGD on labelled data (in place).
+
+    Stopped (CheckFailed, one line) when the epochs would take more than `max_seconds`: judged between
+    batches from the time the batches so far took, so an impossible count stops within seconds, not at
+    the budget's end. Why: finetune_epochs=10**9 on 64 samples ran until killed.
+    """
+    import time
+
     import numpy as np
     import torch
 
@@ -74,6 +85,7 @@ def finetune(model, x, y, epochs: int, lr: float = 0.01, batch: int = 64, seed: 
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     loss_fn = torch.nn.CrossEntropyLoss()
     model.train()
+    t0, done = time.perf_counter(), 0
     with ui.progress("fine-tuning", steps) as advance:
         for _ in range(epochs):
             order = torch.from_numpy(rng.permutation(len(xt)))
@@ -85,4 +97,18 @@ def finetune(model, x, y, epochs: int, lr: float = 0.01, batch: int = 64, seed: 
                 opt.step()
                 sched.step()
                 advance(1)
+                done += 1
+                _within_time(time.perf_counter() - t0, done, steps, epochs, max_seconds)
     model.eval()
+
+
+def _within_time(elapsed: float, done: int, steps: int, epochs: int, max_seconds: float) -> None:
+    """Raise CheckFailed when fine-tuning went past `max_seconds`, or, after a second of it, when the
+    batches left would at this pace take it past twice that (the first batches run slower: a margin)."""
+    from lepton_edge.errors import CheckFailed
+
+    projected = elapsed / done * steps
+    if elapsed > max_seconds or (elapsed > 1.0 and projected > 2 * max_seconds):
+        raise CheckFailed(f"fine-tuning {epochs} epoch(s) ({steps} batches) would take about {projected:.0f} s at "
+                          f"{elapsed / done * 1000:.0f} ms a batch, over its {max_seconds:g} s budget: give fewer "
+                          "--finetune-epochs (or less --train data)")
