@@ -30,16 +30,29 @@ TASKS: tuple[str, ...] = get_args(Task)
 SIZE_UNITS = {"": 1, "B": 1, "KB": 1000, "K": 1000, "KIB": 1024, "MB": 1000**2, "M": 1000**2, "MIB": 1024**2,
               "GB": 1000**3, "G": 1000**3, "GIB": 1024**3}
 MIN_MEMORY = 64 << 20
+# 1 EiB: any real size or memory limit is far under it; '1e300GB' would be an OverflowError in int()
+MAX_SIZE = 1 << 60
+# the schema's bound for a profile's calibration_samples; a count past it only makes an export run for days
+MAX_SAMPLES = 100_000
+MAX_FINETUNE_EPOCHS = 10_000
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False, strict=True)]
 Count = Annotated[int, Field(ge=1, strict=True)]
+Samples = Annotated[int, Field(ge=1, le=MAX_SAMPLES, strict=True)]
 Number = Annotated[float, Field(allow_inf_nan=False, strict=True)]
 PathLike = str | Path
 
 
 def parse_size(text: str | int | None, flag: str = "--max-size") -> int | None:
-    """'1MB' -> 1_000_000, '512KiB' -> 524288, 1234 -> 1234."""
-    if text is None or (isinstance(text, int) and not isinstance(text, bool)):
+    """'1MB' -> 1_000_000, '512KiB' -> 524288, 1234 -> 1234.
+
+    Bytes given as an int are held to what the text form allows: 0 would read as "no limit" and a
+    negative count failed every export on its size check, neither what was asked for."""
+    if text is None:
+        return None
+    if isinstance(text, int) and not isinstance(text, bool):
+        if not 1 <= text <= MAX_SIZE:
+            raise BadInput(f"{flag} must be a positive number of bytes up to 1 EiB (or like 1MB, 800KB), got {text!r}")
         return text
     if not isinstance(text, str):
         raise BadInput(f"{flag} must look like 1MB, 800KB or 1048576, got {text!r}")
@@ -50,7 +63,10 @@ def parse_size(text: str | int | None, flag: str = "--max-size") -> int | None:
         value = float(num)
     except ValueError:
         value = -1
-    n = int(value * SIZE_UNITS[unit]) if unit in SIZE_UNITS and math.isfinite(value) else 0
+    product = value * SIZE_UNITS[unit] if unit in SIZE_UNITS and math.isfinite(value) else 0.0
+    if product > MAX_SIZE:  # ('1e300GB' is inf bytes: int() of it was an OverflowError)
+        raise BadInput(f"{flag} must be at most 1 EiB, got {text!r}")
+    n = int(product)
     if n < 1:  # '0.5B' too: 0 would read as "no limit"
         raise BadInput(f"{flag} must look like 1MB, 800KB or 1048576, got {text!r}")
     return n
@@ -99,7 +115,9 @@ def parse_memory(value: str | int | None) -> int | None:
     """--max-memory: '4GB', '512MiB' or bytes; None keeps the default (available memory less a margin)."""
     try:
         n = parse_size(value, "--max-memory")
-    except BadInput:
+    except BadInput as e:
+        if "at most" in str(e):  # in the form asked for, only too large
+            raise
         raise BadInput(f"--max-memory must look like 4GB, 512MiB or 1073741824, got {value!r}") from None
     if n is not None and n < MIN_MEMORY:
         raise BadInput(f"--max-memory must be at least 64MiB, got {value!r}")
@@ -140,15 +158,15 @@ class ExportOptions(BaseModel):
     input_values: dict[str, list[float]] | None = None
     # data
     calib: PathLike | None = None
-    calib_samples: Count | None = None
+    calib_samples: Samples | None = None
     eval: PathLike | None = None
     eval_limit: Count | None = None
     train: PathLike | None = None
-    holdout: Count = 64
+    holdout: Samples = 64
     allow_synthetic_calibration: bool = False
     # compression
     prune: Annotated[float, Field(ge=0.0, le=0.99, allow_inf_nan=False, strict=True)] | None = None
-    finetune_epochs: Annotated[int, Field(ge=0, strict=True)] = 0
+    finetune_epochs: Annotated[int, Field(ge=0, le=MAX_FINETUNE_EPOCHS, strict=True)] = 0
     # percentage points of labelled accuracy that pruning (and fine-tuning) may cost, against the unpruned model
     max_prune_drop: Annotated[float, Field(ge=0.0, le=100.0, allow_inf_nan=False, strict=True)] = 2.0
     recipes: list[Annotated[str, Field(strict=True)]] | None = None
@@ -196,6 +214,36 @@ class ExportOptions(BaseModel):
     def _name(cls, v):
         if v is not None and ("/" in v or "\\" in v or "\0" in v or v.startswith(".")):
             raise ValueError(f"a bundle name, not a path: no '/', '\\' or leading '.', got {v!r}")
+        # the name reaches the manifest, the fleet's views and terminals as it is: an escape sequence or a
+        # line break there would repaint a terminal or forge a line
+        if v is not None and not v.isprintable():
+            raise ValueError(f"printable characters only (no control characters or line breaks), got {v!r}"[:200])
+        return v
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v):
+        """What the CLI's labels file gives: one class a line. labels.txt is written one label a line and
+        read back with splitlines(), so a label holding any line break (\\n, \\r, U+0085, U+2028...) would
+        shift every class after it, a blank one would be a class named '', and a file over the bundle's
+        labels limit is one no device loads."""
+        if v is None:
+            return v
+        from lepton_edge.bundle import MAX_LABELS_BYTES
+
+        total = 0
+        for i, label in enumerate(v):
+            if not label.strip():
+                raise ValueError(f"label {i} is blank; give each class a name")
+            if label.splitlines() != [label] or "\0" in label:
+                raise ValueError(f"label {i} holds a line break or NUL ({label[:40]!r}); one class name a label")
+            try:
+                total += len(label.encode("utf-8")) + 1
+            except UnicodeEncodeError:  # a lone surrogate: labels.txt is UTF-8
+                raise ValueError(f"label {i} is not valid Unicode text ({label[:40]!r})") from None
+        if total > MAX_LABELS_BYTES:
+            raise ValueError(f"labels take {total} bytes as labels.txt, over the {MAX_LABELS_BYTES >> 20} MiB a "
+                             "bundle may hold")
         return v
 
     @field_validator("target", mode="before")
@@ -206,7 +254,10 @@ class ExportOptions(BaseModel):
     @field_validator("out", mode="after")
     @classmethod
     def _out_home(cls, v: Path) -> Path:
-        return v.expanduser()  # out="~/bundles" from Python (a shell expands it for the CLI)
+        try:
+            return v.expanduser()  # out="~/bundles" from Python (a shell expands it for the CLI)
+        except RuntimeError:  # '~nosuchuser/x', or no home directory: pathlib raises RuntimeError
+            raise ValueError(f"cannot expand '~' in {str(v)!r}: no such user or home directory") from None
 
     @field_validator("input_values", mode="before")
     @classmethod
@@ -216,8 +267,10 @@ class ExportOptions(BaseModel):
     @field_validator("std")
     @classmethod
     def _std(cls, v):
-        if v is not None and any(np.float32(x) == 0 for x in v):  # (1e-46 is 0 as the float32 it is used as)
-            raise ValueError("must not contain 0")
+        # a standard deviation is positive: 0 divides by zero, a negative one flips the input the model was
+        # trained on (and broke the normalisation range checks); 1e-46 is 0 as the float32 it is used as
+        if v is not None and any(not np.float32(x) > 0 for x in v):
+            raise ValueError(f"values must be positive (must not contain 0 or a negative value), got {v}"[:200])
         return v
 
     @field_validator("mean", "std")

@@ -36,12 +36,19 @@ def toolchain() -> dict[str, str]:
     return out
 
 
+# the model's part of a bundle folder's name, in bytes: with '-<target id (64)>-<format>-<precision>' and the
+# staging folder's '.<name>.<8 random>' it stays under the 255 bytes a file system allows a name
+MAX_STEM_BYTES = 120
+
+
 def bundle_name(src, prof, fmt: str, precision: str) -> str:
     """<model>-<target>, with the format/precision appended when they are not the target's default. The
     model's name is a file name's stem or --name: anything but letters (any script), digits, '_', '.'
     and '-' becomes '-', and no leading '.' (a bundle folder inside --out, never a hidden one or one
-    elsewhere)."""
-    stem = re.sub(r"[^\w.-]+", "-", src.name).strip("-").lstrip(".-") or "model"
+    elsewhere). The stem is cut to MAX_STEM_BYTES of UTF-8: a folder name is at most 255 bytes, and 128
+    'é' (256 bytes) passed --name's length check only to fail with OSError once the export was done."""
+    stem = re.sub(r"[^\w.-]+", "-", src.name).strip("-").lstrip(".-")
+    stem = stem.encode("utf-8")[:MAX_STEM_BYTES].decode("utf-8", "ignore").rstrip("-") or "model"
     name = f"{stem}-{prof.id}"
     if fmt != prof.format:
         return f"{name}-{fmt}-{precision}"
@@ -125,7 +132,7 @@ def write_bundle(ctx, final: Path, chosen: Path, exporter, fmt: str, precision: 
         labels_file = None
         if src.labels:
             labels_file = "labels.txt"
-            (stage_dir / labels_file).write_text("\n".join(src.labels) + "\n")
+            (stage_dir / labels_file).write_text("\n".join(src.labels) + "\n", encoding="utf-8")
         manifest = Manifest(
             name=src.name, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             target=_target_record(prof, rep.compression.quantization), format=fmt, precision=precision,

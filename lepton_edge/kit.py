@@ -31,6 +31,7 @@ from pathlib import Path
 
 from lepton_edge.bundle import sha256_file
 from lepton_edge.errors import BadInput
+from lepton_edge.targets import package_key
 
 DIST = "lepton-edge"
 UNIT_NAME = "lepton-edge-agent.service"
@@ -88,7 +89,7 @@ def _version(s: str, what: str) -> tuple[int, int]:
 
 # ---------------------------------------------------------------- requirements
 def _req_name(req: str) -> str:
-    return re.split(r"[\s\[<>=!~;(]", req.strip(), maxsplit=1)[0].lower().replace("_", "-")
+    return package_key(re.split(r"[\s\[<>=!~;(]", req.strip(), maxsplit=1)[0])
 
 
 def device_requirements(fmt: str, device_packages: dict[str, str], requires: list[str]) -> list[str]:
@@ -97,7 +98,7 @@ def device_requirements(fmt: str, device_packages: dict[str, str], requires: lis
     that names a variant of the runtime (onnxruntime-gpu on a Jetson) gets that instead."""
     extra = DEVICE_EXTRA[fmt]
     runtime = RUNTIME_PACKAGE[fmt]
-    pins = {k.lower(): v for k, v in device_packages.items()}
+    pins = {package_key(k): v for k, v in device_packages.items()}  # PEP 503, as _req_name and pip compare
     variant = next((k for k in pins if k != runtime and k.startswith(runtime + "-")), None)
     lines: list[str] = []
     for r in requires:

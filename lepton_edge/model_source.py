@@ -54,6 +54,9 @@ def default_spec(shape: list, name: str = "input", layout: str | None = None, co
                        "height/width, e.g. [1,3,224,224]); give --input-shape if its dimensions are not fixed")
     layout = layout or (guess_layout(shape) or "NCHW")
     c = shape[1] if layout == "NCHW" else shape[-1]
+    if color and c in (1, 3) and c != (1 if color == "GRAY" else 3):  # a bundle the device could never feed
+        raise BadInput(f"--color {color} gives {1 if color == 'GRAY' else 3} channel(s), but input {name!r} "
+                       f"{list(shape)} ({layout}) has {c}; give --color {'GRAY' if c == 1 else 'RGB or BGR'}")
     color = color or ("GRAY" if c == 1 else "RGB")
     n = 1 if color == "GRAY" else 3
     try:

@@ -6,6 +6,7 @@ Each profile is validated by a pydantic schema so a typo names the field and the
 from __future__ import annotations
 
 import hashlib
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Literal
@@ -39,6 +40,11 @@ _PACKAGE_VERSION = r"^[0-9][0-9A-Za-z.+!_-]{0,63}$"
 _ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # it names bundle directories: no '/', no leading '.'
 
 
+def package_key(name: str) -> str:
+    """A package name as pip compares it (PEP 503): `NumPy`, `numpy` and `ruamel_yaml`/`ruamel.yaml` alike."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
 def _conflict(message: str) -> PydanticCustomError:
     """A contradiction between fields, reported on the field that contradicts (no 'Value error,' prefix)."""
     return PydanticCustomError("profile_conflict", message)
@@ -60,7 +66,8 @@ class QuantizationSettings(BaseModel):
     only) quantizes with the LiteRT quantizer instead of PT2E. Each format tries the recipes it can do.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    # strict: `per_channel = "yes"` or `calibration_samples = 1.5e2` is a typo to name, not a value to convert
+    model_config = ConfigDict(extra="forbid", strict=True)
     recipes: list[str] = Field(min_length=1)
     per_channel: bool = True
     calibration_samples: int = Field(default=100, ge=1, le=100_000)
@@ -97,7 +104,9 @@ class Profile(BaseModel):
     fields declared before it, so the error names the field that contradicts them.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    # strict: TOML has types, so `threads = true` (read as 1), `threads = "4"` or `max_model_bytes = 1.5e6`
+    # is a mistake in the file, not a value to convert silently (an int where a float is due still reads)
+    model_config = ConfigDict(extra="forbid", strict=True)
     id: str = Field(pattern=_ID)
     description: str
     arch: Literal["aarch64", "x86_64"]
@@ -115,7 +124,9 @@ class Profile(BaseModel):
     ram_budget_bytes: int = Field(gt=0, le=1 << 44)
     latency_budget_ms: float = Field(gt=0, le=3_600_000, allow_inf_nan=False)
     max_opset: int = Field(ge=MIN_OPSET, le=MAX_OPSET)
-    input_size: tuple[Annotated[int, Field(ge=1, le=8192)], Annotated[int, Field(ge=1, le=8192)]] = (224, 224)
+    # (TOML has no tuple: the array reads as one, its items still strict ints)
+    input_size: tuple[Annotated[int, Field(ge=1, le=8192, strict=True)],
+                      Annotated[int, Field(ge=1, le=8192, strict=True)]] = Field(default=(224, 224), strict=False)
     quantization: QuantizationSettings
     device_packages: dict[Annotated[str, Field(pattern=_PACKAGE_NAME)],
                           Annotated[str, Field(pattern=_PACKAGE_VERSION)]] = Field(default_factory=dict, max_length=64)
@@ -159,7 +170,12 @@ class Profile(BaseModel):
     @field_validator("device_packages")
     @classmethod
     def _packages_have_the_providers(cls, packages: dict[str, str], info: ValidationInfo) -> dict[str, str]:
-        names = {k.lower() for k in packages}
+        names: dict[str, str] = {}
+        for k in packages:  # numpy and NUMPY: one project to pip, and which pin the kit took was arbitrary
+            if package_key(k) in names:
+                raise _conflict(f"{k!r} is {names[package_key(k)]!r} again (pip compares package names "
+                                "ignoring case and '.', '_', '-'); list each package once")
+            names[package_key(k)] = k
         for provider in info.data.get("execution_providers") or []:
             wheel = PROVIDER_PACKAGE.get(provider)
             if wheel and wheel not in names:

@@ -273,3 +273,78 @@ def test_an_int8_model_slower_than_fp32_on_this_host_is_a_warning(tmp_path, monk
                                  calib=str(calib), task="raw", recipes=["u8-minmax"])
     assert res.bundle.manifest.precision == "int8"
     assert any("3.0x slower than fp32 on this host" in r.getMessage() for r in caplog.records), caplog.text
+
+
+@pytest.mark.parametrize("kw,needles", [
+    ({"max_size": "1e300GB"}, ["max_size", "at most 1 EiB"]),  # int(inf): an OverflowError traceback
+    ({"max_memory": "1e300GB"}, ["max_memory", "at most 1 EiB"]),
+    ({"max_size": 0}, ["max_size", "positive number of bytes", "got 0"]),  # 0 read as "no limit"
+    ({"max_size": -5}, ["max_size", "got -5"]),  # failed every export on its size check
+    ({"labels": ["cat\ndog", "bird"]}, ["labels", "label 0 holds a line break"]),
+    ({"labels": ["cat", "dog\x85", "bird"]}, ["labels", "label 1 holds a line break"]),  # (U+0085 splits a line)
+    ({"labels": ["cat", "  ", "bird"]}, ["labels", "label 1 is blank"]),
+    ({"labels": ["x" * (5 << 20), "b"]}, ["labels", "over the 4 MiB"]),  # a bundle Bundle.load refuses
+    ({"name": "evil\x1b[31mRED"}, ["name", "printable characters only", "\\x1b"]),
+    ({"name": "a\nb"}, ["name", "printable characters only"]),
+    ({"std": [-1.0, -1.0, -1.0]}, ["std", "must be positive"]),  # ValueError/ZeroDivisionError tracebacks
+    ({"std": [2.0, -1.0, 1.0]}, ["std", "must be positive"]),
+    ({"out": "~nosuchuser-lepton/x"}, ["out", "cannot expand '~'"]),  # pathlib's RuntimeError
+    ({"calib_samples": 100_001}, ["calib_samples", "100000"]),
+    ({"holdout": 10**9}, ["holdout", "100000"]),
+    ({"finetune_epochs": 10**6, "prune": 0.5}, ["finetune_epochs", "10000"]),
+])
+def test_an_option_out_of_its_range_is_one_line_not_a_traceback_or_a_bad_bundle(kw, needles):
+    """What the CLI refuses (or should) the Python API refuses the same way, before any work."""
+    with pytest.raises(BadInput) as e:
+        ExportOptions.of(**kw)
+    msg = str(e.value)
+    assert "\n" not in msg and len(msg) <= 300, msg
+    for n in needles:
+        assert n in msg, msg
+
+
+def test_the_cli_refuses_an_overflowing_size_a_negative_std_and_control_characters_by_flag(tmp_path, monkeypatch):
+    seen = _captured(monkeypatch)
+    for flags, start in ((["--max-size", "1e300GB"], "--max-size: must be at most 1 EiB"),
+                         (["--max-memory", "1e300GB"], "--max-memory: must be at most 1 EiB"),
+                         (["--std=-1,-1,-1"], "--std: values must be positive"),
+                         (["--name", "evil\x1b[31mRED\nline2"], "--name: printable characters only")):
+        r = _cli("export", "zoo:fashion-cnn", "-o", str(tmp_path), *flags)
+        assert isinstance(r.exception, BadInput), (flags, r.exception, r.output)
+        assert str(r.exception).startswith(start), str(r.exception)
+    assert not seen
+
+
+def test_a_long_name_makes_a_folder_name_the_file_system_takes():
+    """--name allows 128 characters, but 128 'é' are 256 bytes: over a folder name's 255, the export
+    failed with OSError after all its work. The folder's stem is cut by UTF-8 bytes."""
+    from types import SimpleNamespace
+
+    from lepton_edge.exporters import writer
+
+    prof = SimpleNamespace(id="x" * 64, format="onnx", precision="fp32")
+    name = writer.bundle_name(SimpleNamespace(name="é" * 128), prof, "tflite", "int8")
+    assert name.startswith("é" * 60) and name.endswith("-" + "x" * 64 + "-tflite-int8"), name
+    assert len(f".{name}.abcdefgh".encode()) <= 255, len(name.encode())
+    assert writer.bundle_name(SimpleNamespace(name="m"), prof, "onnx", "fp32") == "m-" + "x" * 64
+
+
+def test_a_color_that_does_not_fit_the_model_channels_is_one_line(tmp_path):
+    """--color GRAY on a 3-channel model wrote a bundle whose input spec no frame can feed."""
+    import torch
+
+    from lepton_edge.model_source import default_spec
+
+    with pytest.raises(BadInput, match=r"--color GRAY gives 1 channel\(s\), but input 'input' \[1, 3, 16, 16\]"):
+        default_spec([1, 3, 16, 16], color="GRAY")
+    with pytest.raises(BadInput, match=r"has 1; give --color GRAY"):
+        default_spec([1, 16, 16, 1], layout="NHWC", color="RGB")
+    assert default_spec([1, 3, 16, 16], color="BGR").color == "BGR"
+    assert default_spec([1, 4, 16, 16], color="RGB").color == "RGB"  # (RGBA: hw() names it, calib may be .npz)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(3))
+    model(torch.zeros(1, 3, 16, 16))
+    t0 = time.monotonic()
+    with pytest.raises(BadInput, match="--color GRAY gives 1 channel"):
+        lepton_edge.export(model, out=tmp_path, example_input=torch.zeros(1, 3, 16, 16), precision="fp32",
+                           color="GRAY")
+    assert time.monotonic() - t0 < 30 and not any(tmp_path.iterdir())

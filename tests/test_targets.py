@@ -90,6 +90,11 @@ def _variant(tmp_path, base: str, **fields) -> str:
     ("rpi4", {"latency_budget_ms": 0}, "latency_budget_ms", "greater than 0"),
     ("rpi4", {"ram_budget_bytes": -1}, "ram_budget_bytes", "greater than 0"),
     ("rpi4", {"id": '"../../etc"'}, "id", "pattern"),
+    # TOML has types: a boolean, a string or a float where an integer is due is a mistake, not read as 1, 4, 1500000
+    ("rpi4", {"threads": "true"}, "threads", "valid integer"),
+    ("rpi4", {"threads": '"4"'}, "threads", "valid integer"),
+    ("rpi4", {"max_model_bytes": "1.5e6"}, "max_model_bytes", "valid integer"),
+    ("rpi4", {"input_size": "[224.0, 224]"}, "input_size.0", "valid integer"),
 ])
 def test_an_impossible_profile_is_one_line_naming_file_and_field(tmp_path, base, fields, field, needle):
     path = _variant(tmp_path, base, **fields)
@@ -148,3 +153,36 @@ def test_a_bare_word_is_a_builtin_id_even_beside_a_file_of_that_name(tmp_path, m
     bom = tmp_path / "bom.toml"
     bom.write_bytes(b"\xef\xbb\xbf" + (targets._builtin_dir() / "rpi4.toml").read_bytes())
     assert targets.load(bom).id == "rpi4"
+
+
+@pytest.mark.parametrize("old,new,field", [
+    ("per_channel = true", 'per_channel = "yes"', "quantization.per_channel"),
+    ("calibration_samples = 400", "calibration_samples = 4e2", "quantization.calibration_samples"),
+    ('numpy = "2.4.6"', 'numpy = "2.4.6"\nNUMPY = "1.0"', "device_packages"),
+    ('numpy = "2.4.6"', 'numpy = "2.4.6"\nruamel_yaml = "0.18"\n"ruamel.yaml" = "0.17"', "device_packages"),
+])
+def test_a_profile_value_of_the_wrong_type_or_a_package_twice_is_refused(tmp_path, old, new, field):
+    """Strict types in [quantization] too (`per_channel = "yes"` read as true), and a package listed twice
+    under pip's name comparison (PEP 503: case, '.', '_' and '-' alike): pip sees one project, and which
+    pin the kit took was arbitrary."""
+    text = (targets._builtin_dir() / "rpi4.toml").read_text()
+    assert old in text
+    f = tmp_path / "lax.toml"
+    f.write_text(text.replace(old, new))
+    with pytest.raises(BadInput) as e:
+        targets.load(f)
+    assert str(e.value).startswith(f"{f}: field '{field}': "), str(e.value)
+    if field == "device_packages":
+        msg = str(e.value)
+        assert "'NUMPY' is 'numpy' again" in msg or "'ruamel.yaml' is 'ruamel_yaml' again" in msg, msg
+
+
+def test_the_kit_pins_a_package_whatever_spelling_the_profile_gives():
+    """device_requirements compares names as pip does: `opencv_python.Headless` in a profile pins the
+    project's opencv-python-headless dependency (a plain lower() left it unpinned)."""
+    from lepton_edge import kit
+
+    requires = ["numpy>=1.26", "opencv-python-headless>=4.8", 'onnxruntime>=1.17; extra == "device-onnx"']
+    lines = kit.device_requirements("onnx", {"opencv_python.Headless": "5.0.0.93", "NumPy": "2.4.6",
+                                             "onnxruntime": "1.32.0"}, requires)
+    assert lines == ["numpy==2.4.6", "onnxruntime==1.32.0", "opencv-python-headless==5.0.0.93"], lines
