@@ -77,11 +77,13 @@ def targets_show(target: str = typer.Argument(..., help="Profile id or path to a
     p = targets.load(target)
     if as_json:
         return _emit_json(p.model_dump())
-    t = Table(title=f"{p.id}: {p.description}", show_header=False)
+    # Text of printable strings: a profile is someone's file; "[/]" in its description was a MarkupError
+    # traceback, and an ESC in it reached the terminal
+    t = Table(title=Text(ui.printable(f"{p.id}: {p.description}")), show_header=False)
     for k, v in p.model_dump().items():
         if isinstance(v, dict):
             v = ", ".join(f"{a}={b}" for a, b in v.items())
-        t.add_row(k, str(v))
+        t.add_row(Text(ui.printable(k)), Text(ui.printable(v)))
     out.print(t)
 
 
@@ -188,7 +190,8 @@ def export(
                 _emit_json(rows)
                 emitted = True
             else:
-                out.print(table(rows, f"{model} for {target}: formats and precisions (latency on this host)"))
+                out.print(table(rows, Text(ui.printable(f"{model} for {target}: formats and precisions (latency on "
+                                                         "this host)"))))  # (paths: text, not markup)
             if all(r["status"] != "ok" for r in rows):
                 raise CheckFailed("no variant passed its checks")
             return
@@ -268,8 +271,10 @@ def _print_report(rep: dict) -> None:
     from lepton_edge.ui import human
 
     v, c, lat = rep["validation"], rep["compression"], rep["latency"]
-    t = Table(title=Text(f"{rep['name']} -> {rep['target']} ({rep['format']} {rep['precision']})"), show_header=False)
-    t.add_row("bundle", Text(rep["bundle"]))
+    # (printable: the name and the bundle's path come from the user's model and flags, ESC and all)
+    t = Table(title=Text(ui.printable(f"{rep['name']} -> {rep['target']} ({rep['format']} {rep['precision']})")),
+              show_header=False)
+    t.add_row("bundle", Text(ui.printable(rep["bundle"])))
     t.add_row("size", f"{human(rep['bytes'])} ({rep['bytes'] / rep['fp32_bytes']:.2f}x fp32)")
     if "pruning" in c:
         p = c["pruning"]
@@ -296,7 +301,7 @@ def _print_report(rep: dict) -> None:
                              f"({lat['vs_fp32']:.2f}x fp32)")
     t.add_row("time", f"{rep['seconds']:.1f} s")
     out.print(t)
-    out.print(f"next: [bold]lepton-edge inspect {escape(rep['bundle'])}[/]")
+    out.print(f"next: [bold]lepton-edge inspect {escape(ui.printable(rep['bundle']))}[/]")
 
 
 def _plain_rows(t: Table):
@@ -764,7 +769,9 @@ def main() -> None:
         if logs.json_mode():
             log.error(str(e), extra={"exit_code": e.exit_code})
         else:
-            ui.err.print(f"[red]error:[/] {escape(str(e))}", soft_wrap=True)
+            # (printable: a message quotes names from model files and profiles; an ESC in an input's name
+            # reached the terminal, where `\x1b]0;...` retitled it and `\x1b[2J` cleared the screen)
+            ui.err.print(f"[red]error:[/] {escape(ui.printable(e))}", soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         if logs.json_mode():

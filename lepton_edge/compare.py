@@ -42,22 +42,27 @@ def compare(model: Any, options, example_input: Any = None) -> list[dict]:
     return rows
 
 
-def table(rows: list[dict], title: str):
+def table(rows: list[dict], title):
+    """The rows as a table. Text objects of printable strings for whatever came from the user (the title's
+    model and target paths, a failure's reason, which quotes them): "[/]" in a path was a MarkupError
+    traceback after every export had run."""
     from rich import box
     from rich.table import Table
+    from rich.text import Text
 
-    from lepton_edge.ui import human
+    from lepton_edge.ui import human, printable
 
-    t = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
+    t = Table(title=title if isinstance(title, Text) else Text(printable(title)), box=box.SIMPLE_HEAD, pad_edge=False)
     for col in ("format", "precision", "size", "accuracy", "drop", "agreement", "p50 latency", "note"):
         t.add_column(col, no_wrap=col != "note")
     for r in rows:
         if r["status"] != "ok":
-            t.add_row(r["format"], r["precision"], "-", "-", "-", "-", "-", f"[red]{r['reason']}[/]")
+            t.add_row(r["format"], r["precision"], "-", "-", "-", "-", "-", Text(printable(r["reason"]), style="red"))
             continue
         acc = f"{r['accuracy']:.4f}" if r["accuracy"] is not None else "-"
         drop = f"{r['accuracy_drop_pp']:+.2f}pp" if r["accuracy_drop_pp"] is not None else "-"
         agreement = f"{r['agreement']:.4f}" if r.get("agreement") is not None else "-"
         t.add_row(r["format"], r["precision"], human(r["bytes"]), acc, drop, agreement,
-                  f"{r['latency_ms']:.3f}ms ({r['threads']} thr)" if r["latency_ms"] else "-", r["recipe"] or "")
+                  f"{r['latency_ms']:.3f}ms ({r['threads']} thr)" if r["latency_ms"] else "-",
+                  Text(printable(r["recipe"] or "")))
     return t

@@ -520,5 +520,9 @@ def _xnnpack(path: Path) -> dict:
         it = load_interpreter(path, 1)
     except BadInput as e:
         return {"error": str(e)}
-    partitions = sum(1 for o in it._get_ops_details() if o["op_name"] == "DELEGATE")
+    try:  # (LiteRT decodes the file's op names as UTF-8: a mutated one was a UnicodeDecodeError traceback)
+        partitions = sum(1 for o in it._get_ops_details() if o["op_name"] == "DELEGATE")
+    except Exception as e:
+        return {"error": f"{path}: LiteRT cannot list its operators ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:160] if str(e) else 'no message'})"}
     return {"partitions": partitions, "applied": partitions > 0}

@@ -157,12 +157,95 @@ def _has_schema() -> bool:
     return True
 
 
-def load_interpreter(path: str | Path, threads: int = 1, allocate: bool = True, delegates: list[str] | None = None):
-    """An interpreter for the file; `delegates` are external delegate libraries (.so) to load."""
+PROBE_S = 60.0  # the test load's time limit: the exporter's models load in well under a second, on a Pi too
+# what the test load runs, in a fresh interpreter: this module from its file (argv[2]; not through the package,
+# whose __init__ imports the whole runtime: 0.45 s a load instead of 0.12 s), then _probe_child(argv[1], ...)
+PROBE_CODE = ("import importlib.util, sys\nsys.path.insert(0, sys.argv[3])\n"
+              "spec = importlib.util.spec_from_file_location('_lepton_litert_probe', sys.argv[2])\n"
+              "m = importlib.util.module_from_spec(spec)\nspec.loader.exec_module(m)\n"
+              "m._probe_child(sys.argv[1], int(sys.argv[4]), sys.argv[5] == '1')\n")
+PROBE_REFUSED = 3  # the child's exit status when LiteRT refused the file (its line on stdout)
+_probed: set[tuple] = set()
+
+
+def _probe_child(path: str, threads: int, allocate: bool) -> None:
+    """The child's load, as load_interpreter's (the bytes, the threads, check_io before allocate_tensors),
+    without external delegates (local configuration, not the file). A refusal is its one line on stdout
+    and exit status PROBE_REFUSED; anything else is left to the load in the parent."""
+    import sys
+
+    p = Path(path)
+    try:
+        it = interpreter_class()(model_content=p.read_bytes(), num_threads=threads)
+        check_io(it, p)
+        if allocate:
+            it.allocate_tensors()
+    except (ValueError, RuntimeError, BadInput) as e:
+        line = str(e) if isinstance(e, BadInput) else str(_load_error(p, e))
+        sys.stdout.write(line.replace("\n", " ") + "\n")
+        sys.stdout.flush()
+        import os
+
+        os._exit(PROBE_REFUSED)  # (now: the interpreter's destructor is where a corrupted heap may crash)
+    except Exception:
+        pass
+
+
+def _probe(p: Path, threads: int, allocate: bool) -> None:
+    """Load (and allocate) the file once in a short-lived child process before this process does.
+
+    Why: a mutated .tflite of 3 KB corrupted LiteRT's heap while loading, and `run` (sometimes `inspect`)
+    died by SIGSEGV with no message at all; no check of the flatbuffer catches every such file. A child
+    that dies by a signal is one line here instead; and a file the child's LiteRT refused is refused here
+    with its line, never loaded in this process: that file read memory out of bounds, a clean "Tensor at
+    index 1 was optional" error in a bare process but a SIGSEGV in `run`'s, whose heap differs.
+    Why a fresh interpreter (`python -c`, as a spawn context's child; not fork): a forked copy of a
+    process with threads (capture, the agent's server) can deadlock, and the child imports only numpy
+    and LiteRT (no torch, no tensorflow): about 0.12 s for a small model on an idle desktop, 0.2-0.3 s
+    on a busy 2-core one. Once per file (path, size, mtime) and process: `resize_input`, and an agent
+    loading the same bundle again, pay nothing."""
+    import signal
+    import subprocess
+    import sys
+
+    st = p.stat()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if key in _probed:
+        return
+    here = Path(__file__).resolve()
+    try:
+        r = subprocess.run([sys.executable, "-c", PROBE_CODE, str(p), str(here), str(here.parents[2]), str(threads),
+                            "1" if allocate else "0"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=subprocess.DEVNULL, timeout=PROBE_S)
+    except subprocess.TimeoutExpired:
+        raise BadInput(f"{p}: LiteRT did not finish loading this model in a test load within {PROBE_S:g} s; "
+                       "a malformed or hostile model file") from None
+    except OSError:  # no interpreter to start (a frozen build): nothing to learn; the load that follows checks
+        return
+    if r.returncode < 0:
+        try:
+            sig = signal.Signals(-r.returncode).name
+        except ValueError:
+            sig = f"signal {-r.returncode}"
+        raise BadInput(f"{p}: LiteRT crashed loading this model ({sig} in a test load); a malformed or hostile "
+                       "model file")
+    if r.returncode == PROBE_REFUSED:
+        lines = r.stdout.decode("utf-8", "replace").strip().splitlines()
+        if lines:
+            raise BadInput(lines[-1][:400])
+    _probed.add(key)
+
+
+def load_interpreter(path: str | Path, threads: int = 1, allocate: bool = True, delegates: list[str] | None = None,
+                     probe: bool = True):
+    """An interpreter for the file; `delegates` are external delegate libraries (.so) to load. `probe`:
+    first load it in a child process (_probe)."""
     p = Path(path)
     if not p.is_file():
         raise BadInput(f"not found: {p}")
     data = read_model_bytes(p)  # (the TFL3 identifier checked there)
+    if probe:
+        _probe(p, threads, allocate)
     Interpreter = interpreter_class()
     from lepton_edge.ui import native_stderr_silenced
 
@@ -183,10 +266,15 @@ def load_interpreter(path: str | Path, threads: int = 1, allocate: bool = True, 
             if allocate:
                 it.allocate_tensors()
     except (ValueError, RuntimeError) as e:
-        msg = str(e)
-        custom = re.search(r"Encountered unresolved custom op: ([\w/-]+(?:\.[\w/-]+)*)", msg)
-        if custom:
-            raise BadInput(f"{p}: uses custom op '{custom.group(1)}', which this LiteRT interpreter lacks") from None
-        first = next((ln.strip() for ln in msg.splitlines() if ln.strip()), type(e).__name__)
-        raise BadInput(f"{p}: LiteRT cannot load it ({first[:200]})") from None
+        raise _load_error(p, e) from None
     return it
+
+
+def _load_error(p: Path, e: Exception) -> BadInput:
+    """LiteRT's refusal as one line: the custom op it lacks, or the first line of its message."""
+    msg = str(e)
+    custom = re.search(r"Encountered unresolved custom op: ([\w/-]+(?:\.[\w/-]+)*)", msg)
+    if custom:
+        return BadInput(f"{p}: uses custom op '{custom.group(1)}', which this LiteRT interpreter lacks")
+    first = next((ln.strip() for ln in msg.splitlines() if ln.strip()), type(e).__name__)
+    return BadInput(f"{p}: LiteRT cannot load it ({first[:200]})")

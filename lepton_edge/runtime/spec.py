@@ -170,22 +170,56 @@ def apply_overrides(spec: InputSpec, overrides: dict) -> InputSpec:
         raise BadInput(f"--input-spec: {loc + ': ' if loc else ''}{err['msg'].removeprefix('Value error, ')}") from None
 
 
+MAX_META_CHARS = 1 << 20  # a metadata value parsed at most (Ultralytics' names for 1,000 classes are ~20 KB)
+
+
+def _meta_value(text: str):
+    """A literal from a metadata string, or None where it is none (too long, not a literal, nested past the
+    parser's depth: RecursionError, MemoryError)."""
+    if not isinstance(text, str) or len(text) > MAX_META_CHARS:
+        return None
+    try:
+        return ast.literal_eval(text)
+    except Exception:
+        return None
+
+
+def _meta_size(sz) -> tuple[int, int] | None:
+    """imgsz as (H, W): one side or [H, W] (or [N]), each a whole number from 1 to MAX_SIDE; else None.
+    Why so strict: "1e400" was int(inf), an OverflowError traceback, and "[]" an IndexError."""
+    sides = list(sz) if isinstance(sz, (list, tuple)) else [sz]
+    if len(sides) not in (1, 2):
+        return None
+    out = []
+    for v in sides:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v != int(v):
+            return None
+        if not 1 <= int(v) <= MAX_SIDE:
+            return None
+        out.append(int(v))
+    return (out[0], out[-1])
+
+
 def model_metadata(backend: Backend) -> dict:
-    """Ultralytics-style metadata (imgsz, names, task) where the model carries it."""
+    """Ultralytics-style metadata (imgsz, names, task) where the model carries it. A value that is not
+    what it should be is left out (the metadata is a hint; the model's own shapes and the user's flags
+    still apply), never a traceback."""
     sess = getattr(backend, "session", None)
     if sess is None:
         return {}
     meta = dict(sess.get_modelmeta().custom_metadata_map)
     out: dict = {}
-    try:
-        if "imgsz" in meta:
-            sz = ast.literal_eval(meta["imgsz"])
-            out["size"] = (int(sz[0]), int(sz[-1])) if isinstance(sz, (list, tuple)) else (int(sz), int(sz))
-        if "names" in meta:
-            names = ast.literal_eval(meta["names"])
-            out["labels"] = [names[k] for k in sorted(names)] if isinstance(names, dict) else list(names)
-    except (ValueError, SyntaxError, TypeError, KeyError):
-        pass
+    if "imgsz" in meta and (size := _meta_size(_meta_value(meta["imgsz"]))) is not None:
+        out["size"] = size
+    if "names" in meta:
+        names = _meta_value(meta["names"])
+        try:
+            labels = [names[k] for k in sorted(names)] if isinstance(names, dict) else \
+                list(names) if isinstance(names, (list, tuple)) else None
+        except TypeError:  # keys that do not sort (1 and 'a')
+            labels = None
+        if labels and all(isinstance(n, str) for n in labels):
+            out["labels"] = labels
     if meta.get("task") in ("classify", "detect"):
         out["task"] = meta["task"]
     return out
