@@ -232,16 +232,30 @@ def test_a_nul_in_a_video_source_is_one_line():
         open_source("clip\x00.mp4")
 
 
+
+def _serve(handler):
+    """A threaded HTTP server on a free loopback port serving `handler` (one of the tests' cameras), running."""
+    import http.server
+    import socketserver
+    import threading
+
+    from mjpeg_server import free_port
+
+    class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+        daemon_threads = True
+
+    srv = Server(("127.0.0.1", free_port()), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv
+
+
 class _EndlessPart:
     """An HTTP MJPEG camera that sends three good parts, then one part that never ends: a part header (with no
     Content-Length, or one of 2 GB), then zeros until the client hangs up."""
 
     def __init__(self, length: bytes = b""):
         import http.server
-        import socketserver
-        import threading
 
-        from mjpeg_server import free_port
 
         good = _jpeg()
 
@@ -264,12 +278,8 @@ class _EndlessPart:
             def log_message(self, *args):
                 pass
 
-        class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
-            daemon_threads = True
-
-        self.srv = Server(("127.0.0.1", free_port()), Handler)
+        self.srv = _serve(Handler)
         self.url = f"http://127.0.0.1:{self.srv.server_address[1]}/stream.mjpg"
-        threading.Thread(target=self.srv.serve_forever, daemon=True).start()
 
     def stop(self):
         self.srv.shutdown()
@@ -308,10 +318,7 @@ def test_mjpeg_over_http_keeps_its_frames_and_its_credentials():
     Basic credentials from the URL (as FFmpeg took them), never in the spec shown."""
     import base64
     import http.server
-    import socketserver
-    import threading
 
-    from mjpeg_server import free_port
 
     good = _jpeg()
     seen: list[str | None] = []
@@ -337,11 +344,7 @@ def test_mjpeg_over_http_keeps_its_frames_and_its_credentials():
         def log_message(self, *args):
             pass
 
-    class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
-        daemon_threads = True
-
-    srv = Server(("127.0.0.1", free_port()), Handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    srv = _serve(Handler)
     src = open_source(f"http://cam:p%40ss@127.0.0.1:{srv.server_address[1]}/video", policy="every-frame")
     try:
         got = [src.read(timeout=10) for _ in range(20)]
@@ -392,12 +395,9 @@ def test_a_huge_frame_later_in_an_http_mjpeg_stream_is_a_corrupt_frame_not_its_m
     made the source hand every later frame to FFmpeg's own decoder, where a 10000x11000 frame mid-stream was
     decoded whole. Every part of an HTTP MJPEG stream is now decoded by OpenCV, under the budget."""
     import http.server
-    import socketserver
-    import threading
 
     import cv2
 
-    from mjpeg_server import free_port
 
     small = _jpeg()
     big = cv2.imencode(".jpg", np.zeros((10_000, 11_000), np.uint8), [cv2.IMWRITE_JPEG_QUALITY, 5])[1].tobytes()
@@ -422,11 +422,7 @@ def test_a_huge_frame_later_in_an_http_mjpeg_stream_is_a_corrupt_frame_not_its_m
         def log_message(self, *args):
             pass
 
-    class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
-        daemon_threads = True
-
-    srv = Server(("127.0.0.1", free_port()), Handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    srv = _serve(Handler)
     url = f"http://127.0.0.1:{srv.server_address[1]}/video"
     code = ("import json, time, lepton_edge\nfrom lepton_edge.capture import open_source\n"
             f"s = open_source({url!r}, policy='every-frame', max_backoff=0.5)\n"
