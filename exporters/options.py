@@ -200,6 +200,8 @@ class ExportOptions(BaseModel):
     @field_validator("recipes")
     @classmethod
     def _recipes(cls, v):
+        if v is not None and not v:  # (an empty list once meant the target's recipes, silently)
+            raise ValueError("recipes is empty: name at least one recipe, or leave it out (None) for the target's")
         if v:
             from lepton_edge import targets
 

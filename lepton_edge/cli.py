@@ -222,7 +222,9 @@ def _read_labels(path: Path, max_bytes: int = 4 << 20) -> list[str]:
         raise BadInput(f"labels file {path}: not UTF-8 text (byte {e.start}); one class name a line") from None
     if "\x00" in text:
         raise BadInput(f"labels file {path}: binary data (NUL bytes); one class name a line")
-    return [ln.strip() for ln in text.splitlines() if ln.strip()]
+    # lines end at \n (and \r\n) only: splitlines() also breaks at U+0085, U+2028 and the like, which would
+    # split one label into two and shift every class name after it; a label holding one is refused instead
+    return [ln.strip(" \t\r") for ln in text.split("\n") if ln.strip(" \t\r")]
 
 
 _GATES = {  # metric -> (threshold key, "min"/"max", format)

@@ -77,6 +77,8 @@ class QuantizationSettings(BaseModel):
     def _known(cls, recipes: list[str]) -> list[str]:
         for r in recipes:
             parts = r.split("-")
+            if len(set(parts[2:])) != len(parts[2:]):  # `s8-minmax-ends-ends`: not a recipe of its own
+                raise ValueError(f"unknown recipe {r!r}: an option is named twice")
             # NNCF's post-training quantization (ONNX): nncf-<default|mixed>[-sq][-ends][-sensitive]
             if parts[0] == "nncf":
                 if len(parts) < 2 or parts[1] not in ("default", "mixed") or any(

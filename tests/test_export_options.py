@@ -292,6 +292,9 @@ def test_an_int8_model_slower_than_fp32_on_this_host_is_a_warning(tmp_path, monk
     ({"calib_samples": 100_001}, ["calib_samples", "100000"]),
     ({"holdout": 10**9}, ["holdout", "100000"]),
     ({"finetune_epochs": 10**6, "prune": 0.5}, ["finetune_epochs", "10000"]),
+    ({"recipes": []}, ["recipes is empty"]),  # once meant the target's own recipes, silently
+    ({"recipes": ["s8-minmax-ends-ends"]}, ["recipes", "'s8-minmax-ends-ends'", "named twice"]),
+    ({"recipes": ["nncf-default-sq-sq"]}, ["recipes", "named twice"]),
 ])
 def test_an_option_out_of_its_range_is_one_line_not_a_traceback_or_a_bad_bundle(kw, needles):
     """What the CLI refuses (or should) the Python API refuses the same way, before any work."""
@@ -313,6 +316,21 @@ def test_the_cli_refuses_an_overflowing_size_a_negative_std_and_control_characte
         assert isinstance(r.exception, BadInput), (flags, r.exception, r.output)
         assert str(r.exception).startswith(start), str(r.exception)
     assert not seen
+
+
+def test_a_labels_file_breaks_lines_at_newlines_only(tmp_path, monkeypatch):
+    """U+0085 (NEL) inside a class name split it into two labels with splitlines(), shifting every
+    class name after it on the device; now lines end at \\n (\\r\\n too) and such a label is one line."""
+    seen = _captured(monkeypatch)
+    labels = tmp_path / "labels.txt"
+    labels.write_bytes(b"cat\r\n\n  dog \r\nbird\n")
+    _cli("export", "zoo:fashion-cnn", "-o", str(tmp_path), "--labels", str(labels))
+    assert seen[0].labels == ["cat", "dog", "bird"]
+    labels.write_bytes("cat\ncrested\u0085crane\nbird\n".encode())
+    r = _cli("export", "zoo:fashion-cnn", "-o", str(tmp_path), "--labels", str(labels))
+    assert isinstance(r.exception, BadInput), r.output
+    assert "label 1 holds a line break" in str(r.exception), str(r.exception)
+    assert len(seen) == 1
 
 
 def test_a_long_name_makes_a_folder_name_the_file_system_takes():

@@ -47,6 +47,9 @@ def test_wrong_field_names_field_and_file(tmp_path):
     f.write_text(rpi4.replace('"s8-minmax",', '"s9-minmax",'))
     with pytest.raises(BadInput, match=r"field 'quantization.recipes'"):
         targets.load(str(f))
+    f.write_text(rpi4.replace('"s8-minmax",', '"s8-minmax-ends-ends",'))  # an option twice: no recipe of its own
+    with pytest.raises(BadInput, match=r"field 'quantization.recipes'.*named twice"):
+        targets.load(str(f))
 
 
 def test_cli_targets_table_and_json():

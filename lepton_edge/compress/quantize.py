@@ -65,6 +65,8 @@ class Recipe:
         opts = parts[2:]
         if len(parts) < 2:
             raise ValueError(f"unknown recipe {name!r}")
+        if len(set(opts)) != len(opts):  # (`-ends-ends` is no recipe of its own: it would be tried twice)
+            raise ValueError(f"unknown recipe {name!r}: an option is named twice")
         if parts[0] == "nncf":
             if parts[1] not in ("default", "mixed") or any(o not in ("ends", "sensitive", "sq") for o in opts):
                 raise ValueError(f"unknown recipe {name!r}: expected nncf-<default|mixed>[-sq][-ends][-sensitive]")
