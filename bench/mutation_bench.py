@@ -88,6 +88,8 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
     ("bundle", "@classmethod", ""): "@classmethod dropped under a field_validator: pydantic 2 adds it anyway",
     ("bundle", "self.shape[2:4] if self.layout", "self.shape[2:5] if self.layout"):
         "InputSpec.hw() refuses every shape but a 4-D one first: [2:5] slices what [2:4] does",
+    ("bundle", "iter(lambda: f.read(1 << 20), b\"\")", "iter(lambda: f.read(1 << 21), b\"\")"):
+        "sha256_file's read size: the hash of the same bytes read in larger blocks is the same",
     ("bundle", "while left > 0 and", "while left > 1 and"):
         "a regular file's read returns less than asked only at its end, where the next read returns nothing",
     ("agent.service", "self._flow_seen, self._flow_at = -1,", "self._flow_seen, self._flow_at = -2,"):

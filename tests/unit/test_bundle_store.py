@@ -141,11 +141,13 @@ def test_a_bundle_signed_before_the_newest_one_run_here_is_refused_as_a_replay(t
     assert s.newest_signed_at() == 0
     s.set_current(s.fetch(DeployCommand(id="1", path=str(new))))
     assert s.newest_signed_at() == 2_000
-    for src, words in ((old, "was signed at 1970-01-01 00:16:40 UTC"), (legacy, "has no signing time")):
+    for src, words in ((old, "was signed at 1970-01-01 00:16:40 UTC"),
+                       (legacy, "has no signing time (signed by an older lepton-edge)")):
         with pytest.raises(DeployError) as e:
             store().fetch(DeployCommand(id="2", path=str(src)))  # a restart keeps the mark
-        assert words in str(e.value) and "refused as a possible replay" in str(e.value)
-        assert "\n" not in str(e.value) and "sign the older bundle again" in str(e.value)
+        assert str(e.value) == (f"the bundle {words}, before the newest bundle this device has run (signed at "
+                                "1970-01-01 00:33:20 UTC): refused as a possible replay. To roll back on purpose, "
+                                "sign the older bundle again (lepton-edge sign) and deploy that")
         assert sorted(p.name for p in s.root.iterdir()) == [s.current().name]  # nothing of it stays
     again = s.fetch(DeployCommand(id="3", path=str(new)))  # the same signing time: the same bundle again
     s.set_current(again)
@@ -245,3 +247,56 @@ def test_extended_headers_are_capped_at_exactly_max_extended_bytes(tmp_path, ext
     with pytest.raises(DeployError) as e:
         s.fetch(DeployCommand(id="1", path=str(archive)))
     assert ("extended headers of more than" in str(e.value)) == refused, str(e.value)[:300]
+
+
+def test_an_archive_that_grows_past_the_cap_while_hashed_is_refused(tmp_path):
+    """The size is checked with lstat before the hash; a file still being written (or swapped) can be
+    larger by the time it is read, and the hash stops at the cap instead of reading without end."""
+    import hashlib
+
+    from lepton_edge.agent.deploy import _sha256_path
+
+    f = tmp_path / "b.tar.gz"
+    f.write_bytes(b"x" * (3 << 20))
+    assert _sha256_path(f, 3 << 20) == hashlib.sha256(f.read_bytes()).hexdigest()  # exactly the cap: read whole
+    with pytest.raises(DeployError, match="grew past max_download_bytes while being hashed"):
+        _sha256_path(f, (1 << 20) + 5)
+
+
+def test_a_store_made_without_keep_keeps_what_an_agent_config_keeps(tmp_path):
+    """BundleStore's own default is the agent's (keep_bundles): current and the 2 newest good ones before it."""
+    from lepton_edge.agent.config import AgentConfig
+
+    s = _store(tmp_path)
+    assert s.keep == AgentConfig.model_fields["keep_bundles"].default == 2
+    made = [s.fetch(DeployCommand(id=str(i), path=str(_bundle(tmp_path / f"b{i}", b"m%d" % i * 50))))
+            for i in range(4)]
+    for d in made:
+        s.set_current(d)
+    assert sorted(p.name for p in s.root.iterdir() if not p.name.startswith(".")) == \
+        sorted(d.name for d in made[1:]) + (["current"] if (s.root / "current").exists() else []), \
+        list(s.root.iterdir())
+
+
+@pytest.mark.parametrize("entries,refused", [(1016, False), (1017, True)])
+def test_an_archive_may_hold_up_to_max_files_plus_16_entries(tmp_path, entries, refused):
+    """MAX_FILES (1000) files a bundle may list, and up to 16 more entries for the folders a packer adds; the
+    count is taken from the headers before anything is unpacked."""
+    import io
+
+    from lepton_edge.bundle import MAX_FILES
+
+    assert MAX_FILES + 16 == 1016
+    archive = tmp_path / "many.tar"
+    with tarfile.open(archive, "w") as tf:
+        for i in range(entries):
+            info = tarfile.TarInfo(f"d{i}")
+            info.type = tarfile.DIRTYPE
+            tf.addfile(info, io.BytesIO(b""))
+    s = _store(tmp_path)
+    with tarfile.open(archive) as tf:
+        if refused:
+            with pytest.raises(DeployError, match="more than 1000 entries"):
+                s._members(tf)
+        else:
+            assert len(s._members(tf)) == entries

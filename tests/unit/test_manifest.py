@@ -98,3 +98,26 @@ def test_the_signature_names_the_key_that_checks_it(tmp_path):
         verify(b, [pub_a])
     with pytest.raises(BadInput, match="refusing to overwrite a private key"):
         new_keys(tmp_path / "b")
+
+
+def test_a_normalisation_past_the_inputs_range_names_that_range():
+    """The line names the dtype whose range the pixels leave: float16's for a float16 input (its values
+    are stored as float16), float32's otherwise; a normalisation that fits gives no line."""
+    from lepton_edge.bundle import normalisation_overflow
+
+    assert normalisation_overflow(1 / 255, [0.5], [0.25], "float32") is None
+    wide = normalisation_overflow(1.0, [0.0], [1e-37], "float32")
+    assert wide is not None and "past float32's range (3.4e+38)" in wide and "every frame would reach" in wide
+    half = normalisation_overflow(1.0, [0.0], [0.002], "float16")  # 255 / 0.002 = 127,500 > 65,504
+    assert half is not None and "past float16's range (6.55e+04)" in half
+    assert normalisation_overflow(1.0, [0.0], [0.002], "float32") is None
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "uint32", "int16", "bool", "float64"])
+def test_every_numeric_type_a_runtime_feeds_is_an_input_dtype(dtype):
+    """A model whose input is uint16 (a depth camera's frames) or bool loads: the manifest's dtype list
+    is every numpy type onnxruntime and LiteRT take, spelled as numpy spells them."""
+    spec = InputSpec(name="x", shape=[1, 4], dtype=dtype)
+    assert spec.dtype == dtype
+    with pytest.raises(ValueError):
+        InputSpec(name="x", shape=[1, 4], dtype=dtype.upper())

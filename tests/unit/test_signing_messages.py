@@ -87,8 +87,9 @@ def test_a_key_made_between_the_check_and_the_write_is_never_replaced(tmp_path, 
     priv, _ = new_keys(tmp_path / "k")
     first = priv.read_bytes()
     monkeypatch.setattr(signing.os.path, "lexists", lambda p: False)
-    with pytest.raises(BadInput, match="exists; refusing to overwrite a private key"):
+    with pytest.raises(BadInput) as e:
         new_keys(tmp_path / "k")
+    assert str(e.value) == f"{priv} exists; refusing to overwrite a private key"  # the usual line, word for word
     assert priv.read_bytes() == first and (priv.stat().st_mode & 0o777) == 0o600
     assert sorted(p.name for p in (tmp_path / "k").iterdir()) == ["private.pem", "public.pem"]
     (tmp_path / "d").mkdir()
@@ -130,3 +131,24 @@ def test_a_private_key_others_can_read_is_named_with_its_mode(tmp_path):
         assert why == (f"{priv} can be read by other users (mode {mode:o}): anyone who can read it can sign bundles "
                        "your devices accept; chmod 600 it")
     assert exposed(tmp_path / "missing.pem") is None
+
+
+@pytest.mark.parametrize("when", [0, "last"])
+def test_the_first_and_last_signing_times_sign_and_verify(tmp_path, when):
+    """The range is 0 <= signed_at < MAX_SIGNED_AT on both sides: a release pipeline's fixed time 0
+    (reproducible builds) signs and reads back, as does the last second before the limit."""
+    from lepton_edge.signing import MAX_SIGNED_AT, verified
+
+    when = MAX_SIGNED_AT - 1 if when == "last" else when
+    b = tmp_path / "bundle"
+    b.mkdir()
+    (b / "model.onnx").write_bytes(b"m" * 10)
+    write_manifest(b, Manifest(name="t", created="2026-01-01", target={"id": "x86-cpu"}, format="onnx",
+                               precision="fp32", model_file="model.onnx", inputs=[InputSpec(name="x", shape=[1, 4])],
+                               outputs=[OutputSpec(name="y", shape=[1, 2])]))
+    priv, pub = new_keys(tmp_path / "keys")
+    sign(b, priv, signed_at=when)
+    assert read_signature(b)[2] == when
+    assert verified(b, [pub]).signed_at == when
+    with pytest.raises(BadInput, match="signing time"):
+        sign(b, priv, signed_at=MAX_SIGNED_AT)
