@@ -94,6 +94,11 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "a regular file's read returns less than asked only at its end, where the next read returns nothing",
     ("agent.service", "self._flow_seen, self._flow_at = -1,", "self._flow_seen, self._flow_at = -2,"):
         "read only after READY, which sets it first",
+    ("agent.service", 'self._rate_ok(f"log:{key}")', 'self._rate_ok(f"XXlog:{key}XX")'):
+        "the rate limiter's key for log lines: any text works that no other caller's key can equal",
+    ("agent.service", "if check_signature and self.cfg.trusted_keys:", "if check_signature or self.cfg.trusted_keys:"):
+        "the one caller passes check_signature=True; without trusted keys verify() then checks only the "
+        "checksums, which Runtime.load checks again",
     ("agent.service", "stored = False", "stored = None"):
         "read only as `not stored`, where None and False are alike",
     ("agent.service", 'level: str = "info"', 'level: str = "XXinfoXX"'):

@@ -319,3 +319,27 @@ def test_a_device_cannot_name_itself_so_that_clearing_its_old_id_deletes_another
         assert kept and kept[0][0]["dev"]["ids"], kept  # the victim's config is still retained, not emptied
     finally:
         late.close()
+
+
+def test_birth_messages_from_anyone_resend_the_configs_at_most_once_per_gap(bridge_env, mosquitto):
+    """Anyone who may publish on the broker may publish Home Assistant's birth: each one woke the bridge to
+    resend every config, and 91 births in 10 s had it republish 44,000 retained configs for 500 devices. A
+    resend now comes at most once per birth_gap_s (30 s); the first birth is answered at once."""
+    store, bridge, client = bridge_env
+    topic = f"homeassistant/device/{ha_id('lab', 'cam-1.v2')}/config"
+    rec = Recorder(mosquitto.port, client_id="ha-sub-births", topic="homeassistant/device/#")
+    evil = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="ha-births")
+    try:
+        assert rec.wait_for(lambda r: len(_configs(r, topic)) == 1, timeout=10)  # the bridge's first sync
+        evil.connect("127.0.0.1", mosquitto.port)
+        evil.loop_start()
+        evil.publish("homeassistant/status", "online", qos=1).wait_for_publish(5)
+        assert rec.wait_for(lambda r: len(_configs(r, topic)) == 2, timeout=10)  # answered at once
+        for _ in range(15):
+            evil.publish("homeassistant/status", "online", qos=1).wait_for_publish(5)
+            time.sleep(0.2)
+        time.sleep(3 * bridge.interval_s)
+        assert len(_configs(rec, topic)) == 2
+    finally:
+        evil.loop_stop()
+        rec.close()

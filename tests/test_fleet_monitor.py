@@ -452,3 +452,76 @@ def test_a_latency_no_sum_can_hold_is_refused_and_a_bad_run_time_is_one_line(tmp
                     "--seconds", bad, timeout=60)
         assert r.returncode == 2 and "Traceback" not in r.stderr, (bad, r.stderr[-2000:])
         assert "--seconds must be above 0 and at most" in r.stderr, (bad, r.stderr)
+
+
+def test_large_event_data_is_kept_as_a_marker_not_stored_whole(tmp_path, mosquitto):
+    """An event's `data` was stored as sent: 500 events with 60 KB of data each took 43 MiB of SQLite files
+    (the flood limit lets 20 a second through per device) and made /api/events 29 MB. Past MAX_EVENT_DATA
+    characters only its size is kept; the event itself (kind, message: what alerts read) is stored."""
+    store = open_store(tmp_path / "f.sqlite")
+    m = Monitor(mosquitto.url, store, client_id="mon-data", log=lambda line: None).start()
+    try:
+        assert m.connected.wait(10)
+        c = pub_client(mosquitto.port, "pub-data")
+        t0 = time.time()
+        for i in range(200):
+            c.publish("lepton/v1/f/evil/events", json.dumps({"v": 1, "ts": t0 + i / 1000, "boot_id": "b1",
+                      "kind": "note", "message": str(i), "data": {"blob": "x" * 60000}}), qos=1)
+        small = {"bundle": {"name": "demo", "version": "1"}, "health_frames": 30}
+        c.publish("lepton/v1/f/evil/events", json.dumps({"v": 1, "ts": t0 + 1, "boot_id": "b1", "kind": "deploy",
+                  "message": "now running demo", "data": small}), qos=1).wait_for_publish(5)
+        assert wait(lambda: len(store.events(fleet="f", device="evil", limit=1000)) == 201)
+        evs = store.events(fleet="f", device="evil", limit=1000)
+        assert evs[0].kind == "deploy" and evs[0].data == small  # an agent's data is kept as sent
+        assert {e.message for e in evs[1:]} == {str(i) for i in range(200)}
+        assert all(e.data == {"truncated": True, "chars": len(json.dumps({"blob": "x" * 60000}))} for e in evs[1:])
+        c.loop_stop()
+    finally:
+        m.stop()
+        store.close()
+    size = sum(p.stat().st_size for p in tmp_path.glob("f.sqlite*"))
+    assert size < 4 * 2**20, size  # (12 MB of data sent; 17 MiB stored before)
+
+
+def test_large_qos0_messages_during_a_store_outage_are_held_to_a_byte_budget(tmp_path, mosquitto):
+    """The queue between paho's thread and the writer was bounded in messages only (20,000). QoS 0 messages are
+    not held back by the broker's in-flight window, so while the store was locked 20,000 events of 30 KB each
+    sat in the queue: 574 MiB of monitor memory (1.2 GiB at the 64 KB size limit). The queue now also holds
+    at most 64 MiB of payload (paho stops reading, as at the count limit) and every message is stored once the
+    store is back."""
+    import sqlite3
+
+    store = open_store(tmp_path / "f.sqlite")
+    m = Monitor(mosquitto.url, store, client_id="mon-bytes", log=lambda line: None).start()
+    lock = sqlite3.connect(tmp_path / "f.sqlite", timeout=1, isolation_level=None)
+    c = None
+    try:
+        assert m.connected.wait(10)
+        lock.execute("BEGIN EXCLUSIVE")  # the store is unavailable: the writer retries, the queue fills
+        c = pub_client(mosquitto.port, "pub-bytes")
+        n, body = 3000, "x" * 30000  # 90 MB in all, 75 messages per device (under the flood burst)
+        for i in range(n):
+            c.publish(f"lepton/v1/f/d{i % 40}/events", json.dumps({"v": 1, "boot_id": "b1", "kind": "note",
+                      "message": str(i), "data": {"blob": body}}), qos=0)
+            if i % 100 == 99:
+                time.sleep(0.01)
+
+        def queued() -> int:
+            return sum(len(it[0][3]) for it in list(m.q.queue) if it[0][0] != "bad")
+
+        held, still = -1, 0
+        deadline = time.monotonic() + 60
+        while still < 10 and time.monotonic() < deadline:  # until the queue stops growing for a second
+            now = queued()
+            still, held = (still + 1, held) if now == held else (0, now)
+            time.sleep(0.1)
+        assert held <= 64 * 2**20 + 64 * 1024, f"{held / 2**20:.0f} MiB queued"
+        lock.execute("ROLLBACK")
+        assert wait(lambda: sum(len(store.events(fleet="f", device=f"d{k}", limit=1000)) for k in range(40)) == n,
+                    120), m.stats
+    finally:
+        lock.close()
+        if c is not None:
+            c.loop_stop()
+        m.stop()
+        store.close()

@@ -51,6 +51,31 @@ def test_many_boots_with_huge_gaps_leave_the_fleet_readable(store):
     assert store.seq_gaps()[("f", "evil")] == 2 ** 53 and store.device("f", "good").seq_gaps == 0
 
 
+def _boot_rows(store, device: str) -> int:
+    with store._tx(write=False) as cur:
+        return store._x(cur, "SELECT COUNT(*) FROM boots WHERE device = ?", (device,)).fetchone()[0]
+
+
+def test_retention_folds_the_boots_of_windows_it_removed_and_keeps_their_lost_windows(store):
+    """`boots` was never cleaned: a device sending each window under a fresh boot_id left one row per window
+    after retention removed the windows (20,000 through a real monitor), and every fleet read sums them all.
+    Boots with no window left are now folded into one row per device that keeps their lost windows."""
+    now = time.time()
+    old = now - 7200
+    store.add_windows([("f", "evil", win(0, old, boot=f"b{i}"), old) for i in range(300)])
+    store.add_windows([("f", "lossy", win(s, old, boot=b), old) for b, seqs in (("o1", (0, 5)), ("o2", (0, 3)))
+                       for s in seqs] + [("f", "lossy", win(s, now, boot="cur"), now) for s in (0, 2)])
+    assert (store.device("f", "evil").seq_gaps, store.device("f", "lossy").seq_gaps) == (0, 4 + 2 + 1)
+    store.retain(3600, now=now)
+    assert (_boot_rows(store, "evil"), _boot_rows(store, "lossy")) == (0, 2)  # (lossy: the fold and "cur")
+    assert store.device("f", "lossy").seq_gaps == 7 and store.device("f", "evil").seq_gaps == 0
+    store.add_windows([("f", "lossy", win(s, old, boot="o3"), old) for s in (0, 4)])  # 3 more lost, then retained
+    store.downsample(3600, now=now)  # (downsampling removes windows too)
+    assert _boot_rows(store, "lossy") == 2 and store.device("f", "lossy").seq_gaps == 10
+    store.add_window("f", "lossy", win(1, now, boot="cur"), now)  # a current boot's late window still fills its gap
+    assert store.device("f", "lossy").seq_gaps == 9
+
+
 def test_two_writers_store_each_window_once(store):
     now = time.time()
     rows = [("f", f"d{i % 5}", win(i // 5, now + i), now) for i in range(400)]

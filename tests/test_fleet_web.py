@@ -540,3 +540,157 @@ def test_one_address_cannot_take_every_connection(tmp_path, monkeypatch):
             s.close()
         server.stop()
         store.close()
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium not installed (apt-get install chromium)")
+def test_an_event_flood_keeps_the_device_page_to_a_hundred_events_and_redraws_the_fleets_in_batches(tmp_path,
+                                                                                                     mosquitto):
+    """The device page prepended every live event of that device and never let one go: a device sending events
+    at the 20 a second the monitor lets through grew the list by 1.2 MiB of HTML every 30 s while its page was
+    open. The live list now keeps as many as the page loads (100), newest first. And every live event rebuilt
+    the fleet's event list (100 items): ten such devices kept the page's main thread in long tasks 22% of the
+    time; the list is now redrawn at most every 300 ms."""
+    import json
+
+    import paho.mqtt.client as mqtt
+    from playwright.sync_api import sync_playwright
+
+    from lepton_edge.fleet.monitor import Monitor
+
+    store = open_store(tmp_path / "fleet.sqlite")
+    app = create_app(store, token="t0ken", poll_s=0.5)
+    mon = Monitor(mosquitto.url, store, client_id="web-flood", on_change=lambda changed: app.state.hub.notify(),
+                  log=lambda line: None).start()
+    web = WebServer(app, "127.0.0.1", 0).start()
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="pub-flood")
+    try:
+        assert mon.connected.wait(10)
+        c.connect("127.0.0.1", mosquitto.port)
+        c.loop_start()
+        c.publish("lepton/v1/f/evil/status", json.dumps({"v": 1, "online": True, "boot_id": "b1"}),
+                  qos=1).wait_for_publish(5)
+        _wait(lambda: store.device("f", "evil"), 10, "the device in the store")
+        with sync_playwright() as p:
+            ctx = launch_browser(p, tmp_path / "profile")
+            page = ctx.new_page()
+            page.goto(f"{web.url}#/d/f/evil")
+            page.wait_for_selector("body[data-ready='1']", timeout=15000)
+            page.wait_for_selector("#d-events li", timeout=10000)
+            _wait(lambda: page.evaluate("document.getElementById('live').className") == "live on", 10, "the stream")
+            page.evaluate("""() => { window.redraws = 0; new MutationObserver((records) => { window.redraws +=
+                records.length; }).observe(document.getElementById('events'), {childList: true}); }""")
+            t0 = time.time()
+            for i in range(150):
+                c.publish("lepton/v1/f/evil/events", json.dumps({"v": 1, "ts": t0 + i / 1000, "boot_id": "b1",
+                          "kind": "note", "message": f"note {i}"}), qos=1)
+            _wait(lambda: page.evaluate("document.querySelector('#d-events li').textContent").endswith("note 149"),
+                  20, "the newest event on top")
+            time.sleep(1.0)  # (a later poll would add no more)
+            assert page.evaluate("document.querySelectorAll('#d-events li').length") == 100
+            assert page.evaluate("document.querySelector('#events li').textContent").endswith("note 149")
+            assert page.evaluate("window.redraws") <= 10  # (one per event before: 150)
+            ctx.close()
+    finally:
+        c.loop_stop()
+        web.stop()
+        mon.stop()
+        store.close()
+
+
+def test_an_event_nested_past_the_encoders_stack_never_breaks_the_events_api(tmp_path, mosquitto):
+    """An event whose `data` nested 975 deep (2 KB, strict JSON the writer thread could parse) was stored, and
+    every read of the newest events was then a 500 with a RecursionError traceback in the server's log: the
+    dashboard loads /api/events?limit=100, so no operator's page could load. The monitor now refuses JSON
+    nested past MAX_DEPTH and counts it against the device."""
+    import json
+    import urllib.request
+
+    import paho.mqtt.client as mqtt
+
+    from lepton_edge.fleet.monitor import Monitor
+
+    store = open_store(tmp_path / "fleet.sqlite")
+    mon = Monitor(mosquitto.url, store, client_id="web-deep", log=lambda line: None).start()
+    web = WebServer(create_app(store, token="t0ken"), "127.0.0.1", 0).start()
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="pub-deep")
+    try:
+        assert mon.connected.wait(10)
+        c.connect("127.0.0.1", mosquitto.port)
+        c.loop_start()
+        c.publish("lepton/v1/f/evil/status", json.dumps({"v": 1, "online": True, "boot_id": "b1"}),
+                  qos=1).wait_for_publish(5)
+        _wait(lambda: store.device("f", "evil"), 10, "the device in the store")
+        deep = 985
+        c.publish("lepton/v1/f/evil/events", '{"v": 1, "boot_id": "b1", "kind": "x", "message": "deep", "data": '
+                  '{"a": ' + "[" * deep + "]" * deep + "}}", qos=1).wait_for_publish(5)
+        c.publish("lepton/v1/f/evil/events", json.dumps({"v": 1, "boot_id": "b1", "kind": "deploy", "message": "ok",
+                  "data": {"bundle": {"name": "demo", "figures": {"p95": [1.0, 2.0]}}}}), qos=1).wait_for_publish(5)
+        _wait(lambda: mon.stats["received"] >= 3, 10, "both events received")
+        assert mon.wait_idle(10)
+        for path in ("/api/events?limit=100", "/api/events?fleet=f&device=evil"):
+            with urllib.request.urlopen(web.url.rstrip("/") + path, timeout=10) as r:
+                assert r.status == 200
+                assert [e["message"] for e in json.loads(r.read())["events"]] == ["ok"]
+        assert store.device("f", "evil").bad_messages == 1
+    finally:
+        c.loop_stop()
+        web.stop()
+        mon.stop()
+        store.close()
+
+
+def test_a_chatty_device_cannot_make_the_live_poller_reread_the_fleet_on_every_batch(tmp_path, mosquitto):
+    """The monitor wakes the live streams' poller after every stored batch, and each wake was a read of the whole
+    fleet: one device sending 20 windows a second (within its flood limit) had a 1,000-device fleet re-read 16
+    times a second (56% of a core) while a page was open. Reads now come at least NOTIFY_GAP_S (0.25 s) apart;
+    the page still sees the device change within that."""
+    import json
+    import threading
+
+    import paho.mqtt.client as mqtt
+
+    from lepton_edge.fleet.monitor import Monitor
+
+    store = open_store(tmp_path / "fleet.sqlite")
+    app = create_app(store, token="t0ken", poll_s=1.0)
+    mon = Monitor(mosquitto.url, store, client_id="web-chatty", on_change=lambda changed: app.state.hub.notify(),
+                  log=lambda line: None).start()
+    web = WebServer(app, "127.0.0.1", 0).start()
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="pub-chatty")
+    sock = socket.create_connection(("127.0.0.1", web.port), timeout=30)
+    seen: list[float] = []
+
+    def read():
+        buf = b""
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except OSError:
+                return
+            if not chunk:
+                return
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            seen.extend(time.monotonic() for line in lines if b'"topic":"lepton/v1/f/chatty/state"' in line)
+
+    try:
+        assert mon.connected.wait(10)
+        c.connect("127.0.0.1", mosquitto.port)
+        c.loop_start()
+        sock.sendall(b"GET /api/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        threading.Thread(target=read, daemon=True).start()
+        time.sleep(1.5)  # (the poller's first read only primes its cache)
+        t0 = time.monotonic()
+        for i in range(100):  # 5 s at 20 windows a second
+            c.publish("lepton/v1/f/chatty/telemetry", json.dumps({"v": 1, "boot_id": "b1", "seq": i, "window_s": 0.05,
+                      "frames": 1, "fps": 20.0}), qos=1)
+            time.sleep(0.05)
+        elapsed = time.monotonic() - t0
+        time.sleep(1.0)
+        assert 5 <= len(seen) <= elapsed / 0.25 + 2, (len(seen), elapsed)
+    finally:
+        sock.close()
+        c.loop_stop()
+        web.stop()
+        mon.stop()
+        store.close()

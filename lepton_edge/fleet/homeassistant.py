@@ -130,13 +130,17 @@ class HomeAssistantBridge:
     Home Assistant's birth message (`<prefix>/status` = online) resends every config."""
 
     def __init__(self, client, store, prefix: str = "homeassistant", *, window_s: float | None = None,
-                 qos: int = 1, interval_s: float = 2.0, full_sync_s: float = 60.0):
+                 qos: int = 1, interval_s: float = 2.0, full_sync_s: float = 60.0, birth_gap_s: float = 30.0):
+        """birth_gap_s: at most one resend of every config per this many seconds, however many birth messages
+        come (a later one waits for the gap, it is not lost). Why: anyone who may publish on the broker may
+        publish `<prefix>/status` = online, and 91 of them in 10 s had the bridge republish 44,000 retained
+        configs for 500 devices."""
         if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", prefix or ""):
             from lepton_edge.errors import BadInput
 
             raise BadInput(f"Home Assistant discovery prefix {prefix!r}: letters, digits, '_' and '-' only")
         self.client, self.store, self.prefix, self.window_s, self.qos = client, store, prefix, window_s, qos
-        self.interval_s, self.full_sync_s = interval_s, full_sync_s
+        self.interval_s, self.full_sync_s, self.birth_gap_s = interval_s, full_sync_s, birth_gap_s
         self._published: dict[tuple[str, str], str] = {}  # what this bridge last sent, to skip repeats
         self._pending: set[tuple[str, str]] = set()
         self._birth = False
@@ -203,7 +207,7 @@ class HomeAssistantBridge:
     def _run(self) -> None:
         from lepton_edge.fleet.store.base import StoreError
 
-        next_full = 0.0
+        next_full = next_birth = 0.0
         while not self._stop.is_set():
             self._wake.wait(self.interval_s)
             self._wake.clear()
@@ -213,6 +217,8 @@ class HomeAssistantBridge:
             with self._lock:
                 pending, self._pending = self._pending, set()
             birth, self._birth = self._birth, False
+            if birth and now < next_birth:  # too soon after the last resend: kept for a later pass
+                self._birth, birth = True, False
             if not (pending or birth or now >= next_full):
                 continue
             try:
@@ -220,6 +226,8 @@ class HomeAssistantBridge:
                     self.subscribe()
                 self.sync(force=birth)
                 next_full = now + self.full_sync_s
+                if birth:
+                    next_birth = now + self.birth_gap_s
             except StoreError:
                 with self._lock:  # try again next interval
                     self._pending |= pending

@@ -5,10 +5,10 @@ Why it is shaped this way:
   what arrives while the monitor is down; messages are acknowledged (manual PUBACK) only after
   the batch holding them is committed, so a monitor killed with a full queue loses nothing: the
   broker redelivers and the store's unique key drops the repeats.
-- paho's network thread only checks the size and the topic and enqueues (bounded queue: when the
-  store is slow the callback blocks, paho stops reading and the broker buffers; no message is
-  dropped); one writer thread parses, validates and writes in batches, which keeps up with
-  thousands of windows a second.
+- paho's network thread only checks the size and the topic and enqueues (a queue bounded in messages
+  and in payload bytes: when the store is slow the callback blocks, paho stops reading and the broker
+  buffers; no message is dropped); one writer thread parses, validates and writes in batches, which
+  keeps up with thousands of windows a second.
 - `status` and `meta` come by ordinary subscriptions (every worker needs every device's state);
   `telemetry` and `events` may come through `$share/<group>/...` so N workers split the load.
   mosquitto splits message by message and also hands retained messages to shared subscribers:
@@ -39,6 +39,15 @@ from lepton_edge.telemetry.topics import Topics, is_segment, safe_segment, sanit
 MAX_CLOCK_AHEAD_S = 300.0  # a device clock this far ahead of the monitor's is not believed (Monitor._clock)
 EPOCH_FLOOR = 1_577_836_800.0  # 2020-01-01: a device time before it is an unset clock
 MAX_PAYLOAD = 64 * 1024  # a window is ~1 KB; anything this big is refused before parsing
+# Payload bytes the queue may hold (Monitor.queue_bytes). Why beside the count: QoS 0 messages are not held
+# back by the broker's in-flight window, so during a store outage 20,000 messages of 30 KB each (devices
+# publishing junk events at QoS 0) held 574 MiB in the queue; up to 1.2 GiB at MAX_PAYLOAD.
+MAX_QUEUE_BYTES = 64 * 1024 * 1024
+# JSON nesting a message may have (ours go three or four deep). Why: an event whose `data` nested 975 deep
+# (2 KB) was stored, and every /api/events read of it was a 500 with a RecursionError traceback (the
+# encoder ran out of stack in the web server's thread), so the dashboard, which loads the newest 100
+# events, could not load at all.
+MAX_DEPTH = 32
 KINDS = ("status", "meta", "telemetry", "events")
 MODELS = {"status": Status, "telemetry": Telemetry, "events": Event}
 
@@ -97,12 +106,34 @@ def _has_nul(doc) -> bool:
     return False
 
 
+def _size(item: tuple) -> int:
+    """The payload bytes a queued item holds (a refused message is queued without its payload)."""
+    return len(item[3]) if item[0] != "bad" else 0
+
+
+def _too_deep(doc, limit: int = MAX_DEPTH) -> bool:
+    """Whether a parsed JSON document nests objects or arrays more than `limit` deep (iterative, as
+    _has_nul)."""
+    todo = [(doc, 1)]
+    while todo:
+        x, n = todo.pop()
+        if isinstance(x, dict):
+            x = list(x.values())
+        elif not isinstance(x, list):
+            continue
+        if n > limit:
+            return True
+        todo.extend((y, n + 1) for y in x)
+    return False
+
+
 class Monitor:
     def __init__(self, broker_url: str, store: Store, *, group: str | None = None, client_id: str | None = None,
                  fleet: str = "+", on_change: Callable[[set[tuple[str, str]]], None] | None = None,
                  username: str | None = None, password: str | None = None, ca_file: str | None = None,
                  cert_file: str | None = None, key_file: str | None = None, max_payload: int = MAX_PAYLOAD,
-                 queue_size: int = 20000, batch: int = 1000, flood_rate: float = 20.0, flood_burst: float = 5000.0,
+                 queue_size: int = 20000, queue_bytes: int = MAX_QUEUE_BYTES, batch: int = 1000,
+                 flood_rate: float = 20.0, flood_burst: float = 5000.0,
                  alerts=None, alert_every_s: float = 5.0, retain_s: float | None = None,
                  downsample_after_s: float | None = None, housekeeping_every_s: float = 3600.0,
                  log: Callable[[str], None] | None = None, persistent: bool = True):
@@ -124,6 +155,9 @@ class Monitor:
             housekeeping_every_s
         self.log = log or logging.getLogger(__name__).info  # the entry point decides how lines look
         self.q: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.queue_bytes = queue_bytes
+        self._qbytes = 0  # payload bytes in self.q (see MAX_QUEUE_BYTES)
+        self._qroom = threading.Condition()
         self.stats = {"received": 0, "stored": 0, "duplicates": 0, "bad": 0, "store_errors": 0}
         self._buckets: dict[tuple[str, str], _Bucket] = {}
         self._said: dict[tuple, float] = {}
@@ -191,6 +225,11 @@ class Monitor:
             item = ("bad", fleet, device, "flood", now)
         else:
             item = (kind, fleet, device, msg.payload, now)
+        size = _size(item)
+        with self._qroom:  # back-pressure by bytes as well (one message is always let in)
+            while self._qbytes and self._qbytes + size > self.queue_bytes and not self._stop.is_set():
+                self._qroom.wait(0.5)
+            self._qbytes += size
         while not self._stop.is_set():  # back-pressure: paho stops reading, the broker buffers
             try:
                 self.q.put((item, msg.mid, msg.qos, self._gen), timeout=0.5)
@@ -226,6 +265,8 @@ class Monitor:
         if b"\\u0000" in payload and _has_nul(d):  # a NUL in a string: PostgreSQL's text refuses it, and that batch
             # was retried forever. (The bytes alone are no proof: `\\u0000`, an escaped backslash, is text.)
             return None, "nul_char"
+        if payload.count(b"[") + payload.count(b"{") > MAX_DEPTH and _too_deep(d):  # (fewer brackets: not deep)
+            return None, "too_deep"
         if not isinstance(d, dict):
             return None, "not_object"
         if d.get("v") != V:
@@ -300,6 +341,9 @@ class Monitor:
                         items.append(self.q.get_nowait())
                     except queue.Empty:
                         break
+                with self._qroom:
+                    self._qbytes -= sum(_size(it[0]) for it in items)
+                    self._qroom.notify_all()
             self._busy = True
             try:
                 try:

@@ -40,6 +40,10 @@ from lepton_edge.fleet.store.base import (
 )
 
 MAX_TEXT = 2000  # event messages are cut here: a device cannot grow an index entry without bound
+# An event's `data` as stored, in characters of JSON; larger is kept as {"truncated": true, "chars": n}. Why: the
+# agent's are a few hundred (a deploy's figures), but a device could send 60 KB with every event, at the 20 a
+# second the flood limit lets through: 500 such events took 43 MiB of SQLite files and made /api/events 29 MB.
+MAX_EVENT_DATA = 4096
 
 
 def _f(x) -> float | None:
@@ -376,6 +380,8 @@ class SqlStore(Store):
     def add_event(self, fleet: str, device: str, payload: dict, received: float) -> bool:
         msg = str(payload.get("message", ""))[:MAX_TEXT]
         data = json.dumps(payload.get("data") or {})
+        if len(data) > MAX_EVENT_DATA:
+            data = json.dumps({"truncated": True, "chars": len(data)})
         # by the time the device sent (a time the monitor replaced is kept as sent_ts): a repeat of the event
         # (an outbox resend, a redelivery) is the same event whenever it arrives
         sent = payload.get("sent_ts", payload["ts"])
@@ -481,7 +487,27 @@ class SqlStore(Store):
         with self._tx() as cur:
             for t, col in (("windows", "ts"), ("windows_ds", "ts"), ("events", "ts"), ("alerts", "resolved")):
                 n += self._x(cur, f"DELETE FROM {t} WHERE {col} < ?", (cut,)).rowcount
+            self._fold_boots(cur)
         return n
+
+    def _fold_boots(self, cur) -> None:
+        """Boots none of whose windows is left (retained or downsampled away) become one row per device that
+        keeps their lost windows: boot_id '' (no BootId is empty), min_seq 0, max_seq lost - 1, n 0.
+        Why: `boots` was never cleaned, so a device sending each window under a fresh boot_id left a row per
+        window that retention did not remove (20,000 windows retained away left 20,000 rows), and every fleet
+        read sums them all. Folding, not deleting, keeps each device's seq_gaps (and the alert on it) as it was.
+        (A window that comes even later for a folded boot starts a row of its own: a gap it fills stays counted.)"""
+        def gone(t: str) -> str:
+            return (f"{t}.boot_id <> '' AND NOT EXISTS (SELECT 1 FROM windows w WHERE w.fleet = {t}.fleet AND "
+                    f"w.device = {t}.device AND w.boot_id = {t}.boot_id)")
+        lost = "CASE WHEN max_seq - min_seq + 1 - n > 0 THEN max_seq - min_seq + 1 - n ELSE 0 END"
+        total = self._least("SUM(lost)", repr(float(MAX_GAPS)))
+        self._x(cur, "INSERT INTO boots (fleet, device, boot_id, min_seq, max_seq, n) "
+                f"SELECT fleet, device, '', 0, CAST({total} AS BIGINT) - 1, 0 FROM (SELECT fleet, device, "
+                f"CAST({lost} AS DOUBLE PRECISION) AS lost FROM boots b WHERE {gone('b')}) g GROUP BY fleet, device "
+                "HAVING SUM(lost) > 0 ON CONFLICT (fleet, device, boot_id) DO UPDATE SET "
+                f"max_seq = {self._least('boots.max_seq + excluded.max_seq + 1', str(MAX_GAPS))}")
+        self._x(cur, f"DELETE FROM boots WHERE {gone('boots')}")
 
     def downsample(self, older_than_s: float = 86400.0, bucket_s: float = 60.0, now: float | None = None) -> int:
         """The writer already keeps every window's minute in `windows_ds` (sums and counts), so folding is
@@ -502,7 +528,9 @@ class SqlStore(Store):
                 self._x(cur, "DROP TABLE ds_fold")
             self._x(cur, "INSERT INTO store_state (k, v) VALUES ('ds_cut', ?) ON CONFLICT (k) DO UPDATE SET "
                     f"v = {self._greatest('store_state.v', 'excluded.v')}", (cut,))
-            return self._x(cur, "DELETE FROM windows WHERE ts < ?", (cut,)).rowcount
+            n = self._x(cur, "DELETE FROM windows WHERE ts < ?", (cut,)).rowcount
+            self._fold_boots(cur)
+            return n
 
     # ---- reads --------------------------------------------------------------------------------
     _DEV_SQL = (
