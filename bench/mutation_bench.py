@@ -123,6 +123,12 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
     ("telemetry.publisher", "if room <= 0:", "if room < 0:"):
         "pending(limit=0) returns no row: the loop stops either way",
     ("exporters.validation", 'description: str = "validating"', '"XXvalidatingXX"'): "a progress bar's label",
+    ("exporters.validation", 'with ui.stage(f"reference outputs on', 'with ui.stage(f"XXreference outputs on'):
+        "a progress stage's label",
+    ("telemetry.publisher", "self.last_error: str | None = None", "self.last_error: str & None = None"):
+        "an annotation, never evaluated (from __future__ import annotations)",
+    ("telemetry.publisher", "self._sender.join(timeout=5)", "self._sender.join(timeout=6)"):
+        "stop()'s wait for the sender thread, which ends within one turn of its loop once woken",
     ("exporters.validation", 'batch, "reference")', 'batch, "XXreferenceXX")'): "a progress bar's label",
     ("exporters.validation", "noisy: Outputs | None = None", "noisy: Outputs & None = None"):
         "an annotation, never evaluated (from __future__ import annotations)",

@@ -165,10 +165,14 @@ def stack_outputs(parts: list[Outputs], inputs: list[int] | None = None) -> Outp
     for k in range(len(parts[0])):
         pieces = [np.atleast_1d(p[k]) for p in parts]
         shapes = {a.shape[1:] for a in pieces}
-        if len(shapes) > 1 or len({a.dtype for a in pieces}) > 1:
-            a, b = sorted(shapes, key=str)[:2] if len(shapes) > 1 else (pieces[0].shape[1:],) * 2
+        if len(shapes) > 1:
+            a, b = sorted(shapes, key=str)[:2]
             raise BadInput(f"output {k}'s shape depends on the input ([N, {', '.join(map(str, a))}] on one, "
                            f"[N, {', '.join(map(str, b))}] on another): {_NOT_JUDGED}")
+        types = sorted({str(a.dtype) for a in pieces})
+        if len(types) > 1:  # (its shape was the same: saying it was not sent a reader looking for the wrong thing)
+            raise BadInput(f"output {k}'s type depends on the input ({types[0]} on one call, {types[1]} on another): "
+                           "it cannot be compared with fp32's")
         if inputs is not None and all(np.ndim(p[k]) for p in parts):
             calls = [(len(a), n) for a, n in zip(pieces, inputs)]
             odd = next((c for c in calls if c[0] * calls[0][1] != calls[0][0] * c[1]), None)

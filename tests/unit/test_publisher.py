@@ -287,3 +287,15 @@ def test_connects_to_the_parsed_address_with_the_given_keepalive(make, kw, keepa
     _, c, _ = make(**kw)
     assert c.address == ("broker.invalid", 1883) and c.keepalive == keepalive
     assert c.connect_kw.get("clean_start", False) is False  # MQTT 5: the session outlives a disconnect
+
+
+def test_publish_now_with_a_timeout_under_a_second_waits_for_the_acknowledgement(make):
+    """A reply published with timeout=0.5 is True only once the broker acknowledged it: the wait is for
+    any positive timeout, not whole seconds only."""
+    import threading
+
+    pub, c, _ob = make()
+    c.connack()
+    assert pub.publish_now("lepton/v1/f/d/cmd/ping/reply", b"{}", timeout=0.3) is False  # nobody acknowledges
+    threading.Timer(0.1, lambda: c.puback(c.sent[-1].mid)).start()
+    assert pub.publish_now("lepton/v1/f/d/cmd/ping/reply", b"{}", timeout=0.5) is True

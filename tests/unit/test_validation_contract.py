@@ -122,3 +122,21 @@ def test_confident_kept_shows_the_losses_allowed():
     rows = dict(_gate_rows({"confident_top1_kept": 23 / 24, "confident_samples": 24.0,
                             "thresholds": {"min_confident_kept": 0.99}}))
     assert rows["confident_top1_kept"] == "0.9583 (>= 0.9900: at most 1 of 24 lost)"
+
+
+def test_eval_labels_past_the_models_classes_are_one_line_naming_both(tmp_path):
+    """A labelled --eval set whose labels run past the model's classes (a 1-based labels file, another
+    model's data) would judge accuracy on classes the model does not have: refused before any candidate."""
+    from lepton_edge.errors import BadInput
+    from lepton_edge.exporters.onnx import OnnxExporter
+
+    rng = np.random.default_rng(0)
+    ref_path = _model(tmp_path / "ref.onnx", rng.normal(0, 1, (16, 3)), "y")
+    ex = OnnxExporter()
+    x = rng.normal(0, 1, (16, 1, 4, 4)).astype(np.float32)
+    with pytest.raises(BadInput) as e:
+        Validator(ex, 1, ex.predictor(ref_path, 1), ref_path,
+                  SimpleNamespace(check_x=x, eval_x=x, eval_y=np.arange(16) % 4 + 1), task="classify",
+                  thresholds=Thresholds(), input_spec=InputSpec(name="input", shape=[1, 1, 4, 4], color="GRAY"),
+                  labels=None, batch=16)
+    assert str(e.value) == "--eval labels run 1..4, and the model has 3 classes (0..2)"

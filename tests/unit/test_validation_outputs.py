@@ -84,3 +84,49 @@ def test_an_artifact_whose_rows_differ_from_fp32s_fails_its_check():
 
     rows = structure([np.zeros((1977, 4))], [np.zeros((1974, 4))], [{"name": "boxes"}], [{"name": "boxes"}], True)
     assert rows[0]["why"] == "output boxes: 1974 rows != fp32's 1977"
+
+
+def test_an_output_whose_type_changes_between_calls_is_one_line_naming_the_types():
+    with pytest.raises(BadInput) as e:
+        stack_outputs([[np.zeros((1, 4), np.float32)], [np.zeros((1, 4), np.float16)]])
+    assert str(e.value) == ("output 0's type depends on the input (float16 on one call, float32 on another): it "
+                            "cannot be compared with fp32's")
+
+
+def _fit_data(n: int):
+    from types import SimpleNamespace
+
+    x = np.zeros((n, 2), np.float32)
+    return SimpleNamespace(check_x=x, eval_x=x, eval_y=np.arange(n), split={"validation_inputs": "held out"},
+                           check_kind="held-out data")
+
+
+def test_validation_keeps_the_inputs_whose_outputs_fit_after_the_search_margin():
+    """fit_outputs keeps SEARCH_MARGIN (512 MiB) out of what the budget leaves, then as many inputs as
+    OUTPUT_COPIES copies of their outputs fit; eval data that is the validation data is cut with it."""
+    from lepton_edge.exporters import validation as val
+    from lepton_edge.memory import rss_bytes
+
+    per = (64 << 20) // val.OUTPUT_COPIES  # 64 MiB of copies an input
+    out = np.zeros(per // 4, np.float32)
+    data = _fit_data(40)
+    val.fit_outputs(lambda x: [out], data, rss_bytes() + (2 << 30))  # 2 GiB free: 1.5 GiB after the margin
+    fit = len(data.check_x)
+    assert 23 <= fit <= 24, fit  # 1.5 GiB / 64 MiB (the margin left out: 32)
+    assert data.eval_x is data.check_x and len(data.eval_y) == fit
+    assert data.split["validation_inputs"] == (f"held out (the first {fit}: the outputs of more would not fit the "
+                                               "memory budget)")
+
+
+def test_outputs_no_budget_can_hold_are_refused_naming_what_is_left():
+    from lepton_edge.errors import CheckFailed
+    from lepton_edge.exporters import validation as val
+    from lepton_edge.ui import human
+
+    data, per, budget = _fit_data(40), 1 << 20, 1 << 20  # a budget under what the process holds: 0 B left
+    with pytest.raises(CheckFailed) as e:
+        val.fit_outputs(lambda x: [np.zeros(per // 4, np.float32)], data, budget)
+    assert str(e.value) == (f"the model's outputs take {human(per)} an input: validating on 8 inputs needs about "
+                            f"{human(val.OUTPUT_COPIES * per * 8)}, over the 0 B the export's memory budget leaves "
+                            f"({human(budget)}, --max-memory): give it more, or export a model with smaller outputs")
+    assert len(data.check_x) == 40
