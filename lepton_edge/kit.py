@@ -197,6 +197,9 @@ def wheel_cache(plat: Platform) -> Path:
 
 
 def _pip_download(reqs: Path, dest: Path, plat: Platform, cache: Path, offline: bool) -> subprocess.CompletedProcess:
+    """pip runs in `dest` (this kit's own folder, wheels only): `python -m` puts its working directory first on
+    sys.path, so `lepton-edge kit` run from a folder holding a pip.py ran that file instead of pip."""
+    reqs, dest, cache = reqs.absolute(), dest.absolute(), cache.absolute()
     cmd = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "--no-input", "-q",
            "--only-binary=:all:", "--implementation", "cp", "--python-version", "{}.{}".format(*plat.python),
            "--abi", "cp{}{}".format(*plat.python), "-d", str(dest), "-r", str(reqs), "--find-links", str(cache)]
@@ -205,7 +208,7 @@ def _pip_download(reqs: Path, dest: Path, plat: Platform, cache: Path, offline: 
     if offline:
         cmd.append("--no-index")
     try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=PIP_TIMEOUT_S, cwd=dest)
     except subprocess.TimeoutExpired:
         raise BadInput(f"downloading the {plat.key} wheels took over {PIP_TIMEOUT_S} s; check the network") from None
 

@@ -37,7 +37,13 @@ def kit(
 
     settings = kitlib.AgentSettings(broker=broker, fleet=fleet, device_id=device_id, source=source,
                                     ca_file=ca_file, cert_file=cert_file, key_file=key_file)
-    rep = kitlib.build(bundle, output, target=target, key=key, settings=settings, glibc=glibc, python=python)
+    try:
+        rep = kitlib.build(bundle, output, target=target, key=key, settings=settings, glibc=glibc, python=python)
+    except OSError as e:  # -o in a folder this user cannot write, a disk that fills: one line, not a traceback
+        from lepton_edge.errors import BadInput
+
+        where = f" ({e.filename})" if e.filename else ""
+        raise BadInput(f"the kit was not written: {e.strerror or e}{where}; nothing was left behind") from None
     if as_json:
         sys.stdout.write(json.dumps(rep.as_dict(), indent=2) + "\n")
     else:

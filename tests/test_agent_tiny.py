@@ -242,3 +242,109 @@ def test_commands_over_mqtt_and_oversized_ones_rate_limited(tmp_path, tiny, mosq
         assert 1 <= junk_replies <= service.REJECT_BURST + 40, junk_replies  # the burst, then 10/s
         assert len(errors(rec)) - n_events <= 2
     rec.close()
+
+
+def test_links_in_the_state_directory_are_never_written_through(tiny, tmp_path, mosquitto):
+    """A symlink at outbox.sqlite.lock made the agent truncate the file it pointed at and write its pid
+    there; a dangling one at outbox.sqlite made SQLite create the database where it pointed. Now the
+    lock's link is one line at start (exit 2), and the database's is not opened: the outbox lives in
+    memory, with a warning, and the agent serves on."""
+    import signal
+    import subprocess
+    import sys
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("IMPORTANT\n")
+    exe = [str(Path(sys.executable).parent / "lepton-edge"), "agent", "--broker", mosquitto.url, "--bundle",
+           str(tiny["start"]), "--source", str(tiny["video"]), "--loop", "--fleet", "f1", "--device-id", "dev1"]
+    state = tmp_path / "s1"
+    state.mkdir()
+    (state / "outbox.sqlite.lock").symlink_to(victim)
+    r = subprocess.run([*exe, "--state-dir", str(state)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "outbox.sqlite.lock" in r.stderr and "symlink" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert victim.read_text() == "IMPORTANT\n"
+
+    state = tmp_path / "s2"
+    state.mkdir()
+    elsewhere = tmp_path / "elsewhere.sqlite"
+    (state / "outbox.sqlite").symlink_to(elsewhere)
+    p = subprocess.Popen([*exe, "--state-dir", str(state)], stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any("outbox in memory" in x for x in lines):
+            line = p.stderr.readline()
+            if not line:
+                break
+            lines.append(line)
+        assert any("outbox in memory" in x and "symlink" in x for x in lines), lines
+        assert p.poll() is None  # still serving
+    finally:
+        p.send_signal(signal.SIGINT)
+        p.wait(timeout=30)
+    assert not elsewhere.exists() and not list(tmp_path.glob("elsewhere.sqlite*"))
+    assert (state / "outbox.sqlite").is_symlink()
+
+
+def test_a_broker_port_of_zero_in_agent_toml_is_one_line(tiny, tmp_path, mosquitto):
+    """`broker = "mqtt://127.0.0.1:0"` (a port left out of a template) was read as no port at all: the
+    agent went to 1883, some other broker or none, and said nothing; now it is one line at start, exit 2."""
+    import subprocess
+    import sys
+
+    conf = tmp_path / "agent.toml"
+    conf.write_text(f'broker = "{mosquitto.url.rsplit(":", 1)[0]}:0"\nfleet = "f1"\ndevice_id = "dev1"\n'
+                    f'bundle = "{tiny["start"]}"\nsource = "{tiny["video"]}"\nstate_dir = "{tmp_path / "s"}"\n')
+    exe = str(Path(sys.executable).parent / "lepton-edge")
+    try:
+        r = subprocess.run([exe, "agent", "--config", str(conf)], capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the agent ran with a broker URL of port 0")
+    assert r.returncode == 2 and "bad port" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_a_bundles_link_in_the_state_directory_is_one_line_and_removes_nothing(tiny, tmp_path, mosquitto):
+    """state_dir/bundles as a symlink to a folder (moved to a bigger disk, or pointed at the folder holding the
+    configured bundle) passed mkdir, and the start's clean-up of leftovers removed everything in that folder."""
+    import subprocess
+    import sys
+
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "sub").mkdir(parents=True)
+    (elsewhere / "precious.txt").write_text("keep me")
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "bundles").symlink_to(elsewhere)
+    exe = str(Path(sys.executable).parent / "lepton-edge")
+    try:
+        r = subprocess.run([exe, "agent", "--broker", mosquitto.url, "--bundle", str(tiny["start"]), "--source",
+                            str(tiny["video"]), "--fleet", "f1", "--device-id", "dev1", "--state-dir", str(state)],
+                           capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        r = None
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["precious.txt", "sub"]
+    assert r is not None, "the agent started on a bundles/ symlink"
+    assert r.returncode == 2 and "bundles is a symlink" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+@pytest.mark.parametrize("line", ['state_dir = "/tmp/x\\u0000y"', 'bundle = "/tmp/x\\u0000y"',
+                                  'ca_file = "/tmp/x\\u0000y"', 'key_file = "/tmp/x\\u0000y"',
+                                  '[delegates]\nedgetpu = "/usr/lib/x\\u0000y.so"'])
+def test_a_nul_byte_in_a_path_of_agent_toml_is_one_line(tiny, tmp_path, line):
+    """TOML strings may hold \\u0000; a path cannot. state_dir, bundle or ca_file with one ended the agent's
+    start in a ValueError traceback (exit 1); key_file (unused over mqtt://) and a delegate's library were taken."""
+    import subprocess
+    import sys
+
+    key = line.split()[0]
+    base = {"broker": "mqtt://127.0.0.1:1", "fleet": "f1", "device_id": "dev1", "bundle": str(tiny["start"]),
+            "source": str(tiny["video"]), "state_dir": str(tmp_path / "s")}
+    conf = tmp_path / "agent.toml"
+    conf.write_text("".join(f'{k} = "{v}"\n' for k, v in base.items() if k != key) + line + "\n")
+    exe = str(Path(sys.executable).parent / "lepton-edge")
+    r = subprocess.run([exe, "agent", "--config", str(conf)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "NUL byte" in r.stderr and "Traceback" not in r.stderr, r.stderr[-1500:]
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -55,6 +55,28 @@ def _custom_op_tflite(path) -> None:
     fu.write_model(m, str(path))
 
 
+
+def test_the_test_load_never_imports_from_the_working_directory(tmp_path, monkeypatch):
+    """`python -c` puts the working directory first on the child's sys.path, ahead of the standard library:
+    `lepton-edge run BUNDLE` from a folder holding a ctypes.py ran that file. The child still refuses what
+    its LiteRT refuses."""
+    from lepton_edge.errors import BadInput
+    from lepton_edge.runtime import litert_loader
+
+    bad, good = tmp_path / "bad.tflite", tmp_path / "good.tflite"
+    _custom_op_tflite(bad)
+    _mean_tflite(good, "uint8", (1 / 128, 128))
+    here = tmp_path / "cwd"
+    here.mkdir()
+    marker = tmp_path / "RAN"
+    (here / "ctypes.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\nraise ImportError('planted')\n")
+    monkeypatch.chdir(here)
+    monkeypatch.setattr(litert_loader, "_probed", set())
+    with pytest.raises(BadInput, match="uses custom op 'EvilOp'"):
+        litert_loader.load_interpreter(bad)
+    litert_loader.load_interpreter(good)
+    assert not marker.exists(), "the test load imported ctypes.py from the working directory"
+
 def test_a_file_litert_refused_in_the_test_load_is_refused_without_loading_it_here(tmp_path, monkeypatch):
     """The crashing file was a clean refusal in a bare process and a SIGSEGV in `run`'s: what the child's
     LiteRT refuses is refused with its line, and this process's LiteRT never sees it. A model that loads

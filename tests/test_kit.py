@@ -6,6 +6,7 @@ The full install on arm64 is scripts/arm64/run.sh (`make test-arm64`), which nee
 from __future__ import annotations
 
 import hashlib
+import os
 import platform
 import re
 import shutil
@@ -272,3 +273,125 @@ def test_kit_flags_and_python_api_values_are_checked_in_one_line(rpi4_bundle, tm
     with pytest.raises(BadInput) as e:
         kit.AgentSettings(fleet="a/b").validate()
     assert str(e.value).startswith("--fleet: ") and "'_'" in str(e.value) and "Value error" not in str(e.value)
+
+
+def _host_kit(d: Path, bundle: Path, signer: Path, wheel_dir: Path) -> None:
+    """A kit for this host (its arch, /usr/bin/python3) around `bundle`, signed by `signer`'s key: the real
+    install.sh and project wheel; the wheel's dependencies come from this venv through PYTHONPATH."""
+    from cryptography.hazmat.primitives import serialization
+
+    from lepton_edge.bundle import sha256_file
+    from lepton_edge.signing import _load_private, sign
+
+    shutil.copytree(bundle, d / "bundle")
+    sign(d / "bundle", signer)
+    (d / "trusted").mkdir()
+    (d / "trusted/kit-signer.pem").write_bytes(_load_private(signer).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    own = kit.build_device_wheel(wheel_dir)
+    (d / "wheels").mkdir()
+    shutil.move(str(own), d / "wheels" / own.name)
+    (d / "requirements.txt").write_text("\n")
+    (d / "agent.toml").write_text(kit.AgentSettings().render(["kit-signer.pem"]))
+    (d / kit.UNIT_NAME).write_text(kit.unit_file())
+    (d / "install.sh").write_text(kit._template("install.sh").replace("@KIT_ARCH@", platform.machine())
+                                  .replace("@KIT_PYTHON@", "{}.{}".format(*_system_python()))
+                                  .replace("@KIT_NAME@", "k").replace("@KIT_WHEEL@", own.name))
+    files = sorted(p for p in d.rglob("*") if p.is_file())
+    (d / "SHA256SUMS").write_text("".join(f"{sha256_file(p)}  {p.relative_to(d).as_posix()}\n" for p in files))
+
+
+def test_a_failed_upgrade_leaves_the_trusted_keys_its_bundle_needs(tmp_path):
+    """install.sh wrote the kit's trusted keys before the switch; an upgrade that failed after that (here
+    the venv is a folder an operator made, which the switch refuses; a full disk while the bundle is
+    copied alike) said "the previous install is unchanged" and left the old bundle under the new kit's
+    key, so the agent refused it at its next start. Now the keys change only with the bundle."""
+    import sysconfig
+
+    from lepton_edge.errors import LeptonError
+    from lepton_edge.signing import new_keys, sign, verify
+    from test_agent_tiny import _tiny
+
+    if _system_python()[:2] != sys.version_info[:2]:
+        pytest.skip("the kit's venv borrows this venv's packages: /usr/bin/python3 must be the same minor version")
+    (a_priv, a_pub), (b_priv, _) = new_keys(tmp_path / "ka"), new_keys(tmp_path / "kb")
+    root = tmp_path / "root"
+    etc, state = root / "etc/lepton-edge", root / "var/lib/lepton-edge"
+    (etc / "trusted").mkdir(parents=True)
+    shutil.copy(a_pub, etc / "trusted/kit-signer.pem")
+    (etc / "agent.toml").write_text(kit.AgentSettings().render(["kit-signer.pem"]))
+    _tiny(state / "kit-bundle", 1)
+    sign(state / "kit-bundle", a_priv)
+    (root / "opt/lepton-edge/venv").mkdir(parents=True)  # a venv made by hand: a folder, not install.sh's link
+    d = tmp_path / "kit"
+    d.mkdir()
+    _host_kit(d, _tiny(tmp_path / "new", 2), b_priv, tmp_path)  # the next kit is signed by a rotated key
+    r = subprocess.run(["bash", str(d / "install.sh")], capture_output=True, text=True, timeout=300,
+                       env={"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "LEPTON_EDGE_ROOT": str(root),
+                            "PYTHONPATH": sysconfig.get_paths()["purelib"]})
+    assert r.returncode == 1 and "the previous install is unchanged" in r.stderr, r.stderr[-2000:]
+    assert (etc / "trusted/kit-signer.pem").read_bytes() == a_pub.read_bytes()
+    try:
+        verify(state / "kit-bundle", [etc / "trusted/kit-signer.pem"])
+    except LeptonError as e:
+        pytest.fail(f"the previous install's bundle no longer verifies: {e}")
+    assert sorted(p.name for p in (root / "opt/lepton-edge").iterdir()) == ["venv"]  # nothing half-built left
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr  # (mv's own line too, before)
+    assert sorted(p.name for p in state.iterdir()) == ["kit-bundle"]
+
+
+@pytest.mark.parametrize("odd", ["linked-wheel", "fifo"])
+def test_install_sh_refuses_a_link_or_a_fifo_in_the_kit(tmp_path, odd):
+    """The check for files SHA256SUMS does not name looked at `-type f` only: a wheel linked into wheels/
+    (an archive's symlink member) passed `--check` and would be offered to pip; a FIFO passed too (one named in
+    SHA256SUMS blocks sha256sum for ever)."""
+    from lepton_edge.signing import new_keys
+    from test_agent_tiny import _tiny
+
+    d = tmp_path / "kit"
+    d.mkdir()
+    _host_kit(d, _tiny(tmp_path / "b", 1), new_keys(tmp_path / "k")[0], tmp_path)
+    own = next((d / "wheels").glob("*.whl"))
+    if odd == "linked-wheel":
+        shutil.copy(own, tmp_path / "paho_mqtt-99.0-py3-none-any.whl")
+        (d / "wheels" / "paho_mqtt-99.0-py3-none-any.whl").symlink_to(tmp_path / "paho_mqtt-99.0-py3-none-any.whl")
+        name = "wheels/paho_mqtt-99.0-py3-none-any.whl"
+    else:
+        os.mkfifo(d / "bundle" / "model.fifo")
+        name = "bundle/model.fifo"
+    root = tmp_path / "root"
+    root.mkdir()
+    r = _install(d, root, "--check")
+    assert r.returncode == 1 and f"{name} is not a regular file" in r.stderr and "refusing" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert list(root.iterdir()) == []
+
+
+def test_a_kit_that_cannot_be_written_is_one_line(tmp_path):
+    """-o in a folder the user cannot write (here /proc, where no file can be made) gave a PermissionError
+    or FileNotFoundError traceback from the temporary folder beside the output."""
+    from test_agent_tiny import _tiny
+
+    b = _tiny(tmp_path / "b", 1)
+    exe = Path(sys.executable).parent / "lepton-edge"
+    r = subprocess.run([str(exe), "kit", str(b), "--target", "rpi4", "-o", "/proc/k.tar.gz"], capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
+    assert r.returncode == 2 and "the kit was not written" in r.stderr and "/proc/.kit-" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_kit_never_runs_a_pip_py_from_the_working_directory(tmp_path):
+    """`python -m pip download` puts the working directory first on sys.path: `lepton-edge kit` run from a
+    folder holding a pip.py ran that file (and then said no wheel could be found)."""
+    from test_agent_tiny import _tiny
+
+    b = _tiny(tmp_path / "b", 1)
+    here = tmp_path / "cwd"
+    here.mkdir()
+    marker = tmp_path / "RAN"
+    (here / "pip.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\nraise SystemExit(1)\n")
+    exe = Path(sys.executable).parent / "lepton-edge"
+    r = subprocess.run([str(exe), "kit", str(b), "--target", "rpi4", "-o", "k.tar.gz"], capture_output=True,
+                       text=True, timeout=900, cwd=here, env={**os.environ, "COLUMNS": "200"})
+    assert not marker.exists(), "pip.py from the working directory ran"
+    assert r.returncode == 0 and (here / "k.tar.gz").is_file(), r.stderr[-2000:]

@@ -89,6 +89,16 @@ class AgentConfig(BaseModel):
 
         return list(self.deploy_paths) if self.deploy_paths is not None else [self.state_dir / INCOMING]
 
+    @field_validator("bundle", "state_dir", "ca_file", "cert_file", "key_file", "trusted_keys", "deploy_paths")
+    @classmethod
+    def _no_nul(cls, v):
+        """A TOML string may hold a NUL (\\u0000), a path never: the first file call on it raised ValueError,
+        a traceback at start."""
+        for p in v if isinstance(v, list) else [v]:
+            if p is not None and "\0" in str(p):
+                raise ValueError(f"{str(p)!r}: a path cannot hold a NUL byte")
+        return v
+
     @field_validator("deploy_paths")
     @classmethod
     def _deploy_paths(cls, v: list[Path] | None) -> list[Path] | None:

@@ -73,6 +73,9 @@ class BundleStore:
         config's list, state_dir/incoming by default)."""
         self.state = Path(state_dir)
         self.root = self.state / "bundles"
+        if self.root.is_symlink():  # (a link to a folder passed mkdir, and _clean_leftovers emptied that folder)
+            raise BadInput(f"{self.root} is a symlink: the agent removes whatever it does not keep under bundles/, "
+                           "so that is a folder of the state directory; remove the link (or move state_dir)")
         self.root.mkdir(parents=True, exist_ok=True)
         self.current_link = self.state / "current"
         self.good_file = self.state / GOOD

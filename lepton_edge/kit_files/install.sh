@@ -31,6 +31,11 @@ have_systemd() { [ -z "$R" ] && [ -d /run/systemd/system ] && command -v systemc
 check_kit() {
   cd "$KIT"
   [ -f SHA256SUMS ] || die "no SHA256SUMS in $KIT: not a complete kit; refusing to install"
+  # first, as sha256sum would follow a link or block on a FIFO: a kit holds files and folders only. A link
+  # is not `-type f`, so a wheel linked into wheels/ (a hostile archive's member) passed the check below
+  local odd
+  odd=$(find . ! -type f ! -type d -print -quit)
+  [ -z "$odd" ] || die "${odd#./} is not a regular file (a link?): the kit was changed; refusing to install"
   if ! sha256sum --quiet --strict -c SHA256SUMS >/dev/null 2>&1; then
     die "checksum mismatch in $KIT ($(sha256sum --quiet -c SHA256SUMS 2>/dev/null | head -1 | cut -d: -f1)): the kit was changed or damaged; refusing to install"
   fi
@@ -114,11 +119,6 @@ install_kit() {
       fi
     done
   fi
-  if [ -d "$KIT/trusted" ]; then
-    install -d -m 0755 "$ETC/trusted"
-    install -m 0644 "$KIT"/trusted/* "$ETC/trusted/"
-  fi
-
   # state: the kit's bundle staged beside the running one (the outbox and deployed bundles stay)
   install -d -m 0750 -o "$SVC_USER" -g "$grp" "$STATE" 2>/dev/null || install -d -m 0750 "$STATE"
   rm -rf "$STATE/kit-bundle.new"
@@ -130,8 +130,17 @@ install_kit() {
   # running, so the failure trap (which removes what this run built) is off before it
   ln -sfn "$(basename "$venv_new")" "$PREFIX/venv.new"
   trap - EXIT
-  mv -T "$PREFIX/venv.new" "$PREFIX/venv" \
-    || die "cannot switch $PREFIX/venv to the new venv (is it a folder, not a link?); the previous install is unchanged"
+  if ! mv -T "$PREFIX/venv.new" "$PREFIX/venv" 2>/dev/null; then
+    rm -rf "$PREFIX/venv.new" "$venv_new" "${STAGED[@]}"
+    die "cannot switch $PREFIX/venv to the new venv (is it a folder, not a link?); the previous install is unchanged"
+  fi
+  # the kit's trusted keys only now, beside the bundle they verify: written before the switch, a failed
+  # or interrupted upgrade left the old bundle (and every deployed one) under a key that had replaced
+  # theirs, and the agent refused them all at its next start
+  if [ -d "$KIT/trusted" ]; then
+    install -d -m 0755 "$ETC/trusted"
+    install -m 0644 "$KIT"/trusted/* "$ETC/trusted/"
+  fi
   rm -rf "$STATE/kit-bundle.old"
   [ ! -e "$STATE/kit-bundle" ] || mv "$STATE/kit-bundle" "$STATE/kit-bundle.old"
   mv "$STATE/kit-bundle.new" "$STATE/kit-bundle"

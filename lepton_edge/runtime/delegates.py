@@ -33,8 +33,9 @@ def parse_allowlist(items: dict | list[str] | None, where: str = "--delegate") -
         name, path = str(name).strip(), str(path).strip()
         if not _NAME.fullmatch(name) or not path:
             raise BadInput(f"{where}: expected NAME=/absolute/path/lib.so with a short name, got {name!r}={path!r}")
-        if not Path(path).is_absolute():
-            raise BadInput(f"{where}: delegate {name!r}: the library path must be absolute, got {path!r}")
+        if not Path(path).is_absolute() or "\0" in path:  # (a TOML string may hold a NUL; no path does)
+            raise BadInput(f"{where}: delegate {name!r}: the library path must be absolute (and hold no NUL byte), "
+                           f"got {path!r}")
         out[name.lower()] = path
     return out
 

@@ -159,8 +159,10 @@ def _has_schema() -> bool:
 
 PROBE_S = 60.0  # the test load's time limit: the exporter's models load in well under a second, on a Pi too
 # what the test load runs, in a fresh interpreter: this module from its file (argv[2]; not through the package,
-# whose __init__ imports the whole runtime: 0.45 s a load instead of 0.12 s), then _probe_child(argv[1], ...)
-PROBE_CODE = ("import importlib.util, sys\nsys.path.insert(0, sys.argv[3])\n"
+# whose __init__ imports the whole runtime: 0.45 s a load instead of 0.12 s), then _probe_child(argv[1], ...).
+# Not `sys.path.insert`: `python -c` puts the working directory ('') first on sys.path, ahead of the standard
+# library, and the child ran a ctypes.py it found there (`lepton-edge run` itself never reads the directory)
+PROBE_CODE = ("import importlib.util, sys\nsys.path[:] = [sys.argv[3]] + [p for p in sys.path if p]\n"
               "spec = importlib.util.spec_from_file_location('_lepton_litert_probe', sys.argv[2])\n"
               "m = importlib.util.module_from_spec(spec)\nspec.loader.exec_module(m)\n"
               "m._probe_child(sys.argv[1], int(sys.argv[4]), sys.argv[5] == '1')\n")

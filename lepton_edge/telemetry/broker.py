@@ -44,10 +44,15 @@ def parse_broker(url: str) -> BrokerAddress:
     port, tls, transport = SCHEMES[u.scheme]
     if not u.hostname:
         raise BadInput(f"broker URL {redacted(url)!r} has no host")
+    if any(c.isspace() or not c.isprintable() for c in u.hostname):  # ("\0h" ran, never connecting, silent)
+        raise BadInput(f"broker URL {redacted(url)!r}: the host holds a space or a control character")
     try:
-        port = u.port or port
+        given = u.port
     except ValueError:
         raise BadInput(f"broker URL {redacted(url)!r} has a bad port") from None
+    if given == 0:  # (`u.port or default` read :0 as no port: the agent went to 1883 instead, without a word)
+        raise BadInput(f"broker URL {redacted(url)!r} has a bad port")
+    port = given or port
     user, pw = unquote(u.username) if u.username else None, unquote(u.password) if u.password else None
     _check_credentials(user, pw, "broker URL")
     return BrokerAddress(u.hostname, port, tls, transport, u.path or "/mqtt", user, pw)

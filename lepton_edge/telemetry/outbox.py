@@ -131,8 +131,11 @@ class Outbox:
 
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError:
+            fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        except OSError as e:
+            if e.errno == errno.ELOOP:  # (O_NOFOLLOW) the pid was written where it pointed, truncating that file
+                raise OSError(errno.ELOOP, "a symlink; the agent writes no file a link in its state directory "
+                                           "points at (remove it)", f"{self.path}.lock") from None
             return None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -148,7 +151,11 @@ class Outbox:
         return fd
 
     def _open_file(self) -> sqlite3.Connection:
+        """The database file. A symlink there is not opened (the outbox then lives in memory, as for a
+        directory there): SQLite follows it, so a dangling link created the database wherever it pointed."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.is_symlink():
+            raise OSError(errno.ELOOP, "a symlink, not opened (the outbox writes only its own files)", str(self.path))
         db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=10)
         try:
             db.execute("PRAGMA journal_mode=WAL")

@@ -28,6 +28,8 @@ def test_urls_and_their_defaults(url, want):
     ("mqtt://", "has no host"),
     ("mqtt://broker:99999", "bad port"),
     ("mqtt://broker:port", "bad port"),
+    ("mqtt://broker:0", "bad port"),  # was read as no port: 1883, without a word
+    ("mqtt://bro\x00ker:1883", "control character"),  # ran, never connecting, and said nothing
     ("mqtt://[bad", "is not a URL"),
 ])
 def test_bad_urls_are_one_line_bad_input(url, words):
