@@ -50,7 +50,11 @@ def problem(kept: Path, bundle: Path, kit_trusted: Path, root: str = "") -> tupl
 
 def _as_installed(key: Path, kit_trusted: Path, root: str) -> Path:
     """A trusted key as it will be once the kit is installed: the kit's own copy where install.sh puts one
-    (the kit replaces it), else the file on this system (under the test root, when one is set)."""
+    (the kit replaces it), else the file on this system (under the test root, when one is set). A relative key
+    was read from the kept file's folder, under the root already: seen from the device, it is that path less it."""
+    top = root.rstrip("/")
+    if top and str(key).startswith(top + "/"):
+        key = Path(str(key)[len(top):])
     if str(key.parent) == ETC_TRUSTED and (kit_trusted / key.name).is_file():
         return kit_trusted / key.name
     return Path(root + str(key)) if root and key.is_absolute() else key

@@ -142,6 +142,25 @@ def read_toml(path: Path, what: str) -> dict:
     return tomlfile.read(path, what)
 
 
+# the file paths of agent.toml that may be relative (deploy_paths must be absolute: a deploy reads under them)
+RELATIVE_PATHS = ("bundle", "state_dir", "ca_file", "cert_file", "key_file", "trusted_keys")
+
+
+def _beside(data: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """The file's relative paths read from its own folder. Why: they were read from the working directory,
+    which is / under systemd, and install.sh's upgrade check (run from the kit's folder) read them from
+    there: a relative trusted_keys passed the check and failed in the agent. Flags stay the shell's."""
+    out = dict(data)
+    for k in RELATIVE_PATHS:
+        v = out.get(k)
+        if isinstance(v, str) and v and "\0" not in v:
+            out[k] = v if Path(v).is_absolute() else str(folder / v)
+        elif k == "trusted_keys" and isinstance(v, list):
+            out[k] = [str(folder / x) if isinstance(x, str) and x and "\0" not in x and not Path(x).is_absolute()
+                      else x for x in v]
+    return out
+
+
 def load(path: Path | None, overrides: dict[str, Any]) -> AgentConfig:
     """The file's fields, then the flags that were given; one line naming a bad field."""
     data: dict[str, Any] = {}
@@ -155,6 +174,7 @@ def load(path: Path | None, overrides: dict[str, Any]) -> AgentConfig:
                 raise BadInput(f"{where}: '{beside[0]}' is outside the [agent] table; put every field inside "
                                "it, or use no [agent] table at all")
             data = data["agent"] | ({"delegates": data["delegates"]} if "delegates" in data else {})
+        data = _beside(data, Path(path).absolute().parent)
     data.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return AgentConfig.model_validate(data)

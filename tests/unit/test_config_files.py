@@ -49,3 +49,28 @@ def test_the_kits_agent_toml_reads_back_every_value_as_given(value):
     text = s.render([])
     _check_rendered(text, s)
     assert tomllib.loads(text)["source"] == value
+
+
+def test_relative_paths_in_agent_toml_are_read_from_its_own_folder(tmp_path, monkeypatch):
+    """Under systemd the working directory is /, and install.sh's upgrade check runs in the kit's folder:
+    a relative path meant a different file to each. Now the file's folder, for the file's values; a flag
+    stays the shell's (relative to where it is typed)."""
+    from pathlib import Path
+
+    from lepton_edge.agent.config import load
+
+    conf = tmp_path / "etc" / "agent.toml"
+    conf.parent.mkdir()
+    conf.write_text('state_dir = "state"\nbundle = "../bundles/b"\ntrusted_keys = ["trusted/k.pem", "/abs/k.pem"]\n'
+                    'ca_file = "/etc/ssl/ca.pem"\n')
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = load(conf, {})
+    assert cfg.state_dir == conf.parent / "state" and cfg.bundle == conf.parent / "../bundles/b"
+    assert cfg.trusted_keys == [conf.parent / "trusted/k.pem", Path("/abs/k.pem")]
+    assert cfg.ca_file == Path("/etc/ssl/ca.pem")
+    assert load(conf, {"state_dir": Path("flag-state")}).state_dir == Path("flag-state")
+    conf.write_text('trusted_keys = "k.pem"\n')  # a wrong type is still the validator's line
+    with pytest.raises(BadInput, match="field 'trusted_keys'"):
+        load(conf, {})

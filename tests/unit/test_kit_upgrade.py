@@ -82,3 +82,21 @@ def test_a_kept_config_the_new_agent_cannot_load_is_refused_before_anything_chan
     b, trusted = _kit(tmp_path, None)
     level, line = problem(_config(tmp_path, body), b, trusted)
     assert level == "refuse" and "does not load with this kit's agent" in line and "\n" not in line
+
+
+def test_a_relative_trusted_key_is_the_one_beside_the_kept_config(tmp_path, monkeypatch):
+    """`trusted_keys = ["trusted/kit-signer.pem"]` in /etc/lepton-edge/agent.toml names the kit's key, for
+    the agent (working directory /) and for this check (run from the kit's folder) alike."""
+    priv, _ = new_keys(tmp_path / "k1")
+    b, trusted = _kit(tmp_path, priv)
+    root = tmp_path / "root"
+    kept = root / ETC_TRUSTED.lstrip("/").rsplit("/", 1)[0] / "agent.toml"  # <root>/etc/lepton-edge/agent.toml
+    kept.parent.mkdir(parents=True)
+    kept.write_text('fleet = "lab"\ndevice_id = "pi-1"\ntrusted_keys = ["trusted/kit-signer.pem"]\n')
+    monkeypatch.chdir(tmp_path / "kit")
+    assert problem(kept, b, trusted, str(root)) is None
+    other, _ = new_keys(tmp_path / "k2")
+    b2, trusted2 = _kit(tmp_path / "second", other)  # a kit signed by another key, which it does not bring
+    shutil.rmtree(trusted2)
+    level, line = problem(kept, b2, trusted2, str(root))
+    assert level == "refuse" and "nothing was changed" in line
