@@ -483,6 +483,9 @@ def staging(final: Path) -> Iterator[Path]:
         os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
         check_replaceable(final)  # (again: the export took minutes)
+    except OSError as e:  # a full disk, a quota, a mount gone read-only: one line (it was a traceback, exit 1)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise BadInput(f"cannot write the bundle in {final.parent}: {e.strerror or e}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

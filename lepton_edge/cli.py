@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -18,7 +19,24 @@ from rich.text import Text
 from lepton_edge import logs, ui
 from lepton_edge.errors import BadInput, CheckFailed, LeptonError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
+
+class _Interrupted(Exception):
+    """Ctrl-C (or SIGTERM, see _interrupt_on_sigterm) inside a verb, carried past typer to main()."""
+
+
+class _Group(typer.core.TyperGroup):
+    """The root group: a KeyboardInterrupt leaves a verb as _Interrupted. Why: typer turns it into a
+    silent exit 130, so main()'s 'interrupted' line (its --log-json record too) was never written and a
+    stopped export or bench ended without a word."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise _Interrupted from None
+
+
+app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   help="Export small, fast, validated model bundles for edge devices, run them there, and watch them.")
 targets_app = typer.Typer(help="List target profiles, or show one.", invoke_without_command=True)
 app.add_typer(targets_app, name="targets")
@@ -200,6 +218,10 @@ def export(
         if as_json and not emitted:  # the refusal as JSON too (exit code unchanged; the line still goes to stderr)
             _emit_json({"ok": False, "error": str(e), "exit_code": e.exit_code, **(e.details or {})})
         raise
+    except KeyboardInterrupt:  # stopped: a script reading --json still gets its one document
+        if as_json and not emitted:
+            _emit_json({"ok": False, "error": "interrupted", "exit_code": 130})
+        raise
     if as_json:
         return _emit_json({"ok": True, **r.report})
     _print_report(r.report)
@@ -207,8 +229,8 @@ def export(
 
 def _read_labels(path: Path, max_bytes: int = 4 << 20) -> list[str]:
     """labels.txt: UTF-8 text, one class a line; one line (exit 2) for a missing, huge or binary file."""
-    if not path.is_file():
-        raise BadInput(f"labels file not found: {path}")
+    if not path.is_file():  # (a folder or a FIFO there read "not found", which sent users looking for a typo)
+        raise BadInput(f"labels file {path}: not a regular file" if path.exists() else f"labels file not found: {path}")
     try:
         with open(path, "rb") as f:
             raw = f.read(max_bytes + 1)
@@ -325,7 +347,8 @@ def inspect(path: Path = typer.Argument(..., help="A bundle directory, an .onnx 
     info = do_inspect(path)
     if as_json:
         return _emit_json(info)
-    t = Table(title=Text(str(path)), show_header=False)
+    # (printable: the path is the user's, and a file named with ESC[2J cleared the terminal it was inspected on)
+    t = Table(title=Text(ui.printable(str(path))), show_header=False)
     row = _plain_rows(t)
     opset = f", opset {info['opset']}" if info.get("opset") else ""
     row("format", f"{info['format']}{opset} {info.get('producer', '')}".strip())
@@ -573,7 +596,9 @@ def _print_run_summary(s: dict) -> None:
 def bench(
     models: list[str] = typer.Argument(..., help="Bundles or .onnx/.tflite files to compare."),
     threads: str | None = typer.Option(None, help="Thread counts, e.g. 1,2 (default: each bundle's target)."),
-    runs: int = typer.Option(200, min=1, help="Timed runs per configuration."),
+    # (at most a million: each run's stage times are kept, and --runs 99999999999 was one row reading
+    # "MemoryError: Unable to allocate 745. GiB", 1e20 a bare "ValueError: Maximum allowed dimension exceeded")
+    runs: int = typer.Option(200, min=1, max=1_000_000, help="Timed runs per configuration."),
     warmup: int = typer.Option(20, min=0, help="Untimed runs first."),
     source: str | None = typer.Option(None, "--source", "-s", help="Frames from a video/images (default: a "
                                          "synthetic 640x480 frame)."),
@@ -588,6 +613,9 @@ def bench(
     """Per-stage latency percentiles, throughput and peak RSS; one table across models and threads."""
     from lepton_edge import bench as b
 
+    # SIGTERM (`timeout`, a cancelled CI job) as Ctrl-C: the measuring child is ended with bench. It stayed
+    # behind, busy for up to --runs runs and holding the caller's stdout and stderr open
+    _interrupt_on_sigterm()
     thr = b.parse_threads(threads)
     total = len(models) * len(thr)
     with ui.progress("benchmarking", total) as advance:
@@ -714,7 +742,7 @@ def deploy(
     if as_json:
         _emit_json(rows)
     else:
-        t = Table(title=Text(f"deploy {bundle} to {target}"), box=box.SIMPLE_HEAD, pad_edge=False)
+        t = Table(title=Text(ui.printable(f"deploy {bundle} to {target}")), box=box.SIMPLE_HEAD, pad_edge=False)
         for col in ("device", "result", "detail"):
             t.add_column(col)
         for r in rows:
@@ -763,8 +791,35 @@ app.add_typer(_fleet_cli.fleet_app, name="fleet")
 app.command("kit")(_kit)
 
 
+class _Stdout:
+    """sys.stdout for the verbs, remembering a write to it that failed (`failed`): main() then says so in
+    one line. Why: a full disk under `lepton-edge inspect B --json > report.json` (or /dev/full) was an
+    OSError traceback, exit 1, and nothing tells that error from any other OSError once it is raised."""
+
+    def __init__(self, f):
+        self._f, self.failed = f, None
+
+    def write(self, text):
+        try:
+            return self._f.write(text)
+        except OSError as e:
+            self.failed = e
+            raise
+
+    def flush(self):
+        try:
+            return self._f.flush()
+        except OSError as e:
+            self.failed = e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
 def main() -> None:
     """Entry point: usage errors are typer's (exit 2); our errors print one line (exit 1 or 2)."""
+    stdout = sys.stdout = _Stdout(sys.stdout) if sys.stdout is not None else None
     try:
         app()
     except LeptonError as e:
@@ -775,7 +830,21 @@ def main() -> None:
             # reached the terminal, where `\x1b]0;...` retitled it and `\x1b[2J` cleared the screen)
             ui.err.print(f"[red]error:[/] {escape(ui.printable(e))}", soft_wrap=True)
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
+    except (OSError, AttributeError):
+        if (stdout.failed is None) if stdout is not None else sys.exc_info()[0] is not AttributeError:
+            raise
+        # (stdout None: started with it closed, `>&-`); fd 1 to /dev/null: the interpreter's last flush of
+        # what is still buffered must not fail again
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)
+        os.close(null)
+        why = f"cannot write the output to stdout: {stdout.failed.strerror if stdout is not None else 'it is closed'}"
+        if logs.json_mode():
+            log.error(why, extra={"exit_code": BadInput.exit_code})
+        else:
+            ui.err.print(f"[red]error:[/] {escape(why)}", soft_wrap=True)
+        sys.exit(BadInput.exit_code)
+    except (KeyboardInterrupt, _Interrupted):
         if logs.json_mode():
             log.warning("interrupted", extra={"exit_code": 130})
         else:

@@ -390,6 +390,14 @@ def build(bundle: Path, output: Path, target: str | None = None, key: Path | Non
     name = _kit_name(output, bundle)
     files = _bundle_files(bundle)
 
+    try:
+        return _build(bundle, output, name, files, key, settings, fmt, profile, plat, b)
+    except OSError as e:  # a full disk, a quota, a mount gone read-only: one line (it was a traceback, exit 1)
+        raise BadInput(f"-o {output}: cannot write the kit ({e.strerror or e})") from None
+
+
+def _build(bundle, output, name, files, key, settings, fmt, profile, plat, b) -> KitReport:
+    """build()'s work, in a work folder beside `output` that goes whatever happens."""
     with tempfile.TemporaryDirectory(prefix=".kit-", dir=output.parent) as tmp:
         root = Path(tmp) / name
         root.mkdir()
@@ -462,6 +470,11 @@ def _kit_name(output: Path, bundle: Path) -> str:
         raise BadInput(f"-o {output}: the kit is a .tar.gz archive")
     if not output.parent.is_dir():
         raise BadInput(f"-o {output}: folder {output.parent} does not exist")
+    from lepton_edge.paths import check_output_dir
+
+    # a folder of /proc or /sys, a read-only mount, one this user cannot write: one line (the work folder's
+    # mkdtemp there was a traceback, exit 1)
+    check_output_dir(output.parent, "-o")
     if output.is_dir() or (output.exists() and not output.is_file()):
         raise BadInput(f"-o {output}: exists and is not a file")
     if output.resolve().is_relative_to(bundle.resolve()):

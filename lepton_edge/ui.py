@@ -54,7 +54,8 @@ def console(stderr: bool = False) -> Console:
     """A rich console; when piped (CI logs, `| less`) 140 columns instead of rich's 80."""
     stream = sys.stderr if stderr else sys.stdout
     cls = _StderrConsole if stderr else Console
-    return cls(stderr=stderr, highlight=False, width=None if stream.isatty() else 140)
+    # (stream None: started with stdout closed, `>&-`; every verb was a traceback at import)
+    return cls(stderr=stderr, highlight=False, width=None if stream is not None and stream.isatty() else 140)
 
 
 err = console(stderr=True)

@@ -83,11 +83,28 @@ def open_store_retrying(url: str | None, log, wait_s: float):
         delay = min(delay * 2, 5.0)
 
 
-def _alerts(store, rules_path, publish, log):
+def _alerts(store, rules, publish, log):
     """The alert engine: rules from a TOML file (or the defaults); alerts also go out on MQTT."""
-    from lepton_edge.fleet.alerts import AlertEngine, load_rules
+    from lepton_edge.fleet.alerts import AlertEngine
 
-    return AlertEngine(store, load_rules(rules_path), publish=publish, log=log)
+    return AlertEngine(store, rules, publish=publish, log=log)
+
+
+def _check_before_store(broker: str, fleet: str, group: str | None, alerts: str | None, tls: dict):
+    """The broker URL, topic segments, TLS files and alert rules, checked before the store is opened;
+    returns the rules. Why: the Monitor and the alert engine refused them only once the store was open,
+    so `monitor --store new.sqlite --broker bogus://h` (or --alerts nope.toml) left a new fleet store."""
+    from lepton_edge.fleet.alerts import load_rules
+    from lepton_edge.telemetry.broker import _check_tls_files, parse_broker
+    from lepton_edge.telemetry.topics import safe_segment
+
+    parse_broker(broker)
+    if fleet != "+":
+        safe_segment(fleet, "fleet")
+    if group is not None:
+        safe_segment(group, "group")
+    _check_tls_files(**tls)
+    return load_rules(alerts)
 
 
 def _wait_subscribed(mon, broker: str, once: bool, log) -> None:
@@ -137,6 +154,8 @@ def monitor(
     from lepton_edge.fleet.monitor import Monitor
 
     retain_s, listen, token = _check_monitor_options(retain, web, token, seconds, metrics)
+    tls = {"ca_file": ca_file, "cert_file": cert_file, "key_file": key_file}
+    rules = _check_before_store(broker, fleet, group, alerts, tls)
 
     def log(line: str) -> None:  # through logging, so --quiet, --verbose and --log-json apply
         failed = line.startswith(("error", "warning")) or " failed" in line or "retrying" in line
@@ -152,7 +171,6 @@ def monitor(
         for bridge in ha:
             bridge(changed)  # records the set; the bridge's own thread reads the store once per interval
 
-    tls = {"ca_file": ca_file, "cert_file": cert_file, "key_file": key_file}
     clients: list = []  # the monitor's client, once made: alerts are published through it
 
     def publish(topic: str, payload: bytes) -> None:
@@ -163,7 +181,7 @@ def monitor(
     # session of a monitor service running on this machine.
     once_id = {"client_id": f"lepton-monitor-once-{os.getpid()}", "persistent": False} if once else {}
     mon = Monitor(broker, st, group=group, fleet=fleet, on_change=on_change, retain_s=retain_s, log=log,
-                  alerts=_alerts(st, alerts, publish, log), **once_id, **tls)
+                  alerts=_alerts(st, rules, publish, log), **once_id, **tls)
     clients.append(mon.client)
     server = metrics_server = None
     stop = threading.Event()
