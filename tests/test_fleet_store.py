@@ -110,6 +110,20 @@ def test_a_devices_software_string_is_capped_as_its_status_version_is(store):
     assert store.device("f", "d").software == "S" * 64
 
 
+def test_an_offline_status_never_sets_when_the_device_was_last_seen(store):
+    """A device known only from its retained offline status (a Last Will) has never been seen: `fleet ls`
+    read "20789d ago" (last_seen stored as 0.0, 1970). An offline status after messages keeps their time."""
+    from lepton_edge.fleet.tui import device_record
+
+    now = time.time()
+    store.set_status("f", "gone", {"online": False, "boot_id": "b1"}, now)
+    assert store.device("f", "gone").last_seen is None
+    assert device_record(store.device("f", "gone"), now)["last_seen_age_s"] is None
+    store.set_status("f", "d", {"online": True, "boot_id": "b1"}, now - 50)
+    store.set_status("f", "d", {"online": False, "boot_id": "b1"}, now)
+    assert store.device("f", "d").last_seen == pytest.approx(now - 50) and not store.device("f", "d").online
+
+
 def test_state_events_alerts_history_downsample_retain(store):
     now = time.time()
     store.set_status("f", "d", {"online": True, "boot_id": "b1", "version": "0.9"}, now)

@@ -408,12 +408,14 @@ class SqlStore(Store):
         online = bool(payload.get("online"))
         with self._tx() as cur:
             self._touch(cur, [(fleet, device)])
-            # applied in arrival order: a Last Will carries the time it was set (connect), not sent
+            # applied in arrival order: a Last Will carries the time it was set (connect), not sent. An offline
+            # status says nothing of when the device was last heard: last_seen stays (it was set to 0.0 where it
+            # was empty, and a device known only from a retained offline status read "20789d ago": 1970)
+            seen = f", last_seen = {self._greatest('COALESCE(last_seen, 0)', '?')}" if online else ""
             self._x(cur, "UPDATE devices SET online = ?, status_ts = ?, boot_id = ?, "
-                    "software = COALESCE(?, software), "
-                    f"last_seen = {self._greatest('COALESCE(last_seen, 0)', '?')} WHERE fleet = ? AND device = ?",
+                    f"software = COALESCE(?, software){seen} WHERE fleet = ? AND device = ?",
                     (online, received, payload.get("boot_id"), payload.get("version"),
-                     received if online else 0.0, fleet, device))
+                     *((received,) if online else ()), fleet, device))
 
     def set_meta(self, fleet: str, device: str, payload: dict, received: float) -> None:
         with self._tx() as cur:
