@@ -416,7 +416,7 @@ def run(
     top_k: int = typer.Option(5, "--top-k", min=1, help="Classes per classification result."),
     conf: float = typer.Option(0.25, help="Detection score threshold."),
     iou: float = typer.Option(0.45, help="Detection NMS IoU threshold."),
-    every: float = typer.Option(1.0, help="Seconds between console lines (0: every result)."),
+    every: float = typer.Option(1.0, min=0.0, max=86400.0, help="Seconds between console lines (0: every result)."),
     show: bool | None = typer.Option(None, "--show/--no-show", help="Show a window (default: when a "
                                         "display exists)."),
     as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON on stdout."),
@@ -439,6 +439,8 @@ def run(
     _interrupt_on_sigterm()  # from the start: a SIGTERM while a stream opens ended the process without a word
     from lepton_edge.runtime.onnx import stop_runs_on_signals
 
+    if every != every:  # (NaN passes the range: every result was printed)
+        raise BadInput("--every: a number of seconds from 0 to 86400, got nan")
     stop_runs_on_signals()  # Ctrl-C stops a long onnxruntime run at once, and any engine stuck past 5 s ends the
     # process (runtime/hard_stop.py): a LiteRT loop or a model's load is deaf to Python's handlers
     _check_signature(model, trusted_key)

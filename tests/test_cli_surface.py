@@ -195,3 +195,18 @@ def test_sigterm_during_kit_leaves_no_work_folder(int8_bundle, tmp_path):
         p.kill()
     assert p.returncode == 130 and "Traceback" not in err, (p.returncode, err[-1500:])
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("every", ["-5", "nan", "inf", "1e9"])
+def test_run_every_outside_its_range_is_one_line(tmp_path, every):
+    """--every -5 and nan printed every result, inf none at all: each is now refused before the model loads."""
+    r = run_cli("run", str(tmp_path), "--every", every, "--source", str(tmp_path))
+    assert r.returncode == 2 and "--every" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_monitor_json_without_once_is_one_line(tmp_path):
+    """`monitor --json` ran the live monitor and never printed JSON (exit 0): it needs --once."""
+    r = run_cli("monitor", "--broker", "mqtt://127.0.0.1:1", "--store", str(tmp_path / "s.sqlite"), "--json",
+                "--seconds", "1")
+    assert r.returncode == 2 and "--json prints the fleet once" in r.stderr, r.stderr
+    assert not (tmp_path / "s.sqlite").exists()

@@ -153,6 +153,8 @@ def monitor(
     """Ingest the fleet's telemetry into the store; live terminal table, optional web dashboard."""
     from lepton_edge.fleet.monitor import Monitor
 
+    if as_json and not once:  # (it was ignored: a live monitor with no JSON and exit 0 at its end)
+        raise BadInput("--json prints the fleet once, as JSON: give --once with it")
     retain_s, listen, token = _check_monitor_options(retain, web, token, seconds, metrics)
     tls = {"ca_file": ca_file, "cert_file": cert_file, "key_file": key_file}
     rules = _check_before_store(broker, fleet, group, alerts, tls)
