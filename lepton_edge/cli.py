@@ -205,8 +205,8 @@ def export(
 
             rows = do_compare(model, options)
             if as_json:
+                emitted = True  # (first: a Ctrl-C while it is written must not append a second document)
                 _emit_json(rows)
-                emitted = True
             else:
                 out.print(table(rows, Text(ui.printable(f"{model} for {target}: formats and precisions (latency on "
                                                          "this host)"))))  # (paths: text, not markup)
@@ -246,7 +246,8 @@ def _read_labels(path: Path, max_bytes: int = 4 << 20) -> list[str]:
         raise BadInput(f"labels file {path}: binary data (NUL bytes); one class name a line")
     # lines end at \n (and \r\n) only: splitlines() also breaks at U+0085, U+2028 and the like, which would
     # split one label into two and shift every class name after it; a label holding one is refused instead
-    return [ln.strip(" \t\r") for ln in text.split("\n") if ln.strip(" \t\r")]
+    # (stripped of any whitespace at its ends: a line of only U+3000 or NBSP is no label, as before)
+    return [ln.strip() for ln in text.split("\n") if ln.strip()]
 
 
 _GATES = {  # metric -> (threshold key, "min"/"max", format)
@@ -819,11 +820,31 @@ class _Stdout:
         return getattr(self._f, name)
 
 
+def _stdout_to_null() -> None:
+    """fd 1 to /dev/null: the interpreter's last flush of what is still buffered must not fail again (an
+    'Exception ignored ... OSError' and exit 120 after our line)."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.close(null)
+
+
+def _closed_stdout(e: BaseException) -> bool:
+    """Whether `e` is a write to a stdout that was closed when the process started (`>&-`: sys.stdout is
+    None), not some other AttributeError, whose traceback must not be hidden behind that line."""
+    return isinstance(e, AttributeError) and "'NoneType' object has no attribute" in str(e) \
+        and any(w in str(e) for w in ("'write'", "'flush'", "'isatty'", "'fileno'", "'encoding'"))
+
+
 def main() -> None:
     """Entry point: usage errors are typer's (exit 2); our errors print one line (exit 1 or 2)."""
     stdout = sys.stdout = _Stdout(sys.stdout) if sys.stdout is not None else None
     try:
-        app()
+        try:
+            app()
+        except SystemExit:
+            if stdout is not None:  # what the verb printed is written now, while a failure is still ours to
+                stdout.flush()  # report: buffered (stdout to a file), `--json > /dev/full` failed at the
+            raise  # interpreter's exit, 'Exception ignored' and exit 120, or exit 0 with the output lost
     except LeptonError as e:
         if logs.json_mode():
             log.error(str(e), extra={"exit_code": e.exit_code})
@@ -831,16 +852,17 @@ def main() -> None:
             # (printable: a message quotes names from model files and profiles; an ESC in an input's name
             # reached the terminal, where `\x1b]0;...` retitled it and `\x1b[2J` cleared the screen)
             ui.err.print(f"[red]error:[/] {escape(ui.printable(e))}", soft_wrap=True)
+        if stdout is not None and stdout.failed is not None:
+            _stdout_to_null()
         sys.exit(e.exit_code)
-    except (OSError, AttributeError):
-        if (stdout.failed is None) if stdout is not None else sys.exc_info()[0] is not AttributeError:
+    except (OSError, AttributeError) as e:
+        failed = stdout.failed if stdout is not None else None
+        if failed is None and not (stdout is None and _closed_stdout(e)):
             raise
-        # (stdout None: started with it closed, `>&-`); fd 1 to /dev/null: the interpreter's last flush of
-        # what is still buffered must not fail again
-        null = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(null, 1)
-        os.close(null)
-        why = f"cannot write the output to stdout: {stdout.failed.strerror if stdout is not None else 'it is closed'}"
+        _stdout_to_null()
+        if isinstance(failed, BrokenPipeError):  # `... | head`: the reader had what it wanted (exit 1, as click)
+            sys.exit(1)
+        why = f"cannot write the output to stdout: {failed.strerror if failed is not None else 'it is closed'}"
         if logs.json_mode():
             log.error(why, extra={"exit_code": BadInput.exit_code})
         else:

@@ -323,7 +323,7 @@ def test_a_labels_file_breaks_lines_at_newlines_only(tmp_path, monkeypatch):
     class name after it on the device; now lines end at \\n (\\r\\n too) and such a label is one line."""
     seen = _captured(monkeypatch)
     labels = tmp_path / "labels.txt"
-    labels.write_bytes(b"cat\r\n\n  dog \r\nbird\n")
+    labels.write_bytes("cat\r\n\n  dog \r\n\u3000\n\xa0\nbird\n".encode())  # (whitespace-only lines: no labels)
     _cli("export", "zoo:fashion-cnn", "-o", str(tmp_path), "--labels", str(labels))
     assert seen[0].labels == ["cat", "dog", "bird"]
     labels.write_bytes("cat\ncrested\u0085crane\nbird\n".encode())

@@ -74,6 +74,13 @@ def test_retention_folds_the_boots_of_windows_it_removed_and_keeps_their_lost_wi
     assert _boot_rows(store, "lossy") == 2 and store.device("f", "lossy").seq_gaps == 10
     store.add_window("f", "lossy", win(1, now, boot="cur"), now)  # a current boot's late window still fills its gap
     assert store.device("f", "lossy").seq_gaps == 9
+    # the boot the device's status names resumes after an outage longer than the retention: the seqs lost
+    # across it count (they went uncounted when its row was folded with the others)
+    store.set_status("f", "quiet", {"online": True, "boot_id": "D"}, old)
+    store.add_windows([("f", "quiet", win(s, old, boot="D"), old) for s in range(10)])
+    store.retain(3600, now=now)
+    store.add_windows([("f", "quiet", win(s, now, boot="D"), now) for s in range(20, 25)])
+    assert store.device("f", "quiet").seq_gaps == 10
 
 
 def test_two_writers_store_each_window_once(store):

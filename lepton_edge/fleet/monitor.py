@@ -229,6 +229,8 @@ class Monitor:
         with self._qroom:  # back-pressure by bytes as well (one message is always let in)
             while self._qbytes and self._qbytes + size > self.queue_bytes and not self._stop.is_set():
                 self._qroom.wait(0.5)
+            if self._stop.is_set():
+                return
             self._qbytes += size
         while not self._stop.is_set():  # back-pressure: paho stops reading, the broker buffers
             try:
@@ -236,6 +238,8 @@ class Monitor:
                 return
             except queue.Full:
                 continue
+        with self._qroom:  # stopped before it was queued: its bytes are not in the queue (a restart's budget)
+            self._qbytes -= size
 
     def _flooding(self, fleet: str, device: str, kind: str = "telemetry") -> bool:
         """Per device and kind: a device whose events flood (one per junk command someone sends it) still

@@ -34,7 +34,7 @@ check_kit() {
   # first, as sha256sum would follow a link or block on a FIFO: a kit holds files and folders only. A link
   # is not `-type f`, so a wheel linked into wheels/ (a hostile archive's member) passed the check below
   local odd
-  odd=$(find . ! -type f ! -type d -print -quit)
+  odd=$(find . ! -type f ! -type d -print -quit 2>/dev/null) || die "cannot read every file of $KIT; refusing to install"
   [ -z "$odd" ] || die "${odd#./} is not a regular file (a link?): the kit was changed; refusing to install"
   if ! sha256sum --quiet --strict -c SHA256SUMS >/dev/null 2>&1; then
     die "checksum mismatch in $KIT ($(sha256sum --quiet -c SHA256SUMS 2>/dev/null | head -1 | cut -d: -f1)): the kit was changed or damaged; refusing to install"
@@ -137,9 +137,10 @@ install_kit() {
   # the kit's trusted keys only now, beside the bundle they verify: written before the switch, a failed
   # or interrupted upgrade left the old bundle (and every deployed one) under a key that had replaced
   # theirs, and the agent refused them all at its next start
-  if [ -d "$KIT/trusted" ]; then
-    install -d -m 0755 "$ETC/trusted"
-    install -m 0644 "$KIT"/trusted/* "$ETC/trusted/"
+  # (after `trap - EXIT`: a failure here says what state it leaves, as no cleanup runs)
+  if [ -d "$KIT/trusted" ] && compgen -G "$KIT/trusted/*" >/dev/null; then
+    { install -d -m 0755 "$ETC/trusted" && install -m 0644 "$KIT"/trusted/* "$ETC/trusted/"; } \
+      || die "cannot write the kit's trusted keys to $ETC/trusted: the new venv is in place with the previous bundle; free space and run install.sh again"
   fi
   rm -rf "$STATE/kit-bundle.old"
   [ ! -e "$STATE/kit-bundle" ] || mv "$STATE/kit-bundle" "$STATE/kit-bundle.old"

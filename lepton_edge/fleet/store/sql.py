@@ -498,10 +498,14 @@ class SqlStore(Store):
         Why: `boots` was never cleaned, so a device sending each window under a fresh boot_id left a row per
         window that retention did not remove (20,000 windows retained away left 20,000 rows), and every fleet
         read sums them all. Folding, not deleting, keeps each device's seq_gaps (and the alert on it) as it was.
-        (A window that comes even later for a folded boot starts a row of its own: a gap it fills stays counted.)"""
-        def gone(t: str) -> str:
+        (A window that comes even later for a folded boot starts a row of its own: a gap it fills stays counted.
+        The boot the device's last status names is kept whole: it may resume after an outage longer than the
+        retention, and the seqs it lost across the outage are counted then.)"""
+        def gone(t: str) -> str:  # (never the boot the device's status names: one that resumes after a long
+            # outage must find its seqs, or the windows it lost across the outage go uncounted)
             return (f"{t}.boot_id <> '' AND NOT EXISTS (SELECT 1 FROM windows w WHERE w.fleet = {t}.fleet AND "
-                    f"w.device = {t}.device AND w.boot_id = {t}.boot_id)")
+                    f"w.device = {t}.device AND w.boot_id = {t}.boot_id) AND {t}.boot_id <> COALESCE((SELECT "
+                    f"d.boot_id FROM devices d WHERE d.fleet = {t}.fleet AND d.device = {t}.device), '')")
         lost = "CASE WHEN max_seq - min_seq + 1 - n > 0 THEN max_seq - min_seq + 1 - n ELSE 0 END"
         total = self._least("SUM(lost)", repr(float(MAX_GAPS)))
         self._x(cur, "INSERT INTO boots (fleet, device, boot_id, min_seq, max_seq, n) "
