@@ -425,6 +425,11 @@ class _Server:
                         self.send_response(301)
                         self.send_header("Location", "/b.tar.gz")
                         self.end_headers()
+                    elif self.path.startswith("/hop/"):  # /hop/N redirects N times, then to the archive
+                        n = int(self.path.rsplit("/", 1)[1])
+                        self.send_response(302)
+                        self.send_header("Location", f"/hop/{n - 1}" if n > 1 else "/b.tar.gz")
+                        self.end_headers()
                     elif self.path == "/big":  # no Content-Length: the running count must stop it
                         self.send_response(200)
                         self.end_headers()
@@ -477,6 +482,15 @@ def test_downloads_have_a_deadline_a_size_cap_and_http_only_redirects(tmp_path, 
             s.fetch(DeployCommand(id="x", url=server.url + path))
         assert time.monotonic() - t < budget, path
     assert left_in(s) == [p.name]  # no partial download, no unpack directory
+
+
+def test_a_download_follows_at_most_five_redirects(tmp_path, server):
+    """Each redirect is another request the deadline and the size cap must cover: five are followed (a CDN's
+    chain), a sixth is refused in one line."""
+    s = store(tmp_path)
+    assert Bundle.load(s.fetch(DeployCommand(id="5", url=f"{server.url}/hop/5", sha256=server.sha256))).labels
+    with pytest.raises(DeployError, match="redirect"):
+        s.fetch(DeployCommand(id="6", url=f"{server.url}/hop/6"))
 
 
 def test_archive_sha256_is_checked_before_unpacking(tmp_path, server):

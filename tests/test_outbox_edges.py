@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import sqlite3
 
+import pytest
+
 from lepton_edge.telemetry.outbox import Outbox
 
 TOPIC = "lepton/v1/f/d/telemetry"
@@ -58,3 +60,51 @@ def test_a_degraded_outbox_tries_its_file_again_only_after_retry_s(tmp_path):
     db = sqlite3.connect(blocker / "outbox.sqlite")
     assert [bytes(r[0]) for r in db.execute("SELECT payload FROM outbox ORDER BY id")] == [b"w0", b"w1", b"w2", b"w3"]
     db.close()
+
+
+def test_the_lock_file_is_the_agents_alone_and_never_a_links_target(tmp_path):
+    """outbox.sqlite.lock holds the pid of the agent that owns the outbox: mode 0600, and a symlink put in its
+    place is refused (its target was truncated to that pid) rather than followed."""
+    import errno
+    import os
+    import stat
+
+    ob = Outbox(tmp_path / "a" / "outbox.sqlite", exclusive=True)
+    assert stat.S_IMODE(os.stat(tmp_path / "a" / "outbox.sqlite.lock").st_mode) == 0o600
+    ob.close()
+    precious = tmp_path / "precious"
+    precious.write_text("IMPORTANT")
+    (tmp_path / "b").mkdir()
+    os.symlink(precious, tmp_path / "b" / "outbox.sqlite.lock")
+    with pytest.raises(OSError) as e:
+        Outbox(tmp_path / "b" / "outbox.sqlite", exclusive=True)
+    assert e.value.errno == errno.ELOOP and precious.read_text() == "IMPORTANT"
+
+
+def test_a_damaged_file_is_named_by_what_sqlite_found(tmp_path):
+    """The integrity check (within its time budget) reads SQLite's own findings into the reason the file is
+    moved aside: an index page overwritten with zeros is found, not taken for a check cut short."""
+    from lepton_edge.telemetry.outbox import _Corrupt
+
+    path = tmp_path / "damaged.sqlite"
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA page_size=1024")
+    db.execute("CREATE TABLE t (a INTEGER PRIMARY KEY, b TEXT)")
+    db.execute("CREATE INDEX tb ON t (b)")
+    db.executemany("INSERT INTO t (b) VALUES (?)", [(f"row {i:06d} " + "x" * 40,) for i in range(4000)])
+    db.commit()
+    db.close()
+    raw = bytearray(path.read_bytes())
+    pages = len(raw) // 1024
+    for p in range(pages - 40, pages - 10):  # the index's pages come last: zeroed, the table still opens
+        raw[p * 1024:(p + 1) * 1024] = b"\0" * 1024
+    path.write_bytes(bytes(raw))
+    ob = Outbox.__new__(Outbox)
+    ob.check_budget_s = 30.0
+    db = sqlite3.connect(path)
+    try:
+        with pytest.raises(_Corrupt) as e:
+            ob._quick_check(db)
+    finally:
+        db.close()
+    assert str(e.value).startswith("quick_check: ") and len(str(e.value)) > len("quick_check: ") + 5, str(e.value)

@@ -300,3 +300,34 @@ def test_an_archive_may_hold_up_to_max_files_plus_16_entries(tmp_path, entries, 
                 s._members(tf)
         else:
             assert len(s._members(tf)) == entries
+
+
+def test_fetch_refuses_a_command_naming_neither_or_both(tmp_path):
+    s = _store(tmp_path)
+    for cmd in (DeployCommand.model_construct(id="1", url=None, path=None, sha256=None),
+                DeployCommand.model_construct(id="2", url="http://127.0.0.1:1/b.tar.gz", path="/x", sha256=None)):
+        with pytest.raises(DeployError) as e:
+            s.fetch(cmd)
+        assert str(e.value) == "deploy needs exactly one of 'url' or 'path'"
+    assert [p for p in s.root.iterdir()] == []
+
+
+def test_a_leftover_that_cannot_be_removed_does_not_stop_the_store(tmp_path, monkeypatch):
+    """What a crash left under bundles/ is removed at start as far as it can be; one file that will not go
+    (a read-only mount, an immutable file) must not stop the agent from starting."""
+    import os
+
+    _store(tmp_path)  # the folders
+    left = tmp_path / "state" / "bundles" / "20260101-000000-abcd"
+    left.mkdir()
+    (left / "stuck").write_bytes(b"x")
+    real = os.unlink
+
+    def unlink(path, *a, **k):
+        if str(path).endswith("stuck"):
+            raise PermissionError(1, "Operation not permitted", str(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    _store(tmp_path)  # starts: the leftover stays, nothing raised
+    assert (left / "stuck").exists()
