@@ -276,6 +276,9 @@ def test_a_store_made_without_keep_keeps_what_an_agent_config_keeps(tmp_path):
     assert sorted(p.name for p in s.root.iterdir() if not p.name.startswith(".")) == \
         sorted(d.name for d in made[1:]) + (["current"] if (s.root / "current").exists() else []), \
         list(s.root.iterdir())
+    import json
+
+    assert json.loads(s.good_file.read_text()) == [d.name for d in reversed(made[1:])]  # newest first, no more
 
 
 @pytest.mark.parametrize("entries,refused", [(1016, False), (1017, True)])
@@ -331,3 +334,17 @@ def test_a_leftover_that_cannot_be_removed_does_not_stop_the_store(tmp_path, mon
     monkeypatch.setattr(os, "unlink", unlink)
     _store(tmp_path)  # starts: the leftover stays, nothing raised
     assert (left / "stuck").exists()
+
+
+def test_a_download_that_cannot_connect_names_the_url_and_why(tmp_path):
+    import socket as so
+
+    with so.socket() as sk:  # a loopback port nothing listens on
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    s = _store(tmp_path)
+    url = f"http://127.0.0.1:{port}/b.tar.gz"
+    with pytest.raises(DeployError) as e:
+        s.fetch(DeployCommand(id="1", url=url))
+    assert str(e.value).startswith(f"cannot download {url}: ") and "refused" in str(e.value).lower(), str(e.value)
+    assert list(s.root.iterdir()) == []
