@@ -13,14 +13,19 @@ from lepton_edge.errors import BadInput
 from lepton_edge.signing import key_id, load_public, new_keys, read_signature, sign, verify
 
 
-@pytest.fixture
-def signed(tmp_path):
+def _bundle(tmp_path):
     b = tmp_path / "bundle"
     b.mkdir()
     (b / "model.onnx").write_bytes(b"m" * 10)
     write_manifest(b, Manifest(name="t", created="2026-01-01", target={"id": "x86-cpu"}, format="onnx",
                                precision="fp32", model_file="model.onnx", inputs=[InputSpec(name="x", shape=[1, 4])],
                                outputs=[OutputSpec(name="y", shape=[1, 2])]))
+    return b
+
+
+@pytest.fixture
+def signed(tmp_path):
+    b = _bundle(tmp_path)
     priv, pub = new_keys(tmp_path / "keys")
     sign(b, priv)
     return b, pub
@@ -140,12 +145,7 @@ def test_the_first_and_last_signing_times_sign_and_verify(tmp_path, when):
     from lepton_edge.signing import MAX_SIGNED_AT, verified
 
     when = MAX_SIGNED_AT - 1 if when == "last" else when
-    b = tmp_path / "bundle"
-    b.mkdir()
-    (b / "model.onnx").write_bytes(b"m" * 10)
-    write_manifest(b, Manifest(name="t", created="2026-01-01", target={"id": "x86-cpu"}, format="onnx",
-                               precision="fp32", model_file="model.onnx", inputs=[InputSpec(name="x", shape=[1, 4])],
-                               outputs=[OutputSpec(name="y", shape=[1, 2])]))
+    b = _bundle(tmp_path)
     priv, pub = new_keys(tmp_path / "keys")
     sign(b, priv, signed_at=when)
     assert read_signature(b)[2] == when
