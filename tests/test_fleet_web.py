@@ -10,7 +10,9 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -543,6 +545,38 @@ def test_one_address_cannot_take_every_connection(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium not installed (apt-get install chromium)")
+@contextmanager
+def _live_fleet(tmp_path, mosquitto, name: str, poll_s: float | None = None, online: str | None = None):
+    """A store, a monitor waking the app's live streams, the web server and a connected MQTT publisher
+    (`online`: a device that has said it is online and is in the store); all stopped at the end."""
+    import json
+
+    import paho.mqtt.client as mqtt
+
+    from lepton_edge.fleet.monitor import Monitor
+
+    store = open_store(tmp_path / "fleet.sqlite")
+    app = create_app(store, token="t0ken", **({"poll_s": poll_s} if poll_s else {}))
+    mon = Monitor(mosquitto.url, store, client_id=f"web-{name}", on_change=lambda changed: app.state.hub.notify(),
+                  log=lambda line: None).start()
+    web = WebServer(app, "127.0.0.1", 0).start()
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"pub-{name}")
+    try:
+        assert mon.connected.wait(10)
+        c.connect("127.0.0.1", mosquitto.port)
+        c.loop_start()
+        if online:
+            c.publish(f"lepton/v1/f/{online}/status", json.dumps({"v": 1, "online": True, "boot_id": "b1"}),
+                      qos=1).wait_for_publish(5)
+            _wait(lambda: store.device("f", online), 10, "the device in the store")
+        yield SimpleNamespace(store=store, mon=mon, web=web, c=c)
+    finally:
+        c.loop_stop()
+        web.stop()
+        mon.stop()
+        store.close()
+
+
 def test_an_event_flood_keeps_the_device_page_to_a_hundred_events_and_redraws_the_fleets_in_batches(tmp_path,
                                                                                                      mosquitto):
     """The device page prepended every live event of that device and never let one go: a device sending events
@@ -552,24 +586,10 @@ def test_an_event_flood_keeps_the_device_page_to_a_hundred_events_and_redraws_th
     time; the list is now redrawn at most every 300 ms."""
     import json
 
-    import paho.mqtt.client as mqtt
     from playwright.sync_api import sync_playwright
 
-    from lepton_edge.fleet.monitor import Monitor
-
-    store = open_store(tmp_path / "fleet.sqlite")
-    app = create_app(store, token="t0ken", poll_s=0.5)
-    mon = Monitor(mosquitto.url, store, client_id="web-flood", on_change=lambda changed: app.state.hub.notify(),
-                  log=lambda line: None).start()
-    web = WebServer(app, "127.0.0.1", 0).start()
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="pub-flood")
-    try:
-        assert mon.connected.wait(10)
-        c.connect("127.0.0.1", mosquitto.port)
-        c.loop_start()
-        c.publish("lepton/v1/f/evil/status", json.dumps({"v": 1, "online": True, "boot_id": "b1"}),
-                  qos=1).wait_for_publish(5)
-        _wait(lambda: store.device("f", "evil"), 10, "the device in the store")
+    with _live_fleet(tmp_path, mosquitto, "flood", poll_s=0.5, online="evil") as f:
+        c, web = f.c, f.web
         with sync_playwright() as p:
             ctx = launch_browser(p, tmp_path / "profile")
             page = ctx.new_page()
@@ -590,11 +610,6 @@ def test_an_event_flood_keeps_the_device_page_to_a_hundred_events_and_redraws_th
             assert page.evaluate("document.querySelector('#events li').textContent").endswith("note 149")
             assert page.evaluate("window.redraws") <= 10  # (one per event before: 150)
             ctx.close()
-    finally:
-        c.loop_stop()
-        web.stop()
-        mon.stop()
-        store.close()
 
 
 def test_an_event_nested_past_the_encoders_stack_never_breaks_the_events_api(tmp_path, mosquitto):
@@ -605,21 +620,8 @@ def test_an_event_nested_past_the_encoders_stack_never_breaks_the_events_api(tmp
     import json
     import urllib.request
 
-    import paho.mqtt.client as mqtt
-
-    from lepton_edge.fleet.monitor import Monitor
-
-    store = open_store(tmp_path / "fleet.sqlite")
-    mon = Monitor(mosquitto.url, store, client_id="web-deep", log=lambda line: None).start()
-    web = WebServer(create_app(store, token="t0ken"), "127.0.0.1", 0).start()
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="pub-deep")
-    try:
-        assert mon.connected.wait(10)
-        c.connect("127.0.0.1", mosquitto.port)
-        c.loop_start()
-        c.publish("lepton/v1/f/evil/status", json.dumps({"v": 1, "online": True, "boot_id": "b1"}),
-                  qos=1).wait_for_publish(5)
-        _wait(lambda: store.device("f", "evil"), 10, "the device in the store")
+    with _live_fleet(tmp_path, mosquitto, "deep", online="evil") as f:
+        c, web, mon, store = f.c, f.web, f.mon, f.store
         deep = 985
         c.publish("lepton/v1/f/evil/events", '{"v": 1, "boot_id": "b1", "kind": "x", "message": "deep", "data": '
                   '{"a": ' + "[" * deep + "]" * deep + "}}", qos=1).wait_for_publish(5)
@@ -632,11 +634,6 @@ def test_an_event_nested_past_the_encoders_stack_never_breaks_the_events_api(tmp
                 assert r.status == 200
                 assert [e["message"] for e in json.loads(r.read())["events"]] == ["ok"]
         assert store.device("f", "evil").bad_messages == 1
-    finally:
-        c.loop_stop()
-        web.stop()
-        mon.stop()
-        store.close()
 
 
 def test_a_chatty_device_cannot_make_the_live_poller_reread_the_fleet_on_every_batch(tmp_path, mosquitto):
@@ -647,50 +644,35 @@ def test_a_chatty_device_cannot_make_the_live_poller_reread_the_fleet_on_every_b
     import json
     import threading
 
-    import paho.mqtt.client as mqtt
+    with _live_fleet(tmp_path, mosquitto, "chatty", poll_s=1.0) as f:
+        c, web = f.c, f.web
+        sock = socket.create_connection(("127.0.0.1", web.port), timeout=30)
+        seen: list[float] = []
 
-    from lepton_edge.fleet.monitor import Monitor
+        def read():
+            buf = b""
+            while True:
+                try:
+                    chunk = sock.recv(65536)
+                except OSError:
+                    return
+                if not chunk:
+                    return
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                seen.extend(time.monotonic() for line in lines if b'"topic":"lepton/v1/f/chatty/state"' in line)
 
-    store = open_store(tmp_path / "fleet.sqlite")
-    app = create_app(store, token="t0ken", poll_s=1.0)
-    mon = Monitor(mosquitto.url, store, client_id="web-chatty", on_change=lambda changed: app.state.hub.notify(),
-                  log=lambda line: None).start()
-    web = WebServer(app, "127.0.0.1", 0).start()
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="pub-chatty")
-    sock = socket.create_connection(("127.0.0.1", web.port), timeout=30)
-    seen: list[float] = []
-
-    def read():
-        buf = b""
-        while True:
-            try:
-                chunk = sock.recv(65536)
-            except OSError:
-                return
-            if not chunk:
-                return
-            buf += chunk
-            *lines, buf = buf.split(b"\n")
-            seen.extend(time.monotonic() for line in lines if b'"topic":"lepton/v1/f/chatty/state"' in line)
-
-    try:
-        assert mon.connected.wait(10)
-        c.connect("127.0.0.1", mosquitto.port)
-        c.loop_start()
-        sock.sendall(b"GET /api/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-        threading.Thread(target=read, daemon=True).start()
-        time.sleep(1.5)  # (the poller's first read only primes its cache)
-        t0 = time.monotonic()
-        for i in range(100):  # 5 s at 20 windows a second
-            c.publish("lepton/v1/f/chatty/telemetry", json.dumps({"v": 1, "boot_id": "b1", "seq": i, "window_s": 0.05,
-                      "frames": 1, "fps": 20.0}), qos=1)
-            time.sleep(0.05)
-        elapsed = time.monotonic() - t0
-        time.sleep(1.0)
-        assert 5 <= len(seen) <= elapsed / 0.25 + 2, (len(seen), elapsed)
-    finally:
-        sock.close()
-        c.loop_stop()
-        web.stop()
-        mon.stop()
-        store.close()
+        try:
+            sock.sendall(b"GET /api/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            threading.Thread(target=read, daemon=True).start()
+            time.sleep(1.5)  # (the poller's first read only primes its cache)
+            t0 = time.monotonic()
+            for i in range(100):  # 5 s at 20 windows a second
+                c.publish("lepton/v1/f/chatty/telemetry", json.dumps({"v": 1, "boot_id": "b1", "seq": i,
+                          "window_s": 0.05, "frames": 1, "fps": 20.0}), qos=1)
+                time.sleep(0.05)
+            elapsed = time.monotonic() - t0
+            time.sleep(1.0)
+            assert 5 <= len(seen) <= elapsed / 0.25 + 2, (len(seen), elapsed)
+        finally:
+            sock.close()
