@@ -73,9 +73,21 @@ def redacted(url: str) -> str:
 
 
 def _check_credentials(user: str | None, pw: str | None, where: str) -> None:
+    """MQTT's limits on the CONNECT's credentials, before paho packs them. Why: a user name with U+0000 (which
+    MQTT forbids in a string) was refused by the broker at each connect, and the agent reconnected forever
+    without a word; one that is not UTF-8 (`--username $'\\xff'` arrives as a lone surrogate) was paho's
+    UnicodeEncodeError traceback. A password is binary data in MQTT: NUL is allowed there."""
     for what, v in (("user name", user), ("password", pw)):
-        if v is not None and len(v.encode("utf-8", "surrogatepass")) > MAX_CREDENTIAL_BYTES:
+        if v is None:
+            continue
+        try:
+            n = len(v.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise BadInput(f"{where}: the broker {what} is not valid UTF-8") from None
+        if n > MAX_CREDENTIAL_BYTES:
             raise BadInput(f"{where}: the broker {what} is over MQTT's {MAX_CREDENTIAL_BYTES} bytes")
+    if user is not None and "\0" in user:
+        raise BadInput(f"{where}: the broker user name holds U+0000, which MQTT forbids in a string")
 
 
 def _check_tls_files(ca_file: str | None, cert_file: str | None, key_file: str | None) -> None:

@@ -91,6 +91,20 @@ def test_credentials_past_mqtts_limit_are_refused_and_passwords_never_printed():
     assert "s3cret" not in str(e.value) and "dev:***@broker" in str(e.value)
 
 
+def test_credentials_mqtt_cannot_carry_are_one_line():
+    """A NUL in the user name: the broker refused each CONNECT and the agent reconnected forever, silent. A user
+    name that is not UTF-8 (a shell's `$'\\xff'` reaches Python as a lone surrogate) was a traceback."""
+    for user, words in (("a\x00b", r"U\+0000"), ("\udcff", "user name is not valid UTF-8")):
+        with pytest.raises(BadInput, match=words):
+            make_client(parse_broker("mqtt://broker"), "dev1", username=user, password="p")
+    with pytest.raises(BadInput, match="password is not valid UTF-8"):
+        make_client(parse_broker("mqtt://broker"), "dev1", username="u", password="\udcff")
+    with pytest.raises(BadInput, match="U\\+0000"):
+        parse_broker("mqtt://a%00b:pw@broker")
+    c = make_client(parse_broker("mqtt://broker"), "dev1", username="u", password="p\x00q")  # binary in MQTT
+    assert c.password == "p\x00q"
+
+
 def test_flags_win_over_credentials_in_the_url():
     c = make_client(parse_broker("mqtt://urluser:urlpw@broker"), "dev1", username="flaguser", password="flagpw")
     assert (c.username, c.password) == ("flaguser", "flagpw")
