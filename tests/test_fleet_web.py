@@ -612,6 +612,38 @@ def test_an_event_flood_keeps_the_device_page_to_a_hundred_events_and_redraws_th
             ctx.close()
 
 
+def test_a_page_left_open_keeps_every_open_alert_and_only_the_newest_resolved_ones(tmp_path, mosquitto):
+    """The page kept every alert the stream ever sent (and sorted them all at each one): 1,500 alerts raised and
+    resolved while it was open left 1,500 in its memory. It now keeps the open ones and the newest 500 resolved."""
+    from playwright.sync_api import sync_playwright
+
+    from lepton_edge.fleet.store.base import Alert
+
+    with _live_fleet(tmp_path, mosquitto, "alerts", poll_s=0.3, online="dev") as f:
+        store, now = f.store, time.time()
+        for i in range(3):  # open from the start, older than every resolved one
+            store.upsert_alert(Alert(fleet="f", device="dev", rule=f"open{i}", message="still open", started=now - 100))
+        with sync_playwright() as p:
+            ctx = launch_browser(p, tmp_path / "profile")
+            page = ctx.new_page()
+            page.goto(f.web.url)
+            page.wait_for_selector("body[data-ready='1']", timeout=15000)
+            _wait(lambda: page.evaluate("document.getElementById('live').className") == "live on", 10, "the stream")
+            for b in range(10):  # 150 a poll (the stream sends the newest 200 alerts of each poll)
+                for i in range(b * 150, b * 150 + 150):
+                    store.upsert_alert(Alert(fleet="f", device="dev", rule=f"r{i}", message="m", started=now + i))
+                    store.resolve_alert("f", "dev", f"r{i}", now + i + 0.5)
+                last = f"[...S.alerts.values()].some((a) => a.rule === 'r{b * 150 + 149}')"
+                _wait(lambda js=last: page.evaluate(js), 10, "the batch on the page")
+            kept = page.evaluate("[...S.alerts.values()].map((a) => [a.rule, a.resolved !== null])")
+            resolved = sorted(int(r[1:]) for r, done in kept if done)
+            assert sorted(r for r, done in kept if not done) == ["open0", "open1", "open2"]
+            assert 500 <= len(resolved) < 1000 and resolved[-1] == 1499  # (before: all 1,500)
+            assert resolved == list(range(1500 - len(resolved), 1500))  # the newest ones
+            assert page.evaluate("document.querySelectorAll('#alerts li').length") == 3
+            ctx.close()
+
+
 def test_an_event_nested_past_the_encoders_stack_never_breaks_the_events_api(tmp_path, mosquitto):
     """An event whose `data` nested 975 deep (2 KB, strict JSON the writer thread could parse) was stored, and
     every read of the newest events was then a 500 with a RecursionError traceback in the server's log: the

@@ -4,12 +4,17 @@
 "use strict";
 const $ = (s) => document.querySelector(s);
 const S = {devices: new Map(), sort: "severity", order: "desc", summary: null, alerts: new Map(), events: [],
-           view: null, range: "1h", charts: [], hist: null, dirty: false, eventsDirty: false};
+           view: null, range: "1h", charts: [], hist: null, dirty: false, eventsDirty: false,
+           pruneAlertsAt: 1000};
 const SEV = ["ok", "warning", "alert", "offline"];
 // The device page lists as many events as it loads. Why a cap on the live ones too: a device sending its own
 // events at the 20 a second the monitor lets through grew that list by 1.2 MiB of HTML every 30 s, for as long
 // as the page stayed open.
 const DEVICE_EVENTS = 100;
+// Resolved alerts the page keeps (the newest; every open one is kept). Why: each alert the stream sent stayed in
+// S.alerts for as long as the page was open, and every alert message sorted them all again: a wall dashboard
+// open for a month of flapping alerts held tens of thousands.
+const RESOLVED_ALERTS = 500;
 const esc = (v) => String(v ?? "").replace(/[&<>"']/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
 const fmt = (v, d = 1) => (v === null || v === undefined) ? "-" : Number(v).toFixed(d);
 const key = (d) => `${d.fleet}/${d.device}`;
@@ -186,10 +191,18 @@ function route() {
   $("#fleet-view").hidden = false; $("#device-view").hidden = true; renderTable();
 }
 
+function keepAlert(a) {
+  S.alerts.set(a.id, a);
+  if (S.alerts.size <= S.pruneAlertsAt) return;  // (pruned in batches: a pass sorts every resolved alert)
+  const resolved = [...S.alerts.values()].filter((x) => x.resolved).sort((x, y) => y.resolved - x.resolved);
+  resolved.slice(RESOLVED_ALERTS).forEach((x) => S.alerts.delete(x.id));
+  S.pruneAlertsAt = S.alerts.size + RESOLVED_ALERTS;
+}
+
 function onMessage(m) {
   const t = m.topic;
   if (t === "lepton/summary") return renderSummary(m.payload);
-  if (t.startsWith("lepton/alerts/")) { S.alerts.set(m.payload.id, m.payload); renderAlerts(); return; }
+  if (t.startsWith("lepton/alerts/")) { keepAlert(m.payload); renderAlerts(); return; }
   const parts = t.split("/");
   const k = `${parts[2]}/${parts[3]}`;
   if (t.endsWith("/state")) {
@@ -236,7 +249,7 @@ async function load() {
   const [devs, sum, al, ev] = await Promise.all([api("/api/devices"), api("/api/summary"), api("/api/alerts?limit=500"),
                                                  api("/api/events?limit=100")]);
   devs.devices.forEach((d) => S.devices.set(key(d), d));
-  renderSummary(sum); al.alerts.forEach((a) => S.alerts.set(a.id, a)); S.events = ev.events;
+  renderSummary(sum); al.alerts.forEach(keepAlert); S.events = ev.events;
   renderAlerts(); renderEvents();
   document.querySelectorAll("#devices th").forEach((th) => th.onclick = () => {
     const s = th.dataset.sort; S.order = S.sort === s && S.order === "desc" ? "asc" : S.sort === s ? "desc" :
