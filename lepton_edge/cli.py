@@ -4,7 +4,6 @@ Exit codes: 0 success, 1 a check failed (validation, budget), 2 bad input (file,
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -60,8 +59,7 @@ def _logging_options(
     logs.configure(verbosity=-1 if quiet else 1 if verbose else 0, json_lines=log_json)
 
 
-def _emit_json(obj) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+_emit_json = ui.emit_json
 
 
 @targets_app.callback()
@@ -180,48 +178,37 @@ def export(
 
     if as_json:
         ui.set_quiet(True)
-    emitted = False  # with --json: stdout has its one JSON document (the result or the refusal)
-    try:
-        if recipes is not None and not recipes.strip(" ,"):
-            raise BadInput("--recipes is empty: name at least one recipe, or leave it out for the target's")
-        check_output_dir(output, "--out")  # before minutes of work, not after
-        options = ExportOptions.of(  # flags as typed (case aside); every check is the options' own
-            flags=True, target=target, out=output, name=name, format=fmt, precision=precision,
-            layout=layout.upper() if layout else None, int8_io=int8_io,
-            input_shape=parse_shape(input_shape) if input_shape else None, weights=weights,
-            labels=_read_labels(labels) if labels is not None else None, color=color.upper() if color else None,
-            resize=resize.lower() if resize else None, mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
-            input_values=input_value or None,
-            calib=calib, calib_samples=calib_samples,
-            eval=eval_set, eval_limit=eval_limit, train=train, allow_synthetic_calibration=allow_synthetic_calibration,
-            prune=prune, finetune_epochs=finetune_epochs, max_prune_drop=max_prune_drop,
-            recipes=recipes.split(",") if recipes else None,
-            search_time=search_time, max_memory=max_memory, max_size=max_size, task=task.lower() if task else None,
-            min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop, min_confident_kept=min_confident_kept,
-            min_top5=min_top5, min_sqnr=min_sqnr, min_cosine=min_cosine, min_f1=min_f1, min_mask_iou=min_mask_iou)
-        _interrupt_on_sigterm()  # a `timeout` or a service stop: the export's work folder is removed as on Ctrl-C
-        if compare:
-            from lepton_edge.compare import compare as do_compare, table
+    if recipes is not None and not recipes.strip(" ,"):
+        raise BadInput("--recipes is empty: name at least one recipe, or leave it out for the target's")
+    check_output_dir(output, "--out")  # before minutes of work, not after
+    options = ExportOptions.of(  # flags as typed (case aside); every check is the options' own
+        flags=True, target=target, out=output, name=name, format=fmt, precision=precision,
+        layout=layout.upper() if layout else None, int8_io=int8_io,
+        input_shape=parse_shape(input_shape) if input_shape else None, weights=weights,
+        labels=_read_labels(labels) if labels is not None else None, color=color.upper() if color else None,
+        resize=resize.lower() if resize else None, mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
+        input_values=input_value or None,
+        calib=calib, calib_samples=calib_samples,
+        eval=eval_set, eval_limit=eval_limit, train=train, allow_synthetic_calibration=allow_synthetic_calibration,
+        prune=prune, finetune_epochs=finetune_epochs, max_prune_drop=max_prune_drop,
+        recipes=recipes.split(",") if recipes else None,
+        search_time=search_time, max_memory=max_memory, max_size=max_size, task=task.lower() if task else None,
+        min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop, min_confident_kept=min_confident_kept,
+        min_top5=min_top5, min_sqnr=min_sqnr, min_cosine=min_cosine, min_f1=min_f1, min_mask_iou=min_mask_iou)
+    _interrupt_on_sigterm()  # a `timeout` or a service stop: the export's work folder is removed as on Ctrl-C
+    if compare:
+        from lepton_edge.compare import compare as do_compare, table
 
-            rows = do_compare(model, options)
-            if as_json:
-                emitted = True  # (first: a Ctrl-C while it is written must not append a second document)
-                _emit_json(rows)
-            else:
-                out.print(table(rows, Text(ui.printable(f"{model} for {target}: formats and precisions (latency on "
-                                                         "this host)"))))  # (paths: text, not markup)
-            if all(r["status"] != "ok" for r in rows):
-                raise CheckFailed("no variant passed its checks")
-            return
-        r = do_export(model, options=options)
-    except LeptonError as e:
-        if as_json and not emitted:  # the refusal as JSON too (exit code unchanged; the line still goes to stderr)
-            _emit_json({"ok": False, "error": str(e), "exit_code": e.exit_code, **(e.details or {})})
-        raise
-    except KeyboardInterrupt:  # stopped: a script reading --json still gets its one document
-        if as_json and not emitted:
-            _emit_json({"ok": False, "error": "interrupted", "exit_code": 130})
-        raise
+        rows = do_compare(model, options)
+        if as_json:
+            _emit_json(rows)
+        else:
+            out.print(table(rows, Text(ui.printable(f"{model} for {target}: formats and precisions (latency on "
+                                                     "this host)"))))  # (paths: text, not markup)
+        if all(r["status"] != "ok" for r in rows):
+            raise CheckFailed("no variant passed its checks")
+        return
+    r = do_export(model, options=options)
     if as_json:
         return _emit_json({"ok": True, **r.report})
     _print_report(r.report)
@@ -838,6 +825,8 @@ def _closed_stdout(e: BaseException) -> bool:
 def main() -> None:
     """Entry point: usage errors are typer's (exit 2); our errors print one line (exit 1 or 2)."""
     stdout = sys.stdout = _Stdout(sys.stdout) if sys.stdout is not None else None
+    args = sys.argv[1:]
+    ui._JsonOut.requested = "--json" in (args[:args.index("--")] if "--" in args else args)
     try:
         try:
             app()
@@ -846,6 +835,8 @@ def main() -> None:
                 stdout.flush()  # report: buffered (stdout to a file), `--json > /dev/full` failed at the
             raise  # interpreter's exit, 'Exception ignored' and exit 120, or exit 0 with the output lost
     except LeptonError as e:
+        if stdout is None or stdout.failed is None:  # (`--json`: the refusal is the document stdout gets)
+            ui.json_error(str(e), e.exit_code, e.details)
         if logs.json_mode():
             log.error(str(e), extra={"exit_code": e.exit_code})
         else:
@@ -869,6 +860,8 @@ def main() -> None:
             ui.err.print(f"[red]error:[/] {escape(why)}", soft_wrap=True)
         sys.exit(BadInput.exit_code)
     except (KeyboardInterrupt, _Interrupted):
+        if stdout is None or stdout.failed is None:
+            ui.json_error("interrupted", 130)
         if logs.json_mode():
             log.warning("interrupted", extra={"exit_code": 130})
         else:

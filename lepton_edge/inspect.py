@@ -410,7 +410,8 @@ def inspect_file(p: Path) -> dict:
         raise BadInput(f"{p}: cannot read it ({e.strerror or e})") from None
     if head[4:8] == b"TFL3":
         return inspect_tflite(p)
-    raise BadInput(f"{p}: cannot inspect '{p.suffix}' files (want a bundle directory, .onnx or .tflite)")
+    kind = f"'{p.suffix}' files" if p.suffix else "a file without a suffix"
+    raise BadInput(f"{p}: cannot inspect {kind} (want a bundle directory, .onnx or .tflite)")
 
 
 def inspect_tflite(path: Path) -> dict:

@@ -4,7 +4,6 @@ Kept apart from cli.py so the verb can be run alone while developing: `python -m
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -46,7 +45,7 @@ def kit(
     # (-o where nothing can be written, a disk that fills: kit.build's one line, tests/test_cli_surface.py)
     rep = kitlib.build(bundle, output, target=target, key=key, settings=settings, glibc=glibc, python=python)
     if as_json:
-        sys.stdout.write(json.dumps(rep.as_dict(), indent=2) + "\n")
+        ui.emit_json(rep.as_dict())
     else:
         ui.console().print(kitlib.summary(rep), end="", soft_wrap=True, highlight=False, markup=False)
 

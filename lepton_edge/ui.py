@@ -9,6 +9,7 @@ in the journal, the CI log or a log shipper, so it is a logging record like any 
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import sys
@@ -64,6 +65,28 @@ err = console(stderr=True)
 def set_quiet(q: bool) -> None:
     """Only warnings and errors, no bars (a verb printing --json)."""
     logs.set_quiet(q)
+
+
+class _JsonOut:
+    """Whether this process's verb was asked for `--json` and has printed its document yet. Why: a verb's
+    refusal (a missing bundle, a bad flag value) printed its line on stderr and nothing on stdout, so a script
+    reading `run --json` or `fleet ls --json` got an empty document to parse; `cli.main` now prints the error
+    as the one JSON document when nothing was printed before it."""
+    requested = False
+    emitted = False
+
+
+def emit_json(obj) -> None:
+    """The verb's one JSON document on stdout (marked printed before the write: a Ctrl-C while it is written
+    must not append an error document to half of it)."""
+    _JsonOut.emitted = True
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def json_error(error: str, exit_code: int, details: dict | None = None) -> None:
+    """For `--json`: the failure as the one document, unless the verb printed its own."""
+    if _JsonOut.requested and not _JsonOut.emitted:
+        emit_json({"ok": False, "error": error, "exit_code": exit_code, **(details or {})})
 
 
 def live() -> bool:

@@ -222,3 +222,19 @@ def test_monitor_json_without_once_is_one_line(tmp_path):
                 "--seconds", "1")
     assert r.returncode == 2 and "--json prints the fleet once" in r.stderr, r.stderr
     assert not (tmp_path / "s.sqlite").exists()
+
+
+@pytest.mark.parametrize("args", [
+    ("run", "{tmp}/none", "--source", "0"), ("inspect", "{tmp}/none.onnx"),
+    ("fleet", "ls", "--store", "{tmp}/s.sqlite"), ("kit", "{tmp}", "-o", "{tmp}/kit"), ("bench", "{tmp}/none"),
+    ("targets", "show", "nope"),
+])
+def test_every_verbs_refusal_is_its_json_document(tmp_path, args):
+    """With --json, a refusal printed its line on stderr and nothing on stdout (export aside): a script reading
+    the document got nothing to parse. Every verb now prints the refusal as its one document, the line stays."""
+    r = run_cli(*(a.format(tmp=tmp_path) for a in args), "--json")
+    doc = json.loads(r.stdout)
+    assert r.returncode == 2 and doc["ok"] is False and doc["exit_code"] == 2, (r.stdout, r.stderr)
+    assert doc["error"] in r.stderr and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+    plain = run_cli(*(a.format(tmp=tmp_path) for a in args))  # without --json: stdout stays empty
+    assert plain.returncode == 2 and plain.stdout == "" and doc["error"] in plain.stderr

@@ -200,7 +200,9 @@ def test_once_with_an_unreachable_broker_fails_instead_of_printing_a_stale_fleet
     r = cli("monitor", "--broker", f"mqtt://127.0.0.1:{free_port()}", "--store", str(tmp_path / "s.sqlite"),
             "--once", "--json")
     assert r.returncode == 1, (r.stdout, r.stderr)
-    assert r.stdout == "" and "not reachable" in r.stderr and "Traceback" not in r.stderr
+    doc = json.loads(r.stdout)  # the refusal as the one document, not a stale fleet
+    assert doc["ok"] is False and "not reachable" in doc["error"] and "devices" not in doc
+    assert "not reachable" in r.stderr and "Traceback" not in r.stderr
 
 
 # ---- forget: store, broker and Home Assistant -------------------------------------------------------

@@ -6,7 +6,6 @@ dashboard, alerts, Home Assistant), one line per error. The main `lepton-edge` C
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -17,6 +16,7 @@ import time
 import typer
 from rich.markup import escape
 
+from lepton_edge import ui
 from lepton_edge.errors import BadInput, LeptonError
 from lepton_edge.telemetry.broker import redacted
 from lepton_edge.ui import printable
@@ -43,8 +43,7 @@ def parse_listen(text: str) -> tuple[str, int]:
     return parse(text, 8080, "--web", lowest_port=0)
 
 
-def _emit(obj) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+_emit = ui.emit_json
 
 
 def _command_sender(broker: str, **tls):
