@@ -180,7 +180,27 @@ SLOW_TESTS = frozenset({
     "test_fleet_tui.py::test_fleet_show_history_alerts", "test_plugins.py::test_a_model_loader_from_another_package",
     "test_input_hardening.py::test_odd_output_directories_are_one_line_before_any_work",
     "test_postprocess.py::test_embeddings_fit_in_256_bytes_and_keep_neighbours",
+    # over a second each without a child process (measured: `pytest -m "not slow and not network" --durations=0`)
+    "test_outbox.py::test_corrupt_file_moved_aside_fresh_start_reported_once",
+    "test_fleet_tui.py::test_reading_commands_never_write_to_a_file_that_is_not_a_fleet_store",
+    "test_fleet_tui.py::test_what_a_device_sends_is_shown_as_text_never_as_markup",
+    "test_fleet_tui.py::test_ambiguous_device_and_missing_store",
+    "test_detect_heads.py::test_inferred_detect_and_gate_both_sides",
+    "test_detect_heads.py::test_picodet_gfl_finds_the_page_regions_as_rapid_layout_does",
+    "test_export_options.py::test_resize_reaches_the_manifest_the_device_reads",
+    "test_torchscript_tflite.py::test_torchscript_the_converter_cannot_read_is_one_line",
+    "test_export_data_budgets.py::test_finetune_stops_at_its_time_budget",
+    "test_export_data_budgets.py::test_an_npz_is_read_from_its_header_only_the_rows_used",
+    "test_plain_model_inputs.py::test_integer_inputs_take_pixel_codes_as_tflite_files_expect",
+    "test_logging.py::test_log_json_is_one_json_object_per_line",
+    "test_export_footprint.py::test_search_keeps_no_session_and_only_the_best_file",
+    "test_fleet_alerts.py::test_one_devices_event_flood_never_hides_anothers_rollback",
+    "test_validation_by_task.py::test_detector_good_passes_damaged_fails",
+    "test_hostile_onnx_files.py::test_a_run_that_never_ends_is_stopped_at_its_time_limit",
 })
+# slow too: a test that runs a CLI verb or an agent in a child process in its own body. Each child is an interpreter
+# start and mostly a model loaded, one to twenty seconds: 116 such tests were 80% of the fast tier's time.
+_RUNS_A_CHILD = re.compile(r"\b(?:run_cli|cli|_interrupt_when|subprocess\.(?:run|Popen|check_output|check_call))\(")
 # network, for a test that starts a server in its own body rather than through a fixture
 _STARTS_A_SERVER = re.compile(
     r"\b(?:Mosquitto|MjpegServer|RtspServer|Postgres|Prometheus|WebServer|\w*HTTPServer|serve_directory)\(")
@@ -197,9 +217,9 @@ def _fixtures_used(item) -> set[str]:
 
 
 @functools.cache
-def _starts_a_server(fn) -> bool:
+def _source_matches(fn, pattern: re.Pattern) -> bool:
     try:
-        return bool(_STARTS_A_SERVER.search(inspect.getsource(fn)))
+        return bool(pattern.search(inspect.getsource(fn)))
     except (OSError, TypeError):
         return False
 
@@ -207,8 +227,9 @@ def _starts_a_server(fn) -> bool:
 def pytest_collection_modifyitems(config, items):
     for item in items:
         used, file = _fixtures_used(item), item.path.name
-        if used & SLOW_FIXTURES or file in SLOW_FILES or f"{file}::{item.originalname}" in SLOW_TESTS:
-            item.add_marker(pytest.mark.slow)
         fn = getattr(item, "function", None)
-        if used & NETWORK_FIXTURES or (fn is not None and _starts_a_server(fn)):
+        if used & SLOW_FIXTURES or file in SLOW_FILES or f"{file}::{item.originalname}" in SLOW_TESTS or (
+                fn is not None and _source_matches(fn, _RUNS_A_CHILD)):
+            item.add_marker(pytest.mark.slow)
+        if used & NETWORK_FIXTURES or (fn is not None and _source_matches(fn, _STARTS_A_SERVER)):
             item.add_marker(pytest.mark.network)
