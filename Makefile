@@ -56,9 +56,10 @@ lint: $(VENV)/.all
 	$(PY) -m mypy
 
 # the fuzz tier (tests/fuzz: hypothesis over every parser of outside input + the committed corpus) runs
-# bounded here, ~10 s in all; `make fuzz` runs it long, then atheris on each parser for FUZZ_SECONDS
+# bounded here, ~10 s in all; `make fuzz` runs it long, then atheris on each parser for FUZZ_SECONDS. The 25
+# slowest tests are listed at the end (CI's log shows where its time goes)
 test: deb-test $(VENV)/.all lint
-	HYPOTHESIS_PROFILE=ci $(PY) -m pytest -q
+	HYPOTHESIS_PROFILE=ci $(PY) -m pytest -q --durations=25
 
 # the fast tier: unit tests and every test that needs no exported model, no real data set and no service on
 # a port (tests/conftest.py marks those slow / network by the fixtures they use); under a minute, no Debian
