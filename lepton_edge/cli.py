@@ -822,6 +822,21 @@ def _closed_stdout(e: BaseException) -> bool:
         and any(w in str(e) for w in ("'write'", "'flush'", "'isatty'", "'fileno'", "'encoding'"))
 
 
+def _json_refusal(stdout, error: str, exit_code: int, details: dict | None = None) -> None:
+    """With `--json`, the refusal (or the interruption) as stdout's one document when the verb printed none;
+    written now (flushed), while a stdout that cannot take it is still ours to pass over. Why: with stdout
+    closed (`>&-`) this write was an AttributeError traceback, and on /dev/full (or a full disk, at the last
+    flush) an OSError one: exit 1 instead of the refusal's line and code. Such a stdout gets nothing; the
+    line on stderr says what was refused, and a failure is kept in `stdout.failed` for main()."""
+    if stdout is None or stdout.failed is not None:
+        return
+    try:
+        ui.json_error(error, exit_code, details)
+        stdout.flush()
+    except OSError:
+        pass
+
+
 def main() -> None:
     """Entry point: usage errors are typer's (exit 2); our errors print one line (exit 1 or 2)."""
     stdout = sys.stdout = _Stdout(sys.stdout) if sys.stdout is not None else None
@@ -835,8 +850,7 @@ def main() -> None:
                 stdout.flush()  # report: buffered (stdout to a file), `--json > /dev/full` failed at the
             raise  # interpreter's exit, 'Exception ignored' and exit 120, or exit 0 with the output lost
     except LeptonError as e:
-        if stdout is None or stdout.failed is None:  # (`--json`: the refusal is the document stdout gets)
-            ui.json_error(str(e), e.exit_code, e.details)
+        _json_refusal(stdout, str(e), e.exit_code, e.details)  # (`--json`: the document stdout gets)
         if logs.json_mode():
             log.error(str(e), extra={"exit_code": e.exit_code})
         else:
@@ -860,12 +874,13 @@ def main() -> None:
             ui.err.print(f"[red]error:[/] {escape(why)}", soft_wrap=True)
         sys.exit(BadInput.exit_code)
     except (KeyboardInterrupt, _Interrupted):
-        if stdout is None or stdout.failed is None:
-            ui.json_error("interrupted", 130)
+        _json_refusal(stdout, "interrupted", 130)
         if logs.json_mode():
             log.warning("interrupted", extra={"exit_code": 130})
         else:
             ui.err.print("interrupted")
+        if stdout is not None and stdout.failed is not None:
+            _stdout_to_null()
         sys.exit(130)
 
 

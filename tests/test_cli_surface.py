@@ -238,3 +238,58 @@ def test_every_verbs_refusal_is_its_json_document(tmp_path, args):
     assert doc["error"] in r.stderr and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
     plain = run_cli(*(a.format(tmp=tmp_path) for a in args))  # without --json: stdout stays empty
     assert plain.returncode == 2 and plain.stdout == "" and doc["error"] in plain.stderr
+
+
+def test_a_json_refusal_to_a_stdout_that_cannot_take_it_is_the_line_alone(tmp_path):
+    """`--json`'s refusal document on a stdout that is full, closed or has no reader: the refusal's own line
+    and exit code, as without --json. Writing the document there was an OSError or AttributeError traceback,
+    exit 1, the refusal itself said only inside it."""
+    env = {**os.environ, "COLUMNS": "160"}
+    buffered = {k: v for k, v in env.items() if k != "PYTHONUNBUFFERED"}  # (fails at the last flush instead)
+    args = ["inspect", str(tmp_path / "none.onnx"), "--json"]
+    line = f"error: not found: {tmp_path / 'none.onnx'}"
+    for e in (env, buffered):
+        with open("/dev/full", "w") as full:
+            r = subprocess.run([EXE, *args], stdout=full, stderr=subprocess.PIPE, text=True, env=e, timeout=120)
+        assert r.returncode == 2 and r.stderr.strip() == line, r.stderr[-1500:]
+        rd, wr = os.pipe()
+        os.close(rd)
+        r = subprocess.run([EXE, *args], stdout=wr, stderr=subprocess.PIPE, text=True, env=e, timeout=120)
+        os.close(wr)
+        assert r.returncode == 2 and r.stderr.strip() == line, r.stderr[-1500:]
+    r = subprocess.run([sys.executable, "-c", "import os, sys; os.close(1); os.execv(sys.argv[1], sys.argv[1:])",
+                        EXE, *args], stderr=subprocess.PIPE, text=True, env=env, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == line, r.stderr[-1500:]
+
+
+def test_ctrl_c_before_monitor_once_printed_the_fleet(tmp_path):
+    """Ctrl-C while `monitor --once` waits for its broker: exit 130, 'interrupted', and with --json that as the
+    one document. It was exit 0 with nothing on stdout and no word: a script read success and an empty fleet."""
+    import socket
+
+    silent = socket.create_server(("127.0.0.1", 0))  # takes the connection, never answers it
+    silent.settimeout(0.05)
+    conns: list = []
+
+    def connected(_pid) -> bool:
+        try:
+            conns.append(silent.accept()[0])
+        except OSError:
+            pass
+        return bool(conns)
+
+    try:
+        for n, extra in enumerate(([], ["--json"])):
+            while conns:
+                conns.pop().close()
+            rc, out, err = _interrupt_when(["monitor", "--once", "--broker", f"mqtt://127.0.0.1:{silent.getsockname()[1]}",
+                                            "--store", str(tmp_path / f"s{n}.sqlite"), *extra], connected)
+            assert rc == 130 and "Traceback" not in err and err.strip().splitlines()[-1] == "interrupted", (rc, err)
+            if extra:
+                assert json.loads(out) == {"ok": False, "error": "interrupted", "exit_code": 130}, out
+            else:
+                assert out == "", out
+    finally:
+        for c in conns:
+            c.close()
+        silent.close()

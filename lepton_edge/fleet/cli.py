@@ -208,7 +208,8 @@ def monitor(
 
             tui.run_live(st, stop_event=stop)
     except KeyboardInterrupt:
-        pass
+        if once:  # (a stop before the fleet was printed: exit 0 and nothing on stdout, even with --json)
+            raise
     finally:
         stop.set()
         _close_servers(server, metrics_server, ha)
