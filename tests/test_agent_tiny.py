@@ -211,6 +211,7 @@ def test_commands_over_mqtt_and_oversized_ones_rate_limited(tmp_path, tiny, mosq
         b = meta["bundle"]
         assert (b["name"], b["version"], b["format"], b["precision"]) == ("tiny1", "1", "onnx", "fp32")
         assert b["path"] == str(tiny["start"]) and len(b["sha256"]) == 64 and meta["boot_id"] == agent.boot_id
+        assert b["latency_budget_ms"] == 1000.0  # the manifest's target budget: the monitor's p95 alert uses it
         r = command(mosquitto.port, f"{base}/cmd/ping", {"id": "p1"}, f"{base}/cmd/ping/reply", timeout=15)
         assert r["ok"] and r["data"]["boot_id"] == agent.boot_id and r["data"]["bundle"]["sha256"] == b["sha256"]
         big = b'{"id": "big", "pad": "' + b"x" * MAX_COMMAND_BYTES + b'"}'

@@ -237,7 +237,11 @@ class Agent:
     def _publish_meta(self) -> None:
         import platform
 
-        meta = Meta(boot_id=self.boot_id, software=__version__, bundle=BundleInfo(**self._bundle_info()),
+        # the bundle's latency budget: the monitor's p95 alert holds a device to it (else a default of its own)
+        rt = self.runtime
+        budget = rt.bundle.manifest.target.get("latency_budget_ms") if rt.bundle else None
+        meta = Meta(boot_id=self.boot_id, software=__version__,
+                    bundle=BundleInfo(**self._bundle_info(), latency_budget_ms=budget),
                     source=self.source.spec, window_s=self.window_s, telemetry=self.telemetry,
                     hardware=Hardware(machine=platform.machine(), system=platform.system(),
                                       python=platform.python_version(), node=platform.node()))

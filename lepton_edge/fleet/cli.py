@@ -129,9 +129,10 @@ def monitor(
     token: str | None = typer.Option(None, envvar="LEPTON_DASHBOARD_TOKEN",
                                         help="Token for commands from the web page (generated when not given)."),
     web_host: list[str] | None = typer.Option(None, "--web-host", envvar="LEPTON_DASHBOARD_HOSTS",
-                                              help="A further Host name a loopback dashboard (or --metrics) answers "
-                                              "to (a reverse proxy that passes its own; repeatable). Others get "
-                                              "421: a web page rebinding its domain to 127.0.0.1 read the fleet."),
+                                              help="A further Host name the dashboard (or --metrics) answers to (a "
+                                              "reverse proxy that passes its own; repeatable). Others get 421, so "
+                                              "a web page rebinding its domain to this machine cannot read the "
+                                              "fleet."),
     group: str | None = typer.Option(None, help="Share telemetry/events with other workers ($share/GROUP)."),
     fleet: str = typer.Option("+", help="Only this fleet (default: every fleet)."),
     alerts: str | None = typer.Option(None, "--alerts", help="Alert rules (TOML); defaults without it."),
