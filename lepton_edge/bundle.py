@@ -150,12 +150,17 @@ class InputSpec(BaseModel):
     def hw(self) -> tuple[int, int]:
         if len(self.shape) != 4:  # a frame cannot become this input (audio [1,16000], features [1,128])
             raise BadInput(f"input '{self.name}' has shape {self.shape}, not an image's 4 dimensions (NCHW or NHWC): "
-                           "images cannot feed it; give --calib a .npy/.npz of model-shaped inputs")
+                           "images cannot feed it (to export it, give --calib a .npy/.npz of model-shaped inputs)")
         c = self.shape[1] if self.layout == "NCHW" else self.shape[3]
+        if c in (1, 3) and c != self.channels:  # the colour contradicts the shape (`run --input-spec color=BGR`
+            # on a gray model was told images cannot feed it, and to give --calib, a flag `run` does not have)
+            want = "GRAY" if c == 1 else "RGB or BGR"
+            raise BadInput(f"input '{self.name}' {self.shape} ({self.layout}) has {c} channel(s), and color "
+                           f"{self.color} gives {self.channels}: set the color to {want}")
         if isinstance(c, int) and c != self.channels:  # RGBA [1,4,H,W], feature maps [1,64,32,32]
             raise BadInput(f"input '{self.name}' {self.shape} ({self.layout}) has {c} channels, and a camera frame "
-                           f"gives 1 (GRAY) or 3 (RGB/BGR): images cannot feed it; give --calib a .npy/.npz of "
-                           "model-shaped inputs")
+                           f"gives 1 (GRAY) or 3 (RGB/BGR): images cannot feed it (to export it, give --calib a "
+                           ".npy/.npz of model-shaped inputs)")
         dims = self.shape[2:4] if self.layout == "NCHW" else self.shape[1:3]
         if not all(isinstance(d, int) for d in dims):
             raise BadInput(f"input '{self.name}' has dynamic spatial size {dims}: pass --input-shape")

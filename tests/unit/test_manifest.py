@@ -44,6 +44,13 @@ def test_input_geometry_by_layout():
     assert InputSpec(name="x", shape=[1, 1, 28, 28], color="GRAY").channels == 1
     with pytest.raises(BadInput, match="dynamic spatial size.*--input-shape"):
         InputSpec(name="x", shape=[1, 3, "h", "w"]).hw()
+    # a colour that contradicts the channels says which colour fits (it said images cannot feed the model)
+    with pytest.raises(BadInput, match=r"has 1 channel\(s\), and color BGR gives 3: set the color to GRAY"):
+        InputSpec(name="x", shape=[1, 1, 28, 28], color="BGR").hw()
+    with pytest.raises(BadInput, match="color GRAY gives 1: set the color to RGB or BGR"):
+        InputSpec(name="x", shape=[1, 28, 28, 3], layout="NHWC", color="GRAY").hw()
+    with pytest.raises(BadInput, match="has 4 channels.*images cannot feed it"):
+        InputSpec(name="x", shape=[1, 4, 28, 28]).hw()
 
 
 def _manifest(**kw) -> Manifest:
