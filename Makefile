@@ -8,9 +8,10 @@ TORCH  := torch==2.13.0
 DEB    := mosquitto dataset-fashion-mnist
 # the tests' RTSP camera: GStreamer's RTSP server, run by the system python3
 # the fleet monitor's tests: a real PostgreSQL (run as an unprivileged user), a real Prometheus scraping
-# /metrics, Chromium for the web dashboard (driven by Playwright), tmux for the terminal dashboard
+# /metrics, Chromium for the web dashboard (driven by Playwright), tmux for the terminal dashboard; the stock
+# MQTT clients (mosquitto_sub, mosquitto_rr) an operator watches and commands a device with
 DEB_TEST := $(DEB) gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-good python3-gi \
-            postgresql prometheus chromium tmux
+            postgresql prometheus chromium tmux mosquitto-clients
 
 .PHONY: quickstart lint test test-fast test-arm64 arm64-mnv2 mutation-check fuzz deb deb-test bench mutation clean
 

@@ -349,3 +349,35 @@ def test_a_nul_byte_in_a_path_of_agent_toml_is_one_line(tiny, tmp_path, line):
     r = subprocess.run([exe, "agent", "--config", str(conf)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "NUL byte" in r.stderr and "Traceback" not in r.stderr, r.stderr[-1500:]
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_stock_mosquitto_clients_watch_and_command_a_device(tiny, tmp_path, mosquitto):
+    """What the README shows an operator with Debian's mosquitto-clients, run as written: `mosquitto_sub -v`
+    sees the device's retained status and meta and its telemetry windows as plain JSON, and `mosquitto_rr`
+    (subscribes to the reply topic, then publishes) gets ping's and set's replies."""
+    import subprocess
+
+    sub, rr = shutil.which("mosquitto_sub"), shutil.which("mosquitto_rr")
+    if not (sub and rr):
+        pytest.skip("Debian mosquitto-clients not installed (apt-get install mosquitto-clients)")
+    host = ["-h", "127.0.0.1", "-p", str(mosquitto.port)]
+    agent = Agent(_cfg(tmp_path / "state", tiny["start"], tiny["video"], broker=mosquitto.url))
+    with _running(agent):
+        r = subprocess.run([sub, *host, "-v", "-t", "lepton/v1/f1/dev1/#", "-C", "6", "-W", "60"],
+                           capture_output=True, text=True, timeout=90)
+        assert r.returncode == 0, r.stderr
+        got = [line.split(" ", 1) for line in r.stdout.splitlines()]
+        by_topic = {t.rsplit("/", 1)[1]: json.loads(p) for t, p in got}
+        assert by_topic["status"]["online"] is True and by_topic["meta"]["bundle"]["name"] == "tiny1"
+        r = subprocess.run([sub, *host, "-t", "lepton/v1/f1/dev1/telemetry", "-C", "1", "-W", "60"],
+                           capture_output=True, text=True, timeout=90)
+        window = json.loads(r.stdout)
+        assert r.returncode == 0 and window["frames"] > 0 and window["boot_id"] == agent.boot_id
+        cmd = "lepton/v1/f1/dev1/cmd"
+        r = subprocess.run([rr, *host, "-t", f"{cmd}/ping", "-e", f"{cmd}/ping/reply", "-m", '{"id": "p1"}',
+                            "-W", "60"], capture_output=True, text=True, timeout=90)
+        reply = json.loads(r.stdout)
+        assert r.returncode == 0 and reply["ok"] is True and reply["id"] == "p1", (r.stdout, r.stderr)
+        r = subprocess.run([rr, *host, "-t", f"{cmd}/set", "-e", f"{cmd}/set/reply", "-m",
+                            '{"id": "s1", "window_s": 0.5}', "-W", "60"], capture_output=True, text=True, timeout=90)
+        assert json.loads(r.stdout)["ok"] is True and agent.window_s == 0.5, (r.stdout, r.stderr)
