@@ -10,7 +10,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError, field_validator
 
 from lepton_edge import tomlfile
 from lepton_edge.errors import BadInput, closest
@@ -30,6 +30,8 @@ def default_device_id() -> str:
 
 
 class AgentConfig(BaseModel):
+    # Strict numbers and booleans: `threads = true` was 1 thread, `loop = 1` true and `window_s = "10"` ten
+    # seconds; a TOML file gives these their own types, so a value of another type is a mistake to name.
     model_config = ConfigDict(extra="forbid")
 
     broker: str = "mqtt://localhost:1883"  # mqtt://, mqtts://, ws://, wss://
@@ -42,43 +44,43 @@ class AgentConfig(BaseModel):
     device_id: str = Field(default_factory=default_device_id)
     bundle: Path | None = None  # the bundle to start with (a deployed one, kept in state_dir, wins)
     source: str = "0"
-    loop: bool = False  # video files: start again at the end
+    loop: StrictBool = False  # video files: start again at the end
     # live sources: "newest-frame" (default: no lag, frames the model has no time for are dropped undecoded)
     # or "every-frame" (decode and queue every frame; lag grows while the model is slower than the camera)
     source_policy: str | None = Field(default=None, pattern=r"^(newest-frame|every-frame)$")
-    threads: int | None = Field(default=None, ge=1, le=64)
+    threads: StrictInt | None = Field(default=None, ge=1, le=64)
     # one inference's time limit in seconds (onnxruntime; default 120): a model whose run never ends (a hostile
     # Loop) is stopped there and its bundle refused, not left holding the pipeline
-    max_run_s: float | None = Field(default=None, gt=0, le=86400, allow_inf_nan=False)
+    max_run_s: StrictFloat | None = Field(default=None, gt=0, le=86400, allow_inf_nan=False)
     # how far the agent may grow while one inference runs (bytes; default max(2 GiB, 12x the model's files)):
     # past it the process ends with one line and the service manager restarts it with the last good bundle
-    max_run_bytes: int | None = Field(default=None, gt=0)
-    window_s: float = Field(default=10.0, ge=0.1, le=3600, allow_inf_nan=False)
-    sample_every: int = Field(default=1, ge=1, le=1000)
+    max_run_bytes: StrictInt | None = Field(default=None, gt=0)
+    window_s: StrictFloat = Field(default=10.0, ge=0.1, le=3600, allow_inf_nan=False)
+    sample_every: StrictInt = Field(default=1, ge=1, le=1000)
     state_dir: Path = Path("/var/lib/lepton-edge")  # outbox.sqlite, bundles/, current
-    outbox_max: int = Field(default=100_000, ge=10, le=100_000_000)
-    outbox_fsync: bool = False  # true: windows survive a power cut too (an fsync per message)
+    outbox_max: StrictInt = Field(default=100_000, ge=10, le=100_000_000)
+    outbox_fsync: StrictBool = False  # true: windows survive a power cut too (an fsync per message)
     trusted_keys: list[Path] = Field(default_factory=list)  # when set, unsigned bundles are refused
     # the directories a deploy command's `path` may name a bundle (or .tar.gz) in; default: state_dir/incoming.
     # A command naming any other path is refused, unread: it made the agent say whether a file existed and
     # hash it against the command's sha256 (a guess of a file's content confirmed)
     deploy_paths: list[Path] | None = Field(default=None, max_length=64)
-    health_frames: int = Field(default=30, ge=1, le=10000)
+    health_frames: StrictInt = Field(default=30, ge=1, le=10000)
     # finite: `inf` made a deploy's health check wait forever on a stalled camera
-    health_timeout_s: float = Field(default=30.0, gt=0, le=86400, allow_inf_nan=False)
-    max_download_bytes: int = Field(default=512 * 1024 * 1024, ge=1024, le=1 << 40)
+    health_timeout_s: StrictFloat = Field(default=30.0, gt=0, le=86400, allow_inf_nan=False)
+    max_download_bytes: StrictInt = Field(default=512 * 1024 * 1024, ge=1024, le=1 << 40)
     # 0 (default): MQTT 3.1.1; every command payload is read, and one over 64 KiB refused before it is
     # queued. N >= 131072: MQTT 5 with N as the largest packet the broker may send, so it discards bigger
     # commands unsent. Off by default: mosquitto 2.0.11 (Debian 12) stops delivering to such a client after
     # about 100 discarded QoS 1 messages. Cap payloads at the broker instead (max_packet_size, see
     # examples/raspberry_pi/mosquitto/lepton.conf).
-    mqtt_max_packet_bytes: int = Field(default=0, ge=0, le=256 * 1024 * 1024)
+    mqtt_max_packet_bytes: StrictInt = Field(default=0, ge=0, le=256 * 1024 * 1024)
     # a deployed bundle's files, unpacked
-    max_bundle_bytes: int = Field(default=1024 * 1024 * 1024, ge=1024, le=1 << 40)
-    keep_bundles: int = Field(default=2, ge=0, le=20)  # previous good bundles kept to fall back to
+    max_bundle_bytes: StrictInt = Field(default=1024 * 1024 * 1024, ge=1024, le=1 << 40)
+    keep_bundles: StrictInt = Field(default=2, ge=0, le=20)  # previous good bundles kept to fall back to
     # the whole download, not per read
-    download_timeout_s: float = Field(default=300.0, gt=0, le=86400, allow_inf_nan=False)
-    max_backoff_s: float = Field(default=10.0, ge=1, le=300, allow_inf_nan=False)
+    download_timeout_s: StrictFloat = Field(default=300.0, gt=0, le=86400, allow_inf_nan=False)
+    max_backoff_s: StrictFloat = Field(default=10.0, ge=1, le=300, allow_inf_nan=False)
     # the LiteRT delegates this device allows, name -> absolute library path ([delegates] edgetpu = "/usr/lib/
     # libedgetpu.so.1"); a bundle may only name one of these, never a path (runtime/delegates.py)
     delegates: dict[str, str] = Field(default_factory=dict)

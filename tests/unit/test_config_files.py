@@ -74,3 +74,21 @@ def test_relative_paths_in_agent_toml_are_read_from_its_own_folder(tmp_path, mon
     conf.write_text('trusted_keys = "k.pem"\n')  # a wrong type is still the validator's line
     with pytest.raises(BadInput, match="field 'trusted_keys'"):
         load(conf, {})
+
+
+@pytest.mark.parametrize("line, field", [("threads = true", "threads"), ("loop = 1", "loop"),
+                                         ('window_s = "10"', "window_s"), ("sample_every = 2.0", "sample_every"),
+                                         ('outbox_fsync = "yes"', "outbox_fsync"), ("health_timeout_s = false",
+                                                                                   "health_timeout_s")])
+def test_a_value_of_another_type_in_agent_toml_is_named_not_converted(tmp_path, line, field):
+    """`threads = true` ran one thread, `loop = 1` looped and `window_s = "10"` was ten seconds, without a word;
+    the set command refused the same values. A value of another type is now the field's one line."""
+    from lepton_edge.agent.config import load
+
+    conf = tmp_path / "agent.toml"
+    conf.write_text(line + "\n")
+    with pytest.raises(BadInput, match=f"field '{field}'"):
+        load(conf, {})
+    conf.write_text("threads = 2\nloop = true\nwindow_s = 10\nhealth_timeout_s = 2.5\n")  # their own types
+    cfg = load(conf, {})
+    assert (cfg.threads, cfg.loop, cfg.window_s, cfg.health_timeout_s) == (2, True, 10.0, 2.5)
