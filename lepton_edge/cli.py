@@ -842,6 +842,7 @@ def main() -> None:
     stdout = sys.stdout = _Stdout(sys.stdout) if sys.stdout is not None else None
     args = sys.argv[1:]
     ui._JsonOut.requested = "--json" in (args[:args.index("--")] if "--" in args else args)
+    ui._JsonOut.emitted = False  # (a second main() in one process, as a test or a wrapper may run it)
     try:
         try:
             app()
