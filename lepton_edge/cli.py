@@ -694,9 +694,9 @@ def agent(
     early: list[int] = []
     signal.signal(signal.SIGTERM, lambda *_: early.append(1))  # a stop while the model loads: kept for run()
     a = Agent(cfg)  # it logs through logging: plain lines in the journal, no markup read from messages
-    signal.signal(signal.SIGTERM, a.stop)
+    signal.signal(signal.SIGTERM, a.request_stop)  # (a flag: stop() from a handler could deadlock, see there)
     if early:  # (SIGTERM's default action killed it mid-load: exit -15, no offline status, no last window)
-        a.stop()
+        a.request_stop()
     from lepton_edge.telemetry.broker import redacted
 
     ui.info(f"agent {cfg.fleet}/{cfg.device_id} -> {redacted(cfg.broker)} (boot {a.boot_id}); "

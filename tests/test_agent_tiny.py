@@ -381,3 +381,40 @@ def test_stock_mosquitto_clients_watch_and_command_a_device(tiny, tmp_path, mosq
         r = subprocess.run([rr, *host, "-t", f"{cmd}/set", "-e", f"{cmd}/set/reply", "-m",
                             '{"id": "s1", "window_s": 0.5}', "-W", "60"], capture_output=True, text=True, timeout=90)
         assert json.loads(r.stdout)["ok"] is True and agent.window_s == 0.5, (r.stdout, r.stderr)
+
+
+def test_a_stop_signal_landing_while_run_holds_its_stop_events_lock_still_stops_the_agent(tiny, tmp_path,
+                                                                                          mosquitto):
+    """A SIGINT found the main thread inside run()'s wait on its stop Event, holding that Event's lock, and the
+    handler (stop(), which sets the Event) waited for that lock for good: an agent found 48 minutes after its
+    SIGINT, pipeline at 90 % of a core, only SIGKILL ended it. Here the handler run() installs is called by a
+    thread that holds the same lock, as the main thread did: it must return at once, and the agent stop."""
+    import signal
+
+    agent = Agent(_cfg(tmp_path / "state", tiny["start"], tiny["video"], broker=mosquitto.url))
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    returned, outcome = threading.Event(), {}
+
+    def signal_it():
+        deadline = time.monotonic() + 30
+        while signal.getsignal(signal.SIGINT) is saved[signal.SIGINT] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        handler = signal.getsignal(signal.SIGINT)
+        with agent._stop._cond:  # (what the main thread holds inside Event.wait)
+            waiter = threading.Thread(target=lambda: (handler(signal.SIGINT, None), returned.set()), daemon=True)
+            waiter.start()
+            outcome["handler_returned"] = returned.wait(3)
+        if not outcome["handler_returned"]:
+            agent.stop()  # (the old handler is stuck: end the agent some other way)
+        outcome["at"] = time.monotonic()
+
+    th = threading.Thread(target=signal_it)
+    th.start()
+    try:
+        rc = agent.run()  # in the main thread: it installs its handlers
+    finally:
+        th.join(30)
+        for s, h in saved.items():
+            signal.signal(s, h)
+    assert outcome["handler_returned"], "the signal handler waited on the stop Event's lock"
+    assert rc == 0 and agent._stop.is_set()

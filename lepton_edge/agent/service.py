@@ -73,6 +73,7 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
            "critical": logging.CRITICAL}
 
 MAX_QUEUED_COMMAND_BYTES = 1 << 20  # commands waiting for the command thread, all together
+STOP_POLL_S = 0.2  # how soon run() acts on a signal's request_stop (a flag: see request_stop)
 RATE_LIMIT_S = 5.0  # at most one event (or log line) of a kind this often when something repeats
 REJECT_BURST, REJECT_PER_S = 20, 10.0  # error replies to oversized or malformed commands: a token bucket
 
@@ -133,6 +134,7 @@ class Agent:
         self._queued_bytes = 0  # payload bytes in self._commands (guarded by _qlock)
         self._qlock = threading.Lock()
         self._stop = threading.Event()
+        self._stop_requested = False  # set by a signal (request_stop); run() turns it into stop()
         self._deploying = threading.Lock()  # one deploy (or threads change) at a time
         self._rt_lock = threading.Lock()  # self.runtime and self.pipeline change together
         self.pipeline_error: str | None = None  # the last pipeline failure, cleared when it restarts
@@ -620,10 +622,18 @@ class Agent:
         except queue.Full:
             pass
 
+    def request_stop(self, *_args) -> None:
+        """The signal handlers' stop: a flag and nothing else; run() sees it within STOP_POLL_S and calls
+        stop(). Why: stop() sets an Event, and the main thread holds that Event's lock while it waits on it
+        (run's loop). A SIGINT or SIGTERM landing there made stop() wait for a lock its own thread held: the
+        agent hung for good, pipeline still running (one was found 48 minutes on, at 90 % of a core, under
+        a loaded test run), and only SIGKILL ended it: no last window, no offline status."""
+        self._stop_requested = True
+
     def run(self, install_signals: bool = True) -> int:
         if install_signals:
-            signal.signal(signal.SIGTERM, self.stop)
-            signal.signal(signal.SIGINT, self.stop)
+            signal.signal(signal.SIGTERM, self.request_stop)
+            signal.signal(signal.SIGINT, self.request_stop)
         self._started = time.monotonic()
         self._publisher.start()
         threads = [threading.Thread(target=self._pipeline_loop, name="agent:pipeline", daemon=True),
@@ -639,7 +649,11 @@ class Agent:
         next_window = time.monotonic() + self.window_s
         next_tick = time.monotonic() if self.notifier.enabled else float("inf")
         while not self._stop.is_set():
-            if self._stop.wait(max(0.0, min(next_window, next_tick) - time.monotonic())):
+            if self._stop_requested:
+                self.stop()
+                break
+            wake = min(next_window, next_tick, time.monotonic() + STOP_POLL_S)
+            if self._stop.wait(max(0.0, wake - time.monotonic())):
                 break
             if time.monotonic() >= next_tick:
                 try:
