@@ -329,3 +329,37 @@ def test_an_agent_that_fails_to_start_lets_go_of_its_state_directory(tmp_path):
     a = Agent(cfg.model_copy(update={"trusted_keys": []}), log=lambda m: None)
     a.outbox.close()
     a.source.close()
+
+
+def test_a_command_that_does_not_parse_is_a_command_error_event_and_an_error_reply(agent):
+    agent._on_message(agent.topics.cmd("ping"), b"{not json")
+    (e,) = _events(agent, "command_error")
+    assert e["level"] == "warning" and e["data"]["verb"] == "ping" and e["message"].startswith("ping: ")
+    (r,) = _sent(agent, "/cmd/ping/reply")
+    assert r["ok"] is False and r["error"]
+
+
+def test_a_repeating_log_line_says_how_many_like_it_were_held_back(tmp_path):
+    lines: list[str] = []
+    a = _agent(tmp_path, log=lines.append)
+    try:
+        for _ in range(3):
+            a._rate_log("publisher", "connection refused")
+        a._rate["log:publisher"] = (time.monotonic() - service.RATE_LIMIT_S - 1, a._rate["log:publisher"][1])
+        a._rate_log("publisher", "connection refused")
+        assert [x for x in lines if x.startswith("publisher:")] == [
+            "publisher: connection refused", "publisher: connection refused (2 more like it)"]
+    finally:
+        a.outbox.close()
+        a.source.close()
+
+
+def test_a_message_sent_on_its_own_carries_no_drop_count(agent):
+    """Only a window hands on the outbox's drop count (carried=); an event or a reply that carried one would
+    make a later window report drops that never happened once it is itself dropped."""
+    assert agent.send(agent.topics.events, b'{"v": 1}')
+    db = sqlite3.connect(agent.cfg.state_dir / "outbox.sqlite")
+    try:
+        assert db.execute("SELECT COUNT(*) FROM carried").fetchone()[0] == 0
+    finally:
+        db.close()
