@@ -155,7 +155,7 @@ class InputSpec(BaseModel):
         if c in (1, 3) and c != self.channels:  # the colour contradicts the shape (`run --input-spec color=BGR`
             # on a gray model was told images cannot feed it, and to give --calib, a flag `run` does not have)
             want = "GRAY" if c == 1 else "RGB or BGR"
-            raise BadInput(f"input '{self.name}' {self.shape} ({self.layout}) has {c} channel(s), and color "
+            raise BadInput(f"input '{self.name}' of shape {self.shape} ({self.layout}) has {c} channel(s), and color "
                            f"{self.color} gives {self.channels}: set the color to {want}")
         if isinstance(c, int) and c != self.channels:  # RGBA [1,4,H,W], feature maps [1,64,32,32]
             raise BadInput(f"input '{self.name}' {self.shape} ({self.layout}) has {c} channels, and a camera frame "
