@@ -696,7 +696,7 @@ def agent(
     a = Agent(cfg)  # it logs through logging: plain lines in the journal, no markup read from messages
     signal.signal(signal.SIGTERM, a.request_stop)  # (a flag: stop() from a handler could deadlock, see there)
     if early:  # (SIGTERM's default action killed it mid-load: exit -15, no offline status, no last window)
-        a.request_stop()
+        a.stop()  # (here, outside any handler and before run() waits, stop() is safe and the pipeline never starts)
     from lepton_edge.telemetry.broker import redacted
 
     ui.info(f"agent {cfg.fleet}/{cfg.device_id} -> {redacted(cfg.broker)} (boot {a.boot_id}); "
