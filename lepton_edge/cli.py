@@ -841,8 +841,7 @@ def main() -> None:
     """Entry point: usage errors are typer's (exit 2); our errors print one line (exit 1 or 2)."""
     stdout = sys.stdout = _Stdout(sys.stdout) if sys.stdout is not None else None
     args = sys.argv[1:]
-    ui._JsonOut.requested = "--json" in (args[:args.index("--")] if "--" in args else args)
-    ui._JsonOut.emitted = False  # (a second main() in one process, as a test or a wrapper may run it)
+    ui.start_json_output("--json" in (args[:args.index("--")] if "--" in args else args))
     try:
         try:
             app()

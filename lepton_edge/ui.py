@@ -69,11 +69,16 @@ def set_quiet(q: bool) -> None:
 
 class _JsonOut:
     """Whether this process's verb was asked for `--json` and has printed its document yet. Why: a verb's
-    refusal (a missing bundle, a bad flag value) printed its line on stderr and nothing on stdout, so a script
+    refusal (a missing bundle, a file that is not a model) printed its line on stderr and nothing on stdout, so a script
     reading `run --json` or `fleet ls --json` got an empty document to parse; `cli.main` now prints the error
     as the one JSON document when nothing was printed before it."""
     requested = False
     emitted = False
+
+
+def start_json_output(requested: bool) -> None:
+    """cli.main, once per call: whether the verb was given --json; nothing printed yet."""
+    _JsonOut.requested, _JsonOut.emitted = requested, False
 
 
 def emit_json(obj) -> None:
