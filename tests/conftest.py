@@ -21,6 +21,47 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subproce
                           env={**os.environ, "COLUMNS": "160"})
 
 
+def _cli_cmdline(proc) -> str | None:
+    """The command line of a `lepton-edge` process; None for any other (or one already gone)."""
+    try:
+        args = proc.cmdline()
+    except Exception:  # (gone, or a zombie)
+        return None
+    return " ".join(args) if any(a.endswith(("lepton-edge", "lepton_edge", "lepton_edge.cli")) for a in args) else None
+
+
+@pytest.fixture(autouse=True)
+def _no_cli_child_outlives_its_test():
+    """Kill, with its own children, any `lepton-edge` process a test started and left running.
+
+    Why: a test that starts an agent or a monitor in a child and fails (or times out) before it stops
+    it leaves the child running for the rest of the session: an agent hung at 90 % of a core slowed a
+    whole CI run by minutes. Processes started by a wider fixture (set up before this one) are theirs
+    to stop; a leftover is also named as a warning, so the test that leaked it can be found."""
+    import warnings
+
+    import psutil
+
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    yield
+    for p in me.children(recursive=True):
+        cmd = _cli_cmdline(p) if p.pid not in before else None
+        if cmd is None:
+            continue
+        try:
+            family = [*p.children(recursive=True), p]
+        except psutil.Error:
+            continue
+        warnings.warn(f"killed a lepton-edge process the test left running: {cmd[:200]}", stacklevel=1)
+        for q in family:
+            try:
+                q.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(family, timeout=10)
+
+
 @pytest.fixture(scope="session")
 def fashion():
     from lepton_edge.datasets import fashion_mnist
