@@ -199,10 +199,41 @@ def test_once_with_an_unreachable_broker_fails_instead_of_printing_a_stale_fleet
     st.close()
     r = cli("monitor", "--broker", f"mqtt://127.0.0.1:{free_port()}", "--store", str(tmp_path / "s.sqlite"),
             "--once", "--json")
-    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert r.returncode == 2, (r.stdout, r.stderr)  # a broker that cannot be reached: bad input, as simulate's
     doc = json.loads(r.stdout)  # the refusal as the one document, not a stale fleet
-    assert doc["ok"] is False and "not reachable" in doc["error"] and "devices" not in doc
+    assert doc["ok"] is False and "not reachable" in doc["error"] and "devices" not in doc and doc["exit_code"] == 2
     assert "not reachable" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_broker_that_refuses_the_monitors_subscriptions_is_one_line_at_once(tmp_path):
+    """A user the broker lets connect but read nothing (mosquitto's dynamic-security plugin, a client with no
+    role): the live fleet would stay empty for good, so the monitor names the refused subscriptions and what to
+    give, at once and with exit 2, not after its 10 s wait for the broker."""
+    import glob
+
+    from mqtt_broker import Mosquitto
+
+    plugin = glob.glob("/usr/lib/*/mosquitto_dynamic_security.so")
+    assert plugin, "mosquitto's dynamic-security plugin (Debian's mosquitto package) is missing"
+    dynsec = tmp_path / "dynsec.json"
+    subprocess.run(["mosquitto_ctrl", "dynsec", "init", str(dynsec), "admin", "pw"], check=True, capture_output=True)
+    conf = json.loads(dynsec.read_text())
+    admin = conf["clients"][0]
+    conf["clients"].append({**admin, "username": "watcher", "textName": "reads nothing", "roles": []})
+    dynsec.write_text(json.dumps(conf))
+    broker = Mosquitto(tmp_path / "mq", extra=f"plugin {plugin[0]}\nplugin_opt_config_file {dynsec}\n").start()
+    try:
+        t0 = time.monotonic()
+        r = cli("monitor", "--broker", broker.url.replace("mqtt://", "mqtt://watcher:pw@"),
+                "--store", str(tmp_path / "s.sqlite"), "--once")
+        took = time.monotonic() - t0
+    finally:
+        broker.stop()
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "refused the monitor's subscriptions" in r.stderr and "read access" in r.stderr, r.stderr
+    assert "pw" not in r.stderr.replace("password", "")  # (the URL is named without its password)
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert took < 9, took
 
 
 # ---- forget: store, broker and Home Assistant -------------------------------------------------------

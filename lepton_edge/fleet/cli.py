@@ -109,13 +109,14 @@ def _check_before_store(broker: str, fleet: str, group: str | None, alerts: str 
 def _wait_subscribed(mon, broker: str, once: bool, log) -> None:
     """Up to 10 s for the monitor's SUBACK; a refusal is one line at once (waiting will not change an ACL),
     and --once does not take the store's last view for the live fleet."""
-    if mon.connected.wait(10):
+    mon.answered.wait(10)
+    if mon.connected.is_set():
         return
     if mon.refused:
-        raise LeptonError(f"broker {redacted(broker)} refused the monitor's subscriptions ({mon.refused}): "
+        raise BadInput(f"broker {redacted(broker)} refused the monitor's subscriptions ({mon.refused}): "
                           "give its user read access to them")
     if once:
-        raise LeptonError(f"broker {redacted(broker)} not reachable in 10 s "
+        raise BadInput(f"broker {redacted(broker)} not reachable in 10 s "
                           "(the store's last view: `lepton-edge fleet ls`)")
     log(f"monitor: {redacted(broker)} not reachable yet; retrying in the background")
 

@@ -164,6 +164,7 @@ class Monitor:
         self._gen = 0  # connection generation: a PUBACK never goes to a later connection
         self._sub_mid = -1
         self.refused: str | None = None  # the subscriptions the broker refused at the last SUBACK
+        self.answered = threading.Event()  # a SUBACK came (connected, or every subscription refused)
         self._busy = False
         self._stop = threading.Event()
         self.connected = threading.Event()
@@ -200,11 +201,13 @@ class Monitor:
             return
         refused = [t for t, rc in zip(self.subscriptions(), reason_codes) if rc.is_failure]
         self.refused = ", ".join(refused) or None
-        if refused:
+        if refused and (len(refused) < len(reason_codes) or self.answered.is_set()):
+            # (every one refused at the first SUBACK: whoever waits for `answered` says so, in one line)
             self._say(("subscribe",), f"monitor: broker {self.addr.host}:{self.addr.port} refused the "
                       f"subscription to {self.refused} (its ACL?): those messages are not received")
         if len(refused) < len(reason_codes):
             self.connected.set()
+        self.answered.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
         self.connected.clear()
