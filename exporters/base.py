@@ -22,7 +22,7 @@ import numpy as np
 
 from lepton_edge import targets
 from lepton_edge.bundle import Bundle, check_replaceable
-from lepton_edge.errors import BadInput, CheckFailed
+from lepton_edge.errors import BadInput, CheckFailed, disk_full
 from lepton_edge.exporters import kernels, writer
 from lepton_edge.exporters.context import ExportContext
 from lepton_edge.exporters.exporter import Exporter, formats, get_exporter, register  # noqa: F401 (API)
@@ -70,13 +70,19 @@ def run_export(model: Any, options: ExportOptions, example_input: Any = None) ->
 
     check_output_dir(options.out, "out")  # before minutes of work, not after
     prof = targets.load(options.target)
-    with tempfile.TemporaryDirectory(prefix="lepton-export-") as tmpd:
-        ctx = ExportContext(options, prof, Path(tmpd))
-        try:
-            return _steps(ctx, model, example_input)
-        except CheckFailed as e:  # what a machine reader needs besides the line (export --json prints it)
-            e.details = {**_failure_details(ctx), **(e.details or {})}
+    try:
+        with tempfile.TemporaryDirectory(prefix="lepton-export-") as tmpd:
+            ctx = ExportContext(options, prof, Path(tmpd))
+            try:
+                return _steps(ctx, model, example_input)
+            except CheckFailed as e:  # what a machine reader needs besides the line (export --json prints it)
+                e.details = {**_failure_details(ctx), **(e.details or {})}
+                raise
+    except OSError as e:  # the work folder's disk filled (the bundle's own is checked, and staging says so)
+        if not disk_full(e):
             raise
+        raise BadInput(f"no space left for the export's work files in {tempfile.gettempdir()} ({e.strerror}): "
+                       "free some, or set TMPDIR to a folder with room") from None
 
 
 def _steps(ctx: ExportContext, model: Any, example_input: Any) -> ExportResult:

@@ -33,6 +33,7 @@ import numpy as np
 from rich.markup import escape
 
 from lepton_edge.compress import calibration as cal, quantize as q
+from lepton_edge.errors import disk_full
 from lepton_edge.exporters import validation as val, writer
 
 DEFAULT_SEARCH_TIME_S = 180.0
@@ -379,6 +380,10 @@ def _tried(ok: bool, why: str | None, score: tuple, metrics: dict, size: int, la
 
 
 def _skip(progress, record, label: str, e: Exception, watch, failed: str = "the quantizer failed") -> None:
+    """Record a candidate that failed and go on; a full disk is no candidate's failure: raised, for the
+    export's one line (every later candidate failed the same way, and the export said none passed)."""
+    if disk_full(e):
+        raise e
     why = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
     if not isinstance(e, (cal.MemoryExceeded, q.BrokenGraph, SearchTimeSpent)):
         why = f"{failed}: {why}"

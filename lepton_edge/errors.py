@@ -7,6 +7,7 @@ accuracy or size check exit code 1, and a bug a traceback. Raising these two typ
 from __future__ import annotations
 
 import difflib
+import errno
 
 
 class LeptonError(Exception):
@@ -49,3 +50,9 @@ def closest(name: str, choices: list[str], n: int = 3) -> str:
     """A ' (did you mean: a, b?)' hint for unknown names, or ''."""
     near = difflib.get_close_matches(name, choices, n=n, cutoff=0.4)
     return f" (did you mean: {', '.join(near)}?)" if near else ""
+
+
+def disk_full(e: BaseException) -> bool:
+    """An OSError saying the disk (or the user's quota) is full. Why apart: a full work folder is the
+    machine's state, not the input's fault: one line (exit 2), not a traceback nor a refused int8 candidate."""
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)

@@ -226,8 +226,10 @@ def download_wheels(requirements: list[str], dest: Path, plat: Platform) -> list
     if r.returncode != 0:
         for f in dest.iterdir():
             f.unlink()
+        _disk_full(r.stderr)
         r = _pip_download(reqs, dest, plat, cache, offline=False)
     if r.returncode != 0:
+        _disk_full(r.stderr)
         m = re.search(r"(?:No matching distribution found for|Could not find a version that satisfies the "
                       r"requirement) (\S+)", r.stderr)
         what = m[1] if m else "a requirement"
@@ -240,6 +242,15 @@ def download_wheels(requirements: list[str], dest: Path, plat: Platform) -> list
         if not (cache / w.name).exists():
             shutil.copy2(w, cache / w.name)
     return wheels
+
+
+def _disk_full(stderr: str) -> None:
+    """pip failed because the kit's folder (or pip's own temporary one) is full: the OSError build() reports as
+    such. Why: it read "no wheel of a requirement for aarch64 ...: ERROR: Exception:", after a second try
+    at the index, as if the platform had no wheel."""
+    m = re.search(r"OSError: \[Errno (28|122)\] ([^:\n]+)", stderr)
+    if m:
+        raise OSError(int(m[1]), m[2].strip())
 
 
 # ---------------------------------------------------------------- agent.toml

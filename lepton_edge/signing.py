@@ -94,7 +94,11 @@ def new_keys(out: Path) -> tuple[Path, Path]:
         write_new(priv_path, priv, 0o600)  # (not by rename: a key another `keys new` just made stays)
     except FileExistsError:
         raise BadInput(f"{priv_path} exists; refusing to overwrite a private key") from None
-    write_replacing(pub_path, pub, 0o644)
+    try:
+        write_replacing(pub_path, pub, 0o644)
+    except BaseException:  # (a full disk) half a pair is none: the private key left alone made every later
+        priv_path.unlink(missing_ok=True)  # `keys new` there refuse to overwrite it, and it has no public key
+        raise
     return priv_path, pub_path
 
 
@@ -147,7 +151,10 @@ def sign(bundle_dir: str | Path, private_key: str | Path, signed_at: int | None 
            "signature": base64.b64encode(key.sign(data)).decode(), "signed_at": when,
            "timed_signature": base64.b64encode(key.sign(_message(data, when))).decode()}
     out = b.path / SIGNATURE
-    write_replacing(out, (json.dumps(sig) + "\n").encode())  # replaces a symlink there, never writes through it
+    try:
+        write_replacing(out, (json.dumps(sig) + "\n").encode())  # replaces a symlink there, never writes through it
+    except OSError as e:  # a full disk, a read-only bundle folder: one line (it was a traceback, exit 1)
+        raise BadInput(f"{out}: cannot write the signature ({e.strerror or e})") from None
     return out
 
 

@@ -144,6 +144,21 @@ class VideoOut:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.release()
+            self.writer = None
+            if _no_room_left(self.path.parent):
+                raise BadInput(f"--save {self.path}: the disk is full, so the video is cut short (OpenCV's writer "
+                               "does not report a failed write)")
+
+
+def _no_room_left(folder: Path) -> bool:
+    """No block left for this process under `folder`. Why: OpenCV's VideoWriter drops a failed write without
+    a word, and `run --save` on a full disk exited 0 with a video cut off at the disk's size; a writer that
+    filled the disk is the one sign there is."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return (st.f_bfree if os.geteuid() == 0 else st.f_bavail) == 0
 
 
 def display_available() -> bool:

@@ -7,9 +7,12 @@ frames through, where `current` points (and when it moves), and which windows re
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import sqlite3
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -23,6 +26,7 @@ from lepton_edge.bundle import Bundle, InputSpec, Manifest, OutputSpec, write_ma
 from lepton_edge.telemetry.schema import DeployCommand
 from mjpeg_server import free_port
 from mqtt_helpers import Recorder, running_agent
+from tmpfs import tmpfs
 from waiting import wait_until as _wait
 
 
@@ -159,6 +163,58 @@ def test_a_bundle_that_fails_its_probe_is_refused_before_the_swap(tmp_path, tiny
     assert "rollback" in kinds and "deploy" not in kinds
 
 
+@pytest.mark.root
+def test_a_disk_that_fills_as_the_deploy_is_recorded_rolls_it_back(tmp_path, tiny, mosquitto):
+    """The new bundle's copy takes the state disk's last bytes and passes its health check; good.json then
+    cannot be written. The deploy is rolled back whole: the old model serves, `current` is unchanged, the
+    copy is removed, and the reply and event say so. (It replied `OSError: No space left on device` while
+    the new model served and `current` already named it.)"""
+    pages = sum(-(-f.stat().st_size // 4096) * 4096 for f in tiny["new"].iterdir())  # what the copy takes
+    with tmpfs(tmp_path / "state", "size=3m") as state:
+        rec = Recorder(mosquitto.port)
+        agent = Agent(_cfg(state, tiny["start"], tiny["video"], broker=mosquitto.url), log=lambda m: None)
+        agent.window_s = 3600  # no window takes the outbox's share of the disk while the deploy runs
+        with _running(agent):
+            assert rec.wait_for(lambda r: [e for e in r.of("/events") if e["kind"] == "insecure"])
+            with open(state / "filler", "wb") as f:
+                while (free := os.statvfs(state).f_bavail * os.statvfs(state).f_frsize) > pages:
+                    f.write(bytes(max(4096, min(1 << 16, free - pages))))
+                    f.flush()
+            agent.deploy(DeployCommand(id="full", path=str(tiny["new"])))
+            assert _served(agent) == tiny["start"].resolve() and agent.store.current() is None
+            assert list((state / "bundles").iterdir()) == [] and not (state / "good.json").exists()
+            got = rec.wait_for(lambda r: [m for m in r.of("/cmd/deploy/reply") if m["id"] == "full"])
+            assert got and not got[0]["ok"] and "current bundle" in got[0]["error"], got
+            (state / "filler").unlink()
+            agent.deploy(DeployCommand(id="room", path=str(tiny["new"])))  # space again: the same deploy passes
+            assert agent.store.current() == _served(agent) and Bundle.load(_served(agent)).manifest.name == "tiny2"
+        rec.close()
+        kinds = [e["kind"] for e in rec.of("/events")]
+        assert "rollback" in kinds and "deploy" in kinds, kinds
+
+
+@pytest.mark.root
+def test_a_state_disk_out_of_inodes_at_start_runs_degraded_not_a_restart_loop(tmp_path, tiny, mosquitto):
+    """A restart on a state disk whose inodes are all taken (blocks to spare): the agent starts with its
+    outbox in memory, says so, answers and sends windows, as on a disk out of blocks. (Its write probe
+    failed with ENOSPC and it exited 2 at every start: a restart loop, the device silent.)"""
+    with tmpfs(tmp_path / "state", "size=3m,nr_inodes=16") as state:
+        (state / "bundles").mkdir()
+        (state / "incoming").mkdir()  # what the last start left
+        n = 0
+        with contextlib.suppress(OSError):
+            while True:
+                (state / f"f{n}").touch()
+                n += 1
+        rec = Recorder(mosquitto.port)
+        agent = Agent(_cfg(state, tiny["start"], tiny["video"], broker=mosquitto.url), log=lambda m: None)
+        with _running(agent):
+            assert rec.wait_for(lambda r: len(r.of("/telemetry")) >= 3), "no windows from the degraded outbox"
+            got = [e for e in rec.of("/events") if e["kind"] == "outbox"]
+            assert got and "outbox in memory" in got[0]["message"], got
+        rec.close()
+
+
 @pytest.mark.slow  # the first agent, with no broker, waits its 5 s for a flush when it stops
 def test_windows_left_in_the_outbox_are_delivered_by_the_next_start(tmp_path, tiny, mosquitto):
     """No broker for the first run: its windows wait in the outbox. The next start (same state
@@ -251,7 +307,6 @@ def test_links_in_the_state_directory_are_never_written_through(tiny, tmp_path, 
     lock's link is one line at start (exit 2), and the database's is not opened: the outbox lives in
     memory, with a warning, and the agent serves on."""
     import signal
-    import subprocess
     import sys
 
     victim = tmp_path / "victim.txt"
@@ -291,7 +346,6 @@ def test_links_in_the_state_directory_are_never_written_through(tiny, tmp_path, 
 def test_a_broker_port_of_zero_in_agent_toml_is_one_line(tiny, tmp_path, mosquitto):
     """`broker = "mqtt://127.0.0.1:0"` (a port left out of a template) was read as no port at all: the
     agent went to 1883, some other broker or none, and said nothing; now it is one line at start, exit 2."""
-    import subprocess
     import sys
 
     conf = tmp_path / "agent.toml"
@@ -309,7 +363,6 @@ def test_a_broker_port_of_zero_in_agent_toml_is_one_line(tiny, tmp_path, mosquit
 def test_a_bundles_link_in_the_state_directory_is_one_line_and_removes_nothing(tiny, tmp_path, mosquitto):
     """state_dir/bundles as a symlink to a folder (moved to a bigger disk, or pointed at the folder holding the
     configured bundle) passed mkdir, and the start's clean-up of leftovers removed everything in that folder."""
-    import subprocess
     import sys
 
     elsewhere = tmp_path / "elsewhere"
@@ -337,7 +390,6 @@ def test_a_bundles_link_in_the_state_directory_is_one_line_and_removes_nothing(t
 def test_a_nul_byte_in_a_path_of_agent_toml_is_one_line(tiny, tmp_path, line):
     """TOML strings may hold \\u0000; a path cannot. state_dir, bundle or ca_file with one ended the agent's
     start in a ValueError traceback (exit 1); key_file (unused over mqtt://) and a delegate's library were taken."""
-    import subprocess
     import sys
 
     key = line.split()[0]
@@ -355,7 +407,6 @@ def test_stock_mosquitto_clients_watch_and_command_a_device(tiny, tmp_path, mosq
     """What the README shows an operator with Debian's mosquitto-clients, run as written: `mosquitto_sub -v`
     sees the device's retained status and meta and its telemetry windows as plain JSON, and `mosquitto_rr`
     (subscribes to the reply topic, then publishes) gets ping's and set's replies."""
-    import subprocess
 
     sub, rr = shutil.which("mosquitto_sub"), shutil.which("mosquitto_rr")
     if not (sub and rr):

@@ -215,6 +215,52 @@ def test_a_negative_member_size_is_refused_at_once(tmp_path):
     assert time.monotonic() - t < 10 and left_in(s) == []
 
 
+def _old_gnu_sparse(path: Path, extension_blocks: int) -> Path:
+    """A .tar.gz whose one member is an old-GNU sparse file ('S') followed by a chain of extension headers
+    (21 map entries each), the last one cut short when `extension_blocks` is 0."""
+    info = tarfile.TarInfo("b/model.onnx")
+    info.type = tarfile.GNUTYPE_SPARSE
+    head = bytearray(info.tobuf(tarfile.GNU_FORMAT))
+    head[482] = 1  # isextended: an extension header follows
+    head[148:156] = b" " * 8
+    head[148:156] = b"%06o\0 " % sum(head[:512])
+    ext = bytearray(512)
+    for i in range(21):
+        ext[i * 24:i * 24 + 24] = b"%011o\0" % 1 + b"%011o\0" % 1
+    ext[504] = 1
+    with gzip.open(path, "wb") as g:
+        g.write(bytes(head))
+        if not extension_blocks:
+            g.write(bytes(100))  # the chain ends mid-header
+        for _ in range(extension_blocks // 1000):
+            g.write(bytes(ext) * 1000)
+        ext[504] = 0
+        g.write(bytes(ext) + bytes(1024))
+    return path
+
+
+def test_sparse_members_are_refused_before_their_maps_are_read(tmp_path):
+    """tarfile reads a sparse member's map with no cap: an old-GNU sparse header's chain of extension
+    headers (356 KB of archive held 322 MB and 8 s, before any size or signature check; cut short, an
+    IndexError reply), a pax GNU.sparse 1.0 map in the data (40 KB: 16 s, 190 MB). A bundle's archive
+    has no sparse member (pack() makes none): refused at its header."""
+    s = store(tmp_path)
+    chain = _old_gnu_sparse(tmp_path / "chain.tar.gz", 20_000)
+    cut = _old_gnu_sparse(tmp_path / "cut.tar.gz", 0)
+    ten = tmp_path / "gnu10.tar.gz"
+    info = tarfile.TarInfo("b/model.onnx")
+    info.size = MiB
+    info.pax_headers = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.realsize": "1000"}
+    with gzip.open(ten, "wb") as g:
+        g.write(info.tobuf(tarfile.PAX_FORMAT) + b"%d\n" % 10**12 + b"1\n" * 1_000_000)
+    for i, archive in enumerate((chain, cut, ten)):
+        t = time.monotonic()
+        with pytest.raises(DeployError, match="sparse member"):
+            s.fetch(DeployCommand(id=str(i), path=str(archive)))
+        assert time.monotonic() - t < 2, archive.name
+    assert left_in(s) == []
+
+
 def test_packed_bundle_round_trips_through_the_store(tmp_path):
     s = store(tmp_path)
     b = make_bundle(tmp_path / "b")
@@ -566,3 +612,31 @@ def test_json_nested_past_the_parser_is_one_line():
     with pytest.raises(BadInput) as e:
         parse_json(b"[" * 200_000 + b"]" * 200_000, "m.json", "manifest")
     assert str(e.value) == "m.json: invalid manifest (nested too deeply)"
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs: needs root")
+def test_a_state_disk_out_of_inodes_refuses_a_deploy_as_a_full_disk(tmp_path):
+    """No inode left for the new bundle's folder: an OSError out of fetch(), which the agent replied as
+    'OSError: [Errno 28] ...' with an `error` event. It is the full disk's DeployError now, nothing left."""
+    import subprocess
+
+    src = make_bundle(tmp_path / "src")
+    state = tmp_path / "state"
+    state.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,nr_inodes=16", "tmpfs", str(state)], check=True,
+                   capture_output=True)
+    try:
+        s = BundleStore(state, [], 4 * MiB)
+        n = 0
+        try:
+            while True:
+                (state / f"f{n}").touch()
+                n += 1
+        except OSError:
+            pass
+        with pytest.raises(DeployError, match="cannot store the bundle in .*: No space left on device"):
+            s.fetch(DeployCommand(id="1", path=str(src)))
+        assert left_in(s) == []
+    finally:
+        subprocess.run(["umount", "-l", str(state)], capture_output=True)

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import stat
+import tempfile
 
 import numpy as np
 import onnx
@@ -20,6 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 import lepton_edge
 from conftest import run_cli
 from lepton_edge.errors import BadInput, CheckFailed
+from tmpfs import tmpfs
 
 
 def _classifier(path) -> None:
@@ -198,6 +200,31 @@ def test_torchscript_exports_nhwc_onnx_and_refuses_pruning_in_one_line(tmp_path)
         lepton_edge.export(str(tmp_path / "net.pt"), input_shape=[1, 3, 100000, 100000], calib=_calib(),
                            out=tmp_path / "p")
     assert not (tmp_path / "p").exists() or not any((tmp_path / "p").iterdir())
+
+
+@pytest.mark.root
+def test_a_full_work_folder_is_one_line_not_a_traceback_nor_a_refused_candidate(model, tmp_path, monkeypatch):
+    """The export's work folder (TMPDIR) on a disk with little room left: the fp32 copy there was an
+    OSError traceback (exit 1), and an int8 candidate that could not be written was 'skipped: the
+    quantizer failed: No space left on device' (every later one too, and the export then said none
+    passed). Either way it is one line, exit 2, with nothing written under --out."""
+    with tmpfs(tmp_path / "work", "size=2m") as work:
+        monkeypatch.setattr(tempfile, "tempdir", str(work))
+        refused = 0
+        for leave in (4096, 16384, 65536):
+            with open(work / "filler", "wb") as f:
+                while (free := os.statvfs(work).f_bavail * os.statvfs(work).f_frsize) > leave:
+                    f.write(bytes(max(4096, min(1 << 16, free - leave))))
+                    f.flush()
+            out = tmp_path / f"out{leave}"
+            try:
+                lepton_edge.export(str(model), calib=_calib(), out=out)
+            except BadInput as e:
+                assert "no space left for the export's work files" in str(e), str(e)
+                assert not out.exists() or not any(out.iterdir())
+                refused += 1
+            (work / "filler").unlink()
+        assert refused, "no export met the full work folder"
 
 
 def test_fp32_validates_on_the_photos_given_not_on_random_inputs(model, tmp_path):

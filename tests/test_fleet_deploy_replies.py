@@ -7,6 +7,8 @@ print a reply of megabytes."""
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import threading
 import time
 
@@ -16,6 +18,7 @@ import pytest
 from conftest import run_cli
 from lepton_edge.errors import BadInput
 from lepton_edge.fleet.deploy import deploy
+from tmpfs import tmpfs
 
 URL = "https://example.invalid/b.tar.gz"
 
@@ -119,3 +122,17 @@ def test_odd_replies_are_each_one_row_and_never_reach_the_terminal_raw(mosquitto
     assert said.count("A A A") < 5 and len(said) < 20_000  # the 200 KB reply: neither waited on nor printed
     assert "no reply within 8 s" in said and time.monotonic() - t0 < 60
     assert sorted(fake.received) == sorted(replies)
+
+
+@pytest.mark.root
+def test_a_full_temporary_folder_is_one_line_before_anything_is_sent(tmp_path, monkeypatch):
+    """The bundle is packed in the temporary folder before any device is asked: on a full one that was an
+    OSError traceback (exit 1). One line now, naming the folder, and nothing left in it."""
+    from test_bundle_hardening import make_bundle
+
+    bundle = make_bundle(tmp_path / "b", model=os.urandom(1 << 20))  # incompressible: more than the room left
+    with tmpfs(tmp_path / "tmp", "size=512k") as work:
+        monkeypatch.setattr(tempfile, "tempdir", str(work))
+        with pytest.raises(BadInput, match=f"cannot pack .* in {work}: No space left on device"):
+            deploy("f1/dev1", str(bundle), "mqtt://127.0.0.1:1", timeout=1)
+        assert os.listdir(work) == []

@@ -382,3 +382,23 @@ def test_kit_never_runs_a_pip_py_from_the_working_directory(tmp_path):
                        text=True, timeout=900, cwd=here, env={**os.environ, "COLUMNS": "200"})
     assert not marker.exists(), "pip.py from the working directory ran"
     assert r.returncode == 0 and (here / "k.tar.gz").is_file(), r.stderr[-2000:]
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs: needs root")
+def test_a_kit_folder_too_small_for_the_wheels_says_the_disk_is_full(tmp_path):
+    """pip failed on a full disk while it copied the wheels into the kit: the kit said "no wheel of a
+    requirement for aarch64 ...: ERROR: Exception:" (after a second try at the index), as if the platform
+    had none. It is the full disk's line now, with nothing left beside -o."""
+    from test_agent_tiny import _tiny
+
+    bundle = _tiny(tmp_path / "tiny", 1)
+    out = tmp_path / "out"
+    out.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(out)], check=True, capture_output=True)
+    try:
+        with pytest.raises(BadInput, match=r"cannot write the kit \(No space left on device\)"):
+            kit.build(bundle, out / "pi.tar.gz", target="rpi4")
+        assert os.listdir(out) == []
+    finally:
+        subprocess.run(["umount", "-l", str(out)], capture_output=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from lepton_edge.telemetry.outbox import KEEP_CORRUPT, WAL_PAGES, Outbox
+from tmpfs import tmpfs
 
 TOPIC = "lepton/v1/f/d/telemetry"
 WINDOW = b'{"v":1,' + b'"x":"' + b"a" * 1200 + b'"}'  # about one telemetry window
@@ -172,20 +172,6 @@ def test_concurrent_put_and_delete(tmp_path):
 
 
 # ---- real filesystems: a full disk, a read-only state directory (root mounts a small tmpfs) ---------------
-@contextlib.contextmanager
-def tmpfs(where: Path, opts: str):
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    where.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
-
-
 def fill(d: Path) -> Path:
     """Fill the filesystem to the last byte."""
     f = d / "filler"

@@ -108,3 +108,23 @@ def test_a_damaged_file_is_named_by_what_sqlite_found(tmp_path):
     finally:
         db.close()
     assert str(e.value).startswith("quick_check: ") and len(str(e.value)) > len("quick_check: ") + 5, str(e.value)
+
+
+def test_a_degraded_outbox_moves_its_rows_to_the_file_at_close(tmp_path):
+    """An outbox in memory whose file works again before retry_s has passed: close() dropped every row it
+    held (the agent then said they were 'left in the outbox for the next start'). It tries the file once
+    more at close now, so the next start sends them."""
+    blocker = tmp_path / "state"
+    blocker.write_text("not a directory")
+    ob = Outbox(blocker / "outbox.sqlite", retry_s=3600)
+    assert ob.degraded
+    for i in range(3):
+        assert ob.put(TOPIC, b"w%d" % i) > 0
+    blocker.unlink()  # the disk has room (the path works) again, well before the hour
+    ob.close()
+    assert ob.degraded is None
+    again = Outbox(blocker / "outbox.sqlite")
+    try:
+        assert [m.payload for m in again.pending()] == [b"w0", b"w1", b"w2"]
+    finally:
+        again.close()

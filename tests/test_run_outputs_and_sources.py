@@ -20,6 +20,7 @@ from onnx import TensorProto, helper
 
 from conftest import run_cli
 from test_plain_model_inputs import _mean_onnx
+from tmpfs import tmpfs
 
 
 def _model(tmp_path) -> Path:
@@ -255,3 +256,15 @@ def test_a_video_of_undecodable_frames_fails_and_a_looping_one_starts_again(tmp_
     got = [src.read() for _ in range(10)]
     src.close()
     assert all(f is not None for f in got) and src.captured == 10
+
+
+@pytest.mark.root
+def test_save_on_a_disk_that_fills_is_one_line_not_a_cut_video_and_exit_0(tmp_path):
+    """OpenCV's writer drops failed writes: `--save` onto a 32 KiB disk exited 0 with the video cut off at
+    the disk's size. One line and exit 2 now; the same run with room is exit 0."""
+    m, clip = _model(tmp_path), _video(tmp_path / "clip.avi", frames=400)
+    with tmpfs(tmp_path / "disk", "size=32k") as disk:
+        _one_line(run_cli("run", str(m), "-s", str(clip), "--no-show", "--save", str(disk / "o.avi")),
+                  "the video is cut short")
+    r = run_cli("run", str(m), "-s", str(clip), "--no-show", "--save", str(tmp_path / "o.avi"))
+    assert r.returncode == 0, r.stderr[-2000:]

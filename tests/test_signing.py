@@ -7,8 +7,10 @@ that weakens one check fails here, not in a five-minute agent test.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from lepton_edge.signing import (
     sign,
     verify,
 )
+from tmpfs import tmpfs
 
 
 def _bundle(d: Path) -> Path:
@@ -235,3 +238,38 @@ def test_every_refusal_says_exactly_what_and_where(tmp_path):
     assert sign(b, big).is_file()
     big.write_bytes(pem + b"\n" * (64 * 1024 + 1 - len(pem)))
     assert says(sign, b, big) == f"key {big}: larger than 64 KB"
+
+
+@pytest.mark.root
+def test_signing_a_bundle_on_a_full_disk_is_one_line_and_writes_nothing(tmp_path):
+    """The signature could not be written (a full disk): an OSError traceback, exit 1. One line now,
+    and the bundle is as it was (no signature, no temporary file beside it)."""
+    priv, _ = new_keys(tmp_path / "keys")
+    with tmpfs(tmp_path / "disk", "size=256k") as disk:
+        b = _bundle(disk / "b")
+        with contextlib.suppress(OSError), open(disk / "filler", "wb") as f:
+            while True:
+                f.write(bytes(4096))
+                f.flush()
+        before = sorted(p.name for p in b.iterdir())
+        with pytest.raises(BadInput, match="cannot write the signature .No space left on device"):
+            sign(b, priv)
+        assert sorted(p.name for p in b.iterdir()) == before and "signature" not in before
+
+
+@pytest.mark.root
+def test_new_keys_on_a_disk_with_room_for_one_key_leaves_no_half_pair(tmp_path):
+    """Room for private.pem but not public.pem: the private key stayed alone, and every later `keys new`
+    there refused to overwrite it, space or not. Now neither is left, and the next try makes both."""
+    with tmpfs(tmp_path / "disk", "size=64k") as disk:
+        (disk / "k").mkdir()
+        with contextlib.suppress(OSError), open(disk / "filler", "wb") as f:
+            while os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize > 4096:  # one page: one key file
+                f.write(bytes(4096))
+                f.flush()
+        with pytest.raises(OSError):
+            new_keys(disk / "k")
+        assert os.listdir(disk / "k") == []
+        (disk / "filler").unlink()
+        priv, pub = new_keys(disk / "k")
+        assert priv.is_file() and pub.is_file()

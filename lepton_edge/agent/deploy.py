@@ -48,7 +48,6 @@ from lepton_edge.bundle import (
     read_manifest_bytes,
 )
 from lepton_edge.errors import BadInput
-from lepton_edge.paths import write_replacing
 from lepton_edge.telemetry.schema import DeployCommand
 
 GOOD = "good.json"
@@ -122,21 +121,33 @@ class BundleStore:
         return out
 
     def set_current(self, bundle_dir: Path) -> None:
-        """Point `current` at a bundle that passed its health check; record it as good first;
-        remove good bundles past the `keep` newest previous ones."""
+        """Point `current` at a bundle that passed its health check, record it as good and raise the newest
+        signing time; remove good bundles past the `keep` newest previous ones. An OSError (a full disk)
+        changes nothing: every file is written beside its place first, then all are renamed into place (a
+        rename needs no space). Why: `current` moved first and good.json failed on the full disk after it,
+        so the agent replied that the deploy failed while the new bundle served and stayed current."""
         d = Path(bundle_dir).resolve()
-        tmp = self.current_link.with_name(f".current.{os.getpid()}")
-        if tmp.is_symlink() or tmp.exists():
-            tmp.unlink()
-        os.symlink(d, tmp)
-        os.replace(tmp, self.current_link)
-        self._raise_newest(d)
         entry = self._entry(d)
-        if entry is None:
-            return
-        good = [entry] + [n for n in self._good() if n != entry]
+        good = [] if entry is None else [entry] + [n for n in self._good() if n != entry]
         keep, drop = good[:self.keep + 1], good[self.keep + 1:]
-        self._write_good(keep)
+        when = self._signed_at(d)
+        staged: list[tuple[Path, Path]] = []  # (written beside, its place)
+        try:
+            link = self.current_link.with_name(f".current.{os.getpid()}")
+            if link.is_symlink() or link.exists():
+                link.unlink()
+            os.symlink(d, link)
+            staged.append((link, self.current_link))
+            if entry is not None:
+                staged.append((_beside(self.good_file, json.dumps(keep) + "\n"), self.good_file))
+            if when > self._mark():
+                staged.append((_beside(self.newest_file, f"{when}\n"), self.newest_file))
+            for tmp, final in staged:
+                os.replace(tmp, final)
+        finally:
+            for tmp, _ in staged:
+                if tmp.is_symlink() or tmp.exists():
+                    tmp.unlink()
         for name in drop:
             shutil.rmtree(self.root / name, ignore_errors=True)
 
@@ -188,11 +199,6 @@ class BundleStore:
         except BadInput:
             return 0
 
-    def _raise_newest(self, d: Path) -> None:
-        when = self._signed_at(d)
-        if when > self._mark():
-            write_replacing(self.newest_file, f"{when}\n".encode())
-
     def _not_older(self, signed_at: int) -> None:
         """Refuse a bundle signed before the newest this device has run: with a signature that
         never expires, that is how a replayed old (or known-bad) bundle looks."""
@@ -206,14 +212,6 @@ class BundleStore:
         raise BadInput(f"the bundle {when}, before the newest bundle this device has run "
                        f"(signed at {utc(newest)}): refused as a possible replay. To roll back on purpose, "
                        f"sign the older bundle again (lepton-edge sign) and deploy that")
-
-    def _write_good(self, names: list[str]) -> None:
-        tmp = self.good_file.with_name(f".{GOOD}.{os.getpid()}")
-        with open(tmp, "w") as f:
-            f.write(json.dumps(names) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.good_file)
 
     def _clean_leftovers(self) -> None:
         """Remove what a crash left: partial downloads, half-unpacked or refused bundles (anything
@@ -258,7 +256,10 @@ class BundleStore:
         checksums): a refused bundle is removed here, it never stays in bundles/."""
         if bool(cmd.url) == bool(cmd.path):
             raise DeployError("deploy needs exactly one of 'url' or 'path'")
-        dest = Path(tempfile.mkdtemp(prefix=f"{time.strftime('%Y%m%d-%H%M%S')}-", dir=self.root))
+        try:
+            dest = Path(tempfile.mkdtemp(prefix=f"{time.strftime('%Y%m%d-%H%M%S')}-", dir=self.root))
+        except OSError as e:  # (a disk out of inodes) the same reply as a full disk met later
+            raise DeployError(f"cannot store the bundle in {self.root}: {e.strerror or e}") from None
         archive = None
         try:
             if cmd.url:
@@ -474,7 +475,8 @@ MAX_EXTENDED_BYTES = 1 << 20  # pax and GNU long-name headers of one archive, to
 
 
 class _CappedTarInfo(tarfile.TarInfo):
-    """Refuses, before tarfile reads it into memory: a global pax header (a bundle has none: tarfile merges
+    """Refuses, before tarfile reads it into memory: a sparse member (GNU's old type or pax GNU.sparse 1.0:
+    tarfile reads their maps with no cap), a global pax header (a bundle has none: tarfile merges
     every one into a dict each later member copies, and a 5.7 MB archive of them took the agent to 1.7 GB
     before any signature check), and extended headers past MAX_EXTENDED_BYTES in all (one each was capped,
     their number not: 11 MB of per-member headers held 479 MB)."""
@@ -487,7 +489,15 @@ class _CappedTarInfo(tarfile.TarInfo):
             if self.size > MAX_EXTENDED_BYTES or seen > MAX_EXTENDED_BYTES:
                 raise tarfile.ReadError(f"extended headers of more than {MAX_EXTENDED_BYTES} bytes")
             tf.lepton_extended_bytes = seen
+        if self.type == tarfile.GNUTYPE_SPARSE:
+            raise tarfile.ReadError(f"{self.name[:100]!r} is a sparse member (a bundle's archive has none)")
         return super()._proc_member(tf)  # type: ignore[misc]  # tarfile's private hook: not in typeshed
+
+    def _proc_gnusparse_10(self, next, pax_headers, tf):
+        """A pax GNU.sparse 1.0 member, whose map tarfile reads from the data with no cap (a 40 KB archive: 16 s and
+        190 MB, before any size check): refused as the old GNU sparse type is, in _proc_member (its chain of
+        extension headers had no cap either: 356 KB took 322 MB; a truncated one was an IndexError)."""
+        raise tarfile.ReadError(f"{next.name[:100]!r} is a sparse member (a bundle's archive has none)")
 
 
 def _extract(tf: tarfile.TarFile, m: tarfile.TarInfo) -> IO[bytes]:
@@ -509,6 +519,22 @@ def _write_new(dest: Path, rel: str, src: IO[bytes], size: int) -> None:
             left -= len(block)
     if left:
         raise DeployError(f"{rel}: shorter than the {size} bytes the manifest declares")
+
+
+def _beside(path: Path, text: str) -> Path:
+    """`text` in a new temporary file beside `path` (named .<name>.*, which _clean_leftovers removes), synced:
+    renamed into place by the caller. Removed again if it cannot be written whole (a full disk)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), 0o644)
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return Path(tmp)
 
 
 def _sha256_path(path: Path, cap: int) -> str:

@@ -26,6 +26,7 @@ camera, a stuck inference or a dead main loop stops the pings, and systemd resta
 """
 from __future__ import annotations
 
+import errno
 import logging
 import queue
 import signal
@@ -149,12 +150,17 @@ class Agent:
     # ---- loading a bundle ---------------------------------------------------------------------
     @staticmethod
     def _writable(state_dir: Path) -> None:
-        """One line (exit 2) for a state directory the agent cannot write, not a traceback later."""
+        """One line (exit 2) for a state directory the agent cannot write, not a traceback later. A full
+        one (ENOSPC: no block or, what this probe meets, no inode left) is no refusal: the outbox drops
+        and counts, or lives in memory, until there is space. Why: a disk whose inodes were all taken
+        made the agent exit 2 at every start (a restart loop), where a disk out of blocks ran."""
         try:
             Path(state_dir).mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=state_dir, prefix=".write-test-"):
                 pass
         except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT) and Path(state_dir).is_dir():
+                return
             raise BadInput(f"state_dir {state_dir} is not writable: {e.strerror or e}") from None
 
     def _open(self, path: Path, threads: int | None) -> Runtime:
@@ -539,15 +545,22 @@ class Agent:
         old = self._swap(new)
         ok, why, figures = self._health_check(new, cmd.health_frames or self.cfg.health_frames, failures)
         if not ok:
-            self._swap(old)
-            self.store.discard(path)
-            self.reply("deploy", cmd.id, False, f"rolled back: {why}", **figures)
-            self.event("rollback", f"{new.name}: {why}; back to {old.name}", "warning", **figures)
-            return
-        self.store.set_current(path)
+            return self._roll_back(cmd, path, new, old, why, figures)
+        try:
+            self.store.set_current(path)
+        except OSError as e:  # (a full disk: nothing was changed) the device runs what `current` names
+            why = f"cannot record it as the current bundle in {self.cfg.state_dir}: {e.strerror or e}"
+            return self._roll_back(cmd, path, new, old, why, figures)
         self.reply("deploy", cmd.id, True, bundle=self._bundle_info(), **signed, **figures)
         self.event("deploy", f"now running {new.name} from {where}", bundle=self._bundle_info(), **figures)
         self._publish_meta()
+
+    def _roll_back(self, cmd: DeployCommand, path: Path, new: Runtime, old: Runtime, why: str, figures: dict) -> None:
+        """The old model back in the pipeline, the new bundle removed, the reply and a `rollback` event."""
+        self._swap(old)
+        self.store.discard(path)
+        self.reply("deploy", cmd.id, False, f"rolled back: {why}", **figures)
+        self.event("rollback", f"{new.name}: {why}; back to {old.name}", "warning", **figures)
 
     def _health_check(self, rt: Runtime, frames: int, failures: int) -> tuple[bool, str, dict]:
         """N frames through the new model: inference p50 must be within the target's latency budget.
@@ -731,10 +744,14 @@ class Agent:
             except Exception as e:
                 self.log(f"stopping: {type(e).__name__}: {e}", "error")
         left: int | str
+        lost = None
         try:
-            left = len(self.outbox)
-            self.outbox.close()
+            self.outbox.close()  # (one in memory tries its file first)
+            left, lost = len(self.outbox), self.outbox.degraded
         except Exception as e:
             left = f"? ({type(e).__name__}: {e})"
-        self.log(f"stopped; {left} message(s) left in the outbox for the next start")
+        if lost and left:  # in memory: nothing is left for the next start, whatever the count
+            self.log(f"stopped; {left} message(s) lost: the outbox was in memory ({lost})", "warning")
+        else:
+            self.log(f"stopped; {left} message(s) left in the outbox for the next start")
         return 0

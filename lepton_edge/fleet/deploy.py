@@ -101,10 +101,14 @@ class _Offer:
             from lepton_edge.bundle import Bundle, sha256_file
 
             b = Bundle.load(bundle)  # a local bundle must be whole before it is offered to devices
-            self._tmp = Path(tempfile.mkdtemp(prefix="lepton-deploy-"))
             try:
+                self._tmp = Path(tempfile.mkdtemp(prefix="lepton-deploy-"))
                 self.archive = pack(b.path, self._tmp / f"{b.path.name}.tar.gz")
                 self.fields = {"sha256": sha256_file(self.archive)}
+            except OSError as e:  # a full temporary folder (it was a traceback, exit 1)
+                self.close()
+                raise BadInput(f"cannot pack {b.path} in {tempfile.gettempdir()}: {e.strerror or e} (free some "
+                               "room there, or set TMPDIR)") from None
             except BaseException:
                 self.close()
                 raise

@@ -520,8 +520,12 @@ class Outbox:
         return self._count
 
     def close(self) -> None:
-        """Close the file; later calls do nothing (put drops and counts) rather than raise."""
+        """Close the file; later calls do nothing (put drops and counts) rather than raise. An outbox in memory
+        tries its file once more first, whatever retry_s says: what it holds is lost at close otherwise (a
+        disk that had room again for 29 s of a 30 s retry_s lost every window kept through the outage)."""
         with self._lock:
+            if self.degraded and not self._closed:
+                self._retry_file()
             self._closed = True
             if self._db is not None:
                 self._db.close()
