@@ -22,7 +22,11 @@ def channels_last(module):
         def forward(self, x):
             return self.inner(x.permute(0, 3, 1, 2))
 
-    return ChannelsLastInput(module).eval()
+    wrapped = ChannelsLastInput(module)
+    # Not .eval(): it recurses into the model, and a torch.export program's module() (a .pt2)
+    # refuses train()/eval(); the model comes loaded for inference already.
+    wrapped.training = False
+    return wrapped
 
 
 def apply(src, layout: str | None, explicit: bool) -> None:

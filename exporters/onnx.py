@@ -173,9 +173,16 @@ class OnnxExporter(Exporter):
         def dims(v):
             return [d.dim_value if d.dim_value > 0 else (d.dim_param or "?") for d in v.type.tensor_type.shape.dim]
 
+        def out(v):
+            d = {"name": v.name, "shape": dims(v)}
+            elem = v.type.tensor_type.elem_type
+            if elem:  # (an int64 argmax is no float32: the manifest and the checks say what it is)
+                d["dtype"] = onnx.helper.tensor_dtype_to_np_dtype(elem).name
+            return d
+
         inits = {i.name for i in m.graph.initializer}
         return {
             "opset": max((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), default=0),
             "inputs": [{"name": i.name, "shape": dims(i)} for i in m.graph.input if i.name not in inits],
-            "outputs": [{"name": o.name, "shape": dims(o)} for o in m.graph.output],
+            "outputs": [out(o) for o in m.graph.output],
         }

@@ -196,6 +196,9 @@ def export(
         min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop, min_confident_kept=min_confident_kept,
         min_top5=min_top5, min_sqnr=min_sqnr, min_cosine=min_cosine, min_f1=min_f1, min_mask_iou=min_mask_iou)
     _interrupt_on_sigterm()  # a `timeout` or a service stop: the export's work folder is removed as on Ctrl-C
+    from lepton_edge.runtime.onnx import stop_runs_on_signals
+
+    stop_runs_on_signals()  # ... also while the model runs: a Loop that never ends held a SIGTERM for its 600 s limit
     if compare:
         from lepton_edge.compare import compare as do_compare, table
 

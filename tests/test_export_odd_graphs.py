@@ -254,3 +254,17 @@ def test_outputs_that_alias_an_input_a_weight_or_each_other_export_fp16(tmp_path
         np.testing.assert_allclose(got[0], ref[0], atol=0.02)
         # the input or the weight as it was (fp16 holds k exactly); a second listing, the first's value
         np.testing.assert_array_equal(got[1], got[0] if case == "twice" else ref[1])
+
+
+def test_an_integer_output_is_recorded_with_its_own_dtype(tmp_path):
+    """The manifest recorded every ONNX output as float32: a class index from an ArgMax inside the
+    model (int64) said float32 in the bundle, though the model gives int64."""
+    nodes, inits = _classifier_nodes()
+    nodes.append(h.make_node("ArgMax", ["logits"], ["cls"], name="argmax", axis=1, keepdims=0))
+    outputs = [h.make_tensor_value_info("logits", T.FLOAT, [1, 10]), h.make_tensor_value_info("cls", T.INT64, [1])]
+    path = _save(tmp_path / "argmax.onnx", nodes, [_image()], outputs, inits)
+    r = lepton_edge.export(path, target="x86-cpu", calib=_calib(), precision="fp32", out=tmp_path / "out",
+                           measure_latency=False)
+    assert [(o.name, o.dtype) for o in r.bundle.manifest.outputs] == [("logits", "float32"), ("cls", "int64")]
+    shipped = ort.InferenceSession(str(r.bundle.model_path))
+    assert [o.type for o in shipped.get_outputs()] == ["tensor(float)", "tensor(int64)"]

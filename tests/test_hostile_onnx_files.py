@@ -117,6 +117,39 @@ def test_ctrl_c_stops_a_run_stuck_in_one_inference_at_once(tmp_path, sig):
         and "no frame could be read" not in said, (p.returncode, said[-1500:])
 
 
+def test_sigterm_stops_an_export_whose_model_never_ends_at_once(tmp_path):
+    """A service stop or a `timeout` while the export runs the model on its data: the export stops within
+    seconds, says 'interrupted' (exit 130) and leaves no work folder and no bundle. It used to wait for the
+    run's 600 s limit: the export never had the signal stop its onnxruntime runs, as `run` does."""
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+
+    loop = _endless_loop(tmp_path / "loop.onnx")
+    work = tmp_path / "tmp"
+    work.mkdir()
+    exe = os.path.join(os.path.dirname(sys.executable), "lepton-edge")
+    p = subprocess.Popen([exe, "export", str(loop), "--precision", "fp32", "--out", str(tmp_path / "out")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "COLUMNS": "160", "TMPDIR": str(work)})
+    try:
+        deadline = time.monotonic() + 60  # loaded, and inside the endless run on its first input
+        while time.monotonic() < deadline and not any(work.glob("lepton-export-*/fp32.onnx")):
+            time.sleep(0.2)
+        time.sleep(4)
+        assert p.poll() is None, p.communicate()
+        t0 = time.monotonic()
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert time.monotonic() - t0 < 15, err[-1500:]
+    assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err, (p.returncode, err[-1500:])
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("manifest.json"))
+    assert not list(work.glob("lepton-export-*")) and tempfile.gettempdir() != str(work)
+
+
 def test_an_interrupt_mark_never_outlives_its_run(tmp_path):
     """A run that finished before the interrupt reached it must not leave its mark behind: the id of its
     RunOptions may come back on a later one, whose unrelated failure would then read as Ctrl-C."""

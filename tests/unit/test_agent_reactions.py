@@ -363,3 +363,20 @@ def test_a_message_sent_on_its_own_carries_no_drop_count(agent):
         assert db.execute("SELECT COUNT(*) FROM carried").fetchone()[0] == 0
     finally:
         db.close()
+
+
+def test_a_command_past_the_queues_bytes_is_dropped_with_a_command_error_event(agent):
+    """The command thread's queue is full (by bytes): the command is not queued, and the event says so."""
+    agent._queued_bytes = service.MAX_QUEUED_COMMAND_BYTES
+    agent._on_message(agent.topics.cmd("ping"), b'{"id": "p1"}')
+    assert agent._commands.empty()
+    (e,) = _events(agent, "command_error")
+    assert e["message"] == "command queue full; command dropped" and e["data"]["verb"] == "ping", e
+    assert e["level"] == "warning"
+
+
+def test_a_threads_failure_is_an_error_event_naming_where_and_what(agent):
+    agent._survive("source status", ValueError("boom " + "x" * 600))
+    (e,) = _events(agent, "error")
+    assert e["message"] == "source status: ValueError: boom " + "x" * 495 and e["data"]["where"] == "source status"
+    assert e["level"] == "error"
