@@ -14,10 +14,12 @@ import json
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import TensorProto as T, helper as h, numpy_helper as nh
 
 import lepton_edge
 from conftest import run_cli
+from lepton_edge.errors import BadInput
 
 
 def _calib() -> str:
@@ -268,3 +270,16 @@ def test_an_integer_output_is_recorded_with_its_own_dtype(tmp_path):
     assert [(o.name, o.dtype) for o in r.bundle.manifest.outputs] == [("logits", "float32"), ("cls", "int64")]
     shipped = ort.InferenceSession(str(r.bundle.model_path))
     assert [o.type for o in shipped.get_outputs()] == ["tensor(float)", "tensor(int64)"]
+
+
+def test_a_model_the_onnx_checker_refuses_is_named_as_such_not_as_unreadable(tmp_path):
+    """An output declared without a shape field reads fine (onnxruntime runs it) but breaks the format's
+    rules: the refusal said the file was 'not a readable ONNX model', which sends a user after a corrupt file."""
+    nodes, inits = _classifier_nodes()
+    no_shape = h.make_tensor_value_info("logits", T.FLOAT, None)
+    path = _save(tmp_path / "noshape.onnx", nodes, [_image()], [no_shape], inits)
+    ort.InferenceSession(path)  # (a runtime takes it)
+    with pytest.raises(BadInput, match=r"the ONNX checker refuses this model.*shape") as e:
+        lepton_edge.export(path, target="x86-cpu", calib=_calib(), precision="fp32", out=tmp_path / "out",
+                           measure_latency=False)
+    assert "not a readable" not in str(e.value)

@@ -138,3 +138,10 @@ def test_input_value_on_a_single_input_model_and_integer_inputs(tmp_path):
     assert _given_value("k", [3, -1], [1, 2], np.int64).tolist() == [[3, -1]]
     with pytest.raises(BadInput, match=r"^--input-value k: the input is int64; give whole numbers"):
         _given_value("k", [1.5, 2], [1, 2], np.int64)
+    # A bool input takes 0 or 1: 2 (or -1) was accepted and silently read as True.
+    assert _given_value("flag", [0, 1], [2], np.bool_).tolist() == [False, True]
+    for bad in ([2, 0], [0, -1]):
+        with pytest.raises(BadInput, match=r"^--input-value flag: values out of bool's range \(0 to 1\)"):
+            _given_value("flag", bad, [2], np.bool_)
+    with pytest.raises(BadInput, match=r"^--input-value k: values out of uint8's range \(0 to 255\)"):
+        _given_value("k", [256], [1], np.uint8)
