@@ -26,6 +26,7 @@ from lepton_edge.bundle import Bundle, InputSpec, Manifest, OutputSpec, write_ma
 from lepton_edge.errors import BadInput
 from lepton_edge.signing import new_keys, sign, verify
 from lepton_edge.telemetry.schema import DeployCommand
+from tmpfs import tmpfs
 
 MiB = 1 << 20
 
@@ -615,18 +616,11 @@ def test_json_nested_past_the_parser_is_one_line():
 
 
 @pytest.mark.root
-@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs: needs root")
 def test_a_state_disk_out_of_inodes_refuses_a_deploy_as_a_full_disk(tmp_path):
     """No inode left for the new bundle's folder: an OSError out of fetch(), which the agent replied as
     'OSError: [Errno 28] ...' with an `error` event. It is the full disk's DeployError now, nothing left."""
-    import subprocess
-
     src = make_bundle(tmp_path / "src")
-    state = tmp_path / "state"
-    state.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,nr_inodes=16", "tmpfs", str(state)], check=True,
-                   capture_output=True)
-    try:
+    with tmpfs(tmp_path / "state", "size=1m,nr_inodes=16") as state:
         s = BundleStore(state, [], 4 * MiB)
         n = 0
         try:
@@ -638,5 +632,15 @@ def test_a_state_disk_out_of_inodes_refuses_a_deploy_as_a_full_disk(tmp_path):
         with pytest.raises(DeployError, match="cannot store the bundle in .*: No space left on device"):
             s.fetch(DeployCommand(id="1", path=str(src)))
         assert left_in(s) == []
-    finally:
-        subprocess.run(["umount", "-l", str(state)], capture_output=True)
+
+
+@pytest.mark.root
+def test_an_archive_that_fills_the_disk_as_it_unpacks_is_named_a_full_disk_not_a_broken_archive(tmp_path):
+    """The reply said 'cannot unpack b.tar.gz: [Errno 28] ...', which reads as a damaged archive."""
+    src = make_bundle(tmp_path / "src", model=os.urandom(600 << 10))
+    archive = pack(src, tmp_path / "b.tar.gz")
+    with tmpfs(tmp_path / "state", "size=256k") as state:
+        s = BundleStore(state, [], 4 * MiB)
+        with pytest.raises(DeployError, match=r"^no room to unpack b\.tar\.gz in .*: No space left on device"):
+            s.fetch(DeployCommand(id="1", path=str(archive)))
+        assert left_in(s) == []

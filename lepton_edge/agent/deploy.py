@@ -47,7 +47,7 @@ from lepton_edge.bundle import (
     read_capped,
     read_manifest_bytes,
 )
-from lepton_edge.errors import BadInput
+from lepton_edge.errors import BadInput, disk_full
 from lepton_edge.telemetry.schema import DeployCommand
 
 GOOD = "good.json"
@@ -354,6 +354,8 @@ class BundleStore:
                 for rel, m in files.items():
                     _write_new(dest, rel, _extract(tf, m), m.size)
         except (tarfile.TarError, EOFError, OSError, ValueError) as e:  # gzip/zlib errors are OSError/EOFError
+            if isinstance(e, OSError) and disk_full(e):  # the device's state, not the archive's fault (it read
+                raise DeployError(f"no room to unpack {archive.name} in {self.root}: {e.strerror}") from None  # as one)
             why = "; ".join(line.strip("- ") for line in str(e).splitlines() if line.strip())  # tarfile: one per method
             raise DeployError(f"cannot unpack {archive.name}: {why[:200]}") from None
 
