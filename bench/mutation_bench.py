@@ -113,6 +113,8 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "a fetched bundle's directory name: only its uniqueness matters (mkdtemp's own suffix)",
     ("agent.deploy", "time.monotonic() >= self._end", "time.monotonic() > self._end"):
         "differs only at the very instant of the deadline",
+    ("agent.deploy", "self._timer.daemon = True", "self._timer.daemon = False"):
+        "_Deadline is used only as a context manager, whose exit cancels the timer: no timer outlives it",
     ("telemetry.outbox", "if self.durable else 'NORMAL'", "XXNORMAL"):
         "SQLite reads a synchronous value it does not know as NORMAL, the value it replaces",
     ("telemetry.outbox", "db.set_progress_handler(None, 0)", "db.set_progress_handler(None, 1)"):

@@ -229,6 +229,21 @@ def test_good_json_entries_that_are_not_plain_names_are_skipped(tmp_path):
     assert s._good() == [good.name] and s.candidates() == [good]
 
 
+def test_a_good_json_past_64_kib_is_not_read(tmp_path):
+    """good.json names a few bundles; one past 64 KiB (a disk error, a hand edit) is not parsed at the start
+    (its bundles are then not kept as good), while one just under is read as it is."""
+    import json
+
+    s = _store(tmp_path)
+    good = s.fetch(DeployCommand(id="1", path=str(_bundle(tmp_path / "b"))))
+    s.set_current(good)
+    pad = ["x" * 1000] * 60  # ~60 KB of names that are not bundles: read, and only the real one kept
+    (s.state / GOOD).write_text(json.dumps([*pad, good.name]))
+    assert (s.state / GOOD).stat().st_size < 1 << 16 and s._good() == [*pad, good.name]
+    (s.state / GOOD).write_text(json.dumps([*pad, *pad[:10], good.name]))
+    assert (s.state / GOOD).stat().st_size > 1 << 16 and s._good() == []
+
+
 @pytest.mark.parametrize("extra, refused", [(0, False), (1, True)])
 def test_extended_headers_are_capped_at_exactly_max_extended_bytes(tmp_path, extra, refused):
     """The cap is inclusive: one long-name header of exactly MAX_EXTENDED_BYTES is read (and its member then
