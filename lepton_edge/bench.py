@@ -8,7 +8,11 @@ unless `--source` gives real ones, so preprocessing costs what it costs on a dev
 from __future__ import annotations
 
 import multiprocessing as mp
+import signal
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -128,11 +132,12 @@ def _isolated(ctx, cfg: tuple, timeout: float | None = None) -> dict | None:
     segfault), Pool.apply waited forever for a worker it had quietly replaced; here its pipe closes."""
     recv, send = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_send, args=(send, cfg), daemon=True)
-    proc.start()
-    send.close()  # (the child's copy is the only one left: its death is the pipe's end)
     from lepton_edge.runtime import hard_stop
 
     try:
+        with _interrupts_deferred():
+            proc.start()
+        send.close()  # (the child's copy is the only one left: its death is the pipe's end)
         end = None if timeout is None else time.monotonic() + timeout
         while not recv.poll(None if end is None else min(POLL_MAX_S, max(0.0, end - time.monotonic()))):
             if end is None or time.monotonic() >= end:  # (poll's timeout is an int of ms: 24.8 days at most)
@@ -147,10 +152,33 @@ def _isolated(ctx, cfg: tuple, timeout: float | None = None) -> dict | None:
             return {"model": cfg[0], "threads": cfg[1], "error": "the engine crashed on this model (its process "
                     "died); a malformed or hostile model file"}
     finally:
-        if proc.is_alive():
-            proc.kill()
-        proc.join()
+        send.close()
+        if proc.pid is not None:  # (started)
+            if proc.is_alive():
+                proc.kill()
+            proc.join()
         recv.close()
+
+
+@contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM that arrive in the block are delivered (to the handlers in place before it) when it
+    ends. Why: `Process.start()` writes the spawned child its pickled work after the child exists; a Ctrl-C
+    inside that write left the child half of it, and it printed an EOFError traceback under bench's
+    'interrupted' line. Deferred, the start completes and the caller's cleanup kills a whole child."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    before = {s: signal.signal(s, lambda n, _f: got.append(n)) for s in held}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        if got:
+            signal.raise_signal(got[0])  # (the handler in place now: KeyboardInterrupt, or the default's end)
 
 
 def compare(models: list[str], threads: list[int | None], runs: int = 200, warmup: int = 20,

@@ -165,6 +165,37 @@ def test_bench_reports_a_worker_the_engine_killed_instead_of_waiting_for_it(monk
     assert row["error"].startswith("KeyError")  # any other failure: one row, one line, no traceback
 
 
+def test_ctrl_c_while_bench_starts_its_worker_leaves_no_half_fed_child():
+    """A Ctrl-C that lands after the spawned worker exists but before start() has written it its pickled
+    work: the child, fed half of it, printed an EOFError traceback under bench's 'interrupted' (a CI run of
+    test_cli_surface.py::test_ctrl_c_says_interrupted caught it). The interrupt now waits for the start to
+    end; the worker is then killed whole, silently, and KeyboardInterrupt leaves bench as before."""
+    import subprocess
+    import sys
+
+    script = """
+import multiprocessing as mp, multiprocessing.util as util, signal, sys, time
+from lepton_edge import bench
+
+real = util.spawnv_passfds
+def spawned_then_ctrl_c(*a, **k):
+    pid = real(*a, **k)
+    if "spawn_main" in str(a):  # the worker (not the resource tracker): it exists, nothing written to it yet
+        signal.raise_signal(signal.SIGINT)
+    return pid
+util.spawnv_passfds = spawned_then_ctrl_c
+try:
+    bench._isolated(mp.get_context("spawn"), ("m.onnx", 1, 2, 1, None, None, None))
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+time.sleep(3)  # long enough for a half-fed child to say so
+print("children:", len(mp.active_children()))
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.split() == ["interrupted", "children:", "0"], (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr and "EOFError" not in r.stderr, r.stderr
+
+
 def test_run_checks_a_signature_against_trusted_keys_and_says_when_it_did_not(tmp_path):
     """A signed bundle changed after signing (files re-checksummed) ran without a word: `run` has no
     key unless given one. Now --trusted-key refuses it, and without one the unchecked signature is said."""
