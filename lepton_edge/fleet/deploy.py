@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from lepton_edge.errors import BadInput
+from lepton_edge.errors import BadInput, disk_full
 from lepton_edge.fleet.commands import ask, connect, make_command, outcome
 from lepton_edge.telemetry.schema import Status
 from lepton_edge.telemetry.topics import Topics, is_segment, safe_segment
@@ -107,8 +107,8 @@ class _Offer:
                 self.fields = {"sha256": sha256_file(self.archive)}
             except OSError as e:  # a full temporary folder (it was a traceback, exit 1)
                 self.close()
-                raise BadInput(f"cannot pack {b.path} in {tempfile.gettempdir()}: {e.strerror or e} (free some "
-                               "room there, or set TMPDIR)") from None
+                hint = " (free some room there, or set TMPDIR)" if disk_full(e) else ""
+                raise BadInput(f"cannot pack {b.path} in {tempfile.gettempdir()}: {e.strerror or e}{hint}") from None
             except BaseException:
                 self.close()
                 raise
