@@ -177,6 +177,7 @@ def test_ctrl_c_while_bench_starts_its_worker_leaves_no_half_fed_child():
 import multiprocessing as mp, multiprocessing.util as util, signal, sys, time
 from lepton_edge import bench
 
+signal.signal(signal.SIGINT, signal.default_int_handler)  # (as from a terminal: a background job ignores it)
 real = util.spawnv_passfds
 def spawned_then_ctrl_c(*a, **k):
     pid = real(*a, **k)
