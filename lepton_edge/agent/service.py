@@ -26,7 +26,6 @@ camera, a stuck inference or a dead main loop stops the pings, and systemd resta
 """
 from __future__ import annotations
 
-import errno
 import logging
 import queue
 import signal
@@ -46,7 +45,7 @@ from lepton_edge.agent.config import AgentConfig
 from lepton_edge.agent.deploy import BundleStore, DeployError
 from lepton_edge.agent.systemd import Notifier
 from lepton_edge.capture import SourceState, StatusUpdate, open_source
-from lepton_edge.errors import BadInput, LeptonError
+from lepton_edge.errors import BadInput, LeptonError, disk_full
 from lepton_edge.pipeline import Pipeline, capture_threads
 from lepton_edge.runtime import Runtime
 from lepton_edge.stats import summarize
@@ -159,7 +158,7 @@ class Agent:
             with tempfile.NamedTemporaryFile(dir=state_dir, prefix=".write-test-"):
                 pass
         except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT) and Path(state_dir).is_dir():
+            if disk_full(e) and Path(state_dir).is_dir():
                 return
             raise BadInput(f"state_dir {state_dir} is not writable: {e.strerror or e}") from None
 
