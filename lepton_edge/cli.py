@@ -352,7 +352,8 @@ def inspect(path: Path = typer.Argument(..., help="A bundle directory, an .onnx 
             lay = f" {v['layout']}" if v.get("layout") else ""
             qp = v.get("quantization")
             quant = f" scale={qp['scale']:.6g} zero_point={qp['zero_point']}" if qp else ""
-            row(kind[:-1], f"{v['name']}: {v['dtype']} {v['shape']}{lay}{dyn}{quant}")
+            shape = "(rank unknown)" if v["shape"] is None else v["shape"]
+            row(kind[:-1], f"{v['name']}: {v['dtype']} {shape}{lay}{dyn}{quant}")
     b = info.get("bundle")
     rules = {c["name"]: c.get("rule") for c in (b or {}).get("constant_inputs", [])}
     for c in (b or {}).get("constant_inputs") or info.get("constant_inputs", []):  # the manifest's, else the file's
@@ -360,7 +361,8 @@ def inspect(path: Path = typer.Argument(..., help="A bundle directory, an .onnx 
         shown = ("not listed (large)" if vals is None else
                  f"[{', '.join(f'{x:g}' for x in vals[:8])}{', ...' if len(vals) > 8 else ''}]")
         rule = f" ({rules[c['name']]})" if rules.get(c["name"]) else ""
-        row("constant input", f"{c['name']}: {c['dtype']} {c['shape']} = {shown}{rule}")
+        shape = "(rank unknown)" if c["shape"] is None else c["shape"]
+        row("constant input", f"{c['name']}: {c['dtype']} {shape} = {shown}{rule}")
     row("ops", ", ".join(f"{k} {n}" for k, n in info["ops"].items()))
     if info["custom_ops"]:
         row("custom ops", ", ".join(info["custom_ops"]))

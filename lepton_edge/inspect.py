@@ -70,9 +70,9 @@ def inspect_onnx(path: Path) -> dict:
 
     def value(v):
         t = v.type.tensor_type
-        dims = [d.dim_value if d.dim_value > 0 else (d.dim_param or "?") for d in t.shape.dim]
-        return {"name": v.name, "dtype": _DTYPES.get(t.elem_type, str(t.elem_type)), "shape": dims,
-                "dynamic": [i for i, d in enumerate(dims) if not isinstance(d, int)], "layout": guess_layout(dims)}
+        dims = ([d.dim_value if d.dim_value > 0 else (d.dim_param or "?") for d in t.shape.dim]
+                if t.HasField("shape") else None)
+        return _value_info(v.name, _DTYPES.get(t.elem_type, str(t.elem_type)), dims)
 
     ops = Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}" for n in g.node)
     params, weight_types = _weights((i.dims, i.data_type) for i in g.initializer)
@@ -194,20 +194,20 @@ def _wire_dim(buf: memoryview) -> int | str:
     return value if 0 < value < (1 << 62) else (param or "?")
 
 
-def _wire_tensor_type(buf: memoryview) -> tuple[int | None, list[int | str]]:
-    """TypeProto.Tensor: (elem_type if given, dims)."""
-    elem, dims = None, []
+def _wire_tensor_type(buf: memoryview) -> tuple[int | None, list[int | str] | None]:
+    """TypeProto.Tensor: (elem_type if given, dims; None when it has no shape: rank unknown)."""
+    elem, dims = None, None
     for en, ev in _fields(buf):  # Tensor: 1 = elem_type, 2 = shape
         if en == 1 and isinstance(ev, int):
             elem = ev
         elif en == 2 and isinstance(ev, memoryview):
-            dims += [_wire_dim(d) for d in _sub(ev, 1)]  # TensorShapeProto: 1 = dim
+            dims = (dims or []) + [_wire_dim(d) for d in _sub(ev, 1)]  # TensorShapeProto: 1 = dim
     return elem, dims
 
 
 def _wire_value(buf: memoryview) -> dict:
     """ValueInfoProto -> the same dict inspect_onnx makes."""
-    name, elem, dims = "", 0, []
+    name, elem, dims = "", 0, None
     for num, v in _fields(buf):
         if num == 1:
             name = _str(v)
@@ -215,9 +215,16 @@ def _wire_value(buf: memoryview) -> dict:
             for tensor_type in _sub(v, 1):  # TypeProto: 1 = tensor_type
                 e, d = _wire_tensor_type(tensor_type)
                 elem = elem if e is None else e
-                dims += d
-    return {"name": name, "dtype": _DTYPES.get(elem, str(elem)), "shape": dims,
-            "dynamic": [i for i, d in enumerate(dims) if not isinstance(d, int)], "layout": guess_layout(dims)}
+                dims = dims if d is None else (dims or []) + d
+    return _value_info(name, _DTYPES.get(elem, str(elem)), dims)
+
+
+def _value_info(name: str, dtype: str, dims: list[int | str] | None) -> dict:
+    """An input or output as inspect reports it. `dims` None is a tensor of unknown rank (no shape in the
+    file, which onnxruntime runs): its shape is reported as None, not [], which is a scalar's."""
+    return {"name": name, "dtype": dtype, "shape": dims,
+            "dynamic": [i for i, d in enumerate(dims or []) if not isinstance(d, int)],
+            "layout": guess_layout(dims) if dims is not None else None}
 
 
 def _wire_model(data: memoryview) -> dict:

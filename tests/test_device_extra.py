@@ -37,13 +37,15 @@ def test_onnx_wire_reader_agrees_with_onnx(int8_bundle, tmp_path):
     assert inspect_onnx_wire(f) == inspect_onnx(f)
     x = helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["n", 64, 64, 3])
     y1 = helper.make_tensor_value_info("feat", TensorProto.FLOAT16, ["n", 3])
-    y2 = helper.make_tensor_value_info("extra", TensorProto.FLOAT, None)
+    y2 = helper.make_tensor_value_info("extra", TensorProto.FLOAT, None)  # no shape: rank unknown
+    y3 = helper.make_tensor_value_info("total", TensorProto.FLOAT, [])  # a scalar
     w = helper.make_tensor("w", TensorProto.FLOAT16, [3, 3], [0.5] * 9)
     g = helper.make_graph([helper.make_node("ReduceMean", ["pixels"], ["m"], axes=[1, 2], keepdims=0),
                            helper.make_node("Cast", ["m"], ["mh"], to=TensorProto.FLOAT16),
                            helper.make_node("MatMul", ["mh", "w"], ["feat"]),
-                           helper.make_node("Mystery", ["m"], ["extra"], domain="com.acme")],
-                          "g", [x], [y1, y2], [w])
+                           helper.make_node("Mystery", ["m"], ["extra"], domain="com.acme"),
+                           helper.make_node("ReduceSum", ["m"], ["total"], keepdims=0)],
+                          "g", [x], [y1, y2, y3], [w])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("com.acme", 2)],
                           producer_name="acme", producer_version="9")
     path = tmp_path / "foreign.onnx"
@@ -52,6 +54,15 @@ def test_onnx_wire_reader_agrees_with_onnx(int8_bundle, tmp_path):
     assert a == b
     assert b["inputs"][0]["dynamic"] == [0] and b["custom_ops"] == ["com.acme::Mystery"]
     assert b["domains"] == {"com.acme": 2} and b["opset"] == 13 and b["precision"] == "fp16"
+    # an output with no shape in the file is of unknown rank, told apart from a scalar's []
+    assert [o["shape"] for o in b["outputs"]] == [["n", 3], None, []]
+    from typer.testing import CliRunner
+
+    from lepton_edge.cli import app
+
+    shown = CliRunner().invoke(app, ["inspect", str(path)], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0, shown.output
+    assert "extra: float32 (rank unknown)" in shown.output and "total: float32 []" in shown.output
 
 
 @pytest.mark.parametrize("data", [b"\x08", b"\x0a\xff\xff\xff\xff\x0f", b"\x3a\x05abc", b"\x0f" * 40,
