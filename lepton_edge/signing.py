@@ -82,7 +82,20 @@ def new_keys(out: Path) -> tuple[Path, Path]:
     """private.pem (mode 600) and public.pem in `out`; refuses to overwrite a private key."""
     serialization, ed25519 = _crypto()
     out = Path(out)
+    made = [p for p in (out, *out.parents) if not os.path.lexists(p)]  # folders this call makes, deepest first
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _write_pair(out, serialization, ed25519)
+    except BaseException:  # (a disk with no inode left for the key) no pair, and no empty folder left behind
+        for d in made:
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def _write_pair(out: Path, serialization, ed25519) -> tuple[Path, Path]:
     priv_path, pub_path = out / "private.pem", out / "public.pem"
     if os.path.lexists(priv_path):  # (a dangling symlink too: writing through it put the key elsewhere)
         raise BadInput(f"{priv_path} exists; refusing to overwrite a private key")

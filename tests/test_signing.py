@@ -273,3 +273,14 @@ def test_new_keys_on_a_disk_with_room_for_one_key_leaves_no_half_pair(tmp_path):
         (disk / "filler").unlink()
         priv, pub = new_keys(disk / "k")
         assert priv.is_file() and pub.is_file()
+
+
+@pytest.mark.root
+def test_new_keys_on_a_disk_out_of_inodes_leaves_no_empty_folders(tmp_path):
+    """Inodes for the --out folders but none for a key: `keys new` failed and left the folders it had made,
+    empty. Now the folders it made go too (and a folder that was there before stays)."""
+    with tmpfs(tmp_path / "disk", "size=1m,nr_inodes=4") as disk:
+        (disk / "there").mkdir()  # the root and this: two of the four inodes
+        with pytest.raises(OSError):
+            new_keys(disk / "there" / "a" / "keys")  # two folders made, no inode left for private.pem
+        assert os.listdir(disk) == ["there"] and os.listdir(disk / "there") == []
