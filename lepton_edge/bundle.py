@@ -158,6 +158,12 @@ class InputSpec(BaseModel):
             raise BadInput(f"input '{self.name}' of shape {self.shape} ({self.layout}) has {c} channel(s), and color "
                            f"{self.color} gives {self.channels}: set the color to {want}")
         if isinstance(c, int) and c != self.channels:  # RGBA [1,4,H,W], feature maps [1,64,32,32]
+            other = "NHWC" if self.layout == "NCHW" else "NCHW"
+            oc = self.shape[3] if other == "NHWC" else self.shape[1]
+            if oc in (1, 3):  # the layout contradicts the shape (`run --input-spec layout=NCHW` on an NHWC
+                # .tflite was told its 128 rows were channels, and to give --calib, a flag `run` does not have)
+                raise BadInput(f"input '{self.name}' of shape {self.shape} read as {self.layout} has {c} channels, as {other} "
+                               f"{oc}: set the layout to {other}")
             raise BadInput(f"input '{self.name}' {self.shape} ({self.layout}) has {c} channels, and a camera frame "
                            f"gives 1 (GRAY) or 3 (RGB/BGR): images cannot feed it (to export it, give --calib a "
                            ".npy/.npz of model-shaped inputs)")

@@ -220,3 +220,27 @@ def test_export_compare_titles_a_path_with_markup_as_text(tmp_path, monkeypatch)
     r = CliRunner().invoke(cli.app, ["export", "a[/]m.onnx", "--compare", "--out", str(tmp_path / "o")])
     assert type(r.exception).__name__ == "CheckFailed", r.exception  # (no variant passed), not a MarkupError
     assert "a[/]m.onnx for" in cli.out.file.getvalue()
+
+
+def test_a_tflite_lacking_several_custom_ops_names_them_all(tmp_path):
+    """MediaPipe's face_landmark_with_attention.tflite needs three custom ops (Landmarks2TransformMatrix,
+    TransformTensorBilinear, TransformLandmarks); LiteRT names the first it lacks, and a user who
+    registered that one met the next only on the next try. The one line lists the others the file uses."""
+    from ai_edge_litert import schema_py_generated as s
+    from ai_edge_litert.tools import flatbuffer_utils as fu
+
+    path = tmp_path / "two.tflite"
+    _mean_tflite(path, "uint8", (1 / 128, 128))
+    m = fu.read_model(str(path))
+    for oc, name in zip(m.operatorCodes, ("FirstOp", "SecondOp")):
+        oc.builtinCode = oc.deprecatedBuiltinCode = s.BuiltinOperator.CUSTOM
+        oc.customCode = name
+    fu.write_model(m, str(path))
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    import cv2
+    import numpy as np
+
+    cv2.imwrite(str(folder / "a.png"), np.zeros((8, 8, 3), np.uint8))
+    line = _one_line(run_cli("run", str(path), "--source", str(folder), "--no-show"), "custom op")
+    assert "FirstOp" in line and "SecondOp" in line, line

@@ -257,3 +257,71 @@ def test_a_tflite_file_named_otherwise_is_inspected_as_run_finds_it(tmp_path):
     (tmp_path / "junk.bin").write_bytes(b"abcdefghij")
     r = run_cli("inspect", str(tmp_path / "junk.bin"))
     assert r.returncode == 2 and "cannot inspect" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_input_spec_overrides_a_plain_tflite_cannot_take_say_what_to_change(tmp_path):
+    """Found on MediaPipe's face detector ([1,128,128,3] NHWC float): `run --input-spec layout=NCHW` was told
+    its 128 rows were channels a camera cannot give and to pass --calib (an `export` flag), and
+    `--input-spec size=256x256` on its fixed input blamed "the manifest's input shape" of a file that has no
+    manifest. Each is one line that names the override to change."""
+    _mean_tflite(tmp_path / "m.tflite", "uint8", (1 / 128, 128), shape=(1, 16, 16, 3))
+    _, folder = _solid(tmp_path)
+    r = run_cli("run", str(tmp_path / "m.tflite"), "--source", str(folder), "--no-show", "--input-spec", "layout=NCHW")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    line = r.stderr.strip().splitlines()[-1]
+    assert "set the layout to NHWC" in line and "--calib" not in line, line
+    r = run_cli("run", str(tmp_path / "m.tflite"), "--source", str(folder), "--no-show", "--input-spec", "size=32x32")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    line = r.stderr.strip().splitlines()[-1]
+    assert "manifest" not in line and "--input-spec" in line and "[1, 16, 16, 3]" in line, line
+
+
+def test_a_16x8_int16_input_takes_pixels_over_255_not_pixel_codes(tmp_path):
+    """TFLite's 16x8 full-integer models have an int16 input quantized symmetrically (scale ~1/32768, zero
+    point 0): it encodes the float model's input. Fed the 8-bit pixel codes, as uint8 and int8 inputs are,
+    the model saw 0.0076 for a pixel of 250, every frame nearly black. It takes pixels / 255, as a float input."""
+    from ai_edge_litert import schema_py_generated as s
+    from ai_edge_litert.tools import flatbuffer_utils as fu
+
+    frame, _ = _solid(tmp_path)
+    path = tmp_path / "i16.tflite"
+    _mean_tflite(path, "uint8", (1 / 32768, 0))
+    m = fu.read_model(str(path))
+    m.subgraphs[0].tensors[0].type = s.TensorType.INT16
+    fu.write_model(m, str(path))
+    out = Runtime.load(path, task="raw").predict(frame)
+    np.testing.assert_allclose(np.ravel(out[0]), RGB / 255, atol=1e-3)
+
+
+def _quantize_tflite(path, scales: list[float], zero_points: list[int]) -> None:
+    """float32 [1,8,8,3] -> QUANTIZE -> int8 [1,8,8,3] quantized per channel (axis 3) with these parameters."""
+    from ai_edge_litert import schema_py_generated as s
+    from ai_edge_litert.tools import flatbuffer_utils as fu
+
+    m = s.ModelT()
+    m.version, m.buffers = 3, [s.BufferT()]
+    oc = s.OperatorCodeT()
+    oc.builtinCode = oc.deprecatedBuiltinCode = s.BuiltinOperator.QUANTIZE
+    oc.version = 1
+    m.operatorCodes = [oc]
+    x, y = s.TensorT(), s.TensorT()
+    x.name, x.shape, x.type, x.buffer = "x", [1, 8, 8, 3], s.TensorType.FLOAT32, 0
+    y.name, y.shape, y.type, y.buffer = "y", [1, 8, 8, 3], s.TensorType.INT8, 0
+    y.quantization = s.QuantizationParametersT()
+    y.quantization.scale, y.quantization.zeroPoint, y.quantization.quantizedDimension = scales, zero_points, 3
+    op = s.OperatorT()
+    op.opcodeIndex, op.inputs, op.outputs = 0, [0], [1]
+    g = s.SubGraphT()
+    g.name, g.inputs, g.outputs, g.operators, g.tensors = "main", [0], [1], [op], [x, y]
+    m.subgraphs = [g]
+    path.write_bytes(bytes(fu.convert_object_to_bytearray(m)))
+
+
+def test_an_output_quantized_per_channel_is_dequantized_per_channel(tmp_path):
+    """LiteRT reports a per-channel tensor's `quantization` as (0.0, 0): such an int8 output came back as its raw
+    codes ([32, 16, 8] for 0.5 at scales 1/64, 1/32, 1/16), not the real values every consumer expects."""
+    _quantize_tflite(tmp_path / "pc.tflite", [1 / 64, 1 / 32, 1 / 16], [0, 0, 0])
+    rt = Runtime.load(tmp_path / "pc.tflite", task="raw")
+    out = rt.infer(np.full((1, 8, 8, 3), 0.5, np.float32))[0]
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, 0.5)

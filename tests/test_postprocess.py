@@ -45,6 +45,21 @@ def test_ssd_postprocessed_layout_tflite_order():
     assert dets[0]["box"] == [120.0, 30.0, 360.0, 150.0]
 
 
+def test_ssd_with_one_detection_slot_reads_the_count_not_the_class():
+    """TFLite_Detection_PostProcess with max_detections=1 (one face, one plate): classes, scores and the count
+    are one value each. The count was taken from the classes output, so a class-0 detection was dropped
+    (count 0) and a class-2 one claimed two boxes."""
+    boxes = np.array([[[0.1, 0.2, 0.5, 0.6]]], np.float32)
+    spec = InputSpec(name="x", shape=[1, 300, 300, 3], layout="NHWC")
+    for cls in (0.0, 2.0):
+        dets = post.detect([boxes, np.array([[cls]], np.float32), np.array([[0.9]], np.float32),
+                            np.array([1.0], np.float32)], spec, (300, 300), None, conf=0.25)
+        assert [(d["class"], d["box"]) for d in dets] == [(int(cls), [60.0, 30.0, 180.0, 150.0])], cls
+    none = post.detect([boxes, np.array([[0.0]], np.float32), np.array([[0.9]], np.float32),
+                        np.array([0.0], np.float32)], spec, (300, 300), None, conf=0.25)
+    assert none == []  # a count of 0: the slot is padding
+
+
 def test_ssd_torchvision_style_absolute_boxes_int_labels():
     boxes = np.array([[10, 20, 110, 220], [0, 0, 5, 5]], np.float32)
     labels = np.array([3, 1], np.int64)

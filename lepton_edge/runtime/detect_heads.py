@@ -205,7 +205,10 @@ def ssd(outputs: list[np.ndarray], hw: tuple[int, int], num_labels: int | None =
     else:  # both look alike: TFLite's order is boxes, classes, scores, count
         classes = vs[0]
     scores = next(v for v in vs if v is not classes)
-    counts = [a.reshape(-1) for i, a in enumerate(arrs) if a.size == 1]
+    # the count: a one-value output that is none of the others. (With one detection a slot, N = 1, the classes
+    # and scores are one value each too: the count was read from the classes, and a class-0 box was dropped)
+    used = {box_i} | {i for i, v in vecs if v is classes or v is scores}
+    counts = [a.reshape(-1) for i, a in enumerate(arrs) if a.size == 1 and i not in used]
     if counts:
         m = int(counts[0][0])
         boxes, scores, classes = boxes[:m], scores[:m], classes[:m]

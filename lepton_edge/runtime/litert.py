@@ -25,13 +25,35 @@ def _info(d) -> TensorInfo:
     shape = [int(v) if v >= 0 else "?" for v in sig]
     scale, zp = d["quantization"]
     q = {"scale": float(scale), "zero_point": int(zp)} if scale else None
-    return TensorInfo(d["name"], shape, np.dtype(d["dtype"]).name, q, {"index": d["index"]})
+    extra = {"index": d["index"]}
+    qp = d.get("quantization_parameters") or {}
+    scales = np.asarray(qp.get("scales", []), np.float32)
+    if scales.size > 1:  # per-channel: `quantization` reads (0.0, 0), and an output's codes were returned as they are
+        zps = np.asarray(qp.get("zero_points", []), np.float32)
+        axis = int(qp.get("quantized_dimension", 0))
+        bshape = [1] * len(d["shape"])
+        if 0 <= axis < len(bshape) and int(d["shape"][axis]) == scales.size:
+            bshape[axis] = scales.size
+            extra["per_channel"] = (scales.reshape(bshape),
+                                    (zps if zps.size == scales.size else np.zeros_like(scales)).reshape(bshape))
+    return TensorInfo(d["name"], shape, np.dtype(d["dtype"]).name, q, extra)
 
 
 def _absolute(path: str) -> str:
     if not Path(path).is_absolute():
         raise ValueError(f"a delegate library path must be absolute, got {path[:80]!r}")
     return path
+
+
+def _dequantization(o: TensorInfo) -> tuple | None:
+    """(scale, zero point) that turn an integer output's codes into real numbers (arrays along the channel axis
+    for a per-channel one), or None: a float output, or integers that carry no quantization."""
+    if not np.issubdtype(np.dtype(o.dtype), np.integer):
+        return None
+    if "per_channel" in o.extra:
+        return o.extra["per_channel"]
+    q = o.quantization
+    return (np.float32(q["scale"]), np.float32(q["zero_point"])) if q else None
 
 
 class LiteRTOptions(BackendOptions):
@@ -78,8 +100,7 @@ class LiteRTBackend(Backend):
     def _prepare(self) -> None:
         it = self.interpreter
         self._in = self.inputs[0].extra["index"]
-        self._outs = [(o.extra["index"], o.quantization if np.issubdtype(np.dtype(o.dtype), np.integer) else None)
-                      for o in self.outputs]
+        self._outs = [(o.extra["index"], _dequantization(o)) for o in self.outputs]
         self._set, self._invoke, self._get = it.set_tensor, it.invoke, it.get_tensor
 
     def resize_input(self, shape: list[int]) -> None:
@@ -103,8 +124,7 @@ class LiteRTBackend(Backend):
         finally:
             clock.started = None
         get = self._get
-        return [get(i) if q is None else (get(i).astype(np.float32) - q["zero_point"]) * np.float32(q["scale"])
-                for i, q in self._outs]
+        return [get(i) if q is None else (get(i).astype(np.float32) - q[1]) * q[0] for i, q in self._outs]
 
     def describe(self) -> dict:
         cls = interpreter_class()

@@ -277,6 +277,29 @@ def _load_error(p: Path, e: Exception) -> BadInput:
     msg = str(e)
     custom = re.search(r"Encountered unresolved custom op: ([\w/-]+(?:\.[\w/-]+)*)", msg)
     if custom:
-        return BadInput(f"{p}: uses custom op '{custom.group(1)}', which this LiteRT interpreter lacks")
+        # LiteRT stops at the first op it lacks: a MediaPipe face mesh needs three, and the user who
+        # registered the one named met the next only then. The file lists them all.
+        others = [c for c in _custom_ops(p) if c != custom.group(1)]
+        also = f" (the file also uses custom op{'s' if len(others) > 1 else ''} {', '.join(others)})" if others else ""
+        return BadInput(f"{p}: uses custom op '{custom.group(1)}', which this LiteRT interpreter lacks{also}")
     first = next((ln.strip() for ln in msg.splitlines() if ln.strip()), type(e).__name__)
     return BadInput(f"{p}: LiteRT cannot load it ({first[:200]})")
+
+
+def _custom_ops(p: Path, limit: int = 8) -> list[str]:
+    """The custom op names the file's operator codes list (at most `limit`, printable), or [] when it
+    cannot be read (tflite_runtime has no schema module; a corrupt file)."""
+    try:
+        from ai_edge_litert import schema_py_generated as schema
+
+        m = schema.Model.GetRootAs(read_model_bytes(p), 0)
+        names = []
+        for i in range(m.OperatorCodesLength()):
+            code = m.OperatorCodes(i)
+            if max(code.BuiltinCode(), code.DeprecatedBuiltinCode()) == schema.BuiltinOperator.CUSTOM:
+                name = (code.CustomCode() or b"").decode("utf-8", "replace")[:64]
+                if name.isprintable() and name and name not in names:
+                    names.append(name)
+        return names[:limit]
+    except Exception:
+        return []

@@ -131,10 +131,11 @@ def _reshaped(run: Callable, shape: tuple, x: np.ndarray) -> list[np.ndarray]:
     return run(x.reshape(shape))
 
 
-def check_against_engine(spec: InputSpec, engine_inputs: list, where: str) -> None:
+def check_against_engine(spec: InputSpec, engine_inputs: list, where: str, claimed: str = "the manifest's") -> None:
     """The manifest's input (name aside) must be what the model takes: same rank and dtype, every
     static dimension equal (a dynamic one takes any size). A bad deploy then fails at load time,
-    with one line, not in the pipeline at the first frame."""
+    with one line, not in the pipeline at the first frame. `claimed`: whose spec it is (a plain model file's
+    comes from the model and --input-spec: there is no manifest to blame)."""
     if not engine_inputs:
         raise BadInput(f"{where}: the model has no inputs")
     eng = engine_inputs[0]
@@ -142,15 +143,16 @@ def check_against_engine(spec: InputSpec, engine_inputs: list, where: str) -> No
     if len(eng.shape) == 3 and len(shape) == 4 and shape[0] == 1:  # a 3-D input: the frame without its batch
         shape = shape[1:]
     if len(shape) != len(eng.shape) or any(isinstance(e, int) and e != d for d, e in zip(shape, eng.shape)):
-        raise BadInput(f"{where}: the manifest's input shape {shape} does not match the model's "
-                       f"{list(eng.shape)} (input {eng.name!r})")
+        fixed = "; the model's size is fixed: leave size out" if claimed != "the manifest's" else ""
+        raise BadInput(f"{where}: {claimed} input shape {shape} does not match the model's "
+                       f"{list(eng.shape)} (input {eng.name!r}){fixed}")
     if str(spec.dtype) != str(eng.dtype):
-        raise BadInput(f"{where}: the manifest's input dtype {spec.dtype} does not match the model's {eng.dtype}")
+        raise BadInput(f"{where}: {claimed} input dtype {spec.dtype} does not match the model's {eng.dtype}")
     mq, eq = spec.quantization, getattr(eng, "quantization", None)
     if isinstance(mq, dict) and eq and not _same_quantization(mq, eq):
         # frames are quantized with the manifest's figures: other than the model's, every result was wrong
         # (a scale of 1e300 made every frame the same input), and nothing said so
-        raise BadInput(f"{where}: the manifest's input quantization {str(mq)[:100]} does not match the model's "
+        raise BadInput(f"{where}: {claimed} input quantization {str(mq)[:100]} does not match the model's "
                        f"{eq} (input {eng.name!r})")
 
 
@@ -284,7 +286,8 @@ class Runtime:
             meta = model_metadata(backend)
             spec = spec_from_model(backend, overrides, meta)
             check_input_size(spec)
-            check_against_engine(spec, backend.inputs, str(p))  # --input-spec size=1 on a static 28x28 model
+            # --input-spec size=1 on a static 28x28 model
+            check_against_engine(spec, backend.inputs, str(p), claimed="--input-spec's")
             labels = labels or meta.get("labels")
             rt = cls(backend, spec, task or meta.get("task") or guess_task(backend, labels), labels, None, p,
                      **post_options)

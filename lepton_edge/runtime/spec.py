@@ -274,10 +274,18 @@ def pixel_encoding(dtype: str, quantization: dict | None, given: AbstractSet[str
     round(x / scale + zero_point) with x = pixel * scale - mean: so scale = the input's scale and
     mean = scale * (offset + zero_point).
 
+    A quantized input wider than 8 bits (TFLite's 16x8 int16) has no such convention: it takes pixels / 255
+    like a float input, quantized with its scale and zero point.
+
     `given`: the --input-spec keys. A quantized input given mean, std or scale is normalised as a
     float input would be (pixel / 255, then mean and std: the real values it was trained on), and its
     quantization encodes those."""
     if not np.issubdtype(np.dtype(dtype), np.integer) or (quantization and given & {"mean", "std", "scale"}):
+        return {"scale": 1 / 255.0}
+    if quantization and np.dtype(dtype).itemsize > 1:
+        # pixel codes are an 8-bit convention: a 16x8 model's int16 input (scale ~1/32768, zero point 0) given
+        # the codes 0..255 saw 0.008 for a white pixel, every frame nearly black. Its quantization encodes the
+        # float model's input: pixels / 255, as a float input takes them
         return {"scale": 1 / 255.0}
     offset = 128.0 if dtype == "int8" else 0.0
     s, z = (float(quantization["scale"]), float(quantization["zero_point"])) if quantization else (1.0, 0.0)
