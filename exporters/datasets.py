@@ -96,18 +96,26 @@ def inputs_held(loaded: int, samples: int) -> int:
 
 def _split_few(x, spec, samples: int) -> tuple[Any, Any, dict[str, Any]]:
     """Too few inputs for `samples` plus a held-out set: hold out a fifth (at most 16, at least
-    one) and validate on them and on other views of them; one input only: its views."""
+    one) and validate on them and on other views of them; one input only: its views. An input that
+    is not an image (audio [1,16000], features [1,16,96]) has no views: validated on the held-out
+    inputs alone, and one such input is one line (there was nothing to validate on: a traceback)."""
     n = len(x)
     if n < 2:
-        return x, views(x, spec), {"validation_inputs": f"views of the only input ({', '.join(VIEWS)})",
-                                   "calibration_inputs": "input 0"}
+        v = views(x, spec)
+        if not len(v):
+            raise BadInput(f"the calibration data holds one input, and an input of shape {list(spec.shape)} (not an "
+                           "image) has no mirrored or zoomed views to validate on: give at least 2 inputs "
+                           "(50-300 for int8)")
+        return x, v, {"validation_inputs": f"views of the only input ({', '.join(VIEWS)})",
+                      "calibration_inputs": "input 0"}
     hold = held_few(n)
     cal_x, held = cal.subset(x, None, n - hold), cal.subset(x, n - hold)
-    check = cal.PixelInputs.concat([held, views(held, spec)]) if isinstance(held, cal.PixelInputs) \
-        else np.concatenate([held, views(held, spec)])
+    v = views(held, spec)
+    check = cal.PixelInputs.concat([held, v]) if isinstance(held, cal.PixelInputs) else np.concatenate([held, v])
+    seen = f"inputs {n - hold}-{n - 1} held out" if hold > 1 else f"input {n - 1} held out"
     return cal_x, check, {
         "calibration_inputs": f"inputs 0-{n - hold - 1} of the {n} loaded",
-        "validation_inputs": f"inputs {n - hold}-{n - 1} held out, and their views ({', '.join(VIEWS)})"}
+        "validation_inputs": f"{seen}, and their views ({', '.join(VIEWS)})" if len(v) else seen}
 
 
 # --- non-image inputs of a multi-input model ------------------------------------------------------

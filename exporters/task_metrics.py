@@ -427,12 +427,14 @@ def infer_task(outputs: list[np.ndarray], specs: list[dict], input_spec, labels=
         h, w = input_spec.hw()
     except Exception:
         h = w = 0
-    for s in shapes:
+    for o, s in zip(outputs, shapes):
         hw = s[-2:] if len(s) >= 2 else None
         # a map is at least 1/8 of the input and at most 4x it (a [T, 6625] sequence of per-step
-        # character probabilities is not a map of a 48x320 input)
+        # character probabilities is not a map of a 48x320 input); nor is a [T, K] output whose rows are
+        # probabilities (a table recogniser's [501, 30] per-step tokens at a 224x224 input: judged as a
+        # map by mask IoU, an int8 candidate at 8 dB SQNR passed)
         if hw and h and w and max(2, h // 8) <= hw[0] <= 4 * h and max(2, w // 8) <= hw[1] <= 4 * w \
-                and len(s) in (2, 3):
+                and len(s) in (2, 3) and not (len(s) == 2 and _distributions(o)):
             return "segment"
     vectors = {s[0] for s in shapes if len(s) == 1}
     # a classifier that also returns its features (scores [C] + feat [D]) says so in its names

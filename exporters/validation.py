@@ -318,6 +318,10 @@ class Validator:
             if self.task == "classify" and labels and classes and len(labels) != classes:
                 raise BadInput(f"{len(labels)} labels for a classifier of {classes} classes: give one name a class, "
                                "in the model's order (--labels)")
+            if self.task == "classify" and (classes or 1) < 2:  # ([N] or [N,1]: a wake word's score, a regression)
+                raise BadInput("classify (--task classify or --labels): output 0 holds one value an input, no "
+                               "class scores: its top-1 is always class 0, so the classify gate would pass whatever "
+                               "the artifact computes; use --task raw (SQNR and cosine on every output)")
             if task == "detect":
                 from lepton_edge.exporters import task_metrics as tm
 

