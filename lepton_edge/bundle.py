@@ -162,8 +162,8 @@ class InputSpec(BaseModel):
             oc = self.shape[3] if other == "NHWC" else self.shape[1]
             if oc in (1, 3):  # the layout contradicts the shape (`run --input-spec layout=NCHW` on an NHWC
                 # .tflite was told its 128 rows were channels, and to give --calib, a flag `run` does not have)
-                raise BadInput(f"input '{self.name}' of shape {self.shape} read as {self.layout} has {c} channels, as {other} "
-                               f"{oc}: set the layout to {other}")
+                raise BadInput(f"input '{self.name}' of shape {self.shape} read as {self.layout} has {c} channels, "
+                               f"as {other} {oc}: set the layout to {other}")
             raise BadInput(f"input '{self.name}' {self.shape} ({self.layout}) has {c} channels, and a camera frame "
                            f"gives 1 (GRAY) or 3 (RGB/BGR): images cannot feed it (to export it, give --calib a "
                            ".npy/.npz of model-shaped inputs)")
