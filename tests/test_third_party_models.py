@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import run_cli
+from lepton_edge.errors import BadInput
 from lepton_edge.runtime import Runtime
 
 
@@ -99,6 +100,47 @@ def test_tflite_with_dynamic_spatial_dims(tmp_path):
     assert fmap.shape == (1, 96, 128, 8)
     np.testing.assert_allclose(logits, want[0], atol=1e-4)
     np.testing.assert_allclose(fmap, want[1], atol=1e-4)
+
+
+def test_tflite_whose_dynamic_inputs_default_shape_cannot_be_allocated_runs_at_the_size_given(tmp_path):
+    """TensorFlow stores an input with open dimensions as 1s ([1,1,1,3]): a strided 5x5 convolution cannot take
+    1x1, and LiteRT's allocation at that default failed, so the file was refused ("XNNPack delegate failed to
+    reshape") though it runs at any real size. It is now allocated at the size run gives it (probed first)."""
+    pytest.importorskip("litert_torch")
+    import litert_torch
+    from ai_edge_litert.tools import flatbuffer_utils as fu
+
+    class Strided(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 5, stride=2)
+            self.fc = torch.nn.Linear(8, 4)
+
+        def forward(self, x):  # [1, H, W, 3] -> class scores
+            return self.fc(torch.relu(self.conv(x.permute(0, 3, 1, 2))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    module = Strided().eval()
+    static = tmp_path / "static.tflite"
+    litert_torch.convert(module, (torch.zeros(1, 32, 32, 3),)).export(str(static))
+    model = fu.convert_bytearray_to_object(bytearray(static.read_bytes()))
+    sg = model.subgraphs[0]
+    sg.tensors[sg.inputs[0]].shapeSignature = np.array([1, -1, -1, 3], np.int32)
+    sg.tensors[sg.inputs[0]].shape = np.array([1, 1, 1, 3], np.int32)
+    path = tmp_path / "dynamic.tflite"
+    path.write_bytes(bytes(fu.convert_object_to_bytearray(model)))
+
+    frame = np.random.default_rng(0).integers(0, 255, (120, 160, 3), np.uint8)
+    for spec, hw in ((None, (224, 224)), ("size=64x80", (64, 80))):
+        rt = Runtime.load(path, input_spec=spec, task="raw")
+        assert rt.spec.hw() == hw
+        x = rt.preprocess(frame)
+        with torch.no_grad():
+            want = module(torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(rt.infer(x)[0], want, atol=1e-4)
+    with pytest.raises(BadInput) as e:  # a size it cannot take either: one line
+        Runtime.load(path, input_spec="size=2x2")
+    assert "\n" not in str(e.value) and "cannot resize input to [1, 2, 2, 3]" in str(e.value), e.value
 
 
 def test_nhwc_model_and_input_spec_errors(tmp_path):

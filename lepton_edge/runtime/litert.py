@@ -14,10 +14,9 @@ from typing import Annotated
 import numpy as np
 from pydantic import AfterValidator, Field
 
-from lepton_edge.errors import BadInput
 from lepton_edge.runtime import hard_stop
 from lepton_edge.runtime.backend import Backend, BackendOptions, TensorInfo
-from lepton_edge.runtime.litert_loader import interpreter_class, load_interpreter
+from lepton_edge.runtime.litert_loader import allocate_at, dynamic_input, interpreter_class, load_interpreter
 
 
 def _info(d) -> TensorInfo:
@@ -83,9 +82,12 @@ class LiteRTBackend(Backend):
         self.max_run_s = options.max_run_s
         limit = hard_stop.begin_load(path, "LiteRT")
         try:
-            self.interpreter = load_interpreter(path, self.threads, delegates=libs)
+            # (an input with open dimensions whose default shape cannot be allocated is sized by resize_input)
+            self.interpreter = load_interpreter(path, self.threads, delegates=libs, defer_dynamic=True)
         finally:
             hard_stop.end(limit)
+        self._path = path
+        self._sized = not dynamic_input(self.interpreter)  # else: not allocated at a size run chose yet
         self._clock = hard_stop.RunClock(f"a LiteRT run of {Path(path).name!r}", options.max_run_s,
                                          options.max_run_bytes or hard_stop.growth_budget(path))
         it = self.interpreter
@@ -106,12 +108,9 @@ class LiteRTBackend(Backend):
     def resize_input(self, shape: list[int]) -> None:
         it = self.interpreter
         cur = [int(v) for v in it.get_input_details()[0]["shape"]]
-        if cur != list(shape):
-            try:
-                it.resize_tensor_input(self._in, list(shape), strict=True)
-                it.allocate_tensors()
-            except (ValueError, RuntimeError) as e:
-                raise BadInput(f"LiteRT cannot resize input to {shape}: {str(e).splitlines()[0][:200]}") from None
+        if cur != list(shape) or not self._sized:
+            allocate_at(it, self._path, self.threads, list(shape))
+            self._sized = True
             self.outputs = [_info(d) for d in it.get_output_details()]
             self._prepare()
 

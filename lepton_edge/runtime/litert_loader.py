@@ -165,12 +165,34 @@ PROBE_S = 60.0  # the test load's time limit: the exporter's models load in well
 PROBE_CODE = ("import importlib.util, sys\nsys.path[:] = [sys.argv[3]] + [p for p in sys.path if p]\n"
               "spec = importlib.util.spec_from_file_location('_lepton_litert_probe', sys.argv[2])\n"
               "m = importlib.util.module_from_spec(spec)\nspec.loader.exec_module(m)\n"
-              "m._probe_child(sys.argv[1], int(sys.argv[4]), sys.argv[5] == '1')\n")
+              "m._probe_child(sys.argv[1], int(sys.argv[4]), sys.argv[5] == '1',\n"
+              "               [int(v) for v in sys.argv[6].split(',')] if sys.argv[6] else None)\n")
 PROBE_REFUSED = 3  # the child's exit status when LiteRT refused the file (its line on stdout)
 _probed: set[tuple] = set()
 
 
-def _probe_child(path: str, threads: int, allocate: bool) -> None:
+def dynamic_input(it) -> bool:
+    """Whether an input's signature leaves a dimension open (-1): its stored shape is only a default."""
+    return any(-1 in [int(v) for v in d.get("shape_signature", [])] for d in it.get_input_details())
+
+
+def _allocate(it, shape: list[int] | None) -> bool:
+    """allocate_tensors (at `shape` for input 0 when given); False, left unallocated, when the file's
+    default shape of an input whose signature leaves dimensions open cannot be allocated. Why: TensorFlow
+    writes such an input's shape as 1s ([1,1,1,3]); a strided convolution cannot take 1x1, and the file was
+    refused ("XNNPack delegate failed to reshape") though it runs at the size `run` then gives it."""
+    if shape is not None:
+        it.resize_tensor_input(it.get_input_details()[0]["index"], list(shape), strict=True)
+    try:
+        it.allocate_tensors()
+        return True
+    except (ValueError, RuntimeError):
+        if shape is None and dynamic_input(it):
+            return False
+        raise
+
+
+def _probe_child(path: str, threads: int, allocate: bool, shape: list[int] | None = None) -> None:
     """The child's load, as load_interpreter's (the bytes, the threads, check_io before allocate_tensors),
     without external delegates (local configuration, not the file). A refusal is its one line on stdout
     and exit status PROBE_REFUSED; anything else is left to the load in the parent."""
@@ -181,9 +203,11 @@ def _probe_child(path: str, threads: int, allocate: bool) -> None:
         it = interpreter_class()(model_content=p.read_bytes(), num_threads=threads)
         check_io(it, p)
         if allocate:
-            it.allocate_tensors()
+            _allocate(it, shape)
     except (ValueError, RuntimeError, BadInput) as e:
-        line = str(e) if isinstance(e, BadInput) else str(_load_error(p, e))
+        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        line = (str(e) if isinstance(e, BadInput) else str(_load_error(p, e)) if shape is None else
+                f"{p}: LiteRT cannot resize input to {shape}: {first}")
         sys.stdout.write(line.replace("\n", " ") + "\n")
         sys.stdout.flush()
         import os
@@ -193,7 +217,7 @@ def _probe_child(path: str, threads: int, allocate: bool) -> None:
         pass
 
 
-def _probe(p: Path, threads: int, allocate: bool) -> None:
+def _probe(p: Path, threads: int, allocate: bool, shape: list[int] | None = None) -> None:
     """Load (and allocate) the file once in a short-lived child process before this process does.
 
     Why: a mutated .tflite of 3 KB corrupted LiteRT's heap while loading, and `run` (sometimes `inspect`)
@@ -205,19 +229,21 @@ def _probe(p: Path, threads: int, allocate: bool) -> None:
     process with threads (capture, the agent's server) can deadlock, and the child imports only numpy
     and LiteRT (no torch, no tensorflow): about 0.12 s for a small model on an idle desktop, 0.2-0.3 s
     on a busy 2-core one. Once per file (path, size, mtime) and process: `resize_input`, and an agent
-    loading the same bundle again, pay nothing."""
+    loading the same bundle again, pay nothing. `shape`: input 0 resized to it before allocating (a
+    dynamic input's default shape could not be allocated: the size `run` gives it is probed too)."""
     import signal
     import subprocess
     import sys
 
     st = p.stat()
-    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns, tuple(shape or ()))
     if key in _probed:
         return
     here = Path(__file__).resolve()
     try:
+        sized = ",".join(str(int(v)) for v in shape or ())
         r = subprocess.run([sys.executable, "-c", PROBE_CODE, str(p), str(here), str(here.parents[2]), str(threads),
-                            "1" if allocate else "0"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            "1" if allocate else "0", sized], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                            stderr=subprocess.DEVNULL, timeout=PROBE_S)
     except subprocess.TimeoutExpired:
         raise BadInput(f"{p}: LiteRT did not finish loading this model in a test load within {PROBE_S:g} s; "
@@ -239,9 +265,11 @@ def _probe(p: Path, threads: int, allocate: bool) -> None:
 
 
 def load_interpreter(path: str | Path, threads: int = 1, allocate: bool = True, delegates: list[str] | None = None,
-                     probe: bool = True):
+                     probe: bool = True, defer_dynamic: bool = False):
     """An interpreter for the file; `delegates` are external delegate libraries (.so) to load. `probe`:
-    first load it in a child process (_probe)."""
+    first load it in a child process (_probe). `defer_dynamic`: an input with open dimensions whose
+    default shape cannot be allocated leaves the interpreter unallocated (`allocate_at` then sizes it)
+    instead of refusing the file."""
     p = Path(path)
     if not p.is_file():
         raise BadInput(f"not found: {p}")
@@ -265,11 +293,23 @@ def load_interpreter(path: str | Path, threads: int = 1, allocate: bool = True, 
                         from None
             it = Interpreter(model_content=data, num_threads=threads, experimental_delegates=extra or None)
             check_io(it, p)  # before allocate_tensors: a zero scale on an input crashed it (SIGSEGV)
-            if allocate:
-                it.allocate_tensors()
+            if allocate and not _allocate(it, None) and not defer_dynamic:
+                it.allocate_tensors()  # (the default shape's own error)
     except (ValueError, RuntimeError) as e:
         raise _load_error(p, e) from None
     return it
+
+
+def allocate_at(it, path: str | Path, threads: int, shape: list[int]) -> None:
+    """Input 0 resized to `shape` and the tensors allocated, tried first in a child process (_probe) as
+    every first load is: the in-process allocation at a size the load never probed is where a hostile
+    file would crash the process."""
+    p = Path(path)
+    _probe(p, threads, True, [int(v) for v in shape])
+    try:
+        _allocate(it, [int(v) for v in shape])
+    except (ValueError, RuntimeError) as e:
+        raise BadInput(f"LiteRT cannot resize input to {list(shape)}: {str(e).splitlines()[0][:200]}") from None
 
 
 def _load_error(p: Path, e: Exception) -> BadInput:
