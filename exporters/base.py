@@ -448,7 +448,7 @@ def _measure_latency(ctx: ExportContext, pred, fp32_pred) -> dict[str, Any]:
         if ctx.report.latency.vs_fp32 >= val.SLOWER_THAN_FP32:  # smaller is not faster everywhere: say so
             logging.getLogger(__name__).warning(
                 f"the int8 model runs {ctx.report.latency.vs_fp32:.1f}x slower than fp32 on this host (p50 "
-                f"{lat['p50_ms']:.1f} vs {base['p50_ms']:.1f} ms): the runtime's kernels here keep some int8 "
+                f"{lat['p50_ms']:.3g} vs {base['p50_ms']:.3g} ms): the runtime's kernels here keep some int8 "
                 "layers in float behind quantize/dequantize pairs; if speed matters more than size, compare "
                 "--precision fp16 or fp32, and measure on the device (`lepton-edge bench`)")
     return ctx.report.latency.record()
