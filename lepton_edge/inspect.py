@@ -74,11 +74,12 @@ def inspect_onnx(path: Path) -> dict:
                 if t.HasField("shape") else None)
         return _value_info(v.name, _DTYPES.get(t.elem_type, str(t.elem_type)), dims)
 
-    ops = Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}" for n in g.node)
+    nodes = list(_all_nodes(g))
+    ops = Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}" for n in nodes)
     params, weight_types = _weights((i.dims, i.data_type) for i in g.initializer)
     precision = _precision(ops, weight_types)
     std = {"", "ai.onnx"}
-    used_domains = {n.domain for n in g.node if n.domain not in std}
+    used_domains = {n.domain for n in nodes if n.domain not in std}
     return {
         "file": str(path), "format": "onnx", "bytes": path.stat().st_size,
         "producer": f"{m.producer_name} {m.producer_version}".strip(),
@@ -88,8 +89,8 @@ def inspect_onnx(path: Path) -> dict:
         "constant_inputs": [_constant_input(value(v), _onnx_array(inits[v.name])) for v in g.input
                             if v.name in constants],
         "outputs": [value(v) for v in g.output],
-        "nodes": len(g.node), "ops": dict(ops.most_common()),
-        "custom_ops": sorted({f"{n.domain}::{n.op_type}" for n in g.node if n.domain not in std}),
+        "nodes": len(nodes), "ops": dict(ops.most_common()),
+        "custom_ops": sorted({f"{n.domain}::{n.op_type}" for n in nodes if n.domain not in std}),
         "parameters": params, "precision": precision,
     }
 
@@ -303,15 +304,41 @@ def _wire_array(buf: memoryview, dims: list[int], dtype: int):
     return a.reshape(dims) if a.size == n else None
 
 
+MAX_SUBGRAPH_DEPTH = 64  # If/Loop/Scan bodies within bodies; the onnx package's parser stops at 100 messages deep
+
+
+def _all_nodes(g, depth: int = 0):
+    """Every node of the graph and of the subgraphs its nodes carry (If branches, Loop and Scan bodies):
+    a model whose work sits in an If's branches listed 'Equal 1, If 1', and a custom op inside one was missed."""
+    for n in g.node:
+        yield n
+        if depth < MAX_SUBGRAPH_DEPTH:
+            for a in n.attribute:
+                for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                    yield from _all_nodes(sub, depth + 1)
+
+
+def _wire_nodes(v: memoryview, depth: int, out: list) -> None:
+    """NodeProto -> (op_type, domain) appended to `out`, then those of its subgraphs (as _all_nodes)."""
+    f = {n: x for n, x in _fields(v) if n in (4, 7)}  # NodeProto: 4 = op_type, 7 = domain
+    out.append((_str(f.get(4)), _str(f.get(7))))
+    if depth >= MAX_SUBGRAPH_DEPTH:
+        return
+    for attr in _sub(v, 5):  # NodeProto: 5 = attribute
+        for an, av in _fields(attr):
+            if an in (6, 11) and isinstance(av, memoryview):  # AttributeProto: 6 = g, 11 = graphs
+                for node in _sub(av, _GRAPH_NODE):
+                    _wire_nodes(node, depth + 1, out)
+
+
 def _wire_graph(graph: memoryview) -> dict:
-    """GraphProto: nodes as (op_type, domain), initializers, inputs and outputs."""
+    """GraphProto: nodes as (op_type, domain) (its subgraphs' too), initializers, inputs and outputs."""
     g: dict = {"nodes": [], "inits": [], "inputs": [], "outputs": [], "init_bufs": {}}
     for num, v in _fields(graph):
         if not isinstance(v, memoryview):
             continue
         if num == _GRAPH_NODE:
-            f = {n: x for n, x in _fields(v) if n in (4, 7)}  # NodeProto: 4 = op_type, 7 = domain
-            g["nodes"].append((_str(f.get(4)), _str(f.get(7))))
+            _wire_nodes(v, 0, g["nodes"])
         elif num == _GRAPH_INIT:
             name, dims, dtype = _wire_initializer(v)
             g["inits"].append((name, dims, dtype))

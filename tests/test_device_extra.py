@@ -65,6 +65,35 @@ def test_onnx_wire_reader_agrees_with_onnx(int8_bundle, tmp_path):
     assert "extra: float32 (rank unknown)" in shown.output and "total: float32 []" in shown.output
 
 
+def test_inspect_counts_the_ops_inside_if_branches_and_loop_bodies(tmp_path):
+    """A model whose work sits in an If's branches (openwakeword's silero VAD) was listed as 'Equal 1, If 1',
+    and a custom op inside a branch was missed. Both readers now count every subgraph's nodes, alike."""
+    from onnx import TensorProto, helper
+
+    from lepton_edge.inspect import inspect_onnx, inspect_onnx_wire
+
+    def branch(name, nodes, out):
+        return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(out, TensorProto.FLOAT, [1, 4])])
+
+    inner = branch("inner", [helper.make_node("Secret", ["x"], ["s"], domain="com.acme")], "s")
+    then = branch("then", [helper.make_node("Relu", ["x"], ["r"]),
+                           helper.make_node("If", ["c"], ["t"], then_branch=inner, else_branch=inner)], "t")
+    other = branch("else", [helper.make_node("Sigmoid", ["x"], ["e"])], "e")
+    g = helper.make_graph([helper.make_node("ReduceMax", ["x"], ["mx"], keepdims=0),
+                           helper.make_node("Greater", ["mx", "zero"], ["c"]),
+                           helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+                          [helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("com.acme", 1)])
+    path = tmp_path / "branches.onnx"
+    path.write_bytes(m.SerializeToString())
+    a, b = inspect_onnx(path), inspect_onnx_wire(path)
+    assert a == b
+    assert b["ops"] == {"If": 2, "ReduceMax": 1, "Greater": 1, "Relu": 1, "com.acme::Secret": 2, "Sigmoid": 1}
+    assert b["nodes"] == 8 and b["custom_ops"] == ["com.acme::Secret"] and b["domains"] == {"com.acme": 1}
+
+
 @pytest.mark.parametrize("data", [b"\x08", b"\x0a\xff\xff\xff\xff\x0f", b"\x3a\x05abc", b"\x0f" * 40,
                                   bytes(range(256)) * 8, b"\x08\x07"])
 def test_onnx_wire_reader_refuses_junk_in_one_line(data, tmp_path):
