@@ -368,7 +368,7 @@ def inspect(path: Path = typer.Argument(..., help="A bundle directory, an .onnx 
         row("custom ops", ", ".join(info["custom_ops"]))
     if "xnnpack" in info:
         x = info["xnnpack"]
-        row("XNNPACK", x["error"] if "error" in x else
+        row("XNNPACK", x["error"] if "error" in x else x["note"] if "note" in x else
                   f"applied, {x['partitions']} delegated partition(s)" if x["applied"] else "not applied")
     if b:
         row("bundle", f"{b['name']} for {b['target']}, task {b['task']}, checksums {b['checksums']}")

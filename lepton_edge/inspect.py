@@ -554,7 +554,12 @@ def _xnnpack(path: Path) -> dict:
     try:
         it = load_interpreter(path, 1)
     except BadInput as e:
-        return {"error": str(e)}
+        try:  # loads unallocated: only the stored default shape of an input with open dimensions failed
+            load_interpreter(path, 1, defer_dynamic=True)
+        except BadInput:
+            return {"error": str(e)}
+        return {"note": "decided at the size the model is run at (its input's dimensions are open, and the "
+                        "default shape stored in the file cannot be allocated)"}
     try:  # (LiteRT decodes the file's op names as UTF-8: a mutated one was a UnicodeDecodeError traceback)
         partitions = sum(1 for o in it._get_ops_details() if o["op_name"] == "DELEGATE")
     except Exception as e:

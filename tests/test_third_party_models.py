@@ -141,6 +141,11 @@ def test_tflite_whose_dynamic_inputs_default_shape_cannot_be_allocated_runs_at_t
     with pytest.raises(BadInput) as e:  # a size it cannot take either: one line
         Runtime.load(path, input_spec="size=2x2")
     assert "\n" not in str(e.value) and "cannot resize input to [1, 2, 2, 3]" in str(e.value), e.value
+    from lepton_edge.inspect import inspect
+
+    assert inspect(path)["xnnpack"] == {"note": "decided at the size the model is run at (its input's dimensions "
+                                                "are open, and the default shape stored in the file cannot be "
+                                                "allocated)"}  # (not 'LiteRT cannot load it')
 
 
 def test_nhwc_model_and_input_spec_errors(tmp_path):
