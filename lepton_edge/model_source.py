@@ -443,7 +443,7 @@ class OnnxLoader(ModelLoader):
 
 class TorchFileLoader(ModelLoader):
     name = "torch-file"
-    suffixes = (".pt", ".pth", ".pt2", ".ts", ".torchscript")
+    suffixes = (".pt", ".pth", ".pt2", ".ts", ".jit", ".torchscript")  # (silero-vad ships TorchScript as .jit)
 
     def load(self, model, *, profile_hw, input_shape=None, example_input=None, weights=None, labels=None,
              name=None, **spec_kw) -> ModelSource:

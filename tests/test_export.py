@@ -110,6 +110,17 @@ def test_torchscript_and_torch_export_files(tmp_path, fashion_folders):
         assert rep["validation"]["conversion"]["max_abs_diff"] < 1e-3
 
 
+def test_a_torchscript_file_named_jit_exports(tmp_path):
+    """TorchScript comes named .jit too (silero-vad's wheel ships one): it was refused as an unsupported type."""
+    from lepton_edge import zoo
+
+    m = zoo.get("fashion-cnn").load()
+    torch.jit.save(torch.jit.trace(m, torch.zeros(1, 1, 28, 28)), tmp_path / "cnn.jit")
+    b = lepton_edge.export(tmp_path / "cnn.jit", target="x86-cpu", precision="fp32", input_shape=[1, 1, 28, 28],
+                           out=tmp_path / "out")
+    assert (b.path / "manifest.json").is_file() and b.manifest.inputs[0].shape == [1, 1, 28, 28]
+
+
 def _labels(tmp_path):
     from lepton_edge.datasets import FASHION_LABELS
 
