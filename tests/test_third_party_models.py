@@ -59,13 +59,29 @@ def test_dynamic_shape_model_with_two_outputs(tmp_path):
     assert rt.spec.hw() == (96, 128) and len(rt.predict(np.zeros((50, 50, 3), np.uint8))) == 4
 
 
+def _open_hw_tflite(module, tmp_path, stored: list[int] | None = None):
+    """`module` ([1,H,W,3] in) as a .tflite whose input signature leaves H and W open, as TensorFlow writes
+    one exported with None dims; `stored`: the input's stored (default) shape, as TensorFlow's 1s."""
+    import litert_torch
+    from ai_edge_litert.tools import flatbuffer_utils as fu
+
+    static = tmp_path / "static.tflite"
+    litert_torch.convert(module, (torch.zeros(1, 32, 32, 3),)).export(str(static))
+    model = fu.convert_bytearray_to_object(bytearray(static.read_bytes()))
+    sg = model.subgraphs[0]
+    sg.tensors[sg.inputs[0]].shapeSignature = np.array([1, -1, -1, 3], np.int32)
+    if stored:
+        sg.tensors[sg.inputs[0]].shape = np.array(stored, np.int32)
+    path = tmp_path / "dynamic.tflite"
+    path.write_bytes(bytes(fu.convert_object_to_bytearray(model)))
+    return path
+
+
 def test_tflite_with_dynamic_spatial_dims(tmp_path):
     """A .tflite whose input signature leaves H and W open (as TensorFlow exports with None dims
     make): the runtime fixes them (224 by default, or the --input-spec size) and computes what
     the model computes at that size."""
     pytest.importorskip("litert_torch")
-    import litert_torch
-    from ai_edge_litert.tools import flatbuffer_utils as fu
 
     class Nhwc(torch.nn.Module):
         def __init__(self):
@@ -79,13 +95,7 @@ def test_tflite_with_dynamic_spatial_dims(tmp_path):
 
     torch.manual_seed(0)
     module = Nhwc().eval()
-    static = tmp_path / "static.tflite"
-    litert_torch.convert(module, (torch.zeros(1, 32, 32, 3),)).export(str(static))
-    model = fu.convert_bytearray_to_object(bytearray(static.read_bytes()))
-    sg = model.subgraphs[0]
-    sg.tensors[sg.inputs[0]].shapeSignature = np.array([1, -1, -1, 3], np.int32)
-    path = tmp_path / "dynamic.tflite"
-    path.write_bytes(bytes(fu.convert_object_to_bytearray(model)))
+    path = _open_hw_tflite(module, tmp_path)
 
     rt = Runtime.load(path)
     assert rt.spec.shape == [1, 224, 224, 3] and rt.spec.layout == "NHWC"
@@ -107,8 +117,6 @@ def test_tflite_whose_dynamic_inputs_default_shape_cannot_be_allocated_runs_at_t
     1x1, and LiteRT's allocation at that default failed, so the file was refused ("XNNPack delegate failed to
     reshape") though it runs at any real size. It is now allocated at the size run gives it (probed first)."""
     pytest.importorskip("litert_torch")
-    import litert_torch
-    from ai_edge_litert.tools import flatbuffer_utils as fu
 
     class Strided(torch.nn.Module):
         def __init__(self):
@@ -121,14 +129,7 @@ def test_tflite_whose_dynamic_inputs_default_shape_cannot_be_allocated_runs_at_t
 
     torch.manual_seed(0)
     module = Strided().eval()
-    static = tmp_path / "static.tflite"
-    litert_torch.convert(module, (torch.zeros(1, 32, 32, 3),)).export(str(static))
-    model = fu.convert_bytearray_to_object(bytearray(static.read_bytes()))
-    sg = model.subgraphs[0]
-    sg.tensors[sg.inputs[0]].shapeSignature = np.array([1, -1, -1, 3], np.int32)
-    sg.tensors[sg.inputs[0]].shape = np.array([1, 1, 1, 3], np.int32)
-    path = tmp_path / "dynamic.tflite"
-    path.write_bytes(bytes(fu.convert_object_to_bytearray(model)))
+    path = _open_hw_tflite(module, tmp_path, stored=[1, 1, 1, 3])
 
     frame = np.random.default_rng(0).integers(0, 255, (120, 160, 3), np.uint8)
     for spec, hw in ((None, (224, 224)), ("size=64x80", (64, 80))):
