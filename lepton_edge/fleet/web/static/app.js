@@ -199,6 +199,21 @@ function keepAlert(a) {
   S.pruneAlertsAt = S.alerts.size + RESOLVED_ALERTS;
 }
 
+// The alerts a page loads: the newest 500, and every open one however old (an open alert behind 500 newer
+// resolved ones was never listed). After a reconnect an alert the page shows open but the server no longer
+// lists open was resolved while the stream was down: its resolution was in the messages the closed stream lost.
+async function loadAlerts() {
+  const shownOpen = [...S.alerts.values()].filter((a) => !a.resolved).map((a) => a.id);  // (not one the new stream
+  const [recent, open] = await Promise.all([api("/api/alerts?limit=500"),             // brings meanwhile)
+                                            api("/api/alerts?active=true&limit=1000")]);
+  recent.alerts.forEach(keepAlert); open.alerts.forEach(keepAlert);
+  if (open.alerts.length < 1000) {
+    const still = new Set(open.alerts.map((a) => a.id));
+    shownOpen.filter((id) => !still.has(id) && S.alerts.has(id) && !S.alerts.get(id).resolved)
+      .forEach((id) => S.alerts.delete(id));
+  }
+}
+
 function onMessage(m) {
   const t = m.topic;
   if (t === "lepton/summary") return renderSummary(m.payload);
@@ -219,13 +234,16 @@ function onMessage(m) {
   }
 }
 
-// After a reconnect the page reloads the fleet: the server closes a stream that falls behind (a burst of
-// thousands of updates) and what it had queued is gone, so the rows would stay stale until a manual reload.
+// After a reconnect the page reloads the fleet, its alerts and events: the server closes a stream that falls
+// behind (a burst of thousands of updates) and what it had queued is gone, so the rows would stay stale until a
+// manual reload, and an alert raised in that burst was never listed (only the rows were reloaded).
 async function resync() {
-  const [devs, sum] = await Promise.all([api("/api/devices"), api("/api/summary")]);
+  const [devs, sum, ev] = await Promise.all([api("/api/devices"), api("/api/summary"), api("/api/events?limit=100"),
+                                             loadAlerts()]);
   S.devices.clear();
   devs.devices.forEach((d) => S.devices.set(key(d), d));
-  renderSummary(sum);
+  renderSummary(sum); S.events = ev.events;
+  renderAlerts(); scheduleEvents();
   if (S.view === "fleet") scheduleTable();
 }
 
@@ -246,10 +264,10 @@ function connect() {
 }
 
 async function load() {
-  const [devs, sum, al, ev] = await Promise.all([api("/api/devices"), api("/api/summary"), api("/api/alerts?limit=500"),
-                                                 api("/api/events?limit=100")]);
+  const [devs, sum, ev] = await Promise.all([api("/api/devices"), api("/api/summary"), api("/api/events?limit=100"),
+                                             loadAlerts()]);
   devs.devices.forEach((d) => S.devices.set(key(d), d));
-  renderSummary(sum); al.alerts.forEach(keepAlert); S.events = ev.events;
+  renderSummary(sum); S.events = ev.events;
   renderAlerts(); renderEvents();
   document.querySelectorAll("#devices th").forEach((th) => th.onclick = () => {
     const s = th.dataset.sort; S.order = S.sort === s && S.order === "desc" ? "asc" : S.sort === s ? "desc" :
