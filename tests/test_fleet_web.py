@@ -612,6 +612,15 @@ def test_an_event_flood_keeps_the_device_page_to_a_hundred_events_and_redraws_th
             ctx.close()
 
 
+def _live_page(ctx, url: str):
+    """A dashboard page on `url`, loaded and with its live stream open."""
+    page = ctx.new_page()
+    page.goto(url)
+    page.wait_for_selector("body[data-ready='1']", timeout=15000)
+    _wait(lambda: page.evaluate("document.getElementById('live').className") == "live on", 10, "the stream")
+    return page
+
+
 def test_a_page_left_open_keeps_every_open_alert_and_only_the_newest_resolved_ones(tmp_path, mosquitto):
     """The page kept every alert the stream ever sent (and sorted them all at each one): 1,500 alerts raised and
     resolved while it was open left 1,500 in its memory. It now keeps the open ones and the newest 500 resolved."""
@@ -625,10 +634,7 @@ def test_a_page_left_open_keeps_every_open_alert_and_only_the_newest_resolved_on
             store.upsert_alert(Alert(fleet="f", device="dev", rule=f"open{i}", message="still open", started=now - 100))
         with sync_playwright() as p:
             ctx = launch_browser(p, tmp_path / "profile")
-            page = ctx.new_page()
-            page.goto(f.web.url)
-            page.wait_for_selector("body[data-ready='1']", timeout=15000)
-            _wait(lambda: page.evaluate("document.getElementById('live').className") == "live on", 10, "the stream")
+            page = _live_page(ctx, f.web.url)
             for b in range(10):  # 150 a poll (the stream sends the newest 200 alerts of each poll)
                 for i in range(b * 150, b * 150 + 150):
                     store.upsert_alert(Alert(fleet="f", device="dev", rule=f"r{i}", message="m", started=now + i))
@@ -662,10 +668,7 @@ def test_alerts_a_closed_stream_lost_and_open_alerts_behind_newer_ones_are_liste
         listed = "[...document.querySelectorAll('#alerts li')].map((li) => li.textContent).join('|')"
         with sync_playwright() as p:
             ctx = launch_browser(p, tmp_path / "profile")
-            page = ctx.new_page()
-            page.goto(f.web.url)
-            page.wait_for_selector("body[data-ready='1']", timeout=15000)
-            _wait(lambda: page.evaluate("document.getElementById('live').className") == "live on", 10, "the stream")
+            page = _live_page(ctx, f.web.url)
             assert "old-open" in page.evaluate(listed)
             snapshot, dropped = hub._snapshot, []
 
