@@ -138,7 +138,7 @@ def search(ctx, exporter, prepared: Path, validate, recipes: list[str], *, patie
         with cal.MemoryWatch(limit, what=f"int8 recipe {name}") as watch:
             deadline.watch = watch
             try:
-                candidates = _float_layer_sets(ctx, exporter, prepared, recipe, done, f"base-{i}", watch.check)
+                candidates = _float_layer_sets(ctx, exporter, prepared, recipe, done, f"base-{i}", watch)
             except Exception as e:  # (onnxruntime's errors are Exceptions of their own, a bool output's sensitivity
                 # a TypeError): whatever a sensitivity pass meets skips its candidate, never the export
                 _skip(ctx.progress, record, name, e, watch, "the sensitivity pass failed")
@@ -341,19 +341,21 @@ def _outranked(sibling: tuple[str, bool, dict], best: tuple[str, bool, dict],
 
 
 def _float_layer_sets(ctx, exporter, prepared: Path, recipe: q.Recipe, done: dict, base_stem: str,
-                      check) -> list[list[str]]:
+                      watch: cal.MemoryWatch) -> list[list[str]]:
     """The layer sets to keep in float for `recipe`: none for a plain recipe; for a sensitivity
     recipe the worst 1, 2, 4, ... layers of its base recipe's model, ranked by a sensitivity pass
-    (up to half the quantizable layers: more would no longer be an int8 model)."""
+    (up to half the quantizable layers: more would no longer be an int8 model) that holds no more
+    than the candidate's memory `watch` allows."""
     if not recipe.sensitive:
         return [[]]
+    check = watch.check
     base = done.get(recipe.base) or exporter.quantize_int8(
         ctx, prepared, ctx.workdir / f"{base_stem}{exporter.suffix}", q.Recipe.parse(recipe.base), None, check)
     # ranked on calibration inputs: which layers stay in float is part of the candidate, and the
     # validation inputs judge candidates, so they must not choose them
     x = ctx.data.calib_x if ctx.data.calib_x is not None and len(ctx.data.calib_x) else ctx.data.check_x
     with ctx.progress.stage(f"sensitivity pass for {recipe.base}"):
-        ranked = q.sensitivity(prepared, base.path, np.asarray(x[:32], np.float32), base.names)
+        ranked = q.sensitivity(prepared, base.path, np.asarray(x[:32], np.float32), base.names, check, watch.limit)
     names = [n for n, _ in ranked]
     return [names[:k] for k in (1, 2, 4, 8, 16) if k <= max(1, len(names) // 2)]
 

@@ -303,6 +303,12 @@ def _activation_bytes(model, sample: dict[str, np.ndarray]) -> int:
     """Bytes of the float tensors one input sample makes in `model` (shape inference with the
     inputs fixed to `sample`'s shapes; tensors whose shape stays unknown are not counted, so this
     is a lower bound, 0 when nothing is known)."""
+    return sum(_float_tensor_bytes(model, sample).values())
+
+
+def _float_tensor_bytes(model, sample: dict[str, np.ndarray]) -> dict[str, int]:
+    """{tensor: bytes} of the float tensors (not the graph inputs) whose shape inference knows the size
+    with the inputs fixed to `sample`'s shapes; {} when inference fails (an estimate only)."""
     import onnx
 
     m = onnx.ModelProto()
@@ -316,14 +322,14 @@ def _activation_bytes(model, sample: dict[str, np.ndarray]) -> int:
     try:
         m = onnx.shape_inference.infer_shapes(m, data_prop=True)
     except Exception:  # an estimate only: no bound from it rather than a failed candidate
-        return 0
-    total = 0
+        return {}
+    out = {}
     for v in (*m.graph.value_info, *m.graph.output):
         t = v.type.tensor_type
         dims = [d.dim_value for d in t.shape.dim]
         if t.elem_type == onnx.TensorProto.FLOAT and dims and all(dims):
-            total += math.prod(dims) * 4
-    return total
+            out[v.name] = math.prod(dims) * 4
+    return out
 
 
 def estimate_activation_bytes(path, x1: np.ndarray) -> int:
@@ -753,16 +759,21 @@ def _with_outputs(path: Path, names: list[str]) -> bytes:
     return m.SerializeToString()
 
 
-def _batches(sess, x: np.ndarray, most: int = 4):
-    """x in the batches `sess` takes: its fixed batch, else up to `most` inputs (the outputs of
-    every layer of a batch are held at once)."""
-    fixed = sess.get_inputs()[0].shape[0]
-    step = fixed if isinstance(fixed, int) and fixed > 0 else most
-    return (x[i:i + step] for i in range(0, len(x), step))
+SENSITIVITY_BATCH = 4  # inputs a sensitivity batch holds at most (every layer's output of both models)
 
 
-def sensitivity(fp32_path: Path, qdq_path: Path, x: np.ndarray, names: dict[str, str] | None = None
-                ) -> list[tuple[str, float]]:
+def _sensitivity_batch(per_input: int, headroom: int | None) -> int:
+    """Inputs per batch of the sensitivity pass (a model without a fixed batch): up to
+    SENSITIVITY_BATCH, and no more than half of `headroom` bytes hold at `per_input` bytes an input.
+    Why half: a batch of 4 of PP-OCR's recogniser grew RSS by 1.5x four times one input's (the runs'
+    buffers, and freed blocks the allocator keeps), and a batch of 1 costs only ~10 % more time."""
+    if headroom is None or per_input <= 0:
+        return SENSITIVITY_BATCH
+    return max(1, min(SENSITIVITY_BATCH, headroom // (2 * per_input)))
+
+
+def sensitivity(fp32_path: Path, qdq_path: Path, x: np.ndarray, names: dict[str, str] | None = None,
+                check: Callable[[], None] = _no_check, budget: int | None = None) -> list[tuple[str, float]]:
     """Per-layer sensitivity: how many dB of signal-to-quantization-noise each layer loses.
 
     Runs the float and the quantized model side by side on the same inputs, reads every
@@ -773,9 +784,18 @@ def sensitivity(fp32_path: Path, qdq_path: Path, x: np.ndarray, names: dict[str,
     Why batch by batch: the signal and noise energies are sums, so each batch's layer outputs are
     added in and dropped; holding every layer's output for all inputs took 32 x the model's
     activations (over 30 GB for an 800x608 detector).
+
+    Why a budget: a batch's layer outputs of both models are held at once, in native code that no
+    check can stop. Under `--max-memory 450MB` PP-OCR's recogniser (~0.2 GB of layer outputs an
+    input) took 911 MB in batches of 4 before the check after the pass saw it. So with `budget` (this
+    process's RSS ceiling) a batch holds what the budget leaves, estimated from the tensors' shapes;
+    when one input's outputs (or the model's fixed batch) do not fit, MemoryExceeded before any run.
+    `check` runs before every batch (the export's memory watch and deadline).
     """
     import onnx
     import onnxruntime as ort
+
+    from lepton_edge.compress import calibration as cal
 
     names = names or {}
     m = onnx.load(str(fp32_path), load_external_data=False)
@@ -792,19 +812,42 @@ def sensitivity(fp32_path: Path, qdq_path: Path, x: np.ndarray, names: dict[str,
         if n.output[0] in done and t not in done and names.get(t, t) in q_tensors:
             outs.append(t)
             done.add(t)
+    name, q_name = _input_name(m), _input_name(q)
+    sizes = [b for t, b in _float_tensor_bytes(m, {name: x[:1]}).items() if t in done]  # (unknown: 0, a lower bound)
+    # both models' outputs, then per tensor its float64 error, and the squares of it and of the reference
+    per_input = 2 * sum(sizes) + 3 * 2 * max(sizes, default=0)
     del m, q
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.enable_cpu_mem_arena = False  # two short-lived sessions: nothing to reuse, memory back at once
-    name, q_name = onnx_input_name(fp32_path), onnx_input_name(qdq_path)
+    so.enable_mem_pattern = False  # (its plan is one block for a run's every tensor, outputs or not)
     f = ort.InferenceSession(_with_outputs(fp32_path, outs), so, providers=["CPUExecutionProvider"])
     qs = ort.InferenceSession(_with_outputs(qdq_path, [names.get(o, o) for o in outs]), so,
                               providers=["CPUExecutionProvider"])
     f_names, q_names = [o.name for o in f.get_outputs()], [o.name for o in qs.get_outputs()]
+    headroom = None if budget is None else budget - cal.rss_bytes()  # (the two sessions' weights now in)
+    fixed = f.get_inputs()[0].shape[0]
+    fixed = fixed if isinstance(fixed, int) and fixed > 0 else None
+    step = fixed or 1  # one input first: what its outputs really take sizes the batches after it
+    if headroom is not None and per_input * step > headroom:
+        from lepton_edge.ui import human
+
+        raise cal.MemoryExceeded(
+            f"the sensitivity pass needs about {human(per_input * step)} for the layer outputs of {step} "
+            f"input(s) of both models, over the {human(max(0, headroom))} the export's memory budget leaves "
+            f"({human(budget)}, --max-memory)")
     energy: dict[str, list[float]] = {}  # tensor: [signal, noise], summed over the batches
-    for xb in _batches(f, x):
+    i, before = 0, cal.rss_bytes()
+    while i < len(x):
+        check()
+        xb, i = x[i:i + step], i + step
         fa = dict(zip(f_names, f.run(None, {name: xb})))
         qa = dict(zip(q_names, qs.run(None, {q_name: xb})))
+        if not fixed and len(xb) == 1:  # one input's real cost sizes the batches after it
+            sizes = [a.nbytes for a in (*fa.values(), *qa.values())]
+            # (shape inference misses tensors of unknown shape; the RSS it grew by has the runs' own buffers)
+            per_input = max(per_input, sum(sizes) + 3 * 2 * max(sizes, default=0), cal.rss_bytes() - before)
+            step = _sensitivity_batch(per_input, None if budget is None else budget - before)
         for t, ref in fa.items():
             qt = names.get(t, t)
             if qt in qa:

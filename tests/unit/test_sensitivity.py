@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from lepton_edge.compress import quantize as q
@@ -48,3 +49,59 @@ def test_the_layer_that_adds_the_noise_ranks_first(tmp_path):
     assert lost["culprit"] > 10  # its quiet input channel is a step or two of the loud one's scale
     assert abs(lost["benign"]) < 3, lost  # noisy in, as noisy out: nothing of its own (was charged 60 dB)
     assert lost["conv1"] < 10, lost  # its input's and output's 8-bit steps, no more
+
+
+def _quantized(tmp_path) -> tuple:
+    fp32, qdq = tmp_path / "m.onnx", tmp_path / "q.onnx"
+    _model(fp32)
+    x = np.random.default_rng(0).uniform(0.1, 1.0, (16, 1, 8, 8)).astype(np.float32)
+    return fp32, q.quantize_int8(fp32, qdq, x, q.Recipe.parse("u8-minmax")), x
+
+
+def test_a_budget_that_cannot_hold_one_inputs_layer_outputs_stops_the_pass_before_it_runs(tmp_path):
+    """Its batches are held in native code that no check stops: the budget is checked before them."""
+    from lepton_edge.compress import calibration as cal
+
+    fp32, res, x = _quantized(tmp_path)
+    checks = []
+    with pytest.raises(cal.MemoryExceeded, match=r"sensitivity pass needs about .* --max-memory"):
+        q.sensitivity(fp32, res.path, x, res.names, lambda: checks.append(1), budget=cal.rss_bytes())
+    assert not checks  # no batch was started
+
+
+def test_the_memory_check_runs_before_every_batch_and_stops_the_pass(tmp_path):
+    from lepton_edge.compress import calibration as cal
+
+    fp32, res, x = _quantized(tmp_path)
+    checks: list[int] = []
+    free = q.sensitivity(fp32, res.path, x, res.names, lambda: checks.append(1))
+    assert len(checks) == 1 + -(-15 // q.SENSITIVITY_BATCH)  # one input first, then full batches
+    # a budget that holds the outputs of one input at a time gives the same ranking, batch by batch
+    tight: list[int] = []
+    orig = q._sensitivity_batch
+    try:
+        q._sensitivity_batch = lambda per_input, headroom: 1
+        one = q.sensitivity(fp32, res.path, x, res.names, lambda: tight.append(1), budget=cal.rss_bytes() + (1 << 30))
+        assert [n for n, _ in one] == [n for n, _ in free]
+        assert [d for _, d in one] == pytest.approx([d for _, d in free], rel=1e-6, abs=1e-9)
+    finally:
+        q._sensitivity_batch = orig
+    assert len(tight) == len(x)
+
+    def over() -> None:
+        checks.append(1)
+        if len(checks) > 2:
+            raise cal.MemoryExceeded("over the budget")
+
+    checks.clear()
+    with pytest.raises(cal.MemoryExceeded):
+        q.sensitivity(fp32, res.path, x, res.names, over)
+    assert len(checks) == 3
+
+
+def test_a_sensitivity_batch_takes_at_most_half_the_headroom():
+    assert q._sensitivity_batch(100, None) == q.SENSITIVITY_BATCH
+    assert q._sensitivity_batch(100, 10_000) == q.SENSITIVITY_BATCH
+    assert q._sensitivity_batch(100, 600) == 3
+    assert q._sensitivity_batch(100, 250) == 1
+    assert q._sensitivity_batch(100, 50) == 1  # (one input fits: the pass checked that before)
