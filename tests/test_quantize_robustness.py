@@ -148,6 +148,33 @@ def test_opset11_export_is_repaired_not_aborted(tmp_path):
     assert "onnxruntime" in r.manifest.compression["quantization"]["method"]
 
 
+class TwoLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4 * 22 * 22, 5)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+def test_a_recipe_that_keeps_every_layer_in_float_is_skipped_not_chosen(tmp_path):
+    """`-ends` on a model of two layers keeps both in float: that "int8" file was the fp32 model, as fast as
+    fp32, and it outranked the real int8 candidates (an int8 bundle with no int8 in it)."""
+    import lepton_edge
+
+    torch.manual_seed(0)
+    fp32 = _export(TwoLayers(), tmp_path / "two.onnx", {"x": (1, 3, 24, 24)}, 13, outputs=["y"])
+    np.save(tmp_path / "calib.npy", RNG.standard_normal((64, 3, 24, 24)).astype(np.float32))
+    r = lepton_edge.export(str(fp32), target="x86-cpu", out=tmp_path / "out", calib=str(tmp_path / "calib.npy"),
+                           recipes=["s8-minmax-ends", "u8-minmax"], measure_latency=False)
+    attempts = {a["recipe"]: a for a in r.manifest.compression["quantization"]["attempts"]}
+    assert attempts["s8-minmax-ends"]["skipped"] and "keeps all 2 quantizable layer(s) in float" in \
+        attempts["s8-minmax-ends"]["why"]
+    assert r.manifest.compression["quantization"]["recipe"] == "u8-minmax"
+    m = onnx.load(str(r.path / r.manifest.model_file))
+    assert any(n.op_type == "QuantizeLinear" for n in m.graph.node)
+
+
 def _big_activations(path: Path, convs: int = 16, hw=(400, 304)) -> Path:
     """Many full-resolution intermediate tensors (1.5 MB each per sample): what made onnxruntime's
     histogram calibrators keep gigabytes for a few dozen samples."""

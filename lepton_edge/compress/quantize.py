@@ -371,6 +371,10 @@ def quantize_int8(
     exclude = [n for n in (exclude or []) if n in nodes]
     if recipe.keep_ends and nodes:
         exclude = list(dict.fromkeys([*exclude, nodes[0], nodes[-1]]))  # (one node can be both ends)
+    if nodes and len(exclude) >= len(nodes):
+        # a model of one or two layers under a `-ends` recipe: its "int8" file was the fp32 model, and as
+        # fast as fp32 it outranked every real int8 candidate (an int8 bundle with no int8 in it)
+        raise BrokenGraph(f"it keeps all {len(nodes)} quantizable layer(s) in float: no int8 left")
     feeds = _feeds(model, calib, fixed)
     dtypes, batch = _dtypes(model), _batch_size(model, feeds)
     if recipe.engine == "nncf":
@@ -556,7 +560,8 @@ def _nncf_int8(model, out_path: Path, feeds, dtypes, recipe: Recipe, exclude, ch
 
 
 class BrokenGraph(Exception):
-    """A candidate graph that onnx.checker rejects or onnxruntime cannot load or run."""
+    """A candidate graph that onnx.checker rejects or onnxruntime cannot load or run, or a recipe that
+    would leave no layer quantized (the candidate is the fp32 model: not an int8 one)."""
 
 
 def check_graph(path: Path, sample: dict[str, np.ndarray], dtypes: dict[str, type] | None = None) -> None:

@@ -4,6 +4,7 @@ in float" once meant every unnamed node, and that candidate was the fp32 model."
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 
 def _three_convs(path, named: bool = False) -> None:
@@ -65,8 +66,9 @@ def test_keep_ends_keeps_two_layers_in_float_in_an_unnamed_graph(tmp_path):
     assert first.input[1] not in produced_by_dq  # and the first stays float
 
 
-def test_a_single_layer_kept_in_float_is_named_once(tmp_path):
-    """keep-ends on a model with one quantizable layer: it is both ends, listed once."""
+def test_keep_ends_on_a_single_layer_is_no_int8_candidate(tmp_path):
+    """keep-ends on a model with one quantizable layer: it is both ends (counted once), and keeping it in
+    float leaves no int8: the candidate is refused (it was the fp32 model, chosen as an int8 one)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -80,5 +82,6 @@ def test_a_single_layer_kept_in_float_is_named_once(tmp_path):
     model.ir_version = 8
     onnx.save(model, str(tmp_path / "one.onnx"))
     x = np.random.default_rng(0).standard_normal((4, 3, 8, 8)).astype(np.float32)
-    res = q.quantize_int8(tmp_path / "one.onnx", tmp_path / "int8.onnx", x, q.Recipe.parse("s8-minmax-ends"))
-    assert res.float_nodes == ["only"]
+    with pytest.raises(q.BrokenGraph, match=r"keeps all 1 quantizable layer\(s\) in float"):
+        q.quantize_int8(tmp_path / "one.onnx", tmp_path / "int8.onnx", x, q.Recipe.parse("s8-minmax-ends"))
+    assert not (tmp_path / "int8.onnx").exists()
