@@ -94,14 +94,15 @@ def inputs_held(loaded: int, samples: int) -> int:
     return loaded if loaded >= samples + 16 else loaded + len(VIEWS) * held_few(loaded)
 
 
-def _split_few(x, spec, samples: int) -> tuple[Any, Any, dict[str, Any]]:
+def _split_few(x, spec, samples: int, pictures: bool = True) -> tuple[Any, Any, dict[str, Any]]:
     """Too few inputs for `samples` plus a held-out set: hold out a fifth (at most 16, at least
     one) and validate on them and on other views of them; one input only: its views. An input that
     is not an image (audio [1,16000], features [1,16,96]) has no views: validated on the held-out
-    inputs alone, and one such input is one line (there was nothing to validate on: a traceback)."""
+    inputs alone, and one such input is one line (there was nothing to validate on: a traceback).
+    `pictures` False: the inputs are not pictures whatever their shape (see `arrays_are_pictures`)."""
     n = len(x)
     if n < 2:
-        v = views(x, spec)
+        v = views(x, spec) if pictures else x[:0]
         if not len(v):
             raise BadInput(f"the calibration data holds one input, and an input of shape {list(spec.shape)} (not an "
                            "image) has no mirrored or zoomed views to validate on: give at least 2 inputs "
@@ -110,7 +111,7 @@ def _split_few(x, spec, samples: int) -> tuple[Any, Any, dict[str, Any]]:
                       "calibration_inputs": "input 0"}
     hold = held_few(n)
     cal_x, held = cal.subset(x, None, n - hold), cal.subset(x, n - hold)
-    v = views(held, spec)
+    v = views(held, spec) if pictures else held[:0]
     check = cal.PixelInputs.concat([held, v]) if isinstance(held, cal.PixelInputs) else np.concatenate([held, v])
     seen = f"inputs {n - hold}-{n - 1} held out" if hold > 1 else f"input {n - 1} held out"
     return cal_x, check, {
@@ -155,6 +156,13 @@ def _zoo_data(src, split: str):
     return src.zoo.data(split) if src.zoo is not None and src.zoo.dataset else None
 
 
+def arrays_are_pictures(src, kind: str | None) -> bool:
+    """Whether inputs of this `kind` ("array": a .npy/.npz) may be given mirrored and zoomed views. Not the
+    arrays of a model whose input was 3-D (src.frame_from): its own tensors, audio features [1,16,96] as
+    often as a gray [1,28,28] picture, which the shape the frame gave it ([1,1,16,96]) cannot tell apart."""
+    return not (kind == "array" and getattr(src, "frame_from", None))
+
+
 def calibration(src, calib, samples: int, holdout: int, allow_synthetic: bool, seed: int = 0,
                 max_bytes: int | None = None):
     """(calibration inputs, held-out inputs or None, description). Inputs loaded from --calib are
@@ -168,7 +176,7 @@ def calibration(src, calib, samples: int, holdout: int, allow_synthetic: bool, s
                 "source": s.source, "kind": s.kind, "samples": samples,
                 "calibration_inputs": f"inputs 0-{samples - 1} of the {n} loaded",
                 "validation_inputs": f"inputs {samples}-{n - 1} held out"}
-        cal_x, check, split = _split_few(s.x, spec, samples)
+        cal_x, check, split = _split_few(s.x, spec, samples, arrays_are_pictures(src, s.kind))
         return cal_x, check, {"source": s.source, "kind": s.kind, "samples": len(cal_x), **split}
     data = _zoo_data(src, "train")
     if data is not None:
@@ -248,7 +256,8 @@ def gather(src, *, precision: str, calib, samples: int, eval_set, eval_limit, ho
     elif ev_x is not None:
         check, kind = ev_x, f"{ev_src} (unlabelled)"
         split["validation_inputs"] = kind
-    elif calib_x is not None and len(v := views(calib_x[:32], src.input_spec)):
+    elif calib_x is not None and arrays_are_pictures(src, info.get("kind")) \
+            and len(v := views(calib_x[:32], src.input_spec)):
         check, kind = v, "other views of calibration inputs (nothing held out)"
         split["validation_inputs"] = kind
     else:

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 from pydantic import ValidationError
 
+from lepton_edge import frame_input
 from lepton_edge.bundle import DTYPES, InputSpec, first_error, guess_layout
 from lepton_edge.errors import BadInput, first_line
 from lepton_edge.paths import check_onnx_file
@@ -35,6 +36,7 @@ class ModelSource:
     notes: list[str] = field(default_factory=list)
     extra_inputs: list[InputSpec] = field(default_factory=list)  # non-image inputs with their constant `value`
     constant_rules: dict[str, str] = field(default_factory=dict)  # extra input -> how its value was chosen
+    frame_from: list | None = None  # a 3-D input's own dims, now fed the frame's 4-D tensor (frame_input.py)
 
 
 def parse_shape(text: str) -> list[int]:
@@ -239,15 +241,23 @@ def _load_onnx(path: Path, input_shape: list[int] | None, hw: tuple[int, int],
     dims = dims_of(inp)
     if others and any(not isinstance(dims_of(o)[0], int) for o in others if dims_of(o)):
         dims[0] = 1  # per-image constants ([N,2] im_shape): the values are one frame's, so batch 1
+    dims3 = dims if not others and len(dims) == 3 and inp.type.tensor_type.elem_type in floats else None
+    if dims3:  # [N,H,W] gray, [C,H,W], [H,W,C]: the model takes the 4-D frame tensor (frame_input.py)
+        dims = frame_input.frame_dims(dims3)
+        if input_shape and len(input_shape) == 3:  # (the model's own rank: the frame's added dim is 1)
+            input_shape = list(input_shape)
+            input_shape.insert(frame_input.added_axis(dims3), 1)
     shape = _image_shape(path, inp.name, dims, input_shape, hw)
     spec = _typed(default_spec(shape, name=inp.name, **spec_kw), inp.type.tensor_type.elem_type)
     src = ModelSource(name=path.stem, kind="onnx", input_spec=spec, onnx_path=path, task="raw")
+    if dims3:
+        frame_input.as_frame_input(m, inp.name, dims3)
+        _use_copy(src, m, path)
+        src.frame_from = dims3
+        src.notes = [*src.notes, f"input {inp.name} {dims3} takes the frame's tensor {shape}, as `run` feeds "
+                                 "a model file of that shape (a Squeeze in front of the graph)"]
     if not others:
         return src
-    import os
-    import tempfile
-    import weakref
-
     from lepton_edge.compress import quantize
 
     _check_value_names(input_values or {}, inp.name, [o.name for o in others])
@@ -268,13 +278,29 @@ def _load_onnx(path: Path, input_shape: list[int] | None, hw: tuple[int, int],
         specs.append(InputSpec(name=o.name, shape=odims, dtype=str(values[o.name].dtype),
                                value=values[o.name].ravel().tolist()))
         notes.append(f"input {o.name} {odims}: {rule}")
-    fd, tmp = tempfile.mkstemp(prefix=f"{path.stem}-", suffix=".onnx")
-    os.close(fd)
-    onnx.save(quantize.with_defaults(m, values), tmp)
-    src.onnx_path = Path(tmp)
-    weakref.finalize(src, os.unlink, tmp)  # the copy lives as long as the source that points at it
+    _use_copy(src, quantize.with_defaults(m, values), path)
     src.extra_inputs, src.notes, src.constant_rules = specs, [*src.notes, *notes], rules
     return src
+
+
+def _use_copy(src: ModelSource, m, path: Path) -> None:
+    """`src` exports the changed model `m` (of the file at `path`), saved to a temporary copy that lives
+    as long as `src` does."""
+    import os
+    import tempfile
+    import weakref
+
+    import onnx
+
+    fd, tmp = tempfile.mkstemp(prefix=f"{path.stem}-", suffix=".onnx")
+    os.close(fd)
+    try:
+        onnx.save(m, tmp)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    src.onnx_path = Path(tmp)
+    weakref.finalize(src, os.unlink, tmp)
 
 
 def _drop_defaults(m, names: set[str]) -> None:

@@ -179,6 +179,12 @@ def _from_array(arr: np.ndarray, spec: InputSpec, src: str) -> np.ndarray:
     if batch1 and arr.ndim == len(spec.shape) + 1 and arr.shape[1] == 1 \
             and all(isinstance(w, str) or w == a for w, a in zip(want, arr.shape[2:])):
         return _from_array(arr[:, 0], spec, src)  # a stack of whole batch-1 inputs, [N,1,...]
+    c_axis = 1 if spec.layout == "NCHW" else 3
+    hw = [d for i, d in enumerate(want, 1) if i != c_axis]
+    if arr.dtype != np.uint8 and len(spec.shape) == 4 and spec.shape[c_axis] == 1 and arr.ndim == 3 \
+            and all(isinstance(w, str) or w == a for w, a in zip(hw, arr.shape[1:])):
+        # [N,H,W] tensors of a gray input: a 3-D model's own inputs (frame_input.py: it takes [N,1,H,W] now)
+        return np.expand_dims(arr, c_axis).astype(spec.dtype if not spec.quantization else np.float32)
     if arr.dtype == np.uint8 and arr.ndim in (3, 4):
         return preprocess_batch(list(arr), spec) if arr.shape[1:3] != spec.hw() else normalise(
             arr[..., None] if arr.ndim == 3 else arr, spec)

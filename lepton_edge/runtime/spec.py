@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import ValidationError
 
+from lepton_edge import frame_input
 from lepton_edge.bundle import DTYPES, InputSpec, first_error, guess_layout
 from lepton_edge.errors import BadInput
 from lepton_edge.runtime.backend import Backend
@@ -232,8 +233,8 @@ def spec_from_model(backend: Backend, overrides: dict, meta: dict) -> InputSpec:
         raise BadInput(f"the model has {len(backend.inputs)} inputs ({names}); `run` feeds one image input")
     inp = backend.inputs[0]
     shape = list(inp.shape)
-    if len(shape) == 3:  # [H, W, C], [C, H, W] or [N, H, W] gray: a frame of batch 1, fed without that dim
-        shape = [1, *shape]
+    if len(shape) == 3:  # [N,H,W] gray, [C,H,W] or [H,W,C]: the frame's 4-D tensor, fed without one dim
+        shape = frame_input.frame_dims(shape)
     if len(shape) != 4:
         raise BadInput(f"input '{inp.name}' has shape {inp.shape}: not an image; `run` feeds images")
     if not isinstance(shape[0], int):
