@@ -837,10 +837,11 @@ def sensitivity(fp32_path: Path, qdq_path: Path, x: np.ndarray, names: dict[str,
     if headroom is not None and per_input * step > headroom:
         from lepton_edge.ui import human
 
+        left = (f"the {human(headroom)} the export's memory budget leaves" if headroom > 0 else
+                f"the export's memory budget, which its {human(budget - headroom)} already fill")
         raise cal.MemoryExceeded(
             f"the sensitivity pass needs about {human(per_input * step)} for the layer outputs of {step} "
-            f"input(s) of both models, over the {human(max(0, headroom))} the export's memory budget leaves "
-            f"({human(budget)}, --max-memory)")
+            f"input(s) of both models, over {left} ({human(budget)}, --max-memory)")
     energy: dict[str, list[float]] = {}  # tensor: [signal, noise], summed over the batches
     i, before = 0, cal.rss_bytes()
     while i < len(x):
