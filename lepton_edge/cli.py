@@ -351,7 +351,10 @@ def inspect(path: Path = typer.Argument(..., help="A bundle directory, an .onnx 
             dyn = f" dynamic dims {v['dynamic']}" if v["dynamic"] else ""
             lay = f" {v['layout']}" if v.get("layout") else ""
             qp = v.get("quantization")
-            quant = f" scale={qp['scale']:.6g} zero_point={qp['zero_point']}" if qp else ""
+            pc = (qp or {}).get("per_channel")
+            quant = "" if not qp else f" scale={qp['scale']:.6g} zero_point={qp['zero_point']}" if not pc else \
+                (f" per-channel along axis {pc['axis']}: {pc['channels']} scales {pc['min_scale']:.6g}.."
+                 f"{pc['max_scale']:.6g}")
             shape = "(rank unknown)" if v["shape"] is None else v["shape"]
             row(kind[:-1], f"{v['name']}: {v['dtype']} {shape}{lay}{dyn}{quant}")
     b = info.get("bundle")

@@ -521,6 +521,9 @@ def _tflite_tensor(t, names: _TfliteNames) -> dict:
     if q is not None and q.scale is not None and len(q.scale):
         zp = q.zeroPoint if q.zeroPoint is not None and len(q.zeroPoint) else [0]  # (optional in the schema)
         out["quantization"] = {"scale": float(q.scale[0]), "zero_point": int(zp[0])}
+        if len(q.scale) > 1:  # per channel: the first scale alone read as the tensor's (one of 3 scales, 1/64 of 1/16)
+            out["quantization"]["per_channel"] = {"axis": int(q.quantizedDimension or 0), "channels": len(q.scale),
+                                                  "min_scale": float(min(q.scale)), "max_scale": float(max(q.scale))}
     return out
 
 

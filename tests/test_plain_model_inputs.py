@@ -325,3 +325,9 @@ def test_an_output_quantized_per_channel_is_dequantized_per_channel(tmp_path):
     out = rt.infer(np.full((1, 8, 8, 3), 0.5, np.float32))[0]
     assert out.dtype == np.float32
     np.testing.assert_allclose(out, 0.5)
+    # inspect says so too (it showed the first channel's scale as the tensor's: scale=0.015625 zero_point=0)
+    r = run_cli("inspect", str(tmp_path / "pc.tflite"), "--json")
+    q = json.loads(r.stdout)["outputs"][0]["quantization"]
+    assert q["per_channel"] == {"axis": 3, "channels": 3, "min_scale": 1 / 64, "max_scale": 1 / 16}
+    r = run_cli("inspect", str(tmp_path / "pc.tflite"))
+    assert "per-channel along axis 3: 3 scales 0.015625..0.0625" in r.stdout, r.stdout
