@@ -104,8 +104,10 @@ def _split_few(x, spec, samples: int, pictures: bool = True) -> tuple[Any, Any, 
     if n < 2:
         v = views(x, spec) if pictures else x[:0]
         if not len(v):
-            raise BadInput(f"the calibration data holds one input, and an input of shape {list(spec.shape)} (not an "
-                           "image) has no mirrored or zoomed views to validate on: give at least 2 inputs "
+            what = (f"an input of shape {list(spec.shape)} (not an image)" if pictures else
+                    "a 3-D input's own tensor from a .npy/.npz (a picture or not: its shape cannot tell)")
+            raise BadInput(f"the calibration data holds one input, and {what} has no mirrored or zoomed views to "
+                           "validate on: give at least 2 inputs "
                            "(50-300 for int8)")
         return x, v, {"validation_inputs": f"views of the only input ({', '.join(VIEWS)})",
                       "calibration_inputs": "input 0"}

@@ -241,12 +241,18 @@ def _load_onnx(path: Path, input_shape: list[int] | None, hw: tuple[int, int],
     dims = dims_of(inp)
     if others and any(not isinstance(dims_of(o)[0], int) for o in others if dims_of(o)):
         dims[0] = 1  # per-image constants ([N,2] im_shape): the values are one frame's, so batch 1
-    dims3 = dims if not others and len(dims) == 3 and inp.type.tensor_type.elem_type in floats else None
+    dims3 = dims if not others and len(dims) == 3 else None
     if dims3:  # [N,H,W] gray, [C,H,W], [H,W,C]: the model takes the 4-D frame tensor (frame_input.py)
         dims = frame_input.frame_dims(dims3)
         if input_shape and len(input_shape) == 3:  # (the model's own rank: the frame's added dim is 1)
+            axis = frame_input.added_axis(dims3)
+            if any(isinstance(d, int) and d != s for d, s in zip(dims3, input_shape)):
+                raise BadInput(f"--input-shape {input_shape} does not fit the model's input {inp.name} {dims3}")
+            if axis == 1 and input_shape[0] != 1:
+                raise BadInput(f"--input-shape {input_shape} asks for a batch of {input_shape[0]}, and the device "
+                               "feeds one camera frame a run: use batch 1")
             input_shape = list(input_shape)
-            input_shape.insert(frame_input.added_axis(dims3), 1)
+            input_shape.insert(axis, 1)
     shape = _image_shape(path, inp.name, dims, input_shape, hw)
     spec = _typed(default_spec(shape, name=inp.name, **spec_kw), inp.type.tensor_type.elem_type)
     src = ModelSource(name=path.stem, kind="onnx", input_spec=spec, onnx_path=path, task="raw")

@@ -113,3 +113,81 @@ def test_a_3d_models_own_tensors_calibrate_it_and_a_wrong_size_names_their_shape
     r = run_cli("export", str(model), "--target", "x86-cpu", "--calib", str(tmp_path / "bad.npy"), "--out",
                 str(tmp_path / "o2"))
     assert r.returncode == 2 and "array of shape [40, 27, 28]" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_the_dim_a_frame_adds_and_a_picture_of_any_size(tmp_path):
+    """A dynamic first dim is a batch, unless the input is a picture of any size ([H,W,3]: a 1x224 row of
+    pixels was fed, and export wrote a gray [1,1,224,3] input)."""
+    from lepton_edge import frame_input
+
+    assert frame_input.frame_dims(["N", 28, 28]) == ["N", 1, 28, 28]
+    assert frame_input.frame_dims([1, 28, 28]) == [1, 1, 28, 28]
+    assert frame_input.frame_dims([3, 32, 32]) == [1, 3, 32, 32]
+    assert frame_input.frame_dims(["H", "W", 3]) == [1, "H", "W", 3]
+    g = helper.make_graph([helper.make_node("Shape", ["x"], ["s"]),
+                           helper.make_node("Cast", ["s"], ["y"], to=TensorProto.FLOAT)], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["H", "W", 3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    onnx.save(m, str(tmp_path / "hw3.onnx"))
+    frame = cv2.imread(str(_photos(tmp_path, 1) / "00.png"))
+    np.testing.assert_array_equal(Runtime.load(tmp_path / "hw3.onnx", task="raw").predict(frame)[0], [224, 224, 3])
+    r = run_cli("export", str(tmp_path / "hw3.onnx"), "--target", "x86-cpu", "--precision", "fp32", "--out",
+                str(tmp_path / "o"), "--input-shape", "64,48,3", "--json")
+    assert r.returncode == 0, r.stderr[-1500:]
+    rt = Runtime.load(json.loads(r.stdout)["bundle"], task="raw")
+    assert rt.spec.shape == [1, 64, 48, 3] and rt.spec.layout == "NHWC"
+    np.testing.assert_array_equal(rt.predict(frame)[0], [64, 48, 3])
+
+
+def _with_names_taken(path) -> None:
+    """[N,28,28] -> mean, plus an initializer named as the Squeeze's axes would be and an If branch that
+    reads the input and makes a tensor named as the Squeeze's output would be; `x` is also an output."""
+    then_g = helper.make_graph([helper.make_node("ReduceMean", ["x"], ["x__lepton_frame"], keepdims=0),
+                                helper.make_node("Identity", ["x__lepton_frame"], ["t"])], "then", [],
+                               [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)])
+    else_g = helper.make_graph([helper.make_node("ReduceMax", ["x"], ["e"], keepdims=0)], "else", [],
+                               [helper.make_tensor_value_info("e", TensorProto.FLOAT, None)])
+    nodes = [helper.make_node("ReduceMean", ["x"], ["m"], axes=[1, 2], keepdims=0),
+             helper.make_node("If", ["cond"], ["r"], then_branch=then_g, else_branch=else_g),
+             helper.make_node("Add", ["m", "r"], ["a"]), helper.make_node("Add", ["a", "x__lepton_frame_axes"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 28, None])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N"]),
+                           helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 28, None])],
+                          [numpy_helper.from_array(np.array(True), "cond"),
+                           numpy_helper.from_array(np.zeros(1, np.float32), "x__lepton_frame_axes")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    onnx.save(m, str(path))
+
+
+def test_names_the_model_already_uses_an_unnamed_dim_and_an_input_that_is_also_an_output(tmp_path):
+    """The Squeeze's names are free in every graph, subgraphs too (an initializer of its axes' name made the
+    bundle unloadable, a branch's tensor of its output's name a cycle); an unnamed dim stays unnamed (it was
+    named '?', telling other tools it equals every other '?'); an output that is the input keeps its name (it
+    was renamed to the internal one)."""
+    _with_names_taken(tmp_path / "m.onnx")
+    r = run_cli("export", str(tmp_path / "m.onnx"), "--target", "x86-cpu", "--precision", "fp32", "--out",
+                str(tmp_path / "o"), "--input-shape", "1,28,28", "--json")
+    assert r.returncode == 0, r.stderr[-1500:]
+    bundle = json.loads(r.stdout)["bundle"]
+    m = onnx.load(str(next((tmp_path / "o").glob("*/*.onnx"))))
+    dims = m.graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param or d.dim_value for d in dims] == ["N", 1, 28, 0] and not dims[3].HasField("dim_param")
+    assert [o.name for o in m.graph.output] == ["y", "x"]
+    frame = cv2.imread(str(_photos(tmp_path, 1) / "00.png"))
+    y, x = Runtime.load(bundle, task="raw").predict(frame)
+    assert x.shape == (1, 1, 28, 28)
+    np.testing.assert_allclose(y, [2 * x.mean()], rtol=1e-5)
+
+
+def test_input_shape_errors_name_the_models_own_shape(tmp_path):
+    model = tmp_path / "m.onnx"
+    _model(model, "N")
+    r = run_cli("export", str(model), "--target", "x86-cpu", "--precision", "fp32", "--out", str(tmp_path / "o"),
+                "--input-shape", "1,32,32")
+    assert r.returncode == 2 and "--input-shape [1, 32, 32] does not fit the model's input x ['N', 28, 28]" in r.stderr
+    r = run_cli("export", str(model), "--target", "x86-cpu", "--precision", "fp32", "--out", str(tmp_path / "o"),
+                "--input-shape", "2,28,28")
+    assert r.returncode == 2 and "asks for a batch of 2" in r.stderr, r.stderr  # (it said the model's batch is 2)

@@ -793,8 +793,10 @@ def sensitivity(fp32_path: Path, qdq_path: Path, x: np.ndarray, names: dict[str,
     Why a budget: a batch's layer outputs of both models are held at once, in native code that no
     check can stop. Under `--max-memory 450MB` PP-OCR's recogniser (~0.2 GB of layer outputs an
     input) took 911 MB in batches of 4 before the check after the pass saw it. So with `budget` (this
-    process's RSS ceiling) a batch holds what the budget leaves, estimated from the tensors' shapes;
-    when one input's outputs (or the model's fixed batch) do not fit, MemoryExceeded before any run.
+    process's RSS ceiling) a batch holds what half the budget leaves at one input's cost: the larger of
+    its outputs plus every activation of the model (shape inference) and the peak RSS its first run
+    reached (sampled during the runs: their buffers are freed by the time they return); when one input's
+    outputs (or the model's fixed batch) do not fit, MemoryExceeded before any run.
     `check` runs before every batch (the export's memory watch and deadline).
     """
     import onnx
@@ -818,9 +820,12 @@ def sensitivity(fp32_path: Path, qdq_path: Path, x: np.ndarray, names: dict[str,
             outs.append(t)
             done.add(t)
     name, q_name = _input_name(m), _input_name(q)
-    sizes = [b for t, b in _float_tensor_bytes(m, {name: x[:1]}).items() if t in done]  # (unknown: 0, a lower bound)
+    tensors = _float_tensor_bytes(m, {name: x[:1]})  # (a tensor of unknown shape counts 0: lower bounds)
+    sizes = [b for t, b in tensors.items() if t in done]
     # both models' outputs, then per tensor its float64 error, and the squares of it and of the reference
     per_input = 2 * sum(sizes) + 3 * 2 * max(sizes, default=0)
+    # what a batch is sized by: the outputs, and a run's working set, at most every activation of the model
+    per_input_run = max(per_input, sum(sizes) + sum(tensors.values()) + 3 * 2 * max(sizes, default=0))
     del m, q
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -847,13 +852,16 @@ def sensitivity(fp32_path: Path, qdq_path: Path, x: np.ndarray, names: dict[str,
     while i < len(x):
         check()
         xb, i = x[i:i + step], i + step
-        fa = dict(zip(f_names, f.run(None, {name: xb})))
-        qa = dict(zip(q_names, qs.run(None, {q_name: xb})))
-        if not fixed and len(xb) == 1:  # one input's real cost sizes the batches after it
+        first = not fixed and i == 1
+        with cal.MemoryWatch(None, interval=0.002) if first else nullcontext() as watch:
+            fa = dict(zip(f_names, f.run(None, {name: xb})))
+            qa = dict(zip(q_names, qs.run(None, {q_name: xb})))
+        if watch is not None:  # one input's real cost sizes the batches after it
             sizes = [a.nbytes for a in (*fa.values(), *qa.values())]
-            # (shape inference misses tensors of unknown shape; the RSS it grew by has the runs' own buffers)
-            per_input = max(per_input, sum(sizes) + 3 * 2 * max(sizes, default=0), cal.rss_bytes() - before)
-            step = _sensitivity_batch(per_input, None if budget is None else budget - before)
+            # (shape inference misses tensors of unknown shape; the peak RSS has the runs' own buffers, which
+            # are freed by the time a run returns)
+            per_input_run = max(per_input_run, sum(sizes) + 3 * 2 * max(sizes, default=0), watch.peak - before)
+            step = _sensitivity_batch(per_input_run, None if budget is None else budget - before)
         for t, ref in fa.items():
             qt = names.get(t, t)
             if qt in qa:

@@ -105,3 +105,36 @@ def test_a_sensitivity_batch_takes_at_most_half_the_headroom():
     assert q._sensitivity_batch(100, 600) == 3
     assert q._sensitivity_batch(100, 250) == 1
     assert q._sensitivity_batch(100, 50) == 1  # (one input fits: the pass checked that before)
+
+
+def _wide_middle(path) -> None:
+    """conv1 -> 64 copies of its output side by side (16 MB an input, no layer's input or output) -> their
+    mean -> conv2: the pass keeps only the layers' tensors, a run holds the wide one too."""
+    w = numpy_helper.from_array(np.full((1, 1, 1, 1), 0.5, np.float32), "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["a"], name="conv1"),
+             helper.make_node("Concat", ["a"] * 64, ["wide"], axis=1),
+             helper.make_node("ReduceMean", ["wide"], ["r"], axes=[1], keepdims=1),
+             helper.make_node("Conv", ["r", "w"], ["y"], name="conv2")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 256, 256])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 1, 256, 256])], [w])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    onnx.save(m, str(path))
+
+
+def test_batches_are_sized_by_a_runs_working_set_not_only_the_outputs_it_keeps(tmp_path, monkeypatch):
+    """A run's intermediate tensors are freed by the time it returns: sized by the outputs kept and the RSS
+    measured after the runs, batches of a model whose big activations are no layer's output went over the
+    budget (260 MB: 284 MB in batches of 2, 242 MB in batches of 1)."""
+    from lepton_edge.compress import calibration as cal
+
+    fp32, qdq = tmp_path / "m.onnx", tmp_path / "q.onnx"
+    _wide_middle(fp32)
+    x = np.random.default_rng(0).uniform(0.1, 1.0, (8, 1, 256, 256)).astype(np.float32)
+    res = q.quantize_int8(fp32, qdq, x, q.Recipe.parse("u8-minmax"))
+    seen: list[int] = []
+    monkeypatch.setattr(q, "_sensitivity_batch", lambda per_input, headroom: seen.append(per_input) or 1)
+    # RSS as a sampler may see it after a short run: not grown at all (the allocator's reuse decides)
+    monkeypatch.setattr(cal, "rss_bytes", lambda: 100 << 20)
+    q.sensitivity(fp32, res.path, x, res.names, budget=1 << 30)
+    assert seen and seen[0] >= 64 * 256 * 256 * 4  # the wide tensor of one input, at least
