@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from rich.markup import escape
 
-from lepton_edge.compress import calibration as cal, quantize as q
+from lepton_edge.compress import calibration as cal, quantize as q, sensitivity
 from lepton_edge.errors import disk_full
 from lepton_edge.exporters import validation as val, writer
 
@@ -355,7 +355,8 @@ def _float_layer_sets(ctx, exporter, prepared: Path, recipe: q.Recipe, done: dic
     # validation inputs judge candidates, so they must not choose them
     x = ctx.data.calib_x if ctx.data.calib_x is not None and len(ctx.data.calib_x) else ctx.data.check_x
     with ctx.progress.stage(f"sensitivity pass for {recipe.base}"):
-        ranked = q.sensitivity(prepared, base.path, np.asarray(x[:32], np.float32), base.names, check, watch.limit)
+        ranked = sensitivity.sensitivity(prepared, base.path, np.asarray(x[:32], np.float32), base.names, check,
+                                         watch.limit)
     names = [n for n, _ in ranked]
     return [names[:k] for k in (1, 2, 4, 8, 16) if k <= max(1, len(names) // 2)]
 

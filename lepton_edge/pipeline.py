@@ -177,12 +177,17 @@ class Pipeline:
             self._failed(rt, "postprocessing", e)
             return None
         t3 = time.perf_counter()
-        self._through, self._in_a_row, self._timeouts_in_a_row = self._through + 1, 0, 0
+        # a model swapped out while this frame ran made it: the new model's counts and its deploy's health
+        # check probe are the new model's own (an old model's frame counted as the new one's first success,
+        # and FAILS_IN_A_ROW, not FAILS_BEFORE_FIRST, then applied to a new model failing on every frame)
+        current = rt is self.runtime
+        if current:
+            self._through, self._in_a_row, self._timeouts_in_a_row = self._through + 1, 0, 0
         ms = {"capture": frame.capture_ms, "preprocess": pre_ms, "inference": (t2 - t1) * 1e3,
               "postprocess": (t3 - t2) * 1e3}
         self.stats.add(**ms)
         probe = self.probe
-        if probe is not None and len(probe) < 100_000:
+        if current and probe is not None and len(probe) < 100_000:
             probe.append(ms["inference"])
         return Result(rt.task, out, frame.index, frame.timestamp, ms, frame.image, frame.path)
 
@@ -190,6 +195,8 @@ class Pipeline:
         """Count a frame that `stage` failed on; raise ModelFailed (one line: which stage, the error,
         what to try) once FAILS_BEFORE_FIRST frames failed before any went through, or FAILS_IN_A_ROW in a row."""
         self.bad_frames += 1
+        if rt is not self.runtime:  # the swapped-out model failed on a frame it had started: not the new one's
+            return
         self._in_a_row += 1
         self.failed_since_swap += 1
         self.last_failure = rt.failure(stage, e)

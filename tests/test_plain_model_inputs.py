@@ -217,6 +217,38 @@ def test_a_model_failing_after_frames_went_through_stops_only_after_a_long_run(t
     assert (pipe.failed_since_swap, pipe.last_failure, pipe._through, pipe._in_a_row) == (0, None, 0, 0)
 
 
+def test_a_frame_the_old_model_finishes_after_a_swap_is_not_the_new_models(tmp_path):
+    """A swap (a deploy) while the old model runs a frame: that frame counted as the new model's first
+    success, so a new model failing on every frame ran FAILS_IN_A_ROW (100) frames, not FAILS_BEFORE_FIRST
+    (3), before its failure ended the pipeline (a CI run's deploy health check saw 97 failed frames, not the
+    pipeline's failure), and the old model's time went into the new one's health-check probe."""
+    from lepton_edge import pipeline as pl
+
+    frame, folder = _solid(tmp_path, n=40)
+    _mean_onnx(tmp_path / "m.onnx", TensorProto.FLOAT, [1, 3, 8, 8], [2, 3], [1, 3])
+    old, new = Runtime.load(tmp_path / "m.onnx", task="raw"), Runtime.load(tmp_path / "m.onnx", task="raw")
+    real = old.infer
+
+    def broken(x):
+        raise RuntimeError("broken model")
+
+    new.infer = broken
+    pipe = Pipeline(str(folder), old)
+
+    def swapped_mid_run(x):  # the deploy swaps the new model in while this frame is in the old one
+        y = real(x)
+        if pipe.runtime is old:
+            pipe.swap(new)
+        return y
+
+    old.infer = swapped_mid_run
+    got = []
+    with pytest.raises(ModelFailed, match=f"on {pl.FAILS_BEFORE_FIRST} frames in a row, every frame so far"):
+        for res in pipe:
+            got.append(res)
+    assert len(got) == 1 and pipe.probe == [] and pipe.failed_since_swap == pl.FAILS_BEFORE_FIRST
+
+
 def test_odd_files_are_one_line_errors(tmp_path):
     """A FIFO named like a model made `inspect` wait forever; names with Rich markup ('a[/]b') raised
     MarkupError; a bundle whose manifest.json is a directory, or lists no inputs, gave tracebacks."""

@@ -569,6 +569,8 @@ class Agent:
             if self.pipeline_failures != failures:
                 return False, f"the pipeline failed: {self.pipeline_error}", {}
             if self.pipeline.failed_since_swap:  # a model that fails on some frames only: not healthy either
+                if self._pipeline_ends(failures):  # (one failing on every frame ends the pipeline in a few)
+                    return False, f"the pipeline failed: {self.pipeline_error}", {}
                 return False, (f"{self.pipeline.failed_since_swap} frame(s) failed since the swap: "
                                f"{self.pipeline.last_failure}"), {}
             if len(self.pipeline.probe or ()) >= frames:
@@ -584,6 +586,15 @@ class Agent:
         if budget is not None and s["p50"] > budget:
             return False, f"inference p50 {s['p50']:.3f} ms exceeds the {budget:g} ms latency budget", figures
         return True, "", figures
+
+    def _pipeline_ends(self, failures: int, grace_s: float = 0.5) -> bool:
+        """Whether the pipeline fails (its failure count moves past `failures`) within `grace_s`. Why: a new
+        model failing on every frame ends the pipeline after FAILS_BEFORE_FIRST frames, and the reply should
+        give that failure, the whole story, not "2 frame(s) failed" caught between two of them."""
+        deadline = time.monotonic() + grace_s
+        while self.pipeline_failures == failures and time.monotonic() < deadline and not self._stop.is_set():
+            time.sleep(0.01)
+        return self.pipeline_failures != failures
 
     # ---- the service --------------------------------------------------------------------------
     def _pipeline_loop(self) -> None:

@@ -11,7 +11,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from lepton_edge.compress import quantize as q
+from lepton_edge.compress import quantize as q, sensitivity as sens
 
 
 def _conv(name: str, x: str, w: np.ndarray, y: str) -> tuple[onnx.NodeProto, onnx.TensorProto]:
@@ -43,7 +43,7 @@ def test_the_layer_that_adds_the_noise_ranks_first(tmp_path):
     _model(fp32)
     x = np.random.default_rng(0).uniform(0.1, 1.0, (16, 1, 8, 8)).astype(np.float32)
     res = q.quantize_int8(fp32, qdq, x, q.Recipe.parse("u8-minmax"))
-    lost = dict(q.sensitivity(fp32, res.path, x, res.names))
+    lost = dict(sens.sensitivity(fp32, res.path, x, res.names))
     ranked = sorted(lost, key=lambda n: -lost[n])
     assert ranked[0] == "culprit", lost
     assert lost["culprit"] > 10  # its quiet input channel is a step or two of the loud one's scale
@@ -65,7 +65,7 @@ def test_a_budget_that_cannot_hold_one_inputs_layer_outputs_stops_the_pass_befor
     fp32, res, x = _quantized(tmp_path)
     checks = []
     with pytest.raises(cal.MemoryExceeded, match=r"sensitivity pass needs about .* --max-memory"):
-        q.sensitivity(fp32, res.path, x, res.names, lambda: checks.append(1), budget=cal.rss_bytes())
+        sens.sensitivity(fp32, res.path, x, res.names, lambda: checks.append(1), budget=cal.rss_bytes())
     assert not checks  # no batch was started
 
 
@@ -74,18 +74,19 @@ def test_the_memory_check_runs_before_every_batch_and_stops_the_pass(tmp_path):
 
     fp32, res, x = _quantized(tmp_path)
     checks: list[int] = []
-    free = q.sensitivity(fp32, res.path, x, res.names, lambda: checks.append(1))
-    assert len(checks) == 1 + -(-15 // q.SENSITIVITY_BATCH)  # one input first, then full batches
+    free = sens.sensitivity(fp32, res.path, x, res.names, lambda: checks.append(1))
+    assert len(checks) == 1 + -(-15 // sens.BATCH)  # one input first, then full batches
     # a budget that holds the outputs of one input at a time gives the same ranking, batch by batch
     tight: list[int] = []
-    orig = q._sensitivity_batch
+    orig = sens.batch_size
     try:
-        q._sensitivity_batch = lambda per_input, headroom: 1
-        one = q.sensitivity(fp32, res.path, x, res.names, lambda: tight.append(1), budget=cal.rss_bytes() + (1 << 30))
+        sens.batch_size = lambda per_input, headroom: 1
+        one = sens.sensitivity(fp32, res.path, x, res.names, lambda: tight.append(1),
+                               budget=cal.rss_bytes() + (1 << 30))
         assert [n for n, _ in one] == [n for n, _ in free]
         assert [d for _, d in one] == pytest.approx([d for _, d in free], rel=1e-6, abs=1e-9)
     finally:
-        q._sensitivity_batch = orig
+        sens.batch_size = orig
     assert len(tight) == len(x)
 
     def over() -> None:
@@ -95,16 +96,16 @@ def test_the_memory_check_runs_before_every_batch_and_stops_the_pass(tmp_path):
 
     checks.clear()
     with pytest.raises(cal.MemoryExceeded):
-        q.sensitivity(fp32, res.path, x, res.names, over)
+        sens.sensitivity(fp32, res.path, x, res.names, over)
     assert len(checks) == 3
 
 
 def test_a_sensitivity_batch_takes_at_most_half_the_headroom():
-    assert q._sensitivity_batch(100, None) == q.SENSITIVITY_BATCH
-    assert q._sensitivity_batch(100, 10_000) == q.SENSITIVITY_BATCH
-    assert q._sensitivity_batch(100, 600) == 3
-    assert q._sensitivity_batch(100, 250) == 1
-    assert q._sensitivity_batch(100, 50) == 1  # (one input fits: the pass checked that before)
+    assert sens.batch_size(100, None) == sens.BATCH
+    assert sens.batch_size(100, 10_000) == sens.BATCH
+    assert sens.batch_size(100, 600) == 3
+    assert sens.batch_size(100, 250) == 1
+    assert sens.batch_size(100, 50) == 1  # (one input fits: the pass checked that before)
 
 
 def _wide_middle(path) -> None:
@@ -133,8 +134,9 @@ def test_batches_are_sized_by_a_runs_working_set_not_only_the_outputs_it_keeps(t
     x = np.random.default_rng(0).uniform(0.1, 1.0, (8, 1, 256, 256)).astype(np.float32)
     res = q.quantize_int8(fp32, qdq, x, q.Recipe.parse("u8-minmax"))
     seen: list[int] = []
-    monkeypatch.setattr(q, "_sensitivity_batch", lambda per_input, headroom: seen.append(per_input) or 1)
+    monkeypatch.setattr(sens, "batch_size", lambda per_input, headroom: seen.append(per_input) or 1)
     # RSS as a sampler may see it after a short run: not grown at all (the allocator's reuse decides)
     monkeypatch.setattr(cal, "rss_bytes", lambda: 100 << 20)
-    q.sensitivity(fp32, res.path, x, res.names, budget=1 << 30)
+    sens.sensitivity(fp32, res.path, x, res.names, budget=1 << 30)
     assert seen and seen[0] >= 64 * 256 * 256 * 4  # the wide tensor of one input, at least
+
