@@ -57,7 +57,8 @@ def sensitivity(fp32_path: Path, qdq_path: Path, x: np.ndarray, names: dict[str,
     made, outs = _compared(m, q, nodes, names)
     name, q_name = _input_name(m), _input_name(q)
     tensors = _float_tensor_bytes(m, {name: x[:1]})  # (a tensor of unknown shape counts 0: lower bounds)
-    sizes = [b for t, b in tensors.items() if t in set(outs)]
+    read = set(outs)
+    sizes = [b for t, b in tensors.items() if t in read]
     # both models' outputs, then per tensor its float64 error, and the squares of it and of the reference
     per_input = 2 * sum(sizes) + 3 * 2 * max(sizes, default=0)
     # what a batch is sized by: the outputs, and a run's working set, at most every activation of the model
