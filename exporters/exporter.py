@@ -89,9 +89,11 @@ class Exporter(abc.ABC):
 
     @abc.abstractmethod
     def quantize_int8(self, ctx: ExportContext, prepared: Path, out_path: Path, recipe: Recipe,
-                      exclude: list[str] | None = None, check: Callable[[], None] | None = None) -> QuantResult:
+                      exclude: list[str] | None = None, check: Callable[[], None] | None = None,
+                      limit: int | None = None) -> QuantResult:
         """One int8 candidate calibrated on `ctx.data.calib_x`; `exclude` names layers kept in float;
-        `check` (the memory watch) is to be called now and then during calibration."""
+        `check` (the memory watch) is to be called now and then during calibration; `limit`: the memory
+        budget (bytes of RSS) that work known to need more is refused against before it starts."""
 
     @abc.abstractmethod
     def describe(self, path: Path) -> dict:

@@ -156,12 +156,12 @@ class OnnxExporter(Exporter):
         return quantize.prepare(fp32_path, ctx.workdir / "prepared.onnx")
 
     def quantize_int8(self, ctx: ExportContext, prepared: Path, out_path: Path, recipe,
-                      exclude: list[str] | None = None, check=None) -> quantize.QuantResult:
+                      exclude: list[str] | None = None, check=None, limit: int | None = None) -> quantize.QuantResult:
         """One candidate, checked (onnx.checker, loads and runs a batch in onnxruntime): a broken
         graph raises quantize.BrokenGraph, and the search skips it with that reason."""
         res = quantize.quantize_int8(prepared, out_path, ctx.data.calib_x, recipe, ctx.per_channel, exclude,
                                      check or quantize._no_check, ranges=prepared.parent,
-                                     share=ctx.planned_calibrations >= {"minmax", "percentile"})
+                                     share=ctx.planned_calibrations >= {"minmax", "percentile"}, limit=limit)
         res.names = quantize.compact_names(res.path)
         return res
 

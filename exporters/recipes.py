@@ -35,6 +35,7 @@ from rich.markup import escape
 from lepton_edge.compress import calibration as cal, quantize as q, sensitivity
 from lepton_edge.errors import disk_full
 from lepton_edge.exporters import validation as val, writer
+from lepton_edge.memory import give_back_freed
 
 DEFAULT_SEARCH_TIME_S = 180.0
 # Stop starting candidates once this many in a row did not beat the best passing one: the budget
@@ -135,6 +136,7 @@ def search(ctx, exporter, prepared: Path, validate, recipes: list[str], *, patie
             record(name, passed=False, skipped=True, why=why_not)
             not_started.setdefault(why_not, []).append(name)
             continue
+        give_back_freed()  # (what the last candidate freed counts against the budget until it is returned)
         with cal.MemoryWatch(limit, what=f"int8 recipe {name}") as watch:
             deadline.watch = watch
             try:
@@ -154,7 +156,7 @@ def search(ctx, exporter, prepared: Path, validate, recipes: list[str], *, patie
                     with ctx.progress.stage(f"int8 recipe {label}"):
                         with deadline.armed():  # the quantizer's own work only: it alone runs unchecked long
                             res = exporter.quantize_int8(ctx, prepared, workdir / f"int8-{i}-{j}{exporter.suffix}",
-                                                         recipe, exclude, deadline.check)
+                                                         recipe, exclude, deadline.check, limit=watch.limit)
                         done.setdefault(name, res)
                         failed = "validating it failed"  # (a quantized graph whose outputs cannot be compared)
                         result, pred, ram = validate(res.path)
@@ -350,7 +352,8 @@ def _float_layer_sets(ctx, exporter, prepared: Path, recipe: q.Recipe, done: dic
         return [[]]
     check = watch.check
     base = done.get(recipe.base) or exporter.quantize_int8(
-        ctx, prepared, ctx.workdir / f"{base_stem}{exporter.suffix}", q.Recipe.parse(recipe.base), None, check)
+        ctx, prepared, ctx.workdir / f"{base_stem}{exporter.suffix}", q.Recipe.parse(recipe.base), None, check,
+        limit=watch.limit)
     # ranked on calibration inputs: which layers stay in float is part of the candidate, and the
     # validation inputs judge candidates, so they must not choose them
     x = ctx.data.calib_x if ctx.data.calib_x is not None and len(ctx.data.calib_x) else ctx.data.check_x

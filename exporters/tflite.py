@@ -209,8 +209,8 @@ class TfliteExporter(Exporter):
         return fp32_path  # PT2E works on the PyTorch module itself (ctx.source.module)
 
     def quantize_int8(self, ctx: ExportContext, prepared: Path, out_path: Path, recipe,
-                      exclude: list[str] | None = None, check=None) -> QuantResult:
-        calib = ctx.data.calib_x
+                      exclude: list[str] | None = None, check=None, limit: int | None = None) -> QuantResult:
+        calib = ctx.data.calib_x  # (`limit` unused: the PyTorch quantizers here are checked between batches)
         if recipe.litert:
             _litert_quantizer_int8(prepared, out_path, calib)
         elif recipe.engine == "nncf":

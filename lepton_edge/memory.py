@@ -39,3 +39,24 @@ def available_bytes() -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def give_back_freed() -> None:
+    """Return the memory this process has freed to the system: Python's garbage collected, then glibc's
+    free heap trimmed (malloc_trim; nothing where there is no glibc).
+
+    Why: glibc keeps freed blocks for reuse, so after an int8 candidate's sessions and tensors are gone
+    the process stays 50-130 MB above what it holds (an 800x608 PicoDet detector: 582-669 MB between
+    candidates, 472-535 MB trimmed). The export's memory budget is checked against RSS, so each next
+    candidate started with that much less of it, and stops came from memory nothing used."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # (not glibc: musl, macOS)
+        return
+    trim(0)

@@ -209,6 +209,31 @@ def test_memory_budget_stops_a_candidate_with_one_line(tmp_path):
     assert watch.peak > 0
 
 
+def test_nncf_statistics_that_cannot_fit_the_budget_are_refused_before_they_run(tmp_path):
+    """NNCF collects its statistics by running the model with every tensor it quantizes as an output,
+    in native code between two of the export's memory checks: a PicoDet export under --max-memory 800MB
+    went to 963 MB before the watch could stop the candidate. Now that run is refused before its session
+    exists when its outputs cannot fit what the budget leaves, and the process never goes over; with room,
+    the same candidate quantizes, and NNCF's engine is left as it was."""
+    import nncf  # noqa: F401 (its ~150 MB are part of what the export holds before the candidate)
+    from nncf.onnx.engine import ONNXEngine
+
+    torch.manual_seed(0)
+    fp32 = _big_activations(tmp_path / "big.onnx", convs=40)  # 80 tensors of 1.46 MB a sample
+    calib = RNG.random((4, 3, 400, 304), dtype=np.float32)
+    engine = ONNXEngine.__init__
+    limit = cal.rss_bytes() + (40 << 20)
+    with cal.MemoryWatch(None, interval=0.002) as watch, pytest.raises(cal.MemoryExceeded) as e:
+        q.quantize_int8(fp32, tmp_path / "int8.onnx", calib, q.Recipe.parse("nncf-default"), limit=limit)
+    assert "NNCF's statistics would keep" in str(e.value) and "--max-memory" in str(e.value)
+    assert "\n" not in str(e.value)
+    assert watch.peak < limit, f"went to {watch.peak / 1e6:.0f} MB under a {limit / 1e6:.0f} MB budget"
+    assert ONNXEngine.__init__ is engine
+    res = q.quantize_int8(fp32, tmp_path / "int8.onnx", calib, q.Recipe.parse("nncf-default"),
+                          limit=cal.rss_bytes() + (2 << 30))
+    assert res.path.stat().st_size > 0 and ONNXEngine.__init__ is engine
+
+
 def test_a_memory_budget_below_what_the_export_holds_is_one_line(tmp_path):
     """--max-memory below what the export already holds (the model, its data, the libraries) would stop
     every candidate at once: one line (exit 2) before the search, nothing written. (A budget the search
@@ -393,8 +418,8 @@ def test_search_time_budget_and_broken_candidate_is_skipped(tmp_path):
     ex, prepared, calib, check, validate = _search_setup(tmp_path)
 
     class Truncating(type(ex)):  # fault injection: the quantizer writes a broken file for one recipe
-        def quantize_int8(self, ctx, prepared, out_path, recipe, exclude=None, check=None):
-            res = super().quantize_int8(ctx, prepared, out_path, recipe, exclude, check)
+        def quantize_int8(self, ctx, prepared, out_path, recipe, exclude=None, check=None, limit=None):
+            res = super().quantize_int8(ctx, prepared, out_path, recipe, exclude, check, limit)
             if recipe.name == "u8-minmax":
                 out_path.write_bytes(out_path.read_bytes()[:200])
             return res

@@ -63,20 +63,13 @@ def sensitivity(fp32_path: Path, qdq_path: Path, x: np.ndarray, names: dict[str,
     per_input = 2 * sum(sizes) + 3 * 2 * max(sizes, default=0)
     # what a batch is sized by: the outputs, and a run's working set, at most every activation of the model
     per_run = max(per_input, sum(sizes) + sum(tensors.values()) + 3 * 2 * max(sizes, default=0))
-    del m, q
-    f, qs = _session(fp32_path, outs), _session(qdq_path, [names.get(o, o) for o in outs])
-    headroom = None if budget is None else budget - cal.rss_bytes()  # (the two sessions' weights now in)
-    fixed = f.get_inputs()[0].shape[0]
-    fixed = fixed if isinstance(fixed, int) and fixed > 0 else None
+    dims = next(i for i in m.graph.input if i.name == name).type.tensor_type.shape.dim
+    fixed = dims[0].dim_value if dims and dims[0].dim_value > 0 else None
     step = fixed or 1  # one input first: what its outputs really take sizes the batches after it
-    if budget is not None and headroom is not None and per_input * step > headroom:
-        from lepton_edge.ui import human
-
-        left = (f"the {human(headroom)} the export's memory budget leaves" if headroom > 0 else
-                f"the export's memory budget, which its {human(budget - headroom)} already fill")
-        raise cal.MemoryExceeded(
-            f"the sensitivity pass needs about {human(per_input * step)} for the layer outputs of {step} "
-            f"input(s) of both models, over {left} ({human(budget)}, --max-memory)")
+    del m, q
+    _fits(per_input * step, step, budget)  # before the sessions too: a pass that cannot fit opens nothing
+    f, qs = _session(fp32_path, outs), _session(qdq_path, [names.get(o, o) for o in outs])
+    _fits(per_input * step, step, budget)  # (the two sessions' weights now in)
     energy: dict[str, list[float]] = {}  # tensor: [signal, noise], summed over the batches
     f_names, q_names = [o.name for o in f.get_outputs()], [o.name for o in qs.get_outputs()]
     i, before = 0, cal.rss_bytes()
@@ -104,6 +97,23 @@ def sensitivity(fp32_path: Path, qdq_path: Path, x: np.ndarray, names: dict[str,
 
     lost = [(n.name, sqnr(n.input[0]) - sqnr(t)) for n, t in zip(nodes, made) if t is not None]
     return sorted(lost, key=lambda t: -t[1])
+
+
+def _fits(need: int, inputs: int, budget: int | None) -> None:
+    """Raise MemoryExceeded when `need` bytes (the layer outputs of `inputs` input(s) of both models) do
+    not fit what `budget` (this process's RSS ceiling; None: no budget) leaves now."""
+    from lepton_edge.compress import calibration as cal
+
+    if budget is None:
+        return
+    headroom = budget - cal.rss_bytes()
+    if need > headroom:
+        from lepton_edge.ui import human
+
+        left = (f"the {human(headroom)} the export's memory budget leaves" if headroom > 0 else
+                f"the export's memory budget, which its {human(budget - headroom)} already fill")
+        raise cal.MemoryExceeded(f"the sensitivity pass needs about {human(need)} for the layer outputs of {inputs} "
+                                 f"input(s) of both models, over {left} ({human(budget)}, --max-memory)")
 
 
 def _add_energies(energy: dict[str, list[float]], fa: dict, qa: dict, names: dict[str, str]) -> None:
