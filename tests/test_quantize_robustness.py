@@ -213,25 +213,51 @@ def test_nncf_statistics_that_cannot_fit_the_budget_are_refused_before_they_run(
     """NNCF collects its statistics by running the model with every tensor it quantizes as an output,
     in native code between two of the export's memory checks: a PicoDet export under --max-memory 800MB
     went to 963 MB before the watch could stop the candidate. Now that run is refused before its session
-    exists when its outputs cannot fit what the budget leaves, and the process never goes over; with room,
-    the same candidate quantizes, and NNCF's engine is left as it was."""
+    exists when its outputs cannot fit what the budget leaves (here 40 MB for ~120 MB), so the process
+    does not go over; the check is this thread's and this block's alone: another thread quantizing
+    meanwhile, and the same candidate after it, with room, are not refused."""
+    import threading
+
     import nncf  # noqa: F401 (its ~150 MB are part of what the export holds before the candidate)
-    from nncf.onnx.engine import ONNXEngine
 
     torch.manual_seed(0)
     fp32 = _big_activations(tmp_path / "big.onnx", convs=40)  # 80 tensors of 1.46 MB a sample
     calib = RNG.random((4, 3, 400, 304), dtype=np.float32)
-    engine = ONNXEngine.__init__
     limit = cal.rss_bytes() + (40 << 20)
     with cal.MemoryWatch(None, interval=0.002) as watch, pytest.raises(cal.MemoryExceeded) as e:
         q.quantize_int8(fp32, tmp_path / "int8.onnx", calib, q.Recipe.parse("nncf-default"), limit=limit)
     assert "NNCF's statistics would keep" in str(e.value) and "--max-memory" in str(e.value)
     assert "\n" not in str(e.value)
     assert watch.peak < limit, f"went to {watch.peak / 1e6:.0f} MB under a {limit / 1e6:.0f} MB budget"
-    assert ONNXEngine.__init__ is engine
-    res = q.quantize_int8(fp32, tmp_path / "int8.onnx", calib, q.Recipe.parse("nncf-default"),
-                          limit=cal.rss_bytes() + (2 << 30))
-    assert res.path.stat().st_size > 0 and ONNXEngine.__init__ is engine
+
+    small = _big_activations(tmp_path / "small.onnx", convs=2, hw=(40, 32))
+    done = []
+    with q._statistics_fit({"x": 1 << 40}, 1):  # a check no session could pass, in this thread only
+        t = threading.Thread(target=lambda: done.append(q.quantize_int8(
+            small, tmp_path / "other.onnx", calib[:, :, :40, :32].copy(), q.Recipe.parse("nncf-default"))))
+        t.start()
+        t.join(timeout=120)
+    assert done and done[0].path.stat().st_size > 0
+    res = q.quantize_int8(fp32, tmp_path / "int8.onnx", calib, q.Recipe.parse("nncf-default"), limit=None)
+    assert res.path.stat().st_size > 0
+
+
+def test_the_activation_estimate_does_not_copy_the_weights(tmp_path):
+    """Shape inference is what sizes calibration batches and NNCF's statistics check; run on a whole copy
+    of the model it held ~4x the weights (+830 MB for a model of 201 MB) to estimate kilobytes. The
+    estimate is the same without the weights' values."""
+    import onnx as ox
+
+    torch.manual_seed(0)
+    path = _export(nn.Sequential(nn.Linear(2048, 4096), nn.ReLU(), nn.Linear(4096, 2048)), tmp_path / "w.onnx",
+                   {"x": (1, 2048)}, 17, {"x": {0: "n"}})  # 64 MB of weights
+    model = ox.load(str(path))
+    sample = {"x": np.zeros((3, 2048), np.float32)}
+    with cal.MemoryWatch(None, interval=0.002) as watch:
+        before = cal.rss_bytes()
+        got = q._float_tensor_bytes(model, sample)
+    assert watch.peak - before < 32e6, f"the estimate took {(watch.peak - before) / 1e6:.0f} MB"
+    assert sorted(got.values()) == [3 * 2048 * 4, 3 * 4096 * 4, 3 * 4096 * 4]
 
 
 def test_a_memory_budget_below_what_the_export_holds_is_one_line(tmp_path):
