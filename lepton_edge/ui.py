@@ -228,11 +228,27 @@ def native_stderr_silenced() -> Iterator[None]:
         _silencer.exit()
 
 
+# Held while a libraries_silenced block runs: what it changes is the process's, not the thread's.
+_silenced_section = threading.RLock()
+
+
 @contextmanager
 def libraries_silenced(*loggers: str, stderr: bool = True, native: bool = False) -> Iterator[None]:
     """Mute what converters and quantizers print or log (progress lines, recovered errors,
     warnings) while they run: our own stage line says what happened. `loggers` are logger names
-    ("" is the root logger); stderr=False keeps our progress bars visible; native also mutes C++."""
+    ("" is the root logger); stderr=False keeps our progress bars visible; native also mutes C++.
+
+    One thread at a time runs such a block (a re-entrant lock): sys.stdout, logger levels and warning
+    filters are the process's, and so are the library patches the quantizers apply inside these blocks
+    (onnxruntime's calibrators, NNCF's engine). Two exports in two threads interleaved them: the one
+    that ended last put back the other's redirection, and this process's stdout went to a dead buffer
+    for good. Exports in threads now take turns through their quantizers and converters."""
+    with _silenced_section, _libraries_silenced(loggers, stderr, native):
+        yield
+
+
+@contextmanager
+def _libraries_silenced(loggers: tuple[str, ...], stderr: bool, native: bool) -> Iterator[None]:
     import contextlib
     import warnings
 
