@@ -7,6 +7,7 @@ Every way a file can be wrong ends in BadInput with one line, never a traceback.
 from __future__ import annotations
 
 import abc
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -482,7 +483,9 @@ class TorchFileLoader(ModelLoader):
         path = Path(model)
         _need_file(path, "model file")
         module, recorded = _load_torch_file(path)
+        recorded, dynamic = _symbolic_shape(recorded, profile_hw)
         shape, hint = _example_shape(input_shape or recorded, None, profile_hw)
+        hint = None if input_shape else dynamic or hint
         return _torch_source(module, shape, name or path.stem, labels, hint, **spec_kw)
 
 
@@ -524,37 +527,157 @@ def load(model: Any, *, profile_hw: tuple[int, int], input_shape: list[int] | No
     return src
 
 
+# Ops a model's graph may not hold: they read or write files (a TorchScript forward that ran
+# `torch.from_file("/etc/passwd", ...)` put the file's bytes in the bundle, one that filled a file it mapped
+# overwrote it, both while the export only checked that the model runs).
+FILE_OPS = frozenset({"aten::from_file", "aten::save", "debugprims::load_tensor"})
+FILE_OP_NAMESPACES = ("symm_mem::",)  # (shared memory across processes)
+
+
 def _load_torch_file(path: Path):
-    """(module, input shape recorded in the file or None)."""
+    """(module, input shape recorded in the file or None; a dynamic dim is None there).
+
+    Nothing in the file is unpickled as Python objects: a pickle names the code that builds it (a whole
+    module's class, or os.system), and it ran on load, before any check. TorchScript and state_dict
+    tensors have loaders that build tensors and TorchScript types only; a pickled whole module
+    (torch.save(model)) is refused, since it cannot be loaded otherwise, and a .pt2 loads with torch.load
+    held to tensors and no compiled (AOTInductor) code."""
     import torch
 
     if path.suffix.lower() == ".pt2":
-        try:
-            ep = torch.export.load(str(path))
-        except Exception as e:
-            first = str(e).splitlines()[0][:160]
-            raise BadInput(f"{path}: not a readable torch.export (.pt2) file ({first})") from None
+        ep = _load_exported_program(path)
         user = set(ep.graph_signature.user_inputs)
         shapes = [list(n.meta["val"].shape) for n in ep.graph.nodes
                   if n.op == "placeholder" and n.name in user and hasattr(n.meta.get("val"), "shape")]
         if len(shapes) != 1:
             raise BadInput(f"{path}: export supports models with one image input; this one has {len(shapes)}")
-        shape = [int(d) if str(d).isdigit() else 1 for d in shapes[0]]
-        return ep.module(), shape
+        _refuse_file_ops(path, (getattr(getattr(n.target, "_schema", None), "name", "") for n in ep.graph.nodes
+                                if n.op == "call_function"))
+        return ep.module(), [int(d) if str(d).isdigit() else None for d in shapes[0]]
     try:
-        return torch.jit.load(str(path), map_location="cpu").eval(), None
+        module = torch.jit.load(str(path), map_location="cpu").eval()
     except Exception as e:
         jit_err = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-    try:  # a pickled whole module (torch.save(model)): only for files the user trusts
-        obj = torch.load(str(path), map_location="cpu", weights_only=False)
-    except Exception:
+    else:
+        _refuse_file_ops(path, _script_op_kinds(module))
+        return module, None
+    try:  # weights only: a state_dict's tensors load; any other object is refused before it is built
+        with warnings.catch_warnings():  # (torch warns of a pickle protocol it may not read: it says so below)
+            warnings.simplefilter("ignore")
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        _refuse_pickled(path, e)
         raise BadInput(f"{path}: not a TorchScript (.pt) file ({jit_err})") from None
-    if isinstance(obj, torch.nn.Module):
-        return obj.eval(), None
     if isinstance(obj, dict):
         raise BadInput(f"{path}: holds a state_dict, not a model: use zoo:<arch> --weights {path.name}, "
                        "or save it with torch.jit.save / torch.export.save")
     raise BadInput(f"{path}: holds a {type(obj).__name__}, not a model")
+
+
+def _refuse_pickled(path: Path, e: Exception) -> None:
+    """BadInput when `e` is torch's weights-only refusal of a pickle, naming the class or function it
+    names ("GLOBAL posix.system" in torch's message)."""
+    import pickle
+    import re
+
+    if "weights only load failed" not in str(e).lower() and not isinstance(e, pickle.UnpicklingError):
+        return
+    m = re.search(r"GLOBAL ([\w.]+)", str(e))
+    raise BadInput(f"{path}: holds a pickled Python object ({f'it names {m.group(1)}' if m else 'not tensors alone'})"
+                   ", and unpickling it would run whatever code the file names, so it is not loaded: save the model "
+                   "with torch.jit.save(torch.jit.trace(model, x)) or torch.export.save, or load it yourself and "
+                   "pass the module to lepton_edge.export()") from None
+
+
+def _load_exported_program(path: Path):
+    """torch.export.load with no code from the file: a .pt2 with AOTInductor's compiled libraries (native
+    code, loaded as they are read) is refused, and torch.load is held to tensors while the archive loads
+    (torch reads weights flagged `use_pickle`, and an old archive's state dict, with weights_only=False)."""
+    import zipfile
+
+    import torch
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise BadInput(f"{path}: not a readable torch.export (.pt2) file ({first_line(e)})") from None
+    native = [n for n in names if "/aotinductor/" in f"/{n}" or n.endswith((".so", ".dll", ".dylib"))]
+    if native:
+        raise BadInput(f"{path}: holds compiled code ({native[0]}), which export does not load: save the "
+                       "model with torch.export.save alone (no AOTInductor package)")
+    real_load = torch.load
+
+    def tensors_only(f, *args, **kwargs):
+        kwargs["weights_only"] = True
+        return real_load(f, *args, **kwargs)
+
+    from torch.export.pt2_archive import _package
+
+    real_pickle = _package.pickle
+    _package.pickle = _NoPickle()
+    torch.load = tensors_only
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.export.load(str(path))
+    except Exception as e:
+        _refuse_pickled(path, e)
+        first = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise BadInput(f"{path}: not a readable torch.export (.pt2) file ({first})") from None
+    finally:
+        torch.load = real_load
+        _package.pickle = real_pickle
+
+
+class _NoPickle:
+    """Stands in for the pickle module inside torch's .pt2 reader while it loads (its opaque constants are
+    plain pickles)."""
+
+    @staticmethod
+    def loads(*_a, **_k):
+        import pickle
+
+        raise pickle.UnpicklingError("a pickled constant, which export does not load")
+
+
+def _script_op_kinds(module) -> Iterator[str]:
+    """Every op of a TorchScript module's forward, its submodules' calls and nested blocks included."""
+    try:
+        graph = module.inlined_graph
+    except (AttributeError, RuntimeError):
+        return
+    todo = [graph.nodes()]
+    while todo:
+        for node in todo.pop():
+            yield node.kind()
+            todo.extend(b.nodes() for b in node.blocks())
+
+
+def _refuse_file_ops(path: Path, kinds) -> None:
+    for kind in kinds:
+        if kind in FILE_OPS or kind.startswith(FILE_OP_NAMESPACES):
+            raise BadInput(f"{path}: the model's graph calls {kind}, which reads or writes files: export does "
+                           "not run it")
+
+
+def _symbolic_shape(recorded: list | None, profile_hw: tuple[int, int]) -> tuple[list[int] | None, str | None]:
+    """A .pt2's recorded input shape with its dynamic dims set (batch 1, height and width the target's), and
+    the hint for an error. Why: they were all 1, and a model whose dims have a minimum (torch.export's
+    Dim("h", min=16)) was refused at 1x1."""
+    if recorded is None or all(d is not None for d in recorded):
+        return recorded, None
+    shape = list(recorded)
+    if shape[0] is None:
+        shape[0] = 1
+    if len(shape) == 4:
+        first = isinstance(shape[1], int) and shape[1] <= 4 or not (isinstance(shape[3], int) and shape[3] <= 4)
+        spatial = (2, 3) if first else (1, 2)
+        for axis, size in zip(spatial, profile_hw):
+            if shape[axis] is None:
+                shape[axis] = size
+    shape = [1 if d is None else d for d in shape]
+    return shape, f" (its dynamic dims set to {shape}; pass --input-shape / example_input=)"
 
 
 def _torch_source(module, shape, name, labels, hint=None, **spec_kw) -> ModelSource:
@@ -568,7 +691,23 @@ def _check_runs(module, spec: InputSpec, hint: str = "") -> int | None:
     """Run the model once so a wrong input shape is a clear error now, not deep in the exporter.
 
     Returns the fixed batch size when the model refuses a batch of 2 (None when any batch works).
+    Within CHECK_RUN_S, else the process ends with one line (hard_stop): a TorchScript `while` that never
+    ends held the export, and Ctrl-C and SIGTERM with it, for good (torch's interpreter cannot be stopped;
+    it releases the GIL, so hard_stop's watcher still runs).
     """
+    from lepton_edge.runtime import hard_stop
+
+    limit = hard_stop.begin("the model's check run (a zero input through it)", CHECK_RUN_S)
+    try:
+        return _check_runs_once(module, spec, hint)
+    finally:
+        hard_stop.end(limit)
+
+
+CHECK_RUN_S = 120.0  # two runs of a zero input: seconds for a large model on a workstation
+
+
+def _check_runs_once(module, spec: InputSpec, hint: str) -> int | None:
     import torch
 
     try:

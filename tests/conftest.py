@@ -209,7 +209,8 @@ NETWORK_FIXTURES = frozenset({"mosquitto", "postgres_server", "postgres", "prome
 # on a model) whatever fixtures they use, and single slow tests in otherwise quick files (--durations=0)
 SLOW_FILES = frozenset({
     "test_agent.py", "test_device_extra.py", "test_device_service.py", "test_export.py", "test_faults.py",
-    "test_features.py", "test_kit.py", "test_packaging.py", "test_quantize_robustness.py", "test_quickstart.py",
+    "test_features.py", "test_hostile_torch_files.py", "test_kit.py", "test_packaging.py",
+    "test_quantize_robustness.py", "test_quickstart.py",
     "test_runtime.py", "test_tflite.py", "test_third_party_corpus.py", "test_third_party_models.py",
 })
 SLOW_TESTS = frozenset({

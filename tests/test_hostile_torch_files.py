@@ -1,0 +1,161 @@
+"""PyTorch model files built to run code at export: a pickle that calls os.system on load (.pth, and a .pt2
+weight flagged `use_pickle`), a .pt2 carrying compiled AOTInductor code, a TorchScript forward that reads or
+writes a file through torch.from_file, and one whose `while` never ends. Each is refused (or ended) with one
+line before it can act; a .pt2 with dynamic height and width is probed at the target's size."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from conftest import run_cli  # noqa: E402
+
+
+class _Calls:
+    """A pickle that runs `touch MARKER` when it is loaded."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return self.conv(x).mean((2, 3))
+
+
+def _refused(r, *words):
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-1500:]
+    assert all(w in r.stderr for w in words), r.stderr[-1500:]
+
+
+def _export(model, tmp_path, *extra):
+    return run_cli("export", str(model), "--target", "x86-cpu", "--precision", "fp32", "--input-shape", "1,3,32,32",
+                   "--allow-synthetic-calibration", "--out", str(tmp_path / "out"), *extra, timeout=300)
+
+
+def test_a_pickle_that_runs_code_on_load_is_refused_before_it_runs(tmp_path):
+    marker = tmp_path / "ran"
+    for name in ("evil.pth", "evil.pt"):
+        torch.save({"model": _Calls(marker)}, tmp_path / name)
+        _refused(_export(tmp_path / name, tmp_path), "pickled Python object", "posix.system")
+        assert not marker.exists()
+    # a whole module pickled with its class: refused alike, with what to do instead
+    torch.save(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)), tmp_path / "whole.pth")
+    _refused(_export(tmp_path / "whole.pth", tmp_path), "pickled Python object", "torch.jit.save")
+    torch.save(_Net().state_dict(), tmp_path / "sd.pth")  # tensors alone still load: the usual hint
+    _refused(_export(tmp_path / "sd.pth", tmp_path), "holds a state_dict")
+
+
+def _pt2(tmp_path, dynamic=False):
+    x = torch.zeros(1, 3, 32, 32)
+    shapes = ({2: torch.export.Dim("h", min=16, max=512), 3: torch.export.Dim("w", min=16, max=512)},) \
+        if dynamic else None
+    ep = torch.export.export(_Net().eval(), (x,), dynamic_shapes=shapes)
+    path = tmp_path / ("dyn.pt2" if dynamic else "m.pt2")
+    torch.export.save(ep, str(path))
+    return path
+
+
+def _rewritten(src, dst, change):
+    """A copy of the zip `src` with change(name, data) -> data or None (left out), plus what it returns for
+    the name None (extra entries)."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            data = change(info.filename, zin.read(info.filename))
+            if data is not None:
+                zout.writestr(info, data)
+        for name, data in change(None, None) or []:
+            zout.writestr(name, data)
+    return dst
+
+
+def test_a_pt2_whose_weights_are_pickles_or_compiled_code_is_refused(tmp_path):
+    import io
+    import json
+
+    src, marker = _pt2(tmp_path), tmp_path / "ran"
+    evil = io.BytesIO()
+    torch.save(_Calls(marker), evil)
+    pickled: dict = {}
+
+    def flag_pickle(name, data):
+        if name is None:
+            return None
+        if name.endswith("model_weights_config.json"):
+            cfg = json.loads(data)
+            key = next(iter(cfg["config"]))
+            cfg["config"][key]["use_pickle"] = True
+            pickled["file"] = cfg["config"][key]["path_name"]
+            return json.dumps(cfg).encode()
+        return data
+
+    flagged = _rewritten(src, tmp_path / "flagged.pt2", flag_pickle)
+    bad = _rewritten(flagged, tmp_path / "evil.pt2",
+                     lambda n, d: d if n is None or not n.endswith("/" + pickled["file"]) else evil.getvalue())
+    _refused(_export(bad, tmp_path), "pickled Python object")
+    assert not marker.exists()
+    root = zipfile.ZipFile(src).namelist()[0].split("/")[0]
+    compiled = _rewritten(src, tmp_path / "aoti.pt2", lambda n, d: d if n is not None else
+                          [(f"{root}/data/aotinductor/model/model.so", b"\x7fELF")])
+    _refused(_export(compiled, tmp_path), "compiled code", "aotinductor")
+    assert _export(src, tmp_path).returncode == 0  # the same archive, untouched, exports
+
+
+class _ReadsAFile(torch.nn.Module):
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+
+    def forward(self, x):
+        t = torch.from_file(self.path, True, 4, dtype=torch.uint8)
+        t.fill_(88)
+        return x.mean((2, 3)) + t[0].float()
+
+
+class _NeverEnds(torch.nn.Module):
+    def forward(self, x):
+        i = 0
+        while i >= 0:
+            i = i + 1
+        return x.mean((2, 3))
+
+
+def test_a_torchscript_that_touches_files_is_refused_before_it_runs(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep-this")
+    torch.jit.script(_ReadsAFile(str(victim))).save(str(tmp_path / "writer.pt"))
+    _refused(_export(tmp_path / "writer.pt", tmp_path), "aten::from_file", "reads or writes files")
+    assert victim.read_text() == "keep-this"
+
+
+def test_a_torchscript_whose_loop_never_ends_ends_the_export_with_one_line(tmp_path):
+    torch.jit.script(_NeverEnds()).save(str(tmp_path / "loop.pt"))
+    code = ("import sys, lepton_edge; from lepton_edge import model_source as m; m.CHECK_RUN_S = 3; "
+            f"lepton_edge.export({str(tmp_path / 'loop.pt')!r}, target='x86-cpu', precision='fp32', "
+            f"input_shape=[1, 3, 32, 32], allow_synthetic_calibration=True, out={str(tmp_path / 'o')!r})")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "did not finish in 3 s" in r.stderr and "Traceback" not in r.stderr, r.stderr[-800:]
+
+
+def test_a_pt2_with_dynamic_height_and_width_is_probed_at_the_targets_size(tmp_path):
+    """Its dynamic dims were all 1: a Dim with min=16 refused the model at 1x1."""
+    r = run_cli("export", str(_pt2(tmp_path, dynamic=True)), "--target", "x86-cpu", "--precision", "fp32",
+                "--allow-synthetic-calibration", "--out", str(tmp_path / "out"), "--json", timeout=300)
+    assert r.returncode == 0, r.stderr[-1500:]
+    from lepton_edge import targets
+    from lepton_edge.bundle import Bundle
+
+    bundle = Bundle.load(next((tmp_path / "out").iterdir()))
+    assert bundle.manifest.inputs[0].shape == [1, 3, *targets.load("x86-cpu").input_size]
