@@ -220,6 +220,7 @@ def _load_onnx(path: Path, input_shape: list[int] | None, hw: tuple[int, int],
         raise BadInput(f"{path}: the ONNX checker refuses this model, so it cannot be exported as it is "
                        f"({first_line(e, 300)})") from None
     _no_custom_ops(path, m)
+    _numeric_outputs(path, m)
     _drop_defaults(m, set(input_values or {}))
     inits = {i.name for i in m.graph.initializer}
     inputs = [i for i in m.graph.input if i.name not in inits]
@@ -288,6 +289,27 @@ def _load_onnx(path: Path, input_shape: list[int] | None, hw: tuple[int, int],
     _use_copy(src, quantize.with_defaults(m, values), path)
     src.extra_inputs, src.notes, src.constant_rules = specs, [*src.notes, *notes], rules
     return src
+
+
+def _numeric_outputs(path: Path, m) -> None:
+    """One line for a tensor output of a type no bundle can carry (a string label, complex numbers): it
+    passed every step to the manifest, where it ended the export with a traceback."""
+    import numpy as np
+    import onnx
+
+    for o in m.graph.output:
+        if o.type.WhichOneof("value") != "tensor_type":
+            continue  # (sequences and maps: refused where the outputs are read)
+        elem = o.type.tensor_type.elem_type
+        try:
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem)).name
+        except (KeyError, TypeError, ValueError):
+            dtype = ""
+        if dtype not in DTYPES:
+            kind = onnx.TensorProto.DataType.Name(elem).lower() if elem in onnx.TensorProto.DataType.values() \
+                else f"type {elem}"
+            raise BadInput(f"{path}: output {o.name!r} is a tensor of {kind}, which no bundle can carry (numbers "
+                           "and bool only): export the model without it, or cast it to a number in the graph")
 
 
 def _use_copy(src: ModelSource, m, path: Path) -> None:

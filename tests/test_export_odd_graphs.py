@@ -361,3 +361,17 @@ def test_a_resize_given_sizes_beside_an_empty_scales_constant_exports_fp16(tmp_p
     scales = next(t for t in m.graph.initializer if t.name == resize.input[2])
     assert scales.data_type == T.FLOAT and list(scales.dims) == [0]
     ort.InferenceSession(str(r.path / r.manifest.model_file), providers=["CPUExecutionProvider"])
+
+
+def test_a_string_output_is_one_line_before_any_work(tmp_path):
+    """A class label cast to a string inside the graph passed every step to the manifest, which ended the
+    export with a traceback (and --json printed nothing)."""
+    nodes, inits = _classifier_nodes()
+    nodes += [h.make_node("ArgMax", ["logits"], ["cls"], name="argmax", axis=1, keepdims=0),
+              h.make_node("Cast", ["cls"], ["label"], name="to_text", to=T.STRING)]
+    path = _save(tmp_path / "label.onnx", nodes, [_image()], [h.make_tensor_value_info("logits", T.FLOAT, [1, 10]),
+                                                             h.make_tensor_value_info("label", T.STRING, [1])], inits)
+    r = run_cli("export", path, "--target", "x86-cpu", "--precision", "fp32", "--calib", _calib(),
+                "-o", str(tmp_path / "o"), "--json")
+    assert r.returncode == 2 and "'label' is a tensor of string" in _one_error_line(r)
+    assert "tensor of string" in json.loads(r.stdout)["error"] and not (tmp_path / "o").exists()

@@ -118,7 +118,10 @@ def _read_images_kept(files: list[Path], spec: InputSpec) -> tuple[PixelInputs, 
     out = np.empty((len(files), h, w, spec.channels), np.uint8)
     n, kept = 0, []  # kept: the indices of the files read (a labelled set keeps their labels only)
     for i, f in enumerate(files):
-        im = cv2.imread(str(f), cv2.IMREAD_UNCHANGED)
+        try:
+            im = cv2.imread(str(f), cv2.IMREAD_UNCHANGED)
+        except cv2.error:  # a header past OpenCV's pixel limit (30000x30000 in 69 bytes): a traceback, as run skips it
+            im = None
         if im is None:
             continue  # unreadable image: skip, a folder of mostly good images still calibrates
         if im.dtype != np.uint8:

@@ -104,3 +104,29 @@ def test_labelled_folders_keep_each_label_with_its_image_when_one_does_not_decod
     s = cal.load_labelled(str(tmp_path), spec, None)
     assert len(s.x) == 6 and s.y.tolist() == [0, 0, 0, 1, 1, 1]
     np.testing.assert_array_equal(np.asarray(s.x)[:3], preprocess_batch([imgs[0], imgs[2], imgs[4]], spec))
+
+
+def _header_claims(path, width: int, height: int) -> None:
+    """A real 8x8 PNG whose header says width x height (CRC fixed): OpenCV raises rather than returning None."""
+    import struct
+    import zlib
+
+    data = bytearray(cv2.imencode(".png", np.zeros((8, 8, 3), np.uint8))[1].tobytes())
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4:ihdr + 12] = struct.pack(">II", width, height)
+    data[ihdr + 17:ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr:ihdr + 17])))
+    path.write_bytes(bytes(data))
+
+
+def test_an_image_whose_header_claims_too_many_pixels_is_skipped_not_a_traceback(tmp_path):
+    """OpenCV raises for a header past its pixel limit (40000x40000 in 69 bytes): the calibration and
+    evaluation reads ended the export with a traceback; `run` already skipped such a file."""
+    spec, imgs = _spec(), _images(3)
+    for i, im in enumerate(imgs):
+        (tmp_path / "c0").mkdir(exist_ok=True)
+        cv2.imwrite(str(tmp_path / "c0" / f"{i}.png"), im)
+    _header_claims(tmp_path / "c0" / "1_bomb.png", 40000, 40000)
+    x = cal.load_inputs(str(tmp_path / "c0"), spec).x
+    np.testing.assert_array_equal(np.asarray(x), preprocess_batch(imgs, spec))
+    s = cal.load_labelled(str(tmp_path), spec, None)
+    assert len(s.x) == 3 and s.y.tolist() == [0, 0, 0]
