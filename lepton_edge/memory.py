@@ -9,16 +9,17 @@ from __future__ import annotations
 import os
 
 
-def rss_bytes() -> int:
-    """Resident memory of this process (Linux /proc, psutil elsewhere); 0 when neither works."""
+def rss_bytes(pid: int | None = None) -> int:
+    """Resident memory of this process, or of process `pid` (Linux /proc, psutil elsewhere); 0 when neither
+    works (or the process is gone)."""
     try:
-        with open("/proc/self/statm") as f:
+        with open(f"/proc/{pid or 'self'}/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         try:
             import psutil
 
-            return int(psutil.Process().memory_info().rss)
+            return int(psutil.Process(pid).memory_info().rss)
         except Exception:
             return 0
 

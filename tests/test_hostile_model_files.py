@@ -12,6 +12,7 @@ import pytest
 
 from conftest import run_cli
 from lepton_edge.bundle import InputSpec, Manifest, OutputSpec, write_manifest
+from lepton_edge.errors import BadInput
 from test_plain_model_inputs import _mean_tflite
 
 
@@ -244,3 +245,19 @@ def test_an_inner_zero_scale_is_refused_and_a_constants_allowed(tmp_path, monkey
                 litert_loader.load_interpreter(f)
         else:
             litert_loader.load_interpreter(f)
+
+
+def test_a_tflite_whose_tensors_would_take_gigabytes_is_refused_by_its_test_loads_memory(tmp_path, monkeypatch):
+    """A 3.5 KB .tflite whose input claimed [1,20000,20000,3] took the test load to 7 GB (`inspect` to
+    13 GB) before XNNPACK refused it: LiteRT allocates holding the GIL, so no watcher in the process could
+    stop it. The test load's child is now ended past the load's memory budget (here made small: an input
+    of 8000x8000 needs ~1 GB)."""
+    from lepton_edge.runtime import hard_stop, litert_loader
+
+    m = tmp_path / "big.tflite"
+    _mean_tflite(m, "uint8", (1 / 128, 128), shape=(1, 8000, 8000, 3))
+    monkeypatch.setattr(hard_stop, "growth_budget", lambda path: 64 << 20)
+    with pytest.raises(BadInput, match="test load of this model took over 0.3 GiB"):
+        litert_loader._probe(m, 1, True)
+    monkeypatch.setattr(hard_stop, "growth_budget", lambda path: 4 << 30)  # within its budget it loads
+    litert_loader._probe(m, 1, True)

@@ -240,16 +240,16 @@ def _probe(p: Path, threads: int, allocate: bool, shape: list[int] | None = None
     if key in _probed:
         return
     here = Path(__file__).resolve()
+    sized = ",".join(str(int(v)) for v in shape or ())
     try:
-        sized = ",".join(str(int(v)) for v in shape or ())
-        r = subprocess.run([sys.executable, "-c", PROBE_CODE, str(p), str(here), str(here.parents[2]), str(threads),
-                            "1" if allocate else "0", sized], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                           stderr=subprocess.DEVNULL, timeout=PROBE_S)
-    except subprocess.TimeoutExpired:
-        raise BadInput(f"{p}: LiteRT did not finish loading this model in a test load within {PROBE_S:g} s; "
-                       "a malformed or hostile model file") from None
+        child = subprocess.Popen([sys.executable, "-c", PROBE_CODE, str(p), str(here), str(here.parents[2]),
+                                  str(threads), "1" if allocate else "0", sized], stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     except OSError:  # no interpreter to start (a frozen build): nothing to learn; the load that follows checks
         return
+    from lepton_edge.runtime import hard_stop
+
+    r = _watched(child, p, PROBE_S, PROBE_BASE_BYTES + hard_stop.growth_budget(p))
     if r.returncode < 0:
         try:
             sig = signal.Signals(-r.returncode).name
@@ -262,6 +262,42 @@ def _probe(p: Path, threads: int, allocate: bool, shape: list[int] | None = None
         if lines:
             raise BadInput(lines[-1][:400])
     _probed.add(key)
+
+
+PROBE_BASE_BYTES = 256 << 20  # the test load's interpreter, numpy and LiteRT, before the model's own memory
+
+
+def _watched(child, p: Path, seconds: float, max_rss: int):
+    """The child's result (returncode, stdout), within `seconds` and `max_rss` resident bytes, else BadInput
+    (the child killed). Why the memory: a 3.5 KB .tflite whose input claims [1,20000,20000,3] took the test
+    load to 7 GB (13 GB in `inspect`) before XNNPACK refused it; LiteRT allocates holding the GIL, so this
+    process's own watcher (hard_stop) could not stop it either, and on a 4 GB board it is the device."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from lepton_edge.memory import rss_bytes
+
+    out: list[bytes] = []
+    reader = threading.Thread(target=lambda: out.append(child.stdout.read()), daemon=True)
+    reader.start()
+    deadline, peak = time.monotonic() + seconds, 0
+    try:
+        while child.poll() is None:
+            peak = max(peak, rss_bytes(child.pid))
+            if peak > max_rss:
+                raise BadInput(f"{p}: LiteRT's test load of this model took over {max_rss / 2**30:.1f} GiB of memory; "
+                               "a malformed or hostile model file, or one too large for this device")
+            if time.monotonic() > deadline:
+                raise BadInput(f"{p}: LiteRT did not finish loading this model in a test load within {seconds:g} s; "
+                               "a malformed or hostile model file")
+            time.sleep(0.02)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    reader.join(5)
+    return SimpleNamespace(returncode=child.returncode, stdout=out[0] if out else b"")
 
 
 def load_interpreter(path: str | Path, threads: int = 1, allocate: bool = True, delegates: list[str] | None = None,
