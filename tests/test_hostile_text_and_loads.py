@@ -96,8 +96,8 @@ def test_a_file_litert_refused_in_the_test_load_is_refused_without_loading_it_he
     calls = []
     import subprocess
 
-    run = subprocess.run
-    monkeypatch.setattr(subprocess, "run", lambda *a, **k: calls.append(a) or run(*a, **k))
+    popen = subprocess.Popen
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: calls.append(a) or popen(*a, **k))
     for _ in range(2):
         it = litert_loader.load_interpreter(good)
         assert it.get_output_details()[0]["shape"].tolist() == [1, 3]
