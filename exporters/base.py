@@ -91,6 +91,7 @@ def _steps(ctx: ExportContext, model: Any, example_input: Any) -> ExportResult:
     options, prof = ctx.options, ctx.profile
     exporter, fmt, precision = _choose_format(ctx, model)
     _load(ctx, model, example_input, exporter)
+    _quantized_already(ctx.source, precision)
     final = Path(options.out) / writer.bundle_name(ctx.source, prof, fmt, precision)
     check_replaceable(final)  # before minutes of work: what is there must be a bundle, if anything
     recipes = _recipes_for(exporter, options.recipes, prof)
@@ -180,6 +181,17 @@ def _check_normalisation(spec, o: ExportOptions) -> None:
         if given is not None and len(given) not in (1, spec.channels):
             raise BadInput(f"{what} has {len(given)} values but the model's input has {spec.channels} "
                            f"channel(s) ({spec.color}): give 1 or {spec.channels}")
+
+
+def _quantized_already(src, precision: str) -> None:
+    """One line for an int8 ONNX file asked for fp32 or fp16: fp32 shipped it unchanged under an fp32 label,
+    fp16 failed on onnxruntime's own words about an invalid graph. int8 goes on: the search quantizes what
+    is still float, and validation judges the result against the file as given."""
+    if src.quantized_ops and precision in ("fp32", "fp16"):
+        ops = ", ".join(f"{k} x{v}" for k, v in sorted(src.quantized_ops.items()))
+        raise BadInput(f"the model is quantized already ({ops}): --precision {precision} cannot undo that, and the "
+                       f"bundle would carry int8 ops under an {precision} label; export the float model it came "
+                       "from, or this one with --precision int8")
 
 
 def _gather_data(ctx: ExportContext, precision: str) -> None:

@@ -358,10 +358,22 @@ def _float_layer_sets(ctx, exporter, prepared: Path, recipe: q.Recipe, done: dic
     # validation inputs judge candidates, so they must not choose them
     x = ctx.data.calib_x if ctx.data.calib_x is not None and len(ctx.data.calib_x) else ctx.data.check_x
     with ctx.progress.stage(f"sensitivity pass for {recipe.base}"):
-        ranked = sensitivity.sensitivity(prepared, base.path, np.asarray(x[:32], np.float32), base.names, check,
+        ranked = sensitivity.sensitivity(prepared, base.path, _model_dtype(x[:32], prepared), base.names, check,
                                          watch.limit)
     names = [n for n, _ in ranked]
     return [names[:k] for k in (1, 2, 4, 8, 16) if k <= max(1, len(names) // 2)]
+
+
+def _model_dtype(x, model: Path) -> np.ndarray:
+    """The inputs as the model's first input takes them: a uint8 or int8 image input was fed float32, and
+    every sensitivity candidate of such a model failed ("expected: (tensor(uint8))")."""
+    import onnx
+
+    m = onnx.load(str(model), load_external_data=False)
+    inits = {i.name for i in m.graph.initializer}
+    first = next(i for i in m.graph.input if i.name not in inits)
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(first.type.tensor_type.elem_type)
+    return np.asarray(x).astype(dtype, copy=False)
 
 
 # A verdict's fields that are not metrics (exporters/validation.Verdict.as_dict): an attempt records

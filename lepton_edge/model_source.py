@@ -37,6 +37,7 @@ class ModelSource:
     notes: list[str] = field(default_factory=list)
     extra_inputs: list[InputSpec] = field(default_factory=list)  # non-image inputs with their constant `value`
     constant_rules: dict[str, str] = field(default_factory=dict)  # extra input -> how its value was chosen
+    quantized_ops: dict[str, int] = field(default_factory=dict)  # an already quantized ONNX file's int8 ops
     frame_from: list | None = None  # a 3-D input's own dims, now fed the frame's 4-D tensor (frame_input.py)
 
 
@@ -257,7 +258,8 @@ def _load_onnx(path: Path, input_shape: list[int] | None, hw: tuple[int, int],
             input_shape.insert(axis, 1)
     shape = _image_shape(path, inp.name, dims, input_shape, hw)
     spec = _typed(default_spec(shape, name=inp.name, **spec_kw), inp.type.tensor_type.elem_type)
-    src = ModelSource(name=path.stem, kind="onnx", input_spec=spec, onnx_path=path, task="raw")
+    src = ModelSource(name=path.stem, kind="onnx", input_spec=spec, onnx_path=path, task="raw",
+                      quantized_ops=quantized_ops(m))
     if dims3:
         frame_input.as_frame_input(m, inp.name, dims3)
         _use_copy(src, m, path)
@@ -289,6 +291,22 @@ def _load_onnx(path: Path, input_shape: list[int] | None, hw: tuple[int, int],
     _use_copy(src, quantize.with_defaults(m, values), path)
     src.extra_inputs, src.notes, src.constant_rules = specs, [*src.notes, *notes], rules
     return src
+
+
+# the ops of a graph quantized already: QDQ pairs, onnxruntime's QOperator and dynamic-quantization forms
+QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv",
+                           "QLinearMatMul", "ConvInteger", "MatMulInteger", "QLinearAdd", "QLinearMul",
+                           "QLinearGlobalAveragePool", "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu",
+                           "QGemm", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"})
+
+
+def quantized_ops(m) -> dict[str, int]:
+    """How many of each quantized op the graph holds (main graph; {} for a float model)."""
+    counts: dict[str, int] = {}
+    for n in m.graph.node:
+        if n.op_type in QUANTIZED_OPS:
+            counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    return counts
 
 
 def _numeric_outputs(path: Path, m) -> None:

@@ -375,3 +375,35 @@ def test_a_string_output_is_one_line_before_any_work(tmp_path):
                 "-o", str(tmp_path / "o"), "--json")
     assert r.returncode == 2 and "'label' is a tensor of string" in _one_error_line(r)
     assert "tensor of string" in json.loads(r.stdout)["error"] and not (tmp_path / "o").exists()
+
+
+def test_a_model_quantized_already_is_one_line_for_fp32_and_fp16(tmp_path):
+    """An int8 (QDQ) file asked for fp32 shipped unchanged under an fp32 label, and fp16 failed on
+    onnxruntime's own words about the graph it had built."""
+    nodes, inits = _classifier_nodes(inp="xq")
+    nodes = [h.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], name="q"),
+             h.make_node("DequantizeLinear", ["q", "s", "z"], ["xq"], name="dq")] + nodes
+    inits += [nh.from_array(np.array(0.02, np.float32), "s"), nh.from_array(np.array(128, np.uint8), "z")]
+    path = _save(tmp_path / "qdq.onnx", nodes, [_image()], [h.make_tensor_value_info("logits", T.FLOAT, [1, 10])],
+                 inits)
+    for precision in ("fp32", "fp16"):
+        r = run_cli("export", path, "--target", "x86-cpu", "--precision", precision, "--calib", _calib(),
+                    "-o", str(tmp_path / "o"))
+        line = _one_error_line(r)
+        assert r.returncode == 2 and "quantized already (DequantizeLinear x1, QuantizeLinear x1)" in line, line
+        assert f"under an {precision} label" in line and not (tmp_path / "o").exists()
+
+
+def test_a_sensitivity_candidate_of_a_uint8_input_model_feeds_it_uint8(tmp_path):
+    """The sensitivity pass fed float32 to every model: each -sensitive candidate of a model whose image input
+    is uint8 failed on onnxruntime's type check, and such a model had no fallback recipe at all."""
+    nodes, inits = _classifier_nodes(inp="xf")
+    nodes = [h.make_node("Cast", ["x"], ["xc"], name="cast", to=T.FLOAT),
+             h.make_node("Div", ["xc", "k"], ["xf"], name="scale")] + nodes
+    path = _save(tmp_path / "u8.onnx", nodes, [h.make_tensor_value_info("x", T.UINT8, [1, 3, 32, 32])],
+                 [h.make_tensor_value_info("logits", T.FLOAT, [1, 10])],
+                 inits + [nh.from_array(np.array(255.0, np.float32), "k")])
+    r = lepton_edge.export(path, target="x86-cpu", calib=_calib(), recipes=["u8-minmax-sensitive"],
+                           out=tmp_path / "out", measure_latency=False)
+    q = r.bundle.manifest.compression["quantization"]
+    assert q["recipe"].startswith("u8-minmax-sensitive") and q["float_nodes"], q
