@@ -106,6 +106,23 @@ def test_models_that_list_their_weights_as_inputs_export_int8(tmp_path):
     assert [i.name for i in shipped.graph.input] == ["x"]  # the weights are weights
 
 
+def test_models_that_list_their_weights_as_inputs_export_fp16_weights(tmp_path):
+    """The fp16 converter took an IR 3 model's weights (listed as inputs) for constant inputs and kept them
+    fp32: a bundle labelled fp16 with no fp16 weight, 1.02x the fp32 file."""
+    nodes, inits = _classifier_nodes()
+    weights = [h.make_tensor_value_info(i.name, T.FLOAT, list(i.dims)) for i in inits]
+    path = _save(tmp_path / "ir3.onnx", nodes, [_image(), *weights], [h.make_tensor_value_info("logits", T.FLOAT,
+                                                                                              [1, 10])],
+                 inits, opset=9, ir=3)
+    r = lepton_edge.export(path, target="x86-cpu", calib=_calib(), precision="fp16", task="raw", out=tmp_path / "o",
+                           measure_latency=False)
+    c = r.manifest.compression
+    assert r.manifest.precision == "fp16" and c["fp16"]["fp16_weight_fraction"] == 1.0, c
+    assert c["size_vs_fp32"] < 0.6
+    shipped = onnx.load(str(next(r.path.glob("*.onnx"))))
+    assert [i.name for i in shipped.graph.input] == ["x"]
+
+
 def test_a_sparse_weight_exports_int8_and_fp16(tmp_path):
     """The quantizers and the fp16 converter read ordinary initializers only: a sparse one made every
     int8 candidate fail ("Graph is not a DAG") and fp16 write a node reading nothing. It is made dense."""
