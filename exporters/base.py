@@ -186,12 +186,19 @@ def _check_normalisation(spec, o: ExportOptions) -> None:
 def _quantized_already(src, precision: str) -> None:
     """One line for an int8 ONNX file asked for fp32 or fp16: fp32 shipped it unchanged under an fp32 label,
     fp16 failed on onnxruntime's own words about an invalid graph. int8 goes on: the search quantizes what
-    is still float, and validation judges the result against the file as given."""
+    is still float, and validation judges the result against the file as given. Likewise an fp16 file asked
+    for fp32 (shipped unchanged, fp16 inputs and all, labelled fp32) or int8 (every recipe failed on
+    onnxruntime's type errors, after which the line said to try fp16)."""
     if src.quantized_ops and precision in ("fp32", "fp16"):
         ops = ", ".join(f"{k} x{v}" for k, v in sorted(src.quantized_ops.items()))
         raise BadInput(f"the model is quantized already ({ops}): --precision {precision} cannot undo that, and the "
                        f"bundle would carry int8 ops under an {precision} label; export the float model it came "
                        "from, or this one with --precision int8")
+    if src.fp16_weights >= 0.5 and precision in ("fp32", "int8") and not src.quantized_ops:
+        raise BadInput(f"the model's weights are fp16 ({src.fp16_weights:.0%} of them): "
+                       + ("--precision fp32 would ship them unchanged under an fp32 label" if precision == "fp32" else
+                          "int8 is calibrated and quantized from fp32 weights")
+                       + "; export it with --precision fp16, or export the fp32 model it came from")
 
 
 def _gather_data(ctx: ExportContext, precision: str) -> None:

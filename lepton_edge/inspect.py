@@ -39,8 +39,11 @@ def _constant_input(v: dict, array) -> dict:
 
 
 def _precision(ops: Counter, weight_types: Counter) -> str:
-    """int8 when the graph quantizes (QDQ or QLinear ops), fp16 when most weights are half, else fp32."""
-    if ops.get("QuantizeLinear") or ops.get("DequantizeLinear") or ops.get("QLinearConv"):
+    """int8 when the graph quantizes (QDQ, QLinear or dynamic-quantization ops: ConvInteger, MatMulInteger),
+    fp16 when most weights are half, else fp32."""
+    from lepton_edge.model_source import QUANTIZED_OPS
+
+    if any(ops.get(op) for op in QUANTIZED_OPS):
         return "int8"
     if weight_types and weight_types.most_common(1)[0][0] == "float16":
         return "fp16"

@@ -38,6 +38,7 @@ class ModelSource:
     extra_inputs: list[InputSpec] = field(default_factory=list)  # non-image inputs with their constant `value`
     constant_rules: dict[str, str] = field(default_factory=dict)  # extra input -> how its value was chosen
     quantized_ops: dict[str, int] = field(default_factory=dict)  # an already quantized ONNX file's int8 ops
+    fp16_weights: float = 0.0  # an ONNX file's share of float weights stored as fp16
     frame_from: list | None = None  # a 3-D input's own dims, now fed the frame's 4-D tensor (frame_input.py)
 
 
@@ -259,7 +260,7 @@ def _load_onnx(path: Path, input_shape: list[int] | None, hw: tuple[int, int],
     shape = _image_shape(path, inp.name, dims, input_shape, hw)
     spec = _typed(default_spec(shape, name=inp.name, **spec_kw), inp.type.tensor_type.elem_type)
     src = ModelSource(name=path.stem, kind="onnx", input_spec=spec, onnx_path=path, task="raw",
-                      quantized_ops=quantized_ops(m))
+                      quantized_ops=quantized_ops(m), fp16_weights=_fp16_share(m))
     if dims3:
         frame_input.as_frame_input(m, inp.name, dims3)
         _use_copy(src, m, path)
@@ -298,6 +299,12 @@ QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantiz
                            "QLinearMatMul", "ConvInteger", "MatMulInteger", "QLinearAdd", "QLinearMul",
                            "QLinearGlobalAveragePool", "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu",
                            "QGemm", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"})
+
+
+def _fp16_share(m) -> float:
+    from lepton_edge.compress.fp16 import fp16_weight_fraction
+
+    return fp16_weight_fraction(m) if len(m.graph.initializer) else 0.0
 
 
 def quantized_ops(m) -> dict[str, int]:

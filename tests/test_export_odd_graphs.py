@@ -424,3 +424,38 @@ def test_a_sensitivity_candidate_of_a_uint8_input_model_feeds_it_uint8(tmp_path)
                            out=tmp_path / "out", measure_latency=False)
     q = r.bundle.manifest.compression["quantization"]
     assert q["recipe"].startswith("u8-minmax-sensitive") and q["float_nodes"], q
+
+
+def test_a_model_with_fp16_weights_is_one_line_for_fp32_and_int8_and_exports_fp16(tmp_path):
+    """fp32 shipped an fp16 file unchanged under an fp32 label; int8 failed every recipe on onnxruntime's
+    type errors ("Too many bins", "Type 'tensor(float16)' of input parameter") before saying to try fp16."""
+    nodes, inits = _classifier_nodes()
+    half = [nh.from_array(nh.to_array(i).astype(np.float16), i.name) for i in inits]
+    _save(tmp_path / "half.onnx", nodes, [h.make_tensor_value_info("x", T.FLOAT16, [1, 3, 32, 32])],
+          [h.make_tensor_value_info("logits", T.FLOAT16, [1, 10])], half)
+    for precision in ("fp32", "int8"):
+        r = run_cli("export", str(tmp_path / "half.onnx"), "--target", "x86-cpu", "--precision", precision,
+                    "--calib", _calib(), "-o", str(tmp_path / "o"))
+        line = _one_error_line(r)
+        assert r.returncode == 2 and "weights are fp16 (100% of them)" in line and "--precision fp16" in line, line
+    r = lepton_edge.export(str(tmp_path / "half.onnx"), target="x86-cpu", calib=_calib(), precision="fp16",
+                           out=tmp_path / "o", measure_latency=False)
+    assert r.manifest.precision == "fp16"
+
+
+def test_a_dynamically_quantized_model_is_int8_to_inspect_and_to_export(tmp_path):
+    """onnxruntime's dynamic quantization (ConvInteger, MatMulInteger, DynamicQuantizeLinear) has no QDQ pair:
+    `inspect` called it fp32, and export took it for a float model."""
+    from onnxruntime.quantization import quantize_dynamic
+
+    from lepton_edge.inspect import inspect_onnx
+
+    nodes, inits = _classifier_nodes()
+    path = _save(tmp_path / "f.onnx", nodes, [_image()], [h.make_tensor_value_info("logits", T.FLOAT, [1, 10])],
+                 inits)
+    quantize_dynamic(path, str(tmp_path / "dyn.onnx"), op_types_to_quantize=["Conv"])
+    assert inspect_onnx(tmp_path / "dyn.onnx")["precision"] == "int8"
+    assert inspect_onnx(tmp_path / "f.onnx")["precision"] == "fp32"
+    r = run_cli("export", str(tmp_path / "dyn.onnx"), "--target", "x86-cpu", "--precision", "fp32", "--calib",
+                _calib(), "-o", str(tmp_path / "o"))
+    assert r.returncode == 2 and "ConvInteger x2" in _one_error_line(r)
