@@ -302,9 +302,16 @@ QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantiz
 
 
 def _fp16_share(m) -> float:
+    """The share of float weight elements stored as fp16; 0 for a model with no float weight at all (which
+    fp16.fp16_weight_fraction counts as all fp16: nothing is left to convert there)."""
+    import onnx
+
     from lepton_edge.compress.fp16 import fp16_weight_fraction
 
-    return fp16_weight_fraction(m) if len(m.graph.initializer) else 0.0
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+    weights = list(m.graph.initializer) + [a.t for n in m.graph.node if n.op_type == "Constant"
+                                           for a in n.attribute if a.name == "value"]
+    return fp16_weight_fraction(m) if any(t.data_type in floats for t in weights) else 0.0
 
 
 def quantized_ops(m) -> dict[str, int]:
