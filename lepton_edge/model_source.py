@@ -7,8 +7,11 @@ Every way a file can be wrong ends in BadInput with one line, never a traceback.
 from __future__ import annotations
 
 import abc
+import re
+import threading
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -540,7 +543,7 @@ class TorchFileLoader(ModelLoader):
         recorded, dynamic = _symbolic_shape(recorded, profile_hw)
         shape, hint = _example_shape(input_shape or recorded, None, profile_hw)
         hint = None if input_shape else dynamic or hint
-        return _torch_source(module, shape, name or path.stem, labels, hint, **spec_kw)
+        return _torch_source(module, shape, name or path.stem, labels, hint, from_file=True, **spec_kw)
 
 
 def load(model: Any, *, profile_hw: tuple[int, int], input_shape: list[int] | None = None,
@@ -586,6 +589,11 @@ def load(model: Any, *, profile_hw: tuple[int, int], input_shape: list[int] | No
 # overwrote it, both while the export only checked that the model runs).
 FILE_OPS = frozenset({"aten::from_file", "aten::save", "debugprims::load_tensor"})
 FILE_OP_NAMESPACES = ("symm_mem::",)  # (shared memory across processes)
+# the same ops as the archive's own text spells them: TorchScript's code/*.py (`torch.from_file(...)`, every
+# method, `__setstate__` that jit.load runs, fork targets) and a .pt2's serialized graphs (`torch.ops.aten.
+# from_file.default`, higher-order ops' branches included), read before anything in the file is loaded
+FILE_OP_WORDS = re.compile(rb"\bfrom_file\b|\baten[.:]+save\b|\btorch\.save\b|\bload_tensor\b|\bsymm_mem\b")
+SCANNED_BYTES = 64 << 20  # the archive text read for that scan at most (code and graphs, not weights)
 
 
 def _load_torch_file(path: Path):
@@ -598,6 +606,7 @@ def _load_torch_file(path: Path):
     held to tensors and no compiled (AOTInductor) code."""
     import torch
 
+    _refuse_file_ops_in_archive(path)
     if path.suffix.lower() == ".pt2":
         ep = _load_exported_program(path)
         user = set(ep.graph_signature.user_inputs)
@@ -609,7 +618,8 @@ def _load_torch_file(path: Path):
                                 if n.op == "call_function"))
         return ep.module(), [int(d) if str(d).isdigit() else None for d in shapes[0]]
     try:
-        module = torch.jit.load(str(path), map_location="cpu").eval()
+        with _time_limited("loading the TorchScript file"):  # (jit.load runs the file's __setstate__ methods)
+            module = torch.jit.load(str(path), map_location="cpu").eval()
     except Exception as e:
         jit_err = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
     else:
@@ -656,7 +666,8 @@ def _load_exported_program(path: Path):
             names = z.namelist()
     except (zipfile.BadZipFile, OSError) as e:
         raise BadInput(f"{path}: not a readable torch.export (.pt2) file ({first_line(e)})") from None
-    native = [n for n in names if "/aotinductor/" in f"/{n}" or n.endswith((".so", ".dll", ".dylib"))]
+    # (torch's entries are <archive name>/data/aotinductor/...; the archive name is the saved file's stem)
+    native = [n for n in names if "/data/aotinductor/" in f"/{n}" or n.lower().endswith((".so", ".dll", ".dylib"))]
     if native:
         raise BadInput(f"{path}: holds compiled code ({native[0]}), which export does not load: save the "
                        "model with torch.export.save alone (no AOTInductor package)")
@@ -666,22 +677,69 @@ def _load_exported_program(path: Path):
         kwargs["weights_only"] = True
         return real_load(f, *args, **kwargs)
 
-    from torch.export.pt2_archive import _package
-
-    real_pickle = _package.pickle
-    _package.pickle = _NoPickle()
-    torch.load = tensors_only
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return torch.export.load(str(path))
-    except Exception as e:
-        _refuse_pickled(path, e)
-        first = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-        raise BadInput(f"{path}: not a readable torch.export (.pt2) file ({first})") from None
+        from torch.export.pt2_archive import _package
+    except ImportError:  # (torch before 2.7: its .pt2 reader unpickles through torch.load alone)
+        _package = None
+    with _PATCHED, _time_limited("loading the .pt2 file"):  # (one load at a time: each puts back what it found)
+        real_pickle = getattr(_package, "pickle", None)
+        if _package is not None:
+            _package.pickle = _NoPickle()
+        torch.load = tensors_only
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return torch.export.load(str(path))
+        except Exception as e:
+            _refuse_pickled(path, e)
+            first = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+            raise BadInput(f"{path}: not a readable torch.export (.pt2) file ({first})") from None
+        finally:
+            torch.load = real_load
+            if _package is not None:
+                _package.pickle = real_pickle
+
+
+_PATCHED = threading.Lock()  # torch.load and torch's .pt2 reader are the process's while a .pt2 loads
+
+
+@contextmanager
+def _time_limited(what: str, seconds: float | None = None):
+    """Work on a model file within CHECK_RUN_S (or `seconds`), else the process ends with one line
+    (runtime/hard_stop: torch's interpreter cannot be stopped, and releases the GIL, so its watcher runs)."""
+    from lepton_edge.runtime import hard_stop
+
+    limit = hard_stop.begin(what, seconds or CHECK_RUN_S)
+    try:
+        yield
     finally:
-        torch.load = real_load
-        _package.pickle = real_pickle
+        hard_stop.end(limit)
+
+
+def _refuse_file_ops_in_archive(path: Path) -> None:
+    """One line for a TorchScript or .pt2 archive whose code or graphs name an op that reads or writes files
+    (FILE_OP_WORDS), before torch loads anything of it. Why the text: jit.load runs a module's __setstate__
+    (a `torch.from_file` there put a file's bytes in the model) and the graphs scanned after loading miss a
+    fork's target and a higher-order op's branches. A file that is not a zip (a plain pickle) has no code."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            read = 0
+            for info in z.infolist():
+                name = info.filename
+                if not (name.endswith(".json") or name.endswith(".py") and "/code/" in f"/{name}"):
+                    continue
+                read += info.file_size
+                if read > SCANNED_BYTES:
+                    raise BadInput(f"{path}: holds over {SCANNED_BYTES >> 20} MiB of code and graph text; "
+                                   "not a model export reads")
+                m = FILE_OP_WORDS.search(z.read(info))
+                if m:
+                    raise BadInput(f"{path}: the model's code calls {m.group().decode(errors='replace')} "
+                                   f"({info.filename}), which reads or writes files: export does not load it")
+    except (zipfile.BadZipFile, OSError, RuntimeError, NotImplementedError):
+        return  # (not a zip: torch's loaders say what it is)
 
 
 class _NoPickle:
@@ -734,28 +792,26 @@ def _symbolic_shape(recorded: list | None, profile_hw: tuple[int, int]) -> tuple
     return shape, f" (its dynamic dims set to {shape}; pass --input-shape / example_input=)"
 
 
-def _torch_source(module, shape, name, labels, hint=None, **spec_kw) -> ModelSource:
+def _torch_source(module, shape, name, labels, hint=None, from_file: bool = False, **spec_kw) -> ModelSource:
     spec = default_spec(list(shape), **spec_kw)
-    batch = _check_runs(module, spec, hint or "")
+    batch = _check_runs(module, spec, hint or "", limited=from_file)
     return ModelSource(name=name, kind="torch", input_spec=spec, module=module, labels=labels,
                        task="classify" if labels else "raw", batch=batch)
 
 
-def _check_runs(module, spec: InputSpec, hint: str = "") -> int | None:
+def _check_runs(module, spec: InputSpec, hint: str = "", limited: bool = False) -> int | None:
     """Run the model once so a wrong input shape is a clear error now, not deep in the exporter.
 
     Returns the fixed batch size when the model refuses a batch of 2 (None when any batch works).
-    Within CHECK_RUN_S, else the process ends with one line (hard_stop): a TorchScript `while` that never
-    ends held the export, and Ctrl-C and SIGTERM with it, for good (torch's interpreter cannot be stopped;
-    it releases the GIL, so hard_stop's watcher still runs).
+    `limited` (a model read from a file): within CHECK_RUN_S, else the process ends with one line
+    (hard_stop): a TorchScript `while` that never ended held the export, and Ctrl-C and SIGTERM with it,
+    for good. Not a module given from Python or the zoo's: ending the caller's process (a notebook's
+    kernel) for a slow model of its own is not this check's to do.
     """
-    from lepton_edge.runtime import hard_stop
-
-    limit = hard_stop.begin("the model's check run (a zero input through it)", CHECK_RUN_S)
-    try:
+    if not limited:
         return _check_runs_once(module, spec, hint)
-    finally:
-        hard_stop.end(limit)
+    with _time_limited("the model's check run (a zero input through it)"):
+        return _check_runs_once(module, spec, hint)
 
 
 CHECK_RUN_S = 120.0  # two runs of a zero input: seconds for a large model on a workstation

@@ -132,12 +132,107 @@ class _NeverEnds(torch.nn.Module):
         return x.mean((2, 3))
 
 
-def test_a_torchscript_that_touches_files_is_refused_before_it_runs(tmp_path):
+class _ReadsOnLoad(torch.nn.Module):
+    """jit.load runs a scripted __setstate__: the file's bytes were in the model before any check."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path, self.t = path, torch.zeros(4)
+
+    def forward(self, x):
+        return x.mean((2, 3)) + self.t[0]
+
+    @torch.jit.export
+    def __getstate__(self):
+        return (self.t, self.path, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, state: tuple[torch.Tensor, str, bool]):
+        self.path, self.training = state[1], state[2]
+        self.t = torch.from_file(self.path, True, 4, dtype=torch.uint8).fill_(88).float()
+
+
+def _reads_in_a_fork(x, path: str):
+    return x + torch.from_file(path, False, 4, dtype=torch.uint8)[0].float()
+
+
+class _ReadsInAFork(torch.nn.Module):
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+
+    def forward(self, x):
+        return torch.jit.wait(torch.jit.fork(_reads_in_a_fork, x, self.path)).mean((2, 3))
+
+
+@pytest.mark.parametrize("build", [_ReadsAFile, _ReadsOnLoad, _ReadsInAFork])
+def test_a_torchscript_that_touches_files_is_refused_before_it_loads(tmp_path, build):
+    """In forward, in the __setstate__ that torch.jit.load runs, or in a fork's target (which the graph's
+    blocks do not hold): refused from the archive's code before torch loads any of it."""
     victim = tmp_path / "victim.txt"
     victim.write_text("keep-this")
-    torch.jit.script(_ReadsAFile(str(victim))).save(str(tmp_path / "writer.pt"))
-    _refused(_export(tmp_path / "writer.pt", tmp_path), "aten::from_file", "reads or writes files")
+    torch.jit.script(build(str(victim))).save(str(tmp_path / "m.pt"))
+    _refused(_export(tmp_path / "m.pt", tmp_path), "from_file", "reads or writes files")
     assert victim.read_text() == "keep-this"
+
+
+def test_a_pt2_whose_graph_names_a_file_op_is_refused_and_torch_is_put_back(tmp_path):
+    """The graph scanned after loading held the top level only; the archive's graphs are read as text first.
+    And an in-process refusal leaves torch.load and torch's .pt2 reader as they were."""
+    from torch.export.pt2_archive import _package
+
+    from lepton_edge.errors import BadInput
+    from lepton_edge.model_source import _load_torch_file
+
+    src = _pt2(tmp_path)
+    import re
+
+    op = re.compile(rb"torch\.ops\.aten\.\w+\.default")
+    bad = _rewritten(src, tmp_path / "reads.pt2", lambda n, d: d if n is None or not n.endswith("model.json") else
+                     op.sub(b"torch.ops.aten.from_file.default", d, count=1))
+    assert op.search(zipfile.ZipFile(src).read(next(n for n in zipfile.ZipFile(src).namelist()
+                                                    if n.endswith("model.json"))))
+    load, pickle_module = torch.load, _package.pickle
+    with pytest.raises(BadInput, match="calls from_file"):
+        _load_torch_file(bad)
+    marker, evil = tmp_path / "ran", tmp_path / "evil.pt2"
+    import io
+    import json
+
+    payload, flagged = io.BytesIO(), {}
+    torch.save(_Calls(marker), payload)
+
+    def pickled(name, data):
+        if name is None:
+            return None
+        if name.endswith("model_weights_config.json"):
+            cfg = json.loads(data)
+            key = next(iter(cfg["config"]))
+            cfg["config"][key]["use_pickle"] = True
+            flagged["file"] = cfg["config"][key]["path_name"]
+            return json.dumps(cfg).encode()
+        return data
+
+    step = _rewritten(src, tmp_path / "step.pt2", pickled)
+    _rewritten(step, evil, lambda n, d: d if n is None or not n.endswith("/" + flagged["file"]) else payload.getvalue())
+    with pytest.raises(BadInput, match="pickled Python object"):
+        _load_torch_file(evil)
+    assert not marker.exists() and torch.load is load and _package.pickle is pickle_module
+    module, shape = _load_torch_file(src)  # and the untouched archive loads, torch.load unforced after
+    assert shape == [1, 3, 32, 32] and torch.load is load
+
+
+def test_a_module_given_from_python_is_not_put_under_the_files_time_limit(monkeypatch):
+    """Ending the caller's process (a notebook's kernel) for a slow module of its own is not the check's to do:
+    the limit is for files."""
+    from lepton_edge import model_source
+    from lepton_edge.runtime import hard_stop
+
+    begun = []
+    real = hard_stop.begin
+    monkeypatch.setattr(hard_stop, "begin", lambda what, *a, **k: begun.append(what) or real(what, *a, **k))
+    model_source.load(_Net().eval(), profile_hw=(32, 32), input_shape=[1, 3, 32, 32])
+    assert not [w for w in begun if "check run" in w]
 
 
 def test_a_torchscript_whose_loop_never_ends_ends_the_export_with_one_line(tmp_path):

@@ -120,7 +120,7 @@ def _read_images_kept(files: list[Path], spec: InputSpec) -> tuple[PixelInputs, 
     for i, f in enumerate(files):
         try:
             im = cv2.imread(str(f), cv2.IMREAD_UNCHANGED)
-        except cv2.error:  # a header past OpenCV's pixel limit (30000x30000 in 69 bytes): a traceback, as run skips it
+        except cv2.error:  # a header past OpenCV's pixel limit (40000x40000 in 69 bytes): skipped, as run skips it
             im = None
         if im is None:
             continue  # unreadable image: skip, a folder of mostly good images still calibrates
