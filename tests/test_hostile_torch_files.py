@@ -81,29 +81,35 @@ def _rewritten(src, dst, change):
     return dst
 
 
-def test_a_pt2_whose_weights_are_pickles_or_compiled_code_is_refused(tmp_path):
+def _pickled_weight(src, tmp_path, marker):
+    """A copy of the .pt2 `src` whose first weight is flagged `use_pickle` and is a pickle that touches
+    `marker` when loaded (torch reads such weights with torch.load(weights_only=False))."""
     import io
     import json
 
-    src, marker = _pt2(tmp_path), tmp_path / "ran"
     evil = io.BytesIO()
     torch.save(_Calls(marker), evil)
-    pickled: dict = {}
+    flagged: dict = {}
 
-    def flag_pickle(name, data):
+    def flag(name, data):
         if name is None:
             return None
         if name.endswith("model_weights_config.json"):
             cfg = json.loads(data)
             key = next(iter(cfg["config"]))
             cfg["config"][key]["use_pickle"] = True
-            pickled["file"] = cfg["config"][key]["path_name"]
+            flagged["file"] = cfg["config"][key]["path_name"]
             return json.dumps(cfg).encode()
         return data
 
-    flagged = _rewritten(src, tmp_path / "flagged.pt2", flag_pickle)
-    bad = _rewritten(flagged, tmp_path / "evil.pt2",
-                     lambda n, d: d if n is None or not n.endswith("/" + pickled["file"]) else evil.getvalue())
+    step = _rewritten(src, tmp_path / "flagged.pt2", flag)
+    return _rewritten(step, tmp_path / "evil.pt2",
+                      lambda n, d: d if n is None or not n.endswith("/" + flagged["file"]) else evil.getvalue())
+
+
+def test_a_pt2_whose_weights_are_pickles_or_compiled_code_is_refused(tmp_path):
+    src, marker = _pt2(tmp_path), tmp_path / "ran"
+    bad = _pickled_weight(src, tmp_path, marker)
     _refused(_export(bad, tmp_path), "pickled Python object")
     assert not marker.exists()
     root = zipfile.ZipFile(src).namelist()[0].split("/")[0]
@@ -195,26 +201,8 @@ def test_a_pt2_whose_graph_names_a_file_op_is_refused_and_torch_is_put_back(tmp_
     load, pickle_module = torch.load, _package.pickle
     with pytest.raises(BadInput, match="calls from_file"):
         _load_torch_file(bad)
-    marker, evil = tmp_path / "ran", tmp_path / "evil.pt2"
-    import io
-    import json
-
-    payload, flagged = io.BytesIO(), {}
-    torch.save(_Calls(marker), payload)
-
-    def pickled(name, data):
-        if name is None:
-            return None
-        if name.endswith("model_weights_config.json"):
-            cfg = json.loads(data)
-            key = next(iter(cfg["config"]))
-            cfg["config"][key]["use_pickle"] = True
-            flagged["file"] = cfg["config"][key]["path_name"]
-            return json.dumps(cfg).encode()
-        return data
-
-    step = _rewritten(src, tmp_path / "step.pt2", pickled)
-    _rewritten(step, evil, lambda n, d: d if n is None or not n.endswith("/" + flagged["file"]) else payload.getvalue())
+    marker = tmp_path / "ran"
+    evil = _pickled_weight(src, tmp_path, marker)
     with pytest.raises(BadInput, match="pickled Python object"):
         _load_torch_file(evil)
     assert not marker.exists() and torch.load is load and _package.pickle is pickle_module
