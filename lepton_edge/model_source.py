@@ -642,7 +642,6 @@ def _refuse_pickled(path: Path, e: Exception) -> None:
     """BadInput when `e` is torch's weights-only refusal of a pickle, naming the class or function it
     names ("GLOBAL posix.system" in torch's message)."""
     import pickle
-    import re
 
     if "weights only load failed" not in str(e).lower() and not isinstance(e, pickle.UnpicklingError):
         return
@@ -671,17 +670,19 @@ def _load_exported_program(path: Path):
     if native:
         raise BadInput(f"{path}: holds compiled code ({native[0]}), which export does not load: save the "
                        "model with torch.export.save alone (no AOTInductor package)")
-    real_load = torch.load
-
-    def tensors_only(f, *args, **kwargs):
-        kwargs["weights_only"] = True
-        return real_load(f, *args, **kwargs)
-
     try:
         from torch.export.pt2_archive import _package
     except ImportError:  # (torch before 2.7: its .pt2 reader unpickles through torch.load alone)
         _package = None
-    with _PATCHED, _time_limited("loading the .pt2 file"):  # (one load at a time: each puts back what it found)
+    # one load at a time, each putting back what it found under the lock (found before it, another load's
+    # patch would be put back for good)
+    with _PATCHED, _time_limited("loading the .pt2 file"):
+        real_load = torch.load
+
+        def tensors_only(f, *args, **kwargs):
+            kwargs["weights_only"] = True
+            return real_load(f, *args, **kwargs)
+
         real_pickle = getattr(_package, "pickle", None)
         if _package is not None:
             _package.pickle = _NoPickle()

@@ -166,10 +166,14 @@ def test_unlowerable_op_names_op_and_layer(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_onnx_input_for_a_tflite_target_stays_onnx(tmp_path, int8_bundle, fashion_folders):
-    calib, _ = fashion_folders
-    r = lepton_edge.export(str(int8_bundle.bundle.model_path), target="rpi4", precision="fp32", out=tmp_path)
-    assert r.manifest.format == "onnx"
+def test_onnx_input_for_a_tflite_target_stays_onnx(tmp_path, int8_bundle):
+    """(A float ONNX file for fp32: an int8 one is refused for fp32, `_quantized_already`.)"""
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 26 * 26, 10)).eval()
+    src = tmp_path / "float.onnx"
+    torch.onnx.export(model, (torch.zeros(1, 1, 28, 28),), str(src), dynamo=False)
+    r = lepton_edge.export(str(src), target="rpi4", precision="fp32", out=tmp_path / "out")
+    assert r.manifest.format == "onnx" and r.manifest.precision == "fp32"
     with pytest.raises(BadInput, match="--format onnx"):
         lepton_edge.export(str(int8_bundle.bundle.model_path), target="rpi4", format="tflite", out=tmp_path)
 
