@@ -405,6 +405,10 @@ def _validator(ctx: ExportContext, exporter: Exporter, fp32: Path, fp32_pred):
         src.task = "detect"
         ctx.report.postprocess = PostprocessSection(head=detect_head(validate.ref.outputs, src.input_spec,
                                                                      src.labels))
+    elif validate.task in ("classify", "embed") and src.task == "raw":
+        # an unlabelled classifier (or embedder) was judged by its top-k (or nearest neighbours): the device
+        # reports what was validated, not raw logits, as `run` on the plain file would (a map stays raw)
+        src.task = validate.task
     return validate
 
 

@@ -84,11 +84,20 @@ def test_int8_export_with_defaults_then_run(name, tmp_path):
                 "--out", str(tmp_path), "--json", *m.flags, timeout=600)
     assert r.returncode == 0, f"{name}: int8 export failed: {r.stderr.strip()[-600:]}"
     (bundle,) = [p.parent for p in tmp_path.rglob("manifest.json")]
-    assert json.loads((bundle / "manifest.json").read_text())["precision"] == "int8"
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    # the unlabelled 2-class classifier was judged by top-k, so the device reports top-k (not raw logits);
+    # MTCNN's three heads were judged as raw outputs and stay raw
+    task = {"ppocr-cls": "classify", "mtcnn-onet": "raw"}[name]
+    assert manifest["precision"] == "int8" and manifest["task"] == task == manifest["validation"]["task"]
+    results = tmp_path / "results.jsonl"
     r = run_cli("run", str(bundle), "--source", str(corpus.eval_dir()), "--max-frames", "10", "--json", "--no-show",
-                timeout=300)
+                "--jsonl", str(results), timeout=300)
     assert r.returncode == 0, r.stderr[-600:]
     assert json.loads(r.stdout)["frames"] == 10
+    lines = [json.loads(line) for line in results.read_text().splitlines()]
+    assert len(lines) == 10 and {d["task"] for d in lines} == {task}
+    if task == "classify":
+        assert all([c["label"] for c in d["result"]] in (["0", "1"], ["1", "0"]) for d in lines)
 
 
 @pytest.mark.slow

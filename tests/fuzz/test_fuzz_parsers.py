@@ -18,7 +18,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 CORPUS = Path(__file__).parent / "corpus"
-settings.register_profile("ci", max_examples=120, deadline=2000, database=None,
+# no deadline in CI: with the suite on two workers, a first call on the loaded machine took 2.6 s (the
+# same input took 1.5 ms when hypothesis retried it); how fast a parser is belongs in the benchmarks
+settings.register_profile("ci", max_examples=120, deadline=None, database=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile("long", max_examples=5000, deadline=5000,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
