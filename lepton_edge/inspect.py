@@ -13,8 +13,11 @@ from lepton_edge.bundle import guess_layout
 from lepton_edge.errors import BadInput, first_line
 from lepton_edge.paths import check_onnx_file
 
-_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64", 9: "bool", 10: "float16",
-           11: "float64", 16: "bfloat16"}
+# onnx's TensorProto.DataType numbers (a number not here is shown as it is)
+_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32", 7: "int64", 8: "string",
+           9: "bool", 10: "float16", 11: "float64", 12: "uint32", 13: "uint64", 14: "complex64", 15: "complex128",
+           16: "bfloat16", 17: "float8e4m3fn", 18: "float8e4m3fnuz", 19: "float8e5m2", 20: "float8e5m2fnuz",
+           21: "uint4", 22: "int4", 23: "float4e2m1"}
 MAX_SHOWN_VALUES = 4096  # a constant input's value is listed up to this many elements (datasets.MAX_CONSTANT_VALUES)
 
 

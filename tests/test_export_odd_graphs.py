@@ -392,6 +392,8 @@ def test_a_string_output_is_one_line_before_any_work(tmp_path):
                 "-o", str(tmp_path / "o"), "--json")
     assert r.returncode == 2 and "'label' is a tensor of string" in _one_error_line(r)
     assert "tensor of string" in json.loads(r.stdout)["error"] and not (tmp_path / "o").exists()
+    outputs = json.loads(run_cli("inspect", path, "--json").stdout)["outputs"]  # (it printed the dtype as `8`)
+    assert [(o["name"], o["dtype"]) for o in outputs] == [("logits", "float32"), ("label", "string")]
 
 
 def test_a_model_quantized_already_is_one_line_for_fp32_and_fp16(tmp_path):
