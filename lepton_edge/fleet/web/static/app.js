@@ -193,7 +193,10 @@ function route() {
 
 function keepAlert(a) {
   S.alerts.set(a.id, a);
-  if (S.alerts.size <= S.pruneAlertsAt) return;  // (pruned in batches: a pass sorts every resolved alert)
+  if (S.alerts.size > S.pruneAlertsAt) pruneAlerts();  // (pruned in batches: a pass sorts every resolved alert)
+}
+
+function pruneAlerts() {  // the open ones and the newest RESOLVED_ALERTS resolved ones
   const resolved = [...S.alerts.values()].filter((x) => x.resolved).sort((x, y) => y.resolved - x.resolved);
   resolved.slice(RESOLVED_ALERTS).forEach((x) => S.alerts.delete(x.id));
   S.pruneAlertsAt = S.alerts.size + RESOLVED_ALERTS;
@@ -212,6 +215,10 @@ async function loadAlerts() {
     shownOpen.filter((id) => !still.has(id) && S.alerts.has(id) && !S.alerts.get(id).resolved)
       .forEach((id) => S.alerts.delete(id));
   }
+  // and at once down to the newest resolved ones: an alert shown open that was resolved while the stream was
+  // down, and is older than the newest 500 now, was just dropped, so resolved ones older still, kept from
+  // before, would leave a gap in what the page lists (seen on a loaded machine, whose stream lagged)
+  pruneAlerts();
 }
 
 function onMessage(m) {
