@@ -72,7 +72,8 @@ def measure(model: str, threads: int | None, runs: int, warmup: int, source: str
     from lepton_edge.stats import StageTimes
 
     rt = Runtime.load(model, threads=threads, input_spec=input_spec, max_run_bytes=max_run_bytes)
-    frames = _frames(source)
+    # (a model whose input is not an image gets zeros of its shape unless a .npy source is given)
+    frames = _frames(source) if source or rt.takes_images else [rt.blank_input()]
     x = rt.preprocess(frames[0])
     for stage, step in (("inference", lambda: rt.infer(x)), ("postprocessing", lambda: rt.postprocess(rt.infer(x)))):
         try:  # once, before the timed runs: an input size or a task that does not fit is one line
@@ -97,7 +98,8 @@ def measure(model: str, threads: int | None, runs: int, warmup: int, source: str
             "runs": runs, "warmup": warmup, "latency_ms": snap["latency_ms"],
             "throughput_fps": runs / wall if wall > 0 else None,
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "frame": list(frames[0].shape), "source": source or "synthetic 640x480 BGR"}
+            "frame": list(frames[0].shape),
+            "source": source or ("synthetic 640x480 BGR" if rt.takes_images else "zeros of the input's shape")}
 
 
 def _check(deadline: float, model: str) -> None:

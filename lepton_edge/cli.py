@@ -395,7 +395,8 @@ def inspect(path: Path = typer.Argument(..., help="A bundle directory, an .onnx 
 def run(
     model: str = typer.Argument(..., help="A bundle directory, or a plain .onnx / .tflite file."),
     source: str = typer.Option(..., "--source", "-s", help="Camera index (0), video file, rtsp:// or http:// "
-                               "URL, image folder or glob ('frames/*.png'), or a GStreamer pipeline."),
+                               "URL, image folder or glob ('frames/*.png'), a GStreamer pipeline, or a .npy/.npz of "
+                               "inputs (a row an input, for a model whose input is not an image)."),
     save: Path | None = typer.Option(None, "--save", help="Write an annotated video (.mp4, .avi, .mkv)."),
     jsonl: str | None = typer.Option(None, "--jsonl", help="Write every result as a JSON line ('-': stdout)."),
     max_frames: int | None = typer.Option(None, "--max-frames", "-n", min=1, help="Stop after this many frames."),
@@ -499,8 +500,12 @@ def _run_sinks(pipe, src, rt, *, every: float, jsonl: str | None, save: Path | N
     if not (lines_to_stderr and logs.json_mode()):
         outs.append(sinks.ConsoleLines(ui.err if lines_to_stderr else out, every, pipe.stats))
     _not_the_source(src, jsonl=None if jsonl == "-" else jsonl, save=save)
-    window = sinks.Window(f"lepton-edge: {rt.name}") if show or (show is None and sinks.display_available()) \
-        else None  # (first: its refusal must come before a file output is created or truncated)
+    if not rt.takes_images and (save or show):  # (arrays: nothing to draw on)
+        raise BadInput(f"{'--save' if save else '--show'} draws results on the frames, and {rt.name}'s input is "
+                       "not an image: use --jsonl for its results")
+    window = sinks.Window(f"lepton-edge: {rt.name}") if rt.takes_images and (
+        show or (show is None and sinks.display_available())) else None
+    # (first: its refusal must come before a file output is created or truncated)
     if jsonl:
         outs.append(sinks.JsonLines(None if jsonl == "-" else Path(jsonl)))
     if save:
@@ -598,8 +603,9 @@ def bench(
     # "MemoryError: Unable to allocate 745. GiB", 1e20 a bare "ValueError: Maximum allowed dimension exceeded")
     runs: int = typer.Option(200, min=1, max=1_000_000, help="Timed runs per configuration."),
     warmup: int = typer.Option(20, min=0, help="Untimed runs first."),
-    source: str | None = typer.Option(None, "--source", "-s", help="Frames from a video/images (default: a "
-                                         "synthetic 640x480 frame)."),
+    source: str | None = typer.Option(None, "--source", "-s", help="Frames from a video/images, or a .npy "
+                                         "of inputs (default: a synthetic 640x480 frame; zeros for a model whose "
+                                         "input is not an image)."),
     input_spec: str | None = typer.Option(None, "--input-spec", help="For plain models (see `run`)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     max_time: float = typer.Option(900.0, "--max-time", help="Seconds the whole comparison may take; past them "

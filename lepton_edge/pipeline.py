@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from lepton_edge.capture import Source, open_source
+from lepton_edge.capture import ArrayFile, Source, open_source
 from lepton_edge.errors import BadInput, RunTimedOut
 from lepton_edge.runtime import Result, Runtime
 from lepton_edge.stats import StageTimes
@@ -47,6 +47,15 @@ def capture_threads(runtime: Runtime) -> int:
     return max(1, (os.cpu_count() or 1) - int(getattr(runtime.backend, "threads", 1)))
 
 
+def fits(runtime: Runtime, source: Source) -> None:
+    """BadInput (one line) for a model whose input is not an image fed by a source of camera frames: every
+    frame would fail its preprocessing, and `run` said only that no frame could be read."""
+    if not runtime.takes_images and source.kind != ArrayFile.kind:
+        spec = runtime.spec
+        raise BadInput(f"{runtime.name}: input {spec.name!r} {list(spec.shape)} is not an image, so the {source.kind} "
+                       f"source cannot feed it: give --source a .npy/.npz of its inputs ([N, ...] rows)")
+
+
 class Pipeline:
     """`for result in Pipeline(source, bundle): ...` yields one Result per frame.
 
@@ -61,6 +70,11 @@ class Pipeline:
         self.runtime = model if isinstance(model, Runtime) else Runtime.load(model, **load_options)
         self.source = source if isinstance(source, Source) else open_source(
             source, decode_threads=capture_threads(self.runtime))
+        try:
+            fits(self.runtime, self.source)
+        except BadInput:
+            self.source.close()
+            raise
         self.max_frames = max_frames
         self.stats = StageTimes(window)
         self.bad_frames = 0  # frames that preprocessing, inference or postprocessing could not handle
@@ -79,6 +93,7 @@ class Pipeline:
     def swap(self, runtime: Runtime) -> Runtime:
         """Use another model from the next frame on (a deploy or a rollback); returns the old one.
         Frames already preprocessed for the old model are preprocessed again for the new one."""
+        fits(runtime, self.source)
         old, self.runtime = self.runtime, runtime
         self.probe = []
         # the new model starts afresh: FAILS_BEFORE_FIRST applies to it, and what failed is counted for

@@ -37,8 +37,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from lepton_edge import __version__
 from lepton_edge.agent import commands
 from lepton_edge.agent.config import AgentConfig
@@ -184,9 +182,9 @@ class Agent:
         Why: a manifest can disagree with its model (a 32x32 input declared for a 28x28 model) and
         every checksum still match; the engine then fails on the first frame. Found here, before
         the runtime is swapped in or started with, it is a refusal rather than a dead pipeline."""
-        h, w = rt.spec.hw()
-        y = rt.infer(rt.preprocess(np.zeros((h, w, 3), np.uint8)))
-        rt.postprocess(y, (h, w))
+        x = rt.blank_input()
+        y = rt.infer(rt.preprocess(x))
+        rt.postprocess(y, x.shape[:2])
 
     def _bundle_candidates(self):
         """Deployed bundles, newest good first, then the configured one."""

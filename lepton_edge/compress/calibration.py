@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lepton_edge import array_files as af
 from lepton_edge.bundle import InputSpec
 from lepton_edge.errors import BadInput, CheckFailed
 from lepton_edge.memory import available_bytes, rss_bytes  # noqa: F401 (read here by the export's callers)
@@ -200,8 +201,7 @@ def _from_array(arr: np.ndarray, spec: InputSpec, src: str) -> np.ndarray:
 def _read_array_file(p: Path, src: str, limit: int | None, labelled: bool,
                      max_bytes: int | None) -> tuple[np.ndarray, np.ndarray | None]:
     """(the first `limit` inputs, the labels or None) of a .npy or .npz, read from each array's header on:
-    only the rows used are read (and, in a .npz, decompressed). Why not np.load: a 3.5 MB .npz of zeros
-    decompressed to a 3.7 GB array before anything looked at its shape."""
+    only the rows used are read (and, in a .npz, decompressed); see lepton_edge/array_files.py."""
     import zipfile
 
     try:
@@ -209,22 +209,19 @@ def _read_array_file(p: Path, src: str, limit: int | None, labelled: bool,
             with open(p, "rb") as f:
                 return _read_npy(f, src, limit, max_bytes)[0], None
         with zipfile.ZipFile(p) as z:
-            members = {n[:-4] if n.endswith(".npy") else n: n for n in z.namelist()}
-            if not members:
-                raise BadInput(f"{src}: the .npz holds no arrays")
-            names = ("x", "images", "inputs", "input")
-            key = next((k for k in names if k in members), next(iter(members)))
-            if key not in names and len(members) > 1:
+            found = af.members(z, src)
+            key = af.input_member(found)
+            if key not in af.INPUT_NAMES and len(found) > 1:
                 import logging
 
                 logging.getLogger(__name__).warning(f"{src}: no array named x, images or inputs: using {key!r}, the "
-                                                    f"first of {', '.join(list(members)[:8])}")
-            with z.open(members[key]) as f:
+                                                    f"first of {', '.join(list(found)[:8])}")
+            with z.open(found[key]) as f:
                 arr, total = _read_npy(f, src, limit, max_bytes)
-            ykey = next((k for k in ("y", "labels", "targets") if k in members), None)
+            ykey = next((k for k in af.LABEL_NAMES if k in found), None)
             if ykey is None:
                 return arr, None
-            with z.open(members[ykey]) as f:
+            with z.open(found[ykey]) as f:
                 y, ytotal = _read_npy(f, src, limit if labelled else 1, max_bytes)
             if labelled and ytotal != total:
                 raise BadInput(f"{src}: labels of shape [{ytotal}, ...] ({y.dtype}) do not pair with {total} inputs: "
@@ -239,20 +236,10 @@ def _read_array_file(p: Path, src: str, limit: int | None, labelled: bool,
 def _read_npy(f, src: str, limit: int | None, max_bytes: int | None) -> tuple[np.ndarray, int]:
     """(the first `limit` rows, the rows there are) of the .npy array in stream `f`, its size checked
     against `max_bytes` (as float32 model inputs at least: uint8 images grow 4x) before any row is read."""
-    fmt = np.lib.format
-    try:
-        version = fmt.read_magic(f)
-        read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
-        shape, fortran, dtype = read_header(f)
-    except ValueError:
-        dtype = np.dtype(object)  # not a .npy: said as np.load's refusal of one was
-    if dtype.hasobject:
-        raise BadInput(f"cannot read {src}: not a numeric array file (Python objects, or not .npy at all; "
-                       "nothing is unpickled)")
+    shape, fortran, dtype = af.read_header(f, src)
     total = shape[0] if shape else 1
     rows = total if not limit or fortran else min(total, limit)
-    row_items = math.prod(shape[1:]) if shape else 1
-    need = rows * row_items * max(dtype.itemsize, 4)
+    need = rows * af.row_items(shape) * max(dtype.itemsize, 4)
     if max_bytes and need > max_bytes:
         from lepton_edge.ui import human
 
@@ -260,21 +247,10 @@ def _read_npy(f, src: str, limit: int | None, max_bytes: int | None) -> tuple[np
                           f"inputs, over half the export's memory budget ({human(2 * max_bytes)}, --max-memory): "
                           "use fewer --calib-samples (--eval-limit with --eval), or a smaller array")
     out = np.empty((rows, *shape[1:]) if shape else (), dtype)
-    _read_into(f, out, src)
+    af.read_into(f, out, src)
     if fortran and out.ndim > 1:
         out = out.reshape(shape[::-1]).T  # (a Fortran-order file holds the transposed C array)
     return (out[:limit] if limit and shape else out), total
-
-
-def _read_into(f, out: np.ndarray, src: str) -> None:
-    """Fill `out` from stream `f` a chunk at a time (one read of the whole would hold it twice)."""
-    buf, pos, chunk = memoryview(out.reshape(-1).view(np.uint8)), 0, 16 << 20
-    while pos < len(buf):
-        data = f.read(min(chunk, len(buf) - pos))
-        if not data:
-            raise BadInput(f"cannot read {src}: the array is truncated ({pos} of {len(buf)} bytes)")
-        buf[pos:pos + len(data)] = data
-        pos += len(data)
 
 
 def _read_video(path: Path, spec: InputSpec, n: int) -> PixelInputs:

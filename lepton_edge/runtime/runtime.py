@@ -23,11 +23,19 @@ from lepton_edge.runtime import postprocess as post
 from lepton_edge.runtime.backend import MAX_THREADS, Backend, backend_for, format_of
 from lepton_edge.runtime.delegates import resolve as resolve_delegates
 from lepton_edge.runtime.preprocess import preprocess
-from lepton_edge.runtime.spec import apply_overrides, guess_task, model_metadata, parse_overrides, spec_from_model
+from lepton_edge.runtime.spec import (
+    apply_overrides,
+    guess_task,
+    is_image,
+    model_metadata,
+    parse_overrides,
+    spec_from_model,
+)
 
 TASKS = ("classify", "detect", "embed", "raw")
 MAX_SIDE = 8192  # pixels per spatial dimension of a model input
 MAX_INPUT_VALUES = 1 << 26  # 64 M values, 256 MB as float32: a 20000x20000 spec is refused, not allocated
+MAX_RANK = 8  # dimensions of an input that is not an image (an image's are 4)
 
 
 def check_threads(threads, what: str = "threads") -> None:
@@ -52,16 +60,16 @@ def _manifest_runtime(v) -> str | None:
 
 
 def check_input_size(spec: InputSpec) -> None:
-    """The input tensor's shape: whole positive dims, no side past MAX_SIDE, no more than
-    MAX_INPUT_VALUES values, checked before an engine or a frame buffer is sized by it."""
+    """The input tensor's shape: whole positive dims, at most MAX_RANK of them, no side past MAX_SIDE (of an
+    image; MAX_INPUT_VALUES for another input's), no more than MAX_INPUT_VALUES values, checked before an
+    engine or a frame buffer is sized by it."""
     dims = list(spec.shape)
     if not dims or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dims):
         raise BadInput(f"input {spec.name!r}: shape {dims} must be whole positive numbers")
     shape = [int(d) for d in dims]  # every one a whole number now
-    if len(shape) != 4:
-        raise BadInput(f"input {spec.name!r}: shape {shape} is not an image's 4 dimensions (NCHW or NHWC): "
-                       "this runtime feeds camera frames")
-    if max(shape) > MAX_SIDE or int(np.prod(shape, dtype=np.int64)) > MAX_INPUT_VALUES:
+    if len(shape) > MAX_RANK:
+        raise BadInput(f"input {spec.name!r}: shape {shape} has more than {MAX_RANK} dimensions")
+    if (is_image(spec) and max(shape) > MAX_SIDE) or int(np.prod(shape, dtype=np.int64)) > MAX_INPUT_VALUES:
         raise BadInput(f"input {spec.name!r}: shape {shape} is too large (at most {MAX_SIDE} per dimension and "
                        f"{MAX_INPUT_VALUES:,} values)")
 
@@ -226,8 +234,11 @@ class Runtime:
         self.infer = backend.run  # the bare engine call: nothing between the user and the engine
         self._shape = tuple(int(d) for d in spec.shape)
         self._engine_shape = list(self._shape)
-        if len(backend.inputs[0].shape) == len(self._shape) - 1:  # a 3-D input ([1,28,28], [3,64,64]): the
-            self._engine_shape = self._engine_shape[1:]  # frame's tensor without its batch dim of 1
+        # a frame can become the input; else it takes arrays of its shape (a .npy's rows: capture/arrays.py)
+        self.takes_images = is_image(spec)
+        if self.takes_images and len(backend.inputs[0].shape) == len(self._shape) - 1:
+            # a 3-D input ([1,28,28], [3,64,64]): the frame's tensor without its batch dim of 1
+            self._engine_shape = self._engine_shape[1:]
             self.infer = partial(_reshaped, backend.run, tuple(self._engine_shape))
         self._dtype = np.dtype(spec.dtype)
         self.warnings: list[str] = []  # what load() chose to ignore (a manifest's unknown delegate), for the log
@@ -305,6 +316,8 @@ class Runtime:
         agree on. Why: `--input-spec layout=NHWC` on an NCHW model (or a manifest whose layout or
         colour contradicts its shape) passes every field check and then fails in the engine at the
         first frame, with a traceback; here it is one line before any frame is read."""
+        if not self.takes_images:  # arrays are fed as they are: no frame, no normalisation
+            return
         check_normalisation(self.spec, self.path)
         dims = self.spec.shape[2:4] if self.spec.layout == "NCHW" else self.spec.shape[1:3]
         if not all(isinstance(d, int) for d in dims):
@@ -323,7 +336,22 @@ class Runtime:
         return self.bundle.manifest.name if self.bundle else (self.path.stem if self.path else "model")
 
     def preprocess(self, frame: np.ndarray) -> np.ndarray:
-        return preprocess(frame, self.spec)
+        """A frame -> the input tensor; for an input that is not an image, an array of the input's values
+        (its shape, or with the batch dim left out) -> that array in the input's shape and type, as the
+        export took the rows of a .npy (its values as they are: no pixel scaling)."""
+        if self.takes_images:
+            return preprocess(frame, self.spec)
+        x = np.asarray(frame)
+        if x.size != math.prod(self._shape):
+            raise ValueError(f"an array of shape {list(x.shape)} is not one input of shape {list(self._shape)}")
+        return np.ascontiguousarray(x.reshape(self._shape), dtype=self._dtype)
+
+    def blank_input(self) -> np.ndarray:
+        """What a probe runs: a black frame of the input's size, or zeros of the input's shape."""
+        if not self.takes_images:
+            return np.zeros(self._shape, self._dtype)
+        h, w = self.spec.hw()
+        return np.zeros((h, w, 3), np.uint8)
 
     def postprocess(self, outputs: list[np.ndarray], frame_hw: tuple[int, int] | None = None) -> Any:
         if self.task == "classify":
@@ -349,8 +377,9 @@ class Runtime:
 
     def predict(self, frame: np.ndarray) -> Any:
         """A frame (HxW, HxWxC, any size, BGR as OpenCV reads it) or an already preprocessed
-        input tensor (4-D, the model's shape and dtype) -> the task's result."""
-        if frame.ndim == 4:
+        input tensor (4-D, the model's shape and dtype), or an input that is not an image's array
+        -> the task's result."""
+        if frame.ndim == 4 and self.takes_images:
             return self.postprocess(self.infer(frame))
         return self.postprocess(self.infer(self.preprocess(frame)), frame.shape[:2])
 

@@ -226,6 +226,16 @@ def model_metadata(backend: Backend) -> dict:
     return out
 
 
+def is_image(spec: InputSpec) -> bool:
+    """Whether a camera frame can become this input: 4-D with 1 or 3 channels where either layout puts them
+    (or a channel dim left open). Either: a layout given wrong (`--input-spec layout=NCHW` on a [1,16,16,3]
+    model) is the user's to correct, and hw() says how. Anything else (audio [1,16000], features [1,128], a
+    feature map [1,64,8,8]) takes arrays of its own shape: `export --calib x.npy`, `run --source x.npy`."""
+    if len(spec.shape) != 4:
+        return False
+    return any(not isinstance(c, int) or c in (1, 3) for c in (spec.shape[1], spec.shape[3]))
+
+
 def spec_from_model(backend: Backend, overrides: dict, meta: dict) -> InputSpec:
     """An InputSpec for the first input of a plain model: what it says, then the user's overrides."""
     if len(backend.inputs) != 1:
@@ -235,10 +245,10 @@ def spec_from_model(backend: Backend, overrides: dict, meta: dict) -> InputSpec:
     shape = list(inp.shape)
     if len(shape) == 3:  # [N,H,W] gray, [C,H,W] or [H,W,C]: the frame's 4-D tensor, fed without one dim
         shape = frame_input.frame_dims(shape)
-    if len(shape) != 4:
-        raise BadInput(f"input '{inp.name}' has shape {inp.shape}: not an image; `run` feeds images")
     if not isinstance(shape[0], int):
         shape[0] = 1
+    if len(shape) != 4:  # audio, features, a table's row: fed arrays of its shape (`run --source x.npy`)
+        return _array_spec(inp, shape, overrides)
     layout = overrides.get("layout") or guess_layout(shape)
     if layout is None:
         raise BadInput(f"cannot tell the layout of input '{inp.name}' {inp.shape}: pass --input-spec layout=NCHW "
@@ -261,6 +271,23 @@ def spec_from_model(backend: Backend, overrides: dict, meta: dict) -> InputSpec:
     except ValidationError as e:  # a shape over the input size limit, say
         raise BadInput(f"input '{inp.name}': {first_error(e)}") from None
     return apply_overrides(spec, overrides)
+
+
+def _array_spec(inp, shape: list, overrides: dict) -> InputSpec:
+    """The spec of an input that is not an image: its own shape (a dynamic batch taken as 1), every other
+    dim fixed, since nothing says how long an open one is; no pixel settings apply to it."""
+    if any(not isinstance(d, int) for d in shape):
+        raise BadInput(f"input '{inp.name}' has shape {inp.shape}: not an image, and `run` feeds such an input "
+                       "arrays of one fixed shape: export it (`lepton-edge export --input-shape`) to fix its dims")
+    if overrides:
+        raise BadInput(f"input '{inp.name}' has shape {inp.shape}: not an image, so --input-spec "
+                       f"({', '.join(overrides)}) does not apply: its arrays are fed as they are")
+    if inp.dtype not in DTYPES or inp.dtype == "bool":
+        raise BadInput(f"input '{inp.name}' is of type {inp.dtype}: `run` feeds float or integer arrays")
+    try:
+        return InputSpec(name=inp.name, shape=shape, dtype=inp.dtype)
+    except ValidationError as e:
+        raise BadInput(f"input '{inp.name}': {first_error(e)}") from None
 
 
 def pixel_encoding(dtype: str, quantization: dict | None, given: AbstractSet[str] = frozenset()) -> dict:
