@@ -92,8 +92,8 @@ class Pipeline:
 
     def swap(self, runtime: Runtime) -> Runtime:
         """Use another model from the next frame on (a deploy or a rollback); returns the old one.
-        Frames already preprocessed for the old model are preprocessed again for the new one."""
-        fits(runtime, self.source)
+        Frames already preprocessed for the old model are preprocessed again for the new one. (A model
+        the source cannot feed, see fits(), fails on every frame: the agent's health check rolls it back.)"""
         old, self.runtime = self.runtime, runtime
         self.probe = []
         # the new model starts afresh: FAILS_BEFORE_FIRST applies to it, and what failed is counted for
