@@ -18,6 +18,7 @@ from lepton_edge.errors import BadInput
 # the arrays of a .npz that hold the inputs, by name (else the first one); and the labels beside them
 INPUT_NAMES = ("x", "images", "inputs", "input")
 LABEL_NAMES = ("y", "labels", "targets")
+NUMERIC_KINDS = "biuf"  # bool, signed and unsigned integers, floats: what a model input can be
 
 
 def read_header(f: IO[bytes], src: str) -> tuple[tuple[int, ...], bool, np.dtype]:
@@ -26,6 +27,8 @@ def read_header(f: IO[bytes], src: str) -> tuple[tuple[int, ...], bool, np.dtype
     fmt = np.lib.format
     try:
         version = fmt.read_magic(f)
+        if version not in ((1, 0), (2, 0), (3, 0)):  # (numpy's own loader knows these three)
+            raise ValueError(f"format version {version}")
         read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
         shape, fortran, dtype = read(f)
     except ValueError:
@@ -34,6 +37,9 @@ def read_header(f: IO[bytes], src: str) -> tuple[tuple[int, ...], bool, np.dtype
     if dtype.hasobject:
         raise BadInput(f"cannot read {src}: not a numeric array file (Python objects, or not .npy at all; "
                        "nothing is unpickled)")
+    if dtype.kind not in NUMERIC_KINDS or dtype.itemsize > 8:  # (a 1.5 GB void 'row' in a 1.4 MB .npz, complex,
+        # strings, datetimes: none is a model input, and refused here no byte of them is allocated)
+        raise BadInput(f"{src}: an array of {dtype}, not numbers a model takes (bool, integers, float16-64)")
     return tuple(int(d) for d in shape), bool(fortran), dtype
 
 

@@ -520,7 +520,7 @@ def _not_the_source(src, **outputs) -> None:
     Why: `--save clip.avi -s clip.avi` overwrote the video while it was read (20 frames became 13), and
     `--jsonl clip.avi` replaced it with JSON lines."""
     inputs: set[Path] = set()
-    if src.kind == "video":
+    if src.kind in ("video", "arrays"):
         inputs.add(Path(src.spec).resolve())
     elif src.kind == "images":
         inputs.update(Path(f).resolve() for f in getattr(src, "files", []))

@@ -50,10 +50,13 @@ def capture_threads(runtime: Runtime) -> int:
 def fits(runtime: Runtime, source: Source) -> None:
     """BadInput (one line) for a model whose input is not an image fed by a source of camera frames: every
     frame would fail its preprocessing, and `run` said only that no frame could be read."""
+    spec = runtime.spec
     if not runtime.takes_images and source.kind != ArrayFile.kind:
-        spec = runtime.spec
         raise BadInput(f"{runtime.name}: input {spec.name!r} {list(spec.shape)} is not an image, so the {source.kind} "
                        f"source cannot feed it: give --source a .npy/.npz of its inputs ([N, ...] rows)")
+    if not runtime.takes_images and isinstance(source, ArrayFile) and not runtime.input_shaped(source.row_shape):
+        raise BadInput(f"{runtime.name}: rows of {list(source.row_shape)} in {source.spec} are not inputs of "
+                       f"{list(spec.shape)} (input {spec.name!r})")
 
 
 class Pipeline:
@@ -75,6 +78,7 @@ class Pipeline:
         except BadInput:
             self.source.close()
             raise
+        self._arrays = self.source.kind == ArrayFile.kind  # rows of a .npy: inputs as they are, or frames
         self.max_frames = max_frames
         self.stats = StageTimes(window)
         self.bad_frames = 0  # frames that preprocessing, inference or postprocessing could not handle
@@ -107,7 +111,7 @@ class Pipeline:
         counted, never fatal."""
         t0 = time.perf_counter()
         try:
-            x = rt.preprocess(frame.image)
+            x = rt.from_array(frame.image) if self._arrays else rt.preprocess(frame.image)
         except Exception:
             self.bad_frames += 1
             return None, 0.0

@@ -80,10 +80,43 @@ def test_a_signal_bundle_fed_frames_or_asked_to_draw_is_one_line(tmp_path, fashi
     assert "is not an image" in err[0] and ".npy" in err[0]
     r = run_cli("run", str(bundle), "--source", str(tmp_path / "x.npy"), "--save", str(tmp_path / "out.mp4"))
     assert r.returncode == 2 and "use --jsonl" in r.stderr and not (tmp_path / "out.mp4").exists()
-    # rows of another size: the run stops with why, not a traceback
-    np.save(tmp_path / "short.npy", np.zeros((5, 399), np.float32))
-    r = run_cli("run", str(bundle), "--source", str(tmp_path / "short.npy"), "--no-show")
-    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    # rows of another size, or of the same size in another shape: one line before any row is read
+    for name, rows in (("short", np.zeros((5, 399), np.float32)), ("square", np.zeros((5, 20, 20), np.float32))):
+        np.save(tmp_path / f"{name}.npy", rows)
+        r = run_cli("run", str(bundle), "--source", str(tmp_path / f"{name}.npy"), "--no-show")
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert f"rows of {list(rows.shape[1:])} in" in r.stderr and "are not inputs of [1, 400]" in r.stderr
+    # --jsonl onto the file being read: refused, the file kept (it was replaced by JSON lines)
+    before = (tmp_path / "x.npy").read_bytes()
+    same = str(tmp_path / "x.npy")
+    r = run_cli("run", str(bundle), "--source", same, "--no-show", "--jsonl", same)
+    assert r.returncode == 2 and "that is the source being read" in r.stderr
+    assert (tmp_path / "x.npy").read_bytes() == before
+
+
+def test_a_3d_feature_input_of_a_plain_file_takes_its_rows_as_they_are(tmp_path):
+    """[n,100,40] (a spectrogram) reads as a gray 100x40 frame's tensor; its float rows were pixel-scaled as
+    frames (class 1 at 0.36 where onnxruntime says class 2 at 1.0). A row of the input's shape is the input
+    itself, as the export takes the same file's rows."""
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4000, 3)).astype(np.float32), "w")
+    shape = numpy_helper.from_array(np.array([-1, 4000], np.int64), "s")
+    graph = helper.make_graph([helper.make_node("Reshape", ["x", "s"], ["flat"]),
+                               helper.make_node("MatMul", ["flat", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 100, 40])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])], [w, shape])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "spec.onnx"))
+    x = np.random.default_rng(3).standard_normal((8, 100, 40)).astype(np.float32)
+    np.save(tmp_path / "spec.npy", x)
+    out = tmp_path / "out.jsonl"
+    r = run_cli("run", str(tmp_path / "spec.onnx"), "--source", str(tmp_path / "spec.npy"), "--no-show", "--task",
+                "raw", "--jsonl", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    sess = ort.InferenceSession(str(tmp_path / "spec.onnx"), providers=["CPUExecutionProvider"])
+    got = [np.asarray(d["result"][0]) for d in _lines(out)]
+    assert len(got) == 8
+    assert all(np.allclose(g, sess.run(None, {"x": row[None]})[0], rtol=1e-4, atol=1e-3) for g, row in zip(got, x))
 
 
 def test_a_feature_map_bundle_runs_on_its_arrays(tmp_path):
@@ -146,6 +179,32 @@ def test_the_array_source_refuses_pickles_huge_rows_and_fortran_order_before_rea
         pass
     with pytest.raises(BadInput, match="holds no arrays"):
         open_source(str(tmp_path / "empty.npz"))
+    # what is not numbers, refused from the header: a 1.5 GB "row" of void in a 1.4 MB .npz reached 1.6 GB
+    for name, dtype in (("void", "|V1500000000"), ("cplx", "<c16"), ("text", "<U8"), ("when", "<M8[s]")):
+        with open(tmp_path / f"{name}.npy", "wb") as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": dtype, "fortran_order": False, "shape": (1,)})
+        with pytest.raises(BadInput, match="not numbers a model takes"):
+            open_source(str(tmp_path / f"{name}.npy"))
+    np.save(tmp_path / "v9.npy", np.ones((2, 3), np.float32))
+    data = bytearray((tmp_path / "v9.npy").read_bytes())
+    data[6] = 9  # a format version numpy does not know
+    (tmp_path / "v9.npy").write_bytes(bytes(data))
+    with pytest.raises(BadInput, match="not a numeric array file"):
+        open_source(str(tmp_path / "v9.npy"))
+
+
+def test_a_npz_member_whose_data_is_damaged_ends_the_source_with_why(tmp_path):
+    """A bad CRC (or a broken deflate stream) surfaced as a zipfile traceback from the capture thread."""
+    rows = np.arange(4 * 1000, dtype=np.float32).reshape(4, 1000)
+    with zipfile.ZipFile(tmp_path / "crc.npz", "w", zipfile.ZIP_STORED) as z, z.open("x.npy", "w") as f:
+        np.lib.format.write_array(f, rows)
+    data = bytearray((tmp_path / "crc.npz").read_bytes())
+    data[data.index(b"\x93NUMPY") + 200 + 3 * 4000] ^= 0xFF  # a byte of the last row
+    (tmp_path / "crc.npz").write_bytes(bytes(data))
+    with open_source(str(tmp_path / "crc.npz")) as src:
+        got = [f.image for f in src]
+        assert src.state == SourceState.FAILED and "CRC" in (src.failure or ""), src.failure
+        assert len(got) < 4 and all(np.array_equal(g, r) for g, r in zip(got, rows))
 
 
 def test_a_truncated_array_file_gives_its_whole_rows_then_fails_with_why(tmp_path):

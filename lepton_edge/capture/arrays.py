@@ -22,9 +22,9 @@ from lepton_edge.capture.registry import register_source
 from lepton_edge.errors import BadInput
 
 SUFFIXES = (".npy", ".npz")
-# One row's values at most (a header can claim [2, 10**12]): a model input's own ceiling
-# (runtime.MAX_INPUT_VALUES), checked before a row is allocated.
-MAX_ROW_VALUES = 1 << 26
+# One row's size at most (a header can claim [2, 10**12]), checked before a row is allocated: 256 MiB, a
+# model input's own ceiling (runtime.MAX_INPUT_VALUES float32 values)
+MAX_ROW_BYTES = 1 << 28
 
 
 @register_source
@@ -64,19 +64,18 @@ class ArrayFile(Source):
             if owner is not None:
                 owner.close()
             raise
-        except (OSError, zipfile.BadZipFile, KeyError, ValueError) as e:
+        except Exception as e:  # (a zip's own errors: bad CRC, encrypted, an unknown method, a broken stream)
             if owner is not None:
                 owner.close()
-            raise BadInput(f"cannot read {spec}: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") \
-                from None
+            raise BadInput(f"cannot read {spec}: {_why(e)}") from None
         if fortran and len(shape) > 1:
             stream.close()
             raise BadInput(f"{spec}: a Fortran-order array cannot be read a row at a time: save it with np.save "
                            "from a C-order array (np.ascontiguousarray)")
-        if af.row_items(shape) > MAX_ROW_VALUES:
+        if af.row_items(shape) * dtype.itemsize > MAX_ROW_BYTES:
             stream.close()
-            raise BadInput(f"{spec}: rows of {list(shape[1:])} are too large to be one input "
-                           f"(at most {MAX_ROW_VALUES:,} values)")
+            raise BadInput(f"{spec}: rows of {list(shape[1:])} {dtype} are too large to be one input "
+                           f"(at most {MAX_ROW_BYTES >> 20} MiB)")
         return cls(spec, stream, shape, dtype, owner, options.policy)
 
     def read(self, timeout: float | None = None) -> Frame | None:
@@ -84,9 +83,10 @@ class ArrayFile(Source):
             t0 = time.perf_counter()
             row = np.empty(self._row_shape, self.dtype)
             try:
-                af.read_into(self._stream, row, self.spec)
-            except BadInput as e:  # a truncated file: the rows before it were real, the rest is not there
-                self.failure = str(e)
+                af.read_into(self._stream, row, f"row {self._i}")
+            except Exception as e:  # truncated, or a zip member's stream broken (bad CRC, bad deflate data):
+                # the rows before it were real, the rest is not there (`run` puts the spec before this)
+                self.failure = str(e) if isinstance(e, BadInput) else f"cannot read row {self._i}: {_why(e)}"
                 self._set_state(SourceState.FAILED, self.failure)
                 return None
             self._i += 1
@@ -96,8 +96,16 @@ class ArrayFile(Source):
         self._set_state(SourceState.ENDED, f"{self.captured} row(s) read")
         return None
 
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        return self._row_shape
+
     def close(self) -> None:
         for f in (self._stream, self._owner):
             if f is not None:
                 f.close()
         super().close()
+
+
+def _why(e: Exception) -> str:
+    return str(e).splitlines()[0][:200] if str(e) else type(e).__name__

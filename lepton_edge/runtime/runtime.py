@@ -300,8 +300,10 @@ class Runtime:
             # --input-spec size=1 on a static 28x28 model
             check_against_engine(spec, backend.inputs, str(p), claimed="--input-spec's")
             labels = labels or meta.get("labels")
-            rt = cls(backend, spec, task or meta.get("task") or guess_task(backend, labels), labels, None, p,
-                     **post_options)
+            guessed = guess_task(backend, labels)
+            if guessed == "detect" and not is_image(spec):  # (boxes are placed on a frame: this input has none)
+                guessed = "raw"
+            rt = cls(backend, spec, task or meta.get("task") or guessed, labels, None, p, **post_options)
         else:
             raise BadInput(f"{p}: not a regular file (a bundle is a directory, a model a file)" if p.exists()
                            else f"not found: {p}")
@@ -341,8 +343,23 @@ class Runtime:
         export took the rows of a .npy (its values as they are: no pixel scaling)."""
         if self.takes_images:
             return preprocess(frame, self.spec)
-        x = np.asarray(frame)
-        if x.size != math.prod(self._shape):
+        return self.from_array(frame)
+
+    def input_shaped(self, shape) -> bool:
+        """Whether an array of `shape` is one input as it is: the input's shape, its dims of 1 aside ([400] or
+        [1,400] for [1,400]; [100,40] for a 3-D input's [1,1,100,40])."""
+        return [d for d in shape if d != 1] == [d for d in self._shape if d != 1]
+
+    def from_array(self, row: np.ndarray) -> np.ndarray:
+        """A row of a .npy/.npz -> the input tensor, by the export's rule for the same file's rows
+        (compress/calibration.py): a row of the input's shape is the input as it is (no pixel scaling); for
+        an image input, a uint8 row, or one of another shape, is a frame ([H,W] or [H,W,C], BGR)."""
+        x = np.asarray(row)
+        if x.dtype.kind not in "biuf":
+            raise ValueError(f"an array of {x.dtype}, not numbers")
+        if self.takes_images and (x.dtype == np.uint8 or not self.input_shaped(x.shape)):
+            return preprocess(x, self.spec)
+        if not self.input_shaped(x.shape):
             raise ValueError(f"an array of shape {list(x.shape)} is not one input of shape {list(self._shape)}")
         return np.ascontiguousarray(x.reshape(self._shape), dtype=self._dtype)
 
