@@ -51,7 +51,7 @@ class ArrayFile(Source):
     @classmethod
     def from_spec(cls, spec: str, options: SourceOptions) -> ArrayFile:
         p = Path(spec)
-        owner = None
+        stream = owner = None
         try:
             if p.suffix.lower() == ".npz":
                 owner = zipfile.ZipFile(p)
@@ -60,22 +60,19 @@ class ArrayFile(Source):
             else:
                 stream = open(p, "rb")  # noqa: SIM115 (closed by close())
             shape, fortran, dtype = af.read_header(stream, spec)
-        except BadInput:
-            if owner is not None:
-                owner.close()
-            raise
-        except Exception as e:  # (a zip's own errors: bad CRC, encrypted, an unknown method, a broken stream)
-            if owner is not None:
-                owner.close()
+            if fortran and len(shape) > 1:
+                raise BadInput(f"{spec}: a Fortran-order array cannot be read a row at a time: save it with np.save "
+                               "from a C-order array (np.ascontiguousarray)")
+            if af.row_items(shape) * dtype.itemsize > MAX_ROW_BYTES:
+                raise BadInput(f"{spec}: rows of {list(shape[1:])} {dtype} are too large to be one input "
+                               f"(at most {MAX_ROW_BYTES >> 20} MiB)")
+        except Exception as e:  # (a zip's own errors too: bad CRC, encrypted, an unknown method, a broken stream)
+            for f in (stream, owner):
+                if f is not None:
+                    f.close()
+            if isinstance(e, BadInput):
+                raise
             raise BadInput(f"cannot read {spec}: {_why(e)}") from None
-        if fortran and len(shape) > 1:
-            stream.close()
-            raise BadInput(f"{spec}: a Fortran-order array cannot be read a row at a time: save it with np.save "
-                           "from a C-order array (np.ascontiguousarray)")
-        if af.row_items(shape) * dtype.itemsize > MAX_ROW_BYTES:
-            stream.close()
-            raise BadInput(f"{spec}: rows of {list(shape[1:])} {dtype} are too large to be one input "
-                           f"(at most {MAX_ROW_BYTES >> 20} MiB)")
         return cls(spec, stream, shape, dtype, owner, options.policy)
 
     def read(self, timeout: float | None = None) -> Frame | None:
