@@ -58,12 +58,14 @@ lint: $(VENV)/.all
 
 # the fuzz tier (tests/fuzz: hypothesis over every parser of outside input + the committed corpus) runs
 # bounded here, ~10 s in all; `make fuzz` runs it long, then atheris on each parser for FUZZ_SECONDS. The 25
-# slowest tests are listed at the end (CI's log shows where its time goes). Two workers (pytest-xdist):
-# much of the suite waits on brokers, browsers and child processes, so on this 2-core machine the suite took
-# 1,069 s on two workers against 1,531 s on one (each worker exports the session's shared bundles itself)
+# slowest tests are listed at the end (CI's log shows where its time goes). SUITE_WORKERS=2 runs it on two
+# pytest-xdist workers (1,036-1,069 s here against 1,531 s on one), but under that load the browser test of a
+# page left open while 1,500 alerts flow failed in 2 of 3 runs (its page lost alerts while its stream lagged:
+# open in the closing note), so CI runs it in one process (-n 0) until that is fixed; the fast tier has no browser
 TEST_WORKERS ?= 2
+SUITE_WORKERS ?= 0
 test: deb-test $(VENV)/.all lint
-	HYPOTHESIS_PROFILE=ci $(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=25
+	HYPOTHESIS_PROFILE=ci $(PY) -m pytest -q -n $(SUITE_WORKERS) --dist worksteal --durations=25
 
 # the fast tier: unit tests and every test that needs no exported model, no real data set and no service on
 # a port (tests/conftest.py marks those slow / network by the fixtures they use); under a minute, no Debian
