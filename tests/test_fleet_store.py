@@ -153,6 +153,8 @@ def test_state_events_alerts_history_downsample_retain(store):
     assert sum(p.frames for p in after) == 6000 and after[0].fps == pytest.approx(10.0)
     assert store.resolve_alert("f", "d", "offline", now + 1).resolved == now + 1
     assert store.resolve_alert("f", "d", "offline", now + 2) is None
+    assert [(x.id, x.resolved) for x in store.alerts_by_id([a.id, a.id + 1000])] == [(a.id, now + 1)]
+    assert store.alerts_by_id([]) == []
     assert store.retain(86400, now=now) > 0 and store.history("f", "d", now - 4 * 86400, now) == []
     store.forget("f", "d")
     assert store.device("f", "d") is None

@@ -232,6 +232,12 @@ class Store(abc.ABC):
         """Newest first."""
 
     @abc.abstractmethod
+    def alerts_by_id(self, ids: list[int]) -> list[Alert]:
+        """The alerts of these ids that are still stored (any order). Why: the live page's poller learns that an
+        alert it saw open has left the open ones (resolved behind newer alerts, or retained away) and needs its
+        row as it is now, which no window of the newest alerts holds."""
+
+    @abc.abstractmethod
     def summary(self) -> FleetSummary: ...
 
     # ---- coordination -----------------------------------------------------------------------

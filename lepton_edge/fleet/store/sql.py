@@ -674,6 +674,15 @@ class SqlStore(Store):
                            "ORDER BY started DESC, id DESC LIMIT ?", (*args, max(0, int(limit)))).fetchall()
         return [self._alert(r) for r in rows]
 
+    def alerts_by_id(self, ids: list[int]) -> list[Alert]:
+        ids = [int(i) for i in ids][:1000]
+        if not ids:
+            return []
+        with self._tx(write=False) as cur:
+            rows = self._x(cur, f"SELECT {self._ALERT_COLS} FROM alerts WHERE id IN ({', '.join('?' * len(ids))})",
+                           ids).fetchall()
+        return [self._alert(r) for r in rows]
+
     def summary(self) -> FleetSummary:
         """One aggregate query over the device columns (the cards refresh every second)."""
         with self._tx(write=False) as cur:

@@ -59,6 +59,13 @@ STREAM_QUEUE = 512  # messages a slow page may lag behind before its stream is c
 # changed. Why: it says so after every stored batch, and one device sending 20 windows a second (within the flood
 # limit) had the poller re-read a 1,000-device fleet 16 times a second, 56% of a core, while a page was open.
 NOTIFY_GAP_S = 0.25
+ALERT_WINDOW = 200  # the newest alerts each poll diffs (and every open one, up to OPEN_ALERTS)
+OPEN_ALERTS = 1000  # (as many as a page loads)
+EVENT_WINDOW = 200
+# Stream messages that are not MQTT-shaped data: "synced" follows the first poll that began after the stream
+# opened (the page reloads then: whatever that poll's diff did not carry was in the store before it); "resync"
+# says a poll's diff may have missed changes (more than its window, or an alert that is gone).
+SYNCED = {"topic": "lepton/monitor/synced", "payload": None}
 COMMAND_TIMEOUT_S = {"ping": 10.0, "set": 15.0, "deploy": 180.0}
 MAX_CONCURRENT_COMMANDS = 8
 
@@ -204,6 +211,10 @@ def _client_key(host: str) -> str:
     return str(ip)
 
 
+def _resync(why: str) -> dict:
+    return {"topic": "lepton/monitor/resync", "payload": {"why": why}}
+
+
 class Broadcaster:
     """One poller diffing the store, many SSE streams; a slow stream is closed, never waited for."""
 
@@ -219,6 +230,7 @@ class Broadcaster:
         self._alerts: dict[int | None, float | None] = {}
         self._event_ts = time.time()
         self._sent_events: dict[tuple, None] = {}  # the events already pushed (insertion-ordered, bounded)
+        self._unsynced: set[asyncio.Queue] = set()  # streams no poll begun since they opened has reached yet
 
     def notify(self) -> None:
         """Called from any thread (the monitor's on_change): poll now instead of at the next tick."""
@@ -241,6 +253,7 @@ class Broadcaster:
         q: asyncio.Queue = asyncio.Queue(maxsize=STREAM_QUEUE)
         self.queues.add(q)
         self._clients[q] = client
+        self._unsynced.add(q)
         if self._task is None or self._task.done():
             self._loop = asyncio.get_running_loop()
             self._wake = asyncio.Event()
@@ -270,6 +283,7 @@ class Broadcaster:
     def unsubscribe(self, q: asyncio.Queue) -> None:
         self.queues.discard(q)
         self._clients.pop(q, None)
+        self._unsynced.discard(q)
 
     def _snapshot(self) -> list[dict]:
         """The messages since the last poll (runs in a worker thread: store calls block)."""
@@ -290,26 +304,49 @@ class Broadcaster:
         if summary != self._summary:
             self._summary = summary
             out.append({"topic": "lepton/summary", "payload": json.loads(summary)})
-        alerts = {}  # the alerts of this poll only: kept across polls, every id ever seen piled up (a slow leak)
-        for a in self.store.alerts(limit=200):
-            alerts[a.id] = a.resolved
-            if a.id not in self._alerts or self._alerts[a.id] != a.resolved:
-                out.append({"topic": f"lepton/alerts/{a.fleet}/{a.device}/{a.rule}", "payload": a.model_dump()})
-        self._alerts = alerts
+        out += self._alert_changes()
         # Events by what was already pushed, not by a high-water mark of device time: one device whose clock
         # ran ahead (1e12 then, up to the monitor's 300 s tolerance now) moved the mark past every other
         # device's events, and the live feed dropped them. The floor follows this machine's clock only.
-        newest = self._event_ts
-        for e in reversed(self.store.events(since=self._event_ts - EVENT_LOOKBACK_S, limit=200)):
+        newest, fresh = self._event_ts, 0
+        read = self.store.events(since=self._event_ts - EVENT_LOOKBACK_S, limit=EVENT_WINDOW)
+        for e in reversed(read):
             k = (e.fleet, e.device, e.boot_id, e.ts, e.kind, e.message)
             if k in self._sent_events:
                 continue
+            fresh += 1
             self._sent_events[k] = None
             newest = max(newest, min(e.ts, time.time()))
             out.append({"topic": f"{PREFIX}/{e.fleet}/{e.device}/events", "payload": e.model_dump()})
         while len(self._sent_events) > 5000:
             del self._sent_events[next(iter(self._sent_events))]
         self._event_ts = newest
+        if fresh == EVENT_WINDOW:  # every event read was new: older new ones may be past the window
+            out.append(_resync("more events than one poll reads"))
+        return out
+
+    def _alert_changes(self) -> list[dict]:
+        """Alerts raised or resolved since the last poll: the newest ALERT_WINDOW and every open one are diffed
+        against the last poll's, and one that was open then and is in neither now is read by id.
+        Why more than the newest window: an old alert resolved behind 200 newer ones (one device offline for
+        a day, then back) stayed open on every live page, and one raised with an older start never showed."""
+        recent = self.store.alerts(limit=ALERT_WINDOW)
+        now = {a.id: a for a in (*recent, *self.store.alerts(active_only=True, limit=OPEN_ALERTS))}
+        out = []
+        gone = [i for i, r in self._alerts.items() if r is None and i not in now]
+        if gone:
+            found = self.store.alerts_by_id(gone)
+            now.update((a.id, a) for a in found)
+            if len(found) < len(gone):  # deleted (a device forgotten): only a reload takes it off a page
+                out.append(_resync("an open alert was deleted"))
+        for a in sorted(now.values(), key=lambda a: (a.started, a.id)):  # oldest first, as events: a page that
+            # shows an alert of this poll has every older one of it (they come as a stream's messages, one by one)
+            if a.id not in self._alerts or self._alerts[a.id] != a.resolved:
+                out.append({"topic": f"lepton/alerts/{a.fleet}/{a.device}/{a.rule}", "payload": a.model_dump()})
+        if self._alerts and len(recent) == ALERT_WINDOW and recent[-1].id not in self._alerts:
+            out.append(_resync("more alerts than one poll reads"))  # (the whole window is new)
+        # (only this poll's: kept across polls, every id ever seen piled up, a slow leak)
+        self._alerts = {i: a.resolved for i, a in now.items()}
         return out
 
     async def _run(self) -> None:
@@ -318,6 +355,7 @@ class Broadcaster:
         first = True
         while self.queues:
             began = time.monotonic()
+            reached = self._unsynced & self.queues  # (this poll began after they opened)
             try:
                 msgs = await anyio.to_thread.run_sync(self._snapshot)
             except StoreError as e:
@@ -325,12 +363,16 @@ class Broadcaster:
             if first:  # the pages loaded the fleet themselves: the first diff only primes the cache
                 msgs, first = [m for m in msgs if m["topic"] == "lepton/summary"], False
             for q in list(self.queues):
-                for m in msgs:
-                    try:
-                        q.put_nowait(m)
-                    except asyncio.QueueFull:
-                        self.queues.discard(q)  # its stream ends; the page reconnects and reloads
-                        break
+                batch = (*msgs, SYNCED) if q in reached else msgs
+                if q.maxsize - q.qsize() < len(batch):
+                    # its stream ends after what it holds; the page reconnects and reloads. All of a poll or
+                    # none: a page given the first part of one showed the newest alerts of a burst without the
+                    # ones before them until its reload (a loaded CI run read r1444-r1499 with r1350-r1443 missing)
+                    self.unsubscribe(q)
+                    continue
+                for m in batch:
+                    q.put_nowait(m)
+                self._unsynced.discard(q)
             # (a notify during this pause keeps _wake set: the next read follows it at once)
             await asyncio.sleep(max(0.0, min(NOTIFY_GAP_S, self.poll_s) - (time.monotonic() - began)))
             try:

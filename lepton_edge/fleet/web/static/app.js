@@ -192,6 +192,10 @@ function route() {
 }
 
 function keepAlert(a) {
+  // an alert is resolved once (raised again, it is a new id): an open copy of a resolved one was read before its
+  // resolution (a reload's answer overtaken by the stream)
+  const had = S.alerts.get(a.id);
+  if (had && had.resolved && !a.resolved) return;
   S.alerts.set(a.id, a);
   if (S.alerts.size > S.pruneAlertsAt) pruneAlerts();  // (pruned in batches: a pass sorts every resolved alert)
 }
@@ -224,6 +228,8 @@ async function loadAlerts() {
 function onMessage(m) {
   const t = m.topic;
   if (t === "lepton/summary") return renderSummary(m.payload);
+  if (t === "lepton/monitor/synced") SYNC.up = true;
+  if (t === "lepton/monitor/synced" || t === "lepton/monitor/resync") return requestResync();
   if (t.startsWith("lepton/alerts/")) { keepAlert(m.payload); renderAlerts(); return; }
   const parts = t.split("/");
   const k = `${parts[2]}/${parts[3]}`;
@@ -247,23 +253,37 @@ function onMessage(m) {
 async function resync() {
   const [devs, sum, ev] = await Promise.all([api("/api/devices"), api("/api/summary"), api("/api/events?limit=100"),
                                              loadAlerts()]);
-  S.devices.clear();
-  devs.devices.forEach((d) => S.devices.set(key(d), d));
+  const had = S.devices;  // (a row the stream brought while this answer was on its way is newer: it stays)
+  S.devices = new Map();
+  devs.devices.forEach((d) => { const o = had.get(key(d)); S.devices.set(key(d), o && (o.last_seen || 0) > (d.last_seen || 0) ? o : d); });
   renderSummary(sum); S.events = ev.events;
   renderAlerts(); scheduleEvents();
   if (S.view === "fleet") scheduleTable();
 }
 
+// The server says when: "synced" follows the first poll of the store that began after this stream opened (so
+// what a reload reads then, and the stream from then on, miss nothing, the first connection's included: the page
+// loaded before it), "resync" when a poll's diff may have missed changes. One reload at a time, and one more if
+// asked meanwhile. Why not on open: a reload at open raced the server's first poll, whose changes it did not
+// carry (a page that reconnected lost the ~100 alerts raised in between, seen on a loaded machine).
+// The "live" mark is on once that reload is done with the stream up: then the page shows what the store holds and
+// follows it (off while the stream is down or a reload pending: what it shows may lack changes).
+const SYNC = {busy: false, again: false, up: false};
+function requestResync() {
+  if (SYNC.busy) { SYNC.again = true; return; }
+  SYNC.busy = true;
+  resync().then(() => true, (err) => { console.error(err); return false; }).then((done) => {
+    SYNC.busy = false;
+    if (SYNC.again || (!done && SYNC.up)) { SYNC.again = false; setTimeout(requestResync, done ? 0 : 2000); }
+    else if (SYNC.up) $("#live").className = "live on";
+  });
+}
+
 function connect() {
   const es = new EventSource("/api/stream");
-  let opened = false;
-  es.onopen = () => {
-    $("#live").className = "live on";
-    if (opened) resync().catch((err) => console.error(err));
-    opened = true;
-  };
   es.onmessage = (e) => { try { onMessage(JSON.parse(e.data)); } catch (err) { console.error(err); } };
   es.onerror = () => {
+    SYNC.up = false;
     $("#live").className = "live off";
     // a non-200 answer (a 503 while the store is down) ends an EventSource for good: start a new one later
     if (es.readyState === EventSource.CLOSED) setTimeout(connect, 30000);
