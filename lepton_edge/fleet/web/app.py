@@ -61,10 +61,11 @@ STREAM_QUEUE = 512  # messages a slow page may lag behind before its stream is c
 NOTIFY_GAP_S = 0.25
 ALERT_WINDOW = 200  # the newest alerts each poll diffs (and every open one, up to OPEN_ALERTS)
 OPEN_ALERTS = 1000  # (as many as a page loads)
-EVENT_WINDOW = 200
+EVENT_WINDOW = 200  # (a flood past it loses older events of the poll, which no page list would show: newest first)
 # Stream messages that are not MQTT-shaped data: "synced" follows the first poll that began after the stream
 # opened (the page reloads then: whatever that poll's diff did not carry was in the store before it); "resync"
-# says a poll's diff may have missed changes (more than its window, or an alert that is gone).
+# says a poll's diff may have missed changes (more alerts than its window, an open alert deleted, a failed read)
+# or was too big for a stream's queue.
 SYNCED = {"topic": "lepton/monitor/synced", "payload": None}
 COMMAND_TIMEOUT_S = {"ping": 10.0, "set": 15.0, "deploy": 180.0}
 MAX_CONCURRENT_COMMANDS = 8
@@ -231,6 +232,8 @@ class Broadcaster:
         self._event_ts = time.time()
         self._sent_events: dict[tuple, None] = {}  # the events already pushed (insertion-ordered, bounded)
         self._unsynced: set[asyncio.Queue] = set()  # streams no poll begun since they opened has reached yet
+        self._alerts_primed = False  # (a first read has nothing to diff against)
+        self._failed = False  # the last poll's read failed: what it had diffed is lost, the pages are to reload
 
     def notify(self) -> None:
         """Called from any thread (the monitor's on_change): poll now instead of at the next tick."""
@@ -308,21 +311,20 @@ class Broadcaster:
         # Events by what was already pushed, not by a high-water mark of device time: one device whose clock
         # ran ahead (1e12 then, up to the monitor's 300 s tolerance now) moved the mark past every other
         # device's events, and the live feed dropped them. The floor follows this machine's clock only.
-        newest, fresh = self._event_ts, 0
-        read = self.store.events(since=self._event_ts - EVENT_LOOKBACK_S, limit=EVENT_WINDOW)
-        for e in reversed(read):
+        newest = self._event_ts
+        for e in reversed(self.store.events(since=self._event_ts - EVENT_LOOKBACK_S, limit=EVENT_WINDOW)):
             k = (e.fleet, e.device, e.boot_id, e.ts, e.kind, e.message)
             if k in self._sent_events:
                 continue
-            fresh += 1
             self._sent_events[k] = None
             newest = max(newest, min(e.ts, time.time()))
             out.append({"topic": f"{PREFIX}/{e.fleet}/{e.device}/events", "payload": e.model_dump()})
         while len(self._sent_events) > 5000:
             del self._sent_events[next(iter(self._sent_events))]
         self._event_ts = newest
-        if fresh == EVENT_WINDOW:  # every event read was new: older new ones may be past the window
-            out.append(_resync("more events than one poll reads"))
+        if self._failed:  # (the caches above were half updated by the failed read: its changes were never sent)
+            self._failed = False
+            out.append(_resync("the store could not be read"))
         return out
 
     def _alert_changes(self) -> list[dict]:
@@ -334,17 +336,17 @@ class Broadcaster:
         now = {a.id: a for a in (*recent, *self.store.alerts(active_only=True, limit=OPEN_ALERTS))}
         out = []
         gone = [i for i, r in self._alerts.items() if r is None and i not in now]
-        if gone:
-            found = self.store.alerts_by_id(gone)
-            now.update((a.id, a) for a in found)
-            if len(found) < len(gone):  # deleted (a device forgotten): only a reload takes it off a page
-                out.append(_resync("an open alert was deleted"))
+        if gone:  # (open ones past OPEN_ALERTS come back still open: followed from now on)
+            now.update((a.id, a) for a in self.store.alerts_by_id(gone))
+        if any(i not in now for i in gone):  # deleted (a device forgotten): only a reload takes it off a page
+            out.append(_resync("an open alert was deleted"))
         for a in sorted(now.values(), key=lambda a: (a.started, a.id)):  # oldest first, as events: a page that
             # shows an alert of this poll has every older one of it (they come as a stream's messages, one by one)
             if a.id not in self._alerts or self._alerts[a.id] != a.resolved:
                 out.append({"topic": f"lepton/alerts/{a.fleet}/{a.device}/{a.rule}", "payload": a.model_dump()})
-        if self._alerts and len(recent) == ALERT_WINDOW and recent[-1].id not in self._alerts:
+        if self._alerts_primed and len(recent) == ALERT_WINDOW and recent[-1].id not in self._alerts:
             out.append(_resync("more alerts than one poll reads"))  # (the whole window is new)
+        self._alerts_primed = True
         # (only this poll's: kept across polls, every id ever seen piled up, a slow leak)
         self._alerts = {i: a.resolved for i, a in now.items()}
         return out
@@ -359,20 +361,26 @@ class Broadcaster:
             try:
                 msgs = await anyio.to_thread.run_sync(self._snapshot)
             except StoreError as e:
+                self._failed = True
                 msgs = [{"topic": "lepton/monitor/error", "payload": {"error": str(e)}}]
             if first:  # the pages loaded the fleet themselves: the first diff only primes the cache
                 msgs, first = [m for m in msgs if m["topic"] == "lepton/summary"], False
             for q in list(self.queues):
                 batch = (*msgs, SYNCED) if q in reached else msgs
-                if q.maxsize - q.qsize() < len(batch):
-                    # its stream ends after what it holds; the page reconnects and reloads. All of a poll or
-                    # none: a page given the first part of one showed the newest alerts of a burst without the
-                    # ones before them until its reload (a loaded CI run read r1444-r1499 with r1350-r1443 missing)
-                    self.unsubscribe(q)
-                    continue
+                if len(batch) > q.maxsize - q.qsize():
+                    if q.qsize():
+                        # a stream that lags ends after what it holds; the page reconnects and reloads. All of a
+                        # poll or none: a page given the first part of one showed the newest alerts of a burst
+                        # without the ones before (a loaded CI run: r1444-r1499 shown, r1350-r1443 not)
+                        self.unsubscribe(q)
+                        continue
+                    # one that keeps up, given a poll bigger than its queue (a thousand devices' windows): the
+                    # page reloads from the store instead (closing it on every such poll kept it reconnecting)
+                    batch = (SYNCED,) if q in reached else (_resync("more changes than a stream holds"),)
                 for m in batch:
                     q.put_nowait(m)
-                self._unsynced.discard(q)
+                if q in reached:
+                    self._unsynced.discard(q)
             # (a notify during this pause keeps _wake set: the next read follows it at once)
             await asyncio.sleep(max(0.0, min(NOTIFY_GAP_S, self.poll_s) - (time.monotonic() - began)))
             try:

@@ -227,9 +227,20 @@ async function loadAlerts() {
 
 function onMessage(m) {
   const t = m.topic;
-  if (t === "lepton/summary") return renderSummary(m.payload);
   if (t === "lepton/monitor/synced") SYNC.up = true;
   if (t === "lepton/monitor/synced" || t === "lepton/monitor/resync") return requestResync();
+  if (SYNC.busy) {  // held while a reload is on its way, applied after it (see requestResync)
+    if (SYNC.held.length < HELD_MAX) SYNC.held.push(m); else SYNC.again = true;
+    return;
+  }
+  apply(m);
+}
+
+const evKey = (e) => JSON.stringify([e.fleet, e.device, e.boot_id, e.ts, e.kind, e.message]);
+
+function apply(m, replayed = false) {
+  const t = m.topic;
+  if (t === "lepton/summary") return renderSummary(m.payload);
   if (t.startsWith("lepton/alerts/")) { keepAlert(m.payload); renderAlerts(); return; }
   const parts = t.split("/");
   const k = `${parts[2]}/${parts[3]}`;
@@ -238,6 +249,7 @@ function onMessage(m) {
     if (S.view === "fleet") scheduleTable();
     else if (S.current && k === S.current.join("/") && m.payload) { renderFacts(m.payload); appendPoint(m.payload); }
   } else if (t.endsWith("/events")) {
+    if (replayed && S.events.some((e) => evKey(e) === evKey(m.payload))) return;  // (the reload has it)
     S.events.unshift(m.payload); S.events.length = Math.min(S.events.length, 200); scheduleEvents();
     if (S.view === "device" && k === S.current.join("/")) {
       const ul = $("#d-events");
@@ -253,9 +265,8 @@ function onMessage(m) {
 async function resync() {
   const [devs, sum, ev] = await Promise.all([api("/api/devices"), api("/api/summary"), api("/api/events?limit=100"),
                                              loadAlerts()]);
-  const had = S.devices;  // (a row the stream brought while this answer was on its way is newer: it stays)
-  S.devices = new Map();
-  devs.devices.forEach((d) => { const o = had.get(key(d)); S.devices.set(key(d), o && (o.last_seen || 0) > (d.last_seen || 0) ? o : d); });
+  S.devices.clear();
+  devs.devices.forEach((d) => S.devices.set(key(d), d));
   renderSummary(sum); S.events = ev.events;
   renderAlerts(); scheduleEvents();
   if (S.view === "fleet") scheduleTable();
@@ -268,12 +279,19 @@ async function resync() {
 // carry (a page that reconnected lost the ~100 alerts raised in between, seen on a loaded machine).
 // The "live" mark is on once that reload is done with the stream up: then the page shows what the store holds and
 // follows it (off while the stream is down or a reload pending: what it shows may lack changes).
-const SYNC = {busy: false, again: false, up: false};
+// Stream messages that come while a reload is on its way are held and applied after it, in order. Why: the
+// reload read the store before them, and applied on top it rolled them back for good (a device's Last Will:
+// shown online; a forgotten device: back; events that came meanwhile: gone). Past HELD_MAX, another reload.
+const SYNC = {busy: false, again: false, up: false, held: []};
+const HELD_MAX = 5000;
 function requestResync() {
   if (SYNC.busy) { SYNC.again = true; return; }
   SYNC.busy = true;
   resync().then(() => true, (err) => { console.error(err); return false; }).then((done) => {
     SYNC.busy = false;
+    const held = SYNC.held;
+    SYNC.held = [];
+    held.forEach((m) => { try { apply(m, true); } catch (err) { console.error(err); } });
     if (SYNC.again || (!done && SYNC.up)) { SYNC.again = false; setTimeout(requestResync, done ? 0 : 2000); }
     else if (SYNC.up) $("#live").className = "live on";
   });
