@@ -173,7 +173,7 @@ def test_sqlite_migrates_an_older_schema(tmp_path):
     c.commit()
     c.close()
     s = open_store(p)
-    assert s.schema_version() == SCHEMA_VERSION == 3
+    assert s.schema_version() == SCHEMA_VERSION == 4
     assert s.downsample(now=time.time()) == 0  # windows_ds exists now
 
 
@@ -220,7 +220,7 @@ def test_a_v2_store_with_data_migrates_to_columns_and_minute_rows(backend, reque
 
     s = open_store(url)
     try:
-        assert s.schema_version() == SCHEMA_VERSION == 3
+        assert s.schema_version() == SCHEMA_VERSION == 4
         d = s.device("f", "d")
         assert (d.bundle_name, d.bundle_sha256, d.precision, d.latency_budget_ms) == ("cnn", "ab" * 32, "int8", 20.0)
         assert (d.fps, d.latency["inference"]["p95"], d.dropped, d.corrupt, d.temperature_c, d.throttled) == \
@@ -394,3 +394,16 @@ def test_another_applications_tables_are_unusable_at_once_on_both_databases(tmp_
     with pytest.raises(StoreUnusable) as e:
         open_store_retrying(url, said.append, wait_s=20)
     assert time.monotonic() - t0 < 5 and not said and "\n" not in str(e.value), (said, str(e.value))
+
+
+def test_the_live_pages_alert_reads_are_served_by_an_index(tmp_path):
+    """The live page's poller reads the newest alerts and the newest open ones every second: both scanned and
+    sorted the whole table (102 ms a poll on 50,000 alerts). Schema 4 indexes them (9 ms)."""
+    p = tmp_path / "p.sqlite"
+    open_store(p).close()
+    c = sqlite3.connect(p)
+    for where in ("", " AND resolved IS NULL"):  # (SqlStore.alerts, the newest and the open ones)
+        plan = str(c.execute("EXPLAIN QUERY PLAN SELECT id FROM alerts WHERE 1 = 1" + where +
+                             " ORDER BY started DESC, id DESC LIMIT 200").fetchall())
+        assert "USING INDEX alerts_" in plan and "TEMP B-TREE" not in plan, plan
+    c.close()

@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 
 from lepton_edge.errors import BadInput, LeptonError
 
-SCHEMA_VERSION = 3  # the newest migration in sql.py
+SCHEMA_VERSION = 4  # the newest migration in sql.py
 
 # Severity of a device, used to sort dashboards (worst last-seen state first).
 OK, WARNING, ALERT, OFFLINE = 0, 1, 2, 3

@@ -110,6 +110,11 @@ def _migrations(id_col: str) -> dict[int, list[str]]:
             "ALTER TABLE windows_ds_v3 RENAME TO windows_ds",
             _backfill_rollup,
         ],
+        4: [  # the live page's poller reads the newest alerts and the newest open ones every second: on 50,000
+            # alerts (SQLite) those two reads scanned the table, 102 ms a poll; 9 ms with these
+            "CREATE INDEX alerts_started ON alerts (started, id)",
+            "CREATE INDEX alerts_open_started ON alerts (started, id) WHERE resolved IS NULL",
+        ],
     }
 
 
