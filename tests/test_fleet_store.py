@@ -155,6 +155,7 @@ def test_state_events_alerts_history_downsample_retain(store):
     assert store.resolve_alert("f", "d", "offline", now + 2) is None
     assert [(x.id, x.resolved) for x in store.alerts_by_id([a.id, a.id + 1000])] == [(a.id, now + 1)]
     assert store.alerts_by_id([]) == []
+    assert store.open_alert_ids() == set()
     assert len(store.alerts_by_id([a.id] * 1200)) == 3  # (in queries of 500 ids)
     assert store.retain(86400, now=now) > 0 and store.history("f", "d", now - 4 * 86400, now) == []
     store.forget("f", "d")

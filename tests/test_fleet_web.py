@@ -524,8 +524,8 @@ def test_the_live_stream_carries_alert_changes_behind_the_newest_two_hundred_and
 
 def test_a_stream_gets_all_of_a_polls_messages_or_none(tmp_path):
     """A stream whose queue had room for part of a poll got that part and was closed: the page showed the
-    newest alerts of a burst without the older ones until its reload. Now a poll that does not fit closes the
-    stream after what it already holds, whole polls only."""
+    newest alerts of a burst without the older ones until its reload. Now a stream that keeps up gets every
+    poll whole, however big, and one that lags ends after the whole polls it holds."""
     import asyncio
 
     from lepton_edge.fleet.store.base import Alert
@@ -539,23 +539,25 @@ def test_a_stream_gets_all_of_a_polls_messages_or_none(tmp_path):
         q = hub.subscribe("127.0.0.1")
         await asyncio.sleep(0.5)  # (its first poll, then "synced")
         before = [q.get_nowait() for _ in range(q.qsize())]
-        q._maxsize = 5  # (empty: a poll bigger than it is a reload for the page, not the stream's end)
+        hub.queue_limit = 5  # (nothing unread: a poll bigger than that comes whole all the same)
         for i in range(10):
             store.upsert_alert(Alert(fleet="f", device="d00", rule=f"r{i}", message="m", started=now + i))
         hub.notify()
         await asyncio.sleep(0.5)
-        big = [q.get_nowait() for _ in range(q.qsize())]
-        q.put_nowait({"topic": "unread", "payload": None})  # a page that lags: its stream ends after that
+        big, kept = [q.get_nowait() for _ in range(q.qsize())], q in hub.queues
+        for _ in range(30):  # a page that lags more than a poll behind: its stream ends after these
+            q.put_nowait({"topic": "unread", "payload": None})
         for i in range(10, 20):
             store.upsert_alert(Alert(fleet="f", device="d00", rule=f"r{i}", message="m", started=now + i))
         hub.notify()
         await asyncio.sleep(0.5)
-        return before, big, [q.get_nowait() for _ in range(q.qsize())], q in hub.queues
+        return before, big, [q.get_nowait() for _ in range(q.qsize())], q in hub.queues, kept
 
-    before, big, after, still = asyncio.run(main())
+    before, big, after, still, kept = asyncio.run(main())
     assert [m["topic"] for m in before].count("lepton/monitor/synced") == 1
-    assert [m["topic"] for m in big] == ["lepton/monitor/resync"]
-    assert [m["topic"] for m in after] == ["unread"] and not still
+    assert sorted(m["payload"]["rule"] for m in big if m["topic"].startswith("lepton/alerts/")) == \
+        sorted(f"r{i}" for i in range(10)) and kept
+    assert [m["topic"] for m in after] == ["unread"] * 30 and not still
     store.close()
 
 
@@ -583,12 +585,15 @@ def test_more_open_alerts_than_a_poll_reads_are_followed_without_a_reload_storm(
     for i in range(1000):  # the o-s fall past the newest 1,000 open ones: followed by id from now on
         raise_(f"n{i}", now + 2000 + i)
     assert sent(hub._snapshot())[1] == ["more alerts than one poll reads"]
+    asked, by_id = [], store.alerts_by_id
+    store.alerts_by_id = lambda ids: (asked.append(len(ids)), by_id(ids))[1]
     for poll in range(3):
         raise_(f"x{poll}", now + 5000 + poll)
         assert sent(hub._snapshot()) == ([(f"x{poll}", None)], [])
     for i in range(0, 1000, 100):
         store.resolve_alert("f", "d00", f"o{i}", now + 6000)
     assert sent(hub._snapshot()) == ([(f"o{i}", now + 6000) for i in range(0, 1000, 100)], [])
+    assert asked == [10]  # (only the ones that left the open ones are read back: 50,000 open took 0.7 s a poll)
     store.close()
 
 
@@ -825,10 +830,9 @@ def _live_page(ctx, url: str):
 
 
 def _lagging(q) -> None:
-    """Make a stream's queue look like a page's that lags: full, a message in it not read yet (said, not put:
-    this runs in the poll's thread, and the page would read a real one at once)."""
-    q._maxsize = 1
-    q.qsize = lambda: 1
+    """Make a stream's queue look like a page's that lags: full of messages not read yet (said, not put: this
+    runs in the poll's thread, and the page would read real ones at once)."""
+    q.qsize = lambda: 10**6
 
 
 def _settled(page, js: str, timeout: float = 20):
@@ -976,6 +980,38 @@ def test_what_the_stream_brings_while_the_page_reloads_is_not_rolled_back(tmp_pa
             return S.devices.get("f/dev").online;
         }""")
         assert online is False
+        ctx.close()
+
+
+def test_a_reload_on_the_device_page_reads_its_facts_and_events_again_and_no_event_shows_twice(tmp_path,
+                                                                                                 mosquitto):
+    """The page's reload read the fleet, not the device page it showed: that page's facts and events kept what the
+    closed stream had missed (a device gone offline shown online). And an event stored between the server's
+    poll and the reload came in both, and was listed twice."""
+    import json
+
+    from playwright.sync_api import sync_playwright
+
+    with _live_fleet(tmp_path, mosquitto, "devpage", poll_s=0.3, online="dev") as f, sync_playwright() as p:
+        f.c.publish("lepton/v1/f/dev/events", json.dumps({"v": 1, "boot_id": "b1", "kind": "deploy", "level": "info",
+                    "message": "one", "ts": time.time()}), qos=1).wait_for_publish(5)
+        _wait(lambda: f.store.events(fleet="f", device="dev"), 10, "the event stored")
+        ctx = launch_browser(p, tmp_path / "profile")
+        page = ctx.new_page()
+        page.goto(f"{f.web.url}#/d/f/dev")
+        page.wait_for_selector("body[data-ready='1']", timeout=15000)
+        assert _settled(page, "document.querySelectorAll('#d-events li').length") == 1
+        page.evaluate("""() => {  // what the page shows after a stream that lost messages, then one event again
+            renderFacts({...S.devices.get("f/dev"), software: "stale-version"});
+            document.getElementById("d-events").innerHTML = "";
+            onMessage({topic: "lepton/v1/f/dev/events", payload: S.events[0]});
+        }""")
+        assert page.evaluate("S.events.length") == 1  # (the event the page has: not again)
+        page.evaluate("requestResync()")
+        facts, events = _settled(page, "[document.getElementById('d-facts').textContent, "
+                                       "[...document.querySelectorAll('#d-events li')].map((li) => li.textContent)]")
+        assert "stale-version" not in facts
+        assert len(events) == 1 and "one" in events[0]
         ctx.close()
 
 

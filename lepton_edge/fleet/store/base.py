@@ -238,6 +238,10 @@ class Store(abc.ABC):
         row as it is now, which no window of the newest alerts holds."""
 
     @abc.abstractmethod
+    def open_alert_ids(self) -> set[int]:
+        """The ids of every open alert (the poller's check that the ones it follows past its window are open)."""
+
+    @abc.abstractmethod
     def summary(self) -> FleetSummary: ...
 
     # ---- coordination -----------------------------------------------------------------------

@@ -688,6 +688,10 @@ class SqlStore(Store):
                                 f"({', '.join('?' * len(some))})", some).fetchall()
         return [self._alert(r) for r in rows]
 
+    def open_alert_ids(self) -> set[int]:
+        with self._tx(write=False) as cur:  # (index only: alerts_open_started)
+            return {int(r[0]) for r in self._x(cur, "SELECT id FROM alerts WHERE resolved IS NULL").fetchall()}
+
     def summary(self) -> FleetSummary:
         """One aggregate query over the device columns (the cards refresh every second)."""
         with self._tx(write=False) as cur:

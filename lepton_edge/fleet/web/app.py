@@ -54,7 +54,7 @@ STATES = {"online", "offline", "alert", "warning", "ok"}
 MAX_BODY = 16 * 1024
 MAX_STREAMS = 64
 EVENT_LOOKBACK_S = 600.0  # events this much older than the newest pushed still reach the live feed
-STREAM_QUEUE = 512  # messages a slow page may lag behind before its stream is closed
+STREAM_QUEUE = 512  # messages a slow page may lag behind before its stream is closed (a poll is never cut)
 # Least time between two reads of the fleet by the live streams' poller, however often the monitor says something
 # changed. Why: it says so after every stored batch, and one device sending 20 windows a second (within the flood
 # limit) had the poller re-read a 1,000-device fleet 16 times a second, 56% of a core, while a page was open.
@@ -233,6 +233,7 @@ class Broadcaster:
         self._sent_events: dict[tuple, None] = {}  # the events already pushed (insertion-ordered, bounded)
         self._unsynced: set[asyncio.Queue] = set()  # streams no poll begun since they opened has reached yet
         self._alerts_primed = False  # (a first read has nothing to diff against)
+        self.queue_limit = STREAM_QUEUE
         self._failed = False  # the last poll's read failed: what it had diffed is lost, the pages are to reload
 
     def notify(self) -> None:
@@ -253,7 +254,7 @@ class Broadcaster:
         client = _client_key(client)
         if len(self.queues) >= MAX_STREAMS and not self._evict_for(client):
             return None
-        q: asyncio.Queue = asyncio.Queue(maxsize=STREAM_QUEUE)
+        q: asyncio.Queue = asyncio.Queue()  # (bounded by _run: whole polls, up to queue_limit behind)
         self.queues.add(q)
         self._clients[q] = client
         self._unsynced.add(q)
@@ -335,8 +336,10 @@ class Broadcaster:
         recent = self.store.alerts(limit=ALERT_WINDOW)
         now = {a.id: a for a in (*recent, *self.store.alerts(active_only=True, limit=OPEN_ALERTS))}
         out = []
-        gone = [i for i, r in self._alerts.items() if r is None and i not in now]
-        if gone:  # (open ones past OPEN_ALERTS come back still open: followed from now on)
+        followed = [i for i, r in self._alerts.items() if r is None and i not in now]  # open, past the window
+        still = self.store.open_alert_ids() if followed else set()
+        gone = [i for i in followed if i not in still]  # (one still open is unchanged: only `resolved` changes)
+        if gone:
             now.update((a.id, a) for a in self.store.alerts_by_id(gone))
         if any(i not in now for i in gone):  # deleted (a device forgotten): only a reload takes it off a page
             out.append(_resync("an open alert was deleted"))
@@ -348,7 +351,7 @@ class Broadcaster:
             out.append(_resync("more alerts than one poll reads"))  # (the whole window is new)
         self._alerts_primed = True
         # (only this poll's: kept across polls, every id ever seen piled up, a slow leak)
-        self._alerts = {i: a.resolved for i, a in now.items()}
+        self._alerts = {**{i: None for i in followed if i in still}, **{i: a.resolved for i, a in now.items()}}
         return out
 
     async def _run(self) -> None:
@@ -367,16 +370,14 @@ class Broadcaster:
                 msgs, first = [m for m in msgs if m["topic"] == "lepton/summary"], False
             for q in list(self.queues):
                 batch = (*msgs, SYNCED) if q in reached else msgs
-                if len(batch) > q.maxsize - q.qsize():
-                    if q.qsize():
-                        # a stream that lags ends after what it holds; the page reconnects and reloads. All of a
-                        # poll or none: a page given the first part of one showed the newest alerts of a burst
-                        # without the ones before (a loaded CI run: r1444-r1499 shown, r1350-r1443 not)
-                        self.unsubscribe(q)
-                        continue
-                    # one that keeps up, given a poll bigger than its queue (a thousand devices' windows): the
-                    # page reloads from the store instead (closing it on every such poll kept it reconnecting)
-                    batch = (SYNCED,) if q in reached else (_resync("more changes than a stream holds"),)
+                if batch and q.qsize() and q.qsize() + len(batch) > max(self.queue_limit, 2 * len(batch)):
+                    # a stream that lags ends after what it holds; the page reconnects and reloads. All of a
+                    # poll or none: a page given the first part of one showed the newest alerts of a burst
+                    # without the ones before (a loaded CI run: r1444-r1499 shown, r1350-r1443 not). One that
+                    # keeps up (less than a poll unread) gets the whole poll, however big: closing it whenever
+                    # a poll was over the limit (a thousand devices' windows) kept every page reconnecting
+                    self.unsubscribe(q)
+                    continue
                 for m in batch:
                     q.put_nowait(m)
                 if q in reached:

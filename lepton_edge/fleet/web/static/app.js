@@ -5,7 +5,7 @@
 const $ = (s) => document.querySelector(s);
 const S = {devices: new Map(), sort: "severity", order: "desc", summary: null, alerts: new Map(), events: [],
            view: null, range: "1h", charts: [], hist: null, dirty: false, eventsDirty: false,
-           pruneAlertsAt: 1000};
+           pruneAlertsAt: 1000, seen: new Set()};
 const SEV = ["ok", "warning", "alert", "offline"];
 // The device page lists as many events as it loads. Why a cap on the live ones too: a device sending its own
 // events at the 20 a second the monitor lets through grew that list by 1.2 MiB of HTML every 30 s, for as long
@@ -18,6 +18,9 @@ const RESOLVED_ALERTS = 500;
 const esc = (v) => String(v ?? "").replace(/[&<>"']/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
 const fmt = (v, d = 1) => (v === null || v === undefined) ? "-" : Number(v).toFixed(d);
 const key = (d) => `${d.fleet}/${d.device}`;
+// An event as the stream and the API both give it. Why the page keeps the keys it has shown (S.seen): an event
+// stored after the server's poll and before the page's reload comes in the reload and then again in the stream.
+const evKey = (e) => JSON.stringify([e.fleet, e.device, e.boot_id, e.ts, e.kind, e.message]);
 const p95 = (d) => d.latency && d.latency.inference ? d.latency.inference.p95 : null;
 const age = (t) => { if (!t) return "-"; const s = Date.now() / 1000 - t; return s < 60 ? `${s.toFixed(0)}s` : s < 3600 ? `${(s / 60).toFixed(0)}m` : `${(s / 3600).toFixed(1)}h`; };
 
@@ -163,9 +166,14 @@ async function showDevice(f, d) {
     const dev = await api(`/api/devices/${f}/${d}`);
     S.devices.set(key(dev), dev); renderFacts(dev);
     const [ev] = await Promise.all([api(`/api/events?fleet=${f}&device=${d}&limit=${DEVICE_EVENTS}`), loadHistory()]);
-    $("#d-events").innerHTML = ev.events.map(eventLi).join("") || `<li class="dim">none</li>`;
+    showDeviceEvents(ev.events);
     renderAlerts();
   } catch (e) { $("#d-facts").textContent = String(e.message || e); }
+}
+
+function showDeviceEvents(events) {
+  events.forEach((e) => S.seen.add(evKey(e)));
+  $("#d-events").innerHTML = events.map(eventLi).join("") || `<li class="dim">none</li>`;
 }
 
 async function command(verb, body) {
@@ -229,6 +237,7 @@ function onMessage(m) {
   const t = m.topic;
   if (t === "lepton/monitor/synced") SYNC.up = true;
   if (t === "lepton/monitor/synced" || t === "lepton/monitor/resync") return requestResync();
+  if (t === "lepton/monitor/error") $("#live").className = "live";  // (the store unread: on after the next reload)
   if (SYNC.busy) {  // held while a reload is on its way, applied after it (see requestResync)
     if (SYNC.held.length < HELD_MAX) SYNC.held.push(m); else SYNC.again = true;
     return;
@@ -236,9 +245,7 @@ function onMessage(m) {
   apply(m);
 }
 
-const evKey = (e) => JSON.stringify([e.fleet, e.device, e.boot_id, e.ts, e.kind, e.message]);
-
-function apply(m, replayed = false) {
+function apply(m) {
   const t = m.topic;
   if (t === "lepton/summary") return renderSummary(m.payload);
   if (t.startsWith("lepton/alerts/")) { keepAlert(m.payload); renderAlerts(); return; }
@@ -249,7 +256,10 @@ function apply(m, replayed = false) {
     if (S.view === "fleet") scheduleTable();
     else if (S.current && k === S.current.join("/") && m.payload) { renderFacts(m.payload); appendPoint(m.payload); }
   } else if (t.endsWith("/events")) {
-    if (replayed && S.events.some((e) => evKey(e) === evKey(m.payload))) return;  // (the reload has it)
+    const ek = evKey(m.payload);
+    if (S.seen.has(ek)) return;
+    S.seen.add(ek);
+    if (S.seen.size > 5000) S.seen = new Set([...S.events, m.payload].map(evKey));  // (bounded: the newest kept)
     S.events.unshift(m.payload); S.events.length = Math.min(S.events.length, 200); scheduleEvents();
     if (S.view === "device" && k === S.current.join("/")) {
       const ul = $("#d-events");
@@ -262,14 +272,25 @@ function apply(m, replayed = false) {
 // After a reconnect the page reloads the fleet, its alerts and events: the server closes a stream that falls
 // behind (a burst of thousands of updates) and what it had queued is gone, so the rows would stay stale until a
 // manual reload, and an alert raised in that burst was never listed (only the rows were reloaded).
+// The device page's facts, events and charts are read again too: they missed the same messages.
 async function resync() {
-  const [devs, sum, ev] = await Promise.all([api("/api/devices"), api("/api/summary"), api("/api/events?limit=100"),
-                                             loadAlerts()]);
+  const cur = S.view === "device" ? S.current : null;
+  const [devs, sum, ev, one] = await Promise.all([api("/api/devices"), api("/api/summary"), api("/api/events?limit=100"),
+    cur ? Promise.all([api(`/api/devices/${cur[0]}/${cur[1]}`).catch(() => null),
+                       api(`/api/events?fleet=${cur[0]}&device=${cur[1]}&limit=${DEVICE_EVENTS}`)]) : null,
+    loadAlerts()]);
   S.devices.clear();
   devs.devices.forEach((d) => S.devices.set(key(d), d));
   renderSummary(sum); S.events = ev.events;
+  S.seen = new Set(ev.events.map(evKey));
   renderAlerts(); scheduleEvents();
   if (S.view === "fleet") scheduleTable();
+  if (one && S.view === "device" && S.current === cur) {
+    const [dev, devEvents] = one;
+    if (dev) renderFacts(dev);
+    showDeviceEvents(devEvents.events);
+    loadHistory().catch((err) => console.error(err));
+  }
 }
 
 // The server says when: "synced" follows the first poll of the store that began after this stream opened (so
@@ -285,13 +306,14 @@ async function resync() {
 const SYNC = {busy: false, again: false, up: false, held: []};
 const HELD_MAX = 5000;
 function requestResync() {
+  $("#live").className = "live";  // (not on: what the page shows may lack changes until the reload is done)
   if (SYNC.busy) { SYNC.again = true; return; }
   SYNC.busy = true;
   resync().then(() => true, (err) => { console.error(err); return false; }).then((done) => {
     SYNC.busy = false;
     const held = SYNC.held;
     SYNC.held = [];
-    held.forEach((m) => { try { apply(m, true); } catch (err) { console.error(err); } });
+    held.forEach((m) => { try { apply(m); } catch (err) { console.error(err); } });
     if (SYNC.again || (!done && SYNC.up)) { SYNC.again = false; setTimeout(requestResync, done ? 0 : 2000); }
     else if (SYNC.up) $("#live").className = "live on";
   });
@@ -313,6 +335,7 @@ async function load() {
                                              loadAlerts()]);
   devs.devices.forEach((d) => S.devices.set(key(d), d));
   renderSummary(sum); S.events = ev.events;
+  ev.events.forEach((e) => S.seen.add(evKey(e)));
   renderAlerts(); renderEvents();
   document.querySelectorAll("#devices th").forEach((th) => th.onclick = () => {
     const s = th.dataset.sort; S.order = S.sort === s && S.order === "desc" ? "asc" : S.sort === s ? "desc" :
