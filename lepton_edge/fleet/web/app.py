@@ -64,8 +64,7 @@ OPEN_ALERTS = 1000  # (as many as a page loads)
 EVENT_WINDOW = 200  # (a flood past it loses older events of the poll, which no page list would show: newest first)
 # Stream messages that are not MQTT-shaped data: "synced" follows the first poll that began after the stream
 # opened (the page reloads then: whatever that poll's diff did not carry was in the store before it); "resync"
-# says a poll's diff may have missed changes (more alerts than its window, an open alert deleted, a failed read)
-# or was too big for a stream's queue.
+# says a poll's diff may have missed changes (more alerts than its window, an open alert deleted, a failed read).
 SYNCED = {"topic": "lepton/monitor/synced", "payload": None}
 COMMAND_TIMEOUT_S = {"ping": 10.0, "set": 15.0, "deploy": 180.0}
 MAX_CONCURRENT_COMMANDS = 8
