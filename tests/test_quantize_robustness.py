@@ -436,6 +436,76 @@ def test_search_skips_a_recipe_whose_same_layout_sibling_was_much_slower(tmp_pat
     assert not {a["recipe"]: a for a in r.attempts}["nncf-mixed"]["skipped"], r.attempts
 
 
+class HardSwishNet(nn.Module):
+    """Convolutions each followed by HardSwish (PP-LCNet's, MobileNetV3's): NNCF quantizes after the
+    HardSwish, so onnxruntime would run those convolutions in float (compress/nncf_layout.py)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x):
+        hs = nn.functional.hardswish
+        return self.fc(self.c3(hs(self.c2(hs(self.c1(x))))).mean((2, 3)))
+
+
+def test_where_nncfs_graph_would_run_in_float_onnxruntime_goes_first_and_nncf_only_when_needed(tmp_path):
+    """NNCF's candidate was a third of a PP-OCR det export, and on such a graph it cannot outrank an
+    onnxruntime candidate no slower than fp32 (speed ranks before the metric): two of onnxruntime's go
+    first and NNCF is not started once one passed that way. When they fail, NNCF is tried, and patience
+    counts them as the candidates after NNCF they were (the search is no longer than in NNCF's place).
+    A graph NNCF would quantize layer by layer (ReLU) keeps NNCF first."""
+    import platform
+    import time
+    from types import SimpleNamespace
+
+    from lepton_edge import targets
+    from lepton_edge.exporters import recipes
+    from lepton_edge.exporters.onnx import OnnxExporter
+
+    if targets.load("x86-cpu").arch != platform.machine():
+        pytest.skip("latency is judged only on a host of the target's kind")
+    torch.manual_seed(0)
+    fp32 = _export(HardSwishNet(), tmp_path / "m.onnx", {"x": (1, 3, 24, 24)}, 17, {"x": {0: "n"}})
+    calib = RNG.standard_normal((32, 3, 24, 24)).astype(np.float32)
+    check = RNG.standard_normal((16, 3, 24, 24)).astype(np.float32)
+    ex, prepared, validate = OnnxExporter(), q.prepare(fp32, tmp_path / "p.onnx"), _Validator(fp32, check)
+    names = ["nncf-default", "u8-minmax", "u8-percentile", "nncf-mixed", "s8-minmax-ends"]
+
+    def fp32_at_30_ms(x):  # every candidate runs no slower than this fp32
+        time.sleep(0.03)
+        return _run(fp32, {"x": x})
+
+    validate.reference = fp32_at_30_ms  # type: ignore[attr-defined]
+    r = recipes.search(_ctx(tmp_path, calib, check), ex, prepared, validate, names)
+    by_name = {a["recipe"]: a for a in r.attempts}
+    assert [a["recipe"] for a in r.attempts[:2]] == ["u8-minmax", "u8-percentile"], r.attempts
+    assert r.recipe in ("u8-minmax", "u8-percentile") and not by_name[r.recipe]["slower_than_fp32"]
+    assert by_name["nncf-default"]["skipped"], r.attempts
+    assert "NNCF's graph would leave 2 of 4 layers in float" in by_name["nncf-default"]["why"]
+    assert by_name["nncf-mixed"]["skipped"]  # (as outranked, or by patience once that counted two)
+
+    def ort_fails(path):  # the first two candidates (onnxruntime's, moved first) fail the gate
+        v, predict, ram = validate(path)
+        if path.name.startswith(("int8-0-", "int8-1-")):
+            v = SimpleNamespace(passed=False, why="made to fail", score=(0.0,), as_dict=lambda: {})
+        return v, predict, ram
+
+    ort_fails.reference = fp32_at_30_ms  # type: ignore[attr-defined]
+    r = recipes.search(_ctx(tmp_path, calib, check), ex, prepared, ort_fails, names)
+    by_name = {a["recipe"]: a for a in r.attempts}
+    assert [a["recipe"] for a in r.attempts if not a.get("skipped")] == ["u8-minmax", "u8-percentile", "nncf-default"]
+    assert r.recipe == "nncf-default"
+    assert "2 candidates in a row did not beat nncf-default" in by_name["nncf-mixed"]["why"], r.attempts
+
+    (tmp_path / "relu").mkdir()
+    ex, prepared, calib, check, validate = _search_setup(tmp_path / "relu")  # Conv + ReLU: NNCF stays first
+    validate.reference = fp32_at_30_ms  # type: ignore[attr-defined]
+    r = recipes.search(_ctx(tmp_path, calib, check), ex, prepared, validate, names)
+    assert r.attempts[0]["recipe"] == "nncf-default" and not r.attempts[0].get("skipped"), r.attempts
+
+
 def test_search_time_budget_and_broken_candidate_is_skipped(tmp_path):
     """A candidate that does not load is skipped with its reason (never the export's end), and
     past --search-time no new candidate starts (the first one always completes)."""
