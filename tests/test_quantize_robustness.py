@@ -481,7 +481,7 @@ def test_where_nncfs_graph_would_run_in_float_onnxruntime_goes_first_and_nncf_on
     r = recipes.search(_ctx(tmp_path, calib, check), ex, prepared, validate, names)
     by_name = {a["recipe"]: a for a in r.attempts}
     assert [a["recipe"] for a in r.attempts[:2]] == ["u8-minmax", "u8-percentile"], r.attempts
-    assert r.recipe in ("u8-minmax", "u8-percentile") and not by_name[r.recipe]["slower_than_fp32"]
+    assert not r.recipe.startswith("nncf") and not by_name[r.recipe]["slower_than_fp32"], r.attempts
     assert by_name["nncf-default"]["skipped"], r.attempts
     assert "NNCF's graph would leave 2 of 4 layers in float" in by_name["nncf-default"]["why"]
     assert by_name["nncf-mixed"]["skipped"]  # (as outranked, or by patience once that counted two)

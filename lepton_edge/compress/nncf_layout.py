@@ -26,8 +26,9 @@ predicted float / float in NNCF 3.4's actual graph / NNCF's graph time vs fp32 o
 | picodet-layout (PicoDet, HardSwish) | 96 of 102 | 102 of 102 | 1.34x |
 
 The prediction undercounts (NNCF fuses more patterns than the two read here), never overcounts on these:
-it is used only to say that *most* layers would be float, and the search still tries NNCF whenever no
-onnxruntime candidate passed no slower than fp32.
+it is used only to say that *most* layers would be float, and then the search only moves NNCF after two
+of onnxruntime's candidates and skips it when one of those passed within the latency budget and no
+slower than fp32 (exporters/recipes.py: NNCF_DEFERRED).
 """
 from __future__ import annotations
 
@@ -85,14 +86,12 @@ def predict_file(path: Path) -> FloatLayers:
 
 
 def _output_float(out: str, users: dict[str, list], consts: set[str]) -> bool:
-    """Whether the layer writing `out` would keep a float output in NNCF's graph: after any Relu/Clip
-    onnxruntime folds, something NNCF fuses with the layer reads it."""
-    for _ in range(4):  # (Relu then Clip at most, in practice)
-        readers = users.get(out, [])
-        if len(readers) == 1 and readers[0].op_type in FOLDED:
-            out = readers[0].output[0]
-            continue
-        return any(r.op_type in ACTIVATIONS
-                   or (r.op_type in ARITHMETIC and any(i in consts for i in r.input if i != out))
-                   for r in readers)
-    return False
+    """Whether the layer writing `out` would keep a float output in NNCF's graph: something NNCF fuses
+    with the layer reads its output. A layer read by a Relu or Clip alone counts as int8 whatever comes
+    after those (NNCF's patterns past an activation are few, and undercounting is the safe side: it only
+    keeps NNCF in its place)."""
+    readers = users.get(out, [])
+    if len(readers) == 1 and readers[0].op_type in FOLDED:
+        return False
+    return any(r.op_type in ACTIVATIONS or (r.op_type in ARITHMETIC and any(i in consts for i in r.input if i != out))
+               for r in readers)

@@ -45,11 +45,12 @@ RESIDUAL_ADD = [("Add", ["{c}", "{x}"], ["{y}"])]
 
 
 @pytest.mark.parametrize("tail,floats", [
-    (HARDSWISH, True), (HARDSWISH_AS_MUL, True), (SILU, True), (BIAS_ADD, True), (RELU6_THEN_HARDSIGMOID, True),
-    (RELU, False), (RESIDUAL_ADD, False), ([], False)])
+    (HARDSWISH, True), (HARDSWISH_AS_MUL, True), (SILU, True), (BIAS_ADD, True),
+    (RELU, False), (RELU6_THEN_HARDSIGMOID, False), (RESIDUAL_ADD, False), ([], False)])
 def test_a_layer_is_float_where_nncf_fuses_what_follows_it(tail, floats):
     """NNCF fuses a layer with an activation or a constant's arithmetic after it and quantizes after those;
-    onnxruntime folds a Relu/Clip into the quantized layer, and a residual Add's inputs are quantized."""
+    onnxruntime folds a Relu/Clip into the quantized layer (what follows those is not read: the prediction
+    undercounts rather than guess), and a residual Add's inputs are quantized."""
     found = nncf_layout.predict(_model([tail, RELU]))
     assert (found.float_layers, found.layers) == (int(floats), 2)
 
@@ -99,12 +100,19 @@ def test_nncf_is_not_started_only_after_a_candidate_no_slower_than_fp32():
     assert kept.outranked(nncf, "u8-minmax") is None
 
 
-def test_moving_nncf_back_buys_the_search_no_extra_candidates():
-    """A new best counts, against patience, the candidates tried before it whose given place was after it
-    (NNCF moved back: onnxruntime's two that failed first); in the given order there are none."""
+def test_patience_counts_by_place_in_the_given_order():
+    """Against the best, patience counts the candidates judged (or not started as outranked) whose place in
+    the given order is after the best's: with NNCF moved back, onnxruntime's two tried before it count
+    (they came after it), and NNCF not started behind an onnxruntime best counts only if it came after."""
     from lepton_edge.exporters import recipes as r
 
-    assert r._patience_used(0, True, True, [1, 2], 0) == 2  # nncf-default (place 0) after u8-minmax, u8-percentile
-    assert r._patience_used(0, True, True, [0, 1], 2) == 0  # the given order: a new best starts from nothing
-    assert r._patience_used(1, False, True, [0, 1], 2) == 2  # a candidate that did not beat the best
-    assert r._patience_used(1, True, False, [1, 2], 0) == 0  # over the latency budget: patience waits
+    within, over = r.SearchResult(rank_key=(True,)), r.SearchResult(rank_key=(False,))
+    tally = r._Patience()
+    assert tally.used(None) == 0
+    for place in (1, 2, 0):  # u8-minmax, u8-percentile, then nncf-default (place 0) passes
+        tally.count(place)
+    tally.best_place = 0
+    assert tally.used(within) == 2 and tally.used(over) == 0  # over the latency budget: patience waits
+    tally.best_place = 2  # u8-percentile the best: nncf-default (0) was before it, nncf-mixed (3) after
+    tally.count(3)
+    assert tally.used(within) == 1

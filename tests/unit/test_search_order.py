@@ -1,0 +1,136 @@
+"""The int8 search's order and patience, on a scripted exporter: each candidate's gate result, score
+and speed are given, so the rules are checked without quantizing anything. Where NNCF is moved back
+(its graph predicted mostly float: exporters/recipes.py NNCF_DEFERRED), the search must try what it
+tried in the given order apart from NNCF, and keep the same winner among the others."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from types import SimpleNamespace as NS
+
+import numpy as np
+import pytest
+
+from lepton_edge.compress import nncf_layout
+from lepton_edge.exporters import recipes
+
+
+class _Watch:
+    def __init__(self, *a, **k):
+        self.peak, self.limit = 0, 1 << 40
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+    def check(self):
+        pass
+
+
+class _Progress:
+    def info(self, s):
+        pass
+
+    @contextlib.contextmanager
+    def stage(self, s):
+        yield
+
+
+@pytest.fixture
+def search(monkeypatch, tmp_path):
+    """search(names, table, mostly_float) -> (chosen, [(recipe, "pass" | "fail" | "skip: why")]); `table`:
+    recipe -> (passes the gate, score, fastest run in ms), or None for a quantizer that fails; fp32 runs
+    in 10 ms, the budget is 100 ms."""
+    monkeypatch.setattr(recipes.cal, "MemoryWatch", _Watch)
+    monkeypatch.setattr(recipes, "give_back_freed", lambda: None)
+    monkeypatch.setattr(recipes.writer, "latency_judged_here", lambda profile: True)
+    monkeypatch.setattr(recipes.val, "paired_latency_ms",
+                        lambda fn, ref, x1, **k: ({"min_ms": fn(x1), "p50_ms": fn(x1)}, {"min_ms": 10.0}))
+    monkeypatch.setattr(recipes, "_float_layer_sets", lambda *a: [[]])
+
+    def run(names: list[str], table: dict, mostly_float: bool):
+        monkeypatch.setattr(recipes.nncf_layout, "predict_file",
+                            lambda p: nncf_layout.FloatLayers(3 if mostly_float else 0, 4))
+        current: dict[str, str] = {}
+
+        class Exporter:
+            format, suffix = "onnx", ".onnx"
+
+            def quantize_int8(self, ctx, prepared, out, recipe, exclude, check, limit=None):
+                current["name"] = recipe.name
+                if table[recipe.name] is None:
+                    raise RuntimeError("made to fail")
+                out.write_bytes(b"x" * 100)
+                return NS(path=out, float_nodes=[])
+
+            def int8_method(self, recipe):
+                return recipe.name
+
+            def predictor(self, path, threads):
+                return None
+
+        def validate(path):
+            ok, score, ms = table[current["name"]]
+            return (NS(passed=ok, why=None if ok else "made to fail", score=(score,), as_dict=lambda: {}),
+                    lambda x, ms=ms: ms, None)
+
+        validate.reference = lambda x: None  # type: ignore[attr-defined]
+        opts = NS(search_time=1e9, max_memory_bytes=1 << 40, min_agreement=0.9, max_accuracy_drop=1.0,
+                  measure_latency=True)
+        ctx = NS(options=opts, profile=NS(latency_budget_ms=100.0), workdir=tmp_path,
+                 data=NS(check_x=np.zeros((2, 1), np.float32)), progress=_Progress(), enforce=True, threads=1)
+        r = recipes.search(ctx, Exporter(), Path(tmp_path / "p.onnx"), validate, names)
+        return r.recipe, [(a["recipe"], f"skip: {a['why']}" if a.get("skipped")
+                           else ("pass" if a["passed"] else "fail")) for a in r.attempts]
+    return run
+
+
+X86 = ["nncf-default", "u8-minmax", "u8-percentile", "nncf-mixed", "s8-minmax-ends", "s8-entropy-ends"]
+
+
+def test_nncf_not_started_spends_no_patience_the_others_would_have_had(search):
+    """u8-minmax and u8-percentile pass no slower than fp32, u8-percentile the better; in the given order
+    NNCF (slow, worse) came first and s8-minmax-ends (the best) was still tried. Moved back and not
+    started, NNCF must not use up the tries s8-minmax-ends had."""
+    table = {"nncf-default": (True, 0.5, 16.0), "nncf-mixed": (True, 0.5, 16.0), "u8-minmax": (True, 0.6, 8.0),
+             "u8-percentile": (True, 0.7, 8.0), "s8-minmax-ends": (True, 0.9, 9.0), "s8-entropy-ends": (True, 0.1, 9.0)}
+    given_best, given = search(X86, table, mostly_float=False)
+    moved_best, moved = search(X86, table, mostly_float=True)
+    assert given_best == moved_best == "s8-minmax-ends", (given, moved)
+    assert [n for n, _ in moved[:2]] == ["u8-minmax", "u8-percentile"]
+    assert dict(moved)["nncf-default"].startswith("skip: not tried: NNCF's graph would leave 3 of 4 layers")
+    tried = {n for n, v in moved if not v.startswith("skip")}
+    assert tried == {n for n, v in given if not v.startswith("skip")} - {"nncf-default"}, (given, moved)
+
+
+def test_onnxruntime_failing_first_buys_no_extra_tries(search):
+    """When onnxruntime's two fail, NNCF passes: they count as the two after it they were (patience 2),
+    so nothing more is started, as in the given order."""
+    table = {n: (n.startswith("nncf"), 0.5, 16.0) for n in X86}
+    given_best, given = search(X86, table, mostly_float=False)
+    moved_best, moved = search(X86, table, mostly_float=True)
+    assert given_best == moved_best == "nncf-default"
+    assert [n for n, v in moved if not v.startswith("skip")] == ["u8-minmax", "u8-percentile", "nncf-default"]
+    assert sorted(n for n, v in given if not v.startswith("skip")) == ["nncf-default", "u8-minmax", "u8-percentile"]
+
+
+def test_an_nncf_best_does_not_refuse_nncfs_other_preset(search):
+    """The prediction was wrong: NNCF's graph passed within the budget and no slower than fp32 (onnxruntime's
+    two quantizers failed). nncf-mixed is NNCF's too: the prediction does not judge it."""
+    table = {"u8-minmax": None, "u8-percentile": None, "nncf-default": (True, 0.5, 8.0),
+             "nncf-mixed": (True, 0.6, 8.0), "s8-minmax-ends": (False, 0.0, 8.0), "s8-entropy-ends": (False, 0.0, 8.0)}
+    best, moved = search(X86, table, mostly_float=True)
+    assert dict(moved)["nncf-mixed"] == "pass" and best == "nncf-mixed", moved
+
+
+def test_a_recipe_named_twice_keeps_the_given_orders_patience(search):
+    """Places are the entries', not the names': u8-minmax fails, nncf-default passes, u8-minmax fails
+    again, s8-minmax-ends is the second try after the best and u8-percentile the third (not started)."""
+    names = ["u8-minmax", "nncf-default", "u8-minmax", "s8-minmax-ends", "u8-percentile"]
+    table = {"u8-minmax": (False, 0.0, 8.0), "nncf-default": (True, 0.5, 8.0), "s8-minmax-ends": (True, 0.4, 8.0),
+             "u8-percentile": (True, 0.9, 8.0)}
+    best, given = search(names, table, mostly_float=False)
+    assert [v for _, v in given][:4] == ["fail", "pass", "fail", "pass"] and best == "nncf-default"
+    assert given[4][1].startswith("skip: not tried: 2 candidates in a row"), given
