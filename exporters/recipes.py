@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from rich.markup import escape
 
-from lepton_edge.compress import calibration as cal, nncf_layout, quantize as q, sensitivity
+from lepton_edge.compress import activation_twin, calibration as cal, nncf_layout, quantize as q, sensitivity
 from lepton_edge.errors import disk_full
 from lepton_edge.exporters import validation as val, writer
 from lepton_edge.memory import give_back_freed
@@ -117,7 +117,8 @@ def search(ctx, exporter, prepared: Path, validate, recipes: list[str], *, patie
     fp32 = getattr(validate, "reference", None) if judged_here else None  # fp32's predictor, timed beside each
     order = [(name, fb, k) for k, (name, fb) in enumerate(order)]  # k: its place in the given order
     tally = _Patience()
-    speeds = _Speeds(budget_ms, _nncf_float_layers(exporter, prepared, fp32, plain))
+    speeds = _Speeds(budget_ms, _nncf_float_layers(exporter, prepared, fp32, plain),
+                     _twin_timer(ctx, exporter, x1, budget_ms, fp32))
     order = _ordered(ctx.progress, order, speeds.nncf_float)
     deadline = _Deadline(t0, search_time)
     not_started: dict[str, list[str]] = {}  # why: the recipes not started for it (one progress line each)
@@ -132,7 +133,7 @@ def search(ctx, exporter, prepared: Path, validate, recipes: list[str], *, patie
         why_not = _not_started(is_fallback, best.recipe if best else None, bool(out.attempts),
                                time.perf_counter() - t0, search_time, tally.used(best), patience)
         if why_not is None and best is not None:
-            why_not = speeds.outranked(recipe, best.recipe or "")
+            why_not = speeds.outranked(recipe, best.recipe or "", best.path)
             if why_not:
                 tally.count(place)
         if why_not:
@@ -330,6 +331,31 @@ def _nncf_float_layers(exporter, prepared: Path, fp32, plain: list[str]) -> nncf
 DEFER_PAST = 2
 
 
+def _twin_timer(ctx, exporter, x1: np.ndarray, budget_ms: float | None, fp32
+                ) -> Callable[[Path], tuple[bool, dict] | None] | None:
+    """How the search times a best's twin with int8 activations (S8_TWIN): (within the latency budget,
+    timing fields as a candidate's) or None when it has none or it could not be timed; None where
+    candidates are not timed against fp32 on this host or are not ONNX."""
+    if fp32 is None or exporter.format != "onnx":
+        return None
+
+    def timed(path: Path) -> tuple[bool, dict] | None:
+        twin = ctx.workdir / "s8-twin.onnx"
+        try:
+            if not activation_twin.int8_activation_twin(path, twin):
+                return None
+            with ctx.progress.stage("timing the best's graph with int8 activations"):
+                _, over, fields = _timing(True, exporter.predictor(twin, ctx.threads), x1, budget_ms, fp32)
+            return over is None, fields
+        except Exception as e:  # (a timing only: without it the s8 candidates are tried)
+            if disk_full(e):
+                raise
+            return None
+        finally:
+            twin.unlink(missing_ok=True)
+    return timed
+
+
 def _ordered(progress, order: list[tuple], nncf_float: nncf_layout.FloatLayers | None) -> list[tuple]:
     """The search's order: the given one, or with NNCF moved back (NNCF_DEFERRED), said on a progress line."""
     if nncf_float is None:
@@ -372,30 +398,53 @@ def _nncf_after_two(order: list[tuple]) -> list[tuple]:
     return other[:DEFER_PAST] + nncf + other[DEFER_PAST:] + [o for o in order if o[1]]
 
 
+# S8_TWIN. On x86 here onnxruntime's graphs with int8 (s8) activations ran 1.4-4.5x fp32's time where the same
+# graphs with uint8 ones ran 0.4-1.3x (six models: compress/activation_twin.py), so an s8 candidate could
+# not outrank a uint8 best no slower than fp32, yet cost its quantization and validation (s8-minmax-ends:
+# 5 s of a PP-OCR det export). Before the first s8 candidate of onnxruntime's starts behind such a best,
+# the best's own graph with its activations made int8 (its twin: the kernels an s8 candidate gets; within
+# 0.1x of quantize_static's s8 graph on all six) is timed against fp32 as the candidates are, about a
+# second; s8 candidates are then judged as if that twin were their sibling (SIBLING_MARGIN). Measured
+# per model and host, not assumed from the architecture: on MobileNetV2 the twin ran at 0.9x fp32's time
+# and s8 candidates are tried.
+
+
 class _Speeds:
     """The timings of the passing candidates, by graph layout, and the best's: what `_outranked` judges;
-    and, where NNCF was moved back (NNCF_DEFERRED), how many layers its graph would leave in float."""
+    where NNCF was moved back (NNCF_DEFERRED), how many layers its graph would leave in float; and
+    `twin` (S8_TWIN): how to time the best's graph with int8 activations."""
 
-    def __init__(self, budget_ms: float | None = None, nncf_float: nncf_layout.FloatLayers | None = None) -> None:
+    def __init__(self, budget_ms: float | None = None, nncf_float: nncf_layout.FloatLayers | None = None,
+                 twin: Callable[[Path], tuple[bool, dict] | None] | None = None) -> None:
         self.budget_ms = budget_ms  # the target's latency budget, where it is judged on this host
         self.by_layout: dict[tuple, tuple[str, bool, dict]] = {}  # the first passing one of each layout
         self.best: tuple[bool, dict] = (True, {})
         self.nncf_float = nncf_float
-        self.best_engine = ""  # the best's quantizer: NNCF's own candidates are not judged by the prediction
+        self.best_recipe: q.Recipe | None = None  # NNCF's own candidates are not judged by the prediction
+        self.twin, self.twins = twin, {}  # (twins: the best's label -> its twin's (within, timing) or None)
 
     def passed(self, recipe: q.Recipe, label: str, within: bool, timed: dict, is_best: bool) -> None:
         self.by_layout.setdefault(recipe.layout, (label, within, timed))
         if is_best:
-            self.best, self.best_engine = (within, timed), recipe.engine
+            self.best, self.best_recipe = (within, timed), recipe
 
-    def outranked(self, recipe: q.Recipe, best: str) -> str | None:
+    def outranked(self, recipe: q.Recipe, best: str, best_path: Path | None = None) -> str | None:
         within, timed = self.best
-        if recipe.engine == "nncf" and self.nncf_float is not None and self.best_engine != "nncf" and within \
-                and "vs_fp32" in timed and not timed.get("slower_than_fp32"):
+        fast = within and "vs_fp32" in timed and not timed.get("slower_than_fp32")
+        top = self.best_recipe
+        if recipe.engine == "nncf" and self.nncf_float is not None and fast and (top is None or top.engine != "nncf"):
             return (f"not tried: NNCF's graph would leave {self.nncf_float} in float, which onnxruntime runs "
                     f"slower than fp32 here, and {best} passed at {timed['vs_fp32']:.2f}x fp32's time "
                     "(speed ranks before the metric)")
         sibling = self.by_layout.get(recipe.layout)
+        if sibling is None and recipe.engine == "ort" and recipe.activation == "s8" and fast and top is not None \
+                and top.engine == "ort" and top.activation == "u8" and self.twin is not None and best_path is not None:
+            if best not in self.twins:
+                self.twins[best] = self.twin(best_path)
+            found = self.twins[best]
+            if found is not None:
+                why = _outranked((f"{best} with int8 activations", *found), (best, within, timed), self.budget_ms)
+                return why.replace("the same graph layout", "the graph an s8 candidate gets") if why else None
         return _outranked(sibling, (best, *self.best), self.budget_ms) if sibling else None
 
 

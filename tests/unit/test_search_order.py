@@ -50,9 +50,16 @@ def search(monkeypatch, tmp_path):
                         lambda fn, ref, x1, **k: ({"min_ms": fn(x1), "p50_ms": fn(x1)}, {"min_ms": 10.0}))
     monkeypatch.setattr(recipes, "_float_layer_sets", lambda *a: [[]])
 
-    def run(names: list[str], table: dict, mostly_float: bool):
+    def run(names: list[str], table: dict, mostly_float: bool, twin_vs: float | None = None, twins: list | None = None):
+        """`twin_vs`: the best's twin with int8 activations, timed at that multiple of fp32's time (S8_TWIN;
+        None: not timed); each timing is appended to `twins`."""
         monkeypatch.setattr(recipes.nncf_layout, "predict_file",
                             lambda p: nncf_layout.FloatLayers(3 if mostly_float else 0, 4))
+
+        def twin(path):
+            (twins if twins is not None else []).append(path)
+            return True, {"min_ms": 10.0 * twin_vs, "vs_fp32": twin_vs, "slower_than_fp32": twin_vs >= 1.25}
+        monkeypatch.setattr(recipes, "_twin_timer", lambda *a: twin if twin_vs is not None else None)
         current: dict[str, str] = {}
 
         class Exporter:
@@ -134,3 +141,32 @@ def test_a_recipe_named_twice_keeps_the_given_orders_patience(search):
     best, given = search(names, table, mostly_float=False)
     assert [v for _, v in given][:4] == ["fail", "pass", "fail", "pass"] and best == "nncf-default"
     assert given[4][1].startswith("skip: not tried: 2 candidates in a row"), given
+
+
+def test_s8_candidates_behind_a_fast_uint8_best_are_judged_by_its_twin(search):
+    """The best (u8-percentile, 0.8x fp32) timed with int8 activations at 1.6x: onnxruntime's s8 candidates
+    could not outrank it, so they are not started (one timing, not one per candidate); at 0.9x they are."""
+    names = ["u8-minmax", "u8-percentile", "s8-minmax-ends", "s8-entropy-ends"]
+    table = {"u8-minmax": (True, 0.6, 8.0), "u8-percentile": (True, 0.7, 8.0), "s8-minmax-ends": (True, 0.9, 16.0),
+             "s8-entropy-ends": (True, 0.1, 16.0)}
+    twins: list = []
+    best, tried = search(names, table, mostly_float=False, twin_vs=1.6, twins=twins)
+    assert best == "u8-percentile" and len(twins) == 1 and twins[0].name.startswith("int8-1-"), tried
+    why = dict(tried)["s8-minmax-ends"]
+    assert why.startswith("skip: not tried: u8-percentile with int8 activations") and "1.60x" in why, tried
+    best, tried = search(names, table, mostly_float=False, twin_vs=0.9)
+    assert dict(tried)["s8-minmax-ends"] == "pass", tried
+
+
+def test_no_twin_behind_an_nncf_or_slow_best(search):
+    """The twin stands for onnxruntime's s8 graph of a uint8 best no slower than fp32: behind NNCF's
+    best, or a uint8 best slower than fp32 (an s8 candidate may beat it), it is not timed."""
+    names = ["nncf-default", "s8-minmax-ends", "u8-minmax", "s8-entropy-ends"]
+    table = {"nncf-default": (True, 0.5, 8.0), "s8-minmax-ends": (True, 0.4, 8.0), "u8-minmax": (True, 0.3, 20.0),
+             "s8-entropy-ends": (True, 0.2, 8.0)}
+    twins: list = []
+    best, tried = search(names, table, mostly_float=False, twin_vs=3.0, twins=twins)
+    assert best == "nncf-default" and not twins and dict(tried)["s8-minmax-ends"] == "pass", tried
+    slow = {"u8-minmax": (True, 0.5, 20.0), "s8-minmax-ends": (True, 0.6, 12.0)}
+    best, tried = search(["u8-minmax", "s8-minmax-ends"], slow, mostly_float=False, twin_vs=3.0, twins=twins)
+    assert not twins and dict(tried)["s8-minmax-ends"] == "pass" and best == "s8-minmax-ends", tried
