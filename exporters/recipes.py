@@ -399,7 +399,7 @@ def _nncf_after_two(order: list[tuple]) -> list[tuple]:
 
 
 # S8_TWIN. On x86 here onnxruntime's graphs with int8 (s8) activations ran 1.4-4.5x fp32's time where the same
-# graphs with uint8 ones ran 0.4-1.3x (six models: compress/activation_twin.py), so an s8 candidate could
+# graphs with uint8 ones ran 0.4-1.3x (five third-party models: compress/activation_twin.py), so an s8 candidate could
 # not outrank a uint8 best no slower than fp32, yet cost its quantization and validation (s8-minmax-ends:
 # 5 s of a PP-OCR det export). Before the first s8 candidate of onnxruntime's starts behind such a best,
 # the best's own graph with its activations made int8 (its twin: the kernels an s8 candidate gets; within
