@@ -398,15 +398,15 @@ def _nncf_after_two(order: list[tuple]) -> list[tuple]:
     return other[:DEFER_PAST] + nncf + other[DEFER_PAST:] + [o for o in order if o[1]]
 
 
-# S8_TWIN. On x86 here onnxruntime's graphs with int8 (s8) activations ran 1.4-4.5x fp32's time where the same
-# graphs with uint8 ones ran 0.4-1.3x (five third-party models: compress/activation_twin.py), so an s8 candidate could
-# not outrank a uint8 best no slower than fp32, yet cost its quantization and validation (s8-minmax-ends:
-# 5 s of a PP-OCR det export). Before the first s8 candidate of onnxruntime's starts behind such a best,
-# the best's own graph with its activations made int8 (its twin: the kernels an s8 candidate gets; within
-# 0.1x of quantize_static's s8 graph on all six) is timed against fp32 as the candidates are, about a
-# second; s8 candidates are then judged as if that twin were their sibling (SIBLING_MARGIN). Measured
-# per model and host, not assumed from the architecture: on MobileNetV2 the twin ran at 0.9x fp32's time
-# and s8 candidates are tried.
+# S8_TWIN. On x86 here onnxruntime's graphs with int8 (s8) activations ran 1.4-4.5x fp32's time where the
+# same graphs with uint8 ones ran 0.4-1.3x (five third-party models: compress/activation_twin.py), so an s8
+# candidate could not outrank a uint8 best no slower than fp32, yet cost its quantization and validation
+# (s8-minmax-ends: 5 s of a PP-OCR det export). Before the first s8 candidate of onnxruntime's starts behind
+# such a best, the best's own graph with its activations made int8 (its twin: the kernels an s8 candidate
+# gets; within 0.15x of quantize_static's plain s8 graph on those five and MobileNetV2) is timed against
+# fp32 as the candidates are, about a second; s8 candidates are then judged as if that twin were their
+# sibling (SIBLING_MARGIN). Measured per model and host, not assumed from the architecture: on MobileNetV2
+# the twin ran at 0.9x fp32's time and s8 candidates are tried.
 
 
 class _Speeds:
@@ -443,13 +443,13 @@ class _Speeds:
                 self.twins[best] = self.twin(best_path)
             found = self.twins[best]
             if found is not None:
-                why = _outranked((f"{best} with int8 activations", *found), (best, within, timed), self.budget_ms)
-                return why.replace("the same graph layout", "the graph an s8 candidate gets") if why else None
+                return _outranked((f"{best} with int8 activations", *found), (best, within, timed), self.budget_ms,
+                                  what="the graph an s8 candidate gets")
         return _outranked(sibling, (best, *self.best), self.budget_ms) if sibling else None
 
 
 def _outranked(sibling: tuple[str, bool, dict], best: tuple[str, bool, dict],
-               budget_ms: float | None = None) -> str | None:
+               budget_ms: float | None = None, what: str = "the same graph layout") -> str | None:
     """Why a candidate is not started because a passing one with its graph layout (`sibling`: label,
     within the latency budget, timing fields) was slower than the best passing one (`best`, the same)
     by more than timing noise: its own speed would rank it after the best whatever its metric (None:
@@ -459,13 +459,13 @@ def _outranked(sibling: tuple[str, bool, dict], best: tuple[str, bool, dict],
         return None
     if top_within and not sib_within:
         if budget_ms and sib_t.get("min_ms", 0.0) >= SIBLING_MARGIN * budget_ms:
-            return (f"not tried: {sib}, the same graph layout, ran at {sib_t['min_ms']:.1f} ms on this host, "
+            return (f"not tried: {sib}, {what}, ran at {sib_t['min_ms']:.1f} ms on this host, "
                     f"over the {budget_ms:g} ms latency budget, and {top} is within it")
         return None
     slow, top_vs = sib_t.get("vs_fp32"), top_t.get("vs_fp32")
     if sib_within == top_within and sib_t.get("slower_than_fp32") and slow and top_vs \
             and slow >= SIBLING_MARGIN * top_vs:
-        return (f"not tried: {sib}, the same graph layout, ran at {slow:.2f}x fp32's time on this host "
+        return (f"not tried: {sib}, {what}, ran at {slow:.2f}x fp32's time on this host "
                 f"and {top} at {top_vs:.2f}x (speed ranks before the metric)")
     return None
 
