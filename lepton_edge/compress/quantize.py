@@ -382,6 +382,12 @@ def quantizable_nodes(model) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type in QUANTIZABLE]
 
 
+def end_layers(model) -> list[str]:
+    """The layers an `-ends` recipe keeps in float: the first and last quantizable nodes (one node can be both)."""
+    nodes = quantizable_nodes(model)
+    return list(dict.fromkeys([nodes[0], nodes[-1]])) if nodes else []
+
+
 def quantize_int8(
     fp32_path: Path, out_path: Path, calib, recipe: Recipe, per_channel: bool = True,
     exclude: list[str] | None = None, check: Callable[[], None] = _no_check, ranges: Path | None = None,
@@ -400,8 +406,8 @@ def quantize_int8(
     model, fixed = without_defaults(onnx.load(str(fp32_path)))  # constant inputs calibrate as inputs
     nodes = quantizable_nodes(model)
     exclude = [n for n in (exclude or []) if n in nodes]
-    if recipe.keep_ends and nodes:
-        exclude = list(dict.fromkeys([*exclude, nodes[0], nodes[-1]]))  # (one node can be both ends)
+    if recipe.keep_ends:
+        exclude = list(dict.fromkeys([*exclude, *end_layers(model)]))
     if nodes and len(exclude) >= len(nodes):
         # a model of one or two layers under a `-ends` recipe: its "int8" file was the fp32 model, and as
         # fast as fp32 it outranked every real int8 candidate (an int8 bundle with no int8 in it)

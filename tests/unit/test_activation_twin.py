@@ -64,3 +64,138 @@ def test_the_twin_has_int8_activations_and_computes_the_same(tmp_path):
 def test_a_graph_with_int8_activations_has_no_twin(tmp_path):
     assert not int8_activation_twin(_quantized(tmp_path, "s8"), tmp_path / "twin.onnx")
     assert not (tmp_path / "twin.onnx").exists()
+
+
+def _chain(path):
+    """Conv -> Conv -> Conv, no activations (onnxruntime's s8 graphs keep a Relu its uint8 ones fold away)."""
+    rng = np.random.default_rng(1)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "b1"),
+             numpy_helper.from_array(rng.standard_normal((8, 8, 3, 3)).astype(np.float32), "w2"),
+             numpy_helper.from_array(rng.standard_normal((4, 8, 1, 1)).astype(np.float32), "w3")]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+             helper.make_node("Conv", ["c1", "w2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
+             helper.make_node("Conv", ["c2", "w3"], ["y"], name="conv3")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 16, 16])], inits)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+
+
+def _shape(path):
+    """Op types and initializer types, by count: what decides which kernels run."""
+    g = onnx.load(str(path)).graph
+    return sorted(n.op_type for n in g.node), sorted(t.data_type for t in g.initializer)
+
+
+def test_with_its_end_layers_float_the_twin_is_the_ends_candidates_graph(tmp_path):
+    """The twin of the uint8 best, its first and last layers made float, has the ops and constant types of
+    the project's own s8-minmax-ends graph of the same model (first layer reading the input unquantized,
+    last one writing the output unquantized, the middle int8) and computes what that graph does."""
+    from lepton_edge.compress import quantize as q
+
+    _chain(tmp_path / "m.onnx")
+    xs = np.random.default_rng(3).standard_normal((8, 3, 16, 16)).astype(np.float32)
+    u8 = q.quantize_int8(tmp_path / "m.onnx", tmp_path / "u8.onnx", xs, q.Recipe.parse("u8-minmax")).path
+    s8e = q.quantize_int8(tmp_path / "m.onnx", tmp_path / "s8e.onnx", xs, q.Recipe.parse("s8-minmax-ends")).path
+    ends = q.end_layers(onnx.load(str(tmp_path / "m.onnx")))
+    assert ends == ["conv1", "conv3"]
+    assert int8_activation_twin(u8, tmp_path / "twin.onnx", ends)
+    assert _shape(tmp_path / "twin.onnx") == _shape(s8e)
+    assert _shape(tmp_path / "twin.onnx") != _shape(u8)
+    x = xs[:1]
+    twin, ref, fp32 = _run(tmp_path / "twin.onnx", x), _run(s8e, x), _run(tmp_path / "m.onnx", x)
+    assert np.abs(twin - ref).max() < 0.05 * np.abs(fp32).max(), (np.abs(twin - ref).max(), np.abs(fp32).max())
+
+
+def test_a_uint8_constant_read_as_data_leaves_no_twin(tmp_path):
+    """Moved by 128, a uint8 zero point that another op reads as data would make that op compute something
+    else: such a graph has no twin, and nothing is written."""
+    u8 = _quantized(tmp_path, "u8")
+    model = onnx.load(str(u8))
+    zp = next(n.input[2] for n in model.graph.node if n.op_type == "QuantizeLinear")
+    model.graph.node.append(helper.make_node("Cast", [zp], ["zp_seen"], to=TensorProto.FLOAT))
+    model.graph.output.append(helper.make_tensor_value_info("zp_seen", TensorProto.FLOAT, None))
+    onnx.save(model, str(tmp_path / "read.onnx"))
+    assert not int8_activation_twin(tmp_path / "read.onnx", tmp_path / "twin.onnx")
+    assert not (tmp_path / "twin.onnx").exists()
+
+
+def test_a_float_layer_not_in_the_graph_leaves_no_twin(tmp_path):
+    assert not int8_activation_twin(_quantized(tmp_path, "u8"), tmp_path / "twin.onnx", ["no-such-layer"])
+    assert not (tmp_path / "twin.onnx").exists()
+
+
+class _Stage:
+    def info(self, s):
+        pass
+
+    def stage(self, s):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+def _timer(tmp_path, predictor):
+    """The search's real twin timer (exporters/recipes._twin_timer), the exporter's predictor given."""
+    from types import SimpleNamespace as NS
+
+    from lepton_edge.exporters import recipes
+
+    _chain(tmp_path / "m.onnx")
+    ctx = NS(workdir=tmp_path, progress=_Stage(), threads=1)
+    exporter = NS(format="onnx", predictor=predictor)
+    fp32 = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    x1 = np.zeros((1, 3, 16, 16), np.float32)
+    return recipes._twin_timer(ctx, exporter, tmp_path / "m.onnx", x1, None, lambda x: fp32.run(None, {"x": x}))
+
+
+def _session(path, threads):
+    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return lambda x: s.run(None, {"x": x})
+
+
+def _best(tmp_path):
+    """The uint8 best of `_timer`'s model, as the search has it (the project's own quantizer)."""
+    from lepton_edge.compress import quantize as q
+
+    xs = np.random.default_rng(3).standard_normal((4, 3, 16, 16)).astype(np.float32)
+    return q.quantize_int8(tmp_path / "m.onnx", tmp_path / "u8.onnx", xs, q.Recipe.parse("u8-minmax")).path
+
+
+def test_the_twin_timer_times_the_twin_and_leaves_no_file(tmp_path):
+    timed = _timer(tmp_path, _session)
+    u8 = _best(tmp_path)
+    within, fields = timed(u8, False, [])
+    assert within and fields["vs_fp32"] > 0 and fields["min_ms"] > 0
+    assert timed(u8, True, []) is not None  # its end layers made float
+    assert timed(u8, True, ["conv3"]) is not None  # (one the best keeps float already)
+    assert not (tmp_path / "s8-twin.onnx").exists()
+
+
+def test_no_twin_where_the_best_keeps_in_float_a_layer_the_candidate_quantizes(tmp_path):
+    """The twin can make layers float, not quantize what the best left float: an s8 candidate with every
+    layer int8 behind a best with one in float is not judged by a twin (it is tried)."""
+    timed = _timer(tmp_path, _session)
+    assert timed(_best(tmp_path), False, ["conv2"]) is None
+    assert timed(_best(tmp_path), True, ["conv2"]) is None
+
+
+def test_a_twin_that_cannot_be_timed_is_none_and_removed(tmp_path):
+    """A predictor that fails (a twin onnxruntime will not load) costs the timing only: None, so the s8
+    candidates are tried, and no twin file left behind; a full disk is not a timing failure."""
+    seen = []
+
+    def broken(path, threads):
+        seen.append(path.exists())
+        raise RuntimeError("onnxruntime could not load it")
+
+    timed = _timer(tmp_path, broken)
+    assert timed(_best(tmp_path), False, []) is None
+    assert seen == [True] and not (tmp_path / "s8-twin.onnx").exists()
+
+    def full(path, threads):
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        _timer(tmp_path, full)(_best(tmp_path), False, [])
+    assert not (tmp_path / "s8-twin.onnx").exists()

@@ -5,6 +5,7 @@ tried in the given order apart from NNCF, and keep the same winner among the oth
 from __future__ import annotations
 
 import contextlib
+import time
 from pathlib import Path
 from types import SimpleNamespace as NS
 
@@ -50,14 +51,17 @@ def search(monkeypatch, tmp_path):
                         lambda fn, ref, x1, **k: ({"min_ms": fn(x1), "p50_ms": fn(x1)}, {"min_ms": 10.0}))
     monkeypatch.setattr(recipes, "_float_layer_sets", lambda *a: [[]])
 
-    def run(names: list[str], table: dict, mostly_float: bool, twin_vs: float | None = None, twins: list | None = None):
+    def run(names: list[str], table: dict, mostly_float: bool, twin_vs: float | None = None, twins: list | None = None,
+            search_time: float = 1e9, twin_s: float = 0.0, patience: int = recipes.PATIENCE):
         """`twin_vs`: the best's twin with int8 activations, timed at that multiple of fp32's time (S8_TWIN;
-        None: not timed); each timing is appended to `twins`."""
+        None: not timed), in `twin_s` seconds; each timing's (file, ends float, best's float layers) is
+        appended to `twins`."""
         monkeypatch.setattr(recipes.nncf_layout, "predict_file",
                             lambda p: nncf_layout.FloatLayers(3 if mostly_float else 0, 4))
 
-        def twin(path):
-            (twins if twins is not None else []).append(path)
+        def twin(path, keep_ends, best_float):
+            (twins if twins is not None else []).append((path, keep_ends, best_float))
+            time.sleep(twin_s)
             return True, {"min_ms": 10.0 * twin_vs, "vs_fp32": twin_vs, "slower_than_fp32": twin_vs >= 1.25}
         monkeypatch.setattr(recipes, "_twin_timer", lambda *a: twin if twin_vs is not None else None)
         current: dict[str, str] = {}
@@ -84,11 +88,11 @@ def search(monkeypatch, tmp_path):
                     lambda x, ms=ms: ms, None)
 
         validate.reference = lambda x: None  # type: ignore[attr-defined]
-        opts = NS(search_time=1e9, max_memory_bytes=1 << 40, min_agreement=0.9, max_accuracy_drop=1.0,
+        opts = NS(search_time=search_time, max_memory_bytes=1 << 40, min_agreement=0.9, max_accuracy_drop=1.0,
                   measure_latency=True)
         ctx = NS(options=opts, profile=NS(latency_budget_ms=100.0), workdir=tmp_path,
                  data=NS(check_x=np.zeros((2, 1), np.float32)), progress=_Progress(), enforce=True, threads=1)
-        r = recipes.search(ctx, Exporter(), Path(tmp_path / "p.onnx"), validate, names)
+        r = recipes.search(ctx, Exporter(), Path(tmp_path / "p.onnx"), validate, names, patience=patience)
         return r.recipe, [(a["recipe"], f"skip: {a['why']}" if a.get("skipped")
                            else ("pass" if a["passed"] else "fail")) for a in r.attempts]
     return run
@@ -151,7 +155,8 @@ def test_s8_candidates_behind_a_fast_uint8_best_are_judged_by_its_twin(search):
              "s8-entropy-ends": (True, 0.1, 16.0)}
     twins: list = []
     best, tried = search(names, table, mostly_float=False, twin_vs=1.6, twins=twins)
-    assert best == "u8-percentile" and len(twins) == 1 and twins[0].name.startswith("int8-1-"), tried
+    assert best == "u8-percentile" and len(twins) == 1 and twins[0][0].name.startswith("int8-1-"), tried
+    assert twins[0][1:] == (True, [])  # (the -ends candidates' twin keeps their end layers in float)
     why = dict(tried)["s8-minmax-ends"]
     assert why.startswith("skip: not tried: u8-percentile with int8 activations") and "1.60x" in why, tried
     best, tried = search(names, table, mostly_float=False, twin_vs=0.9)
@@ -170,3 +175,39 @@ def test_no_twin_behind_an_nncf_or_slow_best(search):
     slow = {"u8-minmax": (True, 0.5, 20.0), "s8-minmax-ends": (True, 0.6, 12.0)}
     best, tried = search(["u8-minmax", "s8-minmax-ends"], slow, mostly_float=False, twin_vs=3.0, twins=twins)
     assert not twins and dict(tried)["s8-minmax-ends"] == "pass" and best == "s8-minmax-ends", tried
+
+
+def test_a_twin_is_judged_against_the_slower_than_fp32_line_with_the_margin(search):
+    """Behind a best at 0.8x fp32, an s8 candidate ranks after it only at 1.25x fp32 or slower (_speed), so
+    its twin must be clearly past that line (1.2 x 1.25 = 1.5x), not 1.2x the best's 0.8x: at 1.4x the
+    candidates are tried, at 1.6x they are not."""
+    names = ["u8-minmax", "u8-percentile", "s8-minmax-ends"]
+    table = {"u8-minmax": (True, 0.6, 8.0), "u8-percentile": (True, 0.7, 8.0), "s8-minmax-ends": (True, 0.9, 11.0)}
+    best, tried = search(names, table, mostly_float=False, twin_vs=1.4)
+    assert dict(tried)["s8-minmax-ends"] == "pass" and best == "s8-minmax-ends", tried
+    best, tried = search(names, table, mostly_float=False, twin_vs=1.6)
+    assert dict(tried)["s8-minmax-ends"].startswith("skip: not tried") and best == "u8-percentile", tried
+
+
+def test_a_twin_per_end_layer_choice(search):
+    """s8-minmax keeps every layer int8, s8-minmax-ends its first and last in float: each is judged by a twin
+    of its own (timed once each, however many candidates share it). Patience 3: not started as outranked
+    counts against it."""
+    names = ["u8-minmax", "s8-minmax", "s8-minmax-ends", "s8-entropy-ends"]
+    table = {"u8-minmax": (True, 0.6, 8.0), "s8-minmax": (True, 0.9, 16.0), "s8-minmax-ends": (True, 0.9, 16.0),
+             "s8-entropy-ends": (True, 0.9, 16.0)}
+    twins: list = []
+    best, tried = search(names, table, mostly_float=False, twin_vs=1.6, twins=twins, patience=3)
+    assert best == "u8-minmax" and [t[1] for t in twins] == [False, True], (twins, tried)
+    assert all(v.startswith("skip: not tried: u8-minmax with int8 activations") for _, v in tried[1:]), tried
+
+
+def test_timing_a_twin_past_the_search_time_starts_nothing_more(search):
+    """The twin is timed outside any candidate: when that takes the search past --search-time, the
+    candidate it was timed for is not started."""
+    names = ["u8-minmax", "s8-minmax-ends"]
+    table = {"u8-minmax": (True, 0.6, 8.0), "s8-minmax-ends": (True, 0.9, 8.0)}
+    twins: list = []
+    best, tried = search(names, table, mostly_float=False, twin_vs=0.9, twins=twins, search_time=1.0, twin_s=1.5)
+    assert len(twins) == 1 and best == "u8-minmax", tried
+    assert dict(tried)["s8-minmax-ends"] == "skip: --search-time 1 s spent", tried
