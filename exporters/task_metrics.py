@@ -10,6 +10,8 @@ import math
 
 import numpy as np
 
+from lepton_edge.runtime.spec import named_as_coordinates
+
 # fp32 softmax max from which a prediction counts as confident: 0.5, or halfway between chance and
 # certainty when that is higher (a 2-class model is "0.5 sure" of every input: 0.75 there)
 CONFIDENT = 0.5
@@ -405,7 +407,8 @@ def infer_task(outputs: list[np.ndarray], specs: list[dict], input_spec, labels=
       or one output [4+nc, N] (N >= 8x, >= 100) that the runtime's YOLO post-processing reads;
     - segment: an output per sample [C, H, W] (or [H, W]) at >= 1/8 of the input's H and W;
     - embed: output 0 per sample [D], named emb/feat/descriptor, or of unit L2 norm everywhere;
-    - classify: output 0 per sample [C] with C > 1 (labels given: always classify);
+    - classify: output 0 per sample [C] with C > 1, not named as positions (runtime/spec.COORDINATE_NAMES:
+      mediapipe's hand_recrop `output_crop` [4]) (labels given: always classify);
     - raw: anything else (every output compared by SQNR and cosine).
     A detector must also be one the runtime's post-processing decodes (else its boxes could not be
     matched); several per-sample vectors of different widths (MTCNN's box deltas [4], landmarks [10],
@@ -443,7 +446,7 @@ def infer_task(outputs: list[np.ndarray], specs: list[dict], input_spec, labels=
     if len(vectors) > 1 and not scores_and_features:
         return "raw"
     first = outputs[0].reshape(len(outputs[0]), -1) if outputs and outputs[0].ndim >= 2 else None
-    if first is not None and len(shapes[0]) == 1 and first.shape[1] > 1:
+    if first is not None and len(shapes[0]) == 1 and first.shape[1] > 1 and not named_as_coordinates(names[0]):
         norms = np.linalg.norm(first.astype(np.float64), axis=1)
         if any(k in names[0] for k in ("emb", "feat", "descriptor", "vector")) or (
                 len(norms) and np.allclose(norms, 1.0, atol=1e-2)):

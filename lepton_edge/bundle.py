@@ -272,12 +272,17 @@ class Manifest(BaseModel):
 
 def guess_layout(dims: list) -> Literal["NCHW", "NHWC"] | None:
     """NHWC when the last of four dims looks like channels (1, 3, 4) and the second does not;
-    NCHW when the second does; None when neither tells (not an image, or ambiguous)."""
+    NCHW when the second does; None when neither tells (not an image, or ambiguous). An image is more
+    than one pixel high and wide where its size is known: a [1, 1, 1, 1404] output (a face mesh's
+    landmarks) is a vector in a 4-D tensor, not a 1 x 1404 picture."""
     if len(dims) != 4:
         return None
+
+    def sized(h, w) -> bool:
+        return all(not isinstance(d, int) or d != 1 for d in (h, w))
     if dims[3] in (1, 3, 4) and dims[1] not in (1, 3, 4):
-        return "NHWC"
-    return "NCHW" if dims[1] in (1, 3, 4) else None
+        return "NHWC" if sized(dims[1], dims[2]) else None
+    return "NCHW" if dims[1] in (1, 3, 4) and sized(dims[2], dims[3]) else None
 
 
 def sha256_file(path: Path) -> str:

@@ -363,3 +363,27 @@ def test_an_output_quantized_per_channel_is_dequantized_per_channel(tmp_path):
     assert q["per_channel"] == {"axis": 3, "channels": 3, "min_scale": 1 / 64, "max_scale": 1 / 16}
     r = run_cli("inspect", str(tmp_path / "pc.tflite"))
     assert "per-channel along axis 3: 3 scales 0.015625..0.0625" in r.stdout, r.stdout
+
+
+def test_one_vector_named_as_positions_is_raw_not_a_classifier(tmp_path):
+    """mediapipe's hand_recrop.tflite: one `output_crop` [1, 1, 1, 4] (two points of a crop) was guessed as a
+    4-class classifier by the one-vector rule; its name says positions. The same vector named `logits` is
+    a classifier's, and export's task inference reads the name the same way."""
+    from lepton_edge.bundle import InputSpec
+    from lepton_edge.exporters import task_metrics as tm
+
+    shape = helper.make_tensor("s", TensorProto.INT64, [4], [1, 1, 1, 4])
+    for name, task in (("output_crop", "raw"), ("logits", "classify")):
+        g = helper.make_graph([helper.make_node("ReduceMean", ["x"], ["m"], axes=[1, 2], keepdims=0),
+                               helper.make_node("Concat", ["m", "m"], ["c"], axis=1, ),
+                               helper.make_node("Slice", ["c", "st", "en", "ax"], ["v"]),
+                               helper.make_node("Reshape", ["v", "s"], [name])],
+                              "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 16, 3])],
+                              [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 1, 1, 4])],
+                              [shape, helper.make_tensor("st", TensorProto.INT64, [1], [0]),
+                               helper.make_tensor("en", TensorProto.INT64, [1], [4]),
+                               helper.make_tensor("ax", TensorProto.INT64, [1], [1])])
+        onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), str(tmp_path / f"{name}.onnx"))
+        assert Runtime.load(tmp_path / f"{name}.onnx").task == task, name
+        out = [np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32)]
+        assert tm.infer_task(out, [{"name": name}], InputSpec(name="x", shape=[1, 3, 48, 48])) == task, name

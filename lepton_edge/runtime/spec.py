@@ -320,8 +320,19 @@ def pixel_encoding(dtype: str, quantization: dict | None, given: AbstractSet[str
     return {"scale": s, "mean": [s * (offset + z)]}
 
 
+# Words in an output's name that say it holds positions, not class scores: a one-vector output named so
+# (mediapipe's hand_recrop: `output_crop` [1, 1, 1, 4], two points of a crop) is raw, not a classifier
+COORDINATE_NAMES = ("crop", "box", "coord", "landmark", "keypoint", "kpt", "regress", "offset", "roi", "rect")
+
+
+def named_as_coordinates(name: str) -> bool:
+    n = name.lower()
+    return any(k in n for k in COORDINATE_NAMES)
+
+
 def guess_task(backend: Backend, labels: list[str] | None) -> str:
-    """classify for one [1, K] output; detect for SSD- or YOLO-shaped outputs; else raw."""
+    """classify for one [1, K] output (unless its name says positions: COORDINATE_NAMES); detect for SSD-
+    or YOLO-shaped outputs; else raw."""
     outs = backend.outputs
     # a dynamic leading dim is the batch when the input's is too (one frame a run): [N, 1000] is then a
     # classifier's output as [1, 1000] is; with a fixed input batch it counts something (['num_dets', 6])
@@ -331,7 +342,7 @@ def guess_task(backend: Backend, labels: list[str] | None) -> str:
     if len(outs) == 1:
         d = [v for v in dims[0] if v != 1]
         if len(d) == 1:
-            return "classify"
+            return "raw" if named_as_coordinates(outs[0].name) and not labels else "classify"
         sides = [v for v in dims[0][1:] if isinstance(v, int)]
         if len(dims[0]) == 3 and len(sides) == 2:
             small, big = sorted(sides)

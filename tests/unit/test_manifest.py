@@ -33,6 +33,8 @@ def test_paths_that_could_leave_the_bundle(rel):
 @pytest.mark.parametrize("dims, layout", [
     ([1, 3, 224, 224], "NCHW"), ([1, 224, 224, 3], "NHWC"), ([1, 1, 28, 28], "NCHW"), ([1, 28, 28, 1], "NHWC"),
     ([1, 3, 4, 3], "NCHW"), ([1, 10], None), ([1, 64, 64, 64], None), (["batch", 3, "h", "w"], "NCHW"),
+    ([1, 1, 1, 1404], None), ([1, 1, 1, 3], None), ([1, 3, 1, 1], None), ([1, 266, 1, 1], None),
+    ([1, 1, 0, 0], "NCHW"), ([1, 0, 0, 3], "NHWC"),  # (0: a dynamic dim, as model_source passes it)
 ])
 def test_guess_layout(dims, layout):
     assert guess_layout(dims) == layout

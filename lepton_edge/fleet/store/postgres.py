@@ -82,6 +82,12 @@ class PostgresStore(SqlStore):
                 break
         return out
 
+    def _hold_boots(self, cur) -> None:
+        """Under READ COMMITTED each statement sees what committed before it: a writer's upsert of `boots`
+        waits for this transaction instead (SHARE ROW EXCLUSIVE conflicts with its ROW EXCLUSIVE, not with
+        readers)."""
+        cur.execute("LOCK TABLE boots IN SHARE ROW EXCLUSIVE MODE")
+
     @contextlib.contextmanager
     def _tx(self, write: bool = True) -> Iterator:
         import psycopg

@@ -263,6 +263,10 @@ class SqlStore(Store):
     def _least(self, a: str, b: str) -> str:
         return f"LEAST({a}, {b})"
 
+    def _hold_boots(self, cur) -> None:
+        """Keep other writers' `boots` rows from changing until this transaction ends (_fold_boots: its two
+        statements must see the same boots). Nothing here: a SQLite write transaction holds the database."""
+
     def _insert_flags(self, cur, sql: str, rows: list[tuple]) -> list[bool]:
         """Execute an INSERT ... ON CONFLICT DO NOTHING per row; True where a row was inserted."""
         out = []
@@ -513,6 +517,9 @@ class SqlStore(Store):
                     f"d.boot_id FROM devices d WHERE d.fleet = {t}.fleet AND d.device = {t}.device), '')")
         lost = "CASE WHEN max_seq - min_seq + 1 - n > 0 THEN max_seq - min_seq + 1 - n ELSE 0 END"
         total = self._least("SUM(lost)", repr(float(MAX_GAPS)))
+        # (a window of a gone boot committed between the fold and the delete would keep that boot's row
+        # beside the fold that already counts its lost windows: counted twice)
+        self._hold_boots(cur)
         self._x(cur, "INSERT INTO boots (fleet, device, boot_id, min_seq, max_seq, n) "
                 f"SELECT fleet, device, '', 0, CAST({total} AS BIGINT) - 1, 0 FROM (SELECT fleet, device, "
                 f"CAST({lost} AS DOUBLE PRECISION) AS lost FROM boots b WHERE {gone('b')}) g GROUP BY fleet, device "
