@@ -356,7 +356,8 @@ def _twin_timer(ctx, exporter, prepared: Path, x1: np.ndarray, budget_ms: float 
             floated = ends if keep_ends else []
             if not set(best_float) <= set(floated):
                 return None  # (the twin can make layers float, not quantize those the best left in float)
-            if not activation_twin.int8_activation_twin(path, twin, [n for n in floated if n not in best_float]):
+            if not activation_twin.int8_activation_twin(path, twin, [n for n in floated if n not in best_float],
+                                                        fp32=prepared):
                 return None
             with ctx.progress.stage("timing the best's graph with int8 activations"):
                 _, over, fields = _timing(True, exporter.predictor(twin, ctx.threads), x1, budget_ms, fp32)
@@ -412,19 +413,19 @@ def _nncf_after_two(order: list[tuple]) -> list[tuple]:
     return other[:DEFER_PAST] + nncf + other[DEFER_PAST:] + [o for o in order if o[1]]
 
 
-# S8_TWIN. On x86 here onnxruntime's graphs with int8 (s8) activations ran 1.3-4.8x fp32's time where the
-# same graphs with uint8 ones ran 0.3-1.3x (six third-party models: compress/activation_twin.py), so an s8
-# candidate could not outrank a uint8 best no slower than fp32, yet cost its quantization and validation
-# (s8-minmax-ends: 5 s of a PP-OCR det export). Before the first s8 candidate of onnxruntime's starts behind
-# such a best, the best's own graph with its activations made int8 and, for an `-ends` candidate, its end
-# layers made float (its twin: the graph that candidate gets) is timed against fp32 as the candidates are,
-# about a second, once per best and end-layer choice. Timed against the real s8-minmax-ends graphs of those
-# six models (x fp32, twin/real): 4.44/4.58, 2.08/2.39, 1.59/1.51, 1.42/1.53, 1.35/1.31, 1.87/1.98 (the real
-# one is often slower: onnxruntime folds a Relu into a uint8 quantizer, not into an int8 one). The s8
-# candidates are then judged as if the twin were their sibling: not started only where it is clearly past
-# the line that would rank them after the best (SIBLING_MARGIN x val.SLOWER_THAN_FP32 = 1.5x fp32's time
-# behind a best no slower than fp32), so the 1.31-1.53 of three of those models start them. Measured per
-# model and host, not assumed from the architecture: on MobileNetV2 the twin ran at 0.9x fp32's time.
+# S8_TWIN. On x86 here onnxruntime's graphs with int8 (s8) activations ran 1.2-4.8x fp32's time where the
+# same graphs with uint8 ones ran 0.3-1.7x (six third-party models: compress/activation_twin.py), so an s8
+# candidate often cannot outrank a uint8 best no slower than fp32, yet costs its quantization and validation
+# (s8-minmax-ends: 3-5 s of a PP-OCR det export). Before the first s8 candidate of onnxruntime's starts behind
+# such a best, the best's own graph rebuilt as that candidate's (its twin: activations int8, the Relu and
+# Clip nodes a uint8 quantizer folds put back, and for an `-ends` candidate its end layers float) is timed
+# against fp32 as the candidates are, about a second, once per best and end-layer choice. On those six
+# models the twin of s8-minmax-ends has the very ops of the real s8-minmax-ends graph (every op type, the
+# same count); timed in one run (x fp32, twin/real): 4.36/3.21, 2.26/2.40, 1.52/1.26, 1.22/1.18, 1.32/1.33,
+# 1.84/1.96: the same graph, up to this host's noise. The s8 candidates are then judged as if the twin were
+# their sibling (SIBLING_MARGIN, past the line that would rank them after the best): PP-OCR det's and rec's
+# twins read 1.2-1.5x, so their s8 candidates are mostly tried; those of the others, 1.8-4.4x, are not.
+# Measured per model and host, not assumed from the architecture: on MobileNetV2 the twin ran at 0.9x.
 
 
 class _Speeds:
@@ -469,8 +470,8 @@ class _Speeds:
         return _outranked(sibling, (best, *self.best), self.budget_ms) if sibling else None
 
 
-def _outranked(sibling: tuple[str, bool, dict], best: tuple[str, bool, dict],
-               budget_ms: float | None = None, what: str = "the same graph layout") -> str | None:
+def _outranked(sibling: tuple[str, bool, dict], best: tuple[str, bool, dict], budget_ms: float | None = None,
+               what: str = "the same graph layout") -> str | None:
     """Why a candidate is not started because a passing one with its graph layout (`sibling`: label,
     within the latency budget, timing fields) was slower than the best passing one (`best`, the same)
     by more than timing noise: its own speed would rank it after the best whatever its metric (None:

@@ -163,6 +163,38 @@ def test_calibration_session_is_lean_and_changes_nothing(tmp_path, monkeypatch):
         assert (tmp_path / "lean.onnx").read_bytes() == (tmp_path / "default.onnx").read_bytes(), recipe
 
 
+def test_quantizer_rewiring_is_linear_and_changes_nothing(tmp_path, monkeypatch):
+    """onnxruntime's QDQ quantizer called a Python function on every node for every quantized tensor
+    (898,000 calls, 1.7 s of PP-OCR's recogniser's two candidates): for quantize_int8 it visits only the
+    nodes that read the tensor, rewires the same inputs (the same file's bytes), and is put back after."""
+    import contextlib
+
+    from onnxruntime.quantization.onnx_model import ONNXModel
+
+    fp32 = _pointwise_net(tmp_path / "m.onnx")
+    original = ONNXModel.replace_input_of_all_nodes
+    visits = {"n": 0}
+    real = ONNXModel.replace_node_input
+
+    def counted(node, old, new):
+        visits["n"] += 1
+        real(node, old, new)
+
+    calib = RNG.random((8, 3, 32, 32), dtype=np.float32)
+    counts = []
+    for rewiring in (q._linear_rewiring, contextlib.nullcontext):
+        with monkeypatch.context() as m:
+            m.setattr(q, "_linear_rewiring", rewiring)
+            m.setattr(ONNXModel, "replace_node_input", staticmethod(counted))
+            visits["n"] = 0
+            q.quantize_int8(fp32, tmp_path / f"{rewiring.__name__}.onnx", calib, q.Recipe.parse("s8-minmax"))
+            counts.append(visits["n"])
+    assert ONNXModel.replace_input_of_all_nodes is original
+    nodes = len(onnx.load(str(fp32)).graph.node)
+    assert counts[0] < counts[1] and counts[1] >= 3 * nodes, counts  # (every node, for each tensor, before)
+    assert (tmp_path / "_linear_rewiring.onnx").read_bytes() == (tmp_path / "nullcontext.onnx").read_bytes()
+
+
 def test_search_time_stops_a_calibration_once_a_candidate_passed():
     """--search-time used to stop only new candidates: one histogram calibration of an 800x608
     detector ran 6 minutes past a 3-minute budget. Past the budget, with a passing candidate in

@@ -26,21 +26,67 @@ import numpy as np
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
 
 
-def int8_activation_twin(src: Path, dst: Path, float_layers: Sequence[str] = ()) -> bool:
+def int8_activation_twin(src: Path, dst: Path, float_layers: Sequence[str] = (), fp32: Path | None = None) -> bool:
     """Write `src`'s twin with int8 activations to `dst`, the nodes named in `float_layers` run in float;
-    False (nothing written) when there is no such twin: `src` has no uint8 activations (already int8, or
-    no QDQ graph), a uint8 zero point or constant has a reader other than a Q/DQ slot, or a layer in
-    `float_layers` is not in the graph or cannot be made float here."""
+    with `fp32` (the float model `src` was quantized from), the Relu and Clip nodes onnxruntime folded
+    into uint8 quantizers are put back as its int8 graphs keep them (_unfold_activations). False (nothing
+    written) when there is no such twin: `src` has no uint8 activations (already int8, or no QDQ graph),
+    a uint8 zero point or constant has a reader other than a Q/DQ slot, or a layer in `float_layers` is
+    not in the graph or cannot be made float here."""
     import onnx
 
     model = onnx.load(str(src))
     g = model.graph
+    if fp32 is not None:
+        _unfold_activations(g, onnx.load(str(fp32), load_external_data=False).graph)
     if float_layers and not _in_float(g, set(float_layers)):
         return False
     if not _to_int8(g):
         return False
     onnx.save(model, str(dst))
     return True
+
+
+def _unfold_activations(g, fp32) -> None:
+    """Put back, in place, the Relu and Clip nodes of `fp32` that onnxruntime's quantizer folded into the
+    uint8 quantizer of the layer before them (it renames that layer's output to theirs and drops them; with
+    int8 activations it cannot: symmetric int8 has no zero point at the range's end), each between a Q/DQ
+    pair of its input (quantized by the layer that writes it) and its own output's quantizer.
+    Why: PP-OCR's detector (MobileNetV3, a Relu or HardSwish after most convolutions) ran its real
+    s8-minmax-ends graph at 1.42-1.59x fp32's time where the twin without them read 1.10-1.13x."""
+    from onnx import helper
+
+    names = {n.name for n in g.node}
+    produced_by = {o: n for n in g.node for o in n.output}
+    used = {i for n in g.node for i in n.input} | set(produced_by) | {t.name for t in g.initializer}
+    inits = {t.name for t in g.initializer}
+    fp32_inits = {t.name: t for t in fp32.initializer}
+    quantizer_of = {n.input[0]: n for n in g.node if n.op_type == "QuantizeLinear"}
+    for act in fp32.node:
+        if act.op_type not in ("Relu", "Clip") or not act.name or act.name in names:
+            continue
+        out, src = act.output[0], act.input[0]
+        layer = produced_by.get(out)
+        if layer is None or src in used or any(i and i not in used and i not in fp32_inits for i in act.input[1:]):
+            continue  # (not folded by the quantizer: removed for some other reason, or its min/max are gone)
+        for i in act.input[1:]:
+            if i and i not in inits:
+                g.initializer.append(fp32_inits[i])
+                inits.add(i)
+        layer.output[list(layer.output).index(out)] = src
+        new = []
+        q = quantizer_of.get(out)
+        read = src
+        if q is not None:  # (the same scale and zero point as its output's: only timed)
+            qname, read = f"{src}_twin_q", f"{src}_twin_dq"
+            new += [helper.make_node("QuantizeLinear", [src, *q.input[1:]], [qname], name=f"{act.name}_twin_q"),
+                    helper.make_node("DequantizeLinear", [qname, *q.input[1:]], [read], name=f"{act.name}_twin_dq")]
+        copy = helper.make_node(act.op_type, [read, *act.input[1:]], [out], name=act.name)
+        copy.attribute.extend(act.attribute)
+        at = list(g.node).index(layer) + 1
+        for k, n in enumerate([*new, copy]):
+            g.node.insert(at + k, n)
+        used |= {src, read}
 
 
 def _to_int8(g) -> bool:
@@ -93,11 +139,28 @@ def _subgraph_names(g) -> set[str]:
     return names
 
 
+# How onnxruntime's QDQ quantizer (quantize_static, QDQ format) decides which activations get a Q/DQ pair
+# (onnxruntime.quantization.registry, operators/): these ops pass int8 through, quantized only where their
+# data input is quantized already (a Reshape after an excluded last layer runs in float; Where: both data
+# inputs); every other op quantize_static quantizes (its QDQ and QLinear registries) quantizes its inputs
+# and output whatever feeds it (_quantizing); an op in neither quantizes nothing.
+_PASSING = {"Relu", "Clip", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "AveragePool", "Slice",
+            "TopK", "MaxPool", "Resize", "Gather", "GatherElements", "Where"}
+
+
+def _quantizing() -> set[str]:
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    return (set(QDQRegistry) | set(QLinearOpsRegistry)) - _PASSING
+
+
 def _in_float(g, names: set[str]) -> bool:
     """Make the nodes named in `names` run in float, in place, as quantize_static leaves the layers it is
-    told to exclude: their DequantizeLinear inputs replaced by what those dequantize (a constant's float
-    values; an activation's tensor before its QuantizeLinear), and a Q/DQ pair between such a node and a
-    graph output removed. False when a name is not a node of the graph or an input cannot be made float."""
+    told to exclude: their weights float constants, and the activation Q/DQ pairs that only they or what
+    follows them put there removed (an excluded layer quantizes neither its input nor its output, and an op
+    that passes int8 through then reads float). Which pairs stay is decided by onnxruntime's rules
+    (_quantizing, _PASSING); a graph those rules do not describe (a pair they would not have put there) has
+    no twin. False then, or when a name is not a node of the graph or a weight cannot be made float."""
     from onnx import numpy_helper
 
     nodes = {n.name: n for n in g.node if n.name}
@@ -105,61 +168,96 @@ def _in_float(g, names: set[str]) -> bool:
         return False
     produced_by = {o: n for n in g.node for o in n.output}
     inits = {t.name: t for t in g.initializer}
+    quantizers = [n for n in g.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits]
+    if not all(_Quantized(g, produced_by, set())(q.input[0]) for q in quantizers):
+        return False  # (the rules below do not describe this graph: its twin would be a guess)
     for name in names:
         node = nodes[name]
         for k, inp in enumerate(node.input):
             dq = produced_by.get(inp)
-            if dq is None or dq.op_type != "DequantizeLinear":
+            if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
                 continue
-            if dq.input[0] in inits:
-                values = _dequantized(dq, inits)
-                if values is None:
-                    return False
-                fresh = _unused(g, f"{dq.input[0]}_float")
-                g.initializer.append(numpy_helper.from_array(values, fresh))
-                node.input[k] = fresh
-                continue
-            q = produced_by.get(dq.input[0])
-            if q is None or q.op_type != "QuantizeLinear":
+            values = _dequantized(dq, inits)
+            if values is None:
                 return False
-            if _quantized_here(q.input[0], produced_by, names):
-                node.input[k] = q.input[0]
-        _float_output(g, node, produced_by)
+            fresh = _unused(g, f"{dq.input[0]}_float")
+            g.initializer.append(numpy_helper.from_array(values, fresh))
+            node.input[k] = fresh
+    quantized = _Quantized(g, produced_by, names)
+    for q in quantizers:
+        if not quantized(q.input[0]):
+            _bypass(g, q)
     _prune(g)
     return True
 
 
-def _quantized_here(tensor: str, produced_by: dict, floated: set[str]) -> bool:
-    """Whether `tensor`'s quantizer is there only for the layer being made float, so an excluded layer would
-    read it unquantized: a graph input, or the output of a layer made float or of a float op (no input of
-    it dequantized). A quantized op's output keeps its quantizer: onnxruntime quantizes what a quantized
-    op writes whoever reads it (an `-ends` graph's last layer reads its input through a Q/DQ pair)."""
-    producer = produced_by.get(tensor)
-    if producer is None or producer.name in floated:
-        return True
-    return not any(getattr(produced_by.get(i), "op_type", None) == "DequantizeLinear" for i in producer.input)
+class _Quantized:
+    """Whether a float tensor has a Q/DQ pair in quantize_static's graph with the layers `floated` excluded:
+    its producer quantizes its output (a _quantizing op, or a _PASSING one whose data input is quantized), or
+    a reader quantizes its inputs (a _quantizing op); an excluded layer does neither."""
+
+    def __init__(self, g, produced_by: dict, floated: set[str]) -> None:
+        self.produced_by, self.floated = produced_by, floated
+        self.quantizing = _quantizing()
+        self.readers: dict[str, list] = {}
+        for n in g.node:
+            for i in n.input:
+                self.readers.setdefault(i, []).append(n)
+        self.memo: dict[str, bool] = {}
+
+    def behind(self, tensor: str) -> str:
+        """The float tensor a DequantizeLinear(QuantizeLinear(t)) output stands for (itself elsewhere)."""
+        dq = self.produced_by.get(tensor)
+        q = self.produced_by.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        return q.input[0] if q is not None and q.op_type == "QuantizeLinear" else tensor
+
+    def __call__(self, t: str) -> bool:
+        if t not in self.memo:
+            self.memo[t] = False  # (a cycle guard; a valid graph has none)
+            p = self.produced_by.get(t)
+            own = p is not None and p.name not in self.floated and (
+                p.op_type in self.quantizing or p.op_type in _PASSING and all(
+                    self(self.behind(i)) for i in (p.input[1:3] if p.op_type == "Where" else p.input[:1])))
+            self.memo[t] = own or any(r.op_type in self.quantizing and r.name not in self.floated
+                                      for r in self._read_through(t))
+        return self.memo[t]
+
+    def _read_through(self, t: str) -> list:
+        """The nodes that read `t`, directly or through its Q/DQ pairs."""
+        out = []
+        for r in self.readers.get(t, []):
+            if r.op_type != "QuantizeLinear":
+                out.append(r)
+                continue
+            for dq in self.readers.get(r.output[0], []):
+                out.extend(self.readers.get(dq.output[0], []) if dq.op_type == "DequantizeLinear" else [dq])
+        return out
 
 
-def _float_output(g, node, produced_by: dict) -> None:
-    """Where `node`'s output reaches a graph output only through one QuantizeLinear -> DequantizeLinear
-    pair, the node writes the graph output itself (an excluded last layer's output has no quantizer)."""
-    readers: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
+def _bypass(g, q) -> None:
+    """Readers of `q`'s DequantizeLinear outputs read `q`'s float input instead; where such an output is a
+    graph output, the float tensor takes its name (its producer writes the graph output)."""
+    t = q.input[0]
     outputs = {o.name for o in g.output}
-    for k, out in enumerate(node.output):
-        q = readers.get(out, [])
-        if len(q) != 1 or q[0].op_type != "QuantizeLinear" or out in outputs:
+    dqs = [n for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] == q.output[0]]
+    for dq in dqs:
+        out = dq.output[0]
+        if out in outputs:
+            producer = next((n for n in g.node if t in n.output), None)
+            if producer is None or t in outputs:
+                continue  # (a graph input or output itself: the pair stays, a little more work timed)
+            for n in g.node:
+                for k, i in enumerate(n.input):
+                    if i == t:
+                        n.input[k] = out
+            producer.output[list(producer.output).index(t)] = out
+            g.node.remove(dq)  # (the graph output is the producer's now; `q`, if nothing else reads it, goes)
+            t = out
             continue
-        dq = readers.get(q[0].output[0], [])
-        if len(dq) != 1 or dq[0].op_type != "DequantizeLinear" or dq[0].output[0] not in outputs:
-            continue
-        if readers.get(dq[0].output[0]):
-            continue  # (the graph output is also read inside the graph, as the quantized value)
-        node.output[k] = dq[0].output[0]
-        for dead in (q[0], dq[0]):
-            g.node.remove(dead)
+        for n in g.node:
+            for k, i in enumerate(n.input):
+                if i == out:
+                    n.input[k] = t
 
 
 def _dequantized(dq, inits: dict) -> np.ndarray | None:

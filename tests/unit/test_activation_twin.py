@@ -107,6 +107,104 @@ def test_with_its_end_layers_float_the_twin_is_the_ends_candidates_graph(tmp_pat
     assert np.abs(twin - ref).max() < 0.05 * np.abs(fp32).max(), (np.abs(twin - ref).max(), np.abs(fp32).max())
 
 
+def _w(name, *shape):
+    return numpy_helper.from_array(np.random.default_rng(len(name)).standard_normal(shape).astype(np.float32) * 0.3,
+                                   name)
+
+
+def _graph(path, kind):
+    """Small models of the shapes onnxruntime's placement rules differ on: Relus after convolutions (a uint8
+    quantizer folds them, an int8 one keeps them), a pass-through op after the last layer (it runs in float
+    behind an excluded layer), the input read by the first layer and a quantized op beside it (its quantizer
+    stays), a Concat and Resize tail, a Clip with constant bounds."""
+    node, inits = helper.make_node, [_w("w1", 8, 3, 3, 3), _w("w2", 8, 8, 3, 3), _w("w3", 8, 8, 1, 1)]
+    out_shape = [1, 8, 16, 16]
+    if kind == "relus":
+        nodes = [node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+                 node("Relu", ["c1"], ["r1"], name="relu1"),
+                 node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
+                 node("Relu", ["c2"], ["r2"], name="relu2"), node("Conv", ["r2", "w3"], ["y"], name="conv3")]
+    elif kind == "reshape_tail":
+        inits.append(numpy_helper.from_array(np.array([1, 8, 256], np.int64), "shape"))
+        nodes = [node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+                 node("Conv", ["c1", "w2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
+                 node("Conv", ["c2", "w3"], ["c3"], name="conv3"),
+                 node("Reshape", ["c3", "shape"], ["y"], name="reshape")]
+        out_shape = [1, 8, 256]
+    elif kind == "shared_input":
+        inits[0] = _w("w1", 3, 3, 3, 3)
+        inits[1], inits[2] = _w("w2", 3, 3, 3, 3), _w("w3", 8, 3, 1, 1)
+        nodes = [node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+                 node("Add", ["c1", "x"], ["a"], name="add"),
+                 node("Conv", ["a", "w2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
+                 node("Conv", ["c2", "w3"], ["y"], name="conv3")]
+    elif kind == "concat_resize":
+        inits.append(numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"))
+        nodes = [node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+                 node("Conv", ["c1", "w2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
+                 node("Concat", ["c1", "c2"], ["cat"], axis=1, name="concat"),
+                 node("Conv", ["cat", "w4"], ["c3"], name="conv3"),
+                 node("Resize", ["c3", "", "scales"], ["y"], mode="nearest", name="resize")]
+        inits.append(_w("w4", 8, 16, 1, 1))
+        out_shape = [1, 8, 32, 32]
+    else:  # clip
+        inits += [numpy_helper.from_array(np.array(v, np.float32), k) for k, v in (("lo", 0.0), ("hi", 6.0))]
+        nodes = [node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+                 node("Conv", ["c1", "w2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
+                 node("Clip", ["c2", "lo", "hi"], ["k"], name="clip"), node("Conv", ["k", "w3"], ["y"], name="conv3")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)], inits)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+
+
+def _ops(path):
+    from collections import Counter
+
+    return Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+
+
+@pytest.mark.parametrize("kind", ["relus", "reshape_tail", "shared_input", "concat_resize", "clip"])
+def test_the_twin_has_the_ops_of_onnxruntimes_own_s8_graph(tmp_path, kind):
+    """Built from the uint8 best and the float model, the twin has every op of the project's own s8 graph of
+    the same model, as many of each (the kernels timed), with every layer int8 (s8-minmax) and with the end
+    layers float (s8-minmax-ends), and computes what that graph does."""
+    from lepton_edge.compress import quantize as q
+
+    _graph(tmp_path / "m.onnx", kind)
+    xs = np.random.default_rng(3).standard_normal((8, 3, 16, 16)).astype(np.float32)
+    u8 = q.quantize_int8(tmp_path / "m.onnx", tmp_path / "u8.onnx", xs, q.Recipe.parse("u8-minmax")).path
+    ends = q.end_layers(onnx.load(str(tmp_path / "m.onnx")))
+    fp32 = _run(tmp_path / "m.onnx", xs[:1])
+    for recipe, floated in (("s8-minmax", []), ("s8-minmax-ends", ends)):
+        real = q.quantize_int8(tmp_path / "m.onnx", tmp_path / f"{recipe}.onnx", xs, q.Recipe.parse(recipe)).path
+        twin = tmp_path / f"twin-{recipe}.onnx"
+        assert int8_activation_twin(u8, twin, floated, fp32=tmp_path / "m.onnx"), recipe
+        assert _ops(twin) == _ops(real), (recipe, _ops(twin), _ops(real), _ops(u8))
+        diff = np.abs(_run(twin, xs[:1]) - _run(real, xs[:1])).max()
+        assert diff < 0.1 * np.abs(fp32).max(), (recipe, diff, np.abs(fp32).max())
+
+
+def test_a_quantizer_onnxruntimes_rules_do_not_explain_leaves_no_float_layers_twin(tmp_path):
+    """The rules that decide which Q/DQ pairs a layer made float takes away are onnxruntime's: a graph with
+    a pair they would not have placed (between two ops that quantize nothing) is not theirs, so its twin
+    would be a guess: none with float layers (the all-int8 twin needs no such rules)."""
+    from lepton_edge.compress import quantize as q
+
+    _graph(tmp_path / "m.onnx", "relus")
+    xs = np.random.default_rng(3).standard_normal((8, 3, 16, 16)).astype(np.float32)
+    u8 = q.quantize_int8(tmp_path / "m.onnx", tmp_path / "u8.onnx", xs, q.Recipe.parse("u8-minmax")).path
+    model = onnx.load(str(u8))
+    zp = next(n.input[1:] for n in model.graph.node if n.op_type == "QuantizeLinear")
+    model.graph.node.extend([helper.make_node("Exp", ["y"], ["e"]),
+                             helper.make_node("QuantizeLinear", ["e", *zp], ["eq"]),
+                             helper.make_node("DequantizeLinear", ["eq", *zp], ["edq"]),
+                             helper.make_node("Neg", ["edq"], ["n"])])
+    model.graph.output.append(helper.make_tensor_value_info("n", TensorProto.FLOAT, None))
+    onnx.save(model, str(tmp_path / "odd.onnx"))
+    assert not int8_activation_twin(tmp_path / "odd.onnx", tmp_path / "twin.onnx", ["conv1", "conv3"])
+    assert int8_activation_twin(tmp_path / "odd.onnx", tmp_path / "twin.onnx")
+
+
 def test_a_uint8_constant_read_as_data_leaves_no_twin(tmp_path):
     """Moved by 128, a uint8 zero point that another op reads as data would make that op compute something
     else: such a graph has no twin, and nothing is written."""

@@ -179,8 +179,8 @@ def test_no_twin_behind_an_nncf_or_slow_best(search):
 
 def test_a_twin_is_judged_against_the_slower_than_fp32_line_with_the_margin(search):
     """Behind a best at 0.8x fp32, an s8 candidate ranks after it only at 1.25x fp32 or slower (_speed), so
-    its twin must be clearly past that line (1.2 x 1.25 = 1.5x), not 1.2x the best's 0.8x: at 1.4x the
-    candidates are tried, at 1.6x they are not."""
+    its twin must be clearly past that line (SIBLING_MARGIN: 1.2 x 1.25 = 1.5x), not 1.2x the best's 0.8x
+    (0.96x): at 1.4x the candidates are tried, at 1.6x they are not."""
     names = ["u8-minmax", "u8-percentile", "s8-minmax-ends"]
     table = {"u8-minmax": (True, 0.6, 8.0), "u8-percentile": (True, 0.7, 8.0), "s8-minmax-ends": (True, 0.9, 11.0)}
     best, tried = search(names, table, mostly_float=False, twin_vs=1.4)
