@@ -62,30 +62,38 @@ def _unfold_activations(g, fp32) -> None:
     inits = {t.name for t in g.initializer}
     fp32_inits = {t.name: t for t in fp32.initializer}
     quantizer_of = {n.input[0]: n for n in g.node if n.op_type == "QuantizeLinear"}
-    for act in fp32.node:
+    for act in reversed(fp32.node):  # (last first: of two folded in a row, the second's output is the layer's)
         if act.op_type not in ("Relu", "Clip") or not act.name or act.name in names:
             continue
         out, src = act.output[0], act.input[0]
         layer = produced_by.get(out)
-        if layer is None or src in used or any(i and i not in used and i not in fp32_inits for i in act.input[1:]):
-            continue  # (not folded by the quantizer: removed for some other reason, or its min/max are gone)
-        for i in act.input[1:]:
-            if i and i not in inits:
+        if layer is not None and layer.op_type == "DequantizeLinear":  # a graph output: layer -> Q -> DQ -> out
+            q = produced_by.get(layer.input[0])
+            out = q.input[0] if q is not None and q.op_type == "QuantizeLinear" else out
+            layer = produced_by.get(out) if q is not None and q.op_type == "QuantizeLinear" else None
+        bounds = [i for i in act.input[1:] if i]
+        if layer is None or layer.op_type in _QDQ or src in used or not all(i in inits or i in fp32_inits
+                                                                           for i in bounds):
+            continue  # (not folded by the quantizer, or its bounds are no constants this graph can hold)
+        for i in bounds:
+            if i not in inits:
                 g.initializer.append(fp32_inits[i])
                 inits.add(i)
         layer.output[list(layer.output).index(out)] = src
-        new = []
+        new, read = [], src
         q = quantizer_of.get(out)
-        read = src
         if q is not None:  # (the same scale and zero point as its output's: only timed)
-            qname, read = f"{src}_twin_q", f"{src}_twin_dq"
-            new += [helper.make_node("QuantizeLinear", [src, *q.input[1:]], [qname], name=f"{act.name}_twin_q"),
-                    helper.make_node("DequantizeLinear", [qname, *q.input[1:]], [read], name=f"{act.name}_twin_dq")]
+            qname, read = _unused(g, f"{src}_twin_q"), _unused(g, f"{src}_twin_dq")
+            new += [helper.make_node("QuantizeLinear", [src, *q.input[1:]], [qname], name=qname),
+                    helper.make_node("DequantizeLinear", [qname, *q.input[1:]], [read], name=read)]
+            quantizer_of[src] = new[0]
         copy = helper.make_node(act.op_type, [read, *act.input[1:]], [out], name=act.name)
         copy.attribute.extend(act.attribute)
         at = list(g.node).index(layer) + 1
         for k, n in enumerate([*new, copy]):
             g.node.insert(at + k, n)
+        produced_by[src] = layer
+        produced_by[out] = copy
         used |= {src, read}
 
 
@@ -193,17 +201,20 @@ def _in_float(g, names: set[str]) -> bool:
 
 class _Quantized:
     """Whether a float tensor has a Q/DQ pair in quantize_static's graph with the layers `floated` excluded:
-    its producer quantizes its output (a _quantizing op, or a _PASSING one whose data input is quantized), or
-    a reader quantizes its inputs (a _quantizing op); an excluded layer does neither."""
+    its producer quantizes its output (a _quantizing op, or a _PASSING one whose data input is quantized by
+    the time onnxruntime reaches it: it visits the nodes in graph order), or a reader quantizes its inputs
+    (a _quantizing op); an excluded layer does neither."""
 
     def __init__(self, g, produced_by: dict, floated: set[str]) -> None:
         self.produced_by, self.floated = produced_by, floated
         self.quantizing = _quantizing()
         self.readers: dict[str, list] = {}
-        for n in g.node:
+        self.place: dict[str, int] = {}  # a node's place in the graph, by its first output
+        for k, n in enumerate(g.node):
+            self.place[n.output[0] if n.output else ""] = k
             for i in n.input:
                 self.readers.setdefault(i, []).append(n)
-        self.memo: dict[str, bool] = {}
+        self.memo: dict[tuple, bool] = {}
 
     def behind(self, tensor: str) -> str:
         """The float tensor a DequantizeLinear(QuantizeLinear(t)) output stands for (itself elsewhere)."""
@@ -211,16 +222,22 @@ class _Quantized:
         q = self.produced_by.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
         return q.input[0] if q is not None and q.op_type == "QuantizeLinear" else tensor
 
-    def __call__(self, t: str) -> bool:
-        if t not in self.memo:
-            self.memo[t] = False  # (a cycle guard; a valid graph has none)
+    def __call__(self, t: str, before: int | None = None) -> bool:
+        """Whether `t` is quantized in the end (`before` None), or already when onnxruntime reaches the node
+        at that place: by its producer, or by a quantizing reader placed before it."""
+        key = (t, before)
+        if key not in self.memo:
+            self.memo[key] = False  # (a cycle guard; a valid graph has none)
             p = self.produced_by.get(t)
             own = p is not None and p.name not in self.floated and (
                 p.op_type in self.quantizing or p.op_type in _PASSING and all(
-                    self(self.behind(i)) for i in (p.input[1:3] if p.op_type == "Where" else p.input[:1])))
-            self.memo[t] = own or any(r.op_type in self.quantizing and r.name not in self.floated
-                                      for r in self._read_through(t))
-        return self.memo[t]
+                    self(self.behind(i), self.place.get(p.output[0]))
+                    for i in (p.input[1:3] if p.op_type == "Where" else p.input[:1])))
+            self.memo[key] = own or any(
+                r.op_type in self.quantizing and r.name not in self.floated
+                and (before is None or self.place.get(r.output[0] if r.output else "", before) < before)
+                for r in self._read_through(t))
+        return self.memo[key]
 
     def _read_through(self, t: str) -> list:
         """The nodes that read `t`, directly or through its Q/DQ pairs."""

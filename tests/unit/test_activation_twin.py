@@ -116,7 +116,8 @@ def _graph(path, kind):
     """Small models of the shapes onnxruntime's placement rules differ on: Relus after convolutions (a uint8
     quantizer folds them, an int8 one keeps them), a pass-through op after the last layer (it runs in float
     behind an excluded layer), the input read by the first layer and a quantized op beside it (its quantizer
-    stays), a Concat and Resize tail, a Clip with constant bounds."""
+    stays), a Concat and Resize tail, a Clip with constant bounds, two Relus in a row and one writing the
+    output, a pass-through op that onnxruntime reaches before the layer that quantizes its input."""
     node, inits = helper.make_node, [_w("w1", 8, 3, 3, 3), _w("w2", 8, 8, 3, 3), _w("w3", 8, 8, 1, 1)]
     out_shape = [1, 8, 16, 16]
     if kind == "relus":
@@ -147,6 +148,17 @@ def _graph(path, kind):
                  node("Resize", ["c3", "", "scales"], ["y"], mode="nearest", name="resize")]
         inits.append(_w("w4", 8, 16, 1, 1))
         out_shape = [1, 8, 32, 32]
+    elif kind == "relu_chain_last":  # two Relus in a row, and a Relu writing the graph's output
+        nodes = [node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+                 node("Relu", ["c1"], ["r1"], name="relu1"), node("Relu", ["r1"], ["r2"], name="relu2"),
+                 node("Conv", ["r2", "w2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
+                 node("Conv", ["c2", "w3"], ["c3"], name="conv3"), node("Relu", ["c3"], ["y"], name="relu3")]
+    elif kind == "pool_before_reader":  # a pass-through op placed before the layer that quantizes its input
+        nodes = [node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+                 node("MaxPool", ["c1"], ["p"], kernel_shape=[2, 2], name="pool"),
+                 node("Conv", ["c1", "w2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
+                 node("Conv", ["c2", "w3"], ["c3"], name="conv3"), node("Exp", ["p"], ["e"], name="exp"),
+                 node("ReduceMean", ["e"], ["m"], keepdims=1, name="mean"), node("Add", ["c3", "m"], ["y"], name="add")]
     else:  # clip
         inits += [numpy_helper.from_array(np.array(v, np.float32), k) for k, v in (("lo", 0.0), ("hi", 6.0))]
         nodes = [node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
@@ -163,7 +175,8 @@ def _ops(path):
     return Counter(n.op_type for n in onnx.load(str(path)).graph.node)
 
 
-@pytest.mark.parametrize("kind", ["relus", "reshape_tail", "shared_input", "concat_resize", "clip"])
+@pytest.mark.parametrize("kind", ["relus", "reshape_tail", "shared_input", "concat_resize", "clip", "relu_chain_last",
+                                  "pool_before_reader"])
 def test_the_twin_has_the_ops_of_onnxruntimes_own_s8_graph(tmp_path, kind):
     """Built from the uint8 best and the float model, the twin has every op of the project's own s8 graph of
     the same model, as many of each (the kernels timed), with every layer int8 (s8-minmax) and with the end
