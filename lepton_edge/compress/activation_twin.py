@@ -1,7 +1,8 @@
-"""A quantized ONNX graph's twin with int8 (s8) activations where it has uint8 ones: the same quantizers in
-the same places, each uint8 zero point and uint8 constant moved down by 128 (the same real values), so
-onnxruntime picks the kernels it would for an s8 candidate of that layout; with `float_layers`, those
-layers also run in float as an `-ends` candidate's first and last layers do. Used only to time it.
+"""onnxruntime's uint8-activation QDQ graph of a model rebuilt as its int8 (s8) one, only to time it (its
+twin): each uint8 zero point and uint8 constant moved down by 128 (the same real values), the Relu and
+Clip nodes a uint8 quantizer folds put back (`fp32`), and with `float_layers` those layers in float as an
+`-ends` candidate's first and last layers are, the Q/DQ pairs placed by onnxruntime's own rules. On six
+third-party models the twin has every op of the real s8-minmax and s8-minmax-ends graphs, as many of each.
 
 Why: on x86 here onnxruntime's quantize_static graphs with int8 activations ran 1.4-4.5x fp32's time on
 five third-party models (MobileNetV2: 0.9-1.8x in two runs) where the same graphs with uint8 activations
