@@ -589,7 +589,10 @@ def _nncf_int8(model, out_path: Path, feeds, dtypes, recipe: Recipe, exclude, ch
         import nncf
     except ImportError:
         raise ValueError("NNCF is not installed (pip install 'lepton-edge[export]')") from None
+    from lepton_edge.compress import nncf_matching
+
     no_nncf_telemetry()
+    nncf_matching.install()  # (the same fused patterns found, sooner)
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
 
     from lepton_edge import ui
