@@ -12,11 +12,14 @@ onnxruntime's own code; only this method is swapped, for the calibration's durat
 (`linear_time_histograms`, beside `quantize._lean_calibration`).
 
 The histogram calibrators also get every calibrated tensor whole; `sampled_histograms` has the graph
-hand them a strided sample of each with its exact extremes instead (`sampled_augment_graph`).
+hand them a strided sample of each with its exact extremes instead (`sampled_augment_graph`), and
+`overlapped_histograms` bins one stride's samples while onnxruntime runs the next.
 """
 from __future__ import annotations
 
+import copy
 import math
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -31,8 +34,11 @@ def collect_absolute_value(self, name_to_arr: dict) -> None:
     for tensor, data in name_to_arr.items():
         if tensor.endswith(SAMPLED_SUFFIX):  # each run's sample, then that run's exact min and max
             runs = [np.asarray(d).ravel() for d in data]
-            arr = np.concatenate([r[:-2] for r in runs])
-            lo, hi = np.nanmin([r[-2] for r in runs]), np.nanmax([r[-1] for r in runs])  # (as MinMax's)
+            if len(runs) == 1:  # (a stride of one run: its own sample, min and max, as the lines below give them)
+                arr, lo, hi = runs[0][:-2], runs[0][-2], runs[0][-1]
+            else:
+                arr = np.concatenate([r[:-2] for r in runs])
+                lo, hi = np.nanmin([r[-2] for r in runs]), np.nanmax([r[-1] for r in runs])  # (as MinMax's)
         else:
             arr = np.asarray(data).ravel()
             if arr.size:
@@ -45,13 +51,18 @@ def collect_absolute_value(self, name_to_arr: dict) -> None:
             self.histogram_dict[tensor] = (hist, edges.astype(arr.dtype), lo, hi)
             continue
         old_hist, old_edges, old_lo, old_hi = self.histogram_dict[tensor]
-        edges = extended_edges(old_edges, max(abs(lo), abs(hi)))  # max |x|, from the range already taken
-        hist = bin_counts(arr, len(edges) - 1, float(edges[0]), float(edges[-1]))
+        top = max(abs(lo), abs(hi))  # max |x|, from the range already taken
+        if top > old_edges[-1]:
+            edges = extended_edges(old_edges, top)  # (binned on these float64 edges, kept in the tensor's type)
+            kept = edges.astype(arr.dtype)
+        else:  # (no new bins: extended_edges would give the same values again, and their copy)
+            edges = kept = old_edges
+        hist = bin_counts(arr, len(edges) - 1, float(edges[0]), float(edges[-1]), owned=True)
         hist[: len(old_hist)] += old_hist
-        self.histogram_dict[tensor] = (hist, edges.astype(arr.dtype), min(old_lo, lo), max(old_hi, hi))
+        self.histogram_dict[tensor] = (hist, kept, min(old_lo, lo), max(old_hi, hi))
 
 
-def bin_counts(arr: np.ndarray, bins: int, lo: float, hi: float) -> np.ndarray:
+def bin_counts(arr: np.ndarray, bins: int, lo: float, hi: float, owned: bool = False) -> np.ndarray:
     """Counts of `arr` in `bins` equal bins from `lo` to `hi`: a value's bin is its offset times the bins
     per unit, floored (numpy's uniform path then corrects the few values that float rounding puts one
     bin off, in five more passes over the data). Values below `lo` (and NaN, and infinities) are left out,
@@ -61,9 +72,14 @@ def bin_counts(arr: np.ndarray, bins: int, lo: float, hi: float) -> np.ndarray:
     counts differ from numpy's by a value at a bin edge now and then (1 in 65,538 there).
     How: one float array, worked in place. Shifted up one bin, whatever is left out lands in bin 0 (the
     values below `lo` by clipping, NaN and infinities set there first), and that bin is dropped, so no
-    mask and no filtered copy are made (0.26 ms a call with them)."""
+    mask and no filtered copy are made (0.26 ms a call with them). `owned`: `arr` is the caller's scratch
+    copy (a float32 one is then worked in place: the same arithmetic, one array less)."""
     scale = np.float32(bins / (hi - lo)) if hi > lo else np.float32(0.0)
-    f = arr.astype(np.float32, copy=False) - np.float32(lo)
+    if owned and arr.dtype == np.float32:
+        f = arr
+        f -= np.float32(lo)
+    else:
+        f = arr.astype(np.float32, copy=False) - np.float32(lo)
     f *= scale
     f += np.float32(1.0)
     f[~np.isfinite(f)] = 0.0
@@ -212,4 +228,89 @@ def sampled_histograms() -> Iterator[None]:
         yield
     finally:
         HistogramCalibrater.augment_graph = augment  # type: ignore[method-assign]
+        HistogramCalibrater.compute_data = compute  # type: ignore[method-assign]
+
+
+# --- binning beside the next stride's run -----------------------------------------------------------
+
+class _Binning(threading.Thread):
+    """One stride's samples binned into the calibrator's collector, in its own thread; what it raised is
+    kept for the calibration's thread (`_finish`)."""
+
+    def __init__(self, collector, name_to_arr: dict):
+        super().__init__(name="lepton-histogram-binning", daemon=True)
+        self.collector, self.name_to_arr, self.error = collector, name_to_arr, None
+
+    def run(self) -> None:
+        try:
+            self.collector.collect(self.name_to_arr)
+        except BaseException as e:  # noqa: BLE001 (re-raised in the calibration's thread)
+            self.error = e
+        finally:
+            self.name_to_arr = {}  # (its samples go as soon as they are binned)
+
+
+def _finish(calibrator) -> None:
+    """Wait for the stride being binned, if any, and raise what its binning raised."""
+    pending = getattr(calibrator, "lepton_binning", None)
+    if pending is None:
+        return
+    calibrator.lepton_binning = None
+    pending.join()
+    if pending.error is not None:
+        raise pending.error
+
+
+def overlapped_collect_data(self, data_reader) -> None:
+    """Drop-in for `HistogramCalibrater.collect_data`: the stride's batches run as onnxruntime's own method
+    runs them, then the previous stride's binning is waited for and this stride's starts in a thread, so
+    binning stride k overlaps running stride k+1 (onnxruntime releases the GIL while it runs, numpy in its
+    array loops). The strides are binned one at a time and in order, so the histograms are the same as
+    binned in line. Two strides' samples are alive at once (the one being binned, the one being run)."""
+    from onnxruntime.quantization.calibrate import HistogramCollector
+
+    input_names = {node_arg.name for node_arg in self.infer_session.get_inputs()}
+    output_names = [node_arg.name for node_arg in self.infer_session.get_outputs()]
+    merged: dict[str, list] = {}
+    runs = 0
+    while True:
+        inputs = data_reader.get_next()
+        if not inputs:
+            break
+        runs += 1
+        for name, out in zip(output_names, self.infer_session.run(None, inputs)):
+            if name in self.tensors_to_calibrate:
+                # (onnxruntime copies an output that is also an input: its issue 21922)
+                merged.setdefault(name, []).append(copy.copy(out) if name in input_names else out)
+    _finish(self)
+    if not runs:
+        raise ValueError("No data is collected.")  # (onnxruntime's own error)
+    if not self.collector:
+        self.collector = HistogramCollector(method=self.method, symmetric=self.symmetric, num_bins=self.num_bins,
+                                            num_quantized_bins=self.num_quantized_bins, percentile=self.percentile,
+                                            scenario=self.scenario)
+    self.lepton_binning = _Binning(self.collector, merged)
+    self.lepton_binning.start()
+
+
+def _binned_first(compute_data):
+    def wrapped(self):
+        _finish(self)
+        return compute_data(self)
+    return wrapped
+
+
+@contextmanager
+def overlapped_histograms() -> Iterator[None]:
+    """onnxruntime's HistogramCalibrater with `overlapped_collect_data`, and its compute_data waiting for the
+    last stride's binning, for the block (put back after, as `linear_time_histograms` does)."""
+    from onnxruntime.quantization.calibrate import HistogramCalibrater
+
+    collect, compute = HistogramCalibrater.collect_data, HistogramCalibrater.compute_data
+    HistogramCalibrater.collect_data = overlapped_collect_data  # type: ignore[method-assign]
+    HistogramCalibrater.compute_data = _binned_first(compute)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        HistogramCalibrater.collect_data = collect  # type: ignore[method-assign]
         HistogramCalibrater.compute_data = compute  # type: ignore[method-assign]

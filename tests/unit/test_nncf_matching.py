@@ -71,8 +71,8 @@ class _Counted:
 def test_nncf_quantizes_to_the_same_bytes_with_far_fewer_edge_count_tests(monkeypatch):
     import networkx.algorithms.isomorphism as ism
 
-    monkeypatch.setattr(graph_matching, "ism", graph_matching.ism)  # (put back after: install() is for good)
-    assert graph_matching.ism is ism  # NNCF as it comes
+    # NNCF as it comes, whatever an earlier export in this process installed (put back after the test)
+    monkeypatch.setattr(graph_matching, "ism", ism)
     model = _model()
     plain_count = _Counted(monkeypatch)
     plain_count.watch(ism.DiGraphMatcher)  # (MultiDiGraphMatcher inherits it)
@@ -102,7 +102,7 @@ def test_the_same_subgraphs_in_the_same_order_for_every_fused_pattern_of_the_onn
     from nncf.onnx.graph.nncf_graph_builder import GraphConverter
     from nncf.parameters import TargetDevice
 
-    monkeypatch.setattr(graph_matching, "ism", graph_matching.ism)
+    monkeypatch.setattr(graph_matching, "ism", ism)  # (NNCF as it comes, as above)
     nx_graph = InsertionPointGraph(GraphConverter.create_nncf_graph(_model())).get_base_nx_graph()
     patterns = PatternsManager.get_full_hw_pattern_graph(backend=BackendType.ONNX, device=TargetDevice.CPU)
     plain = graph_matching.find_subgraphs_matching_pattern(nx_graph, patterns)
