@@ -301,8 +301,7 @@ def nncf_cmd(fp32_onnx: str, calib_xs: list[np.ndarray], work: Path, dst_name: s
              ) -> tuple[list[str], Path]:
     """The command of NNCF's quantize on `calib_xs` (saved beside it, kept for the paired rounds), and its file."""
     npz = work / "calib.npz"
-    if not npz.exists():
-        np.savez(npz, *calib_xs)
+    np.savez(npz, *calib_xs)  # (written again each time: never a file an interrupted run left)
     script = work / "nncf_q.py"
     script.write_text(NNCF_SCRIPT)
     dst = work / dst_name
@@ -329,11 +328,12 @@ def paired_times(int8_cmd: list[str], int8_out: Path, nncf: tuple[list[str], Pat
         figs = fair.rounds({"int8": slot(int8_cmd, int8_out), "nncf": slot(nncf[0], nncf[1])}, rounds)
     except RuntimeError as e:
         return {"error": str(e)[:300]}
+    finally:
+        shutil.rmtree(int8_out, ignore_errors=True)
+        nncf[1].unlink(missing_ok=True)
     r = fair.ratio(figs["int8"], figs["nncf"])
     res = {"int8_s": figs["int8"], "nncf_s": figs["nncf"], "median": round(r.median, 3), "lo": round(r.lo, 3),
            "hi": round(r.hi, 3), "rounds": r.n}
-    shutil.rmtree(int8_out, ignore_errors=True)
-    nncf[1].unlink(missing_ok=True)
     record.write_text(json.dumps(res))
     return res
 

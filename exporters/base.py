@@ -424,9 +424,11 @@ def _float(ctx: ExportContext, exporter: Exporter, fp32: Path, chosen: Path, pre
 
 def _int8(ctx: ExportContext, exporter: Exporter, fp32: Path, chosen: Path, validate, recipes: list[str]):
     """The recipe search (exporters/recipes.py); the best passing candidate becomes `chosen`."""
+    from lepton_edge.compress import weight_memo
     from lepton_edge.exporters import recipes as search, validation as val
 
-    found = search.search(ctx, exporter, exporter.prepare_int8(ctx, fp32), validate, recipes)
+    with weight_memo.kept_for_the_search():  # (each candidate's int8 weights are the same: computed once)
+        found = search.search(ctx, exporter, exporter.prepare_int8(ctx, fp32), validate, recipes)
     if found.path is None and found.failure:
         raise CheckFailed(found.failure, details={"attempts": found.attempts})
     if found.path is None:

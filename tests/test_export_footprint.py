@@ -223,13 +223,19 @@ def test_weights_are_quantized_once_for_every_candidate_and_the_files_are_the_sa
     monkeypatch.setattr(qdq_quantizer, "quantize_onnx_initializer", init)
     weight_memo.forget()
     seen = []
-    for name in ("u8-minmax", "u8-percentile", "s8-minmax"):
-        before = dict(calls)
-        q.quantize_int8(fp32, tmp_path / f"{name}.onnx", calib, q.Recipe.parse(name))
-        seen.append({k: calls[k] - before[k] for k in calls})
+    with weight_memo.kept_for_the_search():  # (as exporters/base.py holds it around the recipe search)
+        for name in ("u8-minmax", "u8-percentile", "s8-minmax"):
+            before = dict(calls)
+            q.quantize_int8(fp32, tmp_path / f"{name}.onnx", calib, q.Recipe.parse(name))
+            seen.append({k: calls[k] - before[k] for k in calls})
+        assert weight_memo._kept  # kept between the candidates
+    assert not weight_memo._kept  # and gone after the search
     assert seen[0]["params"] >= 24 * 4 and seen[0]["init"] == 4, seen  # a call per channel, one per weight
     assert seen[1] == seen[2] == {"params": 0, "init": 0}, seen  # the same weights: nothing computed again
     assert qdq_quantizer.compute_data_quant_params is params and qdq_quantizer.quantize_onnx_initializer is init
+    before = dict(calls)
+    q.quantize_int8(fp32, tmp_path / "alone.onnx", calib, q.Recipe.parse("u8-minmax"))  # no search: none kept
+    assert calls["init"] - before["init"] == 4 and not weight_memo._kept
 
     monkeypatch.setattr(weight_memo, "remembered_weights", contextlib.nullcontext)
     for name in ("u8-percentile", "s8-minmax"):

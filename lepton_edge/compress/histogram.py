@@ -12,14 +12,11 @@ onnxruntime's own code; only this method is swapped, for the calibration's durat
 (`linear_time_histograms`, beside `quantize._lean_calibration`).
 
 The histogram calibrators also get every calibrated tensor whole; `sampled_histograms` has the graph
-hand them a strided sample of each with its exact extremes instead (`sampled_augment_graph`), and
-`overlapped_histograms` bins one stride's samples while onnxruntime runs the next.
+hand them a strided sample of each with its exact extremes instead (`sampled_augment_graph`).
 """
 from __future__ import annotations
 
-import copy
 import math
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -230,87 +227,3 @@ def sampled_histograms() -> Iterator[None]:
         HistogramCalibrater.augment_graph = augment  # type: ignore[method-assign]
         HistogramCalibrater.compute_data = compute  # type: ignore[method-assign]
 
-
-# --- binning beside the next stride's run -----------------------------------------------------------
-
-class _Binning(threading.Thread):
-    """One stride's samples binned into the calibrator's collector, in its own thread; what it raised is
-    kept for the calibration's thread (`_finish`)."""
-
-    def __init__(self, collector, name_to_arr: dict):
-        super().__init__(name="lepton-histogram-binning", daemon=True)
-        self.collector, self.name_to_arr, self.error = collector, name_to_arr, None
-
-    def run(self) -> None:
-        try:
-            self.collector.collect(self.name_to_arr)
-        except BaseException as e:  # noqa: BLE001 (re-raised in the calibration's thread)
-            self.error = e
-        finally:
-            self.name_to_arr = {}  # (its samples go as soon as they are binned)
-
-
-def _finish(calibrator) -> None:
-    """Wait for the stride being binned, if any, and raise what its binning raised."""
-    pending = getattr(calibrator, "lepton_binning", None)
-    if pending is None:
-        return
-    calibrator.lepton_binning = None
-    pending.join()
-    if pending.error is not None:
-        raise pending.error
-
-
-def overlapped_collect_data(self, data_reader) -> None:
-    """Drop-in for `HistogramCalibrater.collect_data`: the stride's batches run as onnxruntime's own method
-    runs them, then the previous stride's binning is waited for and this stride's starts in a thread, so
-    binning stride k overlaps running stride k+1 (onnxruntime releases the GIL while it runs, numpy in its
-    array loops). The strides are binned one at a time and in order, so the histograms are the same as
-    binned in line. Two strides' samples are alive at once (the one being binned, the one being run)."""
-    from onnxruntime.quantization.calibrate import HistogramCollector
-
-    input_names = {node_arg.name for node_arg in self.infer_session.get_inputs()}
-    output_names = [node_arg.name for node_arg in self.infer_session.get_outputs()]
-    merged: dict[str, list] = {}
-    runs = 0
-    while True:
-        inputs = data_reader.get_next()
-        if not inputs:
-            break
-        runs += 1
-        for name, out in zip(output_names, self.infer_session.run(None, inputs)):
-            if name in self.tensors_to_calibrate:
-                # (onnxruntime copies an output that is also an input: its issue 21922)
-                merged.setdefault(name, []).append(copy.copy(out) if name in input_names else out)
-    _finish(self)
-    if not runs:
-        raise ValueError("No data is collected.")  # (onnxruntime's own error)
-    if not self.collector:
-        self.collector = HistogramCollector(method=self.method, symmetric=self.symmetric, num_bins=self.num_bins,
-                                            num_quantized_bins=self.num_quantized_bins, percentile=self.percentile,
-                                            scenario=self.scenario)
-    self.lepton_binning = _Binning(self.collector, merged)
-    self.lepton_binning.start()
-
-
-def _binned_first(compute_data):
-    def wrapped(self):
-        _finish(self)
-        return compute_data(self)
-    return wrapped
-
-
-@contextmanager
-def overlapped_histograms() -> Iterator[None]:
-    """onnxruntime's HistogramCalibrater with `overlapped_collect_data`, and its compute_data waiting for the
-    last stride's binning, for the block (put back after, as `linear_time_histograms` does)."""
-    from onnxruntime.quantization.calibrate import HistogramCalibrater
-
-    collect, compute = HistogramCalibrater.collect_data, HistogramCalibrater.compute_data
-    HistogramCalibrater.collect_data = overlapped_collect_data  # type: ignore[method-assign]
-    HistogramCalibrater.compute_data = _binned_first(compute)  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        HistogramCalibrater.collect_data = collect  # type: ignore[method-assign]
-        HistogramCalibrater.compute_data = compute  # type: ignore[method-assign]

@@ -442,7 +442,7 @@ def _ort_int8(model, out_path: Path, feeds, recipe: Recipe, per_channel: bool, e
 
     from lepton_edge import ui
     from lepton_edge.compress import calibration as cal, shared_ranges
-    from lepton_edge.compress.histogram import linear_time_histograms, overlapped_histograms, sampled_histograms
+    from lepton_edge.compress.histogram import linear_time_histograms, sampled_histograms
     from lepton_edge.compress.weight_memo import remembered_weights
 
     method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
@@ -470,7 +470,7 @@ def _ort_int8(model, out_path: Path, feeds, recipe: Recipe, per_channel: bool, e
             with ui.progress("calibrating" if not cached else "quantizing (ranges of an earlier candidate's "
                              "calibration)", n) as advance, ui.libraries_silenced("", stderr=False), \
                     _lean_calibration(), _linear_rewiring(), linear_time_histograms(), sampled_histograms(), \
-                    overlapped_histograms(), remembered_weights(), \
+                    remembered_weights(), \
                     shared_ranges.one_pass(files, recipe.calibration) if one_pass else nullcontext():
                 # (the histogram calibrators print their own progress to stdout, which --json keeps clean, and
                 # onnxruntime warns on the root logger that we skipped pre-processing: we do it when it helps)

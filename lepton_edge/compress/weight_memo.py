@@ -8,10 +8,12 @@ That was 0.7-0.9 s of each candidate's 1.5 s in onnxruntime's quantizer there.
 
 Both are pure functions of their arguments, so within `remembered_weights()` each answer is kept, keyed by
 every argument with the data's bytes hashed (BLAKE2b, 128 bits), and a later call with the same arguments
-gets a copy of it: the same arrays and tensor, so a byte-identical file (tests/unit/test_weight_memo.py).
+gets a copy of it: the same arrays and tensor, so a byte-identical file (tests/test_export_footprint.py).
 What the activations or the calibration decide (their ranges, the bias's int32 scale) is not kept here.
-The kept answers are bounded (MAX_BYTES, then they are dropped and computed again); onnxruntime's own
-functions are put back after the block, as `quantize._linear_rewiring` does.
+The answers live as long as the export's recipe search (`kept_for_the_search`, exporters/base.py), else
+as long as the block, and are bounded (MAX_BYTES, then they are dropped and computed again): a process
+that goes on after its export (a test session, a notebook) keeps none of it. onnxruntime's own functions
+are put back after the block, as `quantize._linear_rewiring` does.
 """
 from __future__ import annotations
 
@@ -48,11 +50,29 @@ def _keep(key: tuple, value, nbytes: int) -> None:
             _kept_bytes[0] += nbytes
 
 
+_searches = [0]  # recipe searches under way in this process (kept_for_the_search)
+
+
 def forget() -> None:
-    """Drop every kept answer (tests; the bound does it on its own)."""
+    """Drop every kept answer."""
     with _lock:
         _kept.clear()
         _kept_bytes[0] = 0
+
+
+@contextmanager
+def kept_for_the_search() -> Iterator[None]:
+    """Keep the answers between the blocks inside this one (an export's candidates), drop them after it."""
+    with _lock:
+        _searches[0] += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _searches[0] -= 1
+            last = not _searches[0]
+        if last:
+            forget()
 
 
 @contextmanager
@@ -95,3 +115,5 @@ def remembered_weights() -> Iterator[None]:
     finally:
         qdq_quantizer.compute_data_quant_params = params
         qdq_quantizer.quantize_onnx_initializer = initializer
+        if not _searches[0]:  # (no search to keep them for)
+            forget()

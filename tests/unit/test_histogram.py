@@ -166,67 +166,6 @@ def test_bin_counts_match_numpy_but_for_values_on_an_edge():
     assert histogram.bin_counts(np.full(5, 2.0, np.float32), 8, 2.0, 2.0).tolist() == [5] + [0] * 7
 
 
-def _strided_histograms(path, tmp, overlapped: bool, strides: int = 3, per_stride: int = 2, collect=None):
-    """A real Percentile calibrator (sampled, linear-time) fed stride by stride, as quantize_static feeds it
-    (collect_data once a stride, then compute_data), with the binning inline or overlapped."""
-    from contextlib import nullcontext
-
-    from onnxruntime.quantization.calibrate import PercentileCalibrater
-
-    reader = _Reader(strides * per_stride)
-    with histogram.sampled_histograms(), histogram.linear_time_histograms(), \
-            histogram.overlapped_histograms() if overlapped else nullcontext():
-        cal = PercentileCalibrater(path, augmented_model_path=str(tmp / f"aug-strided{overlapped}.onnx"),
-                                   symmetric=True, num_bins=2048, percentile=99.99)
-        cal.augment_graph()
-        cal.create_inference_session()
-        for _ in range(strides):
-            stride = _Reader(0)
-            stride.xs = [reader.xs.pop() for _ in range(per_stride)][::-1]  # (get_next pops from the end)
-            cal.collect_data(stride)
-        return cal.compute_data(), cal.collector.histogram_dict
-
-
-def test_overlapped_binning_gives_the_same_histograms_and_ranges(tmp_path):
-    """Binning stride k in a thread while onnxruntime runs stride k+1 (overlapped_histograms) bins the same
-    samples in the same order: every histogram, edge, extreme and range equal to binning them inline."""
-    from onnxruntime.quantization.calibrate import HistogramCalibrater
-
-    path = tmp_path / "m.onnx"
-    _conv_model(path)
-    inline, inline_hists = _strided_histograms(path, tmp_path, overlapped=False)
-    over, over_hists = _strided_histograms(path, tmp_path, overlapped=True)
-    assert set(over_hists) == set(inline_hists) and len(inline_hists) == 4
-    for name, (h, e, lo, hi) in inline_hists.items():
-        h2, e2, lo2, hi2 = over_hists[name]
-        assert np.array_equal(h, h2) and np.array_equal(e, e2) and (lo, hi) == (lo2, hi2), name
-    for name in inline.data:
-        assert inline.data[name].range_value == over.data[name].range_value, name
-    assert HistogramCalibrater.collect_data.__name__ == "collect_data"  # onnxruntime's own again after the block
-
-
-def test_an_error_in_the_binning_thread_is_raised_in_the_calibrations(tmp_path, monkeypatch):
-    """What the binning raises (numpy's ValueError on a tensor it cannot bin, which the shared pass falls back
-    on) reaches quantize_static's thread: at the next stride or at compute_data, never lost in the thread."""
-    import threading
-
-    path = tmp_path / "m.onnx"
-    _conv_model(path)
-    seen = []
-
-    def unbinnable(self, name_to_arr):
-        seen.append(threading.current_thread().name)
-        raise ValueError("Maximum allowed size exceeded")
-
-    monkeypatch.setattr(histogram, "collect_absolute_value", unbinnable)
-    with pytest.raises(ValueError, match="Maximum allowed size"):
-        _strided_histograms(path, tmp_path, overlapped=True, strides=1)
-    assert seen == ["lepton-histogram-binning"]
-    with pytest.raises(ValueError, match="Maximum allowed size"):
-        _strided_histograms(path, tmp_path, overlapped=True, strides=3)
-    assert len(seen) == 2  # (raised at the second stride: the third never ran)
-
-
 def test_a_one_run_sample_bins_as_its_values_would():
     """A stride of one run hands the collector its sample followed by that sample's exact min and max; binned,
     it must give what the same values give as a plain tensor (whose min and max come from the values),
