@@ -226,4 +226,3 @@ def sampled_histograms() -> Iterator[None]:
     finally:
         HistogramCalibrater.augment_graph = augment  # type: ignore[method-assign]
         HistogramCalibrater.compute_data = compute  # type: ignore[method-assign]
-
