@@ -111,7 +111,8 @@ def export(model: str, src: Path, out: Path, target: str, precision: str | None)
 
 
 GATE_METRICS = ("top1_agreement", "ceiling", "confident_top1_kept", "confident_samples", "top1_in_top5",
-                "accuracy_drop_pp", "f1_vs_fp32", "score_drift", "nn_agreement", "sqnr_db", "cosine", "mask_iou")
+                "accuracy_drop_pp", "f1_vs_fp32", "score_drift", "nn_agreement", "sqnr_db", "cosine", "mask_iou",
+                "mask_samples")
 
 
 def summary(rep: dict) -> dict:
@@ -128,6 +129,10 @@ def summary(rep: dict) -> dict:
            "thresholds": v.get("thresholds"), "inputs": v.get("inputs"), "recipe": quant.get("recipe"),
            "size_vs_fp32": comp.get("size_vs_fp32"), "latency_vs_fp32": lat.get("vs_fp32"),
            "seconds": rep.get("seconds"), "peak_rss_bytes": rep.get("peak_rss_bytes")}
+    from lepton_edge.exporters.task_metrics import closeness_gated_on
+
+    # (SQNR and cosine that no output's gate judged: a probability map is judged by its mask IoU)
+    out["reported_only"] = [k for k in ("sqnr_db", "cosine") if closeness_gated_on(v, k) == []]
     if quant.get("attempts"):
         out["attempts"] = [{"recipe": a.get("recipe"), "passed": a.get("passed"), "skipped": a.get("skipped"),
                             "chosen": a.get("chosen"), "why": (a.get("why") or "")[:160]} for a in quant["attempts"]]
@@ -472,7 +477,7 @@ def _gate(rep: dict) -> str:
 
                 n = int(m["confident_samples"])
                 rule = f" (>= {th[t]:g}: at most {confident_losses_allowed(n, th[t])} of {n} lost)"
-            if k in ("sqnr_db", "cosine") and m.get("mask_samples") is not None:
+            if k in (rep.get("reported_only") or ()):
                 rule = " (reported; a probability map is judged by mask IoU)"  # as the export summary says
             parts.append(f"{k} {m[k]:.4g}{rule}")
     return ", ".join(parts) or "-"

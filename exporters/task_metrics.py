@@ -234,9 +234,12 @@ def dense(ref: list[np.ndarray], out: list[np.ndarray], per_output: list[dict], 
 
     With `masks` (task segment) a probability map is gated by what its user thresholds it for, the
     mask IoU (pooled over samples, so false positives on empty samples count), once enough samples
-    show fp32's mask; SQNR, cosine and the absolute errors are reported beside it, not gated."""
+    show fp32's mask; SQNR, cosine and the absolute errors are reported beside it, not gated. Each
+    output's row says what judged it (`gated_by`), and the verdict's SQNR and cosine are the worst of
+    the outputs judged by them (of all outputs when none was), so no reported value sits beside a
+    threshold it was never held to."""
     why = []
-    sq, co, iou, shown = [], [], [], []
+    sq, co, iou, shown, gated = [], [], [], [], []
     for k in range(start, len(ref)):
         r, a, row = ref[k], out[k], per_output[k]
         s, c = sqnr_db(r, a), float(cosine(r, a).mean())
@@ -249,22 +252,37 @@ def dense(ref: list[np.ndarray], out: list[np.ndarray], per_output: list[dict], 
             if "mask_iou" in row:
                 iou.append(row["mask_iou"])
             continue
+        row["gated_by"] = ["sqnr_db", "cosine"]
+        gated.append((s, c))
         if s < th.min_sqnr:
             why.append(f"output {row['name']}: SQNR {s:.1f} dB < {th.min_sqnr} dB")
         if c < th.min_cosine:
             why.append(f"output {row['name']}: cosine {c:.4f} < {th.min_cosine}")
         if is_probability_map(r) and (m := mask_iou(r, a)) is not None:
             row["mask_iou"] = m
+            row["gated_by"].append("mask_iou")
             iou.append(m)
             if m < th.min_mask_iou:
                 why.append(f"output {row['name']}: mask IoU {m:.4f} < {th.min_mask_iou}")
-    if sq:
-        metrics.update(sqnr_db=min(sq), cosine=min(co))
+    if sq:  # the worst output the gate judged by them; else (maps judged by mask IoU only) the worst reported
+        metrics.update(sqnr_db=min(g[0] for g in gated) if gated else min(sq),
+                       cosine=min(g[1] for g in gated) if gated else min(co))
     if iou:
         metrics["mask_iou"] = min(iou)
     if shown:
         metrics["mask_samples"] = float(min(shown))
     return why
+
+
+def closeness_gated_on(v: dict, metric: str) -> list[str] | None:
+    """The outputs whose gate judged `metric` (sqnr_db, cosine) in a verdict's JSON (`per_output` rows'
+    `gated_by`, as dense records it): [] when the verdict only reports it (probability maps judged by
+    mask IoU), None for a verdict recorded before `gated_by` was (an older bundle's manifest). Why: the
+    summary, `inspect` and the bench must not print a reported metric beside a threshold it never met."""
+    rows = [o for o in v.get("per_output") or [] if isinstance(o, dict) and "gated_by" in o]
+    if not rows:
+        return None
+    return [str(o.get("name")) for o in rows if metric in (o.get("gated_by") or [])]
 
 
 def _mask_gate(r: np.ndarray, a: np.ndarray, row: dict, th) -> list[str]:
@@ -277,9 +295,10 @@ def _mask_gate(r: np.ndarray, a: np.ndarray, row: dict, th) -> list[str]:
                mean_abs_diff=diff.get("mean_abs_diff", 0.0), max_abs_diff=d_max)
     if have >= MIN_MASK_SAMPLES:
         m = mask_iou(r, a) or 0.0
-        row["mask_iou"] = m
+        row.update(mask_iou=m, gated_by=["mask_iou"])
         return [f"output {row['name']}: mask IoU {m:.4f} < {th.min_mask_iou} (>= {MASK_AT}, pooled over "
                 f"{n} inputs, {have} showing fp32's mask)"] if m < th.min_mask_iou else []
+    row["gated_by"] = ["max_abs_diff"]
     if d_max <= NO_EVIDENCE_MAX_ABS:
         return []
     return [f"output {row['name']}: no evidence: fp32's mask (>= {MASK_AT}) shows on {have} of {n} validation "

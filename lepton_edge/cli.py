@@ -257,6 +257,22 @@ def _confident_allowed(v: dict, bound: float) -> int:
     return confident_losses_allowed(int(v["confident_samples"]), bound)
 
 
+def _closeness_rule(v: dict, metric: str, rule: str) -> str:
+    """SQNR's or cosine's threshold as the gate held it (task_metrics.dense): on every output, on
+    some of them (named), or on none (a probability map is judged by its mask IoU)."""
+    from lepton_edge.exporters.task_metrics import closeness_gated_on
+
+    on = closeness_gated_on(v, metric)
+    if on is None:  # a manifest from before outputs said what judged them
+        return " (reported; probability maps are judged by mask IoU)" if v.get("mask_samples") is not None else rule
+    if not on:
+        return " (reported; probability maps are judged by mask IoU)"
+    judged = [o for o in v.get("per_output") or [] if isinstance(o, dict) and o.get("gated_by")]
+    if rule and len(on) < len(judged):
+        return f"{rule[:-1]} on {', '.join(ui.printable(n) for n in on)})"
+    return rule
+
+
 def _gate_rows(v: dict) -> list[tuple[str, str]]:
     """Each measured metric with its threshold (the export summary shows what decided)."""
     th = dict(v.get("thresholds") or {})
@@ -276,8 +292,8 @@ def _gate_rows(v: dict) -> list[tuple[str, str]]:
             # below the line by chance: an artifact on the line would differ this often with probability p
             rule = f" (>= {fmt.format(bound)}, or as near as chance allows on {int(v['samples'])} inputs: " \
                    f"p {v['top1_agreement_p']:.2f} >= {AGREEMENT_P:g})"
-        if m in ("sqnr_db", "cosine") and v.get("mask_samples") is not None:
-            rule = " (reported; probability maps are judged by mask IoU)"  # task_metrics.dense
+        if m in ("sqnr_db", "cosine"):
+            rule = _closeness_rule(v, m, rule)
         rows.append((m, fmt.format(v[m]) + rule))
     return rows
 
