@@ -112,7 +112,7 @@ def export(model: str, src: Path, out: Path, target: str, precision: str | None)
 
 GATE_METRICS = ("top1_agreement", "ceiling", "confident_top1_kept", "confident_samples", "top1_in_top5",
                 "accuracy_drop_pp", "f1_vs_fp32", "score_drift", "nn_agreement", "sqnr_db", "cosine", "mask_iou",
-                "mask_samples")
+                "mask_samples", "box_inputs", "max_rel_diff")
 
 
 def summary(rep: dict) -> dict:
@@ -467,7 +467,8 @@ def _gate(rep: dict) -> str:
     m, th = rep.get("metrics") or {}, rep.get("thresholds") or {}
     pairs = {"top1_agreement": None, "ceiling": None, "confident_top1_kept": "min_confident_kept",
              "top1_in_top5": "min_top5", "f1_vs_fp32": "min_f1", "sqnr_db": "min_sqnr", "cosine": "min_cosine",
-             "mask_iou": "min_mask_iou", "nn_agreement": None, "accuracy_drop_pp": "max_accuracy_drop"}
+             "mask_iou": "min_mask_iou", "nn_agreement": None, "accuracy_drop_pp": "max_accuracy_drop",
+             "max_rel_diff": None}
     parts = []
     for k, t in pairs.items():
         if k in m:
@@ -477,6 +478,12 @@ def _gate(rep: dict) -> str:
 
                 n = int(m["confident_samples"])
                 rule = f" (>= {th[t]:g}: at most {confident_losses_allowed(n, th[t])} of {n} lost)"
+            if k in ("sqnr_db", "cosine") and m.get("max_rel_diff") is not None:  # too few fp32 boxes for F1
+                rule = " (reported; too few fp32 boxes to judge F1)"
+            if k == "max_rel_diff":
+                from lepton_edge.exporters.task_metrics import NO_EVIDENCE_MAX_REL
+
+                rule = f" (<= {NO_EVIDENCE_MAX_REL:g} of fp32's range: too few fp32 boxes to judge F1)"
             if k in (rep.get("reported_only") or ()):
                 rule = " (reported; a probability map is judged by mask IoU)"  # as the export summary says
             parts.append(f"{k} {m[k]:.4g}{rule}")

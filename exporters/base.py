@@ -436,8 +436,7 @@ def _int8(ctx: ExportContext, exporter: Exporter, fp32: Path, chosen: Path, vali
                    key=lambda a: tuple(a.get("score") or ()) or (a.get("top1_agreement"),))
         raise CheckFailed(
             f"int8 failed the accuracy gate with all {len(found.attempts)} recipes (task {validate.task}; best: "
-            f"{best['recipe']}, {best['why']}); try --precision fp16, more or better --calib data, or relax "
-            f"{val.RELAX_FLAGS[validate.task]}",
+            f"{best['recipe']}, {best['why']}); {search.what_to_try(best, val.RELAX_FLAGS[validate.task])}",
             details={"task": validate.task, "best": best, "attempts": found.attempts})
     found.path.rename(chosen)
     ctx.report.compression.quantization = QuantizationSection(

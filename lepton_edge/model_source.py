@@ -230,8 +230,7 @@ def _load_onnx(path: Path, input_shape: list[int] | None, hw: tuple[int, int],
     inits = {i.name for i in m.graph.initializer}
     inputs = [i for i in m.graph.input if i.name not in inits]
 
-    def dims_of(v) -> list:
-        return [d.dim_value if d.dim_value > 0 else (d.dim_param or "?") for d in v.type.tensor_type.shape.dim]
+    from lepton_edge.bundle import onnx_dims as dims_of
 
     # Several inputs: the camera frame feeds the one image input (4-D float, 1/3/4 channels); every
     # other input gets one constant (--input-value's, else datasets.constant_value's rule), baked into

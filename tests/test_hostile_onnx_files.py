@@ -333,3 +333,29 @@ def test_a_signal_ends_the_process_only_while_an_engine_is_stuck_and_weights_bes
         assert ceiling - hard_stop.rss_bytes() > 12 * (3 << 30) - (1 << 30)
     finally:
         hard_stop.end(token)
+
+
+def test_dimensions_named_by_their_formula_export_and_run(tmp_path):
+    """torch's exporter names a dynamic output dimension by its formula (NudeNet's YOLOv8: 300
+    characters of floor(...)); the manifest, which holds names of up to 64, refused it with a pydantic
+    traceback after the whole export. Such a dimension is recorded as "?" and the bundle runs."""
+    import json
+
+    formula = "(floor(floor(floor(height/2 - 1/2)/2)/2) + 1)*(floor(floor(floor(width/2 - 1/2)/2)/2) + 1) + " * 3
+    conv, w = _conv()
+    pool = h.make_node("GlobalAveragePool", ["y"], ["z"])
+    m = _save(tmp_path / "m.onnx", [conv, pool], [_v("x", ["batch", 3, "height", "width"])],
+              [_v("z", ["batch", 8, formula.strip(" +"), 1])], [w])
+    r = run_cli("export", str(m), "--precision", "fp32", "--target", "x86-cpu", "--input-shape", "1,3,32,32",
+                "--task", "raw", "--out", str(tmp_path / "o"), timeout=300)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-1500:]
+    manifest = json.loads(next((tmp_path / "o").rglob("manifest.json")).read_text())
+    assert manifest["outputs"][0]["shape"] == ["batch", 8, "?", 1]
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    import cv2
+
+    cv2.imwrite(str(frames / "a.png"), np.full((32, 32, 3), 128, np.uint8))
+    ran = run_cli("run", str(next((tmp_path / "o").rglob("manifest.json")).parent), "--source", str(frames),
+                  "--no-show", "--json", timeout=120)
+    assert ran.returncode == 0, ran.stderr[-800:]

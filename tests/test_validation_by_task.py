@@ -14,7 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 nn = torch.nn
 
-from lepton_edge.exporters import datasets, validation as val  # noqa: E402
+from lepton_edge.exporters import datasets, task_metrics as tm, validation as val  # noqa: E402
 from lepton_edge.model_source import default_spec  # noqa: E402
 
 
@@ -208,6 +208,40 @@ def test_detector_good_passes_damaged_fails():
         bad.head.bias[[4, 5]] = bad.head.bias[[5, 4]]
     _, v = _judge(m, bad, x)
     assert not v.passed and "F1" in v.why
+
+
+def test_a_detector_with_no_boxes_to_match_is_not_passed_on_an_empty_f1():
+    """fp32 finds nothing on the validation inputs (a NudeNet detector validated on flower photos):
+    F1 of no boxes against no boxes was 1.0, so a broken int8 passed. Now there is no evidence, and
+    the raw outputs must be within 2 % of their range of fp32's: fp32 itself and an fp16-like copy
+    pass, a damaged head fails with what to do; with boxes on enough inputs F1 judges again."""
+    m, x = Detector().eval(), _x(48, (3, 32, 32))
+    quiet = copy.deepcopy(m)
+    with torch.no_grad():  # the class scores never reach the runtime's score threshold
+        quiet.head.bias[4:6] = -20.0
+    dead = _noisy(quiet, "head.weight", rel=2.0)  # a damaged head
+    task, v = _judge(quiet, dead, x, task="detect")
+    assert v.metrics["boxes_reference"] == 0 and "f1_vs_fp32" not in v.metrics
+    assert not v.passed and "no evidence" in v.why and "--calib" in v.why, v.why
+    assert v.metrics["box_inputs"] == 0 and v.per_output[0]["gated_by"] == ["max_rel_diff"]
+    _, same = _judge(quiet, quiet, x, task="detect")
+    assert same.passed, same.why
+
+    class Fp16(nn.Module):  # outputs through float16, as an fp16 artifact's are
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            return self.model(x).half().float()
+    _, half = _judge(quiet, Fp16(quiet), x, task="detect")
+    assert half.passed and half.metrics["max_rel_diff"] <= tm.NO_EVIDENCE_MAX_REL, half.why
+    from lepton_edge.cli import _gate_rows
+
+    rows = dict(_gate_rows(half.as_dict()))
+    assert "(<= 0.0200)" in rows["max_rel_diff"] and "reported" in rows["sqnr_db"] and "f1_vs_fp32" not in rows, rows
+    _, found = _judge(m, _int8_weights(m), x, task="detect")  # the same net with boxes: judged by F1
+    assert found.passed and found.metrics["box_inputs"] >= tm.MIN_BOX_INPUTS and "f1_vs_fp32" in found.metrics
 
 
 def test_embedder_good_passes_damaged_fails():

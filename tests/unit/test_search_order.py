@@ -52,10 +52,11 @@ def search(monkeypatch, tmp_path):
     monkeypatch.setattr(recipes, "_float_layer_sets", lambda *a: [[]])
 
     def run(names: list[str], table: dict, mostly_float: bool, twin_vs: float | None = None, twins: list | None = None,
-            search_time: float = 1e9, twin_s: float = 0.0, patience: int = recipes.PATIENCE):
+            search_time: float = 1e9, twin_s: float = 0.0, patience: int = recipes.PATIENCE,
+            no_evidence: bool = False):
         """`twin_vs`: the best's twin with int8 activations, timed at that multiple of fp32's time (S8_TWIN;
         None: not timed), in `twin_s` seconds; each timing's (file, ends float, best's float layers) is
-        appended to `twins`."""
+        appended to `twins`; `no_evidence`: a failing candidate failed for want of evidence in the inputs."""
         monkeypatch.setattr(recipes.nncf_layout, "predict_file",
                             lambda p: nncf_layout.FloatLayers(3 if mostly_float else 0, 4))
 
@@ -84,7 +85,8 @@ def search(monkeypatch, tmp_path):
 
         def validate(path):
             ok, score, ms = table[current["name"]]
-            return (NS(passed=ok, why=None if ok else "made to fail", score=(score,), as_dict=lambda: {}),
+            found = {"no_evidence": 1.0} if no_evidence and not ok else {}
+            return (NS(passed=ok, why=None if ok else "made to fail", score=(score,), as_dict=lambda: found),
                     lambda x, ms=ms: ms, None)
 
         validate.reference = lambda x: None  # type: ignore[attr-defined]
@@ -211,3 +213,19 @@ def test_timing_a_twin_past_the_search_time_starts_nothing_more(search):
     best, tried = search(names, table, mostly_float=False, twin_vs=0.9, twins=twins, search_time=1.0, twin_s=1.5)
     assert len(twins) == 1 and best == "u8-minmax", tried
     assert dict(tried)["s8-minmax-ends"] == "skip: --search-time 1 s spent", tried
+
+
+def test_inputs_without_evidence_stop_the_search_after_two_candidates(search):
+    """Validation inputs that show nothing the detector finds fail every int8 candidate alike (NudeNet on
+    flower photos ran all 16 recipes for the same line): two such failures and nothing more starts,
+    sensitivity fallbacks included; failures of the candidates' own keep the search going."""
+    names = X86 + ["u8-minmax-sensitive"]
+    table = {n: (False, 0.1, 8.0) for n in names}
+    best, tried = search(names, table, mostly_float=False, no_evidence=True)
+    assert best is None and [v for _, v in tried[:2]] == ["fail", "fail"], tried
+    assert all(v.startswith("skip: not tried: 2 candidates failed for want of evidence") for _, v in tried[2:]), tried
+    _, own = search(names, table, mostly_float=False)
+    assert sum(v == "fail" for _, v in own) == len(names), own
+    failure = recipes._failure([{"recipe": "u8-minmax", "skipped": False, "why": "no evidence", "score": [0],
+                                 "metrics": {"no_evidence": 1.0}}])
+    assert "--calib (or --eval) images that show what the model finds" in failure and "relax" not in failure
