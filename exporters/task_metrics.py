@@ -137,6 +137,15 @@ def confident_losses_allowed(n: int, min_kept: float) -> int:
     return max(1, allowed) if min_kept < 1 else allowed
 
 
+def _rank(a: np.ndarray, cls: np.ndarray) -> np.ndarray:
+    """Each row's place (0: first) of class `cls[i]` in `a[i]`, ties broken as argmax breaks them (the
+    lower index first). Why: argpartition put tied classes in any order, so an output with ties (a
+    uniform softmax, int8's equal steps) read "top-1 agreement 1.0, fp32 top-1 within top-5 0.0"."""
+    at = a[np.arange(len(a)), cls][:, None]
+    before = np.arange(a.shape[1])[None, :] < cls[:, None]
+    return (a > at).sum(1) + ((a == at) & before).sum(1)
+
+
 def classify(ref, out: list[np.ndarray], eval_out, th, metrics: dict) -> list[str]:
     """Top-1 agreement against fp32's ceiling, confident top-1 kept, fp32 top-1 in top-5, and
     the accuracy drop on a labelled set (the main gate when there is one)."""
@@ -175,8 +184,7 @@ def classify(ref, out: list[np.ndarray], eval_out, th, metrics: dict) -> list[st
         if n - kept > allowed:
             why.append(f"confident top-1 kept {kept / n:.4f} < {th.min_confident_kept} ({n - kept} of {n} lost)")
     if r.shape[1] > 5:
-        top5 = np.argpartition(-a, 4, axis=1)[:, :5]
-        in5 = float((top5 == t1r[:, None]).any(1).mean())
+        in5 = float((_rank(a, t1r) < 5).mean())
         metrics["top1_in_top5"] = in5
         if in5 < th.min_top5:
             why.append(f"fp32 top-1 within top-5 {in5:.4f} < {th.min_top5}")
@@ -466,8 +474,8 @@ def infer_task(outputs: list[np.ndarray], specs: list[dict], input_spec, labels=
       or one output [4+nc, N] (N >= 8x, >= 100) that the runtime's YOLO post-processing reads;
     - segment: an output per sample [C, H, W] (or [H, W]) at >= 1/8 of the input's H and W;
     - embed: output 0 per sample [D], named emb/feat/descriptor, or of unit L2 norm everywhere;
-    - classify: output 0 per sample [C] with C > 1, not named as positions (runtime/spec.COORDINATE_NAMES:
-      mediapipe's hand_recrop `output_crop` [4]) (labels given: always classify);
+    - classify: output 0 per sample [C] (or [C, 1, 1]) with C > 1, not named as positions
+      (runtime/spec.COORDINATE_NAMES: mediapipe's hand_recrop `output_crop` [4]) (labels given: always classify);
     - raw: anything else (every output compared by SQNR and cosine).
     A detector must also be one the runtime's post-processing decodes (else its boxes could not be
     matched); several per-sample vectors of different widths (MTCNN's box deltas [4], landmarks [10],
@@ -479,7 +487,9 @@ def infer_task(outputs: list[np.ndarray], specs: list[dict], input_spec, labels=
     if labels:
         return "classify"
     names = [str(s.get("name", "")).lower() for s in specs] + [""] * len(outputs)
-    shapes = [o.shape[1:] for o in outputs]
+    # ([C, 1, 1] per sample is a vector: caffe's and old ONNX zoo's classifiers end in a 1x1 conv, SqueezeNet's
+    # [1, 1000, 1, 1] softmax was judged as raw)
+    shapes = [o.shape[1:2] if o.ndim == 4 and o.shape[2:] == (1, 1) else o.shape[1:] for o in outputs]
     boxes_named = any(k in n for n in names for k in ("box", "bbox", "det"))
     yolo_shaped = len(outputs) == 1 and len(shapes[0]) == 2 and min(shapes[0]) >= 5 \
         and max(shapes[0]) >= max(100, 8 * min(shapes[0])) and not _distributions(outputs[0])

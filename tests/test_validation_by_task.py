@@ -244,6 +244,33 @@ def test_a_detector_with_no_boxes_to_match_is_not_passed_on_an_empty_f1():
     assert found.passed and found.metrics["box_inputs"] >= tm.MIN_BOX_INPUTS and "f1_vs_fp32" in found.metrics
 
 
+def test_a_classifier_ending_in_a_1x1_map_with_tied_scores_is_judged_consistently():
+    """A caffe2-era classifier ([N, 1000, 1, 1] softmax, onnx's light_squeezenet) is a classifier, not raw;
+    and tied scores (its uniform softmax, int8's equal steps) are ranked as argmax ranks them, so top-1
+    agreement 1.0 can no longer read beside "fp32 top-1 within top-5 0.0" (argpartition's order)."""
+    n, c = 32, 1000
+    rng = np.random.default_rng(3)
+    logits = rng.normal(0, 4, (n, c)).astype(np.float32)
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs = (probs / probs.sum(1, keepdims=True)).reshape(n, c, 1, 1)
+    specs = [{"name": "softmaxout_1", "dtype": "float32"}]
+    ref = val.Reference([probs], specs)
+    assert val.infer_task(ref, default_spec([1, 3, 224, 224])) == "classify"
+    flat = np.full((n, c, 1, 1), 1.0 / c, np.float32)  # every class tied: fp32's top-1 is class 0 (argmax)
+    tied = val.Reference([flat], specs)
+    tied.noisy = [flat]
+    v = val.judge("classify", tied, [flat.copy()], specs, val.Thresholds(), input_spec=default_spec([1, 3, 224, 224]))
+    assert v.metrics["top1_agreement"] == 1.0 and v.metrics["top1_in_top5"] == 1.0, v.metrics
+    steps = np.round(probs * 16) / 16  # coarse steps: most classes tie at 0, the top ones survive
+    ref.noisy = [probs]
+    v = val.judge("classify", ref, [steps], specs, val.Thresholds(), input_spec=default_spec([1, 3, 224, 224]))
+    t1 = probs.reshape(n, c).argmax(1)
+    by_hand = [(steps.reshape(n, c)[i] > steps.reshape(n, c)[i, t1[i]]).sum()
+               + (steps.reshape(n, c)[i, :t1[i]] == steps.reshape(n, c)[i, t1[i]]).sum() < 5 for i in range(n)]
+    assert v.metrics["top1_in_top5"] == pytest.approx(np.mean(by_hand))
+    assert v.metrics["top1_in_top5"] >= v.metrics["top1_agreement"]
+
+
 def test_embedder_good_passes_damaged_fails():
     m, x = Embedder().eval(), _x(128)
     task, good = _judge(m, _int8_weights(m), x)

@@ -44,7 +44,12 @@ def collect_absolute_value(self, name_to_arr: dict) -> None:
                 lo = hi = np.array(0, dtype=arr.dtype)
         arr = np.absolute(arr)
         if tensor not in self.histogram_dict:
-            hist, edges = np.histogram(arr, bins=self.num_bins)
+            try:
+                hist, edges = np.histogram(arr, bins=self.num_bins)
+            except ValueError as e:
+                if "Too many bins" not in str(e):
+                    raise
+                hist, edges = np.histogram(arr, bins=self.num_bins, range=narrow_range(arr, self.num_bins))
             self.histogram_dict[tensor] = (hist, edges.astype(arr.dtype), lo, hi)
             continue
         old_hist, old_edges, old_lo, old_hi = self.histogram_dict[tensor]
@@ -57,6 +62,20 @@ def collect_absolute_value(self, name_to_arr: dict) -> None:
         hist = bin_counts(arr, len(edges) - 1, float(edges[0]), float(edges[-1]), owned=True)
         hist[: len(old_hist)] += old_hist
         self.histogram_dict[tensor] = (hist, kept, min(old_lo, lo), max(old_hi, hi))
+
+
+def narrow_range(arr: np.ndarray, bins: int) -> tuple[float, float]:
+    """The range a near-constant tensor's first histogram is binned over: its own, widened about its
+    middle until `bins` bins of at least 4 units in the last place fit in `arr`'s type. Why: numpy
+    cannot make 2,048 distinct float32 edges over 1.0 to 1.00001 and raised "Too many bins for data
+    range", which failed the candidate (a caffe2 SqueezeNet's uniform softmax); numpy widens a constant
+    tensor's range the same way (to +-0.5). The calibrators clip a threshold to the tensor's own
+    minimum and maximum, so the wider edges move no range; a later batch extends them as any other."""
+    lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+    ulp = float(np.spacing(np.asarray(max(abs(lo), abs(hi)), dtype=arr.dtype)))
+    half = max((hi - lo) / 2, 2.0 * bins * ulp)
+    mid = (lo + hi) / 2
+    return mid - half, mid + half
 
 
 def bin_counts(arr: np.ndarray, bins: int, lo: float, hi: float, owned: bool = False) -> np.ndarray:

@@ -186,3 +186,23 @@ def test_a_one_run_sample_bins_as_its_values_would():
         (h, e, lo, hi), (h2, e2, lo2, hi2) = a.histogram_dict["t" + histogram.SAMPLED_SUFFIX], b.histogram_dict["t"]
         assert np.array_equal(h, h2) and np.array_equal(e, e2) and e.dtype == e2.dtype == dtype
         assert (lo, hi) == (lo2, hi2) and len(h) > 256
+
+
+def test_a_near_constant_tensor_gets_a_histogram_where_onnxruntimes_raised():
+    """A float32 tensor whose values span 1e-5 around 1.0 (84 float32 values: fewer than 2,048 edges;
+    a caffe2 SqueezeNet's uniform softmax) made numpy's first histogram raise, and the percentile
+    candidate failed with "Too many bins for data range"; its edges are now taken in float64, and a
+    later batch extends them as any other."""
+    ours, theirs = _collectors()
+    first = {"t": (1.0 + np.linspace(0, 1e-5, 4096)).astype(np.float32)}
+    with pytest.raises(ValueError, match="Too many bins"):
+        theirs.collect(first)
+    with histogram.linear_time_histograms():
+        ours.collect(first)
+        hist, edges, lo, hi = ours.histogram_dict["t"]
+        assert hist.sum() == 4096 and len(edges) == 2049 and lo == first["t"].min() and hi == first["t"].max()
+        ours.collect({"t": np.full(1000, 3.0, np.float32)})
+        hist, edges, lo, hi = ours.histogram_dict["t"]
+        assert hist.sum() == 5096 and edges[-1] >= 3.0 and hi == 3.0
+        low, high = ours.compute_collection_result()["t"][:2]
+        assert 0.0 < float(high) <= 3.0 + 1e-3
