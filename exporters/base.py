@@ -186,7 +186,8 @@ def _check_normalisation(spec, o: ExportOptions) -> None:
 def _quantized_already(src, precision: str) -> None:
     """One line for an int8 ONNX file asked for fp32 or fp16: fp32 shipped it unchanged under an fp32 label,
     fp16 failed on onnxruntime's own words about an invalid graph. int8 goes on: the search quantizes what
-    is still float, and validation judges the result against the file as given. Likewise an fp16 file asked
+    is still float, and validation judges the result against the file as given; a file with no float
+    weights left is kept as given (_as_given). Likewise an fp16 file asked
     for fp32 (shipped unchanged, fp16 inputs and all, labelled fp32) or int8 (every recipe failed on
     onnxruntime's type errors, after which the line said to try fp16)."""
     if src.quantized_ops and precision in ("fp32", "fp16"):
@@ -427,6 +428,9 @@ def _int8(ctx: ExportContext, exporter: Exporter, fp32: Path, chosen: Path, vali
     from lepton_edge.compress import weight_memo
     from lepton_edge.exporters import recipes as search, validation as val
 
+    if ctx.source.quantized_ops and not ctx.source.float_weight_ops and exporter.format == "onnx":
+        return _as_given(ctx, fp32, chosen, validate)
+
     with weight_memo.kept_for_the_search():  # (each candidate's int8 weights are the same: computed once)
         found = search.search(ctx, exporter, exporter.prepare_int8(ctx, fp32), validate, recipes)
     if found.path is None and found.failure:
@@ -444,6 +448,25 @@ def _int8(ctx: ExportContext, exporter: Exporter, fp32: Path, chosen: Path, vali
         search_seconds=round(found.seconds, 2), peak_rss_bytes=found.peak_rss_bytes,
         max_memory_bytes=found.max_memory_bytes)
     return found.comparison, found.predict, found.ram
+
+
+def _as_given(ctx: ExportContext, given: Path, chosen: Path, validate):
+    """An ONNX file quantized already (an ONNX model zoo -int8/-qdq file, onnxruntime's dynamic quantization)
+    asked for int8: its graph as given. Why not the search: quantizing it again put Q/DQ pairs around its
+    own (ddddocr's detector, re-exported from its int8 bundle: 56 s, 1.01x the size and 1.24x the time of
+    the file given), and the search ranks by the metric before size and time, where no candidate can beat
+    the graph it is judged against."""
+    import shutil
+
+    from rich.markup import escape
+
+    ops = ", ".join(f"{k} x{v}" for k, v in sorted(ctx.source.quantized_ops.items()))
+    ctx.progress.info(f"[dim]the model is quantized already ({escape(ops)}): its graph is kept as given[/]")
+    shutil.copyfile(given, chosen)
+    comp, pred, ram = validate(chosen)
+    ctx.report.compression.quantization = QuantizationSection(
+        method=f"as given: the model was quantized already ({ops})", recipe="as-given", search_seconds=0.0)
+    return comp, pred, ram
 
 
 def _record_sizes(ctx: ExportContext, chosen: Path, fp32: Path) -> int:

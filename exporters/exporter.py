@@ -143,7 +143,7 @@ class Exporter(abc.ABC):
         per_call = [fixed]
 
         def run(x: np.ndarray) -> list[np.ndarray]:
-            from lepton_edge.exporters.validation import stack_outputs
+            from lepton_edge.exporters.validation import batch_first, stack_outputs
 
             if q is not None:
                 x = quantize(x, q, info.dtype)
@@ -159,8 +159,8 @@ class Exporter(abc.ABC):
                         raise
                     per_call[0] = 1
             step = per_call[0]
-            return stack_outputs([once(x[i:i + step]) for i in range(0, len(x), step)],
-                                 [len(x[i:i + step]) for i in range(0, len(x), step)])
+            calls = [x[i:i + step] for i in range(0, len(x), step)]  # (each call's outputs inputs first, then joined)
+            return stack_outputs([batch_first(once(c), len(c)) for c in calls], [len(c) for c in calls])
 
         return run
 

@@ -492,7 +492,8 @@ def infer_task(outputs: list[np.ndarray], specs: list[dict], input_spec, labels=
     shapes = [o.shape[1:2] if o.ndim == 4 and o.shape[2:] == (1, 1) else o.shape[1:] for o in outputs]
     boxes_named = any(k in n for n in names for k in ("box", "bbox", "det"))
     yolo_shaped = len(outputs) == 1 and len(shapes[0]) == 2 and min(shapes[0]) >= 5 \
-        and max(shapes[0]) >= max(100, 8 * min(shapes[0])) and not _distributions(outputs[0])
+        and max(shapes[0]) >= max(100, 8 * min(shapes[0])) and not _distributions(outputs[0]) \
+        and _yolo_valued(outputs[0])
     if (boxes_named or yolo_shaped) and _decodable(outputs, input_spec, labels):
         return "detect"
     try:
@@ -533,6 +534,21 @@ def _decodable(outputs: list[np.ndarray], input_spec, labels) -> bool:
         return True
     except Exception:
         return False
+
+
+def _yolo_valued(a: np.ndarray) -> bool:
+    """Whether [N, 4+nc, A] (or [N, A, 5+nc]) holds what YOLO's exports hold, read the way the runtime's
+    decoder reads it (runtime/detect_heads.yolo): class scores in [0, 1] and box sizes >= 0. A CRNN's
+    time steps of character logits ([N, 32, 8210], ddddocr's, half of them negative) are the same shape."""
+    s = np.asarray(a[:4], dtype=np.float32)
+    if s.ndim != 3 or not s.size:
+        return False
+    if s.shape[1] < s.shape[2]:  # [4+nc, A]
+        scores, sizes = s[:, 4:, :], s[:, 2:4, :]
+    else:  # [A, 5+nc] or [A, 4+nc]
+        scores, sizes = s[:, :, 4:], s[:, :, 2:4]
+    tol = 1e-3
+    return bool(np.isfinite(s).all() and scores.min() >= -tol and scores.max() <= 1 + tol and sizes.min() >= -tol)
 
 
 def _distributions(a: np.ndarray) -> bool:

@@ -131,7 +131,7 @@ def batched(fn: Predict, x: np.ndarray, batch: int, description: str = "validati
     with ui.progress(description, n) as advance:
         for i in range(0, n, batch):
             k = len(x[i:i + batch])
-            raw = as_outputs(fn(x[i:i + batch]))
+            raw = batch_first(as_outputs(fn(x[i:i + batch])), k)
             got = [np.atleast_1d(o) for o in raw]
             if whole is None and not parts and all(g.shape[0] == k for g in got):
                 whole = [np.empty((n,) + g.shape[1:], g.dtype) for g in got]
@@ -148,6 +148,16 @@ def batched(fn: Predict, x: np.ndarray, batch: int, description: str = "validati
             if watch is not None:
                 watch.check()
     return whole if whole is not None else stack_outputs(parts, inputs)
+
+
+def batch_first(outputs: Outputs, k: int) -> Outputs:
+    """Each output of a call on `k` inputs with its inputs' axis first: a sequence model's time-major
+    [T, N, C] (ddddocr's CRNN: [32, 1, 8210] for one input) becomes [N, T, C]. Why: the rows of the
+    first axis are the validation's samples, and 24 inputs read "768 inputs", each time step judged
+    as one, and an input's cosine split into 32. Three axes at least: a [K, 4] output without a batch
+    axis (NonZero's boxes) whose 4 is the call's inputs by chance is not time-major."""
+    return [np.moveaxis(o, 1, 0) if isinstance(o, np.ndarray) and o.ndim >= 3 and o.shape[0] != k
+            and o.shape[1] == k else o for o in outputs]
 
 
 def _rows_fit(got: Outputs, whole: Outputs, k: int) -> bool:

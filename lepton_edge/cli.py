@@ -320,9 +320,11 @@ def _print_report(rep: dict) -> None:
                              f"({p['params_after'] / p['params_before']:.2f}x)")
     if "quantization" in c:
         qz = c["quantization"]
-        tried = sum(not a.get("skipped") for a in qz["attempts"])
-        t.add_row("int8 recipe", f"{qz['recipe']} ({tried} of {len(qz['attempts'])} candidates validated; "
-                                 f"float layers: {', '.join(qz['float_nodes']) or 'none'})")
+        attempts = qz.get("attempts") or []
+        tried = sum(not a.get("skipped") for a in attempts)
+        t.add_row("int8 recipe", f"{qz['recipe']} (quantized already: no search)" if qz["recipe"] == "as-given" else
+                  f"{qz['recipe']} ({tried} of {len(attempts)} candidates validated; "
+                  f"float layers: {', '.join(qz.get('float_nodes') or []) or 'none'})")
     if c.get("fp16", {}).get("float_nodes"):
         f16 = c["fp16"]
         t.add_row("fp32 nodes", f"{f16['float_node_count']} kept in fp32 (out of fp16's range): "

@@ -41,6 +41,7 @@ class ModelSource:
     extra_inputs: list[InputSpec] = field(default_factory=list)  # non-image inputs with their constant `value`
     constant_rules: dict[str, str] = field(default_factory=dict)  # extra input -> how its value was chosen
     quantized_ops: dict[str, int] = field(default_factory=dict)  # an already quantized ONNX file's int8 ops
+    float_weight_ops: int = 0  # of those, how many Conv/MatMul/Gemm still have float weights (float_weight_ops)
     fp16_weights: float = 0.0  # an ONNX file's share of float weights stored as fp16
     frame_from: list | None = None  # a 3-D input's own dims, now fed the frame's 4-D tensor (frame_input.py)
 
@@ -262,7 +263,7 @@ def _load_onnx(path: Path, input_shape: list[int] | None, hw: tuple[int, int],
     shape = _image_shape(path, inp.name, dims, input_shape, hw)
     spec = _typed(default_spec(shape, name=inp.name, **spec_kw), inp.type.tensor_type.elem_type)
     src = ModelSource(name=path.stem, kind="onnx", input_spec=spec, onnx_path=path, task="raw",
-                      quantized_ops=quantized_ops(m), fp16_weights=_fp16_share(m))
+                      quantized_ops=quantized_ops(m), float_weight_ops=float_weight_ops(m), fp16_weights=_fp16_share(m))
     if dims3:
         frame_input.as_frame_input(m, inp.name, dims3)
         _use_copy(src, m, path)
@@ -323,6 +324,18 @@ def quantized_ops(m) -> dict[str, int]:
         if n.op_type in QUANTIZED_OPS:
             counts[n.op_type] = counts.get(n.op_type, 0) + 1
     return counts
+
+
+WEIGHT_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")  # float ops whose second input is a weight
+
+
+def float_weight_ops(m) -> int:
+    """How many Conv/ConvTranspose/MatMul/Gemm nodes of the main graph take a weight that is not the
+    output of a DequantizeLinear (an int8 QDQ graph's are; its integer ops, QLinearConv and MatMulInteger,
+    are not counted at all). Why: a file with a quantized op or two (one Q/DQ pair at its input) is a
+    float model to quantize; one with none left is int8 as it is (exporters/base._as_given)."""
+    dq = {o for n in m.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return sum(1 for n in m.graph.node if n.op_type in WEIGHT_OPS and len(n.input) > 1 and n.input[1] not in dq)
 
 
 def _numeric_outputs(path: Path, m) -> None:

@@ -556,3 +556,30 @@ def test_tflite_manifest_names_its_own_quantizer(rpi4_bundle):
     method = m["compression"]["quantization"]["method"]
     assert "onnxruntime" not in method and ("PT2E" in method or "LiteRT" in method)
     assert m["compression"]["quantization"]["peak_rss_bytes"] > 0
+
+
+def test_onnxruntimes_own_session_logs_are_muted_while_it_quantizes(tmp_path, capfd):
+    """quantize_static's calibration sessions log a failing run in red on stderr (ddddocr's CRNN: three
+    candidates' "[E:onnxruntime ... Shape node" lines amid the progress); the search says it once."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto as T, helper as h, numpy_helper as nh
+
+    from lepton_edge.compress import quantize as q
+
+    g = h.make_graph([h.make_node("Reshape", ["x", "shape"], ["y"])], "g",
+                     [h.make_tensor_value_info("x", T.FLOAT, [1, 6])], [h.make_tensor_value_info("y", T.FLOAT, None)],
+                     [nh.from_array(np.array([4, 4], np.int64), "shape")])
+    path = tmp_path / "bad.onnx"
+    onnx.save(h.make_model(g, opset_imports=[h.make_opsetid("", 13)]), str(path))
+
+    def fail_once():
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        with pytest.raises(Exception, match="(?i)reshape|shape"):
+            sess.run(None, {"x": np.zeros((1, 6), np.float32)})
+    capfd.readouterr()
+    with q.engine_logs_muted():
+        fail_once()
+    assert "onnxruntime" not in capfd.readouterr().err
+    fail_once()  # the default is back: the same failure logs again
+    assert "[E:onnxruntime" in capfd.readouterr().err

@@ -373,3 +373,51 @@ def test_a_sequence_of_token_distributions_is_not_a_segment_map():
     assert not v.passed and "SQNR" in v.why
     sigmoid_map = 1 / (1 + np.exp(-rng.standard_normal((16, 1, 56, 56)).astype(np.float32) * 4))  # a map stays one
     assert val.infer_task(val.Reference([sigmoid_map], specs[1:]), default_spec([1, 3, 224, 224])) == "segment"
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_a_time_major_output_is_counted_by_input_not_by_time_step(batch):
+    """ddddocr's CRNN returns [T, N, C] ([32, 1, 8210] for one input): its 24 validation inputs read
+    "768 inputs", each time step judged as a sample. The inputs' axis goes first, whatever the batch."""
+    x = np.random.default_rng(0).normal(size=(6, 1, 8, 16)).astype(np.float32)
+
+    def crnn(b):  # per input a [T=5, C=7] sequence, time-major
+        seq = np.stack([np.full((5, 7), float(v.sum())) + np.arange(7) for v in b])  # [N, T, C]
+        return [np.ascontiguousarray(seq.transpose(1, 0, 2)).astype(np.float32)]
+    out = val.batched(crnn, x, batch)
+    assert out[0].shape == (6, 5, 7)
+    assert np.allclose(out[0][:, 0, 0], x.reshape(6, -1).sum(1), rtol=1e-4)
+    specs = [{"name": "seq", "dtype": "float32"}]
+    v = val.judge("raw", val.Reference(out, specs), [o.copy() for o in out], specs, val.Thresholds(),
+                  input_spec=default_spec([1, 1, 8, 16]))
+    assert v.metrics["samples"] == 6
+
+
+def test_a_sequence_of_character_logits_is_not_read_as_yolo_boxes():
+    """ddddocr's CRNN, inputs first, is [N, 32, 8210]: YOLO's shape. Its logits (half negative) are not
+    class scores in [0, 1] with sizes >= 0, so it is no detector; YOLO's own output still is one."""
+    rng = np.random.default_rng(1)
+    logits = rng.normal(0, 4, (8, 32, 8210)).astype(np.float32)
+    specs = [{"name": "387", "dtype": "float32"}]
+    spec = default_spec([1, 1, 64, 256])
+    assert val.infer_task(val.Reference([logits], specs), spec) == "raw"
+    m, x = Detector().eval(), _x(8, (3, 32, 32))
+    assert _judge(m, m, x)[0] == "detect"
+
+
+def test_a_fixed_batch_time_major_model_is_run_and_joined_by_input(tmp_path):
+    """The same through the device runtime: a batch-1 graph ([1, 1, 8, 16] in, time-major [8, 1, 16] out)
+    is run one input a call, and the calls were joined along the time axis: 6 inputs made 48 rows."""
+    import onnx
+    from onnx import TensorProto as T, helper as h, numpy_helper as nh
+
+    from lepton_edge.exporters.onnx import OnnxExporter
+
+    nodes = [h.make_node("Reshape", ["x", "s"], ["r"]), h.make_node("Transpose", ["r"], ["y"], perm=[1, 0, 2])]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, [1, 1, 8, 16])],
+                     [h.make_tensor_value_info("y", T.FLOAT, [8, 1, 16])], [nh.from_array(np.array([1, 8, 16]), "s")])
+    path = tmp_path / "crnn.onnx"
+    onnx.save(h.make_model(g, opset_imports=[h.make_opsetid("", 13)]), str(path))
+    x = np.random.default_rng(0).normal(size=(6, 1, 8, 16)).astype(np.float32)
+    out = val.batched(OnnxExporter().predictor(path, 1), x, 4)
+    assert out[0].shape == (6, 8, 16) and np.allclose(out[0], x[:, 0])

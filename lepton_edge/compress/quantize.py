@@ -470,7 +470,7 @@ def _ort_int8(model, out_path: Path, feeds, recipe: Recipe, per_channel: bool, e
             with ui.progress("calibrating" if not cached else "quantizing (ranges of an earlier candidate's "
                              "calibration)", n) as advance, ui.libraries_silenced("", stderr=False), \
                     _lean_calibration(), _linear_rewiring(), linear_time_histograms(), sampled_histograms(), \
-                    remembered_weights(), \
+                    remembered_weights(), engine_logs_muted(), \
                     shared_ranges.one_pass(files, recipe.calibration) if one_pass else nullcontext():
                 # (the histogram calibrators print their own progress to stdout, which --json keeps clean, and
                 # onnxruntime warns on the root logger that we skipped pre-processing: we do it when it helps)
@@ -496,6 +496,25 @@ def _ort_int8(model, out_path: Path, feeds, recipe: Recipe, per_channel: bool, e
             files["failed"].touch()  # this candidate calibrates alone, and so do the export's next ones
             if isinstance(e, cal.MemoryExceeded) and e.watch is not None:
                 e.watch.rearm()
+
+
+ORT_DEFAULT_LOG_SEVERITY = 2  # onnxruntime's own default (warnings), put back after engine_logs_muted
+
+
+@contextmanager
+def engine_logs_muted() -> Iterator[None]:
+    """onnxruntime's sessions that quantize_static makes itself (the calibration's) log with the default
+    logger: a candidate whose calibration graph fails wrote red "[E:onnxruntime ... Non-zero status code
+    returned while running Shape node" lines and size warnings in the middle of the export's progress
+    (ddddocr's CRNN, 3 candidates), though the search reports that failure in its own line. Fatal only
+    for the block; onnxruntime has no getter, so its default is put back after."""
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(4)
+    try:
+        yield
+    finally:
+        ort.set_default_logger_severity(ORT_DEFAULT_LOG_SEVERITY)
 
 
 @contextmanager
