@@ -100,6 +100,31 @@ def test_int8_export_with_defaults_then_run(name, tmp_path):
         assert all([c["label"] for c in d["result"]] in (["0", "1"], ["1", "0"]) for d in lines)
 
 
+DDDDOCR_OCR_SHA256 = "33b5cd351ee94e73a6bf8fa18c415ed8b819b3ffd342e267c30d8ad8334e34e8"  # ddddocr 1.6.1 common.onnx
+
+
+@pytest.mark.slow
+def test_a_time_major_text_recogniser_without_shapes_calibrates_by_percentile(tmp_path):
+    """ddddocr's own text recogniser (the same wheel as the corpus's detector): a CRNN whose file states no
+    intermediate shapes and declares its [32, 1, 8210] output as [1, seqlen]. Every percentile candidate
+    failed in onnxruntime ("Non-zero status code returned while running Shape node") on the sampled
+    histograms' Shape branch; its 24 validation inputs read "768 inputs", and its logits were decoded as
+    YOLO boxes once the inputs' axis came first."""
+    try:
+        whl = corpus.wheel("ddddocr", "1.6.1")
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    src = corpus._extract(whl, "ddddocr/common.onnx", tmp_path / "ddddocr-ocr.onnx", DDDDOCR_OCR_SHA256)
+    r = run_cli("export", str(src), "--target", "x86-cpu", "--calib", str(corpus.text_scenes_dir()), "--out",
+                str(tmp_path / "o"), "--input-shape", "1,1,64,256", "--recipes", "u8-percentile", "--json",
+                timeout=900)
+    assert r.returncode == 0, r.stderr[-800:]
+    v = json.loads(r.stdout)["validation"]
+    assert v["task"] == "raw" and v["passed"], v
+    assert v["samples"] == v["inputs"]["validation"]["samples"] < 100
+    assert json.loads(r.stdout)["compression"]["quantization"]["recipe"] == "u8-percentile"
+
+
 @pytest.mark.slow
 def test_a_stopped_export_leaves_no_work_folder(tmp_path):
     """SIGTERM (a `timeout`, a service stop) mid-search ends the export as Ctrl-C does: exit 130, its

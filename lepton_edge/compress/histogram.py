@@ -201,9 +201,11 @@ def _sample_branch(tensor: str, t: str, p: str, value_info, graph) -> list:
                                                     [math.prod(dims) // SAMPLE_LIMIT + 1]))
     else:
         graph.initializer.append(helper.make_tensor(f"{t}_limit", TensorProto.INT64, [1], [SAMPLE_LIMIT]))
-        nodes += [
-            helper.make_node("Shape", [tensor], [f"{t}_shape"]),
-            helper.make_node("ReduceProd", [f"{t}_shape"], [f"{t}_n"], keepdims=1),
+        nodes += [  # (Size, not Shape and ReduceProd: a shape's length is the tensor's rank, which a
+            # model's own value_info can state wrongly; onnxruntime then planned the Shape node's output for
+            # that rank and failed on it: ddddocr's CRNN says [1, seqlen] and returns [32, 1, 8210])
+            helper.make_node("Size", [tensor], [f"{t}_n0"]),
+            helper.make_node("Reshape", [f"{t}_n0", f"{p}_one"], [f"{t}_n"]),
             helper.make_node("Div", [f"{t}_n", f"{t}_limit"], [f"{t}_q"]),
             helper.make_node("Add", [f"{t}_q", f"{p}_one"], [f"{t}_step"]),
         ]
