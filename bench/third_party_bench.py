@@ -129,10 +129,10 @@ def summary(rep: dict) -> dict:
            "thresholds": v.get("thresholds"), "inputs": v.get("inputs"), "recipe": quant.get("recipe"),
            "size_vs_fp32": comp.get("size_vs_fp32"), "latency_vs_fp32": lat.get("vs_fp32"),
            "seconds": rep.get("seconds"), "peak_rss_bytes": rep.get("peak_rss_bytes")}
-    from lepton_edge.exporters.task_metrics import closeness_gated_on
+    from lepton_edge.exporters.task_metrics import closeness_reported
 
-    # (SQNR and cosine that no output's gate judged: a probability map is judged by its mask IoU)
-    out["reported_only"] = [k for k in ("sqnr_db", "cosine") if closeness_gated_on(v, k) == []]
+    # (SQNR and cosine that no output's gate judged, and what judged them instead)
+    out["reported"] = {k: why for k in ("sqnr_db", "cosine") if (why := closeness_reported(v, k))}
     if quant.get("attempts"):
         out["attempts"] = [{"recipe": a.get("recipe"), "passed": a.get("passed"), "skipped": a.get("skipped"),
                             "chosen": a.get("chosen"), "why": (a.get("why") or "")[:160]} for a in quant["attempts"]]
@@ -478,14 +478,12 @@ def _gate(rep: dict) -> str:
 
                 n = int(m["confident_samples"])
                 rule = f" (>= {th[t]:g}: at most {confident_losses_allowed(n, th[t])} of {n} lost)"
-            if k in ("sqnr_db", "cosine") and m.get("max_rel_diff") is not None:  # too few fp32 boxes for F1
-                rule = " (reported; too few fp32 boxes to judge F1)"
             if k == "max_rel_diff":
                 from lepton_edge.exporters.task_metrics import NO_EVIDENCE_MAX_REL
 
-                rule = f" (<= {NO_EVIDENCE_MAX_REL:g} of fp32's range: too few fp32 boxes to judge F1)"
-            if k in (rep.get("reported_only") or ()):
-                rule = " (reported; a probability map is judged by mask IoU)"  # as the export summary says
+                rule = f" (<= {NO_EVIDENCE_MAX_REL:g} of a channel's range: too few boxes to judge F1)"
+            if k in (rep.get("reported") or {}):
+                rule = f" (reported; {rep['reported'][k]})"  # as the export summary says
             parts.append(f"{k} {m[k]:.4g}{rule}")
     return ", ".join(parts) or "-"
 

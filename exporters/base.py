@@ -438,8 +438,9 @@ def _int8(ctx: ExportContext, exporter: Exporter, fp32: Path, chosen: Path, vali
     if found.path is None:
         best = max((a for a in found.attempts if not a.get("skipped")),
                    key=lambda a: tuple(a.get("score") or ()) or (a.get("top1_agreement"),))
+        tried = sum(not a.get("skipped") for a in found.attempts)
         raise CheckFailed(
-            f"int8 failed the accuracy gate with all {len(found.attempts)} recipes (task {validate.task}; best: "
+            f"int8 failed the accuracy gate with all {tried} recipes tried (task {validate.task}; best: "
             f"{best['recipe']}, {best['why']}); {search.what_to_try(best, val.RELAX_FLAGS[validate.task])}",
             details={"task": validate.task, "best": best, "attempts": found.attempts})
     found.path.rename(chosen)

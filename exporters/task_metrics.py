@@ -27,12 +27,13 @@ BOX_IOU = 0.5  # detections match fp32's from this IoU (and the same class)
 # Detections are evidence the same way: F1 against fp32 is judged once fp32 finds boxes on this many
 # validation inputs. On fewer (a nudity detector validated on flower photos: 0 boxes) F1 is 1.0 for any
 # artifact that also finds nothing, a broken one included; every raw output must then be within
-# NO_EVIDENCE_MAX_REL of its range of fp32's everywhere, as a map without evidence must be within
+# NO_EVIDENCE_MAX_REL of each channel's range of fp32's everywhere, as a map without evidence must be within
 # NO_EVIDENCE_MAX_ABS (NudeNet's YOLOv8 on flower photos: fp16 0.8 %, u8 int8 18-33 %, its boxes moved
 # by up to 105 px of 320). SQNR would not do: a YOLO output's box centres are mostly its grid, so a
 # damaged head still read 35 dB.
 MIN_BOX_INPUTS = 4
 NO_EVIDENCE_MAX_REL = 0.02
+NO_EVIDENCE_FLOOR = 1e-3  # a channel's range counts as at least this share of the output's (max_rel_diff)
 NN_SAMPLES = 2000  # embeddings the nearest-neighbour agreement is measured on
 
 
@@ -304,6 +305,25 @@ def closeness_gated_on(v: dict, metric: str) -> list[str] | None:
     return [str(o.get("name")) for o in rows if metric in (o.get("gated_by") or [])]
 
 
+def closeness_reported(v: dict, metric: str) -> str | None:
+    """Why a verdict's JSON shows `metric` (sqnr_db, cosine) without having held an output to it, in
+    words; None where an output was held to it. A verdict from before `gated_by` was recorded: by its
+    mask_samples, as the summary said then."""
+    on = closeness_gated_on(v, metric)
+    if on is None:
+        return "probability maps are judged by mask IoU" if v.get("mask_samples") is not None else None
+    if on:
+        return None
+    judged = {g for o in v.get("per_output") or [] if isinstance(o, dict) for g in (o.get("gated_by") or [])}
+    if "max_rel_diff" in judged:
+        return "too few boxes to judge F1: the outputs are judged by max_rel_diff"
+    if "mask_iou" in judged:
+        return "probability maps are judged by mask IoU"
+    if "max_abs_diff" in judged:
+        return "too few inputs show fp32's mask: the map is judged by its largest difference"
+    return "not judged"
+
+
 def _mask_gate(r: np.ndarray, a: np.ndarray, row: dict, th) -> list[str]:
     """A segmentation probability map's gate: mask IoU where fp32's mask shows on enough samples;
     else no evidence, and only a map within NO_EVIDENCE_MAX_ABS of fp32's everywhere passes."""
@@ -359,9 +379,9 @@ def detect(ref: list[np.ndarray], out: list[np.ndarray], spec, labels, th, metri
            per_output: list[dict] | None = None) -> list[str] | None:
     """Boxes through the runtime's own post-processing (the head that reads fp32's outputs, for both),
     matched to fp32's (same class, IoU >= 0.5, best score first): F1 against fp32 and the mean score
-    drift of matched boxes, once fp32 finds boxes on MIN_BOX_INPUTS inputs (else no evidence: the raw
-    outputs are held to NO_EVIDENCE_MIN_SQNR). None when the outputs have a layout the runtime does
-    not know (then they are compared as raw outputs)."""
+    drift of matched boxes, once fp32 or the artifact finds boxes on MIN_BOX_INPUTS inputs (else no
+    evidence: _no_box_evidence). None when the outputs have a layout the runtime does not know (then
+    they are compared as raw outputs)."""
     tp = n_ref = n_art = shown = 0
     drift = []
     head = detect_head(ref, spec, labels)  # fp32's head decodes both: an artifact's outputs are not re-guessed
@@ -370,7 +390,7 @@ def detect(ref: list[np.ndarray], out: list[np.ndarray], spec, labels, th, metri
     try:
         for i in range(len(ref[0])):
             br, ba = _boxes(ref, i, spec, labels, head), _boxes(out, i, spec, labels, head)
-            n_ref, n_art, shown = n_ref + len(br), n_art + len(ba), shown + bool(len(br))
+            n_ref, n_art, shown = n_ref + len(br), n_art + len(ba), shown + bool(len(br) or len(ba))
             free = list(range(len(br)))
             for d in ba:
                 best, best_iou = None, BOX_IOU
@@ -385,7 +405,7 @@ def detect(ref: list[np.ndarray], out: list[np.ndarray], spec, labels, th, metri
         return None
     metrics.update(boxes_reference=float(n_ref), boxes_artifact=float(n_art), box_inputs=float(shown))
     if shown < MIN_BOX_INPUTS:
-        return _no_box_evidence(ref, out, per_output, metrics, shown)
+        return _no_box_evidence(ref, out, per_output, metrics, shown, post_nms=head == "ssd")
     f1 = 2 * tp / (n_ref + n_art)
     metrics.update(f1_vs_fp32=f1, score_drift=float(np.mean(drift)) if drift else 0.0)
     return [f"detections F1 vs fp32 {f1:.4f} < {th.min_f1} ({tp} of {n_ref} fp32 boxes matched, "
@@ -393,27 +413,53 @@ def detect(ref: list[np.ndarray], out: list[np.ndarray], spec, labels, th, metri
 
 
 def _no_box_evidence(ref: list[np.ndarray], out: list[np.ndarray], per_output: list[dict] | None, metrics: dict,
-                     shown: int) -> list[str]:
-    """A detector's gate where fp32 finds (almost) nothing to match: every raw output within
-    NO_EVIDENCE_MIN_SQNR of fp32's, else no evidence, and the export says what data would give some."""
-    rows = per_output if per_output is not None else [{"name": f"output {k}"} for k in range(len(ref))]
+                     shown: int, post_nms: bool = False) -> list[str]:
+    """A detector's gate where neither fp32 nor the artifact finds boxes on MIN_BOX_INPUTS inputs: every
+    raw output within NO_EVIDENCE_MAX_REL of fp32's (max_rel_diff), else no evidence, and the export says
+    what data would give some. A post-NMS head's slots (SSD's top-K boxes, classes and scores) are not
+    compared: with nothing confident their order among equal low scores is not stable, fp16's included,
+    and a box it finds would have counted above."""
+    rows = per_output if per_output is not None else [{"name": str(k)} for k in range(len(ref))]
+    if post_nms:
+        return []
     far = []
     for r, a, row in zip(ref, out, rows):
-        span = float(np.nanmax(r) - np.nanmin(r)) if r.size else 0.0
-        d = closeness([r], [a]).get("max_abs_diff", float("inf"))
-        rel = d / span if span > 0 else (0.0 if d == 0 else float("inf"))
+        rel = max_rel_diff(r, a)
         row.update(sqnr_db=sqnr_db(r, a), max_rel_diff=rel, gated_by=["max_rel_diff"])
         if not rel <= NO_EVIDENCE_MAX_REL:
-            far.append(f"{row['name']} by {d:.3g} ({rel:.1%} of its range)")
+            far.append(f"{row['name']} ({rel:.1%} of a channel's range)")
     metrics.update(sqnr_db=min(float(r["sqnr_db"]) for r in rows),
                    max_rel_diff=max(float(r["max_rel_diff"]) for r in rows))
     if not far:
         return []
-    metrics["no_evidence"] = 1.0  # (the data's lack, not this artifact's: the int8 search stops on it)
-    return [f"detections: no evidence: fp32 finds boxes on {shown} of {len(ref[0])} validation inputs "
-            f"({MIN_BOX_INPUTS} needed to judge F1 against it) and the raw outputs differ from fp32's (output "
-            f"{', '.join(far)}; {NO_EVIDENCE_MAX_REL:.0%} allowed); validate on inputs that show what the model "
-            "detects (--calib/--eval images)"]
+    metrics["no_evidence"] = 1.0  # (the data's lack: the int8 search stops trying after NO_EVIDENCE_TRIES)
+    return [f"detections: no evidence: boxes on {shown} of {len(ref[0])} validation inputs ({MIN_BOX_INPUTS} "
+            f"needed to judge F1 against fp32's) and the raw outputs differ from fp32's (output {', '.join(far)}; "
+            f"{NO_EVIDENCE_MAX_REL:.0%} allowed); validate on inputs that show what the model detects "
+            "(--calib/--eval images)"]
+
+
+def max_rel_diff(r: np.ndarray, a: np.ndarray) -> float:
+    """The largest difference of `a` from `r`, each channel's against that channel's range (at least
+    NO_EVIDENCE_FLOOR of the whole output's): the channels are the shorter of the last two axes of a
+    [N, 4+nc, A] or [N, A, 5+nc] head, the last axis of [N, K]. Why per channel: a YOLO output's range
+    is its box coordinates (0-640), next to which class scores raised from 0.01 to 0.9 everywhere (a
+    box on every anchor) moved by 0.1 % of it."""
+    r, a = np.asarray(r), np.asarray(a)  # (float32 as the outputs come: one difference array, no float64 copies)
+    if r.shape != a.shape or not r.size:
+        return 0.0 if r.shape == a.shape else float("inf")
+    axis = r.ndim - 1  # (the last axis; of [.., A, B] the shorter of the two)
+    if r.ndim >= 3 and r.shape[-2] <= r.shape[-1]:
+        axis = r.ndim - 2
+    others = tuple(i for i in range(r.ndim) if i != axis)
+    with np.errstate(invalid="ignore", over="ignore"):
+        span = np.nanmax(r, axis=others).astype(np.float64) - np.nanmin(r, axis=others)
+        whole = float(np.nanmax(r)) - float(np.nanmin(r))
+        diff = np.nanmax(np.abs(a - r), axis=others).astype(np.float64)
+    if not np.isfinite(diff).all():
+        return float("inf")
+    floor = max(whole * NO_EVIDENCE_FLOOR, np.finfo(np.float32).tiny)
+    return float(np.max(diff / np.maximum(span, floor)))
 
 
 # ---- embed -------------------------------------------------------------------------------------

@@ -128,10 +128,13 @@ def batched(fn: Predict, x: np.ndarray, batch: int, description: str = "validati
     parts: list[Outputs] = []  # the calls' outputs, when they cannot be written into `whole`
     inputs: list[int] = []  # the inputs of each of `parts`
     done = 0
+    major: list[bool | None] | None = None  # per output: time-major (batch_first), once a call has shown it
     with ui.progress(description, n) as advance:
         for i in range(0, n, batch):
             k = len(x[i:i + batch])
-            raw = batch_first(as_outputs(fn(x[i:i + batch])), k)
+            raw = as_outputs(fn(x[i:i + batch]))
+            major = time_major(raw, k, major)
+            raw = batch_first(raw, k, major)
             got = [np.atleast_1d(o) for o in raw]
             if whole is None and not parts and all(g.shape[0] == k for g in got):
                 whole = [np.empty((n,) + g.shape[1:], g.dtype) for g in got]
@@ -150,14 +153,31 @@ def batched(fn: Predict, x: np.ndarray, batch: int, description: str = "validati
     return whole if whole is not None else stack_outputs(parts, inputs)
 
 
-def batch_first(outputs: Outputs, k: int) -> Outputs:
+def time_major(outputs: Outputs, k: int, known: list[bool | None] | None = None) -> list[bool | None]:
+    """Per output of a call on `k` inputs: whether its inputs' axis is the second (time-major [T, N, C]),
+    as `known` (an earlier call's) says, else as this call shows: None while it cannot (T == N == k).
+    Three axes at least: a [K, 4] output without a batch axis (NonZero's boxes) whose 4 is the call's
+    inputs by chance is not time-major."""
+    def one(o, was: bool | None) -> bool | None:
+        if was is not None:
+            return was
+        if not isinstance(o, np.ndarray) or o.ndim < 3:
+            return False
+        if o.shape[0] == k and o.shape[1] == k:
+            return None  # (T == N: this call cannot tell)
+        return o.shape[0] != k and o.shape[1] == k
+    known = known or [None] * len(outputs)
+    return [one(o, was) for o, was in zip(outputs, known + [None] * (len(outputs) - len(known)))]
+
+
+def batch_first(outputs: Outputs, k: int, major: list[bool | None] | None = None) -> Outputs:
     """Each output of a call on `k` inputs with its inputs' axis first: a sequence model's time-major
     [T, N, C] (ddddocr's CRNN: [32, 1, 8210] for one input) becomes [N, T, C]. Why: the rows of the
     first axis are the validation's samples, and 24 inputs read "768 inputs", each time step judged
-    as one, and an input's cosine split into 32. Three axes at least: a [K, 4] output without a batch
-    axis (NonZero's boxes) whose 4 is the call's inputs by chance is not time-major."""
-    return [np.moveaxis(o, 1, 0) if isinstance(o, np.ndarray) and o.ndim >= 3 and o.shape[0] != k
-            and o.shape[1] == k else o for o in outputs]
+    as one. `major`: time_major's decision, kept from the first call that showed it (a last call of
+    32 inputs of a [32, N, C] model cannot show it)."""
+    major = time_major(outputs, k) if major is None else major
+    return [np.moveaxis(o, 1, 0) if m else o for o, m in zip(outputs, major)]
 
 
 def _rows_fit(got: Outputs, whole: Outputs, k: int) -> bool:

@@ -54,7 +54,7 @@ def onnx_dims(value) -> list[int | str]:
     which is no name, and a manifest refuses it."""
     out: list[int | str] = []
     for d in value.type.tensor_type.shape.dim:
-        name = d.dim_param if d.dim_param and re.match(_DIM_NAME, d.dim_param) else "?"
+        name = d.dim_param if d.dim_param and re.fullmatch(_DIM_NAME, d.dim_param) else "?"
         out.append(int(d.dim_value) if d.dim_value > 0 else name)
     return out
 

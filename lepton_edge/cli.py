@@ -248,7 +248,7 @@ _GATES = {  # metric -> (threshold key, "min"/"max", format)
     "sqnr_db": ("min_sqnr", "min", "{:.1f} dB"), "cosine": ("min_cosine", "min", "{:.4f}"),
     "mask_iou": ("min_mask_iou", "min", "{:.4f}"), "score_drift": (None, "", "{:.4f}"), "ceiling": (None, "", "{:.4f}"),
     "mask_samples": (None, "", "{:.0f} inputs show fp32's mask"),
-    "box_inputs": (None, "", "{:.0f} inputs show fp32's boxes"),
+    "box_inputs": (None, "", "{:.0f} inputs show boxes (fp32's or its own)"),
     "max_rel_diff": ("max_rel_diff_allowed", "max", "{:.4f}"),
 }
 
@@ -261,18 +261,15 @@ def _confident_allowed(v: dict, bound: float) -> int:
 
 def _closeness_rule(v: dict, metric: str, rule: str) -> str:
     """SQNR's or cosine's threshold as the gate held it (task_metrics.dense): on every output, on
-    some of them (named), or on none (a probability map is judged by its mask IoU)."""
-    from lepton_edge.exporters.task_metrics import closeness_gated_on
+    some of them (named), or on none (reported, and what judged the outputs instead)."""
+    from lepton_edge.exporters.task_metrics import closeness_gated_on, closeness_reported
 
-    if v.get("max_rel_diff") is not None:  # a detector without evidence: task_metrics._no_box_evidence
-        return " (reported; too few fp32 boxes to judge F1: outputs judged by max_rel_diff)"
-    on = closeness_gated_on(v, metric)
-    if on is None:  # a manifest from before outputs said what judged them
-        return " (reported; probability maps are judged by mask IoU)" if v.get("mask_samples") is not None else rule
-    if not on:
-        return " (reported; probability maps are judged by mask IoU)"
+    why = closeness_reported(v, metric)
+    if why:
+        return f" (reported; {why})"
+    on = closeness_gated_on(v, metric) or []
     judged = [o for o in v.get("per_output") or [] if isinstance(o, dict) and o.get("gated_by")]
-    if rule and len(on) < len(judged):
+    if rule and on and len(on) < len(judged):
         return f"{rule[:-1]} on {', '.join(ui.printable(n) for n in on)})"
     return rule
 

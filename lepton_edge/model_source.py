@@ -330,12 +330,18 @@ WEIGHT_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")  # float ops whose seco
 
 
 def float_weight_ops(m) -> int:
-    """How many Conv/ConvTranspose/MatMul/Gemm nodes of the main graph take a weight that is not the
-    output of a DequantizeLinear (an int8 QDQ graph's are; its integer ops, QLinearConv and MatMulInteger,
-    are not counted at all). Why: a file with a quantized op or two (one Q/DQ pair at its input) is a
-    float model to quantize; one with none left is int8 as it is (exporters/base._as_given)."""
-    dq = {o for n in m.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-    return sum(1 for n in m.graph.node if n.op_type in WEIGHT_OPS and len(n.input) > 1 and n.input[1] not in dq)
+    """How many Conv/ConvTranspose/MatMul/Gemm nodes of the main graph take a float weight: an
+    initializer or Constant of a float type as their second input (an int8 QDQ graph's come from a
+    DequantizeLinear; its integer ops, QLinearConv and MatMulInteger, are not counted, nor is a MatMul
+    of two activations). Why: a file with a quantized op or two (one Q/DQ pair at its input) is a float
+    model to quantize; one with no float weight left is int8 as it is (exporters/base._as_given)."""
+    import onnx
+
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
+    weights = {i.name for i in m.graph.initializer if i.data_type in floats}
+    weights |= {o for n in m.graph.node if n.op_type == "Constant" for a in n.attribute
+                if a.name == "value" and a.t.data_type in floats for o in n.output}
+    return sum(1 for n in m.graph.node if n.op_type in WEIGHT_OPS and len(n.input) > 1 and n.input[1] in weights)
 
 
 def _numeric_outputs(path: Path, m) -> None:

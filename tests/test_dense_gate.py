@@ -147,6 +147,9 @@ def test_no_evidence_never_passes_trivially(with_text):
     assert v.metrics["mask_samples"] == with_text
     _, same = _judge(m, m, x, task="segment")
     assert same.passed, same.why
+    from lepton_edge.cli import _closeness_rule  # what the summary says judged it: not the mask IoU
+
+    assert "too few inputs show fp32's mask" in _closeness_rule(same.as_dict(), "cosine", " (>= 0.9700)")
 
 
 def test_min_mask_iou_is_an_export_option():

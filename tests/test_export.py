@@ -212,7 +212,7 @@ def test_recipe_search_falls_back_to_float_layers(tmp_path):
 
 
 def test_failed_gate_leaves_nothing(tmp_path):
-    with pytest.raises(CheckFailed, match="failed the accuracy gate with all 1 recipes"):
+    with pytest.raises(CheckFailed, match="failed the accuracy gate with all 1 recipes tried"):
         lepton_edge.export("zoo:fashion-cnn", target="x86-cpu", recipes=["u8-minmax"], min_agreement=1.0,
                            out=tmp_path, eval_limit=500)
     assert list(tmp_path.iterdir()) == []
@@ -225,7 +225,7 @@ def test_failed_gate_json_names_every_candidate(tmp_path):
                 "--task", "raw", "--min-sqnr", "90", "--eval-limit", "500", "-o", str(tmp_path), "--json")
     assert r.returncode == 1 and "Traceback" not in r.stderr
     line = r.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: int8 failed the accuracy gate with all 2 recipes")
+    assert line.startswith("error: int8 failed the accuracy gate with all 2 recipes tried")
     rep = json.loads(r.stdout)
     assert rep["ok"] is False and rep["exit_code"] == 1 and line.endswith(rep["error"])
     assert rep["task"] == "raw" and [a["recipe"] for a in rep["attempts"]] == ["u8-minmax", "s8-minmax"]

@@ -243,6 +243,22 @@ def test_a_detector_with_no_boxes_to_match_is_not_passed_on_an_empty_f1():
     _, found = _judge(m, _int8_weights(m), x, task="detect")  # the same net with boxes: judged by F1
     assert found.passed and found.metrics["box_inputs"] >= tm.MIN_BOX_INPUTS and "f1_vs_fp32" in found.metrics
 
+    class Scores(nn.Module):  # the class scores moved by `by` everywhere, the boxes untouched
+        def __init__(self, model, by):
+            super().__init__()
+            self.model, self.by = model, by
+
+        def forward(self, x):
+            y = self.model(x).clone()
+            y[:, 4:] += self.by
+            return y
+    # raised, still under the score threshold: a YOLO output's range is its box centres (0-32 here), next to
+    # which the scores moved by 0.6 % of it; each channel against its own range, they moved by far more
+    _, raised = _judge(quiet, Scores(quiet, 0.2), x, task="detect")
+    assert not raised.passed and "no evidence" in raised.why and raised.metrics["max_rel_diff"] > 1, raised.metrics
+    _, phantom = _judge(quiet, Scores(quiet, 0.9), x, task="detect")  # a box on every anchor: judged by F1
+    assert not phantom.passed and phantom.metrics["f1_vs_fp32"] == 0.0 and "F1" in phantom.why, phantom.metrics
+
 
 def test_a_classifier_ending_in_a_1x1_map_with_tied_scores_is_judged_consistently():
     """A caffe2-era classifier ([N, 1000, 1, 1] softmax, onnx's light_squeezenet) is a classifier, not raw;
@@ -421,3 +437,16 @@ def test_a_fixed_batch_time_major_model_is_run_and_joined_by_input(tmp_path):
     x = np.random.default_rng(0).normal(size=(6, 1, 8, 16)).astype(np.float32)
     out = val.batched(OnnxExporter().predictor(path, 1), x, 4)
     assert out[0].shape == (6, 8, 16) and np.allclose(out[0], x[:, 0])
+
+
+def test_time_major_is_decided_once_for_every_call():
+    """[32, N, C] in batches of 64 then a last batch of 32: that call alone cannot tell [T, N] from [N, T]
+    (32 both), so the decision the first call showed holds for it."""
+    x = np.arange(96, dtype=np.float32).reshape(96, 1)
+
+    def crnn(b):
+        seq = np.repeat(b[:, None, :], 32, axis=1) + np.arange(32, dtype=np.float32)[None, :, None]  # [N, 32, 1]
+        return [np.ascontiguousarray(seq.transpose(1, 0, 2))]  # [32, N, 1]
+    out = val.batched(crnn, x, 64)
+    assert out[0].shape == (96, 32, 1)
+    assert np.allclose(out[0][:, 0, 0], x[:, 0]) and np.allclose(out[0][95, :, 0], 95 + np.arange(32))

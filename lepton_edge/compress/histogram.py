@@ -65,17 +65,15 @@ def collect_absolute_value(self, name_to_arr: dict) -> None:
 
 
 def narrow_range(arr: np.ndarray, bins: int) -> tuple[float, float]:
-    """The range a near-constant tensor's first histogram is binned over: its own, widened about its
-    middle until `bins` bins of at least 4 units in the last place fit in `arr`'s type. Why: numpy
-    cannot make 2,048 distinct float32 edges over 1.0 to 1.00001 and raised "Too many bins for data
-    range", which failed the candidate (a caffe2 SqueezeNet's uniform softmax); numpy widens a constant
-    tensor's range the same way (to +-0.5). The calibrators clip a threshold to the tensor's own
-    minimum and maximum, so the wider edges move no range; a later batch extends them as any other."""
-    lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
-    ulp = float(np.spacing(np.asarray(max(abs(lo), abs(hi)), dtype=arr.dtype)))
-    half = max((hi - lo) / 2, 2.0 * bins * ulp)
-    mid = (lo + hi) / 2
-    return mid - half, mid + half
+    """The range a near-constant tensor's first percentile histogram is binned over: 0 to its largest
+    absolute value (the values binned are absolute), so a bin is a useful width. Why: numpy cannot
+    make 2,048 distinct float32 edges over 1.0 to 1.00001 and raised "Too many bins for data range",
+    which failed the candidate (a caffe2 SqueezeNet's uniform softmax); bins a few float32 steps wide
+    would have had a later batch's wider range extend them by billions. The calibrators clip a
+    threshold to the tensor's own minimum and maximum, so the wider range moves no threshold."""
+    hi = float(np.nanmax(arr)) if arr.size else 0.0
+    tiny = float(np.finfo(arr.dtype).tiny) if np.issubdtype(arr.dtype, np.floating) else 1.0
+    return 0.0, max(hi, tiny * bins * 4)
 
 
 def bin_counts(arr: np.ndarray, bins: int, lo: float, hi: float, owned: bool = False) -> np.ndarray:
