@@ -553,7 +553,10 @@ def infer_task(outputs: list[np.ndarray], specs: list[dict], input_spec, labels=
         # probabilities (a table recogniser's [501, 30] per-step tokens at a 224x224 input: judged as a
         # map by mask IoU, an int8 candidate at 8 dB SQNR passed)
         if hw and h and w and max(2, h // 8) <= hw[0] <= 4 * h and max(2, w // 8) <= hw[1] <= 4 * w \
-                and len(s) in (2, 3) and not (len(s) == 2 and _distributions(o)):
+                and len(s) in (2, 3) and not (len(s) == 2 and _distributions(o)) \
+                and 0.8 <= (hw[0] / h) / (hw[1] / w) <= 1.25:
+            # (a map scales its input alike in H and W; a CRNN's [T, C] logits at a 60x160 captcha, [20, 37],
+            # do not, nor do ddddocr's [32, 8210] at 64x256)
             return "segment"
     vectors = {s[0] for s in shapes if len(s) == 1}
     # a classifier that also returns its features (scores [C] + feat [D]) says so in its names

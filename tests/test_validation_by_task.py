@@ -450,3 +450,15 @@ def test_time_major_is_decided_once_for_every_call():
     out = val.batched(crnn, x, 64)
     assert out[0].shape == (96, 32, 1)
     assert np.allclose(out[0][:, 0, 0], x[:, 0]) and np.allclose(out[0][95, :, 0], 95 + np.arange(32))
+
+
+def test_a_sequence_of_logits_shaped_like_a_small_map_is_not_a_segmentation():
+    """captcha-whisperer's CRNN: [20, N, 37] logits at a 3x60x160 input, inputs first [N, 20, 37]: within
+    the sizes a map may have, but a map scales H and W alike (20/60 against 37/160): raw, not segment.
+    A map at a quarter of the input in both stays a segmentation."""
+    rng = np.random.default_rng(2)
+    specs = [{"name": "logits", "dtype": "float32"}]
+    seq = rng.normal(0, 3, (8, 20, 37)).astype(np.float32)
+    assert val.infer_task(val.Reference([seq], specs), default_spec([1, 3, 60, 160])) == "raw"
+    quarter = rng.normal(0, 3, (8, 15, 40)).astype(np.float32)
+    assert val.infer_task(val.Reference([quarter], specs), default_spec([1, 3, 60, 160])) == "segment"
