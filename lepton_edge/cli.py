@@ -421,6 +421,9 @@ def run(
                                "inputs (a row an input, for a model whose input is not an image)."),
     save: Path | None = typer.Option(None, "--save", help="Write an annotated video (.mp4, .avi, .mkv)."),
     jsonl: str | None = typer.Option(None, "--jsonl", help="Write every result as a JSON line ('-': stdout)."),
+    raw_values: int = typer.Option(4096, "--raw-values", min=0, max=1 << 24,
+                                   help="Values of a raw output a JSON line carries whole; a larger output is "
+                                        "summarised (shape, min, max, mean, argmax)."),
     max_frames: int | None = typer.Option(None, "--max-frames", "-n", min=1, help="Stop after this many frames."),
     threads: int | None = typer.Option(None, help="Inference threads, 1..64 (default: the bundle's target's, "
                                           "leaving one core of this machine to capture)."),
@@ -469,7 +472,7 @@ def run(
     src = open_source(source, decode_threads=capture_threads(rt), max_reconnects=max_reconnects or None)
     pipe = Pipeline(src, rt, max_frames=max_frames)
     outs = _run_sinks(pipe, src, rt, every=every, jsonl=jsonl, save=save, show=show,
-                      lines_to_stderr=as_json or jsonl == "-")
+                      lines_to_stderr=as_json or jsonl == "-", raw_values=raw_values)
     d = rt.describe()
     ui.info(f"[bold]{escape(ui.printable(rt.name))}[/] ({d['backend']}, {d['threads']} thread(s), task {rt.task}) "
             f"on {src.kind} {escape(ui.printable(src.spec))}")
@@ -513,7 +516,7 @@ def _load_runtime(model: str, delegate: list[str] | None, **kw):
 
 
 def _run_sinks(pipe, src, rt, *, every: float, jsonl: str | None, save: Path | None, show: bool | None,
-               lines_to_stderr: bool) -> list:
+               lines_to_stderr: bool, raw_values: int = 4096) -> list:
     """Where results go: rate-limited console lines (on stderr when stdout carries JSON, and not at
     all when stderr carries JSON log records), JSON lines, an annotated video, a window."""
     from lepton_edge import sinks
@@ -529,7 +532,7 @@ def _run_sinks(pipe, src, rt, *, every: float, jsonl: str | None, save: Path | N
         show or (show is None and sinks.display_available())) else None
     # (first: its refusal must come before a file output is created or truncated)
     if jsonl:
-        outs.append(sinks.JsonLines(None if jsonl == "-" else Path(jsonl)))
+        outs.append(sinks.JsonLines(None if jsonl == "-" else Path(jsonl), raw_limit=raw_values))
     if save:
         outs.append(sinks.VideoOut(save, src.fps))
     if window is not None:

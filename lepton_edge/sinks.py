@@ -45,10 +45,13 @@ class ConsoleLines:
 
 class JsonLines:
     """Every result as a JSON line, to a file or (path None) to this process's stdout as it is: reopening
-    /dev/stdout truncated a file that `>>` appended to, and failed on a socket (journald)."""
+    /dev/stdout truncated a file that `>>` appended to, and failed on a socket (journald). A raw output of
+    more than `raw_limit` values is summarised (runtime.raw_summary): a line stays kilobytes."""
 
-    def __init__(self, path: Path | None):
-        self.path = path
+    def __init__(self, path: Path | None, raw_limit: int | None = None):
+        from lepton_edge.runtime.runtime import RAW_JSON_VALUES
+
+        self.path, self.raw_limit = path, RAW_JSON_VALUES if raw_limit is None else raw_limit
         if path is None:
             self.f, self.own = sys.stdout, False
             return
@@ -58,7 +61,7 @@ class JsonLines:
             raise BadInput(f"cannot write {path}: {e.strerror}") from None
 
     def write(self, r: Result) -> None:
-        d = r.to_dict()
+        d = r.to_dict(self.raw_limit)
         line = json.dumps(d, separators=(",", ":"))
         if "NaN" in line or "Infinity" in line:  # strict JSON: a NaN score is null (rare: walk it only then)
             line = json.dumps(_finite(d), separators=(",", ":"), allow_nan=False)

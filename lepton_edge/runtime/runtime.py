@@ -33,6 +33,23 @@ from lepton_edge.runtime.spec import (
 )
 
 TASKS = ("classify", "detect", "embed", "raw")
+# Values of one raw output a JSON line carries whole; a larger one is summarised. Why: a CRNN's [32, 1, 8210]
+# logits made 5 MB lines (a 30 fps stream: 500 GB an hour of --jsonl), a text detector's map 0.4 MB.
+RAW_JSON_VALUES = 4096
+
+
+def raw_summary(o) -> dict:
+    """A raw output too large for a JSON line: its shape, type and value range, and where its largest
+    value is (a map's peak, a sequence's strongest step)."""
+    a = np.asarray(o)
+    d: dict = {"shape": list(a.shape), "dtype": str(a.dtype), "values_omitted": int(a.size)}
+    if a.size and np.issubdtype(a.dtype, np.number):
+        f = a.astype(np.float64, copy=False)
+        with np.errstate(invalid="ignore"):
+            d.update(min=float(np.nanmin(f)), max=float(np.nanmax(f)), mean=float(np.nanmean(f)))
+        if np.isfinite(f).any():
+            d["argmax"] = [int(i) for i in np.unravel_index(int(np.nanargmax(f)), a.shape)]
+    return d
 MAX_SIDE = 8192  # pixels per spatial dimension of a model input
 MAX_INPUT_VALUES = 1 << 26  # 64 M values, 256 MB as float32: a 20000x20000 spec is refused, not allocated
 MAX_RANK = 8  # dimensions of an input that is not an image (an image's are 4)
@@ -199,10 +216,11 @@ class Result:
     frame: np.ndarray | None = field(default=None, repr=False)  # the source frame (for drawing), not serialised
     path: str | None = None  # the image file the frame came from, for image folders
 
-    def to_dict(self) -> dict:
+    def to_dict(self, raw_limit: int = RAW_JSON_VALUES) -> dict:
+        """JSON-ready. A raw output of more than `raw_limit` values is its summary (raw_summary)."""
         out = self.output
         if self.task == "raw":
-            out = [np.asarray(o).tolist() for o in out]
+            out = [np.asarray(o).tolist() if np.size(o) <= raw_limit else raw_summary(o) for o in out]
         d = {"index": self.index, "ts": round(self.timestamp, 3), "task": self.task, "result": out,
              "ms": {k: round(v, 3) for k, v in self.ms.items()}}
         if self.path:
