@@ -379,9 +379,9 @@ def detect(ref: list[np.ndarray], out: list[np.ndarray], spec, labels, th, metri
            per_output: list[dict] | None = None) -> list[str] | None:
     """Boxes through the runtime's own post-processing (the head that reads fp32's outputs, for both),
     matched to fp32's (same class, IoU >= 0.5, best score first): F1 against fp32 and the mean score
-    drift of matched boxes, once fp32 or the artifact finds boxes on MIN_BOX_INPUTS inputs (else no
-    evidence: _no_box_evidence). None when the outputs have a layout the runtime does not know (then
-    they are compared as raw outputs)."""
+    drift of matched boxes, once fp32 or the artifact finds boxes on MIN_BOX_INPUTS inputs, or on every
+    one of fewer (else no evidence: _no_box_evidence). None when the outputs have a layout the runtime
+    does not know (then they are compared as raw outputs)."""
     tp = n_ref = n_art = shown = 0
     drift = []
     head = detect_head(ref, spec, labels)  # fp32's head decodes both: an artifact's outputs are not re-guessed
@@ -404,7 +404,7 @@ def detect(ref: list[np.ndarray], out: list[np.ndarray], spec, labels, th, metri
     except ValueError:
         return None
     metrics.update(boxes_reference=float(n_ref), boxes_artifact=float(n_art), box_inputs=float(shown))
-    if shown < MIN_BOX_INPUTS:
+    if shown < min(MIN_BOX_INPUTS, len(ref[0])):  # (fewer validation inputs than that: boxes on every one)
         return _no_box_evidence(ref, out, per_output, metrics, shown, post_nms=head == "ssd")
     f1 = 2 * tp / (n_ref + n_art)
     metrics.update(f1_vs_fp32=f1, score_drift=float(np.mean(drift)) if drift else 0.0)
