@@ -77,3 +77,21 @@ def test_warm_up_runs_the_real_input_untimed_then_every_round_calls_each_functio
     assert all(arg is x for _, arg in calls), [type(arg) for _, arg in calls]
     assert [tag for tag, _ in calls] == ["a", "b"] * 7
     assert a["runs"] == b["runs"] == 5 and a["p90_ms"] < 20 and b["p90_ms"] < 20, (a, b)
+
+
+def test_latency_defaults_warm_up_three_time_thirty_and_stop_after_a_second(monkeypatch):
+    """The export's latency figures come from these defaults: 3 untimed warm-up calls, then 30 timed ones,
+    with no new round once a second has passed (at least 5). On a clock each call advances by 0.1 s, a
+    second holds 10 runs."""
+    clock = _Clock()
+    monkeypatch.setattr(val, "time", clock)
+    calls = []
+
+    def free(_x):
+        calls.append(clock.now)
+    lat = val.latency_ms(free, np.zeros(1))
+    assert len(calls) == 33 and lat["runs"] == 30, (len(calls), lat)
+
+    def slow(_x):
+        clock.now += 0.1
+    assert val.latency_ms(slow, np.zeros(1))["runs"] == 10

@@ -130,3 +130,19 @@ def test_every_numeric_type_a_runtime_feeds_is_an_input_dtype(dtype):
     assert spec.dtype == dtype
     with pytest.raises(ValueError):
         InputSpec(name="x", shape=[1, 4], dtype=dtype.upper())
+
+
+@pytest.mark.parametrize("field", ["mean", "std"])
+def test_a_nan_normalisation_is_refused(field):
+    """A NaN mean or std would make every input NaN; infinities are refused by the float32 range check too."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
+        InputSpec(name="x", shape=[1, 3, 8, 8], **{field: [float("nan")]})
+
+
+def test_a_layout_the_shape_contradicts_says_which_layout_to_set():
+    with pytest.raises(BadInput) as e:
+        InputSpec(name="x", shape=[1, 8, 8, 3], layout="NCHW").hw()
+    assert str(e.value) == ("input 'x' of shape [1, 8, 8, 3] read as NCHW has 8 channels, as NHWC 3: set the layout "
+                            "to NHWC")

@@ -130,3 +130,23 @@ def test_outputs_no_budget_can_hold_are_refused_naming_what_is_left():
                             f"{human(val.OUTPUT_COPIES * per * 8)}, over the 0 B the export's memory budget leaves "
                             f"({human(budget)}, --max-memory): give it more, or export a model with smaller outputs")
     assert len(data.check_x) == 40
+
+
+def test_an_output_whose_shape_changes_names_both_shapes():
+    with pytest.raises(BadInput) as e:
+        stack_outputs([[np.zeros((1, 3, 4))], [np.zeros((1, 3, 5))]])
+    assert str(e.value).startswith("output 0's shape depends on the input ([N, 3, 4] on one, [N, 3, 5] on another): ")
+
+
+def test_exactly_the_fewest_inputs_that_may_validate_are_kept_not_refused():
+    """fit_outputs refuses only below MIN_CHECK_INPUTS: where exactly that many inputs' outputs fit, it
+    validates on them. (The outputs are broadcast views: their size counts, no memory is taken.)"""
+    from lepton_edge.exporters import validation as val
+    from lepton_edge.memory import rss_bytes
+
+    left = (2 << 30) - val.SEARCH_MARGIN  # what 2 GiB free leaves after the margin
+    per = int(left / (val.MIN_CHECK_INPUTS + 0.5)) // val.OUTPUT_COPIES  # 8.5 inputs' outputs fit: 8 kept
+    out = np.broadcast_to(np.float32(0), (per // 4,))
+    data = _fit_data(40)
+    val.fit_outputs(lambda x: [out], data, rss_bytes() + (2 << 30))
+    assert len(data.check_x) == val.MIN_CHECK_INPUTS
