@@ -396,15 +396,19 @@ def test_a_string_output_is_one_line_before_any_work(tmp_path):
     assert [(o["name"], o["dtype"]) for o in outputs] == [("logits", "float32"), ("label", "string")]
 
 
-def test_a_model_quantized_already_is_one_line_for_fp32_and_fp16(tmp_path):
-    """An int8 (QDQ) file asked for fp32 shipped unchanged under an fp32 label, and fp16 failed on
-    onnxruntime's own words about the graph it had built."""
+def _qdq_at_the_input(path) -> str:
+    """The classifier with one Q/DQ pair at its input, its weights float: quantized ops, a float model."""
     nodes, inits = _classifier_nodes(inp="xq")
     nodes = [h.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], name="q"),
              h.make_node("DequantizeLinear", ["q", "s", "z"], ["xq"], name="dq")] + nodes
     inits += [nh.from_array(np.array(0.02, np.float32), "s"), nh.from_array(np.array(128, np.uint8), "z")]
-    path = _save(tmp_path / "qdq.onnx", nodes, [_image()], [h.make_tensor_value_info("logits", T.FLOAT, [1, 10])],
-                 inits)
+    return _save(path, nodes, [_image()], [h.make_tensor_value_info("logits", T.FLOAT, [1, 10])], inits)
+
+
+def test_a_model_quantized_already_is_one_line_for_fp32_and_fp16(tmp_path):
+    """An int8 (QDQ) file asked for fp32 shipped unchanged under an fp32 label, and fp16 failed on
+    onnxruntime's own words about the graph it had built."""
+    path = _qdq_at_the_input(tmp_path / "qdq.onnx")
     for precision in ("fp32", "fp16"):
         r = run_cli("export", path, "--target", "x86-cpu", "--precision", precision, "--calib", _calib(),
                     "-o", str(tmp_path / "o"))
@@ -436,14 +440,8 @@ def test_a_model_with_every_weight_quantized_is_kept_as_given_for_int8(tmp_path)
     assert ops(again.bundle.model_path) == ops(given) and ops(given)["DequantizeLinear"] >= 3
     assert again.bundle.manifest.validation["passed"]
 
-    partial, pinits = _classifier_nodes(inp="xq")
-    partial = [h.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], name="q"),
-               h.make_node("DequantizeLinear", ["q", "s", "z"], ["xq"], name="dq")] + partial
-    pinits += [nh.from_array(np.array(0.02, np.float32), "s"), nh.from_array(np.array(128, np.uint8), "z")]
-    ppath = _save(tmp_path / "qdq_in.onnx", partial, [_image()], [h.make_tensor_value_info("logits", T.FLOAT, [1, 10])],
-                  pinits)
-    searched = lepton_edge.export(ppath, target="x86-cpu", calib=_calib(), out=tmp_path / "c", measure_latency=False,
-                                  recipes=["u8-minmax"])
+    searched = lepton_edge.export(_qdq_at_the_input(tmp_path / "qdq_in.onnx"), target="x86-cpu", calib=_calib(),
+                                  out=tmp_path / "c", measure_latency=False, recipes=["u8-minmax"])
     assert searched.bundle.manifest.compression["quantization"]["recipe"] == "u8-minmax"
 
 
