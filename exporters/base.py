@@ -462,11 +462,14 @@ def _as_given(ctx: ExportContext, given: Path, chosen: Path, validate):
     from rich.markup import escape
 
     ops = ", ".join(f"{k} x{v}" for k, v in sorted(ctx.source.quantized_ops.items()))
-    ctx.progress.info(f"[dim]the model is quantized already ({escape(ops)}): its graph is kept as given[/]")
+    unused = (f"; --recipes {','.join(ctx.options.recipes)} not used: no float weights are left to quantize"
+              if ctx.options.recipes else "")  # (asked for by name, so say why it was not run, not stay silent)
+    ctx.progress.info(f"[dim]the model is quantized already ({escape(ops)}): its graph is kept as given"
+                      f"{escape(unused)}[/]")
     shutil.copyfile(given, chosen)
     comp, pred, ram = validate(chosen)
     ctx.report.compression.quantization = QuantizationSection(
-        method=f"as given: the model was quantized already ({ops})", recipe="as-given", search_seconds=0.0)
+        method=f"as given: the model was quantized already ({ops}){unused}", recipe="as-given", search_seconds=0.0)
     return comp, pred, ram
 
 

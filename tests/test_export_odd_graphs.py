@@ -420,7 +420,8 @@ def test_a_model_quantized_already_is_one_line_for_fp32_and_fp16(tmp_path):
 def test_a_model_with_every_weight_quantized_is_kept_as_given_for_int8(tmp_path):
     """An int8 file (here our own int8 bundle's, as an ONNX model zoo -qdq file is) asked for int8 was
     quantized again: Q/DQ pairs around its own, 56 s for ddddocr's detector, no smaller and 1.24x slower
-    than the file given. It is kept as given, with no search; a file with one Q/DQ pair at its input and
+    than the file given. It is kept as given, with no search (an explicit --recipes is named as not used,
+    not dropped silently); a file with one Q/DQ pair at its input and
     float weights is still a float model to quantize."""
     import collections
 
@@ -431,9 +432,11 @@ def test_a_model_with_every_weight_quantized_is_kept_as_given_for_int8(tmp_path)
                  inits)
     first = lepton_edge.export(path, target="x86-cpu", calib=_calib(), out=tmp_path / "a", measure_latency=False)
     given = first.bundle.model_path
-    again = lepton_edge.export(given, target="x86-cpu", calib=_calib(), out=tmp_path / "b", measure_latency=False)
+    again = lepton_edge.export(given, target="x86-cpu", calib=_calib(), out=tmp_path / "b", measure_latency=False,
+                               recipes=["u8-percentile"])
     q = again.bundle.manifest.compression["quantization"]
     assert q["recipe"] == "as-given" and not q.get("attempts"), q
+    assert "--recipes u8-percentile not used" in q["method"], q  # asked for by name: the manifest says why not
 
     def ops(p):
         return collections.Counter(n.op_type for n in onnx.load(str(p)).graph.node)
