@@ -564,6 +564,15 @@ class TorchFileLoader(ModelLoader):
         return _torch_source(module, shape, name or path.stem, labels, hint, from_file=True, **spec_kw)
 
 
+# A converted file given to export: what it can do as it is, and what export takes instead. Why: a user
+# with a third-party .tflite (mediapipe's, say) read only the list of suffixes, and not that `run` and
+# `inspect` take the file itself.
+CONVERTED_HINT = {
+    ".tflite": "; a .tflite is converted already: `lepton-edge inspect FILE` shows it and `lepton-edge run FILE "
+               "--source ...` runs it as it is; export the .onnx or PyTorch model it came from for a bundle",
+}
+
+
 def load(model: Any, *, profile_hw: tuple[int, int], input_shape: list[int] | None = None,
          example_input: Any = None, weights: str | None = None, labels: list[str] | None = None,
          name: str | None = None, input_values: dict[str, list[float]] | None = None, **spec_kw) -> ModelSource:
@@ -577,7 +586,7 @@ def load(model: Any, *, profile_hw: tuple[int, int], input_shape: list[int] | No
         path = Path(model)
         want = [s for c in loaders for s in c.suffixes] + [f"{p}<name>" for c in loaders for p in c.prefixes]
         raise BadInput(f"{path}: unsupported model type '{path.suffix.lower() or path.name}' "
-                       f"(want {', '.join(want[:-1])} or {want[-1]})")
+                       f"(want {', '.join(want[:-1])} or {want[-1]})" + CONVERTED_HINT.get(path.suffix.lower(), ""))
     if input_shape and len(input_shape) == 4 and input_shape[0] != 1:  # any source: the device feeds one frame
         raise BadInput(f"--input-shape {input_shape} asks for a batch of {input_shape[0]}, and the device feeds one "
                        "camera frame a run: use batch 1")

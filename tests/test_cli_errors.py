@@ -26,6 +26,16 @@ def test_truncated_onnx(tmp_path, int8_bundle):
     _one_line_error(run_cli("inspect", str(f)), "not a readable ONNX model")
 
 
+def test_a_tflite_given_to_export_names_the_commands_that_take_it(tmp_path):
+    """A converted .tflite (a third-party one, as mediapipe ships) given to export: the line listed the
+    suffixes export takes, and not that `run` and `inspect` take the file as it is."""
+    f = tmp_path / "face_detection.tflite"
+    f.write_bytes(b"TFL3" + bytes(60))
+    _one_line_error(run_cli("export", str(f), "-o", str(tmp_path / "o")), "unsupported model type '.tflite'",
+                    "lepton-edge run FILE", "lepton-edge inspect FILE", "the .onnx or PyTorch model it came from")
+    assert not (tmp_path / "o").exists()
+
+
 def test_non_model_pt(tmp_path):
     f = tmp_path / "notes.pt"
     f.write_text("hello, not a model")
