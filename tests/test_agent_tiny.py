@@ -26,7 +26,7 @@ from lepton_edge.bundle import Bundle, InputSpec, Manifest, OutputSpec, write_ma
 from lepton_edge.telemetry.schema import DeployCommand
 from mjpeg_server import free_port
 from mqtt_helpers import Recorder, running_agent
-from tmpfs import tmpfs
+from tmpfs import free_bytes, tmpfs
 from waiting import wait_until as _wait
 
 
@@ -163,12 +163,7 @@ def test_a_bundle_that_fails_its_probe_is_refused_before_the_swap(tmp_path, tiny
     assert "rollback" in kinds and "deploy" not in kinds
 
 
-def _free(d: Path) -> int:
-    st = os.statvfs(d)
-    return st.f_bavail * st.f_frsize
-
-
-def _leave_free(state: Path, free: int, settled, quiet_s: float = 0.5, timeout_s: float = 20.0) -> None:
+def _leavefree_bytes(state: Path, free: int, settled, quiet_s: float = 0.5, timeout_s: float = 20.0) -> None:
     """Fill `state` with a file until exactly `free` bytes are left, once the agent's own writes have
     settled (`settled()`: its outbox delivered and emptied) and stay settled for `quiet_s`. Why: the
     outbox's delete of a delivered event lands in its WAL a moment after the broker has the event; a
@@ -179,7 +174,7 @@ def _leave_free(state: Path, free: int, settled, quiet_s: float = 0.5, timeout_s
     assert _wait(settled, timeout_s), "the agent's outbox never emptied"
     with open(filler, "ab") as f:
         while time.monotonic() < deadline:
-            while (left := _free(state)) > free:
+            while (left := free_bytes(state)) > free:
                 f.write(bytes(max(4096, min(1 << 16, left - free))))
                 f.flush()
             if left < free:  # something else took pages: give them back
@@ -187,7 +182,7 @@ def _leave_free(state: Path, free: int, settled, quiet_s: float = 0.5, timeout_s
                 f.seek(0, os.SEEK_END)
                 continue
             time.sleep(quiet_s)
-            if _free(state) == free and settled():
+            if free_bytes(state) == free and settled():
                 return
     raise AssertionError(f"{state}: free space never settled at {free} bytes")
 
@@ -205,7 +200,7 @@ def test_a_disk_that_fills_as_the_deploy_is_recorded_rolls_it_back(tmp_path, tin
         agent.window_s = 3600  # no window takes the outbox's share of the disk while the deploy runs
         with _running(agent):
             assert rec.wait_for(lambda r: [e for e in r.of("/events") if e["kind"] == "insecure"])
-            _leave_free(state, pages, settled=lambda: len(agent.outbox) == 0)
+            _leavefree_bytes(state, pages, settled=lambda: len(agent.outbox) == 0)
             agent.deploy(DeployCommand(id="full", path=str(tiny["new"])))
             assert _served(agent) == tiny["start"].resolve() and agent.store.current() is None
             assert list((state / "bundles").iterdir()) == [] and not (state / "good.json").exists()

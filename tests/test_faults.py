@@ -24,6 +24,7 @@ import pytest
 
 from mjpeg_server import MjpegServer, _Server, free_port
 from mqtt_helpers import Recorder, command, start_agent
+from tmpfs import free_bytes
 from waiting import wait_until as _wait
 
 pytestmark = pytest.mark.faults
@@ -113,19 +114,14 @@ def tmpfs(where: Path, size: str, *options: str):
         subprocess.run(["umount", "-l", str(where)], capture_output=True)
 
 
-def _free(path: Path) -> int:
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize
-
-
 def _fill(path: Path, leave: int = 0) -> Path:
     """Write zeros into path/filler until only `leave` bytes are free (or the disk says ENOSPC)."""
     f = path / "filler"
     block = b"\0" * 65536
     with open(f, "ab") as out:
         try:
-            while _free(path) > leave:
-                out.write(block[:max(4096, min(len(block), _free(path) - leave))])
+            while free_bytes(path) > leave:
+                out.write(block[:max(4096, min(len(block), free_bytes(path) - leave))])
                 out.flush()
         except OSError as e:
             assert e.errno == errno.ENOSPC, e
@@ -153,7 +149,7 @@ def test_disk_full_agent_keeps_running_counts_drops_and_recovers(tmp_path, mosqu
         agent = start_agent(*args)
         try:
             assert rec.wait_for(lambda r: r.of("/meta"), timeout=30), _stderr(agent)
-            assert _wait(lambda: _free(state) < 16 * 1024, timeout=30), "the outbox never filled the disk"
+            assert _wait(lambda: free_bytes(state) < 16 * 1024, timeout=30), "the outbox never filled the disk"
             time.sleep(1.0)  # five windows on a full disk
             assert agent.poll() is None, _stderr(agent)
             r = _ping(mosquitto.port, "while-full")  # the outbox cannot keep the reply: it goes out directly

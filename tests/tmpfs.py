@@ -24,3 +24,9 @@ def tmpfs(where: Path, opts: str) -> Iterator[Path]:
         yield where
     finally:
         subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def free_bytes(path: Path) -> int:
+    """Bytes an unprivileged writer may still use on `path`'s filesystem (what fills a disk to a mark)."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
