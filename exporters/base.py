@@ -179,8 +179,45 @@ def _check_normalisation(spec, o: ExportOptions) -> None:
     for what in ("mean", "std"):
         given = getattr(o, what)
         if given is not None and len(given) not in (1, spec.channels):
+            counts = "1 value" if spec.channels == 1 else f"1 or {spec.channels}"
             raise BadInput(f"{what} has {len(given)} values but the model's input has {spec.channels} "
-                           f"channel(s) ({spec.color}): give 1 or {spec.channels}")
+                           f"channel(s) ({spec.color}): give {counts}")
+    why = integer_input_overflow(spec)
+    if why:
+        raise BadInput(why)
+
+
+def integer_input_overflow(spec) -> str | None:
+    """Why an integer image input (uint8 or int8, no quantization: a model that normalises inside its graph)
+    cannot hold (pixel * scale - mean) / std for every pixel 0..255, else None. Why: normalise() casts the
+    float values to the input's type, so --mean 0.5 --std 0.2 on a uint8 input (a mean and std meant for
+    0..1 pixels) wrapped every frame around 256 (pixels 0, 1, 51, 52 reached the model as 254, 2, 252, 1),
+    and the export validated it, since the fp32 reference saw the same wrapped frames. Fractions are lost
+    too: the values must be whole numbers in the type's range."""
+    import numpy as np
+
+    if spec.quantization or not np.issubdtype(np.dtype(spec.dtype), np.integer):
+        return None
+    info = np.iinfo(np.dtype(spec.dtype))
+    n = max(len(spec.mean), len(spec.std))
+    means = spec.mean * n if len(spec.mean) == 1 else spec.mean
+    stds = spec.std * n if len(spec.std) == 1 else spec.std
+    lo = hi = 0.0
+    whole = True
+    for m, s in zip(means, stds):
+        a, b = np.float32(spec.scale) / np.float32(s), np.float32(m) / np.float32(s)  # (as normalise computes them)
+        ends = (float(-b), float(np.float32(255) * a - b))
+        lo, hi = min(lo, *ends), max(hi, *ends)
+        whole = whole and float(a).is_integer() and float(b).is_integer()
+    if whole and info.min <= lo and hi <= info.max:
+        return None
+    advice = ("give no --mean/--std: it takes the raw 0..255 pixels" if spec.dtype == "uint8" else
+              "--mean 128 gives it pixels - 128 (-128..127)" if spec.dtype == "int8" else
+              "give a --mean/--std that keeps whole numbers in its range")
+    return (f"input {spec.name!r} takes {spec.dtype} values (the model normalises inside its graph), and "
+            f"(pixel * {spec.scale:g} - mean {spec.mean}) / std {spec.std} gives {lo:.4g}..{hi:.4g}"
+            f"{'' if whole else ', with fractions'}, which {spec.dtype} cannot hold ({info.min}..{info.max}): "
+            f"every frame would be cut to fit; {advice}")
 
 
 def _quantized_already(src, precision: str) -> None:
@@ -397,7 +434,8 @@ def _validator(ctx: ExportContext, exporter: Exporter, fp32: Path, fp32_pred):
     validate = val.Validator(exporter, ctx.threads, fp32_pred, fp32, ctx.data, thresholds=ctx.options.thresholds(),
                              task=task or (src.task if src.task != "raw" else None), input_spec=src.input_spec,
                              labels=src.labels, enforce=src.trained,
-                             memory_budget=ctx.options.max_memory_bytes or cal.default_memory_budget())
+                             memory_budget=ctx.options.max_memory_bytes or cal.default_memory_budget(),
+                             constants=_constants_fed(src))
     ctx.progress.info(f"[dim]validating as task '{validate.task}'"
                       f"{' (inferred from the outputs)' if validate.task_inferred else ''}[/]")
     if validate.task == "detect":  # the device decodes boxes as the gate did: task and head in the manifest
@@ -411,6 +449,12 @@ def _validator(ctx: ExportContext, exporter: Exporter, fp32: Path, fp32_pred):
         # reports what was validated, not raw logits, as `run` on the plain file would (a map stays raw)
         src.task = validate.task
     return validate
+
+
+def _constants_fed(src) -> str:
+    """The non-image inputs and what they are fed, for the line that says the outputs ignore the image."""
+    return "; ".join(f"{i.name} = {i.value[:8]}{'...' if len(i.value or []) > 8 else ''} "
+                     f"({src.constant_rules.get(i.name) or 'given'})" for i in src.extra_inputs if i.value is not None)
 
 
 def _float(ctx: ExportContext, exporter: Exporter, fp32: Path, chosen: Path, precision: str, validate):
@@ -551,6 +595,10 @@ def _recipes_for(exporter: Exporter, asked: list[str] | None, prof) -> list[str]
                    if exporter.format == "onnx" else "")
         raise BadInput(f"--recipes: none of {', '.join(asked)} is a {exporter.format} int8 recipe (for example "
                        f"{', '.join(exporter.recipe_examples)}{grammar})")
+    if not asked and len(usable) < len(wanted):
+        # the profile's list names recipes of another format (x86-cpu's are onnxruntime's, and a TFLite export
+        # there kept nncf-default alone: one quantizer failure and int8 failed): this format's own go after
+        usable += [r for r in exporter.recipe_examples if r not in usable]
     return usable or list(exporter.recipe_examples)
 
 

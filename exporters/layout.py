@@ -43,5 +43,8 @@ def apply(src, layout: str | None, explicit: bool) -> None:
         n, c, h, w = spec.shape
         src.module = channels_last(src.module)
         spec.shape, spec.layout = [n, h, w, c], "NHWC"
-    else:
-        raise BadInput(f"--layout {layout}: cannot convert a {spec.layout} model to {layout}")
+    elif explicit:
+        raise BadInput(f"--layout {layout}: cannot convert a {spec.layout} model to {layout}; give --layout "
+                       f"{spec.layout}")
+    else:  # (the profile's default layout, not asked for: a model whose input is NHWC already stays so)
+        return

@@ -247,6 +247,50 @@ def _finite_reference(outs: Outputs, specs: list[dict]) -> None:
                            "check its weights, --mean/--std and the calibration data")
 
 
+def _repeatable_reference(reference: Predict, x, outs: Outputs, batch: int, specs: list[dict]) -> None:
+    """One line when the fp32 model does not give the same outputs twice for the same inputs (its first
+    batch run again). Why: a model exported with Dropout in training mode gave other scores at every call;
+    its fp16 export passed against a ceiling that the randomness had lowered (0.30), and its int8 failed every
+    recipe with advice to try fp16: nothing about the model itself. Within 1e-4 of the output's scale, as
+    a runtime may sum in another order from call to call."""
+    k = min(len(x), batch)
+    again = batched(reference, x[:k], batch, "reference (again)")
+    for i, (a, b) in enumerate(zip(outs, again)):
+        a, b = np.asarray(a), np.asarray(b)
+        if a.ndim == 0 or a.dtype.kind != "f" or b.shape[1:] != a.shape[1:] or len(b) != k:
+            continue
+        a = a[:k].astype(np.float64)
+        diff, scale = float(np.nanmax(np.abs(a - b))) if a.size else 0.0, float(np.nanmax(np.abs(a))) if a.size else 0.0
+        if diff > 1e-4 * scale + 1e-6:
+            name = specs[i]["name"] if i < len(specs) else str(i)
+            raise BadInput(f"the fp32 model gives other outputs each time it runs on the same input (output {name!r} "
+                           f"moved by up to {diff:.3g}, on values up to {scale:.3g}): a Dropout or a random op left "
+                           "in training mode? export it in eval mode (model.eval()); nothing can be validated "
+                           "against a moving reference")
+
+
+def _reference_follows_inputs(outs: Outputs, x, specs: list[dict], constants: str = "") -> None:
+    """One line when every output of the fp32 model is the same for all the validation inputs, which
+    differ: the model ignores its image. Why: a model that multiplies its image by a second input fed
+    zeros (a name no rule knew) gave the same scores for every frame, and its int8 export passed at top-1
+    agreement 1.0, which any two constant models reach. `constants`: what the non-image inputs are fed."""
+    n = len(x)
+    if n < 2:
+        return
+    # (PixelInputs: the pixels they come from differ where the inputs do)
+    rows = x.reshape(n, -1) if isinstance(x, np.ndarray) else np.asarray(x.pixels).reshape(n, -1)
+    if all(np.array_equal(rows[0], rows[i]) for i in range(1, n)):
+        return  # (the same input every time: nothing shows whether the outputs follow it)
+    judged = [np.asarray(o) for o in outs if np.asarray(o).ndim and len(o) == n]
+    if not judged or any(not np.array_equal(o, np.broadcast_to(o[:1], o.shape)) for o in judged):
+        return
+    names = ", ".join(repr(s["name"]) for s in specs[:4]) or "every output"
+    raise BadInput(f"the fp32 model gives the same outputs ({names}) for all {n} validation inputs, which differ: it "
+                   "ignores its image, so nothing can be validated"
+                   + (f"; its other inputs are fed {constants}: give the values it needs with --input-value"
+                      if constants else "; check the model, and --mean/--std"))
+
+
 def perturb(x: np.ndarray, spec, sd: float = 0.01, seed: int = 0, rng: np.random.Generator | None = None
             ) -> np.ndarray:
     """Gaussian noise of sd `sd` in 0..1 pixel units (sd/std in the normalised input): a change
@@ -311,7 +355,7 @@ class Validator:
 
     def __init__(self, exporter, threads: int, reference: Predict, reference_path, data, *, task: str | None,
                  thresholds: Thresholds, input_spec, labels=None, enforce: bool = True, batch: int = 64,
-                 memory_budget: int | None = None):
+                 memory_budget: int | None = None, constants: str = ""):
         from lepton_edge import ui
         from lepton_edge.compress.calibration import MemoryExceeded, MemoryWatch
 
@@ -341,6 +385,8 @@ class Validator:
             except MemoryExceeded as e:
                 raise CheckFailed(f"{e}: give the export more memory, or a model with smaller outputs") from None
             _finite_reference(outs, specs)
+            _repeatable_reference(reference, data.check_x, outs, batch, specs)
+            _reference_follows_inputs(outs, data.check_x, specs, constants)
             self.ref = Reference(outs, specs)
             self.task = task or infer_task(self.ref, input_spec, labels)
             self.task_inferred = task is None

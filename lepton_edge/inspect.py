@@ -54,8 +54,6 @@ def _precision(ops: Counter, weight_types: Counter) -> str:
 
 
 def inspect_onnx(path: Path) -> dict:
-    if path.stat().st_size == 0:
-        raise BadInput(f"{path}: empty file, not an ONNX model")
     check_onnx_file(path)
     try:
         import onnx

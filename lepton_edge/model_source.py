@@ -264,6 +264,9 @@ def _load_onnx(path: Path, input_shape: list[int] | None, hw: tuple[int, int],
     spec = _typed(default_spec(shape, name=inp.name, **spec_kw), inp.type.tensor_type.elem_type)
     src = ModelSource(name=path.stem, kind="onnx", input_spec=spec, onnx_path=path, task="raw",
                       quantized_ops=quantized_ops(m), float_weight_ops=float_weight_ops(m), fp16_weights=_fp16_share(m))
+    if input_shape is None and any(not isinstance(d, int) for d in dims[1:]):
+        src.notes = [*src.notes, f"input {inp.name} {dims}: its open dims taken as {shape} (the target's input size; "
+                                 "--input-shape sets others)"]
     if dims3:
         frame_input.as_frame_input(m, inp.name, dims3)
         _use_copy(src, m, path)
@@ -561,7 +564,13 @@ class TorchFileLoader(ModelLoader):
         recorded, dynamic = _symbolic_shape(recorded, profile_hw)
         shape, hint = _example_shape(input_shape or recorded, None, profile_hw)
         hint = None if input_shape else dynamic or hint
-        return _torch_source(module, shape, name or path.stem, labels, hint, from_file=True, **spec_kw)
+        src = _torch_source(module, shape, name or path.stem, labels, hint, from_file=True, **spec_kw)
+        if not input_shape and (recorded is None or dynamic):  # (a guess: said, as an ONNX file's open dims are)
+            src.notes = [*src.notes, f"input {src.input_spec.name} taken as {shape} ("
+                                     + ("its dynamic dims at the target's input size" if recorded else
+                                        "the file records no input shape: the target's input size")
+                                     + "; --input-shape sets another)"]
+        return src
 
 
 # A converted file given to export: what it can do as it is, and what export takes instead. Why: a user

@@ -122,6 +122,8 @@ def check_onnx_file(path: Path) -> None:
     protobuf's 2 GiB, and a first byte that can start one (a field tag, never 0). Why: a 4 GB sparse file
     named .onnx was read whole by `inspect` and `export` (4.25 GB, a MemoryError traceback under a limit)."""
     size = path.stat().st_size
+    if size == 0:  # (protobuf parses it as an empty model: export then quoted the checker, run the runtime)
+        raise BadInput(f"{path}: empty file, not an ONNX model")
     if size > MAX_ONNX_BYTES:
         raise BadInput(f"{path}: {size:,} bytes, over the {MAX_ONNX_BYTES:,} an ONNX file can be (larger models "
                        "keep their weights in external data files)")

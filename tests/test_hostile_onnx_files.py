@@ -168,10 +168,9 @@ def _one_line(r, *words):
 
 
 def test_models_the_engine_cannot_run_on_the_exports_inputs_are_one_line(tmp_path):
-    """onnxruntime loads each, then fails at the first fp32 run: that was a Rich traceback."""
+    """onnxruntime loads each, then fails at the first fp32 run: that was a Rich traceback. (A uint8 input was
+    one, fed float32 random inputs: those are now uint8 pixels, and it exports: test_reference_sanity.py.)"""
     cases = {
-        "uint8-input": ([h.make_node("Cast", ["x"], ["y"], to=T.FLOAT)], [_v("x", [1, 3, 32, 32], T.UINT8)],
-                        [_v("y", [1, 3, 32, 32])], [], "cannot run the model"),
         "zero-dim": ([h.make_node("Neg", ["x"], ["y"])], [_v("x", [1, 3, 0, 32])], [_v("y", [1, 3, 0, 32])], [],
                      ""),
         "no-outputs": ([_conv()[0]], [X], [], [_conv()[1]], ""),

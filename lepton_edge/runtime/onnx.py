@@ -76,8 +76,10 @@ class OnnxBackend(Backend):
         self.qdq_fusion = options.qdq_fusion
         self.providers, self.missing_providers = filter_providers(list(options.providers),
                                                                   ort.get_available_providers())
+        from lepton_edge.paths import check_onnx_file
         from lepton_edge.runtime import hard_stop
 
+        check_onnx_file(Path(path))  # (an empty file, as export and inspect say it, not onnxruntime's protobuf words)
         limit = hard_stop.begin_load(path, "onnxruntime")  # (its constant folding runs here, unstoppable: 11 KB
         try:  # of graph folded gigabytes)
             self.session = ort.InferenceSession(str(path), so, providers=self.providers)

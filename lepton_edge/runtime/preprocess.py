@@ -113,7 +113,12 @@ def normalise(pixels: np.ndarray, spec: InputSpec) -> np.ndarray:
         x -= b
     if spec.quantization:
         return quantize(x, spec.quantization, spec.dtype)
-    return x if spec.dtype == "float32" else x.astype(spec.dtype)
+    if spec.dtype == "float32":
+        return x
+    if np.issubdtype(np.dtype(spec.dtype), np.integer):  # rounded and clipped to the type, never wrapped around
+        info = np.iinfo(np.dtype(spec.dtype))
+        return np.clip(np.rint(x, out=x), info.min, info.max, out=x).astype(spec.dtype)
+    return x.astype(spec.dtype)
 
 
 def quantize(x: np.ndarray, quantization: dict, dtype: str) -> np.ndarray:
