@@ -182,6 +182,15 @@ def _check_normalisation(spec, o: ExportOptions) -> None:
             counts = "1 value" if spec.channels == 1 else f"1 or {spec.channels}"
             raise BadInput(f"{what} has {len(given)} values but the model's input has {spec.channels} "
                            f"channel(s) ({spec.color}): give {counts}")
+    if o.mean and max(abs(m) for m in o.mean) > 1 and abs(spec.scale - 1 / 255) < 1e-9:
+        # (ImageNet's 123.7,116.3,103.5 / 58.4,57.1,57.4, or a Caffe model's 104,117,123: after the 0..1
+        # scaling every input value was about -2, the same for every frame, and the export went on)
+        std = o.std or [1.0]
+        def shown(v):
+            return ",".join(f"{x / 255:.4g}" for x in v)
+        raise BadInput(f"--mean {','.join(f'{m:g}' for m in o.mean)} is past 1, and --mean/--std apply after the "
+                       f"pixels are scaled to 0..1; for values in 0..255 pixel units give --mean {shown(o.mean)} "
+                       f"--std {shown(std)} (each divided by 255)")
     why = integer_input_overflow(spec)
     if why:
         raise BadInput(why)

@@ -578,7 +578,7 @@ def _skip(progress, record, label: str, e: Exception, watch, failed: str = "the 
     if not isinstance(e, (cal.MemoryExceeded, q.BrokenGraph, SearchTimeSpent)):
         why = f"{failed}: {why}"
     record(label, passed=False, skipped=True, why=why, peak_rss_bytes=watch.peak)
-    progress.info(f"  [yellow]skipped[/]: {escape(why)}")
+    progress.info(f"  [yellow]skipped[/] {escape(label)}: {escape(why)}")  # (a stage that raised logs no line)
 
 
 def _quick_latency(fn, x1: np.ndarray) -> dict:

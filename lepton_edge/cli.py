@@ -165,7 +165,8 @@ def export(
     std: str | None = typer.Option(None, help="Per-channel std, e.g. 0.229,0.224,0.225."),
     input_value: list[str] | None = typer.Option(None, "--input-value", help="NAME=V1,V2,...: the constant fed "
                                                  "to a non-image input of a multi-input model (repeatable; "
-                                                 "default: a rule by name, shown by inspect)."),
+                                                 "default: a rule by name, or zeros; the export says which, "
+                                                 "and `inspect BUNDLE` shows it)."),
     compare: bool = typer.Option(False, "--compare", help="Export ONNX fp32/int8 and TFLite fp32/fp16/int8 "
                                  "and print one comparison table."),
     as_json: bool = typer.Option(False, "--json", help="Print the export report as JSON on stdout."),

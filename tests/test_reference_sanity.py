@@ -150,3 +150,18 @@ def test_the_targets_default_layout_leaves_an_nhwc_model_as_it_is():
     assert spec.layout == "NHWC"
     with pytest.raises(BadInput, match="give --layout NHWC"):
         layout.apply(SimpleNamespace(input_spec=spec, kind="torch"), "NCHW", explicit=True)
+
+
+def test_a_mean_in_pixel_units_is_one_line_with_the_scaled_values(tmp_path):
+    """ImageNet's mean and std in 0..255 units (how many model cards give them): after the 0..1 scaling every
+    input value was about -2 for every frame, and the export went on."""
+    nodes = [helper.make_node("ReduceMean", ["image"], ["out"], axes=[2, 3], keepdims=0)]
+    model = _save(tmp_path / "m.onnx", nodes, [_image(dims=(1, 3, 16, 16))],
+                  [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 3])])
+    r = run_cli("export", str(model), "--precision", "fp32", "--mean", "123.7,116.3,103.5", "--std", "58.4,57.1,57.4",
+                "-o", str(tmp_path / "a"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-800:]
+    assert "--mean 0.4851,0.4561,0.4059 --std 0.229,0.2239,0.2251" in r.stderr, r.stderr[-800:]
+    r = run_cli("export", str(model), "--precision", "fp32", "--mean", "0.485,0.456,0.406", "--std",
+                "0.229,0.224,0.225", "-o", str(tmp_path / "b"))
+    assert r.returncode == 0, r.stderr[-800:]
