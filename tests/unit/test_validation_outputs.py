@@ -150,3 +150,49 @@ def test_exactly_the_fewest_inputs_that_may_validate_are_kept_not_refused():
     data = _fit_data(40)
     val.fit_outputs(lambda x: [out], data, rss_bytes() + (2 << 30))
     assert len(data.check_x) == val.MIN_CHECK_INPUTS
+
+
+def _fixed(out):
+    """A predictor that returns `out`'s first rows for a batch, as a deterministic model would."""
+    return lambda x: [o[: len(x)] for o in out]
+
+
+def test_a_reference_that_repeats_itself_passes_and_one_that_moves_is_one_line():
+    from lepton_edge.exporters.validation import _repeatable_reference
+
+    x = np.random.default_rng(0).random((6, 3, 4, 4), dtype=np.float32)
+    outs = [np.arange(12, dtype=np.float32).reshape(6, 2) + 1, np.arange(6, dtype=np.int64)]
+    _repeatable_reference(_fixed(outs), x, outs, 4, [{"name": "a"}, {"name": "b"}])  # the same: no line
+    nudged = [outs[0] * (1 + 1e-6), outs[1]]  # (another summation order moves the last bits: still the same)
+    _repeatable_reference(_fixed(nudged), x, outs, 4, [{"name": "a"}, {"name": "b"}])
+    moved = [outs[0] * np.float32(1.01), outs[1]]
+    with pytest.raises(BadInput) as e:
+        _repeatable_reference(_fixed(moved), x, outs, 4, [{"name": "scores"}, {"name": "b"}])
+    said = str(e.value)
+    assert "output 'scores' moved by up to 0.08" in said and "training mode" in said, said
+    late = [outs[0].copy(), outs[1]]
+    late[0][5] += 1  # (a row past the batch run again: not compared, as it was not run again)
+    _repeatable_reference(_fixed(late), x, outs, 4, [{"name": "a"}, {"name": "b"}])
+    first = [outs[0].copy(), outs[1]]
+    first[0][0, 0] += 0.01  # (the first row: compared)
+    with pytest.raises(BadInput):
+        _repeatable_reference(_fixed(first), x, outs, 4, [{"name": "a"}, {"name": "b"}])
+
+
+def test_outputs_that_ignore_differing_inputs_are_one_line():
+    from lepton_edge.exporters.validation import _reference_follows_inputs
+
+    x = np.random.default_rng(0).random((5, 3, 4, 4), dtype=np.float32)
+    same = [np.ones((5, 2), np.float32), np.zeros((5, 3, 4), np.float32)]
+    with pytest.raises(BadInput) as e:
+        _reference_follows_inputs(same, x, [{"name": "out"}, {"name": "map"}], "gain = [0.0] (zeros)")
+    said = str(e.value)
+    assert "the same outputs ('out', 'map') for all 5 validation inputs" in said and "gain = [0.0]" in said, said
+    assert "--input-value" in said
+    with pytest.raises(BadInput, match="check the model, and --mean/--std"):
+        _reference_follows_inputs(same, x, [{"name": "out"}, {"name": "map"}])
+    one_moves = [same[0], same[1].copy()]
+    one_moves[1][4, 0, 0] = 1  # one output follows the last input: the model does not ignore its image
+    _reference_follows_inputs(one_moves, x, [{"name": "out"}, {"name": "map"}])
+    _reference_follows_inputs(same, np.repeat(x[:1], 5, 0), [{"name": "out"}])  # the inputs are all one: no line
+    _reference_follows_inputs([o[:1] for o in same], x[:1], [{"name": "out"}])  # one input shows nothing
