@@ -222,7 +222,7 @@ def integer_input_overflow(spec) -> str | None:
         return None
     advice = ("give no --mean/--std: it takes the raw 0..255 pixels" if spec.dtype == "uint8" else
               "--mean 128 gives it pixels - 128 (-128..127)" if spec.dtype == "int8" else
-              "give a --mean/--std that keeps whole numbers in its range")
+              f"--std {1 / 255!r} gives it the raw 0..255 pixels (pixels are scaled by {spec.scale:g} first)")
     return (f"input {spec.name!r} takes {spec.dtype} values (the model normalises inside its graph), and "
             f"(pixel * {spec.scale:g} - mean {spec.mean}) / std {spec.std} gives {lo:.4g}..{hi:.4g}"
             f"{'' if whole else ', with fractions'}, which {spec.dtype} cannot hold ({info.min}..{info.max}): "
@@ -607,7 +607,8 @@ def _recipes_for(exporter: Exporter, asked: list[str] | None, prof) -> list[str]
     if not asked and len(usable) < len(wanted):
         # the profile's list names recipes of another format (x86-cpu's are onnxruntime's, and a TFLite export
         # there kept nncf-default alone: one quantizer failure and int8 failed): this format's own go after
-        usable += [r for r in exporter.recipe_examples if r not in usable]
+        nncf = any(r.startswith("nncf") for r in wanted)  # (a profile without NNCF's, jetson's, gets none)
+        usable += [r for r in exporter.recipe_examples if r not in usable and (nncf or not r.startswith("nncf"))]
     return usable or list(exporter.recipe_examples)
 
 

@@ -226,9 +226,11 @@ def gather(src, *, precision: str, calib, samples: int, eval_set, eval_limit, ho
     if eval_set is not None or (src.zoo is not None and (src.zoo.labelled or calib is None)):
         with ui.stage("load evaluation set"):
             ev_x, ev_y, ev_src = evaluation(src, eval_set, eval_limit, max_bytes)
-    constants = [n for n in getattr(src, "notes", []) if n.startswith("input ")]
-    for note in constants:  # what the non-image inputs of a multi-input model are fed, said once
+    notes = list(getattr(src, "notes", []))
+    for note in notes:  # what the non-image inputs of a multi-input model are fed, open dims taken: said once
         ui.info(f"[dim]{note}[/]")
+    fed = {i.name for i in getattr(src, "extra_inputs", None) or []}  # (the manifest records those alone)
+    constants = [n for n in notes if n.startswith("input ") and n.split(" ", 2)[1] in fed]
     calib_x = held = None
     info: dict[str, Any] = {}
     # fp16 takes ranges from --calib (compress/fp16.py); fp32 needs none, but its data still validates

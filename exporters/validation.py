@@ -247,48 +247,67 @@ def _finite_reference(outs: Outputs, specs: list[dict]) -> None:
                            "check its weights, --mean/--std and the calibration data")
 
 
-def _repeatable_reference(reference: Predict, x, outs: Outputs, batch: int, specs: list[dict]) -> None:
+def _repeatable_reference(reference: Predict, x, outs: Outputs, batch: int, specs: list[dict], watch=None) -> None:
     """One line when the fp32 model does not give the same outputs twice for the same inputs (its first
     batch run again). Why: a model exported with Dropout in training mode gave other scores at every call;
     its fp16 export passed against a ceiling that the randomness had lowered (0.30), and its int8 failed every
-    recipe with advice to try fp16: nothing about the model itself. Within 1e-4 of the output's scale, as
-    a runtime may sum in another order from call to call."""
+    recipe with advice to try fp16: nothing about the model itself. Float outputs within 1e-4 of their scale
+    (a runtime may sum in another order from call to call), their infinities in the same places; others equal."""
     k = min(len(x), batch)
-    again = batched(reference, x[:k], batch, "reference (again)")
+    again = batched(reference, x[:k], batch, "reference (again)", watch=watch)
     for i, (a, b) in enumerate(zip(outs, again)):
         a, b = np.asarray(a), np.asarray(b)
-        if a.ndim == 0 or a.dtype.kind != "f" or b.shape[1:] != a.shape[1:] or len(b) != k:
-            continue
-        a = a[:k].astype(np.float64)
-        diff, scale = float(np.nanmax(np.abs(a - b))) if a.size else 0.0, float(np.nanmax(np.abs(a))) if a.size else 0.0
-        if diff > 1e-4 * scale + 1e-6:
+        if a.ndim == 0 or len(b) != k or b.shape[1:] != a.shape[1:]:
+            continue  # (an output whose first axis is not the inputs': no row to line up)
+        moved = None
+        for r in range(k):  # row by row: a map's batch in float64 was several times the outputs
+            ra, rb = a[r], b[r]
+            if ra.dtype.kind != "f" or rb.dtype.kind != "f":
+                if not np.array_equal(ra, rb):
+                    moved = (float("nan"), float("nan"))
+                    break
+                continue
+            fin = np.isfinite(ra)
+            if not np.array_equal(fin, np.isfinite(rb)) or not np.array_equal(ra[~fin], rb[~fin]):
+                moved = (float("inf"), float("inf"))
+                break
+            if fin.any():
+                da = ra[fin].astype(np.float64)
+                diff, scale = float(np.max(np.abs(da - rb[fin]))), float(np.max(np.abs(da)))
+                if diff > 1e-4 * scale + 1e-6:
+                    moved = (diff, scale)
+                    break
+        if moved is not None:
             name = specs[i]["name"] if i < len(specs) else str(i)
+            size = f" by up to {moved[0]:.3g}, on values up to {moved[1]:.3g}" if np.isfinite(moved[0]) else ""
             raise BadInput(f"the fp32 model gives other outputs each time it runs on the same input (output {name!r} "
-                           f"moved by up to {diff:.3g}, on values up to {scale:.3g}): a Dropout or a random op left "
-                           "in training mode? export it in eval mode (model.eval()); nothing can be validated "
-                           "against a moving reference")
+                           f"moved{size}): a Dropout or a random op left in training mode? export it in eval mode "
+                           "(model.eval()); nothing can be validated against a moving reference")
 
 
 def _reference_follows_inputs(outs: Outputs, x, specs: list[dict], constants: str = "") -> None:
-    """One line when every output of the fp32 model is the same for all the validation inputs, which
-    differ: the model ignores its image. Why: a model that multiplies its image by a second input fed
-    zeros (a name no rule knew) gave the same scores for every frame, and its int8 export passed at top-1
-    agreement 1.0, which any two constant models reach. `constants`: what the non-image inputs are fed."""
+    """One line when the model has non-image inputs fed constants (`constants`: which, and how chosen) and
+    every output of the fp32 model is the same for all the validation inputs, which differ: those constants
+    switch the image off. Why: a model that multiplies its image by a second input fed zeros (a name no rule
+    knew) gave the same scores for every frame, and its int8 export passed at top-1 agreement 1.0, which any
+    two constant models reach. Without such inputs, outputs alike for every input are a model that finds
+    nothing in them (a detector on random inputs), which the task's metrics judge as such: no line."""
     n = len(x)
-    if n < 2:
+    if n < 2 or not constants:
         return
-    # (PixelInputs: the pixels they come from differ where the inputs do)
-    rows = x.reshape(n, -1) if isinstance(x, np.ndarray) else np.asarray(x.pixels).reshape(n, -1)
-    if all(np.array_equal(rows[0], rows[i]) for i in range(1, n)):
+    pixels = getattr(x, "pixels", x)  # (PixelInputs: the pixels they come from differ where the inputs do)
+    if all(np.array_equal(pixels[0], pixels[i]) for i in range(1, n)):
         return  # (the same input every time: nothing shows whether the outputs follow it)
-    judged = [np.asarray(o) for o in outs if np.asarray(o).ndim and len(o) == n]
-    if not judged or any(not np.array_equal(o, np.broadcast_to(o[:1], o.shape)) for o in judged):
-        return
+    for o in outs:
+        o = np.asarray(o)
+        if o.ndim == 0 or len(o) != n:
+            return  # (an output without a row an input: whether it follows them cannot be told here)
+        if any(not np.array_equal(o[0], o[i]) for i in range(1, n)):
+            return
     names = ", ".join(repr(s["name"]) for s in specs[:4]) or "every output"
     raise BadInput(f"the fp32 model gives the same outputs ({names}) for all {n} validation inputs, which differ: it "
-                   "ignores its image, so nothing can be validated"
-                   + (f"; its other inputs are fed {constants}: give the values it needs with --input-value"
-                      if constants else "; check the model, and --mean/--std"))
+                   f"ignores its image, so nothing can be validated; its other inputs are fed {constants}: give the "
+                   "values it needs with --input-value")
 
 
 def perturb(x: np.ndarray, spec, sd: float = 0.01, seed: int = 0, rng: np.random.Generator | None = None
@@ -385,7 +404,7 @@ class Validator:
             except MemoryExceeded as e:
                 raise CheckFailed(f"{e}: give the export more memory, or a model with smaller outputs") from None
             _finite_reference(outs, specs)
-            _repeatable_reference(reference, data.check_x, outs, batch, specs)
+            _repeatable_reference(reference, data.check_x, outs, batch, specs, watch=watch)
             _reference_follows_inputs(outs, data.check_x, specs, constants)
             self.ref = Reference(outs, specs)
             self.task = task or infer_task(self.ref, input_spec, labels)

@@ -561,11 +561,12 @@ class TorchFileLoader(ModelLoader):
         path = Path(model)
         _need_file(path, "model file")
         module, recorded = _load_torch_file(path)
+        open_dims = recorded is not None and any(d is None for d in recorded[1:])  # (past a dynamic batch)
         recorded, dynamic = _symbolic_shape(recorded, profile_hw)
         shape, hint = _example_shape(input_shape or recorded, None, profile_hw)
         hint = None if input_shape else dynamic or hint
         src = _torch_source(module, shape, name or path.stem, labels, hint, from_file=True, **spec_kw)
-        if not input_shape and (recorded is None or dynamic):  # (a guess: said, as an ONNX file's open dims are)
+        if not input_shape and (recorded is None or open_dims):  # (a guess: said, as an ONNX file's open dims are)
             src.notes = [*src.notes, f"input {src.input_spec.name} taken as {shape} ("
                                      + ("its dynamic dims at the target's input size" if recorded else
                                         "the file records no input shape: the target's input size")

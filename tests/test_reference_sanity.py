@@ -165,3 +165,15 @@ def test_a_mean_in_pixel_units_is_one_line_with_the_scaled_values(tmp_path):
     r = run_cli("export", str(model), "--precision", "fp32", "--mean", "0.485,0.456,0.406", "--std",
                 "0.229,0.224,0.225", "-o", str(tmp_path / "b"))
     assert r.returncode == 0, r.stderr[-800:]
+
+
+def test_inputs_of_other_types_are_drawn_in_their_type_without_data(tmp_path):
+    """With no --calib (an fp32 export validates on random inputs), a float16 or uint8 input was fed float32
+    draws, which onnxruntime refuses: 'the onnx runtime cannot run the model'."""
+    for elem, name in ((TensorProto.FLOAT16, "half"), (TensorProto.UINT8, "pixels")):
+        nodes = [helper.make_node("Cast", ["image"], ["f"], to=TensorProto.FLOAT),
+                 helper.make_node("ReduceMean", ["f"], ["out"], axes=[2, 3], keepdims=0)]
+        model = _save(tmp_path / f"{name}.onnx", nodes, [_image(elem=elem, dims=(1, 3, 16, 16))],
+                      [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 3])])
+        res = _export(model, tmp_path / name)
+        assert res.bundle.manifest.validation["passed"] and res.bundle.manifest.inputs[0].dtype in ("float16", "uint8")

@@ -383,9 +383,9 @@ def synthetic(spec: InputSpec, n: int, seed: int = 0, max_bytes: int | None = No
     if limit and need > limit:
         raise CheckFailed(f"{n} random inputs of {shape[1:]} would take {human(need)}, over the "
                           f"{human(limit)} memory budget (--max-memory): use fewer --calib-samples or --holdout")
-    if spec.dtype != "float32" and len(spec.shape) == 4:
-        # an input of another type (uint8 pixels a model normalises itself, float16): random pixels through the
-        # input's own normalisation, so they reach the model in its type (float32 draws failed in onnxruntime)
+    if np.issubdtype(np.dtype(spec.dtype), np.integer) and len(spec.shape) == 4:
+        # integer pixels a model normalises itself (uint8): random pixels through the input's own normalisation,
+        # so they reach the model in its type (float32 draws failed in onnxruntime)
         h, w = spec.hw()
         pixels = np.random.default_rng(seed).integers(0, 256, (n, h, w, spec.channels), dtype=np.uint8)
         return Samples(PixelInputs(pixels, spec), "synthetic", "synthetic")
@@ -393,6 +393,8 @@ def synthetic(spec: InputSpec, n: int, seed: int = 0, max_bytes: int | None = No
     flat, rng = x.reshape(-1), np.random.default_rng(seed)
     for i in range(0, flat.size, SYNTHETIC_CHUNK):
         flat[i:i + SYNTHETIC_CHUNK] = rng.standard_normal(min(SYNTHETIC_CHUNK, flat.size - i))
+    if spec.dtype != "float32":  # (a float16 input: the same draw in its type)
+        x = x.astype(spec.dtype)
     return Samples(x, "synthetic", "synthetic")
 
 
