@@ -198,8 +198,9 @@ def test_outputs_that_ignore_differing_inputs_are_one_line():
     with pytest.raises(BadInput) as e:
         _reference_follows_inputs(same, x, [{"name": "out"}, {"name": "map"}], "gain = [0.0] (zeros)")
     said = str(e.value)
-    assert "the same outputs ('out', 'map') for all 5 validation inputs" in said and "gain = [0.0]" in said, said
-    assert "--input-value" in said
+    assert said.startswith("the fp32 model gives the same outputs ('out', 'map') for all 5 validation inputs, "
+                           "which differ: it ignores its image"), said
+    assert said.endswith("its other inputs are fed gain = [0.0] (zeros): give the values it needs with --input-value")
     # without constants fed, outputs alike for every input are a model that finds nothing in them (a detector
     # on random inputs): the task's metrics judge that, no line here
     _reference_follows_inputs(same, x, [{"name": "out"}, {"name": "map"}])
@@ -210,3 +211,12 @@ def test_outputs_that_ignore_differing_inputs_are_one_line():
     _reference_follows_inputs(same, np.repeat(x[:1], 5, 0), [{"name": "out"}], fed)  # the inputs are all one
     _reference_follows_inputs([o[:1] for o in same], x[:1], [{"name": "out"}], fed)  # one input shows nothing
     _reference_follows_inputs([*same, np.arange(7)], x, [{"name": "out"}], fed)  # (a [K] output: cannot tell)
+
+
+def test_a_reference_without_an_evaluation_set_holds_no_labels():
+    """The classify metrics read the labelled evaluation set's labels only where the reference has them
+    (task_metrics: `ref.eval_y is not None`): one made without such a set must hold none, not an empty value."""
+    from lepton_edge.exporters.validation import Reference
+
+    ref = Reference([np.zeros((2, 3))], [{"name": "out"}])
+    assert ref.eval_y is None and ref.eval_outputs is None and ref.noisy is None
