@@ -264,7 +264,8 @@ def test_minmax_batches_are_bounded_by_activation_bytes(tmp_path, monkeypatch):
     """onnxruntime's MinMax session keeps a batch's intermediate tensors until their ReduceMin/Max
     run: PP-OCR's recogniser peaked at 2.3 GB in batches of 5, 0.7 GB in batches of 1. The
     calibration batch is now bounded by the activations shape inference estimates, not the input
-    bytes alone; the reader that quantize_static gets says which batch it used."""
+    bytes alone (CALIBRATION_BATCH_BYTES: that session runs each reduction early, so the bound is
+    looser than a whole run's); the reader that quantize_static gets says which batch it used."""
     model = _pointwise_net(tmp_path / "m.onnx", hw=(32, 32), width=64, layers=3)  # 64x32x32x4 x 6 = 1.5 MB/sample
     seen = []
     original = q._Reader.__init__
@@ -277,7 +278,7 @@ def test_minmax_batches_are_bounded_by_activation_bytes(tmp_path, monkeypatch):
     calib = RNG.random((32, 3, 32, 32), dtype=np.float32)
     q.quantize_int8(model, tmp_path / "a.onnx", calib, q.Recipe.parse("u8-minmax"))
     assert seen == [16]  # 12 KB inputs, 1.5 MB of activations each: the old bound (16) holds
-    monkeypatch.setattr(q, "ACTIVATION_BATCH_BYTES", 4 << 20)
+    monkeypatch.setattr(q, "CALIBRATION_BATCH_BYTES", 4 << 20)
     q.quantize_int8(model, tmp_path / "b.onnx", calib, q.Recipe.parse("u8-minmax"))
     assert seen[1] == 2, seen  # 4 MB of activations per batch: 2 inputs of 1.5 MB
     per_sample = q._activation_bytes(onnx.load(str(model)), {"x": calib[:1]})

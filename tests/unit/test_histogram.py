@@ -130,6 +130,34 @@ def test_sampled_histograms_keep_the_thresholds(tmp_path, batch):
     np.testing.assert_allclose(sample_y[:-2], y.ravel()[:: y.size // histogram.SAMPLE_LIMIT + 1], rtol=1e-6)
 
 
+def test_a_batch_is_sampled_as_densely_as_one_input(tmp_path):
+    # calibration runs inputs in batches (quantize._batch_size): each input of a batch of 2 must give the
+    # histograms as many values as one input run alone, or the thresholds move with the batch size
+    import onnxruntime as ort
+    from onnxruntime.quantization.calibrate import PercentileCalibrater
+
+    path = tmp_path / "m.onnx"
+    _conv_model(path)
+    with histogram.sampled_histograms(batch=2), histogram.linear_time_histograms():
+        cal = PercentileCalibrater(path, augmented_model_path=str(tmp_path / "aug.onnx"), symmetric=True,
+                                   num_bins=2048, percentile=99.99)
+        cal.augment_graph()
+        cal.create_inference_session()
+    assert histogram._per_batch[0] == histogram.SAMPLE_LIMIT  # put back after the block
+    x = np.concatenate(_Reader(2).xs)  # [2, 4, 96, 96]
+    names = [o.name for o in cal.infer_session.get_outputs()]
+    got = dict(zip(names, cal.infer_session.run(names, {"x": x})))
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # as the calibration session
+    y = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    per_input = y.size // 2
+    step = per_input // histogram.SAMPLE_LIMIT + 1  # one input's step, over both inputs
+    sample = got["y" + histogram.SAMPLED_SUFFIX]
+    assert step > 1 and sample.size - 2 == len(range(0, y.size, step)) > histogram.SAMPLE_LIMIT
+    np.testing.assert_allclose(sample[:-2], y.ravel()[::step], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(sample[-2:], [y.min(), y.max()], rtol=1e-5, atol=1e-6)
+
+
 def test_sampled_branches_follow_their_tensor(tmp_path):
     # each branch right after the node making its tensor: onnxruntime runs ties in node order, and a branch
     # at the end of the graph would keep every calibrated tensor alive until the model has finished
