@@ -78,11 +78,25 @@ def run_export(model: Any, options: ExportOptions, example_input: Any = None) ->
             except CheckFailed as e:  # what a machine reader needs besides the line (export --json prints it)
                 e.details = {**_failure_details(ctx), **(e.details or {})}
                 raise
+            except BadInput as e:
+                if (hint := _guessed_size_hint(ctx, e)) is None:
+                    raise
+                raise BadInput(f"{e}; {hint}") from None
     except OSError as e:  # the work folder's disk filled (the bundle's own is checked, and staging says so)
         if not disk_full(e):
             raise
         raise BadInput(f"no space left for the export's work files in {tempfile.gettempdir()} ({e.strerror}): "
                        "free some, or set TMPDIR to a folder with room") from None
+
+
+def _guessed_size_hint(ctx: ExportContext, e: BadInput) -> str | None:
+    """What to try when the model could not run at an input size the export guessed (its open dims taken at
+    the target's size), else None. Why: a ViT with open H and W but a positional embedding of one size failed
+    on onnxruntime's broadcast error alone, though the guess was the cause and --input-shape the fix."""
+    guessed = [n for n in (getattr(ctx.source, "notes", None) or []) if "open dims taken as" in n]
+    if not guessed or "cannot run the model" not in str(e):
+        return None
+    return f"{guessed[0].split(':')[0]} had its open dims guessed: give the size it was made for with --input-shape"
 
 
 def _steps(ctx: ExportContext, model: Any, example_input: Any) -> ExportResult:
@@ -457,6 +471,12 @@ def _validator(ctx: ExportContext, exporter: Exporter, fp32: Path, fp32_pred):
         # an unlabelled classifier (or embedder) was judged by its top-k (or nearest neighbours): the device
         # reports what was validated, not raw logits, as `run` on the plain file would (a map stays raw)
         src.task = validate.task
+    held = cal.rss_bytes()
+    if limit is not None and held and limit <= held:  # (a 205 MB model under --max-memory 1GB: each candidate
+        # was then skipped for "0 B left" in turn, and the export went on to 1.8 GB)
+        raise BadInput(f"the export holds {human(held)} once the fp32 reference has run (the model, its session and "
+                       f"its outputs), past --max-memory {human(limit)}, with nothing left to convert or quantize it "
+                       "in: give it more")
     return validate
 
 

@@ -36,6 +36,7 @@ from lepton_edge.compress import activation_twin, calibration as cal, nncf_layou
 from lepton_edge.errors import disk_full
 from lepton_edge.exporters import validation as val, writer
 from lepton_edge.memory import give_back_freed
+from lepton_edge.ui import human
 
 DEFAULT_SEARCH_TIME_S = 180.0
 # Stop starting candidates once this many in a row did not beat the best passing one: the budget
@@ -137,10 +138,15 @@ def search(ctx, exporter, prepared: Path, validate, recipes: list[str], *, patie
         return entry
 
     no_evidence = 0  # candidates failed for the validation inputs' lack of evidence (NO_EVIDENCE_TRIES)
+    over_budget: str | None = None  # why no more candidates start: the export is past --max-memory already
     for i, (name, is_fallback, place) in enumerate(order):
         recipe = q.Recipe.parse(name)
-        why_not = _not_started(is_fallback, best.recipe if best else None, bool(out.attempts),
-                               time.perf_counter() - t0, search_time, tally.used(best), patience, no_evidence)
+        # past --max-memory already, no candidate starts: they went over and were stopped in turn, the export
+        # growing past its budget with every one
+        over_budget = over_budget or _past_budget(limit)
+        why_not = over_budget or _not_started(is_fallback, best.recipe if best else None, bool(out.attempts),
+                                              time.perf_counter() - t0, search_time, tally.used(best), patience,
+                                              no_evidence)
         if why_not is None and best is not None:
             why_not = speeds.outranked(recipe, best.recipe or "", best.path, best.float_nodes)
             if why_not:
@@ -151,7 +157,6 @@ def search(ctx, exporter, prepared: Path, validate, recipes: list[str], *, patie
             record(name, passed=False, skipped=True, why=why_not)
             not_started.setdefault(why_not, []).append(name)
             continue
-        give_back_freed()  # (what the last candidate freed counts against the budget until it is returned)
         with cal.MemoryWatch(limit, what=f"int8 recipe {name}") as watch:
             deadline.watch = watch
             try:
@@ -569,6 +574,16 @@ def _tried(ok: bool, why: str | None, score: tuple, metrics: dict, size: int, la
     return entry
 
 
+def _past_budget(limit: int | None) -> str | None:
+    """Why no candidate starts now: the export already holds its whole memory budget (None: it does not).
+    What the last candidate freed is given back first: it counts against the budget until it is returned."""
+    give_back_freed()
+    held = cal.rss_bytes() if limit else None
+    if not held or held < limit:
+        return None
+    return f"not tried: the export holds {human(held)}, past its {human(limit)} budget (--max-memory)"
+
+
 def _skip(progress, record, label: str, e: Exception, watch, failed: str = "the quantizer failed") -> None:
     """Record a candidate that failed and go on; a full disk is no candidate's failure: raised, for the
     export's one line (every later candidate failed the same way, and the export said none passed)."""
@@ -651,9 +666,10 @@ def _failure(attempts: list[dict]) -> str:
         return (f"int8 failed the accuracy gate with all {len(tried)} recipes (best: {best['recipe']}, {best['why']}); "
                 + what_to_try(best, "the validation thresholds"))
     skipped = [a for a in attempts if a.get("skipped") and "--search-time" not in a["why"]]
-    if skipped and all("--max-memory" in a["why"] for a in skipped):
-        return (f"int8 export stopped: no candidate fits the memory budget ({skipped[0]['why']}); "
-                "try fewer --calib-samples, a smaller input, or a larger --max-memory")
+    memory = [a for a in skipped if "--max-memory" in a["why"]]
+    if memory:  # (the others skipped for their own reasons: the budget is what stopped the export)
+        return (f"int8 export stopped: no candidate fits the memory budget ({memory[0]['recipe']}: "
+                f"{memory[0]['why']}); try fewer --calib-samples, a smaller input, or a larger --max-memory")
     first = skipped[0] if skipped else {"recipe": "?", "why": "nothing was tried"}
     return (f"int8 failed: every recipe was skipped (first: {first['recipe']}: {first['why']}); "
             "try --precision fp16 or other --recipes")

@@ -204,16 +204,84 @@ def classify(ref, out: list[np.ndarray], eval_out, th, metrics: dict) -> list[st
 # ---- dense maps and anything else --------------------------------------------------------------
 
 def sqnr_db(r: np.ndarray, a: np.ndarray) -> float:
+    return _decibels(*_powers(r, a)[:2])
+
+
+# An output whose spread around its mean is under this share of its power (in power: 1e-5 of its RMS) does
+# not vary but by float rounding (a softmax's sum, a constant): its variation SQNR is not measured
+STILL_OUTPUT = 1e-10
+VARIATION_FLOOR_DB = 0.0  # an error larger than fp32's own variation: the output says nothing any more
+
+
+def variation_sqnr_db(r: np.ndarray, a: np.ndarray) -> float | None:
+    """SQNR of fp32's variation around its own mean over the artifact's error, or None where fp32's output
+    does not vary (STILL_OUTPUT). Why: SQNR counts an output's offset as signal. A depth map of 1000 +- 0.1
+    became one constant in int8 (its range from 0 took every step), and read 77.7 dB against fp32; measured
+    on what the output varies by, it is -11 dB."""
+    sig, noise, total, n = _powers(r, a)
+    spread = sig - total * total / n if n else 0.0  # (float64 sums: exact enough for a 1e6 offset)
+    if spread <= STILL_OUTPUT * sig:
+        return None
+    return _decibels(spread, noise)
+
+
+def _powers(r: np.ndarray, a: np.ndarray) -> tuple[float, float, float, int]:
+    """(sum of fp32's squares, sum of the squared error, sum of fp32's values, count) in one chunked pass."""
     if r.ndim == 0:
         r, a = r.reshape(1), np.asarray(a).reshape(1)
-    sig = noise = 0.0
+    sig = noise = total = 0.0
     for s in _chunks(r):
         r64 = r[s].astype(np.float64)
         sig += float(np.square(r64).sum())
+        total += float(r64.sum())
         noise += float(np.square(r64 - a[s].astype(np.float64)).sum())
+    return sig, noise, total, int(r.size)
+
+
+def _decibels(sig: float, noise: float) -> float:
     if noise == 0:
         return 100.0
     return 10 * math.log10(sig / noise) if sig > 0 else -100.0
+
+
+MAX_LABELS = 256  # an integer output with more distinct values holds indices or counts: judged by exact agreement
+
+
+FEW_VALUES = 32  # an 8- or 16-bit integer output with more distinct values holds levels (an image), not labels
+
+
+def is_labels(r: np.ndarray, dtype: str | None = None) -> bool:
+    """Whether an output holds labels, right or wrong, never "close" (`dtype`: the model's type for it; the
+    validation predictor hands every output over as float32): a boolean output, a 32- or 64-bit integer one
+    (ArgMax's class ids and label maps, NonZero's and TopK's indices), or an 8- or 16-bit one holding at
+    most FEW_VALUES distinct values in fp32's outputs (a 0/255 mask). A uint8 output of many levels (a
+    probability scaled to 0..255, an image) is a quantized measure, judged as a float one."""
+    try:
+        t = np.dtype(dtype) if dtype else r.dtype
+    except TypeError:  # (a type numpy has no name for: not one of these)
+        return False
+    if t == np.bool_ or (np.issubdtype(t, np.integer) and t.itemsize >= 4):
+        return True
+    return bool(np.issubdtype(t, np.integer) and len(np.unique(r)) <= FEW_VALUES)
+
+
+def label_iou(r: np.ndarray, a: np.ndarray) -> float:
+    """Mean over the values either output holds of the IoU of where each holds them (a label map's mean
+    IoU against fp32's); with more than MAX_LABELS distinct values, the share of equal values. Why not SQNR:
+    a per-pixel argmax whose two near-tied classes, 6 and 7, became 6 almost everywhere read 17 dB SQNR and
+    cosine 0.9998 (the class indices are large beside their error), with 3 % of its pixels right."""
+    r, a = np.asarray(r), np.asarray(a)
+    if r.dtype == np.bool_:
+        r, a = r.astype(np.uint8), a.astype(np.uint8)
+    values = np.union1d(np.unique(r), np.unique(a))  # (float32 copies of integers: equal where the integers are)
+    if len(values) > MAX_LABELS:
+        return float((r == a).mean())
+    k = len(values)
+    pairs = np.bincount(np.searchsorted(values, r.ravel()) * k + np.searchsorted(values, a.ravel()), minlength=k * k)
+    confusion = pairs.reshape(k, k)
+    inter = np.diag(confusion)
+    union = confusion.sum(0) + confusion.sum(1) - inter
+    return float(np.mean(inter / np.maximum(union, 1)))
 
 
 def cosine(r: np.ndarray, a: np.ndarray) -> np.ndarray:
@@ -257,9 +325,18 @@ def dense(ref: list[np.ndarray], out: list[np.ndarray], per_output: list[dict], 
     the outputs judged by them (of all outputs when none was), so no reported value sits beside a
     threshold it was never held to."""
     why = []
-    sq, co, iou, shown, gated = [], [], [], [], []
+    sq, co, iou, shown, gated, labels = [], [], [], [], [], []
+    judged = 0
     for k in range(start, len(ref)):
         r, a, row = ref[k], out[k], per_output[k]
+        if not r.size:  # (a list of detections or indices that no validation input gave: its shape was checked)
+            row.update(empty=True, gated_by=[])
+            continue
+        judged += 1
+        if is_labels(r, row.get("dtype")) and not (masks and is_probability_map(r)):
+            why += _label_gate(r, a, row, th)
+            labels.append(row["label_iou"])
+            continue
         s, c = sqnr_db(r, a), float(cosine(r, a).mean())
         row.update(sqnr_db=s, cosine=c)
         sq.append(s)
@@ -272,25 +349,54 @@ def dense(ref: list[np.ndarray], out: list[np.ndarray], per_output: list[dict], 
             if "mask_iou" in row:
                 iou.append(row["mask_iou"])
             continue
-        row["gated_by"] = ["sqnr_db", "cosine"]
         gated.append((s, c))
-        if s < th.min_sqnr:
-            why.append(f"output {row['name']}: SQNR {s:.1f} dB < {th.min_sqnr} dB")
-        if c < th.min_cosine:
-            why.append(f"output {row['name']}: cosine {c:.4f} < {th.min_cosine}")
+        why += _closeness_gate(r, a, row, th)
         if is_probability_map(r) and (m := mask_iou(r, a)) is not None:
             row["mask_iou"] = m
             row["gated_by"].append("mask_iou")
             iou.append(m)
             if m < th.min_mask_iou:
                 why.append(f"output {row['name']}: mask IoU {m:.4f} < {th.min_mask_iou}")
+    if not judged and start == 0 and ref:
+        metrics["no_evidence"] = 1.0  # (the data's lack, not the artifact's: the int8 search stops on it)
+        why.append("every output is empty on every validation input: nothing to compare with fp32's; validate on "
+                   "inputs the model gives outputs for (--calib, --eval images)")
     if sq:  # the worst output the gate judged by them; else (maps judged by mask IoU only) the worst reported
         metrics.update(sqnr_db=min(g[0] for g in gated) if gated else min(sq),
                        cosine=min(g[1] for g in gated) if gated else min(co))
     if iou:
         metrics["mask_iou"] = min(iou)
+    if labels:
+        metrics["label_iou"] = min(labels)
     if shown:
         metrics["mask_samples"] = float(min(shown))
+    return why
+
+
+def _label_gate(r: np.ndarray, a: np.ndarray, row: dict, th) -> list[str]:
+    """An integer output's gate: its labels' mean IoU against fp32's (label_iou), held to --min-mask-iou."""
+    m = label_iou(r, a)
+    row.update(label_iou=m, gated_by=["label_iou"])
+    return [f"output {row['name']}: integer values (labels, ids) equal to fp32's where it holds them at IoU "
+            f"{m:.4f} < {th.min_mask_iou} (mean over its values; --min-mask-iou)"] if m < th.min_mask_iou else []
+
+
+def _closeness_gate(r: np.ndarray, a: np.ndarray, row: dict, th) -> list[str]:
+    """A float output's gate: its SQNR and cosine (in `row` already), and its error against fp32's own
+    variation (variation_sqnr_db), which must not exceed it (VARIATION_FLOOR_DB)."""
+    s, c, why = row["sqnr_db"], row["cosine"], []
+    row["gated_by"] = ["sqnr_db", "cosine"]
+    if s < th.min_sqnr:
+        why.append(f"output {row['name']}: SQNR {s:.1f} dB < {th.min_sqnr} dB")
+    if c < th.min_cosine:
+        why.append(f"output {row['name']}: cosine {c:.4f} < {th.min_cosine}")
+    if (v := variation_sqnr_db(r, a)) is not None:
+        row["variation_sqnr_db"] = v
+        if v < VARIATION_FLOOR_DB:
+            row["gated_by"].append("variation_sqnr_db")
+            why.append(f"output {row['name']}: its error is larger than fp32's own variation ({v:.1f} dB around "
+                       f"fp32's mean, {float(np.mean(r)):.4g}): it lost what the output says (its SQNR, {s:.1f} dB, "
+                       "counts the offset as signal)")
     return why
 
 
@@ -487,10 +593,12 @@ def embed(ref, out: list[np.ndarray], th, metrics: dict) -> list[str]:
         m = min(m, NN_SAMPLES)
         ceiling = float((_nn(ref.outputs[0][:m]) == _nn(ref.noisy[0][:m])).mean()) if m >= 3 else 1.0
         metrics["ceiling"] = ceiling
-        need = ceiling - th.agreement_margin
+        need = th.min_agreement if th.min_agreement is not None else ceiling - th.agreement_margin
+        metrics["nn_agreement_required"] = need
         if nn < need:
-            why.append(f"nearest-neighbour agreement {nn:.4f} < {need:.4f} (fp32 ceiling {ceiling:.4f} - "
-                       f"{th.agreement_margin})")
+            why.append(f"nearest-neighbour agreement {nn:.4f} < {need:.4f} " + (
+                "(--min-agreement)" if th.min_agreement is not None else
+                f"(fp32 ceiling {ceiling:.4f} - {th.agreement_margin})"))
     return why
 
 
@@ -499,7 +607,7 @@ def embed(ref, out: list[np.ndarray], th, metrics: dict) -> list[str]:
 def score(task: str, passed: bool, m: dict) -> tuple:
     """Higher is better; passing first, then the task's main metric, then the others."""
     g = m.get
-    dense_tail = (g("mask_iou", 1.0), g("sqnr_db", 100.0), g("cosine", 1.0))
+    dense_tail = (g("label_iou", 1.0), g("mask_iou", 1.0), g("sqnr_db", 100.0), g("cosine", 1.0))
     if task == "classify":
         # the accuracy drop to 0.1 pp (finer is one or two inputs of a few thousand: noise), and a gain
         # counts as no drop: an artifact that beats fp32 is not better, it differs from it
@@ -564,7 +672,8 @@ def infer_task(outputs: list[np.ndarray], specs: list[dict], input_spec, labels=
         any(k in n for k in ("feat", "emb", "descriptor", "vector")) for n in names[1:len(outputs)])
     if len(vectors) > 1 and not scores_and_features:
         return "raw"
-    first = outputs[0].reshape(len(outputs[0]), -1) if outputs and outputs[0].ndim >= 2 else None
+    first = outputs[0].reshape(len(outputs[0]), -1) if outputs and outputs[0].ndim >= 2 and outputs[0].size \
+        else None  # (an output empty on every input, [0, 1] indices: nothing to read a task from)
     if first is not None and len(shapes[0]) == 1 and first.shape[1] > 1 and not named_as_coordinates(names[0]):
         norms = np.linalg.norm(first.astype(np.float64), axis=1)
         if any(k in names[0] for k in ("emb", "feat", "descriptor", "vector")) or (

@@ -33,7 +33,8 @@ Predict = Callable[[np.ndarray], Outputs]
 TASKS = ("classify", "detect", "segment", "embed", "raw")
 RELAX_FLAGS = {  # what to relax when no candidate passes, by task (named in the failure line)
     "classify": "--min-agreement/--min-confident-kept/--min-top5/--max-accuracy-drop",
-    "detect": "--min-f1", "embed": "--min-cosine", "segment": "--min-mask-iou (or --task raw: --min-sqnr/--min-cosine)",
+    "detect": "--min-f1", "embed": "--min-cosine/--min-agreement",
+    "segment": "--min-mask-iou (or --task raw: --min-sqnr/--min-cosine)",
     "raw": "--min-sqnr/--min-cosine"}
 
 
@@ -285,15 +286,17 @@ def _repeatable_reference(reference: Predict, x, outs: Outputs, batch: int, spec
                            "(model.eval()); nothing can be validated against a moving reference")
 
 
-def _reference_follows_inputs(outs: Outputs, x, specs: list[dict], constants: str = "") -> None:
-    """One line when the model has non-image inputs fed constants (`constants`: which, and how chosen) and
-    every output of the fp32 model is the same for all the validation inputs, which differ: those constants
-    switch the image off. Why: a model that multiplies its image by a second input fed zeros (a name no rule
-    knew) gave the same scores for every frame, and its int8 export passed at top-1 agreement 1.0, which any
-    two constant models reach. Without such inputs, outputs alike for every input are a model that finds
+def _reference_follows_inputs(outs: Outputs, x, specs: list[dict], constants: str = "", task: str | None = None
+                              ) -> None:
+    """One line when every output of the fp32 model is the same for all the validation inputs, which differ,
+    and the model has non-image inputs fed constants (`constants`: which, and how chosen: those constants
+    switch the image off) or its task is classify or embed (a classifier with all-zero weights). Why: a model
+    that multiplies its image by a second input fed zeros (a name no rule knew) gave the same scores for every
+    frame, and its int8 export passed at top-1 agreement 1.0, which any two constant models reach; so did a
+    classifier whose weights were zeros. Other tasks' outputs alike for every input are a model that finds
     nothing in them (a detector on random inputs), which the task's metrics judge as such: no line."""
     n = len(x)
-    if n < 2 or not constants:
+    if n < 2 or not (constants or task in ("classify", "embed")):
         return
     pixels = getattr(x, "pixels", x)  # (PixelInputs: the pixels they come from differ where the inputs do)
     if all(np.array_equal(pixels[0], pixels[i]) for i in range(1, n)):
@@ -305,6 +308,10 @@ def _reference_follows_inputs(outs: Outputs, x, specs: list[dict], constants: st
         if any(not np.array_equal(o[0], o[i]) for i in range(1, n)):
             return
     names = ", ".join(repr(s["name"]) for s in specs[:4]) or "every output"
+    if not constants:
+        raise BadInput(f"the fp32 model gives the same outputs ({names}) for all {n} validation inputs, which differ: "
+                       f"it ignores its image (untrained or zeroed weights?), so its {task} gate could not fail and "
+                       "nothing can be validated: export a trained model")
     raise BadInput(f"the fp32 model gives the same outputs ({names}) for all {n} validation inputs, which differ: it "
                    f"ignores its image, so nothing can be validated; its other inputs are fed {constants}: give the "
                    "values it needs with --input-value")
@@ -405,10 +412,10 @@ class Validator:
                 raise CheckFailed(f"{e}: give the export more memory, or a model with smaller outputs") from None
             _finite_reference(outs, specs)
             _repeatable_reference(reference, data.check_x, outs, batch, specs, watch=watch)
-            _reference_follows_inputs(outs, data.check_x, specs, constants)
             self.ref = Reference(outs, specs)
             self.task = task or infer_task(self.ref, input_spec, labels)
             self.task_inferred = task is None
+            _reference_follows_inputs(outs, data.check_x, specs, constants, self.task)
             # ([1,1000,1,1] is SqueezeNet's 1000 classes: every value of a sample is one class's score)
             classes = int(np.prod(np.asarray(outs[0]).shape[1:])) if np.asarray(outs[0]).ndim >= 2 else None
             if self.task == "classify" and labels and classes and len(labels) != classes:
@@ -488,7 +495,8 @@ def fit_outputs(reference: Predict, data, budget: int) -> None:
         return
     if fit < min(n, MIN_CHECK_INPUTS):
         raise CheckFailed(f"the model's outputs take {human(per)} an input: validating on {min(n, MIN_CHECK_INPUTS)} "
-                          f"inputs needs about {human(OUTPUT_COPIES * per * min(n, MIN_CHECK_INPUTS))}, over the "
+                          f"inputs needs about {human(OUTPUT_COPIES * per * min(n, MIN_CHECK_INPUTS))} (fp32's and a "
+                          f"candidate's outputs and the metrics' working copies: {OUTPUT_COPIES}x), over the "
                           f"{human(max(0, left))} the export's memory budget leaves ({human(budget)}, --max-memory): "
                           "give it more, or export a model with smaller outputs")
     import logging

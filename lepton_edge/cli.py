@@ -137,8 +137,9 @@ def export(
     max_size: str | None = typer.Option(None, help="Size budget, e.g. 1MB (tighter than the target's)."),
     task: str | None = typer.Option(None, help="classify, detect, segment, embed or raw: picks the validation "
                                        "metrics (default: inferred from the outputs; stated in the report)."),
-    min_agreement: float | None = typer.Option(None, help="classify: top-1 agreement wanted (default: the fp32 "
-                                                  "model's own agreement under input noise, its ceiling, minus 0.05)."),
+    min_agreement: float | None = typer.Option(None, help="classify: top-1 agreement wanted; embed: nearest-"
+                                                  "neighbour agreement wanted (default: the fp32 model's own "
+                                                  "agreement under input noise, its ceiling, minus 0.05)."),
     min_confident_kept: float = typer.Option(0.99, help="classify: share of confident fp32 top-1 (softmax >= 0.5) "
                                              "kept (one miss allowed when few)."),
     min_top5: float = typer.Option(0.98, help="classify: share of fp32 top-1 within the top-5 (> 5 classes)."),
@@ -148,7 +149,8 @@ def export(
     min_cosine: float = typer.Option(0.97, help="Dense/raw outputs and embeddings: minimum mean cosine similarity."),
     min_f1: float = typer.Option(0.9, help="detect: minimum F1 of boxes matched to fp32's (IoU >= 0.5)."),
     min_mask_iou: float = typer.Option(0.8, help="segment: minimum IoU of probability masks (>= 0.5) with "
-                                       "fp32's, pooled over the validation inputs."),
+                                       "fp32's, pooled over the validation inputs; and of an integer output's "
+                                       "labels (mean IoU over its values)."),
     recipes: str | None = typer.Option(None, help="int8 recipes to try in order, e.g. nncf-default,u8-percentile."),
     search_time: float = typer.Option(180.0, help="int8: seconds to spend trying recipes; the best that passes "
                                       "is kept (the first always completes)."),
@@ -245,9 +247,10 @@ _GATES = {  # metric -> (threshold key, "min"/"max", format)
     "accuracy_drop_pp": ("max_accuracy_drop", "max", "{:.2f} pp"), "top1_agreement": ("top1_agreement_required", "min",
                                                                                     "{:.4f}"),
     "confident_top1_kept": ("min_confident_kept", "min", "{:.4f}"), "top1_in_top5": ("min_top5", "min", "{:.4f}"),
-    "f1_vs_fp32": ("min_f1", "min", "{:.4f}"), "nn_agreement": (None, "min", "{:.4f}"),
+    "f1_vs_fp32": ("min_f1", "min", "{:.4f}"), "nn_agreement": ("nn_agreement_required", "min", "{:.4f}"),
     "sqnr_db": ("min_sqnr", "min", "{:.1f} dB"), "cosine": ("min_cosine", "min", "{:.4f}"),
-    "mask_iou": ("min_mask_iou", "min", "{:.4f}"), "score_drift": (None, "", "{:.4f}"), "ceiling": (None, "", "{:.4f}"),
+    "mask_iou": ("min_mask_iou", "min", "{:.4f}"), "label_iou": ("min_mask_iou", "min", "{:.4f}"),
+    "score_drift": (None, "", "{:.4f}"), "ceiling": (None, "", "{:.4f}"),
     "mask_samples": (None, "", "{:.0f} inputs show fp32's mask"),
     "box_inputs": (None, "", "{:.0f} inputs show boxes (fp32's or its own)"),
     "max_rel_diff": ("max_rel_diff_allowed", "max", "{:.4f}"),
@@ -279,6 +282,7 @@ def _gate_rows(v: dict) -> list[tuple[str, str]]:
     """Each measured metric with its threshold (the export summary shows what decided)."""
     th = dict(v.get("thresholds") or {})
     th["top1_agreement_required"] = v.get("top1_agreement_required")
+    th["nn_agreement_required"] = v.get("nn_agreement_required")
     from lepton_edge.exporters.task_metrics import NO_EVIDENCE_MAX_REL
 
     th["max_rel_diff_allowed"] = NO_EVIDENCE_MAX_REL  # (of each output's range, where no F1 could be judged)

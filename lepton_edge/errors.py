@@ -42,8 +42,11 @@ class CheckFailed(LeptonError):
 def first_line(e: BaseException, limit: int = 200) -> str:
     """An exception's first non-empty line, or its type's name: str(MemoryError()) is '', and
     `str(e).splitlines()[0]` then raised IndexError inside the error handler."""
-    line = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
-    return (line or type(e).__name__)[:limit]
+    line = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "") or type(e).__name__
+    if len(line) <= limit:
+        return line
+    cut = line[:limit - 1]  # (at a word's end where there is one: a cut mid-word read as a typo)
+    return (cut.rsplit(" ", 1)[0] if " " in cut[limit // 2:] else cut) + "…"
 
 
 def closest(name: str, choices: list[str], n: int = 3) -> str:

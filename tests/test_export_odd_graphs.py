@@ -496,3 +496,38 @@ def test_a_dynamically_quantized_model_is_int8_to_inspect_and_to_export(tmp_path
     r = run_cli("export", str(tmp_path / "dyn.onnx"), "--target", "x86-cpu", "--precision", "fp32", "--calib",
                 _calib(), "-o", str(tmp_path / "o"))
     assert r.returncode == 2 and "ConvInteger x2" in _one_error_line(r)
+
+
+def test_an_output_declared_with_another_shape_is_recorded_as_the_model_gives_it(tmp_path):
+    """A model declaring `logits` [1, 5] whose graph gives [1, 10] exported with the declaration in its
+    manifest, and `run` then refused the bundle: the device's onnxruntime infers [1, 10] and checks the
+    manifest against that. The manifest now records what validation saw, and says so."""
+    nodes, inits = _classifier_nodes()
+    path = _save(tmp_path / "wrong.onnx", nodes, [_image()], [h.make_tensor_value_info("logits", T.FLOAT, [1, 5])],
+                 inits)
+    r = run_cli("export", path, "--target", "x86-cpu", "--precision", "fp32", "--calib", _calib(), "-o",
+                str(tmp_path / "o"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "output 'logits': the model declares [1, 5] and gives [1, 10]: the manifest records [1, 10]" in r.stderr
+    bundle = next((tmp_path / "o").glob("*/manifest.json")).parent
+    assert json.loads((bundle / "manifest.json").read_text())["outputs"][0]["shape"] == [1, 10]
+    ran = run_cli("run", str(bundle), "--source", _calib(), "--max-frames", "2")
+    assert ran.returncode == 0, ran.stderr[-3000:]
+
+
+def test_a_model_that_runs_only_at_another_size_than_the_guessed_one_says_to_give_it(tmp_path):
+    """A ViT-like graph with open H and W but a positional term of one size (32x32) failed at the target's
+    224x224 on onnxruntime's broadcast error alone, cut mid-word; the guessed size is now named, with the flag."""
+    rng = np.random.default_rng(0)
+    nodes = [h.make_node("Add", ["x", "pos"], ["y"], name="pos_add"),
+             h.make_node("GlobalAveragePool", ["y"], ["g"]), h.make_node("Flatten", ["g"], ["logits"])]
+    path = _save(tmp_path / "dyn.onnx", nodes, [h.make_tensor_value_info("x", T.FLOAT, [1, 3, "h", "w"])],
+                 [h.make_tensor_value_info("logits", T.FLOAT, [1, 3])], [_w("pos", (1, 3, 32, 32), rng)])
+    r = run_cli("export", path, "--target", "x86-cpu", "--precision", "fp32", "--calib", _calib(), "-o",
+                str(tmp_path / "o"))
+    line = _one_error_line(r)
+    assert r.returncode == 2 and "cannot run the model" in line, line
+    assert line.endswith("had its open dims guessed: give the size it was made for with --input-shape"), line
+    ok = run_cli("export", path, "--target", "x86-cpu", "--precision", "fp32", "--calib", _calib(), "-o",
+                 str(tmp_path / "o"), "--input-shape", "1,3,32,32")
+    assert ok.returncode == 0, ok.stderr[-3000:]

@@ -691,12 +691,13 @@ def _statistics_fit(tensor_bytes: dict[str, int], limit: int | None) -> Iterator
         inits = {i.name for i in model.graph.initializer}
         outputs = [o.name for o in model.graph.output if o.name not in inits]
         need = int(STATISTICS_OVERHEAD * sum(tensor_bytes.get(o, 0) for o in outputs)) + working
-        left = limit - cal.rss_bytes()
+        held = cal.rss_bytes()
+        left = limit - held
         if need > left:
             raise cal.MemoryExceeded(
                 f"NNCF's statistics would keep {len(outputs)} tensors, about {human(need)} in memory with "
-                f"onnxruntime's own, for each batch: over the {human(max(left, 0))} the memory budget "
-                f"({human(limit)}, --max-memory) leaves")
+                f"onnxruntime's own, for each batch, and the export already holds {human(held)} of its "
+                f"{human(limit)} budget (--max-memory)")
 
     _install_statistics_check()
     previous = getattr(_fit, "check", None)

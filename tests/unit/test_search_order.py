@@ -229,3 +229,17 @@ def test_inputs_without_evidence_stop_the_search_after_two_candidates(search):
     failure = recipes._failure([{"recipe": "u8-minmax", "skipped": False, "why": "no evidence", "score": [0],
                                  "metrics": {"no_evidence": 1.0}}])
     assert "--calib (or --eval) images that show what the model finds" in failure and "relax" not in failure
+
+
+def test_no_candidate_starts_once_the_export_holds_its_whole_memory_budget():
+    """A 1024x1024 model under --max-memory 1GB: each candidate started past the budget went over and was
+    stopped in turn, and the export grew to 1.5 GB; now none starts once what it holds is the budget."""
+    from lepton_edge.compress import calibration as cal
+    from lepton_edge.exporters.recipes import _past_budget
+    from lepton_edge.ui import human
+
+    held = cal.rss_bytes()
+    assert _past_budget(None) is None and _past_budget(held * 4) is None
+    said = _past_budget(held // 2)
+    assert said.startswith("not tried: the export holds ") and said.endswith(
+        f", past its {human(held // 2)} budget (--max-memory)"), said

@@ -127,7 +127,8 @@ def test_outputs_no_budget_can_hold_are_refused_naming_what_is_left():
     with pytest.raises(CheckFailed) as e:
         val.fit_outputs(lambda x: [np.zeros(per // 4, np.float32)], data, budget)
     assert str(e.value) == (f"the model's outputs take {human(per)} an input: validating on 8 inputs needs about "
-                            f"{human(val.OUTPUT_COPIES * per * 8)}, over the 0 B the export's memory budget leaves "
+                            f"{human(val.OUTPUT_COPIES * per * 8)} (fp32's and a candidate's outputs and the metrics' "
+                            f"working copies: {val.OUTPUT_COPIES}x), over the 0 B the export's memory budget leaves "
                             f"({human(budget)}, --max-memory): give it more, or export a model with smaller outputs")
     assert len(data.check_x) == 40
 
@@ -211,6 +212,27 @@ def test_outputs_that_ignore_differing_inputs_are_one_line():
     _reference_follows_inputs(same, np.repeat(x[:1], 5, 0), [{"name": "out"}], fed)  # the inputs are all one
     _reference_follows_inputs([o[:1] for o in same], x[:1], [{"name": "out"}], fed)  # one input shows nothing
     _reference_follows_inputs([*same, np.arange(7)], x, [{"name": "out"}], fed)  # (a [K] output: cannot tell)
+
+
+@pytest.mark.parametrize("task", ["classify", "embed"])
+def test_a_classifier_whose_outputs_ignore_differing_inputs_is_one_line(task):
+    """A classifier with zeroed weights gave 0.1 for every class of every photo, and its int8 export passed at
+    top-1 agreement 1.0: constant outputs pass any classify or embed gate. Other tasks' constant outputs are a
+    model finding nothing (a detector on photos without its objects): their metrics judge that."""
+    from lepton_edge.exporters.validation import _reference_follows_inputs
+
+    x = np.random.default_rng(0).random((5, 3, 4, 4), dtype=np.float32)
+    same = [np.full((5, 10), 0.1, np.float32)]
+    with pytest.raises(BadInput) as e:
+        _reference_follows_inputs(same, x, [{"name": "logits"}], task=task)
+    assert str(e.value) == ("the fp32 model gives the same outputs ('logits') for all 5 validation inputs, which "
+                            f"differ: it ignores its image (untrained or zeroed weights?), so its {task} gate could "
+                            "not fail and nothing can be validated: export a trained model")
+    for other in ("detect", "segment", "raw", None):
+        _reference_follows_inputs(same, x, [{"name": "logits"}], task=other)
+    varied = [same[0].copy()]
+    varied[0][3, 2] = 0.2
+    _reference_follows_inputs(varied, x, [{"name": "logits"}], task=task)  # one input moves it: no line
 
 
 def test_a_reference_without_an_evaluation_set_holds_no_labels():
