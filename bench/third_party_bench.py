@@ -112,7 +112,7 @@ def export(model: str, src: Path, out: Path, target: str, precision: str | None)
 
 GATE_METRICS = ("top1_agreement", "ceiling", "confident_top1_kept", "confident_samples", "top1_in_top5",
                 "accuracy_drop_pp", "f1_vs_fp32", "score_drift", "nn_agreement", "sqnr_db", "cosine", "mask_iou",
-                "mask_samples", "box_inputs", "max_rel_diff")
+                "mask_samples", "box_inputs", "max_rel_diff", "label_iou", "correlation")
 
 
 def summary(rep: dict) -> dict:
@@ -467,8 +467,8 @@ def _gate(rep: dict) -> str:
     m, th = rep.get("metrics") or {}, rep.get("thresholds") or {}
     pairs = {"top1_agreement": None, "ceiling": None, "confident_top1_kept": "min_confident_kept",
              "top1_in_top5": "min_top5", "f1_vs_fp32": "min_f1", "sqnr_db": "min_sqnr", "cosine": "min_cosine",
-             "mask_iou": "min_mask_iou", "nn_agreement": None, "accuracy_drop_pp": "max_accuracy_drop",
-             "max_rel_diff": None}
+             "mask_iou": "min_mask_iou", "label_iou": "min_mask_iou", "correlation": "min_correlation",
+             "nn_agreement": None, "accuracy_drop_pp": "max_accuracy_drop", "max_rel_diff": None}
     parts = []
     for k, t in pairs.items():
         if k in m:

@@ -37,6 +37,7 @@ from lepton_edge.manifest_sections import (
     QuantizationSection,
     ValidationSection,
 )
+from lepton_edge.memory import give_back_freed
 
 
 @dataclass
@@ -124,7 +125,7 @@ def _steps(ctx: ExportContext, model: Any, example_input: Any) -> ExportResult:
     latency = _measure_latency(ctx, pred, fp32_pred)
     _record_validation(ctx, comp, validate, conversion, size, ram, latency, precision)
     with ctx.progress.stage(f"write bundle {final}"):
-        writer.write_bundle(ctx, final, chosen, exporter, fmt, precision)
+        writer.write_bundle(ctx, final, chosen, exporter, fmt, precision, getattr(pred, "outputs", None))
     return ExportResult(Bundle.load(final), _report(ctx, fmt, precision, final))
 
 
@@ -471,6 +472,7 @@ def _validator(ctx: ExportContext, exporter: Exporter, fp32: Path, fp32_pred):
         # an unlabelled classifier (or embedder) was judged by its top-k (or nearest neighbours): the device
         # reports what was validated, not raw logits, as `run` on the plain file would (a map stays raw)
         src.task = validate.task
+    give_back_freed()  # (what the reference's batches freed counts until it is returned)
     held = cal.rss_bytes()
     if limit is not None and held and limit <= held:  # (a 205 MB model under --max-memory 1GB: each candidate
         # was then skipped for "0 B left" in turn, and the export went on to 1.8 GB)

@@ -162,6 +162,7 @@ class Exporter(abc.ABC):
             calls = [x[i:i + step] for i in range(0, len(x), step)]  # (each call's outputs inputs first, then joined)
             return stack_outputs([batch_first(once(c), len(c)) for c in calls], [len(c) for c in calls])
 
+        run.outputs = list(be.outputs)  # type: ignore[attr-defined]  # (the engine's view: writer.observed_shape)
         return run
 
 

@@ -183,6 +183,7 @@ class ExportOptions(BaseModel):
     min_cosine: Fraction = 0.97
     min_f1: Fraction = 0.9
     min_mask_iou: Fraction = 0.8
+    min_correlation: Fraction = 0.5
     measure_latency: bool = True
 
     @field_validator("max_size")
@@ -314,7 +315,7 @@ class ExportOptions(BaseModel):
         return val.Thresholds(min_agreement=self.min_agreement, max_accuracy_drop=self.max_accuracy_drop,
                               min_confident_kept=self.min_confident_kept, min_top5=self.min_top5,
                               min_sqnr=self.min_sqnr, min_cosine=self.min_cosine, min_f1=self.min_f1,
-                              min_mask_iou=self.min_mask_iou)
+                              min_mask_iou=self.min_mask_iou, min_correlation=self.min_correlation)
 
     # ---- building one --------------------------------------------------------------------------
 

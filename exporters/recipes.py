@@ -143,7 +143,7 @@ def search(ctx, exporter, prepared: Path, validate, recipes: list[str], *, patie
         recipe = q.Recipe.parse(name)
         # past --max-memory already, no candidate starts: they went over and were stopped in turn, the export
         # growing past its budget with every one
-        over_budget = over_budget or _past_budget(limit)
+        over_budget = over_budget or _past_budget(limit, given=max_memory is not None)
         why_not = over_budget or _not_started(is_fallback, best.recipe if best else None, bool(out.attempts),
                                               time.perf_counter() - t0, search_time, tally.used(best), patience,
                                               no_evidence)
@@ -574,14 +574,16 @@ def _tried(ok: bool, why: str | None, score: tuple, metrics: dict, size: int, la
     return entry
 
 
-def _past_budget(limit: int | None) -> str | None:
-    """Why no candidate starts now: the export already holds its whole memory budget (None: it does not).
+def _past_budget(limit: int | None, given: bool = True) -> str | None:
+    """Why no candidate starts now: the export already holds its whole memory budget (None: it does not;
+    `given`: the budget is --max-memory's, else the machine's available memory less a margin).
     What the last candidate freed is given back first: it counts against the budget until it is returned."""
     give_back_freed()
     held = cal.rss_bytes() if limit else None
     if not held or held < limit:
         return None
-    return f"not tried: the export holds {human(held)}, past its {human(limit)} budget (--max-memory)"
+    whose = "--max-memory" if given else "the machine's available memory less a margin; --max-memory sets it"
+    return f"not tried: the export holds {human(held)}, past its {human(limit)} budget ({whose})"
 
 
 def _skip(progress, record, label: str, e: Exception, watch, failed: str = "the quantizer failed") -> None:
@@ -644,7 +646,8 @@ def _slower_note(timed: dict) -> str | None:
 def _say(progress, ok: bool, why: str | None, metrics: dict, over: str | None = None) -> None:
     shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
                       if k in ("top1_agreement", "confident_top1_kept", "top1_in_top5", "sqnr_db", "cosine",
-                               "mask_iou", "f1_vs_fp32", "accuracy_drop_pp") and isinstance(v, (int, float)))
+                               "correlation", "mask_iou", "label_iou", "f1_vs_fp32", "accuracy_drop_pp")
+                      and isinstance(v, (int, float)))
     progress.info(f"  {'[green]pass[/]' if ok else '[red]fail[/]'}: {shown}" + (f" ({escape(why)})" if why else "")
                   + (f" [yellow]({escape(over)})[/]" if over else ""))
 
@@ -652,10 +655,16 @@ def _say(progress, ok: bool, why: str | None, metrics: dict, over: str | None = 
 def what_to_try(best: dict, relax: str) -> str:
     """The failure line's advice: for a candidate that failed for want of evidence in the validation
     inputs, data that shows what the model finds (relaxing a threshold changes nothing there)."""
-    if (best.get("metrics") or {}).get("no_evidence"):
+    metrics = best.get("metrics") or {}
+    if metrics.get("empty_outputs"):  # (fp16 has nothing to be compared on either)
+        return "give --calib (or --eval) images the model gives outputs for"
+    if metrics.get("no_evidence"):
         return ("give --calib (or --eval) images that show what the model finds, or export --precision fp16 "
                 "(it passes close enough to fp32 without such evidence)")
-    return f"try --precision fp16, more or better --calib data, or relax {relax}"
+    judged = {g for r in metrics.get("per_output") or [] if isinstance(r, dict) for g in (r.get("gated_by") or [])}
+    extra = [f for g, f in (("label_iou", "--min-mask-iou"), ("correlation", "--min-correlation"))
+             if g in judged and f not in relax]  # (the gates the task's flags do not name)
+    return f"try --precision fp16, more or better --calib data, or relax {'/'.join([relax, *extra])}"
 
 
 def _failure(attempts: list[dict]) -> str:

@@ -7,6 +7,7 @@ Each function writes its figures into `metrics` and returns the reasons the gate
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -54,6 +55,8 @@ def structure(ref: list[np.ndarray], out: list[np.ndarray], ref_specs: list[dict
         row = {"index": k, "name": rs.get("name", f"output{k}"), "artifact_name": as_.get("name"),
                "shape": list(r.shape[1:]), "artifact_shape": list(a.shape[1:]),
                "dtype": rs.get("dtype", "float32"), "artifact_dtype": as_.get("dtype", "float32")}
+        if rs.get("labels"):  # (the graph makes them labels: exporters/onnx.label_outputs)
+            row["labels"] = True
         if r.shape[1:] != a.shape[1:]:
             row["why"] = f"output {row['name']}: shape {list(a.shape[1:])} != fp32 {list(r.shape[1:])}"
         elif r.shape[:1] != a.shape[:1]:  # (rows that follow the data: every metric would fail on numpy's error)
@@ -204,38 +207,66 @@ def classify(ref, out: list[np.ndarray], eval_out, th, metrics: dict) -> list[st
 # ---- dense maps and anything else --------------------------------------------------------------
 
 def sqnr_db(r: np.ndarray, a: np.ndarray) -> float:
-    return _decibels(*_powers(r, a)[:2])
+    m = moments(r, a)
+    return _decibels(m.power, m.noise)
 
 
-# An output whose spread around its mean is under this share of its power (in power: 1e-5 of its RMS) does
-# not vary but by float rounding (a softmax's sum, a constant): its variation SQNR is not measured
-STILL_OUTPUT = 1e-10
-VARIATION_FLOOR_DB = 0.0  # an error larger than fp32's own variation: the output says nothing any more
+# An output whose spread around its mean is under this share of its power (1 in 3 million of its RMS) does
+# not vary but by float32 rounding (a softmax's sum, a constant): how the artifact follows it is not measured
+STILL_OUTPUT = 1e-13
 
 
-def variation_sqnr_db(r: np.ndarray, a: np.ndarray) -> float | None:
-    """SQNR of fp32's variation around its own mean over the artifact's error, or None where fp32's output
-    does not vary (STILL_OUTPUT). Why: SQNR counts an output's offset as signal. A depth map of 1000 +- 0.1
-    became one constant in int8 (its range from 0 took every step), and read 77.7 dB against fp32; measured
-    on what the output varies by, it is -11 dB."""
-    sig, noise, total, n = _powers(r, a)
-    spread = sig - total * total / n if n else 0.0  # (float64 sums: exact enough for a 1e6 offset)
-    if spread <= STILL_OUTPUT * sig:
-        return None
-    return _decibels(spread, noise)
+@dataclass
+class Moments:
+    """fp32's output `r` against an artifact's `a`, over every value: the sums SQNR needs (power: sum of
+    r^2, noise: sum of (r - a)^2) and, about their own means, both spreads and their co-spread (centred
+    sums, merged chunk by chunk as Chan et al. do, so a large offset costs them no precision)."""
+
+    n: int = 0
+    power: float = 0.0
+    noise: float = 0.0
+    mean_r: float = 0.0
+    mean_a: float = 0.0
+    spread_r: float = 0.0
+    spread_a: float = 0.0
+    co: float = 0.0
+
+    def correlation(self) -> float | None:
+        """Pearson's r between fp32's values and the artifact's: how much the artifact still follows what
+        fp32's output varies by (0 for a constant artifact); None where fp32's output does not vary."""
+        if self.spread_r <= STILL_OUTPUT * self.power:
+            return None
+        if self.spread_a <= 0:
+            return 0.0
+        return max(-1.0, min(1.0, self.co / math.sqrt(self.spread_r * self.spread_a)))
 
 
-def _powers(r: np.ndarray, a: np.ndarray) -> tuple[float, float, float, int]:
-    """(sum of fp32's squares, sum of the squared error, sum of fp32's values, count) in one chunked pass."""
+def moments(r: np.ndarray, a: np.ndarray) -> Moments:
+    """Moments of `r` against `a`, in float64, CHUNK_BYTES at a time."""
     if r.ndim == 0:
         r, a = r.reshape(1), np.asarray(a).reshape(1)
-    sig = noise = total = 0.0
+    m = Moments()
     for s in _chunks(r):
-        r64 = r[s].astype(np.float64)
-        sig += float(np.square(r64).sum())
-        total += float(r64.sum())
-        noise += float(np.square(r64 - a[s].astype(np.float64)).sum())
-    return sig, noise, total, int(r.size)
+        r64, a64 = r[s].astype(np.float64).ravel(), np.asarray(a[s]).astype(np.float64).ravel()  # (copies:
+        # both are centred in place below, and a float64 output's own array must stay as it is)
+        k = r64.size
+        if not k:
+            continue
+        d = r64 - a64
+        m.power += float(np.dot(r64, r64))
+        m.noise += float(np.dot(d, d))
+        br, ba = float(r64.mean()), float(a64.mean())
+        r64 -= br
+        a64 -= ba
+        n = m.n + k
+        dr, da = br - m.mean_r, ba - m.mean_a
+        m.spread_r += float(np.dot(r64, r64)) + dr * dr * m.n * k / n
+        m.spread_a += float(np.dot(a64, a64)) + da * da * m.n * k / n
+        m.co += float(np.dot(r64, a64)) + dr * da * m.n * k / n
+        m.mean_r += dr * k / n
+        m.mean_a += da * k / n
+        m.n = n
+    return m
 
 
 def _decibels(sig: float, noise: float) -> float:
@@ -244,43 +275,44 @@ def _decibels(sig: float, noise: float) -> float:
     return 10 * math.log10(sig / noise) if sig > 0 else -100.0
 
 
-MAX_LABELS = 256  # an integer output with more distinct values holds indices or counts: judged by exact agreement
+MAX_LABELS = 256  # an output with more distinct values holds indices: judged by its share of equal values
+# A value counts in the mean IoU where fp32 holds it at least this often (and LABEL_MIN_COUNT times): a class
+# fp32 shows on a few pixels is noise there, as a mask on too few samples is (MASK_MIN_FRACTION)
+LABEL_MIN_FRACTION = 0.001
+LABEL_MIN_COUNT = 4
 
 
-FEW_VALUES = 32  # an 8- or 16-bit integer output with more distinct values holds levels (an image), not labels
-
-
-def is_labels(r: np.ndarray, dtype: str | None = None) -> bool:
-    """Whether an output holds labels, right or wrong, never "close" (`dtype`: the model's type for it; the
-    validation predictor hands every output over as float32): a boolean output, a 32- or 64-bit integer one
-    (ArgMax's class ids and label maps, NonZero's and TopK's indices), or an 8- or 16-bit one holding at
-    most FEW_VALUES distinct values in fp32's outputs (a 0/255 mask). A uint8 output of many levels (a
-    probability scaled to 0..255, an image) is a quantized measure, judged as a float one."""
-    try:
-        t = np.dtype(dtype) if dtype else r.dtype
-    except TypeError:  # (a type numpy has no name for: not one of these)
-        return False
-    if t == np.bool_ or (np.issubdtype(t, np.integer) and t.itemsize >= 4):
-        return True
-    return bool(np.issubdtype(t, np.integer) and len(np.unique(r)) <= FEW_VALUES)
+def is_labels(r: np.ndarray, row: dict | None = None) -> bool:
+    """Whether an output holds labels, right or wrong, never "close": the graph makes them so (an ArgMax's
+    class ids or label map, TopK's indices: `row["labels"]`, from exporters/onnx.label_outputs), or it is
+    boolean (`row["dtype"]`: the model's type; the validation predictor hands every output over as
+    float32). Any other integer output is a measure (a pixel value, a coordinate, a count), judged as a
+    float one: off by one is close, not wrong."""
+    row = row or {}
+    return bool(row.get("labels")) or row.get("dtype") == "bool" or r.dtype == np.bool_
 
 
 def label_iou(r: np.ndarray, a: np.ndarray) -> float:
-    """Mean over the values either output holds of the IoU of where each holds them (a label map's mean
-    IoU against fp32's); with more than MAX_LABELS distinct values, the share of equal values. Why not SQNR:
-    a per-pixel argmax whose two near-tied classes, 6 and 7, became 6 almost everywhere read 17 dB SQNR and
-    cosine 0.9998 (the class indices are large beside their error), with 3 % of its pixels right."""
-    r, a = np.asarray(r), np.asarray(a)
+    """The mean, over the values fp32 holds often enough (LABEL_MIN_FRACTION, LABEL_MIN_COUNT), of the IoU
+    of where fp32 and the artifact hold each (a label map's mean IoU against fp32's): a value the artifact
+    puts where fp32 has another lowers that other's IoU, and a stray value of its own counts no more. With
+    more than MAX_LABELS such values (indices) or none, the share of equal values. Why not SQNR: a
+    per-pixel argmax whose near-tied classes 6 and 7 became 6 almost everywhere read 17 dB SQNR and cosine
+    0.9998 (the class ids are large beside their error), with 3 % of its pixels right."""
+    r, a = np.asarray(r).ravel(), np.asarray(a).ravel()
     if r.dtype == np.bool_:
         r, a = r.astype(np.uint8), a.astype(np.uint8)
-    values = np.union1d(np.unique(r), np.unique(a))  # (float32 copies of integers: equal where the integers are)
-    if len(values) > MAX_LABELS:
-        return float((r == a).mean())
-    k = len(values)
-    pairs = np.bincount(np.searchsorted(values, r.ravel()) * k + np.searchsorted(values, a.ravel()), minlength=k * k)
-    confusion = pairs.reshape(k, k)
-    inter = np.diag(confusion)
-    union = confusion.sum(0) + confusion.sum(1) - inter
+    values, counts = np.unique(r, return_counts=True)  # (float32 copies of integers: equal where those are)
+    held = values[counts >= max(LABEL_MIN_COUNT, LABEL_MIN_FRACTION * r.size)]
+    if not len(held) or len(held) > MAX_LABELS:
+        return float((r == a).mean()) if r.size else 1.0
+    k = len(held)
+    ri, ai = np.searchsorted(held, r), np.searchsorted(held, a)  # (a value outside `held`: index k, "other")
+    ri[(ri < k) & (held[np.minimum(ri, k - 1)] != r)] = k
+    ai[(ai < k) & (held[np.minimum(ai, k - 1)] != a)] = k
+    confusion = np.bincount(ri * (k + 1) + ai, minlength=(k + 1) ** 2).reshape(k + 1, k + 1)
+    inter = np.diag(confusion)[:k]
+    union = confusion[:k].sum(1) + confusion[:, :k].sum(0) - inter
     return float(np.mean(inter / np.maximum(union, 1)))
 
 
@@ -325,7 +357,7 @@ def dense(ref: list[np.ndarray], out: list[np.ndarray], per_output: list[dict], 
     the outputs judged by them (of all outputs when none was), so no reported value sits beside a
     threshold it was never held to."""
     why = []
-    sq, co, iou, shown, gated, labels = [], [], [], [], [], []
+    sq, co, iou, shown, gated, labels, corrs = [], [], [], [], [], [], []
     judged = 0
     for k in range(start, len(ref)):
         r, a, row = ref[k], out[k], per_output[k]
@@ -333,11 +365,12 @@ def dense(ref: list[np.ndarray], out: list[np.ndarray], per_output: list[dict], 
             row.update(empty=True, gated_by=[])
             continue
         judged += 1
-        if is_labels(r, row.get("dtype")) and not (masks and is_probability_map(r)):
+        if is_labels(r, row) and not (masks and is_probability_map(r)):
             why += _label_gate(r, a, row, th)
             labels.append(row["label_iou"])
             continue
-        s, c = sqnr_db(r, a), float(cosine(r, a).mean())
+        m = moments(r, a)
+        s, c = _decibels(m.power, m.noise), float(cosine(r, a).mean())
         row.update(sqnr_db=s, cosine=c)
         sq.append(s)
         co.append(c)
@@ -350,27 +383,31 @@ def dense(ref: list[np.ndarray], out: list[np.ndarray], per_output: list[dict], 
                 iou.append(row["mask_iou"])
             continue
         gated.append((s, c))
-        why += _closeness_gate(r, a, row, th)
-        if is_probability_map(r) and (m := mask_iou(r, a)) is not None:
-            row["mask_iou"] = m
+        why += _closeness_gate(r, a, row, th, m)
+        if "correlation" in row:
+            corrs.append(row["correlation"])
+        if is_probability_map(r) and (mi := mask_iou(r, a)) is not None:
+            row["mask_iou"] = mi
             row["gated_by"].append("mask_iou")
-            iou.append(m)
-            if m < th.min_mask_iou:
-                why.append(f"output {row['name']}: mask IoU {m:.4f} < {th.min_mask_iou}")
+            iou.append(mi)
+            if mi < th.min_mask_iou:
+                why.append(f"output {row['name']}: mask IoU {mi:.4f} < {th.min_mask_iou}")
     if not judged and start == 0 and ref:
-        metrics["no_evidence"] = 1.0  # (the data's lack, not the artifact's: the int8 search stops on it)
+        metrics.update(no_evidence=1.0, empty_outputs=1.0)  # (the data's lack: the int8 search stops on it)
         why.append("every output is empty on every validation input: nothing to compare with fp32's; validate on "
                    "inputs the model gives outputs for (--calib, --eval images)")
     if sq:  # the worst output the gate judged by them; else (maps judged by mask IoU only) the worst reported
         metrics.update(sqnr_db=min(g[0] for g in gated) if gated else min(sq),
                        cosine=min(g[1] for g in gated) if gated else min(co))
-    if iou:
-        metrics["mask_iou"] = min(iou)
-    if labels:
-        metrics["label_iou"] = min(labels)
-    if shown:
-        metrics["mask_samples"] = float(min(shown))
+    _worst(metrics, mask_iou=iou, label_iou=labels, correlation=corrs, mask_samples=shown)
     return why
+
+
+def _worst(metrics: dict, **values: list[float]) -> None:
+    """Each named metric's worst (lowest) value over the outputs that have one, into `metrics`."""
+    for name, v in values.items():
+        if v:
+            metrics[name] = float(min(v))
 
 
 def _label_gate(r: np.ndarray, a: np.ndarray, row: dict, th) -> list[str]:
@@ -381,22 +418,23 @@ def _label_gate(r: np.ndarray, a: np.ndarray, row: dict, th) -> list[str]:
             f"{m:.4f} < {th.min_mask_iou} (mean over its values; --min-mask-iou)"] if m < th.min_mask_iou else []
 
 
-def _closeness_gate(r: np.ndarray, a: np.ndarray, row: dict, th) -> list[str]:
-    """A float output's gate: its SQNR and cosine (in `row` already), and its error against fp32's own
-    variation (variation_sqnr_db), which must not exceed it (VARIATION_FLOOR_DB)."""
+def _closeness_gate(r: np.ndarray, a: np.ndarray, row: dict, th, m: Moments) -> list[str]:
+    """A float output's gate: its SQNR and cosine (in `row` already), and how far the artifact still follows
+    fp32's variation (Pearson's r about their means, `m`), which must reach --min-correlation: SQNR counts
+    an output's offset as signal, and a depth map of 1000 +- 0.1 that int8 made one constant read 77.7 dB."""
     s, c, why = row["sqnr_db"], row["cosine"], []
     row["gated_by"] = ["sqnr_db", "cosine"]
     if s < th.min_sqnr:
         why.append(f"output {row['name']}: SQNR {s:.1f} dB < {th.min_sqnr} dB")
     if c < th.min_cosine:
         why.append(f"output {row['name']}: cosine {c:.4f} < {th.min_cosine}")
-    if (v := variation_sqnr_db(r, a)) is not None:
-        row["variation_sqnr_db"] = v
-        if v < VARIATION_FLOOR_DB:
-            row["gated_by"].append("variation_sqnr_db")
-            why.append(f"output {row['name']}: its error is larger than fp32's own variation ({v:.1f} dB around "
-                       f"fp32's mean, {float(np.mean(r)):.4g}): it lost what the output says (its SQNR, {s:.1f} dB, "
-                       "counts the offset as signal)")
+    if (corr := m.correlation()) is not None:
+        row["correlation"] = corr
+        row["gated_by"].append("correlation")
+        if corr < th.min_correlation:
+            why.append(f"output {row['name']}: its values follow fp32's at correlation {corr:.4f} < "
+                       f"{th.min_correlation} about their means (fp32's: {m.mean_r:.4g}): it lost what the output "
+                       f"varies by (its SQNR, {s:.1f} dB, counts the offset as signal)")
     return why
 
 

@@ -54,6 +54,9 @@ class Thresholds:
     # map (SQNR and cosine reported), judged once enough inputs show fp32's mask (task_metrics.dense)
     min_mask_iou: float = 0.8
     min_f1: float = 0.9  # detections matched to fp32's at IoU >= 0.5
+    # each dense output gated by SQNR: how far its values still follow fp32's about their means (Pearson's r;
+    # a floor, not a quality bar: 0 where int8 flattened an output whose offset kept its SQNR high)
+    min_correlation: float = 0.5
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -307,11 +310,13 @@ def _reference_follows_inputs(outs: Outputs, x, specs: list[dict], constants: st
             return  # (an output without a row an input: whether it follows them cannot be told here)
         if any(not np.array_equal(o[0], o[i]) for i in range(1, n)):
             return
+    if not constants and all(np.isin(np.asarray(o), (0, 1)).all() for o in outs):
+        return  # (probabilities saturated at 0 and 1, a sigmoid sure of every input: a model that tells them apart)
     names = ", ".join(repr(s["name"]) for s in specs[:4]) or "every output"
     if not constants:
         raise BadInput(f"the fp32 model gives the same outputs ({names}) for all {n} validation inputs, which differ: "
                        f"it ignores its image (untrained or zeroed weights?), so its {task} gate could not fail and "
-                       "nothing can be validated: export a trained model")
+                       "nothing can be validated: export a trained model (or, as it is, with --task raw)")
     raise BadInput(f"the fp32 model gives the same outputs ({names}) for all {n} validation inputs, which differ: it "
                    f"ignores its image, so nothing can be validated; its other inputs are fed {constants}: give the "
                    "values it needs with --input-value")

@@ -122,29 +122,30 @@ def size_advice(ctx, size: int, budget: int, precision: str) -> str:
     return f"model is {human(size)}, over the {human(budget)} budget ({limit}); try {', '.join(tips)}"
 
 
-def observed_shape(described: dict, k: int, validation, progress=None) -> list:
-    """Output `k`'s shape for the manifest: as the model declares it, but with each static dimension after
-    the first that the validated outputs contradict taken from them (the validation record's
-    `artifact_shape`, one input's). Why: a model declaring `logits` [1, 5] that gives [1, 10] exported
-    with the declaration in its manifest, and `run` then refused the bundle (the device's onnxruntime infers
-    [1, 10] and checks the manifest against it)."""
+def observed_shape(described: dict, engine, progress=None) -> list:
+    """An output's shape for the manifest: as the model declares it, but with each static dimension that the
+    device's engine reports otherwise (`engine`: its TensorInfo for the output, from the validated artifact's
+    predictor, or None) taken from the engine. Why: a model declaring `logits` [1, 5] whose graph gives
+    [1, 10] exported with the declaration in its manifest, and `run` then refused the bundle: onnxruntime
+    infers [1, 10] and the runtime checks the manifest against what the engine says (runtime.check_outputs),
+    which this keeps to. (Not the validated arrays: those are batch-first, a time-major [T, 1, C] is not.)"""
     shape = list(described.get("shape") or [])
-    rows = (validation.record().get("per_output") if validation is not None else None) or []
-    seen = next((r.get("artifact_shape") for r in rows if isinstance(r, dict) and r.get("index") == k), None)
-    if not isinstance(seen, list) or len(seen) != len(shape) - 1:
+    seen = list(getattr(engine, "shape", None) or [])
+    if len(seen) != len(shape):
         return shape
-    fixed = shape[:1] + [b if isinstance(a, int) and isinstance(b, int) and a != b else a
-                         for a, b in zip(shape[1:], seen)]
+    fixed = [b if isinstance(a, int) and isinstance(b, int) and a != b else a for a, b in zip(shape, seen)]
     if fixed != shape and progress is not None:
-        progress.info(f"[yellow]output {described.get('name')!r}: the model declares {shape} and gives "
+        progress.info(f"[yellow]output {described.get('name')!r}: the model declares {shape} and its runtime gives "
                       f"{fixed}: the manifest records {fixed}[/]")
     return fixed
 
 
-def write_bundle(ctx, final: Path, chosen: Path, exporter, fmt: str, precision: str) -> None:
-    """Stage the bundle in a temporary directory and move it into place (see bundle.staging)."""
+def write_bundle(ctx, final: Path, chosen: Path, exporter, fmt: str, precision: str, engine_outputs=None) -> None:
+    """Stage the bundle in a temporary directory and move it into place (see bundle.staging).
+    `engine_outputs`: the outputs as the validated artifact's engine reports them (observed_shape)."""
     src, prof, rep = ctx.source, ctx.profile, ctx.report
     described = exporter.describe(chosen)
+    engine = {o.name: o for o in engine_outputs or []}
     with staging(final) as stage_dir:
         model_file = f"model{exporter.suffix}"
         (stage_dir / model_file).write_bytes(chosen.read_bytes())
@@ -158,9 +159,9 @@ def write_bundle(ctx, final: Path, chosen: Path, exporter, fmt: str, precision: 
             model_file=model_file, task=src.task,
             labels_file=labels_file,  # then the non-image inputs of a multi-input model, with their values
             inputs=[_input_spec(src, described), *getattr(src, "extra_inputs", [])],
-            outputs=[OutputSpec(name=o["name"], shape=observed_shape(o, k, rep.validation, ctx.progress),
+            outputs=[OutputSpec(name=o["name"], shape=observed_shape(o, engine.get(o["name"]), ctx.progress),
                                 dtype=o.get("dtype", "float32"), quantization=o.get("quantization"))
-                     for k, o in enumerate(described.get("outputs", []))],
+                     for o in described.get("outputs", [])],
             compression=rep.compression.record(), validation=rep.validation.record() if rep.validation else {},
             latency=rep.latency.record() if rep.latency else {}, toolchain=toolchain(),
             **({"postprocess": rep.postprocess.record()} if rep.postprocess else {}),

@@ -149,8 +149,11 @@ def export(
     min_cosine: float = typer.Option(0.97, help="Dense/raw outputs and embeddings: minimum mean cosine similarity."),
     min_f1: float = typer.Option(0.9, help="detect: minimum F1 of boxes matched to fp32's (IoU >= 0.5)."),
     min_mask_iou: float = typer.Option(0.8, help="segment: minimum IoU of probability masks (>= 0.5) with "
-                                       "fp32's, pooled over the validation inputs; and of an integer output's "
-                                       "labels (mean IoU over its values)."),
+                                       "fp32's, pooled over the validation inputs; and of a label output's "
+                                       "values (an ArgMax's: mean IoU over them)."),
+    min_correlation: float = typer.Option(0.5, help="Dense/raw outputs: minimum correlation of the artifact's values "
+                                          "with fp32's about their means (an offset cannot hide a flattened "
+                                          "output)."),
     recipes: str | None = typer.Option(None, help="int8 recipes to try in order, e.g. nncf-default,u8-percentile."),
     search_time: float = typer.Option(180.0, help="int8: seconds to spend trying recipes; the best that passes "
                                       "is kept (the first always completes)."),
@@ -197,7 +200,8 @@ def export(
         recipes=recipes.split(",") if recipes else None,
         search_time=search_time, max_memory=max_memory, max_size=max_size, task=task.lower() if task else None,
         min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop, min_confident_kept=min_confident_kept,
-        min_top5=min_top5, min_sqnr=min_sqnr, min_cosine=min_cosine, min_f1=min_f1, min_mask_iou=min_mask_iou)
+        min_top5=min_top5, min_sqnr=min_sqnr, min_cosine=min_cosine, min_f1=min_f1, min_mask_iou=min_mask_iou,
+        min_correlation=min_correlation)
     _interrupt_on_sigterm()  # a `timeout` or a service stop: the export's work folder is removed as on Ctrl-C
     from lepton_edge.runtime.onnx import stop_runs_on_signals
 
@@ -250,6 +254,7 @@ _GATES = {  # metric -> (threshold key, "min"/"max", format)
     "f1_vs_fp32": ("min_f1", "min", "{:.4f}"), "nn_agreement": ("nn_agreement_required", "min", "{:.4f}"),
     "sqnr_db": ("min_sqnr", "min", "{:.1f} dB"), "cosine": ("min_cosine", "min", "{:.4f}"),
     "mask_iou": ("min_mask_iou", "min", "{:.4f}"), "label_iou": ("min_mask_iou", "min", "{:.4f}"),
+    "correlation": ("min_correlation", "min", "{:.4f}"),
     "score_drift": (None, "", "{:.4f}"), "ceiling": (None, "", "{:.4f}"),
     "mask_samples": (None, "", "{:.0f} inputs show fp32's mask"),
     "box_inputs": (None, "", "{:.0f} inputs show boxes (fp32's or its own)"),

@@ -239,7 +239,7 @@ def test_each_output_says_what_judged_it_and_reported_figures_carry_no_threshold
     v = _judge_two(MapAndFeatures(m, m.net[0]), MapAndFeatures(U8Output(good), good.net[0]), x)
     assert v.passed, v.why
     rows = {r["name"]: r for r in v.per_output}
-    assert rows["map"]["gated_by"] == ["mask_iou"] and rows["feat"]["gated_by"] == ["sqnr_db", "cosine"]
+    assert rows["map"]["gated_by"] == ["mask_iou"] and rows["feat"]["gated_by"] == ["sqnr_db", "cosine", "correlation"]
     assert rows["map"]["cosine"] < 0.97 <= rows["feat"]["cosine"] == v.metrics["cosine"]
     d = v.as_dict()
     assert tm.closeness_gated_on(d, "cosine") == ["feat"]

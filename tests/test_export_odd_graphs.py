@@ -508,7 +508,8 @@ def test_an_output_declared_with_another_shape_is_recorded_as_the_model_gives_it
     r = run_cli("export", path, "--target", "x86-cpu", "--precision", "fp32", "--calib", _calib(), "-o",
                 str(tmp_path / "o"))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "output 'logits': the model declares [1, 5] and gives [1, 10]: the manifest records [1, 10]" in r.stderr
+    assert "output 'logits': the model declares [1, 5] and its runtime gives [1, 10]: the manifest records [1, 10]" \
+        in r.stderr
     bundle = next((tmp_path / "o").glob("*/manifest.json")).parent
     assert json.loads((bundle / "manifest.json").read_text())["outputs"][0]["shape"] == [1, 10]
     ran = run_cli("run", str(bundle), "--source", _calib(), "--max-frames", "2")
@@ -531,3 +532,24 @@ def test_a_model_that_runs_only_at_another_size_than_the_guessed_one_says_to_giv
     ok = run_cli("export", path, "--target", "x86-cpu", "--precision", "fp32", "--calib", _calib(), "-o",
                  str(tmp_path / "o"), "--input-shape", "1,3,32,32")
     assert ok.returncode == 0, ok.stderr[-3000:]
+
+
+def test_a_time_major_output_keeps_its_declared_shape(tmp_path):
+    """A sequence-first [T, 1, C] output (a CRNN's, a ViT's tokens) is validated batch-first as [1, T, C]; the
+    manifest must still say [T, 1, C], what the model gives and the device's runtime checks it against."""
+    rng = np.random.default_rng(0)
+    nodes = [h.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", strides=[4, 4], kernel_shape=[4, 4]),
+             h.make_node("Reshape", ["c1", "to_seq"], ["seq"]),  # [1, 8, 64] -> tokens [1, 64, 8]
+             h.make_node("Transpose", ["seq"], ["tok"], perm=[0, 2, 1]),
+             h.make_node("Transpose", ["tok"], ["tokens"], perm=[1, 0, 2])]  # time-major: [64, 1, 8]
+    inits = [_w("w1", (8, 3, 4, 4), rng), nh.from_array(np.array([1, 8, 64], np.int64), "to_seq")]
+    path = _save(tmp_path / "tm.onnx", nodes, [_image()], [h.make_tensor_value_info("tokens", T.FLOAT, [64, 1, 8])],
+                 inits)
+    r = run_cli("export", path, "--target", "x86-cpu", "--precision", "fp32", "--task", "raw", "--calib", _calib(),
+                "-o", str(tmp_path / "o"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "declares" not in r.stderr, r.stderr[-3000:]
+    bundle = next((tmp_path / "o").glob("*/manifest.json")).parent
+    assert json.loads((bundle / "manifest.json").read_text())["outputs"][0]["shape"] == [64, 1, 8]
+    ran = run_cli("run", str(bundle), "--source", _calib(), "--max-frames", "2")
+    assert ran.returncode == 0, ran.stderr[-3000:]

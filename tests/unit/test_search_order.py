@@ -243,3 +243,5 @@ def test_no_candidate_starts_once_the_export_holds_its_whole_memory_budget():
     said = _past_budget(held // 2)
     assert said.startswith("not tried: the export holds ") and said.endswith(
         f", past its {human(held // 2)} budget (--max-memory)"), said
+    assert _past_budget(held // 2, given=False).endswith(
+        "budget (the machine's available memory less a margin; --max-memory sets it)")

@@ -19,7 +19,8 @@ from lepton_edge.exporters.validation import Thresholds, Validator, Verdict, rss
 def test_default_thresholds_are_the_documented_ones():
     assert Thresholds().as_dict() == {
         "min_agreement": None, "agreement_margin": 0.05, "min_confident_kept": 0.99, "min_top5": 0.98,
-        "max_accuracy_drop": 0.5, "min_sqnr": 12.0, "min_cosine": 0.97, "min_mask_iou": 0.8, "min_f1": 0.9}
+        "max_accuracy_drop": 0.5, "min_sqnr": 12.0, "min_cosine": 0.97, "min_mask_iou": 0.8, "min_f1": 0.9,
+        "min_correlation": 0.5}
 
 
 def test_a_verdict_without_per_output_rows_serialises():

@@ -227,12 +227,15 @@ def test_a_classifier_whose_outputs_ignore_differing_inputs_is_one_line(task):
         _reference_follows_inputs(same, x, [{"name": "logits"}], task=task)
     assert str(e.value) == ("the fp32 model gives the same outputs ('logits') for all 5 validation inputs, which "
                             f"differ: it ignores its image (untrained or zeroed weights?), so its {task} gate could "
-                            "not fail and nothing can be validated: export a trained model")
+                            "not fail and nothing can be validated: export a trained model (or, as it is, with "
+                            "--task raw)")
     for other in ("detect", "segment", "raw", None):
         _reference_follows_inputs(same, x, [{"name": "logits"}], task=other)
     varied = [same[0].copy()]
     varied[0][3, 2] = 0.2
     _reference_follows_inputs(varied, x, [{"name": "logits"}], task=task)  # one input moves it: no line
+    sure = [np.tile(np.array([[1.0, 0.0]], np.float32), (5, 1))]  # saturated: sure of every input, no line
+    _reference_follows_inputs(sure, x, [{"name": "prob"}], task=task)
 
 
 def test_a_reference_without_an_evaluation_set_holds_no_labels():
