@@ -306,7 +306,9 @@ def test_broker_sigkilled_mid_publish_nothing_acknowledged_lost(tmp_path, mosqui
             finally:
                 agent.send_signal(signal.SIGCONT)
             top = max(windows(rec)) + 5  # the outage's windows, flushed and forwarded, before the next kill
-            assert rec.wait_for(lambda r, top=top: caught_up(r, top), timeout=30), \
+            # (60 s: the agent, paused through the restart, reconnects within its backoff, up to 12 s, and a CI
+            # run with both cores busy took longer than 30 s to see the second outage's five windows)
+            assert rec.wait_for(lambda r, top=top: caught_up(r, top), timeout=60), \
                 f"backlog not delivered: {missing(rec)}"
         _serving(rec, mosquitto.port, agent, "after-kill")
         assert rec.wait_for(lambda r: caught_up(r, 12), timeout=30), f"lost windows: {missing(rec)}"
