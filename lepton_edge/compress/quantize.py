@@ -449,7 +449,7 @@ def _ort_int8(model, out_path: Path, feeds, recipe: Recipe, per_channel: bool, e
 
     from lepton_edge import ui
     from lepton_edge.compress import calibration as cal, shared_ranges
-    from lepton_edge.compress.histogram import linear_time_histograms, sampled_histograms
+    from lepton_edge.compress.histogram import linear_time_histograms, per_input_sample, sampled_histograms
     from lepton_edge.compress.weight_memo import remembered_weights
 
     method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
@@ -469,6 +469,8 @@ def _ort_int8(model, out_path: Path, feeds, recipe: Recipe, per_channel: bool, e
              "CalibStridedMinMax": 1}  # strides of `stride` batches: the reader's unit (_Reader)
     if recipe.calibration == "percentile":
         extra["CalibPercentile"] = shared_ranges.PERCENTILE
+    # (the values of each tensor an input gives the histograms: enough beyond the percentile over all the data)
+    sample = per_input_sample(n, shared_ranges.PERCENTILE)
     for one_pass in ([True, False] if shared else [False]):
         stride = _stride(batches, batch * sum(v[0].nbytes for v in feeds.values()))
         if method != CalibrationMethod.MinMax or one_pass:  # (MinMax keeps only each tensor's reduced range)
@@ -476,8 +478,8 @@ def _ort_int8(model, out_path: Path, feeds, recipe: Recipe, per_channel: bool, e
         try:
             with ui.progress("calibrating" if not cached else "quantizing (ranges of an earlier candidate's "
                              "calibration)", n) as advance, ui.libraries_silenced("", stderr=False), \
-                    _lean_calibration(), _linear_rewiring(), linear_time_histograms(), sampled_histograms(batch), \
-                    remembered_weights(), engine_logs_muted(), \
+                    _lean_calibration(), _linear_rewiring(), linear_time_histograms(), \
+                    sampled_histograms(batch, sample), remembered_weights(), engine_logs_muted(), \
                     shared_ranges.one_pass(files, recipe.calibration) if one_pass else nullcontext():
                 # (the histogram calibrators print their own progress to stdout, which --json keeps clean, and
                 # onnxruntime warns on the root logger that we skipped pre-processing: we do it when it helps)

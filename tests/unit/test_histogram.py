@@ -88,12 +88,13 @@ class _Reader:
         return {"x": self.xs.pop()} if self.xs else None
 
 
-def _ranges(path, tmp, sampled: bool):
+def _ranges(path, tmp, sampled: bool, per_input: int = histogram.SAMPLE_LIMIT):
     from contextlib import nullcontext
 
     from onnxruntime.quantization.calibrate import PercentileCalibrater
 
-    with histogram.sampled_histograms() if sampled else nullcontext(), histogram.linear_time_histograms():
+    with histogram.sampled_histograms(per_input=per_input) if sampled else nullcontext(), \
+            histogram.linear_time_histograms():
         cal = PercentileCalibrater(path, augmented_model_path=str(tmp / f"aug{sampled}.onnx"), symmetric=True,
                                    num_bins=2048, percentile=99.99)
         cal.augment_graph()
@@ -128,6 +129,33 @@ def test_sampled_histograms_keep_the_thresholds(tmp_path, batch):
     sample_y = got["y" + histogram.SAMPLED_SUFFIX]
     np.testing.assert_allclose(sample_y[-2:], [y.min(), y.max()], rtol=1e-6)  # exact extremes: they clip the range
     np.testing.assert_allclose(sample_y[:-2], y.ravel()[:: y.size // histogram.SAMPLE_LIMIT + 1], rtol=1e-6)
+
+
+def test_the_sample_is_sized_by_the_values_beyond_the_percentile():
+    # each tensor's sample over the whole data set holds about TAIL_VALUES values past the threshold
+    n = 58
+    per = histogram.per_input_sample(n, 99.99)
+    assert histogram.SAMPLE_FLOOR < per < histogram.SAMPLE_LIMIT
+    assert per * n * 1e-4 >= histogram.TAIL_VALUES > (per - 1) * n * 1e-4 - 1
+    assert histogram.per_input_sample(4, 99.99) == histogram.SAMPLE_LIMIT  # few inputs: the most each
+    assert histogram.per_input_sample(100_000, 99.99) == histogram.SAMPLE_FLOOR  # many: the floor
+    assert histogram.per_input_sample(n, 99.999) == histogram.SAMPLE_LIMIT  # a thinner tail needs more
+    assert histogram.per_input_sample(0, 99.99) == histogram.SAMPLE_LIMIT
+
+
+def test_a_smaller_sample_keeps_the_thresholds(tmp_path):
+    # 6 inputs of 73,728 values a tensor, sampled 8,192 an input: every 10th value, thresholds within 5 %
+    path = tmp_path / "m.onnx"
+    _conv_model(path)
+    full, _, _ = _ranges(path, tmp_path, sampled=False)
+    small, outputs, cal = _ranges(path, tmp_path, sampled=True, per_input=histogram.SAMPLE_FLOOR)
+    for name in ("c1", "r1", "y"):
+        f, s = full.data[name], small.data[name]
+        hi_f, hi_s = float(np.asarray(f.highest).ravel()[0]), float(np.asarray(s.highest).ravel()[0])
+        assert abs(hi_s - hi_f) <= 0.05 * hi_f, (name, hi_f, hi_s)
+    x = _Reader(1).xs[0]
+    got = dict(zip(outputs, cal.infer_session.run(list(outputs), {"x": x})))
+    assert got["y" + histogram.SAMPLED_SUFFIX].size - 2 == len(range(0, 8 * 96 * 96, 8 * 96 * 96 // 8192 + 1))
 
 
 def test_a_batch_is_sampled_as_densely_as_one_input(tmp_path):
