@@ -45,8 +45,11 @@ def _quantized(tmp_path, activation):
     return out
 
 
-def _run(path, x):
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+def _run(path, x, fused: bool = True):
+    so = ort.SessionOptions()
+    if not fused:  # the Q/DQ graph's own arithmetic, no fused int8 kernel
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
 
 
 def test_the_twin_has_int8_activations_and_computes_the_same(tmp_path):
@@ -193,7 +196,9 @@ def test_the_twin_has_the_ops_of_onnxruntimes_own_s8_graph(tmp_path, kind):
         twin = tmp_path / f"twin-{recipe}.onnx"
         assert int8_activation_twin(u8, twin, floated, fp32=tmp_path / "m.onnx"), recipe
         assert _ops(twin) == _ops(real), (recipe, _ops(twin), _ops(real), _ops(u8))
-        diff = np.abs(_run(twin, xs[:1]) - _run(real, xs[:1])).max()
+        # (the graphs' arithmetic: fused, onnxruntime's s8s8 kernels on an x86 CPU without VNNI (AVX2 only, an
+        # AMD EPYC here) saturate, and the real s8 graph read 2.07 off fp32's 5.97 where the twin read 0.54)
+        diff = np.abs(_run(twin, xs[:1], fused=False) - _run(real, xs[:1], fused=False)).max()
         assert diff < 0.1 * np.abs(fp32).max(), (recipe, diff, np.abs(fp32).max())
 
 
