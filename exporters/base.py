@@ -514,9 +514,10 @@ def _int8(ctx: ExportContext, exporter: Exporter, fp32: Path, chosen: Path, vali
         best = max((a for a in found.attempts if not a.get("skipped")),
                    key=lambda a: tuple(a.get("score") or ()) or (a.get("top1_agreement"),))
         tried = sum(not a.get("skipped") for a in found.attempts)
+        crashed = _crashed_note(found.attempts)
         raise CheckFailed(
             f"int8 failed the accuracy gate with all {tried} recipes tried (task {validate.task}; best: "
-            f"{best['recipe']}, {best['why']}); {search.what_to_try(best, val.RELAX_FLAGS[validate.task])}",
+            f"{best['recipe']}, {best['why']}{crashed}); {search.what_to_try(best, val.RELAX_FLAGS[validate.task])}",
             details={"task": validate.task, "best": best, "attempts": found.attempts})
     found.path.rename(chosen)
     ctx.report.compression.quantization = QuantizationSection(
@@ -524,6 +525,15 @@ def _int8(ctx: ExportContext, exporter: Exporter, fp32: Path, chosen: Path, vali
         search_seconds=round(found.seconds, 2), peak_rss_bytes=found.peak_rss_bytes,
         max_memory_bytes=found.max_memory_bytes)
     return found.comparison, found.predict, found.ram
+
+
+def _crashed_note(attempts: list[dict]) -> str:
+    """What the failure line adds for recipes whose quantizer (or validation) crashed: no accuracy verdict,
+    and the line blamed the data alone (a TFLite model with `x * 5` inside: 2 of 3 recipes crashed in the
+    quantizer, and "try more or better --calib data" was all it said)."""
+    broke = [a for a in attempts if a.get("skipped") and str(a.get("why", "")).startswith(
+        ("the quantizer failed", "validating it failed", "the sensitivity pass failed"))]
+    return f"; {len(broke)} other(s) could not be made ({broke[0]['recipe']}: {broke[0]['why']})" if broke else ""
 
 
 def _as_given(ctx: ExportContext, given: Path, chosen: Path, validate):

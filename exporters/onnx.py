@@ -184,21 +184,24 @@ class OnnxExporter(Exporter):
         return {
             "opset": max((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), default=0),
             "inputs": [{"name": i.name, "shape": dims(i)} for i in m.graph.input if i.name not in inits],
-            "outputs": [{**out(o), **({"labels": True} if o.name in labels else {})} for o in m.graph.output],
+            "outputs": [{**out(o), "labels": o.name in labels} for o in m.graph.output],
         }
 
 
 # ops that pass labels through unchanged in meaning (a class id cast, reshaped, or picked out is still one)
 _LABEL_KEEPING = frozenset({"Cast", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Transpose", "Expand",
-                            "Slice", "Gather"})
+                            "Slice", "Gather", "Add", "Sub"})
 
 
 def label_outputs(model) -> set[str]:
     """The graph outputs that hold labels: made by ArgMax or ArgMin, or TopK's indices, through ops that keep
-    them labels (_LABEL_KEEPING), or boolean. Why from the graph: validation judges labels by whether they
-    are equal (task_metrics.label_iou), and an integer output that is a measure (a Cast of a pixel value or
-    a coordinate) by how close it is; its type alone does not tell the two apart."""
+    them labels (_LABEL_KEEPING: a reshape, ids + 1, a table looked up by them), or boolean. Why from the
+    graph: validation judges labels by whether they are equal (task_metrics.label_iou), and an integer output
+    that is a measure (a Cast of a pixel value or a coordinate) by how close it is; its type alone does not
+    tell the two apart."""
     made = {o: (n, k) for n in model.graph.node for k, o in enumerate(n.output)}
+    fixed = {i.name for i in model.graph.initializer} | {o for n in model.graph.node if n.op_type == "Constant"
+                                                         for o in n.output}
     found = set()
     for out in model.graph.output:
         name, seen = out.name, set()
@@ -210,7 +213,9 @@ def label_outputs(model) -> set[str]:
                 break
             if node.op_type not in _LABEL_KEEPING or not node.input:
                 break
-            name = node.input[0]
+            # (the input that is not a constant: ids + 1, a table looked up by the ids, or the ids sliced)
+            name = next((i for i in node.input[:2] if i and i not in fixed), node.input[0]) \
+                if node.op_type in ("Add", "Sub", "Gather") else node.input[0]
         if out.type.tensor_type.elem_type == 9:  # (onnx.TensorProto.BOOL)
             found.add(out.name)
     return found

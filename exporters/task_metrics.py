@@ -55,8 +55,8 @@ def structure(ref: list[np.ndarray], out: list[np.ndarray], ref_specs: list[dict
         row = {"index": k, "name": rs.get("name", f"output{k}"), "artifact_name": as_.get("name"),
                "shape": list(r.shape[1:]), "artifact_shape": list(a.shape[1:]),
                "dtype": rs.get("dtype", "float32"), "artifact_dtype": as_.get("dtype", "float32")}
-        if rs.get("labels"):  # (the graph makes them labels: exporters/onnx.label_outputs)
-            row["labels"] = True
+        if "labels" in rs:  # (whether the graph makes them labels: exporters/onnx.label_outputs)
+            row["labels"] = bool(rs["labels"])
         if r.shape[1:] != a.shape[1:]:
             row["why"] = f"output {row['name']}: shape {list(a.shape[1:])} != fp32 {list(r.shape[1:])}"
         elif r.shape[:1] != a.shape[:1]:  # (rows that follow the data: every metric would fail on numpy's error)
@@ -164,6 +164,10 @@ def classify(ref, out: list[np.ndarray], eval_out, th, metrics: dict) -> list[st
         ceiling = float((t1r[:len(noisy)] == noisy).mean())
         metrics["ceiling"] = ceiling
     need = th.min_agreement if th.min_agreement is not None else ceiling - th.agreement_margin
+    floor = (1.0 + 1.0 / max(2, r.shape[1])) / 2  # halfway from chance to every input: no gate passes a guess
+    if th.min_agreement is None and need < floor:
+        need = floor
+        metrics["top1_agreement_floor"] = floor
     metrics["top1_agreement_required"] = need
     differ = int((t1r != t1a).sum())
     # The ceiling is measured on the same few inputs: with 56 held-out crops one input is 1.8 points of
@@ -175,8 +179,9 @@ def classify(ref, out: list[np.ndarray], eval_out, th, metrics: dict) -> list[st
     if agree < need and p < AGREEMENT_P:
         why.append(f"top-1 agreement {agree:.4f} < {need:.4f} " + (
             "(--min-agreement)" if th.min_agreement is not None else
-            f"(fp32's own agreement under input noise {ceiling:.4f} - {th.agreement_margin}; {differ} of "
-            f"{len(t1r)} differ, p {p:.3f})"))
+            (f"(fp32's own agreement under input noise {ceiling:.4f} - {th.agreement_margin}" if need > floor else
+             f"(halfway from chance to all: fp32's own agreement under input noise, {ceiling:.4f}, is too low to "
+             "judge by") + f"; {differ} of {len(t1r)} differ, p {p:.3f})"))
     probs = _probabilities(r)
     confident = probs.max(1) >= max(CONFIDENT, (1 + 1 / probs.shape[1]) / 2)
     n = int(confident.sum())
@@ -287,15 +292,25 @@ def is_labels(r: np.ndarray, row: dict | None = None) -> bool:
     class ids or label map, TopK's indices: `row["labels"]`, from exporters/onnx.label_outputs), or it is
     boolean (`row["dtype"]`: the model's type; the validation predictor hands every output over as
     float32). Any other integer output is a measure (a pixel value, a coordinate, a count), judged as a
-    float one: off by one is close, not wrong."""
+    float one: off by one is close, not wrong. Where the graph was not read (a TFLite file: no `labels`
+    in the row), an integer output is taken for labels, the stricter judgement."""
     row = row or {}
-    return bool(row.get("labels")) or row.get("dtype") == "bool" or r.dtype == np.bool_
+    if row.get("dtype") == "bool" or r.dtype == np.bool_:
+        return True
+    if "labels" in row:
+        return bool(row["labels"])
+    try:
+        return np.issubdtype(np.dtype(str(row.get("dtype") or r.dtype)), np.integer)
+    except TypeError:
+        return False
 
 
 def label_iou(r: np.ndarray, a: np.ndarray) -> float:
     """The mean, over the values fp32 holds often enough (LABEL_MIN_FRACTION, LABEL_MIN_COUNT), of the IoU
     of where fp32 and the artifact hold each (a label map's mean IoU against fp32's): a value the artifact
-    puts where fp32 has another lowers that other's IoU, and a stray value of its own counts no more. With
+    puts where fp32 has another lowers that other's IoU, and a stray value of its own counts no more. The
+    places where fp32 holds rarer values count as one more class, if there are as many of them, scored by
+    the share the artifact keeps (150 scattered ids all changed read 1.0 without it). With
     more than MAX_LABELS such values (indices) or none, the share of equal values. Why not SQNR: a
     per-pixel argmax whose near-tied classes 6 and 7 became 6 almost everywhere read 17 dB SQNR and cosine
     0.9998 (the class ids are large beside their error), with 3 % of its pixels right."""
@@ -313,7 +328,11 @@ def label_iou(r: np.ndarray, a: np.ndarray) -> float:
     confusion = np.bincount(ri * (k + 1) + ai, minlength=(k + 1) ** 2).reshape(k + 1, k + 1)
     inter = np.diag(confusion)[:k]
     union = confusion[:k].sum(1) + confusion[:, :k].sum(0) - inter
-    return float(np.mean(inter / np.maximum(union, 1)))
+    scores = list(inter / np.maximum(union, 1))
+    rare = ri == k  # where fp32 holds values too rare to count alone (ids scattered over many classes)
+    if int(rare.sum()) >= max(LABEL_MIN_COUNT, LABEL_MIN_FRACTION * r.size):
+        scores.append(float((r[rare] == a[rare]).mean()))  # (as one more class: kept where fp32 put them)
+    return float(np.mean(scores))
 
 
 def cosine(r: np.ndarray, a: np.ndarray) -> np.ndarray:
@@ -712,6 +731,8 @@ def infer_task(outputs: list[np.ndarray], specs: list[dict], input_spec, labels=
         return "raw"
     first = outputs[0].reshape(len(outputs[0]), -1) if outputs and outputs[0].ndim >= 2 and outputs[0].size \
         else None  # (an output empty on every input, [0, 1] indices: nothing to read a task from)
+    if first is not None and constant_first(outputs):
+        return "raw"  # (an SSD's anchors or a prior ahead of the scores: not what a classifier's gate may read)
     if first is not None and len(shapes[0]) == 1 and first.shape[1] > 1 and not named_as_coordinates(names[0]):
         norms = np.linalg.norm(first.astype(np.float64), axis=1)
         if any(k in names[0] for k in ("emb", "feat", "descriptor", "vector")) or (
@@ -719,6 +740,24 @@ def infer_task(outputs: list[np.ndarray], specs: list[dict], input_spec, labels=
             return "embed"
         return "classify"
     return "raw"
+
+
+def constant_first(outputs: list[np.ndarray]) -> bool:
+    """Whether output 0 is the same for every input while another output is not: a constant (an initializer or
+    Constant node returned first: an SSD's anchors, a prior) that a classifier's or embedder's gate, and the
+    runtime, would read as the scores. Why: top-1 agreement measured on it read 1.0 for an int8 model that kept
+    the real scores' top-1 on 76 % of the inputs. A classifier saturated on one class for every input (a 1 in
+    each row) is not such a constant."""
+    if len(outputs) < 2:
+        return False
+    o = np.asarray(outputs[0])
+    if o.ndim == 0 or len(o) < 2 or not o.size or any(np.ndim(b) == 0 or len(b) != len(o) for b in outputs[1:]):
+        return False
+    rows = o.reshape(len(o), -1)
+    if not (rows == rows[:1]).all() or (np.isin(rows, (0, 1)).all() and (rows == 1).any()):
+        return False
+    return any(not (np.asarray(b).reshape(len(b), -1) == np.asarray(b).reshape(len(b), -1)[:1]).all()
+               for b in outputs[1:])
 
 
 def _decodable(outputs: list[np.ndarray], input_spec, labels) -> bool:

@@ -310,7 +310,7 @@ def _reference_follows_inputs(outs: Outputs, x, specs: list[dict], constants: st
             return  # (an output without a row an input: whether it follows them cannot be told here)
         if any(not np.array_equal(o[0], o[i]) for i in range(1, n)):
             return
-    if not constants and all(np.isin(np.asarray(o), (0, 1)).all() for o in outs):
+    if not constants and all(_saturated(np.asarray(o)) for o in outs):
         return  # (probabilities saturated at 0 and 1, a sigmoid sure of every input: a model that tells them apart)
     names = ", ".join(repr(s["name"]) for s in specs[:4]) or "every output"
     if not constants:
@@ -322,15 +322,80 @@ def _reference_follows_inputs(outs: Outputs, x, specs: list[dict], constants: st
                    "values it needs with --input-value")
 
 
-def perturb(x: np.ndarray, spec, sd: float = 0.01, seed: int = 0, rng: np.random.Generator | None = None
-            ) -> np.ndarray:
+# A classifier's or embedder's output 0 that moves across the validation inputs by at most this share of its
+# size (probabilities: of their logarithm's, so a classifier sure of every photo moves its small scores by
+# orders of magnitude) barely sees them: their pixels fed in a range it does not expect. Measured: such a
+# model's scores moved by 0.003 of their size; fed as it expects, untrained, by 0.17
+BARELY_FOLLOWS = 1e-2
+
+
+def _barely_follows(o, x, specs: list[dict], task: str | None) -> None:
+    """One line when a classifier's or embedder's output 0 differs across the validation inputs `x` by no more
+    than BARELY_FOLLOWS of its size, but does differ (one alike for every input is `_reference_follows_inputs`'s
+    or `constant_scores`'s). Why: a TorchScript model that takes 0..255 pixels (x.float() / 127.5 - 1
+    inside) was fed 0..1, so every photo reached it as nearly black: its log-scores moved by 0.0007 of their
+    size across 56 photos, and its int8 export passed at top-1 agreement 1.0 against a reference that
+    saw the same frames."""
+    n = len(x)
+    if task not in ("classify", "embed") or n < 2:
+        return
+    o = np.asarray(o)
+    if o.ndim == 0 or len(o) != n or not o.size or o.dtype.kind != "f":
+        return
+    flat = o.reshape(n, -1).astype(np.float64)
+    if not np.isfinite(flat).all():
+        return
+    if flat.min() >= 0 and flat.max() <= 1 and np.allclose(flat.sum(1), 1.0, atol=1e-3):
+        flat = np.log(np.maximum(flat, 1e-12))  # (probabilities)
+    size, moved = float(np.abs(flat).max()), float((flat.max(0) - flat.min(0)).max())
+    if size <= 0 or moved == 0 or moved > BARELY_FOLLOWS * size:
+        return
+    name = repr(specs[0]["name"]) if specs else "0"
+    raise BadInput(f"the fp32 model's output {name} hardly changes across the {n} validation inputs, which differ "
+                   f"(by at most {moved:.3g}, {moved / size:.2g} of its size): it barely sees its image, so its {task} "
+                   "gate could not fail; if it takes 0..255 pixel values (it normalises inside), feed them with "
+                   f"--std {1 / 255!r}, else check --mean/--std/--color (or export it as it is with --task raw)")
+
+
+def _saturated(o: np.ndarray) -> bool:
+    """Whether `o` holds probabilities saturated at 0 and 1, each input's row sure of something (a 1 in it):
+    all-zero logits (a classifier whose weights and biases are zeros) are not."""
+    if not np.isin(o, (0, 1)).all():
+        return False
+    rows = o.reshape(len(o), -1) if o.ndim else o.reshape(1, -1)
+    return bool(rows.size) and bool((rows == 1).any(axis=1).all())
+
+
+def noise_unit(x, spec=None) -> float | None:
+    """What `perturb`'s sd is a share of, for inputs `x` that are not pictures (fewer than 4 axes: features,
+    a waveform, token ids): the data's own spread (its standard deviation), 0 for integers (ids, which no
+    noise leaves meaning the same); None for pictures (0..1 pixel units, from the input spec). Why: 0.01 in
+    pixel units put on token ids (rounded: other tokens) or on features of size 1e-3 took fp32's own agreement
+    to 0.33 and 0.42, and an int8 model passed at 0.30 top-1 agreement on 2 classes, under chance."""
+    a = np.asarray(getattr(x, "pixels", x))
+    if a.ndim >= 4:
+        return None
+    if not np.issubdtype(a.dtype, np.floating):
+        return 0.0
+    spread = float(np.std(a, dtype=np.float64)) if a.size else 0.0
+    return spread if np.isfinite(spread) and spread > 0 else 1.0
+
+
+def perturb(x: np.ndarray, spec, sd: float = 0.01, seed: int = 0, rng: np.random.Generator | None = None,
+            unit: float | None = None) -> np.ndarray:
     """Gaussian noise of sd `sd` in 0..1 pixel units (sd/std in the normalised input): a change
     no camera frame is free of, so fp32's answers under it are its own agreement ceiling. With `rng`
     (a generator shared by successive batches) the noise continues its stream: batch by batch, the
-    same values as one call on the whole array."""
+    same values as one call on the whole array. `unit` (`noise_unit`, for inputs that are not pictures):
+    sd is a share of it instead; 0 leaves `x` as it is."""
+    rng = rng if rng is not None else np.random.default_rng(seed)
+    if unit is not None:
+        if unit == 0:
+            return x
+        noisy = x + rng.normal(0.0, sd * unit, size=x.shape)
+        return noisy.astype(x.dtype)
     std = np.asarray(getattr(spec, "std", None) or [1.0], dtype=np.float64)
     unit = 255.0 * float(getattr(spec, "scale", 1 / 255.0))  # the 0..1 pixel range in the model's units
-    rng = rng if rng is not None else np.random.default_rng(seed)
     noisy = x + rng.normal(0.0, sd * unit / float(std.mean()), size=x.shape)
     if np.issubdtype(x.dtype, np.integer):  # raw pixels (a uint8 input): rounded and clipped, never wrapped
         info = np.iinfo(x.dtype)
@@ -377,6 +442,12 @@ def infer_task(ref: Reference, input_spec, labels=None) -> str:
     return tm.infer_task(ref.outputs, ref.specs, input_spec, labels)
 
 
+def tm_constant_first(outs: Outputs) -> bool:
+    from lepton_edge.exporters import task_metrics as tm
+
+    return tm.constant_first([np.asarray(o) for o in outs])
+
+
 class Validator:
     """`validate(path) -> (Verdict, predict, ram_bytes)`: runs a candidate artifact on the
     validation (and evaluation) inputs and judges it against the fp32 reference by task.
@@ -421,11 +492,19 @@ class Validator:
             self.task = task or infer_task(self.ref, input_spec, labels)
             self.task_inferred = task is None
             _reference_follows_inputs(outs, data.check_x, specs, constants, self.task)
+            if enforce and outs:  # (trained weights: the gate decides)
+                _barely_follows(outs[0], data.check_x, specs, self.task)
             # ([1,1000,1,1] is SqueezeNet's 1000 classes: every value of a sample is one class's score)
             classes = int(np.prod(np.asarray(outs[0]).shape[1:])) if np.asarray(outs[0]).ndim >= 2 else None
             if self.task == "classify" and labels and classes and len(labels) != classes:
                 raise BadInput(f"{len(labels)} labels for a classifier of {classes} classes: give one name a class, "
                                "in the model's order (--labels)")
+            if self.task in ("classify", "embed") and tm_constant_first(outs):
+                first = repr(specs[0]["name"]) if specs else "0"
+                raise BadInput(f"output 0 ({first}) is the same for every validation input while the others vary: "
+                               f"a constant (anchors, a prior), where a {self.task} gate and the runtime read the "
+                               "model's scores; export the model with its scores as output 0, or with --task raw "
+                               "(every output compared by SQNR and cosine)")
             if self.task == "classify" and (classes or 1) < 2:  # ([N] or [N,1]: a wake word's score, a regression)
                 raise BadInput("classify (--task classify or --labels): output 0 holds one value an input, no "
                                "class scores: its top-1 is always class 0, so the classify gate would pass whatever "
@@ -443,8 +522,9 @@ class Validator:
                 from lepton_edge.compress.calibration import subset
 
                 some, rng = subset(data.check_x, None, CEILING_SAMPLES), np.random.default_rng(0)
-                self.ref.noisy = batched(lambda xb: reference(perturb(np.asarray(xb), input_spec, rng=rng)), some,
-                                         batch, "reference (noise)")
+                unit = noise_unit(some, input_spec)
+                self.ref.noisy = batched(lambda xb: reference(perturb(np.asarray(xb), input_spec, rng=rng, unit=unit)),
+                                         some, batch, "reference (noise)")
             if data.eval_x is not None and data.eval_y is not None and self.task == "classify":
                 self.ref.eval_outputs = outs if data.eval_x is data.check_x else batched(
                     reference, data.eval_x, batch, "reference")

@@ -77,7 +77,9 @@ def default_spec(shape: list, name: str = "input", layout: str | None = None, co
 
 def _typed(spec: InputSpec, elem_type: int) -> InputSpec:
     """`spec` fed in the input's own element type: float16/float64 as such, and a uint8 or int8 input (an
-    image model that normalises inside its graph) the raw pixels, as `run` feeds it (runtime/spec.py)."""
+    image model that normalises inside its graph) the raw pixels, as `run` feeds it (runtime/spec.py); so are
+    wider integers (token ids, counts: values scaled by 1/255 were fractions, refused with advice to feed
+    0..255 pixels, which then changed every id)."""
     import numpy as np
     import onnx
 
@@ -87,7 +89,8 @@ def _typed(spec: InputSpec, elem_type: int) -> InputSpec:
         return spec
     if dtype == "float32" or dtype not in DTYPES:
         return spec
-    return spec.model_copy(update={"dtype": dtype, **({"scale": 1.0} if dtype in ("uint8", "int8") else {})})
+    return spec.model_copy(update={"dtype": dtype, **({"scale": 1.0} if np.issubdtype(np.dtype(dtype), np.integer)
+                                                      else {})})
 
 
 def _external_data_fits(path: Path) -> None:

@@ -153,7 +153,7 @@ def per_input_sample(inputs: int, percentile: float) -> int:
 def sampled_augment_graph(self) -> None:
     """Drop-in for `HistogramCalibrater.augment_graph`: each calibrated tensor reaches Python as at
     most `per_input` of its values an input (`sampled_histograms`; every k-th of the flattened tensor,
-    k = size // (per_input x the batch) + 1, computed in the graph so dynamic shapes work) followed by its
+    k = ceil(size / (per_input x the batch)), computed in the graph so dynamic shapes work) followed by its
     exact minimum and maximum.
 
     Why: onnxruntime's histogram calibrators (percentile, entropy) make every calibrated tensor a graph
@@ -215,7 +215,7 @@ def _sample_branch(tensor: str, t: str, p: str, value_info, graph, limit: int = 
     dims = [d.dim_value for d in value_info.type.tensor_type.shape.dim]
     if dims and all(dims):
         graph.initializer.append(helper.make_tensor(f"{t}_step", TensorProto.INT64, [1],
-                                                    [math.prod(dims) // limit + 1]))
+                                                    [max(0, math.prod(dims) - 1) // limit + 1]))
     else:
         graph.initializer.append(helper.make_tensor(f"{t}_limit", TensorProto.INT64, [1], [limit]))
         nodes += [  # (Size, not Shape and ReduceProd: a shape's length is the tensor's rank, which a
@@ -223,7 +223,10 @@ def _sample_branch(tensor: str, t: str, p: str, value_info, graph, limit: int = 
             # that rank and failed on it: ddddocr's CRNN says [1, seqlen] and returns [32, 1, 8210])
             helper.make_node("Size", [tensor], [f"{t}_n0"]),
             helper.make_node("Reshape", [f"{t}_n0", f"{p}_one"], [f"{t}_n"]),
-            helper.make_node("Div", [f"{t}_n", f"{t}_limit"], [f"{t}_q"]),
+            # ((size - 1) // limit + 1: a tensor of exactly `limit` values is taken whole, not every 2nd;
+            # an empty one's -1 // limit truncates to 0, a step of 1)
+            helper.make_node("Sub", [f"{t}_n", f"{p}_one"], [f"{t}_n1"]),
+            helper.make_node("Div", [f"{t}_n1", f"{t}_limit"], [f"{t}_q"]),
             helper.make_node("Add", [f"{t}_q", f"{p}_one"], [f"{t}_step"]),
         ]
     return nodes + [

@@ -56,6 +56,9 @@ def test_label_iou_is_the_mean_iou_over_the_values_fp32_holds():
     rare[:2] = 5  # a value fp32 holds twice: too rare to judge by itself (LABEL_MIN_COUNT)
     assert tm.label_iou(rare, np.where(rare == 5, 0, rare)) == pytest.approx(1.0, abs=0.01)
     assert tm.label_iou(np.array([True] * 10 + [False] * 10), np.array([True] * 20)) == pytest.approx((10 / 20 + 0) / 2)
+    scattered = np.concatenate([np.full(150, 985), np.arange(150)])  # one common id, 150 ids seen once each
+    wrong = np.concatenate([np.full(150, 985), np.arange(150) + 1])  # every scattered one changed
+    assert tm.label_iou(scattered, wrong) == pytest.approx(0.5) and tm.label_iou(scattered, scattered) == 1.0
     ids = np.arange(1000)  # indices: more values than labels have, so the share of equal values
     assert tm.label_iou(np.repeat(ids, 4), np.repeat(np.where(ids < 900, ids, 0), 4)) == pytest.approx(0.9)
 
@@ -64,9 +67,12 @@ def test_which_outputs_are_labels():
     levels = np.arange(256, dtype=np.float32).reshape(16, 16)
     assert tm.is_labels(levels, ARGMAX) and tm.is_labels(levels, {"dtype": "bool"})
     assert tm.is_labels(np.zeros(3, np.bool_))
-    # an integer that is a measure (a Cast of a pixel value, a coordinate): judged as a float
-    assert not tm.is_labels(levels, {"dtype": "int32"}) and not tm.is_labels(levels, {"dtype": "uint8"})
-    assert not tm.is_labels(np.zeros(3, np.int64)) and not tm.is_labels(levels, None)
+    # an integer that the graph shows is a measure (a Cast of a pixel value, a coordinate): judged as a float
+    assert not tm.is_labels(levels, {"dtype": "int32", "labels": False})
+    assert not tm.is_labels(levels, {"dtype": "uint8", "labels": False}) and not tm.is_labels(levels, None)
+    # a graph not read (a TFLite file): an integer output is taken for labels, the stricter judgement
+    assert tm.is_labels(levels, {"dtype": "int32"}) and tm.is_labels(np.zeros(3, np.int64))
+    assert not tm.is_labels(levels, {"dtype": "float32"})
 
 
 def test_label_outputs_are_read_from_the_graph():
@@ -79,13 +85,22 @@ def test_label_outputs_are_read_from_the_graph():
     g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, [1, 5])], outs,
                      [onnx.numpy_helper.from_array(np.array([2], np.int64), "k")])
     assert label_outputs(h.make_model(g)) == {"cls", "idx", "mask"}
+    # ids + 1 (1-based), and a table looked up by the ids: labels still; a measure plus a constant is not
+    nodes = [h.make_node("ArgMax", ["x"], ["am"], axis=1, keepdims=0), h.make_node("Add", ["one", "am"], ["id1"]),
+             h.make_node("Gather", ["table", "am"], ["named"]), h.make_node("Cast", ["x"], ["xi"], to=T.INT64),
+             h.make_node("Add", ["xi", "one"], ["level1"])]
+    outs = [h.make_tensor_value_info(n, T.INT64, None) for n in ("id1", "named", "level1")]
+    inits = [onnx.numpy_helper.from_array(np.array(1, np.int64), "one"),
+             onnx.numpy_helper.from_array(np.arange(10, 15, dtype=np.int64), "table")]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, [1, 5])], outs, inits)
+    assert label_outputs(h.make_model(g)) == {"id1", "named"}
 
 
 def test_an_integer_measure_off_by_one_is_close_not_wrong():
     rng = np.random.default_rng(3)
     ref = np.rint(rng.uniform(0, 200, (8, 32, 32))).astype(np.float32)  # a Cast(int32) of a pixel value x 100
     off = ref + rng.choice([-1.0, 0.0, 1.0], ref.shape).astype(np.float32)
-    why, _, rows = _gate([ref], [off], [{"dtype": "int32"}])
+    why, _, rows = _gate([ref], [off], [{"dtype": "int32", "labels": False}])
     assert not why and "label_iou" not in rows[0] and rows[0]["sqnr_db"] > 40
 
 

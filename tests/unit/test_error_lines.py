@@ -13,3 +13,14 @@ def test_a_long_line_is_cut_at_a_word_with_a_mark_and_a_short_one_is_whole():
     assert first_line(MemoryError()) == "MemoryError"
     word = RuntimeError("x" * 300)  # one word: cut where the limit falls
     assert first_line(word, 50) == "x" * 49 + "…"
+
+
+def test_the_failure_line_says_which_recipes_could_not_be_made():
+    from lepton_edge.exporters.base import _crashed_note
+
+    attempts = [{"recipe": "s8-minmax", "passed": False, "why": "top-1 agreement 0.5 < 0.95"},
+                {"recipe": "nncf-default", "skipped": True, "why": "the quantizer failed: mean(): could not infer"},
+                {"recipe": "s8-percentile", "skipped": True, "why": "not tried: 2 candidates in a row did not beat"}]
+    assert _crashed_note(attempts) == "; 1 other(s) could not be made (nncf-default: the quantizer failed: mean(): " \
+                                      "could not infer)"
+    assert _crashed_note(attempts[:1] + attempts[2:]) == ""

@@ -128,7 +128,7 @@ def test_sampled_histograms_keep_the_thresholds(tmp_path, batch):
     y = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     sample_y = got["y" + histogram.SAMPLED_SUFFIX]
     np.testing.assert_allclose(sample_y[-2:], [y.min(), y.max()], rtol=1e-6)  # exact extremes: they clip the range
-    np.testing.assert_allclose(sample_y[:-2], y.ravel()[:: y.size // histogram.SAMPLE_LIMIT + 1], rtol=1e-6)
+    np.testing.assert_allclose(sample_y[:-2], y.ravel()[:: (y.size - 1) // histogram.SAMPLE_LIMIT + 1], rtol=1e-6)
 
 
 def test_the_sample_is_sized_by_the_values_beyond_the_percentile():
@@ -155,7 +155,18 @@ def test_a_smaller_sample_keeps_the_thresholds(tmp_path):
         assert abs(hi_s - hi_f) <= 0.05 * hi_f, (name, hi_f, hi_s)
     x = _Reader(1).xs[0]
     got = dict(zip(outputs, cal.infer_session.run(list(outputs), {"x": x})))
-    assert got["y" + histogram.SAMPLED_SUFFIX].size - 2 == len(range(0, 8 * 96 * 96, 8 * 96 * 96 // 8192 + 1))
+    assert got["y" + histogram.SAMPLED_SUFFIX].size - 2 == len(range(0, 8 * 96 * 96, (8 * 96 * 96 - 1) // 8192 + 1))
+
+
+@pytest.mark.parametrize("batch", ["N", 1])  # the step computed in the graph, and known from the shape
+def test_a_tensor_of_exactly_the_sample_size_is_taken_whole(tmp_path, batch):
+    # 8 x 96 x 96 = 73,728 values a conv output: a sample of that many is every value, not every 2nd
+    path = tmp_path / "m.onnx"
+    _conv_model(path, batch)
+    _, outputs, cal = _ranges(path, tmp_path, sampled=True, per_input=8 * 96 * 96)
+    x = _Reader(1).xs[0]
+    got = dict(zip(outputs, cal.infer_session.run(list(outputs), {"x": x})))
+    assert got["c1" + histogram.SAMPLED_SUFFIX].size - 2 == 8 * 96 * 96
 
 
 def test_a_batch_is_sampled_as_densely_as_one_input(tmp_path):
@@ -179,7 +190,7 @@ def test_a_batch_is_sampled_as_densely_as_one_input(tmp_path):
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # as the calibration session
     y = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     per_input = y.size // 2
-    step = per_input // histogram.SAMPLE_LIMIT + 1  # one input's step, over both inputs
+    step = (per_input - 1) // histogram.SAMPLE_LIMIT + 1  # one input's step, over both inputs
     sample = got["y" + histogram.SAMPLED_SUFFIX]
     assert step > 1 and sample.size - 2 == len(range(0, y.size, step)) > histogram.SAMPLE_LIMIT
     np.testing.assert_allclose(sample[:-2], y.ravel()[::step], rtol=1e-5, atol=1e-6)

@@ -130,3 +130,18 @@ def test_an_image_whose_header_claims_too_many_pixels_is_skipped_not_a_traceback
     np.testing.assert_array_equal(np.asarray(x), preprocess_batch(imgs, spec))
     s = cal.load_labelled(str(tmp_path), spec, None)
     assert len(s.x) == 3 and s.y.tolist() == [0, 0, 0]
+
+
+def test_integer_inputs_are_fed_their_own_values():
+    """Token ids (int64) were scaled by 1/255 like pixels: refused as fractions, with advice to give
+    --std 1/255, which then changed every id (idx 1000 out of bounds for ids below 1000)."""
+    import onnx
+
+    from lepton_edge.model_source import _typed, default_spec
+
+    spec = default_spec([1, 128], name="input_ids")
+    for elem, dtype in ((onnx.TensorProto.INT64, "int64"), (onnx.TensorProto.INT32, "int32"),
+                        (onnx.TensorProto.UINT8, "uint8")):
+        typed = _typed(spec, elem)
+        assert typed.dtype == dtype and typed.scale == 1.0
+    assert _typed(spec, onnx.TensorProto.FLOAT16).scale == spec.scale

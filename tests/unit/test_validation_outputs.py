@@ -236,6 +236,81 @@ def test_a_classifier_whose_outputs_ignore_differing_inputs_is_one_line(task):
     _reference_follows_inputs(varied, x, [{"name": "logits"}], task=task)  # one input moves it: no line
     sure = [np.tile(np.array([[1.0, 0.0]], np.float32), (5, 1))]  # saturated: sure of every input, no line
     _reference_follows_inputs(sure, x, [{"name": "prob"}], task=task)
+    zeros = [np.zeros((5, 10), np.float32)]  # all-zero logits (zeroed weights and biases): sure of nothing
+    with pytest.raises(BadInput):
+        _reference_follows_inputs(zeros, x, [{"name": "logits"}], task=task)
+
+
+def test_a_classifier_that_barely_sees_its_inputs_is_one_line():
+    """A TorchScript model taking 0..255 pixels (x.float() / 127.5 - 1 inside) fed 0..1: every photo nearly
+    black, its scores moved by 0.001 across 56 photos, and int8 passed at top-1 agreement 1.0."""
+    from lepton_edge.exporters.validation import _barely_follows
+
+    rng = np.random.default_rng(0)
+    x = rng.random((56, 3, 8, 8), dtype=np.float32)
+    logits = rng.normal(0, 1, (1, 5)) + 1e-4 * rng.normal(0, 1, (56, 5))
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    for out in (logits, probs):
+        with pytest.raises(BadInput) as e:
+            _barely_follows(out.astype(np.float32), x, [{"name": "p"}], "classify")
+        assert "hardly changes across the 56 validation inputs" in str(e.value) and "--std 0.00392156" in str(e.value)
+    _barely_follows(logits.astype(np.float32), x, [{"name": "p"}], "raw")  # (a map or a measure may vary little)
+    seen = rng.normal(0, 1, (1, 5)) + 0.2 * rng.normal(0, 1, (56, 5))  # a model that sees its inputs
+    _barely_follows(seen.astype(np.float32), x, [{"name": "p"}], "classify")
+    sure = np.full((56, 4), 1e-6)  # a classifier sure of class 0 for every photo: its small scores still move
+    sure[:, 1:] *= np.exp(rng.normal(0, 1, (56, 3)))
+    sure[:, 0] = 1 - sure[:, 1:].sum(1)
+    _barely_follows(sure.astype(np.float32), x, [{"name": "p"}], "classify")
+
+
+def test_a_constant_first_output_is_not_read_as_the_scores():
+    """An SSD-style constant ahead of the scores: top-1 agreement measured on it read 1.0 for an int8 model
+    that kept the real scores' top-1 on 76 % of inputs. Inferred: raw; asked for classify: one line."""
+    from lepton_edge.exporters import task_metrics as tm
+
+    rng = np.random.default_rng(1)
+    prior = np.tile(np.linspace(0.2, 0.01, 10, dtype=np.float32), (6, 1))
+    scores = rng.normal(0, 1, (6, 10)).astype(np.float32)
+    assert tm.constant_first([prior, scores]) and not tm.constant_first([scores, prior])
+    assert not tm.constant_first([prior]) and not tm.constant_first([prior, prior])
+    sure = np.tile(np.array([[0, 1, 0]], np.float32), (6, 1))  # a classifier sure of one class for every input
+    assert not tm.constant_first([sure, scores])
+    assert tm.infer_task([prior, scores], [{"name": "prior"}, {"name": "y"}], None) == "raw"
+    assert tm.infer_task([scores, prior], [{"name": "y"}, {"name": "prior"}], None) == "classify"
+
+
+def test_ceiling_noise_leaves_ids_alone_and_follows_features_own_scale():
+    """0.01 in pixel units on token ids (rounded: other tokens) or on features of size 1e-3 took fp32's own
+    agreement to 0.33 and 0.42, and an int8 model passed at 0.30 top-1 agreement on 2 classes."""
+    from lepton_edge.exporters.validation import noise_unit, perturb
+
+    ids = np.random.default_rng(0).integers(0, 1000, (8, 128))
+    assert noise_unit(ids) == 0.0 and np.array_equal(perturb(ids, None, unit=0.0), ids)
+    feats = (1e-3 * np.random.default_rng(1).standard_normal((8, 20))).astype(np.float32)
+    unit = noise_unit(feats)
+    assert unit == pytest.approx(float(feats.std()), rel=1e-6)
+    moved = perturb(feats, None, unit=unit) - feats
+    assert moved.dtype == np.float32 and 0.005 * unit < float(moved.std()) < 0.02 * unit
+    assert noise_unit(np.zeros((8, 3, 4, 4), np.float32)) is None  # pictures: 0..1 pixel units, as before
+
+
+def test_top1_agreement_is_never_required_below_halfway_from_chance():
+    from types import SimpleNamespace
+
+    from lepton_edge.exporters import task_metrics as tm
+
+    rng = np.random.default_rng(2)
+    ref_out = rng.normal(0, 1, (64, 2)).astype(np.float32)
+    noisy = rng.normal(0, 1, (64, 2)).astype(np.float32)  # fp32 itself at chance under the noise: ceiling ~0.5
+    guess = rng.normal(0, 1, (64, 2)).astype(np.float32)
+    ref = SimpleNamespace(outputs=[ref_out], noisy=[noisy], eval_outputs=None, eval_y=None)
+    th = SimpleNamespace(min_agreement=None, agreement_margin=0.05, min_confident_kept=0.99, min_top5=0.98,
+                         max_accuracy_drop=0.5)
+    metrics: dict = {}
+    why = tm.classify(ref, [guess], None, th, metrics)
+    assert metrics["top1_agreement_required"] == metrics["top1_agreement_floor"] == 0.75
+    assert why and "halfway from chance" in why[0]
+    assert not tm.classify(ref, [ref_out], None, th, {})
 
 
 def test_a_reference_without_an_evaluation_set_holds_no_labels():
