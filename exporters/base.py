@@ -121,7 +121,7 @@ def _steps(ctx: ExportContext, model: Any, example_input: Any) -> ExportResult:
         comp, pred, ram = kernels.choose(ctx, exporter, chosen, comp, pred, ram, validate)
     else:
         comp, pred, ram = _float(ctx, exporter, fp32, chosen, precision, validate)
-    size = _record_sizes(ctx, chosen, fp32)
+    size = _record_sizes(ctx, chosen, fp32, precision)
     latency = _measure_latency(ctx, pred, fp32_pred)
     _record_validation(ctx, comp, validate, conversion, size, ram, latency, precision)
     with ctx.progress.stage(f"write bundle {final}"):
@@ -558,10 +558,20 @@ def _as_given(ctx: ExportContext, given: Path, chosen: Path, validate):
     return comp, pred, ram
 
 
-def _record_sizes(ctx: ExportContext, chosen: Path, fp32: Path) -> int:
+def _record_sizes(ctx: ExportContext, chosen: Path, fp32: Path, precision: str = "fp32") -> int:
+    """The artifact's size against fp32's, with a warning line where a smaller precision made it larger (a
+    graph of few weights and many activations: 300 branches concatenated grew to 2.2x fp32 as int8, every
+    tensor given a quantize/dequantize pair and its parameters), which the export otherwise reported silently."""
     c = ctx.report.compression
     size, fp32_size = chosen.stat().st_size, fp32.stat().st_size
     c.fp32_bytes, c.bytes, c.size_vs_fp32 = fp32_size, size, size / fp32_size
+    if precision != "fp32" and size > fp32_size:
+        from lepton_edge.ui import human
+
+        logging.getLogger(__name__).warning(
+            f"the {precision} model is {size / fp32_size:.2f}x fp32's size ({human(size)} vs {human(fp32_size)}): "
+            f"its weights are a small part of it, and what {precision} adds (quantize/dequantize or cast nodes and "
+            f"their parameters) outweighs what it saves; --precision fp32 gives the smaller file")
     return size
 
 

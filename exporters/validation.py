@@ -234,21 +234,25 @@ class Reference:
     eval_y: np.ndarray | None = None
 
 
-def _finite_reference(outs: Outputs, specs: list[dict]) -> None:
+def _finite_reference(outs: Outputs, specs: list[dict], constants: str = "") -> None:
     """One line when the fp32 model gives NaN, or nothing but infinities: nothing can be judged against it
     (NaN compares as equal to nothing, and argmax of NaN is 0 for every model: an export passed with
-    agreement 1.0; an output of +Inf ran all 8 int8 recipes and then blamed int8)."""
+    agreement 1.0; an output of +Inf ran all 8 int8 recipes and then blamed int8). With non-image inputs fed
+    constants (`constants`: which, and how chosen), those come first in what to check: a temperature fed 0
+    divided by it."""
+    check = (f"check the values its other inputs are fed ({constants}: --input-value), its weights, --mean/--std "
+             "and the calibration data") if constants else "check its weights, --mean/--std and the calibration data"
     for i, o in enumerate(outs):
         o = np.asarray(o)
         if o.dtype.kind == "f" and np.isnan(o).any():
             bad = int(np.isnan(o.reshape(len(o), -1)).any(1).sum()) if o.ndim else 1
             name = specs[i]["name"] if i < len(specs) else str(i)
             raise BadInput(f"the fp32 model's output {name!r} is NaN on {bad} of {len(o) if o.ndim else 1} validation "
-                           "inputs: check its weights, --mean/--std and the calibration data")
+                           f"inputs: {check}")
         if o.dtype.kind == "f" and o.size and not np.isfinite(o).any():  # (one -inf, a log of 0, can be right)
             name = specs[i]["name"] if i < len(specs) else str(i)
             raise BadInput(f"the fp32 model's output {name!r} is infinite everywhere on every validation input: "
-                           "check its weights, --mean/--std and the calibration data")
+                           f"{check}")
 
 
 def _repeatable_reference(reference: Predict, x, outs: Outputs, batch: int, specs: list[dict], watch=None) -> None:
@@ -486,7 +490,7 @@ class Validator:
                 outs = batched(reference, data.check_x, batch, "reference", watch=watch)
             except MemoryExceeded as e:
                 raise CheckFailed(f"{e}: give the export more memory, or a model with smaller outputs") from None
-            _finite_reference(outs, specs)
+            _finite_reference(outs, specs, constants)
             _repeatable_reference(reference, data.check_x, outs, batch, specs, watch=watch)
             self.ref = Reference(outs, specs)
             self.task = task or infer_task(self.ref, input_spec, labels)

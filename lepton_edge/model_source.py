@@ -872,6 +872,10 @@ def _check_runs_once(module, spec: InputSpec, hint: str) -> int | None:
             out = module(torch.zeros([d if isinstance(d, int) else 1 for d in spec.shape]))
     except Exception as e:
         msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        if "dtype" in msg.lower() and "float" in msg.lower():  # (a .pt2 whose input is uint8: "dtype mismatch")
+            raise BadInput(f"the model does not take float32 input ({msg}): a PyTorch model is fed float32 here; "
+                           "for one that takes integers (raw 0..255 pixels), export it to ONNX with its own input "
+                           "type (torch.onnx.export) and export that file, whose uint8 input is fed as it is") from None
         raise BadInput(f"the model does not accept input of shape {spec.shape}{hint}: {msg}") from None
     if not isinstance(out, torch.Tensor):
         if isinstance(out, (tuple, list)) and out and all(isinstance(o, torch.Tensor) for o in out):

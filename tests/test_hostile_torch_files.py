@@ -242,3 +242,18 @@ def test_a_pt2_with_dynamic_height_and_width_is_probed_at_the_targets_size(tmp_p
 
     bundle = Bundle.load(next((tmp_path / "out").iterdir()))
     assert bundle.manifest.inputs[0].shape == [1, 3, *targets.load("x86-cpu").input_size]
+
+
+class _TakesPixels(torch.nn.Module):
+    def forward(self, x):
+        return torch.nn.functional.adaptive_avg_pool2d(x.permute(0, 3, 1, 2).float() / 127.5 - 1.0, 1).flatten(1)
+
+
+def test_a_pt2_that_takes_uint8_pixels_is_told_how_to_export_it(tmp_path):
+    """Its refusal spoke of the input's shape ("does not accept input of shape [1, 96, 96, 3]: Tensor dtype
+    mismatch! Expected: Byte"), with no way forward."""
+    ep = torch.export.export(_TakesPixels().eval(), (torch.zeros(1, 32, 32, 3, dtype=torch.uint8),))
+    torch.export.save(ep, str(tmp_path / "u8.pt2"))
+    r = run_cli("export", str(tmp_path / "u8.pt2"), "--target", "x86-cpu", "--precision", "fp32", "--input-shape",
+                "1,32,32,3", "--allow-synthetic-calibration", "--out", str(tmp_path / "out"), timeout=300)
+    _refused(r, "does not take float32 input", "torch.onnx.export", "uint8 input is fed as it is")

@@ -24,3 +24,23 @@ def test_the_failure_line_says_which_recipes_could_not_be_made():
     assert _crashed_note(attempts) == "; 1 other(s) could not be made (nncf-default: the quantizer failed: mean(): " \
                                       "could not infer)"
     assert _crashed_note(attempts[:1] + attempts[2:]) == ""
+
+
+def test_an_int8_artifact_larger_than_fp32_is_said(tmp_path, caplog):
+    """300 branches concatenated grew to 2.2x fp32's size as int8, reported without a word."""
+    import logging
+    from types import SimpleNamespace
+
+    from lepton_edge.exporters.base import _record_sizes
+
+    fp32, small, large = tmp_path / "fp32.onnx", tmp_path / "small.onnx", tmp_path / "large.onnx"
+    fp32.write_bytes(b"x" * 1000)
+    small.write_bytes(b"x" * 300)
+    large.write_bytes(b"x" * 2160)
+    ctx = SimpleNamespace(report=SimpleNamespace(compression=SimpleNamespace()))
+    with caplog.at_level(logging.WARNING):
+        assert _record_sizes(ctx, small, fp32, "int8") == 300 and not caplog.records
+        assert _record_sizes(ctx, large, fp32, "int8") == 2160
+    assert ctx.report.compression.size_vs_fp32 == 2.16
+    assert "the int8 model is 2.16x fp32's size" in caplog.records[-1].getMessage()
+    assert "--precision fp32" in caplog.records[-1].getMessage()

@@ -320,3 +320,14 @@ def test_a_reference_without_an_evaluation_set_holds_no_labels():
 
     ref = Reference([np.zeros((2, 3))], [{"name": "out"}])
     assert ref.eval_y is None and ref.eval_outputs is None and ref.noisy is None
+
+
+def test_a_nan_reference_with_inputs_fed_constants_names_those_first():
+    """A temperature input fed 0 made every output NaN, and the line blamed the weights and --mean/--std."""
+    out = [np.full((4, 3), np.nan, np.float32)]
+    with pytest.raises(BadInput) as e:
+        _finite_reference(out, [{"name": "y"}], "'temperature:0' = 0")
+    assert "check the values its other inputs are fed ('temperature:0' = 0: --input-value)" in str(e.value)
+    with pytest.raises(BadInput) as e:
+        _finite_reference(out, [{"name": "y"}])
+    assert "--input-value" not in str(e.value)
