@@ -661,10 +661,12 @@ def what_to_try(best: dict, relax: str) -> str:
     if metrics.get("no_evidence"):
         return ("give --calib (or --eval) images that show what the model finds, or export --precision fp16 "
                 "(it passes close enough to fp32 without such evidence)")
-    judged = {g for r in metrics.get("per_output") or [] if isinstance(r, dict) for g in (r.get("gated_by") or [])}
-    extra = [f for g, f in (("label_iou", "--min-mask-iou"), ("correlation", "--min-correlation"))
-             if g in judged and f not in relax]  # (the gates the task's flags do not name)
-    return f"try --precision fp16, more or better --calib data, or relax {'/'.join([relax, *extra])}"
+    why = str(best.get("why") or "")
+    # the gates that failed and that the task's flags do not name (an output held to a gate it passed, or
+    # never held to, is no reason to relax that gate's flag)
+    extra = [f for said, f in (("integer values (labels", "--min-mask-iou"), ("mask IoU", "--min-mask-iou"),
+                               ("at correlation", "--min-correlation")) if said in why and f not in relax]
+    return f"try --precision fp16, more or better --calib data, or relax {', '.join([relax, *dict.fromkeys(extra)])}"
 
 
 def _failure(attempts: list[dict]) -> str:

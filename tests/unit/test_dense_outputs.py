@@ -156,9 +156,17 @@ def test_the_advice_names_the_flag_of_the_gate_that_failed():
     from lepton_edge.exporters.recipes import what_to_try
 
     rows = [{"gated_by": ["label_iou"]}, {"gated_by": ["sqnr_db", "cosine", "correlation"]}]
-    said = what_to_try({"metrics": {"per_output": rows}}, "--min-sqnr/--min-cosine")
+    both = ("output m: integer values (labels, ids) equal to fp32's where it holds them at IoU 0.4 < 0.8; output d: "
+            "its values follow fp32's at correlation 0.1 < 0.5 about their means")
+    said = what_to_try({"metrics": {"per_output": rows}, "why": both}, "--min-sqnr/--min-cosine")
     assert said == "try --precision fp16, more or better --calib data, or relax " \
-                   "--min-sqnr/--min-cosine/--min-mask-iou/--min-correlation"
+                   "--min-sqnr/--min-cosine, --min-mask-iou, --min-correlation"
+    # held to a gate it passed: not named (a raw export failing on SQNR alone was told --min-correlation)
+    sqnr_only = what_to_try({"metrics": {"per_output": rows}, "why": "output d: SQNR 8.1 dB < 12.0 dB"},
+                            "--min-sqnr/--min-cosine")
+    assert sqnr_only.endswith("or relax --min-sqnr/--min-cosine")
+    mask = what_to_try({"why": "output m: mask IoU 0.6 < 0.8"}, "--min-sqnr/--min-cosine")
+    assert mask.endswith("or relax --min-sqnr/--min-cosine, --min-mask-iou")
     assert what_to_try({"metrics": {"empty_outputs": 1.0, "no_evidence": 1.0}}, "x") == \
         "give --calib (or --eval) images the model gives outputs for"
 
