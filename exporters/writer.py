@@ -128,12 +128,16 @@ def observed_shape(described: dict, engine, progress=None) -> list:
     predictor, or None) taken from the engine. Why: a model declaring `logits` [1, 5] whose graph gives
     [1, 10] exported with the declaration in its manifest, and `run` then refused the bundle: onnxruntime
     infers [1, 10] and the runtime checks the manifest against what the engine says (runtime.check_outputs),
-    which this keeps to. (Not the validated arrays: those are batch-first, a time-major [T, 1, C] is not.)"""
+    which this keeps to. (Not the validated arrays: those are batch-first, a time-major [T, 1, C] is not.)
+    A static dim the engine does not know is recorded as unknown ("?"), which `run` does not check."""
     shape = list(described.get("shape") or [])
     seen = list(getattr(engine, "shape", None) or [])
     if len(seen) != len(shape):
         return shape
-    fixed = [b if isinstance(a, int) and isinstance(b, int) and a != b else a for a, b in zip(shape, seen)]
+    # (a static dim the engine reports as unknown: onnxruntime's lenient merge of a declaration its own
+    # inference contradicts, [1, 5] declared where a Flatten gives [1, 48]; unknown is then what is known)
+    fixed = [b if isinstance(a, int) and isinstance(b, int) and a != b else
+             "?" if isinstance(a, int) and b is not None and not isinstance(b, int) else a for a, b in zip(shape, seen)]
     if fixed != shape and progress is not None:
         progress.info(f"[yellow]output {described.get('name')!r}: the model declares {shape} and its runtime gives "
                       f"{fixed}: the manifest records {fixed}[/]")

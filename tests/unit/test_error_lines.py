@@ -44,3 +44,18 @@ def test_an_int8_artifact_larger_than_fp32_is_said(tmp_path, caplog):
     assert ctx.report.compression.size_vs_fp32 == 2.16
     assert "the int8 model is 2.16x fp32's size" in caplog.records[-1].getMessage()
     assert "--precision fp32" in caplog.records[-1].getMessage()
+
+
+def test_a_declared_dim_the_engine_does_not_know_is_recorded_unknown():
+    """onnxruntime reported [1, '?'] for an output declared [1, 5] that a Flatten made [1, 48] (its lenient
+    merge): the manifest kept the false 5."""
+    from types import SimpleNamespace
+
+    from lepton_edge.exporters.writer import observed_shape
+
+    declared = {"name": "y", "shape": [1, 5]}
+    assert observed_shape(declared, SimpleNamespace(shape=[1, "?"])) == [1, "?"]
+    assert observed_shape(declared, SimpleNamespace(shape=[1, 10])) == [1, 10]
+    assert observed_shape(declared, SimpleNamespace(shape=[1, 5])) == [1, 5]
+    assert observed_shape(declared, SimpleNamespace(shape=[1, None])) == [1, 5]
+    assert observed_shape({"name": "y", "shape": ["n", 5]}, SimpleNamespace(shape=["n", 5])) == ["n", 5]
