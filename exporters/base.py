@@ -520,11 +520,30 @@ def _int8(ctx: ExportContext, exporter: Exporter, fp32: Path, chosen: Path, vali
             f"{best['recipe']}, {best['why']}{crashed}); {search.what_to_try(best, val.RELAX_FLAGS[validate.task])}",
             details={"task": validate.task, "best": best, "attempts": found.attempts})
     found.path.rename(chosen)
+    _something_quantized(exporter, chosen)
     ctx.report.compression.quantization = QuantizationSection(
         method=found.method, recipe=found.recipe, float_nodes=found.float_nodes, attempts=found.attempts,
         search_seconds=round(found.seconds, 2), peak_rss_bytes=found.peak_rss_bytes,
         max_memory_bytes=found.max_memory_bytes)
     return found.comparison, found.predict, found.ram
+
+
+def _something_quantized(exporter: Exporter, chosen: Path) -> None:
+    """One line when the int8 artifact quantizes nothing: a model of no op int8 quantizes (an sklearn
+    LinearClassifier) passed every recipe as it was, and its bundle said int8 while `inspect` said fp32."""
+    if exporter.format != "onnx":
+        return
+    import onnx
+
+    from lepton_edge.model_source import quantized_ops
+
+    m = onnx.load(str(chosen), load_external_data=False)
+    if quantized_ops(m):
+        return
+    kinds = sorted({n.op_type for n in m.graph.node})
+    raise BadInput(f"int8: no op of this model is one int8 quantizes (it has {', '.join(kinds[:6]) or 'no op'}"
+                   f"{', ...' if len(kinds) > 6 else ''}), so an int8 bundle would be its fp32 model under another "
+                   "name: export it with --precision fp32 (or fp16)")
 
 
 def _crashed_note(attempts: list[dict]) -> str:

@@ -316,3 +316,27 @@ def test_what_the_new_checks_must_not_refuse(tmp_path):
                            eval=str(tmp_path / "eval.npz"), labels=["a", "b", "c", "d"], task="classify",
                            precision="fp32", out=tmp_path / "o", min_agreement=0.0, max_accuracy_drop=100.0)
     assert r.manifest.validation["eval_samples"] == 30
+
+
+def test_a_model_int8_quantizes_nothing_of_is_not_called_int8(tmp_path):
+    """An sklearn-style LinearClassifier (ai.onnx.ml) passed every int8 recipe as it was: its bundle said int8
+    (recipe nncf-mixed) and `inspect` said fp32, at 1.28x the fp32 file."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((3, 20)).astype(np.float32)
+    g = helper.make_graph(
+        [helper.make_node("LinearClassifier", ["x"], ["label", "p"], domain="ai.onnx.ml",
+                          coefficients=w.ravel().tolist(), intercepts=[0.1, -0.2, 0.0], classlabels_ints=[0, 1, 2],
+                          post_transform="SOFTMAX", multi_class=1)], "skl",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 20])],
+        [helper.make_tensor_value_info("label", TensorProto.INT64, ["N"]),
+         helper.make_tensor_value_info("p", TensorProto.FLOAT, ["N", 3])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 15), helper.make_opsetid("ai.onnx.ml", 1)])
+    m.ir_version = 8
+    onnx.save(m, str(tmp_path / "skl.onnx"))
+    np.save(tmp_path / "calib.npy", rng.standard_normal((64, 20)).astype(np.float32))
+    r = run_cli("export", str(tmp_path / "skl.onnx"), "--target", "x86-cpu", "--calib", str(tmp_path / "calib.npy"),
+                "--recipes", "u8-minmax", "--out", str(tmp_path / "out"), timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-1500:]
+    assert "int8: no op of this model is one int8 quantizes (it has LinearClassifier)" in r.stderr
+    assert "--precision fp32" in r.stderr
+    assert not list((tmp_path / "out").rglob("manifest.json")) if (tmp_path / "out").exists() else True  # no bundle
