@@ -593,6 +593,10 @@ def _skip(progress, record, label: str, e: Exception, watch, failed: str = "the 
         raise e
     why = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
     if not isinstance(e, (cal.MemoryExceeded, q.BrokenGraph, SearchTimeSpent)):
+        if why != type(e).__name__ and (len(why.split()) < 3 or isinstance(e, (KeyError, IndexError, AttributeError))):
+            # (a library's bare KeyError or IndexError read "the quantizer failed: type", "... list index out of
+            # range": the error's kind says it is the library's own fault, not the model's input)
+            why = f"{type(e).__name__}: {why}"
         why = f"{failed}: {why}"
     record(label, passed=False, skipped=True, why=why, peak_rss_bytes=watch.peak)
     progress.info(f"  [yellow]skipped[/] {escape(label)}: {escape(why)}")  # (a stage that raised logs no line)

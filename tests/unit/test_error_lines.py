@@ -59,3 +59,23 @@ def test_a_declared_dim_the_engine_does_not_know_is_recorded_unknown():
     assert observed_shape(declared, SimpleNamespace(shape=[1, 5])) == [1, 5]
     assert observed_shape(declared, SimpleNamespace(shape=[1, None])) == [1, 5]
     assert observed_shape({"name": "y", "shape": ["n", 5]}, SimpleNamespace(shape=["n", 5])) == ["n", 5]
+
+
+def test_a_library_s_bare_error_in_a_skip_line_says_its_kind():
+    """"the quantizer failed: type" (a KeyError inside a quantizer) told the reader nothing."""
+    from types import SimpleNamespace
+
+    from lepton_edge.exporters.recipes import _skip
+
+    said, kept = [], []
+    progress = SimpleNamespace(info=said.append)
+    watch = SimpleNamespace(peak=0)
+
+    def record(label, **fields):
+        kept.append(fields["why"])
+
+    _skip(progress, record, "u8-minmax", KeyError("type"), watch)
+    _skip(progress, record, "u8-minmax", IndexError("list index out of range"), watch)
+    _skip(progress, record, "u8-minmax", ValueError("the graph has no input named x at node 3"), watch)
+    assert kept == ["the quantizer failed: KeyError: 'type'", "the quantizer failed: IndexError: list index out of "
+                    "range", "the quantizer failed: the graph has no input named x at node 3"]
