@@ -257,6 +257,10 @@ def test_a_classifier_that_barely_sees_its_inputs_is_one_line():
     _barely_follows(logits.astype(np.float32), x, [{"name": "p"}], "raw")  # (a map or a measure may vary little)
     seen = rng.normal(0, 1, (1, 5)) + 0.2 * rng.normal(0, 1, (56, 5))  # a model that sees its inputs
     _barely_follows(seen.astype(np.float32), x, [{"name": "p"}], "classify")
+    base = np.array([[2.0, -1.0, 0.5, 0.1, -0.3]])
+    untrained = base + 0.004 * rng.normal(0, 1, (56, 5))  # an untrained classifier on random inputs: 0.009
+    assert 0.005 < float((untrained.max(0) - untrained.min(0)).max()) / 2.0 < 0.02
+    _barely_follows(untrained.astype(np.float32), x, [{"name": "p"}], "classify")
     sure = np.full((56, 4), 1e-6)  # a classifier sure of class 0 for every photo: its small scores still move
     sure[:, 1:] *= np.exp(rng.normal(0, 1, (56, 3)))
     sure[:, 0] = 1 - sure[:, 1:].sum(1)
