@@ -372,8 +372,11 @@ def test_inputs_a_camera_frame_cannot_fill_are_one_line_and_a_scalar_output_expo
               "else_branch": helper.make_graph([helper.make_node("Relu", ["x"], ["b"])], "else", [], out)}
     _tiny(tmp_path / "branch.onnx", [1, 3, 32, 32], [1, 3, 32, 32],
           [helper.make_node("If", ["c"], ["y"], name="if", **branch)], [numpy_helper.from_array(np.array(True), "c")])
+    # (a convolution before the mean: a graph of ReduceMean alone has nothing int8 quantizes, refused as such)
+    w3 = numpy_helper.from_array(np.random.default_rng(1).standard_normal((3, 3, 3, 3)).astype(np.float32), "w3")
     _tiny(tmp_path / "scalar.onnx", [1, 3, 32, 32], [],
-          [helper.make_node("ReduceMean", ["x"], ["y"], keepdims=0, name="mean")])
+          [helper.make_node("Conv", ["x", "w3"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+           helper.make_node("ReduceMean", ["c"], ["y"], keepdims=0, name="mean")], [w3])
     calib = ("--calib", str(corpus.calib_dir()), "--target", "x86-cpu")
     for model, extra, words in [("rgba", (), "has 4 channels"), ("batch2", (), "fixed batch of 2"),
                                 ("dyn", ("--input-shape", "4,3,32,32"), "asks for a batch of 4"),
