@@ -337,7 +337,7 @@ BARELY_FOLLOWS = 3e-3
 def _barely_follows(o, x, specs: list[dict], task: str | None) -> None:
     """One line when a classifier's or embedder's output 0 differs across the validation inputs `x` by no more
     than BARELY_FOLLOWS of its size, but does differ (one alike for every input is `_reference_follows_inputs`'s
-    or `constant_scores`'s). Why: a TorchScript model that takes 0..255 pixels (x.float() / 127.5 - 1
+    or `task_metrics.constant_first`'s). Why: a TorchScript model that takes 0..255 pixels (x.float() / 127.5 - 1
     inside) was fed 0..1, so every photo reached it as nearly black: its log-scores moved by 0.0007 of their
     size across 56 photos, and its int8 export passed at top-1 agreement 1.0 against a reference that
     saw the same frames."""
@@ -371,7 +371,7 @@ def _saturated(o: np.ndarray) -> bool:
     return bool(rows.size) and bool((rows == 1).any(axis=1).all())
 
 
-def noise_unit(x, spec=None) -> float | None:
+def noise_unit(x) -> float | None:
     """What `perturb`'s sd is a share of, for inputs `x` that are not pictures (fewer than 4 axes: features,
     a waveform, token ids): the data's own spread (its standard deviation), 0 for integers (ids, which no
     noise leaves meaning the same); None for pictures (0..1 pixel units, from the input spec). Why: 0.01 in
@@ -447,12 +447,6 @@ def infer_task(ref: Reference, input_spec, labels=None) -> str:
     return tm.infer_task(ref.outputs, ref.specs, input_spec, labels)
 
 
-def tm_constant_first(outs: Outputs) -> bool:
-    from lepton_edge.exporters import task_metrics as tm
-
-    return tm.constant_first([np.asarray(o) for o in outs])
-
-
 class Validator:
     """`validate(path) -> (Verdict, predict, ram_bytes)`: runs a candidate artifact on the
     validation (and evaluation) inputs and judges it against the fp32 reference by task.
@@ -504,7 +498,9 @@ class Validator:
             if self.task == "classify" and labels and classes and len(labels) != classes:
                 raise BadInput(f"{len(labels)} labels for a classifier of {classes} classes: give one name a class, "
                                "in the model's order (--labels)")
-            if self.task in ("classify", "embed") and tm_constant_first(outs):
+            from lepton_edge.exporters import task_metrics as tm
+
+            if self.task in ("classify", "embed") and tm.constant_first([np.asarray(o) for o in outs]):
                 first = repr(specs[0]["name"]) if specs else "0"
                 raise BadInput(f"output 0 ({first}) is the same for every validation input while the others vary: "
                                f"a constant (anchors, a prior), where a {self.task} gate and the runtime read the "
@@ -527,7 +523,7 @@ class Validator:
                 from lepton_edge.compress.calibration import subset
 
                 some, rng = subset(data.check_x, None, CEILING_SAMPLES), np.random.default_rng(0)
-                unit = noise_unit(some, input_spec)
+                unit = noise_unit(some)
                 self.ref.noisy = batched(lambda xb: reference(perturb(np.asarray(xb), input_spec, rng=rng, unit=unit)),
                                          some, batch, "reference (noise)")
             if data.eval_x is not None and data.eval_y is not None and self.task == "classify":
