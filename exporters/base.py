@@ -661,7 +661,7 @@ def _recipes_for(exporter: Exporter, asked: list[str] | None, prof) -> list[str]
     wanted = asked or prof.quantization.recipes
     usable = [r for r in wanted if exporter.supports_recipe(r)]
     if asked and not usable:
-        grammar = ("; any of nncf-default, nncf-mixed, <u8|s8>-<minmax|percentile|entropy>[-ends][-sensitive]"
+        grammar = ("; any of nncf-default, nncf-mixed, <u8|s8>-<minmax|percentile|entropy>[-ends][-sensitive][-w7]"
                    if exporter.format == "onnx" else "")
         raise BadInput(f"--recipes: none of {', '.join(asked)} is a {exporter.format} int8 recipe (for example "
                        f"{', '.join(exporter.recipe_examples)}{grammar})")

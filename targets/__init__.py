@@ -60,10 +60,12 @@ def _human(n: int) -> str:
 class QuantizationSettings(BaseModel):
     """How int8 is done on this target, fastest recipe first.
 
-    A recipe name reads `<act>-<calibration>[-ends][-sensitive][-litert]`: `u8`/`s8` is the
+    A recipe name reads `<act>-<calibration>[-ends][-sensitive][-litert][-w7]`: `u8`/`s8` is the
     activation type (weights are always int8, per channel), `ends` keeps the first and last layer
     in float, `sensitive` keeps the layers a sensitivity pass finds worst in float, `litert` (TFLite
-    only) quantizes with the LiteRT quantizer instead of PT2E. Each format tries the recipes it can do.
+    only) quantizes with the LiteRT quantizer instead of PT2E, `w7` keeps the weights in 7 bits (what
+    x86 CPUs without AVX-512 VNNI need: lepton_edge/compress/quantize.Recipe). Each format tries the
+    recipes it can do.
     """
 
     # strict: `per_channel = "yes"` or `calibration_samples = 1.5e2` is a typo to name, not a value to convert
@@ -79,20 +81,23 @@ class QuantizationSettings(BaseModel):
             parts = r.split("-")
             if len(set(parts[2:])) != len(parts[2:]):  # `s8-minmax-ends-ends`: not a recipe of its own
                 raise ValueError(f"unknown recipe {r!r}: an option is named twice")
-            # NNCF's post-training quantization (ONNX): nncf-<default|mixed>[-sq][-ends][-sensitive]
+            # NNCF's post-training quantization (ONNX): nncf-<default|mixed>[-sq][-ends][-sensitive][-w7]
             if parts[0] == "nncf":
                 if len(parts) < 2 or parts[1] not in ("default", "mixed") or any(
-                        p not in {"sq", "ends", "sensitive"} for p in parts[2:]):
-                    raise ValueError(f"unknown recipe {r!r}: expected nncf-<default|mixed>[-sq][-ends][-sensitive]")
+                        p not in {"sq", "ends", "sensitive", "w7"} for p in parts[2:]):
+                    raise ValueError(
+                        f"unknown recipe {r!r}: expected nncf-<default|mixed>[-sq][-ends][-sensitive][-w7]")
                 continue
             if (
                 len(parts) < 2
                 or parts[0] not in _RECIPE_ACTS
                 or parts[1] not in _RECIPE_CALIB
-                or any(p not in {"ends", "sensitive", "litert"} for p in parts[2:])
+                or any(p not in {"ends", "sensitive", "litert", "w7"} for p in parts[2:])
+                or {"litert", "w7"} <= set(parts[2:])
             ):
                 raise ValueError(
-                    f"unknown recipe {r!r}: expected <u8|s8>-<minmax|percentile|entropy>[-ends][-sensitive][-litert]"
+                    f"unknown recipe {r!r}: expected <u8|s8>-<minmax|percentile|entropy>[-ends][-sensitive]"
+                    "[-litert|-w7]"
                 )
         return recipes
 

@@ -51,11 +51,18 @@ CALIBRATION_BATCH_BYTES = 512 << 20
 class Recipe:
     """One int8 candidate, parsed from its name.
 
-    `<u8|s8>-<minmax|percentile|entropy>[-ends][-sensitive][-litert]`: onnxruntime's quantize_static
-    (or, with `litert`, TFLite's LiteRT quantizer). `nncf-<default|mixed>[-sq][-ends][-sensitive]`:
+    `<u8|s8>-<minmax|percentile|entropy>[-ends][-sensitive][-litert][-w7]`: onnxruntime's quantize_static
+    (or, with `litert`, TFLite's LiteRT quantizer). `nncf-<default|mixed>[-sq][-ends][-sensitive][-w7]`:
     NNCF's post-training quantization (fast bias correction on; `default` = NNCF's performance
     preset, symmetric activations; `mixed` = asymmetric activations; `sq` = SmoothQuant on MatMul
     and convolutions, which helps models with outlier channels).
+
+    `w7`: weights in 7 bits (|w| <= 64; onnxruntime's `reduce_range`, NNCF's `OverflowFix.ENABLE`). Why:
+    x86 CPUs without AVX-512 VNNI multiply uint8 activations by int8 weights with `vpmaddubsw`, which
+    adds two products into int16 and saturates past 32,767 (255 x 127 x 2 = 64,770). onnxruntime's
+    fused int8 kernels then give wrong sums, so a graph validated on a VNNI workstation can be wrong on
+    the AVX2 device it was exported for: measured on an AVX2-only EPYC, ddddocr's detector in u8-minmax
+    matched 0.727 of fp32's boxes (F1) with 8-bit weights and 0.907 with 7-bit ones. 255 x 64 x 2 fits.
     """
 
     name: str
@@ -66,6 +73,7 @@ class Recipe:
     litert: bool = False  # TFLite: the LiteRT quantizer (ai-edge-quantizer) instead of PT2E
     engine: str = "ort"  # "ort" | "nncf" | "litert"
     smooth_quant: bool = False
+    weights_7bit: bool = False
 
     @classmethod
     def parse(cls, name: str) -> Recipe:
@@ -76,17 +84,19 @@ class Recipe:
         if len(set(opts)) != len(opts):  # (`-ends-ends` is no recipe of its own: it would be tried twice)
             raise ValueError(f"unknown recipe {name!r}: an option is named twice")
         if parts[0] == "nncf":
-            if parts[1] not in ("default", "mixed") or any(o not in ("ends", "sensitive", "sq") for o in opts):
-                raise ValueError(f"unknown recipe {name!r}: expected nncf-<default|mixed>[-sq][-ends][-sensitive]")
+            if parts[1] not in ("default", "mixed") or any(o not in ("ends", "sensitive", "sq", "w7") for o in opts):
+                raise ValueError(f"unknown recipe {name!r}: expected nncf-<default|mixed>[-sq][-ends][-sensitive][-w7]")
             return cls(name, "s8" if parts[1] == "default" else "u8", parts[1], "ends" in opts, "sensitive" in opts,
-                       engine="nncf", smooth_quant="sq" in opts)
+                       engine="nncf", smooth_quant="sq" in opts, weights_7bit="w7" in opts)
         if parts[0] not in ("u8", "s8") or parts[1] not in ("minmax", "percentile", "entropy") \
-                or any(o not in ("ends", "sensitive", "litert") for o in opts):
+                or any(o not in ("ends", "sensitive", "litert", "w7") for o in opts):
             raise ValueError(f"unknown recipe {name!r}: expected <u8|s8>-<minmax|percentile|entropy>"
-                             "[-ends][-sensitive][-litert]")
+                             "[-ends][-sensitive][-litert][-w7]")
         litert = "litert" in opts
+        if litert and "w7" in opts:  # (the LiteRT quantizer has no such option, and ARM's kernels need none)
+            raise ValueError(f"unknown recipe {name!r}: -w7 is for onnxruntime and NNCF graphs, not -litert")
         return cls(name, parts[0], parts[1], "ends" in opts, "sensitive" in opts, litert,
-                   engine="litert" if litert else "ort")
+                   engine="litert" if litert else "ort", weights_7bit="w7" in opts)
 
     @property
     def layout(self) -> tuple:
@@ -99,7 +109,7 @@ class Recipe:
         one export's quick timings of those two graphs once read 1.16x and 0.80x fp32's time, so a noisy
         timing must not skip it. nncf-mixed was chosen for none of the corpus's 15 int8 bundles (BENCHMARKS.md)."""
         if self.engine == "nncf":
-            return (self.engine, self.keep_ends, self.sensitive, self.smooth_quant)
+            return (self.engine, self.keep_ends, self.sensitive, self.smooth_quant)  # (w7: other scales, same kernels)
         return (self.engine, self.name)
 
     @property
@@ -109,12 +119,12 @@ class Recipe:
 
     def method(self) -> str:
         """What quantized the model, in words, for the manifest."""
+        weights = "weights int8 per-channel" + (" in 7 bits" if self.weights_7bit else "")
         if self.engine == "nncf":
             return (f"NNCF {_version('nncf')} post-training quantization (ONNX backend, {self.calibration} preset, "
-                    f"fast bias correction{', SmoothQuant' if self.smooth_quant else ''}), QDQ, weights int8 "
-                    "per-channel")
+                    f"fast bias correction{', SmoothQuant' if self.smooth_quant else ''}), QDQ, {weights}")
         return (f"onnxruntime {_version('onnxruntime')} quantize_static ({self.calibration} calibration, "
-                f"{self.activation} activations), QDQ, weights int8 per-channel")
+                f"{self.activation} activations), QDQ, {weights}")
 
 
 def _version(pkg: str) -> str:
@@ -491,7 +501,7 @@ def _ort_int8(model, out_path: Path, feeds, recipe: Recipe, per_channel: bool, e
                     str(out_path), reader, quant_format=QuantFormat.QDQ,
                     per_channel=per_channel and _opset(model) >= PER_CHANNEL_MIN_OPSET,
                     activation_type=QuantType.QUInt8 if recipe.activation == "u8" else QuantType.QInt8,
-                    weight_type=QuantType.QInt8, calibrate_method=method,
+                    weight_type=QuantType.QInt8, calibrate_method=method, reduce_range=recipe.weights_7bit,
                     nodes_to_exclude=exclude or None, extra_options=extra,
                     **({"calibration_cache_path": str(cache)} if cache is not None else {}),
                 )
@@ -623,7 +633,11 @@ def _nncf_int8(model, out_path: Path, feeds, dtypes, recipe: Recipe, exclude, ch
 
     no_nncf_telemetry()
     nncf_matching.install()  # (the same fused patterns found, sooner)
-    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
+    from nncf.quantization.advanced_parameters import (
+        AdvancedQuantizationParameters,
+        AdvancedSmoothQuantParameters,
+        OverflowFix,
+    )
 
     from lepton_edge import ui
 
@@ -641,7 +655,9 @@ def _nncf_int8(model, out_path: Path, feeds, dtypes, recipe: Recipe, exclude, ch
 
         sq = AdvancedSmoothQuantParameters(matmul=0.95, convolution=0.05) if recipe.smooth_quant else \
             AdvancedSmoothQuantParameters(matmul=-1, convolution=-1)
-        advanced = AdvancedQuantizationParameters(smooth_quant_alphas=sq)
+        # (NNCF's own default fixes the overflow in each input's first convolution only)
+        advanced = AdvancedQuantizationParameters(smooth_quant_alphas=sq, overflow_fix=OverflowFix.ENABLE
+                                                  if recipe.weights_7bit else None)
         nncf.set_log_level(logging.ERROR)
         first = {**{k: v[:batch] for k, v in feeds.items()}, **fixed}
         with ui.libraries_silenced("nncf", "", stderr=False), \
