@@ -27,7 +27,12 @@ def toolchain() -> dict[str, str]:
     """Python, host and the versions of every package that took part (those installed)."""
     import importlib.metadata as md
 
+    from lepton_edge.runtime.cpu_int8 import cpu_int8
+
     out = {"python": platform.python_version(), "host": f"{platform.system()} {platform.machine()}"}
+    dot = cpu_int8()  # (the int8 kernels validation ran on: `lepton-edge bench` on the device compares)
+    if dot:
+        out["cpu_int8"] = dot
     for pkg in TOOLCHAIN_PACKAGES:
         try:
             out[pkg] = md.version(pkg)

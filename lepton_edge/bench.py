@@ -93,13 +93,26 @@ def measure(model: str, threads: int | None, runs: int, warmup: int, source: str
     wall = time.perf_counter() - t0
     snap = st.snapshot()
     d = rt.describe()
-    return {"model": str(model), "name": rt.name, "format": d.get("format") or Path(str(model)).suffix.lstrip("."),
+    note = _kernels_note(rt)
+    return {**({"note": note} if note else {}),
+            "model": str(model), "name": rt.name, "format": d.get("format") or Path(str(model)).suffix.lstrip("."),
             "precision": d.get("precision"), "backend": d["backend"], "threads": d["threads"],
             "runs": runs, "warmup": warmup, "latency_ms": snap["latency_ms"],
             "throughput_fps": runs / wall if wall > 0 else None,
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "frame": list(frames[0].shape),
             "source": source or ("synthetic 640x480 BGR" if rt.takes_images else "zeros of the input's shape")}
+
+
+def _kernels_note(rt) -> str | None:
+    """A line when an x86 int8 bundle was validated on a CPU whose onnxruntime int8 kernels differ from this
+    one's (runtime/cpu_int8.py)."""
+    from lepton_edge.runtime.cpu_int8 import cpu_int8, kernels_differ
+
+    m = rt.bundle.manifest if rt.bundle else None
+    if m is None or m.precision != "int8" or m.format != "onnx":
+        return None
+    return kernels_differ(m.toolchain.get("cpu_int8"), cpu_int8())
 
 
 def _check(deadline: float, model: str) -> None:

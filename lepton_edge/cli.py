@@ -669,6 +669,8 @@ def bench(
         _emit_json(rows)
     else:
         out.print(b.table(rows, f"{runs} runs after {warmup} warm-up, on this host"))
+    for note in dict.fromkeys(r["note"] for r in rows if r.get("note")):  # (once, whatever the thread counts)
+        log.warning(note)
     if all("error" in r for r in rows):
         raise BadInput("; ".join(r["error"] for r in rows))
 

@@ -1,0 +1,56 @@
+"""runtime/cpu_int8.py: the CPU's int8 dot-product instructions in one word, and the line `bench` gives when an
+x86 int8 bundle was validated on a CPU whose onnxruntime kernels differ (VNNI or not)."""
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from lepton_edge.runtime.cpu_int8 import cpu_int8, kernels_differ
+
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+
+
+@pytest.mark.skipif(not X86, reason="x86 flags")
+@pytest.mark.parametrize("flags, word", [("fpu sse2 avx2 avx512f avx512_vnni", "avx512-vnni"),
+                                         ("sse2 avx2 avx_vnni", "avx-vnni"), ("sse2 avx avx2 fma", "avx2"),
+                                         ("sse2 sse4_2", "sse")])
+def test_x86_flags_name_the_kernels(flags, word):
+    text = f"processor\t: 0\nmodel name\t: some cpu\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n"
+    assert cpu_int8(text) == word
+
+
+def test_arm_features_and_nothing_readable():
+    assert cpu_int8("processor\t: 0\nFeatures\t: fp asimd evtstrm aes asimddp\n") == "neon-dotprod"
+    assert cpu_int8("processor\t: 0\nFeatures\t: fp asimd evtstrm crc32\n") == "neon"
+    assert cpu_int8("") is None and cpu_int8("processor\t: 0\n") is None
+    assert cpu_int8() is None or isinstance(cpu_int8(), str)  # this host's own
+
+
+def test_only_a_vnni_difference_between_two_x86_cpus_is_a_line():
+    assert "avx512-vnni" in kernels_differ("avx512-vnni", "avx2") and "-w7" in kernels_differ("avx2", "avx-vnni")
+    for a, b in (("avx512-vnni", "avx-vnni"), ("avx2", "sse"), ("avx2", "avx2"), ("avx512-vnni", "neon"),
+                 (None, "avx2"), ("avx2", None)):
+        assert kernels_differ(a, b) is None, (a, b)
+
+
+@pytest.mark.skipif(not X86 or cpu_int8() is None, reason="needs an x86 CPU whose flags can be read")
+def test_bench_says_when_the_bundle_was_validated_on_other_kernels(int8_bundle, tmp_path):
+    src = int8_bundle.bundle.path
+    manifest = json.loads((src / "manifest.json").read_text())
+    assert manifest["toolchain"]["cpu_int8"] == cpu_int8()  # the export recorded its host's
+    other = tmp_path / src.name
+    shutil.copytree(src, other)
+    manifest["toolchain"]["cpu_int8"] = "avx2" if cpu_int8() in ("avx512-vnni", "avx-vnni") else "avx512-vnni"
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    args = [sys.executable, "-m", "lepton_edge.cli", "bench", "--runs", "3", "--warmup", "0", "--json"]
+    same = subprocess.run([*args, str(src)], capture_output=True, text=True, timeout=300)
+    moved = subprocess.run([*args, str(other)], capture_output=True, text=True, timeout=300)
+    assert same.returncode == 0 and moved.returncode == 0, (same.stderr[-800:], moved.stderr[-800:])
+    assert "note" not in json.loads(same.stdout)[0] and "validated on a CPU" not in same.stderr
+    assert "validated on a CPU with" in json.loads(moved.stdout)[0]["note"]
+    assert "validated on a CPU with" in moved.stderr and "Traceback" not in moved.stderr
