@@ -475,6 +475,8 @@ class Validator:
             batch = max(1, min(batch, q.ACTIVATION_BATCH_BYTES // activations))
         self.exporter, self.threads, self.data, self.batch = exporter, threads, data, batch
         self.reference = reference  # fp32's predictor: the recipe search times candidates against it
+        # engine settings every artifact is judged with unless the call names its own (base.exact_int8)
+        self.settings: dict[str, Any] = {}
         self.th, self.spec, self.labels, self.enforce = thresholds, input_spec, labels, enforce
         specs = exporter.describe(reference_path).get("outputs", [])
         if memory_budget:
@@ -539,7 +541,7 @@ class Validator:
         """The artifact at `path` judged against fp32; `settings`: engine settings (Exporter.predictor)."""
         d = self.data
         before = rss_bytes()
-        pred = self.exporter.predictor(path, self.threads, **settings)
+        pred = self.exporter.predictor(path, self.threads, **(settings or self.settings))
         out = batched(pred, d.check_x, self.batch)
         after = rss_bytes()
         eval_out = None

@@ -129,6 +129,8 @@ class ValidationSection(Section):
     inputs: dict[str, Any] = Field(default_factory=dict)
     eval_source: str | None = None
     agreement_inputs: str | None = None
+    # how an int8 ONNX artifact was run to judge it, where not as the device will (exporters/base.exact_int8)
+    arithmetic: str | None = None
     reference: str | None = None
     conversion: ConversionSection | None = None
     trained_weights: bool = True
