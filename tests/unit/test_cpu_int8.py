@@ -31,26 +31,49 @@ def test_arm_features_and_nothing_readable():
     assert cpu_int8() is None or isinstance(cpu_int8(), str)  # this host's own
 
 
-def test_only_a_vnni_difference_between_two_x86_cpus_is_a_line():
-    assert "avx512-vnni" in kernels_differ("avx512-vnni", "avx2") and "-w7" in kernels_differ("avx2", "avx-vnni")
+def test_only_a_device_that_saturates_where_the_validation_did_not_is_a_line():
+    assert "avx512-vnni" in kernels_differ("avx512-vnni", "avx2") and "-w7" in kernels_differ("neon-dotprod", "sse")
     for a, b in (("avx512-vnni", "avx-vnni"), ("avx2", "sse"), ("avx2", "avx2"), ("avx512-vnni", "neon"),
-                 (None, "avx2"), ("avx2", None)):
-        assert kernels_differ(a, b) is None, (a, b)
+                 ("avx2", "avx-vnni"), ("avx2", "neon-dotprod"), (None, "avx2"), ("avx2", None)):
+        assert kernels_differ(a, b) is None, (a, b)  # (validated saturating, or exact here: judged as bad or worse)
+
+
+def test_bench_measures_with_the_note_where_the_device_saturates_and_the_export_did_not(int8_bundle, monkeypatch,
+                                                                                         tmp_path):
+    from lepton_edge import bench
+    from lepton_edge.runtime import cpu_int8 as mod
+
+    src = int8_bundle.bundle.path
+    manifest = json.loads((src / "manifest.json").read_text())
+    for here, exported, noted in (("avx2", "avx512-vnni", True), ("avx512-vnni", "avx2", False),
+                                  ("avx2", "avx2", False)):
+        copy = tmp_path / f"{here}-{exported}" / src.name
+        shutil.copytree(src, copy)
+        manifest["toolchain"]["cpu_int8"] = exported
+        (copy / "manifest.json").write_text(json.dumps(manifest))
+        monkeypatch.setattr(mod, "cpu_int8", lambda here=here: here)
+        row = bench.measure(str(copy), 1, runs=2, warmup=0)
+        assert ("note" in row) == noted, (here, exported, row.get("note"))
 
 
 @pytest.mark.skipif(not X86 or cpu_int8() is None, reason="needs an x86 CPU whose flags can be read")
 def test_bench_says_when_the_bundle_was_validated_on_other_kernels(int8_bundle, tmp_path):
+    """From the command line, on this CPU: a bundle recorded as validated with VNNI gets the line where this CPU
+    saturates (no VNNI), and none where it has VNNI too."""
     src = int8_bundle.bundle.path
     manifest = json.loads((src / "manifest.json").read_text())
     assert manifest["toolchain"]["cpu_int8"] == cpu_int8()  # the export recorded its host's
     other = tmp_path / src.name
     shutil.copytree(src, other)
-    manifest["toolchain"]["cpu_int8"] = "avx2" if cpu_int8() in ("avx512-vnni", "avx-vnni") else "avx512-vnni"
+    manifest["toolchain"]["cpu_int8"] = "avx512-vnni"
     (other / "manifest.json").write_text(json.dumps(manifest))
     args = [sys.executable, "-m", "lepton_edge.cli", "bench", "--runs", "3", "--warmup", "0", "--json"]
     same = subprocess.run([*args, str(src)], capture_output=True, text=True, timeout=300)
     moved = subprocess.run([*args, str(other)], capture_output=True, text=True, timeout=300)
     assert same.returncode == 0 and moved.returncode == 0, (same.stderr[-800:], moved.stderr[-800:])
     assert "note" not in json.loads(same.stdout)[0] and "validated on a CPU" not in same.stderr
-    assert "validated on a CPU with" in json.loads(moved.stdout)[0]["note"]
-    assert "validated on a CPU with" in moved.stderr and "Traceback" not in moved.stderr
+    if cpu_int8() in ("avx2", "sse"):
+        assert "validated on a CPU with avx512-vnni" in json.loads(moved.stdout)[0]["note"]
+        assert "validated on a CPU with" in moved.stderr and "Traceback" not in moved.stderr
+    else:  # (this CPU computes int8 exactly: what was validated is what runs)
+        assert "note" not in json.loads(moved.stdout)[0] and "validated on a CPU" not in moved.stderr
