@@ -117,11 +117,14 @@ def _steps(ctx: ExportContext, model: Any, example_input: Any) -> ExportResult:
     validate = _validator(ctx, exporter, fp32, fp32_pred)
     chosen = ctx.workdir / f"model{exporter.suffix}"
     if precision == "int8":
-        if exact_int8(ctx, exporter):
+        exact = exact_int8(ctx, exporter)
+        if exact:
             validate.settings = {"qdq_fusion": False}
             ctx.progress.info(f"[dim]int8 is validated in the graph's exact arithmetic (onnxruntime's QDQ fusion "
                               f"off here): {prof.id}'s kernels are not this host's[/]")
         comp, pred, ram = _int8(ctx, exporter, fp32, chosen, validate, recipes)
+        if exact:  # its RAM and speed as the device runs it, fused: the exact run held its weights as float
+            _, pred, ram = validate(chosen, qdq_fusion=True)
         comp, pred, ram = kernels.choose(ctx, exporter, chosen, comp, pred, ram, validate)
     else:
         comp, pred, ram = _float(ctx, exporter, fp32, chosen, precision, validate)

@@ -60,7 +60,7 @@ def _human(n: int) -> str:
 class QuantizationSettings(BaseModel):
     """How int8 is done on this target, fastest recipe first.
 
-    A recipe name reads `<act>-<calibration>[-ends][-sensitive][-litert][-w7]`: `u8`/`s8` is the
+    A recipe name reads `<act>-<calibration>[-ends][-sensitive][-litert|-w7]`: `u8`/`s8` is the
     activation type (weights are always int8, per channel), `ends` keeps the first and last layer
     in float, `sensitive` keeps the layers a sensitivity pass finds worst in float, `litert` (TFLite
     only) quantizes with the LiteRT quantizer instead of PT2E, `w7` keeps the weights in 7 bits (what

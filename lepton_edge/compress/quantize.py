@@ -51,7 +51,7 @@ CALIBRATION_BATCH_BYTES = 512 << 20
 class Recipe:
     """One int8 candidate, parsed from its name.
 
-    `<u8|s8>-<minmax|percentile|entropy>[-ends][-sensitive][-litert][-w7]`: onnxruntime's quantize_static
+    `<u8|s8>-<minmax|percentile|entropy>[-ends][-sensitive][-litert|-w7]`: onnxruntime's quantize_static
     (or, with `litert`, TFLite's LiteRT quantizer). `nncf-<default|mixed>[-sq][-ends][-sensitive][-w7]`:
     NNCF's post-training quantization (fast bias correction on; `default` = NNCF's performance
     preset, symmetric activations; `mixed` = asymmetric activations; `sq` = SmoothQuant on MatMul
@@ -91,7 +91,7 @@ class Recipe:
         if parts[0] not in ("u8", "s8") or parts[1] not in ("minmax", "percentile", "entropy") \
                 or any(o not in ("ends", "sensitive", "litert", "w7") for o in opts):
             raise ValueError(f"unknown recipe {name!r}: expected <u8|s8>-<minmax|percentile|entropy>"
-                             "[-ends][-sensitive][-litert][-w7]")
+                             "[-ends][-sensitive][-litert|-w7]")
         litert = "litert" in opts
         if litert and "w7" in opts:  # (the LiteRT quantizer has no such option, and ARM's kernels need none)
             raise ValueError(f"unknown recipe {name!r}: -w7 is for onnxruntime and NNCF graphs, not -litert")
@@ -607,9 +607,11 @@ def _indexed_lookups() -> Iterator[None]:
     names compared, three in four calls for a name that is not there. For the block, each of a graph's own
     lists gets an index of its names (a list made for one call is scanned), kept while the list only grows
     (its old last item still in its place: what was added is indexed) and built again when it changed
-    otherwise (its length or last name); a name found is checked against the item at its place, and a
-    mismatch scans as onnxruntime does. What the index cannot see is an item renamed in place: onnxruntime
-    (1.32) names a new initializer before it adds it, never after. The lists are kept referenced for the
+    otherwise (its length or last name), and dropped whenever onnxruntime removes initializers (ONNXModel's
+    remove_initializer(s) and clean_initializers, its only removals: removing two and adding two can leave a
+    list its length and last name); a name found is checked against the item at its place, and a mismatch
+    scans as onnxruntime does. What the index cannot see is an item renamed in place: onnxruntime (1.32)
+    names a new initializer before it adds it, never after. The lists are kept referenced for the
     block, so their ids name them alone. The same items come back: a byte-identical file (PP-OCR rec, PP-OCR
     det, PicoDet; 0.2-0.3 s less a candidate)."""
     import importlib
@@ -648,15 +650,31 @@ def _indexed_lookups() -> Iterator[None]:
         kept.pop(id(item_list), None)  # (changed in place: scanned, and indexed again next time)
         return original(item_name, item_list)
 
+    def forgetting(method):  # (a removal can leave a list its old length and last name: indexed again)
+        def removing(self, *args, **kwargs):
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                kept.clear()
+        return removing
+
+    from onnxruntime.quantization.onnx_model import ONNXModel
+
+    removals = {name: getattr(ONNXModel, name) for name in ("remove_initializer", "remove_initializers",
+                                                            "clean_initializers") if hasattr(ONNXModel, name)}
     modules = [importlib.import_module(f"onnxruntime.quantization.{m}") for m in _FIND_BY_NAME_USERS]
     patched = [m for m in modules if getattr(m, "find_by_name", None) is original]
     for m in patched:
         m.find_by_name = find_by_name
+    for name, method in removals.items():
+        setattr(ONNXModel, name, forgetting(method))
     try:
         yield
     finally:
         for m in patched:
             m.find_by_name = original
+        for name, method in removals.items():
+            setattr(ONNXModel, name, method)
         kept.clear()
 
 

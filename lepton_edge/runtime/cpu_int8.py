@@ -19,8 +19,9 @@ _X86 = (("avx512_vnni", "avx512-vnni"), ("avx_vnni", "avx-vnni"), ("avx2", "avx2
 
 
 def cpu_int8(cpuinfo: str | None = None) -> str | None:
-    """`avx512-vnni`, `avx-vnni`, `avx2` or `sse` on x86-64; `neon-dotprod` or `neon` on ARM64; None where
-    it cannot be read (another OS or machine). `cpuinfo`: /proc/cpuinfo's text (read here when None)."""
+    """`avx512-vnni`, `avx-vnni`, `avx2` (AVX2 or AVX-512 without VNNI: the kernels that add u8 x s8 products in
+    int16 pairs) or `sse` on x86-64; `neon-dotprod` or `neon` on ARM64; None where it cannot be read (another
+    OS or architecture). `cpuinfo`: /proc/cpuinfo's text (read here when None)."""
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")[:1 << 20]
@@ -37,6 +38,8 @@ def cpu_int8(cpuinfo: str | None = None) -> str | None:
     machine = platform.machine().lower()
     if "asimd" in flags or machine in ("aarch64", "arm64"):
         return "neon-dotprod" if "asimddp" in flags else "neon"
+    if machine not in ("x86_64", "amd64", "i386", "i686") and "sse2" not in flags:
+        return None  # (another architecture: no word for it)
     for flag, word in _X86:
         if flag in flags:
             return word
@@ -44,11 +47,12 @@ def cpu_int8(cpuinfo: str | None = None) -> str | None:
 
 
 def kernels_differ(exported_on: str | None, here: str | None) -> str | None:
-    """A line when an int8 graph validated where int8 is computed exactly (an x86 CPU with VNNI, an ARM one)
-    runs here on an x86 CPU without VNNI, whose onnxruntime kernels saturate: the validation did not see
-    that. None otherwise (validated on kernels that saturate too, it was judged as it runs here or worse; an
-    unknown side says nothing)."""
-    saturating = {"avx2", "sse"}
+    """A line when an int8 graph validated where int8 is computed exactly (an x86 CPU with VNNI or SSE only, an
+    ARM one) runs here on an x86 CPU with AVX2 and no VNNI, whose onnxruntime kernels saturate on 8-bit
+    weights: the validation did not see that (bench leaves out 7-bit `-w7` graphs, which cannot saturate).
+    None otherwise: validated on kernels that saturate too, it was judged as it runs here or worse; an
+    unknown side says nothing."""
+    saturating = {"avx2"}  # (onnxruntime's SSE kernel widens to int16 and adds pairs in int32: exact)
     if not exported_on or not here or here not in saturating or exported_on in saturating:
         return None
     return (f"this int8 bundle was validated on a CPU with {exported_on} and runs here on {here}: onnxruntime's "

@@ -18,7 +18,7 @@ def test_the_index_answers_as_the_scan_does_through_every_kind_of_change():
     g = helper.make_graph([], "g", [], [], [_t(f"w{i}") for i in range(6)])
     inits = g.initializer
     scan = quant_utils.find_by_name
-    asked = [f"w{i}" for i in range(12)] + ["x", "new", "late"]
+    asked = ["x", "new", "late", "y"] + [f"w{i}" for i in range(12)]  # (names added first: a stale index says no)
 
     def same() -> None:
         for name in asked:
@@ -26,22 +26,28 @@ def test_the_index_answers_as_the_scan_does_through_every_kind_of_change():
             assert (a is None) == (b is None), name
             assert a is None or (a.name == b.name and a.SerializeToString() == b.SerializeToString()), name
 
+    model = onnx.ModelProto(graph=g)
     with q._indexed_lookups():
+        from onnxruntime.quantization.onnx_model import ONNXModel
+
+        om = ONNXModel(model)
+        inits = om.model.graph.initializer
         assert quant_utils.find_by_name is not scan and onnx_quantizer.find_by_name is quant_utils.find_by_name
         same()
         inits.extend([_t("w6"), _t("w7")])  # grown: only the new items indexed
         same()
-        inits.remove(inits[2])  # a middle one removed
+        om.remove_initializer(inits[2])  # a middle one removed (onnxruntime removes through ONNXModel)
         same()
-        inits.remove(inits[1])
-        inits.extend([_t("new")])  # removed and added: the same length
+        om.remove_initializer(inits[1])
+        om.add_initializer(_t("new"))  # removed and added: the same length
         same()
         last = onnx.TensorProto()
         last.CopyFrom(inits[len(inits) - 1])
-        inits.remove(inits[0])
-        inits.extend([last])  # the same length and the same last name, every place moved
+        om.remove_initializers([inits[0], inits[len(inits) - 1]])
+        om.initializer_extend([_t("x"), last])  # two removed, two added with no lookup between (add_initializer
+        # looks first): the list has its old length and last name
         same()
-        inits.remove(inits[3])
+        om.remove_initializer(inits[3])
         inits.extend([_t("late"), _t("w3")])  # a name that was gone comes back at the end
         same()
         del inits[:]
