@@ -469,7 +469,6 @@ def _validator(ctx: ExportContext, exporter: Exporter, fp32: Path, fp32_pred):
                              constants=_constants_fed(src))
     ctx.progress.info(f"[dim]validating as task '{validate.task}'"
                       f"{' (inferred from the outputs)' if validate.task_inferred else ''}[/]")
-
     if validate.task == "detect":  # the device decodes boxes as the gate did: task and head in the manifest
         from lepton_edge.exporters.task_metrics import detect_head
 

@@ -17,10 +17,8 @@ from pydantic_core import PydanticCustomError
 from lepton_edge import tomlfile
 from lepton_edge.errors import BadInput, closest
 
-_RECIPE_ACTS = {"u8", "s8"}
 MIN_OPSET, MAX_OPSET = 7, 28  # the default-domain opsets onnx knows (onnx 1.23: 28; raise it with onnx)
 MAX_PROFILE_BYTES = 1 << 20
-_RECIPE_CALIB = {"minmax", "percentile", "entropy"}
 
 # What each runtime runs, and what it is configured with: a profile that mixes them describes no device.
 RUNTIME_FORMAT = {"onnxruntime": "onnx", "litert": "tflite"}
@@ -77,28 +75,10 @@ class QuantizationSettings(BaseModel):
     @field_validator("recipes")
     @classmethod
     def _known(cls, recipes: list[str]) -> list[str]:
+        from lepton_edge.compress.quantize import Recipe  # (the one grammar: Recipe.parse's ValueError names it)
+
         for r in recipes:
-            parts = r.split("-")
-            if len(set(parts[2:])) != len(parts[2:]):  # `s8-minmax-ends-ends`: not a recipe of its own
-                raise ValueError(f"unknown recipe {r!r}: an option is named twice")
-            # NNCF's post-training quantization (ONNX): nncf-<default|mixed>[-sq][-ends][-sensitive][-w7]
-            if parts[0] == "nncf":
-                if len(parts) < 2 or parts[1] not in ("default", "mixed") or any(
-                        p not in {"sq", "ends", "sensitive", "w7"} for p in parts[2:]):
-                    raise ValueError(
-                        f"unknown recipe {r!r}: expected nncf-<default|mixed>[-sq][-ends][-sensitive][-w7]")
-                continue
-            if (
-                len(parts) < 2
-                or parts[0] not in _RECIPE_ACTS
-                or parts[1] not in _RECIPE_CALIB
-                or any(p not in {"ends", "sensitive", "litert", "w7"} for p in parts[2:])
-                or {"litert", "w7"} <= set(parts[2:])
-            ):
-                raise ValueError(
-                    f"unknown recipe {r!r}: expected <u8|s8>-<minmax|percentile|entropy>[-ends][-sensitive]"
-                    "[-litert|-w7]"
-                )
+            Recipe.parse(r)
         return recipes
 
 

@@ -5,7 +5,7 @@ Why: onnxruntime picks its int8 kernels by instruction set, and they do not all 
 x86 without VNNI (AVX2, AVX-512 without VNNI), uint8 x int8 products are added in int16 pairs that saturate
 past 32,767; with VNNI they are not. An int8 graph validated on a VNNI workstation can therefore give other
 answers on an AVX2 device (measured on an AVX2-only AMD EPYC: ddddocr's detector matched 0.727 of fp32's
-boxes with 8-bit weights, 0.907 with 7-bit ones). x86-cpu's onnxruntime recipes keep 7-bit weights for that
+boxes with 8-bit weights, 0.907 with 7-bit ones). x86-cpu's onnxruntime u8 recipes keep 7-bit weights for that
 (compress/quantize.Recipe `-w7`); NNCF's graphs and the s8 recipes do not, so a device whose kernels differ
 from the exporting host's is told so. Read from /proc/cpuinfo (Linux), so it costs no import.
 """
