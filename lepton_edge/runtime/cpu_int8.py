@@ -16,6 +16,7 @@ from pathlib import Path
 
 # x86: from the most capable down (the first present names the CPU); ARM: the dot-product extension
 _X86 = (("avx512_vnni", "avx512-vnni"), ("avx_vnni", "avx-vnni"), ("avx2", "avx2"))
+WORDS = frozenset({"avx512-vnni", "avx-vnni", "avx2", "sse", "neon-dotprod", "neon"})  # what cpu_int8 says
 
 
 def cpu_int8(cpuinfo: str | None = None) -> str | None:
@@ -53,8 +54,8 @@ def kernels_differ(exported_on: str | None, here: str | None) -> str | None:
     None otherwise: validated on kernels that saturate too, it was judged as it runs here or worse; an
     unknown side says nothing."""
     saturating = {"avx2"}  # (onnxruntime's SSE kernel widens to int16 and adds pairs in int32: exact)
-    if not exported_on or not here or here not in saturating or exported_on in saturating:
-        return None
+    if exported_on not in WORDS or here not in saturating or exported_on in saturating:
+        return None  # (a manifest's own value that is none of ours, 5 KB of escapes, is never printed)
     return (f"this int8 bundle was validated on a CPU with {exported_on} and runs here on {here}: onnxruntime's "
             "int8 kernels differ (without VNNI they saturate on 8-bit weights): export it on a CPU of this kind, "
             "or with 7-bit weights (--recipes u8-minmax-w7,u8-percentile-w7)")

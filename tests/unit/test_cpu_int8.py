@@ -38,6 +38,7 @@ def test_only_a_device_that_saturates_where_the_validation_did_not_is_a_line():
                  ("avx512-vnni", "neon"),
                  ("avx2", "avx-vnni"), ("avx2", "neon-dotprod"), (None, "avx2"), ("avx2", None)):
         assert kernels_differ(a, b) is None, (a, b)  # (validated saturating, or exact here: judged as bad or worse)
+    assert kernels_differ("\x1b[31m" + "A" * 5000, "avx2") is None  # (a hostile manifest's value: no line)
 
 
 def test_bench_measures_with_the_note_where_the_device_saturates_and_the_export_did_not(int8_bundle, monkeypatch,
