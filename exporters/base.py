@@ -622,7 +622,8 @@ def _measure_latency(ctx: ExportContext, pred, fp32_pred) -> dict[str, Any]:
     if not ctx.options.measure_latency:
         return {}
     x1 = ctx.data.check_x[:1]
-    lat, base = val.paired_latency_ms(pred, fp32_pred, x1)
+    # (the rounds the recipe search timed this very graph in, where it is the one chosen: recipes._finished)
+    lat, base = val.paired_latency_ms(pred, fp32_pred, x1, before=getattr(pred, "timed_rounds", None))
     ctx.report.latency = LatencySection(host=writer.toolchain()["host"], threads=writer.threads_used(ctx.profile),
                                         batch=1, p50_ms=lat["p50_ms"], p90_ms=lat["p90_ms"], min_ms=lat["min_ms"],
                                         runs=lat.get("runs"),

@@ -60,6 +60,7 @@ NO_EVIDENCE_TRIES = 2
 # candidate cannot outrank the best and is not started (it was a whole NNCF run: 6-12 s of those exports).
 # The margin keeps timing noise from deciding.
 SIBLING_MARGIN = 1.2
+ROUNDS = "rounds"  # _timing's paired rounds, in its fields until the search takes them out
 
 
 @dataclass
@@ -77,6 +78,7 @@ class SearchResult:
     seconds: float = 0.0
     rank_key: tuple = ()
     doubtful: bool = False  # passed below its required metric, on the doubt few inputs leave (task_metrics.on_doubt)
+    rounds: list | None = None  # its paired timing rounds against fp32 (_timing), which the report's timing goes on
     failure: str | None = None  # with path None: why no candidate could even be validated (memory, broken graphs)
 
 
@@ -191,6 +193,7 @@ def search(ctx, exporter, prepared: Path, validate, recipes: list[str], *, patie
                 tally.count(place)
                 size = res.path.stat().st_size
                 lat, over, timed_fields = _timing(ok, pred, x1, budget_ms, fp32)
+                rounds = timed_fields.pop(ROUNDS, None)
                 record(label, **_tried(ok, why, score, metrics, size, lat, res.float_nodes,
                                        time.perf_counter() - t1, watch.peak), **timed_fields)
                 _say(ctx.progress, ok, why, metrics, over or _slower_note(timed_fields) or _doubt_note(ok, metrics))
@@ -199,7 +202,8 @@ def search(ctx, exporter, prepared: Path, validate, recipes: list[str], *, patie
                     doubtful = tm.on_doubt(metrics)
                     cand = SearchResult(res.path, label, exporter.int8_method(recipe), res.float_nodes, result,
                                         None, ram, rank_key=(over is None, not doubtful, _speed(timed_fields),
-                                                             score, -size, -(lat or 0.0)), doubtful=doubtful)
+                                                             score, -size, -(lat or 0.0)), doubtful=doubtful,
+                                        rounds=rounds)
                     pred = None
                     best, improved = _better(best, cand)
                     speeds.passed(recipe, label, over is None, timed_fields, improved)
@@ -229,6 +233,8 @@ def _finished(out: SearchResult, best: SearchResult | None, exporter, threads: i
         for a in out.attempts:
             a["chosen"] = a["recipe"] == best.recipe
         best.predict = exporter.predictor(best.path, threads)
+        if best.rounds:  # (base._measure_latency goes on from them: the same graph, timed here a moment ago)
+            best.predict.timed_rounds = best.rounds  # type: ignore[attr-defined]
         return best
     if not any(not a.get("skipped") for a in out.attempts):
         out.failure = _failure(out.attempts)
@@ -616,15 +622,19 @@ def _timing(ok: bool, pred, x1: np.ndarray, budget_ms: float | None, fp32=None
     """(p50 ms, why it is over the latency budget or None, fields for its attempt record) of a
     candidate that passed the gate; a failed one is not timed. With fp32's predictor (timed beside
     the candidate, runs interleaved: val.paired_latency_ms), the record says whether the candidate
-    is slower than fp32 here (by val.SLOWER_THAN_FP32, on the fastest runs)."""
+    is slower than fp32 here (by val.SLOWER_THAN_FP32, on the fastest runs), and the fields hold the
+    paired rounds under ROUNDS (the caller takes them out)."""
     if not ok:
         return None, None, {}
     if fp32 is not None:
-        timing, base = val.paired_latency_ms(pred, fp32, x1, runs=10, warmup=1, budget_s=0.6)
+        kept: list = []
+        timing, base = val.paired_latency_ms(pred, fp32, x1, runs=10, warmup=1, budget_s=0.6, kept=kept)
     else:
-        timing, base = _quick_latency(pred, x1), None
+        timing, base, kept = _quick_latency(pred, x1), None, []
     over = _over_budget(timing, budget_ms)
-    fields = {"min_ms": round(timing["min_ms"], 3), "within_latency_budget": over is None}
+    fields: dict[str, Any] = {"min_ms": round(timing["min_ms"], 3), "within_latency_budget": over is None}
+    if kept:
+        fields[ROUNDS] = kept  # (taken out before the record: the chosen one's rounds, for the report's timing)
     if base and base["min_ms"] > 0:
         fields["vs_fp32"] = round(timing["min_ms"] / base["min_ms"], 3)
         fields["slower_than_fp32"] = fields["vs_fp32"] >= val.SLOWER_THAN_FP32

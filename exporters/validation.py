@@ -120,11 +120,14 @@ def as_outputs(out) -> Outputs:
     return [np.asarray(out)]
 
 
-def batched(fn: Predict, x: np.ndarray, batch: int, description: str = "validating", watch=None) -> Outputs:
+def batched(fn: Predict, x: np.ndarray, batch: int, description: str = "validating", watch=None,
+            stop: Callable[[Outputs, int, int], str | None] | None = None) -> Outputs:
     """Every output of `fn` over `x`, `batch` inputs a call, written into arrays sized for all of `x`
     after the first call (outputs of another shape from call to call are joined by `stack_outputs`).
     Why: the calls' parts and their concatenation were held together, twice the outputs at the peak.
-    `watch` (a MemoryWatch) is checked after every call: its MemoryExceeded stops the work there."""
+    `watch` (a MemoryWatch) is checked after every call: its MemoryExceeded stops the work there.
+    `stop(outputs, start, end)`, told of each call's rows as they are written, may end the work early
+    with a reason (exporters/certain_fail.py): the outputs then hold the rows done so far."""
     from lepton_edge import ui
 
     n = len(x)
@@ -145,6 +148,9 @@ def batched(fn: Predict, x: np.ndarray, batch: int, description: str = "validati
             if whole is not None and _rows_fit(got, whole, k):
                 for g, w in zip(got, whole):
                     w[done:done + k] = g
+                if stop is not None and done + k < n and stop(whole, done, done + k):
+                    advance(n - done)
+                    return [w[:done + k] for w in whole]
             else:
                 if whole is not None:  # the shapes changed: what was written so far becomes one part
                     parts, inputs, whole = [[w[:done] for w in whole]], [done], None
@@ -475,6 +481,7 @@ class Validator:
             batch = max(1, min(batch, q.ACTIVATION_BATCH_BYTES // activations))
         self.exporter, self.threads, self.data, self.batch = exporter, threads, data, batch
         self.reference = reference  # fp32's predictor: the recipe search times candidates against it
+        self._gated: tuple[list[int], dict[int, float]] | None = None  # (certain_fail: outputs, fp32's power)
         # engine settings every artifact is judged with unless the call names its own (base.exact_int8)
         self.settings: dict[str, Any] = {}
         self.th, self.spec, self.labels, self.enforce = thresholds, input_spec, labels, enforce
@@ -542,16 +549,46 @@ class Validator:
         d = self.data
         before = rss_bytes()
         pred = self.exporter.predictor(path, self.threads, **(settings or self.settings))
-        out = batched(pred, d.check_x, self.batch)
+        watch, stopped = self._certain_fail(), []
+
+        def stop(outputs: Outputs, start: int, end: int) -> str | None:
+            why = watch.seen(outputs, start, end) if watch is not None else None
+            if why:
+                stopped.append(why)
+            return why
+        out = batched(pred, d.check_x, self.batch, stop=stop if watch is not None else None)
         after = rss_bytes()
         eval_out = None
         if self.ref.eval_outputs is not None:
             eval_out = out if d.eval_x is d.check_x else batched(pred, d.eval_x, self.batch)
         specs = self.exporter.describe(path).get("outputs", [])
-        v = judge(self.task, self.ref, out, specs, self.th, eval_out=eval_out, input_spec=self.spec,
+        ref = self.ref
+        if stopped:  # judged on the inputs seen, which fail it by the same metric (certain_fail)
+            seen = len(out[0])
+            ref = Reference([o[:seen] for o in self.ref.outputs], self.ref.specs)
+        v = judge(self.task, ref, out, specs, self.th, eval_out=eval_out, input_spec=self.spec,
                   labels=self.labels, strict_names=self.exporter.format == "onnx", enforce=self.enforce)
+        if stopped and not v.passed:
+            v.metrics.update(stopped_after=float(len(out[0])), validation_samples=float(len(d.check_x)))
+            v.why = f"{v.why} (judged on the first {len(out[0])} of {len(d.check_x)} inputs: then {stopped[0]})"
         ram = max(0, after - before) if before and after else None  # (0: not known here)
         return v, pred, ram
+
+    def _certain_fail(self):
+        """The early stop for this candidate's validation (exporters/certain_fail.py), or None where its gate
+        is not one it can call early (other tasks, untrained weights, no output held to SQNR and cosine)."""
+        from lepton_edge.exporters import certain_fail
+
+        if not self.enforce or self.ref.eval_outputs is not None:
+            return None
+        if self._gated is None:
+            gated = certain_fail.closeness_gated(self.task, self.ref.outputs, self.ref.specs)
+            self._gated = (gated, certain_fail.powers(self.ref.outputs, gated))
+        gated, power = self._gated
+        if not gated:
+            return None
+        return certain_fail.Watch(self.ref.outputs, self.ref.specs, gated, power, self.th.min_sqnr,
+                                  self.th.min_cosine)
 
 
 # What one input's outputs cost while a candidate is judged, in copies of them: fp32's, its noisy run's and
@@ -610,14 +647,24 @@ def latency_ms(fn: Predict, x1: np.ndarray, runs: int = 30, warmup: int = 3, bud
 
 
 def paired_latency_ms(fn: Predict, ref: Predict, x1: np.ndarray, runs: int = 30, warmup: int = 3,
-                      budget_s: float = 2.0) -> tuple[dict, dict]:
+                      budget_s: float = 2.0, *, before: tuple[list[float], list[float]] | None = None,
+                      kept: list | None = None) -> tuple[dict, dict]:
     """`latency_ms` of `fn` and of `ref` (fp32), their runs interleaved (fn, ref, fn, ref, ...).
 
     Why: on a shared host a busy spell slows whatever runs in it. Timed one after the other, fp32 and a
     candidate can fall on different sides of one: in a PP-OCR det export, u8-minmax and u8-percentile,
     whose graphs are the same (the same ops, 14.5 and 14.6 ms timed side by side), read 1.16x and 0.80x
-    fp32's time. Interleaved, a spell slows both alike and their ratio holds."""
-    a, b = _timed_runs([fn, ref], x1, runs, warmup, budget_s)
+    fp32's time. Interleaved, a spell slows both alike and their ratio holds.
+    `before`: paired rounds of the same artifact and fp32 timed earlier (the recipe search's, of the
+    candidate it chose: base._measure_latency), counted toward `runs` and its share of `budget_s`, so the report's
+    timing does not time again what the search just did (10 rounds of PP-OCR rec: 0.4 s). `kept` receives
+    the rounds (both lists) the figures came from."""
+    a0, b0 = before if before and len(before[0]) == len(before[1]) else ([], [])
+    left = max(5, runs - len(a0))
+    a, b = _timed_runs([fn, ref], x1, left, warmup, budget_s * left / runs)
+    a, b = list(a0) + a, list(b0) + b
+    if kept is not None:
+        kept[:] = [a, b]
     return _latency_stats(a), _latency_stats(b)
 
 

@@ -1,4 +1,4 @@
-"""NNCF's pattern matching with each candidate pair's node types compared first: the same matches, sooner.
+"""NNCF's pattern matching with node types compared first: the same matches, sooner.
 
 Why: NNCF finds its fused patterns (Conv+BN+Relu and the like, several hundred per backend) by running
 networkx's VF2 matcher (`MultiDiGraphMatcher.subgraph_isomorphisms_iter`) over the whole model graph for
@@ -11,6 +11,12 @@ NNCF's 4.5-5.4 s inside an export (78,000 syntactic tests).
 `SemanticFirstMatcher` runs the node-type test first. Both tests are side-effect free and a pair is taken
 only when both pass, so the pairs accepted, their order and so every match and the order NNCF sees them
 in are unchanged: NNCF's quantized graph is byte-identical (tests/unit/test_nncf_matching.py, real NNCF).
+Before VF2 starts on a pattern, `SemanticFirstMatcher` also checks that each of the pattern's nodes names
+a node type the graph has at all (the one test of NNCF's node match every graph node must pass for that
+pattern node: its type, or its metatype, in the pattern node's list). A pattern with a type the graph lacks
+matches nothing, so VF2 is not run for it: on PP-OCR's recogniser 64 of 145 patterns, 0.5 s of NNCF's
+fused-pattern matching (1.5 s). The matches are the same: VF2 would have found none for it.
+
 NNCF gives no hook for its matcher, so the module's `ism` (networkx.algorithms.isomorphism, used there
 for this class only) is replaced once per process by a view of it with this class in place (`install`).
 """
@@ -29,12 +35,42 @@ def _matcher_class():
         """networkx's MultiDiGraphMatcher, node_match tested before the edge counts (then again by
         semantic_feasibility, with the edge_match: a cheap repeat on the few pairs that get there)."""
 
+        def subgraph_isomorphisms_iter(self):
+            if not _types_present(self.G1, self.G2):
+                return iter(())  # (VF2 would find no match: a pattern node's types are not in the graph)
+            return super().subgraph_isomorphisms_iter()
+
         def syntactic_feasibility(self, G1_node, G2_node):  # noqa: N803 (networkx's names)
             if self.node_match is not None and not self.node_match(self.G1.nodes[G1_node], self.G2.nodes[G2_node]):
                 return False
             return super().syntactic_feasibility(G1_node, G2_node)
 
     return SemanticFirstMatcher
+
+
+# NNCF's node attributes (nncf.common.graph.patterns.GraphPattern): a pattern node's list of types under
+# "type", a graph node's type under "type" and its metatype under "metatype"; a pattern node of these
+# kinds matches any graph node
+_TYPES, _METATYPE, _ANY = "type", "metatype", ("ANY_PATTERN_NODE", "NON_PATTERN_NODE")
+
+
+def _types_present(graph, pattern) -> bool:
+    """Whether every node of `pattern` names a type or metatype some node of `graph` has: what NNCF's node
+    match (`graph_matching._are_nodes_matched`) asks of a graph node before anything else. False means no
+    graph node can match one of the pattern's nodes, so the pattern matches nothing. True when it cannot
+    tell (a pattern node without a type list, an unhashable type): then VF2 decides, as before."""
+    try:
+        present = {d.get(_TYPES) for _, d in graph.nodes(data=True)}
+        present |= {d[_METATYPE] for _, d in graph.nodes(data=True) if _METATYPE in d}
+        for _, node in pattern.nodes(data=True):
+            allowed = node.get(_TYPES)
+            if not isinstance(allowed, (list, tuple, set, frozenset)) or any(a in allowed for a in _ANY):
+                continue
+            if not any(a in present for a in allowed):
+                return False
+    except TypeError:  # (a type that cannot be hashed: no shortcut)
+        return True
+    return True
 
 
 class _IsomorphismView(ModuleType):

@@ -95,3 +95,31 @@ def test_latency_defaults_warm_up_three_time_thirty_and_stop_after_a_second(monk
     def slow(_x):
         clock.now += 0.1
     assert val.latency_ms(slow, np.zeros(1))["runs"] == 10
+
+
+def test_the_reports_timing_goes_on_from_the_searchs_rounds(monkeypatch):
+    """The recipe search timed its chosen candidate beside fp32 (10 rounds): the report's timing of the same
+    graph counts those toward its 30 and times only the rest, and its figures are of all of them. The
+    search's rounds reach the chosen one's predictor (recipes._timing keeps them; _finished hands them on)."""
+    from lepton_edge.exporters import recipes
+
+    clock = _Clock()
+    monkeypatch.setattr(val, "time", clock)
+    calls = {"a": 0, "b": 0}
+
+    def fn(tag, cost):
+        def call(_x):
+            calls[tag] += 1
+            clock.now += cost
+        return call
+
+    x = np.zeros(1)
+    kept: list = []
+    val.paired_latency_ms(fn("a", 0.002), fn("b", 0.001), x, runs=10, warmup=1, budget_s=10.0, kept=kept)
+    assert [len(k) for k in kept] == [10, 10] and calls == {"a": 11, "b": 11}
+    calls.update(a=0, b=0)
+    a, b = val.paired_latency_ms(fn("a", 0.004), fn("b", 0.001), x, runs=30, warmup=3, budget_s=10.0, before=kept)
+    assert calls == {"a": 23, "b": 23}  # 3 warm-up calls, then the 20 rounds the search's 10 left
+    assert a["runs"] == b["runs"] == 30 and abs(a["min_ms"] - 2.0) < 1e-6 and abs(a["p90_ms"] - 4.0) < 1e-6
+    _, _, fields = recipes._timing(True, fn("a", 0.002), x, None, fn("b", 0.001))
+    assert len(fields[recipes.ROUNDS][0]) == len(fields[recipes.ROUNDS][1]) >= 5

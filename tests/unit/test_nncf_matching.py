@@ -110,3 +110,52 @@ def test_the_same_subgraphs_in_the_same_order_for_every_fused_pattern_of_the_onn
     nncf_matching.install()
     assert graph_matching.ism.MultiDiGraphMatcher is not ism.MultiDiGraphMatcher
     assert graph_matching.find_subgraphs_matching_pattern(nx_graph, patterns) == plain
+
+
+def test_a_pattern_naming_a_type_the_graph_lacks_is_not_searched(monkeypatch):
+    """The pre-check (nncf_matching._types_present): a pattern whose node names only types absent from the
+    graph matches nothing, so VF2 is not run for it; a pattern node of any type, or a type the graph has
+    under its metatype, does not stop it. Over the ONNX backend's fused patterns on the test graph VF2 runs
+    for fewer patterns, and the matches are NNCF's own (the test above)."""
+    import networkx as nx
+    import networkx.algorithms.isomorphism as ism
+    from nncf.common.graph.patterns.manager import PatternsManager
+    from nncf.common.insertion_point_graph import InsertionPointGraph
+    from nncf.common.utils.backend import BackendType
+    from nncf.onnx.graph.nncf_graph_builder import GraphConverter
+    from nncf.parameters import TargetDevice
+
+    g = nx.MultiDiGraph()
+    g.add_node(0, type="conv", metatype="ConvMeta")
+    g.add_node(1, type="relu")
+    g.add_edge(0, 1)
+
+    def pattern(*types):
+        p = nx.MultiDiGraph()
+        for i, t in enumerate(types):
+            p.add_node(i, type=list(t), label=str(i))
+            if i:
+                p.add_edge(i - 1, i)
+        return p
+
+    assert nncf_matching._types_present(g, pattern(["conv", "matmul"], ["relu"]))
+    assert nncf_matching._types_present(g, pattern(["ConvMeta"], ["ANY_PATTERN_NODE"]))  # (its metatype)
+    assert not nncf_matching._types_present(g, pattern(["conv"], ["sigmoid", "tanh"]))
+    assert nncf_matching._types_present(g, pattern(["NON_PATTERN_NODE"], ["relu"]))
+
+    monkeypatch.setattr(graph_matching, "ism", ism)
+    nncf_matching.install()
+    runs = {"vf2": 0}
+    original = ism.MultiDiGraphMatcher.subgraph_isomorphisms_iter
+
+    def counted(self):
+        runs["vf2"] += 1
+        return original(self)
+
+    monkeypatch.setattr(ism.MultiDiGraphMatcher, "subgraph_isomorphisms_iter", counted)
+    nx_graph = InsertionPointGraph(GraphConverter.create_nncf_graph(_model())).get_base_nx_graph()
+    patterns = PatternsManager.get_full_hw_pattern_graph(backend=BackendType.ONNX, device=TargetDevice.CPU)
+    graph_matching.find_subgraphs_matching_pattern(nx_graph, patterns)
+    searched = runs["vf2"]
+    total = len(patterns.get_weakly_connected_subgraphs())
+    assert 0 < searched < total, (searched, total)

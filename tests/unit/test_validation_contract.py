@@ -141,3 +141,33 @@ def test_eval_labels_past_the_models_classes_are_one_line_naming_both(tmp_path):
                   thresholds=Thresholds(), input_spec=InputSpec(name="input", shape=[1, 1, 4, 4], color="GRAY"),
                   labels=None, batch=16)
     assert str(e.value) == "--eval labels run 1..4, and the model has 3 classes (0..2)"
+
+
+def test_a_candidate_certain_to_fail_is_judged_on_the_inputs_that_showed_it(tmp_path):
+    """exporters/certain_fail.py through the validator: a `raw` artifact far off fp32 (other weights) stops
+    after a few batches, fails by the same metric on those inputs, and says on how many; one close to fp32
+    (weights rounded) runs to the last input and passes; a classifier's gate is never stopped early."""
+    from lepton_edge.exporters.onnx import OnnxExporter
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 1, (16, 3))
+    ref_path = _model(tmp_path / "ref.onnx", w, "y")
+    close = _model(tmp_path / "close.onnx", np.round(w * 64) / 64, "y")
+    far = _model(tmp_path / "far.onnx", rng.normal(0, 1, (16, 3)), "y")
+    ex = OnnxExporter()
+    x = rng.normal(0, 1, (64, 1, 4, 4)).astype(np.float32)
+    spec = InputSpec(name="input", shape=[1, 1, 4, 4], color="GRAY")
+
+    def validator(task: str) -> Validator:
+        data = SimpleNamespace(check_x=x, eval_x=None, eval_y=None)
+        return Validator(ex, 1, ex.predictor(ref_path, 1), ref_path, data, task=task, thresholds=Thresholds(),
+                         input_spec=spec, labels=None, batch=4)
+    raw = validator("raw")
+    good = raw(close)[0]
+    assert good.passed and good.metrics["samples"] == 64 and "stopped_after" not in good.metrics
+    bad = raw(far)[0]
+    assert not bad.passed and bad.metrics["samples"] == bad.metrics["stopped_after"] < 64
+    assert bad.metrics["validation_samples"] == 64 and bad.metrics["sqnr_db"] < 12.0
+    assert f"on the first {int(bad.metrics['samples'])} of 64 inputs" in (bad.why or ""), bad.why
+    classify = validator("classify")(far)[0]
+    assert classify.metrics["samples"] == 64 and "stopped_after" not in classify.metrics
