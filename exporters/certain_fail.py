@@ -4,16 +4,21 @@ Why: the int8 search validates every candidate on all its validation inputs, and
 fail, fail by far (PP-OCR's recogniser on x86: onnxruntime's two at SQNR 8.1 and 9.0 dB against the 12
 dB its gate asks), yet each ran to the last input: 1.4 s of a 24 s export, twice.
 
-Only where the end is certain. An output gated by SQNR and cosine (`task_metrics._closeness_gate`: a
-float output of a `raw` model, or one of a `segment` model that is not a probability map) fails when:
+Only where the end is certain, and only for `raw` models, whose gate holds every float output that is
+not labels to SQNR and cosine (`task_metrics._closeness_gate`) whatever its values: a `segment` model's
+outputs are judged by mask IoU or by SQNR as their values make them probability maps or not, and its
+masks need evidence on enough inputs, so judged on the inputs seen they could be judged otherwise. An
+output held to SQNR and cosine fails when:
 - SQNR: fp32's power over *every* input is known (the reference ran first), and the error can only grow
   with more inputs, so 10 log10(power of all / error so far) bounds the final SQNR from above;
 - cosine: the gate reads the mean of per-input cosines, and an input not yet seen adds at most 1, so
   (sum so far + inputs left) / all bounds the final mean from above.
 When either bound is below its threshold the candidate fails on all inputs as surely as on these. Its
 verdict is then judged on the inputs seen, which fail by the same metric (each bound is above that
-subset's own value), and says how many they were. Other tasks' gates (top-1 agreement against a
-ceiling, box F1, mask IoU) are judged on every input, as before.
+subset's own value), and says how many they were; should it pass there after all, it is validated again
+on every input (Validator._certain_fail). An output that is not finite stops it too: the gate's structure
+check fails that on any input. Other tasks' gates (top-1 agreement against a ceiling, box F1, mask IoU)
+are judged on every input, as before.
 """
 from __future__ import annotations
 
@@ -24,12 +29,13 @@ import numpy as np
 # (float64 sums in another order than task_metrics.moments': a bound this close to the line decides nothing)
 SQNR_MARGIN_DB = 0.01
 COSINE_MARGIN = 1e-6
-TASKS = ("raw", "segment")
+TASKS = ("raw",)
 
 
-def closeness_gated(task: str, ref_outputs: list[np.ndarray], specs: list[dict]) -> list[int]:
+def closeness_gated(task: str, ref_outputs: list[np.ndarray], specs: list[dict], inputs: int) -> list[int]:
     """The outputs that `task_metrics.dense` holds to SQNR and cosine for `task` (none for other tasks):
-    float outputs that are not labels, and for `segment` not probability maps (judged by mask IoU)."""
+    float outputs that are not labels (as the graph declares them, not as their values look), with one
+    row an input (`inputs`: the validation inputs; an output without a batch axis has other rows)."""
     from lepton_edge.exporters import task_metrics as tm
 
     if task not in TASKS:
@@ -38,7 +44,7 @@ def closeness_gated(task: str, ref_outputs: list[np.ndarray], specs: list[dict])
     for k, r in enumerate(ref_outputs):
         rs = specs[k] if k < len(specs) else {}
         row = {"dtype": rs.get("dtype", "float32"), **({"labels": bool(rs["labels"])} if "labels" in rs else {})}
-        if not r.size or r.ndim == 0 or tm.is_labels(r, row) or (task == "segment" and tm.is_probability_map(r)):
+        if not r.size or r.ndim == 0 or len(r) != inputs or tm.is_labels(r, row):
             continue
         gated.append(k)
     return gated
@@ -48,10 +54,10 @@ class Watch:
     """Fed each batch of a candidate's outputs in order (`seen`); says why it has certainly failed, or None."""
 
     def __init__(self, ref_outputs: list[np.ndarray], specs: list[dict], gated: list[int], power: dict[int, float],
-                 min_sqnr: float, min_cosine: float):
+                 min_sqnr: float, min_cosine: float, inputs: int):
         self.ref, self.specs, self.gated, self.power = ref_outputs, specs, gated, power
         self.min_sqnr, self.min_cosine = min_sqnr, min_cosine
-        self.n = len(ref_outputs[0]) if ref_outputs else 0
+        self.n = inputs
         self.noise = dict.fromkeys(gated, 0.0)
         self.cosines = dict.fromkeys(gated, 0.0)
 
@@ -67,10 +73,12 @@ class Watch:
             if r.shape != a.shape:
                 return None
             d = r.astype(np.float64) - a.astype(np.float64)
+            name = self.specs[k].get("name", f"output{k}") if k < len(self.specs) else f"output{k}"
+            if not np.isfinite(a).all():  # (the gate's structure check fails it, on every input)
+                return f"output {name} held NaN or infinite values"
             self.noise[k] += float(np.dot(d.ravel(), d.ravel()))
             self.cosines[k] += float(tm.cosine(r, a).sum())
-            name = self.specs[k].get("name", f"output{k}") if k < len(self.specs) else f"output{k}"
-            if self.noise[k] > 0 and self.power[k] > 0:
+            if self.noise[k] > 0 and self.power[k] > 0 and math.isfinite(self.noise[k]):
                 best = 10 * math.log10(self.power[k] / self.noise[k])
                 if best < self.min_sqnr - SQNR_MARGIN_DB:
                     return f"output {name}'s SQNR over all {self.n} could reach {best:.1f} dB at most"

@@ -196,10 +196,11 @@ def search(ctx, exporter, prepared: Path, validate, recipes: list[str], *, patie
                 rounds = timed_fields.pop(ROUNDS, None)
                 record(label, **_tried(ok, why, score, metrics, size, lat, res.float_nodes,
                                        time.perf_counter() - t1, watch.peak), **timed_fields)
-                _say(ctx.progress, ok, why, metrics, over or _slower_note(timed_fields) or _doubt_note(ok, metrics))
+                notes = [n for n in (over or _slower_note(timed_fields), _doubt_note(ok and enforce, metrics)) if n]
+                _say(ctx.progress, ok, why, metrics, "; ".join(notes) or None)
                 if ok:
                     # no session kept, not even the best's: it is opened again once the search is over
-                    doubtful = tm.on_doubt(metrics)
+                    doubtful = enforce and tm.on_doubt(metrics)  # (untrained weights: every candidate passes)
                     cand = SearchResult(res.path, label, exporter.int8_method(recipe), res.float_nodes, result,
                                         None, ram, rank_key=(over is None, not doubtful, _speed(timed_fields),
                                                              score, -size, -(lat or 0.0)), doubtful=doubtful,
@@ -233,7 +234,7 @@ def _finished(out: SearchResult, best: SearchResult | None, exporter, threads: i
         for a in out.attempts:
             a["chosen"] = a["recipe"] == best.recipe
         best.predict = exporter.predictor(best.path, threads)
-        if best.rounds:  # (base._measure_latency goes on from them: the same graph, timed here a moment ago)
+        if best.rounds:  # (base._measure_latency goes on from them: the same graph and settings, timed in the search)
             best.predict.timed_rounds = best.rounds  # type: ignore[attr-defined]
         return best
     if not any(not a.get("skipped") for a in out.attempts):
@@ -394,6 +395,7 @@ def _twin_timer(ctx, exporter, prepared: Path, x1: np.ndarray, budget_ms: float 
                 return None
             with ctx.progress.stage("timing the best's graph with int8 activations"):
                 _, over, fields = _timing(True, exporter.predictor(twin, ctx.threads), x1, budget_ms, fp32)
+            fields.pop(ROUNDS, None)
             return over is None, fields
         except Exception as e:  # (a timing only: without it the s8 candidates are tried)
             if disk_full(e):

@@ -544,12 +544,14 @@ class Validator:
                     raise BadInput(f"--eval labels run {int(np.min(data.eval_y))}..{int(np.max(data.eval_y))}, and "
                                    f"the model has {classes} classes (0..{classes - 1})")
 
-    def __call__(self, path, **settings) -> tuple[Verdict, Predict, int | None]:
-        """The artifact at `path` judged against fp32; `settings`: engine settings (Exporter.predictor)."""
+    def __call__(self, path, *, early_stop: bool = True, **settings) -> tuple[Verdict, Predict, int | None]:
+        """The artifact at `path` judged against fp32; `settings`: engine settings (Exporter.predictor).
+        `early_stop`: validation may stop once the artifact has certainly failed (exporters/certain_fail.py);
+        off where the run is wanted whole (its memory measured, not its verdict)."""
         d = self.data
         before = rss_bytes()
         pred = self.exporter.predictor(path, self.threads, **(settings or self.settings))
-        watch, stopped = self._certain_fail(), []
+        watch, stopped = self._certain_fail() if early_stop else None, []
 
         def stop(outputs: Outputs, start: int, end: int) -> str | None:
             why = watch.seen(outputs, start, end) if watch is not None else None
@@ -568,7 +570,9 @@ class Validator:
             ref = Reference([o[:seen] for o in self.ref.outputs], self.ref.specs)
         v = judge(self.task, ref, out, specs, self.th, eval_out=eval_out, input_spec=self.spec,
                   labels=self.labels, strict_names=self.exporter.format == "onnx", enforce=self.enforce)
-        if stopped and not v.passed:
+        if stopped and v.passed:  # (cannot be, by certain_fail's bounds; were it so, every input decides)
+            return self(path, early_stop=False, **settings)
+        if stopped:
             v.metrics.update(stopped_after=float(len(out[0])), validation_samples=float(len(d.check_x)))
             v.why = f"{v.why} (judged on the first {len(out[0])} of {len(d.check_x)} inputs: then {stopped[0]})"
         ram = max(0, after - before) if before and after else None  # (0: not known here)
@@ -582,13 +586,13 @@ class Validator:
         if not self.enforce or self.ref.eval_outputs is not None:
             return None
         if self._gated is None:
-            gated = certain_fail.closeness_gated(self.task, self.ref.outputs, self.ref.specs)
+            gated = certain_fail.closeness_gated(self.task, self.ref.outputs, self.ref.specs, len(self.data.check_x))
             self._gated = (gated, certain_fail.powers(self.ref.outputs, gated))
         gated, power = self._gated
         if not gated:
             return None
         return certain_fail.Watch(self.ref.outputs, self.ref.specs, gated, power, self.th.min_sqnr,
-                                  self.th.min_cosine)
+                                  self.th.min_cosine, len(self.data.check_x))
 
 
 # What one input's outputs cost while a candidate is judged, in copies of them: fp32's, its noisy run's and

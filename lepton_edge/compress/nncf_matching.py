@@ -36,7 +36,7 @@ def _matcher_class():
         semantic_feasibility, with the edge_match: a cheap repeat on the few pairs that get there)."""
 
         def subgraph_isomorphisms_iter(self):
-            if not _types_present(self.G1, self.G2):
+            if self.node_match is _nncf_node_match() and not _types_present(self.G1, self.G2):
                 return iter(())  # (VF2 would find no match: a pattern node's types are not in the graph)
             return super().subgraph_isomorphisms_iter()
 
@@ -52,6 +52,15 @@ def _matcher_class():
 # "type", a graph node's type under "type" and its metatype under "metatype"; a pattern node of these
 # kinds matches any graph node
 _TYPES, _METATYPE, _ANY = "type", "metatype", ("ANY_PATTERN_NODE", "NON_PATTERN_NODE")
+
+
+def _nncf_node_match():
+    """NNCF's node match, the one `_types_present` reads the rule of (None where this NNCF has none)."""
+    try:
+        from nncf.common.graph import graph_matching
+    except ImportError:
+        return None
+    return getattr(graph_matching, "_are_nodes_matched", None)
 
 
 def _types_present(graph, pattern) -> bool:

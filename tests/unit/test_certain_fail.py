@@ -27,8 +27,8 @@ def _gate_fails(ref: np.ndarray, out: np.ndarray) -> bool:
 
 def _first_stop(ref: np.ndarray, out: np.ndarray, batch: int = 1) -> int | None:
     specs = [{"name": "y", "dtype": "float32"}]
-    gated = certain_fail.closeness_gated("raw", [ref], specs)
-    watch = certain_fail.Watch([ref], specs, gated, certain_fail.powers([ref], gated), TH.min_sqnr, TH.min_cosine)
+    gated = certain_fail.closeness_gated("raw", [ref], specs, N)
+    watch = certain_fail.Watch([ref], specs, gated, certain_fail.powers([ref], gated), TH.min_sqnr, TH.min_cosine, N)
     for start in range(0, N, batch):
         end = min(N, start + batch)
         if watch.seen([out], start, end):
@@ -90,16 +90,31 @@ def test_cosine_alone_can_stop_it():
 
 
 def test_outputs_the_gate_holds_to_other_metrics_are_not_watched():
-    """Labels (judged by their IoU), a segment model's probability map (mask IoU), other tasks: no early stop."""
+    """Labels (judged by their IoU), an output without one row an input (anchors), and every output of a
+    task other than raw: a segment model's outputs are judged by mask IoU or SQNR as their values make them
+    maps or not, so judged on the inputs seen they could be judged otherwise; no early stop there."""
     probs = np.random.default_rng(0).uniform(0, 1, (N, 1, 8, 8)).astype(np.float32)
     labels = np.random.default_rng(0).integers(0, 5, (N, 8, 8)).astype(np.float32)
     logits = _ref()
+    anchors = np.ones((7, 4), np.float32)
     specs = [{"name": "p", "dtype": "float32"}, {"name": "l", "dtype": "int64", "labels": True},
-             {"name": "y", "dtype": "float32"}]
-    assert certain_fail.closeness_gated("segment", [probs, labels, logits], specs) == [2]
-    assert certain_fail.closeness_gated("raw", [probs, labels, logits], specs) == [0, 2]
-    for task in ("classify", "detect", "embed"):
-        assert certain_fail.closeness_gated(task, [probs, labels, logits], specs) == []
+             {"name": "y", "dtype": "float32"}, {"name": "a", "dtype": "float32"}]
+    assert certain_fail.closeness_gated("raw", [probs, labels, logits, anchors], specs, N) == [0, 2]
+    for task in ("segment", "classify", "detect", "embed"):
+        assert certain_fail.closeness_gated(task, [probs, labels, logits, anchors], specs, N) == []
+
+
+def test_a_candidate_with_infinite_outputs_is_stopped_not_crashed():
+    """An artifact that overflows to inf (fp16 past its range): the error sum is infinite, and a bound computed
+    from it raised math's domain error inside the validation; the gate's structure check fails such outputs
+    on any input, so the watch stops there and says why."""
+    ref = _ref()
+    out = ref.copy()
+    out[2, 0, 0] = np.inf
+    specs = [{"name": "y", "dtype": "float32"}]
+    watch = certain_fail.Watch([ref], specs, [0], certain_fail.powers([ref], [0]), TH.min_sqnr, TH.min_cosine, N)
+    assert watch.seen([out], 0, 2) is None
+    assert "NaN or infinite" in (watch.seen([out], 2, 3) or "")
 
 
 def test_batched_stops_calling_the_model_where_it_is_told():
