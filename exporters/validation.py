@@ -566,8 +566,8 @@ class Validator:
         specs = self.exporter.describe(path).get("outputs", [])
         ref = self.ref
         if stopped:  # judged on the inputs seen, which fail it by the same metric (certain_fail)
-            seen = len(out[0])
-            ref = Reference([o[:seen] for o in self.ref.outputs], self.ref.specs)
+            seen, n = len(out[0]), len(d.check_x)
+            ref = Reference([o[:seen] if np.ndim(o) and len(o) == n else o for o in self.ref.outputs], self.ref.specs)
         v = judge(self.task, ref, out, specs, self.th, eval_out=eval_out, input_spec=self.spec,
                   labels=self.labels, strict_names=self.exporter.format == "onnx", enforce=self.enforce)
         if stopped and v.passed:  # (cannot be, by certain_fail's bounds; were it so, every input decides)
