@@ -196,11 +196,11 @@ def search(ctx, exporter, prepared: Path, validate, recipes: list[str], *, patie
                 rounds = timed_fields.pop(ROUNDS, None)
                 record(label, **_tried(ok, why, score, metrics, size, lat, res.float_nodes,
                                        time.perf_counter() - t1, watch.peak), **timed_fields)
-                notes = [n for n in (over or _slower_note(timed_fields), _doubt_note(ok and enforce, metrics)) if n]
+                doubtful = ok and enforce and tm.on_doubt(metrics)  # (untrained weights: every candidate passes)
+                notes = [n for n in (over or _slower_note(timed_fields), _doubt_note(doubtful)) if n]
                 _say(ctx.progress, ok, why, metrics, "; ".join(notes) or None)
                 if ok:
                     # no session kept, not even the best's: it is opened again once the search is over
-                    doubtful = enforce and tm.on_doubt(metrics)  # (untrained weights: every candidate passes)
                     cand = SearchResult(res.path, label, exporter.int8_method(recipe), res.float_nodes, result,
                                         None, ram, rank_key=(over is None, not doubtful, _speed(timed_fields),
                                                              score, -size, -(lat or 0.0)), doubtful=doubtful,
@@ -659,9 +659,9 @@ def _speed(timed: dict) -> float:
     return -float(timed["vs_fp32"]) if timed.get("slower_than_fp32") else 0.0
 
 
-def _doubt_note(ok: bool, metrics: dict) -> str | None:
+def _doubt_note(doubtful: bool) -> str | None:
     return ("below the required top-1 agreement, passed on the doubt few inputs leave: ranks after every "
-            "candidate that clears it") if ok and tm.on_doubt(metrics) else None
+            "candidate that clears it") if doubtful else None
 
 
 def _slower_note(timed: dict) -> str | None:

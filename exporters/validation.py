@@ -554,7 +554,7 @@ class Validator:
         watch, stopped = self._certain_fail() if early_stop else None, []
 
         def stop(outputs: Outputs, start: int, end: int) -> str | None:
-            why = watch.seen(outputs, start, end) if watch is not None else None
+            why = watch.seen(outputs, start, end)
             if why:
                 stopped.append(why)
             return why

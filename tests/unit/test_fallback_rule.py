@@ -57,8 +57,8 @@ def test_a_pass_on_doubt_ranks_after_every_pass_that_cleared_the_line():
     faster_doubt = r.SearchResult(recipe="u8-minmax-w7", rank_key=key(doubt, 0.9), doubtful=True)
     assert r._better(quick, faster_doubt) == (faster_doubt, True)
     assert r._better(slow, faster_doubt) == (slow, False)
-    assert "doubt" in (r._doubt_note(True, doubt) or "") and r._doubt_note(True, clean) is None
-    assert r._doubt_note(False, doubt) is None  # a failed candidate's line says why it failed instead
+    assert "doubt" in (r._doubt_note(tm.on_doubt(doubt)) or "") and r._doubt_note(tm.on_doubt(clean)) is None
+    assert r._doubt_note(False) is None  # a failed candidate's line says why it failed instead
 
 
 def test_a_recipe_whose_sibling_was_clearly_slower_than_the_best_is_not_started():
