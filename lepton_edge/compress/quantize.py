@@ -459,6 +459,7 @@ def _ort_int8(model, out_path: Path, feeds, recipe: Recipe, per_channel: bool, e
 
     from lepton_edge import ui
     from lepton_edge.compress import calibration as cal, shared_ranges
+    from lepton_edge.compress.channel_params import channel_params_at_once
     from lepton_edge.compress.histogram import linear_time_histograms, per_input_sample, sampled_histograms
     from lepton_edge.compress.weight_memo import remembered_weights
 
@@ -489,7 +490,8 @@ def _ort_int8(model, out_path: Path, feeds, recipe: Recipe, per_channel: bool, e
             with ui.progress("calibrating" if not cached else "quantizing (ranges of an earlier candidate's "
                              "calibration)", n) as advance, ui.libraries_silenced("", stderr=False), \
                     _lean_calibration(), _linear_rewiring(), _indexed_lookups(), linear_time_histograms(), \
-                    sampled_histograms(batch, sample), remembered_weights(), engine_logs_muted(), \
+                    sampled_histograms(batch, sample), remembered_weights(), channel_params_at_once(), \
+                    engine_logs_muted(), \
                     shared_ranges.one_pass(files, recipe.calibration) if one_pass else nullcontext():
                 # (the histogram calibrators print their own progress to stdout, which --json keeps clean, and
                 # onnxruntime warns on the root logger that we skipped pre-processing: we do it when it helps)

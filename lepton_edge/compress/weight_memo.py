@@ -4,7 +4,9 @@ Why: every onnxruntime candidate of an export (u8-minmax, u8-percentile, the s8 
 weights the same way (int8, symmetric, per channel: `quantize._ort_int8`'s WeightSymmetric), and
 quantize_static redoes it each time: a scale and zero point per output channel (`compute_data_quant_params`,
 called per channel: 16,800 calls on PP-OCR's recogniser) and then the int8 array (`quantize_onnx_initializer`).
-That was 0.7-0.9 s of each candidate's 1.5 s in onnxruntime's quantizer there.
+That was 0.7-0.9 s of each candidate's 1.5 s in onnxruntime's quantizer there. (The per-channel scales of
+float32 weights are now computed for all channels at once by compress/channel_params.py, so on such models
+what is kept here is mostly the int8 arrays.)
 
 Both are pure functions of their arguments, so within `remembered_weights()` each answer is kept, keyed by
 every argument with the data's bytes hashed (BLAKE2b, 128 bits), and a later call with the same arguments

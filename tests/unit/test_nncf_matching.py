@@ -159,3 +159,21 @@ def test_a_pattern_naming_a_type_the_graph_lacks_is_not_searched(monkeypatch):
     searched = runs["vf2"]
     total = len(patterns.get_weakly_connected_subgraphs())
     assert 0 < searched < total, (searched, total)
+
+
+def test_a_pattern_view_is_matched_as_a_graph_of_its_own():
+    """`_concrete`: a view (each of NNCF's patterns is one) becomes a MultiDiGraph with the view's nodes in
+    the view's order, their attributes and every parallel edge; a graph is left as it is."""
+    import networkx as nx
+
+    g = nx.MultiDiGraph()
+    for n in ("d", "a", "c", "b", "e"):
+        g.add_node(n, type=[n.upper()])
+    g.add_edges_from([("a", "c"), ("a", "c"), ("c", "b"), ("d", "a"), ("b", "e")])
+    view = g.subgraph(["c", "a", "b"])
+    got = nncf_matching._concrete(view)
+    assert not nx.is_frozen(got) and isinstance(got, nx.MultiDiGraph)
+    assert list(got.nodes) == list(view.nodes) and dict(got.nodes(data=True)) == dict(view.nodes(data=True))
+    assert sorted(got.edges(keys=True)) == sorted(view.edges(keys=True)) == [("a", "c", 0), ("a", "c", 1),
+                                                                             ("c", "b", 0)]
+    assert nncf_matching._concrete(g) is g
