@@ -470,13 +470,13 @@ class Validator:
         # the largest batch's intermediate tensors for the session's life: 64 inputs of 224x224 made a
         # classifier's export peak at 1.6 GB, 64 of 800x608 several GB; throughput hardly changes.
         # The inputs' bytes alone are no bound for a model whose activations dwarf its input (PP-OCR's
-        # recogniser: 184 KB in, 196 MB of intermediate tensors per input): the activations, estimated
-        # by shape inference on an ONNX reference, bound the batch too.
+        # recogniser: 184 KB in, 196 MB of intermediate tensors per input): the activations alive at once,
+        # estimated by shape inference on an ONNX reference (13 MB there), bound the batch too.
         per_input = int(np.prod(data.check_x.shape[1:])) * data.check_x.itemsize if data.check_x.ndim else 1
         batch = max(1, min(batch, BATCH_BYTES // max(1, per_input)))
         from lepton_edge.compress import quantize as q
 
-        activations = q.estimate_activation_bytes(reference_path, data.check_x[:1])
+        activations = q.estimate_activation_bytes(reference_path, data.check_x[:1], live=True)
         if activations:
             batch = max(1, min(batch, q.ACTIVATION_BATCH_BYTES // activations))
         self.exporter, self.threads, self.data, self.batch = exporter, threads, data, batch
@@ -558,8 +558,11 @@ class Validator:
             if why:
                 stopped.append(why)
             return why
-        out = batched(pred, d.check_x, self.batch, stop=stop if watch is not None else None)
+        # the candidate's RAM (`ram`): what loading it and one run of one input added, as the device runs it
+        # (the batches below hold more inputs at once: 4 of PP-OCR rec's, which added 30-50 MB more)
+        pred(d.check_x[:1])
         after = rss_bytes()
+        out = batched(pred, d.check_x, self.batch, stop=stop if watch is not None else None)
         eval_out = None
         if self.ref.eval_outputs is not None:
             eval_out = out if d.eval_x is d.check_x else batched(pred, d.eval_x, self.batch)
