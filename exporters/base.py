@@ -124,7 +124,7 @@ def _steps(ctx: ExportContext, model: Any, example_input: Any) -> ExportResult:
                               f"off here): {prof.id}'s kernels are not this host's[/]")
         comp, pred, ram = _int8(ctx, exporter, fp32, chosen, validate, recipes)
         if exact:  # its RAM and speed as the device runs it, fused: the exact run held its weights as float
-            _, pred, ram = validate(chosen, early_stop=False, qdq_fusion=True)
+            pred, ram = validate.ram(chosen, qdq_fusion=True)  # (no second validation: the verdict is the exact one)
         comp, pred, ram = kernels.choose(ctx, exporter, chosen, comp, pred, ram, validate)
     else:
         comp, pred, ram = _float(ctx, exporter, fp32, chosen, precision, validate)

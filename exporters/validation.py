@@ -547,10 +547,9 @@ class Validator:
     def __call__(self, path, *, early_stop: bool = True, **settings) -> tuple[Verdict, Predict, int | None]:
         """The artifact at `path` judged against fp32; `settings`: engine settings (Exporter.predictor).
         `early_stop`: validation may stop once the artifact has certainly failed (exporters/certain_fail.py);
-        off where the run is wanted whole (its memory measured, not its verdict)."""
+        off where the verdict must rest on every input."""
         d = self.data
-        before = rss_bytes()
-        pred = self.exporter.predictor(path, self.threads, **(settings or self.settings))
+        pred, ram = self.ram(path, **settings)
         watch, stopped = self._certain_fail() if early_stop else None, []
 
         def stop(outputs: Outputs, start: int, end: int) -> str | None:
@@ -558,10 +557,6 @@ class Validator:
             if why:
                 stopped.append(why)
             return why
-        # the candidate's RAM (`ram`): what loading it and one run of one input added, as the device runs it
-        # (the batches below hold more inputs at once: 4 of PP-OCR rec's, which added 30-50 MB more)
-        pred(d.check_x[:1])
-        after = rss_bytes()
         out = batched(pred, d.check_x, self.batch, stop=stop if watch is not None else None)
         eval_out = None
         if self.ref.eval_outputs is not None:
@@ -578,8 +573,21 @@ class Validator:
         if stopped:
             v.metrics.update(stopped_after=float(len(out[0])), validation_samples=float(len(d.check_x)))
             v.why = f"{v.why} (judged on the first {len(out[0])} of {len(d.check_x)} inputs: then {stopped[0]})"
-        ram = max(0, after - before) if before and after else None  # (0: not known here)
         return v, pred, ram
+
+    def ram(self, path, **settings) -> tuple[Predict, int | None]:
+        """The artifact's predictor and its RAM: what loading it and running one input (twice: onnxruntime
+        plans its memory on a first run and allocates that plan from the second) added to this process, as
+        the device runs it, one input a call. Why not the growth over the whole validation: its batches hold
+        more inputs at once (4 of PP-OCR rec's: 30-50 MB more). Without the verdict where only this is
+        wanted (base: the exact-int8 path's fused run, judged already in exact arithmetic). None: not known."""
+        before = rss_bytes()
+        pred = self.exporter.predictor(path, self.threads, **(settings or self.settings))
+        one = self.data.check_x[:1]
+        pred(one)
+        pred(one)
+        after = rss_bytes()
+        return pred, (max(0, after - before) if before and after else None)
 
     def _certain_fail(self):
         """The early stop for this candidate's validation (exporters/certain_fail.py), or None where its gate

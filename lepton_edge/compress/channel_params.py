@@ -49,7 +49,7 @@ def _eligible(quantizer, name: str, info, data: np.ndarray) -> tuple[int, object
 
     if info.tensor_type is not QDQQuantTensorType.WEIGHT or info.axis is None:
         return None
-    if quantizer.tensor_quant_overrides.get(name, None) or getattr(quantizer, "block_size", 0) > 0:
+    if name in quantizer.tensor_quant_overrides or getattr(quantizer, "block_size", 0) > 0:
         return None
     if quantizer.min_real_range is not None or data.dtype != np.float32 or data.ndim == 0:
         return None
@@ -72,7 +72,10 @@ def channel_params_at_once() -> Iterator[None]:
     from onnxruntime.quantization.base_quantizer import QuantizationParams
     from onnxruntime.quantization.quant_utils import get_qmin_qmax_for_qType
 
-    original = qdq_quantizer.QDQQuantizer._calc_initializer_quant_params
+    original = getattr(qdq_quantizer.QDQQuantizer, "_calc_initializer_quant_params", None)
+    if original is None:  # (an onnxruntime without this method: its own code, untouched)
+        yield
+        return
 
     def calc(self):
         done: dict[str, QuantizationParams] = {}

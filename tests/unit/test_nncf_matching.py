@@ -167,13 +167,14 @@ def test_a_pattern_view_is_matched_as_a_graph_of_its_own():
     import networkx as nx
 
     g = nx.MultiDiGraph()
-    for n in ("d", "a", "c", "b", "e"):
-        g.add_node(n, type=[n.upper()])
+    for n in ("d", "a", "c", "b", "e", *(f"x{i}" for i in range(20))):  # (a parent over twice the view's size:
+        g.add_node(n, type=[n.upper()])  # networkx then iterates the view's own node set, as for NNCF's patterns)
     g.add_edges_from([("a", "c"), ("a", "c"), ("c", "b"), ("d", "a"), ("b", "e")])
     view = g.subgraph(["c", "a", "b"])
     got = nncf_matching._concrete(view)
     assert not nx.is_frozen(got) and isinstance(got, nx.MultiDiGraph)
     assert list(got.nodes) == list(view.nodes) and dict(got.nodes(data=True)) == dict(view.nodes(data=True))
+    assert list(got.nodes) == list(view)  # (the order VF2 numbers a pattern's nodes in)
     assert sorted(got.edges(keys=True)) == sorted(view.edges(keys=True)) == [("a", "c", 0), ("a", "c", 1),
                                                                              ("c", "b", 0)]
     assert nncf_matching._concrete(g) is g
