@@ -16,6 +16,13 @@ from lepton_edge.exporters import options, validation
 from lepton_edge.exporters.validation import Thresholds, Validator, Verdict, rss_bytes
 
 
+def _raw_validator(ex, ref_path, path, x, **options) -> Validator:
+    """A raw-task Validator of `path` against the ONNX reference at `ref_path`, validating on `x` (1x4x4 gray)."""
+    return Validator(ex, 1, ex.predictor(ref_path, 1), path, SimpleNamespace(check_x=x, eval_x=None, eval_y=None),
+                     task="raw", thresholds=Thresholds(), input_spec=InputSpec(name="input", shape=[1, 1, 4, 4],
+                                                                              color="GRAY"), labels=None, **options)
+
+
 def test_default_thresholds_are_the_documented_ones():
     assert Thresholds().as_dict() == {
         "min_agreement": None, "agreement_margin": 0.05, "min_confident_kept": 0.99, "min_top5": 0.98,
@@ -63,9 +70,7 @@ def test_an_onnx_artifact_that_renames_an_output_fails(tmp_path):
                                _model(tmp_path / "renamed.onnx", w, "logits"))
     ex = OnnxExporter()
     x = rng.normal(0, 1, (64, 1, 4, 4)).astype(np.float32)
-    val = Validator(ex, 1, ex.predictor(ref_path, 1), ref_path, SimpleNamespace(check_x=x, eval_x=None, eval_y=None),
-                    task="raw", thresholds=Thresholds(), input_spec=InputSpec(name="input", shape=[1, 1, 4, 4],
-                                                                             color="GRAY"), labels=None, batch=16)
+    val = _raw_validator(ex, ref_path, ref_path, x, batch=16)
     assert val(same)[0].passed
     verdict = val(renamed)[0]
     assert not verdict.passed and verdict.why == "output 0: named 'logits', fp32 names it 'y'"
@@ -87,9 +92,7 @@ def test_validation_batches_are_bounded_by_the_reference_activations(tmp_path, m
     assert per_input == q.estimate_activation_bytes(ref_path, x[:1]) == (16 + 3) * 4  # flat [1,16], y [1,3]
 
     def validator(path):
-        return Validator(ex, 1, ex.predictor(ref_path, 1), path, SimpleNamespace(check_x=x, eval_x=None, eval_y=None),
-                         task="raw", thresholds=Thresholds(), input_spec=InputSpec(name="input", shape=[1, 1, 4, 4],
-                                                                                  color="GRAY"), labels=None, batch=16)
+        return _raw_validator(ex, ref_path, path, x, batch=16)
     assert validator(ref_path).batch == 16
     monkeypatch.setattr(q, "ACTIVATION_BATCH_BYTES", per_input * 5)
     assert validator(ref_path).batch == 5
@@ -130,9 +133,7 @@ def test_the_memory_a_candidate_took_is_the_growth_not_the_total(tmp_path):
     ref_path = _model(tmp_path / "ref.onnx", rng.normal(0, 1, (16, 3)), "y")
     ex = OnnxExporter()
     x = rng.normal(0, 1, (8, 1, 4, 4)).astype(np.float32)
-    val = Validator(ex, 1, ex.predictor(ref_path, 1), ref_path, SimpleNamespace(check_x=x, eval_x=None, eval_y=None),
-                    task="raw", thresholds=Thresholds(), input_spec=InputSpec(name="input", shape=[1, 1, 4, 4],
-                                                                             color="GRAY"), labels=None)
+    val = _raw_validator(ex, ref_path, ref_path, x)
     ram = val(ref_path)[2]
     assert ram is not None and 0 <= ram < rss_bytes() // 2
 
@@ -148,9 +149,7 @@ def test_the_memory_a_candidate_took_is_read_after_one_input(tmp_path, monkeypat
     ref_path = _model(tmp_path / "ref.onnx", rng.normal(0, 1, (16, 3)), "y")
     ex = OnnxExporter()
     x = rng.normal(0, 1, (12, 1, 4, 4)).astype(np.float32)
-    val = Validator(ex, 1, ex.predictor(ref_path, 1), ref_path, SimpleNamespace(check_x=x, eval_x=None, eval_y=None),
-                    task="raw", thresholds=Thresholds(), input_spec=InputSpec(name="input", shape=[1, 1, 4, 4],
-                                                                             color="GRAY"), labels=None, batch=4)
+    val = _raw_validator(ex, ref_path, ref_path, x, batch=4)
     events = []
     real = ex.predictor
 
